@@ -1,0 +1,110 @@
+"""The read-only loss registry: names -> `LossSpec`, and `batch_loss`.
+
+Each module of the catalogue exposes a tuple `SPECS` of `LossSpec`s; this module gathers them
+into one read-only mapping at import (no decorators, no mutation afterwards). A loss joins the
+registry only through a `SPECS` tuple, and the contract test (`tests/losses/test_registry_contract.py`)
+walks every entry: jittable, `[B]` output, finite gradients, deterministic given its key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+# What a loss may need beyond `policy`, `reference` and scalar hyperparameters. The contract
+# test knows how to build an example of each; a new kind must be added there too.
+REQUIREMENTS = types.MappingProxyType({
+    "lengths": "policy.chosen_len / rejected_len (completion token counts)",
+    "tokens": "per-token arrays on policy (and reference when given): PairLogps.from_tokens",
+    "log_sum_sq_probs": "policy.chosen_log_sum_sq_probs / rejected_log_sum_sq_probs (WPO weights)",
+    "key": "`key=`: a jax.random key",
+    "state": "`state=`: a state pytree (from spec.init_state) passed in; returns (losses, new_state)",
+    "scores": "`chosen_scores=`, `rejected_scores=`: per-pair scores [B] (reward model / annotators)",
+    "turn_ids": "`chosen_turn_ids=`, `rejected_turn_ids=`: per-token turn index [B, T] (int, -1 on padding)",
+    "risk": "`chosen_risk=`, `rejected_risk=`: per-sequence risk terms [B] (Ra-DPO, see ra_dpo_sequence_risk)",
+    "list": "`policy`/`reference` are ListLogps [B, K] and `scores=` is [B, K]",
+    "kl": "`kl_logratios=`: [B] policy-minus-reference log-probs of mismatched (x, y') pairs (KTO's z0)",
+})
+
+REFERENCE_USE = ("required", "optional", "unused")
+REDUCTIONS = ("mean", "chosen_token_mean", "sum")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+  """One registered loss.
+
+  Attributes:
+    name: registry name (TRL's `loss_type` name where the loss comes from TRL).
+    fn: the pure per-pair loss `(policy, reference, *, ...) -> [B]` (or `([B], state)` when stateful).
+    family: short family label for tables (e.g. "gpo", "trl", "reference-free").
+    source: citation: authors, year, arXiv id and equation (or the code it follows).
+    reference: "required", "optional" or "unused".
+    requires: subset of REQUIREMENTS.
+    reduction: batch reduction of `batch_loss`: "mean" over pairs, "chosen_token_mean" (sum of
+      per-pair values over the number of chosen tokens in the batch), or "sum".
+    example_hyper: hyperparameters that have no default and values used for the table.
+    init_state: for stateful losses, `init_state(**hyper) -> state`.
+  """
+
+  name: str
+  fn: Callable[..., Any]
+  family: str
+  source: str
+  reference: str = "required"
+  requires: frozenset = frozenset()
+  reduction: str = "mean"
+  example_hyper: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  init_state: Optional[Callable[..., Any]] = None
+
+  def __post_init__(self):
+    unknown = set(self.requires) - set(REQUIREMENTS)
+    if unknown:
+      raise ValueError(f"LossSpec {self.name!r}: unknown requirements {sorted(unknown)}; allowed: {sorted(REQUIREMENTS)}.")
+    if self.reference not in REFERENCE_USE:
+      raise ValueError(f"LossSpec {self.name!r}: reference={self.reference!r}; allowed: {REFERENCE_USE}.")
+    if self.reduction not in REDUCTIONS:
+      raise ValueError(f"LossSpec {self.name!r}: reduction={self.reduction!r}; allowed: {REDUCTIONS}.")
+    if ("state" in self.requires) != (self.init_state is not None):
+      raise ValueError(f"LossSpec {self.name!r}: a stateful loss needs init_state, and only it.")
+
+  @property
+  def hyperparameters(self) -> dict:
+    """Keyword-only parameters of `fn` with their defaults (inspect.Parameter.empty if none)."""
+    sig = inspect.signature(self.fn)
+    return {n: p.default for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def build_registry(*spec_groups) -> Mapping[str, LossSpec]:
+  table = {}
+  for group in spec_groups:
+    for spec in group:
+      if spec.name in table:
+        raise ValueError(f"Loss name {spec.name!r} registered twice.")
+      table[spec.name] = spec
+  return types.MappingProxyType(dict(sorted(table.items())))
+
+
+def reduce(spec: LossSpec, per_pair: jax.Array, policy) -> jax.Array:
+  """Applies the spec's documented batch reduction."""
+  if spec.reduction == "mean":
+    return jnp.mean(per_pair)
+  if spec.reduction == "sum":
+    return jnp.sum(per_pair)
+  total = jnp.maximum(jnp.sum(jnp.asarray(policy.chosen_len, jnp.float32)), 1.0)
+  return jnp.sum(per_pair) / total
+
+
+def check_kwargs(spec: LossSpec, kwargs: Mapping[str, Any]) -> None:
+  allowed = spec.hyperparameters
+  unknown = sorted(set(kwargs) - set(allowed))
+  if unknown:
+    raise ValueError(f"Loss {spec.name!r}: unknown argument(s) {unknown}; allowed: {sorted(allowed)}.")
+  missing = sorted(k for k, d in allowed.items() if d is inspect.Parameter.empty and k not in kwargs)
+  if missing:
+    raise ValueError(f"Loss {spec.name!r}: missing required argument(s) {missing}.")

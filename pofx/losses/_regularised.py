@@ -1,0 +1,3 @@
+"""(placeholder module, being filled in)."""
+
+SPECS = ()

@@ -1,0 +1,35 @@
+"""pofx: preference optimization in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10",
+    "flax>=0.12",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12",
+    "chex>=0.1.92",
+    "ml_collections>=1.1",
+    "tensorflow-datasets>=4.9.10",
+    "grain>=0.2.18",
+    "absl-py",
+    "numpy",
+    "tqdm",
+]
+
+# TRL parity tests need PyTorch; install the CPU build first (`pip install torch==2.13.0`), then
+# this extra, so that pip never pulls a multi-GB CUDA build. torch and trl are test-only.
+PARITY_REQUIRES = ["torch==2.13.0", "trl==1.16.0"]
+TEST_REQUIRES = ["pytest>=8", "pytest-xdist>=3"] + PARITY_REQUIRES
+
+setup(
+    name="pofx",
+    version="0.1.0",
+    description="Preference optimization (DPO and its descendants) in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["pofx", "pofx.*", "experiments", "experiments.*", "configs", "configs.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES, "parity": PARITY_REQUIRES},
+    license="Apache-2.0",
+)
