@@ -1,0 +1,98 @@
+"""The shared worked example (methods/llm.md section 0) and a table of every registered loss on it.
+
+One pair: pi_w = -10 over 5 chosen tokens, pi_l = -12 over 6 rejected tokens, ref_w = ref_l = -11,
+beta = 0.1 (each loss's own defaults otherwise); tokens are uniform (policy -2 per token,
+reference -11/5 and -11/6). So lr_w = +1, lr_l = -1, rho = 2. Scores (0.8, 0.3) where a loss uses them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pofx._pair_logps import ListLogps, PairLogps
+
+T = 6
+LEN_W, LEN_L = 5, 6
+
+
+def _tokens(total, n):
+  mask = (np.arange(T)[None, :] < n).astype(np.float32)
+  return jnp.asarray(mask) * (total / n), mask
+
+
+def worked_example(shift: float = 0.0):
+  """(policy, reference) of the worked example; `shift` moves rho by `shift` (half on each side)."""
+  c_tok, c_mask = _tokens(-10.0 + shift / 2, LEN_W)
+  r_tok, r_mask = _tokens(-12.0 - shift / 2, LEN_L)
+  policy = PairLogps.from_tokens(c_tok, c_mask, r_tok, r_mask,
+                                 chosen_log_sum_sq_probs=c_tok - 0.5, rejected_log_sum_sq_probs=r_tok - 0.5)
+  rc_tok, _ = _tokens(-11.0, LEN_W)
+  rr_tok, _ = _tokens(-11.0, LEN_L)
+  reference = PairLogps.from_tokens(rc_tok, c_mask, rr_tok, r_mask)
+  return policy, reference
+
+
+def example_kwargs(spec, key=None):
+  """Extra inputs of the worked example for a spec's requirements (not its hyperparameters)."""
+  req = spec.requires
+  kw = dict(spec.example_hyper)
+  if "key" in req:
+    kw["key"] = jax.random.key(0) if key is None else key
+  if "scores" in req:
+    kw["chosen_scores"], kw["rejected_scores"] = jnp.array([0.8]), jnp.array([0.3])
+  if "turn_ids" in req:
+    kw["chosen_turn_ids"] = jnp.asarray(np.where(np.arange(T) < LEN_W, 0, -1)[None], jnp.int32)
+    kw["rejected_turn_ids"] = jnp.asarray(np.where(np.arange(T) < LEN_L, 0, -1)[None], jnp.int32)
+  if "risk" in req:
+    kw["chosen_risk"], kw["rejected_risk"] = jnp.array([0.0]), jnp.array([0.0])
+  if "kl" in req:
+    kw["kl_logratios"] = jnp.array([0.0])
+  if "list" in req:
+    kw["scores"] = jnp.array([[0.8, 0.3]])
+  if "state" in req:
+    hyper = {k: v for k, v in spec.example_hyper.items() if k in spec.hyperparameters}
+    kw["state"] = spec.init_state(**hyper)
+  return kw
+
+
+def _inputs(spec, shift):
+  policy, reference = worked_example(shift)
+  if "list" in spec.requires:
+    policy = ListLogps(logps=jnp.stack([policy.chosen, policy.rejected], -1),
+                       lengths=jnp.array([[LEN_W, LEN_L]], jnp.float32))
+    reference = ListLogps(logps=jnp.stack([reference.chosen, reference.rejected], -1),
+                          lengths=jnp.array([[LEN_W, LEN_L]], jnp.float32))
+  if spec.reference == "unused":
+    reference = None
+  return policy, reference
+
+
+def evaluate(spec):
+  """(value, d value / d rho) of `spec`'s batch loss on the worked example."""
+  from pofx.losses import _registry  # local: avoids an import cycle at package import
+
+  kwargs = example_kwargs(spec)
+
+  def value(shift):
+    policy, reference = _inputs(spec, shift)
+    out = spec.fn(policy, reference, **kwargs)
+    per_pair = out[0] if "state" in spec.requires else out
+    return _registry.reduce(spec, per_pair, policy)
+
+  return jax.value_and_grad(value)(jnp.float32(0.0))
+
+
+def table(registry) -> str:
+  rows = [("name", "family", "reference", "value", "dL/drho", "source")]
+  for name, spec in registry.items():
+    v, g = evaluate(spec)
+    rows.append((name, spec.family, spec.reference, f"{float(v):.6f}", f"{float(g):+.6f}", spec.source))
+  widths = [max(len(r[i]) for r in rows) for i in range(5)]
+  lines = []
+  for i, r in enumerate(rows):
+    lines.append("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
+    if i == 0:
+      lines.append("-" * (sum(widths) + 2 * 5 + 6))
+  return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""Example inputs for any registered loss, built from its `LossSpec.requires`.
+
+Used by the registry contract test and by `python -m pofx.losses`-style sweeps. A new
+requirement kind in `pofx.losses.REQUIREMENTS` must get a builder here, or the contract test
+fails for it (`test_every_requirement_has_a_builder`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pofx
+
+B, T, K = 4, 7, 3
+CHOSEN_LENS = np.array([7, 3, 5, 1])
+REJECTED_LENS = np.array([2, 7, 4, 6])
+
+
+def _mask(lens, t=T):
+  return (np.arange(t)[None, :] < lens[:, None]).astype(np.float32)
+
+
+def token_pair(seed: int, *, log_sum_sq: bool, shift=0.0) -> pofx.PairLogps:
+  """A PairLogps from random per-token log-probs in (-3, -0.05) with unequal lengths."""
+  rng = np.random.default_rng(seed)
+  c_tok = -rng.uniform(0.05, 3.0, (B, T)).astype(np.float32)
+  r_tok = -rng.uniform(0.05, 3.0, (B, T)).astype(np.float32) - shift
+  extra = {}
+  if log_sum_sq:
+    # log sum_v p_v^2 <= max_v log p_v: any value below the token's own log-prob is realisable.
+    extra = dict(chosen_log_sum_sq_probs=c_tok - rng.uniform(0.1, 2.0, (B, T)).astype(np.float32),
+                 rejected_log_sum_sq_probs=r_tok - rng.uniform(0.1, 2.0, (B, T)).astype(np.float32))
+  return pofx.PairLogps.from_tokens(c_tok, _mask(CHOSEN_LENS), r_tok, _mask(REJECTED_LENS), **extra)
+
+
+def turn_ids(lens):
+  """Two tokens per turn; -1 on padding."""
+  ids = np.arange(T)[None, :] // 2 + np.zeros((B, 1), np.int32)
+  return np.where(_mask(lens) > 0, ids, -1).astype(np.int32)
+
+
+def build(spec, key, *, with_reference=True, seed=0):
+  """Returns (policy, reference, kwargs) for `spec` (hyperparameters from example_hyper)."""
+  req = spec.requires
+  kwargs = dict(spec.example_hyper)
+  if "list" in req:
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(1, 8, (B, K)).astype(np.float32)
+    policy = pofx.ListLogps(logps=jnp.asarray(-rng.uniform(1, 10, (B, K)), jnp.float32), lengths=jnp.asarray(lens))
+    reference = pofx.ListLogps(logps=jnp.asarray(-rng.uniform(1, 10, (B, K)), jnp.float32), lengths=jnp.asarray(lens))
+    kwargs["scores"] = jnp.asarray(rng.uniform(0, 1, (B, K)), jnp.float32)
+  else:
+    policy = token_pair(seed, log_sum_sq="log_sum_sq_probs" in req)
+    reference = token_pair(seed + 100, log_sum_sq=False)
+  if spec.reference == "unused" or not with_reference:
+    reference = None
+  rng = np.random.default_rng(seed + 7)
+  if "key" in req:
+    kwargs["key"] = key
+  if "scores" in req:
+    kwargs["chosen_scores"] = jnp.asarray(rng.uniform(0.55, 1.0, B), jnp.float32)
+    kwargs["rejected_scores"] = jnp.asarray(rng.uniform(0.05, 0.45, B), jnp.float32)
+  if "turn_ids" in req:
+    kwargs["chosen_turn_ids"] = jnp.asarray(turn_ids(CHOSEN_LENS))
+    kwargs["rejected_turn_ids"] = jnp.asarray(turn_ids(REJECTED_LENS))
+  if "risk" in req:
+    kwargs["chosen_risk"] = jnp.asarray(rng.uniform(0, 1, B), jnp.float32)
+    kwargs["rejected_risk"] = jnp.asarray(rng.uniform(0, 1, B), jnp.float32)
+  if "kl" in req:
+    kwargs["kl_logratios"] = jnp.asarray(rng.normal(0, 1, B), jnp.float32)
+  if "state" in req:
+    hyper = {k: v for k, v in kwargs.items() if k in spec.hyperparameters and k in spec.example_hyper}
+    kwargs["state"] = spec.init_state(**hyper)
+  return policy, reference, kwargs
+
+
+def extreme_pair(margin_sign: float, dtype) -> tuple:
+  """Policy/reference whose GPO margin is about margin_sign * 1e4 with or without a reference.
+
+  The policy's chosen (rejected) tokens sum to -1 or -1e4, the reference's to -1 on both
+  sides, so both `lr_w - lr_l` and `pi_w - pi_l` are +-(1e4 - 1).
+  """
+  big = 1e4
+  c_total, r_total = (-1.0, -big) if margin_sign > 0 else (-big, -1.0)
+  c_tok = np.full((B, T), 0.0, np.float32)
+  r_tok = np.full((B, T), 0.0, np.float32)
+  c_mask, r_mask = _mask(CHOSEN_LENS), _mask(REJECTED_LENS)
+  c_tok[:] = c_total / CHOSEN_LENS[:, None]
+  r_tok[:] = r_total / REJECTED_LENS[:, None]
+  policy = pofx.PairLogps.from_tokens(c_tok, c_mask, r_tok, r_mask,
+                                      chosen_log_sum_sq_probs=c_tok - 0.5, rejected_log_sum_sq_probs=r_tok - 0.5)
+  ref_c = np.full((B, T), 0.0, np.float32) - 1.0 / CHOSEN_LENS[:, None]
+  ref_r = np.full((B, T), 0.0, np.float32) - 1.0 / REJECTED_LENS[:, None]
+  reference = pofx.PairLogps.from_tokens(ref_c, c_mask, ref_r, r_mask)
+  cast = lambda p: jax.tree.map(lambda x: jnp.asarray(x, dtype), p)
+  return cast(policy), cast(reference)

@@ -1,0 +1,145 @@
+"""The contract every registered loss must meet; walks the whole registry.
+
+A loss cannot join the registry without passing this: jittable, `[B]` output, jit == eager,
+finite values and gradients (also at margins of +-1e4 in float32 and bfloat16), gradients
+that agree with finite differences, deterministic given its key, a docstring with a reference.
+"""
+
+import inspect
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import pofx
+from tests.losses import registry_inputs as ri
+
+NAMES = pofx.losses.names()
+KEY = jax.random.key(0)
+
+
+def _call(spec, policy, reference, kwargs):
+  out = spec.fn(policy, reference, **kwargs)
+  return out[0] if "state" in spec.requires else out
+
+
+def _split(policy):
+  """Differentiable log-prob leaves of a PairLogps/ListLogps, and a function rebuilding it."""
+  if isinstance(policy, pofx.ListLogps):
+    leaves = {"logps": policy.logps}
+  else:
+    leaves = {k: getattr(policy, k) for k in ("chosen", "rejected", "chosen_token_logps", "rejected_token_logps")
+              if getattr(policy, k) is not None}
+  return leaves, lambda new: policy.replace(**new)
+
+
+def test_every_requirement_has_a_builder():
+  handled = {"lengths", "tokens", "log_sum_sq_probs", "key", "state", "scores", "turn_ids", "risk", "list", "kl"}
+  assert set(pofx.losses.REQUIREMENTS) <= handled
+
+
+def test_registry_is_read_only_and_sorted():
+  assert NAMES == sorted(NAMES)
+  with pytest.raises(TypeError):
+    pofx.losses.REGISTRY["new"] = pofx.losses.REGISTRY["dpo"]
+
+
+def test_unknown_name_lists_allowed():
+  with pytest.raises(ValueError, match="allowed: .*'dpo'"):
+    pofx.losses.get("dpoo")
+
+
+def test_unknown_hyperparameter_lists_allowed():
+  policy, reference, _ = ri.build(pofx.losses.spec("dpo"), KEY)
+  with pytest.raises(ValueError, match=r"unknown argument\(s\) \['betta'\]; allowed: \['beta'\]"):
+    pofx.losses.batch_loss("dpo", policy, reference, betta=0.1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_documented(name):
+  spec = pofx.losses.spec(name)
+  doc = inspect.getdoc(spec.fn) or ""
+  assert len(doc) > 80, f"{name}: docstring too short"
+  assert "arXiv" in doc or "References" in doc or "TRL" in doc, f"{name}: docstring names no reference"
+  assert spec.source, name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_contract(name):
+  spec = pofx.losses.spec(name)
+  policy, reference, kwargs = ri.build(spec, KEY)
+
+  eager = spec.fn(policy, reference, **kwargs)
+  arrays = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array) or k == "state"}
+  static = {k: v for k, v in kwargs.items() if k not in arrays}
+  jitted = jax.jit(lambda p, r, kw: spec.fn(p, r, **kw, **static))(policy, reference, arrays)
+  if "state" in spec.requires:
+    assert isinstance(eager, tuple) and len(eager) == 2, f"{name}: stateful losses return (losses, state)"
+    chex.assert_trees_all_close(eager[1], jitted[1], rtol=1e-6, atol=1e-6)
+    eager, jitted = eager[0], jitted[0]
+  chex.assert_shape(eager, (ri.B,))
+  chex.assert_tree_all_finite(eager)
+  np.testing.assert_allclose(eager, jitted, rtol=1e-6, atol=1e-6)
+
+  # Deterministic given the key (and the state).
+  again = _call(spec, policy, reference, kwargs)
+  np.testing.assert_array_equal(np.asarray(eager), np.asarray(again))
+
+  # Reference-optional losses also run reference-free.
+  if spec.reference == "optional":
+    p2, _, kw2 = ri.build(spec, KEY, with_reference=False)
+    chex.assert_tree_all_finite(_call(spec, p2, None, kw2))
+
+  # Batch reduction is a finite scalar.
+  out = pofx.losses.batch_loss(name, policy, reference, **kwargs)
+  scalar = out[0] if "state" in spec.requires else out
+  chex.assert_shape(scalar, ())
+  chex.assert_tree_all_finite(scalar)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_match_finite_differences(name):
+  spec = pofx.losses.spec(name)
+  policy, reference, kwargs = ri.build(spec, KEY)
+  leaves, rebuild = _split(policy)
+  x64 = jax.tree.map(lambda x: np.asarray(x, np.float64), leaves)
+
+  def objective(new):
+    return jnp.sum(_call(spec, rebuild(new), reference, kwargs) * jnp.arange(1.0, ri.B + 1.0))
+
+  grads = jax.grad(objective)(leaves)
+  chex.assert_tree_all_finite(grads)
+  # float32 finite differences: a loose tolerance, but a wrong derivative is off by O(1).
+  check_grads(objective, (jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), x64),), order=1, modes=["rev"],
+              eps=1e-2, atol=5e-2, rtol=5e-2)
+
+
+def _extreme_inputs(spec, sign, dtype):
+  policy, reference, kwargs = ri.build(spec, KEY)
+  if "list" in spec.requires:
+    big = jnp.where(jnp.arange(ri.K) == 0, -1.0, -1e4) if sign > 0 else jnp.where(jnp.arange(ri.K) == 0, -1e4, -1.0)
+    policy = policy.replace(logps=jnp.broadcast_to(big, policy.logps.shape).astype(dtype))
+    if reference is not None:
+      reference = reference.replace(logps=jnp.full_like(reference.logps, -1.0).astype(dtype))
+    return policy, reference, kwargs
+  ext_policy, ext_reference = ri.extreme_pair(sign, dtype)
+  return ext_policy, (ext_reference if reference is not None else None), kwargs
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["plus1e4", "minus1e4"])
+@pytest.mark.parametrize("name", NAMES)
+def test_finite_at_extreme_margins(name, sign, dtype):
+  spec = pofx.losses.spec(name)
+  policy, reference, kwargs = _extreme_inputs(spec, sign, dtype)
+  leaves, rebuild = _split(policy)
+
+  def objective(new):
+    return jnp.sum(_call(spec, rebuild(new), reference, kwargs).astype(jnp.float32))
+
+  value, grads = jax.jit(jax.value_and_grad(objective))(leaves)
+  assert np.isfinite(float(value)), f"{name}: loss not finite at margin {sign:+}1e4 ({dtype.__name__})"
+  chex.assert_tree_all_finite(grads)
