@@ -1,0 +1,305 @@
+"""Reference-model strategies: where the reference log-probs of a step come from.
+
+A `Reference` is a record of pure functions, in the spirit of optax's GradientTransformation:
+
+    init(policy_params) -> ref_state
+    logps(ref_state, batch) -> PairLogps | None        # None = reference-free
+    update(ref_state, policy_params, step) -> ref_state
+
+`logps_fn(params, batch) -> PairLogps` is the policy's own log-prob function (the model forward
+plus the chunked log-probs); strategies that run a reference forward call it with the
+reference's parameters. Reference log-probs do not depend on the policy, so the train step
+calls `logps` once per step, outside any weight perturbation, under `stop_gradient`.
+
+Strategies (formulas: shared/methods/strategies.md section A):
+  none()                      reference-free (SimPO-style losses).
+  frozen(params, logps_fn)    the SFT/initial policy, frozen (DPO; Rafailov et al. 2023).
+  cached(fingerprint)         log-probs precomputed once (`precompute`) and read from the batch.
+  multi(refs, eta, alpha)     MRPO (Le et al. 2024, arXiv:2405.16388): clipped, adaptively weighted
+                              harmonic combination of K references.
+  guiding(params_or_path, logps_fn)  Pre-DPO (Pan et al. 2025, arXiv:2504.15843): a finished run's policy.
+  synced(alpha, tau, logps_fn)       TR-DPO (Gorbatovski et al. 2024, arXiv:2404.09656): every tau steps
+                              ref <- alpha * policy + (1 - alpha) * ref (alpha = 1: hard update).
+  ema(decay, logps_fn)        ref <- decay * ref + (1 - decay) * policy every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pofx._pair_logps import PairLogps
+
+LogpsFn = Callable[[Any, Any], PairLogps]
+
+CACHE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """A reference strategy. `updates`: the reference changes during training (TR-DPO, EMA);
+  `cached`: log-probs come from the batch (a precomputed cache)."""
+
+  name: str
+  init: Callable[[Any], Any]
+  logps: Callable[[Any, Any], Optional[PairLogps]]
+  update: Callable[[Any, Any, Any], Any]
+  updates: bool = False
+  cached: bool = False
+
+
+def _identity_update(ref_state, policy_params, step):
+  del policy_params, step
+  return ref_state
+
+
+def _forward(logps_fn: LogpsFn, params, batch) -> PairLogps:
+  return jax.tree.map(jax.lax.stop_gradient, logps_fn(jax.lax.stop_gradient(params), batch))
+
+
+def _need_fn(name, logps_fn):
+  if logps_fn is None or not callable(logps_fn):
+    raise ValueError(f"references.{name} runs a reference forward and needs logps_fn(params, batch) -> PairLogps.")
+
+
+def none() -> Reference:
+  """Reference-free: `logps` returns None, so losses use the policy's log-probs alone."""
+  return Reference("none", init=lambda p: (), logps=lambda s, b: None, update=_identity_update)
+
+
+def frozen(params, logps_fn: LogpsFn) -> Reference:
+  """A frozen reference with its own parameters (usually the SFT policy's)."""
+  _need_fn("frozen", logps_fn)
+  return Reference("frozen", init=lambda p: params, logps=lambda s, b: _forward(logps_fn, s, b),
+                   update=_identity_update)
+
+
+def guiding(params_or_checkpoint, logps_fn: LogpsFn) -> Reference:
+  """Pre-DPO's guiding reference: the policy of a finished run, frozen (arXiv:2504.15843, Sec. 3).
+
+  `params_or_checkpoint` is a parameter pytree or the path of an orbax checkpoint written by
+  `pofx.checkpoints`/orbax `StandardCheckpointer` holding the parameters (loaded once, here).
+  """
+  params = params_or_checkpoint
+  if isinstance(params_or_checkpoint, str):
+    import orbax.checkpoint as ocp  # local import: only this strategy reads checkpoints
+    import os
+    path = os.path.abspath(params_or_checkpoint)
+    if not os.path.exists(path):
+      raise ValueError(f"references.guiding: checkpoint {path!r} does not exist.")
+    params = ocp.StandardCheckpointer().restore(path)
+  ref = frozen(params, logps_fn)
+  return dataclasses.replace(ref, name="guiding")
+
+
+def synced(alpha: float = 0.6, tau: int = 512, logps_fn: Optional[LogpsFn] = None) -> Reference:
+  """TR-DPO: every `tau` steps, `ref <- alpha * policy + (1 - alpha) * ref` (TRL's unified rule).
+
+  alpha = 1 is the hard update (copy every tau steps); tau = 1 is a per-step soft update.
+  Defaults are TRL's (alpha 0.6, tau 512). arXiv:2404.09656, Sec. 3 (soft and hard updates).
+  """
+  if logps_fn is None:
+    raise ValueError("references.synced: a TR-DPO reference changes during training, so its log-probs cannot come "
+                     "from a precomputed cache; pass logps_fn (and do not combine it with a cached reference).")
+  _need_fn("synced", logps_fn)
+  if not (0.0 < float(alpha) <= 1.0):
+    raise ValueError(f"references.synced: invalid alpha={alpha!r}; allowed: 0 < alpha <= 1.")
+  if int(tau) < 1:
+    raise ValueError(f"references.synced: invalid tau={tau!r}; allowed: integer >= 1.")
+
+  def update(ref_state, policy_params, step):
+    do_sync = (jnp.asarray(step) % tau) == 0
+    mixed = jax.tree.map(lambda r, p: alpha * p + (1.0 - alpha) * r, ref_state, policy_params)
+    return jax.tree.map(lambda m, r: jnp.where(do_sync, m, r), mixed, ref_state)
+
+  return Reference("synced", init=lambda p: jax.tree.map(jnp.array, p),
+                   logps=lambda s, b: _forward(logps_fn, s, b), update=update, updates=True)
+
+
+def ema(decay: float = 0.99, logps_fn: Optional[LogpsFn] = None) -> Reference:
+  """Exponential moving average of the policy: `ref <- decay * ref + (1 - decay) * policy` each step."""
+  if logps_fn is None:
+    raise ValueError("references.ema: an EMA reference changes every step and cannot be cached; pass logps_fn.")
+  _need_fn("ema", logps_fn)
+  if not (0.0 <= float(decay) < 1.0):
+    raise ValueError(f"references.ema: invalid decay={decay!r}; allowed: 0 <= decay < 1.")
+
+  def update(ref_state, policy_params, step):
+    del step
+    return jax.tree.map(lambda r, p: decay * r + (1.0 - decay) * p, ref_state, policy_params)
+
+  return Reference("ema", init=lambda p: jax.tree.map(jnp.array, p),
+                   logps=lambda s, b: _forward(logps_fn, s, b), update=update, updates=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cached reference log-probs.
+
+
+def fingerprint(params, *, vocab: Any, max_prompt_len: int, max_completion_len: int, extra: Any = None) -> str:
+  """SHA-256 of the reference weights, the vocabulary/tokenizer identity and the length limits.
+
+  A cache is valid only for the exact reference, tokenisation and truncation that produced it;
+  `cached` refuses a cache whose fingerprint differs.
+  """
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    a = np.asarray(leaf)
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(str(a.dtype).encode() + str(a.shape).encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  meta = {"vocab": vocab, "max_prompt_len": int(max_prompt_len), "max_completion_len": int(max_completion_len),
+          "extra": extra}
+  h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+  return h.hexdigest()
+
+
+def precompute(logps_fn: LogpsFn, params, batches, *, fingerprint: str):
+  """One pass of the reference over `batches`: returns a dict of float32 arrays and the fingerprint.
+
+  `{"ref_chosen_logps": [N], "ref_rejected_logps": [N], "fingerprint": str}` in batch order; the
+  caller stores them next to the examples (and their ids) and feeds them back in the batches.
+  """
+  fwd = jax.jit(lambda p, b: _forward(logps_fn, p, b))
+  chosen, rejected = [], []
+  for batch in batches:
+    out = fwd(params, batch)
+    chosen.append(np.asarray(out.chosen, np.float32))
+    rejected.append(np.asarray(out.rejected, np.float32))
+  return {"ref_chosen_logps": np.concatenate(chosen), "ref_rejected_logps": np.concatenate(rejected),
+          "fingerprint": fingerprint}
+
+
+def cached(expected_fingerprint: str, cache_fingerprint: str) -> Reference:
+  """Reference log-probs read from the batch (`ref_chosen_logps`, `ref_rejected_logps`, `[B]`).
+
+  Args:
+    expected_fingerprint: `fingerprint(...)` of the reference, tokenizer and limits of this run.
+    cache_fingerprint: the fingerprint stored with the cache.
+
+  Raises:
+    ValueError: the fingerprints differ (a stale cache is an error, never silently reused).
+  """
+  if expected_fingerprint != cache_fingerprint:
+    raise ValueError("references.cached: the cache was computed for a different reference, vocabulary or length "
+                     f"limits (cache fingerprint {cache_fingerprint[:12]}..., this run {expected_fingerprint[:12]}...). "
+                     "Recompute it with references.precompute.")
+
+  def logps(ref_state, batch):
+    del ref_state
+    missing = [k for k in CACHE_KEYS if k not in batch]
+    if missing:
+      raise ValueError(f"references.cached: the batch lacks {missing}; feed the precomputed log-probs with each batch.")
+    return PairLogps(chosen=jnp.asarray(batch[CACHE_KEYS[0]], jnp.float32),
+                     rejected=jnp.asarray(batch[CACHE_KEYS[1]], jnp.float32))
+
+  return Reference("cached", init=lambda p: (), logps=logps, update=_identity_update, cached=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# MRPO.
+
+
+def mrpo_combine(primary: PairLogps, others: Sequence[PairLogps], *, eta: float = 0.1, alpha: float = -1.0) -> PairLogps:
+  r"""MRPO's combined reference log-probs (Le et al. 2024, arXiv:2405.16388; code thaihungle/MRPO).
+
+  For K = 2 (primary p2, external p1), per response y and per pair, exactly as the authors' code:
+    ARWC weight: a_k = p_k(y_w) - p_k(y_l); alpha = |a_1| / (|a_1| + |a_2| + 1e-6) when alpha < 0.
+    CTRO clip: scale = |b_w| / (|b_w| + |b_l|), b_y = (p1(y) + p2(y)) / 2; eta_w = eta * scale,
+      eta_l = eta * (1 - scale) (eta < 0: fixed |eta|); p1(y) <- clip(p1(y), (1 + eta_y) sg(p2(y)),
+      (1 - eta_y) sg(p2(y))) (log-probs are negative).
+    log ref(y) = p1 + p2 - log(alpha e^{p1} + (1 - alpha) e^{p2}), i.e. 1/ref = alpha/pi_2 + (1-alpha)/pi_1.
+  K > 2 extends this as the weighted harmonic mean 1/ref = alpha_0/pi_0 + sum_k alpha_k/pi_k with
+  alpha_k from the margins |a_k| of the external references (the code supports K = 2 only; the
+  general form is an extrapolation). Identical references give back that reference (DPO).
+  """
+  if not others:
+    raise ValueError("MRPO needs K >= 2 references (a primary and at least one other).")
+  eps = 1e-6
+
+  def clip_to_primary(p1: PairLogps) -> PairLogps:
+    b_w = (p1.chosen + primary.chosen) / 2
+    b_l = (p1.rejected + primary.rejected) / 2
+    scale = jnp.abs(b_w) / (jnp.abs(b_w) + jnp.abs(b_l) + 1e-12)
+    if eta < 0:
+      eta_w = eta_l = abs(eta)
+    else:
+      eta_w, eta_l = eta * scale, eta * (1.0 - scale)
+    sw, sl = jax.lax.stop_gradient(primary.chosen), jax.lax.stop_gradient(primary.rejected)
+    cw = jnp.minimum(jnp.maximum(p1.chosen, (1 + eta_w) * sw), (1 - eta_w) * sw)
+    cl = jnp.minimum(jnp.maximum(p1.rejected, (1 + eta_l) * sl), (1 - eta_l) * sl)
+    return p1.replace(chosen=cw, rejected=cl)
+
+  clipped = [clip_to_primary(o) for o in others]
+  a_primary = jnp.abs(primary.chosen - primary.rejected)
+  a_others = [jnp.abs(o.chosen - o.rejected) for o in others]
+  if alpha < 0:
+    total = a_primary + sum(a_others) + eps
+    w_others = [a / total for a in a_others]  # weights attached to 1/pi_primary in the code's pairing (K=2)
+  else:
+    w_others = [jnp.full_like(a_primary, alpha / len(others)) for _ in others]
+
+  if len(others) == 1:
+    w = w_others[0]
+
+    def comb(p1, p2):
+      # log(alpha e^{p1} + (1 - alpha) e^{p2}) by a stable log-sum-exp.
+      lse = jnp.logaddexp(jnp.log(jnp.maximum(w, 1e-30)) + p1, jnp.log(jnp.maximum(1 - w, 1e-30)) + p2)
+      return p1 + p2 - lse
+
+    c = clipped[0]
+    return PairLogps(chosen=comb(c.chosen, primary.chosen), rejected=comb(c.rejected, primary.rejected),
+                     chosen_len=primary.chosen_len, rejected_len=primary.rejected_len)
+
+  # K > 2: 1/ref = w_0 / pi_0 + sum_k w_k / pi_k, with w_0 = 1 - sum_k w_k.
+  w0 = 1.0 - sum(w_others)
+
+  def comb_k(primary_lp, other_lps):
+    terms = [jnp.log(jnp.maximum(w0, 1e-30)) - primary_lp] + [
+        jnp.log(jnp.maximum(wk, 1e-30)) - lp for wk, lp in zip(w_others, other_lps)]
+    return -jax.nn.logsumexp(jnp.stack(terms), axis=0)
+
+  return PairLogps(chosen=comb_k(primary.chosen, [c.chosen for c in clipped]),
+                   rejected=comb_k(primary.rejected, [c.rejected for c in clipped]),
+                   chosen_len=primary.chosen_len, rejected_len=primary.rejected_len)
+
+
+def multi(refs: Sequence[Reference], *, eta: float = 0.1, alpha: float = -1.0) -> Reference:
+  """MRPO: K >= 2 references combined by `mrpo_combine`; the first is the primary (usually the SFT).
+
+  Each member may be frozen, guiding or cached (cached members read their own batch keys:
+  see `cached_member`). Updating members are refused.
+  """
+  refs = list(refs)
+  if len(refs) < 2:
+    raise ValueError(f"references.multi: MRPO needs K >= 2 references, got {len(refs)}.")
+  if any(r.updates for r in refs):
+    raise ValueError("references.multi: members must be static (frozen, guiding or cached); got an updating one.")
+
+  def logps(ref_state, batch):
+    outs = [r.logps(s, batch) for r, s in zip(refs, ref_state)]
+    return mrpo_combine(outs[0], outs[1:], eta=eta, alpha=alpha)
+
+  return Reference("multi", init=lambda p: tuple(r.init(p) for r in refs), logps=logps,
+                   update=_identity_update, cached=all(r.cached for r in refs))
+
+
+def cached_member(index: int, expected_fingerprint: str, cache_fingerprint: str) -> Reference:
+  """A cached MRPO member reading `ref{index}_chosen_logps` / `ref{index}_rejected_logps` from the batch."""
+  base = cached(expected_fingerprint, cache_fingerprint)
+  keys = (f"ref{index}_chosen_logps", f"ref{index}_rejected_logps")
+
+  def logps(ref_state, batch):
+    del ref_state
+    missing = [k for k in keys if k not in batch]
+    if missing:
+      raise ValueError(f"references.cached_member({index}): the batch lacks {missing}.")
+    return PairLogps(chosen=jnp.asarray(batch[keys[0]], jnp.float32), rejected=jnp.asarray(batch[keys[1]], jnp.float32))
+
+  return dataclasses.replace(base, name=f"cached{index}", logps=logps)

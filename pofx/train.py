@@ -1,0 +1,220 @@
+"""The functional train step: loss x reference strategy x weight perturbation, one jitted function.
+
+    state = train.init_state(params, optimizer, reference, perturbation, loss="dpo", rng=key)
+    step = train.make_train_step(logps_fn, optimizer, loss="dpo", reference=ref, perturbation=pert)
+    state, metrics = step(state, batch, rng)        # jitted, donates `state`
+
+Inside one step (all on device, no host syncs):
+  1. reference log-probs, once, under stop_gradient, outside the perturbation;
+  2. the policy forward and the loss, differentiated by the perturbation (plain / SAM / AWP),
+     optionally accumulated over micro-batches;
+  3. the optax update, the reference update (TR-DPO / EMA), the loss state (beta-DPO, gamma-PO);
+  4. metrics as device arrays: loss, rewards, margins, reward accuracy, log-probs, grad norm, lr.
+
+`logps_fn(params, batch) -> PairLogps` is the policy's log-prob function (model forward plus
+chunked log-probs); the step knows nothing else about the model. Batches are dicts of arrays
+with a leading batch axis; per-pair extra inputs that a loss requires are read from the batch
+under the names of `pofx.losses.REQUIREMENTS` (e.g. `chosen_scores`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from pofx import losses as losses_lib
+from pofx import perturbations as perturbations_lib
+from pofx import references as references_lib
+from pofx._pair_logps import PairLogps
+
+# Batch keys that a loss requirement reads.
+_BATCH_INPUTS = {
+    "scores": ("chosen_scores", "rejected_scores"),
+    "turn_ids": ("chosen_turn_ids", "rejected_turn_ids"),
+    "risk": ("chosen_risk", "rejected_risk"),
+    "kl": ("kl_logratios",),
+}
+_UNSUPPORTED_IN_STEP = ("list",)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  """Everything a run carries from step to step (a pytree)."""
+
+  params: Any
+  opt_state: Any
+  ref_state: Any
+  perturbation_state: Any
+  loss_state: Any
+  step: jax.Array
+  rng: jax.Array
+
+  def replace(self, **kw) -> "TrainState":
+    return dataclasses.replace(self, **kw)
+
+
+jax.tree_util.register_dataclass(TrainState, data_fields=[f.name for f in dataclasses.fields(TrainState)],
+                                 meta_fields=[])
+
+
+def _spec(loss):
+  if isinstance(loss, losses_lib.LossSpec):
+    return loss
+  return losses_lib.spec(loss)
+
+
+def validate(loss, reference: references_lib.Reference, loss_hyper: Mapping[str, Any] | None = None) -> None:
+  """Fails early, with the field and the allowed values, on combinations that cannot work."""
+  spec = _spec(loss)
+  hyper = dict(loss_hyper or {})
+  losses_lib._registry.check_kwargs(spec, {**hyper, **{k: None for k in _required_kwargs(spec)}})
+  if spec.reference == "required" and reference.name == "none":
+    raise ValueError(f"loss {spec.name!r} needs a reference model, but reference=none(); use frozen, cached, multi, "
+                     "guiding, synced or ema, or a reference-free loss.")
+  if reference.cached and reference.updates:
+    raise ValueError("A cached reference cannot be combined with a strategy that updates the reference.")
+  for kind in _UNSUPPORTED_IN_STEP:
+    if kind in spec.requires:
+      raise ValueError(f"loss {spec.name!r} takes K-way lists; the pairwise train step does not feed them.")
+
+
+def _required_kwargs(spec):
+  names = []
+  for kind in spec.requires:
+    names += list(_BATCH_INPUTS.get(kind, ()))
+    if kind in ("key", "state"):
+      names.append(kind)
+  return names
+
+
+def init_state(params, optimizer: optax.GradientTransformation, reference: references_lib.Reference,
+               perturbation: perturbations_lib.Perturbation, *, loss="dpo", loss_hyper=None, rng=None) -> TrainState:
+  spec = _spec(loss)
+  loss_state = ()
+  if spec.init_state is not None:
+    hyper = {k: v for k, v in (loss_hyper or {}).items() if k in spec.hyperparameters}
+    loss_state = spec.init_state(**hyper)
+  return TrainState(params=params, opt_state=optimizer.init(params), ref_state=reference.init(params),
+                    perturbation_state=perturbation.init(params), loss_state=loss_state,
+                    step=jnp.zeros((), jnp.int32), rng=jax.random.key(0) if rng is None else rng)
+
+
+def _beta_of(spec, hyper):
+  beta = hyper.get("beta", spec.hyperparameters.get("beta", 0.1))
+  return 0.1 if not isinstance(beta, (int, float)) else float(beta)
+
+
+def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.GradientTransformation, *,
+                    loss="dpo", loss_hyper: Optional[Mapping[str, Any]] = None,
+                    reference: Optional[references_lib.Reference] = None,
+                    perturbation: Optional[perturbations_lib.Perturbation] = None,
+                    grad_accum_steps: int = 1, learning_rate_fn: Optional[Callable] = None,
+                    jit: bool = True, donate: bool = True):
+  """Builds the pure step `(state, batch, rng) -> (state, metrics)`, jitted once with donation.
+
+  Args:
+    logps_fn: `(params, batch) -> PairLogps` of the policy (and of the reference's params).
+    optimizer: an optax transformation.
+    loss: a registered loss name (or LossSpec); `loss_hyper` its hyperparameters.
+    reference: a `pofx.references` strategy (default: none()).
+    perturbation: a `pofx.perturbations` record (default: none()).
+    grad_accum_steps: split the batch into this many micro-batches (leading axis), accumulate
+      gradients with `lax.scan` and apply one update. Losses with batch statistics (beta-DPO,
+      aot) then see micro-batch statistics.
+    learning_rate_fn: the optimizer's schedule, for the `learning_rate` metric.
+  """
+  spec = _spec(loss)
+  hyper = dict(loss_hyper or {})
+  reference = reference or references_lib.none()
+  perturbation = perturbation or perturbations_lib.none()
+  validate(spec, reference, hyper)
+  if int(grad_accum_steps) < 1:
+    raise ValueError(f"grad_accum_steps={grad_accum_steps!r}; allowed: integer >= 1.")
+  beta = _beta_of(spec, hyper)
+  stateful = "state" in spec.requires
+
+  def loss_kwargs(batch, loss_state, key):
+    kw = dict(hyper)
+    for kind in spec.requires:
+      for name in _BATCH_INPUTS.get(kind, ()):
+        if name not in batch:
+          raise ValueError(f"loss {spec.name!r} reads batch[{name!r}], which the batch lacks.")
+        kw[name] = batch[name]
+    if "key" in spec.requires:
+      kw["key"] = key
+    if stateful:
+      kw["state"] = loss_state
+    return kw
+
+  def objective(params, batch):
+    ref = batch["__reference__"]
+    policy = logps_fn(params, batch)
+    out = spec.fn(policy, ref, **loss_kwargs(batch, batch["__loss_state__"], batch["__key__"]))
+    per_pair, new_loss_state = out if stateful else (out, ())
+    value = losses_lib._registry.reduce(spec, per_pair, policy)
+    lr_w, lr_l = losses_lib._common.logratios(policy, ref)
+    aux = {
+        "per_pair": per_pair, "lr_w": lr_w, "lr_l": lr_l, "logps_chosen": policy.chosen,
+        "logps_rejected": policy.rejected, "loss_state": new_loss_state,
+    }
+    return value, aux
+
+  def step(state: TrainState, batch, rng):
+    k_loss, k_pert = jax.random.split(rng)
+    # The reference forward: once per step, outside the perturbation; it travels with the
+    # batch so that micro-batching and m-sharpness split it with the pairs.
+    full = {**batch, "__reference__": reference.logps(state.ref_state, batch)}
+    shared = {"__loss_state__": state.loss_state, "__key__": k_loss}  # never split
+
+    def obj(params, b):
+      return objective(params, {**b, **shared})
+
+    if grad_accum_steps == 1:
+      (loss_value, aux), grads, pstate = perturbation.value_and_grad(obj, state.params, state.perturbation_state,
+                                                                    k_pert, full)
+    else:
+      n = grad_accum_steps
+      micro = jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), full)
+
+      def body(carry, mb):
+        g_acc, pstate = carry
+        (l, a), g, pstate = perturbation.value_and_grad(obj, state.params, pstate, k_pert, mb)
+        return (jax.tree.map(jnp.add, g_acc, g), pstate), (l, a)
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, pstate), (ls, auxs) = jax.lax.scan(body, (zeros, state.perturbation_state), micro)
+      grads = jax.tree.map(lambda g: g / n, grads)
+      loss_value = jnp.mean(ls)
+      aux = {k: (jax.tree.map(lambda x: x[-1], v) if k == "loss_state" else v.reshape((-1,) + v.shape[2:]))
+             for k, v in auxs.items()}
+
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_step = state.step + 1
+    ref_state = reference.update(state.ref_state, params, new_step)
+    new_loss_state = aux["loss_state"] if stateful else state.loss_state
+
+    lr_w, lr_l = aux["lr_w"], aux["lr_l"]
+    metrics = {
+        "loss": loss_value,
+        "rewards/chosen": beta * jnp.mean(lr_w),
+        "rewards/rejected": beta * jnp.mean(lr_l),
+        "rewards/margins": beta * jnp.mean(lr_w - lr_l),
+        "rewards/accuracy": jnp.mean((lr_w > lr_l).astype(jnp.float32)),
+        "logps/chosen": jnp.mean(aux["logps_chosen"]),
+        "logps/rejected": jnp.mean(aux["logps_rejected"]),
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": (jnp.asarray(learning_rate_fn(state.step), jnp.float32) if learning_rate_fn is not None
+                          else jnp.float32(jnp.nan)),
+    }
+    new_state = state.replace(params=params, opt_state=opt_state, ref_state=ref_state, perturbation_state=pstate,
+                              loss_state=new_loss_state, step=new_step)
+    return new_state, metrics
+
+  if not jit:
+    return step
+  return jax.jit(step, donate_argnums=(0,) if donate else ())

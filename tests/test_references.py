@@ -1,0 +1,145 @@
+"""Reference strategies: update rules, caching fingerprints, MRPO's combination, Pre-DPO loading."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import pofx
+from pofx import references, train
+from tests import toy
+
+
+def test_none_is_reference_free():
+  ref = references.none()
+  assert ref.logps(ref.init(toy.init()), toy.batch()) is None
+
+
+def test_frozen_gives_its_params_logps_and_no_gradient():
+  params, ref_params, batch = toy.init(0), toy.init(1), toy.batch()
+  ref = references.frozen(ref_params, toy.logps_fn)
+  out = ref.logps(ref.init(params), batch)
+  np.testing.assert_allclose(out.chosen, toy.logps_fn(ref_params, batch).chosen, rtol=1e-6)
+  grad = jax.grad(lambda rp: jnp.sum(references.frozen(rp, toy.logps_fn).logps(rp, batch).chosen))(ref_params)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grad))
+
+
+@pytest.mark.parametrize("alpha,tau", [(0.6, 3), (1.0, 2), (0.25, 1)])
+def test_synced_mixes_every_tau_steps(alpha, tau):
+  p0, p1 = toy.init(0), toy.init(1)
+  ref = references.synced(alpha, tau, toy.logps_fn)
+  state = ref.init(p0)
+  for step in range(1, 7):
+    new = ref.update(state, p1, step)
+    if step % tau == 0:
+      expected = jax.tree.map(lambda r, p: alpha * np.asarray(p) + (1 - alpha) * np.asarray(r), state, p1)
+    else:
+      expected = state
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new, expected)
+    state = new
+
+
+def test_ema_update():
+  p0, p1 = toy.init(0), toy.init(1)
+  ref = references.ema(0.9, toy.logps_fn)
+  new = ref.update(ref.init(p0), p1, 1)
+  jax.tree.map(lambda n, a, b: np.testing.assert_allclose(n, 0.9 * np.asarray(a) + 0.1 * np.asarray(b), rtol=1e-6),
+               new, p0, p1)
+
+
+def test_updating_strategies_cannot_be_cached_and_bad_values_raise():
+  with pytest.raises(ValueError, match="cannot"):
+    references.synced(0.6, 512)
+  with pytest.raises(ValueError, match="cannot"):
+    references.ema(0.99)
+  with pytest.raises(ValueError, match="alpha"):
+    references.synced(1.5, 4, toy.logps_fn)
+  with pytest.raises(ValueError, match="tau"):
+    references.synced(0.5, 0, toy.logps_fn)
+  with pytest.raises(ValueError, match="decay"):
+    references.ema(1.0, toy.logps_fn)
+
+
+def test_cache_round_trip_and_fingerprint_mismatch():
+  params, batch = toy.init(3), toy.batch()
+  fp = references.fingerprint(params, vocab=toy.V, max_prompt_len=1, max_completion_len=5)
+  cache = references.precompute(toy.logps_fn, params, [batch], fingerprint=fp)
+  ref = references.cached(fp, cache["fingerprint"])
+  out = ref.logps(ref.init(params), {**batch, "ref_chosen_logps": cache["ref_chosen_logps"],
+                                      "ref_rejected_logps": cache["ref_rejected_logps"]})
+  frozen = toy.logps_fn(params, batch)
+  np.testing.assert_allclose(out.chosen, frozen.chosen, rtol=1e-6)
+  np.testing.assert_allclose(out.rejected, frozen.rejected, rtol=1e-6)
+  # Any change of weights, vocabulary or limits changes the fingerprint, and a mismatch is an error.
+  other = [references.fingerprint(toy.init(4), vocab=toy.V, max_prompt_len=1, max_completion_len=5),
+           references.fingerprint(params, vocab=toy.V + 1, max_prompt_len=1, max_completion_len=5),
+           references.fingerprint(params, vocab=toy.V, max_prompt_len=1, max_completion_len=6)]
+  assert len({fp, *other}) == 4
+  with pytest.raises(ValueError, match="different reference"):
+    references.cached(other[0], cache["fingerprint"])
+  with pytest.raises(ValueError, match="lacks"):
+    ref.logps((), batch)
+
+
+def _mrpo_numpy(p1w, p1l, p2w, p2l, eta=0.1):
+  """MRPO K=2 for one pair, written from shared/methods/strategies.md A4 with Python math."""
+  a1, a2 = abs(p1w - p1l), abs(p2w - p2l)
+  alpha = a1 / (a1 + a2 + 1e-6)
+  bw, bl = (p2w + p1w) / 2, (p2l + p1l) / 2
+  scale = abs(bw) / (abs(bw) + abs(bl))
+  ew, el = eta * scale, eta * (1 - scale)
+  cw = min(max(p1w, (1 + ew) * p2w), (1 - ew) * p2w)
+  cl = min(max(p1l, (1 + el) * p2l), (1 - el) * p2l)
+  comb = lambda p1, p2: p1 + p2 - math.log(alpha * math.exp(p1) + (1 - alpha) * math.exp(p2))
+  return comb(cw, p2w), comb(cl, p2l)
+
+
+def test_mrpo_matches_hand_formula():
+  primary = pofx.PairLogps(chosen=jnp.array([-10.0, -3.0]), rejected=jnp.array([-12.0, -4.0]))
+  external = pofx.PairLogps(chosen=jnp.array([-10.5, -2.0]), rejected=jnp.array([-11.0, -4.1]))
+  out = references.mrpo_combine(primary, [external], eta=0.1)
+  for i in range(2):
+    ew, el = _mrpo_numpy(float(external.chosen[i]), float(external.rejected[i]), float(primary.chosen[i]),
+                         float(primary.rejected[i]))
+    np.testing.assert_allclose([out.chosen[i], out.rejected[i]], [ew, el], rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_mrpo_with_identical_references_is_dpo(k):
+  params, batch = toy.init(0), toy.batch()
+  ref_params = toy.init(5)
+  multi = references.multi([references.frozen(ref_params, toy.logps_fn) for _ in range(k)])
+  combined = multi.logps(multi.init(params), batch)
+  single = toy.logps_fn(ref_params, batch)
+  np.testing.assert_allclose(combined.chosen, single.chosen, rtol=1e-5)
+  policy = toy.logps_fn(params, batch)
+  np.testing.assert_allclose(pofx.losses.dpo(policy, combined), pofx.losses.dpo(policy, single), rtol=1e-5)
+
+
+def test_multi_refuses_bad_members():
+  with pytest.raises(ValueError, match="K >= 2"):
+    references.multi([references.frozen(toy.init(), toy.logps_fn)])
+  with pytest.raises(ValueError, match="static"):
+    references.multi([references.frozen(toy.init(), toy.logps_fn), references.ema(0.9, toy.logps_fn)])
+
+
+def test_guiding_loads_a_checkpoint(tmp_path):
+  import orbax.checkpoint as ocp
+  guide = toy.init(7)
+  path = tmp_path / "guide"
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(path, guide)
+  ckpt.wait_until_finished()
+  ref = references.guiding(str(path), toy.logps_fn)
+  state = ref.init(toy.init(0))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), state, guide)
+  with pytest.raises(ValueError, match="does not exist"):
+    references.guiding(str(tmp_path / "missing"), toy.logps_fn)
+
+
+def test_step_refuses_reference_free_with_a_loss_that_needs_one():
+  with pytest.raises(ValueError, match="needs a reference"):
+    train.make_train_step(toy.logps_fn, optax.sgd(0.1), loss="dpo", reference=references.none())
