@@ -1,0 +1,441 @@
+r"""A Llama-family decoder-only language model in Flax (`flax.linen`), exposed as pure functions.
+
+Architecture (the Hugging Face `LlamaForCausalLM` layout, so weights convert one to one):
+token embedding -> N x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> RMSNorm -> LM head.
+
+- RMSNorm: `w * x / sqrt(mean(x^2) + eps)`, computed in float32.
+- Rotary positions (RoPE, "rotate-half" convention of HF/Meta) from **explicit** `positions`
+  `[B, L]`, optionally with Llama 3 frequency scaling.
+- Grouped-query attention: `num_heads` query heads share `num_kv_heads` key/value heads.
+- SwiGLU MLP: `down(silu(gate(x)) * up(x))`; no biases anywhere.
+- Optional tied embeddings (LM head = embedding matrix transposed).
+
+Attention masking. Token i may attend to token j iff
+
+    segment_ids[i] == segment_ids[j]  and  j <= i  (column order)  and
+    (branch_ids[j] == 0  or  branch_ids[j] == branch_ids[i])
+
+`segment_ids` 0 marks padding (padding only ever attends to padding, so its outputs are finite
+garbage that callers mask out). `branch_ids` (optional, default all 0) is the extra restriction
+that prompt sharing needs: in a row `[prompt | chosen | rejected]` the prompt has branch 0 and the
+two completions branches 1 and 2, so each completion sees the prompt and itself but not the
+other completion (see `pofx.batching`).
+
+Why `flax.linen`: its `init`/`apply` are already pure functions of a plain nested-dict parameter
+pytree, which is exactly what pofx's train step, optax, orbax, reference strategies (EMA copies,
+SAM perturbations) and sharding rules want; `flax.nnx` would need a split/merge at this boundary
+for no gain here.
+
+The rest of pofx sees the model only through `init_params`, `apply_fn`, `lm_head` and
+`logits_fn` (or the `LlamaModel` record of them built by `make`), never through Flax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Params = Any
+
+_ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+_REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Hyperparameters of a Llama-family decoder. Frozen and hashable (usable as a static arg).
+
+  Attributes:
+    vocab_size: vocabulary size V.
+    hidden_size: model width D.
+    num_layers: number of decoder blocks.
+    num_heads: query heads.
+    num_kv_heads: key/value heads (grouped-query attention); must divide `num_heads`.
+    mlp_size: SwiGLU inner width.
+    head_dim: per-head width; None means `hidden_size // num_heads`.
+    rope_theta: RoPE base wavelength.
+    rope_scaling: None, or Llama 3 frequency scaling as a tuple
+      `(factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)`.
+    rms_norm_eps: RMSNorm epsilon (HF `LlamaConfig` default 1e-6; Llama 3 checkpoints use 1e-5).
+    tie_embeddings: if True the LM head is the embedding matrix transposed (no `lm_head` param).
+    dtype: compute dtype name: "float32" or "bfloat16" (parameters always stay `param_dtype`).
+    param_dtype: parameter dtype name (default "float32").
+    init_std: standard deviation of the normal initialiser of every matrix (HF: 0.02).
+    remat: wrap every block in `jax.checkpoint` (`nn.remat`) to trade compute for memory.
+    remat_policy: a name of `jax.checkpoint_policies` used when `remat` (see `_REMAT_POLICIES`).
+    attention_impl: "einsum" (explicit masked softmax, any backend), or "xla" / "cudnn" (through
+      `jax.nn.dot_product_attention` with the same boolean mask).
+  """
+
+  vocab_size: int = 4096
+  hidden_size: int = 256
+  num_layers: int = 4
+  num_heads: int = 8
+  num_kv_heads: int = 4
+  mlp_size: int = 688
+  head_dim: Optional[int] = None
+  rope_theta: float = 10000.0
+  rope_scaling: Optional[Tuple[float, float, float, int]] = None
+  rms_norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  init_std: float = 0.02
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  attention_impl: str = "einsum"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "mlp_size"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"LlamaConfig.num_kv_heads ({self.num_kv_heads}) must divide num_heads "
+                       f"({self.num_heads}).")
+    if self.head_dim is None and self.hidden_size % self.num_heads:
+      raise ValueError(f"LlamaConfig.hidden_size ({self.hidden_size}) must be a multiple of num_heads "
+                       f"({self.num_heads}) unless head_dim is given.")
+    if self.resolved_head_dim % 2:
+      raise ValueError(f"LlamaConfig: the head dimension must be even for RoPE, got {self.resolved_head_dim}.")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in _DTYPES:
+        raise ValueError(f"LlamaConfig.{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}.")
+    if self.attention_impl not in _ATTENTION_IMPLS:
+      raise ValueError(f"LlamaConfig.attention_impl must be one of {_ATTENTION_IMPLS}, "
+                       f"got {self.attention_impl!r}.")
+    if self.remat_policy not in _REMAT_POLICIES:
+      raise ValueError(f"LlamaConfig.remat_policy must be one of {sorted(_REMAT_POLICIES)}, "
+                       f"got {self.remat_policy!r}.")
+    if self.rope_scaling is not None:
+      if len(self.rope_scaling) != 4:
+        raise ValueError("LlamaConfig.rope_scaling must be (factor, low_freq_factor, high_freq_factor, "
+                         f"original_max_position_embeddings), got {self.rope_scaling!r}.")
+      object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def parameter_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  def replace(self, **changes) -> "LlamaConfig":
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self) -> int:
+    """Closed-form parameter count (must equal the size of `init_params(self, rng)`)."""
+    d, f, v, hd = self.hidden_size, self.mlp_size, self.vocab_size, self.resolved_head_dim
+    attn = d * self.num_heads * hd * 2 + d * self.num_kv_heads * hd * 2   # q, o; k, v
+    block = attn + 3 * d * f + 2 * d                                        # + SwiGLU + 2 norms
+    return v * d * (1 if self.tie_embeddings else 2) + self.num_layers * block + d
+
+
+# Presets ---------------------------------------------------------------------------------------
+
+def tiny(**overrides) -> LlamaConfig:
+  """A tiny model for tests (runs in milliseconds on CPU): D=32, 2 layers, 4 heads, 2 KV heads."""
+  return LlamaConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                     mlp_size=64).replace(**overrides)
+
+
+def bench(**overrides) -> LlamaConfig:
+  """The model of `shared/bench/trl_dpo_baseline.py`: HF `LlamaConfig(vocab_size=4096,
+  hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+  intermediate_size=688, tie_word_embeddings=False)`, float32: 4,999,424 parameters."""
+  return LlamaConfig(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
+                     mlp_size=688, rope_theta=10000.0, rms_norm_eps=1e-6,
+                     tie_embeddings=False).replace(**overrides)
+
+
+def llama_3_2_1b(**overrides) -> LlamaConfig:
+  """Llama-3.2-1B shapes (meta-llama/Llama-3.2-1B `config.json`): D=2048, 16 layers, 32 heads,
+  8 KV heads, head_dim 64, MLP 8192, vocab 128256, tied embeddings, rope_theta 5e5 with Llama 3
+  scaling (32, 1, 4, 8192), eps 1e-5: 1,235,814,400 parameters. bf16 compute by default."""
+  return LlamaConfig(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32,
+                     num_kv_heads=8, mlp_size=8192, head_dim=64, rope_theta=500000.0,
+                     rope_scaling=(32.0, 1.0, 4.0, 8192), rms_norm_eps=1e-5,
+                     tie_embeddings=True, dtype="bfloat16").replace(**overrides)
+
+
+PRESETS: Mapping[str, Callable[..., LlamaConfig]] = {
+    "tiny": tiny, "bench": bench, "llama_3_2_1b": llama_3_2_1b, "1b": llama_3_2_1b}
+
+
+def preset(name: str, **overrides) -> LlamaConfig:
+  """`LlamaConfig` preset by name: "tiny", "bench", "llama_3_2_1b" (alias "1b")."""
+  if name not in PRESETS:
+    raise ValueError(f"Unknown Llama preset {name!r}; allowed: {sorted(PRESETS)}.")
+  return PRESETS[name](**overrides)
+
+
+# Building blocks -------------------------------------------------------------------------------
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+  """RoPE inverse frequencies `[head_dim // 2]` (float64 numpy), with Llama 3 scaling if set."""
+  hd = config.resolved_head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+  if config.rope_scaling is not None:
+    factor, low, high, old_len = config.rope_scaling
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv_freq = np.where(medium, smoothed, scaled)
+  return inv_freq
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+  """Rotates `x [B, L, H, hd]` by the angles `positions [B, L] * inv_freq` (rotate-half form)."""
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B,L,hd/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attention_mask(segment_ids: Array, branch_ids: Optional[Array] = None) -> Array:
+  """Boolean `[B, L, L]` mask (query i, key j): same segment, causal, compatible branch."""
+  seg = jnp.asarray(segment_ids)
+  L = seg.shape[-1]
+  mask = seg[:, :, None] == seg[:, None, :]
+  mask &= jnp.tril(jnp.ones((L, L), jnp.bool_))[None]
+  if branch_ids is not None:
+    br = jnp.asarray(branch_ids)
+    mask &= (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])
+  return mask
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (w.astype(jnp.float32) * x32).astype(self.dtype)
+
+
+def _dense(config: LlamaConfig, features: int, name: str) -> nn.Dense:
+  return nn.Dense(features, use_bias=False, dtype=config.compute_dtype,
+                  param_dtype=config.parameter_dtype,
+                  kernel_init=nn.initializers.normal(config.init_std), name=name)
+
+
+class Attention(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask):
+    cfg = self.config
+    B, L, _ = x.shape
+    H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+    q = _dense(cfg, H * hd, "q_proj")(x).reshape(B, L, H, hd)
+    k = _dense(cfg, K * hd, "k_proj")(x).reshape(B, L, K, hd)
+    v = _dense(cfg, K * hd, "v_proj")(x).reshape(B, L, K, hd)
+    inv_freq = rope_inv_freq(cfg)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    if cfg.attention_impl == "einsum":
+      G = H // K
+      qg = q.reshape(B, L, K, G, hd)
+      scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
+      scores = scores * (1.0 / math.sqrt(hd))
+      scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+      out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(B, L, H * hd)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=cfg.attention_impl)
+      out = out.reshape(B, L, H * hd)
+    return _dense(cfg, cfg.hidden_size, "o_proj")(out)
+
+
+class Mlp(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    gate = _dense(cfg, cfg.mlp_size, "gate_proj")(x)
+    up = _dense(cfg, cfg.mlp_size, "up_proj")(x)
+    return _dense(cfg, cfg.hidden_size, "down_proj")(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask):
+    cfg = self.config
+    norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype,
+                             param_dtype=cfg.parameter_dtype)
+    x = x + Attention(cfg, name="attn")(norm(name="input_norm")(x), positions, mask)
+    x = x + Mlp(cfg, name="mlp")(norm(name="post_attn_norm")(x))
+    return x
+
+
+class LlamaDecoder(nn.Module):
+  """Embedding + blocks + final norm; returns hidden states `[B, L, D]` (compute dtype).
+
+  The LM head (`lm_head/kernel [D, V]`, absent when embeddings are tied) is created at init but
+  not applied: log-probs are computed from the hidden states fused with the head, in chunks
+  (`pofx.logprobs`).
+  """
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, tokens, positions, segment_ids, branch_ids=None):
+    cfg = self.config
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
+                     param_dtype=cfg.parameter_dtype,
+                     embedding_init=nn.initializers.normal(cfg.init_std), name="embed")
+    x = embed(tokens)
+    mask = attention_mask(segment_ids, branch_ids)
+    block_cls = Block
+    if cfg.remat:
+      block_cls = nn.remat(Block, prevent_cse=True, policy=_REMAT_POLICIES[cfg.remat_policy])
+    for i in range(cfg.num_layers):
+      x = block_cls(cfg, name=f"layers_{i}")(x, positions, mask)
+    x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.parameter_dtype, name="norm")(x)
+    if not cfg.tie_embeddings:   # declared (not applied) so that init creates it
+      self.param("lm_head", nn.initializers.normal(cfg.init_std), (cfg.hidden_size, cfg.vocab_size),
+                 cfg.parameter_dtype)
+    return x
+
+
+# Pure-function interface -----------------------------------------------------------------------
+
+def _check_inputs(tokens, positions, segment_ids, branch_ids):
+  shapes = [np.shape(tokens), np.shape(positions), np.shape(segment_ids)]
+  if branch_ids is not None:
+    shapes.append(np.shape(branch_ids))
+  if len(shapes[0]) != 2 or any(s != shapes[0] for s in shapes):
+    raise ValueError(f"tokens, positions, segment_ids (and branch_ids) must all be [B, L]; got {shapes}.")
+
+
+def init_params(config: LlamaConfig, rng: Array) -> Params:
+  """Initial parameters (a nested dict of float arrays) for `config`, from the PRNG key `rng`."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  variables = LlamaDecoder(config).init(rng, tokens, tokens, jnp.ones((1, 1), jnp.int32))
+  return variables["params"]
+
+
+def apply_fn(params: Params, tokens: Array, positions: Array, segment_ids: Array,
+             branch_ids: Optional[Array] = None, *, config: LlamaConfig) -> Array:
+  """Final hidden states `[B, L, D]` (in `config.dtype`) for `tokens [B, L]` int.
+
+  Args:
+    params: from `init_params`.
+    tokens: `[B, L]` token ids.
+    positions: `[B, L]` RoPE positions (per segment, usually 0, 1, ...).
+    segment_ids: `[B, L]` int, 0 = padding; attention stays within a segment, causally.
+    branch_ids: optional `[B, L]` int; a token with branch b > 0 does not see tokens of another
+      branch b' > 0 (branch 0 is visible to all). See the module docstring.
+    config: the model's `LlamaConfig` (static).
+  """
+  _check_inputs(tokens, positions, segment_ids, branch_ids)
+  return LlamaDecoder(config).apply({"params": params}, tokens, positions, segment_ids, branch_ids)
+
+
+def lm_head(params: Params, config: LlamaConfig) -> Array:
+  """The LM-head weight `[D, V]` (the embedding transposed when embeddings are tied)."""
+  if config.tie_embeddings:
+    return params["embed"]["embedding"].T
+  return params["lm_head"]
+
+
+def logits_fn(params: Params, tokens: Array, positions: Array, segment_ids: Array,
+              branch_ids: Optional[Array] = None, *, config: LlamaConfig) -> Array:
+  """Full float32 logits `[B, L, V]` (for tests and sampling; training uses `pofx.logprobs`)."""
+  h = apply_fn(params, tokens, positions, segment_ids, branch_ids, config=config)
+  w = lm_head(params, config)
+  return jnp.einsum("bld,dv->blv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+class LlamaModel(NamedTuple):
+  """The model as a record of pure functions with the config bound (like optax's transforms).
+
+  `init(rng) -> params`; `apply(params, tokens, positions, segment_ids, branch_ids=None) ->
+  hidden [B, L, D]`; `head(params) -> [D, V]`; `logits(params, tokens, positions, segment_ids,
+  branch_ids=None) -> [B, L, V]`.
+  """
+  config: LlamaConfig
+  init: Callable[[Array], Params]
+  apply: Callable[..., Array]
+  head: Callable[[Params], Array]
+  logits: Callable[..., Array]
+
+
+def make(config: LlamaConfig) -> LlamaModel:
+  """Binds `config` into the pure functions of this module."""
+  return LlamaModel(
+      config=config,
+      init=functools.partial(init_params, config),
+      apply=functools.partial(apply_fn, config=config),
+      head=functools.partial(lm_head, config=config),
+      logits=functools.partial(logits_fn, config=config),
+  )
+
+
+# Hugging Face weights --------------------------------------------------------------------------
+
+def params_from_hf(state_dict: Mapping[str, Any], config: LlamaConfig) -> Params:
+  """Converts a Hugging Face `LlamaForCausalLM` state dict (name -> array-like, e.g. from
+  `safetensors.numpy.load_file` or `{k: v.numpy()}` of a torch state dict) to pofx params.
+
+  HF `nn.Linear` weights are `[out, in]`; pofx kernels are `[in, out]` (transposed here).
+  Unknown or missing names raise a ValueError.
+  """
+  dtype = config.parameter_dtype
+  sd = {k.removeprefix("model."): np.asarray(v, np.float32) for k, v in state_dict.items()}
+  used = set()
+
+  def take(name, transpose=False):
+    if name not in sd:
+      raise ValueError(f"params_from_hf: missing weight {name!r}.")
+    used.add(name)
+    w = sd[name].T if transpose else sd[name]
+    return jnp.asarray(w, dtype)
+
+  params = {"embed": {"embedding": take("embed_tokens.weight")}, "norm": {"scale": take("norm.weight")}}
+  for i in range(config.num_layers):
+    p = f"layers.{i}."
+    params[f"layers_{i}"] = {
+        "input_norm": {"scale": take(p + "input_layernorm.weight")},
+        "post_attn_norm": {"scale": take(p + "post_attention_layernorm.weight")},
+        "attn": {n: {"kernel": take(p + f"self_attn.{n}.weight", True)}
+                 for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+        "mlp": {n: {"kernel": take(p + f"mlp.{n}.weight", True)}
+                for n in ("gate_proj", "up_proj", "down_proj")},
+    }
+  if not config.tie_embeddings:
+    params["lm_head"] = take("lm_head.weight", True)
+  else:
+    sd.pop("lm_head.weight", None)   # tied checkpoints may store a copy
+  extra = sorted(set(sd) - used - {k for k in sd if k.endswith("rotary_emb.inv_freq")})
+  if extra:
+    raise ValueError(f"params_from_hf: unexpected weights {extra[:5]}{'...' if len(extra) > 5 else ''}.")
+  return params
