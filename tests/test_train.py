@@ -1,0 +1,151 @@
+"""The train step: one trace per shape, gradient accumulation, and learning with every strategy."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import pofx
+from pofx import perturbations, references, train
+from tests import toy
+
+
+def _reference(name, params, logps_fn, batches):
+  ref_params = jax.tree.map(jnp.array, params)
+  if name == "none":
+    return references.none()
+  if name == "frozen":
+    return references.frozen(ref_params, logps_fn)
+  if name == "cached":
+    fp = references.fingerprint(ref_params, vocab="toy", max_prompt_len=1, max_completion_len=5)
+    return references.cached(fp, fp)
+  if name == "multi":
+    return references.multi([references.frozen(ref_params, logps_fn), references.frozen(toy.init(9), logps_fn)])
+  if name == "guiding":
+    return references.guiding(ref_params, logps_fn)
+  if name == "synced":
+    return references.synced(0.5, 4, logps_fn)
+  if name == "ema":
+    return references.ema(0.9, logps_fn)
+  raise ValueError(name)
+
+
+def _with_cache(batch, params):
+  ref = toy.logps_fn(params, batch)
+  return {**batch, "ref_chosen_logps": ref.chosen, "ref_rejected_logps": ref.rejected}
+
+
+def _run(loss, reference_name, perturbation, steps=30, lr=0.5, loss_hyper=None):
+  params = toy.init(0)
+  batch = _with_cache(toy.batch(0), params)
+  ref = _reference(reference_name, params, toy.logps_fn, [batch])
+  opt = optax.adam(lr * 0.1)
+  state = train.init_state(params, opt, ref, perturbation, loss=loss, loss_hyper=loss_hyper, rng=jax.random.key(1))
+  step = train.make_train_step(toy.logps_fn, opt, loss=loss, loss_hyper=loss_hyper, reference=ref,
+                               perturbation=perturbation)
+  history = []
+  for i in range(steps):
+    state, metrics = step(state, batch, jax.random.fold_in(jax.random.key(2), i))
+    history.append(jax.device_get(metrics))
+  return state, history
+
+
+@pytest.mark.parametrize("reference_name", ["frozen", "cached", "multi", "guiding", "synced", "ema"])
+def test_dpo_learns_with_every_reference(reference_name):
+  _, hist = _run("dpo", reference_name, perturbations.none())
+  assert hist[-1]["loss"] < hist[0]["loss"] - 0.05, (hist[0]["loss"], hist[-1]["loss"])
+  assert hist[-1]["rewards/margins"] > hist[0]["rewards/margins"]
+  assert all(np.isfinite(h["grad_norm"]) for h in hist)
+
+
+@pytest.mark.parametrize("pert", [perturbations.sam(0.05), perturbations.sam(0.5, adaptive=True),
+                                  perturbations.sam(0.05, m=2), perturbations.awp(0.01)], ids=["sam", "asam", "sam_m2", "awp"])
+def test_dpo_learns_with_every_perturbation(pert):
+  _, hist = _run("dpo", "frozen", pert)
+  assert hist[-1]["loss"] < hist[0]["loss"] - 0.05
+  assert hist[-1]["rewards/margins"] > hist[0]["rewards/margins"]
+
+
+def test_reference_free_loss_and_stateful_loss_run_in_the_step():
+  _, hist = _run("simpo", "none", perturbations.none())
+  assert hist[-1]["loss"] < hist[0]["loss"]
+  _, hist = _run("dpo_shift", "frozen", perturbations.none())
+  assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_one_trace_per_shape():
+  params = toy.init(0)
+  opt = optax.sgd(0.1)
+  ref = references.frozen(toy.init(1), toy.logps_fn)
+  state = train.init_state(params, opt, ref, perturbations.none())
+  raw = train.make_train_step(toy.logps_fn, opt, loss="dpo", reference=ref, jit=False)
+  chex.clear_trace_counter()
+  step = jax.jit(chex.assert_max_traces(raw, n=1), donate_argnums=(0,))
+  for i in range(6):  # six steps, new data each time, same shapes: one trace
+    state, metrics = step(state, toy.batch(i), jax.random.key(i))
+  assert int(state.step) == 6
+  with pytest.raises(AssertionError, match="traced > 1"):
+    step(state, toy.batch(0, b=4), jax.random.key(0))  # a new shape is a new trace
+
+  # The step as make_train_step jits it: trace-time calls of the forward do not grow with steps.
+  calls = []
+
+  def counting_logps_fn(p, b):
+    calls.append(1)
+    return toy.logps_fn(p, b)
+
+  ref2 = references.frozen(toy.init(1), counting_logps_fn)
+  step2 = train.make_train_step(counting_logps_fn, opt, loss="dpo", reference=ref2)
+  state2 = train.init_state(toy.init(0), opt, ref2, perturbations.none())
+  state2, _ = step2(state2, toy.batch(0), jax.random.key(0))
+  per_trace = len(calls)
+  for i in range(1, 5):
+    state2, _ = step2(state2, toy.batch(i), jax.random.key(i))
+  assert len(calls) == per_trace
+
+
+def test_grad_accumulation_equals_full_batch():
+  params = toy.init(0)
+  batch = toy.batch(3, b=8)
+  opt = optax.sgd(0.3)
+  ref = references.frozen(toy.init(1), toy.logps_fn)
+  out = []
+  for n in (1, 2, 4):
+    state = train.init_state(params, opt, ref, perturbations.none())
+    step = train.make_train_step(toy.logps_fn, opt, loss="dpo", reference=ref, grad_accum_steps=n, donate=False)
+    state, metrics = step(state, batch, jax.random.key(0))
+    out.append((state.params, metrics["loss"]))
+  for p, l in out[1:]:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p, out[0][0])
+    np.testing.assert_allclose(l, out[0][1], rtol=1e-5)
+
+
+def test_metrics_match_hand_computation():
+  params = toy.init(0)
+  batch = toy.batch(4)
+  ref_params = toy.init(1)
+  ref = references.frozen(ref_params, toy.logps_fn)
+  opt = optax.sgd(0.0)
+  state = train.init_state(params, opt, ref, perturbations.none())
+  step = train.make_train_step(toy.logps_fn, opt, loss="dpo", loss_hyper={"beta": 0.2}, reference=ref,
+                               learning_rate_fn=lambda s: 0.0, donate=False)
+  _, m = step(state, batch, jax.random.key(0))
+  pol, rf = toy.logps_fn(params, batch), toy.logps_fn(ref_params, batch)
+  lr_w, lr_l = np.asarray(pol.chosen - rf.chosen), np.asarray(pol.rejected - rf.rejected)
+  np.testing.assert_allclose(m["loss"], np.mean(np.log1p(np.exp(-0.2 * (lr_w - lr_l)))), rtol=1e-5)
+  np.testing.assert_allclose(m["rewards/chosen"], 0.2 * lr_w.mean(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(m["rewards/accuracy"], np.mean(lr_w > lr_l))
+  np.testing.assert_allclose(m["logps/chosen"], np.asarray(pol.chosen).mean(), rtol=1e-5)
+
+
+def test_invalid_combinations_fail_before_compute():
+  params = toy.init(0)
+  with pytest.raises(ValueError, match="needs a reference"):
+    train.make_train_step(toy.logps_fn, optax.sgd(0.1), loss="dpo", reference=references.none())
+  with pytest.raises(ValueError, match="unknown argument"):
+    train.make_train_step(toy.logps_fn, optax.sgd(0.1), loss="dpo", loss_hyper={"bta": 1.0},
+                          reference=references.frozen(params, toy.logps_fn))
+  with pytest.raises(ValueError, match="Unknown loss"):
+    train.make_train_step(toy.logps_fn, optax.sgd(0.1), loss="dppo", reference=references.frozen(params, toy.logps_fn))
