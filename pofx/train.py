@@ -103,6 +103,11 @@ def init_state(params, optimizer: optax.GradientTransformation, reference: refer
                     step=jnp.zeros((), jnp.int32), rng=jax.random.key(0) if rng is None else rng)
 
 
+def stack_microbatches(batches):
+  """Stacks n host-built micro-batches (same shapes) on a new leading axis, for grad accumulation."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+
+
 def _beta_of(spec, hyper):
   beta = hyper.get("beta", spec.hyperparameters.get("beta", 0.1))
   return 0.1 if not isinstance(beta, (int, float)) else float(beta)
@@ -122,9 +127,10 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
     loss: a registered loss name (or LossSpec); `loss_hyper` its hyperparameters.
     reference: a `pofx.references` strategy (default: none()).
     perturbation: a `pofx.perturbations` record (default: none()).
-    grad_accum_steps: split the batch into this many micro-batches (leading axis), accumulate
-      gradients with `lax.scan` and apply one update. Losses with batch statistics (beta-DPO,
-      aot) then see micro-batch statistics.
+    grad_accum_steps: the batch holds this many micro-batches stacked on a new leading axis
+      (`stack_microbatches`); gradients are averaged over them with `lax.scan` and one update is
+      applied. Losses with batch statistics (beta-DPO, aot) see micro-batch statistics. With
+      `sam(rho)` this is m-sharpness with one ascent per micro-batch.
     learning_rate_fn: the optimizer's schedule, for the `learning_rate` metric.
   """
   spec = _spec(loss)
@@ -163,30 +169,33 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
     }
     return value, aux
 
-  def step(state: TrainState, batch, rng):
-    k_loss, k_pert = jax.random.split(rng)
-    # The reference forward: once per step, outside the perturbation; it travels with the
-    # batch so that micro-batching and m-sharpness split it with the pairs.
+  def one_batch(state, batch, pstate, k_loss, k_pert):
+    # The reference forward: once per (micro-)batch, outside the perturbation; it travels with
+    # the batch so that m-sharpness splits it with the pairs.
     full = {**batch, "__reference__": reference.logps(state.ref_state, batch)}
     shared = {"__loss_state__": state.loss_state, "__key__": k_loss}  # never split
 
     def obj(params, b):
       return objective(params, {**b, **shared})
 
+    return perturbation.value_and_grad(obj, state.params, pstate, k_pert, full)
+
+  def step(state: TrainState, batch, rng):
+    k_loss, k_pert = jax.random.split(rng)
     if grad_accum_steps == 1:
-      (loss_value, aux), grads, pstate = perturbation.value_and_grad(obj, state.params, state.perturbation_state,
-                                                                    k_pert, full)
+      (loss_value, aux), grads, pstate = one_batch(state, batch, state.perturbation_state, k_loss, k_pert)
     else:
+      # `batch` holds grad_accum_steps micro-batches stacked on a leading axis (built host-side,
+      # each with its own layout: see `stack_microbatches`).
       n = grad_accum_steps
-      micro = jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), full)
 
       def body(carry, mb):
         g_acc, pstate = carry
-        (l, a), g, pstate = perturbation.value_and_grad(obj, state.params, pstate, k_pert, mb)
+        (l, a), g, pstate = one_batch(state, mb, pstate, k_loss, k_pert)
         return (jax.tree.map(jnp.add, g_acc, g), pstate), (l, a)
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (grads, pstate), (ls, auxs) = jax.lax.scan(body, (zeros, state.perturbation_state), micro)
+      (grads, pstate), (ls, auxs) = jax.lax.scan(body, (zeros, state.perturbation_state), batch)
       grads = jax.tree.map(lambda g: g / n, grads)
       loss_value = jnp.mean(ls)
       aux = {k: (jax.tree.map(lambda x: x[-1], v) if k == "loss_state" else v.reshape((-1,) + v.shape[2:]))

@@ -109,13 +109,16 @@ def test_one_trace_per_shape():
 def test_grad_accumulation_equals_full_batch():
   params = toy.init(0)
   batch = toy.batch(3, b=8)
+  halves = [jax.tree.map(lambda x: x[:4], batch), jax.tree.map(lambda x: x[4:], batch)]
+  quarters = [jax.tree.map(lambda x, i=i: x[2 * i:2 * i + 2], batch) for i in range(4)]
+  inputs = {1: batch, 2: train.stack_microbatches(halves), 4: train.stack_microbatches(quarters)}
   opt = optax.sgd(0.3)
   ref = references.frozen(toy.init(1), toy.logps_fn)
   out = []
   for n in (1, 2, 4):
     state = train.init_state(params, opt, ref, perturbations.none())
     step = train.make_train_step(toy.logps_fn, opt, loss="dpo", reference=ref, grad_accum_steps=n, donate=False)
-    state, metrics = step(state, batch, jax.random.key(0))
+    state, metrics = step(state, inputs[n], jax.random.key(0))
     out.append((state.params, metrics["loss"]))
   for p, l in out[1:]:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p, out[0][0])

@@ -1,0 +1,35 @@
+"""The policy as the train step sees it: `logps_fn(params, batch) -> PairLogps`.
+
+`make_logps_fn(apply, head, ...)` joins a model's pure functions (`pofx.models.make(config)`
+gives `apply` and `head`) with the chunked log-probs of `pofx.logprobs`: one forward over the
+`pofx.batching.PairBatch` in `batch["pairs"]` (fused, prompt-shared or packed), then the
+completion-token log-probs, summed in float32. Nothing here imports Flax.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from pofx import logprobs
+from pofx._pair_logps import PairLogps
+
+
+def make_logps_fn(apply: Callable[..., Any], head: Callable[[Any], Any], *, chunk_size: int = 1024,
+                  with_log_sum_sq_probs: bool = False, compute_dtype=None) -> Callable[[Any, Any], PairLogps]:
+  """Returns `logps_fn(params, batch)`; `batch["pairs"]` is a `PairBatch`.
+
+  Args:
+    apply: `apply(params, tokens, positions, segment_ids, branch_ids) -> hidden [R, L, D]`.
+    head: `head(params) -> [D, V]` LM-head weight.
+    chunk_size: tokens per log-softmax chunk (see `pofx.logprobs.token_logps`).
+    with_log_sum_sq_probs: also fill the per-token `log sum_v p_v^2` (needed by WPO weighting).
+    compute_dtype: dtype of the head matmul operands (float32 accumulation either way).
+  """
+
+  def logps_fn(params, batch) -> PairLogps:
+    pairs = batch["pairs"]
+    hidden = apply(params, pairs.tokens, pairs.positions, pairs.segment_ids, pairs.branch_ids)
+    return logprobs.pair_logps(hidden, head(params), pairs, chunk_size=chunk_size,
+                               with_log_sum_sq_probs=with_log_sum_sq_probs, compute_dtype=compute_dtype)
+
+  return logps_fn
