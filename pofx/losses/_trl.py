@@ -19,7 +19,7 @@ Pipeline of `_compute_loss`, reproduced step by step:
 4. The per-pair loss of the loss type (see each function).
 5. With `use_weighting` (WPO), the per-pair loss is multiplied by `sg(w_w * w_l)`,
    `w = exp(mean_t[log p_t - log sum_v p_v^2])` over the policy's completion tokens (raw token
-   log-probs, not LD-weighted).
+   log-probs, not LD-weighted). Not with aot/aot_unpaired (TRL refuses) nor sft (TRL 1.16 fails).
 6. `batch = sum_k weight_k * mean_B(loss_k)` over `loss_type` lists (`trl_dpo_loss`).
 
 Numerical guards (active only where TRL's own value overflows): exponents in the forward_kl and
@@ -428,7 +428,7 @@ def trl_discopop(policy, reference, *, beta: float = 0.1, discopop_tau: float = 
   return _weighted(logistic_part + exp_part, policy, use_weighting)
 
 
-def trl_sft(policy, reference=None, *, use_weighting: bool = False):
+def trl_sft(policy, reference=None):
   r"""TRL `loss_type="sft"`: per pair, the summed chosen NLL `-sum_t log pi(y_w,t)`.
 
   TRL's "sft" is a batch-level token mean, `-sum_{i,t} log pi(y_w,i,t) / sum_i |y_w,i|`; it is
@@ -436,21 +436,18 @@ def trl_sft(policy, reference=None, *, use_weighting: bool = False):
   these per-pair values by the batch's chosen-token count and gives TRL's value. It uses the raw
   token log-probs (no `ld_alpha`) and no reference; an f-divergence does not change it.
 
-  `use_weighting`: TRL multiplies the (broadcast) scalar by the WPO pair weights and averages, i.e.
-  token-mean NLL times `mean_B(w_w w_l)`. To reproduce that exactly through the token-mean
-  reduction, each pair's NLL is multiplied by the **batch mean** of the detached pair weights (not
-  by its own weight).
+  No `use_weighting`: in TRL 1.16 "sft" with `use_weighting=True` raises a RuntimeError (the
+  weights are multiplied in place into the scalar broadcast over the batch), so there is no TRL
+  value to match; `trl_dpo_loss` refuses the combination with a ValueError. (The evident intent,
+  token-mean NLL times `mean_B(w_w w_l)`, is not a per-pair weighting in any case.)
 
   References: TRL 1.16 `DPOTrainer._compute_loss` (loss_type="sft"; with loss_weights, e.g.
   ["sigmoid", "sft"], the successor of rpo_alpha); Pang et al. 2024, "Iterative Reasoning
   Preference Optimization", arXiv:2404.19733 (DPO + NLL).
   """
+  del reference  # unused: the NLL involves the policy only
   _common.check_inputs("sft", policy, None, need_lengths=True)
-  nll = _common.chosen_token_nll_sum(policy).astype(jnp.float32)
-  if not use_weighting:
-    return nll
-  w_w, w_l = wpo_sequence_weights(policy)
-  return nll * jnp.mean(w_w * w_l)
+  return _common.chosen_token_nll_sum(policy).astype(jnp.float32)
 
 
 def trl_sigmoid_norm(policy, reference, *, beta: float = 0.1, f_divergence_type: str = "reverse_kl",
@@ -609,8 +606,9 @@ def trl_dpo_loss(policy: PairLogps, reference: Optional[PairLogps], *,
   Raises:
     ValueError: unknown loss type; `loss_weights` of another length; a non-default
       `f_divergence_type` with a loss type outside `F_DIVERGENCE_LOSS_TYPES`; `use_weighting` with
-      aot/aot_unpaired (TRL raises NotImplementedError there); `label_smoothing=0` with exo_pair
-      (as TRL); any hyperparameter outside its range.
+      aot/aot_unpaired (TRL raises NotImplementedError there) or with sft (TRL 1.16 raises a
+      RuntimeError there); `label_smoothing=0` with exo_pair (as TRL); any hyperparameter outside
+      its range.
 
   References: TRL 1.16 `trl/trainer/dpo_trainer.py::DPOTrainer._compute_loss` and `DPOConfig`.
   """
@@ -630,6 +628,10 @@ def trl_dpo_loss(policy: PairLogps, reference: Optional[PairLogps], *,
   if use_weighting and {"aot", "aot_unpaired"} & set(types):
     raise ValueError(f"trl_dpo_loss: invalid use_weighting=True with loss_type={types}; allowed: use_weighting=False "
                      "with 'aot'/'aot_unpaired' (they sort the batch, which would misalign per-pair weights).")
+  if use_weighting and "sft" in types:
+    raise ValueError(f"trl_dpo_loss: invalid use_weighting=True with loss_type={types}; allowed: use_weighting=False "
+                     "with 'sft' (TRL 1.16 fails on this combination: it multiplies the weights in place into the "
+                     "broadcast scalar SFT loss).")
   if "exo_pair" in types and _common._is_static(label_smoothing) and float(label_smoothing) == 0.0:
     raise ValueError("trl_dpo_loss: invalid label_smoothing=0.0 for 'exo_pair'; allowed: a value in (0, 1) "
                      "(the EXO paper recommends 1e-3).")
