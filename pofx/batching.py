@@ -1,0 +1,286 @@
+r"""Layouts of one preference batch for a single forward pass, built host-side with numpy.
+
+Three layouts, all producing the same `PairBatch` record (so the train step is layout-agnostic):
+
+(a) `fused`: `2B` rows, row `b` = `prompt_b + chosen_b`, row `B + b` = `prompt_b + rejected_b`
+    (chosen and rejected concatenated along the batch axis). The prompt is processed twice.
+(b) `prompt_shared`: one row per pair, `[prompt | chosen | rejected]`. Positions restart at the
+    prompt length for the rejected completion (`p, p+1, ...`), and `branch_ids` (prompt 0,
+    chosen 1, rejected 2) stop the rejected tokens from attending to the chosen ones, so each
+    completion sees exactly `prompt + itself`, as in its own sequence. The prompt is processed
+    once.
+(c) `packed`: layout (b) for several pairs per row of a fixed length, separated by
+    `segment_ids` (1, 2, ... per row; 0 = padding), first-fit in the given order.
+
+Shift convention (causal LM): the output at position t predicts the token at t+1. So completion
+token k (0-based) of a sequence whose completion starts at column s is scored from the output at
+column `s + k - 1`. In the prompt-shared layouts the first rejected token is the exception: it is
+predicted from the **last prompt position** (column `prompt_end - 1`), not from the last chosen
+token that precedes it in the row; tokens k >= 1 of the rejected completion are predicted from
+the rejected tokens before them. `PairBatch.chosen_index` / `rejected_index` hold, for each
+completion token, the flat index `row * L + column` of the position that predicts it, so
+`gather_completions(hidden, batch)` returns the right `[B, T, D]` hidden states and
+`pofx.logprobs.pair_logps` turns them into `pofx.PairLogps`. (Gather *hidden states or logits*,
+not next-token log-probs: one prompt position predicts two different tokens.)
+
+Length bucketing: the row length L and the completion length T are rounded up with
+`bucket_length` (to a multiple, or to the smallest of a few bucket lengths), so a run compiles a
+handful of shapes. Records are never truncated: a pair longer than the largest bucket, an empty
+prompt or an empty completion raises a ValueError naming the pair's index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Bucket = Union[int, Sequence[int]]
+
+LAYOUTS = ("fused", "prompt_shared", "packed")
+
+
+@dataclasses.dataclass(frozen=True)
+class PairBatch:
+  """A preference batch laid out for one forward pass (a pytree of numpy/jax arrays).
+
+  Model inputs (R rows of length L):
+    tokens: `[R, L]` int32 (padding = `pad_id`).
+    positions: `[R, L]` int32 RoPE positions (0 on padding).
+    segment_ids: `[R, L]` int32, 0 = padding.
+    branch_ids: `[R, L]` int32 (0 prompt/padding, 1 chosen, 2 rejected) for the prompt-shared
+      layouts; None for `fused`.
+  Completion tokens (B pairs, T = padded completion length):
+    chosen_index, rejected_index: `[B, T]` int32 flat indices `row * L + column` of the positions
+      whose outputs predict each completion token (0 where masked).
+    chosen_targets, rejected_targets: `[B, T]` int32 completion token ids (0 where masked).
+    chosen_mask, rejected_mask: `[B, T]` float32 0/1.
+    pair_mask: `[B]` float32, 0 for padding pairs added by `num_pairs`.
+  layout: "fused", "prompt_shared" or "packed" (static metadata).
+  """
+
+  tokens: np.ndarray
+  positions: np.ndarray
+  segment_ids: np.ndarray
+  branch_ids: Optional[np.ndarray]
+  chosen_index: np.ndarray
+  chosen_targets: np.ndarray
+  chosen_mask: np.ndarray
+  rejected_index: np.ndarray
+  rejected_targets: np.ndarray
+  rejected_mask: np.ndarray
+  pair_mask: np.ndarray
+  layout: str = "fused"
+
+  @property
+  def num_pairs(self) -> int:
+    return self.chosen_targets.shape[0]
+
+  @property
+  def model_inputs(self) -> dict:
+    """Keyword arguments of `apply_fn`: tokens, positions, segment_ids, branch_ids."""
+    return dict(tokens=self.tokens, positions=self.positions, segment_ids=self.segment_ids,
+                branch_ids=self.branch_ids)
+
+  def real_token_fraction(self) -> float:
+    """Fraction of the `[R, L]` slots holding real tokens (host-side, numpy inputs only)."""
+    return float(np.mean(np.asarray(self.segment_ids) > 0))
+
+
+_DATA_FIELDS = [f.name for f in dataclasses.fields(PairBatch) if f.name != "layout"]
+jax.tree_util.register_dataclass(PairBatch, data_fields=_DATA_FIELDS, meta_fields=["layout"])
+
+
+def bucket_length(n: int, bucket: Bucket) -> int:
+  """Rounds a length up: to a multiple of `bucket` (int), or to the smallest of the bucket
+  lengths `bucket` (a sequence) that is >= n. Raises ValueError when n exceeds every bucket."""
+  if isinstance(bucket, (int, np.integer)):
+    if bucket < 1:
+      raise ValueError(f"bucket_length: an integer bucket must be >= 1, got {bucket}.")
+    return int(-(-max(int(n), 1) // int(bucket)) * int(bucket))
+  sizes = sorted(int(b) for b in bucket)
+  if not sizes:
+    raise ValueError("bucket_length: empty bucket list.")
+  for s in sizes:
+    if s >= n:
+      return s
+  raise ValueError(f"length {n} exceeds the largest bucket {sizes[-1]} (buckets {sizes}).")
+
+
+def gather_completions(outputs, batch: PairBatch):
+  """Per-position model outputs `[R, L, ...]` -> (chosen `[B, T, ...]`, rejected `[B, T, ...]`).
+
+  Row t of the result for completion token t is the output at the position that predicts it
+  (see the module docstring). Works on hidden states or logits (jax or numpy arrays); entries
+  where the mask is 0 are the output at flat index 0 (mask them).
+  """
+  R, L = outputs.shape[:2]
+  flat = outputs.reshape((R * L,) + tuple(outputs.shape[2:]))
+  take = jnp.take if isinstance(outputs, jax.Array) else np.take
+  return (take(flat, batch.chosen_index, axis=0), take(flat, batch.rejected_index, axis=0))
+
+
+def _validate(prompts, chosen, rejected):
+  if not (len(prompts) == len(chosen) == len(rejected)):
+    raise ValueError(f"prompts, chosen and rejected must have one entry per pair; got lengths "
+                     f"{len(prompts)}, {len(chosen)}, {len(rejected)}.")
+  if not prompts:
+    raise ValueError("empty batch: no pairs given.")
+  out = []
+  for i, triple in enumerate(zip(prompts, chosen, rejected)):
+    arrs = []
+    for name, seq in zip(("prompt", "chosen", "rejected"), triple):
+      a = np.asarray(seq)
+      if a.ndim != 1 or a.size == 0:
+        raise ValueError(f"pair {i}: the {name} must be a non-empty 1-D sequence of token ids, "
+                         f"got shape {a.shape}.")
+      if not np.issubdtype(a.dtype, np.integer) or a.min() < 0:
+        raise ValueError(f"pair {i}: the {name} must hold non-negative integer token ids.")
+      arrs.append(a.astype(np.int32))
+    out.append(tuple(arrs))
+  return out
+
+
+def _completion_arrays(n_pairs, T):
+  return (np.zeros((n_pairs, T), np.int32), np.zeros((n_pairs, T), np.int32),
+          np.zeros((n_pairs, T), np.float32))
+
+
+def _num_pairs(n, num_pairs):
+  if num_pairs is None:
+    return n
+  if num_pairs < n:
+    raise ValueError(f"num_pairs={num_pairs} is smaller than the {n} pairs given.")
+  return int(num_pairs)
+
+
+def fused(prompts, chosen, rejected, *, seq_bucket: Bucket = 64, completion_bucket: Bucket = 16,
+          num_pairs: Optional[int] = None, pad_id: int = 0) -> PairBatch:
+  """Layout (a): `[2B, L]`, chosen rows `0..B-1` (`prompt + chosen`), rejected rows `B..2B-1`.
+
+  Args:
+    prompts, chosen, rejected: sequences (one per pair) of 1-D integer token-id sequences.
+    seq_bucket: bucket spec (`bucket_length`) of the row length L = max(p + c, p + r).
+    completion_bucket: bucket spec of T = the longest completion.
+    num_pairs: pad the batch to this many pairs (padding pairs: all-padding rows, masks 0).
+    pad_id: token id of padding.
+  """
+  pairs = _validate(prompts, chosen, rejected)
+  B = _num_pairs(len(pairs), num_pairs)
+  L = bucket_length(max(len(p) + max(len(c), len(r)) for p, c, r in pairs), seq_bucket)
+  T = bucket_length(max(max(len(c), len(r)) for _, c, r in pairs), completion_bucket)
+  tokens = np.full((2 * B, L), pad_id, np.int32)
+  positions = np.zeros((2 * B, L), np.int32)
+  segs = np.zeros((2 * B, L), np.int32)
+  comp = {"chosen": _completion_arrays(B, T), "rejected": _completion_arrays(B, T)}
+  for b, (p, c, r) in enumerate(pairs):
+    for row, (name, y) in ((b, ("chosen", c)), (B + b, ("rejected", r))):
+      seq = np.concatenate([p, y])
+      n = len(seq)
+      tokens[row, :n] = seq
+      positions[row, :n] = np.arange(n)
+      segs[row, :n] = 1
+      index, targets, mask = comp[name]
+      k = np.arange(len(y))
+      index[b, k] = row * L + len(p) + k - 1
+      targets[b, k] = y
+      mask[b, k] = 1.0
+  pair_mask = (np.arange(B) < len(pairs)).astype(np.float32)
+  return PairBatch(tokens, positions, segs, None, *comp["chosen"], *comp["rejected"], pair_mask,
+                   layout="fused")
+
+
+def _place(pairs, placements, R, L, T, B, pad_id, layout):
+  """Writes pairs at (row, column offset, segment id) in the prompt-shared form."""
+  tokens = np.full((R, L), pad_id, np.int32)
+  positions = np.zeros((R, L), np.int32)
+  segs = np.zeros((R, L), np.int32)
+  branches = np.zeros((R, L), np.int32)
+  c_idx, c_tgt, c_mask = _completion_arrays(B, T)
+  r_idx, r_tgt, r_mask = _completion_arrays(B, T)
+  for b, ((p, c, r), (row, o, seg)) in enumerate(zip(pairs, placements)):
+    P, C, Rn = len(p), len(c), len(r)
+    n = P + C + Rn
+    tokens[row, o:o + n] = np.concatenate([p, c, r])
+    positions[row, o:o + n] = np.concatenate([np.arange(P + C), P + np.arange(Rn)])
+    segs[row, o:o + n] = seg
+    branches[row, o + P:o + P + C] = 1
+    branches[row, o + P + C:o + n] = 2
+    base = row * L + o
+    k = np.arange(C)
+    c_idx[b, k] = base + P + k - 1
+    c_tgt[b, k] = c
+    c_mask[b, k] = 1.0
+    k = np.arange(Rn)
+    # First rejected token: predicted from the last prompt position (P - 1), not the last chosen.
+    r_idx[b, k] = np.where(k == 0, base + P - 1, base + P + C + k - 1)
+    r_tgt[b, k] = r
+    r_mask[b, k] = 1.0
+  pair_mask = (np.arange(B) < len(pairs)).astype(np.float32)
+  return PairBatch(tokens, positions, segs, branches, c_idx, c_tgt, c_mask, r_idx, r_tgt, r_mask,
+                   pair_mask, layout=layout)
+
+
+def prompt_shared(prompts, chosen, rejected, *, seq_bucket: Bucket = 64,
+                  completion_bucket: Bucket = 16, num_pairs: Optional[int] = None,
+                  pad_id: int = 0) -> PairBatch:
+  """Layout (b): `[B, L]`, one row `[prompt | chosen | rejected]` per pair (see module docstring).
+
+  L = bucket of max(p + c + r); other arguments as in `fused`. Padding pairs are empty rows.
+  """
+  pairs = _validate(prompts, chosen, rejected)
+  B = _num_pairs(len(pairs), num_pairs)
+  L = bucket_length(max(len(p) + len(c) + len(r) for p, c, r in pairs), seq_bucket)
+  T = bucket_length(max(max(len(c), len(r)) for _, c, r in pairs), completion_bucket)
+  placements = [(b, 0, 1) for b in range(len(pairs))]
+  return _place(pairs, placements, B, L, T, B, pad_id, "prompt_shared")
+
+
+def packed(prompts, chosen, rejected, *, row_length: int, num_rows: Optional[int] = None,
+           rows_bucket: Bucket = 1, completion_bucket: Bucket = 16,
+           num_pairs: Optional[int] = None, pad_id: int = 0) -> PairBatch:
+  """Layout (c): several prompt-shared pairs per row of length `row_length`, told apart by
+  `segment_ids` (1, 2, ... within a row). Pairs go, in order, to the first row with room.
+
+  Args:
+    row_length: L (fixed, so the shape does not depend on the data).
+    num_rows: fixed row count R (ValueError if the pairs do not fit); None: the rows used,
+      rounded up by `rows_bucket`.
+    Others as in `fused`.
+  """
+  pairs = _validate(prompts, chosen, rejected)
+  B = _num_pairs(len(pairs), num_pairs)
+  T = bucket_length(max(max(len(c), len(r)) for _, c, r in pairs), completion_bucket)
+  fill, count, placements = [], [], []
+  for i, (p, c, r) in enumerate(pairs):
+    n = len(p) + len(c) + len(r)
+    if n > row_length:
+      raise ValueError(f"pair {i}: prompt + chosen + rejected = {n} tokens exceeds row_length "
+                       f"{row_length}.")
+    row = next((j for j, f in enumerate(fill) if f + n <= row_length), None)
+    if row is None:
+      row = len(fill)
+      fill.append(0)
+      count.append(0)
+    count[row] += 1
+    placements.append((row, fill[row], count[row]))
+    fill[row] += n
+  if num_rows is None:
+    R = bucket_length(len(fill), rows_bucket)
+  else:
+    if len(fill) > num_rows:
+      raise ValueError(f"the {len(pairs)} pairs need {len(fill)} rows of length {row_length}; "
+                       f"num_rows={num_rows}.")
+    R = int(num_rows)
+  return _place(pairs, placements, R, int(row_length), T, B, pad_id, "packed")
+
+
+def build(layout: str, prompts, chosen, rejected, **kwargs) -> PairBatch:
+  """Dispatches to `fused`, `prompt_shared` or `packed` by name."""
+  fns = {"fused": fused, "prompt_shared": prompt_shared, "packed": packed}
+  if layout not in fns:
+    raise ValueError(f"Unknown batch layout {layout!r}; allowed: {list(LAYOUTS)}.")
+  return fns[layout](prompts, chosen, rejected, **kwargs)
