@@ -1,0 +1,234 @@
+"""pofx's DPO train step on exactly the model and data of `trl_dpo_baseline.py`.
+
+    python benchmarks/dpo_step.py --workload {fixed,variable} --reference {frozen,cached,multi}
+        --perturbation {none,sam,awp} [--layout {prompt_shared,fused,packed}]
+        [--logprobs {chunked,naive}] [--steps 30] [--bs 8] [--json PATH]
+
+Model: the `bench` preset (hidden 256, 4 layers, 8 heads, 4 KV heads, MLP 688, vocab 4096,
+untied; 5.0 M parameters), float32, AdamW lr 1e-6, DPO beta 0.1: the TRL baseline's settings.
+Data: 256 pairs with the baseline's lengths (same seeded draws: fixed = 64/64/64; variable =
+prompt U[16,192], chosen and rejected U[16,256]); token ids are random (they do not change the
+arithmetic). 8 pairs per step in a seeded shuffled order, as a DataLoader would.
+
+Reported (steady state; every distinct batch shape is compiled before timing, and the compile
+time is reported separately): pairs/s, real tokens/s (counted as TRL counts them, 2p + c + r per
+pair, so the two figures compare), peak RSS, the step's FLOPs from XLA's cost analysis, the
+achieved FLOP/s, and that as a fraction of a float32 matmul peak (2048^3) measured in this process.
+Host-side batch building is inside the timed loop, as TRL's collation is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+import pofx  # noqa: E402
+from pofx import batching, logprobs, models, perturbations, policy, references, train  # noqa: E402
+
+VOCAB = 4096
+N_PAIRS = 256
+
+
+def lengths(workload: str, seed: int = 0):
+  """(prompt, chosen, rejected) lengths: the same draws as trl_dpo_baseline.py's `lengths`."""
+  rng = np.random.default_rng(seed)
+  if workload == "fixed":
+    return [(64, 64, 64)] * N_PAIRS
+  return [(int(rng.integers(16, 193)), int(rng.integers(16, 257)), int(rng.integers(16, 257)))
+          for _ in range(N_PAIRS)]
+
+
+def dataset(workload: str, seed: int = 0):
+  lens = lengths(workload, seed)
+  rng = np.random.default_rng(seed + 1)
+  eos = VOCAB - 1
+  ids = lambda n: rng.integers(0, VOCAB - 2, n).astype(np.int32)
+  prompts = [ids(p) for p, _, _ in lens]
+  chosen = [np.append(ids(c - 1), eos).astype(np.int32) for _, c, _ in lens]
+  rejected = [np.append(ids(r - 1), eos).astype(np.int32) for _, _, r in lens]
+  return prompts, chosen, rejected, lens
+
+
+def batch_order(n_steps: int, bs: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  order = []
+  while len(order) < n_steps * bs:
+    order.extend(rng.permutation(N_PAIRS).tolist())
+  return [order[i * bs:(i + 1) * bs] for i in range(n_steps)]
+
+
+def make_pairs(layout, data, idx, *, row_length):
+  prompts, chosen, rejected, _ = data
+  p, c, r = [prompts[i] for i in idx], [chosen[i] for i in idx], [rejected[i] for i in idx]
+  if layout == "packed":
+    return batching.packed(p, c, r, row_length=row_length, rows_bucket=2, completion_bucket=64)
+  return batching.build(layout, p, c, r, seq_bucket=64, completion_bucket=64)
+
+
+def naive_logps_fn(model):
+  """What the peers do: full [R, L, V] logits and a float32 log_softmax, then gather."""
+
+  def fn(params, batch):
+    pairs = batch["pairs"]
+    logits = model.logits(params, pairs.tokens, pairs.positions, pairs.segment_ids, pairs.branch_ids)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    R, L, V = logp.shape
+    flat = logp.reshape(R * L, V)
+    c = jnp.take_along_axis(flat[pairs.chosen_index], pairs.chosen_targets[..., None], -1)[..., 0]
+    r = jnp.take_along_axis(flat[pairs.rejected_index], pairs.rejected_targets[..., None], -1)[..., 0]
+    return pofx.PairLogps.from_tokens(c, pairs.chosen_mask, r, pairs.rejected_mask)
+
+  return fn
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / statistics.median(times)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--workload", choices=["fixed", "variable"], default="fixed")
+  ap.add_argument("--reference", choices=["frozen", "cached", "multi"], default="cached")
+  ap.add_argument("--perturbation", choices=["none", "sam", "awp"], default="none")
+  ap.add_argument("--layout", choices=list(batching.LAYOUTS), default="prompt_shared")
+  ap.add_argument("--logprobs", choices=["chunked", "naive"], default="chunked")
+  ap.add_argument("--chunk_size", type=int, default=1024)
+  ap.add_argument("--row_length", type=int, default=1024, help="packed layout row length")
+  ap.add_argument("--preset", default="bench")
+  ap.add_argument("--dtype", default="float32")
+  ap.add_argument("--steps", type=int, default=30)
+  ap.add_argument("--bs", type=int, default=8, help="pairs per step")
+  ap.add_argument("--json", default=None)
+  a = ap.parse_args(argv)
+
+  config = models.preset(a.preset, dtype=a.dtype)
+  model = models.make(config)
+  params = model.init(jax.random.key(0))
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  if a.logprobs == "chunked":
+    logps_fn = policy.make_logps_fn(model.apply, model.head, chunk_size=a.chunk_size)
+  else:
+    logps_fn = naive_logps_fn(model)
+
+  data = dataset(a.workload)
+  steps_idx = batch_order(a.steps, a.bs)
+  host_batches = lambda: ({"pairs": make_pairs(a.layout, data, idx, row_length=a.row_length)} for idx in steps_idx)
+
+  # Reference.
+  t_pre = 0.0
+  ref_params = jax.tree.map(jnp.array, params)
+  cache = {}
+  if a.reference == "frozen":
+    reference = references.frozen(ref_params, logps_fn)
+  else:
+    fp = references.fingerprint(ref_params, vocab=VOCAB, max_prompt_len=192, max_completion_len=256)
+    # One pass over the dataset (8 pairs at a time), as TRL's precompute_ref_log_probs does.
+    t0 = time.perf_counter()
+    members = [ref_params] + ([model.init(jax.random.key(1))] if a.reference == "multi" else [])
+    all_idx = [list(range(i, min(i + a.bs, N_PAIRS))) for i in range(0, N_PAIRS, a.bs)]
+    pre = jax.jit(lambda p, b: logps_fn(p, b))
+    for k, mp in enumerate(members):
+      ch = np.zeros(N_PAIRS, np.float32)
+      rj = np.zeros(N_PAIRS, np.float32)
+      for idx in all_idx:
+        out = pre(mp, {"pairs": make_pairs(a.layout, data, idx, row_length=a.row_length)})
+        ch[idx], rj[idx] = np.asarray(out.chosen), np.asarray(out.rejected)
+      cache[k] = (ch, rj)
+    t_pre = time.perf_counter() - t0
+    if a.reference == "cached":
+      reference = references.cached(fp, fp)
+    else:
+      reference = references.multi([references.cached_member(0, fp, fp), references.cached_member(1, fp, fp)])
+
+  def with_cache(batch, idx):
+    if a.reference == "cached":
+      batch["ref_chosen_logps"], batch["ref_rejected_logps"] = cache[0][0][idx], cache[0][1][idx]
+    elif a.reference == "multi":
+      for k in (0, 1):
+        batch[f"ref{k}_chosen_logps"], batch[f"ref{k}_rejected_logps"] = cache[k][0][idx], cache[k][1][idx]
+    return batch
+
+  pert = {"none": perturbations.none(), "sam": perturbations.sam(0.05), "awp": perturbations.awp(0.01)}[a.perturbation]
+  optimizer = optax.adamw(1e-6)
+  step = train.make_train_step(logps_fn, optimizer, loss="dpo", loss_hyper={"beta": 0.1}, reference=reference,
+                               perturbation=pert)
+  state = train.init_state(params, optimizer, reference, pert, loss="dpo", rng=jax.random.key(0))
+
+  # Compile every distinct shape first (a run compiles a handful of bucketed shapes once).
+  t0 = time.perf_counter()
+  shapes, flops_by_shape = {}, {}
+  for idx, hb in zip(steps_idx, host_batches()):
+    b = with_cache(hb, idx)
+    key = tuple(x.shape for x in jax.tree.leaves(b))
+    if key not in shapes:
+      compiled = step.lower(state, b, jax.random.key(0)).compile()
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      flops_by_shape[key] = float(cost.get("flops", float("nan")))
+      shapes[key] = compiled
+  t_compile = time.perf_counter() - t0
+
+  # Timed loop: host batch building + step, block on each step's loss (TRL's on_step_end).
+  ends, step_flops = [], []
+  t_start = time.perf_counter()
+  for i, (idx, hb) in enumerate(zip(steps_idx, host_batches())):
+    b = with_cache(hb, idx)
+    key = tuple(x.shape for x in jax.tree.leaves(b))
+    state, metrics = step(state, b, jax.random.fold_in(jax.random.key(1), i))
+    metrics["loss"].block_until_ready()
+    ends.append(time.perf_counter())
+    step_flops.append(flops_by_shape[key])
+  total = ends[-1] - t_start
+  durations = np.diff([t_start] + ends)
+  sec_per_step = total / len(ends)
+  lens = data[3]
+  real_tokens = sum(2 * lens[i][0] + lens[i][1] + lens[i][2] for idx in steps_idx for i in idx) / len(steps_idx)
+  peak = matmul_peak()
+  achieved = float(np.sum(step_flops)) / total
+  res = {
+      "system": f"pofx {pofx.__version__} / jax {jax.__version__}", "device": str(jax.devices()[0].device_kind),
+      "workload": a.workload, "reference": a.reference, "perturbation": a.perturbation, "layout": a.layout,
+      "logprobs": a.logprobs, "preset": a.preset, "dtype": a.dtype, "n_params": int(n_params),
+      "pairs_per_step": a.bs, "steps": len(ends), "distinct_shapes": len(shapes),
+      "compile_s": round(t_compile, 2), "precompute_s": round(t_pre, 2),
+      "steady_sec_per_step_mean": round(sec_per_step, 4),
+      "steady_sec_per_step_median": round(float(np.median(durations)), 4),
+      "pairs_per_s": round(a.bs / sec_per_step, 3),
+      "real_tokens_per_s": round(real_tokens / sec_per_step, 1),
+      "step_gflops_mean": round(float(np.mean(step_flops)) / 1e9, 2),
+      "achieved_gflops_per_s": round(achieved / 1e9, 1),
+      "matmul_peak_gflops_per_s": round(peak / 1e9, 1),
+      "fraction_of_matmul_peak": round(achieved / peak, 3),
+      "maxrss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+      "final_loss": float(metrics["loss"]),
+  }
+  print(json.dumps(res, indent=1))
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(res, f, indent=1)
+  return res
+
+
+if __name__ == "__main__":
+  main()
