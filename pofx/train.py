@@ -118,7 +118,7 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
                     reference: Optional[references_lib.Reference] = None,
                     perturbation: Optional[perturbations_lib.Perturbation] = None,
                     grad_accum_steps: int = 1, learning_rate_fn: Optional[Callable] = None,
-                    jit: bool = True, donate: bool = True):
+                    guard_nonfinite: bool = True, jit: bool = True, donate: bool = True):
   """Builds the pure step `(state, batch, rng) -> (state, metrics)`, jitted once with donation.
 
   Args:
@@ -132,6 +132,8 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
       applied. Losses with batch statistics (beta-DPO, aot) see micro-batch statistics. With
       `sam(rho)` this is m-sharpness with one ascent per micro-batch.
     learning_rate_fn: the optimizer's schedule, for the `learning_rate` metric.
+    guard_nonfinite: keep the previous state when the loss or a gradient is not finite, and
+      report `metrics["nonfinite"]` (1.0 on such a step).
   """
   spec = _spec(loss)
   hyper = dict(loss_hyper or {})
@@ -222,6 +224,14 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
     }
     new_state = state.replace(params=params, opt_state=opt_state, ref_state=ref_state, perturbation_state=pstate,
                               loss_state=new_loss_state, step=new_step)
+    if guard_nonfinite:
+      # A non-finite loss or gradient leaves the state as it was (the step counter still moves),
+      # so parameters, and therefore checkpoints, never hold NaN/inf. The caller sees
+      # metrics["nonfinite"] and decides to skip on or to halt.
+      finite = jnp.isfinite(loss_value) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+      kept = state.replace(step=new_step)
+      new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, kept)
+      metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
     return new_state, metrics
 
   if not jit:

@@ -152,3 +152,24 @@ def test_invalid_combinations_fail_before_compute():
                           reference=references.frozen(params, toy.logps_fn))
   with pytest.raises(ValueError, match="Unknown loss"):
     train.make_train_step(toy.logps_fn, optax.sgd(0.1), loss="dppo", reference=references.frozen(params, toy.logps_fn))
+
+
+def test_nonfinite_step_leaves_state_unchanged():
+  params = toy.init(0)
+  opt = optax.adam(0.1)
+  ref = references.frozen(toy.init(1), toy.logps_fn)
+
+  def poisoned_logps_fn(p, b):
+    out = toy.logps_fn(p, b)
+    return out.replace(chosen=out.chosen + jnp.where(b["poison"], jnp.nan, 0.0))
+
+  step = train.make_train_step(poisoned_logps_fn, opt, loss="dpo", reference=ref, donate=False)
+  state = train.init_state(params, opt, ref, perturbations.none())
+  good = {**toy.batch(0), "poison": jnp.zeros(8, bool)}
+  bad = {**toy.batch(0), "poison": jnp.zeros(8, bool).at[3].set(True)}
+  state1, m1 = step(state, good, jax.random.key(0))
+  assert float(m1["nonfinite"]) == 0.0
+  state2, m2 = step(state1, bad, jax.random.key(1))
+  assert float(m2["nonfinite"]) == 1.0 and int(state2.step) == 2
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), state2.params, state1.params)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), state2.opt_state, state1.opt_state)
