@@ -338,9 +338,10 @@ def _check_inputs(tokens, positions, segment_ids, branch_ids):
 
 def init_params(config: LlamaConfig, rng: Array) -> Params:
   """Initial parameters (a nested dict of float arrays) for `config`, from the PRNG key `rng`."""
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  variables = LlamaDecoder(config).init(rng, tokens, tokens, jnp.ones((1, 1), jnp.int32))
-  return variables["params"]
+  def init(rng):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return LlamaDecoder(config).init(rng, tokens, tokens, jnp.ones((1, 1), jnp.int32))["params"]
+  return jax.jit(init)(rng)   # one compiled program (also nests inside an outer jit / eval_shape)
 
 
 def apply_fn(params: Params, tokens: Array, positions: Array, segment_ids: Array,
@@ -439,3 +440,99 @@ def params_from_hf(state_dict: Mapping[str, Any], config: LlamaConfig) -> Params
   if extra:
     raise ValueError(f"params_from_hf: unexpected weights {extra[:5]}{'...' if len(extra) > 5 else ''}.")
   return params
+
+
+# Cached decoding (sampling) --------------------------------------------------------------------
+
+class KVCache(NamedTuple):
+  """Key/value cache of a batch of sequences being decoded (a pytree).
+
+  Attributes:
+    k, v: per layer, `[B, S, num_kv_heads, head_dim]` keys (after RoPE) and values, in the
+      compute dtype; S is the cache capacity (prompt + new tokens).
+    valid: `[B, S]` bool, True where a slot holds a real token (False for padding and for slots
+      not yet written).
+    index: `[]` int32, the next slot to write.
+  """
+  k: Tuple[Array, ...]
+  v: Tuple[Array, ...]
+  valid: Array
+  index: Array
+
+
+def init_cache(config: LlamaConfig, batch_size: int, max_length: int) -> KVCache:
+  """An empty `KVCache` for `batch_size` sequences of at most `max_length` tokens."""
+  shape = (batch_size, max_length, config.num_kv_heads, config.resolved_head_dim)
+  zeros = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
+  return KVCache(k=zeros, v=zeros, valid=jnp.zeros((batch_size, max_length), jnp.bool_),
+                 index=jnp.zeros((), jnp.int32))
+
+
+def _rms_norm(x, scale, eps, dtype):
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return (scale.astype(jnp.float32) * x32).astype(dtype)
+
+
+def _matmul(x, kernel, dtype):
+  return jnp.dot(x.astype(dtype), kernel.astype(dtype))
+
+
+def decode(params: Params, tokens: Array, positions: Array, valid: Array, cache: KVCache, *,
+           config: LlamaConfig) -> Tuple[Array, KVCache]:
+  """Runs `tokens [B, L]` through the decoder with a key/value cache; returns float32 logits
+  `[B, L, V]` and the updated cache.
+
+  The L tokens occupy cache slots `cache.index ... cache.index + L - 1` (the same slots for every
+  row, so prompts are left-padded). Token i attends to the slots j <= its own that are `valid`:
+  the earlier cache entries and the new tokens, causally. With `L` = the prompt length this is
+  the prefill; with `L = 1` one decoding step. The result equals `logits_fn` on the whole
+  sequence with `segment_ids = valid` (a test pins this to 1e-5).
+
+  Args:
+    params: from `init_params`.
+    tokens: `[B, L]` token ids.
+    positions: `[B, L]` RoPE positions (e.g. 0, 1, ... from each row's first real token).
+    valid: `[B, L]` bool or 0/1, False for padding tokens (they are never attended to).
+    cache: a `KVCache` (from `init_cache`), with room for L more tokens.
+    config: the model's `LlamaConfig` (static).
+  """
+  cfg = config
+  dtype = cfg.compute_dtype
+  B, L = tokens.shape
+  H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+  G = H // K
+  S = cache.valid.shape[1]
+  start = cache.index
+  kv_valid = jax.lax.dynamic_update_slice(cache.valid, jnp.asarray(valid, jnp.bool_), (0, start))
+  slot = start + jnp.arange(L)
+  mask = kv_valid[:, None, :] & (jnp.arange(S)[None, None, :] <= slot[None, :, None])   # [B, L, S]
+  inv_freq = rope_inv_freq(cfg)
+  x = jnp.take(params["embed"]["embedding"].astype(dtype), tokens, axis=0)
+  new_k, new_v = [], []
+  for i in range(cfg.num_layers):
+    p = params[f"layers_{i}"]
+    h = _rms_norm(x, p["input_norm"]["scale"], cfg.rms_norm_eps, dtype)
+    a = p["attn"]
+    q = apply_rope(_matmul(h, a["q_proj"]["kernel"], dtype).reshape(B, L, H, hd), positions, inv_freq)
+    k = apply_rope(_matmul(h, a["k_proj"]["kernel"], dtype).reshape(B, L, K, hd), positions, inv_freq)
+    v = _matmul(h, a["v_proj"]["kernel"], dtype).reshape(B, L, K, hd)
+    k_all = jax.lax.dynamic_update_slice(cache.k[i], k.astype(cache.k[i].dtype), (0, start, 0, 0))
+    v_all = jax.lax.dynamic_update_slice(cache.v[i], v.astype(cache.v[i].dtype), (0, start, 0, 0))
+    new_k.append(k_all)
+    new_v.append(v_all)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q.reshape(B, L, K, G, hd), k_all,
+                        preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_all).reshape(B, L, H * hd)
+    x = x + _matmul(out, a["o_proj"]["kernel"], dtype)
+    h = _rms_norm(x, p["post_attn_norm"]["scale"], cfg.rms_norm_eps, dtype)
+    m = p["mlp"]
+    gate = _matmul(h, m["gate_proj"]["kernel"], dtype)
+    up = _matmul(h, m["up_proj"]["kernel"], dtype)
+    x = x + _matmul(nn.silu(gate) * up, m["down_proj"]["kernel"], dtype)
+  x = _rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps, dtype)
+  w = lm_head(params, cfg)
+  logits = jnp.einsum("bld,dv->blv", x, w.astype(dtype), preferred_element_type=jnp.float32)
+  return logits, KVCache(k=tuple(new_k), v=tuple(new_v), valid=kv_valid, index=start + L)

@@ -176,7 +176,7 @@ def test_remat_and_xla_attention_match(tiny_params):
 def test_bf16_compute_keeps_f32_params(tiny_params):
   cfg, params = tiny_params
   bf = cfg.replace(dtype="bfloat16")
-  params_bf = llama.init_params(bf, jax.random.key(0))
+  params_bf = jax.eval_shape(lambda k: llama.init_params(bf, k), jax.random.key(0))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params_bf))
   tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 7))
   args = (tokens, _pos(2, 7), np.ones((2, 7), np.int32))
