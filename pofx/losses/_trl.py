@@ -20,7 +20,8 @@ Pipeline of `_compute_loss`, reproduced step by step:
 5. With `use_weighting` (WPO), the per-pair loss is multiplied by `sg(w_w * w_l)`,
    `w = exp(mean_t[log p_t - log sum_v p_v^2])` over the policy's completion tokens (raw token
    log-probs, not LD-weighted). Not with aot/aot_unpaired (TRL refuses) nor sft (TRL 1.16 fails).
-6. `batch = sum_k weight_k * mean_B(loss_k)` over `loss_type` lists (`trl_dpo_loss`).
+6. `batch = sum_k weight_k * mean_B(loss_k)` over `loss_type` lists, the mean being TRL's
+   chosen-token mean for "sft" (`trl_dpo_loss`).
 
 Numerical guards (active only where TRL's own value overflows): exponents in the forward_kl and
 alpha_divergence links are clamped at 80 (TRL clamps alpha_divergence the same way in float32;
