@@ -225,7 +225,8 @@ class PreferenceLoader:
 
   def batch_at(self, step: int) -> Dict[str, Any]:
     """The batch at `step` (random access, no prefetching)."""
-    self._check_step(step)
+    if step < 0 or (self.num_batches is not None and step >= self.num_batches):
+      raise ValueError(f"step {step} is outside [0, {self.num_batches}).")
     window, offset = divmod(int(step), self._group)
     return self._windows[window][offset]
 

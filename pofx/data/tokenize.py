@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -64,9 +65,8 @@ def _token_str(v) -> Optional[str]:
   return v
 
 
-def render_chat_template(template: str, messages, *, add_generation_prompt: bool = False,
-                         **variables) -> str:
-  """Renders a Hugging Face chat template (jinja2, as `transformers` does)."""
+@functools.lru_cache(maxsize=16)
+def _compile_template(template: str):
   import jinja2  # pylint: disable=g-import-not-at-top
   from jinja2 import ext as jinja_ext  # pylint: disable=g-import-not-at-top
   from jinja2 import sandbox  # pylint: disable=g-import-not-at-top
@@ -86,8 +86,15 @@ def render_chat_template(template: str, messages, *, add_generation_prompt: bool
   env.filters["tojson"] = tojson
   env.globals["raise_exception"] = raise_exception
   env.globals["strftime_now"] = strftime_now
-  return env.from_string(template).render(messages=list(messages),
-                                          add_generation_prompt=add_generation_prompt, **variables)
+  return env.from_string(template)
+
+
+def render_chat_template(template: str, messages, *, add_generation_prompt: bool = False,
+                         **variables) -> str:
+  """Renders a Hugging Face chat template (jinja2, as `transformers` does)."""
+  return _compile_template(template).render(messages=list(messages),
+                                            add_generation_prompt=add_generation_prompt,
+                                            **variables)
 
 
 class Tokenizer:

@@ -79,6 +79,18 @@ def test_ranking_with_ranks():
   assert all(math.isnan(e.score_chosen) for e in exs)
 
 
+def test_conversational_ranking(tok):
+  rec = {"prompt": [USER("What colour is the sky ?")],
+         "completions": [[ASSISTANT("The sky is red .")], [ASSISTANT("The sky is blue .")]],
+         "scores": [0.0, 1.0]}
+  [ex] = data.parse_record(rec)
+  assert ex.kind == "chat" and ex.chosen == [ASSISTANT("The sky is blue .")]
+  pair = data.tokenize_example(ex, tok)
+  assert pair.prompt == [BOS] + ids("<|user|>What colour is the sky ?<|end|><|assistant|>")
+  assert pair.chosen == ids("The sky is blue .<|end|>")
+  assert (pair.score_chosen, pair.score_rejected) == (1.0, 0.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad records: one line of each kind.
 
