@@ -14,6 +14,11 @@ INSTALL_REQUIRES = [
     "absl-py",
     "numpy",
     "tqdm",
+    "tokenizers",          # pofx.data: local tokenizer.json
+    "jinja2>=3.1.6",       # pofx.data: chat templates
+    "pyarrow",             # pofx.data: Parquet preference files
+    "tensorboardX",        # experiments: TensorBoard event files without TensorFlow
+    "matplotlib",          # experiments: PNG plots
 ]
 
 # TRL parity tests need PyTorch; install the CPU build first (`pip install torch==2.13.0`), then

@@ -351,7 +351,8 @@ SPECS = (
     # example_hyper a=0: beta_used is detached by design, so with a != 0 autodiff gradients differ
     # from finite differences of the loss value (the contract test compares the two).
     LossSpec("beta_dpo", beta_dpo, "adaptive", _BETA_DPO_SOURCE, requires=frozenset({"state", "key"}),
-             example_hyper={"a": 0.0}, init_state=beta_dpo_init_state),
+             init_state=beta_dpo_init_state,
+             detached_by_design="the batch beta and the filter are stop-gradient functions of the margins"),
     LossSpec("gamma_simpo", gamma_simpo, "adaptive", _GAMMA_PO_SOURCE + " (gm-simpo)", reference="unused",
              requires=frozenset({"state", "key", "lengths"}), init_state=gamma_po_init_state),
     LossSpec("gamma_dpo", gamma_dpo, "adaptive", _GAMMA_PO_SOURCE + " (gm-dpo)",

@@ -50,6 +50,9 @@ class LossSpec:
       per-pair values over the number of chosen tokens in the batch), or "sum".
     example_hyper: hyperparameters that have no default and values used for the table.
     init_state: for stateful losses, `init_state(**hyper) -> state`.
+    detached_by_design: why finite differences of the loss disagree with its gradient, when a
+      method detaches a function of its own inputs (WPO's weights, beta-DPO's batch beta); empty
+      otherwise. The contract test then checks finiteness of the gradient, not finite differences.
   """
 
   name: str
@@ -61,6 +64,7 @@ class LossSpec:
   reduction: str = "mean"
   example_hyper: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   init_state: Optional[Callable[..., Any]] = None
+  detached_by_design: str = ""
 
   def __post_init__(self):
     unknown = set(self.requires) - set(REQUIREMENTS)

@@ -578,7 +578,8 @@ SPECS = tuple(
     LossSpec("ld_dpo", ld_dpo, "trl", "Liu et al. 2024, LD-DPO, arXiv:2409.06411; formula of " + _TRL + " (ld_alpha)",
              requires=frozenset({"tokens", "lengths"}), example_hyper={"ld_alpha": 0.5}),
     LossSpec("wpo", wpo, "trl", "Zhou et al. 2024, WPO, arXiv:2406.11827, Eq. 2; " + _TRL + " (use_weighting)",
-             requires=frozenset({"tokens", "log_sum_sq_probs"})),
+             requires=frozenset({"tokens", "log_sum_sq_probs"}),
+             detached_by_design="the WPO weights are a stop-gradient function of the per-token log-probs"),
     LossSpec("f_dpo", f_dpo, "trl", "Wang et al. 2023, f-DPO, arXiv:2309.16240; " + _TRL + " (f_divergence_type)",
              example_hyper={"f_divergence_type": "js_divergence"}),
 )
