@@ -10,9 +10,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
-import jax
 
 from pofx.losses import _adaptive
 from pofx.losses import _gpo_family

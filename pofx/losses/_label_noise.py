@@ -77,8 +77,9 @@ def robust_dpo(policy, reference, *, eps: float = 0.1, beta: float = 0.1):
   """
   _common.check_range("robust_dpo", "eps", eps, low=0.0, high=0.5, high_open=True,
                       allowed_text="0 <= eps < 0.5")
-  v = _dpo_logit("robust_dpo", policy, reference, beta)
-  return ((1.0 - eps) * gpo_fns.logistic(v) - eps * gpo_fns.logistic(-v)) / (1.0 - 2.0 * eps)
+  from pofx.losses._trl import trl_robust  # one implementation of the formula
+  _dpo_logit("robust_dpo", policy, reference, beta)  # input and beta checks
+  return trl_robust(policy, reference, beta=beta, label_smoothing=eps)
 
 
 def focalpo(policy, reference, *, gamma, beta: float = 0.1, detach_weight: bool = False):

@@ -172,9 +172,9 @@ def ln_dpo(policy, reference, *, beta):
   References: Ahrabian et al. 2024, "The Hitchhiker's Guide to Human Alignment with *PO",
   arXiv:2407.15229; TRL `DPOTrainer` loss_type="sigmoid_norm".
   """
-  lr_w, lr_l = _logratios("ln_dpo", policy, reference, beta, need_lengths=True)
-  len_w, len_l = _common.lengths(policy, "ln_dpo")
-  return gpo_fns.logistic(beta * (lr_w / len_w - lr_l / len_l))
+  from pofx.losses._trl import trl_sigmoid_norm  # one implementation of the formula
+  _logratios("ln_dpo", policy, reference, beta, need_lengths=True)  # input and beta checks
+  return trl_sigmoid_norm(policy, reference, beta=beta)
 
 
 def mappo(policy, reference, *, chosen_scores=None, rejected_scores=None, beta: float = 0.1):

@@ -52,12 +52,9 @@ def nca(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1) -> Array:
   Rewards", arXiv:2402.05369; code thu-ml/Noise-Contrastive-Alignment
   `preference_trainer.py::NCATrainer_pairwise.dpo_loss` (loss_type="NCA").
   """
-  name = "nca"
-  _common.check_inputs(name, policy, reference, need_reference=True)
-  _common.check_beta(name, beta)
-  r_w, r_l = _rewards(policy, reference, beta)
-  ls = jax.nn.log_sigmoid
-  return -ls(r_w) - 0.5 * ls(-r_w) - 0.5 * ls(-r_l)
+  from pofx.losses._trl import trl_nca_pair  # one implementation of the formula
+  _common.check_inputs("nca", policy, reference, need_reference=True)
+  return trl_nca_pair(policy, reference, beta=beta)
 
 
 def infonca(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1) -> Array:
