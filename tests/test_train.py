@@ -1,4 +1,7 @@
-"""The train step: one trace per shape, gradient accumulation, and learning with every strategy."""
+"""The train step on a toy bigram model: traces, accumulation, metrics, non-finite guard.
+
+Learning with every reference strategy and perturbation on the tiny Llama: test_train_llama.py.
+"""
 
 import chex
 import jax
@@ -50,22 +53,6 @@ def _run(loss, reference_name, perturbation, steps=30, lr=0.5, loss_hyper=None):
     state, metrics = step(state, batch, jax.random.fold_in(jax.random.key(2), i))
     history.append(jax.device_get(metrics))
   return state, history
-
-
-@pytest.mark.parametrize("reference_name", ["frozen", "cached", "multi", "guiding", "synced", "ema"])
-def test_dpo_learns_with_every_reference(reference_name):
-  _, hist = _run("dpo", reference_name, perturbations.none())
-  assert hist[-1]["loss"] < hist[0]["loss"] - 0.05, (hist[0]["loss"], hist[-1]["loss"])
-  assert hist[-1]["rewards/margins"] > hist[0]["rewards/margins"]
-  assert all(np.isfinite(h["grad_norm"]) for h in hist)
-
-
-@pytest.mark.parametrize("pert", [perturbations.sam(0.05), perturbations.sam(0.5, adaptive=True),
-                                  perturbations.sam(0.05, m=2), perturbations.awp(0.01)], ids=["sam", "asam", "sam_m2", "awp"])
-def test_dpo_learns_with_every_perturbation(pert):
-  _, hist = _run("dpo", "frozen", pert)
-  assert hist[-1]["loss"] < hist[0]["loss"] - 0.05
-  assert hist[-1]["rewards/margins"] > hist[0]["rewards/margins"]
 
 
 def test_reference_free_loss_and_stateful_loss_run_in_the_step():
