@@ -118,7 +118,8 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
                     reference: Optional[references_lib.Reference] = None,
                     perturbation: Optional[perturbations_lib.Perturbation] = None,
                     grad_accum_steps: int = 1, learning_rate_fn: Optional[Callable] = None,
-                    guard_nonfinite: bool = True, jit: bool = True, donate: bool = True):
+                    guard_nonfinite: bool = True, jit: bool = True, donate: bool = True,
+                    axis_name=None):
   """Builds the pure step `(state, batch, rng) -> (state, metrics)`, jitted once with donation.
 
   Args:
@@ -134,6 +135,12 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
     learning_rate_fn: the optimizer's schedule, for the `learning_rate` metric.
     guard_nonfinite: keep the previous state when the loss or a gradient is not finite, and
       report `metrics["nonfinite"]` (1.0 on such a step).
+    axis_name: for data parallelism under `shard_map`/`pmap` (`pofx.parallel` sets it; then
+      jit=False): the mapped batch axis name (or tuple of names). The policy's and reference's
+      log-probs and the loss's per-pair batch inputs are all-gathered over it, so the loss sees
+      the global batch (batch statistics and reductions are those of one device), and the
+      gradient of every objective evaluation (SAM's ascent gradient included) is averaged over
+      the axis by `pofx.parallel.grad_pmean`. Leave None under plain `jit` (GSPMD).
   """
   spec = _spec(loss)
   hyper = dict(loss_hyper or {})
@@ -144,6 +151,12 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
     raise ValueError(f"grad_accum_steps={grad_accum_steps!r}; allowed: integer >= 1.")
   beta = _beta_of(spec, hyper)
   stateful = "state" in spec.requires
+  if axis_name is not None:
+    if jit:
+      raise ValueError("make_train_step: axis_name is for a step run under shard_map/pmap; pass jit=False "
+                       "(pofx.parallel.make_train_step wraps and jits it).")
+    from pofx import parallel as parallel_lib  # local import: parallel imports this module
+  pair_input_names = [n for kind in spec.requires for n in _BATCH_INPUTS.get(kind, ())]
 
   def loss_kwargs(batch, loss_state, key):
     kw = dict(hyper)
@@ -159,8 +172,14 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
     return kw
 
   def objective(params, batch):
+    if axis_name is not None:
+      params = parallel_lib.grad_pmean(params, axis_name)
     ref = batch["__reference__"]
     policy = logps_fn(params, batch)
+    if axis_name is not None:  # the loss sees the global batch (see `axis_name`)
+      extra = {n: batch[n] for n in pair_input_names if n in batch}
+      policy, ref, extra = parallel_lib.all_gather_batch((policy, ref, extra), axis_name)
+      batch = {**batch, **extra}
     out = spec.fn(policy, ref, **loss_kwargs(batch, batch["__loss_state__"], batch["__key__"]))
     per_pair, new_loss_state = out if stateful else (out, ())
     value = losses_lib._registry.reduce(spec, per_pair, policy)

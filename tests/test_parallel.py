@@ -1,0 +1,224 @@
+"""pofx.parallel: sharding rules and helpers (in process), and multi-device equality with the
+single-device step on 8 simulated CPU devices (in subprocesses: tests/parallel_check.py).
+
+The subprocesses set `XLA_FLAGS=--xla_force_host_platform_device_count=8` before importing JAX
+(this process may already hold a 1-device JAX). They run concurrently, one per core.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from pofx import batching, parallel, perturbations, references, train
+from tests import toy
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECK = os.path.join(REPO, "tests", "parallel_check.py")
+TOL = 1e-5
+MODES = ["jit_8", "jit_4x2", "jit_2x4", "shard_map_8", "pmap_8"]
+STRATEGIES = ["none", "frozen", "cached", "multi", "synced", "ema", "sam"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-device results (one run of the check script per pytest session, two groups in parallel).
+
+
+@pytest.fixture(scope="module")
+def results():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  groups = [["toy"], ["batchstat", "trap", "llama"]]
+  procs = [subprocess.Popen([sys.executable, CHECK, *g], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for g in groups]
+  out = {}
+  for g, p in zip(groups, procs):
+    try:
+      stdout, stderr = p.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail(f"parallel_check.py {g} timed out after 600 s")
+    if p.returncode != 0:
+      pytest.fail(f"parallel_check.py {g} failed (exit {p.returncode}):\n{stderr[-4000:]}")
+    line = [ln for ln in stdout.splitlines() if ln.startswith("{")][-1]
+    out.update(json.loads(line)["results"])
+  return out
+
+
+def _check_equal(results, name):
+  assert name in results, f"{name} missing; have {sorted(results)}"
+  r = results[name]
+  assert r["err"] <= TOL, f"{name}: parallel run differs from the single-device run by {r['err']:.3g}"
+  assert r["moved"] > 1e-2, f"{name}: the single-device run hardly moved ({r['moved']}); the check is vacuous"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_toy_step_equals_single_device(results, strategy, mode):
+  """Params, reference state and metrics after 3 steps (SGD + momentum), every strategy x mode."""
+  _check_equal(results, f"toy/{strategy}/{mode}")
+
+
+@pytest.mark.parametrize("mode", ["jit_2x4", "shard_map_8", "pmap_8"])
+def test_awp_equals_single_device(results, mode):
+  _check_equal(results, f"toy/awp/{mode}")
+
+
+@pytest.mark.parametrize("mode", ["jit_4x2", "shard_map_8"])
+def test_grad_accumulation_equals_single_device(results, mode):
+  _check_equal(results, f"toy/accum2/{mode}")
+
+
+@pytest.mark.parametrize("mode", ["jit_8", "jit_2x4", "shard_map_8", "pmap_8"])
+@pytest.mark.parametrize("loss", ["aot", "aot_unpaired", "beta_dpo"])
+def test_batch_statistics_stay_global(results, loss, mode):
+  _check_equal(results, f"batchstat/{loss}/{mode}")
+  # A per-device batch gives another loss value, so equality above means global statistics.
+  assert results[f"batchstat/{loss}/local_differs"]["err"] > 1e-3
+
+
+def test_shard_map_gradient_trap(results):
+  """Replicated params under shard_map (check_vma=True): local mean + pmean is 8x the gradient;
+  pofx's grad_pmean + all-gathered loss, and pcast-to-varying + pmean, give the true gradient."""
+  assert abs(results["trap/naive"]["ratio"] - 8.0) < 1e-4, results["trap/naive"]
+  for name in ("pofx", "pcast", "step_grad_norm"):
+    r = results[f"trap/{name}"]
+    assert r["err"] <= TOL and abs(r["ratio"] - 1.0) < 1e-5, (name, r)
+
+
+@pytest.mark.parametrize("run", ["jit_4x2", "jit_2x2x2_tensor", "shard_map_8"])
+def test_llama_pair_batches_equal_single_device(results, run):
+  """Tiny Llama, real PairBatches built per device on the host (joined with offsets for jit,
+  stacked for shard_map) against one PairBatch of all pairs on one device."""
+  _check_equal(results, f"llama/{run}")
+  count = results[f"llama/{run}/sharded_leaves"]["count"]
+  if run.startswith("jit"):
+    assert count > 10  # FSDP / tensor rules really split the matrices
+  else:
+    assert count == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharding rules (in process, on abstract meshes).
+
+MESH_42 = AbstractMesh((4, 2), ("data", "fsdp"))
+MESH_222 = AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"))
+
+
+def test_fsdp_shards_the_largest_divisible_dimension():
+  spec = lambda shape, **kw: parallel.leaf_spec("params/w", jnp.zeros(shape), AbstractMesh((2, 4), ("data", "fsdp")),
+                                                **kw)
+  assert spec((6, 16), min_fsdp_size=1) == P(None, "fsdp")
+  assert spec((12, 7), min_fsdp_size=1) == P("fsdp", None)
+  assert spec((16, 16), min_fsdp_size=1) == P("fsdp", None)  # ties: the first
+  assert spec((7, 9), min_fsdp_size=1) == P()  # nothing divisible: replicated
+  assert spec((8, 8), min_fsdp_size=65) == P()  # small leaves replicated
+  assert spec((), min_fsdp_size=1) == P()
+  assert parallel.leaf_spec("rng", jax.random.key(0), MESH_42, min_fsdp_size=1) == P()
+
+
+def test_rules_drop_missing_or_non_dividing_axes():
+  q = jnp.zeros((32, 32))
+  path = "params/layers_0/attn/q_proj/kernel"
+  assert parallel.leaf_spec(path, q, MESH_42, parallel.LLAMA_RULES, min_fsdp_size=1) == P("fsdp", None)
+  assert parallel.leaf_spec(path, q, MESH_222, parallel.LLAMA_RULES, min_fsdp_size=1) == P("fsdp", "tensor")
+  emb = jnp.zeros((97, 32))  # 97 rows: the tensor axis cannot split them
+  assert parallel.leaf_spec("params/embed/embedding", emb, MESH_222, parallel.LLAMA_RULES) == P(None, "fsdp")
+  # The first matching rule wins; unmatched leaves are replicated.
+  rules = ((r"w$", P("data")), (r".*", parallel.FSDP))
+  assert parallel.leaf_spec("params/w", jnp.zeros((8, 4)), MESH_42, rules) == P("data", None)
+  assert parallel.leaf_spec("params/x", jnp.zeros((8, 4)), MESH_42, ((r"w$", P("data")),)) == P()
+  with pytest.raises(ValueError, match="invalid value"):
+    parallel.leaf_spec("params/w", q, MESH_42, ((r".*", "shard-it"),))
+
+
+def test_rules_cover_params_optimizer_state_and_reference():
+  params = toy.init(0)
+  opt = optax.adam(0.1)
+  ref = references.ema(0.9, toy.logps_fn)
+  state = train.init_state(params, opt, ref, perturbations.none())
+  specs = parallel.tree_specs(state, MESH_42, ((r"/w$", P(None, "fsdp")), (r".*", parallel.REPLICATE)))
+  flat = {parallel.path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(
+      specs, is_leaf=lambda x: isinstance(x, P))}
+  sharded = sorted(k for k, s in flat.items() if s != P())
+  assert sharded == ["opt_state/0/mu/w", "opt_state/0/nu/w", "params/w", "ref_state/w"], sharded
+  assert flat["step"] == P() and flat["rng"] == P()
+
+
+def test_batch_specs():
+  b = {"x": np.zeros((16, 3)), "s": np.zeros(())}
+  specs = parallel.batch_specs(b, MESH_42)
+  assert specs["x"] == P(("data", "fsdp")) and specs["s"] == P()
+  specs = parallel.batch_specs({"x": np.zeros((2, 16, 3))}, MESH_42, grad_accum_steps=2)
+  assert specs["x"] == P(None, ("data", "fsdp"))
+  with pytest.raises(ValueError, match="not divisible"):
+    parallel.batch_specs({"x": np.zeros((12, 3))}, MESH_42)
+
+
+def test_make_mesh_and_step_validation():
+  n = jax.device_count()
+  mesh = parallel.make_mesh()
+  assert mesh.axis_names == ("data", "fsdp") and mesh.shape["data"] == n
+  assert parallel.make_mesh(tensor=1).axis_names == ("data", "fsdp", "tensor")
+  with pytest.raises(ValueError, match="need"):
+    parallel.make_mesh(data=n + 1)
+  with pytest.raises(ValueError, match="at most one -1"):
+    parallel.make_mesh(data=-1, fsdp=-1)
+  ref = references.frozen(toy.init(1), toy.logps_fn)
+  with pytest.raises(ValueError, match="invalid mode"):
+    parallel.make_train_step(toy.logps_fn, optax.sgd(0.1), mode="ddp", reference=ref)
+  with pytest.raises(ValueError, match="set by the mode"):
+    parallel.make_train_step(toy.logps_fn, optax.sgd(0.1), mode="jit", reference=ref, axis_name="data")
+  with pytest.raises(ValueError, match="jit=False"):
+    train.make_train_step(toy.logps_fn, optax.sgd(0.1), reference=ref, axis_name="data")
+
+
+def test_split_per_device_order():
+  b = {"x": np.arange(8)[:, None] * np.ones((1, 3))}
+  s = parallel.split_per_device(b, 4)
+  assert s["x"].shape == (4, 2, 3)
+  np.testing.assert_array_equal(s["x"][:, :, 0], [[0, 1], [2, 3], [4, 5], [6, 7]])
+  acc = parallel.split_per_device({"x": np.arange(16).reshape(2, 8)}, 4, grad_accum_steps=2)
+  np.testing.assert_array_equal(acc["x"][1], [[2, 3], [10, 11]])  # device 1: its rows of both micro-batches
+  with pytest.raises(ValueError, match="not divisible"):
+    parallel.split_per_device(b, 3)
+
+
+def test_concat_pair_batches_keeps_each_pair_on_its_rows():
+  rng = np.random.default_rng(0)
+  pairs = [([1, 2, 3], list(rng.integers(1, 9, 3)), list(rng.integers(1, 9, 2))) for _ in range(3)]
+  per = [batching.fused([p], [c], [r], seq_bucket=8, completion_bucket=4) for p, c, r in pairs]
+  joined = parallel.concat_pair_batches(per)
+  R, L = per[0].tokens.shape
+  assert joined.tokens.shape == (3 * R, L) and joined.chosen_targets.shape == (3, 4)
+  # Each completion token is predicted from the position just before it in its own row:
+  # the token at the flat index + 1 must be the target (fused layout, independent check).
+  flat = joined.tokens.reshape(-1)
+  for name in ("chosen", "rejected"):
+    idx, tgt, mask = (getattr(joined, f"{name}_{k}") for k in ("index", "targets", "mask"))
+    on = mask > 0
+    np.testing.assert_array_equal(flat[idx[on] + 1], tgt[on])
+  with pytest.raises(ValueError, match="different shapes"):
+    parallel.concat_pair_batches([per[0], batching.fused(*[[x] for x in pairs[0]], seq_bucket=16)])
+
+
+def test_initialize_from_env_is_a_noop_without_variables():
+  assert parallel.initialize_from_env({}) is False
+  with pytest.raises(ValueError, match="POFX_PROCESS_ID"):
+    parallel.initialize_from_env({"POFX_NUM_PROCESSES": "2", "POFX_COORDINATOR_ADDRESS": "127.0.0.1:1"})
+
+
+def test_single_process_helpers():
+  mesh = parallel.make_mesh()
+  rows = parallel.process_rows(mesh, 8)
+  np.testing.assert_array_equal(rows, np.arange(8))
+  g = parallel.put_process_batch({"x": np.arange(8.0)}, mesh)
+  np.testing.assert_array_equal(parallel.to_host(g)["x"], np.arange(8.0))
+  np.testing.assert_array_equal(parallel.to_host({"k": jax.random.key(1)})["k"], jax.random.key_data(jax.random.key(1)))
