@@ -1,0 +1,148 @@
+"""The base config every experiment family starts from, and its validation.
+
+Every value is overridable on the command line as `--config.a.b=value`. Validation
+(`validate`) runs before any compute and names the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+REFERENCE_KINDS = ("none", "frozen", "cached", "multi", "guiding", "synced", "ema")
+PERTURBATION_KINDS = ("none", "sam", "awp")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SOURCES = ("world", "files")
+ON_NONFINITE = ("skip", "halt")
+LAYOUTS = ("fused", "prompt_shared", "packed")
+PARALLEL_MODES = ("single", "jit", "shard_map", "pmap")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # fixes data generation, initialisation and sampling: --config.seed=N is a replicate
+
+  # The controlled world (pofx.world.WorldConfig fields); its gold reward, prompts and labeller.
+  c.world = ml_collections.ConfigDict(dict(
+      vocab_size=32, min_prompt_len=2, max_prompt_len=6, max_completion_len=12, label_scale=2.0,
+      length_bias=0.0, eval_fraction=0.1))
+
+  # The policy: "world" = the small Llama sized for the world; or a pofx.models preset name.
+  c.model = ml_collections.ConfigDict(dict(preset="world", dtype="float32", remat=False))
+
+  # Stage 1: supervised base policy on the world's demonstrations.
+  c.sft = ml_collections.ConfigDict(dict(num_demos=4096, steps=500, batch_size=64, learning_rate=3e-3))
+
+  # Stage 2: preference data.
+  c.data = ml_collections.ConfigDict(dict(
+      source="world",               # "world" | "files"
+      num_prompts=1024,             # world: training prompts
+      samples_per_prompt=4,         # world: completions sampled per prompt (pairs of adjacent samples)
+      num_eval_pairs=512,           # world: held-out pairs for reward / ranking accuracy
+      files="",                     # files: comma-separated JSONL/Parquet paths
+      format="auto",                # files: pofx.data FORMATS
+      tokenizer_dir="",             # files: folder with tokenizer.json (+ tokenizer_config.json)
+      on_bad_record="error",        # "error" | "skip"
+      layout="prompt_shared",       # "fused" | "prompt_shared" | "packed"
+      seq_bucket=16,
+      completion_bucket=8,
+  ))
+
+  # Stage 3-4: preference training.
+  c.train = ml_collections.ConfigDict(dict(
+      loss="dpo",
+      steps=300,
+      batch_size=32,
+      grad_accum_steps=1,
+      log_every=25,
+      checkpoint_every=100,
+      keep_checkpoints=2,
+      on_nonfinite="skip",          # "skip": keep going (the step leaves the state unchanged); "halt"
+  ))
+  c.train.loss_hyper = ml_collections.ConfigDict(dict(beta=0.1))
+  c.train.reference = ml_collections.ConfigDict(dict(
+      kind="cached", alpha=0.6, tau=64, decay=0.99, eta=0.1, mrpo_alpha=-1.0, guide_checkpoint=""))
+  c.train.perturbation = ml_collections.ConfigDict(dict(kind="none", rho=0.05, adaptive=False, gamma=0.01))
+  c.train.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=1e-3, warmup_steps=20, weight_decay=0.0, grad_clip=1.0))
+  c.train.parallel = ml_collections.ConfigDict(dict(mode="single", mesh=""))
+
+  # Stage 5: evaluation on held-out prompts.
+  c.eval = ml_collections.ConfigDict(dict(num_prompts=512, samples_per_prompt=1, temperature=1.0, top_k=0))
+
+  # Optional sweep: a list of {"label": str, "overrides": {dotted.key: value}} run after one
+  # shared SFT + data stage; each member trains and evaluates in <workdir>/sweep/<label>.
+  c.sweep = ()
+  return c
+
+
+def _allowed(field, value, allowed):
+  if value not in allowed:
+    raise ValueError(f"config.{field}={value!r} is not allowed; allowed: {list(allowed)}.")
+
+
+def _positive(field, value, *, integer=True, zero_ok=False):
+  ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+  if not ok or (value < 0 if zero_ok else value <= 0):
+    kind = "integer" if integer else "number"
+    raise ValueError(f"config.{field}={value!r} is not allowed; allowed: a {kind} {'>= 0' if zero_ok else '> 0'}.")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Checks every field a run reads; raises ValueError naming the field and what is allowed."""
+  import pofx  # local: configs stay importable without jax for `--help`
+
+  _positive("seed", c.seed, zero_ok=True)
+  _allowed("data.source", c.data.source, SOURCES)
+  _allowed("data.layout", c.data.layout, LAYOUTS)
+  _allowed("data.on_bad_record", c.data.on_bad_record, ("error", "skip"))
+  if c.data.source == "files" and not c.data.files:
+    raise ValueError("config.data.files is empty; allowed: comma-separated JSONL/Parquet paths when data.source='files'.")
+  for f in ("sft.steps", "sft.batch_size", "data.num_prompts", "data.samples_per_prompt", "train.steps",
+            "train.batch_size", "train.grad_accum_steps", "train.log_every", "train.checkpoint_every",
+            "train.keep_checkpoints", "eval.num_prompts", "eval.samples_per_prompt"):
+    node = c
+    for part in f.split("."):
+      node = node[part]
+    _positive(f, node)
+  if c.data.samples_per_prompt < 2:
+    raise ValueError(f"config.data.samples_per_prompt={c.data.samples_per_prompt} is not allowed; allowed: >= 2.")
+  if c.train.batch_size % c.train.grad_accum_steps:
+    raise ValueError(f"config.train.batch_size={c.train.batch_size} must be a multiple of "
+                     f"config.train.grad_accum_steps={c.train.grad_accum_steps}.")
+  _allowed("train.on_nonfinite", c.train.on_nonfinite, ON_NONFINITE)
+  _allowed("train.reference.kind", c.train.reference.kind, REFERENCE_KINDS)
+  _allowed("train.perturbation.kind", c.train.perturbation.kind, PERTURBATION_KINDS)
+  _allowed("train.optimizer.name", c.train.optimizer.name, OPTIMIZERS)
+  _allowed("train.parallel.mode", c.train.parallel.mode, PARALLEL_MODES)
+  _positive("train.optimizer.learning_rate", c.train.optimizer.learning_rate, integer=False)
+  if c.train.loss not in pofx.losses.REGISTRY:
+    raise ValueError(f"config.train.loss={c.train.loss!r} is not allowed; allowed: {pofx.losses.names()}.")
+  spec = pofx.losses.spec(c.train.loss)
+  hyper = dict(c.train.loss_hyper)
+  allowed = spec.hyperparameters
+  unknown = sorted(set(hyper) - set(allowed))
+  if unknown:
+    raise ValueError(f"config.train.loss_hyper has {unknown}, not hyperparameters of {spec.name!r}; "
+                     f"allowed: {sorted(allowed)}.")
+  for k, v in hyper.items():
+    if k == "beta" and not (isinstance(v, (int, float)) and v > 0):
+      raise ValueError(f"config.train.loss_hyper.beta={v!r} is not allowed; allowed: beta > 0.")
+  if "list" in spec.requires:
+    raise ValueError(f"config.train.loss={spec.name!r} is a K-way listwise loss; the training program trains pairs.")
+  if spec.reference == "required" and c.train.reference.kind == "none":
+    raise ValueError(f"config.train.reference.kind='none', but loss {spec.name!r} needs a reference; allowed: "
+                     f"{[k for k in REFERENCE_KINDS if k != 'none']}.")
+  if spec.reference == "unused" and c.train.reference.kind not in ("none",):
+    raise ValueError(f"config.train.reference.kind={c.train.reference.kind!r}, but loss {spec.name!r} is "
+                     "reference-free; allowed: 'none'.")
+  if "scores" in spec.requires and c.data.source != "world":
+    raise ValueError(f"loss {spec.name!r} needs per-pair scores; only data.source='world' provides them here.")
+  for kind in ("turn_ids", "risk", "kl"):
+    if kind in spec.requires:
+      raise ValueError(f"loss {spec.name!r} needs {kind!r} inputs that the training program does not produce.")
+  if c.train.reference.kind == "guiding" and not c.train.reference.guide_checkpoint:
+    raise ValueError("config.train.reference.guide_checkpoint is empty; allowed: the path of a finished run's "
+                     "params checkpoint (e.g. <first-stage workdir>/final_params).")
+  for item in c.sweep:
+    if "label" not in item or "overrides" not in item:
+      raise ValueError("config.sweep entries must be {'label': str, 'overrides': {dotted.key: value}}.")
