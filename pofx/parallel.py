@@ -324,12 +324,15 @@ def stack_per_device(batches):
   return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *batches)
 
 
-def concat_pair_batches(batches):
+def concat_pair_batches(batches, *, start: int = 0):
   """Joins per-device `PairBatch`es (same shapes and layout) into one global `PairBatch`.
 
   Rows and pairs are concatenated in order; the flat indices `row * L + column` of batch d are
-  offset by `d * R * L`, so the result is a valid batch of all the pairs (for mode "jit", where
-  each device's rows and pairs sit on that device). Works on numpy arrays (host side).
+  offset by `(start + d) * R * L`, so the result is a valid batch of all the pairs (for mode
+  "jit", where each device's rows and pairs sit on that device). In a multi-process run a
+  process joins the batches of its own devices with `start` = the global index of its first
+  device block (`process_rows(mesh, n_blocks)[0]`) and feeds them with `put_process_batch`.
+  Works on numpy arrays (host side).
   """
   from pofx import batching  # local import: host-side helper only
   batches = list(batches)
@@ -349,7 +352,7 @@ def concat_pair_batches(batches):
       out[f.name] = None
       continue
     if f.name in ("chosen_index", "rejected_index"):
-      vals = [np.asarray(v) + np.asarray(d * R * L, np.asarray(v).dtype) for d, v in enumerate(vals)]
+      vals = [np.asarray(v) + np.asarray((start + d) * R * L, np.asarray(v).dtype) for d, v in enumerate(vals)]
     out[f.name] = np.concatenate([np.asarray(v) for v in vals], axis=0)
   return batching.PairBatch(**out, layout=first.layout)
 

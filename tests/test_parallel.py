@@ -205,6 +205,10 @@ def test_concat_pair_batches_keeps_each_pair_on_its_rows():
     idx, tgt, mask = (getattr(joined, f"{name}_{k}") for k in ("index", "targets", "mask"))
     on = mask > 0
     np.testing.assert_array_equal(flat[idx[on] + 1], tgt[on])
+  # A process joining only its own blocks (here blocks 1 and 2) gets the same global indices.
+  tail = parallel.concat_pair_batches(per[1:], start=1)
+  np.testing.assert_array_equal(tail.chosen_index, joined.chosen_index[1:])
+  np.testing.assert_array_equal(tail.rejected_index, joined.rejected_index[1:])
   with pytest.raises(ValueError, match="different shapes"):
     parallel.concat_pair_batches([per[0], batching.fused(*[[x] for x in pairs[0]], seq_bucket=16)])
 
