@@ -438,6 +438,8 @@ class ParallelStep:
   `put_state(state)`: place a TrainState (rules in mode "jit", replicated otherwise).
   `put_batch(batch)`: mode "jit": the global batch, split over the batch axes; modes
   "shard_map"/"pmap": per-device batches stacked on a leading device axis (`stack_per_device`).
+  Every process passes the whole batch; in a multi-process run feed only this process's part
+  with `put_process_batch` instead (its rows, or its stacked device blocks).
   """
 
   mode: str
@@ -526,6 +528,8 @@ def make_train_step(logps_fn, optimizer, *, mode: str = "jit", mesh=None, rules:
                              check_vma=False)
       fn = jax.jit(mapped, donate_argnums=(0,) if donate else ())
     else:
+      if jax.process_count() > 1:
+        raise ValueError("mode 'pmap' runs in one process; with several processes use mode 'jit' or 'shard_map'.")
       raw = train_lib.make_train_step(logps_fn, optimizer, jit=False, axis_name=DATA, **step_kwargs)
       fn = jax.pmap(raw, axis_name=DATA, in_axes=(None, 0, None), out_axes=None, devices=list(mesh.devices.flat))
 

@@ -5,6 +5,7 @@ The subprocesses set `XLA_FLAGS=--xla_force_host_platform_device_count=8` before
 (this process may already hold a 1-device JAX). They run concurrently, one per core.
 """
 
+import fcntl
 import json
 import os
 import subprocess
@@ -32,7 +33,19 @@ STRATEGIES = ["none", "frozen", "cached", "multi", "synced", "ema", "sam"]
 
 
 @pytest.fixture(scope="module")
-def results():
+def results(tmp_path_factory):
+  if os.environ.get("PYTEST_XDIST_WORKER") is None:
+    return _run_checks()
+  # Under pytest-xdist the workers share one run (the session's common temp dir, a file lock).
+  shared = tmp_path_factory.getbasetemp().parent / "parallel_check.json"
+  with open(str(shared) + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not shared.exists():
+      shared.write_text(json.dumps(_run_checks()))
+    return json.loads(shared.read_text())
+
+
+def _run_checks():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   groups = [["toy"], ["batchstat", "trap", "llama"]]
   procs = [subprocess.Popen([sys.executable, CHECK, *g], cwd=REPO, env=env, stdout=subprocess.PIPE,
