@@ -496,6 +496,9 @@ def make_train_step(logps_fn, optimizer, *, mode: str = "jit", mesh=None, rules:
   for k in ("jit", "axis_name"):
     if k in step_kwargs:
       raise ValueError(f"parallel.make_train_step: {k!r} is set by the mode; do not pass it.")
+  if "axis_name" in (step_kwargs.get("loss_hyper") or {}):
+    raise ValueError("parallel.make_train_step: do not pass loss_hyper['axis_name']; in every mode the loss already "
+                     "sees the global batch (a loss-level all-gather would gather it twice).")
   mesh = make_mesh() if mesh is None else mesh
   rules = tuple(rules)
   accum = int(step_kwargs.get("grad_accum_steps", 1))

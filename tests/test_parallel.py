@@ -189,6 +189,9 @@ def test_make_mesh_and_step_validation():
     parallel.make_train_step(toy.logps_fn, optax.sgd(0.1), mode="ddp", reference=ref)
   with pytest.raises(ValueError, match="set by the mode"):
     parallel.make_train_step(toy.logps_fn, optax.sgd(0.1), mode="jit", reference=ref, axis_name="data")
+  with pytest.raises(ValueError, match="axis_name"):
+    parallel.make_train_step(toy.logps_fn, optax.sgd(0.1), mode="shard_map", loss="beta_dpo", reference=ref,
+                             loss_hyper={"axis_name": "data"})
   with pytest.raises(ValueError, match="jit=False"):
     train.make_train_step(toy.logps_fn, optax.sgd(0.1), reference=ref, axis_name="data")
 
