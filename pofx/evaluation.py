@@ -1,0 +1,297 @@
+r"""Evaluation in the controlled world: gold reward, win rate, KL to the base, ranking accuracies.
+
+Sampled metrics (held-out prompts; `evaluate_policy`):
+  gold reward        mean r*(x, y) over y ~ pi(.|x) (and over y ~ pi_base for comparison);
+  win rate           P(r*(x, y) > r*(x, y')) with y ~ pi, y' ~ pi_base on the same prompt, ties
+                     counting half, with a 95% **Wilson score** interval (`wilson_interval`; the
+                     success count is wins + ties / 2, so with ties the interval is conservative);
+  KL(pi || pi_base)  Monte Carlo: mean over y ~ pi (temperature 1, full vocabulary) of
+                     sum_t [log pi(y_t | x, y_<t) - log pi_base(y_t | x, y_<t)] over the
+                     completion tokens (EOS included), with its standard error. Unbiased; single
+                     samples can be negative;
+  lengths            mean completion length in tokens (EOS included) of policy and base samples.
+
+Pair metrics (held-out preference pairs; from `PairLogps`, all jit-friendly):
+  reward accuracy       mean 1[(pi_w - ref_w) - (pi_l - ref_l) > 0]  (DPO's implicit reward
+                        margin; TRL's `rewards/accuracies`);
+  ranking accuracy      mean 1[pi(y_w|x) > pi(y_l|x)] with summed log-probs ("sum") or per-token
+                        means ("mean"); ties count as wrong (Chen et al. 2024, arXiv:2405.19534;
+                        methods/llm.md 2.34);
+  idealized ranking     the ranking of the exact optimum of the DPO/RLHF objective,
+  accuracy              log pi*(y_w)/pi*(y_l) = [log pi_ref(y_w) - log pi_ref(y_l)]
+                                                + (1/beta) log(p / (1 - p)),
+                        with p = P(y_w > y_l) the true preference probability, compared with the
+                        ground-truth ranking from p / (1 - p), both with the +-5% tie band on the
+                        ratio of the authors' code (`rlhf_minimizer_client.py`:
+                        `_get_ranking_from_ratio`); p is clipped to [eps, 1 - eps] (eps = 1e-3,
+                        their constant). "mean" uses per-token mean reference log-probs (their
+                        `normalized=True`, ppl_2 / ppl_1);
+  flip threshold        -log sigmoid(beta * log(pi_ref(y_l)/pi_ref(y_w))): the DPO loss a pair must
+                        fall below before the policy ranks it correctly (llm.md 2.34).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pofx import sampling
+from pofx._pair_logps import PairLogps
+from pofx.losses import _common
+
+Array = jax.Array
+
+NORMALIZATIONS = ("sum", "mean")
+
+
+# Intervals and win rate ------------------------------------------------------------------------
+
+def _z(confidence: float) -> float:
+  if not 0.0 < confidence < 1.0:
+    raise ValueError(f"confidence must be in (0, 1), got {confidence!r}.")
+  from statistics import NormalDist
+  return NormalDist().inv_cdf(0.5 + confidence / 2.0)
+
+
+def wilson_interval(successes: float, n: int, confidence: float = 0.95):
+  """Wilson score interval `(low, high)` of a binomial proportion with `successes` out of `n`
+  (successes may be fractional, e.g. ties counted half):
+
+      (p + z^2/(2n) -+ z sqrt(p(1-p)/n + z^2/(4n^2))) / (1 + z^2/n),   p = successes / n.
+  """
+  if n <= 0:
+    raise ValueError(f"wilson_interval: n must be positive, got {n!r}.")
+  if not 0 <= successes <= n:
+    raise ValueError(f"wilson_interval: successes must be in [0, n={n}], got {successes!r}.")
+  z = _z(confidence)
+  p = successes / n
+  denom = 1.0 + z * z / n
+  center = (p + z * z / (2 * n)) / denom
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+  return max(0.0, center - half), min(1.0, center + half)
+
+
+class WinRate(NamedTuple):
+  """Win rate with ties counted half and its Wilson interval."""
+  rate: float
+  low: float
+  high: float
+  wins: int
+  ties: int
+  losses: int
+
+  @property
+  def n(self) -> int:
+    return self.wins + self.ties + self.losses
+
+
+def win_rate(policy_scores, base_scores, *, confidence: float = 0.95) -> WinRate:
+  """Fraction of paired comparisons the policy wins (`policy_scores[i] > base_scores[i]`), ties
+  counting half, with the Wilson interval at `confidence`."""
+  a = np.asarray(policy_scores, np.float64).reshape(-1)
+  b = np.asarray(base_scores, np.float64).reshape(-1)
+  if a.shape != b.shape or a.size == 0:
+    raise ValueError(f"win_rate: need two non-empty score arrays of one shape, got {a.shape} and {b.shape}.")
+  wins, ties = int(np.sum(a > b)), int(np.sum(a == b))
+  losses = a.size - wins - ties
+  succ = wins + 0.5 * ties
+  lo, hi = wilson_interval(succ, a.size, confidence)
+  return WinRate(succ / a.size, lo, hi, wins, ties, losses)
+
+
+def mean_and_stderr(x):
+  """(mean, standard error of the mean) of a 1-D sample (stderr 0 for one value)."""
+  x = np.asarray(x, np.float64).reshape(-1)
+  if x.size == 0:
+    raise ValueError("mean_and_stderr: empty sample.")
+  se = float(np.std(x, ddof=1) / math.sqrt(x.size)) if x.size > 1 else 0.0
+  return float(np.mean(x)), se
+
+
+def kl_estimate(policy_logps, base_logps):
+  """Monte Carlo KL(pi || pi_base) from samples y ~ pi: `(mean, stderr)` of
+  `policy_logps - base_logps`, each the summed completion log-prob of one sample `[N]`."""
+  d = np.asarray(policy_logps, np.float64).reshape(-1) - np.asarray(base_logps, np.float64).reshape(-1)
+  return mean_and_stderr(d)
+
+
+# Pair metrics (jit-friendly) ---------------------------------------------------------------------
+
+def _scores(logps: PairLogps, normalize: str):
+  _common.check_choice("evaluation", "normalize", normalize, NORMALIZATIONS)
+  if normalize == "sum":
+    return logps.chosen, logps.rejected
+  if logps.chosen_len is None or logps.rejected_len is None:
+    raise ValueError("normalize='mean' needs chosen_len and rejected_len in the PairLogps.")
+  return (logps.chosen / jnp.maximum(logps.chosen_len, 1.0), logps.rejected / jnp.maximum(logps.rejected_len, 1.0))
+
+
+def reward_accuracy(policy: PairLogps, reference: PairLogps) -> Array:
+  """Per-pair `[B]` float32 1[(pi_w - ref_w) - (pi_l - ref_l) > 0] (mean it for the accuracy)."""
+  margin = (policy.chosen - reference.chosen) - (policy.rejected - reference.rejected)
+  return (margin > 0).astype(jnp.float32)
+
+
+def ranking_accuracy(policy: PairLogps, *, normalize: str = "sum") -> Array:
+  """Per-pair `[B]` float32 1[pi(y_w|x) > pi(y_l|x)] (strict: ties are wrong), with summed
+  ("sum") or per-token mean ("mean") log-probs. Chen et al. 2024, arXiv:2405.19534."""
+  w, l = _scores(policy, normalize)
+  return (w > l).astype(jnp.float32)
+
+
+def _rank_with_band(log_ratio, tie_band):
+  """+1 (first better), 0 (tie: |ratio - 1| < tie_band), -1, from a log ratio (as in the authors'
+  `_get_ranking_from_ratio`, in log space: ratio >= 1 + band is +1)."""
+  ratio_minus_1 = jnp.expm1(jnp.clip(log_ratio, -80.0, 80.0))
+  return jnp.where(jnp.abs(ratio_minus_1) < tie_band, 0, jnp.where(ratio_minus_1 > 0, 1, -1))
+
+
+def idealized_ranking_accuracy(reference: PairLogps, pref_prob, *, beta: float, normalize: str = "sum",
+                               tie_band: float = 0.05, eps: float = 1e-3) -> Array:
+  """Per-pair `[B]` float32: does the DPO/RLHF optimum pi* rank the pair as the truth does?
+
+  log pi*(y_w)/pi*(y_l) = h_ref + (1/beta) log(p/(1-p)), h_ref = the reference's (summed or
+  mean) log-prob difference, p = `pref_prob` [B] = P(y_w > y_l) clipped to [eps, 1-eps]. Both
+  this ratio and the truth's p/(1-p) are mapped to a ranking with the +-`tie_band` band on the
+  ratio; the pair counts 1 when the two rankings agree (a true tie predicted as a tie counts).
+  Chen et al. 2024 (arXiv:2405.19534), code `rlhf_minimizer_client.py` (llm.md 2.34).
+  """
+  _common.check_beta("idealized_ranking_accuracy", beta)
+  w, l = _scores(reference, normalize)
+  p = jnp.clip(jnp.asarray(pref_prob, jnp.float32), eps, 1.0 - eps)
+  truth_log_ratio = jnp.log(p) - jnp.log1p(-p)
+  ideal = (w - l) + truth_log_ratio / beta
+  return (_rank_with_band(ideal, tie_band) == _rank_with_band(truth_log_ratio, tie_band)).astype(jnp.float32)
+
+
+def flip_threshold_loss(reference: PairLogps, *, beta: float) -> Array:
+  """Per-pair `[B]`: -log sigmoid(beta * (log pi_ref(y_l) - log pi_ref(y_w))), the DPO loss below
+  which the policy ranks the pair correctly (pi_w > pi_l iff L_DPO < this; llm.md 2.34)."""
+  _common.check_beta("flip_threshold_loss", beta)
+  return -jax.nn.log_sigmoid(beta * (reference.rejected - reference.chosen))
+
+
+# Model-level evaluation ------------------------------------------------------------------------
+
+def score_completions(params, prompts: Sequence, completions: Sequence, *, config, prompt_width: Optional[int] = None,
+                      completion_width: Optional[int] = None, batch_size: int = 512):
+  """Teacher-forced per-token log-probs of given completions: `(token_logps [N, T], mask [N, T])`
+  numpy float32, in fixed-size jitted batches (the layout of `pofx.sampling.score`)."""
+  n = len(prompts)
+  if n != len(completions) or n == 0:
+    raise ValueError(f"score_completions: need as many prompts as completions (> 0), got {n} and {len(completions)}.")
+  ptok, pmask = sampling.left_pad(prompts, length=prompt_width)
+  T = completion_width or max(len(c) for c in completions)
+  ctok = np.zeros((n, T), np.int32)
+  cmask = np.zeros((n, T), np.float32)
+  for i, c in enumerate(completions):
+    c = np.asarray(c, np.int32).reshape(-1)
+    if c.size == 0 or c.size > T:
+      raise ValueError(f"score_completions: completion {i} has {c.size} tokens; allowed 1..{T}.")
+    ctok[i, :c.size] = c
+    cmask[i, :c.size] = 1.0
+  bs = min(batch_size, n)
+  out = []
+  for start in range(0, n, bs):
+    sl = slice(start, start + bs)
+    parts = [ptok[sl], pmask[sl], ctok[sl], cmask[sl]]
+    real = parts[0].shape[0]
+    if real < bs:
+      parts = [np.concatenate([x, np.repeat(x[:1], bs - real, 0)]) for x in parts]
+    s = sampling.Samples(parts[0], parts[1], parts[2], parts[3], None, None, None, None)
+    out.append(np.asarray(sampling.score(params, s, config=config))[:real])
+  return np.concatenate(out).astype(np.float32), cmask
+
+
+def pair_logps(params, prompts, chosen, rejected, *, config, batch_size: int = 512, prompt_width=None,
+               completion_width=None) -> PairLogps:
+  """`PairLogps` (with per-token arrays) of preference pairs under `params` (teacher forcing)."""
+  T = completion_width or max(max(len(c) for c in chosen), max(len(r) for r in rejected))
+  kw = dict(config=config, batch_size=batch_size, prompt_width=prompt_width, completion_width=T)
+  c_lp, c_m = score_completions(params, prompts, chosen, **kw)
+  r_lp, r_m = score_completions(params, prompts, rejected, **kw)
+  return PairLogps.from_tokens(jnp.asarray(c_lp), jnp.asarray(c_m), jnp.asarray(r_lp), jnp.asarray(r_m))
+
+
+def evaluate_pairs(params, reference_params, prompts, chosen, rejected, *, config, beta: float = 0.1,
+                   pref_prob=None, batch_size: int = 512, prompt_width=None, completion_width=None) -> dict:
+  """Pair metrics of a policy on held-out pairs: reward accuracy (against `reference_params`),
+  ranking accuracy (sum and mean) of the policy and of the reference, and, when `pref_prob`
+  (P(chosen > rejected), e.g. `PreferenceData.label_prob`) is given, the idealized ranking
+  accuracy (sum and mean) at `beta` and the mean flip-threshold loss. Python floats."""
+  kw = dict(config=config, batch_size=batch_size, prompt_width=prompt_width, completion_width=completion_width)
+  pol = pair_logps(params, prompts, chosen, rejected, **kw)
+  ref = pair_logps(reference_params, prompts, chosen, rejected, **kw)
+  m = lambda x: float(jnp.mean(x))
+  out = {
+      "reward_accuracy": m(reward_accuracy(pol, ref)),
+      "ranking_accuracy": m(ranking_accuracy(pol, normalize="sum")),
+      "ranking_accuracy_mean": m(ranking_accuracy(pol, normalize="mean")),
+      "ref_ranking_accuracy": m(ranking_accuracy(ref, normalize="sum")),
+      "ref_ranking_accuracy_mean": m(ranking_accuracy(ref, normalize="mean")),
+      "num_pairs": int(pol.chosen.shape[0]),
+  }
+  if pref_prob is not None:
+    out["idealized_ranking_accuracy"] = m(idealized_ranking_accuracy(ref, pref_prob, beta=beta, normalize="sum"))
+    out["idealized_ranking_accuracy_mean"] = m(idealized_ranking_accuracy(ref, pref_prob, beta=beta, normalize="mean"))
+    out["flip_threshold_loss"] = m(flip_threshold_loss(ref, beta=beta))
+  return out
+
+
+def evaluate_policy(world, params, base_params, prompts: Sequence, key, *, config, num_samples: int = 1,
+                    temperature=1.0, top_k: int = 0, batch_size: int = 512, confidence: float = 0.95,
+                    base_samples: Optional[sampling.Samples] = None) -> dict:
+  """Sampled metrics of a policy against the base on held-out `prompts` (see the module docstring).
+
+  Draws `num_samples` completions per prompt from the policy and from the base (independent
+  keys from `key`), scores both with `world.gold_reward`, pairs policy sample j with base sample
+  j of the same prompt for the win rate, and estimates KL(pi || pi_base) from the policy samples
+  (their temperature-1 log-probs minus the base's teacher-forced ones). KL is exact MC only at
+  temperature 1 without top-k; otherwise it is the KL of the model distributions evaluated on
+  tempered samples. Pass `base_samples` (from a previous call's `"base_samples"`) to reuse the
+  base's samples across policies (same prompts and num_samples).
+
+  Returns a dict of Python floats: gold_reward, gold_reward_stderr, base_gold_reward,
+  win_rate, win_rate_low, win_rate_high (Wilson), kl, kl_stderr, length, base_length,
+  finished_fraction, num_comparisons; and "base_samples" (for reuse).
+  """
+  from pofx import world as world_lib
+  rep = [np.asarray(p, np.int32) for p in prompts for _ in range(int(num_samples))]
+  k_pol, k_base = jax.random.split(key)
+  kw = dict(config=config, temperature=temperature, top_k=top_k, batch_size=batch_size)
+  pol = world_lib.sample_completions(world, params, rep, k_pol, **kw)
+  if base_samples is None:
+    base_samples = world_lib.sample_completions(world, base_params, rep, k_base, **kw)
+  elif np.asarray(base_samples.tokens).shape[0] != len(rep):
+    raise ValueError("evaluate_policy: base_samples do not match prompts x num_samples.")
+  r_pol = world.gold_reward(rep, sampling.completions(pol))
+  r_base = world.gold_reward(rep, sampling.completions(base_samples))
+  wr = win_rate(r_pol, r_base, confidence=confidence)
+  base_lp = _score_samples(base_params, pol, config=config, batch_size=batch_size)
+  kl, kl_se = kl_estimate(np.sum(pol.logps, -1), np.sum(base_lp, -1))
+  g, g_se = mean_and_stderr(r_pol)
+  return {
+      "gold_reward": g, "gold_reward_stderr": g_se, "base_gold_reward": float(np.mean(r_base)),
+      "win_rate": wr.rate, "win_rate_low": wr.low, "win_rate_high": wr.high,
+      "kl": kl, "kl_stderr": kl_se,
+      "length": float(np.mean(pol.lengths)), "base_length": float(np.mean(base_samples.lengths)),
+      "finished_fraction": float(np.mean(pol.finished)), "num_comparisons": wr.n,
+      "base_samples": base_samples,
+  }
+
+
+def _score_samples(params, samples: sampling.Samples, *, config, batch_size: int):
+  n = np.asarray(samples.tokens).shape[0]
+  bs = min(batch_size, n)
+  out = []
+  for start in range(0, n, bs):
+    part = jax.tree.map(lambda a: np.asarray(a)[start:start + bs], samples)
+    real = part.tokens.shape[0]
+    if real < bs:
+      part = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[:1], bs - real, 0)]), part)
+    out.append(np.asarray(sampling.score(params, part, config=config))[:real])
+  return np.concatenate(out)
