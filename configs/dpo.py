@@ -7,7 +7,7 @@ reward -> DPO with a cached reference -> evaluation against the base (gold rewar
 95% interval, KL to the base, reward and ranking accuracy). `:tiny` shrinks every stage for tests.
 """
 
-from configs import common
+from configs import _shrink, common
 
 
 def get_config(arg=None):
@@ -15,12 +15,6 @@ def get_config(arg=None):
   c.train.loss = "dpo"
   c.train.loss_hyper.beta = 0.1
   c.train.reference.kind = "cached"
-  if arg == "tiny":
-    c.sft.num_demos, c.sft.steps = 256, 20
-    c.data.num_prompts, c.data.num_eval_pairs = 64, 32
-    c.train.steps, c.train.batch_size, c.train.log_every, c.train.checkpoint_every = 4, 8, 2, 2
-    c.eval.num_prompts = 16
-  elif arg not in (None, ""):
-    raise ValueError(f"configs/dpo.py: unknown arg {arg!r}; allowed: '', 'tiny'.")
+  _shrink.apply(c, arg)
   c.lock()
   return c

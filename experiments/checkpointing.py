@@ -9,7 +9,7 @@ Typed PRNG keys are stored as their raw key data.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import numpy as np

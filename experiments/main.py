@@ -467,6 +467,8 @@ def main(argv):
     raise app.UsageError("--config and --workdir are required.")
   common.validate(config)  # before any compute
   logging.set_verbosity(logging.WARNING)
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
   from pofx import parallel
   parallel.initialize_from_env()
   workdir = _WORKDIR.value

@@ -1,0 +1,160 @@
+"""The training program: every config builds and runs a few steps; bad configs fail early; a run
+killed with SIGKILL resumes to the same parameters as an uninterrupted run."""
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAMILIES = ("dpo", "gpo", "simpo", "ipo", "mrpo", "predpo", "trdpo", "sam", "awp", "beta_dpo")
+ARGS = {"dpo": ("", "tiny"), "gpo": ("", "tiny"), "simpo": ("", "tiny"), "ipo": ("", "tiny", "sum", "sum,tiny"),
+        "mrpo": ("", "tiny"), "predpo": ("", "tiny"), "trdpo": ("", "tiny", "hard", "hard,tiny"),
+        "sam": ("", "tiny", "asam", "asam,tiny"), "awp": ("", "tiny"), "beta_dpo": ("", "tiny")}
+
+
+def _config(family, arg):
+  return importlib.import_module(f"configs.{family}").get_config(arg)
+
+
+def _main(args, **kw):
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, **kw)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_config_builds_locked_and_valid(family):
+  for arg in ARGS[family]:
+    c = _config(family, arg)
+    common.validate(c)
+    assert c.is_locked
+    assert "python -m experiments.main --config=configs/" in importlib.import_module(f"configs.{family}").__doc__
+  with pytest.raises(ValueError, match="allowed"):
+    _config(family, "no_such_arg")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("train.loss", "dpoo", r"config.train.loss='dpoo' is not allowed; allowed: \["),
+    ("train.loss_hyper.beta", 0.0, "beta > 0"),
+    ("train.reference.kind", "none", "needs a reference"),
+    ("train.reference.kind", "frozn", "config.train.reference.kind='frozn'"),
+    ("train.perturbation.kind", "sharp", "config.train.perturbation.kind"),
+    ("train.steps", 0, "config.train.steps=0"),
+    ("data.layout", "zigzag", "config.data.layout"),
+    ("train.on_nonfinite", "ignore", "config.train.on_nonfinite"),
+])
+def test_invalid_config_values_name_the_field(field, value, message):
+  c = _config("dpo", "tiny")
+  with c.unlocked():
+    node = c
+    *parents, last = field.split(".")
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  with pytest.raises(ValueError, match=message):
+    common.validate(c)
+
+
+def test_cli_rejects_bad_values_before_any_compute(tmp_path):
+  t = time.perf_counter()
+  out = _main(["--config=configs/dpo.py:tiny", f"--workdir={tmp_path}/w", "--config.train.loss_hyper.beta=-1"])
+  assert out.returncode != 0
+  assert "config.train.loss_hyper.beta=-1" in out.stderr
+  assert not os.path.exists(tmp_path / "w" / "sft_params")  # nothing was computed or written
+  assert time.perf_counter() - t < 60
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """One real CLI run of configs/dpo.py:tiny; its SFT base and data seed the other runs."""
+  work = tmp_path_factory.mktemp("dpo_tiny")
+  out = _main(["--config=configs/dpo.py:tiny", f"--workdir={work}", "--noprogress"])
+  assert out.returncode == 0, out.stderr[-3000:]
+  return work, out.stdout
+
+
+def test_tiny_dpo_run_writes_summary_table_metrics_and_plots(tiny_run):
+  work, stdout = tiny_run
+  summary = json.load(open(work / "summary.json"))
+  for key in ("gold_reward_base", "gold_reward_policy", "win_rate_vs_base", "win_rate_ci95", "kl_to_base",
+              "reward_accuracy", "ranking_accuracy", "mean_length_base", "mean_length_policy", "pairs_per_second"):
+    assert key in summary, key
+    assert key in stdout, key
+  low, high = summary["win_rate_ci95"]
+  assert 0.0 <= low <= summary["win_rate_vs_base"] <= high <= 1.0
+  recs = [json.loads(line) for line in open(work / "metrics.jsonl")]
+  assert [r["step"] for r in recs if r["stage"] == "train"] == [2, 4]
+  assert os.listdir(work / "tensorboard" / "train")
+  for png in ("training_curves.png", "reward_vs_kl.png"):
+    assert (work / png).stat().st_size > 1000
+
+
+def _seed_from(src, dst):
+  """Share the tiny run's SFT base and data (identical for every tiny config), so each config
+  runs only its own training and evaluation."""
+  os.makedirs(dst, exist_ok=True)
+  for name in ("sft_params", "data"):
+    os.symlink(src / name, os.path.join(dst, name))
+
+
+@pytest.mark.parametrize("family,arg", [("simpo", "tiny"), ("ipo", "sum,tiny"), ("mrpo", "tiny"), ("trdpo", "tiny"),
+                                        ("sam", "tiny"), ("awp", "tiny"), ("beta_dpo", "tiny"), ("predpo", "tiny"),
+                                        ("gpo", "tiny")])
+def test_every_family_runs_on_tiny(tiny_run, tmp_path, family, arg):
+  from experiments import main as main_lib
+  src, _ = tiny_run
+  work = tmp_path / family
+  _seed_from(src, work)
+  c = _config(family, arg)
+  if c.sweep:
+    summaries, chart = main_lib.run_sweep(c, str(work), progress=False)
+    assert len(summaries) == len(c.sweep) and os.path.getsize(chart) > 1000
+    s = next(iter(summaries.values()))
+  else:
+    s, _ = main_lib.run_one(c, str(work), progress=False)
+  assert np.isfinite(s["gold_reward_policy"]) and np.isfinite(s["kl_to_base"])
+
+
+def _final_params(work):
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer().restore(os.path.join(work, "final_params"))
+
+
+def test_sigkill_resume_equals_uninterrupted(tiny_run, tmp_path):
+  src, _ = tiny_run
+  args = ["--config=configs/dpo.py:tiny", "--noprogress", "--config.train.steps=10",
+          "--config.train.checkpoint_every=2", "--config.train.log_every=2"]
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  for w in (straight, killed):
+    _seed_from(src, w)
+  out = _main(args + [f"--workdir={straight}"])
+  assert out.returncode == 0, out.stderr[-2000:]
+
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.main", *args, f"--workdir={killed}"], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt_dir = killed / "checkpoints"
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if ckpt_dir.exists() else []
+    if steps and max(steps) >= 4:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (killed / "final_params").exists(), "the run finished before it could be killed"
+  out = _main(args + [f"--workdir={killed}"])
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "resumed from step" in out.stderr
+  a, b = _final_params(straight), _final_params(killed)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
