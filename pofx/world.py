@@ -32,8 +32,11 @@ BOS, SEP) before EOS counts as a token of affinity -invalid_token_penalty, and t
 touching it as 0. The token term rewards
 prompt-conditional word choice (one attention layer over the prompt can represent it), the
 bigram term a prompt-independent structure, and the length window stops "one best token then
-EOS" from being optimal; the best achievable reward (about the top affinities plus the bigram
-bonus) is far above what the SFT base reaches.
+EOS" from being optimal. Measured with the defaults (seed 0): uniformly random content of
+demonstration lengths scores about -0.18, the demonstrator 0.92, the SFT base of `sft_base`
+0.7-0.8, the base after 300 DPO steps (beta 0.1, 64 pairs, Adam 1e-3) 1.2-1.3 (win rate vs base
+0.70-0.78 over seeds 0-2), and a simple hand-made policy (alternate the best bigram pair, 6
+tokens) 2.25, a lower bound of the maximum.
 
 Demonstrations (for SFT) come from a noisy demonstrator: n uniform in
 `[demo_min_len, demo_max_len]` and `y_t ~ softmax(demo_affinity_temp * a(x, .) + demo_bigram_temp
@@ -64,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from pofx import logprobs
 from pofx import sampling
 from pofx.models import llama
 
@@ -213,7 +217,8 @@ class World:
   # Prompts -------------------------------------------------------------------------------------
 
   def model_config(self, **overrides) -> llama.LlamaConfig:
-    """A small Llama sized for this world (D=64, 2 layers, 4 heads, 2 KV heads, MLP 128)."""
+    """A small Llama sized for this world (D=64, 2 layers, 4 heads, 2 KV heads, MLP 128;
+    78,144 parameters at V = 32)."""
     return llama.LlamaConfig(vocab_size=self.config.vocab_size, hidden_size=64, num_layers=2, num_heads=4,
                              num_kv_heads=2, mlp_size=128).replace(**overrides)
 
@@ -348,7 +353,6 @@ def sft(params, demos: Demonstrations, *, config: llama.LlamaConfig, seed: int =
   head = functools.partial(llama.lm_head, config=config)
 
   def loss_fn(p, tok, pos, sg, lm):
-    from pofx import logprobs
     hidden = llama.apply_fn(p, tok, pos, sg, config=config)
     lp = logprobs.next_token_logps(hidden, head(p), tok).logps
     m = lm[:, :-1]
