@@ -98,9 +98,20 @@ def init_state(params, optimizer: optax.GradientTransformation, reference: refer
   if spec.init_state is not None:
     hyper = {k: v for k, v in (loss_hyper or {}).items() if k in spec.hyperparameters}
     loss_state = spec.init_state(**hyper)
+  # The jitted step donates its state: start from a copy so the caller's arrays (often also a
+  # frozen reference's parameters) stay valid.
+  params = jax.tree.map(jnp.copy, params)
   return TrainState(params=params, opt_state=optimizer.init(params), ref_state=reference.init(params),
                     perturbation_state=perturbation.init(params), loss_state=loss_state,
                     step=jnp.zeros((), jnp.int32), rng=jax.random.key(0) if rng is None else rng)
+
+
+def _pair_mask(batch):
+  """`[B]` 0/1 mask of real pairs: `batch["pair_mask"]`, else the PairBatch's, else None (all real)."""
+  if "pair_mask" in batch:
+    return batch["pair_mask"]
+  pairs = batch.get("pairs")
+  return getattr(pairs, "pair_mask", None)
 
 
 def stack_microbatches(batches):
@@ -133,6 +144,10 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
       applied. Losses with batch statistics (beta-DPO, aot) see micro-batch statistics. With
       `sam(rho)` this is m-sharpness with one ascent per micro-batch.
     learning_rate_fn: the optimizer's schedule, for the `learning_rate` metric.
+
+  Padding pairs (`batch["pair_mask"]` or the PairBatch's `pair_mask` equal to 0, e.g. from
+  `batching.*(num_pairs=...)`) are left out of the loss reduction and the metrics; losses with
+  batch statistics (aot, beta-DPO, gamma-PO) still see them, so pad only with reducible losses.
     guard_nonfinite: keep the previous state when the loss or a gradient is not finite, and
       report `metrics["nonfinite"]` (1.0 on such a step).
     axis_name: for data parallelism under `shard_map`/`pmap` (`pofx.parallel` sets it; then
@@ -176,17 +191,19 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
       params = parallel_lib.grad_pmean(params, axis_name)
     ref = batch["__reference__"]
     policy = logps_fn(params, batch)
+    mask = _pair_mask(batch)
     if axis_name is not None:  # the loss sees the global batch (see `axis_name`)
       extra = {n: batch[n] for n in pair_input_names if n in batch}
-      policy, ref, extra = parallel_lib.all_gather_batch((policy, ref, extra), axis_name)
+      policy, ref, extra, mask = parallel_lib.all_gather_batch((policy, ref, extra, mask), axis_name)
       batch = {**batch, **extra}
     out = spec.fn(policy, ref, **loss_kwargs(batch, batch["__loss_state__"], batch["__key__"]))
     per_pair, new_loss_state = out if stateful else (out, ())
-    value = losses_lib._registry.reduce(spec, per_pair, policy)
+    value = losses_lib._registry.reduce(spec, per_pair, policy, mask)
     lr_w, lr_l = losses_lib._common.logratios(policy, ref)
     aux = {
         "per_pair": per_pair, "lr_w": lr_w, "lr_l": lr_l, "logps_chosen": policy.chosen,
         "logps_rejected": policy.rejected, "loss_state": new_loss_state,
+        "mask": jnp.ones_like(per_pair) if mask is None else jnp.asarray(mask, per_pair.dtype),
     }
     return value, aux
 
@@ -228,15 +245,16 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
     ref_state = reference.update(state.ref_state, params, new_step)
     new_loss_state = aux["loss_state"] if stateful else state.loss_state
 
-    lr_w, lr_l = aux["lr_w"], aux["lr_l"]
+    lr_w, lr_l, m = aux["lr_w"], aux["lr_l"], aux["mask"]
+    mean = lambda x: jnp.sum(jnp.where(m > 0, x, 0.0)) / jnp.maximum(jnp.sum(m), 1.0)  # over real pairs
     metrics = {
         "loss": loss_value,
-        "rewards/chosen": beta * jnp.mean(lr_w),
-        "rewards/rejected": beta * jnp.mean(lr_l),
-        "rewards/margins": beta * jnp.mean(lr_w - lr_l),
-        "rewards/accuracy": jnp.mean((lr_w > lr_l).astype(jnp.float32)),
-        "logps/chosen": jnp.mean(aux["logps_chosen"]),
-        "logps/rejected": jnp.mean(aux["logps_rejected"]),
+        "rewards/chosen": beta * mean(lr_w),
+        "rewards/rejected": beta * mean(lr_l),
+        "rewards/margins": beta * mean(lr_w - lr_l),
+        "rewards/accuracy": mean((lr_w > lr_l).astype(jnp.float32)),
+        "logps/chosen": mean(aux["logps_chosen"]),
+        "logps/rejected": mean(aux["logps_rejected"]),
         "grad_norm": optax.global_norm(grads),
         "learning_rate": (jnp.asarray(learning_rate_fn(state.step), jnp.float32) if learning_rate_fn is not None
                           else jnp.float32(jnp.nan)),

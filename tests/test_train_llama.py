@@ -79,3 +79,19 @@ def test_tiny_llama_learns_with_every_perturbation(pert):
   hist = _train("cached", pert)
   assert hist[-1]["loss"] < hist[0]["loss"] - 0.05
   assert hist[-1]["rewards/margins"] > hist[0]["rewards/margins"] + 0.05
+
+
+def test_padding_pairs_do_not_change_the_loss_or_gradient():
+  params = MODEL.init(jax.random.key(3))
+  ref = references.frozen(MODEL.init(jax.random.key(4)), LOGPS_FN)
+  opt = optax.sgd(0.1)
+  outs = []
+  for num_pairs in (None, 11):
+    pairs = batching.prompt_shared(PROMPTS, CHOSEN, REJECTED, seq_bucket=8, completion_bucket=8, num_pairs=num_pairs)
+    state = train.init_state(params, opt, ref, perturbations.none())
+    step = train.make_train_step(LOGPS_FN, opt, loss="dpo", reference=ref, donate=False)
+    outs.append(step(state, {"pairs": pairs}, jax.random.key(0)))
+  (s0, m0), (s1, m1) = outs
+  for k in ("loss", "rewards/margins", "rewards/accuracy", "logps/chosen"):
+    np.testing.assert_allclose(m1[k], m0[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s1.params, s0.params)

@@ -94,13 +94,17 @@ def build_registry(*spec_groups) -> Mapping[str, LossSpec]:
   return types.MappingProxyType(dict(sorted(table.items())))
 
 
-def reduce(spec: LossSpec, per_pair: jax.Array, policy) -> jax.Array:
-  """Applies the spec's documented batch reduction."""
+def reduce(spec: LossSpec, per_pair: jax.Array, policy, mask: Optional[jax.Array] = None) -> jax.Array:
+  """Applies the spec's documented batch reduction; `mask` `[B]` (0 = padding pair) excludes pairs."""
+  if mask is not None:
+    mask = jnp.asarray(mask, per_pair.dtype)
+    per_pair = jnp.where(mask > 0, per_pair, 0.0)
   if spec.reduction == "mean":
-    return jnp.mean(per_pair)
+    return jnp.mean(per_pair) if mask is None else jnp.sum(per_pair) / jnp.maximum(jnp.sum(mask), 1.0)
   if spec.reduction == "sum":
     return jnp.sum(per_pair)
-  total = jnp.maximum(jnp.sum(jnp.asarray(policy.chosen_len, jnp.float32)), 1.0)
+  lens = jnp.asarray(policy.chosen_len, jnp.float32)
+  total = jnp.maximum(jnp.sum(lens if mask is None else lens * mask), 1.0)
   return jnp.sum(per_pair) / total
 
 
