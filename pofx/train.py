@@ -101,7 +101,8 @@ def init_state(params, optimizer: optax.GradientTransformation, reference: refer
   # The jitted step donates its state: start from a copy so the caller's arrays (often also a
   # frozen reference's parameters) stay valid.
   params = jax.tree.map(jnp.copy, params)
-  return TrainState(params=params, opt_state=optimizer.init(params), ref_state=reference.init(params),
+  ref_state = jax.tree.map(jnp.copy, reference.init(params))  # e.g. frozen(params) holds the caller's arrays
+  return TrainState(params=params, opt_state=optimizer.init(params), ref_state=ref_state,
                     perturbation_state=perturbation.init(params), loss_state=loss_state,
                     step=jnp.zeros((), jnp.int32), rng=jax.random.key(0) if rng is None else rng)
 

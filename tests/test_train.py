@@ -160,3 +160,16 @@ def test_nonfinite_step_leaves_state_unchanged():
   assert float(m2["nonfinite"]) == 1.0 and int(state2.step) == 2
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), state2.params, state1.params)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), state2.opt_state, state1.opt_state)
+
+
+def test_caller_arrays_survive_donation():
+  # The same arrays as the policy's start and as a frozen reference: the donating step must not
+  # delete them (init_state copies).
+  params = toy.init(0)
+  opt = optax.adam(0.1)
+  ref = references.frozen(params, toy.logps_fn)
+  state = train.init_state(params, opt, ref, perturbations.none())
+  step = train.make_train_step(toy.logps_fn, opt, loss="dpo", reference=ref)
+  for i in range(2):
+    state, _ = step(state, toy.batch(i), jax.random.key(i))
+  assert np.isfinite(np.asarray(params["w"])).all()  # still alive
