@@ -30,12 +30,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(preset="world", dtype="float32", remat=False))
 
   # Stage 1: supervised base policy on the world's demonstrations.
-  c.sft = ml_collections.ConfigDict(dict(num_demos=4096, steps=500, batch_size=64, learning_rate=3e-3))
+  c.sft = ml_collections.ConfigDict(dict(num_demos=8192, steps=600, batch_size=64, learning_rate=3e-3))
 
   # Stage 2: preference data.
   c.data = ml_collections.ConfigDict(dict(
       source="world",               # "world" | "files"
-      num_prompts=1024,             # world: training prompts
+      num_prompts=2048,             # world: training prompts
       samples_per_prompt=4,         # world: completions sampled per prompt (pairs of adjacent samples)
       num_eval_pairs=512,           # world: held-out pairs for reward / ranking accuracy
       files="",                     # files: comma-separated JSONL/Parquet paths
@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       loss="dpo",
       steps=300,
-      batch_size=32,
+      batch_size=64,
       grad_accum_steps=1,
       log_every=25,
       checkpoint_every=100,
@@ -67,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.parallel = ml_collections.ConfigDict(dict(mode="single", mesh=""))
 
   # Stage 5: evaluation on held-out prompts.
-  c.eval = ml_collections.ConfigDict(dict(num_prompts=512, samples_per_prompt=1, temperature=1.0, top_k=0))
+  c.eval = ml_collections.ConfigDict(dict(num_prompts=1024, samples_per_prompt=1, temperature=1.0, top_k=0))
 
   # Optional sweep: a list of {"label": str, "overrides": {dotted.key: value}} run after one
   # shared SFT + data stage; each member trains and evaluates in <workdir>/sweep/<label>.
