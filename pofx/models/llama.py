@@ -175,12 +175,36 @@ def llama_3_2_1b(**overrides) -> LlamaConfig:
                      tie_embeddings=True, dtype="bfloat16").replace(**overrides)
 
 
+def llama_3_1_8b(**overrides) -> LlamaConfig:
+  """Llama-3.1-8B shapes (meta-llama/Llama-3.1-8B `config.json`): D=4096, 32 layers, 32 heads,
+  8 KV heads, head_dim 128, MLP 14336, vocab 128256, untied embeddings, rope_theta 5e5 with
+  Llama 3.1 scaling (8, 1, 4, 8192), eps 1e-5: 8,030,261,248 parameters. bf16 compute by default."""
+  return LlamaConfig(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32,
+                     num_kv_heads=8, mlp_size=14336, head_dim=128, rope_theta=500000.0,
+                     rope_scaling=(8.0, 1.0, 4.0, 8192), rms_norm_eps=1e-5,
+                     tie_embeddings=False, dtype="bfloat16").replace(**overrides)
+
+
+def llama_3_1_70b(**overrides) -> LlamaConfig:
+  """Llama-3.1-70B shapes (meta-llama/Llama-3.1-70B `config.json`): D=8192, 80 layers, 64 heads,
+  8 KV heads, head_dim 128, MLP 28672, vocab 128256, untied embeddings, rope_theta 5e5 with
+  Llama 3.1 scaling (8, 1, 4, 8192), eps 1e-5: 70,553,706,496 parameters. bf16 compute by default."""
+  return LlamaConfig(vocab_size=128256, hidden_size=8192, num_layers=80, num_heads=64,
+                     num_kv_heads=8, mlp_size=28672, head_dim=128, rope_theta=500000.0,
+                     rope_scaling=(8.0, 1.0, 4.0, 8192), rms_norm_eps=1e-5,
+                     tie_embeddings=False, dtype="bfloat16").replace(**overrides)
+
+
 PRESETS: Mapping[str, Callable[..., LlamaConfig]] = {
-    "tiny": tiny, "bench": bench, "llama_3_2_1b": llama_3_2_1b, "1b": llama_3_2_1b}
+    "tiny": tiny, "bench": bench,
+    "llama_3_2_1b": llama_3_2_1b, "1b": llama_3_2_1b, "llama3_1b": llama_3_2_1b,
+    "llama_3_1_8b": llama_3_1_8b, "llama3_8b": llama_3_1_8b,
+    "llama_3_1_70b": llama_3_1_70b, "llama3_70b": llama_3_1_70b}
 
 
 def preset(name: str, **overrides) -> LlamaConfig:
-  """`LlamaConfig` preset by name: "tiny", "bench", "llama_3_2_1b" (alias "1b")."""
+  """`LlamaConfig` preset by name: "tiny", "bench", "llama_3_2_1b" (aliases "1b", "llama3_1b"),
+  "llama_3_1_8b" (alias "llama3_8b"), "llama_3_1_70b" (alias "llama3_70b")."""
   if name not in PRESETS:
     raise ValueError(f"Unknown Llama preset {name!r}; allowed: {sorted(PRESETS)}.")
   return PRESETS[name](**overrides)
