@@ -106,7 +106,7 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
   return 2 * n ** 3 / statistics.median(times)
 
 
-def main(argv=None):
+def parser():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workload", choices=["fixed", "variable"], default="fixed")
   ap.add_argument("--reference", choices=["frozen", "cached", "multi"], default="cached")
@@ -120,98 +120,122 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=30)
   ap.add_argument("--bs", type=int, default=8, help="pairs per step")
   ap.add_argument("--json", default=None)
-  a = ap.parse_args(argv)
+  return ap
 
-  config = models.preset(a.preset, dtype=a.dtype)
-  model = models.make(config)
-  params = model.init(jax.random.key(0))
-  n_params = sum(x.size for x in jax.tree.leaves(params))
-  if a.logprobs == "chunked":
-    logps_fn = policy.make_logps_fn(model.apply, model.head, chunk_size=a.chunk_size)
-  else:
-    logps_fn = naive_logps_fn(model)
 
-  data = dataset(a.workload)
-  steps_idx = batch_order(a.steps, a.bs)
-  host_batches = lambda: ({"pairs": make_pairs(a.layout, data, idx, row_length=a.row_length)} for idx in steps_idx)
+class Bench:
+  """One configured pofx DPO step on the baseline's model and data, compiled and ready to time."""
 
-  # Reference.
-  t_pre = 0.0
-  ref_params = jax.tree.map(jnp.array, params)
-  cache = {}
-  if a.reference == "frozen":
-    reference = references.frozen(ref_params, logps_fn)
-  else:
-    fp = references.fingerprint(ref_params, vocab=VOCAB, max_prompt_len=192, max_completion_len=256)
-    # One pass over the dataset (8 pairs at a time), as TRL's precompute_ref_log_probs does.
-    t0 = time.perf_counter()
-    members = [ref_params] + ([model.init(jax.random.key(1))] if a.reference == "multi" else [])
-    all_idx = [list(range(i, min(i + a.bs, N_PAIRS))) for i in range(0, N_PAIRS, a.bs)]
-    pre = jax.jit(lambda p, b: logps_fn(p, b))
-    for k, mp in enumerate(members):
-      ch = np.zeros(N_PAIRS, np.float32)
-      rj = np.zeros(N_PAIRS, np.float32)
-      for idx in all_idx:
-        out = pre(mp, {"pairs": make_pairs(a.layout, data, idx, row_length=a.row_length)})
-        ch[idx], rj[idx] = np.asarray(out.chosen), np.asarray(out.rejected)
-      cache[k] = (ch, rj)
-    t_pre = time.perf_counter() - t0
-    if a.reference == "cached":
-      reference = references.cached(fp, fp)
+  def __init__(self, a):
+    self.a = a
+    config = models.preset(a.preset, dtype=a.dtype)
+    model = models.make(config)
+    params = model.init(jax.random.key(0))
+    self.n_params = sum(x.size for x in jax.tree.leaves(params))
+    if a.logprobs == "chunked":
+      logps_fn = policy.make_logps_fn(model.apply, model.head, chunk_size=a.chunk_size)
     else:
-      reference = references.multi([references.cached_member(0, fp, fp), references.cached_member(1, fp, fp)])
+      logps_fn = naive_logps_fn(model)
+    self.data = dataset(a.workload)
+    self.steps_idx = batch_order(a.steps, a.bs)
 
-  def with_cache(batch, idx):
+    # Reference.
+    self.t_pre = 0.0
+    ref_params = jax.tree.map(jnp.array, params)
+    self.cache = {}
+    if a.reference == "frozen":
+      reference = references.frozen(ref_params, logps_fn)
+    else:
+      fp = references.fingerprint(ref_params, vocab=VOCAB, max_prompt_len=192, max_completion_len=256)
+      # One pass over the dataset (8 pairs at a time), as TRL's precompute_ref_log_probs does.
+      t0 = time.perf_counter()
+      members = [ref_params] + ([model.init(jax.random.key(1))] if a.reference == "multi" else [])
+      all_idx = [list(range(i, min(i + a.bs, N_PAIRS))) for i in range(0, N_PAIRS, a.bs)]
+      pre = jax.jit(logps_fn)
+      for k, mp in enumerate(members):
+        ch = np.zeros(N_PAIRS, np.float32)
+        rj = np.zeros(N_PAIRS, np.float32)
+        for idx in all_idx:
+          out = pre(mp, {"pairs": make_pairs(a.layout, self.data, idx, row_length=a.row_length)})
+          ch[idx], rj[idx] = np.asarray(out.chosen), np.asarray(out.rejected)
+        self.cache[k] = (ch, rj)
+      self.t_pre = time.perf_counter() - t0
+      if a.reference == "cached":
+        reference = references.cached(fp, fp)
+      else:
+        reference = references.multi([references.cached_member(0, fp, fp), references.cached_member(1, fp, fp)])
+
+    pert = {"none": perturbations.none(), "sam": perturbations.sam(0.05),
+            "awp": perturbations.awp(0.01)}[a.perturbation]
+    optimizer = optax.adamw(1e-6)
+    self.step = train.make_train_step(logps_fn, optimizer, loss="dpo", loss_hyper={"beta": 0.1},
+                                      reference=reference, perturbation=pert)
+    self.state = train.init_state(params, optimizer, reference, pert, loss="dpo", rng=jax.random.key(0))
+
+    # Compile every distinct shape first (a run compiles a handful of bucketed shapes once).
+    t0 = time.perf_counter()
+    self.flops_by_shape, self.compiled = {}, {}
+    for i in range(len(self.steps_idx)):
+      b = self.batch(i)
+      key = self._shape_key(b)
+      if key not in self.flops_by_shape:
+        compiled = self.step.lower(self.state, b, jax.random.key(0)).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        self.flops_by_shape[key] = float(cost.get("flops", float("nan")))
+        self.compiled[key] = compiled  # timed steps call these executables: no compile inside timing
+    self.t_compile = time.perf_counter() - t0
+    self.metrics = None
+
+  @staticmethod
+  def _shape_key(b):
+    return tuple(x.shape for x in jax.tree.leaves(b))
+
+  def batch(self, i):
+    """Host-side batch building for step i (layout + the cached reference log-probs)."""
+    a, idx = self.a, self.steps_idx[i % len(self.steps_idx)]
+    b = {"pairs": make_pairs(a.layout, self.data, idx, row_length=a.row_length)}
     if a.reference == "cached":
-      batch["ref_chosen_logps"], batch["ref_rejected_logps"] = cache[0][0][idx], cache[0][1][idx]
+      b["ref_chosen_logps"], b["ref_rejected_logps"] = self.cache[0][0][idx], self.cache[0][1][idx]
     elif a.reference == "multi":
       for k in (0, 1):
-        batch[f"ref{k}_chosen_logps"], batch[f"ref{k}_rejected_logps"] = cache[k][0][idx], cache[k][1][idx]
-    return batch
+        b[f"ref{k}_chosen_logps"], b[f"ref{k}_rejected_logps"] = self.cache[k][0][idx], self.cache[k][1][idx]
+    return b
 
-  pert = {"none": perturbations.none(), "sam": perturbations.sam(0.05), "awp": perturbations.awp(0.01)}[a.perturbation]
-  optimizer = optax.adamw(1e-6)
-  step = train.make_train_step(logps_fn, optimizer, loss="dpo", loss_hyper={"beta": 0.1}, reference=reference,
-                               perturbation=pert)
-  state = train.init_state(params, optimizer, reference, pert, loss="dpo", rng=jax.random.key(0))
+  def run(self, first: int, n: int):
+    """Times steps first..first+n-1 (batch building inside, blocking on each step's loss)."""
+    ends, flops = [], []
+    t_start = time.perf_counter()
+    for i in range(first, first + n):
+      b = self.batch(i)
+      key = self._shape_key(b)
+      self.state, self.metrics = self.compiled[key](self.state, b, jax.random.fold_in(jax.random.key(1), i))
+      self.metrics["loss"].block_until_ready()
+      ends.append(time.perf_counter())
+      flops.append(self.flops_by_shape[key])
+    return np.diff([t_start] + ends), np.asarray(flops)
 
-  # Compile every distinct shape first (a run compiles a handful of bucketed shapes once).
-  t0 = time.perf_counter()
-  shapes, flops_by_shape = {}, {}
-  for idx, hb in zip(steps_idx, host_batches()):
-    b = with_cache(hb, idx)
-    key = tuple(x.shape for x in jax.tree.leaves(b))
-    if key not in shapes:
-      compiled = step.lower(state, b, jax.random.key(0)).compile()
-      cost = compiled.cost_analysis()
-      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-      flops_by_shape[key] = float(cost.get("flops", float("nan")))
-      shapes[key] = compiled
-  t_compile = time.perf_counter() - t0
+  def real_tokens_per_step(self, first: int, n: int) -> float:
+    lens = self.data[3]
+    idxs = [self.steps_idx[i % len(self.steps_idx)] for i in range(first, first + n)]
+    return sum(2 * lens[i][0] + lens[i][1] + lens[i][2] for idx in idxs for i in idx) / len(idxs)
 
-  # Timed loop: host batch building + step, block on each step's loss (TRL's on_step_end).
-  ends, step_flops = [], []
-  t_start = time.perf_counter()
-  for i, (idx, hb) in enumerate(zip(steps_idx, host_batches())):
-    b = with_cache(hb, idx)
-    key = tuple(x.shape for x in jax.tree.leaves(b))
-    state, metrics = step(state, b, jax.random.fold_in(jax.random.key(1), i))
-    metrics["loss"].block_until_ready()
-    ends.append(time.perf_counter())
-    step_flops.append(flops_by_shape[key])
-  total = ends[-1] - t_start
-  durations = np.diff([t_start] + ends)
-  sec_per_step = total / len(ends)
-  lens = data[3]
-  real_tokens = sum(2 * lens[i][0] + lens[i][1] + lens[i][2] for idx in steps_idx for i in idx) / len(steps_idx)
+
+def main(argv=None):
+  a = parser().parse_args(argv)
+  bench = Bench(a)
+  durations, step_flops = bench.run(0, a.steps)
+  total = float(np.sum(durations))
+  sec_per_step = total / len(durations)
+  real_tokens = bench.real_tokens_per_step(0, a.steps)
   peak = matmul_peak()
   achieved = float(np.sum(step_flops)) / total
   res = {
       "system": f"pofx {pofx.__version__} / jax {jax.__version__}", "device": str(jax.devices()[0].device_kind),
       "workload": a.workload, "reference": a.reference, "perturbation": a.perturbation, "layout": a.layout,
-      "logprobs": a.logprobs, "preset": a.preset, "dtype": a.dtype, "n_params": int(n_params),
-      "pairs_per_step": a.bs, "steps": len(ends), "distinct_shapes": len(shapes),
-      "compile_s": round(t_compile, 2), "precompute_s": round(t_pre, 2),
+      "logprobs": a.logprobs, "preset": a.preset, "dtype": a.dtype, "n_params": int(bench.n_params),
+      "pairs_per_step": a.bs, "steps": len(durations), "distinct_shapes": len(bench.flops_by_shape),
+      "compile_s": round(bench.t_compile, 2), "precompute_s": round(bench.t_pre, 2),
       "steady_sec_per_step_mean": round(sec_per_step, 4),
       "steady_sec_per_step_median": round(float(np.median(durations)), 4),
       "pairs_per_s": round(a.bs / sec_per_step, 3),
@@ -221,7 +245,7 @@ def main(argv=None):
       "matmul_peak_gflops_per_s": round(peak / 1e9, 1),
       "fraction_of_matmul_peak": round(achieved / peak, 3),
       "maxrss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-      "final_loss": float(metrics["loss"]),
+      "final_loss": float(bench.metrics["loss"]),
   }
   print(json.dumps(res, indent=1))
   if a.json:

@@ -1,0 +1,81 @@
+"""What each design choice contributes, and what each strategy costs, in one process.
+
+    python benchmarks/ablations.py --workload {fixed,variable} [--rounds 3] [--steps 10] [--json PATH]
+
+Builds several pofx step variants on the TRL baseline's model and data (`dpo_step.Bench`),
+compiles them all, then times them round-robin: each round runs `--steps` steps of every variant
+in turn, so all variants see the same machine conditions. Reports per variant the median
+sec/step over rounds and its ratio to the reference variant (cached reference, prompt-shared
+layout, chunked log-probs, no perturbation):
+
+  contributions: fused layout (no prompt sharing), packed layout, naive [R, L, V] log-softmax;
+  strategy costs: frozen reference (a reference forward per step), multi (K = 2, cached), SAM, AWP.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import dpo_step  # noqa: E402
+
+VARIANTS = {
+    "cached (baseline)": [],
+    "fused layout": ["--layout", "fused"],
+    "packed layout": ["--layout", "packed"],
+    "naive log-softmax": ["--logprobs", "naive"],
+    "frozen reference": ["--reference", "frozen"],
+    "multi (K=2, cached)": ["--reference", "multi"],
+    "SAM": ["--perturbation", "sam"],
+    "AWP": ["--perturbation", "awp"],
+}
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--workload", choices=["fixed", "variable"], default="fixed")
+  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+  ap.add_argument("--json", default=None)
+  a = ap.parse_args()
+  names = [n for n in VARIANTS if not a.only or n in a.only.split(",")]
+  if "cached (baseline)" not in names:
+    names.insert(0, "cached (baseline)")
+  total_steps = a.rounds * a.steps
+  benches = {}
+  for n in names:
+    args = dpo_step.parser().parse_args(["--workload", a.workload, "--steps", str(total_steps)] + VARIANTS[n])
+    benches[n] = dpo_step.Bench(args)
+    print(f"built {n}: {len(benches[n].flops_by_shape)} shapes, compile {benches[n].t_compile:.1f}s", flush=True)
+  per_round = {n: [] for n in names}
+  for r in range(a.rounds):
+    order = names if r % 2 == 0 else names[::-1]
+    for n in order:
+      durations, _ = benches[n].run(r * a.steps, a.steps)
+      per_round[n].append(float(durations.sum() / len(durations)))
+    print(f"round {r}: " + ", ".join(f"{n} {per_round[n][-1]:.3f}s" for n in names), flush=True)
+  base = statistics.median(per_round["cached (baseline)"])
+  rows = []
+  for n in names:
+    med = statistics.median(per_round[n])
+    rows.append({"variant": n, "median_sec_per_step": round(med, 4), "ratio_to_cached": round(med / base, 3),
+                 "pairs_per_s": round(benches[n].a.bs / med, 3),
+                 "step_gflops": round(sum(benches[n].flops_by_shape.values()) / len(benches[n].flops_by_shape) / 1e9, 2),
+                 "distinct_shapes": len(benches[n].flops_by_shape)})
+  print(f"\nworkload={a.workload}, {a.rounds} rounds x {a.steps} steps, medians over rounds")
+  print(f"{'variant':22s} {'sec/step':>9s} {'x cached':>9s} {'pairs/s':>8s} {'GFLOP/step':>11s} {'shapes':>6s}")
+  for r in rows:
+    print(f"{r['variant']:22s} {r['median_sec_per_step']:9.4f} {r['ratio_to_cached']:9.3f} {r['pairs_per_s']:8.2f} "
+          f"{r['step_gflops']:11.2f} {r['distinct_shapes']:6d}")
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump({"workload": a.workload, "rounds": a.rounds, "steps": a.steps, "rows": rows,
+                 "per_round": per_round}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
