@@ -166,8 +166,11 @@ def test_remat_and_xla_attention_match(tiny_params):
   seg = np.array([[1] * 9, [1] * 6 + [0] * 3])
   args = (params, tokens, _pos(2, 9), seg)
   v0, g0 = _loss(cfg)(*args)
+  assert cfg.attention_block >= 9  # the reference here is the full L x L product
   for other in (cfg.replace(remat=True),
-                cfg.replace(remat=True, remat_policy="dots_saveable", attention_impl="xla")):
+                cfg.replace(remat=True, remat_policy="dots_saveable", attention_impl="xla"),
+                cfg.replace(attention_block=4),      # causal query blocks: 3 blocks of <= 4 tokens
+                cfg.replace(attention_block=0)):
     v1, g1 = _loss(other)(*args)
     np.testing.assert_allclose(v1, v0, rtol=1e-5)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5), g1, g0)
@@ -195,3 +198,15 @@ def test_logits_fn_is_hidden_times_head(tiny_params):
   h = np.asarray(jax.jit(model.apply)(*args), np.float64)
   w = np.asarray(model.head(params), np.float64)
   np.testing.assert_allclose(jax.jit(model.logits)(*args), h @ w, atol=1e-5)
+
+
+def test_causal_query_blocks_equal_full_attention_with_branches(tiny_params):
+  cfg, params = tiny_params
+  rng = np.random.default_rng(5)
+  tokens = rng.integers(0, cfg.vocab_size, (2, 11))
+  seg = np.array([[1] * 11, [1] * 4 + [2] * 5 + [0] * 2])
+  branch = np.array([[0] * 3 + [1] * 4 + [2] * 4, [0] * 2 + [1] + [2] + [0] * 2 + [1] * 3 + [0] * 2])
+  pos = _pos(2, 11)
+  full = llama.apply_fn(params, tokens, pos, seg, branch, config=cfg.replace(attention_block=0))
+  blocked = llama.apply_fn(params, tokens, pos, seg, branch, config=cfg.replace(attention_block=3))
+  np.testing.assert_allclose(blocked, full, atol=1e-6, rtol=1e-6)
