@@ -6,6 +6,8 @@ Every value is overridable on the command line as `--config.a.b=value`. Validati
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 REFERENCE_KINDS = ("none", "frozen", "cached", "multi", "guiding", "synced", "ema")
@@ -27,7 +29,8 @@ def base_config() -> ml_collections.ConfigDict:
       length_bias=0.0, eval_fraction=0.1))
 
   # The policy: "world" = the small Llama sized for the world; or a pofx.models preset name.
-  c.model = ml_collections.ConfigDict(dict(preset="world", dtype="float32", remat=False))
+  # init_checkpoint: an orbax params checkpoint to start from (data.source="files"; "" = random init).
+  c.model = ml_collections.ConfigDict(dict(preset="world", dtype="float32", remat=False, init_checkpoint=""))
 
   # Stage 1: supervised base policy on the world's demonstrations.
   c.sft = ml_collections.ConfigDict(dict(num_demos=8192, steps=600, batch_size=64, learning_rate=3e-3))
@@ -38,9 +41,13 @@ def base_config() -> ml_collections.ConfigDict:
       num_prompts=2048,             # world: training prompts
       samples_per_prompt=4,         # world: completions sampled per prompt (pairs of adjacent samples)
       num_eval_pairs=512,           # world: held-out pairs for reward / ranking accuracy
-      files="",                     # files: comma-separated JSONL/Parquet paths
+      files="",                     # files: comma-separated JSONL/Parquet paths (training split)
+      eval_files="",                # files: optional held-out pairs (reward / ranking accuracy)
       format="auto",                # files: pofx.data FORMATS
       tokenizer_dir="",             # files: folder with tokenizer.json (+ tokenizer_config.json)
+      max_prompt_len=0,             # files: token limits (0 = none) and what happens beyond them
+      max_completion_len=0,
+      truncation="reject",          # files: "reject" (bad record) | pofx.data TRUNCATION policies
       on_bad_record="error",        # "error" | "skip"
       layout="prompt_shared",       # "fused" | "prompt_shared" | "packed"
       seq_bucket=16,
@@ -75,6 +82,21 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def mesh_shape(text: str):
+  """`train.parallel.mesh`: "" -> all devices on `data`; "8" -> (8,); "4x2" -> data 4 x fsdp 2;
+  "2x2x2" adds a tensor axis."""
+  if not text:
+    return (-1,)
+  try:
+    dims = tuple(int(x) for x in str(text).lower().split("x"))
+  except ValueError:
+    dims = ()
+  if not 1 <= len(dims) <= 3 or any(d < 1 for d in dims):
+    raise ValueError(f"config.train.parallel.mesh={text!r} is not allowed; allowed: '' (all devices on data), "
+                     "'<data>', '<data>x<fsdp>' or '<data>x<fsdp>x<tensor>' with positive integers.")
+  return dims
+
+
 def _allowed(field, value, allowed):
   if value not in allowed:
     raise ValueError(f"config.{field}={value!r} is not allowed; allowed: {list(allowed)}.")
@@ -95,8 +117,22 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _allowed("data.source", c.data.source, SOURCES)
   _allowed("data.layout", c.data.layout, LAYOUTS)
   _allowed("data.on_bad_record", c.data.on_bad_record, ("error", "skip"))
-  if c.data.source == "files" and not c.data.files:
-    raise ValueError("config.data.files is empty; allowed: comma-separated JSONL/Parquet paths when data.source='files'.")
+  if c.data.source == "files":
+    from pofx import data as data_lib
+    if not c.data.files:
+      raise ValueError("config.data.files is empty; allowed: comma-separated JSONL/Parquet paths when "
+                       "data.source='files'.")
+    for f in [x.strip() for x in (c.data.files + "," + c.data.eval_files).split(",") if x.strip()]:
+      if not os.path.exists(f):
+        raise ValueError(f"config.data.files: {f!r} does not exist.")
+    if not c.data.tokenizer_dir or not os.path.exists(os.path.join(c.data.tokenizer_dir, "tokenizer.json")):
+      raise ValueError(f"config.data.tokenizer_dir={c.data.tokenizer_dir!r} has no tokenizer.json; allowed: a folder "
+                       "with tokenizer.json (and tokenizer_config.json for chat templates).")
+    _allowed("data.format", c.data.format, data_lib.FORMATS)
+    _allowed("data.truncation", c.data.truncation, data_lib.TRUNCATION)
+    if c.train.reference.kind == "multi":
+      raise ValueError("config.train.reference.kind='multi' builds its second reference from the controlled world; "
+                       "with data.source='files' use frozen, cached, synced, ema, guiding or none.")
   for f in ("sft.steps", "sft.batch_size", "data.num_prompts", "data.samples_per_prompt", "train.steps",
             "train.batch_size", "train.grad_accum_steps", "train.log_every", "train.checkpoint_every",
             "train.keep_checkpoints", "eval.num_prompts", "eval.samples_per_prompt"):
@@ -114,6 +150,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _allowed("train.perturbation.kind", c.train.perturbation.kind, PERTURBATION_KINDS)
   _allowed("train.optimizer.name", c.train.optimizer.name, OPTIMIZERS)
   _allowed("train.parallel.mode", c.train.parallel.mode, PARALLEL_MODES)
+  mesh_shape(c.train.parallel.mesh)
   _positive("train.optimizer.learning_rate", c.train.optimizer.learning_rate, integer=False)
   if c.train.loss not in pofx.losses.REGISTRY:
     raise ValueError(f"config.train.loss={c.train.loss!r} is not allowed; allowed: {pofx.losses.names()}.")
@@ -135,8 +172,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if spec.reference == "unused" and c.train.reference.kind not in ("none",):
     raise ValueError(f"config.train.reference.kind={c.train.reference.kind!r}, but loss {spec.name!r} is "
                      "reference-free; allowed: 'none'.")
-  if "scores" in spec.requires and c.data.source != "world":
-    raise ValueError(f"loss {spec.name!r} needs per-pair scores; only data.source='world' provides them here.")
+  # Losses needing scores read them from the data: the world's gold rewards, or the files'
+  # score_chosen / score_rejected (the loader refuses pairs without them).
   for kind in ("turn_ids", "risk", "kl"):
     if kind in spec.requires:
       raise ValueError(f"loss {spec.name!r} needs {kind!r} inputs that the training program does not produce.")

@@ -73,11 +73,16 @@ class Run:
     os.makedirs(self.workdir, exist_ok=True)
     c = config
     self.world = world_lib.World(world_lib.WorldConfig(seed=c.seed, **dict(c.world)))
+    self.tokenizer = None
+    vocab = self.world.config.vocab_size
+    if c.data.source == "files":
+      from pofx import data as data_lib
+      self.tokenizer = data_lib.Tokenizer.from_dir(c.data.tokenizer_dir)
+      vocab = self.tokenizer.vocab_size
     if c.model.preset == "world":
-      self.model_config = self.world.model_config(dtype=c.model.dtype, remat=c.model.remat)
+      self.model_config = self.world.model_config(dtype=c.model.dtype, remat=c.model.remat, vocab_size=vocab)
     else:
-      self.model_config = models.preset(c.model.preset, dtype=c.model.dtype, remat=c.model.remat,
-                                        vocab_size=self.world.config.vocab_size)
+      self.model_config = models.preset(c.model.preset, dtype=c.model.dtype, remat=c.model.remat, vocab_size=vocab)
     self.model = models.make(self.model_config)
     self.key = jax.random.key(c.seed)
 
@@ -110,6 +115,13 @@ def stage_sft(run: Run, *, seed_offset: int = 0, name: str = "sft_params"):
   c = run.config
   path = run.path(name)
   init = run.model.init(run.key_for(f"init{seed_offset}"))
+  if c.data.source == "files":
+    # No controlled world: the base policy is the initial checkpoint (or a random init).
+    if c.model.init_checkpoint:
+      return _load_params(c.model.init_checkpoint, init)
+    if seed_offset == 0:
+      _say("sft: data.source='files' and model.init_checkpoint is empty: the base policy is a random init")
+    return init
   if os.path.exists(path):
     _say("sft: reusing %s", path)
     return _load_params(path, init)
@@ -138,11 +150,18 @@ def stage_data(run: Run, base_params):
   data_dir = run.path("data")
   meta_path = run.path("data", "pairs_meta.json")
   if c.data.source == "files":
-    tok = data_lib.Tokenizer.from_dir(c.data.tokenizer_dir)
-    files = [f.strip() for f in c.data.files.split(",") if f.strip()]
-    prepared = data_lib.prepare_files({"train": files}, data_dir=data_dir, tokenizer=tok, format=c.data.format,
-                                      on_bad_record=c.data.on_bad_record)
-    return prepared, None
+    split = lambda text: [f.strip() for f in text.split(",") if f.strip()]
+    files = {"train": split(c.data.files)}
+    if c.data.eval_files:
+      files["eval"] = split(c.data.eval_files)
+    limits = data_lib.Limits(max_prompt_len=c.data.max_prompt_len or None,
+                             max_completion_len=c.data.max_completion_len or None, truncation=c.data.truncation)
+    prepared = data_lib.prepare_files(files, data_dir=data_dir, tokenizer=run.tokenizer, format=c.data.format,
+                                      limits=limits, on_bad_record=c.data.on_bad_record)
+    for name, st in prepared.stats.items():
+      _say("data: %s: %d records read, %d pairs written, %d truncated, skipped %s", name, st.records_read,
+           st.examples_written, st.truncated, dict(st.skipped) or "none")
+    return prepared, {"files": True}
   if os.path.exists(meta_path):
     with open(meta_path) as f:
       meta = json.load(f)
@@ -169,10 +188,20 @@ def stage_data(run: Run, base_params):
   return prepared, meta
 
 
-def _layout_kwargs(c):
+def _layout_kwargs(c, fixed: bool = False):
+  """Batch layout arguments. `fixed`: one shape for every batch (micro-batches and per-device
+  batches are stacked): a single bucket at the world's longest pair (files: the configured buckets)."""
   if c.data.layout == "packed":
     return {"row_length": 4 * c.data.seq_bucket, "completion_bucket": c.data.completion_bucket}
+  if fixed and c.data.source == "world":
+    longest_prompt, longest_completion = c.world.max_prompt_len + 2, c.world.max_completion_len  # + BOS, SEP
+    rows = longest_prompt + longest_completion * (2 if c.data.layout == "prompt_shared" else 1)
+    up = lambda n, b: -(-n // b) * b
+    return {"seq_bucket": [up(rows, c.data.seq_bucket)],
+            "completion_bucket": [up(longest_completion, c.data.completion_bucket)]}
   return {"seq_bucket": c.data.seq_bucket, "completion_bucket": c.data.completion_bucket}
+
+
 
 
 def stage_reference_cache(run: Run, prepared, ref_params_list, logps_fn):
@@ -242,6 +271,7 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   """Preference training (stage 4). Returns (final params, train info)."""
   import jax
   import jax.numpy as jnp
+  from configs import common
   from pofx import data as data_lib
   from pofx import losses, policy, references, train
   from experiments import checkpointing, metrics as metrics_lib
@@ -276,15 +306,32 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   perturbation = _perturbation(c)
   hyper = dict(c.train.loss_hyper)
   n_acc = c.train.grad_accum_steps
-  step_fn = train.make_train_step(logps_fn, optimizer, loss=spec, loss_hyper=hyper, reference=reference,
-                                  perturbation=perturbation, grad_accum_steps=n_acc, learning_rate_fn=schedule)
-  micro = c.train.batch_size // n_acc
+  step_kwargs = dict(loss=spec, loss_hyper=hyper, reference=reference, perturbation=perturbation,
+                     grad_accum_steps=n_acc, learning_rate_fn=schedule)
+  mode, n_dev, pstep = c.train.parallel.mode, 1, None
+  if mode == "single":
+    step_fn = train.make_train_step(logps_fn, optimizer, **step_kwargs)
+  else:
+    from pofx import parallel
+    if jax.process_count() > 1:
+      raise ValueError("experiments.main drives one process (with any number of local devices); multi-process "
+                       "runs of the training program are not wired yet (pofx.parallel supports them: see "
+                       "tests/parallel_multiprocess.py).")
+    shape = common.mesh_shape(c.train.parallel.mesh)
+    mesh = parallel.make_mesh(*shape)
+    n_dev = int(np.prod([mesh.shape[a] for a in parallel.batch_axes(mesh)]))
+    rules = parallel.LLAMA_RULES if len(shape) > 2 and shape[2] > 1 else parallel.DEFAULT_RULES
+    pstep = step_fn = parallel.make_train_step(logps_fn, optimizer, mode=mode, mesh=mesh, rules=rules, **step_kwargs)
+  if c.train.batch_size % (n_acc * n_dev):
+    raise ValueError(f"config.train.batch_size={c.train.batch_size} must be a multiple of grad_accum_steps x "
+                     f"data-parallel devices = {n_acc * n_dev}.")
+  micro = c.train.batch_size // (n_acc * n_dev)
   loader = data_lib.PreferenceLoader(prepared.source("train"), batch_size=micro, layout=c.data.layout,
-                                     layout_kwargs=_layout_kwargs(c), seed=c.seed, shuffle=True,
-                                     with_scores="scores" in spec.requires, joined=joined)
+                                     layout_kwargs=_layout_kwargs(c, fixed=n_dev > 1 or n_acc > 1), seed=c.seed,
+                                     shuffle=True, with_scores="scores" in spec.requires, joined=joined)
   # The step donates its state: the policy starts from a copy, so `base_params` stays valid.
-  state = train.init_state(jax.tree.map(jnp.copy, base_params), optimizer, reference, perturbation, loss=spec, loss_hyper=hyper,
-                           rng=run.key_for("train"))
+  state = train.init_state(jax.tree.map(jnp.copy, base_params), optimizer, reference, perturbation, loss=spec,
+                           loss_hyper=hyper, rng=run.key_for("train"))
   ckpts = checkpointing.Checkpoints(run.path("checkpoints"), keep=c.train.keep_checkpoints)
   start = 0
   if ckpts.latest_step() is not None:
@@ -293,21 +340,39 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     _say("train: resumed from step %d", start)
   if start >= c.train.steps and os.path.exists(final_path):
     return _load_params(final_path, base_params), {"resumed_complete": True}
+  if pstep is not None:
+    state = pstep.put_state(state)
+
+  def clean(b):
+    return {k: v for k, v in b.items() if k != "example_id"}
+
+  def join(parts):
+    """Per-device loader batches -> one global batch (mode "jit"): PairBatches joined with their
+    flat row indices offset; per-pair arrays concatenated."""
+    from pofx import parallel
+    out = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0] if k != "pairs"}
+    out["pairs"] = parallel.concat_pair_batches([p["pairs"] for p in parts])
+    return out
 
   def take(it):
-    batches = [next(it) for _ in range(n_acc)]
-    drop = {"example_id"}
-    batches = [{k: v for k, v in b.items() if k not in drop} for b in batches]
-    if n_acc == 1:
-      return batches[0]
-    shapes = {tuple(jax.tree.map(np.shape, b)["pairs"].tokens) for b in batches}
+    # One step's pairs: n_acc x n_dev consecutive loader batches, i.e. the same pairs, in the same
+    # order, as one loader batch of train.batch_size pairs.
+    per = [[clean(next(it)) for _ in range(n_dev)] for _ in range(n_acc)]
+    shapes = {tuple(np.shape(x) for x in jax.tree.leaves(b)) for row in per for b in row}
     if len(shapes) != 1:
-      raise ValueError("train.grad_accum_steps > 1 needs micro-batches of one shape; use a single bucket length "
-                       "(config.data.seq_bucket large enough for every pair).")
-    return train.stack_microbatches(batches)
+      raise ValueError("micro-batches of different shapes; with grad_accum_steps > 1 or several devices every "
+                       "pair must fit one bucket (raise config.data.seq_bucket / completion_bucket).")
+    if mode in ("shard_map", "pmap"):
+      devs = [per[0][d] if n_acc == 1 else train.stack_microbatches([per[a][d] for a in range(n_acc)])
+              for d in range(n_dev)]
+      from pofx import parallel
+      return pstep.put_batch(parallel.stack_per_device(devs))
+    micro_batches = [row[0] if n_dev == 1 else join(row) for row in per]
+    batch = micro_batches[0] if n_acc == 1 else train.stack_microbatches(micro_batches)
+    return batch if pstep is None else pstep.put_batch(batch)
 
   writer = metrics_lib.MetricWriter(run.workdir, "train", c.train.steps, progress=run.progress)
-  it = loader.iterator(start * n_acc)
+  it = loader.iterator(start * n_acc * n_dev)
   nonfinite = jnp.zeros(())
   t0, steps_timed = None, 0
   end = c.train.steps if stop_after is None else min(c.train.steps, stop_after)
@@ -328,7 +393,7 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
         writer.close()
         raise FloatingPointError(f"train: non-finite loss or gradient in {int(float(nonfinite))} step(s) before step "
                                  f"{done}; halting (train.on_nonfinite='halt'). The last checkpoint is intact.")
-      ckpts.save(done, state, {"step": done, "data_step": done * n_acc})
+      ckpts.save(done, state, {"step": done, "data_step": done * n_acc * n_dev})
   jax.block_until_ready(state.params)
   seconds = time.perf_counter() - t0 if t0 else float("nan")
   writer.close()
@@ -345,6 +410,16 @@ def stage_eval(run: Run, prepared, base_params, params, data_meta, *, base_sampl
   from pofx import evaluation
   np = _np()
   c = run.config
+  if c.data.source == "files":
+    out = {"data_skipped": {k: dict(v.skipped) for k, v in prepared.stats.items()},
+           "data_pairs": {k: v.examples_written for k, v in prepared.stats.items()}}
+    if "eval" in prepared.stats:
+      src = prepared.source("eval")
+      ex = [src[i] for i in range(len(src))]
+      out.update(evaluation.evaluate_pairs(params, base_params, [e["prompt"] for e in ex], [e["chosen"] for e in ex],
+                                           [e["rejected"] for e in ex], config=run.model_config,
+                                           beta=float(c.train.loss_hyper.get("beta", 0.1))))
+    return out, None
   prompts = run.world.prompts(c.eval.num_prompts, seed=c.seed * 1000 + 5, split="eval")
   pol = evaluation.evaluate_policy(run.world, params, base_params, prompts, run.key_for("eval"),
                                    config=run.model_config, num_samples=c.eval.samples_per_prompt,
@@ -356,7 +431,7 @@ def stage_eval(run: Run, prepared, base_params, params, data_meta, *, base_sampl
       "gold_reward_stderr": pol["gold_reward_stderr"], "kl_stderr": pol["kl_stderr"],
       "finished_fraction": pol["finished_fraction"], "num_comparisons": pol["num_comparisons"],
   }
-  if data_meta is not None:
+  if data_meta is not None and "eval_label_prob" in data_meta:
     src = prepared.source("eval")
     ex = [src[i] for i in range(len(src))]
     pairs = evaluation.evaluate_pairs(params, base_params, [e["prompt"] for e in ex], [e["chosen"] for e in ex],
@@ -420,9 +495,10 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
   recs = metrics_lib.read_jsonl(run.path("metrics.jsonl")) if os.path.exists(run.path("metrics.jsonl")) else []
   if recs:
     plots.training_curves(recs, run.path("training_curves.png"))
-  plots.reward_vs_kl([{"label": f"{config.train.loss}", "kl": summary["kl_to_base"],
-                       "gold_reward": summary["gold_reward_policy"]}], run.path("reward_vs_kl.png"),
-                     base_reward=summary["gold_reward_base"])
+  if "kl_to_base" in summary:
+    plots.reward_vs_kl([{"label": f"{config.train.loss}", "kl": summary["kl_to_base"],
+                         "gold_reward": summary["gold_reward_policy"]}], run.path("reward_vs_kl.png"),
+                       base_reward=summary["gold_reward_base"])
   return summary, (run, base, prepared, data_meta, base_samples)
 
 

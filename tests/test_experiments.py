@@ -16,10 +16,11 @@ import pytest
 from configs import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ("dpo", "gpo", "simpo", "ipo", "mrpo", "predpo", "trdpo", "sam", "awp", "beta_dpo")
+FAMILIES = ("dpo", "gpo", "simpo", "ipo", "mrpo", "predpo", "trdpo", "sam", "awp", "beta_dpo", "dpo_files")
 ARGS = {"dpo": ("", "tiny"), "gpo": ("", "tiny"), "simpo": ("", "tiny"), "ipo": ("", "tiny", "sum", "sum,tiny"),
         "mrpo": ("", "tiny"), "predpo": ("", "tiny"), "trdpo": ("", "tiny", "hard", "hard,tiny"),
-        "sam": ("", "tiny", "asam", "asam,tiny"), "awp": ("", "tiny"), "beta_dpo": ("", "tiny")}
+        "sam": ("", "tiny", "asam", "asam,tiny"), "awp": ("", "tiny"), "beta_dpo": ("", "tiny"),
+        "dpo_files": ("", "tiny")}
 
 
 def _config(family, arg):
@@ -158,3 +159,44 @@ def test_sigkill_resume_equals_uninterrupted(tiny_run, tmp_path):
   assert "resumed from step" in out.stderr
   a, b = _final_params(straight), _final_params(killed)
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_parallel_modes_of_the_program_equal_the_single_device_run(tiny_run, tmp_path):
+  """configs/dpo.py:tiny under mode jit (2 data x 2 fsdp), shard_map and pmap on 4 simulated
+  devices, and with 2 accumulated micro-batches, ends with the single-device parameters."""
+  src, _ = tiny_run
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "experiments_parallel_check.py"), str(tmp_path),
+                        str(src)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  res = json.loads(out.stdout.strip().splitlines()[-1])
+  assert res["devices"] == 4
+  for name, r in res["runs"].items():
+    assert r["moved"] > 1e-3, (name, r)          # training changed the parameters
+    assert r["max_abs_diff"] < 1e-5, (name, r)   # and every mode agrees with one device
+
+
+def test_own_files_run_end_to_end(tmp_path):
+  """configs/dpo_files.py:tiny: TRL-format JSONL + a local tokenizer -> TFDS -> training -> pair metrics."""
+  from experiments import main as main_lib
+  s, _ = main_lib.run_one(_config("dpo_files", "tiny"), str(tmp_path / "files"), progress=False)
+  assert s["data_pairs"]["train"] == 200 and s["data_pairs"]["eval"] == 200
+  assert 0.0 <= s["reward_accuracy"] <= 1.0 and s["num_pairs"] == 200
+  assert (tmp_path / "files" / "final_params").exists()
+
+
+def test_bad_record_fails_with_file_and_line_or_is_skipped_and_counted(tmp_path):
+  from experiments import main as main_lib
+  good = open(_config("dpo_files", "tiny").data.files).read().splitlines()
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text("\n".join(good[:20] + ['{"prompt": "w1 w2", "chosen": "w3"}'] + good[20:40]) + "\n")
+  c = _config("dpo_files", "tiny")
+  with c.unlocked():
+    c.data.files, c.data.eval_files = str(bad), ""
+  with pytest.raises(ValueError, match=r"bad.jsonl:21: bad record \(missing_field\)"):
+    main_lib.run_one(c, str(tmp_path / "strict"), progress=False)
+  assert not (tmp_path / "strict" / "checkpoints").exists()  # failed before any training
+  with c.unlocked():
+    c.data.on_bad_record = "skip"
+  s, _ = main_lib.run_one(c, str(tmp_path / "lenient"), progress=False)
+  assert s["data_skipped"]["train"] == {"missing_field": 1} and s["data_pairs"]["train"] == 40
