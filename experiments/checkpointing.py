@@ -33,7 +33,8 @@ class Checkpoints:
 
   def save(self, step: int, state, meta: dict) -> None:
     params = getattr(state, "params", state)
-    if not all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(params)):
+    local = [sh.data for x in jax.tree.leaves(params) for sh in x.addressable_shards]  # this process's shards
+    if not all(bool(np.all(np.isfinite(np.asarray(x)))) for x in local):
       raise FloatingPointError(f"refusing to checkpoint step {step}: the parameters are not finite.")
     self.manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(self._to_disk(state)),
                                                          meta=ocp.args.JsonSave(meta)))

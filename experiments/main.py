@@ -52,6 +52,30 @@ def _say(msg, *args):
   print("[pofx] " + (msg % args if args else msg), file=sys.stderr, flush=True)
 
 
+def _scalar(x) -> float:
+  """A replicated (possibly multi-process) scalar as a float, without a collective."""
+  if hasattr(x, "is_fully_addressable") and not x.is_fully_addressable:
+    x = x.addressable_data(0)
+  return float(_np().asarray(x))
+
+
+def _local_values(metrics):
+  return {k: _scalar(v) for k, v in metrics.items()}
+
+
+def _primary_first(fn, *args, **kwargs):
+  """Runs a stage that writes its output to the workdir without collectives (the TFDS dataset, the
+  reference cache): in a multi-process run, process 0 runs it first, then (after a barrier) the
+  others run it and find the output there (they load it). Orbax stages run on every process."""
+  import jax
+  if jax.process_count() == 1:
+    return fn(*args, **kwargs)
+  from jax.experimental import multihost_utils
+  out = fn(*args, **kwargs) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(f"pofx:{fn.__name__}")
+  return out if jax.process_index() == 0 else fn(*args, **kwargs)
+
+
 def _np():
   import numpy as np
   return np
@@ -294,11 +318,11 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   elif kind == "ema":
     reference = references.ema(c.train.reference.decay, logps_fn)
   elif kind == "cached":
-    joined, (fp,) = stage_reference_cache(run, prepared, [base_params], logps_fn)
+    joined, (fp,) = _primary_first(stage_reference_cache, run, prepared, [base_params], logps_fn)
     reference = references.cached(fp, fp)
   else:  # multi: MRPO with the SFT base as primary and a second, independently trained SFT model
     second = stage_sft(run, seed_offset=17, name="sft_params_second_reference")
-    joined, fps = stage_reference_cache(run, prepared, [base_params, second], logps_fn)
+    joined, fps = _primary_first(stage_reference_cache, run, prepared, [base_params, second], logps_fn)
     reference = references.multi([references.cached_member(k, fp, fp) for k, fp in enumerate(fps)],
                                  eta=c.train.reference.eta, alpha=c.train.reference.mrpo_alpha)
 
@@ -313,15 +337,16 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     step_fn = train.make_train_step(logps_fn, optimizer, **step_kwargs)
   else:
     from pofx import parallel
-    if jax.process_count() > 1:
-      raise ValueError("experiments.main drives one process (with any number of local devices); multi-process "
-                       "runs of the training program are not wired yet (pofx.parallel supports them: see "
-                       "tests/parallel_multiprocess.py).")
+    if jax.process_count() > 1 and mode == "pmap":
+      raise ValueError("config.train.parallel.mode='pmap' runs in one process; with several processes use 'jit' "
+                       "or 'shard_map'.")
     shape = common.mesh_shape(c.train.parallel.mesh)
     mesh = parallel.make_mesh(*shape)
     n_dev = int(np.prod([mesh.shape[a] for a in parallel.batch_axes(mesh)]))
     rules = parallel.LLAMA_RULES if len(shape) > 2 and shape[2] > 1 else parallel.DEFAULT_RULES
     pstep = step_fn = parallel.make_train_step(logps_fn, optimizer, mode=mode, mesh=mesh, rules=rules, **step_kwargs)
+    mine = parallel.process_rows(mesh, n_dev)  # the device blocks of the global batch this process feeds
+  n_local = n_dev if pstep is None else len(mine)
   if c.train.batch_size % (n_acc * n_dev):
     raise ValueError(f"config.train.batch_size={c.train.batch_size} must be a multiple of grad_accum_steps x "
                      f"data-parallel devices = {n_acc * n_dev}.")
@@ -332,6 +357,8 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   # The step donates its state: the policy starts from a copy, so `base_params` stays valid.
   state = train.init_state(jax.tree.map(jnp.copy, base_params), optimizer, reference, perturbation, loss=spec,
                            loss_hyper=hyper, rng=run.key_for("train"))
+  if pstep is not None:
+    state = pstep.put_state(state)  # placed before a restore, so the restore keeps the shardings
   ckpts = checkpointing.Checkpoints(run.path("checkpoints"), keep=c.train.keep_checkpoints)
   start = 0
   if ckpts.latest_step() is not None:
@@ -340,39 +367,48 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     _say("train: resumed from step %d", start)
   if start >= c.train.steps and os.path.exists(final_path):
     return _load_params(final_path, base_params), {"resumed_complete": True}
-  if pstep is not None:
-    state = pstep.put_state(state)
 
   def clean(b):
     return {k: v for k, v in b.items() if k != "example_id"}
 
   def join(parts):
-    """Per-device loader batches -> one global batch (mode "jit"): PairBatches joined with their
-    flat row indices offset; per-pair arrays concatenated."""
+    """This process's per-device loader batches -> its block of the global batch (mode "jit"):
+    PairBatches joined with their flat row indices offset to the global device positions;
+    per-pair arrays concatenated."""
     from pofx import parallel
     out = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0] if k != "pairs"}
-    out["pairs"] = parallel.concat_pair_batches([p["pairs"] for p in parts])
+    out["pairs"] = parallel.concat_pair_batches([p["pairs"] for p in parts], start=int(mine[0]))
     return out
 
+  def place(batch):
+    from pofx import parallel
+    if pstep is None:
+      return batch
+    if jax.process_count() > 1:  # every process feeds only its own rows / device blocks
+      return parallel.put_process_batch(batch, pstep.mesh, grad_accum_steps=n_acc if mode == "jit" else 1)
+    return pstep.put_batch(batch)
+
   def take(it):
-    # One step's pairs: n_acc x n_dev consecutive loader batches, i.e. the same pairs, in the same
-    # order, as one loader batch of train.batch_size pairs.
-    per = [[clean(next(it)) for _ in range(n_dev)] for _ in range(n_acc)]
+    # One step's pairs: n_acc x n_local consecutive loader batches of this process's shard; over the
+    # processes, the same pairs as one loader batch of train.batch_size pairs in a single process.
+    per = [[clean(next(it)) for _ in range(n_local)] for _ in range(n_acc)]
     shapes = {tuple(np.shape(x) for x in jax.tree.leaves(b)) for row in per for b in row}
     if len(shapes) != 1:
       raise ValueError("micro-batches of different shapes; with grad_accum_steps > 1 or several devices every "
                        "pair must fit one bucket (raise config.data.seq_bucket / completion_bucket).")
     if mode in ("shard_map", "pmap"):
       devs = [per[0][d] if n_acc == 1 else train.stack_microbatches([per[a][d] for a in range(n_acc)])
-              for d in range(n_dev)]
+              for d in range(n_local)]
       from pofx import parallel
-      return pstep.put_batch(parallel.stack_per_device(devs))
-    micro_batches = [row[0] if n_dev == 1 else join(row) for row in per]
+      return place(parallel.stack_per_device(devs))
+    micro_batches = [row[0] if pstep is None else join(row) for row in per]
     batch = micro_batches[0] if n_acc == 1 else train.stack_microbatches(micro_batches)
-    return batch if pstep is None else pstep.put_batch(batch)
+    return place(batch)
 
-  writer = metrics_lib.MetricWriter(run.workdir, "train", c.train.steps, progress=run.progress)
-  it = loader.iterator(start * n_acc * n_dev)
+  primary = jax.process_index() == 0
+  writer = (metrics_lib.MetricWriter(run.workdir, "train", c.train.steps, progress=run.progress) if primary
+            else metrics_lib.NullWriter())
+  it = loader.iterator(start * n_acc * n_local)
   nonfinite = jnp.zeros(())
   t0, steps_timed = None, 0
   end = c.train.steps if stop_after is None else min(c.train.steps, stop_after)
@@ -387,22 +423,26 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     else:
       steps_timed += 1
     if done % c.train.log_every == 0 or done == end:
-      writer.write(done, m, pairs=c.train.batch_size)
+      writer.write(done, _local_values(m), pairs=c.train.batch_size)
     if done % c.train.checkpoint_every == 0 or done == end:
-      if float(nonfinite) > 0 and c.train.on_nonfinite == "halt":
+      if _scalar(nonfinite) > 0 and c.train.on_nonfinite == "halt":
         writer.close()
-        raise FloatingPointError(f"train: non-finite loss or gradient in {int(float(nonfinite))} step(s) before step "
+        raise FloatingPointError(f"train: non-finite loss or gradient in {int(_scalar(nonfinite))} step(s) before step "
                                  f"{done}; halting (train.on_nonfinite='halt'). The last checkpoint is intact.")
-      ckpts.save(done, state, {"step": done, "data_step": done * n_acc * n_dev})
+      ckpts.save(done, state, {"step": done, "data_step": done * n_acc * n_local})
   jax.block_until_ready(state.params)
   seconds = time.perf_counter() - t0 if t0 else float("nan")
   writer.close()
   info = {"pairs_per_second": c.train.batch_size * steps_timed / seconds if steps_timed else float("nan"),
-          "nonfinite_steps": int(float(nonfinite)), "steps": end}
+          "nonfinite_steps": int(_scalar(nonfinite)), "steps": end}
   if end == c.train.steps:
-    _save_params(final_path, state.params)
+    _save_params(final_path, state.params)  # every process writes its shards
   ckpts.close()
-  return state.params, info
+  params = state.params
+  if pstep is not None:
+    from pofx import parallel
+    params = parallel.to_host(params)  # evaluation runs on host copies (a collective: every process)
+  return params, info
 
 
 def stage_eval(run: Run, prepared, base_params, params, data_meta, *, base_samples=None):
@@ -463,8 +503,8 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
   t = time.perf_counter()
   if shared is None:
     run = Run(config, workdir, progress=progress)
-    base = stage_sft(run)
-    prepared, data_meta = stage_data(run, base)
+    base = stage_sft(run)  # every process (orbax saves and restores are collective)
+    prepared, data_meta = _primary_first(stage_data, run, base)
     base_samples = None
   else:
     parent, base, prepared, data_meta, base_samples = shared
@@ -480,6 +520,9 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
   params, info = stage_train(run, prepared, base, stop_after=stop_after)
   if stop_after is not None and info.get("steps", 0) < config.train.steps:
     return None, None
+  import jax
+  if jax.process_index() != 0:
+    return None, None  # process 0 evaluates and writes the summary
   summary_path = run.path("summary.json")
   if os.path.exists(summary_path) and info.get("resumed_complete"):
     with open(summary_path) as f:
@@ -548,6 +591,9 @@ def main(argv):
   from pofx import parallel
   parallel.initialize_from_env()
   workdir = _WORKDIR.value
+  import jax
+  if config.sweep and jax.process_count() > 1:
+    raise ValueError("config.sweep runs in one process; multi-process runs take one training config.")
   if config.sweep:
     summaries, chart = run_sweep(config, workdir, progress=_PROGRESS.value)
     for label, s in summaries.items():
@@ -555,6 +601,8 @@ def main(argv):
     print(f"\nchart: {chart}")
     return
   summary, _ = run_one(config, workdir, progress=_PROGRESS.value, stop_after=_MAX_TRAIN_STEPS.value)
+  if jax.process_index() != 0:
+    return
   if summary is None:
     print(f"stopped after step {_MAX_TRAIN_STEPS.value}; run again to continue.")
     return

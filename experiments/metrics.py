@@ -56,3 +56,14 @@ class MetricWriter:
 def read_jsonl(path: str):
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+class NullWriter:
+  """The writer of processes other than 0 in a multi-process run: writes nothing."""
+
+  def write(self, step, metrics, *, pairs=None):
+    del step, metrics, pairs
+    return {}
+
+  def close(self):
+    pass

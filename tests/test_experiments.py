@@ -200,3 +200,33 @@ def test_bad_record_fails_with_file_and_line_or_is_skipped_and_counted(tmp_path)
     c.data.on_bad_record = "skip"
   s, _ = main_lib.run_one(c, str(tmp_path / "lenient"), progress=False)
   assert s["data_skipped"]["train"] == {"missing_field": 1} and s["data_pairs"]["train"] == 40
+
+
+def test_two_processes_of_the_program_equal_the_single_process_run(tiny_run, tmp_path):
+  """launch_local: 2 processes x 2 CPU devices run experiments.main (mode jit on a 2 data x 2 fsdp
+  mesh, each process feeding its shard of the data), stop after step 2 (checkpoint written by
+  both), resume (restored by both) and finish with the parameters of a single-process run."""
+  import orbax.checkpoint as ocp
+  src, _ = tiny_run
+  args = ["--config=configs/dpo.py:tiny", "--noprogress", "--config.train.optimizer.name=sgd",
+          "--config.train.optimizer.grad_clip=0.0", "--config.train.optimizer.learning_rate=0.5",
+          "--config.train.steps=6"]
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  for w in (single, multi):
+    _seed_from(src, w)
+  out = _main(args + [f"--workdir={single}"])
+  assert out.returncode == 0, out.stderr[-2000:]
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  launch = [sys.executable, "-m", "experiments.launch_local", "--num_processes", "2", "--devices_per_process", "2",
+            "--timeout", "300", "--", "-m", "experiments.main", *args, "--config.train.parallel.mode=jit",
+            "--config.train.parallel.mesh=2x2", f"--workdir={multi}"]
+  first = subprocess.run(launch + ["--stop_after_steps=2"], cwd=ROOT, env=env, capture_output=True, text=True)
+  assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+  assert sorted(os.listdir(multi / "checkpoints")) == ["2"]
+  second = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True)
+  assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+  assert second.stdout.count("resumed from step 2") + second.stderr.count("resumed from step 2") == 2
+  a = ocp.StandardCheckpointer().restore(str(single / "final_params"))
+  b = ocp.StandardCheckpointer().restore(str(multi / "final_params"), jax.tree.map(ocp.utils.to_shape_dtype_struct, a))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6), a, b)
+  assert json.load(open(multi / "summary.json"))["win_rate_ci95"]  # process 0 evaluated and wrote it
