@@ -6,7 +6,7 @@ One shared SFT base and preference dataset; then, for each f in (logistic, hinge
 exponential, truncated_quadratic, savage) and each beta in `betas`, a `gpo` training run and its
 evaluation in <workdir>/sweep/<f>_b<beta>. `<workdir>/reward_vs_kl.png` is the chart (Tang et al.
 2024, arXiv:2402.05749, Fig. 2 style: gold reward against KL(policy || base), one line per f).
-18 trainings: about 20-30 minutes on 2 CPU cores. `:tiny` runs one beta of every f for a few steps.
+18 trainings: about 5 minutes on 2 CPU cores. `:tiny` runs one beta of every f for a few steps.
 """
 
 from configs import _shrink, common
