@@ -36,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import pofx  # noqa: E402
-from pofx import batching, logprobs, models, perturbations, policy, references, train  # noqa: E402
+from pofx import batching, models, perturbations, policy, references, train  # noqa: E402
 
 VOCAB = 4096
 N_PAIRS = 256

@@ -8,7 +8,7 @@ completion-token log-probs, summed in float32. Nothing here imports Flax.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from pofx import logprobs
 from pofx._pair_logps import PairLogps

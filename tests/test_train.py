@@ -10,7 +10,6 @@ import numpy as np
 import optax
 import pytest
 
-import pofx
 from pofx import perturbations, references, train
 from tests import toy
 

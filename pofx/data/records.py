@@ -37,7 +37,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 FORMATS = ("auto", "standard", "implicit", "conversational", "conversational_implicit",
            "tokenized", "ranking")
