@@ -146,9 +146,6 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
       `sam(rho)` this is m-sharpness with one ascent per micro-batch.
     learning_rate_fn: the optimizer's schedule, for the `learning_rate` metric.
 
-  Padding pairs (`batch["pair_mask"]` or the PairBatch's `pair_mask` equal to 0, e.g. from
-  `batching.*(num_pairs=...)`) are left out of the loss reduction and the metrics; losses with
-  batch statistics (aot, beta-DPO, gamma-PO) still see them, so pad only with reducible losses.
     guard_nonfinite: keep the previous state when the loss or a gradient is not finite, and
       report `metrics["nonfinite"]` (1.0 on such a step).
     axis_name: for data parallelism under `shard_map`/`pmap` (`pofx.parallel` sets it; then
@@ -157,6 +154,9 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
       the global batch (batch statistics and reductions are those of one device), and the
       gradient of every objective evaluation (SAM's ascent gradient included) is averaged over
       the axis by `pofx.parallel.grad_pmean`. Leave None under plain `jit` (GSPMD).
+  Padding pairs (`batch["pair_mask"]` or the PairBatch's `pair_mask` equal to 0, e.g. from
+  `batching.*(num_pairs=...)`) are left out of the loss reduction and the metrics; losses with
+  batch statistics (aot, beta-DPO, gamma-PO) still see them, so pad only with reducible losses.
   """
   spec = _spec(loss)
   hyper = dict(loss_hyper or {})
