@@ -154,6 +154,7 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
       the global batch (batch statistics and reductions are those of one device), and the
       gradient of every objective evaluation (SAM's ascent gradient included) is averaged over
       the axis by `pofx.parallel.grad_pmean`. Leave None under plain `jit` (GSPMD).
+
   Padding pairs (`batch["pair_mask"]` or the PairBatch's `pair_mask` equal to 0, e.g. from
   `batching.*(num_pairs=...)`) are left out of the loss reduction and the metrics; losses with
   batch statistics (aot, beta-DPO, gamma-PO) still see them, so pad only with reducible losses.
