@@ -52,7 +52,7 @@ class LossSpec:
     init_state: for stateful losses, `init_state(**hyper) -> state`.
     detached_by_design: why finite differences of the loss disagree with its gradient, when a
       method detaches a function of its own inputs (WPO's weights, beta-DPO's batch beta); empty
-      otherwise. The contract test then checks finiteness of the gradient, not finite differences.
+      otherwise. The contract test then takes finite differences where that quantity is constant.
   """
 
   name: str
