@@ -9,21 +9,14 @@ import numpy as np
 import pytest
 
 import pofx
+from tests.losses import worked
 from pofx.losses import _regularised as rg
 
-TOL = dict(rtol=1e-6, atol=1e-6)
+TOL = worked.TOL
+_softplus = worked.softplus
+_a = worked.arr
 
-
-def _softplus(x):
-  return np.logaddexp(0.0, x)
-
-
-def _a(*x):
-  return jnp.array(x, jnp.float32)
-
-
-def _example():
-  return pofx.PairLogps(_a(-10.0), _a(-12.0), _a(5.0), _a(6.0)), pofx.PairLogps(_a(-11.0), _a(-11.0), _a(5.0), _a(6.0))
+_example = worked.example
 
 
 def _batch(seed=0, b=6, lw=None):
