@@ -117,6 +117,7 @@ def parser():
   ap.add_argument("--row_length", type=int, default=1024, help="packed layout row length")
   ap.add_argument("--preset", default="bench")
   ap.add_argument("--dtype", default="float32")
+  ap.add_argument("--remat", action="store_true", help="rematerialise each transformer block (memory for compute)")
   ap.add_argument("--steps", type=int, default=30)
   ap.add_argument("--bs", type=int, default=8, help="pairs per step")
   ap.add_argument("--json", default=None)
@@ -128,7 +129,7 @@ class Bench:
 
   def __init__(self, a):
     self.a = a
-    config = models.preset(a.preset, dtype=a.dtype)
+    config = models.preset(a.preset, dtype=a.dtype, remat=a.remat)
     model = models.make(config)
     params = model.init(jax.random.key(0))
     self.n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -233,7 +234,8 @@ def main(argv=None):
   res = {
       "system": f"pofx {pofx.__version__} / jax {jax.__version__}", "device": str(jax.devices()[0].device_kind),
       "workload": a.workload, "reference": a.reference, "perturbation": a.perturbation, "layout": a.layout,
-      "logprobs": a.logprobs, "preset": a.preset, "dtype": a.dtype, "n_params": int(bench.n_params),
+      "logprobs": a.logprobs, "preset": a.preset, "dtype": a.dtype, "remat": a.remat,
+      "n_params": int(bench.n_params),
       "pairs_per_step": a.bs, "steps": len(durations), "distinct_shapes": len(bench.flops_by_shape),
       "compile_s": round(bench.t_compile, 2), "precompute_s": round(bench.t_pre, 2),
       "steady_sec_per_step_mean": round(sec_per_step, 4),
