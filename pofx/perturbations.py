@@ -52,6 +52,13 @@ def none() -> Perturbation:
   return Perturbation("none", init=lambda p: (), value_and_grad=value_and_grad)
 
 
+def _ascend_then_grad(objective, params, batch, direction):
+  """Loss/aux and gradient at `params`, then the gradient at `params + direction(grads, params)`."""
+  (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, batch)
+  perturbed = jax.tree.map(lambda p, d: p + d, params, direction(grads, params))
+  return (loss, aux), jax.grad(lambda p: objective(p, batch)[0])(perturbed)
+
+
 def _sam_direction(grads, params, rho, adaptive, eta):
   if adaptive:
     t = jax.tree.map(lambda p: jnp.abs(p) + eta, params)
@@ -78,11 +85,7 @@ def sam(rho: float = 0.05, *, adaptive: bool = False, eta: float = 0.01, m: int 
     raise ValueError(f"perturbations.sam: invalid m={m!r}; allowed: integer >= 1.")
 
   def one(objective, params, batch):
-    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, batch)
-    v = _sam_direction(grads, params, rho, adaptive, eta)
-    perturbed = jax.tree.map(lambda p, d: p + d, params, v)
-    sam_grads = jax.grad(lambda p: objective(p, batch)[0])(perturbed)
-    return (loss, aux), sam_grads
+    return _ascend_then_grad(objective, params, batch, lambda g, p: _sam_direction(g, p, rho, adaptive, eta))
 
   def value_and_grad(objective, params, pstate, rng, batch):
     del rng
@@ -126,10 +129,7 @@ def awp(gamma: float = 0.01) -> Perturbation:
 
   def value_and_grad(objective, params, pstate, rng, batch):
     del rng
-    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, batch)
-    v = awp_direction(grads, params, gamma)
-    perturbed = jax.tree.map(lambda p, d: p + d, params, v)
-    awp_grads = jax.grad(lambda p: objective(p, batch)[0])(perturbed)
-    return (loss, aux), awp_grads, pstate
+    out, grads = _ascend_then_grad(objective, params, batch, lambda g, p: awp_direction(g, p, gamma))
+    return out, grads, pstate
 
   return Perturbation("awp", init=lambda p: (), value_and_grad=value_and_grad)

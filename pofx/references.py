@@ -191,15 +191,21 @@ def cached(expected_fingerprint: str, cache_fingerprint: str) -> Reference:
                      f"limits (cache fingerprint {cache_fingerprint[:12]}..., this run {expected_fingerprint[:12]}...). "
                      "Recompute it with references.precompute.")
 
+  return Reference("cached", init=lambda p: (), logps=_read_cache(CACHE_KEYS, "references.cached"),
+                   update=_identity_update, cached=True)
+
+
+def _read_cache(keys, who):
+  """`logps(ref_state, batch)` reading precomputed chosen/rejected log-probs from `batch[keys]`."""
+
   def logps(ref_state, batch):
     del ref_state
-    missing = [k for k in CACHE_KEYS if k not in batch]
+    missing = [k for k in keys if k not in batch]
     if missing:
-      raise ValueError(f"references.cached: the batch lacks {missing}; feed the precomputed log-probs with each batch.")
-    return PairLogps(chosen=jnp.asarray(batch[CACHE_KEYS[0]], jnp.float32),
-                     rejected=jnp.asarray(batch[CACHE_KEYS[1]], jnp.float32))
+      raise ValueError(f"{who}: the batch lacks {missing}; feed the precomputed log-probs with each batch.")
+    return PairLogps(chosen=jnp.asarray(batch[keys[0]], jnp.float32), rejected=jnp.asarray(batch[keys[1]], jnp.float32))
 
-  return Reference("cached", init=lambda p: (), logps=logps, update=_identity_update, cached=True)
+  return logps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,14 +298,7 @@ def multi(refs: Sequence[Reference], *, eta: float = 0.1, alpha: float = -1.0) -
 
 def cached_member(index: int, expected_fingerprint: str, cache_fingerprint: str) -> Reference:
   """A cached MRPO member reading `ref{index}_chosen_logps` / `ref{index}_rejected_logps` from the batch."""
-  base = cached(expected_fingerprint, cache_fingerprint)
+  base = cached(expected_fingerprint, cache_fingerprint)  # the fingerprint check
   keys = (f"ref{index}_chosen_logps", f"ref{index}_rejected_logps")
-
-  def logps(ref_state, batch):
-    del ref_state
-    missing = [k for k in keys if k not in batch]
-    if missing:
-      raise ValueError(f"references.cached_member({index}): the batch lacks {missing}.")
-    return PairLogps(chosen=jnp.asarray(batch[keys[0]], jnp.float32), rejected=jnp.asarray(batch[keys[1]], jnp.float32))
-
-  return dataclasses.replace(base, name=f"cached{index}", logps=logps)
+  return dataclasses.replace(base, name=f"cached{index}",
+                             logps=_read_cache(keys, f"references.cached_member({index})"))
