@@ -7,11 +7,30 @@ For hidden states `h_t [D]`, LM-head weight `W [D, V]` and target token `y_t`:
     entropy_t  = -sum_v p_v log p_v                       (from log p = z - logsumexp(z))
     log_sum_sq_probs_t = logsumexp_v(2 log p_v) = log sum_v p_v^2   (WPO's weights)
 
-Memory. The tokens are flattened and processed in chunks of `chunk_size` tokens by a
-`jax.lax.scan` whose body is wrapped in `jax.checkpoint`: each step materialises only one
-`[chunk_size, V]` float32 logits block, and the backward pass recomputes it chunk by chunk, so
-no `[B, T, V]` logits or log-softmax is ever stored (forward or backward). Gradients flow to the
-hidden states and to the head weight.
+Memory and compute. The tokens are flattened and processed in chunks of `chunk_size` tokens by
+a `jax.lax.scan`, each step materialising one `[chunk_size, V]` float32 logits block. Two
+backward strategies, chosen by `save_probs`:
+
+  save_probs=True (default; log-probs only). A `jax.custom_vjp`: the forward stores, for every
+    chunk, the softmax probabilities `p_t = exp(z_t - logsumexp(z_t))` (float32, `[chunk_size,
+    V]`); given the cotangent `g_t` of each token's log-prob the backward forms
+        G_t = g_t (onehot(y_t) - p_t)                 ([chunk_size, V] float32, one chunk at a time)
+        dh_t = G_t W^T                                 (compute dtype, float32 accumulation)
+        dW   = sum_chunks h^T G                        (float32, cast to the head's dtype)
+    so the head runs 3 matmuls (1 forward + 2 backward) and the logits are never recomputed. The
+    trade is memory: the stored probabilities are `[N, V]` float32 in total (N = tokens, rounded
+    up to a whole number of chunks), exactly the `[B, T, V]` block the checkpointed path avoids.
+  save_probs=False, or whenever `with_entropy` / `with_log_sum_sq_probs` is requested. The scan
+    body is wrapped in `jax.checkpoint`: nothing of the `[chunk_size, V]` block is stored and the
+    backward pass recomputes the logits chunk by chunk (4 head matmuls: the forward's, its
+    recomputation and the 2 of the backward), so no `[B, T, V]` logits or log-softmax is ever
+    stored (forward or backward). Entropy and `log sum p^2` always take this path (their
+    gradients by autodiff).
+Gradients flow to the hidden states and to the head weight on both paths; the save_probs path is
+reverse-mode only (a `custom_vjp`: no `jax.jvp` / `jacfwd`). With a single chunk (`chunk_size >=
+N`) XLA already merges the checkpointed path's recomputation with the forward matmul (the scan of
+one step is unrolled and `prevent_cse=False`), so both paths then run 3 head matmuls and store a
+`[N, V]` float32 block: save_probs only saves time with two chunks or more.
 
 Which tokens. These functions score whatever `(hidden, target)` pairs they are given. The
 layouts of `pofx.batching` gather, for each completion token, the hidden state of the position
@@ -21,6 +40,7 @@ prompt-shared rejected completion), so the vocabulary projection runs on complet
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple, Optional
 
 import jax
@@ -43,7 +63,7 @@ class TokenLogps(NamedTuple):
 
 def token_logps(hidden: Array, head_weight: Array, targets: Array, *, chunk_size: int = 1024,
                 with_entropy: bool = False, with_log_sum_sq_probs: bool = False,
-                compute_dtype=None) -> TokenLogps:
+                compute_dtype=None, save_probs: bool = True) -> TokenLogps:
   """Log-probs of `targets` under `softmax(hidden @ head_weight)`, chunked over tokens.
 
   Args:
@@ -56,6 +76,11 @@ def token_logps(hidden: Array, head_weight: Array, targets: Array, *, chunk_size
     with_log_sum_sq_probs: also return `log sum_v p_v^2` per token.
     compute_dtype: dtype of the head matmul's operands (default: `hidden.dtype`); the matmul
       accumulates in float32 and everything after it is float32.
+    save_probs: True: store each chunk's float32 softmax probabilities for the backward pass
+      (`[N, V]` float32 in all; no logits recomputation: 3 head matmuls per forward+backward).
+      False: checkpointed scan (one `[chunk_size, V]` block at a time; the backward recomputes
+      the logits: 4 head matmuls). Ignored (checkpointed) when `with_entropy` or
+      `with_log_sum_sq_probs` is set. See the module docstring.
 
   Returns:
     `TokenLogps` of float32 arrays shaped like `targets`.
@@ -75,13 +100,22 @@ def token_logps(hidden: Array, head_weight: Array, targets: Array, *, chunk_size
   c = max(1, min(int(chunk_size), n))
   n_chunks = -(-n // c)
   pad = n_chunks * c - n
-  h = hidden.reshape(n, D).astype(dtype)
   t = jnp.clip(targets.reshape(n).astype(jnp.int32), 0, V - 1)
   if pad:
-    h = jnp.pad(h, ((0, pad), (0, 0)))
     t = jnp.pad(t, (0, pad))
-  h = h.reshape(n_chunks, c, D)
   t = t.reshape(n_chunks, c)
+  if save_probs and not (with_entropy or with_log_sum_sq_probs):
+    # Hidden and head keep their own dtypes here: the custom VJP casts them to `dtype` inside and
+    # returns cotangents in their dtypes straight from the float32 accumulators.
+    h = hidden.reshape(n, D)
+    if pad:
+      h = jnp.pad(h, ((0, pad), (0, 0)))
+    logps = _logps_saved_probs(h.reshape(n_chunks, c, D), t, head_weight, jnp.dtype(dtype))
+    return TokenLogps(logps.reshape(n_chunks * c)[:n].reshape(lead_shape))
+  h = hidden.reshape(n, D).astype(dtype)
+  if pad:
+    h = jnp.pad(h, ((0, pad), (0, 0)))
+  h = h.reshape(n_chunks, c, D)
   w = head_weight.astype(dtype)
 
   def body(carry, xs):
@@ -107,9 +141,67 @@ def token_logps(hidden: Array, head_weight: Array, targets: Array, *, chunk_size
   return TokenLogps(logps, entropy, lss)
 
 
+def _logits_cotangent(g: Array, targets: Array, probs: Array) -> Array:
+  """`G = g[:, None] * (onehot(targets) - probs)`, float32 `[c, V]`, for one chunk.
+
+  Written as one select against an iota (fused into a single elementwise loop by XLA): no
+  float32 one-hot and no scatter."""
+  is_target = jax.lax.broadcasted_iota(jnp.int32, probs.shape, 1) == targets[:, None]
+  gp = g[:, None] * probs
+  return jnp.where(is_target, g[:, None] - gp, -gp)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _logps_saved_probs(h: Array, t: Array, w: Array, dtype) -> Array:
+  """`[n_chunks, c]` float32 `log p(t)` of `h [n_chunks, c, D]` under `softmax(h w)`; the
+  backward uses the probabilities stored by the forward (no logits recomputation)."""
+  return _saved_probs_fwd(h, t, w, dtype)[0]
+
+
+def _saved_probs_fwd(h, t, w, dtype):
+  wc = w.astype(dtype)
+
+  def body(carry, xs):
+    hc, tc = xs
+    logits = jnp.dot(hc.astype(dtype), wc, preferred_element_type=jnp.float32)   # [c, V] float32
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(logits - m)
+    s = jnp.sum(e, axis=-1, keepdims=True)
+    lse = (m + jnp.log(s))[:, 0]
+    target_logit = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+    return carry, (target_logit - lse, e / s)
+
+  _, (logps, probs) = jax.lax.scan(body, None, (h, t))
+  # Residuals: the probabilities (the [n_chunks * c, V] float32 this path trades for the
+  # recomputation) and the primal inputs themselves (no copies).
+  return logps, (probs, h, t, w)
+
+
+def _saved_probs_bwd(dtype, res, g):
+  probs, h, t, w = res
+  wc = w.astype(dtype)
+  contract_vocab = (((1,), (1,)), ((), ()))    # G [c, V] . W [D, V] -> [c, D]  (G W^T)
+  contract_tokens = (((0,), (0,)), ((), ()))   # h [c, D] . G [c, V] -> [D, V]  (h^T G)
+
+  def body(dw, xs):
+    hc, tc, pc, gc = xs
+    gz = _logits_cotangent(gc, tc, pc).astype(dtype)
+    dh = jax.lax.dot_general(gz, wc, contract_vocab, preferred_element_type=jnp.float32)
+    dw = dw + jax.lax.dot_general(hc.astype(dtype), gz, contract_tokens,
+                                  preferred_element_type=jnp.float32)
+    return dw, dh.astype(h.dtype)
+
+  dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), (h, t, probs, g))
+  return dh, None, dw.astype(w.dtype)
+
+
+_logps_saved_probs.defvjp(_saved_probs_fwd, _saved_probs_bwd)
+
+
 def pair_logps(hidden: Array, head_weight: Array, batch, *, chunk_size: int = 1024,
                with_log_sum_sq_probs: bool = False, with_entropy: bool = False,
-               compute_dtype=None):
+               compute_dtype=None, save_probs: bool = True):
   """`PairLogps` of a preference batch from one forward pass over any `pofx.batching` layout.
 
   Gathers, for every chosen and rejected completion token, the hidden state of the position that
@@ -122,7 +214,8 @@ def pair_logps(hidden: Array, head_weight: Array, batch, *, chunk_size: int = 10
       batch.positions, batch.segment_ids, batch.branch_ids)`).
     head_weight: `[D, V]`.
     batch: a `pofx.batching.PairBatch` (any layout).
-    chunk_size, compute_dtype: as in `token_logps`.
+    chunk_size, compute_dtype, save_probs: as in `token_logps` (`save_probs=True` stores the
+      `[B (Tc + Tr), V]` float32 probabilities of all completion tokens for the backward pass).
     with_log_sum_sq_probs: fill `chosen/rejected_log_sum_sq_probs` (WPO).
     with_entropy: also return the per-token entropies.
 
@@ -138,7 +231,8 @@ def pair_logps(hidden: Array, head_weight: Array, batch, *, chunk_size: int = 10
   h = jnp.concatenate([h_c.reshape(B * Tc, D), h_r.reshape(B * Tr, D)], axis=0)
   t = jnp.concatenate([jnp.reshape(batch.chosen_targets, (-1,)), jnp.reshape(batch.rejected_targets, (-1,))])
   out = token_logps(h, head_weight, t, chunk_size=chunk_size, with_entropy=with_entropy,
-                    with_log_sum_sq_probs=with_log_sum_sq_probs, compute_dtype=compute_dtype)
+                    with_log_sum_sq_probs=with_log_sum_sq_probs, compute_dtype=compute_dtype,
+                    save_probs=save_probs)
   split = lambda x: (x[:B * Tc].reshape(B, Tc), x[B * Tc:].reshape(B, Tr))
   c_lp, r_lp = split(out.logps)
   kw = {}

@@ -15,7 +15,8 @@ from pofx._pair_logps import PairLogps
 
 
 def make_logps_fn(apply: Callable[..., Any], head: Callable[[Any], Any], *, chunk_size: int = 1024,
-                  with_log_sum_sq_probs: bool = False, compute_dtype=None) -> Callable[[Any, Any], PairLogps]:
+                  with_log_sum_sq_probs: bool = False, compute_dtype=None,
+                  save_probs: bool = True) -> Callable[[Any, Any], PairLogps]:
   """Returns `logps_fn(params, batch)`; `batch["pairs"]` is a `PairBatch`.
 
   Args:
@@ -24,12 +25,16 @@ def make_logps_fn(apply: Callable[..., Any], head: Callable[[Any], Any], *, chun
     chunk_size: tokens per log-softmax chunk (see `pofx.logprobs.token_logps`).
     with_log_sum_sq_probs: also fill the per-token `log sum_v p_v^2` (needed by WPO weighting).
     compute_dtype: dtype of the head matmul operands (float32 accumulation either way).
+    save_probs: store the completion tokens' `[N, V]` float32 probabilities for the backward
+      instead of recomputing the logits (see `pofx.logprobs.token_logps`; ignored, i.e.
+      recomputed, when `with_log_sum_sq_probs`).
   """
 
   def logps_fn(params, batch) -> PairLogps:
     pairs = batch["pairs"]
     hidden = apply(params, pairs.tokens, pairs.positions, pairs.segment_ids, pairs.branch_ids)
     return logprobs.pair_logps(hidden, head(params), pairs, chunk_size=chunk_size,
-                               with_log_sum_sq_probs=with_log_sum_sq_probs, compute_dtype=compute_dtype)
+                               with_log_sum_sq_probs=with_log_sum_sq_probs, compute_dtype=compute_dtype,
+                               save_probs=save_probs)
 
   return logps_fn

@@ -1,6 +1,9 @@
 """Chunked, head-fused token log-probs: values against a float64 numpy log-softmax, gradients against
 the naive `jax.nn.log_softmax` computation, entropy / log-sum-sq-probs against their formulas, and
-a compiled-memory comparison."""
+a compiled-memory comparison. The default `save_probs=True` path (custom VJP from stored
+probabilities) is checked against the naive `jax.nn.log_softmax` computation: values, gradients
+(several chunkings, clipped targets, bfloat16 hidden, jit and eager), `check_grads`, the number of
+head matmuls and its stored `[N, V]` probabilities."""
 
 import jax
 import jax.numpy as jnp
@@ -130,7 +133,7 @@ def test_bad_arguments_raise():
 
 def test_chunked_compiled_memory_is_smaller():
   # Vocab-heavy: naive value+grad keeps [B, T, V] float32 logits/log-softmax (2*256*8192*4 = 16 MiB
-  # each); chunked keeps one [64, V] block at a time.
+  # each); the checkpointed chunked path (save_probs=False) keeps one [64, V] block at a time.
   B, T, D, V = 2, 256, 64, 8192
   spec = (jax.ShapeDtypeStruct((B, T, D), jnp.float32), jax.ShapeDtypeStruct((D, V), jnp.float32),
           jax.ShapeDtypeStruct((B, T), jnp.int32))
@@ -139,7 +142,7 @@ def test_chunked_compiled_memory_is_smaller():
     return jnp.sum(_naive(h, w, t)[0])
 
   def chunked(h, w, t):
-    return jnp.sum(logprobs.token_logps(h, w, t, chunk_size=64).logps)
+    return jnp.sum(logprobs.token_logps(h, w, t, chunk_size=64, save_probs=False).logps)
 
   def temp_bytes(f):
     compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(*spec).compile()
@@ -167,3 +170,110 @@ def test_pair_logps_from_fused_splits_halves():
   np.testing.assert_array_equal(pair.rejected_log_sum_sq_probs[1], [lss[3, 0], lss[3, 1], 0.0])
   with pytest.raises(ValueError, match="2B"):
     logprobs.pair_logps_from_fused(lp[:3], mask[:3])
+
+
+# ------------------------------------------------------------------------------------------------
+# save_probs=True: custom VJP from the stored probabilities (no logits recomputation).
+
+
+def _naive_logps(h, w, t):
+  """Independent reference: `jax.nn.log_softmax(h @ W)` at the (clipped) targets, float32."""
+  lp = jax.nn.log_softmax(jnp.einsum("...d,dv->...v", h.astype(jnp.float32), w.astype(jnp.float32),
+                                     precision=jax.lax.Precision.HIGHEST), -1)
+  t = jnp.clip(t, 0, w.shape[1] - 1)
+  return jnp.take_along_axis(lp, t[..., None], -1)[..., 0]
+
+
+def _value_and_grads(fn, h, w, g, jit=True):
+  f = jax.value_and_grad(lambda h, w: jnp.sum(g * fn(h, w)), argnums=(0, 1))
+  return (jax.jit(f) if jit else f)(h, w)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 33, 10_000])  # N = 33: 7 and 16 leave remainders
+@pytest.mark.parametrize("jit", [True, False])
+def test_saved_probs_values_and_grads_match_naive(chunk_size, jit):
+  h, w, t = _data(seed=6, scale=1.5)
+  g = np.random.default_rng(7).normal(size=t.shape).astype(np.float32)
+  fn = lambda h, w: logprobs.token_logps(h, w, t, chunk_size=chunk_size, save_probs=True).logps
+  out = (jax.jit(fn) if jit else fn)(h, w)
+  assert out.shape == t.shape and out.dtype == jnp.float32
+  np.testing.assert_allclose(out, _naive_logps(h, w, t), atol=1e-5, rtol=1e-5)
+  v1, (dh1, dw1) = _value_and_grads(fn, h, w, g, jit)
+  v0, (dh0, dw0) = _value_and_grads(lambda h, w: _naive_logps(h, w, t), h, w, g)
+  np.testing.assert_allclose(v1, v0, rtol=1e-5)
+  assert dh1.dtype == jnp.float32 and dw1.dtype == jnp.float32
+  np.testing.assert_allclose(dh1, dh0, rtol=1e-5, atol=1e-5 * np.abs(dh0).max())
+  np.testing.assert_allclose(dw1, dw0, rtol=1e-5, atol=1e-5 * np.abs(dw0).max())
+
+
+def test_saved_probs_clipped_targets_and_flat_shape():
+  # Ids outside [0, V) (padding -1, overflow) are clipped as on the checkpointed path; [N, D] input.
+  h, w, t = _data(seed=8, B=1, T=20)
+  h, t = h[0], t[0].copy()
+  t[[0, 5, 19]] = [-1, 50, 1000]
+  g = np.random.default_rng(9).normal(size=t.shape).astype(np.float32)
+  fn = lambda h, w: logprobs.token_logps(h, w, t, chunk_size=6).logps          # default: save_probs
+  np.testing.assert_allclose(fn(h, w), _naive_logps(h, w, t), atol=1e-5, rtol=1e-5)
+  _, (dh1, dw1) = _value_and_grads(fn, h, w, g)
+  _, (dh0, dw0) = _value_and_grads(lambda h, w: _naive_logps(h, w, t), h, w, g)
+  np.testing.assert_allclose(dh1, dh0, rtol=1e-5, atol=1e-5 * np.abs(dh0).max())
+  np.testing.assert_allclose(dw1, dw0, rtol=1e-5, atol=1e-5 * np.abs(dw0).max())
+
+
+@pytest.mark.parametrize("save_probs", [True, False])
+def test_bf16_hidden_grads(save_probs):
+  # bfloat16 hidden -> bfloat16 matmul operands, float32 accumulation and outputs. Reference: the
+  # naive float32 computation on the bfloat16-rounded operands (products of bfloat16 are exact in
+  # float32); the backward rounds the [c, V] logits cotangent to bfloat16, hence the looser
+  # gradient tolerance.
+  h, w, t = _data(seed=10, scale=1.5)
+  g = np.random.default_rng(11).normal(size=t.shape).astype(np.float32)
+  hb = jnp.asarray(h, jnp.bfloat16)
+  wb = jnp.asarray(w, jnp.bfloat16).astype(jnp.float32)
+  fn = lambda h, w: logprobs.token_logps(h, w, t, chunk_size=7, save_probs=save_probs).logps
+  out = jax.jit(fn)(hb, wb)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, _naive_logps(hb, wb, t), atol=1e-5, rtol=1e-5)
+  _, (dh1, dw1) = _value_and_grads(fn, hb, wb, g)
+  _, (dh0, dw0) = _value_and_grads(lambda h, w: _naive_logps(h, w, t), hb.astype(jnp.float32), wb, g)
+  assert dh1.dtype == jnp.bfloat16 and dw1.dtype == jnp.float32
+  for a, b in ((dh1, dh0), (dw1, dw0)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=2e-2, atol=1e-2 * np.abs(b).max())
+
+
+def test_saved_probs_check_grads():
+  h, w, t = _data(seed=12, B=2, T=3, D=4, V=7)
+  g = np.random.default_rng(13).normal(size=t.shape).astype(np.float32)
+  f = lambda h, w: jnp.sum(g * logprobs.token_logps(h, w, t, chunk_size=4, save_probs=True).logps)
+  jax.test_util.check_grads(f, (h, w), order=1, modes=["rev"], eps=1e-2)
+
+
+def _count_dot_generals(jaxpr):
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == "dot_general"
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          n += _count_dot_generals(sub)
+  return n
+
+
+def test_saved_probs_head_matmuls_and_memory():
+  # value_and_grad: 3 head matmuls with stored probabilities (z = hW; G W^T; h^T G), 4 with the
+  # checkpointed scan (z recomputed). The stored probabilities are [N, V] float32 in all.
+  B, T, D, V = 2, 256, 64, 8192
+  spec = (jax.ShapeDtypeStruct((B, T, D), jnp.float32), jax.ShapeDtypeStruct((D, V), jnp.float32),
+          jax.ShapeDtypeStruct((B, T), jnp.int32))
+
+  def vg(save_probs):
+    return jax.value_and_grad(lambda h, w, t: jnp.sum(
+        logprobs.token_logps(h, w, t, chunk_size=64, save_probs=save_probs).logps), argnums=(0, 1))
+
+  assert _count_dot_generals(jax.make_jaxpr(vg(True))(*spec).jaxpr) == 3
+  assert _count_dot_generals(jax.make_jaxpr(vg(False))(*spec).jaxpr) == 4
+  analysis = jax.jit(vg(True)).lower(*spec).compile().memory_analysis()
+  if analysis is None:
+    pytest.skip("memory_analysis() not available on this backend")
+  assert B * T * V * 4 <= analysis.temp_size_in_bytes < 2 * B * T * V * 4
