@@ -11,7 +11,7 @@ Memory and compute. The tokens are flattened and processed in chunks of `chunk_s
 a `jax.lax.scan`, each step materialising one `[chunk_size, V]` float32 logits block. Two
 backward strategies, chosen by `save_probs`:
 
-  save_probs=True (default; log-probs only). A `jax.custom_vjp`: the forward stores, for every
+  save_probs=True (log-probs only; opt-in). A `jax.custom_vjp`: the forward stores, for every
     chunk, the softmax probabilities `p_t = exp(z_t - logsumexp(z_t))` (float32, `[chunk_size,
     V]`); given the cotangent `g_t` of each token's log-prob the backward forms
         G_t = g_t (onehot(y_t) - p_t)                 ([chunk_size, V] float32, one chunk at a time)
@@ -20,7 +20,7 @@ backward strategies, chosen by `save_probs`:
     so the head runs 3 matmuls (1 forward + 2 backward) and the logits are never recomputed. The
     trade is memory: the stored probabilities are `[N, V]` float32 in total (N = tokens, rounded
     up to a whole number of chunks), exactly the `[B, T, V]` block the checkpointed path avoids.
-  save_probs=False, or whenever `with_entropy` / `with_log_sum_sq_probs` is requested. The scan
+  save_probs=False (default), or whenever `with_entropy` / `with_log_sum_sq_probs` is requested. The scan
     body is wrapped in `jax.checkpoint`: nothing of the `[chunk_size, V]` block is stored and the
     backward pass recomputes the logits chunk by chunk (4 head matmuls: the forward's, its
     recomputation and the 2 of the backward), so no `[B, T, V]` logits or log-softmax is ever
@@ -63,7 +63,7 @@ class TokenLogps(NamedTuple):
 
 def token_logps(hidden: Array, head_weight: Array, targets: Array, *, chunk_size: int = 1024,
                 with_entropy: bool = False, with_log_sum_sq_probs: bool = False,
-                compute_dtype=None, save_probs: bool = True) -> TokenLogps:
+                compute_dtype=None, save_probs: bool = False) -> TokenLogps:
   """Log-probs of `targets` under `softmax(hidden @ head_weight)`, chunked over tokens.
 
   Args:
@@ -201,7 +201,7 @@ _logps_saved_probs.defvjp(_saved_probs_fwd, _saved_probs_bwd)
 
 def pair_logps(hidden: Array, head_weight: Array, batch, *, chunk_size: int = 1024,
                with_log_sum_sq_probs: bool = False, with_entropy: bool = False,
-               compute_dtype=None, save_probs: bool = True):
+               compute_dtype=None, save_probs: bool = False):
   """`PairLogps` of a preference batch from one forward pass over any `pofx.batching` layout.
 
   Gathers, for every chosen and rejected completion token, the hidden state of the position that

@@ -16,7 +16,7 @@ from pofx._pair_logps import PairLogps
 
 def make_logps_fn(apply: Callable[..., Any], head: Callable[[Any], Any], *, chunk_size: int = 1024,
                   with_log_sum_sq_probs: bool = False, compute_dtype=None,
-                  save_probs: bool = True) -> Callable[[Any, Any], PairLogps]:
+                  save_probs: bool = False) -> Callable[[Any, Any], PairLogps]:
   """Returns `logps_fn(params, batch)`; `batch["pairs"]` is a `PairBatch`.
 
   Args:

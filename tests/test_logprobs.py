@@ -1,6 +1,6 @@
 """Chunked, head-fused token log-probs: values against a float64 numpy log-softmax, gradients against
 the naive `jax.nn.log_softmax` computation, entropy / log-sum-sq-probs against their formulas, and
-a compiled-memory comparison. The default `save_probs=True` path (custom VJP from stored
+a compiled-memory comparison. The opt-in `save_probs=True` path (custom VJP from stored
 probabilities) is checked against the naive `jax.nn.log_softmax` computation: values, gradients
 (several chunkings, clipped targets, bfloat16 hidden, jit and eager), `check_grads`, the number of
 head matmuls and its stored `[N, V]` probabilities."""
@@ -212,7 +212,7 @@ def test_saved_probs_clipped_targets_and_flat_shape():
   h, t = h[0], t[0].copy()
   t[[0, 5, 19]] = [-1, 50, 1000]
   g = np.random.default_rng(9).normal(size=t.shape).astype(np.float32)
-  fn = lambda h, w: logprobs.token_logps(h, w, t, chunk_size=6).logps          # default: save_probs
+  fn = lambda h, w: logprobs.token_logps(h, w, t, chunk_size=6, save_probs=True).logps
   np.testing.assert_allclose(fn(h, w), _naive_logps(h, w, t), atol=1e-5, rtol=1e-5)
   _, (dh1, dw1) = _value_and_grads(fn, h, w, g)
   _, (dh0, dw0) = _value_and_grads(lambda h, w: _naive_logps(h, w, t), h, w, g)
