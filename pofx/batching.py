@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pofx import sparse_attention
+
 Bucket = Union[int, Sequence[int]]
 
 LAYOUTS = ("fused", "prompt_shared", "packed")
@@ -276,6 +278,17 @@ def packed(prompts, chosen, rejected, *, row_length: int, num_rows: Optional[int
                        f"num_rows={num_rows}.")
     R = int(num_rows)
   return _place(pairs, placements, R, int(row_length), T, B, pad_id, "packed")
+
+
+def attention_blocks(batch: PairBatch, *, block_size: int = 64, bucket: int = 8):
+  """The block pairs of `batch`'s attention mask to compute (`pofx.sparse_attention`).
+
+  Pass them with the batch, `{"pairs": batch, "attention_blocks": attention_blocks(batch)}`, and
+  the policy's forward computes attention only there (`pofx.policy.make_logps_fn`). The row
+  length must be a multiple of `block_size` (choose `seq_bucket` / `row_length` accordingly).
+  """
+  return sparse_attention.attention_blocks(batch.segment_ids, batch.branch_ids, block_size=block_size,
+                                           bucket=bucket)
 
 
 def build(layout: str, prompts, chosen, rejected, **kwargs) -> PairBatch:

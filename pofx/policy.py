@@ -19,8 +19,13 @@ def make_logps_fn(apply: Callable[..., Any], head: Callable[[Any], Any], *, chun
                   save_probs: bool = False) -> Callable[[Any, Any], PairLogps]:
   """Returns `logps_fn(params, batch)`; `batch["pairs"]` is a `PairBatch`.
 
+  When the batch also holds `batch["attention_blocks"]` (a host-built
+  `pofx.sparse_attention.AttentionBlocks` for these rows, `pofx.batching.attention_blocks(pairs)`),
+  it is passed on as `apply(..., attention_blocks=...)`: block-sparse attention, same log-probs.
+
   Args:
-    apply: `apply(params, tokens, positions, segment_ids, branch_ids) -> hidden [R, L, D]`.
+    apply: `apply(params, tokens, positions, segment_ids, branch_ids) -> hidden [R, L, D]`
+      (accepting `attention_blocks=` when batches carry them).
     head: `head(params) -> [D, V]` LM-head weight.
     chunk_size: tokens per log-softmax chunk (see `pofx.logprobs.token_logps`).
     with_log_sum_sq_probs: also fill the per-token `log sum_v p_v^2` (needed by WPO weighting).
@@ -32,7 +37,9 @@ def make_logps_fn(apply: Callable[..., Any], head: Callable[[Any], Any], *, chun
 
   def logps_fn(params, batch) -> PairLogps:
     pairs = batch["pairs"]
-    hidden = apply(params, pairs.tokens, pairs.positions, pairs.segment_ids, pairs.branch_ids)
+    blocks = batch.get("attention_blocks") if hasattr(batch, "get") else None
+    kwargs = {} if blocks is None else {"attention_blocks": blocks}
+    hidden = apply(params, pairs.tokens, pairs.positions, pairs.segment_ids, pairs.branch_ids, **kwargs)
     return logprobs.pair_logps(hidden, head(params), pairs, chunk_size=chunk_size,
                                with_log_sum_sq_probs=with_log_sum_sq_probs, compute_dtype=compute_dtype,
                                save_probs=save_probs)

@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pofx import sparse_attention
+
 Array = jax.Array
 Params = Any
 
@@ -386,7 +388,8 @@ def init_params(config: LlamaConfig, rng: Array) -> Params:
 
 
 def apply_fn(params: Params, tokens: Array, positions: Array, segment_ids: Array,
-             branch_ids: Optional[Array] = None, *, config: LlamaConfig) -> Array:
+             branch_ids: Optional[Array] = None, *, config: LlamaConfig,
+             attention_blocks: Optional[sparse_attention.AttentionBlocks] = None) -> Array:
   """Final hidden states `[B, L, D]` (in `config.dtype`) for `tokens [B, L]` int.
 
   Args:
@@ -397,9 +400,47 @@ def apply_fn(params: Params, tokens: Array, positions: Array, segment_ids: Array
     branch_ids: optional `[B, L]` int; a token with branch b > 0 does not see tokens of another
       branch b' > 0 (branch 0 is visible to all). See the module docstring.
     config: the model's `LlamaConfig` (static).
+    attention_blocks: optional `pofx.sparse_attention.AttentionBlocks` built host-side
+      for this batch (`sparse_attention.attention_blocks(segment_ids, branch_ids)`): attention is
+      then computed only on the block pairs the mask uses (`_apply_block_sparse`), same result
+      for every real token. None: dense masked attention (`LlamaDecoder`).
   """
   _check_inputs(tokens, positions, segment_ids, branch_ids)
+  if attention_blocks is not None:
+    return _apply_block_sparse(params, tokens, positions, segment_ids, branch_ids, attention_blocks, config)
   return LlamaDecoder(config).apply({"params": params}, tokens, positions, segment_ids, branch_ids)
+
+
+def _apply_block_sparse(params, tokens, positions, segment_ids, branch_ids, blocks, cfg: LlamaConfig):
+  """`LlamaDecoder`'s computation as plain functions of the same parameter tree, with the
+  attention of `sparse_attention.block_sparse_attention` (only the listed block pairs)."""
+  dtype = cfg.compute_dtype
+  R, L = tokens.shape
+  H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+  G = H // K
+  inv_freq = rope_inv_freq(cfg)
+  x = jnp.take(params["embed"]["embedding"].astype(dtype), tokens, axis=0)
+
+  def block(x, p):
+    h = _rms_norm(x, p["input_norm"]["scale"], cfg.rms_norm_eps, dtype)
+    a = p["attn"]
+    q = apply_rope(_matmul(h, a["q_proj"]["kernel"], dtype).reshape(R, L, H, hd), positions, inv_freq)
+    k = apply_rope(_matmul(h, a["k_proj"]["kernel"], dtype).reshape(R, L, K, hd), positions, inv_freq)
+    v = _matmul(h, a["v_proj"]["kernel"], dtype).reshape(R, L, K, hd)
+    q = (q * (1.0 / math.sqrt(hd))).astype(dtype).reshape(R, L, K, G, hd)
+    out = sparse_attention.block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks)
+    x = x + _matmul(out.reshape(R, L, H * hd), a["o_proj"]["kernel"], dtype)
+    h = _rms_norm(x, p["post_attn_norm"]["scale"], cfg.rms_norm_eps, dtype)
+    m = p["mlp"]
+    gate = _matmul(h, m["gate_proj"]["kernel"], dtype)
+    up = _matmul(h, m["up_proj"]["kernel"], dtype)
+    return x + _matmul(jax.nn.silu(gate) * up, m["down_proj"]["kernel"], dtype)
+
+  if cfg.remat:
+    block = jax.checkpoint(block, prevent_cse=True, policy=_REMAT_POLICIES[cfg.remat_policy])
+  for i in range(cfg.num_layers):
+    x = block(x, params[f"layers_{i}"])
+  return _rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps, dtype)
 
 
 def lm_head(params: Params, config: LlamaConfig) -> Array:

@@ -1,0 +1,224 @@
+r"""Block-sparse attention over the blocks a batch's mask actually uses, with a hand-written VJP.
+
+The rows of a preference batch are mostly masked: in a prompt-shared row `[prompt | chosen |
+rejected | padding]` the chosen and rejected tokens never see each other, nothing sees the
+padding, and the mask is causal; in a packed row several such pairs sit side by side. Dense
+attention still computes every `L x L` score. Here the row is cut into blocks of `block_size`
+tokens and only the (query block, key block) pairs holding at least one allowed (query, key)
+entry are computed:
+
+    mask[i, j] = segment_ids[i] == segment_ids[j] > 0  and  j <= i  and
+                 (branch_ids[j] == 0  or  branch_ids[j] == branch_ids[i])
+
+(`pofx.models.llama.attention_mask`, restricted to real query tokens). The list of block pairs
+is data-dependent, so it is computed host-side with numpy when the batch is built
+(`attention_blocks`), padded to a multiple of `bucket` entries so a run compiles few shapes, and
+passed to the model with the batch.
+
+Forward, for the T listed pairs t = (query block q_t, key block k_t) (all heads at once):
+
+    s_t = Q_{q_t} K_{k_t}^T + bias_t                 (bias 0 where allowed, -1e30 elsewhere)
+    M_q = max over the pairs t with q_t = q of rowmax(s_t)      (segment max)
+    l_q = sum_t rowsum(exp(s_t - M_q)),  O_q = sum_t exp(s_t - M_q) V_{k_t} / l_q
+
+which is the softmax over all allowed keys of each query (entries outside the listed pairs are
+masked anyway). Backward (the FlashAttention identities, Dao et al. 2022, arXiv:2205.14135,
+Appendix B.2), with P_t = exp(s_t - M_q) / l_q stored from the forward and D = rowsum(dO * O):
+
+    dS_t = P_t * (dO_{q_t} V_{k_t}^T - D_{q_t})
+    dQ_q = sum_{t: q_t = q} dS_t K_{k_t},  dK_k = sum_{t: k_t = k} dS_t^T Q_{q_t},
+    dV_k = sum_{t: k_t = k} P_t^T dO_{q_t}
+
+The result equals dense masked attention for every query token that can see at least one key
+(every real token sees itself); queries of pure-padding blocks get output 0 and padding
+queries inside a listed block finite values (padding outputs are never used).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+_MASKED = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBlocks:
+  """The (query block, key block) pairs of a batch to compute, host-built (`attention_blocks`).
+
+  query_block, key_block: `[T]` int32 flat block indices `row * (L // block_size) + block`,
+    sorted by query block; padding entries (to a multiple of the bucket) hold `R * (L //
+    block_size)`, one past the last block, and contribute nothing.
+  block_size: tokens per block (static).
+  """
+
+  query_block: np.ndarray
+  key_block: np.ndarray
+  block_size: int = 64
+
+  @property
+  def num_pairs(self) -> int:
+    return int(np.shape(self.query_block)[-1])
+
+
+jax.tree_util.register_dataclass(AttentionBlocks, data_fields=["query_block", "key_block"],
+                                 meta_fields=["block_size"])
+
+
+def allowed_mask(segment_ids, branch_ids=None) -> np.ndarray:
+  """Host-side boolean `[R, L, L]` mask of `pofx.models.llama.attention_mask` (numpy)."""
+  seg = np.asarray(segment_ids)
+  L = seg.shape[-1]
+  mask = (seg[:, :, None] == seg[:, None, :]) & np.tril(np.ones((L, L), bool))[None]
+  if branch_ids is not None:
+    br = np.asarray(branch_ids)
+    mask &= (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])
+  return mask
+
+
+def attention_blocks(segment_ids, branch_ids=None, *, block_size: int = 64, bucket: int = 8) -> AttentionBlocks:
+  """The block pairs holding at least one allowed entry for a real (segment > 0) query token.
+
+  Args:
+    segment_ids: `[R, L]` int (numpy), 0 = padding; L must be a multiple of `block_size`.
+    branch_ids: optional `[R, L]` int (the prompt-shared layouts' branches).
+    block_size: tokens per block.
+    bucket: the pair count is padded up to a multiple of this (fewer compiled shapes).
+  """
+  seg = np.asarray(segment_ids)
+  if seg.ndim != 2:
+    raise ValueError(f"attention_blocks: segment_ids must be [R, L], got shape {seg.shape}.")
+  if block_size < 1 or bucket < 1:
+    raise ValueError(f"attention_blocks: block_size and bucket must be >= 1, got {block_size}, {bucket}.")
+  R, L = seg.shape
+  if L % block_size:
+    raise ValueError(f"attention_blocks: the row length {L} must be a multiple of block_size {block_size} "
+                     f"(bucket the rows with seq_bucket / row_length a multiple of it).")
+  nb = L // block_size
+  mask = allowed_mask(seg, branch_ids) & (seg > 0)[:, :, None]
+  nonempty = mask.reshape(R, nb, block_size, nb, block_size).any(axis=(2, 4))
+  rows, qb, kb = np.nonzero(nonempty)   # row-major: sorted by (row, query block, key block)
+  n = len(rows)
+  padded = -(-max(n, 1) // bucket) * bucket
+  query = np.full(padded, R * nb, np.int32)
+  key = np.full(padded, R * nb, np.int32)
+  query[:n] = rows * nb + qb
+  key[:n] = rows * nb + kb
+  return AttentionBlocks(query, key, int(block_size))
+
+
+def _to_blocks(x, nb, b):
+  """`[R, L, ...]` -> `[R * nb + 1, b, ...]`: the blocks plus one zero block (padding entries)."""
+  xb = x.reshape((x.shape[0] * nb, b) + x.shape[2:])
+  return jnp.concatenate([xb, jnp.zeros((1,) + xb.shape[1:], xb.dtype)], axis=0)
+
+
+def _bias(segment_ids, branch_ids, query, key, nb, b):
+  """`[T, b, b]` float32 additive mask of each listed block pair (0 allowed, -1e30 masked)."""
+  seg = _to_blocks(segment_ids, nb, b)
+  sq, sk = seg[query], seg[key]
+  col_q = (query % nb)[:, None] * b + jnp.arange(b)[None]
+  col_k = (key % nb)[:, None] * b + jnp.arange(b)[None]
+  allowed = (sq[:, :, None] == sk[:, None, :]) & (col_q[:, :, None] >= col_k[:, None, :])
+  if branch_ids is not None:
+    br = _to_blocks(branch_ids, nb, b)
+    bq, bk = br[query], br[key]
+    allowed &= (bk[:, None, :] == 0) | (bk[:, None, :] == bq[:, :, None])
+  return jnp.where(allowed, 0.0, _MASKED).astype(jnp.float32)
+
+
+def _head_blocks(q, k, v, nb, b):
+  """q `[R, L, K, G, hd]` -> `[nQ+1, K, G, b, hd]`; k, v `[R, L, K, hd]` -> `[nQ+1, K, b, hd]`."""
+  qb = _to_blocks(q, nb, b).transpose(0, 2, 3, 1, 4)
+  kb = _to_blocks(k, nb, b).transpose(0, 2, 1, 3)
+  vb = _to_blocks(v, nb, b).transpose(0, 2, 1, 3)
+  return qb, kb, vb
+
+
+def _segment_sum(x, ids, n, sorted_ids=False):
+  return jax.ops.segment_sum(x, ids, num_segments=n, indices_are_sorted=sorted_ids)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention(q, k, v, bias, query, key, block_size):
+  return _attention_fwd(q, k, v, bias, query, key, block_size)[0]
+
+
+def _attention_fwd(q, k, v, bias, query, key, block_size):
+  R, L, K, G, hd = q.shape
+  b = block_size
+  nb = L // b
+  n = R * nb + 1
+  qb, kb, vb = _head_blocks(q, k, v, nb, b)
+  qt, kt, vt = qb[query], kb[key], vb[key]
+  s = jnp.einsum("tkgqd,tksd->tkgqs", qt, kt, preferred_element_type=jnp.float32) + bias[:, None, None]
+  m = jax.ops.segment_max(jnp.max(s, axis=-1), query, num_segments=n, indices_are_sorted=True)
+  e = jnp.exp(s - m[query][..., None])
+  denom = _segment_sum(jnp.sum(e, axis=-1), query, n, True)
+  p = e * (1.0 / jnp.maximum(denom, 1e-30))[query][..., None]
+  ob = _segment_sum(jnp.einsum("tkgqs,tksd->tkgqd", p.astype(v.dtype), vt,
+                               preferred_element_type=jnp.float32), query, n, True)
+  out = ob[:n - 1].transpose(0, 3, 1, 2, 4).reshape(R, L, K, G, hd).astype(q.dtype)
+  return out, (q, k, v, p, ob, query, key)
+
+
+def _attention_bwd(block_size, res, d_out):
+  q, k, v, p, ob, query, key = res
+  R, L, K, G, hd = q.shape
+  b = block_size
+  nb = L // b
+  n = R * nb + 1
+  qb, kb, vb = _head_blocks(q, k, v, nb, b)
+  dob = _to_blocks(d_out.astype(jnp.float32), nb, b).transpose(0, 2, 3, 1, 4)    # [n, K, G, b, hd]
+  rowdot = jnp.sum(dob * ob, axis=-1)                                            # D = rowsum(dO * O)
+  qt, kt, vt, dot_ = qb[query], kb[key], vb[key], dob[query]
+  dp = jnp.einsum("tkgqd,tksd->tkgqs", dot_, vt.astype(jnp.float32))
+  ds = p * (dp - rowdot[query][..., None])
+  dq = _segment_sum(jnp.einsum("tkgqs,tksd->tkgqd", ds, kt.astype(jnp.float32)), query, n, True)
+  # dK^T and dV^T ([.., hd, b]): contracting the query axes of both operands in place avoids
+  # materialising transposed [b, G*b] copies of P and dS.
+  dk = _segment_sum(jnp.einsum("tkgqd,tkgqs->tkds", qt.astype(jnp.float32), ds), key, n).swapaxes(-1, -2)
+  dv = _segment_sum(jnp.einsum("tkgqd,tkgqs->tkds", dot_, p), key, n).swapaxes(-1, -2)
+  dq = dq[:n - 1].transpose(0, 3, 1, 2, 4).reshape(R, L, K, G, hd).astype(q.dtype)
+  dk = dk[:n - 1].transpose(0, 2, 1, 3).reshape(R, L, K, hd).astype(k.dtype)
+  dv = dv[:n - 1].transpose(0, 2, 1, 3).reshape(R, L, K, hd).astype(v.dtype)
+  return dq, dk, dv, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def block_sparse_attention(q: Array, k: Array, v: Array, segment_ids: Array, branch_ids: Optional[Array],
+                           blocks: AttentionBlocks) -> Array:
+  """Masked softmax attention computed only on `blocks` (see the module docstring).
+
+  Args:
+    q: `[R, L, K, G, hd]` queries, already scaled by `1/sqrt(hd)` and rotated (K key/value
+      heads, G query heads per key/value head).
+    k, v: `[R, L, K, hd]` keys (rotated) and values.
+    segment_ids, branch_ids: `[R, L]` as for `pofx.models.llama.attention_mask` (branch_ids may
+      be None).
+    blocks: from `attention_blocks(segment_ids, branch_ids, ...)` on the same batch.
+
+  Returns:
+    `[R, L, K, G, hd]` in q's dtype (scores, softmax and accumulation in float32).
+  """
+  R, L = segment_ids.shape
+  b = blocks.block_size
+  if L % b:
+    raise ValueError(f"block_sparse_attention: row length {L} is not a multiple of block_size {b}.")
+  if q.shape[:2] != (R, L) or k.shape[:2] != (R, L) or v.shape != k.shape:
+    raise ValueError(f"block_sparse_attention: q {q.shape}, k {k.shape}, v {v.shape} do not match "
+                     f"segment_ids {segment_ids.shape}.")
+  query = jnp.asarray(blocks.query_block, jnp.int32)
+  key = jnp.asarray(blocks.key_block, jnp.int32)
+  bias = _bias(jnp.asarray(segment_ids), None if branch_ids is None else jnp.asarray(branch_ids),
+               query, key, L // b, b)
+  return _attention(q, k, v, bias, query, key, b)

@@ -1,0 +1,153 @@
+"""Block-sparse attention: the host-built block list by hand and against a brute-force scan of the
+mask, and the model's outputs and gradients with block-sparse attention against the dense masked
+attention of the Flax `LlamaDecoder` (an independent implementation: `jax.nn.softmax` over the full
+`[L, L]` scores and autodiff), for every batch layout, several block sizes, float32 and bfloat16."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pofx import batching, logprobs, policy, sparse_attention
+from pofx.models import llama
+
+
+def _pairs(seed, n, max_p=9, max_c=11, vocab=97):
+  rng = np.random.default_rng(seed)
+  ids = lambda k: rng.integers(1, vocab, k).tolist()
+  lens = [(int(rng.integers(1, max_p)), int(rng.integers(1, max_c)), int(rng.integers(1, max_c)))
+          for _ in range(n)]
+  return [ids(p) for p, _, _ in lens], [ids(c) for _, c, _ in lens], [ids(r) for _, _, r in lens]
+
+
+def test_block_list_by_hand():
+  # One prompt-shared row [p p | c c | r r] of 6 tokens + 2 padding, blocks of 2:
+  # block 0 = prompt, 1 = chosen, 2 = rejected, 3 = padding.
+  b = batching.prompt_shared([[1, 2]], [[3, 4]], [[5, 6]], seq_bucket=8, completion_bucket=1)
+  blocks = sparse_attention.attention_blocks(b.segment_ids, b.branch_ids, block_size=2, bucket=4)
+  # prompt->prompt, chosen->prompt, chosen->chosen, rejected->prompt, rejected->rejected; no
+  # rejected->chosen, nothing for the padding block. Padding entries point one past (4).
+  np.testing.assert_array_equal(blocks.query_block, [0, 1, 1, 2, 2, 4, 4, 4])
+  np.testing.assert_array_equal(blocks.key_block, [0, 0, 1, 0, 2, 4, 4, 4])
+  assert blocks.block_size == 2 and blocks.num_pairs == 8
+
+
+@pytest.mark.parametrize("layout", ["fused", "prompt_shared", "packed"])
+def test_block_list_covers_exactly_the_used_blocks(layout):
+  p, c, r = _pairs(0, 7)
+  kw = dict(row_length=48) if layout == "packed" else dict(seq_bucket=8)
+  b = batching.build(layout, p, c, r, completion_bucket=4, **kw)
+  bs = 8
+  blocks = sparse_attention.attention_blocks(b.segment_ids, b.branch_ids, block_size=bs, bucket=1)
+  R, L = b.tokens.shape
+  nb = L // bs
+  mask = np.asarray(llama.attention_mask(b.segment_ids, b.branch_ids)) & (b.segment_ids > 0)[:, :, None]
+  expected = {(row * nb + i, row * nb + j) for row in range(R) for i in range(nb) for j in range(nb)
+              if mask[row, i * bs:(i + 1) * bs, j * bs:(j + 1) * bs].any()}
+  got = list(zip(blocks.query_block.tolist(), blocks.key_block.tolist()))
+  assert len(got) == len(set(got)) and set(got) == expected
+  assert got == sorted(got)
+
+
+def test_bad_row_length_and_arguments():
+  b = batching.prompt_shared([[1, 2]], [[3]], [[4]], seq_bucket=6, completion_bucket=1)
+  with pytest.raises(ValueError, match="multiple of block_size 4"):
+    sparse_attention.attention_blocks(b.segment_ids, b.branch_ids, block_size=4)
+  with pytest.raises(ValueError, match="block_size and bucket must be >= 1"):
+    sparse_attention.attention_blocks(b.segment_ids, b.branch_ids, block_size=0)
+  with pytest.raises(ValueError, match=r"must be \[R, L\]"):
+    sparse_attention.attention_blocks(np.ones(5, np.int32))
+
+
+def _model_and_batch(layout, block_size, dtype="float32", seed=0, n=6):
+  config = llama.tiny(dtype=dtype, attention_block=0)
+  params = llama.init_params(config, jax.random.key(seed))
+  p, c, r = _pairs(seed + 1, n)
+  bucket = max(block_size, 8)
+  kw = dict(row_length=4 * bucket) if layout == "packed" else dict(seq_bucket=bucket)
+  b = batching.build(layout, p, c, r, completion_bucket=4, **kw)
+  blocks = batching.attention_blocks(b, block_size=block_size, bucket=4)
+  return config, params, b, blocks
+
+
+@pytest.mark.parametrize("layout,block_size", [("fused", 8), ("prompt_shared", 8), ("prompt_shared", 4),
+                                               ("packed", 8), ("packed", 16)])
+def test_hidden_states_match_dense_attention(layout, block_size):
+  config, params, b, blocks = _model_and_batch(layout, block_size)
+  dense = llama.apply_fn(params, b.tokens, b.positions, b.segment_ids, b.branch_ids, config=config)
+  sparse = jax.jit(functools.partial(llama.apply_fn, config=config))(
+      params, b.tokens, b.positions, b.segment_ids, b.branch_ids, attention_blocks=blocks)
+  real = np.asarray(b.segment_ids) > 0
+  np.testing.assert_allclose(np.asarray(sparse)[real], np.asarray(dense)[real], atol=2e-5, rtol=2e-5)
+  assert np.isfinite(np.asarray(sparse)).all()
+
+
+@pytest.mark.parametrize("layout", ["fused", "prompt_shared", "packed"])
+def test_dpo_gradients_match_dense_attention(layout):
+  config, params, b, blocks = _model_and_batch(layout, 8, seed=3)
+  model = llama.make(config)
+  fn = policy.make_logps_fn(model.apply, model.head)
+
+  def loss(params, batch):
+    out = fn(params, batch)
+    w = jnp.arange(1, out.chosen.shape[0] + 1, dtype=jnp.float32)
+    return jnp.sum(w * jax.nn.log_sigmoid(0.1 * (out.chosen - out.rejected)))
+
+  v0, g0 = jax.value_and_grad(loss)(params, {"pairs": b})
+  v1, g1 = jax.jit(jax.value_and_grad(loss))(params, {"pairs": b, "attention_blocks": blocks})
+  np.testing.assert_allclose(v1, v0, rtol=1e-5)
+  for path, a, e in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5 * float(np.abs(e).max()) + 1e-8,
+                               err_msg=jax.tree_util.keystr(path[0]))
+
+
+def test_attention_op_gradients_against_dense_softmax():
+  # The op alone: random q, k, v on a packed batch; dense reference = softmax over the full mask.
+  p, c, r = _pairs(5, 5)
+  b = batching.packed(p, c, r, row_length=32, completion_bucket=4)
+  blocks = sparse_attention.attention_blocks(b.segment_ids, b.branch_ids, block_size=8, bucket=8)
+  R, L = b.tokens.shape
+  K, G, hd = 2, 3, 4
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (R, L, K, G, hd))
+  k = jax.random.normal(ks[1], (R, L, K, hd))
+  v = jax.random.normal(ks[2], (R, L, K, hd))
+  real = jnp.asarray(b.segment_ids > 0, jnp.float32)
+  w = jax.random.normal(ks[3], (R, L, K, G, hd)) * real[:, :, None, None, None]
+  mask = llama.attention_mask(b.segment_ids, b.branch_ids)
+
+  def dense(q, k, v):
+    s = jnp.einsum("rqkgd,rskd->rkgqs", q, k)
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    return jnp.einsum("rkgqs,rskd->rqkgd", jax.nn.softmax(s, axis=-1), v)
+
+  sparse = lambda q, k, v: sparse_attention.block_sparse_attention(q, k, v, b.segment_ids, b.branch_ids, blocks)
+  f0 = lambda *a: jnp.sum(w * dense(*a))
+  f1 = lambda *a: jnp.sum(w * sparse(*a))
+  np.testing.assert_allclose(f1(q, k, v), f0(q, k, v), rtol=1e-5)
+  for a, e in zip(jax.grad(f1, argnums=(0, 1, 2))(q, k, v), jax.grad(f0, argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-5)
+  jax.test_util.check_grads(f1, (q, k, v), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+def test_bfloat16_close_to_float32_dense():
+  config, params, b, blocks = _model_and_batch("prompt_shared", 8, dtype="bfloat16", seed=7)
+  ref = llama.apply_fn(params, b.tokens, b.positions, b.segment_ids, b.branch_ids,
+                       config=config.replace(dtype="float32"))
+  out = llama.apply_fn(params, b.tokens, b.positions, b.segment_ids, b.branch_ids, config=config,
+                       attention_blocks=blocks)
+  assert out.dtype == jnp.bfloat16
+  real = np.asarray(b.segment_ids) > 0
+  np.testing.assert_allclose(np.asarray(out, np.float32)[real], np.asarray(ref)[real], atol=0.1, rtol=0.05)
+
+
+def test_remat_same_gradients():
+  config, params, b, blocks = _model_and_batch("prompt_shared", 8, seed=2)
+  def grads(cfg):
+    model = llama.make(cfg)
+    fn = policy.make_logps_fn(model.apply, model.head)
+    return jax.grad(lambda p: jnp.sum(fn(p, {"pairs": b, "attention_blocks": blocks}).chosen))(params)
+  for a, e in zip(jax.tree.leaves(grads(config.replace(remat=True))), jax.tree.leaves(grads(config))):
+    np.testing.assert_allclose(a, e, atol=1e-6, rtol=1e-5)
