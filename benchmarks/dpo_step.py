@@ -2,7 +2,8 @@
 
     python benchmarks/dpo_step.py --workload {fixed,variable} --reference {frozen,cached,multi}
         --perturbation {none,sam,awp} [--layout {prompt_shared,fused,packed}]
-        [--logprobs {chunked,naive}] [--steps 30] [--bs 8] [--json PATH]
+        [--logprobs {chunked,naive}] [--attention {block_sparse,dense}] [--block_size 64]
+        [--save_probs] [--steps 30] [--bs 8] [--json PATH]
 
 Model: the `bench` preset (hidden 256, 4 layers, 8 heads, 4 KV heads, MLP 688, vocab 4096,
 untied; 5.0 M parameters), float32, AdamW lr 1e-6, DPO beta 0.1: the TRL baseline's settings.
@@ -83,7 +84,9 @@ def naive_logps_fn(model):
 
   def fn(params, batch):
     pairs = batch["pairs"]
-    logits = model.logits(params, pairs.tokens, pairs.positions, pairs.segment_ids, pairs.branch_ids)
+    kw = {"attention_blocks": batch["attention_blocks"]} if "attention_blocks" in batch else {}
+    hidden = model.apply(params, pairs.tokens, pairs.positions, pairs.segment_ids, pairs.branch_ids, **kw)
+    logits = jnp.einsum("rld,dv->rlv", hidden, model.head(params), preferred_element_type=jnp.float32)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     R, L, V = logp.shape
     flat = logp.reshape(R * L, V)
@@ -113,6 +116,10 @@ def parser():
   ap.add_argument("--perturbation", choices=["none", "sam", "awp"], default="none")
   ap.add_argument("--layout", choices=list(batching.LAYOUTS), default="prompt_shared")
   ap.add_argument("--logprobs", choices=["chunked", "naive"], default="chunked")
+  ap.add_argument("--attention", choices=["dense", "block_sparse"], default="block_sparse",
+                  help="block_sparse: only the (query, key) block pairs the mask uses (pofx.sparse_attention)")
+  ap.add_argument("--block_size", type=int, default=64, help="block_sparse attention block size")
+  ap.add_argument("--save_probs", action="store_true", help="store head probabilities (no logits recompute)")
   ap.add_argument("--chunk_size", type=int, default=1024)
   ap.add_argument("--row_length", type=int, default=1024, help="packed layout row length")
   ap.add_argument("--preset", default="bench")
@@ -134,7 +141,7 @@ class Bench:
     params = model.init(jax.random.key(0))
     self.n_params = sum(x.size for x in jax.tree.leaves(params))
     if a.logprobs == "chunked":
-      logps_fn = policy.make_logps_fn(model.apply, model.head, chunk_size=a.chunk_size)
+      logps_fn = policy.make_logps_fn(model.apply, model.head, chunk_size=a.chunk_size, save_probs=a.save_probs)
     else:
       logps_fn = naive_logps_fn(model)
     self.data = dataset(a.workload)
@@ -157,7 +164,7 @@ class Bench:
         ch = np.zeros(N_PAIRS, np.float32)
         rj = np.zeros(N_PAIRS, np.float32)
         for idx in all_idx:
-          out = pre(mp, {"pairs": make_pairs(a.layout, self.data, idx, row_length=a.row_length)})
+          out = pre(mp, self.model_batch(idx))
           ch[idx], rj[idx] = np.asarray(out.chosen), np.asarray(out.rejected)
         self.cache[k] = (ch, rj)
       self.t_pre = time.perf_counter() - t0
@@ -195,12 +202,21 @@ class Bench:
   def batch(self, i):
     """Host-side batch building for step i (layout + the cached reference log-probs)."""
     a, idx = self.a, self.steps_idx[i % len(self.steps_idx)]
-    b = {"pairs": make_pairs(a.layout, self.data, idx, row_length=a.row_length)}
+    b = self.model_batch(idx)
     if a.reference == "cached":
       b["ref_chosen_logps"], b["ref_rejected_logps"] = self.cache[0][0][idx], self.cache[0][1][idx]
     elif a.reference == "multi":
       for k in (0, 1):
         b[f"ref{k}_chosen_logps"], b[f"ref{k}_rejected_logps"] = self.cache[k][0][idx], self.cache[k][1][idx]
+    return b
+
+  def model_batch(self, idx):
+    """The layout of pairs `idx`, with the block list of its attention mask when block-sparse."""
+    a = self.a
+    pairs = make_pairs(a.layout, self.data, idx, row_length=a.row_length)
+    b = {"pairs": pairs}
+    if a.attention == "block_sparse":
+      b["attention_blocks"] = batching.attention_blocks(pairs, block_size=a.block_size)
     return b
 
   def run(self, first: int, n: int):
@@ -234,7 +250,8 @@ def main(argv=None):
   res = {
       "system": f"pofx {pofx.__version__} / jax {jax.__version__}", "device": str(jax.devices()[0].device_kind),
       "workload": a.workload, "reference": a.reference, "perturbation": a.perturbation, "layout": a.layout,
-      "logprobs": a.logprobs, "preset": a.preset, "dtype": a.dtype, "remat": a.remat,
+      "logprobs": a.logprobs, "attention": a.attention, "block_size": a.block_size,
+      "save_probs": a.save_probs, "preset": a.preset, "dtype": a.dtype, "remat": a.remat,
       "n_params": int(bench.n_params),
       "pairs_per_step": a.bs, "steps": len(durations), "distinct_shapes": len(bench.flops_by_shape),
       "compile_s": round(bench.t_compile, 2), "precompute_s": round(bench.t_pre, 2),

@@ -419,7 +419,9 @@ def _apply_block_sparse(params, tokens, positions, segment_ids, branch_ids, bloc
   H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
   G = H // K
   inv_freq = rope_inv_freq(cfg)
-  x = jnp.take(params["embed"]["embedding"].astype(dtype), tokens, axis=0)
+  # Activations stay [R * L, D]: with one token axis XLA:CPU computes the weight gradients
+  # without writing transposed copies of the activation gradients (2-D x 2-D dots).
+  x = jnp.take(params["embed"]["embedding"].astype(dtype), tokens.reshape(R * L), axis=0)
 
   def block(x, p):
     h = _rms_norm(x, p["input_norm"]["scale"], cfg.rms_norm_eps, dtype)
@@ -429,7 +431,7 @@ def _apply_block_sparse(params, tokens, positions, segment_ids, branch_ids, bloc
     v = _matmul(h, a["v_proj"]["kernel"], dtype).reshape(R, L, K, hd)
     q = (q * (1.0 / math.sqrt(hd))).astype(dtype).reshape(R, L, K, G, hd)
     out = sparse_attention.block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks)
-    x = x + _matmul(out.reshape(R, L, H * hd), a["o_proj"]["kernel"], dtype)
+    x = x + _matmul(out.reshape(R * L, H * hd), a["o_proj"]["kernel"], dtype)
     h = _rms_norm(x, p["post_attn_norm"]["scale"], cfg.rms_norm_eps, dtype)
     m = p["mlp"]
     gate = _matmul(h, m["gate_proj"]["kernel"], dtype)
@@ -440,7 +442,7 @@ def _apply_block_sparse(params, tokens, positions, segment_ids, branch_ids, bloc
     block = jax.checkpoint(block, prevent_cse=True, policy=_REMAT_POLICIES[cfg.remat_policy])
   for i in range(cfg.num_layers):
     x = block(x, params[f"layers_{i}"])
-  return _rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps, dtype)
+  return _rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps, dtype).reshape(R, L, -1)
 
 
 def lm_head(params: Params, config: LlamaConfig) -> Array:
