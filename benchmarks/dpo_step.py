@@ -3,7 +3,7 @@
     python benchmarks/dpo_step.py --workload {fixed,variable} --reference {frozen,cached,multi}
         --perturbation {none,sam,awp} [--layout {prompt_shared,fused,packed}]
         [--logprobs {chunked,naive}] [--attention {block_sparse,dense}] [--block_size 64]
-        [--save_probs] [--steps 30] [--bs 8] [--json PATH]
+        [--save_probs] [--scored {compact,slots}] [--steps 30] [--bs 8] [--json PATH]
 
 Model: the `bench` preset (hidden 256, 4 layers, 8 heads, 4 KV heads, MLP 688, vocab 4096,
 untied; 5.0 M parameters), float32, AdamW lr 1e-6, DPO beta 0.1: the TRL baseline's settings.
@@ -71,12 +71,12 @@ def batch_order(n_steps: int, bs: int, seed: int = 0):
   return [order[i * bs:(i + 1) * bs] for i in range(n_steps)]
 
 
-def make_pairs(layout, data, idx, *, row_length):
+def make_pairs(layout, data, idx, *, row_length, completion_bucket=64):
   prompts, chosen, rejected, _ = data
   p, c, r = [prompts[i] for i in idx], [chosen[i] for i in idx], [rejected[i] for i in idx]
   if layout == "packed":
-    return batching.packed(p, c, r, row_length=row_length, rows_bucket=2, completion_bucket=64)
-  return batching.build(layout, p, c, r, seq_bucket=64, completion_bucket=64)
+    return batching.packed(p, c, r, row_length=row_length, rows_bucket=2, completion_bucket=completion_bucket)
+  return batching.build(layout, p, c, r, seq_bucket=64, completion_bucket=completion_bucket)
 
 
 def naive_logps_fn(model):
@@ -119,7 +119,15 @@ def parser():
   ap.add_argument("--attention", choices=["dense", "block_sparse"], default="block_sparse",
                   help="block_sparse: only the (query, key) block pairs the mask uses (pofx.sparse_attention)")
   ap.add_argument("--block_size", type=int, default=64, help="block_sparse attention block size")
+  ap.add_argument("--completion_bucket", type=int, default=64,
+                  help="padded completion length T rounded up to a multiple of this (with --scored compact the "
+                       "[B, T] arrays are only indices, so a coarse bucket costs nothing and means fewer shapes)")
+  ap.add_argument("--blocks_bucket", type=int, default=32, help="block-pair count rounded up to a multiple of this")
+  ap.add_argument("--scored_bucket", type=int, default=256, help="scored-token count rounded up to a multiple of this")
   ap.add_argument("--save_probs", action="store_true", help="store head probabilities (no logits recompute)")
+  ap.add_argument("--scored", choices=["compact", "slots"], default="compact",
+                  help="compact: the head and the last block's MLP run on real completion tokens only "
+                       "(batching.scored_tokens); slots: on every padded [B, T] completion slot")
   ap.add_argument("--chunk_size", type=int, default=1024)
   ap.add_argument("--row_length", type=int, default=1024, help="packed layout row length")
   ap.add_argument("--preset", default="bench")
@@ -213,10 +221,12 @@ class Bench:
   def model_batch(self, idx):
     """The layout of pairs `idx`, with the block list of its attention mask when block-sparse."""
     a = self.a
-    pairs = make_pairs(a.layout, self.data, idx, row_length=a.row_length)
+    pairs = make_pairs(a.layout, self.data, idx, row_length=a.row_length, completion_bucket=a.completion_bucket)
     b = {"pairs": pairs}
     if a.attention == "block_sparse":
-      b["attention_blocks"] = batching.attention_blocks(pairs, block_size=a.block_size)
+      b["attention_blocks"] = batching.attention_blocks(pairs, block_size=a.block_size, bucket=a.blocks_bucket)
+    if a.scored == "compact":
+      b["scored_tokens"] = batching.scored_tokens(pairs, bucket=a.scored_bucket)
     return b
 
   def run(self, first: int, n: int):
@@ -251,7 +261,7 @@ def main(argv=None):
       "system": f"pofx {pofx.__version__} / jax {jax.__version__}", "device": str(jax.devices()[0].device_kind),
       "workload": a.workload, "reference": a.reference, "perturbation": a.perturbation, "layout": a.layout,
       "logprobs": a.logprobs, "attention": a.attention, "block_size": a.block_size,
-      "save_probs": a.save_probs, "preset": a.preset, "dtype": a.dtype, "remat": a.remat,
+      "save_probs": a.save_probs, "scored": a.scored, "preset": a.preset, "dtype": a.dtype, "remat": a.remat,
       "n_params": int(bench.n_params),
       "pairs_per_step": a.bs, "steps": len(durations), "distinct_shapes": len(bench.flops_by_shape),
       "compile_s": round(bench.t_compile, 2), "precompute_s": round(bench.t_pre, 2),

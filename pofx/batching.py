@@ -280,6 +280,46 @@ def packed(prompts, chosen, rejected, *, row_length: int, num_rows: Optional[int
   return _place(pairs, placements, R, int(row_length), T, B, pad_id, "packed")
 
 
+@dataclasses.dataclass(frozen=True)
+class ScoredTokens:
+  """The real completion tokens of a `PairBatch`, compacted (host-built by `scored_tokens`).
+
+  index: `[N]` int32 flat positions `row * L + column` whose outputs predict a real (mask 1)
+    completion token: chosen tokens first (pair by pair), then rejected ones; padding entries 0.
+  slot: `[N]` int32 where each one goes in the concatenated completion slots `[chosen [B, T] |
+    rejected [B, T]]` flattened (`b * T + t`, rejected offset by `B * T`); padding entries hold
+    `2 * B * T`, one past the end (dropped).
+  N is the real-token count rounded up to the bucket, so the LM head runs on real tokens only
+  instead of every `[B, T]` slot (padded completions can be half the slots).
+  """
+
+  index: np.ndarray
+  slot: np.ndarray
+
+
+jax.tree_util.register_dataclass(ScoredTokens, data_fields=["index", "slot"], meta_fields=[])
+
+
+def scored_tokens(batch: PairBatch, *, bucket: int = 128) -> ScoredTokens:
+  """`ScoredTokens` of `batch` (numpy): pass them as `batch["scored_tokens"]` next to the pairs
+  and `pofx.policy.make_logps_fn` scores only those (same `PairLogps`)."""
+  if bucket < 1:
+    raise ValueError(f"scored_tokens: bucket must be >= 1, got {bucket}.")
+  B, T = np.shape(batch.chosen_targets)
+  if np.shape(batch.rejected_targets) != (B, T):
+    raise ValueError("scored_tokens: chosen and rejected completions must share the padded length T "
+                     f"(got {np.shape(batch.chosen_targets)} and {np.shape(batch.rejected_targets)}).")
+  masks = np.concatenate([np.asarray(batch.chosen_mask).reshape(-1), np.asarray(batch.rejected_mask).reshape(-1)])
+  indices = np.concatenate([np.asarray(batch.chosen_index).reshape(-1), np.asarray(batch.rejected_index).reshape(-1)])
+  slot = np.flatnonzero(masks > 0).astype(np.int32)
+  n = -(-max(len(slot), 1) // bucket) * bucket
+  out_index = np.zeros(n, np.int32)
+  out_slot = np.full(n, 2 * B * T, np.int32)
+  out_index[:len(slot)] = indices[slot]
+  out_slot[:len(slot)] = slot
+  return ScoredTokens(out_index, out_slot)
+
+
 def attention_blocks(batch: PairBatch, *, block_size: int = 64, bucket: int = 8):
   """The block pairs of `batch`'s attention mask to compute (`pofx.sparse_attention`).
 

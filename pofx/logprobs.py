@@ -45,6 +45,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pofx._pair_logps import PairLogps
 
@@ -201,7 +202,7 @@ _logps_saved_probs.defvjp(_saved_probs_fwd, _saved_probs_bwd)
 
 def pair_logps(hidden: Array, head_weight: Array, batch, *, chunk_size: int = 1024,
                with_log_sum_sq_probs: bool = False, with_entropy: bool = False,
-               compute_dtype=None, save_probs: bool = False):
+               compute_dtype=None, save_probs: bool = False, scored=None):
   """`PairLogps` of a preference batch from one forward pass over any `pofx.batching` layout.
 
   Gathers, for every chosen and rejected completion token, the hidden state of the position that
@@ -218,21 +219,36 @@ def pair_logps(hidden: Array, head_weight: Array, batch, *, chunk_size: int = 10
       `[B (Tc + Tr), V]` float32 probabilities of all completion tokens for the backward pass).
     with_log_sum_sq_probs: fill `chosen/rejected_log_sum_sq_probs` (WPO).
     with_entropy: also return the per-token entropies.
+    scored: optional `pofx.batching.ScoredTokens` of `batch`; then `hidden` is `[N, D]`, the
+      outputs at `scored.index` only (`apply_fn(..., output_index=scored.index)`), and the head
+      runs on those N real tokens; the per-token results are scattered back to the `[B, T]` slots
+      (0 elsewhere), so the result is the same `PairLogps`.
 
   Returns:
     `PairLogps`, or `(PairLogps, {"chosen": [B, T], "rejected": [B, T]})` entropies (zero outside
     the masks) when `with_entropy`.
   """
   from pofx import batching  # local import: batching is host-side numpy + this one gather
-  h_c, h_r = batching.gather_completions(hidden, batch)
   B, Tc = batch.chosen_targets.shape
   Tr = batch.rejected_targets.shape[1]
   D = hidden.shape[-1]
-  h = jnp.concatenate([h_c.reshape(B * Tc, D), h_r.reshape(B * Tr, D)], axis=0)
   t = jnp.concatenate([jnp.reshape(batch.chosen_targets, (-1,)), jnp.reshape(batch.rejected_targets, (-1,))])
+  if scored is None:
+    h_c, h_r = batching.gather_completions(hidden, batch)
+    h = jnp.concatenate([h_c.reshape(B * Tc, D), h_r.reshape(B * Tr, D)], axis=0)
+  else:
+    if hidden.ndim != 2 or hidden.shape[0] != np.shape(scored.index)[-1]:
+      raise ValueError(f"pair_logps: with `scored`, hidden must be [N, D] with N = {np.shape(scored.index)[-1]} "
+                       f"(the outputs at scored.index); got {hidden.shape}.")
+    h = hidden
+    t = jnp.concatenate([t, jnp.zeros((1,), t.dtype)])[scored.slot]
   out = token_logps(h, head_weight, t, chunk_size=chunk_size, with_entropy=with_entropy,
                     with_log_sum_sq_probs=with_log_sum_sq_probs, compute_dtype=compute_dtype,
                     save_probs=save_probs)
+  if scored is not None:   # back to the [B * Tc + B * Tr] slots (padding entries land in one extra slot)
+    n_slots = B * Tc + B * Tr
+    out = TokenLogps(*[None if x is None else jnp.zeros((n_slots + 1,), x.dtype).at[scored.slot].set(x)[:n_slots]
+                       for x in out])
   split = lambda x: (x[:B * Tc].reshape(B, Tc), x[B * Tc:].reshape(B, Tr))
   c_lp, r_lp = split(out.logps)
   kw = {}

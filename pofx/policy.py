@@ -22,10 +22,13 @@ def make_logps_fn(apply: Callable[..., Any], head: Callable[[Any], Any], *, chun
   When the batch also holds `batch["attention_blocks"]` (a host-built
   `pofx.sparse_attention.AttentionBlocks` for these rows, `pofx.batching.attention_blocks(pairs)`),
   it is passed on as `apply(..., attention_blocks=...)`: block-sparse attention, same log-probs.
+  When it holds `batch["scored_tokens"]` (`pofx.batching.scored_tokens(pairs)`), the model is
+  asked for the outputs at the real completion positions only (`apply(..., output_index=...)`)
+  and the head scores just those tokens: same log-probs, no work on padded completion slots.
 
   Args:
     apply: `apply(params, tokens, positions, segment_ids, branch_ids) -> hidden [R, L, D]`
-      (accepting `attention_blocks=` when batches carry them).
+      (accepting `attention_blocks=` / `output_index=` when batches carry blocks / scored tokens).
     head: `head(params) -> [D, V]` LM-head weight.
     chunk_size: tokens per log-softmax chunk (see `pofx.logprobs.token_logps`).
     with_log_sum_sq_probs: also fill the per-token `log sum_v p_v^2` (needed by WPO weighting).
@@ -37,11 +40,14 @@ def make_logps_fn(apply: Callable[..., Any], head: Callable[[Any], Any], *, chun
 
   def logps_fn(params, batch) -> PairLogps:
     pairs = batch["pairs"]
-    blocks = batch.get("attention_blocks") if hasattr(batch, "get") else None
+    get = batch.get if hasattr(batch, "get") else (lambda k: None)
+    blocks, scored = get("attention_blocks"), get("scored_tokens")
     kwargs = {} if blocks is None else {"attention_blocks": blocks}
+    if scored is not None:
+      kwargs["output_index"] = scored.index
     hidden = apply(params, pairs.tokens, pairs.positions, pairs.segment_ids, pairs.branch_ids, **kwargs)
     return logprobs.pair_logps(hidden, head(params), pairs, chunk_size=chunk_size,
                                with_log_sum_sq_probs=with_log_sum_sq_probs, compute_dtype=compute_dtype,
-                               save_probs=save_probs)
+                               save_probs=save_probs, scored=scored)
 
   return logps_fn

@@ -151,3 +151,46 @@ def test_remat_same_gradients():
     return jax.grad(lambda p: jnp.sum(fn(p, {"pairs": b, "attention_blocks": blocks}).chosen))(params)
   for a, e in zip(jax.tree.leaves(grads(config.replace(remat=True))), jax.tree.leaves(grads(config))):
     np.testing.assert_allclose(a, e, atol=1e-6, rtol=1e-5)
+
+
+# Scored-token compaction (`batching.scored_tokens`): the head and the last block's per-token work
+# run on real completion tokens only; the log-probs must equal the padded-slot computation.
+
+def test_scored_tokens_by_hand():
+  b = batching.prompt_shared([[5, 6], [11]], [[7, 8, 9], [12]], [[10], [13, 14]], seq_bucket=1,
+                             completion_bucket=4)
+  st = batching.scored_tokens(b, bucket=4)
+  # B=2, T=4: chosen slots 0-3 (pair 0), 4-7 (pair 1); rejected slots 8-15. Real: chosen 0,1,2 and
+  # 4; rejected 8 and 12, 13. Row length 6 (pair 0) -> flat index row * 6 + column.
+  np.testing.assert_array_equal(st.slot, [0, 1, 2, 4, 8, 12, 13, 16])
+  np.testing.assert_array_equal(st.index, [1, 2, 3, 6 + 0, 1, 6 + 0, 6 + 2, 0])
+  with pytest.raises(ValueError, match="bucket must be >= 1"):
+    batching.scored_tokens(b, bucket=0)
+
+
+@pytest.mark.parametrize("layout,sparse", [("fused", False), ("prompt_shared", True), ("packed", True),
+                                           ("packed", False)])
+def test_scored_tokens_same_logps_and_gradients(layout, sparse):
+  config, params, b, blocks = _model_and_batch(layout, 8, seed=11)
+  model = llama.make(config)
+  fn = policy.make_logps_fn(model.apply, model.head, with_log_sum_sq_probs=True)
+  compact = {"pairs": b, "scored_tokens": batching.scored_tokens(b, bucket=16)}
+  if sparse:
+    compact["attention_blocks"] = blocks
+
+  def loss(params, batch):
+    out = fn(params, batch)
+    return jnp.sum(jax.nn.log_sigmoid(0.1 * (out.chosen - out.rejected))) + 1e-3 * jnp.sum(out.chosen_log_sum_sq_probs)
+
+  ref = fn(params, {"pairs": b})
+  got = jax.jit(fn)(params, compact)
+  for name in ("chosen", "rejected", "chosen_token_logps", "rejected_token_logps"):
+    np.testing.assert_allclose(getattr(got, name), getattr(ref, name), atol=2e-5, rtol=1e-5, err_msg=name)
+  for side in ("chosen", "rejected"):
+    m = np.asarray(getattr(ref, f"{side}_mask")) > 0
+    np.testing.assert_allclose(np.asarray(getattr(got, f"{side}_log_sum_sq_probs"))[m],
+                               np.asarray(getattr(ref, f"{side}_log_sum_sq_probs"))[m], atol=2e-5, rtol=1e-5)
+  g0 = jax.grad(loss)(params, {"pairs": b})
+  g1 = jax.jit(jax.grad(loss))(params, compact)
+  for a, e in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5 * float(np.abs(e).max()) + 1e-8)

@@ -389,7 +389,8 @@ def init_params(config: LlamaConfig, rng: Array) -> Params:
 
 def apply_fn(params: Params, tokens: Array, positions: Array, segment_ids: Array,
              branch_ids: Optional[Array] = None, *, config: LlamaConfig,
-             attention_blocks: Optional[sparse_attention.AttentionBlocks] = None) -> Array:
+             attention_blocks: Optional[sparse_attention.AttentionBlocks] = None,
+             output_index: Optional[Array] = None) -> Array:
   """Final hidden states `[B, L, D]` (in `config.dtype`) for `tokens [B, L]` int.
 
   Args:
@@ -404,16 +405,26 @@ def apply_fn(params: Params, tokens: Array, positions: Array, segment_ids: Array
       for this batch (`sparse_attention.attention_blocks(segment_ids, branch_ids)`): attention is
       then computed only on the block pairs the mask uses (`_apply_block_sparse`), same result
       for every real token. None: dense masked attention (`LlamaDecoder`).
+    output_index: optional `[N]` int flat positions `row * L + column`; the result is then the
+      `[N, D]` hidden states at those positions only. With `attention_blocks`, the last block's
+      output projection, MLP and the final norm run at those positions only (every position's
+      keys and values are still computed); without, the full output is gathered.
   """
   _check_inputs(tokens, positions, segment_ids, branch_ids)
   if attention_blocks is not None:
-    return _apply_block_sparse(params, tokens, positions, segment_ids, branch_ids, attention_blocks, config)
-  return LlamaDecoder(config).apply({"params": params}, tokens, positions, segment_ids, branch_ids)
+    return _apply_block_sparse(params, tokens, positions, segment_ids, branch_ids, attention_blocks, config,
+                               output_index)
+  h = LlamaDecoder(config).apply({"params": params}, tokens, positions, segment_ids, branch_ids)
+  if output_index is None:
+    return h
+  return h.reshape(-1, h.shape[-1])[jnp.asarray(output_index)]
 
 
-def _apply_block_sparse(params, tokens, positions, segment_ids, branch_ids, blocks, cfg: LlamaConfig):
+def _apply_block_sparse(params, tokens, positions, segment_ids, branch_ids, blocks, cfg: LlamaConfig,
+                        output_index=None):
   """`LlamaDecoder`'s computation as plain functions of the same parameter tree, with the
-  attention of `sparse_attention.block_sparse_attention` (only the listed block pairs)."""
+  attention of `sparse_attention.block_sparse_attention` (only the listed block pairs); with
+  `output_index`, the last block after its attention runs on those positions only."""
   dtype = cfg.compute_dtype
   R, L = tokens.shape
   H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
@@ -423,26 +434,31 @@ def _apply_block_sparse(params, tokens, positions, segment_ids, branch_ids, bloc
   # without writing transposed copies of the activation gradients (2-D x 2-D dots).
   x = jnp.take(params["embed"]["embedding"].astype(dtype), tokens.reshape(R * L), axis=0)
 
-  def block(x, p):
+  def block(x, p, index=None):
     h = _rms_norm(x, p["input_norm"]["scale"], cfg.rms_norm_eps, dtype)
     a = p["attn"]
     q = apply_rope(_matmul(h, a["q_proj"]["kernel"], dtype).reshape(R, L, H, hd), positions, inv_freq)
     k = apply_rope(_matmul(h, a["k_proj"]["kernel"], dtype).reshape(R, L, K, hd), positions, inv_freq)
     v = _matmul(h, a["v_proj"]["kernel"], dtype).reshape(R, L, K, hd)
     q = (q * (1.0 / math.sqrt(hd))).astype(dtype).reshape(R, L, K, G, hd)
-    out = sparse_attention.block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks)
-    x = x + _matmul(out.reshape(R * L, H * hd), a["o_proj"]["kernel"], dtype)
+    out = sparse_attention.block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks).reshape(R * L, H * hd)
+    if index is not None:   # only these positions' outputs are used: the rest is per-token work
+      x, out = x[index], out[index]
+    x = x + _matmul(out, a["o_proj"]["kernel"], dtype)
     h = _rms_norm(x, p["post_attn_norm"]["scale"], cfg.rms_norm_eps, dtype)
     m = p["mlp"]
-    gate = _matmul(h, m["gate_proj"]["kernel"], dtype)
-    up = _matmul(h, m["up_proj"]["kernel"], dtype)
+    F = cfg.mlp_size
+    gate_up = _matmul(h, jnp.concatenate([m["gate_proj"]["kernel"], m["up_proj"]["kernel"]], axis=1), dtype)
+    gate, up = gate_up[:, :F], gate_up[:, F:]
     return x + _matmul(jax.nn.silu(gate) * up, m["down_proj"]["kernel"], dtype)
 
   if cfg.remat:
     block = jax.checkpoint(block, prevent_cse=True, policy=_REMAT_POLICIES[cfg.remat_policy])
   for i in range(cfg.num_layers):
-    x = block(x, params[f"layers_{i}"])
-  return _rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps, dtype).reshape(R, L, -1)
+    last = i == cfg.num_layers - 1
+    x = block(x, params[f"layers_{i}"], *([jnp.asarray(output_index)] if last and output_index is not None else []))
+  x = _rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps, dtype)
+  return x if output_index is not None else x.reshape(R, L, -1)
 
 
 def lm_head(params: Params, config: LlamaConfig) -> Array:
