@@ -41,6 +41,7 @@ from pofx import batching, models, perturbations, policy, references, train  # n
 
 VOCAB = 4096
 N_PAIRS = 256
+GEOMETRIC = batching.geometric_buckets(1 << 20)   # 8, 9, ..., 15, 16, 18, ..., 30, 32, 36, ...
 
 
 def lengths(workload: str, seed: int = 0):
@@ -122,8 +123,10 @@ def parser():
   ap.add_argument("--completion_bucket", type=int, default=64,
                   help="padded completion length T rounded up to a multiple of this (with --scored compact the "
                        "[B, T] arrays are only indices, so a coarse bucket costs nothing and means fewer shapes)")
-  ap.add_argument("--blocks_bucket", type=int, default=32, help="block-pair count rounded up to a multiple of this")
-  ap.add_argument("--scored_bucket", type=int, default=256, help="scored-token count rounded up to a multiple of this")
+  ap.add_argument("--blocks_bucket", type=int, default=0,
+                  help="block-pair count rounded up to a multiple of this; 0: geometric buckets (8 per doubling)")
+  ap.add_argument("--scored_bucket", type=int, default=0,
+                  help="scored-token count rounded up to a multiple of this; 0: geometric buckets (8 per doubling)")
   ap.add_argument("--save_probs", action="store_true", help="store head probabilities (no logits recompute)")
   ap.add_argument("--scored", choices=["compact", "slots"], default="compact",
                   help="compact: the head and the last block's MLP run on real completion tokens only "
@@ -224,9 +227,10 @@ class Bench:
     pairs = make_pairs(a.layout, self.data, idx, row_length=a.row_length, completion_bucket=a.completion_bucket)
     b = {"pairs": pairs}
     if a.attention == "block_sparse":
-      b["attention_blocks"] = batching.attention_blocks(pairs, block_size=a.block_size, bucket=a.blocks_bucket)
+      b["attention_blocks"] = batching.attention_blocks(pairs, block_size=a.block_size,
+                                                       bucket=a.blocks_bucket or GEOMETRIC)
     if a.scored == "compact":
-      b["scored_tokens"] = batching.scored_tokens(pairs, bucket=a.scored_bucket)
+      b["scored_tokens"] = batching.scored_tokens(pairs, bucket=a.scored_bucket or GEOMETRIC)
     return b
 
   def run(self, first: int, n: int):

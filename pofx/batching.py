@@ -300,11 +300,10 @@ class ScoredTokens:
 jax.tree_util.register_dataclass(ScoredTokens, data_fields=["index", "slot"], meta_fields=[])
 
 
-def scored_tokens(batch: PairBatch, *, bucket: int = 128) -> ScoredTokens:
+def scored_tokens(batch: PairBatch, *, bucket: Bucket = 128) -> ScoredTokens:
   """`ScoredTokens` of `batch` (numpy): pass them as `batch["scored_tokens"]` next to the pairs
-  and `pofx.policy.make_logps_fn` scores only those (same `PairLogps`)."""
-  if bucket < 1:
-    raise ValueError(f"scored_tokens: bucket must be >= 1, got {bucket}.")
+  and `pofx.policy.make_logps_fn` scores only those (same `PairLogps`). The token count is
+  rounded up by `bucket_length(n, bucket)`."""
   B, T = np.shape(batch.chosen_targets)
   if np.shape(batch.rejected_targets) != (B, T):
     raise ValueError("scored_tokens: chosen and rejected completions must share the padded length T "
@@ -312,7 +311,7 @@ def scored_tokens(batch: PairBatch, *, bucket: int = 128) -> ScoredTokens:
   masks = np.concatenate([np.asarray(batch.chosen_mask).reshape(-1), np.asarray(batch.rejected_mask).reshape(-1)])
   indices = np.concatenate([np.asarray(batch.chosen_index).reshape(-1), np.asarray(batch.rejected_index).reshape(-1)])
   slot = np.flatnonzero(masks > 0).astype(np.int32)
-  n = -(-max(len(slot), 1) // bucket) * bucket
+  n = bucket_length(max(len(slot), 1), bucket)
   out_index = np.zeros(n, np.int32)
   out_slot = np.full(n, 2 * B * T, np.int32)
   out_index[:len(slot)] = indices[slot]
@@ -320,15 +319,29 @@ def scored_tokens(batch: PairBatch, *, bucket: int = 128) -> ScoredTokens:
   return ScoredTokens(out_index, out_slot)
 
 
-def attention_blocks(batch: PairBatch, *, block_size: int = 64, bucket: int = 8):
+def geometric_buckets(largest: int, *, per_doubling: int = 8, smallest: int = 8) -> list:
+  """Bucket lengths `m * 2^k` (m = per_doubling ... 2 per_doubling - 1) from `smallest` up to
+  the first >= `largest`: padding stays under 1 / per_doubling of the length, with few shapes."""
+  if per_doubling < 1 or smallest < 1 or largest < 1:
+    raise ValueError(f"geometric_buckets: arguments must be >= 1, got {largest}, {per_doubling}, {smallest}.")
+  sizes, k = [], 0
+  while not sizes or sizes[-1] < largest:
+    sizes.extend(m << k for m in range(per_doubling, 2 * per_doubling) if (m << k) >= smallest)
+    k += 1
+  return sizes
+
+
+def attention_blocks(batch: PairBatch, *, block_size: int = 64, bucket: Bucket = 8):
   """The block pairs of `batch`'s attention mask to compute (`pofx.sparse_attention`).
 
   Pass them with the batch, `{"pairs": batch, "attention_blocks": attention_blocks(batch)}`, and
   the policy's forward computes attention only there (`pofx.policy.make_logps_fn`). The row
   length must be a multiple of `block_size` (choose `seq_bucket` / `row_length` accordingly).
+  `bucket`: the pair count is rounded up by `bucket_length` (a multiple, or e.g.
+  `geometric_buckets(...)`).
   """
   return sparse_attention.attention_blocks(batch.segment_ids, batch.branch_ids, block_size=block_size,
-                                           bucket=bucket)
+                                           bucket=lambda n: bucket_length(n, bucket))
 
 
 def build(layout: str, prompts, chosen, rejected, **kwargs) -> PairBatch:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -83,19 +83,22 @@ def allowed_mask(segment_ids, branch_ids=None) -> np.ndarray:
   return mask
 
 
-def attention_blocks(segment_ids, branch_ids=None, *, block_size: int = 64, bucket: int = 8) -> AttentionBlocks:
+def attention_blocks(segment_ids, branch_ids=None, *, block_size: int = 64,
+                     bucket: Union[int, Callable[[int], int]] = 8, size: Optional[int] = None) -> AttentionBlocks:
   """The block pairs holding at least one allowed entry for a real (segment > 0) query token.
 
   Args:
     segment_ids: `[R, L]` int (numpy), 0 = padding; L must be a multiple of `block_size`.
     branch_ids: optional `[R, L]` int (the prompt-shared layouts' branches).
     block_size: tokens per block.
-    bucket: the pair count is padded up to a multiple of this (fewer compiled shapes).
+    bucket: the pair count is padded up to a multiple of this (fewer compiled shapes), or a
+      function from the count to the padded count (e.g. `pofx.batching.bucket_length`).
+    size: pad to exactly this many pairs instead (ValueError if the batch needs more).
   """
   seg = np.asarray(segment_ids)
   if seg.ndim != 2:
     raise ValueError(f"attention_blocks: segment_ids must be [R, L], got shape {seg.shape}.")
-  if block_size < 1 or bucket < 1:
+  if block_size < 1 or (not callable(bucket) and bucket < 1):
     raise ValueError(f"attention_blocks: block_size and bucket must be >= 1, got {block_size}, {bucket}.")
   R, L = seg.shape
   if L % block_size:
@@ -106,7 +109,11 @@ def attention_blocks(segment_ids, branch_ids=None, *, block_size: int = 64, buck
   nonempty = mask.reshape(R, nb, block_size, nb, block_size).any(axis=(2, 4))
   rows, qb, kb = np.nonzero(nonempty)   # row-major: sorted by (row, query block, key block)
   n = len(rows)
-  padded = -(-max(n, 1) // bucket) * bucket
+  padded = int(bucket(max(n, 1))) if callable(bucket) else -(-max(n, 1) // bucket) * bucket
+  if size is not None:
+    if size < n:
+      raise ValueError(f"attention_blocks: the batch needs {n} block pairs; size={size}.")
+    padded = int(size)
   query = np.full(padded, R * nb, np.int32)
   key = np.full(padded, R * nb, np.int32)
   query[:n] = rows * nb + qb

@@ -164,8 +164,23 @@ def test_scored_tokens_by_hand():
   # 4; rejected 8 and 12, 13. Row length 6 (pair 0) -> flat index row * 6 + column.
   np.testing.assert_array_equal(st.slot, [0, 1, 2, 4, 8, 12, 13, 16])
   np.testing.assert_array_equal(st.index, [1, 2, 3, 6 + 0, 1, 6 + 0, 6 + 2, 0])
-  with pytest.raises(ValueError, match="bucket must be >= 1"):
+  with pytest.raises(ValueError, match="must be >= 1"):
     batching.scored_tokens(b, bucket=0)
+  assert batching.scored_tokens(b, bucket=[5, 9]).index.shape == (9,)
+  with pytest.raises(ValueError, match="exceeds the largest bucket"):
+    batching.scored_tokens(b, bucket=[3])
+
+
+def test_geometric_buckets_and_block_bucket_function():
+  assert batching.geometric_buckets(40) == [8, 9, 10, 11, 12, 13, 14, 15, 16, 18, 20, 22, 24, 26, 28, 30, 32, 36, 40, 44,
+                                            48, 52, 56, 60]
+  assert batching.geometric_buckets(5, per_doubling=2, smallest=1) == [2, 3, 4, 6]
+  b = batching.prompt_shared([[1, 2]], [[3, 4]], [[5, 6]], seq_bucket=8, completion_bucket=1)
+  # 5 used pairs (see test_block_list_by_hand) -> 6 with buckets [2, 3, 4, 6]; exact size 7; too small 4.
+  assert batching.attention_blocks(b, block_size=2, bucket=[2, 3, 4, 6]).num_pairs == 6
+  assert sparse_attention.attention_blocks(b.segment_ids, b.branch_ids, block_size=2, size=7).num_pairs == 7
+  with pytest.raises(ValueError, match="needs 5 block pairs"):
+    sparse_attention.attention_blocks(b.segment_ids, b.branch_ids, block_size=2, size=4)
 
 
 @pytest.mark.parametrize("layout,sparse", [("fused", False), ("prompt_shared", True), ("packed", True),
