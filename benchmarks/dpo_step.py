@@ -41,7 +41,9 @@ from pofx import batching, models, perturbations, policy, references, train  # n
 
 VOCAB = 4096
 N_PAIRS = 256
-GEOMETRIC = batching.geometric_buckets(1 << 20)   # 8, 9, ..., 15, 16, 18, ..., 30, 32, 36, ...
+import ctypes  # noqa: E402
+TRIM = lambda: ctypes.CDLL("libc.so.6").malloc_trim(0)
+GEOMETRIC = {k: batching.geometric_buckets(1 << 20, per_doubling=k) for k in (2, 4, 8, 16)}
 
 
 def lengths(workload: str, seed: int = 0):
@@ -124,9 +126,11 @@ def parser():
                   help="padded completion length T rounded up to a multiple of this (with --scored compact the "
                        "[B, T] arrays are only indices, so a coarse bucket costs nothing and means fewer shapes)")
   ap.add_argument("--blocks_bucket", type=int, default=0,
-                  help="block-pair count rounded up to a multiple of this; 0: geometric buckets (8 per doubling)")
+                  help="block-pair count rounded up to a multiple of this; 0: geometric buckets")
   ap.add_argument("--scored_bucket", type=int, default=0,
-                  help="scored-token count rounded up to a multiple of this; 0: geometric buckets (8 per doubling)")
+                  help="scored-token count rounded up to a multiple of this; 0: geometric buckets")
+  ap.add_argument("--per_doubling", type=int, choices=[2, 4, 8, 16], default=8,
+                  help="geometric buckets per doubling (padding < 1/per_doubling; fewer = fewer compiled shapes)")
   ap.add_argument("--save_probs", action="store_true", help="store head probabilities (no logits recompute)")
   ap.add_argument("--scored", choices=["compact", "slots"], default="compact",
                   help="compact: the head and the last block's MLP run on real completion tokens only "
@@ -179,6 +183,9 @@ class Bench:
           ch[idx], rj[idx] = np.asarray(out.chosen), np.asarray(out.rejected)
         self.cache[k] = (ch, rj)
       self.t_pre = time.perf_counter() - t0
+      del pre
+      jax.clear_caches()
+      TRIM()
       if a.reference == "cached":
         reference = references.cached(fp, fp)
       else:
@@ -203,7 +210,10 @@ class Bench:
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         self.flops_by_shape[key] = float(cost.get("flops", float("nan")))
         self.compiled[key] = compiled  # timed steps call these executables: no compile inside timing
+        TRIM()
     self.t_compile = time.perf_counter() - t0
+    jax.clear_caches()   # tracing and lowering caches of the compiled shapes (the executables are kept)
+    TRIM()
     self.metrics = None
 
   @staticmethod
@@ -228,9 +238,9 @@ class Bench:
     b = {"pairs": pairs}
     if a.attention == "block_sparse":
       b["attention_blocks"] = batching.attention_blocks(pairs, block_size=a.block_size,
-                                                       bucket=a.blocks_bucket or GEOMETRIC)
+                                                       bucket=a.blocks_bucket or GEOMETRIC[a.per_doubling])
     if a.scored == "compact":
-      b["scored_tokens"] = batching.scored_tokens(pairs, bucket=a.scored_bucket or GEOMETRIC)
+      b["scored_tokens"] = batching.scored_tokens(pairs, bucket=a.scored_bucket or GEOMETRIC[a.per_doubling])
     return b
 
   def run(self, first: int, n: int):

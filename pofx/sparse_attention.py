@@ -23,7 +23,8 @@ Forward, for the T listed pairs t = (query block q_t, key block k_t) (all heads 
 
 which is the softmax over all allowed keys of each query (entries outside the listed pairs are
 masked anyway). Backward (the FlashAttention identities, Dao et al. 2022, arXiv:2205.14135,
-Appendix B.2), with P_t = exp(s_t - M_q) / l_q stored from the forward and D = rowsum(dO * O):
+Appendix B.2), with P_t = exp(s_t - M_q) / l_q recomputed from the stored row maxima M and
+normalisers 1 / l (no `[T, b, b]` probabilities are kept between the passes) and D = rowsum(dO * O):
 
     dS_t = P_t * (dO_{q_t} V_{k_t}^T - D_{q_t})
     dQ_q = sum_{t: q_t = q} dS_t K_{k_t},  dK_k = sum_{t: k_t = k} dS_t^T Q_{q_t},
@@ -169,23 +170,28 @@ def _attention_fwd(q, k, v, bias, query, key, block_size):
   m = jax.ops.segment_max(jnp.max(s, axis=-1), query, num_segments=n, indices_are_sorted=True)
   e = jnp.exp(s - m[query][..., None])
   denom = _segment_sum(jnp.sum(e, axis=-1), query, n, True)
-  p = e * (1.0 / jnp.maximum(denom, 1e-30))[query][..., None]
+  inv = 1.0 / jnp.maximum(denom, 1e-30)
+  p = e * inv[query][..., None]
   ob = _segment_sum(jnp.einsum("tkgqs,tksd->tkgqd", p.astype(v.dtype), vt,
                                preferred_element_type=jnp.float32), query, n, True)
   out = ob[:n - 1].transpose(0, 3, 1, 2, 4).reshape(R, L, K, G, hd).astype(q.dtype)
-  return out, (q, k, v, p, ob, query, key)
+  return out, (q, k, v, bias, m, inv, ob, query, key)
 
 
 def _attention_bwd(block_size, res, d_out):
-  q, k, v, p, ob, query, key = res
+  q, k, v, bias, m, inv, ob, query, key = res
   R, L, K, G, hd = q.shape
   b = block_size
   nb = L // b
   n = R * nb + 1
   qb, kb, vb = _head_blocks(q, k, v, nb, b)
+  qt0, kt0 = qb[query], kb[key]
+  # P recomputed from the stored row maxima and normalisers (FlashAttention's backward).
+  s = jnp.einsum("tkgqd,tksd->tkgqs", qt0, kt0, preferred_element_type=jnp.float32) + bias[:, None, None]
+  p = jnp.exp(s - m[query][..., None]) * inv[query][..., None]
   dob = _to_blocks(d_out.astype(jnp.float32), nb, b).transpose(0, 2, 3, 1, 4)    # [n, K, G, b, hd]
   rowdot = jnp.sum(dob * ob, axis=-1)                                            # D = rowsum(dO * O)
-  qt, kt, vt, dot_ = qb[query], kb[key], vb[key], dob[query]
+  qt, kt, vt, dot_ = qt0, kt0, vb[key], dob[query]
   dp = jnp.einsum("tkgqd,tksd->tkgqs", dot_, vt.astype(jnp.float32))
   ds = p * (dp - rowdot[query][..., None])
   dq = _segment_sum(jnp.einsum("tkgqs,tksd->tkgqd", ds, kt.astype(jnp.float32)), query, n, True)
