@@ -5,10 +5,12 @@
 Builds several pofx step variants on the TRL baseline's model and data (`dpo_step.Bench`),
 compiles them all, then times them round-robin: each round runs `--steps` steps of every variant
 in turn, so all variants see the same machine conditions. Reports per variant the median
-sec/step over rounds and its ratio to the reference variant (cached reference, prompt-shared
-layout, chunked log-probs, no perturbation):
+sec/step over rounds and its ratio to the reference variant: pofx's best setting for the
+workload (`BASE`: cached reference, block-sparse attention, compact scored tokens, chunked
+log-probs; prompt-shared rows for `fixed`, packed rows for `variable`), no perturbation:
 
-  contributions: fused layout (no prompt sharing), packed layout, naive [R, L, V] log-softmax;
+  contributions (each variant undoes one choice): dense attention, every padded completion slot
+  scored, the other row layout, the fused layout (no prompt sharing), naive [R, L, V] log-softmax;
   strategy costs: frozen reference (a reference forward per step), multi (K = 2, cached), SAM, AWP.
 """
 
@@ -22,16 +24,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dpo_step  # noqa: E402
 
+BASE = {
+    "fixed": [],
+    "variable": ["--layout", "packed", "--completion_bucket", "256", "--per_doubling", "4"],
+}
 VARIANTS = {
     "cached (baseline)": [],
+    "dense attention": ["--attention", "dense"],
+    "all completion slots": ["--scored", "slots"],
+    "other row layout": None,   # packed for fixed, prompt-shared for variable
     "fused layout": ["--layout", "fused"],
-    "packed layout": ["--layout", "packed"],
     "naive log-softmax": ["--logprobs", "naive"],
     "frozen reference": ["--reference", "frozen"],
     "multi (K=2, cached)": ["--reference", "multi"],
     "SAM": ["--perturbation", "sam"],
     "AWP": ["--perturbation", "awp"],
 }
+OTHER_LAYOUT = {"fixed": ["--layout", "packed"], "variable": ["--layout", "prompt_shared", "--completion_bucket", "64"]}
 
 
 def main():
@@ -48,7 +57,8 @@ def main():
   total_steps = a.rounds * a.steps
   benches = {}
   for n in names:
-    args = dpo_step.parser().parse_args(["--workload", a.workload, "--steps", str(total_steps)] + VARIANTS[n])
+    extra = OTHER_LAYOUT[a.workload] if VARIANTS[n] is None else VARIANTS[n]
+    args = dpo_step.parser().parse_args(["--workload", a.workload, "--steps", str(total_steps)] + BASE[a.workload] + extra)
     benches[n] = dpo_step.Bench(args)
     print(f"built {n}: {len(benches[n].flops_by_shape)} shapes, compile {benches[n].t_compile:.1f}s", flush=True)
   per_round = {n: [] for n in names}

@@ -221,15 +221,24 @@ def tree_shardings(tree, mesh, rules: Sequence[Rule] = DEFAULT_RULES, *, min_fsd
                       is_leaf=lambda x: isinstance(x, P))
 
 
+# Batch entries that index the whole batch (block lists, compacted token lists): replicated.
+BATCH_WIDE_KEYS = ("attention_blocks", "scored_tokens")
+
+
 def batch_specs(batch, mesh, *, grad_accum_steps: int = 1):
-  """Global batch: the pair/row axis (axis 1 when micro-batches are stacked) over ("data", "fsdp")."""
+  """Global batch: the pair/row axis (axis 1 when micro-batches are stacked) over ("data", "fsdp").
+
+  The entries named in `BATCH_WIDE_KEYS` (`pofx.batching.attention_blocks` / `scored_tokens`,
+  whose flat indices refer to the whole batch) are replicated instead. In modes "shard_map" and
+  "pmap" build them per device, from each device's own `PairBatch`.
+  """
   axes = batch_axes(mesh)
   n = _axis_size(mesh, axes)
   dim = 0 if grad_accum_steps == 1 else 1
 
   def one(path, x):
     shape = tuple(getattr(x, "shape", ()))
-    if len(shape) <= dim:
+    if len(shape) <= dim or any(getattr(k, "key", None) in BATCH_WIDE_KEYS for k in path):
       return P()
     if shape[dim] % n:
       raise ValueError(f"batch leaf {path_str(path)!r} has {shape[dim]} rows on axis {dim}, not divisible by the "

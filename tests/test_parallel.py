@@ -173,6 +173,14 @@ def test_batch_specs():
   assert specs["x"] == P(None, ("data", "fsdp"))
   with pytest.raises(ValueError, match="not divisible"):
     parallel.batch_specs({"x": np.zeros((12, 3))}, MESH_42)
+  # Block lists and compacted token lists index the whole batch: replicated, any length.
+  from pofx import batching
+  pairs = batching.prompt_shared([[1, 2]] * 8, [[3]] * 8, [[4, 5]] * 8, seq_bucket=8, completion_bucket=2)
+  b = {"pairs": pairs, "attention_blocks": batching.attention_blocks(pairs, block_size=4, bucket=3),
+       "scored_tokens": batching.scored_tokens(pairs, bucket=5)}
+  specs = parallel.batch_specs(b, MESH_42)
+  assert specs["pairs"].tokens == P(("data", "fsdp"))
+  assert specs["attention_blocks"].query_block == P() and specs["scored_tokens"].index == P()
 
 
 def test_make_mesh_and_step_validation():
