@@ -42,7 +42,16 @@ from pofx import batching, models, perturbations, policy, references, train  # n
 VOCAB = 4096
 N_PAIRS = 256
 import ctypes  # noqa: E402
-TRIM = lambda: ctypes.CDLL("libc.so.6").malloc_trim(0)
+import ctypes.util  # noqa: E402
+
+
+def TRIM():
+  """Returns freed heap pages to the OS (glibc `malloc_trim`; a no-op elsewhere)."""
+  libc = ctypes.util.find_library("c")
+  if sys.platform.startswith("linux") and libc:
+    getattr(ctypes.CDLL(libc), "malloc_trim", lambda _: 0)(0)
+
+
 GEOMETRIC = {k: batching.geometric_buckets(1 << 20, per_doubling=k) for k in (2, 4, 8, 16)}
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pofx import batching, logprobs, policy, sparse_attention
+from pofx import batching, policy, sparse_attention
 from pofx.models import llama
 
 
