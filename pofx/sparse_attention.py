@@ -73,15 +73,38 @@ jax.tree_util.register_dataclass(AttentionBlocks, data_fields=["query_block", "k
                                  meta_fields=["block_size"])
 
 
-def allowed_mask(segment_ids, branch_ids=None) -> np.ndarray:
-  """Host-side boolean `[R, L, L]` mask of `pofx.models.llama.attention_mask` (numpy)."""
-  seg = np.asarray(segment_ids)
-  L = seg.shape[-1]
-  mask = (seg[:, :, None] == seg[:, None, :]) & np.tril(np.ones((L, L), bool))[None]
-  if branch_ids is not None:
-    br = np.asarray(branch_ids)
-    mask &= (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])
-  return mask
+def _used_block_pairs(seg: np.ndarray, br: np.ndarray, b: int) -> np.ndarray:
+  """Boolean `[R, nb, nb]`: (query block i, key block j) holds an allowed entry for a real query.
+
+  Without building the `[R, L, L]` mask: for j < i every key precedes every query, so the pair
+  is used iff some real query of block i and some key of block j share a segment with a
+  compatible branch (key branch 0 or the query's): a boolean product of per-block presence
+  tables over (segment, branch). Diagonal blocks (j == i) check the causal order exactly on
+  their `[b, b]` sub-masks.
+  """
+  R, L = seg.shape
+  nb = L // b
+  _, seg_ix = np.unique(seg, return_inverse=True)
+  branches, br_ix = np.unique(np.concatenate([[0], br.ravel()]), return_inverse=True)
+  br_ix = br_ix[1:].reshape(R, L)
+  seg_ix = seg_ix.reshape(R, L)
+  S, NB = int(seg_ix.max()) + 1, len(branches)
+  block = np.broadcast_to(np.arange(L) // b, (R, L))
+  rows = np.broadcast_to(np.arange(R)[:, None], (R, L))
+  keys = np.zeros((R, nb, S, NB), bool)
+  keys[rows, block, seg_ix, br_ix] = True
+  real = seg > 0
+  queries = np.zeros((R, nb, S, NB), bool)
+  queries[rows[real], block[real], seg_ix[real], br_ix[real]] = True
+  zero = int(np.searchsorted(branches, 0))
+  visible = keys | keys[..., zero:zero + 1]            # a query of branch k sees key branches k and 0
+  used = np.einsum("risk,rjsk->rij", queries.astype(np.int32), visible.astype(np.int32)) > 0
+  used &= np.tril(np.ones((nb, nb), bool), k=-1)[None]
+  sb, bb = seg.reshape(R, nb, b), br.reshape(R, nb, b)  # diagonal blocks: the exact causal check
+  diag = ((sb[..., :, None] == sb[..., None, :]) & (sb[..., :, None] > 0) & np.tril(np.ones((b, b), bool))
+          & ((bb[..., None, :] == 0) | (bb[..., None, :] == bb[..., :, None]))).any(axis=(2, 3))
+  used[:, np.arange(nb), np.arange(nb)] = diag
+  return used
 
 
 def attention_blocks(segment_ids, branch_ids=None, *, block_size: int = 64,
@@ -106,9 +129,8 @@ def attention_blocks(segment_ids, branch_ids=None, *, block_size: int = 64,
     raise ValueError(f"attention_blocks: the row length {L} must be a multiple of block_size {block_size} "
                      f"(bucket the rows with seq_bucket / row_length a multiple of it).")
   nb = L // block_size
-  mask = allowed_mask(seg, branch_ids) & (seg > 0)[:, :, None]
-  nonempty = mask.reshape(R, nb, block_size, nb, block_size).any(axis=(2, 4))
-  rows, qb, kb = np.nonzero(nonempty)   # row-major: sorted by (row, query block, key block)
+  br = np.zeros_like(seg) if branch_ids is None else np.asarray(branch_ids)
+  rows, qb, kb = np.nonzero(_used_block_pairs(seg, br, block_size))   # sorted by (row, query block, key block)
   n = len(rows)
   padded = int(bucket(max(n, 1))) if callable(bucket) else -(-max(n, 1) // bucket) * bucket
   if size is not None:

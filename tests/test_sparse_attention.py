@@ -51,6 +51,23 @@ def test_block_list_covers_exactly_the_used_blocks(layout):
   assert got == sorted(got)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_block_list_on_arbitrary_segments_and_branches(seed):
+  # Not only the layouts' contiguous runs: scattered segment ids, padding anywhere, branch ids
+  # with gaps and negative values. Brute force over the full mask as the reference.
+  rng = np.random.default_rng(seed)
+  R, L, bs = 3, 48, 8
+  seg = rng.integers(0, 4, (R, L))
+  br = rng.choice([-3, 0, 0, 2, 7], (R, L))
+  blocks = sparse_attention.attention_blocks(seg, br, block_size=bs, bucket=1)
+  mask = np.asarray(llama.attention_mask(seg, br)) & (seg > 0)[:, :, None]
+  nb = L // bs
+  expected = sorted((r * nb + i, r * nb + j) for r in range(R) for i in range(nb) for j in range(nb)
+                    if mask[r, i * bs:(i + 1) * bs, j * bs:(j + 1) * bs].any())
+  got = list(zip(blocks.query_block.tolist(), blocks.key_block.tolist()))
+  assert got == expected
+
+
 def test_bad_row_length_and_arguments():
   b = batching.prompt_shared([[1, 2]], [[3]], [[4]], seq_bucket=6, completion_bucket=1)
   with pytest.raises(ValueError, match="multiple of block_size 4"):
