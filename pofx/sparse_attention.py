@@ -207,13 +207,13 @@ def _attention_bwd(block_size, res, d_out):
   nb = L // b
   n = R * nb + 1
   qb, kb, vb = _head_blocks(q, k, v, nb, b)
-  qt0, kt0 = qb[query], kb[key]
+  qt, kt, vt = qb[query], kb[key], vb[key]
   # P recomputed from the stored row maxima and normalisers (FlashAttention's backward).
-  s = jnp.einsum("tkgqd,tksd->tkgqs", qt0, kt0, preferred_element_type=jnp.float32) + bias[:, None, None]
+  s = jnp.einsum("tkgqd,tksd->tkgqs", qt, kt, preferred_element_type=jnp.float32) + bias[:, None, None]
   p = jnp.exp(s - m[query][..., None]) * inv[query][..., None]
   dob = _to_blocks(d_out.astype(jnp.float32), nb, b).transpose(0, 2, 3, 1, 4)    # [n, K, G, b, hd]
   rowdot = jnp.sum(dob * ob, axis=-1)                                            # D = rowsum(dO * O)
-  qt, kt, vt, dot_ = qt0, kt0, vb[key], dob[query]
+  dot_ = dob[query]
   dp = jnp.einsum("tkgqd,tksd->tkgqs", dot_, vt.astype(jnp.float32))
   ds = p * (dp - rowdot[query][..., None])
   dq = _segment_sum(jnp.einsum("tkgqs,tksd->tkgqd", ds, kt.astype(jnp.float32)), query, n, True)
