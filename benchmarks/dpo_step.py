@@ -45,7 +45,7 @@ import ctypes  # noqa: E402
 import ctypes.util  # noqa: E402
 
 
-def TRIM():
+def release_host_memory():
   """Returns freed heap pages to the OS (glibc `malloc_trim`; a no-op elsewhere)."""
   libc = ctypes.util.find_library("c")
   if sys.platform.startswith("linux") and libc:
@@ -194,7 +194,7 @@ class Bench:
       self.t_pre = time.perf_counter() - t0
       del pre
       jax.clear_caches()
-      TRIM()
+      release_host_memory()
       if a.reference == "cached":
         reference = references.cached(fp, fp)
       else:
@@ -219,10 +219,10 @@ class Bench:
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         self.flops_by_shape[key] = float(cost.get("flops", float("nan")))
         self.compiled[key] = compiled  # timed steps call these executables: no compile inside timing
-        TRIM()
+        release_host_memory()
     self.t_compile = time.perf_counter() - t0
     jax.clear_caches()   # tracing and lowering caches of the compiled shapes (the executables are kept)
-    TRIM()
+    release_host_memory()
     self.metrics = None
 
   @staticmethod

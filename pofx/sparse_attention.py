@@ -181,14 +181,20 @@ def _attention(q, k, v, bias, query, key, block_size):
   return _attention_fwd(q, k, v, bias, query, key, block_size)[0]
 
 
-def _attention_fwd(q, k, v, bias, query, key, block_size):
-  R, L, K, G, hd = q.shape
-  b = block_size
+def _gathered_scores(q, k, v, bias, query, key, b):
+  """The listed blocks `(qt [T, K, G, b, hd], kt, vt [T, K, b, hd])` and their masked scores
+  `s_t = Q K^T + bias` (float32 `[T, K, G, b, b]`); also the number of blocks + 1 (`n`)."""
+  R, L = q.shape[:2]
   nb = L // b
-  n = R * nb + 1
   qb, kb, vb = _head_blocks(q, k, v, nb, b)
   qt, kt, vt = qb[query], kb[key], vb[key]
   s = jnp.einsum("tkgqd,tksd->tkgqs", qt, kt, preferred_element_type=jnp.float32) + bias[:, None, None]
+  return qt, kt, vt, s, R * nb + 1
+
+
+def _attention_fwd(q, k, v, bias, query, key, block_size):
+  R, L, K, G, hd = q.shape
+  qt, kt, vt, s, n = _gathered_scores(q, k, v, bias, query, key, block_size)
   m = jax.ops.segment_max(jnp.max(s, axis=-1), query, num_segments=n, indices_are_sorted=True)
   e = jnp.exp(s - m[query][..., None])
   denom = _segment_sum(jnp.sum(e, axis=-1), query, n, True)
@@ -205,11 +211,8 @@ def _attention_bwd(block_size, res, d_out):
   R, L, K, G, hd = q.shape
   b = block_size
   nb = L // b
-  n = R * nb + 1
-  qb, kb, vb = _head_blocks(q, k, v, nb, b)
-  qt, kt, vt = qb[query], kb[key], vb[key]
   # P recomputed from the stored row maxima and normalisers (FlashAttention's backward).
-  s = jnp.einsum("tkgqd,tksd->tkgqs", qt, kt, preferred_element_type=jnp.float32) + bias[:, None, None]
+  qt, kt, vt, s, n = _gathered_scores(q, k, v, bias, query, key, b)
   p = jnp.exp(s - m[query][..., None]) * inv[query][..., None]
   dob = _to_blocks(d_out.astype(jnp.float32), nb, b).transpose(0, 2, 3, 1, 4)    # [n, K, G, b, hd]
   rowdot = jnp.sum(dob * ob, axis=-1)                                            # D = rowsum(dO * O)
