@@ -34,6 +34,8 @@ VARIANTS = {
     "all completion slots": ["--scored", "slots"],
     "other row layout": None,   # packed for fixed, prompt-shared for variable
     "fused layout": ["--layout", "fused"],
+    "packed rows of 1024": ["--layout", "packed", "--row_length", "1024", "--completion_bucket", "256"],
+    "packed one row": ["--layout", "packed", "--row_length", "0", "--completion_bucket", "256"],
     "naive log-softmax": ["--logprobs", "naive"],
     "frozen reference": ["--reference", "frozen"],
     "multi (K=2, cached)": ["--reference", "multi"],
@@ -49,8 +51,12 @@ def main():
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--steps", type=int, default=10)
   ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+  ap.add_argument("--host_memory", choices=["default", "retain"], default="default",
+                  help="as dpo_step.py --host_memory, for every variant")
   ap.add_argument("--json", default=None)
   a = ap.parse_args()
+  if a.host_memory == "retain":
+    dpo_step.host_memory.retain_freed_memory()
   names = [n for n in VARIANTS if not a.only or n in a.only.split(",")]
   if "cached (baseline)" not in names:
     names.insert(0, "cached (baseline)")

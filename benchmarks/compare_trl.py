@@ -1,13 +1,18 @@
 """pofx vs the TRL baseline, side by side: alternate the two, repeat, report medians and the ratio.
 
     python benchmarks/compare_trl.py --workload {fixed,variable} [--reps 3] [--steps 30]
-        [--pofx_args "--reference cached --layout prompt_shared"] [--json PATH]
+        [--pofx_args "--reference cached --layout prompt_shared"] [--host_memory {default,retain}]
+        [--json PATH]
 
 Each repetition runs `trl_dpo_baseline.py --precompute` (TRL at its best CPU setting: reference
 log-probs precomputed, no gradient checkpointing, float32) and `dpo_step.py` (pofx, cached
 reference by default) as separate processes, alternating which goes first, so both see the same
 machine conditions. Prints each run, then the median pairs/s of each side, the ratio
 pofx / TRL, and the median peak RSS of each side.
+
+`--host_memory retain` starts both sides through `retained_memory.py` (glibc keeps freed memory
+for reuse instead of page-faulting every step's temporaries again): the same allocator setting
+on both sides, so the ratio compares the frameworks, not the allocators.
 """
 
 import argparse
@@ -25,7 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def run(cmd):
   with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
     out = f.name
-  subprocess.run(cmd + ["--" + ("out" if "trl_dpo_baseline" in cmd[1] else "json"), out], check=True,
+  flag = "--out" if any("trl_dpo_baseline" in c for c in cmd) else "--json"
+  subprocess.run(cmd + [flag, out], check=True,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   with open(out) as f:
     return json.load(f)
@@ -37,11 +43,13 @@ def main():
   ap.add_argument("--reps", type=int, default=3)
   ap.add_argument("--steps", type=int, default=30)
   ap.add_argument("--pofx_args", default="--reference cached --layout prompt_shared")
+  ap.add_argument("--host_memory", choices=["default", "retain"], default="default")
   ap.add_argument("--json", default=None)
   a = ap.parse_args()
-  trl_cmd = [sys.executable, os.path.join(HERE, "trl_dpo_baseline.py"), "--workload", a.workload, "--precompute",
-             "--steps", str(a.steps)]
-  pofx_cmd = [sys.executable, os.path.join(HERE, "dpo_step.py"), "--workload", a.workload, "--steps", str(a.steps)]
+  start = [sys.executable] + ([os.path.join(HERE, "retained_memory.py")] if a.host_memory == "retain" else [])
+  trl_cmd = start + [os.path.join(HERE, "trl_dpo_baseline.py"), "--workload", a.workload, "--precompute",
+                     "--steps", str(a.steps)]
+  pofx_cmd = start + [os.path.join(HERE, "dpo_step.py"), "--workload", a.workload, "--steps", str(a.steps)]
   pofx_cmd += shlex.split(a.pofx_args)
   rows = {"trl": [], "pofx": []}
   for rep in range(a.reps):
@@ -54,6 +62,7 @@ def main():
   med = {s: statistics.median(x["pairs_per_s"] for x in rows[s]) for s in rows}
   rss = {s: statistics.median(x["maxrss_MiB"] for x in rows[s]) for s in rows}
   summary = {"workload": a.workload, "reps": a.reps, "steps": a.steps, "pofx_args": a.pofx_args,
+             "host_memory": a.host_memory,
              "median_pairs_per_s": med, "ratio_pofx_over_trl": round(med["pofx"] / med["trl"], 3),
              "median_maxrss_MiB": rss, "runs": rows}
   print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))

@@ -37,20 +37,10 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import pofx  # noqa: E402
-from pofx import batching, models, perturbations, policy, references, train  # noqa: E402
+from pofx import batching, host_memory, models, perturbations, policy, references, train  # noqa: E402
 
 VOCAB = 4096
 N_PAIRS = 256
-import ctypes  # noqa: E402
-import ctypes.util  # noqa: E402
-
-
-def release_host_memory():
-  """Returns freed heap pages to the OS (glibc `malloc_trim`; a no-op elsewhere)."""
-  libc = ctypes.util.find_library("c")
-  if sys.platform.startswith("linux") and libc:
-    getattr(ctypes.CDLL(libc), "malloc_trim", lambda _: 0)(0)
-
 
 GEOMETRIC = {k: batching.geometric_buckets(1 << 20, per_doubling=k) for k in (2, 4, 8, 16)}
 
@@ -83,9 +73,14 @@ def batch_order(n_steps: int, bs: int, seed: int = 0):
   return [order[i * bs:(i + 1) * bs] for i in range(n_steps)]
 
 
-def make_pairs(layout, data, idx, *, row_length, completion_bucket=64):
+def make_pairs(layout, data, idx, *, row_length, completion_bucket=64, per_doubling=8, block_size=64):
+  """`row_length` 0 (packed layout): one row, its length rounded up to a geometric bucket that is
+  a multiple of `block_size`."""
   prompts, chosen, rejected, _ = data
   p, c, r = [prompts[i] for i in idx], [chosen[i] for i in idx], [rejected[i] for i in idx]
+  if layout == "packed" and row_length == 0:
+    lengths = [n for n in GEOMETRIC[per_doubling] if n % block_size == 0]
+    return batching.packed(p, c, r, length_bucket=lengths, completion_bucket=completion_bucket)
   if layout == "packed":
     return batching.packed(p, c, r, row_length=row_length, rows_bucket=2, completion_bucket=completion_bucket)
   return batching.build(layout, p, c, r, seq_bucket=64, completion_bucket=completion_bucket)
@@ -145,7 +140,10 @@ def parser():
                   help="compact: the head and the last block's MLP run on real completion tokens only "
                        "(batching.scored_tokens); slots: on every padded [B, T] completion slot")
   ap.add_argument("--chunk_size", type=int, default=1024)
-  ap.add_argument("--row_length", type=int, default=1024, help="packed layout row length")
+  ap.add_argument("--row_length", type=int, default=1024,
+                  help="packed layout row length; 0: all pairs in one row, its length bucketed (--per_doubling)")
+  ap.add_argument("--host_memory", choices=["default", "retain"], default="default",
+                  help="retain: glibc keeps freed memory for reuse (pofx.host_memory.retain_freed_memory)")
   ap.add_argument("--preset", default="bench")
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--remat", action="store_true", help="rematerialise each transformer block (memory for compute)")
@@ -194,7 +192,7 @@ class Bench:
       self.t_pre = time.perf_counter() - t0
       del pre
       jax.clear_caches()
-      release_host_memory()
+      host_memory.release_freed_memory()
       if a.reference == "cached":
         reference = references.cached(fp, fp)
       else:
@@ -219,10 +217,10 @@ class Bench:
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         self.flops_by_shape[key] = float(cost.get("flops", float("nan")))
         self.compiled[key] = compiled  # timed steps call these executables: no compile inside timing
-        release_host_memory()
+        host_memory.release_freed_memory()
     self.t_compile = time.perf_counter() - t0
     jax.clear_caches()   # tracing and lowering caches of the compiled shapes (the executables are kept)
-    release_host_memory()
+    host_memory.release_freed_memory()
     self.metrics = None
 
   @staticmethod
@@ -243,7 +241,8 @@ class Bench:
   def model_batch(self, idx):
     """The layout of pairs `idx`, with the block list of its attention mask when block-sparse."""
     a = self.a
-    pairs = make_pairs(a.layout, self.data, idx, row_length=a.row_length, completion_bucket=a.completion_bucket)
+    pairs = make_pairs(a.layout, self.data, idx, row_length=a.row_length, completion_bucket=a.completion_bucket,
+                       per_doubling=a.per_doubling, block_size=a.block_size)
     b = {"pairs": pairs}
     if a.attention == "block_sparse":
       b["attention_blocks"] = batching.attention_blocks(pairs, block_size=a.block_size,
@@ -273,6 +272,8 @@ class Bench:
 
 def main(argv=None):
   a = parser().parse_args(argv)
+  if a.host_memory == "retain":
+    host_memory.retain_freed_memory()   # before the first computation (see its docstring)
   bench = Bench(a)
   durations, step_flops = bench.run(0, a.steps)
   total = float(np.sum(durations))
@@ -284,7 +285,8 @@ def main(argv=None):
       "system": f"pofx {pofx.__version__} / jax {jax.__version__}", "device": str(jax.devices()[0].device_kind),
       "workload": a.workload, "reference": a.reference, "perturbation": a.perturbation, "layout": a.layout,
       "logprobs": a.logprobs, "attention": a.attention, "block_size": a.block_size,
-      "save_probs": a.save_probs, "scored": a.scored, "preset": a.preset, "dtype": a.dtype, "remat": a.remat,
+      "save_probs": a.save_probs, "scored": a.scored, "row_length": a.row_length,
+      "host_memory": a.host_memory, "preset": a.preset, "dtype": a.dtype, "remat": a.remat,
       "n_params": int(bench.n_params),
       "pairs_per_step": a.bs, "steps": len(durations), "distinct_shapes": len(bench.flops_by_shape),
       "compile_s": round(bench.t_compile, 2), "precompute_s": round(bench.t_pre, 2),

@@ -241,24 +241,46 @@ def prompt_shared(prompts, chosen, rejected, *, seq_bucket: Bucket = 64,
   return _place(pairs, placements, B, L, T, B, pad_id, "prompt_shared")
 
 
-def packed(prompts, chosen, rejected, *, row_length: int, num_rows: Optional[int] = None,
-           rows_bucket: Bucket = 1, completion_bucket: Bucket = 16,
+def packed(prompts, chosen, rejected, *, row_length: Optional[int] = None, num_rows: Optional[int] = None,
+           rows_bucket: Bucket = 1, length_bucket: Bucket = 64, completion_bucket: Bucket = 16,
            num_pairs: Optional[int] = None, pad_id: int = 0) -> PairBatch:
-  """Layout (c): several prompt-shared pairs per row of length `row_length`, told apart by
-  `segment_ids` (1, 2, ... within a row). Pairs go, in order, to the first row with room.
+  """Layout (c): several prompt-shared pairs per row, told apart by `segment_ids` (1, 2, ...
+  within a row).
+
+  With `row_length` (fixed L, so the shape does not depend on the data), pairs go, in order, to
+  the first row with room. With `row_length=None`, the pairs are spread over `num_rows` rows
+  (default 1), each to the least-filled row, and L is the longest row's fill rounded up by
+  `length_bucket`: the only padding is at the rows' ends, under one bucket step. That suits
+  block-sparse attention (`pofx.sparse_attention`), which costs what the pairs' masks use, not
+  L^2 per row; with dense attention prefer a fixed `row_length`. Use `num_rows` = the number of
+  data-parallel devices (rows are what the batch is sharded over).
 
   Args:
-    row_length: L (fixed, so the shape does not depend on the data).
+    row_length: L, or None (see above).
     num_rows: fixed row count R (ValueError if the pairs do not fit); None: the rows used,
-      rounded up by `rows_bucket`.
+      rounded up by `rows_bucket` (fixed `row_length`), or 1 (`row_length=None`).
+    length_bucket: rounding of L when `row_length` is None (an int multiple or bucket lengths,
+      e.g. `geometric_buckets(...)`; keep them multiples of the attention block size).
     Others as in `fused`.
   """
   pairs = _validate(prompts, chosen, rejected)
   B = _num_pairs(len(pairs), num_pairs)
   T = bucket_length(max(max(len(c), len(r)) for _, c, r in pairs), completion_bucket)
-  fill, count, placements = [], [], []
-  for i, (p, c, r) in enumerate(pairs):
-    n = len(p) + len(c) + len(r)
+  sizes = [len(p) + len(c) + len(r) for p, c, r in pairs]
+  placements = []
+  if row_length is None:
+    R = 1 if num_rows is None else int(num_rows)
+    if R < 1:
+      raise ValueError(f"packed: num_rows must be >= 1, got {num_rows}.")
+    fill, count = [0] * R, [0] * R
+    for n in sizes:
+      row = min(range(R), key=lambda j: fill[j])
+      count[row] += 1
+      placements.append((row, fill[row], count[row]))
+      fill[row] += n
+    return _place(pairs, placements, R, bucket_length(max(fill), length_bucket), T, B, pad_id, "packed")
+  fill, count = [], []
+  for i, n in enumerate(sizes):
     if n > row_length:
       raise ValueError(f"pair {i}: prompt + chosen + rejected = {n} tokens exceeds row_length "
                        f"{row_length}.")

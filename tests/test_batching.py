@@ -68,6 +68,31 @@ def test_packed_layout_by_hand():
   np.testing.assert_array_equal(b.rejected_index[1, :2], [6, 8])
 
 
+def test_packed_auto_length_by_hand():
+  # row_length=None: every pair in one row, L = the fill (10) rounded up by length_bucket.
+  b = batching.packed(P2, C2, R2, length_bucket=4, completion_bucket=1)
+  assert b.tokens.shape == (1, 12)
+  np.testing.assert_array_equal(b.tokens, [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0, 0]])
+  np.testing.assert_array_equal(b.segment_ids, [[1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0]])
+  np.testing.assert_array_equal(b.positions, [[0, 1, 2, 3, 4, 2, 0, 1, 1, 2, 0, 0]])
+  np.testing.assert_array_equal(b.branch_ids, [[0, 0, 1, 1, 1, 2, 0, 1, 2, 2, 0, 0]])
+  np.testing.assert_array_equal(b.rejected_index, [[1, 0, 0], [6, 8, 0]])
+  # Bucket lengths (a sequence): the smallest >= 10.
+  assert batching.packed(P2, C2, R2, length_bucket=(8, 16, 32)).tokens.shape == (1, 16)
+  # Two rows: each pair to the least-filled row (pair 0 -> row 0, pair 1 -> row 1), L = 6.
+  b = batching.packed(P2, C2, R2, num_rows=2, length_bucket=1, completion_bucket=1)
+  np.testing.assert_array_equal(b.tokens, [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 0, 0]])
+  np.testing.assert_array_equal(b.segment_ids, [[1] * 6, [1, 1, 1, 1, 0, 0]])
+  np.testing.assert_array_equal(b.chosen_index, [[1, 2, 3], [6, 0, 0]])
+  np.testing.assert_array_equal(b.rejected_index, [[1, 0, 0], [6, 8, 0]])
+  # Three pairs over two rows: the third goes to the emptier row 1 (fills 6 and 4).
+  b = batching.packed(P2 + [[1]], C2 + [[2]], R2 + [[3]], num_rows=2, length_bucket=1, completion_bucket=1)
+  np.testing.assert_array_equal(b.tokens, [[5, 6, 7, 8, 9, 10, 0], [11, 12, 13, 14, 1, 2, 3]])
+  np.testing.assert_array_equal(b.segment_ids, [[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 2, 2, 2]])
+  with pytest.raises(ValueError, match="num_rows must be >= 1"):
+    batching.packed(P2, C2, R2, num_rows=0)
+
+
 def test_bucket_length():
   assert batching.bucket_length(1, 64) == 64
   assert batching.bucket_length(64, 64) == 64
@@ -147,6 +172,7 @@ def _layouts():
                                               completion_bucket=4, num_pairs=4),
       "packed": batching.packed(PROMPTS, CHOSEN, REJECTED, row_length=24, num_rows=3,
                                 completion_bucket=8),
+      "packed_one_row": batching.packed(PROMPTS, CHOSEN, REJECTED, length_bucket=16, completion_bucket=8),
   }
 
 
@@ -192,7 +218,7 @@ def reference(params):
   return out
 
 
-@pytest.mark.parametrize("layout", ["fused", "prompt_shared", "packed"])
+@pytest.mark.parametrize("layout", ["fused", "prompt_shared", "packed", "packed_one_row"])
 def test_layouts_match_each_sequence_alone(params, reference, layout):
   batch = _layouts()[layout]
   pair, ents = jax.jit(_forward)(params, batch)
@@ -223,7 +249,7 @@ def test_prompt_shared_and_packed_gradients_equal_fused(params):
   assert np.isfinite(float(v0))
   leaves0 = jax.tree.leaves(g0)
   assert max(float(jnp.max(jnp.abs(g))) for g in leaves0) > 1e-3   # a non-trivial gradient
-  for layout in ("prompt_shared", "packed"):
+  for layout in ("prompt_shared", "packed", "packed_one_row"):
     v1, g1 = grad(params, batches[layout])
     np.testing.assert_allclose(v1, v0, rtol=1e-6, atol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), leaves0):

@@ -83,6 +83,10 @@ def _model_and_batch(layout, block_size, dtype="float32", seed=0, n=6):
   params = llama.init_params(config, jax.random.key(seed))
   p, c, r = _pairs(seed + 1, n)
   bucket = max(block_size, 8)
+  if layout == "packed_one_row":   # every pair in one row, its length a multiple of the block size
+    b = batching.packed(p, c, r, length_bucket=block_size, completion_bucket=4)
+    assert b.tokens.shape[0] == 1
+    return config, params, b, batching.attention_blocks(b, block_size=block_size, bucket=4)
   kw = dict(row_length=4 * bucket) if layout == "packed" else dict(seq_bucket=bucket)
   b = batching.build(layout, p, c, r, completion_bucket=4, **kw)
   blocks = batching.attention_blocks(b, block_size=block_size, bucket=4)
@@ -90,7 +94,7 @@ def _model_and_batch(layout, block_size, dtype="float32", seed=0, n=6):
 
 
 @pytest.mark.parametrize("layout,block_size", [("fused", 8), ("prompt_shared", 8), ("prompt_shared", 4),
-                                               ("packed", 8), ("packed", 16)])
+                                               ("packed", 8), ("packed", 16), ("packed_one_row", 8)])
 def test_hidden_states_match_dense_attention(layout, block_size):
   config, params, b, blocks = _model_and_batch(layout, block_size)
   dense = llama.apply_fn(params, b.tokens, b.positions, b.segment_ids, b.branch_ids, config=config)
@@ -101,7 +105,7 @@ def test_hidden_states_match_dense_attention(layout, block_size):
   assert np.isfinite(np.asarray(sparse)).all()
 
 
-@pytest.mark.parametrize("layout", ["fused", "prompt_shared", "packed"])
+@pytest.mark.parametrize("layout", ["fused", "prompt_shared", "packed", "packed_one_row"])
 def test_dpo_gradients_match_dense_attention(layout):
   config, params, b, blocks = _model_and_batch(layout, 8, seed=3)
   model = llama.make(config)
