@@ -230,3 +230,22 @@ def test_scored_tokens_same_logps_and_gradients(layout, sparse):
   g1 = jax.jit(jax.grad(loss))(params, compact)
   for a, e in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5 * float(np.abs(e).max()) + 1e-8)
+
+
+def test_rope_tables_equal_apply_rope_and_are_computed_once():
+  # The block-sparse forward rotates queries and keys with tables computed once per forward
+  # (llama._rope_tables): same values as apply_rope's inline cos/sin, ...
+  rng = np.random.default_rng(0)
+  positions = rng.integers(0, 3000, (2, 16))
+  inv_freq = llama.rope_inv_freq(llama.tiny())
+  x = jnp.asarray(rng.normal(size=(2, 16, 3, 2 * len(inv_freq))), jnp.float32)
+  cos, sin = llama._rope_tables(jnp.asarray(positions), inv_freq)
+  np.testing.assert_array_equal(llama._rotate(x, cos, sin), llama.apply_rope(x, jnp.asarray(positions), inv_freq))
+  # ... and the compiled forward+backward holds one cosine, not one per consumer (XLA:CPU would
+  # otherwise recompute it inside every rotation and every gathered attention tile).
+  config, params, b, blocks = _model_and_batch("packed", 8)
+  model = llama.make(config)
+  fn = policy.make_logps_fn(model.apply, model.head)
+  grad = jax.jit(jax.grad(lambda p: jnp.sum(fn(p, {"pairs": b, "attention_blocks": blocks}).chosen)))
+  hlo = grad.lower(params).compile().as_text()
+  assert hlo.count(" cosine(") == 1, hlo.count(" cosine(")

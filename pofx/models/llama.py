@@ -434,11 +434,13 @@ def _apply_block_sparse(params, tokens, positions, segment_ids, branch_ids, bloc
   # without writing transposed copies of the activation gradients (2-D x 2-D dots).
   x = jnp.take(params["embed"]["embedding"].astype(dtype), tokens.reshape(R * L), axis=0)
 
+  cos, sin = _rope_tables(positions, inv_freq)
+
   def block(x, p, index=None):
     h = _rms_norm(x, p["input_norm"]["scale"], cfg.rms_norm_eps, dtype)
     a = p["attn"]
-    q = apply_rope(_matmul(h, a["q_proj"]["kernel"], dtype).reshape(R, L, H, hd), positions, inv_freq)
-    k = apply_rope(_matmul(h, a["k_proj"]["kernel"], dtype).reshape(R, L, K, hd), positions, inv_freq)
+    q = _rotate(_matmul(h, a["q_proj"]["kernel"], dtype).reshape(R, L, H, hd), cos, sin)
+    k = _rotate(_matmul(h, a["k_proj"]["kernel"], dtype).reshape(R, L, K, hd), cos, sin)
     v = _matmul(h, a["v_proj"]["kernel"], dtype).reshape(R, L, K, hd)
     q = (q * (1.0 / math.sqrt(hd))).astype(dtype).reshape(R, L, K, G, hd)
     out = sparse_attention.block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks).reshape(R * L, H * hd)
@@ -459,6 +461,27 @@ def _apply_block_sparse(params, tokens, positions, segment_ids, branch_ids, bloc
     x = block(x, params[f"layers_{i}"], *([jnp.asarray(output_index)] if last and output_index is not None else []))
   x = _rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps, dtype)
   return x if output_index is not None else x.reshape(R, L, -1)
+
+
+def _rope_tables(positions, inv_freq):
+  """`cos, sin [R, L, 1, hd/2]` of `apply_rope`'s angles, computed once per forward.
+
+  XLA:CPU fuses elementwise producers into each consumer, so a plain `jnp.cos` table is
+  recomputed (a cosine and a sine per element) inside every fusion that reads it: every layer's
+  query/key rotation and every gathered attention tile, forward and backward. A sort along a
+  size-2 axis of two equal copies returns the table unchanged and is an op XLA does not fuse
+  into its consumers, so the table is materialised once.
+  """
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  table = jnp.stack([jnp.cos(angles), jnp.sin(angles)], axis=0)
+  table = jax.lax.sort(jnp.stack([table, table], axis=-1), dimension=-1)[..., 0]
+  return table[0][:, :, None, :], table[1][:, :, None, :]
+
+
+def _rotate(x, cos, sin):
+  """`apply_rope` with precomputed `cos, sin` tables."""
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def lm_head(params: Params, config: LlamaConfig) -> Array:
