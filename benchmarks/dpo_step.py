@@ -3,7 +3,8 @@
     python benchmarks/dpo_step.py --workload {fixed,variable} --reference {frozen,cached,multi}
         --perturbation {none,sam,awp} [--layout {prompt_shared,fused,packed}]
         [--logprobs {chunked,naive}] [--attention {block_sparse,dense}] [--block_size 64]
-        [--save_probs] [--scored {compact,slots}] [--steps 30] [--bs 8] [--json PATH]
+        [--save_probs] [--scored {compact,slots}] [--row_length 1024 | 0] [--per_doubling 8]
+        [--host_memory {default,retain}] [--steps 30] [--warmup 5] [--bs 8] [--json PATH]
 
 Model: the `bench` preset (hidden 256, 4 layers, 8 heads, 4 KV heads, MLP 688, vocab 4096,
 untied; 5.0 M parameters), float32, AdamW lr 1e-6, DPO beta 0.1: the TRL baseline's settings.
@@ -11,8 +12,8 @@ Data: 256 pairs with the baseline's lengths (same seeded draws: fixed = 64/64/64
 prompt U[16,192], chosen and rejected U[16,256]); token ids are random (they do not change the
 arithmetic). 8 pairs per step in a seeded shuffled order, as a DataLoader would.
 
-Reported (steady state; every distinct batch shape is compiled before timing, and the compile
-time is reported separately): pairs/s, real tokens/s (counted as TRL counts them, 2p + c + r per
+Reported (steady state: the first --warmup of --steps steps are excluded, as in the TRL baseline;
+every distinct batch shape is compiled before timing, and the compile time is reported separately): pairs/s, real tokens/s (counted as TRL counts them, 2p + c + r per
 pair, so the two figures compare), peak RSS, the step's FLOPs from XLA's cost analysis, the
 achieved FLOP/s, and that as a fraction of a float32 matmul peak (2048^3) measured in this process.
 Host-side batch building is inside the timed loop, as TRL's collation is.
@@ -148,6 +149,7 @@ def parser():
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--remat", action="store_true", help="rematerialise each transformer block (memory for compute)")
   ap.add_argument("--steps", type=int, default=30)
+  ap.add_argument("--warmup", type=int, default=5, help="first steps excluded from the figures (as the TRL baseline)")
   ap.add_argument("--bs", type=int, default=8, help="pairs per step")
   ap.add_argument("--json", default=None)
   return ap
@@ -275,10 +277,14 @@ def main(argv=None):
   if a.host_memory == "retain":
     host_memory.retain_freed_memory()   # before the first computation (see its docstring)
   bench = Bench(a)
+  if not 0 <= a.warmup < a.steps:
+    raise ValueError(f"--warmup must be in [0, --steps), got {a.warmup} with --steps {a.steps}.")
   durations, step_flops = bench.run(0, a.steps)
+  # Steady state as the TRL baseline measures it: the first --warmup steps are excluded.
+  durations, step_flops = durations[a.warmup:], step_flops[a.warmup:]
   total = float(np.sum(durations))
   sec_per_step = total / len(durations)
-  real_tokens = bench.real_tokens_per_step(0, a.steps)
+  real_tokens = bench.real_tokens_per_step(a.warmup, a.steps - a.warmup)
   peak = matmul_peak()
   achieved = float(np.sum(step_flops)) / total
   res = {
@@ -288,7 +294,7 @@ def main(argv=None):
       "save_probs": a.save_probs, "scored": a.scored, "row_length": a.row_length,
       "host_memory": a.host_memory, "preset": a.preset, "dtype": a.dtype, "remat": a.remat,
       "n_params": int(bench.n_params),
-      "pairs_per_step": a.bs, "steps": len(durations), "distinct_shapes": len(bench.flops_by_shape),
+      "pairs_per_step": a.bs, "steps": a.steps, "warmup": a.warmup, "distinct_shapes": len(bench.flops_by_shape),
       "compile_s": round(bench.t_compile, 2), "precompute_s": round(bench.t_pre, 2),
       "steady_sec_per_step_mean": round(sec_per_step, 4),
       "steady_sec_per_step_median": round(float(np.median(durations)), 4),

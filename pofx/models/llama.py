@@ -468,13 +468,15 @@ def _rope_tables(positions, inv_freq):
 
   XLA:CPU fuses elementwise producers into each consumer, so a plain `jnp.cos` table is
   recomputed (a cosine and a sine per element) inside every fusion that reads it: every layer's
-  query/key rotation and every gathered attention tile, forward and backward. A sort along a
-  size-2 axis of two equal copies returns the table unchanged and is an op XLA does not fuse
-  into its consumers, so the table is materialised once.
+  query/key rotation and every gathered attention tile, forward and backward. Multiplying by
+  the identity matrix returns the table exactly (each output is one product by 1 plus exact
+  zeros), and XLA does not fuse a dot's output into its consumers, so the table is materialised
+  once.
   """
   angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
   table = jnp.stack([jnp.cos(angles), jnp.sin(angles)], axis=0)
-  table = jax.lax.sort(jnp.stack([table, table], axis=-1), dimension=-1)[..., 0]
+  eye = jnp.eye(table.shape[-1], dtype=table.dtype)
+  table = jnp.einsum("...i,ij->...j", table, eye, precision=jax.lax.Precision.HIGHEST)
   return table[0][:, :, None, :], table[1][:, :, None, :]
 
 
