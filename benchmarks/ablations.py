@@ -1,17 +1,23 @@
 """What each design choice contributes, and what each strategy costs, in one process.
 
-    python benchmarks/ablations.py --workload {fixed,variable} [--rounds 3] [--steps 10] [--json PATH]
+    python benchmarks/ablations.py --workload {fixed,variable} [--rounds 3] [--steps 10]
+        [--only NAME,NAME] [--host_memory {default,retain}] [--json PATH]
 
 Builds several pofx step variants on the TRL baseline's model and data (`dpo_step.Bench`),
 compiles them all, then times them round-robin: each round runs `--steps` steps of every variant
 in turn, so all variants see the same machine conditions. Reports per variant the median
 sec/step over rounds and its ratio to the reference variant: pofx's best setting for the
 workload (`BASE`: cached reference, block-sparse attention, compact scored tokens, chunked
-log-probs; prompt-shared rows for `fixed`, packed rows for `variable`), no perturbation:
+log-probs; prompt-shared rows for `fixed`, all pairs packed in one row of bucketed length for
+`variable`), no perturbation:
 
   contributions (each variant undoes one choice): dense attention, every padded completion slot
-  scored, the other row layout, the fused layout (no prompt sharing), naive [R, L, V] log-softmax;
+  scored, the other row layouts (prompt-shared rows, packed rows of 1024, one packed row), the
+  fused layout (no prompt sharing), naive [R, L, V] log-softmax, LM-head chunks of 1024 tokens
+  instead of one chunk of up to 4096 (variable: the chunks' logits are recomputed in the backward);
   strategy costs: frozen reference (a reference forward per step), multi (K = 2, cached), SAM, AWP.
+
+`--host_memory retain` applies `pofx.host_memory.retain_freed_memory()` to the whole process.
 """
 
 import argparse
@@ -26,23 +32,25 @@ import dpo_step  # noqa: E402
 
 BASE = {
     "fixed": [],
-    "variable": ["--layout", "packed", "--completion_bucket", "256", "--per_doubling", "4"],
+    "variable": ["--layout", "packed", "--row_length", "0", "--completion_bucket", "256", "--per_doubling", "4"],
 }
 VARIANTS = {
     "cached (baseline)": [],
     "dense attention": ["--attention", "dense"],
     "all completion slots": ["--scored", "slots"],
-    "other row layout": None,   # packed for fixed, prompt-shared for variable
-    "fused layout": ["--layout", "fused"],
-    "packed rows of 1024": ["--layout", "packed", "--row_length", "1024", "--completion_bucket", "256"],
-    "packed one row": ["--layout", "packed", "--row_length", "0", "--completion_bucket", "256"],
+    "prompt-shared rows": ["--layout", "prompt_shared", "--completion_bucket", "64"],
+    "packed rows of 1024": ["--layout", "packed", "--row_length", "1024"],
+    "packed one row": ["--layout", "packed", "--row_length", "0"],
+    "fused layout": ["--layout", "fused", "--completion_bucket", "64"],
     "naive log-softmax": ["--logprobs", "naive"],
+    "head chunks of 1024": ["--chunk_size", "1024"],
     "frozen reference": ["--reference", "frozen"],
     "multi (K=2, cached)": ["--reference", "multi"],
     "SAM": ["--perturbation", "sam"],
     "AWP": ["--perturbation", "awp"],
 }
-OTHER_LAYOUT = {"fixed": ["--layout", "packed"], "variable": ["--layout", "prompt_shared", "--completion_bucket", "64"]}
+# Variants that are the baseline itself (or compute the same thing) on a workload.
+SKIP = {"fixed": {"prompt-shared rows", "head chunks of 1024"}, "variable": {"packed one row"}}
 
 
 def main():
@@ -57,14 +65,14 @@ def main():
   a = ap.parse_args()
   if a.host_memory == "retain":
     dpo_step.host_memory.retain_freed_memory()
-  names = [n for n in VARIANTS if not a.only or n in a.only.split(",")]
+  names = [n for n in VARIANTS if (not a.only or n in a.only.split(",")) and n not in SKIP[a.workload]]
   if "cached (baseline)" not in names:
     names.insert(0, "cached (baseline)")
   total_steps = a.rounds * a.steps
   benches = {}
   for n in names:
-    extra = OTHER_LAYOUT[a.workload] if VARIANTS[n] is None else VARIANTS[n]
-    args = dpo_step.parser().parse_args(["--workload", a.workload, "--steps", str(total_steps)] + BASE[a.workload] + extra)
+    args = dpo_step.parser().parse_args(["--workload", a.workload, "--steps", str(total_steps)] + BASE[a.workload]
+                                        + VARIANTS[n])
     benches[n] = dpo_step.Bench(args)
     print(f"built {n}: {len(benches[n].flops_by_shape)} shapes, compile {benches[n].t_compile:.1f}s", flush=True)
   per_round = {n: [] for n in names}

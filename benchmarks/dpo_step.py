@@ -140,7 +140,7 @@ def parser():
   ap.add_argument("--scored", choices=["compact", "slots"], default="compact",
                   help="compact: the head and the last block's MLP run on real completion tokens only "
                        "(batching.scored_tokens); slots: on every padded [B, T] completion slot")
-  ap.add_argument("--chunk_size", type=int, default=1024)
+  ap.add_argument("--chunk_size", type=int, default=4096, help="LM-head chunk (tokens); one chunk per step here")
   ap.add_argument("--row_length", type=int, default=1024,
                   help="packed layout row length; 0: all pairs in one row, its length bucketed (--per_doubling)")
   ap.add_argument("--host_memory", choices=["default", "retain"], default="default",
