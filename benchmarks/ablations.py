@@ -17,7 +17,9 @@ log-probs; prompt-shared rows for `fixed`, all pairs packed in one row of bucket
   instead of one chunk of up to 4096 (variable: the chunks' logits are recomputed in the backward);
   strategy costs: frozen reference (a reference forward per step), multi (K = 2, cached), SAM, AWP.
 
-`--host_memory retain` applies `pofx.host_memory.retain_freed_memory()` to the whole process.
+`--host_memory retain` applies `pofx.host_memory.retain_freed_memory()` to the whole process;
+freed memory then stays in the process, so with many variants of the variable workload (each
+compiling about ten shapes) the process can run out of memory: use it for a few variants.
 """
 
 import argparse

@@ -279,7 +279,9 @@ def main(argv=None):
   bench = Bench(a)
   if not 0 <= a.warmup < a.steps:
     raise ValueError(f"--warmup must be in [0, --steps), got {a.warmup} with --steps {a.steps}.")
+  usage0 = resource.getrusage(resource.RUSAGE_SELF)
   durations, step_flops = bench.run(0, a.steps)
+  usage1 = resource.getrusage(resource.RUSAGE_SELF)
   # Steady state as the TRL baseline measures it: the first --warmup steps are excluded.
   durations, step_flops = durations[a.warmup:], step_flops[a.warmup:]
   total = float(np.sum(durations))
@@ -305,6 +307,9 @@ def main(argv=None):
       "matmul_peak_gflops_per_s": round(peak / 1e9, 1),
       "fraction_of_matmul_peak": round(achieved / peak, 3),
       "maxrss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+      # Over all --steps steps (host memory: page faults and kernel time spent serving them).
+      "minor_page_faults_per_step": round((usage1.ru_minflt - usage0.ru_minflt) / a.steps),
+      "system_cpu_s_per_step": round((usage1.ru_stime - usage0.ru_stime) / a.steps, 4),
       "final_loss": float(bench.metrics["loss"]),
   }
   print(json.dumps(res, indent=1))

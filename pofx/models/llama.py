@@ -237,11 +237,7 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
 def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
   """Rotates `x [B, L, H, hd]` by the angles `positions [B, L] * inv_freq` (rotate-half form)."""
   angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B,L,hd/2]
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+  return _rotate(x, jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :])
 
 
 def attention_mask(segment_ids: Array, branch_ids: Optional[Array] = None) -> Array:
