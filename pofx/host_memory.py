@@ -4,10 +4,10 @@ XLA:CPU allocates each executable's temporaries afresh on every call. glibc serv
 its mmap threshold (at most 32 MiB) with `mmap` and unmaps them when freed, so every training
 step page-faults and zeroes its temporaries again: on the 2-core benchmark machine, 69 000 minor
 page faults and 0.11 s of kernel time per step of `benchmarks/dpo_step.py --workload fixed`
-(a 0.25 s step). `retain_freed_memory()` keeps freed memory in the process for the next step.
+(a 0.24 s step). `retain_freed_memory()` keeps freed memory in the process for the next step.
 
-These change process-wide allocator state, so the library never calls them: a program (the
-experiment runner, a benchmark, a notebook) opts in, once, at start-up.
+These change process-wide allocator state, so the library never calls them: a program (a
+benchmark, a training script, a notebook) opts in, once, at start-up.
 """
 
 from __future__ import annotations
