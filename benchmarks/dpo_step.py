@@ -12,9 +12,10 @@ Data: 256 pairs with the baseline's lengths (same seeded draws: fixed = 64/64/64
 prompt U[16,192], chosen and rejected U[16,256]); token ids are random (they do not change the
 arithmetic). 8 pairs per step in a seeded shuffled order, as a DataLoader would.
 
-Reported (steady state: the first --warmup of --steps steps are excluded, as in the TRL baseline;
-every distinct batch shape is compiled before timing, and the compile time is reported separately): pairs/s, real tokens/s (counted as TRL counts them, 2p + c + r per
-pair, so the two figures compare), peak RSS, the step's FLOPs from XLA's cost analysis, the
+Reported (steady state: the first --warmup of --steps steps are excluded, as in the TRL
+baseline; every distinct batch shape is compiled before timing, and the compile time is reported
+separately): pairs/s, real tokens/s (counted as TRL counts them, 2p + c + r per pair, so the two
+figures compare), peak RSS, the step's FLOPs from XLA's cost analysis, the
 achieved FLOP/s, and that as a fraction of a float32 matmul peak (2048^3) measured in this process.
 Host-side batch building is inside the timed loop, as TRL's collation is.
 """
@@ -274,11 +275,11 @@ class Bench:
 
 def main(argv=None):
   a = parser().parse_args(argv)
+  if not 0 <= a.warmup < a.steps:   # before the precompute and compilation
+    raise ValueError(f"--warmup must be in [0, --steps), got {a.warmup} with --steps {a.steps}.")
   if a.host_memory == "retain":
     host_memory.retain_freed_memory()   # before the first computation (see its docstring)
   bench = Bench(a)
-  if not 0 <= a.warmup < a.steps:
-    raise ValueError(f"--warmup must be in [0, --steps), got {a.warmup} with --steps {a.steps}.")
   usage0 = resource.getrusage(resource.RUSAGE_SELF)
   durations, step_flops = bench.run(0, a.steps)
   usage1 = resource.getrusage(resource.RUSAGE_SELF)
