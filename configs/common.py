@@ -17,6 +17,8 @@ SOURCES = ("world", "files")
 ON_NONFINITE = ("skip", "halt")
 LAYOUTS = ("fused", "prompt_shared", "packed")
 PARALLEL_MODES = ("single", "jit", "shard_map", "pmap")
+ATTENTION = ("dense", "block_sparse")
+SCORED = ("slots", "compact")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -52,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
       layout="prompt_shared",       # "fused" | "prompt_shared" | "packed"
       seq_bucket=16,
       completion_bucket=8,
+      attention="dense",            # "dense" | "block_sparse": attention only on the mask's used blocks
+      attention_block_size=64,      # block_sparse: tokens per block; seq_bucket must be a multiple of it
+      scored="slots",               # "slots" | "compact": the LM head on real completion tokens only
   ))
 
   # Stage 3-4: preference training.
@@ -117,6 +122,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _allowed("data.source", c.data.source, SOURCES)
   _allowed("data.layout", c.data.layout, LAYOUTS)
   _allowed("data.on_bad_record", c.data.on_bad_record, ("error", "skip"))
+  _allowed("data.attention", c.data.attention, ATTENTION)
+  _allowed("data.scored", c.data.scored, SCORED)
+  if c.data.attention == "block_sparse":
+    _positive("data.attention_block_size", c.data.attention_block_size)
+    if not isinstance(c.data.seq_bucket, int) or c.data.seq_bucket % c.data.attention_block_size:
+      raise ValueError(f"config.data.seq_bucket={c.data.seq_bucket!r} is not allowed with data.attention='block_sparse' "
+                       f"and data.attention_block_size={c.data.attention_block_size}; allowed: a multiple of "
+                       f"{c.data.attention_block_size} (every row length must be whole blocks).")
   if c.data.source == "files":
     from pofx import data as data_lib
     if not c.data.files:

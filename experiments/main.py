@@ -228,6 +228,12 @@ def _layout_kwargs(c, fixed: bool = False):
 
 
 
+def _index_kwargs(c):
+  """Loader arguments of the fast paths: block-sparse attention lists and compact scored tokens."""
+  return {"attention_block_size": c.data.attention_block_size if c.data.attention == "block_sparse" else 0,
+          "scored_tokens": c.data.scored == "compact"}
+
+
 def stage_reference_cache(run: Run, prepared, ref_params_list, logps_fn):
   """Reference log-probs computed once over the training split (stage 3). Returns `joined`."""
   import jax
@@ -252,7 +258,7 @@ def stage_reference_cache(run: Run, prepared, ref_params_list, logps_fn):
       _say("reference cache %s is stale (fingerprint differs): recomputing", path)
     loader = data_lib.PreferenceLoader(source, batch_size=c.train.batch_size, layout=c.data.layout,
                                        layout_kwargs=_layout_kwargs(c), shuffle=False, num_epochs=1,
-                                       drop_remainder=False, process_index=0, process_count=1)
+                                       drop_remainder=False, process_index=0, process_count=1, **_index_kwargs(c))
     ids, ch, rj = [], [], []
     for batch in loader.iterator():
       out = fwd(params, batch)
@@ -353,7 +359,8 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   micro = c.train.batch_size // (n_acc * n_dev)
   loader = data_lib.PreferenceLoader(prepared.source("train"), batch_size=micro, layout=c.data.layout,
                                      layout_kwargs=_layout_kwargs(c, fixed=n_dev > 1 or n_acc > 1), seed=c.seed,
-                                     shuffle=True, with_scores="scores" in spec.requires, joined=joined)
+                                     shuffle=True, with_scores="scores" in spec.requires, joined=joined,
+                                     **_index_kwargs(c))
   # The step donates its state: the policy starts from a copy, so `base_params` stays valid.
   state = train.init_state(jax.tree.map(jnp.copy, base_params), optimizer, reference, perturbation, loss=spec,
                            loss_hyper=hyper, rng=run.key_for("train"))
@@ -371,13 +378,23 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   def clean(b):
     return {k: v for k, v in b.items() if k != "example_id"}
 
+  index_lists = ("attention_blocks", "scored_tokens")
+
   def join(parts):
     """This process's per-device loader batches -> its block of the global batch (mode "jit"):
     PairBatches joined with their flat row indices offset to the global device positions;
-    per-pair arrays concatenated."""
-    from pofx import parallel
-    out = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0] if k != "pairs"}
+    per-pair arrays concatenated; block lists and scored tokens rebuilt on the joined pairs
+    (one process: `main` refuses them with several)."""
+    from pofx import batching, parallel
+    from pofx.data import pipeline
+    out = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0] if k not in ("pairs",) + index_lists}
     out["pairs"] = parallel.concat_pair_batches([p["pairs"] for p in parts], start=int(mine[0]))
+    kw = _index_kwargs(c)
+    if kw["attention_block_size"]:
+      out["attention_blocks"] = batching.attention_blocks(out["pairs"], block_size=kw["attention_block_size"],
+                                                          bucket=pipeline.INDEX_BUCKET)
+    if kw["scored_tokens"]:
+      out["scored_tokens"] = batching.scored_tokens(out["pairs"], bucket=pipeline.INDEX_BUCKET)
     return out
 
   def place(batch):
@@ -392,6 +409,10 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     # One step's pairs: n_acc x n_local consecutive loader batches of this process's shard; over the
     # processes, the same pairs as one loader batch of train.batch_size pairs in a single process.
     per = [[clean(next(it)) for _ in range(n_local)] for _ in range(n_acc)]
+    if n_local * n_acc > 1:  # stacked batches: equal-length block lists and scored tokens
+      from pofx import batching
+      flat = batching.pad_index_lists([b for row in per for b in row])
+      per = [flat[i * n_local:(i + 1) * n_local] for i in range(n_acc)]
     shapes = {tuple(np.shape(x) for x in jax.tree.leaves(b)) for row in per for b in row}
     if len(shapes) != 1:
       raise ValueError("micro-batches of different shapes; with grad_accum_steps > 1 or several devices every "
@@ -402,6 +423,9 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
       from pofx import parallel
       return place(parallel.stack_per_device(devs))
     micro_batches = [row[0] if pstep is None else join(row) for row in per]
+    if n_acc > 1 and pstep is not None:
+      from pofx import batching
+      micro_batches = batching.pad_index_lists(micro_batches)
     batch = micro_batches[0] if n_acc == 1 else train.stack_microbatches(micro_batches)
     return place(batch)
 
@@ -592,6 +616,12 @@ def main(argv):
   parallel.initialize_from_env()
   workdir = _WORKDIR.value
   import jax
+  fast = config.data.attention == "block_sparse" or config.data.scored == "compact"
+  if fast and config.train.parallel.mode == "jit" and jax.process_count() > 1:
+    raise ValueError("config.data.attention='block_sparse' / data.scored='compact' with train.parallel.mode='jit' "
+                     "needs one process (their index lists span the global batch); allowed with several processes: "
+                     "train.parallel.mode='shard_map' (lists built per device), or data.attention='dense' and "
+                     "data.scored='slots'.")
   if config.sweep and jax.process_count() > 1:
     raise ValueError("config.sweep runs in one process; multi-process runs take one training config.")
   if config.sweep:

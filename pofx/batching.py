@@ -366,6 +366,41 @@ def attention_blocks(batch: PairBatch, *, block_size: int = 64, bucket: Bucket =
                                            bucket=lambda n: bucket_length(n, bucket))
 
 
+def pad_index_lists(batches):
+  """Pads the `attention_blocks` and `scored_tokens` of several batch dicts to common lengths.
+
+  Batches that are stacked (micro-batches for gradient accumulation, per-device batches for
+  `shard_map` / `pmap`) need equal shapes, but each batch's lists are rounded from its own
+  counts. This extends every list to the longest one with entries that contribute nothing: block
+  pairs `R * (L // block_size)` (one past the last block) and scored tokens index 0 / slot
+  `2 * B * T` (one past the last slot), read from each batch's own `pairs`. Other keys are
+  returned unchanged (new dicts; the inputs are not modified).
+  """
+  batches = [dict(b) for b in batches]
+  if any(("attention_blocks" in b) != ("attention_blocks" in batches[0]) or
+         ("scored_tokens" in b) != ("scored_tokens" in batches[0]) for b in batches):
+    raise ValueError("pad_index_lists: some batches carry attention_blocks / scored_tokens and others do not.")
+  if batches and "attention_blocks" in batches[0]:
+    size = max(b["attention_blocks"].num_pairs for b in batches)
+    for b in batches:
+      blocks, (R, L) = b["attention_blocks"], np.shape(b["pairs"].segment_ids)
+      pad = size - blocks.num_pairs
+      end = R * (L // blocks.block_size)
+      b["attention_blocks"] = sparse_attention.AttentionBlocks(
+          np.concatenate([np.asarray(blocks.query_block, np.int32), np.full(pad, end, np.int32)]),
+          np.concatenate([np.asarray(blocks.key_block, np.int32), np.full(pad, end, np.int32)]),
+          blocks.block_size)
+  if batches and "scored_tokens" in batches[0]:
+    size = max(len(b["scored_tokens"].index) for b in batches)
+    for b in batches:
+      scored, (B, T) = b["scored_tokens"], np.shape(b["pairs"].chosen_targets)
+      pad = size - len(scored.index)
+      b["scored_tokens"] = ScoredTokens(np.concatenate([np.asarray(scored.index, np.int32), np.zeros(pad, np.int32)]),
+                                        np.concatenate([np.asarray(scored.slot, np.int32),
+                                                        np.full(pad, 2 * B * T, np.int32)]))
+  return batches
+
+
 def build(layout: str, prompts, chosen, rejected, **kwargs) -> PairBatch:
   """Dispatches to `fused`, `prompt_shared` or `packed` by name."""
   fns = {"fused": fused, "prompt_shared": prompt_shared, "packed": packed}

@@ -22,13 +22,22 @@ def final(work):
 
 def main(root, seed_dir):
   results = {}
-  runs = {"single": ("single", "", 1), "jit_2x2": ("jit", "2x2", 1), "shard_map_4": ("shard_map", "4", 1),
-          "pmap_4": ("pmap", "4", 1), "single_accum2": ("single", "", 2)}
-  for name, (mode, mesh, accum) in runs.items():
+  # (mode, mesh, accumulated micro-batches, fast: block-sparse attention + compact scored tokens).
+  # The fast runs use rows of 2 blocks of 16 tokens (prompt <= 8, completions <= 12 tokens), so
+  # their block lists hold cross-block pairs, and are compared with the dense "single" run.
+  runs = {"single": ("single", "", 1, False), "jit_2x2": ("jit", "2x2", 1, False),
+          "shard_map_4": ("shard_map", "4", 1, False), "pmap_4": ("pmap", "4", 1, False),
+          "single_accum2": ("single", "", 2, False), "single_fast": ("single", "", 1, True),
+          "jit_2x2_fast": ("jit", "2x2", 1, True), "shard_map_4_fast": ("shard_map", "4", 1, True),
+          "single_accum2_fast": ("single", "", 2, True)}
+  for name, (mode, mesh, accum, fast) in runs.items():
     c = dpo.get_config("tiny")
     with c.unlocked():
       c.train.parallel.mode, c.train.parallel.mesh = mode, mesh
       c.train.grad_accum_steps = accum
+      if fast:
+        c.data.attention, c.data.attention_block_size, c.data.seq_bucket = "block_sparse", 16, 32
+        c.data.scored = "compact"
       c.train.optimizer.name, c.train.optimizer.grad_clip = "sgd", 0.0  # a wrong gradient scale shows in SGD
       c.train.optimizer.learning_rate = 0.5
     work = os.path.join(root, name)

@@ -53,6 +53,8 @@ def test_every_config_builds_locked_and_valid(family):
     ("train.steps", 0, "config.train.steps=0"),
     ("data.layout", "zigzag", "config.data.layout"),
     ("train.on_nonfinite", "ignore", "config.train.on_nonfinite"),
+    ("data.attention", "flash", r"config.data.attention='flash' is not allowed; allowed: \['dense', 'block_sparse'\]"),
+    ("data.scored", "some", r"config.data.scored='some' is not allowed; allowed: \['slots', 'compact'\]"),
 ])
 def test_invalid_config_values_name_the_field(field, value, message):
   c = _config("dpo", "tiny")
@@ -64,6 +66,21 @@ def test_invalid_config_values_name_the_field(field, value, message):
     node[last] = value
   with pytest.raises(ValueError, match=message):
     common.validate(c)
+
+
+def test_block_sparse_needs_whole_blocks_per_row():
+  c = _config("dpo", "tiny")
+  with c.unlocked():
+    c.data.attention, c.data.attention_block_size, c.data.seq_bucket = "block_sparse", 64, 48
+  with pytest.raises(ValueError, match=r"config.data.seq_bucket=48 is not allowed .* a multiple of 64"):
+    common.validate(c)
+  with c.unlocked():
+    c.data.attention_block_size = 0
+  with pytest.raises(ValueError, match="config.data.attention_block_size=0"):
+    common.validate(c)
+  with c.unlocked():
+    c.data.attention_block_size = 16
+  common.validate(c)
 
 
 def test_cli_rejects_bad_values_before_any_compute(tmp_path):
@@ -163,7 +180,9 @@ def test_sigkill_resume_equals_uninterrupted(tiny_run, tmp_path):
 
 def test_parallel_modes_of_the_program_equal_the_single_device_run(tiny_run, tmp_path):
   """configs/dpo.py:tiny under mode jit (2 data x 2 fsdp), shard_map and pmap on 4 simulated
-  devices, and with 2 accumulated micro-batches, ends with the single-device parameters."""
+  devices, and with 2 accumulated micro-batches, ends with the single-device parameters; so do
+  the runs with block-sparse attention and compact scored tokens (`*_fast`: single, jit,
+  shard_map, accumulation), against the dense single-device run."""
   src, _ = tiny_run
   env = {**os.environ, "PYTHONPATH": ROOT}
   out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "experiments_parallel_check.py"), str(tmp_path),

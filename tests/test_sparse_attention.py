@@ -249,3 +249,37 @@ def test_rope_tables_equal_apply_rope_and_are_computed_once():
   grad = jax.jit(jax.grad(lambda p: jnp.sum(fn(p, {"pairs": b, "attention_blocks": blocks}).chosen)))
   hlo = grad.lower(params).compile().as_text()
   assert hlo.count(" cosine(") == 1, hlo.count(" cosine(")
+
+
+def test_pad_index_lists_by_hand_and_same_logps_as_dense():
+  # Two one-pair prompt-shared batches of different sizes: their lists differ in length.
+  short = batching.prompt_shared([[1, 2]], [[3, 4]], [[5, 6]], seq_bucket=8, completion_bucket=2)
+  long_ = batching.prompt_shared([[1, 2, 3]], [[4, 5, 6, 7]], [[8, 9, 10]], seq_bucket=12, completion_bucket=4)
+  batches = [{"pairs": b, "attention_blocks": batching.attention_blocks(b, block_size=2, bucket=1),
+              "scored_tokens": batching.scored_tokens(b, bucket=1), "other": np.ones(3)} for b in (short, long_)]
+  # short: 5 block pairs (see test_block_list_by_hand), 4 scored tokens. long: row [p p | p c |
+  # c c | c r | r r | pad pad] -> query block i uses key blocks 0..i, except rejected block 4 not
+  # chosen block 2: 1 + 2 + 3 + 4 + 4 = 14 pairs; 4 + 3 = 7 scored tokens.
+  assert [b["attention_blocks"].num_pairs for b in batches] == [5, 14]
+  assert [len(b["scored_tokens"].index) for b in batches] == [4, 7]
+  padded = batching.pad_index_lists(batches)
+  assert batches[0]["attention_blocks"].num_pairs == 5            # the inputs are left as they were
+  s = padded[0]
+  # short: R=1, L=8, blocks of 2 -> 4 blocks, padding block 4; B=1, T=2 -> padding slot 4.
+  np.testing.assert_array_equal(s["attention_blocks"].query_block[5:], [4] * 9)
+  np.testing.assert_array_equal(s["attention_blocks"].key_block[5:], [4] * 9)
+  np.testing.assert_array_equal(s["attention_blocks"].query_block[:5], batches[0]["attention_blocks"].query_block)
+  # chosen tokens from columns 1, 2; rejected from the last prompt column 1, then column 4.
+  np.testing.assert_array_equal(s["scored_tokens"].index, [1, 2, 1, 4, 0, 0, 0])
+  np.testing.assert_array_equal(s["scored_tokens"].slot, [0, 1, 2, 3, 4, 4, 4])
+  assert s["other"] is batches[0]["other"] and padded[1]["attention_blocks"].num_pairs == 14
+  # The padded lists give the dense, every-slot log-probs (an independent computation).
+  config = llama.tiny(dtype="float32", attention_block=0)
+  params = llama.init_params(config, jax.random.key(0))
+  model = llama.make(config)
+  fn = policy.make_logps_fn(model.apply, model.head)
+  got, ref = jax.jit(fn)(params, s), fn(params, {"pairs": short})
+  np.testing.assert_allclose(got.chosen, ref.chosen, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got.rejected, ref.rejected, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="some batches carry"):
+    batching.pad_index_lists([batches[0], {"pairs": long_}])

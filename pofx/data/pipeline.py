@@ -54,6 +54,27 @@ import numpy as np
 from pofx import batching
 
 
+# The default rounding of block-pair and scored-token counts: m * 2^k, m = 4..7 (padding under a
+# quarter, a few shapes per doubling).
+INDEX_BUCKET = batching.geometric_buckets(1 << 20, per_doubling=4)
+
+
+def _check_row_lengths(layout: str, kwargs: Mapping[str, Any], block_size: int) -> None:
+  """Every row length the layout can produce must be a multiple of `block_size` (checked before
+  any batch is built): `row_length` or `length_bucket` for "packed", `seq_bucket` otherwise."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  if layout == "packed":
+    key = "row_length" if kwargs.get("row_length") is not None else "length_bucket"
+  else:
+    key = "seq_bucket"
+  fn = {"fused": batching.fused, "prompt_shared": batching.prompt_shared, "packed": batching.packed}[layout]
+  value = kwargs.get(key, inspect.signature(fn).parameters[key].default)
+  sizes = [value] if isinstance(value, (int, np.integer)) else list(value)
+  if not sizes or any(int(v) % block_size for v in sizes):
+    raise ValueError(f"layout_kwargs[{key!r}]={value!r}: with attention_block_size={block_size} every row length "
+                     f"must be a multiple of it; allowed: {key} = a multiple of {block_size} (or a list of them).")
+
+
 def _lengths(ex) -> int:
   return len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"]))
 
@@ -76,6 +97,13 @@ class PreferenceLoader:
     with_scores: add "chosen_scores" / "rejected_scores".
     joined: per-example arrays joined by id: `{"example_id": [N], key: [N], ...}`.
     prefetch: windows built ahead; num_threads: grain reader threads (0: no background work).
+    attention_block_size: > 0 adds "attention_blocks" (`pofx.batching.attention_blocks` with
+      blocks of this many tokens), so the policy's forward runs block-sparse attention
+      (`pofx.sparse_attention`); every row length of the layout must be a multiple of it.
+    scored_tokens: add "scored_tokens" (`pofx.batching.scored_tokens`): the LM head runs on the
+      real completion tokens only.
+    index_bucket: rounding of the block-pair and scored-token counts (`bucket_length`); default
+      `INDEX_BUCKET`. Batches to be stacked need `pofx.batching.pad_index_lists`.
   """
 
   def __init__(self, source, *, batch_size: int, layout: str = "fused",
@@ -84,7 +112,8 @@ class PreferenceLoader:
                process_index: Optional[int] = None, process_count: Optional[int] = None,
                group_by_length: int = 0, drop_remainder: bool = True, with_scores: bool = False,
                joined: Optional[Mapping[str, Any]] = None, prefetch: int = 2,
-               num_threads: int = 1):
+               num_threads: int = 1, attention_block_size: int = 0, scored_tokens: bool = False,
+               index_bucket: Optional[batching.Bucket] = None):
     import grain  # pylint: disable=g-import-not-at-top
     self._grain = grain
     if layout not in batching.LAYOUTS:
@@ -115,6 +144,13 @@ class PreferenceLoader:
     self._drop, self._with_scores = bool(drop_remainder), bool(with_scores)
     self._prefetch, self._num_threads = int(prefetch), int(num_threads)
     self._joined = self._index_joined(joined)
+    if not isinstance(attention_block_size, (int, np.integer)) or attention_block_size < 0:
+      raise ValueError(f"attention_block_size must be an integer >= 0 (0: dense attention), got "
+                       f"{attention_block_size!r}.")
+    self._block_size, self._scored = int(attention_block_size), bool(scored_tokens)
+    if self._block_size:
+      _check_row_lengths(layout, self._layout_kwargs, self._block_size)
+    self._index_bucket = INDEX_BUCKET if index_bucket is None else index_bucket
 
     # Per-process stream length (examples), then batches.
     if num_epochs is None:
@@ -199,6 +235,11 @@ class PreferenceLoader:
                            [e["chosen"] for e in examples], [e["rejected"] for e in examples],
                            num_pairs=B, **self._layout_kwargs)
     out = {"pairs": pairs, "example_id": ids.astype(np.int32)}
+    if self._block_size:
+      out["attention_blocks"] = batching.attention_blocks(pairs, block_size=self._block_size,
+                                                          bucket=self._index_bucket)
+    if self._scored:
+      out["scored_tokens"] = batching.scored_tokens(pairs, bucket=self._index_bucket)
     real = ids >= 0
     if self._with_scores:
       for key, field in (("chosen_scores", "score_chosen"), ("rejected_scores", "score_rejected")):

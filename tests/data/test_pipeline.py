@@ -191,3 +191,35 @@ def test_option_validation():
     _loader(_source(n=5), num_epochs=1)
   with pytest.raises(TypeError, match="no length"):
     len(_loader(num_epochs=None))
+
+
+@pytest.mark.parametrize("layout,kwargs", [("prompt_shared", dict(seq_bucket=16, completion_bucket=8)),
+                                           ("packed", dict(row_length=64, completion_bucket=8)),
+                                           ("packed", dict(length_bucket=32, completion_bucket=8))])
+def test_block_lists_and_scored_tokens_attached_to_every_batch(layout, kwargs):
+  loader = _loader(layout=layout, layout_kwargs=kwargs, num_epochs=1, attention_block_size=8, scored_tokens=True,
+                   index_bucket=4)
+  for b in loader.iterator():
+    pairs = b["pairs"]
+    want_blocks = batching.attention_blocks(pairs, block_size=8, bucket=4)
+    np.testing.assert_array_equal(b["attention_blocks"].query_block, want_blocks.query_block)
+    np.testing.assert_array_equal(b["attention_blocks"].key_block, want_blocks.key_block)
+    assert b["attention_blocks"].block_size == 8
+    # Every real completion token is listed once, and no padding slot.
+    real = int(np.sum(pairs.chosen_mask) + np.sum(pairs.rejected_mask))
+    n = len(b["scored_tokens"].index)
+    assert n % 4 == 0 and real <= n < real + 4
+    assert np.sum(b["scored_tokens"].slot < 2 * pairs.chosen_mask.size) == real
+  plain = next(_loader(layout=layout, layout_kwargs=kwargs, num_epochs=1).iterator())
+  assert "attention_blocks" not in plain and "scored_tokens" not in plain
+
+
+@pytest.mark.parametrize("layout,kwargs,key", [("prompt_shared", dict(seq_bucket=12), "seq_bucket"),
+                                               ("fused", dict(seq_bucket=[16, 20]), "seq_bucket"),
+                                               ("packed", dict(row_length=60), "row_length"),
+                                               ("packed", dict(), "length_bucket")])
+def test_block_size_must_divide_every_row_length(layout, kwargs, key):
+  with pytest.raises(ValueError, match=rf"layout_kwargs\['{key}'\]=.*multiple of 128"):
+    _loader(layout=layout, layout_kwargs=kwargs, attention_block_size=128)
+  with pytest.raises(ValueError, match="attention_block_size must be an integer >= 0"):
+    _loader(attention_block_size=-1)
