@@ -29,7 +29,7 @@ def main(root, seed_dir):
           "shard_map_4": ("shard_map", "4", 1, False), "pmap_4": ("pmap", "4", 1, False),
           "single_accum2": ("single", "", 2, False), "single_fast": ("single", "", 1, True),
           "jit_2x2_fast": ("jit", "2x2", 1, True), "shard_map_4_fast": ("shard_map", "4", 1, True),
-          "single_accum2_fast": ("single", "", 2, True)}
+          "pmap_4_fast": ("pmap", "4", 1, True), "single_accum2_fast": ("single", "", 2, True)}
   for name, (mode, mesh, accum, fast) in runs.items():
     c = dpo.get_config("tiny")
     with c.unlocked():

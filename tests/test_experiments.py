@@ -182,7 +182,7 @@ def test_parallel_modes_of_the_program_equal_the_single_device_run(tiny_run, tmp
   """configs/dpo.py:tiny under mode jit (2 data x 2 fsdp), shard_map and pmap on 4 simulated
   devices, and with 2 accumulated micro-batches, ends with the single-device parameters; so do
   the runs with block-sparse attention and compact scored tokens (`*_fast`: single, jit,
-  shard_map, accumulation), against the dense single-device run."""
+  shard_map, pmap, accumulation), against the dense single-device run."""
   src, _ = tiny_run
   env = {**os.environ, "PYTHONPATH": ROOT}
   out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "experiments_parallel_check.py"), str(tmp_path),
