@@ -4,8 +4,8 @@
         [--only NAME,NAME] [--group_size K] [--host_memory {default,retain}] [--json PATH]
 
 Builds several pofx step variants on the TRL baseline's model and data (`dpo_step.Bench`),
-compiles them, then times them round-robin: each round runs `--steps` steps of every variant
-in turn, so all variants see the same machine conditions. Reports per variant the median
+compiles them, runs one untimed step of each, then times them round-robin: each round runs
+`--steps` steps of every variant in turn, so all variants see the same machine conditions. Reports per variant the median
 sec/step over rounds and its ratio to the reference variant: pofx's best setting for the
 workload (`BASE`: cached reference, block-sparse attention, compact scored tokens, chunked
 log-probs; prompt-shared rows for `fixed`, all pairs packed in one row of bucketed length for
@@ -90,6 +90,8 @@ def run_group(a, names):
                                         + VARIANTS[n])
     benches[n] = dpo_step.Bench(args)
     print(f"built {n}: {len(benches[n].flops_by_shape)} shapes, compile {benches[n].t_compile:.1f}s", flush=True)
+  for n in names:   # warm-up, untimed: a first execution pays one-off costs (allocations, page faults)
+    benches[n].run(0, 1)
   per_round = {n: [] for n in names}
   for r in range(a.rounds):
     order = names if r % 2 == 0 else names[::-1]
