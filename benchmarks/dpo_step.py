@@ -128,6 +128,8 @@ def parser():
   ap.add_argument("--attention", choices=["dense", "block_sparse"], default="block_sparse",
                   help="block_sparse: only the (query, key) block pairs the mask uses (pofx.sparse_attention)")
   ap.add_argument("--block_size", type=int, default=64, help="block_sparse attention block size")
+  ap.add_argument("--attention_kernel", choices=["xla", "native"], default="xla",
+                  help="block_sparse: XLA ops (pofx.sparse_attention) or fused AVX-512 kernels (pofx.native)")
   ap.add_argument("--completion_bucket", type=int, default=64,
                   help="padded completion length T rounded up to a multiple of this (with --scored compact the "
                        "[B, T] arrays are only indices, so a coarse bucket costs nothing and means fewer shapes)")
@@ -248,7 +250,7 @@ class Bench:
                        per_doubling=a.per_doubling, block_size=a.block_size)
     b = {"pairs": pairs}
     if a.attention == "block_sparse":
-      b["attention_blocks"] = batching.attention_blocks(pairs, block_size=a.block_size,
+      b["attention_blocks"] = batching.attention_blocks(pairs, block_size=a.block_size, kernel=a.attention_kernel,
                                                        bucket=a.blocks_bucket or GEOMETRIC[a.per_doubling])
     if a.scored == "compact":
       b["scored_tokens"] = batching.scored_tokens(pairs, bucket=a.scored_bucket or GEOMETRIC[a.per_doubling])
@@ -279,6 +281,9 @@ def main(argv=None):
     raise ValueError(f"--warmup must be in [0, --steps), got {a.warmup} with --steps {a.steps}.")
   if a.host_memory == "retain":
     host_memory.retain_freed_memory()   # before the first computation (see its docstring)
+  if a.attention_kernel == "native":   # build the kernels now (or say why not) before the precompute
+    from pofx import native
+    native.load()
   bench = Bench(a)
   usage0 = resource.getrusage(resource.RUSAGE_SELF)
   durations, step_flops = bench.run(0, a.steps)
@@ -293,7 +298,7 @@ def main(argv=None):
   res = {
       "system": f"pofx {pofx.__version__} / jax {jax.__version__}", "device": str(jax.devices()[0].device_kind),
       "workload": a.workload, "reference": a.reference, "perturbation": a.perturbation, "layout": a.layout,
-      "logprobs": a.logprobs, "attention": a.attention, "block_size": a.block_size,
+      "logprobs": a.logprobs, "attention": a.attention, "attention_kernel": a.attention_kernel, "block_size": a.block_size,
       "save_probs": a.save_probs, "scored": a.scored, "row_length": a.row_length,
       "host_memory": a.host_memory, "preset": a.preset, "dtype": a.dtype, "remat": a.remat,
       "n_params": int(bench.n_params),

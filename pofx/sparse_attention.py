@@ -58,11 +58,14 @@ class AttentionBlocks:
     sorted by query block; padding entries (to a multiple of the bucket) hold `R * (L //
     block_size)`, one past the last block, and contribute nothing.
   block_size: tokens per block (static).
+  kernel: "xla" (this module's op) or "native" (`pofx.native`: fused AVX-512 CPU kernels, same
+    result; block size 64 and head dimension 32) (static).
   """
 
   query_block: np.ndarray
   key_block: np.ndarray
   block_size: int = 64
+  kernel: str = "xla"
 
   @property
   def num_pairs(self) -> int:
@@ -70,7 +73,8 @@ class AttentionBlocks:
 
 
 jax.tree_util.register_dataclass(AttentionBlocks, data_fields=["query_block", "key_block"],
-                                 meta_fields=["block_size"])
+                                 meta_fields=["block_size", "kernel"])
+KERNELS = ("xla", "native")
 
 
 def _used_block_pairs(seg: np.ndarray, br: np.ndarray, b: int) -> np.ndarray:
@@ -108,7 +112,8 @@ def _used_block_pairs(seg: np.ndarray, br: np.ndarray, b: int) -> np.ndarray:
 
 
 def attention_blocks(segment_ids, branch_ids=None, *, block_size: int = 64,
-                     bucket: Union[int, Callable[[int], int]] = 8, size: Optional[int] = None) -> AttentionBlocks:
+                     bucket: Union[int, Callable[[int], int]] = 8, size: Optional[int] = None,
+                     kernel: str = "xla") -> AttentionBlocks:
   """The block pairs holding at least one allowed entry for a real (segment > 0) query token.
 
   Args:
@@ -118,7 +123,17 @@ def attention_blocks(segment_ids, branch_ids=None, *, block_size: int = 64,
     bucket: the pair count is padded up to a multiple of this (fewer compiled shapes), or a
       function from the count to the padded count (e.g. `pofx.batching.bucket_length`).
     size: pad to exactly this many pairs instead (ValueError if the batch needs more).
+    kernel: which implementation computes the attention on these blocks: "xla" or "native"
+      (`pofx.native`, checked here: ValueError naming the reason when this machine cannot use it).
   """
+  if kernel not in KERNELS:
+    raise ValueError(f"attention_blocks: kernel={kernel!r} is not allowed; allowed: {list(KERNELS)}.")
+  if kernel == "native":
+    from pofx import native  # pylint: disable=g-import-not-at-top
+    reason = native.unavailable_reason()
+    if reason is not None or block_size != native.BLOCK_SIZE:
+      raise ValueError(f"attention_blocks: kernel='native' cannot run here: "
+                       f"{reason or f'it needs block_size={native.BLOCK_SIZE}, got {block_size}'}; use kernel='xla'.")
   seg = np.asarray(segment_ids)
   if seg.ndim != 2:
     raise ValueError(f"attention_blocks: segment_ids must be [R, L], got shape {seg.shape}.")
@@ -141,7 +156,7 @@ def attention_blocks(segment_ids, branch_ids=None, *, block_size: int = 64,
   key = np.full(padded, R * nb, np.int32)
   query[:n] = rows * nb + qb
   key[:n] = rows * nb + kb
-  return AttentionBlocks(query, key, int(block_size))
+  return AttentionBlocks(query, key, int(block_size), kernel)
 
 
 def _to_blocks(x, nb, b):
@@ -248,6 +263,9 @@ def block_sparse_attention(q: Array, k: Array, v: Array, segment_ids: Array, bra
   Returns:
     `[R, L, K, G, hd]` in q's dtype (scores, softmax and accumulation in float32).
   """
+  if blocks.kernel == "native":
+    from pofx import native  # pylint: disable=g-import-not-at-top
+    return native.block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks)
   R, L = segment_ids.shape
   b = blocks.block_size
   if L % b:

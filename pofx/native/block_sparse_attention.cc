@@ -1,0 +1,273 @@
+// Block-sparse attention (pofx.sparse_attention) as fused CPU kernels, registered with XLA's FFI.
+//
+// Same computation as pofx.sparse_attention's XLA op, on the same block lists: for every listed
+// (query block, key block) pair of 64 tokens and every head (head dimension 32),
+//   S = Q K^T + bias  (bias 0 where the mask allows, -1e30 elsewhere; the mask is rebuilt here
+//                      from segment and branch ids: same segment, key at or before the query,
+//                      key branch 0 or the query's branch),
+// with the softmax over all listed key blocks of a query block taken online (running row maxima
+// m and sums l, FlashAttention, Dao et al. 2022, arXiv:2205.14135, Algorithm 1), so a tile's
+// scores never leave the cache. The forward returns O and the row log-sum-exp m + log l; the
+// backward recomputes P = exp(S - lse) and applies the FlashAttention identities (ibid.,
+// Appendix B.2): dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K, dK = dS^T Q, dV = P^T dO.
+//
+// The loops are register-blocked AVX-512 (4 query rows x 64 keys of scores in 16 registers), the
+// exponential is a vector Cephes expf (Cody-Waite range reduction, degree-5 polynomial; relative
+// error about 1e-7). Work is split with OpenMP: the forward over (query block, key/value head),
+// the backward over key/value heads (each thread owns its heads' dK and dV).
+//
+// Layouts (float32, int32): q [N, K, G, 32] (N = rows x row length tokens, K key/value heads,
+// G query heads per key/value head, already scaled by 1/sqrt(32)); k, v [N, K, 32]; segment and
+// branch ids [N]; query_block, key_block [T] (sorted by query block; entries >= N / 64 are
+// padding and skipped).
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include "xla/ffi/api/ffi.h"
+namespace ffi = xla::ffi;
+namespace {
+constexpr int B = 64, HD = 32;
+static inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+// S[i][j] = sum_d A[i][d] Bt[d][j] + bias[i][j]   (A 64x32, Bt 32x64)
+static inline void dot_rows(const float* __restrict A, const float* __restrict Bt, const float* __restrict bias,
+                            float* __restrict S) {
+  for (int i0 = 0; i0 < B; i0 += 4) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < 4; ++c) acc[r][c] = bias ? _mm512_loadu_ps(bias + (i0 + r) * B + c * 16) : _mm512_setzero_ps();
+    for (int d = 0; d < HD; ++d) {
+      __m512 k0 = _mm512_load_ps(Bt + d * B), k1 = _mm512_load_ps(Bt + d * B + 16),
+             k2 = _mm512_load_ps(Bt + d * B + 32), k3 = _mm512_load_ps(Bt + d * B + 48);
+      for (int r = 0; r < 4; ++r) {
+        __m512 q = _mm512_set1_ps(A[(i0 + r) * HD + d]);
+        acc[r][0] = _mm512_fmadd_ps(q, k0, acc[r][0]); acc[r][1] = _mm512_fmadd_ps(q, k1, acc[r][1]);
+        acc[r][2] = _mm512_fmadd_ps(q, k2, acc[r][2]); acc[r][3] = _mm512_fmadd_ps(q, k3, acc[r][3]);
+      }
+    }
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < 4; ++c) _mm512_store_ps(S + (i0 + r) * B + c * 16, acc[r][c]);
+  }
+}
+// C[i][:] += sum_j A[i][j] Bm[j][:]   (A 64x64, Bm 64x32, C 64x32)
+static inline void acc_AB(const float* __restrict A, const float* __restrict Bm, float* __restrict C) {
+  for (int i0 = 0; i0 < B; i0 += 4) {
+    __m512 o[4][2];
+    for (int r = 0; r < 4; ++r) { o[r][0] = _mm512_load_ps(C + (i0 + r) * HD); o[r][1] = _mm512_load_ps(C + (i0 + r) * HD + 16); }
+    for (int j = 0; j < B; ++j) {
+      __m512 v0 = _mm512_load_ps(Bm + j * HD), v1 = _mm512_load_ps(Bm + j * HD + 16);
+      for (int r = 0; r < 4; ++r) {
+        __m512 p = _mm512_set1_ps(A[(i0 + r) * B + j]);
+        o[r][0] = _mm512_fmadd_ps(p, v0, o[r][0]); o[r][1] = _mm512_fmadd_ps(p, v1, o[r][1]);
+      }
+    }
+    for (int r = 0; r < 4; ++r) { _mm512_store_ps(C + (i0 + r) * HD, o[r][0]); _mm512_store_ps(C + (i0 + r) * HD + 16, o[r][1]); }
+  }
+}
+// C[j][:] += sum_i A[i][j] Bm[i][:]   (A 64x64, Bm 64x32, C 64x32)
+static inline void acc_AtB(const float* __restrict A, const float* __restrict Bm, float* __restrict C) {
+  for (int j0 = 0; j0 < B; j0 += 4) {
+    __m512 o[4][2];
+    for (int r = 0; r < 4; ++r) { o[r][0] = _mm512_load_ps(C + (j0 + r) * HD); o[r][1] = _mm512_load_ps(C + (j0 + r) * HD + 16); }
+    for (int i = 0; i < B; ++i) {
+      __m512 v0 = _mm512_load_ps(Bm + i * HD), v1 = _mm512_load_ps(Bm + i * HD + 16);
+      for (int r = 0; r < 4; ++r) {
+        __m512 p = _mm512_set1_ps(A[i * B + j0 + r]);
+        o[r][0] = _mm512_fmadd_ps(p, v0, o[r][0]); o[r][1] = _mm512_fmadd_ps(p, v1, o[r][1]);
+      }
+    }
+    for (int r = 0; r < 4; ++r) { _mm512_store_ps(C + (j0 + r) * HD, o[r][0]); _mm512_store_ps(C + (j0 + r) * HD + 16, o[r][1]); }
+  }
+}
+struct Runs { std::vector<int64_t> start, end; };
+Runs MakeRuns(const int32_t* qb, int64_t T, int64_t n_blocks) {
+  Runs r; int64_t t = 0;
+  while (t < T) {
+    if (qb[t] >= n_blocks) { ++t; continue; }
+    int64_t s = t; while (t < T && qb[t] == qb[s]) ++t;
+    r.start.push_back(s); r.end.push_back(t);
+  }
+  return r;
+}
+inline void MakeBias(const int32_t* seg, const int32_t* br, int64_t tq0, int64_t tk0, float* bias) {
+  for (int i = 0; i < B; ++i) {
+    const int32_t sq = seg[tq0 + i], bq = br[tq0 + i];
+    for (int j = 0; j < B; ++j) {
+      const int64_t tk = tk0 + j;
+      const bool ok = seg[tk] == sq && tq0 + i >= tk && (br[tk] == 0 || br[tk] == bq);
+      bias[i * B + j] = ok ? 0.0f : -1e30f;
+    }
+  }
+}
+struct alignas(64) Tile { float v[B * B]; };
+struct alignas(64) Half { float v[B * HD]; };
+
+ffi::Error Fwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg,
+               ffi::Buffer<ffi::S32> br, ffi::Buffer<ffi::S32> qblk, ffi::Buffer<ffi::S32> kblk, int64_t b,
+               ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse_out) {
+  auto qd = q.dimensions();
+  const int64_t N = qd[0], K = qd[1], G = qd[2];
+  if (b != B || qd[3] != HD) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "block 64, head dim 32 only");
+  const float *Q = q.typed_data(), *Kp = k.typed_data(), *V = v.typed_data();
+  const int32_t *S_ = seg.typed_data(), *B_ = br.typed_data(), *QB = qblk.typed_data(), *KB = kblk.typed_data();
+  float *O = out->typed_data(), *LSE = lse_out->typed_data();
+  std::memset(O, 0, sizeof(float) * N * K * G * HD);
+  std::memset(LSE, 0, sizeof(float) * N * K * G);
+  Runs runs = MakeRuns(QB, qblk.dimensions()[0], N / B);
+  const int64_t R = runs.start.size();
+#pragma omp parallel
+  {
+    std::vector<Half> qt(G), acc(G), vt(1);
+    std::vector<Tile> kt(1), s(1), bias(1);   // kt holds [HD x B]
+    std::vector<float> m(G * B), l(G * B);
+#pragma omp for schedule(dynamic)
+    for (int64_t w = 0; w < R * K; ++w) {
+      const int64_t r = w / K, kh = w % K, tq0 = int64_t(QB[runs.start[r]]) * B;
+      for (int64_t g = 0; g < G; ++g)
+        for (int i = 0; i < B; ++i) std::memcpy(&qt[g].v[i * HD], Q + (((tq0 + i) * K + kh) * G + g) * HD, 4 * HD);
+      for (auto& a : acc) std::fill(a.v, a.v + B * HD, 0.0f);
+      std::fill(m.begin(), m.end(), -3e38f); std::fill(l.begin(), l.end(), 0.0f);
+      for (int64_t e = runs.start[r]; e < runs.end[r]; ++e) {
+        const int64_t tk0 = int64_t(KB[e]) * B;
+        for (int j = 0; j < B; ++j) {
+          const float* kr = Kp + ((tk0 + j) * K + kh) * HD;
+          for (int d = 0; d < HD; ++d) kt[0].v[d * B + j] = kr[d];
+          std::memcpy(&vt[0].v[j * HD], V + ((tk0 + j) * K + kh) * HD, 4 * HD);
+        }
+        MakeBias(S_, B_, tq0, tk0, bias[0].v);
+        for (int64_t g = 0; g < G; ++g) {
+          float* S = s[0].v;
+          dot_rows(qt[g].v, kt[0].v, bias[0].v, S);
+          for (int i = 0; i < B; ++i) {
+            __m512 a0 = _mm512_load_ps(S + i * B), a1 = _mm512_load_ps(S + i * B + 16),
+                   a2 = _mm512_load_ps(S + i * B + 32), a3 = _mm512_load_ps(S + i * B + 48);
+            const float mo = m[g * B + i];
+            const float mn = std::max(mo, _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(a0, a1), _mm512_max_ps(a2, a3))));
+            const __m512 mv = _mm512_set1_ps(mn);
+            a0 = exp512(_mm512_sub_ps(a0, mv)); a1 = exp512(_mm512_sub_ps(a1, mv));
+            a2 = exp512(_mm512_sub_ps(a2, mv)); a3 = exp512(_mm512_sub_ps(a3, mv));
+            _mm512_store_ps(S + i * B, a0); _mm512_store_ps(S + i * B + 16, a1);
+            _mm512_store_ps(S + i * B + 32, a2); _mm512_store_ps(S + i * B + 48, a3);
+            const float scale = std::exp(mo - mn);
+            l[g * B + i] = l[g * B + i] * scale + _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+            m[g * B + i] = mn;
+            float* ai = &acc[g].v[i * HD];
+            _mm512_store_ps(ai, _mm512_mul_ps(_mm512_load_ps(ai), _mm512_set1_ps(scale)));
+            _mm512_store_ps(ai + 16, _mm512_mul_ps(_mm512_load_ps(ai + 16), _mm512_set1_ps(scale)));
+          }
+          acc_AB(S, vt[0].v, acc[g].v);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int i = 0; i < B; ++i) {
+          const float li = l[g * B + i], inv = li > 0 ? 1.0f / li : 0.0f;
+          float* o = O + (((tq0 + i) * K + kh) * G + g) * HD;
+          for (int d = 0; d < HD; ++d) o[d] = acc[g].v[i * HD + d] * inv;
+          LSE[((tq0 + i) * K + kh) * G + g] = m[g * B + i] + std::log(std::max(li, 1e-30f));
+        }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Bwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg,
+               ffi::Buffer<ffi::S32> br, ffi::Buffer<ffi::S32> qblk, ffi::Buffer<ffi::S32> kblk,
+               ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, int64_t b,
+               ffi::ResultBuffer<ffi::F32> dq_out, ffi::ResultBuffer<ffi::F32> dk_out, ffi::ResultBuffer<ffi::F32> dv_out) {
+  auto qd = q.dimensions();
+  const int64_t N = qd[0], K = qd[1], G = qd[2];
+  if (b != B || qd[3] != HD) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "block 64, head dim 32 only");
+  const float *Q = q.typed_data(), *Kp = k.typed_data(), *V = v.typed_data(), *Op = o.typed_data(),
+              *L_ = lse.typed_data(), *DO = dout.typed_data();
+  const int32_t *S_ = seg.typed_data(), *B_ = br.typed_data(), *QB = qblk.typed_data(), *KB = kblk.typed_data();
+  float *DQ = dq_out->typed_data(), *DK = dk_out->typed_data(), *DV = dv_out->typed_data();
+  std::memset(DQ, 0, sizeof(float) * N * K * G * HD);
+  std::memset(DK, 0, sizeof(float) * N * K * HD);
+  std::memset(DV, 0, sizeof(float) * N * K * HD);
+  Runs runs = MakeRuns(QB, qblk.dimensions()[0], N / B);
+  const int64_t R = runs.start.size();
+#pragma omp parallel
+  {
+    std::vector<Half> qt(G), dot_(G), dqa(G), kr(1), dka(1), dva(1);
+    std::vector<Tile> kt(1), vtt(1), s(1), dp(1), bias(1);
+    std::vector<float> lse_(G * B), D(G * B);
+#pragma omp for schedule(static)
+    for (int64_t kh = 0; kh < K; ++kh) {
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t tq0 = int64_t(QB[runs.start[r]]) * B;
+        for (int64_t g = 0; g < G; ++g)
+          for (int i = 0; i < B; ++i) {
+            const int64_t off = (((tq0 + i) * K + kh) * G + g) * HD;
+            std::memcpy(&qt[g].v[i * HD], Q + off, 4 * HD);
+            std::memcpy(&dot_[g].v[i * HD], DO + off, 4 * HD);
+            float dsum = 0.0f;
+            for (int d = 0; d < HD; ++d) dsum += DO[off + d] * Op[off + d];
+            D[g * B + i] = dsum;
+            lse_[g * B + i] = L_[((tq0 + i) * K + kh) * G + g];
+          }
+        for (auto& a : dqa) std::fill(a.v, a.v + B * HD, 0.0f);
+        for (int64_t e = runs.start[r]; e < runs.end[r]; ++e) {
+          const int64_t tk0 = int64_t(KB[e]) * B;
+          for (int j = 0; j < B; ++j) {
+            const float* kj = Kp + ((tk0 + j) * K + kh) * HD;
+            const float* vj = V + ((tk0 + j) * K + kh) * HD;
+            std::memcpy(&kr[0].v[j * HD], kj, 4 * HD);
+            for (int d = 0; d < HD; ++d) { kt[0].v[d * B + j] = kj[d]; vtt[0].v[d * B + j] = vj[d]; }
+          }
+          MakeBias(S_, B_, tq0, tk0, bias[0].v);
+          std::fill(dka[0].v, dka[0].v + B * HD, 0.0f);
+          std::fill(dva[0].v, dva[0].v + B * HD, 0.0f);
+          for (int64_t g = 0; g < G; ++g) {
+            float *S = s[0].v, *DP = dp[0].v;
+            dot_rows(qt[g].v, kt[0].v, bias[0].v, S);
+            dot_rows(dot_[g].v, vtt[0].v, nullptr, DP);
+            for (int i = 0; i < B; ++i) {
+              const __m512 li = _mm512_set1_ps(lse_[g * B + i]), Di = _mm512_set1_ps(D[g * B + i]);
+              for (int c = 0; c < 4; ++c) {
+                __m512 p = exp512(_mm512_sub_ps(_mm512_load_ps(S + i * B + c * 16), li));
+                _mm512_store_ps(S + i * B + c * 16, p);
+                _mm512_store_ps(DP + i * B + c * 16, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_load_ps(DP + i * B + c * 16), Di)));
+              }
+            }
+            acc_AB(DP, kr[0].v, dqa[g].v);      // dQ += dS K
+            acc_AtB(DP, qt[g].v, dka[0].v);     // dK += dS^T Q
+            acc_AtB(S, dot_[g].v, dva[0].v);    // dV += P^T dO
+          }
+          for (int j = 0; j < B; ++j) {
+            float* dk = DK + ((tk0 + j) * K + kh) * HD;
+            float* dv = DV + ((tk0 + j) * K + kh) * HD;
+            for (int d = 0; d < HD; ++d) { dk[d] += dka[0].v[j * HD + d]; dv[d] += dva[0].v[j * HD + d]; }
+          }
+        }
+        for (int64_t g = 0; g < G; ++g)
+          for (int i = 0; i < B; ++i)
+            std::memcpy(DQ + (((tq0 + i) * K + kh) * G + g) * HD, &dqa[g].v[i * HD], 4 * HD);
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+}  // namespace
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PofxBsaFwd, Fwd, ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+    .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>()
+    .Arg<ffi::Buffer<ffi::S32>>().Attr<int64_t>("block_size").Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PofxBsaBwd, Bwd, ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+    .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>()
+    .Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+    .Attr<int64_t>("block_size").Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());

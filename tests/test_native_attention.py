@@ -1,0 +1,118 @@
+"""pofx.native: the fused CPU kernels of block-sparse attention against the XLA op and dense
+softmax attention, on the layouts the benchmark uses (64-token blocks, head dimension 32)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pofx import batching, native, policy, sparse_attention
+from pofx.models import llama
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"{native.unavailable_reason()}")
+
+
+def _pairs(seed, n, max_p, max_c, vocab=97):
+  rng = np.random.default_rng(seed)
+  ids = lambda k: rng.integers(1, vocab, k).tolist()
+  lens = [(int(rng.integers(1, max_p)), int(rng.integers(1, max_c)), int(rng.integers(1, max_c))) for _ in range(n)]
+  return [ids(p) for p, _, _ in lens], [ids(c) for _, c, _ in lens], [ids(r) for _, _, r in lens]
+
+
+def _layout(name, seed):
+  p, c, r = _pairs(seed, 6, 90, 110)
+  if name == "prompt_shared":
+    return batching.prompt_shared(p, c, r, seq_bucket=64, completion_bucket=8)
+  if name == "packed_one_row":
+    return batching.packed(p, c, r, length_bucket=64, completion_bucket=8)
+  return batching.packed(p, c, r, row_length=512, completion_bucket=8)
+
+
+def _qkv(shape, seed):
+  R, L = shape
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(ks[0], (R, L, 4, 2, 32)) / np.sqrt(32)
+  k = jax.random.normal(ks[1], (R, L, 4, 32))
+  v = jax.random.normal(ks[2], (R, L, 4, 32))
+  return q, k, v, jax.random.normal(ks[3], q.shape)
+
+
+def _dense(q, k, v, seg, br):
+  """Softmax attention over the full [L, L] mask (pofx.models.llama.attention_mask's rule)."""
+  R, L = seg.shape
+  mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0) & np.tril(np.ones((L, L), bool))[None]
+  mask &= (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])
+  s = jnp.einsum("rqkgd,rskd->rkgqs", q, k) + jnp.where(mask, 0.0, -1e30)[:, None, None]
+  return jnp.einsum("rkgqs,rskd->rqkgd", jax.nn.softmax(s, axis=-1), v)
+
+
+@pytest.mark.parametrize("layout", ["prompt_shared", "packed", "packed_one_row"])
+def test_native_equals_xla_op_and_dense_softmax(layout):
+  b = _layout(layout, seed={"prompt_shared": 0, "packed": 1, "packed_one_row": 2}[layout])
+  seg, br = np.asarray(b.segment_ids), np.asarray(b.branch_ids)
+  assert seg.shape[1] >= 128                                   # several blocks per row
+  q, k, v, proj = _qkv(seg.shape, seed=3)
+  real = (seg > 0)[:, :, None, None, None]
+  proj = proj * real                                           # padding outputs are never used
+  outs, grads = {}, {}
+  for kernel in ("xla", "native"):
+    blocks = sparse_attention.attention_blocks(seg, br, block_size=64, bucket=8, kernel=kernel)
+    fn = lambda q, k, v: sparse_attention.block_sparse_attention(q, k, v, seg, br, blocks)  # noqa: B023
+    outs[kernel] = np.asarray(jax.jit(fn)(q, k, v))
+    grads[kernel] = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * proj), argnums=(0, 1, 2)))(q, k, v)  # noqa: B023
+  dense = np.asarray(_dense(q, k, v, seg, br))
+  dense_grads = jax.grad(lambda q, k, v: jnp.sum(_dense(q, k, v, seg, br) * proj), argnums=(0, 1, 2))(q, k, v)
+  m = np.broadcast_to(real, outs["native"].shape)
+  np.testing.assert_allclose(outs["native"][m], dense[m], atol=2e-6)
+  np.testing.assert_allclose(outs["native"][m], outs["xla"][m], atol=2e-6)
+  for g_native, g_xla, g_dense in zip(grads["native"], grads["xla"], dense_grads):
+    scale = float(np.abs(g_dense).max())
+    np.testing.assert_allclose(g_native, g_dense, atol=2e-6 * scale)
+    np.testing.assert_allclose(g_native, g_xla, atol=2e-6 * scale)
+
+
+def test_native_dpo_gradients_of_the_bench_model_match_dense_attention():
+  # The bench preset (head dimension 32) with 2 layers: hidden states and DPO gradients.
+  config = llama.preset("bench", num_layers=2)
+  params = llama.init_params(config, jax.random.key(0))
+  model = llama.make(config)
+  fn = policy.make_logps_fn(model.apply, model.head)
+  b = _layout("packed_one_row", seed=5)
+  blocks = batching.attention_blocks(b, block_size=64, bucket=8, kernel="native")
+
+  def loss(params, batch):
+    out = fn(params, batch)
+    return jnp.sum(jax.nn.log_sigmoid(0.1 * (out.chosen - out.rejected)))
+
+  v0, g0 = jax.value_and_grad(loss)(params, {"pairs": b})
+  v1, g1 = jax.jit(jax.value_and_grad(loss))(params, {"pairs": b, "attention_blocks": blocks})
+  np.testing.assert_allclose(v1, v0, rtol=1e-5)
+  for a, e in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5 * float(np.abs(e).max()) + 1e-8)
+
+
+def test_unsupported_shapes_and_kernels_are_refused():
+  b = _layout("prompt_shared", seed=0)
+  with pytest.raises(ValueError, match="kernel='native' cannot run here: it needs block_size=64, got 32"):
+    batching.attention_blocks(b, block_size=32, kernel="native")
+  with pytest.raises(ValueError, match=r"kernel='cuda' is not allowed; allowed: \['xla', 'native'\]"):
+    batching.attention_blocks(b, kernel="cuda")
+  seg, br = np.asarray(b.segment_ids), np.asarray(b.branch_ids)
+  blocks = batching.attention_blocks(b, block_size=64, kernel="native")
+  R, L = seg.shape
+  q = jnp.zeros((R, L, 2, 2, 64))
+  k = v = jnp.zeros((R, L, 2, 64))
+  with pytest.raises(ValueError, match="head dimension 32; got block_size=64, head dimension 64"):
+    sparse_attention.block_sparse_attention(q, k, v, seg, br, blocks)
+
+
+def test_pad_index_lists_keeps_the_kernel():
+  short = batching.prompt_shared([[1, 2]], [[3, 4]], [[5, 6]], seq_bucket=64, completion_bucket=2)
+  long_ = batching.prompt_shared([[1] * 70], [[4] * 30], [[8] * 30], seq_bucket=64, completion_bucket=32)
+  batches = [{"pairs": b, "attention_blocks": batching.attention_blocks(b, block_size=64, bucket=1, kernel="native")}
+             for b in (short, long_)]
+  padded = batching.pad_index_lists(batches)
+  assert [p["attention_blocks"].kernel for p in padded] == ["native", "native"]
+  assert padded[0]["attention_blocks"].num_pairs == padded[1]["attention_blocks"].num_pairs
