@@ -1,13 +1,14 @@
 """The block-sparse attention op alone, on one layer's shapes of the benchmark workloads.
 
     [XLA_FLAGS=...] python benchmarks/attention_op.py [--workload fixed,variable] [--calls 21]
-        [--host_memory {default,retain}] [--json PATH]
+        [--kernel {xla,native}] [--host_memory {default,retain}] [--json PATH]
 
 For the first 8 pairs of each workload, laid out as `dpo_step.py` lays them out by default
 (fixed: prompt-shared rows of 192 tokens; variable: the 8 pairs packed in one row of bucketed
 length), with the bench model's heads (8 query heads, 4 key/value heads, head dimension 32) and
-64-token blocks, times `pofx.sparse_attention.block_sparse_attention` forward, and forward plus
-backward (the gradient with respect to q, k and v of a fixed random projection of the output),
+64-token blocks, times `pofx.sparse_attention.block_sparse_attention` (`--kernel xla`: XLA ops;
+`native`: the fused kernels of `pofx.native`) forward, and forward plus backward (the gradient
+with respect to q, k and v of a fixed random projection of the output),
 as medians over `--calls` jitted calls. Also prints the block pairs computed and the op's dot
 FLOPs (2 dots forward; forward plus backward counted as 7: the forward's 2, the recomputed
 scores, dP, dQ, dK, dV), so the achieved GFLOP/s of the op can be read off. XLA flags are
@@ -33,6 +34,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--workload", default="fixed,variable")
   ap.add_argument("--calls", type=int, default=21)
+  ap.add_argument("--kernel", choices=["xla", "native"], default="xla")
   ap.add_argument("--host_memory", choices=["default", "retain"], default="retain")
   ap.add_argument("--json", default=None)
   a = ap.parse_args()
@@ -56,7 +58,8 @@ def main():
       times.append(time.perf_counter() - t)
     return statistics.median(times)
 
-  report = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "host_memory": a.host_memory, "workloads": {}}
+  report = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "kernel": a.kernel, "host_memory": a.host_memory,
+            "workloads": {}}
   for wl in workloads:
     base = dpo_step.parser().parse_args(["--workload", wl] + ablations.BASE[wl])
     data = dpo_step.dataset(wl)
@@ -65,7 +68,8 @@ def main():
                                 block_size=BLOCK)
     seg, br = np.asarray(pairs.segment_ids), np.asarray(pairs.branch_ids)
     R, L = seg.shape
-    blocks = batching.attention_blocks(pairs, block_size=BLOCK, bucket=dpo_step.GEOMETRIC[base.per_doubling])
+    blocks = batching.attention_blocks(pairs, block_size=BLOCK, bucket=dpo_step.GEOMETRIC[base.per_doubling],
+                                       kernel=a.kernel)
     ks = jax.random.split(jax.random.key(0), 4)
     G = HEADS // KV_HEADS
     q = jax.random.normal(ks[0], (R, L, KV_HEADS, G, HEAD_DIM)) / HEAD_DIM ** 0.5
