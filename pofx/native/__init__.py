@@ -46,14 +46,17 @@ def _compiler():
   return None
 
 
-def _cpu_has_avx512() -> bool:
-  if platform.machine().lower() not in ("x86_64", "amd64"):
-    return False
+def _cpu_flags() -> str:
+  """The first `flags` line of /proc/cpuinfo ("" when unreadable)."""
   try:
     with open("/proc/cpuinfo") as f:
-      return any(line.startswith("flags") and " avx512f" in line for line in f)
+      return next((line for line in f if line.startswith("flags")), "")
   except OSError:
-    return False
+    return ""
+
+
+def _cpu_has_avx512() -> bool:
+  return platform.machine().lower() in ("x86_64", "amd64") and " avx512f" in _cpu_flags()
 
 
 def unavailable_reason():
@@ -69,6 +72,20 @@ def available() -> bool:
   return unavailable_reason() is None
 
 
+def _writable_cache_dir() -> str:
+  """`~/.cache/pofx/native`, or a per-user folder in the temporary directory if that is not writable."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  for d in (os.path.join(os.path.expanduser("~"), ".cache", "pofx", "native"),
+            os.path.join(tempfile.gettempdir(), f"pofx-native-{os.getuid()}")):
+    try:
+      os.makedirs(d, exist_ok=True)
+      if os.access(d, os.W_OK):
+        return d
+    except OSError:
+      continue
+  raise NativeUnavailable("no writable folder for the compiled native kernels (~/.cache/pofx/native, the temp dir)")
+
+
 def load(cache_dir=None) -> str:
   """Builds (once) and registers the kernels; returns the shared library's path."""
   with _lock:
@@ -78,12 +95,13 @@ def load(cache_dir=None) -> str:
     if reason:
       raise NativeUnavailable(reason)
     cxx = _compiler()
-    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "pofx", "native")
     with open(SOURCE, "rb") as f:
-      key = hashlib.sha256(f.read() + repr((cxx, FLAGS, jax.ffi.include_dir())).encode()).hexdigest()[:16]
+      # -march=native: the CPU's features are part of the key (a shared home on another CPU rebuilds).
+      key = hashlib.sha256(f.read() + repr((cxx, FLAGS, jax.ffi.include_dir(), _cpu_flags())).encode()).hexdigest()[:16]
+    cache_dir = cache_dir or _writable_cache_dir()
+    os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"libpofx_native_{key}.so")
     if not os.path.exists(path):
-      os.makedirs(cache_dir, exist_ok=True)
       tmp = f"{path}.{os.getpid()}.tmp"
       cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
       out = subprocess.run(cmd, capture_output=True, text=True)
