@@ -34,7 +34,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["pofx", "pofx.*", "experiments", "experiments.*", "configs", "configs.*"]),
-    package_data={"pofx.native": ["*.cc"]},   # compiled on first use (pofx.native)
+    package_data={"pofx.native": ["*.cc", "*.h"]},   # compiled on first use (pofx.native)
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES, "parity": PARITY_REQUIRES},
     license="Apache-2.0",

@@ -19,21 +19,8 @@
 #include <cmath>
 #include <cstdio>
 
-static inline __m512 exp512(__m512 x) {  // Cephes expf: Cody-Waite range reduction, degree-5 P(r)
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
+#include "../pofx/native/vector_exp.h"
+
 // One tile: Q [64 x 32] row-major, Kt [32 x 64] (K transposed), V [64 x 32], bias [64 x 64]
 // (0 or -1e30), running row maxima m, sums l and unnormalised output O [64 x 32], updated in place.
 __attribute__((noinline)) void tile(const float* __restrict Q, const float* __restrict Kt, const float* __restrict V,

@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "block_sparse_attention.cc")
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(HERE, "block_sparse_attention.cc")
+HEADERS = (os.path.join(HERE, "vector_exp.h"),)
 BLOCK_SIZE, HEAD_DIM = 64, 32
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _lock = threading.Lock()
@@ -95,9 +97,13 @@ def load(cache_dir=None) -> str:
     if reason:
       raise NativeUnavailable(reason)
     cxx = _compiler()
-    with open(SOURCE, "rb") as f:
-      # -march=native: the CPU's features are part of the key (a shared home on another CPU rebuilds).
-      key = hashlib.sha256(f.read() + repr((cxx, FLAGS, jax.ffi.include_dir(), _cpu_flags())).encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for name in (SOURCE,) + HEADERS:
+      with open(name, "rb") as f:
+        digest.update(f.read())
+    # -march=native: the CPU's features are part of the key (a shared home on another CPU rebuilds).
+    digest.update(repr((cxx, FLAGS, jax.ffi.include_dir(), _cpu_flags())).encode())
+    key = digest.hexdigest()[:16]
     cache_dir = cache_dir or _writable_cache_dir()
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"libpofx_native_{key}.so")
