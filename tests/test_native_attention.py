@@ -1,7 +1,6 @@
 """pofx.native: the fused CPU kernels of block-sparse attention against the XLA op and dense
 softmax attention, on the layouts the benchmark uses (64-token blocks, head dimension 32)."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -7,8 +7,9 @@ tile's scores stay in cache instead of passing through memory between XLA's sepa
 Select it per batch with `attention_blocks(..., kernel="native")`.
 
 The shared library is built with the system C++ compiler (`$CXX`, else `g++` / `c++`, with
-OpenMP) the first time it is needed, into `~/.cache/pofx/native/` under a name that hashes the
-source, the compiler and the flags, and reused afterwards. `available()` says whether this
+OpenMP) the first time it is needed, into `~/.cache/pofx/native/` (else a per-user folder in the
+temporary directory) under a name that hashes the sources, the compiler, the flags and the CPU's
+feature flags (`-march=native`), and reused afterwards. `available()` says whether this
 machine can use it (x86-64 with AVX-512F, a compiler); `load()` raises `NativeUnavailable` with
 the reason otherwise. Supported shapes: 64-token blocks, head dimension 32, float32 (inputs of
 other floating dtypes are computed in float32).
