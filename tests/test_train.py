@@ -161,6 +161,48 @@ def test_nonfinite_step_leaves_state_unchanged():
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), state2.opt_state, state1.opt_state)
 
 
+def _grad_scaled(scale):
+  """Identity whose cotangent is multiplied by `scale` (the value is unchanged)."""
+
+  @jax.custom_vjp
+  def f(x):
+    return x
+
+  f.defvjp(lambda x: (x, None), lambda _, g: (g * scale,))
+  return f
+
+
+@pytest.mark.parametrize("case", ["nan_gradient", "huge_finite_gradient"])
+def test_nonfinite_guard_looks_at_the_gradients(case):
+  # nan_gradient: the loss is finite but one gradient entry is NaN (0 * d sqrt(u)/du at u = 0):
+  # the state must be kept. huge_finite_gradient: every entry is finite but about 1e25, so the
+  # global norm's sum of squares overflows float32 to inf: the step must still be applied (by SGD
+  # with a learning rate that brings the update back to a normal size; Adam's second moment would
+  # overflow too).
+  params = toy.init(0)
+  opt = optax.adam(0.1) if case == "nan_gradient" else optax.sgd(1e-26)
+  ref = references.frozen(toy.init(1), toy.logps_fn)
+
+  def logps_fn(p, b):
+    if case == "nan_gradient":
+      p = {**p, "w": p["w"] + 0.0 * jnp.sqrt(0.0 * p["w"])}
+    else:
+      p = jax.tree.map(_grad_scaled(1e25), p)
+    return toy.logps_fn(p, b)
+
+  step = train.make_train_step(logps_fn, opt, loss="dpo", reference=ref, donate=False)
+  state = train.init_state(params, opt, ref, perturbations.none())
+  new, m = step(state, toy.batch(0), jax.random.key(0))
+  assert np.isfinite(float(m["loss"])) and int(new.step) == 1
+  if case == "nan_gradient":
+    assert float(m["nonfinite"]) == 1.0
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new.params, state.params)
+  else:
+    assert float(m["grad_norm"]) == np.inf and float(m["nonfinite"]) == 0.0
+    assert np.isfinite(np.asarray(new.params["w"])).all()
+    assert not np.array_equal(np.asarray(new.params["w"]), np.asarray(state.params["w"]))
+
+
 def test_caller_arrays_survive_donation():
   # The same arrays as the policy's start and as a frozen reference: the donating step must not
   # delete them (init_state copies).
