@@ -1,7 +1,7 @@
 """pofx's DPO train step on exactly the model and data of `trl_dpo_baseline.py`.
 
     python benchmarks/dpo_step.py --workload {fixed,variable} --reference {frozen,cached,multi}
-        --perturbation {none,sam,awp} [--layout {prompt_shared,fused,packed}]
+        --perturbation {none,sam,awp,rwp} [--layout {prompt_shared,fused,packed}]
         [--logprobs {chunked,naive}] [--attention {block_sparse,dense}] [--block_size 64]
         [--save_probs] [--scored {compact,slots}] [--row_length 1024 | 0] [--per_doubling 8]
         [--host_memory {default,retain}] [--steps 30] [--warmup 5] [--bs 8] [--json PATH]
@@ -122,7 +122,9 @@ def parser():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workload", choices=["fixed", "variable"], default="fixed")
   ap.add_argument("--reference", choices=["frozen", "cached", "multi"], default="cached")
-  ap.add_argument("--perturbation", choices=["none", "sam", "awp"], default="none")
+  ap.add_argument("--perturbation", choices=["none", "sam", "awp", "rwp"], default="none",
+                  help="rwp: gamma 0.01, c_min 1.0 and --rwp_steps proxy ascents (pofx.perturbations.rwp)")
+  ap.add_argument("--rwp_steps", type=int, default=10, help="RWP proxy ascent steps (the authors' 10)")
   ap.add_argument("--layout", choices=list(batching.LAYOUTS), default="prompt_shared")
   ap.add_argument("--logprobs", choices=["chunked", "naive"], default="chunked")
   ap.add_argument("--attention", choices=["dense", "block_sparse"], default="block_sparse",
@@ -203,8 +205,9 @@ class Bench:
       else:
         reference = references.multi([references.cached_member(0, fp, fp), references.cached_member(1, fp, fp)])
 
-    pert = {"none": perturbations.none(), "sam": perturbations.sam(0.05),
-            "awp": perturbations.awp(0.01)}[a.perturbation]
+    pert = {"none": perturbations.none, "sam": lambda: perturbations.sam(0.05),
+            "awp": lambda: perturbations.awp(0.01),
+            "rwp": lambda: perturbations.rwp(0.01, c_min=1.0, steps=a.rwp_steps)}[a.perturbation]()
     optimizer = optax.adamw(1e-6)
     self.step = train.make_train_step(logps_fn, optimizer, loss="dpo", loss_hyper={"beta": 0.1},
                                       reference=reference, perturbation=pert)

@@ -6,12 +6,13 @@ Every value is overridable on the command line as `--config.a.b=value`. Validati
 
 from __future__ import annotations
 
+import math
 import os
 
 import ml_collections
 
 REFERENCE_KINDS = ("none", "frozen", "cached", "multi", "guiding", "synced", "ema")
-PERTURBATION_KINDS = ("none", "sam", "awp")
+PERTURBATION_KINDS = ("none", "sam", "awp", "rwp")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SOURCES = ("world", "files")
 ON_NONFINITE = ("skip", "halt")
@@ -73,7 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.loss_hyper = ml_collections.ConfigDict(dict(beta=0.1))
   c.train.reference = ml_collections.ConfigDict(dict(
       kind="cached", alpha=0.6, tau=64, decay=0.99, eta=0.1, mrpo_alpha=-1.0, guide_checkpoint=""))
-  c.train.perturbation = ml_collections.ConfigDict(dict(kind="none", rho=0.05, adaptive=False, gamma=0.01))
+  # rwp: c_min (the loss-stationary threshold on the per-pair loss) must be set; steps: proxy ascents.
+  c.train.perturbation = ml_collections.ConfigDict(dict(kind="none", rho=0.05, adaptive=False, gamma=0.01,
+                                                        c_min=float("nan"), steps=10))
   c.train.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", learning_rate=1e-3, warmup_steps=20, weight_decay=0.0, grad_clip=1.0))
   c.train.parallel = ml_collections.ConfigDict(dict(mode="single", mesh=""))
@@ -161,6 +164,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _allowed("train.on_nonfinite", c.train.on_nonfinite, ON_NONFINITE)
   _allowed("train.reference.kind", c.train.reference.kind, REFERENCE_KINDS)
   _allowed("train.perturbation.kind", c.train.perturbation.kind, PERTURBATION_KINDS)
+  if c.train.perturbation.kind == "rwp":
+    if not math.isfinite(c.train.perturbation.c_min):
+      raise ValueError(f"config.train.perturbation.c_min={c.train.perturbation.c_min!r} is not allowed with kind='rwp'; "
+                       "allowed: a finite per-pair loss threshold (e.g. 1.0 for DPO, whose loss is log 2 = 0.693 "
+                       "at zero margin).")
+    _positive("train.perturbation.steps", c.train.perturbation.steps)
+    if c.train.perturbation.gamma < 0:
+      raise ValueError(f"config.train.perturbation.gamma={c.train.perturbation.gamma!r} is not allowed; allowed: >= 0.")
   _allowed("train.optimizer.name", c.train.optimizer.name, OPTIMIZERS)
   _allowed("train.parallel.mode", c.train.parallel.mode, PARALLEL_MODES)
   mesh_shape(c.train.parallel.mesh)

@@ -294,6 +294,8 @@ def _perturbation(c):
     return perturbations.sam(p.rho, adaptive=p.adaptive)
   if p.kind == "awp":
     return perturbations.awp(p.gamma)
+  if p.kind == "rwp":
+    return perturbations.rwp(p.gamma, c_min=p.c_min, steps=p.steps)
   return perturbations.none()
 
 

@@ -360,7 +360,8 @@ def _reference_runs_forward(kind: str) -> bool:
   return kind in ("frozen", "guiding", "synced", "ema")
 
 
-def analytic_flops(model_cfg, shapes: Shapes, *, reference_kind: str = "cached", perturbation_kind: str = "none") -> Dict[str, Any]:
+def analytic_flops(model_cfg, shapes: Shapes, *, reference_kind: str = "cached", perturbation_kind: str = "none",
+                   rwp_steps: int = 10) -> Dict[str, Any]:
   """Global matmul FLOPs per step (the module docstring's formula), with its parts."""
   m = model_cfg
   D, F, H, K, hd, V, n = m.hidden_size, m.mlp_size, m.num_heads, m.num_kv_heads, m.resolved_head_dim, m.vocab_size, m.num_layers
@@ -378,12 +379,15 @@ def analytic_flops(model_cfg, shapes: Shapes, *, reference_kind: str = "cached",
     policy += attn
   if perturbation_kind in ("sam", "awp"):
     policy *= 2
+  elif perturbation_kind == "rwp":   # rwp_steps proxy ascents, then the main gradient
+    policy *= rwp_steps + 1
   ref = forward if _reference_runs_forward(reference_kind) else 0
   total = policy + ref
   return {"flops": float(total), "forward": float(forward), "blocks_forward": float(blocks),
           "attention_forward": float(attn), "head_forward": float(head), "reference_forward": float(ref),
           "six_n_tokens": float(6 * p_blocks * R * L), "matmul_params_in_blocks": p_blocks,
-          "formula": "3 (blocks + attn + head) + head [+ remat recompute] [x2 SAM/AWP] [+ reference forward]; "
+          "formula": "3 (blocks + attn + head) + head [+ remat recompute] [x2 SAM/AWP, x(steps + 1) RWP] "
+                     "[+ reference forward]; "
                      "blocks = 2 P_blocks R L, attn = 4 n_layers R L^2 H hd, head = 4 D V B T"}
 
 
@@ -548,7 +552,8 @@ def make_plan(c, mesh: Optional[str] = None, *, rules: str = "auto", min_fsdp_si
   opt_leaves = groups["opt_state"]
   moment_dtypes = sorted({r["dtype"] for r in opt_leaves if r["shape"]})
 
-  analytic = analytic_flops(model_cfg, shapes, reference_kind=kind, perturbation_kind=c.train.perturbation.kind)
+  analytic = analytic_flops(model_cfg, shapes, reference_kind=kind, perturbation_kind=c.train.perturbation.kind,
+                            rwp_steps=c.train.perturbation.steps)
   auto = compile is None
   do_compile = compile if compile is not None else (n_params <= AUTO_COMPILE_MAX_PARAMS and n_dev <= AUTO_COMPILE_MAX_DEVICES)
   compiled, note = None, ""

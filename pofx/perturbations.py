@@ -19,8 +19,13 @@ they are computed once per step, outside the perturbation.
                                ascent step; per weight matrix v_l = gamma ||theta_l|| g_l / ||g_l||
                                (matrices only: ndim > 1; vectors unperturbed).
 
-RWP (Yu et al. 2022) is not offered: its loss-stationary threshold c_min is defined for
-per-example classification losses and has no established value for preference losses.
+  rwp(gamma, c_min, steps)     RWP (Yu et al. 2022, "Robust Weight Perturbation for Adversarial
+                               Training", IJCAI, arXiv:2205.14826; as the authors' code
+                               `utils_rwp.py` computes it): `steps` proxy ascent steps on the examples that
+                               satisfy the loss-stationary condition l_i < c_min, accumulated and
+                               scaled to one global radius gamma ||theta||. The objective's aux
+                               must carry the per-pair losses (`aux["per_pair"]`, as
+                               `pofx.train`'s does); c_min has no default (see `rwp`).
 The loss and aux reported are those at the unperturbed parameters.
 """
 
@@ -133,3 +138,76 @@ def awp(gamma: float = 0.01) -> Perturbation:
     return out, grads, pstate
 
   return Perturbation("awp", init=lambda p: (), value_and_grad=value_and_grad)
+
+
+def _matrices(tree):
+  """`tree` with every leaf of ndim <= 1 replaced by zeros (RWP/AWP perturb weight matrices only)."""
+  return jax.tree.map(lambda x: x if x.ndim > 1 else jnp.zeros_like(x), tree)
+
+
+def rwp(gamma: float = 0.01, *, c_min: float, steps: int = 10, proxy_lr: float = 0.01) -> Perturbation:
+  """Robust weight perturbation with the loss-stationary condition; `rwp(gamma=0)` equals `none()`.
+
+  Yu et al. 2022 (arXiv:2205.14826), as their code computes it (`RobustWeightPerturb.calc_awp`).
+  With W the weight matrices (ndim > 1; vectors are never perturbed), D = 0 and v = 0, repeat
+  `steps` times:
+
+      m_i  = 1[l_i(theta + gamma v) < c_min]                 (loss-stationary condition, LSC)
+      D   += proxy_lr * grad_W mean_i(m_i l_i)(theta + gamma v)   (one SGD ascent step of a proxy)
+      v    = (||theta_W|| / (||D|| + 1e-20)) D              (one norm over all matrices together)
+
+  then the gradient of the objective is taken at theta + gamma v and applied at theta. The mean
+  runs over every real pair (masked ones count as zero), as the code's `loss.mul(Indicator).mean()`;
+  pairs with `aux["mask"] == 0` (padding) are left out. Only pairs whose loss is still below
+  c_min drive the perturbation, so already-violated pairs do not push the weights further.
+  `proxy_lr` cancels in the normalisation (it only scales D against the 1e-20). Cost: `steps`
+  forward-backward passes plus the main one.
+
+  Args:
+    gamma: relative radius (the authors' `--awp-gamma`, default 0.01).
+    c_min: the LSC threshold on the per-pair loss. Required: the paper's 1.7 is for per-example
+      cross-entropy on CIFAR. For the logistic (DPO) loss, log 2 ~ 0.693 is the loss at zero
+      margin (a value for preference losses has not been established; tune it).
+    steps: proxy ascent steps (10, hard-coded in the authors' code).
+    proxy_lr: the proxy SGD learning rate (0.01 in the code).
+  """
+  if float(gamma) < 0:
+    raise ValueError(f"perturbations.rwp: invalid gamma={gamma!r}; allowed: gamma >= 0.")
+  if int(steps) < 1 or int(steps) != steps:
+    raise ValueError(f"perturbations.rwp: invalid steps={steps!r}; allowed: integer >= 1.")
+  if not float(proxy_lr) > 0:
+    raise ValueError(f"perturbations.rwp: invalid proxy_lr={proxy_lr!r}; allowed: proxy_lr > 0.")
+  c_min, steps = float(c_min), int(steps)
+
+  def value_and_grad(objective, params, pstate, rng, batch):
+    del rng
+
+    def lsc_loss(p):
+      loss, aux = objective(p, batch)
+      if not isinstance(aux, dict) or "per_pair" not in aux:
+        raise ValueError("perturbations.rwp needs the per-pair losses: the objective's aux must be a dict with "
+                         "'per_pair' [B] (pofx.train's objective provides it).")
+      per_pair = aux["per_pair"]
+      real = jnp.asarray(aux.get("mask", jnp.ones_like(per_pair)), per_pair.dtype)
+      lsc = jax.lax.stop_gradient((per_pair < c_min).astype(per_pair.dtype))
+      return jnp.sum(real * lsc * per_pair) / jnp.maximum(jnp.sum(real), 1.0), (loss, aux)
+
+    theta_norm = optax.global_norm(_matrices(params))
+
+    def scaled(d):
+      return jax.tree.map(lambda x: x * (theta_norm / (optax.global_norm(d) + 1e-20)), d)
+
+    ascent = jax.grad(lsc_loss, has_aux=True)
+    g, (loss, aux) = ascent(params)   # the first proxy sits at theta: the reported loss and aux
+    diff = jax.tree.map(lambda x: proxy_lr * x, _matrices(g))
+
+    def body(_, diff):
+      g, _ = ascent(jax.tree.map(lambda p, v: p + gamma * v, params, scaled(diff)))
+      return jax.tree.map(lambda d, x: d + proxy_lr * x, diff, _matrices(g))
+
+    diff = jax.lax.fori_loop(1, steps, body, diff)
+    perturbed = jax.tree.map(lambda p, v: p + gamma * v, params, scaled(diff))
+    grads = jax.grad(lambda p: objective(p, batch)[0])(perturbed)
+    return (loss, aux), grads, pstate
+
+  return Perturbation("rwp", init=lambda p: (), value_and_grad=value_and_grad)

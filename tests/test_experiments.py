@@ -16,10 +16,10 @@ import pytest
 from configs import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ("dpo", "gpo", "simpo", "ipo", "mrpo", "predpo", "trdpo", "sam", "awp", "beta_dpo", "dpo_files")
+FAMILIES = ("dpo", "gpo", "simpo", "ipo", "mrpo", "predpo", "trdpo", "sam", "awp", "rwp", "beta_dpo", "dpo_files")
 ARGS = {"dpo": ("", "tiny"), "gpo": ("", "tiny"), "simpo": ("", "tiny"), "ipo": ("", "tiny", "sum", "sum,tiny"),
         "mrpo": ("", "tiny"), "predpo": ("", "tiny"), "trdpo": ("", "tiny", "hard", "hard,tiny"),
-        "sam": ("", "tiny", "asam", "asam,tiny"), "awp": ("", "tiny"), "beta_dpo": ("", "tiny"),
+        "sam": ("", "tiny", "asam", "asam,tiny"), "awp": ("", "tiny"), "rwp": ("", "tiny"), "beta_dpo": ("", "tiny"),
         "dpo_files": ("", "tiny")}
 
 
@@ -50,6 +50,7 @@ def test_every_config_builds_locked_and_valid(family):
     ("train.reference.kind", "none", "needs a reference"),
     ("train.reference.kind", "frozn", "config.train.reference.kind='frozn'"),
     ("train.perturbation.kind", "sharp", "config.train.perturbation.kind"),
+    ("train.perturbation.kind", "rwp", r"config.train.perturbation.c_min=nan is not allowed with kind='rwp'"),
     ("train.steps", 0, "config.train.steps=0"),
     ("data.layout", "zigzag", "config.data.layout"),
     ("train.on_nonfinite", "ignore", "config.train.on_nonfinite"),
@@ -126,7 +127,7 @@ def _seed_from(src, dst):
 
 
 @pytest.mark.parametrize("family,arg", [("simpo", "tiny"), ("ipo", "sum,tiny"), ("mrpo", "tiny"), ("trdpo", "tiny"),
-                                        ("sam", "tiny"), ("awp", "tiny"), ("beta_dpo", "tiny"), ("predpo", "tiny"),
+                                        ("sam", "tiny"), ("awp", "tiny"), ("rwp", "tiny"), ("beta_dpo", "tiny"), ("predpo", "tiny"),
                                         ("gpo", "tiny")])
 def test_every_family_runs_on_tiny(tiny_run, tmp_path, family, arg):
   from experiments import main as main_lib

@@ -110,3 +110,91 @@ def test_bad_values_raise():
     perturbations.sam(0.1, m=0)
   with pytest.raises(ValueError, match="gamma"):
     perturbations.awp(-1.0)
+
+
+# RWP (arXiv:2205.14826, the authors' utils_rwp.py). Per-pair losses built so that the proxy
+# ascent directions are known in closed form: l_i = c_i ||W1||^2 / 2 + e_i ||W2||^2 / 2 + d_i sum(b),
+# so grad_W1 mean_i(m_i l_i) = mean_i(m_i c_i) W1 (likewise W2), and b (a vector) is never perturbed.
+def _rwp_problem(c, e, d, real=None):
+  rng = np.random.default_rng(3)
+  params = {"W1": jnp.asarray(rng.normal(size=(2, 3)) * 0.6, jnp.float32),
+            "W2": jnp.asarray(rng.normal(size=(3, 2)) * 0.6, jnp.float32),
+            "b": jnp.asarray(rng.normal(size=2), jnp.float32)}
+  c, e, d = (jnp.asarray(x, jnp.float32) for x in (c, e, d))
+  real = jnp.ones_like(c) if real is None else jnp.asarray(real, jnp.float32)
+
+  def objective(p, batch):
+    del batch
+    per_pair = 0.5 * c * jnp.sum(p["W1"] ** 2) + 0.5 * e * jnp.sum(p["W2"] ** 2) + d * jnp.sum(p["b"])
+    return jnp.sum(real * per_pair) / jnp.sum(real), {"per_pair": per_pair, "mask": real}
+
+  return params, objective
+
+
+def _rwp_expected(params, kappa1, kappa2, mean_c, mean_e, mean_d, gamma, steps, lr=0.01):
+  """The authors' loop on the scalars a_l of D = (a1 W1, a2 W2), then the gradient at theta + gamma v."""
+  n1, n2 = (float(np.linalg.norm(np.asarray(params[k], np.float64))) for k in ("W1", "W2"))
+  total = np.hypot(n1, n2)
+  a1 = a2 = 0.0
+  s1 = s2 = 0.0   # v = (s1 W1, s2 W2)
+  for _ in range(steps):
+    # the proxy at theta + gamma v has W_l (1 + gamma s_l): its ascent gradient is kappa_l (1 + gamma s_l) W_l
+    a1, a2 = a1 + lr * kappa1 * (1 + gamma * s1), a2 + lr * kappa2 * (1 + gamma * s2)
+    scale = total / (np.hypot(a1 * n1, a2 * n2) + 1e-20)
+    s1, s2 = scale * a1, scale * a2
+  w1, w2 = (np.asarray(params[k], np.float64) for k in ("W1", "W2"))
+  return {"W1": mean_c * (1 + gamma * s1) * w1, "W2": mean_e * (1 + gamma * s2) * w2,
+          "b": np.full(2, mean_d)}
+
+
+@pytest.mark.parametrize("steps", [1, 3, 10])
+def test_rwp_gradient_is_closed_form_with_one_global_radius(steps):
+  # Every pair satisfies the LSC (c_min far above every loss). kappa_1 = mean(c) = 1 and
+  # kappa_2 = mean(e) = 5 differ, so the single norm over both matrices (not AWP's per-layer one)
+  # gives the two matrices different relative radii.
+  c, e, d = [0.5, 1.5], [4.0, 6.0], [1.0, -3.0]
+  params, objective = _rwp_problem(c, e, d)
+  (loss, aux), grads, _ = perturbations.rwp(0.1, c_min=1e6, steps=steps).value_and_grad(
+      objective, params, (), RNG, None)
+  expected = _rwp_expected(params, 1.0, 5.0, 1.0, 5.0, -1.0, 0.1, steps)
+  for k in expected:
+    np.testing.assert_allclose(np.asarray(grads[k]), expected[k], rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(float(loss), float(objective(params, None)[0]), rtol=1e-6)  # at theta
+
+
+def test_rwp_loss_stationary_condition_and_padding_choose_the_pairs():
+  # Pair 0 moves W1 only and its loss is below c_min; pair 1 moves W2 only and is above c_min
+  # (no ascent from it); pair 2 moves W2 and is below c_min but is padding (mask 0). So only W1
+  # is perturbed, with all of the global radius: W1 (1 + gamma ||theta_W|| / ||W1||).
+  c, e, d = [1.0, 0.0, 0.0], [0.0, 10.0, 1.0], [0.0, 0.0, 0.0]
+  params, objective = _rwp_problem(c, e, d, real=[1.0, 1.0, 0.0])
+  per_pair = np.asarray(objective(params, None)[1]["per_pair"])
+  c_min = 8.0
+  assert per_pair[0] < c_min / 1.5 and per_pair[2] < c_min / 1.5 and per_pair[1] > 1.5 * c_min, per_pair
+  gamma = 0.01
+  _, grads, _ = perturbations.rwp(gamma, c_min=c_min, steps=4).value_and_grad(objective, params, (), RNG, None)
+  w1, w2 = (np.asarray(params[k], np.float64) for k in ("W1", "W2"))
+  n1, n2 = np.linalg.norm(w1), np.linalg.norm(w2)
+  # the loss is the mean over the two real pairs: dL/dW1 = c_0 / 2 W1', dL/dW2 = e_1 / 2 W2
+  np.testing.assert_allclose(np.asarray(grads["W1"]), 0.5 * (1 + gamma * np.hypot(n1, n2) / n1) * w1, rtol=2e-5)
+  np.testing.assert_allclose(np.asarray(grads["W2"]), 5.0 * w2, rtol=2e-5)
+
+
+def test_rwp_without_stationary_pairs_or_radius_is_the_plain_gradient():
+  c, e, d = [0.5, 1.5], [4.0, 6.0], [1.0, -3.0]
+  params, objective = _rwp_problem(c, e, d)
+  _, plain, _ = perturbations.none().value_and_grad(objective, params, (), RNG, None)
+  for pert in (perturbations.rwp(0.0, c_min=1e6), perturbations.rwp(0.05, c_min=0.0)):  # losses are >= 0
+    _, grads, _ = pert.value_and_grad(objective, params, (), RNG, None)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), grads, plain)
+
+
+def test_rwp_refuses_bad_arguments_and_an_objective_without_per_pair_losses():
+  with pytest.raises(TypeError):
+    perturbations.rwp(0.01)   # c_min has no default
+  for kwargs, match in (({"gamma": -1.0}, "gamma"), ({"steps": 0}, "steps"), ({"proxy_lr": 0.0}, "proxy_lr")):
+    with pytest.raises(ValueError, match=match):
+      perturbations.rwp(**{"gamma": 0.01, "c_min": 0.7, **kwargs})
+  with pytest.raises(ValueError, match="per_pair"):
+    perturbations.rwp(0.01, c_min=0.7).value_and_grad(lambda p, b: (jnp.sum(p["w"] ** 2), {}),
+                                                      {"w": jnp.ones((2, 2))}, (), RNG, None)

@@ -180,6 +180,12 @@ def test_analytic_flops_blocks_term_is_six_n_tokens():
   assert f["head_forward"] == 2 * 4096 * 128256 * 2 * 128 * 1024
   frozen = plan.analytic_flops(m, shapes, reference_kind="frozen")
   assert frozen["flops"] == f["flops"] + f["forward"]
+  # Perturbations repeat the policy's forward-backward (the cached reference adds nothing):
+  # SAM/AWP once more, RWP once per proxy ascent.
+  policy = f["flops"]
+  assert plan.analytic_flops(m, shapes, perturbation_kind="awp")["flops"] == 2 * policy
+  assert plan.analytic_flops(m, shapes, perturbation_kind="rwp", rwp_steps=10)["flops"] == 11 * policy
+  assert plan.analytic_flops(m, shapes, perturbation_kind="rwp", rwp_steps=3)["flops"] == 4 * policy
 
 
 # ------------------------------------------------------------------------------------------------
