@@ -15,7 +15,8 @@ log-probs; prompt-shared rows for `fixed`, all pairs packed in one row of bucket
   scored, the other row layouts (prompt-shared rows, packed rows of 1024, one packed row), the
   fused layout (no prompt sharing), naive [R, L, V] log-softmax, LM-head chunks of 1024 tokens
   instead of one chunk of up to 4096 (variable: the chunks' logits are recomputed in the backward);
-  strategy costs: frozen reference (a reference forward per step), multi (K = 2, cached), SAM, AWP.
+  strategy costs: frozen reference (a reference forward per step), multi (K = 2, cached), SAM, AWP,
+  RWP (10 proxy ascents: about 11 forward-backward passes).
 
 `--group_size K` runs the variants K at a time, each group in its own process beside its own
 copy of the reference variant (ratios are taken inside each process); the reference row reports
@@ -57,6 +58,7 @@ VARIANTS = {
     "multi K=2 (cached)": ["--reference", "multi"],
     "SAM": ["--perturbation", "sam"],
     "AWP": ["--perturbation", "awp"],
+    "RWP (10 proxy steps)": ["--perturbation", "rwp"],
 }
 REFERENCE = "cached (baseline)"
 assert not any("," in n for n in VARIANTS), "variant names travel comma-separated (--only)"
