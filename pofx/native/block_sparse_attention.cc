@@ -91,13 +91,38 @@ Runs MakeRuns(const int32_t* qb, int64_t T, int64_t n_blocks) {
   }
   return r;
 }
+// Per 64-token block: its segment id and branch id when every token of the block shares them,
+// else -1 (ids are >= 0). A tile whose key block ends before its query block starts, with one
+// segment on both sides and key branch 0 or the query's branch, allows every entry: it needs no
+// bias at all (in a prompt-shared row, every completion block against a prompt block).
+struct BlockIds { std::vector<int32_t> seg, br; };
+BlockIds MakeBlockIds(const int32_t* seg, const int32_t* br, int64_t n_blocks) {
+  BlockIds ids{std::vector<int32_t>(n_blocks), std::vector<int32_t>(n_blocks)};
+  for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    const int32_t* s = seg + blk * B;
+    const int32_t* b = br + blk * B;
+    ids.seg[blk] = std::all_of(s, s + B, [&](int32_t x) { return x == s[0]; }) ? s[0] : -1;
+    ids.br[blk] = std::all_of(b, b + B, [&](int32_t x) { return x == b[0]; }) ? b[0] : -1;
+  }
+  return ids;
+}
+inline bool TileAllAllowed(const BlockIds& ids, int64_t qblk, int64_t kblk) {
+  return kblk < qblk && ids.seg[qblk] >= 0 && ids.seg[qblk] == ids.seg[kblk] &&
+         (ids.br[kblk] == 0 || (ids.br[kblk] >= 0 && ids.br[kblk] == ids.br[qblk]));
+}
+// bias[i][j] = 0 where query tq0 + i may see key tk0 + j, else -1e30 (16 keys per instruction).
 inline void MakeBias(const int32_t* seg, const int32_t* br, int64_t tq0, int64_t tk0, float* bias) {
-  for (int i = 0; i < B; ++i) {
-    const int32_t sq = seg[tq0 + i], bq = br[tq0 + i];
-    for (int j = 0; j < B; ++j) {
-      const int64_t tk = tk0 + j;
-      const bool ok = seg[tk] == sq && tq0 + i >= tk && (br[tk] == 0 || br[tk] == bq);
-      bias[i * B + j] = ok ? 0.0f : -1e30f;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 zero = _mm512_setzero_ps(), neg = _mm512_set1_ps(-1e30f);
+  for (int c = 0; c < B; c += 16) {
+    const __m512i sk = _mm512_loadu_si512(seg + tk0 + c), bk = _mm512_loadu_si512(br + tk0 + c);
+    const __m512i key = _mm512_add_epi32(_mm512_set1_epi32(int32_t(tk0 - tq0 + c)), lane);  // key - tq0
+    const __mmask16 branch0 = _mm512_cmpeq_epi32_mask(bk, _mm512_setzero_si512());
+    for (int i = 0; i < B; ++i) {
+      __mmask16 ok = _mm512_cmpeq_epi32_mask(sk, _mm512_set1_epi32(seg[tq0 + i]));
+      ok &= _mm512_cmple_epi32_mask(key, _mm512_set1_epi32(i));                    // key <= query
+      ok &= branch0 | _mm512_cmpeq_epi32_mask(bk, _mm512_set1_epi32(br[tq0 + i]));
+      _mm512_store_ps(bias + i * B + c, _mm512_mask_blend_ps(ok, neg, zero));
     }
   }
 }
@@ -116,6 +141,7 @@ ffi::Error Fwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
   std::memset(O, 0, sizeof(float) * N * K * G * HD);
   std::memset(LSE, 0, sizeof(float) * N * K * G);
   Runs runs = MakeRuns(QB, qblk.dimensions()[0], N / B);
+  const BlockIds ids = MakeBlockIds(S_, B_, N / B);
   const int64_t R = runs.start.size();
 #pragma omp parallel
   {
@@ -136,10 +162,11 @@ ffi::Error Fwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
           for (int d = 0; d < HD; ++d) kt[0].v[d * B + j] = kr[d];
           std::memcpy(&vt[0].v[j * HD], V + ((tk0 + j) * K + kh) * HD, 4 * HD);
         }
-        MakeBias(S_, B_, tq0, tk0, bias[0].v);
+        const bool full = TileAllAllowed(ids, tq0 / B, tk0 / B);
+        if (!full) MakeBias(S_, B_, tq0, tk0, bias[0].v);
         for (int64_t g = 0; g < G; ++g) {
           float* S = s[0].v;
-          dot_rows(qt[g].v, kt[0].v, bias[0].v, S);
+          dot_rows(qt[g].v, kt[0].v, full ? nullptr : bias[0].v, S);
           for (int i = 0; i < B; ++i) {
             __m512 a0 = _mm512_load_ps(S + i * B), a1 = _mm512_load_ps(S + i * B + 16),
                    a2 = _mm512_load_ps(S + i * B + 32), a3 = _mm512_load_ps(S + i * B + 48);
@@ -187,6 +214,7 @@ ffi::Error Bwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
   std::memset(DK, 0, sizeof(float) * N * K * HD);
   std::memset(DV, 0, sizeof(float) * N * K * HD);
   Runs runs = MakeRuns(QB, qblk.dimensions()[0], N / B);
+  const BlockIds ids = MakeBlockIds(S_, B_, N / B);
   const int64_t R = runs.start.size();
 #pragma omp parallel
   {
@@ -216,12 +244,13 @@ ffi::Error Bwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
             std::memcpy(&kr[0].v[j * HD], kj, 4 * HD);
             for (int d = 0; d < HD; ++d) { kt[0].v[d * B + j] = kj[d]; vtt[0].v[d * B + j] = vj[d]; }
           }
-          MakeBias(S_, B_, tq0, tk0, bias[0].v);
+          const bool full = TileAllAllowed(ids, tq0 / B, tk0 / B);
+          if (!full) MakeBias(S_, B_, tq0, tk0, bias[0].v);
           std::fill(dka[0].v, dka[0].v + B * HD, 0.0f);
           std::fill(dva[0].v, dva[0].v + B * HD, 0.0f);
           for (int64_t g = 0; g < G; ++g) {
             float *S = s[0].v, *DP = dp[0].v;
-            dot_rows(qt[g].v, kt[0].v, bias[0].v, S);
+            dot_rows(qt[g].v, kt[0].v, full ? nullptr : bias[0].v, S);
             dot_rows(dot_[g].v, vtt[0].v, nullptr, DP);
             for (int i = 0; i < B; ++i) {
               const __m512 li = _mm512_set1_ps(lse_[g * B + i]), Di = _mm512_set1_ps(D[g * B + i]);
