@@ -51,34 +51,37 @@ static inline void dot_rows(const float* __restrict A, const float* __restrict B
       for (int c = 0; c < 4; ++c) _mm512_store_ps(S + (i0 + r) * B + c * 16, acc[r][c]);
   }
 }
+// The two products below keep 8 rows x 32 columns of C in 16 registers: per step 2 loads of Bm
+// and 8 broadcasts of A feed 16 FMAs.
+constexpr int RB = 8;
 // C[i][:] += sum_j A[i][j] Bm[j][:]   (A 64x64, Bm 64x32, C 64x32)
 static inline void acc_AB(const float* __restrict A, const float* __restrict Bm, float* __restrict C) {
-  for (int i0 = 0; i0 < B; i0 += 4) {
-    __m512 o[4][2];
-    for (int r = 0; r < 4; ++r) { o[r][0] = _mm512_load_ps(C + (i0 + r) * HD); o[r][1] = _mm512_load_ps(C + (i0 + r) * HD + 16); }
+  for (int i0 = 0; i0 < B; i0 += RB) {
+    __m512 o[RB][2];
+    for (int r = 0; r < RB; ++r) { o[r][0] = _mm512_load_ps(C + (i0 + r) * HD); o[r][1] = _mm512_load_ps(C + (i0 + r) * HD + 16); }
     for (int j = 0; j < B; ++j) {
       __m512 v0 = _mm512_load_ps(Bm + j * HD), v1 = _mm512_load_ps(Bm + j * HD + 16);
-      for (int r = 0; r < 4; ++r) {
+      for (int r = 0; r < RB; ++r) {
         __m512 p = _mm512_set1_ps(A[(i0 + r) * B + j]);
         o[r][0] = _mm512_fmadd_ps(p, v0, o[r][0]); o[r][1] = _mm512_fmadd_ps(p, v1, o[r][1]);
       }
     }
-    for (int r = 0; r < 4; ++r) { _mm512_store_ps(C + (i0 + r) * HD, o[r][0]); _mm512_store_ps(C + (i0 + r) * HD + 16, o[r][1]); }
+    for (int r = 0; r < RB; ++r) { _mm512_store_ps(C + (i0 + r) * HD, o[r][0]); _mm512_store_ps(C + (i0 + r) * HD + 16, o[r][1]); }
   }
 }
 // C[j][:] += sum_i A[i][j] Bm[i][:]   (A 64x64, Bm 64x32, C 64x32)
 static inline void acc_AtB(const float* __restrict A, const float* __restrict Bm, float* __restrict C) {
-  for (int j0 = 0; j0 < B; j0 += 4) {
-    __m512 o[4][2];
-    for (int r = 0; r < 4; ++r) { o[r][0] = _mm512_load_ps(C + (j0 + r) * HD); o[r][1] = _mm512_load_ps(C + (j0 + r) * HD + 16); }
+  for (int j0 = 0; j0 < B; j0 += RB) {
+    __m512 o[RB][2];
+    for (int r = 0; r < RB; ++r) { o[r][0] = _mm512_load_ps(C + (j0 + r) * HD); o[r][1] = _mm512_load_ps(C + (j0 + r) * HD + 16); }
     for (int i = 0; i < B; ++i) {
       __m512 v0 = _mm512_load_ps(Bm + i * HD), v1 = _mm512_load_ps(Bm + i * HD + 16);
-      for (int r = 0; r < 4; ++r) {
+      for (int r = 0; r < RB; ++r) {
         __m512 p = _mm512_set1_ps(A[i * B + j0 + r]);
         o[r][0] = _mm512_fmadd_ps(p, v0, o[r][0]); o[r][1] = _mm512_fmadd_ps(p, v1, o[r][1]);
       }
     }
-    for (int r = 0; r < 4; ++r) { _mm512_store_ps(C + (j0 + r) * HD, o[r][0]); _mm512_store_ps(C + (j0 + r) * HD + 16, o[r][1]); }
+    for (int r = 0; r < RB; ++r) { _mm512_store_ps(C + (j0 + r) * HD, o[r][0]); _mm512_store_ps(C + (j0 + r) * HD + 16, o[r][1]); }
   }
 }
 struct Runs { std::vector<int64_t> start, end; };
