@@ -132,6 +132,9 @@ def parser():
   ap.add_argument("--block_size", type=int, default=64, help="block_sparse attention block size")
   ap.add_argument("--attention_kernel", choices=["xla", "native"], default="xla",
                   help="block_sparse: XLA ops (pofx.sparse_attention) or fused AVX-512 kernels (pofx.native)")
+  ap.add_argument("--matmul", choices=["xla", "blas"], default="xla",
+                  help="blas: the weight gradients of the projections and the LM head by numpy's OpenBLAS "
+                       "(LlamaConfig.matmul, policy.make_logps_fn(matmul=), pofx.native.dense)")
   ap.add_argument("--completion_bucket", type=int, default=64,
                   help="padded completion length T rounded up to a multiple of this (with --scored compact the "
                        "[B, T] arrays are only indices, so a coarse bucket costs nothing and means fewer shapes)")
@@ -165,12 +168,13 @@ class Bench:
 
   def __init__(self, a):
     self.a = a
-    config = models.preset(a.preset, dtype=a.dtype, remat=a.remat)
+    config = models.preset(a.preset, dtype=a.dtype, remat=a.remat, matmul=a.matmul)
     model = models.make(config)
     params = model.init(jax.random.key(0))
     self.n_params = sum(x.size for x in jax.tree.leaves(params))
     if a.logprobs == "chunked":
-      logps_fn = policy.make_logps_fn(model.apply, model.head, chunk_size=a.chunk_size, save_probs=a.save_probs)
+      logps_fn = policy.make_logps_fn(model.apply, model.head, chunk_size=a.chunk_size, save_probs=a.save_probs,
+                                      matmul=a.matmul)
     else:
       logps_fn = naive_logps_fn(model)
     self.data = dataset(a.workload)
@@ -284,9 +288,12 @@ def main(argv=None):
     raise ValueError(f"--warmup must be in [0, --steps), got {a.warmup} with --steps {a.steps}.")
   if a.host_memory == "retain":
     host_memory.retain_freed_memory()   # before the first computation (see its docstring)
-  if a.attention_kernel == "native":   # build the kernels now (or say why not) before the precompute
+  if a.attention_kernel == "native" or a.matmul == "blas":   # build the kernels now (or say why not) before the precompute
     from pofx import native
-    native.load()
+    if a.attention_kernel == "native":
+      native.load()
+    if a.matmul == "blas":
+      native.load_blas()
   bench = Bench(a)
   usage0 = resource.getrusage(resource.RUSAGE_SELF)
   durations, step_flops = bench.run(0, a.steps)
@@ -301,7 +308,7 @@ def main(argv=None):
   res = {
       "system": f"pofx {pofx.__version__} / jax {jax.__version__}", "device": str(jax.devices()[0].device_kind),
       "workload": a.workload, "reference": a.reference, "perturbation": a.perturbation, "layout": a.layout,
-      "logprobs": a.logprobs, "attention": a.attention, "attention_kernel": a.attention_kernel, "block_size": a.block_size,
+      "logprobs": a.logprobs, "attention": a.attention, "attention_kernel": a.attention_kernel, "matmul": a.matmul, "block_size": a.block_size,
       "save_probs": a.save_probs, "scored": a.scored, "row_length": a.row_length,
       "host_memory": a.host_memory, "preset": a.preset, "dtype": a.dtype, "remat": a.remat,
       "n_params": int(bench.n_params),

@@ -49,6 +49,8 @@ import numpy as np
 
 from pofx._pair_logps import PairLogps
 
+MATMULS = ("xla", "blas")   # the head's weight gradient by XLA or by numpy's OpenBLAS (pofx.native)
+
 Array = jax.Array
 
 
@@ -64,7 +66,7 @@ class TokenLogps(NamedTuple):
 
 def token_logps(hidden: Array, head_weight: Array, targets: Array, *, chunk_size: int = 1024,
                 with_entropy: bool = False, with_log_sum_sq_probs: bool = False,
-                compute_dtype=None, save_probs: bool = False) -> TokenLogps:
+                compute_dtype=None, save_probs: bool = False, matmul: str = "xla") -> TokenLogps:
   """Log-probs of `targets` under `softmax(hidden @ head_weight)`, chunked over tokens.
 
   Args:
@@ -82,10 +84,15 @@ def token_logps(hidden: Array, head_weight: Array, targets: Array, *, chunk_size
       False: checkpointed scan (one `[chunk_size, V]` block at a time; the backward recomputes
       the logits: 4 head matmuls). Ignored (checkpointed) when `with_entropy` or
       `with_log_sum_sq_probs` is set. See the module docstring.
+    matmul: "xla", or "blas": the head's weight gradient `h^T G` is computed by the OpenBLAS
+      numpy bundles (`pofx.native`, as `LlamaConfig(matmul="blas")` does for the projections);
+      float32 CPU only.
 
   Returns:
     `TokenLogps` of float32 arrays shaped like `targets`.
   """
+  if matmul not in MATMULS:
+    raise ValueError(f"token_logps: matmul={matmul!r} is not allowed; allowed: {MATMULS}.")
   if chunk_size < 1:
     raise ValueError(f"token_logps: chunk_size must be a positive integer, got {chunk_size}.")
   hidden = jnp.asarray(hidden)
@@ -111,7 +118,7 @@ def token_logps(hidden: Array, head_weight: Array, targets: Array, *, chunk_size
     h = hidden.reshape(n, D)
     if pad:
       h = jnp.pad(h, ((0, pad), (0, 0)))
-    logps = _logps_saved_probs(h.reshape(n_chunks, c, D), t, head_weight, jnp.dtype(dtype))
+    logps = _logps_saved_probs(h.reshape(n_chunks, c, D), t, head_weight, jnp.dtype(dtype), matmul)
     return TokenLogps(logps.reshape(n_chunks * c)[:n].reshape(lead_shape))
   h = hidden.reshape(n, D).astype(dtype)
   if pad:
@@ -121,7 +128,11 @@ def token_logps(hidden: Array, head_weight: Array, targets: Array, *, chunk_size
 
   def body(carry, xs):
     hc, tc = xs
-    logits = jnp.dot(hc, w, preferred_element_type=jnp.float32)          # [c, V] float32
+    if matmul == "blas":
+      from pofx import native  # pylint: disable=g-import-not-at-top
+      logits = native.dense(hc.astype(jnp.float32), w.astype(jnp.float32))   # [c, V] float32
+    else:
+      logits = jnp.dot(hc, w, preferred_element_type=jnp.float32)          # [c, V] float32
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
     out = [target_logit - lse]
@@ -152,14 +163,14 @@ def _logits_cotangent(g: Array, targets: Array, probs: Array) -> Array:
   return jnp.where(is_target, g[:, None] - gp, -gp)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _logps_saved_probs(h: Array, t: Array, w: Array, dtype) -> Array:
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _logps_saved_probs(h: Array, t: Array, w: Array, dtype, matmul="xla") -> Array:
   """`[n_chunks, c]` float32 `log p(t)` of `h [n_chunks, c, D]` under `softmax(h w)`; the
   backward uses the probabilities stored by the forward (no logits recomputation)."""
-  return _saved_probs_fwd(h, t, w, dtype)[0]
+  return _saved_probs_fwd(h, t, w, dtype, matmul)[0]
 
 
-def _saved_probs_fwd(h, t, w, dtype):
+def _saved_probs_fwd(h, t, w, dtype, matmul="xla"):
   wc = w.astype(dtype)
 
   def body(carry, xs):
@@ -179,7 +190,7 @@ def _saved_probs_fwd(h, t, w, dtype):
   return logps, (probs, h, t, w)
 
 
-def _saved_probs_bwd(dtype, res, g):
+def _saved_probs_bwd(dtype, matmul, res, g):
   probs, h, t, w = res
   wc = w.astype(dtype)
   contract_vocab = (((1,), (1,)), ((), ()))    # G [c, V] . W [D, V] -> [c, D]  (G W^T)
@@ -189,8 +200,11 @@ def _saved_probs_bwd(dtype, res, g):
     hc, tc, pc, gc = xs
     gz = _logits_cotangent(gc, tc, pc).astype(dtype)
     dh = jax.lax.dot_general(gz, wc, contract_vocab, preferred_element_type=jnp.float32)
-    dw = dw + jax.lax.dot_general(hc.astype(dtype), gz, contract_tokens,
-                                  preferred_element_type=jnp.float32)
+    if matmul == "blas":
+      from pofx import native  # pylint: disable=g-import-not-at-top
+      dw = dw + native.matmul(hc, gz, transpose_a=True)
+    else:
+      dw = dw + jax.lax.dot_general(hc.astype(dtype), gz, contract_tokens, preferred_element_type=jnp.float32)
     return dw, dh.astype(h.dtype)
 
   dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), (h, t, probs, g))
@@ -202,7 +216,7 @@ _logps_saved_probs.defvjp(_saved_probs_fwd, _saved_probs_bwd)
 
 def pair_logps(hidden: Array, head_weight: Array, batch, *, chunk_size: int = 1024,
                with_log_sum_sq_probs: bool = False, with_entropy: bool = False,
-               compute_dtype=None, save_probs: bool = False, scored=None):
+               compute_dtype=None, save_probs: bool = False, scored=None, matmul: str = "xla"):
   """`PairLogps` of a preference batch from one forward pass over any `pofx.batching` layout.
 
   Gathers, for every chosen and rejected completion token, the hidden state of the position that
@@ -215,7 +229,7 @@ def pair_logps(hidden: Array, head_weight: Array, batch, *, chunk_size: int = 10
       batch.positions, batch.segment_ids, batch.branch_ids)`).
     head_weight: `[D, V]`.
     batch: a `pofx.batching.PairBatch` (any layout).
-    chunk_size, compute_dtype, save_probs: as in `token_logps` (`save_probs=True` stores the
+    chunk_size, compute_dtype, save_probs, matmul: as in `token_logps` (`save_probs=True` stores the
       `[B (Tc + Tr), V]` float32 probabilities of all completion tokens for the backward pass).
     with_log_sum_sq_probs: fill `chosen/rejected_log_sum_sq_probs` (WPO).
     with_entropy: also return the per-token entropies.
@@ -244,7 +258,7 @@ def pair_logps(hidden: Array, head_weight: Array, batch, *, chunk_size: int = 10
     t = jnp.concatenate([t, jnp.zeros((1,), t.dtype)])[scored.slot]
   out = token_logps(h, head_weight, t, chunk_size=chunk_size, with_entropy=with_entropy,
                     with_log_sum_sq_probs=with_log_sum_sq_probs, compute_dtype=compute_dtype,
-                    save_probs=save_probs)
+                    save_probs=save_probs, matmul=matmul)
   if scored is not None:   # back to the [B * Tc + B * Tr] slots (padding entries land in one extra slot)
     n_slots = B * Tc + B * Tr
     out = TokenLogps(*[None if x is None else jnp.zeros((n_slots + 1,), x.dtype).at[scored.slot].set(x)[:n_slots]

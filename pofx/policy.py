@@ -16,7 +16,7 @@ from pofx._pair_logps import PairLogps
 
 def make_logps_fn(apply: Callable[..., Any], head: Callable[[Any], Any], *, chunk_size: int = 1024,
                   with_log_sum_sq_probs: bool = False, compute_dtype=None,
-                  save_probs: bool = False) -> Callable[[Any, Any], PairLogps]:
+                  save_probs: bool = False, matmul: str = "xla") -> Callable[[Any, Any], PairLogps]:
   """Returns `logps_fn(params, batch)`; `batch["pairs"]` is a `PairBatch`.
 
   When the batch also holds `batch["attention_blocks"]` (a host-built
@@ -36,6 +36,8 @@ def make_logps_fn(apply: Callable[..., Any], head: Callable[[Any], Any], *, chun
     save_probs: store the completion tokens' `[N, V]` float32 probabilities for the backward
       instead of recomputing the logits (see `pofx.logprobs.token_logps`; ignored, i.e.
       recomputed, when `with_log_sum_sq_probs`).
+    matmul: "xla" or "blas": the LM head's weight gradient by numpy's OpenBLAS (see
+      `pofx.logprobs.token_logps`).
   """
 
   def logps_fn(params, batch) -> PairLogps:
@@ -48,6 +50,6 @@ def make_logps_fn(apply: Callable[..., Any], head: Callable[[Any], Any], *, chun
     hidden = apply(params, pairs.tokens, pairs.positions, pairs.segment_ids, pairs.branch_ids, **kwargs)
     return logprobs.pair_logps(hidden, head(params), pairs, chunk_size=chunk_size,
                                with_log_sum_sq_probs=with_log_sum_sq_probs, compute_dtype=compute_dtype,
-                               save_probs=save_probs, scored=scored)
+                               save_probs=save_probs, scored=scored, matmul=matmul)
 
   return logps_fn

@@ -48,6 +48,7 @@ Array = jax.Array
 Params = Any
 
 _ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+_MATMULS = ("xla", "blas")
 _REMAT_POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
@@ -83,6 +84,10 @@ class LlamaConfig:
     attention_block: with "einsum", rows longer than this are attended in causal query blocks of
       this many tokens, each against the key prefix it can see (about half the scores of the
       full L x L product; identical results). 0 disables it.
+    matmul: "xla", or "blas": the weight gradients of the projection matrices (q, k, v, o, gate,
+      up, down) are computed by the OpenBLAS numpy bundles (`pofx.native.dense`; XLA:CPU's dot
+      is slowest in that form), the other products stay XLA dots. CPU only; same values up to
+      float32 summation order. The LM head is not affected.
   """
 
   vocab_size: int = 4096
@@ -103,6 +108,7 @@ class LlamaConfig:
   remat_policy: str = "nothing_saveable"
   attention_impl: str = "einsum"
   attention_block: int = 128
+  matmul: str = "xla"
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "mlp_size"):
@@ -122,6 +128,8 @@ class LlamaConfig:
     if self.attention_impl not in _ATTENTION_IMPLS:
       raise ValueError(f"LlamaConfig.attention_impl must be one of {_ATTENTION_IMPLS}, "
                        f"got {self.attention_impl!r}.")
+    if self.matmul not in _MATMULS:
+      raise ValueError(f"LlamaConfig.matmul must be one of {_MATMULS}, got {self.matmul!r}.")
     if self.remat_policy not in _REMAT_POLICIES:
       raise ValueError(f"LlamaConfig.remat_policy must be one of {sorted(_REMAT_POLICIES)}, "
                        f"got {self.remat_policy!r}.")
@@ -265,10 +273,20 @@ class RMSNorm(nn.Module):
     return (w.astype(jnp.float32) * x32).astype(self.dtype)
 
 
+def _blas_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """`nn.Dense`'s product (`lhs [..., D]` . `rhs [D, F]`) by `pofx.native.dense`."""
+  from pofx import native  # pylint: disable=g-import-not-at-top
+  del precision, preferred_element_type
+  if tuple(map(tuple, dimension_numbers[0])) != ((lhs.ndim - 1,), (0,)) or any(dimension_numbers[1]):
+    raise ValueError(f"LlamaConfig.matmul='blas' supports x [..., D] . w [D, F] only, got {dimension_numbers}.")
+  return native.dense(lhs, rhs)
+
+
 def _dense(config: LlamaConfig, features: int, name: str) -> nn.Dense:
+  extra = {"dot_general": _blas_dot_general} if config.matmul == "blas" else {}
   return nn.Dense(features, use_bias=False, dtype=config.compute_dtype,
                   param_dtype=config.parameter_dtype,
-                  kernel_init=nn.initializers.normal(config.init_std), name=name)
+                  kernel_init=nn.initializers.normal(config.init_std), name=name, **extra)
 
 
 class Attention(nn.Module):
@@ -435,20 +453,20 @@ def _apply_block_sparse(params, tokens, positions, segment_ids, branch_ids, bloc
   def block(x, p, index=None):
     h = _rms_norm(x, p["input_norm"]["scale"], cfg.rms_norm_eps, dtype)
     a = p["attn"]
-    q = _rotate(_matmul(h, a["q_proj"]["kernel"], dtype).reshape(R, L, H, hd), cos, sin)
-    k = _rotate(_matmul(h, a["k_proj"]["kernel"], dtype).reshape(R, L, K, hd), cos, sin)
-    v = _matmul(h, a["v_proj"]["kernel"], dtype).reshape(R, L, K, hd)
+    q = _rotate(_matmul(h, a["q_proj"]["kernel"], dtype, cfg).reshape(R, L, H, hd), cos, sin)
+    k = _rotate(_matmul(h, a["k_proj"]["kernel"], dtype, cfg).reshape(R, L, K, hd), cos, sin)
+    v = _matmul(h, a["v_proj"]["kernel"], dtype, cfg).reshape(R, L, K, hd)
     q = (q * (1.0 / math.sqrt(hd))).astype(dtype).reshape(R, L, K, G, hd)
     out = sparse_attention.block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks).reshape(R * L, H * hd)
     if index is not None:   # only these positions' outputs are used: the rest is per-token work
       x, out = x[index], out[index]
-    x = x + _matmul(out, a["o_proj"]["kernel"], dtype)
+    x = x + _matmul(out, a["o_proj"]["kernel"], dtype, cfg)
     h = _rms_norm(x, p["post_attn_norm"]["scale"], cfg.rms_norm_eps, dtype)
     m = p["mlp"]
     F = cfg.mlp_size
-    gate_up = _matmul(h, jnp.concatenate([m["gate_proj"]["kernel"], m["up_proj"]["kernel"]], axis=1), dtype)
+    gate_up = _matmul(h, jnp.concatenate([m["gate_proj"]["kernel"], m["up_proj"]["kernel"]], axis=1), dtype, cfg)
     gate, up = gate_up[:, :F], gate_up[:, F:]
-    return x + _matmul(jax.nn.silu(gate) * up, m["down_proj"]["kernel"], dtype)
+    return x + _matmul(jax.nn.silu(gate) * up, m["down_proj"]["kernel"], dtype, cfg)
 
   if cfg.remat:
     block = jax.checkpoint(block, prevent_cse=True, policy=_REMAT_POLICIES[cfg.remat_policy])
@@ -595,7 +613,10 @@ def _rms_norm(x, scale, eps, dtype):
   return (scale.astype(jnp.float32) * x32).astype(dtype)
 
 
-def _matmul(x, kernel, dtype):
+def _matmul(x, kernel, dtype, cfg=None):
+  if cfg is not None and cfg.matmul == "blas":
+    from pofx import native  # pylint: disable=g-import-not-at-top
+    return native.dense(x.astype(dtype), kernel.astype(dtype))
   return jnp.dot(x.astype(dtype), kernel.astype(dtype))
 
 

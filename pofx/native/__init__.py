@@ -13,6 +13,13 @@ feature flags (`-march=native`), and reused afterwards. `available()` says wheth
 machine can use it (x86-64 with AVX-512F, a compiler); `load()` raises `NativeUnavailable` with
 the reason otherwise. Supported shapes: 64-token blocks, head dimension 32, float32 (inputs of
 other floating dtypes are computed in float32).
+
+`dense(x, w)` is `x @ w` whose weight gradient `x^T g` is computed by OpenBLAS's sgemm
+(`blas_matmul.cc`) instead of XLA:CPU's dot: the OpenBLAS numpy's PyPI wheels bundle (found
+among the libraries numpy loaded), called single-threaded on each of XLA's own threads. Select it
+for the Llama model with `LlamaConfig(matmul="blas")`. `blas_available()` /
+`blas_unavailable_reason()` say whether this process can use it (numpy built on scipy-openblas
+0.3.27 or later, Linux); it is built like the attention kernels, without CPU-specific flags.
 """
 
 from __future__ import annotations
@@ -34,6 +41,13 @@ SOURCE = os.path.join(HERE, "block_sparse_attention.cc")
 HEADERS = (os.path.join(HERE, "vector_exp.h"),)
 BLOCK_SIZE, HEAD_DIM = 64, 32
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+BLAS_SOURCE = os.path.join(HERE, "blas_matmul.cc")
+BLAS_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++17")
+# (cblas_sgemm's name, whether its integers are 64-bit) in the scipy-openblas builds numpy and
+# scipy bundle: numpy's is ILP64 (suffix 64_), scipy's LP64.
+_SGEMM_SYMBOLS = (("scipy_cblas_sgemm64_", True), ("scipy_cblas_sgemm", False))
+_SET_LOCAL_SYMBOLS = ("openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local64_",
+                      "scipy_openblas_set_num_threads_local")
 _lock = threading.Lock()
 _loaded = {}
 
@@ -89,37 +103,149 @@ def _writable_cache_dir() -> str:
   raise NativeUnavailable("no writable folder for the compiled native kernels (~/.cache/pofx/native, the temp dir)")
 
 
+def _build(name, sources, flags, cache_dir=None) -> str:
+  """Compiles `sources` into `<cache>/lib<name>_<key>.so` unless already there; returns the path."""
+  cxx = _compiler()
+  if cxx is None:
+    raise NativeUnavailable("the native kernels are compiled on first use and no C++ compiler was found "
+                            "($CXX, g++, c++)")
+  digest = hashlib.sha256()
+  for source in sources:
+    with open(source, "rb") as f:
+      digest.update(f.read())
+  # -march=native: the CPU's features are part of the key (a shared home on another CPU rebuilds).
+  digest.update(repr((cxx, flags, jax.ffi.include_dir(), _cpu_flags())).encode())
+  key = digest.hexdigest()[:16]
+  cache_dir = cache_dir or _writable_cache_dir()
+  os.makedirs(cache_dir, exist_ok=True)
+  path = os.path.join(cache_dir, f"lib{name}_{key}.so")
+  if not os.path.exists(path):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), *[x for x in sources if x.endswith(".cc")], "-o", tmp]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+      raise NativeUnavailable(f"building the native kernels failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
+    os.replace(tmp, path)  # atomic: concurrent builders leave one complete library
+  return path
+
+
 def load(cache_dir=None) -> str:
-  """Builds (once) and registers the kernels; returns the shared library's path."""
+  """Builds (once) and registers the attention kernels; returns the shared library's path."""
   with _lock:
     if "path" in _loaded:
       return _loaded["path"]
     reason = unavailable_reason()
     if reason:
       raise NativeUnavailable(reason)
-    cxx = _compiler()
-    digest = hashlib.sha256()
-    for name in (SOURCE,) + HEADERS:
-      with open(name, "rb") as f:
-        digest.update(f.read())
-    # -march=native: the CPU's features are part of the key (a shared home on another CPU rebuilds).
-    digest.update(repr((cxx, FLAGS, jax.ffi.include_dir(), _cpu_flags())).encode())
-    key = digest.hexdigest()[:16]
-    cache_dir = cache_dir or _writable_cache_dir()
-    os.makedirs(cache_dir, exist_ok=True)
-    path = os.path.join(cache_dir, f"libpofx_native_{key}.so")
-    if not os.path.exists(path):
-      tmp = f"{path}.{os.getpid()}.tmp"
-      cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
-      out = subprocess.run(cmd, capture_output=True, text=True)
-      if out.returncode != 0:
-        raise NativeUnavailable(f"building the native kernels failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
-      os.replace(tmp, path)  # atomic: concurrent builders leave one complete library
+    path = _build("pofx_native", (SOURCE,) + HEADERS, FLAGS, cache_dir)
     lib = ctypes.cdll.LoadLibrary(path)
     jax.ffi.register_ffi_target("pofx_block_sparse_attention_fwd", jax.ffi.pycapsule(lib.PofxBsaFwd), platform="cpu")
     jax.ffi.register_ffi_target("pofx_block_sparse_attention_bwd", jax.ffi.pycapsule(lib.PofxBsaBwd), platform="cpu")
     _loaded["path"], _loaded["lib"] = path, lib
     return path
+
+
+def _numpy_openblas():
+  """`(path, sgemm address, ILP64?, set_num_threads_local address)` of the OpenBLAS numpy loaded,
+  or a string saying why there is none."""
+  import numpy  # pylint: disable=g-import-not-at-top,unused-import  (loads its BLAS)
+  try:
+    with open("/proc/self/maps") as f:
+      paths = sorted({line.split()[-1] for line in f
+                      if "openblas" in line.rsplit("/", 1)[-1].lower() and ".so" in line})
+  except OSError:
+    return "it finds numpy's OpenBLAS through /proc/self/maps, which this system does not have"
+  for path in paths:
+    lib = ctypes.CDLL(path)
+    sgemm = next(((n, ilp64) for n, ilp64 in _SGEMM_SYMBOLS if hasattr(lib, n)), None)
+    set_local = next((n for n in _SET_LOCAL_SYMBOLS if hasattr(lib, n)), None)
+    if sgemm and set_local:
+      address = lambda n: ctypes.cast(getattr(lib, n), ctypes.c_void_p).value
+      return path, address(sgemm[0]), sgemm[1], address(set_local)
+  if not paths:
+    return ("it calls the OpenBLAS that numpy's PyPI wheels bundle (scipy-openblas), and this numpy "
+            f"({numpy.__version__}) loaded none")
+  return (f"numpy's OpenBLAS ({', '.join(paths)}) lacks scipy_cblas_sgemm[64_] or "
+          "openblas_set_num_threads_local (scipy-openblas 0.3.27 or later has both)")
+
+
+def blas_unavailable_reason():
+  """None when `dense`/`matmul` can run here, else why not."""
+  if "blas" in _loaded:
+    return None
+  if _compiler() is None:
+    return "the native kernels are compiled on first use and no C++ compiler was found ($CXX, g++, c++)"
+  found = _numpy_openblas()
+  return found if isinstance(found, str) else None
+
+
+def blas_available() -> bool:
+  return blas_unavailable_reason() is None
+
+
+def load_blas(cache_dir=None) -> str:
+  """Builds (once) the BLAS matmul, points it at numpy's OpenBLAS and registers it; returns the
+  path of the BLAS it calls."""
+  with _lock:
+    if "blas" in _loaded:
+      return _loaded["blas"]
+    found = _numpy_openblas()
+    if isinstance(found, str):
+      raise NativeUnavailable(f"pofx.native.dense cannot run here: {found}")
+    blas_path, sgemm, ilp64, set_local = found
+    lib = ctypes.cdll.LoadLibrary(_build("pofx_blas", (BLAS_SOURCE,), BLAS_FLAGS, cache_dir))
+    lib.PofxSetBlas(ctypes.c_void_p(sgemm), ctypes.c_int(int(ilp64)), ctypes.c_void_p(set_local))
+    jax.ffi.register_ffi_target("pofx_blas_matmul", jax.ffi.pycapsule(lib.PofxBlasMatmul), platform="cpu")
+    _loaded["blas"], _loaded["blas_lib"] = blas_path, lib
+    return blas_path
+
+
+def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
+  """`op(a) @ op(b)` of 2-D float32 arrays by numpy's OpenBLAS (op: transpose when asked).
+
+  Not differentiable by itself (see `dense`)."""
+  load_blas()
+  if a.ndim != 2 or b.ndim != 2:
+    raise ValueError(f"pofx.native.matmul takes 2-D operands, got shapes {a.shape} and {b.shape}.")
+  m, k = (a.shape[1], a.shape[0]) if transpose_a else a.shape
+  k2, n = (b.shape[1], b.shape[0]) if transpose_b else b.shape
+  if k != k2:
+    raise ValueError(f"pofx.native.matmul: contracting sizes differ: {a.shape}{'^T' * transpose_a} x "
+                     f"{b.shape}{'^T' * transpose_b}.")
+  return jax.ffi.ffi_call("pofx_blas_matmul", jax.ShapeDtypeStruct((m, n), jnp.float32))(
+      a.astype(jnp.float32), b.astype(jnp.float32), transpose_a=bool(transpose_a), transpose_b=bool(transpose_b))
+
+
+@jax.custom_vjp
+def _dense2d(x, w):
+  return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _dense2d_fwd(x, w):
+  return _dense2d(x, w), (x, w)
+
+
+def _dense2d_bwd(res, g):
+  x, w = res
+  dx = jax.lax.dot_general(g, w.astype(g.dtype), (((1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32).astype(x.dtype)
+  dw = matmul(x, g, transpose_a=True)
+  return dx, dw.astype(w.dtype)
+
+
+_dense2d.defvjp(_dense2d_fwd, _dense2d_bwd)
+
+
+def dense(x, w):
+  """`x @ w` (`x [..., D]`, `w [D, F]`) with the weight gradient `x^T g` computed by OpenBLAS.
+
+  The forward product and the input gradient `g w^T` stay XLA dots; only the weight gradient, a
+  dot contracting both operands' leading (token) axis, goes to `matmul` (XLA:CPU's slowest form;
+  see `benchmarks/README.md`). Same values as `jnp.dot` up to float32 summation order."""
+  if w.ndim != 2 or x.shape[-1] != w.shape[0]:
+    raise ValueError(f"pofx.native.dense: x {x.shape} and w {w.shape} do not multiply (x [..., D], w [D, F]).")
+  lead = x.shape[:-1]
+  return _dense2d(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[1])
 
 
 def _fwd_call(q, k, v, seg, br, query, key):
