@@ -16,7 +16,9 @@ log-probs; prompt-shared rows for `fixed`, all pairs packed in one row of bucket
   fused layout (no prompt sharing), naive [R, L, V] log-softmax, LM-head chunks of 1024 tokens
   instead of one chunk of up to 4096 (variable: the chunks' logits are recomputed in the backward);
   strategy costs: frozen reference (a reference forward per step), multi (K = 2, cached), SAM, AWP,
-  RWP (10 proxy ascents: about 11 forward-backward passes).
+  RWP (10 proxy ascents: about 11 forward-backward passes);
+  additions (each adds one choice): the fused attention kernels (`--attention_kernel native`), the
+  weight gradients by numpy's OpenBLAS (`--matmul blas`), both.
 
 `--group_size K` runs the variants K at a time, each group in its own process beside its own
 copy of the reference variant (ratios are taken inside each process); the reference row reports
@@ -59,6 +61,9 @@ VARIANTS = {
     "SAM": ["--perturbation", "sam"],
     "AWP": ["--perturbation", "awp"],
     "RWP (10 proxy steps)": ["--perturbation", "rwp"],
+    "native attention": ["--attention_kernel", "native"],
+    "BLAS weight gradients": ["--matmul", "blas"],
+    "native attention + BLAS": ["--attention_kernel", "native", "--matmul", "blas"],
 }
 REFERENCE = "cached (baseline)"
 assert not any("," in n for n in VARIANTS), "variant names travel comma-separated (--only)"

@@ -4,6 +4,7 @@
         --perturbation {none,sam,awp,rwp} [--layout {prompt_shared,fused,packed}]
         [--logprobs {chunked,naive}] [--attention {block_sparse,dense}] [--block_size 64]
         [--save_probs] [--scored {compact,slots}] [--row_length 1024 | 0] [--per_doubling 8]
+        [--attention_kernel {xla,native}] [--matmul {xla,blas}] [--rwp_steps 10]
         [--host_memory {default,retain}] [--steps 30] [--warmup 5] [--bs 8] [--json PATH]
 
 Model: the `bench` preset (hidden 256, 4 layers, 8 heads, 4 KV heads, MLP 688, vocab 4096,
@@ -15,14 +16,16 @@ arithmetic). 8 pairs per step in a seeded shuffled order, as a DataLoader would.
 Reported (steady state: the first --warmup of --steps steps are excluded, as in the TRL
 baseline; every distinct batch shape is compiled before timing, and the compile time is reported
 separately): pairs/s, real tokens/s (counted as TRL counts them, 2p + c + r per pair, so the two
-figures compare), peak RSS, the step's FLOPs from XLA's cost analysis, the
-achieved FLOP/s, and that as a fraction of a float32 matmul peak (2048^3) measured in this process.
+figures compare), peak RSS, the step's FLOPs from XLA's cost analysis (with the native kernels,
+of the same step built with XLA's ops, which the analysis can see into; a loop body, e.g. RWP's
+proxy ascents, is counted once), the achieved FLOP/s, and that as a fraction of a float32 matmul peak (2048^3) measured in this process.
 Host-side batch building is inside the timed loop, as TRL's collation is.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -216,6 +219,17 @@ class Bench:
     self.step = train.make_train_step(logps_fn, optimizer, loss="dpo", loss_hyper={"beta": 0.1},
                                       reference=reference, perturbation=pert)
     self.state = train.init_state(params, optimizer, reference, pert, loss="dpo", rng=jax.random.key(0))
+    # XLA's cost analysis does not see inside the native kernels' custom calls: the FLOPs are
+    # those of the same step with XLA's ops (same arithmetic), compiled for the count only.
+    self.native = a.attention_kernel == "native" or a.matmul == "blas"
+    counted_step = self.step
+    if self.native:
+      twin = models.make(config.replace(matmul="xla"))
+      twin_fn = (policy.make_logps_fn(twin.apply, twin.head, chunk_size=a.chunk_size, save_probs=a.save_probs)
+                 if a.logprobs == "chunked" else naive_logps_fn(twin))
+      twin_ref = references.frozen(ref_params, twin_fn) if a.reference == "frozen" else reference
+      counted_step = train.make_train_step(twin_fn, optimizer, loss="dpo", loss_hyper={"beta": 0.1},
+                                           reference=twin_ref, perturbation=pert)
 
     # Compile every distinct shape first (a run compiles a handful of bucketed shapes once).
     t0 = time.perf_counter()
@@ -225,7 +239,13 @@ class Bench:
       key = self._shape_key(b)
       if key not in self.flops_by_shape:
         compiled = self.step.lower(self.state, b, jax.random.key(0)).compile()
-        cost = compiled.cost_analysis()
+        if self.native:
+          xla_b = dict(b)
+          if "attention_blocks" in b:
+            xla_b["attention_blocks"] = dataclasses.replace(b["attention_blocks"], kernel="xla")
+          cost = counted_step.lower(self.state, xla_b, jax.random.key(0)).compile().cost_analysis()
+        else:
+          cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         self.flops_by_shape[key] = float(cost.get("flops", float("nan")))
         self.compiled[key] = compiled  # timed steps call these executables: no compile inside timing
