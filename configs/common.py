@@ -20,11 +20,15 @@ LAYOUTS = ("fused", "prompt_shared", "packed")
 PARALLEL_MODES = ("single", "jit", "shard_map", "pmap")
 ATTENTION = ("dense", "block_sparse")
 SCORED = ("slots", "compact")
+HOST_MEMORY = ("default", "retain")
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # fixes data generation, initialisation and sampling: --config.seed=N is a replicate
+  # "retain": glibc keeps freed memory in the process for the next step's temporaries
+  # (pofx.host_memory.retain_freed_memory; process-wide, so the program applies it at start-up).
+  c.host_memory = "default"
 
   # The controlled world (pofx.world.WorldConfig fields); its gold reward, prompts and labeller.
   c.world = ml_collections.ConfigDict(dict(
@@ -162,6 +166,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.train.batch_size={c.train.batch_size} must be a multiple of "
                      f"config.train.grad_accum_steps={c.train.grad_accum_steps}.")
   _allowed("train.on_nonfinite", c.train.on_nonfinite, ON_NONFINITE)
+  _allowed("host_memory", c.host_memory, HOST_MEMORY)
   _allowed("train.reference.kind", c.train.reference.kind, REFERENCE_KINDS)
   _allowed("train.perturbation.kind", c.train.perturbation.kind, PERTURBATION_KINDS)
   if c.train.perturbation.kind == "rwp":

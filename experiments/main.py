@@ -558,7 +558,7 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
              "nonfinite_steps": info.get("nonfinite_steps", 0), "loss": config.train.loss,
              "loss_hyper": dict(config.train.loss_hyper), "reference": config.train.reference.kind,
              "perturbation": config.train.perturbation.kind, "seed": config.seed,
-             "seconds_total": time.perf_counter() - t}
+             "host_memory": config.host_memory, "seconds_total": time.perf_counter() - t}
   with open(summary_path, "w") as f:
     json.dump(summary, f, indent=1)
   recs = metrics_lib.read_jsonl(run.path("metrics.jsonl")) if os.path.exists(run.path("metrics.jsonl")) else []
@@ -611,6 +611,10 @@ def main(argv):
   if config is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required.")
   common.validate(config)  # before any compute
+  if config.host_memory == "retain":   # before the first allocation of any size
+    from pofx import host_memory
+    applied = host_memory.retain_freed_memory()
+    print(f"host memory: freed memory retained in the process ({'glibc mallopt' if applied else 'not glibc: unchanged'})")
   logging.set_verbosity(logging.WARNING)
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()

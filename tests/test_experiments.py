@@ -56,6 +56,7 @@ def test_every_config_builds_locked_and_valid(family):
     ("train.on_nonfinite", "ignore", "config.train.on_nonfinite"),
     ("data.attention", "flash", r"config.data.attention='flash' is not allowed; allowed: \['dense', 'block_sparse'\]"),
     ("data.scored", "some", r"config.data.scored='some' is not allowed; allowed: \['slots', 'compact'\]"),
+    ("host_memory", "keep", r"config.host_memory='keep' is not allowed; allowed: \['default', 'retain'\]"),
 ])
 def test_invalid_config_values_name_the_field(field, value, message):
   c = _config("dpo", "tiny")
@@ -97,7 +98,7 @@ def test_cli_rejects_bad_values_before_any_compute(tmp_path):
 def tiny_run(tmp_path_factory):
   """One real CLI run of configs/dpo.py:tiny; its SFT base and data seed the other runs."""
   work = tmp_path_factory.mktemp("dpo_tiny")
-  out = _main(["--config=configs/dpo.py:tiny", f"--workdir={work}", "--noprogress"])
+  out = _main(["--config=configs/dpo.py:tiny", f"--workdir={work}", "--noprogress", "--config.host_memory=retain"])
   assert out.returncode == 0, out.stderr[-3000:]
   return work, out.stdout
 
@@ -109,6 +110,8 @@ def test_tiny_dpo_run_writes_summary_table_metrics_and_plots(tiny_run):
               "reward_accuracy", "ranking_accuracy", "mean_length_base", "mean_length_policy", "pairs_per_second"):
     assert key in summary, key
     assert key in stdout, key
+  assert summary["host_memory"] == "retain"
+  assert "host memory: freed memory retained in the process (glibc mallopt)" in stdout
   low, high = summary["win_rate_ci95"]
   assert 0.0 <= low <= summary["win_rate_vs_base"] <= high <= 1.0
   recs = [json.loads(line) for line in open(work / "metrics.jsonl")]
