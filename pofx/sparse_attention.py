@@ -37,7 +37,7 @@ queries inside a listed block finite values (padding outputs are never used).
 Two implementations compute it, chosen by the block list (`attention_blocks(..., kernel=)`):
 "xla", this module's gathers, batched tile dots and segment reductions; and "native"
 (`pofx.native`), fused AVX-512 CPU kernels that keep each tile in cache (online softmax), about
-3x faster on the benchmark's variable workload, for 64-token blocks and head dimension 32.
+3x faster on the benchmark's variable workload, for 64-token blocks and head dimension 16, 32, 64 or 128.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class AttentionBlocks:
     block_size)`, one past the last block, and contribute nothing.
   block_size: tokens per block (static).
   kernel: "xla" (this module's op) or "native" (`pofx.native`: fused AVX-512 CPU kernels, same
-    result; block size 64 and head dimension 32) (static).
+    result; block size 64 and head dimension 16, 32, 64 or 128) (static).
   """
 
   query_block: np.ndarray

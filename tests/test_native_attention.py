@@ -1,5 +1,6 @@
 """pofx.native: the fused CPU kernels of block-sparse attention against the XLA op and dense
-softmax attention, on the layouts the benchmark uses (64-token blocks, head dimension 32)."""
+softmax attention, on the layouts the benchmark uses (64-token blocks), for every head dimension
+the kernels are compiled for (16, 32, 64, 128)."""
 
 
 import jax
@@ -29,12 +30,12 @@ def _layout(name, seed):
   return batching.packed(p, c, r, row_length=512, completion_bucket=8)
 
 
-def _qkv(shape, seed):
+def _qkv(shape, seed, head_dim=32):
   R, L = shape
   ks = jax.random.split(jax.random.key(seed), 4)
-  q = jax.random.normal(ks[0], (R, L, 4, 2, 32)) / np.sqrt(32)
-  k = jax.random.normal(ks[1], (R, L, 4, 32))
-  v = jax.random.normal(ks[2], (R, L, 4, 32))
+  q = jax.random.normal(ks[0], (R, L, 4, 2, head_dim)) / np.sqrt(head_dim)
+  k = jax.random.normal(ks[1], (R, L, 4, head_dim))
+  v = jax.random.normal(ks[2], (R, L, 4, head_dim))
   return q, k, v, jax.random.normal(ks[3], q.shape)
 
 
@@ -47,12 +48,13 @@ def _dense(q, k, v, seg, br):
   return jnp.einsum("rkgqs,rskd->rqkgd", jax.nn.softmax(s, axis=-1), v)
 
 
-@pytest.mark.parametrize("layout", ["prompt_shared", "packed", "packed_one_row"])
-def test_native_equals_xla_op_and_dense_softmax(layout):
+@pytest.mark.parametrize("layout,head_dim", [("prompt_shared", 32), ("packed", 32), ("packed_one_row", 32),
+                                             ("prompt_shared", 16), ("packed", 64), ("packed_one_row", 128)])
+def test_native_equals_xla_op_and_dense_softmax(layout, head_dim):
   b = _layout(layout, seed={"prompt_shared": 0, "packed": 1, "packed_one_row": 2}[layout])
   seg, br = np.asarray(b.segment_ids), np.asarray(b.branch_ids)
   assert seg.shape[1] >= 128                                   # several blocks per row
-  q, k, v, proj = _qkv(seg.shape, seed=3)
+  q, k, v, proj = _qkv(seg.shape, seed=3, head_dim=head_dim)
   real = (seg > 0)[:, :, None, None, None]
   proj = proj * real                                           # padding outputs are never used
   outs, grads = {}, {}
@@ -101,9 +103,9 @@ def test_unsupported_shapes_and_kernels_are_refused():
   seg, br = np.asarray(b.segment_ids), np.asarray(b.branch_ids)
   blocks = batching.attention_blocks(b, block_size=64, kernel="native")
   R, L = seg.shape
-  q = jnp.zeros((R, L, 2, 2, 64))
-  k = v = jnp.zeros((R, L, 2, 64))
-  with pytest.raises(ValueError, match="head dimension 32; got block_size=64, head dimension 64"):
+  q = jnp.zeros((R, L, 2, 2, 48))
+  k = v = jnp.zeros((R, L, 2, 48))
+  with pytest.raises(ValueError, match=r"head dimension in \(16, 32, 64, 128\); got block_size=64, head dimension 48"):
     sparse_attention.block_sparse_attention(q, k, v, seg, br, blocks)
 
 

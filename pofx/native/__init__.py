@@ -11,8 +11,8 @@ OpenMP) the first time it is needed, into `~/.cache/pofx/native/` (else a per-us
 temporary directory) under a name that hashes the sources, the compiler, the flags and the CPU's
 feature flags (`-march=native`), and reused afterwards. `available()` says whether this
 machine can use it (x86-64 with AVX-512F, a compiler); `load()` raises `NativeUnavailable` with
-the reason otherwise. Supported shapes: 64-token blocks, head dimension 32, float32 (inputs of
-other floating dtypes are computed in float32).
+the reason otherwise. Supported shapes: 64-token blocks, head dimension 16, 32, 64 or 128,
+float32 (inputs of other floating dtypes are computed in float32).
 
 `dense(x, w)` is `x @ w` whose weight gradient `x^T g` is computed by OpenBLAS's sgemm
 (`blas_matmul.cc`) instead of XLA:CPU's dot: the OpenBLAS numpy's PyPI wheels bundle (found
@@ -39,7 +39,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "block_sparse_attention.cc")
 HEADERS = (os.path.join(HERE, "vector_exp.h"),)
-BLOCK_SIZE, HEAD_DIM = 64, 32
+BLOCK_SIZE, HEAD_DIMS = 64, (16, 32, 64, 128)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 BLAS_SOURCE = os.path.join(HERE, "blas_matmul.cc")
 BLAS_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++17")
@@ -282,9 +282,9 @@ def block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks):
   """`pofx.sparse_attention.block_sparse_attention` by the native kernels (same arguments)."""
   load()
   R, L, K, G, hd = q.shape
-  if blocks.block_size != BLOCK_SIZE or hd != HEAD_DIM:
-    raise ValueError(f"native block-sparse attention supports block_size={BLOCK_SIZE} and head dimension "
-                     f"{HEAD_DIM}; got block_size={blocks.block_size}, head dimension {hd} (use kernel='xla').")
+  if blocks.block_size != BLOCK_SIZE or hd not in HEAD_DIMS:
+    raise ValueError(f"native block-sparse attention supports block_size={BLOCK_SIZE} and a head dimension in "
+                     f"{HEAD_DIMS}; got block_size={blocks.block_size}, head dimension {hd} (use kernel='xla').")
   N = R * L
   seg = jnp.asarray(segment_ids, jnp.int32).reshape(N)
   br = jnp.zeros((N,), jnp.int32) if branch_ids is None else jnp.asarray(branch_ids, jnp.int32).reshape(N)

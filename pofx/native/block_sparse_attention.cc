@@ -1,7 +1,7 @@
 // Block-sparse attention (pofx.sparse_attention) as fused CPU kernels, registered with XLA's FFI.
 //
 // Same computation as pofx.sparse_attention's XLA op, on the same block lists: for every listed
-// (query block, key block) pair of 64 tokens and every head (head dimension 32),
+// (query block, key block) pair of 64 tokens and every head (head dimension 16, 32, 64 or 128),
 //   S = Q K^T + bias  (bias 0 where the mask allows, -1e30 elsewhere; the mask is rebuilt here
 //                      from segment and branch ids: same segment, key at or before the query,
 //                      key branch 0 or the query's branch),
@@ -16,8 +16,8 @@
 // error about 1e-7). Work is split with OpenMP: the forward over (query block, key/value head),
 // the backward over key/value heads (each thread owns its heads' dK and dV).
 //
-// Layouts (float32, int32): q [N, K, G, 32] (N = rows x row length tokens, K key/value heads,
-// G query heads per key/value head, already scaled by 1/sqrt(32)); k, v [N, K, 32]; segment and
+// Layouts (float32, int32): q [N, K, G, HD] (N = rows x row length tokens, K key/value heads,
+// G query heads per key/value head, already scaled by 1/sqrt(HD)); k, v [N, K, HD]; segment and
 // branch ids [N]; query_block, key_block [T] (sorted by query block; entries >= N / 64 are
 // padding and skipped).
 #include <immintrin.h>
@@ -25,13 +25,15 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 #include "xla/ffi/api/ffi.h"
 #include "vector_exp.h"
 namespace ffi = xla::ffi;
 namespace {
-constexpr int B = 64, HD = 32;
-// S[i][j] = sum_d A[i][d] Bt[d][j] + bias[i][j]   (A 64x32, Bt 32x64)
+constexpr int B = 64;
+// S[i][j] = sum_d A[i][d] Bt[d][j] + bias[i][j]   (A 64xHD, Bt HDx64)
+template <int HD>
 static inline void dot_rows(const float* __restrict A, const float* __restrict Bt, const float* __restrict bias,
                             float* __restrict S) {
   for (int i0 = 0; i0 < B; i0 += 4) {
@@ -51,37 +53,48 @@ static inline void dot_rows(const float* __restrict A, const float* __restrict B
       for (int c = 0; c < 4; ++c) _mm512_store_ps(S + (i0 + r) * B + c * 16, acc[r][c]);
   }
 }
-// The two products below keep 8 rows x 32 columns of C in 16 registers: per step 2 loads of Bm
-// and 8 broadcasts of A feed 16 FMAs.
-constexpr int RB = 8;
-// C[i][:] += sum_j A[i][j] Bm[j][:]   (A 64x64, Bm 64x32, C 64x32)
+// The two products below keep RB rows x HD columns of C in registers (16 for HD >= 32): per
+// step HD/16 loads of Bm and RB broadcasts of A feed RB * HD/16 FMAs.
+template <int HD>
+constexpr int RowBlock() { return HD / 16 >= 2 ? 16 / (HD / 16) : 8; }
+// C[i][:] += sum_j A[i][j] Bm[j][:]   (A 64x64, Bm 64xHD, C 64xHD)
+template <int HD>
 static inline void acc_AB(const float* __restrict A, const float* __restrict Bm, float* __restrict C) {
+  constexpr int HV = HD / 16, RB = RowBlock<HD>();
   for (int i0 = 0; i0 < B; i0 += RB) {
-    __m512 o[RB][2];
-    for (int r = 0; r < RB; ++r) { o[r][0] = _mm512_load_ps(C + (i0 + r) * HD); o[r][1] = _mm512_load_ps(C + (i0 + r) * HD + 16); }
+    __m512 o[RB][HV];
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < HV; ++v) o[r][v] = _mm512_load_ps(C + (i0 + r) * HD + 16 * v);
     for (int j = 0; j < B; ++j) {
-      __m512 v0 = _mm512_load_ps(Bm + j * HD), v1 = _mm512_load_ps(Bm + j * HD + 16);
+      __m512 bv[HV];
+      for (int v = 0; v < HV; ++v) bv[v] = _mm512_load_ps(Bm + j * HD + 16 * v);
       for (int r = 0; r < RB; ++r) {
         __m512 p = _mm512_set1_ps(A[(i0 + r) * B + j]);
-        o[r][0] = _mm512_fmadd_ps(p, v0, o[r][0]); o[r][1] = _mm512_fmadd_ps(p, v1, o[r][1]);
+        for (int v = 0; v < HV; ++v) o[r][v] = _mm512_fmadd_ps(p, bv[v], o[r][v]);
       }
     }
-    for (int r = 0; r < RB; ++r) { _mm512_store_ps(C + (i0 + r) * HD, o[r][0]); _mm512_store_ps(C + (i0 + r) * HD + 16, o[r][1]); }
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < HV; ++v) _mm512_store_ps(C + (i0 + r) * HD + 16 * v, o[r][v]);
   }
 }
-// C[j][:] += sum_i A[i][j] Bm[i][:]   (A 64x64, Bm 64x32, C 64x32)
+// C[j][:] += sum_i A[i][j] Bm[i][:]   (A 64x64, Bm 64xHD, C 64xHD)
+template <int HD>
 static inline void acc_AtB(const float* __restrict A, const float* __restrict Bm, float* __restrict C) {
+  constexpr int HV = HD / 16, RB = RowBlock<HD>();
   for (int j0 = 0; j0 < B; j0 += RB) {
-    __m512 o[RB][2];
-    for (int r = 0; r < RB; ++r) { o[r][0] = _mm512_load_ps(C + (j0 + r) * HD); o[r][1] = _mm512_load_ps(C + (j0 + r) * HD + 16); }
+    __m512 o[RB][HV];
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < HV; ++v) o[r][v] = _mm512_load_ps(C + (j0 + r) * HD + 16 * v);
     for (int i = 0; i < B; ++i) {
-      __m512 v0 = _mm512_load_ps(Bm + i * HD), v1 = _mm512_load_ps(Bm + i * HD + 16);
+      __m512 bv[HV];
+      for (int v = 0; v < HV; ++v) bv[v] = _mm512_load_ps(Bm + i * HD + 16 * v);
       for (int r = 0; r < RB; ++r) {
         __m512 p = _mm512_set1_ps(A[i * B + j0 + r]);
-        o[r][0] = _mm512_fmadd_ps(p, v0, o[r][0]); o[r][1] = _mm512_fmadd_ps(p, v1, o[r][1]);
+        for (int v = 0; v < HV; ++v) o[r][v] = _mm512_fmadd_ps(p, bv[v], o[r][v]);
       }
     }
-    for (int r = 0; r < RB; ++r) { _mm512_store_ps(C + (j0 + r) * HD, o[r][0]); _mm512_store_ps(C + (j0 + r) * HD + 16, o[r][1]); }
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < HV; ++v) _mm512_store_ps(C + (j0 + r) * HD + 16 * v, o[r][v]);
   }
 }
 struct Runs { std::vector<int64_t> start, end; };
@@ -129,15 +142,16 @@ inline void MakeBias(const int32_t* seg, const int32_t* br, int64_t tq0, int64_t
     }
   }
 }
-struct alignas(64) Tile { float v[B * B]; };
-struct alignas(64) Half { float v[B * HD]; };
+template <int N>
+struct alignas(64) Buf { float v[N]; };
+using Tile = Buf<B * B>;
 
-ffi::Error Fwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg,
+template <int HD>
+ffi::Error FwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg,
                ffi::Buffer<ffi::S32> br, ffi::Buffer<ffi::S32> qblk, ffi::Buffer<ffi::S32> kblk, int64_t b,
                ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse_out) {
   auto qd = q.dimensions();
   const int64_t N = qd[0], K = qd[1], G = qd[2];
-  if (b != B || qd[3] != HD) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "block 64, head dim 32 only");
   const float *Q = q.typed_data(), *Kp = k.typed_data(), *V = v.typed_data();
   const int32_t *S_ = seg.typed_data(), *B_ = br.typed_data(), *QB = qblk.typed_data(), *KB = kblk.typed_data();
   float *O = out->typed_data(), *LSE = lse_out->typed_data();
@@ -148,8 +162,9 @@ ffi::Error Fwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
   const int64_t R = runs.start.size();
 #pragma omp parallel
   {
-    std::vector<Half> qt(G), acc(G), vt(1);
-    std::vector<Tile> kt(1), s(1), bias(1);   // kt holds [HD x B]
+    std::vector<Buf<B * HD>> qt(G), acc(G), vt(1);
+    std::vector<Buf<HD * B>> kt(1);   // K^T: [HD x B]
+    std::vector<Tile> s(1), bias(1);
     std::vector<float> m(G * B), l(G * B);
 #pragma omp for schedule(dynamic)
     for (int64_t w = 0; w < R * K; ++w) {
@@ -169,7 +184,7 @@ ffi::Error Fwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
         if (!full) MakeBias(S_, B_, tq0, tk0, bias[0].v);
         for (int64_t g = 0; g < G; ++g) {
           float* S = s[0].v;
-          dot_rows(qt[g].v, kt[0].v, full ? nullptr : bias[0].v, S);
+          dot_rows<HD>(qt[g].v, kt[0].v, full ? nullptr : bias[0].v, S);
           for (int i = 0; i < B; ++i) {
             __m512 a0 = _mm512_load_ps(S + i * B), a1 = _mm512_load_ps(S + i * B + 16),
                    a2 = _mm512_load_ps(S + i * B + 32), a3 = _mm512_load_ps(S + i * B + 48);
@@ -184,10 +199,9 @@ ffi::Error Fwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
             l[g * B + i] = l[g * B + i] * scale + _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
             m[g * B + i] = mn;
             float* ai = &acc[g].v[i * HD];
-            _mm512_store_ps(ai, _mm512_mul_ps(_mm512_load_ps(ai), _mm512_set1_ps(scale)));
-            _mm512_store_ps(ai + 16, _mm512_mul_ps(_mm512_load_ps(ai + 16), _mm512_set1_ps(scale)));
+            for (int c = 0; c < HD; c += 16) _mm512_store_ps(ai + c, _mm512_mul_ps(_mm512_load_ps(ai + c), _mm512_set1_ps(scale)));
           }
-          acc_AB(S, vt[0].v, acc[g].v);
+          acc_AB<HD>(S, vt[0].v, acc[g].v);
         }
       }
       for (int64_t g = 0; g < G; ++g)
@@ -202,13 +216,13 @@ ffi::Error Fwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
-ffi::Error Bwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg,
+template <int HD>
+ffi::Error BwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg,
                ffi::Buffer<ffi::S32> br, ffi::Buffer<ffi::S32> qblk, ffi::Buffer<ffi::S32> kblk,
                ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, int64_t b,
                ffi::ResultBuffer<ffi::F32> dq_out, ffi::ResultBuffer<ffi::F32> dk_out, ffi::ResultBuffer<ffi::F32> dv_out) {
   auto qd = q.dimensions();
   const int64_t N = qd[0], K = qd[1], G = qd[2];
-  if (b != B || qd[3] != HD) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "block 64, head dim 32 only");
   const float *Q = q.typed_data(), *Kp = k.typed_data(), *V = v.typed_data(), *Op = o.typed_data(),
               *L_ = lse.typed_data(), *DO = dout.typed_data();
   const int32_t *S_ = seg.typed_data(), *B_ = br.typed_data(), *QB = qblk.typed_data(), *KB = kblk.typed_data();
@@ -221,8 +235,9 @@ ffi::Error Bwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
   const int64_t R = runs.start.size();
 #pragma omp parallel
   {
-    std::vector<Half> qt(G), dot_(G), dqa(G), kr(1), dka(1), dva(1);
-    std::vector<Tile> kt(1), vtt(1), s(1), dp(1), bias(1);
+    std::vector<Buf<B * HD>> qt(G), dot_(G), dqa(G), kr(1), dka(1), dva(1);
+    std::vector<Buf<HD * B>> kt(1), vtt(1);   // K^T, V^T: [HD x B]
+    std::vector<Tile> s(1), dp(1), bias(1);
     std::vector<float> lse_(G * B), D(G * B);
 #pragma omp for schedule(static)
     for (int64_t kh = 0; kh < K; ++kh) {
@@ -253,8 +268,8 @@ ffi::Error Bwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
           std::fill(dva[0].v, dva[0].v + B * HD, 0.0f);
           for (int64_t g = 0; g < G; ++g) {
             float *S = s[0].v, *DP = dp[0].v;
-            dot_rows(qt[g].v, kt[0].v, full ? nullptr : bias[0].v, S);
-            dot_rows(dot_[g].v, vtt[0].v, nullptr, DP);
+            dot_rows<HD>(qt[g].v, kt[0].v, full ? nullptr : bias[0].v, S);
+            dot_rows<HD>(dot_[g].v, vtt[0].v, nullptr, DP);
             for (int i = 0; i < B; ++i) {
               const __m512 li = _mm512_set1_ps(lse_[g * B + i]), Di = _mm512_set1_ps(D[g * B + i]);
               for (int c = 0; c < 4; ++c) {
@@ -263,9 +278,9 @@ ffi::Error Bwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
                 _mm512_store_ps(DP + i * B + c * 16, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_load_ps(DP + i * B + c * 16), Di)));
               }
             }
-            acc_AB(DP, kr[0].v, dqa[g].v);      // dQ += dS K
-            acc_AtB(DP, qt[g].v, dka[0].v);     // dK += dS^T Q
-            acc_AtB(S, dot_[g].v, dva[0].v);    // dV += P^T dO
+            acc_AB<HD>(DP, kr[0].v, dqa[g].v);      // dQ += dS K
+            acc_AtB<HD>(DP, qt[g].v, dka[0].v);     // dK += dS^T Q
+            acc_AtB<HD>(S, dot_[g].v, dva[0].v);    // dV += P^T dO
           }
           for (int j = 0; j < B; ++j) {
             float* dk = DK + ((tk0 + j) * K + kh) * HD;
@@ -280,6 +295,41 @@ ffi::Error Bwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
     }
   }
   return ffi::Error::Success();
+}
+
+ffi::Error BadShape(int64_t b, int64_t hd) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                    "block size 64 and head dimension 16, 32, 64 or 128 only; got block size " + std::to_string(b) +
+                        ", head dimension " + std::to_string(hd));
+}
+
+ffi::Error Fwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg,
+               ffi::Buffer<ffi::S32> br, ffi::Buffer<ffi::S32> qblk, ffi::Buffer<ffi::S32> kblk, int64_t b,
+               ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse_out) {
+  const int64_t hd = q.dimensions()[3];
+  if (b != B) return BadShape(b, hd);
+  switch (hd) {
+    case 16: return FwdImpl<16>(q, k, v, seg, br, qblk, kblk, b, out, lse_out);
+    case 32: return FwdImpl<32>(q, k, v, seg, br, qblk, kblk, b, out, lse_out);
+    case 64: return FwdImpl<64>(q, k, v, seg, br, qblk, kblk, b, out, lse_out);
+    case 128: return FwdImpl<128>(q, k, v, seg, br, qblk, kblk, b, out, lse_out);
+    default: return BadShape(b, hd);
+  }
+}
+
+ffi::Error Bwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg,
+               ffi::Buffer<ffi::S32> br, ffi::Buffer<ffi::S32> qblk, ffi::Buffer<ffi::S32> kblk,
+               ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, int64_t b,
+               ffi::ResultBuffer<ffi::F32> dq_out, ffi::ResultBuffer<ffi::F32> dk_out, ffi::ResultBuffer<ffi::F32> dv_out) {
+  const int64_t hd = q.dimensions()[3];
+  if (b != B) return BadShape(b, hd);
+  switch (hd) {
+    case 16: return BwdImpl<16>(q, k, v, seg, br, qblk, kblk, o, lse, dout, b, dq_out, dk_out, dv_out);
+    case 32: return BwdImpl<32>(q, k, v, seg, br, qblk, kblk, o, lse, dout, b, dq_out, dk_out, dv_out);
+    case 64: return BwdImpl<64>(q, k, v, seg, br, qblk, kblk, o, lse, dout, b, dq_out, dk_out, dv_out);
+    case 128: return BwdImpl<128>(q, k, v, seg, br, qblk, kblk, o, lse, dout, b, dq_out, dk_out, dv_out);
+    default: return BadShape(b, hd);
+  }
 }
 }  // namespace
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PofxBsaFwd, Fwd, ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
