@@ -19,6 +19,7 @@ ON_NONFINITE = ("skip", "halt")
 LAYOUTS = ("fused", "prompt_shared", "packed")
 PARALLEL_MODES = ("single", "jit", "shard_map", "pmap")
 ATTENTION = ("dense", "block_sparse")
+ATTENTION_KERNELS = ("xla", "native")
 SCORED = ("slots", "compact")
 HOST_MEMORY = ("default", "retain")
 
@@ -61,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
       completion_bucket=8,
       attention="dense",            # "dense" | "block_sparse": attention only on the mask's used blocks
       attention_block_size=64,      # block_sparse: tokens per block; seq_bucket must be a multiple of it
+      attention_kernel="xla",       # block_sparse: "xla" ops | "native" fused CPU kernels (pofx.native)
       scored="slots",               # "slots" | "compact": the LM head on real completion tokens only
   ))
 
@@ -121,6 +123,31 @@ def _positive(field, value, *, integer=True, zero_ok=False):
     raise ValueError(f"config.{field}={value!r} is not allowed; allowed: a {kind} {'>= 0' if zero_ok else '> 0'}.")
 
 
+def _check_native_attention(c) -> None:
+  """data.attention_kernel='native': block-sparse attention of 64-token blocks, one device, a
+  head dimension the kernels are compiled for, and a machine that can build them."""
+  from pofx import native  # pylint: disable=g-import-not-at-top
+  from pofx import models  # pylint: disable=g-import-not-at-top
+  if c.data.attention != "block_sparse" or c.data.attention_block_size != native.BLOCK_SIZE:
+    raise ValueError(f"config.data.attention_kernel='native' needs data.attention='block_sparse' and "
+                     f"data.attention_block_size={native.BLOCK_SIZE}; got {c.data.attention!r} and "
+                     f"{c.data.attention_block_size}.")
+  if c.train.parallel.mode != "single":
+    raise ValueError(f"config.data.attention_kernel='native' runs with train.parallel.mode='single' only (its custom "
+                     f"call is not partitioned across devices); got {c.train.parallel.mode!r}.")
+  if c.model.preset == "world":
+    from pofx import world  # pylint: disable=g-import-not-at-top
+    hd = world.MODEL_SHAPE["hidden_size"] // world.MODEL_SHAPE["num_heads"]
+  else:
+    hd = models.preset(c.model.preset).resolved_head_dim
+  if hd not in native.HEAD_DIMS:
+    raise ValueError(f"config.data.attention_kernel='native' supports head dimensions {native.HEAD_DIMS}; "
+                     f"model {c.model.preset!r} has {hd}.")
+  reason = native.unavailable_reason()
+  if reason:
+    raise ValueError(f"config.data.attention_kernel='native' cannot run on this machine: {reason}.")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks every field a run reads; raises ValueError naming the field and what is allowed."""
   import pofx  # local: configs stay importable without jax for `--help`
@@ -131,6 +158,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _allowed("data.on_bad_record", c.data.on_bad_record, ("error", "skip"))
   _allowed("data.attention", c.data.attention, ATTENTION)
   _allowed("data.scored", c.data.scored, SCORED)
+  _allowed("data.attention_kernel", c.data.attention_kernel, ATTENTION_KERNELS)
+  if c.data.attention_kernel == "native":
+    _check_native_attention(c)
   if c.data.attention == "block_sparse":
     _positive("data.attention_block_size", c.data.attention_block_size)
     if not isinstance(c.data.seq_bucket, int) or c.data.seq_bucket % c.data.attention_block_size:

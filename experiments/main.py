@@ -231,7 +231,7 @@ def _layout_kwargs(c, fixed: bool = False):
 def _index_kwargs(c):
   """Loader arguments of the fast paths: block-sparse attention lists and compact scored tokens."""
   return {"attention_block_size": c.data.attention_block_size if c.data.attention == "block_sparse" else 0,
-          "scored_tokens": c.data.scored == "compact"}
+          "scored_tokens": c.data.scored == "compact", "attention_kernel": c.data.attention_kernel}
 
 
 def stage_reference_cache(run: Run, prepared, ref_params_list, logps_fn):
@@ -394,7 +394,7 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     kw = _index_kwargs(c)
     if kw["attention_block_size"]:
       out["attention_blocks"] = batching.attention_blocks(out["pairs"], block_size=kw["attention_block_size"],
-                                                          bucket=pipeline.INDEX_BUCKET)
+                                                          bucket=pipeline.INDEX_BUCKET, kernel=kw["attention_kernel"])
     if kw["scored_tokens"]:
       out["scored_tokens"] = batching.scored_tokens(out["pairs"], bucket=pipeline.INDEX_BUCKET)
     return out

@@ -116,6 +116,19 @@ def _used_block_pairs(seg: np.ndarray, br: np.ndarray, b: int) -> np.ndarray:
   return used
 
 
+def check_kernel(kernel: str, block_size: int) -> None:
+  """ValueError unless `kernel` is a known name that can compute blocks of `block_size` here
+  ("native": this machine can build `pofx.native` and the block size is its 64)."""
+  if kernel not in KERNELS:
+    raise ValueError(f"attention_blocks: kernel={kernel!r} is not allowed; allowed: {list(KERNELS)}.")
+  if kernel == "native":
+    from pofx import native  # pylint: disable=g-import-not-at-top
+    reason = native.unavailable_reason()
+    if reason is not None or block_size != native.BLOCK_SIZE:
+      raise ValueError(f"attention_blocks: kernel='native' cannot run here: "
+                       f"{reason or f'it needs block_size={native.BLOCK_SIZE}, got {block_size}'}; use kernel='xla'.")
+
+
 def attention_blocks(segment_ids, branch_ids=None, *, block_size: int = 64,
                      bucket: Union[int, Callable[[int], int]] = 8, size: Optional[int] = None,
                      kernel: str = "xla") -> AttentionBlocks:
@@ -131,14 +144,7 @@ def attention_blocks(segment_ids, branch_ids=None, *, block_size: int = 64,
     kernel: which implementation computes the attention on these blocks: "xla" or "native"
       (`pofx.native`, checked here: ValueError naming the reason when this machine cannot use it).
   """
-  if kernel not in KERNELS:
-    raise ValueError(f"attention_blocks: kernel={kernel!r} is not allowed; allowed: {list(KERNELS)}.")
-  if kernel == "native":
-    from pofx import native  # pylint: disable=g-import-not-at-top
-    reason = native.unavailable_reason()
-    if reason is not None or block_size != native.BLOCK_SIZE:
-      raise ValueError(f"attention_blocks: kernel='native' cannot run here: "
-                       f"{reason or f'it needs block_size={native.BLOCK_SIZE}, got {block_size}'}; use kernel='xla'.")
+  check_kernel(kernel, block_size)
   seg = np.asarray(segment_ids)
   if seg.ndim != 2:
     raise ValueError(f"attention_blocks: segment_ids must be [R, L], got shape {seg.shape}.")

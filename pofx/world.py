@@ -73,6 +73,8 @@ from pofx.models import llama
 
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
 FIRST_CONTENT = 4
+# The policy sized for the world (`World.model_config`): 78,144 parameters at V = 32.
+MODEL_SHAPE = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_size=128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,8 +221,7 @@ class World:
   def model_config(self, **overrides) -> llama.LlamaConfig:
     """A small Llama sized for this world (D=64, 2 layers, 4 heads, 2 KV heads, MLP 128;
     78,144 parameters at V = 32)."""
-    return llama.LlamaConfig(vocab_size=self.config.vocab_size, hidden_size=64, num_layers=2, num_heads=4,
-                             num_kv_heads=2, mlp_size=128).replace(**overrides)
+    return llama.LlamaConfig(vocab_size=self.config.vocab_size, **MODEL_SHAPE).replace(**overrides)
 
   def is_eval_prompt(self, prompt) -> bool:
     """Whether a prompt (with or without BOS/SEP) belongs to the held-out split (a fixed hash)."""

@@ -57,6 +57,8 @@ def test_every_config_builds_locked_and_valid(family):
     ("data.attention", "flash", r"config.data.attention='flash' is not allowed; allowed: \['dense', 'block_sparse'\]"),
     ("data.scored", "some", r"config.data.scored='some' is not allowed; allowed: \['slots', 'compact'\]"),
     ("host_memory", "keep", r"config.host_memory='keep' is not allowed; allowed: \['default', 'retain'\]"),
+    ("data.attention_kernel", "cuda", r"config.data.attention_kernel='cuda' is not allowed; allowed: \['xla', 'native'\]"),
+    ("data.attention_kernel", "native", r"attention_kernel='native' needs data.attention='block_sparse'"),
 ])
 def test_invalid_config_values_name_the_field(field, value, message):
   c = _config("dpo", "tiny")
@@ -150,6 +152,28 @@ def test_every_family_runs_on_tiny(tiny_run, tmp_path, family, arg):
 def _final_params(work):
   import orbax.checkpoint as ocp
   return ocp.StandardCheckpointer().restore(os.path.join(work, "final_params"))
+
+
+@pytest.mark.skipif(not __import__("pofx.native").native.available(), reason="the native kernels cannot run here")
+def test_native_attention_kernel_run_equals_the_xla_op_run(tiny_run, tmp_path):
+  # config.data.attention_kernel reaches the loader's block lists: the world model (head
+  # dimension 16) trained with the fused kernels ends where the XLA op's run ends.
+  from experiments import main as main_lib
+  src, _ = tiny_run
+  params = {}
+  for kernel in ("xla", "native"):
+    work = tmp_path / kernel
+    _seed_from(src, work)
+    c = _config("dpo", "tiny")
+    with c.unlocked():
+      c.data.attention, c.data.seq_bucket, c.data.attention_kernel = "block_sparse", 64, kernel
+    common.validate(c)
+    s, _ = main_lib.run_one(c, str(work), progress=False)
+    assert np.isfinite(s["gold_reward_policy"])
+    params[kernel] = _final_params(work)
+  import jax
+  for a, b in zip(jax.tree.leaves(params["native"]), jax.tree.leaves(params["xla"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
 def test_sigkill_resume_equals_uninterrupted(tiny_run, tmp_path):

@@ -223,3 +223,18 @@ def test_block_size_must_divide_every_row_length(layout, kwargs, key):
     _loader(layout=layout, layout_kwargs=kwargs, attention_block_size=128)
   with pytest.raises(ValueError, match="attention_block_size must be an integer >= 0"):
     _loader(attention_block_size=-1)
+
+
+def test_attention_kernel_travels_with_the_block_lists():
+  from pofx import native
+  kwargs = dict(seq_bucket=64, completion_bucket=8)
+  with pytest.raises(ValueError, match=r"kernel='cuda' is not allowed; allowed: \['xla', 'native'\]"):
+    _loader(layout="prompt_shared", layout_kwargs=kwargs, attention_block_size=64, attention_kernel="cuda")
+  with pytest.raises(ValueError, match="kernel='native' cannot run here"):
+    _loader(layout="prompt_shared", layout_kwargs=dict(seq_bucket=32), attention_block_size=32,
+            attention_kernel="native")
+  if not native.available():
+    pytest.skip(native.unavailable_reason())
+  loader = _loader(layout="prompt_shared", layout_kwargs=kwargs, num_epochs=1, attention_block_size=64,
+                   attention_kernel="native")
+  assert {b["attention_blocks"].kernel for b in loader.iterator()} == {"native"}
