@@ -18,8 +18,9 @@ float32 (inputs of other floating dtypes are computed in float32).
 (`blas_matmul.cc`) instead of XLA:CPU's dot: the OpenBLAS numpy's PyPI wheels bundle (found
 among the libraries numpy loaded), called single-threaded on each of XLA's own threads. Select it
 for the Llama model with `LlamaConfig(matmul="blas")`. `blas_available()` /
-`blas_unavailable_reason()` say whether this process can use it (numpy built on scipy-openblas
-0.3.27 or later, Linux); it is built like the attention kernels, without CPU-specific flags.
+`blas_unavailable_reason()` say whether this process can use it (Linux, numpy from a PyPI wheel
+whose bundled OpenBLAS exports `openblas_set_num_threads_local`, as the one tested here, 0.3.31,
+does); it is built like the attention kernels, without CPU-specific flags.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def _numpy_openblas():
     return ("it calls the OpenBLAS that numpy's PyPI wheels bundle (scipy-openblas), and this numpy "
             f"({numpy.__version__}) loaded none")
   return (f"numpy's OpenBLAS ({', '.join(paths)}) lacks scipy_cblas_sgemm[64_] or "
-          "openblas_set_num_threads_local (scipy-openblas 0.3.27 or later has both)")
+          "openblas_set_num_threads_local (recent scipy-openblas releases export both)")
 
 
 def blas_unavailable_reason():
