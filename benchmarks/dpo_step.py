@@ -175,11 +175,14 @@ class Bench:
     model = models.make(config)
     params = model.init(jax.random.key(0))
     self.n_params = sum(x.size for x in jax.tree.leaves(params))
-    if a.logprobs == "chunked":
-      logps_fn = policy.make_logps_fn(model.apply, model.head, chunk_size=a.chunk_size, save_probs=a.save_probs,
-                                      matmul=a.matmul)
-    else:
-      logps_fn = naive_logps_fn(model)
+
+    def logps_for(model, matmul):
+      if a.logprobs == "naive":
+        return naive_logps_fn(model)
+      return policy.make_logps_fn(model.apply, model.head, chunk_size=a.chunk_size, save_probs=a.save_probs,
+                                  matmul=matmul)
+
+    logps_fn = logps_for(model, a.matmul)
     self.data = dataset(a.workload)
     self.steps_idx = batch_order(a.steps, a.bs)
 
@@ -216,20 +219,17 @@ class Bench:
             "awp": lambda: perturbations.awp(0.01),
             "rwp": lambda: perturbations.rwp(0.01, c_min=1.0, steps=a.rwp_steps)}[a.perturbation]()
     optimizer = optax.adamw(1e-6)
-    self.step = train.make_train_step(logps_fn, optimizer, loss="dpo", loss_hyper={"beta": 0.1},
-                                      reference=reference, perturbation=pert)
+    step_for = lambda fn, ref: train.make_train_step(fn, optimizer, loss="dpo", loss_hyper={"beta": 0.1},
+                                                     reference=ref, perturbation=pert)
+    self.step = step_for(logps_fn, reference)
     self.state = train.init_state(params, optimizer, reference, pert, loss="dpo", rng=jax.random.key(0))
     # XLA's cost analysis does not see inside the native kernels' custom calls: the FLOPs are
     # those of the same step with XLA's ops (same arithmetic), compiled for the count only.
     self.native = a.attention_kernel == "native" or a.matmul == "blas"
     counted_step = self.step
     if self.native:
-      twin = models.make(config.replace(matmul="xla"))
-      twin_fn = (policy.make_logps_fn(twin.apply, twin.head, chunk_size=a.chunk_size, save_probs=a.save_probs)
-                 if a.logprobs == "chunked" else naive_logps_fn(twin))
-      twin_ref = references.frozen(ref_params, twin_fn) if a.reference == "frozen" else reference
-      counted_step = train.make_train_step(twin_fn, optimizer, loss="dpo", loss_hyper={"beta": 0.1},
-                                           reference=twin_ref, perturbation=pert)
+      twin_fn = logps_for(models.make(config.replace(matmul="xla")), "xla")
+      counted_step = step_for(twin_fn, references.frozen(ref_params, twin_fn) if a.reference == "frozen" else reference)
 
     # Compile every distinct shape first (a run compiles a handful of bucketed shapes once).
     t0 = time.perf_counter()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from configs import common
+from pofx import native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("dpo", "gpo", "simpo", "ipo", "mrpo", "predpo", "trdpo", "sam", "awp", "rwp", "beta_dpo", "dpo_files")
@@ -154,7 +155,7 @@ def _final_params(work):
   return ocp.StandardCheckpointer().restore(os.path.join(work, "final_params"))
 
 
-@pytest.mark.skipif(not __import__("pofx.native").native.available(), reason="the native kernels cannot run here")
+@pytest.mark.skipif(not native.available(), reason=f"{native.unavailable_reason()}")
 def test_native_attention_kernel_run_equals_the_xla_op_run(tiny_run, tmp_path):
   # config.data.attention_kernel reaches the loader's block lists: the world model (head
   # dimension 16) trained with the fused kernels ends where the XLA op's run ends.
