@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -259,24 +259,46 @@ def _attention_bwd(block_size, res, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def rotary(x: Array, cos: Array, sin: Array) -> Array:
+  """The rotary position embedding of `x [..., hd]` in the half-split layout of Llama:
+  `[x1 cos - x2 sin, x2 cos + x1 sin]` with `x1, x2` the halves of the last axis and `cos, sin`
+  broadcastable to `x[..., :hd/2]` (Su et al. 2021, arXiv:2104.09864, eq. 34); computed in
+  float32, returned in x's dtype."""
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
 def block_sparse_attention(q: Array, k: Array, v: Array, segment_ids: Array, branch_ids: Optional[Array],
-                           blocks: AttentionBlocks) -> Array:
+                           blocks: AttentionBlocks, *, rope: Optional[Tuple[Array, Array]] = None,
+                           q_scale: float = 1.0) -> Array:
   """Masked softmax attention computed only on `blocks` (see the module docstring).
 
   Args:
-    q: `[R, L, K, G, hd]` queries, already scaled by `1/sqrt(hd)` and rotated (K key/value
-      heads, G query heads per key/value head).
-    k, v: `[R, L, K, hd]` keys (rotated) and values.
+    q: `[R, L, K, G, hd]` queries (K key/value heads, G query heads per key/value head).
+    k, v: `[R, L, K, hd]` keys and values.
     segment_ids, branch_ids: `[R, L]` as for `pofx.models.llama.attention_mask` (branch_ids may
       be None).
     blocks: from `attention_blocks(segment_ids, branch_ids, ...)` on the same batch.
+    rope: None (q and k are used as given), or `(cos, sin)`, each `[R, L, hd/2]`: the attention
+      is that of `q_scale * rotary(q)` and `rotary(k)`. The "native" kernel applies both as it
+      loads q and k (no rotated copies in memory, forward or backward); "xla" rotates first.
+    q_scale: factor on the queries (usually `1/sqrt(hd)`).
 
   Returns:
     `[R, L, K, G, hd]` in q's dtype (scores, softmax and accumulation in float32).
   """
+  if rope is not None and (rope[0].shape != q.shape[:2] + (q.shape[-1] // 2,) or rope[1].shape != rope[0].shape):
+    raise ValueError(f"block_sparse_attention: rope tables must be [R, L, hd/2] = {q.shape[:2] + (q.shape[-1] // 2,)}, "
+                     f"got {rope[0].shape} and {rope[1].shape}.")
   if blocks.kernel == "native":
     from pofx import native  # pylint: disable=g-import-not-at-top
-    return native.block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks)
+    return native.block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks, rope=rope, q_scale=q_scale)
+  if rope is not None:
+    cos, sin = rope
+    k = rotary(k, cos[:, :, None, :], sin[:, :, None, :])
+    q = rotary(q, cos[:, :, None, None, :], sin[:, :, None, None, :])
+  if rope is not None or q_scale != 1.0:
+    q = (q * q_scale).astype(q.dtype)
   R, L = segment_ids.shape
   b = blocks.block_size
   if L % b:

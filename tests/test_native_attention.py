@@ -74,6 +74,50 @@ def test_native_equals_xla_op_and_dense_softmax(layout, head_dim):
     np.testing.assert_allclose(g_native, g_xla, atol=2e-6 * scale)
 
 
+def _rotated(x, cos, sin):
+  """The half-split rotary embedding written out here (test's own): [x1 c - x2 s, x2 c + x1 s]."""
+  h = x.shape[-1] // 2
+  x1, x2 = x[..., :h], x[..., h:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+@pytest.mark.parametrize("layout,head_dim", [("prompt_shared", 16), ("prompt_shared", 32), ("packed", 64),
+                                             ("packed_one_row", 128)])
+def test_rope_and_query_scale_inside_the_kernel_equal_rotating_first(layout, head_dim):
+  # rope=(cos, sin): the native kernels rotate q and k (and scale q) as they load them; the
+  # result and the gradients with respect to the unrotated q, k, v must equal dense softmax
+  # attention on q and k rotated beforehand by the formula above (and the XLA op's rope path).
+  b = _layout(layout, seed=4)
+  seg, br = np.asarray(b.segment_ids), np.asarray(b.branch_ids)
+  q, k, v, proj = _qkv(seg.shape, seed=6, head_dim=head_dim)
+  real = (seg > 0)[:, :, None, None, None]
+  proj = proj * real
+  inv_freq = 10000.0 ** (-np.arange(head_dim // 2) / (head_dim // 2))
+  angles = np.asarray(b.positions, np.float64)[..., None] * inv_freq          # [R, L, hd/2]
+  cos, sin = jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32)
+  scale = 1.0 / np.sqrt(head_dim)
+
+  def expected(q, k, v):
+    qr = _rotated(q, cos[:, :, None, None, :], sin[:, :, None, None, :]) * scale
+    kr = _rotated(k, cos[:, :, None, :], sin[:, :, None, :])
+    return _dense(qr, kr, v, seg, br)
+
+  want = np.asarray(expected(q, k, v))
+  want_grads = jax.grad(lambda q, k, v: jnp.sum(expected(q, k, v) * proj), argnums=(0, 1, 2))(q, k, v)
+  m = np.broadcast_to(real, want.shape)
+  for kernel in ("native", "xla"):
+    blocks = sparse_attention.attention_blocks(seg, br, block_size=64, bucket=8, kernel=kernel)
+    fn = lambda q, k, v: sparse_attention.block_sparse_attention(q, k, v, seg, br, blocks, rope=(cos, sin),  # noqa: B023
+                                                                 q_scale=scale)
+    got = np.asarray(jax.jit(fn)(q, k, v))
+    np.testing.assert_allclose(got[m], want[m], atol=3e-6, err_msg=kernel)
+    grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * proj), argnums=(0, 1, 2)))(q, k, v)  # noqa: B023
+    for name, g, e in zip("qkv", grads, want_grads):
+      np.testing.assert_allclose(g, e, atol=3e-6 * float(np.abs(e).max()), err_msg=f"{kernel} d{name}")
+  with pytest.raises(ValueError, match=r"rope tables must be \[R, L, hd/2\]"):
+    sparse_attention.block_sparse_attention(q, k, v, seg, br, blocks, rope=(cos[..., :2], sin[..., :2]))
+
+
 def test_native_dpo_gradients_of_the_bench_model_match_dense_attention():
   # The bench preset (head dimension 32) with 2 layers: hidden states and DPO gradients.
   config = llama.preset("bench", num_layers=2)

@@ -240,7 +240,7 @@ def test_rope_tables_equal_apply_rope_and_are_computed_once():
   inv_freq = llama.rope_inv_freq(llama.tiny())
   x = jnp.asarray(rng.normal(size=(2, 16, 3, 2 * len(inv_freq))), jnp.float32)
   cos, sin = llama._rope_tables(jnp.asarray(positions), inv_freq)
-  np.testing.assert_array_equal(llama._rotate(x, cos, sin), llama.apply_rope(x, jnp.asarray(positions), inv_freq))
+  np.testing.assert_array_equal(sparse_attention.rotary(x, cos, sin), llama.apply_rope(x, jnp.asarray(positions), inv_freq))
   # ... and the compiled forward+backward holds one cosine, not one per consumer (XLA:CPU would
   # otherwise recompute it inside every rotation and every gathered attention tile).
   config, params, b, blocks = _model_and_batch("packed", 8)

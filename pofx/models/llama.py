@@ -245,7 +245,7 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
 def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
   """Rotates `x [B, L, H, hd]` by the angles `positions [B, L] * inv_freq` (rotate-half form)."""
   angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B,L,hd/2]
-  return _rotate(x, jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :])
+  return sparse_attention.rotary(x, jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :])
 
 
 def attention_mask(segment_ids: Array, branch_ids: Optional[Array] = None) -> Array:
@@ -449,15 +449,18 @@ def _apply_block_sparse(params, tokens, positions, segment_ids, branch_ids, bloc
   x = jnp.take(params["embed"]["embedding"].astype(dtype), tokens.reshape(R * L), axis=0)
 
   cos, sin = _rope_tables(positions, inv_freq)
+  rope = (cos[:, :, 0, :], sin[:, :, 0, :])   # [R, L, hd/2]
 
   def block(x, p, index=None):
     h = _rms_norm(x, p["input_norm"]["scale"], cfg.rms_norm_eps, dtype)
     a = p["attn"]
-    q = _rotate(_matmul(h, a["q_proj"]["kernel"], dtype, cfg).reshape(R, L, H, hd), cos, sin)
-    k = _rotate(_matmul(h, a["k_proj"]["kernel"], dtype, cfg).reshape(R, L, K, hd), cos, sin)
+    # Rotary positions and the 1/sqrt(hd) query scale are applied by the attention op (inside
+    # the native kernel, which then never writes rotated copies of q and k).
+    q = _matmul(h, a["q_proj"]["kernel"], dtype, cfg).reshape(R, L, K, G, hd)
+    k = _matmul(h, a["k_proj"]["kernel"], dtype, cfg).reshape(R, L, K, hd)
     v = _matmul(h, a["v_proj"]["kernel"], dtype, cfg).reshape(R, L, K, hd)
-    q = (q * (1.0 / math.sqrt(hd))).astype(dtype).reshape(R, L, K, G, hd)
-    out = sparse_attention.block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks).reshape(R * L, H * hd)
+    out = sparse_attention.block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks, rope=rope,
+                                                  q_scale=1.0 / math.sqrt(hd)).reshape(R * L, H * hd)
     if index is not None:   # only these positions' outputs are used: the rest is per-token work
       x, out = x[index], out[index]
     x = x + _matmul(out, a["o_proj"]["kernel"], dtype, cfg)
@@ -492,12 +495,6 @@ def _rope_tables(positions, inv_freq):
   eye = jnp.eye(table.shape[-1], dtype=table.dtype)
   table = jnp.einsum("...i,ij->...j", table, eye, precision=jax.lax.Precision.HIGHEST)
   return table[0][:, :, None, :], table[1][:, :, None, :]
-
-
-def _rotate(x, cos, sin):
-  """`apply_rope` with precomputed `cos, sin` tables."""
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def lm_head(params: Params, config: LlamaConfig) -> Array:

@@ -32,6 +32,7 @@ import platform
 import shutil
 import subprocess
 import threading
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -249,38 +250,45 @@ def dense(x, w):
   return _dense2d(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[1])
 
 
-def _fwd_call(q, k, v, seg, br, query, key):
+def _fwd_call(q, k, v, seg, br, query, key, cos, sin, rope, q_scale):
   return jax.ffi.ffi_call("pofx_block_sparse_attention_fwd",
                           (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(q.shape[:3], jnp.float32)))(
-      q, k, v, seg, br, query, key, block_size=np.int64(BLOCK_SIZE))
+      q, k, v, seg, br, query, key, cos, sin, block_size=np.int64(BLOCK_SIZE), rope=np.int64(rope),
+      q_scale=np.float32(q_scale))
 
 
-@jax.custom_vjp
-def _attention(q, k, v, seg, br, query, key):
-  return _fwd_call(q, k, v, seg, br, query, key)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(9, 10))
+def _attention(q, k, v, seg, br, query, key, cos, sin, rope, q_scale):
+  return _fwd_call(q, k, v, seg, br, query, key, cos, sin, rope, q_scale)[0]
 
 
-def _attention_fwd(q, k, v, seg, br, query, key):
-  out, lse = _fwd_call(q, k, v, seg, br, query, key)
-  return out, (q, k, v, seg, br, query, key, out, lse)
+def _attention_fwd(q, k, v, seg, br, query, key, cos, sin, rope, q_scale):
+  out, lse = _fwd_call(q, k, v, seg, br, query, key, cos, sin, rope, q_scale)
+  return out, (q, k, v, seg, br, query, key, cos, sin, out, lse)
 
 
-def _attention_bwd(res, d_out):
-  q, k, v, seg, br, query, key, out, lse = res
+def _attention_bwd(rope, q_scale, res, d_out):
+  q, k, v, seg, br, query, key, cos, sin, out, lse = res
   dq, dk, dv = jax.ffi.ffi_call(
       "pofx_block_sparse_attention_bwd",
       (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
        jax.ShapeDtypeStruct(v.shape, jnp.float32)))(
-          q, k, v, seg, br, query, key, out, lse, d_out.astype(jnp.float32), block_size=np.int64(BLOCK_SIZE))
+          q, k, v, seg, br, query, key, cos, sin, out, lse, d_out.astype(jnp.float32), block_size=np.int64(BLOCK_SIZE),
+          rope=np.int64(rope), q_scale=np.float32(q_scale))
   zero = lambda x: np.zeros(x.shape, jax.dtypes.float0)
-  return dq, dk, dv, zero(seg), zero(br), zero(query), zero(key)
+  # The rotary tables are functions of the positions only: no gradient flows to them.
+  return dq, dk, dv, zero(seg), zero(br), zero(query), zero(key), jnp.zeros_like(cos), jnp.zeros_like(sin)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks):
-  """`pofx.sparse_attention.block_sparse_attention` by the native kernels (same arguments)."""
+def block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks, *, rope=None, q_scale: float = 1.0):
+  """`pofx.sparse_attention.block_sparse_attention` by the native kernels (same arguments).
+
+  With `rope=(cos, sin)` (`[R, L, hd/2]`) the kernels apply the rotary embedding to q and k and
+  the scale `q_scale` to q as they load them (q and k come as the projections give them); the
+  gradients are those of q and k themselves."""
   load()
   R, L, K, G, hd = q.shape
   if blocks.block_size != BLOCK_SIZE or hd not in HEAD_DIMS:
@@ -289,7 +297,11 @@ def block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks):
   N = R * L
   seg = jnp.asarray(segment_ids, jnp.int32).reshape(N)
   br = jnp.zeros((N,), jnp.int32) if branch_ids is None else jnp.asarray(branch_ids, jnp.int32).reshape(N)
+  if rope is None:
+    cos = sin = jnp.zeros((1, 1), jnp.float32)   # not read
+  else:
+    cos, sin = (jnp.asarray(t, jnp.float32).reshape(N, hd // 2) for t in rope)
   out = _attention(q.astype(jnp.float32).reshape(N, K, G, hd), k.astype(jnp.float32).reshape(N, K, hd),
                    v.astype(jnp.float32).reshape(N, K, hd), seg, br, jnp.asarray(blocks.query_block, jnp.int32),
-                   jnp.asarray(blocks.key_block, jnp.int32))
+                   jnp.asarray(blocks.key_block, jnp.int32), cos, sin, rope is not None, float(q_scale))
   return out.reshape(R, L, K, G, hd).astype(q.dtype)

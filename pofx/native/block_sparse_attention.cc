@@ -16,10 +16,17 @@
 // error about 1e-7). Work is split with OpenMP: the forward over (query block, key/value head),
 // the backward over key/value heads (each thread owns its heads' dK and dV).
 //
+// Rotary positions and the query scale are applied inside (attribute rope = 1): the kernels
+// read q and k as the projections give them and use q' = scale * rot(q), k' = rot(k), with
+// rot(x) = [x1 cos - x2 sin, x2 cos + x1 sin] (x1, x2 the halves of x; cos, sin [N, HD/2] per
+// token: Su et al. 2021, arXiv:2104.09864, eq. 34, in the half-split layout of Llama). The
+// backward returns the gradients with respect to q and k themselves (rot^T applied to those of
+// q' and k'). With rope = 0, q and k are used as given (scale still applied to q).
+//
 // Layouts (float32, int32): q [N, K, G, HD] (N = rows x row length tokens, K key/value heads,
-// G query heads per key/value head, already scaled by 1/sqrt(HD)); k, v [N, K, HD]; segment and
-// branch ids [N]; query_block, key_block [T] (sorted by query block; entries >= N / 64 are
-// padding and skipped).
+// G query heads per key/value head); k, v [N, K, HD]; segment and branch ids [N]; query_block,
+// key_block [T] (sorted by query block; entries >= N / 64 are padding and skipped); cos, sin
+// [N, HD/2] (any shape with rope = 0: not read).
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
@@ -146,9 +153,42 @@ template <int N>
 struct alignas(64) Buf { float v[N]; };
 using Tile = Buf<B * B>;
 
+// The rotary embedding of one head row and its transpose (see the header).
+struct Rope {
+  const float *cos, *sin;   // [N, HD/2]; nullptr: no rotation
+  float scale;
+};
+template <int HD>
+inline void RotateRow(const float* __restrict x, int64_t t, const Rope& r, float scale, float* __restrict out) {
+  if (r.cos == nullptr) {
+    for (int d = 0; d < HD; ++d) out[d] = scale * x[d];
+    return;
+  }
+  constexpr int H = HD / 2;
+  const float *c = r.cos + t * H, *s = r.sin + t * H;
+  for (int d = 0; d < H; ++d) {
+    out[d] = scale * (x[d] * c[d] - x[d + H] * s[d]);
+    out[d + H] = scale * (x[d + H] * c[d] + x[d] * s[d]);
+  }
+}
+template <int HD>
+inline void RotateRowT(const float* __restrict y, int64_t t, const Rope& r, float scale, float* __restrict out) {
+  if (r.cos == nullptr) {
+    for (int d = 0; d < HD; ++d) out[d] = scale * y[d];
+    return;
+  }
+  constexpr int H = HD / 2;
+  const float *c = r.cos + t * H, *s = r.sin + t * H;
+  for (int d = 0; d < H; ++d) {
+    const float a = y[d], b = y[d + H];
+    out[d] = scale * (a * c[d] + b * s[d]);
+    out[d + H] = scale * (b * c[d] - a * s[d]);
+  }
+}
+
 template <int HD>
 ffi::Error FwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg,
-               ffi::Buffer<ffi::S32> br, ffi::Buffer<ffi::S32> qblk, ffi::Buffer<ffi::S32> kblk, int64_t b,
+               ffi::Buffer<ffi::S32> br, ffi::Buffer<ffi::S32> qblk, ffi::Buffer<ffi::S32> kblk, const Rope& rope,
                ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse_out) {
   auto qd = q.dimensions();
   const int64_t N = qd[0], K = qd[1], G = qd[2];
@@ -170,13 +210,15 @@ ffi::Error FwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
     for (int64_t w = 0; w < R * K; ++w) {
       const int64_t r = w / K, kh = w % K, tq0 = int64_t(QB[runs.start[r]]) * B;
       for (int64_t g = 0; g < G; ++g)
-        for (int i = 0; i < B; ++i) std::memcpy(&qt[g].v[i * HD], Q + (((tq0 + i) * K + kh) * G + g) * HD, 4 * HD);
+        for (int i = 0; i < B; ++i)
+          RotateRow<HD>(Q + (((tq0 + i) * K + kh) * G + g) * HD, tq0 + i, rope, rope.scale, &qt[g].v[i * HD]);
       for (auto& a : acc) std::fill(a.v, a.v + B * HD, 0.0f);
       std::fill(m.begin(), m.end(), -3e38f); std::fill(l.begin(), l.end(), 0.0f);
       for (int64_t e = runs.start[r]; e < runs.end[r]; ++e) {
         const int64_t tk0 = int64_t(KB[e]) * B;
         for (int j = 0; j < B; ++j) {
-          const float* kr = Kp + ((tk0 + j) * K + kh) * HD;
+          alignas(64) float kr[HD];
+          RotateRow<HD>(Kp + ((tk0 + j) * K + kh) * HD, tk0 + j, rope, 1.0f, kr);
           for (int d = 0; d < HD; ++d) kt[0].v[d * B + j] = kr[d];
           std::memcpy(&vt[0].v[j * HD], V + ((tk0 + j) * K + kh) * HD, 4 * HD);
         }
@@ -219,7 +261,7 @@ ffi::Error FwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
 template <int HD>
 ffi::Error BwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg,
                ffi::Buffer<ffi::S32> br, ffi::Buffer<ffi::S32> qblk, ffi::Buffer<ffi::S32> kblk,
-               ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, int64_t b,
+               ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, const Rope& rope,
                ffi::ResultBuffer<ffi::F32> dq_out, ffi::ResultBuffer<ffi::F32> dk_out, ffi::ResultBuffer<ffi::F32> dv_out) {
   auto qd = q.dimensions();
   const int64_t N = qd[0], K = qd[1], G = qd[2];
@@ -246,7 +288,7 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
         for (int64_t g = 0; g < G; ++g)
           for (int i = 0; i < B; ++i) {
             const int64_t off = (((tq0 + i) * K + kh) * G + g) * HD;
-            std::memcpy(&qt[g].v[i * HD], Q + off, 4 * HD);
+            RotateRow<HD>(Q + off, tq0 + i, rope, rope.scale, &qt[g].v[i * HD]);
             std::memcpy(&dot_[g].v[i * HD], DO + off, 4 * HD);
             float dsum = 0.0f;
             for (int d = 0; d < HD; ++d) dsum += DO[off + d] * Op[off + d];
@@ -257,9 +299,9 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
         for (int64_t e = runs.start[r]; e < runs.end[r]; ++e) {
           const int64_t tk0 = int64_t(KB[e]) * B;
           for (int j = 0; j < B; ++j) {
-            const float* kj = Kp + ((tk0 + j) * K + kh) * HD;
             const float* vj = V + ((tk0 + j) * K + kh) * HD;
-            std::memcpy(&kr[0].v[j * HD], kj, 4 * HD);
+            float* kj = &kr[0].v[j * HD];
+            RotateRow<HD>(Kp + ((tk0 + j) * K + kh) * HD, tk0 + j, rope, 1.0f, kj);
             for (int d = 0; d < HD; ++d) { kt[0].v[d * B + j] = kj[d]; vtt[0].v[d * B + j] = vj[d]; }
           }
           const bool full = TileAllAllowed(ids, tq0 / B, tk0 / B);
@@ -290,8 +332,16 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
         }
         for (int64_t g = 0; g < G; ++g)
           for (int i = 0; i < B; ++i)
-            std::memcpy(DQ + (((tq0 + i) * K + kh) * G + g) * HD, &dqa[g].v[i * HD], 4 * HD);
+            RotateRowT<HD>(&dqa[g].v[i * HD], tq0 + i, rope, rope.scale, DQ + (((tq0 + i) * K + kh) * G + g) * HD);
       }
+      // DK holds the gradient of the rotated keys of this head: rotate it back, token by token.
+      if (rope.cos != nullptr)
+        for (int64_t t = 0; t < N; ++t) {
+          float* dk = DK + (t * K + kh) * HD;
+          alignas(64) float tmp[HD];
+          RotateRowT<HD>(dk, t, rope, 1.0f, tmp);
+          std::memcpy(dk, tmp, 4 * HD);
+        }
     }
   }
   return ffi::Error::Success();
@@ -303,39 +353,65 @@ ffi::Error BadShape(int64_t b, int64_t hd) {
                         ", head dimension " + std::to_string(hd));
 }
 
+// The rotary tables, checked: [N, HD/2] each when rope = 1.
+ffi::Error MakeRope(ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin, int64_t rope, float q_scale, int64_t n,
+                    int64_t hd, Rope* out) {
+  out->cos = out->sin = nullptr;
+  out->scale = q_scale;
+  if (!rope) return ffi::Error::Success();
+  auto cd = cos.dimensions(), sd = sin.dimensions();
+  if (cd.size() != 2 || sd.size() != 2 || cd[0] != n || cd[1] != hd / 2 || sd[0] != n || sd[1] != hd / 2)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "rope: cos and sin must be [tokens, head dimension / 2] = [" + std::to_string(n) + ", " +
+                          std::to_string(hd / 2) + "]");
+  out->cos = cos.typed_data();
+  out->sin = sin.typed_data();
+  return ffi::Error::Success();
+}
+
 ffi::Error Fwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg,
-               ffi::Buffer<ffi::S32> br, ffi::Buffer<ffi::S32> qblk, ffi::Buffer<ffi::S32> kblk, int64_t b,
+               ffi::Buffer<ffi::S32> br, ffi::Buffer<ffi::S32> qblk, ffi::Buffer<ffi::S32> kblk,
+               ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin, int64_t b, int64_t rope_on, float q_scale,
                ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse_out) {
   const int64_t hd = q.dimensions()[3];
   if (b != B) return BadShape(b, hd);
+  Rope rope;
+  if (auto err = MakeRope(cos, sin, rope_on, q_scale, q.dimensions()[0], hd, &rope); !err.success()) return err;
   switch (hd) {
-    case 16: return FwdImpl<16>(q, k, v, seg, br, qblk, kblk, b, out, lse_out);
-    case 32: return FwdImpl<32>(q, k, v, seg, br, qblk, kblk, b, out, lse_out);
-    case 64: return FwdImpl<64>(q, k, v, seg, br, qblk, kblk, b, out, lse_out);
-    case 128: return FwdImpl<128>(q, k, v, seg, br, qblk, kblk, b, out, lse_out);
+    case 16: return FwdImpl<16>(q, k, v, seg, br, qblk, kblk, rope, out, lse_out);
+    case 32: return FwdImpl<32>(q, k, v, seg, br, qblk, kblk, rope, out, lse_out);
+    case 64: return FwdImpl<64>(q, k, v, seg, br, qblk, kblk, rope, out, lse_out);
+    case 128: return FwdImpl<128>(q, k, v, seg, br, qblk, kblk, rope, out, lse_out);
     default: return BadShape(b, hd);
   }
 }
 
 ffi::Error Bwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg,
                ffi::Buffer<ffi::S32> br, ffi::Buffer<ffi::S32> qblk, ffi::Buffer<ffi::S32> kblk,
-               ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, int64_t b,
+               ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
+               ffi::Buffer<ffi::F32> dout, int64_t b, int64_t rope_on, float q_scale,
                ffi::ResultBuffer<ffi::F32> dq_out, ffi::ResultBuffer<ffi::F32> dk_out, ffi::ResultBuffer<ffi::F32> dv_out) {
   const int64_t hd = q.dimensions()[3];
   if (b != B) return BadShape(b, hd);
+  Rope rope;
+  if (auto err = MakeRope(cos, sin, rope_on, q_scale, q.dimensions()[0], hd, &rope); !err.success()) return err;
   switch (hd) {
-    case 16: return BwdImpl<16>(q, k, v, seg, br, qblk, kblk, o, lse, dout, b, dq_out, dk_out, dv_out);
-    case 32: return BwdImpl<32>(q, k, v, seg, br, qblk, kblk, o, lse, dout, b, dq_out, dk_out, dv_out);
-    case 64: return BwdImpl<64>(q, k, v, seg, br, qblk, kblk, o, lse, dout, b, dq_out, dk_out, dv_out);
-    case 128: return BwdImpl<128>(q, k, v, seg, br, qblk, kblk, o, lse, dout, b, dq_out, dk_out, dv_out);
+    case 16: return BwdImpl<16>(q, k, v, seg, br, qblk, kblk, o, lse, dout, rope, dq_out, dk_out, dv_out);
+    case 32: return BwdImpl<32>(q, k, v, seg, br, qblk, kblk, o, lse, dout, rope, dq_out, dk_out, dv_out);
+    case 64: return BwdImpl<64>(q, k, v, seg, br, qblk, kblk, o, lse, dout, rope, dq_out, dk_out, dv_out);
+    case 128: return BwdImpl<128>(q, k, v, seg, br, qblk, kblk, o, lse, dout, rope, dq_out, dk_out, dv_out);
     default: return BadShape(b, hd);
   }
 }
 }  // namespace
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PofxBsaFwd, Fwd, ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
     .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>()
-    .Arg<ffi::Buffer<ffi::S32>>().Attr<int64_t>("block_size").Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+    .Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+    .Attr<int64_t>("block_size").Attr<int64_t>("rope").Attr<float>("q_scale")
+    .Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PofxBsaBwd, Bwd, ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
     .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::S32>>()
-    .Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
-    .Attr<int64_t>("block_size").Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+    .Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+    .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+    .Attr<int64_t>("block_size").Attr<int64_t>("rope").Attr<float>("q_scale")
+    .Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
