@@ -4,7 +4,9 @@ r"""Native CPU kernels, compiled on first use and registered with XLA's FFI.
 AVX-512 kernels (`block_sparse_attention.cc`): same inputs, same result (tested to 1e-6 against
 the XLA op and dense softmax), about 3x faster on the benchmark's variable workload, because a
 tile's scores stay in cache instead of passing through memory between XLA's separate ops.
-Select it per batch with `attention_blocks(..., kernel="native")`.
+Select it per batch with `attention_blocks(..., kernel="native")`. With `rope=(cos, sin)` the
+kernels also apply the rotary embedding to q and k, and the query scale, as they load them (the
+model passes the projections as they are: no rotated copies in memory).
 
 The shared library is built with the system C++ compiler (`$CXX`, else `g++` / `c++`, with
 OpenMP) the first time it is needed, into `~/.cache/pofx/native/` (else a per-user folder in the
