@@ -262,8 +262,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def rotary(x: Array, cos: Array, sin: Array) -> Array:
   """The rotary position embedding of `x [..., hd]` in the half-split layout of Llama:
   `[x1 cos - x2 sin, x2 cos + x1 sin]` with `x1, x2` the halves of the last axis and `cos, sin`
-  broadcastable to `x[..., :hd/2]` (Su et al. 2021, arXiv:2104.09864, eq. 34); computed in
-  float32, returned in x's dtype."""
+  broadcastable to `x[..., :hd/2]` (Su et al. 2021, arXiv:2104.09864, the efficient form of the
+  rotary matrix product); computed in float32, returned in x's dtype."""
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 

@@ -19,9 +19,10 @@
 // Rotary positions and the query scale are applied inside (attribute rope = 1): the kernels
 // read q and k as the projections give them and use q' = scale * rot(q), k' = rot(k), with
 // rot(x) = [x1 cos - x2 sin, x2 cos + x1 sin] (x1, x2 the halves of x; cos, sin [N, HD/2] per
-// token: Su et al. 2021, arXiv:2104.09864, eq. 34, in the half-split layout of Llama). The
-// backward returns the gradients with respect to q and k themselves (rot^T applied to those of
-// q' and k'). With rope = 0, q and k are used as given (scale still applied to q).
+// token: Su et al. 2021, arXiv:2104.09864, the efficient form of the rotary matrix product, in
+// the half-split layout of Llama). The backward returns the gradients with respect to q and k
+// themselves (rot^T applied to those of q' and k'). With rope = 0, q and k are used as given
+// (the scale still applied to q).
 //
 // Layouts (float32, int32): q [N, K, G, HD] (N = rows x row length tokens, K key/value heads,
 // G query heads per key/value head); k, v [N, K, HD]; segment and branch ids [N]; query_block,
@@ -153,36 +154,25 @@ template <int N>
 struct alignas(64) Buf { float v[N]; };
 using Tile = Buf<B * B>;
 
-// The rotary embedding of one head row and its transpose (see the header).
+// The rotary embedding of one head row, times `scale` (kTranspose: its transpose, the rotation by
+// minus the angle, which takes the gradient of a rotated row back to the row).
 struct Rope {
   const float *cos, *sin;   // [N, HD/2]; nullptr: no rotation
   float scale;
 };
-template <int HD>
+template <int HD, bool kTranspose = false>
 inline void RotateRow(const float* __restrict x, int64_t t, const Rope& r, float scale, float* __restrict out) {
   if (r.cos == nullptr) {
     for (int d = 0; d < HD; ++d) out[d] = scale * x[d];
     return;
   }
   constexpr int H = HD / 2;
+  constexpr float sign = kTranspose ? -1.0f : 1.0f;
   const float *c = r.cos + t * H, *s = r.sin + t * H;
   for (int d = 0; d < H; ++d) {
-    out[d] = scale * (x[d] * c[d] - x[d + H] * s[d]);
-    out[d + H] = scale * (x[d + H] * c[d] + x[d] * s[d]);
-  }
-}
-template <int HD>
-inline void RotateRowT(const float* __restrict y, int64_t t, const Rope& r, float scale, float* __restrict out) {
-  if (r.cos == nullptr) {
-    for (int d = 0; d < HD; ++d) out[d] = scale * y[d];
-    return;
-  }
-  constexpr int H = HD / 2;
-  const float *c = r.cos + t * H, *s = r.sin + t * H;
-  for (int d = 0; d < H; ++d) {
-    const float a = y[d], b = y[d + H];
-    out[d] = scale * (a * c[d] + b * s[d]);
-    out[d + H] = scale * (b * c[d] - a * s[d]);
+    const float a = x[d], b = x[d + H];
+    out[d] = scale * (a * c[d] - sign * b * s[d]);
+    out[d + H] = scale * (b * c[d] + sign * a * s[d]);
   }
 }
 
@@ -332,14 +322,14 @@ ffi::Error BwdImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
         }
         for (int64_t g = 0; g < G; ++g)
           for (int i = 0; i < B; ++i)
-            RotateRowT<HD>(&dqa[g].v[i * HD], tq0 + i, rope, rope.scale, DQ + (((tq0 + i) * K + kh) * G + g) * HD);
+            RotateRow<HD, true>(&dqa[g].v[i * HD], tq0 + i, rope, rope.scale, DQ + (((tq0 + i) * K + kh) * G + g) * HD);
       }
       // DK holds the gradient of the rotated keys of this head: rotate it back, token by token.
       if (rope.cos != nullptr)
         for (int64_t t = 0; t < N; ++t) {
           float* dk = DK + (t * K + kh) * HD;
           alignas(64) float tmp[HD];
-          RotateRowT<HD>(dk, t, rope, 1.0f, tmp);
+          RotateRow<HD, true>(dk, t, rope, 1.0f, tmp);
           std::memcpy(dk, tmp, 4 * HD);
         }
     }
