@@ -24,7 +24,11 @@ INSTALL_REQUIRES = [
 # TRL parity tests need PyTorch; install the CPU build first (`pip install torch==2.13.0`), then
 # this extra, so that pip never pulls a multi-GB CUDA build. torch and trl are test-only.
 PARITY_REQUIRES = ["torch==2.13.0", "trl==1.16.0"]
-TEST_REQUIRES = ["pytest>=8", "pytest-xdist>=3"] + PARITY_REQUIRES
+# Intel MKL's sgemm for pofx.native's BLAS products (`LlamaConfig(matmul="blas_all")`): the
+# fastest float32 matmul on the benchmark CPU. Optional; without it numpy's OpenBLAS is used. PyPI
+# has it for x86-64 Linux (and Windows, where pofx.native does not look for it).
+MKL_REQUIRES = ["mkl>=2024; platform_machine == 'x86_64' and sys_platform == 'linux'"]
+TEST_REQUIRES = ["pytest>=8", "pytest-xdist>=3"] + PARITY_REQUIRES + MKL_REQUIRES
 
 setup(
     name="pofx",
@@ -36,6 +40,6 @@ setup(
     packages=find_packages(include=["pofx", "pofx.*", "experiments", "experiments.*", "configs", "configs.*"]),
     package_data={"pofx.native": ["*.cc", "*.h"]},   # compiled on first use (pofx.native)
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES, "parity": PARITY_REQUIRES},
+    extras_require={"test": TEST_REQUIRES, "parity": PARITY_REQUIRES, "mkl": MKL_REQUIRES},
     license="Apache-2.0",
 )

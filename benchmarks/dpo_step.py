@@ -4,7 +4,8 @@
         --perturbation {none,sam,awp,rwp} [--layout {prompt_shared,fused,packed}]
         [--logprobs {chunked,naive}] [--attention {block_sparse,dense}] [--block_size 64]
         [--save_probs] [--scored {compact,slots}] [--row_length 1024 | 0] [--per_doubling 8]
-        [--attention_kernel {xla,native}] [--matmul {xla,blas}] [--rwp_steps 10]
+        [--attention_kernel {xla,native}] [--matmul {xla,blas,blas_all}] [--blas {auto,mkl,openblas}]
+        [--rwp_steps 10]
         [--host_memory {default,retain}] [--steps 30] [--warmup 5] [--bs 8] [--json PATH]
 
 Model: the `bench` preset (hidden 256, 4 layers, 8 heads, 4 KV heads, MLP 688, vocab 4096,
@@ -42,7 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import pofx  # noqa: E402
-from pofx import batching, host_memory, models, perturbations, policy, references, train  # noqa: E402
+from pofx import batching, host_memory, models, native, perturbations, policy, references, train  # noqa: E402
 
 VOCAB = 4096
 N_PAIRS = 256
@@ -135,9 +136,13 @@ def parser():
   ap.add_argument("--block_size", type=int, default=64, help="block_sparse attention block size")
   ap.add_argument("--attention_kernel", choices=["xla", "native"], default="xla",
                   help="block_sparse: XLA ops (pofx.sparse_attention) or fused AVX-512 kernels (pofx.native)")
-  ap.add_argument("--matmul", choices=["xla", "blas"], default="xla",
-                  help="blas: the weight gradients of the projections and the LM head by numpy's OpenBLAS "
-                       "(LlamaConfig.matmul, policy.make_logps_fn(matmul=), pofx.native.dense)")
+  ap.add_argument("--matmul", choices=["xla", "blas", "blas_all"], default="xla",
+                  help="blas: the weight gradients of the projections and the LM head by a BLAS; blas_all: their "
+                       "forward products and input gradients too (LlamaConfig.matmul, policy.make_logps_fn(matmul=), "
+                       "pofx.native.dense)")
+  ap.add_argument("--blas", choices=["auto", "mkl", "openblas"], default="auto",
+                  help="the BLAS of --matmul blas/blas_all: auto = Intel MKL where the mkl package is installed, "
+                       "else numpy's OpenBLAS")
   ap.add_argument("--completion_bucket", type=int, default=64,
                   help="padded completion length T rounded up to a multiple of this (with --scored compact the "
                        "[B, T] arrays are only indices, so a coarse bucket costs nothing and means fewer shapes)")
@@ -171,7 +176,7 @@ class Bench:
 
   def __init__(self, a):
     self.a = a
-    config = models.preset(a.preset, dtype=a.dtype, remat=a.remat, matmul=a.matmul)
+    config = models.preset(a.preset, dtype=a.dtype, remat=a.remat, matmul=a.matmul, blas=a.blas)
     model = models.make(config)
     params = model.init(jax.random.key(0))
     self.n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -180,7 +185,7 @@ class Bench:
       if a.logprobs == "naive":
         return naive_logps_fn(model)
       return policy.make_logps_fn(model.apply, model.head, chunk_size=a.chunk_size, save_probs=a.save_probs,
-                                  matmul=matmul)
+                                  matmul=matmul, blas=a.blas)
 
     logps_fn = logps_for(model, a.matmul)
     self.data = dataset(a.workload)
@@ -225,7 +230,7 @@ class Bench:
     self.state = train.init_state(params, optimizer, reference, pert, loss="dpo", rng=jax.random.key(0))
     # XLA's cost analysis does not see inside the native kernels' custom calls: the FLOPs are
     # those of the same step with XLA's ops (same arithmetic), compiled for the count only.
-    self.native = a.attention_kernel == "native" or a.matmul == "blas"
+    self.native = a.attention_kernel == "native" or a.matmul != "xla"
     counted_step = self.step
     if self.native:
       twin_fn = logps_for(models.make(config.replace(matmul="xla")), "xla")
@@ -308,12 +313,11 @@ def main(argv=None):
     raise ValueError(f"--warmup must be in [0, --steps), got {a.warmup} with --steps {a.steps}.")
   if a.host_memory == "retain":
     host_memory.retain_freed_memory()   # before the first computation (see its docstring)
-  if a.attention_kernel == "native" or a.matmul == "blas":   # build the kernels now (or say why not) before the precompute
-    from pofx import native
+  if a.attention_kernel == "native" or a.matmul != "xla":   # build the kernels now (or say why not) before the precompute
     if a.attention_kernel == "native":
       native.load()
-    if a.matmul == "blas":
-      native.load_blas()
+    if a.matmul != "xla":
+      native.load_blas(library=a.blas)
   bench = Bench(a)
   usage0 = resource.getrusage(resource.RUSAGE_SELF)
   durations, step_flops = bench.run(0, a.steps)
@@ -328,7 +332,8 @@ def main(argv=None):
   res = {
       "system": f"pofx {pofx.__version__} / jax {jax.__version__}", "device": str(jax.devices()[0].device_kind),
       "workload": a.workload, "reference": a.reference, "perturbation": a.perturbation, "layout": a.layout,
-      "logprobs": a.logprobs, "attention": a.attention, "attention_kernel": a.attention_kernel, "matmul": a.matmul, "block_size": a.block_size,
+      "logprobs": a.logprobs, "attention": a.attention, "attention_kernel": a.attention_kernel, "matmul": a.matmul,
+      "blas": (native.resolve_blas(a.blas) if a.matmul != "xla" else None), "block_size": a.block_size,
       "save_probs": a.save_probs, "scored": a.scored, "row_length": a.row_length,
       "host_memory": a.host_memory, "preset": a.preset, "dtype": a.dtype, "remat": a.remat,
       "n_params": int(bench.n_params),

@@ -47,9 +47,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pofx import native
 from pofx._pair_logps import PairLogps
 
-MATMULS = ("xla", "blas")   # the head's weight gradient by XLA or by numpy's OpenBLAS (pofx.native)
+# The head's products by XLA; its weight gradient by a BLAS ("blas"); all three by the BLAS
+# ("blas_all"). The BLAS: "auto" or one of pofx.native.BLAS_LIBRARIES.
+MATMULS = ("xla", "blas", "blas_all")
+BLAS_LIBRARIES = ("auto",) + native.BLAS_LIBRARIES
 
 Array = jax.Array
 
@@ -66,7 +70,7 @@ class TokenLogps(NamedTuple):
 
 def token_logps(hidden: Array, head_weight: Array, targets: Array, *, chunk_size: int = 1024,
                 with_entropy: bool = False, with_log_sum_sq_probs: bool = False,
-                compute_dtype=None, save_probs: bool = False, matmul: str = "xla") -> TokenLogps:
+                compute_dtype=None, save_probs: bool = False, matmul: str = "xla", blas: str = "auto") -> TokenLogps:
   """Log-probs of `targets` under `softmax(hidden @ head_weight)`, chunked over tokens.
 
   Args:
@@ -84,15 +88,19 @@ def token_logps(hidden: Array, head_weight: Array, targets: Array, *, chunk_size
       False: checkpointed scan (one `[chunk_size, V]` block at a time; the backward recomputes
       the logits: 4 head matmuls). Ignored (checkpointed) when `with_entropy` or
       `with_log_sum_sq_probs` is set. See the module docstring.
-    matmul: "xla", or "blas": the head's weight gradient `h^T G` is computed by the OpenBLAS
-      numpy bundles (`pofx.native`, as `LlamaConfig(matmul="blas")` does for the projections);
-      float32 CPU only.
+    matmul: "xla"; "blas": the head's weight gradient `h^T G` is computed by a BLAS
+      (`pofx.native`, as `LlamaConfig(matmul="blas")` does for the projections); "blas_all": the
+      logits `h W` and the input gradient `G W^T` too. Float32, CPU only.
+    blas: with a BLAS `matmul`, which library: "auto" (Intel MKL where installed, else the
+      OpenBLAS numpy bundles), "mkl" or "openblas" (`pofx.native.load_blas`).
 
   Returns:
     `TokenLogps` of float32 arrays shaped like `targets`.
   """
   if matmul not in MATMULS:
     raise ValueError(f"token_logps: matmul={matmul!r} is not allowed; allowed: {MATMULS}.")
+  if blas not in BLAS_LIBRARIES:
+    raise ValueError(f"token_logps: blas={blas!r} is not allowed; allowed: {BLAS_LIBRARIES}.")
   if chunk_size < 1:
     raise ValueError(f"token_logps: chunk_size must be a positive integer, got {chunk_size}.")
   hidden = jnp.asarray(hidden)
@@ -118,7 +126,7 @@ def token_logps(hidden: Array, head_weight: Array, targets: Array, *, chunk_size
     h = hidden.reshape(n, D)
     if pad:
       h = jnp.pad(h, ((0, pad), (0, 0)))
-    logps = _logps_saved_probs(h.reshape(n_chunks, c, D), t, head_weight, jnp.dtype(dtype), matmul)
+    logps = _logps_saved_probs(h.reshape(n_chunks, c, D), t, head_weight, jnp.dtype(dtype), matmul, blas)
     return TokenLogps(logps.reshape(n_chunks * c)[:n].reshape(lead_shape))
   h = hidden.reshape(n, D).astype(dtype)
   if pad:
@@ -128,9 +136,9 @@ def token_logps(hidden: Array, head_weight: Array, targets: Array, *, chunk_size
 
   def body(carry, xs):
     hc, tc = xs
-    if matmul == "blas":
-      from pofx import native  # pylint: disable=g-import-not-at-top
-      logits = native.dense(hc.astype(jnp.float32), w.astype(jnp.float32))   # [c, V] float32
+    if matmul != "xla":
+      logits = native.dense(hc.astype(jnp.float32), w.astype(jnp.float32), all_products=matmul == "blas_all",
+                            library=blas)                                  # [c, V] float32
     else:
       logits = jnp.dot(hc, w, preferred_element_type=jnp.float32)          # [c, V] float32
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -163,19 +171,22 @@ def _logits_cotangent(g: Array, targets: Array, probs: Array) -> Array:
   return jnp.where(is_target, g[:, None] - gp, -gp)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _logps_saved_probs(h: Array, t: Array, w: Array, dtype, matmul="xla") -> Array:
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _logps_saved_probs(h: Array, t: Array, w: Array, dtype, matmul="xla", blas="auto") -> Array:
   """`[n_chunks, c]` float32 `log p(t)` of `h [n_chunks, c, D]` under `softmax(h w)`; the
   backward uses the probabilities stored by the forward (no logits recomputation)."""
-  return _saved_probs_fwd(h, t, w, dtype, matmul)[0]
+  return _saved_probs_fwd(h, t, w, dtype, matmul, blas)[0]
 
 
-def _saved_probs_fwd(h, t, w, dtype, matmul="xla"):
+def _saved_probs_fwd(h, t, w, dtype, matmul="xla", blas="auto"):
   wc = w.astype(dtype)
 
   def body(carry, xs):
     hc, tc = xs
-    logits = jnp.dot(hc.astype(dtype), wc, preferred_element_type=jnp.float32)   # [c, V] float32
+    if matmul == "blas_all":
+      logits = native.matmul(hc, wc, library=blas)                                 # [c, V] float32
+    else:
+      logits = jnp.dot(hc.astype(dtype), wc, preferred_element_type=jnp.float32)   # [c, V] float32
     m = jnp.max(logits, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     e = jnp.exp(logits - m)
@@ -190,7 +201,7 @@ def _saved_probs_fwd(h, t, w, dtype, matmul="xla"):
   return logps, (probs, h, t, w)
 
 
-def _saved_probs_bwd(dtype, matmul, res, g):
+def _saved_probs_bwd(dtype, matmul, blas, res, g):
   probs, h, t, w = res
   wc = w.astype(dtype)
   contract_vocab = (((1,), (1,)), ((), ()))    # G [c, V] . W [D, V] -> [c, D]  (G W^T)
@@ -199,10 +210,12 @@ def _saved_probs_bwd(dtype, matmul, res, g):
   def body(dw, xs):
     hc, tc, pc, gc = xs
     gz = _logits_cotangent(gc, tc, pc).astype(dtype)
-    dh = jax.lax.dot_general(gz, wc, contract_vocab, preferred_element_type=jnp.float32)
-    if matmul == "blas":
-      from pofx import native  # pylint: disable=g-import-not-at-top
-      dw = dw + native.matmul(hc, gz, transpose_a=True)
+    if matmul == "blas_all":
+      dh = native.matmul(gz, wc, transpose_b=True, library=blas)
+    else:
+      dh = jax.lax.dot_general(gz, wc, contract_vocab, preferred_element_type=jnp.float32)
+    if matmul != "xla":
+      dw = dw + native.matmul(hc, gz, transpose_a=True, library=blas)
     else:
       dw = dw + jax.lax.dot_general(hc.astype(dtype), gz, contract_tokens, preferred_element_type=jnp.float32)
     return dw, dh.astype(h.dtype)
@@ -216,7 +229,8 @@ _logps_saved_probs.defvjp(_saved_probs_fwd, _saved_probs_bwd)
 
 def pair_logps(hidden: Array, head_weight: Array, batch, *, chunk_size: int = 1024,
                with_log_sum_sq_probs: bool = False, with_entropy: bool = False,
-               compute_dtype=None, save_probs: bool = False, scored=None, matmul: str = "xla"):
+               compute_dtype=None, save_probs: bool = False, scored=None, matmul: str = "xla",
+               blas: str = "auto"):
   """`PairLogps` of a preference batch from one forward pass over any `pofx.batching` layout.
 
   Gathers, for every chosen and rejected completion token, the hidden state of the position that
@@ -229,7 +243,7 @@ def pair_logps(hidden: Array, head_weight: Array, batch, *, chunk_size: int = 10
       batch.positions, batch.segment_ids, batch.branch_ids)`).
     head_weight: `[D, V]`.
     batch: a `pofx.batching.PairBatch` (any layout).
-    chunk_size, compute_dtype, save_probs, matmul: as in `token_logps` (`save_probs=True` stores the
+    chunk_size, compute_dtype, save_probs, matmul, blas: as in `token_logps` (`save_probs=True` stores the
       `[B (Tc + Tr), V]` float32 probabilities of all completion tokens for the backward pass).
     with_log_sum_sq_probs: fill `chosen/rejected_log_sum_sq_probs` (WPO).
     with_entropy: also return the per-token entropies.
@@ -258,7 +272,7 @@ def pair_logps(hidden: Array, head_weight: Array, batch, *, chunk_size: int = 10
     t = jnp.concatenate([t, jnp.zeros((1,), t.dtype)])[scored.slot]
   out = token_logps(h, head_weight, t, chunk_size=chunk_size, with_entropy=with_entropy,
                     with_log_sum_sq_probs=with_log_sum_sq_probs, compute_dtype=compute_dtype,
-                    save_probs=save_probs, matmul=matmul)
+                    save_probs=save_probs, matmul=matmul, blas=blas)
   if scored is not None:   # back to the [B * Tc + B * Tr] slots (padding entries land in one extra slot)
     n_slots = B * Tc + B * Tr
     out = TokenLogps(*[None if x is None else jnp.zeros((n_slots + 1,), x.dtype).at[scored.slot].set(x)[:n_slots]

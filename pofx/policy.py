@@ -16,7 +16,8 @@ from pofx._pair_logps import PairLogps
 
 def make_logps_fn(apply: Callable[..., Any], head: Callable[[Any], Any], *, chunk_size: int = 1024,
                   with_log_sum_sq_probs: bool = False, compute_dtype=None,
-                  save_probs: bool = False, matmul: str = "xla") -> Callable[[Any, Any], PairLogps]:
+                  save_probs: bool = False, matmul: str = "xla",
+                  blas: str = "auto") -> Callable[[Any, Any], PairLogps]:
   """Returns `logps_fn(params, batch)`; `batch["pairs"]` is a `PairBatch`.
 
   When the batch also holds `batch["attention_blocks"]` (a host-built
@@ -36,7 +37,7 @@ def make_logps_fn(apply: Callable[..., Any], head: Callable[[Any], Any], *, chun
     save_probs: store the completion tokens' `[N, V]` float32 probabilities for the backward
       instead of recomputing the logits (see `pofx.logprobs.token_logps`; ignored, i.e.
       recomputed, when `with_log_sum_sq_probs`).
-    matmul: "xla" or "blas": the LM head's weight gradient by numpy's OpenBLAS (see
+    matmul, blas: the LM head's products by XLA or a BLAS, and which BLAS (see
       `pofx.logprobs.token_logps`).
   """
 
@@ -50,6 +51,6 @@ def make_logps_fn(apply: Callable[..., Any], head: Callable[[Any], Any], *, chun
     hidden = apply(params, pairs.tokens, pairs.positions, pairs.segment_ids, pairs.branch_ids, **kwargs)
     return logprobs.pair_logps(hidden, head(params), pairs, chunk_size=chunk_size,
                                with_log_sum_sq_probs=with_log_sum_sq_probs, compute_dtype=compute_dtype,
-                               save_probs=save_probs, scored=scored, matmul=matmul)
+                               save_probs=save_probs, scored=scored, matmul=matmul, blas=blas)
 
   return logps_fn

@@ -42,13 +42,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pofx import native
 from pofx import sparse_attention
 
 Array = jax.Array
 Params = Any
 
 _ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
-_MATMULS = ("xla", "blas")
+_MATMULS = ("xla", "blas", "blas_all")
+_BLAS_LIBRARIES = ("auto",) + native.BLAS_LIBRARIES
 _REMAT_POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
@@ -84,10 +86,13 @@ class LlamaConfig:
     attention_block: with "einsum", rows longer than this are attended in causal query blocks of
       this many tokens, each against the key prefix it can see (about half the scores of the
       full L x L product; identical results). 0 disables it.
-    matmul: "xla", or "blas": the weight gradients of the projection matrices (q, k, v, o, gate,
-      up, down) are computed by the OpenBLAS numpy bundles (`pofx.native.dense`; XLA:CPU's dot
-      is slowest in that form), the other products stay XLA dots. CPU only; same values up to
-      float32 summation order. The LM head is not affected.
+    matmul: "xla"; "blas": the weight gradients of the projection matrices (q, k, v, o, gate,
+      up, down) are computed by a BLAS (`pofx.native.dense`; XLA:CPU's dot is slowest in that
+      form), the other products stay XLA dots; or "blas_all": their forward products and input
+      gradients too. CPU only; same values up to float32 summation order. The LM head is not
+      affected (`policy.make_logps_fn(matmul=)`).
+    blas: with a BLAS `matmul`, which library (`pofx.native.BLAS_LIBRARIES`): "auto" (Intel MKL
+      where the `mkl` package is installed, else the OpenBLAS numpy bundles), "mkl", "openblas".
   """
 
   vocab_size: int = 4096
@@ -109,6 +114,7 @@ class LlamaConfig:
   attention_impl: str = "einsum"
   attention_block: int = 128
   matmul: str = "xla"
+  blas: str = "auto"
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "mlp_size"):
@@ -130,6 +136,8 @@ class LlamaConfig:
                        f"got {self.attention_impl!r}.")
     if self.matmul not in _MATMULS:
       raise ValueError(f"LlamaConfig.matmul must be one of {_MATMULS}, got {self.matmul!r}.")
+    if self.blas not in _BLAS_LIBRARIES:
+      raise ValueError(f"LlamaConfig.blas must be one of {_BLAS_LIBRARIES}, got {self.blas!r}.")
     if self.remat_policy not in _REMAT_POLICIES:
       raise ValueError(f"LlamaConfig.remat_policy must be one of {sorted(_REMAT_POLICIES)}, "
                        f"got {self.remat_policy!r}.")
@@ -273,17 +281,19 @@ class RMSNorm(nn.Module):
     return (w.astype(jnp.float32) * x32).astype(self.dtype)
 
 
-def _blas_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+def _blas_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, all_products,
+                      library):
   """`nn.Dense`'s product (`lhs [..., D]` . `rhs [D, F]`) by `pofx.native.dense`."""
-  from pofx import native  # pylint: disable=g-import-not-at-top
   del precision, preferred_element_type
   if tuple(map(tuple, dimension_numbers[0])) != ((lhs.ndim - 1,), (0,)) or any(dimension_numbers[1]):
     raise ValueError(f"LlamaConfig.matmul='blas' supports x [..., D] . w [D, F] only, got {dimension_numbers}.")
-  return native.dense(lhs, rhs)
+  return native.dense(lhs, rhs, all_products=all_products, library=library)
 
 
 def _dense(config: LlamaConfig, features: int, name: str) -> nn.Dense:
-  extra = {"dot_general": _blas_dot_general} if config.matmul == "blas" else {}
+  extra = {}
+  if config.matmul != "xla":
+    extra["dot_general"] = functools.partial(_blas_dot_general, all_products=config.matmul == "blas_all", library=config.blas)
   return nn.Dense(features, use_bias=False, dtype=config.compute_dtype,
                   param_dtype=config.parameter_dtype,
                   kernel_init=nn.initializers.normal(config.init_std), name=name, **extra)
@@ -611,9 +621,8 @@ def _rms_norm(x, scale, eps, dtype):
 
 
 def _matmul(x, kernel, dtype, cfg=None):
-  if cfg is not None and cfg.matmul == "blas":
-    from pofx import native  # pylint: disable=g-import-not-at-top
-    return native.dense(x.astype(dtype), kernel.astype(dtype))
+  if cfg is not None and cfg.matmul != "xla":
+    return native.dense(x.astype(dtype), kernel.astype(dtype), all_products=cfg.matmul == "blas_all", library=cfg.blas)
   return jnp.dot(x.astype(dtype), kernel.astype(dtype))
 
 

@@ -16,23 +16,32 @@ machine can use it (x86-64 with AVX-512F, a compiler); `load()` raises `NativeUn
 the reason otherwise. Supported shapes: 64-token blocks, head dimension 16, 32, 64 or 128,
 float32 (inputs of other floating dtypes are computed in float32).
 
-`dense(x, w)` is `x @ w` whose weight gradient `x^T g` is computed by OpenBLAS's sgemm
-(`blas_matmul.cc`) instead of XLA:CPU's dot: the OpenBLAS numpy's PyPI wheels bundle (found
-among the libraries numpy loaded), called single-threaded on each of XLA's own threads. Select it
-for the Llama model with `LlamaConfig(matmul="blas")`. `blas_available()` /
-`blas_unavailable_reason()` say whether this process can use it (Linux, numpy from a PyPI wheel
-whose bundled OpenBLAS exports `openblas_set_num_threads_local`, as the one tested here, 0.3.31,
-does); it is built like the attention kernels, without CPU-specific flags.
+`dense(x, w)` is `x @ w` whose weight gradient `x^T g` (with `all_products=True`, also the
+forward product and the input gradient `g w^T`) is computed by a BLAS's sgemm (`blas_matmul.cc`)
+instead of XLA:CPU's dot, called single-threaded on each of XLA's own threads. Two BLAS libraries
+(`BLAS_LIBRARIES`; argument `library`): Intel MKL ("mkl": `libmkl_rt` from the `mkl` PyPI
+package, `pip install pofx[mkl]`, found in this Python's `lib/` folder or on the system's library
+path, and switched to its sequential threading layer), and the OpenBLAS numpy's PyPI wheels bundle
+("openblas": found among the libraries numpy loaded; it must export
+`openblas_set_num_threads_local`, as the one tested here, 0.3.31, does). `library="auto"` is MKL
+where it is installed, else OpenBLAS. Select them for the Llama model and the LM head with
+`LlamaConfig(matmul="blas" | "blas_all", blas=...)` and `make_logps_fn(matmul=, blas=)`.
+`blas_available(library)` / `blas_unavailable_reason(library)` say whether this process can use
+one; the wrapper is built like the attention kernels, without CPU-specific flags.
 """
 
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
+import functools
+import glob
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
+import sys
 import threading
 from functools import partial
 
@@ -52,6 +61,10 @@ BLAS_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++17")
 _SGEMM_SYMBOLS = (("scipy_cblas_sgemm64_", True), ("scipy_cblas_sgemm", False))
 _SET_LOCAL_SYMBOLS = ("openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local64_",
                       "scipy_openblas_set_num_threads_local")
+# The BLAS libraries `dense` / `matmul` can call; the position is the FFI attribute `library`.
+BLAS_LIBRARIES = ("openblas", "mkl")
+# mkl_service.h: MKL_THREADING_SEQUENTIAL, MKL_INTERFACE_LP64 / ILP64.
+_MKL_THREADING_SEQUENTIAL, _MKL_INTERFACE_LP64, _MKL_INTERFACE_ILP64 = 1, 0, 1
 _lock = threading.Lock()
 _loaded = {}
 
@@ -149,6 +162,7 @@ def load(cache_dir=None) -> str:
     return path
 
 
+@functools.lru_cache(maxsize=None)
 def _numpy_openblas():
   """`(path, sgemm address, ILP64?, set_num_threads_local address)` of the OpenBLAS numpy loaded,
   or a string saying why there is none."""
@@ -173,42 +187,111 @@ def _numpy_openblas():
           "openblas_set_num_threads_local (recent scipy-openblas releases export both)")
 
 
-def blas_unavailable_reason():
-  """None when `dense`/`matmul` can run here, else why not."""
-  if "blas" in _loaded:
+@functools.lru_cache(maxsize=None)
+def _mkl():
+  """`(path, sgemm address, ILP64?, set_num_threads_local address)` of Intel MKL's single dynamic
+  library, or a string saying why there is none.
+
+  Looks for `libmkl_rt.so*` in this Python's `lib/` folder (where the `mkl` PyPI package puts it),
+  then on the system's library path. The first one found is loaded and set to MKL's sequential
+  threading layer (no MKL threads beside XLA's; this must precede every other MKL call, so it is
+  done here, once, and holds for the whole process) and to 32-bit integers where the layer can
+  still be chosen."""
+  if not sys.platform.startswith("linux"):
+    return f"pofx.native looks for Intel MKL (libmkl_rt) on Linux only (this is {sys.platform})"
+  paths = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")), reverse=True)
+  system = ctypes.util.find_library("mkl_rt")
+  paths += [system] if system else []
+  if not paths:
+    return (f"Intel MKL was not found: no libmkl_rt.so* in {os.path.join(sys.prefix, 'lib')} or on the library "
+            "path (pip install mkl, or pofx[mkl])")
+  errors = []
+  for path in paths:
+    try:
+      lib = ctypes.CDLL(path)
+    except OSError as e:
+      errors.append(f"{path}: {e}")
+      continue
+    if not all(hasattr(lib, n) for n in ("cblas_sgemm", "MKL_Set_Num_Threads_Local", "MKL_Set_Threading_Layer",
+                                         "MKL_Set_Interface_Layer")):
+      errors.append(f"{path} lacks cblas_sgemm or MKL's service functions")
+      continue
+    lib.MKL_Set_Threading_Layer(_MKL_THREADING_SEQUENTIAL)
+    layer = lib.MKL_Set_Interface_Layer(_MKL_INTERFACE_LP64)   # returns the layer in force
+    if layer not in (_MKL_INTERFACE_LP64, _MKL_INTERFACE_ILP64):
+      errors.append(f"{path}: unknown MKL interface layer {layer}")
+      continue
+    address = lambda n: ctypes.cast(getattr(lib, n), ctypes.c_void_p).value  # noqa: B023
+    return path, address("cblas_sgemm"), layer == _MKL_INTERFACE_ILP64, address("MKL_Set_Num_Threads_Local")
+  return "Intel MKL could not be loaded: " + "; ".join(errors)
+
+
+def _find_blas(library: str):
+  """`(name, path, sgemm, ILP64?, set_local)` for `library` ("auto" resolved), or a reason string."""
+  if library not in ("auto",) + BLAS_LIBRARIES:
+    raise ValueError(f"pofx.native: unknown BLAS library {library!r}; allowed: {('auto',) + BLAS_LIBRARIES}.")
+  if library in ("auto", "mkl"):
+    found = _mkl()
+    if not isinstance(found, str):
+      return ("mkl",) + found
+    if library == "mkl":
+      return found
+  found = _numpy_openblas()
+  return found if isinstance(found, str) else ("openblas",) + found
+
+
+def resolve_blas(library: str = "auto") -> str:
+  """The BLAS `library` means here: itself, or for "auto" "mkl" when MKL is installed, else
+  "openblas" (ValueError for an unknown name)."""
+  if library not in ("auto",) + BLAS_LIBRARIES:
+    raise ValueError(f"pofx.native: unknown BLAS library {library!r}; allowed: {('auto',) + BLAS_LIBRARIES}.")
+  if library != "auto":
+    return library
+  return "openblas" if isinstance(_mkl(), str) else "mkl"
+
+
+def blas_unavailable_reason(library: str = "auto"):
+  """None when `dense`/`matmul` can run here with `library`, else why not."""
+  if library in _loaded.get("blas", {}):
     return None
   if _compiler() is None:
     return "the native kernels are compiled on first use and no C++ compiler was found ($CXX, g++, c++)"
-  found = _numpy_openblas()
+  found = _find_blas(library)
   return found if isinstance(found, str) else None
 
 
-def blas_available() -> bool:
-  return blas_unavailable_reason() is None
+def blas_available(library: str = "auto") -> bool:
+  return blas_unavailable_reason(library) is None
 
 
-def load_blas(cache_dir=None) -> str:
-  """Builds (once) the BLAS matmul, points it at numpy's OpenBLAS and registers it; returns the
-  path of the BLAS it calls."""
+def load_blas(cache_dir=None, library: str = "auto") -> str:
+  """Builds (once) the BLAS matmul, points it at `library` ("auto": MKL if installed, else numpy's
+  OpenBLAS) and registers it; returns the path of the BLAS it calls."""
   with _lock:
-    if "blas" in _loaded:
-      return _loaded["blas"]
-    found = _numpy_openblas()
+    name = resolve_blas(library)
+    if name in _loaded.get("blas", {}):
+      return _loaded["blas"][name]
+    found = _find_blas(name)
     if isinstance(found, str):
-      raise NativeUnavailable(f"pofx.native.dense cannot run here: {found}")
-    blas_path, sgemm, ilp64, set_local = found
-    lib = ctypes.cdll.LoadLibrary(_build("pofx_blas", (BLAS_SOURCE,), BLAS_FLAGS, cache_dir))
-    lib.PofxSetBlas(ctypes.c_void_p(sgemm), ctypes.c_int(int(ilp64)), ctypes.c_void_p(set_local))
-    jax.ffi.register_ffi_target("pofx_blas_matmul", jax.ffi.pycapsule(lib.PofxBlasMatmul), platform="cpu")
-    _loaded["blas"], _loaded["blas_lib"] = blas_path, lib
+      raise NativeUnavailable(f"pofx.native.dense cannot run here with library={library!r}: {found}")
+    _, blas_path, sgemm, ilp64, set_local = found
+    if "blas_lib" not in _loaded:
+      lib = ctypes.cdll.LoadLibrary(_build("pofx_blas", (BLAS_SOURCE,), BLAS_FLAGS, cache_dir))
+      jax.ffi.register_ffi_target("pofx_blas_matmul", jax.ffi.pycapsule(lib.PofxBlasMatmul), platform="cpu")
+      _loaded["blas_lib"], _loaded["blas"] = lib, {}
+    if _loaded["blas_lib"].PofxSetBlas(ctypes.c_int(BLAS_LIBRARIES.index(name)), ctypes.c_void_p(sgemm),
+                                       ctypes.c_int(int(ilp64)), ctypes.c_void_p(set_local)) != 0:
+      raise NativeUnavailable(f"pofx.native: the compiled BLAS wrapper does not know library {name!r}")
+    _loaded["blas"][name] = blas_path
     return blas_path
 
 
-def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
-  """`op(a) @ op(b)` of 2-D float32 arrays by numpy's OpenBLAS (op: transpose when asked).
+def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False, library: str = "auto"):
+  """`op(a) @ op(b)` of 2-D float32 arrays by the BLAS `library` (op: transpose when asked).
 
   Not differentiable by itself (see `dense`)."""
-  load_blas()
+  name = resolve_blas(library)
+  load_blas(library=name)
   if a.ndim != 2 or b.ndim != 2:
     raise ValueError(f"pofx.native.matmul takes 2-D operands, got shapes {a.shape} and {b.shape}.")
   m, k = (a.shape[1], a.shape[0]) if transpose_a else a.shape
@@ -217,39 +300,47 @@ def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
     raise ValueError(f"pofx.native.matmul: contracting sizes differ: {a.shape}{'^T' * transpose_a} x "
                      f"{b.shape}{'^T' * transpose_b}.")
   return jax.ffi.ffi_call("pofx_blas_matmul", jax.ShapeDtypeStruct((m, n), jnp.float32))(
-      a.astype(jnp.float32), b.astype(jnp.float32), transpose_a=bool(transpose_a), transpose_b=bool(transpose_b))
+      a.astype(jnp.float32), b.astype(jnp.float32), transpose_a=bool(transpose_a), transpose_b=bool(transpose_b),
+      library=np.int64(BLAS_LIBRARIES.index(name)))
 
 
-@jax.custom_vjp
-def _dense2d(x, w):
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense2d(x, w, all_products, library):
+  if all_products:
+    return matmul(x, w, library=library).astype(x.dtype)
   return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _dense2d_fwd(x, w):
-  return _dense2d(x, w), (x, w)
+def _dense2d_fwd(x, w, all_products, library):
+  return _dense2d(x, w, all_products, library), (x, w)
 
 
-def _dense2d_bwd(res, g):
+def _dense2d_bwd(all_products, library, res, g):
   x, w = res
-  dx = jax.lax.dot_general(g, w.astype(g.dtype), (((1,), (1,)), ((), ())),
-                           preferred_element_type=jnp.float32).astype(x.dtype)
-  dw = matmul(x, g, transpose_a=True)
+  if all_products:
+    dx = matmul(g, w, transpose_b=True, library=library).astype(x.dtype)
+  else:
+    dx = jax.lax.dot_general(g, w.astype(g.dtype), (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32).astype(x.dtype)
+  dw = matmul(x, g, transpose_a=True, library=library)
   return dx, dw.astype(w.dtype)
 
 
 _dense2d.defvjp(_dense2d_fwd, _dense2d_bwd)
 
 
-def dense(x, w):
-  """`x @ w` (`x [..., D]`, `w [D, F]`) with the weight gradient `x^T g` computed by OpenBLAS.
+def dense(x, w, *, all_products: bool = False, library: str = "auto"):
+  """`x @ w` (`x [..., D]`, `w [D, F]`) with the weight gradient `x^T g` computed by a BLAS.
 
-  The forward product and the input gradient `g w^T` stay XLA dots; only the weight gradient, a
-  dot contracting both operands' leading (token) axis, goes to `matmul` (XLA:CPU's slowest form;
-  see `benchmarks/README.md`). Same values as `jnp.dot` up to float32 summation order."""
+  `all_products=False`: the forward product and the input gradient `g w^T` stay XLA dots; only
+  the weight gradient, a dot contracting both operands' leading (token) axis, goes to `matmul`
+  (XLA:CPU's slowest form; see `benchmarks/README.md`). `all_products=True`: all three products
+  go to the BLAS (faster with MKL on the benchmark machine; slower with OpenBLAS). `library`: as
+  in `load_blas`. Same values as `jnp.dot` up to float32 summation order."""
   if w.ndim != 2 or x.shape[-1] != w.shape[0]:
     raise ValueError(f"pofx.native.dense: x {x.shape} and w {w.shape} do not multiply (x [..., D], w [D, F]).")
   lead = x.shape[:-1]
-  return _dense2d(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[1])
+  return _dense2d(x.reshape(-1, x.shape[-1]), w, bool(all_products), resolve_blas(library)).reshape(*lead, w.shape[1])
 
 
 def _fwd_call(q, k, v, seg, br, query, key, cos, sin, rope, q_scale):
