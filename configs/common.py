@@ -20,6 +20,8 @@ LAYOUTS = ("fused", "prompt_shared", "packed")
 PARALLEL_MODES = ("single", "jit", "shard_map", "pmap")
 ATTENTION = ("dense", "block_sparse")
 ATTENTION_KERNELS = ("xla", "native")
+MATMULS = ("xla", "blas", "blas_all")         # pofx.models.LlamaConfig.matmul
+BLAS_LIBRARIES = ("auto", "openblas", "mkl")  # "auto" + pofx.native.BLAS_LIBRARIES
 SCORED = ("slots", "compact")
 HOST_MEMORY = ("default", "retain")
 
@@ -38,7 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # The policy: "world" = the small Llama sized for the world; or a pofx.models preset name.
   # init_checkpoint: an orbax params checkpoint to start from (data.source="files"; "" = random init).
-  c.model = ml_collections.ConfigDict(dict(preset="world", dtype="float32", remat=False, init_checkpoint=""))
+  # matmul: "xla" | "blas" (weight gradients by a BLAS) | "blas_all" (every product of the
+  # projections and the LM head by a BLAS; the fastest float32 setting on CPU with Intel MKL);
+  # blas: "auto" (MKL where the mkl package is installed, else numpy's OpenBLAS) | "mkl" | "openblas".
+  c.model = ml_collections.ConfigDict(dict(preset="world", dtype="float32", remat=False, init_checkpoint="",
+                                           matmul="xla", blas="auto"))
 
   # Stage 1: supervised base policy on the world's demonstrations.
   c.sft = ml_collections.ConfigDict(dict(num_demos=8192, steps=600, batch_size=64, learning_rate=3e-3))
@@ -148,6 +154,21 @@ def _check_native_attention(c) -> None:
     raise ValueError(f"config.data.attention_kernel='native' cannot run on this machine: {reason}.")
 
 
+def _check_blas(c) -> None:
+  """model.matmul='blas'/'blas_all': float32 on one device, and a BLAS this machine can call."""
+  from pofx import native  # pylint: disable=g-import-not-at-top
+  if c.model.dtype != "float32":
+    raise ValueError(f"config.model.matmul={c.model.matmul!r} computes in float32 only; got model.dtype="
+                     f"{c.model.dtype!r} (use model.matmul='xla').")
+  if c.train.parallel.mode != "single":
+    raise ValueError(f"config.model.matmul={c.model.matmul!r} runs with train.parallel.mode='single' only (its "
+                     f"custom call is not partitioned across devices); got {c.train.parallel.mode!r}.")
+  reason = native.blas_unavailable_reason(c.model.blas)
+  if reason:
+    raise ValueError(f"config.model.matmul={c.model.matmul!r} with model.blas={c.model.blas!r} cannot run on this "
+                     f"machine: {reason}.")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks every field a run reads; raises ValueError naming the field and what is allowed."""
   import pofx  # local: configs stay importable without jax for `--help`
@@ -159,6 +180,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _allowed("data.attention", c.data.attention, ATTENTION)
   _allowed("data.scored", c.data.scored, SCORED)
   _allowed("data.attention_kernel", c.data.attention_kernel, ATTENTION_KERNELS)
+  _allowed("model.matmul", c.model.matmul, MATMULS)
+  _allowed("model.blas", c.model.blas, BLAS_LIBRARIES)
+  if c.model.matmul != "xla":
+    _check_blas(c)
   if c.data.attention_kernel == "native":
     _check_native_attention(c)
   if c.data.attention == "block_sparse":

@@ -104,9 +104,11 @@ class Run:
       self.tokenizer = data_lib.Tokenizer.from_dir(c.data.tokenizer_dir)
       vocab = self.tokenizer.vocab_size
     if c.model.preset == "world":
-      self.model_config = self.world.model_config(dtype=c.model.dtype, remat=c.model.remat, vocab_size=vocab)
+      self.model_config = self.world.model_config(dtype=c.model.dtype, remat=c.model.remat, vocab_size=vocab,
+                                                  matmul=c.model.matmul, blas=c.model.blas)
     else:
-      self.model_config = models.preset(c.model.preset, dtype=c.model.dtype, remat=c.model.remat, vocab_size=vocab)
+      self.model_config = models.preset(c.model.preset, dtype=c.model.dtype, remat=c.model.remat, vocab_size=vocab,
+                                        matmul=c.model.matmul, blas=c.model.blas)
     self.model = models.make(self.model_config)
     self.key = jax.random.key(c.seed)
 
@@ -311,7 +313,7 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   c = run.config
   spec = losses.spec(c.train.loss)
   final_path = run.path("final_params")
-  logps_fn = policy.make_logps_fn(run.model.apply, run.model.head,
+  logps_fn = policy.make_logps_fn(run.model.apply, run.model.head, matmul=c.model.matmul, blas=c.model.blas,
                                   with_log_sum_sq_probs="log_sum_sq_probs" in spec.requires)
   kind = c.train.reference.kind
   joined = None

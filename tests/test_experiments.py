@@ -60,6 +60,8 @@ def test_every_config_builds_locked_and_valid(family):
     ("host_memory", "keep", r"config.host_memory='keep' is not allowed; allowed: \['default', 'retain'\]"),
     ("data.attention_kernel", "cuda", r"config.data.attention_kernel='cuda' is not allowed; allowed: \['xla', 'native'\]"),
     ("data.attention_kernel", "native", r"attention_kernel='native' needs data.attention='block_sparse'"),
+    ("model.matmul", "mkl", r"config.model.matmul='mkl' is not allowed; allowed: \['xla', 'blas', 'blas_all'\]"),
+    ("model.blas", "atlas", r"config.model.blas='atlas' is not allowed; allowed: \['auto', 'openblas', 'mkl'\]"),
 ])
 def test_invalid_config_values_name_the_field(field, value, message):
   c = _config("dpo", "tiny")
@@ -175,6 +177,47 @@ def test_native_attention_kernel_run_equals_the_xla_op_run(tiny_run, tmp_path):
   import jax
   for a, b in zip(jax.tree.leaves(params["native"]), jax.tree.leaves(params["xla"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_blas_matmul_needs_float32_on_one_device():
+  for field, value, message in (("model.dtype", "bfloat16", r"model.matmul='blas_all' computes in float32 only"),
+                                ("train.parallel.mode", "shard_map", r"model.matmul='blas_all' runs with "
+                                                                    r"train.parallel.mode='single' only")):
+    c = _config("dpo", "tiny")
+    with c.unlocked():
+      c.model.matmul = "blas_all"
+      node, *path = field.split(".")
+      target = c[node]
+      for p in path[:-1]:
+        target = target[p]
+      target[path[-1]] = value
+    with pytest.raises(ValueError, match=message):
+      common.validate(c)
+
+
+@pytest.mark.skipif(not native.blas_available(), reason=f"{native.blas_unavailable_reason()}")
+def test_blas_matmul_run_equals_the_xla_run(tiny_run, tmp_path):
+  # config.model.matmul reaches the model and the LM head: the world model trained with every
+  # product by the BLAS ends where the XLA run ends.
+  from experiments import main as main_lib
+  src, _ = tiny_run
+  params = {}
+  for matmul in ("xla", "blas_all"):
+    work = tmp_path / matmul
+    _seed_from(src, work)
+    c = _config("dpo", "tiny")
+    with c.unlocked():
+      c.model.matmul = matmul
+    common.validate(c)
+    s, _ = main_lib.run_one(c, str(work), progress=False)
+    assert np.isfinite(s["gold_reward_policy"])
+    params[matmul] = _final_params(work)
+  import jax
+  pairs = list(zip(jax.tree.leaves(params["blas_all"]), jax.tree.leaves(params["xla"])))
+  for a, b in pairs:
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  # The BLAS did run: its float32 summation order differs from XLA's in the last bits.
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs)
 
 
 def test_sigkill_resume_equals_uninterrupted(tiny_run, tmp_path):
