@@ -18,7 +18,9 @@ log-probs; prompt-shared rows for `fixed`, all pairs packed in one row of bucket
   strategy costs: frozen reference (a reference forward per step), multi (K = 2, cached), SAM, AWP,
   RWP (10 proxy ascents: about 11 forward-backward passes);
   additions (each adds one choice): the fused attention kernels (`--attention_kernel native`), the
-  weight gradients by numpy's OpenBLAS (`--matmul blas`), both.
+  weight gradients by numpy's OpenBLAS (`--matmul blas --blas openblas`), both, and with the
+  native attention: every product by OpenBLAS, the weight gradients by Intel MKL, every product
+  by MKL (`--matmul blas_all --blas mkl`; the variants naming MKL need the `mkl` package).
 
 `--group_size K` runs the variants K at a time, each group in its own process beside its own
 copy of the reference variant (ratios are taken inside each process); the reference row reports
@@ -62,8 +64,11 @@ VARIANTS = {
     "AWP": ["--perturbation", "awp"],
     "RWP (10 proxy steps)": ["--perturbation", "rwp"],
     "native attention": ["--attention_kernel", "native"],
-    "BLAS weight gradients": ["--matmul", "blas"],
-    "native attention + BLAS": ["--attention_kernel", "native", "--matmul", "blas"],
+    "OpenBLAS weight gradients": ["--matmul", "blas", "--blas", "openblas"],
+    "native attention + OpenBLAS weight gradients": ["--attention_kernel", "native", "--matmul", "blas", "--blas", "openblas"],
+    "native attention + OpenBLAS every product": ["--attention_kernel", "native", "--matmul", "blas_all", "--blas", "openblas"],
+    "native attention + MKL weight gradients": ["--attention_kernel", "native", "--matmul", "blas", "--blas", "mkl"],
+    "native attention + MKL every product": ["--attention_kernel", "native", "--matmul", "blas_all", "--blas", "mkl"],
 }
 REFERENCE = "cached (baseline)"
 assert not any("," in n for n in VARIANTS), "variant names travel comma-separated (--only)"
