@@ -335,7 +335,7 @@ def main(argv=None):
       "logprobs": a.logprobs, "attention": a.attention, "attention_kernel": a.attention_kernel, "matmul": a.matmul,
       "blas": (native.resolve_blas(a.blas) if a.matmul != "xla" else None), "block_size": a.block_size,
       "save_probs": a.save_probs, "scored": a.scored, "row_length": a.row_length,
-      "host_memory": a.host_memory, "preset": a.preset, "dtype": a.dtype, "remat": a.remat,
+      "host_memory": a.host_memory, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "preset": a.preset, "dtype": a.dtype, "remat": a.remat,
       "n_params": int(bench.n_params),
       "pairs_per_step": a.bs, "steps": a.steps, "warmup": a.warmup, "distinct_shapes": len(bench.flops_by_shape),
       "compile_s": round(bench.t_compile, 2), "precompute_s": round(bench.t_pre, 2),

@@ -8,6 +8,12 @@ page faults and 0.11 s of kernel time per step of `benchmarks/dpo_step.py --work
 
 These change process-wide allocator state, so the library never calls them: a program (a
 benchmark, a training script, a notebook) opts in, once, at start-up.
+
+Transparent huge pages for the heap cannot be asked for from here: glibc (>= 2.35) reads them
+from its tunables when the process starts. Launch the program with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (the kernel's THP mode must be `madvise` or `always`);
+on the benchmark machine this made the fixed-workload step about 2% faster
+(`benchmarks/README.md`).
 """
 
 from __future__ import annotations
