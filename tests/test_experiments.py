@@ -157,26 +157,37 @@ def _final_params(work):
   return ocp.StandardCheckpointer().restore(os.path.join(work, "final_params"))
 
 
+def _final_params_of_tiny_runs(tiny_run, tmp_path, variants):
+  """Trains the tiny DPO config once per `variants` entry (name -> function editing the config)
+  from the tiny run's SFT base and data; returns each run's final parameter leaves."""
+  import jax
+  from experiments import main as main_lib
+  src, _ = tiny_run
+  params = {}
+  for name, edit in variants.items():
+    work = tmp_path / name
+    _seed_from(src, work)
+    c = _config("dpo", "tiny")
+    with c.unlocked():
+      edit(c)
+    common.validate(c)
+    s, _ = main_lib.run_one(c, str(work), progress=False)
+    assert np.isfinite(s["gold_reward_policy"])
+    params[name] = [np.asarray(x) for x in jax.tree.leaves(_final_params(work))]
+  return params
+
+
 @pytest.mark.skipif(not native.available(), reason=f"{native.unavailable_reason()}")
 def test_native_attention_kernel_run_equals_the_xla_op_run(tiny_run, tmp_path):
   # config.data.attention_kernel reaches the loader's block lists: the world model (head
   # dimension 16) trained with the fused kernels ends where the XLA op's run ends.
-  from experiments import main as main_lib
-  src, _ = tiny_run
-  params = {}
-  for kernel in ("xla", "native"):
-    work = tmp_path / kernel
-    _seed_from(src, work)
-    c = _config("dpo", "tiny")
-    with c.unlocked():
-      c.data.attention, c.data.seq_bucket, c.data.attention_kernel = "block_sparse", 64, kernel
-    common.validate(c)
-    s, _ = main_lib.run_one(c, str(work), progress=False)
-    assert np.isfinite(s["gold_reward_policy"])
-    params[kernel] = _final_params(work)
-  import jax
-  for a, b in zip(jax.tree.leaves(params["native"]), jax.tree.leaves(params["xla"])):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  def kernel(name):
+    def edit(c):
+      c.data.attention, c.data.seq_bucket, c.data.attention_kernel = "block_sparse", 64, name
+    return edit
+  params = _final_params_of_tiny_runs(tiny_run, tmp_path, {"xla": kernel("xla"), "native": kernel("native")})
+  for a, b in zip(params["native"], params["xla"]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_blas_matmul_needs_float32_on_one_device():
@@ -199,25 +210,15 @@ def test_blas_matmul_needs_float32_on_one_device():
 def test_blas_matmul_run_equals_the_xla_run(tiny_run, tmp_path):
   # config.model.matmul reaches the model and the LM head: the world model trained with every
   # product by the BLAS ends where the XLA run ends.
-  from experiments import main as main_lib
-  src, _ = tiny_run
-  params = {}
-  for matmul in ("xla", "blas_all"):
-    work = tmp_path / matmul
-    _seed_from(src, work)
-    c = _config("dpo", "tiny")
-    with c.unlocked():
-      c.model.matmul = matmul
-    common.validate(c)
-    s, _ = main_lib.run_one(c, str(work), progress=False)
-    assert np.isfinite(s["gold_reward_policy"])
-    params[matmul] = _final_params(work)
-  import jax
-  pairs = list(zip(jax.tree.leaves(params["blas_all"]), jax.tree.leaves(params["xla"])))
-  for a, b in pairs:
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  def matmul(name):
+    def edit(c):
+      c.model.matmul = name
+    return edit
+  params = _final_params_of_tiny_runs(tiny_run, tmp_path, {"xla": matmul("xla"), "blas_all": matmul("blas_all")})
+  for a, b in zip(params["blas_all"], params["xla"]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   # The BLAS did run: its float32 summation order differs from XLA's in the last bits.
-  assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs)
+  assert any(not np.array_equal(a, b) for a, b in zip(params["blas_all"], params["xla"]))
 
 
 def test_sigkill_resume_equals_uninterrupted(tiny_run, tmp_path):
