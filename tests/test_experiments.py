@@ -190,6 +190,14 @@ def test_native_attention_kernel_run_equals_the_xla_op_run(tiny_run, tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_config_choices_are_the_library_choices():
+  # configs/common.py keeps its own tuples (configs import without jax); they must not drift.
+  from pofx import logprobs
+  from pofx.models import llama
+  assert common.MATMULS == llama._MATMULS == logprobs.MATMULS
+  assert common.BLAS_LIBRARIES == llama._BLAS_LIBRARIES == logprobs.BLAS_LIBRARIES == ("auto",) + native.BLAS_LIBRARIES
+
+
 def test_blas_matmul_needs_float32_on_one_device():
   for field, value, message in (("model.dtype", "bfloat16", r"model.matmul='blas_all' computes in float32 only"),
                                 ("train.parallel.mode", "shard_map", r"model.matmul='blas_all' runs with "

@@ -228,16 +228,9 @@ def _mkl():
 
 def _find_blas(library: str):
   """`(name, path, sgemm, ILP64?, set_local)` for `library` ("auto" resolved), or a reason string."""
-  if library not in ("auto",) + BLAS_LIBRARIES:
-    raise ValueError(f"pofx.native: unknown BLAS library {library!r}; allowed: {('auto',) + BLAS_LIBRARIES}.")
-  if library in ("auto", "mkl"):
-    found = _mkl()
-    if not isinstance(found, str):
-      return ("mkl",) + found
-    if library == "mkl":
-      return found
-  found = _numpy_openblas()
-  return found if isinstance(found, str) else ("openblas",) + found
+  name = resolve_blas(library)
+  found = _mkl() if name == "mkl" else _numpy_openblas()
+  return found if isinstance(found, str) else (name,) + found
 
 
 def resolve_blas(library: str = "auto") -> str:
