@@ -1,7 +1,8 @@
 """What each design choice contributes, and what each strategy costs, timed round-robin.
 
     python benchmarks/ablations.py --workload {fixed,variable} [--rounds 3] [--steps 10]
-        [--only NAME,NAME] [--group_size K] [--host_memory {default,retain}] [--json PATH]
+        [--only NAME,NAME] [--group_size K] [--host_memory {default,retain}] [--base_args "ARGS"]
+        [--json PATH]
 
 Builds several pofx step variants on the TRL baseline's model and data (`dpo_step.Bench`),
 compiles them, runs one untimed step of each, then times them round-robin: each round runs
@@ -29,12 +30,15 @@ about ten shapes) runs out of memory in LLVM, so the variable workload defaults 
 `--group_size 0` keeps everything in one process (the default for the fixed workload).
 
 `--host_memory retain` applies `pofx.host_memory.retain_freed_memory()` to every process (freed
-memory then stays in the process).
+memory then stays in the process). `--base_args` adds `dpo_step.py` options to every variant
+(after `BASE`, before the variant's own), e.g. `--base_args "--attention_kernel native --matmul
+blas_all"` for the strategy costs at the kernels' setting.
 """
 
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -86,6 +90,8 @@ def parser():
                   help="variants per process (0: all in one process; default 0 for fixed, 4 for variable)")
   ap.add_argument("--host_memory", choices=["default", "retain"], default="default",
                   help="as dpo_step.py --host_memory, for every variant")
+  ap.add_argument("--base_args", default="",
+                  help="dpo_step.py options added to every variant (after BASE, before the variant's own)")
   ap.add_argument("--json", default=None)
   return ap
 
@@ -99,7 +105,7 @@ def run_group(a, names):
   benches = {}
   for n in names:
     args = dpo_step.parser().parse_args(["--workload", a.workload, "--steps", str(total_steps)] + BASE[a.workload]
-                                        + VARIANTS[n])
+                                        + shlex.split(a.base_args) + VARIANTS[n])
     benches[n] = dpo_step.Bench(args)
     print(f"built {n}: {len(benches[n].flops_by_shape)} shapes, compile {benches[n].t_compile:.1f}s", flush=True)
   for n in names:   # warm-up, untimed: a first execution pays one-off costs (allocations, page faults)
@@ -131,7 +137,8 @@ def run_groups(a, variants, size):
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
       out = f.name
     cmd = [sys.executable, os.path.abspath(__file__), "--workload", a.workload, "--rounds", str(a.rounds),
-           "--steps", str(a.steps), "--group_size", "0", "--host_memory", a.host_memory, "--json", out,
+           "--steps", str(a.steps), "--group_size", "0", "--host_memory", a.host_memory, "--base_args", a.base_args,
+           "--json", out,
            "--only", ",".join([REFERENCE] + group)]
     print(f"group {g + 1}/{len(groups)}: {', '.join(group) or REFERENCE}", flush=True)
     subprocess.run(cmd, check=True)
@@ -172,7 +179,8 @@ def main():
           f"{r['step_gflops']:11.2f} {r['distinct_shapes']:6d}")
   if a.json:
     with open(a.json, "w") as f:
-      json.dump({"workload": a.workload, "rounds": a.rounds, "steps": a.steps, "group_size": size, "rows": rows,
+      json.dump({"workload": a.workload, "rounds": a.rounds, "steps": a.steps, "group_size": size,
+                 "base_args": a.base_args, "rows": rows,
                  "per_round": per_round}, f, indent=1)
 
 
