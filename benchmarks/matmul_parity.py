@@ -1,6 +1,7 @@
 """XLA:CPU (JAX) against PyTorch on the float32 matmuls of the `bench` model's DPO step.
 
-    python benchmarks/matmul_parity.py [--reps 3] [--calls 15] [--threads all,1] [--json PATH]
+    python benchmarks/matmul_parity.py [--reps 3] [--calls 15] [--threads all,1]
+        [--jax_matmul {xla,mkl,openblas}] [--json PATH]
 
 The fixed workload's step (8 pairs, prompt-shared rows of 192 tokens: 1536 tokens per step, 1024
 scored completion tokens) is, apart from attention and elementwise work, these dots, each in the
@@ -20,6 +21,10 @@ empty call (a jitted identity / `torch.mm` of 1 x 1 matrices) is printed beside 
 tens of microseconds against dots of 0.4-7 ms. The two sides alternate, `--reps` times; the
 medians, the ratio JAX / PyTorch per shape, and the time each side needs for the whole step's
 set of dots (FLOP-weighted) are printed.
+
+`--jax_matmul mkl` (or `openblas`) times the JAX side's products as pofx's step computes them
+with `matmul="blas_all"`: `pofx.native.matmul`, a BLAS sgemm per part of the product on each of
+XLA's threads, through XLA's FFI (the transposed forms as sgemm's transpose flags).
 """
 
 import argparse
@@ -48,7 +53,7 @@ def shapes():
   return out
 
 
-def measure(side: str, calls: int):
+def measure(side: str, calls: int, jax_matmul: str = "xla"):
   """Seconds per dot for every shape, and of an empty call (runs in the child process)."""
   import time
 
@@ -77,7 +82,13 @@ def measure(side: str, calls: int):
     res["empty_call"] = timed(lambda: torch.mm(one, one, out=out1))
   for name, form, ls, rs, (lc, rc), _, _ in shapes():
     lhs, rhs = rng.standard_normal(ls, np.float32), rng.standard_normal(rs, np.float32)
-    if side == "jax":
+    if side == "jax" and jax_matmul != "xla":
+      from pofx import native
+      ta, tb, library = form == "TN", form == "NT", jax_matmul
+      fn = jax.jit(lambda a, b: native.matmul(a, b, transpose_a=ta, transpose_b=tb, library=library))  # noqa: B023
+      a, b = jax.device_put(lhs), jax.device_put(rhs)
+      call = lambda: fn(a, b).block_until_ready()
+    elif side == "jax":
       dims = (lc, rc)
       fn = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (dims, ((), ()))))
       a, b = jax.device_put(lhs), jax.device_put(rhs)
@@ -92,7 +103,7 @@ def measure(side: str, calls: int):
   return res
 
 
-def child(side: str, threads: str, calls: int):
+def child(side: str, threads: str, calls: int, jax_matmul: str):
   if threads == "1":
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -100,7 +111,7 @@ def child(side: str, threads: str, calls: int):
     import torch
     if threads == "1":
       torch.set_num_threads(1)
-  print(json.dumps(measure(side, calls)))
+  print(json.dumps(measure(side, calls, jax_matmul)))
 
 
 def main():
@@ -108,22 +119,25 @@ def main():
   ap.add_argument("--reps", type=int, default=3)
   ap.add_argument("--calls", type=int, default=15)
   ap.add_argument("--threads", default="all,1", help="comma-separated: 'all' (every core) and/or '1'")
+  ap.add_argument("--jax_matmul", choices=["xla", "mkl", "openblas"], default="xla",
+                  help="the JAX side's products: XLA's dot, or pofx.native.matmul with that BLAS")
   ap.add_argument("--json", default=None)
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
   a = ap.parse_args()
   if a.child:
     side, threads = a.child.split(":")
-    child(side, threads, a.calls)
+    child(side, threads, a.calls, a.jax_matmul)
     return
   settings = [t.strip() for t in a.threads.split(",") if t.strip()]
   if a.reps < 1 or a.calls < 1 or not settings or any(t not in ("all", "1") for t in settings):
     ap.error(f"need --reps >= 1, --calls >= 1 and --threads from 'all', '1' (got {a.reps}, {a.calls}, {a.threads!r}).")
-  report = {"cores": len(os.sched_getaffinity(0)), "settings": {}}
+  report = {"cores": len(os.sched_getaffinity(0)), "jax_matmul": a.jax_matmul, "settings": {}}
   for threads in settings:
     runs = {"jax": [], "torch": []}
     for rep in range(a.reps):
       for side in (("jax", "torch") if rep % 2 == 0 else ("torch", "jax")):
-        out = subprocess.run([sys.executable, __file__, "--child", f"{side}:{threads}", "--calls", str(a.calls)],
+        out = subprocess.run([sys.executable, __file__, "--child", f"{side}:{threads}", "--calls", str(a.calls),
+                              "--jax_matmul", a.jax_matmul],
                              check=True, capture_output=True, text=True).stdout
         runs[side].append(json.loads(out.strip().splitlines()[-1]))
     med = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in runs.items()}
