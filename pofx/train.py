@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pofx import collectives
 from pofx import losses as losses_lib
 from pofx import perturbations as perturbations_lib
 from pofx import references as references_lib
@@ -153,7 +154,7 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
       log-probs and the loss's per-pair batch inputs are all-gathered over it, so the loss sees
       the global batch (batch statistics and reductions are those of one device), and the
       gradient of every objective evaluation (SAM's ascent gradient included) is averaged over
-      the axis by `pofx.parallel.grad_pmean`. Leave None under plain `jit` (GSPMD).
+      the axis by `pofx.collectives.grad_pmean`. Leave None under plain `jit` (GSPMD).
 
   Padding pairs (`batch["pair_mask"]` or the PairBatch's `pair_mask` equal to 0, e.g. from
   `batching.*(num_pairs=...)`) are left out of the loss reduction and the metrics; losses with
@@ -172,7 +173,6 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
     if jit:
       raise ValueError("make_train_step: axis_name is for a step run under shard_map/pmap; pass jit=False "
                        "(pofx.parallel.make_train_step wraps and jits it).")
-    from pofx import parallel as parallel_lib  # local import: parallel imports this module
   pair_input_names = [n for kind in spec.requires for n in _BATCH_INPUTS.get(kind, ())]
 
   def loss_kwargs(batch, loss_state, key):
@@ -190,13 +190,13 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
 
   def objective(params, batch):
     if axis_name is not None:
-      params = parallel_lib.grad_pmean(params, axis_name)
+      params = collectives.grad_pmean(params, axis_name)
     ref = batch["__reference__"]
     policy = logps_fn(params, batch)
     mask = _pair_mask(batch)
     if axis_name is not None:  # the loss sees the global batch (see `axis_name`)
       extra = {n: batch[n] for n in pair_input_names if n in batch}
-      policy, ref, extra, mask = parallel_lib.all_gather_batch((policy, ref, extra, mask), axis_name)
+      policy, ref, extra, mask = collectives.all_gather_batch((policy, ref, extra, mask), axis_name)
       batch = {**batch, **extra}
     out = spec.fn(policy, ref, **loss_kwargs(batch, batch["__loss_state__"], batch["__key__"]))
     per_pair, new_loss_state = out if stateful else (out, ())
