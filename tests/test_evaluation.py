@@ -1,6 +1,6 @@
 """Evaluation: Wilson interval (scipy reference), win rate with ties, KL / gold reward / win rate
 by Monte Carlo against exact enumeration over every completion, reward/ranking accuracy and the
-idealized ranking accuracy of Chen et al. 2024 on hand-computed numbers (methods/llm.md 2.34)."""
+idealized ranking accuracy of Chen et al. 2024 (arXiv:2405.19534) on hand-computed numbers."""
 
 import itertools
 import math
@@ -73,7 +73,8 @@ def test_reward_accuracy():
 
 
 def test_ranking_accuracy_llm_md_example():
-  # methods/llm.md 2.34: summed -10 > -12 is correct; length-normalised -10/5 = -12/6 = -2 is a tie (wrong).
+  # Chen et al. 2024 (arXiv:2405.19534): summed -10 > -12 is correct; length-normalised -10/5 = -12/6 = -2 is a
+  # tie, which counts as wrong.
   pol = _pairs([-10.0, -3.0], [-12.0, -1.0], [5.0, 1.0], [6.0, 2.0])
   np.testing.assert_array_equal(evaluation.ranking_accuracy(pol, normalize="sum"), [1.0, 0.0])
   np.testing.assert_array_equal(evaluation.ranking_accuracy(pol, normalize="mean"), [0.0, 0.0])  # -3 < -0.5
@@ -85,7 +86,7 @@ def test_ranking_accuracy_llm_md_example():
 
 def test_idealized_ranking_accuracy_hand_cases():
   ira = evaluation.idealized_ranking_accuracy
-  # llm.md: equal reference probabilities, 3:1 votes, beta = 0.1: ratio 3^10 = 59049 -> correct.
+  # Equal reference probabilities, 3:1 votes, beta = 0.1: pi* ratio 3^(1/beta) = 3^10 = 59049 -> correct.
   assert float(ira(_pairs([-11.0], [-11.0]), [0.75], beta=0.1)[0]) == 1.0
   # Reference misranks by 5 nats: log ratio -5 + log(3)/beta: wrong at beta = 1, fixed at beta = 0.1.
   ref = _pairs([-15.0], [-10.0])
@@ -112,7 +113,7 @@ def test_flip_threshold_loss():
   ref = _pairs([-12.0], [-10.0])
   np.testing.assert_allclose(evaluation.flip_threshold_loss(ref, beta=0.1), [-math.log(1 / (1 + math.exp(-0.2)))],
                              rtol=1e-6)
-  # The policy ranks a pair correctly iff its DPO loss is below the threshold (llm.md 2.34).
+  # The policy ranks a pair correctly iff its DPO loss is below the threshold (Chen et al. 2024, arXiv:2405.19534).
   rng = np.random.default_rng(0)
   pw, pl, rw, rl = (rng.normal(-20, 5, 2000) for _ in range(4))
   beta = 0.3

@@ -85,7 +85,7 @@ def test_cache_round_trip_and_fingerprint_mismatch():
 
 
 def _mrpo_numpy(p1w, p1l, p2w, p2l, eta=0.1):
-  """MRPO K=2 for one pair, written from shared/methods/strategies.md A4 with Python math."""
+  """MRPO K=2 for one pair, written from the authors' code (thaihungle/MRPO; arXiv:2405.16388) with Python math."""
   a1, a2 = abs(p1w - p1l), abs(p2w - p2l)
   alpha = a1 / (a1 + a2 + 1e-6)
   bw, bl = (p2w + p1w) / 2, (p2l + p1l) / 2
