@@ -39,10 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pofx import sparse_attention
+from pofx.options import LAYOUTS  # noqa: F401  (allowed values, defined once)
 
 Bucket = Union[int, Sequence[int]]
-
-LAYOUTS = ("fused", "prompt_shared", "packed")
 
 
 @dataclasses.dataclass(frozen=True)

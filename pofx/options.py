@@ -1,8 +1,48 @@
 """Every allowed value of pofx's options, defined once (imports without JAX).
 
-The library's functions, the experiment configs and their validation all read these tuples.
+The library's functions, the experiment configs (`configs/`) and their validation
+(`configs/validate.py`) all read these tuples; nothing else lists them.
 """
 
 # Kernel backends (`pofx_backends`): "auto" resolves on the machine at hand; "xla" is the core's
 # own operations; "cpu", "gpu", "tpu" the optional backends of those platforms.
 KERNEL_BACKENDS = ("auto", "xla", "cpu", "gpu", "tpu")
+
+# Reference strategies (`pofx.references`): none (reference-free losses), frozen (a forward of the
+# initial policy), cached (log-probs computed once per dataset), multi (MRPO over two cached
+# references), guiding (a frozen forward of another run's policy), synced (TR-DPO), ema.
+REFERENCE_KINDS = ("none", "frozen", "cached", "multi", "guiding", "synced", "ema")
+
+# Weight perturbations (`pofx.perturbations`).
+PERTURBATION_KINDS = ("none", "sam", "awp", "rwp")
+
+# Optimizers of the training program (optax).
+OPTIMIZERS = ("adamw", "adam", "sgd")
+
+# Where the preference pairs come from: the controlled world, or the user's JSONL/Parquet files.
+SOURCES = ("world", "files")
+
+# Row layouts of a batch of pairs (`pofx.batching`).
+LAYOUTS = ("fused", "prompt_shared", "packed")
+
+# Data-parallel modes of a multi-device step (`pofx.parallel`), and the training program's modes
+# (those plus "single": one device, no mesh).
+DEVICE_PARALLEL_MODES = ("jit", "shard_map", "pmap")
+PARALLEL_MODES = ("single",) + DEVICE_PARALLEL_MODES
+
+# Attention over a batch: every score of the mask's square, or only its used blocks.
+ATTENTION_MODES = ("dense", "block_sparse")
+
+# Which tokens the LM head scores: every completion slot, or the real completion tokens only.
+SCORED_MODES = ("slots", "compact")
+
+# What a training step with a non-finite loss or gradient does: skip it (the state is left
+# unchanged) or halt the run.
+ON_NONFINITE = ("skip", "halt")
+
+# Preference files (`pofx.data`): their formats, how a K-way ranking record becomes pairs, what
+# happens to a record over a length limit, and what happens to a record that cannot be used.
+FORMATS = ("auto", "standard", "implicit", "conversational", "conversational_implicit", "tokenized", "ranking")
+RANKING_MODES = ("all_pairs", "best_vs_rest", "best_worst")
+TRUNCATION = ("reject", "truncate_prompt_left", "truncate_completion_right", "truncate_prompt_left_then_completion_right")
+ON_BAD_RECORD = ("error", "skip")

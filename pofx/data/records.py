@@ -39,10 +39,7 @@ import math
 import os
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-FORMATS = ("auto", "standard", "implicit", "conversational", "conversational_implicit",
-           "tokenized", "ranking")
-RANKING_MODES = ("all_pairs", "best_vs_rest", "best_worst")
-ON_BAD_RECORD = ("error", "skip")
+from pofx.options import FORMATS, ON_BAD_RECORD, RANKING_MODES  # noqa: F401  (allowed values, defined once)
 
 # Every reason a record can be rejected for (the keys of `Stats.skipped`).
 REASONS = (

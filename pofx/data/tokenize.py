@@ -54,9 +54,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from pofx.data import records as records_lib
 from pofx.data.records import BadRecord, Example
-
-TRUNCATION = ("reject", "truncate_prompt_left", "truncate_completion_right",
-              "truncate_prompt_left_then_completion_right")
+from pofx.options import TRUNCATION  # noqa: F401  (allowed values, defined once)
 
 
 def _token_str(v) -> Optional[str]:
