@@ -5,9 +5,10 @@ r"""Runs one program as N JAX processes on this machine, the way a multi-host po
 
 Every process gets the coordinator address (127.0.0.1 and a free port), the process count and
 its process id in `POFX_COORDINATOR_ADDRESS`, `POFX_NUM_PROCESSES`, `POFX_PROCESS_ID` (the
-program calls `pofx.parallel.initialize_from_env()` first), and `XLA_FLAGS` with
+program calls `experiments.distributed.initialize()` first), and `XLA_FLAGS` with
 `--xla_force_host_platform_device_count=<devices_per_process>` (CPU devices). A command that
-starts with `-m` or a `.py` file runs under this Python.
+starts with `-m` or a `.py` file runs under this Python. On a real cluster (a TPU pod slice, a
+SLURM job) the cluster starts the processes instead: see docs/pods.md.
 
 Each process's output (stdout and stderr) is streamed with a `[p<id>]` prefix. Bounded waits:
 when a process fails, the others get `--grace` seconds to finish and are then stopped (their

@@ -620,8 +620,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
-  from pofx import parallel
-  parallel.initialize_from_env()
+  from experiments import distributed
+  distributed.initialize()  # the local launcher's variables, a cluster (SLURM, TPU pod slice, ...), or one process
   workdir = _WORKDIR.value
   import jax
   fast = config.data.attention == "block_sparse" or config.data.scored == "compact"

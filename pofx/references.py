@@ -11,13 +11,13 @@ plus the chunked log-probs); strategies that run a reference forward call it wit
 reference's parameters. Reference log-probs do not depend on the policy, so the train step
 calls `logps` once per step, outside any weight perturbation, under `stop_gradient`.
 
-Strategies (formulas: shared/methods/strategies.md section A):
+Strategies:
   none()                      reference-free (SimPO-style losses).
   frozen(params, logps_fn)    the SFT/initial policy, frozen (DPO; Rafailov et al. 2023).
   cached(fingerprint)         log-probs precomputed once (`precompute`) and read from the batch.
   multi(refs, eta, alpha)     MRPO (Le et al. 2024, arXiv:2405.16388): clipped, adaptively weighted
                               harmonic combination of K references.
-  guiding(params_or_path, logps_fn)  Pre-DPO (Pan et al. 2025, arXiv:2504.15843): a finished run's policy.
+  guiding(params, logps_fn)   Pre-DPO (Pan et al. 2025, arXiv:2504.15843): a finished run's policy.
   synced(alpha, tau, logps_fn)       TR-DPO (Gorbatovski et al. 2024, arXiv:2404.09656): every tau steps
                               ref <- alpha * policy + (1 - alpha) * ref (alpha = 1: hard update).
   ema(decay, logps_fn)        ref <- decay * ref + (1 - decay) * policy every step.
@@ -80,20 +80,15 @@ def frozen(params, logps_fn: LogpsFn) -> Reference:
                    update=_identity_update)
 
 
-def guiding(params_or_checkpoint, logps_fn: LogpsFn) -> Reference:
+def guiding(params, logps_fn: LogpsFn) -> Reference:
   """Pre-DPO's guiding reference: the policy of a finished run, frozen (arXiv:2504.15843, Sec. 3).
 
-  `params_or_checkpoint` is a parameter pytree or the path of an orbax checkpoint written by
-  `pofx.checkpoints`/orbax `StandardCheckpointer` holding the parameters (loaded once, here).
+  `params` is that policy's parameter pytree (a program restores it from the run's checkpoint,
+  e.g. `experiments/main.py` for `train.reference.guide_checkpoint`).
   """
-  params = params_or_checkpoint
-  if isinstance(params_or_checkpoint, str):
-    import orbax.checkpoint as ocp  # local import: only this strategy reads checkpoints
-    import os
-    path = os.path.abspath(params_or_checkpoint)
-    if not os.path.exists(path):
-      raise ValueError(f"references.guiding: checkpoint {path!r} does not exist.")
-    params = ocp.StandardCheckpointer().restore(path)
+  if isinstance(params, (str, bytes, bytearray)) or hasattr(params, "__fspath__"):
+    raise TypeError(f"references.guiding takes the guiding policy's parameters, not a path ({params!r}); restore "
+                    "the checkpoint first (the library does no checkpoint I/O).")
   ref = frozen(params, logps_fn)
   return dataclasses.replace(ref, name="guiding")
 

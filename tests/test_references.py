@@ -1,4 +1,4 @@
-"""Reference strategies: update rules, caching fingerprints, MRPO's combination, Pre-DPO loading."""
+"""Reference strategies: update rules, caching fingerprints, MRPO's combination, Pre-DPO's guiding policy."""
 
 import math
 
@@ -126,18 +126,28 @@ def test_multi_refuses_bad_members():
     references.multi([references.frozen(toy.init(), toy.logps_fn), references.ema(0.9, toy.logps_fn)])
 
 
-def test_guiding_loads_a_checkpoint(tmp_path):
+def test_guiding_takes_the_restored_parameters_of_a_checkpoint(tmp_path):
+  """The program restores the guiding policy (experiments/main.py, orbax); the library takes arrays."""
   import orbax.checkpoint as ocp
+  from experiments import main as main_lib
   guide = toy.init(7)
   path = tmp_path / "guide"
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(path, guide)
   ckpt.wait_until_finished()
-  ref = references.guiding(str(path), toy.logps_fn)
+  ref = references.guiding(main_lib._load_params(str(path), toy.init(0)), toy.logps_fn)
+  assert ref.name == "guiding" and not ref.updates and not ref.cached
   state = ref.init(toy.init(0))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), state, guide)
-  with pytest.raises(ValueError, match="does not exist"):
-    references.guiding(str(tmp_path / "missing"), toy.logps_fn)
+  # Its log-probs are those of the guiding policy, whatever the policy's parameters.
+  want = toy.logps_fn(guide, toy.batch())
+  got = ref.logps(state, toy.batch())
+  np.testing.assert_array_equal(got.chosen, want.chosen)
+  np.testing.assert_array_equal(got.rejected, want.rejected)
+  with pytest.raises(TypeError, match="not a path"):
+    references.guiding(str(path), toy.logps_fn)
+  with pytest.raises(TypeError, match="not a path"):
+    references.guiding(path, toy.logps_fn)
 
 
 def test_step_refuses_reference_free_with_a_loss_that_needs_one():
