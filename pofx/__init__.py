@@ -1,20 +1,25 @@
 """pofx: preference optimization in JAX (DPO and the methods that grew out of it).
 
-`import pofx` loads the Flax-free core (losses, log-probs, batching, reference strategies,
-perturbations, the train step); models live in `pofx.models` (Flax) and are imported on use.
+`pofx.<module>` loads the Flax-free core on first use (losses, log-probs, batching, reference
+strategies, perturbations, the train step); models live in `pofx.models` (Flax). `import pofx`
+itself imports nothing else, so `pofx.options` (the allowed option values) imports without JAX.
 """
 
-from pofx import batching
-from pofx import gpo
-from pofx import logprobs
-from pofx import losses
-from pofx import perturbations
-from pofx import policy
-from pofx import references
-from pofx import train
-from pofx._pair_logps import ListLogps, PairLogps
+import importlib
 
 __version__ = "0.1.0"
+
+_SUBMODULES = ("batching", "gpo", "logprobs", "losses", "perturbations", "policy", "references", "train")
+_PAIR_LOGPS = ("ListLogps", "PairLogps")
+
+
+def __getattr__(name):
+  """`pofx.losses`, `pofx.PairLogps`, ...: imported on first access (PEP 562)."""
+  if name in _SUBMODULES:
+    return importlib.import_module(f"pofx.{name}")
+  if name in _PAIR_LOGPS:
+    return getattr(importlib.import_module("pofx._pair_logps"), name)
+  raise AttributeError(f"module 'pofx' has no attribute {name!r}")
 
 __all__ = ["PairLogps", "ListLogps", "batching", "gpo", "logprobs", "losses", "perturbations", "policy",
            "references", "train", "__version__"]
