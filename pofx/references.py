@@ -207,11 +207,13 @@ def _read_cache(keys, who):
 # MRPO.
 
 
-def mrpo_combine(primary: PairLogps, others: Sequence[PairLogps], *, eta: float = 0.1, alpha: float = -1.0) -> PairLogps:
+def mrpo_combine(primary: PairLogps, others: Sequence[PairLogps], *, eta: float = 0.1,
+                 alpha: Optional[float] = None) -> PairLogps:
   r"""MRPO's combined reference log-probs (Le et al. 2024, arXiv:2405.16388; code thaihungle/MRPO).
 
   For K = 2 (primary p2, external p1), per response y and per pair, exactly as the authors' code:
-    ARWC weight: a_k = p_k(y_w) - p_k(y_l); alpha = |a_1| / (|a_1| + |a_2| + 1e-6) when alpha < 0.
+    ARWC weight: a_k = p_k(y_w) - p_k(y_l); alpha = |a_1| / (|a_1| + |a_2| + 1e-6) when alpha is None
+      (adaptive per pair; else the given weight in [0, 1]).
     CTRO clip: scale = |b_w| / (|b_w| + |b_l|), b_y = (p1(y) + p2(y)) / 2; eta_w = eta * scale,
       eta_l = eta * (1 - scale) (eta < 0: fixed |eta|); p1(y) <- clip(p1(y), (1 + eta_y) sg(p2(y)),
       (1 - eta_y) sg(p2(y))) (log-probs are negative).
@@ -222,6 +224,9 @@ def mrpo_combine(primary: PairLogps, others: Sequence[PairLogps], *, eta: float 
   """
   if not others:
     raise ValueError("MRPO needs K >= 2 references (a primary and at least one other).")
+  if alpha is not None and not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"references.mrpo_combine: invalid alpha={alpha!r}; allowed: None (adaptive per pair) or a weight "
+                     "in [0, 1].")
   eps = 1e-6
 
   def clip_to_primary(p1: PairLogps) -> PairLogps:
@@ -240,7 +245,7 @@ def mrpo_combine(primary: PairLogps, others: Sequence[PairLogps], *, eta: float 
   clipped = [clip_to_primary(o) for o in others]
   a_primary = jnp.abs(primary.chosen - primary.rejected)
   a_others = [jnp.abs(o.chosen - o.rejected) for o in others]
-  if alpha < 0:
+  if alpha is None:
     total = a_primary + sum(a_others) + eps
     w_others = [a / total for a in a_others]  # weights attached to 1/pi_primary in the code's pairing (K=2)
   else:
@@ -271,7 +276,7 @@ def mrpo_combine(primary: PairLogps, others: Sequence[PairLogps], *, eta: float 
                    chosen_len=primary.chosen_len, rejected_len=primary.rejected_len)
 
 
-def multi(refs: Sequence[Reference], *, eta: float = 0.1, alpha: float = -1.0) -> Reference:
+def multi(refs: Sequence[Reference], *, eta: float = 0.1, alpha: Optional[float] = None) -> Reference:
   """MRPO: K >= 2 references combined by `mrpo_combine`; the first is the primary (usually the SFT).
 
   Each member may be frozen, guiding or cached (cached members read their own batch keys:

@@ -84,10 +84,11 @@ def test_cache_round_trip_and_fingerprint_mismatch():
     ref.logps((), batch)
 
 
-def _mrpo_numpy(p1w, p1l, p2w, p2l, eta=0.1):
+def _mrpo_numpy(p1w, p1l, p2w, p2l, eta=0.1, alpha=None):
   """MRPO K=2 for one pair, written from the authors' code (thaihungle/MRPO; arXiv:2405.16388) with Python math."""
   a1, a2 = abs(p1w - p1l), abs(p2w - p2l)
-  alpha = a1 / (a1 + a2 + 1e-6)
+  if alpha is None:  # adaptive per pair
+    alpha = a1 / (a1 + a2 + 1e-6)
   bw, bl = (p2w + p1w) / 2, (p2l + p1l) / 2
   scale = abs(bw) / (abs(bw) + abs(bl))
   ew, el = eta * scale, eta * (1 - scale)
@@ -105,6 +106,18 @@ def test_mrpo_matches_hand_formula():
     ew, el = _mrpo_numpy(float(external.chosen[i]), float(external.rejected[i]), float(primary.chosen[i]),
                          float(primary.rejected[i]))
     np.testing.assert_allclose([out.chosen[i], out.rejected[i]], [ew, el], rtol=1e-5)
+
+
+def test_mrpo_fixed_alpha_matches_hand_formula_and_out_of_range_is_refused():
+  primary = pofx.PairLogps(chosen=jnp.array([-10.0, -3.0]), rejected=jnp.array([-12.0, -4.0]))
+  external = pofx.PairLogps(chosen=jnp.array([-10.5, -2.0]), rejected=jnp.array([-11.0, -4.1]))
+  out = references.mrpo_combine(primary, [external], eta=0.1, alpha=0.3)
+  for i in range(2):
+    ew, el = _mrpo_numpy(float(external.chosen[i]), float(external.rejected[i]), float(primary.chosen[i]),
+                         float(primary.rejected[i]), alpha=0.3)
+    np.testing.assert_allclose([out.chosen[i], out.rejected[i]], [ew, el], rtol=1e-5)
+  with pytest.raises(ValueError, match="alpha=-1.0"):
+    references.mrpo_combine(primary, [external], alpha=-1.0)
 
 
 @pytest.mark.parametrize("k", [2, 3])
