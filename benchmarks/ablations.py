@@ -1,16 +1,16 @@
 """What each design choice contributes, and what each strategy costs, timed round-robin.
 
     python benchmarks/ablations.py --workload {fixed,variable} [--rounds 3] [--steps 10]
-        [--only NAME,NAME] [--group_size K] [--host_memory {default,retain}] [--base_args "ARGS"]
+        [--only NAME,NAME] [--group_size K] [--kernels {xla,cpu}] [--no_startup] [--base_args "ARGS"]
         [--json PATH]
 
 Builds several pofx step variants on the TRL baseline's model and data (`dpo_step.Bench`),
 compiles them, runs one untimed step of each, then times them round-robin: each round runs
 `--steps` steps of every variant in turn, so all variants see the same machine conditions. Reports per variant the median
 sec/step over rounds and its ratio to the reference variant: pofx's best setting for the
-workload (`BASE`: cached reference, block-sparse attention, compact scored tokens, chunked
-log-probs; prompt-shared rows for `fixed`, all pairs packed in one row of bucketed length for
-`variable`), no perturbation:
+workload (`dpo_step.py`'s defaults: cached reference, block-sparse attention, compact scored
+tokens, chunked log-probs; prompt-shared rows for `fixed`, all pairs packed in one row of
+bucketed length for `variable`), no perturbation, with `--kernels` (default `xla`):
 
   contributions (each variant undoes one choice): dense attention, every padded completion slot
   scored, the other row layouts (prompt-shared rows, packed rows of 1024, one packed row), the
@@ -18,10 +18,11 @@ log-probs; prompt-shared rows for `fixed`, all pairs packed in one row of bucket
   instead of one chunk of up to 4096 (variable: the chunks' logits are recomputed in the backward);
   strategy costs: frozen reference (a reference forward per step), multi (K = 2, cached), SAM, AWP,
   RWP (10 proxy ascents: about 11 forward-backward passes);
-  additions (each adds one choice): the fused attention kernels (`--attention_kernel native`), the
-  weight gradients by numpy's OpenBLAS (`--matmul blas --blas openblas`), both, and with the
-  native attention: every product by OpenBLAS, the weight gradients by Intel MKL, every product
-  by MKL (`--matmul blas_all --blas mkl`; the variants naming MKL need the `mkl` package).
+  additions (each adds one choice of the CPU backend, `--kernels cpu`): its fused attention
+  kernels ("native attention": `--products xla`), the weight gradients by numpy's OpenBLAS
+  (`--products blas --blas openblas --cpu_attention off`), both, and with the native attention:
+  every product by OpenBLAS, the weight gradients by Intel MKL, every product by MKL
+  (`--products blas_all --blas mkl`; the variants naming MKL need the `mkl` package).
 
 `--group_size K` runs the variants K at a time, each group in its own process beside its own
 copy of the reference variant (ratios are taken inside each process); the reference row reports
@@ -29,10 +30,10 @@ the median over the groups. One process holding every compiled variable-workload
 about ten shapes) runs out of memory in LLVM, so the variable workload defaults to groups of 4;
 `--group_size 0` keeps everything in one process (the default for the fixed workload).
 
-`--host_memory retain` applies `pofx.host_memory.retain_freed_memory()` to every process (freed
-memory then stays in the process). `--base_args` adds `dpo_step.py` options to every variant
-(after `BASE`, before the variant's own), e.g. `--base_args "--attention_kernel native --matmul
-blas_all"` for the strategy costs at the kernels' setting.
+Every process first calls `pofx_backends.startup()` (freed memory stays in the process on the
+CPU), as `dpo_step.py` does; `--no_startup` skips it. `--base_args` adds `dpo_step.py` options to
+every variant (before the variant's own), e.g. `--base_args "--kernels cpu"` for the strategy
+costs with the CPU backend.
 """
 
 import argparse
@@ -48,10 +49,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dpo_step  # noqa: E402
 
-BASE = {
-    "fixed": [],
-    "variable": ["--layout", "packed", "--row_length", "0", "--completion_bucket", "256", "--per_doubling", "4"],
-}
 VARIANTS = {
     "cached (baseline)": [],
     "dense attention": ["--attention", "dense"],
@@ -67,12 +64,12 @@ VARIANTS = {
     "SAM": ["--perturbation", "sam"],
     "AWP": ["--perturbation", "awp"],
     "RWP (10 proxy steps)": ["--perturbation", "rwp"],
-    "native attention": ["--attention_kernel", "native"],
-    "OpenBLAS weight gradients": ["--matmul", "blas", "--blas", "openblas"],
-    "native attention + OpenBLAS weight gradients": ["--attention_kernel", "native", "--matmul", "blas", "--blas", "openblas"],
-    "native attention + OpenBLAS every product": ["--attention_kernel", "native", "--matmul", "blas_all", "--blas", "openblas"],
-    "native attention + MKL weight gradients": ["--attention_kernel", "native", "--matmul", "blas", "--blas", "mkl"],
-    "native attention + MKL every product": ["--attention_kernel", "native", "--matmul", "blas_all", "--blas", "mkl"],
+    "native attention": ["--kernels", "cpu", "--products", "xla"],
+    "OpenBLAS weight gradients": ["--kernels", "cpu", "--products", "blas", "--blas", "openblas", "--cpu_attention", "off"],
+    "native attention + OpenBLAS weight gradients": ["--kernels", "cpu", "--products", "blas", "--blas", "openblas"],
+    "native attention + OpenBLAS every product": ["--kernels", "cpu", "--products", "blas_all", "--blas", "openblas"],
+    "native attention + MKL weight gradients": ["--kernels", "cpu", "--products", "blas", "--blas", "mkl"],
+    "native attention + MKL every product": ["--kernels", "cpu", "--products", "blas_all", "--blas", "mkl"],
 }
 REFERENCE = "cached (baseline)"
 assert not any("," in n for n in VARIANTS), "variant names travel comma-separated (--only)"
@@ -88,10 +85,11 @@ def parser():
   ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
   ap.add_argument("--group_size", type=int, default=None,
                   help="variants per process (0: all in one process; default 0 for fixed, 4 for variable)")
-  ap.add_argument("--host_memory", choices=["default", "retain"], default="default",
-                  help="as dpo_step.py --host_memory, for every variant")
+  ap.add_argument("--kernels", choices=["xla", "cpu"], default="xla",
+                  help="the kernel backend of every variant that does not name its own")
+  ap.add_argument("--no_startup", action="store_true", help="as dpo_step.py --no_startup, for every process")
   ap.add_argument("--base_args", default="",
-                  help="dpo_step.py options added to every variant (after BASE, before the variant's own)")
+                  help="dpo_step.py options added to every variant (before the variant's own)")
   ap.add_argument("--json", default=None)
   return ap
 
@@ -99,14 +97,17 @@ def parser():
 def run_group(a, names):
   """Builds `names` (the reference first) in this process and times them round-robin.
   Returns (rows, per_round): rows with ratios to this process's reference variant."""
-  if a.host_memory == "retain":
-    dpo_step.host_memory.retain_freed_memory()
+  if not a.no_startup:
+    dpo_step.pofx_backends.startup()
   total_steps = a.rounds * a.steps
   benches = {}
   for n in names:
-    args = dpo_step.parser().parse_args(["--workload", a.workload, "--steps", str(total_steps)] + BASE[a.workload]
-                                        + shlex.split(a.base_args) + VARIANTS[n])
+    args = dpo_step.parse(["--workload", a.workload, "--steps", str(total_steps), "--warmup", "0",
+                           "--kernels", a.kernels] + shlex.split(a.base_args) + VARIANTS[n])
     benches[n] = dpo_step.Bench(args)
+    kernels, _, _ = dpo_step.resolve_kernels(args, benches[n])
+    benches[n].precompute(kernels)
+    benches[n].compile(kernels)
     print(f"built {n}: {len(benches[n].flops_by_shape)} shapes, compile {benches[n].t_compile:.1f}s", flush=True)
   for n in names:   # warm-up, untimed: a first execution pays one-off costs (allocations, page faults)
     benches[n].run(0, 1)
@@ -137,9 +138,8 @@ def run_groups(a, variants, size):
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
       out = f.name
     cmd = [sys.executable, os.path.abspath(__file__), "--workload", a.workload, "--rounds", str(a.rounds),
-           "--steps", str(a.steps), "--group_size", "0", "--host_memory", a.host_memory, "--base_args", a.base_args,
-           "--json", out,
-           "--only", ",".join([REFERENCE] + group)]
+           "--steps", str(a.steps), "--group_size", "0", "--kernels", a.kernels, "--base_args", a.base_args,
+           "--json", out, "--only", ",".join([REFERENCE] + group)] + (["--no_startup"] if a.no_startup else [])
     print(f"group {g + 1}/{len(groups)}: {', '.join(group) or REFERENCE}", flush=True)
     subprocess.run(cmd, check=True)
     with open(out) as f:

@@ -23,8 +23,9 @@ medians, the ratio JAX / PyTorch per shape, and the time each side needs for the
 set of dots (FLOP-weighted) are printed.
 
 `--jax_matmul mkl` (or `openblas`) times the JAX side's products as pofx's step computes them
-with `matmul="blas_all"`: `pofx.native.matmul`, a BLAS sgemm per part of the product on each of
-XLA's threads, through XLA's FFI (the transposed forms as sgemm's transpose flags).
+with the CPU backend (`pofx_backends.kernels("cpu", products="blas_all", blas=...)`'s
+`dot_general`): a BLAS sgemm per part of the product on each of XLA's threads, through XLA's FFI
+(the transposed forms as sgemm's transpose flags).
 """
 
 import argparse
@@ -83,9 +84,10 @@ def measure(side: str, calls: int, jax_matmul: str = "xla"):
   for name, form, ls, rs, (lc, rc), _, _ in shapes():
     lhs, rhs = rng.standard_normal(ls, np.float32), rng.standard_normal(rs, np.float32)
     if side == "jax" and jax_matmul != "xla":
-      from pofx import native
-      ta, tb, library = form == "TN", form == "NT", jax_matmul
-      fn = jax.jit(lambda a, b: native.matmul(a, b, transpose_a=ta, transpose_b=tb, library=library))  # noqa: B023
+      import pofx_backends
+      dot_general = pofx_backends.kernels("cpu", products="blas_all", blas=jax_matmul).dot_general
+      dims = (lc, rc)
+      fn = jax.jit(lambda a, b: dot_general(a, b, (dims, ((), ()))))  # noqa: B023
       a, b = jax.device_put(lhs), jax.device_put(rhs)
       call = lambda: fn(a, b).block_until_ready()
     elif side == "jax":
@@ -120,7 +122,7 @@ def main():
   ap.add_argument("--calls", type=int, default=15)
   ap.add_argument("--threads", default="all,1", help="comma-separated: 'all' (every core) and/or '1'")
   ap.add_argument("--jax_matmul", choices=["xla", "mkl", "openblas"], default="xla",
-                  help="the JAX side's products: XLA's dot, or pofx.native.matmul with that BLAS")
+                  help="the JAX side's products: XLA's dot, or the CPU backend's dot_general with that BLAS")
   ap.add_argument("--json", default=None)
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
   a = ap.parse_args()

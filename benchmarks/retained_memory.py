@@ -2,10 +2,11 @@
 
     python benchmarks/retained_memory.py SCRIPT [ARGS ...]
 
-Calls `pofx.host_memory.retain_freed_memory()` (loaded from its file, so the script's process
-imports nothing else of pofx, nor JAX) and then runs SCRIPT as `__main__` with ARGS.
-`compare_trl.py --host_memory retain` starts both TRL and pofx this way, so the allocator setting
-is the same on both sides.
+Calls `pofx_backends.cpu.host_memory.retain_freed_memory()` (loaded from its file, so the
+script's process imports nothing else of pofx, nor JAX: glibc keeps freed memory, with one arena,
+no `mmap` for large blocks and no trimming) and then runs SCRIPT as `__main__` with ARGS.
+`compare_trl.py` starts both TRL and pofx this way for its "same allocator" comparison, so the
+setting is the same on both sides (pofx's own start-up hook then sets the same values again).
 """
 
 import importlib.util
@@ -20,7 +21,7 @@ def main():
   if len(sys.argv) < 2:
     sys.exit(__doc__)
   spec = importlib.util.spec_from_file_location(
-      "_pofx_host_memory", os.path.join(os.path.dirname(HERE), "pofx", "host_memory.py"))
+      "_pofx_host_memory", os.path.join(os.path.dirname(HERE), "pofx_backends", "cpu", "host_memory.py"))
   host_memory = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(host_memory)
   if not host_memory.retain_freed_memory():

@@ -1,6 +1,11 @@
 """Metric sinks of a run: `metrics.jsonl`, TensorBoard event files, and a live progress bar.
 
-Metrics arrive as device arrays; they are fetched (one host sync) only when logged.
+Metrics arrive as device arrays; they are fetched (one host sync) only when logged. Besides the
+step's own metrics, each record carries the throughput since the previous record:
+`pairs_per_second`, and, when the loop reports each step's processed FLOPs (`add_flops`, counted
+by `step_flops_fn` with `pofx.flops`: the policy forward and backward, the LM head, the reference
+forward when it runs, a perturbation's extra passes), `flops_per_second` and, on a known
+accelerator, `mfu` (model-FLOPs utilisation against its dense bf16 peak, `pofx.flops.mfu`).
 """
 
 from __future__ import annotations
@@ -8,14 +13,42 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
 
+from pofx import flops as flops_lib
+
+
+def step_flops_fn(model_config, *, reference: str, perturbation: str, rwp_steps: int = 10) -> Callable[[Any], float]:
+  """`batch -> processed FLOPs` of one train step of the program on that batch (`pofx.flops`).
+
+  reference: the config's reference kind (`pofx.options.REFERENCE_KINDS`; "multi" is two cached
+  references here, no forward); perturbation: its kind (`pofx.options.PERTURBATION_KINDS`).
+  """
+  reference = "cached" if reference == "multi" else reference
+
+  def step_flops(batch) -> float:
+    work = flops_lib.work_of_batch(batch)
+    return flops_lib.dpo_step_flops(model_config, work, reference=reference, perturbation=perturbation,
+                                    rwp_steps=rwp_steps).total
+
+  return step_flops
+
+
+def mfu(flops_per_second: float, num_devices: int = 1) -> Optional[float]:
+  """Model-FLOPs utilisation of `num_devices` devices of this process's kind; None on unknown ones (CPUs)."""
+  return flops_lib.mfu(flops_per_second, str(jax.devices()[0].device_kind), num_devices)
+
 
 class MetricWriter:
-  def __init__(self, workdir: str, stage: str, total_steps: int, *, progress: bool = True):
+  """Writes each logged step's metrics, with the pairs, FLOPs and MFU per second since the last record.
+
+  num_devices: the devices the step runs on (the denominator of MFU).
+  """
+
+  def __init__(self, workdir: str, stage: str, total_steps: int, *, progress: bool = True, num_devices: int = 1):
     from tensorboardX import SummaryWriter  # pure-Python TensorBoard event writer (no TensorFlow)
     self.stage = stage
     os.makedirs(workdir, exist_ok=True)
@@ -27,13 +60,26 @@ class MetricWriter:
       self.bar = tqdm(total=total_steps, desc=stage, dynamic_ncols=True, leave=True)
     self._t = time.perf_counter()
     self._last_step = None
+    self.num_devices = int(num_devices)
+    self._flops = 0.0
+
+  def add_flops(self, step_flops: float) -> None:
+    """Counts one step's processed FLOPs (`step_flops_fn`) towards the next record's `flops_per_second`."""
+    self._flops += float(step_flops)
 
   def write(self, step: int, metrics: Mapping[str, object], *, pairs: Optional[int] = None) -> dict:
     host = {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}
     now = time.perf_counter()
-    if pairs is not None and self._last_step is not None:
-      host["pairs_per_second"] = pairs * (step - self._last_step) / max(now - self._t, 1e-9)
-    self._t, self._last_step = now, step
+    if self._last_step is not None:
+      elapsed = max(now - self._t, 1e-9)
+      if pairs is not None:
+        host["pairs_per_second"] = pairs * (step - self._last_step) / elapsed
+      if self._flops:
+        host["flops_per_second"] = self._flops / elapsed
+        utilisation = mfu(host["flops_per_second"], self.num_devices)
+        if utilisation is not None:
+          host["mfu"] = utilisation
+    self._t, self._last_step, self._flops = now, step, 0.0
     rec = {"stage": self.stage, "step": int(step), **host}
     self.jsonl.write(json.dumps(rec) + "\n")
     self.jsonl.flush()
@@ -60,6 +106,9 @@ def read_jsonl(path: str):
 
 class NullWriter:
   """The writer of processes other than 0 in a multi-process run: writes nothing."""
+
+  def add_flops(self, step_flops):
+    del step_flops
 
   def write(self, step, metrics, *, pairs=None):
     del step, metrics, pairs

@@ -210,29 +210,39 @@ def work_of_batch(
   query blocks of `query_block` (0: full `L x L`); with `scored_tokens` (N entries) the head runs
   on N tokens, else on the `2 B T` completion slots (`head_on_all_positions`: on every `R x L`
   position, as a naive full-logits head does). `compact_last_block` (None: when the batch has
-  both block lists and scored tokens, as `pofx.models` runs it): the last block's output
-  projection and MLP run on the N scored positions only. `useful`: count the entries the mask
-  allows instead of the computed ones.
+  scored tokens, as `pofx.models` runs it): the last block's output projection and MLP run on the
+  N scored positions only. `useful`: count the entries the mask allows instead of the computed
+  ones. Batches stacked on leading axes (micro-batches for gradient accumulation, per-device
+  blocks) count every stacked batch: `tokens [..., R, L]`, block lists `[..., T]`, scored tokens
+  `[..., N]`.
   """
   pairs = batch["pairs"]
-  R, L = np.shape(pairs.tokens)
+  shape = np.shape(pairs.tokens)
+  R, L = shape[-2:]
+  stacked = int(np.prod(shape[:-2], dtype=np.int64))
   blocks, scored = batch.get("attention_blocks"), batch.get("scored_tokens")
   if useful:
-    entries = useful_attention_entries(pairs.segment_ids, pairs.branch_ids)
+    entries = useful_attention_entries(
+      np.reshape(pairs.segment_ids, (-1, L)),
+      None if pairs.branch_ids is None else np.reshape(pairs.branch_ids, (-1, L)),
+    )
   elif blocks is not None:
-    entries = block_sparse_attention_entries(np.shape(blocks.query_block)[-1], blocks.block_size)
+    entries = block_sparse_attention_entries(np.size(blocks.query_block), blocks.block_size)
   else:
-    entries = dense_attention_entries(R, L, query_block=query_block)
+    entries = dense_attention_entries(stacked * R, L, query_block=query_block)
+  scored_count = None if scored is None else int(np.size(scored.index))
   if head_on_all_positions:
-    head_tokens = R * L
+    head_tokens = stacked * R * L
   elif scored is not None:
-    head_tokens = int(np.shape(scored.index)[-1])
+    head_tokens = scored_count
   else:
     head_tokens = int(np.size(pairs.chosen_targets) + np.size(pairs.rejected_targets))
   if compact_last_block is None:
-    compact_last_block = blocks is not None and scored is not None
-  last = int(np.shape(scored.index)[-1]) if compact_last_block and scored is not None else None
-  return Work(tokens=int(R * L), head_tokens=head_tokens, attention_entries=int(entries), last_block_tokens=last)
+    compact_last_block = scored is not None
+  last = scored_count if compact_last_block and scored is not None else None
+  return Work(
+    tokens=int(stacked * R * L), head_tokens=int(head_tokens), attention_entries=int(entries), last_block_tokens=last
+  )
 
 
 # Accelerators' peaks ----------------------------------------------------------------------------

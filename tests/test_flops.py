@@ -82,6 +82,12 @@ def test_work_of_batch_shapes():
   assert work == flops.Work(
     tokens=R * L, head_tokens=n, attention_entries=len(blocks.query_block) * 256, last_block_tokens=n
   )
+  # Two micro-batches stacked on a leading axis (gradient accumulation) count twice.
+  batch = {"pairs": pairs, "attention_blocks": blocks, "scored_tokens": scored}
+  stacked = flops.work_of_batch(jax.tree.map(lambda *xs: np.stack(xs), batch, batch))
+  assert stacked == flops.Work(
+    tokens=2 * R * L, head_tokens=2 * n, attention_entries=2 * work.attention_entries, last_block_tokens=2 * n
+  )
   # 3 pairs, each 20 + 30 + 25 real tokens; useful entries <= computed ones.
   useful = flops.work_of_batch({"pairs": pairs}, useful=True).attention_entries
   assert 0 < useful <= work.attention_entries
