@@ -14,12 +14,13 @@ The three modes run the same `pofx.train` step and give the single-device result
                inserts the collectives; batch statistics (aot's sort, beta-DPO's moments) are
                global by construction.
   "shard_map"  `jax.shard_map` data parallelism over all batch axes, state replicated, with
-               explicit collectives and `check_vma=False`: every evaluation of the objective
-               all-gathers the policy's and the reference's log-probs and the loss's per-pair
-               inputs (`all_gather_batch`), so every device computes the loss of the *global*
-               batch, and the parameters enter the objective through `grad_pmean`, an identity
-               whose backward is `pmean` over the axis. The batch is per-device micro-batches
-               stacked on a leading device axis (`stack_per_device`, `split_per_device`).
+               explicit collectives (`pofx.collectives`) and `check_vma=False`: every
+               evaluation of the objective all-gathers the policy's and the reference's
+               log-probs and the loss's per-pair inputs (`all_gather_batch`), so every device
+               computes the loss of the *global* batch, and the parameters enter the objective
+               through `grad_pmean`, an identity whose backward is `pmean` over the axis. The
+               batch is per-device micro-batches stacked on a leading device axis
+               (`stack_per_device`, `split_per_device`).
   "pmap"       the same step under `jax.pmap` (state broadcast with in_axes=None).
 
 Why this gradient is right (the N-times trap). Each device evaluates the same global loss L;
@@ -40,11 +41,12 @@ carry the parameter's path, so one rule covers all three). A value is a `Partiti
 divide their dimension, are dropped, so one rule set serves every mesh. Unmatched leaves,
 scalars and PRNG keys are replicated.
 
-Multi-process (`experiments/launch_local.py`, or a pod): every process calls
-`initialize_from_env()` first, builds the same mesh over all devices, places the state with
-`put_state` (all processes pass the same values) and feeds only its own rows of the global
-batch: `process_rows(mesh, global_batch_size)` says which, `put_process_batch` assembles the
-global array (`jax.make_array_from_process_local_data`), `to_host` brings results back.
+Multi-process (a pod slice, a SLURM job, or `experiments/launch_local.py`): the program joins
+the run first (`experiments/distributed.py`: `jax.distributed.initialize`), then every process
+builds the same mesh over all devices, places the state with `put_state` (all processes pass
+the same values) and feeds only its own rows of the global batch: `process_rows(mesh,
+global_batch_size)` says which, `put_process_batch` assembles the global array
+(`jax.make_array_from_process_local_data`), `to_host` brings results back.
 Per-device `pofx.batching.PairBatch`es are joined into one global batch with
 `concat_pair_batches` (row indices offset so that the flat indices stay valid).
 """
@@ -53,20 +55,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from pofx import batching
+from pofx import options
 from pofx import train as train_lib
 
 DATA, FSDP_AXIS, TENSOR = "data", "fsdp", "tensor"
 BATCH_AXES = (DATA, FSDP_AXIS)
-MODES = ("jit", "shard_map", "pmap")
+MODES = options.DEVICE_PARALLEL_MODES
 
 FSDP = "fsdp"            # rule value: shard the largest divisible dimension over the fsdp axis
 REPLICATE = "replicate"  # rule value: replicate
@@ -88,13 +92,6 @@ LLAMA_RULES: Tuple[Rule, ...] = (
     (r"lm_head$", P(FSDP_AXIS, TENSOR)),
     (r".*", FSDP),
 )
-
-# Environment variables of `experiments/launch_local.py` (read by `initialize_from_env`).
-ENV_COORDINATOR = "POFX_COORDINATOR_ADDRESS"
-ENV_NUM_PROCESSES = "POFX_NUM_PROCESSES"
-ENV_PROCESS_ID = "POFX_PROCESS_ID"
-ENV_INIT_TIMEOUT = "POFX_INIT_TIMEOUT"
-ENV_HEARTBEAT_TIMEOUT = "POFX_HEARTBEAT_TIMEOUT"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,44 +263,6 @@ def put(tree, shardings):
 
 
 # ------------------------------------------------------------------------------------------------
-# Collectives used by the step under shard_map / pmap.
-
-
-def grad_pmean(params, axis_name):
-  """Identity on the forward pass; the backward pass averages the cotangent over `axis_name`.
-
-  Put it where replicated parameters enter a per-device objective (`train.make_train_step`
-  does, with `axis_name`): every gradient taken through it, SAM's inner one included, is the
-  data-parallel mean. Use under `shard_map(check_vma=False)` or `pmap`.
-  """
-
-  @jax.custom_vjp
-  def ident(p):
-    return p
-
-  def fwd(p):
-    return p, None
-
-  def bwd(_, ct):
-    return (jax.tree.map(lambda c: jax.lax.pmean(c, axis_name), ct),)
-
-  ident.defvjp(fwd, bwd)
-  return ident(params)
-
-
-def all_gather_batch(tree, axis_name):
-  """All-gathers every array leaf of `tree` along its leading (pair) axis over `axis_name`
-  (tiled: device-major order, the order of the global batch). Scalars pass through."""
-
-  def one(x):
-    if x is None or jnp.ndim(x) == 0:
-      return x
-    return jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
-
-  return jax.tree.map(one, tree)
-
-
-# ------------------------------------------------------------------------------------------------
 # Batches.
 
 
@@ -343,7 +302,6 @@ def concat_pair_batches(batches, *, start: int = 0):
   device block (`process_rows(mesh, n_blocks)[0]`) and feeds them with `put_process_batch`.
   Works on numpy arrays (host side).
   """
-  from pofx import batching  # local import: host-side helper only
   batches = list(batches)
   first = batches[0]
   if not all(isinstance(b, batching.PairBatch) and b.layout == first.layout for b in batches):
@@ -368,24 +326,6 @@ def concat_pair_batches(batches, *, start: int = 0):
 
 # ------------------------------------------------------------------------------------------------
 # Multi-process.
-
-
-def initialize_from_env(env: Optional[dict] = None) -> bool:
-  """Calls `jax.distributed.initialize` from the variables `experiments/launch_local.py` sets
-  (`POFX_COORDINATOR_ADDRESS`, `POFX_NUM_PROCESSES`, `POFX_PROCESS_ID`; optional
-  `POFX_INIT_TIMEOUT`, `POFX_HEARTBEAT_TIMEOUT` in seconds). Returns False (a no-op) when they
-  are absent. Call it first, before any other JAX call."""
-  env = os.environ if env is None else env
-  if ENV_NUM_PROCESSES not in env:
-    return False
-  missing = [k for k in (ENV_COORDINATOR, ENV_PROCESS_ID) if k not in env]
-  if missing:
-    raise ValueError(f"initialize_from_env: {ENV_NUM_PROCESSES} is set but {missing} are not.")
-  jax.distributed.initialize(coordinator_address=env[ENV_COORDINATOR], num_processes=int(env[ENV_NUM_PROCESSES]),
-                             process_id=int(env[ENV_PROCESS_ID]),
-                             initialization_timeout=int(env.get(ENV_INIT_TIMEOUT, 120)),
-                             heartbeat_timeout_seconds=int(env.get(ENV_HEARTBEAT_TIMEOUT, 30)))
-  return True
 
 
 def process_rows(mesh, global_batch_size: int) -> np.ndarray:
@@ -430,7 +370,6 @@ def to_host(tree):
       x = jax.random.key_data(x)
     if x.is_fully_addressable:
       return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils  # local import: only for multi-process runs
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
   return jax.tree.map(one, tree)
@@ -527,7 +466,8 @@ def make_train_step(logps_fn, optimizer, *, mode: str = "jit", mesh=None, rules:
 
   else:
     if TENSOR in mesh.axis_names and mesh.shape[TENSOR] > 1:
-      raise ValueError(f"mode {mode!r} is data parallel only; the mesh has tensor={mesh.shape[TENSOR]}. Use mode='jit'.")
+      raise ValueError(f"mode {mode!r} is data parallel only; the mesh has tensor={mesh.shape[TENSOR]}. "
+                       "Use mode='jit'.")
     if mode == "shard_map":
       axes = batch_axes(mesh)
       axis = axes if len(axes) > 1 else axes[0]

@@ -25,8 +25,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from pofx import parallel, perturbations, references, train  # noqa: E402
-from pofx.losses import _common  # noqa: E402
+from pofx import collectives, parallel, perturbations, references, train  # noqa: E402
 from tests import toy  # noqa: E402
 
 N_DEV = 8
@@ -177,7 +176,7 @@ def trap_group(results):
   ref_params = toy.init(1)
 
   def dpo_mean(policy, ref):
-    rho = _common.margins(policy, ref)
+    rho = (policy.chosen - ref.chosen) - (policy.rejected - ref.rejected)  # DPO's margin (not times beta)
     return jnp.mean(jax.nn.softplus(-0.1 * rho))
 
   def objective(p, b):
@@ -192,8 +191,8 @@ def trap_group(results):
   # pofx: grad_pmean where the params enter, the log-probs gathered, the global loss.
   def pofx_dp(p, b):
     def obj(p):
-      p = parallel.grad_pmean(p, "data")
-      pol, ref = parallel.all_gather_batch((toy.logps_fn(p, b), toy.logps_fn(ref_params, b)), "data")
+      p = collectives.grad_pmean(p, "data")
+      pol, ref = collectives.all_gather_batch((toy.logps_fn(p, b), toy.logps_fn(ref_params, b)), "data")
       return dpo_mean(pol, ref)
     return jax.grad(obj)(p)
 

@@ -14,7 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pofx import parallel  # noqa: E402  (imports jax: the launcher has set XLA_FLAGS)
+from experiments import distributed  # noqa: E402  (imports jax: the launcher has set XLA_FLAGS)
+from pofx import parallel  # noqa: E402
 
 import json  # noqa: E402
 
@@ -101,5 +102,5 @@ def die_check():
 
 
 if __name__ == "__main__":
-  parallel.initialize_from_env()
+  assert distributed.initialize() == "local"
   sys.exit({"train": train_check, "die": die_check}[sys.argv[1]]())

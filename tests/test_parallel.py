@@ -237,12 +237,6 @@ def test_concat_pair_batches_keeps_each_pair_on_its_rows():
     parallel.concat_pair_batches([per[0], batching.fused(*[[x] for x in pairs[0]], seq_bucket=16)])
 
 
-def test_initialize_from_env_is_a_noop_without_variables():
-  assert parallel.initialize_from_env({}) is False
-  with pytest.raises(ValueError, match="POFX_PROCESS_ID"):
-    parallel.initialize_from_env({"POFX_NUM_PROCESSES": "2", "POFX_COORDINATOR_ADDRESS": "127.0.0.1:1"})
-
-
 def test_single_process_helpers():
   mesh = parallel.make_mesh()
   rows = parallel.process_rows(mesh, 8)
