@@ -4,7 +4,8 @@
 
 The primary reference is the SFT base; the second is an independently trained SFT model (another
 seed). Both are cached; they are combined per pair as in the authors' code (Le et al. 2024,
-arXiv:2405.16388): adaptive weights (alpha < 0) and the clipped trust region eta = 0.1.
+arXiv:2405.16388): adaptive weights per pair (`mrpo_alpha=None`) and the clipped trust region
+eta = 0.1.
 """
 
 from configs import _shrink, common
@@ -15,7 +16,7 @@ def get_config(arg=None):
   c.train.loss = "dpo"
   c.train.reference.kind = "multi"
   c.train.reference.eta = 0.1
-  c.train.reference.mrpo_alpha = -1.0
+  c.train.reference.mrpo_alpha = None  # adaptive per pair (MRPO's ARWC weights)
   _shrink.apply(c, arg)
   c.lock()
   return c

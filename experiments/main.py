@@ -13,6 +13,13 @@ Stages (each skipped when its output in the workdir is complete, so a killed run
 
 A config's `sweep` runs several trainings after one shared SFT + data stage (the GPO chart, the
 two rounds of Pre-DPO), each in `<workdir>/sweep/<label>`.
+
+Before any compute the program applies the process-wide start-up of the kernel backends
+(`pofx_backends.startup`: on a CPU platform glibc keeps freed memory), joins a multi-process run
+(`experiments.distributed`), checks the config (`configs/validate.py`; a misspelt or mistyped
+`--config.` flag fails with one line) and settles the kernel backend (`config.model.kernels`;
+"auto" is decided once per workdir and recorded in `<workdir>/kernels.json` and `summary.json`;
+a resumed run reuses the record).
 """
 
 from __future__ import annotations
@@ -20,20 +27,39 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import sys
 import time
+import zlib
 from typing import Any, Dict, Optional
 
-from absl import app
-from absl import flags
-from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tensorflow_datasets as tfds
+from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
+
+import pofx_backends
+from configs import validate as config_validation
+from experiments import checkpointing, distributed, plots
+from experiments import metrics as metrics_lib
+from experiments import sft as sft_lib
+from pofx import batching, evaluation, losses, models, parallel, perturbations, policy, references, train
+from pofx import data as data_lib
+from pofx import world as world_lib
+from pofx.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<family>.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, data, metrics, plots and the summary.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a live progress bar.")
 _MAX_TRAIN_STEPS = flags.DEFINE_integer("stop_after_steps", None,
                                         "Stop training after this step (testing resume); the next run continues.")
+
+KERNELS_RECORD = "kernels.json"  # <workdir>/kernels.json: the kernel backend this workdir runs with
 
 SUMMARY_KEYS = ("gold_reward_base", "gold_reward_policy", "win_rate_vs_base", "win_rate_ci95", "kl_to_base",
                 "reward_accuracy", "ranking_accuracy", "mean_length_base", "mean_length_policy", "pairs_per_second")
@@ -56,7 +82,7 @@ def _scalar(x) -> float:
   """A replicated (possibly multi-process) scalar as a float, without a collective."""
   if hasattr(x, "is_fully_addressable") and not x.is_fully_addressable:
     x = x.addressable_data(0)
-  return float(_np().asarray(x))
+  return float(np.asarray(x))
 
 
 def _local_values(metrics):
@@ -67,18 +93,54 @@ def _primary_first(fn, *args, **kwargs):
   """Runs a stage that writes its output to the workdir without collectives (the TFDS dataset, the
   reference cache): in a multi-process run, process 0 runs it first, then (after a barrier) the
   others run it and find the output there (they load it). Orbax stages run on every process."""
-  import jax
   if jax.process_count() == 1:
     return fn(*args, **kwargs)
-  from jax.experimental import multihost_utils
   out = fn(*args, **kwargs) if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices(f"pofx:{fn.__name__}")
   return out if jax.process_index() == 0 else fn(*args, **kwargs)
 
 
-def _np():
-  import numpy as np
-  return np
+# ------------------------------------------------------------------------------------------------
+# The kernel backend of a workdir
+
+
+def _decide_kernels(config, workdir: str) -> Dict[str, Any]:
+  """The kernel backend record of `workdir`: `{"requested", "name", "details"}`.
+
+  A record already in `<workdir>/kernels.json` is kept when the config asks for "auto" or for the
+  recorded backend (a resumed run never re-decides); otherwise the config's backend is resolved
+  (`pofx_backends.resolve`: "auto" by the JAX platform and, on the CPU, by a short calibration)
+  and recorded. On the CPU a multi-device mode resolves "auto" to "xla" (the CPU kernels' custom
+  calls run on one device)."""
+  path = os.path.join(workdir, KERNELS_RECORD)
+  requested = config.model.kernels
+  if os.path.exists(path):
+    with open(path) as f:
+      record = json.load(f)
+    if requested in ("auto", record["name"]):
+      reason = pofx_backends.unavailable_reason(record["name"])
+      if reason:
+        raise ValueError(f"{path} records kernel backend {record['name']!r} for this workdir, which cannot run here: "
+                         f"{reason}; use another workdir, or set config.model.kernels.")
+      return record
+  if requested == "auto" and config.train.parallel.mode != "single" and jax.default_backend() == "cpu":
+    name, details = "xla", {"requested": requested, "platform": "cpu",
+                            "rule": f"train.parallel.mode={config.train.parallel.mode!r}: the CPU kernels run on one "
+                                    "device"}
+  else:
+    name, details = pofx_backends.resolve(requested)
+  record = {"requested": requested, "name": name, "details": details}
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(record, f, indent=1)
+  return record
+
+
+def settle_kernels(config, workdir: str) -> Dict[str, Any]:
+  """`_decide_kernels` once for every process (process 0 decides and records; the others read)."""
+  record = _primary_first(_decide_kernels, config, os.path.abspath(workdir))
+  _say("kernels: %s (%s)", record["name"], record["details"].get("rule", "recorded"))
+  return record
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,56 +150,46 @@ def _np():
 class Run:
   """Everything the stages share: the config, the world, the model and the workdir."""
 
-  def __init__(self, config, workdir: str, *, progress: bool = True):
-    import jax
-    from pofx import models
-    from pofx import world as world_lib
-
+  def __init__(self, config, workdir: str, *, progress: bool = True, kernels_record: Optional[Dict[str, Any]] = None):
     self.config, self.workdir, self.progress = config, os.path.abspath(workdir), progress
     os.makedirs(self.workdir, exist_ok=True)
     c = config
+    # The kernel backend: the given record (a sweep's members share their parent's), else this workdir's.
+    self.kernels_record = kernels_record or settle_kernels(c, self.workdir)
+    self.kernels = pofx_backends.kernels(self.kernels_record["name"])
     self.world = world_lib.World(world_lib.WorldConfig(seed=c.seed, **dict(c.world)))
     self.tokenizer = None
     vocab = self.world.config.vocab_size
     if c.data.source == "files":
-      from pofx import data as data_lib
       self.tokenizer = data_lib.Tokenizer.from_dir(c.data.tokenizer_dir)
       vocab = self.tokenizer.vocab_size
     if c.model.preset == "world":
-      self.model_config = self.world.model_config(dtype=c.model.dtype, remat=c.model.remat, vocab_size=vocab,
-                                                  matmul=c.model.matmul, blas=c.model.blas)
+      self.model_config = self.world.model_config(dtype=c.model.dtype, remat=c.model.remat, vocab_size=vocab)
     else:
-      self.model_config = models.preset(c.model.preset, dtype=c.model.dtype, remat=c.model.remat, vocab_size=vocab,
-                                        matmul=c.model.matmul, blas=c.model.blas)
-    self.model = models.make(self.model_config)
+      self.model_config = models.preset(c.model.preset, dtype=c.model.dtype, remat=c.model.remat, vocab_size=vocab)
+    self.model = models.make(self.model_config, kernels=self.kernels)
     self.key = jax.random.key(c.seed)
 
   def path(self, *parts):
     return os.path.join(self.workdir, *parts)
 
   def key_for(self, name: str):
-    import zlib
-    import jax
     return jax.random.fold_in(self.key, zlib.crc32(name.encode()))
 
 
 def _save_params(path, params):
-  import orbax.checkpoint as ocp
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(os.path.abspath(path), params)
   ckpt.wait_until_finished()
 
 
 def _load_params(path, like):
-  import jax
-  import orbax.checkpoint as ocp
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   return ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
 
 
 def stage_sft(run: Run, *, seed_offset: int = 0, name: str = "sft_params"):
   """The base policy: SFT on the world's demonstrations (stage 1)."""
-  from pofx import world as world_lib
   c = run.config
   path = run.path(name)
   init = run.model.init(run.key_for(f"init{seed_offset}"))
@@ -153,15 +205,14 @@ def stage_sft(run: Run, *, seed_offset: int = 0, name: str = "sft_params"):
     return _load_params(path, init)
   t = time.perf_counter()
   demos = run.world.demonstrations(c.sft.num_demos, seed=c.seed * 1000 + 1 + seed_offset)
-  params = world_lib.sft(init, demos, config=run.model_config, seed=c.seed * 1000 + 2 + seed_offset,
-                         steps=c.sft.steps, batch_size=c.sft.batch_size, learning_rate=c.sft.learning_rate)
+  params = sft_lib.sft(init, demos, model=run.model, seed=c.seed * 1000 + 2 + seed_offset,
+                       steps=c.sft.steps, batch_size=c.sft.batch_size, learning_rate=c.sft.learning_rate)
   _save_params(path, params)
   _say("sft: %d steps in %.1fs -> %s", c.sft.steps, time.perf_counter() - t, path)
   return params
 
 
 def _records(data, offset=0):
-  np = _np()
   return [{"prompt": np.asarray(p, np.int32), "chosen": np.asarray(ch, np.int32), "rejected": np.asarray(rj, np.int32),
            "score_chosen": float(sc), "score_rejected": float(sr), "example_id": offset + i}
           for i, (p, ch, rj, sc, sr) in enumerate(zip(data.prompt, data.chosen, data.rejected, data.chosen_score,
@@ -170,8 +221,6 @@ def _records(data, offset=0):
 
 def stage_data(run: Run, base_params):
   """Preference data (stage 2): TFDS array_record dataset with train and eval splits."""
-  from pofx import data as data_lib
-  from pofx import world as world_lib
   c = run.config
   data_dir = run.path("data")
   meta_path = run.path("data", "pairs_meta.json")
@@ -180,8 +229,8 @@ def stage_data(run: Run, base_params):
     files = {"train": split(c.data.files)}
     if c.data.eval_files:
       files["eval"] = split(c.data.eval_files)
-    limits = data_lib.Limits(max_prompt_len=c.data.max_prompt_len or None,
-                             max_completion_len=c.data.max_completion_len or None, truncation=c.data.truncation)
+    limits = data_lib.Limits(max_prompt_len=c.data.max_prompt_len, max_completion_len=c.data.max_completion_len,
+                             truncation=c.data.truncation)
     prepared = data_lib.prepare_files(files, data_dir=data_dir, tokenizer=run.tokenizer, format=c.data.format,
                                       limits=limits, on_bad_record=c.data.on_bad_record)
     for name, st in prepared.stats.items():
@@ -195,13 +244,14 @@ def stage_data(run: Run, base_params):
     return prepared, meta
   t = time.perf_counter()
   k = c.data.samples_per_prompt
-  train = world_lib.preference_data(run.world, base_params, run.world.prompts(c.data.num_prompts, seed=c.seed * 1000 + 3),
-                                    run.key_for("data/train"), config=run.model_config, num_samples=k)
+  train_data = world_lib.preference_data(run.world, base_params,
+                                         run.world.prompts(c.data.num_prompts, seed=c.seed * 1000 + 3),
+                                         run.key_for("data/train"), model=run.model, num_samples=k)
   n_eval_prompts = max(1, -(-c.data.num_eval_pairs // (k // 2)))
   held = world_lib.preference_data(run.world, base_params,
                                    run.world.prompts(n_eval_prompts, seed=c.seed * 1000 + 4, split="eval"),
-                                   run.key_for("data/eval"), config=run.model_config, num_samples=k)
-  records = {"train": _records(train), "eval": _records(held, offset=len(train.prompt))}
+                                   run.key_for("data/eval"), model=run.model, num_samples=k)
+  records = {"train": _records(train_data), "eval": _records(held, offset=len(train_data.prompt))}
   prepared = data_lib.prepare_generated(records, data_dir=data_dir, vocab_size=run.model_config.vocab_size,
                                         on_bad_record="skip",
                                         fingerprint=f"world-seed{c.seed}-{json.dumps(c.world.to_dict(), sort_keys=True)}"
@@ -228,20 +278,14 @@ def _layout_kwargs(c, fixed: bool = False):
   return {"seq_bucket": c.data.seq_bucket, "completion_bucket": c.data.completion_bucket}
 
 
-
-
 def _index_kwargs(c):
   """Loader arguments of the fast paths: block-sparse attention lists and compact scored tokens."""
   return {"attention_block_size": c.data.attention_block_size if c.data.attention == "block_sparse" else 0,
-          "scored_tokens": c.data.scored == "compact", "attention_kernel": c.data.attention_kernel}
+          "scored_tokens": c.data.scored == "compact"}
 
 
 def stage_reference_cache(run: Run, prepared, ref_params_list, logps_fn):
   """Reference log-probs computed once over the training split (stage 3). Returns `joined`."""
-  import jax
-  from pofx import data as data_lib
-  from pofx import references
-  np = _np()
   c = run.config
   source = prepared.source("train")
   fps = [references.fingerprint(p, vocab=run.model_config.vocab_size, max_prompt_len=c.world.max_prompt_len + 2,
@@ -279,7 +323,6 @@ def stage_reference_cache(run: Run, prepared, ref_params_list, logps_fn):
 
 
 def _optimizer(c):
-  import optax
   o = c.train.optimizer
   schedule = optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1)),
                                    optax.constant_schedule(o.learning_rate)], [max(o.warmup_steps, 1)])
@@ -290,7 +333,6 @@ def _optimizer(c):
 
 
 def _perturbation(c):
-  from pofx import perturbations
   p = c.train.perturbation
   if p.kind == "sam":
     return perturbations.sam(p.rho, adaptive=p.adaptive)
@@ -303,17 +345,10 @@ def _perturbation(c):
 
 def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = None):
   """Preference training (stage 4). Returns (final params, train info)."""
-  import jax
-  import jax.numpy as jnp
-  from configs import common
-  from pofx import data as data_lib
-  from pofx import losses, policy, references, train
-  from experiments import checkpointing, metrics as metrics_lib
-  np = _np()
   c = run.config
   spec = losses.spec(c.train.loss)
   final_path = run.path("final_params")
-  logps_fn = policy.make_logps_fn(run.model.apply, run.model.head, matmul=c.model.matmul, blas=c.model.blas,
+  logps_fn = policy.make_logps_fn(run.model.apply, run.model.head, kernels=run.kernels,
                                   with_log_sum_sq_probs="log_sum_sq_probs" in spec.requires)
   kind = c.train.reference.kind
   joined = None
@@ -346,20 +381,13 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   if mode == "single":
     step_fn = train.make_train_step(logps_fn, optimizer, **step_kwargs)
   else:
-    from pofx import parallel
-    if jax.process_count() > 1 and mode == "pmap":
-      raise ValueError("config.train.parallel.mode='pmap' runs in one process; with several processes use 'jit' "
-                       "or 'shard_map'.")
-    shape = common.mesh_shape(c.train.parallel.mesh)
+    shape = config_validation.mesh_shape(c.train.parallel.mesh)
     mesh = parallel.make_mesh(*shape)
     n_dev = int(np.prod([mesh.shape[a] for a in parallel.batch_axes(mesh)]))
     rules = parallel.LLAMA_RULES if len(shape) > 2 and shape[2] > 1 else parallel.DEFAULT_RULES
     pstep = step_fn = parallel.make_train_step(logps_fn, optimizer, mode=mode, mesh=mesh, rules=rules, **step_kwargs)
     mine = parallel.process_rows(mesh, n_dev)  # the device blocks of the global batch this process feeds
   n_local = n_dev if pstep is None else len(mine)
-  if c.train.batch_size % (n_acc * n_dev):
-    raise ValueError(f"config.train.batch_size={c.train.batch_size} must be a multiple of grad_accum_steps x "
-                     f"data-parallel devices = {n_acc * n_dev}.")
   micro = c.train.batch_size // (n_acc * n_dev)
   loader = data_lib.PreferenceLoader(prepared.source("train"), batch_size=micro, layout=c.data.layout,
                                      layout_kwargs=_layout_kwargs(c, fixed=n_dev > 1 or n_acc > 1), seed=c.seed,
@@ -388,21 +416,18 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     """This process's per-device loader batches -> its block of the global batch (mode "jit"):
     PairBatches joined with their flat row indices offset to the global device positions;
     per-pair arrays concatenated; block lists and scored tokens rebuilt on the joined pairs
-    (one process: `main` refuses them with several)."""
-    from pofx import batching, parallel
-    from pofx.data import pipeline
+    (one process: the config validation refuses them with several)."""
     out = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0] if k not in ("pairs",) + index_lists}
     out["pairs"] = parallel.concat_pair_batches([p["pairs"] for p in parts], start=int(mine[0]))
     kw = _index_kwargs(c)
     if kw["attention_block_size"]:
       out["attention_blocks"] = batching.attention_blocks(out["pairs"], block_size=kw["attention_block_size"],
-                                                          bucket=pipeline.INDEX_BUCKET, kernel=kw["attention_kernel"])
+                                                          bucket=pipeline.INDEX_BUCKET)
     if kw["scored_tokens"]:
       out["scored_tokens"] = batching.scored_tokens(out["pairs"], bucket=pipeline.INDEX_BUCKET)
     return out
 
   def place(batch):
-    from pofx import parallel
     if pstep is None:
       return batch
     if jax.process_count() > 1:  # every process feeds only its own rows / device blocks
@@ -414,7 +439,6 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     # processes, the same pairs as one loader batch of train.batch_size pairs in a single process.
     per = [[clean(next(it)) for _ in range(n_local)] for _ in range(n_acc)]
     if n_local * n_acc > 1:  # stacked batches: equal-length block lists and scored tokens
-      from pofx import batching
       flat = batching.pad_index_lists([b for row in per for b in row])
       per = [flat[i * n_local:(i + 1) * n_local] for i in range(n_acc)]
     shapes = {tuple(np.shape(x) for x in jax.tree.leaves(b)) for row in per for b in row}
@@ -424,24 +448,30 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     if mode in ("shard_map", "pmap"):
       devs = [per[0][d] if n_acc == 1 else train.stack_microbatches([per[a][d] for a in range(n_acc)])
               for d in range(n_local)]
-      from pofx import parallel
       return place(parallel.stack_per_device(devs))
     micro_batches = [row[0] if pstep is None else join(row) for row in per]
     if n_acc > 1 and pstep is not None:
-      from pofx import batching
       micro_batches = batching.pad_index_lists(micro_batches)
     batch = micro_batches[0] if n_acc == 1 else train.stack_microbatches(micro_batches)
     return place(batch)
 
   primary = jax.process_index() == 0
-  writer = (metrics_lib.MetricWriter(run.workdir, "train", c.train.steps, progress=run.progress) if primary
+  n_devices_used = 1 if pstep is None else int(np.prod(shape))
+  writer = (metrics_lib.MetricWriter(run.workdir, "train", c.train.steps, progress=run.progress,
+                                     num_devices=n_devices_used) if primary
             else metrics_lib.NullWriter())
+  # Processed FLOPs of each step (pofx.flops: policy forward and backward, LM head, reference forward).
+  step_flops_of = metrics_lib.step_flops_fn(run.model_config, reference=c.train.reference.kind,
+                                            perturbation=c.train.perturbation.kind,
+                                            rwp_steps=getattr(c.train.perturbation, "steps", 10))
   it = loader.iterator(start * n_acc * n_local)
   nonfinite = jnp.zeros(())
-  t0, steps_timed = None, 0
+  t0, steps_timed, flops_timed = None, 0, 0.0
   end = c.train.steps if stop_after is None else min(c.train.steps, stop_after)
   for step in range(start, end):
     batch = take(it)
+    step_flops = step_flops_of(batch)  # from the batch's shapes, before the step
+    writer.add_flops(step_flops)
     state, m = step_fn(state, batch, jax.random.fold_in(run.key_for("train/steps"), step))
     nonfinite = nonfinite + m["nonfinite"]
     done = step + 1
@@ -450,6 +480,7 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
       t0 = time.perf_counter()  # the first step (compilation) is not timed
     else:
       steps_timed += 1
+      flops_timed += step_flops
     if done % c.train.log_every == 0 or done == end:
       writer.write(done, _local_values(m), pairs=c.train.batch_size)
     if done % c.train.checkpoint_every == 0 or done == end:
@@ -462,21 +493,20 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   seconds = time.perf_counter() - t0 if t0 else float("nan")
   writer.close()
   info = {"pairs_per_second": c.train.batch_size * steps_timed / seconds if steps_timed else float("nan"),
+          "flops_per_second": flops_timed / seconds if steps_timed else float("nan"),
           "nonfinite_steps": int(_scalar(nonfinite)), "steps": end}
+  info["mfu"] = metrics_lib.mfu(info["flops_per_second"], n_devices_used) if steps_timed else None
   if end == c.train.steps:
     _save_params(final_path, state.params)  # every process writes its shards
   ckpts.close()
   params = state.params
   if pstep is not None:
-    from pofx import parallel
     params = parallel.to_host(params)  # evaluation runs on host copies (a collective: every process)
   return params, info
 
 
 def stage_eval(run: Run, prepared, base_params, params, data_meta, *, base_samples=None):
   """Evaluation on held-out prompts and pairs (stage 5)."""
-  from pofx import evaluation
-  np = _np()
   c = run.config
   if c.data.source == "files":
     out = {"data_skipped": {k: dict(v.skipped) for k, v in prepared.stats.items()},
@@ -485,12 +515,12 @@ def stage_eval(run: Run, prepared, base_params, params, data_meta, *, base_sampl
       src = prepared.source("eval")
       ex = [src[i] for i in range(len(src))]
       out.update(evaluation.evaluate_pairs(params, base_params, [e["prompt"] for e in ex], [e["chosen"] for e in ex],
-                                           [e["rejected"] for e in ex], config=run.model_config,
+                                           [e["rejected"] for e in ex], model=run.model,
                                            beta=float(c.train.loss_hyper.get("beta", 0.1))))
     return out, None
   prompts = run.world.prompts(c.eval.num_prompts, seed=c.seed * 1000 + 5, split="eval")
   pol = evaluation.evaluate_policy(run.world, params, base_params, prompts, run.key_for("eval"),
-                                   config=run.model_config, num_samples=c.eval.samples_per_prompt,
+                                   model=run.model, num_samples=c.eval.samples_per_prompt,
                                    temperature=c.eval.temperature, top_k=c.eval.top_k, base_samples=base_samples)
   out = {
       "gold_reward_base": pol["base_gold_reward"], "gold_reward_policy": pol["gold_reward"],
@@ -503,7 +533,7 @@ def stage_eval(run: Run, prepared, base_params, params, data_meta, *, base_sampl
     src = prepared.source("eval")
     ex = [src[i] for i in range(len(src))]
     pairs = evaluation.evaluate_pairs(params, base_params, [e["prompt"] for e in ex], [e["chosen"] for e in ex],
-                                      [e["rejected"] for e in ex], config=run.model_config,
+                                      [e["rejected"] for e in ex], model=run.model,
                                       beta=float(c.train.loss_hyper.get("beta", 0.1)),
                                       pref_prob=np.asarray(data_meta["eval_label_prob"][:len(ex)], np.float32))
     out.update(pairs)
@@ -525,9 +555,9 @@ def _table(summary: Dict[str, Any]) -> str:
   return "\n".join([line] + [f"| {k.ljust(w)} | {v.rjust(22)} |" for k, v in rows] + [line])
 
 
-def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None):
-  """Stages 1-5 for one config; `shared` = (run, base_params, prepared, data_meta) from a sweep."""
-  from experiments import metrics as metrics_lib, plots
+def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None, startup=None):
+  """Stages 1-5 for one config; `shared` = (run, base_params, prepared, data_meta, base_samples)
+  from a sweep; `startup`: what `pofx_backends.startup()` did (recorded in the summary)."""
   t = time.perf_counter()
   if shared is None:
     run = Run(config, workdir, progress=progress)
@@ -536,7 +566,7 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
     base_samples = None
   else:
     parent, base, prepared, data_meta, base_samples = shared
-    run = Run(config, workdir, progress=progress)
+    run = Run(config, workdir, progress=progress, kernels_record=parent.kernels_record)
     run.model, run.model_config, run.world = parent.model, parent.model_config, parent.world
     # The SFT base and the data are shared; reference caches are shared through their files.
     if config.train.reference.kind in ("cached", "multi"):
@@ -548,7 +578,6 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
   params, info = stage_train(run, prepared, base, stop_after=stop_after)
   if stop_after is not None and info.get("steps", 0) < config.train.steps:
     return None, None
-  import jax
   if jax.process_index() != 0:
     return None, None  # process 0 evaluates and writes the summary
   summary_path = run.path("summary.json")
@@ -557,10 +586,13 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
       return json.load(f), None
   results, base_samples = stage_eval(run, prepared, base, params, data_meta, base_samples=base_samples)
   summary = {**results, "pairs_per_second": info.get("pairs_per_second", float("nan")),
+             "flops_per_second": info.get("flops_per_second", float("nan")), "mfu": info.get("mfu"),
              "nonfinite_steps": info.get("nonfinite_steps", 0), "loss": config.train.loss,
              "loss_hyper": dict(config.train.loss_hyper), "reference": config.train.reference.kind,
              "perturbation": config.train.perturbation.kind, "seed": config.seed,
-             "host_memory": config.host_memory, "seconds_total": time.perf_counter() - t}
+             "kernels": run.kernels_record["name"], "kernels_record": run.kernels_record,
+             **({"startup": startup} if startup is not None else {}),
+             "seconds_total": time.perf_counter() - t}
   with open(summary_path, "w") as f:
     json.dump(summary, f, indent=1)
   recs = metrics_lib.read_jsonl(run.path("metrics.jsonl")) if os.path.exists(run.path("metrics.jsonl")) else []
@@ -573,9 +605,8 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
   return summary, (run, base, prepared, data_meta, base_samples)
 
 
-def run_sweep(config, workdir: str, *, progress=True):
+def run_sweep(config, workdir: str, *, progress=True, startup=None):
   """The shared stages once, then each sweep member; one reward-vs-KL chart of all members."""
-  from experiments import plots
   run = Run(config, workdir, progress=progress)
   base = stage_sft(run)
   prepared, data_meta = stage_data(run, base)
@@ -589,9 +620,9 @@ def run_sweep(config, workdir: str, *, progress=True):
         if isinstance(v, str) and "{workdir}" in v:
           v = v.replace("{workdir}", os.path.abspath(workdir))
         _set(member, k, v)
-    from configs import common
-    common.validate(member)
-    s, info = run_one(member, os.path.join(workdir, "sweep", item["label"]), progress=progress, shared=shared)
+    config_validation.validate(member, process_count=jax.process_count())
+    s, info = run_one(member, os.path.join(workdir, "sweep", item["label"]), progress=progress, shared=shared,
+                      startup=startup)
     if info is not None:
       shared = (run, base, prepared, data_meta, info[4])
     summaries[item["label"]] = s
@@ -605,40 +636,75 @@ def run_sweep(config, workdir: str, *, progress=True):
   return summaries, chart
 
 
+# ------------------------------------------------------------------------------------------------
+# The command line
+
+
+def _fail(message: str):
+  """Ends the program with one line on stderr and exit status 2 (a usage error, no traceback)."""
+  print(f"experiments.main: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)(?:=(.*))?$")
+
+
+def _config_flag_error(argv, error: Exception) -> str:
+  """One line for a `--config` / `--config.<key>` flag that failed to parse: the misspelt key and
+  the nearest existing dotted path, or the key, its value and the type it takes."""
+  spec = next((a.split("=", 1)[1] for a in argv if re.match(r"^--?config=", a)), None)
+  try:
+    config = flags.FLAGS["config"].parser.parse(spec) if spec else None
+  except Exception as e:  # the config file or its arg is itself the error: its innermost cause
+    while e.__cause__ is not None or e.__context__ is not None:
+      e = e.__cause__ or e.__context__
+    return f"--config={spec}: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+  for arg in argv:
+    m = _OVERRIDE.match(arg)
+    if m and config is not None:
+      key = m.group(1)
+      if not config_validation.has_field(config, key):
+        return f"--{arg.lstrip('-')}: {config_validation.unknown_field_message(config, key)}"
+      if str(m.group(2)) in str(error) or key in str(error):
+        value = config_validation._get(config, key)  # pylint: disable=protected-access
+        kind = type(value).__name__ if value is not None else "a value of the field's type"
+        return f"--config.{key}={m.group(2)}: config.{key} takes {kind} (default {value!r})."
+  return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def parse_flags(argv):
+  """absl's flag parsing; a bad `--config...` flag ends the program with one line, no traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(_config_flag_error(argv, e) if any(re.match(r"^--?(no)?config[.=]", a) for a in argv) else str(e))
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections on a --config.<key> override
+    _fail(_config_flag_error(argv, e))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from configs import common
+  started = pofx_backends.startup()  # first: process-wide, before JAX's backend starts its threads
   config = _CONFIG.value
   if config is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required.")
-  common.validate(config)  # before any compute
-  if config.host_memory == "retain":   # before the first allocation of any size
-    from pofx import host_memory
-    applied = host_memory.retain_freed_memory()
-    print(f"host memory: freed memory retained in the process ({'glibc mallopt' if applied else 'not glibc: unchanged'})")
   logging.set_verbosity(logging.WARNING)
-  import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
-  from experiments import distributed
   distributed.initialize()  # the local launcher's variables, a cluster (SLURM, TPU pod slice, ...), or one process
+  try:
+    config_validation.validate(config, process_count=jax.process_count(), device_count=jax.device_count())
+  except ValueError as e:  # before any compute: one line
+    _fail(str(e))
+  _say("start-up: %s", started["detail"])
   workdir = _WORKDIR.value
-  import jax
-  fast = config.data.attention == "block_sparse" or config.data.scored == "compact"
-  if fast and config.train.parallel.mode == "jit" and jax.process_count() > 1:
-    raise ValueError("config.data.attention='block_sparse' / data.scored='compact' with train.parallel.mode='jit' "
-                     "needs one process (their index lists span the global batch); allowed with several processes: "
-                     "train.parallel.mode='shard_map' (lists built per device), or data.attention='dense' and "
-                     "data.scored='slots'.")
-  if config.sweep and jax.process_count() > 1:
-    raise ValueError("config.sweep runs in one process; multi-process runs take one training config.")
   if config.sweep:
-    summaries, chart = run_sweep(config, workdir, progress=_PROGRESS.value)
+    summaries, chart = run_sweep(config, workdir, progress=_PROGRESS.value, startup=started)
     for label, s in summaries.items():
       print(f"\n{label}\n{_table(s)}")
     print(f"\nchart: {chart}")
     return
-  summary, _ = run_one(config, workdir, progress=_PROGRESS.value, stop_after=_MAX_TRAIN_STEPS.value)
+  summary, _ = run_one(config, workdir, progress=_PROGRESS.value, stop_after=_MAX_TRAIN_STEPS.value, startup=started)
   if jax.process_index() != 0:
     return
   if summary is None:
@@ -650,4 +716,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -36,7 +36,7 @@ token the tensors the backward pass keeps (no remat):
     full = b (4D + (2 H hd + 2 K hd + 3F) / tp) + H L (4 + b) / tp
   (norm inputs and outputs 4D; rotated q, k and v; the attention output; gate, up and their
   product; fp32 softmax probabilities and their compute-dtype copy for the einsum/xla
-  attention; with attention_impl "cudnn" (flash) the H L term is H x 4 bytes of statistics)
+  attention of XLA's kernels; a flash-attention backend keeps H x 4 bytes of statistics instead)
     remat nothing_saveable:                saved = b D (the block input)
     remat dots_with_no_batch_dims_saveable: saved = b (3D + (H hd + 2 K hd + 2F) / tp)
     remat dots_saveable:                   saved = b (3D + (2 H hd + 2 K hd + 2F) / tp) + 4 H L / tp
@@ -72,13 +72,23 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from absl import app
-from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from jax.sharding import AbstractMesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from configs import validate as config_validation
 from experiments import main as main_lib  # the training program's --config flag and optimizer
+from pofx import batching, losses, models, parallel, policy, references, train
+from pofx import world as world_lib
+from pofx.models import llama
 
 _CONFIG = main_lib._CONFIG
 _MESH = flags.DEFINE_string("mesh", None, "Mesh '<data>x<fsdp>[x<tensor>]' (default: config.train.parallel.mesh).")
@@ -123,7 +133,6 @@ def mesh_text(shape: Dict[str, int]) -> str:
 
 def rules_for(name: str, shape: Dict[str, int]):
   """(resolved name, rules) of pofx.parallel for a rule-set name ("auto" picks by the mesh)."""
-  from pofx import parallel
   if name == "auto":
     name = "llama" if shape.get("tensor", 1) > 1 else "default"
   table = {"default": parallel.DEFAULT_RULES, "llama": parallel.LLAMA_RULES, "replicated": parallel.REPLICATED_RULES}
@@ -138,9 +147,7 @@ def model_config_of(c):
   Unlike `experiments.main.Run` (which sets a preset's vocabulary to the controlled world's),
   a named preset keeps its own vocabulary here: a pod run trains on real tokenised data.
   """
-  from pofx import models
   if c.model.preset == "world":
-    from pofx import world as world_lib
     return world_lib.World(world_lib.WorldConfig(seed=c.seed, **dict(c.world))).model_config(
         dtype=c.model.dtype, remat=c.model.remat)
   return models.preset(c.model.preset, dtype=c.model.dtype, remat=c.model.remat)
@@ -182,7 +189,6 @@ def batch_shapes(c, seq_len: Optional[int] = None, completion_len: Optional[int]
 
 def _reference(c, logps_fn, params):
   """The run's reference strategy (as `experiments.main.stage_train` builds it)."""
-  from pofx import references
   kind = c.train.reference.kind
   if kind == "none":
     return references.none()
@@ -199,7 +205,6 @@ def _reference(c, logps_fn, params):
 
 
 def _pieces(c, model_cfg, chunk_size: int = HEAD_CHUNK):
-  from pofx import losses, models, policy
   spec = losses.spec(c.train.loss)
   model = models.make(model_cfg)
   logps_fn = policy.make_logps_fn(model.apply, model.head, chunk_size=chunk_size,
@@ -211,8 +216,6 @@ def _pieces(c, model_cfg, chunk_size: int = HEAD_CHUNK):
 
 def abstract_state(c, model_cfg):
   """`TrainState` of ShapeDtypeStructs (jax.eval_shape over init_params + init_state)."""
-  import jax
-  from pofx import train
   spec, model, logps_fn, optimizer, _, perturbation = _pieces(c, model_cfg)
   hyper = dict(c.train.loss_hyper)
 
@@ -226,9 +229,6 @@ def abstract_state(c, model_cfg):
 
 def abstract_batch(c, shapes: Shapes):
   """The train step's batch as ShapeDtypeStructs (a PairBatch plus the loss's and cache's inputs)."""
-  import jax
-  import jax.numpy as jnp
-  from pofx import batching, losses, references, train
   spec = losses.spec(c.train.loss)
   lead = (shapes.accum,) if shapes.accum > 1 else ()
   R, L, B, T = shapes.rows, shapes.length, shapes.pairs, shapes.completion
@@ -257,7 +257,6 @@ def abstract_batch(c, shapes: Shapes):
 
 
 def _abstract_mesh(shape: Dict[str, int]):
-  from jax.sharding import AbstractMesh
   names = tuple(a for a in MESH_AXES if a in shape)
   return AbstractMesh(tuple(shape[a] for a in names), names)
 
@@ -276,8 +275,6 @@ def local_shape(shape: Sequence[int], spec, mesh_shape: Dict[str, int]) -> Tuple
 
 
 def _nbytes(shape, dtype) -> int:
-  import jax
-  import numpy as np
   if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
     return 8  # a threefry key: 2 x uint32
   return int(math.prod(shape)) * np.dtype(dtype).itemsize
@@ -286,8 +283,6 @@ def _nbytes(shape, dtype) -> int:
 def leaf_table(tree, mesh_shape: Dict[str, int], rules, *, min_fsdp_size: int = 2 ** 16, prefix: str = ""):
   """One row per leaf: path, shape, dtype, PartitionSpec (by `parallel.tree_specs`), global and
   per-device bytes."""
-  import jax
-  from pofx import parallel
   mesh = _abstract_mesh(mesh_shape)
   specs = parallel.tree_specs(tree, mesh, rules, min_fsdp_size=min_fsdp_size)
   rows = []
@@ -302,8 +297,6 @@ def leaf_table(tree, mesh_shape: Dict[str, int], rules, *, min_fsdp_size: int = 
 
 
 def _batch_rows(batch, mesh_shape, accum):
-  import jax
-  from pofx import parallel
   mesh = _abstract_mesh(mesh_shape)
   specs = parallel.batch_specs(batch, mesh, grad_accum_steps=accum)
   spec_leaves = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
@@ -326,7 +319,6 @@ def _sum(rows, key="bytes_per_device"):
 
 def activation_estimate(model_cfg, shapes: Shapes, mesh_shape: Dict[str, int], *, chunk: int = HEAD_CHUNK) -> Dict[str, Any]:
   """Activation bytes per device (the module docstring's formula), with its parts."""
-  import numpy as np
   m = model_cfg
   b = np.dtype(m.compute_dtype).itemsize
   D, F, H, K, hd, V, n = m.hidden_size, m.mlp_size, m.num_heads, m.num_kv_heads, m.resolved_head_dim, m.vocab_size, m.num_layers
@@ -334,7 +326,7 @@ def activation_estimate(model_cfg, shapes: Shapes, mesh_shape: Dict[str, int], *
   tp = mesh_shape.get("tensor", 1)
   batch_devices = mesh_shape["data"] * mesh_shape["fsdp"]
   tokens = shapes.tokens / batch_devices
-  attn = H * L * (4 + b) / tp if m.attention_impl != "cudnn" else H * 4 / tp
+  attn = H * L * (4 + b) / tp   # XLA's attention keeps the probabilities (pofx.kernels.xla_attention)
   full = b * (4 * D + (2 * H * hd + 2 * K * hd + 3 * F) / tp) + attn
   if not m.remat:
     policy, saved = "none", full
@@ -352,7 +344,7 @@ def activation_estimate(model_cfg, shapes: Shapes, mesh_shape: Dict[str, int], *
   total = layers + hidden + head
   return {"bytes_per_device": int(total), "layers": int(layers), "gathered_hidden": int(hidden), "head_chunk": int(head),
           "tokens_per_device": tokens, "per_layer_token_saved": saved, "per_layer_token_full": full,
-          "remat_policy": policy, "attention_impl": m.attention_impl,
+          "remat_policy": policy,
           "formula": "t (n_layers saved + full) [remat] | t n_layers full [no remat]; + 2 B_dev T D b + 8 chunk V / tp"}
 
 
@@ -399,9 +391,6 @@ def compiled_cost(c, model_cfg, mesh_shape: Dict[str, int], rules_name: str, *, 
                   seq_len=None, completion_len=None) -> Dict[str, Any]:
   """Lowers and compiles the "jit"-mode step on abstract inputs over the first N devices of this
   process; returns XLA's per-device cost and memory analysis. Needs N devices here."""
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from pofx import parallel, train
   n_dev = math.prod(mesh_shape.values())
   if jax.device_count() < n_dev:
     raise ValueError(f"compiled_cost needs {n_dev} devices; this process has {jax.device_count()}.")
@@ -451,7 +440,6 @@ def compiled_cost(c, model_cfg, mesh_shape: Dict[str, int], rules_name: str, *, 
 def _compiled_cost_subprocess(c, model_cfg, mesh_shape, rules_name, *, min_fsdp_size, seq_len, completion_len,
                               timeout: int) -> Dict[str, Any]:
   """`compiled_cost` in a fresh process with N simulated CPU devices."""
-  import tempfile
   n_dev = math.prod(mesh_shape.values())
   with tempfile.TemporaryDirectory() as tmp:
     spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
@@ -478,8 +466,6 @@ def _compiled_cost_subprocess(c, model_cfg, mesh_shape, rules_name, *, min_fsdp_
 
 
 def _child(spec_path: str, out_path: str) -> None:
-  import ml_collections
-  from pofx.models import llama
   with open(spec_path) as f:
     spec = json.load(f)
   c = ml_collections.ConfigDict(spec["config"])
@@ -500,7 +486,6 @@ def make_plan(c, mesh: Optional[str] = None, *, rules: str = "auto", min_fsdp_si
               compile: Optional[bool] = None, seq_len: Optional[int] = None, completion_len: Optional[int] = None,
               compile_timeout: int = 900, config_name: str = "") -> Dict[str, Any]:
   """The plan as a dict (see the module docstring). `compile`: True / False / None (auto)."""
-  import jax
   mesh = mesh or c.train.parallel.mesh
   if not mesh:
     raise ValueError("no mesh: pass --mesh=<data>x<fsdp>[x<tensor>] (config.train.parallel.mesh is empty).")
@@ -584,7 +569,7 @@ def make_plan(c, mesh: Optional[str] = None, *, rules: str = "auto", min_fsdp_si
       "config": config_name, "mesh": mesh_text(mesh_shape), "mesh_axes": mesh_shape, "devices": n_dev,
       "rules": rules_name, "min_fsdp_size": min_fsdp_size,
       "model": {"preset": c.model.preset, "num_params": n_params, "num_params_closed_form": model_cfg.num_params(),
-                **{k: v for k, v in dataclasses.asdict(model_cfg).items()}},
+                **dataclasses.asdict(model_cfg)},
       "batch": {"layout": shapes.layout, "pairs_per_step": shapes.global_pairs, "grad_accum_steps": shapes.accum,
                 "rows": shapes.rows, "row_length": shapes.length, "completion_length": shapes.completion,
                 "tokens_per_step": shapes.tokens * shapes.accum, "tokens_per_device": acts["tokens_per_device"]},
@@ -611,8 +596,7 @@ def format_plan(plan: Dict[str, Any]) -> str:
       f"model      {m['preset']}: {m['num_params']:,} parameters (closed form {m['num_params_closed_form']:,}); "
       f"D={m['hidden_size']}, {m['num_layers']} layers, {m['num_heads']} heads / {m['num_kv_heads']} KV, "
       f"MLP {m['mlp_size']}, vocab {m['vocab_size']}, {'tied' if m['tie_embeddings'] else 'untied'}; "
-      f"params {m['param_dtype']}, compute {m['dtype']}, remat {plan['activations']['remat_policy']}, "
-      f"attention {m['attention_impl']}",
+      f"params {m['param_dtype']}, compute {m['dtype']}, remat {plan['activations']['remat_policy']}",
       f"batch      {b['pairs_per_step']} pairs/step ({b['grad_accum_steps']} micro-batch(es)), layout {b['layout']}: "
       f"{b['rows']} rows x {b['row_length']} tokens, completions T={b['completion_length']}; "
       f"{b['tokens_per_step']:,} tokens/step, {b['tokens_per_device']:,.0f} per device per micro-batch",
@@ -667,10 +651,8 @@ def main(argv):
   c = _CONFIG.value
   if c is None:
     raise app.UsageError("--config is required (e.g. --config=configs/dpo.py:llama3_8b).")
-  from absl import logging
   logging.set_verbosity(logging.WARNING)
-  from configs import common
-  common.validate(c)
+  config_validation.validate(c)
   try:
     plan = make_plan(c, _MESH.value, rules=_RULES.value, min_fsdp_size=_MIN_FSDP.value, compile=_COMPILE.value,
                      seq_len=_SEQ_LEN.value, completion_len=_COMPLETION_LEN.value,

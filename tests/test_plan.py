@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from configs import common, dpo
+from configs import dpo, validate
 from experiments import plan
 from pofx.models import llama
 
@@ -47,7 +47,7 @@ def _plan(arg, mesh=None, **kw):
 @pytest.mark.parametrize("arg", ["llama3_1b", "llama3_8b", "llama3_70b"])
 def test_pod_configs_validate_and_name_the_preset(arg):
   c = dpo.get_config(arg)
-  common.validate(c)
+  validate.validate(c)
   assert c.model.preset == arg and c.train.parallel.mode == "jit" and c.model.dtype == "bfloat16"
   shape = plan.parse_mesh(c.train.parallel.mesh)
   assert c.train.batch_size % (shape["data"] * shape["fsdp"]) == 0

@@ -1,0 +1,308 @@
+"""Every check of an experiment config, in one place, run before any compute.
+
+    from configs import validate
+    validate.validate(config, process_count=jax.process_count(), device_count=jax.device_count())
+
+`validate` raises `ValueError("config.<field>=<value> is not allowed; allowed: ...")` naming the
+field and what is allowed. It checks each field (the allowed values are `pofx.options`' tuples,
+the loss and its hyperparameters are `pofx.losses`' registry), the rules between fields
+(block-sparse attention and the row buckets, a loss and its reference, rwp and its threshold),
+the rules that depend on the run's processes and devices (given as arguments: index lists that
+span the global batch need one process; a sweep runs in one process; the batch divides over the
+data-parallel devices) and the kernel backend against the JAX backend this process runs on
+(`pofx_backends.unavailable_reason`).
+
+`unknown_field_message(config, "train.lerning_rate")` is the one-line error of a misspelt
+command-line key: it names the nearest dotted path of the whole config
+(`train.optimizer.learning_rate`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import ml_collections
+
+from pofx import losses, options
+
+try:  # the optional kernel backends (pofx_backends): without them, model.kernels can only be "xla"
+  import pofx_backends
+except ImportError:  # pragma: no cover
+  pofx_backends = None
+
+# Fields that must be integers > 0.
+POSITIVE_INTEGERS = ("sft.steps", "sft.batch_size", "data.num_prompts", "data.samples_per_prompt", "train.steps",
+                     "train.batch_size", "train.grad_accum_steps", "train.log_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "eval.num_prompts", "eval.samples_per_prompt")
+
+
+# ------------------------------------------------------------------------------------------------
+# Field names.
+
+
+def field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> List[str]:
+  """Every dotted path of `config`: its leaves and the dicts that hold them."""
+  out = []
+  for key in config.keys():
+    path = f"{prefix}{key}"
+    out.append(path)
+    value = config[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      out += field_paths(value, path + ".")
+  return out
+
+
+def has_field(config: ml_collections.ConfigDict, dotted: str) -> bool:
+  node = config
+  for part in dotted.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+def nearest_field(config: ml_collections.ConfigDict, dotted: str) -> Optional[str]:
+  """The existing dotted path closest to `dotted` over the whole config.
+
+  Ranked by the similarity of the last name (what was meant), then by how well the given parents
+  appear among the candidate's parents (where it was meant), then by the whole path's similarity:
+  `train.lerning_rate` -> `train.optimizer.learning_rate` (not `sft.learning_rate`)."""
+  ratio = lambda a, b: difflib.SequenceMatcher(None, a, b).ratio()
+  *parents, leaf = dotted.split(".")
+
+  def score(path: str) -> Tuple[float, float, float]:
+    *cand_parents, cand_leaf = path.split(".")
+    parent_match = (sum(max((ratio(p, q) for q in cand_parents), default=0.0) for p in parents) / len(parents)
+                    if parents else 0.0)
+    return ratio(leaf, cand_leaf), parent_match, ratio(dotted, path)
+
+  candidates = [p for p in field_paths(config) if p != dotted]
+  if not candidates:
+    return None
+  best = max(candidates, key=score)
+  return best if score(best)[0] >= 0.5 or score(best)[2] >= 0.6 else None
+
+
+# Fields that were replaced: what to set instead.
+REPLACED = {
+    "data.attention_kernel": "config.model.kernels (the kernel backend: pofx.options.KERNEL_BACKENDS)",
+    "model.matmul": "config.model.kernels (the kernel backend: pofx.options.KERNEL_BACKENDS)",
+    "model.blas": "config.model.kernels (the kernel backend: pofx.options.KERNEL_BACKENDS)",
+    "host_memory": "nothing: the program keeps freed memory on CPU by default (pofx_backends.startup)",
+}
+
+
+def unknown_field_message(config: ml_collections.ConfigDict, dotted: str) -> str:
+  """One line: the config has no field `dotted`; the nearest one (or what replaced it)."""
+  if dotted in REPLACED:
+    return f"config has no field {dotted!r} any more; set {REPLACED[dotted]}."
+  near = nearest_field(config, dotted)
+  hint = f"; did you mean config.{near}?" if near else "."
+  return f"config has no field {dotted!r}{hint}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Values.
+
+
+def mesh_shape(text: str) -> Tuple[int, ...]:
+  """`train.parallel.mesh`: "" -> all devices on `data`; "8" -> (8,); "4x2" -> data 4 x fsdp 2;
+  "2x2x2" adds a tensor axis."""
+  if not text:
+    return (-1,)
+  try:
+    dims = tuple(int(x) for x in str(text).lower().split("x"))
+  except ValueError:
+    dims = ()
+  if not 1 <= len(dims) <= 3 or any(d < 1 for d in dims):
+    raise ValueError(f"config.train.parallel.mesh={text!r} is not allowed; allowed: '' (all devices on data), "
+                     "'<data>', '<data>x<fsdp>' or '<data>x<fsdp>x<tensor>' with positive integers.")
+  return dims
+
+
+def _get(c, dotted: str):
+  node = c
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _allowed(c, field: str, allowed: Sequence[str]):
+  value = _get(c, field)
+  if value not in allowed:
+    raise ValueError(f"config.{field}={value!r} is not allowed; allowed: {list(allowed)}.")
+
+
+def _positive(field, value, *, integer=True, zero_ok=False):
+  ok = (isinstance(value, int) if integer else isinstance(value, (int, float))) and not isinstance(value, bool)
+  if not ok or (value < 0 if zero_ok else value <= 0):
+    kind = "an integer" if integer else "a number"
+    raise ValueError(f"config.{field}={value!r} is not allowed; allowed: {kind} {'>= 0' if zero_ok else '> 0'}.")
+
+
+def _optional_positive(field, value):
+  if value is not None:
+    _positive(field, value)
+
+
+def _check_data(c) -> None:
+  _allowed(c, "data.source", options.SOURCES)
+  _allowed(c, "data.layout", options.LAYOUTS)
+  _allowed(c, "data.on_bad_record", options.ON_BAD_RECORD)
+  _allowed(c, "data.attention", options.ATTENTION_MODES)
+  _allowed(c, "data.scored", options.SCORED_MODES)
+  if c.data.attention == "block_sparse":
+    _positive("data.attention_block_size", c.data.attention_block_size)
+    if not isinstance(c.data.seq_bucket, int) or c.data.seq_bucket % c.data.attention_block_size:
+      raise ValueError(f"config.data.seq_bucket={c.data.seq_bucket!r} is not allowed with data.attention='block_sparse' "
+                       f"and data.attention_block_size={c.data.attention_block_size}; allowed: a multiple of "
+                       f"{c.data.attention_block_size} (every row length must be whole blocks).")
+  if c.data.samples_per_prompt < 2:
+    raise ValueError(f"config.data.samples_per_prompt={c.data.samples_per_prompt} is not allowed; allowed: >= 2.")
+  _optional_positive("data.max_prompt_len", c.data.max_prompt_len)
+  _optional_positive("data.max_completion_len", c.data.max_completion_len)
+  if c.data.source != "files":
+    return
+  if not c.data.files:
+    raise ValueError("config.data.files is empty; allowed: comma-separated JSONL/Parquet paths when "
+                     "data.source='files'.")
+  for f in [x.strip() for x in (c.data.files + "," + c.data.eval_files).split(",") if x.strip()]:
+    if not os.path.exists(f):
+      raise ValueError(f"config.data.files: {f!r} does not exist.")
+  if not c.data.tokenizer_dir or not os.path.exists(os.path.join(c.data.tokenizer_dir, "tokenizer.json")):
+    raise ValueError(f"config.data.tokenizer_dir={c.data.tokenizer_dir!r} has no tokenizer.json; allowed: a folder "
+                     "with tokenizer.json (and tokenizer_config.json for chat templates).")
+  _allowed(c, "data.format", options.FORMATS)
+  _allowed(c, "data.truncation", options.TRUNCATION)
+  if c.train.reference.kind == "multi":
+    raise ValueError("config.train.reference.kind='multi' builds its second reference from the controlled world; "
+                     "with data.source='files' use frozen, cached, synced, ema, guiding or none.")
+
+
+def _check_loss(c) -> None:
+  if c.train.loss not in losses.REGISTRY:
+    raise ValueError(f"config.train.loss={c.train.loss!r} is not allowed; allowed: {losses.names()}.")
+  spec = losses.spec(c.train.loss)
+  hyper = dict(c.train.loss_hyper)
+  unknown = sorted(set(hyper) - set(spec.hyperparameters))
+  if unknown:
+    raise ValueError(f"config.train.loss_hyper has {unknown}, not hyperparameters of {spec.name!r}; "
+                     f"allowed: {sorted(spec.hyperparameters)}.")
+  beta = hyper.get("beta")
+  if "beta" in hyper and not (isinstance(beta, (int, float)) and beta > 0):
+    raise ValueError(f"config.train.loss_hyper.beta={beta!r} is not allowed; allowed: beta > 0.")
+  if "list" in spec.requires:
+    raise ValueError(f"config.train.loss={spec.name!r} is a K-way listwise loss; the training program trains pairs.")
+  if spec.reference == "required" and c.train.reference.kind == "none":
+    raise ValueError(f"config.train.reference.kind='none', but loss {spec.name!r} needs a reference; allowed: "
+                     f"{[k for k in options.REFERENCE_KINDS if k != 'none']}.")
+  if spec.reference == "unused" and c.train.reference.kind != "none":
+    raise ValueError(f"config.train.reference.kind={c.train.reference.kind!r}, but loss {spec.name!r} is "
+                     "reference-free; allowed: 'none'.")
+  # Losses needing scores read them from the data: the world's gold rewards, or the files'
+  # score_chosen / score_rejected (the loader refuses pairs without them).
+  for kind in ("turn_ids", "risk", "kl"):
+    if kind in spec.requires:
+      raise ValueError(f"loss {spec.name!r} needs {kind!r} inputs that the training program does not produce.")
+
+
+def _check_train(c) -> None:
+  _allowed(c, "train.on_nonfinite", options.ON_NONFINITE)
+  _allowed(c, "train.reference.kind", options.REFERENCE_KINDS)
+  _allowed(c, "train.perturbation.kind", options.PERTURBATION_KINDS)
+  _allowed(c, "train.optimizer.name", options.OPTIMIZERS)
+  _allowed(c, "train.parallel.mode", options.PARALLEL_MODES)
+  mesh_shape(c.train.parallel.mesh)
+  _positive("train.optimizer.learning_rate", c.train.optimizer.learning_rate, integer=False)
+  if c.train.batch_size % c.train.grad_accum_steps:
+    raise ValueError(f"config.train.batch_size={c.train.batch_size} must be a multiple of "
+                     f"config.train.grad_accum_steps={c.train.grad_accum_steps}.")
+  alpha = c.train.reference.mrpo_alpha
+  if alpha is not None and not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"config.train.reference.mrpo_alpha={alpha!r} is not allowed; allowed: None (adaptive per pair) "
+                     "or a weight in [0, 1].")
+  p = c.train.perturbation
+  if p.kind == "rwp":
+    if p.c_min is None or not math.isfinite(p.c_min):
+      raise ValueError(f"config.train.perturbation.c_min={p.c_min!r} is not allowed with kind='rwp'; allowed: a finite "
+                       "per-pair loss threshold (e.g. 1.0 for DPO, whose loss is log 2 = 0.693 at zero margin).")
+    _positive("train.perturbation.steps", p.steps)
+    if p.gamma < 0:
+      raise ValueError(f"config.train.perturbation.gamma={p.gamma!r} is not allowed; allowed: >= 0.")
+  if c.train.reference.kind == "guiding" and not c.train.reference.guide_checkpoint:
+    raise ValueError("config.train.reference.guide_checkpoint is empty; allowed: the path of a finished run's "
+                     "params checkpoint (e.g. <first-stage workdir>/final_params).")
+  _check_loss(c)
+
+
+def _check_processes(c, process_count: int, device_count: Optional[int]) -> None:
+  """The rules that depend on how many processes and devices the run has."""
+  mode = c.train.parallel.mode
+  if process_count > 1:
+    if c.sweep:
+      raise ValueError("config.sweep runs in one process; multi-process runs take one training config.")
+    if mode == "pmap":
+      raise ValueError("config.train.parallel.mode='pmap' runs in one process; with several processes use 'jit' "
+                       "or 'shard_map'.")
+    if mode == "jit" and (c.data.attention == "block_sparse" or c.data.scored == "compact"):
+      raise ValueError("config.data.attention='block_sparse' / data.scored='compact' with train.parallel.mode='jit' "
+                       "needs one process (their index lists span the global batch); allowed with several processes: "
+                       "train.parallel.mode='shard_map' (lists built per device), or data.attention='dense' and "
+                       "data.scored='slots'.")
+  if mode == "single" or device_count is None:
+    return
+  sizes = list(mesh_shape(c.train.parallel.mesh)) + [1] * (3 - len(mesh_shape(c.train.parallel.mesh)))
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if device_count % known:
+      raise ValueError(f"config.train.parallel.mesh={c.train.parallel.mesh!r} does not divide the {device_count} "
+                       "devices of this run.")
+    sizes[sizes.index(-1)] = device_count // known
+  if math.prod(sizes) != device_count:
+    raise ValueError(f"config.train.parallel.mesh={c.train.parallel.mesh!r} needs {math.prod(sizes)} devices; this run "
+                     f"has {device_count}.")
+  batch_devices = sizes[0] * sizes[1]
+  if c.train.batch_size % (c.train.grad_accum_steps * batch_devices):
+    raise ValueError(f"config.train.batch_size={c.train.batch_size} must be a multiple of train.grad_accum_steps x "
+                     f"data-parallel devices = {c.train.grad_accum_steps} x {batch_devices}.")
+
+
+def _check_kernels(c) -> None:
+  """model.kernels: an allowed name, and a named backend that can run on this process's JAX backend."""
+  _allowed(c, "model.kernels", options.KERNEL_BACKENDS)
+  name = c.model.kernels
+  if name in ("auto", "xla"):
+    return
+  if pofx_backends is None:
+    reason, runnable = "the kernel backends (pofx_backends) are not installed", ["auto", "xla"]
+  else:
+    reason = pofx_backends.unavailable_reason(name)
+    runnable = ["auto"] + [b for b in options.KERNEL_BACKENDS[1:] if b != name and not pofx_backends.unavailable_reason(b)]
+  if reason:
+    raise ValueError(f"config.model.kernels={name!r} cannot run here: {reason}; runnable here: {runnable}.")
+  if name == "cpu" and c.train.parallel.mode != "single":
+    raise ValueError(f"config.model.kernels='cpu' runs with train.parallel.mode='single' only (its custom calls are "
+                     f"not partitioned across devices); got {c.train.parallel.mode!r}.")
+
+
+def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_count: Optional[int] = None) -> None:
+  """Checks every field a run reads; raises ValueError naming the field and what is allowed.
+
+  process_count / device_count: the run's JAX processes and devices (`jax.process_count()`,
+  `jax.device_count()`); the device rules are skipped when `device_count` is None."""
+  _positive("seed", c.seed, zero_ok=True)
+  for f in POSITIVE_INTEGERS:
+    _positive(f, _get(c, f))
+  _check_data(c)
+  _check_train(c)
+  for item in c.sweep:
+    if "label" not in item or "overrides" not in item:
+      raise ValueError("config.sweep entries must be {'label': str, 'overrides': {dotted.key: value}}.")
+    for key in dict(item["overrides"]):
+      if not has_field(c, key):
+        raise ValueError(f"config.sweep[{item['label']!r}].overrides: {unknown_field_message(c, key)}")
+  _check_processes(c, process_count, device_count)
+  _check_kernels(c)

@@ -1,0 +1,235 @@
+"""The configs and their validation: every config builds and validates; bad values, misspelt and
+mistyped keys fail before any compute with one line naming the field; the allowed values are
+defined once (`pofx.options`, importable without JAX); the kernel backend is decided once per
+workdir."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+
+import pofx_backends
+from configs import common, validate
+from experiments import main as main_lib
+from pofx import batching, options, parallel
+from pofx import data as data_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAMILIES = ("dpo", "gpo", "simpo", "ipo", "mrpo", "predpo", "trdpo", "sam", "awp", "rwp", "beta_dpo", "dpo_files")
+ARGS = {"dpo": ("", "tiny"), "gpo": ("", "tiny"), "simpo": ("", "tiny"), "ipo": ("", "tiny", "sum", "sum,tiny"),
+        "mrpo": ("", "tiny"), "predpo": ("", "tiny"), "trdpo": ("", "tiny", "hard", "hard,tiny"),
+        "sam": ("", "tiny", "asam", "asam,tiny"), "awp": ("", "tiny"), "rwp": ("", "tiny"), "beta_dpo": ("", "tiny"),
+        "dpo_files": ("", "tiny")}
+
+
+def _config(family="dpo", arg="tiny"):
+  return importlib.import_module(f"configs.{family}").get_config(arg)
+
+
+def _edited(edits, family="dpo", arg="tiny"):
+  c = _config(family, arg)
+  with c.unlocked():
+    for field, value in edits.items():
+      *parents, last = field.split(".")
+      node = c
+      for p in parents:
+        node = node[p]
+      node[last] = value
+  return c
+
+
+def _main(args, **kw):
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, **kw)
+
+
+def test_options_import_without_jax():
+  # The allowed values and the base config load in a process that never imports JAX.
+  code = ("import sys\nfrom pofx import options\nfrom configs import common\nc = common.base_config()\n"
+          "assert c.model.kernels in options.KERNEL_BACKENDS\n"
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax')))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                       capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[]"
+
+
+def test_the_library_reads_the_allowed_values_from_options():
+  # One definition: the library's names are the very tuples of pofx.options.
+  assert batching.LAYOUTS is options.LAYOUTS
+  assert parallel.MODES is options.DEVICE_PARALLEL_MODES
+  assert options.PARALLEL_MODES == ("single", "jit", "shard_map", "pmap")
+  assert data_lib.FORMATS is options.FORMATS and data_lib.TRUNCATION is options.TRUNCATION
+  assert data_lib.RANKING_MODES is options.RANKING_MODES
+  assert pofx_backends.BACKENDS is options.KERNEL_BACKENDS
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_config_builds_locked_and_valid(family):
+  for arg in ARGS[family]:
+    c = _config(family, arg)
+    validate.validate(c)
+    assert c.is_locked
+    assert c.model.kernels == "auto"
+    assert "python -m experiments.main --config=configs/" in importlib.import_module(f"configs.{family}").__doc__
+  with pytest.raises(ValueError, match="allowed"):
+    _config(family, "no_such_arg")
+
+
+def test_options_without_a_value_are_none():
+  c = common.base_config()
+  assert c.train.reference.mrpo_alpha is None       # MRPO's adaptive weight per pair
+  assert c.train.perturbation.c_min is None         # required for rwp
+  assert c.data.max_prompt_len is None and c.data.max_completion_len is None  # no limit
+  assert _config("rwp").train.perturbation.c_min == 1.0
+  # A value of the field's type can be set on top of None.
+  c.train.reference.mrpo_alpha, c.data.max_prompt_len = 0.25, 128
+  assert (c.train.reference.mrpo_alpha, c.data.max_prompt_len) == (0.25, 128)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("train.loss", "dpoo", r"config.train.loss='dpoo' is not allowed; allowed: \["),
+    ("train.loss_hyper.beta", 0.0, "beta > 0"),
+    ("train.reference.kind", "none", "needs a reference"),
+    ("train.reference.kind", "frozn", "config.train.reference.kind='frozn'"),
+    ("train.reference.mrpo_alpha", -1.0, r"mrpo_alpha=-1.0 is not allowed; allowed: None \(adaptive per pair\)"),
+    ("train.perturbation.kind", "sharp", "config.train.perturbation.kind"),
+    ("train.perturbation.kind", "rwp", r"config.train.perturbation.c_min=None is not allowed with kind='rwp'"),
+    ("train.steps", 0, "config.train.steps=0 is not allowed; allowed: an integer > 0"),
+    ("data.layout", "zigzag", r"config.data.layout='zigzag' is not allowed; allowed: \['fused', 'prompt_shared', "
+                              r"'packed'\]"),
+    ("data.max_prompt_len", 0, r"config.data.max_prompt_len=0 is not allowed; allowed: an integer > 0"),
+    ("train.on_nonfinite", "ignore", "config.train.on_nonfinite"),
+    ("train.parallel.mode", "dp", r"allowed: \['single', 'jit', 'shard_map', 'pmap'\]"),
+    ("train.parallel.mesh", "2y2", "config.train.parallel.mesh='2y2'"),
+    ("data.attention", "flash", r"config.data.attention='flash' is not allowed; allowed: \['dense', 'block_sparse'\]"),
+    ("data.scored", "some", r"config.data.scored='some' is not allowed; allowed: \['slots', 'compact'\]"),
+    ("model.kernels", "cuda", r"config.model.kernels='cuda' is not allowed; allowed: \['auto', 'xla', 'cpu', 'gpu', "
+                              r"'tpu'\]"),
+])
+def test_invalid_config_values_name_the_field(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    validate.validate(_edited({field: value}))
+
+
+def test_block_sparse_needs_whole_blocks_per_row():
+  base = {"data.attention": "block_sparse", "data.attention_block_size": 64, "data.seq_bucket": 48}
+  with pytest.raises(ValueError, match=r"config.data.seq_bucket=48 is not allowed .* a multiple of 64"):
+    validate.validate(_edited(base))
+  with pytest.raises(ValueError, match="config.data.attention_block_size=0"):
+    validate.validate(_edited({**base, "data.attention_block_size": 0}))
+  validate.validate(_edited({**base, "data.attention_block_size": 16}))
+
+
+def test_rules_of_processes_and_devices():
+  fast_jit = _edited({"train.parallel.mode": "jit", "data.attention": "block_sparse", "data.attention_block_size": 16})
+  validate.validate(fast_jit, process_count=1)
+  with pytest.raises(ValueError, match="needs one process"):
+    validate.validate(fast_jit, process_count=2)
+  with pytest.raises(ValueError, match="mode='pmap' runs in one process"):
+    validate.validate(_edited({"train.parallel.mode": "pmap"}), process_count=2)
+  with pytest.raises(ValueError, match="config.sweep runs in one process"):
+    validate.validate(_config("gpo"), process_count=2)
+  # The batch of 8 pairs over the data-parallel devices: 4 divide it, 3 do not; a mesh needs its devices.
+  validate.validate(_edited({"train.parallel.mode": "shard_map"}), device_count=4)
+  validate.validate(_edited({"train.parallel.mode": "jit", "train.parallel.mesh": "2x2"}), device_count=4)
+  with pytest.raises(ValueError, match=r"batch_size=8 must be a multiple of .* = 1 x 3"):
+    validate.validate(_edited({"train.parallel.mode": "shard_map"}), device_count=3)
+  with pytest.raises(ValueError, match=r"batch_size=8 must be a multiple of .* = 2 x 8"):
+    validate.validate(_edited({"train.parallel.mode": "jit", "train.grad_accum_steps": 2}), device_count=8)
+  with pytest.raises(ValueError, match=r"mesh='4x2' needs 8 devices; this run has 4"):
+    validate.validate(_edited({"train.parallel.mode": "jit", "train.parallel.mesh": "4x2"}), device_count=4)
+
+
+def test_a_kernel_backend_that_cannot_run_here_is_refused_with_the_reason():
+  platform = jax.default_backend()
+  for name in ("gpu", "tpu"):
+    if name == platform:
+      continue
+    with pytest.raises(ValueError, match=rf"config.model.kernels='{name}' cannot run here: .+; runnable here: \['auto'"):
+      validate.validate(_edited({"model.kernels": name}))
+  validate.validate(_edited({"model.kernels": "xla"}))
+  if pofx_backends.unavailable_reason("cpu") is None:
+    validate.validate(_edited({"model.kernels": "cpu"}))
+    with pytest.raises(ValueError, match="model.kernels='cpu' runs with train.parallel.mode='single' only"):
+      validate.validate(_edited({"model.kernels": "cpu", "train.parallel.mode": "shard_map"}))
+
+
+@pytest.mark.parametrize("typed,nearest", [
+    ("train.lerning_rate", "train.optimizer.learning_rate"),
+    ("trian.steps", "train.steps"),
+    ("model.kernel", "model.kernels"),
+    ("train.refrence.mrpo_alpa", "train.reference.mrpo_alpha"),
+    ("data.seq_buckets", "data.seq_bucket"),
+])
+def test_a_misspelt_key_names_the_nearest_dotted_path(typed, nearest):
+  c = _config()
+  assert not validate.has_field(c, typed) and validate.has_field(c, nearest)
+  assert validate.nearest_field(c, typed) == nearest
+  assert f"did you mean config.{nearest}?" in validate.unknown_field_message(c, typed)
+
+
+def test_a_replaced_field_says_what_replaced_it():
+  msg = validate.unknown_field_message(_config(), "model.matmul")
+  assert "config.model.kernels" in msg
+
+
+def _one_line_error(out):
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+  assert len(lines) == 1, out.stderr
+  return lines[0]
+
+
+def test_cli_misspelt_key_fails_with_one_line(tmp_path):
+  out = _main(["--config=configs/dpo.py:tiny", f"--workdir={tmp_path}/w", "--config.train.lerning_rate=1e-3"])
+  line = _one_line_error(out)
+  assert "'train.lerning_rate'" in line and "config.train.optimizer.learning_rate" in line, line
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_cli_wrong_value_type_fails_with_one_line(tmp_path):
+  out = _main(["--config=configs/dpo.py:tiny", f"--workdir={tmp_path}/w", "--config.train.steps=ten"])
+  line = _one_line_error(out)
+  assert "config.train.steps" in line and "int" in line, line
+
+
+def test_cli_rejects_bad_values_before_any_compute(tmp_path):
+  t = time.perf_counter()
+  out = _main(["--config=configs/dpo.py:tiny", f"--workdir={tmp_path}/w", "--config.train.loss_hyper.beta=-1"])
+  line = _one_line_error(out)
+  assert "config.train.loss_hyper.beta=-1" in line
+  assert not os.path.exists(tmp_path / "w")  # nothing was computed or written
+  assert time.perf_counter() - t < 120
+
+
+def test_auto_kernels_are_decided_once_per_workdir(tmp_path, monkeypatch):
+  calls = []
+
+  def resolve(name):
+    calls.append(name)
+    return "xla", {"requested": name, "rule": "stub", "seconds": {"xla": 1.0, "cpu": 2.0}}
+
+  monkeypatch.setattr(pofx_backends, "resolve", resolve)
+  c = _config()
+  first = main_lib.settle_kernels(c, str(tmp_path))
+  assert calls == ["auto"]
+  assert first == {"requested": "auto", "name": "xla",
+                   "details": {"requested": "auto", "rule": "stub", "seconds": {"xla": 1.0, "cpu": 2.0}}}
+  assert json.load(open(tmp_path / "kernels.json")) == first
+  # A resumed run reads the record and does not decide again.
+  assert main_lib.settle_kernels(c, str(tmp_path)) == first and calls == ["auto"]
+  # A named backend is itself (resolved, recorded).
+  named = main_lib.settle_kernels(_edited({"model.kernels": "xla"}), str(tmp_path / "named"))
+  assert named["name"] == "xla" and calls == ["auto", "xla"]
+  # A multi-device mode on the CPU decides "xla" without calibrating.
+  if jax.default_backend() == "cpu":
+    multi = main_lib.settle_kernels(_edited({"train.parallel.mode": "shard_map"}), str(tmp_path / "multi"))
+    assert multi["name"] == "xla" and calls == ["auto", "xla"]
