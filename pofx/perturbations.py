@@ -6,8 +6,9 @@ A `Perturbation` is a record of pure functions:
     value_and_grad(objective, params, pstate, rng, batch) -> ((loss, aux), grads, pstate)
 
 with `objective(params, batch) -> (loss, aux)`. The batch is passed through (not closed over)
-so that m-sharpness can split it into shards. Reference log-probs are already in the batch:
-they are computed once per step, outside the perturbation.
+so that m-sharpness can split it into shards (every leaf along axis 0). The train step passes
+`(batch, reference_logps)` as the batch: the reference log-probs are computed once per step,
+outside the perturbation, and split with the pairs.
 
   none()                       plain `jax.value_and_grad`.
   sam(rho, adaptive, m)        SAM (Foret et al. 2021, arXiv:2010.01412, Eq. 2 with p = 2):

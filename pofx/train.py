@@ -14,7 +14,14 @@ Inside one step (all on device, no host syncs):
 `logps_fn(params, batch) -> PairLogps` is the policy's log-prob function (model forward plus
 chunked log-probs); the step knows nothing else about the model. Batches are dicts of arrays
 with a leading batch axis; per-pair extra inputs that a loss requires are read from the batch
-under the names of `pofx.losses.REQUIREMENTS` (e.g. `chosen_scores`).
+under the names of `pofx.losses.REQUIREMENTS` (e.g. `chosen_scores`). The loss is a canonical
+`pofx.losses` name, a TRL 1.16 loss_type written `"trl.<loss_type>"` (e.g. `"trl.sigmoid"`), or a
+`LossSpec`.
+
+The objective the perturbation differentiates is `objective(params, (batch, reference_logps))`:
+the reference log-probs (a `PairLogps`, computed once per (micro-)batch) travel beside the batch,
+not inside it, so that m-sharpness splits them with the pairs; the loss state and the loss's
+PRNG key are arguments of the objective that are never split.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ jax.tree_util.register_dataclass(TrainState, data_fields=[f.name for f in datacl
 
 
 def _spec(loss):
+  """The LossSpec of `loss`: a canonical name, `"trl.<loss_type>"`, or a LossSpec."""
   if isinstance(loss, losses_lib.LossSpec):
     return loss
   return losses_lib.spec(loss)
@@ -72,7 +80,7 @@ def validate(loss, reference: references_lib.Reference, loss_hyper: Mapping[str,
   """Fails early, with the field and the allowed values, on combinations that cannot work."""
   spec = _spec(loss)
   hyper = dict(loss_hyper or {})
-  losses_lib._registry.check_kwargs(spec, {**hyper, **{k: None for k in _required_kwargs(spec)}})
+  losses_lib.check_kwargs(spec, {**hyper, **{k: None for k in _required_kwargs(spec)}})
   if spec.reference == "required" and reference.name == "none":
     raise ValueError(f"loss {spec.name!r} needs a reference model, but reference=none(); use frozen, cached, multi, "
                      "guiding, synced or ema, or a reference-free loss.")
@@ -138,7 +146,8 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
   Args:
     logps_fn: `(params, batch) -> PairLogps` of the policy (and of the reference's params).
     optimizer: an optax transformation.
-    loss: a registered loss name (or LossSpec); `loss_hyper` its hyperparameters.
+    loss: a canonical loss name, a TRL loss_type as `"trl.<loss_type>"`, or a LossSpec;
+      `loss_hyper` its hyperparameters.
     reference: a `pofx.references` strategy (default: none()).
     perturbation: a `pofx.perturbations` record (default: none()).
     grad_accum_steps: the batch holds this many micro-batches stacked on a new leading axis
@@ -188,20 +197,20 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
       kw["state"] = loss_state
     return kw
 
-  def objective(params, batch):
+  def objective(params, batch, ref, loss_state, key):
+    """`(loss, aux)` of the policy at `params` on `batch`, against the reference log-probs `ref`."""
     if axis_name is not None:
       params = collectives.grad_pmean(params, axis_name)
-    ref = batch["__reference__"]
     policy = logps_fn(params, batch)
     mask = _pair_mask(batch)
     if axis_name is not None:  # the loss sees the global batch (see `axis_name`)
       extra = {n: batch[n] for n in pair_input_names if n in batch}
       policy, ref, extra, mask = collectives.all_gather_batch((policy, ref, extra, mask), axis_name)
       batch = {**batch, **extra}
-    out = spec.fn(policy, ref, **loss_kwargs(batch, batch["__loss_state__"], batch["__key__"]))
+    out = spec.fn(policy, ref, **loss_kwargs(batch, loss_state, key))
     per_pair, new_loss_state = out if stateful else (out, ())
-    value = losses_lib._registry.reduce(spec, per_pair, policy, mask)
-    lr_w, lr_l = losses_lib._common.logratios(policy, ref)
+    value = losses_lib.reduce(spec, per_pair, policy, mask)
+    lr_w, lr_l = losses_lib.logratios(policy, ref)
     aux = {
         "per_pair": per_pair, "lr_w": lr_w, "lr_l": lr_l, "logps_chosen": policy.chosen,
         "logps_rejected": policy.rejected, "loss_state": new_loss_state,
@@ -210,15 +219,16 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
     return value, aux
 
   def one_batch(state, batch, pstate, k_loss, k_pert):
-    # The reference forward: once per (micro-)batch, outside the perturbation; it travels with
-    # the batch so that m-sharpness splits it with the pairs.
-    full = {**batch, "__reference__": reference.logps(state.ref_state, batch)}
-    shared = {"__loss_state__": state.loss_state, "__key__": k_loss}  # never split
+    # The reference forward: once per (micro-)batch, outside the perturbation; its log-probs go to
+    # the perturbation beside the batch, so that m-sharpness splits them with the pairs. The loss
+    # state and key are closed over: never split.
+    reference_logps = reference.logps(state.ref_state, batch)
 
-    def obj(params, b):
-      return objective(params, {**b, **shared})
+    def obj(params, batch_and_reference):
+      pairs, reference_logps = batch_and_reference
+      return objective(params, pairs, reference_logps, state.loss_state, k_loss)
 
-    return perturbation.value_and_grad(obj, state.params, pstate, k_pert, full)
+    return perturbation.value_and_grad(obj, state.params, pstate, k_pert, (batch, reference_logps))
 
   def step(state: TrainState, batch, rng):
     k_loss, k_pert = jax.random.split(rng)

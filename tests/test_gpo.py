@@ -39,7 +39,7 @@ def test_values_and_derivatives_at_zero(name):
 
 
 def test_worked_example_values():
-  # methods/llm.md Appendix A.1, v = beta * rho = 0.2.
+  # By hand at v = beta * rho = 0.2: log(1 + e^-0.2), 1 - 0.2, 0.8^2, e^-0.2, 0.8^2, sigmoid(-0.2)^2.
   golden = {"logistic": 0.598139, "hinge": 0.8, "squared": 0.64, "exponential": 0.818731,
             "truncated_quadratic": 0.64, "savage": 0.202649}
   for name, value in golden.items():

@@ -3,15 +3,40 @@
     import pofx
     per_pair = pofx.losses.get("dpo")(policy, reference, beta=0.1)        # [B]
     loss = pofx.losses.batch_loss("dpo", policy, reference, beta=0.1)    # scalar
-    pofx.losses.names()                                                   # every registered name
+    pofx.losses.names()                                                   # every canonical name
+    pofx.losses.trl.get("sigmoid")                                        # TRL 1.16's loss_type names
 
-`python -m pofx.losses` prints every registered loss on one fixed example.
+The registry holds one canonical name per formula, and `pofx.losses.<name>` is
+`pofx.losses.get("<name>")` for every one of them. TRL 1.16's `DPOConfig.loss_type` names form a
+compatibility namespace, `pofx.losses.trl`, with TRL's semantics (hyperparameter names, defaults,
+and the modifiers `f_divergence_type`, `ld_alpha`, `use_weighting` on every loss type TRL allows
+them); where a name is read as a string (`spec`, `get`, `batch_loss`, the training program's
+`train.loss`), a TRL name is written `trl.<loss_type>`, e.g. `"trl.sigmoid"`.
+
+| TRL loss_type  | canonical name | where the two differ                                                   |
+|----------------|----------------|------------------------------------------------------------------------|
+| `sigmoid`      | `dpo`          | `dpo` takes `beta` only; TRL's modifiers on DPO are the canonical       |
+|                |                | `f_dpo` (`f_divergence_type`; its `alpha` is the paper's, `1 -` TRL's   |
+|                |                | `f_alpha_divergence_coef`), `ld_dpo` (`ld_alpha`), `wpo` (`use_weighting`) |
+| `hinge`        | `slic`         | `slic` also runs reference-free (`reference=None`); takes `beta` only   |
+| `ipo`          | `ipo`          | both length-averaged (`(lr_w/|y_w| - lr_l/|y_l| - 1/(2 beta))^2`);      |
+|                |                | `ipo` takes `beta` only; the paper's summed form is `ipo_sum`           |
+| `nca_pair`     | `nca`          | `nca` takes `beta` only                                                |
+| `robust`       | `robust_dpo`   | flip rate `eps`, default 0.1 (the paper's suggestion), vs TRL's          |
+|                |                | `label_smoothing`, default 0.0 (= DPO); `robust_dpo` takes no modifiers |
+| `sigmoid_norm` | `ln_dpo`       | `ln_dpo` has no default `beta` (TRL: 0.1; a length-averaged margin needs |
+|                |                | a much larger one); no modifiers                                       |
+| `exo_pair`, `bco_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, `apo_down`, `discopop`, `sft` | the same name | the same function, TRL's modifiers included |
+
+Pairwise InfoNCA with hard labels is DPO (`dpo`); its K-way form is `infonca_kway`.
+`python -m pofx.losses` prints every canonical loss on one fixed example.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
+import jax
 
 from pofx.losses import _adaptive
 from pofx.losses import _gpo_family
@@ -24,21 +49,22 @@ from pofx.losses import _regularised
 from pofx.losses import _risk
 from pofx.losses import _token_level
 from pofx.losses import _trl
+from pofx.losses import trl
 from pofx.losses._adaptive import (BetaDpoState, GammaPoState, beta_dpo, beta_dpo_batch_statistics, beta_dpo_init_state,
                                    gamma_dpo, gamma_po, gamma_po_init_state, gamma_po_margins, gamma_simpo)
+from pofx.losses._common import check_beta, check_choice, check_range, logratios, margins
 from pofx.losses._gpo_family import dpo, exponential, gpo, ipo, ipo_sum, savage, slic, truncated_quadratic
 from pofx.losses._label_noise import cdpo, focalpo, robust_dpo
 from pofx.losses._margins import dpo_shift, dpo_shift_lambda, dpop, ln_dpo, mappo, odpo
-from pofx.losses._pointwise import infonca, infonca_kway, kto, kto_reference_point, nca, nca_kway, una
+from pofx.losses._pointwise import infonca_kway, kto, kto_reference_point, nca, nca_kway, una
 from pofx.losses._reference_free import cpo, orpo, repo, simpo
 from pofx.losses._registry import REQUIREMENTS, LossSpec
 from pofx.losses._regularised import asft, irpo, rpo
 from pofx.losses._risk import ra_dpo, ra_dpo2, ra_dpo_sequence_risk
 from pofx.losses._token_level import delta_l_weights, dmpo, dmpo_turn_weights, dpo_nll_delta_l, sampo, sampo_token_masks
-from pofx.losses._trl import (F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, TRL_LOSS_TYPES, f_divergence_link, f_dpo, ld_dpo,
-                              trl_aot, trl_aot_unpaired, trl_apo_down, trl_apo_zero, trl_bco_pair, trl_discopop,
-                              trl_dpo_loss, trl_exo_pair, trl_hinge, trl_ipo, trl_nca_pair, trl_robust, trl_sft,
-                              trl_sigmoid, trl_sigmoid_norm, trl_sppo_hard, wpo, wpo_sequence_weights)
+from pofx.losses._trl import (F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, TRL_LOSS_TYPES, aot, aot_unpaired, apo_down,
+                              apo_zero, bco_pair, discopop, exo_pair, f_divergence_link, f_dpo, ld_dpo, sft, sppo_hard,
+                              trl_dpo_loss, wpo, wpo_sequence_weights)
 
 REGISTRY: Mapping[str, LossSpec] = _registry.build_registry(
     _gpo_family.SPECS,
@@ -52,58 +78,94 @@ REGISTRY: Mapping[str, LossSpec] = _registry.build_registry(
     _pointwise.SPECS,
     _risk.SPECS,
 )
-"""Read-only mapping: registered name -> LossSpec."""
+"""Read-only mapping: canonical name -> LossSpec."""
+
+# Names that are not canonical but name a canonical formula (for the error message).
+_SAME_FORMULA = {"infonca": "dpo"}
 
 
 def names() -> list[str]:
-  """Every registered loss name, sorted."""
+  """Every canonical loss name, sorted (TRL's loss_type names: `pofx.losses.trl.names()`)."""
   return list(REGISTRY)
 
 
+def _unknown(name) -> str:
+  if name in trl.REGISTRY:
+    canonical = trl.canonical(name)
+    return (f"Unknown loss {name!r}: {name!r} is TRL's loss_type name; pofx's name of the formula is {canonical!r}, "
+            f"and TRL 1.16's own semantics are {trl.PREFIX + name!r}.")
+  if name in _SAME_FORMULA:
+    return f"Unknown loss {name!r}: its formula is {_SAME_FORMULA[name]!r}."
+  return (f"Unknown loss {name!r}; allowed: {names()}, or a TRL loss_type as 'trl.<loss_type>' "
+          f"({[trl.PREFIX + t for t in trl.names()]}).")
+
+
 def spec(name: str) -> LossSpec:
-  """The `LossSpec` registered under `name` (ValueError listing the names if unknown)."""
+  """The `LossSpec` of a canonical name, or of a TRL loss_type written `"trl.<loss_type>"`.
+
+  Raises:
+    ValueError: an unknown name; the message lists the allowed ones (and, for a bare TRL
+      loss_type, its canonical name and its `trl.` form).
+  """
+  if isinstance(name, str) and name.startswith(trl.PREFIX):
+    return trl.spec(name)
   if name not in REGISTRY:
-    raise ValueError(f"Unknown loss {name!r}; allowed: {names()}.")
+    raise ValueError(_unknown(name))
   return REGISTRY[name]
 
 
 def get(name: str):
-  """The per-pair loss function registered under `name`."""
+  """The per-pair loss function named `name` (canonical, or `"trl.<loss_type>"`)."""
   return spec(name).fn
 
 
-def batch_loss(name: str, policy, reference=None, **kwargs: Any):
-  """Applies loss `name` and its documented batch reduction.
+def _as_spec(loss) -> LossSpec:
+  return loss if isinstance(loss, LossSpec) else spec(loss)
 
-  Most losses take the mean over pairs; TRL's `sft` is a token mean over the batch's chosen
-  tokens; UNA sums over pairs as its authors' code does. Stateful losses (`state=` in kwargs)
-  return `(scalar, new_state)`.
+
+def check_kwargs(loss, kwargs: Mapping[str, Any]) -> None:
+  """ValueError naming the allowed hyperparameters of `loss` (a name or LossSpec) when `kwargs`
+  holds an unknown one or lacks a required one."""
+  _registry.check_kwargs(_as_spec(loss), kwargs)
+
+
+def reduce(loss, per_pair: jax.Array, policy, mask: Optional[jax.Array] = None) -> jax.Array:
+  """The documented batch reduction of `loss` (a name or LossSpec) applied to its `[B]` per-pair values.
+
+  "mean" over pairs for most losses, the sum for UNA, and the chosen-token mean (sum of per-pair
+  values over the batch's chosen tokens, `policy.chosen_len`) for `sft`. `mask` `[B]` (0 = a
+  padding pair) leaves pairs out.
+  """
+  return _registry.reduce(_as_spec(loss), per_pair, policy, mask)
+
+
+def batch_loss(name: str, policy, reference=None, **kwargs: Any):
+  """Applies loss `name` and its documented batch reduction (see `reduce`).
+
+  Most losses take the mean over pairs; `sft` is a token mean over the batch's chosen tokens;
+  UNA sums over pairs as its authors' code does. Stateful losses (`state=` in kwargs) return
+  `(scalar, new_state)`.
 
   Raises:
     ValueError: unknown name, unknown or missing arguments, invalid hyperparameter values.
   """
-  s = spec(name)
-  _registry.check_kwargs(s, kwargs)
-  out = s.fn(policy, reference, **kwargs)
-  if "state" in s.requires:
-    per_pair, new_state = out
-    return _registry.reduce(s, per_pair, policy), new_state
-  return _registry.reduce(s, out, policy)
+  return _registry.batch_loss(spec(name), policy, reference, kwargs)
 
 
 __all__ = [
-    "REGISTRY", "REQUIREMENTS", "LossSpec", "names", "spec", "get", "batch_loss",
+    "REGISTRY", "REQUIREMENTS", "LossSpec", "names", "spec", "get", "batch_loss", "reduce", "check_kwargs", "trl",
+    # shared pieces
+    "logratios", "margins", "check_beta", "check_choice", "check_range",
     # GPO family
     "gpo", "dpo", "slic", "ipo", "ipo_sum", "exponential", "truncated_quadratic", "savage",
-    # TRL loss types, modifiers and their combination
+    # formulas TRL has (its loss types, modifiers and their combination)
     "TRL_LOSS_TYPES", "F_DIVERGENCES", "F_DIVERGENCE_LOSS_TYPES", "trl_dpo_loss", "f_divergence_link",
-    "wpo_sequence_weights", "trl_sigmoid", "trl_hinge", "trl_ipo", "trl_exo_pair", "trl_nca_pair", "trl_robust",
-    "trl_bco_pair", "trl_sppo_hard", "trl_aot", "trl_aot_unpaired", "trl_apo_zero", "trl_apo_down", "trl_discopop",
-    "trl_sft", "trl_sigmoid_norm", "ld_dpo", "wpo", "f_dpo",
+    "wpo_sequence_weights", "exo_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down",
+    "discopop", "sft", "ld_dpo", "wpo", "f_dpo",
     # literature
     "simpo", "cpo", "orpo", "repo", "dpop", "odpo", "dpo_shift", "dpo_shift_lambda", "ln_dpo", "mappo", "cdpo",
     "robust_dpo", "focalpo", "rpo", "irpo", "asft", "beta_dpo", "beta_dpo_init_state", "beta_dpo_batch_statistics",
     "BetaDpoState", "gamma_simpo", "gamma_dpo", "gamma_po", "gamma_po_init_state", "gamma_po_margins", "GammaPoState",
-    "sampo", "sampo_token_masks", "dmpo", "dmpo_turn_weights", "delta_l_weights", "dpo_nll_delta_l", "nca", "infonca",
+    "sampo", "sampo_token_masks", "dmpo", "dmpo_turn_weights", "delta_l_weights", "dpo_nll_delta_l", "nca",
     "nca_kway", "infonca_kway", "una", "kto", "kto_reference_point", "ra_dpo", "ra_dpo2", "ra_dpo_sequence_risk",
 ]

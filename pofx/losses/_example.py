@@ -1,4 +1,4 @@
-"""The shared worked example (methods/llm.md section 0) and a table of every registered loss on it.
+"""The worked example of the loss catalogue and a table of every canonical loss on it.
 
 One pair: pi_w = -10 over 5 chosen tokens, pi_l = -12 over 6 rejected tokens, ref_w = ref_l = -11,
 beta = 0.1 (each loss's own defaults otherwise); tokens are uniform (policy -2 per token,
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pofx._pair_logps import ListLogps, PairLogps
+from pofx.losses import _registry
 
 T = 6
 LEN_W, LEN_L = 5, 6
@@ -71,8 +72,6 @@ def _inputs(spec, shift):
 
 def evaluate(spec):
   """(value, d value / d rho) of `spec`'s batch loss on the worked example."""
-  from pofx.losses import _registry  # local: avoids an import cycle at package import
-
   kwargs = example_kwargs(spec)
 
   def value(shift):

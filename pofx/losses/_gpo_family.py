@@ -2,7 +2,7 @@ r"""The GPO core `f(beta * rho)` and its six named specialisations (DPO, SLiC, I
 
 All functions return unreduced per-pair losses `[B]`; `batch_loss` takes the mean.
 Conventions: `rho = (pi_w - ref_w) - (pi_l - ref_l)` on **summed** completion log-probs
-(except the length-averaged IPO); beta multiplies `rho` exactly once; nothing is detached.
+(except the length-averaged `ipo`); beta multiplies `rho` exactly once; nothing is detached.
 With `reference=None` the log-ratios reduce to the policy's log-probs (reference-free).
 """
 
@@ -63,38 +63,42 @@ def slic(policy, reference, *, beta: float = 0.1):
   return gpo(policy, reference, f=gpo_fns.hinge, beta=beta)
 
 
-def ipo(policy, reference, *, beta: float = 0.1, length_normalized: bool = True):
-  r"""IPO: `(d - 1/(2 tau))^2`, with `tau = beta` (TRL's naming: beta *is* IPO's tau).
-
-  `d = rho` on summed log-probs when `length_normalized=False` (the paper's Eq. 17 as written),
-  or `d = lr_w/|y_w| - lr_l/|y_l|` when True (TRL's default, which TRL's comment reports the
-  IPO authors confirmed is the form behind the paper's results).
-
-  Mapping to GPO: `(rho - 1/(2 tau))^2 = (1/(2 tau))^2 * squared(2 tau * rho)`, i.e.
-  GPO-squared with `beta_gpo = 2 tau`, scaled by `1/(4 tau^2)` (a learning-rate factor).
-
-  References: Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from
-  Human Preferences", arXiv:2310.12036, Eq. (17); TRL `DPOTrainer` loss_type="ipo".
-  """
-  _common.check_inputs("ipo", policy, reference, need_reference=True, need_lengths=length_normalized)
-  _common.check_beta("ipo", beta)
+def _ipo(name, policy, reference, beta, length_normalized):
+  _common.check_inputs(name, policy, reference, need_reference=True, need_lengths=length_normalized)
+  _common.check_beta(name, beta)
   lr_w, lr_l = _common.logratios(policy, reference)
   if length_normalized:
-    len_w, len_l = _common.lengths(policy, "ipo")
+    len_w, len_l = _common.lengths(policy, name)
     d = lr_w / len_w - lr_l / len_l
   else:
     d = lr_w - lr_l
   return (d - 1.0 / (2.0 * beta)) ** 2
 
 
+def ipo(policy, reference, *, beta: float = 0.1):
+  r"""IPO on length-averaged log-ratios: `(lr_w/|y_w| - lr_l/|y_l| - 1/(2 tau))^2`, tau = beta.
+
+  `|y|` are the completion-token counts (clamped at 1). beta *is* IPO's tau (TRL's naming). This
+  is the form TRL computes for loss_type="ipo", which TRL's comment reports the IPO authors
+  confirmed is the form behind the paper's results; `ipo_sum` is Eq. 17 as written, on summed
+  log-ratios.
+
+  References: Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from
+  Human Preferences", arXiv:2310.12036, Eq. (17); TRL 1.16 `DPOTrainer` loss_type="ipo".
+  """
+  return _ipo("ipo", policy, reference, beta, length_normalized=True)
+
+
 def ipo_sum(policy, reference, *, beta: float = 0.1):
   r"""IPO on summed log-ratios, as the paper writes it: `(rho - 1/(2 tau))^2`, tau = beta.
 
-  Equals `(1/(2 tau))^2 * gpo(f=squared, beta=2 tau)`. See `ipo` for the length-averaged form.
+  Mapping to GPO: `(rho - 1/(2 tau))^2 = (1/(2 tau))^2 * squared(2 tau * rho)`, i.e. GPO-squared
+  with `beta_gpo = 2 tau`, scaled by `1/(4 tau^2)` (a learning-rate factor). See `ipo` for the
+  length-averaged form.
 
   References: Azar et al. 2023, arXiv:2310.12036, Eq. (17).
   """
-  return ipo(policy, reference, beta=beta, length_normalized=False)
+  return _ipo("ipo_sum", policy, reference, beta, length_normalized=False)
 
 
 def exponential(policy, reference, *, beta: float = 0.1):
@@ -126,6 +130,8 @@ SPECS = (
              example_hyper={"f": "logistic"}),
     LossSpec("dpo", dpo, "gpo", "Rafailov et al. 2023, arXiv:2305.18290, Eq. 7 (GPO logistic)"),
     LossSpec("slic", slic, "gpo", "Zhao et al. 2023, arXiv:2305.10425, Eq. 2 (GPO hinge)", reference="optional"),
+    LossSpec("ipo", ipo, "gpo", "Azar et al. 2023, arXiv:2310.12036, Eq. 17 (length-averaged, as TRL loss_type='ipo')",
+             requires=frozenset({"lengths"})),
     LossSpec("ipo_sum", ipo_sum, "gpo", "Azar et al. 2023, arXiv:2310.12036, Eq. 17 (summed; GPO squared, beta_gpo=2tau)"),
     LossSpec("exponential", exponential, "gpo", _GPO_SOURCE + " (exponential)", reference="optional"),
     LossSpec("truncated_quadratic", truncated_quadratic, "gpo", _GPO_SOURCE + " (truncated quadratic)",

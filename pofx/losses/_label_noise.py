@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from pofx import gpo as gpo_fns
 from pofx.losses import _common
 from pofx.losses._registry import LossSpec
+from pofx.losses._trl import trl_robust
 
 
 def smoothed_logistic(v, eps):
@@ -77,9 +78,8 @@ def robust_dpo(policy, reference, *, eps: float = 0.1, beta: float = 0.1):
   """
   _common.check_range("robust_dpo", "eps", eps, low=0.0, high=0.5, high_open=True,
                       allowed_text="0 <= eps < 0.5")
-  from pofx.losses._trl import trl_robust  # one implementation of the formula
   _dpo_logit("robust_dpo", policy, reference, beta)  # input and beta checks
-  return trl_robust(policy, reference, beta=beta, label_smoothing=eps)
+  return trl_robust(policy, reference, beta=beta, label_smoothing=eps)  # one implementation of the formula
 
 
 def focalpo(policy, reference, *, gamma, beta: float = 0.1, detach_weight: bool = False):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from pofx import gpo as gpo_fns
 from pofx.losses import _common
 from pofx.losses._registry import LossSpec
+from pofx.losses._trl import trl_sigmoid_norm
 
 # Score gaps / scores below this are clamped before the logarithm in ODPO (see `odpo`).
 _ODPO_MIN_SCORE = 1e-6
@@ -172,9 +173,8 @@ def ln_dpo(policy, reference, *, beta):
   References: Ahrabian et al. 2024, "The Hitchhiker's Guide to Human Alignment with *PO",
   arXiv:2407.15229; TRL `DPOTrainer` loss_type="sigmoid_norm".
   """
-  from pofx.losses._trl import trl_sigmoid_norm  # one implementation of the formula
   _logratios("ln_dpo", policy, reference, beta, need_lengths=True)  # input and beta checks
-  return trl_sigmoid_norm(policy, reference, beta=beta)
+  return trl_sigmoid_norm(policy, reference, beta=beta)  # one implementation of the formula
 
 
 def mappo(policy, reference, *, chosen_scores=None, rejected_scores=None, beta: float = 0.1):

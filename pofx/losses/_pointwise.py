@@ -1,8 +1,10 @@
-r"""Pointwise (absolute-reward) losses: NCA / InfoNCA (pairwise and K-way), UNA, KTO.
+r"""Pointwise (absolute-reward) losses: NCA (pairwise and K-way), K-way InfoNCA, UNA, KTO.
 
 These are not functions of the margin `rho` alone: each completion's implicit reward
 `r = beta * (log pi(y) - log ref(y))` (summed log-probs) enters on its own, against a target
-(a label, a soft label from scores, a score, or KTO's reference point z0).
+(a label, a soft label from scores, a score, or KTO's reference point z0). Pairwise InfoNCA with
+hard labels, `-log softmax(r_w, r_l)[w] = -log sigmoid(r_w - r_l)`, is DPO: it is `pofx.losses.dpo`
+(the authors' pairwise trainer computes DPO for loss_type="InfoNCA").
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import jax.numpy as jnp
 
 from pofx._pair_logps import ListLogps, PairLogps
 from pofx.losses import _common
-from pofx.losses._gpo_family import dpo
 from pofx.losses._registry import LossSpec
+from pofx.losses._trl import trl_nca_pair
 
 Array = jax.Array
 
@@ -52,23 +54,8 @@ def nca(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1) -> Array:
   Rewards", arXiv:2402.05369; code thu-ml/Noise-Contrastive-Alignment
   `preference_trainer.py::NCATrainer_pairwise.dpo_loss` (loss_type="NCA").
   """
-  from pofx.losses._trl import trl_nca_pair  # one implementation of the formula
   _common.check_inputs("nca", policy, reference, need_reference=True)
-  return trl_nca_pair(policy, reference, beta=beta)
-
-
-def infonca(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1) -> Array:
-  r"""Pairwise InfoNCA with hard labels: `-log softmax(r_w, r_l)[w] = -log sigmoid(r_w - r_l)`, i.e. DPO.
-
-  The K-way InfoNCA (`infonca_kway`) with K = 2 and a one-hot label is exactly DPO; the
-  authors' pairwise trainer computes DPO for loss_type="InfoNCA". Delegates to
-  `pofx.losses.dpo`.
-
-  References: Chen et al. 2024, arXiv:2402.05369; code thu-ml/Noise-Contrastive-Alignment
-  `preference_trainer.py` ("Pairwise InfoNCA is Equivalent to DPO loss").
-  """
-  _common.check_inputs("infonca", policy, reference, need_reference=True)
-  return dpo(policy, reference, beta=beta)
+  return trl_nca_pair(policy, reference, beta=beta)  # one implementation of the formula
 
 
 def _check_list(name, policy, reference, scores):
@@ -270,7 +257,6 @@ def kto(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1, desirable
 
 SPECS = (
     LossSpec("nca", nca, "pointwise", _NCA_SOURCE + " preference_trainer.py (NCA, pairwise)"),
-    LossSpec("infonca", infonca, "pointwise", _NCA_SOURCE + " preference_trainer.py (InfoNCA pairwise = DPO)"),
     LossSpec("nca_kway", nca_kway, "pointwise", _NCA_SOURCE + " reward_trainer.py::nca_loss (NCA, K-way)",
              requires=frozenset({"list"})),
     LossSpec("infonca_kway", infonca_kway, "pointwise", _NCA_SOURCE + " reward_trainer.py::nca_loss (InfoNCA, K-way)",

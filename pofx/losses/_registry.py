@@ -85,6 +85,7 @@ class LossSpec:
 
 
 def build_registry(*spec_groups) -> Mapping[str, LossSpec]:
+  """A read-only, sorted `name -> LossSpec` mapping; ValueError when a name is given twice."""
   table = {}
   for group in spec_groups:
     for spec in group:
@@ -109,6 +110,7 @@ def reduce(spec: LossSpec, per_pair: jax.Array, policy, mask: Optional[jax.Array
 
 
 def check_kwargs(spec: LossSpec, kwargs: Mapping[str, Any]) -> None:
+  """ValueError naming the allowed hyperparameters when `kwargs` holds an unknown one or lacks a required one."""
   allowed = spec.hyperparameters
   unknown = sorted(set(kwargs) - set(allowed))
   if unknown:
@@ -116,3 +118,13 @@ def check_kwargs(spec: LossSpec, kwargs: Mapping[str, Any]) -> None:
   missing = sorted(k for k, d in allowed.items() if d is inspect.Parameter.empty and k not in kwargs)
   if missing:
     raise ValueError(f"Loss {spec.name!r}: missing required argument(s) {missing}.")
+
+
+def batch_loss(spec: LossSpec, policy, reference, kwargs: Mapping[str, Any]):
+  """Checks `kwargs`, applies the loss and its batch reduction: a scalar (`(scalar, new_state)` when stateful)."""
+  check_kwargs(spec, kwargs)
+  out = spec.fn(policy, reference, **kwargs)
+  if "state" in spec.requires:
+    per_pair, new_state = out
+    return reduce(spec, per_pair, policy), new_state
+  return reduce(spec, out, policy)

@@ -1,9 +1,12 @@
 r"""TRL's DPO loss types and modifiers (TRL 1.16), and LD-DPO, WPO and f-DPO built on them.
 
-Every loss here follows `trl/trainer/dpo_trainer.py::DPOTrainer._compute_loss` of TRL 1.16.0 and
-is registered under TRL's `loss_type` name with TRL's hyperparameter names and defaults.
-`tests/losses/test_trl_parity.py` runs TRL's own `_compute_loss` on the same inputs and checks
-agreement to 1e-5.
+Every loss here follows `trl/trainer/dpo_trainer.py::DPOTrainer._compute_loss` of TRL 1.16.0, with
+TRL's hyperparameter names and defaults. The fifteen loss types form the compatibility namespace
+`pofx.losses.trl` (`trl.<loss_type>` where a loss name is read, e.g. the training program's
+`train.loss`); `CANONICAL_NAME` maps each to the canonical pofx name of the same formula, and the
+loss types whose formula no other pofx loss has (`exo_pair`, `bco_pair`, ...) join the canonical
+registry under TRL's name. `tests/losses/test_trl_parity.py` runs TRL's own `_compute_loss` on the
+same inputs and checks agreement to 1e-5.
 
 Pipeline of `_compute_loss`, reproduced step by step:
 
@@ -242,8 +245,8 @@ def trl_ipo(policy, reference, *, beta: float = 0.1, f_divergence_type: str = "r
   r"""TRL `loss_type="ipo"`: `(s_w/|y_w| - s_l/|y_l| - 1/(2 beta))^2`, length-averaged IPO.
 
   beta is IPO's tau. The scores are divided by the completion-token counts (clamped at 1), also
-  under `ld_alpha` (TRL divides the LD-weighted sums by the full length). Computed by
-  `pofx.losses.ipo(length_normalized=True)` on the scores. See `pofx.losses.ipo_sum` for the
+  under `ld_alpha` (TRL divides the LD-weighted sums by the full length). With the defaults this
+  is `pofx.losses.ipo`, which computes it here on the scores. See `pofx.losses.ipo_sum` for the
   paper's summed form.
 
   References: Azar et al. 2023, arXiv:2310.12036, Eq. 17; TRL 1.16 `DPOTrainer._compute_loss`
@@ -253,7 +256,7 @@ def trl_ipo(policy, reference, *, beta: float = 0.1, f_divergence_type: str = "r
                      f_alpha_divergence_coef=f_alpha_divergence_coef, need_lengths=True)
   scores = PairLogps(chosen=s_w, rejected=s_l, chosen_len=policy.chosen_len, rejected_len=policy.rejected_len)
   zero = PairLogps(chosen=jnp.zeros_like(s_w), rejected=jnp.zeros_like(s_l))
-  return _weighted(_gpo_family.ipo(scores, zero, beta=beta, length_normalized=True), policy, use_weighting)
+  return _weighted(_gpo_family.ipo(scores, zero, beta=beta), policy, use_weighting)
 
 
 def trl_exo_pair(policy, reference, *, beta: float = 0.1, label_smoothing: float = 1e-3,
@@ -548,6 +551,28 @@ TRL_LOSS_FUNCTIONS = {
     "sigmoid_norm": trl_sigmoid_norm,
 }
 TRL_LOSS_TYPES = tuple(TRL_LOSS_FUNCTIONS)
+TRL_PREFIX = "trl."
+
+# TRL loss_type -> the canonical pofx name of the same formula (at TRL's default modifiers).
+CANONICAL_NAME = {
+    "sigmoid": "dpo",
+    "hinge": "slic",
+    "ipo": "ipo",
+    "exo_pair": "exo_pair",
+    "nca_pair": "nca",
+    "robust": "robust_dpo",
+    "bco_pair": "bco_pair",
+    "sppo_hard": "sppo_hard",
+    "aot": "aot",
+    "aot_unpaired": "aot_unpaired",
+    "apo_zero": "apo_zero",
+    "apo_down": "apo_down",
+    "discopop": "discopop",
+    "sft": "sft",
+    "sigmoid_norm": "ln_dpo",
+}
+# Loss types whose formula no other pofx loss has: the canonical name is TRL's, the function the same.
+_ONLY_IN_TRL = tuple(t for t, c in CANONICAL_NAME.items() if t == c and t != "ipo")
 
 _SOURCES = {
     "sigmoid": "Rafailov et al. 2023, arXiv:2305.18290, Eq. 7",
@@ -568,13 +593,20 @@ _SOURCES = {
 }
 _REQUIRES = {"ipo": frozenset({"lengths"}), "sigmoid_norm": frozenset({"lengths"}), "sft": frozenset({"lengths"})}
 
-SPECS = tuple(
-    LossSpec(name, fn, "trl", f"{_SOURCES[name]}; {_TRL} (loss_type={name!r})",
-             reference="unused" if name == "sft" else "required",
-             requires=_REQUIRES.get(name, frozenset()),
-             reduction="chosen_token_mean" if name == "sft" else "mean")
-    for name, fn in TRL_LOSS_FUNCTIONS.items()
-) + (
+
+def _trl_spec(loss_type: str, name: str) -> LossSpec:
+  return LossSpec(name, TRL_LOSS_FUNCTIONS[loss_type], "trl", f"{_SOURCES[loss_type]}; {_TRL} (loss_type={loss_type!r})",
+                  reference="unused" if loss_type == "sft" else "required",
+                  requires=_REQUIRES.get(loss_type, frozenset()),
+                  reduction="chosen_token_mean" if loss_type == "sft" else "mean")
+
+
+# The compatibility namespace: every TRL loss_type, named `trl.<loss_type>`, with TRL 1.16's semantics.
+TRL_SPECS = {t: _trl_spec(t, TRL_PREFIX + t) for t in TRL_LOSS_TYPES}
+
+# The canonical registry's entries from this module: the loss types only TRL has, and the methods
+# built on TRL's modifiers.
+SPECS = tuple(_trl_spec(t, t) for t in _ONLY_IN_TRL) + (
     LossSpec("ld_dpo", ld_dpo, "trl", "Liu et al. 2024, LD-DPO, arXiv:2409.06411; formula of " + _TRL + " (ld_alpha)",
              requires=frozenset({"tokens", "lengths"}), example_hyper={"ld_alpha": 0.5}),
     LossSpec("wpo", wpo, "trl", "Zhou et al. 2024, WPO, arXiv:2406.11827, Eq. 2; " + _TRL + " (use_weighting)",
@@ -583,7 +615,17 @@ SPECS = tuple(
     LossSpec("f_dpo", f_dpo, "trl", "Wang et al. 2023, f-DPO, arXiv:2309.16240; " + _TRL + " (f_divergence_type)",
              example_hyper={"f_divergence_type": "js_divergence"}),
 )
-_SPEC_BY_NAME = {s.name: s for s in SPECS}
+
+# Canonical names of the formulas only TRL has (the same functions as `trl.<loss_type>`).
+exo_pair = trl_exo_pair
+bco_pair = trl_bco_pair
+sppo_hard = trl_sppo_hard
+aot = trl_aot
+aot_unpaired = trl_aot_unpaired
+apo_zero = trl_apo_zero
+apo_down = trl_apo_down
+discopop = trl_discopop
+sft = trl_sft
 
 
 def _accepted(fn) -> set:
@@ -645,12 +687,14 @@ def trl_dpo_loss(policy: PairLogps, reference: Optional[PairLogps], *,
     fn = TRL_LOSS_FUNCTIONS[t]
     kwargs = {k: v for k, v in available.items() if k in _accepted(fn)}
     per_pair = fn(policy, reference, **kwargs)
-    total = total + w * _registry.reduce(_SPEC_BY_NAME[t], per_pair, policy)
+    total = total + w * _registry.reduce(TRL_SPECS[t], per_pair, policy)
   return total
 
 
 __all__ = [
-    "F_DIVERGENCES", "F_DIVERGENCE_LOSS_TYPES", "TRL_LOSS_TYPES", "TRL_LOSS_FUNCTIONS",
+    "F_DIVERGENCES", "F_DIVERGENCE_LOSS_TYPES", "TRL_LOSS_TYPES", "TRL_LOSS_FUNCTIONS", "TRL_PREFIX", "TRL_SPECS",
+    "CANONICAL_NAME", "exo_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
+    "sft",
     "f_divergence_link", "wpo_sequence_weights", "trl_dpo_loss", "ld_dpo", "wpo", "f_dpo",
     "trl_sigmoid", "trl_hinge", "trl_ipo", "trl_exo_pair", "trl_nca_pair", "trl_robust", "trl_bco_pair",
     "trl_sppo_hard", "trl_aot", "trl_aot_unpaired", "trl_apo_zero", "trl_apo_down", "trl_discopop", "trl_sft",

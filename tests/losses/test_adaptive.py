@@ -49,7 +49,7 @@ def example_batch(b=5):
 
 
 def test_beta_dpo_worked_example_state_held():
-  # methods/llm.md A.1: M0 = 1, batch mean gap 2, a = 0.6 -> beta_used 0.16, loss 0.545893.
+  # By hand: M0 = 1, batch mean gap 2, a = 0.6 -> beta_used = 0.1 (1 + 0.6 (2 - 1)) = 0.16, loss 0.545893.
   # momentum = 1 keeps the state at M0 = 1 exactly.
   policy, reference = example_batch()
   state = _adaptive.BetaDpoState(gap_mean=jnp.float32(1.0), gap_std=jnp.float32(1.0))
@@ -233,7 +233,7 @@ def test_gamma_margins_few_steps(steps):
 
 
 def test_gamma_simpo_single_pair_is_simpo():
-  # methods/llm.md 2.9 / A.1: one pair, empty pool -> gamma = gamma0 -> SimPO(beta=2, gamma/beta=0.25) 0.974077.
+  # By hand: one pair, empty pool -> gamma = gamma0 -> SimPO(beta=2, gamma/beta=0.25) = -log sigmoid(-0.5) = 0.974077.
   policy, _ = pairs([-10.0], [-12.0], [-11.0], [-11.0], [5.0], [6.0])
   state = _adaptive.gamma_po_init_state(num_init=0)
   out, new_state = pofx.losses.get("gamma_simpo")(policy, None, beta=2.0, gamma_beta_ratio=0.25, state=state,

@@ -8,7 +8,7 @@ import pytest
 import pofx
 from pofx import losses
 
-# The shared worked example (methods/llm.md section 0).
+# The worked example of the loss tests: rho = (-10 + 11) - (-12 + 11) = 2, beta * rho = 0.2.
 PI_W, PI_L, REF_W, REF_L, BETA, LEN_W, LEN_L = -10.0, -12.0, -11.0, -11.0, 0.1, 5.0, 6.0
 
 
@@ -32,7 +32,7 @@ def random_batch(seed=0, b=16):
 
 
 def test_worked_example_golden_values():
-  # methods/llm.md Appendix A.1 (float64 python math).
+  # By hand at beta * rho = 0.2 (float64): log(1 + e^-0.2), 1 - 0.2, e^-0.2, 0.8^2, sigmoid(-0.2)^2, (2 - 5)^2.
   policy, reference = example()
   golden = {"dpo": 0.598139, "slic": 0.8, "exponential": 0.818731, "truncated_quadratic": 0.64,
             "savage": 0.202649, "ipo_sum": 9.0}

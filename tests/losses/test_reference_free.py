@@ -1,7 +1,7 @@
 """Numeric tests for SimPO, CPO, ORPO, RePO (pofx/losses/_reference_free.py).
 
-Expected values come from (a) the worked examples of methods/llm.md Appendix A (shared example
-pi_w=-10, pi_l=-12, |y_w|=5, |y_l|=6) and (b) the papers' formulas written out in float64
+Expected values come from (a) the worked example (pi_w=-10, pi_l=-12, |y_w|=5, |y_l|=6), each
+value worked out by hand in float64 from the paper's formula, and (b) the papers' formulas written out in float64
 numpy below, never from pofx.
 """
 
@@ -36,10 +36,10 @@ def _batch(seed=0, b=6):
   return pol, [np.asarray(x, np.float32).astype(np.float64) for x in (pi_w, pi_l, len_w, len_l)]
 
 
-# ---------------------------------------------------------------- worked examples (llm.md A.1)
+# ---------------------------------------------------------------- worked examples (by hand, float64)
 
 def test_simpo_golden_defaults():
-  # llm.md: a_w = a_l = -2, beta=2, gamma/beta=0.25 -> -log sigmoid(-0.5) = 0.974077.
+  # a_w = a_l = -2, beta=2, gamma/beta=0.25 -> -log sigmoid(-0.5) = 0.974077.
   np.testing.assert_allclose(rf.simpo(_example()), [0.974077], **TOL)
 
 

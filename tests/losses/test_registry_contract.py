@@ -17,7 +17,10 @@ from jax.test_util import check_grads
 import pofx
 from tests.losses import registry_inputs as ri
 
-NAMES = pofx.losses.names()
+# The canonical names, and the TRL loss_types whose function is not the canonical one (the others
+# are the same function object, already walked under their canonical name).
+NAMES = pofx.losses.names() + [
+    f"trl.{t}" for t in pofx.losses.trl.names() if pofx.losses.trl.get(t) is not pofx.losses.get(pofx.losses.trl.canonical(t))]
 KEY = jax.random.key(0)
 
 
@@ -42,14 +45,35 @@ def test_every_requirement_has_a_builder():
 
 
 def test_registry_is_read_only_and_sorted():
-  assert NAMES == sorted(NAMES)
-  with pytest.raises(TypeError):
-    pofx.losses.REGISTRY["new"] = pofx.losses.REGISTRY["dpo"]
+  for registry in (pofx.losses.REGISTRY, pofx.losses.trl.REGISTRY):
+    assert list(registry) == sorted(registry)
+    with pytest.raises(TypeError):
+      registry["new"] = pofx.losses.REGISTRY["dpo"]
 
 
 def test_unknown_name_lists_allowed():
-  with pytest.raises(ValueError, match="allowed: .*'dpo'"):
+  with pytest.raises(ValueError, match="allowed: .*'dpo'.*'trl.sigmoid'"):
     pofx.losses.get("dpoo")
+  with pytest.raises(ValueError, match="allowed: .*'sigmoid'"):
+    pofx.losses.get("trl.dpo")
+  with pytest.raises(ValueError, match="formula is 'dpo'"):   # pairwise InfoNCA with hard labels is DPO
+    pofx.losses.get("infonca")
+
+
+@pytest.mark.parametrize("name", pofx.losses.names())
+def test_attribute_is_get(name):
+  # `pofx.losses.<name>` is `pofx.losses.get("<name>")` for every canonical name.
+  assert getattr(pofx.losses, name) is pofx.losses.get(name) is pofx.losses.spec(name).fn
+  assert pofx.losses.spec(name).name == name
+
+
+def test_one_name_per_formula():
+  # No two canonical names hold the same function, and no canonical name is a TRL name of another formula.
+  fns = [pofx.losses.get(n) for n in pofx.losses.names()]
+  assert len({id(f) for f in fns}) == len(fns)
+  for loss_type in pofx.losses.trl.names():
+    canonical = pofx.losses.trl.canonical(loss_type)
+    assert loss_type == canonical or loss_type not in pofx.losses.REGISTRY, loss_type
 
 
 def test_unknown_hyperparameter_lists_allowed():
@@ -163,17 +187,22 @@ def test_finite_at_extreme_margins(name, sign, dtype):
   chex.assert_tree_all_finite(grads)
 
 
-# Names the loss-library issue requires (TRL's loss types under TRL's names, the GPO family, the
-# literature methods).
+# The catalogue's canonical names (the GPO family, the formulas TRL has, the literature methods) and
+# TRL 1.16's fifteen loss types in the compatibility namespace.
 REQUIRED = {
     "dpo", "slic", "ipo", "ipo_sum", "exponential", "truncated_quadratic", "savage",
-    "sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "ld_dpo", "wpo", "f_dpo",
+    "exo_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
+    "ld_dpo", "wpo", "f_dpo",
     "simpo", "cpo", "orpo", "repo", "dpop", "odpo", "beta_dpo", "focalpo", "cdpo", "robust_dpo", "rpo", "irpo",
-    "sampo", "ln_dpo", "dpo_shift", "nca", "infonca", "nca_kway", "infonca_kway", "una", "gamma_simpo",
+    "sampo", "ln_dpo", "dpo_shift", "nca", "nca_kway", "infonca_kway", "una", "gamma_simpo",
     "gamma_dpo", "dmpo", "ra_dpo", "mappo", "asft", "kto", "dpo_nll_delta_l",
+}
+REQUIRED_TRL = {
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 }
 
 
 def test_required_names_are_registered():
-  assert REQUIRED <= set(NAMES), sorted(REQUIRED - set(NAMES))
+  assert REQUIRED <= set(pofx.losses.names()), sorted(REQUIRED - set(pofx.losses.names()))
+  assert REQUIRED_TRL == set(pofx.losses.trl.names())

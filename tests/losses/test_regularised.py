@@ -1,6 +1,8 @@
 """Numeric tests for RPO (Liu et al.), IRPO, ASFT (pofx/losses/_regularised.py).
 
-Expected values: methods/llm.md Appendix A golden numbers and the formulas in float64 numpy.
+Expected values: the worked example (pi_w=-10, pi_l=-12, ref_w=ref_l=-11, beta=0.1, |y_w|=5,
+|y_l|=6), each value worked out by hand in float64 from the paper's formula, and the formulas in
+float64 numpy.
 """
 
 import jax
@@ -30,7 +32,7 @@ def _batch(seed=0, b=6, lw=None):
   return pofx.PairLogps(f(pw), f(pl), f(len_w), f(len_l)), pofx.PairLogps(f(rw), f(rl)), vals
 
 
-# ---------------------------------------------------------------- worked examples (llm.md A.1)
+# ---------------------------------------------------------------- worked examples (by hand, float64)
 
 def test_rpo_golden():
   # 0.598139 + 0.005 * 0.1 * 10 = 0.603139.

@@ -35,7 +35,7 @@ def token_pairs(seed, c_lens, r_lens, t=9):
 
 
 def uniform_example():
-  # methods/llm.md: chosen 5 tokens summing to -10 (policy) / -11 (reference), rejected 6 tokens of
+  # The worked example: chosen 5 tokens summing to -10 (policy) / -11 (reference), rejected 6 tokens of
   # -2 (policy) and -11/6 (reference).
   cm, rm = mask([5], 6), mask([6], 6)
   policy = pofx.PairLogps.from_tokens(np.full((1, 6), -2.0, np.float32), cm, np.full((1, 6), -2.0, np.float32), rm)
@@ -130,7 +130,7 @@ def phi_numpy(j, t, g):
 
 
 def test_dmpo_weights_worked_example():
-  # methods/llm.md A.1: T = 3, gamma = 0.7 -> [1.0, 0.543379, 0.223744].
+  # By hand: T = 3, gamma = 0.7 -> phi(j) = gamma^j (1 - gamma^(T-j)) / (1 - gamma^T) = [1.0, 0.543379, 0.223744].
   w = _token_level.dmpo_turn_weights(jnp.array([[0, 1, 2, -1]]), gamma=0.7)
   np.testing.assert_allclose(w, [[1.0, 0.543379, 0.223744, 1.0]], atol=1e-6)
 
@@ -192,7 +192,7 @@ def test_dmpo_turn_id_shape_checked():
 
 
 def test_delta_l_weights_worked_example():
-  # methods/llm.md A.1: lengths 5 and 6, alpha = 1 -> [1.090909, 0.909091].
+  # By hand: lengths 5 and 6, alpha = 1 -> w_i = L^-1 / mean(L^-1): (1/5, 1/6) / (11/60) = [12/11, 10/11].
   np.testing.assert_allclose(_token_level.delta_l_weights(jnp.array([5.0, 6.0]), 1.0), [1.090909, 0.909091],
                              atol=1e-6)
 

@@ -1,9 +1,10 @@
-"""Tests of pofx/losses/_trl.py: TRL 1.16's loss types, modifiers, LD-DPO, WPO, f-DPO, trl_dpo_loss.
+"""Tests of pofx/losses/_trl.py and the `pofx.losses.trl` namespace: TRL 1.16's loss types,
+modifiers, LD-DPO, WPO, f-DPO, trl_dpo_loss, and the map from TRL's names to the canonical ones.
 
-Expected values come from (a) the golden numbers of /work/shared/methods/llm.md (section 3 and
-Appendix A, plain-Python float64 at the shared example), each checked against TRL 1.16's formula,
-and (b) float64 numpy formulas written out here from TRL 1.16's `DPOTrainer._compute_loss`.
-TRL's own code is run in test_trl_parity.py.
+Expected values come from (a) the worked example below, each value derived by hand in plain-Python
+float64 from the loss's formula (the paper's equation, as TRL 1.16 writes it), and (b) float64
+numpy formulas written out here from TRL 1.16's `DPOTrainer._compute_loss`. TRL's own code is run
+in test_trl_parity.py.
 """
 
 import math
@@ -18,7 +19,7 @@ import pofx
 from pofx.losses import _trl
 
 # ----------------------------------------------------------------------------------------------
-# The shared worked example: pi_w=-10, pi_l=-12, ref_w=ref_l=-11, beta=0.1, |y_w|=5, |y_l|=6,
+# The worked example: pi_w=-10, pi_l=-12, ref_w=ref_l=-11, beta=0.1, |y_w|=5, |y_l|=6,
 # uniform tokens (chosen: 5 x -2 policy, 5 x -11/5 reference; rejected: 6 x -2, 6 x -11/6).
 # ----------------------------------------------------------------------------------------------
 
@@ -44,32 +45,33 @@ def example_pair():
 
 EX_POLICY, EX_REFERENCE = example_pair()
 
-# llm.md section 3 / Appendix A. All of these follow TRL 1.16's formulas as written in
-# DPOTrainer._compute_loss (checked line by line): where llm.md notes an older TRL form (sigmoid
-# with label smoothing, bco_pair with a running-mean shift, forward-KL f'(u) = -1/u vs 1.16's
-# 1 - 1/u), the 1.16 form gives the same number at this example (no smoothing / zero shift / the
-# constant cancels in s_w - s_l), so no value had to be re-derived.
+# Hand-derived values at the worked example (lr_w = +1, lr_l = -1, beta = 0.1, so beta * rho = 0.2),
+# each from TRL 1.16's formula as written in DPOTrainer._compute_loss. Where an older TRL differs
+# (sigmoid with label smoothing, bco_pair with a running-mean shift, forward-KL f'(u) = -1/u vs
+# 1.16's 1 - 1/u), the 1.16 form gives the same number here (no smoothing / zero shift / the
+# constant cancels in s_w - s_l). TRL names are written "trl.<loss_type>", as pofx.losses.get reads them.
 GOLDEN = [
-    ("sigmoid", {}, 0.598139),
-    ("hinge", {}, 0.800000),
-    ("ipo", {}, 21.467778),                              # d = 1/5 + 1/6, (d - 5)^2
-    ("exo_pair", {"label_smoothing": 1e-3}, 2.422015),
-    ("nca_pair", {}, 1.338793),
-    ("robust", {"label_smoothing": 0.1}, 0.573139),
-    ("bco_pair", {}, 1.288793),
-    ("sppo_hard", {}, 32.000000),                        # (1 - 5)^2 + (-1 + 5)^2
-    ("aot", {}, 0.598139),                               # B = 1: sorting is the identity, = DPO
-    ("aot_unpaired", {}, 0.598139),
-    ("apo_zero", {}, 0.950042),
-    ("apo_down", {}, 0.975145),
-    ("discopop", {}, 0.814763),                          # tau = 0.05
-    ("sigmoid_norm", {}, 0.674982),
-    # llm.md 2.11 (f-DPO); the alpha row is alpha_paper = 0.5 = TRL's coef 0.5.
-    ("sigmoid", {"f_divergence_type": "forward_kl"}, 0.582517),
-    ("sigmoid", {"f_divergence_type": "js_divergence"}, 0.644397),
-    ("sigmoid", {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.5}, 0.594349),
-    # llm.md 2.15 (LD-DPO, alpha = 0.5, uniform tokens): rho = 1.916667.
-    ("sigmoid", {"ld_alpha": 0.5}, 0.601899),
+    ("trl.sigmoid", {}, 0.598139),                       # log(1 + e^{-0.2})
+    ("trl.hinge", {}, 0.800000),                         # 1 - 0.2
+    ("trl.ipo", {}, 21.467778),                          # d = 1/5 + 1/6, (d - 5)^2
+    ("trl.exo_pair", {"label_smoothing": 1e-3}, 2.422015),
+    ("trl.nca_pair", {}, 1.338793),
+    ("trl.robust", {"label_smoothing": 0.1}, 0.573139),
+    ("trl.bco_pair", {}, 1.288793),                      # 2 log(1 + e^{-0.1})
+    ("trl.sppo_hard", {}, 32.000000),                    # (1 - 5)^2 + (-1 + 5)^2
+    ("trl.aot", {}, 0.598139),                           # B = 1: sorting is the identity, = DPO
+    ("trl.aot_unpaired", {}, 0.598139),
+    ("trl.apo_zero", {}, 0.950042),                      # (1 - sigmoid(0.1)) + sigmoid(-0.1)
+    ("trl.apo_down", {}, 0.975145),                      # sigmoid(0.1) + 1 - sigmoid(0.2)
+    ("trl.discopop", {}, 0.814763),                      # tau = 0.05
+    ("trl.sigmoid_norm", {}, 0.674982),                  # -log sigmoid(0.1 (1/5 + 1/6))
+    # f-DPO (Wang et al. 2023, arXiv:2309.16240, Table 1); the alpha row is alpha_paper = 0.5 = TRL's coef 0.5.
+    ("trl.sigmoid", {"f_divergence_type": "forward_kl"}, 0.582517),
+    ("trl.sigmoid", {"f_divergence_type": "js_divergence"}, 0.644397),
+    ("trl.sigmoid", {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.5}, 0.594349),
+    # LD-DPO at ld_alpha = 0.5, uniform tokens: shared length 5, the rejected's 6th token counts half:
+    # policy -10 - 1 = -11, reference -55/6 - 11/12 = -121/12, so lr_l = -11/12 and rho = 23/12 = 1.916667.
+    ("trl.sigmoid", {"ld_alpha": 0.5}, 0.601899),
     ("ld_dpo", {"ld_alpha": 0.5}, 0.601899),
     ("f_dpo", {"f_divergence_type": "forward_kl"}, 0.582517),
     ("f_dpo", {"f_divergence_type": "js_divergence"}, 0.644397),
@@ -89,18 +91,18 @@ def test_golden_worked_example(name, hyper, expected):
 
 
 def test_golden_sft_token_mean():
-  # TRL's sft: token-mean NLL of the chosen completion, 10 / 5 (llm.md 2.13's NLL term).
+  # TRL's sft: token-mean NLL of the chosen completion, 10 / 5.
   _close(pofx.losses.batch_loss("sft", EX_POLICY), 2.0)
   _close(pofx.losses.get("sft")(EX_POLICY, None)[0], 10.0)
 
 
 def test_golden_combination_irpo_style():
-  # llm.md 2.13: DPO + 1.0 * token-mean NLL = 0.598139 + 2 (TRL's ["sigmoid", "sft"] with weights [1, 1]).
+  # IRPO-style DPO + 1.0 * token-mean NLL = 0.598139 + 2 (TRL's ["sigmoid", "sft"] with weights [1, 1]).
   _close(_trl.trl_dpo_loss(EX_POLICY, EX_REFERENCE, loss_type=["sigmoid", "sft"]), 2.598139)
 
 
 def test_golden_wpo_hand_derived():
-  # Hand derivation (not in llm.md): with log sum_v p_v^2 = log p_t - 0.5 on every token the
+  # Hand derivation: with log sum_v p_v^2 = log p_t - 0.5 on every token the
   # per-sequence weight is e^{0.5}, the pair weight e^{1}, so WPO = e * 0.598139... .
   c_tok, c_mask = _uniform((-2.0, 5))
   r_tok, r_mask = _uniform((-2.0, 6))
@@ -210,7 +212,7 @@ def _pofx_kwargs(loss_type, cfg):
   """Our names for the numpy config, restricted to what the function takes."""
   names = dict(beta="beta", f="f_divergence_type", coef="f_alpha_divergence_coef", ld_alpha="ld_alpha",
                eps="label_smoothing", use_weighting="use_weighting", tau="discopop_tau")
-  accepted = pofx.losses.spec(loss_type).hyperparameters
+  accepted = pofx.losses.trl.spec(loss_type).hyperparameters
   kw = {names[k]: v for k, v in cfg.items()}
   assert set(kw) <= set(accepted), (loss_type, kw)
   return kw
@@ -236,7 +238,7 @@ NUMPY_CASES = [(t, cfg) for t in _trl.TRL_LOSS_TYPES if t != "sft" for cfg in _c
 @pytest.mark.parametrize("loss_type,cfg", NUMPY_CASES, ids=[f"{t}-{i}" for i, (t, _) in enumerate(NUMPY_CASES)])
 def test_numpy_formula_random_batch(loss_type, cfg):
   expected = np_loss(loss_type, RAW, **cfg)
-  got = pofx.losses.get(loss_type)(POLICY, REFERENCE, **_pofx_kwargs(loss_type, cfg))
+  got = pofx.losses.trl.get(loss_type)(POLICY, REFERENCE, **_pofx_kwargs(loss_type, cfg))
   chex.assert_shape(got, (B,))
   # ipo / sppo_hard square a difference of float32 numbers of size 1/(2 beta) = 5 (and up to 50):
   # float32 rounding of ~5 (6e-7) enters the value times 2|d - 5|, hence a larger absolute tolerance.
@@ -245,7 +247,7 @@ def test_numpy_formula_random_batch(loss_type, cfg):
 
 
 def test_numpy_sft_batch_value():
-  _close(pofx.losses.batch_loss("sft", POLICY), np_loss("sft", RAW)[0])
+  _close(pofx.losses.trl.batch_loss("sft", POLICY), np_loss("sft", RAW)[0])
 
 
 @pytest.mark.parametrize("loss_type,weights,cfg", [
@@ -270,7 +272,7 @@ def test_trl_dpo_loss_single_equals_batch_loss(loss_type):
   kw = {"label_smoothing": 0.1} if loss_type in ("exo_pair", "robust") else {}
   ref = None if loss_type == "sft" else REFERENCE
   np.testing.assert_allclose(float(_trl.trl_dpo_loss(POLICY, REFERENCE, loss_type=loss_type, **kw)),
-                             float(pofx.losses.batch_loss(loss_type, POLICY, ref, **kw)), rtol=1e-6, atol=1e-7)
+                             float(pofx.losses.trl.batch_loss(loss_type, POLICY, ref, **kw)), rtol=1e-6, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,7 +290,7 @@ def test_sigmoid_defaults_is_dpo_and_hinge_is_slic():
 
 
 def test_ipo_is_length_normalised_ipo():
-  _same(_trl.trl_ipo(POLICY, REFERENCE, beta=0.2), pofx.losses.ipo(POLICY, REFERENCE, beta=0.2, length_normalized=True))
+  _same(_trl.trl_ipo(POLICY, REFERENCE, beta=0.2), pofx.losses.ipo(POLICY, REFERENCE, beta=0.2))
 
 
 def test_f_dpo_reverse_kl_is_dpo():
@@ -324,7 +326,7 @@ def test_paper_alpha_divergence_form():
 
 def test_ld_alpha_one_is_no_ld_and_zero_truncates():
   for name in ("sigmoid", "ipo", "nca_pair", "aot"):
-    fn = pofx.losses.get(name)
+    fn = pofx.losses.trl.get(name)
     _same(fn(POLICY, REFERENCE, ld_alpha=1.0), fn(POLICY, REFERENCE))
   _same(pofx.losses.get("ld_dpo")(POLICY, REFERENCE, ld_alpha=1.0), pofx.losses.dpo(POLICY, REFERENCE))
   # ld_alpha = 0: DPO on both completions truncated to the shared length.
@@ -342,7 +344,8 @@ def test_ld_applies_to_the_reference_too():
 
 def test_robust_eps0_is_sigmoid_and_exo_matches_kl():
   _same(_trl.trl_robust(POLICY, REFERENCE, label_smoothing=0.0), _trl.trl_sigmoid(POLICY, REFERENCE))
-  # aot with eps: cDPO on sorted differences; with B=1 aot == cDPO (llm.md 2.1: 0.618139 at eps=0.1).
+  # aot with eps: cDPO on sorted differences; with B=1 aot == cDPO, at eps=0.1:
+  # 0.9 log(1 + e^{-0.2}) + 0.1 log(1 + e^{0.2}) = 0.618139.
   _close(_trl.trl_aot(EX_POLICY, EX_REFERENCE, label_smoothing=0.1)[0], 0.618139)
   _close(_trl.trl_aot_unpaired(EX_POLICY, EX_REFERENCE, label_smoothing=0.1)[0], 0.618139)
 
@@ -378,12 +381,12 @@ def test_wpo_unit_weights_is_dpo_and_weights_are_detached():
 def test_use_weighting_equals_weights_times_loss():
   w_w, w_l = _trl.wpo_sequence_weights(POLICY)
   for name in ("hinge", "apo_zero", "sppo_hard"):
-    fn = pofx.losses.get(name)
+    fn = pofx.losses.trl.get(name)
     _same(fn(POLICY, REFERENCE, use_weighting=True), np.asarray(fn(POLICY, REFERENCE)) * np.asarray(w_w * w_l))
 
 
 def test_combination_is_weighted_sum():
-  parts = [pofx.losses.batch_loss(t, POLICY, None if t == "sft" else REFERENCE) for t in ("sigmoid", "bco_pair", "sft")]
+  parts = [pofx.losses.trl.batch_loss(t, POLICY, None if t == "sft" else REFERENCE) for t in ("sigmoid", "bco_pair", "sft")]
   mpo = _trl.trl_dpo_loss(POLICY, REFERENCE, loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0])
   _same(mpo, 0.8 * parts[0] + 0.2 * parts[1] + 1.0 * parts[2])
 
@@ -393,25 +396,26 @@ def test_combination_is_weighted_sum():
 # ----------------------------------------------------------------------------------------------
 
 BAD = [
-    ("sigmoid", {"f_divergence_type": "kl"}, "f_divergence_type"),
+    ("trl.sigmoid", {"f_divergence_type": "kl"}, "f_divergence_type"),
     ("f_dpo", {"f_divergence_type": "hellinger"}, "f_divergence_type"),
     ("f_dpo", {"f_divergence_type": "alpha_divergence", "alpha": 1.5}, "alpha"),
-    ("sigmoid", {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": float("nan")},
+    ("trl.sigmoid", {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": float("nan")},
      "f_alpha_divergence_coef"),
-    ("robust", {"label_smoothing": 0.5}, "label_smoothing"),
-    ("robust", {"label_smoothing": -0.1}, "label_smoothing"),
+    ("trl.robust", {"label_smoothing": 0.5}, "label_smoothing"),
+    ("trl.robust", {"label_smoothing": -0.1}, "label_smoothing"),
     ("exo_pair", {"label_smoothing": 0.0}, "label_smoothing"),
     ("exo_pair", {"label_smoothing": 1.0}, "label_smoothing"),
     ("aot", {"label_smoothing": 0.6}, "label_smoothing"),
     ("aot_unpaired", {"label_smoothing": -0.2}, "label_smoothing"),
-    ("sigmoid", {"ld_alpha": -0.1}, "ld_alpha"),
+    ("trl.sigmoid", {"ld_alpha": -0.1}, "ld_alpha"),
     ("ld_dpo", {"ld_alpha": 1.5}, "ld_alpha"),
     ("ld_dpo", {"ld_alpha": None}, "ld_alpha"),
     ("discopop", {"discopop_tau": 0.0}, "discopop_tau"),
-    ("sigmoid", {"beta": 0.0}, "beta"),
+    ("trl.sigmoid", {"beta": 0.0}, "beta"),
     ("sppo_hard", {"beta": -1.0}, "beta"),
-    ("nca_pair", {"f_divergence_type": "js_divergence"}, "unknown argument"),   # TRL refuses f-div here
-    ("aot", {"use_weighting": True}, "unknown argument"),                       # TRL refuses WPO with aot
+    ("trl.nca_pair", {"f_divergence_type": "js_divergence"}, "unknown argument"),   # TRL refuses f-div here
+    ("aot", {"use_weighting": True}, "unknown argument"),                           # TRL refuses WPO with aot
+    ("dpo", {"ld_alpha": 0.5}, "unknown argument"),                                 # modifiers: ld_dpo, wpo, f_dpo
 ]
 
 
@@ -450,9 +454,10 @@ def test_missing_inputs_raise():
   with pytest.raises(ValueError, match="log_sum_sq_probs"):
     pofx.losses.get("wpo")(POLICY.replace(chosen_log_sum_sq_probs=None, rejected_log_sum_sq_probs=None), REFERENCE)
   with pytest.raises(ValueError, match="reference"):
-    pofx.losses.get("sigmoid")(POLICY, None)
-  with pytest.raises(ValueError, match="length"):
-    pofx.losses.get("ipo")(sums_only.replace(chosen_len=None, rejected_len=None), REFERENCE)
+    pofx.losses.trl.get("sigmoid")(POLICY, None)
+  for ipo in (pofx.losses.trl.get("ipo"), pofx.losses.get("ipo")):
+    with pytest.raises(ValueError, match="length"):
+      ipo(sums_only.replace(chosen_len=None, rejected_len=None), REFERENCE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,10 +491,71 @@ def test_trl_dpo_loss_jits():
 
 
 def test_registered_names_and_metadata():
-  for name in _trl.TRL_LOSS_TYPES + ("ld_dpo", "wpo", "f_dpo"):
-    spec = pofx.losses.spec(name)
-    assert spec.family == "trl"
-  assert pofx.losses.spec("sft").reduction == "chosen_token_mean"
-  assert pofx.losses.spec("sft").reference == "unused"
+  for loss_type in _trl.TRL_LOSS_TYPES:
+    spec = pofx.losses.trl.spec(loss_type)
+    assert spec.family == "trl" and spec.name == f"trl.{loss_type}"
+    assert pofx.losses.spec(spec.name) is spec                     # the qualified name round-trips
+  for name in ("ld_dpo", "wpo", "f_dpo"):
+    assert pofx.losses.spec(name).family == "trl"
+  for name in (pofx.losses.spec("sft"), pofx.losses.trl.spec("sft")):
+    assert name.reduction == "chosen_token_mean" and name.reference == "unused"
   assert {"tokens", "log_sum_sq_probs"} <= pofx.losses.spec("wpo").requires
   assert "tokens" in pofx.losses.spec("ld_dpo").requires
+
+
+# ----------------------------------------------------------------------------------------------
+# The compatibility namespace: TRL's names -> canonical names.
+# ----------------------------------------------------------------------------------------------
+
+# TRL loss_type -> (canonical name, the canonical hyperparameters that give TRL's defaults). The
+# table of the `pofx.losses` docstring; each row is a formula identity checked on the random batch.
+TRL_TO_CANONICAL = {
+    "sigmoid": ("dpo", {}),
+    "hinge": ("slic", {}),
+    "ipo": ("ipo", {}),
+    "exo_pair": ("exo_pair", {"label_smoothing": 0.05}),
+    "nca_pair": ("nca", {}),
+    "robust": ("robust_dpo", {"eps": 0.0}),                 # TRL's label_smoothing defaults to 0.0
+    "bco_pair": ("bco_pair", {}),
+    "sppo_hard": ("sppo_hard", {}),
+    "aot": ("aot", {}),
+    "aot_unpaired": ("aot_unpaired", {}),
+    "apo_zero": ("apo_zero", {}),
+    "apo_down": ("apo_down", {}),
+    "discopop": ("discopop", {}),
+    "sft": ("sft", {}),
+    "sigmoid_norm": ("ln_dpo", {"beta": 0.1}),              # ln_dpo has no default beta; TRL's is 0.1
+}
+
+
+def test_canonical_map_is_complete_and_matches_the_namespace():
+  assert set(TRL_TO_CANONICAL) == set(pofx.losses.trl.names()) == set(_trl.TRL_LOSS_TYPES)
+  for loss_type, (canonical, _) in TRL_TO_CANONICAL.items():
+    assert pofx.losses.trl.canonical(loss_type) == canonical
+    assert canonical in pofx.losses.names()
+
+
+@pytest.mark.parametrize("loss_type", sorted(TRL_TO_CANONICAL))
+def test_trl_name_is_its_canonical_formula(loss_type):
+  canonical, hyper = TRL_TO_CANONICAL[loss_type]
+  trl_hyper = {"label_smoothing": 0.05} if loss_type == "exo_pair" else {}
+  reference = None if loss_type == "sft" else REFERENCE
+  _same(pofx.losses.trl.get(loss_type)(POLICY, reference, **trl_hyper),
+        pofx.losses.get(canonical)(POLICY, reference, **hyper), tol=2e-6)
+  for beta in (0.3,) if "beta" in pofx.losses.spec(canonical).hyperparameters else ():
+    _same(pofx.losses.trl.get(loss_type)(POLICY, reference, **{**trl_hyper, "beta": beta}),
+          pofx.losses.get(canonical)(POLICY, reference, **{**hyper, "beta": beta}), tol=2e-6)
+
+
+def test_trl_names_that_differ_are_not_canonical():
+  for loss_type in ("sigmoid", "hinge", "nca_pair", "robust", "sigmoid_norm"):
+    assert loss_type not in pofx.losses.REGISTRY
+    with pytest.raises(ValueError, match=f"{pofx.losses.trl.canonical(loss_type)!r}.*'trl.{loss_type}'"):
+      pofx.losses.get(loss_type)
+  with pytest.raises(ValueError, match="loss_type"):
+    pofx.losses.trl.get("dpo")
+
+
+def test_every_trl_attribute_is_get():
+  for loss_type in pofx.losses.trl.names():
+    assert getattr(pofx.losses.trl, loss_type) is pofx.losses.trl.get(loss_type) is pofx.losses.get(f"trl.{loss_type}")

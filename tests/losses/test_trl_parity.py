@@ -160,11 +160,15 @@ def check_parity(loss_type, ref_path="precomputed", **config):
   np.testing.assert_allclose(combined, expected, **TOL)
   if isinstance(loss_type, str):
     hyper = {k: v for k, v in config.items() if k != "loss_weights"}
-    spec = pofx.losses.spec(loss_type)
+    spec = pofx.losses.trl.spec(loss_type)
     # Pass only the modifiers the registered function takes (the others do not affect this type in TRL).
     hyper = {k: v for k, v in hyper.items() if k in spec.hyperparameters}
-    single = float(pofx.losses.batch_loss(loss_type, POLICY, REFERENCE if spec.reference != "unused" else None, **hyper))
+    reference = REFERENCE if spec.reference != "unused" else None
+    single = float(pofx.losses.trl.batch_loss(loss_type, POLICY, reference, **hyper))
     np.testing.assert_allclose(single, expected, **TOL)
+    # The same value under the qualified name that the training program's train.loss reads.
+    np.testing.assert_allclose(float(pofx.losses.batch_loss(f"trl.{loss_type}", POLICY, reference, **hyper)), single,
+                               rtol=1e-7, atol=0.0)
   return expected
 
 
@@ -288,4 +292,4 @@ def test_aot_with_weighting_refused_by_both(loss_type):
   with pytest.raises(ValueError, match="use_weighting"):
     _trl.trl_dpo_loss(POLICY, REFERENCE, loss_type=loss_type, use_weighting=True)
   with pytest.raises(ValueError, match="unknown argument"):
-    pofx.losses.batch_loss(loss_type, POLICY, REFERENCE, use_weighting=True)
+    pofx.losses.trl.batch_loss(loss_type, POLICY, REFERENCE, use_weighting=True)

@@ -1,4 +1,4 @@
-"""Shared helpers of the loss tests: the worked example of methods/llm.md section 0 and numpy math."""
+"""Shared helpers of the loss tests: the worked example (pi_w=-10, pi_l=-12, ref_w=ref_l=-11, lengths 5/6) and numpy math."""
 
 import jax.numpy as jnp
 import numpy as np
