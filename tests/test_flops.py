@@ -166,3 +166,28 @@ def test_step_flops_match_xla_cost_analysis(layout, sparse, length, reference, p
   without_head = analytic.total - analytic.head
   assert xla / without_head > 1.08, "the LM head is a visible share of this step: the tolerance can tell"
   assert passes == {("cached", "none"): 3, ("frozen", "sam"): 7}[(reference, perturbation)]
+
+
+def test_program_metrics_report_flops_per_second(tmp_path):
+  from experiments import metrics
+
+  rng = np.random.default_rng(0)
+  seqs = [[rng.integers(0, 90, n).astype(np.int32) for _ in range(2)] for n in (10, 12, 9)]
+  pairs = batching.build("prompt_shared", *seqs, seq_bucket=64, completion_bucket=16)
+  batch = {"pairs": pairs}
+  forward = flops.forward_flops(TINY, flops.work_of_batch(batch)).total
+  # The program's multi reference is two cached references: no reference forward (3 x forward);
+  # an EMA reference runs one (4 x); RWP with 3 proxy steps and a frozen reference: 3 (1 + 3) + 1 = 13 x.
+  assert metrics.step_flops_fn(TINY, reference="multi", perturbation="none")(batch) == 3 * forward
+  assert metrics.step_flops_fn(TINY, reference="ema", perturbation="none")(batch) == 4 * forward
+  assert metrics.step_flops_fn(TINY, reference="frozen", perturbation="rwp", rwp_steps=3)(batch) == 13 * forward
+  writer = metrics.MetricWriter(str(tmp_path), "train", 4, progress=False)
+  first = writer.write(1, {"loss": 0.7}, pairs=2)
+  assert "flops_per_second" not in first  # the first record has no interval before it
+  writer.add_flops(1e9)
+  writer.add_flops(1e9)
+  rec = writer.write(3, {"loss": 0.6}, pairs=2)
+  writer.close()
+  # 2 GFLOP over the interval, at the same rate as the pairs: FLOP/s = 2e9 x pairs/s / (2 pairs x 2 steps).
+  assert rec["flops_per_second"] == pytest.approx(2e9 * rec["pairs_per_second"] / 4)
+  assert "mfu" not in rec  # CPUs have no peak in the table
