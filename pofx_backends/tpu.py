@@ -97,10 +97,14 @@ def _block_sizes(block: int) -> splash.BlockSizes:
 
 @functools.lru_cache(maxsize=16)
 def _causal_kernel(length: int, block: int, interpret: bool):
-  """Splash's kernel for causal attention over `length` tokens (one head of mask, shared by all heads)."""
+  """Splash's kernel for causal attention over `length` tokens (one head of mask, shared by all heads).
+
+  Built with concrete arrays even when first asked for inside a `jit` trace (it is cached and
+  reused by later traces, which must not see the first one's tracers)."""
   mask = splash.MultiHeadMask([splash.CausalMask((length, length))])
-  return splash.make_splash_mha(mask, block_sizes=_block_sizes(block), head_shards=1, q_seq_shards=1,
-                                interpret=interpret)
+  with jax.ensure_compile_time_eval():
+    return splash.make_splash_mha(mask, block_sizes=_block_sizes(block), head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
 
 
 def _dynamic_kernel(kernel):

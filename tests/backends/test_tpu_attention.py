@@ -94,6 +94,14 @@ def test_cache_mask_goes_to_xla():
                                 np.asarray(kernels_lib.xla_attention(q, k, v, mask, scale=scale)))
 
 
+def test_cached_causal_kernel_is_reusable_across_traces():
+  """The causal kernel is cached by length: one first built inside a jit trace works in the next trace."""
+  first = jax.jit(lambda: tpu._causal_kernel(384, 128, True).fwd_mask_info.block_mask.astype(jnp.int32))()
+  again = jax.jit(lambda x: x + tpu._causal_kernel(384, 128, True).fwd_mask_info.block_mask)(jnp.int32(0))
+  np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
+  assert np.asarray(first).max() == 2                                   # some tiles full (below the diagonal)
+
+
 def test_block_sizes_and_kernels_record():
   assert tpu.block_size_for(20) == (128, 128)
   assert tpu.block_size_for(640) == (640, 128)
