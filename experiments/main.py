@@ -119,6 +119,8 @@ def _decide_kernels(config, workdir: str) -> Dict[str, Any]:
       record = json.load(f)
     if requested in ("auto", record["name"]):
       reason = pofx_backends.unavailable_reason(record["name"])
+      if record["name"] == "cpu" and config.train.parallel.mode != "single":
+        reason = f"the CPU kernels run with train.parallel.mode='single' only, not {config.train.parallel.mode!r}"
       if reason:
         raise ValueError(f"{path} records kernel backend {record['name']!r} for this workdir, which cannot run here: "
                          f"{reason}; use another workdir, or set config.model.kernels.")

@@ -40,6 +40,7 @@ def main(root, seed_dir):
         c.data.scored = "compact"
       c.train.optimizer.name, c.train.optimizer.grad_clip = "sgd", 0.0  # a wrong gradient scale shows in SGD
       c.train.optimizer.learning_rate = 0.5
+      c.model.kernels = "xla"  # one kernel backend for every mode (the CPU kernels run on one device)
     work = os.path.join(root, name)
     os.makedirs(work, exist_ok=True)
     for stage in ("sft_params", "data"):
