@@ -20,7 +20,7 @@ Which implementation computes it:
   so an odd L is padded by one row (a padding segment of its own, invisible to the real queries
   by causality) and the result sliced back.
 - `"xla"` otherwise: float32 inputs, CPU (the tests), ROCm, head dimensions cuDNN does not take,
-  and every `CacheMask` (a decoding step: a few queries over the cache, bound by memory traffic,
+  shapes cuDNN's own checks refuse while tracing (chosen automatically only), and every `CacheMask` (a decoding step: a few queries over the cache, bound by memory traffic,
   where cuDNN's bias path gains nothing and needs even lengths).
 
 `SegmentMask.blocks` is ignored: the block list only says which tiles hold allowed entries, and
@@ -62,7 +62,7 @@ def _is_cuda() -> bool:
   """Whether the default backend is a CUDA GPU (not ROCm)."""
   if jax.default_backend() != "gpu":
     return False
-  version = getattr(jax.devices()[0].client, "platform_version", "") or ""
+  version = getattr(getattr(jax.devices()[0], "client", None), "platform_version", "") or ""
   return "rocm" not in version.lower()
 
 
@@ -128,7 +128,13 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask, *, scale: float,
                        f"{jnp.shape(mask.kv_valid)}.")
   else:
     raise TypeError(f"attention: mask must be a SegmentMask or CacheMask, got {type(mask).__name__}.")
-  implementation = implementation or choose_implementation(q, mask)
+  if implementation is None:
+    implementation = choose_implementation(q, mask)
+    if implementation == "cudnn":
+      try:  # shapes cuDNN refuses while tracing (its checks raise) go to XLA; an explicit "cudnn" raises
+        return dot_product_attention(q, k, v, mask, scale=scale, implementation="cudnn")
+      except (NotImplementedError, ValueError, RuntimeError):
+        implementation = "xla"
 
   if isinstance(mask, kernels_lib.CacheMask):
     out = jax.nn.dot_product_attention(q.reshape(B, Lq, K * G, hd), k, v, mask=mask.dense(Lq)[:, None],

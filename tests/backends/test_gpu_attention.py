@@ -129,6 +129,20 @@ def test_kernels_record_and_choice_off_gpu():
     assert gpu.choose_implementation(q, _mask([FUSED])) == "xla"
 
 
+def test_automatic_choice_falls_back_to_xla_where_cudnn_refuses(monkeypatch):
+  """Chosen automatically, a cuDNN call that its checks refuse while tracing (here: no cuDNN at all on
+  CPU) is computed by XLA instead; asked for explicitly, it raises."""
+  monkeypatch.setattr(gpu, "choose_implementation", lambda q, mask: "cudnn")
+  q, k, v = _qkv(2, 12, 1, 2, 8, seed=5)
+  mask = _mask([SHARED, PACKED])
+  scale = kernels_lib.default_scale(8)
+  if not ON_GPU:
+    np.testing.assert_allclose(np.asarray(gpu.kernels().attention(q, k, v, mask, scale=scale)),
+                               np.asarray(kernels_lib.xla_attention(q, k, v, mask, scale=scale)), atol=2e-5, rtol=2e-5)
+  with pytest.raises((NotImplementedError, ValueError, RuntimeError)):
+    gpu.kernels(implementation="cudnn").attention(q, k, v, mask, scale=scale)   # float32: never cuDNN's
+
+
 @NEEDS_GPU
 @pytest.mark.parametrize("rows", [[FUSED, PACKED], [SHARED, SHARED]], ids=["fused+packed", "shared"])
 def test_cudnn_on_gpu(rows):
