@@ -183,9 +183,12 @@ def _check_data(c) -> None:
 
 
 def _check_loss(c) -> None:
-  if c.train.loss not in losses.REGISTRY:
-    raise ValueError(f"config.train.loss={c.train.loss!r} is not allowed; allowed: {losses.names()}.")
-  spec = losses.spec(c.train.loss)
+  # A canonical pofx.losses name, or a TRL 1.16 loss_type written "trl.<loss_type>" (pofx.losses.trl).
+  try:
+    spec = losses.spec(c.train.loss)
+  except ValueError:
+    raise ValueError(f"config.train.loss={c.train.loss!r} is not allowed; allowed: {losses.names()}, or a TRL 1.16 "
+                     f"loss_type written 'trl.<loss_type>' ({losses.trl.names()}).") from None
   hyper = dict(c.train.loss_hyper)
   unknown = sorted(set(hyper) - set(spec.hyperparameters))
   if unknown:

@@ -214,3 +214,48 @@ def test_caller_arrays_survive_donation():
   for i in range(2):
     state, _ = step(state, toy.batch(i), jax.random.key(i))
   assert np.isfinite(np.asarray(params["w"])).all()  # still alive
+
+
+def test_a_trl_name_trains_as_its_canonical_formula():
+  # "trl.sigmoid" (TRL 1.16's loss_type, as train.loss reads it) is DPO: the same step, bit for bit.
+  params = toy.init(0)
+  opt = optax.sgd(0.3)
+  ref = references.frozen(toy.init(1), toy.logps_fn)
+  out = {}
+  for loss in ("dpo", "trl.sigmoid"):
+    state = train.init_state(params, opt, ref, perturbations.none(), loss=loss)
+    step = train.make_train_step(toy.logps_fn, opt, loss=loss, loss_hyper={"beta": 0.2}, reference=ref, donate=False)
+    out[loss] = step(state, toy.batch(5), jax.random.key(0))
+  jax.tree.map(np.testing.assert_array_equal, out["trl.sigmoid"][0].params, out["dpo"][0].params)
+  np.testing.assert_array_equal(out["trl.sigmoid"][1]["loss"], out["dpo"][1]["loss"])
+  with pytest.raises(ValueError, match="'dpo'.*'trl.sigmoid'"):  # a bare TRL name names both spellings
+    train.make_train_step(toy.logps_fn, opt, loss="sigmoid", reference=ref)
+
+
+def test_the_batch_reaches_the_model_unchanged_and_m_sharpness_splits_the_reference():
+  # The policy's log-prob function sees exactly the caller's batch keys (nothing is smuggled in).
+  seen = []
+
+  def recording_logps_fn(p, b):
+    seen.append(sorted(b))
+    return toy.logps_fn(p, b)
+
+  params, batch = toy.init(0), toy.batch(6)
+  opt = optax.sgd(1.0)
+  ref = references.frozen(toy.init(1), toy.logps_fn)
+  state = train.init_state(params, opt, ref, perturbations.none())
+  train.make_train_step(recording_logps_fn, opt, loss="dpo", reference=ref, donate=False)(state, batch, jax.random.key(0))
+  assert seen and all(keys == sorted(batch) for keys in seen)
+
+  # SAM with m = 2 averages the SAM gradients of the two halves, each against its own reference
+  # log-probs: with SGD at learning rate 1, the update is the mean of the two half-batch updates.
+  def update(pert, b):
+    state = train.init_state(params, opt, ref, pert)
+    step = train.make_train_step(toy.logps_fn, opt, loss="dpo", reference=ref, perturbation=pert, donate=False)
+    new, _ = step(state, b, jax.random.key(0))
+    return jax.tree.map(jnp.subtract, new.params, params)
+
+  full = update(perturbations.sam(0.05, m=2), batch)
+  halves = [update(perturbations.sam(0.05), jax.tree.map(lambda x, i=i: x[4 * i:4 * i + 4], batch)) for i in range(2)]
+  expected = jax.tree.map(lambda a, b: (a + b) / 2, *halves)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), full, expected)
