@@ -35,6 +35,8 @@ import statistics
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # pofx, pofx_backends
+
 LAYERS, TOKENS, SCORED = 4, 1536, 1024
 WEIGHTS = [("q_proj", 256, 256, LAYERS, TOKENS), ("k_proj", 256, 128, LAYERS, TOKENS),
            ("v_proj", 256, 128, LAYERS, TOKENS), ("o_proj", 256, 256, LAYERS, TOKENS),
