@@ -31,16 +31,10 @@ OPTIONAL_DEPENDENCIES = frozenset({
 
 # (file, what) of violations in others' files, to be cleared by their owners.
 PENDING = frozenset({
-    ("pofx/train.py", "private pofx.losses._registry"),
-    ("pofx/train.py", "private pofx.losses._common"),
     ("pofx/evaluation.py", "private pofx.losses._common"),
     ("pofx/evaluation.py", "in-function import statistics"),
     ("pofx/evaluation.py", "in-function import pofx.world"),
     ("pofx/logprobs.py", "in-function import pofx.batching"),
-    ("pofx/losses/_example.py", "in-function import pofx.losses._registry"),
-    ("pofx/losses/_label_noise.py", "in-function import pofx.losses._trl"),
-    ("pofx/losses/_margins.py", "in-function import pofx.losses._trl"),
-    ("pofx/losses/_pointwise.py", "in-function import pofx.losses._trl"),
     ("pofx/data/pipeline.py", "in-function import inspect"),
     ("pofx/data/pipeline.py", "in-function import jax"),
     ("pofx/sparse_attention.py", "in-function import pofx.native"),
