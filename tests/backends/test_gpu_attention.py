@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pofx import kernels as kernels_lib
-from pofx import sparse_attention
+from pofx import models, sparse_attention
 from pofx_backends import gpu
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -127,6 +127,26 @@ def test_kernels_record_and_choice_off_gpu():
   if not ON_GPU:
     assert gpu.unavailable_reason() is not None and "not a GPU" in gpu.unavailable_reason()
     assert gpu.choose_implementation(q, _mask([FUSED])) == "xla"
+
+
+def test_tiny_model_logits_and_decoding_equal_xla_kernels():
+  """The whole tiny Llama with the "gpu" kernels (XLA implementation) injected: the same logits on
+  prompt-shared rows and the same decoding step (a CacheMask) as with `pofx.kernels.XLA`."""
+  config = models.preset("tiny")
+  gpu_model, xla_model = models.make(config, gpu.kernels(implementation="xla")), models.make(config)
+  rng = np.random.default_rng(3)   # random weights of the model's shapes, without compiling its initialiser
+  params = jax.tree_util.tree_map(lambda x: jnp.asarray(0.2 * rng.standard_normal(x.shape, np.float32), x.dtype),
+                                  jax.eval_shape(xla_model.init, jax.random.PRNGKey(0)))
+  mask = _mask([SHARED, PACKED])
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 12)), jnp.int32)
+  positions = jnp.tile(jnp.arange(12, dtype=jnp.int32), (2, 1))
+  logits = jax.jit(gpu_model.logits)(params, tokens, positions, mask.segment_ids, mask.branch_ids)
+  ref = jax.jit(xla_model.logits)(params, tokens, positions, mask.segment_ids, mask.branch_ids)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=1e-5, rtol=1e-5)
+  valid = jnp.asarray([[0, 1, 1, 1], [1, 1, 1, 1]], bool)
+  step = [jax.jit(m.decode)(params, tokens[:, :4], positions[:, :4], valid, m.init_cache(2, 6))
+          for m in (gpu_model, xla_model)]
+  np.testing.assert_allclose(np.asarray(step[0][0]), np.asarray(step[1][0]), atol=1e-5, rtol=1e-5)
 
 
 def test_automatic_choice_falls_back_to_xla_where_cudnn_refuses(monkeypatch):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from pofx import kernels as kernels_lib
+from pofx import models
 from pofx_backends import tpu
 
 ON_TPU = jax.default_backend() == "tpu"
@@ -83,6 +84,22 @@ def test_prompt_shared_rows_branch_mask():
   dense per-row mask; one row with two groups and up to three branches, one with one group."""
   q, k, v = _qkv(2, 20, 1, 2, 8, seed=1)
   _assert_matches_xla(INTERPRETED, q, k, v, _mask([SHARED, SHARED_2]))
+
+
+def test_tiny_model_logits_equal_xla_kernels():
+  """The whole tiny Llama (2 layers) with the interpreted "tpu" kernels injected: the same logits on
+  prompt-shared rows as with `pofx.kernels.XLA`."""
+  config = models.preset("tiny")
+  tpu_model, xla_model = models.make(config, tpu.kernels(interpret=True)), models.make(config)
+  rng = np.random.default_rng(3)   # random weights of the model's shapes, without compiling its initialiser
+  params = jax.tree_util.tree_map(lambda x: jnp.asarray(0.2 * rng.standard_normal(x.shape, np.float32), x.dtype),
+                                  jax.eval_shape(xla_model.init, jax.random.PRNGKey(0)))
+  mask = _mask([SHARED, SHARED_2])
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 20)), jnp.int32)
+  positions = jnp.tile(jnp.arange(20, dtype=jnp.int32), (2, 1))
+  logits = jax.jit(tpu_model.logits)(params, tokens, positions, mask.segment_ids, mask.branch_ids)
+  ref = jax.jit(xla_model.logits)(params, tokens, positions, mask.segment_ids, mask.branch_ids)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
 
 def test_cache_mask_goes_to_xla():
