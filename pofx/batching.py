@@ -352,17 +352,17 @@ def geometric_buckets(largest: int, *, per_doubling: int = 8, smallest: int = 8)
   return sizes
 
 
-def attention_blocks(batch: PairBatch, *, block_size: int = 64, bucket: Bucket = 8, kernel: str = "xla"):
+def attention_blocks(batch: PairBatch, *, block_size: int = 64, bucket: Bucket = 8):
   """The block pairs of `batch`'s attention mask to compute (`pofx.sparse_attention`).
 
   Pass them with the batch, `{"pairs": batch, "attention_blocks": attention_blocks(batch)}`, and
   the policy's forward computes attention only there (`pofx.policy.make_logps_fn`). The row
   length must be a multiple of `block_size` (choose `seq_bucket` / `row_length` accordingly).
   `bucket`: the pair count is rounded up by `bucket_length` (a multiple, or e.g.
-  `geometric_buckets(...)`). `kernel`: "xla" or "native" (`pofx.native`, fused CPU kernels).
+  `geometric_buckets(...)`).
   """
   return sparse_attention.attention_blocks(batch.segment_ids, batch.branch_ids, block_size=block_size,
-                                           bucket=lambda n: bucket_length(n, bucket), kernel=kernel)
+                                           bucket=lambda n: bucket_length(n, bucket))
 
 
 def pad_index_lists(batches):
@@ -388,7 +388,7 @@ def pad_index_lists(batches):
       b["attention_blocks"] = sparse_attention.AttentionBlocks(
           np.concatenate([np.asarray(blocks.query_block, np.int32), np.full(pad, end, np.int32)]),
           np.concatenate([np.asarray(blocks.key_block, np.int32), np.full(pad, end, np.int32)]),
-          blocks.block_size, blocks.kernel)
+          blocks.block_size)
   if batches and "scored_tokens" in batches[0]:
     size = max(len(b["scored_tokens"].index) for b in batches)
     for b in batches:

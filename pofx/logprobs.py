@@ -32,6 +32,12 @@ N`) XLA already merges the checkpointed path's recomputation with the forward ma
 one step is unrolled and `prevent_cse=False`), so both paths then run 3 head matmuls and store a
 `[N, V]` float32 block: save_probs only saves time with two chunks or more.
 
+The head's products. Every product with the head weight goes through the injected
+`dot_general` (`jax.lax.dot_general`'s signature; `pofx.kernels.Kernels.dot_general`, default
+XLA's): the logits `h W` (contracting h's last axis with W's first), and on the save_probs path
+the backward's `G W^T` (contracting both vocabulary axes) and `h^T G` (contracting both token
+axes), all accumulated in float32 (`preferred_element_type`).
+
 Which tokens. These functions score whatever `(hidden, target)` pairs they are given. The
 layouts of `pofx.batching` gather, for each completion token, the hidden state of the position
 that predicts it (the position before it, or the last prompt position for the first token of a
@@ -41,21 +47,21 @@ prompt-shared rejected completion), so the vocabulary projection runs on complet
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pofx import native
 from pofx._pair_logps import PairLogps
 
-# The head's products by XLA; its weight gradient by a BLAS ("blas"); all three by the BLAS
-# ("blas_all"). The BLAS: "auto" or one of pofx.native.BLAS_LIBRARIES.
-MATMULS = ("xla", "blas", "blas_all")
-BLAS_LIBRARIES = ("auto",) + native.BLAS_LIBRARIES
-
 Array = jax.Array
+DotGeneral = Callable[..., Array]
+
+# dot_general dimension numbers of the head's products (2-D operands, no batch axes).
+_LOGITS = (((1,), (0,)), ((), ()))           # h [c, D] . W [D, V] -> [c, V]  (h W)
+_CONTRACT_VOCAB = (((1,), (1,)), ((), ()))   # G [c, V] . W [D, V] -> [c, D]  (G W^T)
+_CONTRACT_TOKENS = (((0,), (0,)), ((), ()))  # h [c, D] . G [c, V] -> [D, V]  (h^T G)
 
 
 class TokenLogps(NamedTuple):
@@ -70,7 +76,8 @@ class TokenLogps(NamedTuple):
 
 def token_logps(hidden: Array, head_weight: Array, targets: Array, *, chunk_size: int = 1024,
                 with_entropy: bool = False, with_log_sum_sq_probs: bool = False,
-                compute_dtype=None, save_probs: bool = False, matmul: str = "xla", blas: str = "auto") -> TokenLogps:
+                compute_dtype=None, save_probs: bool = False,
+                dot_general: DotGeneral = jax.lax.dot_general) -> TokenLogps:
   """Log-probs of `targets` under `softmax(hidden @ head_weight)`, chunked over tokens.
 
   Args:
@@ -88,19 +95,13 @@ def token_logps(hidden: Array, head_weight: Array, targets: Array, *, chunk_size
       False: checkpointed scan (one `[chunk_size, V]` block at a time; the backward recomputes
       the logits: 4 head matmuls). Ignored (checkpointed) when `with_entropy` or
       `with_log_sum_sq_probs` is set. See the module docstring.
-    matmul: "xla"; "blas": the head's weight gradient `h^T G` is computed by a BLAS
-      (`pofx.native`, as `LlamaConfig(matmul="blas")` does for the projections); "blas_all": the
-      logits `h W` and the input gradient `G W^T` too. Float32, CPU only.
-    blas: with a BLAS `matmul`, which library: "auto" (Intel MKL where installed, else the
-      OpenBLAS numpy bundles), "mkl" or "openblas" (`pofx.native.load_blas`).
+    dot_general: the head's products (`jax.lax.dot_general`'s signature; a backend's
+      `pofx.kernels.Kernels.dot_general`); see the module docstring. Hashable (it is a static
+      argument of the save_probs path's custom VJP).
 
   Returns:
     `TokenLogps` of float32 arrays shaped like `targets`.
   """
-  if matmul not in MATMULS:
-    raise ValueError(f"token_logps: matmul={matmul!r} is not allowed; allowed: {MATMULS}.")
-  if blas not in BLAS_LIBRARIES:
-    raise ValueError(f"token_logps: blas={blas!r} is not allowed; allowed: {BLAS_LIBRARIES}.")
   if chunk_size < 1:
     raise ValueError(f"token_logps: chunk_size must be a positive integer, got {chunk_size}.")
   hidden = jnp.asarray(hidden)
@@ -126,7 +127,7 @@ def token_logps(hidden: Array, head_weight: Array, targets: Array, *, chunk_size
     h = hidden.reshape(n, D)
     if pad:
       h = jnp.pad(h, ((0, pad), (0, 0)))
-    logps = _logps_saved_probs(h.reshape(n_chunks, c, D), t, head_weight, jnp.dtype(dtype), matmul, blas)
+    logps = _logps_saved_probs(h.reshape(n_chunks, c, D), t, head_weight, jnp.dtype(dtype), dot_general)
     return TokenLogps(logps.reshape(n_chunks * c)[:n].reshape(lead_shape))
   h = hidden.reshape(n, D).astype(dtype)
   if pad:
@@ -136,11 +137,7 @@ def token_logps(hidden: Array, head_weight: Array, targets: Array, *, chunk_size
 
   def body(carry, xs):
     hc, tc = xs
-    if matmul != "xla":
-      logits = native.dense(hc.astype(jnp.float32), w.astype(jnp.float32), all_products=matmul == "blas_all",
-                            library=blas)                                  # [c, V] float32
-    else:
-      logits = jnp.dot(hc, w, preferred_element_type=jnp.float32)          # [c, V] float32
+    logits = dot_general(hc, w, _LOGITS, preferred_element_type=jnp.float32)   # [c, V] float32
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
     out = [target_logit - lse]
@@ -171,22 +168,19 @@ def _logits_cotangent(g: Array, targets: Array, probs: Array) -> Array:
   return jnp.where(is_target, g[:, None] - gp, -gp)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _logps_saved_probs(h: Array, t: Array, w: Array, dtype, matmul="xla", blas="auto") -> Array:
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _logps_saved_probs(h: Array, t: Array, w: Array, dtype, dot_general: DotGeneral) -> Array:
   """`[n_chunks, c]` float32 `log p(t)` of `h [n_chunks, c, D]` under `softmax(h w)`; the
   backward uses the probabilities stored by the forward (no logits recomputation)."""
-  return _saved_probs_fwd(h, t, w, dtype, matmul, blas)[0]
+  return _saved_probs_fwd(h, t, w, dtype, dot_general)[0]
 
 
-def _saved_probs_fwd(h, t, w, dtype, matmul="xla", blas="auto"):
+def _saved_probs_fwd(h, t, w, dtype, dot_general):
   wc = w.astype(dtype)
 
   def body(carry, xs):
     hc, tc = xs
-    if matmul == "blas_all":
-      logits = native.matmul(hc, wc, library=blas)                                 # [c, V] float32
-    else:
-      logits = jnp.dot(hc.astype(dtype), wc, preferred_element_type=jnp.float32)   # [c, V] float32
+    logits = dot_general(hc.astype(dtype), wc, _LOGITS, preferred_element_type=jnp.float32)   # [c, V] float32
     m = jnp.max(logits, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     e = jnp.exp(logits - m)
@@ -201,23 +195,15 @@ def _saved_probs_fwd(h, t, w, dtype, matmul="xla", blas="auto"):
   return logps, (probs, h, t, w)
 
 
-def _saved_probs_bwd(dtype, matmul, blas, res, g):
+def _saved_probs_bwd(dtype, dot_general, res, g):
   probs, h, t, w = res
   wc = w.astype(dtype)
-  contract_vocab = (((1,), (1,)), ((), ()))    # G [c, V] . W [D, V] -> [c, D]  (G W^T)
-  contract_tokens = (((0,), (0,)), ((), ()))   # h [c, D] . G [c, V] -> [D, V]  (h^T G)
 
   def body(dw, xs):
     hc, tc, pc, gc = xs
     gz = _logits_cotangent(gc, tc, pc).astype(dtype)
-    if matmul == "blas_all":
-      dh = native.matmul(gz, wc, transpose_b=True, library=blas)
-    else:
-      dh = jax.lax.dot_general(gz, wc, contract_vocab, preferred_element_type=jnp.float32)
-    if matmul != "xla":
-      dw = dw + native.matmul(hc, gz, transpose_a=True, library=blas)
-    else:
-      dw = dw + jax.lax.dot_general(hc.astype(dtype), gz, contract_tokens, preferred_element_type=jnp.float32)
+    dh = dot_general(gz, wc, _CONTRACT_VOCAB, preferred_element_type=jnp.float32)
+    dw = dw + dot_general(hc.astype(dtype), gz, _CONTRACT_TOKENS, preferred_element_type=jnp.float32)
     return dw, dh.astype(h.dtype)
 
   dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), (h, t, probs, g))
@@ -229,8 +215,8 @@ _logps_saved_probs.defvjp(_saved_probs_fwd, _saved_probs_bwd)
 
 def pair_logps(hidden: Array, head_weight: Array, batch, *, chunk_size: int = 1024,
                with_log_sum_sq_probs: bool = False, with_entropy: bool = False,
-               compute_dtype=None, save_probs: bool = False, scored=None, matmul: str = "xla",
-               blas: str = "auto"):
+               compute_dtype=None, save_probs: bool = False, scored=None,
+               dot_general: DotGeneral = jax.lax.dot_general):
   """`PairLogps` of a preference batch from one forward pass over any `pofx.batching` layout.
 
   Gathers, for every chosen and rejected completion token, the hidden state of the position that
@@ -243,7 +229,7 @@ def pair_logps(hidden: Array, head_weight: Array, batch, *, chunk_size: int = 10
       batch.positions, batch.segment_ids, batch.branch_ids)`).
     head_weight: `[D, V]`.
     batch: a `pofx.batching.PairBatch` (any layout).
-    chunk_size, compute_dtype, save_probs, matmul, blas: as in `token_logps` (`save_probs=True` stores the
+    chunk_size, compute_dtype, save_probs, dot_general: as in `token_logps` (`save_probs=True` stores the
       `[B (Tc + Tr), V]` float32 probabilities of all completion tokens for the backward pass).
     with_log_sum_sq_probs: fill `chosen/rejected_log_sum_sq_probs` (WPO).
     with_entropy: also return the per-token entropies.
@@ -272,7 +258,7 @@ def pair_logps(hidden: Array, head_weight: Array, batch, *, chunk_size: int = 10
     t = jnp.concatenate([t, jnp.zeros((1,), t.dtype)])[scored.slot]
   out = token_logps(h, head_weight, t, chunk_size=chunk_size, with_entropy=with_entropy,
                     with_log_sum_sq_probs=with_log_sum_sq_probs, compute_dtype=compute_dtype,
-                    save_probs=save_probs, matmul=matmul, blas=blas)
+                    save_probs=save_probs, dot_general=dot_general)
   if scored is not None:   # back to the [B * Tc + B * Tr] slots (padding entries land in one extra slot)
     n_slots = B * Tc + B * Tr
     out = TokenLogps(*[None if x is None else jnp.zeros((n_slots + 1,), x.dtype).at[scored.slot].set(x)[:n_slots]

@@ -3,21 +3,24 @@
 `make_logps_fn(apply, head, ...)` joins a model's pure functions (`pofx.models.make(config)`
 gives `apply` and `head`) with the chunked log-probs of `pofx.logprobs`: one forward over the
 `pofx.batching.PairBatch` in `batch["pairs"]` (fused, prompt-shared or packed), then the
-completion-token log-probs, summed in float32. Nothing here imports Flax.
+completion-token log-probs, summed in float32. The LM head's products go through the
+injected `kernels.dot_general` (`pofx.kernels.Kernels`; the model takes the same record for its
+own products and attention). Nothing here imports Flax.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from pofx import kernels as kernels_lib
 from pofx import logprobs
 from pofx._pair_logps import PairLogps
 
 
 def make_logps_fn(apply: Callable[..., Any], head: Callable[[Any], Any], *, chunk_size: int = 1024,
                   with_log_sum_sq_probs: bool = False, compute_dtype=None,
-                  save_probs: bool = False, matmul: str = "xla",
-                  blas: str = "auto") -> Callable[[Any, Any], PairLogps]:
+                  save_probs: bool = False,
+                  kernels: kernels_lib.Kernels = kernels_lib.XLA) -> Callable[[Any, Any], PairLogps]:
   """Returns `logps_fn(params, batch)`; `batch["pairs"]` is a `PairBatch`.
 
   When the batch also holds `batch["attention_blocks"]` (a host-built
@@ -37,8 +40,8 @@ def make_logps_fn(apply: Callable[..., Any], head: Callable[[Any], Any], *, chun
     save_probs: store the completion tokens' `[N, V]` float32 probabilities for the backward
       instead of recomputing the logits (see `pofx.logprobs.token_logps`; ignored, i.e.
       recomputed, when `with_log_sum_sq_probs`).
-    matmul, blas: the LM head's products by XLA or a BLAS, and which BLAS (see
-      `pofx.logprobs.token_logps`).
+    kernels: the injection points (`pofx.kernels.Kernels`); the head's products use its
+      `dot_general` (`pofx.logprobs.token_logps(dot_general=)`). Pass the model's own.
   """
 
   def logps_fn(params, batch) -> PairLogps:
@@ -51,6 +54,7 @@ def make_logps_fn(apply: Callable[..., Any], head: Callable[[Any], Any], *, chun
     hidden = apply(params, pairs.tokens, pairs.positions, pairs.segment_ids, pairs.branch_ids, **kwargs)
     return logprobs.pair_logps(hidden, head(params), pairs, chunk_size=chunk_size,
                                with_log_sum_sq_probs=with_log_sum_sq_probs, compute_dtype=compute_dtype,
-                               save_probs=save_probs, scored=scored, matmul=matmul, blas=blas)
+                               save_probs=save_probs, scored=scored,
+                               dot_general=kernels.dot_general)
 
   return logps_fn

@@ -34,10 +34,9 @@ The result equals dense masked attention for every query token that can see at l
 (every real token sees itself); queries of pure-padding blocks get output 0 and padding
 queries inside a listed block finite values (padding outputs are never used).
 
-Two implementations compute it, chosen by the block list (`attention_blocks(..., kernel=)`):
-"xla", this module's gathers, batched tile dots and segment reductions; and "native"
-(`pofx.native`), fused AVX-512 CPU kernels that keep each tile in cache (online softmax), about
-3x faster on the benchmark's variable workload, for 64-token blocks and head dimension 16, 32, 64 or 128.
+This module computes it with XLA operations (gathers, batched tile dots and segment
+reductions); it is what `pofx.kernels.xla_attention` runs for a `SegmentMask` with `blocks`. A
+backend's attention (`pofx.kernels.Kernels.attention`) may compute the same blocks its own way.
 """
 
 from __future__ import annotations
@@ -63,14 +62,11 @@ class AttentionBlocks:
     sorted by query block; padding entries (to a multiple of the bucket) hold `R * (L //
     block_size)`, one past the last block, and contribute nothing.
   block_size: tokens per block (static).
-  kernel: "xla" (this module's op) or "native" (`pofx.native`: fused AVX-512 CPU kernels, same
-    result; block size 64 and head dimension 16, 32, 64 or 128) (static).
   """
 
   query_block: np.ndarray
   key_block: np.ndarray
   block_size: int = 64
-  kernel: str = "xla"
 
   @property
   def num_pairs(self) -> int:
@@ -78,8 +74,7 @@ class AttentionBlocks:
 
 
 jax.tree_util.register_dataclass(AttentionBlocks, data_fields=["query_block", "key_block"],
-                                 meta_fields=["block_size", "kernel"])
-KERNELS = ("xla", "native")
+                                 meta_fields=["block_size"])
 
 
 def _used_block_pairs(seg: np.ndarray, br: np.ndarray, b: int) -> np.ndarray:
@@ -116,22 +111,8 @@ def _used_block_pairs(seg: np.ndarray, br: np.ndarray, b: int) -> np.ndarray:
   return used
 
 
-def check_kernel(kernel: str, block_size: int) -> None:
-  """ValueError unless `kernel` is a known name that can compute blocks of `block_size` here
-  ("native": this machine can build `pofx.native` and the block size is its 64)."""
-  if kernel not in KERNELS:
-    raise ValueError(f"attention_blocks: kernel={kernel!r} is not allowed; allowed: {list(KERNELS)}.")
-  if kernel == "native":
-    from pofx import native  # pylint: disable=g-import-not-at-top
-    reason = native.unavailable_reason()
-    if reason is not None or block_size != native.BLOCK_SIZE:
-      raise ValueError(f"attention_blocks: kernel='native' cannot run here: "
-                       f"{reason or f'it needs block_size={native.BLOCK_SIZE}, got {block_size}'}; use kernel='xla'.")
-
-
 def attention_blocks(segment_ids, branch_ids=None, *, block_size: int = 64,
-                     bucket: Union[int, Callable[[int], int]] = 8, size: Optional[int] = None,
-                     kernel: str = "xla") -> AttentionBlocks:
+                     bucket: Union[int, Callable[[int], int]] = 8, size: Optional[int] = None) -> AttentionBlocks:
   """The block pairs holding at least one allowed entry for a real (segment > 0) query token.
 
   Args:
@@ -141,10 +122,7 @@ def attention_blocks(segment_ids, branch_ids=None, *, block_size: int = 64,
     bucket: the pair count is padded up to a multiple of this (fewer compiled shapes), or a
       function from the count to the padded count (e.g. `pofx.batching.bucket_length`).
     size: pad to exactly this many pairs instead (ValueError if the batch needs more).
-    kernel: which implementation computes the attention on these blocks: "xla" or "native"
-      (`pofx.native`, checked here: ValueError naming the reason when this machine cannot use it).
   """
-  check_kernel(kernel, block_size)
   seg = np.asarray(segment_ids)
   if seg.ndim != 2:
     raise ValueError(f"attention_blocks: segment_ids must be [R, L], got shape {seg.shape}.")
@@ -167,7 +145,7 @@ def attention_blocks(segment_ids, branch_ids=None, *, block_size: int = 64,
   key = np.full(padded, R * nb, np.int32)
   query[:n] = rows * nb + qb
   key[:n] = rows * nb + kb
-  return AttentionBlocks(query, key, int(block_size), kernel)
+  return AttentionBlocks(query, key, int(block_size))
 
 
 def _to_blocks(x, nb, b):
@@ -280,8 +258,8 @@ def block_sparse_attention(q: Array, k: Array, v: Array, segment_ids: Array, bra
       be None).
     blocks: from `attention_blocks(segment_ids, branch_ids, ...)` on the same batch.
     rope: None (q and k are used as given), or `(cos, sin)`, each `[R, L, hd/2]`: the attention
-      is that of `q_scale * rotary(q)` and `rotary(k)`. The "native" kernel applies both as it
-      loads q and k (no rotated copies in memory, forward or backward); "xla" rotates first.
+      is that of `q_scale * rotary(q)` and `rotary(k)` (rotated here first; a backend's kernel
+      may apply both as it loads q and k).
     q_scale: factor on the queries (usually `1/sqrt(hd)`).
 
   Returns:
@@ -290,9 +268,6 @@ def block_sparse_attention(q: Array, k: Array, v: Array, segment_ids: Array, bra
   if rope is not None and (rope[0].shape != q.shape[:2] + (q.shape[-1] // 2,) or rope[1].shape != rope[0].shape):
     raise ValueError(f"block_sparse_attention: rope tables must be [R, L, hd/2] = {q.shape[:2] + (q.shape[-1] // 2,)}, "
                      f"got {rope[0].shape} and {rope[1].shape}.")
-  if blocks.kernel == "native":
-    from pofx import native  # pylint: disable=g-import-not-at-top
-    return native.block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks, rope=rope, q_scale=q_scale)
   if rope is not None:
     cos, sin = rope
     k = rotary(k, cos[:, :, None, :], sin[:, :, None, :])

@@ -51,7 +51,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
-from pofx import batching, sparse_attention
+from pofx import batching
 
 
 # The default rounding of block-pair and scored-token counts: m * 2^k, m = 4..7 (padding under a
@@ -104,8 +104,6 @@ class PreferenceLoader:
       real completion tokens only.
     index_bucket: rounding of the block-pair and scored-token counts (`bucket_length`); default
       `INDEX_BUCKET`. Batches to be stacked need `pofx.batching.pad_index_lists`.
-    attention_kernel: which implementation computes the block-sparse attention of these batches:
-      "xla" or "native" (`pofx.batching.attention_blocks(kernel=)`).
   """
 
   def __init__(self, source, *, batch_size: int, layout: str = "fused",
@@ -115,7 +113,7 @@ class PreferenceLoader:
                group_by_length: int = 0, drop_remainder: bool = True, with_scores: bool = False,
                joined: Optional[Mapping[str, Any]] = None, prefetch: int = 2,
                num_threads: int = 1, attention_block_size: int = 0, scored_tokens: bool = False,
-               index_bucket: Optional[batching.Bucket] = None, attention_kernel: str = "xla"):
+               index_bucket: Optional[batching.Bucket] = None):
     import grain  # pylint: disable=g-import-not-at-top
     self._grain = grain
     if layout not in batching.LAYOUTS:
@@ -150,9 +148,6 @@ class PreferenceLoader:
       raise ValueError(f"attention_block_size must be an integer >= 0 (0: dense attention), got "
                        f"{attention_block_size!r}.")
     self._block_size, self._scored = int(attention_block_size), bool(scored_tokens)
-    self._kernel = attention_kernel
-    if self._block_size:   # the kernel's own checks (name, block size, this machine), before any data
-      sparse_attention.check_kernel(attention_kernel, self._block_size)
     if self._block_size:
       _check_row_lengths(layout, self._layout_kwargs, self._block_size)
     self._index_bucket = INDEX_BUCKET if index_bucket is None else index_bucket
@@ -242,7 +237,7 @@ class PreferenceLoader:
     out = {"pairs": pairs, "example_id": ids.astype(np.int32)}
     if self._block_size:
       out["attention_blocks"] = batching.attention_blocks(pairs, block_size=self._block_size,
-                                                          bucket=self._index_bucket, kernel=self._kernel)
+                                                          bucket=self._index_bucket)
     if self._scored:
       out["scored_tokens"] = batching.scored_tokens(pairs, bucket=self._index_bucket)
     real = ids >= 0

@@ -225,16 +225,25 @@ def test_block_size_must_divide_every_row_length(layout, kwargs, key):
     _loader(attention_block_size=-1)
 
 
-def test_attention_kernel_travels_with_the_block_lists():
-  from pofx import native
-  kwargs = dict(seq_bucket=64, completion_bucket=8)
-  with pytest.raises(ValueError, match=r"kernel='cuda' is not allowed; allowed: \['xla', 'native'\]"):
-    _loader(layout="prompt_shared", layout_kwargs=kwargs, attention_block_size=64, attention_kernel="cuda")
-  with pytest.raises(ValueError, match="kernel='native' cannot run here"):
-    _loader(layout="prompt_shared", layout_kwargs=dict(seq_bucket=32), attention_block_size=32,
-            attention_kernel="native")
-  if not native.available():
-    pytest.skip(native.unavailable_reason())
-  loader = _loader(layout="prompt_shared", layout_kwargs=kwargs, num_epochs=1, attention_block_size=64,
-                   attention_kernel="native")
-  assert {b["attention_blocks"].kernel for b in loader.iterator()} == {"native"}
+def test_block_lists_travel_with_the_batches_and_cover_the_mask():
+  # Which kernels compute the attention is the model's (pofx.kernels.Kernels), not the loader's:
+  # the loader only lists the (query block, key block) pairs that hold an allowed entry of the
+  # dense mask (pofx.kernels.attention_mask) for a real query, and nothing else.
+  from pofx import kernels
+  loader = _loader(layout="prompt_shared", layout_kwargs=dict(seq_bucket=64, completion_bucket=8), num_epochs=1,
+                   attention_block_size=64)
+  batches = list(loader.iterator())
+  assert batches
+  for b in batches:
+    seg, br = np.asarray(b["pairs"].segment_ids), np.asarray(b["pairs"].branch_ids)
+    R, L = seg.shape
+    nb = L // 64
+    mask = np.asarray(kernels.attention_mask(seg, br)) & (seg > 0)[:, :, None]
+    used = mask.reshape(R, nb, 64, nb, 64).any(axis=(2, 4))
+    rows, qb, kb = np.nonzero(used)
+    blocks = b["attention_blocks"]
+    assert blocks.block_size == 64
+    listed = {(int(q), int(k)) for q, k in zip(blocks.query_block, blocks.key_block) if q < R * nb}
+    assert listed == {(int(r * nb + q), int(r * nb + k)) for r, q, k in zip(rows, qb, kb)}
+  with pytest.raises(TypeError, match="attention_kernel"):
+    _loader(layout="prompt_shared", attention_block_size=64, attention_kernel="xla")

@@ -1,4 +1,4 @@
-"""pofx.host_memory: with freed memory retained, re-allocating a large buffer no longer
+"""pofx_backends.cpu.host_memory: with freed memory retained, re-allocating a large buffer no longer
 page-faults. Measured in fresh subprocesses (the setting is process-wide), from the kernel's
 minor-fault counter (`getrusage`), not from anything pofx reports."""
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Allocates, touches and frees a 64 MiB buffer 8 times (on a thread, as XLA's runtime allocates),
 # and prints the minor page faults of the last 6 rounds. Touching 64 MiB of fresh pages costs
@@ -43,7 +43,7 @@ print(json.dumps(out))
 
 
 def _faults(retain):
-  code = PROBE.format(root=ROOT, retain=retain, path=os.path.join(ROOT, "pofx", "host_memory.py"))
+  code = PROBE.format(root=ROOT, retain=retain, path=os.path.join(ROOT, "pofx_backends", "cpu", "host_memory.py"))
   res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   return json.loads(res.stdout.strip().splitlines()[-1])["faults"]
 
@@ -60,7 +60,7 @@ def test_release_and_retain_return_bools():
   # In a subprocess: the retain setting must not leak into the test process.
   code = ("import importlib.util as u; s = u.spec_from_file_location('hm', %r); m = u.module_from_spec(s); "
           "s.loader.exec_module(m); print(m.release_freed_memory(), m.retain_freed_memory())"
-          % os.path.join(ROOT, "pofx", "host_memory.py"))
+          % os.path.join(ROOT, "pofx_backends", "cpu", "host_memory.py"))
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
   expected = "True" if sys.platform.startswith("linux") else "False"
   assert out == [expected, expected]

@@ -1,6 +1,6 @@
-"""pofx.native: the fused CPU kernels of block-sparse attention against the XLA op and dense
-softmax attention, on the layouts the benchmark uses (64-token blocks), for every head dimension
-the kernels are compiled for (16, 32, 64, 128)."""
+"""The CPU backend's attention: the fused kernels of block-sparse attention against the XLA op and
+dense softmax attention, on the layouts the benchmark uses (64-token blocks), for every head
+dimension the kernels are compiled for (16, 32, 64, 128); the fallback to the XLA op elsewhere."""
 
 
 import jax
@@ -8,10 +8,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pofx import batching, native, policy, sparse_attention
-from pofx.models import llama
+from pofx import batching, sparse_attention
+from pofx import kernels as kernels_lib
+from pofx_backends import cpu
+from pofx_backends.cpu import native
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=f"{native.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(cpu.unavailable_reason(products="xla") is not None,
+                                reason=f"{cpu.unavailable_reason(products='xla')}")
+ATTENTION = {"xla": kernels_lib.xla_attention, "native": cpu.NativeAttention()}
+
+
+def _attend(kernel, q, k, v, seg, br, blocks, rope=None, scale=1.0):
+  """The injection point's call: `[R, L, K, G, hd]` queries over a SegmentMask with block lists."""
+  mask = kernels_lib.SegmentMask(jnp.asarray(seg), jnp.asarray(br), blocks)
+  return ATTENTION[kernel](q, k, v, mask, scale=scale, rope=rope)
 
 
 def _pairs(seed, n, max_p, max_c, vocab=97):
@@ -58,9 +68,9 @@ def test_native_equals_xla_op_and_dense_softmax(layout, head_dim):
   real = (seg > 0)[:, :, None, None, None]
   proj = proj * real                                           # padding outputs are never used
   outs, grads = {}, {}
+  blocks = sparse_attention.attention_blocks(seg, br, block_size=64, bucket=8)
   for kernel in ("xla", "native"):
-    blocks = sparse_attention.attention_blocks(seg, br, block_size=64, bucket=8, kernel=kernel)
-    fn = lambda q, k, v: sparse_attention.block_sparse_attention(q, k, v, seg, br, blocks)  # noqa: B023
+    fn = lambda q, k, v: _attend(kernel, q, k, v, seg, br, blocks)  # noqa: B023
     outs[kernel] = np.asarray(jax.jit(fn)(q, k, v))
     grads[kernel] = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * proj), argnums=(0, 1, 2)))(q, k, v)  # noqa: B023
   dense = np.asarray(_dense(q, k, v, seg, br))
@@ -105,59 +115,41 @@ def test_rope_and_query_scale_inside_the_kernel_equal_rotating_first(layout, hea
   want = np.asarray(expected(q, k, v))
   want_grads = jax.grad(lambda q, k, v: jnp.sum(expected(q, k, v) * proj), argnums=(0, 1, 2))(q, k, v)
   m = np.broadcast_to(real, want.shape)
+  blocks = sparse_attention.attention_blocks(seg, br, block_size=64, bucket=8)
   for kernel in ("native", "xla"):
-    blocks = sparse_attention.attention_blocks(seg, br, block_size=64, bucket=8, kernel=kernel)
-    fn = lambda q, k, v: sparse_attention.block_sparse_attention(q, k, v, seg, br, blocks, rope=(cos, sin),  # noqa: B023
-                                                                 q_scale=scale)
+    fn = lambda q, k, v: _attend(kernel, q, k, v, seg, br, blocks, rope=(cos, sin), scale=scale)  # noqa: B023
     got = np.asarray(jax.jit(fn)(q, k, v))
     np.testing.assert_allclose(got[m], want[m], atol=3e-6, err_msg=kernel)
     grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * proj), argnums=(0, 1, 2)))(q, k, v)  # noqa: B023
     for name, g, e in zip("qkv", grads, want_grads):
       np.testing.assert_allclose(g, e, atol=3e-6 * float(np.abs(e).max()), err_msg=f"{kernel} d{name}")
-  with pytest.raises(ValueError, match=r"rope tables must be \[R, L, hd/2\]"):
-    sparse_attention.block_sparse_attention(q, k, v, seg, br, blocks, rope=(cos[..., :2], sin[..., :2]))
+  with pytest.raises(ValueError, match=r"rope tables must be \[B, L, hd/2\]"):
+    _attend("native", q, k, v, seg, br, blocks, rope=(cos[..., :2], sin[..., :2]))
 
 
-def test_native_dpo_gradients_of_the_bench_model_match_dense_attention():
-  # The bench preset (head dimension 32) with 2 layers: hidden states and DPO gradients.
-  config = llama.preset("bench", num_layers=2)
-  params = llama.init_params(config, jax.random.key(0))
-  model = llama.make(config)
-  fn = policy.make_logps_fn(model.apply, model.head)
-  b = _layout("packed_one_row", seed=5)
-  blocks = batching.attention_blocks(b, block_size=64, bucket=8, kernel="native")
-
-  def loss(params, batch):
-    out = fn(params, batch)
-    return jnp.sum(jax.nn.log_sigmoid(0.1 * (out.chosen - out.rejected)))
-
-  v0, g0 = jax.value_and_grad(loss)(params, {"pairs": b})
-  v1, g1 = jax.jit(jax.value_and_grad(loss))(params, {"pairs": b, "attention_blocks": blocks})
-  np.testing.assert_allclose(v1, v0, rtol=1e-5)
-  for a, e in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
-    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5 * float(np.abs(e).max()) + 1e-8)
-
-
-def test_unsupported_shapes_and_kernels_are_refused():
+def test_native_calls_only_where_supported_and_equal_the_xla_op_elsewhere():
+  # The fused kernels run for float32 with 64-token block lists and a supported head dimension;
+  # other calls (head dimension 48, 32-token blocks, no block list, bfloat16, a cache mask) go to
+  # pofx.kernels.xla_attention and give its values.
   b = _layout("prompt_shared", seed=0)
-  with pytest.raises(ValueError, match="kernel='native' cannot run here: it needs block_size=64, got 32"):
-    batching.attention_blocks(b, block_size=32, kernel="native")
-  with pytest.raises(ValueError, match=r"kernel='cuda' is not allowed; allowed: \['xla', 'native'\]"):
-    batching.attention_blocks(b, kernel="cuda")
   seg, br = np.asarray(b.segment_ids), np.asarray(b.branch_ids)
-  blocks = batching.attention_blocks(b, block_size=64, kernel="native")
   R, L = seg.shape
-  q = jnp.zeros((R, L, 2, 2, 48))
-  k = v = jnp.zeros((R, L, 2, 48))
-  with pytest.raises(ValueError, match=r"head dimension in \(16, 32, 64, 128\); got block_size=64, head dimension 48"):
-    sparse_attention.block_sparse_attention(q, k, v, seg, br, blocks)
-
-
-def test_pad_index_lists_keeps_the_kernel():
-  short = batching.prompt_shared([[1, 2]], [[3, 4]], [[5, 6]], seq_bucket=64, completion_bucket=2)
-  long_ = batching.prompt_shared([[1] * 70], [[4] * 30], [[8] * 30], seq_bucket=64, completion_bucket=32)
-  batches = [{"pairs": b, "attention_blocks": batching.attention_blocks(b, block_size=64, bucket=1, kernel="native")}
-             for b in (short, long_)]
-  padded = batching.pad_index_lists(batches)
-  assert [p["attention_blocks"].kernel for p in padded] == ["native", "native"]
-  assert padded[0]["attention_blocks"].num_pairs == padded[1]["attention_blocks"].num_pairs
+  attend = cpu.NativeAttention()
+  calls = lambda fn, *args: jax.jit(fn).lower(*args).as_text().count("pofx_block_sparse_attention_fwd")
+  q, k, v, _ = _qkv(seg.shape, seed=1, head_dim=48)
+  cases = [(q, k, v, kernels_lib.SegmentMask(seg, br, sparse_attention.attention_blocks(seg, br, block_size=64))),
+           (q[..., :32], k[..., :32], v[..., :32],
+            kernels_lib.SegmentMask(seg, br, sparse_attention.attention_blocks(seg, br, block_size=32))),
+           (q[..., :32], k[..., :32], v[..., :32], kernels_lib.SegmentMask(seg, br)),
+           (q[..., :32].astype(jnp.bfloat16), k[..., :32].astype(jnp.bfloat16), v[..., :32].astype(jnp.bfloat16),
+            kernels_lib.SegmentMask(seg, br, sparse_attention.attention_blocks(seg, br, block_size=64))),
+           (q[:, :8, ..., :32], k[..., :32], v[..., :32],
+            kernels_lib.CacheMask(jnp.asarray(seg > 0), jnp.asarray(L - 8, jnp.int32)))]
+  for q_, k_, v_, mask in cases:
+    got = attend(q_, k_, v_, mask, scale=0.5)
+    want = kernels_lib.xla_attention(q_, k_, v_, mask, scale=0.5)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    assert calls(lambda q, k, v: attend(q, k, v, mask, scale=0.5), q_, k_, v_) == 0  # noqa: B023
+  blocks = sparse_attention.attention_blocks(seg, br, block_size=64)
+  mask = kernels_lib.SegmentMask(seg, br, blocks)
+  assert calls(lambda q, k, v: attend(q, k, v, mask, scale=0.5), q[..., :32], k[..., :32], v[..., :32]) == 1

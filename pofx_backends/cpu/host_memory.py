@@ -6,8 +6,9 @@ step page-faults and zeroes its temporaries again: on the 2-core benchmark machi
 page faults and 0.11 s of kernel time per step of `benchmarks/dpo_step.py --workload fixed`
 (a 0.24 s step). `retain_freed_memory()` keeps freed memory in the process for the next step.
 
-These change process-wide allocator state, so the library never calls them: a program (a
-benchmark, a training script, a notebook) opts in, once, at start-up.
+These change process-wide allocator state, so the library (`pofx`) never calls them: a program (a
+benchmark, a training script, a notebook) applies them once, at start-up, through
+`pofx_backends.startup()` (which does so on a CPU JAX platform).
 
 Transparent huge pages for the heap cannot be asked for from here: glibc (>= 2.35) reads them
 from its tunables when the process starts. Launch the program with

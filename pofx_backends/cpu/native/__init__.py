@@ -2,11 +2,11 @@ r"""Native CPU kernels, compiled on first use and registered with XLA's FFI.
 
 `block_sparse_attention` is `pofx.sparse_attention.block_sparse_attention` computed by fused
 AVX-512 kernels (`block_sparse_attention.cc`): same inputs, same result (tested to 1e-6 against
-the XLA op and dense softmax), about 3x faster on the benchmark's variable workload, because a
-tile's scores stay in cache instead of passing through memory between XLA's separate ops.
-Select it per batch with `attention_blocks(..., kernel="native")`. With `rope=(cos, sin)` the
-kernels also apply the rotary embedding to q and k, and the query scale, as they load them (the
-model passes the projections as they are: no rotated copies in memory).
+the XLA op and dense softmax), faster where a tile's scores stay in cache instead of passing
+through memory between XLA's separate ops. The CPU backend's attention
+(`pofx_backends.cpu.kernels`) calls it for the block lists it supports. With `rope=(cos, sin)`
+the kernels also apply the rotary embedding to q and k, and the query scale, as they load them
+(the model passes the projections as they are: no rotated copies in memory).
 
 The shared library is built with the system C++ compiler (`$CXX`, else `g++` / `c++`, with
 OpenMP) the first time it is needed, into `~/.cache/pofx/native/` (else a per-user folder in the
@@ -16,18 +16,19 @@ machine can use it (x86-64 with AVX-512F, a compiler); `load()` raises `NativeUn
 the reason otherwise. Supported shapes: 64-token blocks, head dimension 16, 32, 64 or 128,
 float32 (inputs of other floating dtypes are computed in float32).
 
-`dense(x, w)` is `x @ w` whose weight gradient `x^T g` (with `all_products=True`, also the
-forward product and the input gradient `g w^T`) is computed by a BLAS's sgemm (`blas_matmul.cc`)
-instead of XLA:CPU's dot, called single-threaded on each of XLA's own threads. Two BLAS libraries
-(`BLAS_LIBRARIES`; argument `library`): Intel MKL ("mkl": `libmkl_rt` from the `mkl` PyPI
-package, `pip install pofx[mkl]`, found in this Python's `lib/` folder or on the system's library
-path, and switched to its sequential threading layer), and the OpenBLAS numpy's PyPI wheels bundle
-("openblas": found among the libraries numpy loaded; it must export
-`openblas_set_num_threads_local`, as the one tested here, 0.3.31, does). `library="auto"` is MKL
-where it is installed, else OpenBLAS. Select them for the Llama model and the LM head with
-`LlamaConfig(matmul="blas" | "blas_all", blas=...)` and `make_logps_fn(matmul=, blas=)`.
-`blas_available(library)` / `blas_unavailable_reason(library)` say whether this process can use
-one; the wrapper is built like the attention kernels, without CPU-specific flags.
+`product(a, b, ...)` is `op(a) @ op(b)` of 2-D arrays (op: an optional transpose), differentiable,
+whose products (the forward one and the two of its gradient) go to a BLAS's sgemm
+(`blas_matmul.cc`, called single-threaded on each of XLA's own threads) when they contract the
+left operand's leading axis, `x^T g` (XLA:CPU's slowest form: a weight gradient), or, with
+`all_products=True`, always; the others stay XLA dots. `dense(x, w)` is `x @ w` for `x [..., D]`
+through it. Two BLAS libraries (`BLAS_LIBRARIES`; argument `library`): Intel MKL ("mkl":
+`libmkl_rt` from the `mkl` PyPI package, `pip install pofx[mkl]`, found in this Python's `lib/`
+folder or on the system's library path, and switched to its sequential threading layer), and the
+OpenBLAS numpy's PyPI wheels bundle ("openblas": found among the libraries numpy loaded; it must
+export `openblas_set_num_threads_local`, as the one tested here, 0.3.31, does). `library="auto"`
+is MKL where it is installed, else OpenBLAS. `blas_available(library)` /
+`blas_unavailable_reason(library)` say whether this process can use one; the wrapper is built
+like the attention kernels, without CPU-specific flags.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def _mkl():
   done here, once, and holds for the whole process) and to 32-bit integers where the layer can
   still be chosen."""
   if not sys.platform.startswith("linux"):
-    return f"pofx.native looks for Intel MKL (libmkl_rt) on Linux only (this is {sys.platform})"
+    return f"pofx_backends.cpu.native looks for Intel MKL (libmkl_rt) on Linux only (this is {sys.platform})"
   paths = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")), reverse=True)
   system = ctypes.util.find_library("mkl_rt")
   paths += [system] if system else []
@@ -237,7 +238,8 @@ def resolve_blas(library: str = "auto") -> str:
   """The BLAS `library` means here: itself, or for "auto" "mkl" when MKL is installed, else
   "openblas" (ValueError for an unknown name)."""
   if library not in ("auto",) + BLAS_LIBRARIES:
-    raise ValueError(f"pofx.native: unknown BLAS library {library!r}; allowed: {('auto',) + BLAS_LIBRARIES}.")
+    raise ValueError(f"pofx_backends.cpu.native: unknown BLAS library {library!r}; allowed: "
+                     f"{('auto',) + BLAS_LIBRARIES}.")
   if library != "auto":
     return library
   return "openblas" if isinstance(_mkl(), str) else "mkl"
@@ -266,7 +268,7 @@ def load_blas(cache_dir=None, library: str = "auto") -> str:
       return _loaded["blas"][name]
     found = _find_blas(name)
     if isinstance(found, str):
-      raise NativeUnavailable(f"pofx.native.dense cannot run here with library={library!r}: {found}")
+      raise NativeUnavailable(f"pofx_backends.cpu.native.dense cannot run here with library={library!r}: {found}")
     _, blas_path, sgemm, ilp64, set_local = found
     if "blas_lib" not in _loaded:
       lib = ctypes.cdll.LoadLibrary(_build("pofx_blas", (BLAS_SOURCE,), BLAS_FLAGS, cache_dir))
@@ -274,7 +276,7 @@ def load_blas(cache_dir=None, library: str = "auto") -> str:
       _loaded["blas_lib"], _loaded["blas"] = lib, {}
     if _loaded["blas_lib"].PofxSetBlas(ctypes.c_int(BLAS_LIBRARIES.index(name)), ctypes.c_void_p(sgemm),
                                        ctypes.c_int(int(ilp64)), ctypes.c_void_p(set_local)) != 0:
-      raise NativeUnavailable(f"pofx.native: the compiled BLAS wrapper does not know library {name!r}")
+      raise NativeUnavailable(f"pofx_backends.cpu.native: the compiled BLAS wrapper does not know library {name!r}")
     _loaded["blas"][name] = blas_path
     return blas_path
 
@@ -286,40 +288,71 @@ def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False, librar
   name = resolve_blas(library)
   load_blas(library=name)
   if a.ndim != 2 or b.ndim != 2:
-    raise ValueError(f"pofx.native.matmul takes 2-D operands, got shapes {a.shape} and {b.shape}.")
+    raise ValueError(f"pofx_backends.cpu.native.matmul takes 2-D operands, got shapes {a.shape} and {b.shape}.")
   m, k = (a.shape[1], a.shape[0]) if transpose_a else a.shape
   k2, n = (b.shape[1], b.shape[0]) if transpose_b else b.shape
   if k != k2:
-    raise ValueError(f"pofx.native.matmul: contracting sizes differ: {a.shape}{'^T' * transpose_a} x "
+    raise ValueError(f"pofx_backends.cpu.native.matmul: contracting sizes differ: {a.shape}{'^T' * transpose_a} x "
                      f"{b.shape}{'^T' * transpose_b}.")
   return jax.ffi.ffi_call("pofx_blas_matmul", jax.ShapeDtypeStruct((m, n), jnp.float32))(
       a.astype(jnp.float32), b.astype(jnp.float32), transpose_a=bool(transpose_a), transpose_b=bool(transpose_b),
       library=np.int64(BLAS_LIBRARIES.index(name)))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _dense2d(x, w, all_products, library):
-  if all_products:
-    return matmul(x, w, library=library).astype(x.dtype)
-  return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+def _product_now(a, b, transpose_a, transpose_b, all_products, library):
+  """`op(a) @ op(b)` in float32: by the BLAS when `all_products` or `transpose_a` (the form that
+  contracts both operands' leading axis when b is not transposed), else by XLA's dot."""
+  if all_products or transpose_a:
+    return matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b, library=library)
+  dims = (((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ()))
+  return jax.lax.dot_general(a, b.astype(a.dtype), dims, preferred_element_type=jnp.float32)
 
 
-def _dense2d_fwd(x, w, all_products, library):
-  return _dense2d(x, w, all_products, library), (x, w)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _product(a, b, transpose_a, transpose_b, all_products, library):
+  return _product_now(a, b, transpose_a, transpose_b, all_products, library)
 
 
-def _dense2d_bwd(all_products, library, res, g):
-  x, w = res
-  if all_products:
-    dx = matmul(g, w, transpose_b=True, library=library).astype(x.dtype)
+def _product_fwd(a, b, transpose_a, transpose_b, all_products, library):
+  return _product(a, b, transpose_a, transpose_b, all_products, library), (a, b)
+
+
+def _product_bwd(transpose_a, transpose_b, all_products, library, res, g):
+  # C = A B with A = op(a), B = op(b): dA = G B^T and dB = A^T G, written on the stored a and b.
+  a, b = res
+  mm = lambda x, y, tx, ty: _product_now(x, y, tx, ty, all_products, library)
+  if transpose_a:
+    da = mm(b, g, True, True) if transpose_b else mm(b, g, False, True)     # (G B^T)^T = B G^T
   else:
-    dx = jax.lax.dot_general(g, w.astype(g.dtype), (((1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32).astype(x.dtype)
-  dw = matmul(x, g, transpose_a=True, library=library)
-  return dx, dw.astype(w.dtype)
+    da = mm(g, b, False, False) if transpose_b else mm(g, b, False, True)   # G B^T
+  if transpose_b:
+    db = mm(g, a, True, True) if transpose_a else mm(g, a, True, False)     # (A^T G)^T = G^T A
+  else:
+    db = mm(a, g, False, False) if transpose_a else mm(a, g, True, False)   # A^T G
+  return da.astype(a.dtype), db.astype(b.dtype)
 
 
-_dense2d.defvjp(_dense2d_fwd, _dense2d_bwd)
+_product.defvjp(_product_fwd, _product_bwd)
+
+
+def product(a, b, *, transpose_a: bool = False, transpose_b: bool = False, all_products: bool = False,
+            library: str = "auto"):
+  """`op(a) @ op(b)` of 2-D arrays, differentiable, in a's dtype (float32 accumulation).
+
+  Each of its three products (the forward one, and `dA = G B^T`, `dB = A^T G` of the backward,
+  with A = op(a), B = op(b)) is computed by the BLAS `library` when it contracts its left
+  operand's leading axis (`x^T y`: a weight gradient, XLA:CPU's slowest form) or when
+  `all_products`, else by XLA's dot. Same values as `op(a) @ op(b)` up to float32 summation order.
+  """
+  if a.ndim != 2 or b.ndim != 2:
+    raise ValueError(f"pofx_backends.cpu.native.product takes 2-D operands, got shapes {a.shape} and {b.shape}.")
+  k = a.shape[0] if transpose_a else a.shape[1]
+  k2 = b.shape[1] if transpose_b else b.shape[0]
+  if k != k2:
+    raise ValueError(f"pofx_backends.cpu.native.product: contracting sizes differ: {a.shape}{'^T' * transpose_a} x "
+                     f"{b.shape}{'^T' * transpose_b}.")
+  out = _product(a, b, bool(transpose_a), bool(transpose_b), bool(all_products), resolve_blas(library))
+  return out.astype(a.dtype)
 
 
 def dense(x, w, *, all_products: bool = False, library: str = "auto"):
@@ -327,13 +360,15 @@ def dense(x, w, *, all_products: bool = False, library: str = "auto"):
 
   `all_products=False`: the forward product and the input gradient `g w^T` stay XLA dots; only
   the weight gradient, a dot contracting both operands' leading (token) axis, goes to `matmul`
-  (XLA:CPU's slowest form; see `benchmarks/README.md`). `all_products=True`: all three products
-  go to the BLAS (faster with MKL on the benchmark machine; slower with OpenBLAS). `library`: as
-  in `load_blas`. Same values as `jnp.dot` up to float32 summation order."""
+  (XLA:CPU's slowest form). `all_products=True`: all three products go to the BLAS. `library`: as
+  in `load_blas`. Same values as `jnp.dot` up to float32 summation order (`product` on the
+  flattened leading axes)."""
   if w.ndim != 2 or x.shape[-1] != w.shape[0]:
-    raise ValueError(f"pofx.native.dense: x {x.shape} and w {w.shape} do not multiply (x [..., D], w [D, F]).")
+    raise ValueError(f"pofx_backends.cpu.native.dense: x {x.shape} and w {w.shape} do not multiply "
+                     "(x [..., D], w [D, F]).")
   lead = x.shape[:-1]
-  return _dense2d(x.reshape(-1, x.shape[-1]), w, bool(all_products), resolve_blas(library)).reshape(*lead, w.shape[1])
+  out = product(x.reshape(-1, x.shape[-1]), w, all_products=all_products, library=library)
+  return out.reshape(*lead, w.shape[1])
 
 
 def _fwd_call(q, k, v, seg, br, query, key, cos, sin, rope, q_scale):
@@ -379,7 +414,8 @@ def block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks, *, rope=Non
   R, L, K, G, hd = q.shape
   if blocks.block_size != BLOCK_SIZE or hd not in HEAD_DIMS:
     raise ValueError(f"native block-sparse attention supports block_size={BLOCK_SIZE} and a head dimension in "
-                     f"{HEAD_DIMS}; got block_size={blocks.block_size}, head dimension {hd} (use kernel='xla').")
+                     f"{HEAD_DIMS}; got block_size={blocks.block_size}, head dimension {hd} (the CPU backend's "
+                     "attention falls back to the XLA op for them).")
   N = R * L
   seg = jnp.asarray(segment_ids, jnp.int32).reshape(N)
   br = jnp.zeros((N,), jnp.int32) if branch_ids is None else jnp.asarray(branch_ids, jnp.int32).reshape(N)

@@ -1,0 +1,166 @@
+r"""The CPU backend: pofx's injection points computed by hand-written kernels on XLA:CPU.
+
+`kernels(blas=, products=, attention=)` returns a `pofx.kernels.Kernels` (name "cpu") whose
+
+- `dot_general` sends 2-D float32 products to a BLAS's sgemm through XLA's FFI
+  (`pofx_backends.cpu.native.product`, differentiable): `products="blas"` the weight gradients
+  only (the products that contract their left operand's leading, token, axis: `x^T g`, XLA:CPU's
+  slowest form), `products="blas_all"` every product of the forward and the backward,
+  `products="xla"` none. Operands `x [..., D]` contracted on their last axis with a `[D, F]`
+  matrix are flattened to 2-D inside it. Every other form (batch dimensions, operands that are
+  not both float32, a 3-D right operand, several contracting axes) is `jax.lax.dot_general`.
+  `blas`: "auto" (Intel MKL where the `mkl` package is installed, else the OpenBLAS numpy's
+  wheels bundle), "mkl" or "openblas".
+- `attention` computes block-sparse self-attention with the fused AVX-512 kernels
+  (`pofx_backends.cpu.native.block_sparse_attention`) when the mask is a
+  `pofx.kernels.SegmentMask` with `blocks` of 64-token blocks, the head dimension is 16, 32, 64
+  or 128 and q, k, v are float32; anything else (dense masks, `CacheMask`, other shapes or
+  dtypes) goes to `pofx.kernels.xla_attention`. `attention=False` always uses the latter.
+
+Both give the XLA path's values up to float32 summation order. The kernels are compiled with the
+system C++ compiler on first use (`pofx_backends.cpu.native`); `unavailable_reason()` says,
+before any compilation, why this process cannot use them (JAX's platform must be the CPU, the CPU
+x86-64 with AVX-512F, a C++ compiler on the path, a BLAS that can be loaded).
+
+`calibration.measure` times a forward and backward of a small Llama block with a given
+`Kernels`: `pofx_backends.resolve("auto")` uses it to choose between "xla" and "cpu" on a CPU
+machine by measurement (the faster of the two differs between CPUs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from pofx import kernels as kernels_lib
+from pofx_backends.cpu import native
+
+BLAS_LIBRARIES = ("auto",) + native.BLAS_LIBRARIES
+# Which products go to the BLAS: none, the weight gradients, every product.
+PRODUCTS = ("xla", "blas", "blas_all")
+DEFAULT_OPTIONS = {"blas": "auto", "products": "blas_all", "attention": True}
+
+
+def _blas_form(lhs, rhs, dimension_numbers, preferred_element_type):
+  """`(transpose_a, transpose_b)` when the product is one `native.product` computes, else None."""
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  if lhs_batch or rhs_batch or len(lhs_contract) != 1 or len(rhs_contract) != 1:
+    return None
+  if lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32 or rhs.ndim != 2 or lhs.ndim < 2:
+    return None
+  if preferred_element_type is not None and jnp.dtype(preferred_element_type) != jnp.float32:
+    return None
+  lc, rc = lhs_contract[0] % lhs.ndim, rhs_contract[0] % rhs.ndim
+  if lhs.ndim > 2 and lc != lhs.ndim - 1:
+    return None
+  return lc == 0 and lhs.ndim == 2, rc == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class BlasDotGeneral:
+  """`jax.lax.dot_general` with its 2-D float32 products by a BLAS (see the module docstring).
+
+  all_products: every product (True) or the weight gradients only (False).
+  library: the BLAS, resolved ("mkl" or "openblas").
+  """
+
+  all_products: bool
+  library: str
+
+  def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    form = _blas_form(lhs, rhs, dimension_numbers, preferred_element_type)
+    if form is None:
+      return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                 preferred_element_type=preferred_element_type)
+    transpose_a, transpose_b = form
+    lead = lhs.shape[:-1]
+    a = lhs if lhs.ndim == 2 else lhs.reshape(-1, lhs.shape[-1])
+    out = native.product(a, rhs, transpose_a=transpose_a, transpose_b=transpose_b, all_products=self.all_products,
+                         library=self.library)
+    return out if lhs.ndim == 2 else out.reshape(*lead, out.shape[-1])
+
+
+def native_attention_supports(q, k, v, mask) -> bool:
+  """Whether the fused kernels compute this call (else `pofx.kernels.xla_attention` does)."""
+  return (isinstance(mask, kernels_lib.SegmentMask) and mask.blocks is not None
+          and mask.blocks.block_size == native.BLOCK_SIZE and q.shape[-1] in native.HEAD_DIMS
+          and q.shape[:2] == k.shape[:2] and all(x.dtype == jnp.float32 for x in (q, k, v)))
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeAttention:
+  """The attention injection point by the fused AVX-512 kernels where they apply (see the module
+  docstring), else `pofx.kernels.xla_attention`."""
+
+  def __call__(self, q, k, v, mask, *, scale: float, rope=None):
+    if not native_attention_supports(q, k, v, mask):
+      return kernels_lib.xla_attention(q, k, v, mask, scale=scale, rope=rope)
+    kernels_lib.check_attention_shapes(q, k, v)
+    if rope is not None and (rope[0].shape != q.shape[:2] + (q.shape[-1] // 2,) or rope[1].shape != rope[0].shape):
+      raise ValueError(f"attention: rope tables must be [B, L, hd/2] = {q.shape[:2] + (q.shape[-1] // 2,)}, got "
+                       f"{rope[0].shape} and {rope[1].shape}.")
+    return native.block_sparse_attention(q, k, v, mask.segment_ids, mask.branch_ids, mask.blocks, rope=rope,
+                                         q_scale=scale)
+
+
+def _check_options(blas: str, products: str, attention) -> None:
+  if blas not in BLAS_LIBRARIES:
+    raise ValueError(f"CPU kernels: blas={blas!r} is not allowed; allowed: {BLAS_LIBRARIES}.")
+  if products not in PRODUCTS:
+    raise ValueError(f"CPU kernels: products={products!r} is not allowed; allowed: {PRODUCTS}.")
+  if not isinstance(attention, bool):
+    raise ValueError(f"CPU kernels: attention must be True or False, got {attention!r}.")
+
+
+def unavailable_reason(*, blas: str = "auto", products: str = "blas_all", attention: bool = True) -> Optional[str]:
+  """None when `kernels(blas=, products=, attention=)` can run in this process, else why not.
+
+  Checks JAX's backend (`jax.default_backend()`: the CPU kernels are XLA:CPU custom calls), then
+  the machine (x86-64 with AVX-512F and a C++ compiler for the attention kernels; the BLAS for
+  the products). Compiles nothing."""
+  _check_options(blas, products, attention)
+  platform = jax.default_backend()
+  if platform != "cpu":
+    return (f"the CPU kernels run on JAX's CPU platform and this process's JAX backend is {platform!r} "
+            "(JAX_PLATFORMS=cpu runs on the CPU)")
+  if attention:
+    reason = native.unavailable_reason()
+    if reason:
+      return reason
+  if products != "xla":
+    reason = native.blas_unavailable_reason(blas)
+    if reason:
+      return reason
+  return None
+
+
+def kernels(*, blas: str = "auto", products: str = "blas_all", attention: bool = True) -> kernels_lib.Kernels:
+  """The CPU backend's `Kernels` (name "cpu"); builds the kernels it uses now (once per process).
+
+  Args:
+    blas: "auto" | "mkl" | "openblas": the BLAS of the products.
+    products: "blas_all" (every product of `dot_general`'s 2-D float32 forms), "blas" (their
+      weight gradients only) or "xla" (none: `jax.lax.dot_general`).
+    attention: the fused block-sparse attention kernels where they apply (True) or
+      `pofx.kernels.xla_attention` always (False).
+
+  Raises:
+    ValueError: an unknown option, or the reason this process cannot use them.
+  """
+  reason = unavailable_reason(blas=blas, products=products, attention=attention)
+  if reason:
+    raise ValueError(f"the CPU kernels (blas={blas!r}, products={products!r}, attention={attention}) cannot run "
+                     f"here: {reason}.")
+  dot_general = jax.lax.dot_general
+  if products != "xla":
+    library = native.resolve_blas(blas)
+    native.load_blas(library=library)
+    dot_general = BlasDotGeneral(products == "blas_all", library)
+  attend = kernels_lib.xla_attention
+  if attention:
+    native.load()
+    attend = NativeAttention()
+  return kernels_lib.Kernels(dot_general=dot_general, attention=attend, name="cpu")
