@@ -24,9 +24,9 @@ INSTALL_REQUIRES = [
 # TRL parity tests need PyTorch; install the CPU build first (`pip install torch==2.13.0`), then
 # this extra, so that pip never pulls a multi-GB CUDA build. torch and trl are test-only.
 PARITY_REQUIRES = ["torch==2.13.0", "trl==1.16.0"]
-# Intel MKL's sgemm for pofx.native's BLAS products (`LlamaConfig(matmul="blas_all")`): the
-# fastest float32 matmul on the benchmark CPU. Optional; without it numpy's OpenBLAS is used. PyPI
-# has it for x86-64 Linux (and Windows, where pofx.native does not look for it).
+# Intel MKL's sgemm for the CPU backend's BLAS products (`pofx_backends.kernels("cpu", blas="mkl")`):
+# the fastest float32 matmul on one of the benchmark CPUs. Optional; without it numpy's OpenBLAS is
+# used. PyPI has it for x86-64 Linux (and Windows, where pofx_backends.cpu does not look for it).
 MKL_REQUIRES = ["mkl>=2024; platform_machine == 'x86_64' and sys_platform == 'linux'"]
 TEST_REQUIRES = ["pytest>=8", "pytest-xdist>=3"] + PARITY_REQUIRES + MKL_REQUIRES
 
@@ -37,8 +37,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["pofx", "pofx.*", "experiments", "experiments.*", "configs", "configs.*"]),
-    package_data={"pofx.native": ["*.cc", "*.h"]},   # compiled on first use (pofx.native)
+    # pofx_backends: the optional kernel backends (the core never imports them).
+    packages=find_packages(include=["pofx", "pofx.*", "pofx_backends", "pofx_backends.*", "experiments",
+                                    "experiments.*", "configs", "configs.*"]),
+    package_data={"pofx_backends.cpu.native": ["*.cc", "*.h"]},   # compiled on first use
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES, "parity": PARITY_REQUIRES, "mkl": MKL_REQUIRES},
     license="Apache-2.0",
