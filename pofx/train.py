@@ -61,7 +61,7 @@ class TrainState:
   step: jax.Array
   rng: jax.Array
 
-  def replace(self, **kw) -> "TrainState":
+  def replace(self, **kw) -> TrainState:
     return dataclasses.replace(self, **kw)
 
 
@@ -80,7 +80,7 @@ def validate(loss, reference: references_lib.Reference, loss_hyper: Mapping[str,
   """Fails early, with the field and the allowed values, on combinations that cannot work."""
   spec = _spec(loss)
   hyper = dict(loss_hyper or {})
-  losses_lib.check_kwargs(spec, {**hyper, **{k: None for k in _required_kwargs(spec)}})
+  losses_lib.check_kwargs(spec, {**hyper, **dict.fromkeys(_required_kwargs(spec))})
   if spec.reference == "required" and reference.name == "none":
     raise ValueError(f"loss {spec.name!r} needs a reference model, but reference=none(); use frozen, cached, multi, "
                      "guiding, synced or ema, or a reference-free loss.")

@@ -244,7 +244,8 @@ def test_the_batch_reaches_the_model_unchanged_and_m_sharpness_splits_the_refere
   opt = optax.sgd(1.0)
   ref = references.frozen(toy.init(1), toy.logps_fn)
   state = train.init_state(params, opt, ref, perturbations.none())
-  train.make_train_step(recording_logps_fn, opt, loss="dpo", reference=ref, donate=False)(state, batch, jax.random.key(0))
+  step = train.make_train_step(recording_logps_fn, opt, loss="dpo", reference=ref, donate=False)
+  step(state, batch, jax.random.key(0))
   assert seen and all(keys == sorted(batch) for keys in seen)
 
   # SAM with m = 2 averages the SAM gradients of the two halves, each against its own reference

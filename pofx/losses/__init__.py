@@ -13,20 +13,23 @@ and the modifiers `f_divergence_type`, `ld_alpha`, `use_weighting` on every loss
 them); where a name is read as a string (`spec`, `get`, `batch_loss`, the training program's
 `train.loss`), a TRL name is written `trl.<loss_type>`, e.g. `"trl.sigmoid"`.
 
-| TRL loss_type  | canonical name | where the two differ                                                   |
-|----------------|----------------|------------------------------------------------------------------------|
-| `sigmoid`      | `dpo`          | `dpo` takes `beta` only; TRL's modifiers on DPO are the canonical       |
-|                |                | `f_dpo` (`f_divergence_type`; its `alpha` is the paper's, `1 -` TRL's   |
-|                |                | `f_alpha_divergence_coef`), `ld_dpo` (`ld_alpha`), `wpo` (`use_weighting`) |
-| `hinge`        | `slic`         | `slic` also runs reference-free (`reference=None`); takes `beta` only   |
-| `ipo`          | `ipo`          | both length-averaged (`(lr_w/|y_w| - lr_l/|y_l| - 1/(2 beta))^2`);      |
-|                |                | `ipo` takes `beta` only; the paper's summed form is `ipo_sum`           |
-| `nca_pair`     | `nca`          | `nca` takes `beta` only                                                |
-| `robust`       | `robust_dpo`   | flip rate `eps`, default 0.1 (the paper's suggestion), vs TRL's          |
-|                |                | `label_smoothing`, default 0.0 (= DPO); `robust_dpo` takes no modifiers |
-| `sigmoid_norm` | `ln_dpo`       | `ln_dpo` has no default `beta` (TRL: 0.1; a length-averaged margin needs |
-|                |                | a much larger one); no modifiers                                       |
-| `exo_pair`, `bco_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, `apo_down`, `discopop`, `sft` | the same name | the same function, TRL's modifiers included |
+| TRL loss_type  | canonical name | where the two differ                                              |
+|----------------|----------------|-------------------------------------------------------------------|
+| `sigmoid`      | `dpo`          | `dpo` takes `beta` only; TRL's modifiers on DPO are canonical     |
+|                |                | losses of their own: `f_dpo` (`f_divergence_type`; its `alpha` is |
+|                |                | the paper's, 1 - TRL's `f_alpha_divergence_coef`), `ld_dpo`       |
+|                |                | (`ld_alpha`), `wpo` (`use_weighting`)                             |
+| `hinge`        | `slic`         | `slic` takes `beta` only, and also runs reference-free            |
+| `ipo`          | `ipo`          | the same length-averaged formula,                                 |
+|                |                | `(lr_w/|y_w| - lr_l/|y_l| - 1/(2 beta))^2`; `ipo` takes `beta`    |
+|                |                | only; the paper's summed form is `ipo_sum`                        |
+| `nca_pair`     | `nca`          | `nca` takes `beta` only                                           |
+| `robust`       | `robust_dpo`   | flip rate `eps`, default 0.1 (the paper's suggestion), vs TRL's   |
+|                |                | `label_smoothing`, default 0.0 (= DPO); no modifiers              |
+| `sigmoid_norm` | `ln_dpo`       | `ln_dpo` has no default `beta` (TRL: 0.1, small for a             |
+|                |                | length-averaged margin); no modifiers                             |
+| `exo_pair`, `bco_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, `apo_down`,     |
+| `discopop`, `sft`: the same name, the same function (TRL's modifiers included)          |
 
 Pairwise InfoNCA with hard labels is DPO (`dpo`); its K-way form is `infonca_kway`.
 `python -m pofx.losses` prints every canonical loss on one fixed example.
@@ -38,20 +41,32 @@ from typing import Any, Mapping, Optional
 
 import jax
 
-from pofx.losses import _adaptive
-from pofx.losses import _gpo_family
-from pofx.losses import _label_noise
-from pofx.losses import _margins
-from pofx.losses import _pointwise
-from pofx.losses import _reference_free
-from pofx.losses import _registry
-from pofx.losses import _regularised
-from pofx.losses import _risk
-from pofx.losses import _token_level
-from pofx.losses import _trl
-from pofx.losses import trl
-from pofx.losses._adaptive import (BetaDpoState, GammaPoState, beta_dpo, beta_dpo_batch_statistics, beta_dpo_init_state,
-                                   gamma_dpo, gamma_po, gamma_po_init_state, gamma_po_margins, gamma_simpo)
+from pofx.losses import (
+  _adaptive,
+  _gpo_family,
+  _label_noise,
+  _margins,
+  _pointwise,
+  _reference_free,
+  _registry,
+  _regularised,
+  _risk,
+  _token_level,
+  _trl,
+  trl,
+)
+from pofx.losses._adaptive import (
+  BetaDpoState,
+  GammaPoState,
+  beta_dpo,
+  beta_dpo_batch_statistics,
+  beta_dpo_init_state,
+  gamma_dpo,
+  gamma_po,
+  gamma_po_init_state,
+  gamma_po_margins,
+  gamma_simpo,
+)
 from pofx.losses._common import check_beta, check_choice, check_range, logratios, margins
 from pofx.losses._gpo_family import dpo, exponential, gpo, ipo, ipo_sum, savage, slic, truncated_quadratic
 from pofx.losses._label_noise import cdpo, focalpo, robust_dpo
@@ -62,9 +77,26 @@ from pofx.losses._registry import REQUIREMENTS, LossSpec
 from pofx.losses._regularised import asft, irpo, rpo
 from pofx.losses._risk import ra_dpo, ra_dpo2, ra_dpo_sequence_risk
 from pofx.losses._token_level import delta_l_weights, dmpo, dmpo_turn_weights, dpo_nll_delta_l, sampo, sampo_token_masks
-from pofx.losses._trl import (F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, TRL_LOSS_TYPES, aot, aot_unpaired, apo_down,
-                              apo_zero, bco_pair, discopop, exo_pair, f_divergence_link, f_dpo, ld_dpo, sft, sppo_hard,
-                              trl_dpo_loss, wpo, wpo_sequence_weights)
+from pofx.losses._trl import (
+  F_DIVERGENCE_LOSS_TYPES,
+  F_DIVERGENCES,
+  TRL_LOSS_TYPES,
+  aot,
+  aot_unpaired,
+  apo_down,
+  apo_zero,
+  bco_pair,
+  discopop,
+  exo_pair,
+  f_divergence_link,
+  f_dpo,
+  ld_dpo,
+  sft,
+  sppo_hard,
+  trl_dpo_loss,
+  wpo,
+  wpo_sequence_weights,
+)
 
 REGISTRY: Mapping[str, LossSpec] = _registry.build_registry(
     _gpo_family.SPECS,

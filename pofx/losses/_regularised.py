@@ -17,7 +17,6 @@ from pofx.losses._reference_free import log1m_exp
 from pofx.losses._registry import LossSpec
 
 
-
 def _chosen_nll_mean(name, policy):
   """`-pi_w / |y_w|`: the chosen completion's per-sequence token-mean NLL, float32."""
   len_w, _ = _common.lengths(policy, name)

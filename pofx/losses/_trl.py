@@ -46,9 +46,7 @@ import jax.numpy as jnp
 
 from pofx import gpo as gpo_fns
 from pofx._pair_logps import PairLogps
-from pofx.losses import _common
-from pofx.losses import _gpo_family
-from pofx.losses import _registry
+from pofx.losses import _common, _gpo_family, _registry
 from pofx.losses._registry import LossSpec
 
 Array = jax.Array
@@ -595,7 +593,8 @@ _REQUIRES = {"ipo": frozenset({"lengths"}), "sigmoid_norm": frozenset({"lengths"
 
 
 def _trl_spec(loss_type: str, name: str) -> LossSpec:
-  return LossSpec(name, TRL_LOSS_FUNCTIONS[loss_type], "trl", f"{_SOURCES[loss_type]}; {_TRL} (loss_type={loss_type!r})",
+  source = f"{_SOURCES[loss_type]}; {_TRL} (loss_type={loss_type!r})"
+  return LossSpec(name, TRL_LOSS_FUNCTIONS[loss_type], "trl", source,
                   reference="unused" if loss_type == "sft" else "required",
                   requires=_REQUIRES.get(loss_type, frozenset()),
                   reduction="chosen_token_mean" if loss_type == "sft" else "mean")

@@ -20,11 +20,17 @@ from __future__ import annotations
 import types
 from typing import Any, Mapping
 
-from pofx.losses import _common
-from pofx.losses import _registry
+from pofx.losses import _common, _registry
 from pofx.losses._registry import LossSpec
-from pofx.losses._trl import (CANONICAL_NAME, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, TRL_LOSS_TYPES, TRL_PREFIX,
-                              TRL_SPECS, trl_dpo_loss)
+from pofx.losses._trl import (
+  CANONICAL_NAME,
+  F_DIVERGENCE_LOSS_TYPES,
+  F_DIVERGENCES,
+  TRL_LOSS_TYPES,
+  TRL_PREFIX,
+  TRL_SPECS,
+  trl_dpo_loss,
+)
 
 PREFIX = TRL_PREFIX
 """How a TRL name is written where canonical names are read too: `"trl.sigmoid"`."""

@@ -162,7 +162,7 @@ def test_beta_dpo_jit_and_state_threading():
   policy, reference, _, _ = random_pairs(7, 8)
   step = jax.jit(lambda s, k: _adaptive.beta_dpo(policy, reference, state=s, key=k))
   state = _adaptive.beta_dpo_init_state()
-  rho = np.asarray(pofx.losses._common.margins(policy, reference), np.float64)
+  rho = np.asarray(pofx.losses.margins(policy, reference), np.float64)
   m = s = 0.0
   for i in range(3):
     _, state = step(state, jax.random.key(i))

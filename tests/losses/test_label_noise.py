@@ -1,7 +1,8 @@
 """Numeric tests for cDPO, robust DPO, FocalPO (pofx/losses/_label_noise.py).
 
 Expected values: the worked example (beta*rho = 0.2), each value worked out by hand in float64
-from the paper's formula, and the formulas in float64 numpy below; plus the statistical identities the papers state (cDPO is the DPO loss
+from the paper's formula, and the formulas in float64 numpy below; plus the statistical
+identities the papers state (cDPO is the DPO loss
 averaged over flipped labels; the robust estimator is unbiased for the clean DPO loss).
 """
 
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 
 import pofx
-from tests.losses import worked
 from pofx.losses import _label_noise as ln
+from tests.losses import worked
 
 TOL = worked.TOL
 _softplus = worked.softplus

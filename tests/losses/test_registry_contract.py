@@ -19,8 +19,8 @@ from tests.losses import registry_inputs as ri
 
 # The canonical names, and the TRL loss_types whose function is not the canonical one (the others
 # are the same function object, already walked under their canonical name).
-NAMES = pofx.losses.names() + [
-    f"trl.{t}" for t in pofx.losses.trl.names() if pofx.losses.trl.get(t) is not pofx.losses.get(pofx.losses.trl.canonical(t))]
+NAMES = pofx.losses.names() + [f"trl.{t}" for t in pofx.losses.trl.names()
+                                if pofx.losses.trl.get(t) is not pofx.losses.get(pofx.losses.trl.canonical(t))]
 KEY = jax.random.key(0)
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import pofx
-from tests.losses import worked
 from pofx.losses import _regularised as rg
+from tests.losses import worked
 
 TOL = worked.TOL
 _softplus = worked.softplus

@@ -386,7 +386,8 @@ def test_use_weighting_equals_weights_times_loss():
 
 
 def test_combination_is_weighted_sum():
-  parts = [pofx.losses.trl.batch_loss(t, POLICY, None if t == "sft" else REFERENCE) for t in ("sigmoid", "bco_pair", "sft")]
+  parts = [pofx.losses.trl.batch_loss(t, POLICY, None if t == "sft" else REFERENCE)
+           for t in ("sigmoid", "bco_pair", "sft")]
   mpo = _trl.trl_dpo_loss(POLICY, REFERENCE, loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0])
   _same(mpo, 0.8 * parts[0] + 0.2 * parts[1] + 1.0 * parts[2])
 

@@ -1,4 +1,7 @@
-"""Shared helpers of the loss tests: the worked example (pi_w=-10, pi_l=-12, ref_w=ref_l=-11, lengths 5/6) and numpy math."""
+"""Shared helpers of the loss tests: the worked example and numpy math.
+
+The worked example: pi_w=-10, pi_l=-12, ref_w=ref_l=-11, completion lengths 5 and 6, beta=0.1.
+"""
 
 import jax.numpy as jnp
 import numpy as np
