@@ -20,8 +20,12 @@ Which implementation computes it:
   so an odd L is padded by one row (a padding segment of its own, invisible to the real queries
   by causality) and the result sliced back.
 - `"xla"` otherwise: float32 inputs, CPU (the tests), ROCm, head dimensions cuDNN does not take,
-  shapes cuDNN's own checks refuse while tracing (chosen automatically only), and every `CacheMask` (a decoding step: a few queries over the cache, bound by memory traffic,
-  where cuDNN's bias path gains nothing and needs even lengths).
+  shapes cuDNN's own checks refuse while tracing (when chosen automatically; an explicit
+  "cudnn" raises), and every `CacheMask` (a decoding step: a few queries over the cache, bound
+  by memory traffic, where cuDNN's bias path gains nothing and needs even lengths).
+
+The layouts are not told apart: segment and branch ids are traced values, so even the fused
+layout (which `is_causal` plus per-row lengths could express) goes through the boolean mask.
 
 `SegmentMask.blocks` is ignored: the block list only says which tiles hold allowed entries, and
 cuDNN already skips the causal upper triangle. Scores and the softmax are float32 in both
