@@ -1,7 +1,8 @@
 """Block-sparse attention: the host-built block list by hand and against a brute-force scan of the
-mask, and the model's outputs and gradients with block-sparse attention against the dense masked
-attention of the Flax `LlamaDecoder` (an independent implementation: `jax.nn.softmax` over the full
-`[L, L]` scores and autodiff), for every batch layout, several block sizes, float32 and bfloat16."""
+mask, and the model's outputs and gradients with block-sparse attention against its dense masked
+attention (an independent implementation: `jax.nn.softmax` over the full `[L, L]` scores of
+`pofx.kernels.xla_attention` and autodiff), for every batch layout, several block sizes, float32
+and bfloat16."""
 
 import functools
 
@@ -79,7 +80,7 @@ def test_bad_row_length_and_arguments():
 
 
 def _model_and_batch(layout, block_size, dtype="float32", seed=0, n=6):
-  config = llama.tiny(dtype=dtype, attention_block=0)
+  config = llama.tiny(dtype=dtype)
   params = llama.init_params(config, jax.random.key(seed))
   p, c, r = _pairs(seed + 1, n)
   bucket = max(block_size, 8)
@@ -234,13 +235,15 @@ def test_scored_tokens_same_logps_and_gradients(layout, sparse):
 
 def test_rope_tables_equal_apply_rope_and_are_computed_once():
   # The block-sparse forward rotates queries and keys with tables computed once per forward
-  # (llama._rope_tables): same values as apply_rope's inline cos/sin, ...
+  # (llama.rope_tables): same values as apply_rope's inline cos/sin, ...
   rng = np.random.default_rng(0)
   positions = rng.integers(0, 3000, (2, 16))
   inv_freq = llama.rope_inv_freq(llama.tiny())
   x = jnp.asarray(rng.normal(size=(2, 16, 3, 2 * len(inv_freq))), jnp.float32)
-  cos, sin = llama._rope_tables(jnp.asarray(positions), inv_freq)
-  np.testing.assert_array_equal(sparse_attention.rotary(x, cos, sin), llama.apply_rope(x, jnp.asarray(positions), inv_freq))
+  cos, sin = llama.rope_tables(jnp.asarray(positions), inv_freq)
+  assert cos.shape == sin.shape == (2, 16, len(inv_freq))
+  np.testing.assert_array_equal(sparse_attention.rotary(x, cos[:, :, None], sin[:, :, None]),
+                                llama.apply_rope(x, jnp.asarray(positions), inv_freq))
   # ... and the compiled forward+backward holds one cosine, not one per consumer (XLA:CPU would
   # otherwise recompute it inside every rotation and every gathered attention tile).
   config, params, b, blocks = _model_and_batch("packed", 8)
@@ -274,7 +277,7 @@ def test_pad_index_lists_by_hand_and_same_logps_as_dense():
   np.testing.assert_array_equal(s["scored_tokens"].slot, [0, 1, 2, 3, 4, 4, 4])
   assert s["other"] is batches[0]["other"] and padded[1]["attention_blocks"].num_pairs == 14
   # The padded lists give the dense, every-slot log-probs (an independent computation).
-  config = llama.tiny(dtype="float32", attention_block=0)
+  config = llama.tiny(dtype="float32")
   params = llama.init_params(config, jax.random.key(0))
   model = llama.make(config)
   fn = policy.make_logps_fn(model.apply, model.head)

@@ -1,16 +1,22 @@
 """Policy models, exposed to the rest of pofx only as pure functions (no Flax outside here).
 
-`pofx.models.llama`: a Llama-family decoder; `init_params(config, rng)`, `apply_fn(params,
-tokens, positions, segment_ids, branch_ids=None, *, config) -> hidden [B, L, D]`,
-`lm_head(params, config) -> [D, V]`, `logits_fn(...)`, and `make(config)` binding them.
-`apply_fn(..., attention_blocks=...)` runs block-sparse attention (`pofx.sparse_attention`).
+`pofx.models.llama`: a Llama-family decoder. `make(config, kernels=pofx.kernels.XLA)` binds a
+`LlamaConfig` and the injected kernels into a `LlamaModel` record: `init(rng)`, `apply(params,
+tokens, positions, segment_ids, branch_ids=None, *, attention_blocks=None, output_index=None) ->
+hidden [B, L, D]`, `head(params) -> [D, V]`, `logits(...)`, `init_cache(batch_size, max_length)`
+and `decode(params, tokens, positions, valid, cache) -> (logits, cache)`. The same functions
+exist at module level with `config=` and `kernels=` (`init_params`, `apply_fn`, `lm_head`,
+`logits_fn`, `init_cache`, `decode`).
 """
 
 from pofx.models import llama
 from pofx.models.llama import (
+    KVCache,
     LlamaConfig,
     LlamaModel,
     apply_fn,
+    decode,
+    init_cache,
     init_params,
     lm_head,
     logits_fn,
@@ -20,6 +26,6 @@ from pofx.models.llama import (
 )
 
 __all__ = [
-    "llama", "LlamaConfig", "LlamaModel", "apply_fn", "init_params", "lm_head", "logits_fn",
-    "make", "params_from_hf", "preset",
+    "llama", "KVCache", "LlamaConfig", "LlamaModel", "apply_fn", "decode", "init_cache", "init_params", "lm_head",
+    "logits_fn", "make", "params_from_hf", "preset",
 ]

@@ -1,13 +1,15 @@
-r"""A Llama-family decoder-only language model in Flax (`flax.linen`), exposed as pure functions.
+r"""A Llama-family decoder-only language model, written once as pure functions of its parameters.
 
 Architecture (the Hugging Face `LlamaForCausalLM` layout, so weights convert one to one):
 token embedding -> N x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> RMSNorm -> LM head.
 
-- RMSNorm: `w * x / sqrt(mean(x^2) + eps)`, computed in float32.
-- Rotary positions (RoPE, "rotate-half" convention of HF/Meta) from **explicit** `positions`
-  `[B, L]`, optionally with Llama 3 frequency scaling.
-- Grouped-query attention: `num_heads` query heads share `num_kv_heads` key/value heads.
-- SwiGLU MLP: `down(silu(gate(x)) * up(x))`; no biases anywhere.
+- RMSNorm: `w * x / sqrt(mean(x^2) + eps)`, computed in float32 (Zhang & Sennrich 2019,
+  arXiv:1910.07467).
+- Rotary positions (RoPE, Su et al. 2021, arXiv:2104.09864; the "rotate-half" layout of HF/Meta)
+  from **explicit** `positions` `[B, L]`, optionally with Llama 3 frequency scaling.
+- Grouped-query attention (Ainslie et al. 2023, arXiv:2305.13245): `num_heads` query heads share
+  `num_kv_heads` key/value heads.
+- SwiGLU MLP (Shazeer 2020, arXiv:2002.05202): `down(silu(gate(x)) * up(x))`; no biases anywhere.
 - Optional tied embeddings (LM head = embedding matrix transposed).
 
 Attention masking. Token i may attend to token j iff
@@ -15,19 +17,28 @@ Attention masking. Token i may attend to token j iff
     segment_ids[i] == segment_ids[j]  and  j <= i  (column order)  and
     (branch_ids[j] == 0  or  branch_ids[j] == branch_ids[i])
 
-`segment_ids` 0 marks padding (padding only ever attends to padding, so its outputs are finite
-garbage that callers mask out). `branch_ids` (optional, default all 0) is the extra restriction
-that prompt sharing needs: in a row `[prompt | chosen | rejected]` the prompt has branch 0 and the
-two completions branches 1 and 2, so each completion sees the prompt and itself but not the
-other completion (see `pofx.batching`).
+(`pofx.kernels.SegmentMask`). `segment_ids` 0 marks padding (padding only ever attends to
+padding, so its outputs are finite garbage that callers mask out). `branch_ids` (optional,
+default all 0) is the extra restriction that prompt sharing needs: in a row `[prompt | chosen |
+rejected]` the prompt has branch 0 and the two completions branches 1 and 2, so each completion
+sees the prompt and itself but not the other completion (see `pofx.batching`).
 
-Why `flax.linen`: its `init`/`apply` are already pure functions of a plain nested-dict parameter
-pytree, which is exactly what pofx's train step, optax, orbax, reference strategies (EMA copies,
-SAM perturbations) and sharding rules want; `flax.nnx` would need a split/merge at this boundary
-for no gain here.
+One block, three uses. `_block` (RMSNorm, grouped-query attention, SwiGLU MLP) is the only
+transformer block. Training with dense attention (`apply_fn`), training with block-sparse
+attention (`apply_fn(..., attention_blocks=...)`) and cached decoding (`decode`) run the same
+block and differ only in the attention call handed to it. Every matrix product goes through the
+injected `kernels.dot_general` and every attention through `kernels.attention` (a
+`pofx.kernels.Kernels` record, `pofx.kernels.XLA` by default): training passes a
+`pofx.kernels.SegmentMask` and the rotary tables `rope=(cos, sin)` (so a backend may rotate
+inside its kernel), decoding rotates q and k itself before writing them to the cache and passes
+a `pofx.kernels.CacheMask`. Activations travel as `[tokens, D]` matrices between the blocks.
 
-The rest of pofx sees the model only through `init_params`, `apply_fn`, `lm_head` and
-`logits_fn` (or the `LlamaModel` record of them built by `make`), never through Flax.
+Flax (`flax.linen`) only declares and initialises the parameter tree (a plain nested dict:
+`embed/embedding`, `layers_i/{input_norm,post_attn_norm}/scale`,
+`layers_i/attn/{q,k,v,o}_proj/kernel`, `layers_i/mlp/{gate,up,down}_proj/kernel`, `norm/scale`,
+`lm_head`); the rest of pofx sees the model only through the pure functions `init_params`,
+`apply_fn`, `lm_head`, `logits_fn`, `init_cache` and `decode`, or the `LlamaModel` record of
+them that `make(config, kernels)` binds.
 """
 
 from __future__ import annotations
@@ -42,15 +53,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pofx import native
+from pofx import kernels as kernels_lib
 from pofx import sparse_attention
 
 Array = jax.Array
 Params = Any
+Kernels = kernels_lib.Kernels
 
-_ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
-_MATMULS = ("xla", "blas", "blas_all")
-_BLAS_LIBRARIES = ("auto",) + native.BLAS_LIBRARIES
 _REMAT_POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
@@ -62,6 +71,9 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Hyperparameters of a Llama-family decoder. Frozen and hashable (usable as a static arg).
+
+  Which kernels compute the products and the attention is not part of the config: they are
+  injected (`make(config, kernels=...)`, `apply_fn(..., kernels=...)`).
 
   Attributes:
     vocab_size: vocabulary size V.
@@ -79,20 +91,8 @@ class LlamaConfig:
     dtype: compute dtype name: "float32" or "bfloat16" (parameters always stay `param_dtype`).
     param_dtype: parameter dtype name (default "float32").
     init_std: standard deviation of the normal initialiser of every matrix (HF: 0.02).
-    remat: wrap every block in `jax.checkpoint` (`nn.remat`) to trade compute for memory.
+    remat: wrap every block in `jax.checkpoint` to trade compute for memory.
     remat_policy: a name of `jax.checkpoint_policies` used when `remat` (see `_REMAT_POLICIES`).
-    attention_impl: "einsum" (explicit masked softmax, any backend), or "xla" / "cudnn" (through
-      `jax.nn.dot_product_attention` with the same boolean mask).
-    attention_block: with "einsum", rows longer than this are attended in causal query blocks of
-      this many tokens, each against the key prefix it can see (about half the scores of the
-      full L x L product; identical results). 0 disables it.
-    matmul: "xla"; "blas": the weight gradients of the projection matrices (q, k, v, o, gate,
-      up, down) are computed by a BLAS (`pofx.native.dense`; XLA:CPU's dot is slowest in that
-      form), the other products stay XLA dots; or "blas_all": their forward products and input
-      gradients too. CPU only; same values up to float32 summation order. The LM head is not
-      affected (`policy.make_logps_fn(matmul=)`).
-    blas: with a BLAS `matmul`, which library (`pofx.native.BLAS_LIBRARIES`): "auto" (Intel MKL
-      where the `mkl` package is installed, else the OpenBLAS numpy bundles), "mkl", "openblas".
   """
 
   vocab_size: int = 4096
@@ -111,10 +111,6 @@ class LlamaConfig:
   init_std: float = 0.02
   remat: bool = False
   remat_policy: str = "nothing_saveable"
-  attention_impl: str = "einsum"
-  attention_block: int = 128
-  matmul: str = "xla"
-  blas: str = "auto"
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "mlp_size"):
@@ -131,13 +127,6 @@ class LlamaConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"LlamaConfig.{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}.")
-    if self.attention_impl not in _ATTENTION_IMPLS:
-      raise ValueError(f"LlamaConfig.attention_impl must be one of {_ATTENTION_IMPLS}, "
-                       f"got {self.attention_impl!r}.")
-    if self.matmul not in _MATMULS:
-      raise ValueError(f"LlamaConfig.matmul must be one of {_MATMULS}, got {self.matmul!r}.")
-    if self.blas not in _BLAS_LIBRARIES:
-      raise ValueError(f"LlamaConfig.blas must be one of {_BLAS_LIBRARIES}, got {self.blas!r}.")
     if self.remat_policy not in _REMAT_POLICIES:
       raise ValueError(f"LlamaConfig.remat_policy must be one of {sorted(_REMAT_POLICIES)}, "
                        f"got {self.remat_policy!r}.")
@@ -179,7 +168,7 @@ def tiny(**overrides) -> LlamaConfig:
 
 
 def bench(**overrides) -> LlamaConfig:
-  """The model of `shared/bench/trl_dpo_baseline.py`: HF `LlamaConfig(vocab_size=4096,
+  """The model of `benchmarks/trl_dpo_baseline.py`: HF `LlamaConfig(vocab_size=4096,
   hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
   intermediate_size=688, tie_word_embeddings=False)`, float32: 4,999,424 parameters."""
   return LlamaConfig(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
@@ -232,7 +221,7 @@ def preset(name: str, **overrides) -> LlamaConfig:
   return PRESETS[name](**overrides)
 
 
-# Building blocks -------------------------------------------------------------------------------
+# Rotary positions ------------------------------------------------------------------------------
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
   """RoPE inverse frequencies `[head_dim // 2]` (float64 numpy), with Llama 3 scaling if set."""
@@ -250,147 +239,178 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
   return inv_freq
 
 
+def rope_tables(positions: Array, inv_freq: np.ndarray) -> Tuple[Array, Array]:
+  """`cos, sin [B, L, hd/2]` (float32) of the angles `positions [B, L] * inv_freq`, computed once
+  per forward and handed to the attention (`kernels.attention(..., rope=(cos, sin))`).
+
+  Multiplying by the identity matrix returns the table exactly (each output is one product by 1
+  plus exact zeros). It only matters on XLA:CPU: XLA fuses elementwise producers into each
+  consumer, so a plain `jnp.cos` table would be recomputed (a cosine and a sine per element)
+  inside every fusion that reads it (every layer's query/key rotation and every gathered
+  attention tile, forward and backward), while a dot's output is not fused into its consumers
+  and is materialised once.
+  """
+  angles = jnp.asarray(positions).astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  table = jnp.stack([jnp.cos(angles), jnp.sin(angles)], axis=0)
+  eye = jnp.eye(table.shape[-1], dtype=table.dtype)
+  table = jnp.einsum("...i,ij->...j", table, eye, precision=jax.lax.Precision.HIGHEST)
+  return table[0], table[1]
+
+
 def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
   """Rotates `x [B, L, H, hd]` by the angles `positions [B, L] * inv_freq` (rotate-half form)."""
   angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B,L,hd/2]
   return sparse_attention.rotary(x, jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :])
 
 
-def attention_mask(segment_ids: Array, branch_ids: Optional[Array] = None) -> Array:
-  """Boolean `[B, L, L]` mask (query i, key j): same segment, causal, compatible branch."""
-  seg = jnp.asarray(segment_ids)
-  L = seg.shape[-1]
-  mask = seg[:, :, None] == seg[:, None, :]
-  mask &= jnp.tril(jnp.ones((L, L), jnp.bool_))[None]
-  if branch_ids is not None:
-    br = jnp.asarray(branch_ids)
-    mask &= (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])
-  return mask
+attention_mask = kernels_lib.attention_mask
 
 
-class RMSNorm(nn.Module):
-  eps: float
-  dtype: Any
-  param_dtype: Any
+# Parameters (declared and initialised by Flax) -------------------------------------------------
 
-  @nn.compact
-  def __call__(self, x):
-    w = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (w.astype(jnp.float32) * x32).astype(self.dtype)
-
-
-def _blas_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, all_products,
-                      library):
-  """`nn.Dense`'s product (`lhs [..., D]` . `rhs [D, F]`) by `pofx.native.dense`."""
-  del precision, preferred_element_type
-  if tuple(map(tuple, dimension_numbers[0])) != ((lhs.ndim - 1,), (0,)) or any(dimension_numbers[1]):
-    raise ValueError(f"LlamaConfig.matmul='blas' supports x [..., D] . w [D, F] only, got {dimension_numbers}.")
-  return native.dense(lhs, rhs, all_products=all_products, library=library)
-
-
-def _dense(config: LlamaConfig, features: int, name: str) -> nn.Dense:
-  extra = {}
-  if config.matmul != "xla":
-    extra["dot_general"] = functools.partial(_blas_dot_general, all_products=config.matmul == "blas_all", library=config.blas)
-  return nn.Dense(features, use_bias=False, dtype=config.compute_dtype,
-                  param_dtype=config.parameter_dtype,
-                  kernel_init=nn.initializers.normal(config.init_std), name=name, **extra)
-
-
-class Attention(nn.Module):
+class _Dense(nn.Module):
+  """Declares `kernel [in_features, features]` as `nn.Dense(use_bias=False)` would (same key, same values)."""
+  features: int
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask):
-    cfg = self.config
-    B, L, _ = x.shape
-    H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
-    q = _dense(cfg, H * hd, "q_proj")(x).reshape(B, L, H, hd)
-    k = _dense(cfg, K * hd, "k_proj")(x).reshape(B, L, K, hd)
-    v = _dense(cfg, K * hd, "v_proj")(x).reshape(B, L, K, hd)
-    inv_freq = rope_inv_freq(cfg)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
-    if cfg.attention_impl == "einsum":
-      G = H // K
-      qg = q.reshape(B, L, K, G, hd)
-
-      def attend(qb, kb, vb, mb):
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", qb, kb, preferred_element_type=jnp.float32)
-        scores = scores * (1.0 / math.sqrt(hd))
-        scores = jnp.where(mb[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-        return jnp.einsum("bkgqs,bskd->bqkgd", probs, vb)
-
-      blk = cfg.attention_block
-      if blk and L > blk:
-        # Causal blocks: queries [s, e) can only see keys [0, e) (the mask is causal), so each
-        # query block attends to a prefix: about half the L^2 scores of the full product, same
-        # result (masked scores contribute exactly 0 either way).
-        outs = [attend(qg[:, s:min(s + blk, L)], k[:, :min(s + blk, L)], v[:, :min(s + blk, L)],
-                       mask[:, s:min(s + blk, L), :min(s + blk, L)]) for s in range(0, L, blk)]
-        out = jnp.concatenate(outs, axis=1).reshape(B, L, H * hd)
-      else:
-        out = attend(qg, k, v, mask).reshape(B, L, H * hd)
-    else:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=cfg.attention_impl)
-      out = out.reshape(B, L, H * hd)
-    return _dense(cfg, cfg.hidden_size, "o_proj")(out)
+  def __call__(self, in_features: int):
+    self.param("kernel", nn.initializers.normal(self.config.init_std), (in_features, self.features),
+               self.config.parameter_dtype)
 
 
-class Mlp(nn.Module):
+class _Norm(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x):
-    cfg = self.config
-    gate = _dense(cfg, cfg.mlp_size, "gate_proj")(x)
-    up = _dense(cfg, cfg.mlp_size, "up_proj")(x)
-    return _dense(cfg, cfg.hidden_size, "down_proj")(nn.silu(gate) * up)
+  def __call__(self):
+    self.param("scale", nn.initializers.ones, (self.config.hidden_size,), self.config.parameter_dtype)
 
 
-class Block(nn.Module):
+class _Embed(nn.Module):
+  """Declares `embedding [V, D]` as `nn.Embed` would (same key, same values)."""
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask):
+  def __call__(self):
     cfg = self.config
-    norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype,
-                             param_dtype=cfg.parameter_dtype)
-    x = x + Attention(cfg, name="attn")(norm(name="input_norm")(x), positions, mask)
-    x = x + Mlp(cfg, name="mlp")(norm(name="post_attn_norm")(x))
-    return x
+    self.param("embedding", nn.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.hidden_size),
+               cfg.parameter_dtype)
 
 
-class LlamaDecoder(nn.Module):
-  """Embedding + blocks + final norm; returns hidden states `[B, L, D]` (compute dtype).
-
-  The LM head (`lm_head/kernel [D, V]`, absent when embeddings are tied) is created at init but
-  not applied: log-probs are computed from the hidden states fused with the head, in chunks
-  (`pofx.logprobs`).
-  """
+class _Block(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, tokens, positions, segment_ids, branch_ids=None):
+  def __call__(self):
     cfg = self.config
-    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
-                     param_dtype=cfg.parameter_dtype,
-                     embedding_init=nn.initializers.normal(cfg.init_std), name="embed")
-    x = embed(tokens)
-    mask = attention_mask(segment_ids, branch_ids)
-    block_cls = Block
-    if cfg.remat:
-      block_cls = nn.remat(Block, prevent_cse=True, policy=_REMAT_POLICIES[cfg.remat_policy])
+    _Norm(cfg, name="input_norm")()
+    _Attention(cfg, name="attn")()
+    _Norm(cfg, name="post_attn_norm")()
+    _Mlp(cfg, name="mlp")()
+
+
+class _Attention(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self):
+    cfg = self.config
+    d, hd = cfg.hidden_size, cfg.resolved_head_dim
+    _Dense(cfg.num_heads * hd, cfg, name="q_proj")(d)
+    _Dense(cfg.num_kv_heads * hd, cfg, name="k_proj")(d)
+    _Dense(cfg.num_kv_heads * hd, cfg, name="v_proj")(d)
+    _Dense(d, cfg, name="o_proj")(cfg.num_heads * hd)
+
+
+class _Mlp(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self):
+    cfg = self.config
+    _Dense(cfg.mlp_size, cfg, name="gate_proj")(cfg.hidden_size)
+    _Dense(cfg.mlp_size, cfg, name="up_proj")(cfg.hidden_size)
+    _Dense(cfg.hidden_size, cfg, name="down_proj")(cfg.mlp_size)
+
+
+class _Decoder(nn.Module):
+  """The parameter tree: Flax derives each parameter's key from its path, so these values are
+  those of the equivalent `nn.Embed` / `nn.Dense` modules."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self):
+    cfg = self.config
+    init = nn.initializers.normal(cfg.init_std)
+    _Embed(cfg, name="embed")()
     for i in range(cfg.num_layers):
-      x = block_cls(cfg, name=f"layers_{i}")(x, positions, mask)
-    x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.parameter_dtype, name="norm")(x)
-    if not cfg.tie_embeddings:   # declared (not applied) so that init creates it
-      self.param("lm_head", nn.initializers.normal(cfg.init_std), (cfg.hidden_size, cfg.vocab_size),
-                 cfg.parameter_dtype)
-    return x
+      _Block(cfg, name=f"layers_{i}")()
+    _Norm(cfg, name="norm")()
+    if not cfg.tie_embeddings:
+      self.param("lm_head", init, (cfg.hidden_size, cfg.vocab_size), cfg.parameter_dtype)
+
+
+def init_params(config: LlamaConfig, rng: Array) -> Params:
+  """Initial parameters (a nested dict of float arrays) for `config`, from the PRNG key `rng`:
+  every matrix `N(0, init_std^2)`, every norm scale 1."""
+  return jax.jit(lambda rng: _Decoder(config).init(rng)["params"])(rng)   # one program; nests in jit / eval_shape
+
+
+# The transformer block ---------------------------------------------------------------------------
+
+def _rms_norm(x: Array, scale: Array, eps: float, dtype) -> Array:
+  """`scale * x / sqrt(mean(x^2) + eps)` over the last axis, in float32, returned in `dtype`."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return (scale.astype(jnp.float32) * x32).astype(dtype)
+
+
+def _mlp(p: Params, h: Array, *, config: LlamaConfig, kernels: Kernels) -> Array:
+  """SwiGLU `down(silu(gate(h)) * up(h))` on `h [N, D]`; gate and up as one product `h [gate | up]`."""
+  dtype, F = config.compute_dtype, config.mlp_size
+  gate_up = kernels.dense(h, jnp.concatenate([p["gate_proj"]["kernel"], p["up_proj"]["kernel"]], axis=1), dtype)
+  gate, up = gate_up[:, :F], gate_up[:, F:]
+  return kernels.dense(jax.nn.silu(gate) * up, p["down_proj"]["kernel"], dtype)
+
+
+def _block(x: Array, p: Params, index: Optional[Array] = None, *, attend: Callable, shape: Tuple[int, int],
+           config: LlamaConfig, kernels: Kernels):
+  """One decoder block on `x [B * L, D]`: `x + Attn(RMSNorm(x))`, then `x + SwiGLU(RMSNorm(x))`.
+
+  `attend(q [B, L, K, G, hd], k [B, L, K, hd], v [B, L, K, hd]) -> (out [B, L, K, G, hd], extra)`
+  is the only part that differs between training (dense or block-sparse) and cached decoding.
+  With `index` (`[N]` flat positions), everything after the attention runs on those rows only.
+  Returns `(x [B * L or N, D], extra)`.
+  """
+  cfg = config
+  dtype = cfg.compute_dtype
+  B, L = shape
+  K, hd = cfg.num_kv_heads, cfg.resolved_head_dim
+  G = cfg.num_heads // K
+  a = p["attn"]
+  h = _rms_norm(x, p["input_norm"]["scale"], cfg.rms_norm_eps, dtype)
+  q = kernels.dense(h, a["q_proj"]["kernel"], dtype).reshape(B, L, K, G, hd)
+  k = kernels.dense(h, a["k_proj"]["kernel"], dtype).reshape(B, L, K, hd)
+  v = kernels.dense(h, a["v_proj"]["kernel"], dtype).reshape(B, L, K, hd)
+  out, extra = attend(q, k, v)
+  out = out.reshape(B * L, K * G * hd)
+  if index is not None:   # only these positions' outputs are used: the rest is per-token work
+    x, out = x[index], out[index]
+  x = x + kernels.dense(out, a["o_proj"]["kernel"], dtype)
+  h = _rms_norm(x, p["post_attn_norm"]["scale"], cfg.rms_norm_eps, dtype)
+  return x + _mlp(p["mlp"], h, config=cfg, kernels=kernels), extra
+
+
+def _embed(params: Params, tokens: Array, dtype) -> Array:
+  """Token embeddings `[B * L, D]` in `dtype`."""
+  return jnp.take(params["embed"]["embedding"].astype(dtype), jnp.asarray(tokens).reshape(-1), axis=0)
+
+
+def _head_logits(x: Array, w: Array, kernels: Kernels) -> Array:
+  """float32 logits `x [..., D] . w [D, V]` (operands in x's dtype, float32 accumulation)."""
+  dims = (((x.ndim - 1,), (0,)), ((), ()))
+  return kernels.dot_general(x, w.astype(x.dtype), dims, preferred_element_type=jnp.float32).astype(jnp.float32)
 
 
 # Pure-function interface -----------------------------------------------------------------------
@@ -403,16 +423,8 @@ def _check_inputs(tokens, positions, segment_ids, branch_ids):
     raise ValueError(f"tokens, positions, segment_ids (and branch_ids) must all be [B, L]; got {shapes}.")
 
 
-def init_params(config: LlamaConfig, rng: Array) -> Params:
-  """Initial parameters (a nested dict of float arrays) for `config`, from the PRNG key `rng`."""
-  def init(rng):
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    return LlamaDecoder(config).init(rng, tokens, tokens, jnp.ones((1, 1), jnp.int32))["params"]
-  return jax.jit(init)(rng)   # one compiled program (also nests inside an outer jit / eval_shape)
-
-
 def apply_fn(params: Params, tokens: Array, positions: Array, segment_ids: Array,
-             branch_ids: Optional[Array] = None, *, config: LlamaConfig,
+             branch_ids: Optional[Array] = None, *, config: LlamaConfig, kernels: Kernels = kernels_lib.XLA,
              attention_blocks: Optional[sparse_attention.AttentionBlocks] = None,
              output_index: Optional[Array] = None) -> Array:
   """Final hidden states `[B, L, D]` (in `config.dtype`) for `tokens [B, L]` int.
@@ -425,86 +437,39 @@ def apply_fn(params: Params, tokens: Array, positions: Array, segment_ids: Array
     branch_ids: optional `[B, L]` int; a token with branch b > 0 does not see tokens of another
       branch b' > 0 (branch 0 is visible to all). See the module docstring.
     config: the model's `LlamaConfig` (static).
-    attention_blocks: optional `pofx.sparse_attention.AttentionBlocks` built host-side
-      for this batch (`sparse_attention.attention_blocks(segment_ids, branch_ids)`): attention is
-      then computed only on the block pairs the mask uses (`_apply_block_sparse`), same result
-      for every real token. None: dense masked attention (`LlamaDecoder`).
+    kernels: the products and the attention (`pofx.kernels.Kernels`; static).
+    attention_blocks: optional `pofx.sparse_attention.AttentionBlocks` built host-side for this
+      batch (`sparse_attention.attention_blocks(segment_ids, branch_ids)`), handed to the
+      attention in its `SegmentMask`: attention is then computed only on the block pairs the
+      mask uses, same result for every real token. None: dense masked attention.
     output_index: optional `[N]` int flat positions `row * L + column`; the result is then the
-      `[N, D]` hidden states at those positions only. With `attention_blocks`, the last block's
-      output projection, MLP and the final norm run at those positions only (every position's
-      keys and values are still computed); without, the full output is gathered.
+      `[N, D]` hidden states at those positions only: the last block's output projection, MLP
+      and the final norm run at those positions only (every position's keys and values are
+      still computed).
   """
   _check_inputs(tokens, positions, segment_ids, branch_ids)
-  if attention_blocks is not None:
-    return _apply_block_sparse(params, tokens, positions, segment_ids, branch_ids, attention_blocks, config,
-                               output_index)
-  h = LlamaDecoder(config).apply({"params": params}, tokens, positions, segment_ids, branch_ids)
-  if output_index is None:
-    return h
-  return h.reshape(-1, h.shape[-1])[jnp.asarray(output_index)]
-
-
-def _apply_block_sparse(params, tokens, positions, segment_ids, branch_ids, blocks, cfg: LlamaConfig,
-                        output_index=None):
-  """`LlamaDecoder`'s computation as plain functions of the same parameter tree, with the
-  attention of `sparse_attention.block_sparse_attention` (only the listed block pairs); with
-  `output_index`, the last block after its attention runs on those positions only."""
+  cfg = config
   dtype = cfg.compute_dtype
-  R, L = tokens.shape
-  H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
-  G = H // K
-  inv_freq = rope_inv_freq(cfg)
-  # Activations stay [R * L, D]: with one token axis XLA:CPU computes the weight gradients
+  B, L = np.shape(tokens)
+  rope = rope_tables(positions, rope_inv_freq(cfg))
+  mask = kernels_lib.SegmentMask(segment_ids, branch_ids, attention_blocks)
+  scale = kernels_lib.default_scale(cfg.resolved_head_dim)
+
+  def attend(q, k, v):
+    return kernels.attention(q, k, v, mask, scale=scale, rope=rope), None
+
+  # Activations stay [B * L, D]: with one token axis XLA:CPU computes the weight gradients
   # without writing transposed copies of the activation gradients (2-D x 2-D dots).
-  x = jnp.take(params["embed"]["embedding"].astype(dtype), tokens.reshape(R * L), axis=0)
-
-  cos, sin = _rope_tables(positions, inv_freq)
-  rope = (cos[:, :, 0, :], sin[:, :, 0, :])   # [R, L, hd/2]
-
-  def block(x, p, index=None):
-    h = _rms_norm(x, p["input_norm"]["scale"], cfg.rms_norm_eps, dtype)
-    a = p["attn"]
-    # Rotary positions and the 1/sqrt(hd) query scale are applied by the attention op (inside
-    # the native kernel, which then never writes rotated copies of q and k).
-    q = _matmul(h, a["q_proj"]["kernel"], dtype, cfg).reshape(R, L, K, G, hd)
-    k = _matmul(h, a["k_proj"]["kernel"], dtype, cfg).reshape(R, L, K, hd)
-    v = _matmul(h, a["v_proj"]["kernel"], dtype, cfg).reshape(R, L, K, hd)
-    out = sparse_attention.block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks, rope=rope,
-                                                  q_scale=1.0 / math.sqrt(hd)).reshape(R * L, H * hd)
-    if index is not None:   # only these positions' outputs are used: the rest is per-token work
-      x, out = x[index], out[index]
-    x = x + _matmul(out, a["o_proj"]["kernel"], dtype, cfg)
-    h = _rms_norm(x, p["post_attn_norm"]["scale"], cfg.rms_norm_eps, dtype)
-    m = p["mlp"]
-    F = cfg.mlp_size
-    gate_up = _matmul(h, jnp.concatenate([m["gate_proj"]["kernel"], m["up_proj"]["kernel"]], axis=1), dtype, cfg)
-    gate, up = gate_up[:, :F], gate_up[:, F:]
-    return x + _matmul(jax.nn.silu(gate) * up, m["down_proj"]["kernel"], dtype, cfg)
-
+  block = functools.partial(_block, attend=attend, shape=(B, L), config=cfg, kernels=kernels)
   if cfg.remat:
     block = jax.checkpoint(block, prevent_cse=True, policy=_REMAT_POLICIES[cfg.remat_policy])
+  x = _embed(params, tokens, dtype)
   for i in range(cfg.num_layers):
     last = i == cfg.num_layers - 1
-    x = block(x, params[f"layers_{i}"], *([jnp.asarray(output_index)] if last and output_index is not None else []))
+    index = [jnp.asarray(output_index)] if last and output_index is not None else []
+    x, _ = block(x, params[f"layers_{i}"], *index)
   x = _rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps, dtype)
-  return x if output_index is not None else x.reshape(R, L, -1)
-
-
-def _rope_tables(positions, inv_freq):
-  """`cos, sin [R, L, 1, hd/2]` of `apply_rope`'s angles, computed once per forward.
-
-  XLA:CPU fuses elementwise producers into each consumer, so a plain `jnp.cos` table is
-  recomputed (a cosine and a sine per element) inside every fusion that reads it: every layer's
-  query/key rotation and every gathered attention tile, forward and backward. Multiplying by
-  the identity matrix returns the table exactly (each output is one product by 1 plus exact
-  zeros), and XLA does not fuse a dot's output into its consumers, so the table is materialised
-  once.
-  """
-  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
-  table = jnp.stack([jnp.cos(angles), jnp.sin(angles)], axis=0)
-  eye = jnp.eye(table.shape[-1], dtype=table.dtype)
-  table = jnp.einsum("...i,ij->...j", table, eye, precision=jax.lax.Precision.HIGHEST)
-  return table[0][:, :, None, :], table[1][:, :, None, :]
+  return x if output_index is not None else x.reshape(B, L, -1)
 
 
 def lm_head(params: Params, config: LlamaConfig) -> Array:
@@ -515,36 +480,131 @@ def lm_head(params: Params, config: LlamaConfig) -> Array:
 
 
 def logits_fn(params: Params, tokens: Array, positions: Array, segment_ids: Array,
-              branch_ids: Optional[Array] = None, *, config: LlamaConfig) -> Array:
+              branch_ids: Optional[Array] = None, *, config: LlamaConfig,
+              kernels: Kernels = kernels_lib.XLA) -> Array:
   """Full float32 logits `[B, L, V]` (for tests and sampling; training uses `pofx.logprobs`)."""
-  h = apply_fn(params, tokens, positions, segment_ids, branch_ids, config=config)
-  w = lm_head(params, config)
-  return jnp.einsum("bld,dv->blv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+  h = apply_fn(params, tokens, positions, segment_ids, branch_ids, config=config, kernels=kernels)
+  return _head_logits(h, lm_head(params, config), kernels)
 
 
-class LlamaModel(NamedTuple):
-  """The model as a record of pure functions with the config bound (like optax's transforms).
+# Cached decoding (sampling) --------------------------------------------------------------------
 
-  `init(rng) -> params`; `apply(params, tokens, positions, segment_ids, branch_ids=None) ->
-  hidden [B, L, D]`; `head(params) -> [D, V]`; `logits(params, tokens, positions, segment_ids,
-  branch_ids=None) -> [B, L, V]`.
+class KVCache(NamedTuple):
+  """Key/value cache of a batch of sequences being decoded (a pytree).
+
+  Attributes:
+    k, v: per layer, `[B, S, num_kv_heads, head_dim]` keys (after RoPE) and values, in the
+      compute dtype; S is the cache capacity (prompt + new tokens).
+    valid: `[B, S]` bool, True where a slot holds a real token (False for padding and for slots
+      not yet written).
+    index: `[]` int32, the next slot to write.
+  """
+  k: Tuple[Array, ...]
+  v: Tuple[Array, ...]
+  valid: Array
+  index: Array
+
+
+def init_cache(config: LlamaConfig, batch_size: int, max_length: int) -> KVCache:
+  """An empty `KVCache` for `batch_size` sequences of at most `max_length` tokens."""
+  shape = (batch_size, max_length, config.num_kv_heads, config.resolved_head_dim)
+  zeros = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
+  return KVCache(k=zeros, v=zeros, valid=jnp.zeros((batch_size, max_length), jnp.bool_),
+                 index=jnp.zeros((), jnp.int32))
+
+
+def decode(params: Params, tokens: Array, positions: Array, valid: Array, cache: KVCache, *,
+           config: LlamaConfig, kernels: Kernels = kernels_lib.XLA) -> Tuple[Array, KVCache]:
+  """Runs `tokens [B, L]` through the decoder with a key/value cache; returns float32 logits
+  `[B, L, V]` and the updated cache.
+
+  The L tokens occupy cache slots `cache.index ... cache.index + L - 1` (the same slots for every
+  row, so prompts are left-padded). Token i attends to the slots j <= its own that are `valid`:
+  the earlier cache entries and the new tokens, causally (`pofx.kernels.CacheMask`). With `L` =
+  the prompt length this is the prefill; with `L = 1` one decoding step. The result equals
+  `logits_fn` on the whole sequence with `segment_ids = valid` (a test pins this to 1e-5).
+
+  Args:
+    params: from `init_params`.
+    tokens: `[B, L]` token ids.
+    positions: `[B, L]` RoPE positions (e.g. 0, 1, ... from each row's first real token).
+    valid: `[B, L]` bool or 0/1, False for padding tokens (they are never attended to).
+    cache: a `KVCache` (from `init_cache`), with room for L more tokens.
+    config: the model's `LlamaConfig` (static).
+    kernels: the products and the attention (`pofx.kernels.Kernels`; static).
+  """
+  cfg = config
+  dtype = cfg.compute_dtype
+  B, L = np.shape(tokens)
+  start = cache.index
+  kv_valid = jax.lax.dynamic_update_slice(cache.valid, jnp.asarray(valid, jnp.bool_), (0, start))
+  mask = kernels_lib.CacheMask(kv_valid, start)
+  rope = rope_tables(positions, rope_inv_freq(cfg))
+  scale = kernels_lib.default_scale(cfg.resolved_head_dim)
+
+  def attend_with(layer):
+    def attend(q, k, v):
+      q, k = kernels_lib.apply_rope(q, k, rope)   # cached keys are stored rotated
+      k_all = jax.lax.dynamic_update_slice(cache.k[layer], k.astype(cache.k[layer].dtype), (0, start, 0, 0))
+      v_all = jax.lax.dynamic_update_slice(cache.v[layer], v.astype(cache.v[layer].dtype), (0, start, 0, 0))
+      return kernels.attention(q, k_all, v_all, mask, scale=scale, rope=None), (k_all, v_all)
+    return attend
+
+  x = _embed(params, tokens, dtype)
+  new_k, new_v = [], []
+  for i in range(cfg.num_layers):
+    x, (k_all, v_all) = _block(x, params[f"layers_{i}"], attend=attend_with(i), shape=(B, L), config=cfg,
+                               kernels=kernels)
+    new_k.append(k_all)
+    new_v.append(v_all)
+  x = _rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps, dtype)
+  logits = _head_logits(x, lm_head(params, cfg), kernels).reshape(B, L, -1)
+  return logits, KVCache(k=tuple(new_k), v=tuple(new_v), valid=kv_valid, index=start + L)
+
+
+# The model as a record of pure functions ---------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LlamaModel:
+  """The model with its config and kernels bound (like optax's transforms): pure functions only.
+
+  `init(rng) -> params`; `apply(params, tokens, positions, segment_ids, branch_ids=None, *,
+  attention_blocks=None, output_index=None) -> hidden [B, L, D]`; `head(params) -> [D, V]`;
+  `logits(params, tokens, positions, segment_ids, branch_ids=None) -> [B, L, V]`;
+  `init_cache(batch_size, max_length) -> KVCache`; `decode(params, tokens, positions, valid,
+  cache) -> (logits [B, L, V], cache)`. Frozen and hashable by (config, kernels), so a model (and
+  each of its bound functions) can be a static argument of `jax.jit`.
   """
   config: LlamaConfig
-  init: Callable[[Array], Params]
-  apply: Callable[..., Array]
-  head: Callable[[Params], Array]
-  logits: Callable[..., Array]
+  kernels: Kernels = kernels_lib.XLA
+
+  def init(self, rng: Array) -> Params:
+    return init_params(self.config, rng)
+
+  def apply(self, params: Params, tokens: Array, positions: Array, segment_ids: Array,
+            branch_ids: Optional[Array] = None, *, attention_blocks=None, output_index=None) -> Array:
+    return apply_fn(params, tokens, positions, segment_ids, branch_ids, config=self.config, kernels=self.kernels,
+                    attention_blocks=attention_blocks, output_index=output_index)
+
+  def head(self, params: Params) -> Array:
+    return lm_head(params, self.config)
+
+  def logits(self, params: Params, tokens: Array, positions: Array, segment_ids: Array,
+             branch_ids: Optional[Array] = None) -> Array:
+    return logits_fn(params, tokens, positions, segment_ids, branch_ids, config=self.config, kernels=self.kernels)
+
+  def init_cache(self, batch_size: int, max_length: int) -> KVCache:
+    return init_cache(self.config, batch_size, max_length)
+
+  def decode(self, params: Params, tokens: Array, positions: Array, valid: Array,
+             cache: KVCache) -> Tuple[Array, KVCache]:
+    return decode(params, tokens, positions, valid, cache, config=self.config, kernels=self.kernels)
 
 
-def make(config: LlamaConfig) -> LlamaModel:
-  """Binds `config` into the pure functions of this module."""
-  return LlamaModel(
-      config=config,
-      init=functools.partial(init_params, config),
-      apply=functools.partial(apply_fn, config=config),
-      head=functools.partial(lm_head, config=config),
-      logits=functools.partial(logits_fn, config=config),
-  )
+def make(config: LlamaConfig, kernels: Kernels = kernels_lib.XLA) -> LlamaModel:
+  """Binds `config` and `kernels` (`pofx.kernels.Kernels`, XLA's by default) into the model's
+  pure functions."""
+  return LlamaModel(config=config, kernels=kernels)
 
 
 # Hugging Face weights --------------------------------------------------------------------------
@@ -586,101 +646,3 @@ def params_from_hf(state_dict: Mapping[str, Any], config: LlamaConfig) -> Params
   if extra:
     raise ValueError(f"params_from_hf: unexpected weights {extra[:5]}{'...' if len(extra) > 5 else ''}.")
   return params
-
-
-# Cached decoding (sampling) --------------------------------------------------------------------
-
-class KVCache(NamedTuple):
-  """Key/value cache of a batch of sequences being decoded (a pytree).
-
-  Attributes:
-    k, v: per layer, `[B, S, num_kv_heads, head_dim]` keys (after RoPE) and values, in the
-      compute dtype; S is the cache capacity (prompt + new tokens).
-    valid: `[B, S]` bool, True where a slot holds a real token (False for padding and for slots
-      not yet written).
-    index: `[]` int32, the next slot to write.
-  """
-  k: Tuple[Array, ...]
-  v: Tuple[Array, ...]
-  valid: Array
-  index: Array
-
-
-def init_cache(config: LlamaConfig, batch_size: int, max_length: int) -> KVCache:
-  """An empty `KVCache` for `batch_size` sequences of at most `max_length` tokens."""
-  shape = (batch_size, max_length, config.num_kv_heads, config.resolved_head_dim)
-  zeros = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
-  return KVCache(k=zeros, v=zeros, valid=jnp.zeros((batch_size, max_length), jnp.bool_),
-                 index=jnp.zeros((), jnp.int32))
-
-
-def _rms_norm(x, scale, eps, dtype):
-  x32 = x.astype(jnp.float32)
-  x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-  return (scale.astype(jnp.float32) * x32).astype(dtype)
-
-
-def _matmul(x, kernel, dtype, cfg=None):
-  if cfg is not None and cfg.matmul != "xla":
-    return native.dense(x.astype(dtype), kernel.astype(dtype), all_products=cfg.matmul == "blas_all", library=cfg.blas)
-  return jnp.dot(x.astype(dtype), kernel.astype(dtype))
-
-
-def decode(params: Params, tokens: Array, positions: Array, valid: Array, cache: KVCache, *,
-           config: LlamaConfig) -> Tuple[Array, KVCache]:
-  """Runs `tokens [B, L]` through the decoder with a key/value cache; returns float32 logits
-  `[B, L, V]` and the updated cache.
-
-  The L tokens occupy cache slots `cache.index ... cache.index + L - 1` (the same slots for every
-  row, so prompts are left-padded). Token i attends to the slots j <= its own that are `valid`:
-  the earlier cache entries and the new tokens, causally. With `L` = the prompt length this is
-  the prefill; with `L = 1` one decoding step. The result equals `logits_fn` on the whole
-  sequence with `segment_ids = valid` (a test pins this to 1e-5).
-
-  Args:
-    params: from `init_params`.
-    tokens: `[B, L]` token ids.
-    positions: `[B, L]` RoPE positions (e.g. 0, 1, ... from each row's first real token).
-    valid: `[B, L]` bool or 0/1, False for padding tokens (they are never attended to).
-    cache: a `KVCache` (from `init_cache`), with room for L more tokens.
-    config: the model's `LlamaConfig` (static).
-  """
-  cfg = config
-  dtype = cfg.compute_dtype
-  B, L = tokens.shape
-  H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
-  G = H // K
-  S = cache.valid.shape[1]
-  start = cache.index
-  kv_valid = jax.lax.dynamic_update_slice(cache.valid, jnp.asarray(valid, jnp.bool_), (0, start))
-  slot = start + jnp.arange(L)
-  mask = kv_valid[:, None, :] & (jnp.arange(S)[None, None, :] <= slot[None, :, None])   # [B, L, S]
-  inv_freq = rope_inv_freq(cfg)
-  x = jnp.take(params["embed"]["embedding"].astype(dtype), tokens, axis=0)
-  new_k, new_v = [], []
-  for i in range(cfg.num_layers):
-    p = params[f"layers_{i}"]
-    h = _rms_norm(x, p["input_norm"]["scale"], cfg.rms_norm_eps, dtype)
-    a = p["attn"]
-    q = apply_rope(_matmul(h, a["q_proj"]["kernel"], dtype).reshape(B, L, H, hd), positions, inv_freq)
-    k = apply_rope(_matmul(h, a["k_proj"]["kernel"], dtype).reshape(B, L, K, hd), positions, inv_freq)
-    v = _matmul(h, a["v_proj"]["kernel"], dtype).reshape(B, L, K, hd)
-    k_all = jax.lax.dynamic_update_slice(cache.k[i], k.astype(cache.k[i].dtype), (0, start, 0, 0))
-    v_all = jax.lax.dynamic_update_slice(cache.v[i], v.astype(cache.v[i].dtype), (0, start, 0, 0))
-    new_k.append(k_all)
-    new_v.append(v_all)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q.reshape(B, L, K, G, hd), k_all,
-                        preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_all).reshape(B, L, H * hd)
-    x = x + _matmul(out, a["o_proj"]["kernel"], dtype)
-    h = _rms_norm(x, p["post_attn_norm"]["scale"], cfg.rms_norm_eps, dtype)
-    m = p["mlp"]
-    gate = _matmul(h, m["gate_proj"]["kernel"], dtype)
-    up = _matmul(h, m["up_proj"]["kernel"], dtype)
-    x = x + _matmul(nn.silu(gate) * up, m["down_proj"]["kernel"], dtype)
-  x = _rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps, dtype)
-  w = lm_head(params, cfg)
-  logits = jnp.einsum("bld,dv->blv", x, w.astype(dtype), preferred_element_type=jnp.float32)
-  return logits, KVCache(k=tuple(new_k), v=tuple(new_v), valid=kv_valid, index=start + L)

@@ -1,12 +1,21 @@
 """Llama decoder: parameter counts (closed form), parity with Hugging Face `LlamaForCausalLM`
-(a reference implementation), segment/branch masking, remat, attention implementations, dtypes."""
+(a reference implementation), segment/branch masking, remat, attention implementations, dtypes,
+and the injection points: every product and every attention goes through the given kernels."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pofx import kernels as kernels_lib
 from pofx.models import llama
+
+
+def _query_blocks(n):
+  """XLA kernels whose dense attention runs in causal query blocks of `n` tokens (0: one full product)."""
+  return kernels_lib.Kernels(attention=functools.partial(kernels_lib.xla_attention, query_block=n))
 
 
 def _pos(B, L):
@@ -59,8 +68,9 @@ def test_bad_config_raises():
     llama.tiny(num_kv_heads=3)
   with pytest.raises(ValueError, match="dtype"):
     llama.tiny(dtype="float64x")
-  with pytest.raises(ValueError, match="attention_impl"):
-    llama.tiny(attention_impl="flash")
+  for removed in ("attention_impl", "attention_block", "matmul", "blas"):   # kernels are injected instead
+    with pytest.raises(TypeError, match=removed):
+      llama.tiny(**{removed: "xla"})
   with pytest.raises(ValueError, match="remat_policy"):
     llama.tiny(remat_policy="everything")
   with pytest.raises(ValueError, match="preset"):
@@ -153,9 +163,9 @@ def test_segments_are_isolated(tiny_params):
   assert np.all(np.isfinite(np.asarray(h)))
 
 
-def _loss(cfg):
+def _loss(cfg, kernels=kernels_lib.XLA):
   def f(params, tokens, pos, seg):
-    return jnp.sum(jnp.sin(llama.logits_fn(params, tokens, pos, seg, config=cfg)))
+    return jnp.sum(jnp.sin(llama.logits_fn(params, tokens, pos, seg, config=cfg, kernels=kernels)))
   return jax.jit(jax.value_and_grad(f))
 
 
@@ -165,13 +175,12 @@ def test_remat_and_xla_attention_match(tiny_params):
   tokens = rng.integers(0, cfg.vocab_size, (2, 9))
   seg = np.array([[1] * 9, [1] * 6 + [0] * 3])
   args = (params, tokens, _pos(2, 9), seg)
-  v0, g0 = _loss(cfg)(*args)
-  assert cfg.attention_block >= 9  # the reference here is the full L x L product
-  for other in (cfg.replace(remat=True),
-                cfg.replace(remat=True, remat_policy="dots_saveable", attention_impl="xla"),
-                cfg.replace(attention_block=4),      # causal query blocks: 3 blocks of <= 4 tokens
-                cfg.replace(attention_block=0)):
-    v1, g1 = _loss(other)(*args)
+  v0, g0 = _loss(cfg, _query_blocks(0))(*args)   # the reference: the full L x L product
+  for other, kernels in ((cfg.replace(remat=True), kernels_lib.XLA),
+                         (cfg.replace(remat=True, remat_policy="dots_saveable"), _query_blocks(4)),
+                         (cfg, _query_blocks(4)),       # causal query blocks: 3 blocks of <= 4 tokens
+                         (cfg, kernels_lib.XLA)):
+    v1, g1 = _loss(other, kernels)(*args)
     np.testing.assert_allclose(v1, v0, rtol=1e-5)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5), g1, g0)
 
@@ -207,6 +216,40 @@ def test_causal_query_blocks_equal_full_attention_with_branches(tiny_params):
   seg = np.array([[1] * 11, [1] * 4 + [2] * 5 + [0] * 2])
   branch = np.array([[0] * 3 + [1] * 4 + [2] * 4, [0] * 2 + [1] + [2] + [0] * 2 + [1] * 3 + [0] * 2])
   pos = _pos(2, 11)
-  full = llama.apply_fn(params, tokens, pos, seg, branch, config=cfg.replace(attention_block=0))
-  blocked = llama.apply_fn(params, tokens, pos, seg, branch, config=cfg.replace(attention_block=3))
+  full = llama.apply_fn(params, tokens, pos, seg, branch, config=cfg, kernels=_query_blocks(0))
+  blocked = llama.apply_fn(params, tokens, pos, seg, branch, config=cfg, kernels=_query_blocks(3))
   np.testing.assert_allclose(blocked, full, atol=1e-6, rtol=1e-6)
+
+
+def test_every_product_and_attention_goes_through_the_kernels(tiny_params):
+  # Counting kernels (XLA's products and attention underneath): per block q, k, v, o, [gate | up]
+  # and down are 6 products, plus 1 for the LM head; one attention per block, with the mask
+  # description of its use (training: segments and rotary tables; decoding: the cache, q and k
+  # already rotated).
+  cfg, params = tiny_params
+  calls = {"dot": 0, "attention": []}
+
+  def dot_general(*a, **kw):
+    calls["dot"] += 1
+    return jax.lax.dot_general(*a, **kw)
+
+  def attention(q, k, v, mask, *, scale, rope=None):
+    calls["attention"].append((type(mask).__name__, rope is not None))
+    return kernels_lib.xla_attention(q, k, v, mask, scale=scale, rope=rope)
+
+  model = llama.make(cfg, kernels_lib.Kernels(dot_general=dot_general, attention=attention, name="counting"))
+  assert model == llama.make(cfg, model.kernels) and hash(model) == hash(llama.make(cfg, model.kernels))
+  tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 5))
+  args = (params, tokens, _pos(2, 5), np.ones((2, 5), np.int32))
+  n = cfg.num_layers
+  h = model.apply(*args)
+  assert calls == {"dot": 6 * n, "attention": [("SegmentMask", True)] * n}
+  np.testing.assert_allclose(h, llama.apply_fn(*args, config=cfg), atol=1e-6)
+  calls.update(dot=0, attention=[])
+  model.logits(*args)
+  assert calls == {"dot": 6 * n + 1, "attention": [("SegmentMask", True)] * n}
+  calls.update(dot=0, attention=[])
+  logits, cache = model.decode(params, tokens, _pos(2, 5), np.ones((2, 5), bool), model.init_cache(2, 6))
+  assert calls == {"dot": 6 * n + 1, "attention": [("CacheMask", False)] * n}
+  np.testing.assert_allclose(logits, model.logits(*args), atol=1e-5)
+  assert int(cache.index) == 5
