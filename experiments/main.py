@@ -668,9 +668,12 @@ def _config_flag_error(argv, error: Exception) -> str:
       if not config_validation.has_field(config, key):
         return f"--{arg.lstrip('-')}: {config_validation.unknown_field_message(config, key)}"
       if str(m.group(2)) in str(error) or key in str(error):
-        value = config_validation._get(config, key)  # pylint: disable=protected-access
-        kind = type(value).__name__ if value is not None else "a value of the field's type"
-        return f"--config.{key}={m.group(2)}: config.{key} takes {kind} (default {value!r})."
+        *parents, last = key.split(".")
+        node = config
+        for part in parents:
+          node = node[part]
+        kind = getattr(node.get_type(last), "__name__", str(node.get_type(last)))
+        return f"--config.{key}={m.group(2)}: config.{key} takes {kind} (default {node[last]!r})."
   return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
