@@ -40,7 +40,7 @@ class LossSpec:
   """One registered loss.
 
   Attributes:
-    name: registry name (TRL's `loss_type` name where the loss comes from TRL).
+    name: the canonical name, or `trl.<loss_type>` in the TRL namespace (`pofx.losses.spec(name)` is this spec).
     fn: the pure per-pair loss `(policy, reference, *, ...) -> [B]` (or `([B], state)` when stateful).
     family: short family label for tables (e.g. "gpo", "trl", "reference-free").
     source: citation: authors, year, arXiv id and equation (or the code it follows).
