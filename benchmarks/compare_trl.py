@@ -158,7 +158,7 @@ def summarize(workload, settings, runs, only):
     comparisons[name] = {"trl": t, "pofx": p, "ratio_pofx_over_trl": None if ratio is None else round(ratio, 3)}
   out = {"workload": workload, "comparisons": comparisons}
   pofx_best = best("pofx")
-  if pofx_best and med.get(("pofx", "default")):
+  if "best" in only and pofx_best and med.get(("pofx", "default")):
     out["pofx_default_over_best"] = round(med[("pofx", "default")] / med[("pofx", pofx_best)], 3)
   return out
 
