@@ -26,12 +26,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import ml_collections
 
+import pofx_backends
 from pofx import losses, options
-
-try:  # the optional kernel backends (pofx_backends): without them, model.kernels can only be "xla"
-  import pofx_backends
-except ImportError:  # pragma: no cover
-  pofx_backends = None
+from pofx.models import llama
 
 # Fields that must be integers > 0.
 POSITIVE_INTEGERS = ("sft.steps", "sft.batch_size", "data.num_prompts", "data.samples_per_prompt", "train.steps",
@@ -235,9 +232,10 @@ def _check_train(c) -> None:
     _positive("train.perturbation.steps", p.steps)
     if p.gamma < 0:
       raise ValueError(f"config.train.perturbation.gamma={p.gamma!r} is not allowed; allowed: >= 0.")
-  if c.train.reference.kind == "guiding" and not c.train.reference.guide_checkpoint:
-    raise ValueError("config.train.reference.guide_checkpoint is empty; allowed: the path of a finished run's "
-                     "params checkpoint (e.g. <first-stage workdir>/final_params).")
+  if c.train.reference.kind == "guiding" and not os.path.exists(c.train.reference.guide_checkpoint or ""):
+    raise ValueError(f"config.train.reference.guide_checkpoint={c.train.reference.guide_checkpoint!r} is not a "
+                     "checkpoint; allowed: the path of a finished run's params checkpoint (e.g. <first-stage "
+                     "workdir>/final_params).")
   _check_loss(c)
 
 
@@ -279,11 +277,8 @@ def _check_kernels(c) -> None:
   name = c.model.kernels
   if name in ("auto", "xla"):
     return
-  if pofx_backends is None:
-    reason, runnable = "the kernel backends (pofx_backends) are not installed", ["auto", "xla"]
-  else:
-    reason = pofx_backends.unavailable_reason(name)
-    runnable = ["auto"] + [b for b in options.KERNEL_BACKENDS[1:] if b != name and not pofx_backends.unavailable_reason(b)]
+  reason = pofx_backends.unavailable_reason(name)
+  runnable = ["auto"] + [b for b in options.KERNEL_BACKENDS[1:] if b != name and not pofx_backends.unavailable_reason(b)]
   if reason:
     raise ValueError(f"config.model.kernels={name!r} cannot run here: {reason}; runnable here: {runnable}.")
   if name == "cpu" and c.train.parallel.mode != "single":
@@ -297,6 +292,9 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
   process_count / device_count: the run's JAX processes and devices (`jax.process_count()`,
   `jax.device_count()`); the device rules are skipped when `device_count` is None."""
   _positive("seed", c.seed, zero_ok=True)
+  if c.model.preset != "world" and c.model.preset not in llama.PRESETS:
+    raise ValueError(f"config.model.preset={c.model.preset!r} is not allowed; allowed: 'world' or a pofx.models "
+                     f"preset {sorted(llama.PRESETS)}.")
   for f in POSITIVE_INTEGERS:
     _positive(f, _get(c, f))
   _check_data(c)

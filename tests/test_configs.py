@@ -98,6 +98,8 @@ def test_options_without_a_value_are_none():
     ("train.loss_hyper.beta", 0.0, "beta > 0"),
     ("train.reference.kind", "none", "needs a reference"),
     ("train.reference.kind", "frozn", "config.train.reference.kind='frozn'"),
+    ("train.reference.kind", "guiding", r"config.train.reference.guide_checkpoint='' is not a checkpoint"),
+    ("model.preset", "llama9", r"config.model.preset='llama9' is not allowed; allowed: 'world' or a pofx.models"),
     ("train.reference.mrpo_alpha", -1.0, r"mrpo_alpha=-1.0 is not allowed; allowed: None \(adaptive per pair\)"),
     ("train.perturbation.kind", "sharp", "config.train.perturbation.kind"),
     ("train.perturbation.kind", "rwp", r"config.train.perturbation.c_min=None is not allowed with kind='rwp'"),
