@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pofx import batching
 from pofx._pair_logps import PairLogps
 
 Array = jax.Array
@@ -242,7 +243,6 @@ def pair_logps(hidden: Array, head_weight: Array, batch, *, chunk_size: int = 10
     `PairLogps`, or `(PairLogps, {"chosen": [B, T], "rejected": [B, T]})` entropies (zero outside
     the masks) when `with_entropy`.
   """
-  from pofx import batching  # local import: batching is host-side numpy + this one gather
   B, Tc = batch.chosen_targets.shape
   Tr = batch.rejected_targets.shape[1]
   D = hidden.shape[-1]

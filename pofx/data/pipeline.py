@@ -46,13 +46,14 @@ With `drop_remainder=False` a finite stream ends with a batch padded to `batch_s
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from typing import Any, Dict, Mapping, Optional, Union
 
+import jax
 import numpy as np
 
 from pofx import batching
-
 
 # The default rounding of block-pair and scored-token counts: m * 2^k, m = 4..7 (padding under a
 # quarter, a few shapes per doubling).
@@ -62,7 +63,6 @@ INDEX_BUCKET = batching.geometric_buckets(1 << 20, per_doubling=4)
 def _check_row_lengths(layout: str, kwargs: Mapping[str, Any], block_size: int) -> None:
   """Every row length the layout can produce must be a multiple of `block_size` (checked before
   any batch is built): `row_length` or `length_bucket` for "packed", `seq_bucket` otherwise."""
-  import inspect  # pylint: disable=g-import-not-at-top
   if layout == "packed":
     key = "row_length" if kwargs.get("row_length") is not None else "length_bucket"
   else:
@@ -125,7 +125,6 @@ class PreferenceLoader:
     if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs < 1):
       raise ValueError(f"num_epochs must be None or an integer >= 1, got {num_epochs!r}.")
     if process_index is None or process_count is None:
-      import jax  # pylint: disable=g-import-not-at-top
       process_index = jax.process_index() if process_index is None else process_index
       process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
@@ -275,7 +274,7 @@ class PreferenceLoader:
     if step < 0 or (self.num_batches is not None and step > self.num_batches):
       raise ValueError(f"step {step} is outside [0, {self.num_batches}].")
 
-  def iterator(self, state: Union[None, int, Mapping[str, Any]] = None) -> "LoaderIterator":
+  def iterator(self, state: Union[None, int, Mapping[str, Any]] = None) -> LoaderIterator:
     """An iterator from step 0, from `state["step"]` (a `get_state()` of an iterator of a loader
     with the same configuration), or from an integer step."""
     if state is None:

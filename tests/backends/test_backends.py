@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import pofx_backends
-from pofx import batching, kernels as kernels_lib, policy
+from pofx import batching, policy
+from pofx import kernels as kernels_lib
 from pofx_backends import cpu
 from pofx_backends.cpu import calibration
 

@@ -58,9 +58,9 @@ def test_retained_memory_stops_page_faults():
 
 def test_release_and_retain_return_bools():
   # In a subprocess: the retain setting must not leak into the test process.
-  code = ("import importlib.util as u; s = u.spec_from_file_location('hm', %r); m = u.module_from_spec(s); "
-          "s.loader.exec_module(m); print(m.release_freed_memory(), m.retain_freed_memory())"
-          % os.path.join(ROOT, "pofx_backends", "cpu", "host_memory.py"))
+  path = os.path.join(ROOT, "pofx_backends", "cpu", "host_memory.py")
+  code = (f"import importlib.util as u; s = u.spec_from_file_location('hm', {path!r}); m = u.module_from_spec(s); "
+          "s.loader.exec_module(m); print(m.release_freed_memory(), m.retain_freed_memory())")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
   expected = "True" if sys.platform.startswith("linux") else "False"
   assert out == [expected, expected]

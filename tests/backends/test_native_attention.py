@@ -11,7 +11,6 @@ import pytest
 from pofx import batching, sparse_attention
 from pofx import kernels as kernels_lib
 from pofx_backends import cpu
-from pofx_backends.cpu import native
 
 pytestmark = pytest.mark.skipif(cpu.unavailable_reason(products="xla") is not None,
                                 reason=f"{cpu.unavailable_reason(products='xla')}")
@@ -146,10 +145,11 @@ def test_native_calls_only_where_supported_and_equal_the_xla_op_elsewhere():
            (q[:, :8, ..., :32], k[..., :32], v[..., :32],
             kernels_lib.CacheMask(jnp.asarray(seg > 0), jnp.asarray(L - 8, jnp.int32)))]
   for q_, k_, v_, mask in cases:
-    got = attend(q_, k_, v_, mask, scale=0.5)
-    want = kernels_lib.xla_attention(q_, k_, v_, mask, scale=0.5)
+    fn = lambda q, k, v: attend(q, k, v, mask, scale=0.5)  # noqa: B023
+    got = jax.jit(fn)(q_, k_, v_)
+    want = jax.jit(lambda q, k, v: kernels_lib.xla_attention(q, k, v, mask, scale=0.5))(q_, k_, v_)  # noqa: B023
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-    assert calls(lambda q, k, v: attend(q, k, v, mask, scale=0.5), q_, k_, v_) == 0  # noqa: B023
+    assert calls(fn, q_, k_, v_) == 0
   blocks = sparse_attention.attention_blocks(seg, br, block_size=64)
   mask = kernels_lib.SegmentMask(seg, br, blocks)
   assert calls(lambda q, k, v: attend(q, k, v, mask, scale=0.5), q[..., :32], k[..., :32], v[..., :32]) == 1

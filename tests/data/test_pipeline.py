@@ -6,8 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from pofx import batching
-from pofx import data
+from pofx import batching, data
 
 N = 96
 

@@ -163,7 +163,7 @@ def load(cache_dir=None) -> str:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _numpy_openblas():
   """`(path, sgemm address, ILP64?, set_num_threads_local address)` of the OpenBLAS numpy loaded,
   or a string saying why there is none."""
@@ -188,7 +188,7 @@ def _numpy_openblas():
           "openblas_set_num_threads_local (recent scipy-openblas releases export both)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mkl():
   """`(path, sgemm address, ILP64?, set_num_threads_local address)` of Intel MKL's single dynamic
   library, or a string saying why there is none.
