@@ -107,7 +107,7 @@ def test_auto_on_cpu_takes_the_faster_measured_candidate(faster):
 def test_default_calibration_times_both_candidates():
   name, details = pofx_backends.resolve("auto")
   assert name == min(details["seconds"], key=details["seconds"].get)
-  assert all(0 < s < 5 for s in details["seconds"].values()), details
+  assert all(0 < s < 30 for s in details["seconds"].values()), details
   k = pofx_backends.kernels("cpu")
   assert k.name == "cpu" and isinstance(k.dot_general, cpu.BlasDotGeneral)
   assert calibration.measure(kernels_lib.XLA, calibration.Shapes(rows=1, length=128, layers=1), repeats=1) > 0
