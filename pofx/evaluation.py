@@ -15,8 +15,7 @@ Pair metrics (held-out preference pairs; from `PairLogps`, all jit-friendly):
   reward accuracy       mean 1[(pi_w - ref_w) - (pi_l - ref_l) > 0]  (DPO's implicit reward
                         margin; TRL's `rewards/accuracies`);
   ranking accuracy      mean 1[pi(y_w|x) > pi(y_l|x)] with summed log-probs ("sum") or per-token
-                        means ("mean"); ties count as wrong (Chen et al. 2024, arXiv:2405.19534;
-                        methods/llm.md 2.34);
+                        means ("mean"); ties count as wrong (Chen et al. 2024, arXiv:2405.19534);
   idealized ranking     the ranking of the exact optimum of the DPO/RLHF objective,
   accuracy              log pi*(y_w)/pi*(y_l) = [log pi_ref(y_w) - log pi_ref(y_l)]
                                                 + (1/beta) log(p / (1 - p)),
@@ -27,12 +26,14 @@ Pair metrics (held-out preference pairs; from `PairLogps`, all jit-friendly):
                         their constant). "mean" uses per-token mean reference log-probs (their
                         `normalized=True`, ppl_2 / ppl_1);
   flip threshold        -log sigmoid(beta * log(pi_ref(y_l)/pi_ref(y_w))): the DPO loss a pair must
-                        fall below before the policy ranks it correctly (llm.md 2.34).
+                        fall below before the policy ranks it correctly (Chen et al. 2024,
+                        arXiv:2405.19534).
 """
 
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 from typing import NamedTuple, Optional, Sequence
 
 import jax
@@ -40,8 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pofx import sampling
+from pofx import world as world_lib
 from pofx._pair_logps import PairLogps
-from pofx.losses import _common
+from pofx.losses import check_beta, check_choice
 
 Array = jax.Array
 
@@ -53,7 +55,6 @@ NORMALIZATIONS = ("sum", "mean")
 def _z(confidence: float) -> float:
   if not 0.0 < confidence < 1.0:
     raise ValueError(f"confidence must be in (0, 1), got {confidence!r}.")
-  from statistics import NormalDist
   return NormalDist().inv_cdf(0.5 + confidence / 2.0)
 
 
@@ -122,7 +123,7 @@ def kl_estimate(policy_logps, base_logps):
 # Pair metrics (jit-friendly) ---------------------------------------------------------------------
 
 def _scores(logps: PairLogps, normalize: str):
-  _common.check_choice("evaluation", "normalize", normalize, NORMALIZATIONS)
+  check_choice("evaluation", "normalize", normalize, NORMALIZATIONS)
   if normalize == "sum":
     return logps.chosen, logps.rejected
   if logps.chosen_len is None or logps.rejected_len is None:
@@ -158,9 +159,9 @@ def idealized_ranking_accuracy(reference: PairLogps, pref_prob, *, beta: float, 
   mean) log-prob difference, p = `pref_prob` [B] = P(y_w > y_l) clipped to [eps, 1-eps]. Both
   this ratio and the truth's p/(1-p) are mapped to a ranking with the +-`tie_band` band on the
   ratio; the pair counts 1 when the two rankings agree (a true tie predicted as a tie counts).
-  Chen et al. 2024 (arXiv:2405.19534), code `rlhf_minimizer_client.py` (llm.md 2.34).
+  Chen et al. 2024 (arXiv:2405.19534), code `rlhf_minimizer_client.py`.
   """
-  _common.check_beta("idealized_ranking_accuracy", beta)
+  check_beta("idealized_ranking_accuracy", beta)
   w, l = _scores(reference, normalize)
   p = jnp.clip(jnp.asarray(pref_prob, jnp.float32), eps, 1.0 - eps)
   truth_log_ratio = jnp.log(p) - jnp.log1p(-p)
@@ -170,17 +171,19 @@ def idealized_ranking_accuracy(reference: PairLogps, pref_prob, *, beta: float, 
 
 def flip_threshold_loss(reference: PairLogps, *, beta: float) -> Array:
   """Per-pair `[B]`: -log sigmoid(beta * (log pi_ref(y_l) - log pi_ref(y_w))), the DPO loss below
-  which the policy ranks the pair correctly (pi_w > pi_l iff L_DPO < this; llm.md 2.34)."""
-  _common.check_beta("flip_threshold_loss", beta)
+  which the policy ranks the pair correctly (pi_w > pi_l iff L_DPO < this; Chen et al. 2024,
+  arXiv:2405.19534)."""
+  check_beta("flip_threshold_loss", beta)
   return -jax.nn.log_sigmoid(beta * (reference.rejected - reference.chosen))
 
 
 # Model-level evaluation ------------------------------------------------------------------------
 
-def score_completions(params, prompts: Sequence, completions: Sequence, *, config, prompt_width: Optional[int] = None,
+def score_completions(params, prompts: Sequence, completions: Sequence, *, model, prompt_width: Optional[int] = None,
                       completion_width: Optional[int] = None, batch_size: int = 512):
-  """Teacher-forced per-token log-probs of given completions: `(token_logps [N, T], mask [N, T])`
-  numpy float32, in fixed-size jitted batches (the layout of `pofx.sampling.score`)."""
+  """Teacher-forced per-token log-probs of given completions under `model` (its pure functions,
+  e.g. `pofx.models.make(config)`) with `params`: `(token_logps [N, T], mask [N, T])` numpy
+  float32, in fixed-size jitted batches (the layout of `pofx.sampling.score`)."""
   n = len(prompts)
   if n != len(completions) or n == 0:
     raise ValueError(f"score_completions: need as many prompts as completions (> 0), got {n} and {len(completions)}.")
@@ -203,27 +206,27 @@ def score_completions(params, prompts: Sequence, completions: Sequence, *, confi
     if real < bs:
       parts = [np.concatenate([x, np.repeat(x[:1], bs - real, 0)]) for x in parts]
     s = sampling.Samples(parts[0], parts[1], parts[2], parts[3], None, None, None, None)
-    out.append(np.asarray(sampling.score(params, s, config=config))[:real])
+    out.append(np.asarray(sampling.score(params, s, model=model))[:real])
   return np.concatenate(out).astype(np.float32), cmask
 
 
-def pair_logps(params, prompts, chosen, rejected, *, config, batch_size: int = 512, prompt_width=None,
+def pair_logps(params, prompts, chosen, rejected, *, model, batch_size: int = 512, prompt_width=None,
                completion_width=None) -> PairLogps:
   """`PairLogps` (with per-token arrays) of preference pairs under `params` (teacher forcing)."""
   T = completion_width or max(max(len(c) for c in chosen), max(len(r) for r in rejected))
-  kw = dict(config=config, batch_size=batch_size, prompt_width=prompt_width, completion_width=T)
+  kw = dict(model=model, batch_size=batch_size, prompt_width=prompt_width, completion_width=T)
   c_lp, c_m = score_completions(params, prompts, chosen, **kw)
   r_lp, r_m = score_completions(params, prompts, rejected, **kw)
   return PairLogps.from_tokens(jnp.asarray(c_lp), jnp.asarray(c_m), jnp.asarray(r_lp), jnp.asarray(r_m))
 
 
-def evaluate_pairs(params, reference_params, prompts, chosen, rejected, *, config, beta: float = 0.1,
+def evaluate_pairs(params, reference_params, prompts, chosen, rejected, *, model, beta: float = 0.1,
                    pref_prob=None, batch_size: int = 512, prompt_width=None, completion_width=None) -> dict:
   """Pair metrics of a policy on held-out pairs: reward accuracy (against `reference_params`),
   ranking accuracy (sum and mean) of the policy and of the reference, and, when `pref_prob`
   (P(chosen > rejected), e.g. `PreferenceData.label_prob`) is given, the idealized ranking
   accuracy (sum and mean) at `beta` and the mean flip-threshold loss. Python floats."""
-  kw = dict(config=config, batch_size=batch_size, prompt_width=prompt_width, completion_width=completion_width)
+  kw = dict(model=model, batch_size=batch_size, prompt_width=prompt_width, completion_width=completion_width)
   pol = pair_logps(params, prompts, chosen, rejected, **kw)
   ref = pair_logps(reference_params, prompts, chosen, rejected, **kw)
   m = lambda x: float(jnp.mean(x))
@@ -242,7 +245,7 @@ def evaluate_pairs(params, reference_params, prompts, chosen, rejected, *, confi
   return out
 
 
-def evaluate_policy(world, params, base_params, prompts: Sequence, key, *, config, num_samples: int = 1,
+def evaluate_policy(world, params, base_params, prompts: Sequence, key, *, model, num_samples: int = 1,
                     temperature=1.0, top_k: int = 0, batch_size: int = 512, confidence: float = 0.95,
                     base_samples: Optional[sampling.Samples] = None) -> dict:
   """Sampled metrics of a policy against the base on held-out `prompts` (see the module docstring).
@@ -259,10 +262,9 @@ def evaluate_policy(world, params, base_params, prompts: Sequence, key, *, confi
   win_rate, win_rate_low, win_rate_high (Wilson), kl, kl_stderr, length, base_length,
   finished_fraction, num_comparisons; and "base_samples" (for reuse).
   """
-  from pofx import world as world_lib
   rep = [np.asarray(p, np.int32) for p in prompts for _ in range(int(num_samples))]
   k_pol, k_base = jax.random.split(key)
-  kw = dict(config=config, temperature=temperature, top_k=top_k, batch_size=batch_size)
+  kw = dict(model=model, temperature=temperature, top_k=top_k, batch_size=batch_size)
   pol = world_lib.sample_completions(world, params, rep, k_pol, **kw)
   if base_samples is None:
     base_samples = world_lib.sample_completions(world, base_params, rep, k_base, **kw)
@@ -271,7 +273,7 @@ def evaluate_policy(world, params, base_params, prompts: Sequence, key, *, confi
   r_pol = world.gold_reward(rep, sampling.completions(pol))
   r_base = world.gold_reward(rep, sampling.completions(base_samples))
   wr = win_rate(r_pol, r_base, confidence=confidence)
-  base_lp = _score_samples(base_params, pol, config=config, batch_size=batch_size)
+  base_lp = _score_samples(base_params, pol, model=model, batch_size=batch_size)
   kl, kl_se = kl_estimate(np.sum(pol.logps, -1), np.sum(base_lp, -1))
   g, g_se = mean_and_stderr(r_pol)
   return {
@@ -284,7 +286,7 @@ def evaluate_policy(world, params, base_params, prompts: Sequence, key, *, confi
   }
 
 
-def _score_samples(params, samples: sampling.Samples, *, config, batch_size: int):
+def _score_samples(params, samples: sampling.Samples, *, model, batch_size: int):
   n = np.asarray(samples.tokens).shape[0]
   bs = min(batch_size, n)
   out = []
@@ -293,5 +295,5 @@ def _score_samples(params, samples: sampling.Samples, *, config, batch_size: int
     real = part.tokens.shape[0]
     if real < bs:
       part = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[:1], bs - real, 0)]), part)
-    out.append(np.asarray(sampling.score(params, part, config=config))[:real])
+    out.append(np.asarray(sampling.score(params, part, model=model))[:real])
   return np.concatenate(out)

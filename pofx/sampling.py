@@ -1,10 +1,16 @@
 r"""Jitted batched autoregressive sampling with a key/value cache, temperature and top-k.
 
     prompt_tokens, prompt_mask = sampling.left_pad(prompts, pad_id=0)
-    out = sampling.sample(params, prompt_tokens, prompt_mask, key, config=cfg,
+    out = sampling.sample(params, prompt_tokens, prompt_mask, key, model=model,
                           max_new_tokens=16, eos_id=3, temperature=1.0, top_k=0)
     out.tokens, out.mask, out.logps          # [B, T] completion tokens, 0/1 mask, log pi(y_t | ...)
-    sampling.score(params_base, out, config=cfg)   # teacher-forced [B, T] log-probs of another model
+    sampling.score(params_base, out, model=model)   # teacher-forced [B, T] log-probs of another model
+
+The model is used only through its pure functions: `model` is a `pofx.models.LlamaModel`
+(`pofx.models.make(config, kernels)`) or any hashable record with `apply(params, tokens,
+positions, segment_ids) -> hidden`, `head(params) -> [D, V]`, `init_cache(batch_size,
+max_length) -> cache` and `decode(params, tokens, positions, valid, cache) -> (logits, cache)`
+(and optionally `kernels`, whose `dot_general` then computes the LM head of `score`).
 
 Layout. Prompts of varying length are **left-padded** to a common width P, so that every row's
 last prompt token sits in column P - 1 and the t-th new token of every row in column P + t (one
@@ -12,7 +18,7 @@ cache slot per step for the whole batch). RoPE positions count real tokens only 
 tokens has positions 0..n-1 whatever its padding, and completion token t has position n + t), so
 the logits equal those of the unpadded sequence; padding is never attended to.
 
-Decoding. One prefill over the prompts (`pofx.models.llama.decode`), then one cached step per new
+Decoding. One prefill over the prompts (`model.decode`), then one cached step per new
 token inside a `lax.while_loop` that stops as soon as every row has produced `eos_id` (or after
 `max_new_tokens`). A row's completion includes its EOS token; everything after it is `pad_id`
 with mask 0. A row that never produces EOS is cut at `max_new_tokens` (`finished` False).
@@ -41,7 +47,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from pofx import logprobs
-from pofx.models import llama
 
 Array = jax.Array
 
@@ -102,6 +107,13 @@ def left_pad(prompts: Sequence[Sequence[int]], *, pad_id: int = 0, length: Optio
   return tokens, mask
 
 
+def head_dot_general(model):
+  """The product of the LM head: the model's injected `kernels.dot_general` where it has kernels
+  (`pofx.models.LlamaModel`), else `jax.lax.dot_general`."""
+  kernels = getattr(model, "kernels", None)
+  return jax.lax.dot_general if kernels is None else kernels.dot_general
+
+
 def _prompt_positions(prompt_mask):
   m = jnp.asarray(prompt_mask) > 0
   return jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0).astype(jnp.int32), m
@@ -128,15 +140,15 @@ def _choose(logits, key, temperature, top_k):
   return tok, model_lp, sample_lp
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos_id", "pad_id", "top_k"))
-def _sample(params, prompt_tokens, prompt_mask, key, temperature, *, config, max_new_tokens, eos_id,
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id", "top_k"))
+def _sample(params, prompt_tokens, prompt_mask, key, temperature, *, model, max_new_tokens, eos_id,
             pad_id, top_k):
   B, P = prompt_tokens.shape
   T = max_new_tokens
   positions, valid = _prompt_positions(prompt_mask)
   n_prompt = jnp.sum(valid, axis=1).astype(jnp.int32)                 # [B]
-  cache = llama.init_cache(config, B, P + T)
-  logits, cache = llama.decode(params, prompt_tokens, positions, valid, cache, config=config)
+  cache = model.init_cache(B, P + T)
+  logits, cache = model.decode(params, prompt_tokens, positions, valid, cache)
   last = logits[:, -1]                                               # predicts completion token 0
 
   zeros_i = jnp.full((B, T), pad_id, jnp.int32)
@@ -157,8 +169,7 @@ def _sample(params, prompt_tokens, prompt_mask, key, temperature, *, config, max
     lps = lps.at[:, t].set(jnp.where(live, lp, 0.0))
     slps = slps.at[:, t].set(jnp.where(live, slp, 0.0))
     done = done | (live & (tok == eos_id))
-    logits, cache = llama.decode(params, tok[:, None], (n_prompt + t)[:, None], jnp.ones((B, 1), jnp.bool_),
-                                 cache, config=config)
+    logits, cache = model.decode(params, tok[:, None], (n_prompt + t)[:, None], jnp.ones((B, 1), jnp.bool_), cache)
     return (t + 1, logits[:, 0], cache, done, toks, mask, lps, slps)
 
   _, _, _, done, toks, mask, lps, slps = jax.lax.while_loop(cond, body, state)
@@ -167,16 +178,16 @@ def _sample(params, prompt_tokens, prompt_mask, key, temperature, *, config, max
                  lengths=jnp.sum(mask, axis=1).astype(jnp.int32), finished=done)
 
 
-def sample(params, prompt_tokens, prompt_mask, key, *, config: llama.LlamaConfig, max_new_tokens: int,
+def sample(params, prompt_tokens, prompt_mask, key, *, model, max_new_tokens: int,
            eos_id: int, temperature=1.0, top_k: int = 0, pad_id: int = 0) -> Samples:
   """Samples one completion per left-padded prompt (jitted; see the module docstring).
 
   Args:
-    params: Llama parameters (`pofx.models.llama.init_params`).
+    params: the model's parameters (`model.init`).
     prompt_tokens: `[B, P]` int left-padded prompts (`left_pad`); every row needs >= 1 real token.
     prompt_mask: `[B, P]` 0/1, 1 on real prompt tokens.
     key: a PRNG key; the same key gives the same samples.
-    config: the model's `LlamaConfig` (static).
+    model: the model's pure functions (see the module docstring; static, so hashable).
     max_new_tokens: the most completion tokens per row (static; T of the outputs).
     eos_id: the end-of-sequence token id (static).
     temperature: float >= 0 (traced: changing it does not recompile); 0 = greedy.
@@ -190,37 +201,39 @@ def sample(params, prompt_tokens, prompt_mask, key, *, config: llama.LlamaConfig
     raise ValueError(f"sample: max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
   if top_k is None:
     top_k = 0
-  if int(top_k) < 0 or int(top_k) > config.vocab_size:
-    raise ValueError(f"sample: top_k must be an integer in [0, vocab_size={config.vocab_size}], got {top_k!r}.")
+  vocab_size = jax.eval_shape(model.head, params).shape[-1]
+  if int(top_k) < 0 or int(top_k) > vocab_size:
+    raise ValueError(f"sample: top_k must be an integer in [0, vocab_size={vocab_size}], got {top_k!r}.")
   if isinstance(temperature, (int, float)) and temperature < 0:
     raise ValueError(f"sample: temperature must be >= 0, got {temperature!r}.")
   if isinstance(prompt_mask, np.ndarray) and prompt_mask.size and not np.all(prompt_mask[:, -1] > 0):
     raise ValueError("sample: prompts must be left-padded and non-empty (prompt_mask[:, -1] must be 1); "
                      "use sampling.left_pad.")
   return _sample(params, jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask, jnp.float32), key,
-                 jnp.asarray(temperature, jnp.float32), config=config, max_new_tokens=int(max_new_tokens),
+                 jnp.asarray(temperature, jnp.float32), model=model, max_new_tokens=int(max_new_tokens),
                  eos_id=int(eos_id), pad_id=int(pad_id), top_k=int(top_k))
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _score(params, prompt_tokens, prompt_mask, tokens, mask, *, config):
+@functools.partial(jax.jit, static_argnames=("model",))
+def _score(params, prompt_tokens, prompt_mask, tokens, mask, *, model):
   P = prompt_tokens.shape[1]
   seq = jnp.concatenate([prompt_tokens, tokens], axis=1).astype(jnp.int32)
   p_valid = jnp.asarray(prompt_mask) > 0
   c_valid = jnp.asarray(mask) > 0
   valid = jnp.concatenate([p_valid, c_valid], axis=1)
   positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
-  hidden = llama.apply_fn(params, seq, positions, valid.astype(jnp.int32), config=config)
+  hidden = model.apply(params, seq, positions, valid.astype(jnp.int32))
   # Column P - 1 + t predicts completion token t; chunked log-softmax fused with the LM head.
-  lp = logprobs.token_logps(hidden[:, P - 1:-1], llama.lm_head(params, config), tokens.astype(jnp.int32)).logps
+  lp = logprobs.token_logps(hidden[:, P - 1:-1], model.head(params), tokens.astype(jnp.int32),
+                            dot_general=head_dot_general(model)).logps
   return jnp.where(c_valid, lp, 0.0)
 
 
-def score(params, samples: Samples, *, config: llama.LlamaConfig) -> Array:
+def score(params, samples: Samples, *, model) -> Array:
   """Teacher-forced per-token log-probs `[B, T]` (0 off the mask) of `samples`' completions
   under the model `params` (e.g. the base policy, for KL estimates). Jitted; one full forward
   over `[prompt | completion]` with the same positions as `sample`."""
-  return _score(params, samples.prompt_tokens, samples.prompt_mask, samples.tokens, samples.mask, config=config)
+  return _score(params, samples.prompt_tokens, samples.prompt_mask, samples.tokens, samples.mask, model=model)
 
 
 def completions(samples: Samples) -> list:

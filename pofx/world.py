@@ -1,4 +1,4 @@
-r"""A controlled preference world with a known gold reward (design.md section 5).
+r"""A controlled preference world with a known gold reward: prompts, gold reward, demonstrations, labels.
 
 In the spirit of Gao et al. 2023 (arXiv:2210.10760) and the controlled experiment of GPO (Tang et
 al. 2024, arXiv:2402.05749): prompts from a small vocabulary, a known gold reward r*(x, y), an
@@ -7,9 +7,13 @@ Bradley-Terry on the gold reward (optionally with a length bias in the labeller)
 by sampling (`pofx.evaluation`).
 
     w = world.World(world.WorldConfig(seed=0))
-    cfg, base = world.sft_base(w, seed=0)      # small Llama (w.model_config()) + SFT on demonstrations
-    data = world.preference_data(w, base, w.prompts(2048, seed=3), key, config=cfg, num_samples=4)
+    model, base = experiments.sft.sft_base(w, seed=0)   # small Llama (w.model_config()) + SFT on demonstrations
+    data = world.preference_data(w, base, w.prompts(2048, seed=3), key, model=model, num_samples=4)
     data.prompt, data.chosen, data.rejected                  # lists of 1-D int32 arrays (pofx.batching)
+
+The policy is used only through its pure functions (`model.apply`, `model.head`,
+`model.init_cache`, `model.decode`: a `pofx.models.LlamaModel`); the SFT training loop lives in
+the program (`experiments.sft`), this module gives its data and loss (`sft_arrays`, `sft_loss`).
 
 Vocabulary (`vocab_size` V, default 32): PAD 0, BOS 1, SEP 2, EOS 3, content tokens 4..V-1
 (C = V - 4 of them). A prompt is `[BOS, x_1..x_m, SEP]` with m content tokens (m uniform in
@@ -33,7 +37,7 @@ touching it as 0. The token term rewards
 prompt-conditional word choice (one attention layer over the prompt can represent it), the
 bigram term a prompt-independent structure, and the length window stops "one best token then
 EOS" from being optimal. Measured with the defaults (seed 0): uniformly random content of
-demonstration lengths scores about -0.18, the demonstrator 0.92, the SFT base of `sft_base`
+demonstration lengths scores about -0.18, the demonstrator 0.92, the SFT base of `experiments.sft.sft_base`
 0.7-0.8, the base after 300 DPO steps (beta 0.1, 64 pairs, Adam 1e-3) 1.2-1.3 (win rate vs base
 0.70-0.78 over seeds 0-2), and a simple hand-made policy (alternate the best bigram pair, 6
 tokens) 2.25, a lower bound of the maximum.
@@ -58,18 +62,18 @@ held-out prompts never appear in training data.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import List, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from pofx import logprobs
 from pofx import sampling
 from pofx.models import llama
+
+Array = jax.Array
 
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
 FIRST_CONTENT = 4
@@ -318,13 +322,19 @@ class World:
     return Demonstrations(prompts, comps)
 
 
-# SFT -------------------------------------------------------------------------------------------
+# SFT data and loss (the training loop is `experiments.sft`) -------------------------------------
 
-def _sft_arrays(demos: Demonstrations, width: int):
+def sft_arrays(demos: Demonstrations, width: Optional[int] = None):
+  """Demonstrations as right-padded rows `[prompt | completion | padding]` of `width` tokens
+  (default: the longest demonstration): `(tokens [N, W] int32, positions [N, W] int32,
+  segment_ids [N, W] int32 (1 on real tokens), loss_mask [N, W] float32)`. `loss_mask` is 1 at the
+  columns whose next token is a completion token (column t scores `tokens[t + 1]`)."""
+  if width is None:
+    width = max(p.size + c.size for p, c in zip(demos.prompt, demos.completion))
   n = len(demos.prompt)
   tokens = np.zeros((n, width), np.int32)
   seg = np.zeros((n, width), np.int32)
-  loss_mask = np.zeros((n, width), np.float32)      # at column t: the target tokens[t + 1] is scored
+  loss_mask = np.zeros((n, width), np.float32)
   for i, (p, c) in enumerate(zip(demos.prompt, demos.completion)):
     seq = np.concatenate([p, c])
     if seq.size > width:
@@ -332,79 +342,30 @@ def _sft_arrays(demos: Demonstrations, width: int):
     tokens[i, :seq.size] = seq
     seg[i, :seq.size] = 1
     loss_mask[i, p.size - 1:seq.size - 1] = 1.0
-  return tokens, seg, loss_mask
+  positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape).copy()
+  return tokens, positions, seg, loss_mask
 
 
-def sft(params, demos: Demonstrations, *, config: llama.LlamaConfig, seed: int = 0, steps: int = 600,
-        batch_size: int = 64, learning_rate: float = 3e-3, warmup_steps: int = 50, weight_decay: float = 0.0,
-        return_losses: bool = False):
-  """Supervised fine-tuning: token-level NLL of the demonstrated completions (prompt tokens not
-  scored), mean over completion tokens of the batch, AdamW with linear warmup + cosine decay.
+def sft_loss(model, params, tokens, positions, segment_ids, loss_mask) -> Array:
+  """Supervised fine-tuning loss: the token-level negative log-likelihood of the demonstrated
+  completions (prompt tokens not scored), averaged over the completion tokens of the batch,
 
-  Jitted step; batches are drawn by a numpy generator seeded with `seed` (one pass over a fresh
-  permutation per epoch). Returns the SFT (base) parameters, or `(params, losses [steps])` with
-  `return_losses`.
-  """
-  width = max(p.size + c.size for p, c in zip(demos.prompt, demos.completion))
-  tokens, seg, loss_mask = _sft_arrays(demos, width)
-  positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, min(warmup_steps, steps - 1)),
-                                                max(steps, 2), end_value=0.1 * learning_rate)
-  opt = optax.adamw(schedule, weight_decay=weight_decay)
-  head = functools.partial(llama.lm_head, config=config)
+      L = -sum_{i,t} m_{i,t} log pi(tokens_{i,t+1} | tokens_{i,<=t}) / max(sum m, 1),
 
-  def loss_fn(p, tok, pos, sg, lm):
-    hidden = llama.apply_fn(p, tok, pos, sg, config=config)
-    lp = logprobs.next_token_logps(hidden, head(p), tok).logps
-    m = lm[:, :-1]
-    return -jnp.sum(lp * m) / jnp.maximum(jnp.sum(m), 1.0)
-
-  @jax.jit
-  def step(p, o, tok, pos, sg, lm):
-    loss, g = jax.value_and_grad(loss_fn)(p, tok, pos, sg, lm)
-    upd, o = opt.update(g, o, p)
-    return optax.apply_updates(p, upd), o, loss
-
-  rng = np.random.default_rng(seed)
-  n = tokens.shape[0]
-  bs = min(batch_size, n)
-  order, pos_in = rng.permutation(n), 0
-  opt_state = opt.init(params)
-  losses = []
-  for _ in range(steps):
-    if pos_in + bs > n:
-      order, pos_in = rng.permutation(n), 0
-    idx = order[pos_in:pos_in + bs]
-    pos_in += bs
-    params, opt_state, loss = step(params, opt_state, tokens[idx], positions[idx], seg[idx], loss_mask[idx])
-    losses.append(loss)
-  if return_losses:
-    return params, np.asarray(jax.device_get(losses), np.float32)
-  return params
-
-
-def sft_base(world: World, *, seed: int = 0, num_demos: int = 8192, steps: int = 600, batch_size: int = 64,
-             learning_rate: float = 3e-3, config: Optional[llama.LlamaConfig] = None):
-  """The default SFT base of a world: `(config, params)`.
-
-  A fresh `world.model_config()` (or `config`) initialised from `jax.random.key(seed)`, trained
-  by `sft` on `num_demos` train-split demonstrations (demonstration seed `seed`, batch order
-  seed `seed + 1`).
-  """
-  config = config or world.model_config()
-  params = llama.init_params(config, jax.random.key(seed))
-  demos = world.demonstrations(num_demos, seed=seed)
-  params = sft(params, demos, config=config, seed=seed + 1, steps=steps, batch_size=batch_size,
-               learning_rate=learning_rate)
-  return config, params
+  for rows of `sft_arrays`; `model` gives `apply` and `head` (e.g. `pofx.models.make(config)`)."""
+  hidden = model.apply(params, tokens, positions, segment_ids)
+  lp = logprobs.next_token_logps(hidden, model.head(params), tokens, dot_general=sampling.head_dot_general(model)).logps
+  m = loss_mask[:, :-1]
+  return -jnp.sum(lp * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
 # Sampling and preference data ------------------------------------------------------------------
 
-def sample_completions(world: World, params, prompts: Sequence, key, *, config: llama.LlamaConfig,
+def sample_completions(world: World, params, prompts: Sequence, key, *, model,
                        temperature=1.0, top_k: int = 0, batch_size: int = 512) -> sampling.Samples:
   """One completion per prompt (repeat prompts for several), sampled in fixed-size jitted
   batches of `batch_size` rows (the last one padded), returned as one `Samples` (numpy arrays).
+  `model`: the policy's pure functions (`pofx.models.make(config)`; see `pofx.sampling`).
 
   Every batch uses the world's prompt width and `max_completion_len`, so one compiled shape
   serves all calls with the same batch size. Batch j uses the key `fold_in(key, j)`.
@@ -422,7 +383,7 @@ def sample_completions(world: World, params, prompts: Sequence, key, *, config: 
     if real < bs:    # pad with copies of the first prompt (same compiled shape)
       t = np.concatenate([t, np.repeat(t[:1], bs - real, 0)])
       m = np.concatenate([m, np.repeat(m[:1], bs - real, 0)])
-    out = sampling.sample(params, t, m, jax.random.fold_in(key, j), config=config,
+    out = sampling.sample(params, t, m, jax.random.fold_in(key, j), model=model,
                           max_new_tokens=wc.max_completion_len, eos_id=EOS, pad_id=PAD,
                           temperature=temperature, top_k=top_k)
     parts.append(jax.tree.map(lambda a: np.asarray(a)[:real], out))
@@ -432,7 +393,7 @@ def sample_completions(world: World, params, prompts: Sequence, key, *, config: 
 PAIRINGS = ("adjacent", "all", "best_worst")
 
 
-def preference_data(world: World, params, prompts: Sequence, key, *, config: llama.LlamaConfig,
+def preference_data(world: World, params, prompts: Sequence, key, *, model,
                     num_samples: int = 4, pairing: str = "adjacent", temperature=1.0, top_k: int = 0,
                     batch_size: int = 512) -> PreferenceData:
   """Samples K = `num_samples` completions per prompt from the policy `params`, scores them with
@@ -453,7 +414,7 @@ def preference_data(world: World, params, prompts: Sequence, key, *, config: lla
   M = len(prompts)
   k_sample, k_label = jax.random.split(key)
   rep = [prompts[i] for i in range(M) for _ in range(K)]
-  s = sample_completions(world, params, rep, k_sample, config=config, temperature=temperature, top_k=top_k,
+  s = sample_completions(world, params, rep, k_sample, model=model, temperature=temperature, top_k=top_k,
                          batch_size=batch_size)
   comps = sampling.completions(s)
   scores = world.gold_reward(rep, comps).reshape(M, K)

@@ -132,8 +132,8 @@ def small():
   """V = 8 (content 4..7), completions of at most 3 tokens: 400 possible completions per prompt."""
   w = world.World(world.WorldConfig(vocab_size=8, max_prompt_len=3, max_completion_len=3, min_good_len=1,
                                     max_good_len=2, demo_min_len=1, demo_max_len=2))
-  cfg = llama.tiny(vocab_size=8, init_std=0.4)
-  return w, cfg, llama.init_params(cfg, jax.random.key(0)), llama.init_params(cfg, jax.random.key(1))
+  model = llama.make(llama.tiny(vocab_size=8, init_std=0.4))
+  return w, model, model.init(jax.random.key(0)), model.init(jax.random.key(1))
 
 
 def _all_completions(V=8, T=3, eos=3):
@@ -146,26 +146,26 @@ def _all_completions(V=8, T=3, eos=3):
   return out
 
 
-def _exact_logps(params, cfg, prompt, comps):
+def _exact_logps(params, model, prompt, comps):
   """log pi(y | x) of each completion, by one plain full forward (no cache, no pofx.sampling)."""
   W = len(prompt) + 3
   tok = np.zeros((len(comps), W), np.int32)
   for i, y in enumerate(comps):
     tok[i, :len(prompt) + len(y)] = list(prompt) + y
   pos = np.broadcast_to(np.arange(W, dtype=np.int32), tok.shape)
-  logp = np.asarray(jax.nn.log_softmax(llama.logits_fn(params, tok, pos, np.ones_like(tok), config=cfg), -1), np.float64)
+  logp = np.asarray(jax.nn.log_softmax(model.logits(params, tok, pos, np.ones_like(tok)), -1), np.float64)
   P = len(prompt)
   return np.array([sum(logp[i, P - 1 + t, y[t]] for t in range(len(y))) for i, y in enumerate(comps)])
 
 
 def test_sampled_metrics_match_exact_enumeration(small):
-  w, cfg, pol, base = small
+  w, model, pol, base = small
   prompts = [[world.BOS, 5, 6, world.SEP], [world.BOS, 7, world.SEP]]
   comps = _all_completions()
   assert len(comps) == 400
   kl_exact, gold_exact, win_exact = [], [], []
   for x in prompts:
-    lp, lb = _exact_logps(pol, cfg, x, comps), _exact_logps(base, cfg, x, comps)
+    lp, lb = _exact_logps(pol, model, x, comps), _exact_logps(base, model, x, comps)
     np.testing.assert_allclose(np.exp(lp).sum(), 1.0, rtol=1e-5)      # the enumeration is complete
     pp, pb = np.exp(lp), np.exp(lb)
     r = w.gold_reward([x] * len(comps), comps).astype(np.float64)
@@ -173,41 +173,41 @@ def test_sampled_metrics_match_exact_enumeration(small):
     gold_exact.append(np.sum(pp * r))
     win_exact.append(np.sum(pp[:, None] * pb[None, :] * ((r[:, None] > r[None, :]) + 0.5 * (r[:, None] == r[None, :]))))
   n = 3000
-  ev = evaluation.evaluate_policy(w, pol, base, prompts, jax.random.key(2), config=cfg, num_samples=n, batch_size=1000)
+  ev = evaluation.evaluate_policy(w, pol, base, prompts, jax.random.key(2), model=model, num_samples=n, batch_size=1000)
   assert ev["num_comparisons"] == 2 * n
   assert abs(ev["kl"] - np.mean(kl_exact)) < 4 * ev["kl_stderr"] and ev["kl_stderr"] < 0.1 * np.mean(kl_exact)
   assert abs(ev["gold_reward"] - np.mean(gold_exact)) < 4 * ev["gold_reward_stderr"]
   assert ev["win_rate_low"] < np.mean(win_exact) < ev["win_rate_high"]
   assert ev["win_rate_high"] - ev["win_rate_low"] < 0.06
   # Against itself: KL exactly 0 (same log-probs) and a win rate of 1/2 up to noise.
-  same = evaluation.evaluate_policy(w, base, base, prompts, jax.random.key(3), config=cfg, num_samples=n,
+  same = evaluation.evaluate_policy(w, base, base, prompts, jax.random.key(3), model=model, num_samples=n,
                                     batch_size=1000)
   assert abs(same["kl"]) < 1e-5 and same["win_rate_low"] < 0.5 < same["win_rate_high"]
   np.testing.assert_allclose(same["gold_reward"], same["base_gold_reward"], atol=4 * same["gold_reward_stderr"] * 1.5)
   # Reusing the base samples gives the same base statistics.
-  again = evaluation.evaluate_policy(w, pol, base, prompts, jax.random.key(2), config=cfg, num_samples=n,
+  again = evaluation.evaluate_policy(w, pol, base, prompts, jax.random.key(2), model=model, num_samples=n,
                                      batch_size=1000, base_samples=ev["base_samples"])
   assert again["win_rate"] == ev["win_rate"] and again["base_length"] == ev["base_length"]
 
 
 def test_evaluate_pairs(small):
-  w, cfg, pol, base = small
+  w, model, pol, base = small
   prompts = w.prompts(64, seed=0)
-  data = world.preference_data(w, base, prompts, jax.random.key(4), config=cfg, num_samples=2, batch_size=64)
+  data = world.preference_data(w, base, prompts, jax.random.key(4), model=model, num_samples=2, batch_size=64)
   # pair_logps (teacher forcing) reproduces the sampler's own log-probs of its samples.
   lp = evaluation.pair_logps(base, data.list_prompt, [c[0] for c in data.list_completions],
-                             [c[1] for c in data.list_completions], config=cfg, prompt_width=w.config.prompt_width)
+                             [c[1] for c in data.list_completions], model=model, prompt_width=w.config.prompt_width)
   np.testing.assert_allclose(np.asarray(lp.chosen), data.list_logps[:, 0], atol=1e-5)
   np.testing.assert_allclose(np.asarray(lp.rejected), data.list_logps[:, 1], atol=1e-5)
-  out = evaluation.evaluate_pairs(base, base, data.prompt, data.chosen, data.rejected, config=cfg, beta=0.1,
+  out = evaluation.evaluate_pairs(base, base, data.prompt, data.chosen, data.rejected, model=model, beta=0.1,
                                   pref_prob=data.label_prob)
   assert out["reward_accuracy"] == 0.0                      # policy == reference: every margin is 0
   assert out["ranking_accuracy"] == out["ref_ranking_accuracy"]
   assert out["num_pairs"] == len(data)
   # By hand from the two models' log-probs.
-  p = evaluation.pair_logps(pol, data.prompt, data.chosen, data.rejected, config=cfg)
-  r = evaluation.pair_logps(base, data.prompt, data.chosen, data.rejected, config=cfg)
-  out = evaluation.evaluate_pairs(pol, base, data.prompt, data.chosen, data.rejected, config=cfg, beta=0.5,
+  p = evaluation.pair_logps(pol, data.prompt, data.chosen, data.rejected, model=model)
+  r = evaluation.pair_logps(base, data.prompt, data.chosen, data.rejected, model=model)
+  out = evaluation.evaluate_pairs(pol, base, data.prompt, data.chosen, data.rejected, model=model, beta=0.5,
                                   pref_prob=data.label_prob)
   pw, pl, rw, rl = (np.asarray(a, np.float64) for a in (p.chosen, p.rejected, r.chosen, r.rejected))
   np.testing.assert_allclose(out["reward_accuracy"], np.mean((pw - rw) - (pl - rl) > 0), atol=1e-12)

@@ -95,7 +95,7 @@ def _sample(model, key, **kw):
   cfg, params = model
   tok, mask = sampling.left_pad(_prompts(), length=8)
   kw = {"max_new_tokens": 6, "eos_id": EOS, **kw}
-  return sampling.sample(params, tok, mask, key, config=cfg, **kw)
+  return sampling.sample(params, tok, mask, key, model=llama.make(cfg), **kw)
 
 
 def test_sample_logps_equal_full_forward_log_softmax(model):
@@ -111,7 +111,8 @@ def test_sample_logps_equal_full_forward_log_softmax(model):
     np.testing.assert_allclose(np.asarray(out.sample_logps[b, :n]), expect, atol=1e-5, rtol=0)
     assert np.all(np.asarray(out.logps[b, n:]) == 0.0)
   # Teacher-forced scoring of the samples gives the same log-probs.
-  np.testing.assert_allclose(np.asarray(sampling.score(params, out, config=cfg)), np.asarray(out.logps), atol=1e-5)
+  scored = sampling.score(params, out, model=llama.make(cfg))
+  np.testing.assert_allclose(np.asarray(scored), np.asarray(out.logps), atol=1e-5)
 
 
 def _greedy_reference(params, cfg, prompt, steps):
@@ -153,7 +154,7 @@ def test_top_k_never_outside_top_k(model):
   prompts = _prompts() * 16
   tok, mask = sampling.left_pad(prompts, length=8)
   # A high temperature makes tokens outside the top 3 likely if top-k were not applied.
-  out = sampling.sample(params, tok, mask, jax.random.key(7), config=cfg, max_new_tokens=6, eos_id=EOS,
+  out = sampling.sample(params, tok, mask, jax.random.key(7), model=llama.make(cfg), max_new_tokens=6, eos_id=EOS,
                         temperature=50.0, top_k=k)
   seen = 0
   comps = sampling.completions(out)
@@ -182,7 +183,8 @@ def test_eos_masking_and_lengths():
   prompts = [[1, 4, 2], [1, 5, 5, 2]] * 32
   tok, mask = sampling.left_pad(prompts, length=4)
   T = 7
-  out = sampling.sample(params, tok, mask, jax.random.key(9), config=cfg, max_new_tokens=T, eos_id=EOS, pad_id=0)
+  out = sampling.sample(params, tok, mask, jax.random.key(9), model=llama.make(cfg), max_new_tokens=T, eos_id=EOS,
+                        pad_id=0)
   toks, m = np.asarray(out.tokens), np.asarray(out.mask)
   assert toks.shape == (64, T) and m.shape == (64, T)
   n_finished = 0
@@ -207,7 +209,8 @@ def test_padding_width_does_not_change_samples(model):
   outs = []
   for width in (8, 13):
     tok, mask = sampling.left_pad(_prompts(), length=width)
-    outs.append(sampling.sample(params, tok, mask, jax.random.key(10), config=cfg, max_new_tokens=6, eos_id=EOS))
+    outs.append(sampling.sample(params, tok, mask, jax.random.key(10), model=llama.make(cfg), max_new_tokens=6,
+                                eos_id=EOS))
   np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
   np.testing.assert_allclose(np.asarray(outs[0].logps), np.asarray(outs[1].logps), atol=1e-5)
 
@@ -215,9 +218,11 @@ def test_padding_width_does_not_change_samples(model):
 def test_temperature_is_traced_not_static(model):
   cfg, params = model
   tok, mask = sampling.left_pad(_prompts(), length=8)
-  sampling.sample(params, tok, mask, jax.random.key(0), config=cfg, max_new_tokens=6, eos_id=EOS, temperature=0.7)
+  sampling.sample(params, tok, mask, jax.random.key(0), model=llama.make(cfg), max_new_tokens=6, eos_id=EOS,
+                  temperature=0.7)
   n = sampling._sample._cache_size()
-  sampling.sample(params, tok, mask, jax.random.key(0), config=cfg, max_new_tokens=6, eos_id=EOS, temperature=1.3)
+  sampling.sample(params, tok, mask, jax.random.key(0), model=llama.make(cfg), max_new_tokens=6, eos_id=EOS,
+                  temperature=1.3)
   assert sampling._sample._cache_size() == n
 
 
@@ -225,11 +230,12 @@ def test_bad_arguments(model):
   cfg, params = model
   tok, mask = sampling.left_pad(_prompts(), length=8)
   with pytest.raises(ValueError, match="top_k"):
-    sampling.sample(params, tok, mask, jax.random.key(0), config=cfg, max_new_tokens=4, eos_id=EOS, top_k=-1)
+    sampling.sample(params, tok, mask, jax.random.key(0), model=llama.make(cfg), max_new_tokens=4, eos_id=EOS, top_k=-1)
   with pytest.raises(ValueError, match="max_new_tokens"):
-    sampling.sample(params, tok, mask, jax.random.key(0), config=cfg, max_new_tokens=0, eos_id=EOS)
+    sampling.sample(params, tok, mask, jax.random.key(0), model=llama.make(cfg), max_new_tokens=0, eos_id=EOS)
   with pytest.raises(ValueError, match="temperature"):
-    sampling.sample(params, tok, mask, jax.random.key(0), config=cfg, max_new_tokens=4, eos_id=EOS, temperature=-1.0)
+    sampling.sample(params, tok, mask, jax.random.key(0), model=llama.make(cfg), max_new_tokens=4, eos_id=EOS,
+                    temperature=-1.0)
   with pytest.raises(ValueError, match="left-padded"):
-    sampling.sample(params, tok[:, ::-1].copy(), mask[:, ::-1].copy(), jax.random.key(0), config=cfg,
+    sampling.sample(params, tok[:, ::-1].copy(), mask[:, ::-1].copy(), jax.random.key(0), model=llama.make(cfg),
                     max_new_tokens=4, eos_id=EOS)

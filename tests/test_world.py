@@ -1,5 +1,6 @@
 """The controlled world: gold reward on hand-computed cases, labeller, prompts and splits,
-demonstrations, SFT, preference-data generation (pairings, BT labels, determinism)."""
+demonstrations, SFT (data and loss here, the loop of `experiments.sft`), preference-data generation
+(pairings, BT labels, determinism)."""
 
 import math
 
@@ -7,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from pofx import world
-from pofx.models import llama
+from experiments import sft as sft_lib
+from pofx import models, world
 
 BOS, SEP, EOS, PAD = world.BOS, world.SEP, world.EOS, world.PAD
 
@@ -141,27 +142,46 @@ def test_config_validation():
 @pytest.fixture(scope="module")
 def tiny_world():
   w = world.World(world.WorldConfig(max_completion_len=6, demo_max_len=4))
-  cfg = w.model_config(hidden_size=32, mlp_size=64)
-  return w, cfg, llama.init_params(cfg, jax.random.key(0))
+  model = models.make(w.model_config(hidden_size=32, mlp_size=64))
+  return w, model, model.init(jax.random.key(0))
 
 
 def test_sft_lowers_demonstration_nll(tiny_world):
-  w, cfg, p0 = tiny_world
+  w, model, p0 = tiny_world
   demos = w.demonstrations(256, seed=0)
-  params, losses = world.sft(p0, demos, config=cfg, seed=0, steps=60, batch_size=32, learning_rate=1e-2,
-                             warmup_steps=5, return_losses=True)
+  params, losses = sft_lib.sft(p0, demos, model=model, seed=0, steps=60, batch_size=32, learning_rate=1e-2,
+                               warmup_steps=5, return_losses=True)
   assert losses.shape == (60,) and np.all(np.isfinite(losses))
   # Initial NLL is about log V (random init); SFT learns at least the special-token structure.
-  assert abs(losses[0] - math.log(cfg.vocab_size)) < 0.2
+  assert abs(losses[0] - math.log(model.config.vocab_size)) < 0.2
   assert losses[-10:].mean() < losses[0] - 0.3
-  again = world.sft(p0, demos, config=cfg, seed=0, steps=60, batch_size=32, learning_rate=1e-2, warmup_steps=5)
+  again = sft_lib.sft(p0, demos, model=model, seed=0, steps=60, batch_size=32, learning_rate=1e-2, warmup_steps=5)
   jax.tree.map(np.testing.assert_array_equal, params, again)
 
 
+def test_sft_arrays_and_loss_by_hand(tiny_world):
+  w, model, params = tiny_world
+  demos = world.Demonstrations([np.array([BOS, 5, SEP], np.int32), np.array([BOS, SEP], np.int32)],
+                               [np.array([6, 7, EOS], np.int32), np.array([EOS], np.int32)])
+  tokens, positions, seg, loss_mask = world.sft_arrays(demos)
+  np.testing.assert_array_equal(tokens, [[BOS, 5, SEP, 6, 7, EOS], [BOS, SEP, EOS, 0, 0, 0]])
+  np.testing.assert_array_equal(positions, [list(range(6))] * 2)
+  np.testing.assert_array_equal(seg, [[1] * 6, [1, 1, 1, 0, 0, 0]])
+  # Column t scores tokens[t + 1]: the completion tokens only (after SEP).
+  np.testing.assert_array_equal(loss_mask, [[0, 0, 1, 1, 1, 0], [0, 1, 0, 0, 0, 0]])
+  # The loss: mean NLL over those 4 tokens, from the full logits and a plain log-softmax.
+  logp = np.asarray(jax.nn.log_softmax(model.logits(params, tokens, positions, seg), -1), np.float64)
+  targets = [(0, 2, 6), (0, 3, 7), (0, 4, EOS), (1, 1, EOS)]
+  expected = -np.mean([logp[i, t, y] for i, t, y in targets])
+  np.testing.assert_allclose(world.sft_loss(model, params, tokens, positions, seg, loss_mask), expected, rtol=1e-5)
+  with pytest.raises(ValueError, match="more than the width 4"):
+    world.sft_arrays(demos, width=4)
+
+
 def test_preference_data_adjacent(tiny_world):
-  w, cfg, params = tiny_world
+  w, model, params = tiny_world
   prompts = w.prompts(40, seed=0)
-  data = world.preference_data(w, params, prompts, jax.random.key(1), config=cfg, num_samples=4, batch_size=64)
+  data = world.preference_data(w, params, prompts, jax.random.key(1), model=model, num_samples=4, batch_size=64)
   assert len(data) + data.num_identical == 40 * 2
   assert data.list_scores.shape == (40, 4) and data.list_logps.shape == (40, 4)
   assert len(data.list_completions) == 40 and all(len(c) == 4 for c in data.list_completions)
@@ -180,24 +200,24 @@ def test_preference_data_adjacent(tiny_world):
     members = [c.tolist() for c in data.list_completions[pid]]
     assert data.chosen[i].tolist() in members and data.rejected[i].tolist() in members
   # Determinism given the key.
-  again = world.preference_data(w, params, prompts, jax.random.key(1), config=cfg, num_samples=4, batch_size=64)
+  again = world.preference_data(w, params, prompts, jax.random.key(1), model=model, num_samples=4, batch_size=64)
   assert all(np.array_equal(a, b) for a, b in zip(data.chosen, again.chosen))
   np.testing.assert_array_equal(data.label_prob, again.label_prob)
   with pytest.raises(ValueError, match="pairing"):
-    world.preference_data(w, params, prompts, jax.random.key(1), config=cfg, pairing="best")
+    world.preference_data(w, params, prompts, jax.random.key(1), model=model, pairing="best")
   with pytest.raises(ValueError, match="num_samples"):
-    world.preference_data(w, params, prompts, jax.random.key(1), config=cfg, num_samples=3)
+    world.preference_data(w, params, prompts, jax.random.key(1), model=model, num_samples=3)
 
 
 def test_preference_data_pairings_and_labels(tiny_world):
-  w, cfg, params = tiny_world
+  w, model, params = tiny_world
   prompts = w.prompts(40, seed=1)
   det = world.World(w.config.replace(label_scale=1e4))   # a deterministic labeller
-  alld = world.preference_data(det, params, prompts, jax.random.key(2), config=cfg, num_samples=3, pairing="all",
+  alld = world.preference_data(det, params, prompts, jax.random.key(2), model=model, num_samples=3, pairing="all",
                                batch_size=64)
   assert len(alld) + alld.num_identical == 40 * 3
   assert np.all(alld.chosen_score >= alld.rejected_score)
-  bw = world.preference_data(det, params, prompts, jax.random.key(2), config=cfg, num_samples=3,
+  bw = world.preference_data(det, params, prompts, jax.random.key(2), model=model, num_samples=3,
                              pairing="best_worst", batch_size=64)
   for i in range(len(bw)):
     s = bw.list_scores[bw.prompt_id[i]]
@@ -205,7 +225,7 @@ def test_preference_data_pairings_and_labels(tiny_world):
   # label_scale 0: labels are fair coin flips (BT probability 1/2), so about half the pairs
   # have the lower-scored completion as chosen.
   coin = world.World(w.config.replace(label_scale=0.0))
-  cd = world.preference_data(coin, params, w.prompts(200, seed=3), jax.random.key(4), config=cfg, num_samples=4,
+  cd = world.preference_data(coin, params, w.prompts(200, seed=3), jax.random.key(4), model=model, num_samples=4,
                              batch_size=64)
   np.testing.assert_allclose(cd.label_prob, 0.5)
   differ = cd.chosen_score != cd.rejected_score
