@@ -1,6 +1,6 @@
-// Float32 matrix products by a BLAS's sgemm, registered with XLA's FFI (pofx.native.matmul):
+// Float32 matrix products by a BLAS's sgemm, registered with XLA's FFI (pofx_backends.cpu.native.matmul):
 // Intel MKL (the `mkl` PyPI package's libmkl_rt) or the OpenBLAS that numpy's PyPI wheels bundle
-// (scipy-openblas). Attribute `library` picks one: 0 OpenBLAS, 1 MKL (pofx.native.BLAS_LIBRARIES).
+// (scipy-openblas). Attribute `library` picks one: 0 OpenBLAS, 1 MKL (pofx_backends.cpu.native.BLAS_LIBRARIES).
 //
 // C = op(A) op(B), row-major, op = identity or transpose (attributes transpose_a, transpose_b).
 // XLA:CPU computes a weight gradient X^T G (a dot contracting both operands' first axis) with
@@ -14,7 +14,7 @@
 // claimed from a shared counter, and the calling thread claims them too, so it never waits on a
 // task queued behind it.
 //
-// No BLAS is linked: Python (pofx/native/__init__.py) finds the library and passes the addresses
+// No BLAS is linked: Python (pofx_backends/cpu/native/__init__.py) finds the library and passes the addresses
 // of its cblas_sgemm and set_num_threads_local to PofxSetBlas.
 #include <algorithm>
 #include <atomic>
@@ -57,7 +57,8 @@ void Sgemm(const Blas& blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, 
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, bool ta, bool tb,
                   int64_t library, ffi::ResultBuffer<ffi::F32> c) {
   if (library < 0 || library >= kLibraries || g_blas[library].sgemm == nullptr || g_blas[library].set_local == nullptr)
-    return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "pofx.native: this BLAS was not registered (PofxSetBlas)");
+    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                      "pofx_backends.cpu.native: this BLAS was not registered (PofxSetBlas)");
   const Blas& blas = g_blas[library];
   auto ad = a.dimensions(), bd = b.dimensions();
   if (ad.size() != 2 || bd.size() != 2) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "2-D operands only");
