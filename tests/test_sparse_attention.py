@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pofx import batching, policy, sparse_attention
+from pofx import batching, kernels, policy, sparse_attention
 from pofx.models import llama
 
 
@@ -44,7 +44,7 @@ def test_block_list_covers_exactly_the_used_blocks(layout):
   blocks = sparse_attention.attention_blocks(b.segment_ids, b.branch_ids, block_size=bs, bucket=1)
   R, L = b.tokens.shape
   nb = L // bs
-  mask = np.asarray(llama.attention_mask(b.segment_ids, b.branch_ids)) & (b.segment_ids > 0)[:, :, None]
+  mask = np.asarray(kernels.attention_mask(b.segment_ids, b.branch_ids)) & (b.segment_ids > 0)[:, :, None]
   expected = {(row * nb + i, row * nb + j) for row in range(R) for i in range(nb) for j in range(nb)
               if mask[row, i * bs:(i + 1) * bs, j * bs:(j + 1) * bs].any()}
   got = list(zip(blocks.query_block.tolist(), blocks.key_block.tolist()))
@@ -61,7 +61,7 @@ def test_block_list_on_arbitrary_segments_and_branches(seed):
   seg = rng.integers(0, 4, (R, L))
   br = rng.choice([-3, 0, 0, 2, 7], (R, L))
   blocks = sparse_attention.attention_blocks(seg, br, block_size=bs, bucket=1)
-  mask = np.asarray(llama.attention_mask(seg, br)) & (seg > 0)[:, :, None]
+  mask = np.asarray(kernels.attention_mask(seg, br)) & (seg > 0)[:, :, None]
   nb = L // bs
   expected = sorted((r * nb + i, r * nb + j) for r in range(R) for i in range(nb) for j in range(nb)
                     if mask[r, i * bs:(i + 1) * bs, j * bs:(j + 1) * bs].any())
@@ -138,7 +138,7 @@ def test_attention_op_gradients_against_dense_softmax():
   v = jax.random.normal(ks[2], (R, L, K, hd))
   real = jnp.asarray(b.segment_ids > 0, jnp.float32)
   w = jax.random.normal(ks[3], (R, L, K, G, hd)) * real[:, :, None, None, None]
-  mask = llama.attention_mask(b.segment_ids, b.branch_ids)
+  mask = kernels.attention_mask(b.segment_ids, b.branch_ids)
 
   def dense(q, k, v):
     s = jnp.einsum("rqkgd,rskd->rkgqs", q, k)
