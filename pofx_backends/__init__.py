@@ -29,6 +29,7 @@ Importing this package compiles nothing (the CPU kernels are built when `kernels
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -113,8 +114,8 @@ def resolve(name: str, *, measure: Optional[Callable[[kernels_lib.Kernels], floa
   here). "auto": "gpu" on a JAX GPU backend and "tpu" on a TPU one (else "xla" where their
   module cannot run, with the reason); on the CPU "xla" when the CPU kernels cannot run here
   (with the reason), else whichever of "xla" and "cpu" (default options) `measure(kernels) ->
-  seconds` finds faster; `measure` defaults to `pofx_backends.cpu.calibration.measure` (about
-  two seconds in all on two cores). `details` (JSON-serialisable, for the run's records):
+  seconds` finds faster; `measure` defaults to `pofx_backends.cpu.calibration.measure` (a few
+  seconds on two cores, compilation included; measured once per process, then reused). `details` (JSON-serialisable, for the run's records):
   "requested", "platform", "rule", and for a measurement "seconds" per candidate.
   """
   _check_name(name, auto=True)
@@ -135,10 +136,19 @@ def resolve(name: str, *, measure: Optional[Callable[[kernels_lib.Kernels], floa
   reason = cpu.unavailable_reason()
   if reason:
     return "xla", {**details, "rule": f"the CPU kernels cannot run here: {reason}"}
-  measure = measure or calibration.measure
-  seconds = {candidate: float(measure(kernels(candidate))) for candidate in ("xla", "cpu")}
+  seconds = dict(_calibrated_seconds()) if measure is None else _seconds(measure)
   chosen = min(seconds, key=seconds.get)
   return chosen, {**details, "rule": "the faster measured step", "seconds": seconds, "cpu_options": cpu.DEFAULT_OPTIONS}
+
+
+def _seconds(measure: Callable[[kernels_lib.Kernels], float]) -> Dict[str, float]:
+  return {candidate: float(measure(kernels(candidate))) for candidate in ("xla", "cpu")}
+
+
+@functools.cache
+def _calibrated_seconds() -> Dict[str, float]:
+  """The default calibration's timings, measured once per process (callers copy them)."""
+  return _seconds(calibration.measure)
 
 
 def _accelerator_plugins() -> list:
