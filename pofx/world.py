@@ -69,8 +69,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pofx import logprobs
-from pofx import sampling
+from pofx import logprobs, sampling
 from pofx.models import llama
 
 Array = jax.Array
@@ -145,7 +144,7 @@ class WorldConfig:
     if self.label_scale < 0:
       raise ValueError(f"WorldConfig.label_scale must be >= 0, got {self.label_scale!r}.")
 
-  def replace(self, **changes) -> "WorldConfig":
+  def replace(self, **changes) -> WorldConfig:
     return dataclasses.replace(self, **changes)
 
   @property
@@ -195,7 +194,7 @@ class PreferenceData(NamedTuple):
   def __len__(self):
     return len(self.chosen)
 
-  def subset(self, idx) -> "PreferenceData":
+  def subset(self, idx) -> PreferenceData:
     """The pairs at `idx` (lists unchanged)."""
     idx = np.asarray(idx)
     pick = lambda xs: [xs[i] for i in idx]

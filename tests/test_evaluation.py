@@ -212,7 +212,8 @@ def test_evaluate_pairs(small):
   pw, pl, rw, rl = (np.asarray(a, np.float64) for a in (p.chosen, p.rejected, r.chosen, r.rejected))
   np.testing.assert_allclose(out["reward_accuracy"], np.mean((pw - rw) - (pl - rl) > 0), atol=1e-12)
   np.testing.assert_allclose(out["ranking_accuracy"], np.mean(pw > pl), atol=1e-12)
-  lw = np.array([c.size for c in data.chosen]); ll = np.array([c.size for c in data.rejected])
+  lw = np.array([c.size for c in data.chosen])
+  ll = np.array([c.size for c in data.rejected])
   np.testing.assert_allclose(out["ranking_accuracy_mean"], np.mean(pw / lw > pl / ll), atol=1e-12)
   q = np.clip(data.label_prob.astype(np.float64), 1e-3, 1 - 1e-3)
   ideal = (rw - rl) + np.log(q / (1 - q)) / 0.5

@@ -148,7 +148,7 @@ class LlamaConfig:
   def parameter_dtype(self):
     return _DTYPES[self.param_dtype]
 
-  def replace(self, **changes) -> "LlamaConfig":
+  def replace(self, **changes) -> LlamaConfig:
     return dataclasses.replace(self, **changes)
 
   def num_params(self) -> int:
