@@ -194,7 +194,8 @@ def fmt(x, digits=2):
 def markdown(summary) -> str:
   m = summary["machine"]
   lines = [f"Measured {m['date']} at commit {m['commit']} on {m['cpu']} ({m['cores']} cores): "
-           f"{summary['reps']} repetitions of {summary['steps']} steps per setting (the first 5 excluded), "
+           f"{summary['reps']} repetition{'s' if summary['reps'] != 1 else ''} of {summary['steps']} steps per setting "
+           "(the first 5 excluded), "
            "medians (runs in brackets).", "",
            "| workload | comparison | TRL (setting) | TRL pairs/s | pofx (setting) | pofx pairs/s | pofx / TRL | "
            "TRL peak RSS MiB | pofx peak RSS MiB |",
