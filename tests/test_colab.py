@@ -1,18 +1,25 @@
 """The Colab tutorials under `colab/` run top to bottom, and what they compute is right.
 
-Each notebook is parsed as nbformat v4 JSON and its code cells are executed in one namespace
-(shell `!` and `%` magic lines become `pass`; the install cell's guard therefore does nothing where
-pofx is importable), with matplotlib's Agg backend. No cell may raise. Afterwards, values the
-notebook computed are compared with independent closed forms written out here (the golden
-numbers of `shared/methods/llm.md` Appendix A, the Wilson interval formula, the gold reward
-formula of `pofx.world`'s docstring, ...).
+The notebooks are committed with their outputs (so that a repository viewer shows the plots); the
+checks here make sure those outputs are present, small and free of errors, and re-execute every
+notebook: each is parsed as nbformat v4 JSON and its code cells are executed in one namespace
+(shell `!` and `%` magic lines become `pass`, so the install cell installs nothing), with
+matplotlib's Agg backend. No cell may raise. Afterwards, values the notebook computed are compared
+with independent closed forms written out here (the worked example's losses by hand, the Wilson
+interval formula, the gold reward formula of `pofx.world`'s docstring, ...).
+
+After changing a notebook, or the library under it, refresh the committed outputs with
+`python tests/test_colab.py` (needs `pip install nbclient ipykernel`): it runs every notebook in a
+Jupyter kernel from its own directory, top to bottom, and writes it back with its outputs.
 """
 
 import glob
 import json
 import math
 import os
+import pathlib
 import re
+import sys
 import warnings
 
 import numpy as np
@@ -71,24 +78,24 @@ def _sigmoid(x):
   return 1.0 / (1.0 + math.exp(-x))
 
 
-# The worked example (llm.md section 0 and Appendix A): pi_w=-10, pi_l=-12, ref_w=ref_l=-11,
-# beta=0.1, |y_w|=5, |y_l|=6, so rho = 2 and beta * rho = 0.2.
+# The worked example of the loss tests (`tests/losses/worked.py`): pi_w=-10, pi_l=-12, ref_w=ref_l=-11,
+# beta=0.1, |y_w|=5, |y_l|=6, so rho = 2 and beta * rho = 0.2; each value below is worked out by hand.
 _H = 0.2
 _GOLDEN = {
-    "dpo": 0.598139, "sigmoid": 0.598139, "gpo": 0.598139,          # log(1 + e^{-0.2})
-    "slic": 0.8, "hinge": 0.8,                                       # max(0, 1 - 0.2)
+    "dpo": 0.598139, "gpo": 0.598139,                                # log(1 + e^{-0.2})
+    "slic": 0.8,                                                     # max(0, 1 - 0.2)
     "exponential": 0.818731,                                         # e^{-0.2}
     "truncated_quadratic": 0.64,                                     # max(0, 0.8)^2
     "savage": 0.202649,                                              # sigmoid(-0.2)^2
     "ipo_sum": 9.0,                                                  # (2 - 1/(2*0.1))^2
-    "ipo": 21.467778,                                                # TRL length-averaged IPO
-    "sigmoid_norm": 0.674982, "ln_dpo": 0.674982,                    # -log sigmoid(0.1 * 0.366667)
+    "ipo": 21.467778,                                                # (1/5 - (-1/6) - 5)^2, length-averaged
+    "ln_dpo": 0.674982,                                              # -log sigmoid(0.1 * (1/5 + 1/6))
     "cdpo": -(0.9) * -_softplus(-_H) - 0.1 * -_softplus(_H),         # eps = 0.1
     "simpo": _softplus(-(2.0 * (0.0 - 0.25))),                       # beta 2, gamma/beta 0.25, avg margin 0
-    "cpo": _softplus(-0.1 * 2.0) + 10.0 / 5.0,                       # llm.md 2.4 example: 2.598139
+    "cpo": _softplus(-0.1 * 2.0) + 10.0 / 5.0,                       # log(1 + e^{-0.2}) + 10/5 = 2.598139
 }
 
-# f(0), f'(0), f''(0) of the six GPO functions (llm.md 1.1).
+# f(0), f'(0), f''(0) of the six GPO functions, differentiated by hand (GPO, arXiv:2402.05749, Table 1).
 _DERIVS = {"logistic": (math.log(2), -0.5, 0.25), "hinge": (1, -1, 0), "squared": (1, -2, 2),
            "exponential": (1, -1, 1), "truncated_quadratic": (1, -2, 2), "savage": (0.25, -0.25, 0.125)}
 
@@ -222,8 +229,11 @@ def test_every_tutorial_is_present_and_checked():
   assert sorted(os.path.basename(p) for p in NOTEBOOKS) == sorted(CHECKS)
 
 
+MAX_NOTEBOOK_BYTES = 1_000_000
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_is_clean_nbformat_v4(path):
+def test_notebook_is_nbformat_v4_with_its_outputs(path):
   nb = _load(path)
   assert nb["nbformat"] == 4 and nb["nbformat_minor"] >= 4
   assert nb["metadata"]["kernelspec"]["language"] == "python"
@@ -233,20 +243,59 @@ def test_notebook_is_clean_nbformat_v4(path):
   assert set(kinds) <= {"markdown", "code"} and kinds[0] == "markdown"
   for cell in nb["cells"]:
     assert isinstance(cell["source"], (list, str)) and isinstance(cell["metadata"], dict)
-    if cell["cell_type"] == "code":
-      assert cell["outputs"] == [] and cell["execution_count"] is None, "outputs must not be committed"
-  # The first code cell is the Colab install, guarded so that it is skipped where pofx imports,
-  # and no other cell uses shell or magic lines.
-  code = [_source(c) for c in nb["cells"] if c["cell_type"] == "code"]
+  # Committed with the outputs of one clean run, top to bottom: every code cell executed in order,
+  # no errors, at least one plot, and the file small enough for a repository viewer.
+  code_cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
+  assert [c["execution_count"] for c in code_cells] == list(range(1, len(code_cells) + 1)), "re-execute the notebook"
+  outputs = [o for c in code_cells for o in c["outputs"]]
+  assert not [o for o in outputs if o["output_type"] == "error"]
+  assert any("image/png" in o.get("data", {}) for o in outputs), "no plot in the committed outputs"
+  assert os.path.getsize(path) < MAX_NOTEBOOK_BYTES
+  # The first code cell is the install cell, and no other cell uses shell or magic lines.
+  code = [_source(c) for c in code_cells]
   setup = code[0]
-  assert "try:" in setup and "import pofx" in setup and "except ImportError:" in setup
-  guarded = setup.split("except ImportError:", 1)[1]
-  assert "%pip install" in guarded and "%pip" not in setup.split("except ImportError:", 1)[0]
+  assert "%pip install" in setup and "POFX_SOURCE" in setup and "setup.py" in setup
   for src in code[1:]:
     assert not any(MAGIC.match(line) for line in src.split("\n")), src
+  # No placeholder address and no pointer outside the repository.
+  text = json.dumps(nb)
+  assert not re.search(r"YOUR-|example\.com|<[a-z-]*url>", text, re.IGNORECASE)
   # The markdown cites its sources.
-  text = " ".join(_source(c) for c in nb["cells"] if c["cell_type"] == "markdown")
-  assert re.search(r"arXiv:\d{4}\.\d{4,5}", text)
+  markdown = " ".join(_source(c) for c in nb["cells"] if c["cell_type"] == "markdown")
+  assert re.search(r"arXiv:\d{4}\.\d{4,5}", markdown)
+
+
+def _install_cell(path):
+  return _python(_source([c for c in _load(path)["cells"] if c["cell_type"] == "code"][0]))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_install_cell_inside_the_checkout_keeps_its_pofx(path, monkeypatch):
+  monkeypatch.chdir(os.path.join(ROOT, "colab"))
+  monkeypatch.setattr(sys, "path", list(sys.path))
+  ns = {}
+  exec(compile(_install_cell(path), "install", "exec"), ns)  # pylint: disable=exec-used
+  assert ns["checkout"] == pathlib.Path(ROOT).resolve()
+  assert "requirement" not in ns  # this checkout's pofx and its dependencies import: nothing installed
+  assert str(pathlib.Path(ROOT).resolve()) in sys.path  # its packages (pofx_backends, experiments, ...) too
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_install_cell_elsewhere_stops_with_one_line_naming_what_to_set(path, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.delenv("POFX_SOURCE", raising=False)
+  monkeypatch.setitem(sys.modules, "pofx", None)  # `import pofx` raises ImportError, as on a fresh Colab
+  monkeypatch.setattr(sys, "path", list(sys.path))
+  with pytest.raises(SystemExit) as stop:
+    exec(compile(_install_cell(path), "install", "exec"), {})  # pylint: disable=exec-used
+  message = str(stop.value)
+  assert "\n" not in message and "POFX_SOURCE" in message
+  # With POFX_SOURCE set the cell goes on to install it (the `%pip` line, a no-op here) instead of stopping.
+  monkeypatch.setenv("POFX_SOURCE", "git+https://host/pofx.git")
+  ns = {}
+  with pytest.raises(ImportError):
+    exec(compile(_install_cell(path), "install", "exec"), ns)  # pylint: disable=exec-used
+  assert ns["requirement"] == "git+https://host/pofx.git"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
@@ -262,3 +311,19 @@ def test_magic_lines_become_pass_with_their_indentation():
   assert "  pass  # pip install -q x" in out and "  pass  # ls" in out and "x = 1 % 2" in out
   compile(out, "t", "exec")
   assert _python("%%bash\necho hi\n") == ""
+
+
+def refresh_outputs(paths=NOTEBOOKS, timeout=900):
+  """Executes each notebook in a fresh Jupyter kernel, in its directory, and writes its outputs back."""
+  import nbclient  # only for refreshing the committed outputs, not for the tests
+  import nbformat
+  for path in paths:
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+                            resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+    nbformat.write(nb, path)
+    print(f"{os.path.relpath(path, ROOT)}: {os.path.getsize(path) / 1e3:.0f} kB")
+
+
+if __name__ == "__main__":
+  refresh_outputs([os.path.abspath(p) for p in sys.argv[1:]] or NOTEBOOKS)
