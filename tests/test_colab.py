@@ -209,7 +209,8 @@ def _check_controlled_world(ns):
   for k in ("reward_accuracy", "ranking_accuracy", "idealized_ranking_accuracy"):
     assert 0.0 <= pairs[k] <= 1.0
   # A fraction of n pairs is a multiple of 1/n.
-  assert pairs["reward_accuracy"] * pairs["num_pairs"] == pytest.approx(round(pairs["reward_accuracy"] * pairs["num_pairs"]))
+  correct = pairs["reward_accuracy"] * pairs["num_pairs"]
+  assert correct == pytest.approx(round(correct))
   summary = ns["summary"]
   from experiments import main as experiments_main
   assert set(experiments_main.SUMMARY_KEYS) <= set(summary)
