@@ -6,7 +6,10 @@ with, per check, the largest difference from the single-device run (parameters a
 after a few steps; |a - b| / (1 + |b|)) and how far the single-device run moved the
 parameters (so that an equality cannot hold vacuously). The assertions live in the test file.
 
-  python tests/parallel_check.py [group ...]      groups: toy, batchstat, trap, llama (default all)
+  python tests/parallel_check.py [group ...]      groups: toy, awp_accum, batchstat, trap, llama (default all)
+
+The single-device runs of a group are compiled as one program (`_run_single`); every parallel
+run goes through `pofx.parallel.make_train_step` on its own.
 """
 
 import os
@@ -53,30 +56,55 @@ def _tree_err(x, y):
   return max([_rel_err(a, b) for a, b in zip(xs, ys)] or [0.0])
 
 
-def _host(state, metrics):
-  return parallel.to_host(state.params), parallel.to_host(state.ref_state), parallel.to_host(metrics)
+def _host(state, metrics, first_metrics):
+  return (parallel.to_host(state.params), parallel.to_host(state.ref_state), parallel.to_host(metrics),
+          parallel.to_host(first_metrics))
 
 
-def _run(logps_fn, params, batch, per_device, *, mode=None, mesh_shape=None, rules=parallel.DEFAULT_RULES,
-         steps=STEPS, opt=None, **kw):
-  """Returns (params, ref_state, metrics) on host after `steps` steps (one device if mode is None)."""
+def _init(params, kw, opt=None):
   # SGD with momentum: linear in the gradient, so a gradient off by a factor (the N-times trap)
   # shows in the parameters (Adam's g / sqrt(v) would hide it); the momentum is optimizer state.
   opt = opt or optax.sgd(1.0, momentum=0.9)
   pert = kw.get("perturbation") or perturbations.none()
   state = train.init_state(jax.tree.map(jnp.array, params), opt, kw["reference"], pert, loss=kw.get("loss", "dpo"),
                            loss_hyper=kw.get("loss_hyper"), rng=jax.random.key(3))
-  if mode is None:
-    step = train.make_train_step(logps_fn, opt, donate=False, **kw)
-    b = batch
-  else:
-    mesh = parallel.make_mesh(*mesh_shape)
-    step = parallel.make_train_step(logps_fn, opt, mode=mode, mesh=mesh, rules=rules, min_fsdp_size=1, **kw)
-    state = step.put_state(state)
-    b = step.put_batch(batch if mode == "jit" else per_device)
+  return opt, state
+
+
+def _run(logps_fn, params, batch, per_device, *, mode, mesh_shape, rules=parallel.DEFAULT_RULES, steps=STEPS,
+         opt=None, **kw):
+  """(params, ref_state, last metrics, first metrics) on host after `steps` steps of `mode`."""
+  opt, state = _init(params, kw, opt)
+  mesh = parallel.make_mesh(*mesh_shape)
+  step = parallel.make_train_step(logps_fn, opt, mode=mode, mesh=mesh, rules=rules, min_fsdp_size=1, **kw)
+  state = step.put_state(state)
+  b = step.put_batch(batch if mode == "jit" else per_device)
   for i in range(steps):
     state, metrics = step(state, b, jax.random.fold_in(jax.random.key(7), i))
-  return _host(state, metrics)
+    first = metrics if i == 0 else first
+  return _host(state, metrics, first)
+
+
+def _run_single(logps_fn, params, runs, *, steps=STEPS, opt=None):
+  """The single-device runs `[(batch, step kwargs), ...]`, as `_run` returns them, all in one
+  compiled program (one `pofx.train` step per run side by side: one XLA compilation instead of
+  one per run; each run's computation is its own)."""
+  opts, states, fns, batches = [], [], [], []
+  for batch, kw in runs:
+    o, state = _init(params, kw, opt)
+    fns.append(train.make_train_step(logps_fn, o, jit=False, **kw))
+    states.append(state)
+    batches.append(batch)
+
+  @jax.jit
+  def all_steps(states, batches, rng):
+    return tuple(zip(*[f(s, b, rng) for f, s, b in zip(fns, states, batches)]))
+
+  states = tuple(states)
+  for i in range(steps):
+    states, metrics = all_steps(states, tuple(batches), jax.random.fold_in(jax.random.key(7), i))
+    first = metrics if i == 0 else first
+  return [_host(s, m, f) for s, m, f in zip(states, metrics, first)]
 
 
 def _compare(base, out, params0):
@@ -119,26 +147,37 @@ def _toy_config(name):
   raise ValueError(name)
 
 
-def toy_group(results):
+def toy_group(results, strategies=("none", "frozen", "cached", "multi", "synced", "ema", "sam")):
   params = toy.init(0)
   batch = _toy_batch()
   per_device = parallel.split_per_device(batch, N_DEV)
-  for name in ("none", "frozen", "cached", "multi", "synced", "ema", "sam", "awp"):
+  bases = _run_single(toy.logps_fn, params, [(batch, _toy_config(n)) for n in strategies])
+  for name, base in zip(strategies, bases):
     kw = _toy_config(name)
-    base = _run(toy.logps_fn, params, batch, per_device, **kw)
     modes = MODES if name != "awp" else {k: MODES[k] for k in ("jit_2x4", "shard_map_8", "pmap_8")}
     for mode_name, (mode, shape) in modes.items():
       out = _run(toy.logps_fn, params, batch, per_device, mode=mode, mesh_shape=shape, **kw)
       results[f"toy/{name}/{mode_name}"] = _compare(base, out, params)
-  # Gradient accumulation: 2 micro-batches; device d holds its slice of each micro-batch.
-  kw = _toy_config("frozen")
+      if name == "frozen" and mode_name == "shard_map_8":
+        # The step's own gradient (trap group): the first step's grad_norm under shard_map is
+        # the single-device one.
+        g, g0 = out[3]["grad_norm"], base[3]["grad_norm"]
+        results["trap/step_grad_norm"] = {"err": _rel_err(g, g0), "ratio": float(g) / float(g0)}
+
+
+def awp_accum_group(results):
+  """AWP in every mode, and gradient accumulation: 2 micro-batches; device d holds its slice of each."""
+  toy_group(results, strategies=("awp",))
+  params = toy.init(0)
+  batch = _toy_batch()
   micro = [jax.tree.map(lambda x: x[:8], batch), jax.tree.map(lambda x: x[8:], batch)]
   stacked = train.stack_microbatches(micro)
+  accum = dict(grad_accum_steps=2, **_toy_config("frozen"))
+  (base,) = _run_single(toy.logps_fn, params, [(stacked, accum)])
   per_device = parallel.split_per_device(stacked, N_DEV, grad_accum_steps=2)
-  base = _run(toy.logps_fn, params, stacked, None, grad_accum_steps=2, **kw)
   for mode_name in ("jit_4x2", "shard_map_8"):
     mode, shape = MODES[mode_name]
-    out = _run(toy.logps_fn, params, stacked, per_device, mode=mode, mesh_shape=shape, grad_accum_steps=2, **kw)
+    out = _run(toy.logps_fn, params, stacked, per_device, mode=mode, mesh_shape=shape, **accum)
     results[f"toy/accum2/{mode_name}"] = _compare(base, out, params)
 
 
@@ -153,16 +192,16 @@ def batchstat_group(results):
   ref = references.frozen(toy.init(1), toy.logps_fn)
   configs = {"aot": dict(loss="aot"), "aot_unpaired": dict(loss="aot_unpaired"),
              "beta_dpo": dict(loss="beta_dpo", loss_hyper={"a": 0.6, "filter_ratio": 0.25})}
-  for name, kw in configs.items():
-    base = _run(toy.logps_fn, params, batch, per_device, reference=ref, **kw)
+  bases = _run_single(toy.logps_fn, params, [(batch, dict(reference=ref, **kw)) for kw in configs.values()])
+  # The loss of one device's batch (2 pairs) differs: the equality below is not vacuous.
+  local = _run_single(toy.logps_fn, params, [(jax.tree.map(lambda x: x[:2], batch), dict(reference=ref, **kw))
+                                             for kw in configs.values()], steps=1)
+  for (name, kw), base, loc in zip(configs.items(), bases, local):
     for mode_name in ("jit_8", "jit_2x4", "shard_map_8", "pmap_8"):
       mode, shape = MODES[mode_name]
       out = _run(toy.logps_fn, params, batch, per_device, mode=mode, mesh_shape=shape, reference=ref, **kw)
       results[f"batchstat/{name}/{mode_name}"] = _compare(base, out, params)
-    # The per-device loss of a local batch differs: the check above is not vacuous.
-    local = _run(toy.logps_fn, params, jax.tree.map(lambda x: x[:2], batch), None, reference=ref, steps=1, **kw)
-    first = _run(toy.logps_fn, params, batch, None, reference=ref, steps=1, **kw)
-    results[f"batchstat/{name}/local_differs"] = {"err": abs(float(local[2]["loss"]) - float(first[2]["loss"]))}
+    results[f"batchstat/{name}/local_differs"] = {"err": abs(float(loc[3]["loss"]) - float(base[3]["loss"]))}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,7 +221,7 @@ def trap_group(results):
   def objective(p, b):
     return dpo_mean(toy.logps_fn(p, b), toy.logps_fn(ref_params, b))
 
-  single = jax.grad(objective)(params, batch)
+  single = jax.jit(jax.grad(objective))(params, batch)
 
   # Naive: replicated params, per-device mean loss, pmean; check_vma=True (the default).
   def naive(p, b):
@@ -210,13 +249,7 @@ def trap_group(results):
   for name, g in outs.items():
     g = parallel.to_host(g)
     results[f"trap/{name}"] = {"err": _tree_err(g, g0), "ratio": float(optax.global_norm(g)) / norm0}
-  # The step's own gradient: grad_norm of one shard_map step equals the single-device one.
-  kw = _toy_config("frozen")
-  per_device = parallel.split_per_device(batch, N_DEV)
-  base = _run(toy.logps_fn, params, batch, per_device, steps=1, **kw)
-  out = _run(toy.logps_fn, params, batch, per_device, mode="shard_map", mesh_shape=(8, 1), steps=1, **kw)
-  results["trap/step_grad_norm"] = {"err": _rel_err(out[2]["grad_norm"], base[2]["grad_norm"]),
-                                    "ratio": float(out[2]["grad_norm"]) / float(base[2]["grad_norm"])}
+  # The step's own gradient (grad_norm of a shard_map step) is checked in the toy group.
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,7 +258,7 @@ def trap_group(results):
 
 def llama_group(results):
   from pofx import batching, models, policy
-  model = models.make(models.preset("tiny"))
+  model = models.make(models.preset("tiny", num_layers=1))  # one block: every rule's leaves, half the compile time
   logps_fn = policy.make_logps_fn(model.apply, model.head, chunk_size=64)
   params = model.init(jax.random.key(0))
   ref = references.frozen(model.init(jax.random.key(1)), logps_fn)
@@ -240,7 +273,7 @@ def llama_group(results):
   per_device = parallel.stack_per_device([{"pairs": b} for b in per_dev_batches])
   joined = {"pairs": parallel.concat_pair_batches(per_dev_batches)}
   opt = optax.sgd(1.0)  # linear in the gradient: differences are not amplified as by Adam's g/|g|
-  base = _run(logps_fn, params, whole, None, reference=ref, opt=opt)
+  (base,) = _run_single(logps_fn, params, [(whole, dict(reference=ref))], opt=opt)
   runs = {"jit_4x2": ("jit", (4, 2), parallel.DEFAULT_RULES),
           "jit_2x2x2_tensor": ("jit", (2, 2, 2), parallel.LLAMA_RULES),
           "shard_map_8": ("shard_map", (8, 1), parallel.DEFAULT_RULES)}
@@ -254,7 +287,8 @@ def llama_group(results):
         "count": sum(any(e is not None for e in s) for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))}
 
 
-GROUPS = {"toy": toy_group, "batchstat": batchstat_group, "trap": trap_group, "llama": llama_group}
+GROUPS = {"toy": toy_group, "awp_accum": awp_accum_group, "batchstat": batchstat_group, "trap": trap_group,
+          "llama": llama_group}
 
 
 def main(argv):

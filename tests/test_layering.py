@@ -8,8 +8,7 @@
   3. no `import` inside a function, except of the optional dependencies listed in
      `OPTIONAL_DEPENDENCIES` (heavy or not needed by the core).
 
-`PENDING` lists the violations in files owned by others while the restructuring is under way;
-it must be empty when that work is done.
+`PENDING` may list known violations while they are being cleared; it is empty.
 """
 
 import ast
@@ -26,19 +25,10 @@ OPTIONAL_DEPENDENCIES = frozenset({
     "tokenizers",           # pofx.data: local tokenizer.json
     "jinja2",               # pofx.data: chat templates
     "pyarrow",              # pofx.data: Parquet preference files
-    "pofx_backends",        # optional kernel backends (the core never imports them at the top)
 })
 
-# (file, what) of violations in others' files, to be cleared by their owners.
-PENDING = frozenset({
-    ("pofx/evaluation.py", "private pofx.losses._common"),
-    ("pofx/evaluation.py", "in-function import statistics"),
-    ("pofx/evaluation.py", "in-function import pofx.world"),
-    ("pofx/logprobs.py", "in-function import pofx.batching"),
-    ("pofx/data/pipeline.py", "in-function import inspect"),
-    ("pofx/data/pipeline.py", "in-function import jax"),
-    ("pofx/sparse_attention.py", "in-function import pofx.native"),
-})
+# (file, what) of known violations being cleared (empty: there are none).
+PENDING = frozenset()
 
 
 def _modules():

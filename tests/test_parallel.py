@@ -47,7 +47,7 @@ def results(tmp_path_factory):
 
 def _run_checks():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  groups = [["toy"], ["batchstat", "trap", "llama"]]
+  groups = [["toy"], ["awp_accum", "batchstat", "trap", "llama"]]  # about equal halves of the work
   procs = [subprocess.Popen([sys.executable, CHECK, *g], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for g in groups]
   out = {}
