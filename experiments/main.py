@@ -124,6 +124,7 @@ def _decide_kernels(config, workdir: str) -> Dict[str, Any]:
       if reason:
         raise ValueError(f"{path} records kernel backend {record['name']!r} for this workdir, which cannot run here: "
                          f"{reason}; use another workdir, or set config.model.kernels.")
+      _say("kernels: reusing the record in %s", path)
       return record
   if requested == "auto" and config.train.parallel.mode != "single" and jax.default_backend() == "cpu":
     name, details = "xla", {"requested": requested, "platform": "cpu",
