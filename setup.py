@@ -3,22 +3,22 @@
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
-    "jax>=0.10",
-    "flax>=0.12",
-    "optax>=0.2.8",
-    "orbax-checkpoint>=0.12",
-    "chex>=0.1.92",
-    "ml_collections>=1.1",
-    "tensorflow-datasets>=4.9.10",
-    "grain>=0.2.18",
-    "absl-py",
-    "numpy",
-    "tqdm",
-    "tokenizers",          # pofx.data: local tokenizer.json
-    "jinja2>=3.1.6",       # pofx.data: chat templates
-    "pyarrow",             # pofx.data: Parquet preference files
-    "tensorboardX",        # experiments: TensorBoard event files without TensorFlow
-    "matplotlib",          # experiments: PNG plots
+  "jax>=0.10",
+  "flax>=0.12",
+  "optax>=0.2.8",
+  "orbax-checkpoint>=0.12",
+  "chex>=0.1.92",
+  "ml_collections>=1.1",
+  "tensorflow-datasets>=4.9.10",
+  "grain>=0.2.18",
+  "absl-py",
+  "numpy",
+  "tqdm",
+  "tokenizers",  # pofx.data: local tokenizer.json
+  "jinja2>=3.1.6",  # pofx.data: chat templates
+  "pyarrow",  # pofx.data: Parquet preference files
+  "tensorboardX",  # experiments: TensorBoard event files without TensorFlow
+  "matplotlib",  # experiments: PNG plots
 ]
 
 # TRL parity tests need PyTorch; install the CPU build first (`pip install torch==2.13.0`), then
@@ -28,20 +28,30 @@ PARITY_REQUIRES = ["torch==2.13.0", "trl==1.16.0"]
 # the fastest float32 matmul on one of the benchmark CPUs. Optional; without it numpy's OpenBLAS is
 # used. PyPI has it for x86-64 Linux (and Windows, where pofx_backends.cpu does not look for it).
 MKL_REQUIRES = ["mkl>=2024; platform_machine == 'x86_64' and sys_platform == 'linux'"]
-TEST_REQUIRES = ["pytest>=8", "pytest-xdist>=3"] + PARITY_REQUIRES + MKL_REQUIRES
+TEST_REQUIRES = ["pytest>=8", "pytest-xdist>=3", "ruff>=0.6"] + PARITY_REQUIRES + MKL_REQUIRES
 
 setup(
-    name="pofx",
-    version="0.1.0",
-    description="Preference optimization (DPO and its descendants) in JAX/Flax",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.11",
-    # pofx_backends: the optional kernel backends (the core never imports them).
-    packages=find_packages(include=["pofx", "pofx.*", "pofx_backends", "pofx_backends.*", "experiments",
-                                    "experiments.*", "configs", "configs.*"]),
-    package_data={"pofx_backends.cpu.native": ["*.cc", "*.h"]},   # compiled on first use
-    install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES, "parity": PARITY_REQUIRES, "mkl": MKL_REQUIRES},
-    license="Apache-2.0",
+  name="pofx",
+  version="0.1.0",
+  description="Preference optimization (DPO and its descendants) in JAX/Flax",
+  long_description=open("README.md", encoding="utf-8").read(),
+  long_description_content_type="text/markdown",
+  python_requires=">=3.11",
+  # pofx_backends: the optional kernel backends (the core never imports them).
+  packages=find_packages(
+    include=[
+      "pofx",
+      "pofx.*",
+      "pofx_backends",
+      "pofx_backends.*",
+      "experiments",
+      "experiments.*",
+      "configs",
+      "configs.*",
+    ]
+  ),
+  package_data={"pofx_backends.cpu.native": ["*.cc", "*.h"]},  # compiled on first use
+  install_requires=INSTALL_REQUIRES,
+  extras_require={"test": TEST_REQUIRES, "parity": PARITY_REQUIRES, "mkl": MKL_REQUIRES},
+  license="Apache-2.0",
 )

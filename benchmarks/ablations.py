@@ -50,26 +50,35 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dpo_step  # noqa: E402
 
 VARIANTS = {
-    "cached (baseline)": [],
-    "dense attention": ["--attention", "dense"],
-    "all completion slots": ["--scored", "slots"],
-    "prompt-shared rows": ["--layout", "prompt_shared", "--completion_bucket", "64"],
-    "packed rows of 1024": ["--layout", "packed", "--row_length", "1024"],
-    "packed one row": ["--layout", "packed", "--row_length", "0"],
-    "fused layout": ["--layout", "fused", "--completion_bucket", "64"],
-    "naive log-softmax": ["--logprobs", "naive"],
-    "head chunks of 1024": ["--chunk_size", "1024"],
-    "frozen reference": ["--reference", "frozen"],
-    "multi K=2 (cached)": ["--reference", "multi"],
-    "SAM": ["--perturbation", "sam"],
-    "AWP": ["--perturbation", "awp"],
-    "RWP (10 proxy steps)": ["--perturbation", "rwp"],
-    "native attention": ["--kernels", "cpu", "--products", "xla"],
-    "OpenBLAS weight gradients": ["--kernels", "cpu", "--products", "blas", "--blas", "openblas", "--cpu_attention", "off"],
-    "native attention + OpenBLAS weight gradients": ["--kernels", "cpu", "--products", "blas", "--blas", "openblas"],
-    "native attention + OpenBLAS every product": ["--kernels", "cpu", "--products", "blas_all", "--blas", "openblas"],
-    "native attention + MKL weight gradients": ["--kernels", "cpu", "--products", "blas", "--blas", "mkl"],
-    "native attention + MKL every product": ["--kernels", "cpu", "--products", "blas_all", "--blas", "mkl"],
+  "cached (baseline)": [],
+  "dense attention": ["--attention", "dense"],
+  "all completion slots": ["--scored", "slots"],
+  "prompt-shared rows": ["--layout", "prompt_shared", "--completion_bucket", "64"],
+  "packed rows of 1024": ["--layout", "packed", "--row_length", "1024"],
+  "packed one row": ["--layout", "packed", "--row_length", "0"],
+  "fused layout": ["--layout", "fused", "--completion_bucket", "64"],
+  "naive log-softmax": ["--logprobs", "naive"],
+  "head chunks of 1024": ["--chunk_size", "1024"],
+  "frozen reference": ["--reference", "frozen"],
+  "multi K=2 (cached)": ["--reference", "multi"],
+  "SAM": ["--perturbation", "sam"],
+  "AWP": ["--perturbation", "awp"],
+  "RWP (10 proxy steps)": ["--perturbation", "rwp"],
+  "native attention": ["--kernels", "cpu", "--products", "xla"],
+  "OpenBLAS weight gradients": [
+    "--kernels",
+    "cpu",
+    "--products",
+    "blas",
+    "--blas",
+    "openblas",
+    "--cpu_attention",
+    "off",
+  ],
+  "native attention + OpenBLAS weight gradients": ["--kernels", "cpu", "--products", "blas", "--blas", "openblas"],
+  "native attention + OpenBLAS every product": ["--kernels", "cpu", "--products", "blas_all", "--blas", "openblas"],
+  "native attention + MKL weight gradients": ["--kernels", "cpu", "--products", "blas", "--blas", "mkl"],
+  "native attention + MKL every product": ["--kernels", "cpu", "--products", "blas_all", "--blas", "mkl"],
 }
 REFERENCE = "cached (baseline)"
 assert not any("," in n for n in VARIANTS), "variant names travel comma-separated (--only)"
@@ -83,13 +92,22 @@ def parser():
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--steps", type=int, default=10)
   ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
-  ap.add_argument("--group_size", type=int, default=None,
-                  help="variants per process (0: all in one process; default 0 for fixed, 4 for variable)")
-  ap.add_argument("--kernels", choices=["xla", "cpu"], default="xla",
-                  help="the kernel backend of every variant that does not name its own")
+  ap.add_argument(
+    "--group_size",
+    type=int,
+    default=None,
+    help="variants per process (0: all in one process; default 0 for fixed, 4 for variable)",
+  )
+  ap.add_argument(
+    "--kernels",
+    choices=["xla", "cpu"],
+    default="xla",
+    help="the kernel backend of every variant that does not name its own",
+  )
   ap.add_argument("--no_startup", action="store_true", help="as dpo_step.py --no_startup, for every process")
-  ap.add_argument("--base_args", default="",
-                  help="dpo_step.py options added to every variant (before the variant's own)")
+  ap.add_argument(
+    "--base_args", default="", help="dpo_step.py options added to every variant (before the variant's own)"
+  )
   ap.add_argument("--json", default=None)
   return ap
 
@@ -102,14 +120,17 @@ def run_group(a, names):
   total_steps = a.rounds * a.steps
   benches = {}
   for n in names:
-    args = dpo_step.parse(["--workload", a.workload, "--steps", str(total_steps), "--warmup", "0",
-                           "--kernels", a.kernels] + shlex.split(a.base_args) + VARIANTS[n])
+    args = dpo_step.parse(
+      ["--workload", a.workload, "--steps", str(total_steps), "--warmup", "0", "--kernels", a.kernels]
+      + shlex.split(a.base_args)
+      + VARIANTS[n]
+    )
     benches[n] = dpo_step.Bench(args)
     kernels, _, _ = dpo_step.resolve_kernels(args, benches[n])
     benches[n].precompute(kernels)
     benches[n].compile(kernels)
     print(f"built {n}: {len(benches[n].flops_by_shape)} shapes, compile {benches[n].t_compile:.1f}s", flush=True)
-  for n in names:   # warm-up, untimed: a first execution pays one-off costs (allocations, page faults)
+  for n in names:  # warm-up, untimed: a first execution pays one-off costs (allocations, page faults)
     benches[n].run(0, 1)
   per_round = {n: [] for n in names}
   for r in range(a.rounds):
@@ -122,10 +143,16 @@ def run_group(a, names):
   rows = []
   for n in names:
     med = statistics.median(per_round[n])
-    rows.append({"variant": n, "median_sec_per_step": round(med, 4), "ratio_to_cached": round(med / base, 3),
-                 "pairs_per_s": round(benches[n].a.bs / med, 3),
-                 "step_gflops": round(sum(benches[n].flops_by_shape.values()) / len(benches[n].flops_by_shape) / 1e9, 2),
-                 "distinct_shapes": len(benches[n].flops_by_shape)})
+    rows.append(
+      {
+        "variant": n,
+        "median_sec_per_step": round(med, 4),
+        "ratio_to_cached": round(med / base, 3),
+        "pairs_per_s": round(benches[n].a.bs / med, 3),
+        "step_gflops": round(sum(benches[n].flops_by_shape.values()) / len(benches[n].flops_by_shape) / 1e9, 2),
+        "distinct_shapes": len(benches[n].flops_by_shape),
+      }
+    )
   return rows, per_round
 
 
@@ -133,13 +160,30 @@ def run_groups(a, variants, size):
   """Each group of `size` variants in a child process (this script with `--only`), beside its own
   reference variant; the reference row is the median over the groups."""
   rows, per_round, refs = [], {}, []
-  groups = [variants[i:i + size] for i in range(0, len(variants), size)] or [[]]
+  groups = [variants[i : i + size] for i in range(0, len(variants), size)] or [[]]
   for g, group in enumerate(groups):
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
       out = f.name
-    cmd = [sys.executable, os.path.abspath(__file__), "--workload", a.workload, "--rounds", str(a.rounds),
-           "--steps", str(a.steps), "--group_size", "0", "--kernels", a.kernels, "--base_args", a.base_args,
-           "--json", out, "--only", ",".join([REFERENCE] + group)] + (["--no_startup"] if a.no_startup else [])
+    cmd = [
+      sys.executable,
+      os.path.abspath(__file__),
+      "--workload",
+      a.workload,
+      "--rounds",
+      str(a.rounds),
+      "--steps",
+      str(a.steps),
+      "--group_size",
+      "0",
+      "--kernels",
+      a.kernels,
+      "--base_args",
+      a.base_args,
+      "--json",
+      out,
+      "--only",
+      ",".join([REFERENCE] + group),
+    ] + (["--no_startup"] if a.no_startup else [])
     print(f"group {g + 1}/{len(groups)}: {', '.join(group) or REFERENCE}", flush=True)
     subprocess.run(cmd, check=True)
     with open(out) as f:
@@ -159,8 +203,9 @@ def run_groups(a, variants, size):
 def main():
   a = parser().parse_args()
   if a.rounds < 1 or a.steps < 1 or (a.group_size is not None and a.group_size < 0):
-    raise SystemExit(f"ablations: need --rounds >= 1, --steps >= 1, --group_size >= 0 (got {a.rounds}, {a.steps}, "
-                     f"{a.group_size}).")
+    raise SystemExit(
+      f"ablations: need --rounds >= 1, --steps >= 1, --group_size >= 0 (got {a.rounds}, {a.steps}, {a.group_size})."
+    )
   unknown = [n for n in a.only.split(",") if n and n not in VARIANTS]
   if unknown:
     raise SystemExit(f"ablations: unknown variant(s) {unknown}; allowed: {list(VARIANTS)}.")
@@ -171,17 +216,31 @@ def main():
     rows, per_round = run_group(a, [REFERENCE] + others)
   else:
     rows, per_round = run_groups(a, others, size)
-  print(f"\nworkload={a.workload}, {a.rounds} rounds x {a.steps} steps, medians over rounds"
-        + (f", groups of {size} variants per process (ratios within each process)" if size else ""))
+  print(
+    f"\nworkload={a.workload}, {a.rounds} rounds x {a.steps} steps, medians over rounds"
+    + (f", groups of {size} variants per process (ratios within each process)" if size else "")
+  )
   print(f"{'variant':22s} {'sec/step':>9s} {'x cached':>9s} {'pairs/s':>8s} {'GFLOP/step':>11s} {'shapes':>6s}")
   for r in rows:
-    print(f"{r['variant']:22s} {r['median_sec_per_step']:9.4f} {r['ratio_to_cached']:9.3f} {r['pairs_per_s']:8.2f} "
-          f"{r['step_gflops']:11.2f} {r['distinct_shapes']:6d}")
+    print(
+      f"{r['variant']:22s} {r['median_sec_per_step']:9.4f} {r['ratio_to_cached']:9.3f} {r['pairs_per_s']:8.2f} "
+      f"{r['step_gflops']:11.2f} {r['distinct_shapes']:6d}"
+    )
   if a.json:
     with open(a.json, "w") as f:
-      json.dump({"workload": a.workload, "rounds": a.rounds, "steps": a.steps, "group_size": size,
-                 "base_args": a.base_args, "rows": rows,
-                 "per_round": per_round}, f, indent=1)
+      json.dump(
+        {
+          "workload": a.workload,
+          "rounds": a.rounds,
+          "steps": a.steps,
+          "group_size": size,
+          "base_args": a.base_args,
+          "rows": rows,
+          "per_round": per_round,
+        },
+        f,
+        indent=1,
+      )
 
 
 if __name__ == "__main__":

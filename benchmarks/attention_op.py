@@ -61,21 +61,31 @@ def main():
       times.append(time.perf_counter() - t)
     return statistics.median(times)
 
-  report = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "kernels": a.kernels, "startup": not a.no_startup,
-            "workloads": {}}
+  report = {
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "kernels": a.kernels,
+    "startup": not a.no_startup,
+    "workloads": {},
+  }
   for wl in workloads:
     base = dpo_step.parse(["--workload", wl])
     data = dpo_step.dataset(wl)
-    pairs = dpo_step.make_pairs(base.layout, data, list(range(8)), row_length=base.row_length,
-                                completion_bucket=base.completion_bucket, per_doubling=base.per_doubling,
-                                block_size=BLOCK)
+    pairs = dpo_step.make_pairs(
+      base.layout,
+      data,
+      list(range(8)),
+      row_length=base.row_length,
+      completion_bucket=base.completion_bucket,
+      per_doubling=base.per_doubling,
+      block_size=BLOCK,
+    )
     seg, br = np.asarray(pairs.segment_ids), np.asarray(pairs.branch_ids)
     R, L = seg.shape
     blocks = batching.attention_blocks(pairs, block_size=BLOCK, bucket=dpo_step.GEOMETRIC[base.per_doubling])
     mask = kernels_lib.SegmentMask(seg, br, blocks)
     ks = jax.random.split(jax.random.key(0), 4)
     G = HEADS // KV_HEADS
-    q = jax.random.normal(ks[0], (R, L, KV_HEADS, G, HEAD_DIM)) / HEAD_DIM ** 0.5
+    q = jax.random.normal(ks[0], (R, L, KV_HEADS, G, HEAD_DIM)) / HEAD_DIM**0.5
     k = jax.random.normal(ks[1], (R, L, KV_HEADS, HEAD_DIM))
     v = jax.random.normal(ks[2], (R, L, KV_HEADS, HEAD_DIM))
     proj = jax.random.normal(ks[3], q.shape) * jnp.asarray(seg > 0, jnp.float32)[:, :, None, None, None]
@@ -84,15 +94,23 @@ def main():
     fwd = jax.jit(lambda q, k, v: attention(q, k, v, mask, scale=1.0))
     grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v, mask, scale=1.0) * proj), argnums=(0, 1, 2)))
     t_fwd, t_both = timed(fwd, q, k, v), timed(grad, q, k, v)
-    dot_flops = 2 * blocks.num_pairs * HEADS * BLOCK * BLOCK * HEAD_DIM   # one [b, hd] x [hd, b] per head
-    row = {"rows": R, "row_length": L, "block_pairs": blocks.num_pairs,
-           "fwd_ms": round(t_fwd * 1e3, 2), "fwd_bwd_ms": round(t_both * 1e3, 2),
-           "fwd_gflops_per_s": round(2 * dot_flops / t_fwd / 1e9, 1),
-           "fwd_bwd_gflops_per_s": round(7 * dot_flops / t_both / 1e9, 1)}
+    dot_flops = 2 * blocks.num_pairs * HEADS * BLOCK * BLOCK * HEAD_DIM  # one [b, hd] x [hd, b] per head
+    row = {
+      "rows": R,
+      "row_length": L,
+      "block_pairs": blocks.num_pairs,
+      "fwd_ms": round(t_fwd * 1e3, 2),
+      "fwd_bwd_ms": round(t_both * 1e3, 2),
+      "fwd_gflops_per_s": round(2 * dot_flops / t_fwd / 1e9, 1),
+      "fwd_bwd_gflops_per_s": round(7 * dot_flops / t_both / 1e9, 1),
+    }
     report["workloads"][wl] = row
-    print(f"{wl}: rows {R} x {L}, {blocks.num_pairs} block pairs; forward {row['fwd_ms']} ms "
-          f"({row['fwd_gflops_per_s']} GFLOP/s), forward + backward {row['fwd_bwd_ms']} ms "
-          f"({row['fwd_bwd_gflops_per_s']} GFLOP/s)", flush=True)
+    print(
+      f"{wl}: rows {R} x {L}, {blocks.num_pairs} block pairs; forward {row['fwd_ms']} ms "
+      f"({row['fwd_gflops_per_s']} GFLOP/s), forward + backward {row['fwd_bwd_ms']} ms "
+      f"({row['fwd_bwd_gflops_per_s']} GFLOP/s)",
+      flush=True,
+    )
   if a.json:
     with open(a.json, "w") as f:
       json.dump(report, f, indent=1)

@@ -54,8 +54,7 @@ ALLOCATOR_PREFIXES = ("MALLOC_",)
 
 
 def clean_environment() -> dict:
-  return {k: v for k, v in os.environ.items()
-          if k not in ALLOCATOR_VARIABLES and not k.startswith(ALLOCATOR_PREFIXES)}
+  return {k: v for k, v in os.environ.items() if k not in ALLOCATOR_VARIABLES and not k.startswith(ALLOCATOR_PREFIXES)}
 
 
 class Setting:
@@ -92,8 +91,15 @@ def run(setting: Setting) -> dict:
     out = f.name
   flag = "--out" if setting.side == "trl" else "--json"
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
-  proc = subprocess.run(setting.argv + [flag, out], env={**clean_environment(), **setting.env}, cwd=ROOT,
-                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+  proc = subprocess.run(
+    setting.argv + [flag, out],
+    env={**clean_environment(), **setting.env},
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+    check=False,
+  )
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
   if proc.returncode:
     return {"error": proc.stderr[-2000:]}
@@ -108,8 +114,7 @@ def run(setting: Setting) -> dict:
 
 def settings_of(a, workload):
   trl = [Setting("trl", "default", workload, a.steps), Setting("trl", "retained", workload, a.steps, retained=True)]
-  pofx = [Setting("pofx", "default", workload, a.steps),
-          Setting("pofx", "retained", workload, a.steps, retained=True)]
+  pofx = [Setting("pofx", "default", workload, a.steps), Setting("pofx", "retained", workload, a.steps, retained=True)]
   if "best" in a.only:
     trl += [Setting.parse("trl", s, workload, a.steps) for s in a.trl_candidates.split(";") if s.strip()]
     pofx += [Setting.parse("pofx", s, workload, a.steps) for s in a.pofx_candidates.split(";") if s.strip()]
@@ -129,32 +134,38 @@ def summarize(workload, settings, runs, only):
 
   def entry(side, label):
     rs = [r for r in runs[(side, label)] if "error" not in r]
-    return {"label": label, "command": next(s.command() for s in settings if (s.side, s.label) == (side, label)),
-            "median_pairs_per_s": med[(side, label)], "runs_pairs_per_s": [r["pairs_per_s"] for r in rs],
-            "median_maxrss_MiB": median_of(rs, "maxrss_MiB"),
-            "runs_maxrss_MiB": [r["maxrss_MiB"] for r in rs],
-            "minor_page_faults_per_step": median_of(rs, "minor_page_faults_per_step"),
-            "system_cpu_s_per_step": median_of(rs, "system_cpu_s_per_step"),
-            "process_minor_page_faults_per_step": median_of(rs, "process_minor_page_faults_per_step"),
-            "process_system_cpu_s_per_step": median_of(rs, "process_system_cpu_s_per_step"),
-            "kernels": sorted({r.get("kernels") for r in rs if r.get("kernels")}),
-            "fraction_of_matmul_peak": median_of(rs, "fraction_of_matmul_peak"),
-            "errors": [r["error"][-300:] for r in runs[(side, label)] if "error" in r]}
+    return {
+      "label": label,
+      "command": next(s.command() for s in settings if (s.side, s.label) == (side, label)),
+      "median_pairs_per_s": med[(side, label)],
+      "runs_pairs_per_s": [r["pairs_per_s"] for r in rs],
+      "median_maxrss_MiB": median_of(rs, "maxrss_MiB"),
+      "runs_maxrss_MiB": [r["maxrss_MiB"] for r in rs],
+      "minor_page_faults_per_step": median_of(rs, "minor_page_faults_per_step"),
+      "system_cpu_s_per_step": median_of(rs, "system_cpu_s_per_step"),
+      "process_minor_page_faults_per_step": median_of(rs, "process_minor_page_faults_per_step"),
+      "process_system_cpu_s_per_step": median_of(rs, "process_system_cpu_s_per_step"),
+      "kernels": sorted({r.get("kernels") for r in rs if r.get("kernels")}),
+      "fraction_of_matmul_peak": median_of(rs, "fraction_of_matmul_peak"),
+      "errors": [r["error"][-300:] for r in runs[(side, label)] if "error" in r],
+    }
 
   def best(side):
     measured = [(m, label) for (s, label), m in med.items() if s == side and m is not None]
     return max(measured)[1] if measured else None
 
   comparisons = {}
-  for name, (trl_label, pofx_label) in {"default": ("default", "default"),
-                                        "same_allocator": ("retained", "retained"),
-                                        "best": (best("trl"), best("pofx"))}.items():
-    if (("trl", trl_label) not in runs or ("pofx", pofx_label) not in runs
-        or (name != "default" and name not in only)):
+  for name, (trl_label, pofx_label) in {
+    "default": ("default", "default"),
+    "same_allocator": ("retained", "retained"),
+    "best": (best("trl"), best("pofx")),
+  }.items():
+    if ("trl", trl_label) not in runs or ("pofx", pofx_label) not in runs or (name != "default" and name not in only):
       continue
     t, p = entry("trl", trl_label), entry("pofx", pofx_label)
-    ratio = p["median_pairs_per_s"] / t["median_pairs_per_s"] if t["median_pairs_per_s"] and p["median_pairs_per_s"] \
-        else None
+    ratio = (
+      p["median_pairs_per_s"] / t["median_pairs_per_s"] if t["median_pairs_per_s"] and p["median_pairs_per_s"] else None
+    )
     comparisons[name] = {"trl": t, "pofx": p, "ratio_pofx_over_trl": None if ratio is None else round(ratio, 3)}
   out = {"workload": workload, "comparisons": comparisons}
   pofx_best = best("pofx")
@@ -182,9 +193,12 @@ def machine() -> dict:
       return ""
 
   dirty = git("status", "--porcelain", "--untracked-files=no", "--", "pofx", "pofx_backends", "benchmarks")
-  return {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
-          "commit": git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if dirty else ""),
-          "cpu": cpu, "cores": os.cpu_count()}
+  return {
+    "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
+    "commit": git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if dirty else ""),
+    "cpu": cpu,
+    "cores": os.cpu_count(),
+  }
 
 
 def fmt(x, digits=2):
@@ -193,35 +207,46 @@ def fmt(x, digits=2):
 
 def markdown(summary) -> str:
   m = summary["machine"]
-  lines = [f"Measured {m['date']} at commit {m['commit']} on {m['cpu']} ({m['cores']} cores): "
-           f"{summary['reps']} repetition{'s' if summary['reps'] != 1 else ''} of {summary['steps']} steps per setting "
-           "(the first 5 excluded), "
-           "medians (runs in brackets).", "",
-           "| workload | comparison | TRL (setting) | TRL pairs/s | pofx (setting) | pofx pairs/s | pofx / TRL | "
-           "TRL peak RSS MiB | pofx peak RSS MiB |",
-           "|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+    f"Measured {m['date']} at commit {m['commit']} on {m['cpu']} ({m['cores']} cores): "
+    f"{summary['reps']} repetition{'s' if summary['reps'] != 1 else ''} of {summary['steps']} steps per setting "
+    "(the first 5 excluded), "
+    "medians (runs in brackets).",
+    "",
+    "| workload | comparison | TRL (setting) | TRL pairs/s | pofx (setting) | pofx pairs/s | pofx / TRL | "
+    "TRL peak RSS MiB | pofx peak RSS MiB |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
   names = {"default": "1. default vs default", "same_allocator": "2. same allocator", "best": "3. each at its best"}
   for w in summary["workloads"]:
     for name, c in w["comparisons"].items():
       t, p = c["trl"], c["pofx"]
       runs = lambda e: ", ".join(f"{x:.2f}" for x in e["runs_pairs_per_s"])
-      lines.append(f"| {w['workload']} | {names[name]} | {t['label']} | {fmt(t['median_pairs_per_s'])} ({runs(t)}) | "
-                   f"{p['label']}{' (' + ', '.join(p['kernels']) + ')' if p['kernels'] else ''} | "
-                   f"{fmt(p['median_pairs_per_s'])} ({runs(p)}) | **{fmt(c['ratio_pofx_over_trl'])}** | "
-                   f"{fmt(t['median_maxrss_MiB'], 0)} | {fmt(p['median_maxrss_MiB'], 0)} |")
-  lines += ["", "| workload | pofx default / pofx best | pofx setting | pofx faults / timed step | "
-            "pofx system s / timed step | fraction of matmul peak | TRL faults / step (whole process) | "
-            "TRL system s / step (whole process) |", "|---|---|---|---|---|---|---|---|"]
+      lines.append(
+        f"| {w['workload']} | {names[name]} | {t['label']} | {fmt(t['median_pairs_per_s'])} ({runs(t)}) | "
+        f"{p['label']}{' (' + ', '.join(p['kernels']) + ')' if p['kernels'] else ''} | "
+        f"{fmt(p['median_pairs_per_s'])} ({runs(p)}) | **{fmt(c['ratio_pofx_over_trl'])}** | "
+        f"{fmt(t['median_maxrss_MiB'], 0)} | {fmt(p['median_maxrss_MiB'], 0)} |"
+      )
+  lines += [
+    "",
+    "| workload | pofx default / pofx best | pofx setting | pofx faults / timed step | "
+    "pofx system s / timed step | fraction of matmul peak | TRL faults / step (whole process) | "
+    "TRL system s / step (whole process) |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for w in summary["workloads"]:
     c = w["comparisons"]
     for name in ("default", "same_allocator"):
       if name not in c:
         continue
       p, t = c[name]["pofx"], c[name]["trl"]
-      lines.append(f"| {w['workload']} | {fmt(w.get('pofx_default_over_best'), 3) if name == 'default' else ''} | "
-                   f"{p['label']} | {fmt(p['minor_page_faults_per_step'], 0)} | {fmt(p['system_cpu_s_per_step'], 3)} | "
-                   f"{fmt(p['fraction_of_matmul_peak'], 3)} | {fmt(t['process_minor_page_faults_per_step'], 0)} | "
-                   f"{fmt(t['process_system_cpu_s_per_step'], 3)} |")
+      lines.append(
+        f"| {w['workload']} | {fmt(w.get('pofx_default_over_best'), 3) if name == 'default' else ''} | "
+        f"{p['label']} | {fmt(p['minor_page_faults_per_step'], 0)} | {fmt(p['system_cpu_s_per_step'], 3)} | "
+        f"{fmt(p['fraction_of_matmul_peak'], 3)} | {fmt(t['process_minor_page_faults_per_step'], 0)} | "
+        f"{fmt(t['process_system_cpu_s_per_step'], 3)} |"
+      )
   lines += ["", "Commands (from the repository root; each side's default is its documented command):", ""]
   seen = set()
   for w in summary["workloads"]:
@@ -239,13 +264,22 @@ def main(argv=None):
   ap.add_argument("--workload", choices=["fixed", "variable", "both"], default="both")
   ap.add_argument("--reps", type=int, default=3)
   ap.add_argument("--steps", type=int, default=30)
-  ap.add_argument("--pofx_candidates", default="--kernels xla;--kernels cpu",
-                  help="';'-separated pofx settings for the best-setting comparison: [retained] [NAME=value ...] "
-                       "[dpo_step.py options]")
-  ap.add_argument("--trl_candidates", default="retained GLIBC_TUNABLES=glibc.malloc.hugetlb=1",
-                  help="';'-separated TRL settings for the best-setting comparison (same form)")
-  ap.add_argument("--only", default="default,same_allocator,best",
-                  help="comma-separated comparisons to run: default, same_allocator, best")
+  ap.add_argument(
+    "--pofx_candidates",
+    default="--kernels xla;--kernels cpu",
+    help="';'-separated pofx settings for the best-setting comparison: [retained] [NAME=value ...] "
+    "[dpo_step.py options]",
+  )
+  ap.add_argument(
+    "--trl_candidates",
+    default="retained GLIBC_TUNABLES=glibc.malloc.hugetlb=1",
+    help="';'-separated TRL settings for the best-setting comparison (same form)",
+  )
+  ap.add_argument(
+    "--only",
+    default="default,same_allocator,best",
+    help="comma-separated comparisons to run: default, same_allocator, best",
+  )
   ap.add_argument("--json", default=None)
   ap.add_argument("--markdown", default=None)
   a = ap.parse_args(argv)
@@ -266,8 +300,11 @@ def main(argv=None):
           print(f"{workload} rep {rep} {s.side:4s} {s.label}: FAILED\n{r['error'][-1000:]}", flush=True)
           continue
         extra = f"  kernels {r['kernels']}" if s.side == "pofx" else ""
-        print(f"{workload} rep {rep} {s.side:4s} {s.label:45s} pairs/s {r['pairs_per_s']:8.3f}  "
-              f"maxrss {r['maxrss_MiB']:.0f} MiB{extra}", flush=True)
+        print(
+          f"{workload} rep {rep} {s.side:4s} {s.label:45s} pairs/s {r['pairs_per_s']:8.3f}  "
+          f"maxrss {r['maxrss_MiB']:.0f} MiB{extra}",
+          flush=True,
+        )
     w = summarize(workload, settings, runs, a.only)
     w["runs"] = {f"{side}/{label}": rs for (side, label), rs in runs.items()}
     summary["workloads"].append(w)
@@ -277,10 +314,12 @@ def main(argv=None):
   for w in summary["workloads"]:
     c = w["comparisons"].get("default")
     if c and c["ratio_pofx_over_trl"] is not None:
-      print(f"{w['workload']}: default vs default {c['ratio_pofx_over_trl']:.2f}x "
-            f"({'meets' if c['ratio_pofx_over_trl'] >= 2.0 else 'BELOW'} the 2.0x target); pofx default / best "
-            f"{fmt(w.get('pofx_default_over_best'), 3)} "
-            f"({'meets' if (w.get('pofx_default_over_best') or 0) >= 0.9 else 'BELOW'} the 0.9 target)")
+      print(
+        f"{w['workload']}: default vs default {c['ratio_pofx_over_trl']:.2f}x "
+        f"({'meets' if c['ratio_pofx_over_trl'] >= 2.0 else 'BELOW'} the 2.0x target); pofx default / best "
+        f"{fmt(w.get('pofx_default_over_best'), 3)} "
+        f"({'meets' if (w.get('pofx_default_over_best') or 0) >= 0.9 else 'BELOW'} the 0.9 target)"
+      )
   if a.json:
     with open(a.json, "w") as f:
       json.dump(summary, f, indent=1)

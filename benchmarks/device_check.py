@@ -65,7 +65,7 @@ def layout_masks(layout: str, batch: int, length: int, seed: int = 0) -> kernels
       pos, s = 0, 1
       while pos < length - 16:
         n = int(rng.integers(16, max(17, length // 3)))
-        seg[r, pos:pos + n] = s
+        seg[r, pos : pos + n] = s
         pos, s = pos + n, s + 1
     else:
       pos, s = 0, 1
@@ -73,9 +73,9 @@ def layout_masks(layout: str, batch: int, length: int, seed: int = 0) -> kernels
         p, c, j = (int(rng.integers(16, max(17, length // 8))) for _ in range(3))
         if pos + p + c + j > length:
           break
-        seg[r, pos:pos + p + c + j] = s
-        br[r, pos + p:pos + p + c] = 1
-        br[r, pos + p + c:pos + p + c + j] = 2
+        seg[r, pos : pos + p + c + j] = s
+        br[r, pos + p : pos + p + c] = 1
+        br[r, pos + p + c : pos + p + c + j] = 2
         pos, s = pos + p + c + j, s + 1
   if layout == "prompt_shared":
     return kernels_lib.SegmentMask(jnp.asarray(seg), jnp.asarray(br))
@@ -84,9 +84,11 @@ def layout_masks(layout: str, batch: int, length: int, seed: int = 0) -> kernels
 
 def value_and_grads_fn(attention, scale):
   """jit of (q, k, v, mask, w) -> (out, (dq, dk, dv)) for the loss sum(out * w)."""
+
   def run(q, k, v, mask, w):
     out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, mask, scale=scale), q, k, v)
     return out, vjp(w.astype(out.dtype))
+
   return jax.jit(run)
 
 
@@ -120,10 +122,14 @@ def check_attention(backend_kernels, a) -> bool:
   rng = np.random.default_rng(0)
   base = [rng.standard_normal(s, np.float32) for s in ((B, L, K, G, hd), (B, L, K, hd), (B, L, K, hd))]
   w = jnp.asarray(rng.standard_normal((B, L, K, G, hd), np.float32))
-  print(f"attention: {backend_kernels.name} vs XLA; B={B} L={L} heads={a.heads} kv_heads={K} head_dim={hd}; "
-        f"errors relative to XLA float32 at highest precision; times are medians of {a.calls} calls")
-  header = (f"{'layout':14s} {'dtype':9s} {'err ' + backend_kernels.name:>10s} {'err xla':>10s} "
-            f"{'fwd ms':>8s} {'xla fwd':>8s} {'f+b ms':>8s} {'xla f+b':>8s} {'f+b x':>6s}  ok")
+  print(
+    f"attention: {backend_kernels.name} vs XLA; B={B} L={L} heads={a.heads} kv_heads={K} head_dim={hd}; "
+    f"errors relative to XLA float32 at highest precision; times are medians of {a.calls} calls"
+  )
+  header = (
+    f"{'layout':14s} {'dtype':9s} {'err ' + backend_kernels.name:>10s} {'err xla':>10s} "
+    f"{'fwd ms':>8s} {'xla fwd':>8s} {'f+b ms':>8s} {'xla f+b':>8s} {'f+b x':>6s}  ok"
+  )
   print(header)
   ok_all = True
   # One jitted function each, reused across layouts and dtypes (fused and packed masks share a compile).
@@ -145,8 +151,11 @@ def check_attention(backend_kernels, a) -> bool:
       xla_fwd = median_ms(xla_fwd_fn, (q, k, v, mask), a.calls)
       fb = median_ms(accel_vg, (q, k, v, mask, w), a.calls)
       xla_fb = median_ms(xla_vg, (q, k, v, mask, w), a.calls)
-      print(f"{layout:14s} {dtype:9s} {err_accel:10.2e} {err_xla:10.2e} {fwd:8.2f} {xla_fwd:8.2f} {fb:8.2f} "
-            f"{xla_fb:8.2f} {xla_fb / fb:6.2f}  {'yes' if ok else 'NO'}", flush=True)
+      print(
+        f"{layout:14s} {dtype:9s} {err_accel:10.2e} {err_xla:10.2e} {fwd:8.2f} {xla_fwd:8.2f} {fb:8.2f} "
+        f"{xla_fb:8.2f} {xla_fb / fb:6.2f}  {'yes' if ok else 'NO'}",
+        flush=True,
+      )
   return ok_all
 
 
@@ -160,8 +169,22 @@ def step_timing(backend: str, deadline: float) -> None:
       print(f"  --kernels {kernels}: skipped ({timeout:.0f} s of the budget left for it)")
       continue
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-      cmd = [sys.executable, script, "--preset", "llama3_1b", "--dtype", "bfloat16", "--steps", "6", "--warmup", "2",
-             "--kernels", kernels, "--json", out.name]
+      cmd = [
+        sys.executable,
+        script,
+        "--preset",
+        "llama3_1b",
+        "--dtype",
+        "bfloat16",
+        "--steps",
+        "6",
+        "--warmup",
+        "2",
+        "--kernels",
+        kernels,
+        "--json",
+        out.name,
+      ]
       t = time.perf_counter()
       try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
@@ -189,8 +212,12 @@ def main(argv=None) -> int:
   ap.add_argument("--calls", type=int, default=5, help="timed calls per figure (median)")
   ap.add_argument("--no_step", action="store_true", help="skip the dpo_step.py timing")
   ap.add_argument("--budget", type=float, default=280.0, help="seconds for the whole script (the step runs fit in it)")
-  ap.add_argument("--smoke", choices=["gpu", "tpu"], default=None,
-                  help="tiny shapes with the CPU-runnable form of that backend (XLA implementation / interpreter)")
+  ap.add_argument(
+    "--smoke",
+    choices=["gpu", "tpu"],
+    default=None,
+    help="tiny shapes with the CPU-runnable form of that backend (XLA implementation / interpreter)",
+  )
   a = ap.parse_args(argv)
   platform = jax.default_backend()
   if a.smoke:
@@ -202,8 +229,10 @@ def main(argv=None) -> int:
   elif platform == "tpu":
     backend, backend_kernels = "tpu", tpu.kernels()
   else:
-    print(f"device_check: needs a GPU or TPU; the JAX backend here is {platform!r} (try --smoke gpu on CPU)",
-          file=sys.stderr)
+    print(
+      f"device_check: needs a GPU or TPU; the JAX backend here is {platform!r} (try --smoke gpu on CPU)",
+      file=sys.stderr,
+    )
     return 2
   if a.heads % a.kv_heads:
     raise SystemExit(f"device_check: --heads {a.heads} must be a multiple of --kv_heads {a.kv_heads}")

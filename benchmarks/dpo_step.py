@@ -71,10 +71,14 @@ GEOMETRIC = {k: batching.geometric_buckets(1 << 20, per_doubling=k) for k in (2,
 
 # The best setting known for each workload: what the documented command runs by default.
 WORKLOADS = {
-    "fixed": {"reference": "cached", "layout": "prompt_shared", "row_length": 1024, "completion_bucket": 64,
-              "per_doubling": 8},
-    "variable": {"reference": "cached", "layout": "packed", "row_length": 0, "completion_bucket": 256,
-                 "per_doubling": 4},
+  "fixed": {
+    "reference": "cached",
+    "layout": "prompt_shared",
+    "row_length": 1024,
+    "completion_bucket": 64,
+    "per_doubling": 8,
+  },
+  "variable": {"reference": "cached", "layout": "packed", "row_length": 0, "completion_bucket": 256, "per_doubling": 4},
 }
 
 
@@ -83,8 +87,7 @@ def lengths(workload: str, seed: int = 0):
   rng = np.random.default_rng(seed)
   if workload == "fixed":
     return [(64, 64, 64)] * N_PAIRS
-  return [(int(rng.integers(16, 193)), int(rng.integers(16, 257)), int(rng.integers(16, 257)))
-          for _ in range(N_PAIRS)]
+  return [(int(rng.integers(16, 193)), int(rng.integers(16, 257)), int(rng.integers(16, 257))) for _ in range(N_PAIRS)]
 
 
 def dataset(workload: str, seed: int = 0):
@@ -103,7 +106,7 @@ def batch_order(n_steps: int, bs: int, seed: int = 0):
   order = []
   while len(order) < n_steps * bs:
     order.extend(rng.permutation(N_PAIRS).tolist())
-  return [order[i * bs:(i + 1) * bs] for i in range(n_steps)]
+  return [order[i * bs : (i + 1) * bs] for i in range(n_steps)]
 
 
 def make_pairs(layout, data, idx, *, row_length, completion_bucket=64, per_doubling=8, block_size=64):
@@ -147,54 +150,111 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
     t = time.perf_counter()
     f(a).block_until_ready()
     times.append(time.perf_counter() - t)
-  return 2 * n ** 3 / statistics.median(times)
+  return 2 * n**3 / statistics.median(times)
 
 
 def parser():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workload", choices=sorted(WORKLOADS), default="fixed")
-  ap.add_argument("--kernels", choices=list(KERNEL_BACKENDS), default="auto",
-                  help="kernel backend (pofx_backends): auto = chosen on this machine by measurement on the CPU")
-  ap.add_argument("--auto_measure", choices=["step", "calibration"], default="step",
-                  help="--kernels auto on the CPU: time this benchmark's step on a few of its batches with each "
-                       "candidate (step), or the backend's short calibration (calibration)")
-  ap.add_argument("--blas", choices=["auto", "mkl", "openblas"], default=None,
-                  help="CPU backend: the BLAS of its products (auto: Intel MKL where installed, else OpenBLAS)")
-  ap.add_argument("--products", choices=["xla", "blas", "blas_all"], default=None,
-                  help="CPU backend: which products go to the BLAS (none, the weight gradients, every product)")
-  ap.add_argument("--cpu_attention", choices=["on", "off"], default=None,
-                  help="CPU backend: the fused AVX-512 block-sparse attention kernels (off: XLA's attention)")
-  ap.add_argument("--no_startup", action="store_true",
-                  help="skip pofx_backends.startup() (glibc's allocator settings stay as the process started)")
-  ap.add_argument("--reference", choices=["frozen", "cached", "multi"], default=None,
-                  help="default: the workload's (cached)")
-  ap.add_argument("--perturbation", choices=["none", "sam", "awp", "rwp"], default="none",
-                  help="rwp: gamma 0.01, c_min 1.0 and --rwp_steps proxy ascents (pofx.perturbations.rwp)")
+  ap.add_argument(
+    "--kernels",
+    choices=list(KERNEL_BACKENDS),
+    default="auto",
+    help="kernel backend (pofx_backends): auto = chosen on this machine by measurement on the CPU",
+  )
+  ap.add_argument(
+    "--auto_measure",
+    choices=["step", "calibration"],
+    default="step",
+    help="--kernels auto on the CPU: time this benchmark's step on a few of its batches with each "
+    "candidate (step), or the backend's short calibration (calibration)",
+  )
+  ap.add_argument(
+    "--blas",
+    choices=["auto", "mkl", "openblas"],
+    default=None,
+    help="CPU backend: the BLAS of its products (auto: Intel MKL where installed, else OpenBLAS)",
+  )
+  ap.add_argument(
+    "--products",
+    choices=["xla", "blas", "blas_all"],
+    default=None,
+    help="CPU backend: which products go to the BLAS (none, the weight gradients, every product)",
+  )
+  ap.add_argument(
+    "--cpu_attention",
+    choices=["on", "off"],
+    default=None,
+    help="CPU backend: the fused AVX-512 block-sparse attention kernels (off: XLA's attention)",
+  )
+  ap.add_argument(
+    "--no_startup",
+    action="store_true",
+    help="skip pofx_backends.startup() (glibc's allocator settings stay as the process started)",
+  )
+  ap.add_argument(
+    "--reference", choices=["frozen", "cached", "multi"], default=None, help="default: the workload's (cached)"
+  )
+  ap.add_argument(
+    "--perturbation",
+    choices=["none", "sam", "awp", "rwp"],
+    default="none",
+    help="rwp: gamma 0.01, c_min 1.0 and --rwp_steps proxy ascents (pofx.perturbations.rwp)",
+  )
   ap.add_argument("--rwp_steps", type=int, default=10, help="RWP proxy ascent steps (the authors' 10)")
   ap.add_argument("--layout", choices=list(batching.LAYOUTS), default=None, help="default: the workload's")
   ap.add_argument("--logprobs", choices=["chunked", "naive"], default="chunked")
-  ap.add_argument("--attention", choices=["dense", "block_sparse"], default="block_sparse",
-                  help="block_sparse: only the (query, key) block pairs the mask uses (pofx.sparse_attention)")
+  ap.add_argument(
+    "--attention",
+    choices=["dense", "block_sparse"],
+    default="block_sparse",
+    help="block_sparse: only the (query, key) block pairs the mask uses (pofx.sparse_attention)",
+  )
   ap.add_argument("--block_size", type=int, default=64, help="block_sparse attention block size")
-  ap.add_argument("--completion_bucket", type=int, default=None,
-                  help="padded completion length T rounded up to a multiple of this (with --scored compact the "
-                       "[B, T] arrays are only indices, so a coarse bucket costs nothing and means fewer shapes); "
-                       "default: the workload's")
-  ap.add_argument("--blocks_bucket", type=int, default=0,
-                  help="block-pair count rounded up to a multiple of this; 0: geometric buckets")
-  ap.add_argument("--scored_bucket", type=int, default=0,
-                  help="scored-token count rounded up to a multiple of this; 0: geometric buckets")
-  ap.add_argument("--per_doubling", type=int, choices=[2, 4, 8, 16], default=None,
-                  help="geometric buckets per doubling (padding < 1/per_doubling; fewer = fewer compiled shapes); "
-                       "default: the workload's")
+  ap.add_argument(
+    "--completion_bucket",
+    type=int,
+    default=None,
+    help="padded completion length T rounded up to a multiple of this (with --scored compact the "
+    "[B, T] arrays are only indices, so a coarse bucket costs nothing and means fewer shapes); "
+    "default: the workload's",
+  )
+  ap.add_argument(
+    "--blocks_bucket",
+    type=int,
+    default=0,
+    help="block-pair count rounded up to a multiple of this; 0: geometric buckets",
+  )
+  ap.add_argument(
+    "--scored_bucket",
+    type=int,
+    default=0,
+    help="scored-token count rounded up to a multiple of this; 0: geometric buckets",
+  )
+  ap.add_argument(
+    "--per_doubling",
+    type=int,
+    choices=[2, 4, 8, 16],
+    default=None,
+    help="geometric buckets per doubling (padding < 1/per_doubling; fewer = fewer compiled shapes); "
+    "default: the workload's",
+  )
   ap.add_argument("--save_probs", action="store_true", help="store head probabilities (no logits recompute)")
-  ap.add_argument("--scored", choices=["compact", "slots"], default="compact",
-                  help="compact: the head and the last block's MLP run on real completion tokens only "
-                       "(batching.scored_tokens); slots: on every padded [B, T] completion slot")
+  ap.add_argument(
+    "--scored",
+    choices=["compact", "slots"],
+    default="compact",
+    help="compact: the head and the last block's MLP run on real completion tokens only "
+    "(batching.scored_tokens); slots: on every padded [B, T] completion slot",
+  )
   ap.add_argument("--chunk_size", type=int, default=4096, help="LM-head chunk (tokens); one chunk per step here")
-  ap.add_argument("--row_length", type=int, default=None,
-                  help="packed layout row length; 0: all pairs in one row, its length bucketed (--per_doubling); "
-                       "default: the workload's")
+  ap.add_argument(
+    "--row_length",
+    type=int,
+    default=None,
+    help="packed layout row length; 0: all pairs in one row, its length bucketed (--per_doubling); "
+    "default: the workload's",
+  )
   ap.add_argument("--preset", default="bench")
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--remat", action="store_true", help="rematerialise each transformer block (memory for compute)")
@@ -218,8 +278,11 @@ def parse(argv=None):
 
 def cpu_options(a) -> dict:
   """The CPU backend's options given on the command line."""
-  opts = {"blas": a.blas, "products": a.products,
-          "attention": None if a.cpu_attention is None else a.cpu_attention == "on"}
+  opts = {
+    "blas": a.blas,
+    "products": a.products,
+    "attention": None if a.cpu_attention is None else a.cpu_attention == "on",
+  }
   return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -245,8 +308,9 @@ class Bench:
     model = models.make(self.config, kernels=kernels)
     if a.logprobs == "naive":
       return naive_logps_fn(model)
-    return policy.make_logps_fn(model.apply, model.head, chunk_size=a.chunk_size, save_probs=a.save_probs,
-                                kernels=kernels)
+    return policy.make_logps_fn(
+      model.apply, model.head, chunk_size=a.chunk_size, save_probs=a.save_probs, kernels=kernels
+    )
 
   def precompute(self, kernels):
     """One pass over the dataset (8 pairs at a time) per cached reference, as TRL's
@@ -281,14 +345,19 @@ class Bench:
         reference = references.cached(fp, fp)
       else:
         reference = references.multi([references.cached_member(0, fp, fp), references.cached_member(1, fp, fp)])
-    pert = {"none": perturbations.none, "sam": lambda: perturbations.sam(0.05),
-            "awp": lambda: perturbations.awp(0.01),
-            "rwp": lambda: perturbations.rwp(0.01, c_min=1.0, steps=a.rwp_steps)}[a.perturbation]()
+    pert = {
+      "none": perturbations.none,
+      "sam": lambda: perturbations.sam(0.05),
+      "awp": lambda: perturbations.awp(0.01),
+      "rwp": lambda: perturbations.rwp(0.01, c_min=1.0, steps=a.rwp_steps),
+    }[a.perturbation]()
     optimizer = optax.adamw(1e-6)
-    step = train.make_train_step(logps_fn, optimizer, loss="dpo", loss_hyper={"beta": 0.1}, reference=reference,
-                                 perturbation=pert)
-    state = train.init_state(jax.tree.map(jnp.array, self.params), optimizer, reference, pert, loss="dpo",
-                             rng=jax.random.key(0))
+    step = train.make_train_step(
+      logps_fn, optimizer, loss="dpo", loss_hyper={"beta": 0.1}, reference=reference, perturbation=pert
+    )
+    state = train.init_state(
+      jax.tree.map(jnp.array, self.params), optimizer, reference, pert, loss="dpo", rng=jax.random.key(0)
+    )
     return step, state
 
   def step_flops(self, b) -> float:
@@ -296,8 +365,9 @@ class Bench:
     a = self.a
     work = flops.work_of_batch(b, head_on_all_positions=a.logprobs == "naive")
     reference = {"frozen": "frozen", "cached": "cached", "multi": "cached"}[a.reference]
-    return flops.dpo_step_flops(self.config, work, reference=reference, perturbation=a.perturbation,
-                                rwp_steps=a.rwp_steps).total
+    return flops.dpo_step_flops(
+      self.config, work, reference=reference, perturbation=a.perturbation, rwp_steps=a.rwp_steps
+    ).total
 
   def compile(self, kernels, steps=None):
     """Compiles the step with `kernels` for every distinct batch shape of `steps` (default: all)."""
@@ -312,7 +382,7 @@ class Bench:
         self.flops_by_shape[key] = self.step_flops(b)
         host_memory.release_freed_memory()
     self.t_compile = time.perf_counter() - t0
-    jax.clear_caches()   # tracing and lowering caches of the compiled shapes (the executables are kept)
+    jax.clear_caches()  # tracing and lowering caches of the compiled shapes (the executables are kept)
     host_memory.release_freed_memory()
 
   def measure(self, kernels, batches: int = 8, reps: int = 3) -> float:
@@ -352,12 +422,20 @@ class Bench:
   def model_batch(self, idx):
     """The layout of pairs `idx`, with the block list of its attention mask when block-sparse."""
     a = self.a
-    pairs = make_pairs(a.layout, self.data, idx, row_length=a.row_length, completion_bucket=a.completion_bucket,
-                       per_doubling=a.per_doubling, block_size=a.block_size)
+    pairs = make_pairs(
+      a.layout,
+      self.data,
+      idx,
+      row_length=a.row_length,
+      completion_bucket=a.completion_bucket,
+      per_doubling=a.per_doubling,
+      block_size=a.block_size,
+    )
     b = {"pairs": pairs}
     if a.attention == "block_sparse":
-      b["attention_blocks"] = batching.attention_blocks(pairs, block_size=a.block_size,
-                                                       bucket=a.blocks_bucket or GEOMETRIC[a.per_doubling])
+      b["attention_blocks"] = batching.attention_blocks(
+        pairs, block_size=a.block_size, bucket=a.blocks_bucket or GEOMETRIC[a.per_doubling]
+      )
     if a.scored == "compact":
       b["scored_tokens"] = batching.scored_tokens(pairs, bucket=a.scored_bucket or GEOMETRIC[a.per_doubling])
     return b
@@ -387,8 +465,9 @@ def resolve_kernels(a, bench: Bench):
   if a.kernels == "auto":
     measure = None
     if a.auto_measure == "step":
-      measure = lambda kernels: bench.measure(kernels if kernels.name != "cpu" or not options
-                                              else pofx_backends.kernels("cpu", **options))
+      measure = lambda kernels: bench.measure(
+        kernels if kernels.name != "cpu" or not options else pofx_backends.kernels("cpu", **options)
+      )
     name, details = pofx_backends.resolve("auto", measure=measure)
     details["measure"] = a.auto_measure
   else:
@@ -405,7 +484,7 @@ def main(argv=None):
   t_resolve = time.perf_counter() - t0
   bench.precompute(kernels)
   bench.compile(kernels)
-  bench.run(0, a.warmup)                                   # warm-up steps, excluded as TRL excludes them
+  bench.run(0, a.warmup)  # warm-up steps, excluded as TRL excludes them
   usage0 = resource.getrusage(resource.RUSAGE_SELF)
   durations, step_flops = bench.run(a.warmup, a.steps - a.warmup)
   usage1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -418,34 +497,53 @@ def main(argv=None):
   device_kind = str(jax.devices()[0].device_kind)
   utilisation = flops.mfu(achieved, device_kind)
   res = {
-      "system": f"pofx {pofx.__version__} / jax {jax.__version__}", "device": device_kind,
-      "workload": a.workload, "kernels": kernels_name, "kernels_requested": a.kernels,
-      "kernels_details": kernels_details, "kernels_resolve_s": round(t_resolve, 2),
-      "cpu_options": cpu_options(a), "startup": started,
-      "reference": a.reference, "perturbation": a.perturbation, "layout": a.layout,
-      "logprobs": a.logprobs, "attention": a.attention, "block_size": a.block_size,
-      "save_probs": a.save_probs, "scored": a.scored, "row_length": a.row_length,
-      "completion_bucket": a.completion_bucket, "per_doubling": a.per_doubling,
-      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "preset": a.preset, "dtype": a.dtype,
-      "remat": a.remat, "n_params": int(bench.n_params),
-      "pairs_per_step": a.bs, "steps": a.steps, "warmup": a.warmup, "distinct_shapes": len(bench.flops_by_shape),
-      "compile_s": round(bench.t_compile, 2), "precompute_s": round(bench.t_pre, 2),
-      "steady_sec_per_step_mean": round(sec_per_step, 4),
-      "steady_sec_per_step_median": round(float(np.median(durations)), 4),
-      "pairs_per_s": round(a.bs / sec_per_step, 3),
-      "real_tokens_per_s": round(real_tokens / sec_per_step, 1),
-      # Processed FLOPs (pofx.flops: analytic, LM head and reference forward included).
-      "step_gflops_mean": round(float(np.mean(step_flops)) / 1e9, 2),
-      "flops_per_second": round(achieved, 1),
-      "achieved_gflops_per_s": round(achieved / 1e9, 1),
-      "matmul_peak_gflops_per_s": round(peak / 1e9, 1),
-      "fraction_of_matmul_peak": round(achieved / peak, 3),
-      "mfu": None if utilisation is None else round(utilisation, 4),
-      "maxrss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-      # Over the timed steps: host memory page faults and the kernel time spent serving them.
-      "minor_page_faults_per_step": round((usage1.ru_minflt - usage0.ru_minflt) / timed),
-      "system_cpu_s_per_step": round((usage1.ru_stime - usage0.ru_stime) / timed, 4),
-      "final_loss": float(bench.metrics["loss"]),
+    "system": f"pofx {pofx.__version__} / jax {jax.__version__}",
+    "device": device_kind,
+    "workload": a.workload,
+    "kernels": kernels_name,
+    "kernels_requested": a.kernels,
+    "kernels_details": kernels_details,
+    "kernels_resolve_s": round(t_resolve, 2),
+    "cpu_options": cpu_options(a),
+    "startup": started,
+    "reference": a.reference,
+    "perturbation": a.perturbation,
+    "layout": a.layout,
+    "logprobs": a.logprobs,
+    "attention": a.attention,
+    "block_size": a.block_size,
+    "save_probs": a.save_probs,
+    "scored": a.scored,
+    "row_length": a.row_length,
+    "completion_bucket": a.completion_bucket,
+    "per_doubling": a.per_doubling,
+    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+    "preset": a.preset,
+    "dtype": a.dtype,
+    "remat": a.remat,
+    "n_params": int(bench.n_params),
+    "pairs_per_step": a.bs,
+    "steps": a.steps,
+    "warmup": a.warmup,
+    "distinct_shapes": len(bench.flops_by_shape),
+    "compile_s": round(bench.t_compile, 2),
+    "precompute_s": round(bench.t_pre, 2),
+    "steady_sec_per_step_mean": round(sec_per_step, 4),
+    "steady_sec_per_step_median": round(float(np.median(durations)), 4),
+    "pairs_per_s": round(a.bs / sec_per_step, 3),
+    "real_tokens_per_s": round(real_tokens / sec_per_step, 1),
+    # Processed FLOPs (pofx.flops: analytic, LM head and reference forward included).
+    "step_gflops_mean": round(float(np.mean(step_flops)) / 1e9, 2),
+    "flops_per_second": round(achieved, 1),
+    "achieved_gflops_per_s": round(achieved / 1e9, 1),
+    "matmul_peak_gflops_per_s": round(peak / 1e9, 1),
+    "fraction_of_matmul_peak": round(achieved / peak, 3),
+    "mfu": None if utilisation is None else round(utilisation, 4),
+    "maxrss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    # Over the timed steps: host memory page faults and the kernel time spent serving them.
+    "minor_page_faults_per_step": round((usage1.ru_minflt - usage0.ru_minflt) / timed),
+    "system_cpu_s_per_step": round((usage1.ru_stime - usage0.ru_stime) / timed, 4),
+    "final_loss": float(bench.metrics["loss"]),
   }
   print(json.dumps(res, indent=1))
   if a.json:

@@ -35,13 +35,18 @@ import statistics
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # pofx, pofx_backends
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # pofx, pofx_backends
 
 LAYERS, TOKENS, SCORED = 4, 1536, 1024
-WEIGHTS = [("q_proj", 256, 256, LAYERS, TOKENS), ("k_proj", 256, 128, LAYERS, TOKENS),
-           ("v_proj", 256, 128, LAYERS, TOKENS), ("o_proj", 256, 256, LAYERS, TOKENS),
-           ("gate_up", 256, 1376, LAYERS, TOKENS), ("down_proj", 688, 256, LAYERS, TOKENS),
-           ("lm_head", 256, 4096, 1, SCORED)]
+WEIGHTS = [
+  ("q_proj", 256, 256, LAYERS, TOKENS),
+  ("k_proj", 256, 128, LAYERS, TOKENS),
+  ("v_proj", 256, 128, LAYERS, TOKENS),
+  ("o_proj", 256, 256, LAYERS, TOKENS),
+  ("gate_up", 256, 1376, LAYERS, TOKENS),
+  ("down_proj", 688, 256, LAYERS, TOKENS),
+  ("lm_head", 256, 4096, 1, SCORED),
+]
 FORMS = ("NN", "NT", "TN")
 
 
@@ -61,6 +66,7 @@ def measure(side: str, calls: int, jax_matmul: str = "xla"):
   import time
 
   import numpy as np
+
   rng = np.random.default_rng(0)
 
   def timed(call):
@@ -76,17 +82,20 @@ def measure(side: str, calls: int, jax_matmul: str = "xla"):
   res = {}
   if side == "jax":
     import jax
+
     one = jax.device_put(np.ones((1, 1), np.float32))
     ident = jax.jit(lambda x: x)
     res["empty_call"] = timed(lambda: ident(one).block_until_ready())
   else:
     import torch
+
     one, out1 = torch.ones(1, 1), torch.empty(1, 1)
     res["empty_call"] = timed(lambda: torch.mm(one, one, out=out1))
   for name, form, ls, rs, (lc, rc), _, _ in shapes():
     lhs, rhs = rng.standard_normal(ls, np.float32), rng.standard_normal(rs, np.float32)
     if side == "jax" and jax_matmul != "xla":
       import pofx_backends
+
       dot_general = pofx_backends.kernels("cpu", products="blas_all", blas=jax_matmul).dot_general
       dims = (lc, rc)
       fn = jax.jit(lambda a, b: dot_general(a, b, (dims, ((), ()))))  # noqa: B023
@@ -99,7 +108,7 @@ def measure(side: str, calls: int, jax_matmul: str = "xla"):
       call = lambda: fn(a, b).block_until_ready()
     else:
       a, b = torch.from_numpy(lhs), torch.from_numpy(rhs)
-      a = a.t() if form == "TN" else a     # strided views: torch picks its own kernels
+      a = a.t() if form == "TN" else a  # strided views: torch picks its own kernels
       b = b.t() if form == "NT" else b
       out = torch.empty(a.shape[0], b.shape[1])
       call = lambda: torch.mm(a, b, out=out)
@@ -113,6 +122,7 @@ def child(side: str, threads: str, calls: int, jax_matmul: str):
     os.environ["OMP_NUM_THREADS"] = "1"
   if side == "torch":
     import torch
+
     if threads == "1":
       torch.set_num_threads(1)
   print(json.dumps(measure(side, calls, jax_matmul)))
@@ -123,8 +133,12 @@ def main():
   ap.add_argument("--reps", type=int, default=3)
   ap.add_argument("--calls", type=int, default=15)
   ap.add_argument("--threads", default="all,1", help="comma-separated: 'all' (every core) and/or '1'")
-  ap.add_argument("--jax_matmul", choices=["xla", "mkl", "openblas"], default="xla",
-                  help="the JAX side's products: XLA's dot, or the CPU backend's dot_general with that BLAS")
+  ap.add_argument(
+    "--jax_matmul",
+    choices=["xla", "mkl", "openblas"],
+    default="xla",
+    help="the JAX side's products: XLA's dot, or the CPU backend's dot_general with that BLAS",
+  )
   ap.add_argument("--json", default=None)
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
   a = ap.parse_args()
@@ -139,14 +153,28 @@ def main():
   for threads in settings:
     runs = {"jax": [], "torch": []}
     for rep in range(a.reps):
-      for side in (("jax", "torch") if rep % 2 == 0 else ("torch", "jax")):
-        out = subprocess.run([sys.executable, __file__, "--child", f"{side}:{threads}", "--calls", str(a.calls),
-                              "--jax_matmul", a.jax_matmul],
-                             check=True, capture_output=True, text=True).stdout
+      for side in ("jax", "torch") if rep % 2 == 0 else ("torch", "jax"):
+        out = subprocess.run(
+          [
+            sys.executable,
+            __file__,
+            "--child",
+            f"{side}:{threads}",
+            "--calls",
+            str(a.calls),
+            "--jax_matmul",
+            a.jax_matmul,
+          ],
+          check=True,
+          capture_output=True,
+          text=True,
+        ).stdout
         runs[side].append(json.loads(out.strip().splitlines()[-1]))
     med = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in runs.items()}
-    print(f"\nthreads={threads} ({report['cores'] if threads == 'all' else 1} core(s)), medians of {a.reps} runs; "
-          f"empty call: JAX {med['jax']['empty_call'] * 1e6:.0f} us, torch {med['torch']['empty_call'] * 1e6:.0f} us")
+    print(
+      f"\nthreads={threads} ({report['cores'] if threads == 'all' else 1} core(s)), medians of {a.reps} runs; "
+      f"empty call: JAX {med['jax']['empty_call'] * 1e6:.0f} us, torch {med['torch']['empty_call'] * 1e6:.0f} us"
+    )
     print(f"  {'dot':18s} {'JAX GFLOP/s':>12s} {'torch GFLOP/s':>14s} {'JAX/torch':>10s}")
     total = {"jax": 0.0, "torch": 0.0}
     flops_total = 0.0
@@ -159,13 +187,20 @@ def main():
       for side in total:
         total[side] += count * med[side][k]
       flops_total += count * flops
-    summary = {side: {"seconds": round(t, 5), "gflops_per_s": round(flops_total / t / 1e9, 1)} for side, t in total.items()}
-    print(f"  the step's {flops_total / 1e9:.1f} GFLOP of dots: JAX {total['jax'] * 1e3:.1f} ms "
-          f"({summary['jax']['gflops_per_s']} GFLOP/s), torch {total['torch'] * 1e3:.1f} ms "
-          f"({summary['torch']['gflops_per_s']} GFLOP/s); JAX / torch throughput {total['torch'] / total['jax']:.2f}")
-    report["settings"][threads] = {"per_dot": rows, "step_dots": summary,
-                                   "empty_call_us": {k: round(v["empty_call"] * 1e6, 1) for k, v in med.items()},
-                                   "jax_over_torch": round(total["torch"] / total["jax"], 3)}
+    summary = {
+      side: {"seconds": round(t, 5), "gflops_per_s": round(flops_total / t / 1e9, 1)} for side, t in total.items()
+    }
+    print(
+      f"  the step's {flops_total / 1e9:.1f} GFLOP of dots: JAX {total['jax'] * 1e3:.1f} ms "
+      f"({summary['jax']['gflops_per_s']} GFLOP/s), torch {total['torch'] * 1e3:.1f} ms "
+      f"({summary['torch']['gflops_per_s']} GFLOP/s); JAX / torch throughput {total['torch'] / total['jax']:.2f}"
+    )
+    report["settings"][threads] = {
+      "per_dot": rows,
+      "step_dots": summary,
+      "empty_call_us": {k: round(v["empty_call"] * 1e6, 1) for k, v in med.items()},
+      "jax_over_torch": round(total["torch"] / total["jax"], 3),
+    }
   if a.json:
     with open(a.json, "w") as f:
       json.dump(report, f, indent=1)

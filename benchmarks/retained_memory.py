@@ -21,7 +21,8 @@ def main():
   if len(sys.argv) < 2:
     sys.exit(__doc__)
   spec = importlib.util.spec_from_file_location(
-      "_pofx_host_memory", os.path.join(os.path.dirname(HERE), "pofx_backends", "cpu", "host_memory.py"))
+    "_pofx_host_memory", os.path.join(os.path.dirname(HERE), "pofx_backends", "cpu", "host_memory.py")
+  )
   host_memory = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(host_memory)
   if not host_memory.retain_freed_memory():

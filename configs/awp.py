@@ -1,6 +1,6 @@
 """DPO with adversarial weight perturbation (gamma 0.01; Wu et al. 2020, arXiv:2004.05884).
 
-    python -m experiments.main --config=configs/awp.py --workdir=/tmp/pofx_awp
+python -m experiments.main --config=configs/awp.py --workdir=/tmp/pofx_awp
 """
 
 from configs import _shrink, common

@@ -18,45 +18,57 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # fixes data generation, initialisation and sampling: --config.seed=N is a replicate
 
   # The controlled world (pofx.world.WorldConfig fields); its gold reward, prompts and labeller.
-  c.world = ml_collections.ConfigDict(dict(
-      vocab_size=32, min_prompt_len=2, max_prompt_len=6, max_completion_len=12, label_scale=2.0,
-      length_bias=0.0, eval_fraction=0.1))
+  c.world = ml_collections.ConfigDict(
+    dict(
+      vocab_size=32,
+      min_prompt_len=2,
+      max_prompt_len=6,
+      max_completion_len=12,
+      label_scale=2.0,
+      length_bias=0.0,
+      eval_fraction=0.1,
+    )
+  )
 
   # The policy: "world" = the small Llama sized for the world; or a pofx.models preset name.
   # init_checkpoint: an orbax params checkpoint to start from (data.source="files"; "" = random init).
   # kernels: the kernel backend (pofx.options.KERNEL_BACKENDS): "auto" decides on this machine
   # (once per workdir, recorded in <workdir>/kernels.json and summary.json, kept on resume);
   # "xla" the core's own operations; "cpu" / "gpu" / "tpu" the backends of pofx_backends.
-  c.model = ml_collections.ConfigDict(dict(preset="world", dtype="float32", remat=False, init_checkpoint="",
-                                           kernels="auto"))
+  c.model = ml_collections.ConfigDict(
+    dict(preset="world", dtype="float32", remat=False, init_checkpoint="", kernels="auto")
+  )
 
   # Stage 1: supervised base policy on the world's demonstrations.
   c.sft = ml_collections.ConfigDict(dict(num_demos=8192, steps=600, batch_size=64, learning_rate=3e-3))
 
   # Stage 2: preference data.
-  c.data = ml_collections.ConfigDict(dict(
-      source="world",               # pofx.options.SOURCES: "world" | "files"
-      num_prompts=2048,             # world: training prompts
-      samples_per_prompt=4,         # world: completions sampled per prompt (pairs of adjacent samples)
-      num_eval_pairs=512,           # world: held-out pairs for reward / ranking accuracy
-      files="",                     # files: comma-separated JSONL/Parquet paths (training split)
-      eval_files="",                # files: optional held-out pairs (reward / ranking accuracy)
-      format="auto",                # files: pofx.options.FORMATS
-      tokenizer_dir="",             # files: folder with tokenizer.json (+ tokenizer_config.json)
-      max_prompt_len=config_dict.placeholder(int),      # files: token limits (None = no limit) and
+  c.data = ml_collections.ConfigDict(
+    dict(
+      source="world",  # pofx.options.SOURCES: "world" | "files"
+      num_prompts=2048,  # world: training prompts
+      samples_per_prompt=4,  # world: completions sampled per prompt (pairs of adjacent samples)
+      num_eval_pairs=512,  # world: held-out pairs for reward / ranking accuracy
+      files="",  # files: comma-separated JSONL/Parquet paths (training split)
+      eval_files="",  # files: optional held-out pairs (reward / ranking accuracy)
+      format="auto",  # files: pofx.options.FORMATS
+      tokenizer_dir="",  # files: folder with tokenizer.json (+ tokenizer_config.json)
+      max_prompt_len=config_dict.placeholder(int),  # files: token limits (None = no limit) and
       max_completion_len=config_dict.placeholder(int),  # what happens to a pair beyond them:
-      truncation="reject",          # files: pofx.options.TRUNCATION ("reject": a bad record)
-      on_bad_record="error",        # pofx.options.ON_BAD_RECORD: "error" | "skip"
-      layout="prompt_shared",       # pofx.options.LAYOUTS: "fused" | "prompt_shared" | "packed"
+      truncation="reject",  # files: pofx.options.TRUNCATION ("reject": a bad record)
+      on_bad_record="error",  # pofx.options.ON_BAD_RECORD: "error" | "skip"
+      layout="prompt_shared",  # pofx.options.LAYOUTS: "fused" | "prompt_shared" | "packed"
       seq_bucket=16,
       completion_bucket=8,
-      attention="dense",            # pofx.options.ATTENTION_MODES: "block_sparse" = only the mask's used blocks
-      attention_block_size=64,      # block_sparse: tokens per block; seq_bucket must be a multiple of it
-      scored="slots",               # pofx.options.SCORED_MODES: "compact" = the LM head on real completion tokens only
-  ))
+      attention="dense",  # pofx.options.ATTENTION_MODES: "block_sparse" = only the mask's used blocks
+      attention_block_size=64,  # block_sparse: tokens per block; seq_bucket must be a multiple of it
+      scored="slots",  # pofx.options.SCORED_MODES: "compact" = the LM head on real completion tokens only
+    )
+  )
 
   # Stage 3-4: preference training.
-  c.train = ml_collections.ConfigDict(dict(
+  c.train = ml_collections.ConfigDict(
+    dict(
       loss="dpo",
       steps=300,
       batch_size=64,
@@ -64,19 +76,30 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=25,
       checkpoint_every=100,
       keep_checkpoints=2,
-      on_nonfinite="skip",          # "skip": keep going (the step leaves the state unchanged); "halt"
-  ))
+      on_nonfinite="skip",  # "skip": keep going (the step leaves the state unchanged); "halt"
+    )
+  )
   c.train.loss_hyper = ml_collections.ConfigDict(dict(beta=0.1))
   # mrpo_alpha (multi): the weight of the second reference; None = adaptive per pair (MRPO's ARWC).
-  c.train.reference = ml_collections.ConfigDict(dict(
-      kind="cached", alpha=0.6, tau=64, decay=0.99, eta=0.1, mrpo_alpha=config_dict.placeholder(float),
-      guide_checkpoint=""))
+  c.train.reference = ml_collections.ConfigDict(
+    dict(
+      kind="cached",
+      alpha=0.6,
+      tau=64,
+      decay=0.99,
+      eta=0.1,
+      mrpo_alpha=config_dict.placeholder(float),
+      guide_checkpoint="",
+    )
+  )
   # rwp: c_min (the loss-stationary threshold on the per-pair loss) has no default and must be set;
   # steps: proxy ascents.
-  c.train.perturbation = ml_collections.ConfigDict(dict(kind="none", rho=0.05, adaptive=False, gamma=0.01,
-                                                        c_min=config_dict.placeholder(float), steps=10))
-  c.train.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", learning_rate=1e-3, warmup_steps=20, weight_decay=0.0, grad_clip=1.0))
+  c.train.perturbation = ml_collections.ConfigDict(
+    dict(kind="none", rho=0.05, adaptive=False, gamma=0.01, c_min=config_dict.placeholder(float), steps=10)
+  )
+  c.train.optimizer = ml_collections.ConfigDict(
+    dict(name="adamw", learning_rate=1e-3, warmup_steps=20, weight_decay=0.0, grad_clip=1.0)
+  )
   # mode: pofx.options.PARALLEL_MODES; mesh: "" (all devices on data), "<data>", "<data>x<fsdp>"
   # or "<data>x<fsdp>x<tensor>".
   c.train.parallel = ml_collections.ConfigDict(dict(mode="single", mesh=""))

@@ -18,9 +18,9 @@ from configs import _shrink, common
 
 # arg: (preset, pairs per step, row length, completion length, mesh, learning rate)
 POD = {
-    "llama3_1b": ("llama3_1b", 64, 2048, 512, "2x4", 1e-6),
-    "llama3_8b": ("llama3_8b", 128, 4096, 1024, "16x4", 5e-7),
-    "llama3_70b": ("llama3_70b", 128, 4096, 1024, "4x32", 2e-7),
+  "llama3_1b": ("llama3_1b", 64, 2048, 512, "2x4", 1e-6),
+  "llama3_8b": ("llama3_8b", 128, 4096, 1024, "16x4", 5e-7),
+  "llama3_70b": ("llama3_70b", 128, 4096, 1024, "4x32", 2e-7),
 }
 
 

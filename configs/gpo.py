@@ -24,8 +24,10 @@ def get_config(arg=None):
   if arg == "tiny":
     betas = (0.3,)
   _shrink.apply(c, arg)
-  c.sweep = tuple({"label": f"{f}_b{b:g}", "group": f, "beta": b,
-                   "overrides": {"train.loss_hyper.f": f, "train.loss_hyper.beta": b}}
-                  for f in FUNCTIONS for b in betas)
+  c.sweep = tuple(
+    {"label": f"{f}_b{b:g}", "group": f, "beta": b, "overrides": {"train.loss_hyper.f": f, "train.loss_hyper.beta": b}}
+    for f in FUNCTIONS
+    for b in betas
+  )
   c.lock()
   return c

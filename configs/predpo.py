@@ -17,9 +17,14 @@ def get_config(arg=None):
   c.train.reference.kind = "cached"
   _shrink.apply(c, arg)
   c.sweep = (
-      {"label": "round1", "overrides": {"train.reference.kind": "cached"}},
-      {"label": "round2", "overrides": {"train.reference.kind": "guiding",
-                                        "train.reference.guide_checkpoint": "{workdir}/sweep/round1/final_params"}},
+    {"label": "round1", "overrides": {"train.reference.kind": "cached"}},
+    {
+      "label": "round2",
+      "overrides": {
+        "train.reference.kind": "guiding",
+        "train.reference.guide_checkpoint": "{workdir}/sweep/round1/final_params",
+      },
+    },
   )
   c.lock()
   return c

@@ -31,9 +31,20 @@ from pofx import losses, options
 from pofx.models import llama
 
 # Fields that must be integers > 0.
-POSITIVE_INTEGERS = ("sft.steps", "sft.batch_size", "data.num_prompts", "data.samples_per_prompt", "train.steps",
-                     "train.batch_size", "train.grad_accum_steps", "train.log_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "eval.num_prompts", "eval.samples_per_prompt")
+POSITIVE_INTEGERS = (
+  "sft.steps",
+  "sft.batch_size",
+  "data.num_prompts",
+  "data.samples_per_prompt",
+  "train.steps",
+  "train.batch_size",
+  "train.grad_accum_steps",
+  "train.log_every",
+  "train.checkpoint_every",
+  "train.keep_checkpoints",
+  "eval.num_prompts",
+  "eval.samples_per_prompt",
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -72,8 +83,9 @@ def nearest_field(config: ml_collections.ConfigDict, dotted: str) -> Optional[st
 
   def score(path: str) -> Tuple[float, float, float]:
     *cand_parents, cand_leaf = path.split(".")
-    parent_match = (sum(max((ratio(p, q) for q in cand_parents), default=0.0) for p in parents) / len(parents)
-                    if parents else 0.0)
+    parent_match = (
+      sum(max((ratio(p, q) for q in cand_parents), default=0.0) for p in parents) / len(parents) if parents else 0.0
+    )
     return ratio(leaf, cand_leaf), parent_match, ratio(dotted, path)
 
   candidates = [p for p in field_paths(config) if p != dotted]
@@ -85,10 +97,10 @@ def nearest_field(config: ml_collections.ConfigDict, dotted: str) -> Optional[st
 
 # Fields that were replaced: what to set instead.
 REPLACED = {
-    "data.attention_kernel": "config.model.kernels (the kernel backend: pofx.options.KERNEL_BACKENDS)",
-    "model.matmul": "config.model.kernels (the kernel backend: pofx.options.KERNEL_BACKENDS)",
-    "model.blas": "config.model.kernels (the kernel backend: pofx.options.KERNEL_BACKENDS)",
-    "host_memory": "nothing: the program keeps freed memory on CPU by default (pofx_backends.startup)",
+  "data.attention_kernel": "config.model.kernels (the kernel backend: pofx.options.KERNEL_BACKENDS)",
+  "model.matmul": "config.model.kernels (the kernel backend: pofx.options.KERNEL_BACKENDS)",
+  "model.blas": "config.model.kernels (the kernel backend: pofx.options.KERNEL_BACKENDS)",
+  "host_memory": "nothing: the program keeps freed memory on CPU by default (pofx_backends.startup)",
 }
 
 
@@ -115,8 +127,10 @@ def mesh_shape(text: str) -> Tuple[int, ...]:
   except ValueError:
     dims = ()
   if not 1 <= len(dims) <= 3 or any(d < 1 for d in dims):
-    raise ValueError(f"config.train.parallel.mesh={text!r} is not allowed; allowed: '' (all devices on data), "
-                     "'<data>', '<data>x<fsdp>' or '<data>x<fsdp>x<tensor>' with positive integers.")
+    raise ValueError(
+      f"config.train.parallel.mesh={text!r} is not allowed; allowed: '' (all devices on data), "
+      "'<data>', '<data>x<fsdp>' or '<data>x<fsdp>x<tensor>' with positive integers."
+    )
   return dims
 
 
@@ -154,9 +168,11 @@ def _check_data(c) -> None:
   if c.data.attention == "block_sparse":
     _positive("data.attention_block_size", c.data.attention_block_size)
     if not isinstance(c.data.seq_bucket, int) or c.data.seq_bucket % c.data.attention_block_size:
-      raise ValueError(f"config.data.seq_bucket={c.data.seq_bucket!r} is not allowed with data.attention='block_sparse' "
-                       f"and data.attention_block_size={c.data.attention_block_size}; allowed: a multiple of "
-                       f"{c.data.attention_block_size} (every row length must be whole blocks).")
+      raise ValueError(
+        f"config.data.seq_bucket={c.data.seq_bucket!r} is not allowed with data.attention='block_sparse' "
+        f"and data.attention_block_size={c.data.attention_block_size}; allowed: a multiple of "
+        f"{c.data.attention_block_size} (every row length must be whole blocks)."
+      )
   if c.data.samples_per_prompt < 2:
     raise ValueError(f"config.data.samples_per_prompt={c.data.samples_per_prompt} is not allowed; allowed: >= 2.")
   _optional_positive("data.max_prompt_len", c.data.max_prompt_len)
@@ -164,19 +180,24 @@ def _check_data(c) -> None:
   if c.data.source != "files":
     return
   if not c.data.files:
-    raise ValueError("config.data.files is empty; allowed: comma-separated JSONL/Parquet paths when "
-                     "data.source='files'.")
+    raise ValueError(
+      "config.data.files is empty; allowed: comma-separated JSONL/Parquet paths when data.source='files'."
+    )
   for f in [x.strip() for x in (c.data.files + "," + c.data.eval_files).split(",") if x.strip()]:
     if not os.path.exists(f):
       raise ValueError(f"config.data.files: {f!r} does not exist.")
   if not c.data.tokenizer_dir or not os.path.exists(os.path.join(c.data.tokenizer_dir, "tokenizer.json")):
-    raise ValueError(f"config.data.tokenizer_dir={c.data.tokenizer_dir!r} has no tokenizer.json; allowed: a folder "
-                     "with tokenizer.json (and tokenizer_config.json for chat templates).")
+    raise ValueError(
+      f"config.data.tokenizer_dir={c.data.tokenizer_dir!r} has no tokenizer.json; allowed: a folder "
+      "with tokenizer.json (and tokenizer_config.json for chat templates)."
+    )
   _allowed(c, "data.format", options.FORMATS)
   _allowed(c, "data.truncation", options.TRUNCATION)
   if c.train.reference.kind == "multi":
-    raise ValueError("config.train.reference.kind='multi' builds its second reference from the controlled world; "
-                     "with data.source='files' use frozen, cached, synced, ema, guiding or none.")
+    raise ValueError(
+      "config.train.reference.kind='multi' builds its second reference from the controlled world; "
+      "with data.source='files' use frozen, cached, synced, ema, guiding or none."
+    )
 
 
 def _check_loss(c) -> None:
@@ -184,24 +205,32 @@ def _check_loss(c) -> None:
   try:
     spec = losses.spec(c.train.loss)
   except ValueError:
-    raise ValueError(f"config.train.loss={c.train.loss!r} is not allowed; allowed: {losses.names()}, or a TRL 1.16 "
-                     f"loss_type written 'trl.<loss_type>' ({losses.trl.names()}).") from None
+    raise ValueError(
+      f"config.train.loss={c.train.loss!r} is not allowed; allowed: {losses.names()}, or a TRL 1.16 "
+      f"loss_type written 'trl.<loss_type>' ({losses.trl.names()})."
+    ) from None
   hyper = dict(c.train.loss_hyper)
   unknown = sorted(set(hyper) - set(spec.hyperparameters))
   if unknown:
-    raise ValueError(f"config.train.loss_hyper has {unknown}, not hyperparameters of {spec.name!r}; "
-                     f"allowed: {sorted(spec.hyperparameters)}.")
+    raise ValueError(
+      f"config.train.loss_hyper has {unknown}, not hyperparameters of {spec.name!r}; "
+      f"allowed: {sorted(spec.hyperparameters)}."
+    )
   beta = hyper.get("beta")
   if "beta" in hyper and not (isinstance(beta, (int, float)) and beta > 0):
     raise ValueError(f"config.train.loss_hyper.beta={beta!r} is not allowed; allowed: beta > 0.")
   if "list" in spec.requires:
     raise ValueError(f"config.train.loss={spec.name!r} is a K-way listwise loss; the training program trains pairs.")
   if spec.reference == "required" and c.train.reference.kind == "none":
-    raise ValueError(f"config.train.reference.kind='none', but loss {spec.name!r} needs a reference; allowed: "
-                     f"{[k for k in options.REFERENCE_KINDS if k != 'none']}.")
+    raise ValueError(
+      f"config.train.reference.kind='none', but loss {spec.name!r} needs a reference; allowed: "
+      f"{[k for k in options.REFERENCE_KINDS if k != 'none']}."
+    )
   if spec.reference == "unused" and c.train.reference.kind != "none":
-    raise ValueError(f"config.train.reference.kind={c.train.reference.kind!r}, but loss {spec.name!r} is "
-                     "reference-free; allowed: 'none'.")
+    raise ValueError(
+      f"config.train.reference.kind={c.train.reference.kind!r}, but loss {spec.name!r} is "
+      "reference-free; allowed: 'none'."
+    )
   # Losses needing scores read them from the data: the world's gold rewards, or the files'
   # score_chosen / score_rejected (the loader refuses pairs without them).
   for kind in ("turn_ids", "risk", "kl"):
@@ -218,24 +247,32 @@ def _check_train(c) -> None:
   mesh_shape(c.train.parallel.mesh)
   _positive("train.optimizer.learning_rate", c.train.optimizer.learning_rate, integer=False)
   if c.train.batch_size % c.train.grad_accum_steps:
-    raise ValueError(f"config.train.batch_size={c.train.batch_size} must be a multiple of "
-                     f"config.train.grad_accum_steps={c.train.grad_accum_steps}.")
+    raise ValueError(
+      f"config.train.batch_size={c.train.batch_size} must be a multiple of "
+      f"config.train.grad_accum_steps={c.train.grad_accum_steps}."
+    )
   alpha = c.train.reference.mrpo_alpha
   if alpha is not None and not 0.0 <= alpha <= 1.0:
-    raise ValueError(f"config.train.reference.mrpo_alpha={alpha!r} is not allowed; allowed: None (adaptive per pair) "
-                     "or a weight in [0, 1].")
+    raise ValueError(
+      f"config.train.reference.mrpo_alpha={alpha!r} is not allowed; allowed: None (adaptive per pair) "
+      "or a weight in [0, 1]."
+    )
   p = c.train.perturbation
   if p.kind == "rwp":
     if p.c_min is None or not math.isfinite(p.c_min):
-      raise ValueError(f"config.train.perturbation.c_min={p.c_min!r} is not allowed with kind='rwp'; allowed: a finite "
-                       "per-pair loss threshold (e.g. 1.0 for DPO, whose loss is log 2 = 0.693 at zero margin).")
+      raise ValueError(
+        f"config.train.perturbation.c_min={p.c_min!r} is not allowed with kind='rwp'; allowed: a finite "
+        "per-pair loss threshold (e.g. 1.0 for DPO, whose loss is log 2 = 0.693 at zero margin)."
+      )
     _positive("train.perturbation.steps", p.steps)
     if p.gamma < 0:
       raise ValueError(f"config.train.perturbation.gamma={p.gamma!r} is not allowed; allowed: >= 0.")
   if c.train.reference.kind == "guiding" and not os.path.exists(c.train.reference.guide_checkpoint or ""):
-    raise ValueError(f"config.train.reference.guide_checkpoint={c.train.reference.guide_checkpoint!r} is not a "
-                     "checkpoint; allowed: the path of a finished run's params checkpoint (e.g. <first-stage "
-                     "workdir>/final_params).")
+    raise ValueError(
+      f"config.train.reference.guide_checkpoint={c.train.reference.guide_checkpoint!r} is not a "
+      "checkpoint; allowed: the path of a finished run's params checkpoint (e.g. <first-stage "
+      "workdir>/final_params)."
+    )
   _check_loss(c)
 
 
@@ -246,29 +283,37 @@ def _check_processes(c, process_count: int, device_count: Optional[int]) -> None
     if c.sweep:
       raise ValueError("config.sweep runs in one process; multi-process runs take one training config.")
     if mode == "pmap":
-      raise ValueError("config.train.parallel.mode='pmap' runs in one process; with several processes use 'jit' "
-                       "or 'shard_map'.")
+      raise ValueError(
+        "config.train.parallel.mode='pmap' runs in one process; with several processes use 'jit' or 'shard_map'."
+      )
     if mode == "jit" and (c.data.attention == "block_sparse" or c.data.scored == "compact"):
-      raise ValueError("config.data.attention='block_sparse' / data.scored='compact' with train.parallel.mode='jit' "
-                       "needs one process (their index lists span the global batch); allowed with several processes: "
-                       "train.parallel.mode='shard_map' (lists built per device), or data.attention='dense' and "
-                       "data.scored='slots'.")
+      raise ValueError(
+        "config.data.attention='block_sparse' / data.scored='compact' with train.parallel.mode='jit' "
+        "needs one process (their index lists span the global batch); allowed with several processes: "
+        "train.parallel.mode='shard_map' (lists built per device), or data.attention='dense' and "
+        "data.scored='slots'."
+      )
   if mode == "single" or device_count is None:
     return
   sizes = list(mesh_shape(c.train.parallel.mesh)) + [1] * (3 - len(mesh_shape(c.train.parallel.mesh)))
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if device_count % known:
-      raise ValueError(f"config.train.parallel.mesh={c.train.parallel.mesh!r} does not divide the {device_count} "
-                       "devices of this run.")
+      raise ValueError(
+        f"config.train.parallel.mesh={c.train.parallel.mesh!r} does not divide the {device_count} devices of this run."
+      )
     sizes[sizes.index(-1)] = device_count // known
   if math.prod(sizes) != device_count:
-    raise ValueError(f"config.train.parallel.mesh={c.train.parallel.mesh!r} needs {math.prod(sizes)} devices; this run "
-                     f"has {device_count}.")
+    raise ValueError(
+      f"config.train.parallel.mesh={c.train.parallel.mesh!r} needs {math.prod(sizes)} devices; this run "
+      f"has {device_count}."
+    )
   batch_devices = sizes[0] * sizes[1]
   if c.train.batch_size % (c.train.grad_accum_steps * batch_devices):
-    raise ValueError(f"config.train.batch_size={c.train.batch_size} must be a multiple of train.grad_accum_steps x "
-                     f"data-parallel devices = {c.train.grad_accum_steps} x {batch_devices}.")
+    raise ValueError(
+      f"config.train.batch_size={c.train.batch_size} must be a multiple of train.grad_accum_steps x "
+      f"data-parallel devices = {c.train.grad_accum_steps} x {batch_devices}."
+    )
 
 
 def _check_kernels(c) -> None:
@@ -278,12 +323,16 @@ def _check_kernels(c) -> None:
   if name in ("auto", "xla"):
     return
   reason = pofx_backends.unavailable_reason(name)
-  runnable = ["auto"] + [b for b in options.KERNEL_BACKENDS[1:] if b != name and not pofx_backends.unavailable_reason(b)]
+  runnable = ["auto"] + [
+    b for b in options.KERNEL_BACKENDS[1:] if b != name and not pofx_backends.unavailable_reason(b)
+  ]
   if reason:
     raise ValueError(f"config.model.kernels={name!r} cannot run here: {reason}; runnable here: {runnable}.")
   if name == "cpu" and c.train.parallel.mode != "single":
-    raise ValueError(f"config.model.kernels='cpu' runs with train.parallel.mode='single' only (its custom calls are "
-                     f"not partitioned across devices); got {c.train.parallel.mode!r}.")
+    raise ValueError(
+      f"config.model.kernels='cpu' runs with train.parallel.mode='single' only (its custom calls are "
+      f"not partitioned across devices); got {c.train.parallel.mode!r}."
+    )
 
 
 def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_count: Optional[int] = None) -> None:
@@ -293,8 +342,10 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
   `jax.device_count()`); the device rules are skipped when `device_count` is None."""
   _positive("seed", c.seed, zero_ok=True)
   if c.model.preset != "world" and c.model.preset not in llama.PRESETS:
-    raise ValueError(f"config.model.preset={c.model.preset!r} is not allowed; allowed: 'world' or a pofx.models "
-                     f"preset {sorted(llama.PRESETS)}.")
+    raise ValueError(
+      f"config.model.preset={c.model.preset!r} is not allowed; allowed: 'world' or a pofx.models "
+      f"preset {sorted(llama.PRESETS)}."
+    )
   for f in POSITIVE_INTEGERS:
     _positive(f, _get(c, f))
   _check_data(c)

@@ -36,8 +36,10 @@ class Checkpoints:
     local = [sh.data for x in jax.tree.leaves(params) for sh in x.addressable_shards]  # this process's shards
     if not all(bool(np.all(np.isfinite(np.asarray(x)))) for x in local):
       raise FloatingPointError(f"refusing to checkpoint step {step}: the parameters are not finite.")
-    self.manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(self._to_disk(state)),
-                                                         meta=ocp.args.JsonSave(meta)))
+    self.manager.save(
+      int(step),
+      args=ocp.args.Composite(state=ocp.args.StandardSave(self._to_disk(state)), meta=ocp.args.JsonSave(meta)),
+    )
     self.manager.wait_until_finished()
 
   def latest_step(self) -> Optional[int]:
@@ -51,11 +53,14 @@ class Checkpoints:
     disk_like = self._to_disk(like)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, disk_like)
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                               meta=ocp.args.JsonRestore()))
+      out = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+      )
     except Exception as e:  # a checkpoint of another model/config, or a damaged one
-      raise ValueError(f"cannot restore the checkpoint at {self.directory} step {step} into this run's state "
-                       f"(different model, optimizer or loss config, or a damaged checkpoint): {e}") from e
+      raise ValueError(
+        f"cannot restore the checkpoint at {self.directory} step {step} into this run's state "
+        f"(different model, optimizer or loss config, or a damaged checkpoint): {e}"
+      ) from e
     state = out.state
     if hasattr(like, "rng") and jax.dtypes.issubdtype(like.rng.dtype, jax.dtypes.prng_key):
       state = state.replace(rng=jax.random.wrap_key_data(state.rng))

@@ -78,9 +78,12 @@ def _installed(module: str) -> bool:
   return importlib.util.find_spec(module) is not None
 
 
-def detect_cluster(env: Optional[Mapping[str, str]] = None, *,
-                   tpu_chips: Callable[[], int] = tpu_chips_on_this_host,
-                   installed: Callable[[str], bool] = _installed) -> Optional[str]:
+def detect_cluster(
+  env: Optional[Mapping[str, str]] = None,
+  *,
+  tpu_chips: Callable[[], int] = tpu_chips_on_this_host,
+  installed: Callable[[str], bool] = _installed,
+) -> Optional[str]:
   """The cluster environment this process runs in (one of `CLUSTERS`), or None.
 
   Checks, in JAX's order, the conditions under which `jax.distributed.initialize()` finds its
@@ -108,8 +111,12 @@ def _cluster_size(cluster: str, env: Mapping[str, str]) -> Optional[int]:
   return None
 
 
-def initialize(env: Optional[Mapping[str, str]] = None, *, initialize_fn: Optional[Callable[..., None]] = None,
-               detect: Callable[[Mapping[str, str]], Optional[str]] = detect_cluster) -> str:
+def initialize(
+  env: Optional[Mapping[str, str]] = None,
+  *,
+  initialize_fn: Optional[Callable[..., None]] = None,
+  detect: Callable[[Mapping[str, str]], Optional[str]] = detect_cluster,
+) -> str:
   """Joins the multi-process run this process belongs to; returns how: "local", a cluster name or "single".
 
   Call it first, before any other JAX call (see the module docstring for the order). `env`
@@ -120,11 +127,17 @@ def initialize(env: Optional[Mapping[str, str]] = None, *, initialize_fn: Option
   if ENV_NUM_PROCESSES in env:
     missing = [k for k in (ENV_COORDINATOR, ENV_PROCESS_ID) if k not in env]
     if missing:
-      raise ValueError(f"distributed.initialize: {ENV_NUM_PROCESSES} is set but {missing} are not (they are set "
-                       "together by experiments/launch_local.py).")
-    init(coordinator_address=env[ENV_COORDINATOR], num_processes=int(env[ENV_NUM_PROCESSES]),
-         process_id=int(env[ENV_PROCESS_ID]), initialization_timeout=int(env.get(ENV_INIT_TIMEOUT, 120)),
-         heartbeat_timeout_seconds=int(env.get(ENV_HEARTBEAT_TIMEOUT, 30)))
+      raise ValueError(
+        f"distributed.initialize: {ENV_NUM_PROCESSES} is set but {missing} are not (they are set "
+        "together by experiments/launch_local.py)."
+      )
+    init(
+      coordinator_address=env[ENV_COORDINATOR],
+      num_processes=int(env[ENV_NUM_PROCESSES]),
+      process_id=int(env[ENV_PROCESS_ID]),
+      initialization_timeout=int(env.get(ENV_INIT_TIMEOUT, 120)),
+      heartbeat_timeout_seconds=int(env.get(ENV_HEARTBEAT_TIMEOUT, 30)),
+    )
     return "local"
   cluster = detect(env)
   if cluster is None or _cluster_size(cluster, env) == 1:

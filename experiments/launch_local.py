@@ -40,22 +40,33 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def process_env(base: dict, *, process_id: int, num_processes: int, port: int, devices_per_process: int,
-                platform: Optional[str], init_timeout: int, heartbeat_timeout: int) -> dict:
+def process_env(
+  base: dict,
+  *,
+  process_id: int,
+  num_processes: int,
+  port: int,
+  devices_per_process: int,
+  platform: Optional[str],
+  init_timeout: int,
+  heartbeat_timeout: int,
+) -> dict:
   """The environment of one process (see the module docstring)."""
   env = dict(base)
   flags = _DEVICE_FLAG.sub("", env.get("XLA_FLAGS", "")).strip()
   env["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={int(devices_per_process)}").strip()
   if platform:
     env["JAX_PLATFORMS"] = platform
-  env.update({
+  env.update(
+    {
       "POFX_COORDINATOR_ADDRESS": f"127.0.0.1:{int(port)}",
       "POFX_NUM_PROCESSES": str(int(num_processes)),
       "POFX_PROCESS_ID": str(int(process_id)),
       "POFX_INIT_TIMEOUT": str(int(init_timeout)),
       "POFX_HEARTBEAT_TIMEOUT": str(int(heartbeat_timeout)),
       "PYTHONUNBUFFERED": "1",
-  })
+    }
+  )
   return env
 
 
@@ -94,9 +105,19 @@ def _stop(procs: Sequence[subprocess.Popen], wait: float = 5.0) -> None:
       p.wait()
 
 
-def launch(cmd: Sequence[str], *, num_processes: int, devices_per_process: int = 1, timeout: float = 600.0,
-           grace: float = 10.0, platform: Optional[str] = "cpu", init_timeout: int = 60, heartbeat_timeout: int = 30,
-           out=None, err=None) -> int:
+def launch(
+  cmd: Sequence[str],
+  *,
+  num_processes: int,
+  devices_per_process: int = 1,
+  timeout: float = 600.0,
+  grace: float = 10.0,
+  platform: Optional[str] = "cpu",
+  init_timeout: int = 60,
+  heartbeat_timeout: int = 30,
+  out=None,
+  err=None,
+) -> int:
   """Starts the processes, streams their output, waits with bounded timeouts; returns the exit status."""
   out = out or sys.stdout
   err = err or sys.stderr
@@ -111,11 +132,19 @@ def launch(cmd: Sequence[str], *, num_processes: int, devices_per_process: int =
   lock = threading.Lock()
   procs, pumps = [], []
   for i in range(int(num_processes)):
-    env = process_env(os.environ, process_id=i, num_processes=num_processes, port=port,
-                      devices_per_process=devices_per_process, platform=platform, init_timeout=init_timeout,
-                      heartbeat_timeout=heartbeat_timeout)
-    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)  # its own process group: stopped with its children
+    env = process_env(
+      os.environ,
+      process_id=i,
+      num_processes=num_processes,
+      port=port,
+      devices_per_process=devices_per_process,
+      platform=platform,
+      init_timeout=init_timeout,
+      heartbeat_timeout=heartbeat_timeout,
+    )
+    p = subprocess.Popen(
+      argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )  # its own process group: stopped with its children
     procs.append(p)
     t = threading.Thread(target=_pump, args=(p, f"[p{i}]", out, lock), daemon=True)
     t.start()
@@ -170,7 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if "--" in argv:
     k = argv.index("--")
-    own, cmd = argv[:k], argv[k + 1:]
+    own, cmd = argv[:k], argv[k + 1 :]
   else:
     own, cmd = argv, []
   ap = argparse.ArgumentParser(prog="python -m experiments.launch_local", description=__doc__.split("\n\n")[0])
@@ -184,9 +213,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = ap.parse_args(own)
   if not cmd:
     ap.error("no command: put it after `--`, e.g. `-- -m experiments.main --config ...`")
-  return launch(cmd, num_processes=args.num_processes, devices_per_process=args.devices_per_process,
-                timeout=args.timeout, grace=args.grace, platform=args.platform or None,
-                init_timeout=args.init_timeout, heartbeat_timeout=args.heartbeat_timeout)
+  return launch(
+    cmd,
+    num_processes=args.num_processes,
+    devices_per_process=args.devices_per_process,
+    timeout=args.timeout,
+    grace=args.grace,
+    platform=args.platform or None,
+    init_timeout=args.init_timeout,
+    heartbeat_timeout=args.heartbeat_timeout,
+  )
 
 
 if __name__ == "__main__":

@@ -56,13 +56,24 @@ from pofx.data import pipeline
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<family>.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, data, metrics, plots and the summary.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a live progress bar.")
-_MAX_TRAIN_STEPS = flags.DEFINE_integer("stop_after_steps", None,
-                                        "Stop training after this step (testing resume); the next run continues.")
+_MAX_TRAIN_STEPS = flags.DEFINE_integer(
+  "stop_after_steps", None, "Stop training after this step (testing resume); the next run continues."
+)
 
 KERNELS_RECORD = "kernels.json"  # <workdir>/kernels.json: the kernel backend this workdir runs with
 
-SUMMARY_KEYS = ("gold_reward_base", "gold_reward_policy", "win_rate_vs_base", "win_rate_ci95", "kl_to_base",
-                "reward_accuracy", "ranking_accuracy", "mean_length_base", "mean_length_policy", "pairs_per_second")
+SUMMARY_KEYS = (
+  "gold_reward_base",
+  "gold_reward_policy",
+  "win_rate_vs_base",
+  "win_rate_ci95",
+  "kl_to_base",
+  "reward_accuracy",
+  "ranking_accuracy",
+  "mean_length_base",
+  "mean_length_policy",
+  "pairs_per_second",
+)
 
 
 def _set(config, dotted: str, value):
@@ -122,14 +133,21 @@ def _decide_kernels(config, workdir: str) -> Dict[str, Any]:
       if record["name"] == "cpu" and config.train.parallel.mode != "single":
         reason = f"the CPU kernels run with train.parallel.mode='single' only, not {config.train.parallel.mode!r}"
       if reason:
-        raise ValueError(f"{path} records kernel backend {record['name']!r} for this workdir, which cannot run here: "
-                         f"{reason}; use another workdir, or set config.model.kernels.")
+        raise ValueError(
+          f"{path} records kernel backend {record['name']!r} for this workdir, which cannot run here: "
+          f"{reason}; use another workdir, or set config.model.kernels."
+        )
       _say("kernels: reusing the record in %s", path)
       return record
   if requested == "auto" and config.train.parallel.mode != "single" and jax.default_backend() == "cpu":
-    name, details = "xla", {"requested": requested, "platform": "cpu",
-                            "rule": f"train.parallel.mode={config.train.parallel.mode!r}: the CPU kernels run on one "
-                                    "device"}
+    name, details = (
+      "xla",
+      {
+        "requested": requested,
+        "platform": "cpu",
+        "rule": f"train.parallel.mode={config.train.parallel.mode!r}: the CPU kernels run on one device",
+      },
+    )
   else:
     name, details = pofx_backends.resolve(requested)
   record = {"requested": requested, "name": name, "details": details}
@@ -208,18 +226,34 @@ def stage_sft(run: Run, *, seed_offset: int = 0, name: str = "sft_params"):
     return _load_params(path, init)
   t = time.perf_counter()
   demos = run.world.demonstrations(c.sft.num_demos, seed=c.seed * 1000 + 1 + seed_offset)
-  params = sft_lib.sft(init, demos, model=run.model, seed=c.seed * 1000 + 2 + seed_offset,
-                       steps=c.sft.steps, batch_size=c.sft.batch_size, learning_rate=c.sft.learning_rate)
+  params = sft_lib.sft(
+    init,
+    demos,
+    model=run.model,
+    seed=c.seed * 1000 + 2 + seed_offset,
+    steps=c.sft.steps,
+    batch_size=c.sft.batch_size,
+    learning_rate=c.sft.learning_rate,
+  )
   _save_params(path, params)
   _say("sft: %d steps in %.1fs -> %s", c.sft.steps, time.perf_counter() - t, path)
   return params
 
 
 def _records(data, offset=0):
-  return [{"prompt": np.asarray(p, np.int32), "chosen": np.asarray(ch, np.int32), "rejected": np.asarray(rj, np.int32),
-           "score_chosen": float(sc), "score_rejected": float(sr), "example_id": offset + i}
-          for i, (p, ch, rj, sc, sr) in enumerate(zip(data.prompt, data.chosen, data.rejected, data.chosen_score,
-                                                      data.rejected_score))]
+  return [
+    {
+      "prompt": np.asarray(p, np.int32),
+      "chosen": np.asarray(ch, np.int32),
+      "rejected": np.asarray(rj, np.int32),
+      "score_chosen": float(sc),
+      "score_rejected": float(sr),
+      "example_id": offset + i,
+    }
+    for i, (p, ch, rj, sc, sr) in enumerate(
+      zip(data.prompt, data.chosen, data.rejected, data.chosen_score, data.rejected_score)
+    )
+  ]
 
 
 def stage_data(run: Run, base_params):
@@ -232,13 +266,26 @@ def stage_data(run: Run, base_params):
     files = {"train": split(c.data.files)}
     if c.data.eval_files:
       files["eval"] = split(c.data.eval_files)
-    limits = data_lib.Limits(max_prompt_len=c.data.max_prompt_len, max_completion_len=c.data.max_completion_len,
-                             truncation=c.data.truncation)
-    prepared = data_lib.prepare_files(files, data_dir=data_dir, tokenizer=run.tokenizer, format=c.data.format,
-                                      limits=limits, on_bad_record=c.data.on_bad_record)
+    limits = data_lib.Limits(
+      max_prompt_len=c.data.max_prompt_len, max_completion_len=c.data.max_completion_len, truncation=c.data.truncation
+    )
+    prepared = data_lib.prepare_files(
+      files,
+      data_dir=data_dir,
+      tokenizer=run.tokenizer,
+      format=c.data.format,
+      limits=limits,
+      on_bad_record=c.data.on_bad_record,
+    )
     for name, st in prepared.stats.items():
-      _say("data: %s: %d records read, %d pairs written, %d truncated, skipped %s", name, st.records_read,
-           st.examples_written, st.truncated, dict(st.skipped) or "none")
+      _say(
+        "data: %s: %d records read, %d pairs written, %d truncated, skipped %s",
+        name,
+        st.records_read,
+        st.examples_written,
+        st.truncated,
+        dict(st.skipped) or "none",
+      )
     return prepared, {"files": True}
   if os.path.exists(meta_path):
     with open(meta_path) as f:
@@ -247,20 +294,39 @@ def stage_data(run: Run, base_params):
     return prepared, meta
   t = time.perf_counter()
   k = c.data.samples_per_prompt
-  train_data = world_lib.preference_data(run.world, base_params,
-                                         run.world.prompts(c.data.num_prompts, seed=c.seed * 1000 + 3),
-                                         run.key_for("data/train"), model=run.model, num_samples=k)
+  train_data = world_lib.preference_data(
+    run.world,
+    base_params,
+    run.world.prompts(c.data.num_prompts, seed=c.seed * 1000 + 3),
+    run.key_for("data/train"),
+    model=run.model,
+    num_samples=k,
+  )
   n_eval_prompts = max(1, -(-c.data.num_eval_pairs // (k // 2)))
-  held = world_lib.preference_data(run.world, base_params,
-                                   run.world.prompts(n_eval_prompts, seed=c.seed * 1000 + 4, split="eval"),
-                                   run.key_for("data/eval"), model=run.model, num_samples=k)
+  held = world_lib.preference_data(
+    run.world,
+    base_params,
+    run.world.prompts(n_eval_prompts, seed=c.seed * 1000 + 4, split="eval"),
+    run.key_for("data/eval"),
+    model=run.model,
+    num_samples=k,
+  )
   records = {"train": _records(train_data), "eval": _records(held, offset=len(train_data.prompt))}
-  prepared = data_lib.prepare_generated(records, data_dir=data_dir, vocab_size=run.model_config.vocab_size,
-                                        on_bad_record="skip",
-                                        fingerprint=f"world-seed{c.seed}-{json.dumps(c.world.to_dict(), sort_keys=True)}"
-                                                    f"-{c.data.num_prompts}x{k}-sft{c.sft.steps}")
-  meta = {"path": prepared.path, "fingerprint": prepared.fingerprint, "train_pairs": len(records["train"]),
-          "eval_label_prob": [float(x) for x in held.label_prob], "seconds": time.perf_counter() - t}
+  prepared = data_lib.prepare_generated(
+    records,
+    data_dir=data_dir,
+    vocab_size=run.model_config.vocab_size,
+    on_bad_record="skip",
+    fingerprint=f"world-seed{c.seed}-{json.dumps(c.world.to_dict(), sort_keys=True)}"
+    f"-{c.data.num_prompts}x{k}-sft{c.sft.steps}",
+  )
+  meta = {
+    "path": prepared.path,
+    "fingerprint": prepared.fingerprint,
+    "train_pairs": len(records["train"]),
+    "eval_label_prob": [float(x) for x in held.label_prob],
+    "seconds": time.perf_counter() - t,
+  }
   with open(meta_path, "w") as f:
     json.dump(meta, f)
   _say("data: %d train / %d eval pairs in %.1fs", len(records["train"]), len(records["eval"]), meta["seconds"])
@@ -276,24 +342,35 @@ def _layout_kwargs(c, fixed: bool = False):
     longest_prompt, longest_completion = c.world.max_prompt_len + 2, c.world.max_completion_len  # + BOS, SEP
     rows = longest_prompt + longest_completion * (2 if c.data.layout == "prompt_shared" else 1)
     up = lambda n, b: -(-n // b) * b
-    return {"seq_bucket": [up(rows, c.data.seq_bucket)],
-            "completion_bucket": [up(longest_completion, c.data.completion_bucket)]}
+    return {
+      "seq_bucket": [up(rows, c.data.seq_bucket)],
+      "completion_bucket": [up(longest_completion, c.data.completion_bucket)],
+    }
   return {"seq_bucket": c.data.seq_bucket, "completion_bucket": c.data.completion_bucket}
 
 
 def _index_kwargs(c):
   """Loader arguments of the fast paths: block-sparse attention lists and compact scored tokens."""
-  return {"attention_block_size": c.data.attention_block_size if c.data.attention == "block_sparse" else 0,
-          "scored_tokens": c.data.scored == "compact"}
+  return {
+    "attention_block_size": c.data.attention_block_size if c.data.attention == "block_sparse" else 0,
+    "scored_tokens": c.data.scored == "compact",
+  }
 
 
 def stage_reference_cache(run: Run, prepared, ref_params_list, logps_fn):
   """Reference log-probs computed once over the training split (stage 3). Returns `joined`."""
   c = run.config
   source = prepared.source("train")
-  fps = [references.fingerprint(p, vocab=run.model_config.vocab_size, max_prompt_len=c.world.max_prompt_len + 2,
-                                max_completion_len=c.world.max_completion_len, extra=prepared.fingerprint)
-         for p in ref_params_list]
+  fps = [
+    references.fingerprint(
+      p,
+      vocab=run.model_config.vocab_size,
+      max_prompt_len=c.world.max_prompt_len + 2,
+      max_completion_len=c.world.max_completion_len,
+      extra=prepared.fingerprint,
+    )
+    for p in ref_params_list
+  ]
   joined = {"example_id": None}
   fwd = jax.jit(logps_fn)
   for k, (params, fp) in enumerate(zip(ref_params_list, fps)):
@@ -305,9 +382,18 @@ def stage_reference_cache(run: Run, prepared, ref_params_list, logps_fn):
         joined.update({"example_id": ids, f"ref{k}_chosen_logps": ch, f"ref{k}_rejected_logps": rj})
         continue
       _say("reference cache %s is stale (fingerprint differs): recomputing", path)
-    loader = data_lib.PreferenceLoader(source, batch_size=c.train.batch_size, layout=c.data.layout,
-                                       layout_kwargs=_layout_kwargs(c), shuffle=False, num_epochs=1,
-                                       drop_remainder=False, process_index=0, process_count=1, **_index_kwargs(c))
+    loader = data_lib.PreferenceLoader(
+      source,
+      batch_size=c.train.batch_size,
+      layout=c.data.layout,
+      layout_kwargs=_layout_kwargs(c),
+      shuffle=False,
+      num_epochs=1,
+      drop_remainder=False,
+      process_index=0,
+      process_count=1,
+      **_index_kwargs(c),
+    )
     ids, ch, rj = [], [], []
     for batch in loader.iterator():
       out = fwd(params, batch)
@@ -327,10 +413,15 @@ def stage_reference_cache(run: Run, prepared, ref_params_list, logps_fn):
 
 def _optimizer(c):
   o = c.train.optimizer
-  schedule = optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1)),
-                                   optax.constant_schedule(o.learning_rate)], [max(o.warmup_steps, 1)])
-  inner = {"adamw": lambda: optax.adamw(schedule, weight_decay=o.weight_decay),
-           "adam": lambda: optax.adam(schedule), "sgd": lambda: optax.sgd(schedule)}[o.name]()
+  schedule = optax.join_schedules(
+    [optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1)), optax.constant_schedule(o.learning_rate)],
+    [max(o.warmup_steps, 1)],
+  )
+  inner = {
+    "adamw": lambda: optax.adamw(schedule, weight_decay=o.weight_decay),
+    "adam": lambda: optax.adam(schedule),
+    "sgd": lambda: optax.sgd(schedule),
+  }[o.name]()
   parts = ([optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip and o.grad_clip > 0 else []) + [inner]
   return optax.chain(*parts), schedule
 
@@ -351,8 +442,9 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   c = run.config
   spec = losses.spec(c.train.loss)
   final_path = run.path("final_params")
-  logps_fn = policy.make_logps_fn(run.model.apply, run.model.head, kernels=run.kernels,
-                                  with_log_sum_sq_probs="log_sum_sq_probs" in spec.requires)
+  logps_fn = policy.make_logps_fn(
+    run.model.apply, run.model.head, kernels=run.kernels, with_log_sum_sq_probs="log_sum_sq_probs" in spec.requires
+  )
   kind = c.train.reference.kind
   joined = None
   if kind == "none":
@@ -371,15 +463,24 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   else:  # multi: MRPO with the SFT base as primary and a second, independently trained SFT model
     second = stage_sft(run, seed_offset=17, name="sft_params_second_reference")
     joined, fps = _primary_first(stage_reference_cache, run, prepared, [base_params, second], logps_fn)
-    reference = references.multi([references.cached_member(k, fp, fp) for k, fp in enumerate(fps)],
-                                 eta=c.train.reference.eta, alpha=c.train.reference.mrpo_alpha)
+    reference = references.multi(
+      [references.cached_member(k, fp, fp) for k, fp in enumerate(fps)],
+      eta=c.train.reference.eta,
+      alpha=c.train.reference.mrpo_alpha,
+    )
 
   optimizer, schedule = _optimizer(c)
   perturbation = _perturbation(c)
   hyper = dict(c.train.loss_hyper)
   n_acc = c.train.grad_accum_steps
-  step_kwargs = dict(loss=spec, loss_hyper=hyper, reference=reference, perturbation=perturbation,
-                     grad_accum_steps=n_acc, learning_rate_fn=schedule)
+  step_kwargs = dict(
+    loss=spec,
+    loss_hyper=hyper,
+    reference=reference,
+    perturbation=perturbation,
+    grad_accum_steps=n_acc,
+    learning_rate_fn=schedule,
+  )
   mode, n_dev, pstep = c.train.parallel.mode, 1, None
   if mode == "single":
     step_fn = train.make_train_step(logps_fn, optimizer, **step_kwargs)
@@ -392,13 +493,27 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     mine = parallel.process_rows(mesh, n_dev)  # the device blocks of the global batch this process feeds
   n_local = n_dev if pstep is None else len(mine)
   micro = c.train.batch_size // (n_acc * n_dev)
-  loader = data_lib.PreferenceLoader(prepared.source("train"), batch_size=micro, layout=c.data.layout,
-                                     layout_kwargs=_layout_kwargs(c, fixed=n_dev > 1 or n_acc > 1), seed=c.seed,
-                                     shuffle=True, with_scores="scores" in spec.requires, joined=joined,
-                                     **_index_kwargs(c))
+  loader = data_lib.PreferenceLoader(
+    prepared.source("train"),
+    batch_size=micro,
+    layout=c.data.layout,
+    layout_kwargs=_layout_kwargs(c, fixed=n_dev > 1 or n_acc > 1),
+    seed=c.seed,
+    shuffle=True,
+    with_scores="scores" in spec.requires,
+    joined=joined,
+    **_index_kwargs(c),
+  )
   # The step donates its state: the policy starts from a copy, so `base_params` stays valid.
-  state = train.init_state(jax.tree.map(jnp.copy, base_params), optimizer, reference, perturbation, loss=spec,
-                           loss_hyper=hyper, rng=run.key_for("train"))
+  state = train.init_state(
+    jax.tree.map(jnp.copy, base_params),
+    optimizer,
+    reference,
+    perturbation,
+    loss=spec,
+    loss_hyper=hyper,
+    rng=run.key_for("train"),
+  )
   if pstep is not None:
     state = pstep.put_state(state)  # placed before a restore, so the restore keeps the shardings
   ckpts = checkpointing.Checkpoints(run.path("checkpoints"), keep=c.train.keep_checkpoints)
@@ -424,8 +539,9 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     out["pairs"] = parallel.concat_pair_batches([p["pairs"] for p in parts], start=int(mine[0]))
     kw = _index_kwargs(c)
     if kw["attention_block_size"]:
-      out["attention_blocks"] = batching.attention_blocks(out["pairs"], block_size=kw["attention_block_size"],
-                                                          bucket=pipeline.INDEX_BUCKET)
+      out["attention_blocks"] = batching.attention_blocks(
+        out["pairs"], block_size=kw["attention_block_size"], bucket=pipeline.INDEX_BUCKET
+      )
     if kw["scored_tokens"]:
       out["scored_tokens"] = batching.scored_tokens(out["pairs"], bucket=pipeline.INDEX_BUCKET)
     return out
@@ -443,14 +559,17 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     per = [[clean(next(it)) for _ in range(n_local)] for _ in range(n_acc)]
     if n_local * n_acc > 1:  # stacked batches: equal-length block lists and scored tokens
       flat = batching.pad_index_lists([b for row in per for b in row])
-      per = [flat[i * n_local:(i + 1) * n_local] for i in range(n_acc)]
+      per = [flat[i * n_local : (i + 1) * n_local] for i in range(n_acc)]
     shapes = {tuple(np.shape(x) for x in jax.tree.leaves(b)) for row in per for b in row}
     if len(shapes) != 1:
-      raise ValueError("micro-batches of different shapes; with grad_accum_steps > 1 or several devices every "
-                       "pair must fit one bucket (raise config.data.seq_bucket / completion_bucket).")
+      raise ValueError(
+        "micro-batches of different shapes; with grad_accum_steps > 1 or several devices every "
+        "pair must fit one bucket (raise config.data.seq_bucket / completion_bucket)."
+      )
     if mode in ("shard_map", "pmap"):
-      devs = [per[0][d] if n_acc == 1 else train.stack_microbatches([per[a][d] for a in range(n_acc)])
-              for d in range(n_local)]
+      devs = [
+        per[0][d] if n_acc == 1 else train.stack_microbatches([per[a][d] for a in range(n_acc)]) for d in range(n_local)
+      ]
       return place(parallel.stack_per_device(devs))
     micro_batches = [row[0] if pstep is None else join(row) for row in per]
     if n_acc > 1 and pstep is not None:
@@ -460,13 +579,18 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
 
   primary = jax.process_index() == 0
   n_devices_used = 1 if pstep is None else int(np.prod(shape))
-  writer = (metrics_lib.MetricWriter(run.workdir, "train", c.train.steps, progress=run.progress,
-                                     num_devices=n_devices_used) if primary
-            else metrics_lib.NullWriter())
+  writer = (
+    metrics_lib.MetricWriter(run.workdir, "train", c.train.steps, progress=run.progress, num_devices=n_devices_used)
+    if primary
+    else metrics_lib.NullWriter()
+  )
   # Processed FLOPs of each step (pofx.flops: policy forward and backward, LM head, reference forward).
-  step_flops_of = metrics_lib.step_flops_fn(run.model_config, reference=c.train.reference.kind,
-                                            perturbation=c.train.perturbation.kind,
-                                            rwp_steps=getattr(c.train.perturbation, "steps", 10))
+  step_flops_of = metrics_lib.step_flops_fn(
+    run.model_config,
+    reference=c.train.reference.kind,
+    perturbation=c.train.perturbation.kind,
+    rwp_steps=getattr(c.train.perturbation, "steps", 10),
+  )
   it = loader.iterator(start * n_acc * n_local)
   nonfinite = jnp.zeros(())
   t0, steps_timed, flops_timed = None, 0, 0.0
@@ -489,15 +613,20 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     if done % c.train.checkpoint_every == 0 or done == end:
       if _scalar(nonfinite) > 0 and c.train.on_nonfinite == "halt":
         writer.close()
-        raise FloatingPointError(f"train: non-finite loss or gradient in {int(_scalar(nonfinite))} step(s) before step "
-                                 f"{done}; halting (train.on_nonfinite='halt'). The last checkpoint is intact.")
+        raise FloatingPointError(
+          f"train: non-finite loss or gradient in {int(_scalar(nonfinite))} step(s) before step "
+          f"{done}; halting (train.on_nonfinite='halt'). The last checkpoint is intact."
+        )
       ckpts.save(done, state, {"step": done, "data_step": done * n_acc * n_local})
   jax.block_until_ready(state.params)
   seconds = time.perf_counter() - t0 if t0 else float("nan")
   writer.close()
-  info = {"pairs_per_second": c.train.batch_size * steps_timed / seconds if steps_timed else float("nan"),
-          "flops_per_second": flops_timed / seconds if steps_timed else float("nan"),
-          "nonfinite_steps": int(_scalar(nonfinite)), "steps": end}
+  info = {
+    "pairs_per_second": c.train.batch_size * steps_timed / seconds if steps_timed else float("nan"),
+    "flops_per_second": flops_timed / seconds if steps_timed else float("nan"),
+    "nonfinite_steps": int(_scalar(nonfinite)),
+    "steps": end,
+  }
   info["mfu"] = metrics_lib.mfu(info["flops_per_second"], n_devices_used) if steps_timed else None
   if end == c.train.steps:
     _save_params(final_path, state.params)  # every process writes its shards
@@ -512,33 +641,64 @@ def stage_eval(run: Run, prepared, base_params, params, data_meta, *, base_sampl
   """Evaluation on held-out prompts and pairs (stage 5)."""
   c = run.config
   if c.data.source == "files":
-    out = {"data_skipped": {k: dict(v.skipped) for k, v in prepared.stats.items()},
-           "data_pairs": {k: v.examples_written for k, v in prepared.stats.items()}}
+    out = {
+      "data_skipped": {k: dict(v.skipped) for k, v in prepared.stats.items()},
+      "data_pairs": {k: v.examples_written for k, v in prepared.stats.items()},
+    }
     if "eval" in prepared.stats:
       src = prepared.source("eval")
       ex = [src[i] for i in range(len(src))]
-      out.update(evaluation.evaluate_pairs(params, base_params, [e["prompt"] for e in ex], [e["chosen"] for e in ex],
-                                           [e["rejected"] for e in ex], model=run.model,
-                                           beta=float(c.train.loss_hyper.get("beta", 0.1))))
+      out.update(
+        evaluation.evaluate_pairs(
+          params,
+          base_params,
+          [e["prompt"] for e in ex],
+          [e["chosen"] for e in ex],
+          [e["rejected"] for e in ex],
+          model=run.model,
+          beta=float(c.train.loss_hyper.get("beta", 0.1)),
+        )
+      )
     return out, None
   prompts = run.world.prompts(c.eval.num_prompts, seed=c.seed * 1000 + 5, split="eval")
-  pol = evaluation.evaluate_policy(run.world, params, base_params, prompts, run.key_for("eval"),
-                                   model=run.model, num_samples=c.eval.samples_per_prompt,
-                                   temperature=c.eval.temperature, top_k=c.eval.top_k, base_samples=base_samples)
+  pol = evaluation.evaluate_policy(
+    run.world,
+    params,
+    base_params,
+    prompts,
+    run.key_for("eval"),
+    model=run.model,
+    num_samples=c.eval.samples_per_prompt,
+    temperature=c.eval.temperature,
+    top_k=c.eval.top_k,
+    base_samples=base_samples,
+  )
   out = {
-      "gold_reward_base": pol["base_gold_reward"], "gold_reward_policy": pol["gold_reward"],
-      "win_rate_vs_base": pol["win_rate"], "win_rate_ci95": [pol["win_rate_low"], pol["win_rate_high"]],
-      "kl_to_base": pol["kl"], "mean_length_base": pol["base_length"], "mean_length_policy": pol["length"],
-      "gold_reward_stderr": pol["gold_reward_stderr"], "kl_stderr": pol["kl_stderr"],
-      "finished_fraction": pol["finished_fraction"], "num_comparisons": pol["num_comparisons"],
+    "gold_reward_base": pol["base_gold_reward"],
+    "gold_reward_policy": pol["gold_reward"],
+    "win_rate_vs_base": pol["win_rate"],
+    "win_rate_ci95": [pol["win_rate_low"], pol["win_rate_high"]],
+    "kl_to_base": pol["kl"],
+    "mean_length_base": pol["base_length"],
+    "mean_length_policy": pol["length"],
+    "gold_reward_stderr": pol["gold_reward_stderr"],
+    "kl_stderr": pol["kl_stderr"],
+    "finished_fraction": pol["finished_fraction"],
+    "num_comparisons": pol["num_comparisons"],
   }
   if data_meta is not None and "eval_label_prob" in data_meta:
     src = prepared.source("eval")
     ex = [src[i] for i in range(len(src))]
-    pairs = evaluation.evaluate_pairs(params, base_params, [e["prompt"] for e in ex], [e["chosen"] for e in ex],
-                                      [e["rejected"] for e in ex], model=run.model,
-                                      beta=float(c.train.loss_hyper.get("beta", 0.1)),
-                                      pref_prob=np.asarray(data_meta["eval_label_prob"][:len(ex)], np.float32))
+    pairs = evaluation.evaluate_pairs(
+      params,
+      base_params,
+      [e["prompt"] for e in ex],
+      [e["chosen"] for e in ex],
+      [e["rejected"] for e in ex],
+      model=run.model,
+      beta=float(c.train.loss_hyper.get("beta", 0.1)),
+      pref_prob=np.asarray(data_meta["eval_label_prob"][: len(ex)], np.float32),
+    )
     out.update(pairs)
   return out, pol["base_samples"]
 
@@ -551,7 +711,11 @@ def _table(summary: Dict[str, Any]) -> str:
   for k in SUMMARY_KEYS + ("ranking_accuracy_mean", "idealized_ranking_accuracy", "nonfinite_steps", "seconds_total"):
     if k in summary:
       v = summary[k]
-      v = "[" + ", ".join(f"{x:.3f}" for x in v) + "]" if isinstance(v, list) else (f"{v:.4f}" if isinstance(v, float) else str(v))
+      v = (
+        "[" + ", ".join(f"{x:.3f}" for x in v) + "]"
+        if isinstance(v, list)
+        else (f"{v:.4f}" if isinstance(v, float) else str(v))
+      )
       rows.append((k, v))
   w = max(len(k) for k, _ in rows)
   line = "+" + "-" * (w + 2) + "+" + "-" * 24 + "+"
@@ -588,23 +752,33 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
     with open(summary_path) as f:
       return json.load(f), None
   results, base_samples = stage_eval(run, prepared, base, params, data_meta, base_samples=base_samples)
-  summary = {**results, "pairs_per_second": info.get("pairs_per_second", float("nan")),
-             "flops_per_second": info.get("flops_per_second", float("nan")), "mfu": info.get("mfu"),
-             "nonfinite_steps": info.get("nonfinite_steps", 0), "loss": config.train.loss,
-             "loss_hyper": dict(config.train.loss_hyper), "reference": config.train.reference.kind,
-             "perturbation": config.train.perturbation.kind, "seed": config.seed,
-             "kernels": run.kernels_record["name"], "kernels_record": run.kernels_record,
-             **({"startup": startup} if startup is not None else {}),
-             "seconds_total": time.perf_counter() - t}
+  summary = {
+    **results,
+    "pairs_per_second": info.get("pairs_per_second", float("nan")),
+    "flops_per_second": info.get("flops_per_second", float("nan")),
+    "mfu": info.get("mfu"),
+    "nonfinite_steps": info.get("nonfinite_steps", 0),
+    "loss": config.train.loss,
+    "loss_hyper": dict(config.train.loss_hyper),
+    "reference": config.train.reference.kind,
+    "perturbation": config.train.perturbation.kind,
+    "seed": config.seed,
+    "kernels": run.kernels_record["name"],
+    "kernels_record": run.kernels_record,
+    **({"startup": startup} if startup is not None else {}),
+    "seconds_total": time.perf_counter() - t,
+  }
   with open(summary_path, "w") as f:
     json.dump(summary, f, indent=1)
   recs = metrics_lib.read_jsonl(run.path("metrics.jsonl")) if os.path.exists(run.path("metrics.jsonl")) else []
   if recs:
     plots.training_curves(recs, run.path("training_curves.png"))
   if "kl_to_base" in summary:
-    plots.reward_vs_kl([{"label": f"{config.train.loss}", "kl": summary["kl_to_base"],
-                         "gold_reward": summary["gold_reward_policy"]}], run.path("reward_vs_kl.png"),
-                       base_reward=summary["gold_reward_base"])
+    plots.reward_vs_kl(
+      [{"label": f"{config.train.loss}", "kl": summary["kl_to_base"], "gold_reward": summary["gold_reward_policy"]}],
+      run.path("reward_vs_kl.png"),
+      base_reward=summary["gold_reward_base"],
+    )
   return summary, (run, base, prepared, data_meta, base_samples)
 
 
@@ -624,16 +798,26 @@ def run_sweep(config, workdir: str, *, progress=True, startup=None):
           v = v.replace("{workdir}", os.path.abspath(workdir))
         _set(member, k, v)
     config_validation.validate(member, process_count=jax.process_count())
-    s, info = run_one(member, os.path.join(workdir, "sweep", item["label"]), progress=progress, shared=shared,
-                      startup=startup)
+    s, info = run_one(
+      member, os.path.join(workdir, "sweep", item["label"]), progress=progress, shared=shared, startup=startup
+    )
     if info is not None:
       shared = (run, base, prepared, data_meta, info[4])
     summaries[item["label"]] = s
-    points.append({"label": item.get("group", item["label"]), "kl": s["kl_to_base"], "gold_reward": s["gold_reward_policy"],
-                   **({"beta": item["beta"]} if "beta" in item else {})})
-  chart = plots.reward_vs_kl(points, os.path.join(workdir, "reward_vs_kl.png"),
-                             base_reward=next(iter(summaries.values()))["gold_reward_base"],
-                             title=f"gold reward vs KL: {config.train.loss} sweep")
+    points.append(
+      {
+        "label": item.get("group", item["label"]),
+        "kl": s["kl_to_base"],
+        "gold_reward": s["gold_reward_policy"],
+        **({"beta": item["beta"]} if "beta" in item else {}),
+      }
+    )
+  chart = plots.reward_vs_kl(
+    points,
+    os.path.join(workdir, "reward_vs_kl.png"),
+    base_reward=next(iter(summaries.values()))["gold_reward_base"],
+    title=f"gold reward vs KL: {config.train.loss} sweep",
+  )
   with open(os.path.join(workdir, "sweep_summary.json"), "w") as f:
     json.dump(summaries, f, indent=1)
   return summaries, chart

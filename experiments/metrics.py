@@ -31,8 +31,9 @@ def step_flops_fn(model_config, *, reference: str, perturbation: str, rwp_steps:
 
   def step_flops(batch) -> float:
     work = flops_lib.work_of_batch(batch)
-    return flops_lib.dpo_step_flops(model_config, work, reference=reference, perturbation=perturbation,
-                                    rwp_steps=rwp_steps).total
+    return flops_lib.dpo_step_flops(
+      model_config, work, reference=reference, perturbation=perturbation, rwp_steps=rwp_steps
+    ).total
 
   return step_flops
 
@@ -50,6 +51,7 @@ class MetricWriter:
 
   def __init__(self, workdir: str, stage: str, total_steps: int, *, progress: bool = True, num_devices: int = 1):
     from tensorboardX import SummaryWriter  # pure-Python TensorBoard event writer (no TensorFlow)
+
     self.stage = stage
     os.makedirs(workdir, exist_ok=True)
     self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
@@ -57,6 +59,7 @@ class MetricWriter:
     self.bar = None
     if progress:
       from tqdm import tqdm
+
       self.bar = tqdm(total=total_steps, desc=stage, dynamic_ncols=True, leave=True)
     self._t = time.perf_counter()
     self._last_step = None

@@ -20,8 +20,19 @@ from pofx import models
 from pofx import world as world_lib
 
 
-def sft(params, demos: world_lib.Demonstrations, *, model, seed: int = 0, steps: int = 600, batch_size: int = 64,
-        learning_rate: float = 3e-3, warmup_steps: int = 50, weight_decay: float = 0.0, return_losses: bool = False):
+def sft(
+  params,
+  demos: world_lib.Demonstrations,
+  *,
+  model,
+  seed: int = 0,
+  steps: int = 600,
+  batch_size: int = 64,
+  learning_rate: float = 3e-3,
+  warmup_steps: int = 50,
+  weight_decay: float = 0.0,
+  return_losses: bool = False,
+):
   """Supervised fine-tuning of `params` under `model` (its pure functions, `pofx.models.make(config)`)
   on `demos`: `steps` AdamW steps with linear warmup + cosine decay.
 
@@ -30,8 +41,9 @@ def sft(params, demos: world_lib.Demonstrations, *, model, seed: int = 0, steps:
   `return_losses`.
   """
   tokens, positions, seg, loss_mask = world_lib.sft_arrays(demos)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, min(warmup_steps, steps - 1)),
-                                                max(steps, 2), end_value=0.1 * learning_rate)
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0, learning_rate, max(1, min(warmup_steps, steps - 1)), max(steps, 2), end_value=0.1 * learning_rate
+  )
   opt = optax.adamw(schedule, weight_decay=weight_decay)
 
   @jax.jit
@@ -49,7 +61,7 @@ def sft(params, demos: world_lib.Demonstrations, *, model, seed: int = 0, steps:
   for _ in range(steps):
     if pos_in + bs > n:
       order, pos_in = rng.permutation(n), 0
-    idx = order[pos_in:pos_in + bs]
+    idx = order[pos_in : pos_in + bs]
     pos_in += bs
     params, opt_state, loss = step(params, opt_state, tokens[idx], positions[idx], seg[idx], loss_mask[idx])
     losses.append(loss)
@@ -58,8 +70,16 @@ def sft(params, demos: world_lib.Demonstrations, *, model, seed: int = 0, steps:
   return params
 
 
-def sft_base(world: world_lib.World, *, seed: int = 0, num_demos: int = 8192, steps: int = 600, batch_size: int = 64,
-             learning_rate: float = 3e-3, model: Optional[models.LlamaModel] = None):
+def sft_base(
+  world: world_lib.World,
+  *,
+  seed: int = 0,
+  num_demos: int = 8192,
+  steps: int = 600,
+  batch_size: int = 64,
+  learning_rate: float = 3e-3,
+  model: Optional[models.LlamaModel] = None,
+):
   """The default SFT base of a world: `(model, params)`.
 
   `model` (default `pofx.models.make(world.model_config())`) initialised from
@@ -69,6 +89,7 @@ def sft_base(world: world_lib.World, *, seed: int = 0, num_demos: int = 8192, st
   model = model or models.make(world.model_config())
   params = model.init(jax.random.key(seed))
   demos = world.demonstrations(num_demos, seed=seed)
-  params = sft(params, demos, model=model, seed=seed + 1, steps=steps, batch_size=batch_size,
-               learning_rate=learning_rate)
+  params = sft(
+    params, demos, model=model, seed=seed + 1, steps=steps, batch_size=batch_size, learning_rate=learning_rate
+  )
   return model, params

@@ -21,5 +21,17 @@ def __getattr__(name):
     return getattr(importlib.import_module("pofx._pair_logps"), name)
   raise AttributeError(f"module 'pofx' has no attribute {name!r}")
 
-__all__ = ["PairLogps", "ListLogps", "batching", "gpo", "logprobs", "losses", "perturbations", "policy",
-           "references", "train", "__version__"]
+
+__all__ = [
+  "PairLogps",
+  "ListLogps",
+  "batching",
+  "gpo",
+  "logprobs",
+  "losses",
+  "perturbations",
+  "policy",
+  "references",
+  "train",
+  "__version__",
+]

@@ -68,15 +68,15 @@ class PairLogps:
 
   @classmethod
   def from_tokens(
-      cls,
-      chosen_token_logps,
-      chosen_mask,
-      rejected_token_logps,
-      rejected_mask,
-      *,
-      chosen_log_sum_sq_probs=None,
-      rejected_log_sum_sq_probs=None,
-  ) -> "PairLogps":
+    cls,
+    chosen_token_logps,
+    chosen_mask,
+    rejected_token_logps,
+    rejected_mask,
+    *,
+    chosen_log_sum_sq_probs=None,
+    rejected_log_sum_sq_probs=None,
+  ) -> PairLogps:
     """Builds every field from per-token log-probs `[B, T]` and 0/1 completion masks `[B, T]`.
 
     `chosen = sum_t mask_t * logp_t` (float32), `chosen_len = sum_t mask_t`; the per-token
@@ -99,16 +99,16 @@ class PairLogps:
       chosen_log_sum_sq_probs = jnp.where(c_mask > 0, jnp.asarray(chosen_log_sum_sq_probs, jnp.float32), 0.0)
       rejected_log_sum_sq_probs = jnp.where(r_mask > 0, jnp.asarray(rejected_log_sum_sq_probs, jnp.float32), 0.0)
     return cls(
-        chosen=jnp.sum(c_tok, axis=-1),
-        rejected=jnp.sum(r_tok, axis=-1),
-        chosen_len=jnp.sum(c_mask, axis=-1),
-        rejected_len=jnp.sum(r_mask, axis=-1),
-        chosen_token_logps=c_tok,
-        chosen_mask=c_mask,
-        rejected_token_logps=r_tok,
-        rejected_mask=r_mask,
-        chosen_log_sum_sq_probs=chosen_log_sum_sq_probs,
-        rejected_log_sum_sq_probs=rejected_log_sum_sq_probs,
+      chosen=jnp.sum(c_tok, axis=-1),
+      rejected=jnp.sum(r_tok, axis=-1),
+      chosen_len=jnp.sum(c_mask, axis=-1),
+      rejected_len=jnp.sum(r_mask, axis=-1),
+      chosen_token_logps=c_tok,
+      chosen_mask=c_mask,
+      rejected_token_logps=r_tok,
+      rejected_mask=r_mask,
+      chosen_log_sum_sq_probs=chosen_log_sum_sq_probs,
+      rejected_log_sum_sq_probs=rejected_log_sum_sq_probs,
     )
 
   @property
@@ -119,14 +119,14 @@ class PairLogps:
   def has_tokens(self) -> bool:
     return self.chosen_token_logps is not None and self.rejected_token_logps is not None
 
-  def replace(self, **changes) -> "PairLogps":
+  def replace(self, **changes) -> PairLogps:
     return dataclasses.replace(self, **changes)
 
 
 jax.tree_util.register_dataclass(
-    PairLogps,
-    data_fields=[f.name for f in dataclasses.fields(PairLogps)],
-    meta_fields=[],
+  PairLogps,
+  data_fields=[f.name for f in dataclasses.fields(PairLogps)],
+  meta_fields=[],
 )
 
 
@@ -142,15 +142,21 @@ class ListLogps:
   logps: Array
   lengths: Optional[Array] = None
 
-  def replace(self, **changes) -> "ListLogps":
+  def replace(self, **changes) -> ListLogps:
     return dataclasses.replace(self, **changes)
 
 
 jax.tree_util.register_dataclass(ListLogps, data_fields=["logps", "lengths"], meta_fields=[])
 
 
-def check_pair_logps(policy: PairLogps, reference: Optional[PairLogps] = None, *, name: str = "loss",
-                     need_lengths: bool = False, need_tokens: bool = False) -> None:
+def check_pair_logps(
+  policy: PairLogps,
+  reference: Optional[PairLogps] = None,
+  *,
+  name: str = "loss",
+  need_lengths: bool = False,
+  need_tokens: bool = False,
+) -> None:
   """Shape/dtype checks at a loss's public boundary (trace-time only; free under `jit`)."""
   if not isinstance(policy, PairLogps):
     raise TypeError(f"{name}: `policy` must be a pofx.PairLogps, got {type(policy).__name__}.")
@@ -161,10 +167,11 @@ def check_pair_logps(policy: PairLogps, reference: Optional[PairLogps] = None, *
   if reference is not None:
     chex.assert_equal_shape([policy.chosen, reference.chosen, reference.rejected])
   if need_lengths and (policy.chosen_len is None or policy.rejected_len is None):
-    raise ValueError(f"{name} needs completion lengths: build the policy with PairLogps.from_tokens "
-                     "or pass chosen_len and rejected_len.")
+    raise ValueError(
+      f"{name} needs completion lengths: build the policy with PairLogps.from_tokens "
+      "or pass chosen_len and rejected_len."
+    )
   if need_tokens:
     for who, p in (("policy", policy), ("reference", reference)):
       if p is not None and not p.has_tokens:
-        raise ValueError(f"{name} needs per-token log-probs on the {who}: build it with "
-                         "PairLogps.from_tokens(...).")
+        raise ValueError(f"{name} needs per-token log-probs on the {who}: build it with PairLogps.from_tokens(...).")

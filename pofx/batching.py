@@ -83,8 +83,7 @@ class PairBatch:
   @property
   def model_inputs(self) -> dict:
     """Keyword arguments of `apply_fn`: tokens, positions, segment_ids, branch_ids."""
-    return dict(tokens=self.tokens, positions=self.positions, segment_ids=self.segment_ids,
-                branch_ids=self.branch_ids)
+    return dict(tokens=self.tokens, positions=self.positions, segment_ids=self.segment_ids, branch_ids=self.branch_ids)
 
   def real_token_fraction(self) -> float:
     """Fraction of the `[R, L]` slots holding real tokens (host-side, numpy inputs only)."""
@@ -126,8 +125,10 @@ def gather_completions(outputs, batch: PairBatch):
 
 def _validate(prompts, chosen, rejected):
   if not (len(prompts) == len(chosen) == len(rejected)):
-    raise ValueError(f"prompts, chosen and rejected must have one entry per pair; got lengths "
-                     f"{len(prompts)}, {len(chosen)}, {len(rejected)}.")
+    raise ValueError(
+      f"prompts, chosen and rejected must have one entry per pair; got lengths "
+      f"{len(prompts)}, {len(chosen)}, {len(rejected)}."
+    )
   if not prompts:
     raise ValueError("empty batch: no pairs given.")
   out = []
@@ -136,8 +137,7 @@ def _validate(prompts, chosen, rejected):
     for name, seq in zip(("prompt", "chosen", "rejected"), triple):
       a = np.asarray(seq)
       if a.ndim != 1 or a.size == 0:
-        raise ValueError(f"pair {i}: the {name} must be a non-empty 1-D sequence of token ids, "
-                         f"got shape {a.shape}.")
+        raise ValueError(f"pair {i}: the {name} must be a non-empty 1-D sequence of token ids, got shape {a.shape}.")
       if not np.issubdtype(a.dtype, np.integer) or a.min() < 0:
         raise ValueError(f"pair {i}: the {name} must hold non-negative integer token ids.")
       arrs.append(a.astype(np.int32))
@@ -146,8 +146,7 @@ def _validate(prompts, chosen, rejected):
 
 
 def _completion_arrays(n_pairs, T):
-  return (np.zeros((n_pairs, T), np.int32), np.zeros((n_pairs, T), np.int32),
-          np.zeros((n_pairs, T), np.float32))
+  return (np.zeros((n_pairs, T), np.int32), np.zeros((n_pairs, T), np.int32), np.zeros((n_pairs, T), np.float32))
 
 
 def _num_pairs(n, num_pairs):
@@ -158,8 +157,16 @@ def _num_pairs(n, num_pairs):
   return int(num_pairs)
 
 
-def fused(prompts, chosen, rejected, *, seq_bucket: Bucket = 64, completion_bucket: Bucket = 16,
-          num_pairs: Optional[int] = None, pad_id: int = 0) -> PairBatch:
+def fused(
+  prompts,
+  chosen,
+  rejected,
+  *,
+  seq_bucket: Bucket = 64,
+  completion_bucket: Bucket = 16,
+  num_pairs: Optional[int] = None,
+  pad_id: int = 0,
+) -> PairBatch:
   """Layout (a): `[2B, L]`, chosen rows `0..B-1` (`prompt + chosen`), rejected rows `B..2B-1`.
 
   Args:
@@ -190,8 +197,7 @@ def fused(prompts, chosen, rejected, *, seq_bucket: Bucket = 64, completion_buck
       targets[b, k] = y
       mask[b, k] = 1.0
   pair_mask = (np.arange(B) < len(pairs)).astype(np.float32)
-  return PairBatch(tokens, positions, segs, None, *comp["chosen"], *comp["rejected"], pair_mask,
-                   layout="fused")
+  return PairBatch(tokens, positions, segs, None, *comp["chosen"], *comp["rejected"], pair_mask, layout="fused")
 
 
 def _place(pairs, placements, R, L, T, B, pad_id, layout):
@@ -205,11 +211,11 @@ def _place(pairs, placements, R, L, T, B, pad_id, layout):
   for b, ((p, c, r), (row, o, seg)) in enumerate(zip(pairs, placements)):
     P, C, Rn = len(p), len(c), len(r)
     n = P + C + Rn
-    tokens[row, o:o + n] = np.concatenate([p, c, r])
-    positions[row, o:o + n] = np.concatenate([np.arange(P + C), P + np.arange(Rn)])
-    segs[row, o:o + n] = seg
-    branches[row, o + P:o + P + C] = 1
-    branches[row, o + P + C:o + n] = 2
+    tokens[row, o : o + n] = np.concatenate([p, c, r])
+    positions[row, o : o + n] = np.concatenate([np.arange(P + C), P + np.arange(Rn)])
+    segs[row, o : o + n] = seg
+    branches[row, o + P : o + P + C] = 1
+    branches[row, o + P + C : o + n] = 2
     base = row * L + o
     k = np.arange(C)
     c_idx[b, k] = base + P + k - 1
@@ -221,13 +227,21 @@ def _place(pairs, placements, R, L, T, B, pad_id, layout):
     r_tgt[b, k] = r
     r_mask[b, k] = 1.0
   pair_mask = (np.arange(B) < len(pairs)).astype(np.float32)
-  return PairBatch(tokens, positions, segs, branches, c_idx, c_tgt, c_mask, r_idx, r_tgt, r_mask,
-                   pair_mask, layout=layout)
+  return PairBatch(
+    tokens, positions, segs, branches, c_idx, c_tgt, c_mask, r_idx, r_tgt, r_mask, pair_mask, layout=layout
+  )
 
 
-def prompt_shared(prompts, chosen, rejected, *, seq_bucket: Bucket = 64,
-                  completion_bucket: Bucket = 16, num_pairs: Optional[int] = None,
-                  pad_id: int = 0) -> PairBatch:
+def prompt_shared(
+  prompts,
+  chosen,
+  rejected,
+  *,
+  seq_bucket: Bucket = 64,
+  completion_bucket: Bucket = 16,
+  num_pairs: Optional[int] = None,
+  pad_id: int = 0,
+) -> PairBatch:
   """Layout (b): `[B, L]`, one row `[prompt | chosen | rejected]` per pair (see module docstring).
 
   L = bucket of max(p + c + r); other arguments as in `fused`. Padding pairs are empty rows.
@@ -240,9 +254,19 @@ def prompt_shared(prompts, chosen, rejected, *, seq_bucket: Bucket = 64,
   return _place(pairs, placements, B, L, T, B, pad_id, "prompt_shared")
 
 
-def packed(prompts, chosen, rejected, *, row_length: Optional[int] = None, num_rows: Optional[int] = None,
-           rows_bucket: Bucket = 1, length_bucket: Bucket = 64, completion_bucket: Bucket = 16,
-           num_pairs: Optional[int] = None, pad_id: int = 0) -> PairBatch:
+def packed(
+  prompts,
+  chosen,
+  rejected,
+  *,
+  row_length: Optional[int] = None,
+  num_rows: Optional[int] = None,
+  rows_bucket: Bucket = 1,
+  length_bucket: Bucket = 64,
+  completion_bucket: Bucket = 16,
+  num_pairs: Optional[int] = None,
+  pad_id: int = 0,
+) -> PairBatch:
   """Layout (c): several prompt-shared pairs per row, told apart by `segment_ids` (1, 2, ...
   within a row).
 
@@ -281,8 +305,7 @@ def packed(prompts, chosen, rejected, *, row_length: Optional[int] = None, num_r
   fill, count = [], []
   for i, n in enumerate(sizes):
     if n > row_length:
-      raise ValueError(f"pair {i}: prompt + chosen + rejected = {n} tokens exceeds row_length "
-                       f"{row_length}.")
+      raise ValueError(f"pair {i}: prompt + chosen + rejected = {n} tokens exceeds row_length {row_length}.")
     row = next((j for j, f in enumerate(fill) if f + n <= row_length), None)
     if row is None:
       row = len(fill)
@@ -295,8 +318,7 @@ def packed(prompts, chosen, rejected, *, row_length: Optional[int] = None, num_r
     R = bucket_length(len(fill), rows_bucket)
   else:
     if len(fill) > num_rows:
-      raise ValueError(f"the {len(pairs)} pairs need {len(fill)} rows of length {row_length}; "
-                       f"num_rows={num_rows}.")
+      raise ValueError(f"the {len(pairs)} pairs need {len(fill)} rows of length {row_length}; num_rows={num_rows}.")
     R = int(num_rows)
   return _place(pairs, placements, R, int(row_length), T, B, pad_id, "packed")
 
@@ -327,16 +349,18 @@ def scored_tokens(batch: PairBatch, *, bucket: Bucket = 128) -> ScoredTokens:
   rounded up by `bucket_length(n, bucket)`."""
   B, T = np.shape(batch.chosen_targets)
   if np.shape(batch.rejected_targets) != (B, T):
-    raise ValueError("scored_tokens: chosen and rejected completions must share the padded length T "
-                     f"(got {np.shape(batch.chosen_targets)} and {np.shape(batch.rejected_targets)}).")
+    raise ValueError(
+      "scored_tokens: chosen and rejected completions must share the padded length T "
+      f"(got {np.shape(batch.chosen_targets)} and {np.shape(batch.rejected_targets)})."
+    )
   masks = np.concatenate([np.asarray(batch.chosen_mask).reshape(-1), np.asarray(batch.rejected_mask).reshape(-1)])
   indices = np.concatenate([np.asarray(batch.chosen_index).reshape(-1), np.asarray(batch.rejected_index).reshape(-1)])
   slot = np.flatnonzero(masks > 0).astype(np.int32)
   n = bucket_length(max(len(slot), 1), bucket)
   out_index = np.zeros(n, np.int32)
   out_slot = np.full(n, 2 * B * T, np.int32)
-  out_index[:len(slot)] = indices[slot]
-  out_slot[:len(slot)] = slot
+  out_index[: len(slot)] = indices[slot]
+  out_slot[: len(slot)] = slot
   return ScoredTokens(out_index, out_slot)
 
 
@@ -361,8 +385,9 @@ def attention_blocks(batch: PairBatch, *, block_size: int = 64, bucket: Bucket =
   `bucket`: the pair count is rounded up by `bucket_length` (a multiple, or e.g.
   `geometric_buckets(...)`).
   """
-  return sparse_attention.attention_blocks(batch.segment_ids, batch.branch_ids, block_size=block_size,
-                                           bucket=lambda n: bucket_length(n, bucket))
+  return sparse_attention.attention_blocks(
+    batch.segment_ids, batch.branch_ids, block_size=block_size, bucket=lambda n: bucket_length(n, bucket)
+  )
 
 
 def pad_index_lists(batches):
@@ -376,8 +401,11 @@ def pad_index_lists(batches):
   returned unchanged (new dicts; the inputs are not modified).
   """
   batches = [dict(b) for b in batches]
-  if any(("attention_blocks" in b) != ("attention_blocks" in batches[0]) or
-         ("scored_tokens" in b) != ("scored_tokens" in batches[0]) for b in batches):
+  if any(
+    ("attention_blocks" in b) != ("attention_blocks" in batches[0])
+    or ("scored_tokens" in b) != ("scored_tokens" in batches[0])
+    for b in batches
+  ):
     raise ValueError("pad_index_lists: some batches carry attention_blocks / scored_tokens and others do not.")
   if batches and "attention_blocks" in batches[0]:
     size = max(b["attention_blocks"].num_pairs for b in batches)
@@ -386,17 +414,19 @@ def pad_index_lists(batches):
       pad = size - blocks.num_pairs
       end = R * (L // blocks.block_size)
       b["attention_blocks"] = sparse_attention.AttentionBlocks(
-          np.concatenate([np.asarray(blocks.query_block, np.int32), np.full(pad, end, np.int32)]),
-          np.concatenate([np.asarray(blocks.key_block, np.int32), np.full(pad, end, np.int32)]),
-          blocks.block_size)
+        np.concatenate([np.asarray(blocks.query_block, np.int32), np.full(pad, end, np.int32)]),
+        np.concatenate([np.asarray(blocks.key_block, np.int32), np.full(pad, end, np.int32)]),
+        blocks.block_size,
+      )
   if batches and "scored_tokens" in batches[0]:
     size = max(len(b["scored_tokens"].index) for b in batches)
     for b in batches:
       scored, (B, T) = b["scored_tokens"], np.shape(b["pairs"].chosen_targets)
       pad = size - len(scored.index)
-      b["scored_tokens"] = ScoredTokens(np.concatenate([np.asarray(scored.index, np.int32), np.zeros(pad, np.int32)]),
-                                        np.concatenate([np.asarray(scored.slot, np.int32),
-                                                        np.full(pad, 2 * B * T, np.int32)]))
+      b["scored_tokens"] = ScoredTokens(
+        np.concatenate([np.asarray(scored.index, np.int32), np.zeros(pad, np.int32)]),
+        np.concatenate([np.asarray(scored.slot, np.int32), np.full(pad, 2 * B * T, np.int32)]),
+      )
   return batches
 
 

@@ -52,6 +52,7 @@ NORMALIZATIONS = ("sum", "mean")
 
 # Intervals and win rate ------------------------------------------------------------------------
 
+
 def _z(confidence: float) -> float:
   if not 0.0 < confidence < 1.0:
     raise ValueError(f"confidence must be in (0, 1), got {confidence!r}.")
@@ -78,6 +79,7 @@ def wilson_interval(successes: float, n: int, confidence: float = 0.95):
 
 class WinRate(NamedTuple):
   """Win rate with ties counted half and its Wilson interval."""
+
   rate: float
   low: float
   high: float
@@ -122,6 +124,7 @@ def kl_estimate(policy_logps, base_logps):
 
 # Pair metrics (jit-friendly) ---------------------------------------------------------------------
 
+
 def _scores(logps: PairLogps, normalize: str):
   check_choice("evaluation", "normalize", normalize, NORMALIZATIONS)
   if normalize == "sum":
@@ -151,8 +154,9 @@ def _rank_with_band(log_ratio, tie_band):
   return jnp.where(jnp.abs(ratio_minus_1) < tie_band, 0, jnp.where(ratio_minus_1 > 0, 1, -1))
 
 
-def idealized_ranking_accuracy(reference: PairLogps, pref_prob, *, beta: float, normalize: str = "sum",
-                               tie_band: float = 0.05, eps: float = 1e-3) -> Array:
+def idealized_ranking_accuracy(
+  reference: PairLogps, pref_prob, *, beta: float, normalize: str = "sum", tie_band: float = 0.05, eps: float = 1e-3
+) -> Array:
   """Per-pair `[B]` float32: does the DPO/RLHF optimum pi* rank the pair as the truth does?
 
   log pi*(y_w)/pi*(y_l) = h_ref + (1/beta) log(p/(1-p)), h_ref = the reference's (summed or
@@ -179,8 +183,17 @@ def flip_threshold_loss(reference: PairLogps, *, beta: float) -> Array:
 
 # Model-level evaluation ------------------------------------------------------------------------
 
-def score_completions(params, prompts: Sequence, completions: Sequence, *, model, prompt_width: Optional[int] = None,
-                      completion_width: Optional[int] = None, batch_size: int = 512):
+
+def score_completions(
+  params,
+  prompts: Sequence,
+  completions: Sequence,
+  *,
+  model,
+  prompt_width: Optional[int] = None,
+  completion_width: Optional[int] = None,
+  batch_size: int = 512,
+):
   """Teacher-forced per-token log-probs of given completions under `model` (its pure functions,
   e.g. `pofx.models.make(config)`) with `params`: `(token_logps [N, T], mask [N, T])` numpy
   float32, in fixed-size jitted batches (the layout of `pofx.sampling.score`)."""
@@ -195,8 +208,8 @@ def score_completions(params, prompts: Sequence, completions: Sequence, *, model
     c = np.asarray(c, np.int32).reshape(-1)
     if c.size == 0 or c.size > T:
       raise ValueError(f"score_completions: completion {i} has {c.size} tokens; allowed 1..{T}.")
-    ctok[i, :c.size] = c
-    cmask[i, :c.size] = 1.0
+    ctok[i, : c.size] = c
+    cmask[i, : c.size] = 1.0
   bs = min(batch_size, n)
   out = []
   for start in range(0, n, bs):
@@ -210,8 +223,9 @@ def score_completions(params, prompts: Sequence, completions: Sequence, *, model
   return np.concatenate(out).astype(np.float32), cmask
 
 
-def pair_logps(params, prompts, chosen, rejected, *, model, batch_size: int = 512, prompt_width=None,
-               completion_width=None) -> PairLogps:
+def pair_logps(
+  params, prompts, chosen, rejected, *, model, batch_size: int = 512, prompt_width=None, completion_width=None
+) -> PairLogps:
   """`PairLogps` (with per-token arrays) of preference pairs under `params` (teacher forcing)."""
   T = completion_width or max(max(len(c) for c in chosen), max(len(r) for r in rejected))
   kw = dict(model=model, batch_size=batch_size, prompt_width=prompt_width, completion_width=T)
@@ -220,8 +234,20 @@ def pair_logps(params, prompts, chosen, rejected, *, model, batch_size: int = 51
   return PairLogps.from_tokens(jnp.asarray(c_lp), jnp.asarray(c_m), jnp.asarray(r_lp), jnp.asarray(r_m))
 
 
-def evaluate_pairs(params, reference_params, prompts, chosen, rejected, *, model, beta: float = 0.1,
-                   pref_prob=None, batch_size: int = 512, prompt_width=None, completion_width=None) -> dict:
+def evaluate_pairs(
+  params,
+  reference_params,
+  prompts,
+  chosen,
+  rejected,
+  *,
+  model,
+  beta: float = 0.1,
+  pref_prob=None,
+  batch_size: int = 512,
+  prompt_width=None,
+  completion_width=None,
+) -> dict:
   """Pair metrics of a policy on held-out pairs: reward accuracy (against `reference_params`),
   ranking accuracy (sum and mean) of the policy and of the reference, and, when `pref_prob`
   (P(chosen > rejected), e.g. `PreferenceData.label_prob`) is given, the idealized ranking
@@ -231,12 +257,12 @@ def evaluate_pairs(params, reference_params, prompts, chosen, rejected, *, model
   ref = pair_logps(reference_params, prompts, chosen, rejected, **kw)
   m = lambda x: float(jnp.mean(x))
   out = {
-      "reward_accuracy": m(reward_accuracy(pol, ref)),
-      "ranking_accuracy": m(ranking_accuracy(pol, normalize="sum")),
-      "ranking_accuracy_mean": m(ranking_accuracy(pol, normalize="mean")),
-      "ref_ranking_accuracy": m(ranking_accuracy(ref, normalize="sum")),
-      "ref_ranking_accuracy_mean": m(ranking_accuracy(ref, normalize="mean")),
-      "num_pairs": int(pol.chosen.shape[0]),
+    "reward_accuracy": m(reward_accuracy(pol, ref)),
+    "ranking_accuracy": m(ranking_accuracy(pol, normalize="sum")),
+    "ranking_accuracy_mean": m(ranking_accuracy(pol, normalize="mean")),
+    "ref_ranking_accuracy": m(ranking_accuracy(ref, normalize="sum")),
+    "ref_ranking_accuracy_mean": m(ranking_accuracy(ref, normalize="mean")),
+    "num_pairs": int(pol.chosen.shape[0]),
   }
   if pref_prob is not None:
     out["idealized_ranking_accuracy"] = m(idealized_ranking_accuracy(ref, pref_prob, beta=beta, normalize="sum"))
@@ -245,9 +271,21 @@ def evaluate_pairs(params, reference_params, prompts, chosen, rejected, *, model
   return out
 
 
-def evaluate_policy(world, params, base_params, prompts: Sequence, key, *, model, num_samples: int = 1,
-                    temperature=1.0, top_k: int = 0, batch_size: int = 512, confidence: float = 0.95,
-                    base_samples: Optional[sampling.Samples] = None) -> dict:
+def evaluate_policy(
+  world,
+  params,
+  base_params,
+  prompts: Sequence,
+  key,
+  *,
+  model,
+  num_samples: int = 1,
+  temperature=1.0,
+  top_k: int = 0,
+  batch_size: int = 512,
+  confidence: float = 0.95,
+  base_samples: Optional[sampling.Samples] = None,
+) -> dict:
   """Sampled metrics of a policy against the base on held-out `prompts` (see the module docstring).
 
   Draws `num_samples` completions per prompt from the policy and from the base (independent
@@ -277,12 +315,19 @@ def evaluate_policy(world, params, base_params, prompts: Sequence, key, *, model
   kl, kl_se = kl_estimate(np.sum(pol.logps, -1), np.sum(base_lp, -1))
   g, g_se = mean_and_stderr(r_pol)
   return {
-      "gold_reward": g, "gold_reward_stderr": g_se, "base_gold_reward": float(np.mean(r_base)),
-      "win_rate": wr.rate, "win_rate_low": wr.low, "win_rate_high": wr.high,
-      "kl": kl, "kl_stderr": kl_se,
-      "length": float(np.mean(pol.lengths)), "base_length": float(np.mean(base_samples.lengths)),
-      "finished_fraction": float(np.mean(pol.finished)), "num_comparisons": wr.n,
-      "base_samples": base_samples,
+    "gold_reward": g,
+    "gold_reward_stderr": g_se,
+    "base_gold_reward": float(np.mean(r_base)),
+    "win_rate": wr.rate,
+    "win_rate_low": wr.low,
+    "win_rate_high": wr.high,
+    "kl": kl,
+    "kl_stderr": kl_se,
+    "length": float(np.mean(pol.lengths)),
+    "base_length": float(np.mean(base_samples.lengths)),
+    "finished_fraction": float(np.mean(pol.finished)),
+    "num_comparisons": wr.n,
+    "base_samples": base_samples,
   }
 
 
@@ -291,7 +336,7 @@ def _score_samples(params, samples: sampling.Samples, *, model, batch_size: int)
   bs = min(batch_size, n)
   out = []
   for start in range(0, n, bs):
-    part = jax.tree.map(lambda a: np.asarray(a)[start:start + bs], samples)
+    part = jax.tree.map(lambda a: np.asarray(a)[start : start + bs], samples)
     real = part.tokens.shape[0]
     if real < bs:
       part = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[:1], bs - real, 0)]), part)

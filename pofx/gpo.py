@@ -90,25 +90,29 @@ def savage(v):
   return jnp.exp(2.0 * jax.nn.log_sigmoid(-v))
 
 
-CONVEX_FUNCTIONS = types.MappingProxyType({
+CONVEX_FUNCTIONS = types.MappingProxyType(
+  {
     "logistic": logistic,
     "hinge": hinge,
     "squared": squared,
     "exponential": exponential,
     "truncated_quadratic": truncated_quadratic,
     "savage": savage,
-})
+  }
+)
 """Read-only table: name -> elementwise function."""
 
 # The method each f corresponds to (GPO Table 1).
-METHOD_OF = types.MappingProxyType({
+METHOD_OF = types.MappingProxyType(
+  {
     "logistic": "DPO",
     "hinge": "SLiC",
     "squared": "IPO",
     "exponential": "GPO (exponential)",
     "truncated_quadratic": "GPO (truncated quadratic)",
     "savage": "GPO (savage)",
-})
+  }
+)
 
 
 def get(f: Union[str, ConvexFn]) -> ConvexFn:
@@ -130,5 +134,17 @@ def curv0(f: Union[str, ConvexFn]) -> jax.Array:
   return jax.grad(jax.grad(lambda v: get(f)(v)))(jnp.float32(0.0))
 
 
-__all__ = ["ConvexFn", "CONVEX_FUNCTIONS", "METHOD_OF", "logistic", "hinge", "squared", "exponential",
-           "truncated_quadratic", "savage", "get", "grad0", "curv0"]
+__all__ = [
+  "ConvexFn",
+  "CONVEX_FUNCTIONS",
+  "METHOD_OF",
+  "logistic",
+  "hinge",
+  "squared",
+  "exponential",
+  "truncated_quadratic",
+  "savage",
+  "get",
+  "grad0",
+  "curv0",
+]

@@ -127,8 +127,16 @@ def masked_softmax_attention(q: Array, k: Array, v: Array, mask: Array, *, scale
   return jnp.einsum("bkgqs,bskd->bqkgd", probs, v).astype(q.dtype)
 
 
-def xla_attention(q: Array, k: Array, v: Array, mask, *, scale: float,
-                  rope: Optional[Tuple[Array, Array]] = None, query_block: int = 128) -> Array:
+def xla_attention(
+  q: Array,
+  k: Array,
+  v: Array,
+  mask,
+  *,
+  scale: float,
+  rope: Optional[Tuple[Array, Array]] = None,
+  query_block: int = 128,
+) -> Array:
   """The attention injection point computed with XLA operations (the default).
 
   `SegmentMask` with `blocks`: `pofx.sparse_attention.block_sparse_attention` (only the listed
@@ -137,8 +145,9 @@ def xla_attention(q: Array, k: Array, v: Array, mask, *, scale: float,
   scores of the full product, the same result; 0 disables it). `CacheMask`: dense over the slots.
   """
   if isinstance(mask, SegmentMask) and mask.blocks is not None:
-    return sparse_attention.block_sparse_attention(q, k, v, mask.segment_ids, mask.branch_ids, mask.blocks,
-                                                   rope=rope, q_scale=scale)
+    return sparse_attention.block_sparse_attention(
+      q, k, v, mask.segment_ids, mask.branch_ids, mask.blocks, rope=rope, q_scale=scale
+    )
   q, k = apply_rope(q, k, rope)
   if isinstance(mask, CacheMask):
     return masked_softmax_attention(q, k, v, mask.dense(q.shape[1]), scale=scale)
@@ -149,8 +158,10 @@ def xla_attention(q: Array, k: Array, v: Array, mask, *, scale: float,
   if not query_block or L <= query_block:
     return masked_softmax_attention(q, k, v, dense, scale=scale)
   # Causal blocks: queries [s, e) only see keys [0, e); masked scores contribute exactly 0 either way.
-  outs = [masked_softmax_attention(q[:, s:e], k[:, :e], v[:, :e], dense[:, s:e, :e], scale=scale)
-          for s, e in ((s, min(s + query_block, L)) for s in range(0, L, query_block))]
+  outs = [
+    masked_softmax_attention(q[:, s:e], k[:, :e], v[:, :e], dense[:, s:e, :e], scale=scale)
+    for s, e in ((s, min(s + query_block, L)) for s in range(0, L, query_block))
+  ]
   return jnp.concatenate(outs, axis=1)
 
 
@@ -176,10 +187,17 @@ XLA = Kernels()
 
 def check_attention_shapes(q, k, v) -> None:
   """ValueError unless `q [B, Lq, K, G, hd]`, `k, v [B, Lk, K, hd]` agree."""
-  if q.ndim != 5 or k.ndim != 4 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] \
-     or q.shape[4] != k.shape[3]:
-    raise ValueError(f"attention: q must be [B, Lq, K, G, hd] and k, v [B, Lk, K, hd]; got {q.shape}, {k.shape}, "
-                     f"{v.shape}.")
+  if (
+    q.ndim != 5
+    or k.ndim != 4
+    or v.shape != k.shape
+    or q.shape[0] != k.shape[0]
+    or q.shape[2] != k.shape[2]
+    or q.shape[4] != k.shape[3]
+  ):
+    raise ValueError(
+      f"attention: q must be [B, Lq, K, G, hd] and k, v [B, Lk, K, hd]; got {q.shape}, {k.shape}, {v.shape}."
+    )
 
 
 def default_scale(head_dim: int) -> float:

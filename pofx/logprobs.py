@@ -60,8 +60,8 @@ Array = jax.Array
 DotGeneral = Callable[..., Array]
 
 # dot_general dimension numbers of the head's products (2-D operands, no batch axes).
-_LOGITS = (((1,), (0,)), ((), ()))           # h [c, D] . W [D, V] -> [c, V]  (h W)
-_CONTRACT_VOCAB = (((1,), (1,)), ((), ()))   # G [c, V] . W [D, V] -> [c, D]  (G W^T)
+_LOGITS = (((1,), (0,)), ((), ()))  # h [c, D] . W [D, V] -> [c, V]  (h W)
+_CONTRACT_VOCAB = (((1,), (1,)), ((), ()))  # G [c, V] . W [D, V] -> [c, D]  (G W^T)
 _CONTRACT_TOKENS = (((0,), (0,)), ((), ()))  # h [c, D] . G [c, V] -> [D, V]  (h^T G)
 
 
@@ -70,15 +70,24 @@ class TokenLogps(NamedTuple):
 
   `entropy` and `log_sum_sq_probs` are None unless requested.
   """
+
   logps: Array
   entropy: Optional[Array] = None
   log_sum_sq_probs: Optional[Array] = None
 
 
-def token_logps(hidden: Array, head_weight: Array, targets: Array, *, chunk_size: int = 1024,
-                with_entropy: bool = False, with_log_sum_sq_probs: bool = False,
-                compute_dtype=None, save_probs: bool = False,
-                dot_general: DotGeneral = jax.lax.dot_general) -> TokenLogps:
+def token_logps(
+  hidden: Array,
+  head_weight: Array,
+  targets: Array,
+  *,
+  chunk_size: int = 1024,
+  with_entropy: bool = False,
+  with_log_sum_sq_probs: bool = False,
+  compute_dtype=None,
+  save_probs: bool = False,
+  dot_general: DotGeneral = jax.lax.dot_general,
+) -> TokenLogps:
   """Log-probs of `targets` under `softmax(hidden @ head_weight)`, chunked over tokens.
 
   Args:
@@ -138,7 +147,7 @@ def token_logps(hidden: Array, head_weight: Array, targets: Array, *, chunk_size
 
   def body(carry, xs):
     hc, tc = xs
-    logits = dot_general(hc, w, _LOGITS, preferred_element_type=jnp.float32)   # [c, V] float32
+    logits = dot_general(hc, w, _LOGITS, preferred_element_type=jnp.float32)  # [c, V] float32
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
     out = [target_logit - lse]
@@ -181,7 +190,7 @@ def _saved_probs_fwd(h, t, w, dtype, dot_general):
 
   def body(carry, xs):
     hc, tc = xs
-    logits = dot_general(hc.astype(dtype), wc, _LOGITS, preferred_element_type=jnp.float32)   # [c, V] float32
+    logits = dot_general(hc.astype(dtype), wc, _LOGITS, preferred_element_type=jnp.float32)  # [c, V] float32
     m = jnp.max(logits, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     e = jnp.exp(logits - m)
@@ -214,10 +223,19 @@ def _saved_probs_bwd(dtype, dot_general, res, g):
 _logps_saved_probs.defvjp(_saved_probs_fwd, _saved_probs_bwd)
 
 
-def pair_logps(hidden: Array, head_weight: Array, batch, *, chunk_size: int = 1024,
-               with_log_sum_sq_probs: bool = False, with_entropy: bool = False,
-               compute_dtype=None, save_probs: bool = False, scored=None,
-               dot_general: DotGeneral = jax.lax.dot_general):
+def pair_logps(
+  hidden: Array,
+  head_weight: Array,
+  batch,
+  *,
+  chunk_size: int = 1024,
+  with_log_sum_sq_probs: bool = False,
+  with_entropy: bool = False,
+  compute_dtype=None,
+  save_probs: bool = False,
+  scored=None,
+  dot_general: DotGeneral = jax.lax.dot_general,
+):
   """`PairLogps` of a preference batch from one forward pass over any `pofx.batching` layout.
 
   Gathers, for every chosen and rejected completion token, the hidden state of the position that
@@ -252,18 +270,29 @@ def pair_logps(hidden: Array, head_weight: Array, batch, *, chunk_size: int = 10
     h = jnp.concatenate([h_c.reshape(B * Tc, D), h_r.reshape(B * Tr, D)], axis=0)
   else:
     if hidden.ndim != 2 or hidden.shape[0] != np.shape(scored.index)[-1]:
-      raise ValueError(f"pair_logps: with `scored`, hidden must be [N, D] with N = {np.shape(scored.index)[-1]} "
-                       f"(the outputs at scored.index); got {hidden.shape}.")
+      raise ValueError(
+        f"pair_logps: with `scored`, hidden must be [N, D] with N = {np.shape(scored.index)[-1]} "
+        f"(the outputs at scored.index); got {hidden.shape}."
+      )
     h = hidden
     t = jnp.concatenate([t, jnp.zeros((1,), t.dtype)])[scored.slot]
-  out = token_logps(h, head_weight, t, chunk_size=chunk_size, with_entropy=with_entropy,
-                    with_log_sum_sq_probs=with_log_sum_sq_probs, compute_dtype=compute_dtype,
-                    save_probs=save_probs, dot_general=dot_general)
-  if scored is not None:   # back to the [B * Tc + B * Tr] slots (padding entries land in one extra slot)
+  out = token_logps(
+    h,
+    head_weight,
+    t,
+    chunk_size=chunk_size,
+    with_entropy=with_entropy,
+    with_log_sum_sq_probs=with_log_sum_sq_probs,
+    compute_dtype=compute_dtype,
+    save_probs=save_probs,
+    dot_general=dot_general,
+  )
+  if scored is not None:  # back to the [B * Tc + B * Tr] slots (padding entries land in one extra slot)
     n_slots = B * Tc + B * Tr
-    out = TokenLogps(*[None if x is None else jnp.zeros((n_slots + 1,), x.dtype).at[scored.slot].set(x)[:n_slots]
-                       for x in out])
-  split = lambda x: (x[:B * Tc].reshape(B, Tc), x[B * Tc:].reshape(B, Tr))
+    out = TokenLogps(
+      *[None if x is None else jnp.zeros((n_slots + 1,), x.dtype).at[scored.slot].set(x)[:n_slots] for x in out]
+    )
+  split = lambda x: (x[: B * Tc].reshape(B, Tc), x[B * Tc :].reshape(B, Tr))
   c_lp, r_lp = split(out.logps)
   kw = {}
   if with_log_sum_sq_probs:
@@ -273,19 +302,21 @@ def pair_logps(hidden: Array, head_weight: Array, batch, *, chunk_size: int = 10
   if not with_entropy:
     return pair
   c_e, r_e = split(out.entropy)
-  ents = {"chosen": jnp.where(pair.chosen_mask > 0, c_e, 0.0),
-          "rejected": jnp.where(pair.rejected_mask > 0, r_e, 0.0)}
+  ents = {"chosen": jnp.where(pair.chosen_mask > 0, c_e, 0.0), "rejected": jnp.where(pair.rejected_mask > 0, r_e, 0.0)}
   return pair, ents
 
 
-def pair_logps_from_fused(token_logps_2b: Array, mask_2b: Array, *,
-                          log_sum_sq_probs_2b: Optional[Array] = None) -> PairLogps:
+def pair_logps_from_fused(
+  token_logps_2b: Array, mask_2b: Array, *, log_sum_sq_probs_2b: Optional[Array] = None
+) -> PairLogps:
   """Splits per-token arrays of a fused `[2B, T]` batch (chosen rows first, then rejected rows)
   into a `PairLogps` (`PairLogps.from_tokens` on the two halves)."""
   n = token_logps_2b.shape[0]
   if n % 2 or mask_2b.shape != token_logps_2b.shape:
-    raise ValueError(f"pair_logps_from_fused: need [2B, T] log-probs and mask of one shape, got "
-                     f"{token_logps_2b.shape} and {mask_2b.shape}.")
+    raise ValueError(
+      f"pair_logps_from_fused: need [2B, T] log-probs and mask of one shape, got "
+      f"{token_logps_2b.shape} and {mask_2b.shape}."
+    )
   b = n // 2
   kw = {}
   if log_sum_sq_probs_2b is not None:

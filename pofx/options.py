@@ -44,5 +44,10 @@ ON_NONFINITE = ("skip", "halt")
 # happens to a record over a length limit, and what happens to a record that cannot be used.
 FORMATS = ("auto", "standard", "implicit", "conversational", "conversational_implicit", "tokenized", "ranking")
 RANKING_MODES = ("all_pairs", "best_vs_rest", "best_worst")
-TRUNCATION = ("reject", "truncate_prompt_left", "truncate_completion_right", "truncate_prompt_left_then_completion_right")
+TRUNCATION = (
+  "reject",
+  "truncate_prompt_left",
+  "truncate_completion_right",
+  "truncate_prompt_left_then_completion_right",
+)
 ON_BAD_RECORD = ("error", "skip")

@@ -62,17 +62,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from pofx import batching
-from pofx import options
+from pofx import batching, options
 from pofx import train as train_lib
 
 DATA, FSDP_AXIS, TENSOR = "data", "fsdp", "tensor"
 BATCH_AXES = (DATA, FSDP_AXIS)
 MODES = options.DEVICE_PARALLEL_MODES
 
-FSDP = "fsdp"            # rule value: shard the largest divisible dimension over the fsdp axis
+FSDP = "fsdp"  # rule value: shard the largest divisible dimension over the fsdp axis
 REPLICATE = "replicate"  # rule value: replicate
 
 Rule = Tuple[str, Union[P, str]]
@@ -84,13 +84,13 @@ REPLICATED_RULES: Tuple[Rule, ...] = ((r".*", REPLICATE),)
 # Megatron-style tensor parallelism for `pofx.models.llama` (column-parallel q/k/v/gate/up,
 # row-parallel o/down, vocab-parallel embedding and head) combined with FSDP.
 LLAMA_RULES: Tuple[Rule, ...] = (
-    (r"attn/(q_proj|k_proj|v_proj)/kernel$", P(FSDP_AXIS, TENSOR)),
-    (r"attn/o_proj/kernel$", P(TENSOR, FSDP_AXIS)),
-    (r"mlp/(gate_proj|up_proj)/kernel$", P(FSDP_AXIS, TENSOR)),
-    (r"mlp/down_proj/kernel$", P(TENSOR, FSDP_AXIS)),
-    (r"embed/embedding$", P(TENSOR, FSDP_AXIS)),
-    (r"lm_head$", P(FSDP_AXIS, TENSOR)),
-    (r".*", FSDP),
+  (r"attn/(q_proj|k_proj|v_proj)/kernel$", P(FSDP_AXIS, TENSOR)),
+  (r"attn/o_proj/kernel$", P(TENSOR, FSDP_AXIS)),
+  (r"mlp/(gate_proj|up_proj)/kernel$", P(FSDP_AXIS, TENSOR)),
+  (r"mlp/down_proj/kernel$", P(TENSOR, FSDP_AXIS)),
+  (r"embed/embedding$", P(TENSOR, FSDP_AXIS)),
+  (r"lm_head$", P(FSDP_AXIS, TENSOR)),
+  (r".*", FSDP),
 )
 
 
@@ -98,8 +98,9 @@ LLAMA_RULES: Tuple[Rule, ...] = (
 # Mesh.
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: Optional[int] = None, *,
-              devices: Optional[Sequence[Any]] = None) -> jax.sharding.Mesh:
+def make_mesh(
+  data: int = -1, fsdp: int = 1, tensor: Optional[int] = None, *, devices: Optional[Sequence[Any]] = None
+) -> jax.sharding.Mesh:
   """A mesh with axes ("data", "fsdp"[, "tensor"]) and Auto axis types (classic GSPMD).
 
   One size may be -1 (the remaining devices). `tensor=None` leaves the axis out. `devices`
@@ -116,8 +117,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: Optional[int] = None, *,
       raise ValueError(f"make_mesh: {n_dev} devices are not divisible by {known} ({dict(zip(names, sizes))}).")
     sizes[sizes.index(-1)] = n_dev // known
   if math.prod(sizes) != n_dev:
-    raise ValueError(f"make_mesh: axis sizes {dict(zip(names, sizes))} need {math.prod(sizes)} devices; "
-                     f"there are {n_dev}.")
+    raise ValueError(
+      f"make_mesh: axis sizes {dict(zip(names, sizes))} need {math.prod(sizes)} devices; there are {n_dev}."
+    )
   axis_types = (jax.sharding.AxisType.Auto,) * len(names)
   if devices is None:
     return jax.make_mesh(tuple(sizes), tuple(names), axis_types=axis_types)
@@ -161,7 +163,7 @@ def _sanitize(spec: P, shape, mesh) -> P:
   """Drops axes the mesh lacks or that do not divide their dimension; pads to the leaf's rank."""
   out = []
   entries = tuple(spec) + (None,) * max(0, len(shape) - len(spec))
-  for dim, entry in zip(shape, entries[:len(shape)]):
+  for dim, entry in zip(shape, entries[: len(shape)]):
     axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
     axes = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
     if axes and dim % _axis_size(mesh, axes):
@@ -184,7 +186,7 @@ def _fsdp(spec: P, shape, mesh, min_size: int) -> P:
   return P(*entries)
 
 
-def leaf_spec(path: str, leaf, mesh, rules: Sequence[Rule] = DEFAULT_RULES, *, min_fsdp_size: int = 2 ** 16) -> P:
+def leaf_spec(path: str, leaf, mesh, rules: Sequence[Rule] = DEFAULT_RULES, *, min_fsdp_size: int = 2**16) -> P:
   """The PartitionSpec of one leaf at `path` by the first matching rule (replicated if none)."""
   shape = tuple(getattr(leaf, "shape", ()))
   if not shape or (hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)):
@@ -196,26 +198,31 @@ def leaf_spec(path: str, leaf, mesh, rules: Sequence[Rule] = DEFAULT_RULES, *, m
           return P()
         if value == FSDP:
           return _fsdp(P(), shape, mesh, min_fsdp_size)
-        raise ValueError(f"sharding rule {pattern!r}: invalid value {value!r}; allowed: a PartitionSpec, "
-                         f"{FSDP!r} or {REPLICATE!r}.")
+        raise ValueError(
+          f"sharding rule {pattern!r}: invalid value {value!r}; allowed: a PartitionSpec, {FSDP!r} or {REPLICATE!r}."
+        )
       if not isinstance(value, P):
-        raise ValueError(f"sharding rule {pattern!r}: invalid value {value!r}; allowed: a PartitionSpec, "
-                         f"{FSDP!r} or {REPLICATE!r}.")
+        raise ValueError(
+          f"sharding rule {pattern!r}: invalid value {value!r}; allowed: a PartitionSpec, {FSDP!r} or {REPLICATE!r}."
+        )
       return _sanitize(value, shape, mesh)
   return P()
 
 
-def tree_specs(tree, mesh, rules: Sequence[Rule] = DEFAULT_RULES, *, min_fsdp_size: int = 2 ** 16):
+def tree_specs(tree, mesh, rules: Sequence[Rule] = DEFAULT_RULES, *, min_fsdp_size: int = 2**16):
   """PartitionSpecs of every leaf of `tree` (a TrainState, params, ...) by the rules."""
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: leaf_spec(path_str(p), x, mesh, rules, min_fsdp_size=min_fsdp_size), tree)
+    lambda p, x: leaf_spec(path_str(p), x, mesh, rules, min_fsdp_size=min_fsdp_size), tree
+  )
 
 
-def tree_shardings(tree, mesh, rules: Sequence[Rule] = DEFAULT_RULES, *, min_fsdp_size: int = 2 ** 16):
+def tree_shardings(tree, mesh, rules: Sequence[Rule] = DEFAULT_RULES, *, min_fsdp_size: int = 2**16):
   """NamedShardings of every leaf of `tree` by the rules."""
-  return jax.tree.map(lambda s: NamedSharding(mesh, s),
-                      tree_specs(tree, mesh, rules, min_fsdp_size=min_fsdp_size),
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(
+    lambda s: NamedSharding(mesh, s),
+    tree_specs(tree, mesh, rules, min_fsdp_size=min_fsdp_size),
+    is_leaf=lambda x: isinstance(x, P),
+  )
 
 
 # Batch entries that index the whole batch (block lists, compacted token lists): replicated.
@@ -238,8 +245,10 @@ def batch_specs(batch, mesh, *, grad_accum_steps: int = 1):
     if len(shape) <= dim or any(getattr(k, "key", None) in BATCH_WIDE_KEYS for k in path):
       return P()
     if shape[dim] % n:
-      raise ValueError(f"batch leaf {path_str(path)!r} has {shape[dim]} rows on axis {dim}, not divisible by the "
-                       f"{n} devices of the batch axes {axes}; pad the batch (num_pairs=...) to a multiple.")
+      raise ValueError(
+        f"batch leaf {path_str(path)!r} has {shape[dim]} rows on axis {dim}, not divisible by the "
+        f"{n} devices of the batch axes {axes}; pad the batch (num_pairs=...) to a multiple."
+      )
     return P(*([None] * dim + [axes]))
 
   return jax.tree_util.tree_map_with_path(one, batch)
@@ -281,7 +290,7 @@ def split_per_device(batch, num_devices: int, *, grad_accum_steps: int = 1):
     b = x.shape[dim]
     if b % num_devices:
       raise ValueError(f"split_per_device: batch size {b} is not divisible by {num_devices} devices.")
-    y = x.reshape(x.shape[:dim] + (num_devices, b // num_devices) + x.shape[dim + 1:])
+    y = x.reshape(x.shape[:dim] + (num_devices, b // num_devices) + x.shape[dim + 1 :])
     return jnp.moveaxis(y, dim, 0)
 
   return jax.tree.map(one, batch)
@@ -413,21 +422,31 @@ class ParallelStep:
   def put_batch(self, batch):
     if self.mode == "jit":
       specs = batch_specs(batch, self.mesh, grad_accum_steps=self.grad_accum_steps)
-      return put(batch, jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs,
-                                     is_leaf=lambda x: isinstance(x, P)))
+      return put(batch, jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs, is_leaf=lambda x: isinstance(x, P)))
     n = self.mesh.devices.size
     for x in jax.tree.leaves(batch):
       if np.shape(x)[:1] != (n,):
-        raise ValueError(f"mode {self.mode!r}: the batch must be per-device batches stacked on a leading axis of "
-                         f"{n} (stack_per_device / split_per_device); got a leaf of shape {np.shape(x)}.")
+        raise ValueError(
+          f"mode {self.mode!r}: the batch must be per-device batches stacked on a leading axis of "
+          f"{n} (stack_per_device / split_per_device); got a leaf of shape {np.shape(x)}."
+        )
     if self.mode == "pmap":
       return batch
     axes = batch_axes(self.mesh)
     return put(batch, jax.tree.map(lambda _: NamedSharding(self.mesh, P(axes)), batch))
 
 
-def make_train_step(logps_fn, optimizer, *, mode: str = "jit", mesh=None, rules: Sequence[Rule] = DEFAULT_RULES,
-                    min_fsdp_size: int = 2 ** 16, donate: bool = True, **step_kwargs) -> ParallelStep:
+def make_train_step(
+  logps_fn,
+  optimizer,
+  *,
+  mode: str = "jit",
+  mesh=None,
+  rules: Sequence[Rule] = DEFAULT_RULES,
+  min_fsdp_size: int = 2**16,
+  donate: bool = True,
+  **step_kwargs,
+) -> ParallelStep:
   """`pofx.train.make_train_step` run on `mesh` in one of `MODES` (see the module docstring).
 
   Args:
@@ -445,8 +464,10 @@ def make_train_step(logps_fn, optimizer, *, mode: str = "jit", mesh=None, rules:
     if k in step_kwargs:
       raise ValueError(f"parallel.make_train_step: {k!r} is set by the mode; do not pass it.")
   if "axis_name" in (step_kwargs.get("loss_hyper") or {}):
-    raise ValueError("parallel.make_train_step: do not pass loss_hyper['axis_name']; in every mode the loss already "
-                     "sees the global batch (a loss-level all-gather would gather it twice).")
+    raise ValueError(
+      "parallel.make_train_step: do not pass loss_hyper['axis_name']; in every mode the loss already "
+      "sees the global batch (a loss-level all-gather would gather it twice)."
+    )
   mesh = make_mesh() if mesh is None else mesh
   rules = tuple(rules)
   accum = int(step_kwargs.get("grad_accum_steps", 1))
@@ -460,14 +481,19 @@ def make_train_step(logps_fn, optimizer, *, mode: str = "jit", mesh=None, rules:
       key = (jax.tree.structure(state), tuple((np.shape(x), str(x.dtype)) for x in jax.tree.leaves(state)))
       if key not in cache:
         sh = tree_shardings(state, mesh, rules, min_fsdp_size=min_fsdp_size)
-        cache[key] = jax.jit(raw, in_shardings=(sh, None, replicated), out_shardings=(sh, replicated),
-                             donate_argnums=(0,) if donate else ())
+        cache[key] = jax.jit(
+          raw,
+          in_shardings=(sh, None, replicated),
+          out_shardings=(sh, replicated),
+          donate_argnums=(0,) if donate else (),
+        )
       return cache[key](state, batch, rng)
 
   else:
     if TENSOR in mesh.axis_names and mesh.shape[TENSOR] > 1:
-      raise ValueError(f"mode {mode!r} is data parallel only; the mesh has tensor={mesh.shape[TENSOR]}. "
-                       "Use mode='jit'.")
+      raise ValueError(
+        f"mode {mode!r} is data parallel only; the mesh has tensor={mesh.shape[TENSOR]}. Use mode='jit'."
+      )
     if mode == "shard_map":
       axes = batch_axes(mesh)
       axis = axes if len(axes) > 1 else axes[0]
@@ -476,8 +502,7 @@ def make_train_step(logps_fn, optimizer, *, mode: str = "jit", mesh=None, rules:
       def local(state, batch, rng):
         return raw(state, jax.tree.map(lambda x: x[0], batch), rng)  # [1, ...] block -> [...]
 
-      mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes), P()), out_specs=(P(), P()),
-                             check_vma=False)
+      mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes), P()), out_specs=(P(), P()), check_vma=False)
       fn = jax.jit(mapped, donate_argnums=(0,) if donate else ())
     else:
       if jax.process_count() > 1:
@@ -485,5 +510,6 @@ def make_train_step(logps_fn, optimizer, *, mode: str = "jit", mesh=None, rules:
       raw = train_lib.make_train_step(logps_fn, optimizer, jit=False, axis_name=DATA, **step_kwargs)
       fn = jax.pmap(raw, axis_name=DATA, in_axes=(None, 0, None), out_axes=None, devices=list(mesh.devices.flat))
 
-  return ParallelStep(mode=mode, mesh=mesh, rules=rules, min_fsdp_size=int(min_fsdp_size), grad_accum_steps=accum,
-                      fn=fn)
+  return ParallelStep(
+    mode=mode, mesh=mesh, rules=rules, min_fsdp_size=int(min_fsdp_size), grad_accum_steps=accum, fn=fn
+  )

@@ -186,8 +186,10 @@ def rwp(gamma: float = 0.01, *, c_min: float, steps: int = 10, proxy_lr: float =
     def lsc_loss(p):
       loss, aux = objective(p, batch)
       if not isinstance(aux, dict) or "per_pair" not in aux:
-        raise ValueError("perturbations.rwp needs the per-pair losses: the objective's aux must be a dict with "
-                         "'per_pair' [B] (pofx.train's objective provides it).")
+        raise ValueError(
+          "perturbations.rwp needs the per-pair losses: the objective's aux must be a dict with "
+          "'per_pair' [B] (pofx.train's objective provides it)."
+        )
       per_pair = aux["per_pair"]
       real = jnp.asarray(aux.get("mask", jnp.ones_like(per_pair)), per_pair.dtype)
       lsc = jax.lax.stop_gradient((per_pair < c_min).astype(per_pair.dtype))
@@ -199,7 +201,7 @@ def rwp(gamma: float = 0.01, *, c_min: float, steps: int = 10, proxy_lr: float =
       return jax.tree.map(lambda x: x * (theta_norm / (optax.global_norm(d) + 1e-20)), d)
 
     ascent = jax.grad(lsc_loss, has_aux=True)
-    g, (loss, aux) = ascent(params)   # the first proxy sits at theta: the reported loss and aux
+    g, (loss, aux) = ascent(params)  # the first proxy sits at theta: the reported loss and aux
     diff = jax.tree.map(lambda x: proxy_lr * x, _matrices(g))
 
     def body(_, diff):

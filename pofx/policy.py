@@ -17,10 +17,16 @@ from pofx import logprobs
 from pofx._pair_logps import PairLogps
 
 
-def make_logps_fn(apply: Callable[..., Any], head: Callable[[Any], Any], *, chunk_size: int = 1024,
-                  with_log_sum_sq_probs: bool = False, compute_dtype=None,
-                  save_probs: bool = False,
-                  kernels: kernels_lib.Kernels = kernels_lib.XLA) -> Callable[[Any, Any], PairLogps]:
+def make_logps_fn(
+  apply: Callable[..., Any],
+  head: Callable[[Any], Any],
+  *,
+  chunk_size: int = 1024,
+  with_log_sum_sq_probs: bool = False,
+  compute_dtype=None,
+  save_probs: bool = False,
+  kernels: kernels_lib.Kernels = kernels_lib.XLA,
+) -> Callable[[Any, Any], PairLogps]:
   """Returns `logps_fn(params, batch)`; `batch["pairs"]` is a `PairBatch`.
 
   When the batch also holds `batch["attention_blocks"]` (a host-built
@@ -52,9 +58,16 @@ def make_logps_fn(apply: Callable[..., Any], head: Callable[[Any], Any], *, chun
     if scored is not None:
       kwargs["output_index"] = scored.index
     hidden = apply(params, pairs.tokens, pairs.positions, pairs.segment_ids, pairs.branch_ids, **kwargs)
-    return logprobs.pair_logps(hidden, head(params), pairs, chunk_size=chunk_size,
-                               with_log_sum_sq_probs=with_log_sum_sq_probs, compute_dtype=compute_dtype,
-                               save_probs=save_probs, scored=scored,
-                               dot_general=kernels.dot_general)
+    return logprobs.pair_logps(
+      hidden,
+      head(params),
+      pairs,
+      chunk_size=chunk_size,
+      with_log_sum_sq_probs=with_log_sum_sq_probs,
+      compute_dtype=compute_dtype,
+      save_probs=save_probs,
+      scored=scored,
+      dot_general=kernels.dot_general,
+    )
 
   return logps_fn

@@ -76,8 +76,9 @@ def none() -> Reference:
 def frozen(params, logps_fn: LogpsFn) -> Reference:
   """A frozen reference with its own parameters (usually the SFT policy's)."""
   _need_fn("frozen", logps_fn)
-  return Reference("frozen", init=lambda p: params, logps=lambda s, b: _forward(logps_fn, s, b),
-                   update=_identity_update)
+  return Reference(
+    "frozen", init=lambda p: params, logps=lambda s, b: _forward(logps_fn, s, b), update=_identity_update
+  )
 
 
 def guiding(params, logps_fn: LogpsFn) -> Reference:
@@ -87,8 +88,10 @@ def guiding(params, logps_fn: LogpsFn) -> Reference:
   e.g. `experiments/main.py` for `train.reference.guide_checkpoint`).
   """
   if isinstance(params, (str, bytes, bytearray)) or hasattr(params, "__fspath__"):
-    raise TypeError(f"references.guiding takes the guiding policy's parameters, not a path ({params!r}); restore "
-                    "the checkpoint first (the library does no checkpoint I/O).")
+    raise TypeError(
+      f"references.guiding takes the guiding policy's parameters, not a path ({params!r}); restore "
+      "the checkpoint first (the library does no checkpoint I/O)."
+    )
   ref = frozen(params, logps_fn)
   return dataclasses.replace(ref, name="guiding")
 
@@ -100,8 +103,10 @@ def synced(alpha: float = 0.6, tau: int = 512, logps_fn: Optional[LogpsFn] = Non
   Defaults are TRL's (alpha 0.6, tau 512). arXiv:2404.09656, Sec. 3 (soft and hard updates).
   """
   if logps_fn is None:
-    raise ValueError("references.synced: a TR-DPO reference changes during training, so its log-probs cannot come "
-                     "from a precomputed cache; pass logps_fn (and do not combine it with a cached reference).")
+    raise ValueError(
+      "references.synced: a TR-DPO reference changes during training, so its log-probs cannot come "
+      "from a precomputed cache; pass logps_fn (and do not combine it with a cached reference)."
+    )
   _need_fn("synced", logps_fn)
   if not (0.0 < float(alpha) <= 1.0):
     raise ValueError(f"references.synced: invalid alpha={alpha!r}; allowed: 0 < alpha <= 1.")
@@ -113,8 +118,13 @@ def synced(alpha: float = 0.6, tau: int = 512, logps_fn: Optional[LogpsFn] = Non
     mixed = jax.tree.map(lambda r, p: alpha * p + (1.0 - alpha) * r, ref_state, policy_params)
     return jax.tree.map(lambda m, r: jnp.where(do_sync, m, r), mixed, ref_state)
 
-  return Reference("synced", init=lambda p: jax.tree.map(jnp.array, p),
-                   logps=lambda s, b: _forward(logps_fn, s, b), update=update, updates=True)
+  return Reference(
+    "synced",
+    init=lambda p: jax.tree.map(jnp.array, p),
+    logps=lambda s, b: _forward(logps_fn, s, b),
+    update=update,
+    updates=True,
+  )
 
 
 def ema(decay: float = 0.99, logps_fn: Optional[LogpsFn] = None) -> Reference:
@@ -129,8 +139,13 @@ def ema(decay: float = 0.99, logps_fn: Optional[LogpsFn] = None) -> Reference:
     del step
     return jax.tree.map(lambda r, p: decay * r + (1.0 - decay) * p, ref_state, policy_params)
 
-  return Reference("ema", init=lambda p: jax.tree.map(jnp.array, p),
-                   logps=lambda s, b: _forward(logps_fn, s, b), update=update, updates=True)
+  return Reference(
+    "ema",
+    init=lambda p: jax.tree.map(jnp.array, p),
+    logps=lambda s, b: _forward(logps_fn, s, b),
+    update=update,
+    updates=True,
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,8 +164,12 @@ def fingerprint(params, *, vocab: Any, max_prompt_len: int, max_completion_len: 
     h.update(jax.tree_util.keystr(path).encode())
     h.update(str(a.dtype).encode() + str(a.shape).encode())
     h.update(np.ascontiguousarray(a).tobytes())
-  meta = {"vocab": vocab, "max_prompt_len": int(max_prompt_len), "max_completion_len": int(max_completion_len),
-          "extra": extra}
+  meta = {
+    "vocab": vocab,
+    "max_prompt_len": int(max_prompt_len),
+    "max_completion_len": int(max_completion_len),
+    "extra": extra,
+  }
   h.update(json.dumps(meta, sort_keys=True, default=str).encode())
   return h.hexdigest()
 
@@ -167,8 +186,11 @@ def precompute(logps_fn: LogpsFn, params, batches, *, fingerprint: str):
     out = fwd(params, batch)
     chosen.append(np.asarray(out.chosen, np.float32))
     rejected.append(np.asarray(out.rejected, np.float32))
-  return {"ref_chosen_logps": np.concatenate(chosen), "ref_rejected_logps": np.concatenate(rejected),
-          "fingerprint": fingerprint}
+  return {
+    "ref_chosen_logps": np.concatenate(chosen),
+    "ref_rejected_logps": np.concatenate(rejected),
+    "fingerprint": fingerprint,
+  }
 
 
 def cached(expected_fingerprint: str, cache_fingerprint: str) -> Reference:
@@ -182,12 +204,19 @@ def cached(expected_fingerprint: str, cache_fingerprint: str) -> Reference:
     ValueError: the fingerprints differ (a stale cache is an error, never silently reused).
   """
   if expected_fingerprint != cache_fingerprint:
-    raise ValueError("references.cached: the cache was computed for a different reference, vocabulary or length "
-                     f"limits (cache fingerprint {cache_fingerprint[:12]}..., this run {expected_fingerprint[:12]}...). "
-                     "Recompute it with references.precompute.")
+    raise ValueError(
+      "references.cached: the cache was computed for a different reference, vocabulary or length "
+      f"limits (cache fingerprint {cache_fingerprint[:12]}..., this run {expected_fingerprint[:12]}...). "
+      "Recompute it with references.precompute."
+    )
 
-  return Reference("cached", init=lambda p: (), logps=_read_cache(CACHE_KEYS, "references.cached"),
-                   update=_identity_update, cached=True)
+  return Reference(
+    "cached",
+    init=lambda p: (),
+    logps=_read_cache(CACHE_KEYS, "references.cached"),
+    update=_identity_update,
+    cached=True,
+  )
 
 
 def _read_cache(keys, who):
@@ -207,8 +236,9 @@ def _read_cache(keys, who):
 # MRPO.
 
 
-def mrpo_combine(primary: PairLogps, others: Sequence[PairLogps], *, eta: float = 0.1,
-                 alpha: Optional[float] = None) -> PairLogps:
+def mrpo_combine(
+  primary: PairLogps, others: Sequence[PairLogps], *, eta: float = 0.1, alpha: Optional[float] = None
+) -> PairLogps:
   r"""MRPO's combined reference log-probs (Le et al. 2024, arXiv:2405.16388; code thaihungle/MRPO).
 
   For K = 2 (primary p2, external p1), per response y and per pair, exactly as the authors' code:
@@ -225,8 +255,9 @@ def mrpo_combine(primary: PairLogps, others: Sequence[PairLogps], *, eta: float 
   if not others:
     raise ValueError("MRPO needs K >= 2 references (a primary and at least one other).")
   if alpha is not None and not 0.0 <= alpha <= 1.0:
-    raise ValueError(f"references.mrpo_combine: invalid alpha={alpha!r}; allowed: None (adaptive per pair) or a weight "
-                     "in [0, 1].")
+    raise ValueError(
+      f"references.mrpo_combine: invalid alpha={alpha!r}; allowed: None (adaptive per pair) or a weight in [0, 1]."
+    )
   eps = 1e-6
 
   def clip_to_primary(p1: PairLogps) -> PairLogps:
@@ -260,20 +291,28 @@ def mrpo_combine(primary: PairLogps, others: Sequence[PairLogps], *, eta: float 
       return p1 + p2 - lse
 
     c = clipped[0]
-    return PairLogps(chosen=comb(c.chosen, primary.chosen), rejected=comb(c.rejected, primary.rejected),
-                     chosen_len=primary.chosen_len, rejected_len=primary.rejected_len)
+    return PairLogps(
+      chosen=comb(c.chosen, primary.chosen),
+      rejected=comb(c.rejected, primary.rejected),
+      chosen_len=primary.chosen_len,
+      rejected_len=primary.rejected_len,
+    )
 
   # K > 2: 1/ref = w_0 / pi_0 + sum_k w_k / pi_k, with w_0 = 1 - sum_k w_k.
   w0 = 1.0 - sum(w_others)
 
   def comb_k(primary_lp, other_lps):
     terms = [jnp.log(jnp.maximum(w0, 1e-30)) - primary_lp] + [
-        jnp.log(jnp.maximum(wk, 1e-30)) - lp for wk, lp in zip(w_others, other_lps)]
+      jnp.log(jnp.maximum(wk, 1e-30)) - lp for wk, lp in zip(w_others, other_lps)
+    ]
     return -jax.nn.logsumexp(jnp.stack(terms), axis=0)
 
-  return PairLogps(chosen=comb_k(primary.chosen, [c.chosen for c in clipped]),
-                   rejected=comb_k(primary.rejected, [c.rejected for c in clipped]),
-                   chosen_len=primary.chosen_len, rejected_len=primary.rejected_len)
+  return PairLogps(
+    chosen=comb_k(primary.chosen, [c.chosen for c in clipped]),
+    rejected=comb_k(primary.rejected, [c.rejected for c in clipped]),
+    chosen_len=primary.chosen_len,
+    rejected_len=primary.rejected_len,
+  )
 
 
 def multi(refs: Sequence[Reference], *, eta: float = 0.1, alpha: Optional[float] = None) -> Reference:
@@ -292,13 +331,17 @@ def multi(refs: Sequence[Reference], *, eta: float = 0.1, alpha: Optional[float]
     outs = [r.logps(s, batch) for r, s in zip(refs, ref_state)]
     return mrpo_combine(outs[0], outs[1:], eta=eta, alpha=alpha)
 
-  return Reference("multi", init=lambda p: tuple(r.init(p) for r in refs), logps=logps,
-                   update=_identity_update, cached=all(r.cached for r in refs))
+  return Reference(
+    "multi",
+    init=lambda p: tuple(r.init(p) for r in refs),
+    logps=logps,
+    update=_identity_update,
+    cached=all(r.cached for r in refs),
+  )
 
 
 def cached_member(index: int, expected_fingerprint: str, cache_fingerprint: str) -> Reference:
   """A cached MRPO member reading `ref{index}_chosen_logps` / `ref{index}_rejected_logps` from the batch."""
   base = cached(expected_fingerprint, cache_fingerprint)  # the fingerprint check
   keys = (f"ref{index}_chosen_logps", f"ref{index}_rejected_logps")
-  return dataclasses.replace(base, name=f"cached{index}",
-                             logps=_read_cache(keys, f"references.cached_member({index})"))
+  return dataclasses.replace(base, name=f"cached{index}", logps=_read_cache(keys, f"references.cached_member({index})"))

@@ -64,6 +64,7 @@ class Samples(NamedTuple):
     lengths: `[B]` int32 completion lengths (number of mask ones, EOS included).
     finished: `[B]` bool, True where the completion ended with EOS.
   """
+
   prompt_tokens: Array
   prompt_mask: Array
   tokens: Array
@@ -74,8 +75,7 @@ class Samples(NamedTuple):
   finished: Array
 
 
-def left_pad(prompts: Sequence[Sequence[int]], *, pad_id: int = 0, length: Optional[int] = None,
-             bucket: int = 8):
+def left_pad(prompts: Sequence[Sequence[int]], *, pad_id: int = 0, length: Optional[int] = None, bucket: int = 8):
   """Left-pads 1-D token sequences to `[B, P]` (numpy, host-side).
 
   Args:
@@ -102,8 +102,8 @@ def left_pad(prompts: Sequence[Sequence[int]], *, pad_id: int = 0, length: Optio
   tokens = np.full((len(arrs), length), pad_id, np.int32)
   mask = np.zeros((len(arrs), length), np.float32)
   for i, a in enumerate(arrs):
-    tokens[i, length - a.size:] = a
-    mask[i, length - a.size:] = 1.0
+    tokens[i, length - a.size :] = a
+    mask[i, length - a.size :] = 1.0
   return tokens, mask
 
 
@@ -126,7 +126,7 @@ def _choose(logits, key, temperature, top_k):
   t = jnp.maximum(temperature, 1e-6)
   scaled = logits / t
   if top_k:
-    vals, idx = jax.lax.top_k(scaled, top_k)                        # [B, k]
+    vals, idx = jax.lax.top_k(scaled, top_k)  # [B, k]
     choice = jax.random.categorical(key, vals, axis=-1)
     sampled_tok = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     sampled_lp = jnp.take_along_axis(jax.nn.log_softmax(vals, axis=-1), choice[:, None], axis=-1)[:, 0]
@@ -141,15 +141,14 @@ def _choose(logits, key, temperature, top_k):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id", "top_k"))
-def _sample(params, prompt_tokens, prompt_mask, key, temperature, *, model, max_new_tokens, eos_id,
-            pad_id, top_k):
+def _sample(params, prompt_tokens, prompt_mask, key, temperature, *, model, max_new_tokens, eos_id, pad_id, top_k):
   B, P = prompt_tokens.shape
   T = max_new_tokens
   positions, valid = _prompt_positions(prompt_mask)
-  n_prompt = jnp.sum(valid, axis=1).astype(jnp.int32)                 # [B]
+  n_prompt = jnp.sum(valid, axis=1).astype(jnp.int32)  # [B]
   cache = model.init_cache(B, P + T)
   logits, cache = model.decode(params, prompt_tokens, positions, valid, cache)
-  last = logits[:, -1]                                               # predicts completion token 0
+  last = logits[:, -1]  # predicts completion token 0
 
   zeros_i = jnp.full((B, T), pad_id, jnp.int32)
   zeros_f = jnp.zeros((B, T), jnp.float32)
@@ -173,13 +172,31 @@ def _sample(params, prompt_tokens, prompt_mask, key, temperature, *, model, max_
     return (t + 1, logits[:, 0], cache, done, toks, mask, lps, slps)
 
   _, _, _, done, toks, mask, lps, slps = jax.lax.while_loop(cond, body, state)
-  return Samples(prompt_tokens=prompt_tokens.astype(jnp.int32), prompt_mask=jnp.asarray(prompt_mask, jnp.float32),
-                 tokens=toks, mask=mask, logps=lps, sample_logps=slps,
-                 lengths=jnp.sum(mask, axis=1).astype(jnp.int32), finished=done)
+  return Samples(
+    prompt_tokens=prompt_tokens.astype(jnp.int32),
+    prompt_mask=jnp.asarray(prompt_mask, jnp.float32),
+    tokens=toks,
+    mask=mask,
+    logps=lps,
+    sample_logps=slps,
+    lengths=jnp.sum(mask, axis=1).astype(jnp.int32),
+    finished=done,
+  )
 
 
-def sample(params, prompt_tokens, prompt_mask, key, *, model, max_new_tokens: int,
-           eos_id: int, temperature=1.0, top_k: int = 0, pad_id: int = 0) -> Samples:
+def sample(
+  params,
+  prompt_tokens,
+  prompt_mask,
+  key,
+  *,
+  model,
+  max_new_tokens: int,
+  eos_id: int,
+  temperature=1.0,
+  top_k: int = 0,
+  pad_id: int = 0,
+) -> Samples:
   """Samples one completion per left-padded prompt (jitted; see the module docstring).
 
   Args:
@@ -207,11 +224,21 @@ def sample(params, prompt_tokens, prompt_mask, key, *, model, max_new_tokens: in
   if isinstance(temperature, (int, float)) and temperature < 0:
     raise ValueError(f"sample: temperature must be >= 0, got {temperature!r}.")
   if isinstance(prompt_mask, np.ndarray) and prompt_mask.size and not np.all(prompt_mask[:, -1] > 0):
-    raise ValueError("sample: prompts must be left-padded and non-empty (prompt_mask[:, -1] must be 1); "
-                     "use sampling.left_pad.")
-  return _sample(params, jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask, jnp.float32), key,
-                 jnp.asarray(temperature, jnp.float32), model=model, max_new_tokens=int(max_new_tokens),
-                 eos_id=int(eos_id), pad_id=int(pad_id), top_k=int(top_k))
+    raise ValueError(
+      "sample: prompts must be left-padded and non-empty (prompt_mask[:, -1] must be 1); use sampling.left_pad."
+    )
+  return _sample(
+    params,
+    jnp.asarray(prompt_tokens, jnp.int32),
+    jnp.asarray(prompt_mask, jnp.float32),
+    key,
+    jnp.asarray(temperature, jnp.float32),
+    model=model,
+    max_new_tokens=int(max_new_tokens),
+    eos_id=int(eos_id),
+    pad_id=int(pad_id),
+    top_k=int(top_k),
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -224,8 +251,9 @@ def _score(params, prompt_tokens, prompt_mask, tokens, mask, *, model):
   positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
   hidden = model.apply(params, seq, positions, valid.astype(jnp.int32))
   # Column P - 1 + t predicts completion token t; chunked log-softmax fused with the LM head.
-  lp = logprobs.token_logps(hidden[:, P - 1:-1], model.head(params), tokens.astype(jnp.int32),
-                            dot_general=head_dot_general(model)).logps
+  lp = logprobs.token_logps(
+    hidden[:, P - 1 : -1], model.head(params), tokens.astype(jnp.int32), dot_general=head_dot_general(model)
+  ).logps
   return jnp.where(c_valid, lp, 0.0)
 
 
@@ -240,7 +268,7 @@ def completions(samples: Samples) -> list:
   """The completions as a list of 1-D int32 numpy arrays (EOS included, padding removed)."""
   toks = np.asarray(samples.tokens)
   lens = np.asarray(samples.lengths)
-  return [toks[i, :lens[i]].copy() for i in range(toks.shape[0])]
+  return [toks[i, : lens[i]].copy() for i in range(toks.shape[0])]
 
 
 def prompts_of(samples: Samples) -> list:

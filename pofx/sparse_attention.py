@@ -73,8 +73,7 @@ class AttentionBlocks:
     return int(np.shape(self.query_block)[-1])
 
 
-jax.tree_util.register_dataclass(AttentionBlocks, data_fields=["query_block", "key_block"],
-                                 meta_fields=["block_size"])
+jax.tree_util.register_dataclass(AttentionBlocks, data_fields=["query_block", "key_block"], meta_fields=["block_size"])
 
 
 def _used_block_pairs(seg: np.ndarray, br: np.ndarray, b: int) -> np.ndarray:
@@ -101,18 +100,28 @@ def _used_block_pairs(seg: np.ndarray, br: np.ndarray, b: int) -> np.ndarray:
   queries = np.zeros((R, nb, S, NB), bool)
   queries[rows[real], block[real], seg_ix[real], br_ix[real]] = True
   zero = int(np.searchsorted(branches, 0))
-  visible = keys | keys[..., zero:zero + 1]            # a query of branch k sees key branches k and 0
+  visible = keys | keys[..., zero : zero + 1]  # a query of branch k sees key branches k and 0
   used = np.einsum("risk,rjsk->rij", queries.astype(np.int32), visible.astype(np.int32)) > 0
   used &= np.tril(np.ones((nb, nb), bool), k=-1)[None]
   sb, bb = seg.reshape(R, nb, b), br.reshape(R, nb, b)  # diagonal blocks: the exact causal check
-  diag = ((sb[..., :, None] == sb[..., None, :]) & (sb[..., :, None] > 0) & np.tril(np.ones((b, b), bool))
-          & ((bb[..., None, :] == 0) | (bb[..., None, :] == bb[..., :, None]))).any(axis=(2, 3))
+  diag = (
+    (sb[..., :, None] == sb[..., None, :])
+    & (sb[..., :, None] > 0)
+    & np.tril(np.ones((b, b), bool))
+    & ((bb[..., None, :] == 0) | (bb[..., None, :] == bb[..., :, None]))
+  ).any(axis=(2, 3))
   used[:, np.arange(nb), np.arange(nb)] = diag
   return used
 
 
-def attention_blocks(segment_ids, branch_ids=None, *, block_size: int = 64,
-                     bucket: Union[int, Callable[[int], int]] = 8, size: Optional[int] = None) -> AttentionBlocks:
+def attention_blocks(
+  segment_ids,
+  branch_ids=None,
+  *,
+  block_size: int = 64,
+  bucket: Union[int, Callable[[int], int]] = 8,
+  size: Optional[int] = None,
+) -> AttentionBlocks:
   """The block pairs holding at least one allowed entry for a real (segment > 0) query token.
 
   Args:
@@ -130,11 +139,13 @@ def attention_blocks(segment_ids, branch_ids=None, *, block_size: int = 64,
     raise ValueError(f"attention_blocks: block_size and bucket must be >= 1, got {block_size}, {bucket}.")
   R, L = seg.shape
   if L % block_size:
-    raise ValueError(f"attention_blocks: the row length {L} must be a multiple of block_size {block_size} "
-                     f"(bucket the rows with seq_bucket / row_length a multiple of it).")
+    raise ValueError(
+      f"attention_blocks: the row length {L} must be a multiple of block_size {block_size} "
+      f"(bucket the rows with seq_bucket / row_length a multiple of it)."
+    )
   nb = L // block_size
   br = np.zeros_like(seg) if branch_ids is None else np.asarray(branch_ids)
-  rows, qb, kb = np.nonzero(_used_block_pairs(seg, br, block_size))   # sorted by (row, query block, key block)
+  rows, qb, kb = np.nonzero(_used_block_pairs(seg, br, block_size))  # sorted by (row, query block, key block)
   n = len(rows)
   padded = int(bucket(max(n, 1))) if callable(bucket) else -(-max(n, 1) // bucket) * bucket
   if size is not None:
@@ -204,9 +215,10 @@ def _attention_fwd(q, k, v, bias, query, key, block_size):
   denom = _segment_sum(jnp.sum(e, axis=-1), query, n, True)
   inv = 1.0 / jnp.maximum(denom, 1e-30)
   p = e * inv[query][..., None]
-  ob = _segment_sum(jnp.einsum("tkgqs,tksd->tkgqd", p.astype(v.dtype), vt,
-                               preferred_element_type=jnp.float32), query, n, True)
-  out = ob[:n - 1].transpose(0, 3, 1, 2, 4).reshape(R, L, K, G, hd).astype(q.dtype)
+  ob = _segment_sum(
+    jnp.einsum("tkgqs,tksd->tkgqd", p.astype(v.dtype), vt, preferred_element_type=jnp.float32), query, n, True
+  )
+  out = ob[: n - 1].transpose(0, 3, 1, 2, 4).reshape(R, L, K, G, hd).astype(q.dtype)
   return out, (q, k, v, bias, m, inv, ob, query, key)
 
 
@@ -218,8 +230,8 @@ def _attention_bwd(block_size, res, d_out):
   # P recomputed from the stored row maxima and normalisers (FlashAttention's backward).
   qt, kt, vt, s, n = _gathered_scores(q, k, v, bias, query, key, b)
   p = jnp.exp(s - m[query][..., None]) * inv[query][..., None]
-  dob = _to_blocks(d_out.astype(jnp.float32), nb, b).transpose(0, 2, 3, 1, 4)    # [n, K, G, b, hd]
-  rowdot = jnp.sum(dob * ob, axis=-1)                                            # D = rowsum(dO * O)
+  dob = _to_blocks(d_out.astype(jnp.float32), nb, b).transpose(0, 2, 3, 1, 4)  # [n, K, G, b, hd]
+  rowdot = jnp.sum(dob * ob, axis=-1)  # D = rowsum(dO * O)
   dot_ = dob[query]
   dp = jnp.einsum("tkgqd,tksd->tkgqs", dot_, vt.astype(jnp.float32))
   ds = p * (dp - rowdot[query][..., None])
@@ -228,9 +240,9 @@ def _attention_bwd(block_size, res, d_out):
   # materialising transposed [b, G*b] copies of P and dS.
   dk = _segment_sum(jnp.einsum("tkgqd,tkgqs->tkds", qt.astype(jnp.float32), ds), key, n).swapaxes(-1, -2)
   dv = _segment_sum(jnp.einsum("tkgqd,tkgqs->tkds", dot_, p), key, n).swapaxes(-1, -2)
-  dq = dq[:n - 1].transpose(0, 3, 1, 2, 4).reshape(R, L, K, G, hd).astype(q.dtype)
-  dk = dk[:n - 1].transpose(0, 2, 1, 3).reshape(R, L, K, hd).astype(k.dtype)
-  dv = dv[:n - 1].transpose(0, 2, 1, 3).reshape(R, L, K, hd).astype(v.dtype)
+  dq = dq[: n - 1].transpose(0, 3, 1, 2, 4).reshape(R, L, K, G, hd).astype(q.dtype)
+  dk = dk[: n - 1].transpose(0, 2, 1, 3).reshape(R, L, K, hd).astype(k.dtype)
+  dv = dv[: n - 1].transpose(0, 2, 1, 3).reshape(R, L, K, hd).astype(v.dtype)
   return dq, dk, dv, None, None, None
 
 
@@ -246,9 +258,17 @@ def rotary(x: Array, cos: Array, sin: Array) -> Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def block_sparse_attention(q: Array, k: Array, v: Array, segment_ids: Array, branch_ids: Optional[Array],
-                           blocks: AttentionBlocks, *, rope: Optional[Tuple[Array, Array]] = None,
-                           q_scale: float = 1.0) -> Array:
+def block_sparse_attention(
+  q: Array,
+  k: Array,
+  v: Array,
+  segment_ids: Array,
+  branch_ids: Optional[Array],
+  blocks: AttentionBlocks,
+  *,
+  rope: Optional[Tuple[Array, Array]] = None,
+  q_scale: float = 1.0,
+) -> Array:
   """Masked softmax attention computed only on `blocks` (see the module docstring).
 
   Args:
@@ -266,8 +286,10 @@ def block_sparse_attention(q: Array, k: Array, v: Array, segment_ids: Array, bra
     `[R, L, K, G, hd]` in q's dtype (scores, softmax and accumulation in float32).
   """
   if rope is not None and (rope[0].shape != q.shape[:2] + (q.shape[-1] // 2,) or rope[1].shape != rope[0].shape):
-    raise ValueError(f"block_sparse_attention: rope tables must be [R, L, hd/2] = {q.shape[:2] + (q.shape[-1] // 2,)}, "
-                     f"got {rope[0].shape} and {rope[1].shape}.")
+    raise ValueError(
+      f"block_sparse_attention: rope tables must be [R, L, hd/2] = {q.shape[:2] + (q.shape[-1] // 2,)}, "
+      f"got {rope[0].shape} and {rope[1].shape}."
+    )
   if rope is not None:
     cos, sin = rope
     k = rotary(k, cos[:, :, None, :], sin[:, :, None, :])
@@ -279,10 +301,10 @@ def block_sparse_attention(q: Array, k: Array, v: Array, segment_ids: Array, bra
   if L % b:
     raise ValueError(f"block_sparse_attention: row length {L} is not a multiple of block_size {b}.")
   if q.shape[:2] != (R, L) or k.shape[:2] != (R, L) or v.shape != k.shape:
-    raise ValueError(f"block_sparse_attention: q {q.shape}, k {k.shape}, v {v.shape} do not match "
-                     f"segment_ids {segment_ids.shape}.")
+    raise ValueError(
+      f"block_sparse_attention: q {q.shape}, k {k.shape}, v {v.shape} do not match segment_ids {segment_ids.shape}."
+    )
   query = jnp.asarray(blocks.query_block, jnp.int32)
   key = jnp.asarray(blocks.key_block, jnp.int32)
-  bias = _bias(jnp.asarray(segment_ids), None if branch_ids is None else jnp.asarray(branch_ids),
-               query, key, L // b, b)
+  bias = _bias(jnp.asarray(segment_ids), None if branch_ids is None else jnp.asarray(branch_ids), query, key, L // b, b)
   return _attention(q, k, v, bias, query, key, b)

@@ -41,10 +41,10 @@ from pofx._pair_logps import PairLogps
 
 # Batch keys that a loss requirement reads.
 _BATCH_INPUTS = {
-    "scores": ("chosen_scores", "rejected_scores"),
-    "turn_ids": ("chosen_turn_ids", "rejected_turn_ids"),
-    "risk": ("chosen_risk", "rejected_risk"),
-    "kl": ("kl_logratios",),
+  "scores": ("chosen_scores", "rejected_scores"),
+  "turn_ids": ("chosen_turn_ids", "rejected_turn_ids"),
+  "risk": ("chosen_risk", "rejected_risk"),
+  "kl": ("kl_logratios",),
 }
 _UNSUPPORTED_IN_STEP = ("list",)
 
@@ -65,8 +65,9 @@ class TrainState:
     return dataclasses.replace(self, **kw)
 
 
-jax.tree_util.register_dataclass(TrainState, data_fields=[f.name for f in dataclasses.fields(TrainState)],
-                                 meta_fields=[])
+jax.tree_util.register_dataclass(
+  TrainState, data_fields=[f.name for f in dataclasses.fields(TrainState)], meta_fields=[]
+)
 
 
 def _spec(loss):
@@ -82,8 +83,10 @@ def validate(loss, reference: references_lib.Reference, loss_hyper: Mapping[str,
   hyper = dict(loss_hyper or {})
   losses_lib.check_kwargs(spec, {**hyper, **dict.fromkeys(_required_kwargs(spec))})
   if spec.reference == "required" and reference.name == "none":
-    raise ValueError(f"loss {spec.name!r} needs a reference model, but reference=none(); use frozen, cached, multi, "
-                     "guiding, synced or ema, or a reference-free loss.")
+    raise ValueError(
+      f"loss {spec.name!r} needs a reference model, but reference=none(); use frozen, cached, multi, "
+      "guiding, synced or ema, or a reference-free loss."
+    )
   if reference.cached and reference.updates:
     raise ValueError("A cached reference cannot be combined with a strategy that updates the reference.")
   for kind in _UNSUPPORTED_IN_STEP:
@@ -100,8 +103,16 @@ def _required_kwargs(spec):
   return names
 
 
-def init_state(params, optimizer: optax.GradientTransformation, reference: references_lib.Reference,
-               perturbation: perturbations_lib.Perturbation, *, loss="dpo", loss_hyper=None, rng=None) -> TrainState:
+def init_state(
+  params,
+  optimizer: optax.GradientTransformation,
+  reference: references_lib.Reference,
+  perturbation: perturbations_lib.Perturbation,
+  *,
+  loss="dpo",
+  loss_hyper=None,
+  rng=None,
+) -> TrainState:
   spec = _spec(loss)
   loss_state = ()
   if spec.init_state is not None:
@@ -111,9 +122,15 @@ def init_state(params, optimizer: optax.GradientTransformation, reference: refer
   # frozen reference's parameters) stay valid.
   params = jax.tree.map(jnp.copy, params)
   ref_state = jax.tree.map(jnp.copy, reference.init(params))  # e.g. frozen(params) holds the caller's arrays
-  return TrainState(params=params, opt_state=optimizer.init(params), ref_state=ref_state,
-                    perturbation_state=perturbation.init(params), loss_state=loss_state,
-                    step=jnp.zeros((), jnp.int32), rng=jax.random.key(0) if rng is None else rng)
+  return TrainState(
+    params=params,
+    opt_state=optimizer.init(params),
+    ref_state=ref_state,
+    perturbation_state=perturbation.init(params),
+    loss_state=loss_state,
+    step=jnp.zeros((), jnp.int32),
+    rng=jax.random.key(0) if rng is None else rng,
+  )
 
 
 def _pair_mask(batch):
@@ -134,13 +151,21 @@ def _beta_of(spec, hyper):
   return 0.1 if not isinstance(beta, (int, float)) else float(beta)
 
 
-def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.GradientTransformation, *,
-                    loss="dpo", loss_hyper: Optional[Mapping[str, Any]] = None,
-                    reference: Optional[references_lib.Reference] = None,
-                    perturbation: Optional[perturbations_lib.Perturbation] = None,
-                    grad_accum_steps: int = 1, learning_rate_fn: Optional[Callable] = None,
-                    guard_nonfinite: bool = True, jit: bool = True, donate: bool = True,
-                    axis_name=None):
+def make_train_step(
+  logps_fn: Callable[[Any, Any], PairLogps],
+  optimizer: optax.GradientTransformation,
+  *,
+  loss="dpo",
+  loss_hyper: Optional[Mapping[str, Any]] = None,
+  reference: Optional[references_lib.Reference] = None,
+  perturbation: Optional[perturbations_lib.Perturbation] = None,
+  grad_accum_steps: int = 1,
+  learning_rate_fn: Optional[Callable] = None,
+  guard_nonfinite: bool = True,
+  jit: bool = True,
+  donate: bool = True,
+  axis_name=None,
+):
   """Builds the pure step `(state, batch, rng) -> (state, metrics)`, jitted once with donation.
 
   Args:
@@ -180,8 +205,10 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
   stateful = "state" in spec.requires
   if axis_name is not None:
     if jit:
-      raise ValueError("make_train_step: axis_name is for a step run under shard_map/pmap; pass jit=False "
-                       "(pofx.parallel.make_train_step wraps and jits it).")
+      raise ValueError(
+        "make_train_step: axis_name is for a step run under shard_map/pmap; pass jit=False "
+        "(pofx.parallel.make_train_step wraps and jits it)."
+      )
   pair_input_names = [n for kind in spec.requires for n in _BATCH_INPUTS.get(kind, ())]
 
   def loss_kwargs(batch, loss_state, key):
@@ -212,9 +239,13 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
     value = losses_lib.reduce(spec, per_pair, policy, mask)
     lr_w, lr_l = losses_lib.logratios(policy, ref)
     aux = {
-        "per_pair": per_pair, "lr_w": lr_w, "lr_l": lr_l, "logps_chosen": policy.chosen,
-        "logps_rejected": policy.rejected, "loss_state": new_loss_state,
-        "mask": jnp.ones_like(per_pair) if mask is None else jnp.asarray(mask, per_pair.dtype),
+      "per_pair": per_pair,
+      "lr_w": lr_w,
+      "lr_l": lr_l,
+      "logps_chosen": policy.chosen,
+      "logps_rejected": policy.rejected,
+      "loss_state": new_loss_state,
+      "mask": jnp.ones_like(per_pair) if mask is None else jnp.asarray(mask, per_pair.dtype),
     }
     return value, aux
 
@@ -248,8 +279,10 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
       (grads, pstate), (ls, auxs) = jax.lax.scan(body, (zeros, state.perturbation_state), batch)
       grads = jax.tree.map(lambda g: g / n, grads)
       loss_value = jnp.mean(ls)
-      aux = {k: (jax.tree.map(lambda x: x[-1], v) if k == "loss_state" else v.reshape((-1,) + v.shape[2:]))
-             for k, v in auxs.items()}
+      aux = {
+        k: (jax.tree.map(lambda x: x[-1], v) if k == "loss_state" else v.reshape((-1,) + v.shape[2:]))
+        for k, v in auxs.items()
+      }
 
     new_step = state.step + 1
     new_loss_state = aux["loss_state"] if stateful else state.loss_state
@@ -258,22 +291,29 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
     def apply_update(state):
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      return state.replace(params=params, opt_state=opt_state, ref_state=reference.update(state.ref_state, params, new_step),
-                           perturbation_state=pstate, loss_state=new_loss_state, step=new_step)
+      return state.replace(
+        params=params,
+        opt_state=opt_state,
+        ref_state=reference.update(state.ref_state, params, new_step),
+        perturbation_state=pstate,
+        loss_state=new_loss_state,
+        step=new_step,
+      )
 
     lr_w, lr_l, m = aux["lr_w"], aux["lr_l"], aux["mask"]
     mean = lambda x: jnp.sum(jnp.where(m > 0, x, 0.0)) / jnp.maximum(jnp.sum(m), 1.0)  # over real pairs
     metrics = {
-        "loss": loss_value,
-        "rewards/chosen": beta * mean(lr_w),
-        "rewards/rejected": beta * mean(lr_l),
-        "rewards/margins": beta * mean(lr_w - lr_l),
-        "rewards/accuracy": mean((lr_w > lr_l).astype(jnp.float32)),
-        "logps/chosen": mean(aux["logps_chosen"]),
-        "logps/rejected": mean(aux["logps_rejected"]),
-        "grad_norm": grad_norm,
-        "learning_rate": (jnp.asarray(learning_rate_fn(state.step), jnp.float32) if learning_rate_fn is not None
-                          else jnp.float32(jnp.nan)),
+      "loss": loss_value,
+      "rewards/chosen": beta * mean(lr_w),
+      "rewards/rejected": beta * mean(lr_l),
+      "rewards/margins": beta * mean(lr_w - lr_l),
+      "rewards/accuracy": mean((lr_w > lr_l).astype(jnp.float32)),
+      "logps/chosen": mean(aux["logps_chosen"]),
+      "logps/rejected": mean(aux["logps_rejected"]),
+      "grad_norm": grad_norm,
+      "learning_rate": (
+        jnp.asarray(learning_rate_fn(state.step), jnp.float32) if learning_rate_fn is not None else jnp.float32(jnp.nan)
+      ),
     }
     if not guard_nonfinite:
       return apply_update(state), metrics
@@ -284,8 +324,10 @@ def make_train_step(logps_fn: Callable[[Any, Any], PairLogps], optimizer: optax.
     # the leaves checked one by one. The update runs under `lax.cond`, so a finite step costs one
     # scalar test instead of an extra pass over the gradients and a select over the whole state.
     grads_finite = jax.lax.cond(
-        jnp.isfinite(grad_norm), lambda: jnp.bool_(True),
-        lambda: jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])))
+      jnp.isfinite(grad_norm),
+      lambda: jnp.bool_(True),
+      lambda: jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])),
+    )
     finite = jnp.isfinite(loss_value) & grads_finite
     new_state = jax.lax.cond(finite, apply_update, lambda state: state.replace(step=new_step), state)
     metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)

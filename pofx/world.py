@@ -129,14 +129,19 @@ class WorldConfig:
     if self.vocab_size < 8:
       raise ValueError(f"WorldConfig.vocab_size must be >= 8, got {self.vocab_size!r}.")
     if not 1 <= self.min_prompt_len <= self.max_prompt_len:
-      raise ValueError(f"WorldConfig: need 1 <= min_prompt_len <= max_prompt_len, got "
-                       f"{self.min_prompt_len!r}, {self.max_prompt_len!r}.")
+      raise ValueError(
+        f"WorldConfig: need 1 <= min_prompt_len <= max_prompt_len, got "
+        f"{self.min_prompt_len!r}, {self.max_prompt_len!r}."
+      )
     if not 0 <= self.demo_min_len <= self.demo_max_len <= self.max_completion_len - 1:
-      raise ValueError(f"WorldConfig: need 0 <= demo_min_len <= demo_max_len <= max_completion_len - 1, got "
-                       f"{self.demo_min_len!r}, {self.demo_max_len!r}, {self.max_completion_len!r}.")
+      raise ValueError(
+        f"WorldConfig: need 0 <= demo_min_len <= demo_max_len <= max_completion_len - 1, got "
+        f"{self.demo_min_len!r}, {self.demo_max_len!r}, {self.max_completion_len!r}."
+      )
     if not 0 <= self.min_good_len <= self.max_good_len:
-      raise ValueError(f"WorldConfig: need 0 <= min_good_len <= max_good_len, got "
-                       f"{self.min_good_len!r}, {self.max_good_len!r}.")
+      raise ValueError(
+        f"WorldConfig: need 0 <= min_good_len <= max_good_len, got {self.min_good_len!r}, {self.max_good_len!r}."
+      )
     if not 0.0 < self.eval_fraction < 1.0:
       raise ValueError(f"WorldConfig.eval_fraction must be in (0, 1), got {self.eval_fraction!r}.")
     if not 0.0 <= self.good_bigram_fraction <= 1.0:
@@ -159,6 +164,7 @@ class WorldConfig:
 
 class Demonstrations(NamedTuple):
   """SFT data: prompts and demonstrated completions (lists of 1-D int32 arrays, EOS included)."""
+
   prompt: List[np.ndarray]
   completion: List[np.ndarray]
 
@@ -178,6 +184,7 @@ class PreferenceData(NamedTuple):
       of the sampling policy (temperature 1 model log-probs).
   num_identical: pairs dropped because both completions were identical.
   """
+
   prompt: List[np.ndarray]
   chosen: List[np.ndarray]
   rejected: List[np.ndarray]
@@ -198,9 +205,15 @@ class PreferenceData(NamedTuple):
     """The pairs at `idx` (lists unchanged)."""
     idx = np.asarray(idx)
     pick = lambda xs: [xs[i] for i in idx]
-    return self._replace(prompt=pick(self.prompt), chosen=pick(self.chosen), rejected=pick(self.rejected),
-                         chosen_score=self.chosen_score[idx], rejected_score=self.rejected_score[idx],
-                         label_prob=self.label_prob[idx], prompt_id=self.prompt_id[idx])
+    return self._replace(
+      prompt=pick(self.prompt),
+      chosen=pick(self.chosen),
+      rejected=pick(self.rejected),
+      chosen_score=self.chosen_score[idx],
+      rejected_score=self.rejected_score[idx],
+      label_prob=self.label_prob[idx],
+      prompt_id=self.prompt_id[idx],
+    )
 
 
 class World:
@@ -210,11 +223,11 @@ class World:
     self.config = config
     c = config.num_content
     rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0x5EED]))
-    self.affinity_table = rng.standard_normal((c, c)).astype(np.float32)          # A [C, C]
+    self.affinity_table = rng.standard_normal((c, c)).astype(np.float32)  # A [C, C]
     good = rng.random((c, c)) < config.good_bigram_fraction
     bigram = np.where(good, 1.0, 0.0)
     np.fill_diagonal(bigram, -1.0)
-    self.bigram_table = bigram.astype(np.float32)                                  # G [C, C]
+    self.bigram_table = bigram.astype(np.float32)  # G [C, C]
     # A fixed random hash of (length, tokens by position) decides each prompt's split.
     self._hash_len = rng.integers(0, 1 << 30, size=(config.max_prompt_len + 1,))
     self._hash_tok = rng.integers(0, 1 << 30, size=(config.max_prompt_len, c))
@@ -278,7 +291,7 @@ class World:
     cfg = self.config
     eos = np.nonzero(y == EOS)[0]
     finished = eos.size > 0
-    body = y[:eos[0]] if finished else y
+    body = y[: eos[0]] if finished else y
     n = body.size
     is_content = body >= FIRST_CONTENT
     c = np.where(is_content, body - FIRST_CONTENT, 0)
@@ -298,7 +311,7 @@ class World:
     cfg = self.config
     z = cfg.label_scale * (np.asarray(score_1, np.float64) - np.asarray(score_2, np.float64))
     z = z + cfg.length_bias * (np.asarray(len_1, np.float64) - np.asarray(len_2, np.float64))
-    return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)   # sigmoid, no overflow
+    return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # sigmoid, no overflow
 
   # Demonstrations ------------------------------------------------------------------------------
 
@@ -323,6 +336,7 @@ class World:
 
 # SFT data and loss (the training loop is `experiments.sft`) -------------------------------------
 
+
 def sft_arrays(demos: Demonstrations, width: Optional[int] = None):
   """Demonstrations as right-padded rows `[prompt | completion | padding]` of `width` tokens
   (default: the longest demonstration): `(tokens [N, W] int32, positions [N, W] int32,
@@ -338,9 +352,9 @@ def sft_arrays(demos: Demonstrations, width: Optional[int] = None):
     seq = np.concatenate([p, c])
     if seq.size > width:
       raise ValueError(f"sft: demonstration {i} has {seq.size} tokens, more than the width {width}.")
-    tokens[i, :seq.size] = seq
-    seg[i, :seq.size] = 1
-    loss_mask[i, p.size - 1:seq.size - 1] = 1.0
+    tokens[i, : seq.size] = seq
+    seg[i, : seq.size] = 1
+    loss_mask[i, p.size - 1 : seq.size - 1] = 1.0
   positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape).copy()
   return tokens, positions, seg, loss_mask
 
@@ -360,8 +374,10 @@ def sft_loss(model, params, tokens, positions, segment_ids, loss_mask) -> Array:
 
 # Sampling and preference data ------------------------------------------------------------------
 
-def sample_completions(world: World, params, prompts: Sequence, key, *, model,
-                       temperature=1.0, top_k: int = 0, batch_size: int = 512) -> sampling.Samples:
+
+def sample_completions(
+  world: World, params, prompts: Sequence, key, *, model, temperature=1.0, top_k: int = 0, batch_size: int = 512
+) -> sampling.Samples:
   """One completion per prompt (repeat prompts for several), sampled in fixed-size jitted
   batches of `batch_size` rows (the last one padded), returned as one `Samples` (numpy arrays).
   `model`: the policy's pure functions (`pofx.models.make(config)`; see `pofx.sampling`).
@@ -377,14 +393,23 @@ def sample_completions(world: World, params, prompts: Sequence, key, *, model,
   bs = min(int(batch_size), n)
   parts = []
   for j, start in enumerate(range(0, n, bs)):
-    t, m = toks[start:start + bs], mask[start:start + bs]
+    t, m = toks[start : start + bs], mask[start : start + bs]
     real = t.shape[0]
-    if real < bs:    # pad with copies of the first prompt (same compiled shape)
+    if real < bs:  # pad with copies of the first prompt (same compiled shape)
       t = np.concatenate([t, np.repeat(t[:1], bs - real, 0)])
       m = np.concatenate([m, np.repeat(m[:1], bs - real, 0)])
-    out = sampling.sample(params, t, m, jax.random.fold_in(key, j), model=model,
-                          max_new_tokens=wc.max_completion_len, eos_id=EOS, pad_id=PAD,
-                          temperature=temperature, top_k=top_k)
+    out = sampling.sample(
+      params,
+      t,
+      m,
+      jax.random.fold_in(key, j),
+      model=model,
+      max_new_tokens=wc.max_completion_len,
+      eos_id=EOS,
+      pad_id=PAD,
+      temperature=temperature,
+      top_k=top_k,
+    )
     parts.append(jax.tree.map(lambda a: np.asarray(a)[:real], out))
   return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *parts)
 
@@ -392,9 +417,19 @@ def sample_completions(world: World, params, prompts: Sequence, key, *, model,
 PAIRINGS = ("adjacent", "all", "best_worst")
 
 
-def preference_data(world: World, params, prompts: Sequence, key, *, model,
-                    num_samples: int = 4, pairing: str = "adjacent", temperature=1.0, top_k: int = 0,
-                    batch_size: int = 512) -> PreferenceData:
+def preference_data(
+  world: World,
+  params,
+  prompts: Sequence,
+  key,
+  *,
+  model,
+  num_samples: int = 4,
+  pairing: str = "adjacent",
+  temperature=1.0,
+  top_k: int = 0,
+  batch_size: int = 512,
+) -> PreferenceData:
   """Samples K = `num_samples` completions per prompt from the policy `params`, scores them with
   the gold reward, and labels pairs by Bradley-Terry (the world's labeller).
 
@@ -413,13 +448,14 @@ def preference_data(world: World, params, prompts: Sequence, key, *, model,
   M = len(prompts)
   k_sample, k_label = jax.random.split(key)
   rep = [prompts[i] for i in range(M) for _ in range(K)]
-  s = sample_completions(world, params, rep, k_sample, model=model, temperature=temperature, top_k=top_k,
-                         batch_size=batch_size)
+  s = sample_completions(
+    world, params, rep, k_sample, model=model, temperature=temperature, top_k=top_k, batch_size=batch_size
+  )
   comps = sampling.completions(s)
   scores = world.gold_reward(rep, comps).reshape(M, K)
   lens = np.asarray(s.lengths).reshape(M, K)
   seq_logps = np.asarray(s.logps).sum(-1).reshape(M, K).astype(np.float32)
-  lists = [comps[i * K:(i + 1) * K] for i in range(M)]
+  lists = [comps[i * K : (i + 1) * K] for i in range(M)]
 
   if pairing == "adjacent":
     idx = [(2 * j, 2 * j + 1) for j in range(K // 2)]
@@ -446,7 +482,17 @@ def preference_data(world: World, params, prompts: Sequence, key, *, model,
       out["p"].append(p_ab)
       out["pid"].append(i)
   f32 = lambda x: np.asarray(x, np.float32)
-  return PreferenceData(prompt=out["prompt"], chosen=out["chosen"], rejected=out["rejected"],
-                        chosen_score=f32(out["cs"]), rejected_score=f32(out["rs"]), label_prob=f32(out["p"]),
-                        prompt_id=np.asarray(out["pid"], np.int32), list_prompt=prompts, list_completions=lists,
-                        list_scores=scores.astype(np.float32), list_logps=seq_logps, num_identical=n_same)
+  return PreferenceData(
+    prompt=out["prompt"],
+    chosen=out["chosen"],
+    rejected=out["rejected"],
+    chosen_score=f32(out["cs"]),
+    rejected_score=f32(out["rs"]),
+    label_prob=f32(out["p"]),
+    prompt_id=np.asarray(out["pid"], np.int32),
+    list_prompt=prompts,
+    list_completions=lists,
+    list_scores=scores.astype(np.float32),
+    list_logps=seq_logps,
+    num_identical=n_same,
+  )

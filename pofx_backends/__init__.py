@@ -92,8 +92,9 @@ def kernels(name: str, **options) -> kernels_lib.Kernels:
     ValueError: an unknown name or option, or the reason the backend cannot run here.
   """
   if name == "auto":
-    raise ValueError("kernels('auto'): resolve it first (`name, details = pofx_backends.resolve('auto')`), then "
-                     "kernels(name).")
+    raise ValueError(
+      "kernels('auto'): resolve it first (`name, details = pofx_backends.resolve('auto')`), then kernels(name)."
+    )
   _check_name(name, auto=False)
   reason = unavailable_reason(name)
   if reason:
@@ -106,8 +107,9 @@ def kernels(name: str, **options) -> kernels_lib.Kernels:
   return built if built.name == name else built._replace(name=name)
 
 
-def resolve(name: str, *, measure: Optional[Callable[[kernels_lib.Kernels], float]] = None
-            ) -> Tuple[str, Dict[str, Any]]:
+def resolve(
+  name: str, *, measure: Optional[Callable[[kernels_lib.Kernels], float]] = None
+) -> Tuple[str, Dict[str, Any]]:
   """`(backend, details)`: the backend `name` means in this process, and how it was decided.
 
   A named backend is itself (ValueError with the reason and the allowed names when it cannot run
@@ -185,13 +187,19 @@ def startup() -> Dict[str, Any]:
   else:
     plugins = _accelerator_plugins()
     if plugins:
-      return {"platform": "undecided", "host_memory": "default",
-              "detail": f"accelerator plugins installed ({', '.join(plugins)}) and JAX_PLATFORMS unset: allocator "
-                        "unchanged (JAX_PLATFORMS=cpu runs on the CPU with freed memory retained)"}
+      return {
+        "platform": "undecided",
+        "host_memory": "default",
+        "detail": f"accelerator plugins installed ({', '.join(plugins)}) and JAX_PLATFORMS unset: allocator "
+        "unchanged (JAX_PLATFORMS=cpu runs on the CPU with freed memory retained)",
+      }
     platform, source = "cpu", "no accelerator plugin installed"
   if platform != "cpu":
     return {"platform": platform, "host_memory": "default", "detail": f"{source}: allocator unchanged"}
   if host_memory.retain_freed_memory():
-    return {"platform": "cpu", "host_memory": "retain",
-            "detail": f"{source}: glibc keeps freed memory (mallopt M_ARENA_MAX=1, M_MMAP_MAX=0, M_TRIM_THRESHOLD max)"}
+    return {
+      "platform": "cpu",
+      "host_memory": "retain",
+      "detail": f"{source}: glibc keeps freed memory (mallopt M_ARENA_MAX=1, M_MMAP_MAX=0, M_TRIM_THRESHOLD max)",
+    }
   return {"platform": "cpu", "host_memory": "default", "detail": f"{source}: the C library is not glibc, unchanged"}

@@ -55,8 +55,10 @@ def unavailable_reason() -> Optional[str]:
   """None when JAX runs on a GPU here; otherwise one line saying why the "gpu" kernels cannot run."""
   backend = jax.default_backend()
   if backend != "gpu":
-    return (f"the JAX backend is {backend!r}, not a GPU (install jax with CUDA support, e.g. "
-            f"pip install 'jax[cuda12]', on a machine with an NVIDIA GPU)")
+    return (
+      f"the JAX backend is {backend!r}, not a GPU (install jax with CUDA support, e.g. "
+      f"pip install 'jax[cuda12]', on a machine with an NVIDIA GPU)"
+    )
   if not hasattr(jax.nn, "dot_product_attention"):
     return f"jax {jax.__version__} has no jax.nn.dot_product_attention (needs jax >= 0.4.31)"
   return None
@@ -101,9 +103,16 @@ def _pad_rows(x: Array, n: int, value=0) -> Array:
   return jnp.pad(x, pad, constant_values=value)
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask, *, scale: float,
-                          rope: Optional[Tuple[Array, Array]] = None,
-                          implementation: Optional[str] = None) -> Array:
+def dot_product_attention(
+  q: Array,
+  k: Array,
+  v: Array,
+  mask,
+  *,
+  scale: float,
+  rope: Optional[Tuple[Array, Array]] = None,
+  implementation: Optional[str] = None,
+) -> Array:
   """The attention injection point through `jax.nn.dot_product_attention` (module docstring).
 
   Args:
@@ -123,13 +132,16 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask, *, scale: float,
   B, Lq, K, G, hd = q.shape
   if isinstance(mask, kernels_lib.SegmentMask):
     if k.shape[1] != Lq or jnp.shape(mask.segment_ids) != (B, Lq):
-      raise ValueError(f"dot_product_attention: a SegmentMask needs q, k and segment_ids of one length; got q "
-                       f"{q.shape}, k {k.shape}, segment_ids {jnp.shape(mask.segment_ids)}.")
+      raise ValueError(
+        f"dot_product_attention: a SegmentMask needs q, k and segment_ids of one length; got q "
+        f"{q.shape}, k {k.shape}, segment_ids {jnp.shape(mask.segment_ids)}."
+      )
     segment_ids, branch_ids = jnp.asarray(mask.segment_ids), mask.branch_ids
   elif isinstance(mask, kernels_lib.CacheMask):
     if jnp.shape(mask.kv_valid) != (B, k.shape[1]):
-      raise ValueError(f"dot_product_attention: kv_valid must be [B, S] = {(B, k.shape[1])}, got "
-                       f"{jnp.shape(mask.kv_valid)}.")
+      raise ValueError(
+        f"dot_product_attention: kv_valid must be [B, S] = {(B, k.shape[1])}, got {jnp.shape(mask.kv_valid)}."
+      )
   else:
     raise TypeError(f"attention: mask must be a SegmentMask or CacheMask, got {type(mask).__name__}.")
   if implementation is None:
@@ -141,8 +153,9 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask, *, scale: float,
         implementation = "xla"
 
   if isinstance(mask, kernels_lib.CacheMask):
-    out = jax.nn.dot_product_attention(q.reshape(B, Lq, K * G, hd), k, v, mask=mask.dense(Lq)[:, None],
-                                       scale=scale, implementation=implementation)
+    out = jax.nn.dot_product_attention(
+      q.reshape(B, Lq, K * G, hd), k, v, mask=mask.dense(Lq)[:, None], scale=scale, implementation=implementation
+    )
     return out.reshape(B, Lq, K, G, hd).astype(q.dtype)
 
   # cuDNN's training path needs even lengths with a mask: one extra row of its own padding
@@ -151,10 +164,16 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask, *, scale: float,
   segment_ids = _pad_rows(segment_ids, extra, -1)
   if branch_ids is not None:
     branch_ids = _pad_rows(jnp.asarray(branch_ids), extra, 0)
-  dense = kernels_lib.attention_mask(segment_ids, branch_ids)[:, None]          # [B, 1, L, L]
-  out = jax.nn.dot_product_attention(_pad_rows(q.reshape(B, Lq, K * G, hd), extra), _pad_rows(k, extra),
-                                     _pad_rows(v, extra), mask=dense, scale=scale,
-                                     is_causal=implementation == "cudnn", implementation=implementation)
+  dense = kernels_lib.attention_mask(segment_ids, branch_ids)[:, None]  # [B, 1, L, L]
+  out = jax.nn.dot_product_attention(
+    _pad_rows(q.reshape(B, Lq, K * G, hd), extra),
+    _pad_rows(k, extra),
+    _pad_rows(v, extra),
+    mask=dense,
+    scale=scale,
+    is_causal=implementation == "cudnn",
+    implementation=implementation,
+  )
   return out[:, :Lq].reshape(B, Lq, K, G, hd).astype(q.dtype)
 
 

@@ -55,6 +55,7 @@ from pofx import kernels as kernels_lib
 
 try:  # an optional part of jax: absent builds make the backend unavailable, not the import fail
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
   _SPLASH_IMPORT_ERROR = None
 except ImportError as error:  # pragma: no cover - depends on the jax build
   splash = None
@@ -73,8 +74,7 @@ def unavailable_reason() -> Optional[str]:
     return f"jax {jax.__version__} cannot import Pallas splash attention ({_SPLASH_IMPORT_ERROR})"
   backend = jax.default_backend()
   if backend != "tpu":
-    return (f"the JAX backend is {backend!r}, not a TPU (run on a Cloud TPU VM with "
-            f"pip install 'jax[tpu]')")
+    return f"the JAX backend is {backend!r}, not a TPU (run on a Cloud TPU VM with pip install 'jax[tpu]')"
   return None
 
 
@@ -91,8 +91,16 @@ def block_size_for(length: int, block_size: int = DEFAULT_BLOCK_SIZE) -> Tuple[i
 
 
 def _block_sizes(block: int) -> splash.BlockSizes:
-  return splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  return splash.BlockSizes(
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
 
 
 @functools.lru_cache(maxsize=16)
@@ -103,8 +111,9 @@ def _causal_kernel(length: int, block: int, interpret: bool):
   reused by later traces, which must not see the first one's tracers)."""
   mask = splash.MultiHeadMask([splash.CausalMask((length, length))])
   with jax.ensure_compile_time_eval():
-    return splash.make_splash_mha(mask, block_sizes=_block_sizes(block), head_shards=1, q_seq_shards=1,
-                                  interpret=interpret)
+    return splash.make_splash_mha(
+      mask, block_sizes=_block_sizes(block), head_shards=1, q_seq_shards=1, interpret=interpret
+    )
 
 
 def _dynamic_kernel(kernel):
@@ -115,8 +124,9 @@ def _dynamic_kernel(kernel):
   on it in Python (a `TracerBoolConversionError`). The flag is a constant: True for a traced mask.
   """
   flag = lambda info: None if info is None else info._replace(is_dynamic_mask=True)
-  return type(kernel)(flag(kernel.fwd_mask_info), flag(kernel.dq_mask_info), flag(kernel.dkv_mask_info),
-                      **kernel.kwargs)
+  return type(kernel)(
+    flag(kernel.fwd_mask_info), flag(kernel.dq_mask_info), flag(kernel.dkv_mask_info), **kernel.kwargs
+  )
 
 
 def _pad_rows(x: Array, n: int, value=0) -> Array:
@@ -128,9 +138,17 @@ def _pad_rows(x: Array, n: int, value=0) -> Array:
   return jnp.pad(x, pad, constant_values=value)
 
 
-def splash_attention(q: Array, k: Array, v: Array, mask, *, scale: float,
-                     rope: Optional[Tuple[Array, Array]] = None, interpret: bool = False,
-                     block_size: int = DEFAULT_BLOCK_SIZE) -> Array:
+def splash_attention(
+  q: Array,
+  k: Array,
+  v: Array,
+  mask,
+  *,
+  scale: float,
+  rope: Optional[Tuple[Array, Array]] = None,
+  interpret: bool = False,
+  block_size: int = DEFAULT_BLOCK_SIZE,
+) -> Array:
   """The attention injection point through splash attention (module docstring).
 
   Args:
@@ -153,15 +171,17 @@ def splash_attention(q: Array, k: Array, v: Array, mask, *, scale: float,
     raise RuntimeError(unavailable_reason())
   B, L, K, G, hd = q.shape
   if k.shape[1] != L or jnp.shape(mask.segment_ids) != (B, L):
-    raise ValueError(f"splash_attention: q, k and segment_ids must be of one length; got q {q.shape}, k {k.shape}, "
-                     f"segment_ids {jnp.shape(mask.segment_ids)}.")
+    raise ValueError(
+      f"splash_attention: q, k and segment_ids must be of one length; got q {q.shape}, k {k.shape}, "
+      f"segment_ids {jnp.shape(mask.segment_ids)}."
+    )
   q, k = kernels_lib.apply_rope(q, k, rope)
   q = (q.astype(jnp.float32) * scale).astype(q.dtype)
 
   padded, block = block_size_for(L, block_size)
   extra = padded - L
-  heads_q = _pad_rows(q, extra).reshape(B, padded, K * G, hd).transpose(0, 2, 1, 3)   # [B, K*G, Lp, hd]
-  heads_k = _pad_rows(k, extra).transpose(0, 2, 1, 3)                                # [B, K, Lp, hd]
+  heads_q = _pad_rows(q, extra).reshape(B, padded, K * G, hd).transpose(0, 2, 1, 3)  # [B, K*G, Lp, hd]
+  heads_k = _pad_rows(k, extra).transpose(0, 2, 1, 3)  # [B, K, Lp, hd]
   heads_v = _pad_rows(v, extra).transpose(0, 2, 1, 3)
   segment_ids = _pad_rows(jnp.asarray(mask.segment_ids, jnp.int32), extra, _PAD_SEGMENT)
 
@@ -174,15 +194,18 @@ def splash_attention(q: Array, k: Array, v: Array, mask, *, scale: float,
     out = jax.vmap(row)(heads_q, heads_k, heads_v, segment_ids)
   else:
     branch_ids = _pad_rows(jnp.asarray(mask.branch_ids, jnp.int32), extra, 0)
-    dense = kernels_lib.attention_mask(segment_ids, branch_ids)                     # [B, Lp, Lp]
+    dense = kernels_lib.attention_mask(segment_ids, branch_ids)  # [B, Lp, Lp]
 
     def row(q1, k1, v1, mask1):
-      kernel = _dynamic_kernel(splash.make_splash_mha(mask1[None], block_sizes=_block_sizes(block), head_shards=1,
-                                                      q_seq_shards=1, interpret=bool(interpret)))
+      kernel = _dynamic_kernel(
+        splash.make_splash_mha(
+          mask1[None], block_sizes=_block_sizes(block), head_shards=1, q_seq_shards=1, interpret=bool(interpret)
+        )
+      )
       return kernel(q1, k1, v1)
 
     out = jax.vmap(row)(heads_q, heads_k, heads_v, dense)
-  out = out.transpose(0, 2, 1, 3)[:, :L]                                            # [B, L, K*G, hd]
+  out = out.transpose(0, 2, 1, 3)[:, :L]  # [B, L, K*G, hd]
   return out.reshape(B, L, K, G, hd).astype(q.dtype)
 
 
@@ -194,8 +217,7 @@ class SplashAttention:
   block_size: int = DEFAULT_BLOCK_SIZE
 
   def __call__(self, q, k, v, mask, *, scale, rope=None):
-    return splash_attention(q, k, v, mask, scale=scale, rope=rope, interpret=self.interpret,
-                            block_size=self.block_size)
+    return splash_attention(q, k, v, mask, scale=scale, rope=rope, interpret=self.interpret, block_size=self.block_size)
 
 
 def kernels(interpret: bool = False, block_size: int = DEFAULT_BLOCK_SIZE) -> kernels_lib.Kernels:

@@ -13,8 +13,10 @@ import os
 import sys
 
 # Cheaper XLA compilation (the check compares runs compiled alike; the steps are tiny).
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-                           " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+  " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
@@ -48,11 +50,18 @@ def main(root, seed_dir):
   # (mode, mesh, accumulated micro-batches, fast: block-sparse attention + compact scored tokens).
   # The fast runs use rows of 2 blocks of 16 tokens (prompt <= 8, completions <= 12 tokens), so
   # their block lists hold cross-block pairs, and are compared with the dense "single" run.
-  runs = {"single": ("single", "", 1, False), "jit_2x2": ("jit", "2x2", 1, False),
-          "shard_map_4": ("shard_map", "4", 1, False), "pmap_4": ("pmap", "4", 1, False),
-          "single_accum2": ("single", "", 2, False), "single_fast": ("single", "", 1, True),
-          "jit_2x2_fast": ("jit", "2x2", 1, True), "shard_map_4_fast": ("shard_map", "4", 1, True),
-          "pmap_4_fast": ("pmap", "4", 1, True), "single_accum2_fast": ("single", "", 2, True)}
+  runs = {
+    "single": ("single", "", 1, False),
+    "jit_2x2": ("jit", "2x2", 1, False),
+    "shard_map_4": ("shard_map", "4", 1, False),
+    "pmap_4": ("pmap", "4", 1, False),
+    "single_accum2": ("single", "", 2, False),
+    "single_fast": ("single", "", 1, True),
+    "jit_2x2_fast": ("jit", "2x2", 1, True),
+    "shard_map_4_fast": ("shard_map", "4", 1, True),
+    "pmap_4_fast": ("pmap", "4", 1, True),
+    "single_accum2_fast": ("single", "", 2, True),
+  }
   for name, (mode, mesh, accum, fast) in runs.items():
     c = dpo.get_config("tiny")
     with c.unlocked():
@@ -71,9 +80,12 @@ def main(root, seed_dir):
   start = ocp.StandardCheckpointer().restore(os.path.join(seed_dir, "sft_params"))
   out = {}
   for name, params in results.items():
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), params, base))
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), params,
-                                         start))
+    diffs = jax.tree.leaves(
+      jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), params, base)
+    )
+    moved = jax.tree.leaves(
+      jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), params, start)
+    )
     out[name] = {"max_abs_diff": max(diffs), "moved": max(moved)}
   print(json.dumps({"devices": jax.device_count(), "runs": out}))
 

@@ -15,8 +15,9 @@ run goes through `pofx.parallel.make_train_step` on its own.
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-                           "--xla_llvm_disable_expensive_passes=true")
+os.environ["XLA_FLAGS"] = (
+  "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,11 +35,11 @@ from tests import toy  # noqa: E402
 N_DEV = 8
 STEPS = 3
 MODES = {
-    "jit_8": ("jit", (8, 1)),
-    "jit_4x2": ("jit", (4, 2)),
-    "jit_2x4": ("jit", (2, 4)),
-    "shard_map_8": ("shard_map", (8, 1)),
-    "pmap_8": ("pmap", (8, 1)),
+  "jit_8": ("jit", (8, 1)),
+  "jit_4x2": ("jit", (4, 2)),
+  "jit_2x4": ("jit", (2, 4)),
+  "shard_map_8": ("shard_map", (8, 1)),
+  "pmap_8": ("pmap", (8, 1)),
 }
 
 
@@ -57,8 +58,12 @@ def _tree_err(x, y):
 
 
 def _host(state, metrics, first_metrics):
-  return (parallel.to_host(state.params), parallel.to_host(state.ref_state), parallel.to_host(metrics),
-          parallel.to_host(first_metrics))
+  return (
+    parallel.to_host(state.params),
+    parallel.to_host(state.ref_state),
+    parallel.to_host(metrics),
+    parallel.to_host(first_metrics),
+  )
 
 
 def _init(params, kw, opt=None):
@@ -66,19 +71,28 @@ def _init(params, kw, opt=None):
   # shows in the parameters (Adam's g / sqrt(v) would hide it); the momentum is optimizer state.
   opt = opt or optax.sgd(1.0, momentum=0.9)
   pert = kw.get("perturbation") or perturbations.none()
-  state = train.init_state(jax.tree.map(jnp.array, params), opt, kw["reference"], pert, loss=kw.get("loss", "dpo"),
-                           loss_hyper=kw.get("loss_hyper"), rng=jax.random.key(3))
+  state = train.init_state(
+    jax.tree.map(jnp.array, params),
+    opt,
+    kw["reference"],
+    pert,
+    loss=kw.get("loss", "dpo"),
+    loss_hyper=kw.get("loss_hyper"),
+    rng=jax.random.key(3),
+  )
   return opt, state
 
 
-def _run(logps_fn, params, batch, per_device, *, mode, mesh_shape, rules=parallel.DEFAULT_RULES, steps=STEPS,
-         opt=None, **kw):
+def _run(
+  logps_fn, params, batch, per_device, *, mode, mesh_shape, rules=parallel.DEFAULT_RULES, steps=STEPS, opt=None, **kw
+):
   """(params, ref_state, last metrics, first metrics) on host after `steps` steps of `mode`."""
   opt, state = _init(params, kw, opt)
   mesh = parallel.make_mesh(*mesh_shape)
   step = parallel.make_train_step(logps_fn, opt, mode=mode, mesh=mesh, rules=rules, min_fsdp_size=1, **kw)
   state = step.put_state(state)
   b = step.put_batch(batch if mode == "jit" else per_device)
+  first = None
   for i in range(steps):
     state, metrics = step(state, b, jax.random.fold_in(jax.random.key(7), i))
     first = metrics if i == 0 else first
@@ -89,7 +103,7 @@ def _run_single(logps_fn, params, runs, *, steps=STEPS, opt=None):
   """The single-device runs `[(batch, step kwargs), ...]`, as `_run` returns them, all in one
   compiled program (one `pofx.train` step per run side by side: one XLA compilation instead of
   one per run; each run's computation is its own)."""
-  opts, states, fns, batches = [], [], [], []
+  states, fns, batches = [], [], []
   for batch, kw in runs:
     o, state = _init(params, kw, opt)
     fns.append(train.make_train_step(logps_fn, o, jit=False, **kw))
@@ -101,6 +115,7 @@ def _run_single(logps_fn, params, runs, *, steps=STEPS, opt=None):
     return tuple(zip(*[f(s, b, rng) for f, s, b in zip(fns, states, batches)]))
 
   states = tuple(states)
+  first = None
   for i in range(steps):
     states, metrics = all_steps(states, tuple(batches), jax.random.fold_in(jax.random.key(7), i))
     first = metrics if i == 0 else first
@@ -109,9 +124,11 @@ def _run_single(logps_fn, params, runs, *, steps=STEPS, opt=None):
 
 def _compare(base, out, params0):
   p0 = parallel.to_host(params0)
-  return {"err": max(_tree_err(out[0], base[0]), _tree_err(out[1], base[1]), _tree_err(out[2], base[2])),
-          "moved": max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(base[0]), jax.tree.leaves(p0))),
-          "loss": float(base[2]["loss"])}
+  return {
+    "err": max(_tree_err(out[0], base[0]), _tree_err(out[1], base[1]), _tree_err(out[2], base[2])),
+    "moved": max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(base[0]), jax.tree.leaves(p0))),
+    "loss": float(base[2]["loss"]),
+  }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,8 +151,11 @@ def _toy_config(name):
     fp = references.fingerprint(ref_params, vocab="toy", max_prompt_len=1, max_completion_len=5)
     return dict(reference=references.cached(fp, fp))
   if name == "multi":
-    return dict(reference=references.multi([references.frozen(ref_params, toy.logps_fn),
-                                            references.frozen(toy.init(9), toy.logps_fn)]))
+    return dict(
+      reference=references.multi(
+        [references.frozen(ref_params, toy.logps_fn), references.frozen(toy.init(9), toy.logps_fn)]
+      )
+    )
   if name == "synced":
     return dict(reference=references.synced(0.5, 2, toy.logps_fn))
   if name == "ema":
@@ -190,12 +210,19 @@ def batchstat_group(results):
   batch = _toy_batch()
   per_device = parallel.split_per_device(batch, N_DEV)
   ref = references.frozen(toy.init(1), toy.logps_fn)
-  configs = {"aot": dict(loss="aot"), "aot_unpaired": dict(loss="aot_unpaired"),
-             "beta_dpo": dict(loss="beta_dpo", loss_hyper={"a": 0.6, "filter_ratio": 0.25})}
+  configs = {
+    "aot": dict(loss="aot"),
+    "aot_unpaired": dict(loss="aot_unpaired"),
+    "beta_dpo": dict(loss="beta_dpo", loss_hyper={"a": 0.6, "filter_ratio": 0.25}),
+  }
   bases = _run_single(toy.logps_fn, params, [(batch, dict(reference=ref, **kw)) for kw in configs.values()])
   # The loss of one device's batch (2 pairs) differs: the equality below is not vacuous.
-  local = _run_single(toy.logps_fn, params, [(jax.tree.map(lambda x: x[:2], batch), dict(reference=ref, **kw))
-                                             for kw in configs.values()], steps=1)
+  local = _run_single(
+    toy.logps_fn,
+    params,
+    [(jax.tree.map(lambda x: x[:2], batch), dict(reference=ref, **kw)) for kw in configs.values()],
+    steps=1,
+  )
   for (name, kw), base, loc in zip(configs.items(), bases, local):
     for mode_name in ("jit_8", "jit_2x4", "shard_map_8", "pmap_8"):
       mode, shape = MODES[mode_name]
@@ -233,6 +260,7 @@ def trap_group(results):
       p = collectives.grad_pmean(p, "data")
       pol, ref = collectives.all_gather_batch((toy.logps_fn(p, b), toy.logps_fn(ref_params, b)), "data")
       return dpo_mean(pol, ref)
+
     return jax.grad(obj)(p)
 
   # Also: params cast to varying, per-device mean, pmean (the other correct pattern).
@@ -241,9 +269,11 @@ def trap_group(results):
     return jax.lax.pmean(jax.grad(objective)(pv, b), "data")
 
   specs = dict(mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
-  outs = {"naive": jax.jit(jax.shard_map(naive, **specs))(params, batch),
-          "pofx": jax.jit(jax.shard_map(pofx_dp, check_vma=False, **specs))(params, batch),
-          "pcast": jax.jit(jax.shard_map(pcast_dp, **specs))(params, batch)}
+  outs = {
+    "naive": jax.jit(jax.shard_map(naive, **specs))(params, batch),
+    "pofx": jax.jit(jax.shard_map(pofx_dp, check_vma=False, **specs))(params, batch),
+    "pcast": jax.jit(jax.shard_map(pcast_dp, **specs))(params, batch),
+  }
   g0 = parallel.to_host(single)
   norm0 = float(optax.global_norm(single))
   for name, g in outs.items():
@@ -258,43 +288,59 @@ def trap_group(results):
 
 def llama_group(results):
   from pofx import batching, models, policy
+
   model = models.make(models.preset("tiny", num_layers=1))  # one block: every rule's leaves, half the compile time
   logps_fn = policy.make_logps_fn(model.apply, model.head, chunk_size=64)
   params = model.init(jax.random.key(0))
   ref = references.frozen(model.init(jax.random.key(1)), logps_fn)
   rng = np.random.default_rng(0)
   V = model.config.vocab_size
-  pairs = [(rng.integers(1, V, rng.integers(2, 6)), rng.integers(1, V, rng.integers(1, 6)),
-            rng.integers(1, V, rng.integers(1, 6))) for _ in range(N_DEV)]
+  pairs = [
+    (
+      rng.integers(1, V, rng.integers(2, 6)),
+      rng.integers(1, V, rng.integers(1, 6)),
+      rng.integers(1, V, rng.integers(1, 6)),
+    )
+    for _ in range(N_DEV)
+  ]
   buckets = dict(seq_bucket=16, completion_bucket=8)
-  whole = {"pairs": batching.fused([p for p, _, _ in pairs], [c for _, c, _ in pairs], [r for _, _, r in pairs],
-                                   **buckets)}
+  whole = {
+    "pairs": batching.fused([p for p, _, _ in pairs], [c for _, c, _ in pairs], [r for _, _, r in pairs], **buckets)
+  }
   per_dev_batches = [batching.fused([p], [c], [r], **buckets) for p, c, r in pairs]
   per_device = parallel.stack_per_device([{"pairs": b} for b in per_dev_batches])
   joined = {"pairs": parallel.concat_pair_batches(per_dev_batches)}
   opt = optax.sgd(1.0)  # linear in the gradient: differences are not amplified as by Adam's g/|g|
   (base,) = _run_single(logps_fn, params, [(whole, dict(reference=ref))], opt=opt)
-  runs = {"jit_4x2": ("jit", (4, 2), parallel.DEFAULT_RULES),
-          "jit_2x2x2_tensor": ("jit", (2, 2, 2), parallel.LLAMA_RULES),
-          "shard_map_8": ("shard_map", (8, 1), parallel.DEFAULT_RULES)}
+  runs = {
+    "jit_4x2": ("jit", (4, 2), parallel.DEFAULT_RULES),
+    "jit_2x2x2_tensor": ("jit", (2, 2, 2), parallel.LLAMA_RULES),
+    "shard_map_8": ("shard_map", (8, 1), parallel.DEFAULT_RULES),
+  }
   for name, (mode, shape, rules) in runs.items():
     out = _run(logps_fn, params, joined, per_device, mode=mode, mesh_shape=shape, rules=rules, reference=ref, opt=opt)
     results[f"llama/{name}"] = _compare(base, out, params)
   # The FSDP/tensor placement really shards: count sharded parameter leaves of each mesh.
-  for name, (mode, shape, rules) in runs.items():
+  for name, (_, shape, rules) in runs.items():
     specs = parallel.tree_specs(params, parallel.make_mesh(*shape), rules, min_fsdp_size=1)
     results[f"llama/{name}/sharded_leaves"] = {
-        "count": sum(any(e is not None for e in s) for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))}
+      "count": sum(any(e is not None for e in s) for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))
+    }
 
 
-GROUPS = {"toy": toy_group, "awp_accum": awp_accum_group, "batchstat": batchstat_group, "trap": trap_group,
-          "llama": llama_group}
+GROUPS = {
+  "toy": toy_group,
+  "awp_accum": awp_accum_group,
+  "batchstat": batchstat_group,
+  "trap": trap_group,
+  "llama": llama_group,
+}
 
 
 def main(argv):
   assert jax.device_count() == N_DEV, jax.devices()
   results = {}
-  for g in (argv or list(GROUPS)):
+  for g in argv or list(GROUPS):
     GROUPS[g](results)
   print(json.dumps({"results": results}))
 

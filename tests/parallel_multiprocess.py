@@ -1,21 +1,18 @@
 """A program for `experiments/launch_local.py` (used by tests/test_launch_local.py).
 
-  train   every process runs a few steps of the tiny Llama on one device (the whole batch) and
-          then on the global mesh of all processes' devices, feeding only its own device blocks
-          of the global batch (mode "jit" with FSDP on data x fsdp, and mode "shard_map" on
-          data); prints one JSON line per process with the largest difference; exits 1 on a
-          difference above 1e-5.
-  die     process 1 exits with status 3 right after initialisation; the others wait in a
-          collective for it (the launcher must stop them).
+train   every process runs a few steps of the tiny Llama on one device (the whole batch) and
+        then on the global mesh of all processes' devices, feeding only its own device blocks
+        of the global batch (mode "jit" with FSDP on data x fsdp, and mode "shard_map" on
+        data); prints one JSON line per process with the largest difference; exits 1 on a
+        difference above 1e-5.
+die     process 1 exits with status 3 right after initialisation; the others wait in a
+        collective for it (the launcher must stop them).
 """
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import distributed  # noqa: E402  (imports jax: the launcher has set XLA_FLAGS)
-from pofx import parallel  # noqa: E402
 
 import json  # noqa: E402
 
@@ -24,17 +21,23 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from experiments import distributed  # noqa: E402  (imports jax: the launcher has set XLA_FLAGS)
+from pofx import parallel  # noqa: E402
+
 STEPS = 3
 PAIRS_PER_BLOCK = 2
 
 
 def _err(a, b):
-  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)) / (1 + np.abs(y))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+    float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)) / (1 + np.abs(y))))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def train_check():
   from pofx import batching, models, perturbations, policy, references, train
+
   assert jax.process_count() == int(os.environ["POFX_NUM_PROCESSES"]), jax.process_count()
   n_blocks = jax.device_count()
   model = models.make(models.preset("tiny"))
@@ -45,20 +48,27 @@ def train_check():
   # The global data, the same on every process (a real loader would read only its rows).
   rng = np.random.default_rng(0)
   V = model.config.vocab_size
-  pairs = [(rng.integers(1, V, rng.integers(2, 6)), rng.integers(1, V, rng.integers(1, 6)),
-            rng.integers(1, V, rng.integers(1, 6))) for _ in range(n_blocks * PAIRS_PER_BLOCK)]
+  pairs = [
+    (
+      rng.integers(1, V, rng.integers(2, 6)),
+      rng.integers(1, V, rng.integers(1, 6)),
+      rng.integers(1, V, rng.integers(1, 6)),
+    )
+    for _ in range(n_blocks * PAIRS_PER_BLOCK)
+  ]
   buckets = dict(seq_bucket=16, completion_bucket=8)
 
   def block(d):
-    chunk = pairs[d * PAIRS_PER_BLOCK:(d + 1) * PAIRS_PER_BLOCK]
+    chunk = pairs[d * PAIRS_PER_BLOCK : (d + 1) * PAIRS_PER_BLOCK]
     return batching.fused([p for p, _, _ in chunk], [c for _, c, _ in chunk], [r for _, _, r in chunk], **buckets)
 
   def fresh_state():
     return train.init_state(jax.tree.map(jnp.array, params), opt, ref, perturbations.none(), rng=jax.random.key(3))
 
   # Single device (this process's first device), all pairs in one batch.
-  whole = {"pairs": batching.fused([p for p, _, _ in pairs], [c for _, c, _ in pairs], [r for _, _, r in pairs],
-                                   **buckets)}
+  whole = {
+    "pairs": batching.fused([p for p, _, _ in pairs], [c for _, c, _ in pairs], [r for _, _, r in pairs], **buckets)
+  }
   step = train.make_train_step(logps_fn, opt, reference=ref, donate=False)
   state = fresh_state()
   for i in range(STEPS):
@@ -82,8 +92,9 @@ def train_check():
     report[mode] = _err(out, base)
     if mode == "jit":
       report["fsdp_sharded"] = int(sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params)))
-  report["moved"] = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(base[0]),
-                                                                       jax.tree.leaves(parallel.to_host(params))))
+  report["moved"] = max(
+    float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(base[0]), jax.tree.leaves(parallel.to_host(params)))
+  )
   print(json.dumps(report), flush=True)
   ok = report["jit"] <= 1e-5 and report["shard_map"] <= 1e-5 and report["moved"] > 1e-2
   return 0 if ok else 1

@@ -23,12 +23,9 @@ R2 = [[10], [13, 14]]
 def test_fused_layout_by_hand():
   b = batching.fused(P2, C2, R2, seq_bucket=1, completion_bucket=1)
   assert b.layout == "fused" and b.branch_ids is None and b.num_pairs == 2
-  np.testing.assert_array_equal(b.tokens, [[5, 6, 7, 8, 9], [11, 12, 0, 0, 0],
-                                           [5, 6, 10, 0, 0], [11, 13, 14, 0, 0]])
-  np.testing.assert_array_equal(b.segment_ids, [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0],
-                                                [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]])
-  np.testing.assert_array_equal(b.positions, [[0, 1, 2, 3, 4], [0, 1, 0, 0, 0],
-                                              [0, 1, 2, 0, 0], [0, 1, 2, 0, 0]])
+  np.testing.assert_array_equal(b.tokens, [[5, 6, 7, 8, 9], [11, 12, 0, 0, 0], [5, 6, 10, 0, 0], [11, 13, 14, 0, 0]])
+  np.testing.assert_array_equal(b.segment_ids, [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]])
+  np.testing.assert_array_equal(b.positions, [[0, 1, 2, 3, 4], [0, 1, 0, 0, 0], [0, 1, 2, 0, 0], [0, 1, 2, 0, 0]])
   # Completion token k at column p + k is predicted by column p + k - 1 (flat index row * 5 + col).
   np.testing.assert_array_equal(b.chosen_index, [[1, 2, 3], [5, 0, 0]])
   np.testing.assert_array_equal(b.chosen_targets, [[7, 8, 9], [12, 0, 0]])
@@ -120,7 +117,7 @@ def test_bucketed_shapes_and_padding_pairs():
     np.testing.assert_array_equal(b.segment_ids[3], 0)
     np.testing.assert_array_equal(b.chosen_mask.sum(1)[:3], n[3:6])
     np.testing.assert_array_equal(b.rejected_mask.sum(1)[:3], n[6:9])
-  assert len(shapes) <= 6, shapes   # 3 row buckets x 3 completion buckets at most, far fewer than 20
+  assert len(shapes) <= 6, shapes  # 3 row buckets x 3 completion buckets at most, far fewer than 20
   for L, T in ((s[0][1], s[1][1]) for s in shapes):
     assert L in (32, 64, 128) and T % 16 == 0
 
@@ -151,8 +148,8 @@ def test_gather_completions_numpy():
   out = np.arange(2 * 6 * 2).reshape(2, 6, 2)
   c, r = batching.gather_completions(out, b)
   assert c.shape == (2, 3, 2)
-  np.testing.assert_array_equal(c[0, :, 0], [2, 4, 6])          # flat positions 1, 2, 3
-  np.testing.assert_array_equal(r[1, :2, 0], [12, 16])          # flat positions 6, 8
+  np.testing.assert_array_equal(c[0, :, 0], [2, 4, 6])  # flat positions 1, 2, 3
+  np.testing.assert_array_equal(r[1, :2, 0], [12, 16])  # flat positions 6, 8
 
 
 # --- The central equivalence on the tiny model -------------------------------------------------
@@ -167,20 +164,18 @@ BETA = 0.5
 
 def _layouts():
   return {
-      "fused": batching.fused(PROMPTS, CHOSEN, REJECTED, seq_bucket=(16, 32), completion_bucket=8),
-      "prompt_shared": batching.prompt_shared(PROMPTS, CHOSEN, REJECTED, seq_bucket=8,
-                                              completion_bucket=4, num_pairs=4),
-      "packed": batching.packed(PROMPTS, CHOSEN, REJECTED, row_length=24, num_rows=3,
-                                completion_bucket=8),
-      "packed_one_row": batching.packed(PROMPTS, CHOSEN, REJECTED, length_bucket=16, completion_bucket=8),
+    "fused": batching.fused(PROMPTS, CHOSEN, REJECTED, seq_bucket=(16, 32), completion_bucket=8),
+    "prompt_shared": batching.prompt_shared(PROMPTS, CHOSEN, REJECTED, seq_bucket=8, completion_bucket=4, num_pairs=4),
+    "packed": batching.packed(PROMPTS, CHOSEN, REJECTED, row_length=24, num_rows=3, completion_bucket=8),
+    "packed_one_row": batching.packed(PROMPTS, CHOSEN, REJECTED, length_bucket=16, completion_bucket=8),
   }
 
 
 def _forward(params, batch):
-  h = llama.apply_fn(params, batch.tokens, batch.positions, batch.segment_ids, batch.branch_ids,
-                     config=CFG)
-  return logprobs.pair_logps(h, llama.lm_head(params, CFG), batch, chunk_size=16,
-                             with_log_sum_sq_probs=True, with_entropy=True)
+  h = llama.apply_fn(params, batch.tokens, batch.positions, batch.segment_ids, batch.branch_ids, config=CFG)
+  return logprobs.pair_logps(
+    h, llama.lm_head(params, CFG), batch, chunk_size=16, with_log_sum_sq_probs=True, with_entropy=True
+  )
 
 
 def _dpo(params, batch):
@@ -202,16 +197,14 @@ def reference(params):
   seqs = [list(p) + list(y) for p, c, r in zip(PROMPTS, CHOSEN, REJECTED) for y in (c, r)]
   L = max(map(len, seqs))
   tokens = np.array([s + [1] * (L - len(s)) for s in seqs])
-  logits = jax.jit(llama.make(CFG).logits)(params, tokens, np.tile(np.arange(L), (len(seqs), 1)),
-                                           np.ones_like(tokens))
+  logits = jax.jit(llama.make(CFG).logits)(params, tokens, np.tile(np.arange(L), (len(seqs), 1)), np.ones_like(tokens))
   z = np.asarray(logits, np.float64)
   logp = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
-  out = {"chosen": [], "rejected": [], "chosen_lss": [], "rejected_lss": [], "chosen_ent": [],
-         "rejected_ent": []}
+  out = {"chosen": [], "rejected": [], "chosen_lss": [], "rejected_lss": [], "chosen_ent": [], "rejected_ent": []}
   for i, s in enumerate(seqs):
     name = "chosen" if i % 2 == 0 else "rejected"
     p = len(PROMPTS[i // 2])
-    cols = np.arange(p - 1, len(s) - 1)                  # the output at t predicts token t + 1
+    cols = np.arange(p - 1, len(s) - 1)  # the output at t predicts token t + 1
     out[name].append(logp[i, cols, np.array(s)[cols + 1]])
     out[name + "_lss"].append(np.log(np.exp(2 * logp[i, cols]).sum(-1)))
     out[name + "_ent"].append(-(np.exp(logp[i, cols]) * logp[i, cols]).sum(-1))
@@ -238,7 +231,7 @@ def test_layouts_match_each_sequence_alone(params, reference, layout):
       np.testing.assert_array_equal(tok[b, n:], 0.0)
       np.testing.assert_allclose(getattr(pair, name)[b], ref.sum(), atol=2e-5, rtol=1e-5)
       assert float(getattr(pair, name + "_len")[b]) == n
-  if layout == "prompt_shared":                          # the padding pair (num_pairs=4)
+  if layout == "prompt_shared":  # the padding pair (num_pairs=4)
     assert float(pair.chosen[3]) == 0.0 and float(pair.chosen_len[3]) == 0.0
 
 
@@ -248,7 +241,7 @@ def test_prompt_shared_and_packed_gradients_equal_fused(params):
   v0, g0 = grad(params, batches["fused"])
   assert np.isfinite(float(v0))
   leaves0 = jax.tree.leaves(g0)
-  assert max(float(jnp.max(jnp.abs(g))) for g in leaves0) > 1e-3   # a non-trivial gradient
+  assert max(float(jnp.max(jnp.abs(g))) for g in leaves0) > 1e-3  # a non-trivial gradient
   for layout in ("prompt_shared", "packed", "packed_one_row"):
     v1, g1 = grad(params, batches[layout])
     np.testing.assert_allclose(v1, v0, rtol=1e-6, atol=1e-6)

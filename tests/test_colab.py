@@ -50,8 +50,10 @@ def _python(src):
 
 def _execute(path):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   ns = {"__name__": "__main__"}
   code_cells = [c for c in _load(path)["cells"] if c["cell_type"] == "code"]
   with warnings.catch_warnings():
@@ -70,6 +72,7 @@ def _execute(path):
 # -------------------------------------------------------------------------------------------------
 # Independent values.
 
+
 def _softplus(x):
   return math.log1p(math.exp(-abs(x))) + max(x, 0.0)
 
@@ -82,22 +85,29 @@ def _sigmoid(x):
 # beta=0.1, |y_w|=5, |y_l|=6, so rho = 2 and beta * rho = 0.2; each value below is worked out by hand.
 _H = 0.2
 _GOLDEN = {
-    "dpo": 0.598139, "gpo": 0.598139,                                # log(1 + e^{-0.2})
-    "slic": 0.8,                                                     # max(0, 1 - 0.2)
-    "exponential": 0.818731,                                         # e^{-0.2}
-    "truncated_quadratic": 0.64,                                     # max(0, 0.8)^2
-    "savage": 0.202649,                                              # sigmoid(-0.2)^2
-    "ipo_sum": 9.0,                                                  # (2 - 1/(2*0.1))^2
-    "ipo": 21.467778,                                                # (1/5 - (-1/6) - 5)^2, length-averaged
-    "ln_dpo": 0.674982,                                              # -log sigmoid(0.1 * (1/5 + 1/6))
-    "cdpo": -(0.9) * -_softplus(-_H) - 0.1 * -_softplus(_H),         # eps = 0.1
-    "simpo": _softplus(-(2.0 * (0.0 - 0.25))),                       # beta 2, gamma/beta 0.25, avg margin 0
-    "cpo": _softplus(-0.1 * 2.0) + 10.0 / 5.0,                       # log(1 + e^{-0.2}) + 10/5 = 2.598139
+  "dpo": 0.598139,
+  "gpo": 0.598139,  # log(1 + e^{-0.2})
+  "slic": 0.8,  # max(0, 1 - 0.2)
+  "exponential": 0.818731,  # e^{-0.2}
+  "truncated_quadratic": 0.64,  # max(0, 0.8)^2
+  "savage": 0.202649,  # sigmoid(-0.2)^2
+  "ipo_sum": 9.0,  # (2 - 1/(2*0.1))^2
+  "ipo": 21.467778,  # (1/5 - (-1/6) - 5)^2, length-averaged
+  "ln_dpo": 0.674982,  # -log sigmoid(0.1 * (1/5 + 1/6))
+  "cdpo": -(0.9) * -_softplus(-_H) - 0.1 * -_softplus(_H),  # eps = 0.1
+  "simpo": _softplus(-(2.0 * (0.0 - 0.25))),  # beta 2, gamma/beta 0.25, avg margin 0
+  "cpo": _softplus(-0.1 * 2.0) + 10.0 / 5.0,  # log(1 + e^{-0.2}) + 10/5 = 2.598139
 }
 
 # f(0), f'(0), f''(0) of the six GPO functions, differentiated by hand (GPO, arXiv:2402.05749, Table 1).
-_DERIVS = {"logistic": (math.log(2), -0.5, 0.25), "hinge": (1, -1, 0), "squared": (1, -2, 2),
-           "exponential": (1, -1, 1), "truncated_quadratic": (1, -2, 2), "savage": (0.25, -0.25, 0.125)}
+_DERIVS = {
+  "logistic": (math.log(2), -0.5, 0.25),
+  "hinge": (1, -1, 0),
+  "squared": (1, -2, 2),
+  "exponential": (1, -1, 1),
+  "truncated_quadratic": (1, -2, 2),
+  "savage": (0.25, -0.25, 0.125),
+}
 
 
 def _modified_huber(v):
@@ -123,8 +133,14 @@ def _check_gpo_losses(ns):
   # The custom loss: Zhang's modified Huber at beta * rho.
   np.testing.assert_allclose(ns["huber_values"], _modified_huber([0.1 * r for r in rho]), rtol=1e-5, atol=1e-6)
   # Matched betas: beta_f * f''(0)/|f'(0)| = 0.1 * 0.25/0.5 = 0.05.
-  expected_beta = {"logistic": 0.1, "squared": 0.05, "exponential": 0.05, "truncated_quadratic": 0.05,
-                   "savage": 0.1, "modified_huber": 0.05}
+  expected_beta = {
+    "logistic": 0.1,
+    "squared": 0.05,
+    "exponential": 0.05,
+    "truncated_quadratic": 0.05,
+    "savage": 0.1,
+    "modified_huber": 0.05,
+  }
   assert set(ns["matched_beta"]) == set(expected_beta)
   for name, b in expected_beta.items():
     assert ns["matched_beta"][name] == pytest.approx(b, rel=1e-5), name
@@ -132,7 +148,7 @@ def _check_gpo_losses(ns):
   grid = np.asarray(ns["rho_grid"])
   near = np.abs(grid) <= 1.0
   for name, curve in ns["normalised"].items():
-    np.testing.assert_allclose(curve[near], (-grid + 0.025 * grid ** 2)[near], atol=2e-3, err_msg=name)
+    np.testing.assert_allclose(curve[near], (-grid + 0.025 * grid**2)[near], atol=2e-3, err_msg=name)
 
 
 def _check_train_step(ns):
@@ -172,7 +188,7 @@ def _gold_reward(w, prompt, completion):
   a = cfg.affinity_scale * w.affinity_table[x].sum(0) / math.sqrt(len(x))
   y = list(np.asarray(completion))
   finished = 3 in y
-  body = np.asarray(y[:y.index(3)] if finished else y) - 4
+  body = np.asarray(y[: y.index(3)] if finished else y) - 4
   assert (body >= 0).all()
   n = len(body)
   r = float(np.mean(a[body])) if n else 0.0
@@ -191,8 +207,10 @@ def _check_controlled_world(ns):
   data = ns["data"]
   assert len(data) >= 256
   # Bradley-Terry labels: P(chosen > rejected) = sigmoid(label_scale * (r_w - r_l)) (no length bias).
-  expected = 1.0 / (1.0 + np.exp(-w.config.label_scale * (data.chosen_score.astype(np.float64)
-                                                          - data.rejected_score.astype(np.float64))))
+  expected = 1.0 / (
+    1.0
+    + np.exp(-w.config.label_scale * (data.chosen_score.astype(np.float64) - data.rejected_score.astype(np.float64)))
+  )
   np.testing.assert_allclose(data.label_prob, expected, rtol=1e-5, atol=1e-6)
   assert not any(w.is_eval_prompt(p) for p in data.prompt)
   assert all(w.is_eval_prompt(p) for p in ns["eval_prompts"])
@@ -213,6 +231,7 @@ def _check_controlled_world(ns):
   assert correct == pytest.approx(round(correct))
   summary = ns["summary"]
   from experiments import main as experiments_main
+
   assert set(experiments_main.SUMMARY_KEYS) <= set(summary)
   lo, hi = summary["win_rate_ci95"]
   assert lo <= summary["win_rate_vs_base"] <= hi
@@ -220,9 +239,9 @@ def _check_controlled_world(ns):
 
 
 CHECKS = {
-    "01_gpo_losses.ipynb": _check_gpo_losses,
-    "02_train_step.ipynb": _check_train_step,
-    "03_controlled_world.ipynb": _check_controlled_world,
+  "01_gpo_losses.ipynb": _check_gpo_losses,
+  "02_train_step.ipynb": _check_train_step,
+  "03_controlled_world.ipynb": _check_controlled_world,
 }
 
 
@@ -318,10 +337,16 @@ def refresh_outputs(paths=NOTEBOOKS, timeout=900):
   """Executes each notebook in a fresh Jupyter kernel, in its directory, and writes its outputs back."""
   import nbclient  # only for refreshing the committed outputs, not for the tests
   import nbformat
+
   for path in paths:
     nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
-                            resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+    nbclient.NotebookClient(
+      nb,
+      timeout=timeout,
+      kernel_name="python3",
+      record_timing=False,
+      resources={"metadata": {"path": os.path.dirname(path)}},
+    ).execute()
     nbformat.write(nb, path)
     print(f"{os.path.relpath(path, ROOT)}: {os.path.getsize(path) / 1e3:.0f} kB")
 

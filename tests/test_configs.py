@@ -21,10 +21,20 @@ from pofx import data as data_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("dpo", "gpo", "simpo", "ipo", "mrpo", "predpo", "trdpo", "sam", "awp", "rwp", "beta_dpo", "dpo_files")
-ARGS = {"dpo": ("", "tiny"), "gpo": ("", "tiny"), "simpo": ("", "tiny"), "ipo": ("", "tiny", "sum", "sum,tiny"),
-        "mrpo": ("", "tiny"), "predpo": ("", "tiny"), "trdpo": ("", "tiny", "hard", "hard,tiny"),
-        "sam": ("", "tiny", "asam", "asam,tiny"), "awp": ("", "tiny"), "rwp": ("", "tiny"), "beta_dpo": ("", "tiny"),
-        "dpo_files": ("", "tiny")}
+ARGS = {
+  "dpo": ("", "tiny"),
+  "gpo": ("", "tiny"),
+  "simpo": ("", "tiny"),
+  "ipo": ("", "tiny", "sum", "sum,tiny"),
+  "mrpo": ("", "tiny"),
+  "predpo": ("", "tiny"),
+  "trdpo": ("", "tiny", "hard", "hard,tiny"),
+  "sam": ("", "tiny", "asam", "asam,tiny"),
+  "awp": ("", "tiny"),
+  "rwp": ("", "tiny"),
+  "beta_dpo": ("", "tiny"),
+  "dpo_files": ("", "tiny"),
+}
 
 
 def _config(family="dpo", arg="tiny"):
@@ -45,17 +55,21 @@ def _edited(edits, family="dpo", arg="tiny"):
 
 def _main(args, **kw):
   env = {**os.environ, "PYTHONPATH": ROOT}
-  return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, **kw)
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.main", *args], cwd=ROOT, env=env, capture_output=True, text=True, **kw
+  )
 
 
 def test_options_import_without_jax():
   # The allowed values and the base config load in a process that never imports JAX.
-  code = ("import sys\nfrom pofx import options\nfrom configs import common\nc = common.base_config()\n"
-          "assert c.model.kernels in options.KERNEL_BACKENDS\n"
-          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax')))")
-  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
-                       capture_output=True, text=True)
+  code = (
+    "import sys\nfrom pofx import options\nfrom configs import common\nc = common.base_config()\n"
+    "assert c.model.kernels in options.KERNEL_BACKENDS\n"
+    "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax')))"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == "[]"
 
@@ -84,8 +98,8 @@ def test_every_config_builds_locked_and_valid(family):
 
 def test_options_without_a_value_are_none():
   c = common.base_config()
-  assert c.train.reference.mrpo_alpha is None       # MRPO's adaptive weight per pair
-  assert c.train.perturbation.c_min is None         # required for rwp
+  assert c.train.reference.mrpo_alpha is None  # MRPO's adaptive weight per pair
+  assert c.train.perturbation.c_min is None  # required for rwp
   assert c.data.max_prompt_len is None and c.data.max_completion_len is None  # no limit
   assert _config("rwp").train.perturbation.c_min == 1.0
   # A value of the field's type can be set on top of None.
@@ -93,7 +107,9 @@ def test_options_without_a_value_are_none():
   assert (c.train.reference.mrpo_alpha, c.data.max_prompt_len) == (0.25, 128)
 
 
-@pytest.mark.parametrize("field,value,message", [
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
     ("train.loss", "dpoo", r"config.train.loss='dpoo' is not allowed; allowed: \["),
     ("train.loss_hyper.beta", 0.0, "beta > 0"),
     ("train.reference.kind", "none", "needs a reference"),
@@ -104,17 +120,26 @@ def test_options_without_a_value_are_none():
     ("train.perturbation.kind", "sharp", "config.train.perturbation.kind"),
     ("train.perturbation.kind", "rwp", r"config.train.perturbation.c_min=None is not allowed with kind='rwp'"),
     ("train.steps", 0, "config.train.steps=0 is not allowed; allowed: an integer > 0"),
-    ("data.layout", "zigzag", r"config.data.layout='zigzag' is not allowed; allowed: \['fused', 'prompt_shared', "
-                              r"'packed'\]"),
+    (
+      "data.layout",
+      "zigzag",
+      r"config.data.layout='zigzag' is not allowed; allowed: \['fused', 'prompt_shared', "
+      r"'packed'\]",
+    ),
     ("data.max_prompt_len", 0, r"config.data.max_prompt_len=0 is not allowed; allowed: an integer > 0"),
     ("train.on_nonfinite", "ignore", "config.train.on_nonfinite"),
     ("train.parallel.mode", "dp", r"allowed: \['single', 'jit', 'shard_map', 'pmap'\]"),
     ("train.parallel.mesh", "2y2", "config.train.parallel.mesh='2y2'"),
     ("data.attention", "flash", r"config.data.attention='flash' is not allowed; allowed: \['dense', 'block_sparse'\]"),
     ("data.scored", "some", r"config.data.scored='some' is not allowed; allowed: \['slots', 'compact'\]"),
-    ("model.kernels", "cuda", r"config.model.kernels='cuda' is not allowed; allowed: \['auto', 'xla', 'cpu', 'gpu', "
-                              r"'tpu'\]"),
-])
+    (
+      "model.kernels",
+      "cuda",
+      r"config.model.kernels='cuda' is not allowed; allowed: \['auto', 'xla', 'cpu', 'gpu', "
+      r"'tpu'\]",
+    ),
+  ],
+)
 def test_invalid_config_values_name_the_field(field, value, message):
   with pytest.raises(ValueError, match=message):
     validate.validate(_edited({field: value}))
@@ -154,7 +179,9 @@ def test_a_kernel_backend_that_cannot_run_here_is_refused_with_the_reason():
   for name in ("gpu", "tpu"):
     if name == platform:
       continue
-    with pytest.raises(ValueError, match=rf"config.model.kernels='{name}' cannot run here: .+; runnable here: \['auto'"):
+    with pytest.raises(
+      ValueError, match=rf"config.model.kernels='{name}' cannot run here: .+; runnable here: \['auto'"
+    ):
       validate.validate(_edited({"model.kernels": name}))
   validate.validate(_edited({"model.kernels": "xla"}))
   if pofx_backends.unavailable_reason("cpu") is None:
@@ -163,13 +190,16 @@ def test_a_kernel_backend_that_cannot_run_here_is_refused_with_the_reason():
       validate.validate(_edited({"model.kernels": "cpu", "train.parallel.mode": "shard_map"}))
 
 
-@pytest.mark.parametrize("typed,nearest", [
+@pytest.mark.parametrize(
+  "typed,nearest",
+  [
     ("train.lerning_rate", "train.optimizer.learning_rate"),
     ("trian.steps", "train.steps"),
     ("model.kernel", "model.kernels"),
     ("train.refrence.mrpo_alpa", "train.reference.mrpo_alpha"),
     ("data.seq_buckets", "data.seq_bucket"),
-])
+  ],
+)
 def test_a_misspelt_key_names_the_nearest_dotted_path(typed, nearest):
   c = _config()
   assert not validate.has_field(c, typed) and validate.has_field(c, nearest)
@@ -223,8 +253,11 @@ def test_auto_kernels_are_decided_once_per_workdir(tmp_path, monkeypatch):
   c = _config()
   first = main_lib.settle_kernels(c, str(tmp_path))
   assert calls == ["auto"]
-  assert first == {"requested": "auto", "name": "xla",
-                   "details": {"requested": "auto", "rule": "stub", "seconds": {"xla": 1.0, "cpu": 2.0}}}
+  assert first == {
+    "requested": "auto",
+    "name": "xla",
+    "details": {"requested": "auto", "rule": "stub", "seconds": {"xla": 1.0, "cpu": 2.0}},
+  }
   assert json.load(open(tmp_path / "kernels.json")) == first
   # A resumed run reads the record and does not decide again.
   assert main_lib.settle_kernels(c, str(tmp_path)) == first and calls == ["auto"]

@@ -18,17 +18,27 @@ from experiments import distributed
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = os.path.join(REPO, "tests", "distributed_check.py")
 
-SLURM = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "node[001-002]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
-         "SLURM_LOCALID": "0"}
-OMPI = {"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.96.0.1,10.148.0.1:34911", "OMPI_COMM_WORLD_SIZE": "4",
-        "OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "0"}
+SLURM = {
+  "SLURM_JOB_ID": "4242",
+  "SLURM_STEP_NODELIST": "node[001-002]",
+  "SLURM_NTASKS": "2",
+  "SLURM_PROCID": "1",
+  "SLURM_LOCALID": "0",
+}
+OMPI = {
+  "OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.96.0.1,10.148.0.1:34911",
+  "OMPI_COMM_WORLD_SIZE": "4",
+  "OMPI_COMM_WORLD_RANK": "2",
+  "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+}
 LOCAL = {"POFX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "POFX_NUM_PROCESSES": "2", "POFX_PROCESS_ID": "1"}
 _NONE = dict(tpu_chips=lambda: 0, installed=lambda m: False)
 
 
 def _is_cluster_variable(name):
-  return name.startswith(("SLURM_", "OMPI_", "POFX_", "TPU_", "MEGASCALE_", "KUBERNETES_", "JAX_COORDINATOR",
-                          "JOB_COMPLETION_INDEX"))
+  return name.startswith(
+    ("SLURM_", "OMPI_", "POFX_", "TPU_", "MEGASCALE_", "KUBERNETES_", "JAX_COORDINATOR", "JOB_COMPLETION_INDEX")
+  )
 
 
 def test_detect_cluster():
@@ -42,8 +52,10 @@ def test_detect_cluster():
   assert distributed.detect_cluster({}, tpu_chips=lambda: 4, installed=lambda m: False) is None  # no libtpu
   k8s = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "JOB_COMPLETION_INDEX": "3"}
   assert distributed.detect_cluster(k8s, tpu_chips=lambda: 0, installed=lambda m: m == "kubernetes") == "k8s"
-  assert distributed.detect_cluster({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, tpu_chips=lambda: 0,
-                                    installed=lambda m: True) is None  # one pod, not an Indexed Job
+  assert (
+    distributed.detect_cluster({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, tpu_chips=lambda: 0, installed=lambda m: True)
+    is None
+  )  # one pod, not an Indexed Job
   assert distributed.detect_cluster(k8s, **_NONE) is None  # the kubernetes package is missing
   assert distributed.tpu_chips_on_this_host() >= 0
 
@@ -72,13 +84,20 @@ def test_initialize_picks_local_then_cluster_then_single():
   assert distributed.initialize({}, initialize_fn=init, detect=lambda env: None) == "single" and calls == []
   # The local launcher's variables win, even inside a SLURM job step.
   assert distributed.initialize({**LOCAL, **SLURM}, initialize_fn=init, detect=never) == "local"
-  assert calls.pop() == {"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1,
-                         "initialization_timeout": 120, "heartbeat_timeout_seconds": 30}
+  assert calls.pop() == {
+    "coordinator_address": "127.0.0.1:1234",
+    "num_processes": 2,
+    "process_id": 1,
+    "initialization_timeout": 120,
+    "heartbeat_timeout_seconds": 30,
+  }
   # On a cluster JAX reads the cluster's variables itself: no arguments.
   assert distributed.initialize(SLURM, initialize_fn=init, detect=lambda env: "slurm") == "slurm"
   assert calls.pop() == {}
-  assert distributed.initialize({**SLURM, "SLURM_NTASKS": "1"}, initialize_fn=init,
-                                detect=lambda env: "slurm") == "single" and calls == []
+  assert (
+    distributed.initialize({**SLURM, "SLURM_NTASKS": "1"}, initialize_fn=init, detect=lambda env: "slurm") == "single"
+    and calls == []
+  )
   assert distributed.initialize({}, initialize_fn=init, detect=lambda env: "tpu") == "tpu" and calls.pop() == {}
   with pytest.raises(ValueError, match="POFX_PROCESS_ID"):
     distributed.initialize({"POFX_NUM_PROCESSES": "2", "POFX_COORDINATOR_ADDRESS": "127.0.0.1:1"}, initialize_fn=init)
@@ -103,12 +122,30 @@ def test_simulated_slurm_step_forms_one_two_process_runtime():
   port = _free_slurm_port()
   job_id = 4096 * 1000 + port - 61440  # JAX derives the coordinator port from the job id
   base = {k: v for k, v in os.environ.items() if not _is_cluster_variable(k) and k != "XLA_FLAGS"}
-  base.update({"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-               "SLURM_JOB_ID": str(job_id), "SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": host, "SLURM_NODELIST": host,
-               "SLURM_STEP_NUM_NODES": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": "1"})
-  procs = [subprocess.Popen([sys.executable, CHECK], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**base, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i), "SLURM_NODEID": "0"})
-           for i in range(2)]
+  base.update(
+    {
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+      "JAX_PLATFORMS": "cpu",
+      "SLURM_JOB_ID": str(job_id),
+      "SLURM_NTASKS": "2",
+      "SLURM_STEP_NODELIST": host,
+      "SLURM_NODELIST": host,
+      "SLURM_STEP_NUM_NODES": "1",
+      "SLURM_JOB_NUM_NODES": "1",
+      "SLURM_NNODES": "1",
+    }
+  )
+  procs = [
+    subprocess.Popen(
+      [sys.executable, CHECK],
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env={**base, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i), "SLURM_NODEID": "0"},
+    )
+    for i in range(2)
+  ]
   reports = []
   try:
     for p in procs:

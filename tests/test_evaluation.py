@@ -23,6 +23,7 @@ def _pairs(chosen, rejected, chosen_len=None, rejected_len=None):
 
 # Intervals, win rate, KL ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("k,n,conf", [(8, 10, 0.95), (0, 10, 0.95), (10, 10, 0.95), (37, 50, 0.9), (512, 1024, 0.95)])
 def test_wilson_matches_scipy(k, n, conf):
   ref = stats.binomtest(k, n).proportion_ci(confidence_level=conf, method="wilson")
@@ -58,12 +59,13 @@ def test_win_rate_ties_count_half():
 
 
 def test_kl_estimate_and_stderr():
-  mean, se = evaluation.kl_estimate([-1.0, -2.0, -3.0], [-2.0, -2.0, -5.0])   # diffs 1, 0, 2
+  mean, se = evaluation.kl_estimate([-1.0, -2.0, -3.0], [-2.0, -2.0, -5.0])  # diffs 1, 0, 2
   np.testing.assert_allclose([mean, se], [1.0, 1.0 / math.sqrt(3)], rtol=1e-12)
   assert evaluation.mean_and_stderr([4.0]) == (4.0, 0.0)
 
 
 # Pair metrics -------------------------------------------------------------------------------------
+
 
 def test_reward_accuracy():
   pol = _pairs([-10.0, -5.0, -3.0], [-12.0, -4.0, -3.0])
@@ -90,8 +92,8 @@ def test_idealized_ranking_accuracy_hand_cases():
   assert float(ira(_pairs([-11.0], [-11.0]), [0.75], beta=0.1)[0]) == 1.0
   # Reference misranks by 5 nats: log ratio -5 + log(3)/beta: wrong at beta = 1, fixed at beta = 0.1.
   ref = _pairs([-15.0], [-10.0])
-  assert float(ira(ref, [0.75], beta=1.0)[0]) == 0.0        # -5 + 1.0986 < 0
-  assert float(ira(ref, [0.75], beta=0.1)[0]) == 1.0        # -5 + 10.986 > 0
+  assert float(ira(ref, [0.75], beta=1.0)[0]) == 0.0  # -5 + 1.0986 < 0
+  assert float(ira(ref, [0.75], beta=0.1)[0]) == 1.0  # -5 + 10.986 > 0
   # Truth prefers the rejected one (p = 0.2) and so does pi*: agreement counts as correct.
   assert float(ira(_pairs([-11.0], [-11.0]), [0.2], beta=1.0)[0]) == 1.0
   # Tie band +-5% on the ratio: p = 1/2 is a true tie; pi* ratio e^0.01 = 1.01 is a tie, e^0.2 is not.
@@ -111,8 +113,9 @@ def test_idealized_ranking_accuracy_hand_cases():
 
 def test_flip_threshold_loss():
   ref = _pairs([-12.0], [-10.0])
-  np.testing.assert_allclose(evaluation.flip_threshold_loss(ref, beta=0.1), [-math.log(1 / (1 + math.exp(-0.2)))],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    evaluation.flip_threshold_loss(ref, beta=0.1), [-math.log(1 / (1 + math.exp(-0.2)))], rtol=1e-6
+  )
   # The policy ranks a pair correctly iff its DPO loss is below the threshold (Chen et al. 2024, arXiv:2405.19534).
   rng = np.random.default_rng(0)
   pw, pl, rw, rl = (rng.normal(-20, 5, 2000) for _ in range(4))
@@ -127,11 +130,21 @@ def test_flip_threshold_loss():
 
 # Sampled metrics against exact enumeration ---------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small():
   """V = 8 (content 4..7), completions of at most 3 tokens: 400 possible completions per prompt."""
-  w = world.World(world.WorldConfig(vocab_size=8, max_prompt_len=3, max_completion_len=3, min_good_len=1,
-                                    max_good_len=2, demo_min_len=1, demo_max_len=2))
+  w = world.World(
+    world.WorldConfig(
+      vocab_size=8,
+      max_prompt_len=3,
+      max_completion_len=3,
+      min_good_len=1,
+      max_good_len=2,
+      demo_min_len=1,
+      demo_max_len=2,
+    )
+  )
   model = llama.make(llama.tiny(vocab_size=8, init_std=0.4))
   return w, model, model.init(jax.random.key(0)), model.init(jax.random.key(1))
 
@@ -151,7 +164,7 @@ def _exact_logps(params, model, prompt, comps):
   W = len(prompt) + 3
   tok = np.zeros((len(comps), W), np.int32)
   for i, y in enumerate(comps):
-    tok[i, :len(prompt) + len(y)] = list(prompt) + y
+    tok[i, : len(prompt) + len(y)] = list(prompt) + y
   pos = np.broadcast_to(np.arange(W, dtype=np.int32), tok.shape)
   logp = np.asarray(jax.nn.log_softmax(model.logits(params, tok, pos, np.ones_like(tok)), -1), np.float64)
   P = len(prompt)
@@ -166,7 +179,7 @@ def test_sampled_metrics_match_exact_enumeration(small):
   kl_exact, gold_exact, win_exact = [], [], []
   for x in prompts:
     lp, lb = _exact_logps(pol, model, x, comps), _exact_logps(base, model, x, comps)
-    np.testing.assert_allclose(np.exp(lp).sum(), 1.0, rtol=1e-5)      # the enumeration is complete
+    np.testing.assert_allclose(np.exp(lp).sum(), 1.0, rtol=1e-5)  # the enumeration is complete
     pp, pb = np.exp(lp), np.exp(lb)
     r = w.gold_reward([x] * len(comps), comps).astype(np.float64)
     kl_exact.append(np.sum(pp * (lp - lb)))
@@ -180,13 +193,23 @@ def test_sampled_metrics_match_exact_enumeration(small):
   assert ev["win_rate_low"] < np.mean(win_exact) < ev["win_rate_high"]
   assert ev["win_rate_high"] - ev["win_rate_low"] < 0.06
   # Against itself: KL exactly 0 (same log-probs) and a win rate of 1/2 up to noise.
-  same = evaluation.evaluate_policy(w, base, base, prompts, jax.random.key(3), model=model, num_samples=n,
-                                    batch_size=1000)
+  same = evaluation.evaluate_policy(
+    w, base, base, prompts, jax.random.key(3), model=model, num_samples=n, batch_size=1000
+  )
   assert abs(same["kl"]) < 1e-5 and same["win_rate_low"] < 0.5 < same["win_rate_high"]
   np.testing.assert_allclose(same["gold_reward"], same["base_gold_reward"], atol=4 * same["gold_reward_stderr"] * 1.5)
   # Reusing the base samples gives the same base statistics.
-  again = evaluation.evaluate_policy(w, pol, base, prompts, jax.random.key(2), model=model, num_samples=n,
-                                     batch_size=1000, base_samples=ev["base_samples"])
+  again = evaluation.evaluate_policy(
+    w,
+    pol,
+    base,
+    prompts,
+    jax.random.key(2),
+    model=model,
+    num_samples=n,
+    batch_size=1000,
+    base_samples=ev["base_samples"],
+  )
   assert again["win_rate"] == ev["win_rate"] and again["base_length"] == ev["base_length"]
 
 
@@ -195,20 +218,28 @@ def test_evaluate_pairs(small):
   prompts = w.prompts(64, seed=0)
   data = world.preference_data(w, base, prompts, jax.random.key(4), model=model, num_samples=2, batch_size=64)
   # pair_logps (teacher forcing) reproduces the sampler's own log-probs of its samples.
-  lp = evaluation.pair_logps(base, data.list_prompt, [c[0] for c in data.list_completions],
-                             [c[1] for c in data.list_completions], model=model, prompt_width=w.config.prompt_width)
+  lp = evaluation.pair_logps(
+    base,
+    data.list_prompt,
+    [c[0] for c in data.list_completions],
+    [c[1] for c in data.list_completions],
+    model=model,
+    prompt_width=w.config.prompt_width,
+  )
   np.testing.assert_allclose(np.asarray(lp.chosen), data.list_logps[:, 0], atol=1e-5)
   np.testing.assert_allclose(np.asarray(lp.rejected), data.list_logps[:, 1], atol=1e-5)
-  out = evaluation.evaluate_pairs(base, base, data.prompt, data.chosen, data.rejected, model=model, beta=0.1,
-                                  pref_prob=data.label_prob)
-  assert out["reward_accuracy"] == 0.0                      # policy == reference: every margin is 0
+  out = evaluation.evaluate_pairs(
+    base, base, data.prompt, data.chosen, data.rejected, model=model, beta=0.1, pref_prob=data.label_prob
+  )
+  assert out["reward_accuracy"] == 0.0  # policy == reference: every margin is 0
   assert out["ranking_accuracy"] == out["ref_ranking_accuracy"]
   assert out["num_pairs"] == len(data)
   # By hand from the two models' log-probs.
   p = evaluation.pair_logps(pol, data.prompt, data.chosen, data.rejected, model=model)
   r = evaluation.pair_logps(base, data.prompt, data.chosen, data.rejected, model=model)
-  out = evaluation.evaluate_pairs(pol, base, data.prompt, data.chosen, data.rejected, model=model, beta=0.5,
-                                  pref_prob=data.label_prob)
+  out = evaluation.evaluate_pairs(
+    pol, base, data.prompt, data.chosen, data.rejected, model=model, beta=0.5, pref_prob=data.label_prob
+  )
   pw, pl, rw, rl = (np.asarray(a, np.float64) for a in (p.chosen, p.rejected, r.chosen, r.rejected))
   np.testing.assert_allclose(out["reward_accuracy"], np.mean((pw - rw) - (pl - rl) > 0), atol=1e-12)
   np.testing.assert_allclose(out["ranking_accuracy"], np.mean(pw > pl), atol=1e-12)
@@ -218,5 +249,6 @@ def test_evaluate_pairs(small):
   q = np.clip(data.label_prob.astype(np.float64), 1e-3, 1 - 1e-3)
   ideal = (rw - rl) + np.log(q / (1 - q)) / 0.5
   rank = lambda lr: np.where(np.abs(np.expm1(lr)) < 0.05, 0, np.sign(lr))
-  np.testing.assert_allclose(out["idealized_ranking_accuracy"], np.mean(rank(ideal) == rank(np.log(q / (1 - q)))),
-                             atol=1e-12)
+  np.testing.assert_allclose(
+    out["idealized_ranking_accuracy"], np.mean(rank(ideal) == rank(np.log(q / (1 - q)))), atol=1e-12
+  )

@@ -34,8 +34,9 @@ def _config(family, arg="tiny"):
 
 def _main(args, **kw):
   env = {**os.environ, "PYTHONPATH": ROOT}
-  return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, **kw)
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.main", *args], cwd=ROOT, env=env, capture_output=True, text=True, **kw
+  )
 
 
 @pytest.fixture(scope="session")
@@ -74,8 +75,18 @@ def tiny_run(seed_dir, tmp_path_factory):
 def test_tiny_dpo_run_writes_summary_table_metrics_and_plots(tiny_run):
   work, output = tiny_run
   summary = json.load(open(work / "summary.json"))
-  for key in ("gold_reward_base", "gold_reward_policy", "win_rate_vs_base", "win_rate_ci95", "kl_to_base",
-              "reward_accuracy", "ranking_accuracy", "mean_length_base", "mean_length_policy", "pairs_per_second"):
+  for key in (
+    "gold_reward_base",
+    "gold_reward_policy",
+    "win_rate_vs_base",
+    "win_rate_ci95",
+    "kl_to_base",
+    "reward_accuracy",
+    "ranking_accuracy",
+    "mean_length_base",
+    "mean_length_policy",
+    "pairs_per_second",
+  ):
     assert key in summary, key
     assert key in output, key
   assert "sft: reusing" in output  # the shared base, not trained again
@@ -102,9 +113,21 @@ def test_tiny_dpo_run_records_its_kernel_backend_and_start_up(tiny_run):
     assert started["host_memory"] == "retain"  # glibc keeps freed memory by default on CPU
 
 
-@pytest.mark.parametrize("family,arg", [("simpo", "tiny"), ("ipo", "sum,tiny"), ("mrpo", "tiny"), ("trdpo", "tiny"),
-                                        ("sam", "tiny"), ("awp", "tiny"), ("rwp", "tiny"), ("beta_dpo", "tiny"),
-                                        ("predpo", "tiny"), ("gpo", "tiny")])
+@pytest.mark.parametrize(
+  "family,arg",
+  [
+    ("simpo", "tiny"),
+    ("ipo", "sum,tiny"),
+    ("mrpo", "tiny"),
+    ("trdpo", "tiny"),
+    ("sam", "tiny"),
+    ("awp", "tiny"),
+    ("rwp", "tiny"),
+    ("beta_dpo", "tiny"),
+    ("predpo", "tiny"),
+    ("gpo", "tiny"),
+  ],
+)
 def test_every_family_runs_on_tiny(seed_dir, tmp_path, family, arg):
   work = tmp_path / family
   _seed_from(seed_dir, work)
@@ -124,8 +147,9 @@ def _final_params(work):
   return ocp.StandardCheckpointer().restore(os.path.join(work, "final_params"))
 
 
-@pytest.mark.skipif(pofx_backends.unavailable_reason("cpu") is not None,
-                    reason=f"{pofx_backends.unavailable_reason('cpu')}")
+@pytest.mark.skipif(
+  pofx_backends.unavailable_reason("cpu") is not None, reason=f"{pofx_backends.unavailable_reason('cpu')}"
+)
 def test_cpu_kernels_run_equals_the_xla_run(seed_dir, tmp_path):
   # config.model.kernels reaches the model and the LM head: the world model (head dimension 16)
   # with block-sparse attention of 64-token blocks, trained with the CPU backend (the fused
@@ -149,8 +173,13 @@ def test_cpu_kernels_run_equals_the_xla_run(seed_dir, tmp_path):
 
 
 def test_sigkill_resume_equals_uninterrupted(seed_dir, tmp_path):
-  args = ["--config=configs/dpo.py:tiny", "--noprogress", "--config.train.steps=10",
-          "--config.train.checkpoint_every=2", "--config.train.log_every=2"]
+  args = [
+    "--config=configs/dpo.py:tiny",
+    "--noprogress",
+    "--config.train.steps=10",
+    "--config.train.checkpoint_every=2",
+    "--config.train.log_every=2",
+  ]
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   for w in (straight, killed):
     _seed_from(seed_dir, w)
@@ -158,8 +187,13 @@ def test_sigkill_resume_equals_uninterrupted(seed_dir, tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
 
   env = {**os.environ, "PYTHONPATH": ROOT}
-  proc = subprocess.Popen([sys.executable, "-m", "experiments.main", *args, f"--workdir={killed}"], cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "experiments.main", *args, f"--workdir={killed}"],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   ckpt_dir = killed / "checkpoints"
   deadline = time.time() + 240
   while time.time() < deadline:
@@ -184,14 +218,20 @@ def test_parallel_modes_of_the_program_equal_the_single_device_run(tiny_run, tmp
   shard_map, pmap, accumulation), against the dense single-device run."""
   src, _ = tiny_run
   env = {**os.environ, "PYTHONPATH": ROOT}
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "experiments_parallel_check.py"), str(tmp_path),
-                        str(src)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "tests", "experiments_parallel_check.py"), str(tmp_path), str(src)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   res = json.loads(out.stdout.strip().splitlines()[-1])
   assert res["devices"] == 4
   for name, r in res["runs"].items():
-    assert r["moved"] > 1e-3, (name, r)          # training changed the parameters
-    assert r["max_abs_diff"] < 1e-5, (name, r)   # and every mode agrees with one device
+    assert r["moved"] > 1e-3, (name, r)  # training changed the parameters
+    assert r["max_abs_diff"] < 1e-5, (name, r)  # and every mode agrees with one device
 
 
 def test_own_files_run_end_to_end(tmp_path):
@@ -222,18 +262,39 @@ def test_two_processes_of_the_program_equal_the_single_process_run(seed_dir, tmp
   """launch_local: 2 processes x 2 CPU devices run experiments.main (mode jit on a 2 data x 2 fsdp
   mesh, each process feeding its shard of the data), stop after step 2 (checkpoint written by
   both), resume (restored by both) and finish with the parameters of a single-process run."""
-  args = ["--config=configs/dpo.py:tiny", "--noprogress", "--config.train.optimizer.name=sgd",
-          "--config.train.optimizer.grad_clip=0.0", "--config.train.optimizer.learning_rate=0.5",
-          "--config.train.steps=6", "--config.model.kernels=xla"]
+  args = [
+    "--config=configs/dpo.py:tiny",
+    "--noprogress",
+    "--config.train.optimizer.name=sgd",
+    "--config.train.optimizer.grad_clip=0.0",
+    "--config.train.optimizer.learning_rate=0.5",
+    "--config.train.steps=6",
+    "--config.model.kernels=xla",
+  ]
   single, multi = tmp_path / "single", tmp_path / "multi"
   for w in (single, multi):
     _seed_from(seed_dir, w)
   out = _main(args + [f"--workdir={single}"])
   assert out.returncode == 0, out.stderr[-2000:]
   env = {**os.environ, "PYTHONPATH": ROOT}
-  launch = [sys.executable, "-m", "experiments.launch_local", "--num_processes", "2", "--devices_per_process", "2",
-            "--timeout", "300", "--", "-m", "experiments.main", *args, "--config.train.parallel.mode=jit",
-            "--config.train.parallel.mesh=2x2", f"--workdir={multi}"]
+  launch = [
+    sys.executable,
+    "-m",
+    "experiments.launch_local",
+    "--num_processes",
+    "2",
+    "--devices_per_process",
+    "2",
+    "--timeout",
+    "300",
+    "--",
+    "-m",
+    "experiments.main",
+    *args,
+    "--config.train.parallel.mode=jit",
+    "--config.train.parallel.mesh=2x2",
+    f"--workdir={multi}",
+  ]
   first = subprocess.run(launch + ["--stop_after_steps=2"], cwd=ROOT, env=env, capture_output=True, text=True)
   assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
   assert sorted(os.listdir(multi / "checkpoints")) == ["2"]

@@ -18,12 +18,12 @@ def _sigmoid(x):
 
 # Closed forms (float64 numpy), and f(0), f'(0), f''(0) derived by hand (GPO Table 1).
 CLOSED = {
-    "logistic": (lambda v: np.log1p(np.exp(-v)), math.log(2.0), -0.5, 0.25),
-    "hinge": (lambda v: np.maximum(0.0, 1.0 - v), 1.0, -1.0, 0.0),
-    "squared": (lambda v: (v - 1.0) ** 2, 1.0, -2.0, 2.0),
-    "exponential": (lambda v: np.exp(-v), 1.0, -1.0, 1.0),
-    "truncated_quadratic": (lambda v: np.maximum(0.0, 1.0 - v) ** 2, 1.0, -2.0, 2.0),
-    "savage": (lambda v: 1.0 / (1.0 + np.exp(v)) ** 2, 0.25, -0.25, 0.125),
+  "logistic": (lambda v: np.log1p(np.exp(-v)), math.log(2.0), -0.5, 0.25),
+  "hinge": (lambda v: np.maximum(0.0, 1.0 - v), 1.0, -1.0, 0.0),
+  "squared": (lambda v: (v - 1.0) ** 2, 1.0, -2.0, 2.0),
+  "exponential": (lambda v: np.exp(-v), 1.0, -1.0, 1.0),
+  "truncated_quadratic": (lambda v: np.maximum(0.0, 1.0 - v) ** 2, 1.0, -2.0, 2.0),
+  "savage": (lambda v: 1.0 / (1.0 + np.exp(v)) ** 2, 0.25, -0.25, 0.125),
 }
 
 
@@ -40,8 +40,14 @@ def test_values_and_derivatives_at_zero(name):
 
 def test_worked_example_values():
   # By hand at v = beta * rho = 0.2: log(1 + e^-0.2), 1 - 0.2, 0.8^2, e^-0.2, 0.8^2, sigmoid(-0.2)^2.
-  golden = {"logistic": 0.598139, "hinge": 0.8, "squared": 0.64, "exponential": 0.818731,
-            "truncated_quadratic": 0.64, "savage": 0.202649}
+  golden = {
+    "logistic": 0.598139,
+    "hinge": 0.8,
+    "squared": 0.64,
+    "exponential": 0.818731,
+    "truncated_quadratic": 0.64,
+    "savage": 0.202649,
+  }
   for name, value in golden.items():
     np.testing.assert_allclose(float(gpo.get(name)(jnp.float32(0.2))), value, atol=1e-6)
 

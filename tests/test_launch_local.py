@@ -19,14 +19,21 @@ SCRIPT = os.path.join("tests", "parallel_multiprocess.py")
 def _launch(*args, timeout):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   t0 = time.monotonic()
-  p = subprocess.run([sys.executable, "-m", "experiments.launch_local", *args], cwd=REPO, env=env,
-                     capture_output=True, text=True, timeout=timeout)
+  p = subprocess.run(
+    [sys.executable, "-m", "experiments.launch_local", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   return p, time.monotonic() - t0
 
 
 def test_two_processes_two_devices_equal_single_process():
-  p, _ = _launch("--num_processes", "2", "--devices_per_process", "2", "--timeout", "400", "--",
-                 SCRIPT, "train", timeout=450)
+  p, _ = _launch(
+    "--num_processes", "2", "--devices_per_process", "2", "--timeout", "400", "--", SCRIPT, "train", timeout=450
+  )
   assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
   reports = {}
   for line in p.stdout.splitlines():
@@ -37,14 +44,26 @@ def test_two_processes_two_devices_equal_single_process():
   for prefix, r in reports.items():
     assert r["process"] == int(prefix[2]) and r["devices"] == 4 and r["local"] == 2, r
     assert r["jit"] <= 1e-5 and r["shard_map"] <= 1e-5, r
-    assert r["moved"] > 1e-2, r        # the runs trained: equality is not vacuous
-    assert r["fsdp_sharded"] > 10, r   # the parameters were split over the processes' devices
+    assert r["moved"] > 1e-2, r  # the runs trained: equality is not vacuous
+    assert r["fsdp_sharded"] > 10, r  # the parameters were split over the processes' devices
   assert "all 2 processes succeeded" in p.stderr
 
 
 def test_dead_process_fails_the_run_in_bounded_time():
-  p, elapsed = _launch("--num_processes", "2", "--devices_per_process", "2", "--grace", "3", "--timeout", "120",
-                       "--", SCRIPT, "die", timeout=150)
+  p, elapsed = _launch(
+    "--num_processes",
+    "2",
+    "--devices_per_process",
+    "2",
+    "--grace",
+    "3",
+    "--timeout",
+    "120",
+    "--",
+    SCRIPT,
+    "die",
+    timeout=150,
+  )
   assert p.returncode == 3, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
   assert "process 1 exited with status 3" in p.stderr and "stopped process(es) [0]" in p.stderr, p.stderr
   assert elapsed < 60, elapsed
@@ -59,8 +78,10 @@ def _run(cmd, **kw):
 
 
 def test_environment_and_prefixed_output():
-  code = ("import os; print(os.environ['POFX_PROCESS_ID'], os.environ['POFX_NUM_PROCESSES'], "
-          "os.environ['POFX_COORDINATOR_ADDRESS'].split(':')[0], os.environ['XLA_FLAGS'])")
+  code = (
+    "import os; print(os.environ['POFX_PROCESS_ID'], os.environ['POFX_NUM_PROCESSES'], "
+    "os.environ['POFX_COORDINATOR_ADDRESS'].split(':')[0], os.environ['XLA_FLAGS'])"
+  )
   status, out, err, _ = _run([sys.executable, "-c", code], num_processes=3, devices_per_process=4)
   assert status == 0, err
   lines = sorted(out.splitlines())
@@ -69,9 +90,16 @@ def test_environment_and_prefixed_output():
 
 
 def test_process_env_replaces_the_device_count_flag():
-  env = launch_local.process_env({"XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=8"},
-                                 process_id=1, num_processes=2, port=1234, devices_per_process=2, platform="cpu",
-                                 init_timeout=10, heartbeat_timeout=5)
+  env = launch_local.process_env(
+    {"XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=8"},
+    process_id=1,
+    num_processes=2,
+    port=1234,
+    devices_per_process=2,
+    platform="cpu",
+    init_timeout=10,
+    heartbeat_timeout=5,
+  )
   assert env["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=2"
   assert env["POFX_COORDINATOR_ADDRESS"] == "127.0.0.1:1234" and env["POFX_PROCESS_ID"] == "1"
   assert env["JAX_PLATFORMS"] == "cpu" and env["POFX_HEARTBEAT_TIMEOUT"] == "5"

@@ -19,13 +19,15 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = "pofx"
 
 # Top-level names of the dependencies a pofx function may import on use.
-OPTIONAL_DEPENDENCIES = frozenset({
-    "grain",                # pofx.data: the input pipeline
+OPTIONAL_DEPENDENCIES = frozenset(
+  {
+    "grain",  # pofx.data: the input pipeline
     "tensorflow_datasets",  # pofx.data: TFDS builders
-    "tokenizers",           # pofx.data: local tokenizer.json
-    "jinja2",               # pofx.data: chat templates
-    "pyarrow",              # pofx.data: Parquet preference files
-})
+    "tokenizers",  # pofx.data: local tokenizer.json
+    "jinja2",  # pofx.data: chat templates
+    "pyarrow",  # pofx.data: Parquet preference files
+  }
+)
 
 # (file, what) of known violations being cleared (empty: there are none).
 PENDING = frozenset()
@@ -57,7 +59,7 @@ def _resolve(importer, node):
   base = importer.split(".")
   if not _is_package(importer):
     base = base[:-1]
-  base = base[:len(base) - (node.level - 1)]
+  base = base[: len(base) - (node.level - 1)]
   return ".".join(base + ([node.module] if node.module else []))
 
 
@@ -93,8 +95,12 @@ def _top_level_nodes(tree):
     node = todo.pop()
     yield node
     if isinstance(node, (ast.If, ast.Try)):
-      todo.extend(node.body + node.orelse + getattr(node, "finalbody", []) +
-                  [s for h in getattr(node, "handlers", []) for s in h.body])
+      todo.extend(
+        node.body
+        + node.orelse
+        + getattr(node, "finalbody", [])
+        + [s for h in getattr(node, "handlers", []) for s in h.body]
+      )
 
 
 def _graph():
@@ -120,7 +126,7 @@ def find_cycles(graph):
     stack.append(n)
     for m in sorted(graph.get(n, ())):
       if state.get(m) == "open":
-        cycles.add(tuple(stack[stack.index(m):]))
+        cycles.add(tuple(stack[stack.index(m) :]))
       elif m not in state:
         visit(m)
     stack.pop()
@@ -161,8 +167,13 @@ def private_name_uses():
       if alias and (not is_from or dotted in MODULES):
         aliases[alias] = dotted
     for node in ast.walk(tree):
-      if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-          and node.attr.startswith("_") and not node.attr.startswith("__")):
+      if (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in aliases
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+      ):
         dotted = f"{aliases[node.value.id]}.{node.attr}"
         if not _inside(name, _owner_package(dotted)):
           found.add((rel, f"private {dotted}"))

@@ -31,15 +31,16 @@ def _numpy_reference(h, w, t):
   p = np.exp(logp)
   tok = np.take_along_axis(logp, t[..., None], -1)[..., 0]
   ent = -(p * logp).sum(-1)
-  lss = np.log((p ** 2).sum(-1))
+  lss = np.log((p**2).sum(-1))
   return tok, ent, lss
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 33, 10_000])   # 33 = B*T: one chunk; 7 leaves a remainder
+@pytest.mark.parametrize("chunk_size", [1, 7, 33, 10_000])  # 33 = B*T: one chunk; 7 leaves a remainder
 def test_values_match_numpy_log_softmax(chunk_size):
   h, w, t = _data(scale=2.0)
-  out = jax.jit(lambda h, w, t: logprobs.token_logps(
-      h, w, t, chunk_size=chunk_size, with_entropy=True, with_log_sum_sq_probs=True))(h, w, t)
+  out = jax.jit(
+    lambda h, w, t: logprobs.token_logps(h, w, t, chunk_size=chunk_size, with_entropy=True, with_log_sum_sq_probs=True)
+  )(h, w, t)
   tok, ent, lss = _numpy_reference(h, w, t)
   assert out.logps.shape == t.shape and out.logps.dtype == jnp.float32
   np.testing.assert_allclose(out.logps, tok, atol=1e-5, rtol=1e-5)
@@ -135,8 +136,11 @@ def test_chunked_compiled_memory_is_smaller():
   # Vocab-heavy: naive value+grad keeps [B, T, V] float32 logits/log-softmax (2*256*8192*4 = 16 MiB
   # each); the checkpointed chunked path (save_probs=False) keeps one [64, V] block at a time.
   B, T, D, V = 2, 256, 64, 8192
-  spec = (jax.ShapeDtypeStruct((B, T, D), jnp.float32), jax.ShapeDtypeStruct((D, V), jnp.float32),
-          jax.ShapeDtypeStruct((B, T), jnp.int32))
+  spec = (
+    jax.ShapeDtypeStruct((B, T, D), jnp.float32),
+    jax.ShapeDtypeStruct((D, V), jnp.float32),
+    jax.ShapeDtypeStruct((B, T), jnp.int32),
+  )
 
   def naive(h, w, t):
     return jnp.sum(_naive(h, w, t)[0])
@@ -152,8 +156,8 @@ def test_chunked_compiled_memory_is_smaller():
     return analysis.temp_size_in_bytes
 
   naive_bytes, chunked_bytes = temp_bytes(naive), temp_bytes(chunked)
-  assert naive_bytes >= B * T * V * 4          # at least one full [B, T, V] float32 buffer
-  assert chunked_bytes < B * T * V * 4 / 2     # never a full one
+  assert naive_bytes >= B * T * V * 4  # at least one full [B, T, V] float32 buffer
+  assert chunked_bytes < B * T * V * 4 / 2  # never a full one
   assert chunked_bytes * 4 < naive_bytes
 
 
@@ -178,8 +182,9 @@ def test_pair_logps_from_fused_splits_halves():
 
 def _naive_logps(h, w, t):
   """Independent reference: `jax.nn.log_softmax(h @ W)` at the (clipped) targets, float32."""
-  lp = jax.nn.log_softmax(jnp.einsum("...d,dv->...v", h.astype(jnp.float32), w.astype(jnp.float32),
-                                     precision=jax.lax.Precision.HIGHEST), -1)
+  lp = jax.nn.log_softmax(
+    jnp.einsum("...d,dv->...v", h.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST), -1
+  )
   t = jnp.clip(t, 0, w.shape[1] - 1)
   return jnp.take_along_axis(lp, t[..., None], -1)[..., 0]
 
@@ -253,7 +258,7 @@ def _count_dot_generals(jaxpr):
   for eqn in jaxpr.eqns:
     n += eqn.primitive.name == "dot_general"
     for v in eqn.params.values():
-      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+      for sub in v if isinstance(v, (tuple, list)) else (v,):
         sub = getattr(sub, "jaxpr", sub)
         if hasattr(sub, "eqns"):
           n += _count_dot_generals(sub)
@@ -264,12 +269,16 @@ def test_saved_probs_head_matmuls_and_memory():
   # value_and_grad: 3 head matmuls with stored probabilities (z = hW; G W^T; h^T G), 4 with the
   # checkpointed scan (z recomputed). The stored probabilities are [N, V] float32 in all.
   B, T, D, V = 2, 256, 64, 8192
-  spec = (jax.ShapeDtypeStruct((B, T, D), jnp.float32), jax.ShapeDtypeStruct((D, V), jnp.float32),
-          jax.ShapeDtypeStruct((B, T), jnp.int32))
+  spec = (
+    jax.ShapeDtypeStruct((B, T, D), jnp.float32),
+    jax.ShapeDtypeStruct((D, V), jnp.float32),
+    jax.ShapeDtypeStruct((B, T), jnp.int32),
+  )
 
   def vg(save_probs):
-    return jax.value_and_grad(lambda h, w, t: jnp.sum(
-        logprobs.token_logps(h, w, t, chunk_size=64, save_probs=save_probs).logps), argnums=(0, 1))
+    return jax.value_and_grad(
+      lambda h, w, t: jnp.sum(logprobs.token_logps(h, w, t, chunk_size=64, save_probs=save_probs).logps), argnums=(0, 1)
+    )
 
   assert _count_dot_generals(jax.make_jaxpr(vg(True))(*spec).jaxpr) == 3
   assert _count_dot_generals(jax.make_jaxpr(vg(False))(*spec).jaxpr) == 4

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
 from pofx import batching, parallel, perturbations, references, train
 from tests import toy
@@ -48,8 +49,12 @@ def results(tmp_path_factory):
 def _run_checks():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   groups = [["toy"], ["awp_accum", "batchstat", "trap", "llama"]]  # about equal halves of the work
-  procs = [subprocess.Popen([sys.executable, CHECK, *g], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for g in groups]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, CHECK, *g], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    for g in groups
+  ]
   out = {}
   for g, p in zip(groups, procs):
     try:
@@ -126,8 +131,9 @@ MESH_222 = AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"))
 
 
 def test_fsdp_shards_the_largest_divisible_dimension():
-  spec = lambda shape, **kw: parallel.leaf_spec("params/w", jnp.zeros(shape), AbstractMesh((2, 4), ("data", "fsdp")),
-                                                **kw)
+  spec = lambda shape, **kw: parallel.leaf_spec(
+    "params/w", jnp.zeros(shape), AbstractMesh((2, 4), ("data", "fsdp")), **kw
+  )
   assert spec((6, 16), min_fsdp_size=1) == P(None, "fsdp")
   assert spec((12, 7), min_fsdp_size=1) == P("fsdp", None)
   assert spec((16, 16), min_fsdp_size=1) == P("fsdp", None)  # ties: the first
@@ -158,8 +164,9 @@ def test_rules_cover_params_optimizer_state_and_reference():
   ref = references.ema(0.9, toy.logps_fn)
   state = train.init_state(params, opt, ref, perturbations.none())
   specs = parallel.tree_specs(state, MESH_42, ((r"/w$", P(None, "fsdp")), (r".*", parallel.REPLICATE)))
-  flat = {parallel.path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(
-      specs, is_leaf=lambda x: isinstance(x, P))}
+  flat = {
+    parallel.path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, P))
+  }
   sharded = sorted(k for k, s in flat.items() if s != P())
   assert sharded == ["opt_state/0/mu/w", "opt_state/0/nu/w", "params/w", "ref_state/w"], sharded
   assert flat["step"] == P() and flat["rng"] == P()
@@ -175,9 +182,13 @@ def test_batch_specs():
     parallel.batch_specs({"x": np.zeros((12, 3))}, MESH_42)
   # Block lists and compacted token lists index the whole batch: replicated, any length.
   from pofx import batching
+
   pairs = batching.prompt_shared([[1, 2]] * 8, [[3]] * 8, [[4, 5]] * 8, seq_bucket=8, completion_bucket=2)
-  b = {"pairs": pairs, "attention_blocks": batching.attention_blocks(pairs, block_size=4, bucket=3),
-       "scored_tokens": batching.scored_tokens(pairs, bucket=5)}
+  b = {
+    "pairs": pairs,
+    "attention_blocks": batching.attention_blocks(pairs, block_size=4, bucket=3),
+    "scored_tokens": batching.scored_tokens(pairs, bucket=5),
+  }
   specs = parallel.batch_specs(b, MESH_42)
   assert specs["pairs"].tokens == P(("data", "fsdp"))
   assert specs["attention_blocks"].query_block == P() and specs["scored_tokens"].index == P()
@@ -198,8 +209,9 @@ def test_make_mesh_and_step_validation():
   with pytest.raises(ValueError, match="set by the mode"):
     parallel.make_train_step(toy.logps_fn, optax.sgd(0.1), mode="jit", reference=ref, axis_name="data")
   with pytest.raises(ValueError, match="axis_name"):
-    parallel.make_train_step(toy.logps_fn, optax.sgd(0.1), mode="shard_map", loss="beta_dpo", reference=ref,
-                             loss_hyper={"axis_name": "data"})
+    parallel.make_train_step(
+      toy.logps_fn, optax.sgd(0.1), mode="shard_map", loss="beta_dpo", reference=ref, loss_hyper={"axis_name": "data"}
+    )
   with pytest.raises(ValueError, match="jit=False"):
     train.make_train_step(toy.logps_fn, optax.sgd(0.1), reference=ref, axis_name="data")
 

@@ -117,9 +117,11 @@ def test_bad_values_raise():
 # so grad_W1 mean_i(m_i l_i) = mean_i(m_i c_i) W1 (likewise W2), and b (a vector) is never perturbed.
 def _rwp_problem(c, e, d, real=None):
   rng = np.random.default_rng(3)
-  params = {"W1": jnp.asarray(rng.normal(size=(2, 3)) * 0.6, jnp.float32),
-            "W2": jnp.asarray(rng.normal(size=(3, 2)) * 0.6, jnp.float32),
-            "b": jnp.asarray(rng.normal(size=2), jnp.float32)}
+  params = {
+    "W1": jnp.asarray(rng.normal(size=(2, 3)) * 0.6, jnp.float32),
+    "W2": jnp.asarray(rng.normal(size=(3, 2)) * 0.6, jnp.float32),
+    "b": jnp.asarray(rng.normal(size=2), jnp.float32),
+  }
   c, e, d = (jnp.asarray(x, jnp.float32) for x in (c, e, d))
   real = jnp.ones_like(c) if real is None else jnp.asarray(real, jnp.float32)
 
@@ -136,15 +138,14 @@ def _rwp_expected(params, kappa1, kappa2, mean_c, mean_e, mean_d, gamma, steps, 
   n1, n2 = (float(np.linalg.norm(np.asarray(params[k], np.float64))) for k in ("W1", "W2"))
   total = np.hypot(n1, n2)
   a1 = a2 = 0.0
-  s1 = s2 = 0.0   # v = (s1 W1, s2 W2)
+  s1 = s2 = 0.0  # v = (s1 W1, s2 W2)
   for _ in range(steps):
     # the proxy at theta + gamma v has W_l (1 + gamma s_l): its ascent gradient is kappa_l (1 + gamma s_l) W_l
     a1, a2 = a1 + lr * kappa1 * (1 + gamma * s1), a2 + lr * kappa2 * (1 + gamma * s2)
     scale = total / (np.hypot(a1 * n1, a2 * n2) + 1e-20)
     s1, s2 = scale * a1, scale * a2
   w1, w2 = (np.asarray(params[k], np.float64) for k in ("W1", "W2"))
-  return {"W1": mean_c * (1 + gamma * s1) * w1, "W2": mean_e * (1 + gamma * s2) * w2,
-          "b": np.full(2, mean_d)}
+  return {"W1": mean_c * (1 + gamma * s1) * w1, "W2": mean_e * (1 + gamma * s2) * w2, "b": np.full(2, mean_d)}
 
 
 @pytest.mark.parametrize("steps", [1, 3, 10])
@@ -155,7 +156,8 @@ def test_rwp_gradient_is_closed_form_with_one_global_radius(steps):
   c, e, d = [0.5, 1.5], [4.0, 6.0], [1.0, -3.0]
   params, objective = _rwp_problem(c, e, d)
   (loss, aux), grads, _ = perturbations.rwp(0.1, c_min=1e6, steps=steps).value_and_grad(
-      objective, params, (), RNG, None)
+    objective, params, (), RNG, None
+  )
   expected = _rwp_expected(params, 1.0, 5.0, 1.0, 5.0, -1.0, 0.1, steps)
   for k in expected:
     np.testing.assert_allclose(np.asarray(grads[k]), expected[k], rtol=2e-5, atol=1e-6)
@@ -191,10 +193,11 @@ def test_rwp_without_stationary_pairs_or_radius_is_the_plain_gradient():
 
 def test_rwp_refuses_bad_arguments_and_an_objective_without_per_pair_losses():
   with pytest.raises(TypeError):
-    perturbations.rwp(0.01)   # c_min has no default
+    perturbations.rwp(0.01)  # c_min has no default
   for kwargs, match in (({"gamma": -1.0}, "gamma"), ({"steps": 0}, "steps"), ({"proxy_lr": 0.0}, "proxy_lr")):
     with pytest.raises(ValueError, match=match):
       perturbations.rwp(**{"gamma": 0.01, "c_min": 0.7, **kwargs})
   with pytest.raises(ValueError, match="per_pair"):
-    perturbations.rwp(0.01, c_min=0.7).value_and_grad(lambda p, b: (jnp.sum(p["w"] ** 2), {}),
-                                                      {"w": jnp.ones((2, 2))}, (), RNG, None)
+    perturbations.rwp(0.01, c_min=0.7).value_and_grad(
+      lambda p, b: (jnp.sum(p["w"] ** 2), {}), {"w": jnp.ones((2, 2))}, (), RNG, None
+    )

@@ -57,8 +57,15 @@ def test_pod_configs_validate_and_name_the_preset(arg):
 def test_presets_have_the_published_shapes():
   for name, (D, n, H, F) in {"llama3_8b": (4096, 32, 32, 14336), "llama3_70b": (8192, 80, 64, 28672)}.items():
     cfg = llama.preset(name)
-    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_size,
-            cfg.resolved_head_dim) == (128256, D, n, H, 8, F, 128)
+    assert (
+      cfg.vocab_size,
+      cfg.hidden_size,
+      cfg.num_layers,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.mlp_size,
+      cfg.resolved_head_dim,
+    ) == (128256, D, n, H, 8, F, 128)
     assert cfg.rope_theta == 500000.0 and cfg.rope_scaling == (8.0, 1.0, 4.0, 8192)
     assert not cfg.tie_embeddings and cfg.dtype == "bfloat16" and cfg.rms_norm_eps == 1e-5
   assert llama.preset("llama3_1b") == llama.preset("llama_3_2_1b") == llama.preset("1b")
@@ -66,11 +73,14 @@ def test_presets_have_the_published_shapes():
   assert llama.preset("llama3_70b") == llama.preset("llama_3_1_70b")
 
 
-@pytest.mark.parametrize("arg,shape", [
+@pytest.mark.parametrize(
+  "arg,shape",
+  [
     ("llama3_1b", (128256, 2048, 16, 32, 8, 64, 8192, True)),
     ("llama3_8b", (128256, 4096, 32, 32, 8, 128, 14336, False)),
     ("llama3_70b", (128256, 8192, 80, 64, 8, 128, 28672, False)),
-])
+  ],
+)
 def test_plan_param_count_is_closed_form_and_published(arg, shape):
   p = _plan(arg)
   assert p["model"]["num_params"] == llama.preset(arg).num_params() == _closed_form(*shape) == PUBLISHED[arg]
@@ -89,7 +99,7 @@ def _bench_config():
 
 
 def _leaves(p, prefix):
-  return {r["path"][len(prefix):]: r for r in p["leaves"] if r["path"].startswith(prefix)}
+  return {r["path"][len(prefix) :]: r for r in p["leaves"] if r["path"].startswith(prefix)}
 
 
 def test_bench_params_per_device_by_hand_default_rules_2x4():
@@ -99,16 +109,19 @@ def test_bench_params_per_device_by_hand_default_rules_2x4():
   by_hand = {"embed/embedding": (1024, 256), "lm_head": (256, 1024), "norm/scale": (256,)}
   for i in range(4):
     l = f"layers_{i}/"
-    by_hand.update({
-        l + "attn/q_proj/kernel": (64, 256),     # 256 x 256 = 65,536 elements: sharded, first dim on a tie
+    by_hand.update(
+      {
+        l + "attn/q_proj/kernel": (64, 256),  # 256 x 256 = 65,536 elements: sharded, first dim on a tie
         l + "attn/o_proj/kernel": (64, 256),
-        l + "attn/k_proj/kernel": (256, 128),    # 32,768 < 2^16: replicated
+        l + "attn/k_proj/kernel": (256, 128),  # 32,768 < 2^16: replicated
         l + "attn/v_proj/kernel": (256, 128),
         l + "mlp/gate_proj/kernel": (256, 172),  # 688 / 4
         l + "mlp/up_proj/kernel": (256, 172),
         l + "mlp/down_proj/kernel": (172, 256),
-        l + "input_norm/scale": (256,), l + "post_attn_norm/scale": (256,),
-    })
+        l + "input_norm/scale": (256,),
+        l + "post_attn_norm/scale": (256,),
+      }
+    )
   params = _leaves(p, "params/")
   assert set(params) == set(by_hand)
   for path, local in by_hand.items():
@@ -131,10 +144,17 @@ def test_bench_llama_rules_with_tensor_axis_by_hand():
   p = plan.make_plan(_bench_config(), "2x2x2", compile=False)
   assert p["rules"] == "llama"
   params = _leaves(p, "params/")
-  by_hand = {"embed/embedding": (2048, 128), "lm_head": (128, 2048), "norm/scale": (256,),
-             "layers_0/attn/q_proj/kernel": (128, 128), "layers_0/attn/k_proj/kernel": (128, 64),
-             "layers_0/attn/o_proj/kernel": (128, 128), "layers_0/mlp/gate_proj/kernel": (128, 344),
-             "layers_0/mlp/down_proj/kernel": (344, 128), "layers_0/input_norm/scale": (256,)}
+  by_hand = {
+    "embed/embedding": (2048, 128),
+    "lm_head": (128, 2048),
+    "norm/scale": (256,),
+    "layers_0/attn/q_proj/kernel": (128, 128),
+    "layers_0/attn/k_proj/kernel": (128, 64),
+    "layers_0/attn/o_proj/kernel": (128, 128),
+    "layers_0/mlp/gate_proj/kernel": (128, 344),
+    "layers_0/mlp/down_proj/kernel": (344, 128),
+    "layers_0/input_norm/scale": (256,),
+  }
   for path, local in by_hand.items():
     assert params[path]["bytes_per_device"] == 4 * math.prod(local), path
 
@@ -176,7 +196,7 @@ def test_analytic_flops_blocks_term_is_six_n_tokens():
   n_blocks = m.num_params() - 2 * 128256 * 4096 - 4096 * (2 * 32 + 1)
   tokens = 128 * 4096
   assert f["six_n_tokens"] == 6 * n_blocks * tokens == 3 * f["blocks_forward"]
-  assert f["attention_forward"] == 4 * 32 * 128 * 4096 ** 2 * 4096
+  assert f["attention_forward"] == 4 * 32 * 128 * 4096**2 * 4096
   assert f["head_forward"] == 2 * 4096 * 128256 * 2 * 128 * 1024
   frozen = plan.analytic_flops(m, shapes, reference_kind="frozen")
   assert frozen["flops"] == f["flops"] + f["forward"]
@@ -195,8 +215,14 @@ def test_analytic_flops_blocks_term_is_six_n_tokens():
 def _cli(*args, timeout=300):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
-  return subprocess.run([sys.executable, "-m", "experiments.plan", *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.plan", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +235,14 @@ def tiny_compiled(tmp_path_factory):
 
 def test_cli_prints_a_table(tiny_compiled):
   _, out = tiny_compiled
-  for text in ("parameters", "optimizer state", "gradients", "activations (estimate)", "FLOPs/step (compiled)",
-               "78,144 parameters"):
+  for text in (
+    "parameters",
+    "optimizer state",
+    "gradients",
+    "activations (estimate)",
+    "FLOPs/step (compiled)",
+    "78,144 parameters",
+  ):
     assert text in out, text
 
 
@@ -241,7 +273,7 @@ def test_bad_mesh_strings_fail_clearly():
   assert plan.parse_mesh("16x4") == {"data": 16, "fsdp": 4}
   assert plan.parse_mesh(" 8 x 4 x 2 ") == {"data": 8, "fsdp": 4, "tensor": 2}
   with pytest.raises(ValueError, match="not divisible"):
-    _plan("llama3_8b", "3x4")   # 128 pairs over 12 devices
+    _plan("llama3_8b", "3x4")  # 128 pairs over 12 devices
   with pytest.raises(ValueError, match="no mesh"):
     _plan("tiny")
 

@@ -46,8 +46,9 @@ def test_ema_update():
   p0, p1 = toy.init(0), toy.init(1)
   ref = references.ema(0.9, toy.logps_fn)
   new = ref.update(ref.init(p0), p1, 1)
-  jax.tree.map(lambda n, a, b: np.testing.assert_allclose(n, 0.9 * np.asarray(a) + 0.1 * np.asarray(b), rtol=1e-6),
-               new, p0, p1)
+  jax.tree.map(
+    lambda n, a, b: np.testing.assert_allclose(n, 0.9 * np.asarray(a) + 0.1 * np.asarray(b), rtol=1e-6), new, p0, p1
+  )
 
 
 def test_updating_strategies_cannot_be_cached_and_bad_values_raise():
@@ -68,15 +69,19 @@ def test_cache_round_trip_and_fingerprint_mismatch():
   fp = references.fingerprint(params, vocab=toy.V, max_prompt_len=1, max_completion_len=5)
   cache = references.precompute(toy.logps_fn, params, [batch], fingerprint=fp)
   ref = references.cached(fp, cache["fingerprint"])
-  out = ref.logps(ref.init(params), {**batch, "ref_chosen_logps": cache["ref_chosen_logps"],
-                                      "ref_rejected_logps": cache["ref_rejected_logps"]})
+  out = ref.logps(
+    ref.init(params),
+    {**batch, "ref_chosen_logps": cache["ref_chosen_logps"], "ref_rejected_logps": cache["ref_rejected_logps"]},
+  )
   frozen = toy.logps_fn(params, batch)
   np.testing.assert_allclose(out.chosen, frozen.chosen, rtol=1e-6)
   np.testing.assert_allclose(out.rejected, frozen.rejected, rtol=1e-6)
   # Any change of weights, vocabulary or limits changes the fingerprint, and a mismatch is an error.
-  other = [references.fingerprint(toy.init(4), vocab=toy.V, max_prompt_len=1, max_completion_len=5),
-           references.fingerprint(params, vocab=toy.V + 1, max_prompt_len=1, max_completion_len=5),
-           references.fingerprint(params, vocab=toy.V, max_prompt_len=1, max_completion_len=6)]
+  other = [
+    references.fingerprint(toy.init(4), vocab=toy.V, max_prompt_len=1, max_completion_len=5),
+    references.fingerprint(params, vocab=toy.V + 1, max_prompt_len=1, max_completion_len=5),
+    references.fingerprint(params, vocab=toy.V, max_prompt_len=1, max_completion_len=6),
+  ]
   assert len({fp, *other}) == 4
   with pytest.raises(ValueError, match="different reference"):
     references.cached(other[0], cache["fingerprint"])
@@ -103,8 +108,9 @@ def test_mrpo_matches_hand_formula():
   external = pofx.PairLogps(chosen=jnp.array([-10.5, -2.0]), rejected=jnp.array([-11.0, -4.1]))
   out = references.mrpo_combine(primary, [external], eta=0.1)
   for i in range(2):
-    ew, el = _mrpo_numpy(float(external.chosen[i]), float(external.rejected[i]), float(primary.chosen[i]),
-                         float(primary.rejected[i]))
+    ew, el = _mrpo_numpy(
+      float(external.chosen[i]), float(external.rejected[i]), float(primary.chosen[i]), float(primary.rejected[i])
+    )
     np.testing.assert_allclose([out.chosen[i], out.rejected[i]], [ew, el], rtol=1e-5)
 
 
@@ -113,8 +119,13 @@ def test_mrpo_fixed_alpha_matches_hand_formula_and_out_of_range_is_refused():
   external = pofx.PairLogps(chosen=jnp.array([-10.5, -2.0]), rejected=jnp.array([-11.0, -4.1]))
   out = references.mrpo_combine(primary, [external], eta=0.1, alpha=0.3)
   for i in range(2):
-    ew, el = _mrpo_numpy(float(external.chosen[i]), float(external.rejected[i]), float(primary.chosen[i]),
-                         float(primary.rejected[i]), alpha=0.3)
+    ew, el = _mrpo_numpy(
+      float(external.chosen[i]),
+      float(external.rejected[i]),
+      float(primary.chosen[i]),
+      float(primary.rejected[i]),
+      alpha=0.3,
+    )
     np.testing.assert_allclose([out.chosen[i], out.rejected[i]], [ew, el], rtol=1e-5)
   with pytest.raises(ValueError, match="alpha=-1.0"):
     references.mrpo_combine(primary, [external], alpha=-1.0)
@@ -142,7 +153,9 @@ def test_multi_refuses_bad_members():
 def test_guiding_takes_the_restored_parameters_of_a_checkpoint(tmp_path):
   """The program restores the guiding policy (experiments/main.py, orbax); the library takes arrays."""
   import orbax.checkpoint as ocp
+
   from experiments import main as main_lib
+
   guide = toy.init(7)
   path = tmp_path / "guide"
   ckpt = ocp.StandardCheckpointer()

@@ -33,10 +33,10 @@ def _full_logits_batch(params, cfg, seqs):
   right-padded to a fixed width (causal attention: padding after a token cannot change it)."""
   tok = np.zeros((len(seqs), _WIDTH), np.int32)
   for i, s in enumerate(seqs):
-    tok[i, :len(s)] = s
+    tok[i, : len(s)] = s
   pos = np.broadcast_to(np.arange(_WIDTH, dtype=np.int32), tok.shape)
   out = np.asarray(_jit_logits(params, tok, pos, np.ones_like(tok), config=cfg))
-  return [out[i, :len(s)] for i, s in enumerate(seqs)]
+  return [out[i, : len(s)] for i, s in enumerate(seqs)]
 
 
 _jit_logits = jax.jit(llama.logits_fn, static_argnames=("config",))
@@ -50,7 +50,7 @@ def _full_logits(params, cfg, prompt, completion):
 def _completion_logits(params, cfg, prompt, completion):
   """[len(completion), V] next-token logits that predicted each completion token."""
   full = _full_logits(params, cfg, prompt, completion)
-  return full[len(prompt) - 1:len(prompt) - 1 + len(completion)]
+  return full[len(prompt) - 1 : len(prompt) - 1 + len(completion)]
 
 
 @pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": True}, {"num_kv_heads": 4}])
@@ -67,7 +67,7 @@ def test_cached_decode_matches_full_forward(overrides):
   logits, cache = _jit_decode(params, tok[:, :P], pos[:, :P], valid[:, :P], cache, config=cfg)
   outs = [logits]
   for t in range(P, L):
-    logits, cache = _jit_decode(params, tok[:, t:t + 1], pos[:, t:t + 1], valid[:, t:t + 1], cache, config=cfg)
+    logits, cache = _jit_decode(params, tok[:, t : t + 1], pos[:, t : t + 1], valid[:, t : t + 1], cache, config=cfg)
     outs.append(logits)
   got = jnp.concatenate(outs, axis=1)
   assert int(cache.index) == L
@@ -75,8 +75,8 @@ def test_cached_decode_matches_full_forward(overrides):
   np.testing.assert_allclose(np.asarray(got)[m], np.asarray(full)[m], atol=1e-5, rtol=0)
   # Each row also equals the unpadded sequence run alone (positions from 0).
   for b in range(B):
-    alone = _full_logits(params, cfg, np.asarray(tok[b, int(npad[b]):]), [])
-    np.testing.assert_allclose(np.asarray(got[b, int(npad[b]):]), np.asarray(alone), atol=1e-5, rtol=0)
+    alone = _full_logits(params, cfg, np.asarray(tok[b, int(npad[b]) :]), [])
+    np.testing.assert_allclose(np.asarray(got[b, int(npad[b]) :]), np.asarray(alone), atol=1e-5, rtol=0)
 
 
 def test_left_pad():
@@ -154,15 +154,16 @@ def test_top_k_never_outside_top_k(model):
   prompts = _prompts() * 16
   tok, mask = sampling.left_pad(prompts, length=8)
   # A high temperature makes tokens outside the top 3 likely if top-k were not applied.
-  out = sampling.sample(params, tok, mask, jax.random.key(7), model=llama.make(cfg), max_new_tokens=6, eos_id=EOS,
-                        temperature=50.0, top_k=k)
+  out = sampling.sample(
+    params, tok, mask, jax.random.key(7), model=llama.make(cfg), max_new_tokens=6, eos_id=EOS, temperature=50.0, top_k=k
+  )
   seen = 0
   comps = sampling.completions(out)
   full = _full_logits_batch(params, cfg, [list(p) + c.tolist() for p, c in zip(prompts, comps)])
   for b, prompt in enumerate(prompts):
     comp = comps[b]
     n = comp.size
-    logits = full[b][len(prompt) - 1:len(prompt) - 1 + n]
+    logits = full[b][len(prompt) - 1 : len(prompt) - 1 + n]
     for t in range(n):
       top = np.argsort(-logits[t])[:k]
       assert comp[t] in top
@@ -178,13 +179,14 @@ def test_top_k_never_outside_top_k(model):
 
 
 def test_eos_masking_and_lengths():
-  cfg = llama.tiny(vocab_size=6)          # EOS (3) is likely: every row sees several ends
+  cfg = llama.tiny(vocab_size=6)  # EOS (3) is likely: every row sees several ends
   params = llama.init_params(cfg, jax.random.key(8))
   prompts = [[1, 4, 2], [1, 5, 5, 2]] * 32
   tok, mask = sampling.left_pad(prompts, length=4)
   T = 7
-  out = sampling.sample(params, tok, mask, jax.random.key(9), model=llama.make(cfg), max_new_tokens=T, eos_id=EOS,
-                        pad_id=0)
+  out = sampling.sample(
+    params, tok, mask, jax.random.key(9), model=llama.make(cfg), max_new_tokens=T, eos_id=EOS, pad_id=0
+  )
   toks, m = np.asarray(out.tokens), np.asarray(out.mask)
   assert toks.shape == (64, T) and m.shape == (64, T)
   n_finished = 0
@@ -209,8 +211,9 @@ def test_padding_width_does_not_change_samples(model):
   outs = []
   for width in (8, 13):
     tok, mask = sampling.left_pad(_prompts(), length=width)
-    outs.append(sampling.sample(params, tok, mask, jax.random.key(10), model=llama.make(cfg), max_new_tokens=6,
-                                eos_id=EOS))
+    outs.append(
+      sampling.sample(params, tok, mask, jax.random.key(10), model=llama.make(cfg), max_new_tokens=6, eos_id=EOS)
+    )
   np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
   np.testing.assert_allclose(np.asarray(outs[0].logps), np.asarray(outs[1].logps), atol=1e-5)
 
@@ -218,11 +221,13 @@ def test_padding_width_does_not_change_samples(model):
 def test_temperature_is_traced_not_static(model):
   cfg, params = model
   tok, mask = sampling.left_pad(_prompts(), length=8)
-  sampling.sample(params, tok, mask, jax.random.key(0), model=llama.make(cfg), max_new_tokens=6, eos_id=EOS,
-                  temperature=0.7)
+  sampling.sample(
+    params, tok, mask, jax.random.key(0), model=llama.make(cfg), max_new_tokens=6, eos_id=EOS, temperature=0.7
+  )
   n = sampling._sample._cache_size()
-  sampling.sample(params, tok, mask, jax.random.key(0), model=llama.make(cfg), max_new_tokens=6, eos_id=EOS,
-                  temperature=1.3)
+  sampling.sample(
+    params, tok, mask, jax.random.key(0), model=llama.make(cfg), max_new_tokens=6, eos_id=EOS, temperature=1.3
+  )
   assert sampling._sample._cache_size() == n
 
 
@@ -234,8 +239,16 @@ def test_bad_arguments(model):
   with pytest.raises(ValueError, match="max_new_tokens"):
     sampling.sample(params, tok, mask, jax.random.key(0), model=llama.make(cfg), max_new_tokens=0, eos_id=EOS)
   with pytest.raises(ValueError, match="temperature"):
-    sampling.sample(params, tok, mask, jax.random.key(0), model=llama.make(cfg), max_new_tokens=4, eos_id=EOS,
-                    temperature=-1.0)
+    sampling.sample(
+      params, tok, mask, jax.random.key(0), model=llama.make(cfg), max_new_tokens=4, eos_id=EOS, temperature=-1.0
+    )
   with pytest.raises(ValueError, match="left-padded"):
-    sampling.sample(params, tok[:, ::-1].copy(), mask[:, ::-1].copy(), jax.random.key(0), model=llama.make(cfg),
-                    max_new_tokens=4, eos_id=EOS)
+    sampling.sample(
+      params,
+      tok[:, ::-1].copy(),
+      mask[:, ::-1].copy(),
+      jax.random.key(0),
+      model=llama.make(cfg),
+      max_new_tokens=4,
+      eos_id=EOS,
+    )

@@ -18,8 +18,7 @@ from pofx.models import llama
 def _pairs(seed, n, max_p=9, max_c=11, vocab=97):
   rng = np.random.default_rng(seed)
   ids = lambda k: rng.integers(1, vocab, k).tolist()
-  lens = [(int(rng.integers(1, max_p)), int(rng.integers(1, max_c)), int(rng.integers(1, max_c)))
-          for _ in range(n)]
+  lens = [(int(rng.integers(1, max_p)), int(rng.integers(1, max_c)), int(rng.integers(1, max_c))) for _ in range(n)]
   return [ids(p) for p, _, _ in lens], [ids(c) for _, c, _ in lens], [ids(r) for _, _, r in lens]
 
 
@@ -45,8 +44,13 @@ def test_block_list_covers_exactly_the_used_blocks(layout):
   R, L = b.tokens.shape
   nb = L // bs
   mask = np.asarray(kernels.attention_mask(b.segment_ids, b.branch_ids)) & (b.segment_ids > 0)[:, :, None]
-  expected = {(row * nb + i, row * nb + j) for row in range(R) for i in range(nb) for j in range(nb)
-              if mask[row, i * bs:(i + 1) * bs, j * bs:(j + 1) * bs].any()}
+  expected = {
+    (row * nb + i, row * nb + j)
+    for row in range(R)
+    for i in range(nb)
+    for j in range(nb)
+    if mask[row, i * bs : (i + 1) * bs, j * bs : (j + 1) * bs].any()
+  }
   got = list(zip(blocks.query_block.tolist(), blocks.key_block.tolist()))
   assert len(got) == len(set(got)) and set(got) == expected
   assert got == sorted(got)
@@ -63,8 +67,13 @@ def test_block_list_on_arbitrary_segments_and_branches(seed):
   blocks = sparse_attention.attention_blocks(seg, br, block_size=bs, bucket=1)
   mask = np.asarray(kernels.attention_mask(seg, br)) & (seg > 0)[:, :, None]
   nb = L // bs
-  expected = sorted((r * nb + i, r * nb + j) for r in range(R) for i in range(nb) for j in range(nb)
-                    if mask[r, i * bs:(i + 1) * bs, j * bs:(j + 1) * bs].any())
+  expected = sorted(
+    (r * nb + i, r * nb + j)
+    for r in range(R)
+    for i in range(nb)
+    for j in range(nb)
+    if mask[r, i * bs : (i + 1) * bs, j * bs : (j + 1) * bs].any()
+  )
   got = list(zip(blocks.query_block.tolist(), blocks.key_block.tolist()))
   assert got == expected
 
@@ -84,7 +93,7 @@ def _model_and_batch(layout, block_size, dtype="float32", seed=0, n=6):
   params = llama.init_params(config, jax.random.key(seed))
   p, c, r = _pairs(seed + 1, n)
   bucket = max(block_size, 8)
-  if layout == "packed_one_row":   # every pair in one row, its length a multiple of the block size
+  if layout == "packed_one_row":  # every pair in one row, its length a multiple of the block size
     b = batching.packed(p, c, r, length_bucket=block_size, completion_bucket=4)
     assert b.tokens.shape[0] == 1
     return config, params, b, batching.attention_blocks(b, block_size=block_size, bucket=4)
@@ -94,13 +103,16 @@ def _model_and_batch(layout, block_size, dtype="float32", seed=0, n=6):
   return config, params, b, blocks
 
 
-@pytest.mark.parametrize("layout,block_size", [("fused", 8), ("prompt_shared", 8), ("prompt_shared", 4),
-                                               ("packed", 8), ("packed", 16), ("packed_one_row", 8)])
+@pytest.mark.parametrize(
+  "layout,block_size",
+  [("fused", 8), ("prompt_shared", 8), ("prompt_shared", 4), ("packed", 8), ("packed", 16), ("packed_one_row", 8)],
+)
 def test_hidden_states_match_dense_attention(layout, block_size):
   config, params, b, blocks = _model_and_batch(layout, block_size)
   dense = llama.apply_fn(params, b.tokens, b.positions, b.segment_ids, b.branch_ids, config=config)
   sparse = jax.jit(functools.partial(llama.apply_fn, config=config))(
-      params, b.tokens, b.positions, b.segment_ids, b.branch_ids, attention_blocks=blocks)
+    params, b.tokens, b.positions, b.segment_ids, b.branch_ids, attention_blocks=blocks
+  )
   real = np.asarray(b.segment_ids) > 0
   np.testing.assert_allclose(np.asarray(sparse)[real], np.asarray(dense)[real], atol=2e-5, rtol=2e-5)
   assert np.isfinite(np.asarray(sparse)).all()
@@ -121,8 +133,9 @@ def test_dpo_gradients_match_dense_attention(layout):
   v1, g1 = jax.jit(jax.value_and_grad(loss))(params, {"pairs": b, "attention_blocks": blocks})
   np.testing.assert_allclose(v1, v0, rtol=1e-5)
   for path, a, e in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g1), jax.tree.leaves(g0)):
-    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5 * float(np.abs(e).max()) + 1e-8,
-                               err_msg=jax.tree_util.keystr(path[0]))
+    np.testing.assert_allclose(
+      a, e, rtol=1e-4, atol=1e-5 * float(np.abs(e).max()) + 1e-8, err_msg=jax.tree_util.keystr(path[0])
+    )
 
 
 def test_attention_op_gradients_against_dense_softmax():
@@ -156,10 +169,12 @@ def test_attention_op_gradients_against_dense_softmax():
 
 def test_bfloat16_close_to_float32_dense():
   config, params, b, blocks = _model_and_batch("prompt_shared", 8, dtype="bfloat16", seed=7)
-  ref = llama.apply_fn(params, b.tokens, b.positions, b.segment_ids, b.branch_ids,
-                       config=config.replace(dtype="float32"))
-  out = llama.apply_fn(params, b.tokens, b.positions, b.segment_ids, b.branch_ids, config=config,
-                       attention_blocks=blocks)
+  ref = llama.apply_fn(
+    params, b.tokens, b.positions, b.segment_ids, b.branch_ids, config=config.replace(dtype="float32")
+  )
+  out = llama.apply_fn(
+    params, b.tokens, b.positions, b.segment_ids, b.branch_ids, config=config, attention_blocks=blocks
+  )
   assert out.dtype == jnp.bfloat16
   real = np.asarray(b.segment_ids) > 0
   np.testing.assert_allclose(np.asarray(out, np.float32)[real], np.asarray(ref)[real], atol=0.1, rtol=0.05)
@@ -167,10 +182,12 @@ def test_bfloat16_close_to_float32_dense():
 
 def test_remat_same_gradients():
   config, params, b, blocks = _model_and_batch("prompt_shared", 8, seed=2)
+
   def grads(cfg):
     model = llama.make(cfg)
     fn = policy.make_logps_fn(model.apply, model.head)
     return jax.grad(lambda p: jnp.sum(fn(p, {"pairs": b, "attention_blocks": blocks}).chosen))(params)
+
   for a, e in zip(jax.tree.leaves(grads(config.replace(remat=True))), jax.tree.leaves(grads(config))):
     np.testing.assert_allclose(a, e, atol=1e-6, rtol=1e-5)
 
@@ -178,9 +195,9 @@ def test_remat_same_gradients():
 # Scored-token compaction (`batching.scored_tokens`): the head and the last block's per-token work
 # run on real completion tokens only; the log-probs must equal the padded-slot computation.
 
+
 def test_scored_tokens_by_hand():
-  b = batching.prompt_shared([[5, 6], [11]], [[7, 8, 9], [12]], [[10], [13, 14]], seq_bucket=1,
-                             completion_bucket=4)
+  b = batching.prompt_shared([[5, 6], [11]], [[7, 8, 9], [12]], [[10], [13, 14]], seq_bucket=1, completion_bucket=4)
   st = batching.scored_tokens(b, bucket=4)
   # B=2, T=4: chosen slots 0-3 (pair 0), 4-7 (pair 1); rejected slots 8-15. Real: chosen 0,1,2 and
   # 4; rejected 8 and 12, 13. Row length 6 (pair 0) -> flat index row * 6 + column.
@@ -194,8 +211,32 @@ def test_scored_tokens_by_hand():
 
 
 def test_geometric_buckets_and_block_bucket_function():
-  assert batching.geometric_buckets(40) == [8, 9, 10, 11, 12, 13, 14, 15, 16, 18, 20, 22, 24, 26, 28, 30, 32, 36, 40, 44,
-                                            48, 52, 56, 60]
+  assert batching.geometric_buckets(40) == [
+    8,
+    9,
+    10,
+    11,
+    12,
+    13,
+    14,
+    15,
+    16,
+    18,
+    20,
+    22,
+    24,
+    26,
+    28,
+    30,
+    32,
+    36,
+    40,
+    44,
+    48,
+    52,
+    56,
+    60,
+  ]
   assert batching.geometric_buckets(5, per_doubling=2, smallest=1) == [2, 3, 4, 6]
   b = batching.prompt_shared([[1, 2]], [[3, 4]], [[5, 6]], seq_bucket=8, completion_bucket=1)
   # 5 used pairs (see test_block_list_by_hand) -> 6 with buckets [2, 3, 4, 6]; exact size 7; too small 4.
@@ -205,8 +246,9 @@ def test_geometric_buckets_and_block_bucket_function():
     sparse_attention.attention_blocks(b.segment_ids, b.branch_ids, block_size=2, size=4)
 
 
-@pytest.mark.parametrize("layout,sparse", [("fused", False), ("prompt_shared", True), ("packed", True),
-                                           ("packed", False)])
+@pytest.mark.parametrize(
+  "layout,sparse", [("fused", False), ("prompt_shared", True), ("packed", True), ("packed", False)]
+)
 def test_scored_tokens_same_logps_and_gradients(layout, sparse):
   config, params, b, blocks = _model_and_batch(layout, 8, seed=11)
   model = llama.make(config)
@@ -225,8 +267,12 @@ def test_scored_tokens_same_logps_and_gradients(layout, sparse):
     np.testing.assert_allclose(getattr(got, name), getattr(ref, name), atol=2e-5, rtol=1e-5, err_msg=name)
   for side in ("chosen", "rejected"):
     m = np.asarray(getattr(ref, f"{side}_mask")) > 0
-    np.testing.assert_allclose(np.asarray(getattr(got, f"{side}_log_sum_sq_probs"))[m],
-                               np.asarray(getattr(ref, f"{side}_log_sum_sq_probs"))[m], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(getattr(got, f"{side}_log_sum_sq_probs"))[m],
+      np.asarray(getattr(ref, f"{side}_log_sum_sq_probs"))[m],
+      atol=2e-5,
+      rtol=1e-5,
+    )
   g0 = jax.grad(loss)(params, {"pairs": b})
   g1 = jax.jit(jax.grad(loss))(params, compact)
   for a, e in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
@@ -242,8 +288,9 @@ def test_rope_tables_equal_apply_rope_and_are_computed_once():
   x = jnp.asarray(rng.normal(size=(2, 16, 3, 2 * len(inv_freq))), jnp.float32)
   cos, sin = llama.rope_tables(jnp.asarray(positions), inv_freq)
   assert cos.shape == sin.shape == (2, 16, len(inv_freq))
-  np.testing.assert_array_equal(sparse_attention.rotary(x, cos[:, :, None], sin[:, :, None]),
-                                llama.apply_rope(x, jnp.asarray(positions), inv_freq))
+  np.testing.assert_array_equal(
+    sparse_attention.rotary(x, cos[:, :, None], sin[:, :, None]), llama.apply_rope(x, jnp.asarray(positions), inv_freq)
+  )
   # ... and the compiled forward+backward holds one cosine, not one per consumer (XLA:CPU would
   # otherwise recompute it inside every rotation and every gathered attention tile).
   config, params, b, blocks = _model_and_batch("packed", 8)
@@ -258,15 +305,22 @@ def test_pad_index_lists_by_hand_and_same_logps_as_dense():
   # Two one-pair prompt-shared batches of different sizes: their lists differ in length.
   short = batching.prompt_shared([[1, 2]], [[3, 4]], [[5, 6]], seq_bucket=8, completion_bucket=2)
   long_ = batching.prompt_shared([[1, 2, 3]], [[4, 5, 6, 7]], [[8, 9, 10]], seq_bucket=12, completion_bucket=4)
-  batches = [{"pairs": b, "attention_blocks": batching.attention_blocks(b, block_size=2, bucket=1),
-              "scored_tokens": batching.scored_tokens(b, bucket=1), "other": np.ones(3)} for b in (short, long_)]
+  batches = [
+    {
+      "pairs": b,
+      "attention_blocks": batching.attention_blocks(b, block_size=2, bucket=1),
+      "scored_tokens": batching.scored_tokens(b, bucket=1),
+      "other": np.ones(3),
+    }
+    for b in (short, long_)
+  ]
   # short: 5 block pairs (see test_block_list_by_hand), 4 scored tokens. long: row [p p | p c |
   # c c | c r | r r | pad pad] -> query block i uses key blocks 0..i, except rejected block 4 not
   # chosen block 2: 1 + 2 + 3 + 4 + 4 = 14 pairs; 4 + 3 = 7 scored tokens.
   assert [b["attention_blocks"].num_pairs for b in batches] == [5, 14]
   assert [len(b["scored_tokens"].index) for b in batches] == [4, 7]
   padded = batching.pad_index_lists(batches)
-  assert batches[0]["attention_blocks"].num_pairs == 5            # the inputs are left as they were
+  assert batches[0]["attention_blocks"].num_pairs == 5  # the inputs are left as they were
   s = padded[0]
   # short: R=1, L=8, blocks of 2 -> 4 blocks, padding block 4; B=1, T=2 -> padding slot 4.
   np.testing.assert_array_equal(s["attention_blocks"].query_block[5:], [4] * 9)

@@ -45,8 +45,9 @@ def _run(loss, reference_name, perturbation, steps=30, lr=0.5, loss_hyper=None):
   ref = _reference(reference_name, params, toy.logps_fn, [batch])
   opt = optax.adam(lr * 0.1)
   state = train.init_state(params, opt, ref, perturbation, loss=loss, loss_hyper=loss_hyper, rng=jax.random.key(1))
-  step = train.make_train_step(toy.logps_fn, opt, loss=loss, loss_hyper=loss_hyper, reference=ref,
-                               perturbation=perturbation)
+  step = train.make_train_step(
+    toy.logps_fn, opt, loss=loss, loss_hyper=loss_hyper, reference=ref, perturbation=perturbation
+  )
   history = []
   for i in range(steps):
     state, metrics = step(state, batch, jax.random.fold_in(jax.random.key(2), i))
@@ -96,7 +97,7 @@ def test_grad_accumulation_equals_full_batch():
   params = toy.init(0)
   batch = toy.batch(3, b=8)
   halves = [jax.tree.map(lambda x: x[:4], batch), jax.tree.map(lambda x: x[4:], batch)]
-  quarters = [jax.tree.map(lambda x, i=i: x[2 * i:2 * i + 2], batch) for i in range(4)]
+  quarters = [jax.tree.map(lambda x, i=i: x[2 * i : 2 * i + 2], batch) for i in range(4)]
   inputs = {1: batch, 2: train.stack_microbatches(halves), 4: train.stack_microbatches(quarters)}
   opt = optax.sgd(0.3)
   ref = references.frozen(toy.init(1), toy.logps_fn)
@@ -118,8 +119,9 @@ def test_metrics_match_hand_computation():
   ref = references.frozen(ref_params, toy.logps_fn)
   opt = optax.sgd(0.0)
   state = train.init_state(params, opt, ref, perturbations.none())
-  step = train.make_train_step(toy.logps_fn, opt, loss="dpo", loss_hyper={"beta": 0.2}, reference=ref,
-                               learning_rate_fn=lambda s: 0.0, donate=False)
+  step = train.make_train_step(
+    toy.logps_fn, opt, loss="dpo", loss_hyper={"beta": 0.2}, reference=ref, learning_rate_fn=lambda s: 0.0, donate=False
+  )
   _, m = step(state, batch, jax.random.key(0))
   pol, rf = toy.logps_fn(params, batch), toy.logps_fn(ref_params, batch)
   lr_w, lr_l = np.asarray(pol.chosen - rf.chosen), np.asarray(pol.rejected - rf.rejected)
@@ -134,8 +136,13 @@ def test_invalid_combinations_fail_before_compute():
   with pytest.raises(ValueError, match="needs a reference"):
     train.make_train_step(toy.logps_fn, optax.sgd(0.1), loss="dpo", reference=references.none())
   with pytest.raises(ValueError, match="unknown argument"):
-    train.make_train_step(toy.logps_fn, optax.sgd(0.1), loss="dpo", loss_hyper={"bta": 1.0},
-                          reference=references.frozen(params, toy.logps_fn))
+    train.make_train_step(
+      toy.logps_fn,
+      optax.sgd(0.1),
+      loss="dpo",
+      loss_hyper={"bta": 1.0},
+      reference=references.frozen(params, toy.logps_fn),
+    )
   with pytest.raises(ValueError, match="Unknown loss"):
     train.make_train_step(toy.logps_fn, optax.sgd(0.1), loss="dppo", reference=references.frozen(params, toy.logps_fn))
 
@@ -257,6 +264,6 @@ def test_the_batch_reaches_the_model_unchanged_and_m_sharpness_splits_the_refere
     return jax.tree.map(jnp.subtract, new.params, params)
 
   full = update(perturbations.sam(0.05, m=2), batch)
-  halves = [update(perturbations.sam(0.05), jax.tree.map(lambda x, i=i: x[4 * i:4 * i + 4], batch)) for i in range(2)]
+  halves = [update(perturbations.sam(0.05), jax.tree.map(lambda x, i=i: x[4 * i : 4 * i + 4], batch)) for i in range(2)]
   expected = jax.tree.map(lambda a, b: (a + b) / 2, *halves)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), full, expected)

@@ -73,9 +73,16 @@ def test_tiny_llama_learns_with_every_reference(reference_name):
   assert hist[-1]["rewards/accuracy"] >= 0.75
 
 
-@pytest.mark.parametrize("pert", [perturbations.sam(0.05), perturbations.sam(0.5, adaptive=True),
-                                  perturbations.awp(0.01), perturbations.rwp(0.01, c_min=1.0, steps=3)],
-                         ids=["sam", "asam", "awp", "rwp"])
+@pytest.mark.parametrize(
+  "pert",
+  [
+    perturbations.sam(0.05),
+    perturbations.sam(0.5, adaptive=True),
+    perturbations.awp(0.01),
+    perturbations.rwp(0.01, c_min=1.0, steps=3),
+  ],
+  ids=["sam", "asam", "awp", "rwp"],
+)
 def test_tiny_llama_learns_with_every_perturbation(pert):
   hist = _train("cached", pert)
   assert hist[-1]["loss"] < hist[0]["loss"] - 0.05

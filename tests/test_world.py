@@ -16,23 +16,27 @@ BOS, SEP, EOS, PAD = world.BOS, world.SEP, world.EOS, world.PAD
 
 def _small_world(**kw):
   """V = 8: content tokens 4, 5, 6, 7 (content indices 0..3), with tables set by hand."""
-  cfg = world.WorldConfig(vocab_size=8, max_prompt_len=3, max_completion_len=8, min_good_len=2, max_good_len=3,
-                          demo_min_len=1, demo_max_len=5, **kw)
+  cfg = world.WorldConfig(
+    vocab_size=8,
+    max_prompt_len=3,
+    max_completion_len=8,
+    min_good_len=2,
+    max_good_len=3,
+    demo_min_len=1,
+    demo_max_len=5,
+    **kw,
+  )
   w = world.World(cfg)
-  w.affinity_table = np.array([[1.0, 0.0, -1.0, 2.0],
-                               [0.0, 3.0, 1.0, -2.0],
-                               [0.5, 0.5, 0.5, 0.5],
-                               [-1.0, -1.0, 4.0, 0.0]], np.float32)
-  w.bigram_table = np.array([[-1, 1, 0, 0],
-                             [0, -1, 1, 0],
-                             [0, 0, -1, 1],
-                             [1, 0, 0, -1]], np.float32)
+  w.affinity_table = np.array(
+    [[1.0, 0.0, -1.0, 2.0], [0.0, 3.0, 1.0, -2.0], [0.5, 0.5, 0.5, 0.5], [-1.0, -1.0, 4.0, 0.0]], np.float32
+  )
+  w.bigram_table = np.array([[-1, 1, 0, 0], [0, -1, 1, 0], [0, 0, -1, 1], [1, 0, 0, -1]], np.float32)
   return w
 
 
 def test_gold_reward_hand_computed():
   w = _small_world()
-  x = [BOS, 4, 5, SEP]                      # content (0, 1): a = (A[0] + A[1]) / sqrt(2)
+  x = [BOS, 4, 5, SEP]  # content (0, 1): a = (A[0] + A[1]) / sqrt(2)
   a = np.array([1.0, 3.0, 0.0, 0.0]) / math.sqrt(2)
   # y = (4, 5, 6) + EOS: n = 3 (inside the window [2, 3]); bigrams G[0,1] = 1, G[1,2] = 1.
   r = w.gold_reward([x], [[4, 5, 6, EOS]])[0]
@@ -46,8 +50,9 @@ def test_gold_reward_hand_computed():
   # Empty completion: token and bigram terms 0, two short of the window.
   np.testing.assert_allclose(w.gold_reward([x], [[EOS]])[0], -0.5 * 2, rtol=1e-6)
   # Everything after the first EOS is ignored.
-  np.testing.assert_allclose(w.gold_reward([x], [[4, 5, 6, EOS, 7, 7, EOS]])[0],
-                             w.gold_reward([x], [[4, 5, 6, EOS]])[0], rtol=1e-6)
+  np.testing.assert_allclose(
+    w.gold_reward([x], [[4, 5, 6, EOS, 7, 7, EOS]])[0], w.gold_reward([x], [[4, 5, 6, EOS]])[0], rtol=1e-6
+  )
   # A special token inside a completion: affinity -2, bigrams touching it 0.
   r = w.gold_reward([x], [[4, SEP, 5, EOS]])[0]
   np.testing.assert_allclose(r, (a[0] - 2.0 + a[1]) / 3 + 0.0, rtol=1e-6)
@@ -55,7 +60,7 @@ def test_gold_reward_hand_computed():
 
 def test_gold_reward_weights_and_prompt_dependence():
   w = _small_world(affinity_scale=2.0, bigram_weight=0.5, length_penalty=0.25, unfinished_penalty=3.0)
-  x = [BOS, 7, SEP]                          # content (3,): a = 2 * A[3] / sqrt(1)
+  x = [BOS, 7, SEP]  # content (3,): a = 2 * A[3] / sqrt(1)
   a = 2.0 * np.array([-1.0, -1.0, 4.0, 0.0])
   r = w.gold_reward([x, x], [[6, 7, 6, 7, 6], [6, EOS]])
   np.testing.assert_allclose(r[0], (3 * a[2] + 2 * a[3]) / 5 + 0.5 * (1 + 0 + 1 + 0) / 4 - 0.25 * 2 - 3.0, rtol=1e-6)
@@ -149,8 +154,9 @@ def tiny_world():
 def test_sft_lowers_demonstration_nll(tiny_world):
   w, model, p0 = tiny_world
   demos = w.demonstrations(256, seed=0)
-  params, losses = sft_lib.sft(p0, demos, model=model, seed=0, steps=60, batch_size=32, learning_rate=1e-2,
-                               warmup_steps=5, return_losses=True)
+  params, losses = sft_lib.sft(
+    p0, demos, model=model, seed=0, steps=60, batch_size=32, learning_rate=1e-2, warmup_steps=5, return_losses=True
+  )
   assert losses.shape == (60,) and np.all(np.isfinite(losses))
   # Initial NLL is about log V (random init); SFT learns at least the special-token structure.
   assert abs(losses[0] - math.log(model.config.vocab_size)) < 0.2
@@ -161,8 +167,10 @@ def test_sft_lowers_demonstration_nll(tiny_world):
 
 def test_sft_arrays_and_loss_by_hand(tiny_world):
   w, model, params = tiny_world
-  demos = world.Demonstrations([np.array([BOS, 5, SEP], np.int32), np.array([BOS, SEP], np.int32)],
-                               [np.array([6, 7, EOS], np.int32), np.array([EOS], np.int32)])
+  demos = world.Demonstrations(
+    [np.array([BOS, 5, SEP], np.int32), np.array([BOS, SEP], np.int32)],
+    [np.array([6, 7, EOS], np.int32), np.array([EOS], np.int32)],
+  )
   tokens, positions, seg, loss_mask = world.sft_arrays(demos)
   np.testing.assert_array_equal(tokens, [[BOS, 5, SEP, 6, 7, EOS], [BOS, SEP, EOS, 0, 0, 0]])
   np.testing.assert_array_equal(positions, [list(range(6))] * 2)
@@ -189,8 +197,11 @@ def test_preference_data_adjacent(tiny_world):
   np.testing.assert_allclose(data.chosen_score, w.gold_reward(data.prompt, data.chosen), rtol=1e-6)
   np.testing.assert_allclose(data.rejected_score, w.gold_reward(data.prompt, data.rejected), rtol=1e-6)
   lens = lambda ys: np.array([y.size for y in ys])
-  np.testing.assert_allclose(data.label_prob, w.label_prob(data.chosen_score, data.rejected_score,
-                                                           lens(data.chosen), lens(data.rejected)), rtol=1e-5)
+  np.testing.assert_allclose(
+    data.label_prob,
+    w.label_prob(data.chosen_score, data.rejected_score, lens(data.chosen), lens(data.rejected)),
+    rtol=1e-5,
+  )
   flat = [w.gold_reward([p] * 4, cs) for p, cs in zip(data.list_prompt, data.list_completions)]
   np.testing.assert_allclose(data.list_scores, np.stack(flat), rtol=1e-6)
   for i in range(len(data)):
@@ -212,21 +223,24 @@ def test_preference_data_adjacent(tiny_world):
 def test_preference_data_pairings_and_labels(tiny_world):
   w, model, params = tiny_world
   prompts = w.prompts(40, seed=1)
-  det = world.World(w.config.replace(label_scale=1e4))   # a deterministic labeller
-  alld = world.preference_data(det, params, prompts, jax.random.key(2), model=model, num_samples=3, pairing="all",
-                               batch_size=64)
+  det = world.World(w.config.replace(label_scale=1e4))  # a deterministic labeller
+  alld = world.preference_data(
+    det, params, prompts, jax.random.key(2), model=model, num_samples=3, pairing="all", batch_size=64
+  )
   assert len(alld) + alld.num_identical == 40 * 3
   assert np.all(alld.chosen_score >= alld.rejected_score)
-  bw = world.preference_data(det, params, prompts, jax.random.key(2), model=model, num_samples=3,
-                             pairing="best_worst", batch_size=64)
+  bw = world.preference_data(
+    det, params, prompts, jax.random.key(2), model=model, num_samples=3, pairing="best_worst", batch_size=64
+  )
   for i in range(len(bw)):
     s = bw.list_scores[bw.prompt_id[i]]
     np.testing.assert_allclose([bw.chosen_score[i], bw.rejected_score[i]], [s.max(), s.min()], rtol=1e-6)
   # label_scale 0: labels are fair coin flips (BT probability 1/2), so about half the pairs
   # have the lower-scored completion as chosen.
   coin = world.World(w.config.replace(label_scale=0.0))
-  cd = world.preference_data(coin, params, w.prompts(200, seed=3), jax.random.key(4), model=model, num_samples=4,
-                             batch_size=64)
+  cd = world.preference_data(
+    coin, params, w.prompts(200, seed=3), jax.random.key(4), model=model, num_samples=4, batch_size=64
+  )
   np.testing.assert_allclose(cd.label_prob, 0.5)
   differ = cd.chosen_score != cd.rejected_score
   frac = np.mean(cd.chosen_score[differ] > cd.rejected_score[differ])

@@ -16,8 +16,7 @@ V, D = 11, 8
 
 def init(seed=0):
   k1, k2 = jax.random.split(jax.random.key(seed))
-  return {"emb": 0.3 * jax.random.normal(k1, (V, D)), "w": 0.3 * jax.random.normal(k2, (D, V)),
-          "bias": jnp.zeros((V,))}
+  return {"emb": 0.3 * jax.random.normal(k1, (V, D)), "w": 0.3 * jax.random.normal(k2, (D, V)), "bias": jnp.zeros((V,))}
 
 
 def _token_logps(params, prev, tokens):
@@ -31,8 +30,9 @@ def logps_fn(params, batch):
     prev = jnp.concatenate([batch["last_prompt_token"][:, None], tokens[:, :-1]], axis=1)
     return _token_logps(params, prev, tokens)
 
-  return pofx.PairLogps.from_tokens(side(batch["chosen_tokens"]), batch["chosen_mask"],
-                                    side(batch["rejected_tokens"]), batch["rejected_mask"])
+  return pofx.PairLogps.from_tokens(
+    side(batch["chosen_tokens"]), batch["chosen_mask"], side(batch["rejected_tokens"]), batch["rejected_mask"]
+  )
 
 
 def batch(seed=0, b=8, t=5):
@@ -44,6 +44,10 @@ def batch(seed=0, b=8, t=5):
   c_len = rng.integers(2, t + 1, b)
   r_len = rng.integers(2, t + 1, b)
   mask = lambda n: (np.arange(t)[None, :] < n[:, None]).astype(np.float32)
-  return {"last_prompt_token": jnp.asarray(start, jnp.int32), "chosen_tokens": jnp.asarray(chosen, jnp.int32),
-          "rejected_tokens": jnp.asarray(rejected, jnp.int32), "chosen_mask": jnp.asarray(mask(c_len)),
-          "rejected_mask": jnp.asarray(mask(r_len))}
+  return {
+    "last_prompt_token": jnp.asarray(start, jnp.int32),
+    "chosen_tokens": jnp.asarray(chosen, jnp.int32),
+    "rejected_tokens": jnp.asarray(rejected, jnp.int32),
+    "chosen_mask": jnp.asarray(mask(c_len)),
+    "rejected_mask": jnp.asarray(mask(r_len)),
+  }

@@ -35,26 +35,35 @@ N = 200
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown role: ' + message['role']) }}"
-    "{% endif %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+  "{{ bos_token }}"
+  "{% for message in messages %}"
+  "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+  "{{ raise_exception('unknown role: ' + message['role']) }}"
+  "{% endif %}"
+  "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+  "{% endfor %}"
+  "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
 
 THINGS = {
-    "sky": ("blue", "big", "silent"), "grass": ("green", "small", "quiet"),
-    "snow": ("white", "small", "soft"), "coal": ("black", "small", "silent"),
-    "sun": ("yellow", "huge", "silent"), "cherry": ("red", "tiny", "quiet"),
-    "sea": ("blue", "huge", "loud"), "lemon": ("yellow", "small", "quiet"),
-    "crow": ("black", "small", "loud"), "cloud": ("white", "big", "silent"),
-    "frog": ("green", "tiny", "loud"), "tomato": ("red", "small", "quiet"),
+  "sky": ("blue", "big", "silent"),
+  "grass": ("green", "small", "quiet"),
+  "snow": ("white", "small", "soft"),
+  "coal": ("black", "small", "silent"),
+  "sun": ("yellow", "huge", "silent"),
+  "cherry": ("red", "tiny", "quiet"),
+  "sea": ("blue", "huge", "loud"),
+  "lemon": ("yellow", "small", "quiet"),
+  "crow": ("black", "small", "loud"),
+  "cloud": ("white", "big", "silent"),
+  "frog": ("green", "tiny", "loud"),
+  "tomato": ("red", "small", "quiet"),
 }
-PROPS = (("colour", ["blue", "green", "white", "black", "yellow", "red", "purple", "orange"]),
-         ("size", ["tiny", "small", "big", "huge", "enormous"]),
-         ("sound", ["silent", "quiet", "soft", "loud", "deafening"]))
+PROPS = (
+  ("colour", ["blue", "green", "white", "black", "yellow", "red", "purple", "orange"]),
+  ("size", ["tiny", "small", "big", "huge", "enormous"]),
+  ("sound", ["silent", "quiet", "soft", "loud", "deafening"]),
+)
 SYSTEMS = ["You answer briefly .", "You are a careful assistant ."]
 
 
@@ -74,9 +83,15 @@ def _standard(rng):
   out = []
   for _ in range(N):
     q, good, bad = _qa(rng)
-    out.append({"prompt": f"Question : {q} Answer :", "chosen": f" {good}",
-                "rejected": f" {bad[0]}", "score_chosen": 1.0,
-                "score_rejected": round(rng.uniform(0.0, 0.5), 3)})
+    out.append(
+      {
+        "prompt": f"Question : {q} Answer :",
+        "chosen": f" {good}",
+        "rejected": f" {bad[0]}",
+        "score_chosen": 1.0,
+        "score_rejected": round(rng.uniform(0.0, 0.5), 3),
+      }
+    )
   return out
 
 
@@ -84,8 +99,7 @@ def _implicit(rng):
   out = []
   for _ in range(N):
     q, good, bad = _qa(rng)
-    out.append({"chosen": f"Question : {q} Answer : {good}",
-                "rejected": f"Question : {q} Answer : {bad[0]}"})
+    out.append({"chosen": f"Question : {q} Answer : {good}", "rejected": f"Question : {q} Answer : {bad[0]}"})
   return out
 
 
@@ -104,9 +118,13 @@ def _conversational(rng):
   for _ in range(N):
     prefix = _conversation_prefix(rng)
     q, good, bad = _qa(rng)
-    out.append({"prompt": prefix + [{"role": "user", "content": q}],
-                "chosen": [{"role": "assistant", "content": good}],
-                "rejected": [{"role": "assistant", "content": bad[0]}]})
+    out.append(
+      {
+        "prompt": prefix + [{"role": "user", "content": q}],
+        "chosen": [{"role": "assistant", "content": good}],
+        "rejected": [{"role": "assistant", "content": bad[0]}],
+      }
+    )
   return out
 
 
@@ -116,8 +134,12 @@ def _conversational_implicit(rng):
     prefix = _conversation_prefix(rng)
     q, good, bad = _qa(rng)
     turn = prefix + [{"role": "user", "content": q}]
-    out.append({"chosen": turn + [{"role": "assistant", "content": good}],
-                "rejected": turn + [{"role": "assistant", "content": bad[0]}]})
+    out.append(
+      {
+        "chosen": turn + [{"role": "assistant", "content": good}],
+        "rejected": turn + [{"role": "assistant", "content": bad[0]}],
+      }
+    )
   return out
 
 
@@ -160,39 +182,59 @@ def _tokenizer(texts):
   tok = tokenizers.Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
   tok.pre_tokenizer = pre
   tok.add_special_tokens(SPECIAL)
-  tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                     special_tokens=[("<s>", vocab["<s>"])])
+  tok.post_processor = processors.TemplateProcessing(
+    single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+  )
   return tok
 
 
 def main(out_dir: str = HERE):
   rng = random.Random(0)
-  sets = {"standard": _standard(rng), "implicit": _implicit(rng),
-          "conversational": _conversational(rng),
-          "conversational_implicit": _conversational_implicit(rng), "ranking": _ranking(rng)}
+  sets = {
+    "standard": _standard(rng),
+    "implicit": _implicit(rng),
+    "conversational": _conversational(rng),
+    "conversational_implicit": _conversational_implicit(rng),
+    "ranking": _ranking(rng),
+  }
   texts = [t for recs in sets.values() for t in _texts(recs)] + SYSTEMS
   tok = _tokenizer(texts)
   tok.save(os.path.join(out_dir, "tokenizer.json"))
   with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-    json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-               "unk_token": "<unk>", "model_max_length": 256,
-               "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHAT_TEMPLATE},
-              f, indent=2)
+    json.dump(
+      {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "model_max_length": 256,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": CHAT_TEMPLATE,
+      },
+      f,
+      indent=2,
+    )
     f.write("\n")
   for name, recs in sets.items():
     with open(os.path.join(out_dir, f"{name}.jsonl"), "w", encoding="utf-8") as f:
       for r in recs:
         f.write(json.dumps(r) + "\n")
-  pq.write_table(pa.Table.from_pylist(sets["standard"][:50]),
-                 os.path.join(out_dir, "standard.parquet"))
+  pq.write_table(pa.Table.from_pylist(sets["standard"][:50]), os.path.join(out_dir, "standard.parquet"))
   # Pre-tokenised: the standard records' ids, as TRL's tokenisation would give them.
   rows = []
   for r in _standard(random.Random(1)):
     p = tok.encode(r["prompt"]).ids
-    c = tok.encode(r["prompt"] + r["chosen"]).ids[len(p):] + [SPECIAL.index("</s>")]
-    j = tok.encode(r["prompt"] + r["rejected"]).ids[len(p):] + [SPECIAL.index("</s>")]
-    rows.append({"prompt_input_ids": p, "chosen_input_ids": c, "rejected_input_ids": j,
-                 "score_chosen": r["score_chosen"], "score_rejected": r["score_rejected"]})
+    c = tok.encode(r["prompt"] + r["chosen"]).ids[len(p) :] + [SPECIAL.index("</s>")]
+    j = tok.encode(r["prompt"] + r["rejected"]).ids[len(p) :] + [SPECIAL.index("</s>")]
+    rows.append(
+      {
+        "prompt_input_ids": p,
+        "chosen_input_ids": c,
+        "rejected_input_ids": j,
+        "score_chosen": r["score_chosen"],
+        "score_rejected": r["score_rejected"],
+      }
+    )
   pq.write_table(pa.Table.from_pylist(rows), os.path.join(out_dir, "tokenized.parquet"))
 
 

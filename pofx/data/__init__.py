@@ -17,16 +17,44 @@ TFDS and grain are imported on first use.
 """
 
 from pofx.data.pipeline import LoaderIterator, PreferenceLoader
-from pofx.data.records import (FORMATS, REASONS, RANKING_MODES, BadRecord, Example, Stats,
-                               detect_format, parse_record, read_records, split_implicit_text)
-from pofx.data.tfds_builders import (Prepared, data_source, iter_examples, prepare_files,
-                                     prepare_generated, stats)
-from pofx.data.tokenize import (TRUNCATION, Limits, TokenizedPair, Tokenizer,
-                                render_chat_template, tokenize_example)
+from pofx.data.records import (
+  FORMATS,
+  RANKING_MODES,
+  REASONS,
+  BadRecord,
+  Example,
+  Stats,
+  detect_format,
+  parse_record,
+  read_records,
+  split_implicit_text,
+)
+from pofx.data.tfds_builders import Prepared, data_source, iter_examples, prepare_files, prepare_generated, stats
+from pofx.data.tokenize import TRUNCATION, Limits, TokenizedPair, Tokenizer, render_chat_template, tokenize_example
 
 __all__ = [
-    "BadRecord", "Example", "FORMATS", "Limits", "LoaderIterator", "PreferenceLoader", "Prepared",
-    "RANKING_MODES", "REASONS", "Stats", "TRUNCATION", "TokenizedPair", "Tokenizer", "data_source",
-    "detect_format", "iter_examples", "parse_record", "prepare_files", "prepare_generated", "read_records",
-    "render_chat_template", "split_implicit_text", "stats", "tokenize_example",
+  "BadRecord",
+  "Example",
+  "FORMATS",
+  "Limits",
+  "LoaderIterator",
+  "PreferenceLoader",
+  "Prepared",
+  "RANKING_MODES",
+  "REASONS",
+  "Stats",
+  "TRUNCATION",
+  "TokenizedPair",
+  "Tokenizer",
+  "data_source",
+  "detect_format",
+  "iter_examples",
+  "parse_record",
+  "prepare_files",
+  "prepare_generated",
+  "read_records",
+  "render_chat_template",
+  "split_implicit_text",
+  "stats",
+  "tokenize_example",
 ]

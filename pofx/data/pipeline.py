@@ -71,8 +71,10 @@ def _check_row_lengths(layout: str, kwargs: Mapping[str, Any], block_size: int) 
   value = kwargs.get(key, inspect.signature(fn).parameters[key].default)
   sizes = [value] if isinstance(value, (int, np.integer)) else list(value)
   if not sizes or any(int(v) % block_size for v in sizes):
-    raise ValueError(f"layout_kwargs[{key!r}]={value!r}: with attention_block_size={block_size} every row length "
-                     f"must be a multiple of it; allowed: {key} = a multiple of {block_size} (or a list of them).")
+    raise ValueError(
+      f"layout_kwargs[{key!r}]={value!r}: with attention_block_size={block_size} every row length "
+      f"must be a multiple of it; allowed: {key} = a multiple of {block_size} (or a list of them)."
+    )
 
 
 def _lengths(ex) -> int:
@@ -106,15 +108,30 @@ class PreferenceLoader:
       `INDEX_BUCKET`. Batches to be stacked need `pofx.batching.pad_index_lists`.
   """
 
-  def __init__(self, source, *, batch_size: int, layout: str = "fused",
-               layout_kwargs: Optional[Mapping[str, Any]] = None, seed: int = 0,
-               shuffle: bool = True, num_epochs: Optional[int] = None,
-               process_index: Optional[int] = None, process_count: Optional[int] = None,
-               group_by_length: int = 0, drop_remainder: bool = True, with_scores: bool = False,
-               joined: Optional[Mapping[str, Any]] = None, prefetch: int = 2,
-               num_threads: int = 1, attention_block_size: int = 0, scored_tokens: bool = False,
-               index_bucket: Optional[batching.Bucket] = None):
+  def __init__(
+    self,
+    source,
+    *,
+    batch_size: int,
+    layout: str = "fused",
+    layout_kwargs: Optional[Mapping[str, Any]] = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: Optional[int] = None,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+    group_by_length: int = 0,
+    drop_remainder: bool = True,
+    with_scores: bool = False,
+    joined: Optional[Mapping[str, Any]] = None,
+    prefetch: int = 2,
+    num_threads: int = 1,
+    attention_block_size: int = 0,
+    scored_tokens: bool = False,
+    index_bucket: Optional[batching.Bucket] = None,
+  ):
     import grain  # pylint: disable=g-import-not-at-top
+
     self._grain = grain
     if layout not in batching.LAYOUTS:
       raise ValueError(f"layout={layout!r} is not allowed; allowed: {list(batching.LAYOUTS)}.")
@@ -128,8 +145,7 @@ class PreferenceLoader:
       process_index = jax.process_index() if process_index is None else process_index
       process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index must be in [0, process_count={process_count}), got "
-                       f"{process_index}.")
+      raise ValueError(f"process_index must be in [0, process_count={process_count}), got {process_index}.")
     n = len(source)
     if n == 0:
       raise ValueError("the source is empty.")
@@ -144,8 +160,9 @@ class PreferenceLoader:
     self._prefetch, self._num_threads = int(prefetch), int(num_threads)
     self._joined = self._index_joined(joined)
     if not isinstance(attention_block_size, (int, np.integer)) or attention_block_size < 0:
-      raise ValueError(f"attention_block_size must be an integer >= 0 (0: dense attention), got "
-                       f"{attention_block_size!r}.")
+      raise ValueError(
+        f"attention_block_size must be an integer >= 0 (0: dense attention), got {attention_block_size!r}."
+      )
     self._block_size, self._scored = int(attention_block_size), bool(scored_tokens)
     if self._block_size:
       _check_row_lengths(layout, self._layout_kwargs, self._block_size)
@@ -162,14 +179,26 @@ class PreferenceLoader:
       full, rem = divmod(self._per_process, batch_size)
       self.num_batches = full + (1 if rem and not self._drop else 0)
       if self.num_batches == 0:
-        raise ValueError(f"{self._per_process} examples per process make no full batch of "
-                         f"{batch_size} (drop_remainder=True).")
-    self.signature = hashlib.sha256(json.dumps({
-        "n": n, "batch_size": batch_size, "layout": layout, "seed": self._seed,
-        "shuffle": self._shuffle, "num_epochs": num_epochs, "process": [self._p, self._n],
-        "group_by_length": self._group, "drop_remainder": self._drop,
-        "layout_kwargs": repr(sorted(self._layout_kwargs.items()))}, sort_keys=True).encode()
-                                   ).hexdigest()[:16]
+        raise ValueError(
+          f"{self._per_process} examples per process make no full batch of {batch_size} (drop_remainder=True)."
+        )
+    self.signature = hashlib.sha256(
+      json.dumps(
+        {
+          "n": n,
+          "batch_size": batch_size,
+          "layout": layout,
+          "seed": self._seed,
+          "shuffle": self._shuffle,
+          "num_epochs": num_epochs,
+          "process": [self._p, self._n],
+          "group_by_length": self._group,
+          "drop_remainder": self._drop,
+          "layout_kwargs": repr(sorted(self._layout_kwargs.items())),
+        },
+        sort_keys=True,
+      ).encode()
+    ).hexdigest()[:16]
     self._windows = self._build_windows()
 
   def __len__(self) -> int:
@@ -207,8 +236,8 @@ class PreferenceLoader:
       ds = ds.shuffle(seed=self._seed)
     ds = ds.repeat(self._num_epochs)
     if self._per_process is not None:
-      ds = ds[:self._per_process * self._n]
-    ds = ds[self._p::self._n]
+      ds = ds[: self._per_process * self._n]
+    ds = ds[self._p :: self._n]
     window = self._batch_size * self._group
     return ds.batch(window, drop_remainder=False, batch_fn=list).map_with_index(self._make_window)
 
@@ -216,7 +245,7 @@ class PreferenceLoader:
     B = self._batch_size
     if self._group > 1:
       examples = sorted(examples, key=_lengths)  # stable: ties keep the stream order
-    chunks = [examples[i:i + B] for i in range(0, len(examples), B)]
+    chunks = [examples[i : i + B] for i in range(0, len(examples), B)]
     if chunks and len(chunks[-1]) < B and self._drop:
       chunks = chunks[:-1]
     if self._group > 1 and len(chunks) > 1:
@@ -227,26 +256,29 @@ class PreferenceLoader:
   def _make_batch(self, examples) -> Dict[str, Any]:
     B = self._batch_size
     ids = np.full((B,), -1, np.int64)
-    ids[:len(examples)] = [int(e["example_id"]) for e in examples]
+    ids[: len(examples)] = [int(e["example_id"]) for e in examples]
     if ids.max() >= 2**31:
       raise ValueError(f"example ids must be < 2**31 to travel as int32; got {ids.max()}.")
-    pairs = batching.build(self._layout, [e["prompt"] for e in examples],
-                           [e["chosen"] for e in examples], [e["rejected"] for e in examples],
-                           num_pairs=B, **self._layout_kwargs)
+    pairs = batching.build(
+      self._layout,
+      [e["prompt"] for e in examples],
+      [e["chosen"] for e in examples],
+      [e["rejected"] for e in examples],
+      num_pairs=B,
+      **self._layout_kwargs,
+    )
     out = {"pairs": pairs, "example_id": ids.astype(np.int32)}
     if self._block_size:
-      out["attention_blocks"] = batching.attention_blocks(pairs, block_size=self._block_size,
-                                                          bucket=self._index_bucket)
+      out["attention_blocks"] = batching.attention_blocks(pairs, block_size=self._block_size, bucket=self._index_bucket)
     if self._scored:
       out["scored_tokens"] = batching.scored_tokens(pairs, bucket=self._index_bucket)
     real = ids >= 0
     if self._with_scores:
       for key, field in (("chosen_scores", "score_chosen"), ("rejected_scores", "score_rejected")):
         v = np.zeros((B,), np.float32)
-        v[:len(examples)] = [float(e[field]) for e in examples]
+        v[: len(examples)] = [float(e[field]) for e in examples]
         if np.isnan(v).any():
-          raise ValueError(f"with_scores=True but examples {ids[np.isnan(v)].tolist()} have no "
-                           f"{field} (NaN).")
+          raise ValueError(f"with_scores=True but examples {ids[np.isnan(v)].tolist()} have no {field} (NaN).")
         out[key] = v
     if self._joined is not None:
       sorted_ids, arrays = self._joined
@@ -281,9 +313,11 @@ class PreferenceLoader:
       step = 0
     elif isinstance(state, Mapping):
       if state.get("signature") != self.signature:
-        raise ValueError(f"cannot resume: the state was saved by a loader with another "
-                         f"configuration (signature {state.get('signature')} vs {self.signature}: "
-                         f"data size, batch size, seed, epochs, process or layout differ).")
+        raise ValueError(
+          f"cannot resume: the state was saved by a loader with another "
+          f"configuration (signature {state.get('signature')} vs {self.signature}: "
+          f"data size, batch size, seed, epochs, process or layout differ)."
+        )
       step = int(state["step"])
     else:
       step = int(state)
@@ -305,8 +339,9 @@ class LoaderIterator:
     if window < len(windows):
       windows = windows[window:]
       if loader._num_threads > 0:  # pylint: disable=protected-access
-        it_ds = windows.to_iter_dataset(grain.ReadOptions(
-            num_threads=loader._num_threads, prefetch_buffer_size=max(loader._prefetch, 1)))  # pylint: disable=protected-access
+        it_ds = windows.to_iter_dataset(
+          grain.ReadOptions(num_threads=loader._num_threads, prefetch_buffer_size=max(loader._prefetch, 1))
+        )  # pylint: disable=protected-access
       else:
         it_ds = windows.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
       self._windows = iter(it_ds)
@@ -330,8 +365,7 @@ class LoaderIterator:
     if num is not None and self._step >= num:
       raise StopIteration
     while not self._current:
-      self._current = list(next(self._windows))[self._offset:]
+      self._current = list(next(self._windows))[self._offset :]
       self._offset = 0
     self._step += 1
     return self._current.pop(0)
-

@@ -43,15 +43,15 @@ from pofx.options import FORMATS, ON_BAD_RECORD, RANKING_MODES  # noqa: F401  (a
 
 # Every reason a record can be rejected for (the keys of `Stats.skipped`).
 REASONS = (
-    "malformed_json",    # a JSONL line that is not a JSON object
-    "missing_field",     # a required field is absent or null
-    "wrong_type",        # a field has the wrong type (e.g. chosen is a number, bad message)
-    "empty_prompt",      # the prompt has no tokens
-    "empty_completion",  # chosen or rejected is empty (as text, messages or tokens)
-    "identical",         # chosen == rejected
-    "too_long",          # over a length limit (with truncation="reject", or still after truncating)
-    "bad_token_id",      # a pre-tokenised id outside [0, vocab_size)
-    "prompt_boundary",   # the tokenised prompt is not a prefix of the tokenised prompt + completion
+  "malformed_json",  # a JSONL line that is not a JSON object
+  "missing_field",  # a required field is absent or null
+  "wrong_type",  # a field has the wrong type (e.g. chosen is a number, bad message)
+  "empty_prompt",  # the prompt has no tokens
+  "empty_completion",  # chosen or rejected is empty (as text, messages or tokens)
+  "identical",  # chosen == rejected
+  "too_long",  # over a length limit (with truncation="reject", or still after truncating)
+  "bad_token_id",  # a pre-tokenised id outside [0, vocab_size)
+  "prompt_boundary",  # the tokenised prompt is not a prefix of the tokenised prompt + completion
 )
 
 Messages = List[Dict[str, str]]
@@ -67,7 +67,7 @@ class BadRecord(ValueError):
     self.reason, self.detail, self.file, self.line = reason, detail, file, line
     super().__init__(f"{file}:{line}: bad record ({reason}): {detail}")
 
-  def at(self, file: str, line: int) -> "BadRecord":
+  def at(self, file: str, line: int) -> BadRecord:
     """The same error located at `file:line`."""
     return BadRecord(self.reason, self.detail, file, line)
 
@@ -89,21 +89,32 @@ class Stats:
   def skip(self, reason: str):
     self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
-  def merge(self, other: "Stats") -> "Stats":
+  def merge(self, other: Stats) -> Stats:
     skipped = collections.Counter(self.skipped)
     skipped.update(other.skipped)
-    return Stats(self.records_read + other.records_read,
-                 self.examples_written + other.examples_written,
-                 self.truncated + other.truncated, dict(skipped))
+    return Stats(
+      self.records_read + other.records_read,
+      self.examples_written + other.examples_written,
+      self.truncated + other.truncated,
+      dict(skipped),
+    )
 
   def as_dict(self) -> dict:
-    return {"records_read": self.records_read, "examples_written": self.examples_written,
-            "truncated": self.truncated, "skipped": dict(sorted(self.skipped.items()))}
+    return {
+      "records_read": self.records_read,
+      "examples_written": self.examples_written,
+      "truncated": self.truncated,
+      "skipped": dict(sorted(self.skipped.items())),
+    }
 
   @classmethod
-  def from_dict(cls, d: dict) -> "Stats":
-    return cls(int(d["records_read"]), int(d["examples_written"]), int(d["truncated"]),
-               {str(k): int(v) for k, v in dict(d["skipped"]).items()})
+  def from_dict(cls, d: dict) -> Stats:
+    return cls(
+      int(d["records_read"]),
+      int(d["examples_written"]),
+      int(d["truncated"]),
+      {str(k): int(v) for k, v in dict(d["skipped"]).items()},
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,16 +163,15 @@ def read_records(path: str) -> Iterator[Tuple[int, Union[dict, BadRecord]]]:
         try:
           rec = json.loads(line)
         except json.JSONDecodeError as e:
-          yield line_no, BadRecord("malformed_json", f"not valid JSON ({e.msg} at column {e.colno})",
-                                   path, line_no)
+          yield line_no, BadRecord("malformed_json", f"not valid JSON ({e.msg} at column {e.colno})", path, line_no)
           continue
         if not isinstance(rec, dict):
-          yield line_no, BadRecord("malformed_json", f"a JSON {type(rec).__name__}, not an object",
-                                   path, line_no)
+          yield line_no, BadRecord("malformed_json", f"a JSON {type(rec).__name__}, not an object", path, line_no)
           continue
         yield line_no, rec
   elif ext in (".parquet", ".pq"):
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top  (only for Parquet input)
+
     row = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
       for rec in batch.to_pylist():
@@ -191,14 +201,15 @@ def _is_messages(x) -> bool:
 
 def _messages(x, field: str) -> Messages:
   if not isinstance(x, list) or not all(isinstance(m, dict) for m in x):
-    raise BadRecord("wrong_type", f"{field} must be a list of {{role, content}} messages, got "
-                    f"{type(x).__name__}")
+    raise BadRecord("wrong_type", f"{field} must be a list of {{role, content}} messages, got {type(x).__name__}")
   out = []
   for i, m in enumerate(x):
     role, content = m.get("role"), m.get("content")
     if not isinstance(role, str) or not isinstance(content, str):
-      raise BadRecord("wrong_type", f"{field}[{i}] must have string 'role' and 'content', got "
-                      f"{ {k: type(v).__name__ for k, v in m.items()} }")
+      raise BadRecord(
+        "wrong_type",
+        f"{field}[{i}] must have string 'role' and 'content', got { {k: type(v).__name__ for k, v in m.items()} }",
+      )
     out.append({"role": role, "content": content})
   return out
 
@@ -242,8 +253,7 @@ def detect_format(rec: dict) -> str:
     return "tokenized"
   if "completions" in rec:
     return "ranking"
-  chat = _is_messages(rec.get("chosen")) or _is_messages(rec.get("rejected")) or _is_messages(
-      rec.get("prompt"))
+  chat = _is_messages(rec.get("chosen")) or _is_messages(rec.get("rejected")) or _is_messages(rec.get("prompt"))
   if "prompt" in rec:
     return "conversational" if chat else "standard"
   return "conversational_implicit" if chat else "implicit"
@@ -282,8 +292,7 @@ def _ranking_pairs(scores: Sequence[float], higher_is_better: bool, mode: str):
   return [(i, j) for i, j in cand if key[i] > key[j]]
 
 
-def parse_record(rec: dict, fmt: str = "auto", *, ranking: str = "all_pairs",
-                 group: int = 0) -> List[Example]:
+def parse_record(rec: dict, fmt: str = "auto", *, ranking: str = "all_pairs", group: int = 0) -> List[Example]:
   """A record -> its `Example`s (one, or several for a ranking). Raises `BadRecord` (unlocated:
   the caller adds the file and line with `.at`)."""
   check_choice("format", fmt, FORMATS)
@@ -295,13 +304,11 @@ def parse_record(rec: dict, fmt: str = "auto", *, ranking: str = "all_pairs",
 
   if fmt == "tokenized":
     _require(rec, ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
-    p, c, r = (_ids(rec[k], k) for k in ("prompt_input_ids", "chosen_input_ids",
-                                          "rejected_input_ids"))
+    p, c, r = (_ids(rec[k], k) for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
     if not p:
       raise BadRecord("empty_prompt", "prompt_input_ids is empty")
     _check_pair(p, c, r)
-    return [Example("ids", p, c, r, _score(rec, "score_chosen"), _score(rec, "score_rejected"),
-                    group)]
+    return [Example("ids", p, c, r, _score(rec, "score_chosen"), _score(rec, "score_rejected"), group)]
 
   if fmt == "ranking":
     _require(rec, ("prompt", "completions"))
@@ -324,11 +331,12 @@ def parse_record(rec: dict, fmt: str = "auto", *, ranking: str = "all_pairs",
     vals = rec[field]
     if hasattr(vals, "tolist"):
       vals = vals.tolist()
-    if (not isinstance(vals, list) or len(vals) != len(comps) or
-        not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                for v in vals)):
-      raise BadRecord("wrong_type", f"{field} must be {len(comps)} finite numbers, one per "
-                      f"completion")
+    if (
+      not isinstance(vals, list)
+      or len(vals) != len(comps)
+      or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals)
+    ):
+      raise BadRecord("wrong_type", f"{field} must be {len(comps)} finite numbers, one per completion")
     for i, c in enumerate(comps):
       if len(c) == 0 or (isinstance(c, str) and not c.strip()):
         raise BadRecord("empty_completion", f"completions[{i}] is empty")
@@ -340,8 +348,7 @@ def parse_record(rec: dict, fmt: str = "auto", *, ranking: str = "all_pairs",
       if comps[i] == comps[j]:
         raise BadRecord("identical", f"completions[{i}] and completions[{j}] are identical")
       sc = (float(vals[i]), float(vals[j])) if has_scores else (math.nan, math.nan)
-      out.append(Example("chat" if chat else "text", prompt, comps[i], comps[j], sc[0], sc[1],
-                         group))
+      out.append(Example("chat" if chat else "text", prompt, comps[i], comps[j], sc[0], sc[1], group))
     return out
 
   if fmt in ("standard", "conversational"):

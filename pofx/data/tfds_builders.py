@@ -52,6 +52,7 @@ VERSION = "1.0.0"
 
 def _tfds():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   return tfds
 
 
@@ -59,7 +60,8 @@ def features():
   """The `tfds.features.FeaturesDict` shared by both builders."""
   tfds = _tfds()
   ids = lambda: tfds.features.Tensor(shape=(None,), dtype=np.int32)  # noqa: E731
-  return tfds.features.FeaturesDict({
+  return tfds.features.FeaturesDict(
+    {
       "prompt": ids(),
       "chosen": ids(),
       "rejected": ids(),
@@ -70,21 +72,22 @@ def features():
       "source_file": tfds.features.Text(),
       "source_line": tfds.features.Scalar(dtype=np.int64),
       "truncated": tfds.features.Scalar(dtype=np.int32),
-  })
+    }
+  )
 
 
 def _example_dict(pair: tokenize_lib.TokenizedPair, example_id, group_id, source_file, line):
   return {
-      "prompt": np.asarray(pair.prompt, np.int32),
-      "chosen": np.asarray(pair.chosen, np.int32),
-      "rejected": np.asarray(pair.rejected, np.int32),
-      "score_chosen": np.float32(pair.score_chosen),
-      "score_rejected": np.float32(pair.score_rejected),
-      "example_id": int(example_id),
-      "group_id": int(group_id),
-      "source_file": source_file,
-      "source_line": int(line),
-      "truncated": int(pair.truncated),
+    "prompt": np.asarray(pair.prompt, np.int32),
+    "chosen": np.asarray(pair.chosen, np.int32),
+    "rejected": np.asarray(pair.rejected, np.int32),
+    "score_chosen": np.float32(pair.score_chosen),
+    "score_rejected": np.float32(pair.score_rejected),
+    "example_id": int(example_id),
+    "group_id": int(group_id),
+    "source_file": source_file,
+    "source_line": int(line),
+    "truncated": int(pair.truncated),
   }
 
 
@@ -96,11 +99,18 @@ def _sha_file(path) -> str:
   return h.hexdigest()
 
 
-def iter_examples(paths: Sequence[str], *, tokenizer: Optional[tokenize_lib.Tokenizer] = None,
-                  format: str = "auto", ranking: str = "all_pairs",  # pylint: disable=redefined-builtin
-                  limits: tokenize_lib.Limits = tokenize_lib.Limits(), add_eos: bool = True,
-                  add_special_tokens: bool = True, on_bad_record: str = "error",
-                  stats: Optional[Stats] = None):
+def iter_examples(
+  paths: Sequence[str],
+  *,
+  tokenizer: Optional[tokenize_lib.Tokenizer] = None,
+  format: str = "auto",
+  ranking: str = "all_pairs",  # pylint: disable=redefined-builtin
+  limits: tokenize_lib.Limits = tokenize_lib.Limits(),
+  add_eos: bool = True,
+  add_special_tokens: bool = True,
+  on_bad_record: str = "error",
+  stats: Optional[Stats] = None,
+):
   """Yields `(example_id, feature dict)` for the records of `paths`, in order: what
   `PreferenceFiles` writes, without writing it. Bad records raise `BadRecord` (file, line,
   reason) or, with `on_bad_record="skip"`, are counted in `stats` (updated in place)."""
@@ -118,9 +128,12 @@ def iter_examples(paths: Sequence[str], *, tokenizer: Optional[tokenize_lib.Toke
         if isinstance(rec, BadRecord):
           raise rec
         examples = records_lib.parse_record(rec, format, ranking=ranking, group=line)
-        pairs = [tokenize_lib.tokenize_example(ex, tokenizer, limits=limits, add_eos=add_eos,
-                                               add_special_tokens=add_special_tokens)
-                 for ex in examples]
+        pairs = [
+          tokenize_lib.tokenize_example(
+            ex, tokenizer, limits=limits, add_eos=add_eos, add_special_tokens=add_special_tokens
+          )
+          for ex in examples
+        ]
       except BadRecord as err:
         if on_bad_record == "error":
           raise err.at(path, line) from None
@@ -146,8 +159,9 @@ class _Base:
 
   def _info(self):
     tfds = _tfds()
-    return tfds.core.DatasetInfo(builder=self, description=self.__doc__.splitlines()[0],
-                                 features=features(), metadata=tfds.core.MetadataDict())
+    return tfds.core.DatasetInfo(
+      builder=self, description=self.__doc__.splitlines()[0], features=features(), metadata=tfds.core.MetadataDict()
+    )
 
   def _bad(self, stats: Stats, err: BadRecord):
     if self._on_bad_record == "error":
@@ -182,17 +196,27 @@ def _builder_classes():
     name = "pofx_preference_files"
     VERSION = tfds.core.Version(VERSION)
 
-    def __init__(self, *, files: Mapping[str, Union[str, Sequence[str]]],
-                 tokenizer: Optional[tokenize_lib.Tokenizer] = None, format: str = "auto",  # pylint: disable=redefined-builtin
-                 ranking: str = "all_pairs", limits: tokenize_lib.Limits = tokenize_lib.Limits(),
-                 add_eos: bool = True, add_special_tokens: bool = True,
-                 on_bad_record: str = "error", name: str = "default", **kwargs):
+    def __init__(
+      self,
+      *,
+      files: Mapping[str, Union[str, Sequence[str]]],
+      tokenizer: Optional[tokenize_lib.Tokenizer] = None,
+      format: str = "auto",  # pylint: disable=redefined-builtin
+      ranking: str = "all_pairs",
+      limits: tokenize_lib.Limits = tokenize_lib.Limits(),
+      add_eos: bool = True,
+      add_special_tokens: bool = True,
+      on_bad_record: str = "error",
+      name: str = "default",
+      **kwargs,
+    ):
       records_lib.check_choice("format", format, records_lib.FORMATS)
       records_lib.check_choice("ranking", ranking, records_lib.RANKING_MODES)
       if not files:
         raise ValueError("files: give at least one split, e.g. {'train': ['a.jsonl']}.")
-      self._files = {s: [os.fspath(f)] if isinstance(f, (str, os.PathLike)) else
-                     [os.fspath(x) for x in f] for s, f in files.items()}
+      self._files = {
+        s: [os.fspath(f)] if isinstance(f, (str, os.PathLike)) else [os.fspath(x) for x in f] for s, f in files.items()
+      }
       for split, paths in self._files.items():
         if not paths:
           raise ValueError(f"files[{split!r}] is empty.")
@@ -202,27 +226,41 @@ def _builder_classes():
       self._tokenizer, self._format, self._ranking = tokenizer, format, ranking
       self._limits, self._add_eos, self._add_special = limits, add_eos, add_special_tokens
       self._init_common(on_bad_record)
-      self.fingerprint = hashlib.sha256(json.dumps({
-          "version": VERSION,
-          "files": {s: [(os.path.basename(p), _sha_file(p)) for p in ps]
-                    for s, ps in sorted(self._files.items())},
-          "tokenizer": tokenizer.fingerprint if tokenizer is not None else None,
-          "format": format, "ranking": ranking, "limits": limits.as_dict(), "add_eos": add_eos,
-          "add_special_tokens": add_special_tokens, "on_bad_record": on_bad_record,
-      }, sort_keys=True).encode()).hexdigest()
+      self.fingerprint = hashlib.sha256(
+        json.dumps(
+          {
+            "version": VERSION,
+            "files": {s: [(os.path.basename(p), _sha_file(p)) for p in ps] for s, ps in sorted(self._files.items())},
+            "tokenizer": tokenizer.fingerprint if tokenizer is not None else None,
+            "format": format,
+            "ranking": ranking,
+            "limits": limits.as_dict(),
+            "add_eos": add_eos,
+            "add_special_tokens": add_special_tokens,
+            "on_bad_record": on_bad_record,
+          },
+          sort_keys=True,
+        ).encode()
+      ).hexdigest()
       super().__init__(config=tfds.core.BuilderConfig(name=name), **kwargs)
 
     def _split_generators(self, dl_manager):
       del dl_manager
-      return {split: self._generate_examples(split, paths)
-              for split, paths in self._files.items()}
+      return {split: self._generate_examples(split, paths) for split, paths in self._files.items()}
 
     def _generate_examples(self, split, paths):
       stats = Stats()
-      yield from iter_examples(paths, tokenizer=self._tokenizer, format=self._format,
-                               ranking=self._ranking, limits=self._limits, add_eos=self._add_eos,
-                               add_special_tokens=self._add_special,
-                               on_bad_record=self._on_bad_record, stats=stats)
+      yield from iter_examples(
+        paths,
+        tokenizer=self._tokenizer,
+        format=self._format,
+        ranking=self._ranking,
+        limits=self._limits,
+        add_eos=self._add_eos,
+        add_special_tokens=self._add_special,
+        on_bad_record=self._on_bad_record,
+        stats=stats,
+      )
       self._finish(split, stats)
 
   class GeneratedPreferences(_Builder, skip_registration=True):
@@ -231,10 +269,17 @@ def _builder_classes():
     name = "pofx_generated_preferences"
     VERSION = tfds.core.Version(VERSION)
 
-    def __init__(self, *, records: Mapping[str, Iterable[Mapping[str, Any]]],
-                 limits: tokenize_lib.Limits = tokenize_lib.Limits(),
-                 vocab_size: Optional[int] = None, on_bad_record: str = "error",
-                 name: str = "default", fingerprint: Optional[str] = None, **kwargs):
+    def __init__(
+      self,
+      *,
+      records: Mapping[str, Iterable[Mapping[str, Any]]],
+      limits: tokenize_lib.Limits = tokenize_lib.Limits(),
+      vocab_size: Optional[int] = None,
+      on_bad_record: str = "error",
+      name: str = "default",
+      fingerprint: Optional[str] = None,
+      **kwargs,
+    ):
       if not records:
         raise ValueError("records: give at least one split, e.g. {'train': [...]}.")
       self._records, self._limits, self._vocab_size = dict(records), limits, vocab_size
@@ -243,13 +288,18 @@ def _builder_classes():
       # (e.g. the world's seed and config); otherwise one is computed when the records are
       # sequences.
       if fingerprint is None:
-        h = hashlib.sha256(json.dumps({"version": VERSION, "limits": limits.as_dict(),
-                                       "vocab_size": vocab_size,
-                                       "on_bad_record": on_bad_record}, sort_keys=True).encode())
+        h = hashlib.sha256(
+          json.dumps(
+            {"version": VERSION, "limits": limits.as_dict(), "vocab_size": vocab_size, "on_bad_record": on_bad_record},
+            sort_keys=True,
+          ).encode()
+        )
         for split, recs in sorted(self._records.items()):
           if not isinstance(recs, Sequence):
-            raise ValueError("records given as an iterator: pass fingerprint= (something that "
-                             "identifies them, e.g. the generator's seed and config).")
+            raise ValueError(
+              "records given as an iterator: pass fingerprint= (something that "
+              "identifies them, e.g. the generator's seed and config)."
+            )
           h.update(split.encode())
           for rec in recs:
             for k in ("prompt", "chosen", "rejected"):
@@ -275,10 +325,13 @@ def _builder_classes():
           if not isinstance(rec, Mapping):
             raise BadRecord("wrong_type", f"a record must be a mapping, got {type(rec).__name__}")
           rec = dict(rec)
-          fields = {"prompt_input_ids": rec.get("prompt"), "chosen_input_ids": rec.get("chosen"),
-                    "rejected_input_ids": rec.get("rejected"),
-                    "score_chosen": _maybe_float(rec.get("score_chosen")),
-                    "score_rejected": _maybe_float(rec.get("score_rejected"))}
+          fields = {
+            "prompt_input_ids": rec.get("prompt"),
+            "chosen_input_ids": rec.get("chosen"),
+            "rejected_input_ids": rec.get("rejected"),
+            "score_chosen": _maybe_float(rec.get("score_chosen")),
+            "score_rejected": _maybe_float(rec.get("score_rejected")),
+          }
           [ex] = records_lib.parse_record(fields, "tokenized", group=line)
           pair = tokenize_lib.tokenize_example(ex, tok, limits=self._limits)
           eid = rec.get("example_id", index)
@@ -346,43 +399,73 @@ def _prepare(builder) -> Prepared:
   if os.path.exists(os.path.join(path, "dataset_info.json")):
     old = tfds.builder_from_directory(path).info.metadata or {}
     if old.get("fingerprint") != builder.fingerprint:
-      raise ValueError(f"{path} holds a dataset prepared from different inputs (files, tokenizer "
-                       f"or options; fingerprint {str(old.get('fingerprint'))[:12]}... vs "
-                       f"{builder.fingerprint[:12]}...). Use another data_dir or name, or delete "
-                       f"it.")
+      raise ValueError(
+        f"{path} holds a dataset prepared from different inputs (files, tokenizer "
+        f"or options; fingerprint {str(old.get('fingerprint'))[:12]}... vs "
+        f"{builder.fingerprint[:12]}...). Use another data_dir or name, or delete "
+        f"it."
+      )
     return Prepared(path, stats(path), builder.fingerprint)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return Prepared(path, dict(builder.stats), builder.fingerprint)
 
 
-def prepare_files(files: Mapping[str, Union[str, Sequence[str]]], *, data_dir: str,
-                  tokenizer: Optional[tokenize_lib.Tokenizer] = None, format: str = "auto",  # pylint: disable=redefined-builtin
-                  ranking: str = "all_pairs", limits: tokenize_lib.Limits = tokenize_lib.Limits(),
-                  add_eos: bool = True, add_special_tokens: bool = True,
-                  on_bad_record: str = "error", name: str = "default") -> Prepared:
+def prepare_files(
+  files: Mapping[str, Union[str, Sequence[str]]],
+  *,
+  data_dir: str,
+  tokenizer: Optional[tokenize_lib.Tokenizer] = None,
+  format: str = "auto",  # pylint: disable=redefined-builtin
+  ranking: str = "all_pairs",
+  limits: tokenize_lib.Limits = tokenize_lib.Limits(),
+  add_eos: bool = True,
+  add_special_tokens: bool = True,
+  on_bad_record: str = "error",
+  name: str = "default",
+) -> Prepared:
   """Parses, validates, tokenises and writes `files` ({split: path or paths}) as an array_record
   TFDS dataset under `data_dir/pofx_preference_files/<name>/1.0.0`; reuses it when the same
   inputs were prepared there before. Raises `BadRecord` (ValueError) with file, line and reason
   on the first bad record when `on_bad_record="error"`; with "skip", `Prepared.stats[split]`
   counts the skipped records by reason."""
   builder = _builder_classes()["PreferenceFiles"](
-      files=files, tokenizer=tokenizer, format=format, ranking=ranking, limits=limits,
-      add_eos=add_eos, add_special_tokens=add_special_tokens, on_bad_record=on_bad_record,
-      name=name, data_dir=os.fspath(data_dir), file_format="array_record")
+    files=files,
+    tokenizer=tokenizer,
+    format=format,
+    ranking=ranking,
+    limits=limits,
+    add_eos=add_eos,
+    add_special_tokens=add_special_tokens,
+    on_bad_record=on_bad_record,
+    name=name,
+    data_dir=os.fspath(data_dir),
+    file_format="array_record",
+  )
   return _prepare(builder)
 
 
-def prepare_generated(records: Mapping[str, Iterable[Mapping[str, Any]]], *, data_dir: str,
-                      limits: tokenize_lib.Limits = tokenize_lib.Limits(),
-                      vocab_size: Optional[int] = None, on_bad_record: str = "error",
-                      name: str = "default", fingerprint: Optional[str] = None) -> Prepared:
+def prepare_generated(
+  records: Mapping[str, Iterable[Mapping[str, Any]]],
+  *,
+  data_dir: str,
+  limits: tokenize_lib.Limits = tokenize_lib.Limits(),
+  vocab_size: Optional[int] = None,
+  on_bad_record: str = "error",
+  name: str = "default",
+  fingerprint: Optional[str] = None,
+) -> Prepared:
   """Writes generated, already tokenised records ({split: records}) as an array_record TFDS
   dataset under `data_dir/pofx_generated_preferences/<name>/1.0.0` (see `GeneratedPreferences`)."""
   builder = _builder_classes()["GeneratedPreferences"](
-      records=records, limits=limits, vocab_size=vocab_size, on_bad_record=on_bad_record,
-      name=name, fingerprint=fingerprint, data_dir=os.fspath(data_dir),
-      file_format="array_record")
+    records=records,
+    limits=limits,
+    vocab_size=vocab_size,
+    on_bad_record=on_bad_record,
+    name=name,
+    fingerprint=fingerprint,
+    data_dir=os.fspath(data_dir),
+    file_format="array_record",
+  )
   return _prepare(builder)
 
 
@@ -396,4 +479,3 @@ def stats(path: str) -> Dict[str, Stats]:
   """The ingestion counts stored with a prepared dataset, by split."""
   meta = _tfds().builder_from_directory(os.fspath(path)).info.metadata or {}
   return {k: Stats.from_dict(v) for k, v in dict(meta.get("stats", {})).items()}
-

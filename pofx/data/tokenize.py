@@ -73,26 +73,23 @@ def _compile_template(template: str):
     raise jinja2.exceptions.TemplateError(message)
 
   def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
   def strftime_now(fmt):
     return datetime.datetime.now().strftime(fmt)
 
-  env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                              extensions=[jinja_ext.loopcontrols])
+  env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja_ext.loopcontrols])
   env.filters["tojson"] = tojson
   env.globals["raise_exception"] = raise_exception
   env.globals["strftime_now"] = strftime_now
   return env.from_string(template)
 
 
-def render_chat_template(template: str, messages, *, add_generation_prompt: bool = False,
-                         **variables) -> str:
+def render_chat_template(template: str, messages, *, add_generation_prompt: bool = False, **variables) -> str:
   """Renders a Hugging Face chat template (jinja2, as `transformers` does)."""
-  return _compile_template(template).render(messages=list(messages),
-                                            add_generation_prompt=add_generation_prompt,
-                                            **variables)
+  return _compile_template(template).render(
+    messages=list(messages), add_generation_prompt=add_generation_prompt, **variables
+  )
 
 
 class Tokenizer:
@@ -108,8 +105,9 @@ class Tokenizer:
       detecting a stale prepared dataset).
   """
 
-  def __init__(self, tokenizer, config: Optional[dict] = None, *,
-               chat_template: Optional[str] = None, fingerprint: str = ""):
+  def __init__(
+    self, tokenizer, config: Optional[dict] = None, *, chat_template: Optional[str] = None, fingerprint: str = ""
+  ):
     self._tok = tokenizer
     config = dict(config or {})
     self.bos_token = _token_str(config.get("bos_token"))
@@ -137,9 +135,11 @@ class Tokenizer:
     return int(i)
 
   @classmethod
-  def from_files(cls, tokenizer_json: str, tokenizer_config_json: Optional[str] = None,
-                 chat_template_file: Optional[str] = None) -> "Tokenizer":
+  def from_files(
+    cls, tokenizer_json: str, tokenizer_config_json: Optional[str] = None, chat_template_file: Optional[str] = None
+  ) -> Tokenizer:
     import tokenizers  # pylint: disable=g-import-not-at-top
+
     h = hashlib.sha256()
     paths = [p for p in (tokenizer_json, tokenizer_config_json, chat_template_file) if p]
     for p in paths:
@@ -153,15 +153,18 @@ class Tokenizer:
     if chat_template_file:
       with open(chat_template_file, encoding="utf-8") as f:
         template = f.read()
-    return cls(tokenizers.Tokenizer.from_file(os.fspath(tokenizer_json)), config,
-               chat_template=template, fingerprint=h.hexdigest())
+    return cls(
+      tokenizers.Tokenizer.from_file(os.fspath(tokenizer_json)),
+      config,
+      chat_template=template,
+      fingerprint=h.hexdigest(),
+    )
 
   @classmethod
-  def from_dir(cls, path: str) -> "Tokenizer":
+  def from_dir(cls, path: str) -> Tokenizer:
     """`tokenizer.json` (required), `tokenizer_config.json` and `chat_template.jinja` (optional)
     in a directory."""
-    files = [os.path.join(path, n) for n in ("tokenizer.json", "tokenizer_config.json",
-                                             "chat_template.jinja")]
+    files = [os.path.join(path, n) for n in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")]
     if not os.path.exists(files[0]):
       raise ValueError(f"{path}: no tokenizer.json.")
     return cls.from_files(*[f if os.path.exists(f) else None for f in files])
@@ -174,12 +177,19 @@ class Tokenizer:
 
   def apply_chat_template(self, messages, *, add_generation_prompt: bool = False) -> str:
     if self.chat_template is None:
-      raise ValueError("this tokenizer has no chat template (tokenizer_config.json 'chat_template' "
-                       "or chat_template.jinja); conversational records need one.")
-    return render_chat_template(self.chat_template, messages,
-                                add_generation_prompt=add_generation_prompt,
-                                bos_token=self.bos_token, eos_token=self.eos_token,
-                                pad_token=self.pad_token, unk_token=self.unk_token)
+      raise ValueError(
+        "this tokenizer has no chat template (tokenizer_config.json 'chat_template' "
+        "or chat_template.jinja); conversational records need one."
+      )
+    return render_chat_template(
+      self.chat_template,
+      messages,
+      add_generation_prompt=add_generation_prompt,
+      bos_token=self.bos_token,
+      eos_token=self.eos_token,
+      pad_token=self.pad_token,
+      unk_token=self.unk_token,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,12 +225,15 @@ class TokenizedPair:
 
 def _tails(tok: Tokenizer, p, c, r):
   for name, full in (("chosen", c), ("rejected", r)):
-    if full[:len(p)] != p:
+    if full[: len(p)] != p:
       n = records_lib.common_prefix_length(p, full)
-      raise BadRecord("prompt_boundary", f"the tokenised prompt is not a prefix of the tokenised "
-                      f"prompt + {name}: they differ from prompt token {n} "
-                      f"({tok.decode(p[n:n + 5])!r} vs {tok.decode(full[n:n + 5])!r})")
-  return c[len(p):], r[len(p):]
+      raise BadRecord(
+        "prompt_boundary",
+        f"the tokenised prompt is not a prefix of the tokenised "
+        f"prompt + {name}: they differ from prompt token {n} "
+        f"({tok.decode(p[n : n + 5])!r} vs {tok.decode(full[n : n + 5])!r})",
+      )
+  return c[len(p) :], r[len(p) :]
 
 
 def _add_eos(tok: Tokenizer, ids: List[int]) -> List[int]:
@@ -247,9 +260,9 @@ def _truncate(p, c, r, limits: Limits, bos_id) -> Tuple[List[int], List[int], Li
     if target < len(p):
       keep = 1 if (p and bos_id is not None and p[0] == bos_id) else 0
       if target > keep:
-        p = p[:keep] + p[len(p) - (target - keep):]
+        p = p[:keep] + p[len(p) - (target - keep) :]
       else:
-        p = p[:max(target, 0)]
+        p = p[: max(target, 0)]
   if cut_comp:
     t = len(c) if mc is None else mc
     if ml is not None:
@@ -261,8 +274,9 @@ def _truncate(p, c, r, limits: Limits, bos_id) -> Tuple[List[int], List[int], Li
     if not p:
       raise BadRecord("too_long", f"the prompt ({len(p0)} tokens) would be truncated to nothing")
     if not c or not r:
-      raise BadRecord("too_long", f"a completion would be truncated to nothing (prompt "
-                      f"{len(p)} tokens, max_length {ml})")
+      raise BadRecord(
+        "too_long", f"a completion would be truncated to nothing (prompt {len(p)} tokens, max_length {ml})"
+      )
     if c == r:
       raise BadRecord("identical", "chosen and rejected become identical after truncation")
   over = []
@@ -277,8 +291,14 @@ def _truncate(p, c, r, limits: Limits, bos_id) -> Tuple[List[int], List[int], Li
   return p, c, r, truncated
 
 
-def tokenize_example(ex: Example, tokenizer: Optional[Tokenizer], *, limits: Limits = Limits(),
-                     add_eos: bool = True, add_special_tokens: bool = True) -> TokenizedPair:
+def tokenize_example(
+  ex: Example,
+  tokenizer: Optional[Tokenizer],
+  *,
+  limits: Limits = Limits(),
+  add_eos: bool = True,
+  add_special_tokens: bool = True,
+) -> TokenizedPair:
   """An `Example` -> `TokenizedPair` (see the module docstring). Raises `BadRecord`."""
   tok = tokenizer
   if ex.kind != "ids" and tok is None:
@@ -295,12 +315,9 @@ def tokenize_example(ex: Example, tokenizer: Optional[Tokenizer], *, limits: Lim
         if min(ids) < 0:
           raise BadRecord("bad_token_id", f"{name} has negative ids")
   elif ex.kind == "chat":
-    p = tok.encode(tok.apply_chat_template(ex.prompt, add_generation_prompt=True),
-                   add_special_tokens=False)
-    full_c = tok.encode(tok.apply_chat_template(list(ex.prompt) + list(ex.chosen)),
-                        add_special_tokens=False)
-    full_r = tok.encode(tok.apply_chat_template(list(ex.prompt) + list(ex.rejected)),
-                        add_special_tokens=False)
+    p = tok.encode(tok.apply_chat_template(ex.prompt, add_generation_prompt=True), add_special_tokens=False)
+    full_c = tok.encode(tok.apply_chat_template(list(ex.prompt) + list(ex.chosen)), add_special_tokens=False)
+    full_r = tok.encode(tok.apply_chat_template(list(ex.prompt) + list(ex.rejected)), add_special_tokens=False)
     c, r = _tails(tok, p, full_c, full_r)
   elif ex.prompt is None:  # implicit text: split on token ids
     full_c = tok.encode(ex.chosen, add_special_tokens=add_special_tokens)
@@ -316,8 +333,11 @@ def tokenize_example(ex: Example, tokenizer: Optional[Tokenizer], *, limits: Lim
     c, r = _add_eos(tok, c), _add_eos(tok, r)
   if not p:
     raise BadRecord("empty_prompt", "the prompt has no tokens")
-  if not c or not r or (tok is not None and tok.eos_id is not None and ex.kind == "text" and add_eos
-                        and (len(c) == 1 or len(r) == 1)):
+  if (
+    not c
+    or not r
+    or (tok is not None and tok.eos_id is not None and ex.kind == "text" and add_eos and (len(c) == 1 or len(r) == 1))
+  ):
     raise BadRecord("empty_completion", "a completion has no tokens (besides EOS)")
   if c == r:
     raise BadRecord("identical", "chosen and rejected have the same token ids")

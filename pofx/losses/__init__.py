@@ -99,16 +99,16 @@ from pofx.losses._trl import (
 )
 
 REGISTRY: Mapping[str, LossSpec] = _registry.build_registry(
-    _gpo_family.SPECS,
-    _trl.SPECS,
-    _reference_free.SPECS,
-    _margins.SPECS,
-    _label_noise.SPECS,
-    _regularised.SPECS,
-    _adaptive.SPECS,
-    _token_level.SPECS,
-    _pointwise.SPECS,
-    _risk.SPECS,
+  _gpo_family.SPECS,
+  _trl.SPECS,
+  _reference_free.SPECS,
+  _margins.SPECS,
+  _label_noise.SPECS,
+  _regularised.SPECS,
+  _adaptive.SPECS,
+  _token_level.SPECS,
+  _pointwise.SPECS,
+  _risk.SPECS,
 )
 """Read-only mapping: canonical name -> LossSpec."""
 
@@ -124,12 +124,16 @@ def names() -> list[str]:
 def _unknown(name) -> str:
   if name in trl.REGISTRY:
     canonical = trl.canonical(name)
-    return (f"Unknown loss {name!r}: {name!r} is TRL's loss_type name; pofx's name of the formula is {canonical!r}, "
-            f"and TRL 1.16's own semantics are {trl.PREFIX + name!r}.")
+    return (
+      f"Unknown loss {name!r}: {name!r} is TRL's loss_type name; pofx's name of the formula is {canonical!r}, "
+      f"and TRL 1.16's own semantics are {trl.PREFIX + name!r}."
+    )
   if name in _SAME_FORMULA:
     return f"Unknown loss {name!r}: its formula is {_SAME_FORMULA[name]!r}."
-  return (f"Unknown loss {name!r}; allowed: {names()}, or a TRL loss_type as 'trl.<loss_type>' "
-          f"({[trl.PREFIX + t for t in trl.names()]}).")
+  return (
+    f"Unknown loss {name!r}; allowed: {names()}, or a TRL loss_type as 'trl.<loss_type>' "
+    f"({[trl.PREFIX + t for t in trl.names()]})."
+  )
 
 
 def spec(name: str) -> LossSpec:
@@ -185,19 +189,90 @@ def batch_loss(name: str, policy, reference=None, **kwargs: Any):
 
 
 __all__ = [
-    "REGISTRY", "REQUIREMENTS", "LossSpec", "names", "spec", "get", "batch_loss", "reduce", "check_kwargs", "trl",
-    # shared pieces
-    "logratios", "margins", "check_beta", "check_choice", "check_range",
-    # GPO family
-    "gpo", "dpo", "slic", "ipo", "ipo_sum", "exponential", "truncated_quadratic", "savage",
-    # formulas TRL has (its loss types, modifiers and their combination)
-    "TRL_LOSS_TYPES", "F_DIVERGENCES", "F_DIVERGENCE_LOSS_TYPES", "trl_dpo_loss", "f_divergence_link",
-    "wpo_sequence_weights", "exo_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down",
-    "discopop", "sft", "ld_dpo", "wpo", "f_dpo",
-    # literature
-    "simpo", "cpo", "orpo", "repo", "dpop", "odpo", "dpo_shift", "dpo_shift_lambda", "ln_dpo", "mappo", "cdpo",
-    "robust_dpo", "focalpo", "rpo", "irpo", "asft", "beta_dpo", "beta_dpo_init_state", "beta_dpo_batch_statistics",
-    "BetaDpoState", "gamma_simpo", "gamma_dpo", "gamma_po", "gamma_po_init_state", "gamma_po_margins", "GammaPoState",
-    "sampo", "sampo_token_masks", "dmpo", "dmpo_turn_weights", "delta_l_weights", "dpo_nll_delta_l", "nca",
-    "nca_kway", "infonca_kway", "una", "kto", "kto_reference_point", "ra_dpo", "ra_dpo2", "ra_dpo_sequence_risk",
+  "REGISTRY",
+  "REQUIREMENTS",
+  "LossSpec",
+  "names",
+  "spec",
+  "get",
+  "batch_loss",
+  "reduce",
+  "check_kwargs",
+  "trl",
+  # shared pieces
+  "logratios",
+  "margins",
+  "check_beta",
+  "check_choice",
+  "check_range",
+  # GPO family
+  "gpo",
+  "dpo",
+  "slic",
+  "ipo",
+  "ipo_sum",
+  "exponential",
+  "truncated_quadratic",
+  "savage",
+  # formulas TRL has (its loss types, modifiers and their combination)
+  "TRL_LOSS_TYPES",
+  "F_DIVERGENCES",
+  "F_DIVERGENCE_LOSS_TYPES",
+  "trl_dpo_loss",
+  "f_divergence_link",
+  "wpo_sequence_weights",
+  "exo_pair",
+  "bco_pair",
+  "sppo_hard",
+  "aot",
+  "aot_unpaired",
+  "apo_zero",
+  "apo_down",
+  "discopop",
+  "sft",
+  "ld_dpo",
+  "wpo",
+  "f_dpo",
+  # literature
+  "simpo",
+  "cpo",
+  "orpo",
+  "repo",
+  "dpop",
+  "odpo",
+  "dpo_shift",
+  "dpo_shift_lambda",
+  "ln_dpo",
+  "mappo",
+  "cdpo",
+  "robust_dpo",
+  "focalpo",
+  "rpo",
+  "irpo",
+  "asft",
+  "beta_dpo",
+  "beta_dpo_init_state",
+  "beta_dpo_batch_statistics",
+  "BetaDpoState",
+  "gamma_simpo",
+  "gamma_dpo",
+  "gamma_po",
+  "gamma_po_init_state",
+  "gamma_po_margins",
+  "GammaPoState",
+  "sampo",
+  "sampo_token_masks",
+  "dmpo",
+  "dmpo_turn_weights",
+  "delta_l_weights",
+  "dpo_nll_delta_l",
+  "nca",
+  "nca_kway",
+  "infonca_kway",
+  "una",
+  "kto",
+  "kto_reference_point",
+  "ra_dpo",
+  "ra_dpo2",
+  "ra_dpo_sequence_risk",
 ]

@@ -30,10 +30,14 @@ from pofx.losses._registry import LossSpec
 
 Array = jax.Array
 
-_BETA_DPO_SOURCE = ("Wu et al. 2024, beta-DPO, arXiv:2407.08639; code junkangwu/beta-DPO "
-                    "trainers.py::preference_loss + update_and_sync_tensor_mean")
-_GAMMA_PO_SOURCE = ("Sun et al. 2025, gamma-PO, arXiv:2506.03690 (ACL 2025); code sunjie279/gammaPO "
-                    "scripts/simpo_trainer.py::get_gamma_dq, scripts/xpo_trainer.py")
+_BETA_DPO_SOURCE = (
+  "Wu et al. 2024, beta-DPO, arXiv:2407.08639; code junkangwu/beta-DPO "
+  "trainers.py::preference_loss + update_and_sync_tensor_mean"
+)
+_GAMMA_PO_SOURCE = (
+  "Sun et al. 2025, gamma-PO, arXiv:2506.03690 (ACL 2025); code sunjie279/gammaPO "
+  "scripts/simpo_trainer.py::get_gamma_dq, scripts/xpo_trainer.py"
+)
 
 # -------------------------------------------------------------------------------------------------
 # beta-DPO
@@ -88,9 +92,18 @@ def _gumbel_top_k_mask(key, log_weights: Array, k: int) -> Array:
   return jnp.zeros((n,), jnp.float32).at[idx].set(1.0)
 
 
-def beta_dpo(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1, a: float = 0.6,
-             filter_ratio: float = 0.2, momentum: float = 0.9, state: BetaDpoState, key: Array,
-             axis_name: Optional[str] = None):
+def beta_dpo(
+  policy: PairLogps,
+  reference: PairLogps,
+  *,
+  beta: float = 0.1,
+  a: float = 0.6,
+  filter_ratio: float = 0.2,
+  momentum: float = 0.9,
+  state: BetaDpoState,
+  key: Array,
+  axis_name: Optional[str] = None,
+):
   r"""beta-DPO: DPO with a batch-adaptive, detached beta and Gaussian data filtering.
 
   With `M_i = rho_i` (the **unscaled** margin `(pi_w - ref_w) - (pi_l - ref_l)`, detached, over
@@ -188,12 +201,15 @@ def gamma_po_init_state(*, pool_size: int = 2048, num_init: int = 8, seed: int =
   """
   del unused_hyper
   if pool_size < 1 or not 0 <= num_init <= pool_size:
-    raise ValueError(f"gamma_po_init_state: invalid pool_size={pool_size!r}, num_init={num_init!r}; "
-                     "allowed: pool_size >= 1 and 0 <= num_init <= pool_size.")
+    raise ValueError(
+      f"gamma_po_init_state: invalid pool_size={pool_size!r}, num_init={num_init!r}; "
+      "allowed: pool_size >= 1 and 0 <= num_init <= pool_size."
+    )
   init = jax.random.normal(jax.random.key(seed), (num_init,), jnp.float32)
   pool = jnp.zeros((pool_size,), jnp.float32).at[:num_init].set(init)
-  return GammaPoState(pool=pool, count=jnp.asarray(num_init, jnp.int32),
-                      next=jnp.asarray(num_init % pool_size, jnp.int32))
+  return GammaPoState(
+    pool=pool, count=jnp.asarray(num_init, jnp.int32), next=jnp.asarray(num_init % pool_size, jnp.int32)
+  )
 
 
 def gamma_po_margins(gaps: Array, active: Array, *, gamma0, tau, num_steps: int = 20, eps: float = 1e-10) -> Array:
@@ -234,9 +250,19 @@ def _gamma_po_gaps(policy, reference, base, beta):
   return beta * jnp.asarray(_common.margins(policy, reference), jnp.float32)
 
 
-def gamma_po(policy: PairLogps, reference: Optional[PairLogps], *, base: str = "simpo", beta: float = 2.0,
-             gamma_beta_ratio: float = 0.25, tau: float = 1.0, opt_size: int = 256, num_steps: int = 20,
-             state: GammaPoState, key: Array):
+def gamma_po(
+  policy: PairLogps,
+  reference: Optional[PairLogps],
+  *,
+  base: str = "simpo",
+  beta: float = 2.0,
+  gamma_beta_ratio: float = 0.25,
+  tau: float = 1.0,
+  opt_size: int = 256,
+  num_steps: int = 20,
+  state: GammaPoState,
+  key: Array,
+):
   r"""gamma-PO: logistic loss with per-pair target margins solved on a pool of recent gaps.
 
   Reward gaps: `g_i = beta (pi_w/|y_w| - pi_l/|y_l|)` (base "simpo", reference unused) or
@@ -312,14 +338,26 @@ def gamma_po(policy: PairLogps, reference: Optional[PairLogps], *, base: str = "
 
   # 4. FIFO push of the current gaps.
   pos = (state.next + jnp.arange(b)) % pool_size
-  new_state = GammaPoState(pool=state.pool.at[pos].set(g_sg),
-                           count=jnp.minimum(state.count + b, pool_size).astype(jnp.int32),
-                           next=((state.next + b) % pool_size).astype(jnp.int32))
+  new_state = GammaPoState(
+    pool=state.pool.at[pos].set(g_sg),
+    count=jnp.minimum(state.count + b, pool_size).astype(jnp.int32),
+    next=((state.next + b) % pool_size).astype(jnp.int32),
+  )
   return losses, new_state
 
 
-def gamma_simpo(policy, reference=None, *, beta: float = 2.0, gamma_beta_ratio: float = 0.25, tau: float = 1.0,
-                opt_size: int = 256, num_steps: int = 20, state: GammaPoState, key: Array):
+def gamma_simpo(
+  policy,
+  reference=None,
+  *,
+  beta: float = 2.0,
+  gamma_beta_ratio: float = 0.25,
+  tau: float = 1.0,
+  opt_size: int = 256,
+  num_steps: int = 20,
+  state: GammaPoState,
+  key: Array,
+):
   r"""gamma-SimPO: `-log sigmoid(beta (pi_w/|y_w| - pi_l/|y_l|) - sg(gamma_i))`, gamma_i from a gap pool.
 
   `gamma_po(base="simpo")`; reference-free. Defaults are the code's SimPOConfig (beta 2.0,
@@ -329,12 +367,32 @@ def gamma_simpo(policy, reference=None, *, beta: float = 2.0, gamma_beta_ratio: 
   References: Sun et al. 2025, arXiv:2506.03690; sunjie279/gammaPO `simpo_trainer.py` (gm-simpo).
   """
   del reference
-  return gamma_po(policy, None, base="simpo", beta=beta, gamma_beta_ratio=gamma_beta_ratio, tau=tau,
-                  opt_size=opt_size, num_steps=num_steps, state=state, key=key)
+  return gamma_po(
+    policy,
+    None,
+    base="simpo",
+    beta=beta,
+    gamma_beta_ratio=gamma_beta_ratio,
+    tau=tau,
+    opt_size=opt_size,
+    num_steps=num_steps,
+    state=state,
+    key=key,
+  )
 
 
-def gamma_dpo(policy, reference, *, beta: float = 0.1, gamma_beta_ratio: float = 0.25, tau: float = 1.0,
-              opt_size: int = 256, num_steps: int = 20, state: GammaPoState, key: Array):
+def gamma_dpo(
+  policy,
+  reference,
+  *,
+  beta: float = 0.1,
+  gamma_beta_ratio: float = 0.25,
+  tau: float = 1.0,
+  opt_size: int = 256,
+  num_steps: int = 20,
+  state: GammaPoState,
+  key: Array,
+):
   r"""gamma-DPO: `-log sigmoid(beta rho - sg(gamma_i - gamma0))`, gamma_i from a pool of `beta rho` gaps.
 
   `gamma_po(base="dpo")` on summed log-ratios. beta = 0.1 is DPO's default; gamma/beta 0.25 and
@@ -343,18 +401,47 @@ def gamma_dpo(policy, reference, *, beta: float = 0.1, gamma_beta_ratio: float =
 
   References: Sun et al. 2025, arXiv:2506.03690; sunjie279/gammaPO `xpo_trainer.py` (gm-dpo).
   """
-  return gamma_po(policy, reference, base="dpo", beta=beta, gamma_beta_ratio=gamma_beta_ratio, tau=tau,
-                  opt_size=opt_size, num_steps=num_steps, state=state, key=key)
+  return gamma_po(
+    policy,
+    reference,
+    base="dpo",
+    beta=beta,
+    gamma_beta_ratio=gamma_beta_ratio,
+    tau=tau,
+    opt_size=opt_size,
+    num_steps=num_steps,
+    state=state,
+    key=key,
+  )
 
 
 SPECS = (
-    # example_hyper a=0: beta_used is detached by design, so with a != 0 autodiff gradients differ
-    # from finite differences of the loss value (the contract test compares the two).
-    LossSpec("beta_dpo", beta_dpo, "adaptive", _BETA_DPO_SOURCE, requires=frozenset({"state", "key"}),
-             init_state=beta_dpo_init_state,
-             detached_by_design="the batch beta and the filter are stop-gradient functions of the margins"),
-    LossSpec("gamma_simpo", gamma_simpo, "adaptive", _GAMMA_PO_SOURCE + " (gm-simpo)", reference="unused",
-             requires=frozenset({"state", "key", "lengths"}), init_state=gamma_po_init_state),
-    LossSpec("gamma_dpo", gamma_dpo, "adaptive", _GAMMA_PO_SOURCE + " (gm-dpo)",
-             requires=frozenset({"state", "key"}), init_state=gamma_po_init_state),
+  # example_hyper a=0: beta_used is detached by design, so with a != 0 autodiff gradients differ
+  # from finite differences of the loss value (the contract test compares the two).
+  LossSpec(
+    "beta_dpo",
+    beta_dpo,
+    "adaptive",
+    _BETA_DPO_SOURCE,
+    requires=frozenset({"state", "key"}),
+    init_state=beta_dpo_init_state,
+    detached_by_design="the batch beta and the filter are stop-gradient functions of the margins",
+  ),
+  LossSpec(
+    "gamma_simpo",
+    gamma_simpo,
+    "adaptive",
+    _GAMMA_PO_SOURCE + " (gm-simpo)",
+    reference="unused",
+    requires=frozenset({"state", "key", "lengths"}),
+    init_state=gamma_po_init_state,
+  ),
+  LossSpec(
+    "gamma_dpo",
+    gamma_dpo,
+    "adaptive",
+    _GAMMA_PO_SOURCE + " (gm-dpo)",
+    requires=frozenset({"state", "key"}),
+    init_state=gamma_po_init_state,
+  ),
 )

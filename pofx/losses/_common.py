@@ -30,10 +30,14 @@ def margins(policy: PairLogps, reference: Optional[PairLogps]) -> Array:
 def lengths(policy: PairLogps, name: str):
   """Completion-token counts (float32, clamped at 1 as TRL does)."""
   if policy.chosen_len is None or policy.rejected_len is None:
-    raise ValueError(f"{name} normalises by completion length: the policy PairLogps needs chosen_len "
-                     "and rejected_len (PairLogps.from_tokens sets them).")
-  return (jnp.maximum(jnp.asarray(policy.chosen_len, jnp.float32), 1.0),
-          jnp.maximum(jnp.asarray(policy.rejected_len, jnp.float32), 1.0))
+    raise ValueError(
+      f"{name} normalises by completion length: the policy PairLogps needs chosen_len "
+      "and rejected_len (PairLogps.from_tokens sets them)."
+    )
+  return (
+    jnp.maximum(jnp.asarray(policy.chosen_len, jnp.float32), 1.0),
+    jnp.maximum(jnp.asarray(policy.rejected_len, jnp.float32), 1.0),
+  )
 
 
 def chosen_token_nll_sum(policy: PairLogps) -> Array:
@@ -45,8 +49,17 @@ def _is_static(x) -> bool:
   return isinstance(x, (numbers.Number, np.ndarray, np.generic)) and not isinstance(x, jax.core.Tracer)
 
 
-def check_range(name: str, field: str, value, *, low=None, high=None, low_open=False, high_open=False,
-                allowed_text: Optional[str] = None) -> None:
+def check_range(
+  name: str,
+  field: str,
+  value,
+  *,
+  low=None,
+  high=None,
+  low_open=False,
+  high_open=False,
+  allowed_text: Optional[str] = None,
+) -> None:
   """Raises ValueError when a static (Python/numpy) hyperparameter lies outside its range.
 
   Traced values (under `jit`) cannot be checked and pass through.
@@ -78,12 +91,15 @@ def check_choice(name: str, field: str, value, allowed: Sequence[str]) -> None:
 
 def require_reference(name: str, reference) -> None:
   if reference is None:
-    raise ValueError(f"{name} needs a reference model's log-probs (reference=None was given); use a "
-                     "reference-free loss (e.g. simpo, cpo, orpo) or pass the reference PairLogps.")
+    raise ValueError(
+      f"{name} needs a reference model's log-probs (reference=None was given); use a "
+      "reference-free loss (e.g. simpo, cpo, orpo) or pass the reference PairLogps."
+    )
 
 
-def check_inputs(name: str, policy, reference=None, *, need_reference=False, need_lengths=False,
-                 need_tokens=False) -> None:
+def check_inputs(
+  name: str, policy, reference=None, *, need_reference=False, need_lengths=False, need_tokens=False
+) -> None:
   """Type/shape checks every loss runs first."""
   check_pair_logps(policy, reference, name=name, need_lengths=need_lengths, need_tokens=need_tokens)
   if need_reference:

@@ -27,8 +27,9 @@ def worked_example(shift: float = 0.0):
   """(policy, reference) of the worked example; `shift` moves rho by `shift` (half on each side)."""
   c_tok, c_mask = _tokens(-10.0 + shift / 2, LEN_W)
   r_tok, r_mask = _tokens(-12.0 - shift / 2, LEN_L)
-  policy = PairLogps.from_tokens(c_tok, c_mask, r_tok, r_mask,
-                                 chosen_log_sum_sq_probs=c_tok - 0.5, rejected_log_sum_sq_probs=r_tok - 0.5)
+  policy = PairLogps.from_tokens(
+    c_tok, c_mask, r_tok, r_mask, chosen_log_sum_sq_probs=c_tok - 0.5, rejected_log_sum_sq_probs=r_tok - 0.5
+  )
   rc_tok, _ = _tokens(-11.0, LEN_W)
   rr_tok, _ = _tokens(-11.0, LEN_L)
   reference = PairLogps.from_tokens(rc_tok, c_mask, rr_tok, r_mask)
@@ -61,10 +62,12 @@ def example_kwargs(spec, key=None):
 def _inputs(spec, shift):
   policy, reference = worked_example(shift)
   if "list" in spec.requires:
-    policy = ListLogps(logps=jnp.stack([policy.chosen, policy.rejected], -1),
-                       lengths=jnp.array([[LEN_W, LEN_L]], jnp.float32))
-    reference = ListLogps(logps=jnp.stack([reference.chosen, reference.rejected], -1),
-                          lengths=jnp.array([[LEN_W, LEN_L]], jnp.float32))
+    policy = ListLogps(
+      logps=jnp.stack([policy.chosen, policy.rejected], -1), lengths=jnp.array([[LEN_W, LEN_L]], jnp.float32)
+    )
+    reference = ListLogps(
+      logps=jnp.stack([reference.chosen, reference.rejected], -1), lengths=jnp.array([[LEN_W, LEN_L]], jnp.float32)
+    )
   if spec.reference == "unused":
     reference = None
   return policy, reference

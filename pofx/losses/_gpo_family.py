@@ -20,8 +20,9 @@ from pofx.losses._registry import LossSpec
 _GPO_SOURCE = "Tang et al. 2024, GPO, arXiv:2402.05749, Eq. 3 / Table 1"
 
 
-def gpo(policy: PairLogps, reference: Optional[PairLogps], *, f: Union[str, gpo_fns.ConvexFn],
-        beta: float = 0.1) -> jax.Array:
+def gpo(
+  policy: PairLogps, reference: Optional[PairLogps], *, f: Union[str, gpo_fns.ConvexFn], beta: float = 0.1
+) -> jax.Array:
   r"""Generalized preference optimization: `L = f(beta * rho)`, per pair.
 
   `rho = (pi_w - ref_w) - (pi_l - ref_l)` (summed log-probs; reference-free when reference is None).
@@ -126,15 +127,22 @@ def savage(policy, reference, *, beta: float = 0.1):
 
 
 SPECS = (
-    LossSpec("gpo", gpo, "gpo", _GPO_SOURCE + " (any f)", reference="optional",
-             example_hyper={"f": "logistic"}),
-    LossSpec("dpo", dpo, "gpo", "Rafailov et al. 2023, arXiv:2305.18290, Eq. 7 (GPO logistic)"),
-    LossSpec("slic", slic, "gpo", "Zhao et al. 2023, arXiv:2305.10425, Eq. 2 (GPO hinge)", reference="optional"),
-    LossSpec("ipo", ipo, "gpo", "Azar et al. 2023, arXiv:2310.12036, Eq. 17 (length-averaged, as TRL loss_type='ipo')",
-             requires=frozenset({"lengths"})),
-    LossSpec("ipo_sum", ipo_sum, "gpo", "Azar et al. 2023, arXiv:2310.12036, Eq. 17 (summed; GPO squared, beta_gpo=2tau)"),
-    LossSpec("exponential", exponential, "gpo", _GPO_SOURCE + " (exponential)", reference="optional"),
-    LossSpec("truncated_quadratic", truncated_quadratic, "gpo", _GPO_SOURCE + " (truncated quadratic)",
-             reference="optional"),
-    LossSpec("savage", savage, "gpo", _GPO_SOURCE + " (savage)", reference="optional"),
+  LossSpec("gpo", gpo, "gpo", _GPO_SOURCE + " (any f)", reference="optional", example_hyper={"f": "logistic"}),
+  LossSpec("dpo", dpo, "gpo", "Rafailov et al. 2023, arXiv:2305.18290, Eq. 7 (GPO logistic)"),
+  LossSpec("slic", slic, "gpo", "Zhao et al. 2023, arXiv:2305.10425, Eq. 2 (GPO hinge)", reference="optional"),
+  LossSpec(
+    "ipo",
+    ipo,
+    "gpo",
+    "Azar et al. 2023, arXiv:2310.12036, Eq. 17 (length-averaged, as TRL loss_type='ipo')",
+    requires=frozenset({"lengths"}),
+  ),
+  LossSpec(
+    "ipo_sum", ipo_sum, "gpo", "Azar et al. 2023, arXiv:2310.12036, Eq. 17 (summed; GPO squared, beta_gpo=2tau)"
+  ),
+  LossSpec("exponential", exponential, "gpo", _GPO_SOURCE + " (exponential)", reference="optional"),
+  LossSpec(
+    "truncated_quadratic", truncated_quadratic, "gpo", _GPO_SOURCE + " (truncated quadratic)", reference="optional"
+  ),
+  LossSpec("savage", savage, "gpo", _GPO_SOURCE + " (savage)", reference="optional"),
 )

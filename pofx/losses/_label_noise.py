@@ -76,8 +76,7 @@ def robust_dpo(policy, reference, *, eps: float = 0.1, beta: float = 0.1):
   Models with Noisy Feedback", arXiv:2403.00409 (the rDPO loss; the form here is the one
   implemented by TRL `DPOTrainer` loss_type="robust", equation number not checked).
   """
-  _common.check_range("robust_dpo", "eps", eps, low=0.0, high=0.5, high_open=True,
-                      allowed_text="0 <= eps < 0.5")
+  _common.check_range("robust_dpo", "eps", eps, low=0.0, high=0.5, high_open=True, allowed_text="0 <= eps < 0.5")
   _dpo_logit("robust_dpo", policy, reference, beta)  # input and beta checks
   return trl_robust(policy, reference, beta=beta, label_smoothing=eps)  # one implementation of the formula
 
@@ -124,12 +123,21 @@ def focalpo(policy, reference, *, gamma, beta: float = 0.1, detach_weight: bool 
 
 
 SPECS = (
-    LossSpec("cdpo", cdpo, "label-noise",
-             "Mitchell 2023 cDPO note; old TRL sigmoid + label_smoothing (conservative DPO)",
-             example_hyper={"eps": 0.1}),
-    LossSpec("robust_dpo", robust_dpo, "label-noise",
-             "Chowdhury et al. 2024, arXiv:2403.00409 (rDPO), as TRL loss_type='robust'"),
-    LossSpec("focalpo", focalpo, "label-noise",
-             "Liu et al. 2025, arXiv:2501.06645 (FocalPO; -p^gamma log p, gradient detach unverified)",
-             example_hyper={"gamma": 0.5}),
+  LossSpec(
+    "cdpo",
+    cdpo,
+    "label-noise",
+    "Mitchell 2023 cDPO note; old TRL sigmoid + label_smoothing (conservative DPO)",
+    example_hyper={"eps": 0.1},
+  ),
+  LossSpec(
+    "robust_dpo", robust_dpo, "label-noise", "Chowdhury et al. 2024, arXiv:2403.00409 (rDPO), as TRL loss_type='robust'"
+  ),
+  LossSpec(
+    "focalpo",
+    focalpo,
+    "label-noise",
+    "Liu et al. 2025, arXiv:2501.06645 (FocalPO; -p^gamma log p, gradient detach unverified)",
+    example_hyper={"gamma": 0.5},
+  ),
 )

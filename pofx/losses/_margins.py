@@ -38,8 +38,9 @@ def _scores(name, chosen_scores, rejected_scores, batch_size):
   s_w = jax.lax.stop_gradient(_f32(chosen_scores))
   s_l = jax.lax.stop_gradient(_f32(rejected_scores))
   if s_w.shape != (batch_size,) or s_l.shape != (batch_size,):
-    raise ValueError(f"{name}: chosen_scores and rejected_scores must have shape ({batch_size},), "
-                     f"got {s_w.shape} and {s_l.shape}.")
+    raise ValueError(
+      f"{name}: chosen_scores and rejected_scores must have shape ({batch_size},), got {s_w.shape} and {s_l.shape}."
+    )
   return s_w, s_l
 
 
@@ -66,8 +67,16 @@ def dpop(policy, reference, *, lam: float = 50.0, beta: float = 0.1):
   return gpo_fns.logistic(beta * ((lr_w - lr_l) - lam * penalty))
 
 
-def odpo(policy, reference, *, chosen_scores=None, rejected_scores=None, alpha: float = 1.0,
-         beta: float = 0.1, ratio: bool = False):
+def odpo(
+  policy,
+  reference,
+  *,
+  chosen_scores=None,
+  rejected_scores=None,
+  alpha: float = 1.0,
+  beta: float = 0.1,
+  ratio: bool = False,
+):
   r"""ODPO: DPO with a per-pair offset from the scores' gap.
 
   `L = -log sigmoid(beta * rho - Delta)`, summed log-probs, with
@@ -102,8 +111,7 @@ def odpo(policy, reference, *, chosen_scores=None, rejected_scores=None, alpha: 
 _SHIFT_KINDS = ("fixed", "increase_linear", "decrease_linear")
 
 
-def dpo_shift_lambda(step, max_steps, kind: str = "fixed", lambda_min: float = 0.5,
-                     lambda_max: float = 1.0):
+def dpo_shift_lambda(step, max_steps, kind: str = "fixed", lambda_min: float = 0.5, lambda_max: float = 1.0):
   r"""The DPO-Shift schedule of lambda at `step` (pure; `step` may be a traced array).
 
   - `"fixed"`: `lambda_max` (the fixed value; the code's default `dpo_lambda = 1.0` is DPO);
@@ -115,13 +123,14 @@ def dpo_shift_lambda(step, max_steps, kind: str = "fixed", lambda_min: float = 0
   `scripts/dposhift_trainer.py` (`lambda_schedule`).
   """
   _common.check_choice("dpo_shift_lambda", "kind", kind, _SHIFT_KINDS)
-  _common.check_range("dpo_shift_lambda", "max_steps", max_steps, low=0.0, low_open=True,
-                      allowed_text="max_steps > 0")
+  _common.check_range("dpo_shift_lambda", "max_steps", max_steps, low=0.0, low_open=True, allowed_text="max_steps > 0")
   _common.check_range("dpo_shift_lambda", "lambda_min", lambda_min, low=0.0, high=1.0)
   _common.check_range("dpo_shift_lambda", "lambda_max", lambda_max, low=0.0, high=1.0)
   if _common._is_static(lambda_min) and _common._is_static(lambda_max) and lambda_min > lambda_max:
-    raise ValueError(f"dpo_shift_lambda: invalid lambda_min={lambda_min!r} > lambda_max={lambda_max!r}; "
-                     "allowed: lambda_min <= lambda_max.")
+    raise ValueError(
+      f"dpo_shift_lambda: invalid lambda_min={lambda_min!r} > lambda_max={lambda_max!r}; "
+      "allowed: lambda_min <= lambda_max."
+    )
   lo, hi = _f32(lambda_min), _f32(lambda_max)
   if kind == "fixed":
     return hi
@@ -199,16 +208,27 @@ def mappo(policy, reference, *, chosen_scores=None, rejected_scores=None, beta: 
 
 
 SPECS = (
-    LossSpec("dpop", dpop, "margin",
-             "Pal et al. 2024, arXiv:2402.13228 v3 (penalty inside the sigmoid); SamPO dpop"),
-    LossSpec("odpo", odpo, "margin",
-             "Amini et al. 2024, arXiv:2402.10571; rycolab/odpo trainers.py::preference_loss",
-             requires=frozenset({"scores"})),
-    LossSpec("dpo_shift", dpo_shift, "margin",
-             "Yang et al. 2025, arXiv:2502.07599; Meaquadddd/DPO-Shift dposhift_trainer.py::dpo_loss"),
-    LossSpec("ln_dpo", ln_dpo, "margin",
-             "Ahrabian et al. 2024, arXiv:2407.15229 (LN-DPO; formula as RainbowPO / TRL sigmoid_norm)",
-             requires=frozenset({"lengths"}), example_hyper={"beta": 0.1}),
-    LossSpec("mappo", mappo, "margin",
-             "Lan et al. 2025, arXiv:2507.21183 v5, Eq. 8", requires=frozenset({"scores"})),
+  LossSpec("dpop", dpop, "margin", "Pal et al. 2024, arXiv:2402.13228 v3 (penalty inside the sigmoid); SamPO dpop"),
+  LossSpec(
+    "odpo",
+    odpo,
+    "margin",
+    "Amini et al. 2024, arXiv:2402.10571; rycolab/odpo trainers.py::preference_loss",
+    requires=frozenset({"scores"}),
+  ),
+  LossSpec(
+    "dpo_shift",
+    dpo_shift,
+    "margin",
+    "Yang et al. 2025, arXiv:2502.07599; Meaquadddd/DPO-Shift dposhift_trainer.py::dpo_loss",
+  ),
+  LossSpec(
+    "ln_dpo",
+    ln_dpo,
+    "margin",
+    "Ahrabian et al. 2024, arXiv:2407.15229 (LN-DPO; formula as RainbowPO / TRL sigmoid_norm)",
+    requires=frozenset({"lengths"}),
+    example_hyper={"beta": 0.1},
+  ),
+  LossSpec("mappo", mappo, "margin", "Lan et al. 2025, arXiv:2507.21183 v5, Eq. 8", requires=frozenset({"scores"})),
 )

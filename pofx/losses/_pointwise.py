@@ -22,8 +22,7 @@ from pofx.losses._trl import trl_nca_pair
 
 Array = jax.Array
 
-_NCA_SOURCE = ("Chen et al. 2024, Noise Contrastive Alignment, arXiv:2402.05369; code "
-               "thu-ml/Noise-Contrastive-Alignment")
+_NCA_SOURCE = "Chen et al. 2024, Noise Contrastive Alignment, arXiv:2402.05369; code thu-ml/Noise-Contrastive-Alignment"
 
 
 def _rewards(policy: PairLogps, reference: PairLogps, beta):
@@ -75,8 +74,9 @@ def _list_rewards_and_labels(name, policy, reference, scores, beta, temperature_
   return r, labels
 
 
-def infonca_kway(policy: ListLogps, reference: ListLogps, *, beta: float = 0.1, temperature_alpha: float = 1e-4,
-                 scores: Array) -> Array:
+def infonca_kway(
+  policy: ListLogps, reference: ListLogps, *, beta: float = 0.1, temperature_alpha: float = 1e-4, scores: Array
+) -> Array:
   r"""K-way InfoNCA: `-sum_i p_i log softmax_i(r)`, soft labels `p = softmax(scores / temperature_alpha)`.
 
   `r_i = beta * (pi_i - ref_i)` per response (summed log-probs). `temperature_alpha` is the
@@ -102,8 +102,9 @@ def infonca_kway(policy: ListLogps, reference: ListLogps, *, beta: float = 0.1, 
   return -jnp.sum(p * jax.nn.log_softmax(r, axis=-1), axis=-1)
 
 
-def nca_kway(policy: ListLogps, reference: ListLogps, *, beta: float = 0.1, temperature_alpha: float = 1e-4,
-             scores: Array) -> Array:
+def nca_kway(
+  policy: ListLogps, reference: ListLogps, *, beta: float = 0.1, temperature_alpha: float = 1e-4, scores: Array
+) -> Array:
   r"""K-way NCA: `-sum_i p_i log sigmoid(r_i) - (1/K) sum_i log sigmoid(-r_i)`, `p = softmax(scores/temperature_alpha)`.
 
   `r_i = beta * (pi_i - ref_i)` (summed log-probs). The code writes the second term as a mean
@@ -135,8 +136,15 @@ def nca_kway(policy: ListLogps, reference: ListLogps, *, beta: float = 0.1, temp
 UNA_VARIANTS = ("score_mse", "binary_mse", "binary_bce")
 
 
-def una(policy: PairLogps, reference: Optional[PairLogps], *, beta: float = 0.03, variant: str = "score_mse",
-        chosen_scores: Optional[Array] = None, rejected_scores: Optional[Array] = None) -> Array:
+def una(
+  policy: PairLogps,
+  reference: Optional[PairLogps],
+  *,
+  beta: float = 0.03,
+  variant: str = "score_mse",
+  chosen_scores: Optional[Array] = None,
+  rejected_scores: Optional[Array] = None,
+) -> Array:
   r"""UNA (offline): regress the squashed implicit reward `sigmoid(beta * (pi - ref))` to feedback.
 
   With `r_w = beta lr_w`, `r_l = beta lr_l` (summed log-probs; reference-free when reference is
@@ -214,8 +222,16 @@ def kto_reference_point(kl_logratios: Array, *, axis_name: Optional[str] = None)
   return jax.lax.stop_gradient(jnp.maximum(m, 0.0))
 
 
-def kto(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1, desirable_weight: float = 1.0,
-        undesirable_weight: float = 1.0, kl_logratios: Array, axis_name: Optional[str] = None) -> Array:
+def kto(
+  policy: PairLogps,
+  reference: PairLogps,
+  *,
+  beta: float = 0.1,
+  desirable_weight: float = 1.0,
+  undesirable_weight: float = 1.0,
+  kl_logratios: Array,
+  axis_name: Optional[str] = None,
+) -> Array:
   r"""KTO on paired data: chosen as desirable, rejected as undesirable, with reference point z0.
 
   `z0 = sg(max(0, mean_B(kl_logratios)))` (`kto_reference_point`), and per pair
@@ -256,15 +272,35 @@ def kto(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1, desirable
 
 
 SPECS = (
-    LossSpec("nca", nca, "pointwise", _NCA_SOURCE + " preference_trainer.py (NCA, pairwise)"),
-    LossSpec("nca_kway", nca_kway, "pointwise", _NCA_SOURCE + " reward_trainer.py::nca_loss (NCA, K-way)",
-             requires=frozenset({"list"})),
-    LossSpec("infonca_kway", infonca_kway, "pointwise", _NCA_SOURCE + " reward_trainer.py::nca_loss (InfoNCA, K-way)",
-             requires=frozenset({"list"})),
-    LossSpec("una", una, "pointwise",
-             "Wang et al. 2024, UNA, arXiv:2408.15339; code ZhichaoWang970201/UNA-UFT *-offline/UNA_trainer_*.py",
-             reference="optional", requires=frozenset({"scores"}), reduction="sum"),
-    LossSpec("kto", kto, "pointwise",
-             "Ethayarajh et al. 2024, KTO, arXiv:2402.01306, Eq. 8; TRL kto_trainer.py (paired form)",
-             requires=frozenset({"kl"})),
+  LossSpec("nca", nca, "pointwise", _NCA_SOURCE + " preference_trainer.py (NCA, pairwise)"),
+  LossSpec(
+    "nca_kway",
+    nca_kway,
+    "pointwise",
+    _NCA_SOURCE + " reward_trainer.py::nca_loss (NCA, K-way)",
+    requires=frozenset({"list"}),
+  ),
+  LossSpec(
+    "infonca_kway",
+    infonca_kway,
+    "pointwise",
+    _NCA_SOURCE + " reward_trainer.py::nca_loss (InfoNCA, K-way)",
+    requires=frozenset({"list"}),
+  ),
+  LossSpec(
+    "una",
+    una,
+    "pointwise",
+    "Wang et al. 2024, UNA, arXiv:2408.15339; code ZhichaoWang970201/UNA-UFT *-offline/UNA_trainer_*.py",
+    reference="optional",
+    requires=frozenset({"scores"}),
+    reduction="sum",
+  ),
+  LossSpec(
+    "kto",
+    kto,
+    "pointwise",
+    "Ethayarajh et al. 2024, KTO, arXiv:2402.01306, Eq. 8; TRL kto_trainer.py (paired form)",
+    requires=frozenset({"kl"}),
+  ),
 )

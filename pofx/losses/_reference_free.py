@@ -29,8 +29,7 @@ _MAX_AVG_LOGP = -1e-6
 def _avg_logps(name, policy):
   """`(a_w, a_l)`: float32 length-averaged policy log-probs."""
   len_w, len_l = _common.lengths(policy, name)
-  return (jnp.asarray(policy.chosen, jnp.float32) / len_w,
-          jnp.asarray(policy.rejected, jnp.float32) / len_l)
+  return (jnp.asarray(policy.chosen, jnp.float32) / len_w, jnp.asarray(policy.rejected, jnp.float32) / len_l)
 
 
 def log1m_exp(a):
@@ -45,8 +44,16 @@ def log1m_exp(a):
   return jnp.where(a > -jnp.log(2.0), near, far)
 
 
-def simpo(policy, reference=None, *, beta: float = 2.0, gamma_beta_ratio: float = 0.25,
-          loss_type: str = "sigmoid", label_smoothing: float = 0.0, sft_weight: float = 0.0):
+def simpo(
+  policy,
+  reference=None,
+  *,
+  beta: float = 2.0,
+  gamma_beta_ratio: float = 0.25,
+  loss_type: str = "sigmoid",
+  label_smoothing: float = 0.0,
+  sft_weight: float = 0.0,
+):
   r"""SimPO: reference-free logistic loss on length-averaged log-probs with a target margin.
 
   `L = -log sigmoid(beta * (a_w - a_l) - gamma)`, computed as the official code does:
@@ -76,14 +83,15 @@ def simpo(policy, reference=None, *, beta: float = 2.0, gamma_beta_ratio: float 
   del reference
   _common.check_inputs("simpo", policy, None, need_lengths=True)
   _common.check_beta("simpo", beta)
-  _common.check_range("simpo", "gamma_beta_ratio", gamma_beta_ratio, low=0.0,
-                      allowed_text="gamma_beta_ratio >= 0")
+  _common.check_range("simpo", "gamma_beta_ratio", gamma_beta_ratio, low=0.0, allowed_text="gamma_beta_ratio >= 0")
   _common.check_choice("simpo", "loss_type", loss_type, ("sigmoid", "hinge"))
   _common.check_range("simpo", "label_smoothing", label_smoothing, low=0.0, high=0.5)
   _common.check_range("simpo", "sft_weight", sft_weight, low=0.0, allowed_text="sft_weight >= 0")
   if loss_type == "hinge" and isinstance(label_smoothing, (int, float)) and label_smoothing != 0:
-    raise ValueError("simpo: invalid label_smoothing with loss_type='hinge'; allowed: 0 (the "
-                     "official code applies label smoothing to the sigmoid loss only).")
+    raise ValueError(
+      "simpo: invalid label_smoothing with loss_type='hinge'; allowed: 0 (the "
+      "official code applies label smoothing to the sigmoid loss only)."
+    )
   a_w, a_l = _avg_logps("simpo", policy)
   v = beta * ((a_w - a_l) - gamma_beta_ratio)
   if loss_type == "hinge":
@@ -93,8 +101,7 @@ def simpo(policy, reference=None, *, beta: float = 2.0, gamma_beta_ratio: float 
   return losses + sft_weight * (-a_w)
 
 
-def cpo(policy, reference=None, *, beta: float = 0.1, cpo_alpha: float = 1.0,
-        loss_type: str = "sigmoid"):
+def cpo(policy, reference=None, *, beta: float = 0.1, cpo_alpha: float = 1.0, loss_type: str = "sigmoid"):
   r"""CPO: reference-free logistic loss on summed log-probs plus an NLL term on the chosen.
 
   `L = -log sigmoid(beta * (pi_w - pi_l)) + cpo_alpha * (-pi_w / |y_w|)`.
@@ -187,16 +194,36 @@ def repo(policy, reference=None, *, gamma: float = 0.4):
 
 
 SPECS = (
-    LossSpec("simpo", simpo, "reference-free",
-             "Meng et al. 2024, arXiv:2405.14734, Eq. 6; princeton-nlp/SimPO simpo_trainer.py",
-             reference="unused", requires=frozenset({"lengths"})),
-    LossSpec("cpo", cpo, "reference-free",
-             "Xu et al. 2024, arXiv:2401.08417 (L_prefer + L_NLL); TRL CPOTrainer (per-sequence NLL mean)",
-             reference="unused", requires=frozenset({"lengths"})),
-    LossSpec("orpo", orpo, "reference-free",
-             "Hong et al. 2024, arXiv:2403.07691, Eq. 6-7; xfactlab/orpo orpo_trainer.py",
-             reference="unused", requires=frozenset({"lengths"})),
-    LossSpec("repo", repo, "reference-free",
-             "Wu et al. 2025, arXiv:2503.07426; junkangwu/RePO simpo_trainer.py (loss_type='repo')",
-             reference="unused", requires=frozenset({"lengths"})),
+  LossSpec(
+    "simpo",
+    simpo,
+    "reference-free",
+    "Meng et al. 2024, arXiv:2405.14734, Eq. 6; princeton-nlp/SimPO simpo_trainer.py",
+    reference="unused",
+    requires=frozenset({"lengths"}),
+  ),
+  LossSpec(
+    "cpo",
+    cpo,
+    "reference-free",
+    "Xu et al. 2024, arXiv:2401.08417 (L_prefer + L_NLL); TRL CPOTrainer (per-sequence NLL mean)",
+    reference="unused",
+    requires=frozenset({"lengths"}),
+  ),
+  LossSpec(
+    "orpo",
+    orpo,
+    "reference-free",
+    "Hong et al. 2024, arXiv:2403.07691, Eq. 6-7; xfactlab/orpo orpo_trainer.py",
+    reference="unused",
+    requires=frozenset({"lengths"}),
+  ),
+  LossSpec(
+    "repo",
+    repo,
+    "reference-free",
+    "Wu et al. 2025, arXiv:2503.07426; junkangwu/RePO simpo_trainer.py (loss_type='repo')",
+    reference="unused",
+    requires=frozenset({"lengths"}),
+  ),
 )

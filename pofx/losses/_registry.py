@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 # What a loss may need beyond `policy`, `reference` and scalar hyperparameters. The contract
 # test knows how to build an example of each; a new kind must be added there too.
-REQUIREMENTS = types.MappingProxyType({
+REQUIREMENTS = types.MappingProxyType(
+  {
     "lengths": "policy.chosen_len / rejected_len (completion token counts)",
     "tokens": "per-token arrays on policy (and reference when given): PairLogps.from_tokens",
     "log_sum_sq_probs": "policy.chosen_log_sum_sq_probs / rejected_log_sum_sq_probs (WPO weights)",
@@ -29,7 +30,8 @@ REQUIREMENTS = types.MappingProxyType({
     "risk": "`chosen_risk=`, `rejected_risk=`: per-sequence risk terms [B] (Ra-DPO, see ra_dpo_sequence_risk)",
     "list": "`policy`/`reference` are ListLogps [B, K] and `scores=` is [B, K]",
     "kl": "`kl_logratios=`: [B] policy-minus-reference log-probs of mismatched (x, y') pairs (KTO's z0)",
-})
+  }
+)
 
 REFERENCE_USE = ("required", "optional", "unused")
 REDUCTIONS = ("mean", "chosen_token_mean", "sum")
@@ -69,7 +71,9 @@ class LossSpec:
   def __post_init__(self):
     unknown = set(self.requires) - set(REQUIREMENTS)
     if unknown:
-      raise ValueError(f"LossSpec {self.name!r}: unknown requirements {sorted(unknown)}; allowed: {sorted(REQUIREMENTS)}.")
+      raise ValueError(
+        f"LossSpec {self.name!r}: unknown requirements {sorted(unknown)}; allowed: {sorted(REQUIREMENTS)}."
+      )
     if self.reference not in REFERENCE_USE:
       raise ValueError(f"LossSpec {self.name!r}: reference={self.reference!r}; allowed: {REFERENCE_USE}.")
     if self.reduction not in REDUCTIONS:

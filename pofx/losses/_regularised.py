@@ -47,8 +47,7 @@ def rpo(policy, reference, *, eta: float = 0.005, beta: float = 0.1, sft_form: s
   for the sum form, its OpenRLHF `nll_loss_coef` for the mean form).
   """
   _common.check_choice("rpo", "sft_form", sft_form, ("sum", "mean"))
-  _common.check_inputs("rpo", policy, reference, need_reference=True,
-                       need_lengths=(sft_form == "mean"))
+  _common.check_inputs("rpo", policy, reference, need_reference=True, need_lengths=(sft_form == "mean"))
   _common.check_range("rpo", "eta", eta, low=0.0, allowed_text="eta >= 0")
   base = dpo(policy, reference, beta=beta)
   if sft_form == "sum":
@@ -121,13 +120,27 @@ def asft(policy, reference=None, *, lam):
 
 
 SPECS = (
-    LossSpec("rpo", rpo, "regularised",
-             "Liu et al. 2024, arXiv:2405.16436 (DPO - eta*beta*pi_w; sft_form='mean' as App. F / OpenRLHF)",
-             requires=frozenset({"lengths"})),
-    LossSpec("irpo", irpo, "regularised",
-             "Pang et al. 2024, arXiv:2404.19733 v3, Eq. 1 (DPO + alpha * NLL / |y_w|)",
-             requires=frozenset({"lengths"})),
-    LossSpec("asft", asft, "regularised",
-             "Wang et al. 2024, arXiv:2409.10571 (formula as restated by Gorbatovski et al. 2025, arXiv:2502.01237)",
-             reference="unused", requires=frozenset({"lengths"}), example_hyper={"lam": 0.1}),
+  LossSpec(
+    "rpo",
+    rpo,
+    "regularised",
+    "Liu et al. 2024, arXiv:2405.16436 (DPO - eta*beta*pi_w; sft_form='mean' as App. F / OpenRLHF)",
+    requires=frozenset({"lengths"}),
+  ),
+  LossSpec(
+    "irpo",
+    irpo,
+    "regularised",
+    "Pang et al. 2024, arXiv:2404.19733 v3, Eq. 1 (DPO + alpha * NLL / |y_w|)",
+    requires=frozenset({"lengths"}),
+  ),
+  LossSpec(
+    "asft",
+    asft,
+    "regularised",
+    "Wang et al. 2024, arXiv:2409.10571 (formula as restated by Gorbatovski et al. 2025, arXiv:2502.01237)",
+    reference="unused",
+    requires=frozenset({"lengths"}),
+    example_hyper={"lam": 0.1},
+  ),
 )

@@ -19,8 +19,10 @@ from pofx.losses._registry import LossSpec
 
 Array = jax.Array
 
-_SOURCE = ("Zhang et al. 2025, Ra-DPO, arXiv:2505.20359; code zlj123-max/Ra-DPO "
-           "Ra-DPO/train/trainers.py::Ra_DPOTrainer, config/loss/ra-dpo.yaml")
+_SOURCE = (
+  "Zhang et al. 2025, Ra-DPO, arXiv:2505.20359; code zlj123-max/Ra-DPO "
+  "Ra-DPO/train/trainers.py::Ra_DPOTrainer, config/loss/ra-dpo.yaml"
+)
 
 
 def _truncated_kl(d: Array, p_ref: Array, confidence_level) -> Array:
@@ -29,8 +31,14 @@ def _truncated_kl(d: Array, p_ref: Array, confidence_level) -> Array:
   return jnp.sum(jnp.where(d > var, p_ref * d, 0.0), axis=-1)
 
 
-def ra_dpo_sequence_risk(policy_logits: Array, reference_logits: Array, mask: Array, *,
-                         confidence_level: float = 0.95, split_vocab: bool = True) -> Array:
+def ra_dpo_sequence_risk(
+  policy_logits: Array,
+  reference_logits: Array,
+  mask: Array,
+  *,
+  confidence_level: float = 0.95,
+  split_vocab: bool = True,
+) -> Array:
   r"""Ra-DPO's sequential risk `R = sum_t mask_t R_t` of one completion, from full-vocabulary logits.
 
   Per position t, with `d_v = log pi_ref(v) - log pi_theta(v)` over the vocabulary,
@@ -70,8 +78,9 @@ def ra_dpo_sequence_risk(policy_logits: Array, reference_logits: Array, mask: Ar
   d = ref_logp - logp
   if split_vocab:
     mid = d.shape[-1] // 2
-    r_t = (_truncated_kl(d[..., :mid], p_ref[..., :mid], confidence_level)
-           + _truncated_kl(d[..., mid:], p_ref[..., mid:], confidence_level))
+    r_t = _truncated_kl(d[..., :mid], p_ref[..., :mid], confidence_level) + _truncated_kl(
+      d[..., mid:], p_ref[..., mid:], confidence_level
+    )
   else:
     r_t = _truncated_kl(d, p_ref, confidence_level)
   return jnp.sum(jnp.where(jnp.asarray(mask) > 0, r_t, 0.0), axis=-1)
@@ -85,8 +94,9 @@ def _risk_inputs(name, policy, reference, beta, chosen_risk, rejected_risk):
   return rho, jnp.asarray(chosen_risk, jnp.float32), jnp.asarray(rejected_risk, jnp.float32)
 
 
-def ra_dpo(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1, chosen_risk: Array,
-           rejected_risk: Array) -> Array:
+def ra_dpo(
+  policy: PairLogps, reference: PairLogps, *, beta: float = 0.1, chosen_risk: Array, rejected_risk: Array
+) -> Array:
   r"""Ra-DPO1: `-log sigmoid(beta * (rho - (R_l - R_w)))`.
 
   `rho = (pi_w - ref_w) - (pi_l - ref_l)` on summed token log-ratios; `R_w`, `R_l` the sequence
@@ -108,8 +118,15 @@ def ra_dpo(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1, chosen
   return gpo_fns.logistic(beta * (rho - (r_l - r_w)))
 
 
-def ra_dpo2(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1, alpha: float = 0.5, chosen_risk: Array,
-            rejected_risk: Array) -> Array:
+def ra_dpo2(
+  policy: PairLogps,
+  reference: PairLogps,
+  *,
+  beta: float = 0.1,
+  alpha: float = 0.5,
+  chosen_risk: Array,
+  rejected_risk: Array,
+) -> Array:
   r"""Ra-DPO2: `-log sigmoid(beta * (rho - alpha * (R_l - sg(R_w))))`.
 
   As `ra_dpo` with the risk difference scaled by alpha and the chosen risk detached
@@ -134,6 +151,6 @@ def ra_dpo2(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1, alpha
 
 
 SPECS = (
-    LossSpec("ra_dpo", ra_dpo, "risk", _SOURCE + " (Ra-DPO1)", requires=frozenset({"risk"})),
-    LossSpec("ra_dpo2", ra_dpo2, "risk", _SOURCE + " (Ra-DPO2)", requires=frozenset({"risk"})),
+  LossSpec("ra_dpo", ra_dpo, "risk", _SOURCE + " (Ra-DPO1)", requires=frozenset({"risk"})),
+  LossSpec("ra_dpo2", ra_dpo2, "risk", _SOURCE + " (Ra-DPO2)", requires=frozenset({"risk"})),
 )

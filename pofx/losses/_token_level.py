@@ -26,9 +26,14 @@ def _token_logratios(policy: PairLogps, reference: PairLogps):
   c_mask = jnp.asarray(policy.chosen_mask) > 0
   r_mask = jnp.asarray(policy.rejected_mask) > 0
   f32 = lambda x, m: jnp.where(m, jnp.asarray(x, jnp.float32), 0.0)
-  return (f32(policy.chosen_token_logps, c_mask), f32(policy.rejected_token_logps, r_mask),
-          f32(reference.chosen_token_logps, c_mask), f32(reference.rejected_token_logps, r_mask),
-          c_mask.astype(jnp.float32), r_mask.astype(jnp.float32))
+  return (
+    f32(policy.chosen_token_logps, c_mask),
+    f32(policy.rejected_token_logps, r_mask),
+    f32(reference.chosen_token_logps, c_mask),
+    f32(reference.rejected_token_logps, r_mask),
+    c_mask.astype(jnp.float32),
+    r_mask.astype(jnp.float32),
+  )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -126,8 +131,15 @@ def dmpo_turn_weights(turn_ids: Array, *, gamma: float = 0.7) -> Array:
   return jnp.where(ids >= 0, phi, 1.0)
 
 
-def dmpo(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1, gamma: float = 0.7,
-         chosen_turn_ids: Array, rejected_turn_ids: Array) -> Array:
+def dmpo(
+  policy: PairLogps,
+  reference: PairLogps,
+  *,
+  beta: float = 0.1,
+  gamma: float = 0.7,
+  chosen_turn_ids: Array,
+  rejected_turn_ids: Array,
+) -> Array:
   r"""DMPO: DPO on turn-discounted token sums for multi-turn trajectories.
 
   Every completion token of turn j of a T-turn trajectory is weighted by
@@ -156,10 +168,13 @@ def dmpo(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1, gamma: f
   _common.check_inputs(name, policy, reference, need_reference=True, need_tokens=True)
   _common.check_beta(name, beta)
   _common.check_range(name, "gamma", gamma, low=0.0, high=1.0, low_open=True)
-  if jnp.shape(chosen_turn_ids) != jnp.shape(policy.chosen_token_logps) or \
-     jnp.shape(rejected_turn_ids) != jnp.shape(policy.rejected_token_logps):
-    raise ValueError(f"{name}: chosen_turn_ids/rejected_turn_ids must have the shapes of the token log-probs "
-                     f"{jnp.shape(policy.chosen_token_logps)} / {jnp.shape(policy.rejected_token_logps)}.")
+  if jnp.shape(chosen_turn_ids) != jnp.shape(policy.chosen_token_logps) or jnp.shape(rejected_turn_ids) != jnp.shape(
+    policy.rejected_token_logps
+  ):
+    raise ValueError(
+      f"{name}: chosen_turn_ids/rejected_turn_ids must have the shapes of the token log-probs "
+      f"{jnp.shape(policy.chosen_token_logps)} / {jnp.shape(policy.rejected_token_logps)}."
+    )
   pc, pr, rc, rr, _, _ = _token_logratios(policy, reference)
   w_c = dmpo_turn_weights(chosen_turn_ids, gamma=gamma)
   w_r = dmpo_turn_weights(rejected_turn_ids, gamma=gamma)
@@ -200,8 +215,15 @@ def delta_l_weights(lengths: Array, alpha: float = 1.0, *, axis_name: Optional[s
   return jax.lax.stop_gradient(rel / mean(rel))
 
 
-def dpo_nll_delta_l(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1, alpha: float = 1.0,
-                    nll_weight: float = 1.0, axis_name: Optional[str] = None) -> Array:
+def dpo_nll_delta_l(
+  policy: PairLogps,
+  reference: PairLogps,
+  *,
+  beta: float = 0.1,
+  alpha: float = 1.0,
+  nll_weight: float = 1.0,
+  axis_name: Optional[str] = None,
+) -> Array:
   r"""DPO plus a chosen-NLL regulariser aggregated with Delta-L weights.
 
   `L_i = -log sigmoid(beta rho_i) + nll_weight * w_i * (-pi_w,i) / mean_j |y_w,j|`, with
@@ -240,14 +262,26 @@ def dpo_nll_delta_l(policy: PairLogps, reference: PairLogps, *, beta: float = 0.
 
 
 SPECS = (
-    LossSpec("sampo", sampo, "token-level",
-             "Lu et al. 2024, SamPO, arXiv:2406.10957; code LuJunru/SamPO dpo_trainer.py::get_batch_logps(len_norm)",
-             requires=frozenset({"tokens", "key"})),
-    LossSpec("dmpo", dmpo, "token-level",
-             "Shi et al. 2024, DMPO, arXiv:2406.14868; code swt-user/DMPO fastchat/train/dmpo_trainer_efficient.py",
-             requires=frozenset({"tokens", "turn_ids"})),
-    LossSpec("dpo_nll_delta_l", dpo_nll_delta_l, "token-level",
-             "He et al. 2025, Delta-L Normalization, arXiv:2509.07558 (weights; code zerolllin/Delta-L-Normalization "
-             "core_algos.py use_grpopp) on a DPO + chosen-NLL objective (pofx composition)",
-             requires=frozenset({"lengths"})),
+  LossSpec(
+    "sampo",
+    sampo,
+    "token-level",
+    "Lu et al. 2024, SamPO, arXiv:2406.10957; code LuJunru/SamPO dpo_trainer.py::get_batch_logps(len_norm)",
+    requires=frozenset({"tokens", "key"}),
+  ),
+  LossSpec(
+    "dmpo",
+    dmpo,
+    "token-level",
+    "Shi et al. 2024, DMPO, arXiv:2406.14868; code swt-user/DMPO fastchat/train/dmpo_trainer_efficient.py",
+    requires=frozenset({"tokens", "turn_ids"}),
+  ),
+  LossSpec(
+    "dpo_nll_delta_l",
+    dpo_nll_delta_l,
+    "token-level",
+    "He et al. 2025, Delta-L Normalization, arXiv:2509.07558 (weights; code zerolllin/Delta-L-Normalization "
+    "core_algos.py use_grpopp) on a DPO + chosen-NLL objective (pofx composition)",
+    requires=frozenset({"lengths"}),
+  ),
 )

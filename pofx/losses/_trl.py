@@ -54,7 +54,8 @@ Array = jax.Array
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # Loss types built on delta = s_w - s_l, the only ones TRL 1.16 lets take a non-default divergence.
 F_DIVERGENCE_LOSS_TYPES = frozenset(
-    {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
+  {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+)
 _EXP_CLAMP = 80.0  # TRL's float32/bfloat16 clamp in the alpha-divergence link.
 _EXP_LINEAR_FROM = 50.0
 _TRL = "TRL 1.16 trl/trainer/dpo_trainer.py::DPOTrainer._compute_loss"
@@ -135,8 +136,9 @@ def f_divergence_link(logratio, f_divergence_type: str = "reverse_kl", f_alpha_d
     return -jnp.expm1(jnp.minimum(-lr, _EXP_CLAMP))
   if f_divergence_type == "js_divergence":
     return math.log(2.0) + jax.nn.log_sigmoid(lr)
-  _common.check_range("alpha_divergence", "f_alpha_divergence_coef", f_alpha_divergence_coef,
-                      allowed_text="a finite real number")
+  _common.check_range(
+    "alpha_divergence", "f_alpha_divergence_coef", f_alpha_divergence_coef, allowed_text="a finite real number"
+  )
   am1 = jnp.asarray(f_alpha_divergence_coef, jnp.float32) - 1.0
   is_kl = jnp.abs(am1) < 1e-6
   safe = jnp.where(is_kl, 1.0, am1)
@@ -144,8 +146,17 @@ def f_divergence_link(logratio, f_divergence_type: str = "reverse_kl", f_alpha_d
   return jnp.where(is_kl, lr, alpha_score)
 
 
-def _scores(name, policy, reference, *, beta, ld_alpha, f_divergence_type="reverse_kl",
-            f_alpha_divergence_coef=0.5, need_lengths=False):
+def _scores(
+  name,
+  policy,
+  reference,
+  *,
+  beta,
+  ld_alpha,
+  f_divergence_type="reverse_kl",
+  f_alpha_divergence_coef=0.5,
+  need_lengths=False,
+):
   """Checks inputs, then returns `(s_w, s_l)` (steps 1-3 of the pipeline)."""
   _common.check_inputs(name, policy, reference, need_reference=True, need_lengths=need_lengths)
   _common.check_beta(name, beta)
@@ -171,8 +182,10 @@ def wpo_sequence_weights(policy: PairLogps):
   TRL 1.16 `DPOTrainer._compute_loss` (`use_weighting`).
   """
   if not policy.has_tokens or policy.chosen_log_sum_sq_probs is None or policy.rejected_log_sum_sq_probs is None:
-    raise ValueError("use_weighting (WPO) needs per-token log-probs and log_sum_sq_probs on the policy: build it "
-                     "with PairLogps.from_tokens(..., chosen_log_sum_sq_probs=..., rejected_log_sum_sq_probs=...).")
+    raise ValueError(
+      "use_weighting (WPO) needs per-token log-probs and log_sum_sq_probs on the policy: build it "
+      "with PairLogps.from_tokens(..., chosen_log_sum_sq_probs=..., rejected_log_sum_sq_probs=...)."
+    )
 
   def one(tok, lssp, mask):
     m = jnp.asarray(mask) > 0
@@ -180,8 +193,10 @@ def wpo_sequence_weights(policy: PairLogps):
     mean = jnp.sum(jnp.where(m, _f32(tok) - _f32(lssp), 0.0), axis=-1) / n
     return jax.lax.stop_gradient(jnp.exp(jnp.minimum(mean, _EXP_LINEAR_FROM)))
 
-  return (one(policy.chosen_token_logps, policy.chosen_log_sum_sq_probs, policy.chosen_mask),
-          one(policy.rejected_token_logps, policy.rejected_log_sum_sq_probs, policy.rejected_mask))
+  return (
+    one(policy.chosen_token_logps, policy.chosen_log_sum_sq_probs, policy.chosen_mask),
+    one(policy.rejected_token_logps, policy.rejected_log_sum_sq_probs, policy.rejected_mask),
+  )
 
 
 def _weighted(losses, policy, use_weighting):
@@ -207,9 +222,16 @@ def _label_mixture(z, w_clean, w_flip):
 # --------------------------------------------------------------------------------------------
 
 
-def trl_sigmoid(policy, reference, *, beta: float = 0.1, f_divergence_type: str = "reverse_kl",
-                f_alpha_divergence_coef: float = 0.5, ld_alpha: Optional[float] = None,
-                use_weighting: bool = False):
+def trl_sigmoid(
+  policy,
+  reference,
+  *,
+  beta: float = 0.1,
+  f_divergence_type: str = "reverse_kl",
+  f_alpha_divergence_coef: float = 0.5,
+  ld_alpha: Optional[float] = None,
+  use_weighting: bool = False,
+):
   r"""TRL `loss_type="sigmoid"`: `-log sigmoid(beta * (s_w - s_l))` (DPO; f-DPO with a divergence).
 
   With the defaults this is DPO on summed log-probs (`pofx.losses.dpo`). TRL 1.16's sigmoid has no
@@ -218,28 +240,56 @@ def trl_sigmoid(policy, reference, *, beta: float = 0.1, f_divergence_type: str 
 
   References: Rafailov et al. 2023, arXiv:2305.18290, Eq. 7; TRL 1.16 `DPOTrainer._compute_loss`.
   """
-  s_w, s_l = _scores("sigmoid", policy, reference, beta=beta, ld_alpha=ld_alpha, f_divergence_type=f_divergence_type,
-                     f_alpha_divergence_coef=f_alpha_divergence_coef)
+  s_w, s_l = _scores(
+    "sigmoid",
+    policy,
+    reference,
+    beta=beta,
+    ld_alpha=ld_alpha,
+    f_divergence_type=f_divergence_type,
+    f_alpha_divergence_coef=f_alpha_divergence_coef,
+  )
   return _weighted(gpo_fns.logistic(beta * (s_w - s_l)), policy, use_weighting)
 
 
-def trl_hinge(policy, reference, *, beta: float = 0.1, f_divergence_type: str = "reverse_kl",
-              f_alpha_divergence_coef: float = 0.5, ld_alpha: Optional[float] = None,
-              use_weighting: bool = False):
+def trl_hinge(
+  policy,
+  reference,
+  *,
+  beta: float = 0.1,
+  f_divergence_type: str = "reverse_kl",
+  f_alpha_divergence_coef: float = 0.5,
+  ld_alpha: Optional[float] = None,
+  use_weighting: bool = False,
+):
   r"""TRL `loss_type="hinge"`: `max(0, 1 - beta * (s_w - s_l))` (SLiC calibration loss).
 
   beta is the reciprocal of the margin. Equals `pofx.losses.slic` with the defaults.
 
   References: Zhao et al. 2023, "SLiC-HF", arXiv:2305.10425, Eq. 2; TRL 1.16 `DPOTrainer._compute_loss`.
   """
-  s_w, s_l = _scores("hinge", policy, reference, beta=beta, ld_alpha=ld_alpha, f_divergence_type=f_divergence_type,
-                     f_alpha_divergence_coef=f_alpha_divergence_coef)
+  s_w, s_l = _scores(
+    "hinge",
+    policy,
+    reference,
+    beta=beta,
+    ld_alpha=ld_alpha,
+    f_divergence_type=f_divergence_type,
+    f_alpha_divergence_coef=f_alpha_divergence_coef,
+  )
   return _weighted(gpo_fns.hinge(beta * (s_w - s_l)), policy, use_weighting)
 
 
-def trl_ipo(policy, reference, *, beta: float = 0.1, f_divergence_type: str = "reverse_kl",
-            f_alpha_divergence_coef: float = 0.5, ld_alpha: Optional[float] = None,
-            use_weighting: bool = False):
+def trl_ipo(
+  policy,
+  reference,
+  *,
+  beta: float = 0.1,
+  f_divergence_type: str = "reverse_kl",
+  f_alpha_divergence_coef: float = 0.5,
+  ld_alpha: Optional[float] = None,
+  use_weighting: bool = False,
+):
   r"""TRL `loss_type="ipo"`: `(s_w/|y_w| - s_l/|y_l| - 1/(2 beta))^2`, length-averaged IPO.
 
   beta is IPO's tau. The scores are divided by the completion-token counts (clamped at 1), also
@@ -250,16 +300,32 @@ def trl_ipo(policy, reference, *, beta: float = 0.1, f_divergence_type: str = "r
   References: Azar et al. 2023, arXiv:2310.12036, Eq. 17; TRL 1.16 `DPOTrainer._compute_loss`
   (length normalisation confirmed with the IPO authors, per TRL's comment).
   """
-  s_w, s_l = _scores("ipo", policy, reference, beta=beta, ld_alpha=ld_alpha, f_divergence_type=f_divergence_type,
-                     f_alpha_divergence_coef=f_alpha_divergence_coef, need_lengths=True)
+  s_w, s_l = _scores(
+    "ipo",
+    policy,
+    reference,
+    beta=beta,
+    ld_alpha=ld_alpha,
+    f_divergence_type=f_divergence_type,
+    f_alpha_divergence_coef=f_alpha_divergence_coef,
+    need_lengths=True,
+  )
   scores = PairLogps(chosen=s_w, rejected=s_l, chosen_len=policy.chosen_len, rejected_len=policy.rejected_len)
   zero = PairLogps(chosen=jnp.zeros_like(s_w), rejected=jnp.zeros_like(s_l))
   return _weighted(_gpo_family.ipo(scores, zero, beta=beta), policy, use_weighting)
 
 
-def trl_exo_pair(policy, reference, *, beta: float = 0.1, label_smoothing: float = 1e-3,
-                 f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
-                 ld_alpha: Optional[float] = None, use_weighting: bool = False):
+def trl_exo_pair(
+  policy,
+  reference,
+  *,
+  beta: float = 0.1,
+  label_smoothing: float = 1e-3,
+  f_divergence_type: str = "reverse_kl",
+  f_alpha_divergence_coef: float = 0.5,
+  ld_alpha: Optional[float] = None,
+  use_weighting: bool = False,
+):
   r"""TRL `loss_type="exo_pair"`: EXO-pref, `KL(q || p)` over {chosen, rejected}.
 
   `q = (sigmoid(z), sigmoid(-z))` with `z = beta * (s_w - s_l)`, `p = (1 - eps, eps)`,
@@ -271,19 +337,27 @@ def trl_exo_pair(policy, reference, *, beta: float = 0.1, label_smoothing: float
   References: Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment",
   arXiv:2402.00856, Eq. 16; TRL 1.16 `DPOTrainer._compute_loss`.
   """
-  _common.check_range("exo_pair", "label_smoothing", label_smoothing, low=0.0, high=1.0, low_open=True,
-                      high_open=True)
-  s_w, s_l = _scores("exo_pair", policy, reference, beta=beta, ld_alpha=ld_alpha, f_divergence_type=f_divergence_type,
-                     f_alpha_divergence_coef=f_alpha_divergence_coef)
+  _common.check_range("exo_pair", "label_smoothing", label_smoothing, low=0.0, high=1.0, low_open=True, high_open=True)
+  s_w, s_l = _scores(
+    "exo_pair",
+    policy,
+    reference,
+    beta=beta,
+    ld_alpha=ld_alpha,
+    f_divergence_type=f_divergence_type,
+    f_alpha_divergence_coef=f_alpha_divergence_coef,
+  )
   z = beta * (s_w - s_l)
   eps = jnp.asarray(label_smoothing, jnp.float32)
-  losses = (jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - jnp.log1p(-eps))
-            + jax.nn.sigmoid(-z) * (jax.nn.log_sigmoid(-z) - jnp.log(eps)))
+  losses = jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - jnp.log1p(-eps)) + jax.nn.sigmoid(-z) * (
+    jax.nn.log_sigmoid(-z) - jnp.log(eps)
+  )
   return _weighted(losses, policy, use_weighting)
 
 
-def trl_nca_pair(policy, reference, *, beta: float = 0.1, ld_alpha: Optional[float] = None,
-                 use_weighting: bool = False):
+def trl_nca_pair(
+  policy, reference, *, beta: float = 0.1, ld_alpha: Optional[float] = None, use_weighting: bool = False
+):
   r"""TRL `loss_type="nca_pair"`: `-log sigmoid(r_w) - 0.5 log sigmoid(-r_w) - 0.5 log sigmoid(-r_l)`.
 
   `r = beta * lr` (implicit rewards, not a function of the margin alone). No f-divergence (TRL
@@ -298,9 +372,17 @@ def trl_nca_pair(policy, reference, *, beta: float = 0.1, ld_alpha: Optional[flo
   return _weighted(losses, policy, use_weighting)
 
 
-def trl_robust(policy, reference, *, beta: float = 0.1, label_smoothing: float = 0.0,
-               f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
-               ld_alpha: Optional[float] = None, use_weighting: bool = False):
+def trl_robust(
+  policy,
+  reference,
+  *,
+  beta: float = 0.1,
+  label_smoothing: float = 0.0,
+  f_divergence_type: str = "reverse_kl",
+  f_alpha_divergence_coef: float = 0.5,
+  ld_alpha: Optional[float] = None,
+  use_weighting: bool = False,
+):
   r"""TRL `loss_type="robust"`: `[(1-eps)(-log sigmoid(z)) - eps(-log sigmoid(-z))] / (1 - 2 eps)`.
 
   `z = beta * (s_w - s_l)`, `eps = label_smoothing` in [0, 0.5): the flip rate of the preference
@@ -311,15 +393,23 @@ def trl_robust(policy, reference, *, beta: float = 0.1, label_smoothing: float =
   `DPOTrainer._compute_loss`.
   """
   _common.check_range("robust", "label_smoothing", label_smoothing, low=0.0, high=0.5, high_open=True)
-  s_w, s_l = _scores("robust", policy, reference, beta=beta, ld_alpha=ld_alpha, f_divergence_type=f_divergence_type,
-                     f_alpha_divergence_coef=f_alpha_divergence_coef)
+  s_w, s_l = _scores(
+    "robust",
+    policy,
+    reference,
+    beta=beta,
+    ld_alpha=ld_alpha,
+    f_divergence_type=f_divergence_type,
+    f_alpha_divergence_coef=f_alpha_divergence_coef,
+  )
   eps = jnp.asarray(label_smoothing, jnp.float32)
   losses = _label_mixture(beta * (s_w - s_l), (1.0 - eps) / (1.0 - 2.0 * eps), -eps / (1.0 - 2.0 * eps))
   return _weighted(losses, policy, use_weighting)
 
 
-def trl_bco_pair(policy, reference, *, beta: float = 0.1, ld_alpha: Optional[float] = None,
-                 use_weighting: bool = False):
+def trl_bco_pair(
+  policy, reference, *, beta: float = 0.1, ld_alpha: Optional[float] = None, use_weighting: bool = False
+):
   r"""TRL `loss_type="bco_pair"`: `-log sigmoid(r_w) - log sigmoid(-r_l)`, `r = beta * lr`.
 
   TRL 1.16 drops the running-mean reward shift of older TRL / the BCO paper (delta = 0); this is
@@ -332,8 +422,9 @@ def trl_bco_pair(policy, reference, *, beta: float = 0.1, ld_alpha: Optional[flo
   return _weighted(gpo_fns.logistic(beta * lr_w) + gpo_fns.logistic(-beta * lr_l), policy, use_weighting)
 
 
-def trl_sppo_hard(policy, reference, *, beta: float = 0.1, ld_alpha: Optional[float] = None,
-                  use_weighting: bool = False):
+def trl_sppo_hard(
+  policy, reference, *, beta: float = 0.1, ld_alpha: Optional[float] = None, use_weighting: bool = False
+):
   r"""TRL `loss_type="sppo_hard"`: `(lr_w - 1/(2 beta))^2 + (lr_l + 1/(2 beta))^2`.
 
   SPPO with hard win probabilities (1 for the chosen, 0 for the rejected) in Eq. 4.7 of the paper.
@@ -346,8 +437,7 @@ def trl_sppo_hard(policy, reference, *, beta: float = 0.1, ld_alpha: Optional[fl
   return _weighted(jnp.square(lr_w - half) + jnp.square(lr_l + half), policy, use_weighting)
 
 
-def trl_aot(policy, reference, *, beta: float = 0.1, label_smoothing: float = 0.0,
-            ld_alpha: Optional[float] = None):
+def trl_aot(policy, reference, *, beta: float = 0.1, label_smoothing: float = 0.0, ld_alpha: Optional[float] = None):
   r"""TRL `loss_type="aot"`: cDPO loss on **batch-sorted** paired log-ratio differences.
 
   `d = sort_B(pi_w - pi_l) - sort_B(ref_w - ref_l)` (each sorted ascending over the batch),
@@ -368,8 +458,9 @@ def trl_aot(policy, reference, *, beta: float = 0.1, label_smoothing: float = 0.
   return _label_mixture(beta * d, 1.0 - eps, eps)
 
 
-def trl_aot_unpaired(policy, reference, *, beta: float = 0.1, label_smoothing: float = 0.0,
-                     ld_alpha: Optional[float] = None):
+def trl_aot_unpaired(
+  policy, reference, *, beta: float = 0.1, label_smoothing: float = 0.0, ld_alpha: Optional[float] = None
+):
   r"""TRL `loss_type="aot_unpaired"`: cDPO loss on `sort_B(lr_w) - sort_B(lr_l)`.
 
   Chosen and rejected log-ratios are sorted separately over the batch (unpaired distributional
@@ -383,8 +474,9 @@ def trl_aot_unpaired(policy, reference, *, beta: float = 0.1, label_smoothing: f
   return _label_mixture(beta * (jnp.sort(lr_w) - jnp.sort(lr_l)), 1.0 - eps, eps)
 
 
-def trl_apo_zero(policy, reference, *, beta: float = 0.1, ld_alpha: Optional[float] = None,
-                 use_weighting: bool = False):
+def trl_apo_zero(
+  policy, reference, *, beta: float = 0.1, ld_alpha: Optional[float] = None, use_weighting: bool = False
+):
   r"""TRL `loss_type="apo_zero"`: `(1 - sigmoid(beta lr_w)) + sigmoid(beta lr_l)`.
 
   Raises the chosen and lowers the rejected likelihood (for chosen outputs better than the model's).
@@ -396,8 +488,9 @@ def trl_apo_zero(policy, reference, *, beta: float = 0.1, ld_alpha: Optional[flo
   return _weighted(jax.nn.sigmoid(-beta * lr_w) + jax.nn.sigmoid(beta * lr_l), policy, use_weighting)
 
 
-def trl_apo_down(policy, reference, *, beta: float = 0.1, ld_alpha: Optional[float] = None,
-                 use_weighting: bool = False):
+def trl_apo_down(
+  policy, reference, *, beta: float = 0.1, ld_alpha: Optional[float] = None, use_weighting: bool = False
+):
   r"""TRL `loss_type="apo_down"`: `sigmoid(beta lr_w) + (1 - sigmoid(beta (lr_w - lr_l)))`.
 
   Lowers both likelihoods, the rejected more (for chosen outputs worse than the model's).
@@ -408,9 +501,17 @@ def trl_apo_down(policy, reference, *, beta: float = 0.1, ld_alpha: Optional[flo
   return _weighted(jax.nn.sigmoid(beta * lr_w) + jax.nn.sigmoid(-beta * (lr_w - lr_l)), policy, use_weighting)
 
 
-def trl_discopop(policy, reference, *, beta: float = 0.1, discopop_tau: float = 0.05,
-                 f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
-                 ld_alpha: Optional[float] = None, use_weighting: bool = False):
+def trl_discopop(
+  policy,
+  reference,
+  *,
+  beta: float = 0.1,
+  discopop_tau: float = 0.05,
+  f_divergence_type: str = "reverse_kl",
+  f_alpha_divergence_coef: float = 0.5,
+  ld_alpha: Optional[float] = None,
+  use_weighting: bool = False,
+):
   r"""TRL `loss_type="discopop"`: log-ratio modulated blend of the logistic and exponential losses.
 
   `z = beta * (s_w - s_l)`, `m = sigmoid(z / tau)`:
@@ -422,8 +523,15 @@ def trl_discopop(policy, reference, *, beta: float = 0.1, discopop_tau: float = 
   Large Language Models", arXiv:2406.08414, Eq. 5; TRL 1.16 `DPOTrainer._compute_loss`.
   """
   _common.check_range("discopop", "discopop_tau", discopop_tau, low=0.0, low_open=True)
-  s_w, s_l = _scores("discopop", policy, reference, beta=beta, ld_alpha=ld_alpha, f_divergence_type=f_divergence_type,
-                     f_alpha_divergence_coef=f_alpha_divergence_coef)
+  s_w, s_l = _scores(
+    "discopop",
+    policy,
+    reference,
+    beta=beta,
+    ld_alpha=ld_alpha,
+    f_divergence_type=f_divergence_type,
+    f_alpha_divergence_coef=f_alpha_divergence_coef,
+  )
   z = beta * (s_w - s_l)
   logistic_part = gpo_fns.logistic(z) * jax.nn.sigmoid(-z / discopop_tau)
   exp_part = _exp_linear_tail(-z + jax.nn.log_sigmoid(z / discopop_tau))
@@ -452,9 +560,16 @@ def trl_sft(policy, reference=None):
   return _common.chosen_token_nll_sum(policy).astype(jnp.float32)
 
 
-def trl_sigmoid_norm(policy, reference, *, beta: float = 0.1, f_divergence_type: str = "reverse_kl",
-                     f_alpha_divergence_coef: float = 0.5, ld_alpha: Optional[float] = None,
-                     use_weighting: bool = False):
+def trl_sigmoid_norm(
+  policy,
+  reference,
+  *,
+  beta: float = 0.1,
+  f_divergence_type: str = "reverse_kl",
+  f_alpha_divergence_coef: float = 0.5,
+  ld_alpha: Optional[float] = None,
+  use_weighting: bool = False,
+):
   r"""TRL `loss_type="sigmoid_norm"`: `-log sigmoid(beta * (s_w/|y_w| - s_l/|y_l|))`.
 
   DPO on length-averaged scores (completion-token counts clamped at 1), the LN-DPO idea; being ~|y|
@@ -464,9 +579,16 @@ def trl_sigmoid_norm(policy, reference, *, beta: float = 0.1, f_divergence_type:
   2024, arXiv:2405.14734); LN-DPO in Saeidi et al. 2024, arXiv:2409.02908 (that LN-DPO is exactly
   this form is not verified).
   """
-  s_w, s_l = _scores("sigmoid_norm", policy, reference, beta=beta, ld_alpha=ld_alpha,
-                     f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-                     need_lengths=True)
+  s_w, s_l = _scores(
+    "sigmoid_norm",
+    policy,
+    reference,
+    beta=beta,
+    ld_alpha=ld_alpha,
+    f_divergence_type=f_divergence_type,
+    f_alpha_divergence_coef=f_alpha_divergence_coef,
+    need_lengths=True,
+  )
   return _weighted(gpo_fns.logistic(beta * _length_averaged(s_w, s_l, policy, "sigmoid_norm")), policy, use_weighting)
 
 
@@ -523,8 +645,9 @@ def f_dpo(policy, reference, *, f_divergence_type: str, alpha: float = 0.5, beta
   computed as TRL 1.16's `f_divergence_type` (`DPOTrainer._compute_loss`).
   """
   _common.check_range("f_dpo", "alpha", alpha, low=0.0, high=1.0)
-  return trl_sigmoid(policy, reference, beta=beta, f_divergence_type=f_divergence_type,
-                     f_alpha_divergence_coef=1.0 - alpha)
+  return trl_sigmoid(
+    policy, reference, beta=beta, f_divergence_type=f_divergence_type, f_alpha_divergence_coef=1.0 - alpha
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,72 +655,77 @@ def f_dpo(policy, reference, *, f_divergence_type: str, alpha: float = 0.5, beta
 # --------------------------------------------------------------------------------------------
 
 TRL_LOSS_FUNCTIONS = {
-    "sigmoid": trl_sigmoid,
-    "hinge": trl_hinge,
-    "ipo": trl_ipo,
-    "exo_pair": trl_exo_pair,
-    "nca_pair": trl_nca_pair,
-    "robust": trl_robust,
-    "bco_pair": trl_bco_pair,
-    "sppo_hard": trl_sppo_hard,
-    "aot": trl_aot,
-    "aot_unpaired": trl_aot_unpaired,
-    "apo_zero": trl_apo_zero,
-    "apo_down": trl_apo_down,
-    "discopop": trl_discopop,
-    "sft": trl_sft,
-    "sigmoid_norm": trl_sigmoid_norm,
+  "sigmoid": trl_sigmoid,
+  "hinge": trl_hinge,
+  "ipo": trl_ipo,
+  "exo_pair": trl_exo_pair,
+  "nca_pair": trl_nca_pair,
+  "robust": trl_robust,
+  "bco_pair": trl_bco_pair,
+  "sppo_hard": trl_sppo_hard,
+  "aot": trl_aot,
+  "aot_unpaired": trl_aot_unpaired,
+  "apo_zero": trl_apo_zero,
+  "apo_down": trl_apo_down,
+  "discopop": trl_discopop,
+  "sft": trl_sft,
+  "sigmoid_norm": trl_sigmoid_norm,
 }
 TRL_LOSS_TYPES = tuple(TRL_LOSS_FUNCTIONS)
 TRL_PREFIX = "trl."
 
 # TRL loss_type -> the canonical pofx name of the same formula (at TRL's default modifiers).
 CANONICAL_NAME = {
-    "sigmoid": "dpo",
-    "hinge": "slic",
-    "ipo": "ipo",
-    "exo_pair": "exo_pair",
-    "nca_pair": "nca",
-    "robust": "robust_dpo",
-    "bco_pair": "bco_pair",
-    "sppo_hard": "sppo_hard",
-    "aot": "aot",
-    "aot_unpaired": "aot_unpaired",
-    "apo_zero": "apo_zero",
-    "apo_down": "apo_down",
-    "discopop": "discopop",
-    "sft": "sft",
-    "sigmoid_norm": "ln_dpo",
+  "sigmoid": "dpo",
+  "hinge": "slic",
+  "ipo": "ipo",
+  "exo_pair": "exo_pair",
+  "nca_pair": "nca",
+  "robust": "robust_dpo",
+  "bco_pair": "bco_pair",
+  "sppo_hard": "sppo_hard",
+  "aot": "aot",
+  "aot_unpaired": "aot_unpaired",
+  "apo_zero": "apo_zero",
+  "apo_down": "apo_down",
+  "discopop": "discopop",
+  "sft": "sft",
+  "sigmoid_norm": "ln_dpo",
 }
 # Loss types whose formula no other pofx loss has: the canonical name is TRL's, the function the same.
 _ONLY_IN_TRL = tuple(t for t, c in CANONICAL_NAME.items() if t == c and t != "ipo")
 
 _SOURCES = {
-    "sigmoid": "Rafailov et al. 2023, arXiv:2305.18290, Eq. 7",
-    "hinge": "Zhao et al. 2023, SLiC-HF, arXiv:2305.10425, Eq. 2",
-    "ipo": "Azar et al. 2023, arXiv:2310.12036, Eq. 17 (length-averaged)",
-    "exo_pair": "Ji et al. 2024, EXO, arXiv:2402.00856, Eq. 16",
-    "nca_pair": "Chen et al. 2024, NCA, arXiv:2402.05369",
-    "robust": "Chowdhury et al. 2024, Robust DPO, arXiv:2403.00409",
-    "bco_pair": "Jung et al. 2024, BCO, arXiv:2404.04656 (no reward shift)",
-    "sppo_hard": "Wu et al. 2024, SPPO, arXiv:2405.00675, Eq. 4.7 (hard labels)",
-    "aot": "Melnyk et al. 2024, AOT, arXiv:2406.05882 (paired)",
-    "aot_unpaired": "Melnyk et al. 2024, AOT, arXiv:2406.05882 (unpaired)",
-    "apo_zero": "D'Oosterlinck et al. 2024, APO, arXiv:2408.06266, Eq. 7",
-    "apo_down": "D'Oosterlinck et al. 2024, APO, arXiv:2408.06266, Eq. 8",
-    "discopop": "Lu et al. 2024, DiscoPOP, arXiv:2406.08414, Eq. 5",
-    "sft": "chosen-token-mean NLL (TRL; IRPO Pang et al. 2024, arXiv:2404.19733)",
-    "sigmoid_norm": "length-averaged DPO (TRL; SimPO-style normalisation, arXiv:2405.14734)",
+  "sigmoid": "Rafailov et al. 2023, arXiv:2305.18290, Eq. 7",
+  "hinge": "Zhao et al. 2023, SLiC-HF, arXiv:2305.10425, Eq. 2",
+  "ipo": "Azar et al. 2023, arXiv:2310.12036, Eq. 17 (length-averaged)",
+  "exo_pair": "Ji et al. 2024, EXO, arXiv:2402.00856, Eq. 16",
+  "nca_pair": "Chen et al. 2024, NCA, arXiv:2402.05369",
+  "robust": "Chowdhury et al. 2024, Robust DPO, arXiv:2403.00409",
+  "bco_pair": "Jung et al. 2024, BCO, arXiv:2404.04656 (no reward shift)",
+  "sppo_hard": "Wu et al. 2024, SPPO, arXiv:2405.00675, Eq. 4.7 (hard labels)",
+  "aot": "Melnyk et al. 2024, AOT, arXiv:2406.05882 (paired)",
+  "aot_unpaired": "Melnyk et al. 2024, AOT, arXiv:2406.05882 (unpaired)",
+  "apo_zero": "D'Oosterlinck et al. 2024, APO, arXiv:2408.06266, Eq. 7",
+  "apo_down": "D'Oosterlinck et al. 2024, APO, arXiv:2408.06266, Eq. 8",
+  "discopop": "Lu et al. 2024, DiscoPOP, arXiv:2406.08414, Eq. 5",
+  "sft": "chosen-token-mean NLL (TRL; IRPO Pang et al. 2024, arXiv:2404.19733)",
+  "sigmoid_norm": "length-averaged DPO (TRL; SimPO-style normalisation, arXiv:2405.14734)",
 }
 _REQUIRES = {"ipo": frozenset({"lengths"}), "sigmoid_norm": frozenset({"lengths"}), "sft": frozenset({"lengths"})}
 
 
 def _trl_spec(loss_type: str, name: str) -> LossSpec:
   source = f"{_SOURCES[loss_type]}; {_TRL} (loss_type={loss_type!r})"
-  return LossSpec(name, TRL_LOSS_FUNCTIONS[loss_type], "trl", source,
-                  reference="unused" if loss_type == "sft" else "required",
-                  requires=_REQUIRES.get(loss_type, frozenset()),
-                  reduction="chosen_token_mean" if loss_type == "sft" else "mean")
+  return LossSpec(
+    name,
+    TRL_LOSS_FUNCTIONS[loss_type],
+    "trl",
+    source,
+    reference="unused" if loss_type == "sft" else "required",
+    requires=_REQUIRES.get(loss_type, frozenset()),
+    reduction="chosen_token_mean" if loss_type == "sft" else "mean",
+  )
 
 
 # The compatibility namespace: every TRL loss_type, named `trl.<loss_type>`, with TRL 1.16's semantics.
@@ -606,13 +734,29 @@ TRL_SPECS = {t: _trl_spec(t, TRL_PREFIX + t) for t in TRL_LOSS_TYPES}
 # The canonical registry's entries from this module: the loss types only TRL has, and the methods
 # built on TRL's modifiers.
 SPECS = tuple(_trl_spec(t, t) for t in _ONLY_IN_TRL) + (
-    LossSpec("ld_dpo", ld_dpo, "trl", "Liu et al. 2024, LD-DPO, arXiv:2409.06411; formula of " + _TRL + " (ld_alpha)",
-             requires=frozenset({"tokens", "lengths"}), example_hyper={"ld_alpha": 0.5}),
-    LossSpec("wpo", wpo, "trl", "Zhou et al. 2024, WPO, arXiv:2406.11827, Eq. 2; " + _TRL + " (use_weighting)",
-             requires=frozenset({"tokens", "log_sum_sq_probs"}),
-             detached_by_design="the WPO weights are a stop-gradient function of the per-token log-probs"),
-    LossSpec("f_dpo", f_dpo, "trl", "Wang et al. 2023, f-DPO, arXiv:2309.16240; " + _TRL + " (f_divergence_type)",
-             example_hyper={"f_divergence_type": "js_divergence"}),
+  LossSpec(
+    "ld_dpo",
+    ld_dpo,
+    "trl",
+    "Liu et al. 2024, LD-DPO, arXiv:2409.06411; formula of " + _TRL + " (ld_alpha)",
+    requires=frozenset({"tokens", "lengths"}),
+    example_hyper={"ld_alpha": 0.5},
+  ),
+  LossSpec(
+    "wpo",
+    wpo,
+    "trl",
+    "Zhou et al. 2024, WPO, arXiv:2406.11827, Eq. 2; " + _TRL + " (use_weighting)",
+    requires=frozenset({"tokens", "log_sum_sq_probs"}),
+    detached_by_design="the WPO weights are a stop-gradient function of the per-token log-probs",
+  ),
+  LossSpec(
+    "f_dpo",
+    f_dpo,
+    "trl",
+    "Wang et al. 2023, f-DPO, arXiv:2309.16240; " + _TRL + " (f_divergence_type)",
+    example_hyper={"f_divergence_type": "js_divergence"},
+  ),
 )
 
 # Canonical names of the formulas only TRL has (the same functions as `trl.<loss_type>`).
@@ -631,11 +775,20 @@ def _accepted(fn) -> set:
   return {n for n, p in inspect.signature(fn).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def trl_dpo_loss(policy: PairLogps, reference: Optional[PairLogps], *,
-                 loss_type: Union[str, Sequence[str]] = "sigmoid", loss_weights: Optional[Sequence[float]] = None,
-                 beta: float = 0.1, f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
-                 ld_alpha: Optional[float] = None, label_smoothing: float = 0.0, use_weighting: bool = False,
-                 discopop_tau: float = 0.05) -> Array:
+def trl_dpo_loss(
+  policy: PairLogps,
+  reference: Optional[PairLogps],
+  *,
+  loss_type: Union[str, Sequence[str]] = "sigmoid",
+  loss_weights: Optional[Sequence[float]] = None,
+  beta: float = 0.1,
+  f_divergence_type: str = "reverse_kl",
+  f_alpha_divergence_coef: float = 0.5,
+  ld_alpha: Optional[float] = None,
+  label_smoothing: float = 0.0,
+  use_weighting: bool = False,
+  discopop_tau: float = 0.05,
+) -> Array:
   r"""TRL's batch DPO loss: `sum_k loss_weights[k] * reduce_B(loss_type[k])`, a scalar.
 
   Mirrors `DPOTrainer._compute_loss` of TRL 1.16 with `DPOConfig`'s names and defaults:
@@ -662,25 +815,40 @@ def trl_dpo_loss(policy: PairLogps, reference: Optional[PairLogps], *,
     _common.check_choice("trl_dpo_loss", "loss_type", t, TRL_LOSS_TYPES)
   weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
   if len(weights) != len(types):
-    raise ValueError(f"trl_dpo_loss: invalid loss_weights={loss_weights!r}; allowed: one weight per loss_type "
-                     f"({len(types)}).")
+    raise ValueError(
+      f"trl_dpo_loss: invalid loss_weights={loss_weights!r}; allowed: one weight per loss_type ({len(types)})."
+    )
   _common.check_choice("trl_dpo_loss", "f_divergence_type", f_divergence_type, F_DIVERGENCES)
   if f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSS_TYPES:
-    raise ValueError(f"trl_dpo_loss: invalid f_divergence_type={f_divergence_type!r} for loss_type={types}; "
-                     f"allowed: 'reverse_kl', or only loss types in {sorted(F_DIVERGENCE_LOSS_TYPES)}.")
+    raise ValueError(
+      f"trl_dpo_loss: invalid f_divergence_type={f_divergence_type!r} for loss_type={types}; "
+      f"allowed: 'reverse_kl', or only loss types in {sorted(F_DIVERGENCE_LOSS_TYPES)}."
+    )
   if use_weighting and {"aot", "aot_unpaired"} & set(types):
-    raise ValueError(f"trl_dpo_loss: invalid use_weighting=True with loss_type={types}; allowed: use_weighting=False "
-                     "with 'aot'/'aot_unpaired' (they sort the batch, which would misalign per-pair weights).")
+    raise ValueError(
+      f"trl_dpo_loss: invalid use_weighting=True with loss_type={types}; allowed: use_weighting=False "
+      "with 'aot'/'aot_unpaired' (they sort the batch, which would misalign per-pair weights)."
+    )
   if use_weighting and "sft" in types:
-    raise ValueError(f"trl_dpo_loss: invalid use_weighting=True with loss_type={types}; allowed: use_weighting=False "
-                     "with 'sft' (TRL 1.16 fails on this combination: it multiplies the weights in place into the "
-                     "broadcast scalar SFT loss).")
+    raise ValueError(
+      f"trl_dpo_loss: invalid use_weighting=True with loss_type={types}; allowed: use_weighting=False "
+      "with 'sft' (TRL 1.16 fails on this combination: it multiplies the weights in place into the "
+      "broadcast scalar SFT loss)."
+    )
   if "exo_pair" in types and _common._is_static(label_smoothing) and float(label_smoothing) == 0.0:
-    raise ValueError("trl_dpo_loss: invalid label_smoothing=0.0 for 'exo_pair'; allowed: a value in (0, 1) "
-                     "(the EXO paper recommends 1e-3).")
-  available = dict(beta=beta, f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-                   ld_alpha=ld_alpha, label_smoothing=label_smoothing, use_weighting=use_weighting,
-                   discopop_tau=discopop_tau)
+    raise ValueError(
+      "trl_dpo_loss: invalid label_smoothing=0.0 for 'exo_pair'; allowed: a value in (0, 1) "
+      "(the EXO paper recommends 1e-3)."
+    )
+  available = dict(
+    beta=beta,
+    f_divergence_type=f_divergence_type,
+    f_alpha_divergence_coef=f_alpha_divergence_coef,
+    ld_alpha=ld_alpha,
+    label_smoothing=label_smoothing,
+    use_weighting=use_weighting,
+    discopop_tau=discopop_tau,
+  )
   total = jnp.float32(0.0)
   for t, w in zip(types, weights):
     fn = TRL_LOSS_FUNCTIONS[t]
@@ -691,11 +859,41 @@ def trl_dpo_loss(policy: PairLogps, reference: Optional[PairLogps], *,
 
 
 __all__ = [
-    "F_DIVERGENCES", "F_DIVERGENCE_LOSS_TYPES", "TRL_LOSS_TYPES", "TRL_LOSS_FUNCTIONS", "TRL_PREFIX", "TRL_SPECS",
-    "CANONICAL_NAME", "exo_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
-    "sft",
-    "f_divergence_link", "wpo_sequence_weights", "trl_dpo_loss", "ld_dpo", "wpo", "f_dpo",
-    "trl_sigmoid", "trl_hinge", "trl_ipo", "trl_exo_pair", "trl_nca_pair", "trl_robust", "trl_bco_pair",
-    "trl_sppo_hard", "trl_aot", "trl_aot_unpaired", "trl_apo_zero", "trl_apo_down", "trl_discopop", "trl_sft",
-    "trl_sigmoid_norm",
+  "F_DIVERGENCES",
+  "F_DIVERGENCE_LOSS_TYPES",
+  "TRL_LOSS_TYPES",
+  "TRL_LOSS_FUNCTIONS",
+  "TRL_PREFIX",
+  "TRL_SPECS",
+  "CANONICAL_NAME",
+  "exo_pair",
+  "bco_pair",
+  "sppo_hard",
+  "aot",
+  "aot_unpaired",
+  "apo_zero",
+  "apo_down",
+  "discopop",
+  "sft",
+  "f_divergence_link",
+  "wpo_sequence_weights",
+  "trl_dpo_loss",
+  "ld_dpo",
+  "wpo",
+  "f_dpo",
+  "trl_sigmoid",
+  "trl_hinge",
+  "trl_ipo",
+  "trl_exo_pair",
+  "trl_nca_pair",
+  "trl_robust",
+  "trl_bco_pair",
+  "trl_sppo_hard",
+  "trl_aot",
+  "trl_aot_unpaired",
+  "trl_apo_zero",
+  "trl_apo_down",
+  "trl_discopop",
+  "trl_sft",
+  "trl_sigmoid_norm",
 ]

@@ -62,7 +62,7 @@ def names() -> list[str]:
 
 def spec(loss_type: str) -> LossSpec:
   """The `LossSpec` of a TRL loss_type (bare, `"sigmoid"`, or qualified, `"trl.sigmoid"`)."""
-  bare = loss_type[len(PREFIX):] if isinstance(loss_type, str) and loss_type.startswith(PREFIX) else loss_type
+  bare = loss_type[len(PREFIX) :] if isinstance(loss_type, str) and loss_type.startswith(PREFIX) else loss_type
   _common.check_choice("pofx.losses.trl", "loss_type", bare, TRL_LOSS_TYPES)
   return REGISTRY[bare]
 
@@ -74,7 +74,7 @@ def get(loss_type: str):
 
 def canonical(loss_type: str) -> str:
   """The canonical pofx name of the formula TRL calls `loss_type` (e.g. "sigmoid" -> "dpo")."""
-  return CANONICAL_NAME[spec(loss_type).name[len(PREFIX):]]
+  return CANONICAL_NAME[spec(loss_type).name[len(PREFIX) :]]
 
 
 def batch_loss(loss_type: str, policy, reference=None, **kwargs: Any):
@@ -87,8 +87,31 @@ def batch_loss(loss_type: str, policy, reference=None, **kwargs: Any):
 
 
 __all__ = [
-    "PREFIX", "REGISTRY", "CANONICAL_NAME", "TRL_LOSS_TYPES", "F_DIVERGENCES", "F_DIVERGENCE_LOSS_TYPES",
-    "names", "spec", "get", "canonical", "batch_loss", "trl_dpo_loss",
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+  "PREFIX",
+  "REGISTRY",
+  "CANONICAL_NAME",
+  "TRL_LOSS_TYPES",
+  "F_DIVERGENCES",
+  "F_DIVERGENCE_LOSS_TYPES",
+  "names",
+  "spec",
+  "get",
+  "canonical",
+  "batch_loss",
+  "trl_dpo_loss",
+  "sigmoid",
+  "hinge",
+  "ipo",
+  "exo_pair",
+  "nca_pair",
+  "robust",
+  "bco_pair",
+  "sppo_hard",
+  "aot",
+  "aot_unpaired",
+  "apo_zero",
+  "apo_down",
+  "discopop",
+  "sft",
+  "sigmoid_norm",
 ]

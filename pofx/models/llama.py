@@ -61,9 +61,9 @@ Params = Any
 Kernels = kernels_lib.Kernels
 
 _REMAT_POLICIES = {
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+  "dots_saveable": jax.checkpoint_policies.dots_saveable,
+  "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -117,23 +117,25 @@ class LlamaConfig:
       if int(getattr(self, name)) < 1:
         raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"LlamaConfig.num_kv_heads ({self.num_kv_heads}) must divide num_heads "
-                       f"({self.num_heads}).")
+      raise ValueError(f"LlamaConfig.num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads}).")
     if self.head_dim is None and self.hidden_size % self.num_heads:
-      raise ValueError(f"LlamaConfig.hidden_size ({self.hidden_size}) must be a multiple of num_heads "
-                       f"({self.num_heads}) unless head_dim is given.")
+      raise ValueError(
+        f"LlamaConfig.hidden_size ({self.hidden_size}) must be a multiple of num_heads "
+        f"({self.num_heads}) unless head_dim is given."
+      )
     if self.resolved_head_dim % 2:
       raise ValueError(f"LlamaConfig: the head dimension must be even for RoPE, got {self.resolved_head_dim}.")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"LlamaConfig.{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}.")
     if self.remat_policy not in _REMAT_POLICIES:
-      raise ValueError(f"LlamaConfig.remat_policy must be one of {sorted(_REMAT_POLICIES)}, "
-                       f"got {self.remat_policy!r}.")
+      raise ValueError(f"LlamaConfig.remat_policy must be one of {sorted(_REMAT_POLICIES)}, got {self.remat_policy!r}.")
     if self.rope_scaling is not None:
       if len(self.rope_scaling) != 4:
-        raise ValueError("LlamaConfig.rope_scaling must be (factor, low_freq_factor, high_freq_factor, "
-                         f"original_max_position_embeddings), got {self.rope_scaling!r}.")
+        raise ValueError(
+          "LlamaConfig.rope_scaling must be (factor, low_freq_factor, high_freq_factor, "
+          f"original_max_position_embeddings), got {self.rope_scaling!r}."
+        )
       object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
 
   @property
@@ -154,63 +156,109 @@ class LlamaConfig:
   def num_params(self) -> int:
     """Closed-form parameter count (must equal the size of `init_params(self, rng)`)."""
     d, f, v, hd = self.hidden_size, self.mlp_size, self.vocab_size, self.resolved_head_dim
-    attn = d * self.num_heads * hd * 2 + d * self.num_kv_heads * hd * 2   # q, o; k, v
-    block = attn + 3 * d * f + 2 * d                                        # + SwiGLU + 2 norms
+    attn = d * self.num_heads * hd * 2 + d * self.num_kv_heads * hd * 2  # q, o; k, v
+    block = attn + 3 * d * f + 2 * d  # + SwiGLU + 2 norms
     return v * d * (1 if self.tie_embeddings else 2) + self.num_layers * block + d
 
 
 # Presets ---------------------------------------------------------------------------------------
 
+
 def tiny(**overrides) -> LlamaConfig:
   """A tiny model for tests (runs in milliseconds on CPU): D=32, 2 layers, 4 heads, 2 KV heads."""
-  return LlamaConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                     mlp_size=64).replace(**overrides)
+  return LlamaConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_size=64).replace(
+    **overrides
+  )
 
 
 def bench(**overrides) -> LlamaConfig:
   """The model of `benchmarks/trl_dpo_baseline.py`: HF `LlamaConfig(vocab_size=4096,
   hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
   intermediate_size=688, tie_word_embeddings=False)`, float32: 4,999,424 parameters."""
-  return LlamaConfig(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
-                     mlp_size=688, rope_theta=10000.0, rms_norm_eps=1e-6,
-                     tie_embeddings=False).replace(**overrides)
+  return LlamaConfig(
+    vocab_size=4096,
+    hidden_size=256,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=4,
+    mlp_size=688,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_embeddings=False,
+  ).replace(**overrides)
 
 
 def llama_3_2_1b(**overrides) -> LlamaConfig:
   """Llama-3.2-1B shapes (meta-llama/Llama-3.2-1B `config.json`): D=2048, 16 layers, 32 heads,
   8 KV heads, head_dim 64, MLP 8192, vocab 128256, tied embeddings, rope_theta 5e5 with Llama 3
   scaling (32, 1, 4, 8192), eps 1e-5: 1,235,814,400 parameters. bf16 compute by default."""
-  return LlamaConfig(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32,
-                     num_kv_heads=8, mlp_size=8192, head_dim=64, rope_theta=500000.0,
-                     rope_scaling=(32.0, 1.0, 4.0, 8192), rms_norm_eps=1e-5,
-                     tie_embeddings=True, dtype="bfloat16").replace(**overrides)
+  return LlamaConfig(
+    vocab_size=128256,
+    hidden_size=2048,
+    num_layers=16,
+    num_heads=32,
+    num_kv_heads=8,
+    mlp_size=8192,
+    head_dim=64,
+    rope_theta=500000.0,
+    rope_scaling=(32.0, 1.0, 4.0, 8192),
+    rms_norm_eps=1e-5,
+    tie_embeddings=True,
+    dtype="bfloat16",
+  ).replace(**overrides)
 
 
 def llama_3_1_8b(**overrides) -> LlamaConfig:
   """Llama-3.1-8B shapes (meta-llama/Llama-3.1-8B `config.json`): D=4096, 32 layers, 32 heads,
   8 KV heads, head_dim 128, MLP 14336, vocab 128256, untied embeddings, rope_theta 5e5 with
   Llama 3.1 scaling (8, 1, 4, 8192), eps 1e-5: 8,030,261,248 parameters. bf16 compute by default."""
-  return LlamaConfig(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32,
-                     num_kv_heads=8, mlp_size=14336, head_dim=128, rope_theta=500000.0,
-                     rope_scaling=(8.0, 1.0, 4.0, 8192), rms_norm_eps=1e-5,
-                     tie_embeddings=False, dtype="bfloat16").replace(**overrides)
+  return LlamaConfig(
+    vocab_size=128256,
+    hidden_size=4096,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    mlp_size=14336,
+    head_dim=128,
+    rope_theta=500000.0,
+    rope_scaling=(8.0, 1.0, 4.0, 8192),
+    rms_norm_eps=1e-5,
+    tie_embeddings=False,
+    dtype="bfloat16",
+  ).replace(**overrides)
 
 
 def llama_3_1_70b(**overrides) -> LlamaConfig:
   """Llama-3.1-70B shapes (meta-llama/Llama-3.1-70B `config.json`): D=8192, 80 layers, 64 heads,
   8 KV heads, head_dim 128, MLP 28672, vocab 128256, untied embeddings, rope_theta 5e5 with
   Llama 3.1 scaling (8, 1, 4, 8192), eps 1e-5: 70,553,706,496 parameters. bf16 compute by default."""
-  return LlamaConfig(vocab_size=128256, hidden_size=8192, num_layers=80, num_heads=64,
-                     num_kv_heads=8, mlp_size=28672, head_dim=128, rope_theta=500000.0,
-                     rope_scaling=(8.0, 1.0, 4.0, 8192), rms_norm_eps=1e-5,
-                     tie_embeddings=False, dtype="bfloat16").replace(**overrides)
+  return LlamaConfig(
+    vocab_size=128256,
+    hidden_size=8192,
+    num_layers=80,
+    num_heads=64,
+    num_kv_heads=8,
+    mlp_size=28672,
+    head_dim=128,
+    rope_theta=500000.0,
+    rope_scaling=(8.0, 1.0, 4.0, 8192),
+    rms_norm_eps=1e-5,
+    tie_embeddings=False,
+    dtype="bfloat16",
+  ).replace(**overrides)
 
 
 PRESETS: Mapping[str, Callable[..., LlamaConfig]] = {
-    "tiny": tiny, "bench": bench,
-    "llama_3_2_1b": llama_3_2_1b, "1b": llama_3_2_1b, "llama3_1b": llama_3_2_1b,
-    "llama_3_1_8b": llama_3_1_8b, "llama3_8b": llama_3_1_8b,
-    "llama_3_1_70b": llama_3_1_70b, "llama3_70b": llama_3_1_70b}
+  "tiny": tiny,
+  "bench": bench,
+  "llama_3_2_1b": llama_3_2_1b,
+  "1b": llama_3_2_1b,
+  "llama3_1b": llama_3_2_1b,
+  "llama_3_1_8b": llama_3_1_8b,
+  "llama3_8b": llama_3_1_8b,
+  "llama_3_1_70b": llama_3_1_70b,
+  "llama3_70b": llama_3_1_70b,
+}
 
 
 def preset(name: str, **overrides) -> LlamaConfig:
@@ -222,6 +270,7 @@ def preset(name: str, **overrides) -> LlamaConfig:
 
 
 # Rotary positions ------------------------------------------------------------------------------
+
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
   """RoPE inverse frequencies `[head_dim // 2]` (float64 numpy), with Llama 3 scaling if set."""
@@ -268,15 +317,18 @@ attention_mask = kernels_lib.attention_mask
 
 # Parameters (declared and initialised by Flax) -------------------------------------------------
 
+
 class _Dense(nn.Module):
   """Declares `kernel [in_features, features]` as `nn.Dense(use_bias=False)` would (same key, same values)."""
+
   features: int
   config: LlamaConfig
 
   @nn.compact
   def __call__(self, in_features: int):
-    self.param("kernel", nn.initializers.normal(self.config.init_std), (in_features, self.features),
-               self.config.parameter_dtype)
+    self.param(
+      "kernel", nn.initializers.normal(self.config.init_std), (in_features, self.features), self.config.parameter_dtype
+    )
 
 
 class _Norm(nn.Module):
@@ -289,13 +341,15 @@ class _Norm(nn.Module):
 
 class _Embed(nn.Module):
   """Declares `embedding [V, D]` as `nn.Embed` would (same key, same values)."""
+
   config: LlamaConfig
 
   @nn.compact
   def __call__(self):
     cfg = self.config
-    self.param("embedding", nn.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.hidden_size),
-               cfg.parameter_dtype)
+    self.param(
+      "embedding", nn.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.hidden_size), cfg.parameter_dtype
+    )
 
 
 class _Block(nn.Module):
@@ -337,6 +391,7 @@ class _Mlp(nn.Module):
 class _Decoder(nn.Module):
   """The parameter tree: Flax derives each parameter's key from its path, so these values are
   those of the equivalent `nn.Embed` / `nn.Dense` modules."""
+
   config: LlamaConfig
 
   @nn.compact
@@ -354,10 +409,11 @@ class _Decoder(nn.Module):
 def init_params(config: LlamaConfig, rng: Array) -> Params:
   """Initial parameters (a nested dict of float arrays) for `config`, from the PRNG key `rng`:
   every matrix `N(0, init_std^2)`, every norm scale 1."""
-  return jax.jit(lambda rng: _Decoder(config).init(rng)["params"])(rng)   # one program; nests in jit / eval_shape
+  return jax.jit(lambda rng: _Decoder(config).init(rng)["params"])(rng)  # one program; nests in jit / eval_shape
 
 
 # The transformer block ---------------------------------------------------------------------------
+
 
 def _rms_norm(x: Array, scale: Array, eps: float, dtype) -> Array:
   """`scale * x / sqrt(mean(x^2) + eps)` over the last axis, in float32, returned in `dtype`."""
@@ -374,8 +430,16 @@ def _mlp(p: Params, h: Array, *, config: LlamaConfig, kernels: Kernels) -> Array
   return kernels.dense(jax.nn.silu(gate) * up, p["down_proj"]["kernel"], dtype)
 
 
-def _block(x: Array, p: Params, index: Optional[Array] = None, *, attend: Callable, shape: Tuple[int, int],
-           config: LlamaConfig, kernels: Kernels):
+def _block(
+  x: Array,
+  p: Params,
+  index: Optional[Array] = None,
+  *,
+  attend: Callable,
+  shape: Tuple[int, int],
+  config: LlamaConfig,
+  kernels: Kernels,
+):
   """One decoder block on `x [B * L, D]`: `x + Attn(RMSNorm(x))`, then `x + SwiGLU(RMSNorm(x))`.
 
   `attend(q [B, L, K, G, hd], k [B, L, K, hd], v [B, L, K, hd]) -> (out [B, L, K, G, hd], extra)`
@@ -395,7 +459,7 @@ def _block(x: Array, p: Params, index: Optional[Array] = None, *, attend: Callab
   v = kernels.dense(h, a["v_proj"]["kernel"], dtype).reshape(B, L, K, hd)
   out, extra = attend(q, k, v)
   out = out.reshape(B * L, K * G * hd)
-  if index is not None:   # only these positions' outputs are used: the rest is per-token work
+  if index is not None:  # only these positions' outputs are used: the rest is per-token work
     x, out = x[index], out[index]
   x = x + kernels.dense(out, a["o_proj"]["kernel"], dtype)
   h = _rms_norm(x, p["post_attn_norm"]["scale"], cfg.rms_norm_eps, dtype)
@@ -415,6 +479,7 @@ def _head_logits(x: Array, w: Array, kernels: Kernels) -> Array:
 
 # Pure-function interface -----------------------------------------------------------------------
 
+
 def _check_inputs(tokens, positions, segment_ids, branch_ids):
   shapes = [np.shape(tokens), np.shape(positions), np.shape(segment_ids)]
   if branch_ids is not None:
@@ -423,10 +488,18 @@ def _check_inputs(tokens, positions, segment_ids, branch_ids):
     raise ValueError(f"tokens, positions, segment_ids (and branch_ids) must all be [B, L]; got {shapes}.")
 
 
-def apply_fn(params: Params, tokens: Array, positions: Array, segment_ids: Array,
-             branch_ids: Optional[Array] = None, *, config: LlamaConfig, kernels: Kernels = kernels_lib.XLA,
-             attention_blocks: Optional[sparse_attention.AttentionBlocks] = None,
-             output_index: Optional[Array] = None) -> Array:
+def apply_fn(
+  params: Params,
+  tokens: Array,
+  positions: Array,
+  segment_ids: Array,
+  branch_ids: Optional[Array] = None,
+  *,
+  config: LlamaConfig,
+  kernels: Kernels = kernels_lib.XLA,
+  attention_blocks: Optional[sparse_attention.AttentionBlocks] = None,
+  output_index: Optional[Array] = None,
+) -> Array:
   """Final hidden states `[B, L, D]` (in `config.dtype`) for `tokens [B, L]` int.
 
   Args:
@@ -479,15 +552,23 @@ def lm_head(params: Params, config: LlamaConfig) -> Array:
   return params["lm_head"]
 
 
-def logits_fn(params: Params, tokens: Array, positions: Array, segment_ids: Array,
-              branch_ids: Optional[Array] = None, *, config: LlamaConfig,
-              kernels: Kernels = kernels_lib.XLA) -> Array:
+def logits_fn(
+  params: Params,
+  tokens: Array,
+  positions: Array,
+  segment_ids: Array,
+  branch_ids: Optional[Array] = None,
+  *,
+  config: LlamaConfig,
+  kernels: Kernels = kernels_lib.XLA,
+) -> Array:
   """Full float32 logits `[B, L, V]` (for tests and sampling; training uses `pofx.logprobs`)."""
   h = apply_fn(params, tokens, positions, segment_ids, branch_ids, config=config, kernels=kernels)
   return _head_logits(h, lm_head(params, config), kernels)
 
 
 # Cached decoding (sampling) --------------------------------------------------------------------
+
 
 class KVCache(NamedTuple):
   """Key/value cache of a batch of sequences being decoded (a pytree).
@@ -499,6 +580,7 @@ class KVCache(NamedTuple):
       not yet written).
     index: `[]` int32, the next slot to write.
   """
+
   k: Tuple[Array, ...]
   v: Tuple[Array, ...]
   valid: Array
@@ -509,12 +591,19 @@ def init_cache(config: LlamaConfig, batch_size: int, max_length: int) -> KVCache
   """An empty `KVCache` for `batch_size` sequences of at most `max_length` tokens."""
   shape = (batch_size, max_length, config.num_kv_heads, config.resolved_head_dim)
   zeros = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
-  return KVCache(k=zeros, v=zeros, valid=jnp.zeros((batch_size, max_length), jnp.bool_),
-                 index=jnp.zeros((), jnp.int32))
+  return KVCache(k=zeros, v=zeros, valid=jnp.zeros((batch_size, max_length), jnp.bool_), index=jnp.zeros((), jnp.int32))
 
 
-def decode(params: Params, tokens: Array, positions: Array, valid: Array, cache: KVCache, *,
-           config: LlamaConfig, kernels: Kernels = kernels_lib.XLA) -> Tuple[Array, KVCache]:
+def decode(
+  params: Params,
+  tokens: Array,
+  positions: Array,
+  valid: Array,
+  cache: KVCache,
+  *,
+  config: LlamaConfig,
+  kernels: Kernels = kernels_lib.XLA,
+) -> Tuple[Array, KVCache]:
   """Runs `tokens [B, L]` through the decoder with a key/value cache; returns float32 logits
   `[B, L, V]` and the updated cache.
 
@@ -544,17 +633,19 @@ def decode(params: Params, tokens: Array, positions: Array, valid: Array, cache:
 
   def attend_with(layer):
     def attend(q, k, v):
-      q, k = kernels_lib.apply_rope(q, k, rope)   # cached keys are stored rotated
+      q, k = kernels_lib.apply_rope(q, k, rope)  # cached keys are stored rotated
       k_all = jax.lax.dynamic_update_slice(cache.k[layer], k.astype(cache.k[layer].dtype), (0, start, 0, 0))
       v_all = jax.lax.dynamic_update_slice(cache.v[layer], v.astype(cache.v[layer].dtype), (0, start, 0, 0))
       return kernels.attention(q, k_all, v_all, mask, scale=scale, rope=None), (k_all, v_all)
+
     return attend
 
   x = _embed(params, tokens, dtype)
   new_k, new_v = [], []
   for i in range(cfg.num_layers):
-    x, (k_all, v_all) = _block(x, params[f"layers_{i}"], attend=attend_with(i), shape=(B, L), config=cfg,
-                               kernels=kernels)
+    x, (k_all, v_all) = _block(
+      x, params[f"layers_{i}"], attend=attend_with(i), shape=(B, L), config=cfg, kernels=kernels
+    )
     new_k.append(k_all)
     new_v.append(v_all)
   x = _rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps, dtype)
@@ -563,6 +654,7 @@ def decode(params: Params, tokens: Array, positions: Array, valid: Array, cache:
 
 
 # The model as a record of pure functions ---------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaModel:
@@ -575,29 +667,50 @@ class LlamaModel:
   cache) -> (logits [B, L, V], cache)`. Frozen and hashable by (config, kernels), so a model (and
   each of its bound functions) can be a static argument of `jax.jit`.
   """
+
   config: LlamaConfig
   kernels: Kernels = kernels_lib.XLA
 
   def init(self, rng: Array) -> Params:
     return init_params(self.config, rng)
 
-  def apply(self, params: Params, tokens: Array, positions: Array, segment_ids: Array,
-            branch_ids: Optional[Array] = None, *, attention_blocks=None, output_index=None) -> Array:
-    return apply_fn(params, tokens, positions, segment_ids, branch_ids, config=self.config, kernels=self.kernels,
-                    attention_blocks=attention_blocks, output_index=output_index)
+  def apply(
+    self,
+    params: Params,
+    tokens: Array,
+    positions: Array,
+    segment_ids: Array,
+    branch_ids: Optional[Array] = None,
+    *,
+    attention_blocks=None,
+    output_index=None,
+  ) -> Array:
+    return apply_fn(
+      params,
+      tokens,
+      positions,
+      segment_ids,
+      branch_ids,
+      config=self.config,
+      kernels=self.kernels,
+      attention_blocks=attention_blocks,
+      output_index=output_index,
+    )
 
   def head(self, params: Params) -> Array:
     return lm_head(params, self.config)
 
-  def logits(self, params: Params, tokens: Array, positions: Array, segment_ids: Array,
-             branch_ids: Optional[Array] = None) -> Array:
+  def logits(
+    self, params: Params, tokens: Array, positions: Array, segment_ids: Array, branch_ids: Optional[Array] = None
+  ) -> Array:
     return logits_fn(params, tokens, positions, segment_ids, branch_ids, config=self.config, kernels=self.kernels)
 
   def init_cache(self, batch_size: int, max_length: int) -> KVCache:
     return init_cache(self.config, batch_size, max_length)
 
-  def decode(self, params: Params, tokens: Array, positions: Array, valid: Array,
-             cache: KVCache) -> Tuple[Array, KVCache]:
+  def decode(
+    self, params: Params, tokens: Array, positions: Array, valid: Array, cache: KVCache
+  ) -> Tuple[Array, KVCache]:
     return decode(params, tokens, positions, valid, cache, config=self.config, kernels=self.kernels)
 
 
@@ -608,6 +721,7 @@ def make(config: LlamaConfig, kernels: Kernels = kernels_lib.XLA) -> LlamaModel:
 
 
 # Hugging Face weights --------------------------------------------------------------------------
+
 
 def params_from_hf(state_dict: Mapping[str, Any], config: LlamaConfig) -> Params:
   """Converts a Hugging Face `LlamaForCausalLM` state dict (name -> array-like, e.g. from
@@ -631,17 +745,17 @@ def params_from_hf(state_dict: Mapping[str, Any], config: LlamaConfig) -> Params
   for i in range(config.num_layers):
     p = f"layers.{i}."
     params[f"layers_{i}"] = {
-        "input_norm": {"scale": take(p + "input_layernorm.weight")},
-        "post_attn_norm": {"scale": take(p + "post_attention_layernorm.weight")},
-        "attn": {n: {"kernel": take(p + f"self_attn.{n}.weight", True)}
-                 for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
-        "mlp": {n: {"kernel": take(p + f"mlp.{n}.weight", True)}
-                for n in ("gate_proj", "up_proj", "down_proj")},
+      "input_norm": {"scale": take(p + "input_layernorm.weight")},
+      "post_attn_norm": {"scale": take(p + "post_attention_layernorm.weight")},
+      "attn": {
+        n: {"kernel": take(p + f"self_attn.{n}.weight", True)} for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+      },
+      "mlp": {n: {"kernel": take(p + f"mlp.{n}.weight", True)} for n in ("gate_proj", "up_proj", "down_proj")},
     }
   if not config.tie_embeddings:
     params["lm_head"] = take("lm_head.weight", True)
   else:
-    sd.pop("lm_head.weight", None)   # tied checkpoints may store a copy
+    sd.pop("lm_head.weight", None)  # tied checkpoints may store a copy
   extra = sorted(set(sd) - used - {k for k in sd if k.endswith("rotary_emb.inv_freq")})
   if extra:
     raise ValueError(f"params_from_hf: unexpected weights {extra[:5]}{'...' if len(extra) > 5 else ''}.")

@@ -73,21 +73,28 @@ class BlasDotGeneral:
   def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     form = _blas_form(lhs, rhs, dimension_numbers, preferred_element_type)
     if form is None:
-      return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                 preferred_element_type=preferred_element_type)
+      return jax.lax.dot_general(
+        lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
+      )
     transpose_a, transpose_b = form
     lead = lhs.shape[:-1]
     a = lhs if lhs.ndim == 2 else lhs.reshape(-1, lhs.shape[-1])
-    out = native.product(a, rhs, transpose_a=transpose_a, transpose_b=transpose_b, all_products=self.all_products,
-                         library=self.library)
+    out = native.product(
+      a, rhs, transpose_a=transpose_a, transpose_b=transpose_b, all_products=self.all_products, library=self.library
+    )
     return out if lhs.ndim == 2 else out.reshape(*lead, out.shape[-1])
 
 
 def native_attention_supports(q, k, v, mask) -> bool:
   """Whether the fused kernels compute this call (else `pofx.kernels.xla_attention` does)."""
-  return (isinstance(mask, kernels_lib.SegmentMask) and mask.blocks is not None
-          and mask.blocks.block_size == native.BLOCK_SIZE and q.shape[-1] in native.HEAD_DIMS
-          and q.shape[:2] == k.shape[:2] and all(x.dtype == jnp.float32 for x in (q, k, v)))
+  return (
+    isinstance(mask, kernels_lib.SegmentMask)
+    and mask.blocks is not None
+    and mask.blocks.block_size == native.BLOCK_SIZE
+    and q.shape[-1] in native.HEAD_DIMS
+    and q.shape[:2] == k.shape[:2]
+    and all(x.dtype == jnp.float32 for x in (q, k, v))
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +107,13 @@ class NativeAttention:
       return kernels_lib.xla_attention(q, k, v, mask, scale=scale, rope=rope)
     kernels_lib.check_attention_shapes(q, k, v)
     if rope is not None and (rope[0].shape != q.shape[:2] + (q.shape[-1] // 2,) or rope[1].shape != rope[0].shape):
-      raise ValueError(f"attention: rope tables must be [B, L, hd/2] = {q.shape[:2] + (q.shape[-1] // 2,)}, got "
-                       f"{rope[0].shape} and {rope[1].shape}.")
-    return native.block_sparse_attention(q, k, v, mask.segment_ids, mask.branch_ids, mask.blocks, rope=rope,
-                                         q_scale=scale)
+      raise ValueError(
+        f"attention: rope tables must be [B, L, hd/2] = {q.shape[:2] + (q.shape[-1] // 2,)}, got "
+        f"{rope[0].shape} and {rope[1].shape}."
+      )
+    return native.block_sparse_attention(
+      q, k, v, mask.segment_ids, mask.branch_ids, mask.blocks, rope=rope, q_scale=scale
+    )
 
 
 def _check_options(blas: str, products: str, attention) -> None:
@@ -124,8 +134,10 @@ def unavailable_reason(*, blas: str = "auto", products: str = "blas_all", attent
   _check_options(blas, products, attention)
   platform = jax.default_backend()
   if platform != "cpu":
-    return (f"the CPU kernels run on JAX's CPU platform and this process's JAX backend is {platform!r} "
-            "(JAX_PLATFORMS=cpu runs on the CPU)")
+    return (
+      f"the CPU kernels run on JAX's CPU platform and this process's JAX backend is {platform!r} "
+      "(JAX_PLATFORMS=cpu runs on the CPU)"
+    )
   if attention:
     reason = native.unavailable_reason()
     if reason:
@@ -152,8 +164,9 @@ def kernels(*, blas: str = "auto", products: str = "blas_all", attention: bool =
   """
   reason = unavailable_reason(blas=blas, products=products, attention=attention)
   if reason:
-    raise ValueError(f"the CPU kernels (blas={blas!r}, products={products!r}, attention={attention}) cannot run "
-                     f"here: {reason}.")
+    raise ValueError(
+      f"the CPU kernels (blas={blas!r}, products={products!r}, attention={attention}) cannot run here: {reason}."
+    )
   dot_general = jax.lax.dot_general
   if products != "xla":
     library = native.resolve_blas(blas)

@@ -56,10 +56,19 @@ def _inputs(shapes: Shapes, seed: int = 0):
   hd = s.width // s.heads
   rng = np.random.default_rng(seed)
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape) / math.sqrt(shape[0]), jnp.float32)
-  layers = [{"attn_norm": jnp.ones((s.width,)), "mlp_norm": jnp.ones((s.width,)),
-             "q": normal(s.width, s.heads * hd), "k": normal(s.width, s.kv_heads * hd),
-             "v": normal(s.width, s.kv_heads * hd), "o": normal(s.heads * hd, s.width),
-             "gate_up": normal(s.width, 2 * s.mlp), "down": normal(s.mlp, s.width)} for _ in range(s.layers)]
+  layers = [
+    {
+      "attn_norm": jnp.ones((s.width,)),
+      "mlp_norm": jnp.ones((s.width,)),
+      "q": normal(s.width, s.heads * hd),
+      "k": normal(s.width, s.kv_heads * hd),
+      "v": normal(s.width, s.kv_heads * hd),
+      "o": normal(s.heads * hd, s.width),
+      "gate_up": normal(s.width, 2 * s.mlp),
+      "down": normal(s.mlp, s.width),
+    }
+    for _ in range(s.layers)
+  ]
   params = {"layers": layers, "head": normal(s.width, s.vocab)}
   x = jnp.asarray(rng.normal(size=(s.rows, s.length, s.width)), jnp.float32)
   targets = jnp.asarray(rng.integers(0, s.vocab, (s.rows, s.length)), jnp.int32)

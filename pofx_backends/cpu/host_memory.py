@@ -56,7 +56,7 @@ def retain_freed_memory() -> bool:
     return False
   ok = lib.mallopt(_M_ARENA_MAX, 1) == 1
   ok &= lib.mallopt(_M_MMAP_MAX, 0) == 1
-  ok &= lib.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2 ** 31 - 1)) == 1
+  ok &= lib.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1)) == 1
   return bool(ok)
 
 

@@ -25,8 +25,9 @@ CPU_REASON = cpu.unavailable_reason()
 def _python(code: str, tmp_path, **env) -> str:
   """Runs `code` in a fresh interpreter (repository on the path, HOME in tmp_path); its stdout."""
   full_env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": ROOT, **env}
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, cwd=ROOT,
-                       timeout=300)
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=300
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout.strip().splitlines()[-1]
 
@@ -37,17 +38,21 @@ def test_the_core_never_imports_a_backend_nor_runs_a_compiler(tmp_path):
   compiler = tmp_path / "cxx"
   compiler.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
   compiler.chmod(0o755)
-  code = ("import json, sys\nimport pofx, pofx.train, pofx.models\n"
-          "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('pofx.native', 'mkl', 'pofx_backends')))))")
+  code = (
+    "import json, sys\nimport pofx, pofx.train, pofx.models\n"
+    "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('pofx.native', 'mkl', 'pofx_backends')))))"
+  )
   assert json.loads(_python(code, tmp_path, CXX=str(compiler))) == []
   assert not marker.exists()
   assert not (tmp_path / ".cache" / "pofx").exists()
 
 
 def test_startup_retains_freed_memory_on_cpu_without_starting_jax(tmp_path):
-  code = ("import json, pofx_backends\nfrom jax._src import xla_bridge\n"
-          "started = pofx_backends.startup()\n"
-          "print(json.dumps([started, xla_bridge.backends_are_initialized()]))")
+  code = (
+    "import json, pofx_backends\nfrom jax._src import xla_bridge\n"
+    "started = pofx_backends.startup()\n"
+    "print(json.dumps([started, xla_bridge.backends_are_initialized()]))"
+  )
   started, initialised = json.loads(_python(code, tmp_path, JAX_PLATFORMS="cpu"))
   assert (started["platform"], started["host_memory"], initialised) == ("cpu", "retain", False)
   assert "JAX_PLATFORMS=cpu" in started["detail"]
@@ -59,7 +64,9 @@ def test_startup_retains_freed_memory_on_cpu_without_starting_jax(tmp_path):
 def test_names_are_validated_and_unavailable_backends_say_why():
   assert pofx_backends.unavailable_reason("xla") is None
   assert pofx_backends.kernels("xla") is kernels_lib.XLA
-  with pytest.raises(ValueError, match=r"kernels='cuda' is not a kernel backend; allowed: \('xla', 'cpu', 'gpu', 'tpu'\)"):
+  with pytest.raises(
+    ValueError, match=r"kernels='cuda' is not a kernel backend; allowed: \('xla', 'cpu', 'gpu', 'tpu'\)"
+  ):
     pofx_backends.unavailable_reason("cuda")
   with pytest.raises(ValueError, match=r"kernels='cuda' is not a kernel backend; allowed: \('auto', 'xla', 'cpu'"):
     pofx_backends.resolve("cuda")
@@ -67,12 +74,15 @@ def test_names_are_validated_and_unavailable_backends_say_why():
     pofx_backends.kernels("auto")
   with pytest.raises(ValueError, match="takes no options"):
     pofx_backends.kernels("xla", blas="mkl")
-  assert jax.default_backend() == "cpu"            # this suite runs on JAX's CPU platform
+  assert jax.default_backend() == "cpu"  # this suite runs on JAX's CPU platform
   for name in ("gpu", "tpu"):
     reason = pofx_backends.unavailable_reason(name)
     assert isinstance(reason, str) and reason
-    with pytest.raises(ValueError, match=rf"kernels='{name}' cannot run here: .*Allowed: \('auto', 'xla', 'cpu', "
-                                         r"'gpu', 'tpu'\); runnable here: \['auto', 'xla'"):
+    with pytest.raises(
+      ValueError,
+      match=rf"kernels='{name}' cannot run here: .*Allowed: \('auto', 'xla', 'cpu', "
+      r"'gpu', 'tpu'\); runnable here: \['auto', 'xla'",
+    ):
       pofx_backends.resolve(name)
     with pytest.raises(ValueError, match=rf"kernels='{name}' cannot run here"):
       pofx_backends.kernels(name)
@@ -125,7 +135,8 @@ def _pairs(seed):
 def test_tiny_model_dpo_loss_and_gradients_with_cpu_kernels_equal_xla(attention):
   from pofx import models
   from pofx.models import llama
-  config = llama.preset("tiny", head_dim=16)         # a head dimension the attention kernels support
+
+  config = llama.preset("tiny", head_dim=16)  # a head dimension the attention kernels support
   params = llama.init_params(config, jax.random.key(0))
   b = batching.packed(*_pairs(3), length_bucket=64, completion_bucket=8)
   batch = {"pairs": b}

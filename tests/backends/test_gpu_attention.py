@@ -36,8 +36,10 @@ def _mask(rows, blocks=None):
 def _qkv(B, L, K, G, hd, dtype=jnp.float32, seed=0, S=None):
   rng = np.random.default_rng(seed)
   S = L if S is None else S
-  return tuple(jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
-               for shape in ((B, L, K, G, hd), (B, S, K, hd), (B, S, K, hd)))
+  return tuple(
+    jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+    for shape in ((B, L, K, G, hd), (B, S, K, hd), (B, S, K, hd))
+  )
 
 
 def _rope(B, L, hd):
@@ -64,8 +66,9 @@ def _assert_matches_xla(attention, q, k, v, mask, *, rope=None, atol=2e-5):
   ref_out, ref_grads = _value_and_grads(kernels_lib.xla_attention, q, k, v, mask, scale, rope)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32), atol=atol, rtol=atol)
   for name, g, ref_g in zip("qkv", grads, ref_grads):
-    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(ref_g, np.float32), atol=atol, rtol=atol,
-                               err_msg=f"d{name}")
+    np.testing.assert_allclose(
+      np.asarray(g, np.float32), np.asarray(ref_g, np.float32), atol=atol, rtol=atol, err_msg=f"d{name}"
+    )
 
 
 XLA_ATTENTION = gpu.kernels(implementation="xla").attention
@@ -109,8 +112,9 @@ def test_bfloat16_inputs():
   scale = kernels_lib.default_scale(8)
   out = XLA_ATTENTION(q, k, v, mask, scale=scale)
   assert out.dtype == jnp.bfloat16
-  ref = kernels_lib.xla_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask,
-                                  scale=scale)
+  ref = kernels_lib.xla_attention(
+    q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask, scale=scale
+  )
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=3e-2, rtol=3e-2)
 
 
@@ -118,7 +122,7 @@ def test_kernels_record_and_choice_off_gpu():
   kernels = gpu.kernels()
   assert kernels.name == "gpu" and kernels.dot_general is jax.lax.dot_general
   assert kernels.conv_general_dilated is jax.lax.conv_general_dilated
-  assert gpu.kernels() == kernels and hash(gpu.kernels()) == hash(kernels)   # a static argument compiles once
+  assert gpu.kernels() == kernels and hash(gpu.kernels()) == hash(kernels)  # a static argument compiles once
   with pytest.raises(ValueError, match="implementation"):
     gpu.kernels(implementation="flash")
   q, _, _ = _qkv(1, 12, 1, 1, 8, jnp.bfloat16)
@@ -133,9 +137,11 @@ def test_tiny_model_logits_and_decoding_equal_xla_kernels():
   prompt-shared rows and the same decoding step (a CacheMask) as with `pofx.kernels.XLA`."""
   config = models.preset("tiny")
   gpu_model, xla_model = models.make(config, gpu.kernels(implementation="xla")), models.make(config)
-  rng = np.random.default_rng(3)   # random weights of the model's shapes, without compiling its initialiser
-  params = jax.tree_util.tree_map(lambda x: jnp.asarray(0.2 * rng.standard_normal(x.shape, np.float32), x.dtype),
-                                  jax.eval_shape(xla_model.init, jax.random.PRNGKey(0)))
+  rng = np.random.default_rng(3)  # random weights of the model's shapes, without compiling its initialiser
+  params = jax.tree_util.tree_map(
+    lambda x: jnp.asarray(0.2 * rng.standard_normal(x.shape, np.float32), x.dtype),
+    jax.eval_shape(xla_model.init, jax.random.PRNGKey(0)),
+  )
   mask = _mask([SHARED, PACKED])
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 12)), jnp.int32)
   positions = jnp.tile(jnp.arange(12, dtype=jnp.int32), (2, 1))
@@ -143,8 +149,10 @@ def test_tiny_model_logits_and_decoding_equal_xla_kernels():
   ref = jax.jit(xla_model.logits)(params, tokens, positions, mask.segment_ids, mask.branch_ids)
   np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=1e-5, rtol=1e-5)
   valid = jnp.asarray([[0, 1, 1, 1], [1, 1, 1, 1]], bool)
-  step = [jax.jit(m.decode)(params, tokens[:, :4], positions[:, :4], valid, m.init_cache(2, 6))
-          for m in (gpu_model, xla_model)]
+  step = [
+    jax.jit(m.decode)(params, tokens[:, :4], positions[:, :4], valid, m.init_cache(2, 6))
+    for m in (gpu_model, xla_model)
+  ]
   np.testing.assert_allclose(np.asarray(step[0][0]), np.asarray(step[1][0]), atol=1e-5, rtol=1e-5)
 
 
@@ -156,10 +164,14 @@ def test_automatic_choice_falls_back_to_xla_where_cudnn_refuses(monkeypatch):
   mask = _mask([SHARED, PACKED])
   scale = kernels_lib.default_scale(8)
   if not ON_GPU:
-    np.testing.assert_allclose(np.asarray(gpu.kernels().attention(q, k, v, mask, scale=scale)),
-                               np.asarray(kernels_lib.xla_attention(q, k, v, mask, scale=scale)), atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(
+      np.asarray(gpu.kernels().attention(q, k, v, mask, scale=scale)),
+      np.asarray(kernels_lib.xla_attention(q, k, v, mask, scale=scale)),
+      atol=2e-5,
+      rtol=2e-5,
+    )
   with pytest.raises((NotImplementedError, ValueError, RuntimeError)):
-    gpu.kernels(implementation="cudnn").attention(q, k, v, mask, scale=scale)   # float32: never cuDNN's
+    gpu.kernels(implementation="cudnn").attention(q, k, v, mask, scale=scale)  # float32: never cuDNN's
 
 
 @NEEDS_GPU

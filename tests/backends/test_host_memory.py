@@ -52,15 +52,17 @@ def _faults(retain):
 def test_retained_memory_stops_page_faults():
   default, retained = _faults(False), _faults(True)
   pages = 6 * (64 << 20) // os.sysconf("SC_PAGE_SIZE")
-  assert default > 0.9 * pages, (default, pages)       # mmap'd afresh every round
-  assert retained < 0.01 * pages, (retained, pages)    # the same pages reused
+  assert default > 0.9 * pages, (default, pages)  # mmap'd afresh every round
+  assert retained < 0.01 * pages, (retained, pages)  # the same pages reused
 
 
 def test_release_and_retain_return_bools():
   # In a subprocess: the retain setting must not leak into the test process.
   path = os.path.join(ROOT, "pofx_backends", "cpu", "host_memory.py")
-  code = (f"import importlib.util as u; s = u.spec_from_file_location('hm', {path!r}); m = u.module_from_spec(s); "
-          "s.loader.exec_module(m); print(m.release_freed_memory(), m.retain_freed_memory())")
+  code = (
+    f"import importlib.util as u; s = u.spec_from_file_location('hm', {path!r}); m = u.module_from_spec(s); "
+    "s.loader.exec_module(m); print(m.release_freed_memory(), m.retain_freed_memory())"
+  )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
   expected = "True" if sys.platform.startswith("linux") else "False"
   assert out == [expected, expected]

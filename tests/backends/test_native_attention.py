@@ -2,7 +2,6 @@
 dense softmax attention, on the layouts the benchmark uses (64-token blocks), for every head
 dimension the kernels are compiled for (16, 32, 64, 128); the fallback to the XLA op elsewhere."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +11,9 @@ from pofx import batching, sparse_attention
 from pofx import kernels as kernels_lib
 from pofx_backends import cpu
 
-pytestmark = pytest.mark.skipif(cpu.unavailable_reason(products="xla") is not None,
-                                reason=f"{cpu.unavailable_reason(products='xla')}")
+pytestmark = pytest.mark.skipif(
+  cpu.unavailable_reason(products="xla") is not None, reason=f"{cpu.unavailable_reason(products='xla')}"
+)
 ATTENTION = {"xla": kernels_lib.xla_attention, "native": cpu.NativeAttention()}
 
 
@@ -57,15 +57,24 @@ def _dense(q, k, v, seg, br):
   return jnp.einsum("rkgqs,rskd->rqkgd", jax.nn.softmax(s, axis=-1), v)
 
 
-@pytest.mark.parametrize("layout,head_dim", [("prompt_shared", 32), ("packed", 32), ("packed_one_row", 32),
-                                             ("prompt_shared", 16), ("packed", 64), ("packed_one_row", 128)])
+@pytest.mark.parametrize(
+  "layout,head_dim",
+  [
+    ("prompt_shared", 32),
+    ("packed", 32),
+    ("packed_one_row", 32),
+    ("prompt_shared", 16),
+    ("packed", 64),
+    ("packed_one_row", 128),
+  ],
+)
 def test_native_equals_xla_op_and_dense_softmax(layout, head_dim):
   b = _layout(layout, seed={"prompt_shared": 0, "packed": 1, "packed_one_row": 2}[layout])
   seg, br = np.asarray(b.segment_ids), np.asarray(b.branch_ids)
-  assert seg.shape[1] >= 128                                   # several blocks per row
+  assert seg.shape[1] >= 128  # several blocks per row
   q, k, v, proj = _qkv(seg.shape, seed=3, head_dim=head_dim)
   real = (seg > 0)[:, :, None, None, None]
-  proj = proj * real                                           # padding outputs are never used
+  proj = proj * real  # padding outputs are never used
   outs, grads = {}, {}
   blocks = sparse_attention.attention_blocks(seg, br, block_size=64, bucket=8)
   for kernel in ("xla", "native"):
@@ -90,8 +99,9 @@ def _rotated(x, cos, sin):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-@pytest.mark.parametrize("layout,head_dim", [("prompt_shared", 16), ("prompt_shared", 32), ("packed", 64),
-                                             ("packed_one_row", 128)])
+@pytest.mark.parametrize(
+  "layout,head_dim", [("prompt_shared", 16), ("prompt_shared", 32), ("packed", 64), ("packed_one_row", 128)]
+)
 def test_rope_and_query_scale_inside_the_kernel_equal_rotating_first(layout, head_dim):
   # rope=(cos, sin): the native kernels rotate q and k (and scale q) as they load them; the
   # result and the gradients with respect to the unrotated q, k, v must equal dense softmax
@@ -102,7 +112,7 @@ def test_rope_and_query_scale_inside_the_kernel_equal_rotating_first(layout, hea
   real = (seg > 0)[:, :, None, None, None]
   proj = proj * real
   inv_freq = 10000.0 ** (-np.arange(head_dim // 2) / (head_dim // 2))
-  angles = np.asarray(b.positions, np.float64)[..., None] * inv_freq          # [R, L, hd/2]
+  angles = np.asarray(b.positions, np.float64)[..., None] * inv_freq  # [R, L, hd/2]
   cos, sin = jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32)
   scale = 1.0 / np.sqrt(head_dim)
 
@@ -136,14 +146,28 @@ def test_native_calls_only_where_supported_and_equal_the_xla_op_elsewhere():
   attend = cpu.NativeAttention()
   calls = lambda fn, *args: jax.jit(fn).lower(*args).as_text().count("pofx_block_sparse_attention_fwd")
   q, k, v, _ = _qkv(seg.shape, seed=1, head_dim=48)
-  cases = [(q, k, v, kernels_lib.SegmentMask(seg, br, sparse_attention.attention_blocks(seg, br, block_size=64))),
-           (q[..., :32], k[..., :32], v[..., :32],
-            kernels_lib.SegmentMask(seg, br, sparse_attention.attention_blocks(seg, br, block_size=32))),
-           (q[..., :32], k[..., :32], v[..., :32], kernels_lib.SegmentMask(seg, br)),
-           (q[..., :32].astype(jnp.bfloat16), k[..., :32].astype(jnp.bfloat16), v[..., :32].astype(jnp.bfloat16),
-            kernels_lib.SegmentMask(seg, br, sparse_attention.attention_blocks(seg, br, block_size=64))),
-           (q[:, :8, ..., :32], k[..., :32], v[..., :32],
-            kernels_lib.CacheMask(jnp.asarray(seg > 0), jnp.asarray(L - 8, jnp.int32)))]
+  cases = [
+    (q, k, v, kernels_lib.SegmentMask(seg, br, sparse_attention.attention_blocks(seg, br, block_size=64))),
+    (
+      q[..., :32],
+      k[..., :32],
+      v[..., :32],
+      kernels_lib.SegmentMask(seg, br, sparse_attention.attention_blocks(seg, br, block_size=32)),
+    ),
+    (q[..., :32], k[..., :32], v[..., :32], kernels_lib.SegmentMask(seg, br)),
+    (
+      q[..., :32].astype(jnp.bfloat16),
+      k[..., :32].astype(jnp.bfloat16),
+      v[..., :32].astype(jnp.bfloat16),
+      kernels_lib.SegmentMask(seg, br, sparse_attention.attention_blocks(seg, br, block_size=64)),
+    ),
+    (
+      q[:, :8, ..., :32],
+      k[..., :32],
+      v[..., :32],
+      kernels_lib.CacheMask(jnp.asarray(seg > 0), jnp.asarray(L - 8, jnp.int32)),
+    ),
+  ]
   for q_, k_, v_, mask in cases:
     fn = lambda q, k, v: attend(q, k, v, mask, scale=0.5)  # noqa: B023
     got = jax.jit(fn)(q_, k_, v_)

@@ -14,9 +14,13 @@ from pofx_backends.cpu import calibration, native
 pytestmark = pytest.mark.skipif(not native.blas_available(), reason=f"{native.blas_unavailable_reason()}")
 
 # Each library where this process can use it; the other is skipped with the reason.
-LIBRARIES = [pytest.param(name, marks=pytest.mark.skipif(not native.blas_available(name),
-                                                         reason=f"{name}: {native.blas_unavailable_reason(name)}"))
-             for name in native.BLAS_LIBRARIES]
+LIBRARIES = [
+  pytest.param(
+    name,
+    marks=pytest.mark.skipif(not native.blas_available(name), reason=f"{name}: {native.blas_unavailable_reason(name)}"),
+  )
+  for name in native.BLAS_LIBRARIES
+]
 
 
 @pytest.mark.parametrize("m,k,n", [(5, 37, 77), (300, 1536, 40), (40, 129, 300), (1, 1, 1)])
@@ -29,7 +33,8 @@ def test_matmul_equals_float64_product(m, k, n, transpose_a, transpose_b, librar
   a, b = rng.normal(size=(m, k)), rng.normal(size=(k, n))
   a_in, b_in = (a.T if transpose_a else a), (b.T if transpose_b else b)
   out = jax.jit(lambda x, y: native.matmul(x, y, transpose_a=transpose_a, transpose_b=transpose_b, library=library))(
-      jnp.asarray(np.ascontiguousarray(a_in), jnp.float32), jnp.asarray(np.ascontiguousarray(b_in), jnp.float32))
+    jnp.asarray(np.ascontiguousarray(a_in), jnp.float32), jnp.asarray(np.ascontiguousarray(b_in), jnp.float32)
+  )
   expected = a @ b
   np.testing.assert_allclose(np.asarray(out), expected, atol=2e-6 * np.sqrt(k) * np.abs(expected).max())
 
@@ -76,8 +81,13 @@ def test_product_value_and_gradients_equal_the_xla_dot(transpose_a, transpose_b)
   f = lambda mm: jax.value_and_grad(lambda a, b: jnp.sum(jnp.tanh(mm(a, b)) * proj), argnums=(0, 1))(a, b)
   want_value, want_grads = f(lambda a, b: op(a, transpose_a) @ op(b, transpose_b))
   for all_products in (False, True):
-    mm = lambda a, b: native.product(a, b, transpose_a=transpose_a, transpose_b=transpose_b,  # noqa: B023
-                                     all_products=all_products)  # noqa: B023
+    mm = lambda a, b: native.product(
+      a,
+      b,
+      transpose_a=transpose_a,
+      transpose_b=transpose_b,  # noqa: B023
+      all_products=all_products,
+    )  # noqa: B023
     got_value, got_grads = jax.jit(lambda: f(mm))()  # noqa: B023
     np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
     for got, want in zip(got_grads, want_grads):
@@ -93,18 +103,24 @@ def test_dot_general_forms_equal_lax_and_others_fall_back(products):
   w = jnp.asarray(rng.normal(size=(8, 5)), jnp.float32)
   g = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
   h = jnp.asarray(rng.normal(size=(6, 8)), jnp.float32)
-  cases = [(x, w, (((2,), (0,)), ((), ()))),          # x [..., D] . w [D, F] (flattened inside)
-           (g, w, (((1,), (1,)), ((), ()))),          # G W^T
-           (h, g, (((0,), (0,)), ((), ()))),          # h^T G
-           (x, x, (((2,), (2,)), ((0,), (0,)))),      # batch dimensions: jax.lax.dot_general
-           (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (((2,), (0,)), ((), ())))]   # not float32
+  cases = [
+    (x, w, (((2,), (0,)), ((), ()))),  # x [..., D] . w [D, F] (flattened inside)
+    (g, w, (((1,), (1,)), ((), ()))),  # G W^T
+    (h, g, (((0,), (0,)), ((), ()))),  # h^T G
+    (x, x, (((2,), (2,)), ((0,), (0,)))),  # batch dimensions: jax.lax.dot_general
+    (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (((2,), (0,)), ((), ()))),
+  ]  # not float32
   for lhs, rhs, dims in cases:
     f64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)
     want = np.einsum(_einsum(dims, lhs.ndim, rhs.ndim), f64(lhs), f64(rhs))
     got = jax.jit(lambda a, b: dot(a, b, dims))(lhs, rhs)  # noqa: B023
     assert got.dtype == jax.lax.dot_general(lhs, rhs, dims).dtype and got.shape == want.shape
-    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-2 if lhs.dtype == jnp.bfloat16 else 1e-5,
-                               atol=5e-2 if lhs.dtype == jnp.bfloat16 else 1e-5)
+    np.testing.assert_allclose(
+      np.asarray(got, np.float64),
+      want,
+      rtol=2e-2 if lhs.dtype == jnp.bfloat16 else 1e-5,
+      atol=5e-2 if lhs.dtype == jnp.bfloat16 else 1e-5,
+    )
   text = jax.jit(lambda a, b: dot(a, b, (((2,), (2,)), ((0,), (0,))))).lower(x, x).as_text()
   assert "pofx_blas_matmul" not in text
 
@@ -123,8 +139,11 @@ def _einsum(dims, lhs_ndim, rhs_ndim):
     lhs[i] = lhs[i] or next(letters)
   for j in range(rhs_ndim):
     rhs[j] = rhs[j] or next(letters)
-  out = batch + [lhs[i] for i in range(lhs_ndim) if i not in lb and i not in lc] + \
-      [rhs[j] for j in range(rhs_ndim) if j not in rb and j not in rc]
+  out = (
+    batch
+    + [lhs[i] for i in range(lhs_ndim) if i not in lb and i not in lc]
+    + [rhs[j] for j in range(rhs_ndim) if j not in rb and j not in rc]
+  )
   return f"{''.join(lhs)},{''.join(rhs)}->{''.join(out)}"
 
 
@@ -156,11 +175,21 @@ def test_head_products_by_blas_equal_xla(save_probs, library):
   kh, kw = jax.random.split(jax.random.key(1))
   h, w = jax.random.normal(kh, (45, 16)), 0.3 * jax.random.normal(kw, (16, 50))
   t = jnp.asarray(np.random.default_rng(0).integers(0, 50, 45))
-  dots = {"xla": jax.lax.dot_general,
-          **{p: cpu.kernels(blas=library, products=p, attention=False).dot_general for p in ("blas", "blas_all")}}
-  out = {m: jax.value_and_grad(lambda h, w: jnp.sum(logprobs.token_logps(  # noqa: B023
-      h, w, t, chunk_size=16, save_probs=save_probs, dot_general=dot).logps), argnums=(0, 1))(h, w)  # noqa: B023
-      for m, dot in dots.items()}
+  dots = {
+    "xla": jax.lax.dot_general,
+    **{p: cpu.kernels(blas=library, products=p, attention=False).dot_general for p in ("blas", "blas_all")},
+  }
+  out = {
+    m: jax.value_and_grad(
+      lambda h, w: jnp.sum(
+        logprobs.token_logps(  # noqa: B023
+          h, w, t, chunk_size=16, save_probs=save_probs, dot_general=dot
+        ).logps
+      ),
+      argnums=(0, 1),
+    )(h, w)  # noqa: B023
+    for m, dot in dots.items()
+  }
   for m in ("blas", "blas_all"):
     np.testing.assert_allclose(out[m][0], out["xla"][0], rtol=1e-5)
     for got, want in zip(out[m][1], out["xla"][1]):

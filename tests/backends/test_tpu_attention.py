@@ -37,8 +37,10 @@ def _mask(rows):
 
 def _qkv(B, L, K, G, hd, dtype=jnp.float32, seed=0):
   rng = np.random.default_rng(seed)
-  return tuple(jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
-               for shape in ((B, L, K, G, hd), (B, L, K, hd), (B, L, K, hd)))
+  return tuple(
+    jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+    for shape in ((B, L, K, G, hd), (B, L, K, hd), (B, L, K, hd))
+  )
 
 
 def _rope(B, L, hd):
@@ -66,8 +68,9 @@ def _assert_matches_xla(attention, q, k, v, mask, *, rope=None, atol=2e-5):
   assert out.shape == q.shape and out.dtype == q.dtype
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32), atol=atol, rtol=atol)
   for name, g, ref_g in zip("qkv", grads, ref_grads):
-    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(ref_g, np.float32), atol=atol, rtol=atol,
-                               err_msg=f"d{name}")
+    np.testing.assert_allclose(
+      np.asarray(g, np.float32), np.asarray(ref_g, np.float32), atol=atol, rtol=atol, err_msg=f"d{name}"
+    )
 
 
 INTERPRETED = tpu.kernels(interpret=True).attention
@@ -91,9 +94,11 @@ def test_tiny_model_logits_equal_xla_kernels():
   prompt-shared rows as with `pofx.kernels.XLA`."""
   config = models.preset("tiny")
   tpu_model, xla_model = models.make(config, tpu.kernels(interpret=True)), models.make(config)
-  rng = np.random.default_rng(3)   # random weights of the model's shapes, without compiling its initialiser
-  params = jax.tree_util.tree_map(lambda x: jnp.asarray(0.2 * rng.standard_normal(x.shape, np.float32), x.dtype),
-                                  jax.eval_shape(xla_model.init, jax.random.PRNGKey(0)))
+  rng = np.random.default_rng(3)  # random weights of the model's shapes, without compiling its initialiser
+  params = jax.tree_util.tree_map(
+    lambda x: jnp.asarray(0.2 * rng.standard_normal(x.shape, np.float32), x.dtype),
+    jax.eval_shape(xla_model.init, jax.random.PRNGKey(0)),
+  )
   mask = _mask([SHARED, SHARED_2])
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 20)), jnp.int32)
   positions = jnp.tile(jnp.arange(20, dtype=jnp.int32), (2, 1))
@@ -107,8 +112,10 @@ def test_cache_mask_goes_to_xla():
   k, v = jnp.concatenate([k] * 3, 1), jnp.concatenate([v] * 3, 1)
   mask = kernels_lib.CacheMask(jnp.asarray([[True, True, True, False, True, False]]), jnp.int32(3))
   scale = kernels_lib.default_scale(8)
-  np.testing.assert_array_equal(np.asarray(INTERPRETED(q, k, v, mask, scale=scale)),
-                                np.asarray(kernels_lib.xla_attention(q, k, v, mask, scale=scale)))
+  np.testing.assert_array_equal(
+    np.asarray(INTERPRETED(q, k, v, mask, scale=scale)),
+    np.asarray(kernels_lib.xla_attention(q, k, v, mask, scale=scale)),
+  )
 
 
 def test_cached_causal_kernel_is_reusable_across_traces():
@@ -116,7 +123,7 @@ def test_cached_causal_kernel_is_reusable_across_traces():
   first = jax.jit(lambda: tpu._causal_kernel(384, 128, True).fwd_mask_info.block_mask.astype(jnp.int32))()
   again = jax.jit(lambda x: x + tpu._causal_kernel(384, 128, True).fwd_mask_info.block_mask)(jnp.int32(0))
   np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
-  assert np.asarray(first).max() == 2                                   # some tiles full (below the diagonal)
+  assert np.asarray(first).max() == 2  # some tiles full (below the diagonal)
 
 
 def test_block_sizes_and_kernels_record():

@@ -14,7 +14,7 @@ def example(name):
   return os.path.join(EXAMPLES, name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def vocab():
   """token -> id, read straight from tokenizer.json."""
   with open(example("tokenizer.json"), encoding="utf-8") as f:

@@ -16,14 +16,16 @@ def _source(n=N, seed=0, scores=True):
   rng = np.random.default_rng(seed)
   out = []
   for i in range(n):
-    out.append({
+    out.append(
+      {
         "prompt": rng.integers(1, 50, size=int(rng.integers(1, 20))).astype(np.int32),
         "chosen": rng.integers(1, 50, size=int(rng.integers(1, 9))).astype(np.int32),
         "rejected": rng.integers(1, 50, size=int(rng.integers(1, 9))).astype(np.int32),
         "score_chosen": np.float32(i) if scores else np.float32(math.nan),
         "score_rejected": np.float32(-i) if scores else np.float32(math.nan),
         "example_id": i * 10 + 3,
-    })
+      }
+    )
   return out
 
 
@@ -53,28 +55,27 @@ def test_seeded_shuffle_is_deterministic_and_reshuffles_each_epoch():
   e2 = [i for batch in a[per_epoch:] for i in batch]
   ids = [i * 10 + 3 for i in range(N)]
   assert sorted(e1) == ids and sorted(e2) == ids  # each epoch is a permutation
-  assert e1 != e2 and e1 != ids                   # reshuffled, and not the source order
+  assert e1 != e2 and e1 != ids  # reshuffled, and not the source order
   plain = [i for batch in _ids(_loader(shuffle=False, num_epochs=1).iterator()) for i in batch]
   assert plain == ids
 
 
 def test_process_shards_are_disjoint_and_cover():
-  shards = [[i for batch in _ids(_loader(seed=3, num_epochs=1, process_index=p,
-                                         process_count=2).iterator()) for i in batch]
-            for p in (0, 1)]
+  shards = [
+    [i for batch in _ids(_loader(seed=3, num_epochs=1, process_index=p, process_count=2).iterator()) for i in batch]
+    for p in (0, 1)
+  ]
   assert len(shards[0]) == len(shards[1]) == N // 2
   assert not set(shards[0]) & set(shards[1])
   assert sorted(shards[0] + shards[1]) == [i * 10 + 3 for i in range(N)]
   # The same global order, split by position: process p holds elements p, p + 2, ...
-  whole = [i for batch in _ids(_loader(seed=3, num_epochs=1, batch_size=16).iterator())
-           for i in batch]
+  whole = [i for batch in _ids(_loader(seed=3, num_epochs=1, batch_size=16).iterator()) for i in batch]
   assert shards[0] == whole[0::2] and shards[1] == whole[1::2]
 
 
 def test_uneven_data_gives_every_process_the_same_number_of_steps():
   src = _source(n=50)
-  lens = [len(_loader(src, num_epochs=1, batch_size=4, process_index=p, process_count=3))
-          for p in range(3)]
+  lens = [len(_loader(src, num_epochs=1, batch_size=4, process_index=p, process_count=3)) for p in range(3)]
   assert lens == [4, 4, 4]  # 50 // 3 = 16 examples each -> 4 batches
 
 
@@ -113,8 +114,7 @@ def test_finite_stream_ends_and_length():
 
 def test_length_grouping_reduces_padding_and_keeps_the_data():
   src = _source(n=256, seed=4)
-  kw = dict(layout="prompt_shared", num_epochs=1, batch_size=8,
-            layout_kwargs=dict(seq_bucket=4, completion_bucket=4))
+  kw = dict(layout="prompt_shared", num_epochs=1, batch_size=8, layout_kwargs=dict(seq_bucket=4, completion_bucket=4))
   plain = list(_loader(src, **kw).iterator())
   grouped = list(_loader(src, group_by_length=8, **kw).iterator())
   frac = lambda bs: np.mean([b["pairs"].real_token_fraction() for b in bs])  # noqa: E731
@@ -123,21 +123,34 @@ def test_length_grouping_reduces_padding_and_keeps_the_data():
   assert flat(grouped) == flat(plain) == [i * 10 + 3 for i in range(256)]
 
 
-@pytest.mark.parametrize("layout, kwargs", [
+@pytest.mark.parametrize(
+  "layout, kwargs",
+  [
     ("fused", dict(seq_bucket=32, completion_bucket=8)),
     ("prompt_shared", dict(seq_bucket=64, completion_bucket=8)),
     ("packed", dict(row_length=64, num_rows=8, completion_bucket=8)),
-])
+  ],
+)
 def test_layouts_match_pofx_batching(layout, kwargs):
   src = _source()
   loader = _loader(src, layout=layout, layout_kwargs=kwargs, seed=2, num_epochs=1)
   batch = loader.batch_at(3)
   by_id = {e["example_id"]: e for e in src}
   exs = [by_id[i] for i in batch["example_id"].tolist()]
-  ref = batching.build(layout, [e["prompt"] for e in exs], [e["chosen"] for e in exs],
-                       [e["rejected"] for e in exs], num_pairs=8, **kwargs)
-  for field in ("tokens", "positions", "segment_ids", "chosen_index", "chosen_targets",
-                "rejected_index", "rejected_targets", "chosen_mask", "rejected_mask"):
+  ref = batching.build(
+    layout, [e["prompt"] for e in exs], [e["chosen"] for e in exs], [e["rejected"] for e in exs], num_pairs=8, **kwargs
+  )
+  for field in (
+    "tokens",
+    "positions",
+    "segment_ids",
+    "chosen_index",
+    "chosen_targets",
+    "rejected_index",
+    "rejected_targets",
+    "chosen_mask",
+    "rejected_mask",
+  ):
     np.testing.assert_array_equal(getattr(batch["pairs"], field), getattr(ref, field))
   assert batch["pairs"].layout == layout
 
@@ -145,8 +158,12 @@ def test_layouts_match_pofx_batching(layout, kwargs):
 def test_scores_and_joined_reference_logps():
   src = _source()
   ids = np.array([e["example_id"] for e in src])
-  joined = {"example_id": ids[::-1].copy(), "ref_chosen_logps": -ids[::-1] / 10.0,
-            "ref_rejected_logps": -ids[::-1] / 5.0, "fingerprint": "abc"}
+  joined = {
+    "example_id": ids[::-1].copy(),
+    "ref_chosen_logps": -ids[::-1] / 10.0,
+    "ref_rejected_logps": -ids[::-1] / 5.0,
+    "fingerprint": "abc",
+  }
   batch = _loader(src, seed=0, num_epochs=1, with_scores=True, joined=joined).batch_at(2)
   eid = batch["example_id"]
   idx = (eid - 3) // 10
@@ -192,12 +209,18 @@ def test_option_validation():
     len(_loader(num_epochs=None))
 
 
-@pytest.mark.parametrize("layout,kwargs", [("prompt_shared", dict(seq_bucket=16, completion_bucket=8)),
-                                           ("packed", dict(row_length=64, completion_bucket=8)),
-                                           ("packed", dict(length_bucket=32, completion_bucket=8))])
+@pytest.mark.parametrize(
+  "layout,kwargs",
+  [
+    ("prompt_shared", dict(seq_bucket=16, completion_bucket=8)),
+    ("packed", dict(row_length=64, completion_bucket=8)),
+    ("packed", dict(length_bucket=32, completion_bucket=8)),
+  ],
+)
 def test_block_lists_and_scored_tokens_attached_to_every_batch(layout, kwargs):
-  loader = _loader(layout=layout, layout_kwargs=kwargs, num_epochs=1, attention_block_size=8, scored_tokens=True,
-                   index_bucket=4)
+  loader = _loader(
+    layout=layout, layout_kwargs=kwargs, num_epochs=1, attention_block_size=8, scored_tokens=True, index_bucket=4
+  )
   for b in loader.iterator():
     pairs = b["pairs"]
     want_blocks = batching.attention_blocks(pairs, block_size=8, bucket=4)
@@ -213,10 +236,15 @@ def test_block_lists_and_scored_tokens_attached_to_every_batch(layout, kwargs):
   assert "attention_blocks" not in plain and "scored_tokens" not in plain
 
 
-@pytest.mark.parametrize("layout,kwargs,key", [("prompt_shared", dict(seq_bucket=12), "seq_bucket"),
-                                               ("fused", dict(seq_bucket=[16, 20]), "seq_bucket"),
-                                               ("packed", dict(row_length=60), "row_length"),
-                                               ("packed", dict(), "length_bucket")])
+@pytest.mark.parametrize(
+  "layout,kwargs,key",
+  [
+    ("prompt_shared", dict(seq_bucket=12), "seq_bucket"),
+    ("fused", dict(seq_bucket=[16, 20]), "seq_bucket"),
+    ("packed", dict(row_length=60), "row_length"),
+    ("packed", dict(), "length_bucket"),
+  ],
+)
 def test_block_size_must_divide_every_row_length(layout, kwargs, key):
   with pytest.raises(ValueError, match=rf"layout_kwargs\['{key}'\]=.*multiple of 128"):
     _loader(layout=layout, layout_kwargs=kwargs, attention_block_size=128)
@@ -229,8 +257,13 @@ def test_block_lists_travel_with_the_batches_and_cover_the_mask():
   # the loader only lists the (query block, key block) pairs that hold an allowed entry of the
   # dense mask (pofx.kernels.attention_mask) for a real query, and nothing else.
   from pofx import kernels
-  loader = _loader(layout="prompt_shared", layout_kwargs=dict(seq_bucket=64, completion_bucket=8), num_epochs=1,
-                   attention_block_size=64)
+
+  loader = _loader(
+    layout="prompt_shared",
+    layout_kwargs=dict(seq_bucket=64, completion_bucket=8),
+    num_epochs=1,
+    attention_block_size=64,
+  )
   batches = list(loader.iterator())
   assert batches
   for b in batches:

@@ -20,23 +20,26 @@ def tok():
   return data.Tokenizer.from_dir(example(""))
 
 
-@pytest.mark.parametrize("rec, fmt", [
+@pytest.mark.parametrize(
+  "rec, fmt",
+  [
     ({"prompt": "q", "chosen": "a", "rejected": "b"}, "standard"),
     ({"chosen": "q a", "rejected": "q b"}, "implicit"),
-    ({"prompt": [USER("q")], "chosen": [ASSISTANT("a")], "rejected": [ASSISTANT("b")]},
-     "conversational"),
-    ({"chosen": [USER("q"), ASSISTANT("a")], "rejected": [USER("q"), ASSISTANT("b")]},
-     "conversational_implicit"),
+    ({"prompt": [USER("q")], "chosen": [ASSISTANT("a")], "rejected": [ASSISTANT("b")]}, "conversational"),
+    ({"chosen": [USER("q"), ASSISTANT("a")], "rejected": [USER("q"), ASSISTANT("b")]}, "conversational_implicit"),
     ({"prompt_input_ids": [1], "chosen_input_ids": [2], "rejected_input_ids": [3]}, "tokenized"),
     ({"prompt": "q", "completions": ["a", "b"], "scores": [1, 0]}, "ranking"),
-])
+  ],
+)
 def test_detect_format(rec, fmt):
   assert data.detect_format(rec) == fmt
 
 
 def test_conversational_implicit_prompt_is_common_messages():
-  rec = {"chosen": [USER("q1"), ASSISTANT("a1"), USER("q2"), ASSISTANT("good")],
-         "rejected": [USER("q1"), ASSISTANT("a1"), USER("q2"), ASSISTANT("bad")]}
+  rec = {
+    "chosen": [USER("q1"), ASSISTANT("a1"), USER("q2"), ASSISTANT("good")],
+    "rejected": [USER("q1"), ASSISTANT("a1"), USER("q2"), ASSISTANT("bad")],
+  }
   [ex] = data.parse_record(rec)
   assert ex.kind == "chat"
   assert ex.prompt == [USER("q1"), ASSISTANT("a1"), USER("q2")]
@@ -44,8 +47,7 @@ def test_conversational_implicit_prompt_is_common_messages():
 
 
 def test_scores_are_kept_and_nan_when_absent():
-  [ex] = data.parse_record({"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 7,
-                            "score_rejected": 2.5})
+  [ex] = data.parse_record({"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 7, "score_rejected": 2.5})
   assert (ex.score_chosen, ex.score_rejected) == (7.0, 2.5)
   [ex] = data.parse_record({"prompt": "q", "chosen": "a", "rejected": "b"})
   assert math.isnan(ex.score_chosen) and math.isnan(ex.score_rejected)
@@ -61,14 +63,22 @@ def _pairs(exs):
 def test_ranking_all_pairs_skips_ties():
   exs = data.parse_record(RANKED, ranking="all_pairs", group=4)
   # Best first: c1 (0.9), c0 (0.5), c3 (0.5), c2 (0.1); the tie c0 ~ c3 forms no pair.
-  assert _pairs(exs) == [("c1", "c0", 0.9, 0.5), ("c1", "c3", 0.9, 0.5), ("c1", "c2", 0.9, 0.1),
-                         ("c0", "c2", 0.5, 0.1), ("c3", "c2", 0.5, 0.1)]
+  assert _pairs(exs) == [
+    ("c1", "c0", 0.9, 0.5),
+    ("c1", "c3", 0.9, 0.5),
+    ("c1", "c2", 0.9, 0.1),
+    ("c0", "c2", 0.5, 0.1),
+    ("c3", "c2", 0.5, 0.1),
+  ]
   assert {e.group for e in exs} == {4}
 
 
 def test_ranking_best_vs_rest_and_best_worst():
   assert _pairs(data.parse_record(RANKED, ranking="best_vs_rest")) == [
-      ("c1", "c0", 0.9, 0.5), ("c1", "c3", 0.9, 0.5), ("c1", "c2", 0.9, 0.1)]
+    ("c1", "c0", 0.9, 0.5),
+    ("c1", "c3", 0.9, 0.5),
+    ("c1", "c2", 0.9, 0.1),
+  ]
   assert _pairs(data.parse_record(RANKED, ranking="best_worst")) == [("c1", "c2", 0.9, 0.1)]
 
 
@@ -80,9 +90,11 @@ def test_ranking_with_ranks():
 
 
 def test_conversational_ranking(tok):
-  rec = {"prompt": [USER("What colour is the sky ?")],
-         "completions": [[ASSISTANT("The sky is red .")], [ASSISTANT("The sky is blue .")]],
-         "scores": [0.0, 1.0]}
+  rec = {
+    "prompt": [USER("What colour is the sky ?")],
+    "completions": [[ASSISTANT("The sky is red .")], [ASSISTANT("The sky is blue .")]],
+    "scores": [0.0, 1.0],
+  }
   [ex] = data.parse_record(rec)
   assert ex.kind == "chat" and ex.chosen == [ASSISTANT("The sky is blue .")]
   pair = data.tokenize_example(ex, tok)
@@ -94,23 +106,24 @@ def test_conversational_ranking(tok):
 # ---------------------------------------------------------------------------------------------
 # Bad records: one line of each kind.
 
-GOOD = {"prompt": "Question : What colour is the sky ? Answer :", "chosen": " The sky is blue .",
-        "rejected": " The sky is red ."}
+GOOD = {
+  "prompt": "Question : What colour is the sky ? Answer :",
+  "chosen": " The sky is blue .",
+  "rejected": " The sky is red .",
+}
 LIMITS = Limits(max_length=20)
 BAD = {
-    "malformed_json": '{"prompt": "Question :", "chosen": ',
-    "missing_field": json.dumps({"prompt": "Question :", "chosen": " blue"}),
-    "wrong_type": json.dumps({"prompt": "Question :", "chosen": 5, "rejected": " red"}),
-    "empty_prompt": json.dumps({"prompt": [], "chosen": [ASSISTANT("blue")],
-                                "rejected": [ASSISTANT("red")]}),
-    "empty_completion": json.dumps({"prompt": "Question :", "chosen": "", "rejected": " red"}),
-    "identical": json.dumps({"prompt": "Question :", "chosen": " red", "rejected": " red"}),
-    "too_long": json.dumps({"prompt": "Question : " + "What colour is the sky ? " * 4,
-                            "chosen": " blue", "rejected": " red"}),
-    "bad_token_id": json.dumps({"prompt_input_ids": [2, 5], "chosen_input_ids": [6, 99999],
-                                "rejected_input_ids": [7]}),
-    "prompt_boundary": json.dumps({"prompt": "Answer :", "chosen": ": The sky",
-                                   "rejected": ": The sea"}),
+  "malformed_json": '{"prompt": "Question :", "chosen": ',
+  "missing_field": json.dumps({"prompt": "Question :", "chosen": " blue"}),
+  "wrong_type": json.dumps({"prompt": "Question :", "chosen": 5, "rejected": " red"}),
+  "empty_prompt": json.dumps({"prompt": [], "chosen": [ASSISTANT("blue")], "rejected": [ASSISTANT("red")]}),
+  "empty_completion": json.dumps({"prompt": "Question :", "chosen": "", "rejected": " red"}),
+  "identical": json.dumps({"prompt": "Question :", "chosen": " red", "rejected": " red"}),
+  "too_long": json.dumps(
+    {"prompt": "Question : " + "What colour is the sky ? " * 4, "chosen": " blue", "rejected": " red"}
+  ),
+  "bad_token_id": json.dumps({"prompt_input_ids": [2, 5], "chosen_input_ids": [6, 99999], "rejected_input_ids": [7]}),
+  "prompt_boundary": json.dumps({"prompt": "Answer :", "chosen": ": The sky", "rejected": ": The sea"}),
 }
 
 
@@ -141,9 +154,8 @@ def test_bad_records_skipped_and_counted(tmp_path, tok):
   lines.append(BAD["identical"])
   path = _write(tmp_path / "prefs.jsonl", lines)
   stats = data.Stats()
-  out = list(data.iter_examples(path, tokenizer=tok, limits=LIMITS, on_bad_record="skip",
-                                stats=stats))
-  expected = {r: 1 for r in BAD}
+  out = list(data.iter_examples(path, tokenizer=tok, limits=LIMITS, on_bad_record="skip", stats=stats))
+  expected = dict.fromkeys(BAD, 1)
   expected["identical"] = 2
   assert stats.skipped == expected
   assert stats.records_read == len(lines) == 2 * len(BAD) + 2

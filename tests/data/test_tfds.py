@@ -19,24 +19,31 @@ from pofx.data import BadRecord
 from tests.data import BOS, EOS, example, ids
 
 FILES = {
-    "standard": "standard.jsonl",
-    "standard_parquet": "standard.parquet",
-    "implicit": "implicit.jsonl",
-    "conversational": "conversational.jsonl",
-    "conversational_implicit": "conversational_implicit.jsonl",
-    "tokenized": "tokenized.parquet",
-    "ranking": "ranking.jsonl",
+  "standard": "standard.jsonl",
+  "standard_parquet": "standard.parquet",
+  "implicit": "implicit.jsonl",
+  "conversational": "conversational.jsonl",
+  "conversational_implicit": "conversational_implicit.jsonl",
+  "tokenized": "tokenized.parquet",
+  "ranking": "ranking.jsonl",
 }
-COUNTS = {"standard": 200, "standard_parquet": 50, "implicit": 200, "conversational": 200,
-          "conversational_implicit": 200, "tokenized": 200, "ranking": 200 * 6}
+COUNTS = {
+  "standard": 200,
+  "standard_parquet": 50,
+  "implicit": 200,
+  "conversational": 200,
+  "conversational_implicit": 200,
+  "tokenized": 200,
+  "ranking": 200 * 6,
+}
 LAYOUTS = {
-    "standard": ("fused", dict(seq_bucket=16, completion_bucket=8)),
-    "standard_parquet": ("prompt_shared", dict(seq_bucket=32, completion_bucket=8)),
-    "implicit": ("packed", dict(row_length=64, completion_bucket=8)),
-    "conversational": ("prompt_shared", dict(seq_bucket=(32, 64), completion_bucket=8)),
-    "conversational_implicit": ("fused", dict(seq_bucket=64, completion_bucket=8)),
-    "tokenized": ("packed", dict(row_length=48, num_rows=8, completion_bucket=8)),
-    "ranking": ("fused", dict(seq_bucket=32, completion_bucket=8)),
+  "standard": ("fused", dict(seq_bucket=16, completion_bucket=8)),
+  "standard_parquet": ("prompt_shared", dict(seq_bucket=32, completion_bucket=8)),
+  "implicit": ("packed", dict(row_length=64, completion_bucket=8)),
+  "conversational": ("prompt_shared", dict(seq_bucket=(32, 64), completion_bucket=8)),
+  "conversational_implicit": ("fused", dict(seq_bucket=64, completion_bucket=8)),
+  "tokenized": ("packed", dict(row_length=48, num_rows=8, completion_bucket=8)),
+  "ranking": ("fused", dict(seq_bucket=32, completion_bucket=8)),
 }
 
 
@@ -47,8 +54,9 @@ def tok():
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tok):
-  out = data.prepare_files({split: example(f) for split, f in FILES.items()},
-                           data_dir=str(tmp_path_factory.mktemp("tfds")), tokenizer=tok)
+  out = data.prepare_files(
+    {split: example(f) for split, f in FILES.items()}, data_dir=str(tmp_path_factory.mktemp("tfds")), tokenizer=tok
+  )
   assert "tensorflow" not in sys.modules  # TFDS without TensorFlow
   return out
 
@@ -75,8 +83,7 @@ def _reply(messages):
 def _expected(split, rec):
   """Independent expectation of (prompt, chosen, rejected) ids for non-ranking records."""
   if split in ("standard", "standard_parquet"):
-    return ([BOS] + ids(rec["prompt"]), ids(rec["chosen"]) + [EOS],
-            ids(rec["rejected"]) + [EOS])
+    return ([BOS] + ids(rec["prompt"]), ids(rec["chosen"]) + [EOS], ids(rec["rejected"]) + [EOS])
   if split == "tokenized":
     return rec["prompt_input_ids"], rec["chosen_input_ids"], rec["rejected_input_ids"]
   if split == "implicit":
@@ -84,8 +91,7 @@ def _expected(split, rec):
     n = next(i for i, (a, b) in enumerate(zip(c, r)) if a != b)
     return c[:n], c[n:], r[n:]
   if split == "conversational":
-    return ([BOS] + ids(_render(rec["prompt"], gen=True)), _reply(rec["chosen"]),
-            _reply(rec["rejected"]))
+    return ([BOS] + ids(_render(rec["prompt"], gen=True)), _reply(rec["chosen"]), _reply(rec["rejected"]))
   assert split == "conversational_implicit"
   c, r = rec["chosen"], rec["rejected"]
   n = next(i for i, (a, b) in enumerate(zip(c, r)) if a != b)
@@ -113,7 +119,8 @@ def test_format_end_to_end(prepared, split):
       ci, ri = comp_ids.index(got[1]), comp_ids.index(got[2])
       if "scores" in rec:
         assert (float(ex["score_chosen"]), float(ex["score_rejected"])) == pytest.approx(
-            (rec["scores"][ci], rec["scores"][ri]))
+          (rec["scores"][ci], rec["scores"][ri])
+        )
         assert rec["scores"][ci] > rec["scores"][ri]
       else:
         assert rec["ranks"][ci] < rec["ranks"][ri] and math.isnan(ex["score_chosen"])
@@ -130,9 +137,17 @@ def test_format_end_to_end(prepared, split):
 
   # grain -> PairBatch: one epoch, every example exactly once, targets = the stored ids.
   layout, kwargs = LAYOUTS[split]
-  loader = data.PreferenceLoader(src, batch_size=8, layout=layout, layout_kwargs=kwargs,
-                                 seed=1, num_epochs=1, drop_remainder=False,
-                                 process_index=0, process_count=1)
+  loader = data.PreferenceLoader(
+    src,
+    batch_size=8,
+    layout=layout,
+    layout_kwargs=kwargs,
+    seed=1,
+    num_epochs=1,
+    drop_remainder=False,
+    process_index=0,
+    process_count=1,
+  )
   seen = []
   for batch in loader.iterator():
     pairs = batch["pairs"]
@@ -157,11 +172,18 @@ def test_ranking_group_ids(prepared):
 
 
 def _bad_file(tmp_path):
-  good = {"prompt": "Question : What colour is the sky ? Answer :", "chosen": " The sky is blue .",
-          "rejected": " The sky is red ."}
-  lines = [json.dumps(good), "{oops", json.dumps(good),
-           json.dumps({"prompt": "Question :", "chosen": " red", "rejected": " red"}),
-           json.dumps({"prompt": "Question :", "rejected": " red"})]
+  good = {
+    "prompt": "Question : What colour is the sky ? Answer :",
+    "chosen": " The sky is blue .",
+    "rejected": " The sky is red .",
+  }
+  lines = [
+    json.dumps(good),
+    "{oops",
+    json.dumps(good),
+    json.dumps({"prompt": "Question :", "chosen": " red", "rejected": " red"}),
+    json.dumps({"prompt": "Question :", "rejected": " red"}),
+  ]
   path = tmp_path / "bad.jsonl"
   path.write_text("\n".join(lines) + "\n")
   return str(path)
@@ -175,8 +197,7 @@ def test_builder_bad_records_error(tmp_path, tok):
 
 def test_builder_bad_records_skip_counts_stored(tmp_path, tok):
   path = _bad_file(tmp_path)
-  prep = data.prepare_files({"train": path}, data_dir=str(tmp_path / "d"), tokenizer=tok,
-                            on_bad_record="skip")
+  prep = data.prepare_files({"train": path}, data_dir=str(tmp_path / "d"), tokenizer=tok, on_bad_record="skip")
   expected = {"malformed_json": 1, "identical": 1, "missing_field": 1}
   assert prep.stats["train"].skipped == expected
   assert prep.stats["train"].records_read == 5 and prep.stats["train"].examples_written == 2
@@ -185,18 +206,25 @@ def test_builder_bad_records_skip_counts_stored(tmp_path, tok):
   assert sorted(int(src[i]["source_line"]) for i in range(len(src))) == [1, 3]
   # Same inputs: reused as is. Other options into the same directory: refused.
   files = os.listdir(prep.path)
-  again = data.prepare_files({"train": path}, data_dir=str(tmp_path / "d"), tokenizer=tok,
-                             on_bad_record="skip")
+  again = data.prepare_files({"train": path}, data_dir=str(tmp_path / "d"), tokenizer=tok, on_bad_record="skip")
   assert again.stats == prep.stats and os.listdir(prep.path) == files
   with pytest.raises(ValueError, match="prepared from different inputs"):
-    data.prepare_files({"train": path}, data_dir=str(tmp_path / "d"), tokenizer=tok,
-                       on_bad_record="skip", limits=data.Limits(max_length=8))
+    data.prepare_files(
+      {"train": path},
+      data_dir=str(tmp_path / "d"),
+      tokenizer=tok,
+      on_bad_record="skip",
+      limits=data.Limits(max_length=8),
+    )
 
 
 def test_builder_truncation_counted(tmp_path, tok):
   prep = data.prepare_files(
-      {"train": example("standard.parquet")}, data_dir=str(tmp_path), tokenizer=tok,
-      limits=data.Limits(max_length=12, truncation="truncate_prompt_left"))
+    {"train": example("standard.parquet")},
+    data_dir=str(tmp_path),
+    tokenizer=tok,
+    limits=data.Limits(max_length=12, truncation="truncate_prompt_left"),
+  )
   src = prep.source("train")
   flags = [int(src[i]["truncated"]) for i in range(len(src))]
   assert prep.stats["train"].truncated == sum(flags) == 50  # prompts are 11-12 tokens
@@ -208,17 +236,24 @@ def test_builder_truncation_counted(tmp_path, tok):
 
 def _generated(n, start=100):
   rng = np.random.default_rng(0)
-  return [{"prompt": rng.integers(1, 50, size=rng.integers(2, 6)).astype(np.int32),
-           "chosen": [int(x) for x in rng.integers(1, 50, size=3)],
-           "rejected": [int(x) for x in rng.integers(1, 50, size=2)],
-           "score_chosen": np.float32(0.5 + i), "example_id": start + i} for i in range(n)]
+  return [
+    {
+      "prompt": rng.integers(1, 50, size=rng.integers(2, 6)).astype(np.int32),
+      "chosen": [int(x) for x in rng.integers(1, 50, size=3)],
+      "rejected": [int(x) for x in rng.integers(1, 50, size=2)],
+      "score_chosen": np.float32(0.5 + i),
+      "example_id": start + i,
+    }
+    for i in range(n)
+  ]
 
 
 def test_generated_records_roundtrip(tmp_path):
   recs = _generated(40)
   recs.append({"prompt": [1], "chosen": [5, 6], "rejected": [5, 6], "example_id": 7})  # identical
-  prep = data.prepare_generated({"train": recs}, data_dir=str(tmp_path), vocab_size=64,
-                                on_bad_record="skip", name="world")
+  prep = data.prepare_generated(
+    {"train": recs}, data_dir=str(tmp_path), vocab_size=64, on_bad_record="skip", name="world"
+  )
   assert prep.path.endswith(os.path.join("pofx_generated_preferences", "world", "1.0.0"))
   assert prep.stats["train"].skipped == {"identical": 1}
   src = prep.source("train")
@@ -231,19 +266,23 @@ def test_generated_records_roundtrip(tmp_path):
     assert ex["score_chosen"] == pytest.approx(0.5 + i) and math.isnan(ex["score_rejected"])
     assert ex["source_file"] == b"<generated>" and ex["source_line"] == i + 1
   with pytest.raises(ValueError, match="prepared from different inputs"):
-    data.prepare_generated({"train": _generated(40, start=0)}, data_dir=str(tmp_path),
-                           vocab_size=64, on_bad_record="skip", name="world")
+    data.prepare_generated(
+      {"train": _generated(40, start=0)}, data_dir=str(tmp_path), vocab_size=64, on_bad_record="skip", name="world"
+    )
 
 
 def test_generated_records_errors(tmp_path):
   with pytest.raises(BadRecord, match=r"<generated>:2: bad record \(bad_token_id\)"):
-    data.prepare_generated({"train": [{"prompt": [1], "chosen": [2], "rejected": [3]},
-                                      {"prompt": [1], "chosen": [2], "rejected": [64]}]},
-                           data_dir=str(tmp_path), vocab_size=64)
+    data.prepare_generated(
+      {"train": [{"prompt": [1], "chosen": [2], "rejected": [3]}, {"prompt": [1], "chosen": [2], "rejected": [64]}]},
+      data_dir=str(tmp_path),
+      vocab_size=64,
+    )
   with pytest.raises(ValueError, match="pass fingerprint="):
     data.prepare_generated({"train": iter(_generated(3))}, data_dir=str(tmp_path))
-  prep = data.prepare_generated({"train": iter(_generated(3))}, data_dir=str(tmp_path),
-                                fingerprint="world-seed-0", name="it")
+  prep = data.prepare_generated(
+    {"train": iter(_generated(3))}, data_dir=str(tmp_path), fingerprint="world-seed-0", name="it"
+  )
   assert len(prep.source("train")) == 3
 
 
@@ -251,15 +290,18 @@ def test_batches_feed_the_policy_and_layouts_agree(prepared, tok):
   """Prepared conversational data -> loader -> tiny Llama log-probs: the fused and the
   prompt-shared layouts of the same pairs give the same per-pair log-probs."""
   import jax
+
   from pofx import models, policy
+
   model = models.make(models.llama.tiny(vocab_size=tok.vocab_size))
   params = model.init(jax.random.PRNGKey(0))
   logps_fn = jax.jit(policy.make_logps_fn(model.apply, model.head))
   src = prepared.source("conversational")
   out = {}
   for layout, kw in (("fused", dict(seq_bucket=64)), ("prompt_shared", dict(seq_bucket=128))):
-    loader = data.PreferenceLoader(src, batch_size=4, layout=layout, layout_kwargs=kw, seed=0,
-                                   process_index=0, process_count=1)
+    loader = data.PreferenceLoader(
+      src, batch_size=4, layout=layout, layout_kwargs=kw, seed=0, process_index=0, process_count=1
+    )
     batch = loader.batch_at(5)
     lp = logps_fn(params, {"pairs": batch["pairs"]})
     out[layout] = (batch["example_id"], np.asarray(lp.chosen), np.asarray(lp.rejected))

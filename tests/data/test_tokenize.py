@@ -20,10 +20,12 @@ def tok():
   return data.Tokenizer.from_dir(example(""))
 
 
-CONV = [{"role": "system", "content": "You answer briefly ."},
-        {"role": "user", "content": "What colour is the sky ?"},
-        {"role": "assistant", "content": "The sky is blue ."},
-        {"role": "user", "content": "What size is the sun ?"}]
+CONV = [
+  {"role": "system", "content": "You answer briefly ."},
+  {"role": "user", "content": "What colour is the sky ?"},
+  {"role": "assistant", "content": "The sky is blue ."},
+  {"role": "user", "content": "What size is the sun ?"},
+]
 
 
 def test_special_tokens(tok):
@@ -32,10 +34,12 @@ def test_special_tokens(tok):
 
 
 def test_chat_template_matches_hand_written_string(tok):
-  expected = ("<s><|system|>\nYou answer briefly .<|end|>\n"
-              "<|user|>\nWhat colour is the sky ?<|end|>\n"
-              "<|assistant|>\nThe sky is blue .<|end|>\n"
-              "<|user|>\nWhat size is the sun ?<|end|>\n")
+  expected = (
+    "<s><|system|>\nYou answer briefly .<|end|>\n"
+    "<|user|>\nWhat colour is the sky ?<|end|>\n"
+    "<|assistant|>\nThe sky is blue .<|end|>\n"
+    "<|user|>\nWhat size is the sun ?<|end|>\n"
+  )
   assert tok.apply_chat_template(CONV) == expected
   assert tok.apply_chat_template(CONV, add_generation_prompt=True) == expected + "<|assistant|>\n"
 
@@ -47,8 +51,10 @@ def test_chat_template_raise_exception(tok):
 
 def test_render_chat_template_hf_conventions():
   # trim_blocks / lstrip_blocks, loop controls and the non-escaping tojson filter.
-  template = ("{% for m in messages %}\n  {% if loop.index > 2 %}{% break %}{% endif %}\n"
-              "{{ m['content'] | tojson }};{% endfor %}{{ bos_token }}")
+  template = (
+    "{% for m in messages %}\n  {% if loop.index > 2 %}{% break %}{% endif %}\n"
+    "{{ m['content'] | tojson }};{% endfor %}{{ bos_token }}"
+  )
   msgs = [{"content": "a<b"}, {"content": "é"}, {"content": "z"}]
   assert data.render_chat_template(template, msgs, bos_token="B") == '"a<b";"é";B'
 
@@ -56,26 +62,32 @@ def test_render_chat_template_hf_conventions():
 def test_chat_template_and_encoding_match_transformers(tok):
   transformers = pytest.importorskip("transformers")
   import json
+
   with open(example("tokenizer_config.json")) as f:
     cfg = json.load(f)
   hf = transformers.PreTrainedTokenizerFast(
-      tokenizer_file=example("tokenizer.json"), bos_token=cfg["bos_token"],
-      eos_token=cfg["eos_token"], pad_token=cfg["pad_token"], unk_token=cfg["unk_token"])
+    tokenizer_file=example("tokenizer.json"),
+    bos_token=cfg["bos_token"],
+    eos_token=cfg["eos_token"],
+    pad_token=cfg["pad_token"],
+    unk_token=cfg["unk_token"],
+  )
   hf.chat_template = cfg["chat_template"]
   for gen in (False, True):
     assert tok.apply_chat_template(CONV, add_generation_prompt=gen) == hf.apply_chat_template(
-        CONV, add_generation_prompt=gen, tokenize=False)
+      CONV, add_generation_prompt=gen, tokenize=False
+    )
     rendered = tok.apply_chat_template(CONV, add_generation_prompt=gen)
-    hf_ids = hf.apply_chat_template(CONV, add_generation_prompt=gen, tokenize=True,
-                                    return_dict=True)["input_ids"]
+    hf_ids = hf.apply_chat_template(CONV, add_generation_prompt=gen, tokenize=True, return_dict=True)["input_ids"]
     assert tok.encode(rendered, add_special_tokens=False) == list(hf_ids)
   text = "Question : What colour is the sky ? Answer : The sky is blue ."
   assert tok.encode(text) == hf(text)["input_ids"]
 
 
 def test_standard_pair_bos_eos(tok):
-  ex = Example("text", "Question : What colour is the sky ? Answer :", " The sky is blue .",
-               " The sky is red .", 1.0, 0.25)
+  ex = Example(
+    "text", "Question : What colour is the sky ? Answer :", " The sky is blue .", " The sky is red .", 1.0, 0.25
+  )
   pair = data.tokenize_example(ex, tok)
   assert pair.prompt == [BOS] + ids("Question : What colour is the sky ? Answer :")
   assert pair.chosen == ids("The sky is blue .") + [EOS]
@@ -91,20 +103,30 @@ def test_standard_pair_bos_eos(tok):
 
 
 def test_conversational_pair(tok):
-  ex = Example("chat", CONV, [{"role": "assistant", "content": "The sun is huge ."}],
-               [{"role": "assistant", "content": "The sun is tiny ."}])
+  ex = Example(
+    "chat",
+    CONV,
+    [{"role": "assistant", "content": "The sun is huge ."}],
+    [{"role": "assistant", "content": "The sun is tiny ."}],
+  )
   pair = data.tokenize_example(ex, tok)
   # Prompt = rendering with the generation prompt; completions = the assistant turn + <|end|>.
-  assert pair.prompt == ids("<s><|system|>You answer briefly .<|end|><|user|>What colour is the "
-                            "sky ?<|end|><|assistant|>The sky is blue .<|end|><|user|>What size "
-                            "is the sun ?<|end|><|assistant|>")
+  assert pair.prompt == ids(
+    "<s><|system|>You answer briefly .<|end|><|user|>What colour is the "
+    "sky ?<|end|><|assistant|>The sky is blue .<|end|><|user|>What size "
+    "is the sun ?<|end|><|assistant|>"
+  )
   assert pair.chosen == ids("The sun is huge .<|end|>")
   assert pair.rejected == ids("The sun is tiny .<|end|>")
 
 
 def test_implicit_text_split_on_tokens(tok):
-  ex = Example("text", None, "Question : What colour is the sky ? Answer : The sky is blue .",
-               "Question : What colour is the sky ? Answer : The sky is black .")
+  ex = Example(
+    "text",
+    None,
+    "Question : What colour is the sky ? Answer : The sky is blue .",
+    "Question : What colour is the sky ? Answer : The sky is black .",
+  )
   pair = data.tokenize_example(ex, tok)
   assert pair.prompt == [BOS] + ids("Question : What colour is the sky ? Answer : The sky is")
   assert pair.chosen == ids("blue .") + [EOS]
@@ -131,9 +153,9 @@ def test_prompt_boundary_is_a_bad_record(tok):
     data.tokenize_example(ex, tok)
 
 
-P = [BOS, 10, 11, 12, 13, 14]   # 6 prompt tokens, BOS first
-C = [20, 21, 22, 23]            # 4
-R = [30, 31]                    # 2
+P = [BOS, 10, 11, 12, 13, 14]  # 6 prompt tokens, BOS first
+C = [20, 21, 22, 23]  # 4
+R = [30, 31]  # 2
 
 
 def _tok_ids(limits, tokenizer=None):
@@ -156,8 +178,9 @@ def test_truncate_prompt_left_keeps_bos():
   assert pair.prompt == [BOS, 12, 13, 14] and pair.chosen == C and pair.rejected == R
   assert pair.truncated
   # Without a tokenizer the BOS is unknown: plain left cut.
-  pair = data.tokenize_example(Example("ids", P, C, R), None,
-                               limits=Limits(max_length=8, truncation="truncate_prompt_left"))
+  pair = data.tokenize_example(
+    Example("ids", P, C, R), None, limits=Limits(max_length=8, truncation="truncate_prompt_left")
+  )
   assert pair.prompt == [11, 12, 13, 14]
   pair = _tok_ids(Limits(max_prompt_len=3, truncation="truncate_prompt_left"))
   assert pair.prompt == [BOS, 13, 14]
@@ -175,13 +198,17 @@ def test_truncate_completion_right():
     _tok_ids(Limits(max_prompt_len=5, truncation="truncate_completion_right"))
   # Cutting may make the completions identical: a bad record, never a silent duplicate.
   with pytest.raises(BadRecord, match="identical"):
-    data.tokenize_example(Example("ids", P, [1, 2, 3], [1, 2, 4]), None,
-                          limits=Limits(max_completion_len=2, truncation="truncate_completion_right"))
+    data.tokenize_example(
+      Example("ids", P, [1, 2, 3], [1, 2, 4]),
+      None,
+      limits=Limits(max_completion_len=2, truncation="truncate_completion_right"),
+    )
 
 
 def test_truncate_prompt_then_completion():
-  limits = Limits(max_prompt_len=4, max_completion_len=3, max_length=6,
-                  truncation="truncate_prompt_left_then_completion_right")
+  limits = Limits(
+    max_prompt_len=4, max_completion_len=3, max_length=6, truncation="truncate_prompt_left_then_completion_right"
+  )
   pair = _tok_ids(limits)
   # Completions capped at 3 first, so the prompt may keep 6 - 3 = 3 tokens (BOS + last two).
   assert pair.prompt == [BOS, 13, 14] and pair.chosen == [20, 21, 22] and pair.rejected == R

@@ -30,8 +30,10 @@ def token_pair(seed: int, *, log_sum_sq: bool, shift=0.0) -> pofx.PairLogps:
   extra = {}
   if log_sum_sq:
     # log sum_v p_v^2 <= max_v log p_v: any value below the token's own log-prob is realisable.
-    extra = dict(chosen_log_sum_sq_probs=c_tok - rng.uniform(0.1, 2.0, (B, T)).astype(np.float32),
-                 rejected_log_sum_sq_probs=r_tok - rng.uniform(0.1, 2.0, (B, T)).astype(np.float32))
+    extra = dict(
+      chosen_log_sum_sq_probs=c_tok - rng.uniform(0.1, 2.0, (B, T)).astype(np.float32),
+      rejected_log_sum_sq_probs=r_tok - rng.uniform(0.1, 2.0, (B, T)).astype(np.float32),
+    )
   return pofx.PairLogps.from_tokens(c_tok, _mask(CHOSEN_LENS), r_tok, _mask(REJECTED_LENS), **extra)
 
 
@@ -89,8 +91,9 @@ def extreme_pair(margin_sign: float, dtype) -> tuple:
   c_mask, r_mask = _mask(CHOSEN_LENS), _mask(REJECTED_LENS)
   c_tok[:] = c_total / CHOSEN_LENS[:, None]
   r_tok[:] = r_total / REJECTED_LENS[:, None]
-  policy = pofx.PairLogps.from_tokens(c_tok, c_mask, r_tok, r_mask,
-                                      chosen_log_sum_sq_probs=c_tok - 0.5, rejected_log_sum_sq_probs=r_tok - 0.5)
+  policy = pofx.PairLogps.from_tokens(
+    c_tok, c_mask, r_tok, r_mask, chosen_log_sum_sq_probs=c_tok - 0.5, rejected_log_sum_sq_probs=r_tok - 0.5
+  )
   ref_c = np.full((B, T), 0.0, np.float32) - 1.0 / CHOSEN_LENS[:, None]
   ref_r = np.full((B, T), 0.0, np.float32) - 1.0 / REJECTED_LENS[:, None]
   reference = pofx.PairLogps.from_tokens(ref_c, c_mask, ref_r, r_mask)

@@ -24,9 +24,12 @@ def sigmoid(x):
 
 def pairs(pi_w, pi_l, ref_w, ref_l, len_w=None, len_l=None):
   f = lambda x: jnp.asarray(np.asarray(x, np.float32))
-  policy = pofx.PairLogps(chosen=f(pi_w), rejected=f(pi_l),
-                          chosen_len=None if len_w is None else f(len_w),
-                          rejected_len=None if len_l is None else f(len_l))
+  policy = pofx.PairLogps(
+    chosen=f(pi_w),
+    rejected=f(pi_l),
+    chosen_len=None if len_w is None else f(len_w),
+    rejected_len=None if len_l is None else f(len_l),
+  )
   return policy, pofx.PairLogps(chosen=f(ref_w), rejected=f(ref_l))
 
 
@@ -69,8 +72,9 @@ def test_beta_dpo_worked_example_through_ema():
   out, new_state = _adaptive.beta_dpo(policy, reference, a=0.6, state=state, key=KEY)
   np.testing.assert_allclose(float(new_state.gap_mean), 1.0, rtol=1e-6)
   np.testing.assert_allclose(float(new_state.gap_std), 0.9, rtol=1e-6)  # batch std 0
-  np.testing.assert_allclose(float(pofx.losses.batch_loss("beta_dpo", policy, reference, a=0.6, state=state,
-                                                          key=KEY)[0]), 0.545893, rtol=2e-6)
+  np.testing.assert_allclose(
+    float(pofx.losses.batch_loss("beta_dpo", policy, reference, a=0.6, state=state, key=KEY)[0]), 0.545893, rtol=2e-6
+  )
 
 
 def beta_dpo_numpy(x, state, keep, *, beta, a, momentum):
@@ -90,8 +94,9 @@ def test_beta_dpo_against_numpy(a, filter_ratio):
   policy, reference, x, _ = random_pairs(1, b)
   state = (0.3, 2.0)
   st = _adaptive.BetaDpoState(jnp.float32(state[0]), jnp.float32(state[1]))
-  out, new_state = _adaptive.beta_dpo(policy, reference, beta=0.1, a=a, filter_ratio=filter_ratio, state=st,
-                                      key=jax.random.key(3))
+  out, new_state = _adaptive.beta_dpo(
+    policy, reference, beta=0.1, a=a, filter_ratio=filter_ratio, state=st, key=jax.random.key(3)
+  )
   out = np.asarray(out)
   keep = out > 0
   k = int(b * (1 - filter_ratio))
@@ -120,8 +125,16 @@ def test_beta_dpo_beta_is_detached_and_clamped():
   # d/dpi_w softplus(-beta_used rho) with beta_used held constant.
   np.testing.assert_allclose(grad, -beta_used * sigmoid(-beta_used * rho), rtol=1e-5, atol=1e-7)
   # A very negative gap mean drives beta below the 1e-3 floor.
-  out, _ = _adaptive.beta_dpo(policy, reference, beta=0.1, a=100.0, filter_ratio=0.0, momentum=1.0,
-                              state=_adaptive.BetaDpoState(jnp.float32(1e3), jnp.float32(1.0)), key=KEY)
+  out, _ = _adaptive.beta_dpo(
+    policy,
+    reference,
+    beta=0.1,
+    a=100.0,
+    filter_ratio=0.0,
+    momentum=1.0,
+    state=_adaptive.BetaDpoState(jnp.float32(1e3), jnp.float32(1.0)),
+    key=KEY,
+  )
   np.testing.assert_allclose(out, softplus(-1e-3 * rho), rtol=1e-6)
 
 
@@ -152,8 +165,9 @@ def test_beta_dpo_global_statistics_with_axis_name():
   st = _adaptive.BetaDpoState(jnp.float32(0.5), jnp.float32(3.0))
   full, full_state = _adaptive.beta_dpo(policy, reference, a=0.6, state=st, key=KEY)
   split = lambda p: jax.tree.map(lambda v: v.reshape(2, 4), p)
-  sharded = jax.vmap(lambda p, r: _adaptive.beta_dpo(p, r, a=0.6, state=st, key=KEY, axis_name="d"),
-                     axis_name="d")(split(policy), split(reference))
+  sharded = jax.vmap(lambda p, r: _adaptive.beta_dpo(p, r, a=0.6, state=st, key=KEY, axis_name="d"), axis_name="d")(
+    split(policy), split(reference)
+  )
   np.testing.assert_allclose(np.asarray(sharded[0]).reshape(8), full, rtol=1e-6)
   np.testing.assert_allclose(sharded[1].gap_mean, [full_state.gap_mean] * 2, rtol=1e-6)
 
@@ -170,8 +184,9 @@ def test_beta_dpo_jit_and_state_threading():
   np.testing.assert_allclose([float(state.gap_mean), float(state.gap_std)], [m, s], rtol=1e-5)
 
 
-@pytest.mark.parametrize("bad", [dict(beta=0.0), dict(filter_ratio=1.0), dict(filter_ratio=-0.1),
-                                 dict(momentum=1.5), dict(a=float("nan"))])
+@pytest.mark.parametrize(
+  "bad", [dict(beta=0.0), dict(filter_ratio=1.0), dict(filter_ratio=-0.1), dict(momentum=1.5), dict(a=float("nan"))]
+)
 def test_beta_dpo_invalid_hyperparameters(bad):
   policy, reference = example_batch()
   with pytest.raises(ValueError, match=list(bad)[0]):
@@ -236,8 +251,7 @@ def test_gamma_simpo_single_pair_is_simpo():
   # By hand: one pair, empty pool -> gamma = gamma0 -> SimPO(beta=2, gamma/beta=0.25) = -log sigmoid(-0.5) = 0.974077.
   policy, _ = pairs([-10.0], [-12.0], [-11.0], [-11.0], [5.0], [6.0])
   state = _adaptive.gamma_po_init_state(num_init=0)
-  out, new_state = pofx.losses.get("gamma_simpo")(policy, None, beta=2.0, gamma_beta_ratio=0.25, state=state,
-                                                  key=KEY)
+  out, new_state = pofx.losses.get("gamma_simpo")(policy, None, beta=2.0, gamma_beta_ratio=0.25, state=state, key=KEY)
   np.testing.assert_allclose(out, [0.974077], rtol=1e-6)
   assert int(new_state.count) == 1 and float(new_state.pool[0]) == 0.0
 
@@ -250,8 +264,9 @@ def test_gamma_po_against_numpy_whole_pool(base):
   beta, ratio, tau = (2.5, 0.4, 10.0) if base == "simpo" else (0.1, 0.25, 1.0)
   state = _adaptive.gamma_po_init_state(pool_size=64, num_init=8, seed=5)
   pooled = np.asarray(state.pool[:8], np.float64)
-  out, new_state = _adaptive.gamma_po(policy, reference, base=base, beta=beta, gamma_beta_ratio=ratio, tau=tau,
-                                      state=state, key=KEY)
+  out, new_state = _adaptive.gamma_po(
+    policy, reference, base=base, beta=beta, gamma_beta_ratio=ratio, tau=tau, state=state, key=KEY
+  )
   if base == "simpo":
     g = beta * (x[0] / lens[0] - x[1] / lens[1])
   else:
@@ -261,11 +276,12 @@ def test_gamma_po_against_numpy_whole_pool(base):
   gamma = gamma_dq_numpy(np.concatenate([pooled, g32]), gamma0=gamma0, tau=tau)[-b:]
   offset = gamma if base == "simpo" else gamma - gamma0
   np.testing.assert_allclose(out, softplus(-(g - offset)), rtol=2e-5, atol=1e-6)
-  np.testing.assert_allclose(new_state.pool[8:8 + b], g32, rtol=1e-6)
+  np.testing.assert_allclose(new_state.pool[8 : 8 + b], g32, rtol=1e-6)
   assert int(new_state.count) == 8 + b and int(new_state.next) == 8 + b
   # Another key gives the same values (the whole pool was used).
-  again, _ = _adaptive.gamma_po(policy, reference, base=base, beta=beta, gamma_beta_ratio=ratio, tau=tau,
-                                state=state, key=jax.random.key(9))
+  again, _ = _adaptive.gamma_po(
+    policy, reference, base=base, beta=beta, gamma_beta_ratio=ratio, tau=tau, state=state, key=jax.random.key(9)
+  )
   np.testing.assert_allclose(again, out, rtol=1e-6)
 
 
@@ -284,7 +300,9 @@ def test_gamma_po_pool_is_a_fifo_ring_buffer():
     x = rng.uniform(-20, -1, (2, 3))
     policy, _ = pairs(x[0], x[1], x[0], x[1], [4.0, 5.0, 6.0], [3.0, 7.0, 2.0])
     state = step(state, policy, jax.random.key(i))[1]
-    ref.extend((2.0 * (x[0].astype(np.float32) / np.array([4, 5, 6]) - x[1].astype(np.float32) / np.array([3, 7, 2]))).tolist())
+    ref.extend(
+      (2.0 * (x[0].astype(np.float32) / np.array([4, 5, 6]) - x[1].astype(np.float32) / np.array([3, 7, 2]))).tolist()
+    )
     count, nxt = int(state.count), int(state.next)
     assert count == len(ref)
     # Contents as a FIFO: the ring read from `next` (oldest) around equals the deque.
@@ -295,8 +313,9 @@ def test_gamma_po_pool_is_a_fifo_ring_buffer():
 def test_gamma_po_samples_only_valid_pool_entries():
   # A pool whose unused slots hold a huge sentinel: a draw from them would swing the margins.
   state = _adaptive.gamma_po_init_state(pool_size=64, num_init=0)
-  state = state._replace(pool=state.pool.at[5:].set(1e6).at[:5].set(jnp.arange(5.0)), count=jnp.int32(5),
-                         next=jnp.int32(5))
+  state = state._replace(
+    pool=state.pool.at[5:].set(1e6).at[:5].set(jnp.arange(5.0)), count=jnp.int32(5), next=jnp.int32(5)
+  )
   policy, _ = pairs([-10.0, -9.0], [-12.0, -12.0], [0, 0], [0, 0], [5.0, 5.0], [6.0, 6.0])
   out, _ = _adaptive.gamma_simpo(policy, None, state=state, key=KEY)
   g = 2.0 * (np.array([-10.0, -9.0]) / 5 - np.array([-12.0]) / 6)
@@ -320,8 +339,9 @@ def test_gamma_po_margin_is_detached():
   policy, _ = pairs([-10.0, -9.0], [-12.0, -12.0], [0, 0], [0, 0], [5.0, 5.0], [6.0, 6.0])
   state = _adaptive.gamma_po_init_state(num_init=0)
   out = _adaptive.gamma_simpo(policy, None, state=state, key=KEY)[0]
-  grad = jax.grad(lambda c: jnp.sum(_adaptive.gamma_simpo(policy.replace(chosen=c), None, state=state,
-                                                          key=KEY)[0]))(policy.chosen)
+  grad = jax.grad(lambda c: jnp.sum(_adaptive.gamma_simpo(policy.replace(chosen=c), None, state=state, key=KEY)[0]))(
+    policy.chosen
+  )
   # d/dpi_w softplus(-(g - gamma)) = -sigmoid(-(g - gamma)) * beta / |y_w| with gamma constant.
   z = -np.log(np.expm1(np.asarray(out, np.float64)))  # g - gamma recovered from the loss value
   np.testing.assert_allclose(grad, -sigmoid(-z) * 2.0 / 5.0, rtol=1e-5)
@@ -336,8 +356,16 @@ def test_gamma_po_deterministic_given_key():
   assert not np.allclose(run(jax.random.key(2)), run(jax.random.key(3)))
 
 
-@pytest.mark.parametrize("bad,match", [(dict(base="ipo"), "base"), (dict(tau=0.0), "tau"), (dict(beta=-1.0), "beta"),
-                                       (dict(opt_size=2), "opt_size"), (dict(num_steps=0), "num_steps")])
+@pytest.mark.parametrize(
+  "bad,match",
+  [
+    (dict(base="ipo"), "base"),
+    (dict(tau=0.0), "tau"),
+    (dict(beta=-1.0), "beta"),
+    (dict(opt_size=2), "opt_size"),
+    (dict(num_steps=0), "num_steps"),
+  ],
+)
 def test_gamma_po_invalid_hyperparameters(bad, match):
   policy, reference, _, _ = random_pairs(9, 4)
   with pytest.raises(ValueError, match=match):

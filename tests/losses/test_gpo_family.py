@@ -13,8 +13,9 @@ PI_W, PI_L, REF_W, REF_L, BETA, LEN_W, LEN_L = -10.0, -12.0, -11.0, -11.0, 0.1, 
 
 
 def example():
-  policy = pofx.PairLogps(chosen=jnp.array([PI_W]), rejected=jnp.array([PI_L]),
-                          chosen_len=jnp.array([LEN_W]), rejected_len=jnp.array([LEN_L]))
+  policy = pofx.PairLogps(
+    chosen=jnp.array([PI_W]), rejected=jnp.array([PI_L]), chosen_len=jnp.array([LEN_W]), rejected_len=jnp.array([LEN_L])
+  )
   reference = pofx.PairLogps(chosen=jnp.array([REF_W]), rejected=jnp.array([REF_L]))
   return policy, reference
 
@@ -25,8 +26,12 @@ def random_batch(seed=0, b=16):
   pol = rng.uniform(-40, -1, (2, b)).astype(np.float32).astype(np.float64)
   ref = rng.uniform(-40, -1, (2, b)).astype(np.float32).astype(np.float64)
   lens = rng.integers(1, 30, (2, b)).astype(np.float64)
-  policy = pofx.PairLogps(chosen=jnp.asarray(pol[0], jnp.float32), rejected=jnp.asarray(pol[1], jnp.float32),
-                          chosen_len=jnp.asarray(lens[0], jnp.float32), rejected_len=jnp.asarray(lens[1], jnp.float32))
+  policy = pofx.PairLogps(
+    chosen=jnp.asarray(pol[0], jnp.float32),
+    rejected=jnp.asarray(pol[1], jnp.float32),
+    chosen_len=jnp.asarray(lens[0], jnp.float32),
+    rejected_len=jnp.asarray(lens[1], jnp.float32),
+  )
   reference = pofx.PairLogps(chosen=jnp.asarray(ref[0], jnp.float32), rejected=jnp.asarray(ref[1], jnp.float32))
   return policy, reference, pol, ref, lens
 
@@ -34,8 +39,14 @@ def random_batch(seed=0, b=16):
 def test_worked_example_golden_values():
   # By hand at beta * rho = 0.2 (float64): log(1 + e^-0.2), 1 - 0.2, e^-0.2, 0.8^2, sigmoid(-0.2)^2, (2 - 5)^2.
   policy, reference = example()
-  golden = {"dpo": 0.598139, "slic": 0.8, "exponential": 0.818731, "truncated_quadratic": 0.64,
-            "savage": 0.202649, "ipo_sum": 9.0}
+  golden = {
+    "dpo": 0.598139,
+    "slic": 0.8,
+    "exponential": 0.818731,
+    "truncated_quadratic": 0.64,
+    "savage": 0.202649,
+    "ipo_sum": 9.0,
+  }
   for name, value in golden.items():
     np.testing.assert_allclose(float(losses.get(name)(policy, reference)[0]), value, rtol=1e-6, atol=1e-6, err_msg=name)
   np.testing.assert_allclose(float(losses.gpo(policy, reference, f="squared", beta=BETA)[0]), 0.64, atol=1e-6)
@@ -49,35 +60,39 @@ def test_random_batch_against_numpy(beta):
   rho = (pol[0] - ref[0]) - (pol[1] - ref[1])
   v = beta * rho
   expected = {
-      "dpo": np.log1p(np.exp(-v)),
-      "slic": np.maximum(0, 1 - v),
-      # exp(-v), continued along its tangent below v = -50 (documented overflow guard).
-      "exponential": np.where(v >= -50, np.exp(-np.maximum(v, -50)), np.exp(50.0) * (1 - (v + 50))),
-      "truncated_quadratic": np.maximum(0, 1 - v) ** 2,
-      "savage": 1 / (1 + np.exp(v)) ** 2,
-      "ipo_sum": (rho - 1 / (2 * beta)) ** 2,
+    "dpo": np.log1p(np.exp(-v)),
+    "slic": np.maximum(0, 1 - v),
+    # exp(-v), continued along its tangent below v = -50 (documented overflow guard).
+    "exponential": np.where(v >= -50, np.exp(-np.maximum(v, -50)), np.exp(50.0) * (1 - (v + 50))),
+    "truncated_quadratic": np.maximum(0, 1 - v) ** 2,
+    "savage": 1 / (1 + np.exp(v)) ** 2,
+    "ipo_sum": (rho - 1 / (2 * beta)) ** 2,
   }
   for name, value in expected.items():
     # float32 rho carries ~1e-6 relative rounding, which beta * rho = O(10) amplifies in exp.
-    np.testing.assert_allclose(losses.get(name)(policy, reference, beta=beta), value, rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(
+      losses.get(name)(policy, reference, beta=beta), value, rtol=1e-5, atol=1e-6, err_msg=name
+    )
   d = (pol[0] - ref[0]) / lens[0] - (pol[1] - ref[1]) / lens[1]
   np.testing.assert_allclose(losses.ipo(policy, reference, beta=beta), (d - 1 / (2 * beta)) ** 2, rtol=2e-6, atol=1e-6)
 
 
 def test_gpo_logistic_is_dpo_and_user_callable():
   policy, reference, *_ = random_batch(1)
-  np.testing.assert_array_equal(losses.gpo(policy, reference, f=pofx.gpo.logistic, beta=0.3),
-                                losses.dpo(policy, reference, beta=0.3))
+  np.testing.assert_array_equal(
+    losses.gpo(policy, reference, f=pofx.gpo.logistic, beta=0.3), losses.dpo(policy, reference, beta=0.3)
+  )
   mine = lambda v: jnp.log1p(jnp.exp(-v))
-  np.testing.assert_allclose(losses.gpo(policy, reference, f=mine, beta=0.3), losses.dpo(policy, reference, beta=0.3),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    losses.gpo(policy, reference, f=mine, beta=0.3), losses.dpo(policy, reference, beta=0.3), rtol=1e-5, atol=1e-6
+  )
 
 
 @pytest.mark.parametrize("tau", [0.05, 0.1, 0.5])
 def test_ipo_is_gpo_squared_with_beta_two_tau(tau):
   policy, reference, *_ = random_batch(2)
   gpo_squared = losses.gpo(policy, reference, f="squared", beta=2 * tau)
-  np.testing.assert_allclose(losses.ipo_sum(policy, reference, beta=tau), gpo_squared / (4 * tau ** 2), rtol=1e-5)
+  np.testing.assert_allclose(losses.ipo_sum(policy, reference, beta=tau), gpo_squared / (4 * tau**2), rtol=1e-5)
 
 
 def test_reference_free_reduces_to_policy_logps():

@@ -37,6 +37,7 @@ def _swap(p):
 
 # ---------------------------------------------------------------- worked examples (by hand, float64)
 
+
 def test_cdpo_golden():
   np.testing.assert_allclose(ln.cdpo(*_example(), eps=0.1), [0.618139], **TOL)
 
@@ -54,11 +55,13 @@ def test_focalpo_golden(gamma, expected, detach):
 
 # ---------------------------------------------------------------- formulas on random batches
 
+
 def test_cdpo_matches_numpy():
   pol, ref, rho = _batch(1)
   v = 0.2 * rho
-  np.testing.assert_allclose(ln.cdpo(pol, ref, eps=0.25, beta=0.2), 0.75 * _softplus(-v) + 0.25 * _softplus(v),
-                             rtol=1e-6, atol=1e-5)
+  np.testing.assert_allclose(
+    ln.cdpo(pol, ref, eps=0.25, beta=0.2), 0.75 * _softplus(-v) + 0.25 * _softplus(v), rtol=1e-6, atol=1e-5
+  )
 
 
 def test_robust_matches_numpy():
@@ -72,7 +75,7 @@ def test_focalpo_matches_numpy():
   pol, ref, rho = _batch(3)
   v = 0.1 * rho
   p = 1.0 / (1.0 + np.exp(-v))
-  np.testing.assert_allclose(ln.focalpo(pol, ref, gamma=1.5), -(p ** 1.5) * np.log(p), rtol=1e-6, atol=1e-5)
+  np.testing.assert_allclose(ln.focalpo(pol, ref, gamma=1.5), -(p**1.5) * np.log(p), rtol=1e-6, atol=1e-5)
 
 
 def test_focalpo_gradients_with_and_without_detach():
@@ -83,12 +86,13 @@ def test_focalpo_gradients_with_and_without_detach():
   beta, g = 0.1, 2.0
   v = beta * rho
   p = 1.0 / (1.0 + np.exp(-v))
-  full = -beta * p ** g * (1 - p) * (g * np.log(p) + 1.0)
-  detached = -beta * p ** g * (1 - p)
+  full = -beta * p**g * (1 - p) * (g * np.log(p) + 1.0)
+  detached = -beta * p**g * (1 - p)
 
   def grad(detach):
     return jax.grad(lambda c: jnp.sum(ln.focalpo(pol.replace(chosen=c), ref, gamma=g, detach_weight=detach)))(
-        pol.chosen)
+      pol.chosen
+    )
 
   np.testing.assert_allclose(grad(False), full, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(grad(True), detached, rtol=1e-5, atol=1e-7)
@@ -104,8 +108,16 @@ def test_focalpo_downweights_misranked_pairs():
 
 # ---------------------------------------------------------------- identities
 
-@pytest.mark.parametrize("fn", [lambda p, r: ln.cdpo(p, r, eps=0.0), lambda p, r: ln.robust_dpo(p, r, eps=0.0),
-                                lambda p, r: ln.focalpo(p, r, gamma=0.0)], ids=["cdpo", "robust", "focalpo"])
+
+@pytest.mark.parametrize(
+  "fn",
+  [
+    lambda p, r: ln.cdpo(p, r, eps=0.0),
+    lambda p, r: ln.robust_dpo(p, r, eps=0.0),
+    lambda p, r: ln.focalpo(p, r, gamma=0.0),
+  ],
+  ids=["cdpo", "robust", "focalpo"],
+)
 def test_zero_noise_is_dpo(fn):
   pol, ref, _ = _batch(5)
   np.testing.assert_allclose(fn(pol, ref), pofx.losses.dpo(pol, ref), **TOL)
@@ -144,7 +156,10 @@ def test_robust_finite_at_extreme_margins():
 
 # ---------------------------------------------------------------- validation
 
-@pytest.mark.parametrize("call,field", [
+
+@pytest.mark.parametrize(
+  "call,field",
+  [
     (lambda p, r: ln.cdpo(p, r, eps=0.6), "eps"),
     (lambda p, r: ln.cdpo(p, r, eps=-0.1), "eps"),
     (lambda p, r: ln.robust_dpo(p, r, eps=0.5), "eps"),
@@ -153,7 +168,8 @@ def test_robust_finite_at_extreme_margins():
     (lambda p, r: ln.focalpo(p, r, gamma=1.0, detach_weight="no"), "detach_weight"),
     (lambda p, r: ln.cdpo(p, None, eps=0.1), "reference"),
     (lambda p, r: ln.focalpo(p, None, gamma=1.0), "reference"),
-])
+  ],
+)
 def test_bad_hyperparameters_raise(call, field):
   with pytest.raises(ValueError, match=field):
     call(*_example())

@@ -39,6 +39,7 @@ def _scores(seed=0, b=6):
 
 # ---------------------------------------------------------------- worked examples (by hand, float64)
 
+
 def test_dpop_golden_penalty_inactive_is_dpo():
   np.testing.assert_allclose(mg.dpop(*_example()), [0.598139], **TOL)
 
@@ -67,6 +68,7 @@ def test_mappo_golden():
 
 
 # ---------------------------------------------------------------- formulas on random batches
+
 
 def test_dpop_matches_numpy():
   pol, ref, (pw, pl, rw, rl, _, _) = _batch(1)
@@ -114,21 +116,24 @@ def test_mappo_matches_numpy():
   pol, ref, (pw, pl, rw, rl, _, _) = _batch(5)
   sw_j, sl_j, sw, sl = _scores(5)
   z = 0.1 * (pw - rw) - (sw - sl) * 0.1 * (pl - rl)
-  np.testing.assert_allclose(mg.mappo(pol, ref, chosen_scores=sw_j, rejected_scores=sl_j), _softplus(-z),
-                             rtol=1e-6, atol=1e-5)
+  np.testing.assert_allclose(
+    mg.mappo(pol, ref, chosen_scores=sw_j, rejected_scores=sl_j), _softplus(-z), rtol=1e-6, atol=1e-5
+  )
 
 
 @pytest.mark.parametrize("name", ["odpo", "mappo"])
 def test_scores_are_detached(name):
   pol, ref, _ = _batch(6)
   sw, sl, _, _ = _scores(6)
-  g = jax.grad(lambda a, b: jnp.sum(getattr(mg, name)(pol, ref, chosen_scores=a, rejected_scores=b)),
-               argnums=(0, 1))(sw, sl)
+  g = jax.grad(lambda a, b: jnp.sum(getattr(mg, name)(pol, ref, chosen_scores=a, rejected_scores=b)), argnums=(0, 1))(
+    sw, sl
+  )
   np.testing.assert_array_equal(g[0], 0.0)
   np.testing.assert_array_equal(g[1], 0.0)
 
 
 # ---------------------------------------------------------------- reduces-to identities (all == DPO)
+
 
 def _dpo(pol, ref, beta=0.1):
   return pofx.losses.dpo(pol, ref, beta=beta)
@@ -162,8 +167,9 @@ def test_mappo_unit_gap_is_dpo():
 def test_mappo_constant_gap_is_dpo_shift():
   pol, ref, _ = _batch(11)
   sw, sl = jnp.full(6, 0.9, jnp.float32), jnp.full(6, 0.4, jnp.float32)
-  np.testing.assert_allclose(mg.mappo(pol, ref, chosen_scores=sw, rejected_scores=sl),
-                             mg.dpo_shift(pol, ref, lam=0.5), **TOL)
+  np.testing.assert_allclose(
+    mg.mappo(pol, ref, chosen_scores=sw, rejected_scores=sl), mg.dpo_shift(pol, ref, lam=0.5), **TOL
+  )
 
 
 def test_ln_dpo_equal_lengths_is_dpo_with_scaled_beta():
@@ -175,11 +181,15 @@ def test_ln_dpo_equal_lengths_is_dpo_with_scaled_beta():
 
 # ---------------------------------------------------------------- DPO-Shift schedule
 
-@pytest.mark.parametrize("kind,expected", [
+
+@pytest.mark.parametrize(
+  "kind,expected",
+  [
     ("fixed", [0.9, 0.9, 0.9, 0.9]),
     ("increase_linear", [0.5, 0.6, 0.9, 0.9]),
     ("decrease_linear", [0.9, 0.8, 0.5, 0.5]),
-])
+  ],
+)
 def test_dpo_shift_schedule(kind, expected):
   steps = [0, 25, 100, 150]  # clipped beyond max_steps
   got = [mg.dpo_shift_lambda(s, 100, kind, lambda_min=0.5, lambda_max=0.9) for s in steps]
@@ -195,12 +205,15 @@ def test_dpo_shift_schedule_traced_step_and_use():
     return mg.dpo_shift(pol, ref, lam=lam)
 
   np.testing.assert_allclose(loss_at(jnp.int32(100)), [0.600393], **TOL)  # lam = 0.95 at the end
-  np.testing.assert_allclose(loss_at(jnp.int32(0)), [0.598139], **TOL)    # lam = 1 (DPO) at the start
+  np.testing.assert_allclose(loss_at(jnp.int32(0)), [0.598139], **TOL)  # lam = 1 (DPO) at the start
 
 
 # ---------------------------------------------------------------- validation
 
-@pytest.mark.parametrize("call,field", [
+
+@pytest.mark.parametrize(
+  "call,field",
+  [
     (lambda p, r: mg.dpop(p, r, lam=-1.0), "lam"),
     (lambda p, r: mg.dpop(p, r, beta=0.0), "beta"),
     (lambda p, r: mg.odpo(p, r, chosen_scores=_a(1.0), rejected_scores=_a(0.0), alpha=-1.0), "alpha"),
@@ -218,7 +231,8 @@ def test_dpo_shift_schedule_traced_step_and_use():
     (lambda p, r: mg.dpo_shift_lambda(0, 0, "fixed"), "max_steps"),
     (lambda p, r: mg.dpo_shift_lambda(0, 10, "fixed", lambda_min=0.9, lambda_max=0.5), "lambda_min"),
     (lambda p, r: mg.dpo_shift_lambda(0, 10, "fixed", lambda_max=1.2), "lambda_max"),
-])
+  ],
+)
 def test_bad_hyperparameters_raise(call, field):
   with pytest.raises(ValueError, match=field):
     call(*_example())

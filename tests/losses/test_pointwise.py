@@ -65,8 +65,14 @@ def lists(seed, b=5, k=4):
   pol = rng.uniform(-30, -1, (b, k)).astype(np.float32)
   ref = rng.uniform(-30, -1, (b, k)).astype(np.float32)
   scores = rng.uniform(0, 10, (b, k)).astype(np.float32)
-  return (pofx.ListLogps(jnp.asarray(pol)), pofx.ListLogps(jnp.asarray(ref)), jnp.asarray(scores),
-          pol.astype(np.float64), ref.astype(np.float64), scores.astype(np.float64))
+  return (
+    pofx.ListLogps(jnp.asarray(pol)),
+    pofx.ListLogps(jnp.asarray(ref)),
+    jnp.asarray(scores),
+    pol.astype(np.float64),
+    ref.astype(np.float64),
+    scores.astype(np.float64),
+  )
 
 
 @pytest.mark.parametrize("beta,alpha_t", [(0.1, 1.0), (0.01, 3.0), (0.5, 0.7)])
@@ -92,8 +98,9 @@ def test_kway_with_two_one_hot_responses_is_pairwise():
   to_list = lambda a, b: pofx.ListLogps(jnp.stack([jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)], -1))
   pl, rl = to_list(x[0], x[1]), to_list(x[2], x[3])
   scores = jnp.tile(jnp.array([[1.0, 0.0]]), (10, 1))  # with temperature 1e-4: one-hot on the chosen
-  np.testing.assert_allclose(_pointwise.infonca_kway(pl, rl, scores=scores), pofx.losses.dpo(policy, reference),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    _pointwise.infonca_kway(pl, rl, scores=scores), pofx.losses.dpo(policy, reference), rtol=1e-5
+  )
   np.testing.assert_allclose(_pointwise.nca_kway(pl, rl, scores=scores), _pointwise.nca(policy, reference), rtol=1e-5)
 
 
@@ -142,17 +149,19 @@ def test_una_against_numpy_with_dummy_answers():
   q_w, q_l = sigmoid(b * (x[0] - x[2])), sigmoid(b * (x[1] - x[3]))
   keep_w, keep_l = s_w >= 0, s_l >= 0
   expected = {
-      "score_mse": keep_w * (q_w - s_w) ** 2 + keep_l * (q_l - s_l) ** 2,
-      "binary_mse": keep_w * (q_w - 1) ** 2 + keep_l * q_l ** 2,
-      "binary_bce": keep_w * -np.log(q_w) + keep_l * -np.log(1 - q_l),
+    "score_mse": keep_w * (q_w - s_w) ** 2 + keep_l * (q_l - s_l) ** 2,
+    "binary_mse": keep_w * (q_w - 1) ** 2 + keep_l * q_l**2,
+    "binary_bce": keep_w * -np.log(q_w) + keep_l * -np.log(1 - q_l),
   }
   for variant, value in expected.items():
-    out = _pointwise.una(policy, reference, variant=variant, chosen_scores=jnp.asarray(s_w),
-                         rejected_scores=jnp.asarray(s_l))
+    out = _pointwise.una(
+      policy, reference, variant=variant, chosen_scores=jnp.asarray(s_w), rejected_scores=jnp.asarray(s_l)
+    )
     np.testing.assert_allclose(out, value, rtol=1e-5, err_msg=variant)
   # The registry reduction is the code's torch.sum.
-  total = pofx.losses.batch_loss("una", policy, reference, chosen_scores=jnp.asarray(s_w),
-                                 rejected_scores=jnp.asarray(s_l))
+  total = pofx.losses.batch_loss(
+    "una", policy, reference, chosen_scores=jnp.asarray(s_w), rejected_scores=jnp.asarray(s_l)
+  )
   np.testing.assert_allclose(total, expected["score_mse"].sum(), rtol=1e-5)
 
 
@@ -162,9 +171,11 @@ def test_una_reference_free_and_identities():
   np.testing.assert_allclose(out, -log_sigmoid(0.01 * x[0]) - log_sigmoid(-0.01 * x[1]), rtol=1e-5)
   # binary_bce = NCA's biasedNCA; score MSE with targets (1, 0) = binary MSE.
   ones, zeros = jnp.ones(10), jnp.zeros(10)
-  np.testing.assert_allclose(_pointwise.una(policy, reference, variant="score_mse", chosen_scores=ones,
-                                            rejected_scores=zeros),
-                             _pointwise.una(policy, reference, variant="binary_mse"), rtol=1e-6)
+  np.testing.assert_allclose(
+    _pointwise.una(policy, reference, variant="score_mse", chosen_scores=ones, rejected_scores=zeros),
+    _pointwise.una(policy, reference, variant="binary_mse"),
+    rtol=1e-6,
+  )
 
 
 def test_una_validation():

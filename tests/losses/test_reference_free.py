@@ -38,6 +38,7 @@ def _batch(seed=0, b=6):
 
 # ---------------------------------------------------------------- worked examples (by hand, float64)
 
+
 def test_simpo_golden_defaults():
   # a_w = a_l = -2, beta=2, gamma/beta=0.25 -> -log sigmoid(-0.5) = 0.974077.
   np.testing.assert_allclose(rf.simpo(_example()), [0.974077], **TOL)
@@ -64,6 +65,7 @@ def test_orpo_equal_average_logps_has_zero_log_odds():
 
 # ---------------------------------------------------------------- formulas on random batches
 
+
 @pytest.mark.parametrize("beta,ratio,eps,sft", [(2.0, 0.25, 0.0, 0.0), (10.0, 0.3, 0.1, 0.5), (0.7, 0.0, 0.3, 1.0)])
 def test_simpo_matches_numpy(beta, ratio, eps, sft):
   pol, (pw, pl, lw, ll) = _batch(1)
@@ -76,8 +78,9 @@ def test_simpo_matches_numpy(beta, ratio, eps, sft):
 def test_simpo_hinge_matches_numpy():
   pol, (pw, pl, lw, ll) = _batch(2)
   z = 2.0 * ((pw / lw - pl / ll) - 0.5)
-  np.testing.assert_allclose(rf.simpo(pol, beta=2.0, gamma_beta_ratio=0.5, loss_type="hinge"),
-                             np.maximum(0.0, 1.0 - z), **TOL)
+  np.testing.assert_allclose(
+    rf.simpo(pol, beta=2.0, gamma_beta_ratio=0.5, loss_type="hinge"), np.maximum(0.0, 1.0 - z), **TOL
+  )
 
 
 def test_simpo_gradient_is_length_normalised():
@@ -87,7 +90,8 @@ def test_simpo_gradient_is_length_normalised():
   z = beta * ((pw / lw - pl / ll) - ratio)
   sig_neg = 1.0 / (1.0 + np.exp(z))
   g = jax.grad(lambda c, r: jnp.sum(rf.simpo(pol.replace(chosen=c, rejected=r))), argnums=(0, 1))(
-      pol.chosen, pol.rejected)
+    pol.chosen, pol.rejected
+  )
   np.testing.assert_allclose(g[0], -beta / lw * sig_neg, **TOL)
   np.testing.assert_allclose(g[1], beta / ll * sig_neg, **TOL)
 
@@ -120,8 +124,9 @@ def test_orpo_finite_for_nonnegative_average_logp():
   # Log-probs >= 0 are impossible but must not produce NaN (clamped at -1e-6).
   a = lambda *x: jnp.array(x, jnp.float32)
   pol = pofx.PairLogps(a(0.0, 1e-3), a(-5.0, 0.0), a(3.0, 3.0), a(2.0, 2.0))
-  val, grads = jax.value_and_grad(lambda c, r: jnp.sum(rf.orpo(pol.replace(chosen=c, rejected=r))),
-                                  argnums=(0, 1))(pol.chosen, pol.rejected)
+  val, grads = jax.value_and_grad(lambda c, r: jnp.sum(rf.orpo(pol.replace(chosen=c, rejected=r))), argnums=(0, 1))(
+    pol.chosen, pol.rejected
+  )
   assert np.isfinite(float(val)) and np.all(np.isfinite(grads[0])) and np.all(np.isfinite(grads[1]))
 
 
@@ -132,22 +137,29 @@ def test_repo_matches_numpy():
 
 # ---------------------------------------------------------------- reduces-to identities
 
+
 def _length_normalised(pol):
   return pol.replace(chosen=pol.chosen / pol.chosen_len, rejected=pol.rejected / pol.rejected_len)
 
 
 def test_simpo_gamma0_is_length_normalised_reference_free_logistic():
   pol, _ = _batch(7)
-  np.testing.assert_allclose(rf.simpo(pol, beta=2.0, gamma_beta_ratio=0.0),
-                             pofx.losses.gpo(_length_normalised(pol), None, f="logistic", beta=2.0), **TOL)
+  np.testing.assert_allclose(
+    rf.simpo(pol, beta=2.0, gamma_beta_ratio=0.0),
+    pofx.losses.gpo(_length_normalised(pol), None, f="logistic", beta=2.0),
+    **TOL,
+  )
 
 
 def test_simpo_hinge_is_gpo_hinge_on_shifted_margin():
   pol, _ = _batch(8)
   shifted = _length_normalised(pol)
   shifted = shifted.replace(chosen=shifted.chosen - 0.3)
-  np.testing.assert_allclose(rf.simpo(pol, beta=3.0, gamma_beta_ratio=0.3, loss_type="hinge"),
-                             pofx.losses.gpo(shifted, None, f="hinge", beta=3.0), **TOL)
+  np.testing.assert_allclose(
+    rf.simpo(pol, beta=3.0, gamma_beta_ratio=0.3, loss_type="hinge"),
+    pofx.losses.gpo(shifted, None, f="hinge", beta=3.0),
+    **TOL,
+  )
 
 
 def test_cpo_alpha0_is_reference_free_dpo():
@@ -163,16 +175,16 @@ def test_orpo_lam0_is_chosen_sft():
 def test_repo_is_scaled_hinge():
   # max(0, gamma - m) = gamma * hinge(m / gamma).
   pol, _ = _batch(11)
-  np.testing.assert_allclose(rf.repo(pol, gamma=0.5),
-                             0.5 * pofx.losses.gpo(_length_normalised(pol), None, f="hinge", beta=2.0), **TOL)
+  np.testing.assert_allclose(
+    rf.repo(pol, gamma=0.5), 0.5 * pofx.losses.gpo(_length_normalised(pol), None, f="hinge", beta=2.0), **TOL
+  )
 
 
 def test_simpo_large_beta_approaches_repo():
   # SimPO / beta -> max(0, gamma/beta - m) as beta -> inf (RePO's derivation).
   pol, _ = _batch(12)
   beta = 2000.0
-  np.testing.assert_allclose(rf.simpo(pol, beta=beta, gamma_beta_ratio=0.4) / beta, rf.repo(pol, gamma=0.4),
-                             atol=1e-3)
+  np.testing.assert_allclose(rf.simpo(pol, beta=beta, gamma_beta_ratio=0.4) / beta, rf.repo(pol, gamma=0.4), atol=1e-3)
 
 
 @pytest.mark.parametrize("name", ["simpo", "cpo", "orpo", "repo"])
@@ -186,7 +198,10 @@ def test_reference_is_ignored(name):
 
 # ---------------------------------------------------------------- validation
 
-@pytest.mark.parametrize("call,field", [
+
+@pytest.mark.parametrize(
+  "call,field",
+  [
     (lambda p: rf.simpo(p, beta=0.0), "beta"),
     (lambda p: rf.simpo(p, gamma_beta_ratio=-0.1), "gamma_beta_ratio"),
     (lambda p: rf.simpo(p, loss_type="ipo"), "loss_type"),
@@ -198,7 +213,8 @@ def test_reference_is_ignored(name):
     (lambda p: rf.cpo(p, loss_type="simpo"), "loss_type"),
     (lambda p: rf.orpo(p, lam=-0.1), "lam"),
     (lambda p: rf.repo(p, gamma=0.0), "gamma"),
-])
+  ],
+)
 def test_bad_hyperparameters_raise(call, field):
   with pytest.raises(ValueError, match=field):
     call(_example())

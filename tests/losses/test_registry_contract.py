@@ -19,8 +19,11 @@ from tests.losses import registry_inputs as ri
 
 # The canonical names, and the TRL loss_types whose function is not the canonical one (the others
 # are the same function object, already walked under their canonical name).
-NAMES = pofx.losses.names() + [f"trl.{t}" for t in pofx.losses.trl.names()
-                                if pofx.losses.trl.get(t) is not pofx.losses.get(pofx.losses.trl.canonical(t))]
+NAMES = pofx.losses.names() + [
+  f"trl.{t}"
+  for t in pofx.losses.trl.names()
+  if pofx.losses.trl.get(t) is not pofx.losses.get(pofx.losses.trl.canonical(t))
+]
 KEY = jax.random.key(0)
 
 
@@ -34,8 +37,11 @@ def _split(policy):
   if isinstance(policy, pofx.ListLogps):
     leaves = {"logps": policy.logps}
   else:
-    leaves = {k: getattr(policy, k) for k in ("chosen", "rejected", "chosen_token_logps", "rejected_token_logps")
-              if getattr(policy, k) is not None}
+    leaves = {
+      k: getattr(policy, k)
+      for k in ("chosen", "rejected", "chosen_token_logps", "rejected_token_logps")
+      if getattr(policy, k) is not None
+    }
   return leaves, lambda new: policy.replace(**new)
 
 
@@ -56,7 +62,7 @@ def test_unknown_name_lists_allowed():
     pofx.losses.get("dpoo")
   with pytest.raises(ValueError, match="allowed: .*'sigmoid'"):
     pofx.losses.get("trl.dpo")
-  with pytest.raises(ValueError, match="formula is 'dpo'"):   # pairwise InfoNCA with hard labels is DPO
+  with pytest.raises(ValueError, match="formula is 'dpo'"):  # pairwise InfoNCA with hard labels is DPO
     pofx.losses.get("infonca")
 
 
@@ -129,8 +135,8 @@ def test_contract(name):
 # per-token arrays, so its sums are differentiated with the token arrays held fixed; beta-DPO's
 # detached batch beta is constant when its adaptation `a` is 0 (the filter keeps its draw).
 FD_WHERE_DETACHED_IS_CONSTANT = {
-    "wpo": {"leaves": ("chosen", "rejected")},
-    "beta_dpo": {"hyper": {"a": 0.0}},
+  "wpo": {"leaves": ("chosen", "rejected")},
+  "beta_dpo": {"hyper": {"a": 0.0}},
 }
 
 
@@ -155,8 +161,15 @@ def test_gradients_match_finite_differences(name):
     return jnp.sum(_call(spec, rebuild(new), reference, kwargs) * jnp.arange(1.0, ri.B + 1.0))
 
   # float32 finite differences: a loose tolerance, but a wrong derivative is off by O(1).
-  check_grads(objective, (jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), leaves),), order=1, modes=["rev"],
-              eps=1e-2, atol=5e-2, rtol=5e-2)
+  check_grads(
+    objective,
+    (jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), leaves),),
+    order=1,
+    modes=["rev"],
+    eps=1e-2,
+    atol=5e-2,
+    rtol=5e-2,
+  )
 
 
 def _extreme_inputs(spec, sign, dtype):
@@ -190,16 +203,69 @@ def test_finite_at_extreme_margins(name, sign, dtype):
 # The catalogue's canonical names (the GPO family, the formulas TRL has, the literature methods) and
 # TRL 1.16's fifteen loss types in the compatibility namespace.
 REQUIRED = {
-    "dpo", "slic", "ipo", "ipo_sum", "exponential", "truncated_quadratic", "savage",
-    "exo_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
-    "ld_dpo", "wpo", "f_dpo",
-    "simpo", "cpo", "orpo", "repo", "dpop", "odpo", "beta_dpo", "focalpo", "cdpo", "robust_dpo", "rpo", "irpo",
-    "sampo", "ln_dpo", "dpo_shift", "nca", "nca_kway", "infonca_kway", "una", "gamma_simpo",
-    "gamma_dpo", "dmpo", "ra_dpo", "mappo", "asft", "kto", "dpo_nll_delta_l",
+  "dpo",
+  "slic",
+  "ipo",
+  "ipo_sum",
+  "exponential",
+  "truncated_quadratic",
+  "savage",
+  "exo_pair",
+  "bco_pair",
+  "sppo_hard",
+  "aot",
+  "aot_unpaired",
+  "apo_zero",
+  "apo_down",
+  "discopop",
+  "sft",
+  "ld_dpo",
+  "wpo",
+  "f_dpo",
+  "simpo",
+  "cpo",
+  "orpo",
+  "repo",
+  "dpop",
+  "odpo",
+  "beta_dpo",
+  "focalpo",
+  "cdpo",
+  "robust_dpo",
+  "rpo",
+  "irpo",
+  "sampo",
+  "ln_dpo",
+  "dpo_shift",
+  "nca",
+  "nca_kway",
+  "infonca_kway",
+  "una",
+  "gamma_simpo",
+  "gamma_dpo",
+  "dmpo",
+  "ra_dpo",
+  "mappo",
+  "asft",
+  "kto",
+  "dpo_nll_delta_l",
 }
 REQUIRED_TRL = {
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+  "sigmoid",
+  "hinge",
+  "ipo",
+  "exo_pair",
+  "nca_pair",
+  "robust",
+  "bco_pair",
+  "sppo_hard",
+  "aot",
+  "aot_unpaired",
+  "apo_zero",
+  "apo_down",
+  "discopop",
+  "sft",
+  "sigmoid_norm",
 }
 
 

@@ -24,8 +24,10 @@ _example = worked.example
 def _batch(seed=0, b=6, lw=None):
   rng = np.random.default_rng(seed)
   vals = [-rng.uniform(1.0, 40.0, b) for _ in range(4)]
-  vals += [rng.integers(1, 30, b).astype(np.float64) if lw is None else np.full(b, float(lw)),
-           rng.integers(1, 30, b).astype(np.float64)]
+  vals += [
+    rng.integers(1, 30, b).astype(np.float64) if lw is None else np.full(b, float(lw)),
+    rng.integers(1, 30, b).astype(np.float64),
+  ]
   vals = [np.asarray(v, np.float32).astype(np.float64) for v in vals]
   pw, pl, rw, rl, len_w, len_l = vals
   f = lambda x: jnp.asarray(x, jnp.float32)
@@ -33,6 +35,7 @@ def _batch(seed=0, b=6, lw=None):
 
 
 # ---------------------------------------------------------------- worked examples (by hand, float64)
+
 
 def test_rpo_golden():
   # 0.598139 + 0.005 * 0.1 * 10 = 0.603139.
@@ -45,6 +48,7 @@ def test_irpo_golden():
 
 
 # ---------------------------------------------------------------- formulas on random batches
+
 
 @pytest.mark.parametrize("form", ["sum", "mean"])
 def test_rpo_matches_numpy(form):
@@ -101,6 +105,7 @@ def test_asft_finite_for_nonnegative_average_logp():
 
 # ---------------------------------------------------------------- reduces-to identities
 
+
 def test_rpo_eta0_is_dpo():
   pol, ref, _ = _batch(6)
   for form in ("sum", "mean"):
@@ -130,7 +135,10 @@ def test_asft_reference_ignored():
 
 # ---------------------------------------------------------------- validation
 
-@pytest.mark.parametrize("call,field", [
+
+@pytest.mark.parametrize(
+  "call,field",
+  [
     (lambda p, r: rg.rpo(p, r, eta=-0.1), "eta"),
     (lambda p, r: rg.rpo(p, r, sft_form="token"), "sft_form"),
     (lambda p, r: rg.rpo(p, r, beta=0.0), "beta"),
@@ -141,7 +149,8 @@ def test_asft_reference_ignored():
     (lambda p, r: rg.irpo(p.replace(chosen_len=None), r), "length"),
     (lambda p, r: rg.asft(p, lam=-0.5), "lam"),
     (lambda p, r: rg.asft(p.replace(rejected_len=None), lam=0.5), "length"),
-])
+  ],
+)
 def test_bad_hyperparameters_raise(call, field):
   with pytest.raises(ValueError, match=field):
     call(*_example())

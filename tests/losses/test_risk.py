@@ -42,8 +42,9 @@ def test_sequence_risk_against_authors_code(split, cl, vocab):
   pol = rng.normal(0, 2, (3, 5, vocab)).astype(np.float32)
   ref = rng.normal(0, 2, (3, 5, vocab)).astype(np.float32)
   m = (np.arange(5)[None] < np.array([5, 2, 4])[:, None]).astype(np.float32)
-  got = _risk.ra_dpo_sequence_risk(jnp.asarray(pol), jnp.asarray(ref), jnp.asarray(m), confidence_level=cl,
-                                   split_vocab=split)
+  got = _risk.ra_dpo_sequence_risk(
+    jnp.asarray(pol), jnp.asarray(ref), jnp.asarray(m), confidence_level=cl, split_vocab=split
+  )
   np.testing.assert_allclose(got, risk_torch(pol, ref, m, cl, split), rtol=1e-5, atol=1e-6)
 
 
@@ -93,8 +94,9 @@ def test_losses_against_authors_formula(beta, alpha):
   ra1 = softplus(-beta * (rho - (risk[1] - risk[0])))
   ra2 = softplus(-beta * (rho - alpha * (risk[1] - risk[0])))
   np.testing.assert_allclose(pofx.losses.get("ra_dpo")(policy, reference, beta=beta, **kw), ra1, rtol=1e-5)
-  np.testing.assert_allclose(pofx.losses.get("ra_dpo2")(policy, reference, beta=beta, alpha=alpha, **kw), ra2,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    pofx.losses.get("ra_dpo2")(policy, reference, beta=beta, alpha=alpha, **kw), ra2, rtol=1e-5
+  )
 
 
 def test_reduces_to_dpo_and_between_variants():
@@ -103,16 +105,19 @@ def test_reduces_to_dpo_and_between_variants():
   zeros = dict(chosen_risk=jnp.zeros(8), rejected_risk=jnp.zeros(8))
   np.testing.assert_allclose(_risk.ra_dpo(policy, reference, **zeros), dpo, rtol=1e-6)
   np.testing.assert_allclose(_risk.ra_dpo2(policy, reference, alpha=0.0, **kw), dpo, rtol=1e-6)
-  np.testing.assert_allclose(_risk.ra_dpo2(policy, reference, alpha=1.0, **kw), _risk.ra_dpo(policy, reference, **kw),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    _risk.ra_dpo2(policy, reference, alpha=1.0, **kw), _risk.ra_dpo(policy, reference, **kw), rtol=1e-6
+  )
 
 
 def test_ra_dpo2_detaches_the_chosen_risk_only():
   policy, reference, _, _, kw = batch(5)
-  g1 = jax.grad(lambda c, r: jnp.sum(_risk.ra_dpo(policy, reference, chosen_risk=c, rejected_risk=r)),
-                argnums=(0, 1))(kw["chosen_risk"], kw["rejected_risk"])
-  g2 = jax.grad(lambda c, r: jnp.sum(_risk.ra_dpo2(policy, reference, chosen_risk=c, rejected_risk=r)),
-                argnums=(0, 1))(kw["chosen_risk"], kw["rejected_risk"])
+  g1 = jax.grad(lambda c, r: jnp.sum(_risk.ra_dpo(policy, reference, chosen_risk=c, rejected_risk=r)), argnums=(0, 1))(
+    kw["chosen_risk"], kw["rejected_risk"]
+  )
+  g2 = jax.grad(lambda c, r: jnp.sum(_risk.ra_dpo2(policy, reference, chosen_risk=c, rejected_risk=r)), argnums=(0, 1))(
+    kw["chosen_risk"], kw["rejected_risk"]
+  )
   assert np.all(np.asarray(g1[0]) < 0) and np.all(np.asarray(g1[1]) > 0)
   np.testing.assert_array_equal(np.asarray(g2[0]), 0.0)
   assert np.all(np.asarray(g2[1]) > 0)

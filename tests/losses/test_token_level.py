@@ -39,8 +39,9 @@ def uniform_example():
   # -2 (policy) and -11/6 (reference).
   cm, rm = mask([5], 6), mask([6], 6)
   policy = pofx.PairLogps.from_tokens(np.full((1, 6), -2.0, np.float32), cm, np.full((1, 6), -2.0, np.float32), rm)
-  reference = pofx.PairLogps.from_tokens(np.full((1, 6), -2.2, np.float32), cm,
-                                         np.full((1, 6), -11.0 / 6.0, np.float32), rm)
+  reference = pofx.PairLogps.from_tokens(
+    np.full((1, 6), -2.2, np.float32), cm, np.full((1, 6), -11.0 / 6.0, np.float32), rm
+  )
   return policy, reference
 
 
@@ -93,8 +94,7 @@ def test_sampo_against_numpy_given_masks():
   key = jax.random.key(7)
   kc, kr = (np.asarray(m, np.float64) for m in _token_level.sampo_token_masks(key, cm, rm))
   rho = ((toks[0] - toks[2]) * kc).sum(-1) - ((toks[1] - toks[3]) * kr).sum(-1)
-  np.testing.assert_allclose(_token_level.sampo(policy, reference, beta=0.1, key=key), softplus(-0.1 * rho),
-                             rtol=1e-5)
+  np.testing.assert_allclose(_token_level.sampo(policy, reference, beta=0.1, key=key), softplus(-0.1 * rho), rtol=1e-5)
 
 
 def test_sampo_equal_lengths_is_dpo():
@@ -126,7 +126,7 @@ def test_sampo_needs_tokens_and_valid_beta():
 
 
 def phi_numpy(j, t, g):
-  return (t - j) / t if g == 1 else g ** j * (1 - g ** (t - j)) / (1 - g ** t)
+  return (t - j) / t if g == 1 else g**j * (1 - g ** (t - j)) / (1 - g**t)
 
 
 def test_dmpo_weights_worked_example():
@@ -150,16 +150,21 @@ def test_dmpo_against_numpy():
   c_lens, r_lens = [8, 3, 6], [5, 9, 2]
   policy, reference, toks, cm, rm = token_pairs(7, c_lens, r_lens)
   rng = np.random.default_rng(0)
+
   # Non-decreasing turn ids per row, -1 on padding.
   def ids(lens):
     out = np.cumsum(rng.integers(0, 2, (3, 9)), axis=-1)
     return np.where(mask(lens, 9) > 0, out, -1).astype(np.int32)
+
   c_ids, r_ids = ids(c_lens), ids(r_lens)
-  out = pofx.losses.get("dmpo")(policy, reference, beta=0.2, gamma=0.6, chosen_turn_ids=jnp.asarray(c_ids),
-                                rejected_turn_ids=jnp.asarray(r_ids))
+  out = pofx.losses.get("dmpo")(
+    policy, reference, beta=0.2, gamma=0.6, chosen_turn_ids=jnp.asarray(c_ids), rejected_turn_ids=jnp.asarray(r_ids)
+  )
+
   def wsum(tok, ids_, m):
     t = ids_.max(-1, keepdims=True) + 1
     return (np.where(ids_ >= 0, phi_numpy(np.maximum(ids_, 0), t, 0.6), 1.0) * tok * m).sum(-1)
+
   rho = (wsum(toks[0], c_ids, cm) - wsum(toks[2], c_ids, cm)) - (wsum(toks[1], r_ids, rm) - wsum(toks[3], r_ids, rm))
   np.testing.assert_allclose(out, softplus(-0.2 * rho), rtol=1e-5)
 
@@ -182,8 +187,9 @@ def test_dmpo_invalid_hyperparameters(bad):
 def test_dmpo_turn_id_shape_checked():
   policy, reference, _, _, _ = token_pairs(9, [3], [4])
   with pytest.raises(ValueError, match="turn_ids"):
-    _token_level.dmpo(policy, reference, chosen_turn_ids=jnp.zeros((1, 3), jnp.int32),
-                      rejected_turn_ids=jnp.zeros((1, 9), jnp.int32))
+    _token_level.dmpo(
+      policy, reference, chosen_turn_ids=jnp.zeros((1, 3), jnp.int32), rejected_turn_ids=jnp.zeros((1, 9), jnp.int32)
+    )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -193,8 +199,7 @@ def test_dmpo_turn_id_shape_checked():
 
 def test_delta_l_weights_worked_example():
   # By hand: lengths 5 and 6, alpha = 1 -> w_i = L^-1 / mean(L^-1): (1/5, 1/6) / (11/60) = [12/11, 10/11].
-  np.testing.assert_allclose(_token_level.delta_l_weights(jnp.array([5.0, 6.0]), 1.0), [1.090909, 0.909091],
-                             atol=1e-6)
+  np.testing.assert_allclose(_token_level.delta_l_weights(jnp.array([5.0, 6.0]), 1.0), [1.090909, 0.909091], atol=1e-6)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.75, 1.0, 2.0])
@@ -228,18 +233,18 @@ def test_dpo_nll_delta_l_against_numpy(alpha):
   pi_w = (toks[0] * cm).sum(-1)
   rho = (pi_w - (toks[2] * cm).sum(-1)) - ((toks[1] - toks[3]) * rm).sum(-1)
   lw = np.array(c_lens, np.float64)
-  w = lw ** -alpha / np.mean(lw ** -alpha)
+  w = lw**-alpha / np.mean(lw**-alpha)
   expected = softplus(-0.1 * rho) + 0.5 * w * (-pi_w) / lw.mean()
   np.testing.assert_allclose(out, expected, rtol=1e-5)
   if alpha == 0.0:
     # Batch mean = DPO mean + the batch token-mean NLL (TRL's `sft` term).
-    np.testing.assert_allclose(np.mean(out), np.mean(softplus(-0.1 * rho)) + 0.5 * (-pi_w).sum() / lw.sum(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(np.mean(out), np.mean(softplus(-0.1 * rho)) + 0.5 * (-pi_w).sum() / lw.sum(), rtol=1e-5)
 
 
 def test_dpo_nll_delta_l_zero_weight_is_dpo_and_validates():
   policy, reference, _, _, _ = token_pairs(11, [3, 5], [4, 2])
-  np.testing.assert_allclose(_token_level.dpo_nll_delta_l(policy, reference, nll_weight=0.0),
-                             pofx.losses.dpo(policy, reference), rtol=1e-6)
+  np.testing.assert_allclose(
+    _token_level.dpo_nll_delta_l(policy, reference, nll_weight=0.0), pofx.losses.dpo(policy, reference), rtol=1e-6
+  )
   with pytest.raises(ValueError, match="nll_weight"):
     _token_level.dpo_nll_delta_l(policy, reference, nll_weight=-1.0)

@@ -51,31 +51,31 @@ EX_POLICY, EX_REFERENCE = example_pair()
 # 1.16's 1 - 1/u), the 1.16 form gives the same number here (no smoothing / zero shift / the
 # constant cancels in s_w - s_l). TRL names are written "trl.<loss_type>", as pofx.losses.get reads them.
 GOLDEN = [
-    ("trl.sigmoid", {}, 0.598139),                       # log(1 + e^{-0.2})
-    ("trl.hinge", {}, 0.800000),                         # 1 - 0.2
-    ("trl.ipo", {}, 21.467778),                          # d = 1/5 + 1/6, (d - 5)^2
-    ("trl.exo_pair", {"label_smoothing": 1e-3}, 2.422015),
-    ("trl.nca_pair", {}, 1.338793),
-    ("trl.robust", {"label_smoothing": 0.1}, 0.573139),
-    ("trl.bco_pair", {}, 1.288793),                      # 2 log(1 + e^{-0.1})
-    ("trl.sppo_hard", {}, 32.000000),                    # (1 - 5)^2 + (-1 + 5)^2
-    ("trl.aot", {}, 0.598139),                           # B = 1: sorting is the identity, = DPO
-    ("trl.aot_unpaired", {}, 0.598139),
-    ("trl.apo_zero", {}, 0.950042),                      # (1 - sigmoid(0.1)) + sigmoid(-0.1)
-    ("trl.apo_down", {}, 0.975145),                      # sigmoid(0.1) + 1 - sigmoid(0.2)
-    ("trl.discopop", {}, 0.814763),                      # tau = 0.05
-    ("trl.sigmoid_norm", {}, 0.674982),                  # -log sigmoid(0.1 (1/5 + 1/6))
-    # f-DPO (Wang et al. 2023, arXiv:2309.16240, Table 1); the alpha row is alpha_paper = 0.5 = TRL's coef 0.5.
-    ("trl.sigmoid", {"f_divergence_type": "forward_kl"}, 0.582517),
-    ("trl.sigmoid", {"f_divergence_type": "js_divergence"}, 0.644397),
-    ("trl.sigmoid", {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.5}, 0.594349),
-    # LD-DPO at ld_alpha = 0.5, uniform tokens: shared length 5, the rejected's 6th token counts half:
-    # policy -10 - 1 = -11, reference -55/6 - 11/12 = -121/12, so lr_l = -11/12 and rho = 23/12 = 1.916667.
-    ("trl.sigmoid", {"ld_alpha": 0.5}, 0.601899),
-    ("ld_dpo", {"ld_alpha": 0.5}, 0.601899),
-    ("f_dpo", {"f_divergence_type": "forward_kl"}, 0.582517),
-    ("f_dpo", {"f_divergence_type": "js_divergence"}, 0.644397),
-    ("f_dpo", {"f_divergence_type": "alpha_divergence", "alpha": 0.5}, 0.594349),
+  ("trl.sigmoid", {}, 0.598139),  # log(1 + e^{-0.2})
+  ("trl.hinge", {}, 0.800000),  # 1 - 0.2
+  ("trl.ipo", {}, 21.467778),  # d = 1/5 + 1/6, (d - 5)^2
+  ("trl.exo_pair", {"label_smoothing": 1e-3}, 2.422015),
+  ("trl.nca_pair", {}, 1.338793),
+  ("trl.robust", {"label_smoothing": 0.1}, 0.573139),
+  ("trl.bco_pair", {}, 1.288793),  # 2 log(1 + e^{-0.1})
+  ("trl.sppo_hard", {}, 32.000000),  # (1 - 5)^2 + (-1 + 5)^2
+  ("trl.aot", {}, 0.598139),  # B = 1: sorting is the identity, = DPO
+  ("trl.aot_unpaired", {}, 0.598139),
+  ("trl.apo_zero", {}, 0.950042),  # (1 - sigmoid(0.1)) + sigmoid(-0.1)
+  ("trl.apo_down", {}, 0.975145),  # sigmoid(0.1) + 1 - sigmoid(0.2)
+  ("trl.discopop", {}, 0.814763),  # tau = 0.05
+  ("trl.sigmoid_norm", {}, 0.674982),  # -log sigmoid(0.1 (1/5 + 1/6))
+  # f-DPO (Wang et al. 2023, arXiv:2309.16240, Table 1); the alpha row is alpha_paper = 0.5 = TRL's coef 0.5.
+  ("trl.sigmoid", {"f_divergence_type": "forward_kl"}, 0.582517),
+  ("trl.sigmoid", {"f_divergence_type": "js_divergence"}, 0.644397),
+  ("trl.sigmoid", {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.5}, 0.594349),
+  # LD-DPO at ld_alpha = 0.5, uniform tokens: shared length 5, the rejected's 6th token counts half:
+  # policy -10 - 1 = -11, reference -55/6 - 11/12 = -121/12, so lr_l = -11/12 and rho = 23/12 = 1.916667.
+  ("trl.sigmoid", {"ld_alpha": 0.5}, 0.601899),
+  ("ld_dpo", {"ld_alpha": 0.5}, 0.601899),
+  ("f_dpo", {"f_divergence_type": "forward_kl"}, 0.582517),
+  ("f_dpo", {"f_divergence_type": "js_divergence"}, 0.644397),
+  ("f_dpo", {"f_divergence_type": "alpha_divergence", "alpha": 0.5}, 0.594349),
 ]
 
 
@@ -106,8 +106,9 @@ def test_golden_wpo_hand_derived():
   # per-sequence weight is e^{0.5}, the pair weight e^{1}, so WPO = e * 0.598139... .
   c_tok, c_mask = _uniform((-2.0, 5))
   r_tok, r_mask = _uniform((-2.0, 6))
-  policy = pofx.PairLogps.from_tokens(c_tok, c_mask, r_tok, r_mask, chosen_log_sum_sq_probs=c_tok - 0.5,
-                                      rejected_log_sum_sq_probs=r_tok - 0.5)
+  policy = pofx.PairLogps.from_tokens(
+    c_tok, c_mask, r_tok, r_mask, chosen_log_sum_sq_probs=c_tok - 0.5, rejected_log_sum_sq_probs=r_tok - 0.5
+  )
   dpo = math.log1p(math.exp(-0.2))
   _close(pofx.losses.get("wpo")(policy, EX_REFERENCE)[0], math.e * dpo)
 
@@ -134,10 +135,20 @@ def random_batch(seed=0):
   cm, rm = _mask(C_LENS), _mask(R_LENS)
   # Garbage on padding: pofx must ignore it.
   c_pad, r_pad = np.where(cm > 0, c, np.nan), np.where(rm > 0, r, -np.inf)
-  policy = pofx.PairLogps.from_tokens(c_pad, cm, r_pad, rm, chosen_log_sum_sq_probs=c_sq, rejected_log_sum_sq_probs=r_sq)
+  policy = pofx.PairLogps.from_tokens(
+    c_pad, cm, r_pad, rm, chosen_log_sum_sq_probs=c_sq, rejected_log_sum_sq_probs=r_sq
+  )
   reference = pofx.PairLogps.from_tokens(rc, cm, rr, rm)
-  raw = dict(c=c.astype(np.float64) * cm, r=r.astype(np.float64) * rm, rc=rc.astype(np.float64) * cm,
-             rr=rr.astype(np.float64) * rm, c_sq=c_sq.astype(np.float64), r_sq=r_sq.astype(np.float64), cm=cm, rm=rm)
+  raw = dict(
+    c=c.astype(np.float64) * cm,
+    r=r.astype(np.float64) * rm,
+    rc=rc.astype(np.float64) * cm,
+    rr=rr.astype(np.float64) * rm,
+    c_sq=c_sq.astype(np.float64),
+    r_sq=r_sq.astype(np.float64),
+    cm=cm,
+    rm=rm,
+  )
   return policy, reference, raw
 
 
@@ -182,21 +193,21 @@ def np_loss(loss_type, raw, beta=0.1, f="reverse_kl", coef=0.5, ld_alpha=None, e
   sw, sl = np_link(lw, f, coef), np_link(ll, f, coef)
   z = beta * (sw - sl)
   out = {
-      "sigmoid": lambda: -np_logsig(z),
-      "hinge": lambda: np.maximum(0.0, 1.0 - z),
-      "ipo": lambda: (sw / len_w - sl / len_l - 1.0 / (2.0 * beta)) ** 2,
-      "exo_pair": lambda: (np_sig(z) * (np_logsig(z) - np.log1p(-eps)) + np_sig(-z) * (np_logsig(-z) - np.log(eps))),
-      "nca_pair": lambda: -np_logsig(beta * lw) - 0.5 * np_logsig(-beta * lw) - 0.5 * np_logsig(-beta * ll),
-      "robust": lambda: (-(1 - eps) * np_logsig(z) + eps * np_logsig(-z)) / (1 - 2 * eps),
-      "bco_pair": lambda: -np_logsig(beta * lw) - np_logsig(-beta * ll),
-      "sppo_hard": lambda: (lw - 0.5 / beta) ** 2 + (ll + 0.5 / beta) ** 2,
-      "aot": lambda: _np_cdpo(beta * (np.sort(pw - pl) - np.sort(rw - rl)), eps),
-      "aot_unpaired": lambda: _np_cdpo(beta * (np.sort(lw) - np.sort(ll)), eps),
-      "apo_zero": lambda: (1 - np_sig(beta * lw)) + np_sig(beta * ll),
-      "apo_down": lambda: np_sig(beta * lw) + (1 - np_sig(beta * (lw - ll))),
-      "discopop": lambda: -np_logsig(z) * (1 - np_sig(z / tau)) + np.exp(-z) * np_sig(z / tau),
-      "sigmoid_norm": lambda: -np_logsig(beta * (sw / len_w - sl / len_l)),
-      "sft": lambda: np.full(B, -(raw["c"] * cm).sum() / cm.sum()),
+    "sigmoid": lambda: -np_logsig(z),
+    "hinge": lambda: np.maximum(0.0, 1.0 - z),
+    "ipo": lambda: (sw / len_w - sl / len_l - 1.0 / (2.0 * beta)) ** 2,
+    "exo_pair": lambda: np_sig(z) * (np_logsig(z) - np.log1p(-eps)) + np_sig(-z) * (np_logsig(-z) - np.log(eps)),
+    "nca_pair": lambda: -np_logsig(beta * lw) - 0.5 * np_logsig(-beta * lw) - 0.5 * np_logsig(-beta * ll),
+    "robust": lambda: (-(1 - eps) * np_logsig(z) + eps * np_logsig(-z)) / (1 - 2 * eps),
+    "bco_pair": lambda: -np_logsig(beta * lw) - np_logsig(-beta * ll),
+    "sppo_hard": lambda: (lw - 0.5 / beta) ** 2 + (ll + 0.5 / beta) ** 2,
+    "aot": lambda: _np_cdpo(beta * (np.sort(pw - pl) - np.sort(rw - rl)), eps),
+    "aot_unpaired": lambda: _np_cdpo(beta * (np.sort(lw) - np.sort(ll)), eps),
+    "apo_zero": lambda: (1 - np_sig(beta * lw)) + np_sig(beta * ll),
+    "apo_down": lambda: np_sig(beta * lw) + (1 - np_sig(beta * (lw - ll))),
+    "discopop": lambda: -np_logsig(z) * (1 - np_sig(z / tau)) + np.exp(-z) * np_sig(z / tau),
+    "sigmoid_norm": lambda: -np_logsig(beta * (sw / len_w - sl / len_l)),
+    "sft": lambda: np.full(B, -(raw["c"] * cm).sum() / cm.sum()),
   }[loss_type]()
   if use_weighting:
     weight = lambda tok, sq, m: np.exp(((tok - sq) * m).sum(1) / np.maximum(m.sum(1), 1.0))
@@ -210,8 +221,15 @@ def _np_cdpo(x, eps):
 
 def _pofx_kwargs(loss_type, cfg):
   """Our names for the numpy config, restricted to what the function takes."""
-  names = dict(beta="beta", f="f_divergence_type", coef="f_alpha_divergence_coef", ld_alpha="ld_alpha",
-               eps="label_smoothing", use_weighting="use_weighting", tau="discopop_tau")
+  names = dict(
+    beta="beta",
+    f="f_divergence_type",
+    coef="f_alpha_divergence_coef",
+    ld_alpha="ld_alpha",
+    eps="label_smoothing",
+    use_weighting="use_weighting",
+    tau="discopop_tau",
+  )
   accepted = pofx.losses.trl.spec(loss_type).hyperparameters
   kw = {names[k]: v for k, v in cfg.items()}
   assert set(kw) <= set(accepted), (loss_type, kw)
@@ -225,8 +243,12 @@ def _configs(loss_type):
   if loss_type not in ("aot", "aot_unpaired"):
     cfgs.append({**base, "use_weighting": True, "ld_alpha": 0.6})
   if loss_type in _trl.F_DIVERGENCE_LOSS_TYPES:
-    cfgs += [{**base, "f": "forward_kl"}, {**base, "f": "js_divergence"}, {**base, "f": "alpha_divergence", "coef": 0.3},
-             {**base, "f": "alpha_divergence", "coef": 1.8, "use_weighting": True}]
+    cfgs += [
+      {**base, "f": "forward_kl"},
+      {**base, "f": "js_divergence"},
+      {**base, "f": "alpha_divergence", "coef": 0.3},
+      {**base, "f": "alpha_divergence", "coef": 1.8, "use_weighting": True},
+    ]
   if loss_type == "discopop":
     cfgs += [{"tau": 0.5}, {"tau": 3.0}]
   return cfgs
@@ -250,19 +272,30 @@ def test_numpy_sft_batch_value():
   _close(pofx.losses.trl.batch_loss("sft", POLICY), np_loss("sft", RAW)[0])
 
 
-@pytest.mark.parametrize("loss_type,weights,cfg", [
+@pytest.mark.parametrize(
+  "loss_type,weights,cfg",
+  [
     (["sigmoid", "sft"], [1.0, 0.5], {}),
     (["sigmoid", "bco_pair", "sft"], None, {"ld_alpha": 0.5}),
     (["robust", "exo_pair", "ipo"], [0.2, 0.3, 0.5], {"eps": 0.1, "f": "js_divergence", "use_weighting": True}),
     (["aot", "apo_down"], [2.0, -1.0], {"eps": 0.2, "beta": 0.3}),
-])
+  ],
+)
 def test_numpy_trl_dpo_loss(loss_type, weights, cfg):
   w = [1.0] * len(loss_type) if weights is None else weights
   expected = sum(wk * np_loss(t, RAW, **cfg).mean() for t, wk in zip(loss_type, w))
-  names = dict(beta="beta", f="f_divergence_type", coef="f_alpha_divergence_coef", ld_alpha="ld_alpha",
-               eps="label_smoothing", use_weighting="use_weighting", tau="discopop_tau")
-  got = _trl.trl_dpo_loss(POLICY, REFERENCE, loss_type=loss_type, loss_weights=weights,
-                          **{names[k]: v for k, v in cfg.items()})
+  names = dict(
+    beta="beta",
+    f="f_divergence_type",
+    coef="f_alpha_divergence_coef",
+    ld_alpha="ld_alpha",
+    eps="label_smoothing",
+    use_weighting="use_weighting",
+    tau="discopop_tau",
+  )
+  got = _trl.trl_dpo_loss(
+    POLICY, REFERENCE, loss_type=loss_type, loss_weights=weights, **{names[k]: v for k, v in cfg.items()}
+  )
   chex.assert_shape(got, ())
   np.testing.assert_allclose(float(got), expected, rtol=2e-6, atol=1e-6)
 
@@ -271,8 +304,12 @@ def test_numpy_trl_dpo_loss(loss_type, weights, cfg):
 def test_trl_dpo_loss_single_equals_batch_loss(loss_type):
   kw = {"label_smoothing": 0.1} if loss_type in ("exo_pair", "robust") else {}
   ref = None if loss_type == "sft" else REFERENCE
-  np.testing.assert_allclose(float(_trl.trl_dpo_loss(POLICY, REFERENCE, loss_type=loss_type, **kw)),
-                             float(pofx.losses.trl.batch_loss(loss_type, POLICY, ref, **kw)), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+    float(_trl.trl_dpo_loss(POLICY, REFERENCE, loss_type=loss_type, **kw)),
+    float(pofx.losses.trl.batch_loss(loss_type, POLICY, ref, **kw)),
+    rtol=1e-6,
+    atol=1e-7,
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,18 +338,27 @@ def test_alpha_divergence_limits():
   dpo = pofx.losses.dpo(POLICY, REFERENCE)
   # TRL's coefficient 1 is reverse KL (its limit case); close to 1 it converges to it.
   _same(_trl.trl_sigmoid(POLICY, REFERENCE, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0), dpo)
-  _same(_trl.trl_sigmoid(POLICY, REFERENCE, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0 - 1e-3),
-        dpo, tol=1e-3)
+  _same(
+    _trl.trl_sigmoid(POLICY, REFERENCE, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0 - 1e-3),
+    dpo,
+    tol=1e-3,
+  )
   # TRL's coefficient 0 is forward KL: (e^{-lr} - 1)/(-1) = 1 - e^{-lr}.
-  _same(_trl.trl_sigmoid(POLICY, REFERENCE, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.0),
-        _trl.trl_sigmoid(POLICY, REFERENCE, f_divergence_type="forward_kl"))
+  _same(
+    _trl.trl_sigmoid(POLICY, REFERENCE, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.0),
+    _trl.trl_sigmoid(POLICY, REFERENCE, f_divergence_type="forward_kl"),
+  )
   # The paper's alpha = 1 - TRL's coefficient: f_dpo(alpha=0.2) == TRL coef 0.8; alpha = 0 is DPO.
   f_dpo = pofx.losses.get("f_dpo")
-  _same(f_dpo(POLICY, REFERENCE, f_divergence_type="alpha_divergence", alpha=0.2),
-        _trl.trl_sigmoid(POLICY, REFERENCE, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.8))
+  _same(
+    f_dpo(POLICY, REFERENCE, f_divergence_type="alpha_divergence", alpha=0.2),
+    _trl.trl_sigmoid(POLICY, REFERENCE, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.8),
+  )
   _same(f_dpo(POLICY, REFERENCE, f_divergence_type="alpha_divergence", alpha=0.0), dpo)
-  _same(f_dpo(POLICY, REFERENCE, f_divergence_type="alpha_divergence", alpha=1.0),
-        f_dpo(POLICY, REFERENCE, f_divergence_type="forward_kl"))
+  _same(
+    f_dpo(POLICY, REFERENCE, f_divergence_type="alpha_divergence", alpha=1.0),
+    f_dpo(POLICY, REFERENCE, f_divergence_type="forward_kl"),
+  )
 
 
 def test_paper_alpha_divergence_form():
@@ -367,7 +413,7 @@ def test_discopop_small_tau_switches_between_logistic_and_exponential():
 
 def test_wpo_unit_weights_is_dpo_and_weights_are_detached():
   c, r = POLICY.chosen_token_logps, POLICY.rejected_token_logps
-  unit = POLICY.replace(chosen_log_sum_sq_probs=c, rejected_log_sum_sq_probs=r)   # log p_t = log sum p^2: w = 1
+  unit = POLICY.replace(chosen_log_sum_sq_probs=c, rejected_log_sum_sq_probs=r)  # log p_t = log sum p^2: w = 1
   _same(pofx.losses.get("wpo")(unit, REFERENCE), pofx.losses.dpo(unit, REFERENCE))
   # The per-token arrays feed only the (detached) weights: no gradient flows into them.
   grads = jax.grad(lambda p: jnp.sum(pofx.losses.get("wpo")(p, REFERENCE)))(POLICY)
@@ -386,8 +432,9 @@ def test_use_weighting_equals_weights_times_loss():
 
 
 def test_combination_is_weighted_sum():
-  parts = [pofx.losses.trl.batch_loss(t, POLICY, None if t == "sft" else REFERENCE)
-           for t in ("sigmoid", "bco_pair", "sft")]
+  parts = [
+    pofx.losses.trl.batch_loss(t, POLICY, None if t == "sft" else REFERENCE) for t in ("sigmoid", "bco_pair", "sft")
+  ]
   mpo = _trl.trl_dpo_loss(POLICY, REFERENCE, loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0])
   _same(mpo, 0.8 * parts[0] + 0.2 * parts[1] + 1.0 * parts[2])
 
@@ -397,26 +444,29 @@ def test_combination_is_weighted_sum():
 # ----------------------------------------------------------------------------------------------
 
 BAD = [
-    ("trl.sigmoid", {"f_divergence_type": "kl"}, "f_divergence_type"),
-    ("f_dpo", {"f_divergence_type": "hellinger"}, "f_divergence_type"),
-    ("f_dpo", {"f_divergence_type": "alpha_divergence", "alpha": 1.5}, "alpha"),
-    ("trl.sigmoid", {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": float("nan")},
-     "f_alpha_divergence_coef"),
-    ("trl.robust", {"label_smoothing": 0.5}, "label_smoothing"),
-    ("trl.robust", {"label_smoothing": -0.1}, "label_smoothing"),
-    ("exo_pair", {"label_smoothing": 0.0}, "label_smoothing"),
-    ("exo_pair", {"label_smoothing": 1.0}, "label_smoothing"),
-    ("aot", {"label_smoothing": 0.6}, "label_smoothing"),
-    ("aot_unpaired", {"label_smoothing": -0.2}, "label_smoothing"),
-    ("trl.sigmoid", {"ld_alpha": -0.1}, "ld_alpha"),
-    ("ld_dpo", {"ld_alpha": 1.5}, "ld_alpha"),
-    ("ld_dpo", {"ld_alpha": None}, "ld_alpha"),
-    ("discopop", {"discopop_tau": 0.0}, "discopop_tau"),
-    ("trl.sigmoid", {"beta": 0.0}, "beta"),
-    ("sppo_hard", {"beta": -1.0}, "beta"),
-    ("trl.nca_pair", {"f_divergence_type": "js_divergence"}, "unknown argument"),   # TRL refuses f-div here
-    ("aot", {"use_weighting": True}, "unknown argument"),                           # TRL refuses WPO with aot
-    ("dpo", {"ld_alpha": 0.5}, "unknown argument"),                                 # modifiers: ld_dpo, wpo, f_dpo
+  ("trl.sigmoid", {"f_divergence_type": "kl"}, "f_divergence_type"),
+  ("f_dpo", {"f_divergence_type": "hellinger"}, "f_divergence_type"),
+  ("f_dpo", {"f_divergence_type": "alpha_divergence", "alpha": 1.5}, "alpha"),
+  (
+    "trl.sigmoid",
+    {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": float("nan")},
+    "f_alpha_divergence_coef",
+  ),
+  ("trl.robust", {"label_smoothing": 0.5}, "label_smoothing"),
+  ("trl.robust", {"label_smoothing": -0.1}, "label_smoothing"),
+  ("exo_pair", {"label_smoothing": 0.0}, "label_smoothing"),
+  ("exo_pair", {"label_smoothing": 1.0}, "label_smoothing"),
+  ("aot", {"label_smoothing": 0.6}, "label_smoothing"),
+  ("aot_unpaired", {"label_smoothing": -0.2}, "label_smoothing"),
+  ("trl.sigmoid", {"ld_alpha": -0.1}, "ld_alpha"),
+  ("ld_dpo", {"ld_alpha": 1.5}, "ld_alpha"),
+  ("ld_dpo", {"ld_alpha": None}, "ld_alpha"),
+  ("discopop", {"discopop_tau": 0.0}, "discopop_tau"),
+  ("trl.sigmoid", {"beta": 0.0}, "beta"),
+  ("sppo_hard", {"beta": -1.0}, "beta"),
+  ("trl.nca_pair", {"f_divergence_type": "js_divergence"}, "unknown argument"),  # TRL refuses f-div here
+  ("aot", {"use_weighting": True}, "unknown argument"),  # TRL refuses WPO with aot
+  ("dpo", {"ld_alpha": 0.5}, "unknown argument"),  # modifiers: ld_dpo, wpo, f_dpo
 ]
 
 
@@ -426,7 +476,9 @@ def test_invalid_hyperparameters_raise(name, hyper, match):
     pofx.losses.batch_loss(name, POLICY, REFERENCE, **hyper)
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(loss_type="dpo"), "loss_type"),
     (dict(loss_type=[]), "loss_type"),
     (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), "loss_weights"),
@@ -434,24 +486,27 @@ def test_invalid_hyperparameters_raise(name, hyper, match):
     (dict(loss_type="aot", use_weighting=True), "use_weighting"),
     (dict(loss_type=["sigmoid", "aot_unpaired"], use_weighting=True), "use_weighting"),
     (dict(loss_type=["sigmoid", "sft"], use_weighting=True), "use_weighting"),
-    (dict(loss_type="exo_pair"), "label_smoothing"),                    # TRL's default 0.0 is refused for EXO
+    (dict(loss_type="exo_pair"), "label_smoothing"),  # TRL's default 0.0 is refused for EXO
     (dict(loss_type="robust", label_smoothing=0.7), "label_smoothing"),
     (dict(loss_type="sigmoid", ld_alpha=2.0), "ld_alpha"),
     (dict(loss_type="sigmoid", f_divergence_type="tv"), "f_divergence_type"),
-])
+  ],
+)
 def test_trl_dpo_loss_invalid(kwargs, match):
   with pytest.raises(ValueError, match=match):
     _trl.trl_dpo_loss(POLICY, REFERENCE, **kwargs)
 
 
 def test_missing_inputs_raise():
-  sums_only = pofx.PairLogps(chosen=POLICY.chosen, rejected=POLICY.rejected, chosen_len=POLICY.chosen_len,
-                             rejected_len=POLICY.rejected_len)
+  sums_only = pofx.PairLogps(
+    chosen=POLICY.chosen, rejected=POLICY.rejected, chosen_len=POLICY.chosen_len, rejected_len=POLICY.rejected_len
+  )
   with pytest.raises(ValueError, match="per-token"):
     pofx.losses.get("ld_dpo")(sums_only, REFERENCE, ld_alpha=0.5)
-  with pytest.raises(ValueError, match="per-token"):            # the reference needs tokens too for LD
-    pofx.losses.get("ld_dpo")(POLICY, pofx.PairLogps(chosen=REFERENCE.chosen, rejected=REFERENCE.rejected),
-                              ld_alpha=0.5)
+  with pytest.raises(ValueError, match="per-token"):  # the reference needs tokens too for LD
+    pofx.losses.get("ld_dpo")(
+      POLICY, pofx.PairLogps(chosen=REFERENCE.chosen, rejected=REFERENCE.rejected), ld_alpha=0.5
+    )
   with pytest.raises(ValueError, match="log_sum_sq_probs"):
     pofx.losses.get("wpo")(POLICY.replace(chosen_log_sum_sq_probs=None, rejected_log_sum_sq_probs=None), REFERENCE)
   with pytest.raises(ValueError, match="reference"):
@@ -466,20 +521,26 @@ def test_missing_inputs_raise():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cfg", [
+@pytest.mark.parametrize(
+  "cfg",
+  [
     dict(loss_type="sigmoid", f_divergence_type="forward_kl"),
     dict(loss_type="sigmoid", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.2),
     dict(loss_type="sigmoid", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.7),
     dict(loss_type="discopop", discopop_tau=2.0),
     dict(loss_type="exo_pair", label_smoothing=1e-3, f_divergence_type="js_divergence"),
     dict(loss_type=["ipo", "sigmoid_norm", "sft"], ld_alpha=0.3),
-])
+  ],
+)
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_finite_at_extreme_margins_with_modifiers(cfg, sign):
   big = 1e4 * sign
-  policy = POLICY.replace(chosen=POLICY.chosen + big, rejected=POLICY.rejected - big,
-                          chosen_token_logps=POLICY.chosen_token_logps.at[:, 0].add(big),
-                          rejected_token_logps=POLICY.rejected_token_logps.at[:, 0].add(-big))
+  policy = POLICY.replace(
+    chosen=POLICY.chosen + big,
+    rejected=POLICY.rejected - big,
+    chosen_token_logps=POLICY.chosen_token_logps.at[:, 0].add(big),
+    rejected_token_logps=POLICY.rejected_token_logps.at[:, 0].add(-big),
+  )
   value, grads = jax.value_and_grad(lambda p: _trl.trl_dpo_loss(p, REFERENCE, **cfg))(policy)
   assert np.isfinite(float(value))
   chex.assert_tree_all_finite(grads)
@@ -495,7 +556,7 @@ def test_registered_names_and_metadata():
   for loss_type in _trl.TRL_LOSS_TYPES:
     spec = pofx.losses.trl.spec(loss_type)
     assert spec.family == "trl" and spec.name == f"trl.{loss_type}"
-    assert pofx.losses.spec(spec.name) is spec                     # the qualified name round-trips
+    assert pofx.losses.spec(spec.name) is spec  # the qualified name round-trips
   for name in ("ld_dpo", "wpo", "f_dpo"):
     assert pofx.losses.spec(name).family == "trl"
   for name in (pofx.losses.spec("sft"), pofx.losses.trl.spec("sft")):
@@ -511,21 +572,21 @@ def test_registered_names_and_metadata():
 # TRL loss_type -> (canonical name, the canonical hyperparameters that give TRL's defaults). The
 # table of the `pofx.losses` docstring; each row is a formula identity checked on the random batch.
 TRL_TO_CANONICAL = {
-    "sigmoid": ("dpo", {}),
-    "hinge": ("slic", {}),
-    "ipo": ("ipo", {}),
-    "exo_pair": ("exo_pair", {"label_smoothing": 0.05}),
-    "nca_pair": ("nca", {}),
-    "robust": ("robust_dpo", {"eps": 0.0}),                 # TRL's label_smoothing defaults to 0.0
-    "bco_pair": ("bco_pair", {}),
-    "sppo_hard": ("sppo_hard", {}),
-    "aot": ("aot", {}),
-    "aot_unpaired": ("aot_unpaired", {}),
-    "apo_zero": ("apo_zero", {}),
-    "apo_down": ("apo_down", {}),
-    "discopop": ("discopop", {}),
-    "sft": ("sft", {}),
-    "sigmoid_norm": ("ln_dpo", {"beta": 0.1}),              # ln_dpo has no default beta; TRL's is 0.1
+  "sigmoid": ("dpo", {}),
+  "hinge": ("slic", {}),
+  "ipo": ("ipo", {}),
+  "exo_pair": ("exo_pair", {"label_smoothing": 0.05}),
+  "nca_pair": ("nca", {}),
+  "robust": ("robust_dpo", {"eps": 0.0}),  # TRL's label_smoothing defaults to 0.0
+  "bco_pair": ("bco_pair", {}),
+  "sppo_hard": ("sppo_hard", {}),
+  "aot": ("aot", {}),
+  "aot_unpaired": ("aot_unpaired", {}),
+  "apo_zero": ("apo_zero", {}),
+  "apo_down": ("apo_down", {}),
+  "discopop": ("discopop", {}),
+  "sft": ("sft", {}),
+  "sigmoid_norm": ("ln_dpo", {"beta": 0.1}),  # ln_dpo has no default beta; TRL's is 0.1
 }
 
 
@@ -541,11 +602,17 @@ def test_trl_name_is_its_canonical_formula(loss_type):
   canonical, hyper = TRL_TO_CANONICAL[loss_type]
   trl_hyper = {"label_smoothing": 0.05} if loss_type == "exo_pair" else {}
   reference = None if loss_type == "sft" else REFERENCE
-  _same(pofx.losses.trl.get(loss_type)(POLICY, reference, **trl_hyper),
-        pofx.losses.get(canonical)(POLICY, reference, **hyper), tol=2e-6)
+  _same(
+    pofx.losses.trl.get(loss_type)(POLICY, reference, **trl_hyper),
+    pofx.losses.get(canonical)(POLICY, reference, **hyper),
+    tol=2e-6,
+  )
   for beta in (0.3,) if "beta" in pofx.losses.spec(canonical).hyperparameters else ():
-    _same(pofx.losses.trl.get(loss_type)(POLICY, reference, **{**trl_hyper, "beta": beta}),
-          pofx.losses.get(canonical)(POLICY, reference, **{**hyper, "beta": beta}), tol=2e-6)
+    _same(
+      pofx.losses.trl.get(loss_type)(POLICY, reference, **{**trl_hyper, "beta": beta}),
+      pofx.losses.get(canonical)(POLICY, reference, **{**hyper, "beta": beta}),
+      tol=2e-6,
+    )
 
 
 def test_trl_names_that_differ_are_not_canonical():

@@ -28,7 +28,7 @@ from pofx.losses import _trl
 
 V, PAD = 11, 0
 PROMPT_LENS = [3, 1, 4, 2, 5]
-CHOSEN_LENS = [4, 1, 6, 3, 5]     # unequal to the rejected lengths in 4 of the 5 pairs
+CHOSEN_LENS = [4, 1, 6, 3, 5]  # unequal to the rejected lengths in 4 of the 5 pairs
 REJECTED_LENS = [2, 5, 6, 7, 1]
 B = len(PROMPT_LENS)
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -49,16 +49,18 @@ class StubLM(torch.nn.Module):
     logp = torch.log_softmax(logits, dim=-1)
     zero = lambda x: x.masked_fill(~mask, 0)
     return FusedCausalLMOutput(
-        log_probs=zero(torch.gather(logp, -1, targets.clamp(min=0)[..., None])[..., 0]),
-        entropy=zero(-(logp.exp() * logp).sum(-1)).detach(),
-        log_sum_sq_probs=zero(torch.logsumexp(2.0 * logp, dim=-1)).detach(),
-        mean_logits=zero(logits.mean(-1)).detach(),
-        is_top1=(logits.argmax(-1) == targets) & mask,
-        label_mask=mask)
+      log_probs=zero(torch.gather(logp, -1, targets.clamp(min=0)[..., None])[..., 0]),
+      entropy=zero(-(logp.exp() * logp).sum(-1)).detach(),
+      log_sum_sq_probs=zero(torch.logsumexp(2.0 * logp, dim=-1)).detach(),
+      mean_logits=zero(logits.mean(-1)).detach(),
+      is_top1=(logits.argmax(-1) == targets) & mask,
+      label_mask=mask,
+    )
 
 
 class _Accelerator:
   """The few accelerate.Accelerator members `_compute_loss` uses, on one CPU process."""
+
   device = torch.device("cpu")
 
   def gather_for_metrics(self, x):
@@ -73,8 +75,10 @@ class _Accelerator:
 def _data(seed=0):
   rng = np.random.default_rng(seed)
   tok = lambda n: [int(t) for t in rng.integers(1, V, n)]
-  examples = [dict(prompt_ids=tok(p), chosen_ids=tok(c), rejected_ids=tok(r))
-              for p, c, r in zip(PROMPT_LENS, CHOSEN_LENS, REJECTED_LENS)]
+  examples = [
+    dict(prompt_ids=tok(p), chosen_ids=tok(c), rejected_ids=tok(r))
+    for p, c, r in zip(PROMPT_LENS, CHOSEN_LENS, REJECTED_LENS)
+  ]
   inputs = DataCollatorForPreference(pad_token_id=PAD)(examples, return_tensors="pt")
   length = inputs["input_ids"].shape[1]
   policy_logits = rng.normal(0.0, 2.0, (2 * B, length, V)).astype(np.float32)
@@ -107,8 +111,13 @@ def _pofx_pairs(examples, logits, width_pad=(2, 1)):
         mask[i, k] = 1.0
     sides[side] = (tok, mask, sq)
   return pofx.PairLogps.from_tokens(
-      sides["chosen"][0], sides["chosen"][1], sides["rejected"][0], sides["rejected"][1],
-      chosen_log_sum_sq_probs=sides["chosen"][2], rejected_log_sum_sq_probs=sides["rejected"][2])
+    sides["chosen"][0],
+    sides["chosen"][1],
+    sides["rejected"][0],
+    sides["rejected"][1],
+    chosen_log_sum_sq_probs=sides["chosen"][2],
+    rejected_log_sum_sq_probs=sides["rejected"][2],
+  )
 
 
 EXAMPLES, INPUTS, POLICY_LOGITS, REF_LOGITS = _data()
@@ -120,8 +129,14 @@ def trl_value(loss_type, ref_path="precomputed", **config):
   """TRL 1.16's `_compute_loss` on the shared batch, the trainer set up as `DPOTrainer.__init__` does."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    args = DPOConfig(output_dir="/tmp/pofx_trl_parity", bf16=False, report_to=[], loss_type=loss_type,
-                     precompute_ref_log_probs=(ref_path == "precomputed"), **config)
+    args = DPOConfig(
+      output_dir="/tmp/pofx_trl_parity",
+      bf16=False,
+      report_to=[],
+      loss_type=loss_type,
+      precompute_ref_log_probs=(ref_path == "precomputed"),
+      **config,
+    )
   trainer = object.__new__(DPOTrainer)
   trainer.args = args
   trainer.model = StubLM(POLICY_LOGITS)
@@ -167,8 +182,9 @@ def check_parity(loss_type, ref_path="precomputed", **config):
     single = float(pofx.losses.trl.batch_loss(loss_type, POLICY, reference, **hyper))
     np.testing.assert_allclose(single, expected, **TOL)
     # The same value under the qualified name that the training program's train.loss reads.
-    np.testing.assert_allclose(float(pofx.losses.batch_loss(f"trl.{loss_type}", POLICY, reference, **hyper)), single,
-                               rtol=1e-7, atol=0.0)
+    np.testing.assert_allclose(
+      float(pofx.losses.batch_loss(f"trl.{loss_type}", POLICY, reference, **hyper)), single, rtol=1e-7, atol=0.0
+    )
   return expected
 
 
@@ -181,10 +197,13 @@ def test_batch_layout():
   assert cm.shape[0] == 2 * B
   np.testing.assert_array_equal(cm[:B].sum(1), CHOSEN_LENS)
   np.testing.assert_array_equal(cm[B:].sum(1), REJECTED_LENS)
-  assert (INPUTS["attention_mask"].numpy() == 0).any()                 # right padding present
+  assert (INPUTS["attention_mask"].numpy() == 0).any()  # right padding present
   assert np.any(np.array(CHOSEN_LENS) != np.array(REJECTED_LENS))
-  out = StubLM(POLICY_LOGITS)(INPUTS["input_ids"], labels=INPUTS["input_ids"].masked_fill(INPUTS["completion_mask"] == 0, -100),
-                              fused_lm_head=True)
+  out = StubLM(POLICY_LOGITS)(
+    INPUTS["input_ids"],
+    labels=INPUTS["input_ids"].masked_fill(INPUTS["completion_mask"] == 0, -100),
+    fused_lm_head=True,
+  )
   sums = out.log_probs.detach().numpy().sum(1)
   np.testing.assert_allclose(sums[:B], np.asarray(POLICY.chosen), **TOL)
   np.testing.assert_allclose(sums[B:], np.asarray(POLICY.rejected), **TOL)
@@ -201,15 +220,24 @@ def test_exo_pair(label_smoothing):
   check_parity("exo_pair", label_smoothing=label_smoothing)
 
 
-@pytest.mark.parametrize("loss_type,label_smoothing", [
-    ("robust", 0.1), ("robust", 0.3), ("aot", 0.1), ("aot", 0.4), ("aot_unpaired", 0.25)])
+@pytest.mark.parametrize(
+  "loss_type,label_smoothing", [("robust", 0.1), ("robust", 0.3), ("aot", 0.1), ("aot", 0.4), ("aot_unpaired", 0.25)]
+)
 def test_label_smoothing(loss_type, label_smoothing):
   check_parity(loss_type, label_smoothing=label_smoothing)
 
 
-@pytest.mark.parametrize("f_divergence_type,coef", [
-    ("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.5), ("alpha_divergence", 0.2),
-    ("alpha_divergence", 1.0), ("alpha_divergence", 1.6)])
+@pytest.mark.parametrize(
+  "f_divergence_type,coef",
+  [
+    ("forward_kl", 0.5),
+    ("js_divergence", 0.5),
+    ("alpha_divergence", 0.5),
+    ("alpha_divergence", 0.2),
+    ("alpha_divergence", 1.0),
+    ("alpha_divergence", 1.6),
+  ],
+)
 @pytest.mark.parametrize("loss_type", sorted(_trl.F_DIVERGENCE_LOSS_TYPES))
 def test_f_divergence(loss_type, f_divergence_type, coef):
   extra = {"label_smoothing": 0.1} if loss_type in ("exo_pair", "robust") else {}
@@ -246,20 +274,32 @@ def test_beta(loss_type):
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "sigmoid_norm", "discopop"])
 def test_modifiers_together(loss_type):
-  check_parity(loss_type, "ref_model", beta=0.3, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3,
-               ld_alpha=0.6, use_weighting=True)
+  check_parity(
+    loss_type,
+    "ref_model",
+    beta=0.3,
+    f_divergence_type="alpha_divergence",
+    f_alpha_divergence_coef=0.3,
+    ld_alpha=0.6,
+    use_weighting=True,
+  )
 
 
-@pytest.mark.parametrize("loss_type,config", [
+@pytest.mark.parametrize(
+  "loss_type,config",
+  [
     (["sigmoid", "sft"], dict(loss_weights=[1.0, 0.5])),
     (["sigmoid", "bco_pair", "sft"], {}),
-    (["sigmoid", "bco_pair", "sft"], dict(loss_weights=[0.8, 0.2, 1.0])),                          # MPO
+    (["sigmoid", "bco_pair", "sft"], dict(loss_weights=[0.8, 0.2, 1.0])),  # MPO
     (["apo_zero", "ipo", "sft"], dict(loss_weights=[0.3, 0.2, 1.0], ld_alpha=0.5)),
     (["apo_zero", "ipo", "discopop"], dict(loss_weights=[0.3, 0.2, 1.0], use_weighting=True, ld_alpha=0.5)),
-    (["robust", "exo_pair", "hinge", "sft"], dict(loss_weights=[1.0, 0.5, 0.25, 2.0], label_smoothing=0.1,
-                                                 f_divergence_type="js_divergence")),
+    (
+      ["robust", "exo_pair", "hinge", "sft"],
+      dict(loss_weights=[1.0, 0.5, 0.25, 2.0], label_smoothing=0.1, f_divergence_type="js_divergence"),
+    ),
     (["aot", "aot_unpaired", "nca_pair"], dict(label_smoothing=0.1, beta=0.2)),
-])
+  ],
+)
 def test_loss_type_lists(loss_type, config):
   check_parity(loss_type, **config)
 

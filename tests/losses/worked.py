@@ -21,5 +21,7 @@ def arr(*x):
 
 def example(pi_w=-10.0):
   """(policy, reference) of the worked example: pi_w (default -10), pi_l -12, ref -11/-11, lengths 5/6."""
-  return (pofx.PairLogps(arr(pi_w), arr(-12.0), arr(5.0), arr(6.0)),
-          pofx.PairLogps(arr(-11.0), arr(-11.0), arr(5.0), arr(6.0)))
+  return (
+    pofx.PairLogps(arr(pi_w), arr(-12.0), arr(5.0), arr(6.0)),
+    pofx.PairLogps(arr(-11.0), arr(-11.0), arr(5.0), arr(6.0)),
+  )

@@ -68,7 +68,7 @@ def test_bad_config_raises():
     llama.tiny(num_kv_heads=3)
   with pytest.raises(ValueError, match="dtype"):
     llama.tiny(dtype="float64x")
-  for removed in ("attention_impl", "attention_block", "matmul", "blas"):   # kernels are injected instead
+  for removed in ("attention_impl", "attention_block", "matmul", "blas"):  # kernels are injected instead
     with pytest.raises(TypeError, match=removed):
       llama.tiny(**{removed: "xla"})
   with pytest.raises(ValueError, match="remat_policy"):
@@ -77,8 +77,9 @@ def test_bad_config_raises():
     llama.preset("7b")
   with pytest.raises(ValueError, match="B, L"):
     cfg, params = llama.tiny(), None
-    llama.apply_fn(params, jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 4), jnp.int32),
-                   jnp.ones((2, 3), jnp.int32), config=cfg)
+    llama.apply_fn(
+      params, jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 4), jnp.int32), jnp.ones((2, 3), jnp.int32), config=cfg
+    )
 
 
 @pytest.mark.parametrize("variant", ["untied", "tied_llama3_rope"])
@@ -91,19 +92,34 @@ def test_matches_hugging_face_llama(variant):
   else:
     # head_dim set explicitly (16 != 32 / 4), short original context so that all three Llama 3
     # frequency regimes (kept, interpolated, divided) occur.
-    cfg = llama.tiny(tie_embeddings=True, head_dim=16, rope_theta=500.0, rope_scaling=(4.0, 1.0, 4.0, 64),
-                     rms_norm_eps=1e-5)
-    rope = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 4.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    cfg = llama.tiny(
+      tie_embeddings=True, head_dim=16, rope_theta=500.0, rope_scaling=(4.0, 1.0, 4.0, 64), rms_norm_eps=1e-5
+    )
+    rope = {
+      "rope_type": "llama3",
+      "rope_theta": 500.0,
+      "factor": 4.0,
+      "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 64,
+    }
   hf_cfg = transformers.LlamaConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-      intermediate_size=cfg.mlp_size, head_dim=cfg.resolved_head_dim, rms_norm_eps=cfg.rms_norm_eps,
-      tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope, max_position_embeddings=512,
-      attn_implementation="eager")
+    vocab_size=cfg.vocab_size,
+    hidden_size=cfg.hidden_size,
+    num_hidden_layers=cfg.num_layers,
+    num_attention_heads=cfg.num_heads,
+    num_key_value_heads=cfg.num_kv_heads,
+    intermediate_size=cfg.mlp_size,
+    head_dim=cfg.resolved_head_dim,
+    rms_norm_eps=cfg.rms_norm_eps,
+    tie_word_embeddings=cfg.tie_embeddings,
+    rope_parameters=rope,
+    max_position_embeddings=512,
+    attn_implementation="eager",
+  )
   torch.manual_seed(0)
   model = transformers.LlamaForCausalLM(hf_cfg).float().eval()
-  with torch.no_grad():   # norms are ones at init: make them matter
+  with torch.no_grad():  # norms are ones at init: make them matter
     for name, p in model.named_parameters():
       if name.endswith("norm.weight"):
         p.add_(0.3 * torch.randn_like(p))
@@ -117,8 +133,7 @@ def test_matches_hugging_face_llama(variant):
   positions = np.stack([np.arange(L), np.arange(L) + 100])
   with torch.no_grad():
     ref = model(input_ids=torch.tensor(tokens), position_ids=torch.tensor(positions)).logits.numpy()
-  got = llama.logits_fn(params, jnp.asarray(tokens), jnp.asarray(positions),
-                        jnp.ones((B, L), jnp.int32), config=cfg)
+  got = llama.logits_fn(params, jnp.asarray(tokens), jnp.asarray(positions), jnp.ones((B, L), jnp.int32), config=cfg)
   np.testing.assert_allclose(np.asarray(got), ref, atol=2e-5, rtol=1e-5)
 
 
@@ -132,19 +147,22 @@ def test_attention_mask_by_hand():
   # One row: prompt (2 tokens, branch 0) | chosen (2, branch 1) | rejected (1, branch 2) | pad.
   seg = np.array([[1, 1, 1, 1, 1, 0]])
   br = np.array([[0, 0, 1, 1, 2, 0]])
-  expected = np.array([
+  expected = np.array(
+    [
       [1, 0, 0, 0, 0, 0],
       [1, 1, 0, 0, 0, 0],
       [1, 1, 1, 0, 0, 0],
       [1, 1, 1, 1, 0, 0],
-      [1, 1, 0, 0, 1, 0],   # rejected sees the prompt and itself, not the chosen tokens
-      [0, 0, 0, 0, 0, 1],   # padding sees only padding
-  ], bool)
+      [1, 1, 0, 0, 1, 0],  # rejected sees the prompt and itself, not the chosen tokens
+      [0, 0, 0, 0, 0, 1],  # padding sees only padding
+    ],
+    bool,
+  )
   np.testing.assert_array_equal(np.asarray(kernels_lib.attention_mask(seg, br))[0], expected)
   no_branch = np.tril(np.ones((6, 6), bool))
   no_branch[5, :5] = False
   np.testing.assert_array_equal(np.asarray(kernels_lib.attention_mask(seg))[0], no_branch)
-  assert llama.attention_mask is kernels_lib.attention_mask   # the model's name for the same rule
+  assert llama.attention_mask is kernels_lib.attention_mask  # the model's name for the same rule
 
 
 def test_segments_are_isolated(tiny_params):
@@ -167,6 +185,7 @@ def test_segments_are_isolated(tiny_params):
 def _loss(cfg, kernels=kernels_lib.XLA):
   def f(params, tokens, pos, seg):
     return jnp.sum(jnp.sin(llama.logits_fn(params, tokens, pos, seg, config=cfg, kernels=kernels)))
+
   return jax.jit(jax.value_and_grad(f))
 
 
@@ -176,11 +195,13 @@ def test_remat_and_xla_attention_match(tiny_params):
   tokens = rng.integers(0, cfg.vocab_size, (2, 9))
   seg = np.array([[1] * 9, [1] * 6 + [0] * 3])
   args = (params, tokens, _pos(2, 9), seg)
-  v0, g0 = _loss(cfg, _query_blocks(0))(*args)   # the reference: the full L x L product
-  for other, kernels in ((cfg.replace(remat=True), kernels_lib.XLA),
-                         (cfg.replace(remat=True, remat_policy="dots_saveable"), _query_blocks(4)),
-                         (cfg, _query_blocks(4)),       # causal query blocks: 3 blocks of <= 4 tokens
-                         (cfg, kernels_lib.XLA)):
+  v0, g0 = _loss(cfg, _query_blocks(0))(*args)  # the reference: the full L x L product
+  for other, kernels in (
+    (cfg.replace(remat=True), kernels_lib.XLA),
+    (cfg.replace(remat=True, remat_policy="dots_saveable"), _query_blocks(4)),
+    (cfg, _query_blocks(4)),  # causal query blocks: 3 blocks of <= 4 tokens
+    (cfg, kernels_lib.XLA),
+  ):
     v1, g1 = _loss(other, kernels)(*args)
     np.testing.assert_allclose(v1, v0, rtol=1e-5)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5), g1, g0)

@@ -60,8 +60,11 @@ BLAS_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++17")
 # (cblas_sgemm's name, whether its integers are 64-bit) in the scipy-openblas builds numpy and
 # scipy bundle: numpy's is ILP64 (suffix 64_), scipy's LP64.
 _SGEMM_SYMBOLS = (("scipy_cblas_sgemm64_", True), ("scipy_cblas_sgemm", False))
-_SET_LOCAL_SYMBOLS = ("openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local64_",
-                      "scipy_openblas_set_num_threads_local")
+_SET_LOCAL_SYMBOLS = (
+  "openblas_set_num_threads_local",
+  "scipy_openblas_set_num_threads_local64_",
+  "scipy_openblas_set_num_threads_local",
+)
 # The BLAS libraries `dense` / `matmul` can call; the position is the FFI attribute `library`.
 BLAS_LIBRARIES = ("openblas", "mkl")
 # mkl_service.h: MKL_THREADING_SEQUENTIAL, MKL_INTERFACE_LP64 / ILP64.
@@ -110,8 +113,11 @@ def available() -> bool:
 def _writable_cache_dir() -> str:
   """`~/.cache/pofx/native`, or a per-user folder in the temporary directory if that is not writable."""
   import tempfile  # pylint: disable=g-import-not-at-top
-  for d in (os.path.join(os.path.expanduser("~"), ".cache", "pofx", "native"),
-            os.path.join(tempfile.gettempdir(), f"pofx-native-{os.getuid()}")):
+
+  for d in (
+    os.path.join(os.path.expanduser("~"), ".cache", "pofx", "native"),
+    os.path.join(tempfile.gettempdir(), f"pofx-native-{os.getuid()}"),
+  ):
     try:
       os.makedirs(d, exist_ok=True)
       if os.access(d, os.W_OK):
@@ -125,8 +131,9 @@ def _build(name, sources, flags, cache_dir=None) -> str:
   """Compiles `sources` into `<cache>/lib<name>_<key>.so` unless already there; returns the path."""
   cxx = _compiler()
   if cxx is None:
-    raise NativeUnavailable("the native kernels are compiled on first use and no C++ compiler was found "
-                            "($CXX, g++, c++)")
+    raise NativeUnavailable(
+      "the native kernels are compiled on first use and no C++ compiler was found ($CXX, g++, c++)"
+    )
   digest = hashlib.sha256()
   for source in sources:
     with open(source, "rb") as f:
@@ -168,10 +175,12 @@ def _numpy_openblas():
   """`(path, sgemm address, ILP64?, set_num_threads_local address)` of the OpenBLAS numpy loaded,
   or a string saying why there is none."""
   import numpy  # pylint: disable=g-import-not-at-top,unused-import  (loads its BLAS)
+
   try:
     with open("/proc/self/maps") as f:
-      paths = sorted({line.split()[-1] for line in f
-                      if "openblas" in line.rsplit("/", 1)[-1].lower() and ".so" in line})
+      paths = sorted(
+        {line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower() and ".so" in line}
+      )
   except OSError:
     return "it finds numpy's OpenBLAS through /proc/self/maps, which this system does not have"
   for path in paths:
@@ -182,10 +191,14 @@ def _numpy_openblas():
       address = lambda n: ctypes.cast(getattr(lib, n), ctypes.c_void_p).value
       return path, address(sgemm[0]), sgemm[1], address(set_local)
   if not paths:
-    return ("it calls the OpenBLAS that numpy's PyPI wheels bundle (scipy-openblas), and this numpy "
-            f"({numpy.__version__}) loaded none")
-  return (f"numpy's OpenBLAS ({', '.join(paths)}) lacks scipy_cblas_sgemm[64_] or "
-          "openblas_set_num_threads_local (recent scipy-openblas releases export both)")
+    return (
+      "it calls the OpenBLAS that numpy's PyPI wheels bundle (scipy-openblas), and this numpy "
+      f"({numpy.__version__}) loaded none"
+    )
+  return (
+    f"numpy's OpenBLAS ({', '.join(paths)}) lacks scipy_cblas_sgemm[64_] or "
+    "openblas_set_num_threads_local (recent scipy-openblas releases export both)"
+  )
 
 
 @functools.cache
@@ -204,8 +217,10 @@ def _mkl():
   system = ctypes.util.find_library("mkl_rt")
   paths += [system] if system else []
   if not paths:
-    return (f"Intel MKL was not found: no libmkl_rt.so* in {os.path.join(sys.prefix, 'lib')} or on the library "
-            "path (pip install mkl, or pofx[mkl])")
+    return (
+      f"Intel MKL was not found: no libmkl_rt.so* in {os.path.join(sys.prefix, 'lib')} or on the library "
+      "path (pip install mkl, or pofx[mkl])"
+    )
   errors = []
   for path in paths:
     try:
@@ -213,12 +228,14 @@ def _mkl():
     except OSError as e:
       errors.append(f"{path}: {e}")
       continue
-    if not all(hasattr(lib, n) for n in ("cblas_sgemm", "MKL_Set_Num_Threads_Local", "MKL_Set_Threading_Layer",
-                                         "MKL_Set_Interface_Layer")):
+    if not all(
+      hasattr(lib, n)
+      for n in ("cblas_sgemm", "MKL_Set_Num_Threads_Local", "MKL_Set_Threading_Layer", "MKL_Set_Interface_Layer")
+    ):
       errors.append(f"{path} lacks cblas_sgemm or MKL's service functions")
       continue
     lib.MKL_Set_Threading_Layer(_MKL_THREADING_SEQUENTIAL)
-    layer = lib.MKL_Set_Interface_Layer(_MKL_INTERFACE_LP64)   # returns the layer in force
+    layer = lib.MKL_Set_Interface_Layer(_MKL_INTERFACE_LP64)  # returns the layer in force
     if layer not in (_MKL_INTERFACE_LP64, _MKL_INTERFACE_ILP64):
       errors.append(f"{path}: unknown MKL interface layer {layer}")
       continue
@@ -238,8 +255,9 @@ def resolve_blas(library: str = "auto") -> str:
   """The BLAS `library` means here: itself, or for "auto" "mkl" when MKL is installed, else
   "openblas" (ValueError for an unknown name)."""
   if library not in ("auto",) + BLAS_LIBRARIES:
-    raise ValueError(f"pofx_backends.cpu.native: unknown BLAS library {library!r}; allowed: "
-                     f"{('auto',) + BLAS_LIBRARIES}.")
+    raise ValueError(
+      f"pofx_backends.cpu.native: unknown BLAS library {library!r}; allowed: {('auto',) + BLAS_LIBRARIES}."
+    )
   if library != "auto":
     return library
   return "openblas" if isinstance(_mkl(), str) else "mkl"
@@ -274,8 +292,15 @@ def load_blas(cache_dir=None, library: str = "auto") -> str:
       lib = ctypes.cdll.LoadLibrary(_build("pofx_blas", (BLAS_SOURCE,), BLAS_FLAGS, cache_dir))
       jax.ffi.register_ffi_target("pofx_blas_matmul", jax.ffi.pycapsule(lib.PofxBlasMatmul), platform="cpu")
       _loaded["blas_lib"], _loaded["blas"] = lib, {}
-    if _loaded["blas_lib"].PofxSetBlas(ctypes.c_int(BLAS_LIBRARIES.index(name)), ctypes.c_void_p(sgemm),
-                                       ctypes.c_int(int(ilp64)), ctypes.c_void_p(set_local)) != 0:
+    if (
+      _loaded["blas_lib"].PofxSetBlas(
+        ctypes.c_int(BLAS_LIBRARIES.index(name)),
+        ctypes.c_void_p(sgemm),
+        ctypes.c_int(int(ilp64)),
+        ctypes.c_void_p(set_local),
+      )
+      != 0
+    ):
       raise NativeUnavailable(f"pofx_backends.cpu.native: the compiled BLAS wrapper does not know library {name!r}")
     _loaded["blas"][name] = blas_path
     return blas_path
@@ -292,11 +317,17 @@ def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False, librar
   m, k = (a.shape[1], a.shape[0]) if transpose_a else a.shape
   k2, n = (b.shape[1], b.shape[0]) if transpose_b else b.shape
   if k != k2:
-    raise ValueError(f"pofx_backends.cpu.native.matmul: contracting sizes differ: {a.shape}{'^T' * transpose_a} x "
-                     f"{b.shape}{'^T' * transpose_b}.")
+    raise ValueError(
+      f"pofx_backends.cpu.native.matmul: contracting sizes differ: {a.shape}{'^T' * transpose_a} x "
+      f"{b.shape}{'^T' * transpose_b}."
+    )
   return jax.ffi.ffi_call("pofx_blas_matmul", jax.ShapeDtypeStruct((m, n), jnp.float32))(
-      a.astype(jnp.float32), b.astype(jnp.float32), transpose_a=bool(transpose_a), transpose_b=bool(transpose_b),
-      library=np.int64(BLAS_LIBRARIES.index(name)))
+    a.astype(jnp.float32),
+    b.astype(jnp.float32),
+    transpose_a=bool(transpose_a),
+    transpose_b=bool(transpose_b),
+    library=np.int64(BLAS_LIBRARIES.index(name)),
+  )
 
 
 def _product_now(a, b, transpose_a, transpose_b, all_products, library):
@@ -322,21 +353,22 @@ def _product_bwd(transpose_a, transpose_b, all_products, library, res, g):
   a, b = res
   mm = lambda x, y, tx, ty: _product_now(x, y, tx, ty, all_products, library)
   if transpose_a:
-    da = mm(b, g, True, True) if transpose_b else mm(b, g, False, True)     # (G B^T)^T = B G^T
+    da = mm(b, g, True, True) if transpose_b else mm(b, g, False, True)  # (G B^T)^T = B G^T
   else:
-    da = mm(g, b, False, False) if transpose_b else mm(g, b, False, True)   # G B^T
+    da = mm(g, b, False, False) if transpose_b else mm(g, b, False, True)  # G B^T
   if transpose_b:
-    db = mm(g, a, True, True) if transpose_a else mm(g, a, True, False)     # (A^T G)^T = G^T A
+    db = mm(g, a, True, True) if transpose_a else mm(g, a, True, False)  # (A^T G)^T = G^T A
   else:
-    db = mm(a, g, False, False) if transpose_a else mm(a, g, True, False)   # A^T G
+    db = mm(a, g, False, False) if transpose_a else mm(a, g, True, False)  # A^T G
   return da.astype(a.dtype), db.astype(b.dtype)
 
 
 _product.defvjp(_product_fwd, _product_bwd)
 
 
-def product(a, b, *, transpose_a: bool = False, transpose_b: bool = False, all_products: bool = False,
-            library: str = "auto"):
+def product(
+  a, b, *, transpose_a: bool = False, transpose_b: bool = False, all_products: bool = False, library: str = "auto"
+):
   """`op(a) @ op(b)` of 2-D arrays, differentiable, in a's dtype (float32 accumulation).
 
   Each of its three products (the forward one, and `dA = G B^T`, `dB = A^T G` of the backward,
@@ -349,8 +381,10 @@ def product(a, b, *, transpose_a: bool = False, transpose_b: bool = False, all_p
   k = a.shape[0] if transpose_a else a.shape[1]
   k2 = b.shape[1] if transpose_b else b.shape[0]
   if k != k2:
-    raise ValueError(f"pofx_backends.cpu.native.product: contracting sizes differ: {a.shape}{'^T' * transpose_a} x "
-                     f"{b.shape}{'^T' * transpose_b}.")
+    raise ValueError(
+      f"pofx_backends.cpu.native.product: contracting sizes differ: {a.shape}{'^T' * transpose_a} x "
+      f"{b.shape}{'^T' * transpose_b}."
+    )
   out = _product(a, b, bool(transpose_a), bool(transpose_b), bool(all_products), resolve_blas(library))
   return out.astype(a.dtype)
 
@@ -364,18 +398,32 @@ def dense(x, w, *, all_products: bool = False, library: str = "auto"):
   in `load_blas`. Same values as `jnp.dot` up to float32 summation order (`product` on the
   flattened leading axes)."""
   if w.ndim != 2 or x.shape[-1] != w.shape[0]:
-    raise ValueError(f"pofx_backends.cpu.native.dense: x {x.shape} and w {w.shape} do not multiply "
-                     "(x [..., D], w [D, F]).")
+    raise ValueError(
+      f"pofx_backends.cpu.native.dense: x {x.shape} and w {w.shape} do not multiply (x [..., D], w [D, F])."
+    )
   lead = x.shape[:-1]
   out = product(x.reshape(-1, x.shape[-1]), w, all_products=all_products, library=library)
   return out.reshape(*lead, w.shape[1])
 
 
 def _fwd_call(q, k, v, seg, br, query, key, cos, sin, rope, q_scale):
-  return jax.ffi.ffi_call("pofx_block_sparse_attention_fwd",
-                          (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(q.shape[:3], jnp.float32)))(
-      q, k, v, seg, br, query, key, cos, sin, block_size=np.int64(BLOCK_SIZE), rope=np.int64(rope),
-      q_scale=np.float32(q_scale))
+  return jax.ffi.ffi_call(
+    "pofx_block_sparse_attention_fwd",
+    (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(q.shape[:3], jnp.float32)),
+  )(
+    q,
+    k,
+    v,
+    seg,
+    br,
+    query,
+    key,
+    cos,
+    sin,
+    block_size=np.int64(BLOCK_SIZE),
+    rope=np.int64(rope),
+    q_scale=np.float32(q_scale),
+  )
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(9, 10))
@@ -391,11 +439,29 @@ def _attention_fwd(q, k, v, seg, br, query, key, cos, sin, rope, q_scale):
 def _attention_bwd(rope, q_scale, res, d_out):
   q, k, v, seg, br, query, key, cos, sin, out, lse = res
   dq, dk, dv = jax.ffi.ffi_call(
-      "pofx_block_sparse_attention_bwd",
-      (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
-       jax.ShapeDtypeStruct(v.shape, jnp.float32)))(
-          q, k, v, seg, br, query, key, cos, sin, out, lse, d_out.astype(jnp.float32), block_size=np.int64(BLOCK_SIZE),
-          rope=np.int64(rope), q_scale=np.float32(q_scale))
+    "pofx_block_sparse_attention_bwd",
+    (
+      jax.ShapeDtypeStruct(q.shape, jnp.float32),
+      jax.ShapeDtypeStruct(k.shape, jnp.float32),
+      jax.ShapeDtypeStruct(v.shape, jnp.float32),
+    ),
+  )(
+    q,
+    k,
+    v,
+    seg,
+    br,
+    query,
+    key,
+    cos,
+    sin,
+    out,
+    lse,
+    d_out.astype(jnp.float32),
+    block_size=np.int64(BLOCK_SIZE),
+    rope=np.int64(rope),
+    q_scale=np.float32(q_scale),
+  )
   zero = lambda x: np.zeros(x.shape, jax.dtypes.float0)
   # The rotary tables are functions of the positions only: no gradient flows to them.
   return dq, dk, dv, zero(seg), zero(br), zero(query), zero(key), jnp.zeros_like(cos), jnp.zeros_like(sin)
@@ -413,17 +479,29 @@ def block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks, *, rope=Non
   load()
   R, L, K, G, hd = q.shape
   if blocks.block_size != BLOCK_SIZE or hd not in HEAD_DIMS:
-    raise ValueError(f"native block-sparse attention supports block_size={BLOCK_SIZE} and a head dimension in "
-                     f"{HEAD_DIMS}; got block_size={blocks.block_size}, head dimension {hd} (the CPU backend's "
-                     "attention falls back to the XLA op for them).")
+    raise ValueError(
+      f"native block-sparse attention supports block_size={BLOCK_SIZE} and a head dimension in "
+      f"{HEAD_DIMS}; got block_size={blocks.block_size}, head dimension {hd} (the CPU backend's "
+      "attention falls back to the XLA op for them)."
+    )
   N = R * L
   seg = jnp.asarray(segment_ids, jnp.int32).reshape(N)
   br = jnp.zeros((N,), jnp.int32) if branch_ids is None else jnp.asarray(branch_ids, jnp.int32).reshape(N)
   if rope is None:
-    cos = sin = jnp.zeros((1, 1), jnp.float32)   # not read
+    cos = sin = jnp.zeros((1, 1), jnp.float32)  # not read
   else:
     cos, sin = (jnp.asarray(t, jnp.float32).reshape(N, hd // 2) for t in rope)
-  out = _attention(q.astype(jnp.float32).reshape(N, K, G, hd), k.astype(jnp.float32).reshape(N, K, hd),
-                   v.astype(jnp.float32).reshape(N, K, hd), seg, br, jnp.asarray(blocks.query_block, jnp.int32),
-                   jnp.asarray(blocks.key_block, jnp.int32), cos, sin, rope is not None, float(q_scale))
+  out = _attention(
+    q.astype(jnp.float32).reshape(N, K, G, hd),
+    k.astype(jnp.float32).reshape(N, K, hd),
+    v.astype(jnp.float32).reshape(N, K, hd),
+    seg,
+    br,
+    jnp.asarray(blocks.query_block, jnp.int32),
+    jnp.asarray(blocks.key_block, jnp.int32),
+    cos,
+    sin,
+    rope is not None,
+    float(q_scale),
+  )
   return out.reshape(R, L, K, G, hd).astype(q.dtype)
