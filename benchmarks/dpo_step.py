@@ -273,6 +273,12 @@ def parse(argv=None):
       setattr(a, name, value)
   if not 0 <= a.warmup < a.steps:
     raise SystemExit(f"dpo_step.py: --warmup must be in [0, --steps), got {a.warmup} with --steps {a.steps}.")
+  vocab = models.preset(a.preset).vocab_size
+  if vocab < VOCAB:
+    raise SystemExit(
+      f"dpo_step.py: --preset {a.preset} has a vocabulary of {vocab} tokens; the workload's token ids reach "
+      f"{VOCAB - 1}, so the preset needs vocab_size >= {VOCAB} (e.g. 'bench' or 'llama3_1b')."
+    )
   return a
 
 
