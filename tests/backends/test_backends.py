@@ -74,8 +74,7 @@ def test_names_are_validated_and_unavailable_backends_say_why():
     pofx_backends.kernels("auto")
   with pytest.raises(ValueError, match="takes no options"):
     pofx_backends.kernels("xla", blas="mkl")
-  assert jax.default_backend() == "cpu"  # this suite runs on JAX's CPU platform
-  for name in ("gpu", "tpu"):
+  for name in sorted({"gpu", "tpu"} - {jax.default_backend()}):  # on a device, its own backend can run
     reason = pofx_backends.unavailable_reason(name)
     assert isinstance(reason, str) and reason
     with pytest.raises(

@@ -174,6 +174,26 @@ def test_automatic_choice_falls_back_to_xla_where_cudnn_refuses(monkeypatch):
     gpu.kernels(implementation="cudnn").attention(q, k, v, mask, scale=scale)  # float32: never cuDNN's
 
 
+def test_automatic_choice_uses_the_core_attention_where_cudnn_does_not_apply(monkeypatch):
+  """float32 inputs never go to cuDNN: the automatic choice hands them, block list included, to the
+  core's `xla_attention` (rotary tables applied once, before), not to jax.nn's XLA path."""
+  q, k, v = _qkv(2, 12, 1, 2, 8, seed=6)
+  mask = _mask([SHARED, PACKED])
+  scale = kernels_lib.default_scale(8)
+  calls = []
+  core = kernels_lib.xla_attention
+
+  def spy(q, k, v, mask, *, scale, rope=None):
+    calls.append((mask, rope))
+    return core(q, k, v, mask, scale=scale, rope=rope)
+
+  monkeypatch.setattr(kernels_lib, "xla_attention", spy)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **kw: pytest.fail("jax.nn path taken"))
+  out = gpu.kernels().attention(q, k, v, mask, scale=scale)
+  assert len(calls) == 1 and calls[0] == (mask, None)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(core(q, k, v, mask, scale=scale)))
+
+
 @NEEDS_GPU
 @pytest.mark.parametrize("rows", [[FUSED, PACKED], [SHARED, SHARED]], ids=["fused+packed", "shared"])
 def test_cudnn_on_gpu(rows):
