@@ -18,7 +18,9 @@ Kernels (`pofx_backends`): the program first calls `pofx_backends.startup()` (on
 keeps freed memory for reuse; `--no_startup` skips it, e.g. when a launcher already set the
 allocator), then resolves `--kernels`: "auto" picks by measurement on the CPU, timing this
 benchmark's own step on a few of its batches with each candidate (`--auto_measure step`, the
-default) or the backend's short calibration (`--auto_measure calibration`). `--blas`,
+default) or the backend's short calibration (`--auto_measure calibration`). Each candidate is
+measured in a child process, so the timed process never holds the losing candidate's compiled
+step nor the heap its measurement left behind. `--blas`,
 `--products` and `--cpu_attention` are the CPU backend's options (`pofx_backends.cpu.kernels`).
 
 Model: the `bench` preset (hidden 256, 4 layers, 8 heads, 4 KV heads, MLP 688, vocab 4096,
@@ -46,6 +48,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -169,6 +172,7 @@ def parser():
     help="--kernels auto on the CPU: time this benchmark's step on a few of its batches with each "
     "candidate (step), or the backend's short calibration (calibration)",
   )
+  ap.add_argument("--measure_only", default=None, help=argparse.SUPPRESS)  # a child of --kernels auto
   ap.add_argument(
     "--blas",
     choices=["auto", "mkl", "openblas"],
@@ -267,7 +271,9 @@ def parser():
 
 def parse(argv=None):
   """The parsed options, the workload's best setting filling every option not given."""
+  argv = sys.argv[1:] if argv is None else list(argv)
   a = parser().parse_args(argv)
+  a.argv = argv
   for name, value in WORKLOADS[a.workload].items():
     if getattr(a, name) is None:
       setattr(a, name, value)
@@ -465,15 +471,36 @@ class Bench:
     return sum(2 * lens[i][0] + lens[i][1] + lens[i][2] for idx in idxs for i in idx) / len(idxs)
 
 
+def measure_in_child(a, name: str) -> float:
+  """Seconds per step of this benchmark's step with kernel backend `name` (`Bench.measure`),
+  measured by a child process started with the same options."""
+  drop = {"--kernels", "--json", "--measure_only"}
+  args, skip = [], False
+  for arg in a.argv:
+    if skip:
+      skip = False
+      continue
+    key = arg.split("=", 1)[0]
+    if key in drop:
+      skip = "=" not in arg
+      continue
+    args.append(arg)
+  cmd = [sys.executable, os.path.abspath(__file__), *args, "--kernels", name, "--measure_only", name]
+  if a.no_startup:
+    cmd.append("--no_startup")
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if out.returncode != 0:
+    raise SystemExit(f"dpo_step.py: measuring --kernels {name} failed:\n{out.stderr[-2000:]}")
+  return float(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
+
+
 def resolve_kernels(a, bench: Bench):
   """`(kernels, name, details)` of `--kernels` (see the module docstring)."""
   options = cpu_options(a)
   if a.kernels == "auto":
     measure = None
     if a.auto_measure == "step":
-      measure = lambda kernels: bench.measure(
-        kernels if kernels.name != "cpu" or not options else pofx_backends.kernels("cpu", **options)
-      )
+      measure = lambda kernels: measure_in_child(a, kernels.name)
     name, details = pofx_backends.resolve("auto", measure=measure)
     details["measure"] = a.auto_measure
   else:
@@ -485,6 +512,10 @@ def main(argv=None):
   a = parse(argv)
   started = {"host_memory": "unchanged", "detail": "--no_startup"} if a.no_startup else pofx_backends.startup()
   bench = Bench(a)
+  if a.measure_only:
+    options = cpu_options(a) if a.measure_only == "cpu" else {}
+    print(json.dumps({"seconds": bench.measure(pofx_backends.kernels(a.measure_only, **options))}))
+    return None
   t0 = time.perf_counter()
   kernels, kernels_name, kernels_details = resolve_kernels(a, bench)
   t_resolve = time.perf_counter() - t0

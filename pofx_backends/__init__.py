@@ -33,7 +33,11 @@ import functools
 import importlib
 import importlib.metadata
 import importlib.util
+import json
+import os
 import pkgutil
+import subprocess
+import sys
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
@@ -41,7 +45,7 @@ import jax
 from pofx import kernels as kernels_lib
 from pofx.options import KERNEL_BACKENDS
 from pofx_backends import cpu
-from pofx_backends.cpu import calibration, host_memory
+from pofx_backends.cpu import host_memory
 
 BACKENDS = KERNEL_BACKENDS
 NAMED_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
@@ -117,7 +121,8 @@ def resolve(
   module cannot run, with the reason); on the CPU "xla" when the CPU kernels cannot run here
   (with the reason), else whichever of "xla" and "cpu" (default options) `measure(kernels) ->
   seconds` finds faster; `measure` defaults to `pofx_backends.cpu.calibration.measure` (a few
-  seconds on two cores, compilation included; measured once per process, then reused). `details` (JSON-serialisable, for the run's records):
+  seconds on two cores, compilation included; run in a child process, once per process, then
+  reused). `details` (JSON-serialisable, for the run's records):
   "requested", "platform", "rule", and for a measurement "seconds" per candidate.
   """
   _check_name(name, auto=True)
@@ -149,8 +154,21 @@ def _seconds(measure: Callable[[kernels_lib.Kernels], float]) -> Dict[str, float
 
 @functools.cache
 def _calibrated_seconds() -> Dict[str, float]:
-  """The default calibration's timings, measured once per process (callers copy them)."""
-  return _seconds(calibration.measure)
+  """The default calibration's timings, measured once per process (callers copy them), in a child
+  process: the caller then holds neither the candidates' compiled programs nor the heap their
+  measurement grew (after such a measurement in-process, a long run's steps were measurably
+  slower)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+  code = (
+    "import json, pofx_backends\n"
+    "from pofx_backends.cpu import calibration\n"
+    "print(json.dumps(pofx_backends._seconds(calibration.measure)))"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+  if out.returncode != 0:
+    raise RuntimeError(f"pofx_backends: the kernel calibration failed in its child process:\n{out.stderr[-2000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _accelerator_plugins() -> list:
