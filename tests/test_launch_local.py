@@ -17,7 +17,7 @@ SCRIPT = os.path.join("tests", "parallel_multiprocess.py")
 
 
 def _launch(*args, timeout):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ)  # the launcher replaces XLA_FLAGS' device count and keeps the rest
   t0 = time.monotonic()
   p = subprocess.run(
     [sys.executable, "-m", "experiments.launch_local", *args],
@@ -85,7 +85,10 @@ def test_environment_and_prefixed_output():
   status, out, err, _ = _run([sys.executable, "-c", code], num_processes=3, devices_per_process=4)
   assert status == 0, err
   lines = sorted(out.splitlines())
-  assert lines == [f"[p{i}] {i} 3 127.0.0.1 --xla_force_host_platform_device_count=4" for i in range(3)], lines
+  caller = os.environ.get("XLA_FLAGS", "").split()  # the caller's other flags stay
+  others = " ".join(f for f in caller if not f.startswith("--xla_force_host_platform_device_count"))
+  flags = (others + " --xla_force_host_platform_device_count=4").strip()
+  assert lines == [f"[p{i}] {i} 3 127.0.0.1 {flags}" for i in range(3)], lines
   assert "all 3 processes succeeded" in err
 
 

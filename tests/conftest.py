@@ -1,0 +1,40 @@
+"""Suite-wide settings: cheaper XLA compilation, and one JAX compilation cache shared by the test
+session's processes.
+
+Most of the suite's time is XLA compiling small programs. `--xla_backend_optimization_level=0`
+(appended to `XLA_FLAGS`, inherited by every subprocess) skips LLVM's optimisation of the CPU
+code: a third less compile time on the compile-bound tests, and the same arithmetic (no fast-math
+either way), so every comparison in the suite holds as it does at the default level; only
+measured speed differs, and speed is measured by `benchmarks/`, never by a test.
+
+Many tests start the training program, the parallel checks or a notebook in subprocesses, and
+most of them compile the same tiny programs (the `configs/dpo.py:tiny` step, its evaluation and
+sampling). JAX's persistent compilation cache, pointed at one fresh directory for the whole
+session, lets every process after the first load those executables instead of compiling them.
+The directory is made by the first process that loads this file (the pytest-xdist controller,
+or plain pytest) and inherited through the environment by the workers and every subprocess they
+start; it is removed at the end of that process. A directory set by the caller
+(`JAX_COMPILATION_CACHE_DIR`) is used as it is and kept.
+
+A cached executable is the compiled program of the same computation, options and JAX version, so
+the tests check the same numbers with or without it (`POFX_TEST_COMPILATION_CACHE=0` turns it
+off).
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
+
+_FAST_COMPILE = "--xla_backend_optimization_level=0"
+if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
+
+if os.environ.get("POFX_TEST_COMPILATION_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix="pofx-test-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+  # Cache every executable, however quick to compile: the tiny programs are compiled once per
+  # process otherwise, and a process starts for most of the slow tests.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
