@@ -21,8 +21,10 @@ INSTALL_REQUIRES = [
   "matplotlib",  # experiments: PNG plots
 ]
 
-# TRL parity tests need PyTorch; install the CPU build first (`pip install torch==2.13.0`), then
-# this extra, so that pip never pulls a multi-GB CUDA build. torch and trl are test-only.
+# TRL parity tests need PyTorch; install its CPU build first, then this extra, so that pip never
+# pulls the multi-GB CUDA build (PyPI's Linux torch wheel): on this project's CI machines
+# `pip install torch==2.13.0` finds the CPU build on disk; elsewhere use
+# `pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu`. torch and trl are test-only.
 PARITY_REQUIRES = ["torch==2.13.0", "trl==1.16.0"]
 # Intel MKL's sgemm for the CPU backend's BLAS products (`pofx_backends.kernels("cpu", blas="mkl")`):
 # the fastest float32 matmul on one of the benchmark CPUs. Optional; without it numpy's OpenBLAS is

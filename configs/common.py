@@ -57,6 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
       max_completion_len=config_dict.placeholder(int),  # what happens to a pair beyond them:
       truncation="reject",  # files: pofx.options.TRUNCATION ("reject": a bad record)
       on_bad_record="error",  # pofx.options.ON_BAD_RECORD: "error" | "skip"
+      # files: refuse a split whose share of unknown tokens (text the tokenizer does not cover)
+      # is above this, in pofx.options.UNKNOWN_TOKEN_RATE_RANGE; None = no limit (the rate is
+      # reported either way: summary.json `data_unknown_token_rate`, the table).
+      max_unknown_token_rate=config_dict.placeholder(float),
       layout="prompt_shared",  # pofx.options.LAYOUTS: "fused" | "prompt_shared" | "packed"
       seq_bucket=16,
       completion_bucket=8,

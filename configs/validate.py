@@ -177,6 +177,12 @@ def _check_data(c) -> None:
     raise ValueError(f"config.data.samples_per_prompt={c.data.samples_per_prompt} is not allowed; allowed: >= 2.")
   _optional_positive("data.max_prompt_len", c.data.max_prompt_len)
   _optional_positive("data.max_completion_len", c.data.max_completion_len)
+  rate, (low, high) = c.data.max_unknown_token_rate, options.UNKNOWN_TOKEN_RATE_RANGE
+  if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not low <= rate <= high):
+    raise ValueError(
+      f"config.data.max_unknown_token_rate={rate!r} is not allowed; allowed: a number in [{low}, {high}] "
+      "(the largest share of unknown tokens a split may have), or None (no limit)."
+    )
   if c.data.source != "files":
     return
   if not c.data.files:

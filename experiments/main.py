@@ -276,15 +276,17 @@ def stage_data(run: Run, base_params):
       format=c.data.format,
       limits=limits,
       on_bad_record=c.data.on_bad_record,
+      max_unknown_token_rate=c.data.max_unknown_token_rate,
     )
     for name, st in prepared.stats.items():
       _say(
-        "data: %s: %d records read, %d pairs written, %d truncated, skipped %s",
+        "data: %s: %d records read, %d pairs written, %d truncated, skipped %s, unknown-token rate %s",
         name,
         st.records_read,
         st.examples_written,
         st.truncated,
         dict(st.skipped) or "none",
+        "n/a" if st.unknown_token_rate is None else f"{st.unknown_token_rate:.4f}",
       )
     return prepared, {"files": True}
   if os.path.exists(meta_path):
@@ -644,6 +646,7 @@ def stage_eval(run: Run, prepared, base_params, params, data_meta, *, base_sampl
     out = {
       "data_skipped": {k: dict(v.skipped) for k, v in prepared.stats.items()},
       "data_pairs": {k: v.examples_written for k, v in prepared.stats.items()},
+      "data_unknown_token_rate": {k: v.unknown_token_rate for k, v in prepared.stats.items()},
     }
     if "eval" in prepared.stats:
       src = prepared.source("eval")
@@ -717,6 +720,8 @@ def _table(summary: Dict[str, Any]) -> str:
         else (f"{v:.4f}" if isinstance(v, float) else str(v))
       )
       rows.append((k, v))
+  for split, rate in sorted(summary.get("data_unknown_token_rate", {}).items()):
+    rows.append((f"unknown_token_rate[{split}]", "n/a" if rate is None else f"{rate:.4f}"))
   w = max(len(k) for k, _ in rows)
   line = "+" + "-" * (w + 2) + "+" + "-" * 24 + "+"
   return "\n".join([line] + [f"| {k.ljust(w)} | {v.rjust(22)} |" for k, v in rows] + [line])
@@ -888,13 +893,16 @@ def main(argv):
     _fail(str(e))
   _say("start-up: %s", started["detail"])
   workdir = _WORKDIR.value
-  if config.sweep:
-    summaries, chart = run_sweep(config, workdir, progress=_PROGRESS.value, startup=started)
-    for label, s in summaries.items():
-      print(f"\n{label}\n{_table(s)}")
-    print(f"\nchart: {chart}")
-    return
-  summary, _ = run_one(config, workdir, progress=_PROGRESS.value, stop_after=_MAX_TRAIN_STEPS.value, startup=started)
+  try:
+    if config.sweep:
+      summaries, chart = run_sweep(config, workdir, progress=_PROGRESS.value, startup=started)
+      for label, s in summaries.items():
+        print(f"\n{label}\n{_table(s)}")
+      print(f"\nchart: {chart}")
+      return
+    summary, _ = run_one(config, workdir, progress=_PROGRESS.value, stop_after=_MAX_TRAIN_STEPS.value, startup=started)
+  except data_lib.DataError as e:  # bad input data (file and line, or split): one line, no traceback
+    _fail(str(e))
   if jax.process_index() != 0:
     return
   if summary is None:

@@ -51,3 +51,6 @@ TRUNCATION = (
   "truncate_prompt_left_then_completion_right",
 )
 ON_BAD_RECORD = ("error", "skip")
+# The most unknown tokens a split may have, as a share of its tokens (`data.max_unknown_token_rate`;
+# None = no limit): a number in this closed range.
+UNKNOWN_TOKEN_RATE_RANGE = (0.0, 1.0)

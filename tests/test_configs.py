@@ -127,6 +127,12 @@ def test_options_without_a_value_are_none():
       r"'packed'\]",
     ),
     ("data.max_prompt_len", 0, r"config.data.max_prompt_len=0 is not allowed; allowed: an integer > 0"),
+    (
+      "data.max_unknown_token_rate",
+      1.5,
+      r"max_unknown_token_rate=1.5 is not allowed; allowed: a number in \[0.0, 1.0\]",
+    ),
+    ("data.max_unknown_token_rate", -0.1, r"max_unknown_token_rate=-0.1 is not allowed; allowed: a number in \[0.0"),
     ("train.on_nonfinite", "ignore", "config.train.on_nonfinite"),
     ("train.parallel.mode", "dp", r"allowed: \['single', 'jit', 'shard_map', 'pmap'\]"),
     ("train.parallel.mesh", "2y2", "config.train.parallel.mesh='2y2'"),

@@ -23,6 +23,7 @@ import pytest
 import pofx_backends
 from configs import validate
 from experiments import main as main_lib
+from tests.data import ids, vocab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = ("sft_params", "data", "kernels.json")
@@ -245,20 +246,68 @@ def test_own_files_run_end_to_end(tmp_path):
   assert (tmp_path / "files" / "final_params").exists()
 
 
+def _pair_tokens(rec):
+  """(tokens, unknown tokens) of a standard record as written, by the independent word-level
+  tokenisation of tests/data (BOS + prompt, each completion's tail + EOS)."""
+  p = ids(rec["prompt"])
+  pair = [[2] + p] + [ids(rec["prompt"] + rec[k])[len(p) :] + [3] for k in ("chosen", "rejected")]
+  return sum(map(len, pair)), sum(x.count(vocab()["<unk>"]) for x in pair)
+
+
 def test_bad_record_fails_with_file_and_line_or_is_skipped_and_counted(tmp_path):
-  good = open(_config("dpo_files", "tiny").data.files).read().splitlines()
+  """One workdir, as a user would go: a bad record stops the run (file:line); with skip, an
+  unknown-token rate above the limit stops it (split, rate, limit); without the limit it trains on
+  the prepared data and reports the skipped records and the rate (summary.json and the table)."""
+  good = open(_config("dpo_files", "tiny").data.files, "rb").read().splitlines()[:40]
+  missing = b'{"prompt": "w1 w2", "chosen": "w3"}'
+  latin1 = b'{"prompt": "Question \xff :", "chosen": " blue", "rejected": " red"}'
+  oov = {"prompt": "Question : What colour is the zebra ? Answer :", "chosen": " The zebra is blue ."}
+  oov = json.dumps({**oov, "rejected": " The zorp is red ."}).encode()  # zebra x 2 + zorp: 3 unknown tokens
   bad = tmp_path / "bad.jsonl"
-  bad.write_text("\n".join(good[:20] + ['{"prompt": "w1 w2", "chosen": "w3"}'] + good[20:40]) + "\n")
+  bad.write_bytes(
+    b"\n".join(good[:20] + [missing] + good[20:30] + [latin1, oov] + good[30:]) + b"\n"
+  )  # lines 21, 32, 33
+  work = str(tmp_path / "work")
   c = _config("dpo_files", "tiny")
   with c.unlocked():
     c.data.files, c.data.eval_files = str(bad), ""
   with pytest.raises(ValueError, match=r"bad.jsonl:21: bad record \(missing_field\)"):
-    main_lib.run_one(c, str(tmp_path / "strict"), progress=False)
-  assert not (tmp_path / "strict" / "checkpoints").exists()  # failed before any training
+    main_lib.run_one(c, work, progress=False)
+  assert not (tmp_path / "work" / "checkpoints").exists()  # failed before any training
+  counts = [_pair_tokens(json.loads(line)) for line in good + [oov]]
+  assert sum(u for _, u in counts) == 3
+  rate = 3 / sum(n for n, _ in counts)
   with c.unlocked():
-    c.data.on_bad_record = "skip"
-  s, _ = main_lib.run_one(c, str(tmp_path / "lenient"), progress=False)
-  assert s["data_skipped"]["train"] == {"missing_field": 1} and s["data_pairs"]["train"] == 40
+    c.data.on_bad_record, c.data.max_unknown_token_rate = "skip", 0.001
+  with pytest.raises(
+    ValueError, match=rf"^split 'train': unknown-token rate {rate:.4f} \(3 of \d+ tokens.* above max_unk"
+  ):
+    main_lib.run_one(c, work, progress=False)
+  assert not (tmp_path / "work" / "checkpoints").exists()  # refused before any training
+  with c.unlocked():
+    c.data.max_unknown_token_rate = None
+  s, _ = main_lib.run_one(c, work, progress=False)
+  assert s["data_skipped"]["train"] == {"missing_field": 1, "invalid_utf8": 1} and s["data_pairs"]["train"] == 41
+  assert s["data_unknown_token_rate"] == {"train": pytest.approx(rate)}
+  assert json.load(open(tmp_path / "work" / "summary.json"))["data_unknown_token_rate"] == s["data_unknown_token_rate"]
+  [row] = [r for r in main_lib._table(s).splitlines() if "unknown_token_rate[train]" in r]  # the printed table
+  assert row.rstrip(" |").endswith(f"{rate:.4f}")
+
+
+def test_unusable_data_file_fails_in_one_line_before_training(tmp_path):
+  """A user's file whose only record is not UTF-8, with on_bad_record=skip: one line naming the
+  file, exit status 2, no training, and none of TFDS's download lines or absl warnings."""
+  bad = tmp_path / "latin1.jsonl"
+  bad.write_bytes(b'{"prompt": "Question :", "chosen": " caf\xe9", "rejected": " red"}\n')
+  work = tmp_path / "work"
+  args = ["--config=configs/dpo_files.py:tiny", f"--config.data.files={bad}", "--config.data.eval_files="]
+  out = _main([*args, "--config.data.on_bad_record=skip", "--config.model.kernels=xla", f"--workdir={work}"])
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert out.stderr.splitlines()[-1] == (
+    f"experiments.main: no usable records in {bad}: every record was skipped (1 read; skipped invalid_utf8: 1)."
+  )
+  assert "Traceback" not in out.stderr and not (work / "checkpoints").exists()
+  assert "Downloading" not in out.stdout + out.stderr and "WARNING" not in out.stdout + out.stderr
 
 
 def test_two_processes_of_the_program_equal_the_single_process_run(seed_dir, tmp_path):

@@ -27,7 +27,11 @@ worst). Tied completions never form a pair. Each pair keeps the scores of its tw
 (NaN for ranks) and a `group` index (the source record), so the ranking can be regrouped.
 
 Bad records (`REASONS`) raise `BadRecord` (a ValueError whose message names the file, the line
-and the reason) or, with `on_bad_record="skip"`, are skipped and counted in `Stats`.
+and the reason) or, with `on_bad_record="skip"`, are skipped and counted in `Stats`. A JSONL line
+that is not valid UTF-8 is a bad record too ("invalid_utf8"), so one stray byte costs one record,
+not the file. A file that yields no pair at all (empty, or every record skipped) raises
+`NoUsableRecords`; an unknown-token rate above a caller's limit raises `UnknownTokenRate`. All
+three are `DataError`s (ValueErrors whose message is one line naming the file or split).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from pofx.options import FORMATS, ON_BAD_RECORD, RANKING_MODES  # noqa: F401  (a
 
 # Every reason a record can be rejected for (the keys of `Stats.skipped`).
 REASONS = (
+  "invalid_utf8",  # a JSONL line whose bytes are not valid UTF-8
   "malformed_json",  # a JSONL line that is not a JSON object
   "missing_field",  # a required field is absent or null
   "wrong_type",  # a field has the wrong type (e.g. chosen is a number, bad message)
@@ -58,7 +63,40 @@ Messages = List[Dict[str, str]]
 Text = Union[str, Messages, List[int]]
 
 
-class BadRecord(ValueError):
+class DataError(ValueError):
+  """Input data that cannot be used; the message is one line naming the file (and line) or split."""
+
+
+class NoUsableRecords(DataError):
+  """A file that yields no pair: it is empty, or every record in it was skipped."""
+
+  def __init__(self, file: str, stats: Stats):
+    self.file, self.stats = file, stats
+    if stats.records_read == 0:
+      why = "the file has no records"
+    else:
+      why = f"every record was skipped ({stats.records_read} read; skipped {_reasons(stats.skipped)})"
+    super().__init__(f"no usable records in {file}: {why}.")
+
+
+class UnknownTokenRate(DataError):
+  """A split whose share of unknown tokens is above the caller's limit."""
+
+  def __init__(self, split: str, stats: Stats, limit: float, unk_token: Optional[str] = None):
+    self.split, self.rate, self.limit = split, stats.unknown_token_rate, limit
+    unk = f" ({unk_token})" if unk_token else ""
+    super().__init__(
+      f"split {split!r}: unknown-token rate {self.rate:.4f} ({stats.unknown_tokens} of {stats.tokens} tokens "
+      f"are the unknown token{unk}) is above max_unknown_token_rate={limit}: the tokenizer does not cover "
+      f"this text; use one that does, or raise the limit."
+    )
+
+
+def _reasons(skipped: Dict[str, int]) -> str:
+  return ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
+
+
+class BadRecord(DataError):
   """A record that cannot be used; `str(err)` is `"<file>:<line>: bad record (<reason>): ..."`."""
 
   def __init__(self, reason: str, detail: str, file: str = "<unknown>", line: int = 0):
@@ -74,17 +112,30 @@ class BadRecord(ValueError):
 
 @dataclasses.dataclass
 class Stats:
-  """Counts of one ingestion: records read, examples written, skipped records by reason, and
-  examples shortened by a truncation policy (they carry `truncated=1`)."""
+  """Counts of one ingestion: records read, examples written, skipped records by reason,
+  examples shortened by a truncation policy (they carry `truncated=1`), and the token ids written
+  (prompt + chosen + rejected of every pair, special tokens included) with how many of them are
+  the tokenizer's unknown token (text the tokenizer does not cover). `unknown_tokens` is None for
+  a dataset prepared before it was counted."""
 
   records_read: int = 0
   examples_written: int = 0
   truncated: int = 0
   skipped: Dict[str, int] = dataclasses.field(default_factory=dict)
+  tokens: int = 0
+  unknown_tokens: Optional[int] = 0
 
   @property
   def num_skipped(self) -> int:
     return sum(self.skipped.values())
+
+  @property
+  def unknown_token_rate(self) -> Optional[float]:
+    """unknown_tokens / tokens: 0.0 for a tokenizer without an unknown token (a byte-level one
+    maps every text); None when nothing was counted."""
+    if self.unknown_tokens is None or self.tokens == 0:
+      return None
+    return self.unknown_tokens / self.tokens
 
   def skip(self, reason: str):
     self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -92,11 +143,16 @@ class Stats:
   def merge(self, other: Stats) -> Stats:
     skipped = collections.Counter(self.skipped)
     skipped.update(other.skipped)
+    unknown = (
+      None if None in (self.unknown_tokens, other.unknown_tokens) else self.unknown_tokens + other.unknown_tokens
+    )
     return Stats(
       self.records_read + other.records_read,
       self.examples_written + other.examples_written,
       self.truncated + other.truncated,
       dict(skipped),
+      self.tokens + other.tokens,
+      unknown,
     )
 
   def as_dict(self) -> dict:
@@ -105,15 +161,20 @@ class Stats:
       "examples_written": self.examples_written,
       "truncated": self.truncated,
       "skipped": dict(sorted(self.skipped.items())),
+      "tokens": self.tokens,
+      "unknown_tokens": self.unknown_tokens,
     }
 
   @classmethod
   def from_dict(cls, d: dict) -> Stats:
+    counted = d.get("unknown_tokens") is not None  # absent in datasets prepared before it was counted
     return cls(
       int(d["records_read"]),
       int(d["examples_written"]),
       int(d["truncated"]),
       {str(k): int(v) for k, v in dict(d["skipped"]).items()},
+      int(d.get("tokens", 0)),
+      int(d["unknown_tokens"]) if counted else None,
     )
 
 
@@ -151,13 +212,28 @@ def read_records(path: str) -> Iterator[Tuple[int, Union[dict, BadRecord]]]:
 
   `line` is 1-based: the JSONL line number (blank lines are not records and are passed over) or
   the Parquet row number. A JSONL line that is not a JSON object yields a `BadRecord`
-  ("malformed_json") instead of a dict.
+  ("malformed_json") instead of a dict, and one whose bytes are not valid UTF-8 a `BadRecord`
+  ("invalid_utf8"): the file is read as bytes and decoded line by line, so the lines after a
+  stray byte are still read. A UTF-8 byte-order mark at the start of the file is passed over.
   """
   path = os.fspath(path)
   ext = os.path.splitext(path)[1].lower()
   if ext in (".jsonl", ".json", ".ndjson"):
-    with open(path, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+      for line_no, raw in enumerate(f, start=1):
+        try:
+          line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+          yield (
+            line_no,
+            BadRecord(
+              "invalid_utf8",
+              f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line: {e.reason})",
+              path,
+              line_no,
+            ),
+          )
+          continue
         if not line.strip():
           continue
         try:

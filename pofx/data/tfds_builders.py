@@ -26,6 +26,13 @@ split) are in the dataset's metadata (`stats(path)`). A fingerprint of the input
 tokenizer, options) is stored too, and preparing different inputs into an existing dataset
 directory is refused (never silently reused).
 
+A file that yields no pair (empty, or every record skipped) stops the preparation with
+`NoUsableRecords` naming it, before anything is written; `prepare_files(max_unknown_token_rate=)`
+refuses a split whose share of unknown tokens (`Stats.unknown_token_rate`) is above the limit.
+Preparing local data prints nothing of TFDS's own (its "Downloading and preparing dataset" lines
+and its warning about a custom builder config are about downloads and registered configs, which
+these builders do not have); its progress bars follow `tfds.display_progress_bar`.
+
 Typical use:
     tok = pofx.data.Tokenizer.from_dir("examples/data")
     info = pofx.data.prepare_files({"train": ["examples/data/standard.jsonl"]}, data_dir=tmp,
@@ -45,7 +52,8 @@ import numpy as np
 
 from pofx.data import records as records_lib
 from pofx.data import tokenize as tokenize_lib
-from pofx.data.records import BadRecord, Stats
+from pofx.data.records import BadRecord, DataError, NoUsableRecords, Stats, UnknownTokenRate
+from pofx.options import UNKNOWN_TOKEN_RATE_RANGE
 
 VERSION = "1.0.0"
 
@@ -113,15 +121,19 @@ def iter_examples(
 ):
   """Yields `(example_id, feature dict)` for the records of `paths`, in order: what
   `PreferenceFiles` writes, without writing it. Bad records raise `BadRecord` (file, line,
-  reason) or, with `on_bad_record="skip"`, are counted in `stats` (updated in place)."""
+  reason) or, with `on_bad_record="skip"`, are counted in `stats` (updated in place, with the
+  token ids written and how many are the tokenizer's unknown token). A file that yields no pair
+  raises `NoUsableRecords` once it has been read."""
   records_lib.check_choice("format", format, records_lib.FORMATS)
   records_lib.check_choice("ranking", ranking, records_lib.RANKING_MODES)
   records_lib.check_choice("on_bad_record", on_bad_record, records_lib.ON_BAD_RECORD)
   stats = Stats() if stats is None else stats
+  unk = tokenizer.unk_id if tokenizer is not None else None
   next_id = 0
   for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
     path = os.fspath(path)
     base = os.path.basename(path)
+    read0, written0, skipped0 = stats.records_read, stats.examples_written, dict(stats.skipped)
     for line, rec in records_lib.read_records(path):
       stats.records_read += 1
       try:
@@ -143,8 +155,20 @@ def iter_examples(
       for pair in pairs:
         yield next_id, _example_dict(pair, next_id, group_id, base, line)
         next_id += 1
-        stats.examples_written += 1
-        stats.truncated += int(pair.truncated)
+        _count(stats, pair, unk)
+    if stats.examples_written == written0:
+      skipped = {k: v - skipped0.get(k, 0) for k, v in stats.skipped.items() if v != skipped0.get(k, 0)}
+      raise NoUsableRecords(path, Stats(records_read=stats.records_read - read0, skipped=skipped))
+
+
+def _count(stats: Stats, pair: tokenize_lib.TokenizedPair, unk_id: Optional[int]):
+  """Counts one written pair: its tokens, and those that are the unknown token."""
+  stats.examples_written += 1
+  stats.truncated += int(pair.truncated)
+  ids = (pair.prompt, pair.chosen, pair.rejected)
+  stats.tokens += sum(len(x) for x in ids)
+  if unk_id is not None and stats.unknown_tokens is not None:
+    stats.unknown_tokens += sum(x.count(unk_id) for x in ids)
 
 
 class _Base:
@@ -169,6 +193,8 @@ class _Base:
     stats.skip(err.reason)
 
   def _finish(self, split, stats):
+    if stats.examples_written == 0:  # otherwise TFDS fails on the empty split, naming no file
+      raise NoUsableRecords(f"<generated> split {split!r}", stats)
     self.stats[split] = stats
     self.info.metadata["stats"] = {k: v.as_dict() for k, v in sorted(self.stats.items())}
     self.info.metadata["fingerprint"] = self.fingerprint
@@ -189,6 +215,20 @@ def _builder_classes():
     @classmethod
     def code_path(cls):  # pylint: disable=invalid-overridden-method
       return None
+
+    # Local data: TFDS's "Downloading and preparing dataset ..." / "... downloaded and prepared"
+    # lines (stdout) describe downloads there are none of, and its warning "Using custom data
+    # configuration" is about registered configs, which these builders have none of by design.
+    def _log_download_bytes(self):
+      pass
+
+    def _log_download_done(self):
+      pass
+
+    def _create_builder_config(self, builder_config, version):
+      if isinstance(builder_config, tfds.core.BuilderConfig):
+        return builder_config
+      return super()._create_builder_config(builder_config, version)
 
   class PreferenceFiles(_Builder, skip_registration=True):
     """Preference pairs from local JSONL/Parquet files in TRL's formats, tokenised."""
@@ -345,8 +385,7 @@ def _builder_classes():
           raise ValueError(f"<generated>:{line}: duplicate example_id {eid} in split {split!r}.")
         seen.add(eid)
         yield eid, _example_dict(pair, eid, eid, "<generated>", line)
-        stats.examples_written += 1
-        stats.truncated += int(pair.truncated)
+        _count(stats, pair, None)
       self._finish(split, stats)
 
   _CLASSES = {"PreferenceFiles": PreferenceFiles, "GeneratedPreferences": GeneratedPreferences}
@@ -422,12 +461,18 @@ def prepare_files(
   add_special_tokens: bool = True,
   on_bad_record: str = "error",
   name: str = "default",
+  max_unknown_token_rate: Optional[float] = None,
 ) -> Prepared:
   """Parses, validates, tokenises and writes `files` ({split: path or paths}) as an array_record
   TFDS dataset under `data_dir/pofx_preference_files/<name>/1.0.0`; reuses it when the same
   inputs were prepared there before. Raises `BadRecord` (ValueError) with file, line and reason
   on the first bad record when `on_bad_record="error"`; with "skip", `Prepared.stats[split]`
-  counts the skipped records by reason."""
+  counts the skipped records by reason. A file that yields no pair raises `NoUsableRecords`.
+  `max_unknown_token_rate` (None = no limit; else in `pofx.options.UNKNOWN_TOKEN_RATE_RANGE`):
+  a split whose `Stats.unknown_token_rate` is above it raises `UnknownTokenRate` (checked on a
+  reused dataset too, so the limit is not part of the fingerprint and changing it prepares
+  nothing again)."""
+  _check_rate_limit(max_unknown_token_rate)
   builder = _builder_classes()["PreferenceFiles"](
     files=files,
     tokenizer=tokenizer,
@@ -441,7 +486,24 @@ def prepare_files(
     data_dir=os.fspath(data_dir),
     file_format="array_record",
   )
-  return _prepare(builder)
+  prepared = _prepare(builder)
+  if max_unknown_token_rate is not None:
+    unk_token = tokenizer.unk_token if tokenizer is not None else None
+    for split, st in sorted(prepared.stats.items()):
+      if st.unknown_token_rate is None and st.examples_written:
+        raise DataError(
+          f"{prepared.path} was prepared before unknown tokens were counted, so "
+          f"max_unknown_token_rate={max_unknown_token_rate} cannot be checked: delete it to prepare it again."
+        )
+      if st.unknown_token_rate is not None and st.unknown_token_rate > max_unknown_token_rate:
+        raise UnknownTokenRate(split, st, max_unknown_token_rate, unk_token)
+  return prepared
+
+
+def _check_rate_limit(limit):
+  low, high = UNKNOWN_TOKEN_RATE_RANGE
+  if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not low <= limit <= high):
+    raise ValueError(f"max_unknown_token_rate={limit!r} is not allowed; allowed: None or a number in [{low}, {high}].")
 
 
 def prepare_generated(

@@ -99,6 +99,8 @@ class Tokenizer:
   Attributes:
     bos_token, eos_token, pad_token, unk_token: strings (None when not set).
     bos_id, eos_id, pad_id: their ids (pad_id falls back to eos_id, then 0).
+    unk_id: the id text outside the vocabulary maps to (`unk_token`, else the tokenizer model's
+      own unknown token), or None: a byte-level tokenizer has none, every text maps to tokens.
     chat_template: the template string, or None.
     vocab_size: size of the vocabulary, added tokens included.
     fingerprint: SHA-256 of the tokenizer files (for `pofx.references.fingerprint` and for
@@ -123,6 +125,10 @@ class Tokenizer:
     self.eos_id = self._id(self.eos_token)
     pad = self._id(self.pad_token)
     self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+    model_unk = getattr(getattr(tokenizer, "model", None), "unk_token", None)
+    self.unk_id = self._id(self.unk_token) if self.unk_token is not None else None
+    if self.unk_id is None and isinstance(model_unk, str):
+      self.unk_id = tokenizer.token_to_id(model_unk)
     self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
     self.fingerprint = fingerprint
 

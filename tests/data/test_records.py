@@ -113,6 +113,8 @@ GOOD = {
 }
 LIMITS = Limits(max_length=20)
 BAD = {
+  # "\udcff" is written as the single byte 0xff (see `_write`): a line that is not UTF-8.
+  "invalid_utf8": '{"prompt": "Question :", "chosen": " blue \udcff", "rejected": " red"}',
   "malformed_json": '{"prompt": "Question :", "chosen": ',
   "missing_field": json.dumps({"prompt": "Question :", "chosen": " blue"}),
   "wrong_type": json.dumps({"prompt": "Question :", "chosen": 5, "rejected": " red"}),
@@ -132,7 +134,8 @@ def test_every_reason_is_covered():
 
 
 def _write(path, lines):
-  path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  """UTF-8, except that a lone surrogate U+DC80..U+DCFF becomes the raw byte 0x80..0xff."""
+  path.write_bytes(("\n".join(lines) + "\n").encode("utf-8", errors="surrogateescape"))
   return str(path)
 
 
@@ -167,6 +170,18 @@ def test_bad_records_skipped_and_counted(tmp_path, tok):
   f = out[0][1]
   assert f["prompt"].tolist() == [BOS] + ids(GOOD["prompt"])
   assert f["chosen"].tolist() == ids(GOOD["chosen"]) + [EOS]
+
+
+def test_invalid_utf8_line_names_the_byte_and_the_next_lines_are_read(tmp_path):
+  path = tmp_path / "p.jsonl"
+  path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n{"b": "caf\xe9"}\n{"c": "caf\xc3\xa9"}\n')  # BOM; Latin-1 e-acute; UTF-8
+  got = list(data.read_records(str(path)))
+  assert got[0] == (1, {"a": 1})  # the byte-order mark is not part of the record
+  assert got[1][0] == 2 and isinstance(got[1][1], BadRecord)
+  assert str(got[1][1]) == (
+    f"{path}:2: bad record (invalid_utf8): not valid UTF-8 (byte 0xe9 at byte 11 of the line: invalid continuation byte)"
+  )
+  assert got[2] == (3, {"c": "caf\u00e9"})
 
 
 def test_non_object_json_line_is_malformed(tmp_path, tok):

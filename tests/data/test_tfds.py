@@ -6,6 +6,7 @@ tokenizer.json's vocabulary) and hand-written chat rendering, not with pofx.
 """
 
 import json
+import logging
 import math
 import os
 import sys
@@ -16,7 +17,7 @@ import pytest
 
 from pofx import data
 from pofx.data import BadRecord
-from tests.data import BOS, EOS, example, ids
+from tests.data import BOS, EOS, example, ids, vocab
 
 FILES = {
   "standard": "standard.jsonl",
@@ -232,6 +233,106 @@ def test_builder_truncation_counted(tmp_path, tok):
     ex = src[i]
     assert ex["prompt"][0] == BOS
     assert len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"])) <= 12
+
+
+def _write_bytes(path, lines):
+  path.write_bytes(b"".join(line + b"\n" for line in lines))
+  return str(path)
+
+
+def _json(rec):
+  return json.dumps(rec).encode()
+
+
+SKY = {
+  "prompt": "Question : What colour is the sky ? Answer :",
+  "chosen": " The sky is blue .",
+  "rejected": " The sky is red .",
+}
+
+
+def test_no_usable_records_names_the_file_before_writing(tmp_path, tok):
+  good = _write_bytes(tmp_path / "good.jsonl", [_json(SKY)])
+  empty = _write_bytes(tmp_path / "empty.jsonl", [])
+  blank = _write_bytes(tmp_path / "blank.jsonl", [b"", b"  "])  # blank lines are not records
+  skipped = _write_bytes(
+    tmp_path / "skipped.jsonl", [b'{"prompt": "Question \xff"}', _json({**SKY, "rejected": SKY["chosen"]})]
+  )
+  cases = [
+    ({"train": empty}, "error", f"no usable records in {empty}: the file has no records."),
+    ({"train": [good, blank]}, "error", f"no usable records in {blank}: the file has no records."),
+    (
+      {"train": good, "eval": skipped},
+      "skip",
+      f"no usable records in {skipped}: every record was skipped (2 read; skipped identical: 1, invalid_utf8: 1).",
+    ),
+  ]
+  for i, (files, mode, message) in enumerate(cases):
+    data_dir = tmp_path / f"d{i}"
+    with pytest.raises(data.NoUsableRecords) as err:
+      data.prepare_files(files, data_dir=str(data_dir), tokenizer=tok, on_bad_record=mode)
+    assert str(err.value) == message
+    assert not list(data_dir.rglob("dataset_info.json"))  # nothing prepared
+
+
+def test_all_skipped_generated_split_is_named(tmp_path):
+  with pytest.raises(data.NoUsableRecords, match=r"^no usable records in <generated> split 'eval': every record"):
+    data.prepare_generated(
+      {"train": _generated(2), "eval": [{"prompt": [1], "chosen": [2], "rejected": [2]}]},
+      data_dir=str(tmp_path),
+      vocab_size=64,
+      on_bad_record="skip",
+    )
+
+
+def test_unknown_token_rate_per_split_and_its_limit(tmp_path, tok):
+  # Word-level vocabulary: "zebra", "qwerty", "zorp" are not in it (checked below), so
+  # each occurrence is one <unk>. Tokens per pair, counted by hand: prompt = BOS + 10 words
+  # ("Question : What colour is the X ? Answer :"), each completion = 5 words + EOS: 11 + 6 + 6.
+  assert not {"zebra", "qwerty", "zorp"} & set(vocab())
+  zebra = {
+    **SKY,
+    "prompt": SKY["prompt"].replace("sky", "zebra"),
+    "chosen": " The zebra is blue .",
+    "rejected": " The zebra is red .",
+  }
+  qwerty = {
+    "prompt": SKY["prompt"].replace("sky", "qwerty"),
+    "chosen": " The qwerty is blue .",
+    "rejected": " The qwerty is zorp .",
+  }
+  train = _write_bytes(tmp_path / "train.jsonl", [_json(SKY), _json(zebra)])  # 0 + 3 unknown of 2 x 23
+  held = _write_bytes(tmp_path / "held.jsonl", [_json(qwerty)])  # 1 + 1 + 2 unknown of 23
+  files = {"train": train, "eval": held}
+  prep = data.prepare_files(files, data_dir=str(tmp_path / "d"), tokenizer=tok)
+  assert (prep.stats["train"].tokens, prep.stats["train"].unknown_tokens) == (46, 3)
+  assert prep.stats["train"].unknown_token_rate == pytest.approx(3 / 46)
+  assert prep.stats["eval"].unknown_token_rate == pytest.approx(4 / 23)
+  assert data.stats(prep.path) == prep.stats  # stored with the dataset
+  # The limit is checked on the reused dataset too (nothing is prepared again).
+  written = sorted(os.listdir(prep.path))
+  again = data.prepare_files(files, data_dir=str(tmp_path / "d"), tokenizer=tok, max_unknown_token_rate=0.25)
+  assert again.stats == prep.stats
+  with pytest.raises(data.UnknownTokenRate) as err:
+    data.prepare_files(files, data_dir=str(tmp_path / "d"), tokenizer=tok, max_unknown_token_rate=0.1)
+  assert str(err.value).startswith(
+    "split 'eval': unknown-token rate 0.1739 (4 of 23 tokens are the unknown token (<unk>)) is above "
+    "max_unknown_token_rate=0.1"
+  )
+  assert sorted(os.listdir(prep.path)) == written
+  with pytest.raises(ValueError, match=r"max_unknown_token_rate=1.5 is not allowed; allowed: None or a number in"):
+    data.prepare_files(files, data_dir=str(tmp_path / "d"), tokenizer=tok, max_unknown_token_rate=1.5)
+
+
+def test_preparation_prints_no_download_lines_or_absl_warnings(tmp_path, tok, capfd, caplog):
+  caplog.set_level("INFO")
+  data.prepare_files({"train": example("standard.parquet")}, data_dir=str(tmp_path / "f"), tokenizer=tok)
+  data.prepare_files({"train": example("standard.parquet")}, data_dir=str(tmp_path / "f"), tokenizer=tok)  # reused
+  data.prepare_generated({"train": _generated(3)}, data_dir=str(tmp_path / "g"), vocab_size=64)
+  out, err = capfd.readouterr()
+  assert "Downloading" not in out + err and "downloaded and prepared" not in out + err
+  assert "WARNING" not in out + err
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def _generated(n, start=100):
