@@ -38,7 +38,7 @@ def _digests(step_dir: str) -> Dict[str, Dict[str, object]]:
     for name in files:
       path = os.path.join(root, name)
       rel = os.path.relpath(path, step_dir)
-      if rel == INTEGRITY:
+      if rel.startswith(INTEGRITY):  # the record and its temporary name
         continue
       h = hashlib.sha256()
       with open(path, "rb") as f:
@@ -123,9 +123,10 @@ class Checkpoints:
       self.on_written(int(step))
     _sync(f"pofx:checkpoint_written:{step}")  # every process's shards are on disk
     if jax.process_index() == 0:  # seal: written to a temporary name, then renamed into place
+      record = _digests(self.step_dir(step))
       tmp = os.path.join(self.step_dir(step), INTEGRITY + ".tmp")
       with open(tmp, "w") as f:
-        json.dump(_digests(self.step_dir(step)), f, indent=0)
+        json.dump(record, f, indent=0)
         f.flush()
         os.fsync(f.fileno())
       os.replace(tmp, os.path.join(self.step_dir(step), INTEGRITY))

@@ -216,7 +216,7 @@ class Run:
 
 def _save_params(path, params):
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.abspath(path), params)
+  ckpt.save(os.path.abspath(path), params, force=True)  # a resume that redoes the last steps rewrites it
   ckpt.wait_until_finished()
 
 
