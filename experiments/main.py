@@ -636,6 +636,8 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     return place(batch)
 
   primary = jax.process_index() == 0
+  if primary:  # the steps after the restored checkpoint are logged again as they are redone
+    metrics_lib.drop_after(run.workdir, "train", start)
   n_devices_used = 1 if pstep is None else int(np.prod(shape))
   writer = (
     metrics_lib.MetricWriter(run.workdir, "train", c.train.steps, progress=run.progress, num_devices=n_devices_used)
@@ -980,9 +982,10 @@ def main(argv):
       lock.release()
     print(f"experiments.main: {e}", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os._exit(1)
-  if lock is not None:
-    lock.release()
+    os._exit(1)  # skips the atexit handlers of orbax's and absl's threads (their output is the noise)
+  finally:  # also on Ctrl-C and unexpected errors (those keep their traceback)
+    if lock is not None:
+      lock.release()
 
 
 def _run(config, workdir, started):

@@ -133,6 +133,11 @@ def test_kills_and_damaged_checkpoints_resume_to_the_uninterrupted_run(seed_dir,
   assert not lock.exists() and not (killed / ".pofx.lock").exists()  # a clean end leaves no lock
   a, b = _final_params(straight), _final_params(killed)
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+  logged = [
+    [r["step"] for r in map(json.loads, open(w / "metrics.jsonl")) if r.get("stage") == "train"]
+    for w in (straight, killed)
+  ]
+  assert logged[1] == logged[0] == [2, 4, 6, 8, 10]  # redone steps are not logged twice
   s_straight, s_killed = (json.load(open(w / "summary.json")) for w in (straight, killed))
   for s in (s_straight, s_killed):
     assert all(np.isfinite(s[k]) for k in ("pairs_per_second", "flops_per_second", "seconds_total")), s
