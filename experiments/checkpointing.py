@@ -56,7 +56,7 @@ def damage(step_dir: str) -> Optional[str]:
     with open(record_path) as f:
       record = json.load(f)
   except FileNotFoundError:
-    return f"it has no {INTEGRITY} (the run was stopped while saving it)"
+    return f"it has no {INTEGRITY} (never sealed: its run stopped while saving it, or an older pofx wrote it)"
   except (OSError, ValueError) as e:
     return f"its {INTEGRITY} is unreadable ({type(e).__name__})"
   for rel, want in sorted(record.items()):
