@@ -20,6 +20,16 @@ Before any compute the program applies the process-wide start-up of the kernel b
 `--config.` flag fails with one line) and settles the kernel backend (`config.model.kernels`;
 "auto" is decided once per workdir and recorded in `<workdir>/kernels.json` and `summary.json`;
 a resumed run reuses the record).
+
+Then the workdir is claimed (`experiments.workdir`): a workdir that cannot be written fails at
+once, and a lock file makes a second run in the same workdir fail at once (the lock of a killed
+run is taken over). Checkpoints are sealed with SHA-256 digests and verified at restore
+(`experiments.checkpointing`): a damaged one is named, set aside, and the run falls back to the
+previous intact one. The training counters (non-finite steps, timed steps, seconds, FLOPs) are
+stored in each checkpoint, so the summary after kills and resumes equals the uninterrupted run's
+apart from wall-clock figures. A run that fails (a non-finite step under
+`train.on_nonfinite='halt'`, which stops at that step; a checkpoint of another config; a bad data
+file) ends with one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
