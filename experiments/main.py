@@ -20,6 +20,16 @@ Before any compute the program applies the process-wide start-up of the kernel b
 `--config.` flag fails with one line) and settles the kernel backend (`config.model.kernels`;
 "auto" is decided once per workdir and recorded in `<workdir>/kernels.json` and `summary.json`;
 a resumed run reuses the record).
+
+Then the workdir is claimed (`experiments.workdir`): a workdir that cannot be written fails at
+once, and a lock file makes a second run in the same workdir fail at once (the lock of a killed
+run is taken over). Checkpoints are sealed with SHA-256 digests and verified at restore
+(`experiments.checkpointing`): a damaged one is named, set aside, and the run falls back to the
+previous intact one. The training counters (non-finite steps, timed steps, seconds, FLOPs) are
+stored in each checkpoint, so the summary after kills and resumes equals the uninterrupted run's
+apart from wall-clock figures. A run that fails (a non-finite step under
+`train.on_nonfinite='halt'`, which stops at that step; a checkpoint of another config; a bad data
+file) ends with one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import copy
 import json
 import os
 import re
+import signal
 import sys
 import time
 import zlib
@@ -48,6 +59,7 @@ from configs import validate as config_validation
 from experiments import checkpointing, distributed, plots
 from experiments import metrics as metrics_lib
 from experiments import sft as sft_lib
+from experiments import workdir as workdir_lib
 from pofx import batching, evaluation, losses, models, parallel, perturbations, policy, references, train
 from pofx import data as data_lib
 from pofx import world as world_lib
@@ -58,6 +70,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, data
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a live progress bar.")
 _MAX_TRAIN_STEPS = flags.DEFINE_integer(
   "stop_after_steps", None, "Stop training after this step (testing resume); the next run continues."
+)
+
+_FAULT = flags.DEFINE_string(
+  "fault",
+  None,
+  "Testing: SIGKILL this process at a point: 'step:N' after step N, 'save:N' inside the save of step N "
+  "(files written, not yet sealed), 'eval' as evaluation starts.",
 )
 
 KERNELS_RECORD = "kernels.json"  # <workdir>/kernels.json: the kernel backend this workdir runs with
@@ -87,6 +106,13 @@ def _set(config, dotted: str, value):
 def _say(msg, *args):
   """Stage progress on stderr (absl logging is quieted: orbax logs every file it writes)."""
   print("[pofx] " + (msg % args if args else msg), file=sys.stderr, flush=True)
+
+
+def _fault(point: str) -> None:
+  """Fault injection for the kill-and-resume tests: SIGKILLs this process when `--fault` names
+  `point` (never when the program's flags are not parsed, as when the stages run as a library)."""
+  if flags.FLAGS.is_parsed() and _FAULT.value == point:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _scalar(x) -> float:
@@ -200,7 +226,7 @@ class Run:
 
 def _save_params(path, params):
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.abspath(path), params)
+  ckpt.save(os.path.abspath(path), params, force=True)  # a resume that redoes the last steps rewrites it
   ckpt.wait_until_finished()
 
 
@@ -413,6 +439,38 @@ def stage_reference_cache(run: Run, prepared, ref_params_list, logps_fn):
   return joined, fps
 
 
+class _Counters:
+  """The training counters that survive a resume (stored in each checkpoint's metadata): non-finite
+  steps, and the steps, seconds and FLOPs of the timed steps (each segment's first step, which
+  compiles, is not timed) and of all steps."""
+
+  FIELDS = ("nonfinite_steps", "timed_steps", "timed_seconds", "timed_flops", "steps", "seconds", "flops")
+
+  def __init__(self, **values):
+    self.values = {k: values.get(k, 0) for k in self.FIELDS}
+
+  def plus(self, **more) -> _Counters:
+    return _Counters(**{k: self.values[k] + more.get(k, 0) for k in self.FIELDS})
+
+  def as_dict(self) -> Dict[str, float]:
+    return dict(self.values)
+
+  def info(self, batch_size: int) -> Dict[str, Any]:
+    """The summary's counters: throughput over the timed steps, else over all steps (so one-step
+    segments still give a number); no NaN."""
+    v = self.values
+    steps, seconds, flops = (
+      (v["timed_steps"], v["timed_seconds"], v["timed_flops"])
+      if v["timed_steps"] and v["timed_seconds"] > 0
+      else (v["steps"], v["seconds"], v["flops"])
+    )
+    return {
+      "pairs_per_second": batch_size * steps / seconds if seconds > 0 else 0.0,
+      "flops_per_second": flops / seconds if seconds > 0 else 0.0,
+      "nonfinite_steps": int(v["nonfinite_steps"]),
+    }
+
+
 def _optimizer(c):
   o = c.train.optimizer
   schedule = optax.join_schedules(
@@ -518,14 +576,24 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   )
   if pstep is not None:
     state = pstep.put_state(state)  # placed before a restore, so the restore keeps the shardings
-  ckpts = checkpointing.Checkpoints(run.path("checkpoints"), keep=c.train.keep_checkpoints)
-  start = 0
-  if ckpts.latest_step() is not None:
-    state, meta = ckpts.restore(state)
+  ckpts = checkpointing.Checkpoints(
+    run.path("checkpoints"),
+    keep=c.train.keep_checkpoints,
+    say=_say,
+    on_written=lambda s: _fault(f"save:{s}"),
+  )
+  start, counters = 0, _Counters()
+  restored = ckpts.restore(state)
+  if restored is not None:
+    state, meta = restored
     start = int(meta["step"])
+    counters = _Counters(**meta.get("counters", {}))
     _say("train: resumed from step %d", start)
   if start >= c.train.steps and os.path.exists(final_path):
-    return _load_params(final_path, base_params), {"resumed_complete": True}
+    info = {**counters.info(c.train.batch_size), "steps": start, "resumed_complete": True}
+    n_used = 1 if pstep is None else int(np.prod(shape))
+    info["mfu"] = metrics_lib.mfu(info["flops_per_second"], n_used) if info["flops_per_second"] else None
+    return _load_params(final_path, base_params), info
 
   def clean(b):
     return {k: v for k, v in b.items() if k != "example_id"}
@@ -580,6 +648,8 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     return place(batch)
 
   primary = jax.process_index() == 0
+  if primary:  # the steps after the restored checkpoint are logged again as they are redone
+    metrics_lib.drop_after(run.workdir, "train", start)
   n_devices_used = 1 if pstep is None else int(np.prod(shape))
   writer = (
     metrics_lib.MetricWriter(run.workdir, "train", c.train.steps, progress=run.progress, num_devices=n_devices_used)
@@ -594,8 +664,22 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     rwp_steps=getattr(c.train.perturbation, "steps", 10),
   )
   it = loader.iterator(start * n_acc * n_local)
-  nonfinite = jnp.zeros(())
-  t0, steps_timed, flops_timed = None, 0, 0.0
+  nonfinite = jnp.zeros(())  # this segment's non-finite steps (on the device: no sync per step)
+  t0, seg_start, steps_timed, flops_timed, flops_all = None, time.perf_counter(), 0, 0.0, 0.0
+  halt = c.train.on_nonfinite == "halt"
+
+  def totals():
+    """The run's counters so far: those restored plus this segment's."""
+    return counters.plus(
+      nonfinite_steps=int(_scalar(nonfinite)),
+      timed_steps=steps_timed,
+      timed_seconds=time.perf_counter() - t0 if t0 is not None and steps_timed else 0.0,
+      timed_flops=flops_timed,
+      steps=done - start,
+      seconds=time.perf_counter() - seg_start,
+      flops=flops_all,
+    )
+
   end = c.train.steps if stop_after is None else min(c.train.steps, stop_after)
   for step in range(start, end):
     batch = take(it)
@@ -604,6 +688,7 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     state, m = step_fn(state, batch, jax.random.fold_in(run.key_for("train/steps"), step))
     nonfinite = nonfinite + m["nonfinite"]
     done = step + 1
+    flops_all += step_flops
     if t0 is None:
       jax.block_until_ready(m["loss"])
       t0 = time.perf_counter()  # the first step (compilation) is not timed
@@ -612,24 +697,28 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
       flops_timed += step_flops
     if done % c.train.log_every == 0 or done == end:
       writer.write(done, _local_values(m), pairs=c.train.batch_size)
+    if halt and _scalar(m["nonfinite"]) > 0:  # the step left the state unchanged; stop here
+      writer.write(done, _local_values(m), pairs=c.train.batch_size)
+      writer.close()
+      saved = [s for s in ckpts.all_steps() if s <= step]
+      ckpts.close()
+      what = (
+        f"the last checkpoint is step {saved[-1]} ({ckpts.step_dir(saved[-1])}), written before this step"
+        if saved
+        else f"no checkpoint was written (the first was due at step {c.train.checkpoint_every})"
+      )
+      raise FloatingPointError(
+        f"train: non-finite loss or gradient at step {done}; halted there (train.on_nonfinite='halt'): {what}."
+      )
     if done % c.train.checkpoint_every == 0 or done == end:
-      if _scalar(nonfinite) > 0 and c.train.on_nonfinite == "halt":
-        writer.close()
-        raise FloatingPointError(
-          f"train: non-finite loss or gradient in {int(_scalar(nonfinite))} step(s) before step "
-          f"{done}; halting (train.on_nonfinite='halt'). The last checkpoint is intact."
-        )
-      ckpts.save(done, state, {"step": done, "data_step": done * n_acc * n_local})
+      meta = {"step": done, "data_step": done * n_acc * n_local, "counters": totals().as_dict()}
+      ckpts.save(done, state, meta)
+    _fault(f"step:{done}")
   jax.block_until_ready(state.params)
-  seconds = time.perf_counter() - t0 if t0 else float("nan")
   writer.close()
-  info = {
-    "pairs_per_second": c.train.batch_size * steps_timed / seconds if steps_timed else float("nan"),
-    "flops_per_second": flops_timed / seconds if steps_timed else float("nan"),
-    "nonfinite_steps": int(_scalar(nonfinite)),
-    "steps": end,
-  }
-  info["mfu"] = metrics_lib.mfu(info["flops_per_second"], n_devices_used) if steps_timed else None
+  done = end
+  info = {**totals().info(c.train.batch_size), "steps": end}
+  info["mfu"] = metrics_lib.mfu(info["flops_per_second"], n_devices_used) if info["flops_per_second"] else None
   if end == c.train.steps:
     _save_params(final_path, state.params)  # every process writes its shards
   ckpts.close()
@@ -756,6 +845,7 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
   if os.path.exists(summary_path) and info.get("resumed_complete"):
     with open(summary_path) as f:
       return json.load(f), None
+  _fault("eval")
   results, base_samples = stage_eval(run, prepared, base, params, data_meta, base_samples=base_samples)
   summary = {
     **results,
@@ -893,16 +983,36 @@ def main(argv):
     _fail(str(e))
   _say("start-up: %s", started["detail"])
   workdir = _WORKDIR.value
-  try:
-    if config.sweep:
-      summaries, chart = run_sweep(config, workdir, progress=_PROGRESS.value, startup=started)
-      for label, s in summaries.items():
-        print(f"\n{label}\n{_table(s)}")
-      print(f"\nchart: {chart}")
-      return
-    summary, _ = run_one(config, workdir, progress=_PROGRESS.value, stop_after=_MAX_TRAIN_STEPS.value, startup=started)
-  except data_lib.DataError as e:  # bad input data (file and line, or split): one line, no traceback
+  lock = None
+  try:  # before any compute: a writable workdir, used by this run only
+    workdir_lib.check_writable(workdir)
+    if jax.process_index() == 0:
+      lock = workdir_lib.Lock(workdir, say=lambda m: _say("%s", m)).acquire()
+  except workdir_lib.WorkdirError as e:
     _fail(str(e))
+  try:
+    _run(config, workdir, started)
+  except data_lib.DataError as e:  # bad input data (file and line, or split): one line, exit 2
+    _fail(str(e))
+  except (FloatingPointError, ValueError, OSError) as e:  # a clean end: one line, no shutdown noise
+    if lock is not None:
+      lock.release()
+    print(f"experiments.main: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # skips the atexit handlers of orbax's and absl's threads (their output is the noise)
+  finally:  # also on Ctrl-C and unexpected errors (those keep their traceback)
+    if lock is not None:
+      lock.release()
+
+
+def _run(config, workdir, started):
+  if config.sweep:
+    summaries, chart = run_sweep(config, workdir, progress=_PROGRESS.value, startup=started)
+    for label, s in summaries.items():
+      print(f"\n{label}\n{_table(s)}")
+    print(f"\nchart: {chart}")
+    return
+  summary, _ = run_one(config, workdir, progress=_PROGRESS.value, stop_after=_MAX_TRAIN_STEPS.value, startup=started)
   if jax.process_index() != 0:
     return
   if summary is None:

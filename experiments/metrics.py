@@ -107,6 +107,23 @@ def read_jsonl(path: str):
     return [json.loads(line) for line in f if line.strip()]
 
 
+def drop_after(workdir: str, stage: str, step: int) -> int:
+  """Removes the records of `stage` after `step` from `<workdir>/metrics.jsonl` (a resumed run
+  redoes those steps and logs them again); returns how many were removed. The file is rewritten
+  under a temporary name and renamed into place, so a kill leaves either version whole."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    lines = [line for line in f if line.strip()]
+  keep = [line for line in lines if not (json.loads(line).get("stage") == stage and json.loads(line)["step"] > step)]
+  if len(keep) < len(lines):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      f.writelines(keep)
+    os.replace(path + ".tmp", path)
+  return len(lines) - len(keep)
+
+
 class NullWriter:
   """The writer of processes other than 0 in a multi-process run: writes nothing."""
 

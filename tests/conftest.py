@@ -38,3 +38,21 @@ if os.environ.get("POFX_TEST_COMPILATION_CACHE", "1") != "0" and "JAX_COMPILATIO
   # process otherwise, and a process starts for most of the slow tests.
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def seed_dir(tmp_path_factory):
+  """The SFT base, the preference data and the kernel backend of configs/dpo.py:tiny, made once per
+  session for tests/test_experiments.py and tests/test_reliability.py (identical for every tiny
+  world config: the same seed, world, SFT and data settings)."""
+  from experiments import main as main_lib
+  from tests.program import _config
+
+  work = tmp_path_factory.mktemp("seed")
+  run = main_lib.Run(_config("dpo"), str(work), progress=False)
+  base = main_lib.stage_sft(run)
+  main_lib.stage_data(run, base)
+  return work

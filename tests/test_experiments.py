@@ -1,19 +1,16 @@
 """The training program: every config family trains on `:tiny`; a run writes its summary, metrics,
-plots and kernel-backend record; the CPU kernels end where XLA ends; a run killed with SIGKILL
-resumes to the same parameters as an uninterrupted run; parallel and multi-process runs equal the
-single-device run. The config checks are in tests/test_configs.py.
+plots and kernel-backend record; the CPU kernels end where XLA ends; parallel and multi-process
+runs equal the single-device run. The config checks are in tests/test_configs.py; kills, resumes,
+damaged checkpoints and workdir faults are in tests/test_reliability.py.
 
-Every run here starts from one shared SFT base and dataset (`seed_dir`, built once per session):
+Every run here starts from one shared SFT base and dataset (`seed_dir` in tests/conftest.py, built
+once per session):
 the program reuses a workdir's `sft_params`, `data` and `kernels.json` when they are present."""
 
-import importlib
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -24,42 +21,7 @@ import pofx_backends
 from configs import validate
 from experiments import main as main_lib
 from tests.data import ids, vocab
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = ("sft_params", "data", "kernels.json")
-
-
-def _config(family, arg="tiny"):
-  return importlib.import_module(f"configs.{family}").get_config(arg)
-
-
-def _main(args, **kw):
-  env = {**os.environ, "PYTHONPATH": ROOT}
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.main", *args], cwd=ROOT, env=env, capture_output=True, text=True, **kw
-  )
-
-
-@pytest.fixture(scope="session")
-def seed_dir(tmp_path_factory):
-  """The SFT base, the preference data and the kernel backend of configs/dpo.py:tiny, made once
-  (identical for every tiny world config: the same seed, world, SFT and data settings)."""
-  work = tmp_path_factory.mktemp("seed")
-  run = main_lib.Run(_config("dpo"), str(work), progress=False)
-  base = main_lib.stage_sft(run)
-  main_lib.stage_data(run, base)
-  return work
-
-
-def _seed_from(src, dst, names=SHARED):
-  """Share the seed's SFT base and data (symlinks) and its kernel-backend record (a copy), so a
-  run trains and evaluates only."""
-  os.makedirs(dst, exist_ok=True)
-  for name in names:
-    if name == "kernels.json":
-      shutil.copy(os.path.join(src, name), os.path.join(dst, name))
-    else:
-      os.symlink(os.path.join(src, name), os.path.join(dst, name))
+from tests.program import ROOT, _config, _final_params, _main, _seed_from
 
 
 @pytest.fixture(scope="module")
@@ -147,10 +109,6 @@ def test_every_family_runs_on_tiny(seed_dir, tmp_path, family, arg):
   assert s["kernels"] == json.load(open(seed_dir / "kernels.json"))["name"]  # the record is reused
 
 
-def _final_params(work):
-  return ocp.StandardCheckpointer().restore(os.path.join(work, "final_params"))
-
-
 @pytest.mark.skipif(
   pofx_backends.unavailable_reason("cpu") is not None, reason=f"{pofx_backends.unavailable_reason('cpu')}"
 )
@@ -174,45 +132,6 @@ def test_cpu_kernels_run_equals_the_xla_run(seed_dir, tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   # The CPU kernels did run: their float32 summation order differs from XLA's in the last bits.
   assert any(not np.array_equal(a, b) for a, b in zip(params["cpu"], params["xla"]))
-
-
-def test_sigkill_resume_equals_uninterrupted(seed_dir, tmp_path):
-  args = [
-    "--config=configs/dpo.py:tiny",
-    "--noprogress",
-    "--config.train.steps=10",
-    "--config.train.checkpoint_every=2",
-    "--config.train.log_every=2",
-  ]
-  straight, killed = tmp_path / "straight", tmp_path / "killed"
-  for w in (straight, killed):
-    _seed_from(seed_dir, w)
-  out = _main(args + [f"--workdir={straight}"])
-  assert out.returncode == 0, out.stderr[-2000:]
-
-  env = {**os.environ, "PYTHONPATH": ROOT}
-  proc = subprocess.Popen(
-    [sys.executable, "-m", "experiments.main", *args, f"--workdir={killed}"],
-    cwd=ROOT,
-    env=env,
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-  )
-  ckpt_dir = killed / "checkpoints"
-  deadline = time.time() + 240
-  while time.time() < deadline:
-    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if ckpt_dir.exists() else []
-    if steps and max(steps) >= 4:
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert not (killed / "final_params").exists(), "the run finished before it could be killed"
-  out = _main(args + [f"--workdir={killed}"])
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert "resumed from step" in out.stderr
-  a, b = _final_params(straight), _final_params(killed)
-  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
 def test_parallel_modes_of_the_program_equal_the_single_device_run(tiny_run, tmp_path):

@@ -1,0 +1,41 @@
+"""Running the training program as a user would, for the tests of tests/test_experiments.py and
+tests/test_reliability.py: `_main` (a subprocess of `python -m experiments.main`), `_seed_from`
+(a workdir that shares the session's SFT base and data) and `_final_params`. The session-scoped
+`seed_dir` fixture that builds that base is in tests/conftest.py."""
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+
+import orbax.checkpoint as ocp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = ("sft_params", "data", "kernels.json")
+
+
+def _config(family, arg="tiny"):
+  return importlib.import_module(f"configs.{family}").get_config(arg)
+
+
+def _main(args, **kw):
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.main", *args], cwd=ROOT, env=env, capture_output=True, text=True, **kw
+  )
+
+
+def _seed_from(src, dst, names=SHARED):
+  """Share the seed's SFT base and data (symlinks) and its kernel-backend record (a copy), so a
+  run trains and evaluates only."""
+  os.makedirs(dst, exist_ok=True)
+  for name in names:
+    if name == "kernels.json":
+      shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+    else:
+      os.symlink(os.path.join(src, name), os.path.join(dst, name))
+
+
+def _final_params(work):
+  return ocp.StandardCheckpointer().restore(os.path.join(work, "final_params"))
