@@ -58,9 +58,18 @@ def of_values(values: Any) -> str:
 def fields(config: Any, names: Iterable[str]) -> Dict[str, Any]:
   """{dotted name: value} of `names` in a nested config (a ConfigDict or nested mappings).
 
-  A name that ends in a mapping takes the whole sub-config (e.g. "world"); a name the config
+  A name that ends in a sub-config (e.g. "world") stands for each of its fields, flattened to
+  dotted names ("world.vocab_size", ...), so that a difference names the field; a name the config
   does not have maps to `MISSING`, so that adding a field later reads as a difference."""
   out = {}
+
+  def put(name, value):
+    if isinstance(value, Mapping) and value:
+      for k, v in value.items():
+        put(f"{name}.{k}", v)
+    else:
+      out[name] = value
+
   for name in names:
     node = config
     for part in name.split("."):
@@ -70,7 +79,7 @@ def fields(config: Any, names: Iterable[str]) -> Dict[str, Any]:
         node = MISSING
       if node is MISSING:
         break
-    out[name] = _plain(node)
+    put(name, _plain(node))
   return out
 
 

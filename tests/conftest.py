@@ -22,9 +22,12 @@ off).
 """
 
 import atexit
+import importlib
 import os
 import shutil
 import tempfile
+
+import pytest
 
 _FAST_COMPILE = "--xla_backend_optimization_level=0"
 if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
@@ -38,3 +41,17 @@ if os.environ.get("POFX_TEST_COMPILATION_CACHE", "1") != "0" and "JAX_COMPILATIO
   # process otherwise, and a process starts for most of the slow tests.
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+@pytest.fixture(scope="session")
+def seed_dir(tmp_path_factory):
+  """The SFT base, the preference data and the kernel backend of configs/dpo.py:tiny, made once
+  per session (identical for every tiny world config: the same seed, world, SFT and data
+  settings; their provenance records say so). Tests share them by symlinks (`_seed_from` in
+  tests/test_experiments.py)."""
+  main_lib = importlib.import_module("experiments.main")  # JAX and the data stack: only when used
+  work = tmp_path_factory.mktemp("seed")
+  run = main_lib.Run(importlib.import_module("configs.dpo").get_config("tiny"), str(work), progress=False)
+  base = main_lib.stage_sft(run)
+  main_lib.stage_data(run, base)
+  return work

@@ -3,8 +3,9 @@ plots and kernel-backend record; the CPU kernels end where XLA ends; a run kille
 resumes to the same parameters as an uninterrupted run; parallel and multi-process runs equal the
 single-device run. The config checks are in tests/test_configs.py.
 
-Every run here starts from one shared SFT base and dataset (`seed_dir`, built once per session):
-the program reuses a workdir's `sft_params`, `data` and `kernels.json` when they are present."""
+Every run here starts from one shared SFT base and dataset (`seed_dir` in conftest.py, built once
+per session): the program reuses a workdir's `sft_params`, `data` and `kernels.json` when they
+are present and their provenance records match the config (tests/test_provenance.py)."""
 
 import importlib
 import json
@@ -37,17 +38,6 @@ def _main(args, **kw):
   return subprocess.run(
     [sys.executable, "-m", "experiments.main", *args], cwd=ROOT, env=env, capture_output=True, text=True, **kw
   )
-
-
-@pytest.fixture(scope="session")
-def seed_dir(tmp_path_factory):
-  """The SFT base, the preference data and the kernel backend of configs/dpo.py:tiny, made once
-  (identical for every tiny world config: the same seed, world, SFT and data settings)."""
-  work = tmp_path_factory.mktemp("seed")
-  run = main_lib.Run(_config("dpo"), str(work), progress=False)
-  base = main_lib.stage_sft(run)
-  main_lib.stage_data(run, base)
-  return work
 
 
 def _seed_from(src, dst, names=SHARED):
