@@ -2,7 +2,9 @@
 
     python -m experiments.main --config=configs/dpo.py[:arg] --workdir=/tmp/run [--config.a.b=value ...]
 
-Stages (each skipped when its output in the workdir is complete, so a killed run resumes):
+Stages (each skipped when its output in the workdir is complete and was computed under the same
+config, so a killed run resumes; a rerun under another config is refused before any compute, or
+with --overwrite recomputes the stages that differ: `experiments/provenance.py`):
   1. sft        the supervised base policy on the controlled world's demonstrations (world data)
   2. data       preference pairs sampled from the base and labelled by Bradley-Terry on the gold
                 reward (or the user's JSONL/Parquet files), stored as an array_record TFDS dataset
@@ -497,7 +499,7 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   """Preference training (stage 4). Returns (final params, train info).
 
   Checkpoints continue only under the train record they were written under
-  (`checkpoints/provenance.json`); `final_params` records the step it holds, so raising
+  (`<workdir>/train_provenance.json`); `final_params` records the step it holds, so raising
   train.steps continues a finished run, and a finished run is reused only at that step."""
   c = run.config
   spec = losses.spec(c.train.loss)
@@ -582,7 +584,7 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   if pstep is not None:
     state = pstep.put_state(state)  # placed before a restore, so the restore keeps the shardings
   if not provenance.checkpoint_steps(ckpt_dir) and jax.process_index() == 0:
-    provenance.write(ckpt_dir, record)  # before the first checkpoint: every checkpoint has its record
+    provenance.write(run.path(provenance.TRAIN_RECORD), record)  # before the first checkpoint
   ckpts = checkpointing.Checkpoints(ckpt_dir, keep=c.train.keep_checkpoints)
   start = 0
   if ckpts.latest_step() is not None:
@@ -902,7 +904,8 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
 
 
 def _sweep_members(config, workdir: str):
-  """(item, member config) of every sweep member: the config with the member's overrides."""
+  """(item, member config) of every sweep member: the config with the member's overrides (each
+  is validated when it runs: a member may read an earlier member's output)."""
   out = []
   for item in config.sweep:
     member = copy.deepcopy(config)
@@ -912,7 +915,6 @@ def _sweep_members(config, workdir: str):
         if isinstance(v, str) and "{workdir}" in v:
           v = v.replace("{workdir}", os.path.abspath(workdir))
         _set(member, k, v)
-    config_validation.validate(member, process_count=jax.process_count())
     out.append((item, member))
   return out
 
@@ -933,6 +935,7 @@ def run_sweep(config, workdir: str, *, progress=True, startup=None, overwrite=Fa
   shared = (run, base, prepared, data_meta, None)
   points, summaries = [], {}
   for item, member in members:
+    config_validation.validate(member, process_count=jax.process_count())  # Pre-DPO: after round 1
     s, info = run_one(
       member,
       os.path.join(workdir, "sweep", item["label"]),

@@ -2,9 +2,10 @@
 
 Every stage output in a workdir carries a record of the config fields and input fingerprints it
 was computed from (`pofx.fingerprints`): `provenance.json` inside `sft_params/`,
-`sft_params_second_reference/`, `data/`, `checkpoints/` and `final_params/` (inside, so that an
-output shared by a symlink carries its record), the `provenance` entry of `summary.json`, and that
-of `kernels.json`. A stage's fingerprint covers exactly what it reads:
+`sft_params_second_reference/`, `data/` and `final_params/` (inside, so that an output shared by a
+symlink carries its record), `train_provenance.json` next to `checkpoints/` (written before the
+first checkpoint; the checkpoint folder holds orbax's step folders only), the `provenance` entry of
+`summary.json`, and that of `kernels.json`. A stage's fingerprint covers exactly what it reads:
 
   sft        seed, world.*, sft.*, model.{preset,dtype,remat}, data.source (and which SFT model:
              the MRPO second reference has its own seed offset)
@@ -52,6 +53,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 from pofx import fingerprints
 
 RECORD = "provenance.json"
+TRAIN_RECORD = "train_provenance.json"  # <workdir>/train_provenance.json: the record of checkpoints/
 
 # Stages in order, and the workdir entries each one owns (removed with --overwrite, with those
 # of every later stage).
@@ -59,7 +61,7 @@ STAGES = ("sft", "data", "train", "eval")
 OUTPUTS = {
   "sft": ("sft_params", "sft_params_second_reference"),
   "data": ("data", "reference_cache"),
-  "train": ("checkpoints", "final_params", "metrics.jsonl", "tensorboard", "training_curves.png"),
+  "train": (TRAIN_RECORD, "checkpoints", "final_params", "metrics.jsonl", "tensorboard", "training_curves.png"),
   "eval": ("summary.json", "reward_vs_kl.png"),
 }
 
@@ -201,8 +203,9 @@ def guide_identity(c) -> Optional[str]:
 
 
 def read(output: str) -> Optional[Dict[str, Any]]:
-  """The record inside the output directory `output` (None when there is none)."""
-  path = os.path.join(output, RECORD)
+  """The record inside the output directory `output`, or the record file `output` itself (None
+  when there is none)."""
+  path = output if output.endswith(".json") else os.path.join(output, RECORD)
   if not os.path.isfile(path):
     return None
   with open(path) as f:
@@ -210,9 +213,10 @@ def read(output: str) -> Optional[Dict[str, Any]]:
 
 
 def write(output: str, record: Record, **extra) -> None:
-  """Writes the record inside `output` (atomically: a temporary file renamed)."""
-  os.makedirs(output, exist_ok=True)
-  path = os.path.join(output, RECORD)
+  """Writes the record inside the directory `output`, or as the file `output` when it names a
+  .json file (atomically: a temporary file renamed)."""
+  path = output if output.endswith(".json") else os.path.join(output, RECORD)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + ".tmp", "w") as f:
     json.dump(record.to_json(**extra), f, indent=1)
   os.replace(path + ".tmp", path)
@@ -265,7 +269,7 @@ def findings(c, workdir: str, *, kernels: Optional[str], stages: Sequence[str] =
   if "train" in stages:
     rec = train_record(c, kernels=kernels, guide=guide_identity(c))
     if os.path.exists(here("checkpoints")) and checkpoint_steps(here("checkpoints")):
-      old = read(here("checkpoints"))
+      old = read(here(TRAIN_RECORD))
       if kernels is None and old is not None:  # the backend is decided later: compare the rest
         rec = dataclasses.replace(rec, inputs={**rec.inputs, "kernels": old.get("inputs", {}).get("kernels")})
       why = differences(old, rec)
