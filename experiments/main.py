@@ -924,11 +924,14 @@ def run_sweep(config, workdir: str, *, progress=True, startup=None, overwrite=Fa
   Every member's workdir is checked (`preflight`) before the shared stages compute."""
   members = _sweep_members(config, workdir)
   kernels = planned_kernels(config, workdir)
-  preflight(config, workdir, kernels=kernels, overwrite=overwrite, stages=("sft", "data"))
-  for item, member in members:
-    preflight(
-      member, os.path.join(workdir, "sweep", item["label"]), kernels=kernels, overwrite=overwrite, stages=("train",)
-    )
+  checks = [(config, os.path.abspath(workdir), ("sft", "data"))]
+  checks += [(m, os.path.abspath(os.path.join(workdir, "sweep", item["label"])), ("train",)) for item, m in members]
+  found = [(wd, provenance.findings(c, wd, kernels=kernels, stages=st)) for c, wd, st in checks]
+  found = [(wd, f) for wd, f in found if f]
+  if found and not overwrite:  # every member that differs, in one line
+    raise provenance.Refused(provenance.refusal(*found[0], *found[1:]))
+  for c, wd, st in checks:
+    preflight(c, wd, kernels=kernels, overwrite=overwrite, stages=st)
   run = Run(config, workdir, progress=progress)
   base = stage_sft(run)
   prepared, data_meta = stage_data(run, base)

@@ -281,10 +281,14 @@ def findings(c, workdir: str, *, kernels: Optional[str], stages: Sequence[str] =
   return out
 
 
-def refusal(workdir: str, found: Sequence[Finding]) -> str:
-  """One line: the workdir, each stage that differs and how, and what to do."""
-  parts = [f"{f.stage} ({f.output}): {'; '.join(f.why)}" for f in found]
-  return f"{workdir} holds stages computed under another config: {' | '.join(parts)}. Nothing was computed. {ADVICE}"
+def refusal(workdir: str, found: Sequence[Finding], *more) -> str:
+  """One line: the workdir, each stage that differs and how, and what to do. `more`: further
+  (workdir, findings) pairs (a sweep's members)."""
+  texts = []
+  for wd, fs in ((workdir, found),) + tuple(more):
+    parts = [f"{f.stage} ({f.output}): {'; '.join(f.why)}" for f in fs]
+    texts.append(f"{wd} holds stages computed under another config: {' | '.join(parts)}")
+  return f"{'; and '.join(texts)}. Nothing was computed. {ADVICE}"
 
 
 def remove(path: str) -> bool:

@@ -305,3 +305,21 @@ def test_changed_eval_field_recomputes_the_evaluation_only(finished, tmp_path, c
   assert "train: resumed from step 4" in err and (work / "metrics.jsonl").read_bytes() == metrics
   assert json.load(open(work / "summary.json")) == json.loads(json.dumps(summary))
   assert summary["config"]["eval"]["num_prompts"] == 8 and summary["num_comparisons"] == 8
+
+
+def test_overwrite_recomputes_the_changed_training_and_keeps_the_shared_base(finished, seed_dir, tmp_path, capfd):
+  work = tmp_path / "w"
+  shutil.copytree(finished, work, symlinks=True)
+  seed_before = _snapshot(seed_dir)
+  c = dpo.get_config("tiny")
+  with c.unlocked():
+    c.train.loss_hyper.beta = 0.5
+  summary, _ = main_lib.run_one(c, str(work), progress=False, overwrite=True)
+  err = capfd.readouterr().err
+  assert "train: recomputing (--overwrite): train.loss_hyper.beta: 0.1 -> 0.5" in err
+  assert "resumed from step" not in err and "sft: reusing" in err  # trained afresh on the same base
+  assert summary["provenance"]["train"]["fields"]["train.loss_hyper.beta"] == 0.5
+  assert json.load(open(work / "final_params" / "provenance.json"))["fields"]["train.loss_hyper.beta"] == 0.5
+  steps = [json.loads(line)["step"] for line in open(work / "metrics.jsonl")]
+  assert [s for s in steps] == [2, 4]  # the old run's metrics went with its checkpoints
+  assert os.path.islink(work / "sft_params") and _snapshot(seed_dir) == seed_before  # the shared base is kept
