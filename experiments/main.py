@@ -801,17 +801,19 @@ def _table(summary: Dict[str, Any]) -> str:
   return "\n".join([line] + [f"| {k.ljust(w)} | {v.rjust(22)} |" for k, v in rows] + [line])
 
 
-def preflight(config, workdir: str, *, kernels: Optional[str], overwrite: bool, stages=provenance.STAGES):
+def preflight(
+  config, workdir: str, *, kernels: Optional[str], overwrite: bool, stages=provenance.STAGES, guide="on disk"
+):
   """Before any compute: `provenance.check` for every process (each reads the records; process 0
-  removes what --overwrite replaces)."""
+  removes what --overwrite replaces). `guide`: see `provenance.findings`."""
   workdir = os.path.abspath(workdir)
-  found = provenance.findings(config, workdir, kernels=kernels, stages=stages)
+  found = provenance.findings(config, workdir, kernels=kernels, stages=stages, guide=guide)
   if found and not overwrite:
     raise provenance.Refused(provenance.refusal(workdir, found))
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("pofx:provenance-read")
   if found and jax.process_index() == 0:
-    provenance.check(config, workdir, kernels=kernels, overwrite=True, say=_say, stages=stages)
+    provenance.check(config, workdir, kernels=kernels, overwrite=True, say=_say, stages=stages, guide=guide)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("pofx:provenance-removed")
 
@@ -924,14 +926,24 @@ def run_sweep(config, workdir: str, *, progress=True, startup=None, overwrite=Fa
   Every member's workdir is checked (`preflight`) before the shared stages compute."""
   members = _sweep_members(config, workdir)
   kernels = planned_kernels(config, workdir)
-  checks = [(config, os.path.abspath(workdir), ("sft", "data"))]
-  checks += [(m, os.path.abspath(os.path.join(workdir, "sweep", item["label"])), ("train",)) for item, m in members]
-  found = [(wd, provenance.findings(c, wd, kernels=kernels, stages=st)) for c, wd, st in checks]
+  checks = [(config, os.path.abspath(workdir), ("sft", "data"), "on disk")]
+  finals = {}  # a member's final_params -> the identity this run gives it (a later round's guide)
+  for item, m in members:
+    wd = os.path.abspath(os.path.join(workdir, "sweep", item["label"]))
+    guide = "on disk"
+    if m.train.reference.kind == "guiding" and kernels is not None:
+      guide = finals.get(os.path.abspath(m.train.reference.guide_checkpoint), "on disk")
+    checks.append((m, wd, ("train",), guide))
+    if kernels is not None:
+      finals[os.path.join(wd, "final_params")] = provenance.final_identity(
+        m, kernels, None if guide == "on disk" else guide
+      )
+  found = [(wd, provenance.findings(c, wd, kernels=kernels, stages=st, guide=g)) for c, wd, st, g in checks]
   found = [(wd, f) for wd, f in found if f]
   if found and not overwrite:  # every member that differs, in one line
     raise provenance.Refused(provenance.refusal(*found[0], *found[1:]))
-  for c, wd, st in checks:
-    preflight(c, wd, kernels=kernels, overwrite=overwrite, stages=st)
+  for c, wd, st, g in checks:
+    preflight(c, wd, kernels=kernels, overwrite=overwrite, stages=st, guide=g)
   run = Run(config, workdir, progress=progress)
   base = stage_sft(run)
   prepared, data_meta = stage_data(run, base)

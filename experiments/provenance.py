@@ -198,6 +198,14 @@ def guide_identity(c) -> Optional[str]:
   return directory_identity(c.train.reference.guide_checkpoint) if c.train.reference.kind == "guiding" else None
 
 
+def final_identity(c, kernels: Optional[str], guide: Optional[str] = None) -> str:
+  """The identity (`directory_identity`) the final parameters of a run of `c` will have: what a
+  later Pre-DPO round reads as its guide."""
+  return fingerprints.of_values(
+    {"record": train_record(c, kernels=kernels, guide=guide).fingerprint, "step": c.train.steps}
+  )
+
+
 # ------------------------------------------------------------------------------------------------
 # Records on disk
 
@@ -251,9 +259,12 @@ class Finding:
   why: List[str]
 
 
-def findings(c, workdir: str, *, kernels: Optional[str], stages: Sequence[str] = STAGES) -> List[Finding]:
+def findings(
+  c, workdir: str, *, kernels: Optional[str], stages: Sequence[str] = STAGES, guide: Any = "on disk"
+) -> List[Finding]:
   """The refusable stages of `workdir` (sft, data, train) whose outputs differ from what this
-  config would compute. Reads records only; computes nothing."""
+  config would compute. Reads records only; computes nothing. `guide`: the guiding policy's
+  identity when it is still to be made in this run (a sweep's earlier member), else read from disk."""
   out = []
   here = lambda *p: os.path.join(workdir, *p)
   if "sft" in stages and c.data.source == "world":
@@ -267,7 +278,7 @@ def findings(c, workdir: str, *, kernels: Optional[str], stages: Sequence[str] =
     if why:
       out.append(Finding("data", "data", why))
   if "train" in stages:
-    rec = train_record(c, kernels=kernels, guide=guide_identity(c))
+    rec = train_record(c, kernels=kernels, guide=guide_identity(c) if guide == "on disk" else guide)
     if os.path.exists(here("checkpoints")) and checkpoint_steps(here("checkpoints")):
       old = read(here(TRAIN_RECORD))
       if kernels is None and old is not None:  # the backend is decided later: compare the rest
@@ -310,11 +321,20 @@ def remove_from(workdir: str, stage: str, say: Callable[..., None]) -> None:
         say("%s: removed %s (--overwrite)", later, os.path.join(workdir, name))
 
 
-def check(c, workdir: str, *, kernels: Optional[str], overwrite: bool, say, stages: Sequence[str] = STAGES) -> None:
+def check(
+  c,
+  workdir: str,
+  *,
+  kernels: Optional[str],
+  overwrite: bool,
+  say,
+  stages: Sequence[str] = STAGES,
+  guide: Any = "on disk",
+) -> None:
   """Before any compute: refuses (`Refused`) a workdir whose sft, data or train outputs were
   computed under other fields or inputs, or with `overwrite` removes them (and what follows them)
   so that they are recomputed, saying which and why, one line each."""
-  found = findings(c, workdir, kernels=kernels, stages=stages)
+  found = findings(c, workdir, kernels=kernels, stages=stages, guide=guide)
   if not found:
     return
   if not overwrite:

@@ -321,5 +321,32 @@ def test_overwrite_recomputes_the_changed_training_and_keeps_the_shared_base(fin
   assert summary["provenance"]["train"]["fields"]["train.loss_hyper.beta"] == 0.5
   assert json.load(open(work / "final_params" / "provenance.json"))["fields"]["train.loss_hyper.beta"] == 0.5
   steps = [json.loads(line)["step"] for line in open(work / "metrics.jsonl")]
-  assert [s for s in steps] == [2, 4]  # the old run's metrics went with its checkpoints
+  assert steps == [2, 4]  # the old run's metrics went with its checkpoints
   assert os.path.islink(work / "sft_params") and _snapshot(seed_dir) == seed_before  # the shared base is kept
+
+
+def test_raised_train_steps_continue_the_finished_run_and_redo_the_evaluation(finished, tmp_path, capfd):
+  work = tmp_path / "w"
+  shutil.copytree(finished, work, symlinks=True)
+  c = dpo.get_config("tiny")
+  with c.unlocked():
+    c.train.steps = 6
+  summary, _ = main_lib.run_one(c, str(work), progress=False)
+  err = capfd.readouterr().err
+  assert "train: resumed from step 4" in err and "continuing to train.steps=6" in err
+  assert "eval: recomputing" in err and "train.steps: 4 -> 6" in err
+  assert [json.loads(line)["step"] for line in open(work / "metrics.jsonl")] == [2, 4, 6]
+  assert json.load(open(work / "final_params" / "provenance.json"))["step"] == 6
+  assert summary["provenance"]["eval"]["fields"]["train.steps"] == 6
+
+
+def test_a_guide_made_in_this_sweep_is_known_before_it_is_made(tmp_path):
+  """A Pre-DPO round 2 is checked before round 1 runs: the identity round 1's final parameters
+  will have (`final_identity`) is the one read back from them once written (`directory_identity`)."""
+  c = dpo.get_config("tiny")
+  final = tmp_path / "final_params"
+  provenance.write(str(final), provenance.train_record(c, kernels="xla"), step=c.train.steps)
+  assert provenance.directory_identity(str(final)) == provenance.final_identity(c, "xla")
+  with c.unlocked():
+    c.train.steps = 6  # a longer round 1 is another guide
+  assert provenance.directory_identity(str(final)) != provenance.final_identity(c, "xla")
