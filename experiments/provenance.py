@@ -40,6 +40,9 @@ The rule on a rerun (`check`, called for every stage before any compute):
                      trained models or sampled data, so they are never replaced silently.
   reference, eval    recomputed when they differ (cheap, and derived from outputs kept in the
                      workdir), one line saying why.
+A sweep checks its shared stages and every member before any compute, and refuses with one line
+naming every member that differs; a Pre-DPO round whose guide is an earlier round of the same
+sweep is checked against the identity that round's final parameters will have (`final_identity`).
 """
 
 from __future__ import annotations
