@@ -2,7 +2,9 @@
 
     python -m experiments.main --config=configs/dpo.py[:arg] --workdir=/tmp/run [--config.a.b=value ...]
 
-Stages (each skipped when its output in the workdir is complete, so a killed run resumes):
+Stages (each skipped when its output in the workdir is complete and was computed under the same
+config, so a killed run resumes; a rerun under another config is refused before any compute, or
+with --overwrite recomputes the stages that differ: `experiments/provenance.py`):
   1. sft        the supervised base policy on the controlled world's demonstrations (world data)
   2. data       preference pairs sampled from the base and labelled by Bradley-Terry on the gold
                 reward (or the user's JSONL/Parquet files), stored as an array_record TFDS dataset
@@ -56,11 +58,11 @@ from ml_collections import config_flags
 
 import pofx_backends
 from configs import validate as config_validation
-from experiments import checkpointing, distributed, plots
+from experiments import checkpointing, distributed, plots, provenance
 from experiments import metrics as metrics_lib
 from experiments import sft as sft_lib
 from experiments import workdir as workdir_lib
-from pofx import batching, evaluation, losses, models, parallel, perturbations, policy, references, train
+from pofx import batching, evaluation, fingerprints, losses, models, parallel, perturbations, policy, references, train
 from pofx import data as data_lib
 from pofx import world as world_lib
 from pofx.data import pipeline
@@ -70,6 +72,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, data
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a live progress bar.")
 _MAX_TRAIN_STEPS = flags.DEFINE_integer(
   "stop_after_steps", None, "Stop training after this step (testing resume); the next run continues."
+)
+_OVERWRITE = flags.DEFINE_bool(
+  "overwrite",
+  False,
+  "Recompute the workdir's stages that were computed under another config (their outputs are replaced); "
+  "without it such a rerun is refused before any compute.",
 )
 
 _FAULT = flags.DEFINE_string(
@@ -176,11 +184,30 @@ def _decide_kernels(config, workdir: str) -> Dict[str, Any]:
     )
   else:
     name, details = pofx_backends.resolve(requested)
-  record = {"requested": requested, "name": name, "details": details}
+  record = {
+    "requested": requested,
+    "name": name,
+    "details": details,
+    "provenance": provenance.kernels_record(config, jax.default_backend()).to_json(),
+  }
   os.makedirs(workdir, exist_ok=True)
   with open(path, "w") as f:
     json.dump(record, f, indent=1)
   return record
+
+
+def planned_kernels(config, workdir: str) -> Optional[str]:
+  """The kernel backend a run of `config` in `workdir` will use, without deciding it: the
+  recorded one when the config asks for "auto" or for it, else the requested one; None when
+  "auto" is still to be decided (no record)."""
+  path = os.path.join(os.path.abspath(workdir), KERNELS_RECORD)
+  requested = config.model.kernels
+  if os.path.exists(path):
+    with open(path) as f:
+      name = json.load(f)["name"]
+    if requested in ("auto", name):
+      return name
+  return None if requested == "auto" else requested
 
 
 def settle_kernels(config, workdir: str) -> Dict[str, Any]:
@@ -235,8 +262,17 @@ def _load_params(path, like):
   return ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
 
 
+def _refuse_if_changed(run: Run, stage: str, output: str, record: provenance.Record):
+  """The stage's own check of an output it is about to reuse (the program checks every stage
+  before any compute, `provenance.check`; this guards the stage functions called directly)."""
+  why = provenance.differences(provenance.read(run.path(output)), record)
+  if why:
+    raise provenance.Refused(provenance.refusal(run.workdir, [provenance.Finding(stage, output, why)]))
+
+
 def stage_sft(run: Run, *, seed_offset: int = 0, name: str = "sft_params"):
-  """The base policy: SFT on the world's demonstrations (stage 1)."""
+  """The base policy: SFT on the world's demonstrations (stage 1). Its output carries its
+  provenance record (`experiments.provenance.sft_record`); a reused output must match it."""
   c = run.config
   path = run.path(name)
   init = run.model.init(run.key_for(f"init{seed_offset}"))
@@ -247,7 +283,9 @@ def stage_sft(run: Run, *, seed_offset: int = 0, name: str = "sft_params"):
     if seed_offset == 0:
       _say("sft: data.source='files' and model.init_checkpoint is empty: the base policy is a random init")
     return init
+  record = provenance.sft_record(c, seed_offset)
   if os.path.exists(path):
+    _refuse_if_changed(run, "sft", name, record)
     _say("sft: reusing %s", path)
     return _load_params(path, init)
   t = time.perf_counter()
@@ -262,6 +300,7 @@ def stage_sft(run: Run, *, seed_offset: int = 0, name: str = "sft_params"):
     learning_rate=c.sft.learning_rate,
   )
   _save_params(path, params)
+  provenance.write(path, record)
   _say("sft: %d steps in %.1fs -> %s", c.sft.steps, time.perf_counter() - t, path)
   return params
 
@@ -283,10 +322,17 @@ def _records(data, offset=0):
 
 
 def stage_data(run: Run, base_params):
-  """Preference data (stage 2): TFDS array_record dataset with train and eval splits."""
+  """Preference data (stage 2): TFDS array_record dataset with train and eval splits. The record
+  (`experiments.provenance.data_record`) is written before the data, so a dataset interrupted
+  while being written is finished under the same config or refused under another."""
   c = run.config
   data_dir = run.path("data")
   meta_path = run.path("data", "pairs_meta.json")
+  record = provenance.data_record(c)
+  if os.path.exists(data_dir):
+    _refuse_if_changed(run, "data", "data", record)
+  else:
+    provenance.write(data_dir, record)
   if c.data.source == "files":
     split = lambda text: [f.strip() for f in text.split(",") if f.strip()]
     files = {"train": split(c.data.files)}
@@ -345,8 +391,7 @@ def stage_data(run: Run, base_params):
     data_dir=data_dir,
     vocab_size=run.model_config.vocab_size,
     on_bad_record="skip",
-    fingerprint=f"world-seed{c.seed}-{json.dumps(c.world.to_dict(), sort_keys=True)}"
-    f"-{c.data.num_prompts}x{k}-sft{c.sft.steps}",
+    fingerprint=record.fingerprint,
   )
   meta = {
     "path": prepared.path,
@@ -409,7 +454,13 @@ def stage_reference_cache(run: Run, prepared, ref_params_list, logps_fn):
         ids, ch, rj = z["example_id"], z["chosen"], z["rejected"]
         joined.update({"example_id": ids, f"ref{k}_chosen_logps": ch, f"ref{k}_rejected_logps": rj})
         continue
-      _say("reference cache %s is stale (fingerprint differs): recomputing", path)
+      _say(
+        "reference: recomputing %s: it was computed from other reference weights, data or length limits "
+        "(fingerprint %s... -> %s...)",
+        path,
+        str(z["fingerprint"])[:12],
+        fp[:12],
+      )
     loader = data_lib.PreferenceLoader(
       source,
       batch_size=c.train.batch_size,
@@ -497,11 +548,27 @@ def _perturbation(c):
   return perturbations.none()
 
 
+def train_record(run: Run) -> provenance.Record:
+  """What this run's training depends on (`experiments.provenance.train_record`), with the
+  resolved kernel backend and the guiding policy's identity."""
+  c = run.config
+  return provenance.train_record(c, kernels=run.kernels_record["name"], guide=provenance.guide_identity(c))
+
+
 def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = None):
-  """Preference training (stage 4). Returns (final params, train info)."""
+  """Preference training (stage 4). Returns (final params, train info).
+
+  Checkpoints continue only under the train record they were written under
+  (`<workdir>/train_provenance.json`); `final_params` records the step it holds, so raising
+  train.steps continues a finished run, and a finished run is reused only at that step."""
   c = run.config
   spec = losses.spec(c.train.loss)
   final_path = run.path("final_params")
+  record = train_record(run)
+  ckpt_dir = run.path("checkpoints")
+  found = provenance.findings(c, run.workdir, kernels=record.inputs["kernels"], stages=("train",))
+  if found:  # before any compute (the program checked already; this guards direct calls)
+    raise provenance.Refused(provenance.refusal(run.workdir, found))
   logps_fn = policy.make_logps_fn(
     run.model.apply, run.model.head, kernels=run.kernels, with_log_sum_sq_probs="log_sum_sq_probs" in spec.requires
   )
@@ -576,8 +643,10 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   )
   if pstep is not None:
     state = pstep.put_state(state)  # placed before a restore, so the restore keeps the shardings
+  if not provenance.checkpoint_steps(ckpt_dir) and jax.process_index() == 0:
+    provenance.write(run.path(provenance.TRAIN_RECORD), record)  # before the first checkpoint
   ckpts = checkpointing.Checkpoints(
-    run.path("checkpoints"),
+    ckpt_dir,
     keep=c.train.keep_checkpoints,
     say=_say,
     on_written=lambda s: _fault(f"save:{s}"),
@@ -589,11 +658,19 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     start = int(meta["step"])
     counters = _Counters(**meta.get("counters", {}))
     _say("train: resumed from step %d", start)
-  if start >= c.train.steps and os.path.exists(final_path):
-    info = {**counters.info(c.train.batch_size), "steps": start, "resumed_complete": True}
-    n_used = 1 if pstep is None else int(np.prod(shape))
-    info["mfu"] = metrics_lib.mfu(info["flops_per_second"], n_used) if info["flops_per_second"] else None
-    return _load_params(final_path, base_params), info
+  final = provenance.read(final_path) if os.path.exists(final_path) else None
+  if start >= c.train.steps and final is not None and final.get("step") == c.train.steps:
+    if final.get("fingerprint") == record.fingerprint:
+      info = {**counters.info(c.train.batch_size), "steps": start, "resumed_complete": True}
+      n_used = 1 if pstep is None else int(np.prod(shape))
+      info["mfu"] = metrics_lib.mfu(info["flops_per_second"], n_used) if info["flops_per_second"] else None
+      return _load_params(final_path, base_params), info
+  if os.path.exists(final_path):  # another step (train.steps raised) or no record: made again at the end
+    _say("train: %s holds step %s; continuing to train.steps=%d", final_path, (final or {}).get("step"), c.train.steps)
+    if jax.process_index() == 0:
+      provenance.remove(final_path)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("pofx:final_params")
 
   def clean(b):
     return {k: v for k, v in b.items() if k != "example_id"}
@@ -721,6 +798,8 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   info["mfu"] = metrics_lib.mfu(info["flops_per_second"], n_devices_used) if info["flops_per_second"] else None
   if end == c.train.steps:
     _save_params(final_path, state.params)  # every process writes its shards
+    if jax.process_index() == 0:
+      provenance.write(final_path, record, step=end)
   ckpts.close()
   params = state.params
   if pstep is not None:
@@ -816,17 +895,51 @@ def _table(summary: Dict[str, Any]) -> str:
   return "\n".join([line] + [f"| {k.ljust(w)} | {v.rjust(22)} |" for k, v in rows] + [line])
 
 
-def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None, startup=None):
+def preflight(
+  config, workdir: str, *, kernels: Optional[str], overwrite: bool, stages=provenance.STAGES, guide="on disk"
+):
+  """Before any compute: `provenance.check` for every process (each reads the records; process 0
+  removes what --overwrite replaces). `guide`: see `provenance.findings`."""
+  workdir = os.path.abspath(workdir)
+  found = provenance.findings(config, workdir, kernels=kernels, stages=stages, guide=guide)
+  if found and not overwrite:
+    raise provenance.Refused(provenance.refusal(workdir, found))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("pofx:provenance-read")
+  if found and jax.process_index() == 0:
+    provenance.check(config, workdir, kernels=kernels, overwrite=True, say=_say, stages=stages, guide=guide)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("pofx:provenance-removed")
+
+
+def _summary_provenance(run: Run, config) -> Dict[str, Any]:
+  """The records of the stages behind a summary (sft or base, data, train, eval)."""
+  train_rec = train_record(run)
+  base = provenance.sft_record(config) if config.data.source == "world" else provenance.base_record(config)
+  return {
+    r.stage: r.to_json()
+    for r in (base, provenance.data_record(config), train_rec, provenance.eval_record(config, train_rec.fingerprint))
+  }
+
+
+def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None, startup=None, overwrite=False):
   """Stages 1-5 for one config; `shared` = (run, base_params, prepared, data_meta, base_samples)
-  from a sweep; `startup`: what `pofx_backends.startup()` did (recorded in the summary)."""
+  from a sweep; `startup`: what `pofx_backends.startup()` did (recorded in the summary).
+
+  Before any compute, the workdir's stages are checked against this config
+  (`experiments.provenance`): a changed SFT, data or training stage is refused
+  (`provenance.Refused`) or, with `overwrite`, removed and recomputed; a summary of another
+  evaluation config is recomputed."""
   t = time.perf_counter()
   if shared is None:
+    preflight(config, workdir, kernels=planned_kernels(config, workdir), overwrite=overwrite)
     run = Run(config, workdir, progress=progress)
     base = stage_sft(run)  # every process (orbax saves and restores are collective)
     prepared, data_meta = _primary_first(stage_data, run, base)
     base_samples = None
   else:
     parent, base, prepared, data_meta, base_samples = shared
+    preflight(config, workdir, kernels=parent.kernels_record["name"], overwrite=overwrite, stages=("train",))
     run = Run(config, workdir, progress=progress, kernels_record=parent.kernels_record)
     run.model, run.model_config, run.world = parent.model, parent.model_config, parent.world
     # The SFT base and the data are shared; reference caches are shared through their files.
@@ -842,9 +955,16 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
   if jax.process_index() != 0:
     return None, None  # process 0 evaluates and writes the summary
   summary_path = run.path("summary.json")
-  if os.path.exists(summary_path) and info.get("resumed_complete"):
+  records = _summary_provenance(run, config)
+  if os.path.exists(summary_path):
     with open(summary_path) as f:
-      return json.load(f), None
+      old = json.load(f)
+    eval_rec = provenance.Record("eval", records["eval"]["fields"], records["eval"]["inputs"])
+    why = provenance.differences(old.get("provenance", {}).get("eval"), eval_rec)
+    if not why and info.get("resumed_complete"):
+      _say("eval: reusing %s (computed under this config)", summary_path)
+      return old, None
+    _say("eval: recomputing %s: %s", summary_path, "; ".join(why) or "training continued")
   _fault("eval")
   results, base_samples = stage_eval(run, prepared, base, params, data_meta, base_samples=base_samples)
   summary = {
@@ -862,6 +982,9 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
     "kernels_record": run.kernels_record,
     **({"startup": startup} if startup is not None else {}),
     "seconds_total": time.perf_counter() - t,
+    "config": config.to_dict(),
+    "config_fingerprint": fingerprints.of_values(config.to_dict()),
+    "provenance": records,
   }
   with open(summary_path, "w") as f:
     json.dump(summary, f, indent=1)
@@ -877,13 +1000,10 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
   return summary, (run, base, prepared, data_meta, base_samples)
 
 
-def run_sweep(config, workdir: str, *, progress=True, startup=None):
-  """The shared stages once, then each sweep member; one reward-vs-KL chart of all members."""
-  run = Run(config, workdir, progress=progress)
-  base = stage_sft(run)
-  prepared, data_meta = stage_data(run, base)
-  shared = (run, base, prepared, data_meta, None)
-  points, summaries = [], {}
+def _sweep_members(config, workdir: str):
+  """(item, member config) of every sweep member: the config with the member's overrides (each
+  is validated when it runs: a member may read an earlier member's output)."""
+  out = []
   for item in config.sweep:
     member = copy.deepcopy(config)
     with member.unlocked():
@@ -892,9 +1012,47 @@ def run_sweep(config, workdir: str, *, progress=True, startup=None):
         if isinstance(v, str) and "{workdir}" in v:
           v = v.replace("{workdir}", os.path.abspath(workdir))
         _set(member, k, v)
-    config_validation.validate(member, process_count=jax.process_count())
+    out.append((item, member))
+  return out
+
+
+def run_sweep(config, workdir: str, *, progress=True, startup=None, overwrite=False):
+  """The shared stages once, then each sweep member; one reward-vs-KL chart of all members.
+  Every member's workdir is checked (`preflight`) before the shared stages compute."""
+  members = _sweep_members(config, workdir)
+  kernels = planned_kernels(config, workdir)
+  checks = [(config, os.path.abspath(workdir), ("sft", "data"), "on disk")]
+  finals = {}  # a member's final_params -> the identity this run gives it (a later round's guide)
+  for item, m in members:
+    wd = os.path.abspath(os.path.join(workdir, "sweep", item["label"]))
+    guide = "on disk"
+    if m.train.reference.kind == "guiding" and kernels is not None:
+      guide = finals.get(os.path.abspath(m.train.reference.guide_checkpoint), "on disk")
+    checks.append((m, wd, ("train",), guide))
+    if kernels is not None:
+      finals[os.path.join(wd, "final_params")] = provenance.final_identity(
+        m, kernels, None if guide == "on disk" else guide
+      )
+  found = [(wd, provenance.findings(c, wd, kernels=kernels, stages=st, guide=g)) for c, wd, st, g in checks]
+  found = [(wd, f) for wd, f in found if f]
+  if found and not overwrite:  # every member that differs, in one line
+    raise provenance.Refused(provenance.refusal(*found[0], *found[1:]))
+  for c, wd, st, g in checks:
+    preflight(c, wd, kernels=kernels, overwrite=overwrite, stages=st, guide=g)
+  run = Run(config, workdir, progress=progress)
+  base = stage_sft(run)
+  prepared, data_meta = stage_data(run, base)
+  shared = (run, base, prepared, data_meta, None)
+  points, summaries = [], {}
+  for item, member in members:
+    config_validation.validate(member, process_count=jax.process_count())  # Pre-DPO: after round 1
     s, info = run_one(
-      member, os.path.join(workdir, "sweep", item["label"]), progress=progress, shared=shared, startup=startup
+      member,
+      os.path.join(workdir, "sweep", item["label"]),
+      progress=progress,
+      shared=shared,
+      startup=startup,
+      overwrite=overwrite,
     )
     if info is not None:
       shared = (run, base, prepared, data_meta, info[4])
@@ -992,6 +1150,8 @@ def main(argv):
     _fail(str(e))
   try:
     _run(config, workdir, started)
+  except provenance.Refused as e:  # a workdir of another config: one line, nothing computed
+    _fail(str(e))
   except data_lib.DataError as e:  # bad input data (file and line, or split): one line, exit 2
     _fail(str(e))
   except (FloatingPointError, ValueError, OSError) as e:  # a clean end: one line, no shutdown noise
@@ -1007,12 +1167,19 @@ def main(argv):
 
 def _run(config, workdir, started):
   if config.sweep:
-    summaries, chart = run_sweep(config, workdir, progress=_PROGRESS.value, startup=started)
+    summaries, chart = run_sweep(config, workdir, progress=_PROGRESS.value, startup=started, overwrite=_OVERWRITE.value)
     for label, s in summaries.items():
       print(f"\n{label}\n{_table(s)}")
     print(f"\nchart: {chart}")
     return
-  summary, _ = run_one(config, workdir, progress=_PROGRESS.value, stop_after=_MAX_TRAIN_STEPS.value, startup=started)
+  summary, _ = run_one(
+    config,
+    workdir,
+    progress=_PROGRESS.value,
+    stop_after=_MAX_TRAIN_STEPS.value,
+    startup=started,
+    overwrite=_OVERWRITE.value,
+  )
   if jax.process_index() != 0:
     return
   if summary is None:

@@ -9,7 +9,17 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("batching", "gpo", "logprobs", "losses", "perturbations", "policy", "references", "train")
+_SUBMODULES = (
+  "batching",
+  "fingerprints",
+  "gpo",
+  "logprobs",
+  "losses",
+  "perturbations",
+  "policy",
+  "references",
+  "train",
+)
 _PAIR_LOGPS = ("ListLogps", "PairLogps")
 
 
@@ -26,6 +36,7 @@ __all__ = [
   "PairLogps",
   "ListLogps",
   "batching",
+  "fingerprints",
   "gpo",
   "logprobs",
   "losses",

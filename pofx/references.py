@@ -26,14 +26,13 @@ Strategies:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pofx import fingerprints
 from pofx._pair_logps import PairLogps
 
 LogpsFn = Callable[[Any, Any], PairLogps]
@@ -156,22 +155,11 @@ def fingerprint(params, *, vocab: Any, max_prompt_len: int, max_completion_len: 
   """SHA-256 of the reference weights, the vocabulary/tokenizer identity and the length limits.
 
   A cache is valid only for the exact reference, tokenisation and truncation that produced it;
-  `cached` refuses a cache whose fingerprint differs.
+  `cached` refuses a cache whose fingerprint differs. `extra`: anything else the cache depends on
+  (a program passes its dataset's fingerprint). Built with `pofx.fingerprints`.
   """
-  h = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    a = np.asarray(leaf)
-    h.update(jax.tree_util.keystr(path).encode())
-    h.update(str(a.dtype).encode() + str(a.shape).encode())
-    h.update(np.ascontiguousarray(a).tobytes())
-  meta = {
-    "vocab": vocab,
-    "max_prompt_len": int(max_prompt_len),
-    "max_completion_len": int(max_completion_len),
-    "extra": extra,
-  }
-  h.update(json.dumps(meta, sort_keys=True, default=str).encode())
-  return h.hexdigest()
+  meta = {"vocab": vocab, "max_prompt_len": int(max_prompt_len), "max_completion_len": int(max_completion_len)}
+  return fingerprints.of(meta, {"params": fingerprints.of_arrays(params), "extra": extra})
 
 
 def precompute(logps_fn: LogpsFn, params, batches, *, fingerprint: str):

@@ -26,6 +26,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 _FAST_COMPILE = "--xla_backend_optimization_level=0"
 if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
@@ -38,9 +40,6 @@ if os.environ.get("POFX_TEST_COMPILATION_CACHE", "1") != "0" and "JAX_COMPILATIO
   # process otherwise, and a process starts for most of the slow tests.
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -259,11 +259,14 @@ def test_auto_kernels_are_decided_once_per_workdir(tmp_path, monkeypatch):
   c = _config()
   first = main_lib.settle_kernels(c, str(tmp_path))
   assert calls == ["auto"]
-  assert first == {
+  assert {k: v for k, v in first.items() if k != "provenance"} == {
     "requested": "auto",
     "name": "xla",
     "details": {"requested": "auto", "rule": "stub", "seconds": {"xla": 1.0, "cpu": 2.0}},
   }
+  # What the decision depended on (experiments/provenance.py): the request, the mode, the platform.
+  assert first["provenance"]["fields"] == {"model.kernels": "auto", "train.parallel.mode": "single"}
+  assert first["provenance"]["inputs"] == {"platform": jax.default_backend()}
   assert json.load(open(tmp_path / "kernels.json")) == first
   # A resumed run reads the record and does not decide again.
   assert main_lib.settle_kernels(c, str(tmp_path)) == first and calls == ["auto"]

@@ -3,9 +3,9 @@ plots and kernel-backend record; the CPU kernels end where XLA ends; parallel an
 runs equal the single-device run. The config checks are in tests/test_configs.py; kills, resumes,
 damaged checkpoints and workdir faults are in tests/test_reliability.py.
 
-Every run here starts from one shared SFT base and dataset (`seed_dir` in tests/conftest.py, built
-once per session):
-the program reuses a workdir's `sft_params`, `data` and `kernels.json` when they are present."""
+Every run here starts from one shared SFT base and dataset (`seed_dir` in conftest.py, built once
+per session): the program reuses a workdir's `sft_params`, `data` and `kernels.json` when they
+are present and their provenance records match the config (tests/test_provenance.py)."""
 
 import json
 import os
