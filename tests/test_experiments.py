@@ -201,7 +201,7 @@ def test_bad_record_fails_with_file_and_line_or_is_skipped_and_counted(tmp_path)
   with pytest.raises(
     ValueError, match=rf"^split 'train': unknown-token rate {rate:.4f} \(3 of \d+ tokens.* above max_unk"
   ):
-    main_lib.run_one(c, work, progress=False)
+    main_lib.run_one(c, work, progress=False, overwrite=True)  # on_bad_record changed: the data stage again
   assert not (tmp_path / "work" / "checkpoints").exists()  # refused before any training
   with c.unlocked():
     c.data.max_unknown_token_rate = None
