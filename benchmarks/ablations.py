@@ -126,7 +126,7 @@ def run_group(a, names):
       + VARIANTS[n]
     )
     benches[n] = dpo_step.Bench(args)
-    kernels, _, _ = dpo_step.resolve_kernels(args, benches[n])
+    kernels, _, _ = dpo_step.resolve_kernels(args)
     benches[n].precompute(kernels)
     benches[n].compile(kernels)
     print(f"built {n}: {len(benches[n].flops_by_shape)} shapes, compile {benches[n].t_compile:.1f}s", flush=True)

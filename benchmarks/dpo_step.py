@@ -471,6 +471,11 @@ class Bench:
     return sum(2 * lens[i][0] + lens[i][1] + lens[i][2] for idx in idxs for i in idx) / len(idxs)
 
 
+def backend_kernels(a, name: str):
+  """The kernels of backend `name`, with the CPU backend's command-line options when it is "cpu"."""
+  return pofx_backends.kernels(name, **(cpu_options(a) if name == "cpu" else {}))
+
+
 def measure_in_child(a, name: str) -> float:
   """Seconds per step of this benchmark's step with kernel backend `name` (`Bench.measure`),
   measured by a child process started with the same options."""
@@ -494,9 +499,8 @@ def measure_in_child(a, name: str) -> float:
   return float(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
 
 
-def resolve_kernels(a, bench: Bench):
+def resolve_kernels(a):
   """`(kernels, name, details)` of `--kernels` (see the module docstring)."""
-  options = cpu_options(a)
   if a.kernels == "auto":
     measure = None
     if a.auto_measure == "step":
@@ -505,7 +509,7 @@ def resolve_kernels(a, bench: Bench):
     details["measure"] = a.auto_measure
   else:
     name, details = pofx_backends.resolve(a.kernels)
-  return pofx_backends.kernels(name, **(options if name == "cpu" else {})), name, details
+  return backend_kernels(a, name), name, details
 
 
 def main(argv=None):
@@ -513,11 +517,10 @@ def main(argv=None):
   started = {"host_memory": "unchanged", "detail": "--no_startup"} if a.no_startup else pofx_backends.startup()
   bench = Bench(a)
   if a.measure_only:
-    options = cpu_options(a) if a.measure_only == "cpu" else {}
-    print(json.dumps({"seconds": bench.measure(pofx_backends.kernels(a.measure_only, **options))}))
+    print(json.dumps({"seconds": bench.measure(backend_kernels(a, a.measure_only))}))
     return None
   t0 = time.perf_counter()
-  kernels, kernels_name, kernels_details = resolve_kernels(a, bench)
+  kernels, kernels_name, kernels_details = resolve_kernels(a)
   t_resolve = time.perf_counter() - t0
   bench.precompute(kernels)
   bench.compile(kernels)

@@ -154,8 +154,7 @@ def dot_product_attention(
       except (NotImplementedError, ValueError, RuntimeError):
         pass
     # Where cuDNN does not apply, the core's own XLA attention: it honours a SegmentMask's block
-    # list and ran float32 forwards 25% faster than jax.nn's XLA implementation on an H200
-    # (docs/benchmarks.md).
+    # list and was the faster XLA path on a GPU (docs/benchmarks.md).
     return kernels_lib.xla_attention(q, k, v, mask, scale=scale)
 
   if isinstance(mask, kernels_lib.CacheMask):
