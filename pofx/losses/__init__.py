@@ -43,6 +43,7 @@ import jax
 
 from pofx.losses import (
   _adaptive,
+  _annotated,
   _gpo_family,
   _label_noise,
   _margins,
@@ -66,6 +67,15 @@ from pofx.losses._adaptive import (
   gamma_po_init_state,
   gamma_po_margins,
   gamma_simpo,
+)
+from pofx.losses._annotated import (
+  bmc,
+  bmc_modified_tokens,
+  bmc_token_weights,
+  cosine_distance,
+  sem_dpo,
+  two_d_dpo,
+  two_d_dpo_segment_rewards,
 )
 from pofx.losses._common import check_beta, check_choice, check_range, logratios, margins
 from pofx.losses._gpo_family import dpo, exponential, gpo, ipo, ipo_sum, savage, slic, truncated_quadratic
@@ -109,6 +119,7 @@ REGISTRY: Mapping[str, LossSpec] = _registry.build_registry(
   _token_level.SPECS,
   _pointwise.SPECS,
   _risk.SPECS,
+  _annotated.SPECS,
 )
 """Read-only mapping: canonical name -> LossSpec."""
 
@@ -275,4 +286,11 @@ __all__ = [
   "ra_dpo",
   "ra_dpo2",
   "ra_dpo_sequence_risk",
+  "bmc",
+  "bmc_modified_tokens",
+  "bmc_token_weights",
+  "sem_dpo",
+  "cosine_distance",
+  "two_d_dpo",
+  "two_d_dpo_segment_rewards",
 ]

@@ -2,7 +2,9 @@
 
 One pair: pi_w = -10 over 5 chosen tokens, pi_l = -12 over 6 rejected tokens, ref_w = ref_l = -11,
 beta = 0.1 (each loss's own defaults otherwise); tokens are uniform (policy -2 per token,
-reference -11/5 and -11/6). So lr_w = +1, lr_l = -1, rho = 2. Scores (0.8, 0.3) where a loss uses them.
+reference -11/5 and -11/6). So lr_w = +1, lr_l = -1, rho = 2. Scores (0.8, 0.3) where a loss uses them;
+every token marked as differing (BMC), embeddings (1, 0) and (1, 1) (Sem-DPO), one segment per
+completion with aspect scores (1, 0.5) and (0.5, 0.5) (2D-DPO).
 """
 
 from __future__ import annotations
@@ -53,6 +55,15 @@ def example_kwargs(spec, key=None):
     kw["kl_logratios"] = jnp.array([0.0])
   if "list" in req:
     kw["scores"] = jnp.array([[0.8, 0.3]])
+  if "diff_masks" in req:  # every token differs
+    kw["chosen_diff_mask"] = jnp.asarray(np.arange(T)[None] < LEN_W, jnp.float32)
+    kw["rejected_diff_mask"] = jnp.asarray(np.arange(T)[None] < LEN_L, jnp.float32)
+  if "embeddings" in req:  # cosine 1/sqrt(2)
+    kw["prompt_embeddings"], kw["chosen_embeddings"] = jnp.array([[1.0, 0.0]]), jnp.array([[1.0, 1.0]])
+  if "segments" in req:  # one segment each; aspect scores (1, 0.5) and (0.5, 0.5)
+    kw["chosen_segment_ids"] = jnp.asarray(np.where(np.arange(T) < LEN_W, 0, -1)[None], jnp.int32)
+    kw["rejected_segment_ids"] = jnp.asarray(np.where(np.arange(T) < LEN_L, 0, -1)[None], jnp.int32)
+    kw["chosen_segment_scores"], kw["rejected_segment_scores"] = jnp.array([[[1.0, 0.5]]]), jnp.array([[[0.5, 0.5]]])
   if "state" in req:
     hyper = {k: v for k, v in spec.example_hyper.items() if k in spec.hyperparameters}
     kw["state"] = spec.init_state(**hyper)

@@ -29,7 +29,11 @@ REQUIREMENTS = types.MappingProxyType(
     "turn_ids": "`chosen_turn_ids=`, `rejected_turn_ids=`: per-token turn index [B, T] (int, -1 on padding)",
     "risk": "`chosen_risk=`, `rejected_risk=`: per-sequence risk terms [B] (Ra-DPO, see ra_dpo_sequence_risk)",
     "list": "`policy`/`reference` are ListLogps [B, K] and `scores=` is [B, K]",
-    "kl": "`kl_logratios=`: [B] policy-minus-reference log-probs of mismatched (x, y') pairs (KTO's z0)",
+    "kl": "`kl_logratios=`: [B'] policy-minus-reference log-probs of mismatched (x, y') pairs (KTO's z0)",
+    "diff_masks": "`chosen_diff_mask=`, `rejected_diff_mask=`: [B, T] 0/1 tokens where chosen and rejected differ (BMC)",
+    "embeddings": "`prompt_embeddings=`, `chosen_embeddings=`: [B, D] embeddings of the prompt and the chosen completion",
+    "segments": "`chosen_segment_ids=`, `rejected_segment_ids=` [B, T] (int, -1 on padding) and "
+    "`chosen_segment_scores=`, `rejected_segment_scores=` [B, S, A] (segment x aspect scores)",
   }
 )
 

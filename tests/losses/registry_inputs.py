@@ -43,6 +43,15 @@ def turn_ids(lens):
   return np.where(_mask(lens) > 0, ids, -1).astype(np.int32)
 
 
+NUM_SEGMENTS = 4  # segments of 3 tokens: at most ceil(T / 3) = 3 used, one padding slot
+
+
+def segment_ids(lens):
+  """Three tokens per segment; -1 on padding."""
+  ids = np.arange(T)[None, :] // 3 + np.zeros((B, 1), np.int32)
+  return np.where(_mask(lens) > 0, ids, -1).astype(np.int32)
+
+
 def build(spec, key, *, with_reference=True, seed=0):
   """Returns (policy, reference, kwargs) for `spec` (hyperparameters from example_hyper)."""
   req = spec.requires
@@ -72,6 +81,17 @@ def build(spec, key, *, with_reference=True, seed=0):
     kwargs["rejected_risk"] = jnp.asarray(rng.uniform(0, 1, B), jnp.float32)
   if "kl" in req:
     kwargs["kl_logratios"] = jnp.asarray(rng.normal(0, 1, B), jnp.float32)
+  if "diff_masks" in req:
+    kwargs["chosen_diff_mask"] = jnp.asarray(_mask(CHOSEN_LENS) * (rng.uniform(size=(B, T)) < 0.5))
+    kwargs["rejected_diff_mask"] = jnp.asarray(_mask(REJECTED_LENS) * (rng.uniform(size=(B, T)) < 0.5))
+  if "embeddings" in req:
+    kwargs["prompt_embeddings"] = jnp.asarray(rng.normal(0, 1, (B, 5)), jnp.float32)
+    kwargs["chosen_embeddings"] = jnp.asarray(rng.normal(0, 1, (B, 5)), jnp.float32)
+  if "segments" in req:
+    kwargs["chosen_segment_ids"] = jnp.asarray(segment_ids(CHOSEN_LENS))
+    kwargs["rejected_segment_ids"] = jnp.asarray(segment_ids(REJECTED_LENS))
+    kwargs["chosen_segment_scores"] = jnp.asarray(rng.uniform(0, 1, (B, NUM_SEGMENTS, 2)), jnp.float32)
+    kwargs["rejected_segment_scores"] = jnp.asarray(rng.uniform(0, 1, (B, NUM_SEGMENTS, 2)), jnp.float32)
   if "state" in req:
     hyper = {k: v for k, v in kwargs.items() if k in spec.hyperparameters and k in spec.example_hyper}
     kwargs["state"] = spec.init_state(**hyper)

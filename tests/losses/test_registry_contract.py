@@ -46,7 +46,21 @@ def _split(policy):
 
 
 def test_every_requirement_has_a_builder():
-  handled = {"lengths", "tokens", "log_sum_sq_probs", "key", "state", "scores", "turn_ids", "risk", "list", "kl"}
+  handled = {
+    "lengths",
+    "tokens",
+    "log_sum_sq_probs",
+    "key",
+    "state",
+    "scores",
+    "turn_ids",
+    "risk",
+    "list",
+    "kl",
+    "diff_masks",
+    "embeddings",
+    "segments",
+  }
   assert set(pofx.losses.REQUIREMENTS) <= handled
 
 
@@ -133,10 +147,12 @@ def test_contract(name):
 # Losses that detach a function of their own inputs (LossSpec.detached_by_design): finite
 # differences are taken where the detached quantity does not move. WPO's weights come from the
 # per-token arrays, so its sums are differentiated with the token arrays held fixed; beta-DPO's
-# detached batch beta is constant when its adaptation `a` is 0 (the filter keeps its draw).
+# detached batch beta is constant when its adaptation `a` is 0 (the filter keeps its draw); BMC's
+# weights 1 + m min(1/p, delta) are 1 + m for every p when delta = 1.
 FD_WHERE_DETACHED_IS_CONSTANT = {
   "wpo": {"leaves": ("chosen", "rejected")},
   "beta_dpo": {"hyper": {"a": 0.0}},
+  "bmc": {"hyper": {"delta": 1.0}},
 }
 
 
@@ -249,6 +265,9 @@ REQUIRED = {
   "asft",
   "kto",
   "dpo_nll_delta_l",
+  "bmc",
+  "sem_dpo",
+  "two_d_dpo",
 }
 REQUIRED_TRL = {
   "sigmoid",
