@@ -30,6 +30,9 @@ import pofx_backends
 from pofx import losses, options
 from pofx.models import llama
 
+# Losses that read the reference's per-token log-probs, which a reference cache does not hold.
+REFERENCE_TOKEN_LOSSES = ("bmc", "two_d_dpo", "sampo", "dmpo", "ld_dpo")
+
 # Fields that must be integers > 0.
 POSITIVE_INTEGERS = (
   "sft.steps",
@@ -239,9 +242,35 @@ def _check_loss(c) -> None:
     )
   # Losses needing scores read them from the data: the world's gold rewards, or the files'
   # score_chosen / score_rejected (the loader refuses pairs without them).
-  for kind in ("turn_ids", "risk", "kl"):
+  for kind in ("turn_ids", "risk"):
     if kind in spec.requires:
       raise ValueError(f"loss {spec.name!r} needs {kind!r} inputs that the training program does not produce.")
+  kind = c.train.reference.kind
+  if kind in ("cached", "multi") and ("kl" in spec.requires or spec.name in REFERENCE_TOKEN_LOSSES):
+    what = "the reference log-probs of its KL batch" if "kl" in spec.requires else "per-token reference log-probs"
+    raise ValueError(
+      f"config.train.reference.kind={kind!r}, but loss {spec.name!r} needs {what}, which a cache does not "
+      "hold; allowed: 'frozen', 'guiding', 'synced' or 'ema'."
+    )
+  # The world's annotations (pofx.world.World.embed_* / segment_scores) exist for world data only.
+  for need in ("embeddings", "segments"):
+    if need in spec.requires and c.data.source != "world":
+      raise ValueError(
+        f"config.data.source={c.data.source!r}, but loss {spec.name!r} reads {need!r}, which the program "
+        "makes from the controlled world; allowed: data.source='world'."
+      )
+  if "kl" in spec.requires:  # KTO's mismatched pairs are built within each micro-batch
+    if c.train.parallel.mode != "single":
+      raise ValueError(
+        f"config.train.parallel.mode={c.train.parallel.mode!r}, but loss {spec.name!r} builds its KL batch "
+        "in the single-device step only; allowed: 'single'."
+      )
+    if c.train.batch_size // c.train.grad_accum_steps < 2:
+      raise ValueError(
+        f"config.train.batch_size={c.train.batch_size} with grad_accum_steps={c.train.grad_accum_steps} gives "
+        f"micro-batches of {c.train.batch_size // c.train.grad_accum_steps} pair; loss {spec.name!r} pairs each "
+        "prompt with another pair's completions: allowed: at least 2 pairs per micro-batch."
+      )
 
 
 def _check_train(c) -> None:

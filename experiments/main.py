@@ -430,6 +430,48 @@ def _index_kwargs(c):
   }
 
 
+# Tokens per segment of the world's segment scores (2D-DPO's segments; `pofx.world.World.segment_scores`).
+SEGMENT_LEN = 3
+
+
+def _pair_inputs_fn(run: Run, spec):
+  """The loader's `pair_inputs`: the per-pair inputs a loss reads beyond log-probs and scores, made
+  from each batch's examples. BMC's diff masks come from the token ids (any data source);
+  Sem-DPO's embeddings (`World.embed_prompt` / `embed_completion`) and 2D-DPO's segment ids and
+  scores (`World.segment_scores`) from the controlled world. None when the loss reads none."""
+  need = set(spec.requires) & {"diff_masks", "embeddings", "segments"}
+  if not need:
+    return None
+  world = run.world
+
+  def fn(examples, pairs):
+    b, t = np.shape(pairs.chosen_targets)
+    out = {}
+    if "diff_masks" in need:
+      masks = {"chosen": np.zeros((b, t), np.float32), "rejected": np.zeros((b, t), np.float32)}
+      for i, e in enumerate(examples):
+        mc, mr = losses.bmc_modified_tokens(e["chosen"], e["rejected"])
+        masks["chosen"][i, : mc.size], masks["rejected"][i, : mr.size] = mc, mr
+      out.update(chosen_diff_mask=masks["chosen"], rejected_diff_mask=masks["rejected"])
+    if "embeddings" in need:
+      d = world.config.num_content
+      prompt, chosen = np.zeros((b, d), np.float32), np.zeros((b, d), np.float32)
+      for i, e in enumerate(examples):
+        prompt[i], chosen[i] = world.embed_prompt(e["prompt"]), world.embed_completion(e["chosen"])
+      out.update(prompt_embeddings=prompt, chosen_embeddings=chosen)
+    if "segments" in need:
+      s = world.num_segments(SEGMENT_LEN)
+      for side in ("chosen", "rejected"):
+        ids, scores = np.full((b, t), -1, np.int32), np.full((b, s, 2), 0.5, np.float32)
+        for i, e in enumerate(examples):
+          k, v = world.segment_scores(e["prompt"], e[side], SEGMENT_LEN)
+          ids[i, : k.size], scores[i] = k, v
+        out[f"{side}_segment_ids"], out[f"{side}_segment_scores"] = ids, scores
+    return out
+
+  return fn
+
+
 def stage_reference_cache(run: Run, prepared, ref_params_list, logps_fn):
   """Reference log-probs computed once over the training split (stage 3). Returns `joined`."""
   c = run.config
@@ -628,6 +670,8 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     seed=c.seed,
     shuffle=True,
     with_scores="scores" in spec.requires,
+    kl_pairs="kl" in spec.requires,  # KTO: the step scores the mismatched pairs for its reference point
+    pair_inputs=_pair_inputs_fn(run, spec),
     joined=joined,
     **_index_kwargs(c),
   )

@@ -25,15 +25,19 @@ def step_flops_fn(model_config, *, reference: str, perturbation: str, rwp_steps:
   """`batch -> processed FLOPs` of one train step of the program on that batch (`pofx.flops`).
 
   reference: the config's reference kind (`pofx.options.REFERENCE_KINDS`; "multi" is two cached
-  references here, no forward); perturbation: its kind (`pofx.options.PERTURBATION_KINDS`).
+  references here, no forward); perturbation: its kind (`pofx.options.PERTURBATION_KINDS`). A batch
+  with KTO's mismatched pairs (`batch["kl"]`) adds their policy and reference forwards.
   """
   reference = "cached" if reference == "multi" else reference
 
   def step_flops(batch) -> float:
     work = flops_lib.work_of_batch(batch)
-    return flops_lib.dpo_step_flops(
+    total = flops_lib.dpo_step_flops(
       model_config, work, reference=reference, perturbation=perturbation, rwp_steps=rwp_steps
     ).total
+    if "kl" in batch:  # KTO's mismatched pairs: one policy and one reference forward
+      total += 2 * flops_lib.forward_flops(model_config, flops_lib.work_of_batch(batch["kl"])).total
+    return total
 
   return step_flops
 

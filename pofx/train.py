@@ -14,7 +14,10 @@ Inside one step (all on device, no host syncs):
 `logps_fn(params, batch) -> PairLogps` is the policy's log-prob function (model forward plus
 chunked log-probs); the step knows nothing else about the model. Batches are dicts of arrays
 with a leading batch axis; per-pair extra inputs that a loss requires are read from the batch
-under the names of `pofx.losses.REQUIREMENTS` (e.g. `chosen_scores`). The loss is a canonical
+under the names of `pofx.losses.REQUIREMENTS` (e.g. `chosen_scores`). KTO's `kl_logratios` are
+either in the batch or computed by the step from the mismatched pairs in `batch["kl"]`
+(`{"pairs": PairBatch}`, the loader's `kl_pairs=True`): policy and reference log-ratios of those
+pairs, detached, `[2B]`. The loss is a canonical
 `pofx.losses` name, a TRL 1.16 loss_type written `"trl.<loss_type>"` (e.g. `"trl.sigmoid"`), or a
 `LossSpec`.
 
@@ -45,6 +48,9 @@ _BATCH_INPUTS = {
   "turn_ids": ("chosen_turn_ids", "rejected_turn_ids"),
   "risk": ("chosen_risk", "rejected_risk"),
   "kl": ("kl_logratios",),
+  "diff_masks": ("chosen_diff_mask", "rejected_diff_mask"),
+  "embeddings": ("prompt_embeddings", "chosen_embeddings"),
+  "segments": ("chosen_segment_ids", "rejected_segment_ids", "chosen_segment_scores", "rejected_segment_scores"),
 }
 _UNSUPPORTED_IN_STEP = ("list",)
 
@@ -216,7 +222,8 @@ def make_train_step(
     for kind in spec.requires:
       for name in _BATCH_INPUTS.get(kind, ()):
         if name not in batch:
-          raise ValueError(f"loss {spec.name!r} reads batch[{name!r}], which the batch lacks.")
+          hint = " (or the mismatched pairs under batch['kl']: the loader's kl_pairs=True)" if kind == "kl" else ""
+          raise ValueError(f"loss {spec.name!r} reads batch[{name!r}], which the batch lacks{hint}.")
         kw[name] = batch[name]
     if "key" in spec.requires:
       kw["key"] = key
@@ -249,7 +256,24 @@ def make_train_step(
     }
     return value, aux
 
+  def kl_logratios(state, kl_batch):
+    """KTO's mismatched log-ratios: the policy (at the step's parameters) and the reference on the
+    batch's KL pairs, detached; `[2B]`, each pair's chosen and rejected entries side by side."""
+    if reference.cached:
+      raise ValueError(
+        f"loss {spec.name!r} computes its KL batch's reference log-probs with a reference forward; a cached "
+        "reference has none: use frozen, synced, ema or guiding (or put 'kl_logratios' in the batch)."
+      )
+    policy_kl = logps_fn(jax.lax.stop_gradient(state.params), kl_batch)
+    lr_c, lr_r = losses_lib.logratios(policy_kl, reference.logps(state.ref_state, kl_batch))
+    return jax.lax.stop_gradient(jnp.stack([lr_c, lr_r], axis=1).reshape(-1).astype(jnp.float32))
+
   def one_batch(state, batch, pstate, k_loss, k_pert):
+    # KTO's reference point: when the batch holds the mismatched pairs ("kl", built by the loader's
+    # kl_pairs) instead of ready-made kl_logratios, both models score them here, once per
+    # (micro-)batch, outside the perturbation (the reference point is detached).
+    if "kl" in spec.requires and "kl_logratios" not in batch and "kl" in batch:
+      batch = {k: v for k, v in batch.items() if k != "kl"} | {"kl_logratios": kl_logratios(state, batch["kl"])}
     # The reference forward: once per (micro-)batch, outside the perturbation; its log-probs go to
     # the perturbation beside the batch, so that m-sharpness splits them with the pairs. The loss
     # state and key are closed over: never split.

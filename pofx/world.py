@@ -313,6 +313,67 @@ class World:
     z = z + cfg.length_bias * (np.asarray(len_1, np.float64) - np.asarray(len_2, np.float64))
     return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # sigmoid, no overflow
 
+  # Annotations for losses that read more than a pair (embeddings, segment scores) ---------------
+
+  def embed_prompt(self, prompt) -> np.ndarray:
+    """The prompt's embedding `[C]` float32: its affinity vector a(x, .) (what the gold reward's
+    token term asks of a completion)."""
+    return self.affinities(prompt)
+
+  def embed_completion(self, completion) -> np.ndarray:
+    """The completion's embedding `[C]` float32: the share of each content token among its content
+    tokens, read up to the first EOS (zeros when it has none). With `embed_prompt`, the cosine of
+    the two grows with the completion's affinity term."""
+    y = np.asarray(completion).reshape(-1)
+    eos = np.nonzero(y == EOS)[0]
+    body = y[: eos[0]] if eos.size else y
+    content = body[body >= FIRST_CONTENT] - FIRST_CONTENT
+    out = np.zeros((self.config.num_content,), np.float32)
+    if content.size:
+      np.add.at(out, content, 1.0)
+      out /= content.size
+    return out
+
+  def num_segments(self, segment_len: int) -> int:
+    """The most segments of `segment_len` tokens a completion can have: ceil(max_completion_len / segment_len)."""
+    return -(-self.config.max_completion_len // int(segment_len))
+
+  def segment_scores(self, prompt, completion, segment_len: int = 3):
+    """Segments of a completion and their scores on two aspects, from the gold reward's terms.
+
+    The completion's tokens (EOS included) are cut into consecutive segments of `segment_len`
+    tokens: `ids[t] = t // segment_len`. Segment k scores, in [0, 1]:
+      aspect 0 (relevance): `sigmoid(mean a(x, y_t))` over its tokens before the first EOS (a
+        special token counts -invalid_token_penalty, as in r*);
+      aspect 1 (structure): `(1 + mean G[y_{t-1}, y_t]) / 2` over the bigrams ending in it whose
+        two tokens are content tokens before the first EOS;
+    0.5 where a segment has no such token or bigram. Returns `(ids [n] int32, scores [S, 2]
+    float32)` with n = the completion's length and S = `num_segments(segment_len)` (rows past the
+    last segment are 0.5).
+    """
+    cfg = self.config
+    if int(segment_len) < 1:
+      raise ValueError(f"segment_scores: segment_len must be >= 1, got {segment_len!r}.")
+    y = np.asarray(completion).reshape(-1)
+    if y.size > cfg.max_completion_len:
+      raise ValueError(f"segment_scores: completion has {y.size} tokens, more than max_completion_len.")
+    aff = self.affinities(prompt)
+    eos = np.nonzero(y == EOS)[0]
+    n_body = int(eos[0]) if eos.size else y.size
+    ids = (np.arange(y.size) // int(segment_len)).astype(np.int32)
+    scores = np.full((self.num_segments(segment_len), 2), 0.5, np.float32)
+    is_content = y >= FIRST_CONTENT
+    c = np.where(is_content, y - FIRST_CONTENT, 0)
+    token_aff = np.where(is_content, aff[c], -cfg.invalid_token_penalty)
+    for k in range(int(ids.max()) + 1 if y.size else 0):
+      pos = np.nonzero((ids == k) & (np.arange(y.size) < n_body))[0]
+      if pos.size:
+        scores[k, 0] = 1.0 / (1.0 + np.exp(-float(np.mean(token_aff[pos]))))
+      big = [t for t in pos if t >= 1 and is_content[t] and is_content[t - 1]]
+      if big:
+        scores[k, 1] = 0.5 * (1.0 + float(np.mean([self.bigram_table[c[t - 1], c[t]] for t in big])))
+    return ids, scores
+
   # Demonstrations ------------------------------------------------------------------------------
 
   def demonstrations(self, n: int, seed: int, split: str = "train") -> Demonstrations:

@@ -36,6 +36,11 @@ A batch is a dict:
   "example_id": int32 `[B]` (-1 for padding pairs);
   "chosen_scores", "rejected_scores": float32 `[B]` when `with_scores=True` (a NaN score, i.e. a
     record without scores, raises ValueError naming the example ids);
+  "kl": `{"pairs": PairBatch}` when `kl_pairs=True`: KTO's mismatched pairs, prompt i with the
+    chosen and rejected completions of pair i - 1 (pair 0 with the last real pair), laid out like
+    "pairs" (dense attention, every completion slot scored: no index lists);
+  the arrays of `pair_inputs(examples, pairs)` when given (per-pair inputs computed from the
+    batch's examples, e.g. embeddings or token masks; leading axis B);
   one float32 `[B]` array per key of `joined` (e.g. cached reference log-probs
   `ref_chosen_logps`, `ref_rejected_logps` from `pofx.references.precompute`), looked up by
   example id (a missing id raises ValueError).
@@ -48,7 +53,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import jax
 import numpy as np
@@ -97,6 +102,11 @@ class PreferenceLoader:
     group_by_length: batches per length-sorted window (<= 1: no grouping).
     drop_remainder: drop a final partial batch (True) or pad it (False) when the stream is finite.
     with_scores: add "chosen_scores" / "rejected_scores".
+    kl_pairs: add "kl", the batch of mismatched pairs of KTO's reference point (TRL shifts the
+      completions by one within the batch); needs at least 2 real pairs per batch.
+    pair_inputs: `fn(examples, pairs) -> {name: array}`, per-pair inputs computed from the
+      batch's examples (dicts of numpy arrays, the real pairs only) and its `PairBatch` (for the
+      padded widths); every array has the leading axis B = `batch_size` (padding pairs included).
     joined: per-example arrays joined by id: `{"example_id": [N], key: [N], ...}`.
     prefetch: windows built ahead; num_threads: grain reader threads (0: no background work).
     attention_block_size: > 0 adds "attention_blocks" (`pofx.batching.attention_blocks` with
@@ -123,6 +133,8 @@ class PreferenceLoader:
     group_by_length: int = 0,
     drop_remainder: bool = True,
     with_scores: bool = False,
+    kl_pairs: bool = False,
+    pair_inputs: Optional[Callable[..., Mapping[str, Any]]] = None,
     joined: Optional[Mapping[str, Any]] = None,
     prefetch: int = 2,
     num_threads: int = 1,
@@ -157,6 +169,9 @@ class PreferenceLoader:
     self._p, self._n = int(process_index), int(process_count)
     self._group = max(int(group_by_length), 1)
     self._drop, self._with_scores = bool(drop_remainder), bool(with_scores)
+    self._kl_pairs, self._pair_inputs = bool(kl_pairs), pair_inputs
+    if pair_inputs is not None and not callable(pair_inputs):
+      raise ValueError(f"pair_inputs must be a function (examples, pairs) -> dict of arrays, got {pair_inputs!r}.")
     self._prefetch, self._num_threads = int(prefetch), int(num_threads)
     self._joined = self._index_joined(joined)
     if not isinstance(attention_block_size, (int, np.integer)) or attention_block_size < 0:
@@ -273,6 +288,29 @@ class PreferenceLoader:
     if self._scored:
       out["scored_tokens"] = batching.scored_tokens(pairs, bucket=self._index_bucket)
     real = ids >= 0
+    if self._kl_pairs:
+      n = len(examples)
+      if n < 2:
+        raise ValueError(
+          f"kl_pairs=True needs at least 2 pairs per batch (got {n}): with one pair the mismatched "
+          "completion is its own, and KTO's reference point would equal its implied reward."
+        )
+      prev = [examples[(i - 1) % n] for i in range(n)]
+      kl = batching.build(
+        self._layout,
+        [e["prompt"] for e in examples],
+        [e["chosen"] for e in prev],
+        [e["rejected"] for e in prev],
+        num_pairs=B,
+        **self._layout_kwargs,
+      )
+      out["kl"] = {"pairs": kl}
+    if self._pair_inputs is not None:
+      for key, v in dict(self._pair_inputs(examples, pairs)).items():
+        v = np.asarray(v)
+        if v.shape[:1] != (B,):
+          raise ValueError(f"pair_inputs[{key!r}] has shape {v.shape}; expected ({B}, ...) (one row per pair).")
+        out[key] = v
     if self._with_scores:
       for key, field in (("chosen_scores", "score_chosen"), ("rejected_scores", "score_rejected")):
         v = np.zeros((B,), np.float32)
