@@ -4,6 +4,7 @@ and segment scores, their config checks, and configs/new_methods.py:tiny trained
 
 import math
 import os
+import types
 
 import jax
 import numpy as np
@@ -153,6 +154,36 @@ def test_world_embeddings_and_segment_scores_by_hand():
   want[1, 0] = sig((-2.0 + aff[0]) / 2)  # the SEP counts -invalid_token_penalty; no content bigram ends here
   np.testing.assert_allclose(scores, want, rtol=1e-6)
   assert w.num_segments(3) == 4 and w.num_segments(5) == 3
+
+
+def test_program_pair_inputs_line_up_with_the_completion_tokens():
+  """The program's per-pair inputs on world pairs: token-shaped ones cover exactly the completion
+  tokens (the PairBatch's masks), padding pairs included; values as the world and the diff give them."""
+  w = world.World(world.WorldConfig(seed=0))
+  prompts = w.prompts(6, seed=1)
+  rng = np.random.default_rng(0)
+  comp = lambda: np.append(rng.integers(4, 32, size=int(rng.integers(1, 9))), world.EOS).astype(np.int32)
+  src = [
+    {"prompt": p, "chosen": comp(), "rejected": comp(), "score_chosen": 1.0, "score_rejected": 0.0, "example_id": i}
+    for i, p in enumerate(prompts)
+  ]
+  spec = types.SimpleNamespace(requires=frozenset({"diff_masks", "embeddings", "segments"}))
+  fn = main_lib._pair_inputs_fn(types.SimpleNamespace(world=w), spec)
+  batch = _loader(src, pair_inputs=fn, drop_remainder=False).batch_at(1)  # 2 real pairs, 2 padding
+  pairs = batch["pairs"]
+  for side in ("chosen", "rejected"):
+    mask = np.asarray(getattr(pairs, f"{side}_mask")) > 0
+    np.testing.assert_array_equal(batch[f"{side}_segment_ids"] >= 0, mask)
+    assert not np.any(batch[f"{side}_diff_mask"][~mask])
+    assert batch[f"{side}_segment_scores"].shape == (4, w.num_segments(main_lib.SEGMENT_LEN), 2)
+  for i, e in enumerate(src[4:]):
+    mc, mr = pofx.losses.bmc_modified_tokens(e["chosen"], e["rejected"])
+    np.testing.assert_array_equal(batch["chosen_diff_mask"][i, : mc.size], mc)
+    np.testing.assert_array_equal(batch["rejected_diff_mask"][i, : mr.size], mr)
+    np.testing.assert_allclose(batch["prompt_embeddings"][i], w.embed_prompt(e["prompt"]))
+    np.testing.assert_allclose(batch["chosen_embeddings"][i], w.embed_completion(e["chosen"]))
+    np.testing.assert_allclose(batch["rejected_segment_scores"][i], w.segment_scores(e["prompt"], e["rejected"])[1])
+  assert not batch["prompt_embeddings"][2:].any() and (batch["chosen_segment_ids"][2:] == -1).all()
 
 
 # -------------------------------------------------------------------------------------------------
