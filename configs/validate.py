@@ -242,9 +242,8 @@ def _check_loss(c) -> None:
     )
   # Losses needing scores read them from the data: the world's gold rewards, or the files'
   # score_chosen / score_rejected (the loader refuses pairs without them).
-  for kind in ("turn_ids", "risk"):
-    if kind in spec.requires:
-      raise ValueError(f"loss {spec.name!r} needs {kind!r} inputs that the training program does not produce.")
+  if "risk" in spec.requires:
+    raise ValueError(f"loss {spec.name!r} needs 'risk' inputs that the training program does not produce.")
   kind = c.train.reference.kind
   if kind in ("cached", "multi") and ("kl" in spec.requires or spec.name in REFERENCE_TOKEN_LOSSES):
     what = "the reference log-probs of its KL batch" if "kl" in spec.requires else "per-token reference log-probs"
@@ -253,7 +252,7 @@ def _check_loss(c) -> None:
       "hold; allowed: 'frozen', 'guiding', 'synced' or 'ema'."
     )
   # The world's annotations (pofx.world.World.embed_* / segment_scores) exist for world data only.
-  for need in ("embeddings", "segments"):
+  for need in ("embeddings", "segments", "turn_ids"):
     if need in spec.requires and c.data.source != "world":
       raise ValueError(
         f"config.data.source={c.data.source!r}, but loss {spec.name!r} reads {need!r}, which the program "

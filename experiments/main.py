@@ -438,8 +438,9 @@ def _pair_inputs_fn(run: Run, spec):
   """The loader's `pair_inputs`: the per-pair inputs a loss reads beyond log-probs and scores, made
   from each batch's examples. BMC's diff masks come from the token ids (any data source);
   Sem-DPO's embeddings (`World.embed_prompt` / `embed_completion`) and 2D-DPO's segment ids and
-  scores (`World.segment_scores`) from the controlled world. None when the loss reads none."""
-  need = set(spec.requires) & {"diff_masks", "embeddings", "segments"}
+  scores (`World.segment_scores`) from the controlled world, whose completions are single-turn:
+  DMPO's turn ids are the segment ids (each segment one turn). None when the loss reads none."""
+  need = set(spec.requires) & {"diff_masks", "embeddings", "segments", "turn_ids"}
   if not need:
     return None
   world = run.world
@@ -467,6 +468,13 @@ def _pair_inputs_fn(run: Run, spec):
           k, v = world.segment_scores(e["prompt"], e[side], SEGMENT_LEN)
           ids[i, : k.size], scores[i] = k, v
         out[f"{side}_segment_ids"], out[f"{side}_segment_scores"] = ids, scores
+    if "turn_ids" in need:  # the world is single-turn: its segments stand in for DMPO's turns
+      for side in ("chosen", "rejected"):
+        ids = np.full((b, t), -1, np.int32)
+        for i, e in enumerate(examples):
+          k, _ = world.segment_scores(e["prompt"], e[side], SEGMENT_LEN)
+          ids[i, : k.size] = k
+        out[f"{side}_turn_ids"] = ids
     return out
 
   return fn

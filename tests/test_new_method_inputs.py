@@ -167,13 +167,14 @@ def test_program_pair_inputs_line_up_with_the_completion_tokens():
     {"prompt": p, "chosen": comp(), "rejected": comp(), "score_chosen": 1.0, "score_rejected": 0.0, "example_id": i}
     for i, p in enumerate(prompts)
   ]
-  spec = types.SimpleNamespace(requires=frozenset({"diff_masks", "embeddings", "segments"}))
+  spec = types.SimpleNamespace(requires=frozenset({"diff_masks", "embeddings", "segments", "turn_ids"}))
   fn = main_lib._pair_inputs_fn(types.SimpleNamespace(world=w), spec)
   batch = _loader(src, pair_inputs=fn, drop_remainder=False).batch_at(1)  # 2 real pairs, 2 padding
   pairs = batch["pairs"]
   for side in ("chosen", "rejected"):
     mask = np.asarray(getattr(pairs, f"{side}_mask")) > 0
     np.testing.assert_array_equal(batch[f"{side}_segment_ids"] >= 0, mask)
+    np.testing.assert_array_equal(batch[f"{side}_turn_ids"], batch[f"{side}_segment_ids"])  # segments as turns
     assert not np.any(batch[f"{side}_diff_mask"][~mask])
     assert batch[f"{side}_segment_scores"].shape == (4, w.num_segments(main_lib.SEGMENT_LEN), 2)
   for i, e in enumerate(src[4:]):
@@ -211,6 +212,13 @@ def test_configs_refuse_what_the_inputs_cannot_be_built_for(loss, fields, messag
   c = _with(_config("new_methods"), sweep=(), train__loss=loss, train__loss_hyper={"beta": 0.1}, **fields)
   with pytest.raises(ValueError, match=message):
     validate.validate(c)
+
+
+def test_dmpo_runs_on_world_data_with_segments_as_turns():
+  c = _with(_config("new_methods"), sweep=(), train__loss="dmpo", train__loss_hyper={"beta": 0.1})
+  validate.validate(c)  # refused before the program made turn ids
+  with pytest.raises(ValueError, match="per-token reference log-probs"):
+    validate.validate(_with(c, train__reference__kind="cached"))
 
 
 def test_world_annotations_need_world_data():
