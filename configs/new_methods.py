@@ -26,6 +26,9 @@ def get_config(arg=None):
   c = common.base_config()
   c.train.loss = "dpo"
   c.train.reference.kind = "frozen"
+  # One batch shape: a world pair (prompt <= 8 tokens with BOS and SEP, completions <= 12) fills at
+  # most one 32-token prompt-shared row, so each member compiles its step once.
+  c.data.seq_bucket, c.data.completion_bucket = 32, 16
   _shrink.apply(c, arg)
   c.sweep = tuple(
     {"label": label, "overrides": {"train.loss": loss, "train.loss_hyper": dict(hyper)}}

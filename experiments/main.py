@@ -695,6 +695,8 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   )
   if pstep is not None:
     state = pstep.put_state(state)  # placed before a restore, so the restore keeps the shardings
+  else:  # committed to the device like the step's outputs, so the step compiles once, not twice
+    state = jax.device_put(state, jax.local_devices()[0])
   if not provenance.checkpoint_steps(ckpt_dir) and jax.process_index() == 0:
     provenance.write(run.path(provenance.TRAIN_RECORD), record)  # before the first checkpoint
   ckpts = checkpointing.Checkpoints(
