@@ -46,6 +46,7 @@ from pofx.losses import (
   _gpo_family,
   _label_noise,
   _margins,
+  _more,
   _pointwise,
   _reference_free,
   _registry,
@@ -71,6 +72,7 @@ from pofx.losses._common import check_beta, check_choice, check_range, logratios
 from pofx.losses._gpo_family import dpo, exponential, gpo, ipo, ipo_sum, savage, slic, truncated_quadratic
 from pofx.losses._label_noise import cdpo, focalpo, robust_dpo
 from pofx.losses._margins import dpo_shift, dpo_shift_lambda, dpop, ln_dpo, mappo, odpo
+from pofx.losses._more import flex_dpo, ilr_dpo, madpo, madpo_weights, mipo, mipo_alignment
 from pofx.losses._pointwise import infonca_kway, kto, kto_reference_point, nca, nca_kway, una
 from pofx.losses._reference_free import cpo, orpo, repo, simpo
 from pofx.losses._registry import REQUIREMENTS, LossSpec
@@ -109,6 +111,7 @@ REGISTRY: Mapping[str, LossSpec] = _registry.build_registry(
   _token_level.SPECS,
   _pointwise.SPECS,
   _risk.SPECS,
+  _more.SPECS,
 )
 """Read-only mapping: canonical name -> LossSpec."""
 
@@ -275,4 +278,10 @@ __all__ = [
   "ra_dpo",
   "ra_dpo2",
   "ra_dpo_sequence_risk",
+  "mipo",
+  "mipo_alignment",
+  "ilr_dpo",
+  "flex_dpo",
+  "madpo",
+  "madpo_weights",
 ]

@@ -249,6 +249,10 @@ REQUIRED = {
   "asft",
   "kto",
   "dpo_nll_delta_l",
+  "mipo",
+  "ilr_dpo",
+  "flex_dpo",
+  "madpo",
 }
 REQUIRED_TRL = {
   "sigmoid",
