@@ -20,7 +20,21 @@ from pofx import batching, options, parallel
 from pofx import data as data_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ("dpo", "gpo", "simpo", "ipo", "mrpo", "predpo", "trdpo", "sam", "awp", "rwp", "beta_dpo", "dpo_files")
+FAMILIES = (
+  "dpo",
+  "gpo",
+  "simpo",
+  "ipo",
+  "mrpo",
+  "predpo",
+  "trdpo",
+  "sam",
+  "awp",
+  "rwp",
+  "beta_dpo",
+  "dpo_files",
+  "new_methods",
+)
 ARGS = {
   "dpo": ("", "tiny"),
   "gpo": ("", "tiny"),
@@ -34,6 +48,7 @@ ARGS = {
   "rwp": ("", "tiny"),
   "beta_dpo": ("", "tiny"),
   "dpo_files": ("", "tiny"),
+  "new_methods": ("", "tiny"),
 }
 
 
@@ -94,6 +109,16 @@ def test_every_config_builds_locked_and_valid(family):
     assert "python -m experiments.main --config=configs/" in importlib.import_module(f"configs.{family}").__doc__
   with pytest.raises(ValueError, match="allowed"):
     _config(family, "no_such_arg")
+
+
+def test_every_new_methods_member_validates():
+  # A sweep member is validated when it runs, after the shared stages: check them all here.
+  c = _config("new_methods")
+  members = main_lib._sweep_members(c, "/nonexistent")
+  assert len(members) == len(c.sweep) >= 4
+  for item, member in members:
+    assert member.train.loss == item["overrides"]["train.loss"]
+    validate.validate(member)
 
 
 def test_options_without_a_value_are_none():
