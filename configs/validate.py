@@ -225,6 +225,10 @@ def _check_loss(c) -> None:
   beta = hyper.get("beta")
   if "beta" in hyper and not (isinstance(beta, (int, float)) and beta > 0):
     raise ValueError(f"config.train.loss_hyper.beta={beta!r} is not allowed; allowed: beta > 0.")
+  try:  # the loss's own checks of the values (ranges, choices, required names), nothing computed
+    losses.check_values(spec, hyper)
+  except ValueError as e:
+    raise ValueError(f"config.train.loss_hyper: {e}") from None
   if "list" in spec.requires:
     raise ValueError(f"config.train.loss={spec.name!r} is a K-way listwise loss; the training program trains pairs.")
   if spec.reference == "required" and c.train.reference.kind == "none":

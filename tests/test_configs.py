@@ -121,6 +121,19 @@ def test_every_new_methods_member_validates():
     validate.validate(member)
 
 
+@pytest.mark.parametrize(
+  "hyper,message",
+  [
+    ({"alpha": -0.5}, r"config.train.loss_hyper: ilr_dpo: invalid alpha=-0.5; allowed: alpha >= 0"),
+    ({"beta": 0.1}, r"config.train.loss_hyper: Loss 'ilr_dpo': missing required argument\(s\) \['alpha'\]"),
+  ],
+)
+def test_a_loss_hyperparameter_value_the_loss_refuses_fails_validation(hyper, message):
+  # The loss's own range checks run in validation (traced, nothing computed), before the SFT stage.
+  with pytest.raises(ValueError, match=message):
+    validate.validate(_edited({"train.loss": "ilr_dpo", "train.loss_hyper": hyper}))
+
+
 def test_options_without_a_value_are_none():
   c = common.base_config()
   assert c.train.reference.mrpo_alpha is None  # MRPO's adaptive weight per pair

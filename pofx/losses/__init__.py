@@ -43,6 +43,7 @@ import jax
 
 from pofx.losses import (
   _adaptive,
+  _example,
   _gpo_family,
   _label_noise,
   _margins,
@@ -168,6 +169,22 @@ def check_kwargs(loss, kwargs: Mapping[str, Any]) -> None:
   _registry.check_kwargs(_as_spec(loss), kwargs)
 
 
+def check_values(loss, kwargs: Mapping[str, Any]) -> None:
+  """ValueError when `kwargs` (a name or LossSpec's hyperparameters) holds a value the loss refuses.
+
+  Unknown or missing names fail as in `check_kwargs`. The values are then checked by the loss's
+  own checks (ranges, choices): the loss is traced once with `jax.eval_shape` on the worked
+  example's shapes (and its per-pair inputs: scores, key, state), so nothing is computed. A
+  program calls this before any long compute.
+  """
+  spec = _as_spec(loss)
+  inputs = {k: v for k, v in _example.example_kwargs(spec).items() if k not in spec.example_hyper}
+  merged = {**inputs, **kwargs}
+  _registry.check_kwargs(spec, merged)
+  policy, reference = _example._inputs(spec, 0.0)
+  jax.eval_shape(lambda p, r: spec.fn(p, r, **merged), policy, reference)
+
+
 def reduce(loss, per_pair: jax.Array, policy, mask: Optional[jax.Array] = None) -> jax.Array:
   """The documented batch reduction of `loss` (a name or LossSpec) applied to its `[B]` per-pair values.
 
@@ -201,6 +218,7 @@ __all__ = [
   "batch_loss",
   "reduce",
   "check_kwargs",
+  "check_values",
   "trl",
   # shared pieces
   "logratios",
