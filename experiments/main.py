@@ -1026,6 +1026,8 @@ def run_sweep(config, workdir: str, *, progress=True, startup=None, overwrite=Fa
   """The shared stages once, then each sweep member; one reward-vs-KL chart of all members.
   Every member's workdir is checked (`preflight`) before the shared stages compute."""
   members = _sweep_members(config, workdir)
+  for _, m in members:  # every member's loss and its values, before the shared stages compute
+    config_validation.check_loss(m)
   kernels = planned_kernels(config, workdir)
   checks = [(config, os.path.abspath(workdir), ("sft", "data"), "on disk")]
   finals = {}  # a member's final_params -> the identity this run gives it (a later round's guide)

@@ -134,6 +134,16 @@ def test_a_loss_hyperparameter_value_the_loss_refuses_fails_validation(hyper, me
     validate.validate(_edited({"train.loss": "ilr_dpo", "train.loss_hyper": hyper}))
 
 
+def test_a_sweep_member_with_a_refused_value_fails_before_the_shared_stages(tmp_path):
+  c = _config("new_methods")
+  bad = {"label": "bad", "overrides": {"train.loss": "ilr_dpo", "train.loss_hyper": {"alpha": -1.0}}}
+  with c.unlocked():
+    c.sweep = tuple(c.sweep) + (bad,)
+  with pytest.raises(ValueError, match=r"ilr_dpo: invalid alpha=-1.0; allowed: alpha >= 0"):
+    main_lib.run_sweep(c, str(tmp_path), progress=False)
+  assert os.listdir(tmp_path) == []  # no SFT base, no data
+
+
 def test_options_without_a_value_are_none():
   c = common.base_config()
   assert c.train.reference.mrpo_alpha is None  # MRPO's adaptive weight per pair
