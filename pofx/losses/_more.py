@@ -90,9 +90,9 @@ def ilr_dpo(policy, reference, *, alpha, beta: float = 0.1):
   chosen completion then explains part of the preference by its length, and the policy learns
   less of it: less verbosity. `alpha = 0` is DPO. Nothing is detached; the lengths are data.
 
-  Provenance: iLR-DPO (Liu et al.) describes its loss as "a margin-based cross-entropy loss that
-  incorporates both a standard preference margin and a length margin", the multi-objective DPO of
-  MODPO (Zhou et al., the same group) with a length penalty. The formula here is MODPO's loss as
+  Provenance: summaries of iLR-DPO (Liu et al.) describe its loss as "a margin-based cross-entropy
+  loss that incorporates both a standard preference margin and a length margin", the
+  multi-objective DPO of MODPO (Zhou et al., the same group) with a length penalty. The formula here is MODPO's loss as
   the authors' code computes it with the length-penalty margin reward `m(y) = -|y|` and weights
   `w = (1, alpha)`: `(1/w_0) [beta rho - alpha (m(y_w) - m(y_l))]`. The iLR-DPO paper's own
   equation text and its value of alpha could not be read here, so `alpha` has no default.
