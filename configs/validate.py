@@ -206,7 +206,9 @@ def _check_data(c) -> None:
     )
 
 
-def _check_loss(c) -> None:
+def check_loss(c) -> None:
+  """`train.loss` and `train.loss_hyper` (names and values) and the loss's rules with the reference;
+  also what a sweep runs for each member before its shared stages."""
   # A canonical pofx.losses name, or a TRL 1.16 loss_type written "trl.<loss_type>" (pofx.losses.trl).
   try:
     spec = losses.spec(c.train.loss)
@@ -225,6 +227,10 @@ def _check_loss(c) -> None:
   beta = hyper.get("beta")
   if "beta" in hyper and not (isinstance(beta, (int, float)) and beta > 0):
     raise ValueError(f"config.train.loss_hyper.beta={beta!r} is not allowed; allowed: beta > 0.")
+  try:  # the loss's own checks of the values (ranges, choices, required names), nothing computed
+    losses.check_values(spec, hyper)
+  except ValueError as e:
+    raise ValueError(f"config.train.loss_hyper: {e}") from None
   if "list" in spec.requires:
     raise ValueError(f"config.train.loss={spec.name!r} is a K-way listwise loss; the training program trains pairs.")
   if spec.reference == "required" and c.train.reference.kind == "none":
@@ -279,7 +285,7 @@ def _check_train(c) -> None:
       "checkpoint; allowed: the path of a finished run's params checkpoint (e.g. <first-stage "
       "workdir>/final_params)."
     )
-  _check_loss(c)
+  check_loss(c)
 
 
 def _check_processes(c, process_count: int, device_count: Optional[int]) -> None:

@@ -1016,10 +1016,18 @@ def _sweep_members(config, workdir: str):
   return out
 
 
+def _sweep_title(members) -> str:
+  """The chart's subject: the loss every member trains, or how many losses the members train."""
+  losses = sorted({m.train.loss for _, m in members})
+  return f"{losses[0]} sweep" if len(losses) == 1 else f"{len(losses)} losses"
+
+
 def run_sweep(config, workdir: str, *, progress=True, startup=None, overwrite=False):
   """The shared stages once, then each sweep member; one reward-vs-KL chart of all members.
   Every member's workdir is checked (`preflight`) before the shared stages compute."""
   members = _sweep_members(config, workdir)
+  for _, m in members:  # every member's loss and its values, before the shared stages compute
+    config_validation.check_loss(m)
   kernels = planned_kernels(config, workdir)
   checks = [(config, os.path.abspath(workdir), ("sft", "data"), "on disk")]
   finals = {}  # a member's final_params -> the identity this run gives it (a later round's guide)
@@ -1069,7 +1077,7 @@ def run_sweep(config, workdir: str, *, progress=True, startup=None, overwrite=Fa
     points,
     os.path.join(workdir, "reward_vs_kl.png"),
     base_reward=next(iter(summaries.values()))["gold_reward_base"],
-    title=f"gold reward vs KL: {config.train.loss} sweep",
+    title=f"gold reward vs KL: {_sweep_title(members)}",
   )
   with open(os.path.join(workdir, "sweep_summary.json"), "w") as f:
     json.dump(summaries, f, indent=1)

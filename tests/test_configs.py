@@ -20,7 +20,21 @@ from pofx import batching, options, parallel
 from pofx import data as data_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ("dpo", "gpo", "simpo", "ipo", "mrpo", "predpo", "trdpo", "sam", "awp", "rwp", "beta_dpo", "dpo_files")
+FAMILIES = (
+  "dpo",
+  "gpo",
+  "simpo",
+  "ipo",
+  "mrpo",
+  "predpo",
+  "trdpo",
+  "sam",
+  "awp",
+  "rwp",
+  "beta_dpo",
+  "dpo_files",
+  "new_methods",
+)
 ARGS = {
   "dpo": ("", "tiny"),
   "gpo": ("", "tiny"),
@@ -34,6 +48,7 @@ ARGS = {
   "rwp": ("", "tiny"),
   "beta_dpo": ("", "tiny"),
   "dpo_files": ("", "tiny"),
+  "new_methods": ("", "tiny"),
 }
 
 
@@ -94,6 +109,39 @@ def test_every_config_builds_locked_and_valid(family):
     assert "python -m experiments.main --config=configs/" in importlib.import_module(f"configs.{family}").__doc__
   with pytest.raises(ValueError, match="allowed"):
     _config(family, "no_such_arg")
+
+
+def test_every_new_methods_member_validates():
+  # A sweep member is validated when it runs, after the shared stages: check them all here.
+  c = _config("new_methods")
+  members = main_lib._sweep_members(c, "/nonexistent")
+  assert len(members) == len(c.sweep) >= 4
+  for item, member in members:
+    assert member.train.loss == item["overrides"]["train.loss"]
+    validate.validate(member)
+
+
+@pytest.mark.parametrize(
+  "hyper,message",
+  [
+    ({"alpha": -0.5}, r"config.train.loss_hyper: ilr_dpo: invalid alpha=-0.5; allowed: alpha >= 0"),
+    ({"beta": 0.1}, r"config.train.loss_hyper: Loss 'ilr_dpo': missing required argument\(s\) \['alpha'\]"),
+  ],
+)
+def test_a_loss_hyperparameter_value_the_loss_refuses_fails_validation(hyper, message):
+  # The loss's own range checks run in validation (traced, nothing computed), before the SFT stage.
+  with pytest.raises(ValueError, match=message):
+    validate.validate(_edited({"train.loss": "ilr_dpo", "train.loss_hyper": hyper}))
+
+
+def test_a_sweep_member_with_a_refused_value_fails_before_the_shared_stages(tmp_path):
+  c = _config("new_methods")
+  bad = {"label": "bad", "overrides": {"train.loss": "ilr_dpo", "train.loss_hyper": {"alpha": -1.0}}}
+  with c.unlocked():
+    c.sweep = tuple(c.sweep) + (bad,)
+  with pytest.raises(ValueError, match=r"ilr_dpo: invalid alpha=-1.0; allowed: alpha >= 0"):
+    main_lib.run_sweep(c, str(tmp_path), progress=False)
+  assert os.listdir(tmp_path) == []  # no SFT base, no data
 
 
 def test_options_without_a_value_are_none():

@@ -109,6 +109,28 @@ def test_every_family_runs_on_tiny(seed_dir, tmp_path, family, arg):
   assert s["kernels"] == json.load(open(seed_dir / "kernels.json"))["name"]  # the record is reused
 
 
+def test_new_methods_sweep_trains_every_member_on_tiny(seed_dir, tmp_path):
+  # configs/new_methods.py as a user runs it: the session's SFT base and data are reused, then
+  # every member trains its own loss and is evaluated, and the chart has them all.
+  work = tmp_path / "new_methods"
+  _seed_from(seed_dir, work)
+  out = _main(["--config=configs/new_methods.py:tiny", f"--workdir={work}", "--noprogress"])
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "sft: reusing" in out.stderr
+  c = _config("new_methods")
+  summaries = json.load(open(work / "sweep_summary.json"))
+  assert list(summaries) == [item["label"] for item in c.sweep]
+  for item in c.sweep:
+    s = summaries[item["label"]]
+    assert s["config"]["train"]["loss"] == item["overrides"]["train.loss"]
+    assert s["config"]["train"]["loss_hyper"] == dict(item["overrides"]["train.loss_hyper"])
+    assert np.isfinite(s["gold_reward_policy"]) and np.isfinite(s["kl_to_base"])
+    recs = [json.loads(line) for line in open(work / "sweep" / item["label"] / "metrics.jsonl")]
+    train = [r for r in recs if r["stage"] == "train"]
+    assert [r["step"] for r in train] == [2, 4] and all(np.isfinite(r["loss"]) for r in train)
+  assert (work / "reward_vs_kl.png").stat().st_size > 1000
+
+
 @pytest.mark.skipif(
   pofx_backends.unavailable_reason("cpu") is not None, reason=f"{pofx_backends.unavailable_reason('cpu')}"
 )

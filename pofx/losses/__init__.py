@@ -43,9 +43,11 @@ import jax
 
 from pofx.losses import (
   _adaptive,
+  _example,
   _gpo_family,
   _label_noise,
   _margins,
+  _more,
   _pointwise,
   _reference_free,
   _registry,
@@ -71,6 +73,7 @@ from pofx.losses._common import check_beta, check_choice, check_range, logratios
 from pofx.losses._gpo_family import dpo, exponential, gpo, ipo, ipo_sum, savage, slic, truncated_quadratic
 from pofx.losses._label_noise import cdpo, focalpo, robust_dpo
 from pofx.losses._margins import dpo_shift, dpo_shift_lambda, dpop, ln_dpo, mappo, odpo
+from pofx.losses._more import flex_dpo, ilr_dpo, madpo, madpo_weights, mipo, mipo_alignment
 from pofx.losses._pointwise import infonca_kway, kto, kto_reference_point, nca, nca_kway, una
 from pofx.losses._reference_free import cpo, orpo, repo, simpo
 from pofx.losses._registry import REQUIREMENTS, LossSpec
@@ -109,6 +112,7 @@ REGISTRY: Mapping[str, LossSpec] = _registry.build_registry(
   _token_level.SPECS,
   _pointwise.SPECS,
   _risk.SPECS,
+  _more.SPECS,
 )
 """Read-only mapping: canonical name -> LossSpec."""
 
@@ -165,6 +169,22 @@ def check_kwargs(loss, kwargs: Mapping[str, Any]) -> None:
   _registry.check_kwargs(_as_spec(loss), kwargs)
 
 
+def check_values(loss, kwargs: Mapping[str, Any]) -> None:
+  """ValueError when `kwargs` (a name or LossSpec's hyperparameters) holds a value the loss refuses.
+
+  Unknown or missing names fail as in `check_kwargs`. The values are then checked by the loss's
+  own checks (ranges, choices): the loss is traced once with `jax.eval_shape` on the worked
+  example's shapes (and its per-pair inputs: scores, key, state), so nothing is computed. A
+  program calls this before any long compute.
+  """
+  spec = _as_spec(loss)
+  inputs = {k: v for k, v in _example.example_kwargs(spec).items() if k not in spec.example_hyper}
+  merged = {**inputs, **kwargs}
+  _registry.check_kwargs(spec, merged)
+  policy, reference = _example._inputs(spec, 0.0)
+  jax.eval_shape(lambda p, r: spec.fn(p, r, **merged), policy, reference)
+
+
 def reduce(loss, per_pair: jax.Array, policy, mask: Optional[jax.Array] = None) -> jax.Array:
   """The documented batch reduction of `loss` (a name or LossSpec) applied to its `[B]` per-pair values.
 
@@ -198,6 +218,7 @@ __all__ = [
   "batch_loss",
   "reduce",
   "check_kwargs",
+  "check_values",
   "trl",
   # shared pieces
   "logratios",
@@ -275,4 +296,10 @@ __all__ = [
   "ra_dpo",
   "ra_dpo2",
   "ra_dpo_sequence_risk",
+  "mipo",
+  "mipo_alignment",
+  "ilr_dpo",
+  "flex_dpo",
+  "madpo",
+  "madpo_weights",
 ]

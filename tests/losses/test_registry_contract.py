@@ -88,6 +88,14 @@ def test_unknown_hyperparameter_lists_allowed():
     pofx.losses.batch_loss("dpo", policy, reference, betta=0.1)
 
 
+def test_check_values_traces_every_loss_with_its_example_values():
+  # configs/validate.py checks a config's loss_hyper this way before any compute.
+  for name in NAMES:
+    pofx.losses.check_values(name, dict(pofx.losses.spec(name).example_hyper))
+  with pytest.raises(ValueError, match=r"dpo_shift: invalid lam=2.0; allowed: \[0.0, 1.0\]"):
+    pofx.losses.check_values("dpo_shift", {"lam": 2.0})
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_documented(name):
   spec = pofx.losses.spec(name)
@@ -249,6 +257,10 @@ REQUIRED = {
   "asft",
   "kto",
   "dpo_nll_delta_l",
+  "mipo",
+  "ilr_dpo",
+  "flex_dpo",
+  "madpo",
 }
 REQUIRED_TRL = {
   "sigmoid",
