@@ -276,3 +276,30 @@ def test_two_processes_of_the_program_equal_the_single_process_run(seed_dir, tmp
   b = ocp.StandardCheckpointer().restore(str(multi / "final_params"), jax.tree.map(ocp.utils.to_shape_dtype_struct, a))
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6), a, b)
   assert json.load(open(multi / "summary.json"))["win_rate_ci95"]  # process 0 evaluated and wrote it
+
+
+def _metrics(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def test_new_methods_sweep_trains_every_member(seed_dir, tmp_path):
+  # configs/new_methods.py:tiny as a user runs it: SAM with m-sharpness, SAF, MESA, multi-sample
+  # dropout, adversarial embeddings and the gradient-field diagnostic, after the shared SFT and data.
+  work = tmp_path / "new_methods"
+  _seed_from(seed_dir, work)
+  out = _main(["--config=configs/new_methods.py:tiny", f"--workdir={work}", "--noprogress"])
+  assert out.returncode == 0, out.stderr[-3000:]
+  labels = [m["label"] for m in _config("new_methods").sweep]
+  for label in labels:
+    summary = json.load(open(work / "sweep" / label / "summary.json"))
+    assert np.isfinite(summary["gold_reward_policy"]) and np.isfinite(summary["kl_to_base"]), label
+    train_rows = [r for r in _metrics(work / "sweep" / label / "metrics.jsonl") if "loss" in r]
+    assert train_rows and all(np.isfinite(r["loss"]) and not r.get("nonfinite") for r in train_rows), label
+  # the diagnostic of DPO: dl/d log pi_w = -dl/d log pi_l at every logged step
+  rows = [r for r in _metrics(work / "sweep" / "gradient_field" / "metrics.jsonl") if "gradient_field/ratio" in r]
+  assert rows and all(abs(r["gradient_field/ratio"] - 1.0) < 1e-4 for r in rows)
+  assert all(r["gradient_field/chosen"] < 0 < r["gradient_field/rejected"] for r in rows)
+  # SAM's m is a recorded training input of that member (m = 4 of the 8 pairs per ascent)
+  fields = json.load(open(work / "sweep" / "sam_m" / "train_provenance.json"))["fields"]
+  assert fields["train.perturbation.m"] == 4 and fields["train.perturbation.kind"] == "sam", fields

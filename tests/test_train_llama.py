@@ -103,3 +103,96 @@ def test_padding_pairs_do_not_change_the_loss_or_gradient():
   for k in ("loss", "rewards/margins", "rewards/accuracy", "logps/chosen"):
     np.testing.assert_allclose(m1[k], m0[k], rtol=1e-5, atol=1e-6, err_msg=k)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s1.params, s0.params)
+
+
+# Dropout in the model (off by default) and multi-sample dropout in the step; input embeddings.
+DROPOUT = 0.3
+DROP_MODEL = models.make(CONFIG.replace(dropout=DROPOUT))
+DROP_LOGPS_FN = policy.make_logps_fn(DROP_MODEL.apply, DROP_MODEL.head, chunk_size=64)
+
+
+def test_dropout_acts_only_with_a_key_and_the_embedding_offset_is_causal():
+  params = MODEL.init(jax.random.key(0))
+  pairs = BATCH["pairs"]
+  args = (params, pairs.tokens, pairs.positions, pairs.segment_ids, pairs.branch_ids)
+  plain = np.asarray(MODEL.apply(*args))
+  key = jax.random.key(5)
+  np.testing.assert_array_equal(np.asarray(DROP_MODEL.apply(*args)), plain)  # no key: no dropout
+  np.testing.assert_array_equal(np.asarray(MODEL.apply(*args, dropout_key=key)), plain)  # rate 0
+  a = np.asarray(DROP_MODEL.apply(*args, dropout_key=key))
+  np.testing.assert_array_equal(a, np.asarray(DROP_MODEL.apply(*args, dropout_key=key)))
+  assert not np.allclose(a, plain) and not np.allclose(
+    a, np.asarray(DROP_MODEL.apply(*args, dropout_key=jax.random.key(6)))
+  )
+  with pytest.raises(ValueError, match="dropout"):
+    CONFIG.replace(dropout=1.0)
+  # An offset on one token's embedding: a zero offset changes nothing; a nonzero one changes that
+  # position and later ones of its row only (causal attention within a row).
+  rows, length = pairs.tokens.shape
+  offset = np.zeros((rows, length, CONFIG.hidden_size), np.float32)
+  np.testing.assert_array_equal(np.asarray(MODEL.apply(*args, embedding_offset=offset)), plain)
+  offset[2, 3] = 0.5
+  moved = np.asarray(MODEL.apply(*args, embedding_offset=offset))
+  np.testing.assert_array_equal(np.delete(moved, 2, axis=0), np.delete(plain, 2, axis=0))
+  np.testing.assert_array_equal(moved[2, :3], plain[2, :3])
+  assert not np.allclose(moved[2, 3], plain[2, 3])
+
+
+def _dpo_mean(logps, ref, beta):
+  h = (logps.chosen - ref.chosen) - (logps.rejected - ref.rejected)
+  return jnp.mean(-jax.nn.log_sigmoid(beta * h))
+
+
+def test_multi_sample_dropout_averages_the_loss_over_the_masks():
+  params = MODEL.init(jax.random.key(0))
+  ref = references.frozen(jax.tree.map(jnp.array, params), LOGPS_FN)
+  opt, beta, m = optax.sgd(1.0), 0.5, 3
+  rng = jax.random.key(11)
+  state = train.init_state(params, opt, ref, perturbations.none())
+  step = train.make_train_step(
+    DROP_LOGPS_FN, opt, loss="dpo", loss_hyper={"beta": beta}, reference=ref, dropout_samples=m, donate=False
+  )
+  new, metrics = step(state, BATCH, rng)
+  # By hand: M masks, keyed by the step's key (its dropout stream), the reference without dropout.
+  ref_logps = LOGPS_FN(params, BATCH)
+  keys = jax.random.split(jax.random.fold_in(rng, 0x64726F70), m)
+
+  def loss_with(p, k):
+    return _dpo_mean(DROP_LOGPS_FN(p, {**BATCH, "dropout_key": k}), ref_logps, beta)
+
+  losses = [float(loss_with(params, k)) for k in keys]
+  assert len(set(np.round(losses, 6))) == m  # the masks differ
+  np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
+  grads = [jax.grad(loss_with)(params, k) for k in keys]
+  expected = jax.tree.map(lambda p, *g: p - sum(g) / m, params, *grads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), new.params, expected)
+  # dropout_samples = 0 (the default): the dropout model trains exactly as the model without dropout
+  plain = train.make_train_step(LOGPS_FN, opt, loss="dpo", loss_hyper={"beta": beta}, reference=ref, donate=False)
+  off = train.make_train_step(DROP_LOGPS_FN, opt, loss="dpo", loss_hyper={"beta": beta}, reference=ref, donate=False)
+  jax.tree.map(np.testing.assert_array_equal, off(state, BATCH, rng)[0].params, plain(state, BATCH, rng)[0].params)
+  with pytest.raises(ValueError, match="dropout_samples"):
+    train.make_train_step(LOGPS_FN, opt, loss="dpo", reference=ref, dropout_samples=-1)
+
+
+def test_adversarial_embeddings_in_the_step_compose_with_sam():
+  params = MODEL.init(jax.random.key(0))
+  ref, extra = _reference("cached", params)
+  opt = optax.sgd(0.1)
+  batch = {**BATCH, **extra}
+
+  def run(ip, pert=None):
+    pert = pert or perturbations.none()
+    state = train.init_state(params, opt, ref, pert)
+    step = train.make_train_step(
+      LOGPS_FN, opt, loss="dpo", reference=ref, perturbation=pert, input_perturbation=ip, donate=False
+    )
+    return step(state, batch, jax.random.key(0))
+
+  plain, m_plain = run(None)
+  zero, m_zero = run(perturbations.adversarial_embeddings(0.0, CONFIG.hidden_size))
+  jax.tree.map(np.testing.assert_array_equal, zero.params, plain.params)  # radius 0: the plain step exactly
+  _, m_adv = run(perturbations.adversarial_embeddings(0.5, CONFIG.hidden_size))
+  assert float(m_adv["loss"]) > float(m_plain["loss"]) + 1e-4  # the ascent direction raises the loss
+  both, m_both = run(perturbations.adversarial_embeddings(0.5, CONFIG.hidden_size), perturbations.sam(0.05))
+  np.testing.assert_allclose(float(m_both["loss"]), float(m_adv["loss"]), rtol=1e-6)  # loss at theta, perturbed inputs
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(both.params))
