@@ -5,8 +5,9 @@
 One DPO training and evaluation per member in <workdir>/sweep/<label>, each with the settings
 of its own config file: SAM with m-sharpness (`sam.py`, m = 8 pairs per ascent), SAF
 (`saf.py`), MESA (`mesa.py`), multi-sample dropout (`msd.py`), adversarial token embeddings
-(`adv_embeddings.py`) and the gradient-field diagnostic (`gradient_field.py`). `:tiny` runs
-every member for a few steps (the trajectory terms switched on at once, 2 dropout masks).
+(`adv_embeddings.py`); the SAF member also logs the gradient-field diagnostic
+(`gradient_field.py`). `:tiny` runs every member for a few steps (the trajectory terms switched on
+at once, 2 dropout masks).
 """
 
 from configs import _shrink, common
@@ -30,6 +31,7 @@ def _members(tiny):
         "train.perturbation.lam": 0.3,
         "train.perturbation.minus_epochs": 1,
         "train.perturbation.start_epoch": start,
+        "train.gradient_field": True,  # the diagnostic rides along (it changes no result)
       },
     },
     {
@@ -46,7 +48,6 @@ def _members(tiny):
       "label": "adv_embeddings",
       "overrides": {"train.input_perturbation.kind": "embeddings", "train.input_perturbation.radius": 0.05},
     },
-    {"label": "gradient_field", "overrides": {"train.gradient_field": True}},
   )
 
 

@@ -254,8 +254,6 @@ def _check_train(c) -> None:
       f"config.train.dropout.rate={rate!r} is not allowed; allowed: a number in [0, 1) (0 = no dropout)."
     )
   _positive("train.dropout.samples", c.train.dropout.samples)
-  if not isinstance(c.train.gradient_field, bool):
-    raise ValueError(f"config.train.gradient_field={c.train.gradient_field!r} is not allowed; allowed: True or False.")
   _allowed(c, "train.reference.kind", options.REFERENCE_KINDS)
   _allowed(c, "train.perturbation.kind", options.PERTURBATION_KINDS)
   _allowed(c, "train.optimizer.name", options.OPTIMIZERS)

@@ -527,7 +527,10 @@ def adversarial_embeddings(radius: float, hidden_size: int) -> InputPerturbation
     pairs = batch["pairs"]
     rows, length = pairs.tokens.shape
     zero = jnp.zeros((rows, length, hidden_size), jnp.float32)
-    g = jax.grad(lambda d: objective(params, {**batch, "embedding_offset": d})[0])(zero)
+    # delta is a constant of the outer gradient: its inner gradient sees the weights as constants,
+    # so nothing differentiates a backward pass (kernels with a custom VJP have no second order).
+    fixed = jax.lax.stop_gradient(params)
+    g = jax.grad(lambda d: objective(fixed, {**batch, "embedding_offset": d})[0])(zero)
     real = (jnp.asarray(pairs.segment_ids) > 0)[..., None]
     g = jnp.where(real, g, 0.0)
     norm = jnp.sqrt(jnp.sum(g * g, axis=-1, keepdims=True))

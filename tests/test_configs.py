@@ -194,7 +194,7 @@ def test_sam_m_is_examples_per_ascent_and_sets_the_micro_batches():
   ],
 )
 def test_invalid_config_values_name_the_field(field, value, message):
-  # (rows for the dropout, input-perturbation and gradient-field fields are in
+  # (rows for the dropout, input-perturbation and trajectory-loss fields are in
   # test_new_training_fields_are_checked)
   with pytest.raises(ValueError, match=message):
     validate.validate(_edited({field: value}))
@@ -207,7 +207,6 @@ def test_invalid_config_values_name_the_field(field, value, message):
     ({"train.dropout.samples": 0}, "config.train.dropout.samples=0 is not allowed; allowed: an integer > 0"),
     ({"train.input_perturbation.kind": "pixels"}, r"config.train.input_perturbation.kind='pixels' is not allowed"),
     ({"train.input_perturbation.radius": -0.1}, "config.train.input_perturbation.radius=-0.1 is not allowed"),
-    ({"train.gradient_field": "yes"}, "config.train.gradient_field='yes' is not allowed; allowed: True or False"),
     ({"train.perturbation.kind": "saf", "train.perturbation.lam": -1.0}, "perturbation.lam=-1.0 is not allowed"),
     ({"train.perturbation.kind": "saf", "train.perturbation.minus_epochs": 0}, "perturbation.minus_epochs=0"),
     ({"train.perturbation.kind": "mesa", "train.perturbation.temperature": 0.0}, "perturbation.temperature=0.0"),

@@ -284,8 +284,8 @@ def _metrics(path):
 
 
 def test_new_methods_sweep_trains_every_member(seed_dir, tmp_path):
-  # configs/new_methods.py:tiny as a user runs it: SAM with m-sharpness, SAF, MESA, multi-sample
-  # dropout, adversarial embeddings and the gradient-field diagnostic, after the shared SFT and data.
+  # configs/new_methods.py:tiny as a user runs it: SAM with m-sharpness, SAF (with the gradient-field
+  # diagnostic), MESA, multi-sample dropout and adversarial embeddings, after the shared SFT and data.
   work = tmp_path / "new_methods"
   _seed_from(seed_dir, work)
   out = _main(["--config=configs/new_methods.py:tiny", f"--workdir={work}", "--noprogress"])
@@ -296,8 +296,8 @@ def test_new_methods_sweep_trains_every_member(seed_dir, tmp_path):
     assert np.isfinite(summary["gold_reward_policy"]) and np.isfinite(summary["kl_to_base"]), label
     train_rows = [r for r in _metrics(work / "sweep" / label / "metrics.jsonl") if "loss" in r]
     assert train_rows and all(np.isfinite(r["loss"]) and not r.get("nonfinite") for r in train_rows), label
-  # the diagnostic of DPO: dl/d log pi_w = -dl/d log pi_l at every logged step
-  rows = [r for r in _metrics(work / "sweep" / "gradient_field" / "metrics.jsonl") if "gradient_field/ratio" in r]
+  # the diagnostic of the DPO loss: dl/d log pi_w = -dl/d log pi_l at every logged step
+  rows = [r for r in _metrics(work / "sweep" / "saf" / "metrics.jsonl") if "gradient_field/ratio" in r]
   assert rows and all(abs(r["gradient_field/ratio"] - 1.0) < 1e-4 for r in rows)
   assert all(r["gradient_field/chosen"] < 0 < r["gradient_field/rejected"] for r in rows)
   # SAM's m is a recorded training input of that member (m = 4 of the 8 pairs per ascent)

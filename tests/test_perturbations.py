@@ -378,3 +378,34 @@ def test_adversarial_embeddings_move_each_real_token_by_the_radius():
   for kwargs in ({"radius": -1.0, "hidden_size": 3}, {"radius": 0.1, "hidden_size": 0}):
     with pytest.raises(ValueError):
       perturbations.adversarial_embeddings(**kwargs)
+
+
+def test_adversarial_embeddings_are_recomputed_at_sams_ascent_point():
+  # Composed as pofx.train composes them: SAM differentiates the loss on the embeddings perturbed
+  # at the weights it evaluates. With the linear objective above, the gradient at theta' is
+  # sum_t delta_t(theta') + theta', delta_t(theta') = radius (c_t + theta') / ||c_t + theta'||.
+  pairs = batching.prompt_shared([[1, 2], [3]], [[4], [5, 6]], [[7, 8], [9]], seq_bucket=8, completion_bucket=4)
+  rows, length = pairs.tokens.shape
+  c = np.random.default_rng(6).normal(size=(rows, length, 2)).astype(np.float32)
+  real = (np.asarray(pairs.segment_ids) > 0)[..., None]
+
+  def objective(p, b):
+    return jnp.sum((jnp.asarray(c) + p) * b.get("embedding_offset", 0.0)) + 0.5 * jnp.sum(p**2), {}
+
+  radius, rho = 0.3, 0.2
+  ip = perturbations.adversarial_embeddings(radius, 2)
+
+  def composed(p, b):
+    return objective(p, ip.perturb(objective, p, b))
+
+  def grad_at(theta):
+    g = c + theta
+    return np.where(real, radius * g / np.linalg.norm(g, axis=-1, keepdims=True), 0.0).sum((0, 1)) + theta
+
+  theta = np.array([0.4, -0.3])
+  g0 = grad_at(theta)
+  expected = grad_at(theta + rho * g0 / np.linalg.norm(g0))
+  _, grads, _ = perturbations.sam(rho).value_and_grad(
+    composed, jnp.asarray(theta, jnp.float32), (), RNG, {"pairs": pairs}
+  )
+  np.testing.assert_allclose(np.asarray(grads), expected, rtol=1e-5, atol=1e-5)
