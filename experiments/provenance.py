@@ -17,7 +17,10 @@ first checkpoint; the checkpoint folder holds orbax's step folders only), the `p
              (`pofx.references.fingerprint`, checked where the cache is read)
   train      seed; model.{preset,dtype,remat,init_checkpoint}; the batching fields of data.*;
              train.{loss,loss_hyper,batch_size,grad_accum_steps,optimizer,parallel}; the fields of
-             the chosen reference and perturbation kinds; the SFT and data fingerprints; the
+             the chosen reference and perturbation kinds; when set, train.perturbation.m (SAM),
+             train.dropout (rate > 0) and train.input_perturbation (kind not "none"), fields
+             added later and recorded only then, so earlier records stay valid; the SFT and data
+             fingerprints; the
              resolved kernel backend; the guiding policy's fingerprint (Pre-DPO) or the second
              SFT model's (MRPO)
   eval       eval.*, train.steps and the train fingerprint
