@@ -186,17 +186,31 @@ def test_multi_sample_dropout_averages_the_loss_over_the_masks():
 def test_adversarial_embeddings_in_the_step_compose_with_sam():
   params = MODEL.init(jax.random.key(0))
   ref = references.frozen(jax.tree.map(jnp.array, params), LOGPS_FN)
-  opt = optax.sgd(0.1)
-  metrics = {}
-  for name, ip, pert in (
-    ("plain", None, perturbations.none()),
-    ("adv_sam", perturbations.adversarial_embeddings(0.5, CONFIG.hidden_size), perturbations.sam(0.05)),
-  ):
-    state = train.init_state(params, opt, ref, pert)
-    step = train.make_train_step(
-      LOGPS_FN, opt, loss="dpo", reference=ref, perturbation=pert, input_perturbation=ip, donate=False
-    )
-    new, metrics[name] = step(state, SMALL, jax.random.key(0))
-  # the reported loss is at theta on the perturbed embeddings: the ascent direction raised it
-  assert float(metrics["adv_sam"]["loss"]) > float(metrics["plain"]["loss"]) + 1e-4
+  opt, radius, beta = optax.sgd(0.1), 0.5, 0.1
+  ip, pert = perturbations.adversarial_embeddings(radius, CONFIG.hidden_size), perturbations.sam(0.05)
+  state = train.init_state(params, opt, ref, pert)
+  step = train.make_train_step(
+    LOGPS_FN, opt, loss="dpo", reference=ref, perturbation=pert, input_perturbation=ip, donate=False
+  )
+  new, metrics = step(state, SMALL, jax.random.key(0))
+
+  # By hand: the DPO loss as a function of the embedding offset, its gradient at zero, each real
+  # token moved by radius along it; the step reports the loss there (at theta, SAM's convention).
+  @jax.jit
+  def by_hand(p):
+    ref_logps = LOGPS_FN(p, SMALL)
+
+    def loss_at(offset):
+      logps = LOGPS_FN(p, {**SMALL, "embedding_offset": offset})
+      h = (logps.chosen - ref_logps.chosen) - (logps.rejected - ref_logps.rejected)
+      return jnp.mean(-jax.nn.log_sigmoid(beta * h))
+
+    zero = jnp.zeros(SMALL["pairs"].tokens.shape + (CONFIG.hidden_size,))
+    g = jax.grad(loss_at)(zero) * (SMALL["pairs"].segment_ids > 0)[..., None]
+    norm = jnp.linalg.norm(g, axis=-1, keepdims=True)
+    return loss_at(zero), loss_at(radius * g / jnp.where(norm > 0, norm, 1.0))
+
+  clean, adversarial = by_hand(params)
+  np.testing.assert_allclose(float(metrics["loss"]), float(adversarial), rtol=1e-5)
+  assert float(adversarial) > float(clean) + 1e-4  # the ascent direction raised the loss
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(new.params))
