@@ -252,6 +252,14 @@ def check_loss(c) -> None:
 
 def _check_train(c) -> None:
   _allowed(c, "train.on_nonfinite", options.ON_NONFINITE)
+  _allowed(c, "train.input_perturbation.kind", options.INPUT_PERTURBATION_KINDS)
+  _positive("train.input_perturbation.radius", c.train.input_perturbation.radius, integer=False, zero_ok=True)
+  rate = c.train.dropout.rate
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+    raise ValueError(
+      f"config.train.dropout.rate={rate!r} is not allowed; allowed: a number in [0, 1) (0 = no dropout)."
+    )
+  _positive("train.dropout.samples", c.train.dropout.samples)
   _allowed(c, "train.reference.kind", options.REFERENCE_KINDS)
   _allowed(c, "train.perturbation.kind", options.PERTURBATION_KINDS)
   _allowed(c, "train.optimizer.name", options.OPTIMIZERS)
@@ -270,6 +278,38 @@ def _check_train(c) -> None:
       "or a weight in [0, 1]."
     )
   p = c.train.perturbation
+  if p.kind == "sam" and p.m is not None:
+    _positive("train.perturbation.m", p.m)
+    micro = c.train.batch_size // c.train.grad_accum_steps
+    if micro % p.m:
+      raise ValueError(
+        f"config.train.perturbation.m={p.m} is not allowed with train.batch_size={c.train.batch_size} and "
+        f"train.grad_accum_steps={c.train.grad_accum_steps}; allowed: None (one ascent per micro-batch) or a "
+        f"divisor of the {micro} pairs of a micro-batch (m = examples per ascent)."
+      )
+  if p.kind in ("saf", "mesa"):
+    _positive("train.perturbation.lam", p.lam, integer=False, zero_ok=True)
+    _positive("train.perturbation.temperature", p.temperature, integer=False)
+    if not isinstance(p.start_epoch, int) or isinstance(p.start_epoch, bool):
+      raise ValueError(
+        f"config.train.perturbation.start_epoch={p.start_epoch!r} is not allowed; allowed: an integer (the term "
+        "is on for epochs > start_epoch; -1: from the first step)."
+      )
+    if p.end_epoch is not None and (not isinstance(p.end_epoch, int) or p.end_epoch <= p.start_epoch):
+      raise ValueError(
+        f"config.train.perturbation.end_epoch={p.end_epoch!r} is not allowed; allowed: None (no end) or an "
+        f"integer > start_epoch={p.start_epoch}."
+      )
+    if p.kind == "saf":
+      _positive("train.perturbation.minus_epochs", p.minus_epochs)
+    if p.kind == "mesa":
+      if not isinstance(p.decay, (int, float)) or isinstance(p.decay, bool) or not 0.0 <= p.decay <= 1.0:
+        raise ValueError(f"config.train.perturbation.decay={p.decay!r} is not allowed; allowed: a number in [0, 1].")
+      if c.train.grad_accum_steps > 1:
+        raise ValueError(
+          "config.train.perturbation.kind='mesa' with train.grad_accum_steps > 1 is not allowed: its EMA would "
+          "move once per micro-batch; allowed: train.grad_accum_steps=1."
+        )
   if p.kind == "rwp":
     if p.c_min is None or not math.isfinite(p.c_min):
       raise ValueError(
@@ -321,6 +361,12 @@ def _check_processes(c, process_count: int, device_count: Optional[int]) -> None
       f"has {device_count}."
     )
   batch_devices = sizes[0] * sizes[1]
+  p = c.train.perturbation
+  if p.kind == "sam" and p.m is not None and p.m % batch_devices:
+    raise ValueError(
+      f"config.train.perturbation.m={p.m} must be a multiple of the {batch_devices} data-parallel devices "
+      "(each ascent's m pairs are spread over them)."
+    )
   if c.train.batch_size % (c.train.grad_accum_steps * batch_devices):
     raise ValueError(
       f"config.train.batch_size={c.train.batch_size} must be a multiple of train.grad_accum_steps x "

@@ -537,9 +537,32 @@ def _optimizer(c):
   return optax.chain(*parts), schedule
 
 
-def _perturbation(c):
+def micro_batches(c) -> int:
+  """Micro-batches per step: `train.grad_accum_steps`, or with SAM's m-sharpness
+  (`train.perturbation.m`, examples per ascent) `train.batch_size // m`: the step takes one
+  ascent per micro-batch of m pairs and averages their SAM gradients (Foret et al. Sec. 4.1),
+  which is how `pofx.train` accumulates gradients."""
   p = c.train.perturbation
-  if p.kind == "sam":
+  if p.kind == "sam" and p.m is not None:
+    return c.train.batch_size // p.m
+  return c.train.grad_accum_steps
+
+
+def _num_examples(source) -> int:
+  """One more than the largest example id of a prepared split: the rows of SAF's memory."""
+  return 1 + max(int(source[i]["example_id"]) for i in range(len(source)))
+
+
+def _perturbation(c, num_examples: int = 1):
+  """The config's perturbation; `num_examples` (the training split's size, `_num_examples`) sizes
+  SAF's memory and counts SAF's and MESA's epochs."""
+  p = c.train.perturbation
+  window = dict(lam=p.lam, temperature=p.temperature, start_epoch=p.start_epoch, end_epoch=p.end_epoch)
+  if p.kind == "saf":
+    return perturbations.saf(num_examples, minus_epochs=p.minus_epochs, **window)
+  if p.kind == "mesa":
+    return perturbations.mesa(num_examples, decay=p.decay, **window)
+  if p.kind == "sam":  # m-sharpness is made by the micro-batches (`micro_batches`)
     return perturbations.sam(p.rho, adaptive=p.adaptive)
   if p.kind == "awp":
     return perturbations.awp(p.gamma)
@@ -569,8 +592,13 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   found = provenance.findings(c, run.workdir, kernels=record.inputs["kernels"], stages=("train",))
   if found:  # before any compute (the program checked already; this guards direct calls)
     raise provenance.Refused(provenance.refusal(run.workdir, found))
+  # With dropout the policy's model has the rate; it applies only to forwards given a dropout key
+  # (the policy's, from the train step), so the reference and the cache use the same function.
+  model = run.model
+  if c.train.dropout.rate > 0:
+    model = models.make(run.model_config.replace(dropout=float(c.train.dropout.rate)), kernels=run.kernels)
   logps_fn = policy.make_logps_fn(
-    run.model.apply, run.model.head, kernels=run.kernels, with_log_sum_sq_probs="log_sum_sq_probs" in spec.requires
+    model.apply, model.head, kernels=run.kernels, with_log_sum_sq_probs="log_sum_sq_probs" in spec.requires
   )
   kind = c.train.reference.kind
   joined = None
@@ -597,16 +625,24 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     )
 
   optimizer, schedule = _optimizer(c)
-  perturbation = _perturbation(c)
+  trajectory = c.train.perturbation.kind in ("saf", "mesa")
+  perturbation = _perturbation(c, _num_examples(prepared.source("train")) if trajectory else 1)
   hyper = dict(c.train.loss_hyper)
-  n_acc = c.train.grad_accum_steps
+  n_acc = micro_batches(c)
   step_kwargs = dict(
     loss=spec,
     loss_hyper=hyper,
     reference=reference,
     perturbation=perturbation,
+    input_perturbation=(
+      perturbations.adversarial_embeddings(c.train.input_perturbation.radius, run.model_config.hidden_size)
+      if c.train.input_perturbation.kind == "embeddings"
+      else None
+    ),
     grad_accum_steps=n_acc,
     learning_rate_fn=schedule,
+    gradient_field=bool(c.train.gradient_field),
+    dropout_samples=int(c.train.dropout.samples) if c.train.dropout.rate > 0 else 0,
   )
   mode, n_dev, pstep = c.train.parallel.mode, 1, None
   if mode == "single":
@@ -672,8 +708,8 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("pofx:final_params")
 
-  def clean(b):
-    return {k: v for k, v in b.items() if k != "example_id"}
+  def clean(b):  # SAF's memory is indexed by the pairs' example ids
+    return {k: v for k, v in b.items() if k != "example_id" or c.train.perturbation.kind == "saf"}
 
   index_lists = ("attention_blocks", "scored_tokens")
 
@@ -739,6 +775,8 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     reference=c.train.reference.kind,
     perturbation=c.train.perturbation.kind,
     rwp_steps=getattr(c.train.perturbation, "steps", 10),
+    dropout_samples=int(c.train.dropout.samples) if c.train.dropout.rate > 0 else 1,
+    input_passes=int(c.train.input_perturbation.kind != "none"),
   )
   it = loader.iterator(start * n_acc * n_local)
   nonfinite = jnp.zeros(())  # this segment's non-finite steps (on the device: no sync per step)

@@ -28,10 +28,18 @@ Pair metrics (held-out preference pairs; from `PairLogps`, all jit-friendly):
   flip threshold        -log sigmoid(beta * log(pi_ref(y_l)/pi_ref(y_w))): the DPO loss a pair must
                         fall below before the policy ranks it correctly (Chen et al. 2024,
                         arXiv:2405.19534).
+
+Training diagnostic (`gradient_field`, logged per step by `pofx.train` with `gradient_field=True`):
+  the gradient field of a loss over the chosen and rejected log-probs (Feng et al. 2024,
+  arXiv:2404.04626, who study the DPO loss's gradient vector field over the two completions'
+  probabilities): per pair, d_w = dl/d log pi(y_w|x), d_l = dl/d log pi(y_l|x), and the ratios of
+  their magnitudes in log-prob space and in probability space
+  (|dl/dpi_w| / |dl/dpi_l| = |d_w| / |d_l| * pi_l / pi_w).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from statistics import NormalDist
 from typing import NamedTuple, Optional, Sequence
@@ -342,3 +350,42 @@ def _score_samples(params, samples: sampling.Samples, *, model, batch_size: int)
       part = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[:1], bs - real, 0)]), part)
     out.append(np.asarray(sampling.score(params, part, model=model))[:real])
   return np.concatenate(out)
+
+
+# Gradient field of a loss over the two log-probs -------------------------------------------------
+
+
+class GradientField(NamedTuple):
+  """Per-pair partial derivatives of a loss with respect to the summed completion log-probs.
+
+  d_chosen, d_rejected: `[B]` dl_i/d log pi(y_w|x), dl_i/d log pi(y_l|x).
+  log_ratio: `[B]` log|d_chosen| - log|d_rejected| (log-prob space; 0 for DPO).
+  log_prob_ratio: `[B]` log(|dl/dpi_w| / |dl/dpi_l|) = log_ratio + log pi(y_l|x) - log pi(y_w|x)
+    (probability space, by the chain rule dl/dpi = (dl/d log pi) / pi).
+  A zero derivative gives an infinite log ratio (e.g. a hinge loss past its margin).
+  """
+
+  d_chosen: Array
+  d_rejected: Array
+  log_ratio: Array
+  log_prob_ratio: Array
+
+
+def gradient_field(per_pair_loss, policy: PairLogps) -> GradientField:
+  """The gradient field of `per_pair_loss(policy) -> [B]` over `policy.chosen` and `policy.rejected`.
+
+  The derivatives are taken by autodiff with every other field of `policy` (lengths, per-token
+  arrays) held fixed, of the sum over pairs: for a loss whose pairs are independent this is each
+  pair's own derivative; a loss with batch statistics (beta-DPO, aot) adds its cross terms.
+  For DPO, l = -log sigmoid(beta h) with h the log-ratio margin, d_w = -beta sigmoid(-beta h) =
+  -d_l, so the log-prob-space ratio is 1 and the probability-space ratio is pi_l / pi_w: the
+  asymmetry Feng et al. 2024 (arXiv:2404.04626) analyse (the rejected completion's probability is
+  pushed down faster than the chosen one's is pushed up when pi_l < pi_w).
+  """
+
+  def total(chosen, rejected):
+    return jnp.sum(per_pair_loss(dataclasses.replace(policy, chosen=chosen, rejected=rejected)))
+
+  d_w, d_l = jax.grad(total, argnums=(0, 1))(jnp.asarray(policy.chosen), jnp.asarray(policy.rejected))
+  log_ratio = jnp.log(jnp.abs(d_w)) - jnp.log(jnp.abs(d_l))
+  return GradientField(d_w, d_l, log_ratio, log_ratio + policy.rejected - policy.chosen)

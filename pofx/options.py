@@ -14,7 +14,11 @@ KERNEL_BACKENDS = ("auto", "xla", "cpu", "gpu", "tpu")
 REFERENCE_KINDS = ("none", "frozen", "cached", "multi", "guiding", "synced", "ema")
 
 # Weight perturbations (`pofx.perturbations`).
-PERTURBATION_KINDS = ("none", "sam", "awp", "rwp")
+PERTURBATION_KINDS = ("none", "sam", "awp", "rwp", "saf", "mesa")
+
+# Input perturbations (`pofx.perturbations.InputPerturbation`): none, or adversarial token
+# embeddings within a radius (`adversarial_embeddings`).
+INPUT_PERTURBATION_KINDS = ("none", "embeddings")
 
 # Optimizers of the training program (optax).
 OPTIMIZERS = ("adamw", "adam", "sgd")

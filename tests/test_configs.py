@@ -33,6 +33,11 @@ FAMILIES = (
   "rwp",
   "beta_dpo",
   "dpo_files",
+  "saf",
+  "mesa",
+  "msd",
+  "adv_embeddings",
+  "gradient_field",
   "new_methods",
 )
 ARGS = {
@@ -48,6 +53,11 @@ ARGS = {
   "rwp": ("", "tiny"),
   "beta_dpo": ("", "tiny"),
   "dpo_files": ("", "tiny"),
+  "saf": ("", "tiny"),
+  "mesa": ("", "tiny"),
+  "msd": ("", "tiny"),
+  "adv_embeddings": ("", "tiny"),
+  "gradient_field": ("", "tiny"),
   "new_methods": ("", "tiny"),
 }
 
@@ -155,6 +165,28 @@ def test_options_without_a_value_are_none():
   assert (c.train.reference.mrpo_alpha, c.data.max_prompt_len) == (0.25, 128)
 
 
+def test_sam_m_is_examples_per_ascent_and_sets_the_micro_batches():
+  # Foret et al.'s m: examples per ascent. The program takes one ascent per micro-batch of m pairs.
+  c = _config("sam", "tiny")  # batch_size 8
+  assert c.train.perturbation.m is None and main_lib.micro_batches(c) == 1
+  c.train.perturbation.m = 2
+  validate.validate(c)
+  assert main_lib.micro_batches(c) == 4
+  c.train.grad_accum_steps = 2  # micro-batches of 4 pairs; m = 2 still gives 4 ascents of 2 pairs
+  validate.validate(c)
+  assert main_lib.micro_batches(c) == 4
+  c.train.perturbation.m = 3
+  with pytest.raises(ValueError, match=r"perturbation.m=3 is not allowed .* a divisor of the 4 pairs"):
+    validate.validate(c)
+  c.train.grad_accum_steps, c.train.perturbation.m = 1, 2
+  c.train.parallel.mode = "jit"
+  with pytest.raises(ValueError, match="perturbation.m=2 must be a multiple of the 4 data-parallel devices"):
+    validate.validate(c, device_count=4)
+  c.train.perturbation.m = 0
+  with pytest.raises(ValueError, match="perturbation.m=0 is not allowed"):
+    validate.validate(c)
+
+
 @pytest.mark.parametrize(
   "field,value,message",
   [
@@ -195,8 +227,33 @@ def test_options_without_a_value_are_none():
   ],
 )
 def test_invalid_config_values_name_the_field(field, value, message):
+  # (rows for the dropout, input-perturbation and trajectory-loss fields are in
+  # test_new_training_fields_are_checked)
   with pytest.raises(ValueError, match=message):
     validate.validate(_edited({field: value}))
+
+
+@pytest.mark.parametrize(
+  "edits,message",
+  [
+    ({"train.dropout.rate": 1.0}, r"config.train.dropout.rate=1.0 is not allowed; allowed: a number in \[0, 1\)"),
+    ({"train.dropout.samples": 0}, "config.train.dropout.samples=0 is not allowed; allowed: an integer > 0"),
+    ({"train.input_perturbation.kind": "pixels"}, r"config.train.input_perturbation.kind='pixels' is not allowed"),
+    ({"train.input_perturbation.radius": -0.1}, "config.train.input_perturbation.radius=-0.1 is not allowed"),
+    ({"train.perturbation.kind": "saf", "train.perturbation.lam": -1.0}, "perturbation.lam=-1.0 is not allowed"),
+    ({"train.perturbation.kind": "saf", "train.perturbation.minus_epochs": 0}, "perturbation.minus_epochs=0"),
+    ({"train.perturbation.kind": "mesa", "train.perturbation.temperature": 0.0}, "perturbation.temperature=0.0"),
+    ({"train.perturbation.kind": "mesa", "train.perturbation.decay": 1.5}, "perturbation.decay=1.5 is not allowed"),
+    (
+      {"train.perturbation.kind": "saf", "train.perturbation.start_epoch": 3, "train.perturbation.end_epoch": 3},
+      r"end_epoch=3 is not allowed; allowed: None \(no end\) or an integer > start_epoch=3",
+    ),
+    ({"train.perturbation.kind": "mesa", "train.grad_accum_steps": 2}, "EMA would move once per micro-batch"),
+  ],
+)
+def test_new_training_fields_are_checked(edits, message):
+  with pytest.raises(ValueError, match=message):
+    validate.validate(_edited(edits))
 
 
 def test_block_sparse_needs_whole_blocks_per_row():

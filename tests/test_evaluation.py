@@ -252,3 +252,39 @@ def test_evaluate_pairs(small):
   np.testing.assert_allclose(
     out["idealized_ranking_accuracy"], np.mean(rank(ideal) == rank(np.log(q / (1 - q)))), atol=1e-12
   )
+
+
+# Gradient field over the two log-probs (Feng et al. 2024, arXiv:2404.04626) ------------------------
+
+
+def _sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def test_gradient_field_of_dpo_ipo_and_simpo_is_closed_form():
+  from pofx import losses
+
+  pw, pl = np.array([-4.0, -9.0, -2.5]), np.array([-6.0, -3.0, -2.0])
+  rw, rl = np.array([-5.0, -7.0, -3.0]), np.array([-5.5, -4.0, -2.5])
+  nw, nl = np.array([3.0, 5.0, 2.0]), np.array([4.0, 2.0, 6.0])
+  policy = _pairs(pw, pl, nw, nl)
+  reference = _pairs(rw, rl, nw, nl)
+  beta = 0.5
+  h = (pw - rw) - (pl - rl)
+  # DPO: l = -log sigmoid(beta h): dl/dpi_w = -beta sigmoid(-beta h) = -dl/dpi_l
+  f = evaluation.gradient_field(lambda p: losses.get("dpo")(p, reference, beta=beta), policy)
+  np.testing.assert_allclose(f.d_chosen, -beta * _sigmoid(-beta * h), rtol=1e-5)
+  np.testing.assert_allclose(f.d_rejected, beta * _sigmoid(-beta * h), rtol=1e-5)
+  np.testing.assert_allclose(f.log_ratio, 0.0, atol=1e-6)
+  np.testing.assert_allclose(f.log_prob_ratio, pl - pw, rtol=1e-5)  # |dl/dpi_w| / |dl/dpi_l| = pi_l / pi_w
+  # IPO as the paper writes it: l = (h - 1/(2 tau))^2: dl/dpi_w = 2 (h - 1/(2 tau)) = -dl/dpi_l
+  f = evaluation.gradient_field(lambda p: losses.get("ipo_sum")(p, reference, beta=beta), policy)
+  np.testing.assert_allclose(f.d_chosen, 2 * (h - 1 / (2 * beta)), rtol=1e-5)
+  np.testing.assert_allclose(f.d_rejected, -2 * (h - 1 / (2 * beta)), rtol=1e-5)
+  # SimPO: l = -log sigmoid(beta (pi_w / n_w - pi_l / n_l) - gamma): the ratio is n_l / n_w
+  gbr = 0.25
+  z = beta * (pw / nw - pl / nl - gbr)
+  f = evaluation.gradient_field(lambda p: losses.get("simpo")(p, None, beta=beta, gamma_beta_ratio=gbr), policy)
+  np.testing.assert_allclose(f.d_chosen, -beta / nw * _sigmoid(-z), rtol=1e-5)
+  np.testing.assert_allclose(f.d_rejected, beta / nl * _sigmoid(-z), rtol=1e-5)
+  np.testing.assert_allclose(f.log_ratio, np.log(nl / nw), rtol=1e-5, atol=1e-6)
