@@ -235,6 +235,11 @@ def _check_loss(c) -> None:
       f"config.train.loss_hyper has {unknown}, not hyperparameters of {spec.name!r}; "
       f"allowed: {sorted(spec.hyperparameters)}."
     )
+  if spec.name.startswith(losses.trl.PREFIX):  # the DPOConfig field combinations TRL refuses
+    try:
+      losses.trl.check_fields(spec.name, **hyper)
+    except ValueError as e:
+      raise ValueError(f"config.train.loss_hyper={hyper!r} is not allowed with train.loss={spec.name!r}: {e}") from None
   beta = hyper.get("beta")
   if "beta" in hyper and not (isinstance(beta, (int, float)) and beta > 0):
     raise ValueError(f"config.train.loss_hyper.beta={beta!r} is not allowed; allowed: beta > 0.")

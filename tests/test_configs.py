@@ -370,3 +370,12 @@ def test_idealized_betas_default_to_the_authors_sweep_and_are_checked():
   validate.validate(_edited({"eval.idealized_betas": ()}))
   with pytest.raises(ValueError, match=r"config.eval.idealized_betas=\(0.1, -1.0\) is not allowed; allowed: a tuple"):
     validate.validate(_edited({"eval.idealized_betas": (0.1, -1.0)}))
+
+
+def test_trl_loss_takes_every_dpo_config_field_and_trls_refusals_come_before_any_compute():
+  # As TRL's DPOConfig: beta with sft is accepted; WPO weighting with aot is refused by TRL, so here
+  # at validation (it used to pass and fail only at the first training step).
+  validate.validate(_edited({"train.loss": "trl.sft", "train.reference.kind": "none"}))
+  validate.validate(_edited({"train.loss": "trl.sigmoid", "train.loss_hyper": {"beta": 0.1, "label_smoothing": 0.2}}))
+  with pytest.raises(ValueError, match=r"not allowed with train.loss='trl.aot': trl.aot: invalid use_weighting=True"):
+    validate.validate(_edited({"train.loss": "trl.aot", "train.loss_hyper": {"beta": 0.1, "use_weighting": True}}))

@@ -768,7 +768,7 @@ DPO_CONFIG_LOSS_FIELDS = types.MappingProxyType(
 )
 
 
-def _check_trl_combination(who: str, loss_types, f_divergence_type, use_weighting, label_smoothing) -> None:
+def check_trl_combination(who: str, loss_types, f_divergence_type, use_weighting, label_smoothing) -> None:
   """The combinations TRL 1.16's `DPOTrainer.__init__` / `_compute_loss` refuse or cannot compute."""
   _common.check_choice(who, "f_divergence_type", f_divergence_type, F_DIVERGENCES)
   if f_divergence_type != "reverse_kl" and not set(loss_types) <= F_DIVERGENCE_LOSS_TYPES:
@@ -797,7 +797,7 @@ def _trl_entry(loss_type: str):
   """`trl.<loss_type>`: the loss type's function taking every DPOConfig loss field, as TRL does.
 
   Fields the loss type does not use are accepted and ignored (TRL's semantics); combinations TRL
-  refuses raise ValueError (`_check_trl_combination`); values are checked by the loss function.
+  refuses raise ValueError (`check_trl_combination`); values are checked by the loss function.
   """
   fn = TRL_LOSS_FUNCTIONS[loss_type]
   own = _accepted(fn)
@@ -812,7 +812,7 @@ def _trl_entry(loss_type: str):
     if unknown:
       raise ValueError(f"{who}: unknown argument(s) {unknown}; allowed: DPOConfig's loss fields {sorted(defaults)}.")
     values = {**defaults, **kwargs}
-    _check_trl_combination(
+    check_trl_combination(
       who, [loss_type], values["f_divergence_type"], values["use_weighting"], values["label_smoothing"]
     )
     return fn(policy, reference, **{k: v for k, v in values.items() if k in own})
@@ -933,7 +933,7 @@ def trl_dpo_loss(
     raise ValueError(
       f"trl_dpo_loss: invalid loss_weights={loss_weights!r}; allowed: one weight per loss_type ({len(types)})."
     )
-  _check_trl_combination("trl_dpo_loss", types, f_divergence_type, use_weighting, label_smoothing)
+  check_trl_combination("trl_dpo_loss", types, f_divergence_type, use_weighting, label_smoothing)
   available = dict(
     beta=beta,
     f_divergence_type=f_divergence_type,
@@ -974,6 +974,7 @@ __all__ = [
   "ld_weighted_sums",
   "DPO_CONFIG_LOSS_FIELDS",
   "trl_dpo_loss",
+  "check_trl_combination",
   "ld_dpo",
   "wpo",
   "f_dpo",

@@ -35,6 +35,7 @@ from pofx.losses._trl import (
   TRL_LOSS_TYPES,
   TRL_PREFIX,
   TRL_SPECS,
+  check_trl_combination,
   trl_dpo_loss,
 )
 
@@ -83,6 +84,21 @@ def canonical(loss_type: str) -> str:
   return CANONICAL_NAME[spec(loss_type).name[len(PREFIX) :]]
 
 
+def check_fields(loss_type: str, **fields: Any) -> None:
+  """ValueError for DPOConfig loss fields that TRL refuses with `loss_type`, without computing a loss.
+
+  The combinations `trl.<loss_type>` itself refuses (a non-default `f_divergence_type` outside
+  `F_DIVERGENCE_LOSS_TYPES`, `use_weighting` with aot, aot_unpaired or sft, `label_smoothing=0` with
+  exo_pair) and unknown field names; a program calls it when it validates its config.
+  """
+  s = spec(loss_type)
+  _registry.check_kwargs(s, fields)
+  values = {**s.hyperparameters, **fields}
+  check_trl_combination(
+    s.name, [s.name[len(PREFIX) :]], values["f_divergence_type"], values["use_weighting"], values["label_smoothing"]
+  )
+
+
 def batch_loss(loss_type: str, policy, reference=None, **kwargs: Any):
   """TRL's batch value of one loss_type: the mean over pairs, TRL's chosen-token mean for "sft".
 
@@ -104,6 +120,7 @@ __all__ = [
   "spec",
   "get",
   "canonical",
+  "check_fields",
   "batch_loss",
   "trl_dpo_loss",
   "sigmoid",
