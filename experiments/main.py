@@ -566,18 +566,25 @@ def train_record(run: Run) -> provenance.Record:
 
 def check_training_scores(spec, hyper, prepared) -> None:
   """Before training a loss that reads scores: every pair of the training split has scores in the
-  loss's documented domain (`pofx.losses.check_scores`: ODPO chosen > rejected, MaPPO in [0, 1]
-  with chosen >= rejected, UNA in [0, 1] or -1). ValueError naming the split, the loss and the
-  first offending pairs (positions in the split) otherwise: the method is never trained on scores
+  loss's documented domain (`spec.score_domain`, as `pofx.losses.check_scores`: ODPO chosen >
+  rejected, MaPPO in [0, 1] with chosen >= rejected, UNA in [0, 1] or -1). ValueError otherwise,
+  naming the loss, how many pairs, the first ones by example id (for files: the pairs in file and
+  line order, skipped records taking no id) and the domain: the method is never trained on scores
   it is not defined for."""
   src = prepared.source("train")
   rows = [src[i] for i in range(len(src))]
   s_w = np.asarray([float(r["score_chosen"]) for r in rows], np.float64)
   s_l = np.asarray([float(r["score_rejected"]) for r in rows], np.float64)
-  try:
-    losses.check_scores(spec, s_w, s_l, **dict(hyper))
-  except ValueError as e:
-    raise ValueError(f"the training split's scores do not fit the loss: {e}") from None
+  ok = np.asarray(spec.score_domain.valid(s_w, s_l, **dict(hyper)), bool).reshape(-1)
+  if ok.all():
+    return
+  bad = sorted(np.flatnonzero(~ok), key=lambda i: int(rows[i]["example_id"]))
+  shown = ", ".join(f"example {int(rows[i]['example_id'])}: ({s_w[i]:.6g}, {s_l[i]:.6g})" for i in bad[:3])
+  raise ValueError(
+    f"the training split's scores do not fit loss {spec.name!r}: {len(bad)} of {ok.size} pairs have "
+    f"(score_chosen, score_rejected) outside its domain ({shown}{', ...' if len(bad) > 3 else ''}); "
+    f"allowed: {spec.score_domain.text}."
+  )
 
 
 def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = None):

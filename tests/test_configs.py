@@ -313,7 +313,10 @@ class _Split:
   """A prepared dataset's training split, as `check_training_scores` reads it."""
 
   def __init__(self, s_w, s_l):
-    self.rows = [{"score_chosen": np.float32(a), "score_rejected": np.float32(b)} for a, b in zip(s_w, s_l)]
+    self.rows = [
+      {"score_chosen": np.float32(a), "score_rejected": np.float32(b), "example_id": np.int64(10 + i)}
+      for i, (a, b) in enumerate(zip(s_w, s_l))
+    ]
 
   def source(self, split):
     assert split == "train"
@@ -323,11 +326,13 @@ class _Split:
 def test_file_scores_are_checked_against_the_loss_domain_before_training():
   odpo, mappo = pofx.losses.spec("odpo"), pofx.losses.spec("mappo")
   main_lib.check_training_scores(odpo, {"beta": 0.1}, _Split([2.0, 0.5], [1.0, -3.0]))  # gaps > 0: fine
-  with pytest.raises(ValueError, match=r"training split's scores .*odpo: 1 of 2 pairs .*\(pair 1: \(0.5, 3\)\)"):
+  with pytest.raises(
+    ValueError, match=r"training split's scores do not fit loss 'odpo': 1 of 2 pairs .*\(example 11: \(0.5, 3\)\)"
+  ):
     main_lib.check_training_scores(odpo, {}, _Split([2.0, 0.5], [1.0, 3.0]))
-  with pytest.raises(ValueError, match=r"odpo: 1 of 2 pairs .*score_rejected > 0"):
+  with pytest.raises(ValueError, match=r"'odpo': 1 of 2 pairs .*score_rejected > 0"):
     main_lib.check_training_scores(odpo, {"ratio": True}, _Split([2.0, 0.5], [1.0, -3.0]))
-  with pytest.raises(ValueError, match=r"mappo: 2 of 2 pairs"):
+  with pytest.raises(ValueError, match=r"'mappo': 2 of 2 pairs"):
     main_lib.check_training_scores(mappo, {}, _Split([2.0, 0.5], [1.0, float("nan")]))
 
 
