@@ -128,7 +128,9 @@ TRAIN_READS = DATA_READS | {
   "train.perturbation.kind",  # none: no other perturbation field
 }
 EVAL_READS = (
-  TRAIN_READS | {"train.steps"} | {f"eval.{k}" for k in ("num_prompts", "samples_per_prompt", "temperature", "top_k")}
+  TRAIN_READS
+  | {"train.steps"}
+  | {f"eval.{k}" for k in ("num_prompts", "samples_per_prompt", "temperature", "top_k", "idealized_betas")}
 )
 
 
@@ -149,6 +151,8 @@ def _changed(value):
     return value * 2 + 1
   if isinstance(value, str):
     return value + "x"
+  if isinstance(value, (tuple, list)):
+    return tuple(value) + (7.0,)
   return 7  # a placeholder (None) set
 
 
