@@ -12,6 +12,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from pofx import options
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -135,7 +137,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.parallel = ml_collections.ConfigDict(dict(mode="single", mesh=""))
 
   # Stage 5: evaluation on held-out prompts.
-  c.eval = ml_collections.ConfigDict(dict(num_prompts=1024, samples_per_prompt=1, temperature=1.0, top_k=0))
+  # idealized_betas: the betas at which the idealized ranking accuracy is also reported (summary.json
+  # `idealized_ranking_accuracy_by_beta`); the sweep of Chen et al. 2024 (arXiv:2405.19534) by default.
+  c.eval = ml_collections.ConfigDict(
+    dict(num_prompts=1024, samples_per_prompt=1, temperature=1.0, top_k=0, idealized_betas=options.IDEALIZED_BETAS)
+  )
 
   # Optional sweep: a list of {"label": str, "overrides": {dotted.key: value}} run after one
   # shared SFT + data stage; each member trains and evaluates in <workdir>/sweep/<label>.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from typing import List, Optional, Sequence, Tuple
 
 import ml_collections
@@ -141,6 +142,18 @@ def _get(c, dotted: str):
   return node
 
 
+# A sweep override value that is exactly "{config.<dotted.field>}": that field's value in the
+# sweep's config (experiments.main resolves it when it builds the members).
+FIELD_VALUE = re.compile(r"^\{config\.([A-Za-z0-9_.]+)\}$")
+
+
+def field_value(c, dotted: str):
+  """The value of the existing dotted field `dotted` of config `c`; ValueError naming the nearest one."""
+  if not has_field(c, dotted) or isinstance(_get(c, dotted), ml_collections.ConfigDict):
+    raise ValueError(unknown_field_message(c, dotted))
+  return _get(c, dotted)
+
+
 def _allowed(c, field: str, allowed: Sequence[str]):
   value = _get(c, field)
   if value not in allowed:
@@ -224,6 +237,11 @@ def check_loss(c) -> None:
       f"config.train.loss_hyper has {unknown}, not hyperparameters of {spec.name!r}; "
       f"allowed: {sorted(spec.hyperparameters)}."
     )
+  if spec.name.startswith(losses.trl.PREFIX):  # the DPOConfig field combinations TRL refuses
+    try:
+      losses.trl.check_fields(spec.name, **hyper)
+    except ValueError as e:
+      raise ValueError(f"config.train.loss_hyper={hyper!r} is not allowed with train.loss={spec.name!r}: {e}") from None
   beta = hyper.get("beta")
   if "beta" in hyper and not (isinstance(beta, (int, float)) and beta > 0):
     raise ValueError(f"config.train.loss_hyper.beta={beta!r} is not allowed; allowed: beta > 0.")
@@ -243,8 +261,17 @@ def check_loss(c) -> None:
       f"config.train.reference.kind={c.train.reference.kind!r}, but loss {spec.name!r} is "
       "reference-free; allowed: 'none'."
     )
-  # Losses needing scores read them from the data: the world's gold rewards, or the files'
-  # score_chosen / score_rejected (the loader refuses pairs without them).
+  # Losses needing scores read the files' score_chosen / score_rejected (the loader refuses pairs
+  # without them; the program checks the training split against the loss's score domain before
+  # training). The world's scores are raw gold rewards under Bradley-Terry labels (any real number;
+  # the chosen completion's can be the lower): refused here unless the domain takes any finite pair.
+  if "scores" in spec.requires and c.data.source == "world" and not spec.score_domain.any_real:
+    raise ValueError(
+      f"config.train.loss={spec.name!r} reads per-pair scores, defined for {spec.score_domain.text}; the "
+      "controlled world's scores are raw gold rewards (any real number) with Bradley-Terry labels, so the "
+      "chosen completion's can be the lower one; allowed: data.source='files' with score_chosen / "
+      "score_rejected in that domain."
+    )
   for kind in ("turn_ids", "risk", "kl"):
     if kind in spec.requires:
       raise ValueError(f"loss {spec.name!r} needs {kind!r} inputs that the training program does not produce.")
@@ -406,13 +433,26 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
     )
   for f in POSITIVE_INTEGERS:
     _positive(f, _get(c, f))
+  betas = c.eval.idealized_betas
+  if not isinstance(betas, (tuple, list)) or not all(
+    isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b > 0 for b in betas
+  ):
+    raise ValueError(
+      f"config.eval.idealized_betas={betas!r} is not allowed; allowed: a tuple of numbers > 0 (may be empty)."
+    )
   _check_data(c)
   _check_train(c)
   for item in c.sweep:
     if "label" not in item or "overrides" not in item:
       raise ValueError("config.sweep entries must be {'label': str, 'overrides': {dotted.key: value}}.")
-    for key in dict(item["overrides"]):
+    for key, value in dict(item["overrides"]).items():
       if not has_field(c, key):
         raise ValueError(f"config.sweep[{item['label']!r}].overrides: {unknown_field_message(c, key)}")
+      ref = FIELD_VALUE.match(value) if isinstance(value, str) else None
+      if ref:
+        try:
+          field_value(c, ref.group(1))
+        except ValueError as e:
+          raise ValueError(f"config.sweep[{item['label']!r}].overrides[{key!r}]={value!r}: {e}") from None
   _check_processes(c, process_count, device_count)
   _check_kernels(c)

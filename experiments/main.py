@@ -431,16 +431,23 @@ def _index_kwargs(c):
 
 
 def stage_reference_cache(run: Run, prepared, ref_params_list, logps_fn):
-  """Reference log-probs computed once over the training split (stage 3). Returns `joined`."""
+  """Reference log-probs computed once over the training split (stage 3). Returns `joined`.
+
+  With `ld_alpha` in the loss's hyperparameters (LD-DPO, TRL's `ld_alpha`), the cached sums are
+  LD-weighted (`pofx.losses.ld_weighted_sums`), as TRL's `precompute_ref_log_probs` stores them;
+  the losses take a reference given as sums only as already LD-weighted. The value is part of
+  the cache's fingerprint."""
   c = run.config
   source = prepared.source("train")
+  ld_alpha = c.train.loss_hyper.get("ld_alpha", None)
+  extra = prepared.fingerprint if ld_alpha is None else {"data": prepared.fingerprint, "ld_alpha": float(ld_alpha)}
   fps = [
     references.fingerprint(
       p,
       vocab=run.model_config.vocab_size,
       max_prompt_len=c.world.max_prompt_len + 2,
       max_completion_len=c.world.max_completion_len,
-      extra=prepared.fingerprint,
+      extra=extra,
     )
     for p in ref_params_list
   ]
@@ -476,6 +483,8 @@ def stage_reference_cache(run: Run, prepared, ref_params_list, logps_fn):
     ids, ch, rj = [], [], []
     for batch in loader.iterator():
       out = fwd(params, batch)
+      if ld_alpha is not None:
+        out = losses.ld_weighted_sums(out, ld_alpha)
       keep = np.asarray(batch["example_id"]) >= 0
       ids.append(np.asarray(batch["example_id"])[keep])
       ch.append(np.asarray(out.chosen)[keep])
@@ -578,6 +587,29 @@ def train_record(run: Run) -> provenance.Record:
   return provenance.train_record(c, kernels=run.kernels_record["name"], guide=provenance.guide_identity(c))
 
 
+def check_training_scores(spec, hyper, prepared) -> None:
+  """Before training a loss that reads scores: every pair of the training split has scores in the
+  loss's documented domain (`spec.score_domain`, as `pofx.losses.check_scores`: ODPO chosen >
+  rejected, MaPPO in [0, 1] with chosen >= rejected, UNA in [0, 1] or -1). ValueError otherwise,
+  naming the loss, how many pairs, the first ones by example id (for files: the pairs in file and
+  line order, skipped records taking no id) and the domain: the method is never trained on scores
+  it is not defined for."""
+  src = prepared.source("train")
+  rows = [src[i] for i in range(len(src))]
+  s_w = np.asarray([float(r["score_chosen"]) for r in rows], np.float64)
+  s_l = np.asarray([float(r["score_rejected"]) for r in rows], np.float64)
+  ok = np.asarray(spec.score_domain.valid(s_w, s_l, **dict(hyper)), bool).reshape(-1)
+  if ok.all():
+    return
+  bad = sorted(np.flatnonzero(~ok), key=lambda i: int(rows[i]["example_id"]))
+  shown = ", ".join(f"example {int(rows[i]['example_id'])}: ({s_w[i]:.6g}, {s_l[i]:.6g})" for i in bad[:3])
+  raise ValueError(
+    f"the training split's scores do not fit loss {spec.name!r}: {len(bad)} of {ok.size} pairs have "
+    f"(score_chosen, score_rejected) outside its domain ({shown}{', ...' if len(bad) > 3 else ''}); "
+    f"allowed: {spec.score_domain.text}."
+  )
+
+
 def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = None):
   """Preference training (stage 4). Returns (final params, train info).
 
@@ -592,14 +624,17 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   found = provenance.findings(c, run.workdir, kernels=record.inputs["kernels"], stages=("train",))
   if found:  # before any compute (the program checked already; this guards direct calls)
     raise provenance.Refused(provenance.refusal(run.workdir, found))
+  hyper = dict(c.train.loss_hyper)
+  if "scores" in spec.requires:  # before the reference cache and training
+    check_training_scores(spec, hyper, prepared)
+  # WPO weights need log sum_v p_v^2: the canonical wpo, or a TRL loss type with use_weighting.
+  lssp = "log_sum_sq_probs" in spec.requires or bool(hyper.get("use_weighting", False))
   # With dropout the policy's model has the rate; it applies only to forwards given a dropout key
   # (the policy's, from the train step), so the reference and the cache use the same function.
   model = run.model
   if c.train.dropout.rate > 0:
     model = models.make(run.model_config.replace(dropout=float(c.train.dropout.rate)), kernels=run.kernels)
-  logps_fn = policy.make_logps_fn(
-    model.apply, model.head, kernels=run.kernels, with_log_sum_sq_probs="log_sum_sq_probs" in spec.requires
-  )
+  logps_fn = policy.make_logps_fn(model.apply, model.head, kernels=run.kernels, with_log_sum_sq_probs=lssp)
   kind = c.train.reference.kind
   joined = None
   if kind == "none":
@@ -627,7 +662,6 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   optimizer, schedule = _optimizer(c)
   trajectory = c.train.perturbation.kind in ("saf", "mesa")
   perturbation = _perturbation(c, _num_examples(prepared.source("train")) if trajectory else 1)
-  hyper = dict(c.train.loss_hyper)
   n_acc = micro_batches(c)
   step_kwargs = dict(
     loss=spec,
@@ -907,6 +941,7 @@ def stage_eval(run: Run, prepared, base_params, params, data_meta, *, base_sampl
       model=run.model,
       beta=float(c.train.loss_hyper.get("beta", 0.1)),
       pref_prob=np.asarray(data_meta["eval_label_prob"][: len(ex)], np.float32),
+      betas=tuple(c.eval.idealized_betas),
     )
     out.update(pairs)
   return out, pol["base_samples"]
@@ -1040,14 +1075,20 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
 
 def _sweep_members(config, workdir: str):
   """(item, member config) of every sweep member: the config with the member's overrides (each
-  is validated when it runs: a member may read an earlier member's output)."""
+  is validated when it runs: a member may read an earlier member's output). In an override value,
+  `{workdir}` is the sweep's workdir, and a value that is exactly `{config.<dotted.field>}` is that
+  field's value in the sweep's config (after command-line overrides), e.g. Pre-DPO's round-2 beta
+  `{config.predpo.round2_beta}`."""
   out = []
   for item in config.sweep:
     member = copy.deepcopy(config)
     with member.unlocked():
       member.sweep = ()
       for k, v in dict(item["overrides"]).items():
-        if isinstance(v, str) and "{workdir}" in v:
+        ref = config_validation.FIELD_VALUE.match(v) if isinstance(v, str) else None
+        if ref:
+          v = config_validation.field_value(config, ref.group(1))
+        elif isinstance(v, str) and "{workdir}" in v:
           v = v.replace("{workdir}", os.path.abspath(workdir))
         _set(member, k, v)
     out.append((item, member))

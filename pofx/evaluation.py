@@ -24,7 +24,8 @@ Pair metrics (held-out preference pairs; from `PairLogps`, all jit-friendly):
                         ratio of the authors' code (`rlhf_minimizer_client.py`:
                         `_get_ranking_from_ratio`); p is clipped to [eps, 1 - eps] (eps = 1e-3,
                         their constant). "mean" uses per-token mean reference log-probs (their
-                        `normalized=True`, ppl_2 / ppl_1);
+                        `normalized=True`, ppl_2 / ppl_1); `evaluate_pairs(betas=...)` also
+                        reports it over a sweep of beta (`IDEALIZED_BETAS`, the authors' sweep);
   flip threshold        -log sigmoid(beta * log(pi_ref(y_l)/pi_ref(y_w))): the DPO loss a pair must
                         fall below before the policy ranks it correctly (Chen et al. 2024,
                         arXiv:2405.19534).
@@ -48,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pofx import sampling
+from pofx import options, sampling
 from pofx import world as world_lib
 from pofx._pair_logps import PairLogps
 from pofx.losses import check_beta, check_choice
@@ -242,6 +243,10 @@ def pair_logps(
   return PairLogps.from_tokens(jnp.asarray(c_lp), jnp.asarray(c_m), jnp.asarray(r_lp), jnp.asarray(r_m))
 
 
+# The betas of the authors' idealized-ranking-accuracy tables (`pofx.options.IDEALIZED_BETAS`).
+IDEALIZED_BETAS = options.IDEALIZED_BETAS
+
+
 def evaluate_pairs(
   params,
   reference_params,
@@ -252,6 +257,7 @@ def evaluate_pairs(
   model,
   beta: float = 0.1,
   pref_prob=None,
+  betas: Sequence[float] = (),
   batch_size: int = 512,
   prompt_width=None,
   completion_width=None,
@@ -259,7 +265,10 @@ def evaluate_pairs(
   """Pair metrics of a policy on held-out pairs: reward accuracy (against `reference_params`),
   ranking accuracy (sum and mean) of the policy and of the reference, and, when `pref_prob`
   (P(chosen > rejected), e.g. `PreferenceData.label_prob`) is given, the idealized ranking
-  accuracy (sum and mean) at `beta` and the mean flip-threshold loss. Python floats."""
+  accuracy (sum and mean) at `beta` and the mean flip-threshold loss; with `betas` (e.g.
+  `IDEALIZED_BETAS`, the authors' sweep) also the idealized ranking accuracy at each of them,
+  `{"idealized_ranking_accuracy_by_beta": {"<beta>": sum, ...}, "..._mean_by_beta": {...}}`
+  (keys formatted `f"{beta:g}"`). Python floats."""
   kw = dict(model=model, batch_size=batch_size, prompt_width=prompt_width, completion_width=completion_width)
   pol = pair_logps(params, prompts, chosen, rejected, **kw)
   ref = pair_logps(reference_params, prompts, chosen, rejected, **kw)
@@ -276,6 +285,13 @@ def evaluate_pairs(
     out["idealized_ranking_accuracy"] = m(idealized_ranking_accuracy(ref, pref_prob, beta=beta, normalize="sum"))
     out["idealized_ranking_accuracy_mean"] = m(idealized_ranking_accuracy(ref, pref_prob, beta=beta, normalize="mean"))
     out["flip_threshold_loss"] = m(flip_threshold_loss(ref, beta=beta))
+    for norm, key in (
+      ("sum", "idealized_ranking_accuracy_by_beta"),
+      ("mean", "idealized_ranking_accuracy_mean_by_beta"),
+    ):
+      out[key] = {
+        f"{float(b):g}": m(idealized_ranking_accuracy(ref, pref_prob, beta=float(b), normalize=norm)) for b in betas
+      }
   return out
 
 

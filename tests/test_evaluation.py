@@ -238,7 +238,15 @@ def test_evaluate_pairs(small):
   p = evaluation.pair_logps(pol, data.prompt, data.chosen, data.rejected, model=model)
   r = evaluation.pair_logps(base, data.prompt, data.chosen, data.rejected, model=model)
   out = evaluation.evaluate_pairs(
-    pol, base, data.prompt, data.chosen, data.rejected, model=model, beta=0.5, pref_prob=data.label_prob
+    pol,
+    base,
+    data.prompt,
+    data.chosen,
+    data.rejected,
+    model=model,
+    beta=0.5,
+    pref_prob=data.label_prob,
+    betas=evaluation.IDEALIZED_BETAS,
   )
   pw, pl, rw, rl = (np.asarray(a, np.float64) for a in (p.chosen, p.rejected, r.chosen, r.rejected))
   np.testing.assert_allclose(out["reward_accuracy"], np.mean((pw - rw) - (pl - rl) > 0), atol=1e-12)
@@ -252,6 +260,18 @@ def test_evaluate_pairs(small):
   np.testing.assert_allclose(
     out["idealized_ranking_accuracy"], np.mean(rank(ideal) == rank(np.log(q / (1 - q)))), atol=1e-12
   )
+
+  # Over the authors' sweep of beta (calculate_upper_bound_rlhf.py: 0.01, 0.1, 1, 5, 10), summed and
+  # per-token mean reference log-probs: the optimum's log ratio h_ref + log(q / (1 - q)) / beta.
+  assert evaluation.IDEALIZED_BETAS == (0.01, 0.1, 1.0, 5.0, 10.0)
+  by_sum, by_mean = out["idealized_ranking_accuracy_by_beta"], out["idealized_ranking_accuracy_mean_by_beta"]
+  assert list(by_sum) == ["0.01", "0.1", "1", "5", "10"] == list(by_mean)
+  truth = rank(np.log(q / (1 - q)))
+  for key, b in zip(by_sum, evaluation.IDEALIZED_BETAS):
+    np.testing.assert_allclose(by_sum[key], np.mean(rank((rw - rl) + np.log(q / (1 - q)) / b) == truth), atol=1e-12)
+    ideal_mean = (rw / lw - rl / ll) + np.log(q / (1 - q)) / b
+    np.testing.assert_allclose(by_mean[key], np.mean(rank(ideal_mean) == truth), atol=1e-12)
+  assert by_sum["0.01"] != by_sum["10"]  # small beta trusts the preferences, large beta the reference
 
 
 # Gradient field over the two log-probs (Feng et al. 2024, arXiv:2404.04626) ------------------------

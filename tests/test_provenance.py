@@ -130,7 +130,9 @@ TRAIN_READS = DATA_READS | {
   "train.input_perturbation.kind",  # recorded (with its radius) when it is not "none"
 }
 EVAL_READS = (
-  TRAIN_READS | {"train.steps"} | {f"eval.{k}" for k in ("num_prompts", "samples_per_prompt", "temperature", "top_k")}
+  TRAIN_READS
+  | {"train.steps"}
+  | {f"eval.{k}" for k in ("num_prompts", "samples_per_prompt", "temperature", "top_k", "idealized_betas")}
 )
 
 
@@ -151,6 +153,8 @@ def _changed(value):
     return value * 2 + 1
   if isinstance(value, str):
     return value + "x"
+  if isinstance(value, (tuple, list)):
+    return tuple(value) + (7.0,)
   return 7  # a placeholder (None) set
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from pofx import gpo as gpo_fns
 from pofx.losses import _common
-from pofx.losses._registry import LossSpec
+from pofx.losses._registry import ANY_FINITE_SCORES, LossSpec
 
 # MADPO's exponent lam * (|h| - tau) is clamped here before exp (the weight is already at its
 # floor c_min long before; this only keeps float32 finite).
@@ -264,5 +264,6 @@ SPECS = (
     "weighted",
     "Rho 2025, arXiv:2510.05342; sirano1004/Margin-Apative-Direct-Preference-Optimization MADPOLoss",
     requires=frozenset({"scores"}),
+    score_domain=ANY_FINITE_SCORES,
   ),
 )
