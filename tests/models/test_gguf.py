@@ -268,7 +268,11 @@ def test_tiny_file_dequantises_q8_0_and_q4_1_blocks(tiny, tmp_path):
     "blk.1.attn_v.weight": (_q8_0_rows(d8, q8), gguf.GGMLQuantizationType.Q8_0),
     "blk.0.ffn_gate.weight": (_q4_1_rows(d4, m4, q4), gguf.GGMLQuantizationType.Q4_1),
   }
-  ckpt = gguf_lib.load(_write_tiny(tmp_path / "q.gguf", params, cfg, raw=raw), tokenizer=False)
+  path = _write_tiny(tmp_path / "q.gguf", params, cfg, raw=raw)
+  meta = gguf_lib.metadata(path)
+  assert meta["general.architecture"] == "llama" and meta["llama.attention.head_count_kv"] == cfg.num_kv_heads
+  assert meta["tensor_types"] == {"F32": 3 + 9 * cfg.num_layers - 2, "Q8_0": 1, "Q4_1": 1}
+  ckpt = gguf_lib.load(path, tokenizer=False)
   v = d8.astype(np.float32)[:, None] * q8
   gate = d4.astype(np.float32)[:, None] * q4 + m4.astype(np.float32)[:, None]
   np.testing.assert_allclose(np.asarray(ckpt.params["layers_1"]["attn"]["v_proj"]["kernel"]), v.T, rtol=1e-6)
