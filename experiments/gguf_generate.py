@@ -10,7 +10,8 @@ special tokens (the template writes them), and decodes with pofx's KV-cache samp
 (`pofx.sampling.sample`; greedy at temperature 0) until the end-of-sequence token or
 `--max_new_tokens`. Prints the continuation and the timing: the load (read and dequantise), the
 first generation (which includes XLA's compilation) and a second, compiled one, with its tokens
-per second.
+per second. Bad input (a missing or refused file, a bad flag value) ends the program with one line
+and exit status 2.
 """
 
 import sys
@@ -26,12 +27,18 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sample at
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed (sampling only).")
 
 
+def _fail(message):
+  """Bad input: one line on stderr, exit status 2 (as `experiments.main`)."""
+  print(f"gguf_generate: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   del argv
   if _MAX_NEW_TOKENS.value < 1:
-    sys.exit(f"--max_new_tokens must be >= 1, got {_MAX_NEW_TOKENS.value}.")
+    _fail(f"--max_new_tokens must be >= 1, got {_MAX_NEW_TOKENS.value}.")
   if _TEMPERATURE.value < 0:
-    sys.exit(f"--temperature must be >= 0, got {_TEMPERATURE.value}.")
+    _fail(f"--temperature must be >= 0, got {_TEMPERATURE.value}.")
   import jax  # pylint: disable=g-import-not-at-top
 
   from pofx import models, sampling  # pylint: disable=g-import-not-at-top
@@ -42,11 +49,11 @@ def main(argv):
     t0 = time.perf_counter()
     ckpt = gguf.load(path)
   except ValueError as e:
-    sys.exit(f"gguf_generate: {e}")
+    _fail(e)
   load_s = time.perf_counter() - t0
   tok = ckpt.tokenizer
   if tok.chat_template is None:
-    sys.exit(f"gguf_generate: {path} has no chat template (tokenizer.chat_template).")
+    _fail(f"{path} has no chat template (tokenizer.chat_template).")
   messages = ([{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value else []) + [
     {"role": "user", "content": _PROMPT.value}
   ]
