@@ -16,6 +16,7 @@ from the ggml block formulas), pin the parameter mapping, the dequantisation and
 import os
 import sys
 
+import gguf  # the test extra: these tests never skip
 import jax
 import numpy as np
 import pytest
@@ -23,8 +24,6 @@ import pytest
 from pofx import models, sampling
 from pofx.models import gguf as gguf_lib
 from pofx.models import llama
-
-gguf = pytest.importorskip("gguf")  # in the test extra: never skipped in CI
 
 # Five short chat prompts (the chat template adds SmolLM2's default system prompt).
 PROMPTS = (
