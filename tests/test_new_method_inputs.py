@@ -1,9 +1,9 @@
 """The inputs of the methods that read more than a pair's log-probs, from the data path to the program:
 KTO's mismatched pairs (loader and train step), the loader's per-pair inputs, the world's embeddings
-and segment scores, their config checks, and configs/new_methods.py:tiny trained by the program."""
+and segment scores, and their config checks (configs/new_methods.py's members are trained by
+tests/test_experiments.py's sweep test)."""
 
 import math
-import os
 import types
 
 import jax
@@ -12,11 +12,11 @@ import optax
 import pytest
 
 import pofx
-from configs import new_methods, validate
+from configs import validate
 from experiments import main as main_lib
 from pofx import batching, data, world
 from tests import toy
-from tests.program import _config, _seed_from
+from tests.program import _config
 
 # -------------------------------------------------------------------------------------------------
 # KTO's KL batch
@@ -209,6 +209,7 @@ def _with(c, **fields):
   ],
 )
 def test_configs_refuse_what_the_inputs_cannot_be_built_for(loss, fields, message):
+  fields = {"train__reference__kind": "frozen", **fields}
   c = _with(_config("new_methods"), sweep=(), train__loss=loss, train__loss_hyper={"beta": 0.1}, **fields)
   with pytest.raises(ValueError, match=message):
     validate.validate(c)
@@ -216,6 +217,7 @@ def test_configs_refuse_what_the_inputs_cannot_be_built_for(loss, fields, messag
 
 def test_dmpo_runs_on_world_data_with_segments_as_turns():
   c = _with(_config("new_methods"), sweep=(), train__loss="dmpo", train__loss_hyper={"beta": 0.1})
+  c = _with(c, train__reference__kind="frozen")
   validate.validate(c)  # refused before the program made turn ids
   with pytest.raises(ValueError, match="per-token reference log-probs"):
     validate.validate(_with(c, train__reference__kind="cached"))
@@ -225,26 +227,3 @@ def test_world_annotations_need_world_data():
   c = _with(_config("dpo_files"), train__loss="sem_dpo", train__loss_hyper={"alpha": 1.0})
   with pytest.raises(ValueError, match="data.source='files'.*'embeddings'.*allowed: data.source='world'"):
     validate.validate(c)
-
-
-@pytest.mark.parametrize("arg", ["", "tiny"])
-def test_new_methods_config_and_every_member_are_valid(arg, tmp_path):
-  c = _config("new_methods", arg)
-  validate.validate(c)
-  assert c.is_locked and "python -m experiments.main --config=configs/new_methods.py" in new_methods.__doc__
-  members = main_lib._sweep_members(c, str(tmp_path))
-  assert [m.train.loss for _, m in members] == ["kto", "bmc", "sem_dpo", "two_d_dpo"]
-  for _, m in members:
-    validate.validate(m)
-
-
-def test_new_methods_sweep_trains_every_member(seed_dir, tmp_path):
-  work = tmp_path / "new"
-  _seed_from(seed_dir, work)
-  c = _config("new_methods")
-  validate.validate(c)
-  summaries, chart = main_lib.run_sweep(c, str(work), progress=False)
-  assert sorted(summaries) == sorted(item["label"] for item in c.sweep) and os.path.getsize(chart) > 1000
-  for label, s in summaries.items():
-    assert s["loss"] == label and s["nonfinite_steps"] == 0, label
-    assert np.isfinite(s["gold_reward_policy"]) and np.isfinite(s["kl_to_base"]), label

@@ -11,6 +11,11 @@ token embedding -> N x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> RMSNorm
   `num_kv_heads` key/value heads.
 - SwiGLU MLP (Shazeer 2020, arXiv:2002.05202): `down(silu(gate(x)) * up(x))`; no biases anywhere.
 - Optional tied embeddings (LM head = embedding matrix transposed).
+- Optional residual dropout (`LlamaConfig.dropout`, 0 by default; Vaswani et al. 2017,
+  arXiv:1706.03762, Sec. 5.4 "Residual Dropout"): on the token embeddings and on each sub-layer's
+  output (attention after its output projection, MLP) before it is added to the residual stream,
+  kept entries scaled by 1 / (1 - rate). It acts only when `apply_fn` is given a `dropout_key`
+  (training); without one, or with rate 0, the model is exactly the deterministic one.
 
 Attention masking. Token i may attend to token j iff
 
@@ -93,6 +98,8 @@ class LlamaConfig:
     init_std: standard deviation of the normal initialiser of every matrix (HF: 0.02).
     remat: wrap every block in `jax.checkpoint` to trade compute for memory.
     remat_policy: a name of `jax.checkpoint_policies` used when `remat` (see `_REMAT_POLICIES`).
+    dropout: residual dropout rate in [0, 1) (see the module docstring); used only by an
+      `apply_fn` call that passes a `dropout_key`.
   """
 
   vocab_size: int = 4096
@@ -111,8 +118,11 @@ class LlamaConfig:
   init_std: float = 0.02
   remat: bool = False
   remat_policy: str = "nothing_saveable"
+  dropout: float = 0.0
 
   def __post_init__(self):
+    if not 0.0 <= float(self.dropout) < 1.0:
+      raise ValueError(f"LlamaConfig.dropout must be in [0, 1), got {self.dropout!r}.")
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "mlp_size"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
@@ -430,10 +440,19 @@ def _mlp(p: Params, h: Array, *, config: LlamaConfig, kernels: Kernels) -> Array
   return kernels.dense(jax.nn.silu(gate) * up, p["down_proj"]["kernel"], dtype)
 
 
+def _dropout(x: Array, key: Optional[Array], rate: float) -> Array:
+  """Inverted dropout: each entry kept with probability 1 - rate and scaled by 1 / (1 - rate)."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
 def _block(
   x: Array,
   p: Params,
   index: Optional[Array] = None,
+  dropout_key: Optional[Array] = None,
   *,
   attend: Callable,
   shape: Tuple[int, int],
@@ -445,6 +464,7 @@ def _block(
   `attend(q [B, L, K, G, hd], k [B, L, K, hd], v [B, L, K, hd]) -> (out [B, L, K, G, hd], extra)`
   is the only part that differs between training (dense or block-sparse) and cached decoding.
   With `index` (`[N]` flat positions), everything after the attention runs on those rows only.
+  With `dropout_key`, the two sub-layer outputs get residual dropout at `config.dropout`.
   Returns `(x [B * L or N, D], extra)`.
   """
   cfg = config
@@ -461,9 +481,10 @@ def _block(
   out = out.reshape(B * L, K * G * hd)
   if index is not None:  # only these positions' outputs are used: the rest is per-token work
     x, out = x[index], out[index]
-  x = x + kernels.dense(out, a["o_proj"]["kernel"], dtype)
+  k_attn, k_mlp = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+  x = x + _dropout(kernels.dense(out, a["o_proj"]["kernel"], dtype), k_attn, cfg.dropout)
   h = _rms_norm(x, p["post_attn_norm"]["scale"], cfg.rms_norm_eps, dtype)
-  return x + _mlp(p["mlp"], h, config=cfg, kernels=kernels), extra
+  return x + _dropout(_mlp(p["mlp"], h, config=cfg, kernels=kernels), k_mlp, cfg.dropout), extra
 
 
 def _embed(params: Params, tokens: Array, dtype) -> Array:
@@ -499,6 +520,8 @@ def apply_fn(
   kernels: Kernels = kernels_lib.XLA,
   attention_blocks: Optional[sparse_attention.AttentionBlocks] = None,
   output_index: Optional[Array] = None,
+  dropout_key: Optional[Array] = None,
+  embedding_offset: Optional[Array] = None,
 ) -> Array:
   """Final hidden states `[B, L, D]` (in `config.dtype`) for `tokens [B, L]` int.
 
@@ -519,6 +542,9 @@ def apply_fn(
       `[N, D]` hidden states at those positions only: the last block's output projection, MLP
       and the final norm run at those positions only (every position's keys and values are
       still computed).
+    dropout_key: a PRNG key: residual dropout at `config.dropout` (training); None: none.
+    embedding_offset: optional `[B, L, D]` added to the token embeddings (input-embedding
+      perturbations, `pofx.perturbations.InputPerturbation`); None: the embeddings as they are.
   """
   _check_inputs(tokens, positions, segment_ids, branch_ids)
   cfg = config
@@ -537,10 +563,15 @@ def apply_fn(
   if cfg.remat:
     block = jax.checkpoint(block, prevent_cse=True, policy=_REMAT_POLICIES[cfg.remat_policy])
   x = _embed(params, tokens, dtype)
+  if embedding_offset is not None:
+    x = x + jnp.asarray(embedding_offset).reshape(x.shape).astype(dtype)
+  drop = dropout_key is not None and cfg.dropout > 0.0
+  keys = jax.random.split(dropout_key, cfg.num_layers + 1) if drop else [None] * (cfg.num_layers + 1)
+  x = _dropout(x, keys[-1], cfg.dropout)
   for i in range(cfg.num_layers):
     last = i == cfg.num_layers - 1
-    index = [jnp.asarray(output_index)] if last and output_index is not None else []
-    x, _ = block(x, params[f"layers_{i}"], *index)
+    index = jnp.asarray(output_index) if last and output_index is not None else None
+    x, _ = block(x, params[f"layers_{i}"], index, keys[i])
   x = _rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps, dtype)
   return x if output_index is not None else x.reshape(B, L, -1)
 
@@ -661,7 +692,8 @@ class LlamaModel:
   """The model with its config and kernels bound (like optax's transforms): pure functions only.
 
   `init(rng) -> params`; `apply(params, tokens, positions, segment_ids, branch_ids=None, *,
-  attention_blocks=None, output_index=None) -> hidden [B, L, D]`; `head(params) -> [D, V]`;
+  attention_blocks=None, output_index=None, dropout_key=None, embedding_offset=None) -> hidden
+  [B, L, D]`; `head(params) -> [D, V]`;
   `logits(params, tokens, positions, segment_ids, branch_ids=None) -> [B, L, V]`;
   `init_cache(batch_size, max_length) -> KVCache`; `decode(params, tokens, positions, valid,
   cache) -> (logits [B, L, V], cache)`. Frozen and hashable by (config, kernels), so a model (and
@@ -684,6 +716,8 @@ class LlamaModel:
     *,
     attention_blocks=None,
     output_index=None,
+    dropout_key=None,
+    embedding_offset=None,
   ) -> Array:
     return apply_fn(
       params,
@@ -695,6 +729,8 @@ class LlamaModel:
       kernels=self.kernels,
       attention_blocks=attention_blocks,
       output_index=output_index,
+      dropout_key=dropout_key,
+      embedding_offset=embedding_offset,
     )
 
   def head(self, params: Params) -> Array:
