@@ -570,7 +570,11 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   if found:  # before any compute (the program checked already; this guards direct calls)
     raise provenance.Refused(provenance.refusal(run.workdir, found))
   logps_fn = policy.make_logps_fn(
-    run.model.apply, run.model.head, kernels=run.kernels, with_log_sum_sq_probs="log_sum_sq_probs" in spec.requires
+    run.model.apply,
+    run.model.head,
+    kernels=run.kernels,
+    with_log_sum_sq_probs="log_sum_sq_probs" in spec.requires,
+    logit_softcap=run.model.logit_softcap,
   )
   kind = c.train.reference.kind
   joined = None

@@ -54,3 +54,10 @@ ON_BAD_RECORD = ("error", "skip")
 # The most unknown tokens a split may have, as a share of its tokens (`data.max_unknown_token_rate`;
 # None = no limit): a number in this closed range.
 UNKNOWN_TOKEN_RATE_RANGE = (0.0, 1.0)
+
+# Model families (`pofx.models`, docs/models.md): the gated MLP's activation, each layer's
+# attention kind (Hugging Face's names), and the Hugging Face `model_type`s that
+# `pofx.models.hf` reads and writes.
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
