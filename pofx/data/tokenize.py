@@ -5,7 +5,10 @@ wraps the `tokenizers` library; the chat template comes from `tokenizer_config.j
 (`chat_template`, a string or a list of named templates, "default" used) or a `chat_template.jinja`
 beside it, rendered with jinja2 the way Hugging Face does (sandboxed environment, `trim_blocks`,
 `lstrip_blocks`, loop controls, `raise_exception`, `strftime_now`, a non-escaping `tojson`; the
-special tokens `bos_token`, `eos_token`, `pad_token`, `unk_token` as variables).
+special tokens `bos_token`, `eos_token`, `pad_token`, `unk_token` as variables, and `tools` and
+`documents`, None unless given, as transformers defines them). `ChatTemplate.from_file(path)` reads
+a model family's template and special tokens from a `tokenizer_config.json` alone (docs/models.md
+lists the families the tests render: Llama 3, Qwen2.5, Qwen3, Mistral, Gemma 2, Gemma 3).
 
 How a pair becomes token ids (TRL 1.16 `DPOTrainer` semantics):
 

@@ -234,7 +234,7 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> llama.LlamaConfig:
   elif glob["rope_type"] == "linear":
     linear = float(glob["factor"])
   local_theta = None
-  if local is not None and float(local["rope_theta"]) != float(glob["rope_theta"]):
+  if local is not None and (float(local["rope_theta"]) != float(glob["rope_theta"]) or glob["rope_type"] != "default"):
     local_theta = float(local["rope_theta"])
   gemma = mt in _GEMMA
   fields = dict(
@@ -317,7 +317,8 @@ def config_to_hf(config: llama.LlamaConfig, model_type: Optional[str] = None, *,
   types = list(c.resolved_layer_types)
   if mt in _GEMMA:
     out["hidden_activation"] = _HF_ACTIVATION[c.mlp_activation]
-    out["query_pre_attn_scalar"] = c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else hd
+    qpas = c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else hd
+    out["query_pre_attn_scalar"] = int(qpas) if float(qpas).is_integer() else qpas  # an int in transformers
     out["attn_logit_softcapping"] = c.attn_logit_softcap
     out["final_logit_softcapping"] = c.final_logit_softcap
     out["attention_bias"] = False
