@@ -85,9 +85,9 @@ def _max_cudnn_head_dim() -> int:
   return 256 if major >= 9 else 128
 
 
-def choose_implementation(q: Array, mask, softcap=None) -> str:
+def choose_implementation(q: Array, mask) -> str:
   """The implementation, "cudnn" or "xla", for these queries and this mask here (see the module docstring)."""
-  if not isinstance(mask, kernels_lib.SegmentMask) or softcap is not None:
+  if not isinstance(mask, kernels_lib.SegmentMask):
     return "xla"
   if q.dtype not in _CUDNN_DTYPES or not _is_cuda():
     return "xla"
@@ -152,14 +152,15 @@ def dot_product_attention(
   else:
     raise TypeError(f"attention: mask must be a SegmentMask or CacheMask, got {type(mask).__name__}.")
   if implementation is None:
-    if choose_implementation(q, mask, softcap) == "cudnn":
+    if softcap is None and choose_implementation(q, mask) == "cudnn":
       try:  # shapes cuDNN refuses while tracing (its checks raise) go to XLA; an explicit "cudnn" raises
         return dot_product_attention(q, k, v, mask, scale=scale, implementation="cudnn")
       except (NotImplementedError, ValueError, RuntimeError):
         pass
     # Where cuDNN does not apply, the core's own XLA attention: it honours a SegmentMask's block
     # list and was the faster XLA path on a GPU (docs/benchmarks.md).
-    return kernels_lib.xla_attention(q, k, v, mask, scale=scale, softcap=softcap)
+    kw = {} if softcap is None else {"softcap": softcap}  # soft-capping: always this path
+    return kernels_lib.xla_attention(q, k, v, mask, scale=scale, **kw)
   if softcap is not None:
     raise ValueError(
       f"dot_product_attention: implementation={implementation!r} cannot soft-cap the scores (softcap={softcap}); "

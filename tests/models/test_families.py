@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 
 from pofx import kernels as kernels_lib
-from pofx import sparse_attention
+from pofx import logprobs, sparse_attention
 from pofx.models import hf, llama
+from pofx_backends import cpu, gpu, tpu
 
 V, D, L, B = 97, 32, 24, 2
 COMMON = dict(
@@ -260,8 +261,6 @@ def test_cached_decode_equals_full_forward_with_window(gemma_like):
 
 
 def test_backends_honour_or_hand_over_window_and_softcap():
-  from pofx_backends import gpu, tpu
-
   rng = np.random.default_rng(4)
   q = jnp.asarray(rng.normal(size=(1, 8, 1, 2, 8)), jnp.float32)
   k, v = (jnp.asarray(rng.normal(size=(1, 8, 1, 8)), jnp.float32) for _ in range(2))
@@ -277,6 +276,15 @@ def test_backends_honour_or_hand_over_window_and_softcap():
   with pytest.raises(ValueError, match="soft-cap"):
     gpu.dot_product_attention(q, k, v, mask, scale=0.5, implementation="xla", softcap=2.0)
   np.testing.assert_allclose(tpu.splash_attention(q, k, v, mask, scale=0.5, softcap=2.0), want, atol=1e-6)
+  # The CPU backend's fused kernels take neither: such calls go to the XLA path.
+  blocks = sparse_attention.attention_blocks(np.ones((1, 64), np.int32), block_size=64)
+  q64 = jnp.zeros((1, 64, 1, 2, 16), jnp.float32)
+  k64 = jnp.zeros((1, 64, 1, 16), jnp.float32)
+  plain64 = kernels_lib.SegmentMask(np.ones((1, 64), np.int32), blocks=blocks)
+  assert cpu.native_attention_supports(q64, k64, k64, plain64)
+  assert not cpu.native_attention_supports(q64, k64, k64, plain64, softcap=2.0)
+  windowed64 = kernels_lib.SegmentMask(plain64.segment_ids, blocks=blocks, positions=np.arange(64)[None], window=8)
+  assert not cpu.native_attention_supports(q64, k64, k64, windowed64)
 
 
 # Refusals ----------------------------------------------------------------------------------------
@@ -330,3 +338,31 @@ def test_bad_family_fields_raise():
     llama.tiny(mlp_activation="relu")
   with pytest.raises(ValueError, match="cannot both"):
     llama.tiny(rope_linear_factor=2.0, rope_scaling=(8.0, 1.0, 4.0, 64))
+
+
+def test_log_probs_apply_the_final_soft_cap(gemma_like):
+  # Hand-computed: log softmax of c * tanh(h W / c) (numpy, float64), on both head paths.
+  rng = np.random.default_rng(5)
+  h, w = rng.normal(size=(6, 8)), rng.normal(size=(8, 11))
+  t = rng.integers(0, 11, 6)
+  z = 2.0 * np.tanh(h @ w / 2.0)
+  want = z[np.arange(6), t] - np.log(np.exp(z).sum(-1))
+  for save_probs in (False, True):  # the capped head always takes the checkpointed path
+    got = logprobs.token_logps(h, w, t, logit_softcap=2.0, save_probs=save_probs, chunk_size=4).logps
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  plain = logprobs.token_logps(h, w, t).logps
+  assert np.abs(np.asarray(plain) - want).max() > 1e-2
+  with pytest.raises(ValueError, match="logit_softcap"):
+    logprobs.token_logps(h, w, t, logit_softcap=0.0)
+  # The model's own head: next-token log-probs from (apply, head, model.logit_softcap) equal the
+  # log-softmax of its (capped) logits.
+  cfg, params = gemma_like
+  model = llama.make(cfg)
+  assert model.logit_softcap == 5.0
+  tokens = rng.integers(0, cfg.vocab_size, (1, 8))
+  args = (params, tokens, np.arange(8)[None], np.ones((1, 8), np.int32))
+  logits = np.asarray(jax.jit(model.logits)(*args), np.float64)[0, :-1]
+  want = logits[np.arange(7), tokens[0, 1:]] - np.log(np.exp(logits).sum(-1))
+  hidden = jax.jit(model.apply)(*args)
+  got = logprobs.next_token_logps(hidden, model.head(params), tokens, logit_softcap=model.logit_softcap).logps
+  np.testing.assert_allclose(np.asarray(got)[0], want, atol=1e-4)
