@@ -17,6 +17,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -366,3 +367,16 @@ def test_log_probs_apply_the_final_soft_cap(gemma_like):
   hidden = jax.jit(model.apply)(*args)
   got = logprobs.next_token_logps(hidden, model.head(params), tokens, logit_softcap=model.logit_softcap).logps
   np.testing.assert_allclose(np.asarray(got)[0], want, atol=1e-4)
+
+
+def test_bfloat16_export_reads_back_rounded(tmp_path):
+  # Weights written in bfloat16 and read back equal the float32 parameters rounded to bfloat16
+  # (ml_dtypes' rounding, independent of pofx); the config comes back with the exported context.
+  cfg = GEMMA_LIKE.replace(scale_embeddings=True, mlp_activation="gelu_tanh", query_pre_attn_scalar=16.0)  # Gemma 3
+  params = _random_params(cfg, seed=7)
+  hf.save_pretrained(str(tmp_path), params, cfg, dtype="bfloat16")
+  assert hf.read_state_dict(str(tmp_path))["model.embed_tokens.weight"].dtype == ml_dtypes.bfloat16
+  back_cfg, back = hf.load_pretrained(str(tmp_path))
+  assert back_cfg == cfg.replace(max_position_embeddings=8192, head_dim=cfg.resolved_head_dim)
+  rounded = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32), params)
+  jax.tree.map(np.testing.assert_array_equal, back, rounded)
