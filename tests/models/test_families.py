@@ -110,7 +110,8 @@ def test_family_matches_transformers_and_exports(family, tmp_path):
     for name, p in model.named_parameters():
       if name.endswith("norm.weight") or name.endswith(".bias"):
         p.add_(0.3 * torch.randn_like(p))
-  model.save_pretrained(tmp_path / "hf")
+  model.save_pretrained(tmp_path / "hf", max_shard_size="20KB")  # sharded: read through the index file
+  assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
 
   config, params = hf.load_pretrained(str(tmp_path / "hf"))
   assert {k: getattr(config, k) for k in expect} == expect
