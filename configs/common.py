@@ -12,6 +12,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from pofx import options
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -81,6 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint_every=100,
       keep_checkpoints=2,
       on_nonfinite="skip",  # "skip": keep going (the step leaves the state unchanged); "halt"
+      # log the loss's gradient field over the chosen / rejected log-probs (pofx.evaluation.gradient_field)
+      gradient_field=False,
     )
   )
   c.train.loss_hyper = ml_collections.ConfigDict(dict(beta=0.1))
@@ -96,11 +100,35 @@ def base_config() -> ml_collections.ConfigDict:
       guide_checkpoint="",
     )
   )
+  # sam: m = examples per ascent (m-sharpness, Foret et al.; None = one ascent per (micro-)batch).
   # rwp: c_min (the loss-stationary threshold on the per-pair loss) has no default and must be set;
   # steps: proxy ascents.
+  # saf / mesa (trajectory loss): lam its weight, temperature, on for start_epoch < epoch <
+  # end_epoch (None: no end); saf: minus_epochs (the past outputs' age); mesa: decay (EMA).
   c.train.perturbation = ml_collections.ConfigDict(
-    dict(kind="none", rho=0.05, adaptive=False, gamma=0.01, c_min=config_dict.placeholder(float), steps=10)
+    dict(
+      kind="none",
+      rho=0.05,
+      adaptive=False,
+      m=config_dict.placeholder(int),
+      gamma=0.01,
+      c_min=config_dict.placeholder(float),
+      steps=10,
+      lam=0.3,
+      temperature=5.0,
+      minus_epochs=3,
+      start_epoch=5,
+      end_epoch=config_dict.placeholder(int),
+      decay=0.9998,
+    )
   )
+  # Input perturbation (pofx.options.INPUT_PERTURBATION_KINDS): "embeddings" = adversarial token
+  # embeddings, each moved by at most `radius` (L2), composing with the weight perturbation.
+  c.train.input_perturbation = ml_collections.ConfigDict(dict(kind="none", radius=0.0))
+  # Dropout training of the policy (off with rate 0): residual dropout at `rate` in the model
+  # (pofx.models.LlamaConfig.dropout) and multi-sample dropout over `samples` masks (Inoue 2019;
+  # 1 = plain dropout). The reference and the evaluation never use dropout.
+  c.train.dropout = ml_collections.ConfigDict(dict(rate=0.0, samples=1))
   c.train.optimizer = ml_collections.ConfigDict(
     dict(name="adamw", learning_rate=1e-3, warmup_steps=20, weight_decay=0.0, grad_clip=1.0)
   )
@@ -109,7 +137,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.parallel = ml_collections.ConfigDict(dict(mode="single", mesh=""))
 
   # Stage 5: evaluation on held-out prompts.
-  c.eval = ml_collections.ConfigDict(dict(num_prompts=1024, samples_per_prompt=1, temperature=1.0, top_k=0))
+  # idealized_betas: the betas at which the idealized ranking accuracy is also reported (summary.json
+  # `idealized_ranking_accuracy_by_beta`); the sweep of Chen et al. 2024 (arXiv:2405.19534) by default.
+  c.eval = ml_collections.ConfigDict(
+    dict(num_prompts=1024, samples_per_prompt=1, temperature=1.0, top_k=0, idealized_betas=options.IDEALIZED_BETAS)
+  )
 
   # Optional sweep: a list of {"label": str, "overrides": {dotted.key: value}} run after one
   # shared SFT + data stage; each member trains and evaluates in <workdir>/sweep/<label>.

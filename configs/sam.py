@@ -2,7 +2,10 @@
 
     python -m experiments.main --config=configs/sam.py[:asam] --workdir=/tmp/pofx_sam
 
-rho 0.05 (SAM; Foret et al. 2021, arXiv:2010.01412) or rho 0.5 with ASAM (Kwon et al. 2021).
+rho 0.05 (SAM; Foret et al. 2021, arXiv:2010.01412) or rho 0.5 with ASAM (Kwon et al. 2021; as
+the authors' asam.py: biases unscaled, eta 0.01). `--config.train.perturbation.m=8` is
+m-sharpness: one ascent per 8 pairs (Foret et al.'s m, examples per ascent), the SAM gradients
+of the batch's subsets averaged.
 """
 
 from configs import _shrink, common

@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from typing import List, Optional, Sequence, Tuple
 
 import ml_collections
@@ -141,6 +142,18 @@ def _get(c, dotted: str):
   return node
 
 
+# A sweep override value that is exactly "{config.<dotted.field>}": that field's value in the
+# sweep's config (experiments.main resolves it when it builds the members).
+FIELD_VALUE = re.compile(r"^\{config\.([A-Za-z0-9_.]+)\}$")
+
+
+def field_value(c, dotted: str):
+  """The value of the existing dotted field `dotted` of config `c`; ValueError naming the nearest one."""
+  if not has_field(c, dotted) or isinstance(_get(c, dotted), ml_collections.ConfigDict):
+    raise ValueError(unknown_field_message(c, dotted))
+  return _get(c, dotted)
+
+
 def _allowed(c, field: str, allowed: Sequence[str]):
   value = _get(c, field)
   if value not in allowed:
@@ -206,7 +219,9 @@ def _check_data(c) -> None:
     )
 
 
-def _check_loss(c) -> None:
+def check_loss(c) -> None:
+  """`train.loss` and `train.loss_hyper` (names and values) and the loss's rules with the reference;
+  also what a sweep runs for each member before its shared stages."""
   # A canonical pofx.losses name, or a TRL 1.16 loss_type written "trl.<loss_type>" (pofx.losses.trl).
   try:
     spec = losses.spec(c.train.loss)
@@ -222,9 +237,18 @@ def _check_loss(c) -> None:
       f"config.train.loss_hyper has {unknown}, not hyperparameters of {spec.name!r}; "
       f"allowed: {sorted(spec.hyperparameters)}."
     )
+  if spec.name.startswith(losses.trl.PREFIX):  # the DPOConfig field combinations TRL refuses
+    try:
+      losses.trl.check_fields(spec.name, **hyper)
+    except ValueError as e:
+      raise ValueError(f"config.train.loss_hyper={hyper!r} is not allowed with train.loss={spec.name!r}: {e}") from None
   beta = hyper.get("beta")
   if "beta" in hyper and not (isinstance(beta, (int, float)) and beta > 0):
     raise ValueError(f"config.train.loss_hyper.beta={beta!r} is not allowed; allowed: beta > 0.")
+  try:  # the loss's own checks of the values (ranges, choices, required names), nothing computed
+    losses.check_values(spec, hyper)
+  except ValueError as e:
+    raise ValueError(f"config.train.loss_hyper: {e}") from None
   if "list" in spec.requires:
     raise ValueError(f"config.train.loss={spec.name!r} is a K-way listwise loss; the training program trains pairs.")
   if spec.reference == "required" and c.train.reference.kind == "none":
@@ -237,8 +261,17 @@ def _check_loss(c) -> None:
       f"config.train.reference.kind={c.train.reference.kind!r}, but loss {spec.name!r} is "
       "reference-free; allowed: 'none'."
     )
-  # Losses needing scores read them from the data: the world's gold rewards, or the files'
-  # score_chosen / score_rejected (the loader refuses pairs without them).
+  # Losses needing scores read the files' score_chosen / score_rejected (the loader refuses pairs
+  # without them; the program checks the training split against the loss's score domain before
+  # training). The world's scores are raw gold rewards under Bradley-Terry labels (any real number;
+  # the chosen completion's can be the lower): refused here unless the domain takes any finite pair.
+  if "scores" in spec.requires and c.data.source == "world" and not spec.score_domain.any_real:
+    raise ValueError(
+      f"config.train.loss={spec.name!r} reads per-pair scores, defined for {spec.score_domain.text}; the "
+      "controlled world's scores are raw gold rewards (any real number) with Bradley-Terry labels, so the "
+      "chosen completion's can be the lower one; allowed: data.source='files' with score_chosen / "
+      "score_rejected in that domain."
+    )
   for kind in ("turn_ids", "risk", "kl"):
     if kind in spec.requires:
       raise ValueError(f"loss {spec.name!r} needs {kind!r} inputs that the training program does not produce.")
@@ -246,6 +279,14 @@ def _check_loss(c) -> None:
 
 def _check_train(c) -> None:
   _allowed(c, "train.on_nonfinite", options.ON_NONFINITE)
+  _allowed(c, "train.input_perturbation.kind", options.INPUT_PERTURBATION_KINDS)
+  _positive("train.input_perturbation.radius", c.train.input_perturbation.radius, integer=False, zero_ok=True)
+  rate = c.train.dropout.rate
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+    raise ValueError(
+      f"config.train.dropout.rate={rate!r} is not allowed; allowed: a number in [0, 1) (0 = no dropout)."
+    )
+  _positive("train.dropout.samples", c.train.dropout.samples)
   _allowed(c, "train.reference.kind", options.REFERENCE_KINDS)
   _allowed(c, "train.perturbation.kind", options.PERTURBATION_KINDS)
   _allowed(c, "train.optimizer.name", options.OPTIMIZERS)
@@ -264,6 +305,38 @@ def _check_train(c) -> None:
       "or a weight in [0, 1]."
     )
   p = c.train.perturbation
+  if p.kind == "sam" and p.m is not None:
+    _positive("train.perturbation.m", p.m)
+    micro = c.train.batch_size // c.train.grad_accum_steps
+    if micro % p.m:
+      raise ValueError(
+        f"config.train.perturbation.m={p.m} is not allowed with train.batch_size={c.train.batch_size} and "
+        f"train.grad_accum_steps={c.train.grad_accum_steps}; allowed: None (one ascent per micro-batch) or a "
+        f"divisor of the {micro} pairs of a micro-batch (m = examples per ascent)."
+      )
+  if p.kind in ("saf", "mesa"):
+    _positive("train.perturbation.lam", p.lam, integer=False, zero_ok=True)
+    _positive("train.perturbation.temperature", p.temperature, integer=False)
+    if not isinstance(p.start_epoch, int) or isinstance(p.start_epoch, bool):
+      raise ValueError(
+        f"config.train.perturbation.start_epoch={p.start_epoch!r} is not allowed; allowed: an integer (the term "
+        "is on for epochs > start_epoch; -1: from the first step)."
+      )
+    if p.end_epoch is not None and (not isinstance(p.end_epoch, int) or p.end_epoch <= p.start_epoch):
+      raise ValueError(
+        f"config.train.perturbation.end_epoch={p.end_epoch!r} is not allowed; allowed: None (no end) or an "
+        f"integer > start_epoch={p.start_epoch}."
+      )
+    if p.kind == "saf":
+      _positive("train.perturbation.minus_epochs", p.minus_epochs)
+    if p.kind == "mesa":
+      if not isinstance(p.decay, (int, float)) or isinstance(p.decay, bool) or not 0.0 <= p.decay <= 1.0:
+        raise ValueError(f"config.train.perturbation.decay={p.decay!r} is not allowed; allowed: a number in [0, 1].")
+      if c.train.grad_accum_steps > 1:
+        raise ValueError(
+          "config.train.perturbation.kind='mesa' with train.grad_accum_steps > 1 is not allowed: its EMA would "
+          "move once per micro-batch; allowed: train.grad_accum_steps=1."
+        )
   if p.kind == "rwp":
     if p.c_min is None or not math.isfinite(p.c_min):
       raise ValueError(
@@ -279,7 +352,7 @@ def _check_train(c) -> None:
       "checkpoint; allowed: the path of a finished run's params checkpoint (e.g. <first-stage "
       "workdir>/final_params)."
     )
-  _check_loss(c)
+  check_loss(c)
 
 
 def _check_processes(c, process_count: int, device_count: Optional[int]) -> None:
@@ -315,6 +388,12 @@ def _check_processes(c, process_count: int, device_count: Optional[int]) -> None
       f"has {device_count}."
     )
   batch_devices = sizes[0] * sizes[1]
+  p = c.train.perturbation
+  if p.kind == "sam" and p.m is not None and p.m % batch_devices:
+    raise ValueError(
+      f"config.train.perturbation.m={p.m} must be a multiple of the {batch_devices} data-parallel devices "
+      "(each ascent's m pairs are spread over them)."
+    )
   if c.train.batch_size % (c.train.grad_accum_steps * batch_devices):
     raise ValueError(
       f"config.train.batch_size={c.train.batch_size} must be a multiple of train.grad_accum_steps x "
@@ -354,13 +433,26 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
     )
   for f in POSITIVE_INTEGERS:
     _positive(f, _get(c, f))
+  betas = c.eval.idealized_betas
+  if not isinstance(betas, (tuple, list)) or not all(
+    isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b > 0 for b in betas
+  ):
+    raise ValueError(
+      f"config.eval.idealized_betas={betas!r} is not allowed; allowed: a tuple of numbers > 0 (may be empty)."
+    )
   _check_data(c)
   _check_train(c)
   for item in c.sweep:
     if "label" not in item or "overrides" not in item:
       raise ValueError("config.sweep entries must be {'label': str, 'overrides': {dotted.key: value}}.")
-    for key in dict(item["overrides"]):
+    for key, value in dict(item["overrides"]).items():
       if not has_field(c, key):
         raise ValueError(f"config.sweep[{item['label']!r}].overrides: {unknown_field_message(c, key)}")
+      ref = FIELD_VALUE.match(value) if isinstance(value, str) else None
+      if ref:
+        try:
+          field_value(c, ref.group(1))
+        except ValueError as e:
+          raise ValueError(f"config.sweep[{item['label']!r}].overrides[{key!r}]={value!r}: {e}") from None
   _check_processes(c, process_count, device_count)
   _check_kernels(c)

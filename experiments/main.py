@@ -424,16 +424,23 @@ def _index_kwargs(c):
 
 
 def stage_reference_cache(run: Run, prepared, ref_params_list, logps_fn):
-  """Reference log-probs computed once over the training split (stage 3). Returns `joined`."""
+  """Reference log-probs computed once over the training split (stage 3). Returns `joined`.
+
+  With `ld_alpha` in the loss's hyperparameters (LD-DPO, TRL's `ld_alpha`), the cached sums are
+  LD-weighted (`pofx.losses.ld_weighted_sums`), as TRL's `precompute_ref_log_probs` stores them;
+  the losses take a reference given as sums only as already LD-weighted. The value is part of
+  the cache's fingerprint."""
   c = run.config
   source = prepared.source("train")
+  ld_alpha = c.train.loss_hyper.get("ld_alpha", None)
+  extra = prepared.fingerprint if ld_alpha is None else {"data": prepared.fingerprint, "ld_alpha": float(ld_alpha)}
   fps = [
     references.fingerprint(
       p,
       vocab=run.model_config.vocab_size,
       max_prompt_len=c.world.max_prompt_len + 2,
       max_completion_len=c.world.max_completion_len,
-      extra=prepared.fingerprint,
+      extra=extra,
     )
     for p in ref_params_list
   ]
@@ -469,6 +476,8 @@ def stage_reference_cache(run: Run, prepared, ref_params_list, logps_fn):
     ids, ch, rj = [], [], []
     for batch in loader.iterator():
       out = fwd(params, batch)
+      if ld_alpha is not None:
+        out = losses.ld_weighted_sums(out, ld_alpha)
       keep = np.asarray(batch["example_id"]) >= 0
       ids.append(np.asarray(batch["example_id"])[keep])
       ch.append(np.asarray(out.chosen)[keep])
@@ -530,9 +539,32 @@ def _optimizer(c):
   return optax.chain(*parts), schedule
 
 
-def _perturbation(c):
+def micro_batches(c) -> int:
+  """Micro-batches per step: `train.grad_accum_steps`, or with SAM's m-sharpness
+  (`train.perturbation.m`, examples per ascent) `train.batch_size // m`: the step takes one
+  ascent per micro-batch of m pairs and averages their SAM gradients (Foret et al. Sec. 4.1),
+  which is how `pofx.train` accumulates gradients."""
   p = c.train.perturbation
-  if p.kind == "sam":
+  if p.kind == "sam" and p.m is not None:
+    return c.train.batch_size // p.m
+  return c.train.grad_accum_steps
+
+
+def _num_examples(source) -> int:
+  """One more than the largest example id of a prepared split: the rows of SAF's memory."""
+  return 1 + max(int(source[i]["example_id"]) for i in range(len(source)))
+
+
+def _perturbation(c, num_examples: int = 1):
+  """The config's perturbation; `num_examples` (the training split's size, `_num_examples`) sizes
+  SAF's memory and counts SAF's and MESA's epochs."""
+  p = c.train.perturbation
+  window = dict(lam=p.lam, temperature=p.temperature, start_epoch=p.start_epoch, end_epoch=p.end_epoch)
+  if p.kind == "saf":
+    return perturbations.saf(num_examples, minus_epochs=p.minus_epochs, **window)
+  if p.kind == "mesa":
+    return perturbations.mesa(num_examples, decay=p.decay, **window)
+  if p.kind == "sam":  # m-sharpness is made by the micro-batches (`micro_batches`)
     return perturbations.sam(p.rho, adaptive=p.adaptive)
   if p.kind == "awp":
     return perturbations.awp(p.gamma)
@@ -546,6 +578,29 @@ def train_record(run: Run) -> provenance.Record:
   resolved kernel backend and the guiding policy's identity."""
   c = run.config
   return provenance.train_record(c, kernels=run.kernels_record["name"], guide=provenance.guide_identity(c))
+
+
+def check_training_scores(spec, hyper, prepared) -> None:
+  """Before training a loss that reads scores: every pair of the training split has scores in the
+  loss's documented domain (`spec.score_domain`, as `pofx.losses.check_scores`: ODPO chosen >
+  rejected, MaPPO in [0, 1] with chosen >= rejected, UNA in [0, 1] or -1). ValueError otherwise,
+  naming the loss, how many pairs, the first ones by example id (for files: the pairs in file and
+  line order, skipped records taking no id) and the domain: the method is never trained on scores
+  it is not defined for."""
+  src = prepared.source("train")
+  rows = [src[i] for i in range(len(src))]
+  s_w = np.asarray([float(r["score_chosen"]) for r in rows], np.float64)
+  s_l = np.asarray([float(r["score_rejected"]) for r in rows], np.float64)
+  ok = np.asarray(spec.score_domain.valid(s_w, s_l, **dict(hyper)), bool).reshape(-1)
+  if ok.all():
+    return
+  bad = sorted(np.flatnonzero(~ok), key=lambda i: int(rows[i]["example_id"]))
+  shown = ", ".join(f"example {int(rows[i]['example_id'])}: ({s_w[i]:.6g}, {s_l[i]:.6g})" for i in bad[:3])
+  raise ValueError(
+    f"the training split's scores do not fit loss {spec.name!r}: {len(bad)} of {ok.size} pairs have "
+    f"(score_chosen, score_rejected) outside its domain ({shown}{', ...' if len(bad) > 3 else ''}); "
+    f"allowed: {spec.score_domain.text}."
+  )
 
 
 def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = None):
@@ -562,12 +617,22 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   found = provenance.findings(c, run.workdir, kernels=record.inputs["kernels"], stages=("train",))
   if found:  # before any compute (the program checked already; this guards direct calls)
     raise provenance.Refused(provenance.refusal(run.workdir, found))
+  hyper = dict(c.train.loss_hyper)
+  if "scores" in spec.requires:  # before the reference cache and training
+    check_training_scores(spec, hyper, prepared)
+  # WPO weights need log sum_v p_v^2: the canonical wpo, or a TRL loss type with use_weighting.
+  lssp = "log_sum_sq_probs" in spec.requires or bool(hyper.get("use_weighting", False))
+  # With dropout the policy's model has the rate; it applies only to forwards given a dropout key
+  # (the policy's, from the train step), so the reference and the cache use the same function.
+  model = run.model
+  if c.train.dropout.rate > 0:
+    model = models.make(run.model_config.replace(dropout=float(c.train.dropout.rate)), kernels=run.kernels)
   logps_fn = policy.make_logps_fn(
-    run.model.apply,
-    run.model.head,
+    model.apply,
+    model.head,
     kernels=run.kernels,
-    with_log_sum_sq_probs="log_sum_sq_probs" in spec.requires,
-    logit_softcap=run.model.logit_softcap,
+    with_log_sum_sq_probs=lssp,
+    logit_softcap=model.logit_softcap,
   )
   kind = c.train.reference.kind
   joined = None
@@ -594,16 +659,23 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     )
 
   optimizer, schedule = _optimizer(c)
-  perturbation = _perturbation(c)
-  hyper = dict(c.train.loss_hyper)
-  n_acc = c.train.grad_accum_steps
+  trajectory = c.train.perturbation.kind in ("saf", "mesa")
+  perturbation = _perturbation(c, _num_examples(prepared.source("train")) if trajectory else 1)
+  n_acc = micro_batches(c)
   step_kwargs = dict(
     loss=spec,
     loss_hyper=hyper,
     reference=reference,
     perturbation=perturbation,
+    input_perturbation=(
+      perturbations.adversarial_embeddings(c.train.input_perturbation.radius, run.model_config.hidden_size)
+      if c.train.input_perturbation.kind == "embeddings"
+      else None
+    ),
     grad_accum_steps=n_acc,
     learning_rate_fn=schedule,
+    gradient_field=bool(c.train.gradient_field),
+    dropout_samples=int(c.train.dropout.samples) if c.train.dropout.rate > 0 else 0,
   )
   mode, n_dev, pstep = c.train.parallel.mode, 1, None
   if mode == "single":
@@ -669,8 +741,8 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("pofx:final_params")
 
-  def clean(b):
-    return {k: v for k, v in b.items() if k != "example_id"}
+  def clean(b):  # SAF's memory is indexed by the pairs' example ids
+    return {k: v for k, v in b.items() if k != "example_id" or c.train.perturbation.kind == "saf"}
 
   index_lists = ("attention_blocks", "scored_tokens")
 
@@ -736,6 +808,8 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     reference=c.train.reference.kind,
     perturbation=c.train.perturbation.kind,
     rwp_steps=getattr(c.train.perturbation, "steps", 10),
+    dropout_samples=int(c.train.dropout.samples) if c.train.dropout.rate > 0 else 1,
+    input_passes=int(c.train.input_perturbation.kind != "none"),
   )
   it = loader.iterator(start * n_acc * n_local)
   nonfinite = jnp.zeros(())  # this segment's non-finite steps (on the device: no sync per step)
@@ -866,6 +940,7 @@ def stage_eval(run: Run, prepared, base_params, params, data_meta, *, base_sampl
       model=run.model,
       beta=float(c.train.loss_hyper.get("beta", 0.1)),
       pref_prob=np.asarray(data_meta["eval_label_prob"][: len(ex)], np.float32),
+      betas=tuple(c.eval.idealized_betas),
     )
     out.update(pairs)
   return out, pol["base_samples"]
@@ -999,24 +1074,38 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
 
 def _sweep_members(config, workdir: str):
   """(item, member config) of every sweep member: the config with the member's overrides (each
-  is validated when it runs: a member may read an earlier member's output)."""
+  is validated when it runs: a member may read an earlier member's output). In an override value,
+  `{workdir}` is the sweep's workdir, and a value that is exactly `{config.<dotted.field>}` is that
+  field's value in the sweep's config (after command-line overrides), e.g. Pre-DPO's round-2 beta
+  `{config.predpo.round2_beta}`."""
   out = []
   for item in config.sweep:
     member = copy.deepcopy(config)
     with member.unlocked():
       member.sweep = ()
       for k, v in dict(item["overrides"]).items():
-        if isinstance(v, str) and "{workdir}" in v:
+        ref = config_validation.FIELD_VALUE.match(v) if isinstance(v, str) else None
+        if ref:
+          v = config_validation.field_value(config, ref.group(1))
+        elif isinstance(v, str) and "{workdir}" in v:
           v = v.replace("{workdir}", os.path.abspath(workdir))
         _set(member, k, v)
     out.append((item, member))
   return out
 
 
+def _sweep_title(members) -> str:
+  """The chart's subject: the loss every member trains, or how many losses the members train."""
+  losses = sorted({m.train.loss for _, m in members})
+  return f"{losses[0]} sweep" if len(losses) == 1 else f"{len(losses)} losses"
+
+
 def run_sweep(config, workdir: str, *, progress=True, startup=None, overwrite=False):
   """The shared stages once, then each sweep member; one reward-vs-KL chart of all members.
   Every member's workdir is checked (`preflight`) before the shared stages compute."""
   members = _sweep_members(config, workdir)
+  for _, m in members:  # every member's loss and its values, before the shared stages compute
+    config_validation.check_loss(m)
   kernels = planned_kernels(config, workdir)
   checks = [(config, os.path.abspath(workdir), ("sft", "data"), "on disk")]
   finals = {}  # a member's final_params -> the identity this run gives it (a later round's guide)
@@ -1066,7 +1155,7 @@ def run_sweep(config, workdir: str, *, progress=True, startup=None, overwrite=Fa
     points,
     os.path.join(workdir, "reward_vs_kl.png"),
     base_reward=next(iter(summaries.values()))["gold_reward_base"],
-    title=f"gold reward vs KL: {config.train.loss} sweep",
+    title=f"gold reward vs KL: {_sweep_title(members)}",
   )
   with open(os.path.join(workdir, "sweep_summary.json"), "w") as f:
     json.dump(summaries, f, indent=1)

@@ -21,7 +21,15 @@ import numpy as np
 from pofx import flops as flops_lib
 
 
-def step_flops_fn(model_config, *, reference: str, perturbation: str, rwp_steps: int = 10) -> Callable[[Any], float]:
+def step_flops_fn(
+  model_config,
+  *,
+  reference: str,
+  perturbation: str,
+  rwp_steps: int = 10,
+  dropout_samples: int = 1,
+  input_passes: int = 0,
+) -> Callable[[Any], float]:
   """`batch -> processed FLOPs` of one train step of the program on that batch (`pofx.flops`).
 
   reference: the config's reference kind (`pofx.options.REFERENCE_KINDS`; "multi" is two cached
@@ -32,7 +40,13 @@ def step_flops_fn(model_config, *, reference: str, perturbation: str, rwp_steps:
   def step_flops(batch) -> float:
     work = flops_lib.work_of_batch(batch)
     return flops_lib.dpo_step_flops(
-      model_config, work, reference=reference, perturbation=perturbation, rwp_steps=rwp_steps
+      model_config,
+      work,
+      reference=reference,
+      perturbation=perturbation,
+      rwp_steps=rwp_steps,
+      dropout_samples=dropout_samples,
+      input_passes=input_passes,
     ).total
 
   return step_flops

@@ -186,7 +186,7 @@ class Shapes:
 
 
 def batch_shapes(c, seq_len: Optional[int] = None, completion_len: Optional[int] = None) -> Shapes:
-  k = int(c.train.grad_accum_steps)
+  k = int(main_lib.micro_batches(c))
   B = int(c.train.batch_size) // k
   L = int(seq_len or c.data.seq_bucket)
   T = int(completion_len or c.data.completion_bucket)
@@ -443,6 +443,8 @@ def analytic_flops(
     policy += attn
   if perturbation_kind in ("sam", "awp"):
     policy *= 2
+  elif perturbation_kind == "mesa":  # the EMA weights' forward
+    policy += forward
   elif perturbation_kind == "rwp":  # rwp_steps proxy ascents, then the main gradient
     policy *= rwp_steps + 1
   ref = forward if _reference_runs_forward(reference_kind) else 0

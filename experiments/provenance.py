@@ -17,7 +17,10 @@ first checkpoint; the checkpoint folder holds orbax's step folders only), the `p
              (`pofx.references.fingerprint`, checked where the cache is read)
   train      seed; model.{preset,dtype,remat,init_checkpoint}; the batching fields of data.*;
              train.{loss,loss_hyper,batch_size,grad_accum_steps,optimizer,parallel}; the fields of
-             the chosen reference and perturbation kinds; the SFT and data fingerprints; the
+             the chosen reference and perturbation kinds; when set, train.perturbation.m (SAM),
+             train.dropout (rate > 0) and train.input_perturbation (kind not "none"), fields
+             added later and recorded only then, so earlier records stay valid; the SFT and data
+             fingerprints; the
              resolved kernel backend; the guiding policy's fingerprint (Pre-DPO) or the second
              SFT model's (MRPO)
   eval       eval.*, train.steps and the train fingerprint
@@ -25,7 +28,7 @@ first checkpoint; the checkpoint folder holds orbax's step folders only), the `p
 
 Fields left out change no result: train.log_every, train.checkpoint_every,
 train.keep_checkpoints, train.on_nonfinite (what to do if a step is non-finite; the state stays
-the same either way until one is), the progress bar, and train.steps for training: the learning
+the same either way until one is), train.gradient_field (extra metrics only), the progress bar, and train.steps for training: the learning
 rate schedule and the data order do not depend on it, so raising train.steps continues a
 finished or partial run exactly (then evaluation is redone, as its fingerprint holds
 train.steps); lowering it below the step a workdir reached is refused. The kernel backend is a
@@ -87,7 +90,14 @@ _REFERENCE_FIELDS = {
   "synced": ("alpha", "tau"),
   "ema": ("decay",),
 }
-_PERTURBATION_FIELDS = {"none": (), "sam": ("rho", "adaptive"), "awp": ("gamma",), "rwp": ("gamma", "c_min", "steps")}
+_PERTURBATION_FIELDS = {
+  "none": (),
+  "sam": ("rho", "adaptive"),
+  "awp": ("gamma",),
+  "rwp": ("gamma", "c_min", "steps"),
+  "saf": ("lam", "temperature", "minus_epochs", "start_epoch", "end_epoch"),
+  "mesa": ("lam", "temperature", "decay", "start_epoch", "end_epoch"),
+}
 _FILES = (
   "data.files",
   "data.eval_files",
@@ -162,6 +172,10 @@ def train_record(c, *, kernels: Optional[str], guide: Optional[str] = None) -> R
     + tuple(f"train.reference.{k}" for k in _REFERENCE_FIELDS.get(kind, ()))
     + tuple(f"train.perturbation.{k}" for k in _PERTURBATION_FIELDS.get(pert, ()))
     + (("data.attention_block_size",) if c.data.attention == "block_sparse" else ())
+    # fields added later, recorded only when set, so earlier workdirs keep their records
+    + (("train.perturbation.m",) if pert == "sam" and c.train.perturbation.m is not None else ())
+    + (("train.dropout",) if c.train.dropout.rate > 0 else ())
+    + (("train.input_perturbation",) if c.train.input_perturbation.kind != "none" else ())
   )
   inputs = {"base": base_fingerprint(c), "data": data_record(c).fingerprint, "kernels": kernels}
   if kind == "multi":

@@ -24,14 +24,23 @@ Pair metrics (held-out preference pairs; from `PairLogps`, all jit-friendly):
                         ratio of the authors' code (`rlhf_minimizer_client.py`:
                         `_get_ranking_from_ratio`); p is clipped to [eps, 1 - eps] (eps = 1e-3,
                         their constant). "mean" uses per-token mean reference log-probs (their
-                        `normalized=True`, ppl_2 / ppl_1);
+                        `normalized=True`, ppl_2 / ppl_1); `evaluate_pairs(betas=...)` also
+                        reports it over a sweep of beta (`IDEALIZED_BETAS`, the authors' sweep);
   flip threshold        -log sigmoid(beta * log(pi_ref(y_l)/pi_ref(y_w))): the DPO loss a pair must
                         fall below before the policy ranks it correctly (Chen et al. 2024,
                         arXiv:2405.19534).
+
+Training diagnostic (`gradient_field`, logged per step by `pofx.train` with `gradient_field=True`):
+  the gradient field of a loss over the chosen and rejected log-probs (Feng et al. 2024,
+  arXiv:2404.04626, who study the DPO loss's gradient vector field over the two completions'
+  probabilities): per pair, d_w = dl/d log pi(y_w|x), d_l = dl/d log pi(y_l|x), and the ratios of
+  their magnitudes in log-prob space and in probability space
+  (|dl/dpi_w| / |dl/dpi_l| = |d_w| / |d_l| * pi_l / pi_w).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from statistics import NormalDist
 from typing import NamedTuple, Optional, Sequence
@@ -40,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pofx import sampling
+from pofx import options, sampling
 from pofx import world as world_lib
 from pofx._pair_logps import PairLogps
 from pofx.losses import check_beta, check_choice
@@ -234,6 +243,10 @@ def pair_logps(
   return PairLogps.from_tokens(jnp.asarray(c_lp), jnp.asarray(c_m), jnp.asarray(r_lp), jnp.asarray(r_m))
 
 
+# The betas of the authors' idealized-ranking-accuracy tables (`pofx.options.IDEALIZED_BETAS`).
+IDEALIZED_BETAS = options.IDEALIZED_BETAS
+
+
 def evaluate_pairs(
   params,
   reference_params,
@@ -244,6 +257,7 @@ def evaluate_pairs(
   model,
   beta: float = 0.1,
   pref_prob=None,
+  betas: Sequence[float] = (),
   batch_size: int = 512,
   prompt_width=None,
   completion_width=None,
@@ -251,7 +265,10 @@ def evaluate_pairs(
   """Pair metrics of a policy on held-out pairs: reward accuracy (against `reference_params`),
   ranking accuracy (sum and mean) of the policy and of the reference, and, when `pref_prob`
   (P(chosen > rejected), e.g. `PreferenceData.label_prob`) is given, the idealized ranking
-  accuracy (sum and mean) at `beta` and the mean flip-threshold loss. Python floats."""
+  accuracy (sum and mean) at `beta` and the mean flip-threshold loss; with `betas` (e.g.
+  `IDEALIZED_BETAS`, the authors' sweep) also the idealized ranking accuracy at each of them,
+  `{"idealized_ranking_accuracy_by_beta": {"<beta>": sum, ...}, "..._mean_by_beta": {...}}`
+  (keys formatted `f"{beta:g}"`). Python floats."""
   kw = dict(model=model, batch_size=batch_size, prompt_width=prompt_width, completion_width=completion_width)
   pol = pair_logps(params, prompts, chosen, rejected, **kw)
   ref = pair_logps(reference_params, prompts, chosen, rejected, **kw)
@@ -268,6 +285,13 @@ def evaluate_pairs(
     out["idealized_ranking_accuracy"] = m(idealized_ranking_accuracy(ref, pref_prob, beta=beta, normalize="sum"))
     out["idealized_ranking_accuracy_mean"] = m(idealized_ranking_accuracy(ref, pref_prob, beta=beta, normalize="mean"))
     out["flip_threshold_loss"] = m(flip_threshold_loss(ref, beta=beta))
+    for norm, key in (
+      ("sum", "idealized_ranking_accuracy_by_beta"),
+      ("mean", "idealized_ranking_accuracy_mean_by_beta"),
+    ):
+      out[key] = {
+        f"{float(b):g}": m(idealized_ranking_accuracy(ref, pref_prob, beta=float(b), normalize=norm)) for b in betas
+      }
   return out
 
 
@@ -342,3 +366,42 @@ def _score_samples(params, samples: sampling.Samples, *, model, batch_size: int)
       part = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[:1], bs - real, 0)]), part)
     out.append(np.asarray(sampling.score(params, part, model=model))[:real])
   return np.concatenate(out)
+
+
+# Gradient field of a loss over the two log-probs -------------------------------------------------
+
+
+class GradientField(NamedTuple):
+  """Per-pair partial derivatives of a loss with respect to the summed completion log-probs.
+
+  d_chosen, d_rejected: `[B]` dl_i/d log pi(y_w|x), dl_i/d log pi(y_l|x).
+  log_ratio: `[B]` log|d_chosen| - log|d_rejected| (log-prob space; 0 for DPO).
+  log_prob_ratio: `[B]` log(|dl/dpi_w| / |dl/dpi_l|) = log_ratio + log pi(y_l|x) - log pi(y_w|x)
+    (probability space, by the chain rule dl/dpi = (dl/d log pi) / pi).
+  A zero derivative gives an infinite log ratio (e.g. a hinge loss past its margin).
+  """
+
+  d_chosen: Array
+  d_rejected: Array
+  log_ratio: Array
+  log_prob_ratio: Array
+
+
+def gradient_field(per_pair_loss, policy: PairLogps) -> GradientField:
+  """The gradient field of `per_pair_loss(policy) -> [B]` over `policy.chosen` and `policy.rejected`.
+
+  The derivatives are taken by autodiff with every other field of `policy` (lengths, per-token
+  arrays) held fixed, of the sum over pairs: for a loss whose pairs are independent this is each
+  pair's own derivative; a loss with batch statistics (beta-DPO, aot) adds its cross terms.
+  For DPO, l = -log sigmoid(beta h) with h the log-ratio margin, d_w = -beta sigmoid(-beta h) =
+  -d_l, so the log-prob-space ratio is 1 and the probability-space ratio is pi_l / pi_w: the
+  asymmetry Feng et al. 2024 (arXiv:2404.04626) analyse (the rejected completion's probability is
+  pushed down faster than the chosen one's is pushed up when pi_l < pi_w).
+  """
+
+  def total(chosen, rejected):
+    return jnp.sum(per_pair_loss(dataclasses.replace(policy, chosen=chosen, rejected=rejected)))
+
+  d_w, d_l = jax.grad(total, argnums=(0, 1))(jnp.asarray(policy.chosen), jnp.asarray(policy.rejected))
+  log_ratio = jnp.log(jnp.abs(d_w)) - jnp.log(jnp.abs(d_l))
+  return GradientField(d_w, d_l, log_ratio, log_ratio + policy.rejected - policy.chosen)

@@ -125,7 +125,9 @@ def forward_flops(config, work: Work) -> Breakdown:
 # (and "none", reference-free losses) read log-probs from the batch.
 REFERENCE_FORWARD = {"frozen": 1, "guiding": 1, "ema": 1, "synced": 1, "cached": 0, "none": 0}
 # Perturbations: forward-backward passes on top of the plain gradient (`pofx.perturbations`).
-PERTURBATION_PASSES = {"none": 0, "sam": 1, "asam": 1, "awp": 1}
+PERTURBATION_PASSES = {"none": 0, "sam": 1, "asam": 1, "awp": 1, "saf": 0, "mesa": 0}
+# ... and forwards without a backward (MESA: the EMA weights' outputs).
+PERTURBATION_FORWARDS = {"mesa": 1}
 
 
 def dpo_step_flops(
@@ -136,12 +138,19 @@ def dpo_step_flops(
   perturbation: str = "none",
   reference_forwards: Optional[int] = None,
   rwp_steps: int = 10,
+  dropout_samples: int = 1,
+  input_passes: int = 0,
 ) -> Breakdown:
-  """Model FLOPs of one train step on `work`: `(3 (1 + extra gradient passes) + reference forwards) x forward`.
+  """Model FLOPs of one train step on `work`:
+  `(M (3 (1 + extra gradient passes) + extra forwards) + reference forwards) x forward`.
 
   reference: a name of `REFERENCE_FORWARD`, or any name with `reference_forwards` given (e.g. a
     multi-reference with two frozen members: 2; with cached members: 0).
-  perturbation: "none", "sam", "asam", "awp" (one more gradient pass) or "rwp" (`rwp_steps` more).
+  perturbation: "none", "saf" (no extra pass), "sam", "asam", "awp" (one more gradient pass),
+    "rwp" (`rwp_steps` more) or "mesa" (one more forward, of the EMA weights).
+  dropout_samples: M, the policy's forwards per objective evaluation (multi-sample dropout).
+  input_passes: forward-backward passes of an input perturbation per objective evaluation
+    (`adversarial_embeddings`: 1).
   """
   if reference_forwards is None:
     if reference not in REFERENCE_FORWARD:
@@ -158,7 +167,9 @@ def dpo_step_flops(
     raise ValueError(
       f"flops.dpo_step_flops: unknown perturbation {perturbation!r}; allowed: {sorted(PERTURBATION_PASSES) + ['rwp']}."
     )
-  return forward_flops(config, work).scaled(3 * (1 + extra) + int(reference_forwards))
+  passes = (1 + extra) * (1 + int(input_passes))
+  policy = int(dropout_samples) * (3 * passes + PERTURBATION_FORWARDS.get(perturbation, 0))
+  return forward_flops(config, work).scaled(policy + int(reference_forwards))
 
 
 # Attention entries ----------------------------------------------------------------------------

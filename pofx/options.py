@@ -14,7 +14,11 @@ KERNEL_BACKENDS = ("auto", "xla", "cpu", "gpu", "tpu")
 REFERENCE_KINDS = ("none", "frozen", "cached", "multi", "guiding", "synced", "ema")
 
 # Weight perturbations (`pofx.perturbations`).
-PERTURBATION_KINDS = ("none", "sam", "awp", "rwp")
+PERTURBATION_KINDS = ("none", "sam", "awp", "rwp", "saf", "mesa")
+
+# Input perturbations (`pofx.perturbations.InputPerturbation`): none, or adversarial token
+# embeddings within a radius (`adversarial_embeddings`).
+INPUT_PERTURBATION_KINDS = ("none", "embeddings")
 
 # Optimizers of the training program (optax).
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -54,6 +58,10 @@ ON_BAD_RECORD = ("error", "skip")
 # The most unknown tokens a split may have, as a share of its tokens (`data.max_unknown_token_rate`;
 # None = no limit): a number in this closed range.
 UNKNOWN_TOKEN_RATE_RANGE = (0.0, 1.0)
+# The betas at which the idealized ranking accuracy is reported by default (`eval.idealized_betas`,
+# `pofx.evaluation.IDEALIZED_BETAS`): its authors' sweep (Chen et al. 2024, arXiv:2405.19534; code
+# `calculate_upper_bound_rlhf.py`, `betas = [0.01, 0.1, 1, 5, 10]`).
+IDEALIZED_BETAS = (0.01, 0.1, 1.0, 5.0, 10.0)
 
 # Model families (`pofx.models`, docs/models.md): the gated MLP's activation, each layer's
 # attention kind (Hugging Face's names), and the Hugging Face `model_type`s that

@@ -36,6 +36,9 @@ def make_logps_fn(
   When it holds `batch["scored_tokens"]` (`pofx.batching.scored_tokens(pairs)`), the model is
   asked for the outputs at the real completion positions only (`apply(..., output_index=...)`)
   and the head scores just those tokens: same log-probs, no work on padded completion slots.
+  When it holds `batch["dropout_key"]` (set by `pofx.train` for dropout training) or
+  `batch["embedding_offset"]` (`[R, L, D]`, set by an input perturbation), they are passed on as
+  `apply(..., dropout_key=...)` / `apply(..., embedding_offset=...)`.
 
   Args:
     apply: `apply(params, tokens, positions, segment_ids, branch_ids) -> hidden [R, L, D]`
@@ -60,6 +63,9 @@ def make_logps_fn(
     kwargs = {} if blocks is None else {"attention_blocks": blocks}
     if scored is not None:
       kwargs["output_index"] = scored.index
+    for name in ("dropout_key", "embedding_offset"):
+      if get(name) is not None:
+        kwargs[name] = get(name)
     hidden = apply(params, pairs.tokens, pairs.positions, pairs.segment_ids, pairs.branch_ids, **kwargs)
     return logprobs.pair_logps(
       hidden,

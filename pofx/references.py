@@ -229,16 +229,29 @@ def mrpo_combine(
 ) -> PairLogps:
   r"""MRPO's combined reference log-probs (Le et al. 2024, arXiv:2405.16388; code thaihungle/MRPO).
 
-  For K = 2 (primary p2, external p1), per response y and per pair, exactly as the authors' code:
+  K = 2 (primary p2, usually the SFT model; external p1), per response y and per pair, exactly as
+  the authors' code (`trainer_mref.py::get_batch_loss_metrics`):
     ARWC weight: a_k = p_k(y_w) - p_k(y_l); alpha = |a_1| / (|a_1| + |a_2| + 1e-6) when alpha is None
       (adaptive per pair; else the given weight in [0, 1]).
     CTRO clip: scale = |b_w| / (|b_w| + |b_l|), b_y = (p1(y) + p2(y)) / 2; eta_w = eta * scale,
       eta_l = eta * (1 - scale) (eta < 0: fixed |eta|); p1(y) <- clip(p1(y), (1 + eta_y) sg(p2(y)),
       (1 - eta_y) sg(p2(y))) (log-probs are negative).
-    log ref(y) = p1 + p2 - log(alpha e^{p1} + (1 - alpha) e^{p2}), i.e. 1/ref = alpha/pi_2 + (1-alpha)/pi_1.
-  K > 2 extends this as the weighted harmonic mean 1/ref = alpha_0/pi_0 + sum_k alpha_k/pi_k with
-  alpha_k from the margins |a_k| of the external references (the code supports K = 2 only; the
-  general form is an extrapolation). Identical references give back that reference (DPO).
+    log ref(y) = p1 + p2 - log(alpha e^{p1} + (1 - alpha) e^{p2}), i.e. the weighted harmonic mean
+      1/ref = alpha/pi_2 + (1 - alpha)/pi_1.
+  Pairing of weights and references (the code's, kept): the weight computed from the *external*
+  reference's confidence |a_1| multiplies 1/pi_2, the *primary*'s term.
+
+  K >= 3 (the authors' code supports K = 2 only, and the paper's general-K equations could not be
+  read here): each external reference k is combined with the primary exactly as above (its own
+  clip and its own weight alpha_k from |a_k| and |a_primary|), and the K - 1 results are averaged
+  harmonically:
+
+    1/ref = (1/(K-1)) sum_k [alpha_k / pi_primary + (1 - alpha_k) / pi~_k],
+
+  a weighted harmonic mean of all K references with weights on the simplex (primary
+  `mean_k alpha_k`, external k `(1 - alpha_k)/(K - 1)`). With every external reference the same
+  model (duplicated), every term is the K = 2 term, so the result is the K = 2 computation exactly;
+  K = 2 is the code. Identical references give back that reference (DPO).
   """
   if not others:
     raise ValueError("MRPO needs K >= 2 references (a primary and at least one other).")
@@ -247,8 +260,10 @@ def mrpo_combine(
       f"references.mrpo_combine: invalid alpha={alpha!r}; allowed: None (adaptive per pair) or a weight in [0, 1]."
     )
   eps = 1e-6
+  sw, sl = jax.lax.stop_gradient(primary.chosen), jax.lax.stop_gradient(primary.rejected)
+  a_primary = jnp.abs(primary.chosen - primary.rejected)
 
-  def clip_to_primary(p1: PairLogps) -> PairLogps:
+  def clip_to_primary(p1: PairLogps):
     b_w = (p1.chosen + primary.chosen) / 2
     b_l = (p1.rejected + primary.rejected) / 2
     scale = jnp.abs(b_w) / (jnp.abs(b_w) + jnp.abs(b_l) + 1e-12)
@@ -256,48 +271,30 @@ def mrpo_combine(
       eta_w = eta_l = abs(eta)
     else:
       eta_w, eta_l = eta * scale, eta * (1.0 - scale)
-    sw, sl = jax.lax.stop_gradient(primary.chosen), jax.lax.stop_gradient(primary.rejected)
     cw = jnp.minimum(jnp.maximum(p1.chosen, (1 + eta_w) * sw), (1 - eta_w) * sw)
     cl = jnp.minimum(jnp.maximum(p1.rejected, (1 + eta_l) * sl), (1 - eta_l) * sl)
-    return p1.replace(chosen=cw, rejected=cl)
+    return cw, cl
 
-  clipped = [clip_to_primary(o) for o in others]
-  a_primary = jnp.abs(primary.chosen - primary.rejected)
-  a_others = [jnp.abs(o.chosen - o.rejected) for o in others]
-  if alpha is None:
-    total = a_primary + sum(a_others) + eps
-    w_others = [a / total for a in a_others]  # weights attached to 1/pi_primary in the code's pairing (K=2)
-  else:
-    w_others = [jnp.full_like(a_primary, alpha / len(others)) for _ in others]
+  def neg_log_term(w, p_primary, p_other):
+    # log(w / pi_primary + (1 - w) / pi_other) = -log ref_k (the K = 2 combination), stably.
+    return jnp.logaddexp(jnp.log(jnp.maximum(w, 1e-30)) - p_primary, jnp.log(jnp.maximum(1 - w, 1e-30)) - p_other)
 
-  if len(others) == 1:
-    w = w_others[0]
+  terms_w, terms_l = [], []
+  for other in others:
+    w = jnp.abs(other.chosen - other.rejected)
+    w = w / (w + a_primary + eps) if alpha is None else jnp.full_like(a_primary, alpha)
+    cw, cl = clip_to_primary(other)
+    terms_w.append(neg_log_term(w, primary.chosen, cw))
+    terms_l.append(neg_log_term(w, primary.rejected, cl))
 
-    def comb(p1, p2):
-      # log(alpha e^{p1} + (1 - alpha) e^{p2}) by a stable log-sum-exp.
-      lse = jnp.logaddexp(jnp.log(jnp.maximum(w, 1e-30)) + p1, jnp.log(jnp.maximum(1 - w, 1e-30)) + p2)
-      return p1 + p2 - lse
-
-    c = clipped[0]
-    return PairLogps(
-      chosen=comb(c.chosen, primary.chosen),
-      rejected=comb(c.rejected, primary.rejected),
-      chosen_len=primary.chosen_len,
-      rejected_len=primary.rejected_len,
-    )
-
-  # K > 2: 1/ref = w_0 / pi_0 + sum_k w_k / pi_k, with w_0 = 1 - sum_k w_k.
-  w0 = 1.0 - sum(w_others)
-
-  def comb_k(primary_lp, other_lps):
-    terms = [jnp.log(jnp.maximum(w0, 1e-30)) - primary_lp] + [
-      jnp.log(jnp.maximum(wk, 1e-30)) - lp for wk, lp in zip(w_others, other_lps)
-    ]
-    return -jax.nn.logsumexp(jnp.stack(terms), axis=0)
+  def harmonic_mean(terms):  # -log( (1/n) sum_k exp(terms_k) ), terms_k = -log ref_k
+    if len(terms) == 1:
+      return -terms[0]
+    return -(jax.nn.logsumexp(jnp.stack(terms), axis=0) - jnp.log(float(len(terms))))
 
   return PairLogps(
-    chosen=comb_k(primary.chosen, [c.chosen for c in clipped]),
-    rejected=comb_k(primary.rejected, [c.rejected for c in clipped]),
+    chosen=harmonic_mean(terms_w),
+    rejected=harmonic_mean(terms_l),
     chosen_len=primary.chosen_len,
     rejected_len=primary.rejected_len,
   )

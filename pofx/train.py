@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from pofx import collectives
+from pofx import evaluation as evaluation_lib
 from pofx import losses as losses_lib
 from pofx import perturbations as perturbations_lib
 from pofx import references as references_lib
@@ -47,6 +48,8 @@ _BATCH_INPUTS = {
   "kl": ("kl_logratios",),
 }
 _UNSUPPORTED_IN_STEP = ("list",)
+# fold_in constant of the dropout keys' stream (ASCII "drop"), apart from the loss and perturbation keys.
+_DROPOUT_STREAM = 0x64726F70
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,9 +162,12 @@ def make_train_step(
   loss_hyper: Optional[Mapping[str, Any]] = None,
   reference: Optional[references_lib.Reference] = None,
   perturbation: Optional[perturbations_lib.Perturbation] = None,
+  input_perturbation: Optional[perturbations_lib.InputPerturbation] = None,
   grad_accum_steps: int = 1,
   learning_rate_fn: Optional[Callable] = None,
   guard_nonfinite: bool = True,
+  gradient_field: bool = False,
+  dropout_samples: int = 0,
   jit: bool = True,
   donate: bool = True,
   axis_name=None,
@@ -175,6 +181,10 @@ def make_train_step(
       `loss_hyper` its hyperparameters.
     reference: a `pofx.references` strategy (default: none()).
     perturbation: a `pofx.perturbations` record (default: none()).
+    input_perturbation: optional `pofx.perturbations.InputPerturbation` (e.g.
+      `adversarial_embeddings`): the objective the weight perturbation differentiates is the loss
+      on the batch it returns (recomputed at every weights evaluated); the reported loss is that
+      perturbed-input loss.
     grad_accum_steps: the batch holds this many micro-batches stacked on a new leading axis
       (`stack_microbatches`); gradients are averaged over them with `lax.scan` and one update is
       applied. Losses with batch statistics (beta-DPO, aot) see micro-batch statistics. With
@@ -183,6 +193,22 @@ def make_train_step(
 
     guard_nonfinite: keep the previous state when the loss or a gradient is not finite, and
       report `metrics["nonfinite"]` (1.0 on such a step).
+    gradient_field: also report the loss's gradient field over the chosen and rejected log-probs
+      (`pofx.evaluation.gradient_field`, at the unperturbed parameters, over the real pairs):
+      `gradient_field/chosen` and `gradient_field/rejected` (means of dl/d log pi(y_w|x) and
+      dl/d log pi(y_l|x)), `gradient_field/ratio` (mean |dl/d log pi_w| over mean
+      |dl/d log pi_l|) and `gradient_field/log_prob_ratio` (mean of
+      log(|dl/dpi_w| / |dl/dpi_l|) over the pairs where it is finite). It reads the log-probs
+      under stop_gradient: no extra model pass, the update is unchanged.
+    dropout_samples: 0 (default): the policy forward gets no dropout key (a deterministic model).
+      M >= 1: multi-sample dropout (Inoue 2019, arXiv:1905.09788): the policy's
+      log-probs and the loss are computed under M independent dropout masks
+      (`batch["dropout_key"]`, keys split from the step's PRNG key, a new one per micro-batch;
+      `pofx.policy.make_logps_fn` hands it to the model, whose `dropout` rate applies) and the
+      objective is their mean, `(1/M) sum_m L(theta; mask_m)`; M = 1 is plain dropout. Every
+      evaluation of one step (a perturbation's ascent and its gradient) sees the same M masks.
+      Reported per-pair values are means over the masks; a stateful loss keeps the first
+      mask's state. The reference log-probs never get a key (no dropout).
     axis_name: for data parallelism under `shard_map`/`pmap` (`pofx.parallel` sets it; then
       jit=False): the mapped batch axis name (or tuple of names). The policy's and reference's
       log-probs and the loss's per-pair batch inputs are all-gathered over it, so the loss sees
@@ -201,6 +227,8 @@ def make_train_step(
   validate(spec, reference, hyper)
   if int(grad_accum_steps) < 1:
     raise ValueError(f"grad_accum_steps={grad_accum_steps!r}; allowed: integer >= 1.")
+  if isinstance(dropout_samples, bool) or int(dropout_samples) != dropout_samples or dropout_samples < 0:
+    raise ValueError(f"dropout_samples={dropout_samples!r}; allowed: 0 (no dropout) or an integer >= 1.")
   beta = _beta_of(spec, hyper)
   stateful = "state" in spec.requires
   if axis_name is not None:
@@ -224,17 +252,30 @@ def make_train_step(
       kw["state"] = loss_state
     return kw
 
-  def objective(params, batch, ref, loss_state, key):
+  def objective(params, batch, ref, loss_state, key, dropout_key=None):
+    """`(loss, aux)` at `params` on `batch`; with `dropout_samples` M >= 1, the mean over M masks."""
+    if not dropout_samples:
+      return one_objective(params, batch, ref, loss_state, key)
+    keys = jax.random.split(dropout_key, dropout_samples)
+    values, auxs = jax.lax.map(lambda k: one_objective(params, {**batch, "dropout_key": k}, ref, loss_state, key), keys)
+    aux = {
+      k: jax.tree.map(lambda x: x[0], v) if k in ("loss_state", "mask", "example_id") else jnp.mean(v, axis=0)
+      for k, v in auxs.items()
+    }
+    return jnp.mean(values), aux
+
+  def one_objective(params, batch, ref, loss_state, key):
     """`(loss, aux)` of the policy at `params` on `batch`, against the reference log-probs `ref`."""
     if axis_name is not None:
       params = collectives.grad_pmean(params, axis_name)
     policy = logps_fn(params, batch)
     mask = _pair_mask(batch)
     if axis_name is not None:  # the loss sees the global batch (see `axis_name`)
-      extra = {n: batch[n] for n in pair_input_names if n in batch}
+      extra = {n: batch[n] for n in pair_input_names + ["example_id"] if n in batch}
       policy, ref, extra, mask = collectives.all_gather_batch((policy, ref, extra, mask), axis_name)
       batch = {**batch, **extra}
-    out = spec.fn(policy, ref, **loss_kwargs(batch, loss_state, key))
+    kwargs = loss_kwargs(batch, loss_state, key)
+    out = spec.fn(policy, ref, **kwargs)
     per_pair, new_loss_state = out if stateful else (out, ())
     value = losses_lib.reduce(spec, per_pair, policy, mask)
     lr_w, lr_l = losses_lib.logratios(policy, ref)
@@ -247,9 +288,19 @@ def make_train_step(
       "loss_state": new_loss_state,
       "mask": jnp.ones_like(per_pair) if mask is None else jnp.asarray(mask, per_pair.dtype),
     }
+    if "example_id" in batch:  # for perturbations with a per-example memory (SAF)
+      aux["example_id"] = batch["example_id"]
+    if gradient_field:
+      frozen_ref = jax.lax.stop_gradient(ref)
+      field = evaluation_lib.gradient_field(
+        lambda p: spec.fn(p, frozen_ref, **kwargs)[0] if stateful else spec.fn(p, frozen_ref, **kwargs),
+        jax.lax.stop_gradient(policy),
+      )
+      aux["field_chosen"], aux["field_rejected"] = field.d_chosen, field.d_rejected
+      aux["field_log_prob_ratio"] = field.log_prob_ratio
     return value, aux
 
-  def one_batch(state, batch, pstate, k_loss, k_pert):
+  def one_batch(state, batch, pstate, k_loss, k_pert, k_drop):
     # The reference forward: once per (micro-)batch, outside the perturbation; its log-probs go to
     # the perturbation beside the batch, so that m-sharpness splits them with the pairs. The loss
     # state and key are closed over: never split.
@@ -257,26 +308,32 @@ def make_train_step(
 
     def obj(params, batch_and_reference):
       pairs, reference_logps = batch_and_reference
-      return objective(params, pairs, reference_logps, state.loss_state, k_loss)
+      if input_perturbation is not None:
+        pairs = input_perturbation.perturb(
+          lambda p, b: objective(p, b, reference_logps, state.loss_state, k_loss, k_drop), params, pairs
+        )
+      return objective(params, pairs, reference_logps, state.loss_state, k_loss, k_drop)
 
     return perturbation.value_and_grad(obj, state.params, pstate, k_pert, (batch, reference_logps))
 
   def step(state: TrainState, batch, rng):
     k_loss, k_pert = jax.random.split(rng)
+    k_drop = jax.random.fold_in(rng, _DROPOUT_STREAM)  # its own stream: the other keys are unchanged
     if grad_accum_steps == 1:
-      (loss_value, aux), grads, pstate = one_batch(state, batch, state.perturbation_state, k_loss, k_pert)
+      (loss_value, aux), grads, pstate = one_batch(state, batch, state.perturbation_state, k_loss, k_pert, k_drop)
     else:
       # `batch` holds grad_accum_steps micro-batches stacked on a leading axis (built host-side,
       # each with its own layout: see `stack_microbatches`).
       n = grad_accum_steps
 
-      def body(carry, mb):
+      def body(carry, mb_and_index):
         g_acc, pstate = carry
-        (l, a), g, pstate = one_batch(state, mb, pstate, k_loss, k_pert)
+        mb, i = mb_and_index
+        (l, a), g, pstate = one_batch(state, mb, pstate, k_loss, k_pert, jax.random.fold_in(k_drop, i))
         return (jax.tree.map(jnp.add, g_acc, g), pstate), (l, a)
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (grads, pstate), (ls, auxs) = jax.lax.scan(body, (zeros, state.perturbation_state), batch)
+      (grads, pstate), (ls, auxs) = jax.lax.scan(body, (zeros, state.perturbation_state), (batch, jnp.arange(n)))
       grads = jax.tree.map(lambda g: g / n, grads)
       loss_value = jnp.mean(ls)
       aux = {
@@ -315,6 +372,13 @@ def make_train_step(
         jnp.asarray(learning_rate_fn(state.step), jnp.float32) if learning_rate_fn is not None else jnp.float32(jnp.nan)
       ),
     }
+    if gradient_field:
+      fc, fr, lpr = aux["field_chosen"], aux["field_rejected"], aux["field_log_prob_ratio"]
+      finite = (m > 0) & jnp.isfinite(lpr)
+      metrics["gradient_field/chosen"] = mean(fc)
+      metrics["gradient_field/rejected"] = mean(fr)
+      metrics["gradient_field/ratio"] = mean(jnp.abs(fc)) / mean(jnp.abs(fr))
+      metrics["gradient_field/log_prob_ratio"] = jnp.sum(jnp.where(finite, lpr, 0.0)) / jnp.maximum(jnp.sum(finite), 1)
     if not guard_nonfinite:
       return apply_update(state), metrics
     # A non-finite loss or gradient leaves the state as it was (the step counter still moves),

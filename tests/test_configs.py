@@ -11,8 +11,10 @@ import sys
 import time
 
 import jax
+import numpy as np
 import pytest
 
+import pofx
 import pofx_backends
 from configs import common, validate
 from experiments import main as main_lib
@@ -20,7 +22,28 @@ from pofx import batching, options, parallel
 from pofx import data as data_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ("dpo", "gpo", "simpo", "ipo", "mrpo", "predpo", "trdpo", "sam", "awp", "rwp", "beta_dpo", "dpo_files")
+FAMILIES = (
+  "dpo",
+  "gpo",
+  "simpo",
+  "ipo",
+  "mrpo",
+  "predpo",
+  "trdpo",
+  "sam",
+  "awp",
+  "rwp",
+  "beta_dpo",
+  "dpo_files",
+  "gamma_po",
+  "rpo",
+  "saf",
+  "mesa",
+  "msd",
+  "adv_embeddings",
+  "gradient_field",
+  "new_methods",
+)
 ARGS = {
   "dpo": ("", "tiny"),
   "gpo": ("", "tiny"),
@@ -34,6 +57,14 @@ ARGS = {
   "rwp": ("", "tiny"),
   "beta_dpo": ("", "tiny"),
   "dpo_files": ("", "tiny"),
+  "gamma_po": ("", "tiny"),
+  "rpo": ("", "tiny"),
+  "saf": ("", "tiny"),
+  "mesa": ("", "tiny"),
+  "msd": ("", "tiny"),
+  "adv_embeddings": ("", "tiny"),
+  "gradient_field": ("", "tiny"),
+  "new_methods": ("", "tiny"),
 }
 
 
@@ -96,6 +127,39 @@ def test_every_config_builds_locked_and_valid(family):
     _config(family, "no_such_arg")
 
 
+def test_every_new_methods_member_validates():
+  # A sweep member is validated when it runs, after the shared stages: check them all here.
+  c = _config("new_methods")
+  members = main_lib._sweep_members(c, "/nonexistent")
+  assert len(members) == len(c.sweep) >= 4
+  for item, member in members:
+    assert member.train.loss == item["overrides"]["train.loss"]
+    validate.validate(member)
+
+
+@pytest.mark.parametrize(
+  "hyper,message",
+  [
+    ({"alpha": -0.5}, r"config.train.loss_hyper: ilr_dpo: invalid alpha=-0.5; allowed: alpha >= 0"),
+    ({"beta": 0.1}, r"config.train.loss_hyper: Loss 'ilr_dpo': missing required argument\(s\) \['alpha'\]"),
+  ],
+)
+def test_a_loss_hyperparameter_value_the_loss_refuses_fails_validation(hyper, message):
+  # The loss's own range checks run in validation (traced, nothing computed), before the SFT stage.
+  with pytest.raises(ValueError, match=message):
+    validate.validate(_edited({"train.loss": "ilr_dpo", "train.loss_hyper": hyper}))
+
+
+def test_a_sweep_member_with_a_refused_value_fails_before_the_shared_stages(tmp_path):
+  c = _config("new_methods")
+  bad = {"label": "bad", "overrides": {"train.loss": "ilr_dpo", "train.loss_hyper": {"alpha": -1.0}}}
+  with c.unlocked():
+    c.sweep = tuple(c.sweep) + (bad,)
+  with pytest.raises(ValueError, match=r"ilr_dpo: invalid alpha=-1.0; allowed: alpha >= 0"):
+    main_lib.run_sweep(c, str(tmp_path), progress=False)
+  assert os.listdir(tmp_path) == []  # no SFT base, no data
+
+
 def test_options_without_a_value_are_none():
   c = common.base_config()
   assert c.train.reference.mrpo_alpha is None  # MRPO's adaptive weight per pair
@@ -105,6 +169,28 @@ def test_options_without_a_value_are_none():
   # A value of the field's type can be set on top of None.
   c.train.reference.mrpo_alpha, c.data.max_prompt_len = 0.25, 128
   assert (c.train.reference.mrpo_alpha, c.data.max_prompt_len) == (0.25, 128)
+
+
+def test_sam_m_is_examples_per_ascent_and_sets_the_micro_batches():
+  # Foret et al.'s m: examples per ascent. The program takes one ascent per micro-batch of m pairs.
+  c = _config("sam", "tiny")  # batch_size 8
+  assert c.train.perturbation.m is None and main_lib.micro_batches(c) == 1
+  c.train.perturbation.m = 2
+  validate.validate(c)
+  assert main_lib.micro_batches(c) == 4
+  c.train.grad_accum_steps = 2  # micro-batches of 4 pairs; m = 2 still gives 4 ascents of 2 pairs
+  validate.validate(c)
+  assert main_lib.micro_batches(c) == 4
+  c.train.perturbation.m = 3
+  with pytest.raises(ValueError, match=r"perturbation.m=3 is not allowed .* a divisor of the 4 pairs"):
+    validate.validate(c)
+  c.train.grad_accum_steps, c.train.perturbation.m = 1, 2
+  c.train.parallel.mode = "jit"
+  with pytest.raises(ValueError, match="perturbation.m=2 must be a multiple of the 4 data-parallel devices"):
+    validate.validate(c, device_count=4)
+  c.train.perturbation.m = 0
+  with pytest.raises(ValueError, match="perturbation.m=0 is not allowed"):
+    validate.validate(c)
 
 
 @pytest.mark.parametrize(
@@ -147,8 +233,33 @@ def test_options_without_a_value_are_none():
   ],
 )
 def test_invalid_config_values_name_the_field(field, value, message):
+  # (rows for the dropout, input-perturbation and trajectory-loss fields are in
+  # test_new_training_fields_are_checked)
   with pytest.raises(ValueError, match=message):
     validate.validate(_edited({field: value}))
+
+
+@pytest.mark.parametrize(
+  "edits,message",
+  [
+    ({"train.dropout.rate": 1.0}, r"config.train.dropout.rate=1.0 is not allowed; allowed: a number in \[0, 1\)"),
+    ({"train.dropout.samples": 0}, "config.train.dropout.samples=0 is not allowed; allowed: an integer > 0"),
+    ({"train.input_perturbation.kind": "pixels"}, r"config.train.input_perturbation.kind='pixels' is not allowed"),
+    ({"train.input_perturbation.radius": -0.1}, "config.train.input_perturbation.radius=-0.1 is not allowed"),
+    ({"train.perturbation.kind": "saf", "train.perturbation.lam": -1.0}, "perturbation.lam=-1.0 is not allowed"),
+    ({"train.perturbation.kind": "saf", "train.perturbation.minus_epochs": 0}, "perturbation.minus_epochs=0"),
+    ({"train.perturbation.kind": "mesa", "train.perturbation.temperature": 0.0}, "perturbation.temperature=0.0"),
+    ({"train.perturbation.kind": "mesa", "train.perturbation.decay": 1.5}, "perturbation.decay=1.5 is not allowed"),
+    (
+      {"train.perturbation.kind": "saf", "train.perturbation.start_epoch": 3, "train.perturbation.end_epoch": 3},
+      r"end_epoch=3 is not allowed; allowed: None \(no end\) or an integer > start_epoch=3",
+    ),
+    ({"train.perturbation.kind": "mesa", "train.grad_accum_steps": 2}, "EMA would move once per micro-batch"),
+  ],
+)
+def test_new_training_fields_are_checked(edits, message):
+  with pytest.raises(ValueError, match=message):
+    validate.validate(_edited(edits))
 
 
 def test_block_sparse_needs_whole_blocks_per_row():
@@ -277,3 +388,91 @@ def test_auto_kernels_are_decided_once_per_workdir(tmp_path, monkeypatch):
   if jax.default_backend() == "cpu":
     multi = main_lib.settle_kernels(_edited({"train.parallel.mode": "shard_map"}), str(tmp_path / "multi"))
     assert multi["name"] == "xla" and calls == ["auto", "xla"]
+
+
+@pytest.mark.parametrize("loss", ["odpo", "mappo", "una"])
+def test_score_losses_are_refused_on_the_world_before_any_compute(loss):
+  # The world's scores are raw gold rewards under Bradley-Terry labels: outside ODPO's, MaPPO's and
+  # UNA's score domains, so the combination is refused (it used to train a silently different method).
+  c = _edited({"train.loss": loss, "train.loss_hyper": {}})
+  with pytest.raises(
+    ValueError, match=rf"config.train.loss='{loss}' reads per-pair scores, defined for .*allowed: data.source='files'"
+  ):
+    validate.validate(c)
+
+
+class _Split:
+  """A prepared dataset's training split, as `check_training_scores` reads it."""
+
+  def __init__(self, s_w, s_l):
+    self.rows = [
+      {"score_chosen": np.float32(a), "score_rejected": np.float32(b), "example_id": np.int64(10 + i)}
+      for i, (a, b) in enumerate(zip(s_w, s_l))
+    ]
+
+  def source(self, split):
+    assert split == "train"
+    return self.rows
+
+
+def test_file_scores_are_checked_against_the_loss_domain_before_training():
+  odpo, mappo = pofx.losses.spec("odpo"), pofx.losses.spec("mappo")
+  main_lib.check_training_scores(odpo, {"beta": 0.1}, _Split([2.0, 0.5], [1.0, -3.0]))  # gaps > 0: fine
+  with pytest.raises(
+    ValueError, match=r"training split's scores do not fit loss 'odpo': 1 of 2 pairs .*\(example 11: \(0.5, 3\)\)"
+  ):
+    main_lib.check_training_scores(odpo, {}, _Split([2.0, 0.5], [1.0, 3.0]))
+  with pytest.raises(ValueError, match=r"'odpo': 1 of 2 pairs .*score_rejected > 0"):
+    main_lib.check_training_scores(odpo, {"ratio": True}, _Split([2.0, 0.5], [1.0, -3.0]))
+  with pytest.raises(ValueError, match=r"'mappo': 2 of 2 pairs"):
+    main_lib.check_training_scores(mappo, {}, _Split([2.0, 0.5], [1.0, float("nan")]))
+
+
+def test_gamma_po_and_rpo_configs_use_the_published_runs_values():
+  # gamma-PO: the authors' Llama-3-8B-Instruct run (training_configs/llama-3-8b-it-gmsimpo-beta10-gm0.4-tau10-...),
+  # where the code's SimPOConfig defaults are beta 2.0, gamma/beta 0.25, tau 1.0.
+  g = _config("gamma_po", "")
+  assert g.train.loss == "gamma_simpo" and g.train.reference.kind == "none"
+  assert dict(g.train.loss_hyper) == {"beta": 10.0, "gamma_beta_ratio": 0.4, "tau": 10.0}
+  assert pofx.losses.spec("gamma_simpo").hyperparameters["tau"] == 1.0  # the code default it replaces
+  # RPO: the zephyr-7b-beta recipe (eta 0.005, beta 0.01), where pofx.losses.rpo's beta defaults to 0.1.
+  r = _config("rpo", "")
+  assert r.train.loss == "rpo" and r.train.reference.kind == "cached"
+  assert dict(r.train.loss_hyper) == {"eta": 0.005, "beta": 0.01, "sft_form": "sum"}
+  assert pofx.losses.spec("rpo").hyperparameters["beta"] == 0.1
+  for c in (g, r, _config("gamma_po"), _config("rpo")):
+    validate.validate(c)
+
+
+def test_predpo_round2_beta_is_its_own_field(tmp_path):
+  c = _config("predpo")
+  assert c.predpo.round2_beta == 0.1 and c.train.loss_hyper.beta == 0.1
+  with c.unlocked():
+    c.train.loss_hyper.beta, c.predpo.round2_beta = 0.2, 0.05  # as --config.predpo.round2_beta=0.05 would
+  (r1, m1), (r2, m2) = main_lib._sweep_members(c, str(tmp_path))
+  assert (r1["label"], m1.train.loss_hyper.beta, m1.train.reference.kind) == ("round1", 0.2, "cached")
+  assert (r2["label"], m2.train.loss_hyper.beta, m2.train.reference.kind) == ("round2", 0.05, "guiding")
+  assert m2.train.reference.guide_checkpoint == os.path.join(str(tmp_path), "sweep", "round1", "final_params")
+  validate.validate(c)
+  with c.unlocked():
+    c.sweep = ({"label": "x", "overrides": {"train.loss_hyper.beta": "{config.predpo.round3_beta}"}},)
+  with pytest.raises(
+    ValueError, match=r"overrides\['train.loss_hyper.beta'\]=.*did you mean config.predpo.round2_beta"
+  ):
+    validate.validate(c)
+
+
+def test_idealized_betas_default_to_the_authors_sweep_and_are_checked():
+  assert tuple(_config().eval.idealized_betas) == (0.01, 0.1, 1.0, 5.0, 10.0)
+  validate.validate(_edited({"eval.idealized_betas": ()}))
+  with pytest.raises(ValueError, match=r"config.eval.idealized_betas=\(0.1, -1.0\) is not allowed; allowed: a tuple"):
+    validate.validate(_edited({"eval.idealized_betas": (0.1, -1.0)}))
+
+
+def test_trl_loss_takes_every_dpo_config_field_and_trls_refusals_come_before_any_compute():
+  # As TRL's DPOConfig: beta with sft is accepted; WPO weighting with aot is refused by TRL, so here
+  # at validation (it used to pass and fail only at the first training step).
+  validate.validate(_edited({"train.loss": "trl.sft", "train.reference.kind": "none"}))
+  validate.validate(_edited({"train.loss": "trl.sigmoid", "train.loss_hyper": {"beta": 0.1, "label_smoothing": 0.2}}))
+  with pytest.raises(ValueError, match=r"not allowed with train.loss='trl.aot': trl.aot: invalid use_weighting=True"):
+    validate.validate(_edited({"train.loss": "trl.aot", "train.loss_hyper": {"beta": 0.1, "use_weighting": True}}))

@@ -238,7 +238,15 @@ def test_evaluate_pairs(small):
   p = evaluation.pair_logps(pol, data.prompt, data.chosen, data.rejected, model=model)
   r = evaluation.pair_logps(base, data.prompt, data.chosen, data.rejected, model=model)
   out = evaluation.evaluate_pairs(
-    pol, base, data.prompt, data.chosen, data.rejected, model=model, beta=0.5, pref_prob=data.label_prob
+    pol,
+    base,
+    data.prompt,
+    data.chosen,
+    data.rejected,
+    model=model,
+    beta=0.5,
+    pref_prob=data.label_prob,
+    betas=evaluation.IDEALIZED_BETAS,
   )
   pw, pl, rw, rl = (np.asarray(a, np.float64) for a in (p.chosen, p.rejected, r.chosen, r.rejected))
   np.testing.assert_allclose(out["reward_accuracy"], np.mean((pw - rw) - (pl - rl) > 0), atol=1e-12)
@@ -252,3 +260,51 @@ def test_evaluate_pairs(small):
   np.testing.assert_allclose(
     out["idealized_ranking_accuracy"], np.mean(rank(ideal) == rank(np.log(q / (1 - q)))), atol=1e-12
   )
+
+  # Over the authors' sweep of beta (calculate_upper_bound_rlhf.py: 0.01, 0.1, 1, 5, 10), summed and
+  # per-token mean reference log-probs: the optimum's log ratio h_ref + log(q / (1 - q)) / beta.
+  assert evaluation.IDEALIZED_BETAS == (0.01, 0.1, 1.0, 5.0, 10.0)
+  by_sum, by_mean = out["idealized_ranking_accuracy_by_beta"], out["idealized_ranking_accuracy_mean_by_beta"]
+  assert list(by_sum) == ["0.01", "0.1", "1", "5", "10"] == list(by_mean)
+  truth = rank(np.log(q / (1 - q)))
+  for key, b in zip(by_sum, evaluation.IDEALIZED_BETAS):
+    np.testing.assert_allclose(by_sum[key], np.mean(rank((rw - rl) + np.log(q / (1 - q)) / b) == truth), atol=1e-12)
+    ideal_mean = (rw / lw - rl / ll) + np.log(q / (1 - q)) / b
+    np.testing.assert_allclose(by_mean[key], np.mean(rank(ideal_mean) == truth), atol=1e-12)
+  assert by_sum["0.01"] != by_sum["10"]  # small beta trusts the preferences, large beta the reference
+
+
+# Gradient field over the two log-probs (Feng et al. 2024, arXiv:2404.04626) ------------------------
+
+
+def _sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def test_gradient_field_of_dpo_ipo_and_simpo_is_closed_form():
+  from pofx import losses
+
+  pw, pl = np.array([-4.0, -9.0, -2.5]), np.array([-6.0, -3.0, -2.0])
+  rw, rl = np.array([-5.0, -7.0, -3.0]), np.array([-5.5, -4.0, -2.5])
+  nw, nl = np.array([3.0, 5.0, 2.0]), np.array([4.0, 2.0, 6.0])
+  policy = _pairs(pw, pl, nw, nl)
+  reference = _pairs(rw, rl, nw, nl)
+  beta = 0.5
+  h = (pw - rw) - (pl - rl)
+  # DPO: l = -log sigmoid(beta h): dl/dpi_w = -beta sigmoid(-beta h) = -dl/dpi_l
+  f = evaluation.gradient_field(lambda p: losses.get("dpo")(p, reference, beta=beta), policy)
+  np.testing.assert_allclose(f.d_chosen, -beta * _sigmoid(-beta * h), rtol=1e-5)
+  np.testing.assert_allclose(f.d_rejected, beta * _sigmoid(-beta * h), rtol=1e-5)
+  np.testing.assert_allclose(f.log_ratio, 0.0, atol=1e-6)
+  np.testing.assert_allclose(f.log_prob_ratio, pl - pw, rtol=1e-5)  # |dl/dpi_w| / |dl/dpi_l| = pi_l / pi_w
+  # IPO as the paper writes it: l = (h - 1/(2 tau))^2: dl/dpi_w = 2 (h - 1/(2 tau)) = -dl/dpi_l
+  f = evaluation.gradient_field(lambda p: losses.get("ipo_sum")(p, reference, beta=beta), policy)
+  np.testing.assert_allclose(f.d_chosen, 2 * (h - 1 / (2 * beta)), rtol=1e-5)
+  np.testing.assert_allclose(f.d_rejected, -2 * (h - 1 / (2 * beta)), rtol=1e-5)
+  # SimPO: l = -log sigmoid(beta (pi_w / n_w - pi_l / n_l) - gamma): the ratio is n_l / n_w
+  gbr = 0.25
+  z = beta * (pw / nw - pl / nl - gbr)
+  f = evaluation.gradient_field(lambda p: losses.get("simpo")(p, None, beta=beta, gamma_beta_ratio=gbr), policy)
+  np.testing.assert_allclose(f.d_chosen, -beta / nw * _sigmoid(-z), rtol=1e-5)
+  np.testing.assert_allclose(f.d_rejected, beta / nl * _sigmoid(-z), rtol=1e-5)
+  np.testing.assert_allclose(f.log_ratio, np.log(nl / nw), rtol=1e-5, atol=1e-6)

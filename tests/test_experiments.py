@@ -109,6 +109,36 @@ def test_every_family_runs_on_tiny(seed_dir, tmp_path, family, arg):
   assert s["kernels"] == json.load(open(seed_dir / "kernels.json"))["name"]  # the record is reused
 
 
+def test_new_methods_sweep_trains_every_member_on_tiny(seed_dir, tmp_path):
+  # configs/new_methods.py as a user runs it: the session's SFT base and data are reused, then
+  # every member (new losses; SAM with m-sharpness, SAF with the gradient-field diagnostic, MESA,
+  # multi-sample dropout, adversarial embeddings) trains and is evaluated, and the chart has them all.
+  work = tmp_path / "new_methods"
+  _seed_from(seed_dir, work)
+  out = _main(["--config=configs/new_methods.py:tiny", f"--workdir={work}", "--noprogress"])
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "sft: reusing" in out.stderr
+  c = _config("new_methods")
+  summaries = json.load(open(work / "sweep_summary.json"))
+  assert list(summaries) == [item["label"] for item in c.sweep]
+  for item in c.sweep:
+    s = summaries[item["label"]]
+    assert s["config"]["train"]["loss"] == item["overrides"]["train.loss"]
+    assert s["config"]["train"]["loss_hyper"] == dict(item["overrides"]["train.loss_hyper"])
+    assert np.isfinite(s["gold_reward_policy"]) and np.isfinite(s["kl_to_base"])
+    recs = [json.loads(line) for line in open(work / "sweep" / item["label"] / "metrics.jsonl")]
+    train = [r for r in recs if r["stage"] == "train"]
+    assert [r["step"] for r in train] == [2, 4] and all(np.isfinite(r["loss"]) for r in train)
+  assert (work / "reward_vs_kl.png").stat().st_size > 1000
+  # the diagnostic of the DPO loss (SAF member): dl/d log pi_w = -dl/d log pi_l at every logged step
+  rows = [r for r in _metrics(work / "sweep" / "saf" / "metrics.jsonl") if "gradient_field/ratio" in r]
+  assert rows and all(abs(r["gradient_field/ratio"] - 1.0) < 1e-4 for r in rows)
+  assert all(r["gradient_field/chosen"] < 0 < r["gradient_field/rejected"] for r in rows)
+  # SAM's m is a recorded training input of that member (m = 4 of the 8 pairs per ascent)
+  fields = json.load(open(work / "sweep" / "sam_m" / "train_provenance.json"))["fields"]
+  assert fields["train.perturbation.m"] == 4 and fields["train.perturbation.kind"] == "sam", fields
+
+
 @pytest.mark.skipif(
   pofx_backends.unavailable_reason("cpu") is not None, reason=f"{pofx_backends.unavailable_reason('cpu')}"
 )
@@ -276,3 +306,8 @@ def test_two_processes_of_the_program_equal_the_single_process_run(seed_dir, tmp
   b = ocp.StandardCheckpointer().restore(str(multi / "final_params"), jax.tree.map(ocp.utils.to_shape_dtype_struct, a))
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6), a, b)
   assert json.load(open(multi / "summary.json"))["win_rate_ci95"]  # process 0 evaluated and wrote it
+
+
+def _metrics(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

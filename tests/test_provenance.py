@@ -126,9 +126,13 @@ TRAIN_READS = DATA_READS | {
   "train.parallel.mesh",
   "train.reference.kind",  # cached: no other reference field
   "train.perturbation.kind",  # none: no other perturbation field
+  "train.dropout.rate",  # recorded (with train.dropout.samples) when it is not 0
+  "train.input_perturbation.kind",  # recorded (with its radius) when it is not "none"
 }
 EVAL_READS = (
-  TRAIN_READS | {"train.steps"} | {f"eval.{k}" for k in ("num_prompts", "samples_per_prompt", "temperature", "top_k")}
+  TRAIN_READS
+  | {"train.steps"}
+  | {f"eval.{k}" for k in ("num_prompts", "samples_per_prompt", "temperature", "top_k", "idealized_betas")}
 )
 
 
@@ -149,6 +153,8 @@ def _changed(value):
     return value * 2 + 1
   if isinstance(value, str):
     return value + "x"
+  if isinstance(value, (tuple, list)):
+    return tuple(value) + (7.0,)
   return 7  # a placeholder (None) set
 
 
@@ -190,6 +196,19 @@ def test_kind_specific_fields_count_only_for_their_kind():
   kinds = {"train__reference__kind": "synced"}
   assert train_fp(**kinds) != train_fp(**kinds, train__reference__tau=3)  # synced reads tau ...
   assert train_fp() == train_fp(train__reference__tau=3)  # ... cached does not
+  # Fields added later count only when set, so earlier workdirs keep their records.
+  assert train_fp(train__perturbation__kind="sam") != train_fp(
+    train__perturbation__kind="sam", train__perturbation__m=2
+  )
+  assert train_fp() == train_fp(train__perturbation__m=2)
+  assert train_fp(train__dropout__rate=0.1) != train_fp(train__dropout__rate=0.1, train__dropout__samples=3)
+  assert train_fp() == train_fp(train__dropout__samples=3)
+  emb = {"train__input_perturbation__kind": "embeddings"}
+  assert train_fp(**emb) != train_fp(**emb, train__input_perturbation__radius=0.2)
+  assert train_fp() == train_fp(train__input_perturbation__radius=0.2)
+  saf = {"train__perturbation__kind": "saf"}
+  assert train_fp(**saf) != train_fp(**saf, train__perturbation__lam=0.5)
+  assert train_fp() == train_fp(train__perturbation__lam=0.5)
   sparse = {"data__attention": "block_sparse"}
   assert train_fp(**sparse) != train_fp(**sparse, data__attention_block_size=16)
   assert train_fp() == train_fp(data__attention_block_size=16)

@@ -143,6 +143,47 @@ def test_mrpo_with_identical_references_is_dpo(k):
   np.testing.assert_allclose(pofx.losses.dpo(policy, combined), pofx.losses.dpo(policy, single), rtol=1e-5)
 
 
+_PRIMARY = pofx.PairLogps(chosen=jnp.array([-10.0, -3.0, -7.0]), rejected=jnp.array([-12.0, -4.0, -6.5]))
+_EXT_A = pofx.PairLogps(chosen=jnp.array([-10.5, -2.0, -7.2]), rejected=jnp.array([-11.0, -4.1, -6.0]))
+_EXT_B = pofx.PairLogps(chosen=jnp.array([-9.0, -3.3, -8.0]), rejected=jnp.array([-12.5, -3.9, -6.4]))
+
+
+@pytest.mark.parametrize("alpha", [None, 0.3])
+@pytest.mark.parametrize("copies", [2, 3])
+def test_mrpo_with_duplicated_external_references_is_the_two_reference_computation(alpha, copies):
+  # K = 1 + copies references, every external one the same model: exactly MRPO with K = 2 (the
+  # authors' code), for the adaptive weights (ARWC) and a fixed weight.
+  two = references.mrpo_combine(_PRIMARY, [_EXT_A], eta=0.1, alpha=alpha)
+  many = references.mrpo_combine(_PRIMARY, [_EXT_A] * copies, eta=0.1, alpha=alpha)
+  np.testing.assert_allclose(many.chosen, two.chosen, rtol=1e-6)
+  np.testing.assert_allclose(many.rejected, two.rejected, rtol=1e-6)
+  for i in range(3):  # and K = 2 is the authors' code
+    ew, el = _mrpo_numpy(
+      float(_EXT_A.chosen[i]),
+      float(_EXT_A.rejected[i]),
+      float(_PRIMARY.chosen[i]),
+      float(_PRIMARY.rejected[i]),
+      alpha=alpha,
+    )
+    np.testing.assert_allclose([many.chosen[i], many.rejected[i]], [ew, el], rtol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [None, 0.3])
+def test_mrpo_three_references_is_the_harmonic_mean_of_the_pairwise_combinations(alpha):
+  # The K >= 3 convention: each external reference combined with the primary as in the K = 2 code
+  # (its own clip and weight), then 1/ref = mean_k 1/ref_k. Computed from the K = 2 hand formula.
+  out = references.mrpo_combine(_PRIMARY, [_EXT_A, _EXT_B], eta=0.1, alpha=alpha)
+  for i in range(3):
+    pairs = [
+      _mrpo_numpy(
+        float(e.chosen[i]), float(e.rejected[i]), float(_PRIMARY.chosen[i]), float(_PRIMARY.rejected[i]), alpha=alpha
+      )
+      for e in (_EXT_A, _EXT_B)
+    ]
+    expected = [-math.log(sum(math.exp(-p[j]) for p in pairs) / 2) for j in (0, 1)]
+    np.testing.assert_allclose([out.chosen[i], out.rejected[i]], expected, rtol=1e-5)
+
+
 def test_multi_refuses_bad_members():
   with pytest.raises(ValueError, match="K >= 2"):
     references.multi([references.frozen(toy.init(), toy.logps_fn)])

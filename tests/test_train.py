@@ -255,7 +255,7 @@ def test_the_batch_reaches_the_model_unchanged_and_m_sharpness_splits_the_refere
   step(state, batch, jax.random.key(0))
   assert seen and all(keys == sorted(batch) for keys in seen)
 
-  # SAM with m = 2 averages the SAM gradients of the two halves, each against its own reference
+  # SAM with m = 4 (examples per ascent) averages the SAM gradients of the two halves, each against its own reference
   # log-probs: with SGD at learning rate 1, the update is the mean of the two half-batch updates.
   def update(pert, b):
     state = train.init_state(params, opt, ref, pert)
@@ -263,7 +263,29 @@ def test_the_batch_reaches_the_model_unchanged_and_m_sharpness_splits_the_refere
     new, _ = step(state, b, jax.random.key(0))
     return jax.tree.map(jnp.subtract, new.params, params)
 
-  full = update(perturbations.sam(0.05, m=2), batch)
+  full = update(perturbations.sam(0.05, m=4), batch)
   halves = [update(perturbations.sam(0.05), jax.tree.map(lambda x, i=i: x[4 * i : 4 * i + 4], batch)) for i in range(2)]
   expected = jax.tree.map(lambda a, b: (a + b) / 2, *halves)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), full, expected)
+
+
+def test_gradient_field_metrics_are_the_dpo_closed_form_and_leave_the_update_unchanged():
+  # DPO: dl/d log pi_w = -beta sigmoid(-beta h) = -dl/d log pi_l; |dl/dpi_w| / |dl/dpi_l| = pi_l / pi_w.
+  params, batch = toy.init(0), toy.batch(3)
+  ref_params = toy.init(1)
+  opt, beta = optax.sgd(0.5), 0.4
+  ref = references.frozen(ref_params, toy.logps_fn)
+  state = train.init_state(params, opt, ref, perturbations.none())
+  kwargs = dict(loss="dpo", loss_hyper={"beta": beta}, reference=ref, donate=False)
+  with_field = train.make_train_step(toy.logps_fn, opt, gradient_field=True, **kwargs)
+  new, metrics = with_field(state, batch, jax.random.key(0))
+  pol, rf = toy.logps_fn(params, batch), toy.logps_fn(ref_params, batch)
+  pw, pl, rw, rl = (np.asarray(x, np.float64) for x in (pol.chosen, pol.rejected, rf.chosen, rf.rejected))
+  d_w = -beta / (1 + np.exp(beta * ((pw - rw) - (pl - rl))))
+  np.testing.assert_allclose(metrics["gradient_field/chosen"], d_w.mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["gradient_field/rejected"], -d_w.mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["gradient_field/ratio"], 1.0, rtol=1e-5)
+  np.testing.assert_allclose(metrics["gradient_field/log_prob_ratio"], (pl - pw).mean(), rtol=1e-5)
+  plain, plain_metrics = train.make_train_step(toy.logps_fn, opt, **kwargs)(state, batch, jax.random.key(0))
+  jax.tree.map(np.testing.assert_array_equal, new.params, plain.params)
+  assert not any(k.startswith("gradient_field/") for k in plain_metrics)

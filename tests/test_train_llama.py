@@ -103,3 +103,114 @@ def test_padding_pairs_do_not_change_the_loss_or_gradient():
   for k in ("loss", "rewards/margins", "rewards/accuracy", "logps/chosen"):
     np.testing.assert_allclose(m1[k], m0[k], rtol=1e-5, atol=1e-6, err_msg=k)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s1.params, s0.params)
+
+
+# Dropout in the model (off by default) and multi-sample dropout in the step; input embeddings.
+DROPOUT = 0.3
+DROP_MODEL = models.make(CONFIG.replace(dropout=DROPOUT))
+DROP_LOGPS_FN = policy.make_logps_fn(DROP_MODEL.apply, DROP_MODEL.head, chunk_size=64)
+SMALL = {"pairs": batching.prompt_shared(PROMPTS[:3], CHOSEN[:3], REJECTED[:3], seq_bucket=8, completion_bucket=8)}
+
+
+def test_dropout_acts_only_with_a_key_and_the_embedding_offset_is_causal():
+  params = MODEL.init(jax.random.key(0))
+  pairs = SMALL["pairs"]
+  rows, length = pairs.tokens.shape
+  offset = np.zeros((rows, length, CONFIG.hidden_size), np.float32)
+  offset[2, 3] = 0.5
+
+  @jax.jit
+  def hidden(params, offset):
+    args = (params, pairs.tokens, pairs.positions, pairs.segment_ids, pairs.branch_ids)
+    k1, k2 = jax.random.key(5), jax.random.key(6)
+    return {
+      "plain": MODEL.apply(*args),
+      "no_key": DROP_MODEL.apply(*args),  # a rate without a key: no dropout
+      "rate_0": MODEL.apply(*args, dropout_key=k1),  # a key with rate 0: no dropout
+      "k1": DROP_MODEL.apply(*args, dropout_key=k1),
+      "k1_again": DROP_MODEL.apply(*args, dropout_key=k1),
+      "k2": DROP_MODEL.apply(*args, dropout_key=k2),
+      "zero_offset": MODEL.apply(*args, embedding_offset=jnp.zeros_like(offset)),
+      "offset": MODEL.apply(*args, embedding_offset=offset),
+    }
+
+  h = {k: np.asarray(v) for k, v in hidden(params, jnp.asarray(offset)).items()}
+  plain = h["plain"]
+  for name in ("no_key", "rate_0", "zero_offset"):
+    np.testing.assert_array_equal(h[name], plain, err_msg=name)
+  np.testing.assert_array_equal(h["k1"], h["k1_again"])
+  assert not np.allclose(h["k1"], plain) and not np.allclose(h["k1"], h["k2"])
+  with pytest.raises(ValueError, match="dropout"):
+    CONFIG.replace(dropout=1.0)
+  # an offset on one token's embedding changes that position and later ones of its row only
+  moved = h["offset"]
+  np.testing.assert_array_equal(np.delete(moved, 2, axis=0), np.delete(plain, 2, axis=0))
+  np.testing.assert_array_equal(moved[2, :3], plain[2, :3])
+  assert not np.allclose(moved[2, 3], plain[2, 3])
+
+
+def test_multi_sample_dropout_averages_the_loss_over_the_masks():
+  params = MODEL.init(jax.random.key(0))
+  ref = references.frozen(jax.tree.map(jnp.array, params), LOGPS_FN)
+  opt, beta, m = optax.sgd(1.0), 0.5, 2
+  rng = jax.random.key(11)
+  state = train.init_state(params, opt, ref, perturbations.none())
+  step = train.make_train_step(
+    DROP_LOGPS_FN, opt, loss="dpo", loss_hyper={"beta": beta}, reference=ref, dropout_samples=m, donate=False
+  )
+  new, metrics = step(state, SMALL, rng)
+
+  # By hand: M masks keyed by the step's key (its dropout stream), the reference without dropout,
+  # the DPO loss written out; the step's loss is their mean and its SGD update the mean gradient.
+  @jax.jit
+  def by_hand(p):
+    ref_logps = LOGPS_FN(p, SMALL)
+
+    def loss_with(q, k):
+      logps = DROP_LOGPS_FN(q, {**SMALL, "dropout_key": k})
+      h = (logps.chosen - ref_logps.chosen) - (logps.rejected - ref_logps.rejected)
+      return jnp.mean(-jax.nn.log_sigmoid(beta * h))
+
+    keys = jax.random.split(jax.random.fold_in(rng, 0x64726F70), m)
+    return jax.vmap(jax.value_and_grad(loss_with), in_axes=(None, 0))(p, keys)
+
+  losses, grads = by_hand(params)
+  assert abs(float(losses[0] - losses[1])) > 1e-6  # the masks differ
+  np.testing.assert_allclose(float(metrics["loss"]), float(jnp.mean(losses)), rtol=1e-5)
+  expected = jax.tree.map(lambda p, g: p - jnp.mean(g, axis=0), params, grads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), new.params, expected)
+  with pytest.raises(ValueError, match="dropout_samples"):
+    train.make_train_step(LOGPS_FN, opt, loss="dpo", reference=ref, dropout_samples=-1)
+
+
+def test_adversarial_embeddings_in_the_step_compose_with_sam():
+  params = MODEL.init(jax.random.key(0))
+  ref = references.frozen(jax.tree.map(jnp.array, params), LOGPS_FN)
+  opt, radius, beta = optax.sgd(0.1), 0.5, 0.1
+  ip, pert = perturbations.adversarial_embeddings(radius, CONFIG.hidden_size), perturbations.sam(0.05)
+  state = train.init_state(params, opt, ref, pert)
+  step = train.make_train_step(
+    LOGPS_FN, opt, loss="dpo", reference=ref, perturbation=pert, input_perturbation=ip, donate=False
+  )
+  new, metrics = step(state, SMALL, jax.random.key(0))
+
+  # By hand: the DPO loss as a function of the embedding offset, its gradient at zero, each real
+  # token moved by radius along it; the step reports the loss there (at theta, SAM's convention).
+  @jax.jit
+  def by_hand(p):
+    ref_logps = LOGPS_FN(p, SMALL)
+
+    def loss_at(offset):
+      logps = LOGPS_FN(p, {**SMALL, "embedding_offset": offset})
+      h = (logps.chosen - ref_logps.chosen) - (logps.rejected - ref_logps.rejected)
+      return jnp.mean(-jax.nn.log_sigmoid(beta * h))
+
+    zero = jnp.zeros(SMALL["pairs"].tokens.shape + (CONFIG.hidden_size,))
+    g = jax.grad(loss_at)(zero) * (SMALL["pairs"].segment_ids > 0)[..., None]
+    norm = jnp.linalg.norm(g, axis=-1, keepdims=True)
+    return loss_at(zero), loss_at(radius * g / jnp.where(norm > 0, norm, 1.0))
+
+  clean, adversarial = by_hand(params)
+  np.testing.assert_allclose(float(metrics["loss"]), float(adversarial), rtol=1e-5)
+  assert float(adversarial) > float(clean) + 1e-4  # the ascent direction raised the loss
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(new.params))

@@ -29,7 +29,8 @@ them); where a name is read as a string (`spec`, `get`, `batch_loss`, the traini
 | `sigmoid_norm` | `ln_dpo`       | `ln_dpo` has no default `beta` (TRL: 0.1, small for a             |
 |                |                | length-averaged margin); no modifiers                             |
 | `exo_pair`, `bco_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, `apo_down`,     |
-| `discopop`, `sft`: the same name, the same function (TRL's modifiers included)          |
+| `discopop`, `sft`: the same formula under the same name; the canonical function takes the |
+| modifiers that apply to it, `trl.<name>` every DPOConfig loss field (unused ones ignored) |
 
 Pairwise InfoNCA with hard labels is DPO (`dpo`); its K-way form is `infonca_kway`.
 `python -m pofx.losses` prints every canonical loss on one fixed example.
@@ -43,9 +44,11 @@ import jax
 
 from pofx.losses import (
   _adaptive,
+  _example,
   _gpo_family,
   _label_noise,
   _margins,
+  _more,
   _pointwise,
   _reference_free,
   _registry,
@@ -71,9 +74,10 @@ from pofx.losses._common import check_beta, check_choice, check_range, logratios
 from pofx.losses._gpo_family import dpo, exponential, gpo, ipo, ipo_sum, savage, slic, truncated_quadratic
 from pofx.losses._label_noise import cdpo, focalpo, robust_dpo
 from pofx.losses._margins import dpo_shift, dpo_shift_lambda, dpop, ln_dpo, mappo, odpo
+from pofx.losses._more import flex_dpo, ilr_dpo, madpo, madpo_weights, mipo, mipo_alignment
 from pofx.losses._pointwise import infonca_kway, kto, kto_reference_point, nca, nca_kway, una
 from pofx.losses._reference_free import cpo, orpo, repo, simpo
-from pofx.losses._registry import REQUIREMENTS, LossSpec
+from pofx.losses._registry import REQUIREMENTS, LossSpec, ScoreDomain
 from pofx.losses._regularised import asft, irpo, rpo
 from pofx.losses._risk import ra_dpo, ra_dpo2, ra_dpo_sequence_risk
 from pofx.losses._token_level import delta_l_weights, dmpo, dmpo_turn_weights, dpo_nll_delta_l, sampo, sampo_token_masks
@@ -91,6 +95,7 @@ from pofx.losses._trl import (
   f_divergence_link,
   f_dpo,
   ld_dpo,
+  ld_weighted_sums,
   sft,
   sppo_hard,
   trl_dpo_loss,
@@ -109,6 +114,7 @@ REGISTRY: Mapping[str, LossSpec] = _registry.build_registry(
   _token_level.SPECS,
   _pointwise.SPECS,
   _risk.SPECS,
+  _more.SPECS,
 )
 """Read-only mapping: canonical name -> LossSpec."""
 
@@ -165,6 +171,22 @@ def check_kwargs(loss, kwargs: Mapping[str, Any]) -> None:
   _registry.check_kwargs(_as_spec(loss), kwargs)
 
 
+def check_values(loss, kwargs: Mapping[str, Any]) -> None:
+  """ValueError when `kwargs` (a name or LossSpec's hyperparameters) holds a value the loss refuses.
+
+  Unknown or missing names fail as in `check_kwargs`. The values are then checked by the loss's
+  own checks (ranges, choices): the loss is traced once with `jax.eval_shape` on the worked
+  example's shapes (and its per-pair inputs: scores, key, state), so nothing is computed. A
+  program calls this before any long compute.
+  """
+  spec = _as_spec(loss)
+  inputs = {k: v for k, v in _example.example_kwargs(spec).items() if k not in spec.example_hyper}
+  merged = {**inputs, **kwargs}
+  _registry.check_kwargs(spec, merged)
+  policy, reference = _example._inputs(spec, 0.0)
+  jax.eval_shape(lambda p, r: spec.fn(p, r, **merged), policy, reference)
+
+
 def reduce(loss, per_pair: jax.Array, policy, mask: Optional[jax.Array] = None) -> jax.Array:
   """The documented batch reduction of `loss` (a name or LossSpec) applied to its `[B]` per-pair values.
 
@@ -188,6 +210,22 @@ def batch_loss(name: str, policy, reference=None, **kwargs: Any):
   return _registry.batch_loss(spec(name), policy, reference, kwargs)
 
 
+def check_scores(loss, chosen_scores, rejected_scores, **hyper: Any) -> None:
+  """ValueError when per-pair scores lie outside the domain of `loss` (a name or LossSpec).
+
+  For a loss that reads scores (`"scores" in spec.requires`): `spec.score_domain` says which
+  scores the method is defined for (ODPO: chosen > rejected; MaPPO: 1 >= chosen >= rejected >= 0;
+  UNA: each in [0, 1] or -1 for a dummy answer). `hyper` are the loss's hyperparameters that the
+  domain depends on (ODPO's `ratio`). The message names how many pairs are outside and the first
+  ones. A program calls this on its whole training split before training; the losses themselves
+  raise on concrete scores and return NaN for such pairs under `jit`. No-op for other losses.
+  """
+  s = _as_spec(loss)
+  if s.score_domain is None:
+    return
+  _registry.check_scores(s.name, s.score_domain, chosen_scores, rejected_scores, hyper)
+
+
 __all__ = [
   "REGISTRY",
   "REQUIREMENTS",
@@ -198,6 +236,9 @@ __all__ = [
   "batch_loss",
   "reduce",
   "check_kwargs",
+  "check_values",
+  "check_scores",
+  "ScoreDomain",
   "trl",
   # shared pieces
   "logratios",
@@ -221,6 +262,7 @@ __all__ = [
   "trl_dpo_loss",
   "f_divergence_link",
   "wpo_sequence_weights",
+  "ld_weighted_sums",
   "exo_pair",
   "bco_pair",
   "sppo_hard",
@@ -275,4 +317,10 @@ __all__ = [
   "ra_dpo",
   "ra_dpo2",
   "ra_dpo_sequence_risk",
+  "mipo",
+  "mipo_alignment",
+  "ilr_dpo",
+  "flex_dpo",
+  "madpo",
+  "madpo_weights",
 ]

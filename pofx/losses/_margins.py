@@ -5,6 +5,11 @@ margin / asymmetry / normalisation modifier). Log-ratios `lr_w = pi_w - ref_w`,
 `lr_l = pi_l - ref_l` use **summed** completion log-probs unless stated; the reference is
 required. External scores (`chosen_scores`, `rejected_scores`) are data: they are wrapped in
 `jax.lax.stop_gradient`. All functions return unreduced per-pair losses `[B]`.
+
+Scores outside a method's domain (`SPECS[...].score_domain`: ODPO's `s_w > s_l`, MaPPO's
+`1 >= s_w >= s_l >= 0`) are never clamped or remapped here: with concrete scores the loss raises
+ValueError naming the pairs, and under `jit` (where values cannot be inspected) those pairs' losses
+are NaN, so the train step's non-finite guard reports them instead of training a different method.
 """
 
 from __future__ import annotations
@@ -14,11 +19,8 @@ import jax.numpy as jnp
 
 from pofx import gpo as gpo_fns
 from pofx.losses import _common
-from pofx.losses._registry import LossSpec
+from pofx.losses._registry import LossSpec, ScoreDomain, check_scores
 from pofx.losses._trl import trl_sigmoid_norm
-
-# Score gaps / scores below this are clamped before the logarithm in ODPO (see `odpo`).
-_ODPO_MIN_SCORE = 1e-6
 
 
 def _f32(x):
@@ -32,7 +34,9 @@ def _logratios(name, policy, reference, beta, **need):
   return _f32(lr_w), _f32(lr_l)
 
 
-def _scores(name, chosen_scores, rejected_scores, batch_size):
+def _scores(name, chosen_scores, rejected_scores, batch_size, domain: ScoreDomain, hyper):
+  """The detached float32 scores `(s_w, s_l)` and the `[B]` mask of pairs inside `domain`;
+  ValueError for concrete scores outside it."""
   if chosen_scores is None or rejected_scores is None:
     raise ValueError(f"{name} needs per-pair scores: pass chosen_scores= and rejected_scores= ([B]).")
   s_w = jax.lax.stop_gradient(_f32(chosen_scores))
@@ -41,7 +45,30 @@ def _scores(name, chosen_scores, rejected_scores, batch_size):
     raise ValueError(
       f"{name}: chosen_scores and rejected_scores must have shape ({batch_size},), got {s_w.shape} and {s_l.shape}."
     )
-  return s_w, s_l
+  check_scores(name, domain, chosen_scores, rejected_scores, hyper)
+  return s_w, s_l, domain.valid(s_w, s_l, **hyper)
+
+
+def _odpo_valid(s_w, s_l, ratio=False, **_):
+  # NaN compares False, so a missing score is outside the domain too.
+  return (s_w >= s_l) & (s_l > 0) if ratio else s_w > s_l
+
+
+ODPO_SCORES = ScoreDomain(
+  "score_chosen > score_rejected (ODPO's offset alpha * log(s_w - s_l)); with ratio=True, "
+  "score_chosen >= score_rejected > 0 (alpha * log(s_w / s_l))",
+  _odpo_valid,
+)
+
+
+def _mappo_valid(s_w, s_l, **_):
+  return (s_l >= 0) & (s_w >= s_l) & (s_w <= 1)
+
+
+MAPPO_SCORES = ScoreDomain(
+  "1 >= score_chosen >= score_rejected >= 0 (MaPPO's prior rewards in [0, 1], reward gap s_w - s_l in [0, 1])",
+  _mappo_valid,
+)
 
 
 def dpop(policy, reference, *, lam: float = 50.0, beta: float = 0.1):
@@ -81,10 +108,15 @@ def odpo(
 
   `L = -log sigmoid(beta * rho - Delta)`, summed log-probs, with
   `Delta = alpha * log(s_w - s_l)` (default) or `alpha * log(s_w / s_l)` (`ratio=True`). The
-  offset is **not** multiplied by beta, and the scores are detached. The code assumes
-  `s_w > s_l > 0`; to stay finite for invalid pairs, the gap (default) or each score
-  (`ratio=True`) is clamped at 1e-6 before the log. Offset 0 (`alpha = 0`, or `s_w - s_l = 1`,
-  or `s_w = s_l` with `ratio=True`) is DPO.
+  offset is **not** multiplied by beta, and the scores are detached. Offset 0 (`alpha = 0`, or
+  `s_w - s_l = 1`, or `s_w = s_l` with `ratio=True`) is DPO.
+
+  Score domain (`ODPO_SCORES`): `s_w > s_l` (the log of the gap is defined), and with `ratio=True`
+  `s_w >= s_l > 0`. The authors build every pair with the higher-scored completion as chosen and
+  drop ties (`preference_datasets.py`), so their offset always exists. Scores are not clamped or
+  remapped: concrete scores outside the domain raise ValueError naming the pairs; under `jit`
+  those pairs' losses are NaN (the train step reports them as non-finite). Pairs labelled by a
+  noisy judge (e.g. Bradley-Terry) can have `s_w < s_l`; ODPO is not defined on them.
 
   Args:
     policy, reference: `PairLogps` (reference required).
@@ -100,12 +132,12 @@ def odpo(
   _common.check_range("odpo", "alpha", alpha, low=0.0, allowed_text="alpha >= 0")
   if not isinstance(ratio, bool):
     raise ValueError(f"odpo: invalid ratio={ratio!r}; allowed: True or False.")
-  s_w, s_l = _scores("odpo", chosen_scores, rejected_scores, lr_w.shape[0])
-  if ratio:
-    offset = alpha * (jnp.log(jnp.maximum(s_w, _ODPO_MIN_SCORE)) - jnp.log(jnp.maximum(s_l, _ODPO_MIN_SCORE)))
-  else:
-    offset = alpha * jnp.log(jnp.maximum(s_w - s_l, _ODPO_MIN_SCORE))
-  return gpo_fns.logistic(beta * (lr_w - lr_l) - offset)
+  s_w, s_l, ok = _scores("odpo", chosen_scores, rejected_scores, lr_w.shape[0], ODPO_SCORES, {"ratio": ratio})
+  # Inside the domain the logarithm's argument is positive; outside, a placeholder 1 keeps the
+  # gradient finite and the value is replaced by NaN below.
+  arg = jnp.where(ok, s_w / s_l if ratio else s_w - s_l, 1.0)
+  offset = alpha * jnp.log(arg)
+  return jnp.where(ok, gpo_fns.logistic(beta * (lr_w - lr_l) - offset), jnp.nan)
 
 
 _SHIFT_KINDS = ("fixed", "increase_linear", "decrease_linear")
@@ -190,21 +222,26 @@ def mappo(policy, reference, *, chosen_scores=None, rejected_scores=None, beta: 
   r"""MaPPO: DPO with the rejected log-ratio scaled by the prior reward gap.
 
   `L = -log sigmoid(beta * lr_w - Delta_r * beta * lr_l)`, `Delta_r = s_w - s_l` (Eq. 8),
-  summed log-probs; the scores are detached. The paper takes `s_w, s_l` in [0, 1] from a
-  reward model (so `Delta_r` in [0, 1] when `s_w >= s_l`); the gap is used as given, not
-  clipped. `Delta_r = 1` (s_w = 1, s_l = 0) is DPO (Eq. 9). MaPPO adds no hyperparameter.
+  summed log-probs; the scores are detached. `Delta_r = 1` (s_w = 1, s_l = 0) is DPO (Eq. 9).
+  MaPPO adds no hyperparameter.
+
+  Score domain (`MAPPO_SCORES`): the paper's prior rewards lie in [0, 1] and the chosen one is at
+  least the rejected one, so `Delta_r` in [0, 1] scales the rejected term down, never flips it:
+  `1 >= s_w >= s_l >= 0`. Scores are not rescaled or clipped here (a rescaling would change the
+  method's weights): concrete scores outside the domain raise ValueError naming the pairs; under
+  `jit` those pairs' losses are NaN (the train step reports them as non-finite).
 
   Args:
     policy, reference: `PairLogps` (reference required).
-    chosen_scores, rejected_scores: `[B]` prior rewards in [0, 1].
+    chosen_scores, rejected_scores: `[B]` prior rewards in [0, 1], chosen >= rejected.
     beta: inverse temperature (> 0), as DPO.
 
   References: Lan et al. 2025, "MaPPO: Maximum a Posteriori Preference Optimization with
   Prior Knowledge", arXiv:2507.21183 (v5), Eq. (8).
   """
   lr_w, lr_l = _logratios("mappo", policy, reference, beta)
-  s_w, s_l = _scores("mappo", chosen_scores, rejected_scores, lr_w.shape[0])
-  return gpo_fns.logistic(beta * lr_w - (s_w - s_l) * beta * lr_l)
+  s_w, s_l, ok = _scores("mappo", chosen_scores, rejected_scores, lr_w.shape[0], MAPPO_SCORES, {})
+  return jnp.where(ok, gpo_fns.logistic(beta * lr_w - (s_w - s_l) * beta * lr_l), jnp.nan)
 
 
 SPECS = (
@@ -215,6 +252,7 @@ SPECS = (
     "margin",
     "Amini et al. 2024, arXiv:2402.10571; rycolab/odpo trainers.py::preference_loss",
     requires=frozenset({"scores"}),
+    score_domain=ODPO_SCORES,
   ),
   LossSpec(
     "dpo_shift",
@@ -230,5 +268,12 @@ SPECS = (
     requires=frozenset({"lengths"}),
     example_hyper={"beta": 0.1},
   ),
-  LossSpec("mappo", mappo, "margin", "Lan et al. 2025, arXiv:2507.21183 v5, Eq. 8", requires=frozenset({"scores"})),
+  LossSpec(
+    "mappo",
+    mappo,
+    "margin",
+    "Lan et al. 2025, arXiv:2507.21183 v5, Eq. 8",
+    requires=frozenset({"scores"}),
+    score_domain=MAPPO_SCORES,
+  ),
 )

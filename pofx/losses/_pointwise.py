@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from pofx._pair_logps import ListLogps, PairLogps
 from pofx.losses import _common
-from pofx.losses._registry import LossSpec
+from pofx.losses._registry import LossSpec, ScoreDomain, check_scores
 from pofx.losses._trl import trl_nca_pair
 
 Array = jax.Array
@@ -134,6 +134,19 @@ def nca_kway(
 # -------------------------------------------------------------------------------------------------
 
 UNA_VARIANTS = ("score_mse", "binary_mse", "binary_bce")
+UNA_DUMMY = -1.0  # the authors' rating of a dummy answer (UFT's unpaired data): its term is dropped
+
+
+def _una_valid(s_w, s_l, **_):
+  inside = lambda s: ((s >= 0) & (s <= 1)) | (s == UNA_DUMMY)
+  return inside(s_w) & inside(s_l)
+
+
+UNA_SCORES = ScoreDomain(
+  "each score in [0, 1] (UNA's normalised rating, e.g. UltraFeedback (score - 1) / 9), or -1 for a "
+  "dummy answer whose term is dropped",
+  _una_valid,
+)
 
 
 def una(
@@ -155,9 +168,12 @@ def una(
   - "binary_mse": `(sigmoid(r_w) - 1)^2 + sigmoid(r_l)^2`;
   - "binary_bce": `-log sigmoid(r_w) - log sigmoid(-r_l)` (= NCA's "biasedNCA", TRL `bco_pair`).
 
-  A negative score marks a dummy answer (the code's rating -1): its term is dropped, in every
-  variant (binary variants use the scores only for this; without scores all terms count).
-  Nothing is detached.
+  Score domain (`UNA_SCORES`): each score is a normalised rating in [0, 1], or exactly -1, the
+  authors' marker of a dummy answer (their unpaired UFT data), whose term is dropped in every
+  variant (binary variants use the scores only for this; without scores all terms count). Any
+  other value, e.g. an unnormalised reward, is outside the domain: concrete scores raise
+  ValueError naming the pairs, and under `jit` those pairs' losses are NaN (never silently read as
+  dummy answers). Nothing is detached.
 
   Batch reduction: the authors' MSE trainers return `torch.sum` over the per-device batch (per
   device batch size 1 in the released scripts), so the registry's reduction is "sum".
@@ -173,8 +189,8 @@ def una(
 
   References: Wang et al. 2024, "UNA: Unifying Alignments of RLHF/PPO, DPO and KTO by a
   Generalized Implicit Reward Function", arXiv:2408.15339; code ZhichaoWang970201/UNA-UFT
-  `*-offline/UNA_trainer_score_MSE_3e-5_0.03.py`, `UNA_trainer_binary_MSE_0.01.py`,
-  `UNA_trainer_binary_BCE_0.01.py` (`dpo_loss`).
+  `*-offline/UNA_trainer_score_MSE_3e-5_0.03.py` (ratings `(score - 1) / 9`, dummy rating -1),
+  `UNA_trainer_binary_MSE_0.01.py`, `UNA_trainer_binary_BCE_0.01.py` (`dpo_loss`).
   """
   name = "una"
   _common.check_inputs(name, policy, reference)
@@ -190,6 +206,7 @@ def una(
     s_l = jnp.zeros_like(r_l)
   else:
     chex.assert_equal_shape([r_w, chosen_scores, rejected_scores])
+    check_scores(name, UNA_SCORES, chosen_scores, rejected_scores, {})
     s_w = jnp.asarray(chosen_scores, jnp.float32)
     s_l = jnp.asarray(rejected_scores, jnp.float32)
   if variant == "score_mse":
@@ -201,7 +218,8 @@ def una(
   else:
     t_w = -jax.nn.log_sigmoid(r_w)
     t_l = -jax.nn.log_sigmoid(-r_l)
-  return jnp.where(s_w >= 0, t_w, 0.0) + jnp.where(s_l >= 0, t_l, 0.0)
+  out = jnp.where(s_w == UNA_DUMMY, 0.0, t_w) + jnp.where(s_l == UNA_DUMMY, 0.0, t_l)
+  return jnp.where(_una_valid(s_w, s_l), out, jnp.nan)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -295,6 +313,7 @@ SPECS = (
     reference="optional",
     requires=frozenset({"scores"}),
     reduction="sum",
+    score_domain=UNA_SCORES,
   ),
   LossSpec(
     "kto",

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # What a loss may need beyond `policy`, `reference` and scalar hyperparameters. The contract
 # test knows how to build an example of each; a new kind must be added there too.
@@ -38,6 +39,49 @@ REDUCTIONS = ("mean", "chosen_token_mean", "sum")
 
 
 @dataclasses.dataclass(frozen=True)
+class ScoreDomain:
+  """The per-pair scores a loss is defined for (losses that require "scores").
+
+  Attributes:
+    text: the domain in words, e.g. "score_chosen > score_rejected".
+    valid: `valid(s_w, s_l, **hyper) -> [B] bool`, numpy or jax arrays: the pairs inside the
+      domain (NaN scores are outside). The loss computes NaN for the others under `jit`; with
+      concrete scores it raises (`check_scores`).
+    any_real: the domain is every pair of finite scores, in either order (a reward model's raw
+      rewards fit it, e.g. the controlled world's gold rewards under Bradley-Terry labels).
+  """
+
+  text: str
+  valid: Callable[..., Any]
+  any_real: bool = False
+
+
+def _finite(s_w, s_l, **_):
+  return (abs(s_w) < float("inf")) & (abs(s_l) < float("inf"))
+
+
+# Losses that take a reward model's raw rewards: any finite pair, the chosen's possibly the lower.
+ANY_FINITE_SCORES = ScoreDomain("any finite scores (either may be the higher)", _finite, any_real=True)
+
+
+def check_scores(name: str, domain: ScoreDomain, chosen_scores, rejected_scores, hyper: Mapping[str, Any]) -> None:
+  """ValueError when concrete (not traced) scores have a pair outside `domain`: how many, and the first ones."""
+  if isinstance(chosen_scores, jax.core.Tracer) or isinstance(rejected_scores, jax.core.Tracer):
+    return
+  s_w = np.asarray(chosen_scores, np.float64).reshape(-1)
+  s_l = np.asarray(rejected_scores, np.float64).reshape(-1)
+  ok = np.asarray(domain.valid(s_w, s_l, **hyper), bool).reshape(-1)
+  if ok.all():
+    return
+  bad = np.flatnonzero(~ok)
+  shown = ", ".join(f"pair {i}: ({s_w[i]:.6g}, {s_l[i]:.6g})" for i in bad[:3])
+  raise ValueError(
+    f"{name}: {bad.size} of {ok.size} pairs have scores outside its domain ({shown}"
+    f"{', ...' if bad.size > 3 else ''}); allowed: {domain.text}."
+  )
+
+
+@dataclasses.dataclass(frozen=True)
 class LossSpec:
   """One registered loss.
 
@@ -55,6 +99,9 @@ class LossSpec:
     detached_by_design: why finite differences of the loss disagree with its gradient, when a
       method detaches a function of its own inputs (WPO's weights, beta-DPO's batch beta); empty
       otherwise. The contract test then takes finite differences where that quantity is constant.
+    score_domain: for losses that require "scores", the scores the method is defined for
+      (`ScoreDomain`); a program checks its data against it before training
+      (`pofx.losses.check_scores`).
   """
 
   name: str
@@ -67,6 +114,7 @@ class LossSpec:
   example_hyper: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   init_state: Optional[Callable[..., Any]] = None
   detached_by_design: str = ""
+  score_domain: Optional[ScoreDomain] = None
 
   def __post_init__(self):
     unknown = set(self.requires) - set(REQUIREMENTS)
@@ -80,6 +128,8 @@ class LossSpec:
       raise ValueError(f"LossSpec {self.name!r}: reduction={self.reduction!r}; allowed: {REDUCTIONS}.")
     if ("state" in self.requires) != (self.init_state is not None):
       raise ValueError(f"LossSpec {self.name!r}: a stateful loss needs init_state, and only it.")
+    if ("scores" in self.requires) != (self.score_domain is not None):
+      raise ValueError(f"LossSpec {self.name!r}: a loss that reads per-pair scores needs score_domain, and only it.")
 
   @property
   def hyperparameters(self) -> dict:

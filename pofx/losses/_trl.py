@@ -13,7 +13,9 @@ Pipeline of `_compute_loss`, reproduced step by step:
 1. Sequence log-probs: summed completion-token log-probs (`PairLogps.chosen`/`rejected`). With
    `ld_alpha` (LD-DPO), per pair `l_p = min(|y_w|, |y_l|)` and every sequence, policy **and**
    reference, becomes `sum_{t <= l_p} log p_t + ld_alpha * sum_{t > l_p} log p_t` (t counts
-   completion tokens; needs per-token arrays on both).
+   completion tokens; needs per-token arrays on the policy). A reference given as sums only is
+   taken as already LD-weighted, as TRL takes its precomputed reference (`precompute_ref_log_probs`
+   stores `compute_ref_log_probs`'s LD-weighted sums; `ld_weighted_sums` computes them).
 2. Log-ratios `lr_w = pi_w - ref_w`, `lr_l = pi_l - ref_l`.
 3. Scores `s = g(lr)` from `f_divergence_type` (f-DPO link `g(lr) = f'(e^lr)` up to a constant):
    reverse_kl `lr`; forward_kl `1 - e^{-lr}`; js_divergence `log 2 + log sigmoid(lr)`;
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import types
 from typing import Optional, Sequence, Union
 
 import jax
@@ -90,19 +93,47 @@ def _mask_len(mask) -> Array:
   return jnp.sum((jnp.asarray(mask) > 0).astype(jnp.float32), axis=-1)
 
 
+def ld_weighted_sums(logps: PairLogps, ld_alpha) -> PairLogps:
+  r"""LD-DPO's sequence log-probs of one model: `sum_{t <= l_p} log p_t + ld_alpha * sum_{t > l_p} log p_t`.
+
+  `l_p = min(|y_w|, |y_l|)` per pair, from the completion masks of `logps` (per-token arrays
+  needed). Returns a sums-only `PairLogps` (lengths kept, per-token arrays dropped): what TRL's
+  `precompute_ref_log_probs` stores for the reference (`DPOTrainer.compute_ref_log_probs` applies
+  `ld_alpha`), and what the losses here take as an already LD-weighted reference.
+
+  References: Liu et al. 2024, arXiv:2409.06411; TRL 1.16 `DPOTrainer.compute_ref_log_probs`.
+  """
+  _common.check_range("ld_weighted_sums", "ld_alpha", ld_alpha, low=0.0, high=1.0)
+  _common.check_inputs("ld_weighted_sums", logps, None, need_tokens=True)
+  shared = jnp.minimum(_mask_len(logps.chosen_mask), _mask_len(logps.rejected_mask))
+  return PairLogps(
+    chosen=_ld_sum(logps.chosen_token_logps, logps.chosen_mask, shared, ld_alpha),
+    rejected=_ld_sum(logps.rejected_token_logps, logps.rejected_mask, shared, ld_alpha),
+    chosen_len=logps.chosen_len,
+    rejected_len=logps.rejected_len,
+  )
+
+
 def _sequence_logps(name: str, policy: PairLogps, reference: PairLogps, ld_alpha):
   """`(pi_w, pi_l, ref_w, ref_l)` in float32, LD-weighted (policy and reference) when ld_alpha is set.
 
   The shared length `l_p = min(|y_w|, |y_l|)` comes from the policy's masks, as TRL takes it from
-  the one completion mask that policy and reference share.
+  the one completion mask that policy and reference share. A reference with per-token arrays is
+  LD-weighted here; a reference given as sums only is taken as already LD-weighted, as TRL takes
+  its precomputed reference (`precompute_ref_log_probs`, whose stored sums `compute_ref_log_probs`
+  LD-weights with the same `ld_alpha`; `ld_weighted_sums` computes them).
   """
   if ld_alpha is None:
     return _f32(policy.chosen), _f32(policy.rejected), _f32(reference.chosen), _f32(reference.rejected)
   _common.check_range(name, "ld_alpha", ld_alpha, low=0.0, high=1.0, allowed_text="None or a value in [0, 1]")
-  _common.check_inputs(name, policy, reference, need_tokens=True)
+  _common.check_inputs(name, policy, None, need_tokens=True)
   shared = jnp.minimum(_mask_len(policy.chosen_mask), _mask_len(policy.rejected_mask))
   ld = lambda p, side: _ld_sum(getattr(p, f"{side}_token_logps"), getattr(p, f"{side}_mask"), shared, ld_alpha)
-  return ld(policy, "chosen"), ld(policy, "rejected"), ld(reference, "chosen"), ld(reference, "rejected")
+  if reference.has_tokens:
+    ref_w, ref_l = ld(reference, "chosen"), ld(reference, "rejected")
+  else:
+    ref_w, ref_l = _f32(reference.chosen), _f32(reference.rejected)
+  return ld(policy, "chosen"), ld(policy, "rejected"), ref_w, ref_l
 
 
 def _logratios(name, policy, reference, ld_alpha):
@@ -603,7 +634,9 @@ def ld_dpo(policy, reference, *, ld_alpha: float, beta: float = 0.1):
   Per pair `l_p = min(|y_w|, |y_l|)` (the "public length"); each sequence log-prob becomes
   `sum_{t <= l_p} log pi(y_t) + ld_alpha * sum_{t > l_p} log pi(y_t)`, for the policy and the
   reference alike, then `-log sigmoid(beta * rho)`. ld_alpha in [0, 1]: 1 is DPO, 0 truncates both
-  completions to the shared length. Needs per-token arrays on policy and reference. No default:
+  completions to the shared length. Needs per-token arrays on the policy; a reference with them is
+  LD-weighted here, a reference given as sums only is taken as already LD-weighted (TRL's
+  precomputed reference; `ld_weighted_sums` computes such sums). No default:
   the paper's per-model values were not available (TRL: "between 0.0 and 1.0").
 
   References: Liu et al. 2024, "Length Desensitization in Direct Preference Optimization",
@@ -715,11 +748,96 @@ _SOURCES = {
 _REQUIRES = {"ipo": frozenset({"lengths"}), "sigmoid_norm": frozenset({"lengths"}), "sft": frozenset({"lengths"})}
 
 
-def _trl_spec(loss_type: str, name: str) -> LossSpec:
+def _accepted(fn) -> set:
+  return {n for n, p in inspect.signature(fn).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+# DPOConfig's loss fields in TRL 1.16 and their defaults. TRL's DPOConfig carries every one of them
+# whatever the loss_type, and each loss type uses those TRL applies to it (e.g. `beta` is accepted
+# and unused by "sft", `discopop_tau` by everything but "discopop").
+DPO_CONFIG_LOSS_FIELDS = types.MappingProxyType(
+  {
+    "beta": 0.1,
+    "f_divergence_type": "reverse_kl",
+    "f_alpha_divergence_coef": 0.5,
+    "ld_alpha": None,
+    "label_smoothing": 0.0,
+    "use_weighting": False,
+    "discopop_tau": 0.05,
+  }
+)
+
+
+def check_trl_combination(who: str, loss_types, f_divergence_type, use_weighting, label_smoothing) -> None:
+  """The combinations TRL 1.16's `DPOTrainer.__init__` / `_compute_loss` refuse or cannot compute."""
+  _common.check_choice(who, "f_divergence_type", f_divergence_type, F_DIVERGENCES)
+  if f_divergence_type != "reverse_kl" and not set(loss_types) <= F_DIVERGENCE_LOSS_TYPES:
+    raise ValueError(
+      f"{who}: invalid f_divergence_type={f_divergence_type!r} for loss_type={loss_types}; "
+      f"allowed: 'reverse_kl', or only loss types in {sorted(F_DIVERGENCE_LOSS_TYPES)}."
+    )
+  if use_weighting and {"aot", "aot_unpaired"} & set(loss_types):
+    raise ValueError(
+      f"{who}: invalid use_weighting=True with loss_type={loss_types}; allowed: use_weighting=False "
+      "with 'aot'/'aot_unpaired' (they sort the batch, which would misalign per-pair weights)."
+    )
+  if use_weighting and "sft" in loss_types:
+    raise ValueError(
+      f"{who}: invalid use_weighting=True with loss_type={loss_types}; allowed: use_weighting=False "
+      "with 'sft' (TRL 1.16 fails on this combination: it multiplies the weights in place into the "
+      "broadcast scalar SFT loss)."
+    )
+  if "exo_pair" in loss_types and _common._is_static(label_smoothing) and float(label_smoothing) == 0.0:
+    raise ValueError(
+      f"{who}: invalid label_smoothing=0.0 for 'exo_pair'; allowed: a value in (0, 1) (the EXO paper recommends 1e-3)."
+    )
+
+
+def _trl_entry(loss_type: str):
+  """`trl.<loss_type>`: the loss type's function taking every DPOConfig loss field, as TRL does.
+
+  Fields the loss type does not use are accepted and ignored (TRL's semantics); combinations TRL
+  refuses raise ValueError (`check_trl_combination`); values are checked by the loss function.
+  """
+  fn = TRL_LOSS_FUNCTIONS[loss_type]
+  own = _accepted(fn)
+  defaults = dict(DPO_CONFIG_LOSS_FIELDS)
+  for name, p in inspect.signature(fn).parameters.items():
+    if name in defaults and p.default is not inspect.Parameter.empty:
+      defaults[name] = p.default  # pofx's per-type default where it has one (exo_pair's 1e-3)
+  who = TRL_PREFIX + loss_type
+
+  def entry(policy, reference=None, **kwargs):
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+      raise ValueError(f"{who}: unknown argument(s) {unknown}; allowed: DPOConfig's loss fields {sorted(defaults)}.")
+    values = {**defaults, **kwargs}
+    check_trl_combination(
+      who, [loss_type], values["f_divergence_type"], values["use_weighting"], values["label_smoothing"]
+    )
+    return fn(policy, reference, **{k: v for k, v in values.items() if k in own})
+
+  kw = inspect.Parameter.KEYWORD_ONLY
+  pos = inspect.Parameter.POSITIONAL_OR_KEYWORD
+  entry.__signature__ = inspect.Signature(
+    [inspect.Parameter("policy", pos), inspect.Parameter("reference", pos, default=None)]
+    + [inspect.Parameter(k, kw, default=v) for k, v in defaults.items()]
+  )
+  entry.__name__ = entry.__qualname__ = f"trl_{loss_type}_entry"
+  entry.__wrapped__ = fn
+  used = sorted(own) or ["none"]
+  entry.__doc__ = (
+    f"TRL 1.16 `loss_type={loss_type!r}`, taking every DPOConfig loss field ({', '.join(defaults)}), as\n"
+    f"TRL does; this loss type uses {', '.join(used)} and ignores the others. The formula:\n\n" + (fn.__doc__ or "")
+  )
+  return entry
+
+
+def _trl_spec(loss_type: str, name: str, fn=None) -> LossSpec:
   source = f"{_SOURCES[loss_type]}; {_TRL} (loss_type={loss_type!r})"
   return LossSpec(
     name,
-    TRL_LOSS_FUNCTIONS[loss_type],
+    TRL_LOSS_FUNCTIONS[loss_type] if fn is None else fn,
     "trl",
     source,
     reference="unused" if loss_type == "sft" else "required",
@@ -728,8 +846,9 @@ def _trl_spec(loss_type: str, name: str) -> LossSpec:
   )
 
 
-# The compatibility namespace: every TRL loss_type, named `trl.<loss_type>`, with TRL 1.16's semantics.
-TRL_SPECS = {t: _trl_spec(t, TRL_PREFIX + t) for t in TRL_LOSS_TYPES}
+# The compatibility namespace: every TRL loss_type, named `trl.<loss_type>`, with TRL 1.16's semantics
+# (every DPOConfig loss field accepted, `_trl_entry`).
+TRL_SPECS = {t: _trl_spec(t, TRL_PREFIX + t, _trl_entry(t)) for t in TRL_LOSS_TYPES}
 
 # The canonical registry's entries from this module: the loss types only TRL has, and the methods
 # built on TRL's modifiers.
@@ -769,10 +888,6 @@ apo_zero = trl_apo_zero
 apo_down = trl_apo_down
 discopop = trl_discopop
 sft = trl_sft
-
-
-def _accepted(fn) -> set:
-  return {n for n, p in inspect.signature(fn).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def trl_dpo_loss(
@@ -818,28 +933,7 @@ def trl_dpo_loss(
     raise ValueError(
       f"trl_dpo_loss: invalid loss_weights={loss_weights!r}; allowed: one weight per loss_type ({len(types)})."
     )
-  _common.check_choice("trl_dpo_loss", "f_divergence_type", f_divergence_type, F_DIVERGENCES)
-  if f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSS_TYPES:
-    raise ValueError(
-      f"trl_dpo_loss: invalid f_divergence_type={f_divergence_type!r} for loss_type={types}; "
-      f"allowed: 'reverse_kl', or only loss types in {sorted(F_DIVERGENCE_LOSS_TYPES)}."
-    )
-  if use_weighting and {"aot", "aot_unpaired"} & set(types):
-    raise ValueError(
-      f"trl_dpo_loss: invalid use_weighting=True with loss_type={types}; allowed: use_weighting=False "
-      "with 'aot'/'aot_unpaired' (they sort the batch, which would misalign per-pair weights)."
-    )
-  if use_weighting and "sft" in types:
-    raise ValueError(
-      f"trl_dpo_loss: invalid use_weighting=True with loss_type={types}; allowed: use_weighting=False "
-      "with 'sft' (TRL 1.16 fails on this combination: it multiplies the weights in place into the "
-      "broadcast scalar SFT loss)."
-    )
-  if "exo_pair" in types and _common._is_static(label_smoothing) and float(label_smoothing) == 0.0:
-    raise ValueError(
-      "trl_dpo_loss: invalid label_smoothing=0.0 for 'exo_pair'; allowed: a value in (0, 1) "
-      "(the EXO paper recommends 1e-3)."
-    )
+  check_trl_combination("trl_dpo_loss", types, f_divergence_type, use_weighting, label_smoothing)
   available = dict(
     beta=beta,
     f_divergence_type=f_divergence_type,
@@ -877,7 +971,10 @@ __all__ = [
   "sft",
   "f_divergence_link",
   "wpo_sequence_weights",
+  "ld_weighted_sums",
+  "DPO_CONFIG_LOSS_FIELDS",
   "trl_dpo_loss",
+  "check_trl_combination",
   "ld_dpo",
   "wpo",
   "f_dpo",

@@ -8,8 +8,13 @@
 
 Every name is a `DPOConfig.loss_type` of TRL 1.16, with TRL's hyperparameter names, defaults and
 modifiers (`f_divergence_type`, `ld_alpha`, `use_weighting`, `label_smoothing`, `discopop_tau`), as
-`DPOTrainer._compute_loss` computes it. `CANONICAL_NAME[loss_type]` is the canonical pofx name of
-the same formula; the table in the `pofx.losses` docstring says where the two differ. Where a loss
+`DPOTrainer._compute_loss` computes it. As TRL's `DPOConfig` does, every name takes every DPOConfig
+loss field (`DPO_CONFIG_LOSS_FIELDS`: `beta` included, e.g. `batch_loss("sft", policy, beta=0.1)`):
+the fields a loss type does not use are ignored, and the combinations TRL refuses raise ValueError
+(a non-default `f_divergence_type` outside `F_DIVERGENCE_LOSS_TYPES`, `use_weighting` with aot,
+aot_unpaired or sft, `label_smoothing=0` with exo_pair). With `ld_alpha`, a reference given as sums
+only is taken as already LD-weighted, as TRL takes its precomputed reference.
+`CANONICAL_NAME[loss_type]` is the canonical pofx name of the same formula; the table in the `pofx.losses` docstring says where the two differ. Where a loss
 is named by a string that may be either kind (the training program's `train.loss`,
 `pofx.losses.spec`), a TRL name is written `trl.<loss_type>`, e.g. `"trl.sigmoid"`.
 `trl.<loss_type>` (the attribute) is always `trl.get("<loss_type>")`.
@@ -24,11 +29,13 @@ from pofx.losses import _common, _registry
 from pofx.losses._registry import LossSpec
 from pofx.losses._trl import (
   CANONICAL_NAME,
+  DPO_CONFIG_LOSS_FIELDS,
   F_DIVERGENCE_LOSS_TYPES,
   F_DIVERGENCES,
   TRL_LOSS_TYPES,
   TRL_PREFIX,
   TRL_SPECS,
+  check_trl_combination,
   trl_dpo_loss,
 )
 
@@ -77,6 +84,21 @@ def canonical(loss_type: str) -> str:
   return CANONICAL_NAME[spec(loss_type).name[len(PREFIX) :]]
 
 
+def check_fields(loss_type: str, **fields: Any) -> None:
+  """ValueError for DPOConfig loss fields that TRL refuses with `loss_type`, without computing a loss.
+
+  The combinations `trl.<loss_type>` itself refuses (a non-default `f_divergence_type` outside
+  `F_DIVERGENCE_LOSS_TYPES`, `use_weighting` with aot, aot_unpaired or sft, `label_smoothing=0` with
+  exo_pair) and unknown field names; a program calls it when it validates its config.
+  """
+  s = spec(loss_type)
+  _registry.check_kwargs(s, fields)
+  values = {**s.hyperparameters, **fields}
+  check_trl_combination(
+    s.name, [s.name[len(PREFIX) :]], values["f_divergence_type"], values["use_weighting"], values["label_smoothing"]
+  )
+
+
 def batch_loss(loss_type: str, policy, reference=None, **kwargs: Any):
   """TRL's batch value of one loss_type: the mean over pairs, TRL's chosen-token mean for "sft".
 
@@ -90,6 +112,7 @@ __all__ = [
   "PREFIX",
   "REGISTRY",
   "CANONICAL_NAME",
+  "DPO_CONFIG_LOSS_FIELDS",
   "TRL_LOSS_TYPES",
   "F_DIVERGENCES",
   "F_DIVERGENCE_LOSS_TYPES",
@@ -97,6 +120,7 @@ __all__ = [
   "spec",
   "get",
   "canonical",
+  "check_fields",
   "batch_loss",
   "trl_dpo_loss",
   "sigmoid",

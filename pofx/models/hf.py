@@ -124,7 +124,7 @@ _DEFAULTS: Dict[str, Dict[str, Any]] = {
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 _HF_ACTIVATION = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}
 # Fields of a LlamaConfig that say how pofx computes, not what the model is (not in config.json).
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "init_std", "remat", "remat_policy")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "init_std", "remat", "remat_policy", "dropout")
 
 
 def _err(key: str, value, allowed: str) -> ValueError:

@@ -11,6 +11,11 @@ token embedding -> N x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> RMSNorm
   `num_kv_heads` key/value heads.
 - SwiGLU MLP (Shazeer 2020, arXiv:2002.05202): `down(silu(gate(x)) * up(x))`; no biases anywhere.
 - Optional tied embeddings (LM head = embedding matrix transposed).
+- Optional residual dropout (`LlamaConfig.dropout`, 0 by default; Vaswani et al. 2017,
+  arXiv:1706.03762, Sec. 5.4 "Residual Dropout"): on the token embeddings and on each sub-layer's
+  output (attention after its output projection, MLP) before it is added to the residual stream,
+  kept entries scaled by 1 / (1 - rate). It acts only when `apply_fn` is given a `dropout_key`
+  (training); without one, or with rate 0, the model is exactly the deterministic one.
 
 Family switches (`LlamaConfig` fields whose defaults are Llama's; docs/models.md) make the same
 decoder Mistral (sliding-window attention), Qwen2/2.5 (q/k/v biases), Qwen3 (QK-norm), Gemma 2
@@ -104,6 +109,8 @@ class LlamaConfig:
     init_std: standard deviation of the normal initialiser of every matrix (HF: 0.02).
     remat: wrap every block in `jax.checkpoint` to trade compute for memory.
     remat_policy: a name of `jax.checkpoint_policies` used when `remat` (see `_REMAT_POLICIES`).
+    dropout: residual dropout rate in [0, 1) (see the module docstring); used only by an
+      `apply_fn` call that passes a `dropout_key`.
 
   Family switches (docs/models.md; the defaults are Llama's and leave it bit for bit unchanged):
     qkv_bias: biases on the q, k and v projections (Qwen2, arXiv:2407.10671, section 2.1).
@@ -149,6 +156,7 @@ class LlamaConfig:
   init_std: float = 0.02
   remat: bool = False
   remat_policy: str = "nothing_saveable"
+  dropout: float = 0.0
   qkv_bias: bool = False
   qk_norm: bool = False
   norm_offset: float = 0.0
@@ -165,6 +173,8 @@ class LlamaConfig:
   max_position_embeddings: Optional[int] = None
 
   def __post_init__(self):
+    if not 0.0 <= float(self.dropout) < 1.0:
+      raise ValueError(f"LlamaConfig.dropout must be in [0, 1), got {self.dropout!r}.")
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "mlp_size"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
@@ -566,10 +576,19 @@ def _projection(h: Array, p: Params, dtype, kernels: Kernels) -> Array:
   return out + p["bias"].astype(dtype) if "bias" in p else out
 
 
+def _dropout(x: Array, key: Optional[Array], rate: float) -> Array:
+  """Inverted dropout: each entry kept with probability 1 - rate and scaled by 1 / (1 - rate)."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
 def _block(
   x: Array,
   p: Params,
   index: Optional[Array] = None,
+  dropout_key: Optional[Array] = None,
   *,
   attend: Callable,
   shape: Tuple[int, int],
@@ -583,6 +602,7 @@ def _block(
   `attend(q [B, L, K, G, hd], k [B, L, K, hd], v [B, L, K, hd]) -> (out [B, L, K, G, hd], extra)`
   is the only part that differs between training (dense or block-sparse) and cached decoding.
   With `index` (`[N]` flat positions), everything after the attention runs on those rows only.
+  With `dropout_key`, the two sub-layer outputs get residual dropout at `config.dropout`.
   Returns `(x [B * L or N, D], extra)`.
   """
   cfg = config
@@ -601,14 +621,15 @@ def _block(
   out = out.reshape(B * L, K * G * hd)
   if index is not None:  # only these positions' outputs are used: the rest is per-token work
     x, out = x[index], out[index]
+  k_attn, k_mlp = (None, None) if dropout_key is None else jax.random.split(dropout_key)
   out = kernels.dense(out, a["o_proj"]["kernel"], dtype)
   if cfg.sandwich_norms:
     out = _norm(out, p["attn_out_norm"], cfg)
-  x = x + out
+  x = x + _dropout(out, k_attn, cfg.dropout)
   out = _mlp(p["mlp"], _norm(x, p["post_attn_norm"], cfg), config=cfg, kernels=kernels)
   if cfg.sandwich_norms:
     out = _norm(out, p["mlp_out_norm"], cfg)
-  return x + out, extra
+  return x + _dropout(out, k_mlp, cfg.dropout), extra
 
 
 def _embed(params: Params, tokens: Array, config: LlamaConfig) -> Array:
@@ -656,6 +677,8 @@ def apply_fn(
   kernels: Kernels = kernels_lib.XLA,
   attention_blocks: Optional[sparse_attention.AttentionBlocks] = None,
   output_index: Optional[Array] = None,
+  dropout_key: Optional[Array] = None,
+  embedding_offset: Optional[Array] = None,
 ) -> Array:
   """Final hidden states `[B, L, D]` (in `config.dtype`) for `tokens [B, L]` int.
 
@@ -676,6 +699,9 @@ def apply_fn(
       `[N, D]` hidden states at those positions only: the last block's output projection, MLP
       and the final norm run at those positions only (every position's keys and values are
       still computed).
+    dropout_key: a PRNG key: residual dropout at `config.dropout` (training); None: none.
+    embedding_offset: optional `[B, L, D]` added to the token embeddings (input-embedding
+      perturbations, `pofx.perturbations.InputPerturbation`); None: the embeddings as they are.
   """
   _check_inputs(tokens, positions, segment_ids, branch_ids)
   cfg = config
@@ -703,11 +729,17 @@ def apply_fn(
     if cfg.remat:
       block = jax.checkpoint(block, prevent_cse=True, policy=_REMAT_POLICIES[cfg.remat_policy])
     blocks[kind] = block
+  dtype = cfg.compute_dtype
   x = _embed(params, tokens, cfg)
+  if embedding_offset is not None:
+    x = x + jnp.asarray(embedding_offset).reshape(x.shape).astype(dtype)
+  drop = dropout_key is not None and cfg.dropout > 0.0
+  keys = jax.random.split(dropout_key, cfg.num_layers + 1) if drop else [None] * (cfg.num_layers + 1)
+  x = _dropout(x, keys[-1], cfg.dropout)
   for i, kind in enumerate(cfg.resolved_layer_types):
     last = i == cfg.num_layers - 1
-    index = [jnp.asarray(output_index)] if last and output_index is not None else []
-    x, _ = blocks[kind](x, params[f"layers_{i}"], *index)
+    index = jnp.asarray(output_index) if last and output_index is not None else None
+    x, _ = blocks[kind](x, params[f"layers_{i}"], index, keys[i])
   x = _norm(x, params["norm"], cfg)
   return x if output_index is not None else x.reshape(B, L, -1)
 
@@ -836,7 +868,8 @@ class LlamaModel:
   """The model with its config and kernels bound (like optax's transforms): pure functions only.
 
   `init(rng) -> params`; `apply(params, tokens, positions, segment_ids, branch_ids=None, *,
-  attention_blocks=None, output_index=None) -> hidden [B, L, D]`; `head(params) -> [D, V]`;
+  attention_blocks=None, output_index=None, dropout_key=None, embedding_offset=None) -> hidden
+  [B, L, D]`; `head(params) -> [D, V]`;
   `logits(params, tokens, positions, segment_ids, branch_ids=None) -> [B, L, V]`;
   `init_cache(batch_size, max_length) -> KVCache`; `decode(params, tokens, positions, valid,
   cache) -> (logits [B, L, V], cache)`. Frozen and hashable by (config, kernels), so a model (and
@@ -859,6 +892,8 @@ class LlamaModel:
     *,
     attention_blocks=None,
     output_index=None,
+    dropout_key=None,
+    embedding_offset=None,
   ) -> Array:
     return apply_fn(
       params,
@@ -870,6 +905,8 @@ class LlamaModel:
       kernels=self.kernels,
       attention_blocks=attention_blocks,
       output_index=output_index,
+      dropout_key=dropout_key,
+      embedding_offset=embedding_offset,
     )
 
   def head(self, params: Params) -> Array:

@@ -94,10 +94,30 @@ def test_odpo_matches_numpy(ratio):
   np.testing.assert_allclose(got, _softplus(-z), rtol=1e-6, atol=1e-5)
 
 
-def test_odpo_invalid_scores_stay_finite():
-  pol, ref = _example()
-  out = mg.odpo(pol, ref, chosen_scores=_a(0.2), rejected_scores=_a(0.9))
-  assert np.all(np.isfinite(out))
+@pytest.mark.parametrize(
+  "name,hyper,s_w,s_l",
+  [
+    ("odpo", {}, [0.9, 0.2, 0.5], [0.1, 0.9, 0.5]),  # a flipped pair (BT label against the scores), a tie
+    ("odpo", {"ratio": True}, [0.9, -0.2, 0.5], [0.1, -0.9, 0.7]),  # negative scores, s_w < s_l
+    ("mappo", {}, [0.9, -1.3, 0.4], [0.1, -2.0, 0.8]),  # raw rewards outside [0, 1], a negative gap
+  ],
+)
+def test_scores_outside_the_domain_are_refused_not_clamped(name, hyper, s_w, s_l):
+  # Pair 0 is inside the domain; pairs 1 and 2 are not. Before the fix ODPO clamped the gap (the
+  # pair's loss ~0: silently dropped) and MaPPO flipped the sign of its rejected term.
+  pol, ref, _ = _batch(12, b=3)
+  fn = getattr(mg, name)
+  sw, sl = jnp.asarray(s_w, jnp.float32), jnp.asarray(s_l, jnp.float32)
+  with pytest.raises(ValueError, match=rf"{name}: 2 of 3 pairs have scores outside its domain \(pair 1: .*allowed: "):
+    fn(pol, ref, chosen_scores=sw, rejected_scores=sl, **hyper)
+  with pytest.raises(ValueError, match="allowed: "):
+    pofx.losses.check_scores(name, np.asarray(s_w), np.asarray(s_l), **hyper)
+  pofx.losses.check_scores(name, np.asarray(s_w[:1]), np.asarray(s_l[:1]), **hyper)  # pair 0 is fine
+  # Under jit the values cannot be inspected: the pairs outside are NaN, the pair inside is the formula.
+  out = jax.jit(lambda a, b: fn(pol, ref, chosen_scores=a, rejected_scores=b, **hyper))(sw, sl)
+  assert np.isnan(out[1]) and np.isnan(out[2])
+  first = jax.tree.map(lambda x: x[:1], (pol, ref))
+  np.testing.assert_allclose(out[0], fn(*first, chosen_scores=sw[:1], rejected_scores=sl[:1], **hyper)[0], rtol=1e-6)
 
 
 def test_dpo_shift_matches_numpy():

@@ -165,6 +165,31 @@ def test_una_against_numpy_with_dummy_answers():
   np.testing.assert_allclose(total, expected["score_mse"].sum(), rtol=1e-5)
 
 
+def test_una_raw_rewards_are_refused_not_read_as_dummy_answers():
+  # A negative (unnormalised) reward used to drop its term as if it marked a dummy answer. Only the
+  # authors' marker -1 does; any other score outside [0, 1] is outside UNA's domain.
+  policy, reference, x = random_pairs(8)
+  s_w = np.full(10, 0.7, np.float32)
+  s_l = np.full(10, 0.2, np.float32)
+  s_w[3], s_l[5], s_l[6] = -0.4, 1.7, -1.0  # two raw rewards, one dummy marker
+  sw, sl = jnp.asarray(s_w), jnp.asarray(s_l)
+  for variant in _pointwise.UNA_VARIANTS:
+    with pytest.raises(
+      ValueError, match=r"una: 2 of 10 pairs have scores outside its domain \(pair 3: .*-1 for a dummy"
+    ):
+      _pointwise.una(policy, reference, variant=variant, chosen_scores=sw, rejected_scores=sl)
+    out = np.asarray(
+      jax.jit(lambda a, b: _pointwise.una(policy, reference, variant=variant, chosen_scores=a, rejected_scores=b))(
+        sw, sl
+      )
+    )
+    assert np.isnan(out[[3, 5]]).all() and np.isfinite(np.delete(out, [3, 5])).all()
+    q_w = sigmoid(0.03 * (x[0] - x[2]))
+    # Pair 6: the dummy rejected answer's term is dropped, the chosen one's kept.
+    kept = {"score_mse": (q_w[6] - 0.7) ** 2, "binary_mse": (q_w[6] - 1) ** 2, "binary_bce": -np.log(q_w[6])}[variant]
+    np.testing.assert_allclose(out[6], kept, rtol=1e-5)
+
+
 def test_una_reference_free_and_identities():
   policy, reference, x = random_pairs(7)
   out = _pointwise.una(policy, None, beta=0.01, variant="binary_bce")

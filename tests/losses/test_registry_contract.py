@@ -17,12 +17,13 @@ from jax.test_util import check_grads
 import pofx
 from tests.losses import registry_inputs as ri
 
-# The canonical names, and the TRL loss_types whose function is not the canonical one (the others
-# are the same function object, already walked under their canonical name).
+# The canonical names, and the TRL loss_types whose formula is not the canonical function (the
+# others take TRL's every-field entry around the same function object, already walked under the
+# canonical name).
 NAMES = pofx.losses.names() + [
   f"trl.{t}"
   for t in pofx.losses.trl.names()
-  if pofx.losses.trl.get(t) is not pofx.losses.get(pofx.losses.trl.canonical(t))
+  if pofx.losses.trl.get(t).__wrapped__ is not pofx.losses.get(pofx.losses.trl.canonical(t))
 ]
 KEY = jax.random.key(0)
 
@@ -86,6 +87,14 @@ def test_unknown_hyperparameter_lists_allowed():
   policy, reference, _ = ri.build(pofx.losses.spec("dpo"), KEY)
   with pytest.raises(ValueError, match=r"unknown argument\(s\) \['betta'\]; allowed: \['beta'\]"):
     pofx.losses.batch_loss("dpo", policy, reference, betta=0.1)
+
+
+def test_check_values_traces_every_loss_with_its_example_values():
+  # configs/validate.py checks a config's loss_hyper this way before any compute.
+  for name in NAMES:
+    pofx.losses.check_values(name, dict(pofx.losses.spec(name).example_hyper))
+  with pytest.raises(ValueError, match=r"dpo_shift: invalid lam=2.0; allowed: \[0.0, 1.0\]"):
+    pofx.losses.check_values("dpo_shift", {"lam": 2.0})
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -249,6 +258,10 @@ REQUIRED = {
   "asft",
   "kto",
   "dpo_nll_delta_l",
+  "mipo",
+  "ilr_dpo",
+  "flex_dpo",
+  "madpo",
 }
 REQUIRED_TRL = {
   "sigmoid",
@@ -272,3 +285,17 @@ REQUIRED_TRL = {
 def test_required_names_are_registered():
   assert REQUIRED <= set(pofx.losses.names()), sorted(REQUIRED - set(pofx.losses.names()))
   assert REQUIRED_TRL == set(pofx.losses.trl.names())
+
+
+def test_every_loss_that_reads_scores_declares_its_score_domain():
+  # A program checks its data against the domain before training (the world's raw gold rewards
+  # are refused for all of them); the registry's example scores lie inside it.
+  readers = [n for n in pofx.losses.names() if "scores" in pofx.losses.spec(n).requires]
+  assert sorted(readers) == ["mappo", "odpo", "una"]
+  for name in readers:
+    spec = pofx.losses.spec(name)
+    assert spec.score_domain is not None and spec.score_domain.text
+    _, _, kwargs = ri.build(spec, KEY)
+    pofx.losses.check_scores(name, np.asarray(kwargs["chosen_scores"]), np.asarray(kwargs["rejected_scores"]))
+  with pytest.raises(ValueError, match="needs score_domain"):
+    pofx.losses.LossSpec("x", pofx.losses.dpo, "test", "none", requires=frozenset({"scores"}))

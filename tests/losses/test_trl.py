@@ -464,8 +464,9 @@ BAD = [
   ("discopop", {"discopop_tau": 0.0}, "discopop_tau"),
   ("trl.sigmoid", {"beta": 0.0}, "beta"),
   ("sppo_hard", {"beta": -1.0}, "beta"),
-  ("trl.nca_pair", {"f_divergence_type": "js_divergence"}, "unknown argument"),  # TRL refuses f-div here
-  ("aot", {"use_weighting": True}, "unknown argument"),  # TRL refuses WPO with aot
+  ("trl.nca_pair", {"f_divergence_type": "js_divergence"}, "invalid f_divergence_type"),  # TRL refuses f-div here
+  ("trl.aot", {"use_weighting": True}, "invalid use_weighting"),  # TRL refuses WPO with aot
+  ("aot", {"use_weighting": True}, "unknown argument"),  # the canonical aot takes its own fields only
   ("dpo", {"ld_alpha": 0.5}, "unknown argument"),  # modifiers: ld_dpo, wpo, f_dpo
 ]
 
@@ -503,10 +504,17 @@ def test_missing_inputs_raise():
   )
   with pytest.raises(ValueError, match="per-token"):
     pofx.losses.get("ld_dpo")(sums_only, REFERENCE, ld_alpha=0.5)
-  with pytest.raises(ValueError, match="per-token"):  # the reference needs tokens too for LD
-    pofx.losses.get("ld_dpo")(
-      POLICY, pofx.PairLogps(chosen=REFERENCE.chosen, rejected=REFERENCE.rejected), ld_alpha=0.5
-    )
+  # A sums-only reference is taken as already LD-weighted (TRL's precomputed reference; its values
+  # against TRL: test_trl_parity.py::test_ld_alpha_with_a_precomputed_sums_only_reference).
+  ld_sums = pofx.losses.ld_weighted_sums(REFERENCE, 0.5)
+  _same(
+    pofx.losses.get("ld_dpo")(POLICY, ld_sums, ld_alpha=0.5), pofx.losses.get("ld_dpo")(POLICY, REFERENCE, ld_alpha=0.5)
+  )
+  plain_sums = pofx.PairLogps(chosen=REFERENCE.chosen, rejected=REFERENCE.rejected)
+  assert not np.allclose(  # plain sums are not LD-weighted ones: the caller must give the right ones
+    pofx.losses.get("ld_dpo")(POLICY, plain_sums, ld_alpha=0.5),
+    pofx.losses.get("ld_dpo")(POLICY, REFERENCE, ld_alpha=0.5),
+  )
   with pytest.raises(ValueError, match="log_sum_sq_probs"):
     pofx.losses.get("wpo")(POLICY.replace(chosen_log_sum_sq_probs=None, rejected_log_sum_sq_probs=None), REFERENCE)
   with pytest.raises(ValueError, match="reference"):

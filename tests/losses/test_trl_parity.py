@@ -14,6 +14,7 @@ pofx gets per-token log-probs of the same completion tokens from the same logits
 
 import collections
 import contextlib
+import dataclasses
 import warnings
 
 import numpy as np
@@ -125,8 +126,8 @@ POLICY = _pofx_pairs(EXAMPLES, POLICY_LOGITS)
 REFERENCE = _pofx_pairs(EXAMPLES, REF_LOGITS)
 
 
-def trl_value(loss_type, ref_path="precomputed", **config):
-  """TRL 1.16's `_compute_loss` on the shared batch, the trainer set up as `DPOTrainer.__init__` does."""
+def _trl_trainer(loss_type, ref_path="precomputed", **config):
+  """A TRL 1.16 DPOTrainer on the shared batch, set up as `DPOTrainer.__init__` does, and its inputs."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     args = DPOConfig(
@@ -160,8 +161,21 @@ def trl_value(loss_type, ref_path="precomputed", **config):
   if ref_path == "precomputed":
     ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.ref_model, inputs)
     inputs.update(ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+  return trainer, inputs
+
+
+def trl_value(loss_type, ref_path="precomputed", **config):
+  """TRL 1.16's `_compute_loss` on the shared batch, the trainer set up as `DPOTrainer.__init__` does."""
+  trainer, inputs = _trl_trainer(loss_type, ref_path, **config)
   loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
   return float(loss.detach())
+
+
+def trl_precomputed_reference(**config):
+  """TRL's precomputed reference (`precompute_ref_log_probs`): the sums it stores, as a sums-only PairLogps."""
+  _, inputs = _trl_trainer("sigmoid", "precomputed", **config)
+  f = lambda t: np.asarray(t.detach().numpy(), np.float32)
+  return pofx.PairLogps(chosen=f(inputs["ref_chosen_logps"]), rejected=f(inputs["ref_rejected_logps"]))
 
 
 def _types(loss_type):
@@ -328,8 +342,69 @@ def test_sft_with_weighting_fails_in_trl_and_is_refused():
 
 @pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired"])
 def test_aot_with_weighting_refused_by_both(loss_type):
-  """TRL's __init__ refuses WPO weighting for the sorting losses; so does pofx."""
+  """TRL's __init__ refuses WPO weighting for the sorting losses; so does pofx, under both names."""
   with pytest.raises(ValueError, match="use_weighting"):
     _trl.trl_dpo_loss(POLICY, REFERENCE, loss_type=loss_type, use_weighting=True)
-  with pytest.raises(ValueError, match="unknown argument"):
+  with pytest.raises(ValueError, match="invalid use_weighting=True"):
     pofx.losses.trl.batch_loss(loss_type, POLICY, REFERENCE, use_weighting=True)
+
+
+def _every_field(loss_type):
+  """Every DPOConfig loss field at a non-default value that TRL 1.16 accepts for `loss_type`."""
+  return dict(
+    beta=0.3,
+    f_divergence_type="alpha_divergence" if loss_type in _trl.F_DIVERGENCE_LOSS_TYPES else "reverse_kl",
+    f_alpha_divergence_coef=0.3,
+    ld_alpha=0.4,
+    label_smoothing=0.1,
+    use_weighting=loss_type not in ("aot", "aot_unpaired", "sft"),
+    discopop_tau=0.2,
+  )
+
+
+@pytest.mark.parametrize("loss_type", _trl.TRL_LOSS_TYPES)
+def test_every_loss_type_takes_every_dpo_config_field(loss_type):
+  # As TRL's DPOConfig: beta with "sft", label_smoothing with "sigmoid", ... are accepted, and the
+  # value is TRL's own on the same inputs (fields a loss type does not use change nothing).
+  assert set(pofx.losses.trl.spec(loss_type).hyperparameters) == set(pofx.losses.trl.DPO_CONFIG_LOSS_FIELDS)
+  fields = _every_field(loss_type)
+  expected = trl_value(loss_type, **fields)
+  reference = None if loss_type == "sft" else REFERENCE
+  np.testing.assert_allclose(float(pofx.losses.trl.batch_loss(loss_type, POLICY, reference, **fields)), expected, **TOL)
+  np.testing.assert_allclose(
+    float(pofx.losses.batch_loss(f"trl.{loss_type}", POLICY, reference, **fields)), expected, **TOL
+  )
+  per_pair = pofx.losses.trl.get(loss_type)(POLICY, reference, **fields)
+  assert per_pair.shape == (B,)
+  with pytest.raises(ValueError, match="unknown argument"):
+    pofx.losses.trl.batch_loss(loss_type, POLICY, reference, rpo_alpha=1.0)
+
+
+@pytest.mark.parametrize("ld_alpha", [0.0, 0.5])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "apo_zero", "aot", "nca_pair"])
+def test_ld_alpha_with_a_precomputed_sums_only_reference(loss_type, ld_alpha):
+  # TRL's precomputed reference holds sums only, LD-weighted when they were computed; pofx takes a
+  # sums-only reference the same way, and ld_weighted_sums reproduces TRL's stored sums.
+  sums = trl_precomputed_reference(ld_alpha=ld_alpha)
+  mine = pofx.losses.ld_weighted_sums(REFERENCE, ld_alpha)
+  assert not mine.has_tokens
+  np.testing.assert_allclose(mine.chosen, sums.chosen, **TOL)
+  np.testing.assert_allclose(mine.rejected, sums.rejected, **TOL)
+  expected = trl_value(loss_type, "precomputed", ld_alpha=ld_alpha)
+  np.testing.assert_allclose(
+    float(pofx.losses.trl.batch_loss(loss_type, POLICY, sums, ld_alpha=ld_alpha)), expected, **TOL
+  )
+  np.testing.assert_allclose(
+    float(_trl.trl_dpo_loss(POLICY, sums, loss_type=loss_type, ld_alpha=ld_alpha)), expected, **TOL
+  )
+  if loss_type == "sigmoid":  # the canonical LD-DPO too
+    np.testing.assert_allclose(
+      float(pofx.losses.batch_loss("ld_dpo", POLICY, sums, ld_alpha=ld_alpha)), expected, **TOL
+    )
+
+
+def test_the_dpo_config_loss_fields_are_trls_with_its_defaults():
+  defaults = {f.name: f.default for f in dataclasses.fields(DPOConfig)}
+  for name, default in pofx.losses.trl.DPO_CONFIG_LOSS_FIELDS.items():
+    assert defaults[name] == default, name
+  assert "loss_type" in defaults and "loss_weights" in defaults  # the two that select and combine (trl_dpo_loss)
