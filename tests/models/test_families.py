@@ -1,8 +1,9 @@
-"""Model families beyond Llama (Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3, Llama with linear RoPE):
+"""Model families beyond Llama (Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3; Llama's export is in
+tests/test_export_hf.py, its parity in tests/models/test_llama.py):
 logits parity with Hugging Face transformers (PyTorch, a reference implementation) on random small
 configs read from a `save_pretrained` folder; export back to a folder transformers loads with the
-same logits; the sliding window and soft-capping in every attention layout (dense, causal query
-blocks, block-sparse, prompt-shared rows, the KV-cache decode) and in the backends; refusals.
+same logits; the sliding window and soft-capping in every attention layout (dense,
+block-sparse, prompt-shared rows, the KV-cache decode) and in the backends; refusals.
 
 Tolerances: pofx and PyTorch both compute in float32; the logits (of size about 1 to 10 here)
 differ by summation order and by the RoPE tables (pofx's inverse frequencies in float64, PyTorch's
@@ -77,13 +78,7 @@ FAMILIES = {
                           "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}),
     dict(qk_norm=True, sandwich_norms=True, norm_offset=1.0, rope_theta=500.0, rope_linear_factor=2.0,
          rope_local_theta=50.0, attn_logit_softcap=None, final_logit_softcap=None),
-    [dict(rope_local_theta=None), dict(rope_linear_factor=None), dict(qk_norm=False)],
-  ),
-  "llama_linear_rope": (
-    "LlamaConfig",
-    dict(num_hidden_layers=2, rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 100.0}),
-    dict(rope_linear_factor=4.0, rope_scaling=None),
-    [dict(rope_linear_factor=None)],
+    [dict(rope_local_theta=None), dict(rope_linear_factor=None)],  # QK-norm: see qwen3
   ),
 }  # fmt: skip
 
