@@ -30,7 +30,7 @@ PARITY_REQUIRES = ["torch==2.13.0", "trl==1.16.0"]
 # the fastest float32 matmul on one of the benchmark CPUs. Optional; without it numpy's OpenBLAS is
 # used. PyPI has it for x86-64 Linux (and Windows, where pofx_backends.cpu does not look for it).
 MKL_REQUIRES = ["mkl>=2024; platform_machine == 'x86_64' and sys_platform == 'linux'"]
-TEST_REQUIRES = ["pytest>=8", "pytest-xdist>=3", "ruff==0.17.6"] + PARITY_REQUIRES + MKL_REQUIRES
+TEST_REQUIRES = ["pytest>=8", "pytest-xdist>=3", "ruff==0.17.6", "peft>=0.21"] + PARITY_REQUIRES + MKL_REQUIRES
 
 setup(
   name="pofx",
