@@ -408,7 +408,7 @@ def activation_estimate(
 
 
 def _reference_runs_forward(kind: str) -> bool:
-  return kind in ("frozen", "guiding", "synced", "ema")
+  return kind in ("frozen", "guiding", "synced", "ema", "adapters_off")
 
 
 def analytic_flops(

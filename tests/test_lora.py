@@ -222,3 +222,37 @@ def test_peft_round_trip(tmp_path):
   merged = lora.merge(params, got_adapters, got_spec)
   w = peft_model.merge_and_unload().model.layers[1].mlp.up_proj.weight.detach().numpy()
   np.testing.assert_allclose(np.asarray(merged["layers_1"]["mlp"]["up_proj"]["kernel"]).T, w, atol=1e-6)
+
+
+def test_program_trains_lora_with_adapters_off_reference(seed_dir, tmp_path):
+  """`python -m experiments.main` at :tiny with LoRA and reference adapters_off, from the session's
+  SFT base: the final params and the checkpoints hold the adapters only, the PEFT directory loads
+  back to them, and the trained adapters moved B away from 0."""
+  from configs import validate
+  from experiments import lora_io
+  from tests.program import _config, _final_params, _main, _seed_from
+
+  work = tmp_path / "lora"
+  _seed_from(seed_dir, work, names=("sft_params", "data"))
+  flags = ["--config.train.lora.enabled=True", "--config.train.reference.kind=adapters_off"]
+  flags += ["--config.train.lora.rank=2", "--config.train.lora.targets=q_proj,v_proj,down_proj"]
+  out = _main(["--config=configs/dpo.py:tiny", f"--workdir={work}", "--noprogress", *flags])
+  assert out.returncode == 0, out.stderr[-3000:]
+  final = _final_params(work)
+  assert set(final) == {"layers_0", "layers_1"} and set(final["layers_0"]["attn"]) == {"q_proj", "v_proj"}
+  adapters, spec = lora_io.load_adapters(str(work / "adapters"), 2)
+  assert (spec.rank, spec.targets) == (2, ("down_proj", "q_proj", "v_proj"))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), adapters, final)
+  assert np.max(np.abs(final["layers_1"]["mlp"]["down_proj"]["b"])) > 0
+  summary = json.load(open(work / "summary.json"))
+  assert np.isfinite(summary["kl_to_base"]) and summary["kl_to_base"] > 0
+  c = _config("dpo", "tiny")
+  c.train.reference.kind = "adapters_off"
+  with pytest.raises(ValueError, match="train.lora.enabled=True"):
+    validate.validate(c)
+  c.train.lora.enabled, c.train.reference.kind = True, "frozen"
+  with pytest.raises(ValueError, match="second copy"):
+    validate.validate(c)
+  c.train.reference.kind, c.train.lora.targets = "adapters_off", "q_proj,qkv"
+  with pytest.raises(ValueError, match="lora.targets"):
+    validate.validate(c)
