@@ -16,6 +16,7 @@ from pofx import batching, lora, models, perturbations, policy, references, trai
 CONFIG = models.preset("tiny")
 MODEL = models.make(CONFIG)
 LOGPS_FN = policy.make_logps_fn(MODEL.apply, MODEL.head, chunk_size=64)
+LOGITS = jax.jit(MODEL.logits)
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -56,7 +57,7 @@ def test_zero_b_equals_base_exactly(base):
     float(jnp.max(jnp.abs(m["b"]))) == 0.0 for g in adapters.values() for ms in g.values() for m in ms.values()
   )
   x = _tokens()
-  np.testing.assert_array_equal(MODEL.logits(lora.apply(base, adapters, spec), *x), MODEL.logits(base, *x))
+  np.testing.assert_array_equal(LOGITS(lora.apply(base, adapters, spec), *x), LOGITS(base, *x))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -72,13 +73,13 @@ def test_forward_is_base_plus_scaled_BA_by_hand(base, dtype):
         w_hf = np.asarray(base[layer][group][t]["kernel"], np.float64).T
         B, A = ab["b"].astype(np.float64).T, ab["a"].astype(np.float64).T
         by_hand[layer][group][t]["kernel"] = (w_hf + (5.0 / 3) * B @ A).T.astype(np.float32)
-  model = models.make(CONFIG.replace(dtype=dtype))
+  logits = jax.jit(models.make(CONFIG.replace(dtype=dtype)).logits)
   x = _tokens(1)
-  got = model.logits(lora.apply(base, jax.tree.map(jnp.asarray, adapters), spec), *x)
-  want = model.logits(jax.tree.map(jnp.asarray, by_hand), *x)
+  got = logits(lora.apply(base, jax.tree.map(jnp.asarray, adapters), spec), *x)
+  want = logits(jax.tree.map(jnp.asarray, by_hand), *x)
   tol = 1e-5 if dtype == "float32" else 0.0
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol)
-  assert float(jnp.max(jnp.abs(got - model.logits(base, *x)))) > 1e-3  # the adapters matter
+  assert float(jnp.max(jnp.abs(got - logits(base, *x)))) > 1e-3  # the adapters matter
 
 
 def test_merge_then_unmerge_restores_base(base):
@@ -109,14 +110,15 @@ def _lora_logps(spec):
 
 
 def test_step_trains_adapters_only_and_adapters_off_is_the_base(base):
-  """Three DPO steps with SAM over the adapters: the base in the state is bit-identical, Adam's
-  moments exist for the adapters only, and adapters_off's reference log-probs are the base model's."""
+  """Three DPO steps: the base in the state is bit-identical, Adam's moments exist for the adapters
+  only, and adapters_off's reference log-probs are the base model's. (SAM over the adapters: the
+  LoRA runs of tests/parallel_check.py.)"""
   spec = lora.LoraSpec(rank=4, alpha=8.0, targets=ALL)
   adapters = lora.init(base, spec, jax.random.key(1))
   batch = _pairs()
   opt = optax.adam(1e-2)
   ref = references.adapters_off(LOGPS_FN)
-  pert = perturbations.sam(0.05)
+  pert = perturbations.none()
   with pytest.raises(ValueError, match="combine"):
     train.make_train_step(LOGPS_FN, opt, reference=ref)
   state = train.init_state(adapters, opt, ref, pert, frozen=base)
@@ -129,26 +131,31 @@ def test_step_trains_adapters_only_and_adapters_off_is_the_base(base):
   moments = {x.shape for x in jax.tree.leaves(state.opt_state) if np.ndim(x) >= 1}
   assert moments == {x.shape for x in jax.tree.leaves(adapters)}, moments
   assert float(jnp.max(jnp.abs(state.params["layers_0"]["attn"]["q_proj"]["b"]))) > 0  # b left zero
-  got = ref.logps((state.frozen, state.ref_state), batch)
-  want = LOGPS_FN(base, batch)
+  got = jax.jit(ref.logps)((state.frozen, state.ref_state), batch)
+  want = jax.jit(LOGPS_FN)(base, batch)
   np.testing.assert_array_equal(got.chosen, want.chosen)
   np.testing.assert_array_equal(got.rejected, want.rejected)
-  policy_now = LOGPS_FN(combine(state.frozen, state.params), batch)
+  policy_now = jax.jit(LOGPS_FN)(combine(state.frozen, state.params), batch)
   assert float(jnp.max(jnp.abs(policy_now.chosen - want.chosen))) > 1e-4
 
 
 def test_ema_over_adapters_reads_the_shared_base(base):
+  """over_frozen(ema): the reference state is a copy of the adapters, updated as
+  decay * ref + (1 - decay) * policy, and its log-probs are those of base + the EMA adapters."""
   spec = lora.LoraSpec(rank=2, alpha=2.0, targets=("q_proj",))
-  adapters = jax.tree.map(jnp.asarray, _random_adapters(spec, 4))
-  ref = references.over_frozen(references.ema(0.5, _lora_logps(spec)))
-  opt = optax.sgd(0.0)  # the policy stays put: ema of a constant is that constant
-  state = train.init_state(adapters, opt, ref, perturbations.none(), frozen=base)
-  step = train.make_train_step(LOGPS_FN, opt, reference=ref, combine=lambda f, a: lora.apply(f, a, spec))
+  old = jax.tree.map(jnp.asarray, _random_adapters(spec, 4))
+  new = jax.tree.map(jnp.asarray, _random_adapters(spec, 5))
+  ref = references.over_frozen(references.ema(0.75, _lora_logps(spec)))
+  assert ref.reads_frozen and ref.updates
+  ref_state = ref.update(ref.init(old), new, 1)
+  mixed = jax.tree.map(lambda o, n: 0.75 * np.asarray(o) + 0.25 * np.asarray(n), old, new)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ref_state, mixed)
   batch = _pairs(1)
-  state, m = step(state, batch, jax.random.key(0))
-  assert abs(float(m["rewards/margins"])) < 1e-6  # policy == reference
-  got = ref.logps((state.frozen, state.ref_state), batch)
-  np.testing.assert_allclose(got.chosen, LOGPS_FN(lora.apply(base, adapters, spec), batch).chosen, atol=1e-5)
+  got = jax.jit(ref.logps)((base, ref_state), batch)
+  want = jax.jit(LOGPS_FN)(lora.apply(base, jax.tree.map(jnp.asarray, mixed), spec), batch)
+  np.testing.assert_allclose(got.chosen, want.chosen, atol=1e-5)
+  with pytest.raises(ValueError, match="over the adapters"):
+    references.over_frozen(references.adapters_off(LOGPS_FN))
 
 
 def test_spec_refuses_bad_values():
