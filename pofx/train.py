@@ -120,8 +120,10 @@ def init_state(
   frozen=(),
 ) -> TrainState:
   """The first `TrainState`. `params` are the trained parameters (with LoRA, the adapters:
-  `pofx.lora.init`); `frozen` the parameters held fixed (LoRA's base), which get no optimizer
-  state, no perturbation and no reference copy. Both are copied (the step donates its state)."""
+  `pofx.lora.init`), copied (the step donates its state); `frozen` the parameters held fixed
+  (LoRA's base), which get no optimizer state, no perturbation and no reference copy. `frozen`
+  is held as given, not copied: the jitted step of `make_train_step(combine=...)` does not donate
+  it, so the caller's arrays stay valid and only one copy of the base exists."""
   spec = _spec(loss)
   loss_state = ()
   if spec.init_state is not None:
@@ -139,7 +141,7 @@ def init_state(
     loss_state=loss_state,
     step=jnp.zeros((), jnp.int32),
     rng=jax.random.key(0) if rng is None else rng,
-    frozen=jax.tree.map(jnp.copy, frozen),
+    frozen=frozen,
   )
 
 
@@ -420,4 +422,19 @@ def make_train_step(
 
   if not jit:
     return step
-  return jax.jit(step, donate_argnums=(0,) if donate else ())
+  if combine is None or not donate:
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+  # With a frozen part (LoRA's base) the state is donated without it: the base is an input the
+  # step only reads, so it keeps its buffers (the caller's, shared by the state) from step to step.
+  def without_frozen(rest, frozen, batch, rng):
+    new, metrics = step(rest.replace(frozen=frozen), batch, rng)
+    return new.replace(frozen=()), metrics
+
+  jitted = jax.jit(without_frozen, donate_argnums=(0,))
+
+  def run(state: TrainState, batch, rng):
+    new, metrics = jitted(state.replace(frozen=()), state.frozen, batch, rng)
+    return new.replace(frozen=state.frozen), metrics
+
+  return run
