@@ -243,7 +243,7 @@ def test_program_trains_lora_with_adapters_off_reference(seed_dir, tmp_path):
   from tests.program import _config, _final_params, _main, _seed_from
 
   work = tmp_path / "lora"
-  _seed_from(seed_dir, work, names=("sft_params", "data"))
+  _seed_from(seed_dir, work)  # the SFT base, the data and the kernel-backend record
   flags = ["--config.train.lora.enabled=True", "--config.train.reference.kind=adapters_off"]
   flags += ["--config.train.lora.rank=2", "--config.train.lora.targets=q_proj,v_proj,down_proj"]
   out = _main(["--config=configs/dpo.py:tiny", f"--workdir={work}", "--noprogress", *flags])
