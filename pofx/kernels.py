@@ -16,28 +16,42 @@ floating-point summation order, differentiable, jittable):
   `jax.lax.dot_general`'s signature and meaning. The model calls it for every projection
   (`x [..., D] . w [D, F]`) and the LM head (`h [N, D] . w [D, V]`, and in the head's custom
   backward `G [N, V] . w^T` and `h^T . G`).
-- `attention(q, k, v, mask, *, scale, rope=None)`: masked softmax attention.
+- `attention(q, k, v, mask, *, scale, rope=None[, softcap])`: masked softmax attention.
   `q [B, Lq, K, G, hd]` (K key/value heads, G query heads per key/value head), `k, v [B, Lk, K,
   hd]`; returns `[B, Lq, K, G, hd]` in q's dtype (scores and softmax in float32). The result is
-  `softmax(scale * rot(q) rot(k)^T + mask) v`, with `rot` the rotary embedding of `rope = (cos,
-  sin)` (each `[B, L, hd/2]`, self-attention only) or the identity when `rope` is None. `mask`
-  is one of the descriptions below (a pytree, so it travels through `jit`).
+  `softmax(cap(scale * rot(q) rot(k)^T) + mask) v`, with `rot` the rotary embedding of `rope =
+  (cos, sin)` (each `[B, L, hd/2]`, self-attention only) or the identity when `rope` is None, and
+  `cap(s) = softcap * tanh(s / softcap)` (Gemma 2's attention logit soft-capping) or the identity.
+  The model passes `softcap=` only when its config sets one, so an attention function written for
+  Llama-family models need not accept it. `mask` is one of the descriptions below (a pytree, so it
+  travels through `jit`); a replacement must honour its `window` (sliding-window attention) or
+  hand the call to `xla_attention`.
 - `conv_general_dilated(lhs, rhs, window_strides, padding, ...)`: `jax.lax.conv_general_dilated`'s
   signature and meaning (for convolutional models such as diffusion U-Nets).
 
 Mask descriptions:
 
-- `SegmentMask(segment_ids, branch_ids=None, blocks=None)`: self-attention over the rows of a
-  `pofx.batching` layout (fused, prompt-shared or packed). Query i sees key j iff
+- `SegmentMask(segment_ids, branch_ids=None, blocks=None, positions=None, window=None)`:
+  self-attention over the rows of a `pofx.batching` layout (fused, prompt-shared or packed).
+  Query i sees key j iff
 
       segment_ids[i] == segment_ids[j]  and  j <= i  and  (branch_ids[j] == 0 or branch_ids[j] == branch_ids[i])
+      [and  positions[i] - positions[j] < window]
 
   `segment_ids` 0 marks padding (padding only sees padding: finite outputs that callers mask
   out). `blocks` (optional, host-built by `pofx.sparse_attention.attention_blocks`) lists the
   (query block, key block) pairs that hold an allowed entry: an implementation may compute only
-  those; every real query's output is the same.
-- `CacheMask(kv_valid, start)`: decoding with a key/value cache of S slots. The Lq queries occupy
-  slots `start ... start + Lq - 1`; query i sees the slots j <= start + i with `kv_valid[:, j]`.
+  those; every real query's output is the same. `window` (a static int, with the `[B, L]`
+  `positions`) is sliding-window attention (Mistral, arXiv:2310.06825, section 2; Gemma 2's local
+  layers): a query sees the `window` most recent positions, itself included. The distance is
+  measured in positions, not columns, so that a prompt-shared or packed row gives every
+  completion the same keys as its fused row (where columns and positions coincide, this is
+  Hugging Face's `kv_idx > q_idx - sliding_window`).
+- `CacheMask(kv_valid, start, window=None)`: decoding with a key/value cache of S slots. The Lq
+  queries occupy slots `start ... start + Lq - 1`; query i sees the slots j <= start + i with
+  `kv_valid[:, j]` (and `start + i - j < window` when a window is set: slots, which equal
+  positions for left-padded rows whose real tokens fill consecutive slots, as
+  `pofx.sampling` writes them).
 """
 
 from __future__ import annotations
@@ -66,10 +80,17 @@ class SegmentMask:
   segment_ids: Any
   branch_ids: Any = None
   blocks: Optional[sparse_attention.AttentionBlocks] = None
+  positions: Any = None
+  window: Optional[int] = None
+
+  def __post_init__(self):
+    _check_window(self.window)
+    if self.window is not None and self.positions is None:
+      raise ValueError("SegmentMask: a sliding window needs the [B, L] positions (positions=...).")
 
   def dense(self) -> Array:
     """The boolean `[B, L, L]` mask (query, key)."""
-    return attention_mask(self.segment_ids, self.branch_ids)
+    return attention_mask(self.segment_ids, self.branch_ids, self.positions, self.window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,20 +103,36 @@ class CacheMask:
 
   kv_valid: Any
   start: Any
+  window: Optional[int] = None
+
+  def __post_init__(self):
+    _check_window(self.window)
 
   def dense(self, num_queries: int) -> Array:
     """The boolean `[B, Lq, S]` mask (query, slot)."""
     S = self.kv_valid.shape[1]
     slot = self.start + jnp.arange(num_queries)
-    return self.kv_valid[:, None, :] & (jnp.arange(S)[None, None, :] <= slot[None, :, None])
+    key = jnp.arange(S)[None, None, :]
+    mask = self.kv_valid[:, None, :] & (key <= slot[None, :, None])
+    if self.window is not None:
+      mask &= key > slot[None, :, None] - self.window
+    return mask
 
 
-jax.tree_util.register_dataclass(SegmentMask, data_fields=["segment_ids", "branch_ids", "blocks"], meta_fields=[])
-jax.tree_util.register_dataclass(CacheMask, data_fields=["kv_valid", "start"], meta_fields=[])
+def _check_window(window) -> None:
+  if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+    raise ValueError(f"attention mask: window must be None or an integer >= 1, got {window!r}.")
 
 
-def attention_mask(segment_ids, branch_ids=None) -> Array:
-  """Boolean `[B, L, L]` mask (query i, key j): same segment, causal, compatible branch."""
+jax.tree_util.register_dataclass(
+  SegmentMask, data_fields=["segment_ids", "branch_ids", "blocks", "positions"], meta_fields=["window"]
+)
+jax.tree_util.register_dataclass(CacheMask, data_fields=["kv_valid", "start"], meta_fields=["window"])
+
+
+def attention_mask(segment_ids, branch_ids=None, positions=None, window: Optional[int] = None) -> Array:
+  """Boolean `[B, L, L]` mask (query i, key j): same segment, causal, compatible branch, and with
+  a `window`, `positions[i] - positions[j] < window`."""
   seg = jnp.asarray(segment_ids)
   L = seg.shape[-1]
   mask = seg[:, :, None] == seg[:, None, :]
@@ -103,7 +140,18 @@ def attention_mask(segment_ids, branch_ids=None) -> Array:
   if branch_ids is not None:
     br = jnp.asarray(branch_ids)
     mask &= (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])
+  if window is not None:
+    pos = jnp.asarray(positions)
+    mask &= (pos[:, :, None] - pos[:, None, :]) < window
   return mask
+
+
+def softcap_scores(scores: Array, softcap: Optional[float]) -> Array:
+  """`softcap * tanh(scores / softcap)` (logit soft-capping, Gemma 2, arXiv:2408.00118, section
+  2), or `scores` when `softcap` is None."""
+  if softcap is None:
+    return scores
+  return softcap * jnp.tanh(scores / softcap)
 
 
 def apply_rope(q: Array, k: Array, rope: Optional[Tuple[Array, Array]]) -> Tuple[Array, Array]:
@@ -116,12 +164,15 @@ def apply_rope(q: Array, k: Array, rope: Optional[Tuple[Array, Array]]) -> Tuple
   return q, k
 
 
-def masked_softmax_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: float) -> Array:
+def masked_softmax_attention(
+  q: Array, k: Array, v: Array, mask: Array, *, scale: float, softcap: Optional[float] = None
+) -> Array:
   """Dense attention with a boolean `mask [B, Lq, Lk]`: `q [B, Lq, K, G, hd]`, `k, v [B, Lk, K, hd]`.
 
-  Scores and softmax in float32; masked scores are the float32 minimum (they contribute exactly 0
-  where a query sees at least one key)."""
+  Scores (soft-capped when `softcap` is given) and softmax in float32; masked scores are the
+  float32 minimum (they contribute exactly 0 where a query sees at least one key)."""
   scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+  scores = softcap_scores(scores, softcap)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   return jnp.einsum("bkgqs,bskd->bqkgd", probs, v).astype(q.dtype)
@@ -135,6 +186,7 @@ def xla_attention(
   *,
   scale: float,
   rope: Optional[Tuple[Array, Array]] = None,
+  softcap: Optional[float] = None,
   query_block: int = 128,
 ) -> Array:
   """The attention injection point computed with XLA operations (the default).
@@ -143,23 +195,34 @@ def xla_attention(
   block pairs). `SegmentMask` without: dense masked attention; rows longer than `query_block`
   are attended in causal query blocks, each against the key prefix it can see (about half the
   scores of the full product, the same result; 0 disables it). `CacheMask`: dense over the slots.
+  Every path honours the mask's sliding window and the score soft-capping `softcap`.
   """
   if isinstance(mask, SegmentMask) and mask.blocks is not None:
     return sparse_attention.block_sparse_attention(
-      q, k, v, mask.segment_ids, mask.branch_ids, mask.blocks, rope=rope, q_scale=scale
+      q,
+      k,
+      v,
+      mask.segment_ids,
+      mask.branch_ids,
+      mask.blocks,
+      rope=rope,
+      q_scale=scale,
+      positions=mask.positions,
+      window=mask.window,
+      softcap=softcap,
     )
   q, k = apply_rope(q, k, rope)
   if isinstance(mask, CacheMask):
-    return masked_softmax_attention(q, k, v, mask.dense(q.shape[1]), scale=scale)
+    return masked_softmax_attention(q, k, v, mask.dense(q.shape[1]), scale=scale, softcap=softcap)
   if not isinstance(mask, SegmentMask):
     raise TypeError(f"attention: mask must be a SegmentMask or CacheMask, got {type(mask).__name__}.")
   dense = mask.dense()
   L = q.shape[1]
   if not query_block or L <= query_block:
-    return masked_softmax_attention(q, k, v, dense, scale=scale)
+    return masked_softmax_attention(q, k, v, dense, scale=scale, softcap=softcap)
   # Causal blocks: queries [s, e) only see keys [0, e); masked scores contribute exactly 0 either way.
   outs = [
-    masked_softmax_attention(q[:, s:e], k[:, :e], v[:, :e], dense[:, s:e, :e], scale=scale)
+    masked_softmax_attention(q[:, s:e], k[:, :e], v[:, :e], dense[:, s:e, :e], scale=scale, softcap=softcap)
     for s, e in ((s, min(s + query_block, L)) for s in range(0, L, query_block))
   ]
   return jnp.concatenate(outs, axis=1)

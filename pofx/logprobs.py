@@ -87,6 +87,7 @@ def token_logps(
   compute_dtype=None,
   save_probs: bool = False,
   dot_general: DotGeneral = jax.lax.dot_general,
+  logit_softcap: Optional[float] = None,
 ) -> TokenLogps:
   """Log-probs of `targets` under `softmax(hidden @ head_weight)`, chunked over tokens.
 
@@ -108,6 +109,9 @@ def token_logps(
     dot_general: the head's products (`jax.lax.dot_general`'s signature; a backend's
       `pofx.kernels.Kernels.dot_general`); see the module docstring. Hashable (it is a static
       argument of the save_probs path's custom VJP).
+    logit_softcap: the logits are `c * tanh(z / c)` (Gemma 2's final soft-capping,
+      arXiv:2408.00118, section 2; `pofx.models.LlamaModel.logit_softcap`), or None. With a cap the
+      checkpointed path is taken (`save_probs` is ignored) and autodiff differentiates the cap.
 
   Returns:
     `TokenLogps` of float32 arrays shaped like `targets`.
@@ -131,7 +135,9 @@ def token_logps(
   if pad:
     t = jnp.pad(t, (0, pad))
   t = t.reshape(n_chunks, c)
-  if save_probs and not (with_entropy or with_log_sum_sq_probs):
+  if logit_softcap is not None and not logit_softcap > 0:
+    raise ValueError(f"token_logps: logit_softcap must be None or positive, got {logit_softcap!r}.")
+  if save_probs and not (with_entropy or with_log_sum_sq_probs or logit_softcap is not None):
     # Hidden and head keep their own dtypes here: the custom VJP casts them to `dtype` inside and
     # returns cotangents in their dtypes straight from the float32 accumulators.
     h = hidden.reshape(n, D)
@@ -148,6 +154,8 @@ def token_logps(
   def body(carry, xs):
     hc, tc = xs
     logits = dot_general(hc, w, _LOGITS, preferred_element_type=jnp.float32)  # [c, V] float32
+    if logit_softcap is not None:
+      logits = logit_softcap * jnp.tanh(logits / logit_softcap)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
     out = [target_logit - lse]
@@ -235,6 +243,7 @@ def pair_logps(
   save_probs: bool = False,
   scored=None,
   dot_general: DotGeneral = jax.lax.dot_general,
+  logit_softcap: Optional[float] = None,
 ):
   """`PairLogps` of a preference batch from one forward pass over any `pofx.batching` layout.
 
@@ -248,7 +257,7 @@ def pair_logps(
       batch.positions, batch.segment_ids, batch.branch_ids)`).
     head_weight: `[D, V]`.
     batch: a `pofx.batching.PairBatch` (any layout).
-    chunk_size, compute_dtype, save_probs, dot_general: as in `token_logps` (`save_probs=True` stores the
+    chunk_size, compute_dtype, save_probs, dot_general, logit_softcap: as in `token_logps` (`save_probs=True` stores the
       `[B (Tc + Tr), V]` float32 probabilities of all completion tokens for the backward pass).
     with_log_sum_sq_probs: fill `chosen/rejected_log_sum_sq_probs` (WPO).
     with_entropy: also return the per-token entropies.
@@ -286,6 +295,7 @@ def pair_logps(
     compute_dtype=compute_dtype,
     save_probs=save_probs,
     dot_general=dot_general,
+    logit_softcap=logit_softcap,
   )
   if scored is not None:  # back to the [B * Tc + B * Tr] slots (padding entries land in one extra slot)
     n_slots = B * Tc + B * Tr

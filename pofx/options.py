@@ -66,3 +66,10 @@ UNKNOWN_TOKEN_RATE_RANGE = (0.0, 1.0)
 # `pofx.evaluation.IDEALIZED_BETAS`): its authors' sweep (Chen et al. 2024, arXiv:2405.19534; code
 # `calculate_upper_bound_rlhf.py`, `betas = [0.01, 0.1, 1, 5, 10]`).
 IDEALIZED_BETAS = (0.01, 0.1, 1.0, 5.0, 10.0)
+
+# Model families (`pofx.models`, docs/models.md): the gated MLP's activation, each layer's
+# attention kind (Hugging Face's names), and the Hugging Face `model_type`s that
+# `pofx.models.hf` reads and writes.
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")

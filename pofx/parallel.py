@@ -85,6 +85,7 @@ REPLICATED_RULES: Tuple[Rule, ...] = ((r".*", REPLICATE),)
 # row-parallel o/down, vocab-parallel embedding and head) combined with FSDP.
 LLAMA_RULES: Tuple[Rule, ...] = (
   (r"attn/(q_proj|k_proj|v_proj)/kernel$", P(FSDP_AXIS, TENSOR)),
+  (r"attn/(q_proj|k_proj|v_proj)/bias$", P(TENSOR)),  # Qwen2: split like the columns it adds to
   (r"attn/o_proj/kernel$", P(TENSOR, FSDP_AXIS)),
   (r"mlp/(gate_proj|up_proj)/kernel$", P(FSDP_AXIS, TENSOR)),
   (r"mlp/down_proj/kernel$", P(TENSOR, FSDP_AXIS)),

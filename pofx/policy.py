@@ -10,7 +10,7 @@ own products and attention). Nothing here imports Flax.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from pofx import kernels as kernels_lib
 from pofx import logprobs
@@ -26,6 +26,7 @@ def make_logps_fn(
   compute_dtype=None,
   save_probs: bool = False,
   kernels: kernels_lib.Kernels = kernels_lib.XLA,
+  logit_softcap: Optional[float] = None,
 ) -> Callable[[Any, Any], PairLogps]:
   """Returns `logps_fn(params, batch)`; `batch["pairs"]` is a `PairBatch`.
 
@@ -51,6 +52,8 @@ def make_logps_fn(
       recomputed, when `with_log_sum_sq_probs`).
     kernels: the injection points (`pofx.kernels.Kernels`); the head's products use its
       `dot_general` (`pofx.logprobs.token_logps(dot_general=)`). Pass the model's own.
+    logit_softcap: the soft-cap of the head's logits (`model.logit_softcap`: Gemma 2's final
+      soft-capping; None for the other families). Pass the model's own.
   """
 
   def logps_fn(params, batch) -> PairLogps:
@@ -74,6 +77,7 @@ def make_logps_fn(
       save_probs=save_probs,
       scored=scored,
       dot_general=kernels.dot_general,
+      logit_softcap=logit_softcap,
     )
 
   return logps_fn

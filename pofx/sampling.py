@@ -114,6 +114,12 @@ def head_dot_general(model):
   return jax.lax.dot_general if kernels is None else kernels.dot_general
 
 
+def head_logit_softcap(model):
+  """The soft-cap of the model's LM-head logits (`pofx.models.LlamaModel.logit_softcap`; Gemma 2),
+  or None (a model without one)."""
+  return getattr(model, "logit_softcap", None)
+
+
 def _prompt_positions(prompt_mask):
   m = jnp.asarray(prompt_mask) > 0
   return jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0).astype(jnp.int32), m
@@ -252,7 +258,11 @@ def _score(params, prompt_tokens, prompt_mask, tokens, mask, *, model):
   hidden = model.apply(params, seq, positions, valid.astype(jnp.int32))
   # Column P - 1 + t predicts completion token t; chunked log-softmax fused with the LM head.
   lp = logprobs.token_logps(
-    hidden[:, P - 1 : -1], model.head(params), tokens.astype(jnp.int32), dot_general=head_dot_general(model)
+    hidden[:, P - 1 : -1],
+    model.head(params),
+    tokens.astype(jnp.int32),
+    dot_general=head_dot_general(model),
+    logit_softcap=head_logit_softcap(model),
   ).logps
   return jnp.where(c_valid, lp, 0.0)
 

@@ -165,8 +165,9 @@ def _to_blocks(x, nb, b):
   return jnp.concatenate([xb, jnp.zeros((1,) + xb.shape[1:], xb.dtype)], axis=0)
 
 
-def _bias(segment_ids, branch_ids, query, key, nb, b):
-  """`[T, b, b]` float32 additive mask of each listed block pair (0 allowed, -1e30 masked)."""
+def _bias(segment_ids, branch_ids, query, key, nb, b, positions=None, window=None):
+  """`[T, b, b]` float32 additive mask of each listed block pair (0 allowed, -1e30 masked); with a
+  `window`, also `positions[i] - positions[j] < window` (sliding-window attention)."""
   seg = _to_blocks(segment_ids, nb, b)
   sq, sk = seg[query], seg[key]
   col_q = (query % nb)[:, None] * b + jnp.arange(b)[None]
@@ -176,6 +177,9 @@ def _bias(segment_ids, branch_ids, query, key, nb, b):
     br = _to_blocks(branch_ids, nb, b)
     bq, bk = br[query], br[key]
     allowed &= (bk[:, None, :] == 0) | (bk[:, None, :] == bq[:, :, None])
+  if window is not None:
+    pos = _to_blocks(positions, nb, b)
+    allowed &= (pos[query][:, :, None] - pos[key][:, None, :]) < window
   return jnp.where(allowed, 0.0, _MASKED).astype(jnp.float32)
 
 
@@ -191,25 +195,31 @@ def _segment_sum(x, ids, n, sorted_ids=False):
   return jax.ops.segment_sum(x, ids, num_segments=n, indices_are_sorted=sorted_ids)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, bias, query, key, block_size):
-  return _attention_fwd(q, k, v, bias, query, key, block_size)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _attention(q, k, v, bias, query, key, block_size, softcap=None):
+  return _attention_fwd(q, k, v, bias, query, key, block_size, softcap)[0]
 
 
-def _gathered_scores(q, k, v, bias, query, key, b):
+def _gathered_scores(q, k, v, bias, query, key, b, softcap=None):
   """The listed blocks `(qt [T, K, G, b, hd], kt, vt [T, K, b, hd])` and their masked scores
-  `s_t = Q K^T + bias` (float32 `[T, K, G, b, b]`); also the number of blocks + 1 (`n`)."""
+  `s_t = cap(Q K^T) + bias` (float32 `[T, K, G, b, b]`, `cap(x) = softcap * tanh(x / softcap)` or
+  the identity); also `tanh(Q K^T / softcap)` (None without soft-capping) and the number of
+  blocks + 1 (`n`)."""
   R, L = q.shape[:2]
   nb = L // b
   qb, kb, vb = _head_blocks(q, k, v, nb, b)
   qt, kt, vt = qb[query], kb[key], vb[key]
-  s = jnp.einsum("tkgqd,tksd->tkgqs", qt, kt, preferred_element_type=jnp.float32) + bias[:, None, None]
-  return qt, kt, vt, s, R * nb + 1
+  s = jnp.einsum("tkgqd,tksd->tkgqs", qt, kt, preferred_element_type=jnp.float32)
+  tanh = None
+  if softcap is not None:
+    tanh = jnp.tanh(s / softcap)
+    s = softcap * tanh
+  return qt, kt, vt, s + bias[:, None, None], tanh, R * nb + 1
 
 
-def _attention_fwd(q, k, v, bias, query, key, block_size):
+def _attention_fwd(q, k, v, bias, query, key, block_size, softcap=None):
   R, L, K, G, hd = q.shape
-  qt, kt, vt, s, n = _gathered_scores(q, k, v, bias, query, key, block_size)
+  qt, kt, vt, s, _, n = _gathered_scores(q, k, v, bias, query, key, block_size, softcap)
   m = jax.ops.segment_max(jnp.max(s, axis=-1), query, num_segments=n, indices_are_sorted=True)
   e = jnp.exp(s - m[query][..., None])
   denom = _segment_sum(jnp.sum(e, axis=-1), query, n, True)
@@ -222,19 +232,21 @@ def _attention_fwd(q, k, v, bias, query, key, block_size):
   return out, (q, k, v, bias, m, inv, ob, query, key)
 
 
-def _attention_bwd(block_size, res, d_out):
+def _attention_bwd(block_size, softcap, res, d_out):
   q, k, v, bias, m, inv, ob, query, key = res
   R, L, K, G, hd = q.shape
   b = block_size
   nb = L // b
   # P recomputed from the stored row maxima and normalisers (FlashAttention's backward).
-  qt, kt, vt, s, n = _gathered_scores(q, k, v, bias, query, key, b)
+  qt, kt, vt, s, tanh, n = _gathered_scores(q, k, v, bias, query, key, b, softcap)
   p = jnp.exp(s - m[query][..., None]) * inv[query][..., None]
   dob = _to_blocks(d_out.astype(jnp.float32), nb, b).transpose(0, 2, 3, 1, 4)  # [n, K, G, b, hd]
   rowdot = jnp.sum(dob * ob, axis=-1)  # D = rowsum(dO * O)
   dot_ = dob[query]
   dp = jnp.einsum("tkgqd,tksd->tkgqs", dot_, vt.astype(jnp.float32))
   ds = p * (dp - rowdot[query][..., None])
+  if tanh is not None:  # d cap(x) / dx = 1 - tanh(x / softcap)^2
+    ds = ds * (1.0 - jnp.square(tanh))
   dq = _segment_sum(jnp.einsum("tkgqs,tksd->tkgqd", ds, kt.astype(jnp.float32)), query, n, True)
   # dK^T and dV^T ([.., hd, b]): contracting the query axes of both operands in place avoids
   # materialising transposed [b, G*b] copies of P and dS.
@@ -268,6 +280,9 @@ def block_sparse_attention(
   *,
   rope: Optional[Tuple[Array, Array]] = None,
   q_scale: float = 1.0,
+  positions: Optional[Array] = None,
+  window: Optional[int] = None,
+  softcap: Optional[float] = None,
 ) -> Array:
   """Masked softmax attention computed only on `blocks` (see the module docstring).
 
@@ -281,6 +296,11 @@ def block_sparse_attention(
       is that of `q_scale * rotary(q)` and `rotary(k)` (rotated here first; a backend's kernel
       may apply both as it loads q and k).
     q_scale: factor on the queries (usually `1/sqrt(hd)`).
+    positions, window: sliding-window attention (`pofx.kernels.SegmentMask`): with `window`, a
+      query also needs `positions[i] - positions[j] < window` (`positions` `[R, L]` int). The
+      block list stays the one of `attention_blocks` (a superset: masked entries contribute 0).
+    softcap: scores `s = softcap * tanh(q_scale q . k / softcap)` before the mask (Gemma 2
+      soft-capping; the backward multiplies by `1 - tanh^2`), or None.
 
   Returns:
     `[R, L, K, G, hd]` in q's dtype (scores, softmax and accumulation in float32).
@@ -306,5 +326,16 @@ def block_sparse_attention(
     )
   query = jnp.asarray(blocks.query_block, jnp.int32)
   key = jnp.asarray(blocks.key_block, jnp.int32)
-  bias = _bias(jnp.asarray(segment_ids), None if branch_ids is None else jnp.asarray(branch_ids), query, key, L // b, b)
-  return _attention(q, k, v, bias, query, key, b)
+  if window is not None and positions is None:
+    raise ValueError("block_sparse_attention: a sliding window needs the [R, L] positions.")
+  bias = _bias(
+    jnp.asarray(segment_ids),
+    None if branch_ids is None else jnp.asarray(branch_ids),
+    query,
+    key,
+    L // b,
+    b,
+    None if positions is None else jnp.asarray(positions),
+    window,
+  )
+  return _attention(q, k, v, bias, query, key, b, None if softcap is None else float(softcap))

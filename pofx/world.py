@@ -367,7 +367,13 @@ def sft_loss(model, params, tokens, positions, segment_ids, loss_mask) -> Array:
 
   for rows of `sft_arrays`; `model` gives `apply` and `head` (e.g. `pofx.models.make(config)`)."""
   hidden = model.apply(params, tokens, positions, segment_ids)
-  lp = logprobs.next_token_logps(hidden, model.head(params), tokens, dot_general=sampling.head_dot_general(model)).logps
+  lp = logprobs.next_token_logps(
+    hidden,
+    model.head(params),
+    tokens,
+    dot_general=sampling.head_dot_general(model),
+    logit_softcap=sampling.head_logit_softcap(model),
+  ).logps
   m = loss_mask[:, :-1]
   return -jnp.sum(lp * m) / jnp.maximum(jnp.sum(m), 1.0)
 

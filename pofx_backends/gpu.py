@@ -115,6 +115,7 @@ def dot_product_attention(
   scale: float,
   rope: Optional[Tuple[Array, Array]] = None,
   implementation: Optional[str] = None,
+  softcap: Optional[float] = None,
 ) -> Array:
   """The attention injection point through `jax.nn.dot_product_attention` (module docstring).
 
@@ -124,6 +125,9 @@ def dot_product_attention(
     scale: the score scale (usually `1 / sqrt(hd)`).
     rope: optional `(cos, sin)`, each `[B, L, hd/2]`, applied to q and k first.
     implementation: None (choose, `choose_implementation`), "cudnn" or "xla".
+    softcap: score soft-capping (Gemma 2), which `jax.nn.dot_product_attention` does not compute:
+      with implementation None the call goes to `pofx.kernels.xla_attention`; an explicit
+      implementation refuses it. A mask's sliding window is part of the dense mask either way.
 
   Returns:
     `[B, Lq, K, G, hd]` in q's dtype.
@@ -148,14 +152,20 @@ def dot_product_attention(
   else:
     raise TypeError(f"attention: mask must be a SegmentMask or CacheMask, got {type(mask).__name__}.")
   if implementation is None:
-    if choose_implementation(q, mask) == "cudnn":
+    if softcap is None and choose_implementation(q, mask) == "cudnn":
       try:  # shapes cuDNN refuses while tracing (its checks raise) go to XLA; an explicit "cudnn" raises
         return dot_product_attention(q, k, v, mask, scale=scale, implementation="cudnn")
       except (NotImplementedError, ValueError, RuntimeError):
         pass
     # Where cuDNN does not apply, the core's own XLA attention: it honours a SegmentMask's block
     # list and was the faster XLA path on a GPU (docs/benchmarks.md).
-    return kernels_lib.xla_attention(q, k, v, mask, scale=scale)
+    kw = {} if softcap is None else {"softcap": softcap}  # soft-capping: always this path
+    return kernels_lib.xla_attention(q, k, v, mask, scale=scale, **kw)
+  if softcap is not None:
+    raise ValueError(
+      f"dot_product_attention: implementation={implementation!r} cannot soft-cap the scores (softcap={softcap}); "
+      "use implementation=None (XLA attention for those calls) or the 'xla' kernels."
+    )
 
   if isinstance(mask, kernels_lib.CacheMask):
     out = jax.nn.dot_product_attention(
@@ -169,7 +179,8 @@ def dot_product_attention(
   segment_ids = _pad_rows(segment_ids, extra, -1)
   if branch_ids is not None:
     branch_ids = _pad_rows(jnp.asarray(branch_ids), extra, 0)
-  dense = kernels_lib.attention_mask(segment_ids, branch_ids)[:, None]  # [B, 1, L, L]
+  positions = None if mask.window is None else _pad_rows(jnp.asarray(mask.positions), extra, 0)
+  dense = kernels_lib.attention_mask(segment_ids, branch_ids, positions, mask.window)[:, None]  # [B, 1, L, L]
   out = jax.nn.dot_product_attention(
     _pad_rows(q.reshape(B, Lq, K * G, hd), extra),
     _pad_rows(k, extra),
@@ -188,8 +199,10 @@ class GpuAttention:
 
   implementation: Optional[str] = None
 
-  def __call__(self, q, k, v, mask, *, scale, rope=None):
-    return dot_product_attention(q, k, v, mask, scale=scale, rope=rope, implementation=self.implementation)
+  def __call__(self, q, k, v, mask, *, scale, rope=None, softcap=None):
+    return dot_product_attention(
+      q, k, v, mask, scale=scale, rope=rope, implementation=self.implementation, softcap=softcap
+    )
 
 
 def kernels(implementation: Optional[str] = None) -> kernels_lib.Kernels:

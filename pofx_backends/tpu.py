@@ -33,6 +33,8 @@ padded inside, the padding a segment of its own (-1) that comes after every real
 real query sees it, and the result sliced back. `SegmentMask.blocks` is ignored (splash finds the
 empty tiles itself). A `CacheMask` (decoding: a few queries over the cache) is computed by
 `pofx.kernels.xla_attention`: padding one query to a 128-row splash block would only add work.
+So are a sliding-window mask (`SegmentMask.window`) and score soft-capping (`softcap`, Gemma 2),
+which this module does not give to splash.
 
 Inputs keep their dtype (bfloat16 on TPU as a rule); splash accumulates scores and the softmax
 in float32. `interpret=True` runs the same kernels in the Pallas interpreter, which works on CPU
@@ -146,6 +148,7 @@ def splash_attention(
   *,
   scale: float,
   rope: Optional[Tuple[Array, Array]] = None,
+  softcap: Optional[float] = None,
   interpret: bool = False,
   block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> Array:
@@ -153,7 +156,8 @@ def splash_attention(
 
   Args:
     q: `[B, L, K, G, hd]`; k, v: `[B, L, K, hd]`.
-    mask: a `pofx.kernels.SegmentMask` (a `CacheMask` goes to `pofx.kernels.xla_attention`).
+    mask: a `pofx.kernels.SegmentMask` (a `CacheMask`, a sliding window or a `softcap` go to
+      `pofx.kernels.xla_attention`).
     scale: the score scale (usually `1 / sqrt(hd)`), folded into q.
     rope: optional `(cos, sin)`, each `[B, L, hd/2]`, applied to q and k first.
     interpret: run the Pallas kernels in the interpreter (CPU).
@@ -163,8 +167,8 @@ def splash_attention(
     `[B, L, K, G, hd]` in q's dtype.
   """
   kernels_lib.check_attention_shapes(q, k, v)
-  if isinstance(mask, kernels_lib.CacheMask):
-    return kernels_lib.xla_attention(q, k, v, mask, scale=scale, rope=rope)
+  if isinstance(mask, kernels_lib.CacheMask) or softcap is not None or getattr(mask, "window", None) is not None:
+    return kernels_lib.xla_attention(q, k, v, mask, scale=scale, rope=rope, softcap=softcap)
   if not isinstance(mask, kernels_lib.SegmentMask):
     raise TypeError(f"attention: mask must be a SegmentMask or CacheMask, got {type(mask).__name__}.")
   if splash is None:
@@ -216,8 +220,10 @@ class SplashAttention:
   interpret: bool = False
   block_size: int = DEFAULT_BLOCK_SIZE
 
-  def __call__(self, q, k, v, mask, *, scale, rope=None):
-    return splash_attention(q, k, v, mask, scale=scale, rope=rope, interpret=self.interpret, block_size=self.block_size)
+  def __call__(self, q, k, v, mask, *, scale, rope=None, softcap=None):
+    return splash_attention(
+      q, k, v, mask, scale=scale, rope=rope, softcap=softcap, interpret=self.interpret, block_size=self.block_size
+    )
 
 
 def kernels(interpret: bool = False, block_size: int = DEFAULT_BLOCK_SIZE) -> kernels_lib.Kernels:

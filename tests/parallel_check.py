@@ -179,7 +179,11 @@ def toy_group(results, strategies=("none", "frozen", "cached", "multi", "synced"
   bases = _run_single(toy.logps_fn, params, [(batch, _toy_config(n)) for n in strategies])
   for name, base in zip(strategies, bases):
     kw = _toy_config(name)
-    modes = MODES if name != "awp" else {k: MODES[k] for k in ("jit_2x4", "shard_map_8", "pmap_8")}
+    # Every mode; the two data x fsdp meshes differ only in which axis is longer, so the 4 x 2 one
+    # runs with the frozen reference only (and in the accumulation and Llama groups).
+    modes = {k: v for k, v in MODES.items() if k != "jit_4x2" or name == "frozen"}
+    if name == "awp":
+      modes = {k: MODES[k] for k in ("jit_2x4", "shard_map_8", "pmap_8")}
     for mode_name, (mode, shape) in modes.items():
       out = _run(toy.logps_fn, params, batch, per_device, mode=mode, mesh_shape=shape, **kw)
       results[f"toy/{name}/{mode_name}"] = _compare(base, out, params)

@@ -166,9 +166,9 @@ def test_cpu_kernels_run_equals_the_xla_run(seed_dir, tmp_path):
 
 def test_parallel_modes_of_the_program_equal_the_single_device_run(tiny_run, tmp_path):
   """configs/dpo.py:tiny under mode jit (2 data x 2 fsdp), shard_map and pmap on 4 simulated
-  devices, and with 2 accumulated micro-batches, ends with the single-device parameters; so do
-  the runs with block-sparse attention and compact scored tokens (`*_fast`: single, jit,
-  shard_map, pmap, accumulation), against the dense single-device run."""
+  devices ends with the single-device parameters, dense and with block-sparse attention and
+  compact scored tokens (`*_fast`), with 2 accumulated micro-batches in one dense and one fast
+  run: every run against the one dense single-device run."""
   src, _ = tiny_run
   env = {**os.environ, "PYTHONPATH": ROOT}
   out = subprocess.run(
@@ -182,6 +182,7 @@ def test_parallel_modes_of_the_program_equal_the_single_device_run(tiny_run, tmp
   assert out.returncode == 0, out.stderr[-3000:]
   res = json.loads(out.stdout.strip().splitlines()[-1])
   assert res["devices"] == 4
+  assert len(res["runs"]) == 7, sorted(res["runs"])
   for name, r in res["runs"].items():
     assert r["moved"] > 1e-3, (name, r)  # training changed the parameters
     assert r["max_abs_diff"] < 1e-5, (name, r)  # and every mode agrees with one device

@@ -26,6 +26,7 @@ OPTIONAL_DEPENDENCIES = frozenset(
     "tokenizers",  # pofx.data: local tokenizer.json
     "jinja2",  # pofx.data: chat templates
     "pyarrow",  # pofx.data: Parquet preference files
+    "gguf",  # pofx.models.gguf: GGUF files (the test extra)
   }
 )
 

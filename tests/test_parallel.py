@@ -27,6 +27,7 @@ CHECK = os.path.join(REPO, "tests", "parallel_check.py")
 TOL = 1e-5
 MODES = ["jit_8", "jit_4x2", "jit_2x4", "shard_map_8", "pmap_8"]
 STRATEGIES = ["none", "frozen", "cached", "multi", "synced", "ema", "sam"]
+TALL_MESH_STRATEGIES = ("frozen",)  # tests/parallel_check.py runs jit_4x2 for these only
 
 
 # ------------------------------------------------------------------------------------------------
@@ -77,10 +78,12 @@ def _check_equal(results, name):
   assert r["moved"] > 1e-2, f"{name}: the single-device run hardly moved ({r['moved']}); the check is vacuous"
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize(
+  "strategy,mode", [(s, m) for s in STRATEGIES for m in MODES if m != "jit_4x2" or s in TALL_MESH_STRATEGIES]
+)
 def test_toy_step_equals_single_device(results, strategy, mode):
-  """Params, reference state and metrics after 3 steps (SGD + momentum), every strategy x mode."""
+  """Params, reference state and metrics after 3 steps (SGD + momentum), every strategy in every
+  mode (the 4 data x 2 fsdp mesh with the frozen reference; the others take 2 x 4)."""
   _check_equal(results, f"toy/{strategy}/{mode}")
 
 

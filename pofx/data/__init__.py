@@ -33,7 +33,15 @@ from pofx.data.records import (
   split_implicit_text,
 )
 from pofx.data.tfds_builders import Prepared, data_source, iter_examples, prepare_files, prepare_generated, stats
-from pofx.data.tokenize import TRUNCATION, Limits, TokenizedPair, Tokenizer, render_chat_template, tokenize_example
+from pofx.data.tokenize import (
+  TRUNCATION,
+  ChatTemplate,
+  Limits,
+  TokenizedPair,
+  Tokenizer,
+  render_chat_template,
+  tokenize_example,
+)
 
 __all__ = [
   "BadRecord",
@@ -52,6 +60,7 @@ __all__ = [
   "UnknownTokenRate",
   "TokenizedPair",
   "Tokenizer",
+  "ChatTemplate",
   "data_source",
   "detect_format",
   "iter_examples",

@@ -239,7 +239,11 @@ class PreferenceLoader:
       ds = ds[: self._per_process * self._n]
     ds = ds[self._p :: self._n]
     window = self._batch_size * self._group
-    return ds.batch(window, drop_remainder=False, batch_fn=list).map_with_index(self._make_window)
+    if window == 1:  # grain's batch(1) overflows computing the length of an endless stream
+      windows = ds.map(lambda example: [example])
+    else:
+      windows = ds.batch(window, drop_remainder=False, batch_fn=list)
+    return windows.map_with_index(self._make_window)
 
   def _make_window(self, index: int, examples):
     B = self._batch_size

@@ -5,7 +5,10 @@ wraps the `tokenizers` library; the chat template comes from `tokenizer_config.j
 (`chat_template`, a string or a list of named templates, "default" used) or a `chat_template.jinja`
 beside it, rendered with jinja2 the way Hugging Face does (sandboxed environment, `trim_blocks`,
 `lstrip_blocks`, loop controls, `raise_exception`, `strftime_now`, a non-escaping `tojson`; the
-special tokens `bos_token`, `eos_token`, `pad_token`, `unk_token` as variables).
+special tokens `bos_token`, `eos_token`, `pad_token`, `unk_token` as variables, and `tools` and
+`documents`, None unless given, as transformers defines them). `ChatTemplate.from_file(path)` reads
+a model family's template and special tokens from a `tokenizer_config.json` alone (docs/models.md
+lists the families the tests render: Llama 3, Qwen2.5, Qwen3, Mistral, Gemma 2, Gemma 3).
 
 How a pair becomes token ids (TRL 1.16 `DPOTrainer` semantics):
 
@@ -85,11 +88,85 @@ def _compile_template(template: str):
   return env.from_string(template)
 
 
-def render_chat_template(template: str, messages, *, add_generation_prompt: bool = False, **variables) -> str:
-  """Renders a Hugging Face chat template (jinja2, as `transformers` does)."""
+def render_chat_template(
+  template: str, messages, *, add_generation_prompt: bool = False, tools=None, documents=None, **variables
+) -> str:
+  """Renders a Hugging Face chat template (jinja2, as `transformers` does: `tools` and
+  `documents` are always defined, None when not given, so that a template's `tools is not none`
+  means what it means there)."""
   return _compile_template(template).render(
-    messages=list(messages), add_generation_prompt=add_generation_prompt, **variables
+    messages=list(messages),
+    add_generation_prompt=add_generation_prompt,
+    tools=tools,
+    documents=documents,
+    **variables,
   )
+
+
+def _template_of(value, source: str) -> Optional[str]:
+  """The template of a `chat_template` entry: a string, or a list of `{"name", "template"}` of
+  which "default" is used."""
+  if value is None or isinstance(value, str):
+    return value
+  if isinstance(value, list):
+    named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+    if "default" not in named:
+      raise ValueError(f"{source}: chat_template lists {sorted(map(str, named))} but no 'default' template.")
+    return named["default"]
+  raise ValueError(
+    f"{source}: chat_template must be a string or a list of named templates, got {type(value).__name__}."
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+  """A model family's chat template with the special tokens it writes (from the user's
+  `tokenizer_config.json`): `render(messages, add_generation_prompt=False, **variables)`.
+
+  Attributes:
+    template: the jinja2 source.
+    bos_token, eos_token, pad_token, unk_token: the strings of `tokenizer_config.json` (None when
+      not set), passed to the template as variables.
+  """
+
+  template: str
+  bos_token: Optional[str] = None
+  eos_token: Optional[str] = None
+  pad_token: Optional[str] = None
+  unk_token: Optional[str] = None
+
+  @classmethod
+  def from_config(cls, config: dict, *, source: str = "tokenizer_config.json", template: Optional[str] = None):
+    """From a parsed `tokenizer_config.json` (`template`, e.g. a `chat_template.jinja`'s text,
+    replaces its `chat_template`). ValueError when there is no template."""
+    text = template if template is not None else _template_of(config.get("chat_template"), source)
+    if not text:
+      raise ValueError(f"{source}: no chat_template (nor a chat_template.jinja); conversational records need one.")
+    return cls(
+      text,
+      *(_token_str(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")),
+    )
+
+  @classmethod
+  def from_file(cls, tokenizer_config_json: str, chat_template_file: Optional[str] = None) -> ChatTemplate:
+    """Reads a `tokenizer_config.json` (and optionally a `chat_template.jinja` whose template
+    takes precedence, as in transformers)."""
+    with open(tokenizer_config_json, encoding="utf-8") as f:
+      config = json.load(f)
+    template = None
+    if chat_template_file:
+      with open(chat_template_file, encoding="utf-8") as f:
+        template = f.read()
+    return cls.from_config(config, source=os.fspath(tokenizer_config_json), template=template)
+
+  def render(self, messages, *, add_generation_prompt: bool = False, **variables) -> str:
+    """The conversation `messages` (`[{"role", "content"}]`) as text; `variables` (e.g. Qwen3's
+    `enable_thinking=False`) are passed to the template."""
+    specials = dict(bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token)
+    specials["unk_token"] = self.unk_token
+    return render_chat_template(
+      self.template, messages, add_generation_prompt=add_generation_prompt, **{**specials, **variables}
+    )
 
 
 class Tokenizer:
@@ -116,11 +193,9 @@ class Tokenizer:
     self.eos_token = _token_str(config.get("eos_token"))
     self.pad_token = _token_str(config.get("pad_token"))
     self.unk_token = _token_str(config.get("unk_token"))
-    template = chat_template if chat_template is not None else config.get("chat_template")
-    if isinstance(template, list):  # [{"name": ..., "template": ...}]
-      named = {t["name"]: t["template"] for t in template}
-      template = named.get("default")
-    self.chat_template = template
+    self.chat_template = (
+      chat_template if chat_template is not None else _template_of(config.get("chat_template"), "tokenizer_config.json")
+    )
     self.bos_id = self._id(self.bos_token)
     self.eos_id = self._id(self.eos_token)
     pad = self._id(self.pad_token)
@@ -181,21 +256,15 @@ class Tokenizer:
   def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
     return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-  def apply_chat_template(self, messages, *, add_generation_prompt: bool = False) -> str:
+  def apply_chat_template(self, messages, *, add_generation_prompt: bool = False, **variables) -> str:
+    """`messages` rendered with this tokenizer's chat template (`ChatTemplate.render`)."""
     if self.chat_template is None:
       raise ValueError(
         "this tokenizer has no chat template (tokenizer_config.json 'chat_template' "
         "or chat_template.jinja); conversational records need one."
       )
-    return render_chat_template(
-      self.chat_template,
-      messages,
-      add_generation_prompt=add_generation_prompt,
-      bos_token=self.bos_token,
-      eos_token=self.eos_token,
-      pad_token=self.pad_token,
-      unk_token=self.unk_token,
-    )
+    template = ChatTemplate(self.chat_template, self.bos_token, self.eos_token, self.pad_token, self.unk_token)
+    return template.render(messages, add_generation_prompt=add_generation_prompt, **variables)
 
 
 @dataclasses.dataclass(frozen=True)

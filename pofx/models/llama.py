@@ -17,6 +17,13 @@ token embedding -> N x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> RMSNorm
   kept entries scaled by 1 / (1 - rate). It acts only when `apply_fn` is given a `dropout_key`
   (training); without one, or with rate 0, the model is exactly the deterministic one.
 
+Family switches (`LlamaConfig` fields whose defaults are Llama's; docs/models.md) make the same
+decoder Mistral (sliding-window attention), Qwen2/2.5 (q/k/v biases), Qwen3 (QK-norm), Gemma 2
+(offset RMSNorm, norms on the attention and MLP outputs, GELU-tanh, scaled embeddings, attention
+and final logit soft-capping, alternating sliding and full layers) and Gemma 3 (Gemma 2's, with
+QK-norm and a local RoPE base in the sliding layers). `pofx.models.hf` reads and writes their
+Hugging Face folders.
+
 Attention masking. Token i may attend to token j iff
 
     segment_ids[i] == segment_ids[j]  and  j <= i  (column order)  and
@@ -41,7 +48,8 @@ a `pofx.kernels.CacheMask`. Activations travel as `[tokens, D]` matrices between
 Flax (`flax.linen`) only declares and initialises the parameter tree (a plain nested dict:
 `embed/embedding`, `layers_i/{input_norm,post_attn_norm}/scale`,
 `layers_i/attn/{q,k,v,o}_proj/kernel`, `layers_i/mlp/{gate,up,down}_proj/kernel`, `norm/scale`,
-`lm_head`); the rest of pofx sees the model only through the pure functions `init_params`,
+`lm_head`; with the switches also `layers_i/attn/{q,k,v}_proj/bias`, `layers_i/attn/{q,k}_norm/scale`,
+`layers_i/{attn_out,mlp_out}_norm/scale`); the rest of pofx sees the model only through the pure functions `init_params`,
 `apply_fn`, `lm_head`, `logits_fn`, `init_cache` and `decode`, or the `LlamaModel` record of
 them that `make(config, kernels)` binds.
 """
@@ -59,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pofx import kernels as kernels_lib
-from pofx import sparse_attention
+from pofx import options, sparse_attention
 
 Array = jax.Array
 Params = Any
@@ -71,6 +79,9 @@ _REMAT_POLICIES = {
   "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+MLP_ACTIVATIONS = options.MLP_ACTIVATIONS
+LAYER_TYPES = options.ATTENTION_LAYER_TYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +111,33 @@ class LlamaConfig:
     remat_policy: a name of `jax.checkpoint_policies` used when `remat` (see `_REMAT_POLICIES`).
     dropout: residual dropout rate in [0, 1) (see the module docstring); used only by an
       `apply_fn` call that passes a `dropout_key`.
+
+  Family switches (docs/models.md; the defaults are Llama's and leave it bit for bit unchanged):
+    qkv_bias: biases on the q, k and v projections (Qwen2, arXiv:2407.10671, section 2.1).
+    qk_norm: RMSNorm over each head's `head_dim` of q and k, before RoPE (Qwen3,
+      arXiv:2505.09388, section 2; Gemma 3).
+    norm_offset: every RMSNorm multiplies by `norm_offset + w` (Gemma stores `w` with offset 1;
+      its scales then initialise to 0). 0.0 for Llama.
+    sandwich_norms: an extra RMSNorm on the attention output and on the MLP output before each
+      residual add (Gemma 2, arXiv:2408.00118, section 2).
+    mlp_activation: the gated MLP's activation, "silu" (SwiGLU) or "gelu_tanh" (GeGLU with the
+      tanh approximation of GELU; Gemma).
+    scale_embeddings: multiply the token embeddings by `sqrt(hidden_size)` (Gemma).
+    query_pre_attn_scalar: the score scale is `query_pre_attn_scalar ** -0.5` (Gemma 2/3); None
+      means `head_dim ** -0.5`.
+    attn_logit_softcap: attention scores become `c * tanh(s / c)` before masking (Gemma 2).
+    final_logit_softcap: LM-head logits become `c * tanh(z / c)` (Gemma 2).
+    sliding_window: the window W of sliding-window attention (Mistral, arXiv:2310.06825, section
+      2): in a sliding layer a token sees the W most recent positions, itself included.
+    layer_types: per layer "full_attention" or "sliding_attention" (Hugging Face's names); None
+      means every layer is sliding when `sliding_window` is set, else full.
+    rope_local_theta: RoPE base of the sliding layers (Gemma 3's local layers; unscaled); None
+      means they use the global RoPE.
+    rope_linear_factor: linear position interpolation (positions divided by the factor; Chen et
+      al. 2023, arXiv:2306.15595) of the global RoPE; exclusive with `rope_scaling`.
+    max_position_embeddings: the context length the model was made for (Hugging Face's key of
+      that name; other tools read it as the longest context). Not used by the computation; kept
+      so that a loaded model exports with it (`pofx.models.hf`).
   """
 
   vocab_size: int = 4096
@@ -119,6 +157,20 @@ class LlamaConfig:
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   dropout: float = 0.0
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  norm_offset: float = 0.0
+  sandwich_norms: bool = False
+  mlp_activation: str = "silu"
+  scale_embeddings: bool = False
+  query_pre_attn_scalar: Optional[float] = None
+  attn_logit_softcap: Optional[float] = None
+  final_logit_softcap: Optional[float] = None
+  sliding_window: Optional[int] = None
+  layer_types: Optional[Tuple[str, ...]] = None
+  rope_local_theta: Optional[float] = None
+  rope_linear_factor: Optional[float] = None
+  max_position_embeddings: Optional[int] = None
 
   def __post_init__(self):
     if not 0.0 <= float(self.dropout) < 1.0:
@@ -147,6 +199,47 @@ class LlamaConfig:
           f"original_max_position_embeddings), got {self.rope_scaling!r}."
         )
       object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
+    if self.mlp_activation not in MLP_ACTIVATIONS:
+      raise ValueError(
+        f"LlamaConfig.mlp_activation must be one of {list(MLP_ACTIVATIONS)}, got {self.mlp_activation!r}."
+      )
+    for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap", "rope_local_theta"):
+      v = getattr(self, name)
+      if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+        raise ValueError(f"LlamaConfig.{name} must be None or a positive number, got {v!r}.")
+    if self.rope_linear_factor is not None:
+      if not (isinstance(self.rope_linear_factor, (int, float)) and self.rope_linear_factor > 0):
+        raise ValueError(
+          f"LlamaConfig.rope_linear_factor must be None or a positive number, got {self.rope_linear_factor!r}."
+        )
+      if self.rope_scaling is not None:
+        raise ValueError("LlamaConfig: rope_linear_factor and rope_scaling (Llama 3) cannot both be set.")
+    w = self.sliding_window
+    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+      raise ValueError(f"LlamaConfig.sliding_window must be None or an integer >= 1, got {w!r}.")
+    if self.layer_types is not None:
+      types = tuple(self.layer_types)
+      object.__setattr__(self, "layer_types", types)
+      if len(types) != self.num_layers or any(t not in LAYER_TYPES for t in types):
+        raise ValueError(
+          f"LlamaConfig.layer_types must list one of {list(LAYER_TYPES)} per layer ({self.num_layers}), got {types!r}."
+        )
+      if "sliding_attention" in types and w is None:
+        raise ValueError("LlamaConfig.layer_types has sliding_attention layers but sliding_window is None.")
+
+  @property
+  def resolved_layer_types(self) -> Tuple[str, ...]:
+    """Each layer's attention: "full_attention" or "sliding_attention"."""
+    if self.layer_types is not None:
+      return self.layer_types
+    return (("sliding_attention" if self.sliding_window is not None else "full_attention"),) * self.num_layers
+
+  @property
+  def attention_scale(self) -> float:
+    """The factor on the attention scores: `query_pre_attn_scalar ** -0.5`, else `head_dim ** -0.5`."""
+    if self.query_pre_attn_scalar is not None:
+      return float(self.query_pre_attn_scalar) ** -0.5
+    return kernels_lib.default_scale(self.resolved_head_dim)
 
   @property
   def resolved_head_dim(self) -> int:
@@ -167,7 +260,11 @@ class LlamaConfig:
     """Closed-form parameter count (must equal the size of `init_params(self, rng)`)."""
     d, f, v, hd = self.hidden_size, self.mlp_size, self.vocab_size, self.resolved_head_dim
     attn = d * self.num_heads * hd * 2 + d * self.num_kv_heads * hd * 2  # q, o; k, v
-    block = attn + 3 * d * f + 2 * d  # + SwiGLU + 2 norms
+    if self.qkv_bias:
+      attn += (self.num_heads + 2 * self.num_kv_heads) * hd
+    if self.qk_norm:
+      attn += 2 * hd
+    block = attn + 3 * d * f + (4 if self.sandwich_norms else 2) * d  # + gated MLP + norms
     return v * d * (1 if self.tie_embeddings else 2) + self.num_layers * block + d
 
 
@@ -282,10 +379,17 @@ def preset(name: str, **overrides) -> LlamaConfig:
 # Rotary positions ------------------------------------------------------------------------------
 
 
-def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
-  """RoPE inverse frequencies `[head_dim // 2]` (float64 numpy), with Llama 3 scaling if set."""
+def rope_inv_freq(config: LlamaConfig, layer_type: str = "full_attention") -> np.ndarray:
+  """RoPE inverse frequencies `[head_dim // 2]` (float64 numpy) of a layer type: the global RoPE
+  (`rope_theta`, with Llama 3 scaling or linear interpolation if set), or for "sliding_attention"
+  layers with `rope_local_theta` set, the unscaled RoPE of that base."""
   hd = config.resolved_head_dim
-  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+  exponents = np.arange(0, hd, 2, dtype=np.float64) / hd
+  if layer_type == "sliding_attention" and config.rope_local_theta is not None:
+    return 1.0 / (config.rope_local_theta**exponents)
+  inv_freq = 1.0 / (config.rope_theta**exponents)
+  if config.rope_linear_factor is not None:
+    inv_freq = inv_freq / config.rope_linear_factor
   if config.rope_scaling is not None:
     factor, low, high, old_len = config.rope_scaling
     low_wavelen, high_wavelen = old_len / low, old_len / high
@@ -329,24 +433,34 @@ attention_mask = kernels_lib.attention_mask
 
 
 class _Dense(nn.Module):
-  """Declares `kernel [in_features, features]` as `nn.Dense(use_bias=False)` would (same key, same values)."""
+  """Declares `kernel [in_features, features]` as `nn.Dense(use_bias=False)` would (same key, same
+  values), and with `use_bias` a zero `bias [features]` as `nn.Dense` would."""
 
   features: int
   config: LlamaConfig
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, in_features: int):
     self.param(
       "kernel", nn.initializers.normal(self.config.init_std), (in_features, self.features), self.config.parameter_dtype
     )
+    if self.use_bias:
+      self.param("bias", nn.initializers.zeros, (self.features,), self.config.parameter_dtype)
 
 
 class _Norm(nn.Module):
+  """An RMSNorm scale of `size` (default `hidden_size`): `1 - norm_offset`, so that the effective
+  factor `norm_offset + scale` starts at 1."""
+
   config: LlamaConfig
+  size: Optional[int] = None
 
   @nn.compact
   def __call__(self):
-    self.param("scale", nn.initializers.ones, (self.config.hidden_size,), self.config.parameter_dtype)
+    cfg = self.config
+    one = 1.0 - cfg.norm_offset
+    self.param("scale", nn.initializers.constant(one), (self.size or cfg.hidden_size,), cfg.parameter_dtype)
 
 
 class _Embed(nn.Module):
@@ -370,8 +484,11 @@ class _Block(nn.Module):
     cfg = self.config
     _Norm(cfg, name="input_norm")()
     _Attention(cfg, name="attn")()
-    _Norm(cfg, name="post_attn_norm")()
+    _Norm(cfg, name="post_attn_norm")()  # the norm before the MLP (HF: post_attention_layernorm in Llama)
     _Mlp(cfg, name="mlp")()
+    if cfg.sandwich_norms:  # the norms of the attention and MLP outputs (Gemma 2/3)
+      _Norm(cfg, name="attn_out_norm")()
+      _Norm(cfg, name="mlp_out_norm")()
 
 
 class _Attention(nn.Module):
@@ -381,10 +498,13 @@ class _Attention(nn.Module):
   def __call__(self):
     cfg = self.config
     d, hd = cfg.hidden_size, cfg.resolved_head_dim
-    _Dense(cfg.num_heads * hd, cfg, name="q_proj")(d)
-    _Dense(cfg.num_kv_heads * hd, cfg, name="k_proj")(d)
-    _Dense(cfg.num_kv_heads * hd, cfg, name="v_proj")(d)
+    _Dense(cfg.num_heads * hd, cfg, cfg.qkv_bias, name="q_proj")(d)
+    _Dense(cfg.num_kv_heads * hd, cfg, cfg.qkv_bias, name="k_proj")(d)
+    _Dense(cfg.num_kv_heads * hd, cfg, cfg.qkv_bias, name="v_proj")(d)
     _Dense(d, cfg, name="o_proj")(cfg.num_heads * hd)
+    if cfg.qk_norm:
+      _Norm(cfg, hd, name="q_norm")()
+      _Norm(cfg, hd, name="k_norm")()
 
 
 class _Mlp(nn.Module):
@@ -425,19 +545,35 @@ def init_params(config: LlamaConfig, rng: Array) -> Params:
 # The transformer block ---------------------------------------------------------------------------
 
 
-def _rms_norm(x: Array, scale: Array, eps: float, dtype) -> Array:
-  """`scale * x / sqrt(mean(x^2) + eps)` over the last axis, in float32, returned in `dtype`."""
+def _rms_norm(x: Array, scale: Array, eps: float, dtype, offset: float = 0.0) -> Array:
+  """`(offset + scale) * x / sqrt(mean(x^2) + eps)` over the last axis, in float32, returned in
+  `dtype` (offset 0: Llama's RMSNorm; 1: Gemma's)."""
   x32 = x.astype(jnp.float32)
   x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-  return (scale.astype(jnp.float32) * x32).astype(dtype)
+  factor = scale.astype(jnp.float32)
+  if offset:
+    factor = offset + factor
+  return (factor * x32).astype(dtype)
+
+
+def _norm(x: Array, p: Params, config: LlamaConfig) -> Array:
+  """The RMSNorm of parameters `p` (`{"scale": ...}`) under `config` (eps, offset, compute dtype)."""
+  return _rms_norm(x, p["scale"], config.rms_norm_eps, config.compute_dtype, config.norm_offset)
 
 
 def _mlp(p: Params, h: Array, *, config: LlamaConfig, kernels: Kernels) -> Array:
-  """SwiGLU `down(silu(gate(h)) * up(h))` on `h [N, D]`; gate and up as one product `h [gate | up]`."""
+  """Gated MLP `down(act(gate(h)) * up(h))` on `h [N, D]` (act = SiLU: SwiGLU; GELU-tanh: GeGLU);
+  gate and up as one product `h [gate | up]`."""
   dtype, F = config.compute_dtype, config.mlp_size
   gate_up = kernels.dense(h, jnp.concatenate([p["gate_proj"]["kernel"], p["up_proj"]["kernel"]], axis=1), dtype)
   gate, up = gate_up[:, :F], gate_up[:, F:]
-  return kernels.dense(jax.nn.silu(gate) * up, p["down_proj"]["kernel"], dtype)
+  return kernels.dense(_ACTIVATIONS[config.mlp_activation](gate) * up, p["down_proj"]["kernel"], dtype)
+
+
+def _projection(h: Array, p: Params, dtype, kernels: Kernels) -> Array:
+  """`h . kernel (+ bias)` of a projection's parameters `p`."""
+  out = kernels.dense(h, p["kernel"], dtype)
+  return out + p["bias"].astype(dtype) if "bias" in p else out
 
 
 def _dropout(x: Array, key: Optional[Array], rate: float) -> Array:
@@ -459,7 +595,9 @@ def _block(
   config: LlamaConfig,
   kernels: Kernels,
 ):
-  """One decoder block on `x [B * L, D]`: `x + Attn(RMSNorm(x))`, then `x + SwiGLU(RMSNorm(x))`.
+  """One decoder block on `x [B * L, D]`: `x + Attn(RMSNorm(x))`, then `x + MLP(RMSNorm(x))`
+  (with `sandwich_norms`, each output normed again before its residual add; with `qk_norm`, q and
+  k normed per head before the attention).
 
   `attend(q [B, L, K, G, hd], k [B, L, K, hd], v [B, L, K, hd]) -> (out [B, L, K, G, hd], extra)`
   is the only part that differs between training (dense or block-sparse) and cached decoding.
@@ -473,29 +611,48 @@ def _block(
   K, hd = cfg.num_kv_heads, cfg.resolved_head_dim
   G = cfg.num_heads // K
   a = p["attn"]
-  h = _rms_norm(x, p["input_norm"]["scale"], cfg.rms_norm_eps, dtype)
-  q = kernels.dense(h, a["q_proj"]["kernel"], dtype).reshape(B, L, K, G, hd)
-  k = kernels.dense(h, a["k_proj"]["kernel"], dtype).reshape(B, L, K, hd)
-  v = kernels.dense(h, a["v_proj"]["kernel"], dtype).reshape(B, L, K, hd)
+  h = _norm(x, p["input_norm"], cfg)
+  q = _projection(h, a["q_proj"], dtype, kernels).reshape(B, L, K, G, hd)
+  k = _projection(h, a["k_proj"], dtype, kernels).reshape(B, L, K, hd)
+  v = _projection(h, a["v_proj"], dtype, kernels).reshape(B, L, K, hd)
+  if cfg.qk_norm:
+    q, k = _norm(q, a["q_norm"], cfg), _norm(k, a["k_norm"], cfg)
   out, extra = attend(q, k, v)
   out = out.reshape(B * L, K * G * hd)
   if index is not None:  # only these positions' outputs are used: the rest is per-token work
     x, out = x[index], out[index]
   k_attn, k_mlp = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-  x = x + _dropout(kernels.dense(out, a["o_proj"]["kernel"], dtype), k_attn, cfg.dropout)
-  h = _rms_norm(x, p["post_attn_norm"]["scale"], cfg.rms_norm_eps, dtype)
-  return x + _dropout(_mlp(p["mlp"], h, config=cfg, kernels=kernels), k_mlp, cfg.dropout), extra
+  out = kernels.dense(out, a["o_proj"]["kernel"], dtype)
+  if cfg.sandwich_norms:
+    out = _norm(out, p["attn_out_norm"], cfg)
+  x = x + _dropout(out, k_attn, cfg.dropout)
+  out = _mlp(p["mlp"], _norm(x, p["post_attn_norm"], cfg), config=cfg, kernels=kernels)
+  if cfg.sandwich_norms:
+    out = _norm(out, p["mlp_out_norm"], cfg)
+  return x + _dropout(out, k_mlp, cfg.dropout), extra
 
 
-def _embed(params: Params, tokens: Array, dtype) -> Array:
-  """Token embeddings `[B * L, D]` in `dtype`."""
-  return jnp.take(params["embed"]["embedding"].astype(dtype), jnp.asarray(tokens).reshape(-1), axis=0)
+def _embed(params: Params, tokens: Array, config: LlamaConfig) -> Array:
+  """Token embeddings `[B * L, D]` in the compute dtype (times `sqrt(D)` with `scale_embeddings`)."""
+  dtype = config.compute_dtype
+  x = jnp.take(params["embed"]["embedding"].astype(dtype), jnp.asarray(tokens).reshape(-1), axis=0)
+  if config.scale_embeddings:
+    x = x * jnp.asarray(math.sqrt(config.hidden_size), dtype)
+  return x
 
 
-def _head_logits(x: Array, w: Array, kernels: Kernels) -> Array:
-  """float32 logits `x [..., D] . w [D, V]` (operands in x's dtype, float32 accumulation)."""
+def _head_logits(x: Array, w: Array, kernels: Kernels, softcap: Optional[float] = None) -> Array:
+  """float32 logits `x [..., D] . w [D, V]` (operands in x's dtype, float32 accumulation),
+  soft-capped (`softcap * tanh(z / softcap)`) when `softcap` is given."""
   dims = (((x.ndim - 1,), (0,)), ((), ()))
-  return kernels.dot_general(x, w.astype(x.dtype), dims, preferred_element_type=jnp.float32).astype(jnp.float32)
+  z = kernels.dot_general(x, w.astype(x.dtype), dims, preferred_element_type=jnp.float32).astype(jnp.float32)
+  return kernels_lib.softcap_scores(z, softcap)
+
+
+def _attention_kwargs(config: LlamaConfig) -> dict:
+  """The optional keywords of `kernels.attention` this config needs (soft-capping only when set,
+  so that attention functions written for Llama-family models keep working)."""
+  return {} if config.attn_logit_softcap is None else {"softcap": float(config.attn_logit_softcap)}
 
 
 # Pure-function interface -----------------------------------------------------------------------
@@ -548,31 +705,42 @@ def apply_fn(
   """
   _check_inputs(tokens, positions, segment_ids, branch_ids)
   cfg = config
-  dtype = cfg.compute_dtype
   B, L = np.shape(tokens)
-  rope = rope_tables(positions, rope_inv_freq(cfg))
-  mask = kernels_lib.SegmentMask(segment_ids, branch_ids, attention_blocks)
-  scale = kernels_lib.default_scale(cfg.resolved_head_dim)
+  scale = cfg.attention_scale
+  extra = _attention_kwargs(cfg)
 
-  def attend(q, k, v):
-    return kernels.attention(q, k, v, mask, scale=scale, rope=rope), None
+  def attend_with(rope, mask):
+    def attend(q, k, v):
+      return kernels.attention(q, k, v, mask, scale=scale, rope=rope, **extra), None
 
-  # Activations stay [B * L, D]: with one token axis XLA:CPU computes the weight gradients
-  # without writing transposed copies of the activation gradients (2-D x 2-D dots).
-  block = functools.partial(_block, attend=attend, shape=(B, L), config=cfg, kernels=kernels)
-  if cfg.remat:
-    block = jax.checkpoint(block, prevent_cse=True, policy=_REMAT_POLICIES[cfg.remat_policy])
-  x = _embed(params, tokens, dtype)
+    return attend
+
+  # One attention per layer type: the rotary tables and the mask (with the window) of its layers.
+  blocks = {}
+  for kind in sorted(set(cfg.resolved_layer_types)):
+    window = cfg.sliding_window if kind == "sliding_attention" else None
+    mask = kernels_lib.SegmentMask(
+      segment_ids, branch_ids, attention_blocks, positions if window is not None else None, window
+    )
+    rope = rope_tables(positions, rope_inv_freq(cfg, kind))
+    # Activations stay [B * L, D]: with one token axis XLA:CPU computes the weight gradients
+    # without writing transposed copies of the activation gradients (2-D x 2-D dots).
+    block = functools.partial(_block, attend=attend_with(rope, mask), shape=(B, L), config=cfg, kernels=kernels)
+    if cfg.remat:
+      block = jax.checkpoint(block, prevent_cse=True, policy=_REMAT_POLICIES[cfg.remat_policy])
+    blocks[kind] = block
+  dtype = cfg.compute_dtype
+  x = _embed(params, tokens, cfg)
   if embedding_offset is not None:
     x = x + jnp.asarray(embedding_offset).reshape(x.shape).astype(dtype)
   drop = dropout_key is not None and cfg.dropout > 0.0
   keys = jax.random.split(dropout_key, cfg.num_layers + 1) if drop else [None] * (cfg.num_layers + 1)
   x = _dropout(x, keys[-1], cfg.dropout)
-  for i in range(cfg.num_layers):
+  for i, kind in enumerate(cfg.resolved_layer_types):
     last = i == cfg.num_layers - 1
     index = jnp.asarray(output_index) if last and output_index is not None else None
-    x, _ = block(x, params[f"layers_{i}"], index, keys[i])
-  x = _rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps, dtype)
+    x, _ = blocks[kind](x, params[f"layers_{i}"], index, keys[i])
+  x = _norm(x, params["norm"], cfg)
   return x if output_index is not None else x.reshape(B, L, -1)
 
 
@@ -593,9 +761,10 @@ def logits_fn(
   config: LlamaConfig,
   kernels: Kernels = kernels_lib.XLA,
 ) -> Array:
-  """Full float32 logits `[B, L, V]` (for tests and sampling; training uses `pofx.logprobs`)."""
+  """Full float32 logits `[B, L, V]` (for tests and sampling; training uses `pofx.logprobs`),
+  soft-capped when `config.final_logit_softcap` is set."""
   h = apply_fn(params, tokens, positions, segment_ids, branch_ids, config=config, kernels=kernels)
-  return _head_logits(h, lm_head(params, config), kernels)
+  return _head_logits(h, lm_head(params, config), kernels, config.final_logit_softcap)
 
 
 # Cached decoding (sampling) --------------------------------------------------------------------
@@ -642,7 +811,10 @@ def decode(
   row, so prompts are left-padded). Token i attends to the slots j <= its own that are `valid`:
   the earlier cache entries and the new tokens, causally (`pofx.kernels.CacheMask`). With `L` =
   the prompt length this is the prefill; with `L = 1` one decoding step. The result equals
-  `logits_fn` on the whole sequence with `segment_ids = valid` (a test pins this to 1e-5).
+  `logits_fn` on the whole sequence with `segment_ids = valid` (a test pins this to 1e-5). In
+  sliding-window layers a token sees the slots `j > slot - sliding_window` (`CacheMask.window`):
+  slots, not positions, which agree when each row's real tokens fill consecutive slots (left
+  padding, as `pofx.sampling` writes them). The cache keeps every slot (no ring buffer).
 
   Args:
     params: from `init_params`.
@@ -654,33 +826,37 @@ def decode(
     kernels: the products and the attention (`pofx.kernels.Kernels`; static).
   """
   cfg = config
-  dtype = cfg.compute_dtype
   B, L = np.shape(tokens)
   start = cache.index
   kv_valid = jax.lax.dynamic_update_slice(cache.valid, jnp.asarray(valid, jnp.bool_), (0, start))
-  mask = kernels_lib.CacheMask(kv_valid, start)
-  rope = rope_tables(positions, rope_inv_freq(cfg))
-  scale = kernels_lib.default_scale(cfg.resolved_head_dim)
+  scale = cfg.attention_scale
+  extra = _attention_kwargs(cfg)
+  kinds = sorted(set(cfg.resolved_layer_types))
+  ropes = {kind: rope_tables(positions, rope_inv_freq(cfg, kind)) for kind in kinds}
+  masks = {
+    kind: kernels_lib.CacheMask(kv_valid, start, cfg.sliding_window if kind == "sliding_attention" else None)
+    for kind in kinds
+  }
 
-  def attend_with(layer):
+  def attend_with(layer, kind):
     def attend(q, k, v):
-      q, k = kernels_lib.apply_rope(q, k, rope)  # cached keys are stored rotated
+      q, k = kernels_lib.apply_rope(q, k, ropes[kind])  # cached keys are stored rotated
       k_all = jax.lax.dynamic_update_slice(cache.k[layer], k.astype(cache.k[layer].dtype), (0, start, 0, 0))
       v_all = jax.lax.dynamic_update_slice(cache.v[layer], v.astype(cache.v[layer].dtype), (0, start, 0, 0))
-      return kernels.attention(q, k_all, v_all, mask, scale=scale, rope=None), (k_all, v_all)
+      return kernels.attention(q, k_all, v_all, masks[kind], scale=scale, rope=None, **extra), (k_all, v_all)
 
     return attend
 
-  x = _embed(params, tokens, dtype)
+  x = _embed(params, tokens, cfg)
   new_k, new_v = [], []
-  for i in range(cfg.num_layers):
+  for i, kind in enumerate(cfg.resolved_layer_types):
     x, (k_all, v_all) = _block(
-      x, params[f"layers_{i}"], attend=attend_with(i), shape=(B, L), config=cfg, kernels=kernels
+      x, params[f"layers_{i}"], attend=attend_with(i, kind), shape=(B, L), config=cfg, kernels=kernels
     )
     new_k.append(k_all)
     new_v.append(v_all)
-  x = _rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps, dtype)
-  logits = _head_logits(x, lm_head(params, cfg), kernels).reshape(B, L, -1)
+  x = _norm(x, params["norm"], cfg)
+  logits = _head_logits(x, lm_head(params, cfg), kernels, cfg.final_logit_softcap).reshape(B, L, -1)
   return logits, KVCache(k=tuple(new_k), v=tuple(new_v), valid=kv_valid, index=start + L)
 
 
@@ -736,6 +912,12 @@ class LlamaModel:
   def head(self, params: Params) -> Array:
     return lm_head(params, self.config)
 
+  @property
+  def logit_softcap(self) -> Optional[float]:
+    """The soft-cap of the LM-head logits (`config.final_logit_softcap`; None: none), which
+    log-probs from `head` must apply (`pofx.logprobs.token_logps(logit_softcap=...)`)."""
+    return self.config.final_logit_softcap
+
   def logits(
     self, params: Params, tokens: Array, positions: Array, segment_ids: Array, branch_ids: Optional[Array] = None
   ) -> Array:
@@ -759,40 +941,86 @@ def make(config: LlamaConfig, kernels: Kernels = kernels_lib.XLA) -> LlamaModel:
 # Hugging Face weights --------------------------------------------------------------------------
 
 
+def hf_weight_names(config: LlamaConfig):
+  """`[(hf_name, pofx_path, transpose)]`: every weight of the Hugging Face `*ForCausalLM` state
+  dict of this config (names without the `model.` prefix, except `lm_head.weight`), the path of
+  the pofx parameter it is, and whether it is a linear layer's `[out, in]` matrix (pofx keeps
+  `[in, out]`).
+
+  The pofx `post_attn_norm` is the norm in front of the MLP: Hugging Face's
+  `post_attention_layernorm` in Llama, Mistral and Qwen, `pre_feedforward_layernorm` in Gemma 2/3,
+  whose `post_attention_layernorm` and `post_feedforward_layernorm` normalise the attention and
+  MLP outputs (pofx `attn_out_norm`, `mlp_out_norm`).
+  """
+  names = [("embed_tokens.weight", ("embed", "embedding"), False), ("norm.weight", ("norm", "scale"), False)]
+  for i in range(config.num_layers):
+    h, p = f"layers.{i}.", f"layers_{i}"
+    names.append((h + "input_layernorm.weight", (p, "input_norm", "scale"), False))
+    if config.sandwich_norms:
+      names.append((h + "post_attention_layernorm.weight", (p, "attn_out_norm", "scale"), False))
+      names.append((h + "pre_feedforward_layernorm.weight", (p, "post_attn_norm", "scale"), False))
+      names.append((h + "post_feedforward_layernorm.weight", (p, "mlp_out_norm", "scale"), False))
+    else:
+      names.append((h + "post_attention_layernorm.weight", (p, "post_attn_norm", "scale"), False))
+    for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+      names.append((h + f"self_attn.{n}.weight", (p, "attn", n, "kernel"), True))
+      if config.qkv_bias and n != "o_proj":
+        names.append((h + f"self_attn.{n}.bias", (p, "attn", n, "bias"), False))
+    if config.qk_norm:
+      names.append((h + "self_attn.q_norm.weight", (p, "attn", "q_norm", "scale"), False))
+      names.append((h + "self_attn.k_norm.weight", (p, "attn", "k_norm", "scale"), False))
+    for n in ("gate_proj", "up_proj", "down_proj"):
+      names.append((h + f"mlp.{n}.weight", (p, "mlp", n, "kernel"), True))
+  if not config.tie_embeddings:
+    names.append(("lm_head.weight", ("lm_head",), True))
+  return names
+
+
 def params_from_hf(state_dict: Mapping[str, Any], config: LlamaConfig) -> Params:
-  """Converts a Hugging Face `LlamaForCausalLM` state dict (name -> array-like, e.g. from
-  `safetensors.numpy.load_file` or `{k: v.numpy()}` of a torch state dict) to pofx params.
+  """Converts a Hugging Face `*ForCausalLM` state dict of the families of `pofx.models.hf`
+  (name -> array-like, e.g. from `safetensors.numpy.load_file` or `{k: v.numpy()}` of a torch
+  state dict) to pofx params (`hf_weight_names` lists the correspondence).
 
   HF `nn.Linear` weights are `[out, in]`; pofx kernels are `[in, out]` (transposed here).
   Unknown or missing names raise a ValueError.
   """
   dtype = config.parameter_dtype
-  sd = {k.removeprefix("model."): np.asarray(v, np.float32) for k, v in state_dict.items()}
+  sd = {k.removeprefix("model."): v for k, v in state_dict.items()}
+  params: dict = {}
   used = set()
-
-  def take(name, transpose=False):
+  for name, path, transpose in hf_weight_names(config):
     if name not in sd:
       raise ValueError(f"params_from_hf: missing weight {name!r}.")
     used.add(name)
-    w = sd[name].T if transpose else sd[name]
-    return jnp.asarray(w, dtype)
-
-  params = {"embed": {"embedding": take("embed_tokens.weight")}, "norm": {"scale": take("norm.weight")}}
-  for i in range(config.num_layers):
-    p = f"layers.{i}."
-    params[f"layers_{i}"] = {
-      "input_norm": {"scale": take(p + "input_layernorm.weight")},
-      "post_attn_norm": {"scale": take(p + "post_attention_layernorm.weight")},
-      "attn": {
-        n: {"kernel": take(p + f"self_attn.{n}.weight", True)} for n in ("q_proj", "k_proj", "v_proj", "o_proj")
-      },
-      "mlp": {n: {"kernel": take(p + f"mlp.{n}.weight", True)} for n in ("gate_proj", "up_proj", "down_proj")},
-    }
-  if not config.tie_embeddings:
-    params["lm_head"] = take("lm_head.weight", True)
-  else:
-    sd.pop("lm_head.weight", None)  # tied checkpoints may store a copy
+    w = np.asarray(sd[name], np.float32)
+    node = params
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = jnp.asarray(w.T if transpose else w, dtype)
+  if config.tie_embeddings:
+    used.add("lm_head.weight")  # tied checkpoints may store a copy
   extra = sorted(set(sd) - used - {k for k in sd if k.endswith("rotary_emb.inv_freq")})
   if extra:
     raise ValueError(f"params_from_hf: unexpected weights {extra[:5]}{'...' if len(extra) > 5 else ''}.")
   return params
+
+
+def params_to_hf(params: Params, config: LlamaConfig, dtype=np.float32) -> dict:
+  """pofx params -> the Hugging Face `*ForCausalLM` state dict (name -> numpy array in `dtype`,
+  linear weights `[out, in]`); the inverse of `params_from_hf`. A tied model has no
+  `lm_head.weight` (transformers ties it on load). Missing or unexpected parameters raise a
+  ValueError."""
+  flat = {}
+  for name, path, transpose in hf_weight_names(config):
+    node = params
+    try:
+      for key in path:
+        node = node[key]
+    except (KeyError, TypeError):
+      raise ValueError(f"params_to_hf: missing parameter {'/'.join(path)!r} for this config.") from None
+    w = np.asarray(jax.device_get(node), np.float32)
+    flat[name if name == "lm_head.weight" else "model." + name] = np.ascontiguousarray(w.T if transpose else w, dtype)
+  expected = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
+  if expected != sum(w.size for w in flat.values()):
+    raise ValueError("params_to_hf: the params hold parameters this config does not have.")
+  return flat

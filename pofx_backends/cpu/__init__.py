@@ -14,8 +14,8 @@ r"""The CPU backend: pofx's injection points computed by hand-written kernels on
 - `attention` computes block-sparse self-attention with the fused AVX-512 kernels
   (`pofx_backends.cpu.native.block_sparse_attention`) when the mask is a
   `pofx.kernels.SegmentMask` with `blocks` of 64-token blocks, the head dimension is 16, 32, 64
-  or 128 and q, k, v are float32; anything else (dense masks, `CacheMask`, other shapes or
-  dtypes) goes to `pofx.kernels.xla_attention`. `attention=False` always uses the latter.
+  or 128 and q, k, v are float32; anything else (dense masks, `CacheMask`, sliding windows,
+  score soft-capping, other shapes or dtypes) goes to `pofx.kernels.xla_attention`. `attention=False` always uses the latter.
 
 Both give the XLA path's values up to float32 summation order. The kernels are compiled with the
 system C++ compiler on first use (`pofx_backends.cpu.native`); `unavailable_reason()` says,
@@ -85,11 +85,14 @@ class BlasDotGeneral:
     return out if lhs.ndim == 2 else out.reshape(*lead, out.shape[-1])
 
 
-def native_attention_supports(q, k, v, mask) -> bool:
-  """Whether the fused kernels compute this call (else `pofx.kernels.xla_attention` does)."""
+def native_attention_supports(q, k, v, mask, softcap=None) -> bool:
+  """Whether the fused kernels compute this call (else `pofx.kernels.xla_attention` does): not for
+  a sliding window (`mask.window`) or score soft-capping, which they do not compute."""
   return (
     isinstance(mask, kernels_lib.SegmentMask)
     and mask.blocks is not None
+    and mask.window is None
+    and softcap is None
     and mask.blocks.block_size == native.BLOCK_SIZE
     and q.shape[-1] in native.HEAD_DIMS
     and q.shape[:2] == k.shape[:2]
@@ -102,9 +105,9 @@ class NativeAttention:
   """The attention injection point by the fused AVX-512 kernels where they apply (see the module
   docstring), else `pofx.kernels.xla_attention`."""
 
-  def __call__(self, q, k, v, mask, *, scale: float, rope=None):
-    if not native_attention_supports(q, k, v, mask):
-      return kernels_lib.xla_attention(q, k, v, mask, scale=scale, rope=rope)
+  def __call__(self, q, k, v, mask, *, scale: float, rope=None, softcap=None):
+    if not native_attention_supports(q, k, v, mask, softcap):
+      return kernels_lib.xla_attention(q, k, v, mask, scale=scale, rope=rope, softcap=softcap)
     kernels_lib.check_attention_shapes(q, k, v)
     if rope is not None and (rope[0].shape != q.shape[:2] + (q.shape[-1] // 2,) or rope[1].shape != rope[0].shape):
       raise ValueError(

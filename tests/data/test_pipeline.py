@@ -97,6 +97,19 @@ def test_resume_continues_the_same_stream(group):
     assert loader.batch_at(s)["example_id"].tolist() == b["example_id"].tolist()
 
 
+def test_endless_stream_of_single_pair_batches():
+  # One pair per batch (e.g. 8 pairs over 4 devices x 2 accumulated micro-batches), repeated
+  # forever: the stream is the seeded permutation of the data, one example at a time.
+  loader = _loader(seed=4, num_epochs=None, batch_size=1)
+  got = [b["example_id"].tolist() for b in _take(loader.iterator(), N + 3)]
+  assert all(len(ids) == 1 for ids in got)
+  first_epoch = sorted(ids[0] for ids in got[:N])
+  assert first_epoch == [i * 10 + 3 for i in range(N)]
+  assert [ids[0] for ids in got[:N]] == [i for b in _ids(_loader(seed=4, num_epochs=1).iterator()) for i in b]
+  assert loader.batch_at(N + 2)["example_id"].tolist() == got[N + 2]
+  assert _loader(seed=4, num_epochs=None, batch_size=1).iterator(5).get_state()["step"] == 5
+
+
 def test_resume_refuses_another_configuration():
   state = _loader(seed=1, num_epochs=None).iterator(5).get_state()
   with pytest.raises(ValueError, match="cannot resume"):
