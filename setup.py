@@ -38,7 +38,10 @@ MKL_REQUIRES = ["mkl>=2024; platform_machine == 'x86_64' and sys_platform == 'li
 # CLI and a C++ runtime built from source, which pofx does not use.
 GGUF_REQUIRES = ["gguf>=0.19"]
 # transformers (pinned in PARITY_REQUIRES) is also what the GGUF and Hugging Face tests compare with.
-TEST_REQUIRES = ["pytest>=8", "pytest-xdist>=3", "ruff==0.17.6"] + PARITY_REQUIRES + MKL_REQUIRES + GGUF_REQUIRES
+# peft: the LoRA tests load pofx-saved adapters with it (tests/test_lora.py).
+TEST_REQUIRES = (
+  ["pytest>=8", "pytest-xdist>=3", "ruff==0.17.6", "peft>=0.21"] + PARITY_REQUIRES + MKL_REQUIRES + GGUF_REQUIRES
+)
 
 setup(
   name="pofx",

@@ -129,6 +129,14 @@ def base_config() -> ml_collections.ConfigDict:
   # (pofx.models.LlamaConfig.dropout) and multi-sample dropout over `samples` masks (Inoue 2019;
   # 1 = plain dropout). The reference and the evaluation never use dropout.
   c.train.dropout = ml_collections.ConfigDict(dict(rate=0.0, samples=1))
+  # LoRA (pofx.lora; off unless enabled): adapters of rank `rank` scaled by alpha / rank on the
+  # comma-separated `targets` (pofx.options.LORA_TARGETS) are trained, the base stays frozen;
+  # reference.kind "adapters_off" is the base without them (no second copy). `dropout`: PEFT's
+  # lora_dropout, written to the adapter config (training refuses > 0). The run writes the adapters
+  # in PEFT's layout to <workdir>/adapters; export_merged also writes the merged weights.
+  c.train.lora = ml_collections.ConfigDict(
+    dict(enabled=False, rank=8, alpha=16.0, targets="q_proj,k_proj,v_proj,o_proj", dropout=0.0, export_merged=False)
+  )
   c.train.optimizer = ml_collections.ConfigDict(
     dict(name="adamw", learning_rate=1e-3, warmup_steps=20, weight_decay=0.0, grad_clip=1.0)
   )

@@ -305,6 +305,39 @@ def check_loss(c) -> None:
       )
 
 
+def _check_lora(c) -> None:
+  l, kind = c.train.lora, c.train.reference.kind
+  if not isinstance(l.enabled, bool):
+    raise ValueError(f"config.train.lora.enabled={l.enabled!r} is not allowed; allowed: True or False.")
+  if not l.enabled:
+    if kind == "adapters_off":
+      raise ValueError(
+        "config.train.reference.kind='adapters_off' needs LoRA (the base with the adapters disabled); set "
+        "train.lora.enabled=True, or use another reference kind."
+      )
+    return
+  _positive("train.lora.rank", l.rank)
+  _positive("train.lora.alpha", l.alpha, integer=False)
+  targets = [t.strip() for t in str(l.targets).split(",") if t.strip()]
+  bad = [t for t in targets if t not in options.LORA_TARGETS]
+  if not targets or bad or len(set(targets)) != len(targets):
+    raise ValueError(
+      f"config.train.lora.targets={l.targets!r} is not allowed; allowed: distinct comma-separated names from "
+      f"{list(options.LORA_TARGETS)}."
+    )
+  if l.dropout != 0:
+    raise ValueError(
+      f"config.train.lora.dropout={l.dropout!r} is not allowed; allowed: 0 (the adapted kernel is formed once per "
+      "forward, so there is no separate adapter branch to drop inputs of; train.dropout.rate is the model's dropout)."
+    )
+  if kind in ("frozen", "guiding"):
+    raise ValueError(
+      f"config.train.reference.kind={kind!r} is not allowed with LoRA (it would hold a second copy of the base); "
+      "allowed: 'adapters_off' (the base without the adapters), 'synced' or 'ema' (of the adapters), 'cached', "
+      "'multi' or 'none'."
+    )
+
+
 def _check_train(c) -> None:
   _allowed(c, "train.on_nonfinite", options.ON_NONFINITE)
   _allowed(c, "train.input_perturbation.kind", options.INPUT_PERTURBATION_KINDS)
@@ -316,6 +349,7 @@ def _check_train(c) -> None:
     )
   _positive("train.dropout.samples", c.train.dropout.samples)
   _allowed(c, "train.reference.kind", options.REFERENCE_KINDS)
+  _check_lora(c)
   _allowed(c, "train.perturbation.kind", options.PERTURBATION_KINDS)
   _allowed(c, "train.optimizer.name", options.OPTIMIZERS)
   _allowed(c, "train.parallel.mode", options.PARALLEL_MODES)

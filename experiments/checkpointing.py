@@ -104,6 +104,8 @@ class Checkpoints:
   def _to_disk(state):
     if hasattr(state, "rng") and jax.dtypes.issubdtype(state.rng.dtype, jax.dtypes.prng_key):
       state = state.replace(rng=jax.random.key_data(state.rng))
+    if jax.tree.leaves(getattr(state, "frozen", ())):  # LoRA: the frozen base is not checkpointed
+      state = state.replace(frozen=())
     return state
 
   def step_dir(self, step: int) -> str:
@@ -184,6 +186,8 @@ class Checkpoints:
     state = out.state
     if hasattr(like, "rng") and jax.dtypes.issubdtype(like.rng.dtype, jax.dtypes.prng_key):
       state = state.replace(rng=jax.random.wrap_key_data(state.rng))
+    if jax.tree.leaves(getattr(like, "frozen", ())):
+      state = state.replace(frozen=like.frozen)
     return state, dict(out.meta)
 
   def close(self):

@@ -48,6 +48,11 @@ def model_config(c, world: world_lib.World, tokenizer: Optional[data_lib.Tokeniz
 def export(c, workdir: str, out: str, *, params: str = "final_params", model_type: str = "", dtype: str = "float32"):
   """Writes `<workdir>/<params>` as a Hugging Face folder `out`; returns the `model_type` written."""
   path = os.path.join(os.path.abspath(workdir), params)
+  if c.train.lora.enabled and params == "final_params":
+    raise ValueError(
+      f"{path} holds a LoRA run's adapters (also in {os.path.join(workdir, 'adapters')}, PEFT's layout); export "
+      "the merged model with --params=merged_params, written by a run with train.lora.export_merged=True."
+    )
   if not os.path.isdir(path):
     raise ValueError(f"no parameters at {path} (--params: final_params after training, sft_params for the base).")
   world = world_lib.World(world_lib.WorldConfig(seed=c.seed, **dict(c.world)))

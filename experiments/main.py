@@ -58,11 +58,23 @@ from ml_collections import config_flags
 
 import pofx_backends
 from configs import validate as config_validation
-from experiments import checkpointing, distributed, export_hf, plots, provenance
+from experiments import checkpointing, distributed, export_hf, lora_io, plots, provenance
 from experiments import metrics as metrics_lib
 from experiments import sft as sft_lib
 from experiments import workdir as workdir_lib
-from pofx import batching, evaluation, fingerprints, losses, models, parallel, perturbations, policy, references, train
+from pofx import (
+  batching,
+  evaluation,
+  fingerprints,
+  lora,
+  losses,
+  models,
+  parallel,
+  perturbations,
+  policy,
+  references,
+  train,
+)
 from pofx import data as data_lib
 from pofx import world as world_lib
 from pofx.data import pipeline
@@ -623,6 +635,16 @@ def _perturbation(c, num_examples: int = 1):
   return perturbations.none()
 
 
+def lora_spec_of(c) -> Optional[lora.LoraSpec]:
+  """The `pofx.lora.LoraSpec` of `config.train.lora`, or None when LoRA is off."""
+  if not c.train.lora.enabled:
+    return None
+  targets = tuple(t.strip() for t in str(c.train.lora.targets).split(",") if t.strip())
+  return lora.LoraSpec(
+    rank=int(c.train.lora.rank), alpha=float(c.train.lora.alpha), targets=targets, dropout=float(c.train.lora.dropout)
+  )
+
+
 def train_record(run: Run) -> provenance.Record:
   """What this run's training depends on (`experiments.provenance.train_record`), with the
   resolved kernel backend and the guiding policy's identity."""
@@ -686,8 +708,21 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   )
   kind = c.train.reference.kind
   joined = None
+  lora_spec = lora_spec_of(c)
+  if lora_spec is not None:  # the reference's own forward of base + its adapters (synced, ema)
+    lora_logps_fn = lambda fa, batch: logps_fn(lora.apply(fa[0], fa[1], lora_spec), batch)
   if kind == "none":
     reference = references.none()
+  elif kind == "adapters_off":
+    reference = references.adapters_off(logps_fn)
+  elif kind in ("synced", "ema") and lora_spec is not None:
+    ref = c.train.reference
+    inner = (
+      references.synced(ref.alpha, ref.tau, lora_logps_fn)
+      if kind == "synced"
+      else references.ema(ref.decay, lora_logps_fn)
+    )
+    reference = references.over_frozen(inner)
   elif kind == "frozen":
     reference = references.frozen(base_params, logps_fn)
   elif kind == "guiding":
@@ -726,6 +761,7 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     learning_rate_fn=schedule,
     gradient_field=bool(c.train.gradient_field),
     dropout_samples=int(c.train.dropout.samples) if c.train.dropout.rate > 0 else 0,
+    combine=None if lora_spec is None else (lambda f, a: lora.apply(f, a, lora_spec)),
   )
   mode, n_dev, pstep = c.train.parallel.mode, 1, None
   if mode == "single":
@@ -752,15 +788,20 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     joined=joined,
     **_index_kwargs(c),
   )
-  # The step donates its state: the policy starts from a copy, so `base_params` stays valid.
+  # The step donates its state: the policy starts from a copy, so `base_params` stays valid. With
+  # LoRA the trained parameters are the adapters and the base is the state's frozen part.
+  trained = jax.tree.map(jnp.copy, base_params)
+  if lora_spec is not None:
+    trained = lora.init(base_params, lora_spec, run.key_for("lora"))
   state = train.init_state(
-    jax.tree.map(jnp.copy, base_params),
+    trained,
     optimizer,
     reference,
     perturbation,
     loss=spec,
     loss_hyper=hyper,
     rng=run.key_for("train"),
+    frozen=() if lora_spec is None else base_params,
   )
   if pstep is not None:
     state = pstep.put_state(state)  # placed before a restore, so the restore keeps the shardings
@@ -787,6 +828,8 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
       info = {**counters.info(c.train.batch_size), "steps": start, "resumed_complete": True}
       n_used = 1 if pstep is None else int(np.prod(shape))
       info["mfu"] = metrics_lib.mfu(info["flops_per_second"], n_used) if info["flops_per_second"] else None
+      if lora_spec is not None:
+        return lora.merge(base_params, _load_params(final_path, trained), lora_spec), info
       return _load_params(final_path, base_params), info
   if os.path.exists(final_path):  # another step (train.steps raised) or no record: made again at the end
     _say("train: %s holds step %s; continuing to train.steps=%d", final_path, (final or {}).get("step"), c.train.steps)
@@ -922,13 +965,19 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   info = {**totals().info(c.train.batch_size), "steps": end}
   info["mfu"] = metrics_lib.mfu(info["flops_per_second"], n_devices_used) if info["flops_per_second"] else None
   if end == c.train.steps:
-    _save_params(final_path, state.params)  # every process writes its shards
+    _save_params(final_path, state.params)  # every process writes its shards (LoRA: the adapters)
     if jax.process_index() == 0:
       provenance.write(final_path, record, step=end)
   ckpts.close()
   params = state.params
   if pstep is not None:
     params = parallel.to_host(params)  # evaluation runs on host copies (a collective: every process)
+  if lora_spec is not None:
+    if end == c.train.steps and jax.process_index() == 0:
+      lora_io.save_adapters(run.path("adapters"), jax.device_get(params), lora_spec)
+    params = lora.merge(base_params, params, lora_spec)  # evaluation and export use the merged model
+    if end == c.train.steps and c.train.lora.export_merged:
+      _save_params(run.path("merged_params"), params)
   return params, info
 
 

@@ -412,7 +412,7 @@ def activation_estimate(
 
 
 def _reference_runs_forward(kind: str) -> bool:
-  return kind in ("frozen", "guiding", "synced", "ema")
+  return kind in ("frozen", "guiding", "synced", "ema", "adapters_off")
 
 
 def analytic_flops(
@@ -631,6 +631,12 @@ def make_plan(
   config_name: str = "",
 ) -> Dict[str, Any]:
   """The plan as a dict (see the module docstring). `compile`: True / False / None (auto)."""
+  if c.train.lora.enabled:
+    raise ValueError(
+      "config.train.lora.enabled=True: the planner does not plan LoRA runs yet (its state holds the full "
+      "parameters with their optimizer moments and a frozen reference); plan the run with train.lora.enabled=False "
+      "for an upper bound."
+    )
   mesh = mesh or c.train.parallel.mesh
   if not mesh:
     raise ValueError("no mesh: pass --mesh=<data>x<fsdp>[x<tensor>] (config.train.parallel.mesh is empty).")

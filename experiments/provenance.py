@@ -18,7 +18,8 @@ first checkpoint; the checkpoint folder holds orbax's step folders only), the `p
   train      seed; model.{preset,dtype,remat,init_checkpoint}; the batching fields of data.*;
              train.{loss,loss_hyper,batch_size,grad_accum_steps,optimizer,parallel}; the fields of
              the chosen reference and perturbation kinds; when set, train.perturbation.m (SAM),
-             train.dropout (rate > 0) and train.input_perturbation (kind not "none"), fields
+             train.dropout (rate > 0), train.input_perturbation (kind not "none") and
+             train.lora (enabled; all but export_merged), fields
              added later and recorded only then, so earlier records stay valid; the SFT and data
              fingerprints; the
              resolved kernel backend; the guiding policy's fingerprint (Pre-DPO) or the second
@@ -160,6 +161,10 @@ def data_record(c) -> Record:
   return Record("data", fields, {"sft": sft_record(c).fingerprint})
 
 
+# What a LoRA run's result depends on (export_merged only adds a file).
+_LORA_FIELDS = ("enabled", "rank", "alpha", "targets", "dropout")
+
+
 def train_record(c, *, kernels: Optional[str], guide: Optional[str] = None) -> Record:
   """`kernels`: the resolved kernel backend; `guide`: the guiding policy's fingerprint (`guide_identity`)."""
   kind, pert = c.train.reference.kind, c.train.perturbation.kind
@@ -176,6 +181,7 @@ def train_record(c, *, kernels: Optional[str], guide: Optional[str] = None) -> R
     + (("train.perturbation.m",) if pert == "sam" and c.train.perturbation.m is not None else ())
     + (("train.dropout",) if c.train.dropout.rate > 0 else ())
     + (("train.input_perturbation",) if c.train.input_perturbation.kind != "none" else ())
+    + (tuple(f"train.lora.{k}" for k in _LORA_FIELDS) if c.train.lora.enabled else ())
   )
   inputs = {"base": base_fingerprint(c), "data": data_record(c).fingerprint, "kernels": kernels}
   if kind == "multi":

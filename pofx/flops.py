@@ -123,7 +123,7 @@ def forward_flops(config, work: Work) -> Breakdown:
 
 # Reference strategies whose step runs a reference forward (`pofx.references`); the cached ones
 # (and "none", reference-free losses) read log-probs from the batch.
-REFERENCE_FORWARD = {"frozen": 1, "guiding": 1, "ema": 1, "synced": 1, "cached": 0, "none": 0}
+REFERENCE_FORWARD = {"frozen": 1, "guiding": 1, "ema": 1, "synced": 1, "adapters_off": 1, "cached": 0, "none": 0}
 # Perturbations: forward-backward passes on top of the plain gradient (`pofx.perturbations`).
 PERTURBATION_PASSES = {"none": 0, "sam": 1, "asam": 1, "awp": 1, "saf": 0, "mesa": 0}
 # ... and forwards without a backward (MESA: the EMA weights' outputs).

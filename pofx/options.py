@@ -10,8 +10,12 @@ KERNEL_BACKENDS = ("auto", "xla", "cpu", "gpu", "tpu")
 
 # Reference strategies (`pofx.references`): none (reference-free losses), frozen (a forward of the
 # initial policy), cached (log-probs computed once per dataset), multi (MRPO over two cached
-# references), guiding (a frozen forward of another run's policy), synced (TR-DPO), ema.
-REFERENCE_KINDS = ("none", "frozen", "cached", "multi", "guiding", "synced", "ema")
+# references), guiding (a frozen forward of another run's policy), synced (TR-DPO), ema,
+# adapters_off (with LoRA: the frozen base with the adapters disabled, no second copy of it).
+REFERENCE_KINDS = ("none", "frozen", "cached", "multi", "guiding", "synced", "ema", "adapters_off")
+
+# LoRA (`pofx.lora`): the projections that can carry adapters (Hugging Face / PEFT module names).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Weight perturbations (`pofx.perturbations`).
 PERTURBATION_KINDS = ("none", "sam", "awp", "rwp", "saf", "mesa")

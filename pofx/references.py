@@ -21,6 +21,12 @@ Strategies:
   synced(alpha, tau, logps_fn)       TR-DPO (Gorbatovski et al. 2024, arXiv:2404.09656): every tau steps
                               ref <- alpha * policy + (1 - alpha) * ref (alpha = 1: hard update).
   ema(decay, logps_fn)        ref <- decay * ref + (1 - decay) * policy every step.
+  adapters_off(base_logps_fn) with LoRA (`pofx.lora`): the frozen base with the adapters disabled.
+  over_frozen(ref)            a strategy over the adapters alone (e.g. synced or ema of them).
+
+Strategies with `reads_frozen` get `(frozen, ref_state)` as their state in `logps`, where
+`frozen` is the train state's frozen base (`TrainState.frozen`, LoRA): they read the one copy of
+the base that the policy uses instead of holding their own.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class Reference:
   update: Callable[[Any, Any, Any], Any]
   updates: bool = False
   cached: bool = False
+  reads_frozen: bool = False
 
 
 def _identity_update(ref_state, policy_params, step):
@@ -78,6 +85,33 @@ def frozen(params, logps_fn: LogpsFn) -> Reference:
   return Reference(
     "frozen", init=lambda p: params, logps=lambda s, b: _forward(logps_fn, s, b), update=_identity_update
   )
+
+
+def adapters_off(base_logps_fn: LogpsFn) -> Reference:
+  """LoRA's reference: the frozen base with the adapters disabled (`reads_frozen`).
+
+  `logps((frozen, ()), batch) = base_logps_fn(frozen, batch)`: the same base weights the policy
+  adapts, without the low-rank update, so no second copy of the base is held. With `B = 0` at
+  initialisation (arXiv:2106.09685, Sec. 4.1) this is the initial policy, i.e. DPO's frozen
+  reference (Rafailov et al. 2023, arXiv:2305.18290, Eq. 7).
+  """
+  _need_fn("adapters_off", base_logps_fn)
+  return Reference(
+    "adapters_off",
+    init=lambda p: (),
+    logps=lambda s, b: _forward(base_logps_fn, s[0], b),
+    update=_identity_update,
+    reads_frozen=True,
+  )
+
+
+def over_frozen(ref: Reference) -> Reference:
+  """`ref` over the adapters of a LoRA run: its state holds adapters (e.g. `synced`/`ema` mix
+  the policy's adapters), and its `logps_fn` is called with `(frozen, ref_state)`, so it must be
+  the LoRA log-prob function `lambda fa, batch: logps(lora.apply(fa[0], fa[1], spec), batch)`."""
+  if ref.reads_frozen or ref.cached:
+    raise ValueError(f"references.over_frozen: {ref.name!r} cannot be taken over the adapters.")
+  return dataclasses.replace(ref, logps=lambda s, b: ref.logps(s, b), reads_frozen=True)
 
 
 def guiding(params, logps_fn: LogpsFn) -> Reference:

@@ -60,7 +60,8 @@ _DROPOUT_STREAM = 0x64726F70
 
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-  """Everything a run carries from step to step (a pytree)."""
+  """Everything a run carries from step to step (a pytree). `frozen`: parameters the step reads
+  but never trains (LoRA's base, `make_train_step(..., combine=)`); () otherwise."""
 
   params: Any
   opt_state: Any
@@ -69,6 +70,7 @@ class TrainState:
   loss_state: Any
   step: jax.Array
   rng: jax.Array
+  frozen: Any = ()
 
   def replace(self, **kw) -> TrainState:
     return dataclasses.replace(self, **kw)
@@ -121,7 +123,13 @@ def init_state(
   loss="dpo",
   loss_hyper=None,
   rng=None,
+  frozen=(),
 ) -> TrainState:
+  """The first `TrainState`. `params` are the trained parameters (with LoRA, the adapters:
+  `pofx.lora.init`), copied (the step donates its state); `frozen` the parameters held fixed
+  (LoRA's base), which get no optimizer state, no perturbation and no reference copy. `frozen`
+  is held as given, not copied: the jitted step of `make_train_step(combine=...)` does not donate
+  it, so the caller's arrays stay valid and only one copy of the base exists."""
   spec = _spec(loss)
   loss_state = ()
   if spec.init_state is not None:
@@ -139,6 +147,7 @@ def init_state(
     loss_state=loss_state,
     step=jnp.zeros((), jnp.int32),
     rng=jax.random.key(0) if rng is None else rng,
+    frozen=frozen,
   )
 
 
@@ -177,6 +186,7 @@ def make_train_step(
   jit: bool = True,
   donate: bool = True,
   axis_name=None,
+  combine: Optional[Callable[[Any, Any], Any]] = None,
 ):
   """Builds the pure step `(state, batch, rng) -> (state, metrics)`, jitted once with donation.
 
@@ -221,6 +231,11 @@ def make_train_step(
       the global batch (batch statistics and reductions are those of one device), and the
       gradient of every objective evaluation (SAM's ascent gradient included) is averaged over
       the axis by `pofx.collectives.grad_pmean`. Leave None under plain `jit` (GSPMD).
+    combine: `(frozen, params) -> model params` (LoRA: `lambda f, a: pofx.lora.apply(f, a, spec)`):
+      the policy's log-probs are `logps_fn(combine(state.frozen, params), batch)`, so only
+      `params` (the adapters) are differentiated, perturbed and updated. A reference with
+      `reads_frozen` (`references.adapters_off`, `references.over_frozen`) gets
+      `(state.frozen, ref_state)`.
 
   Padding pairs (`batch["pair_mask"]` or the PairBatch's `pair_mask` equal to 0, e.g. from
   `batching.*(num_pairs=...)`) are left out of the loss reduction and the metrics; losses with
@@ -231,6 +246,11 @@ def make_train_step(
   reference = reference or references_lib.none()
   perturbation = perturbation or perturbations_lib.none()
   validate(spec, reference, hyper)
+  if reference.reads_frozen and combine is None:
+    raise ValueError(
+      f"reference {reference.name!r} reads the frozen base of a LoRA run; pass combine= (and frozen= to "
+      "init_state), or use a reference with its own parameters (frozen, cached, synced, ema)."
+    )
   if int(grad_accum_steps) < 1:
     raise ValueError(f"grad_accum_steps={grad_accum_steps!r}; allowed: integer >= 1.")
   if isinstance(dropout_samples, bool) or int(dropout_samples) != dropout_samples or dropout_samples < 0:
@@ -259,23 +279,25 @@ def make_train_step(
       kw["state"] = loss_state
     return kw
 
-  def objective(params, batch, ref, loss_state, key, dropout_key=None):
+  def objective(params, batch, ref, loss_state, key, dropout_key=None, frozen=()):
     """`(loss, aux)` at `params` on `batch`; with `dropout_samples` M >= 1, the mean over M masks."""
     if not dropout_samples:
-      return one_objective(params, batch, ref, loss_state, key)
+      return one_objective(params, batch, ref, loss_state, key, frozen)
     keys = jax.random.split(dropout_key, dropout_samples)
-    values, auxs = jax.lax.map(lambda k: one_objective(params, {**batch, "dropout_key": k}, ref, loss_state, key), keys)
+    values, auxs = jax.lax.map(
+      lambda k: one_objective(params, {**batch, "dropout_key": k}, ref, loss_state, key, frozen), keys
+    )
     aux = {
       k: jax.tree.map(lambda x: x[0], v) if k in ("loss_state", "mask", "example_id") else jnp.mean(v, axis=0)
       for k, v in auxs.items()
     }
     return jnp.mean(values), aux
 
-  def one_objective(params, batch, ref, loss_state, key):
+  def one_objective(params, batch, ref, loss_state, key, frozen=()):
     """`(loss, aux)` of the policy at `params` on `batch`, against the reference log-probs `ref`."""
     if axis_name is not None:
       params = collectives.grad_pmean(params, axis_name)
-    policy = logps_fn(params, batch)
+    policy = logps_fn(params if combine is None else combine(jax.lax.stop_gradient(frozen), params), batch)
     mask = _pair_mask(batch)
     if axis_name is not None:  # the loss sees the global batch (see `axis_name`)
       extra = {n: batch[n] for n in pair_input_names + ["example_id"] if n in batch}
@@ -328,15 +350,16 @@ def make_train_step(
     # The reference forward: once per (micro-)batch, outside the perturbation; its log-probs go to
     # the perturbation beside the batch, so that m-sharpness splits them with the pairs. The loss
     # state and key are closed over: never split.
-    reference_logps = reference.logps(state.ref_state, batch)
+    ref_in = (state.frozen, state.ref_state) if reference.reads_frozen else state.ref_state
+    reference_logps = reference.logps(ref_in, batch)
 
     def obj(params, batch_and_reference):
       pairs, reference_logps = batch_and_reference
       if input_perturbation is not None:
         pairs = input_perturbation.perturb(
-          lambda p, b: objective(p, b, reference_logps, state.loss_state, k_loss, k_drop), params, pairs
+          lambda p, b: objective(p, b, reference_logps, state.loss_state, k_loss, k_drop, state.frozen), params, pairs
         )
-      return objective(params, pairs, reference_logps, state.loss_state, k_loss, k_drop)
+      return objective(params, pairs, reference_logps, state.loss_state, k_loss, k_drop, state.frozen)
 
     return perturbation.value_and_grad(obj, state.params, pstate, k_pert, (batch, reference_logps))
 
@@ -423,4 +446,19 @@ def make_train_step(
 
   if not jit:
     return step
-  return jax.jit(step, donate_argnums=(0,) if donate else ())
+  if combine is None or not donate:
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+  # With a frozen part (LoRA's base) the state is donated without it: the base is an input the
+  # step only reads, so it keeps its buffers (the caller's, shared by the state) from step to step.
+  def without_frozen(rest, frozen, batch, rng):
+    new, metrics = step(rest.replace(frozen=frozen), batch, rng)
+    return new.replace(frozen=()), metrics
+
+  jitted = jax.jit(without_frozen, donate_argnums=(0,))
+
+  def run(state: TrainState, batch, rng):
+    new, metrics = jitted(state.replace(frozen=()), state.frozen, batch, rng)
+    return new.replace(frozen=state.frozen), metrics
+
+  return run

@@ -79,8 +79,13 @@ def _init(params, kw, opt=None):
     loss=kw.get("loss", "dpo"),
     loss_hyper=kw.get("loss_hyper"),
     rng=jax.random.key(3),
+    frozen=kw.get("frozen", ()),
   )
   return opt, state
+
+
+def _step_kw(kw):
+  return {k: v for k, v in kw.items() if k != "frozen"}  # LoRA's base goes to the state only
 
 
 def _run(
@@ -89,7 +94,7 @@ def _run(
   """(params, ref_state, last metrics, first metrics) on host after `steps` steps of `mode`."""
   opt, state = _init(params, kw, opt)
   mesh = parallel.make_mesh(*mesh_shape)
-  step = parallel.make_train_step(logps_fn, opt, mode=mode, mesh=mesh, rules=rules, min_fsdp_size=1, **kw)
+  step = parallel.make_train_step(logps_fn, opt, mode=mode, mesh=mesh, rules=rules, min_fsdp_size=1, **_step_kw(kw))
   state = step.put_state(state)
   b = step.put_batch(batch if mode == "jit" else per_device)
   first = None
@@ -106,7 +111,7 @@ def _run_single(logps_fn, params, runs, *, steps=STEPS, opt=None):
   states, fns, batches = [], [], []
   for batch, kw in runs:
     o, state = _init(params, kw, opt)
-    fns.append(train.make_train_step(logps_fn, o, jit=False, **kw))
+    fns.append(train.make_train_step(logps_fn, o, jit=False, **_step_kw(kw)))
     states.append(state)
     batches.append(batch)
 
@@ -324,6 +329,26 @@ def llama_group(results):
   for name, (mode, shape, rules) in runs.items():
     out = _run(logps_fn, params, joined, per_device, mode=mode, mesh_shape=shape, rules=rules, reference=ref, opt=opt)
     results[f"llama/{name}"] = _compare(base, out, params)
+  # LoRA: adapters trained with SAM against the adapters_off reference over a frozen base that
+  # the rules place like the model's parameters (tensor-parallel with LLAMA_RULES).
+  from pofx import lora
+
+  spec = lora.LoraSpec(rank=2, alpha=4.0, targets=("q_proj", "o_proj", "up_proj", "down_proj"))
+  adapters = lora.init(params, spec, jax.random.key(5))
+  adapters = jax.tree.map(
+    lambda x: x if x.shape[0] != 2 else 0.1 * jax.random.normal(jax.random.key(6), x.shape), adapters
+  )
+  lora_kw = dict(
+    reference=references.adapters_off(logps_fn),
+    perturbation=perturbations.sam(0.05),
+    combine=lambda f, a: lora.apply(f, a, spec),
+    frozen=params,
+  )
+  (lora_base,) = _run_single(logps_fn, adapters, [(whole, lora_kw)], opt=opt)
+  for name in ("jit_2x2x2_tensor", "shard_map_8"):
+    mode, shape, rules = runs[name]
+    out = _run(logps_fn, adapters, joined, per_device, mode=mode, mesh_shape=shape, rules=rules, opt=opt, **lora_kw)
+    results[f"llama/lora/{name}"] = _compare(lora_base, out, adapters)
   # The FSDP/tensor placement really shards: count sharded parameter leaves of each mesh.
   for name, (_, shape, rules) in runs.items():
     specs = parallel.tree_specs(params, parallel.make_mesh(*shape), rules, min_fsdp_size=1)

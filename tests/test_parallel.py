@@ -259,3 +259,9 @@ def test_single_process_helpers():
   g = parallel.put_process_batch({"x": np.arange(8.0)}, mesh)
   np.testing.assert_array_equal(parallel.to_host(g)["x"], np.arange(8.0))
   np.testing.assert_array_equal(parallel.to_host({"k": jax.random.key(1)})["k"], jax.random.key_data(jax.random.key(1)))
+
+
+@pytest.mark.parametrize("run", ["jit_2x2x2_tensor", "shard_map_8"])
+def test_lora_adapters_off_sam_equals_single_device(results, run):
+  """LoRA adapters (SAM, adapters_off reference, frozen base placed by the rules) on the tiny Llama."""
+  _check_equal(results, f"llama/lora/{run}")

@@ -127,6 +127,7 @@ TRAIN_READS = DATA_READS | {
   "train.reference.kind",  # cached: no other reference field
   "train.perturbation.kind",  # none: no other perturbation field
   "train.dropout.rate",  # recorded (with train.dropout.samples) when it is not 0
+  "train.lora.enabled",  # recorded (with rank, alpha, targets, dropout) when True
   "train.input_perturbation.kind",  # recorded (with its radius) when it is not "none"
 }
 EVAL_READS = (
@@ -203,6 +204,10 @@ def test_kind_specific_fields_count_only_for_their_kind():
   assert train_fp() == train_fp(train__perturbation__m=2)
   assert train_fp(train__dropout__rate=0.1) != train_fp(train__dropout__rate=0.1, train__dropout__samples=3)
   assert train_fp() == train_fp(train__dropout__samples=3)
+  lora_on = {"train__lora__enabled": True, "train__reference__kind": "adapters_off"}
+  assert train_fp(**lora_on) != train_fp(**lora_on, train__lora__rank=4)
+  assert train_fp(**lora_on) == train_fp(**lora_on, train__lora__export_merged=True)
+  assert train_fp() == train_fp(train__lora__rank=4)
   emb = {"train__input_perturbation__kind": "embeddings"}
   assert train_fp(**emb) != train_fp(**emb, train__input_perturbation__radius=0.2)
   assert train_fp() == train_fp(train__input_perturbation__radius=0.2)
