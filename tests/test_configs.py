@@ -20,7 +20,23 @@ from pofx import batching, options, parallel
 from pofx import data as data_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ("dpo", "gpo", "simpo", "ipo", "mrpo", "predpo", "trdpo", "sam", "awp", "rwp", "beta_dpo", "dpo_files")
+STUDY_FAMILIES = tuple(
+  f"study_{n}" for n in ("likelihood", "length", "gpo_frontier", "ranking", "overopt", "references")
+)
+FAMILIES = (
+  "dpo",
+  "gpo",
+  "simpo",
+  "ipo",
+  "mrpo",
+  "predpo",
+  "trdpo",
+  "sam",
+  "awp",
+  "rwp",
+  "beta_dpo",
+  "dpo_files",
+) + STUDY_FAMILIES
 ARGS = {
   "dpo": ("", "tiny"),
   "gpo": ("", "tiny"),
@@ -34,6 +50,7 @@ ARGS = {
   "rwp": ("", "tiny"),
   "beta_dpo": ("", "tiny"),
   "dpo_files": ("", "tiny"),
+  **dict.fromkeys(STUDY_FAMILIES, ("", "tiny")),
 }
 
 
