@@ -22,6 +22,8 @@ def get_config(arg=None):
   c.train.loss, c.train.reference.kind = "gpo", "cached"
   c.train.loss_hyper = {"f": "logistic", "beta": 0.1}
   _study.sized(c, arg, steps=100)
+  if arg != "tiny":  # 42 trainings per seed: a smaller evaluation
+    c.eval.num_prompts = 256
   functions, betas = (TINY_FUNCTIONS, (0.3,)) if arg == "tiny" else (FUNCTIONS, BETAS)
   c.sweep = tuple(
     {"label": f"{f}_b{b:g}", "group": f, "beta": b, "overrides": {"train.loss_hyper": {"f": f, "beta": b}}}

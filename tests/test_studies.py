@@ -29,22 +29,25 @@ from tests.program import ROOT, _config, _seed_from
 OWN_BASE = ("length",)
 
 
-@pytest.fixture(scope="module")
-def studies(seed_dir, tmp_path_factory):
-  root = tmp_path_factory.mktemp("studies")
+def test_the_six_studies_at_tiny_with_one_seed(seed_dir, tmp_path):
+  """One run of all six (one test, so that a parallel session runs the program once)."""
+  root = tmp_path / "studies"
   for name in study.STUDIES:
     names = ("kernels.json",) if name in OWN_BASE else ("sft_params", "data", "kernels.json")
     _seed_from(seed_dir, root / name / "seed0", names=names)
   env = {**os.environ, "PYTHONPATH": ROOT}
   r = subprocess.run(
-    [sys.executable, "-m", "experiments.study", "all", "--tiny", "--seeds=0", f"--workdir={root}"],
+    [sys.executable, "-m", "experiments.study", "all", "--tiny", "--seeds=0", f"--workdir={root}", "--noprogress"],
     cwd=ROOT,
     env=env,
     capture_output=True,
     text=True,
   )
   assert r.returncode == 0, r.stderr[-4000:]
-  return root
+  _check_likelihood(root)
+  _check_length(root)
+  for name in ("gpo_frontier", "ranking", "overopt", "references"):
+    _check_rows_and_chart(root, name)
 
 
 def _rows(root, name):
@@ -57,43 +60,44 @@ def _value(rows, method, key):
   return float(r[key])
 
 
-def test_likelihood_study_dpo_lowers_the_chosen_log_prob_and_dpop_does_not(studies):
-  rows = _rows(studies, "likelihood")
+def _check_likelihood(root):
+  """Study 1: DPO lowers the chosen completions' log-probs while the margin widens; DPOP does not."""
+  rows = _rows(root, "likelihood")
   assert _value(rows, "dpo", "train_chosen_logratio") < 0.0
+  assert _value(rows, "dpo", "train_margin") > 0.0
   assert _value(rows, "dpop", "train_chosen_logratio") > _value(rows, "dpo", "train_chosen_logratio")
   assert _value(rows, "dpop", "train_chosen_logratio") >= -0.05
-  assert _value(rows, "dpo", "train_margin") > 0.0  # while the margin widens
-  assert os.path.getsize(studies / "likelihood" / "likelihood.png") > 1000
+  assert os.path.getsize(root / "likelihood" / "likelihood.png") > 1000
 
 
-def test_length_study_dpo_grows_longer_than_simpo(studies):
-  rows = _rows(studies, "length")
-  assert _value(rows, "dpo", "mean_length") > _value(rows, "simpo", "mean_length")
+def _check_length(root):
+  """Study 2: under the length-biased labeller, DPO's completions are longer than SimPO's."""
+  rows = _rows(root, "length")
   assert [r["method"] for r in rows] == ["dpo", "simpo", "sft base"]
-  assert os.path.getsize(studies / "length" / "length.png") > 1000
+  assert _value(rows, "dpo", "mean_length") > _value(rows, "simpo", "mean_length")
+  assert os.path.getsize(root / "length" / "length.png") > 1000
 
 
-@pytest.mark.parametrize("name", ["gpo_frontier", "ranking", "overopt", "references"])
-def test_study_writes_a_row_per_method_and_seed_and_its_chart(studies, name):
-  rows = _rows(studies, name)
+def _check_rows_and_chart(root, name):
+  """Studies 3-6: one table row per method (and setting) and seed, finite values, the chart."""
+  rows = _rows(root, name)
   c = _config(f"study_{name}")
   if name == "gpo_frontier":
-    want = {(f, "0.3") for f in ("logistic", "squared")}
-    assert {(r["method"], r["beta"]) for r in rows} == want
+    assert {(r["method"], r["beta"]) for r in rows} == {(f, "0.3") for f in ("logistic", "squared")}
   elif name == "overopt":
     from configs import study_overopt
 
     want = {("dpo", str(s)) for s in study_overopt.TINY_EVAL_STEPS}
     want |= {("best_of_n", str(n)) for n in study_overopt.BEST_OF_N}
-    assert {(r["method"], r["x"]) for r in rows} == want
+    assert {(r["method"], r["x"]) for r in rows} == want and len(rows) == len(want)
   else:
     assert [r["method"] for r in rows] == [item["label"] for item in c.sweep]
-  assert len(rows) == len({tuple(r.values()) for r in rows}) and {r["seed"] for r in rows} == {"0"}
+  assert {r["seed"] for r in rows} == {"0"}, name
   for r in rows:
-    assert all(math.isfinite(float(v)) for k, v in r.items() if k not in ("method",) and v != "")
-  md = open(studies / name / "table.md").read()
-  assert "seeds: 0" in md and "±" in md
-  assert os.path.getsize(studies / name / f"{name}.png") > 1000
+    assert all(math.isfinite(float(v)) for k, v in r.items() if k != "method"), (name, r)
+  md = open(root / name / "table.md").read()
+  assert "seeds: 0" in md and "±" in md, name
+  assert os.path.getsize(root / name / f"{name}.png") > 1000, name
 
 
 def test_bad_study_names_and_seeds_are_refused_with_what_is_allowed():
