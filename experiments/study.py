@@ -253,9 +253,9 @@ def run_likelihood(runs, progress, tiny) -> Result:
   }
   rows = []
   for seed, (c, wd) in runs.items():
-    rows += _member_rows(_sweep(c, wd, progress), seed, fields)
+    rows += _member_rows(_sweep(c, wd, progress), seed, fields, base=True)
   notes = []
-  for m in ("dpo", "dpop", "rpo"):
+  for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "sft base"):
     mean, sd = _stats([r["train_chosen_logratio"] for r in rows if r["method"] == m])
     notes.append(
       f"{m}: chosen log-ratio on training pairs {mean:+.3f} ± {sd:.3f} "
@@ -268,7 +268,7 @@ def chart_likelihood(result: Result, runs, path: str):
   wds = {s: wd for s, (c, wd) in runs.items()}
   fig, axes = plt.subplots(1, 3, figsize=(12.5, 3.6))
   beta = 0.1
-  for label in ("dpo", "dpop", "rpo"):
+  for label in dict.fromkeys(r["method"] for r in result.rows if r["method"] != "sft base"):
     for ax, key, name in zip(
       axes,
       ("rewards/chosen", "rewards/rejected", "rewards/margins"),

@@ -63,6 +63,7 @@ def _value(rows, method, key):
 def _check_likelihood(root):
   """Study 1: DPO lowers the chosen completions' log-probs while the margin widens; DPOP does not."""
   rows = _rows(root, "likelihood")
+  assert [r["method"] for r in rows] == ["dpo", "dpop", "sft base"]
   assert _value(rows, "dpo", "train_chosen_logratio") < 0.0
   assert _value(rows, "dpo", "train_margin") > 0.0
   assert _value(rows, "dpop", "train_chosen_logratio") > _value(rows, "dpo", "train_chosen_logratio")
