@@ -538,9 +538,9 @@ def chart_overopt(result: Result, runs, path: str):
   return _save(fig, path)
 
 
-def heldout_sharpness(run, prepared, base_params, params, *, beta: float, rho: float, steps: int) -> Dict[str, float]:
-  """`pofx.evaluation.sharpness` of the mean held-out DPO loss at `beta` (reference: the SFT base)
-  around `params`, on every held-out pair in one batch."""
+def heldout_dpo_loss(run, prepared, base_params, *, beta: float):
+  """`params -> mean DPO loss at beta` over every held-out pair (one batch), against the SFT base's
+  log-probs (computed once)."""
   c = run.config
   src = prepared.source("eval")
   loader = data_lib.PreferenceLoader(
@@ -565,7 +565,7 @@ def heldout_sharpness(run, prepared, base_params, params, *, beta: float, rho: f
     per_pair = dpo(logps_fn(p, batch), ref, beta=beta)
     return jnp.sum(per_pair * real) / jnp.sum(real)
 
-  return evaluation.sharpness(objective, params, rho=rho, steps=steps)
+  return objective
 
 
 def run_references(runs, progress, tiny) -> Result:
@@ -575,16 +575,11 @@ def run_references(runs, progress, tiny) -> Result:
     run = main_lib.Run(c, wd, progress=False)
     base = main_lib.stage_sft(run)
     prepared, _ = main_lib.stage_data(run, base)
+    objective = heldout_dpo_loss(run, prepared, base, beta=0.1)
     for label, s in summaries.items():
       params = main_lib._load_params(os.path.join(wd, "sweep", label, "final_params"), base)
-      sh = heldout_sharpness(
-        run,
-        prepared,
-        base,
-        params,
-        beta=0.1,
-        rho=study_references.SHARPNESS_RHO,
-        steps=study_references.SHARPNESS_STEPS,
+      sh = evaluation.sharpness(
+        objective, params, rho=study_references.SHARPNESS_RHO, steps=study_references.SHARPNESS_STEPS
       )
       rows.append(
         {
