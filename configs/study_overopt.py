@@ -15,6 +15,7 @@ from configs import _study, common
 EVAL_STEPS = (25, 50, 100, 200, 400)
 TINY_EVAL_STEPS = (2, 4)
 BEST_OF_N = (1, 2, 4, 8, 16, 32, 64)
+TINY_BEST_OF_N = (1, 2, 4)
 
 
 def get_config(arg=None):

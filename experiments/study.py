@@ -53,7 +53,7 @@ from experiments import main as main_lib
 from experiments import metrics as metrics_lib
 from experiments import provenance
 from pofx import data as data_lib
-from pofx import evaluation, losses, policy, sampling
+from pofx import evaluation, fingerprints, losses, policy, sampling
 from pofx import world as world_lib
 
 matplotlib.use("Agg")
@@ -138,9 +138,7 @@ def aggregate(rows: Sequence[Dict], keys: Sequence[str], metrics: Sequence[str])
 
 def _fmt(x, digits=3):
   if isinstance(x, float):
-    return (
-      "–" if not math.isfinite(x) else f"{x:.{digits}g}" if abs(x) >= 1000 or 0 < abs(x) < 1e-3 else f"{x:.{digits}f}"
-    )
+    return "–" if not math.isfinite(x) else f"{x:.{digits}g}" if abs(x) >= 1000 else f"{x:.{digits}f}"
   return str(x)
 
 
@@ -453,6 +451,24 @@ def chart_ranking(result: Result, runs, path: str):
   return _save(fig, path)
 
 
+def _summary_at_step(c, wd: str, step: int, progress: bool) -> Dict:
+  """The evaluation of the run in `wd` at `step` (`c.train.steps == step`): training continues from
+  the workdir's last step (raising train.steps resumes a run exactly) and each evaluation is kept
+  as `summary_step<step>.json`, reused when it was made under this config (a rerun of the study
+  cannot lower train.steps below the step the workdir reached)."""
+  path = os.path.join(wd, f"summary_step{step}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      kept = json.load(f)
+    if kept.get("config_fingerprint") == fingerprints.of_values(c.to_dict()):
+      _say("overopt: reusing %s", path)
+      return kept
+  summary, _ = main_lib.run_one(c, wd, progress=progress)
+  with open(path, "w") as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
 def run_overopt(runs, progress, tiny) -> Result:
   rows = []
   for seed, (c, wd) in runs.items():
@@ -461,7 +477,7 @@ def run_overopt(runs, progress, tiny) -> Result:
     for s in steps:
       with c.unlocked():
         c.train.steps, c.train.checkpoint_every = s, s
-      summary, _ = main_lib.run_one(c, wd, progress=progress)
+      summary = _summary_at_step(c, wd, s, progress)
       base_gold = summary["gold_reward_base"]
       kl = max(float(summary["kl_to_base"]), 0.0)
       rows.append(
@@ -479,13 +495,14 @@ def run_overopt(runs, progress, tiny) -> Result:
     run = main_lib.Run(c, wd, progress=False)
     base = main_lib.stage_sft(run)
     prompts = run.world.prompts(c.eval.num_prompts, seed=c.seed * 1000 + 5, split="eval")
-    n_max = max(study_overopt.BEST_OF_N)
+    best_of = study_overopt.TINY_BEST_OF_N if tiny else study_overopt.BEST_OF_N
+    n_max = max(best_of)
     rep = [p for p in prompts for _ in range(n_max)]
     samples = world_lib.sample_completions(
       run.world, base, rep, run.key_for("best_of_n"), model=run.model, batch_size=min(512, len(prompts))
     )  # batches of the evaluation's shape: its compiled sampler serves
     gold = run.world.gold_reward(rep, sampling.completions(samples)).reshape(len(prompts), n_max)
-    for n in study_overopt.BEST_OF_N:
+    for n in best_of:
       best = gold.reshape(len(prompts), n_max // n, n).max(-1).mean()  # n_max / n disjoint groups per prompt
       kl = float(evaluation.best_of_n_kl(n))
       rows.append(

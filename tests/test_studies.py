@@ -91,7 +91,7 @@ def _check_rows_and_chart(root, name):
     from configs import study_overopt
 
     want = {("dpo", str(s)) for s in study_overopt.TINY_EVAL_STEPS}
-    want |= {("best_of_n", str(n)) for n in study_overopt.BEST_OF_N}
+    want |= {("best_of_n", str(n)) for n in study_overopt.TINY_BEST_OF_N}
     assert {(r["method"], r["x"]) for r in rows} == want and len(rows) == len(want)
   else:
     assert [r["method"] for r in rows] == [item["label"] for item in c.sweep]
