@@ -11,7 +11,8 @@ with --overwrite recomputes the stages that differ: `experiments/provenance.py`)
   3. reference  the reference log-probs cached once per dataset (cached / multi references)
   4. train      preference training with orbax checkpoints every N steps (exact resume)
   5. eval       gold reward, win rate vs base (95% CI), KL to base, lengths, reward / ranking
-                accuracy; summary.json, a console table, PNG plots
+                accuracy, chosen / rejected log-ratios (held-out and training pairs);
+                summary.json, a console table, PNG plots
 
 A config's `sweep` runs several trainings after one shared SFT + data stage (the GPO chart, the
 two rounds of Pre-DPO), each in `<workdir>/sweep/<label>`.
@@ -98,6 +99,9 @@ _FAULT = flags.DEFINE_string(
   "Testing: SIGKILL this process at a point: 'step:N' after step N, 'save:N' inside the save of step N "
   "(files written, not yet sealed), 'eval' as evaluation starts.",
 )
+
+# Pair metrics also reported on the first training pairs (summary keys "train_<key>").
+TRAIN_PAIR_KEYS = ("chosen_logratio", "rejected_logratio", "logratio_margin", "ranking_accuracy", "ranking_changed")
 
 KERNELS_RECORD = "kernels.json"  # <workdir>/kernels.json: the kernel backend this workdir runs with
 
@@ -1046,6 +1050,19 @@ def stage_eval(run: Run, prepared, base_params, params, data_meta, *, base_sampl
       betas=tuple(c.eval.idealized_betas),
     )
     out.update(pairs)
+    # The same log-ratios on training pairs (as many as held-out ones): what the loss pushed on.
+    src = prepared.source("train")
+    tr = [src[i] for i in range(min(len(src), len(ex)))]
+    on_train = evaluation.evaluate_pairs(
+      params,
+      base_params,
+      [e["prompt"] for e in tr],
+      [e["chosen"] for e in tr],
+      [e["rejected"] for e in tr],
+      model=run.model,
+      beta=float(c.train.loss_hyper.get("beta", 0.1)),
+    )
+    out.update({f"train_{k}": on_train[k] for k in TRAIN_PAIR_KEYS})
   return out, pol["base_samples"]
 
 

@@ -28,7 +28,17 @@ Pair metrics (held-out preference pairs; from `PairLogps`, all jit-friendly):
                         reports it over a sweep of beta (`IDEALIZED_BETAS`, the authors' sweep);
   flip threshold        -log sigmoid(beta * log(pi_ref(y_l)/pi_ref(y_w))): the DPO loss a pair must
                         fall below before the policy ranks it correctly (Chen et al. 2024,
-                        arXiv:2405.19534).
+                        arXiv:2405.19534);
+  ranking changed       mean 1[(pi_w > pi_l) != (ref_w > ref_l)]: pairs whose ranking training changed;
+  log-ratios            mean log pi(y_w) - log ref(y_w), the same for y_l, and their difference
+                        (likelihood displacement: Pal et al. 2024, arXiv:2402.13228).
+
+Studies of the world (`experiments/study.py`):
+  sharpness             the largest increase of a loss within an L2 ball of radius rho around the
+                        parameters, found by projected normalised-gradient ascent (`sharpness`);
+  best-of-n KL          log n - (n - 1)/n (`best_of_n_kl`);
+  Gao et al. fits       gold reward against d = sqrt(KL): d (alpha - beta d) for best-of-n and
+                        d (alpha - beta log d) for RL (`gao_fit`; Gao et al. 2022, arXiv:2210.10760).
 
 Training diagnostic (`gradient_field`, logged per step by `pofx.train` with `gradient_field=True`):
   the gradient field of a loss over the chosen and rejected log-probs (Feng et al. 2024,
@@ -182,6 +192,17 @@ def idealized_ranking_accuracy(
   return (_rank_with_band(ideal, tie_band) == _rank_with_band(truth_log_ratio, tie_band)).astype(jnp.float32)
 
 
+def ranking_changed(policy: PairLogps, reference: PairLogps, *, normalize: str = "sum") -> Array:
+  """Per-pair `[B]` float32: 1 where the policy ranks the pair otherwise than the reference does,
+  `1[(pi_w > pi_l) != (ref_w > ref_l)]` (summed or per-token mean log-probs; a tie counts as
+  "not above", as in `ranking_accuracy`). Its mean is the fraction of pairs whose ranking training
+  changed, in either direction (Chen et al. 2024, arXiv:2405.19534, Sec. 4: DPO rarely flips
+  rankings)."""
+  pw, pl = _scores(policy, normalize)
+  rw, rl = _scores(reference, normalize)
+  return ((pw > pl) != (rw > rl)).astype(jnp.float32)
+
+
 def flip_threshold_loss(reference: PairLogps, *, beta: float) -> Array:
   """Per-pair `[B]`: -log sigmoid(beta * (log pi_ref(y_l) - log pi_ref(y_w))), the DPO loss below
   which the policy ranks the pair correctly (pi_w > pi_l iff L_DPO < this; Chen et al. 2024,
@@ -262,8 +283,11 @@ def evaluate_pairs(
   prompt_width=None,
   completion_width=None,
 ) -> dict:
-  """Pair metrics of a policy on held-out pairs: reward accuracy (against `reference_params`),
-  ranking accuracy (sum and mean) of the policy and of the reference, and, when `pref_prob`
+  """Pair metrics of a policy on held-out pairs: the mean chosen and rejected log-ratios
+  `log pi(y) - log ref(y)` (summed log-probs) and their difference (the margin), reward accuracy
+  (against `reference_params`), ranking accuracy (sum and mean) of the policy and of the
+  reference, the fraction of pairs whose ranking differs from the reference's
+  (`ranking_changed`), and, when `pref_prob`
   (P(chosen > rejected), e.g. `PreferenceData.label_prob`) is given, the idealized ranking
   accuracy (sum and mean) at `beta` and the mean flip-threshold loss; with `betas` (e.g.
   `IDEALIZED_BETAS`, the authors' sweep) also the idealized ranking accuracy at each of them,
@@ -274,6 +298,10 @@ def evaluate_pairs(
   ref = pair_logps(reference_params, prompts, chosen, rejected, **kw)
   m = lambda x: float(jnp.mean(x))
   out = {
+    "chosen_logratio": m(pol.chosen - ref.chosen),
+    "rejected_logratio": m(pol.rejected - ref.rejected),
+    "logratio_margin": m((pol.chosen - ref.chosen) - (pol.rejected - ref.rejected)),
+    "ranking_changed": m(ranking_changed(pol, ref, normalize="sum")),
     "reward_accuracy": m(reward_accuracy(pol, ref)),
     "ranking_accuracy": m(ranking_accuracy(pol, normalize="sum")),
     "ranking_accuracy_mean": m(ranking_accuracy(pol, normalize="mean")),
@@ -405,3 +433,94 @@ def gradient_field(per_pair_loss, policy: PairLogps) -> GradientField:
   d_w, d_l = jax.grad(total, argnums=(0, 1))(jnp.asarray(policy.chosen), jnp.asarray(policy.rejected))
   log_ratio = jnp.log(jnp.abs(d_w)) - jnp.log(jnp.abs(d_l))
   return GradientField(d_w, d_l, log_ratio, log_ratio + policy.rejected - policy.chosen)
+
+
+# Sharpness, best-of-n, over-optimisation fits ----------------------------------------------------
+
+
+def sharpness(objective, params, *, rho: float, steps: int = 10, step_size: Optional[float] = None) -> dict:
+  """The largest increase of `objective` found within the L2 ball of radius `rho` around `params`.
+
+  Projected normalised-gradient ascent on the perturbation (global L2 norm over the pytree):
+
+      delta_0 = 0,  delta_{k+1} = P_rho(delta_k + a g_k / ||g_k||),  g_k = grad objective(params + delta_k),
+
+  with `P_rho` the projection onto `||delta|| <= rho` and `a = step_size` (default `2.5 rho /
+  steps`, the PGD step of Madry et al. 2018, arXiv:1706.06083). The first step is SAM's
+  perturbation (Foret et al. 2021, arXiv:2010.01412, Eq. 2), scaled by `a`. Returns Python floats:
+  `sharpness = max_k objective(params + delta_k) - objective(params)` over k = 1..steps (>= 0 up
+  to the first step: the maximum includes delta_0), `loss` = objective(params), and
+  `delta_norm`, the norm of the maximising perturbation.
+
+  Args:
+    objective: `params -> scalar` (jax-differentiable), e.g. a held-out preference loss.
+    params: the parameter pytree.
+    rho: radius (> 0). steps: ascent steps (>= 1). step_size: `a` (> 0), or None.
+  """
+  if not (isinstance(rho, (int, float)) and rho > 0):
+    raise ValueError(f"sharpness: rho must be > 0, got {rho!r}.")
+  if not (isinstance(steps, int) and steps >= 1):
+    raise ValueError(f"sharpness: steps must be an integer >= 1, got {steps!r}.")
+  a = 2.5 * rho / steps if step_size is None else step_size
+  if not a > 0:
+    raise ValueError(f"sharpness: step_size must be > 0, got {step_size!r}.")
+  # The parameters are an argument (not constants of the traced function): one compiled program
+  # serves every parameter set of the same structure.
+  vg_at = jax.jit(jax.value_and_grad(lambda d, p: objective(jax.tree.map(jnp.add, p, d))))
+  vg = lambda d: vg_at(d, params)
+  norm = lambda t: jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(t)))
+  delta = jax.tree.map(jnp.zeros_like, params)
+  loss0, g = vg(delta)
+  best, best_norm = float(loss0), 0.0
+  for _ in range(steps):
+    gn = norm(g)
+    delta = jax.tree.map(lambda d, gi: d + a * gi / jnp.maximum(gn, 1e-12), delta, g)
+    dn = norm(delta)
+    delta = jax.tree.map(lambda d: d * jnp.minimum(1.0, rho / jnp.maximum(dn, 1e-12)), delta)
+    value, g = vg(delta)
+    if float(value) > best:
+      best, best_norm = float(value), float(norm(delta))
+  return {"sharpness": best - float(loss0), "loss": float(loss0), "delta_norm": best_norm}
+
+
+def best_of_n_kl(n) -> np.ndarray:
+  """KL(best-of-n || base) = log n - (n - 1)/n, for a selection without ties (Stiennon et al. 2020,
+  arXiv:2009.01325; used by Gao et al. 2022, arXiv:2210.10760, Sec. 2)."""
+  n = np.asarray(n, np.float64)
+  if np.any(n < 1):
+    raise ValueError(f"best_of_n_kl: n must be >= 1, got {n!r}.")
+  return np.log(n) - (n - 1.0) / n
+
+
+GAO_FORMS = ("bon", "rl")
+
+
+def gao_fit(d, gold_gain, *, form: str) -> tuple:
+  """Least-squares fit of Gao et al.'s over-optimisation forms (arXiv:2210.10760, Eq. 1 and 2) to
+  gold-reward gains `R` (over the initial policy) at distances `d = sqrt(KL)`:
+
+      "bon":  R(d) = d (alpha - beta d)          "rl":  R(d) = d (alpha - beta log d)
+
+  (R(0) = 0 by construction; points with d <= 0 are dropped). Returns `(alpha, beta)` minimising
+  the squared error, linear in (alpha, beta)."""
+  check_choice("gao_fit", "form", form, GAO_FORMS)
+  d = np.asarray(d, np.float64).reshape(-1)
+  r = np.asarray(gold_gain, np.float64).reshape(-1)
+  if d.shape != r.shape:
+    raise ValueError(f"gao_fit: d and gold_gain differ in shape, {d.shape} and {r.shape}.")
+  keep = d > 0
+  d, r = d[keep], r[keep]
+  if d.size < 2:
+    raise ValueError(f"gao_fit: need at least 2 points with d > 0, got {d.size}.")
+  second = d * d if form == "bon" else d * np.log(d)
+  (alpha, beta), *_ = np.linalg.lstsq(np.stack([d, -second], 1), r, rcond=None)
+  return float(alpha), float(beta)
+
+
+def gao_curve(d, alpha: float, beta: float, *, form: str) -> np.ndarray:
+  """`d (alpha - beta d)` ("bon") or `d (alpha - beta log d)` ("rl"), 0 at d = 0."""
+  check_choice("gao_curve", "form", form, GAO_FORMS)
+  d = np.asarray(d, np.float64)
+  safe = np.where(d > 0, d, 1.0)
+  second = d * d if form == "bon" else np.where(d > 0, d * np.log(safe), 0.0)
+  return alpha * d - beta * second

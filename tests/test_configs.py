@@ -22,6 +22,9 @@ from pofx import batching, options, parallel
 from pofx import data as data_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDY_FAMILIES = tuple(
+  f"study_{n}" for n in ("likelihood", "length", "gpo_frontier", "ranking", "overopt", "references")
+)
 FAMILIES = (
   "dpo",
   "gpo",
@@ -43,7 +46,7 @@ FAMILIES = (
   "adv_embeddings",
   "gradient_field",
   "new_methods",
-)
+) + STUDY_FAMILIES
 ARGS = {
   "dpo": ("", "tiny"),
   "gpo": ("", "tiny"),
@@ -65,6 +68,7 @@ ARGS = {
   "adv_embeddings": ("", "tiny"),
   "gradient_field": ("", "tiny"),
   "new_methods": ("", "tiny"),
+  **dict.fromkeys(STUDY_FAMILIES, ("", "tiny")),
 }
 
 
