@@ -308,9 +308,10 @@ def test_required_names_are_registered():
 
 def test_every_loss_that_reads_scores_declares_its_score_domain():
   # A program checks its data against the domain before training (the world's raw gold rewards
-  # are refused for all of them); the registry's example scores lie inside it.
+  # are refused for the restricted domains); the registry's example scores lie inside it.
   readers = [n for n in pofx.losses.names() if "scores" in pofx.losses.spec(n).requires]
-  assert sorted(readers) == ["mappo", "odpo", "una"]
+  assert sorted(readers) == ["madpo", "mappo", "odpo", "una"]
+  assert [n for n in readers if pofx.losses.spec(n).score_domain.any_real] == ["madpo"]  # raw rewards
   for name in readers:
     spec = pofx.losses.spec(name)
     assert spec.score_domain is not None and spec.score_domain.text
