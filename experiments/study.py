@@ -227,6 +227,11 @@ def _sweep(config, workdir: str, progress: bool):
   return summaries
 
 
+def _rows_over_seeds(runs, progress, fields: Dict[str, str], base: bool = False):
+  """Every seed's sweep (run or reused), one row per member and seed (and the base's with `base`)."""
+  return [row for seed, (c, wd) in runs.items() for row in _member_rows(_sweep(c, wd, progress), seed, fields, base)]
+
+
 def _member_rows(summaries, seed, fields: Dict[str, str], base: bool = False):
   rows = []
   for label, s in summaries.items():
@@ -249,9 +254,7 @@ def run_likelihood(runs, progress, tiny) -> Result:
     "gold_reward": "gold_reward_policy",
     "kl": "kl_to_base",
   }
-  rows = []
-  for seed, (c, wd) in runs.items():
-    rows += _member_rows(_sweep(c, wd, progress), seed, fields, base=True)
+  rows = _rows_over_seeds(runs, progress, fields, base=True)
   notes = []
   for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "sft base"):
     mean, sd = _stats([r["train_chosen_logratio"] for r in rows if r["method"] == m])
@@ -295,9 +298,7 @@ def run_length(runs, progress, tiny) -> Result:
     "kl": "kl_to_base",
     "win_rate": "win_rate_vs_base",
   }
-  rows = []
-  for seed, (c, wd) in runs.items():
-    rows += _member_rows(_sweep(c, wd, progress), seed, fields, base=True)
+  rows = _rows_over_seeds(runs, progress, fields, base=True)
   c = next(iter(runs.values()))[0]
   lo, hi = _length_window(c)
   notes = [
@@ -421,9 +422,7 @@ def run_ranking(runs, progress, tiny) -> Result:
     "train_ranking_accuracy": "train_ranking_accuracy",
     "train_ranking_changed": "train_ranking_changed",
   }
-  rows = []
-  for seed, (c, wd) in runs.items():
-    rows += _member_rows(_sweep(c, wd, progress), seed, fields)
+  rows = _rows_over_seeds(runs, progress, fields)
   notes = []
   for m in dict.fromkeys(r["method"] for r in rows):
     rs = [r for r in rows if r["method"] == m]

@@ -32,17 +32,4 @@ def __getattr__(name):
   raise AttributeError(f"module 'pofx' has no attribute {name!r}")
 
 
-__all__ = [
-  "PairLogps",
-  "ListLogps",
-  "batching",
-  "fingerprints",
-  "gpo",
-  "logprobs",
-  "losses",
-  "perturbations",
-  "policy",
-  "references",
-  "train",
-  "__version__",
-]
+__all__ = [*_PAIR_LOGPS, *_SUBMODULES, "__version__"]
