@@ -14,7 +14,9 @@ FP, OTHER = "a" * 64, "b" * 64
 
 
 def _entry(n=5):
-  return rc.Entry(np.arange(n), -np.linspace(1.0, 2.0, n, dtype=np.float32), -np.linspace(3.0, 4.0, n, dtype=np.float32))
+  return rc.Entry(
+    np.arange(n), -np.linspace(1.0, 2.0, n, dtype=np.float32), -np.linspace(3.0, 4.0, n, dtype=np.float32)
+  )
 
 
 def test_written_entry_reads_back_under_its_fingerprint(tmp_path):
@@ -66,7 +68,7 @@ def test_damaged_entries_are_errors_naming_the_file(tmp_path, damage, match):
 def test_a_failed_write_leaves_the_previous_entry(tmp_path):
   path = rc.shared_path(str(tmp_path), FP)
   rc.write(path, _entry(), FP)
-  with pytest.raises(Exception):
+  with pytest.raises(TypeError):
     rc.write(path, rc.Entry(np.arange(2), object(), None), FP)  # not arrays: fails after the temporary file is opened
   assert rc.read(path, FP, shared=True).chosen.shape == (5,)
   assert sorted(os.listdir(tmp_path)) == [f"{FP}.npz"]
