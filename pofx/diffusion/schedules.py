@@ -92,7 +92,10 @@ def _check_num_timesteps(num_train_timesteps):
 def from_betas(betas, *, prediction_type: str = "epsilon") -> NoiseSchedule:
   """The schedule of given betas `[T]`, each in (0, 1); abar_t = prod_{s <= t} (1 - beta_s).
 
-  The cumulative product is taken in float64 and stored in float32.
+  The betas are rounded to float32 and the cumulative product is taken in float32, step by step,
+  as diffusers' schedulers do: the noise levels are then those a diffusers-trained checkpoint saw,
+  and the ratios abar_t / abar_{t-1} keep (1 - beta_t) to float32 precision, which the DDPM
+  posterior's coefficients need near t = 0.
   """
   _check_prediction_type(prediction_type)
   b = np.asarray(betas, np.float64)
@@ -100,9 +103,10 @@ def from_betas(betas, *, prediction_type: str = "epsilon") -> NoiseSchedule:
     raise ValueError(f"schedules.from_betas: betas must be a 1-D array of T >= 2 values, got shape {b.shape}.")
   if not np.all(np.isfinite(b)) or np.any(b <= 0) or np.any(b >= 1):
     raise ValueError("schedules.from_betas: every beta must lie in (0, 1).")
+  b = b.astype(np.float32)
   return NoiseSchedule(
-    betas=jnp.asarray(b, jnp.float32),
-    alphas_cumprod=jnp.asarray(np.cumprod(1.0 - b), jnp.float32),
+    betas=jnp.asarray(b),
+    alphas_cumprod=jnp.asarray(np.cumprod(np.float32(1.0) - b, dtype=np.float32)),
     prediction_type=prediction_type,
     num_train_timesteps=int(b.shape[0]),
   )
