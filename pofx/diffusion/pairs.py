@@ -128,7 +128,9 @@ def pair_errors(
 
   One denoiser call on the concatenated [chosen; rejected] batch (module docstring). With
   `compute_dtype` (e.g. jnp.bfloat16) the floating parameters and x_t are cast to it for the
-  call; the errors are computed in float32 from the prediction cast back to float32.
+  call, for a denoiser without a precision setting of its own (the U-Net has one,
+  `unet.make(config, compute_dtype=...)`, which keeps its normalisation statistics in float32:
+  prefer it there); the errors are computed in float32 from the prediction cast back to float32.
   """
   _check_pairs(pairs)
   B = pairs.chosen.shape[0]
@@ -157,7 +159,7 @@ def make_logps_fn(
     denoise: the denoiser protocol `(params, x_t, timesteps, cond) -> prediction`.
     schedule: the noise schedule (its prediction type gives the regression target).
     timestep_range: `(lo, hi)`: draw t uniformly from {lo, ..., hi - 1} (default: all T steps).
-    compute_dtype: dtype of the denoiser call (default: the parameters' own).
+    compute_dtype: dtype of the denoiser call (default: the parameters' own; see `pair_errors`).
   """
   _timestep_range(schedule, timestep_range)
   if compute_dtype is not None and not jnp.issubdtype(jnp.dtype(compute_dtype), jnp.floating):
