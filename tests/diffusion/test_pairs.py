@@ -100,7 +100,7 @@ def dpo_step():
   state = pofx.train.init_state(policy, optax.adamw(1e-3), reference, pofx.perturbations.none(), loss="dpo")
   batch = _batch()
   _, metrics = step(state, {"pairs": batch}, jax.random.key(0))
-  return dict(policy=policy, ref=ref, batch=batch, metrics=metrics, schedule=s, logps_fn=logps_fn)
+  return dict(policy=policy, ref=ref, batch=batch, metrics=metrics, schedule=s)
 
 
 def test_dpo_loss_is_the_diffusion_dpo_formula(dpo_step):
@@ -114,9 +114,17 @@ def test_dpo_loss_is_the_diffusion_dpo_formula(dpo_step):
   per_pair = np.logaddexp(0.0, -inside)  # -log sigmoid
   assert np.all(np.isfinite(per_pair)) and np.ptp(inside[:3]) > 0.1, inside  # non-trivial pairs
   np.testing.assert_allclose(float(dpo_step["metrics"]["loss"]), per_pair[:3].mean(), atol=1e-5, rtol=1e-5)
-  lp = jax.jit(dpo_step["logps_fn"])(dpo_step["policy"], {"pairs": b})
-  np.testing.assert_allclose(np.asarray(lp.chosen), -0.5 * e_w, rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(lp.rejected), -0.5 * e_l, rtol=1e-5)
+  # v-prediction: the errors are against v = sqrt(abar) eps - sqrt(1 - abar) x0.
+  s_v = schedules.linear(prediction_type="v_prediction")
+  v_w, v_l = jax.jit(lambda p: pairs.pair_errors(standin.denoise, p, s_v, b, timestep_range=T_RANGE))(
+    dpo_step["policy"]
+  )
+  want_w, want_l = _np_errors(dpo_step["policy"], b, ac, "v_prediction")
+  np.testing.assert_allclose(np.asarray(v_w), want_w, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(v_l), want_l, rtol=1e-5)
+  # The step's log-prob metrics are the means of chosen = -e_w/2 and rejected = -e_l/2 over real pairs.
+  np.testing.assert_allclose(float(dpo_step["metrics"]["logps/chosen"]), -0.5 * e_w[:3].mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(dpo_step["metrics"]["logps/rejected"]), -0.5 * e_l[:3].mean(), rtol=1e-5)
 
 
 def test_equals_the_diffusers_research_example_in_torch(dpo_step):
