@@ -70,12 +70,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pofx import options
 from pofx.diffusion import schedules as schedules_lib
 
 Array = jax.Array
 Denoise = Callable[[object, Array, Array, Optional[Array]], Array]
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = options.DIFFUSION_SAMPLERS
 _LOG_SQRT_2PI = 0.5 * float(np.log(2.0 * np.pi))
 
 
