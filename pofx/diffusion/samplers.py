@@ -33,12 +33,12 @@ and x_{t_prev} = mean + std * z with the given standard normal noise z. With eta
 clipping the two are the same Gaussian (DDIM, Sec. 4.1); eta = 0 is the deterministic DDIM.
 
 The log-prob of a transition is the Gaussian density of x_{t_prev} under N(mean, std^2 I), summed
-over the image's H, W, C in float32 (DDPO, Black et al. 2023, arXiv:2305.13301, Sec. 4.3; D3PO,
-Yang et al. 2023, arXiv:2311.13231, Sec. 4):
+over the image's H, W, C in float32 (the policy's per-step likelihood of the denoising MDP of DDPO,
+Black et al. 2023, arXiv:2305.13301, Sec. 4, and of D3PO, Yang et al. 2023, arXiv:2311.13231):
 
     log p = sum_pixels [ -(x_{t_prev} - mean)^2 / (2 std^2) - log std - log sqrt(2 pi) ]
 
-(the authors' code, `ddim_step_with_logprob`, takes the mean over pixels instead, which is this
+(both authors' code, `ddim_step_with_logprob`, takes the mean over pixels instead, which is this
 divided by H * W * C). A deterministic transition (std = 0: DDIM with eta = 0, the DDPM step at
 t = 0, the DDIM step to the clean image) has no density; its log-prob is reported as 0.
 
@@ -244,8 +244,8 @@ def log_prob_of_step(
 ) -> Array:
   """`[B]` float32 log p_theta(x_prev | x_t) of a given transition under the model at `params`.
 
-  The Gaussian of `sampler`'s step (DDIM with `eta`, or DDPM), differentiable in `params` (D3PO,
-  arXiv:2311.13231, Eq. 9; DDPO, arXiv:2305.13301, Sec. 4.3). With eta = 1 (no clipping) the DDIM
+  The Gaussian of `sampler`'s step (DDIM with `eta`, or DDPM), differentiable in `params` (the per-step
+  likelihood that DDPO, arXiv:2305.13301, and D3PO, arXiv:2311.13231, train on). With eta = 1 (no clipping) the DDIM
   and DDPM transitions are the same Gaussian. A deterministic transition has no density: eta = 0
   is refused.
   """
