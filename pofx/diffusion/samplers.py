@@ -55,10 +55,11 @@ abar_{t_prev} (1 for the clean image) with the prediction of the denoiser at (x,
 with (x0_hat, eps_hat) read at x's own level abar_{t_prev}. It inverts the deterministic sampler
 up to the change of x between neighbouring steps.
 
-Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598, Eq. 6, written as diffusers'
-pipelines do): with `guidance_scale` w and the denoiser's null class (a class label trained as
-"no condition"), the prediction is u + w (c - u), c and u the predictions with the labels and
-with the null class (one denoiser call on the doubled batch).
+Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598, Eq. 6, (1 + w') c - w' u, written
+as diffusers' pipelines do with `guidance_scale` w = 1 + w'): with the denoiser's null class (a
+class label trained as "no condition"), the prediction is u + w (c - u), c and u the predictions
+with the labels and with the null class (one denoiser call on the doubled batch); w = 1 is the
+conditional prediction.
 """
 
 from __future__ import annotations
