@@ -75,8 +75,9 @@ def test_diffusion_dpo_with_sam_and_a_synced_reference_through_the_train_step():
   step = train.make_train_step(logps_fn, opt, loss="dpo", loss_hyper={"beta": beta}, reference=ref, donate=False)
   state = train.init_state(params, opt, ref, perturbations.none(), rng=jax.random.key(1))
   new, metrics = step(state, batch, jax.random.key(2))
-  np.testing.assert_allclose(metrics["loss"], authors_loss(params), rtol=1e-5)
-  expected = jax.tree.map(lambda p, g: p - 1e-3 * g, params, jax.grad(authors_loss)(params))
+  value, grads = jax.jit(jax.value_and_grad(authors_loss))(params)
+  np.testing.assert_allclose(metrics["loss"], value, rtol=2e-4)  # float32 errors, differences times beta/2
+  expected = jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), new.params, expected)
 
   # SAM and a synced reference compose with it: finite, the reference moves towards the policy at tau.
@@ -95,9 +96,9 @@ def test_d3po_through_the_train_step_on_per_step_log_probs():
   # Two chains of S steps per pair; each step's log-prob is the Gaussian density of the recorded
   # next latent around the stand-in's mean (x_t - 0.1 * prediction), averaged over dimensions.
   rng = np.random.default_rng(3)
-  b, s = 2, 3
+  b, s = 2, 2
   lat = jnp.asarray(rng.normal(size=(2, b, s + 1, H, W, C)), jnp.float32)
-  ts = jnp.asarray(np.tile([900, 600, 300], (b, 1)), jnp.int32)
+  ts = jnp.asarray(np.tile([900, 400], (b, 1)), jnp.int32)
   cond = jnp.zeros((b,), jnp.int32)
 
   def logps_fn(params, batch):
@@ -118,7 +119,8 @@ def test_d3po_through_the_train_step_on_per_step_log_probs():
   step = train.make_train_step(logps_fn, opt, loss="d3po", loss_hyper={"beta": 0.1}, reference=ref, donate=False)
   state = train.init_state(params, opt, ref, perturbations.none(), rng=jax.random.key(0))
   _, metrics = step(state, {"lat": lat, "t": ts}, jax.random.key(1))
-  p, r = logps_fn(params, {"lat": lat, "t": ts}), logps_fn(ref_params, {"lat": lat, "t": ts})
+  both = jax.jit(lambda a, b_: (logps_fn(a, {"lat": lat, "t": ts}), logps_fn(b_, {"lat": lat, "t": ts})))
+  p, r = both(params, ref_params)
   lo, hi = np.log(0.9), np.log(1.1)
   m = np.clip(p.chosen_token_logps - r.chosen_token_logps, lo, hi) - np.clip(
     p.rejected_token_logps - r.rejected_token_logps, lo, hi
@@ -164,6 +166,12 @@ def test_curriculum_orders_pairs_from_large_to_small_reward_gaps():
   np.testing.assert_array_equal(methods.curriculum_mask(gaps, 0, groups=3), [True, False, False, False, False])
   np.testing.assert_array_equal(methods.curriculum_mask(gaps, 1, groups=3), [True] * 5)
   # One stage more every update_every steps, capped at groups - 2.
-  assert [methods.curriculum_stage(s, update_every=500, groups=5) for s in (0, 499, 500, 1499, 10**6)] == [0, 0, 1, 2, 3]
+  assert [methods.curriculum_stage(s, update_every=500, groups=5) for s in (0, 499, 500, 1499, 10**6)] == [
+    0,
+    0,
+    1,
+    2,
+    3,
+  ]
   with pytest.raises(ValueError, match="groups=1; allowed: an integer >= 2"):
     methods.curriculum_thresholds(gaps, 1)

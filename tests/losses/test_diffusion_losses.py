@@ -88,8 +88,8 @@ def test_pair_logps_from_predictions_and_the_sdpo_scale():
       pofx.losses.dpo(methods.pair_logps(pw_, pl_, tgt_w, tgt_l, winner_preserving_mu=mu_), ref, beta=5000.0)
     )
 
-  gw0, gl0 = jax.grad(loss, argnums=(0, 1))(pred_w, pred_l, None)
-  gw1, gl1 = jax.grad(loss, argnums=(0, 1))(pred_w, pred_l, mu)
+  gw0, gl0 = jax.jit(jax.grad(lambda a, b: loss(a, b, None), argnums=(0, 1)))(pred_w, pred_l)
+  gw1, gl1 = jax.jit(jax.grad(lambda a, b: loss(a, b, mu), argnums=(0, 1)))(pred_w, pred_l)
   np.testing.assert_allclose(gw1, gw0, rtol=1e-5, atol=1e-9)
   np.testing.assert_allclose(gl1, lam * gl0, rtol=1e-4, atol=1e-9)
   with pytest.raises(ValueError, match=r"mu=1.5; allowed: \[0, 1\]"):
@@ -122,7 +122,7 @@ def test_d3po_matches_the_authors_per_step_loss():
   np.testing.assert_allclose(pofx.losses.d3po(policy, reference, beta=beta, eps=eps), expected, rtol=1e-5)
 
   # Gradient: d/dl_w of beta-log-ratio DPO is -beta sigmoid(-beta m) inside the clip range, 0 outside.
-  g = jax.grad(lambda c: jnp.sum(pofx.losses.d3po(policy.replace(chosen_token_logps=c), reference)))(
+  g = jax.jit(jax.grad(lambda c: jnp.sum(pofx.losses.d3po(policy.replace(chosen_token_logps=c), reference))))(
     policy.chosen_token_logps
   )
   m = np.clip(pw - rw, math.log(0.9), math.log(1.1)) - np.clip(pl - rl, math.log(0.9), math.log(1.1))
