@@ -10,6 +10,10 @@ diffusion `PairLogps`; the descendants are in `pofx/losses/_diffusion.py`).
   predictions and targets, optionally with Diffusion-SDPO's winner-preserving safeguard
   (`winner_preserving_scale`, `scale_gradient`), and `make_pair_logps_fn` that builds a
   `logps_fn` for `pofx.train.make_train_step` from any function returning predictions and targets.
+- `patch_weighted_errors`, `patch_pair_logps`, `make_patch_logps_fn`: PatchDPO's per-image errors
+  weighted by patch quality maps (the loss is `pofx.losses.patch_dpo`).
+- `inversion_divergence`: Inversion-DPO's weighted divergence of the policy from the reference
+  along a DDIM-inversion path.
 - `gaussian_step_logps`: the per-step Gaussian log-density of a sampler transition, averaged or
   summed over latent dimensions (D3PO / SPO / the dense-reward view read it per step).
 - `spo_select`: SPO's choice of a winner and a loser among k candidates of one step.
@@ -132,6 +136,85 @@ def make_pair_logps_fn(predict: Callable, *, winner_preserving_mu: Optional[floa
     return pair_logps(pred_w, pred_l, target_w, target_l, winner_preserving_mu=winner_preserving_mu)
 
   return logps_fn
+
+
+# -------------------------------------------------------------------------------------------------
+# PatchDPO: patch-quality-weighted errors
+# -------------------------------------------------------------------------------------------------
+
+
+def patch_weighted_errors(prediction: Array, target: Array, patch_weights: Array) -> Array:
+  r"""Per-image mean over H, W, C of `w * (prediction - target)^2`, `[B]` float32.
+
+  `patch_weights` `[B, h, w]` (h divides H, w divides W) holds one weight per patch of
+  `H/h x W/w` pixels, shared by the channels; with `h, w = H, W` a weight per pixel (the
+  authors' maps are at the latent resolution). Weights are data: no gradient flows into them.
+  """
+  pred = _f32(prediction)
+  b, hh, ww = pred.shape[0], pred.shape[1], pred.shape[2]
+  wts = jax.lax.stop_gradient(_f32(patch_weights))
+  if wts.ndim != 3 or wts.shape[0] != b or hh % wts.shape[1] or ww % wts.shape[2]:
+    raise ValueError(
+      f"patch_weighted_errors: patch_weights must be [B, h, w] with h dividing {hh} and w dividing {ww} "
+      f"(B = {b}); got {tuple(wts.shape)}."
+    )
+  wts = jnp.repeat(jnp.repeat(wts, hh // wts.shape[1], axis=1), ww // wts.shape[2], axis=2)
+  d = pred - _f32(target)
+  return jnp.mean(wts[..., None] * d * d, axis=tuple(range(1, d.ndim)))
+
+
+def patch_pair_logps(pred_w, pred_l, target_w, target_l, quality_w, quality_l) -> PairLogps:
+  r"""PatchDPO's pair: `chosen = -0.5 E~_w`, `rejected = -0.5 E~_l` with patch-weighted errors.
+
+  The chosen image is the reference (subject) image, the rejected one the model's generation;
+  `quality_w` `[B, h, w]` is the estimated quality of the generation's patches matched onto the
+  reference image and `quality_l` the quality of the generation's own patches (in [0, 1]). The
+  reference image is weighted by `1 - quality_w` (learn the subject where the generation failed),
+  the generation by `quality_l` (keep what it got right): the authors'
+  `region_weight = cat([1 - target_rmap, contra_rmap])`.
+  """
+  e_w = patch_weighted_errors(pred_w, target_w, 1.0 - _f32(quality_w))
+  e_l = patch_weighted_errors(pred_l, target_l, quality_l)
+  return PairLogps(chosen=-0.5 * e_w, rejected=-0.5 * e_l)
+
+
+def make_patch_logps_fn(predict: Callable) -> Callable[..., PairLogps]:
+  """A `logps_fn(params, batch)` for PatchDPO: `predict(params, batch) -> (pred_w, pred_l,
+  target_w, target_l)` as in `make_pair_logps_fn`, and the quality maps under
+  `batch["chosen_patch_quality"]`, `batch["rejected_patch_quality"]` (`[B, h, w]`), through
+  `patch_pair_logps`."""
+
+  def logps_fn(params, batch):
+    pred_w, pred_l, target_w, target_l = predict(params, batch)
+    return patch_pair_logps(
+      pred_w, pred_l, target_w, target_l, batch["chosen_patch_quality"], batch["rejected_patch_quality"]
+    )
+
+  return logps_fn
+
+
+# -------------------------------------------------------------------------------------------------
+# Inversion-DPO: divergence from the reference along a DDIM-inversion path
+# -------------------------------------------------------------------------------------------------
+
+
+def inversion_divergence(policy_preds: Array, reference_preds: Array, alpha_cumprod: Array) -> Array:
+  r"""Inversion-DPO's `D = (1/N) sum_t w_t mean((eps_theta(x_t) - eps_ref(x_t))^2)`, `[B]`.
+
+  `policy_preds`, `reference_preds` `[N, B, H, W, C]` are the two models' predictions at the N
+  latents of a DDIM inversion of the image (run with the reference), `alpha_cumprod` `[N]` the
+  schedule's `alphas_cumprod` at those timesteps, and `w_t = (1 - abar_t) / (2 (1 - abar_t) abar_t)
+  = 1 / (2 abar_t)` (the authors' weight, written as in their code).
+
+  References: Li et al. 2025, "Inversion-DPO: Precise and Efficient Post-Training for Diffusion
+  Models", arXiv:2507.11554; code MIGHTYEZ/Inversion-DPO `train_ddim.py` (the loop over
+  `num_inference_steps` after `ddim_inversion`).
+  """
+  a = _f32(alpha_cumprod)
+  w = (1.0 - a) / (2.0 * (1.0 - a) * a)
+  d = _f32(policy_preds) - _f32(reference_preds)
+  per_step = jnp.mean(d * d, axis=tuple(range(2, d.ndim)))  # [N, B]
+  return jnp.sum(w[:, None] * per_step, axis=0) / a.shape[0]
 
 
 # -------------------------------------------------------------------------------------------------

@@ -88,6 +88,7 @@ from pofx.losses._diffusion import (
   dense_reward_step_weights,
   diffusion_dro,
   diffusion_kto,
+  patch_dpo,
   reg_dpo,
   smpo,
   smpo_preference,
@@ -362,4 +363,5 @@ __all__ = [
   "smpo_preference",
   "reg_dpo",
   "diffusion_dro",
+  "patch_dpo",
 ]

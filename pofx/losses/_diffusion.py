@@ -348,6 +348,32 @@ def diffusion_dro(policy, reference, *, margin: float = 0.001) -> Array:
   return jnp.maximum(margin - 2.0 * (lr_w - lr_l), 0.0)
 
 
+def patch_dpo(policy, reference=None) -> Array:
+  r"""PatchDPO: the denoising loss of both images, each weighted patch by patch by estimated quality.
+
+  With the PatchDPO pair (`pofx.diffusion.methods.patch_pair_logps` / `make_patch_logps_fn`):
+  `chosen = -0.5 E~_w` on the reference (subject) image weighted by `1 - q` where the generation
+  failed, `rejected = -0.5 E~_l` on the generation weighted by its patch quality `q`,
+
+    `L = (E~_w + E~_l) / 2 = -(chosen + rejected)`,
+
+  the authors' `weighted_mse_loss` (a mean over the 2B images). High-quality patches of the
+  generation are reinforced; where they are poor the model learns the reference image's patch
+  instead. No reference model (the preference is carried by the quality maps).
+
+  Args:
+    policy: the PatchDPO `PairLogps` (patch-weighted errors; with unweighted errors this is the
+      plain denoising loss of both images).
+    reference: unused.
+
+  References: Huang et al. 2025, "PatchDPO: Patch-level DPO for Finetuning-free Personalized Image
+  Generation", arXiv:2412.03177; code hqhQAQ/PatchDPO `train_patchdpo.py` (`weighted_mse_loss`,
+  `region_weight`).
+  """
+  _common.check_inputs("patch_dpo", policy)
+  return -(_f32(policy.chosen) + _f32(policy.rejected))
+
+
 _DIFFUSION = "diffusion"
 
 SPECS = (
@@ -394,5 +420,12 @@ SPECS = (
     diffusion_dro,
     _DIFFUSION,
     "arXiv:2510.18353 (Diffusion-DRO); basiclab/DiffusionDRO train.py (hinge, margin 0.001)",
+  ),
+  LossSpec(
+    "patch_dpo",
+    patch_dpo,
+    _DIFFUSION,
+    "Huang et al. 2025, arXiv:2412.03177; hqhQAQ/PatchDPO train_patchdpo.py (weighted_mse_loss on patch-weighted errors)",
+    reference="unused",
   ),
 )

@@ -175,3 +175,17 @@ def test_curriculum_orders_pairs_from_large_to_small_reward_gaps():
   ]
   with pytest.raises(ValueError, match="groups=1; allowed: an integer >= 2"):
     methods.curriculum_thresholds(gaps, 1)
+
+
+def test_inversion_divergence_is_the_authors_weighted_sum():
+  rng = np.random.default_rng(6)
+  n, b = 3, 2
+  pol, ref = rng.normal(size=(2, n, b, 2, 2, 1))
+  abar = np.array([0.9, 0.5, 0.2])
+  # MIGHTYEZ/Inversion-DPO train_ddim.py: sum_t weight_t * mean((e - e_ref)^2) / num_inference_steps,
+  # weight = (1 - abar) / (2 (1 - abar) abar), one image at a time.
+  expected = [
+    sum((1 - a) / (2 * (1 - a) * a) * np.mean((pol[t, i] - ref[t, i]) ** 2) for t, a in enumerate(abar)) / n
+    for i in range(b)
+  ]
+  np.testing.assert_allclose(methods.inversion_divergence(pol, ref, abar), expected, rtol=1e-5)

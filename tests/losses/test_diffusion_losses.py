@@ -237,3 +237,26 @@ def test_reg_dpo_and_diffusion_dro():
   got = pofx.losses.diffusion_dro(policy, reference)
   np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-7)
   assert (expected > 0).any() and (expected == 0).any()
+
+
+def test_patch_dpo_is_the_authors_weighted_mse_on_quality_maps():
+  rng = np.random.default_rng(7)
+  b, h, w, c = 2, 4, 4, 3
+  pred_w, pred_l, noise = (rng.normal(size=(b, h, w, c)).astype(np.float32) for _ in range(3))
+  q_w, q_l = rng.uniform(size=(b, 2, 2)), rng.uniform(size=(b, 2, 2))  # one quality per 2x2 patch
+  # hqhQAQ/PatchDPO train_patchdpo.py, NCHW: region_weight = cat([1 - target_rmap, contra_rmap]) (maps at the
+  # prediction's resolution, here each patch's value repeated over its 2x2 pixels), weighted_mse_loss = mean(w * d^2).
+  up = lambda q: torch.tensor(np.repeat(np.repeat(q, 2, axis=1), 2, axis=2))[:, None]
+  nchw = lambda x: torch.tensor(x).permute(0, 3, 1, 2).double()
+  model_pred = torch.cat([nchw(pred_w), nchw(pred_l)])
+  target = torch.cat([nchw(noise), nchw(noise)])
+  region_weight = torch.cat([1 - up(q_w), up(q_l)], dim=0)
+  expected = float(torch.mean((model_pred - target) ** 2 * region_weight))
+  policy = methods.patch_pair_logps(pred_w, pred_l, noise, noise, q_w, q_l)
+  np.testing.assert_allclose(pofx.losses.batch_loss("patch_dpo", policy), expected, rtol=1e-5)
+  # The logps_fn reads the maps from the batch.
+  fn = methods.make_patch_logps_fn(lambda params, batch: (pred_w, pred_l, noise, noise))
+  p2 = fn(None, {"chosen_patch_quality": q_w, "rejected_patch_quality": q_l})
+  np.testing.assert_allclose(p2.chosen, policy.chosen)
+  with pytest.raises(ValueError, match=r"patch_weights must be \[B, h, w\] with h dividing 4"):
+    methods.patch_weighted_errors(pred_w, noise, np.ones((b, 3, 3)))
