@@ -16,6 +16,8 @@ diffusion `PairLogps`; the descendants are in `pofx/losses/_diffusion.py`).
   along a DDIM-inversion path.
 - `gaussian_step_logps`: the per-step Gaussian log-density of a sampler transition, averaged or
   summed over latent dimensions (D3PO / SPO / the dense-reward view read it per step).
+- `make_trajectory_logps_fn`: the per-step log-probs of two recorded chains as a `PairLogps` on the
+  step axis, for `d3po` (SPO: chains of one step) and `dense_reward_dpo`.
 - `spo_select`: SPO's choice of a winner and a loser among k candidates of one step.
 - `inversion_noise`: the noise implied by a latent reached by inversion (SmPO, Inversion-DPO).
 - `curriculum_thresholds`, `curriculum_stage`, `curriculum_mask`, `curriculum_pairs`: Curriculum
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pofx._pair_logps import PairLogps
+from pofx.diffusion import samplers
 
 Array = jax.Array
 
@@ -239,6 +242,56 @@ def gaussian_step_logps(next_latent: Array, mean: Array, std: Array, *, reduce: 
   lp = -((x - m) ** 2) / (2.0 * s * s) - jnp.log(s) - 0.5 * math.log(2.0 * math.pi)
   axes = tuple(range(1, lp.ndim))
   return jnp.mean(lp, axis=axes) if reduce == "mean" else jnp.sum(lp, axis=axes)
+
+
+def make_trajectory_logps_fn(
+  denoise: Callable,
+  schedule,
+  *,
+  eta: float = 1.0,
+  sampler: str = "ddim",
+  reduce: str = "mean",
+  clip_sample: Optional[float] = None,
+) -> Callable[..., PairLogps]:
+  r"""A `logps_fn(params, batch) -> PairLogps` of per-step log-probs of two recorded reverse chains.
+
+  `batch` holds `chosen_latents`, `rejected_latents` `[S + 1, B, H, W, C]` (the chain, x_T first,
+  as `pofx.diffusion.samplers.sample` records it), `timesteps`, `prev_timesteps` `[S]` (the
+  steps' t and t_prev), `class_labels` `[B]` (or absent) and optionally `step_mask` `[B, S]` (1 on
+  the steps trained; default all). For each step j and each chain the model's transition
+  Gaussian `N(mean_theta(x_j, t_j), std^2)` (`samplers.transition`: DDIM with `eta`, or DDPM)
+  gives `l_j = log p_theta(x_{j+1} | x_j)`, averaged over latent dimensions (`reduce="mean"`,
+  as the D3PO, SPO and dense-reward codes do) or summed (`"sum"`, the density). The result is
+  `PairLogps.from_tokens` on `[B, S]`, step 0 the first denoising step. A chain of one step per
+  pair (a shared `x_t` and two candidates `x_{t-1}`) is SPO's step-wise pair.
+  """
+  if reduce not in ("mean", "sum"):
+    raise ValueError(f"make_trajectory_logps_fn: invalid reduce={reduce!r}; allowed: ['mean', 'sum'].")
+  if sampler == "ddim" and float(eta) <= 0.0:
+    raise ValueError(f"make_trajectory_logps_fn: eta={eta!r}; a deterministic DDIM step has no density: use eta > 0.")
+
+  def chain_logps(params, latents, ts, prev_ts, cond):
+    def one(args):
+      x_t, x_prev, t, t_prev = args
+      tb = jnp.full((x_t.shape[0],), t, jnp.int32)
+      pred = denoise(params, x_t, tb, cond)
+      mean, std, _ = samplers.transition(
+        schedule, pred, x_t, tb, jnp.full_like(tb, t_prev), sampler=sampler, eta=eta, clip_sample=clip_sample
+      )
+      return gaussian_step_logps(x_prev, mean, std, reduce=reduce)
+
+    per_step = jax.lax.map(one, (latents[:-1], latents[1:], jnp.asarray(ts), jnp.asarray(prev_ts)))
+    return per_step.T  # [B, S]
+
+  def logps_fn(params, batch):
+    cond = batch.get("class_labels")
+    ts, prev_ts = batch["timesteps"], batch["prev_timesteps"]
+    c = chain_logps(params, _f32(batch["chosen_latents"]), ts, prev_ts, cond)
+    r = chain_logps(params, _f32(batch["rejected_latents"]), ts, prev_ts, cond)
+    mask = batch.get("step_mask", jnp.ones(c.shape, jnp.float32))
+    return PairLogps.from_tokens(c, mask, r, mask)
+
+  return logps_fn
 
 
 # -------------------------------------------------------------------------------------------------

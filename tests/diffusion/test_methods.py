@@ -13,9 +13,9 @@ import optax
 import pytest
 import torch
 
-import pofx
 from pofx import perturbations, references, train
-from pofx.diffusion import methods
+from pofx.diffusion import methods, schedules
+from tests.diffusion import standin
 
 # A stand-in denoiser (the UNet lives on another branch): one 3x3 convolution of the noised image
 # plus a per-class bias scaled by the timestep, NHWC.
@@ -92,39 +92,74 @@ def test_diffusion_dpo_with_sam_and_a_synced_reference_through_the_train_step():
   assert not np.allclose(s.params["conv"], params["conv"])
 
 
-def test_d3po_through_the_train_step_on_per_step_log_probs():
-  # Two chains of S steps per pair; each step's log-prob is the Gaussian density of the recorded
-  # next latent around the stand-in's mean (x_t - 0.1 * prediction), averaged over dimensions.
-  rng = np.random.default_rng(3)
-  b, s = 2, 2
-  lat = jnp.asarray(rng.normal(size=(2, b, s + 1, H, W, C)), jnp.float32)
-  ts = jnp.asarray(np.tile([900, 400], (b, 1)), jnp.int32)
-  cond = jnp.zeros((b,), jnp.int32)
+ABAR_LINEAR = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))  # diffusers' DDPMScheduler defaults, by hand
+STEPS = ((800, 400), (400, 0))
 
-  def logps_fn(params, batch):
-    def chain(x):
-      per = []
-      for j in range(s):
-        mean = x[:, j] - 0.1 * _denoise(params, x[:, j], batch["t"][:, j], cond)
-        per.append(methods.gaussian_step_logps(x[:, j + 1], mean, 1.0))
-      return jnp.stack(per, -1)
 
-    mask = jnp.ones((b, s))
-    return pofx.PairLogps.from_tokens(chain(batch["lat"][0]), mask, chain(batch["lat"][1]), mask)
+def _hand_step(params, x_t, t, t_prev, cond, eta):
+  """(mean, std) of diffusers' DDIM(eta) step from the torch twin's prediction, in float64 numpy."""
+  eps = standin.torch_denoise(
+    params,
+    torch.tensor(x_t.transpose(0, 3, 1, 2), dtype=torch.float32),
+    torch.full((x_t.shape[0],), t),
+    torch.tensor(np.asarray(cond)),
+  )
+  eps = eps.numpy().transpose(0, 2, 3, 1).astype(np.float64)
+  a, ap = ABAR_LINEAR[t], ABAR_LINEAR[t_prev]
+  x0 = (x_t - np.sqrt(1 - a) * eps) / np.sqrt(a)
+  std = eta * np.sqrt((1 - ap) / (1 - a) * (1 - a / ap))
+  return np.sqrt(ap) * x0 + np.sqrt(1 - ap - std**2) * eps, std
 
-  params = _init(1)
-  ref_params = jax.tree.map(lambda x: x * 0.9, params)
+
+def _chains(params, eta, b=2, seed=3):
+  """Two chains per pair sampled by hand from the model at `params`; and their per-step log-probs."""
+  rng = np.random.default_rng(seed)
+  cond = rng.integers(0, 3, b)
+  batch, expected = {}, {}
+  for side in ("chosen", "rejected"):
+    x = [rng.normal(size=(b, H, W, C))]
+    lps = []
+    for t, tp in STEPS:
+      mean, std = _hand_step(params, x[-1], t, tp, cond, eta)
+      x.append(mean + std * rng.normal(size=mean.shape))
+      lp = -((x[-1] - mean) ** 2) / (2 * std**2) - np.log(std) - 0.5 * np.log(2 * np.pi)
+      lps.append(lp.mean(axis=(1, 2, 3)))
+    batch[f"{side}_latents"] = jnp.asarray(np.stack(x), jnp.float32)
+    expected[side] = np.stack(lps, -1)
+  batch["timesteps"] = jnp.asarray([t for t, _ in STEPS], jnp.int32)
+  batch["prev_timesteps"] = jnp.asarray([tp for _, tp in STEPS], jnp.int32)
+  batch["class_labels"] = jnp.asarray(cond, jnp.int32)
+  return batch, expected
+
+
+def test_trajectory_logps_fn_is_the_ddim_eta_gaussian_of_each_step():
+  eta, schedule = 0.7, schedules.linear()
+  params = standin.init(jax.random.key(0))
+  batch, expected = _chains(params, eta)
+  got = methods.make_trajectory_logps_fn(standin.denoise, schedule, eta=eta)(params, batch)
+  np.testing.assert_allclose(got.chosen_token_logps, expected["chosen"], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(got.rejected_token_logps, expected["rejected"], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(got.chosen, expected["chosen"].sum(-1), rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="eta=0.0; a deterministic DDIM step has no density"):
+    methods.make_trajectory_logps_fn(standin.denoise, schedule, eta=0.0)
+
+
+def test_d3po_through_the_train_step_on_recorded_chains():
+  params = standin.init(jax.random.key(1))
+  batch, _ = _chains(params, 1.0, seed=4)
+  logps_fn = methods.make_trajectory_logps_fn(standin.denoise, schedules.linear(), eta=1.0)
+  ref_params = jax.tree.map(lambda x: x * 0.97, params)
   ref = references.frozen(ref_params, logps_fn)
   opt = optax.sgd(0.1)
   step = train.make_train_step(logps_fn, opt, loss="d3po", loss_hyper={"beta": 0.1}, reference=ref, donate=False)
   state = train.init_state(params, opt, ref, perturbations.none(), rng=jax.random.key(0))
-  _, metrics = step(state, {"lat": lat, "t": ts}, jax.random.key(1))
-  both = jax.jit(lambda a, b_: (logps_fn(a, {"lat": lat, "t": ts}), logps_fn(b_, {"lat": lat, "t": ts})))
-  p, r = both(params, ref_params)
+  _, metrics = step(state, batch, jax.random.key(1))
+  p, r = jax.jit(lambda a, b_: (logps_fn(a, batch), logps_fn(b_, batch)))(params, ref_params)
   lo, hi = np.log(0.9), np.log(1.1)
   m = np.clip(p.chosen_token_logps - r.chosen_token_logps, lo, hi) - np.clip(
     p.rejected_token_logps - r.rejected_token_logps, lo, hi
   )
+  assert 0 < np.abs(m).max() < 0.19  # some log-ratios inside the clip range
   np.testing.assert_allclose(metrics["loss"], np.mean(np.log1p(np.exp(-0.1 * m))), rtol=1e-5)
 
 
