@@ -264,6 +264,12 @@ def make_trajectory_logps_fn(
   as the D3PO, SPO and dense-reward codes do) or summed (`"sum"`, the density). The result is
   `PairLogps.from_tokens` on `[B, S]`, step 0 the first denoising step. A chain of one step per
   pair (a shared `x_t` and two candidates `x_{t-1}`) is SPO's step-wise pair.
+
+  With `batch["step_preference"]` `[B, S]` (+1: the chosen chain's step wins, -1: the rejected
+  chain's, 0: a tie), step-wise labels (e.g. a reward of each step's predicted clean image, as
+  the image world's `stepwise_labels`) replace the one label of the pair: a -1 step swaps the two
+  chains' log-probs at that step and a tie leaves the step out (mask 0). The policy and the
+  reference read the same batch, so they swap alike.
   """
   if reduce not in ("mean", "sum"):
     raise ValueError(f"make_trajectory_logps_fn: invalid reduce={reduce!r}; allowed: ['mean', 'sum'].")
@@ -288,7 +294,11 @@ def make_trajectory_logps_fn(
     ts, prev_ts = batch["timesteps"], batch["prev_timesteps"]
     c = chain_logps(params, _f32(batch["chosen_latents"]), ts, prev_ts, cond)
     r = chain_logps(params, _f32(batch["rejected_latents"]), ts, prev_ts, cond)
-    mask = batch.get("step_mask", jnp.ones(c.shape, jnp.float32))
+    mask = _f32(batch.get("step_mask", jnp.ones(c.shape, jnp.float32)))
+    if "step_preference" in batch:
+      pref = _f32(batch["step_preference"])
+      c, r = jnp.where(pref < 0, r, c), jnp.where(pref < 0, c, r)
+      mask = mask * (pref != 0)
     return PairLogps.from_tokens(c, mask, r, mask)
 
   return logps_fn

@@ -140,6 +140,14 @@ def test_trajectory_logps_fn_is_the_ddim_eta_gaussian_of_each_step():
   np.testing.assert_allclose(got.chosen_token_logps, expected["chosen"], rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(got.rejected_token_logps, expected["rejected"], rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(got.chosen, expected["chosen"].sum(-1), rtol=1e-4, atol=1e-4)
+  # Step-wise labels: step 1 of pair 0 won by the rejected chain (swapped), step 0 of pair 1 a tie (dropped).
+  pref = np.array([[1.0, -1.0], [0.0, 1.0]])
+  got = methods.make_trajectory_logps_fn(standin.denoise, schedule, eta=eta)(params, {**batch, "step_preference": pref})
+  want_c = np.where(pref < 0, expected["rejected"], expected["chosen"]) * (pref != 0)
+  want_r = np.where(pref < 0, expected["chosen"], expected["rejected"]) * (pref != 0)
+  np.testing.assert_allclose(got.chosen_token_logps, want_c, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(got.rejected_token_logps, want_r, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(got.chosen_mask, pref != 0)
   with pytest.raises(ValueError, match="eta=0.0; a deterministic DDIM step has no density"):
     methods.make_trajectory_logps_fn(standin.denoise, schedule, eta=0.0)
 
