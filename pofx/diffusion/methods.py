@@ -9,7 +9,8 @@ diffusion `PairLogps`; the descendants are in `pofx/losses/_diffusion.py`).
 - `denoising_errors`, `pair_logps`: the diffusion `PairLogps` (`chosen = -0.5 e_w`) from
   predictions and targets, optionally with Diffusion-SDPO's winner-preserving safeguard
   (`winner_preserving_scale`, `scale_gradient`), and `make_pair_logps_fn` that builds a
-  `logps_fn` for `pofx.train.make_train_step` from any function returning predictions and targets.
+  `logps_fn` for `pofx.train.make_train_step` from any function returning predictions and targets
+  (`make_pairs_predict`: those of an `ImagePairs` batch, drawn as `pofx.diffusion.pairs` draws them).
 - `patch_weighted_errors`, `patch_pair_logps`, `make_patch_logps_fn`: PatchDPO's per-image errors
   weighted by patch quality maps (the loss is `pofx.losses.patch_dpo`).
 - `inversion_divergence`: Inversion-DPO's weighted divergence of the policy from the reference
@@ -34,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pofx._pair_logps import PairLogps
-from pofx.diffusion import samplers
+from pofx.diffusion import pairs as pairs_lib
+from pofx.diffusion import samplers, schedules
 
 Array = jax.Array
 
@@ -139,6 +141,31 @@ def make_pair_logps_fn(predict: Callable, *, winner_preserving_mu: Optional[floa
     return pair_logps(pred_w, pred_l, target_w, target_l, winner_preserving_mu=winner_preserving_mu)
 
   return logps_fn
+
+
+def make_pairs_predict(denoise: Callable, schedule, *, timestep_range=None) -> Callable:
+  r"""`predict(params, batch) -> (pred_w, pred_l, target_w, target_l)` of `batch["pairs"]` (an `ImagePairs`).
+
+  The same draw as `pofx.diffusion.pairs.make_logps_fn`: per pair, the timestep and the noise
+  from its key (`pairs.timesteps_and_noise`), shared by the chosen and the rejected image;
+  `x_t = add_noise(x0, eps, t)`, the target `schedules.target(x0, eps, t)` of the schedule's
+  prediction type, one denoiser call on [chosen; rejected]. For `make_pair_logps_fn` (Diffusion-SDPO's
+  safeguard) and `make_patch_logps_fn` (PatchDPO), which need the predictions, not only the errors.
+  """
+
+  def predict(params, batch):
+    p = batch["pairs"]
+    b = p.chosen.shape[0]
+    t, eps = pairs_lib.timesteps_and_noise(p.noise_keys, p.chosen.shape[1:], schedule, timestep_range)
+    x0 = jnp.concatenate([_f32(p.chosen), _f32(p.rejected)])
+    eps2, t2 = jnp.concatenate([eps, eps]), jnp.concatenate([t, t])
+    x_t = schedules.add_noise(schedule, x0, eps2, t2)
+    target = schedules.target(schedule, x0, eps2, t2)
+    cond = None if p.class_labels is None else jnp.concatenate([p.class_labels, p.class_labels])
+    pred = _f32(denoise(params, x_t, t2, cond))
+    return pred[:b], pred[b:], target[:b], target[b:]
+
+  return predict
 
 
 # -------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pofx import perturbations, references, train
-from pofx.diffusion import methods, schedules
+from pofx.diffusion import methods, pairs, schedules
 from tests.diffusion import standin
 
 # A stand-in denoiser (the UNet lives on another branch): one 3x3 convolution of the noised image
@@ -232,3 +232,28 @@ def test_inversion_divergence_is_the_authors_weighted_sum():
     for i in range(b)
   ]
   np.testing.assert_allclose(methods.inversion_divergence(pol, ref, abar), expected, rtol=1e-5)
+
+
+def test_sdpo_logps_fn_on_image_pairs():
+  # On an ImagePairs batch, make_pair_logps_fn(make_pairs_predict(...)) has the values of the
+  # contract's pairs.make_logps_fn (the same draw of timesteps and noise), with or without the
+  # safeguard, whose lambda is the authors' (checked in tests/losses/test_diffusion_losses.py).
+  rng = np.random.default_rng(8)
+  b = 3
+  batch = {
+    "pairs": pairs.ImagePairs(
+      chosen=jnp.asarray(rng.uniform(-1, 1, (b, H, W, C)), jnp.float32),
+      rejected=jnp.asarray(rng.uniform(-1, 1, (b, H, W, C)), jnp.float32),
+      class_labels=jnp.asarray(rng.integers(0, 3, b), jnp.int32),
+      noise_keys=jax.random.key_data(jax.random.split(jax.random.key(5), b)),
+      pair_mask=jnp.ones((b,), jnp.float32),
+    )
+  }
+  schedule, params = schedules.cosine(), standin.init(jax.random.key(2))
+  fns = (
+    pairs.make_logps_fn(standin.denoise, schedule),
+    methods.make_pair_logps_fn(methods.make_pairs_predict(standin.denoise, schedule), winner_preserving_mu=0.9),
+  )
+  ref, got = jax.jit(lambda p: tuple(f(p, batch) for f in fns))(params)
+  np.testing.assert_allclose(got.chosen, ref.chosen, rtol=1e-6)
+  np.testing.assert_allclose(got.rejected, ref.rejected, rtol=1e-6)
