@@ -425,7 +425,7 @@ SPECS = (
     "patch_dpo",
     patch_dpo,
     _DIFFUSION,
-    "Huang et al. 2025, arXiv:2412.03177; hqhQAQ/PatchDPO train_patchdpo.py (weighted_mse_loss on patch-weighted errors)",
+    "Huang et al. 2025, arXiv:2412.03177; hqhQAQ/PatchDPO train_patchdpo.py (weighted_mse_loss, patch weights)",
     reference="unused",
   ),
 )
