@@ -59,37 +59,39 @@ def _batch(b=4, seed=0):
 
 def test_diffusion_dpo_with_sam_and_a_synced_reference_through_the_train_step():
   logps_fn = methods.make_pair_logps_fn(_predict)
-  params, batch, beta = _init(0), _batch(), 5000.0
-  opt = optax.sgd(1e-3)
-  ref_params = jax.tree.map(lambda x: x + 0.01, params)  # a reference that differs from the policy
+  params, batch, beta, rho, lr = _init(0), _batch(), 5000.0, 0.05, 1e-3
 
-  # Plain step with a frozen reference: the update is -lr * the gradient of the authors' loss, by hand.
-  def authors_loss(p):
+  # The authors' Diffusion-DPO loss of the policy `p` against the reference `r`, written out.
+  def authors_loss(p, r):
     pw, pl, tw, tl = _predict(p, batch)
-    rw, rl, _, _ = _predict(ref_params, batch)
+    rw, rl, _, _ = _predict(r, batch)
     e = lambda a, b: jnp.mean((a - b) ** 2, axis=(1, 2, 3))
     inside = -0.5 * beta * ((e(pw, tw) - e(pl, tl)) - (e(rw, tw) - e(rl, tl)))
     return jnp.mean(jax.nn.softplus(-inside))
 
-  ref = references.frozen(ref_params, logps_fn)
-  step = train.make_train_step(logps_fn, opt, loss="dpo", loss_hyper={"beta": beta}, reference=ref, donate=False)
-  state = train.init_state(params, opt, ref, perturbations.none(), rng=jax.random.key(1))
-  new, metrics = step(state, batch, jax.random.key(2))
-  value, grads = jax.jit(jax.value_and_grad(authors_loss))(params)
-  np.testing.assert_allclose(metrics["loss"], value, rtol=2e-4)  # float32 errors, differences times beta/2
-  expected = jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), new.params, expected)
+  value_and_grad = jax.jit(jax.value_and_grad(authors_loss))
+  # One step by hand: the synced reference starts as the policy; SAM ascends to p + rho g / |g|, the
+  # gradient there updates p (SGD); then TR-DPO (tau = 1) mixes the reference: 0.5 p_new + 0.5 ref.
+  value, g0 = value_and_grad(params, params)
+  norm = optax.global_norm(g0)
+  _, g_sam = value_and_grad(jax.tree.map(lambda p, g: p + rho * g / (norm + 1e-12), params, g0), params)
+  new_params = jax.tree.map(lambda p, g: p - lr * g, params, g_sam)
+  new_ref = jax.tree.map(lambda a, b: 0.5 * a + 0.5 * b, new_params, params)
 
-  # SAM and a synced reference compose with it: finite, the reference moves towards the policy at tau.
-  synced = references.synced(0.5, 1, logps_fn)
-  sam_step = train.make_train_step(
-    logps_fn, opt, loss="dpo", loss_hyper={"beta": beta}, reference=synced, perturbation=perturbations.sam(0.05)
+  ref = references.synced(0.5, 1, logps_fn)
+  step = train.make_train_step(
+    logps_fn, optax.sgd(lr), loss="dpo", loss_hyper={"beta": beta}, reference=ref, perturbation=perturbations.sam(rho)
   )
-  s = train.init_state(params, opt, synced, perturbations.sam(0.05), rng=jax.random.key(1))
-  for i in range(2):
-    s, m = sam_step(s, batch, jax.random.key(3 + i))
-    assert np.isfinite(float(m["loss"])) and float(m.get("nonfinite", 0.0)) == 0.0
-  assert not np.allclose(s.params["conv"], params["conv"])
+  state = train.init_state(params, optax.sgd(lr), ref, perturbations.sam(rho), rng=jax.random.key(1))
+  state, metrics = step(state, batch, jax.random.key(2))
+  np.testing.assert_allclose(metrics["loss"], np.log(2.0), rtol=1e-6)  # the reference is the policy
+  np.testing.assert_allclose(value, np.log(2.0), rtol=1e-6)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  jax.tree.map(close, state.params, new_params)
+  jax.tree.map(close, state.ref_state, new_ref)
+  assert not np.allclose(state.params["conv"], params["conv"])
+  state, metrics = step(state, batch, jax.random.key(3))  # the reference now differs from the policy
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) != np.log(2.0)
 
 
 ABAR_LINEAR = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))  # diffusers' DDPMScheduler defaults, by hand
