@@ -19,7 +19,8 @@ diffusion `PairLogps`; the descendants are in `pofx/losses/_diffusion.py`).
   summed over latent dimensions (D3PO / SPO / the dense-reward view read it per step).
 - `make_trajectory_logps_fn`: the per-step log-probs of two recorded chains as a `PairLogps` on the
   step axis, for `d3po` (SPO: chains of one step) and `dense_reward_dpo`.
-- `spo_select`: SPO's choice of a winner and a loser among k candidates of one step.
+- `spo_select`, `spo_step_batch`: SPO's choice of a winner and a loser among k candidates of one
+  step, and the one-step chains they make for `make_trajectory_logps_fn`.
 - `inversion_noise`: the noise implied by a latent reached by inversion (SmPO, Inversion-DPO).
 - `curriculum_thresholds`, `curriculum_stage`, `curriculum_mask`, `curriculum_pairs`: Curriculum
   DPO's ordering of pairs by reward gap (host-side data selection; the loss is unchanged).
@@ -354,6 +355,30 @@ def spo_select(step_scores: Array, *, threshold: float = 0.3):
   worst = jnp.argmin(s, axis=-1).astype(jnp.int32)
   p = jax.nn.softmax(jnp.stack([jnp.max(s, -1), jnp.min(s, -1)], -1), axis=-1)
   return best, worst, (p[:, 0] - p[:, 1]) > threshold
+
+
+def spo_step_batch(x_t, candidates, step_scores, t, t_prev, class_labels=None, *, threshold: float = 0.3) -> dict:
+  r"""The batch of SPO's step-wise pairs for `make_trajectory_logps_fn` (one-step chains).
+
+  `x_t` `[B, H, W, C]` is the shared latent, `candidates` `[k, B, H, W, C]` the k samples of
+  `x_{t_prev}` drawn from it, `step_scores` `[B, k]` their step-aware scores, `t`, `t_prev` the
+  step's timesteps (scalars). The chosen chain is `(x_t, best)`, the rejected `(x_t, worst)`
+  (`spo_select`); a pair whose best and worst are too close (`valid` False) gets `step_mask` 0.
+  """
+  best, worst, valid = spo_select(step_scores, threshold=threshold)
+  cand = _f32(candidates)
+  idx = jnp.arange(cand.shape[1])
+  x_t = _f32(x_t)
+  batch = {
+    "chosen_latents": jnp.stack([x_t, cand[best, idx]]),
+    "rejected_latents": jnp.stack([x_t, cand[worst, idx]]),
+    "timesteps": jnp.asarray([t], jnp.int32),
+    "prev_timesteps": jnp.asarray([t_prev], jnp.int32),
+    "step_mask": valid.astype(jnp.float32)[:, None],
+  }
+  if class_labels is not None:
+    batch["class_labels"] = jnp.asarray(class_labels, jnp.int32)
+  return batch
 
 
 # -------------------------------------------------------------------------------------------------

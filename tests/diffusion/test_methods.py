@@ -192,6 +192,14 @@ def test_spo_select_and_inversion_noise():
   np.testing.assert_array_equal(worst, [0, 0])
   # softmax(0.9, 0.1): p_best - p_worst = tanh(0.4) = 0.380 > 0.3; softmax(0.33, 0.30): tanh(0.015) < 0.3.
   np.testing.assert_array_equal(valid, [True, False])
+  # The one-step chains: (x_t, best candidate) and (x_t, worst candidate), the invalid pair masked.
+  x_t = np.zeros((2, 1, 1, 1))
+  cands = np.arange(8.0).reshape(4, 2, 1, 1, 1)  # candidate j of pair i holds 2 j + i
+  sb = methods.spo_step_batch(x_t, cands, scores, 500, 480, [1, 2])
+  np.testing.assert_array_equal(np.asarray(sb["chosen_latents"])[1].ravel(), [2 * 1 + 0, 2 * 3 + 1])
+  np.testing.assert_array_equal(np.asarray(sb["rejected_latents"])[1].ravel(), [0, 1])
+  np.testing.assert_array_equal(sb["step_mask"], [[1.0], [0.0]])
+  assert sb["timesteps"].tolist() == [500] and sb["prev_timesteps"].tolist() == [480]
   # inversion_noise inverts x_t = sqrt(abar) x0 + sqrt(1 - abar) eps.
   rng = np.random.default_rng(5)
   x0, eps = rng.normal(size=(2, 2, 2, 1)), rng.normal(size=(2, 2, 2, 1))
