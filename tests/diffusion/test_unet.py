@@ -1,8 +1,9 @@
 """The U-Net denoiser (`pofx.diffusion.unet`): outputs equal to diffusers' `UNet2DModel` (PyTorch,
 the reference implementation) on random small configs read from a `save_pretrained` folder; the
-bench preset's parameter count equal to diffusers' for the baseline's config; a hand count of the
-tiny preset's FLOPs, convolutions and dense products (every one through the injected kernels, in
-the compute dtype); initialisation, gradients, dropout and refusals.
+bench preset's parameter count equal to diffusers' for the baseline's config, and its FLOPs to
+PyTorch's FLOP counter over diffusers' forward; a hand count of the tiny preset's FLOPs,
+convolutions and dense products (every one through the injected kernels, in the compute dtype);
+initialisation, gradients, dropout and refusals.
 
 Tolerance: both sides compute in float32; outputs (of size about 1) differ by summation order
 (a few 1e-7 in practice), so 1e-4 absolute is far below what a wrong layer, layout or switch moves.
@@ -123,14 +124,21 @@ def test_matches_diffusers(reference, case):
   assert np.abs(expected).max() > 0.1  # not a trivially small output
 
 
-def test_bench_parameter_count_equals_diffusers():
+def test_bench_preset_has_diffusers_parameter_and_flop_counts():
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
+  from torch.nn.attention import SDPBackend, sdpa_kernel
+  from torch.utils.flop_counter import FlopCounterMode
+
   config = unet.PRESETS["bench"]
   assert config == unet.UNetConfig(**BASELINE)
   model = diffusers.UNet2DModel(**BASELINE)
   assert unet.param_count(config) == sum(p.numel() for p in model.parameters())
-  del torch
+  # PyTorch's FLOP counter over diffusers' forward (attention on the math path, so that its two
+  # batched products are counted; the fused CPU kernel is not).
+  with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+    model(torch.zeros(2, 1, 16, 16), torch.tensor([1, 2]), class_labels=torch.tensor([0, 1]))
+  assert unet.flops(config, 2) == counter.get_total_flops()
 
 
 def _tiny_hand_count():
