@@ -417,6 +417,88 @@ def _check_train(c) -> None:
   check_loss(c)
 
 
+def _check_loop(c) -> None:
+  """`config.loop` (experiments/loops.py): the kind, labeller, pairing and reference against
+  `pofx.options`, the counts and weights, and what a loop needs of the rest of the config."""
+  if "loop" not in c:
+    return
+  lp = c.loop
+  _allowed(c, "loop.kind", options.LOOP_KINDS)
+  if lp.kind == "offline":
+    return
+  if c.sweep:
+    raise ValueError(f"config.loop.kind={lp.kind!r} with a config.sweep is not allowed; allowed: one loop per run.")
+  _allowed(c, "loop.labeller", options.LABELLERS)
+  _allowed(c, "loop.pairing", options.PAIR_CONSTRUCTIONS)
+  _allowed(c, "loop.reference", options.LOOP_REFERENCES)
+  _allowed(c, "loop.estimator", options.RL_ESTIMATORS)
+  for f in ("rounds", "steps_per_round", "prompts_per_round", "samples_per_prompt"):
+    _positive(f"loop.{f}", lp[f])
+  _positive("loop.temperature", lp.temperature, integer=False)
+  _positive("loop.min_margin", lp.min_margin, integer=False, zero_ok=True)
+  _positive("loop.kl_coef", lp.kl_coef, integer=False, zero_ok=True)
+  if lp.length_alpha is not None:
+    _positive("loop.length_alpha", lp.length_alpha, integer=False, zero_ok=True)
+  if isinstance(lp.replay, bool) or not isinstance(lp.replay, (int, float)) or not 0.0 <= lp.replay < 1.0:
+    raise ValueError(f"config.loop.replay={lp.replay!r} is not allowed; allowed: a fraction in [0, 1).")
+  if c.data.source != "world":
+    raise ValueError(
+      f"config.loop.kind={lp.kind!r} needs the controlled world (config.data.source='world'), not "
+      f"{c.data.source!r}: a loop samples prompts and labels completions there."
+    )
+  if c.train.parallel.mode != "single" or c.train.grad_accum_steps != 1 or c.train.lora.enabled:
+    raise ValueError(
+      f"config.loop.kind={lp.kind!r} runs with train.parallel.mode='single', train.grad_accum_steps=1 and LoRA off."
+    )
+  if c.train.perturbation.kind != "none" or c.train.input_perturbation.kind != "none" or c.train.dropout.rate:
+    raise ValueError(f"config.loop.kind={lp.kind!r} trains without perturbations or dropout (train.perturbation, ...).")
+  if lp.kind == "rlhf":
+    if lp.labeller not in ("gold", "reward_model"):
+      raise ValueError(
+        f"config.loop.labeller={lp.labeller!r} is not allowed with loop.kind='rlhf'; allowed: ['gold', 'reward_model']."
+      )
+    if lp.estimator == "rloo" and lp.samples_per_prompt < 2:
+      raise ValueError(
+        f"config.loop.samples_per_prompt={lp.samples_per_prompt} is not allowed with loop.estimator='rloo'; "
+        "allowed: >= 2 (the leave-one-out baseline of each sample is the mean of the others)."
+      )
+    return
+  if lp.labeller == "self_play":
+    if lp.pairing != "best_worst":
+      raise ValueError(
+        f"config.loop.pairing={lp.pairing!r} is not allowed with loop.labeller='self_play'; allowed: "
+        "['best_worst'] (the demonstration against a sample)."
+      )
+  elif lp.samples_per_prompt < 2:
+    raise ValueError(
+      f"config.loop.samples_per_prompt={lp.samples_per_prompt} is not allowed with loop.labeller="
+      f"{lp.labeller!r}; allowed: >= 2 (a pair needs two samples of a prompt)."
+    )
+  if lp.labeller == "implicit" and not lp.offline_first:
+    raise ValueError(
+      "config.loop.labeller='implicit' needs config.loop.offline_first=True: the implicit reward of the "
+      "SFT base against itself is 0, so the loop first trains DPO on the stage-2 pairs (DICE starts from "
+      "a DPO model)."
+    )
+  if lp.labeller == "reward_model" and not os.path.exists(lp.reward_model_checkpoint or ""):
+    raise ValueError(
+      f"config.loop.reward_model_checkpoint={lp.reward_model_checkpoint!r} is not a checkpoint; allowed: the "
+      "path of a trained reward model's parameters (labeller 'reward_model')."
+    )
+  if c.train.reference.kind not in ("frozen", "cached"):
+    raise ValueError(
+      f"config.train.reference.kind={c.train.reference.kind!r} is not allowed with loop.kind={lp.kind!r}; "
+      "allowed: ['frozen', 'cached'] (the loop's reference is config.loop.reference: 'keep' or 'refresh')."
+    )
+  spec = losses.spec(c.train.loss)
+  unsupported = set(spec.requires) - {"lengths", "tokens", "key", "state"}
+  if unsupported:
+    raise ValueError(
+      f"config.train.loss={c.train.loss!r} reads {sorted(unsupported)}, which a loop's pairs do not carry; "
+      "allowed: a pairwise loss that reads log-probs only (lengths, per-token arrays, a key or a state)."
+    )
+
+
 def _check_processes(c, process_count: int, device_count: Optional[int]) -> None:
   """The rules that depend on how many processes and devices the run has."""
   mode = c.train.parallel.mode
@@ -504,6 +586,7 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
     )
   _check_data(c)
   _check_train(c)
+  _check_loop(c)
   for item in c.sweep:
     if "label" not in item or "overrides" not in item:
       raise ValueError("config.sweep entries must be {'label': str, 'overrides': {dotted.key: value}}.")

@@ -1372,6 +1372,15 @@ def main(argv):
 
 
 def _run(config, workdir, started):
+  if config.loop.kind != "offline":  # iterative, online and RLHF loops (issue 19): experiments/loops.py
+    from experiments import loops
+
+    summary = loops.run(
+      sys.modules[__name__], config, workdir, progress=_PROGRESS.value, startup=started, overwrite=_OVERWRITE.value
+    )
+    print(_table(summary))
+    print(f"summary: {os.path.join(os.path.abspath(workdir), 'summary.json')}")
+    return
   if config.sweep:
     summaries, chart = run_sweep(config, workdir, progress=_PROGRESS.value, startup=started, overwrite=_OVERWRITE.value)
     for label, s in summaries.items():

@@ -73,3 +73,19 @@ IDEALIZED_BETAS = (0.01, 0.1, 1.0, 5.0, 10.0)
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+
+# Loops of the training program (`experiments/loops.py`, docs/online.md): "offline" trains once on the
+# stage-2 pairs; "iterative" runs rounds of sample -> label -> pairs -> train; "online" the same with
+# fresh samples every few steps; "rlhf" the REINFORCE / RLOO baseline with a KL penalty.
+LOOP_KINDS = ("offline", "iterative", "online", "rlhf")
+# Labellers of sampled completions (`pofx.labellers`): the world's gold reward, the DPO implicit
+# reward (DICE), self-play against demonstrations (SPIN), a reward model's score function.
+LABELLERS = ("gold", "implicit", "self_play", "reward_model")
+# Pair construction from K scored completions per prompt (`pofx.pair_construction`).
+PAIR_CONSTRUCTIONS = ("best_worst", "random", "all")
+# The reference of an iterative loop: kept (the SFT base throughout) or refreshed to the previous
+# round's policy at each round's start.
+LOOP_REFERENCES = ("keep", "refresh")
+# Policy-gradient estimators of the RLHF baseline: RLOO (leave-one-out baseline) or REINFORCE with
+# a running-mean baseline (Ahmadian et al. 2024, arXiv:2402.14740).
+RL_ESTIMATORS = ("rloo", "reinforce")
