@@ -95,9 +95,9 @@ def rl_advantages(returns, *, estimator: str, group_size: int, baseline=0.0):
   REINFORCE Style Optimization for Learning from Human Feedback in LLMs", arXiv:2402.14740):
 
     "rloo"       A_i = R_i - 1/(K-1) sum_{j != i} R_j   (the leave-one-out baseline of the other
-                 K - 1 samples of the same prompt; Sec. 3.2, the RLOO estimator)
+                 K - 1 samples of the same prompt: the RLOO estimator)
     "reinforce"  A_i = R_i - b   with b the given baseline (the program passes the mean return of
-                 all earlier steps, the moving-average baseline of REINFORCE; Sec. 3.1)
+                 all earlier steps, the moving-average baseline of REINFORCE)
   """
   r = jnp.asarray(returns, jnp.float32)
   if estimator == "rloo":
@@ -117,7 +117,7 @@ def make_rl_step(model, optimizer, *, estimator: str, kl_coef: float, group_size
   (sum, count) of returns, REINFORCE's baseline). With the policy's sequence log-prob
   `l(y) = sum_t log pi(y_t | x, y_<t)` (teacher forcing, `pofx.sampling.score`),
 
-      R = r - kl_coef * (l(y) - l_ref(y))          (detached; arXiv:2402.14740, Sec. 2 and 3)
+      R = r - kl_coef * (l(y) - l_ref(y))          (detached; arXiv:2402.14740)
       loss = -mean_i A_i * l(y_i)                   (A from `rl_advantages`, detached)
 
   whose gradient is the REINFORCE / RLOO estimate of the gradient of the KL-penalised return."""

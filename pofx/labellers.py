@@ -20,7 +20,7 @@ Labellers:
                               DICE's length penalty `alpha |y|` (Chen et al. 2024, arXiv:2406.09760,
                               "length-regularized reward shaping"); `dice_length_alpha` chooses alpha
                               as DICE does.
-  self_play(demonstrations)   SPIN's self-play (Chen et al. 2024, arXiv:2401.01335, Sec. 4): the
+  self_play(demonstrations)   SPIN's self-play (Chen et al. 2024, arXiv:2401.01335): the
                               demonstration of a prompt scores 1 and any other completion 0, so that
                               with the demonstration among the candidates the best-vs-worst pair is
                               (demonstration, the policy's sample).
@@ -209,8 +209,9 @@ def self_play(
   demonstrations: Mapping[Tuple[int, ...], Sequence[int]] | Sequence, *, name: str = "self_play"
 ) -> Labeller:
   r"""SPIN's self-play labeller (Chen et al. 2024, "Self-Play Fine-Tuning Converts Weak Language
-  Models to Strong Language Models", arXiv:2401.01335, Sec. 4, Eq. 4.7): the human (demonstrated)
-  response y of a prompt is preferred to the policy's own sample y' ~ pi_t(. | x). A candidate
+  Models to Strong Language Models", arXiv:2401.01335; its objective with the logistic loss):
+  the human (demonstrated) response y of a prompt is preferred to the policy's own sample
+  y' ~ pi_t(. | x). A candidate
   scores 1.0 when it equals the prompt's demonstration and 0.0 otherwise; a loop puts the
   demonstration among a prompt's candidates, and the best-vs-worst pair is then (demonstration,
   sample), with a sample equal to the demonstration tied (dropped by a margin filter).
