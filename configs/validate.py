@@ -482,6 +482,28 @@ def _check_kernels(c) -> None:
     )
 
 
+def _check_stage(c) -> None:
+  """`config.stage` (absent: "policy") and the fields of the stage it names."""
+  if "stage" not in c:
+    return
+  stage = c.stage
+  _allowed(c, "stage", options.STAGES)
+  if stage == "reward_model":
+    if "reward_model" not in c:
+      raise ValueError("config.stage='reward_model' needs config.reward_model (see configs/reward_model.py).")
+    _allowed(c, "reward_model.init", options.REWARD_MODEL_INITS)
+    for f in ("reward_model.steps", "reward_model.batch_size", "reward_model.log_every"):
+      _positive(f, _get(c, f))
+    _positive("reward_model.learning_rate", c.reward_model.learning_rate, integer=False)
+    for f in ("reward_model.weight_decay", "reward_model.grad_clip", "reward_model.center_coefficient"):
+      _positive(f, _get(c, f), integer=False, zero_ok=True)
+    m = c.reward_model.margin_scale
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+      raise ValueError(f"config.reward_model.margin_scale={m!r} is not allowed; allowed: a finite number.")
+    if c.sweep:
+      raise ValueError("config.stage='reward_model' runs no sweep; set config.sweep=().")
+
+
 def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_count: Optional[int] = None) -> None:
   """Checks every field a run reads; raises ValueError naming the field and what is allowed.
 
@@ -502,6 +524,7 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
     raise ValueError(
       f"config.eval.idealized_betas={betas!r} is not allowed; allowed: a tuple of numbers > 0 (may be empty)."
     )
+  _check_stage(c)
   _check_data(c)
   _check_train(c)
   for item in c.sweep:

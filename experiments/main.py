@@ -1372,6 +1372,17 @@ def main(argv):
 
 
 def _run(config, workdir, started):
+  stage = config.get("stage", "policy")  # another stage than policy training: its own module
+  if stage != "policy":
+    from experiments import curriculum, reward_model  # pylint: disable=g-import-not-at-top
+
+    module = {"reward_model": reward_model, "curriculum": curriculum}[stage]
+    summary = module.run(
+      config, workdir, lib=sys.modules[__name__], progress=_PROGRESS.value, startup=started, overwrite=_OVERWRITE.value
+    )
+    print(module.table(summary))
+    print(f"summary: {os.path.join(os.path.abspath(workdir), 'summary.json')}")
+    return
   if config.sweep:
     summaries, chart = run_sweep(config, workdir, progress=_PROGRESS.value, startup=started, overwrite=_OVERWRITE.value)
     for label, s in summaries.items():

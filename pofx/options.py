@@ -27,6 +27,13 @@ INPUT_PERTURBATION_KINDS = ("none", "embeddings")
 # Optimizers of the training program (optax).
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
+# What the program runs (`config.stage`; configs without the field run "policy"): preference
+# training of a policy, a Bradley-Terry reward model (`experiments/reward_model.py`), or a
+# Curry-DPO curriculum of stages (`experiments/curriculum.py`).
+STAGES = ("policy", "reward_model", "curriculum")
+# How a reward model's backbone starts: from the SFT base or from a random init.
+REWARD_MODEL_INITS = ("sft", "random")
+
 # Where the preference pairs come from: the controlled world, or the user's JSONL/Parquet files.
 SOURCES = ("world", "files")
 

@@ -89,3 +89,34 @@ def test_bad_inputs_are_named():
     reward_models.pack([[1, 2, 3]], [[4, 5]], width=4)
   with pytest.raises(ValueError, match="2 prompts but 1"):
     reward_models.pack([[1], [2]], [[3]])
+
+
+def test_reward_model_program_trains_saves_and_reports(seed_dir, tmp_path):
+  """configs/reward_model.py:tiny as a user runs it, on the session's SFT base and data: the
+  summary's held-out accuracy is that of the saved reward model on the held-out pairs."""
+  import json
+  import os
+
+  from experiments import reward_model
+  from pofx import world as world_lib
+  from pofx.data import tfds_builders
+  from tests.program import _config, _main, _seed_from
+
+  work = str(tmp_path / "rm")
+  _seed_from(str(seed_dir), work)
+  r = _main(["--config=configs/reward_model.py:tiny", f"--workdir={work}", "--noprogress"])
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "sft: reusing" in r.stderr and "reward model: 6 steps" in r.stderr
+  with open(os.path.join(work, "summary.json")) as f:
+    s = json.load(f)
+  assert s["stage"] == "reward_model" and s["eval_pairs"] == 32 and s["steps"] == 6
+  c = _config("reward_model")
+  w = world_lib.World(world_lib.WorldConfig(seed=c.seed, **dict(c.world)))
+  params = reward_model.load(os.path.join(work, "reward_model"), w.model_config())
+  with open(os.path.join(work, "data", "pairs_meta.json")) as f:
+    src = tfds_builders.data_source(json.load(f)["path"], "eval")
+  ex = [src[i] for i in range(len(src))]
+  score = jax.jit(reward_models.score_fn(models.make(w.model_config())))
+  rows = lambda side: reward_models.pack([e["prompt"] for e in ex], [e[side] for e in ex], width=20)
+  r_w, r_l = np.asarray(score(params, *rows("chosen"))), np.asarray(score(params, *rows("rejected")))
+  assert float(np.mean(r_w > r_l)) == pytest.approx(s["reward_accuracy"], abs=1.0 / 32 + 1e-6)
