@@ -502,8 +502,20 @@ def _check_stage(c) -> None:
     m = c.reward_model.margin_scale
     if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
       raise ValueError(f"config.reward_model.margin_scale={m!r} is not allowed; allowed: a finite number.")
-    if c.sweep:
-      raise ValueError("config.stage='reward_model' runs no sweep; set config.sweep=().")
+  if stage == "curriculum":
+    if "curriculum" not in c:
+      raise ValueError("config.stage='curriculum' needs config.curriculum (see configs/curry_dpo.py).")
+    for f in ("curriculum.num_stages", "curriculum.steps_per_stage"):
+      _positive(f, _get(c, f))
+    if c.data.source != "world":
+      raise ValueError("config.stage='curriculum' rates the world's sampled completions; allowed: data.source='world'.")
+    if c.train.reference.kind not in ("cached", "frozen"):
+      raise ValueError(
+        f"config.stage='curriculum' uses each stage's starting policy as its reference; "
+        f"config.train.reference.kind={c.train.reference.kind!r} is not allowed; allowed: ['cached', 'frozen']."
+      )
+  if stage != "policy" and c.sweep:
+    raise ValueError(f"config.stage={stage!r} runs no sweep; set config.sweep=().")
 
 
 def _check_feedback(c) -> None:
