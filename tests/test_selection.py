@@ -57,3 +57,46 @@ def test_select_top_keeps_the_largest_fraction():
   assert selection.select_by_margin([1.0, 2.0, 0.0], [0.5, -1.0, 0.0], 0.34).tolist() == [0, 1]
   with pytest.raises(ValueError, match=r"\(0, 1\]"):
     selection.select_top(v, 0.0)
+
+
+def test_curry_dpo_program_refreshes_the_reference_per_stage(seed_dir, tmp_path):
+  """configs/curry_dpo.py:tiny as a user runs it, on the session's SFT base and data: three
+  stages, easy to hard, each stage's cached reference computed from the previous stage's policy."""
+  import json
+  import os
+
+  import jax
+
+  from experiments import main as main_lib
+  from pofx import references
+  from pofx import world as world_lib
+  from tests.program import _config, _main, _seed_from
+
+  work = str(tmp_path / "curry")
+  _seed_from(str(seed_dir), work)
+  r = _main(["--config=configs/curry_dpo.py:tiny", f"--workdir={work}", "--noprogress"])
+  assert r.returncode == 0, r.stderr[-2000:]
+  with open(os.path.join(work, "summary.json")) as f:
+    s = json.load(f)
+  stages = s["curriculum_stages"]
+  assert [x["stage"] for x in stages] == [0, 1, 2] and all(x["steps"] == 2 for x in stages)
+  gaps = [x["mean_gap"] for x in stages]
+  assert gaps[0] > gaps[1] > gaps[2] > 0
+  assert 0.0 <= s["win_rate_vs_base"] <= 1.0 and s["stage"] == "curriculum"
+  c = _config("curry_dpo")
+  w = world_lib.World(world_lib.WorldConfig(seed=c.seed, **dict(c.world)))
+  like = jax.eval_shape(lambda: world_lib.llama.init_params(w.model_config(), jax.random.key(0)))
+  for k in (1, 2):
+    here = os.path.join(work, "curriculum", f"stage_{k}")
+    prev = main_lib._load_params(os.path.join(work, "curriculum", f"stage_{k - 1}", "final_params"), like)
+    with open(os.path.join(here, "data", "stage_meta.json")) as f:
+      data_fp = json.load(f)["fingerprint"]
+    want = references.fingerprint(
+      prev,
+      vocab=c.world.vocab_size,
+      max_prompt_len=c.world.max_prompt_len + 2,
+      max_completion_len=c.world.max_completion_len,
+      extra=data_fp,
+    )
+    cache = np.load(os.path.join(here, "reference_cache", "ref0.npz"))
+    assert str(cache["fingerprint"]) == want, k
