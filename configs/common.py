@@ -160,7 +160,8 @@ def base_config() -> ml_collections.ConfigDict:
   # when offline_first: round 0 trains on those only). reference: pofx.options.LOOP_REFERENCES.
   # length_alpha: the implicit labeller's length penalty per token (None: DICE's search, the alpha
   # that makes the mean chosen-minus-rejected length of the round's pairs closest to 0).
-  # reward_model_checkpoint: the reward model's parameters (labeller "reward_model").
+  # reward_model_checkpoint: the reward model (labeller "reward_model"): <workdir of a
+  # config.stage="reward_model" run>/reward_model.
   # rlhf: estimator (pofx.options.RL_ESTIMATORS) and kl_coef (the KL penalty's weight).
   c.loop = ml_collections.ConfigDict(
     dict(

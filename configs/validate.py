@@ -268,7 +268,9 @@ def check_loss(c) -> None:
   # without them; the program checks the training split against the loss's score domain before
   # training). The world's scores are raw gold rewards under Bradley-Terry labels (any real number;
   # the chosen completion's can be the lower): refused here unless the domain takes any finite pair.
-  if "scores" in spec.requires and c.data.source == "world" and not spec.score_domain.any_real:
+  # Unpaired world feedback (KTO) writes the labels as scores in kto_unpaired's domain.
+  unpaired_world = c.data.get("feedback", "pairs") == "unpaired" and spec.name == "kto_unpaired"
+  if "scores" in spec.requires and c.data.source == "world" and not spec.score_domain.any_real and not unpaired_world:
     raise ValueError(
       f"config.train.loss={spec.name!r} reads per-pair scores, defined for {spec.score_domain.text}; the "
       "controlled world's scores are raw gold rewards (any real number) with Bradley-Terry labels, so the "
@@ -564,6 +566,69 @@ def _check_kernels(c) -> None:
     )
 
 
+def _check_stage(c) -> None:
+  """`config.stage` (absent: "policy") and the fields of the stage it names."""
+  if "stage" not in c:
+    return
+  stage = c.stage
+  _allowed(c, "stage", options.STAGES)
+  if stage == "reward_model":
+    if "reward_model" not in c:
+      raise ValueError("config.stage='reward_model' needs config.reward_model (see configs/reward_model.py).")
+    _allowed(c, "reward_model.init", options.REWARD_MODEL_INITS)
+    for f in ("reward_model.steps", "reward_model.batch_size", "reward_model.log_every"):
+      _positive(f, _get(c, f))
+    _positive("reward_model.learning_rate", c.reward_model.learning_rate, integer=False)
+    for f in ("reward_model.weight_decay", "reward_model.grad_clip", "reward_model.center_coefficient"):
+      _positive(f, _get(c, f), integer=False, zero_ok=True)
+    m = c.reward_model.margin_scale
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+      raise ValueError(f"config.reward_model.margin_scale={m!r} is not allowed; allowed: a finite number.")
+  if stage == "curriculum":
+    if "curriculum" not in c:
+      raise ValueError("config.stage='curriculum' needs config.curriculum (see configs/curry_dpo.py).")
+    for f in ("curriculum.num_stages", "curriculum.steps_per_stage"):
+      _positive(f, _get(c, f))
+    if c.data.source != "world":
+      raise ValueError("config.stage='curriculum' rates the world's sampled completions; allowed: data.source='world'.")
+    if c.train.reference.kind not in ("cached", "frozen"):
+      raise ValueError(
+        f"config.stage='curriculum' uses each stage's starting policy as its reference; "
+        f"config.train.reference.kind={c.train.reference.kind!r} is not allowed; allowed: ['cached', 'frozen']."
+      )
+  if stage != "policy" and c.sweep:
+    raise ValueError(f"config.stage={stage!r} runs no sweep; set config.sweep=().")
+
+
+def _check_feedback(c) -> None:
+  """Unpaired feedback (KTO): `data.feedback` for the world, `data.format='unpaired'` for files,
+  and the loss that reads it (`kto_unpaired`) only with one of them."""
+  feedback = c.data.get("feedback", "pairs")
+  if "feedback" in c.data:
+    _allowed(c, "data.feedback", options.FEEDBACK)
+  if feedback == "unpaired":
+    if c.data.source != "world":
+      raise ValueError(
+        "config.data.feedback='unpaired' is for data.source='world'; for files set config.data.format='unpaired'."
+      )
+    t = c.data.get("unpaired_threshold", None)
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
+      raise ValueError(
+        f"config.data.unpaired_threshold={t!r} is not allowed; allowed: a finite number or None (median)."
+      )
+  unpaired = feedback == "unpaired" or (c.data.source == "files" and c.data.format == "unpaired")
+  if unpaired != (c.train.loss == "kto_unpaired") and c.get("stage", "policy") == "policy":
+    if unpaired:
+      raise ValueError(
+        f"unpaired feedback trains config.train.loss='kto_unpaired' only, not {c.train.loss!r} "
+        "(each example's rejected slot holds a mismatched completion)."
+      )
+    raise ValueError(
+      "config.train.loss='kto_unpaired' needs unpaired data: config.data.feedback='unpaired' (world) or "
+      "config.data.format='unpaired' (files)."
+    )
+
+
 def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_count: Optional[int] = None) -> None:
   """Checks every field a run reads; raises ValueError naming the field and what is allowed.
 
@@ -584,7 +649,9 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
     raise ValueError(
       f"config.eval.idealized_betas={betas!r} is not allowed; allowed: a tuple of numbers > 0 (may be empty)."
     )
+  _check_stage(c)
   _check_data(c)
+  _check_feedback(c)
   _check_train(c)
   _check_loop(c)
   for item in c.sweep:

@@ -368,16 +368,12 @@ def _labeller(program, run_, base, params, c, hyper):
       prompt_width=w.config.prompt_width,
       completion_width=w.config.max_completion_len,
     )
-  if lp.labeller == "reward_model":
-    try:
-      from pofx import reward_models
-    except ImportError:
-      raise ValueError(
-        "config.loop.labeller='reward_model' needs pofx.reward_models, which this installation lacks."
-      ) from None
-    rm_like = reward_models.init(run_.model_config, run_.key_for("reward_model"))
-    rm_params = program._load_params(lp.reward_model_checkpoint, rm_like)
-    return labellers.reward_model(reward_models.score_fn(run_.model), rm_params)
+  if lp.labeller == "reward_model":  # trained by `config.stage="reward_model"` (experiments/reward_model.py)
+    from experiments import reward_model as reward_model_stage
+    from pofx import reward_models
+
+    rm_params = reward_model_stage.load(lp.reward_model_checkpoint, run_.model_config)
+    return labellers.reward_model(jax.jit(reward_models.score_fn(run_.model)), rm_params)
   raise ValueError(f"config.loop.labeller={lp.labeller!r} has no labeller here.")
 
 

@@ -27,8 +27,20 @@ INPUT_PERTURBATION_KINDS = ("none", "embeddings")
 # Optimizers of the training program (optax).
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
+# What the program runs (`config.stage`; configs without the field run "policy"): preference
+# training of a policy, a Bradley-Terry reward model (`experiments/reward_model.py`), or a
+# Curry-DPO curriculum of stages (`experiments/curriculum.py`).
+STAGES = ("policy", "reward_model", "curriculum")
+# How a reward model's backbone starts: from the SFT base or from a random init.
+REWARD_MODEL_INITS = ("sft", "random")
+
 # Where the preference pairs come from: the controlled world, or the user's JSONL/Parquet files.
 SOURCES = ("world", "files")
+
+# What the world's training split holds (`data.feedback`; configs without the field: "pairs"):
+# Bradley-Terry-labelled pairs, or unpaired examples labelled by a gold-reward threshold for KTO
+# (`pofx.data.unpaired`).
+FEEDBACK = ("pairs", "unpaired")
 
 # Row layouts of a batch of pairs (`pofx.batching`).
 LAYOUTS = ("fused", "prompt_shared", "packed")
@@ -50,7 +62,17 @@ ON_NONFINITE = ("skip", "halt")
 
 # Preference files (`pofx.data`): their formats, how a K-way ranking record becomes pairs, what
 # happens to a record over a length limit, and what happens to a record that cannot be used.
-FORMATS = ("auto", "standard", "implicit", "conversational", "conversational_implicit", "tokenized", "ranking")
+# "unpaired": TRL's unpaired feedback (prompt, completion, label) for KTO (`pofx.data.unpaired`).
+FORMATS = (
+  "auto",
+  "standard",
+  "implicit",
+  "conversational",
+  "conversational_implicit",
+  "tokenized",
+  "ranking",
+  "unpaired",
+)
 RANKING_MODES = ("all_pairs", "best_vs_rest", "best_worst")
 TRUNCATION = (
   "reject",
