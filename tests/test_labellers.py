@@ -40,6 +40,23 @@ def test_reward_model_reads_right_padded_rows_at_the_last_real_token():
     labellers.reward_model(lambda *a: np.zeros(3), None)(PROMPTS, COMPLETIONS)
 
 
+def test_reward_model_labeller_with_pofx_reward_models_equals_its_own_packing():
+  # The labeller's rows against pofx.reward_models.pack (written independently): same rewards.
+  from pofx import reward_models
+
+  w = world.World(world.WorldConfig(seed=0))
+  cfg = w.model_config()
+  model = models.make(cfg)
+  params = reward_models.init(cfg, jax.random.key(4))
+  score = jax.jit(reward_models.score_fn(model))
+  s = labellers.reward_model(score, params)(PROMPTS, COMPLETIONS)
+  flat_p = [p for p, row in zip(PROMPTS, COMPLETIONS) for _ in row]
+  flat_y = [y for row in COMPLETIONS for y in row]
+  want = np.asarray(score(params, *reward_models.pack(flat_p, flat_y, width=8))).reshape(2, 2)
+  np.testing.assert_allclose(s, want, rtol=1e-6, atol=1e-6)
+  assert np.ptp(want) > 0  # four different rewards: a mix-up of rows would show
+
+
 def _numpy_logps(model, params):
   """log p(completion | prompt) of the four (prompt, completion) pairs, prompt-major, from one
   forward of right-padded rows (causal: padding after a row's end is never seen) and a float64
