@@ -60,8 +60,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import checkpointing, plots
+from experiments import checkpointing, plots, provenance
 from experiments import metrics as metrics_lib
+from experiments import reward_model as reward_model_stage
 from pofx import (
   batching,
   fingerprints,
@@ -71,6 +72,7 @@ from pofx import (
   perturbations,
   policy,
   references,
+  reward_models,
   sampling,
   train,
 )
@@ -254,8 +256,6 @@ def _check_record(program, config, workdir: str, overwrite: bool) -> None:
     if old.get("fingerprint") != record["fingerprint"]:
       diff = sorted(_diff(old.get("fields", {}), record["fields"]))
       if not overwrite:
-        from experiments import provenance
-
         raise provenance.Refused(
           f"workdir {workdir} holds a loop run of another config (differs: {', '.join(diff[:6]) or 'its record'}); "
           "use a new --workdir, or --overwrite."
@@ -369,9 +369,6 @@ def _labeller(program, run_, base, params, c, hyper):
       completion_width=w.config.max_completion_len,
     )
   if lp.labeller == "reward_model":  # trained by `config.stage="reward_model"` (experiments/reward_model.py)
-    from experiments import reward_model as reward_model_stage
-    from pofx import reward_models
-
     rm_params = reward_model_stage.load(lp.reward_model_checkpoint, run_.model_config)
     return labellers.reward_model(jax.jit(reward_models.score_fn(run_.model)), rm_params)
   raise ValueError(f"config.loop.labeller={lp.labeller!r} has no labeller here.")

@@ -33,6 +33,8 @@ from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from pofx import evaluation
+
 Labeller = Callable[[Sequence[Sequence[int]], Sequence[Sequence[Sequence[int]]]], np.ndarray]
 
 
@@ -155,8 +157,6 @@ def implicit_reward(
   under the policy `policy_params` and the reference `reference_params` (both of `model`), and |y|
   the completion's token count (DICE counts characters; a token is the unit here). alpha = 0 is
   the plain implicit reward of DPO (Rafailov et al. 2023, arXiv:2305.18290, Sec. 5)."""
-  from pofx import evaluation  # JAX only when this labeller is used
-
   if not (isinstance(beta, (int, float)) and beta > 0):
     raise ValueError(f"labellers.implicit_reward: beta={beta!r}; allowed: a number > 0.")
   if not (isinstance(length_alpha, (int, float)) and np.isfinite(length_alpha) and length_alpha >= 0):
