@@ -82,7 +82,17 @@ LOOP_RECORD = "loop_provenance.json"
 BUFFERS = "loop_buffers"
 # Config fields that change no result of a loop (logging, checkpoint cadence, the evaluation,
 # which is redone when it changes).
-_NOT_RESULTS = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.steps", "eval", "sweep")
+# `loop.rounds` is one of them: every round depends on the rounds before it only, so raising it
+# continues a finished run exactly (lowering it below the round a workdir reached is refused).
+_NOT_RESULTS = (
+  "train.log_every",
+  "train.checkpoint_every",
+  "train.keep_checkpoints",
+  "train.steps",
+  "loop.rounds",
+  "eval",
+  "sweep",
+)
 # Summary fields that are wall-clock measurements (left out when runs are compared).
 WALL_CLOCK = ("pairs_per_second", "flops_per_second", "mfu", "seconds_total", "samples_per_second")
 
@@ -248,25 +258,33 @@ def loop_record(config) -> Dict[str, Any]:
 
 
 def _check_record(program, config, workdir: str, overwrite: bool) -> None:
+  """Before any compute: a workdir whose loop ran under another config (its record differs), or
+  reached more rounds than `config.loop.rounds`, is refused (`provenance.Refused`, one line naming
+  why), or with `overwrite` loses its loop outputs; then this config's record is written."""
   path = os.path.join(workdir, LOOP_RECORD)
   record = loop_record(config)
+  why = []
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
     if old.get("fingerprint") != record["fingerprint"]:
       diff = sorted(_diff(old.get("fields", {}), record["fields"]))
-      if not overwrite:
-        raise provenance.Refused(
-          f"workdir {workdir} holds a loop run of another config (differs: {', '.join(diff[:6]) or 'its record'}); "
-          "use a new --workdir, or --overwrite."
-        )
-      for name in ("checkpoints", "checkpoints.damaged", BUFFERS, "final_params", "summary.json"):
-        p = os.path.join(workdir, name)
-        if os.path.islink(p) or os.path.isfile(p):
-          os.unlink(p)
-        elif os.path.isdir(p):
-          shutil.rmtree(p)
-      program._say("loop: --overwrite: removed the loop outputs of another config (%s)", ", ".join(diff[:6]))
+      why.append(f"it holds a loop run of another config (differs: {', '.join(diff[:6]) or 'its record'})")
+    else:
+      steps = provenance.checkpoint_steps(os.path.join(workdir, "checkpoints"))
+      reached = max(steps) // config.loop.steps_per_round if steps else 0
+      if reached > config.loop.rounds:
+        why.append(f"its loop reached round {reached}, more than config.loop.rounds={config.loop.rounds}")
+  if why:
+    if not overwrite:
+      raise provenance.Refused(f"workdir {workdir}: {'; '.join(why)}; use a new --workdir, or --overwrite.")
+    for name in ("checkpoints", "checkpoints.damaged", BUFFERS, "final_params", "summary.json"):
+      p = os.path.join(workdir, name)
+      if os.path.islink(p) or os.path.isfile(p):
+        os.unlink(p)
+      elif os.path.isdir(p):
+        shutil.rmtree(p)
+    program._say("loop: --overwrite: removed the loop outputs: %s", "; ".join(why))
   os.makedirs(workdir, exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -472,6 +490,14 @@ def _ckpt_due(c, round_end_step: int, last: bool) -> bool:
   return last or round_end_step % c.train.checkpoint_every == 0
 
 
+def _check_rounds(run_, reached: int) -> None:
+  if reached > run_.config.loop.rounds:
+    raise provenance.Refused(
+      f"workdir {run_.workdir} reached round {reached} of its loop; config.loop.rounds="
+      f"{run_.config.loop.rounds} is lower: use a new --workdir, or --overwrite."
+    )
+
+
 def _pairwise(program, run_, prepared, base):
   """The iterative / online loop (module docstring); returns (params, info)."""
   c, lp = run_.config, run_.config.loop
@@ -503,6 +529,7 @@ def _pairwise(program, run_, prepared, base):
     state, meta = restored
     start_round, progress, digests = int(meta["round"]), list(meta["progress"]), dict(meta["buffers"])
     counters = dict(meta["counters"])
+    _check_rounds(run_, start_round)
     program._say("loop: resumed at round %d (step %d)", start_round, int(meta["step"]))
   pool = []  # the pairs of the rounds before the current one
   for r in range(start_round):
@@ -626,6 +653,7 @@ def _rlhf(program, run_, base):
   if restored is not None:
     state, meta = restored
     start_round, progress, counters = int(meta["round"]), list(meta["progress"]), dict(meta["counters"])
+    _check_rounds(run_, start_round)
     program._say("loop: resumed at round %d (step %d)", start_round, int(meta["step"]))
   S, R = lp.steps_per_round, lp.rounds
   metrics_lib.drop_after(run_.workdir, "loop", start_round * S)

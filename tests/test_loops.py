@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs import validate
-from experiments import loops
+from experiments import loops, provenance
 from pofx import pair_construction
 from tests.program import ROOT, _config, _final_params, _main, _seed_from
 
@@ -59,6 +59,48 @@ def test_round_buffer_round_trips_and_its_digest_is_checked(tmp_path):
     f.write(b"\xff")
   with pytest.raises(ValueError, match="does not match the SHA-256"):
     loops.load_buffer(path, digest)
+
+
+class _Program:
+  """The one thing `loops._check_record` asks of the program: where its notes go."""
+
+  said = []
+
+  @staticmethod
+  def _say(msg, *args):
+    _Program.said.append(msg % args)
+
+
+def _edited(family, **edits):
+  c = _config(family, "tiny")
+  with c.unlocked():
+    for field, value in edits.items():
+      *parents, last = field.split("__")
+      node = c
+      for p in parents:
+        node = node[p]
+      node[last] = value
+  return c
+
+
+def test_a_loop_workdir_of_another_config_is_refused_or_overwritten(tmp_path):
+  work = str(tmp_path)
+  loops._check_record(_Program, _config("iterative_dpo", "tiny"), work, False)
+  (tmp_path / "summary.json").write_text("{}")
+  (tmp_path / "checkpoints" / "4").mkdir(parents=True)  # the step of round 2's end (2 steps a round)
+  other = _edited("iterative_dpo", loop__replay=0.25)
+  with pytest.raises(provenance.Refused, match=r"another config \(differs: loop.replay\); use a new --workdir"):
+    loops._check_record(_Program, other, work, False)
+  assert (tmp_path / "summary.json").exists()
+  # More rounds continue the run (its outputs are kept); fewer than it reached are refused.
+  loops._check_record(_Program, _edited("iterative_dpo", loop__rounds=3), work, False)
+  assert (tmp_path / "summary.json").exists()
+  with pytest.raises(provenance.Refused, match=r"reached round 2, more than config.loop.rounds=1"):
+    loops._check_record(_Program, _edited("iterative_dpo", loop__rounds=1), work, False)
+  loops._check_record(_Program, other, work, True)
+  assert not (tmp_path / "summary.json").exists() and not (tmp_path / "checkpoints").exists()
+  assert "removed the loop outputs" in _Program.said[-1]
+  loops._check_record(_Program, other, work, False)  # now the workdir's own config
 
 
 @pytest.mark.parametrize("family", FAMILIES)
