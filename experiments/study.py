@@ -305,10 +305,14 @@ def run_length(runs, progress, tiny) -> Result:
     f"length_bias = {c.world.length_bias}; the gold reward has no length penalty for {lo}..{hi} tokens "
     f"with EOS ({lo - 1}..{hi - 1} content tokens)."
   ]
-  dpo_len = _stats([r["mean_length"] for r in rows if r["method"] == "dpo"])[0]
-  for m in ("simpo", "ld_dpo", "ln_dpo", "sampo"):
-    ml = _stats([r["mean_length"] for r in rows if r["method"] == m])[0]
-    notes.append(f"{m}: mean length {ml:.2f} vs DPO {dpo_len:.2f} ({'shorter' if ml < dpo_len else 'not shorter'})")
+  methods = {r["method"] for r in rows}
+  for dpo, others in (("dpo", ("simpo", "ld_dpo", "ln_dpo", "sampo")), ("dpo_lr3e-4", ("simpo_lr3e-4",))):
+    if dpo not in methods:
+      continue
+    dpo_len = _stats([r["mean_length"] for r in rows if r["method"] == dpo])[0]
+    for m in (m for m in others if m in methods):
+      ml = _stats([r["mean_length"] for r in rows if r["method"] == m])[0]
+      notes.append(f"{m}: mean length {ml:.2f} vs {dpo} {dpo_len:.2f} ({'shorter' if ml < dpo_len else 'not shorter'})")
   return Result(rows, ("method",), list(fields), notes)
 
 
