@@ -155,6 +155,39 @@ def base_config() -> ml_collections.ConfigDict:
     dict(num_prompts=1024, samples_per_prompt=1, temperature=1.0, top_k=0, idealized_betas=options.IDEALIZED_BETAS)
   )
 
+  # Loops (experiments/loops.py, docs/online.md): kind in pofx.options.LOOP_KINDS. "offline" (the
+  # default) is the five stages above. The others train rounds x steps_per_round steps from the SFT
+  # base, each round sampling samples_per_prompt completions for prompts_per_round training prompts
+  # from the current policy (temperature), labelling them (labeller: pofx.options.LABELLERS),
+  # building pairs (pairing: pofx.options.PAIR_CONSTRUCTIONS, pairs under min_margin dropped) and
+  # training on them with `replay` of each batch drawn from earlier rounds (and the stage-2 pairs
+  # when offline_first: round 0 trains on those only). reference: pofx.options.LOOP_REFERENCES.
+  # length_alpha: the implicit labeller's length penalty per token (None: DICE's search, the alpha
+  # that makes the mean chosen-minus-rejected length of the round's pairs closest to 0).
+  # reward_model_checkpoint: the reward model (labeller "reward_model"): <workdir of a
+  # config.stage="reward_model" run>/reward_model.
+  # rlhf: estimator (pofx.options.RL_ESTIMATORS) and kl_coef (the KL penalty's weight).
+  c.loop = ml_collections.ConfigDict(
+    dict(
+      kind="offline",
+      rounds=3,
+      steps_per_round=100,
+      prompts_per_round=256,
+      samples_per_prompt=4,
+      temperature=1.0,
+      labeller="gold",
+      pairing="best_worst",
+      min_margin=0.0,
+      reference="keep",
+      replay=0.0,
+      offline_first=False,
+      length_alpha=config_dict.placeholder(float),
+      reward_model_checkpoint="",
+      estimator="rloo",
+      kl_coef=0.05,
+    )
+  )
+
   # Optional sweep: a list of {"label": str, "overrides": {dotted.key: value}} run after one
   # shared SFT + data stage; each member trains and evaluates in <workdir>/sweep/<label>.
   c.sweep = ()

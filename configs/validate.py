@@ -269,7 +269,9 @@ def check_loss(c) -> None:
   # without them; the program checks the training split against the loss's score domain before
   # training). The world's scores are raw gold rewards under Bradley-Terry labels (any real number;
   # the chosen completion's can be the lower): refused here unless the domain takes any finite pair.
-  if "scores" in spec.requires and c.data.source == "world" and not spec.score_domain.any_real:
+  # Unpaired world feedback (KTO) writes the labels as scores in kto_unpaired's domain.
+  unpaired_world = c.data.get("feedback", "pairs") == "unpaired" and spec.name == "kto_unpaired"
+  if "scores" in spec.requires and c.data.source == "world" and not spec.score_domain.any_real and not unpaired_world:
     raise ValueError(
       f"config.train.loss={spec.name!r} reads per-pair scores, defined for {spec.score_domain.text}; the "
       "controlled world's scores are raw gold rewards (any real number) with Bradley-Terry labels, so the "
@@ -423,6 +425,88 @@ def _check_train(c) -> None:
       "reference log-probs."
     )
   check_loss(c)
+
+
+def _check_loop(c) -> None:
+  """`config.loop` (experiments/loops.py): the kind, labeller, pairing and reference against
+  `pofx.options`, the counts and weights, and what a loop needs of the rest of the config."""
+  if "loop" not in c:
+    return
+  lp = c.loop
+  _allowed(c, "loop.kind", options.LOOP_KINDS)
+  if lp.kind == "offline":
+    return
+  if c.sweep:
+    raise ValueError(f"config.loop.kind={lp.kind!r} with a config.sweep is not allowed; allowed: one loop per run.")
+  _allowed(c, "loop.labeller", options.LABELLERS)
+  _allowed(c, "loop.pairing", options.PAIR_CONSTRUCTIONS)
+  _allowed(c, "loop.reference", options.LOOP_REFERENCES)
+  _allowed(c, "loop.estimator", options.RL_ESTIMATORS)
+  for f in ("rounds", "steps_per_round", "prompts_per_round", "samples_per_prompt"):
+    _positive(f"loop.{f}", lp[f])
+  _positive("loop.temperature", lp.temperature, integer=False)
+  _positive("loop.min_margin", lp.min_margin, integer=False, zero_ok=True)
+  _positive("loop.kl_coef", lp.kl_coef, integer=False, zero_ok=True)
+  if lp.length_alpha is not None:
+    _positive("loop.length_alpha", lp.length_alpha, integer=False, zero_ok=True)
+  if isinstance(lp.replay, bool) or not isinstance(lp.replay, (int, float)) or not 0.0 <= lp.replay < 1.0:
+    raise ValueError(f"config.loop.replay={lp.replay!r} is not allowed; allowed: a fraction in [0, 1).")
+  if c.data.source != "world":
+    raise ValueError(
+      f"config.loop.kind={lp.kind!r} needs the controlled world (config.data.source='world'), not "
+      f"{c.data.source!r}: a loop samples prompts and labels completions there."
+    )
+  if c.train.parallel.mode != "single" or c.train.grad_accum_steps != 1 or c.train.lora.enabled:
+    raise ValueError(
+      f"config.loop.kind={lp.kind!r} runs with train.parallel.mode='single', train.grad_accum_steps=1 and LoRA off."
+    )
+  if c.train.perturbation.kind != "none" or c.train.input_perturbation.kind != "none" or c.train.dropout.rate:
+    raise ValueError(f"config.loop.kind={lp.kind!r} trains without perturbations or dropout (train.perturbation, ...).")
+  if lp.kind == "rlhf":
+    if lp.labeller not in ("gold", "reward_model"):
+      raise ValueError(
+        f"config.loop.labeller={lp.labeller!r} is not allowed with loop.kind='rlhf'; allowed: ['gold', 'reward_model']."
+      )
+    if lp.estimator == "rloo" and lp.samples_per_prompt < 2:
+      raise ValueError(
+        f"config.loop.samples_per_prompt={lp.samples_per_prompt} is not allowed with loop.estimator='rloo'; "
+        "allowed: >= 2 (the leave-one-out baseline of each sample is the mean of the others)."
+      )
+    return
+  if lp.labeller == "self_play":
+    if lp.pairing != "best_worst":
+      raise ValueError(
+        f"config.loop.pairing={lp.pairing!r} is not allowed with loop.labeller='self_play'; allowed: "
+        "['best_worst'] (the demonstration against a sample)."
+      )
+  elif lp.samples_per_prompt < 2:
+    raise ValueError(
+      f"config.loop.samples_per_prompt={lp.samples_per_prompt} is not allowed with loop.labeller="
+      f"{lp.labeller!r}; allowed: >= 2 (a pair needs two samples of a prompt)."
+    )
+  if lp.labeller == "implicit" and not lp.offline_first:
+    raise ValueError(
+      "config.loop.labeller='implicit' needs config.loop.offline_first=True: the implicit reward of the "
+      "SFT base against itself is 0, so the loop first trains DPO on the stage-2 pairs (DICE starts from "
+      "a DPO model)."
+    )
+  if lp.labeller == "reward_model" and not os.path.exists(lp.reward_model_checkpoint or ""):
+    raise ValueError(
+      f"config.loop.reward_model_checkpoint={lp.reward_model_checkpoint!r} is not a checkpoint; allowed: the "
+      "path of a trained reward model's parameters (labeller 'reward_model')."
+    )
+  if c.train.reference.kind not in ("frozen", "cached"):
+    raise ValueError(
+      f"config.train.reference.kind={c.train.reference.kind!r} is not allowed with loop.kind={lp.kind!r}; "
+      "allowed: ['frozen', 'cached'] (the loop's reference is config.loop.reference: 'keep' or 'refresh')."
+    )
+  spec = losses.spec(c.train.loss)
+  unsupported = set(spec.requires) - {"lengths", "tokens", "key", "state"}
+  if unsupported:
+    raise ValueError(
+      f"config.train.loss={c.train.loss!r} reads {sorted(unsupported)}, which a loop's pairs do not carry; "
+      "allowed: a pairwise loss that reads log-probs only (lengths, per-token arrays, a key or a state)."
+    )
 
 
 def _check_processes(c, process_count: int, device_count: Optional[int]) -> None:
@@ -618,6 +702,69 @@ def _validate_image(c, process_count: int) -> None:
   _check_image_loss(c)
 
 
+def _check_stage(c) -> None:
+  """`config.stage` (absent: "policy") and the fields of the stage it names."""
+  if "stage" not in c:
+    return
+  stage = c.stage
+  _allowed(c, "stage", options.STAGES)
+  if stage == "reward_model":
+    if "reward_model" not in c:
+      raise ValueError("config.stage='reward_model' needs config.reward_model (see configs/reward_model.py).")
+    _allowed(c, "reward_model.init", options.REWARD_MODEL_INITS)
+    for f in ("reward_model.steps", "reward_model.batch_size", "reward_model.log_every"):
+      _positive(f, _get(c, f))
+    _positive("reward_model.learning_rate", c.reward_model.learning_rate, integer=False)
+    for f in ("reward_model.weight_decay", "reward_model.grad_clip", "reward_model.center_coefficient"):
+      _positive(f, _get(c, f), integer=False, zero_ok=True)
+    m = c.reward_model.margin_scale
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+      raise ValueError(f"config.reward_model.margin_scale={m!r} is not allowed; allowed: a finite number.")
+  if stage == "curriculum":
+    if "curriculum" not in c:
+      raise ValueError("config.stage='curriculum' needs config.curriculum (see configs/curry_dpo.py).")
+    for f in ("curriculum.num_stages", "curriculum.steps_per_stage"):
+      _positive(f, _get(c, f))
+    if c.data.source != "world":
+      raise ValueError("config.stage='curriculum' rates the world's sampled completions; allowed: data.source='world'.")
+    if c.train.reference.kind not in ("cached", "frozen"):
+      raise ValueError(
+        f"config.stage='curriculum' uses each stage's starting policy as its reference; "
+        f"config.train.reference.kind={c.train.reference.kind!r} is not allowed; allowed: ['cached', 'frozen']."
+      )
+  if stage != "policy" and c.sweep:
+    raise ValueError(f"config.stage={stage!r} runs no sweep; set config.sweep=().")
+
+
+def _check_feedback(c) -> None:
+  """Unpaired feedback (KTO): `data.feedback` for the world, `data.format='unpaired'` for files,
+  and the loss that reads it (`kto_unpaired`) only with one of them."""
+  feedback = c.data.get("feedback", "pairs")
+  if "feedback" in c.data:
+    _allowed(c, "data.feedback", options.FEEDBACK)
+  if feedback == "unpaired":
+    if c.data.source != "world":
+      raise ValueError(
+        "config.data.feedback='unpaired' is for data.source='world'; for files set config.data.format='unpaired'."
+      )
+    t = c.data.get("unpaired_threshold", None)
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
+      raise ValueError(
+        f"config.data.unpaired_threshold={t!r} is not allowed; allowed: a finite number or None (median)."
+      )
+  unpaired = feedback == "unpaired" or (c.data.source == "files" and c.data.format == "unpaired")
+  if unpaired != (c.train.loss == "kto_unpaired") and c.get("stage", "policy") == "policy":
+    if unpaired:
+      raise ValueError(
+        f"unpaired feedback trains config.train.loss='kto_unpaired' only, not {c.train.loss!r} "
+        "(each example's rejected slot holds a mismatched completion)."
+      )
+    raise ValueError(
+      "config.train.loss='kto_unpaired' needs unpaired data: config.data.feedback='unpaired' (world) or "
+      "config.data.format='unpaired' (files)."
+    )
+
+
 def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_count: Optional[int] = None) -> None:
   """Checks every field a run reads; raises ValueError naming the field and what is allowed.
 
@@ -645,8 +792,11 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
     raise ValueError(
       f"config.eval.idealized_betas={betas!r} is not allowed; allowed: a tuple of numbers > 0 (may be empty)."
     )
+  _check_stage(c)
   _check_data(c)
+  _check_feedback(c)
   _check_train(c)
+  _check_loop(c)
   for item in c.sweep:
     if "label" not in item or "overrides" not in item:
       raise ValueError("config.sweep entries must be {'label': str, 'overrides': {dotted.key: value}}.")

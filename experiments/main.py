@@ -80,6 +80,7 @@ from pofx import (
 from pofx import data as data_lib
 from pofx import world as world_lib
 from pofx.data import pipeline
+from pofx.data import unpaired as unpaired_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<family>.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, data, metrics, plots and the summary.")
@@ -395,7 +396,14 @@ def stage_data(run: Run, base_params):
     model=run.model,
     num_samples=k,
   )
-  records = {"train": _records(train_data), "eval": _records(held, offset=len(train_data.prompt))}
+  records = {"train": _records(train_data)}
+  if c.data.get("feedback", "pairs") == "unpaired":  # KTO's unpaired feedback (pofx.data.unpaired)
+    ps, cs, labels, threshold = unpaired_lib.world_feedback(
+      train_data.list_prompt, train_data.list_completions, train_data.list_scores, threshold=c.data.unpaired_threshold
+    )
+    records["train"] = unpaired_lib.pair_records(ps, cs, labels)
+    _say("data: %d unpaired examples, %.3f desirable (gold reward > %.4f)", len(ps), labels.mean(), threshold)
+  records["eval"] = _records(held, offset=len(records["train"]))
   prepared = data_lib.prepare_generated(
     records,
     data_dir=data_dir,
@@ -1391,6 +1399,26 @@ def main(argv):
 def _run(config, workdir, started):
   if config.get("domain", "text") == "image":  # the image world's diffusion pipeline
     diffusion.main(config, workdir, progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
+    return
+  stage = config.get("stage", "policy")  # another stage than policy training: its own module
+  if stage != "policy":
+    from experiments import curriculum, reward_model  # pylint: disable=g-import-not-at-top
+
+    module = {"reward_model": reward_model, "curriculum": curriculum}[stage]
+    summary = module.run(
+      config, workdir, lib=sys.modules[__name__], progress=_PROGRESS.value, startup=started, overwrite=_OVERWRITE.value
+    )
+    print(module.table(summary))
+    print(f"summary: {os.path.join(os.path.abspath(workdir), 'summary.json')}")
+    return
+  if config.loop.kind != "offline":  # iterative, online and RLHF loops (issue 19): experiments/loops.py
+    from experiments import loops  # pylint: disable=g-import-not-at-top
+
+    summary = loops.run(
+      sys.modules[__name__], config, workdir, progress=_PROGRESS.value, startup=started, overwrite=_OVERWRITE.value
+    )
+    print(_table(summary))
+    print(f"summary: {os.path.join(os.path.abspath(workdir), 'summary.json')}")
     return
   if config.sweep:
     summaries, chart = run_sweep(config, workdir, progress=_PROGRESS.value, startup=started, overwrite=_OVERWRITE.value)

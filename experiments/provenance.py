@@ -158,6 +158,8 @@ def data_record(c) -> Record:
   fields = fingerprints.fields(
     c, ("seed", "world", "data.source", "data.num_prompts", "data.samples_per_prompt", "data.num_eval_pairs")
   )
+  if c.data.get("feedback", "pairs") != "pairs":  # unpaired feedback (KTO): recorded only when set
+    fields.update(fingerprints.fields(c, ("data.feedback", "data.unpaired_threshold")))
   return Record("data", fields, {"sft": sft_record(c).fingerprint})
 
 

@@ -27,8 +27,20 @@ INPUT_PERTURBATION_KINDS = ("none", "embeddings")
 # Optimizers of the training program (optax).
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
+# What the program runs (`config.stage`; configs without the field run "policy"): preference
+# training of a policy, a Bradley-Terry reward model (`experiments/reward_model.py`), or a
+# Curry-DPO curriculum of stages (`experiments/curriculum.py`).
+STAGES = ("policy", "reward_model", "curriculum")
+# How a reward model's backbone starts: from the SFT base or from a random init.
+REWARD_MODEL_INITS = ("sft", "random")
+
 # Where the preference pairs come from: the controlled world, or the user's JSONL/Parquet files.
 SOURCES = ("world", "files")
+
+# What the world's training split holds (`data.feedback`; configs without the field: "pairs"):
+# Bradley-Terry-labelled pairs, or unpaired examples labelled by a gold-reward threshold for KTO
+# (`pofx.data.unpaired`).
+FEEDBACK = ("pairs", "unpaired")
 
 # Row layouts of a batch of pairs (`pofx.batching`).
 LAYOUTS = ("fused", "prompt_shared", "packed")
@@ -50,7 +62,17 @@ ON_NONFINITE = ("skip", "halt")
 
 # Preference files (`pofx.data`): their formats, how a K-way ranking record becomes pairs, what
 # happens to a record over a length limit, and what happens to a record that cannot be used.
-FORMATS = ("auto", "standard", "implicit", "conversational", "conversational_implicit", "tokenized", "ranking")
+# "unpaired": TRL's unpaired feedback (prompt, completion, label) for KTO (`pofx.data.unpaired`).
+FORMATS = (
+  "auto",
+  "standard",
+  "implicit",
+  "conversational",
+  "conversational_implicit",
+  "tokenized",
+  "ranking",
+  "unpaired",
+)
 RANKING_MODES = ("all_pairs", "best_vs_rest", "best_worst")
 TRUNCATION = (
   "reject",
@@ -92,3 +114,18 @@ IMAGE_PERTURBATION_KINDS = ("none", "sam", "awp", "rwp")
 # a state, per-pair scores (the pairs' gold rewards). A loss needing anything else (token counts,
 # per-token arrays, ...) is refused for images.
 IMAGE_LOSS_REQUIREMENTS = ("key", "state", "scores")
+# Loops of the training program (`experiments/loops.py`, docs/online.md): "offline" trains once on the
+# stage-2 pairs; "iterative" runs rounds of sample -> label -> pairs -> train; "online" the same with
+# fresh samples every few steps; "rlhf" the REINFORCE / RLOO baseline with a KL penalty.
+LOOP_KINDS = ("offline", "iterative", "online", "rlhf")
+# Labellers of sampled completions (`pofx.labellers`): the world's gold reward, the DPO implicit
+# reward (DICE), self-play against demonstrations (SPIN), a reward model's score function.
+LABELLERS = ("gold", "implicit", "self_play", "reward_model")
+# Pair construction from K scored completions per prompt (`pofx.pair_construction`).
+PAIR_CONSTRUCTIONS = ("best_worst", "random", "all")
+# The reference of an iterative loop: kept (the SFT base throughout) or refreshed to the previous
+# round's policy at each round's start.
+LOOP_REFERENCES = ("keep", "refresh")
+# Policy-gradient estimators of the RLHF baseline: RLOO (leave-one-out baseline) or REINFORCE with
+# a running-mean baseline (Ahmadian et al. 2024, arXiv:2402.14740).
+RL_ESTIMATORS = ("rloo", "reinforce")

@@ -46,6 +46,9 @@ FAMILIES = (
   "adv_embeddings",
   "gradient_field",
   "new_methods",
+  "reward_model",
+  "curry_dpo",
+  "kto_unpaired",
 ) + STUDY_FAMILIES
 ARGS = {
   "dpo": ("", "tiny"),
@@ -68,6 +71,9 @@ ARGS = {
   "adv_embeddings": ("", "tiny"),
   "gradient_field": ("", "tiny"),
   "new_methods": ("", "tiny"),
+  "reward_model": ("", "tiny"),
+  "curry_dpo": ("", "tiny"),
+  "kto_unpaired": ("", "tiny"),
   **dict.fromkeys(STUDY_FAMILIES, ("", "tiny")),
 }
 
@@ -486,3 +492,22 @@ def test_trl_loss_takes_every_dpo_config_field_and_trls_refusals_come_before_any
   validate.validate(_edited({"train.loss": "trl.sigmoid", "train.loss_hyper": {"beta": 0.1, "label_smoothing": 0.2}}))
   with pytest.raises(ValueError, match=r"not allowed with train.loss='trl.aot': trl.aot: invalid use_weighting=True"):
     validate.validate(_edited({"train.loss": "trl.aot", "train.loss_hyper": {"beta": 0.1, "use_weighting": True}}))
+
+
+@pytest.mark.parametrize(
+  "family, edits, message",
+  [
+    ("reward_model", {"stage": "rm"}, r"config.stage='rm' is not allowed; allowed: \['policy', 'reward_model'"),
+    ("reward_model", {"reward_model.init": "base"}, r"reward_model.init='base' is not allowed; allowed: \['sft'"),
+    ("reward_model", {"reward_model.steps": 0}, r"reward_model.steps=0 is not allowed"),
+    ("reward_model", {"reward_model.center_coefficient": -0.1}, r"center_coefficient=-0.1 is not allowed"),
+    ("curry_dpo", {"train.reference.kind": "synced"}, r"reference.kind='synced' is not allowed; allowed: \['cached'"),
+    ("curry_dpo", {"curriculum.num_stages": 0}, r"curriculum.num_stages=0 is not allowed"),
+    ("kto_unpaired", {"train.loss": "dpo"}, r"unpaired feedback trains config.train.loss='kto_unpaired' only"),
+    ("kto_unpaired", {"data.feedback": "binary"}, r"data.feedback='binary' is not allowed; allowed: \['pairs'"),
+    ("dpo", {"train.loss": "kto_unpaired", "train.loss_hyper": {}}, r"'kto_unpaired' needs unpaired data"),
+  ],
+)
+def test_stage_and_feedback_fields_are_checked(family, edits, message):
+  with pytest.raises(ValueError, match=message):
+    validate.validate(_edited(edits, family))

@@ -375,6 +375,10 @@ def parse_record(rec: dict, fmt: str = "auto", *, ranking: str = "all_pairs", gr
   check_choice("ranking", ranking, RANKING_MODES)
   if not isinstance(rec, dict):
     raise BadRecord("malformed_json", f"a record must be an object, got {type(rec).__name__}")
+  if fmt == "unpaired":
+    raise ValueError("parse_record: unpaired records pair up across a file: use pofx.data.unpaired (iter_examples).")
+  if fmt == "auto" and "label" in rec and ("completion" in rec or "completion_input_ids" in rec):
+    raise BadRecord("missing_field", "an unpaired record (completion, label): read it with format='unpaired' (KTO)")
   if fmt == "auto":
     fmt = detect_format(rec)
 

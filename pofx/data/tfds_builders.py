@@ -52,6 +52,7 @@ import numpy as np
 
 from pofx.data import records as records_lib
 from pofx.data import tokenize as tokenize_lib
+from pofx.data import unpaired as unpaired_lib
 from pofx.data.records import BadRecord, DataError, NoUsableRecords, Stats, UnknownTokenRate
 from pofx.options import UNKNOWN_TOKEN_RATE_RANGE
 
@@ -134,7 +135,12 @@ def iter_examples(
     path = os.fspath(path)
     base = os.path.basename(path)
     read0, written0, skipped0 = stats.records_read, stats.examples_written, dict(stats.skipped)
-    for line, rec in records_lib.read_records(path):
+    if format == "unpaired":  # KTO's unpaired feedback: the whole file, then the mismatched partners
+      for ex, pair in _unpaired_pairs(path, tokenizer, limits, add_eos, add_special_tokens, on_bad_record, stats):
+        yield next_id, _example_dict(pair, next_id, next_id, base, ex.group)
+        next_id += 1
+        _count(stats, pair, unk)
+    for line, rec in [] if format == "unpaired" else records_lib.read_records(path):
       stats.records_read += 1
       try:
         if isinstance(rec, BadRecord):
@@ -159,6 +165,37 @@ def iter_examples(
     if stats.examples_written == written0:
       skipped = {k: v - skipped0.get(k, 0) for k, v in stats.skipped.items() if v != skipped0.get(k, 0)}
       raise NoUsableRecords(path, Stats(records_read=stats.records_read - read0, skipped=skipped))
+
+
+def _unpaired_pairs(path, tokenizer, limits, add_eos, add_special_tokens, on_bad_record, stats):
+  """The tokenised pairs that carry the unpaired examples of one file (`pofx.data.unpaired`):
+  every record validated first (bad ones raise or are skipped), then paired with its mismatched
+  completion; a pair that cannot be tokenised is a bad record of its example's line."""
+  base = os.path.basename(path)
+  good = []
+  for line, rec in records_lib.read_records(path):
+    stats.records_read += 1
+    try:
+      if isinstance(rec, BadRecord):
+        raise rec
+      good.append(unpaired_lib.parse_unpaired(rec, group=line))
+    except BadRecord as err:
+      if on_bad_record == "error":
+        raise err.at(path, line) from None
+      stats.skip(err.reason)
+  if not good:
+    return
+  for ex in unpaired_lib.to_examples(good, file=base):
+    try:
+      pair = tokenize_lib.tokenize_example(
+        ex, tokenizer, limits=limits, add_eos=add_eos, add_special_tokens=add_special_tokens
+      )
+    except BadRecord as err:
+      if on_bad_record == "error":
+        raise err.at(path, ex.group) from None
+      stats.skip(err.reason)
+      continue
+    yield ex, pair
 
 
 def _count(stats: Stats, pair: tokenize_lib.TokenizedPair, unk_id: Optional[int]):

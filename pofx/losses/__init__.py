@@ -97,7 +97,7 @@ from pofx.losses._gpo_family import dpo, exponential, gpo, ipo, ipo_sum, savage,
 from pofx.losses._label_noise import cdpo, focalpo, robust_dpo
 from pofx.losses._margins import dpo_shift, dpo_shift_lambda, dpop, ln_dpo, mappo, odpo
 from pofx.losses._more import flex_dpo, ilr_dpo, madpo, madpo_weights, mipo, mipo_alignment
-from pofx.losses._pointwise import infonca_kway, kto, kto_reference_point, nca, nca_kway, una
+from pofx.losses._pointwise import infonca_kway, kto, kto_reference_point, kto_unpaired, nca, nca_kway, una
 from pofx.losses._reference_free import cpo, orpo, repo, simpo
 from pofx.losses._registry import REQUIREMENTS, LossSpec, ScoreDomain
 from pofx.losses._regularised import asft, irpo, rpo
@@ -338,6 +338,7 @@ __all__ = [
   "una",
   "kto",
   "kto_reference_point",
+  "kto_unpaired",
   "ra_dpo",
   "ra_dpo2",
   "ra_dpo_sequence_risk",

@@ -289,6 +289,76 @@ def kto(
   return 0.5 * (desirable + undesirable)
 
 
+def _kto_unpaired_valid(s_w, s_l, **_):
+  return (s_w >= 0) & (s_w <= 1) & (abs(s_l) < float("inf"))
+
+
+KTO_UNPAIRED_SCORES = ScoreDomain(
+  "score_chosen in [0, 1]: the example's label, desirable when >= 0.5 (TRL's label True / False as "
+  "1 / 0); score_rejected any finite number (unused)",
+  _kto_unpaired_valid,
+)
+
+
+def kto_unpaired(
+  policy: PairLogps,
+  reference: PairLogps,
+  *,
+  beta: float = 0.1,
+  desirable_weight: float = 1.0,
+  undesirable_weight: float = 1.0,
+  chosen_scores: Array,
+  rejected_scores: Optional[Array] = None,
+  axis_name: Optional[str] = None,
+) -> Array:
+  r"""KTO on unpaired binary feedback (TRL's unpaired format: prompt, completion, label).
+
+  Each row of the batch is one example `(x_i, y_i, label_i)`: its completion travels in the
+  *chosen* slot, and the *rejected* slot holds a mismatched completion `y'_i` of another example
+  for the same prompt `x_i` (KTO's KL estimate: TRL pairs each prompt with another example's
+  completion). With `lr = log pi(y_i|x_i) - log pi_ref(y_i|x_i)` and the reference point
+  `z0 = sg(max(0, mean_B(log pi(y'_i|x_i) - log pi_ref(y'_i|x_i))))` (`kto_reference_point`),
+
+    `L_i = lambda_D (1 - sigmoid(beta (lr - z0)))`   if the example is desirable,
+    `L_i = lambda_U (1 - sigmoid(beta (z0 - lr)))`   otherwise,
+
+  KTO's `lambda_y - v(x, y)` (Eq. 8). The batch mean equals TRL's `KTOTrainer` loss (the mean of
+  the weighted desirable and undesirable losses concatenated). Labels come as `chosen_scores`
+  (desirable when >= 0.5); a score outside [0, 1] gives NaN (`KTO_UNPAIRED_SCORES`).
+
+  Args:
+    policy, reference: `PairLogps` (reference required): chosen = the examples, rejected = the
+      mismatched completions of the reference point.
+    beta: inverse temperature (> 0; TRL default 0.1).
+    desirable_weight, undesirable_weight: lambda_D, lambda_U (>= 0; TRL defaults 1.0; TRL advises
+      lambda_D n_D / (lambda_U n_U) in [1, 4/3]).
+    chosen_scores: `[B]` labels in [0, 1]. rejected_scores: unused.
+    axis_name: named batch axis for a global z0.
+
+  Returns:
+    `[B]` per-example losses.
+
+  References: Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization",
+  arXiv:2402.01306, Eq. (8); TRL `trl/trainer/kto_trainer.py::_compute_loss` (loss_type="kto",
+  unpaired data).
+  """
+  del rejected_scores
+  name = "kto_unpaired"
+  _common.check_inputs(name, policy, reference, need_reference=True)
+  _common.check_beta(name, beta)
+  _common.check_range(name, "desirable_weight", desirable_weight, low=0.0)
+  _common.check_range(name, "undesirable_weight", undesirable_weight, low=0.0)
+  lr, lr_kl = _common.logratios(policy, reference)
+  z0 = kto_reference_point(lr_kl, axis_name=axis_name)
+  lr = jnp.asarray(lr, jnp.float32)
+  labels = jnp.asarray(chosen_scores, jnp.float32)
+  chex.assert_equal_shape((labels, lr))
+  desirable = desirable_weight * (1.0 - jax.nn.sigmoid(beta * (lr - z0)))
+  undesirable = undesirable_weight * (1.0 - jax.nn.sigmoid(beta * (z0 - lr)))
+  out = jnp.where(labels >= 0.5, desirable, undesirable)
+  return jnp.where((labels >= 0) & (labels <= 1), out, jnp.nan)
+
+
 SPECS = (
   LossSpec("nca", nca, "pointwise", _NCA_SOURCE + " preference_trainer.py (NCA, pairwise)"),
   LossSpec(
@@ -321,5 +391,14 @@ SPECS = (
     "pointwise",
     "Ethayarajh et al. 2024, KTO, arXiv:2402.01306, Eq. 8; TRL kto_trainer.py (paired form)",
     requires=frozenset({"kl"}),
+  ),
+  LossSpec(
+    "kto_unpaired",
+    kto_unpaired,
+    "pointwise",
+    "Ethayarajh et al. 2024, KTO, arXiv:2402.01306, Eq. 8; TRL kto_trainer.py (unpaired data)",
+    requires=frozenset({"scores"}),
+    detached_by_design="z0 is a detached mean over the mismatched completions (the rejected slot)",
+    score_domain=KTO_UNPAIRED_SCORES,
   ),
 )
