@@ -98,6 +98,10 @@ def base_config() -> ml_collections.ConfigDict:
       eta=0.1,
       mrpo_alpha=config_dict.placeholder(float),
       guide_checkpoint="",
+      # cache_dir (cached, multi): a folder of reference log-prob caches shared across runs, each
+      # entry named by its fingerprint (weights, vocabulary, length limits, data, model); None =
+      # this run's own workdir. Other reference kinds compute no cache and ignore it.
+      cache_dir=config_dict.placeholder(str),
     )
   )
   # sam: m = examples per ascent (m-sharpness, Foret et al.; None = one ascent per (micro-)batch).

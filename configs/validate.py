@@ -416,6 +416,13 @@ def _check_train(c) -> None:
       "checkpoint; allowed: the path of a finished run's params checkpoint (e.g. <first-stage "
       "workdir>/final_params)."
     )
+  cache_dir = c.train.reference.get("cache_dir", None)
+  if cache_dir is not None and (not cache_dir or (os.path.exists(cache_dir) and not os.path.isdir(cache_dir))):
+    raise ValueError(
+      f"config.train.reference.cache_dir={cache_dir!r} is not allowed; allowed: None (the run's own "
+      "workdir) or the path of a folder (created if absent) shared by the runs that read the same "
+      "reference log-probs."
+    )
   check_loss(c)
 
 

@@ -38,6 +38,7 @@ file) ends with one line on stderr and exit status 1.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -59,7 +60,7 @@ from ml_collections import config_flags
 
 import pofx_backends
 from configs import validate as config_validation
-from experiments import checkpointing, distributed, export_hf, lora_io, plots, provenance
+from experiments import checkpointing, distributed, export_hf, lora_io, plots, provenance, reference_cache
 from experiments import metrics as metrics_lib
 from experiments import sft as sft_lib
 from experiments import workdir as workdir_lib
@@ -503,11 +504,20 @@ def stage_reference_cache(run: Run, prepared, ref_params_list, logps_fn):
   With `ld_alpha` in the loss's hyperparameters (LD-DPO, TRL's `ld_alpha`), the cached sums are
   LD-weighted (`pofx.losses.ld_weighted_sums`), as TRL's `precompute_ref_log_probs` stores them;
   the losses take a reference given as sums only as already LD-weighted. The value is part of
-  the cache's fingerprint."""
+  the cache's fingerprint. With `train.reference.cache_dir` set, the entries live in that folder
+  under their fingerprints and are shared by every run that reads the same reference log-probs
+  (`experiments/reference_cache.py`)."""
   c = run.config
   source = prepared.source("train")
   ld_alpha = c.train.loss_hyper.get("ld_alpha", None)
-  extra = prepared.fingerprint if ld_alpha is None else {"data": prepared.fingerprint, "ld_alpha": float(ld_alpha)}
+  # What else the log-probs depend on: the data (tokenised, so the tokenizer too), the model's
+  # architecture and compute dtype, and LD-DPO's weighting of the sums.
+  extra = {
+    "data": prepared.fingerprint,
+    "model": dataclasses.asdict(run.model_config),
+    "dtype": c.model.dtype,
+    "ld_alpha": None if ld_alpha is None else float(ld_alpha),
+  }
   fps = [
     references.fingerprint(
       p,
@@ -520,20 +530,24 @@ def stage_reference_cache(run: Run, prepared, ref_params_list, logps_fn):
   ]
   joined = {"example_id": None}
   fwd = jax.jit(logps_fn)
+  shared_dir = c.train.reference.cache_dir
   for k, (params, fp) in enumerate(zip(ref_params_list, fps)):
-    path = run.path("reference_cache", f"ref{k}.npz")
+    if shared_dir:
+      path = reference_cache.shared_path(shared_dir, fp)
+    else:
+      path = run.path("reference_cache", f"ref{k}.npz")
+    entry = reference_cache.read(path, fp, shared=bool(shared_dir))
+    if entry is not None:
+      if shared_dir:
+        _say("reference: read %s (shared cache)", path)
+      joined.update(
+        {"example_id": entry.example_id, f"ref{k}_chosen_logps": entry.chosen, f"ref{k}_rejected_logps": entry.rejected}
+      )
+      continue
     if os.path.exists(path):
-      z = np.load(path)
-      if str(z["fingerprint"]) == fp:
-        ids, ch, rj = z["example_id"], z["chosen"], z["rejected"]
-        joined.update({"example_id": ids, f"ref{k}_chosen_logps": ch, f"ref{k}_rejected_logps": rj})
-        continue
       _say(
-        "reference: recomputing %s: it was computed from other reference weights, data or length limits "
-        "(fingerprint %s... -> %s...)",
+        "reference: recomputing %s: it was computed from other reference weights, data or length limits",
         path,
-        str(z["fingerprint"])[:12],
-        fp[:12],
       )
     loader = data_lib.PreferenceLoader(
       source,
@@ -556,10 +570,13 @@ def stage_reference_cache(run: Run, prepared, ref_params_list, logps_fn):
       ids.append(np.asarray(batch["example_id"])[keep])
       ch.append(np.asarray(out.chosen)[keep])
       rj.append(np.asarray(out.rejected)[keep])
-    ids, ch, rj = np.concatenate(ids), np.concatenate(ch), np.concatenate(rj)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path, example_id=ids, chosen=ch, rejected=rj, fingerprint=np.asarray(fp))
-    joined.update({"example_id": ids, f"ref{k}_chosen_logps": ch, f"ref{k}_rejected_logps": rj})
+    entry = reference_cache.Entry(np.concatenate(ids), np.concatenate(ch), np.concatenate(rj))
+    reference_cache.write(path, entry, fp)
+    if shared_dir:
+      _say("reference: wrote %s (shared cache)", path)
+    joined.update(
+      {"example_id": entry.example_id, f"ref{k}_chosen_logps": entry.chosen, f"ref{k}_rejected_logps": entry.rejected}
+    )
   if len(ref_params_list) == 1:  # the single cached reference reads the plain keys
     joined["ref_chosen_logps"] = joined.pop("ref0_chosen_logps")
     joined["ref_rejected_logps"] = joined.pop("ref0_rejected_logps")

@@ -213,6 +213,12 @@ def test_sam_m_is_examples_per_ascent_and_sets_the_micro_batches():
     ("train.reference.kind", "guiding", r"config.train.reference.guide_checkpoint='' is not a checkpoint"),
     ("model.preset", "llama9", r"config.model.preset='llama9' is not allowed; allowed: 'world' or a pofx.models"),
     ("train.reference.mrpo_alpha", -1.0, r"mrpo_alpha=-1.0 is not allowed; allowed: None \(adaptive per pair\)"),
+    (
+      "train.reference.cache_dir",
+      "",
+      r"config.train.reference.cache_dir='' is not allowed; allowed: None \(the run's own",
+    ),
+    ("train.reference.cache_dir", "/dev/null", r"cache_dir='/dev/null' is not allowed; allowed: None"),
     ("train.perturbation.kind", "sharp", "config.train.perturbation.kind"),
     ("train.perturbation.kind", "rwp", r"config.train.perturbation.c_min=None is not allowed with kind='rwp'"),
     ("train.steps", 0, "config.train.steps=0 is not allowed; allowed: an integer > 0"),

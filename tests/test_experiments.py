@@ -142,11 +142,13 @@ def test_new_methods_sweep_trains_every_member_on_tiny(seed_dir, tmp_path):
 @pytest.mark.skipif(
   pofx_backends.unavailable_reason("cpu") is not None, reason=f"{pofx_backends.unavailable_reason('cpu')}"
 )
-def test_cpu_kernels_run_equals_the_xla_run(seed_dir, tmp_path):
+def test_cpu_kernels_run_equals_the_xla_run(seed_dir, tmp_path, capfd):
   # config.model.kernels reaches the model and the LM head: the world model (head dimension 16)
   # with block-sparse attention of 64-token blocks, trained with the CPU backend (the fused
   # attention kernels, every product by a BLAS), ends where the XLA run ends.
-  params = {}
+  # The two runs share a reference cache folder (train.reference.cache_dir): the same reference,
+  # data and model, so the first writes the entry and the second reads it.
+  params, cache = {}, tmp_path / "reference_cache"
   for name in ("xla", "cpu"):
     work = tmp_path / name
     _seed_from(seed_dir, work, names=("sft_params", "data"))
@@ -154,10 +156,15 @@ def test_cpu_kernels_run_equals_the_xla_run(seed_dir, tmp_path):
     with c.unlocked():
       c.model.kernels = name
       c.data.attention, c.data.attention_block_size, c.data.seq_bucket = "block_sparse", 64, 64
+      c.train.reference.cache_dir = str(cache)
     validate.validate(c)
     s, _ = main_lib.run_one(c, str(work), progress=False)
     assert s["kernels"] == name and np.isfinite(s["gold_reward_policy"])
     params[name] = [np.asarray(x) for x in jax.tree.leaves(_final_params(work))]
+    assert not os.path.exists(work / "reference_cache")
+    (entry,) = os.listdir(cache)
+    log = capfd.readouterr().err
+    assert f"reference: {'wrote' if name == 'xla' else 'read'} {cache / entry} (shared cache)" in log, log[-2000:]
   for a, b in zip(params["cpu"], params["xla"]):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   # The CPU kernels did run: their float32 summation order differs from XLA's in the last bits.

@@ -178,7 +178,10 @@ def test_each_stage_fingerprint_changes_with_exactly_the_fields_it_reads():
   for name in names:
     c = dpo.get_config("tiny")
     with c.unlocked():
-      main_lib._set(c, name, _changed(fingerprints.fields(c, (name,))[name]))
+      try:
+        main_lib._set(c, name, _changed(fingerprints.fields(c, (name,))[name]))
+      except TypeError:  # a string placeholder (None) set
+        main_lib._set(c, name, "x")
     after = _stage_fps(c)
     for stage, reads in expected.items():
       assert (after[stage] != before[stage]) == (name in reads), (stage, name)
