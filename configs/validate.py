@@ -702,7 +702,7 @@ def _validate_image(c, process_count: int) -> None:
   _check_image_loss(c)
 
 
-def _check_stage(c) -> None:
+def _check_stage(c, process_count: int = 1) -> None:
   """`config.stage` (absent: "policy") and the fields of the stage it names."""
   if "stage" not in c:
     return
@@ -734,6 +734,11 @@ def _check_stage(c) -> None:
       )
   if stage != "policy" and c.sweep:
     raise ValueError(f"config.stage={stage!r} runs no sweep; set config.sweep=().")
+  if stage != "policy" and (process_count > 1 or c.train.parallel.mode != "single"):
+    raise ValueError(
+      f"config.stage={stage!r} runs in one process on one device; allowed: train.parallel.mode='single' "
+      f"and one process (got mode {c.train.parallel.mode!r}, {process_count} processes)."
+    )
 
 
 def _check_feedback(c) -> None:
@@ -792,7 +797,7 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
     raise ValueError(
       f"config.eval.idealized_betas={betas!r} is not allowed; allowed: a tuple of numbers > 0 (may be empty)."
     )
-  _check_stage(c)
+  _check_stage(c, process_count)
   _check_data(c)
   _check_feedback(c)
   _check_train(c)

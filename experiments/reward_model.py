@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -86,9 +86,9 @@ def _scores(score, params, rows, batch: int) -> np.ndarray:
   return np.concatenate(out)
 
 
-def train(run, base_params, prepared, *, say) -> Dict[str, Any]:
-  """Trains, saves and evaluates the reward model of `run` (an `experiments.main.Run`); returns
-  the summary's results."""
+def train(run, base_params, prepared, *, say) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """Trains and evaluates the reward model of `run` (an `experiments.main.Run`); returns its
+  parameters and the summary's results."""
   c = run.config
   rc = c.reward_model
   model = run.model

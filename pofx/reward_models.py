@@ -25,7 +25,7 @@ Stiennon et al. 2020, arXiv:2009.01325), per pair
 
 with an optional margin `m` per pair (Llama 2, Touvron et al. 2023, arXiv:2307.09288, Eq. 2: a
 margin that grows with the rating gap) and an optional reward-centering weight `c` (Eisenstein
-et al. 2023, arXiv:2312.09244, Sec. 3: the auxiliary `(r_w + r_l)^2` keeps rewards near zero).
+et al. 2023, arXiv:2312.09244: the auxiliary `(r_w + r_l)^2` keeps rewards near zero).
 The mean over a batch equals TRL's `RewardTrainer.compute_loss` (`margin`,
 `center_rewards_coefficient`).
 

@@ -503,6 +503,7 @@ def test_trl_loss_takes_every_dpo_config_field_and_trls_refusals_come_before_any
     ("reward_model", {"reward_model.center_coefficient": -0.1}, r"center_coefficient=-0.1 is not allowed"),
     ("curry_dpo", {"train.reference.kind": "synced"}, r"reference.kind='synced' is not allowed; allowed: \['cached'"),
     ("curry_dpo", {"curriculum.num_stages": 0}, r"curriculum.num_stages=0 is not allowed"),
+    ("reward_model", {"train.parallel.mode": "jit"}, r"runs in one process on one device"),
     ("kto_unpaired", {"train.loss": "dpo"}, r"unpaired feedback trains config.train.loss='kto_unpaired' only"),
     ("kto_unpaired", {"data.feedback": "binary"}, r"data.feedback='binary' is not allowed; allowed: \['pairs'"),
     ("dpo", {"train.loss": "kto_unpaired", "train.loss_hyper": {}}, r"'kto_unpaired' needs unpaired data"),

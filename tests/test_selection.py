@@ -60,15 +60,15 @@ def test_select_top_keeps_the_largest_fraction():
 
 
 def test_curry_dpo_program_refreshes_the_reference_per_stage(seed_dir, tmp_path):
-  """configs/curry_dpo.py:tiny as a user runs it, on the session's SFT base and data: three
-  stages, easy to hard, each stage's cached reference computed from the previous stage's policy."""
+  """configs/curry_dpo.py:tiny as a user runs it, on the session's SFT base and data: two stages,
+  easy to hard, the second one's cached reference computed from the first one's policy."""
   import json
   import os
 
   import jax
 
   from experiments import main as main_lib
-  from pofx import references
+  from pofx import data, evaluation, models
   from pofx import world as world_lib
   from tests.program import _config, _main, _seed_from
 
@@ -79,24 +79,27 @@ def test_curry_dpo_program_refreshes_the_reference_per_stage(seed_dir, tmp_path)
   with open(os.path.join(work, "summary.json")) as f:
     s = json.load(f)
   stages = s["curriculum_stages"]
-  assert [x["stage"] for x in stages] == [0, 1, 2] and all(x["steps"] == 2 for x in stages)
-  gaps = [x["mean_gap"] for x in stages]
-  assert gaps[0] > gaps[1] > gaps[2] > 0
+  # Stage 0: best vs worst of each prompt (64 pairs); stage 1: the two harder ranks merged.
+  assert [(x["stage"], x["pairs"], x["steps"]) for x in stages] == [(0, 64, 2), (1, 128, 2)]
+  assert stages[0]["mean_gap"] > stages[1]["mean_gap"] > 0
   assert 0.0 <= s["win_rate_vs_base"] <= 1.0 and s["stage"] == "curriculum"
+  # Each stage's cached reference log-probs are the previous stage's policy's (scored here by
+  # teacher forcing, another route than the program's loader), not the SFT base's.
   c = _config("curry_dpo")
   w = world_lib.World(world_lib.WorldConfig(seed=c.seed, **dict(c.world)))
-  like = jax.eval_shape(lambda: world_lib.llama.init_params(w.model_config(), jax.random.key(0)))
-  for k in (1, 2):
+  model = models.make(w.model_config())
+  like = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+  load = lambda *p: main_lib._load_params(os.path.join(work, *p), like)
+  for k in (1,):
     here = os.path.join(work, "curriculum", f"stage_{k}")
-    prev = main_lib._load_params(os.path.join(work, "curriculum", f"stage_{k - 1}", "final_params"), like)
     with open(os.path.join(here, "data", "stage_meta.json")) as f:
-      data_fp = json.load(f)["fingerprint"]
-    want = references.fingerprint(
-      prev,
-      vocab=c.world.vocab_size,
-      max_prompt_len=c.world.max_prompt_len + 2,
-      max_completion_len=c.world.max_completion_len,
-      extra=data_fp,
-    )
+      src = data.data_source(json.load(f)["path"], "train")
     cache = np.load(os.path.join(here, "reference_cache", "ref0.npz"))
-    assert str(cache["fingerprint"]) == want, k
+    ids = [int(i) for i in cache["example_id"][:8]]
+    ex = [next(src[j] for j in range(len(src)) if int(src[j]["example_id"]) == i) for i in ids]
+    args = ([e["prompt"] for e in ex], [e["chosen"] for e in ex], [e["rejected"] for e in ex])
+    prev = evaluation.pair_logps(load("curriculum", f"stage_{k - 1}", "final_params"), *args, model=model)
+    np.testing.assert_allclose(cache["chosen"][:8], np.asarray(prev.chosen), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(cache["rejected"][:8], np.asarray(prev.rejected), rtol=1e-4, atol=1e-4)
+    sft = evaluation.pair_logps(load("sft_params"), *args, model=model)
+    assert np.abs(np.asarray(sft.chosen) - cache["chosen"][:8]).max() > 1e-3

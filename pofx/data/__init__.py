@@ -10,6 +10,7 @@ r"""pofx.data: preference data from files (TRL formats) or generators to train-s
       ...
 
 Modules: `records` (reading JSONL/Parquet, TRL formats, validation, bad-record reasons),
+`unpaired` (TRL's unpaired feedback for KTO: each example with a mismatched completion),
 `tokenize` (local tokenizer, chat template, BOS/EOS and truncation policies), `tfds_builders`
 (array_record TFDS builders, no TensorFlow), `pipeline` (grain: shuffling, per-process
 sharding, length grouping, layouts, prefetching, resume). TensorFlow is never imported;
