@@ -58,7 +58,7 @@ def _torch():
 def torch_denoise(params, x_nchw, t, cond):
   """The torch twin on NCHW tensors, with `params` the JAX stand-in's (converted here)."""
   torch = _torch()
-  p = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in params.items()}
+  p = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in params.items()}
   y = torch.nn.functional.conv2d(x_nchw, p["w"].permute(3, 2, 0, 1), padding=1)
   freqs = torch.from_numpy(_freqs().astype(np.float32))
   a = t.to(torch.float32)[:, None] * freqs[None]
