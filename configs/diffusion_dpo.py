@@ -48,7 +48,7 @@ def image_config() -> ml_collections.ConfigDict:
   # Stage 1: the base denoiser on the world's training images (epsilon loss, uniform timesteps),
   # AdamW with a cosine decay; the base is the EMA of the weights when ema_decay > 0.
   c.pretrain = ml_collections.ConfigDict(
-    dict(steps=1500, batch_size=128, learning_rate=3e-3, warmup_steps=50, ema_decay=0.995)
+    dict(steps=1000, batch_size=128, learning_rate=3e-3, warmup_steps=50, ema_decay=0.995)
   )
 
   # Stage 2: preference pairs: num_pairs class prompts (balanced over the 10 classes), two samples

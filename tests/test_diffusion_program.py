@@ -1,0 +1,103 @@
+"""The image program as a user runs it (`python -m experiments.main --config=configs/diffusion_dpo.py:tiny`),
+and the validation of image configs (in-process, before any compute)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import diffusion_dpo
+from configs import validate as config_validation
+from tests.program import _main
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  work = str(tmp_path_factory.mktemp("diffusion_dpo"))
+  proc = _main(["--config=configs/diffusion_dpo.py:tiny", f"--workdir={work}", "--noprogress"], timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return work, proc
+
+
+def test_tiny_run_writes_every_output(tiny_run):
+  work, proc = tiny_run
+  for name in ("summary.json", "metrics.jsonl", "base_samples.png", "policy_samples.png", "data_samples.png"):
+    assert os.path.isfile(os.path.join(work, name)), name
+  for name in ("base_params", "final_params", "pairs"):
+    assert os.path.isfile(os.path.join(work, name, "provenance.json")), name
+  with open(os.path.join(work, "summary.json")) as f:
+    s = json.load(f)
+  assert s["config"]["domain"] == "image" and s["num_samples"] == 32
+  assert s["wins"] + s["ties"] + s["losses"] == 32
+  assert s["win_rate_vs_base"] == pytest.approx((s["wins"] + 0.5 * s["ties"]) / 32)
+  assert 0.0 <= s["win_rate_ci95_low"] <= s["win_rate_vs_base"] <= s["win_rate_ci95_high"] <= 1.0
+  for k in ("gold_reward", "class_accuracy", "diversity", "frechet"):
+    assert np.isfinite(s[f"{k}_base"]) and np.isfinite(s[f"{k}_policy"]), k
+  assert "win_rate_vs_base" in proc.stdout  # the console table
+  stages = {json.loads(line)["stage"] for line in open(os.path.join(work, "metrics.jsonl"))}
+  assert stages == {"pretrain", "train"}
+
+
+def test_tiny_run_pairs_are_labelled_by_the_gold_reward(tiny_run):
+  work, _ = tiny_run
+  with np.load(os.path.join(work, "pairs", "pairs.npz")) as f:
+    d = dict(f)
+  assert d["chosen"].shape == (32, 8, 8, 1) and d["rejected"].shape == (32, 8, 8, 1)
+  np.testing.assert_array_equal(d["class_labels"], np.arange(32) % 10)
+  # The labeller's probability is Bradley-Terry on the stored rewards (label_scale 4).
+  want = 1.0 / (1.0 + np.exp(-4.0 * (d["chosen_reward"].astype(np.float64) - d["rejected_reward"])))
+  np.testing.assert_allclose(d["label_prob"], want, rtol=1e-5)
+
+
+def test_tiny_run_png_grid(tiny_run):
+  import matplotlib.image
+
+  work, _ = tiny_run
+  img = matplotlib.image.imread(os.path.join(work, "policy_samples.png"))
+  # 10 class rows x 2 columns of 8x8 images with 1-pixel borders, each pixel drawn 4x4.
+  assert img.shape[:2] == ((10 * 9 + 1) * 4, (2 * 9 + 1) * 4)
+
+
+def test_tiny_rerun_with_other_training_is_refused_before_compute(tiny_run):
+  work, _ = tiny_run
+  proc = _main(["--config=configs/diffusion_dpo.py:tiny", f"--workdir={work}", "--config.train.steps=5"], timeout=300)
+  assert proc.returncode == 2
+  assert "final_params was computed under another config" in proc.stderr and "train.steps" in proc.stderr
+
+
+def _tiny():
+  c = diffusion_dpo.get_config("tiny")
+  c.unlock()
+  return c
+
+
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("train.reference.kind", "cached", "timestep and noise of each pair are drawn anew"),
+    ("train.reference.kind", "multi", "not allowed for config.domain='image'"),
+    ("train.loss", "simpo", "needs ['lengths'], which images do not have"),
+    ("train.loss", "no_such_loss", "config.train.loss='no_such_loss' is not allowed"),
+    ("model.schedule", "cosine", "config.model.schedule='cosine' is not allowed"),
+    ("data.sampler", "euler", "config.data.sampler='euler' is not allowed"),
+    ("data.eta", 1.5, "config.data.eta=1.5 is not allowed"),
+    ("model.preset", "huge", "config.model.preset='huge' is not allowed"),
+    ("train.perturbation.kind", "saf", "config.train.perturbation.kind='saf' is not allowed"),
+    ("domain", "audio", "config.domain='audio' is not allowed"),
+  ],
+)
+def test_image_config_refused_with_field_and_allowed(field, value, message):
+  c = _tiny()
+  node = c
+  *parents, last = field.split(".")
+  for p in parents:
+    node = node[p]
+  node[last] = value
+  with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    config_validation.validate(c)
+
+
+def test_tiny_and_default_image_configs_validate():
+  config_validation.validate(diffusion_dpo.get_config("tiny"))
+  config_validation.validate(diffusion_dpo.get_config())
