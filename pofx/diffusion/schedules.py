@@ -48,10 +48,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pofx import options
+
 Array = jax.Array
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = options.DIFFUSION_PREDICTION_TYPES
+BETA_SCHEDULES = options.DIFFUSION_SCHEDULES
 
 
 @dataclasses.dataclass(frozen=True)

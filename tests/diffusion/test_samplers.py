@@ -245,7 +245,7 @@ def test_classifier_free_guidance():
 def test_bad_arguments_are_refused():
   s = schedules.linear()
   x, e = _inputs(0)
-  with pytest.raises(ValueError, match="sampler='euler'.*allowed: ddpm, ddim"):
+  with pytest.raises(ValueError, match="sampler='euler'.*allowed: ddim, ddpm"):
     samplers.transition(s, e, x, 10, 9, sampler="euler")
   with pytest.raises(ValueError, match="eta=1.5.*0 <= eta <= 1"):
     samplers.ddim_step(s, e, x, 10, 9, None, eta=1.5)
