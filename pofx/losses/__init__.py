@@ -45,6 +45,7 @@ import jax
 from pofx.losses import (
   _adaptive,
   _annotated,
+  _diffusion,
   _example,
   _gpo_family,
   _label_noise,
@@ -81,6 +82,17 @@ from pofx.losses._annotated import (
   two_d_dpo_segment_rewards,
 )
 from pofx.losses._common import check_beta, check_choice, check_range, logratios, margins
+from pofx.losses._diffusion import (
+  d3po,
+  dense_reward_dpo,
+  dense_reward_step_weights,
+  diffusion_dro,
+  diffusion_kto,
+  patch_dpo,
+  reg_dpo,
+  smpo,
+  smpo_preference,
+)
 from pofx.losses._gpo_family import dpo, exponential, gpo, ipo, ipo_sum, savage, slic, truncated_quadratic
 from pofx.losses._label_noise import cdpo, focalpo, robust_dpo
 from pofx.losses._margins import dpo_shift, dpo_shift_lambda, dpop, ln_dpo, mappo, odpo
@@ -126,6 +138,7 @@ REGISTRY: Mapping[str, LossSpec] = _registry.build_registry(
   _risk.SPECS,
   _more.SPECS,
   _annotated.SPECS,
+  _diffusion.SPECS,
 )
 """Read-only mapping: canonical name -> LossSpec."""
 
@@ -341,4 +354,14 @@ __all__ = [
   "cosine_distance",
   "two_d_dpo",
   "two_d_dpo_segment_rewards",
+  # diffusion
+  "d3po",
+  "dense_reward_dpo",
+  "dense_reward_step_weights",
+  "diffusion_kto",
+  "smpo",
+  "smpo_preference",
+  "reg_dpo",
+  "diffusion_dro",
+  "patch_dpo",
 ]

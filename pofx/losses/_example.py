@@ -2,9 +2,10 @@
 
 One pair: pi_w = -10 over 5 chosen tokens, pi_l = -12 over 6 rejected tokens, ref_w = ref_l = -11,
 beta = 0.1 (each loss's own defaults otherwise); tokens are uniform (policy -2 per token,
-reference -11/5 and -11/6). So lr_w = +1, lr_l = -1, rho = 2. Scores (0.8, 0.3) where a loss uses them;
-every token marked as differing (BMC), embeddings (1, 0) and (1, 1) (Sem-DPO), one segment per
-completion with aspect scores (1, 0.5) and (0.5, 0.5) (2D-DPO).
+reference -11/5 and -11/6). So lr_w = +1, lr_l = -1, rho = 2. Scores (0.8, 0.3) where a loss uses
+them ((1, 0) for a domain of binary labels); every token marked as differing (BMC), embeddings
+(1, 0) and (1, 1) (Sem-DPO), one segment per completion with aspect scores (1, 0.5) and
+(0.5, 0.5) (2D-DPO).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def example_kwargs(spec, key=None):
     kw["key"] = jax.random.key(0) if key is None else key
   if "scores" in req:
     kw["chosen_scores"], kw["rejected_scores"] = jnp.array([0.8]), jnp.array([0.3])
+    if not bool(np.all(spec.score_domain.valid(np.array([0.8]), np.array([0.3])))):  # binary labels
+      kw["chosen_scores"], kw["rejected_scores"] = jnp.array([1.0]), jnp.array([0.0])
   if "turn_ids" in req:
     kw["chosen_turn_ids"] = jnp.asarray(np.where(np.arange(T) < LEN_W, 0, -1)[None], jnp.int32)
     kw["rejected_turn_ids"] = jnp.asarray(np.where(np.arange(T) < LEN_L, 0, -1)[None], jnp.int32)

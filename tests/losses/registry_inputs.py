@@ -73,6 +73,10 @@ def build(spec, key, *, with_reference=True, seed=0):
   if "scores" in req:
     kwargs["chosen_scores"] = jnp.asarray(rng.uniform(0.55, 1.0, B), jnp.float32)
     kwargs["rejected_scores"] = jnp.asarray(rng.uniform(0.05, 0.45, B), jnp.float32)
+    if not np.all(spec.score_domain.valid(np.asarray(kwargs["chosen_scores"]), np.asarray(kwargs["rejected_scores"]))):
+      # A domain of binary labels (Diffusion-KTO): each image desirable (1) or not (0), both kinds in each slot.
+      kwargs["chosen_scores"] = jnp.asarray([1.0, 1.0, 0.0, 1.0], jnp.float32)[:B]
+      kwargs["rejected_scores"] = jnp.asarray([0.0, 1.0, 0.0, 0.0], jnp.float32)[:B]
   if "turn_ids" in req:
     kwargs["chosen_turn_ids"] = jnp.asarray(turn_ids(CHOSEN_LENS))
     kwargs["rejected_turn_ids"] = jnp.asarray(turn_ids(REJECTED_LENS))

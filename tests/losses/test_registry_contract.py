@@ -310,8 +310,8 @@ def test_every_loss_that_reads_scores_declares_its_score_domain():
   # A program checks its data against the domain before training (the world's raw gold rewards
   # are refused for the restricted domains); the registry's example scores lie inside it.
   readers = [n for n in pofx.losses.names() if "scores" in pofx.losses.spec(n).requires]
-  assert sorted(readers) == ["madpo", "mappo", "odpo", "una"]
-  assert [n for n in readers if pofx.losses.spec(n).score_domain.any_real] == ["madpo"]  # raw rewards
+  assert sorted(readers) == ["diffusion_kto", "madpo", "mappo", "odpo", "smpo", "una"]
+  assert [n for n in readers if pofx.losses.spec(n).score_domain.any_real] == ["madpo", "smpo"]  # raw rewards
   for name in readers:
     spec = pofx.losses.spec(name)
     assert spec.score_domain is not None and spec.score_domain.text
