@@ -53,14 +53,20 @@ def image_config() -> ml_collections.ConfigDict:
 
   # Stage 2: preference pairs: num_pairs class prompts (balanced over the 10 classes), two samples
   # each from the base (pofx.diffusion.samplers: `sampler`, num_steps, eta), labelled by
-  # Bradley-Terry on the gold reward. sample_batch: images per sampler call (the evaluation too).
+  # Bradley-Terry on the gold reward; or (pairing "data_vs_sample", pofx.options.IMAGE_PAIRINGS) a
+  # training digit of the class against one sample. sample_batch: images per sampler call (the
+  # evaluation too).
   c.data = ml_collections.ConfigDict(
-    dict(num_pairs=2048, sampler="ddim", num_steps=10, eta=1.0, sample_batch=256, clip_sample=1.0)
+    dict(num_pairs=2048, pairing="samples", sampler="ddim", num_steps=10, eta=1.0, sample_batch=256, clip_sample=1.0)
   )
 
   # Stage 3: preference training through pofx.train.make_train_step on
   # pofx.diffusion.pairs.make_logps_fn (one timestep and noise per pair, drawn per step).
-  c.train = ml_collections.ConfigDict(dict(loss="dpo", steps=300, batch_size=64, grad_accum_steps=1, log_every=25))
+  # scores (pofx.options.IMAGE_SCORES): what a loss reading per-pair scores gets, the images' gold
+  # rewards or their binary feedback.
+  c.train = ml_collections.ConfigDict(
+    dict(loss="dpo", steps=300, batch_size=64, grad_accum_steps=1, log_every=25, scores="reward")
+  )
   c.train.loss_hyper = ml_collections.ConfigDict(dict(beta=5000.0))
   # pofx.options.IMAGE_REFERENCE_KINDS ("cached" is refused: the timestep and noise are drawn per
   # step, so the reference's errors cannot be computed once).

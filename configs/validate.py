@@ -515,6 +515,11 @@ def _check_image_loss(c) -> None:
       f"config.train.loss={spec.name!r} needs {missing}, which images do not have (no tokens or lengths); "
       f"allowed for config.domain='image': losses whose extra inputs are within {list(options.IMAGE_LOSS_REQUIREMENTS)}."
     )
+  if "scores" in spec.requires and c.train.scores == "reward" and not spec.score_domain.any_real:
+    raise ValueError(
+      f"config.train.scores='reward' is not allowed with train.loss={spec.name!r}, defined for "
+      f"{spec.score_domain.text}; allowed: train.scores='binary' (each image's binary feedback)."
+    )
   hyper = dict(c.train.loss_hyper)
   unknown = sorted(set(hyper) - set(spec.hyperparameters))
   if unknown:
@@ -563,6 +568,8 @@ def _validate_image(c, process_count: int) -> None:
   if reason:
     raise ValueError(f"config.model.kernels={c.model.kernels!r} cannot run here: {reason}; allowed: 'auto' or 'xla'.")
   _allowed(c, "data.sampler", options.DIFFUSION_SAMPLERS)
+  _allowed(c, "data.pairing", options.IMAGE_PAIRINGS)
+  _allowed(c, "train.scores", options.IMAGE_SCORES)
   if not (isinstance(c.data.eta, (int, float)) and 0.0 <= c.data.eta <= 1.0):
     raise ValueError(f"config.data.eta={c.data.eta!r} is not allowed; allowed: a number in [0, 1].")
   if c.data.num_steps > c.model.num_train_timesteps:

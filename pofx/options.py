@@ -92,3 +92,10 @@ IMAGE_PERTURBATION_KINDS = ("none", "sam", "awp", "rwp")
 # a state, per-pair scores (the pairs' gold rewards). A loss needing anything else (token counts,
 # per-token arrays, ...) is refused for images.
 IMAGE_LOSS_REQUIREMENTS = ("key", "state", "scores")
+# How the image program makes a pair (`data.pairing`): two samples of the base ordered by a
+# Bradley-Terry label, or a training digit of the class (chosen, the "expert" or ground-truth
+# image of Diffusion-DRO and Reg-DPO's GT-pairs) against one sample of the base (rejected).
+IMAGE_PAIRINGS = ("samples", "data_vs_sample")
+# What a loss that reads per-pair scores gets in the image program (`train.scores`): the images'
+# gold rewards, or their binary feedback (1 desirable, 0 not; Diffusion-KTO).
+IMAGE_SCORES = ("reward", "binary")

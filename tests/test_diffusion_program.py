@@ -9,6 +9,7 @@ import pytest
 
 from configs import diffusion_dpo
 from configs import validate as config_validation
+from pofx.diffusion import world as world_lib
 from tests.program import _main
 
 
@@ -66,6 +67,38 @@ def test_tiny_rerun_with_other_training_is_refused_before_compute(tiny_run):
   assert "final_params was computed under another config" in proc.stderr and "train.steps" in proc.stderr
 
 
+# The method families (configs/diffusion_*.py) at :tiny, on the tiny run's pretrained base: every
+# family's pretraining record equals diffusion_dpo's, so the base is reused (a symlink); those
+# that make their pairs the same way reuse the pairs too.
+FAMILIES = {"diffusion_kto": True, "diffusion_smpo": True, "diffusion_reg_dpo": False, "diffusion_dro": False}
+
+
+def test_method_families_train_on_one_pretraining(tiny_run, tmp_path):
+  import importlib
+
+  from experiments import diffusion
+
+  work, _ = tiny_run
+  for family, same_pairs in FAMILIES.items():
+    dst = tmp_path / family
+    dst.mkdir()
+    for name in ("base_params",) + (("pairs",) if same_pairs else ()):
+      os.symlink(os.path.join(work, name), dst / name)
+    c = importlib.import_module(f"configs.{family}").get_config("tiny")
+    config_validation.validate(c)
+    s = diffusion.run(c, str(dst), progress=False)
+    assert s["config"]["train"]["loss"] == c.train.loss
+    assert os.path.islink(dst / "base_params") and os.path.isfile(dst / "final_params" / "provenance.json")
+    assert 0.0 <= s["win_rate_ci95_low"] <= s["win_rate_vs_base"] <= s["win_rate_ci95_high"] <= 1.0, family
+    assert np.isfinite(s["gold_reward_policy"]), family
+    if not same_pairs:  # a training digit (chosen) against a sample of the base (rejected)
+      with np.load(dst / "pairs" / "pairs.npz") as f:
+        chosen, labels = f["chosen"], f["class_labels"]
+      images, digit_labels = world_lib.load_digits()
+      digits = {(img.tobytes(), int(y)) for img, y in zip(images, digit_labels)}
+      assert all((img.tobytes(), int(y)) in digits for img, y in zip(chosen, labels)), family
+
+
 def _tiny():
   c = diffusion_dpo.get_config("tiny")
   c.unlock()
@@ -84,6 +117,8 @@ def _tiny():
     ("data.eta", 1.5, "config.data.eta=1.5 is not allowed"),
     ("model.preset", "huge", "config.model.preset='huge' is not allowed"),
     ("train.perturbation.kind", "saf", "config.train.perturbation.kind='saf' is not allowed"),
+    ("train.loss", "diffusion_kto", "config.train.scores='reward' is not allowed with train.loss='diffusion_kto'"),
+    ("data.pairing", "triplets", "config.data.pairing='triplets' is not allowed"),
     ("domain", "audio", "config.domain='audio' is not allowed"),
   ],
 )
