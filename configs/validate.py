@@ -561,6 +561,19 @@ def _validate_image(c, process_count: int) -> None:
     )
   if c.model.preset not in unet.PRESETS:
     raise ValueError(f"config.model.preset={c.model.preset!r} is not allowed; allowed: {sorted(unet.PRESETS)}.")
+  m = c.model
+  try:  # the U-Net's own checks of its fields (block types, channels, groups), nothing built
+    unet.preset(
+      m.preset,
+      block_out_channels=tuple(m.block_out_channels),
+      down_block_types=tuple(m.down_block_types),
+      up_block_types=tuple(m.up_block_types),
+      layers_per_block=m.layers_per_block,
+      attention_head_dim=m.attention_head_dim,
+      norm_num_groups=m.norm_num_groups,
+    )
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"config.model: {e}") from None
   _allowed(c, "model.schedule", options.DIFFUSION_SCHEDULES)
   _allowed(c, "model.prediction_type", options.DIFFUSION_PREDICTION_TYPES)
   _allowed(c, "model.kernels", options.KERNEL_BACKENDS)

@@ -23,8 +23,8 @@ image-domain config (`config.domain == "image"`) to `run` here:
 Each stage's output holds the record of the config fields and inputs it was computed from
 (`experiments.provenance.Record`, `provenance.json` inside the folder): a rerun reuses an output
 whose record matches, refuses (before any compute) one whose record differs, or with
-`--overwrite` recomputes it and everything after it. The evaluation is recomputed whenever its
-record differs. Metrics of the pretraining and the training go to <workdir>/metrics.jsonl and
+`--overwrite` recomputes it and everything after it. The evaluation (seconds) runs on every
+call; summary.json holds every stage's record. Metrics of the pretraining and the training go to <workdir>/metrics.jsonl and
 TensorBoard (`experiments.metrics.MetricWriter`).
 
 Kernel backend: `model.kernels` "auto" is "xla" for the image domain; a named backend is used as
@@ -147,6 +147,8 @@ def unet_config(c) -> unet.UNetConfig:
     out_channels=world_lib.IMAGE_SHAPE[2],
     num_class_embeds=world_lib.NUM_CLASSES,
     block_out_channels=tuple(m.block_out_channels),
+    down_block_types=tuple(m.down_block_types),
+    up_block_types=tuple(m.up_block_types),
     layers_per_block=int(m.layers_per_block),
     attention_head_dim=int(m.attention_head_dim),
     norm_num_groups=int(m.norm_num_groups),

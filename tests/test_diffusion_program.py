@@ -119,6 +119,7 @@ def _tiny():
     ("train.perturbation.kind", "saf", "config.train.perturbation.kind='saf' is not allowed"),
     ("train.loss", "diffusion_kto", "config.train.scores='reward' is not allowed with train.loss='diffusion_kto'"),
     ("data.pairing", "triplets", "config.data.pairing='triplets' is not allowed"),
+    ("model.norm_num_groups", 3, "config.model: UNetConfig: norm_num_groups=3 must divide"),
     ("domain", "audio", "config.domain='audio' is not allowed"),
   ],
 )
