@@ -68,7 +68,8 @@ def _say(msg, *args):
 
 def records(c) -> Dict[str, provenance.Record]:
   """The provenance record of every stage of config `c`, each including its predecessor's."""
-  pre = provenance.Record("pretrain", fingerprints.fields(c, ("domain", "seed", "world", "model", "pretrain")), {})
+  model = tuple(f"model.{k}" for k in c.model.keys() if k != "kernels")  # backends compute the same functions
+  pre = provenance.Record("pretrain", fingerprints.fields(c, ("domain", "seed", "world") + model + ("pretrain",)), {})
   pairs = provenance.Record("pairs", fingerprints.fields(c, ("data",)), {"pretrain": pre.fingerprint})
   tr = provenance.Record(
     "train",

@@ -137,3 +137,29 @@ def test_image_config_refused_with_field_and_allowed(field, value, message):
 def test_tiny_and_default_image_configs_validate():
   config_validation.validate(diffusion_dpo.get_config("tiny"))
   config_validation.validate(diffusion_dpo.get_config())
+
+
+@pytest.mark.parametrize(
+  "field, value, changed",
+  [
+    ("train.steps", 5, {"train", "eval"}),
+    ("train.reference.kind", "ema", {"train", "eval"}),
+    ("data.num_pairs", 16, {"pairs", "train", "eval"}),
+    ("pretrain.steps", 3, {"pretrain", "pairs", "train", "eval"}),
+    ("world.style_weight", 1.0, {"pretrain", "pairs", "train", "eval"}),
+    ("eval.num_samples", 16, {"eval"}),
+    ("model.kernels", "xla", set()),  # the backends compute the same functions
+  ],
+)
+def test_stage_records_change_with_what_each_stage_reads(field, value, changed):
+  from experiments import diffusion
+
+  before = {k: r.fingerprint for k, r in diffusion.records(_tiny()).items()}
+  c = _tiny()
+  node = c
+  *parents, last = field.split(".")
+  for p in parents:
+    node = node[p]
+  node[last] = value
+  after = {k: r.fingerprint for k, r in diffusion.records(c).items()}
+  assert {k for k in before if before[k] != after[k]} == changed
