@@ -35,6 +35,8 @@ def image_config() -> ml_collections.ConfigDict:
     dict(
       preset="tiny",
       block_out_channels=(16, 32),
+      down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+      up_block_types=("AttnUpBlock2D", "UpBlock2D"),
       layers_per_block=1,
       attention_head_dim=16,
       norm_num_groups=8,
@@ -48,19 +50,25 @@ def image_config() -> ml_collections.ConfigDict:
   # Stage 1: the base denoiser on the world's training images (epsilon loss, uniform timesteps),
   # AdamW with a cosine decay; the base is the EMA of the weights when ema_decay > 0.
   c.pretrain = ml_collections.ConfigDict(
-    dict(steps=1500, batch_size=128, learning_rate=3e-3, warmup_steps=50, ema_decay=0.995)
+    dict(steps=1000, batch_size=128, learning_rate=3e-3, warmup_steps=50, ema_decay=0.995)
   )
 
   # Stage 2: preference pairs: num_pairs class prompts (balanced over the 10 classes), two samples
   # each from the base (pofx.diffusion.samplers: `sampler`, num_steps, eta), labelled by
-  # Bradley-Terry on the gold reward. sample_batch: images per sampler call (the evaluation too).
+  # Bradley-Terry on the gold reward; or (pairing "data_vs_sample", pofx.options.IMAGE_PAIRINGS) a
+  # training digit of the class against one sample. sample_batch: images per sampler call (the
+  # evaluation too).
   c.data = ml_collections.ConfigDict(
-    dict(num_pairs=2048, sampler="ddim", num_steps=10, eta=1.0, sample_batch=256, clip_sample=1.0)
+    dict(num_pairs=2048, pairing="samples", sampler="ddim", num_steps=10, eta=1.0, sample_batch=256, clip_sample=1.0)
   )
 
   # Stage 3: preference training through pofx.train.make_train_step on
   # pofx.diffusion.pairs.make_logps_fn (one timestep and noise per pair, drawn per step).
-  c.train = ml_collections.ConfigDict(dict(loss="dpo", steps=300, batch_size=64, grad_accum_steps=1, log_every=25))
+  # scores (pofx.options.IMAGE_SCORES): what a loss reading per-pair scores gets, the images' gold
+  # rewards or their binary feedback.
+  c.train = ml_collections.ConfigDict(
+    dict(loss="dpo", steps=300, batch_size=64, grad_accum_steps=1, log_every=25, scores="reward")
+  )
   c.train.loss_hyper = ml_collections.ConfigDict(dict(beta=5000.0))
   # pofx.options.IMAGE_REFERENCE_KINDS ("cached" is refused: the timestep and noise are drawn per
   # step, so the reference's errors cannot be computed once).
@@ -89,7 +97,11 @@ def image_config() -> ml_collections.ConfigDict:
 
 def tiny(c):
   """Every stage shrunk for tests: a few pretraining and training steps, a few dozen pairs."""
-  c.model.preset, c.model.block_out_channels, c.model.attention_head_dim, c.model.norm_num_groups = "tiny", (4, 8), 4, 2
+  # One resolution, no attention: a third of the default model's compile time (the U-Net's own
+  # tests cover attention and several resolutions).
+  m = c.model
+  m.block_out_channels, m.down_block_types, m.up_block_types = (8,), ("DownBlock2D",), ("UpBlock2D",)
+  m.attention_head_dim, m.norm_num_groups = 4, 2
   c.pretrain.steps, c.pretrain.batch_size = 20, 32
   c.data.num_pairs, c.data.num_steps, c.data.sample_batch = 32, 4, 32
   c.train.steps, c.train.batch_size, c.train.log_every = 4, 8, 2

@@ -606,6 +606,11 @@ def _check_image_loss(c) -> None:
       f"config.train.loss={spec.name!r} needs {missing}, which images do not have (no tokens or lengths); "
       f"allowed for config.domain='image': losses whose extra inputs are within {list(options.IMAGE_LOSS_REQUIREMENTS)}."
     )
+  if "scores" in spec.requires and c.train.scores == "reward" and not spec.score_domain.any_real:
+    raise ValueError(
+      f"config.train.scores='reward' is not allowed with train.loss={spec.name!r}, defined for "
+      f"{spec.score_domain.text}; allowed: train.scores='binary' (each image's binary feedback)."
+    )
   hyper = dict(c.train.loss_hyper)
   unknown = sorted(set(hyper) - set(spec.hyperparameters))
   if unknown:
@@ -647,6 +652,19 @@ def _validate_image(c, process_count: int) -> None:
     )
   if c.model.preset not in unet.PRESETS:
     raise ValueError(f"config.model.preset={c.model.preset!r} is not allowed; allowed: {sorted(unet.PRESETS)}.")
+  m = c.model
+  try:  # the U-Net's own checks of its fields (block types, channels, groups), nothing built
+    unet.preset(
+      m.preset,
+      block_out_channels=tuple(m.block_out_channels),
+      down_block_types=tuple(m.down_block_types),
+      up_block_types=tuple(m.up_block_types),
+      layers_per_block=m.layers_per_block,
+      attention_head_dim=m.attention_head_dim,
+      norm_num_groups=m.norm_num_groups,
+    )
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"config.model: {e}") from None
   _allowed(c, "model.schedule", options.DIFFUSION_SCHEDULES)
   _allowed(c, "model.prediction_type", options.DIFFUSION_PREDICTION_TYPES)
   _allowed(c, "model.kernels", options.KERNEL_BACKENDS)
@@ -654,6 +672,8 @@ def _validate_image(c, process_count: int) -> None:
   if reason:
     raise ValueError(f"config.model.kernels={c.model.kernels!r} cannot run here: {reason}; allowed: 'auto' or 'xla'.")
   _allowed(c, "data.sampler", options.DIFFUSION_SAMPLERS)
+  _allowed(c, "data.pairing", options.IMAGE_PAIRINGS)
+  _allowed(c, "train.scores", options.IMAGE_SCORES)
   if not (isinstance(c.data.eta, (int, float)) and 0.0 <= c.data.eta <= 1.0):
     raise ValueError(f"config.data.eta={c.data.eta!r} is not allowed; allowed: a number in [0, 1].")
   if c.data.num_steps > c.model.num_train_timesteps:

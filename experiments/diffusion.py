@@ -23,8 +23,8 @@ image-domain config (`config.domain == "image"`) to `run` here:
 Each stage's output holds the record of the config fields and inputs it was computed from
 (`experiments.provenance.Record`, `provenance.json` inside the folder): a rerun reuses an output
 whose record matches, refuses (before any compute) one whose record differs, or with
-`--overwrite` recomputes it and everything after it. The evaluation is recomputed whenever its
-record differs. Metrics of the pretraining and the training go to <workdir>/metrics.jsonl and
+`--overwrite` recomputes it and everything after it. The evaluation (seconds) runs on every
+call; summary.json holds every stage's record. Metrics of the pretraining and the training go to <workdir>/metrics.jsonl and
 TensorBoard (`experiments.metrics.MetricWriter`).
 
 Kernel backend: `model.kernels` "auto" is "xla" for the image domain; a named backend is used as
@@ -68,7 +68,8 @@ def _say(msg, *args):
 
 def records(c) -> Dict[str, provenance.Record]:
   """The provenance record of every stage of config `c`, each including its predecessor's."""
-  pre = provenance.Record("pretrain", fingerprints.fields(c, ("domain", "seed", "world", "model", "pretrain")), {})
+  model = tuple(f"model.{k}" for k in c.model.keys() if k != "kernels")  # backends compute the same functions
+  pre = provenance.Record("pretrain", fingerprints.fields(c, ("domain", "seed", "world") + model + ("pretrain",)), {})
   pairs = provenance.Record("pairs", fingerprints.fields(c, ("data",)), {"pretrain": pre.fingerprint})
   tr = provenance.Record(
     "train",
@@ -83,6 +84,7 @@ def records(c) -> Dict[str, provenance.Record]:
         "train.reference",
         "train.perturbation",
         "train.optimizer",
+        "train.scores",
       ),
     ),
     {"pairs": pairs.fingerprint},
@@ -146,6 +148,8 @@ def unet_config(c) -> unet.UNetConfig:
     out_channels=world_lib.IMAGE_SHAPE[2],
     num_class_embeds=world_lib.NUM_CLASSES,
     block_out_channels=tuple(m.block_out_channels),
+    down_block_types=tuple(m.down_block_types),
+    up_block_types=tuple(m.up_block_types),
     layers_per_block=int(m.layers_per_block),
     attention_head_dim=int(m.attention_head_dim),
     norm_num_groups=int(m.norm_num_groups),
@@ -231,13 +235,21 @@ def balanced_labels(n: int) -> np.ndarray:
 
 
 def make_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
-  """Stage 2: two samples per balanced class prompt, ordered by a Bradley-Terry label."""
+  """Stage 2: per balanced class prompt, two samples ordered by a Bradley-Terry label (pairing
+  "samples"), or a training digit of the class (chosen) and one sample (pairing "data_vs_sample")."""
   k_draw, k_label, k_binary = jax.random.split(key, 3)
   labels = balanced_labels(int(c.data.num_pairs))
-  both = draw(c, model, params, schedule, k_draw, np.concatenate([labels, labels]))
-  a, b = both[: len(labels)], both[len(labels) :]
+  if c.data.pairing == "data_vs_sample":
+    b = draw(c, model, params, schedule, k_draw, labels)
+    rng = np.random.default_rng([int(c.seed), 18, 4])
+    a = np.stack([world.images[rng.choice(np.flatnonzero(world.labels == k))] for k in labels])
+    prefer_a = np.ones(len(labels), bool)
+  else:
+    both = draw(c, model, params, schedule, k_draw, np.concatenate([labels, labels]))
+    a, b = both[: len(labels)], both[len(labels) :]
   r_a, r_b = world.gold_reward(a, labels), world.gold_reward(b, labels)
-  prefer_a = world.bradley_terry(k_label, r_a, r_b)
+  if c.data.pairing != "data_vs_sample":
+    prefer_a = world.bradley_terry(k_label, r_a, r_b)
   pick = lambda x, y: np.where(prefer_a.reshape(-1, 1, 1, 1), x, y)
   rewards = np.concatenate([r_a, r_b])
   desirable = world.binary_feedback(k_binary, rewards)
@@ -333,8 +345,9 @@ def train_policy(c, model, base_params, schedule, data, key, *, workdir: str, pr
       )
     }
     if "scores" in spec.requires:
-      b["chosen_scores"] = jnp.asarray(data["chosen_reward"][idx])
-      b["rejected_scores"] = jnp.asarray(data["rejected_reward"][idx])
+      kind = "reward" if c.train.scores == "reward" else "desirable"
+      b["chosen_scores"] = jnp.asarray(data[f"chosen_{kind}"][idx], jnp.float32)
+      b["rejected_scores"] = jnp.asarray(data[f"rejected_{kind}"][idx], jnp.float32)
     state, m = step_fn(state, b, jax.random.fold_in(k_step, s))
     if (s + 1) % c.train.log_every == 0 or s + 1 == c.train.steps:
       rec = writer.write(s + 1, m, pairs=batch)

@@ -15,7 +15,8 @@ with --overwrite recomputes the stages that differ: `experiments/provenance.py`)
                 summary.json, a console table, PNG plots
 
 A config's `sweep` runs several trainings after one shared SFT + data stage (the GPO chart, the
-two rounds of Pre-DPO), each in `<workdir>/sweep/<label>`.
+two rounds of Pre-DPO), each in `<workdir>/sweep/<label>`. A config with `domain = "image"`
+(configs/diffusion_*.py) runs the image world's diffusion pipeline instead (experiments/diffusion.py).
 
 Before any compute the program applies the process-wide start-up of the kernel backends
 (`pofx_backends.startup`: on a CPU platform glibc keeps freed memory), joins a multi-process run

@@ -129,3 +129,10 @@ LOOP_REFERENCES = ("keep", "refresh")
 # Policy-gradient estimators of the RLHF baseline: RLOO (leave-one-out baseline) or REINFORCE with
 # a running-mean baseline (Ahmadian et al. 2024, arXiv:2402.14740).
 RL_ESTIMATORS = ("rloo", "reinforce")
+# How the image program makes a pair (`data.pairing`): two samples of the base ordered by a
+# Bradley-Terry label, or a training digit of the class (chosen, the "expert" or ground-truth
+# image of Diffusion-DRO and Reg-DPO's GT-pairs) against one sample of the base (rejected).
+IMAGE_PAIRINGS = ("samples", "data_vs_sample")
+# What a loss that reads per-pair scores gets in the image program (`train.scores`): the images'
+# gold rewards, or their binary feedback (1 desirable, 0 not; Diffusion-KTO).
+IMAGE_SCORES = ("reward", "binary")

@@ -28,6 +28,12 @@ def test_digits_scaled_to_minus_one_one():
   # The first digit of the UCI set (a zero), first row in grey levels 0..16: 0 0 5 13 9 1 0 0.
   np.testing.assert_allclose(images[0, 0, :, 0], np.array([0, 0, 5, 13, 9, 1, 0, 0]) / 8.0 - 1.0)
   assert labels[0] == 0 and images.min() == -1.0 and images.max() == 1.0
+  # The same digits as scikit-learn's own loader gives.
+  from sklearn.datasets import load_digits
+
+  d = load_digits()
+  np.testing.assert_array_equal(images[..., 0], d.images / 8.0 - 1.0)
+  np.testing.assert_array_equal(labels, d.target)
 
 
 def test_split_partitions_the_digits(world):
