@@ -238,10 +238,44 @@ def _check_controlled_world(ns):
   assert summary["loss"] == "dpo" and summary["reference"] == "cached"
 
 
+def _check_diffusion_dpo(ns):
+  world = ns["world"]
+  # The gold reward of pofx.diffusion.world's docstring: log softmax of the classifier's logits at
+  # the prompt's class + 4 * ink, ink the mean of (x + 1) / 2.
+  logits = np.asarray(world.logits(ns["first"]), np.float64)
+  log_probs = (
+    logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
+  )
+  ink = ((np.asarray(ns["first"], np.float64) + 1.0) / 2.0).reshape(10, -1).mean(1)
+  np.testing.assert_allclose(ns["digit_rewards"], log_probs[np.arange(10), np.arange(10)] + 4.0 * ink, atol=1e-4)
+  # Bradley-Terry labels: the higher-reward image is chosen with probability sigmoid(4 |r_a - r_b|);
+  # the observed share is within 4 standard deviations of its expectation.
+  gap = np.abs(np.asarray(ns["reward_a"], np.float64) - np.asarray(ns["reward_b"], np.float64))
+  p = 1.0 / (1.0 + np.exp(-4.0 * gap))
+  observed = np.sum(np.asarray(ns["reward_gap"]) > 0)
+  assert abs(observed - p.sum()) <= 4.0 * math.sqrt(np.sum(p * (1 - p))) + 1
+  # Step 0: the policy is the reference, so the Diffusion-DPO loss is log 2 and every margin 0 (up
+  # to beta = 5000 times the float32 rounding of two separate forwards of the same weights).
+  hist = ns["history"]
+  assert hist[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-4)
+  assert hist[0]["rewards/margins"] == pytest.approx(0.0, abs=5e-4)
+  assert all(math.isfinite(h["loss"]) for h in hist)
+  r = ns["result"]
+  n = r["num_samples"]
+  assert n == len(ns["eval_labels"])
+  lo, hi = _wilson(r["win_rate_vs_base"], n)
+  assert r["win_rate_ci95_low"] == pytest.approx(lo, abs=1e-9) and r["win_rate_ci95_high"] == pytest.approx(
+    hi, abs=1e-9
+  )
+  assert r["wins"] + r["ties"] + r["losses"] == n
+  assert r["win_rate_vs_base"] == pytest.approx((r["wins"] + 0.5 * r["ties"]) / n)
+
+
 CHECKS = {
   "01_gpo_losses.ipynb": _check_gpo_losses,
   "02_train_step.ipynb": _check_train_step,
   "03_controlled_world.ipynb": _check_controlled_world,
+  "04_diffusion_dpo.ipynb": _check_diffusion_dpo,
 }
 
 
