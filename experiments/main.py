@@ -696,6 +696,18 @@ def check_training_scores(spec, hyper, prepared) -> None:
   )
 
 
+def _eos_kwargs(run: Run, spec, hyper) -> Dict[str, Any]:
+  """`make_logps_fn`'s EOS arguments for a loss that reads per-state EOS log-probs (GDPO): the
+  world's EOS id or the tokenizer's, and the loss's `gamma` as the temperature of the tempered ones
+  (its default unless `train.loss_hyper` sets it). Empty for the other losses."""
+  if "eos_logps" not in spec.requires:
+    return {}
+  eos_id = world_lib.EOS if run.config.data.source == "world" else getattr(run.tokenizer, "eos_id", None)
+  if eos_id is None:  # configs/validate.py refuses this before any compute; this guards direct calls
+    raise ValueError(f"loss {spec.name!r} needs the EOS token id: give data.tokenizer_dir with an eos_token.")
+  return {"eos_id": int(eos_id), "eos_temperature": float(hyper.get("gamma", spec.hyperparameters["gamma"]))}
+
+
 def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = None):
   """Preference training (stage 4). Returns (final params, train info).
 
@@ -726,6 +738,7 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     kernels=run.kernels,
     with_log_sum_sq_probs=lssp,
     logit_softcap=model.logit_softcap,
+    **_eos_kwargs(run, spec, hyper),
   )
   kind = c.train.reference.kind
   joined = None

@@ -46,6 +46,7 @@ from pofx.losses import (
   _adaptive,
   _annotated,
   _example,
+  _gflownet,
   _gpo_family,
   _label_noise,
   _margins,
@@ -81,6 +82,7 @@ from pofx.losses._annotated import (
   two_d_dpo_segment_rewards,
 )
 from pofx.losses._common import check_beta, check_choice, check_range, logratios, margins
+from pofx.losses._gflownet import gdpo
 from pofx.losses._gpo_family import dpo, exponential, gpo, ipo, ipo_sum, savage, slic, truncated_quadratic
 from pofx.losses._label_noise import cdpo, focalpo, robust_dpo
 from pofx.losses._margins import dpo_shift, dpo_shift_lambda, dpop, ln_dpo, mappo, odpo
@@ -126,6 +128,7 @@ REGISTRY: Mapping[str, LossSpec] = _registry.build_registry(
   _risk.SPECS,
   _more.SPECS,
   _annotated.SPECS,
+  _gflownet.SPECS,
 )
 """Read-only mapping: canonical name -> LossSpec."""
 
@@ -334,6 +337,7 @@ __all__ = [
   "flex_dpo",
   "madpo",
   "madpo_weights",
+  "gdpo",
   "bmc",
   "bmc_modified_tokens",
   "bmc_token_weights",
