@@ -23,8 +23,11 @@ Losses (`MEMBERS`, one entry per method: its label, loss, hyperparameters and re
 - `sem_dpo`: Sem-DPO (Mohamed et al. 2025, arXiv:2507.20133) on the world's embeddings, alpha 1
   (pofx's choice: the paper's value could not be read);
 - `two_d_dpo`: 2D-DPO (Li et al. 2025, arXiv:2410.19720) on the world's segments x aspects,
-  uniform aspect weights.
-The last four use a frozen reference (per-token reference log-probs; KTO's mismatched pairs).
+  uniform aspect weights;
+- `gdpo`: GDPO (Kwon, Matsunaga & Kim 2024, arXiv:2410.15096), the detailed-balance residuals
+  with the per-state EOS log-probs, the authors' alpha 0.1 and gamma 0.1.
+The last five use a frozen reference (per-token and per-state reference log-probs; KTO's
+mismatched pairs).
 
 Perturbations and regularisers of DPO (`_perturbation_members`, with the settings of their own
 config files): SAM with m-sharpness (`sam.py`, m = 8 pairs per ascent), SAF (`saf.py`), MESA
@@ -33,12 +36,18 @@ config files): SAM with m-sharpness (`sam.py`, m = 8 pairs per ascent), SAF (`sa
 (`gradient_field.py`).
 
 `:tiny` shrinks every stage (a few training steps per method; the trajectory terms switched on at
-once, 2 dropout masks). A method is added with one entry.
+once, 2 dropout masks; one checkpoint per member, at its last step). The
+members with a cached reference share one cache (`<workdir>/reference_caches`). A method is added
+with one entry.
 """
 
 import math
 
 from configs import _shrink, common
+
+# The members with a cached reference read one cache: the SFT base's log-probs of the shared data,
+# computed by the first of them (the entries are keyed by their fingerprint).
+SHARED_CACHE = "{workdir}/reference_caches"
 
 # One entry per loss: (label, loss, loss_hyper, reference kind).
 MEMBERS = (
@@ -52,22 +61,23 @@ MEMBERS = (
     "cached",
   ),
   # Losses that read more than a pair's log-probs; the program builds their inputs per batch. A
-  # frozen reference: BMC and 2D-DPO read per-token reference log-probs and KTO scores its
-  # mismatched pairs with the reference, which a cache cannot do.
+  # frozen reference: BMC and 2D-DPO read per-token reference log-probs, GDPO per-state EOS ones,
+  # and KTO scores its mismatched pairs with the reference, which a cache cannot do.
   ("kto", "kto", {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0}, "frozen"),
   ("bmc", "bmc", {"beta": 0.1, "delta": 2.0}, "frozen"),
   ("sem_dpo", "sem_dpo", {"beta": 0.1, "alpha": 1.0}, "frozen"),
   ("two_d_dpo", "two_d_dpo", {"beta": 0.1}, "frozen"),
+  ("gdpo", "gdpo", {"alpha": 0.1, "gamma": 0.1}, "frozen"),
 )
 
 
 def member(label, loss, hyper, reference="cached"):
-  """A sweep entry training `loss` with `hyper` against a `reference` of that kind."""
-  return {
-    "label": label,
-    "group": label,
-    "overrides": {"train.loss": loss, "train.loss_hyper": dict(hyper), "train.reference.kind": reference},
-  }
+  """A sweep entry training `loss` with `hyper` against a `reference` of that kind (a cached one
+  from the sweep's shared cache folder)."""
+  overrides = {"train.loss": loss, "train.loss_hyper": dict(hyper), "train.reference.kind": reference}
+  if reference == "cached":
+    overrides["train.reference.cache_dir"] = SHARED_CACHE
+  return {"label": label, "group": label, "overrides": overrides}
 
 
 def _perturbation_members(tiny):
@@ -95,7 +105,7 @@ def _perturbation_members(tiny):
     "msd": {"train.dropout.rate": 0.1, "train.dropout.samples": 2 if tiny else 4},
     "adv_embeddings": {"train.input_perturbation.kind": "embeddings", "train.input_perturbation.radius": 0.05},
   }
-  dpo = {"train.loss": "dpo", "train.loss_hyper": {"beta": 0.1}}
+  dpo = {"train.loss": "dpo", "train.loss_hyper": {"beta": 0.1}, "train.reference.cache_dir": SHARED_CACHE}
   return tuple({"label": k, "group": k, "overrides": {**dpo, **v}} for k, v in overrides.items())
 
 
@@ -106,6 +116,8 @@ def get_config(arg=None):
   c.train.reference.kind = "cached"
   c.train.steps = 200
   _shrink.apply(c, arg)
+  if arg == "tiny":  # a few steps per member: one checkpoint, at the last step
+    c.train.checkpoint_every = c.train.steps
   c.sweep = tuple(member(*m) for m in MEMBERS) + _perturbation_members(arg == "tiny")
   c.lock()
   return c

@@ -281,12 +281,26 @@ def check_loss(c) -> None:
   if "risk" in spec.requires:
     raise ValueError(f"loss {spec.name!r} needs 'risk' inputs that the training program does not produce.")
   kind = c.train.reference.kind
-  if kind in ("cached", "multi") and ("kl" in spec.requires or spec.name in REFERENCE_TOKEN_LOSSES):
-    what = "the reference log-probs of its KL batch" if "kl" in spec.requires else "per-token reference log-probs"
+  if kind in ("cached", "multi") and (
+    "kl" in spec.requires or "eos_logps" in spec.requires or spec.name in REFERENCE_TOKEN_LOSSES
+  ):
+    what = "per-token reference log-probs"
+    if "kl" in spec.requires:
+      what = "the reference log-probs of its KL batch"
+    elif "eos_logps" in spec.requires:
+      what = "the reference's per-state EOS log-probs"
     raise ValueError(
       f"config.train.reference.kind={kind!r}, but loss {spec.name!r} needs {what}, which a cache does not "
       "hold; allowed: 'frozen', 'guiding', 'synced' or 'ema'."
     )
+  if "eos_logps" in spec.requires and c.data.source == "files":  # GDPO reads log pi(EOS | state)
+    from pofx import data as data_lib  # the tokenizer's files (checked to exist above)
+
+    if data_lib.Tokenizer.from_dir(c.data.tokenizer_dir).eos_id is None:
+      raise ValueError(
+        f"config.train.loss={spec.name!r} reads the EOS token's log-probs, but the tokenizer in "
+        f"config.data.tokenizer_dir={c.data.tokenizer_dir!r} has no eos_token; allowed: a tokenizer with one."
+      )
   # The world's annotations (pofx.world.World.embed_* / segment_scores) exist for world data only.
   for need in ("embeddings", "segments", "turn_ids"):
     if need in spec.requires and c.data.source != "world":

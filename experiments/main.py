@@ -705,6 +705,18 @@ def check_training_scores(spec, hyper, prepared) -> None:
   )
 
 
+def _eos_kwargs(run: Run, spec, hyper) -> Dict[str, Any]:
+  """`make_logps_fn`'s EOS arguments for a loss that reads per-state EOS log-probs (GDPO): the
+  world's EOS id or the tokenizer's, and the loss's `gamma` as the temperature of the tempered ones
+  (its default unless `train.loss_hyper` sets it). Empty for the other losses."""
+  if "eos_logps" not in spec.requires:
+    return {}
+  eos_id = world_lib.EOS if run.config.data.source == "world" else getattr(run.tokenizer, "eos_id", None)
+  if eos_id is None:  # configs/validate.py refuses this before any compute; this guards direct calls
+    raise ValueError(f"loss {spec.name!r} needs the EOS token id: give data.tokenizer_dir with an eos_token.")
+  return {"eos_id": int(eos_id), "eos_temperature": float(hyper.get("gamma", spec.hyperparameters["gamma"]))}
+
+
 def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = None):
   """Preference training (stage 4). Returns (final params, train info).
 
@@ -735,6 +747,7 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     kernels=run.kernels,
     with_log_sum_sq_probs=lssp,
     logit_softcap=model.logit_softcap,
+    **_eos_kwargs(run, spec, hyper),
   )
   kind = c.train.reference.kind
   joined = None
@@ -1011,9 +1024,15 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   return params, info
 
 
-def stage_eval(run: Run, prepared, base_params, params, data_meta, *, base_samples=None):
-  """Evaluation on held-out prompts and pairs (stage 5)."""
+def stage_eval(run: Run, prepared, base_params, params, data_meta, *, base_eval=None):
+  """Evaluation on held-out prompts and pairs (stage 5). Returns (results, base_eval).
+
+  `base_eval`: what the evaluation computed of the base policy alone (its samples of the eval
+  prompts, its log-probs of the eval and train pairs), from an earlier evaluation of the same
+  base, prompts and pairs (a sweep's previous member); it is reused, and returned with what this
+  call added."""
   c = run.config
+  base_eval = dict(base_eval or {})
   if c.data.source == "files":
     out = {
       "data_skipped": {k: dict(v.skipped) for k, v in prepared.stats.items()},
@@ -1046,8 +1065,9 @@ def stage_eval(run: Run, prepared, base_params, params, data_meta, *, base_sampl
     num_samples=c.eval.samples_per_prompt,
     temperature=c.eval.temperature,
     top_k=c.eval.top_k,
-    base_samples=base_samples,
+    base_samples=base_eval.get("samples"),
   )
+  base_eval["samples"] = pol["base_samples"]
   out = {
     "gold_reward_base": pol["base_gold_reward"],
     "gold_reward_policy": pol["gold_reward"],
@@ -1064,32 +1084,36 @@ def stage_eval(run: Run, prepared, base_params, params, data_meta, *, base_sampl
   if data_meta is not None and "eval_label_prob" in data_meta:
     src = prepared.source("eval")
     ex = [src[i] for i in range(len(src))]
+    args = ([e["prompt"] for e in ex], [e["chosen"] for e in ex], [e["rejected"] for e in ex])
+    if "eval_pairs" not in base_eval:
+      base_eval["eval_pairs"] = evaluation.pair_logps(base_params, *args, model=run.model)
     pairs = evaluation.evaluate_pairs(
       params,
       base_params,
-      [e["prompt"] for e in ex],
-      [e["chosen"] for e in ex],
-      [e["rejected"] for e in ex],
+      *args,
       model=run.model,
       beta=float(c.train.loss_hyper.get("beta", 0.1)),
       pref_prob=np.asarray(data_meta["eval_label_prob"][: len(ex)], np.float32),
       betas=tuple(c.eval.idealized_betas),
+      reference_logps=base_eval["eval_pairs"],
     )
     out.update(pairs)
     # The same log-ratios on training pairs (as many as held-out ones): what the loss pushed on.
     src = prepared.source("train")
     tr = [src[i] for i in range(min(len(src), len(ex)))]
+    args = ([e["prompt"] for e in tr], [e["chosen"] for e in tr], [e["rejected"] for e in tr])
+    if "train_pairs" not in base_eval:
+      base_eval["train_pairs"] = evaluation.pair_logps(base_params, *args, model=run.model)
     on_train = evaluation.evaluate_pairs(
       params,
       base_params,
-      [e["prompt"] for e in tr],
-      [e["chosen"] for e in tr],
-      [e["rejected"] for e in tr],
+      *args,
       model=run.model,
       beta=float(c.train.loss_hyper.get("beta", 0.1)),
+      reference_logps=base_eval["train_pairs"],
     )
     out.update({f"train_{k}": on_train[k] for k in TRAIN_PAIR_KEYS})
-  return out, pol["base_samples"]
+  return out, base_eval
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1141,8 +1165,8 @@ def _summary_provenance(run: Run, config) -> Dict[str, Any]:
 
 
 def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None, startup=None, overwrite=False):
-  """Stages 1-5 for one config; `shared` = (run, base_params, prepared, data_meta, base_samples)
-  from a sweep; `startup`: what `pofx_backends.startup()` did (recorded in the summary).
+  """Stages 1-5 for one config; `shared` = (run, base_params, prepared, data_meta, base_eval)
+  from a sweep (`base_eval`: `stage_eval`'s computations of the base, reused by the next member); `startup`: what `pofx_backends.startup()` did (recorded in the summary).
 
   Before any compute, the workdir's stages are checked against this config
   (`experiments.provenance`): a changed SFT, data or training stage is refused
@@ -1154,9 +1178,9 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
     run = Run(config, workdir, progress=progress)
     base = stage_sft(run)  # every process (orbax saves and restores are collective)
     prepared, data_meta = _primary_first(stage_data, run, base)
-    base_samples = None
+    base_eval = None
   else:
-    parent, base, prepared, data_meta, base_samples = shared
+    parent, base, prepared, data_meta, base_eval = shared
     preflight(config, workdir, kernels=parent.kernels_record["name"], overwrite=overwrite, stages=("train",))
     run = Run(config, workdir, progress=progress, kernels_record=parent.kernels_record)
     run.model, run.model_config, run.world = parent.model, parent.model_config, parent.world
@@ -1184,7 +1208,7 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
       return old, None
     _say("eval: recomputing %s: %s", summary_path, "; ".join(why) or "training continued")
   _fault("eval")
-  results, base_samples = stage_eval(run, prepared, base, params, data_meta, base_samples=base_samples)
+  results, base_eval = stage_eval(run, prepared, base, params, data_meta, base_eval=base_eval)
   summary = {
     **results,
     "pairs_per_second": info.get("pairs_per_second", float("nan")),
@@ -1209,13 +1233,13 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
   recs = metrics_lib.read_jsonl(run.path("metrics.jsonl")) if os.path.exists(run.path("metrics.jsonl")) else []
   if recs:
     plots.training_curves(recs, run.path("training_curves.png"))
-  if "kl_to_base" in summary:
+  if "kl_to_base" in summary and shared is None:  # a sweep member's point is on the sweep's chart
     plots.reward_vs_kl(
       [{"label": f"{config.train.loss}", "kl": summary["kl_to_base"], "gold_reward": summary["gold_reward_policy"]}],
       run.path("reward_vs_kl.png"),
       base_reward=summary["gold_reward_base"],
     )
-  return summary, (run, base, prepared, data_meta, base_samples)
+  return summary, (run, base, prepared, data_meta, base_eval)
 
 
 def _sweep_members(config, workdir: str):

@@ -9,6 +9,12 @@ Naming (used throughout pofx):
 | `chosen_token_logps`     | per-token log-probs, zero where the mask is zero           | [B, T] |
 | `chosen_mask`            | 0/1 completion-token mask                                  | [B, T] |
 | `chosen_log_sum_sq_probs`| per token, log sum_v p_v^2 of the model's next-token dist. | [B, T] |
+| `chosen_eos_logps`       | log pi(EOS | state) at the completion's states s_0..s_n     | [B, T+1] |
+| `chosen_tempered_eos_logps` | the same at a temperature: log softmax(z / tau)_EOS     | [B, T+1] |
+
+The completion's states: `s_t = x + y_<t+1`, i.e. state `t` is the prefix that predicts token `t`
+(0-based, so `s_0` is the prompt) for `t < n`, and `s_n` is the prompt and the whole completion
+(the state after the last token; n = the completion's token count). Entries past `n` are 0.
 
 Sums are taken in float32 whatever the dtype of the token log-probs, and masked positions
 contribute exactly zero even when the token log-prob there is -inf or NaN (padding).
@@ -26,6 +32,13 @@ import jax.numpy as jnp
 Array = jax.Array
 
 _TOKEN_FIELDS = ("token_logps", "mask", "log_sum_sq_probs")
+
+
+def state_mask(mask: Array) -> Array:
+  """`[B, T+1]` 0/1 float32 mask of a completion's states `s_0..s_n` from its token mask `[B, T]`:
+  state 0 (the prompt) always, state `t >= 1` where token `t - 1` is real."""
+  mask = (jnp.asarray(mask) > 0).astype(jnp.float32)
+  return jnp.concatenate([jnp.ones(mask.shape[:-1] + (1,), jnp.float32), mask], axis=-1)
 
 
 def _masked_sum(values: Array, mask: Array) -> Array:
@@ -50,6 +63,12 @@ class PairLogps:
     rejected_mask: optional `[B, T']`.
     chosen_log_sum_sq_probs: optional `[B, T]`, per token `log sum_v p_v^2` (WPO weights).
     rejected_log_sum_sq_probs: optional `[B, T']`.
+    chosen_eos_logps: optional `[B, T+1]`, `log pi(EOS | s_t)` at the chosen completion's states
+      `s_0..s_n` (module docstring; 0 past n). GDPO's terminating probabilities.
+    rejected_eos_logps: optional `[B, T'+1]`.
+    chosen_tempered_eos_logps: optional `[B, T+1]`, `log softmax(z_t / tau)_EOS` at the same
+      states, for the temperature `tau` the log-prob function was built with (GDPO's reward).
+    rejected_tempered_eos_logps: optional `[B, T'+1]`.
 
   A `PairLogps` is a pytree (None fields are empty subtrees), so it passes through `jit`,
   `vmap`, `grad` and sharding unchanged.
@@ -65,6 +84,10 @@ class PairLogps:
   rejected_mask: Optional[Array] = None
   chosen_log_sum_sq_probs: Optional[Array] = None
   rejected_log_sum_sq_probs: Optional[Array] = None
+  chosen_eos_logps: Optional[Array] = None
+  rejected_eos_logps: Optional[Array] = None
+  chosen_tempered_eos_logps: Optional[Array] = None
+  rejected_tempered_eos_logps: Optional[Array] = None
 
   @classmethod
   def from_tokens(
@@ -76,12 +99,17 @@ class PairLogps:
     *,
     chosen_log_sum_sq_probs=None,
     rejected_log_sum_sq_probs=None,
+    chosen_eos_logps=None,
+    rejected_eos_logps=None,
+    chosen_tempered_eos_logps=None,
+    rejected_tempered_eos_logps=None,
   ) -> PairLogps:
     """Builds every field from per-token log-probs `[B, T]` and 0/1 completion masks `[B, T]`.
 
     `chosen = sum_t mask_t * logp_t` (float32), `chosen_len = sum_t mask_t`; the per-token
-    arrays are stored with masked positions set to exactly 0. Chosen and rejected may have
-    different padded lengths T and T'.
+    arrays are stored with masked positions set to exactly 0, the per-state EOS arrays `[B, T+1]`
+    (optional, in pairs) with the states past the completion (`state_mask`) set to 0. Chosen and
+    rejected may have different padded lengths T and T'.
     """
     chex.assert_rank([chosen_token_logps, chosen_mask, rejected_token_logps, rejected_mask], 2)
     chex.assert_equal_shape([chosen_token_logps, chosen_mask])
@@ -98,6 +126,20 @@ class PairLogps:
       chex.assert_equal_shape([rejected_log_sum_sq_probs, rejected_token_logps])
       chosen_log_sum_sq_probs = jnp.where(c_mask > 0, jnp.asarray(chosen_log_sum_sq_probs, jnp.float32), 0.0)
       rejected_log_sum_sq_probs = jnp.where(r_mask > 0, jnp.asarray(rejected_log_sum_sq_probs, jnp.float32), 0.0)
+    states = {}
+    given = {
+      "eos_logps": (chosen_eos_logps, rejected_eos_logps),
+      "tempered_eos_logps": (chosen_tempered_eos_logps, rejected_tempered_eos_logps),
+    }
+    for name, (c_v, r_v) in given.items():
+      if (c_v is None) != (r_v is None):
+        raise ValueError(f"Give both chosen_{name} and rejected_{name}, or neither.")
+      if c_v is None:
+        continue
+      for who, v, m in (("chosen", c_v, c_mask), ("rejected", r_v, r_mask)):
+        if jnp.shape(v) != m.shape[:-1] + (m.shape[-1] + 1,):
+          raise ValueError(f"{who}_{name} must be [B, T+1] = {m.shape[:-1] + (m.shape[-1] + 1,)}, got {jnp.shape(v)}.")
+        states[f"{who}_{name}"] = jnp.where(state_mask(m) > 0, jnp.asarray(v, jnp.float32), 0.0)
     return cls(
       chosen=jnp.sum(c_tok, axis=-1),
       rejected=jnp.sum(r_tok, axis=-1),
@@ -109,6 +151,7 @@ class PairLogps:
       rejected_mask=r_mask,
       chosen_log_sum_sq_probs=chosen_log_sum_sq_probs,
       rejected_log_sum_sq_probs=rejected_log_sum_sq_probs,
+      **states,
     )
 
   @property
@@ -118,6 +161,10 @@ class PairLogps:
   @property
   def has_tokens(self) -> bool:
     return self.chosen_token_logps is not None and self.rejected_token_logps is not None
+
+  @property
+  def has_eos(self) -> bool:
+    return self.chosen_eos_logps is not None and self.rejected_eos_logps is not None
 
   def replace(self, **changes) -> PairLogps:
     return dataclasses.replace(self, **changes)

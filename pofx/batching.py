@@ -123,6 +123,32 @@ def gather_completions(outputs, batch: PairBatch):
   return (take(flat, batch.chosen_index, axis=0), take(flat, batch.rejected_index, axis=0))
 
 
+def state_index(batch: PairBatch):
+  """Flat indices `row * L + column` of each completion's states: (chosen `[B, T+1]`, rejected
+  `[B, T+1]`), numpy or jax like the batch's index arrays.
+
+  State `t < n` is the position that predicts completion token `t` (`chosen_index[:, t]`), and
+  state `n` (n = the completion's token count) is the position of its last token: the output
+  there is the next-token distribution after the whole completion. Every layout keeps a
+  completion's tokens contiguous, so that position is `index[:, 0] + n` for the chosen
+  completion and for a fused rejected one; in the prompt-shared layouts the rejected tokens
+  follow the chosen ones, so it is `chosen end + n_rejected` there (the first rejected token is
+  predicted from the prompt, not from the token before it). Entries past `n` are 0.
+  """
+  xp = jnp if isinstance(batch.chosen_index, jax.Array) else np
+  out = []
+  chosen_end = None
+  for index, mask in ((batch.chosen_index, batch.chosen_mask), (batch.rejected_index, batch.rejected_mask)):
+    n = xp.sum(xp.asarray(mask) > 0, axis=-1).astype(xp.int32)
+    start = index[:, 0] if chosen_end is None or batch.layout == "fused" else chosen_end
+    end = (start + n).astype(xp.int32)
+    chosen_end = end if chosen_end is None else chosen_end
+    B, T = index.shape
+    states = xp.concatenate([xp.asarray(index, xp.int32), xp.zeros((B, 1), xp.int32)], axis=1)
+    out.append(xp.where(xp.arange(T + 1)[None, :] == n[:, None], end[:, None], states).astype(xp.int32))
+  return tuple(out)
+
+
 def _validate(prompts, chosen, rejected):
   if not (len(prompts) == len(chosen) == len(rejected)):
     raise ValueError(

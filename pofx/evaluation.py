@@ -282,6 +282,7 @@ def evaluate_pairs(
   batch_size: int = 512,
   prompt_width=None,
   completion_width=None,
+  reference_logps: Optional[PairLogps] = None,
 ) -> dict:
   """Pair metrics of a policy on held-out pairs: the mean chosen and rejected log-ratios
   `log pi(y) - log ref(y)` (summed log-probs) and their difference (the margin), reward accuracy
@@ -292,10 +293,17 @@ def evaluate_pairs(
   accuracy (sum and mean) at `beta` and the mean flip-threshold loss; with `betas` (e.g.
   `IDEALIZED_BETAS`, the authors' sweep) also the idealized ranking accuracy at each of them,
   `{"idealized_ranking_accuracy_by_beta": {"<beta>": sum, ...}, "..._mean_by_beta": {...}}`
-  (keys formatted `f"{beta:g}"`). Python floats."""
+  (keys formatted `f"{beta:g}"`). Python floats.
+
+  `reference_logps`: the reference's `pair_logps` of these pairs when already computed (e.g. one
+  base for several policies); `reference_params` is then not read."""
   kw = dict(model=model, batch_size=batch_size, prompt_width=prompt_width, completion_width=completion_width)
   pol = pair_logps(params, prompts, chosen, rejected, **kw)
-  ref = pair_logps(reference_params, prompts, chosen, rejected, **kw)
+  ref = (
+    reference_logps if reference_logps is not None else pair_logps(reference_params, prompts, chosen, rejected, **kw)
+  )
+  if ref.chosen.shape != pol.chosen.shape:
+    raise ValueError(f"evaluate_pairs: reference_logps hold {ref.chosen.shape[0]} pairs, not {pol.chosen.shape[0]}.")
   m = lambda x: float(jnp.mean(x))
   out = {
     "chosen_logratio": m(pol.chosen - ref.chosen),

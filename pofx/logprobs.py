@@ -6,6 +6,8 @@ For hidden states `h_t [D]`, LM-head weight `W [D, V]` and target token `y_t`:
     log p(y_t) = z_t[y_t] - logsumexp(z_t)
     entropy_t  = -sum_v p_v log p_v                       (from log p = z - logsumexp(z))
     log_sum_sq_probs_t = logsumexp_v(2 log p_v) = log sum_v p_v^2   (WPO's weights)
+    log p(EOS)_t = z_t[eos] - logsumexp(z_t)                (the EOS column of the same softmax)
+    log p_tau(EOS)_t = z_t[eos] / tau - logsumexp(z_t / tau)  (at a temperature tau: its own logsumexp)
 
 Memory and compute. The tokens are flattened and processed in chunks of `chunk_size` tokens by
 a `jax.lax.scan`, each step materialising one `[chunk_size, V]` float32 logits block. Two
@@ -68,12 +70,14 @@ _CONTRACT_TOKENS = (((0,), (0,)), ((), ()))  # h [c, D] . G [c, V] -> [D, V]  (h
 class TokenLogps(NamedTuple):
   """Per-token outputs of `token_logps`, each float32 with the shape of `targets`.
 
-  `entropy` and `log_sum_sq_probs` are None unless requested.
+  `entropy`, `log_sum_sq_probs`, `eos_logps` and `tempered_eos_logps` are None unless requested.
   """
 
   logps: Array
   entropy: Optional[Array] = None
   log_sum_sq_probs: Optional[Array] = None
+  eos_logps: Optional[Array] = None
+  tempered_eos_logps: Optional[Array] = None
 
 
 def token_logps(
@@ -88,6 +92,8 @@ def token_logps(
   save_probs: bool = False,
   dot_general: DotGeneral = jax.lax.dot_general,
   logit_softcap: Optional[float] = None,
+  eos_id: Optional[int] = None,
+  eos_temperature: Optional[float] = None,
 ) -> TokenLogps:
   """Log-probs of `targets` under `softmax(hidden @ head_weight)`, chunked over tokens.
 
@@ -112,6 +118,10 @@ def token_logps(
     logit_softcap: the logits are `c * tanh(z / c)` (Gemma 2's final soft-capping,
       arXiv:2408.00118, section 2; `pofx.models.LlamaModel.logit_softcap`), or None. With a cap the
       checkpointed path is taken (`save_probs` is ignored) and autodiff differentiates the cap.
+    eos_id: also return `log p(eos_id)` at every position (the EOS column of the same
+      log-softmax; GDPO's terminating probabilities). Takes the checkpointed path.
+    eos_temperature: with `eos_id`, also return `log softmax(z / eos_temperature)[eos_id]` (its
+      own logsumexp over the tempered logits; GDPO's reference reward), `eos_temperature > 0`.
 
   Returns:
     `TokenLogps` of float32 arrays shaped like `targets`.
@@ -137,7 +147,12 @@ def token_logps(
   t = t.reshape(n_chunks, c)
   if logit_softcap is not None and not logit_softcap > 0:
     raise ValueError(f"token_logps: logit_softcap must be None or positive, got {logit_softcap!r}.")
-  if save_probs and not (with_entropy or with_log_sum_sq_probs or logit_softcap is not None):
+  if eos_id is not None and not 0 <= int(eos_id) < V:
+    raise ValueError(f"token_logps: eos_id must be in [0, {V}), got {eos_id!r}.")
+  if eos_temperature is not None and (eos_id is None or not eos_temperature > 0):
+    raise ValueError(f"token_logps: eos_temperature needs eos_id and must be > 0, got {eos_temperature!r}.")
+  with_eos = eos_id is not None
+  if save_probs and not (with_entropy or with_log_sum_sq_probs or with_eos or logit_softcap is not None):
     # Hidden and head keep their own dtypes here: the custom VJP casts them to `dtype` inside and
     # returns cotangents in their dtypes straight from the float32 accumulators.
     h = hidden.reshape(n, D)
@@ -166,6 +181,10 @@ def token_logps(
         out.append(-jnp.sum(jnp.exp(logp) * logp, axis=-1))
       if with_log_sum_sq_probs:
         out.append(jax.nn.logsumexp(2.0 * logp, axis=-1))
+    if with_eos:
+      out.append(logits[:, eos_id] - lse)
+      if eos_temperature is not None:
+        out.append(logits[:, eos_id] / eos_temperature - jax.nn.logsumexp(logits / eos_temperature, axis=-1))
     return carry, tuple(out)
 
   _, outs = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), None, (h, t))
@@ -173,7 +192,9 @@ def token_logps(
   logps = outs.pop(0)
   entropy = outs.pop(0) if with_entropy else None
   lss = outs.pop(0) if with_log_sum_sq_probs else None
-  return TokenLogps(logps, entropy, lss)
+  eos = outs.pop(0) if with_eos else None
+  tempered = outs.pop(0) if eos_temperature is not None else None
+  return TokenLogps(logps, entropy, lss, eos, tempered)
 
 
 def _logits_cotangent(g: Array, targets: Array, probs: Array) -> Array:
@@ -244,6 +265,8 @@ def pair_logps(
   scored=None,
   dot_general: DotGeneral = jax.lax.dot_general,
   logit_softcap: Optional[float] = None,
+  eos_id: Optional[int] = None,
+  eos_temperature: Optional[float] = None,
 ):
   """`PairLogps` of a preference batch from one forward pass over any `pofx.batching` layout.
 
@@ -265,6 +288,14 @@ def pair_logps(
       outputs at `scored.index` only (`apply_fn(..., output_index=scored.index)`), and the head
       runs on those N real tokens; the per-token results are scattered back to the `[B, T]` slots
       (0 elsewhere), so the result is the same `PairLogps`.
+    eos_id: also fill `chosen/rejected_eos_logps` `[B, T+1]`: `log p(eos_id)` at each
+      completion's states `s_0..s_n` (`pofx.batching.state_index`: the T positions that predict
+      the tokens and the position of the last token). The head then runs on those `T+1` states
+      per completion (the token log-probs come from the same pass); needs `scored=None` (the
+      position of the last token predicts no completion token, so it is not among the scored
+      outputs).
+    eos_temperature: with `eos_id`, also fill `chosen/rejected_tempered_eos_logps`
+      (`log softmax(z / eos_temperature)[eos_id]` at the same states).
 
   Returns:
     `PairLogps`, or `(PairLogps, {"chosen": [B, T], "rejected": [B, T]})` entropies (zero outside
@@ -273,8 +304,24 @@ def pair_logps(
   B, Tc = batch.chosen_targets.shape
   Tr = batch.rejected_targets.shape[1]
   D = hidden.shape[-1]
-  t = jnp.concatenate([jnp.reshape(batch.chosen_targets, (-1,)), jnp.reshape(batch.rejected_targets, (-1,))])
-  if scored is None:
+  with_eos = eos_id is not None
+  if with_eos and scored is not None:
+    raise ValueError(
+      "pair_logps: eos_id needs the outputs at every position (scored=None): the state after a "
+      "completion's last token predicts no completion token, so scored tokens do not include it."
+    )
+  wc, wr = (Tc + 1, Tr + 1) if with_eos else (Tc, Tr)  # slots per completion: tokens (+ the end state)
+  targets = [batch.chosen_targets, batch.rejected_targets]
+  if with_eos:  # the end state's target is a placeholder: only its EOS columns are kept
+    targets = [jnp.pad(jnp.asarray(x), ((0, 0), (0, 1))) for x in targets]
+  t = jnp.concatenate([jnp.reshape(targets[0], (-1,)), jnp.reshape(targets[1], (-1,))])
+  if with_eos:
+    c_idx, r_idx = batching.state_index(batch)
+    flat = hidden.reshape((-1, D))
+    h = jnp.concatenate(
+      [jnp.take(flat, jnp.reshape(c_idx, (-1,)), axis=0), jnp.take(flat, jnp.reshape(r_idx, (-1,)), axis=0)]
+    )
+  elif scored is None:
     h_c, h_r = batching.gather_completions(hidden, batch)
     h = jnp.concatenate([h_c.reshape(B * Tc, D), h_r.reshape(B * Tr, D)], axis=0)
   else:
@@ -296,18 +343,25 @@ def pair_logps(
     save_probs=save_probs,
     dot_general=dot_general,
     logit_softcap=logit_softcap,
+    eos_id=eos_id,
+    eos_temperature=eos_temperature,
   )
   if scored is not None:  # back to the [B * Tc + B * Tr] slots (padding entries land in one extra slot)
     n_slots = B * Tc + B * Tr
     out = TokenLogps(
       *[None if x is None else jnp.zeros((n_slots + 1,), x.dtype).at[scored.slot].set(x)[:n_slots] for x in out]
     )
-  split = lambda x: (x[: B * Tc].reshape(B, Tc), x[B * Tc :].reshape(B, Tr))
+  split_states = lambda x: (x[: B * wc].reshape(B, wc), x[B * wc :].reshape(B, wr))
+  split = lambda x: tuple(a[:, :T] for a, T in zip(split_states(x), (Tc, Tr)))
   c_lp, r_lp = split(out.logps)
   kw = {}
   if with_log_sum_sq_probs:
     c_l, r_l = split(out.log_sum_sq_probs)
     kw = dict(chosen_log_sum_sq_probs=c_l, rejected_log_sum_sq_probs=r_l)
+  if with_eos:
+    kw["chosen_eos_logps"], kw["rejected_eos_logps"] = split_states(out.eos_logps)
+    if eos_temperature is not None:
+      kw["chosen_tempered_eos_logps"], kw["rejected_tempered_eos_logps"] = split_states(out.tempered_eos_logps)
   pair = PairLogps.from_tokens(c_lp, batch.chosen_mask, r_lp, batch.rejected_mask, **kw)
   if not with_entropy:
     return pair

@@ -27,6 +27,8 @@ def make_logps_fn(
   save_probs: bool = False,
   kernels: kernels_lib.Kernels = kernels_lib.XLA,
   logit_softcap: Optional[float] = None,
+  eos_id: Optional[int] = None,
+  eos_temperature: Optional[float] = None,
 ) -> Callable[[Any, Any], PairLogps]:
   """Returns `logps_fn(params, batch)`; `batch["pairs"]` is a `PairBatch`.
 
@@ -54,6 +56,12 @@ def make_logps_fn(
       `dot_general` (`pofx.logprobs.token_logps(dot_general=)`). Pass the model's own.
     logit_softcap: the soft-cap of the head's logits (`model.logit_softcap`: Gemma 2's final
       soft-capping; None for the other families). Pass the model's own.
+    eos_id: also fill the per-state `log pi(EOS | s_t)` of each completion
+      (`PairLogps.chosen_eos_logps`, `[B, T+1]`; GDPO). The model's outputs are then taken at
+      every position: `batch["scored_tokens"]` is not used (the state after a completion's last
+      token predicts no completion token), see `pofx.logprobs.pair_logps`.
+    eos_temperature: with `eos_id`, also fill `chosen/rejected_tempered_eos_logps`, the EOS
+      log-prob of the softmax at this temperature (GDPO's reference reward, `gamma`).
   """
 
   def logps_fn(params, batch) -> PairLogps:
@@ -61,6 +69,8 @@ def make_logps_fn(
     get = batch.get if hasattr(batch, "get") else (lambda k: None)
     blocks, scored = get("attention_blocks"), get("scored_tokens")
     kwargs = {} if blocks is None else {"attention_blocks": blocks}
+    if eos_id is not None:
+      scored = None  # the end states are not among the scored positions
     if scored is not None:
       kwargs["output_index"] = scored.index
     for name in ("dropout_key", "embedding_offset"):
@@ -78,6 +88,8 @@ def make_logps_fn(
       scored=scored,
       dot_general=kernels.dot_general,
       logit_softcap=logit_softcap,
+      eos_id=eos_id,
+      eos_temperature=eos_temperature,
     )
 
   return logps_fn

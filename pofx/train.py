@@ -100,6 +100,11 @@ def validate(loss, reference: references_lib.Reference, loss_hyper: Mapping[str,
     )
   if reference.cached and reference.updates:
     raise ValueError("A cached reference cannot be combined with a strategy that updates the reference.")
+  if reference.cached and "eos_logps" in spec.requires:
+    raise ValueError(
+      f"loss {spec.name!r} needs the reference's per-state EOS log-probs, which a cached reference does not "
+      "hold; use frozen, guiding, synced or ema."
+    )
   for kind in _UNSUPPORTED_IN_STEP:
     if kind in spec.requires:
       raise ValueError(f"loss {spec.name!r} takes K-way lists; the pairwise train step does not feed them.")

@@ -276,6 +276,13 @@ def test_evaluate_pairs(small):
     ideal_mean = (rw / lw - rl / ll) + np.log(q / (1 - q)) / b
     np.testing.assert_allclose(by_mean[key], np.mean(rank(ideal_mean) == truth), atol=1e-12)
   assert by_sum["0.01"] != by_sum["10"]  # small beta trusts the preferences, large beta the reference
+  # The reference's log-probs given (a sweep's base, scored once): the same metrics, the reference's
+  # parameters not read; log-probs of other pairs are refused.
+  kw = dict(model=model, beta=0.5, pref_prob=data.label_prob, betas=evaluation.IDEALIZED_BETAS)
+  assert evaluation.evaluate_pairs(pol, None, data.prompt, data.chosen, data.rejected, reference_logps=r, **kw) == out
+  with pytest.raises(ValueError, match="reference_logps hold 3 pairs"):
+    short = jax.tree.map(lambda a: a[:3], r)
+    evaluation.evaluate_pairs(pol, None, data.prompt, data.chosen, data.rejected, reference_logps=short, model=model)
 
 
 # Gradient field over the two log-probs (Feng et al. 2024, arXiv:2404.04626) ------------------------

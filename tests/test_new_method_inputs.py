@@ -215,6 +215,23 @@ def test_configs_refuse_what_the_inputs_cannot_be_built_for(loss, fields, messag
     validate.validate(c)
 
 
+def test_gdpo_needs_a_reference_that_runs_a_forward():
+  # GDPO reads the reference's per-state EOS log-probs at temperature gamma: no cache holds them.
+  c = _with(_config("new_methods"), sweep=(), train__loss="gdpo", train__loss_hyper={"gamma": 0.5})
+  validate.validate(_with(c, train__reference__kind="frozen"))
+  for kind in ("cached", "multi"):
+    with pytest.raises(ValueError, match=f"reference.kind='{kind}'.*per-state EOS log-probs.*allowed: 'frozen'"):
+      validate.validate(_with(c, train__reference__kind=kind))
+  with pytest.raises(ValueError, match="per-state EOS log-probs, which a cached reference does not hold"):
+    pofx.train.validate("gdpo", pofx.references.cached("f", "f"))
+  # the program builds the log-prob function with the world's EOS and the loss's gamma
+  run = types.SimpleNamespace(config=c, tokenizer=None)
+  kw = main_lib._eos_kwargs(run, pofx.losses.spec("gdpo"), {"gamma": 0.5})
+  assert kw == {"eos_id": pofx.world.EOS, "eos_temperature": 0.5}
+  assert main_lib._eos_kwargs(run, pofx.losses.spec("gdpo"), {})["eos_temperature"] == 0.1
+  assert main_lib._eos_kwargs(run, pofx.losses.spec("dpo"), {}) == {}
+
+
 def test_dmpo_runs_on_world_data_with_segments_as_turns():
   c = _with(_config("new_methods"), sweep=(), train__loss="dmpo", train__loss_hyper={"beta": 0.1})
   c = _with(c, train__reference__kind="frozen")

@@ -47,6 +47,7 @@ from pofx.losses import (
   _annotated,
   _diffusion,
   _example,
+  _gflownet,
   _gpo_family,
   _label_noise,
   _margins,
@@ -93,6 +94,7 @@ from pofx.losses._diffusion import (
   smpo,
   smpo_preference,
 )
+from pofx.losses._gflownet import gdpo
 from pofx.losses._gpo_family import dpo, exponential, gpo, ipo, ipo_sum, savage, slic, truncated_quadratic
 from pofx.losses._label_noise import cdpo, focalpo, robust_dpo
 from pofx.losses._margins import dpo_shift, dpo_shift_lambda, dpop, ln_dpo, mappo, odpo
@@ -139,6 +141,7 @@ REGISTRY: Mapping[str, LossSpec] = _registry.build_registry(
   _more.SPECS,
   _annotated.SPECS,
   _diffusion.SPECS,
+  _gflownet.SPECS,
 )
 """Read-only mapping: canonical name -> LossSpec."""
 
@@ -348,6 +351,7 @@ __all__ = [
   "flex_dpo",
   "madpo",
   "madpo_weights",
+  "gdpo",
   "bmc",
   "bmc_modified_tokens",
   "bmc_token_weights",

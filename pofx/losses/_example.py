@@ -5,7 +5,8 @@ beta = 0.1 (each loss's own defaults otherwise); tokens are uniform (policy -2 p
 reference -11/5 and -11/6). So lr_w = +1, lr_l = -1, rho = 2. Scores (0.8, 0.3) where a loss uses
 them ((1, 0) for a domain of binary labels); every token marked as differing (BMC), embeddings
 (1, 0) and (1, 1) (Sem-DPO), one segment per completion with aspect scores (1, 0.5) and
-(0.5, 0.5) (2D-DPO).
+(0.5, 0.5) (2D-DPO); per-state EOS log-probs (GDPO) -3 for the policy and -2 for the
+reference's tempered ones at every state.
 """
 
 from __future__ import annotations
@@ -81,6 +82,12 @@ def _inputs(spec, shift):
     )
     reference = ListLogps(
       logps=jnp.stack([reference.chosen, reference.rejected], -1), lengths=jnp.array([[LEN_W, LEN_L]], jnp.float32)
+    )
+  if "eos_logps" in spec.requires:
+    states = lambda n, v: jnp.asarray(np.where(np.arange(T + 1)[None] <= n, v, 0.0), jnp.float32)
+    policy = policy.replace(chosen_eos_logps=states(LEN_W, -3.0), rejected_eos_logps=states(LEN_L, -3.0))
+    reference = reference.replace(
+      chosen_tempered_eos_logps=states(LEN_W, -2.0), rejected_tempered_eos_logps=states(LEN_L, -2.0)
     )
   if spec.reference == "unused":
     reference = None

@@ -22,8 +22,19 @@ def _mask(lens, t=T):
   return (np.arange(t)[None, :] < lens[:, None]).astype(np.float32)
 
 
-def token_pair(seed: int, *, log_sum_sq: bool, shift=0.0) -> pofx.PairLogps:
-  """A PairLogps from random per-token log-probs in (-3, -0.05) with unequal lengths."""
+def eos_states(seed: int, prefix: str = "") -> dict:
+  """Per-state EOS log-probs `[B, T+1]` in (-4, -0.05) for both completions (`prefix` "" or
+  "tempered_"), as `PairLogps.from_tokens` keyword arguments."""
+  rng = np.random.default_rng(seed + 50)
+  return {
+    f"{side}_{prefix}eos_logps": -rng.uniform(0.05, 4.0, (B, T + 1)).astype(np.float32)
+    for side in ("chosen", "rejected")
+  }
+
+
+def token_pair(seed: int, *, log_sum_sq: bool, shift=0.0, eos=None) -> pofx.PairLogps:
+  """A PairLogps from random per-token log-probs in (-3, -0.05) with unequal lengths; with
+  `eos` ("" or "tempered_") also per-state EOS log-probs (`eos_states`)."""
   rng = np.random.default_rng(seed)
   c_tok = -rng.uniform(0.05, 3.0, (B, T)).astype(np.float32)
   r_tok = -rng.uniform(0.05, 3.0, (B, T)).astype(np.float32) - shift
@@ -34,6 +45,8 @@ def token_pair(seed: int, *, log_sum_sq: bool, shift=0.0) -> pofx.PairLogps:
       chosen_log_sum_sq_probs=c_tok - rng.uniform(0.1, 2.0, (B, T)).astype(np.float32),
       rejected_log_sum_sq_probs=r_tok - rng.uniform(0.1, 2.0, (B, T)).astype(np.float32),
     )
+  if eos is not None:
+    extra.update(eos_states(seed, eos))
   return pofx.PairLogps.from_tokens(c_tok, _mask(CHOSEN_LENS), r_tok, _mask(REJECTED_LENS), **extra)
 
 
@@ -63,8 +76,9 @@ def build(spec, key, *, with_reference=True, seed=0):
     reference = pofx.ListLogps(logps=jnp.asarray(-rng.uniform(1, 10, (B, K)), jnp.float32), lengths=jnp.asarray(lens))
     kwargs["scores"] = jnp.asarray(rng.uniform(0, 1, (B, K)), jnp.float32)
   else:
-    policy = token_pair(seed, log_sum_sq="log_sum_sq_probs" in req)
-    reference = token_pair(seed + 100, log_sum_sq=False)
+    eos = "eos_logps" in req  # GDPO: the policy's EOS log-probs, the reference's tempered ones
+    policy = token_pair(seed, log_sum_sq="log_sum_sq_probs" in req, eos="" if eos else None)
+    reference = token_pair(seed + 100, log_sum_sq=False, eos="tempered_" if eos else None)
   if spec.reference == "unused" or not with_reference:
     reference = None
   rng = np.random.default_rng(seed + 7)
@@ -102,11 +116,13 @@ def build(spec, key, *, with_reference=True, seed=0):
   return policy, reference, kwargs
 
 
-def extreme_pair(margin_sign: float, dtype) -> tuple:
+def extreme_pair(margin_sign: float, dtype, *, eos: bool = False) -> tuple:
   """Policy/reference whose GPO margin is about margin_sign * 1e4 with or without a reference.
 
   The policy's chosen (rejected) tokens sum to -1 or -1e4, the reference's to -1 on both
-  sides, so both `lr_w - lr_l` and `pi_w - pi_l` are +-(1e4 - 1).
+  sides, so both `lr_w - lr_l` and `pi_w - pi_l` are +-(1e4 - 1). With `eos`, the policy's
+  per-state EOS log-probs are -1e4 on the side whose tokens are (-1 on the other) and the
+  reference's tempered ones -1.
   """
   big = 1e4
   c_total, r_total = (-1.0, -big) if margin_sign > 0 else (-big, -1.0)
@@ -115,11 +131,20 @@ def extreme_pair(margin_sign: float, dtype) -> tuple:
   c_mask, r_mask = _mask(CHOSEN_LENS), _mask(REJECTED_LENS)
   c_tok[:] = c_total / CHOSEN_LENS[:, None]
   r_tok[:] = r_total / REJECTED_LENS[:, None]
+  states = {}
+  if eos:
+    c_eos, r_eos = (-1.0, -big) if margin_sign > 0 else (-big, -1.0)
+    states = dict(
+      chosen_eos_logps=np.full((B, T + 1), c_eos, np.float32), rejected_eos_logps=np.full((B, T + 1), r_eos, np.float32)
+    )
   policy = pofx.PairLogps.from_tokens(
-    c_tok, c_mask, r_tok, r_mask, chosen_log_sum_sq_probs=c_tok - 0.5, rejected_log_sum_sq_probs=r_tok - 0.5
+    c_tok, c_mask, r_tok, r_mask, chosen_log_sum_sq_probs=c_tok - 0.5, rejected_log_sum_sq_probs=r_tok - 0.5, **states
   )
   ref_c = np.full((B, T), 0.0, np.float32) - 1.0 / CHOSEN_LENS[:, None]
   ref_r = np.full((B, T), 0.0, np.float32) - 1.0 / REJECTED_LENS[:, None]
-  reference = pofx.PairLogps.from_tokens(ref_c, c_mask, ref_r, r_mask)
+  tempered = {}
+  if eos:
+    tempered = {f"{side}_tempered_eos_logps": np.full((B, T + 1), -1.0, np.float32) for side in ("chosen", "rejected")}
+  reference = pofx.PairLogps.from_tokens(ref_c, c_mask, ref_r, r_mask, **tempered)
   cast = lambda p: jax.tree.map(lambda x: jnp.asarray(x, dtype), p)
   return cast(policy), cast(reference)

@@ -40,7 +40,14 @@ def _split(policy):
   else:
     leaves = {
       k: getattr(policy, k)
-      for k in ("chosen", "rejected", "chosen_token_logps", "rejected_token_logps")
+      for k in (
+        "chosen",
+        "rejected",
+        "chosen_token_logps",
+        "rejected_token_logps",
+        "chosen_eos_logps",
+        "rejected_eos_logps",
+      )
       if getattr(policy, k) is not None
     }
   return leaves, lambda new: policy.replace(**new)
@@ -61,6 +68,7 @@ def test_every_requirement_has_a_builder():
     "diff_masks",
     "embeddings",
     "segments",
+    "eos_logps",
   }
   assert set(pofx.losses.REQUIREMENTS) <= handled
 
@@ -206,7 +214,7 @@ def _extreme_inputs(spec, sign, dtype):
     if reference is not None:
       reference = reference.replace(logps=jnp.full_like(reference.logps, -1.0).astype(dtype))
     return policy, reference, kwargs
-  ext_policy, ext_reference = ri.extreme_pair(sign, dtype)
+  ext_policy, ext_reference = ri.extreme_pair(sign, dtype, eos="eos_logps" in spec.requires)
   return ext_policy, (ext_reference if reference is not None else None), kwargs
 
 
@@ -282,6 +290,7 @@ REQUIRED = {
   "bmc",
   "sem_dpo",
   "two_d_dpo",
+  "gdpo",
 }
 REQUIRED_TRL = {
   "sigmoid",
