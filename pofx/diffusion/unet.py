@@ -1,0 +1,736 @@
+r"""A class-conditional U-Net denoiser with the architecture of diffusers' `UNet2DModel`, as pure functions.
+
+The network (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239,
+section 4 and Appendix B: a PixelCNN++-style U-Net with group normalisation, self-attention at
+chosen resolutions and a sinusoidal time embedding; diffusers 0.42's `UNet2DModel` layout, so
+weights convert one to one with `pofx.diffusion.diffusers_io`). Images are NHWC everywhere in
+pofx (diffusers is NCHW). With `C0 = block_out_channels[0]` and `T = time_embedding_dim or 4 C0`:
+
+- Time embedding: the sinusoidal embedding of the (int or float) timestep t,
+
+      f_i = exp(-ln(10000) i / (C0/2 - freq_shift)),   i = 0 .. C0/2 - 1
+      e(t) = [sin(t f), cos(t f)]   ([cos, sin] when `flip_sin_to_cos`; a zero appended if C0 is odd)
+
+  (Vaswani et al. 2017, arXiv:1706.03762, section 3.5, used as DDPM's timestep embedding), then
+  `emb = W2 silu(W1 e(t) + b1) + b2` (`[B, T]`). Class conditioning (`num_class_embeds`): a
+  learned table `E [num_class_embeds, T]` whose row of the class label is added to `emb`.
+- `conv_in` (3x3), then one down block per entry of `block_out_channels`: `layers_per_block`
+  ResNet blocks (each followed by a self-attention block in an `AttnDownBlock2D`), then, except in
+  the last, a Downsample2D: a 3x3 convolution of stride 2 with `downsample_padding` zeros on every
+  side (padding 0: one zero row and column at the bottom and right only, as diffusers). Every
+  ResNet (and attention) output and every downsampled map is kept as a skip connection.
+- The mid block (`UNetMidBlock2D`): ResNet, self-attention (when `add_attention`), ResNet, with
+  `mid_block_scale_factor` as the output scale of all three.
+- One up block per resolution, deepest first: `layers_per_block + 1` ResNet blocks, each fed the
+  channel concatenation `[h, skip]` of the running map and the last unused skip connection (each
+  followed by self-attention in an `AttnUpBlock2D`), then, except in the last, an Upsample2D:
+  nearest-neighbour x2 and a 3x3 convolution.
+- Output: GroupNorm, SiLU, `conv_out` (3x3).
+
+ResNet block (`ResnetBlock2D`; He et al. 2016, arXiv:1603.05027; the DDPM variant with the time
+embedding added between the two convolutions), with `act = act_fn`:
+
+    h = conv1(act(GN1(x)))
+    "default":      h = act(GN2(h + W_t act(emb) + b_t))
+    "scale_shift":  [s, b] = W_t act(emb) + b_t;  h = act(GN2(h) (1 + s) + b)
+    out = (shortcut(x) + conv2(dropout(h))) / output_scale_factor
+
+with `shortcut` a 1x1 convolution when the channel count changes, else the identity.
+
+Self-attention block (diffusers' `Attention` over the H*W positions, `heads = C //
+attention_head_dim` heads of width `attention_head_dim`, or one head of width C when it is None):
+
+    h = GN(x) (flattened to [B, H*W, C]);  q, k, v = h Wq + bq, h Wk + bk, h Wv + bv
+    out = (softmax(q k^T / sqrt(hd)) v Wo + bo + x) / rescale_output_factor
+
+GroupNorm (Wu & He 2018, arXiv:1803.08494) normalises each of `norm_num_groups` channel groups
+over (H, W, its channels) with the biased variance and `norm_eps`, then scales and shifts per
+channel.
+
+Precision: parameters are float32; `compute_dtype` (e.g. bfloat16) is the dtype of every
+convolution and dense product and of the activations between them; GroupNorm statistics, the
+attention scores and their softmax, and the returned prediction are float32. Every convolution
+goes through the injected `kernels.conv_general_dilated` and every dense product (projections,
+`q k^T`, the attention-weighted values) through `kernels.dot_general` (`pofx.kernels.Kernels`).
+
+Parameters: a nested dict (lists for diffusers' `ModuleList`s) whose paths are diffusers' module
+names, e.g. `down_blocks[1]["attentions"][0]["to_q"]`, `up_blocks[0]["upsamplers"][0]["conv"]`,
+`mid_block["resnets"][1]["time_emb_proj"]`. Leaves: `kernel` (convolutions `[kh, kw, C_in,
+C_out]`, HWIO; dense `[in, out]`), `bias`, `scale` (GroupNorm) and `embedding` (the class table).
+`init` draws them as PyTorch's default initialisers do (weights and biases uniform in
+`+-1/sqrt(fan_in)`, GroupNorm scale 1 and shift 0, the class table standard normal), so a pofx
+model starts from the distribution of a freshly built diffusers one.
+
+Dropout (`dropout` > 0) acts, inside each ResNet block, only when `apply` gets a `dropout_key`;
+without one the network is deterministic (diffusers' `eval()` mode).
+
+`flops(config, batch)` counts the multiply-adds (x2) of one forward pass, for MFU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pofx import kernels as kernels_lib
+
+Array = jax.Array
+Params = Any
+Kernels = kernels_lib.Kernels
+
+DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
+UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
+MID_BLOCK_TYPES = ("UNetMidBlock2D", None)
+TIME_SCALE_SHIFTS = ("default", "scale_shift")
+TIME_EMBEDDING_TYPES = ("positional",)
+SAMPLING_TYPES = ("conv",)
+ACTIVATIONS = ("silu", "swish", "mish", "gelu", "relu")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+_ACT = {
+  "silu": jax.nn.silu,
+  "swish": jax.nn.silu,
+  "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "relu": jax.nn.relu,
+}
+
+
+def _block_kind(name: str) -> str:
+  """diffusers accepts a `UNetRes` prefix on block type names and strips it."""
+  return name[7:] if isinstance(name, str) and name.startswith("UNetRes") else name
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  """diffusers' `UNet2DModel` constructor arguments, with its names and defaults. Frozen, hashable.
+
+  Supported values (others are refused at construction, naming what is allowed): block types
+  `DOWN_BLOCK_TYPES`, `UP_BLOCK_TYPES` (with or without diffusers' `UNetRes` prefix), mid block
+  `UNetMidBlock2D` or None, `time_embedding_type` "positional", `downsample_type` and
+  `upsample_type` "conv", `resnet_time_scale_shift` "default" or "scale_shift", `act_fn` one of
+  `ACTIVATIONS`, `class_embed_type` None (class conditioning through `num_class_embeds`).
+  `num_train_timesteps` is carried for diffusers (it only sizes the "learned" time embedding, which
+  pofx does not support). `sample_size` is the image side (int or (H, W)); `apply` takes any size
+  divisible by `2 ** (len(block_out_channels) - 1)`.
+  """
+
+  sample_size: Any = None
+  in_channels: int = 3
+  out_channels: int = 3
+  center_input_sample: bool = False
+  time_embedding_type: str = "positional"
+  time_embedding_dim: Optional[int] = None
+  freq_shift: int = 0
+  flip_sin_to_cos: bool = True
+  down_block_types: Tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
+  mid_block_type: Optional[str] = "UNetMidBlock2D"
+  up_block_types: Tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+  block_out_channels: Tuple[int, ...] = (224, 448, 672, 896)
+  layers_per_block: int = 2
+  mid_block_scale_factor: float = 1
+  downsample_padding: int = 1
+  downsample_type: str = "conv"
+  upsample_type: str = "conv"
+  dropout: float = 0.0
+  act_fn: str = "silu"
+  attention_head_dim: Optional[int] = 8
+  norm_num_groups: int = 32
+  attn_norm_num_groups: Optional[int] = None
+  norm_eps: float = 1e-5
+  resnet_time_scale_shift: str = "default"
+  add_attention: bool = True
+  class_embed_type: Optional[str] = None
+  num_class_embeds: Optional[int] = None
+  num_train_timesteps: Optional[int] = None
+
+  def __post_init__(self):
+    for name in ("down_block_types", "up_block_types", "block_out_channels"):
+      value = getattr(self, name)
+      if isinstance(value, str) or not hasattr(value, "__iter__"):
+        raise ValueError(f"UNetConfig.{name} must be a sequence, got {value!r}.")
+      object.__setattr__(self, name, tuple(value))
+    if isinstance(self.sample_size, (list, tuple)):
+      object.__setattr__(self, "sample_size", tuple(self.sample_size))
+    _validate(self)
+
+  @property
+  def time_embed_dim(self) -> int:
+    """T: the width of the time (and class) embedding."""
+    return self.time_embedding_dim or 4 * self.block_out_channels[0]
+
+  @property
+  def num_resolutions(self) -> int:
+    return len(self.block_out_channels)
+
+
+def _allowed(name, value, allowed):
+  if value not in allowed:
+    raise ValueError(f"UNetConfig.{name}={value!r} is not supported; allowed: {list(allowed)}.")
+
+
+def _validate(c: UNetConfig) -> None:
+  n = len(c.block_out_channels)
+  if n == 0:
+    raise ValueError("UNetConfig.block_out_channels is empty; give one channel count per resolution.")
+  if len(c.down_block_types) != n or len(c.up_block_types) != n:
+    raise ValueError(
+      f"UNetConfig: down_block_types ({len(c.down_block_types)}), up_block_types ({len(c.up_block_types)}) and "
+      f"block_out_channels ({n}) must have the same length."
+    )
+  for t in c.down_block_types:
+    if _block_kind(t) not in DOWN_BLOCK_TYPES:
+      raise ValueError(f"UNetConfig.down_block_types: {t!r} is not supported; supported: {list(DOWN_BLOCK_TYPES)}.")
+  for t in c.up_block_types:
+    if _block_kind(t) not in UP_BLOCK_TYPES:
+      raise ValueError(f"UNetConfig.up_block_types: {t!r} is not supported; supported: {list(UP_BLOCK_TYPES)}.")
+  _allowed("mid_block_type", c.mid_block_type, MID_BLOCK_TYPES)
+  _allowed("time_embedding_type", c.time_embedding_type, TIME_EMBEDDING_TYPES)
+  _allowed("downsample_type", c.downsample_type, SAMPLING_TYPES)
+  _allowed("upsample_type", c.upsample_type, SAMPLING_TYPES)
+  _allowed("resnet_time_scale_shift", c.resnet_time_scale_shift, TIME_SCALE_SHIFTS)
+  _allowed("act_fn", c.act_fn, ACTIVATIONS)
+  _allowed("class_embed_type", c.class_embed_type, (None,))
+  positive = {"in_channels": c.in_channels, "out_channels": c.out_channels, "layers_per_block": c.layers_per_block}
+  positive.update({f"block_out_channels[{i}]": ch for i, ch in enumerate(c.block_out_channels)})
+  positive["norm_num_groups"] = c.norm_num_groups
+  for opt in ("time_embedding_dim", "attention_head_dim", "attn_norm_num_groups", "num_class_embeds"):
+    if getattr(c, opt) is not None:
+      positive[opt] = getattr(c, opt)
+  for name, v in positive.items():
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+      raise ValueError(f"UNetConfig.{name} must be a positive integer, got {v!r}.")
+  if not isinstance(c.downsample_padding, (int, np.integer)) or c.downsample_padding < 0:
+    raise ValueError(f"UNetConfig.downsample_padding must be an integer >= 0, got {c.downsample_padding!r}.")
+  for ch in c.block_out_channels:
+    if ch % c.norm_num_groups:
+      raise ValueError(
+        f"UNetConfig: norm_num_groups={c.norm_num_groups} must divide every entry of block_out_channels "
+        f"{list(c.block_out_channels)}."
+      )
+  attended = [ch for ch, t in zip(c.block_out_channels, c.down_block_types) if _block_kind(t) == "AttnDownBlock2D"]
+  attended += [
+    ch for ch, t in zip(reversed(c.block_out_channels), c.up_block_types) if _block_kind(t) == "AttnUpBlock2D"
+  ]
+  if c.mid_block_type is not None and c.add_attention:
+    attended.append(c.block_out_channels[-1])
+  for ch in attended:
+    if c.attention_head_dim is not None and c.attention_head_dim > ch:
+      raise ValueError(
+        f"UNetConfig: attention_head_dim={c.attention_head_dim} is larger than an attention block's {ch} channels "
+        "(zero heads)."
+      )
+  if c.attn_norm_num_groups is not None and c.block_out_channels[-1] % c.attn_norm_num_groups:
+    raise ValueError(
+      f"UNetConfig: attn_norm_num_groups={c.attn_norm_num_groups} must divide block_out_channels[-1]="
+      f"{c.block_out_channels[-1]}."
+    )
+  if not (0.0 <= float(c.dropout) < 1.0):
+    raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {c.dropout!r}.")
+  if not c.norm_eps > 0:
+    raise ValueError(f"UNetConfig.norm_eps must be positive, got {c.norm_eps!r}.")
+
+
+# Presets --------------------------------------------------------------------------------------
+
+PRESETS = {
+  # Tests: 8x8 grayscale, two resolutions (4 and 8 channels), attention at the coarser one (two
+  # heads), 10 classes.
+  "tiny": UNetConfig(
+    sample_size=8,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(4, 8),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=4,
+    norm_num_groups=2,
+    num_class_embeds=10,
+  ),
+  # The model of the diffusers Diffusion-DPO baseline (benchmarks/diffusers_dpo_baseline.py,
+  # `unet_config(16, 1)`).
+  "bench": UNetConfig(
+    sample_size=16,
+    in_channels=1,
+    out_channels=1,
+    layers_per_block=1,
+    block_out_channels=(32, 64, 64),
+    norm_num_groups=8,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=32,
+    num_class_embeds=10,
+  ),
+  # A larger model for accelerator throughput: DDPM's CIFAR-10 U-Net (arXiv:2006.11239,
+  # Appendix B; diffusers' google/ddpm-cifar10-32 config) with a 10-class embedding.
+  "large": UNetConfig(
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(128, 256, 256, 256),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=None,
+    norm_num_groups=32,
+    norm_eps=1e-6,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    num_class_embeds=10,
+  ),
+}
+
+
+def preset(name: str, **overrides) -> UNetConfig:
+  """A preset config (`PRESETS`), with fields replaced by `overrides`."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown U-Net preset {name!r}; known: {sorted(PRESETS)}.")
+  return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# Architecture walk (shared by init and flops) -------------------------------------------------
+
+
+def _heads(config: UNetConfig, channels: int) -> Tuple[int, int]:
+  """(heads, head_dim) of an attention block over `channels` (diffusers' rule)."""
+  hd = config.attention_head_dim if config.attention_head_dim is not None else channels
+  return channels // hd, hd
+
+
+def _down_specs(config: UNetConfig):
+  """Per down block: (has_attention, [(resnet in, out)], downsample?) in diffusers' order."""
+  specs = []
+  ch = config.block_out_channels[0]
+  for i, kind in enumerate(config.down_block_types):
+    out = config.block_out_channels[i]
+    resnets = [(ch if j == 0 else out, out) for j in range(config.layers_per_block)]
+    specs.append((_block_kind(kind) == "AttnDownBlock2D", resnets, i < config.num_resolutions - 1))
+    ch = out
+  return specs
+
+
+def _up_specs(config: UNetConfig):
+  """Per up block: (has_attention, [(resnet in incl. skip, out)], upsample?)."""
+  rev = list(reversed(config.block_out_channels))
+  n = len(rev)
+  specs = []
+  out = rev[0]
+  for i, kind in enumerate(config.up_block_types):
+    prev, out = out, rev[i]
+    skip_in = rev[min(i + 1, n - 1)]
+    layers = config.layers_per_block + 1
+    resnets = [((prev if j == 0 else out) + (skip_in if j == layers - 1 else out), out) for j in range(layers)]
+    specs.append((_block_kind(kind) == "AttnUpBlock2D", resnets, i < n - 1))
+  return specs
+
+
+def _mid_attention_groups(config: UNetConfig) -> Optional[int]:
+  if config.attn_norm_num_groups is not None:
+    return config.attn_norm_num_groups
+  return config.norm_num_groups if config.resnet_time_scale_shift == "default" else None
+
+
+# Initialisation -------------------------------------------------------------------------------
+
+
+class _Keys:
+  """A deterministic stream of PRNG keys (one per parameter, in construction order)."""
+
+  def __init__(self, key):
+    self.key, self.n = key, 0
+
+  def __call__(self):
+    self.n += 1
+    return jax.random.fold_in(self.key, self.n)
+
+
+def _uniform(keys, shape, fan_in):
+  bound = 1.0 / math.sqrt(fan_in)
+  return jax.random.uniform(keys(), shape, jnp.float32, -bound, bound)
+
+
+def _conv_init(keys, cin, cout, k=3):
+  fan_in = cin * k * k
+  return {"kernel": _uniform(keys, (k, k, cin, cout), fan_in), "bias": _uniform(keys, (cout,), fan_in)}
+
+
+def _linear_init(keys, din, dout):
+  return {"kernel": _uniform(keys, (din, dout), din), "bias": _uniform(keys, (dout,), din)}
+
+
+def _norm_init(channels):
+  return {"scale": jnp.ones((channels,), jnp.float32), "bias": jnp.zeros((channels,), jnp.float32)}
+
+
+def _resnet_init(keys, config, cin, cout):
+  temb_out = cout * (2 if config.resnet_time_scale_shift == "scale_shift" else 1)
+  p = {
+    "norm1": _norm_init(cin),
+    "conv1": _conv_init(keys, cin, cout),
+    "time_emb_proj": _linear_init(keys, config.time_embed_dim, temb_out),
+    "norm2": _norm_init(cout),
+    "conv2": _conv_init(keys, cout, cout),
+  }
+  if cin != cout:
+    p["conv_shortcut"] = _conv_init(keys, cin, cout, k=1)
+  return p
+
+
+def _attention_init(keys, config, channels, groups):
+  heads, hd = _heads(config, channels)
+  inner = heads * hd
+  p = {}
+  if groups is not None:
+    p["group_norm"] = _norm_init(channels)
+  p["to_q"] = _linear_init(keys, channels, inner)
+  p["to_k"] = _linear_init(keys, channels, inner)
+  p["to_v"] = _linear_init(keys, channels, inner)
+  p["to_out"] = [_linear_init(keys, inner, channels)]
+  return p
+
+
+def init(config: UNetConfig, key: Array) -> Params:
+  """Fresh parameters (PyTorch's default initialisers; see the module docstring)."""
+  keys = _Keys(key)
+  c0, temb = config.block_out_channels[0], config.time_embed_dim
+  params = {
+    "conv_in": _conv_init(keys, config.in_channels, c0),
+    "time_embedding": {"linear_1": _linear_init(keys, c0, temb), "linear_2": _linear_init(keys, temb, temb)},
+  }
+  if config.num_class_embeds is not None:
+    params["class_embedding"] = {"embedding": jax.random.normal(keys(), (config.num_class_embeds, temb), jnp.float32)}
+  down = []
+  for has_attn, resnets, downsample in _down_specs(config):
+    block = {"resnets": [_resnet_init(keys, config, i, o) for i, o in resnets]}
+    if has_attn:
+      block["attentions"] = [_attention_init(keys, config, o, config.norm_num_groups) for _, o in resnets]
+    if downsample:
+      out = resnets[-1][1]
+      block["downsamplers"] = [{"conv": _conv_init(keys, out, out)}]
+    down.append(block)
+  params["down_blocks"] = down
+  if config.mid_block_type is not None:
+    ch = config.block_out_channels[-1]
+    mid = {"resnets": [_resnet_init(keys, config, ch, ch), _resnet_init(keys, config, ch, ch)]}
+    if config.add_attention:
+      mid["attentions"] = [_attention_init(keys, config, ch, _mid_attention_groups(config))]
+    params["mid_block"] = mid
+  up = []
+  for has_attn, resnets, upsample in _up_specs(config):
+    block = {"resnets": [_resnet_init(keys, config, i, o) for i, o in resnets]}
+    if has_attn:
+      block["attentions"] = [_attention_init(keys, config, o, config.norm_num_groups) for _, o in resnets]
+    if upsample:
+      out = resnets[-1][1]
+      block["upsamplers"] = [{"conv": _conv_init(keys, out, out)}]
+    up.append(block)
+  params["up_blocks"] = up
+  params["conv_norm_out"] = _norm_init(c0)
+  params["conv_out"] = _conv_init(keys, c0, config.out_channels)
+  return params
+
+
+def param_count(config: UNetConfig) -> int:
+  """The number of parameters (computed from shapes only)."""
+  shapes = jax.eval_shape(lambda: init(config, jax.random.PRNGKey(0)))
+  return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
+
+
+# Forward --------------------------------------------------------------------------------------
+
+
+def _dtype(compute_dtype):
+  if compute_dtype is None:
+    return jnp.float32
+  name = jnp.dtype(compute_dtype).name
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype={compute_dtype!r} is not supported; allowed: {list(COMPUTE_DTYPES)}.")
+  return jnp.dtype(name)
+
+
+def timestep_embedding(timesteps: Array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> Array:
+  """The sinusoidal embedding `[B, dim]` float32 of `timesteps [B]` (see the module docstring)."""
+  half = dim // 2
+  freqs = np.exp(-math.log(10000.0) * np.arange(half, dtype=np.float64) / (half - freq_shift)).astype(np.float32)
+  args = timesteps.astype(jnp.float32)[:, None] * jnp.asarray(freqs)[None, :]
+  sin, cos = jnp.sin(args), jnp.cos(args)
+  emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def group_norm(x: Array, p: Params, groups: int, eps: float, dtype) -> Array:
+  """GroupNorm of NHWC `x` with float32 statistics (biased variance), result in `dtype`."""
+  B, H, W, C = x.shape
+  xg = x.astype(jnp.float32).reshape(B, H, W, groups, C // groups)
+  mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+  var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
+  y = ((xg - mean) * jax.lax.rsqrt(var + eps)).reshape(B, H, W, C)
+  return (y * p["scale"] + p["bias"]).astype(dtype)
+
+
+def _conv(x, p, kernels: Kernels, dtype, *, stride=1, padding=None):
+  k = p["kernel"].shape[0]
+  if padding is None:
+    padding = ((k // 2, k // 2), (k // 2, k // 2))
+  y = kernels.conv_general_dilated(
+    x.astype(dtype),
+    p["kernel"].astype(dtype),
+    window_strides=(stride, stride),
+    padding=padding,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
+  return y + p["bias"].astype(y.dtype)
+
+
+def _linear(x, p, kernels: Kernels, dtype):
+  return kernels.dense(x, p["kernel"], dtype) + p["bias"].astype(dtype)
+
+
+def _dropout(x, key, rate):
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _resnet(p, x, temb, *, config, kernels, dtype, scale_factor=1.0, dropout_key=None):
+  act = _ACT[config.act_fn]
+  groups, eps = config.norm_num_groups, config.norm_eps
+  h = act(group_norm(x, p["norm1"], groups, eps, dtype))
+  h = _conv(h, p["conv1"], kernels, dtype)
+  t = _linear(act(temb), p["time_emb_proj"], kernels, dtype)[:, None, None, :]
+  if config.resnet_time_scale_shift == "default":
+    h = group_norm(h + t, p["norm2"], groups, eps, dtype)
+  else:
+    scale, shift = jnp.split(t, 2, axis=-1)
+    h = group_norm(h, p["norm2"], groups, eps, dtype) * (1 + scale) + shift
+  h = _dropout(act(h), dropout_key, float(config.dropout))
+  h = _conv(h, p["conv2"], kernels, dtype)
+  shortcut = _conv(x, p["conv_shortcut"], kernels, dtype) if "conv_shortcut" in p else x
+  out = shortcut + h
+  return out / scale_factor if scale_factor != 1.0 else out
+
+
+def _attention(p, x, *, config, kernels, dtype, groups, rescale=1.0):
+  B, H, W, C = x.shape
+  heads, hd = _heads(config, C)
+  h = group_norm(x, p["group_norm"], groups, config.norm_eps, dtype) if groups is not None else x.astype(dtype)
+  h = h.reshape(B, H * W, C)
+  q, k, v = (_linear(h, p[n], kernels, dtype).reshape(B, H * W, heads, hd) for n in ("to_q", "to_k", "to_v"))
+  scores = kernels.dot_general(q, k, (((3,), (3,)), ((0, 2), (0, 2))), preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(scores * (1.0 / math.sqrt(hd)), axis=-1).astype(dtype)  # [B, heads, Lq, Lk]
+  o = kernels.dot_general(probs, v, (((3,), (1,)), ((0, 1), (0, 2))))  # [B, heads, Lq, hd]
+  o = o.astype(dtype).transpose(0, 2, 1, 3).reshape(B, H * W, heads * hd)
+  o = _linear(o, p["to_out"][0], kernels, dtype).reshape(B, H, W, C)
+  out = o + x.astype(dtype)
+  return out / rescale if rescale != 1.0 else out
+
+
+def _downsample(p, x, *, config, kernels, dtype):
+  pad = config.downsample_padding
+  padding = ((0, 1), (0, 1)) if pad == 0 else ((pad, pad), (pad, pad))
+  return _conv(x, p["conv"], kernels, dtype, stride=2, padding=padding)
+
+
+def _upsample(p, x, *, kernels, dtype):
+  x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  return _conv(x, p["conv"], kernels, dtype)
+
+
+def _check_inputs(config, sample, timesteps, class_labels):
+  if sample.ndim != 4 or sample.shape[-1] != config.in_channels:
+    raise ValueError(f"unet.apply: sample must be [B, H, W, {config.in_channels}] (NHWC), got {sample.shape}.")
+  B, H, W, _ = sample.shape
+  m = 2 ** (config.num_resolutions - 1)
+  if H % m or W % m:
+    raise ValueError(f"unet.apply: image sides {H}x{W} must be multiples of {m} (2 ** (resolutions - 1)).")
+  if timesteps.ndim not in (0, 1) or (timesteps.ndim == 1 and timesteps.shape[0] != B):
+    raise ValueError(f"unet.apply: timesteps must be [B]={B} (or a scalar), got {timesteps.shape}.")
+  if config.num_class_embeds is not None:
+    if class_labels is None:
+      raise ValueError("unet.apply: this U-Net is class-conditional (num_class_embeds is set); pass class_labels [B].")
+    if class_labels.shape != (B,) or not jnp.issubdtype(class_labels.dtype, jnp.integer):
+      raise ValueError(
+        f"unet.apply: class_labels must be [B]={B} integers, got {class_labels.shape} {class_labels.dtype}."
+      )
+  elif class_labels is not None:
+    raise ValueError("unet.apply: class_labels given but the U-Net has no class embedding (num_class_embeds is None).")
+
+
+def apply(
+  params: Params,
+  sample: Array,
+  timesteps: Array,
+  class_labels: Optional[Array] = None,
+  *,
+  config: UNetConfig,
+  kernels: Kernels = kernels_lib.XLA,
+  compute_dtype=None,
+  dropout_key: Optional[Array] = None,
+) -> Array:
+  """The prediction `[B, H, W, out_channels]` float32 for `sample [B, H, W, in_channels]` (NHWC),
+  `timesteps [B]` (int or float; a scalar is broadcast) and `class_labels [B]` int (required when
+  `num_class_embeds` is set, refused otherwise). See the module docstring for the network."""
+  sample, timesteps = jnp.asarray(sample), jnp.asarray(timesteps)
+  class_labels = None if class_labels is None else jnp.asarray(class_labels)
+  _check_inputs(config, sample, timesteps, class_labels)
+  dtype = _dtype(compute_dtype)
+  B = sample.shape[0]
+  timesteps = jnp.broadcast_to(timesteps, (B,))
+  n_resnets = sum(len(r) for _, r, _ in _down_specs(config) + _up_specs(config)) + 2
+  drop_keys = iter(jax.random.split(dropout_key, n_resnets)) if dropout_key is not None else None
+  next_drop = (lambda: next(drop_keys)) if drop_keys is not None else (lambda: None)
+
+  # Time and class embedding.
+  c0 = config.block_out_channels[0]
+  t = timestep_embedding(timesteps, c0, config.flip_sin_to_cos, config.freq_shift).astype(dtype)
+  te = params["time_embedding"]
+  emb = _linear(jax.nn.silu(_linear(t, te["linear_1"], kernels, dtype)), te["linear_2"], kernels, dtype)
+  if config.num_class_embeds is not None:
+    emb = emb + jnp.take(params["class_embedding"]["embedding"], class_labels, axis=0).astype(dtype)
+
+  kw = dict(config=config, kernels=kernels, dtype=dtype)
+  x = sample.astype(jnp.float32)
+  if config.center_input_sample:
+    x = 2 * x - 1.0
+  h = _conv(x, params["conv_in"], kernels, dtype)
+  skips = [h]
+  for block, (has_attn, resnets, downsample) in zip(params["down_blocks"], _down_specs(config)):
+    for j in range(len(resnets)):
+      h = _resnet(block["resnets"][j], h, emb, dropout_key=next_drop(), **kw)
+      if has_attn:
+        h = _attention(block["attentions"][j], h, groups=config.norm_num_groups, **kw)
+      skips.append(h)
+    if downsample:
+      h = _downsample(block["downsamplers"][0], h, **kw)
+      skips.append(h)
+
+  if config.mid_block_type is not None:
+    mid, s = params["mid_block"], float(config.mid_block_scale_factor)
+    h = _resnet(mid["resnets"][0], h, emb, scale_factor=s, dropout_key=next_drop(), **kw)
+    if config.add_attention:
+      h = _attention(mid["attentions"][0], h, groups=_mid_attention_groups(config), rescale=s, **kw)
+    h = _resnet(mid["resnets"][1], h, emb, scale_factor=s, dropout_key=next_drop(), **kw)
+
+  for block, (has_attn, resnets, upsample) in zip(params["up_blocks"], _up_specs(config)):
+    for j in range(len(resnets)):
+      h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
+      h = _resnet(block["resnets"][j], h, emb, dropout_key=next_drop(), **kw)
+      if has_attn:
+        h = _attention(block["attentions"][j], h, groups=config.norm_num_groups, **kw)
+    if upsample:
+      h = _upsample(block["upsamplers"][0], h, kernels=kernels, dtype=dtype)
+
+  h = jax.nn.silu(group_norm(h, params["conv_norm_out"], config.norm_num_groups, config.norm_eps, dtype))
+  return _conv(h, params["conv_out"], kernels, dtype).astype(jnp.float32)
+
+
+# FLOPs ----------------------------------------------------------------------------------------
+
+
+def flops(config: UNetConfig, batch: int, height: Optional[int] = None, width: Optional[int] = None) -> int:
+  """FLOPs of one forward pass over `batch` images of `height x width` (default `sample_size`).
+
+  Multiply-adds count 2: a KxK convolution from C_in to C_out channels with an Ho x Wo output
+  costs `2 Ho Wo K^2 C_in C_out` per image, a dense product `[M, K] . [K, N]` `2 M K N`, and an
+  attention block over L = H W positions with `heads x hd = inner` costs its four projections
+  `4 x 2 L C inner` plus `2 x 2 L^2 inner` for the scores and the weighted values. The time
+  embedding MLP (`2 (C0 T + T T)`) and each ResNet block's time projection (`2 T C_out`, twice that
+  with "scale_shift") are counted per image. Norms, activations, softmax, additions, the class
+  lookup and the sinusoidal embedding are elementwise and not counted.
+  """
+  if height is None or width is None:
+    s = config.sample_size
+    if s is None:
+      raise ValueError("unet.flops: the config has no sample_size; pass height and width.")
+    hh, ww = (s, s) if isinstance(s, int) else tuple(s)
+    height, width = height or hh, width or ww
+  T, c0 = config.time_embed_dim, config.block_out_channels[0]
+  tproj = T * (2 if config.resnet_time_scale_shift == "scale_shift" else 1)
+
+  def conv(hw, cin, cout, k=3):
+    return 2 * hw * k * k * cin * cout
+
+  def resnet(hw, cin, cout):
+    f = conv(hw, cin, cout) + conv(hw, cout, cout) + 2 * tproj * cout
+    return f + (conv(hw, cin, cout, 1) if cin != cout else 0)
+
+  def attention(hw, ch):
+    heads, hd = _heads(config, ch)
+    inner = heads * hd
+    return 4 * 2 * hw * ch * inner + 2 * 2 * hw * hw * inner
+
+  H, W = height, width
+  total = 2 * (c0 * T + T * T) + conv(H * W, config.in_channels, c0)
+  for has_attn, resnets, downsample in _down_specs(config):
+    for cin, cout in resnets:
+      total += resnet(H * W, cin, cout) + (attention(H * W, cout) if has_attn else 0)
+    if downsample:
+      H, W = (H + 1) // 2, (W + 1) // 2
+      total += conv(H * W, resnets[-1][1], resnets[-1][1])
+  if config.mid_block_type is not None:
+    ch = config.block_out_channels[-1]
+    total += 2 * resnet(H * W, ch, ch) + (attention(H * W, ch) if config.add_attention else 0)
+  for has_attn, resnets, upsample in _up_specs(config):
+    for cin, cout in resnets:
+      total += resnet(H * W, cin, cout) + (attention(H * W, cout) if has_attn else 0)
+    if upsample:
+      H, W = 2 * H, 2 * W
+      total += conv(H * W, resnets[-1][1], resnets[-1][1])
+  total += conv(H * W, c0, config.out_channels)
+  return int(batch * total)
+
+
+# The denoiser record --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class UNet:
+  """A config, kernels and compute dtype bound to the pure functions (hashable: usable as a static
+  argument of `jax.jit`).
+
+  `init(key) -> params`; `apply(params, sample, timesteps, class_labels=None, *, dropout_key=None)
+  -> prediction`; `denoise(params, x_t, timesteps, cond) -> prediction` (the denoiser protocol
+  the samplers, pair errors and methods call: `cond` is the class labels `[B]`, or None for an
+  unconditional U-Net); `flops(batch)`.
+  """
+
+  config: UNetConfig
+  kernels: Kernels = kernels_lib.XLA
+  compute_dtype: Optional[str] = None
+
+  def init(self, key: Array) -> Params:
+    return init(self.config, key)
+
+  def apply(self, params, sample, timesteps, class_labels=None, *, dropout_key=None) -> Array:
+    return apply(
+      params,
+      sample,
+      timesteps,
+      class_labels,
+      config=self.config,
+      kernels=self.kernels,
+      compute_dtype=self.compute_dtype,
+      dropout_key=dropout_key,
+    )
+
+  def denoise(self, params: Params, x_t: Array, timesteps: Array, cond: Optional[Array]) -> Array:
+    return self.apply(params, x_t, timesteps, cond)
+
+  def flops(self, batch: int) -> int:
+    return flops(self.config, batch)
+
+
+def make(config: UNetConfig, kernels: Kernels = kernels_lib.XLA, compute_dtype=None) -> UNet:
+  """Binds `config`, `kernels` (`pofx.kernels.Kernels`, XLA's by default) and `compute_dtype`
+  (None: float32) into a `UNet` record."""
+  name = None if compute_dtype is None else _dtype(compute_dtype).name
+  return UNet(config=config, kernels=kernels, compute_dtype=name)
