@@ -19,7 +19,7 @@ images (32: the 16 pairs' chosen and rejected images of one step), float32, in e
 
 For each: the median seconds of the forward and of the forward plus backward (the output, the
 input gradient and the kernel gradient for a given output gradient) over `--reps` calls (or the
-fastest call, `--statistic min`), the methods interleaved call by call so that they share the machine's conditions, and their GFLOP/s
+fastest call, `--statistic min`; `--clock cpu`: the process's CPU time instead of wall time), the methods interleaved call by call so that they share the machine's conditions, and their GFLOP/s
 (2 N Ho Wo Cout Cin kh kw per forward, three times that forward plus backward). Then each
 method's convolution seconds per training step: per shape, its count in one forward of the UNet
 times (one forward for the frozen reference + one forward and backward for the policy), summed;
@@ -137,7 +137,7 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
   return 2 * n**3 / statistics.median(times)
 
 
-def study(methods, batch, reps, shapes, stat=statistics.median):
+def study(methods, batch, reps, shapes, stat=statistics.median, clock=time.perf_counter):
   rows = []
   for shape, count in shapes.items():
     size, cin, cout, k, stride, pad = shape
@@ -156,12 +156,12 @@ def study(methods, batch, reps, shapes, stat=statistics.median):
     for _ in range(reps):
       for m in methods:
         fwd, fb, x, w, g = fns[m]
-        t = time.perf_counter()
+        t = clock()
         jax.block_until_ready(fwd(x, w))
-        t1 = time.perf_counter()
+        t1 = clock()
         jax.block_until_ready(fb(x, w, g))
         times[m][0].append(t1 - t)
-        times[m][1].append(time.perf_counter() - t1)
+        times[m][1].append(clock() - t1)
     row = {
       "shape": {"size": size, "cin": cin, "cout": cout, "k": k, "stride": stride},
       "count": count,
@@ -200,6 +200,13 @@ def main(argv=None):
     default="median",
     help="of each method's call times (min: the least disturbed call, on a loaded machine)",
   )
+  ap.add_argument(
+    "--clock",
+    choices=["wall", "cpu"],
+    default="wall",
+    help="wall time, or the process's CPU time (all its threads: on a loaded machine with one XLA "
+    "thread, XLA_FLAGS=--xla_cpu_multi_thread_eigen=false, the time the work itself took)",
+  )
   ap.add_argument("--json", default=None)
   a = ap.parse_args(argv)
   methods = [m.strip() for m in a.methods.split(",") if m.strip()]
@@ -209,7 +216,8 @@ def main(argv=None):
   shapes = {s: c for s, c in SHAPES.items() if a.shapes == "all" or s[3] == 3}
   print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average {os.getloadavg()}", flush=True)
   print("GFLOP/s forward / forward+backward:", flush=True)
-  rows = study(methods, a.batch, a.reps, shapes, {"median": statistics.median, "min": min}[a.statistic])
+  stat = {"median": statistics.median, "min": min}[a.statistic]
+  rows = study(methods, a.batch, a.reps, shapes, stat, {"wall": time.perf_counter, "cpu": time.process_time}[a.clock])
   peak = matmul_peak()
   totals = {}
   for m in methods:
@@ -226,6 +234,8 @@ def main(argv=None):
     "batch": a.batch,
     "reps": a.reps,
     "statistic": a.statistic,
+    "clock": a.clock,
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "matmul_peak_gflops": peak / 1e9,
     "step_conv_gflop": step_gflop,
     "step_conv_seconds": totals,

@@ -17,8 +17,11 @@ r"""The CPU backend: pofx's injection points computed by hand-written kernels on
   or 128 and q, k, v are float32; anything else (dense masks, `CacheMask`, sliding windows,
   score soft-capping, other shapes or dtypes) goes to `pofx.kernels.xla_attention`. `attention=False` always uses the latter.
 
-- `conv_general_dilated` is XLA's (`conv="xla"`) or each 2-D convolution as one im2col matrix
-  product through that `dot_general` (`conv="im2col"`, `pofx_backends.cpu.conv`).
+- `conv_general_dilated` is XLA's (`conv="xla"`), or each 2-D convolution as one im2col matrix
+  product through that `dot_general` (`conv="im2col"`, `pofx_backends.cpu.conv`), or by default
+  (`conv="auto"`) whichever of the two `conv_choice` measures faster on this machine
+  (`calibration.measure_conv`, in a child process, once per process, when the first convolution
+  is traced: a program without convolutions never measures).
 
 All give the XLA path's values up to float32 summation order. The kernels are compiled with the
 system C++ compiler on first use (`pofx_backends.cpu.native`); `unavailable_reason()` says,
@@ -33,7 +36,12 @@ machine by measurement (the faster of the two differs between CPUs).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import functools
+import json
+import os
+import subprocess
+import sys
+from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +53,10 @@ from pofx_backends.cpu import native
 BLAS_LIBRARIES = ("auto",) + native.BLAS_LIBRARIES
 # Which products go to the BLAS: none, the weight gradients, every product.
 PRODUCTS = ("xla", "blas", "blas_all")
-# The convolution: XLA's own kernel, or im2col products (`pofx_backends.cpu.conv`).
-CONVS = ("xla", "im2col")
-DEFAULT_OPTIONS = {"blas": "auto", "products": "blas_all", "attention": True, "conv": "xla"}
+# The convolution: XLA's own kernel, im2col products (`pofx_backends.cpu.conv`), or the faster of
+# the two on this machine, measured when the first convolution is traced.
+CONVS = ("auto", "xla", "im2col")
+DEFAULT_OPTIONS = {"blas": "auto", "products": "blas_all", "attention": True, "conv": "auto"}
 
 
 def _blas_form(lhs, rhs, dimension_numbers, preferred_element_type):
@@ -125,7 +134,7 @@ class NativeAttention:
     )
 
 
-def _check_options(blas: str, products: str, attention, conv: str = "xla") -> None:
+def _check_options(blas: str, products: str, attention, conv: str = "auto") -> None:
   if conv not in CONVS:
     raise ValueError(f"CPU kernels: conv={conv!r} is not allowed; allowed: {CONVS}.")
   if blas not in BLAS_LIBRARIES:
@@ -137,7 +146,7 @@ def _check_options(blas: str, products: str, attention, conv: str = "xla") -> No
 
 
 def unavailable_reason(
-  *, blas: str = "auto", products: str = "blas_all", attention: bool = True, conv: str = "xla"
+  *, blas: str = "auto", products: str = "blas_all", attention: bool = True, conv: str = "auto"
 ) -> Optional[str]:
   """None when `kernels(blas=, products=, attention=)` can run in this process, else why not.
 
@@ -163,7 +172,7 @@ def unavailable_reason(
 
 
 def kernels(
-  *, blas: str = "auto", products: str = "blas_all", attention: bool = True, conv: str = "xla"
+  *, blas: str = "auto", products: str = "blas_all", attention: bool = True, conv: str = "auto"
 ) -> kernels_lib.Kernels:
   """The CPU backend's `Kernels` (name "cpu"); builds the kernels it uses now (once per process).
 
@@ -173,8 +182,9 @@ def kernels(
       weight gradients only) or "xla" (none: `jax.lax.dot_general`).
     attention: the fused block-sparse attention kernels where they apply (True) or
       `pofx.kernels.xla_attention` always (False).
-    conv: "xla" (`jax.lax.conv_general_dilated`) or "im2col" (`pofx_backends.cpu.conv.Im2colConv`:
-      each convolution one matrix product, through this backend's `dot_general`).
+    conv: "xla" (`jax.lax.conv_general_dilated`), "im2col" (`pofx_backends.cpu.conv.Im2colConv`:
+      each convolution one matrix product, through this backend's `dot_general`) or "auto" (the
+      faster of the two by `conv_choice`, measured when the first convolution is traced).
 
   Raises:
     ValueError: an unknown option, or the reason this process cannot use them.
@@ -194,5 +204,46 @@ def kernels(
   if attention:
     native.load()
     attend = NativeAttention()
-  convolution = conv_lib.Im2colConv(dot_general) if conv == "im2col" else jax.lax.conv_general_dilated
+  if conv == "auto":
+    convolution = conv_lib.MeasuredConv(dot_general, functools.partial(_conv_choice_name, blas, products))
+  else:
+    convolution = conv_lib.Im2colConv(dot_general) if conv == "im2col" else jax.lax.conv_general_dilated
   return kernels_lib.Kernels(dot_general=dot_general, attention=attend, conv_general_dilated=convolution, name="cpu")
+
+
+def measure_convs(blas: str = "auto", products: str = "blas_all") -> Dict[str, float]:
+  """Seconds of `calibration.measure_conv` with XLA's convolution ("xla") and with im2col products
+  through this backend's `dot_general` for `blas` and `products` ("im2col"), in this process."""
+  from pofx_backends.cpu import calibration
+
+  dot_general = kernels(blas=blas, products=products, attention=False, conv="xla").dot_general
+  return {
+    "xla": calibration.measure_conv(jax.lax.conv_general_dilated),
+    "im2col": calibration.measure_conv(conv_lib.Im2colConv(dot_general)),
+  }
+
+
+@functools.cache
+def _conv_seconds(blas: str, products: str) -> Dict[str, float]:
+  """`measure_convs` in a child process, once per process (the caller then holds neither
+  candidate's compiled program)."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+  code = f"import json\nfrom pofx_backends import cpu\nprint(json.dumps(cpu.measure_convs({blas!r}, {products!r})))"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+  if out.returncode != 0:
+    raise RuntimeError(
+      f"pofx_backends.cpu: the convolution calibration failed in its child process:\n{out.stderr[-2000:]}"
+    )
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def conv_choice(blas: str = "auto", products: str = "blas_all") -> Tuple[str, Dict[str, float]]:
+  """`(choice, seconds)`: "xla" or "im2col", whichever `measure_convs` found faster on this
+  machine (measured in a child process once per process, then reused), and both timings."""
+  seconds = dict(_conv_seconds(blas, products))
+  return min(seconds, key=seconds.get), seconds
+
+
+def _conv_choice_name(blas: str, products: str) -> str:
+  return conv_choice(blas, products)[0]

@@ -222,3 +222,21 @@ class Im2colConv:
 # rhs_spec (out, in, s0, s1).
 _NHWC_ORDER = (0, 2, 3, 1)
 _HWIO_ORDER = (2, 3, 1, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasuredConv:
+  """XLA's convolution or `Im2colConv(dot_general)`, whichever `choose()` names ("xla" or
+  "im2col"). The CPU backend's `conv="auto"` passes a `choose` that measures both on this machine
+  the first time a convolution is traced (`pofx_backends.cpu.conv_choice`), so programs without
+  convolutions never measure."""
+
+  dot_general: Callable[..., Any]
+  choose: Callable[[], str]
+
+  def __call__(self, lhs, rhs, window_strides, padding, *args, **kwargs):
+    choice = self.choose()
+    if choice not in ("xla", "im2col"):
+      raise ValueError(f"MeasuredConv: choose() returned {choice!r}; allowed: 'xla', 'im2col'.")
+    conv = Im2colConv(self.dot_general) if choice == "im2col" else lax.conv_general_dilated
+    return conv(lhs, rhs, window_strides, padding, *args, **kwargs)

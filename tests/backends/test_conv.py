@@ -121,12 +121,30 @@ def test_unsupported_forms_are_xla_convolutions():
   )
 
 
+def test_measured_conv_computes_the_chosen_convolution():
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 5, 5, 3)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 3, 3, 2)), jnp.float32)
+  args = ((1, 1), "SAME")
+  kw = {"dimension_numbers": ("NHWC", "HWIO", "NHWC")}
+  expected = {
+    "xla": jax.lax.conv_general_dilated(x, k, *args, **kw),
+    "im2col": conv_lib.Im2colConv()(x, k, *args, **kw),
+  }
+  for choice, value in expected.items():
+    out = conv_lib.MeasuredConv(jax.lax.dot_general, lambda c=choice: c)(x, k, *args, **kw)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(value))
+  with pytest.raises(ValueError, match="choose\\(\\) returned 'fast'; allowed: 'xla', 'im2col'"):
+    conv_lib.MeasuredConv(jax.lax.dot_general, lambda: "fast")(x, k, *args, **kw)
+
+
 def test_cpu_backend_conv_option():
-  with pytest.raises(ValueError, match=r"conv='winograd' is not allowed; allowed: \('xla', 'im2col'\)"):
+  with pytest.raises(ValueError, match=r"conv='winograd' is not allowed; allowed: \('auto', 'xla', 'im2col'\)"):
     cpu.unavailable_reason(conv="winograd")
   reason = cpu.unavailable_reason(products="xla", attention=False, conv="im2col")
   if reason:
     pytest.skip(reason)
   kernels = cpu.kernels(products="xla", attention=False, conv="im2col")
   assert isinstance(kernels.conv_general_dilated, conv_lib.Im2colConv)
-  assert cpu.kernels(products="xla", attention=False).conv_general_dilated is jax.lax.conv_general_dilated
+  assert cpu.kernels(products="xla", attention=False, conv="xla").conv_general_dilated is jax.lax.conv_general_dilated
+  assert isinstance(cpu.kernels(products="xla", attention=False).conv_general_dilated, conv_lib.MeasuredConv)
