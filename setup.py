@@ -20,6 +20,10 @@ INSTALL_REQUIRES = [
   "pyarrow",  # pofx.data: Parquet preference files
   "tensorboardX",  # experiments: TensorBoard event files without TensorFlow
   "matplotlib",  # experiments: PNG plots
+  # pofx.diffusion.world: the 8x8 handwritten digits shipped inside its wheel (load_digits, no
+  # download) are the image world's data; threadpoolctl (its dependency) keeps the world's small
+  # classifier on one BLAS thread.
+  "scikit-learn>=1.3",
 ]
 
 # TRL parity tests need PyTorch; install its CPU build first, then this extra, so that pip never

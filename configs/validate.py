@@ -29,6 +29,7 @@ import ml_collections
 
 import pofx_backends
 from pofx import losses, options
+from pofx.diffusion import unet
 from pofx.models import llama
 
 # Losses that read the reference's per-token log-probs, which a reference cache does not hold.
@@ -482,11 +483,146 @@ def _check_kernels(c) -> None:
     )
 
 
+# ------------------------------------------------------------------------------------------------
+# The image domain (experiments/diffusion.py).
+
+IMAGE_POSITIVE_INTEGERS = (
+  "model.num_train_timesteps",
+  "pretrain.steps",
+  "pretrain.batch_size",
+  "data.num_pairs",
+  "data.num_steps",
+  "data.sample_batch",
+  "train.steps",
+  "train.batch_size",
+  "train.grad_accum_steps",
+  "train.log_every",
+  "eval.num_samples",
+  "eval.grid_per_class",
+)
+
+
+def _check_image_loss(c) -> None:
+  """The loss of an image run: a registered pairwise loss whose extra inputs the image program
+  makes, with a reference kind of the image domain."""
+  try:
+    spec = losses.spec(c.train.loss)
+  except ValueError:
+    raise ValueError(f"config.train.loss={c.train.loss!r} is not allowed; allowed: {losses.names()}.") from None
+  missing = sorted(set(spec.requires) - set(options.IMAGE_LOSS_REQUIREMENTS))
+  if missing:
+    raise ValueError(
+      f"config.train.loss={spec.name!r} needs {missing}, which images do not have (no tokens or lengths); "
+      f"allowed for config.domain='image': losses whose extra inputs are within {list(options.IMAGE_LOSS_REQUIREMENTS)}."
+    )
+  hyper = dict(c.train.loss_hyper)
+  unknown = sorted(set(hyper) - set(spec.hyperparameters))
+  if unknown:
+    raise ValueError(
+      f"config.train.loss_hyper has {unknown}, not hyperparameters of {spec.name!r}; "
+      f"allowed: {sorted(spec.hyperparameters)}."
+    )
+  beta = hyper.get("beta")
+  if "beta" in hyper and not (isinstance(beta, (int, float)) and beta > 0):
+    raise ValueError(f"config.train.loss_hyper.beta={beta!r} is not allowed; allowed: beta > 0.")
+  try:
+    losses.check_values(spec, hyper)
+  except ValueError as e:
+    raise ValueError(f"config.train.loss_hyper: {e}") from None
+  kind = c.train.reference.kind
+  if spec.reference == "required" and kind == "none":
+    raise ValueError(
+      f"config.train.reference.kind='none', but loss {spec.name!r} needs a reference; allowed: "
+      f"{[k for k in options.IMAGE_REFERENCE_KINDS if k != 'none']}."
+    )
+  if spec.reference == "unused" and kind != "none":
+    raise ValueError(
+      f"config.train.reference.kind={kind!r}, but loss {spec.name!r} is reference-free; allowed: 'none'."
+    )
+
+
+def _validate_image(c, process_count: int) -> None:
+  """Every field of an image-domain config (configs/diffusion_*.py)."""
+  _positive("seed", c.seed, zero_ok=True)
+  for f in IMAGE_POSITIVE_INTEGERS:
+    _positive(f, _get(c, f))
+  if process_count > 1:
+    raise ValueError("config.domain='image' runs in one process.")
+  for f in ("world.style_weight", "world.label_scale"):
+    _positive(f, _get(c, f), integer=False, zero_ok=True)
+  if not 0.0 < c.world.eval_fraction < 1.0:
+    raise ValueError(
+      f"config.world.eval_fraction={c.world.eval_fraction!r} is not allowed; allowed: a number in (0, 1)."
+    )
+  if c.model.preset not in unet.PRESETS:
+    raise ValueError(f"config.model.preset={c.model.preset!r} is not allowed; allowed: {sorted(unet.PRESETS)}.")
+  _allowed(c, "model.schedule", options.DIFFUSION_SCHEDULES)
+  _allowed(c, "model.prediction_type", options.DIFFUSION_PREDICTION_TYPES)
+  _allowed(c, "model.kernels", options.KERNEL_BACKENDS)
+  reason = pofx_backends.unavailable_reason(c.model.kernels) if c.model.kernels not in ("auto", "xla") else None
+  if reason:
+    raise ValueError(f"config.model.kernels={c.model.kernels!r} cannot run here: {reason}; allowed: 'auto' or 'xla'.")
+  _allowed(c, "data.sampler", options.DIFFUSION_SAMPLERS)
+  if not (isinstance(c.data.eta, (int, float)) and 0.0 <= c.data.eta <= 1.0):
+    raise ValueError(f"config.data.eta={c.data.eta!r} is not allowed; allowed: a number in [0, 1].")
+  if c.data.num_steps > c.model.num_train_timesteps:
+    raise ValueError(
+      f"config.data.num_steps={c.data.num_steps} is not allowed; allowed: at most "
+      f"model.num_train_timesteps={c.model.num_train_timesteps}."
+    )
+  for f in ("pretrain.learning_rate", "train.optimizer.learning_rate"):
+    _positive(f, _get(c, f), integer=False)
+  if not 0.0 <= c.pretrain.ema_decay < 1.0:
+    raise ValueError(
+      f"config.pretrain.ema_decay={c.pretrain.ema_decay!r} is not allowed; allowed: [0, 1) (0 = no EMA)."
+    )
+  kind = c.train.reference.kind
+  if kind not in options.IMAGE_REFERENCE_KINDS:
+    why = (
+      " (the timestep and noise of each pair are drawn anew at every step, so the reference's errors "
+      "cannot be computed once)"
+      if kind == "cached"
+      else ""
+    )
+    raise ValueError(
+      f"config.train.reference.kind={kind!r} is not allowed for config.domain='image'{why}; allowed: "
+      f"{list(options.IMAGE_REFERENCE_KINDS)}."
+    )
+  _allowed(c, "train.perturbation.kind", options.IMAGE_PERTURBATION_KINDS)
+  _allowed(c, "train.optimizer.name", options.OPTIMIZERS)
+  if c.train.batch_size % c.train.grad_accum_steps:
+    raise ValueError(
+      f"config.train.batch_size={c.train.batch_size} must be a multiple of "
+      f"config.train.grad_accum_steps={c.train.grad_accum_steps}."
+    )
+  p = c.train.perturbation
+  if p.kind == "sam" and p.m is not None:
+    _positive("train.perturbation.m", p.m)
+    if (c.train.batch_size // c.train.grad_accum_steps) % p.m:
+      raise ValueError(
+        f"config.train.perturbation.m={p.m} is not allowed; allowed: None or a divisor of the "
+        f"{c.train.batch_size // c.train.grad_accum_steps} pairs of a micro-batch."
+      )
+  if p.kind == "rwp" and (p.c_min is None or not math.isfinite(p.c_min)):
+    raise ValueError(
+      f"config.train.perturbation.c_min={p.c_min!r} is not allowed with kind='rwp'; allowed: a finite per-pair "
+      "loss threshold."
+    )
+  _check_image_loss(c)
+
+
 def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_count: Optional[int] = None) -> None:
   """Checks every field a run reads; raises ValueError naming the field and what is allowed.
 
   process_count / device_count: the run's JAX processes and devices (`jax.process_count()`,
-  `jax.device_count()`); the device rules are skipped when `device_count` is None."""
+  `jax.device_count()`); the device rules are skipped when `device_count` is None. An image-domain
+  config (`config.domain == "image"`) has its own fields (`_validate_image`)."""
+  domain = c.get("domain", "text")
+  if domain not in options.DOMAINS:
+    raise ValueError(f"config.domain={domain!r} is not allowed; allowed: {list(options.DOMAINS)}.")
+  if domain == "image":
+    _validate_image(c, process_count)
+    return
   _positive("seed", c.seed, zero_ok=True)
   if c.model.preset != "world" and c.model.preset not in llama.PRESETS:
     raise ValueError(

@@ -59,7 +59,7 @@ from ml_collections import config_flags
 
 import pofx_backends
 from configs import validate as config_validation
-from experiments import checkpointing, distributed, export_hf, lora_io, plots, provenance
+from experiments import checkpointing, diffusion, distributed, export_hf, lora_io, plots, provenance
 from experiments import metrics as metrics_lib
 from experiments import sft as sft_lib
 from experiments import workdir as workdir_lib
@@ -1372,6 +1372,9 @@ def main(argv):
 
 
 def _run(config, workdir, started):
+  if config.get("domain", "text") == "image":  # the image world's diffusion pipeline
+    diffusion.main(config, workdir, progress=_PROGRESS.value, overwrite=_OVERWRITE.value)
+    return
   if config.sweep:
     summaries, chart = run_sweep(config, workdir, progress=_PROGRESS.value, startup=started, overwrite=_OVERWRITE.value)
     for label, s in summaries.items():

@@ -73,3 +73,22 @@ IDEALIZED_BETAS = (0.01, 0.1, 1.0, 5.0, 10.0)
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+
+# The training program's domains (`config.domain`; a config without the field is "text"): the
+# language pipeline of `experiments/main.py`, or the image world's diffusion pipeline of
+# `experiments/diffusion.py`.
+DOMAINS = ("text", "image")
+# Diffusion (`pofx.diffusion`): the noise schedules by diffusers' `beta_schedule` names, what the
+# denoiser predicts, and the samplers.
+DIFFUSION_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+DIFFUSION_PREDICTION_TYPES = ("epsilon", "v_prediction")
+DIFFUSION_SAMPLERS = ("ddim", "ddpm")
+# The reference strategies and perturbations of the image program. "cached" is not one: the
+# timestep and noise of a pair are drawn anew at every step, so a reference's errors cannot be
+# computed once; "multi" and "adapters_off" need a cache or LoRA, "guiding" a finished run.
+IMAGE_REFERENCE_KINDS = ("none", "frozen", "synced", "ema")
+IMAGE_PERTURBATION_KINDS = ("none", "sam", "awp", "rwp")
+# The extra inputs (`pofx.losses.REQUIREMENTS`) a loss may need in the image program: a PRNG key,
+# a state, per-pair scores (the pairs' gold rewards). A loss needing anything else (token counts,
+# per-token arrays, ...) is refused for images.
+IMAGE_LOSS_REQUIREMENTS = ("key", "state", "scores")

@@ -33,12 +33,12 @@ and x_{t_prev} = mean + std * z with the given standard normal noise z. With eta
 clipping the two are the same Gaussian (DDIM, Sec. 4.1); eta = 0 is the deterministic DDIM.
 
 The log-prob of a transition is the Gaussian density of x_{t_prev} under N(mean, std^2 I), summed
-over the image's H, W, C in float32 (DDPO, Black et al. 2023, arXiv:2305.13301, Sec. 4.3; D3PO,
-Yang et al. 2023, arXiv:2311.13231, Sec. 4):
+over the image's H, W, C in float32 (the policy's per-step likelihood of the denoising MDP of DDPO,
+Black et al. 2023, arXiv:2305.13301, Sec. 4, and of D3PO, Yang et al. 2023, arXiv:2311.13231):
 
     log p = sum_pixels [ -(x_{t_prev} - mean)^2 / (2 std^2) - log std - log sqrt(2 pi) ]
 
-(the authors' code, `ddim_step_with_logprob`, takes the mean over pixels instead, which is this
+(both authors' code, `ddim_step_with_logprob`, takes the mean over pixels instead, which is this
 divided by H * W * C). A deterministic transition (std = 0: DDIM with eta = 0, the DDPM step at
 t = 0, the DDIM step to the clean image) has no density; its log-prob is reported as 0.
 
@@ -55,10 +55,11 @@ abar_{t_prev} (1 for the clean image) with the prediction of the denoiser at (x,
 with (x0_hat, eps_hat) read at x's own level abar_{t_prev}. It inverts the deterministic sampler
 up to the change of x between neighbouring steps.
 
-Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598, Eq. 6, written as diffusers'
-pipelines do): with `guidance_scale` w and the denoiser's null class (a class label trained as
-"no condition"), the prediction is u + w (c - u), c and u the predictions with the labels and
-with the null class (one denoiser call on the doubled batch).
+Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598, Eq. 6, (1 + w') c - w' u, written
+as diffusers' pipelines do with `guidance_scale` w = 1 + w'): with the denoiser's null class (a
+class label trained as "no condition"), the prediction is u + w (c - u), c and u the predictions
+with the labels and with the null class (one denoiser call on the doubled batch); w = 1 is the
+conditional prediction.
 """
 
 from __future__ import annotations
@@ -70,12 +71,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pofx import options
 from pofx.diffusion import schedules as schedules_lib
 
 Array = jax.Array
 Denoise = Callable[[object, Array, Array, Optional[Array]], Array]
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = options.DIFFUSION_SAMPLERS
 _LOG_SQRT_2PI = 0.5 * float(np.log(2.0 * np.pi))
 
 
@@ -243,8 +245,8 @@ def log_prob_of_step(
 ) -> Array:
   """`[B]` float32 log p_theta(x_prev | x_t) of a given transition under the model at `params`.
 
-  The Gaussian of `sampler`'s step (DDIM with `eta`, or DDPM), differentiable in `params` (D3PO,
-  arXiv:2311.13231, Eq. 9; DDPO, arXiv:2305.13301, Sec. 4.3). With eta = 1 (no clipping) the DDIM
+  The Gaussian of `sampler`'s step (DDIM with `eta`, or DDPM), differentiable in `params` (the per-step
+  likelihood that DDPO, arXiv:2305.13301, and D3PO, arXiv:2311.13231, train on). With eta = 1 (no clipping) the DDIM
   and DDPM transitions are the same Gaussian. A deterministic transition has no density: eta = 0
   is refused.
   """

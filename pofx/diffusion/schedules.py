@@ -48,10 +48,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pofx import options
+
 Array = jax.Array
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = options.DIFFUSION_PREDICTION_TYPES
+BETA_SCHEDULES = options.DIFFUSION_SCHEDULES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +95,9 @@ def from_betas(betas, *, prediction_type: str = "epsilon") -> NoiseSchedule:
   """The schedule of given betas `[T]`, each in (0, 1); abar_t = prod_{s <= t} (1 - beta_s).
 
   The betas are rounded to float32 and the cumulative product is taken in float32, step by step,
-  as diffusers' schedulers do: the noise levels are then those a diffusers-trained checkpoint saw,
-  and the ratios abar_t / abar_{t-1} keep (1 - beta_t) to float32 precision, which the DDPM
-  posterior's coefficients need near t = 0.
+  as diffusers' schedulers do: the noise levels are those a diffusers-trained checkpoint saw (up to
+  float32 rounding), and the ratios abar_t / abar_{t-1} keep (1 - beta_t) to float32 precision,
+  which the DDPM posterior's coefficients need near t = 0.
   """
   _check_prediction_type(prediction_type)
   b = np.asarray(betas, np.float64)

@@ -227,6 +227,25 @@ def test_ddim_inversion_then_sampling_returns_to_the_image():
     np.testing.assert_allclose(np.asarray(back.latents[-1]), np.asarray(x0), atol=tol)
 
 
+def test_ddim_invert_equals_diffusers_inverse_scheduler():
+  """`ddim_invert` (v-prediction, cosine schedule, 5 steps) against diffusers' `DDIMInverseScheduler`
+  driving the stand-in's torch twin from the same images."""
+  params = standin.init(jax.random.key(6), channels=2)
+  s = schedules.cosine(prediction_type="v_prediction")
+  x0, _ = _inputs(11)
+  labels = np.array([2, 0], np.int32)
+  inv = samplers.ddim_invert(standin.denoise, params, s, x0, labels, num_steps=5)
+  ref = diffusers.DDIMInverseScheduler(
+    beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=False
+  )
+  ref.set_timesteps(5)
+  x = nchw(x0)
+  for i, t in enumerate(ref.timesteps):
+    pred = standin.torch_denoise(params, x, t.repeat(2), torch.from_numpy(labels))
+    x = ref.step(pred, t, x).prev_sample
+    np.testing.assert_allclose(np.asarray(inv.latents[i + 1]), nhwc(x), atol=1e-5, rtol=1e-5)
+
+
 def test_classifier_free_guidance():
   """guided = u + w (c - u) with c, u the stand-in's predictions with the labels and the null class;
   sampling with w = 1 equals sampling without guidance."""
@@ -245,7 +264,7 @@ def test_classifier_free_guidance():
 def test_bad_arguments_are_refused():
   s = schedules.linear()
   x, e = _inputs(0)
-  with pytest.raises(ValueError, match="sampler='euler'.*allowed: ddpm, ddim"):
+  with pytest.raises(ValueError, match="sampler='euler'.*allowed: ddim, ddpm"):
     samplers.transition(s, e, x, 10, 9, sampler="euler")
   with pytest.raises(ValueError, match="eta=1.5.*0 <= eta <= 1"):
     samplers.ddim_step(s, e, x, 10, 9, None, eta=1.5)

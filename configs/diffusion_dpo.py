@@ -1,0 +1,108 @@
+"""Diffusion-DPO on the image world (`pofx.diffusion.world`: class-conditioned 8x8 digits, gold
+reward = a fixed classifier's log-probability of the prompt's class + a weighted ink term).
+
+    python -m experiments.main --config=configs/diffusion_dpo.py --workdir=/tmp/pofx_diffusion_dpo
+
+`config.domain = "image"` sends the program to `experiments/diffusion.py`: pretrain the
+class-conditioned base denoiser (epsilon loss) -> sample pairs from it with DDIM -> label them by
+Bradley-Terry on the gold reward -> Diffusion-DPO (Wallace et al. 2023, arXiv:2311.12908, Eq. 14:
+the logistic loss of -beta/2 * ((e_w - e_ref_w) - (e_l - e_ref_l)) with the per-image mean squared
+errors e, T and 1/(C*H*W) folded into beta, as the authors' code) with a frozen reference ->
+evaluation against the base (gold reward, win rate with a 95% interval, class accuracy,
+diversity, Fréchet distance on the classifier's features) and PNG sample grids. `:tiny` shrinks
+every stage for the tests (seconds of compute after compilation).
+
+`image_config()` is the base the other diffusion families (`configs/diffusion_*.py`) start from;
+every value is overridable as `--config.a.b=value`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def image_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.domain = "image"  # pofx.options.DOMAINS: experiments/diffusion.py runs it
+  c.seed = 0  # the world's split and classifier, initialisation, sampling, labels and batches
+
+  # The image world (pofx.diffusion.world.ImageWorldConfig fields; its seed is config.seed).
+  c.world = ml_collections.ConfigDict(dict(style_weight=4.0, label_scale=4.0, eval_fraction=0.2))
+
+  # The denoiser: a pofx.diffusion.unet preset with the fields below replaced (8x8 grey digits,
+  # 10 classes), and its noise schedule (pofx.diffusion.schedules: pofx.options.DIFFUSION_SCHEDULES).
+  # kernels: pofx.options.KERNEL_BACKENDS ("auto" = "xla" for the image domain).
+  c.model = ml_collections.ConfigDict(
+    dict(
+      preset="tiny",
+      block_out_channels=(16, 32),
+      layers_per_block=1,
+      attention_head_dim=16,
+      norm_num_groups=8,
+      schedule="linear",
+      num_train_timesteps=1000,
+      prediction_type="epsilon",
+      kernels="auto",
+    )
+  )
+
+  # Stage 1: the base denoiser on the world's training images (epsilon loss, uniform timesteps),
+  # AdamW with a cosine decay; the base is the EMA of the weights when ema_decay > 0.
+  c.pretrain = ml_collections.ConfigDict(
+    dict(steps=1500, batch_size=128, learning_rate=3e-3, warmup_steps=50, ema_decay=0.995)
+  )
+
+  # Stage 2: preference pairs: num_pairs class prompts (balanced over the 10 classes), two samples
+  # each from the base (pofx.diffusion.samplers: `sampler`, num_steps, eta), labelled by
+  # Bradley-Terry on the gold reward. sample_batch: images per sampler call (the evaluation too).
+  c.data = ml_collections.ConfigDict(
+    dict(num_pairs=2048, sampler="ddim", num_steps=10, eta=1.0, sample_batch=256, clip_sample=1.0)
+  )
+
+  # Stage 3: preference training through pofx.train.make_train_step on
+  # pofx.diffusion.pairs.make_logps_fn (one timestep and noise per pair, drawn per step).
+  c.train = ml_collections.ConfigDict(dict(loss="dpo", steps=300, batch_size=64, grad_accum_steps=1, log_every=25))
+  c.train.loss_hyper = ml_collections.ConfigDict(dict(beta=5000.0))
+  # pofx.options.IMAGE_REFERENCE_KINDS ("cached" is refused: the timestep and noise are drawn per
+  # step, so the reference's errors cannot be computed once).
+  c.train.reference = ml_collections.ConfigDict(dict(kind="frozen", alpha=0.6, tau=64, decay=0.99))
+  # pofx.options.IMAGE_PERTURBATION_KINDS (as configs/common.py).
+  c.train.perturbation = ml_collections.ConfigDict(
+    dict(
+      kind="none",
+      rho=0.05,
+      adaptive=False,
+      m=config_dict.placeholder(int),
+      gamma=0.01,
+      c_min=config_dict.placeholder(float),
+      steps=10,
+    )
+  )
+  c.train.optimizer = ml_collections.ConfigDict(
+    dict(name="adamw", learning_rate=1e-4, warmup_steps=20, weight_decay=0.0, grad_clip=1.0)
+  )
+
+  # Stage 4: evaluation: num_samples class prompts (balanced), one sample each from the policy and
+  # the base with the same initial noise and step noise; grid_per_class images per class in the PNGs.
+  c.eval = ml_collections.ConfigDict(dict(num_samples=1024, grid_per_class=8))
+  return c
+
+
+def tiny(c):
+  """Every stage shrunk for tests: a few pretraining and training steps, a few dozen pairs."""
+  c.model.preset, c.model.block_out_channels, c.model.attention_head_dim, c.model.norm_num_groups = "tiny", (4, 8), 4, 2
+  c.pretrain.steps, c.pretrain.batch_size = 20, 32
+  c.data.num_pairs, c.data.num_steps, c.data.sample_batch = 32, 4, 32
+  c.train.steps, c.train.batch_size, c.train.log_every = 4, 8, 2
+  c.train.reference.tau = 2
+  c.eval.num_samples, c.eval.grid_per_class = 32, 2
+  return c
+
+
+def get_config(arg=None):
+  c = image_config()
+  if arg == "tiny":
+    tiny(c)
+  elif arg not in (None, ""):
+    raise ValueError(f"unknown config arg {arg!r}; allowed: ['', 'tiny'].")
+  c.lock()
+  return c

@@ -1,0 +1,489 @@
+"""The image program: Diffusion-DPO and its descendants on the image world, four resumable stages.
+
+    python -m experiments.main --config=configs/diffusion_dpo.py[:tiny] --workdir=/tmp/run
+
+`experiments.main` checks the config (`configs/validate.py`), claims the workdir and hands an
+image-domain config (`config.domain == "image"`) to `run` here:
+
+  1. pretrain  the class-conditioned base denoiser (`pofx.diffusion.unet`) on the world's training
+               digits: epsilon (or v) regression at uniform timesteps, AdamW with warm-up and a
+               cosine decay; the base is the EMA of the weights (`pretrain.ema_decay` > 0)
+               -> <workdir>/base_params
+  2. pairs     `data.num_pairs` class prompts (balanced), two samples each from the base
+               (`pofx.diffusion.samplers.sample`), labelled by Bradley-Terry on the gold reward
+               (`pofx.diffusion.world`) -> <workdir>/pairs/pairs.npz (with the gold rewards, the
+               labeller's probabilities and the binary feedback of each sample)
+  3. train     `pofx.train.make_train_step` on `pofx.diffusion.pairs.make_logps_fn`: the loss from
+               the registry, the reference strategy and the weight perturbation of the config; a
+               fresh PRNG key per pair and step gives its timestep and noise -> <workdir>/final_params
+  4. eval      `eval.num_samples` class prompts; the policy and the base sample each with the same
+               initial and step noise; `pofx.diffusion.evaluation.evaluate` -> summary.json, and
+               the PNG grids base_samples.png, policy_samples.png, data_samples.png
+
+Each stage's output holds the record of the config fields and inputs it was computed from
+(`experiments.provenance.Record`, `provenance.json` inside the folder): a rerun reuses an output
+whose record matches, refuses (before any compute) one whose record differs, or with
+`--overwrite` recomputes it and everything after it. The evaluation is recomputed whenever its
+record differs. Metrics of the pretraining and the training go to <workdir>/metrics.jsonl and
+TensorBoard (`experiments.metrics.MetricWriter`).
+
+Kernel backend: `model.kernels` "auto" is "xla" for the image domain; a named backend is used as
+given (`pofx_backends.kernels`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+import pofx_backends
+from experiments import metrics as metrics_lib
+from experiments import provenance
+from pofx import fingerprints, losses, perturbations, references, train
+from pofx.diffusion import evaluation, samplers, schedules, unet
+from pofx.diffusion import pairs as pairs_lib
+from pofx.diffusion import world as world_lib
+
+STAGES = ("pretrain", "pairs", "train", "eval")
+OUTPUTS = {"pretrain": "base_params", "pairs": "pairs", "train": "final_params"}
+
+
+def _say(msg, *args):
+  print("[pofx] " + (msg % args if args else msg), file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# What each stage reads
+
+
+def records(c) -> Dict[str, provenance.Record]:
+  """The provenance record of every stage of config `c`, each including its predecessor's."""
+  pre = provenance.Record("pretrain", fingerprints.fields(c, ("domain", "seed", "world", "model", "pretrain")), {})
+  pairs = provenance.Record("pairs", fingerprints.fields(c, ("data",)), {"pretrain": pre.fingerprint})
+  tr = provenance.Record(
+    "train",
+    fingerprints.fields(
+      c,
+      (
+        "train.loss",
+        "train.loss_hyper",
+        "train.steps",
+        "train.batch_size",
+        "train.grad_accum_steps",
+        "train.reference",
+        "train.perturbation",
+        "train.optimizer",
+      ),
+    ),
+    {"pairs": pairs.fingerprint},
+  )
+  ev = provenance.Record("eval", fingerprints.fields(c, ("eval", "data")), {"train": tr.fingerprint})
+  return {"pretrain": pre, "pairs": pairs, "train": tr, "eval": ev}
+
+
+def check_workdir(c, workdir: str, *, overwrite: bool = False) -> None:
+  """Before any compute: every stage output in `workdir` matches its record, else (without
+  `overwrite`) `provenance.Refused` naming the differences; with `overwrite` the first differing
+  output and all later ones are removed."""
+  recs = records(c)
+  for i, stage in enumerate(STAGES[:3]):
+    path = os.path.join(workdir, OUTPUTS[stage])
+    if not os.path.exists(path):
+      continue
+    why = provenance.differences(provenance.read(path), recs[stage])
+    if not why:
+      continue
+    if not overwrite:
+      raise provenance.Refused(
+        f"{workdir}: {OUTPUTS[stage]} was computed under another config ({'; '.join(why)}); "
+        "use a new --workdir, or --overwrite."
+      )
+    for later in STAGES[i:3]:
+      if provenance.remove(os.path.join(workdir, OUTPUTS[later])):
+        _say("%s: removed (--overwrite: %s)", OUTPUTS[later], "; ".join(why))
+    return
+
+
+def _done(path: str, record: provenance.Record) -> bool:
+  return os.path.exists(path) and not provenance.differences(provenance.read(path), record)
+
+
+def _save_params(path, params, record):
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(os.path.abspath(path), params)
+  ckpt.wait_until_finished()
+  provenance.write(path, record)
+
+
+def _load_params(path, like):
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  return ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
+
+
+# ------------------------------------------------------------------------------------------------
+# The pieces
+
+
+def unet_config(c) -> unet.UNetConfig:
+  """The denoiser of config `c`: the preset with the config's fields, sized for the world."""
+  m = c.model
+  return unet.preset(
+    m.preset,
+    sample_size=world_lib.IMAGE_SHAPE[0],
+    in_channels=world_lib.IMAGE_SHAPE[2],
+    out_channels=world_lib.IMAGE_SHAPE[2],
+    num_class_embeds=world_lib.NUM_CLASSES,
+    block_out_channels=tuple(m.block_out_channels),
+    layers_per_block=int(m.layers_per_block),
+    attention_head_dim=int(m.attention_head_dim),
+    norm_num_groups=int(m.norm_num_groups),
+  )
+
+
+def noise_schedule(c) -> schedules.NoiseSchedule:
+  return schedules.make(
+    c.model.schedule, int(c.model.num_train_timesteps), prediction_type=str(c.model.prediction_type)
+  )
+
+
+def kernels_of(c):
+  name = "xla" if c.model.kernels == "auto" else c.model.kernels
+  return name, pofx_backends.kernels(name)
+
+
+def pretrain(c, world, model, schedule, key, *, workdir: str, progress: bool = True):
+  """The base denoiser (module docstring, stage 1): its parameters (the EMA when enabled)."""
+  p = c.pretrain
+  k_init, k_steps = jax.random.split(key)
+  params = model.init(k_init)
+  lr = optax.warmup_cosine_decay_schedule(
+    0.0, p.learning_rate, max(1, p.warmup_steps), max(p.steps, p.warmup_steps + 1)
+  )
+  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
+  images, labels = jnp.asarray(world.images), jnp.asarray(world.labels)
+  batch, decay = int(p.batch_size), float(p.ema_decay)
+
+  @jax.jit
+  def step(params, ema, opt_state, key, images, labels):
+    k_idx, k_t, k_n = jax.random.split(key, 3)
+    idx = jax.random.randint(k_idx, (batch,), 0, images.shape[0])
+    x0, y = images[idx], labels[idx]
+    t = jax.random.randint(k_t, (batch,), 0, schedule.num_train_timesteps)
+    eps = jax.random.normal(k_n, x0.shape, jnp.float32)
+    x_t, target = schedules.add_noise(schedule, x0, eps, t), schedules.target(schedule, x0, eps, t)
+    loss, grads = jax.value_and_grad(lambda q: jnp.mean((model.denoise(q, x_t, t, y) - target) ** 2))(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    ema = jax.tree.map(lambda e, q: decay * e + (1.0 - decay) * q, ema, params)
+    return params, ema, opt_state, {"loss": loss}
+
+  writer = metrics_lib.MetricWriter(workdir, "pretrain", p.steps, progress=progress)
+  ema, opt_state = params, opt.init(params)
+  log_every = max(1, p.steps // 20)
+  for s in range(p.steps):
+    params, ema, opt_state, m = step(params, ema, opt_state, jax.random.fold_in(k_steps, s), images, labels)
+    if (s + 1) % log_every == 0 or s + 1 == p.steps:
+      writer.write(s + 1, m, pairs=batch)
+  writer.close()
+  return ema if decay > 0 else params
+
+
+def draw(c, model, params, schedule, key, labels) -> np.ndarray:
+  """Samples [N, 8, 8, 1] in [-1, 1] for class labels [N], `data.sample_batch` per sampler call
+  (the last call padded, so every call has one shape and one compilation); chunk i uses
+  `fold_in(key, i)`, so equal keys and labels give equal initial and step noise."""
+  d, n, size = c.data, len(labels), int(c.data.sample_batch)
+  out = []
+  for i in range(-(-n // size)):
+    chunk = np.asarray(labels[i * size : (i + 1) * size], np.int32)
+    real = len(chunk)
+    chunk = np.concatenate([chunk, np.zeros(size - real, np.int32)])
+    traj = samplers.sample(
+      model.denoise,
+      params,
+      schedule,
+      jax.random.fold_in(key, i),
+      jnp.asarray(chunk),
+      shape=(size,) + world_lib.IMAGE_SHAPE,
+      num_steps=int(d.num_steps),
+      sampler=str(d.sampler),
+      eta=float(d.eta),
+      clip_sample=float(d.clip_sample) if d.clip_sample else None,
+    )
+    out.append(np.asarray(traj.latents[-1][:real]))
+  return np.clip(np.concatenate(out), -1.0, 1.0).astype(np.float32)
+
+
+def balanced_labels(n: int) -> np.ndarray:
+  return (np.arange(n) % world_lib.NUM_CLASSES).astype(np.int32)
+
+
+def make_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
+  """Stage 2: two samples per balanced class prompt, ordered by a Bradley-Terry label."""
+  k_draw, k_label, k_binary = jax.random.split(key, 3)
+  labels = balanced_labels(int(c.data.num_pairs))
+  both = draw(c, model, params, schedule, k_draw, np.concatenate([labels, labels]))
+  a, b = both[: len(labels)], both[len(labels) :]
+  r_a, r_b = world.gold_reward(a, labels), world.gold_reward(b, labels)
+  prefer_a = world.bradley_terry(k_label, r_a, r_b)
+  pick = lambda x, y: np.where(prefer_a.reshape(-1, 1, 1, 1), x, y)
+  rewards = np.concatenate([r_a, r_b])
+  desirable = world.binary_feedback(k_binary, rewards)
+  return {
+    "chosen": pick(a, b),
+    "rejected": pick(b, a),
+    "class_labels": labels,
+    "chosen_reward": np.where(prefer_a, r_a, r_b).astype(np.float32),
+    "rejected_reward": np.where(prefer_a, r_b, r_a).astype(np.float32),
+    "label_prob": world.preference_prob(np.where(prefer_a, r_a, r_b), np.where(prefer_a, r_b, r_a)).astype(np.float32),
+    "chosen_desirable": np.where(prefer_a, desirable[: len(labels)], desirable[len(labels) :]),
+    "rejected_desirable": np.where(prefer_a, desirable[len(labels) :], desirable[: len(labels)]),
+  }
+
+
+def _reference(c, base_params, logps_fn):
+  r, kind = c.train.reference, c.train.reference.kind
+  if kind == "none":
+    return references.none()
+  if kind == "frozen":
+    return references.frozen(base_params, logps_fn)
+  if kind == "synced":
+    return references.synced(r.alpha, r.tau, logps_fn)
+  if kind == "ema":
+    return references.ema(r.decay, logps_fn)
+  raise ValueError(f"config.train.reference.kind={kind!r} is not allowed for images.")
+
+
+def _perturbation(c):
+  p = c.train.perturbation
+  if p.kind == "sam":
+    return perturbations.sam(p.rho, adaptive=p.adaptive)
+  if p.kind == "awp":
+    return perturbations.awp(p.gamma)
+  if p.kind == "rwp":
+    return perturbations.rwp(p.gamma, c_min=p.c_min, steps=p.steps)
+  return perturbations.none()
+
+
+def _optimizer(c):
+  o = c.train.optimizer
+  lr = optax.join_schedules(
+    [optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1)), optax.constant_schedule(o.learning_rate)],
+    [max(o.warmup_steps, 1)],
+  )
+  inner = {
+    "adamw": lambda: optax.adamw(lr, weight_decay=o.weight_decay),
+    "adam": lambda: optax.adam(lr),
+    "sgd": lambda: optax.sgd(lr),
+  }[o.name]()
+  return optax.chain(*([optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip else []), inner), lr
+
+
+def train_policy(c, model, base_params, schedule, data, key, *, workdir: str, progress: bool = True):
+  """Stage 3: preference training through `pofx.train`. Returns (params, info)."""
+  spec, hyper = losses.spec(c.train.loss), dict(c.train.loss_hyper)
+  logps_fn = pairs_lib.make_logps_fn(model.denoise, schedule)
+  reference = pairs_lib.check_reference(_reference(c, base_params, logps_fn))
+  optimizer, lr = _optimizer(c)
+  perturbation = _perturbation(c)
+  p = c.train.perturbation
+  n_acc = c.train.batch_size // p.m if p.kind == "sam" and p.m is not None else c.train.grad_accum_steps
+  step_fn = train.make_train_step(
+    logps_fn,
+    optimizer,
+    loss=spec,
+    loss_hyper=hyper,
+    reference=reference,
+    perturbation=perturbation,
+    grad_accum_steps=n_acc,
+    learning_rate_fn=lr,
+  )
+  k_state, k_noise, k_step = jax.random.split(key, 3)
+  state = train.init_state(
+    jax.tree.map(jnp.copy, base_params), optimizer, reference, perturbation, loss=spec, loss_hyper=hyper, rng=k_state
+  )
+  n, batch = len(data["class_labels"]), int(c.train.batch_size)
+  order_rng = np.random.default_rng([int(c.seed), 18, 3])
+  order: List[int] = []
+  writer = metrics_lib.MetricWriter(workdir, "train", c.train.steps, progress=progress)
+  nonfinite, start = 0, time.perf_counter()
+  for s in range(c.train.steps):
+    while len(order) < batch:
+      order += order_rng.permutation(n).tolist()
+    idx, order = np.asarray(order[:batch]), order[batch:]
+    b = {
+      "pairs": pairs_lib.ImagePairs(
+        chosen=jnp.asarray(data["chosen"][idx]),
+        rejected=jnp.asarray(data["rejected"][idx]),
+        class_labels=jnp.asarray(data["class_labels"][idx]),
+        noise_keys=jax.random.split(jax.random.fold_in(k_noise, s), batch),
+        pair_mask=jnp.ones((batch,), jnp.float32),
+      )
+    }
+    if "scores" in spec.requires:
+      b["chosen_scores"] = jnp.asarray(data["chosen_reward"][idx])
+      b["rejected_scores"] = jnp.asarray(data["rejected_reward"][idx])
+    state, m = step_fn(state, b, jax.random.fold_in(k_step, s))
+    if (s + 1) % c.train.log_every == 0 or s + 1 == c.train.steps:
+      rec = writer.write(s + 1, m, pairs=batch)
+      nonfinite += int(rec.get("nonfinite", 0) > 0)
+  jax.block_until_ready(state.params)
+  seconds = time.perf_counter() - start
+  writer.close()
+  return state.params, {"train_seconds": seconds, "pairs_per_second": c.train.steps * batch / max(seconds, 1e-9)}
+
+
+def _grid(images, labels, per_class: int) -> np.ndarray:
+  """Class-major grid: a row per class with its first `per_class` images (missing ones dark)."""
+  rows = []
+  for k in range(world_lib.NUM_CLASSES):
+    x = images[labels == k][:per_class]
+    pad = -np.ones((per_class - len(x),) + world_lib.IMAGE_SHAPE, np.float32)
+    rows.append(np.concatenate([x, pad]))
+  return evaluation.sample_grid(np.concatenate(rows), columns=per_class)
+
+
+def save_png(path: str, grid: np.ndarray, scale: int = 4) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  plt.imsave(path, np.kron(grid, np.ones((scale, scale), np.uint8)), cmap="gray", vmin=0, vmax=255)
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+
+
+def run(config, workdir: str, *, progress: bool = True, overwrite: bool = False) -> Dict[str, Any]:
+  """The four stages (module docstring) in `workdir`; returns the summary (also summary.json)."""
+  c = config
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  check_workdir(c, workdir, overwrite=overwrite)
+  recs = records(c)
+  times: Dict[str, float] = {}
+  kernel_name, kernels = kernels_of(c)
+  key = jax.random.PRNGKey(int(c.seed))
+  key_for = lambda name: jax.random.fold_in(key, sum(map(ord, name)))
+
+  t0 = time.perf_counter()
+  world = world_lib.ImageWorld(world_lib.ImageWorldConfig(seed=int(c.seed), **dict(c.world)))
+  times["world_seconds"] = time.perf_counter() - t0
+  model = unet.make(unet_config(c), kernels=kernels)
+  schedule = noise_schedule(c)
+
+  base_path = os.path.join(workdir, OUTPUTS["pretrain"])
+  t0 = time.perf_counter()
+  if _done(base_path, recs["pretrain"]):
+    _say("pretrain: reusing %s", base_path)
+    base = _load_params(base_path, jax.eval_shape(model.init, key))
+  else:
+    _say("pretrain: %d steps of %d images", c.pretrain.steps, c.pretrain.batch_size)
+    base = pretrain(c, world, model, schedule, key_for("pretrain"), workdir=workdir, progress=progress)
+    _save_params(base_path, base, recs["pretrain"])
+  times["pretrain_seconds"] = time.perf_counter() - t0
+
+  pairs_dir = os.path.join(workdir, OUTPUTS["pairs"])
+  t0 = time.perf_counter()
+  if _done(pairs_dir, recs["pairs"]):
+    _say("pairs: reusing %s", pairs_dir)
+    with np.load(os.path.join(pairs_dir, "pairs.npz")) as f:
+      data = dict(f)
+  else:
+    _say("pairs: %d pairs, %d %s steps", c.data.num_pairs, c.data.num_steps, c.data.sampler)
+    data = make_pairs(c, world, model, base, schedule, key_for("pairs"))
+    os.makedirs(pairs_dir, exist_ok=True)
+    np.savez(os.path.join(pairs_dir, "pairs.npz"), **data)
+    provenance.write(pairs_dir, recs["pairs"])
+  times["pairs_seconds"] = time.perf_counter() - t0
+
+  final_path = os.path.join(workdir, OUTPUTS["train"])
+  t0, info = time.perf_counter(), {}
+  if _done(final_path, recs["train"]):
+    _say("train: reusing %s", final_path)
+    params = _load_params(final_path, base)
+    info = provenance.read(final_path).get("info", {})
+  else:
+    _say("train: %s, %d steps of %d pairs", c.train.loss, c.train.steps, c.train.batch_size)
+    params, info = train_policy(c, model, base, schedule, data, key_for("train"), workdir=workdir, progress=progress)
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params)):
+      raise FloatingPointError("train: the trained parameters are not finite; nothing saved.")
+    _save_params(final_path, params, recs["train"])
+    provenance.write(final_path, recs["train"], info=info)
+  times["train_seconds"] = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  _say("eval: %d samples each from the policy and the base", c.eval.num_samples)
+  labels = balanced_labels(int(c.eval.num_samples))
+  k_eval = key_for("eval")
+  base_images = draw(c, model, base, schedule, k_eval, labels)
+  policy_images = draw(c, model, params, schedule, k_eval, labels)
+  metrics = evaluation.evaluate(world, policy_images, base_images, labels)
+  g = int(c.eval.grid_per_class)
+  grids = {
+    "base_samples.png": _grid(base_images, labels, g),
+    "policy_samples.png": _grid(policy_images, labels, g),
+    "data_samples.png": _grid(world.eval_images, world.eval_labels, g),
+  }
+  for name, grid in grids.items():
+    save_png(os.path.join(workdir, name), grid)
+  times["eval_seconds"] = time.perf_counter() - t0
+
+  summary = {
+    **metrics,
+    "pairs_label_agreement": float(np.mean(data["chosen_reward"] > data["rejected_reward"])),
+    "pairs_reward_gap": float(np.mean(data["chosen_reward"] - data["rejected_reward"])),
+    **info,
+    **times,
+    "kernels": kernel_name,
+    "param_count": int(sum(x.size for x in jax.tree.leaves(base))),
+    "images": sorted(grids),
+    "config": c.to_dict(),
+    "config_fingerprint": fingerprints.of_values(c.to_dict()),
+    "provenance": {k: r.to_json() for k, r in recs.items()},
+  }
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x))
+  return summary
+
+
+SUMMARY_KEYS = (
+  "gold_reward_base",
+  "gold_reward_policy",
+  "win_rate_vs_base",
+  "win_rate_ci95_low",
+  "win_rate_ci95_high",
+  "class_accuracy_base",
+  "class_accuracy_policy",
+  "diversity_base",
+  "diversity_policy",
+  "frechet_base",
+  "frechet_policy",
+  "pairs_per_second",
+)
+
+
+def table(summary: Dict[str, Any]) -> str:
+  return "\n".join(f"{k:24s} {summary[k]:.4f}" for k in SUMMARY_KEYS if k in summary)
+
+
+def main(config, workdir: str, *, progress: bool = True, overwrite: bool = False) -> Optional[Dict[str, Any]]:
+  """The command line's image run: the stages, then the table."""
+  summary = run(config, workdir, progress=progress, overwrite=overwrite)
+  print(table(summary))
+  print(f"summary: {os.path.join(os.path.abspath(workdir), 'summary.json')}")
+  return summary

@@ -1,0 +1,190 @@
+"""Diffusion-DPO through pofx's train step: pair errors against numpy and against the diffusers
+research example's loss in torch, and the composition with SAM and a synced reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import pofx
+from pofx.diffusion import pairs, schedules
+from tests.diffusion import standin
+
+B, H, W, C = 4, 4, 4, 1  # 3 real pairs and 1 padding pair
+BETA = 5000.0
+# beta = 5000 multiplies the float32 rounding of the errors e (~1e-7 e) by 2500: the loss is compared
+# within 1e-5 where the denoiser is close to its target, so that e is small. A near-identity stand-in
+# at t >= 900 (x_t ~ eps) does it: e ~ 1e-4, and policy and reference still differ.
+T_RANGE = (900, 1000)
+
+
+def _near_identity(key):
+  p = standin.init(key, scale=0.01)
+  return dict(p, w=p["w"].at[1, 1, 0, 0].add(1.0))
+
+
+def _batch(seed=0):
+  rng = np.random.default_rng(seed)
+  keys = jax.random.key_data(jax.random.split(jax.random.key(seed), B))
+  return pairs.ImagePairs(
+    chosen=jnp.asarray(rng.uniform(-1, 1, (B, H, W, C)), jnp.float32),
+    rejected=jnp.asarray(rng.uniform(-1, 1, (B, H, W, C)), jnp.float32),
+    class_labels=jnp.asarray([0, 1, 2, 0], jnp.int32),
+    noise_keys=keys,
+    pair_mask=jnp.asarray([1, 1, 1, 0], jnp.float32),
+  )
+
+
+def test_timesteps_and_noise_are_drawn_per_pair_from_its_key():
+  """t ~ U{lo..hi-1} from the first half of the pair's split key, eps ~ N(0, I) from the second,
+  written here with jax.random directly."""
+  s = schedules.linear()
+  keys = _batch().noise_keys
+  t, eps = pairs.timesteps_and_noise(keys, (H, W, C), s)
+  t_r, eps_r = pairs.timesteps_and_noise(keys, (H, W, C), s, timestep_range=(100, 200))
+
+  @jax.jit
+  @jax.vmap
+  def direct(key):
+    k_t, k_eps = jax.random.split(key)
+    draws = jax.random.randint(k_t, (), 0, 1000), jax.random.randint(k_t, (), 100, 200)
+    return draws, jax.random.normal(k_eps, (H, W, C))
+
+  (want_t, want_t_r), want_eps = direct(keys)
+  np.testing.assert_array_equal(np.asarray(t), np.asarray(want_t))
+  np.testing.assert_array_equal(np.asarray(t_r), np.asarray(want_t_r))
+  assert np.all((100 <= np.asarray(t_r)) & (np.asarray(t_r) < 200)) and len(set(np.asarray(t).tolist())) == B
+  np.testing.assert_array_equal(np.asarray(eps), np.asarray(want_eps))
+  np.testing.assert_array_equal(np.asarray(eps_r), np.asarray(want_eps))
+  with pytest.raises(ValueError, match=r"timestep_range=\(0, 1001\).*0 <= lo < hi <= 1000"):
+    pairs.make_logps_fn(standin.denoise, s, timestep_range=(0, 1001))
+
+
+def _np_errors(params, batch, alphas_cumprod, prediction_type="epsilon"):
+  """Per-image mean squared errors of the stand-in, all in numpy (float64) from the drawn t, eps."""
+  drawn = pairs.timesteps_and_noise(batch.noise_keys, (H, W, C), schedules.linear(), timestep_range=T_RANGE)
+  t, eps = (np.asarray(v, np.float64) for v in drawn)
+  t = t.astype(int)
+  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  a = np.asarray(alphas_cumprod, np.float64)[t][:, None, None, None]
+  out = []
+  for x0 in (np.asarray(batch.chosen, np.float64), np.asarray(batch.rejected, np.float64)):
+    x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * eps
+    xp = np.pad(x_t, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    pred = sum(
+      np.einsum("bhwc,co->bhwo", xp[:, i : i + H, j : j + W], p["w"][i, j]) for i in range(3) for j in range(3)
+    )
+    pred = (
+      pred
+      + p["b"]
+      + (standin.embed_np(t) @ p["wt"])[:, None, None]
+      + p["cls"][np.asarray(batch.class_labels)][:, None, None]
+    )
+    y = eps if prediction_type == "epsilon" else np.sqrt(a) * eps - np.sqrt(1 - a) * x0
+    out.append(((pred - y) ** 2).mean(axis=(1, 2, 3)))
+  return out
+
+
+@pytest.fixture(scope="module")
+def dpo_step():
+  """One Diffusion-DPO step of the stand-in against a frozen reference with other weights."""
+  s = schedules.linear()
+  logps_fn = pairs.make_logps_fn(standin.denoise, s, timestep_range=T_RANGE)
+  policy = _near_identity(jax.random.key(0))
+  ref = _near_identity(jax.random.key(1))
+  reference = pairs.check_reference(pofx.references.frozen(ref, logps_fn))
+  step = pofx.train.make_train_step(
+    logps_fn, optax.adamw(1e-3), loss="dpo", loss_hyper={"beta": BETA}, reference=reference
+  )
+  state = pofx.train.init_state(policy, optax.adamw(1e-3), reference, pofx.perturbations.none(), loss="dpo")
+  batch = _batch()
+  _, metrics = step(state, {"pairs": batch}, jax.random.key(0))
+  return dict(policy=policy, ref=ref, batch=batch, metrics=metrics, schedule=s)
+
+
+def test_dpo_loss_is_the_diffusion_dpo_formula(dpo_step):
+  """The step's loss equals -log sigmoid(-beta/2 ((e_w - e_ref_w) - (e_l - e_ref_l))) averaged
+  over the real pairs, with every error computed in numpy; the padding pair is finite and left out."""
+  ac = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+  b = dpo_step["batch"]
+  e_w, e_l = _np_errors(dpo_step["policy"], b, ac)
+  r_w, r_l = _np_errors(dpo_step["ref"], b, ac)
+  inside = -0.5 * BETA * ((e_w - r_w) - (e_l - r_l))
+  per_pair = np.logaddexp(0.0, -inside)  # -log sigmoid
+  assert np.all(np.isfinite(per_pair)) and np.ptp(inside[:3]) > 0.1, inside  # non-trivial pairs
+  np.testing.assert_allclose(float(dpo_step["metrics"]["loss"]), per_pair[:3].mean(), atol=1e-5, rtol=1e-5)
+  # v-prediction: the errors are against v = sqrt(abar) eps - sqrt(1 - abar) x0.
+  s_v = schedules.linear(prediction_type="v_prediction")
+  v_w, v_l = jax.jit(lambda p: pairs.pair_errors(standin.denoise, p, s_v, b, timestep_range=T_RANGE))(
+    dpo_step["policy"]
+  )
+  want_w, want_l = _np_errors(dpo_step["policy"], b, ac, "v_prediction")
+  np.testing.assert_allclose(np.asarray(v_w), want_w, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(v_l), want_l, rtol=1e-5)
+  # The step's log-prob metrics are the means of chosen = -e_w/2 and rejected = -e_l/2 over real pairs.
+  np.testing.assert_allclose(float(dpo_step["metrics"]["logps/chosen"]), -0.5 * e_w[:3].mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(dpo_step["metrics"]["logps/rejected"]), -0.5 * e_l[:3].mean(), rtol=1e-5)
+
+
+def test_equals_the_diffusers_research_example_in_torch(dpo_step):
+  """The baseline's `step` formula (diffusers' `train_diffusion_dpo.py`: `DDPMScheduler.add_noise`,
+  per-image MSE against the noise, `-logsigmoid(-beta/2 ((e_w - e_l) - (r_w - r_l)))`) with the
+  stand-in's torch twin on the same images, noise and timesteps."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  b = dpo_step["batch"]
+  t, eps = pairs.timesteps_and_noise(b.noise_keys, (H, W, C), dpo_step["schedule"], timestep_range=T_RANGE)
+  real = slice(0, 3)
+  nchw = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a)[real].transpose(0, 3, 1, 2)))
+  sched = diffusers.DDPMScheduler(num_train_timesteps=1000)
+  x0 = torch.cat([nchw(b.chosen), nchw(b.rejected)])
+  noise = nchw(eps).repeat(2, 1, 1, 1)
+  tt = torch.from_numpy(np.asarray(t)[real].astype(np.int64)).repeat(2)
+  xt = sched.add_noise(x0, noise, tt)
+  cls = torch.from_numpy(np.asarray(b.class_labels)[real].astype(np.int64)).repeat(2)
+  err = (standin.torch_denoise(dpo_step["policy"], xt, tt, cls) - noise).pow(2).mean(dim=[1, 2, 3])
+  e_w, e_l = err.chunk(2)
+  rerr = (standin.torch_denoise(dpo_step["ref"], xt, tt, cls) - noise).pow(2).mean(dim=[1, 2, 3])
+  r_w, r_l = rerr.chunk(2)
+  inside = -0.5 * BETA * ((e_w - e_l) - (r_w - r_l))
+  loss = -torch.nn.functional.logsigmoid(inside).mean()
+  np.testing.assert_allclose(float(dpo_step["metrics"]["loss"]), float(loss), atol=1e-5, rtol=1e-5)
+
+
+def test_sam_with_a_synced_reference_trains_and_cached_is_refused():
+  """SAM (rho 0.05) and a TR-DPO reference (tau 2) with Diffusion-DPO: three jitted steps with
+  fresh noise keys give finite, changing losses, and the reference moves at its sync step; a cached
+  reference is refused before anything runs."""
+  s = schedules.linear(prediction_type="v_prediction")
+  logps_fn = pairs.make_logps_fn(standin.denoise, s, timestep_range=(0, 500))
+  reference = pairs.check_reference(pofx.references.synced(alpha=0.5, tau=2, logps_fn=logps_fn))
+  perturbation = pofx.perturbations.sam(rho=0.05)
+  opt = optax.adamw(1e-2)
+  step = pofx.train.make_train_step(
+    logps_fn, opt, loss="dpo", loss_hyper={"beta": BETA}, reference=reference, perturbation=perturbation
+  )
+  state = pofx.train.init_state(standin.init(jax.random.key(0)), opt, reference, perturbation, loss="dpo")
+  ref0 = np.asarray(state.ref_state["w"])
+  losses = []
+  for i in range(3):
+    state, metrics = step(state, {"pairs": _batch(i)}, jax.random.key(i))
+    losses.append(float(metrics["loss"]))
+    assert float(metrics["nonfinite"]) == 0.0
+  assert all(np.isfinite(losses)) and len(set(losses)) == 3, losses
+  assert losses[0] == pytest.approx(np.log(2.0), abs=1e-6)  # policy == reference at the start
+  assert not np.allclose(np.asarray(state.ref_state["w"]), ref0)  # synced at step 2
+  with pytest.raises(ValueError, match="reference 'cached'.*draws new timesteps and noise"):
+    pairs.check_reference(pofx.references.cached("f", "f"))
+
+
+def test_bad_pairs_are_refused():
+  s = schedules.linear()
+  fn = pairs.make_logps_fn(standin.denoise, s)
+  b = _batch()
+  with pytest.raises(ValueError, match=r"chosen \(4, 4, 4, 1\) and rejected \(4, 4, 4\)"):
+    fn(standin.init(jax.random.key(0)), {"pairs": b._replace(rejected=b.rejected[..., 0])})
+  with pytest.raises(TypeError, match="must be a pofx.diffusion.pairs.ImagePairs"):
+    fn(standin.init(jax.random.key(0)), {"pairs": (b.chosen, b.rejected)})
+  with pytest.raises(ValueError, match="compute_dtype"):
+    pairs.make_logps_fn(standin.denoise, s, compute_dtype=jnp.int32)
