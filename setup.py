@@ -45,8 +45,15 @@ GGUF_REQUIRES = ["gguf>=0.19"]
 BENCH_REQUIRES = ["torch==2.13.0", "diffusers==0.42.1"]
 # transformers (pinned in PARITY_REQUIRES) is also what the GGUF and Hugging Face tests compare with.
 # peft: the LoRA tests load pofx-saved adapters with it (tests/test_lora.py).
+# diffusers: the diffusion U-Net's parity tests compare with its UNet2DModel (tests/diffusion/);
+# reading and writing diffusers folders (`pofx.diffusion.diffusers_io`) needs only safetensors.
+DIFFUSERS_REQUIRES = ["diffusers==0.42.1"]
 TEST_REQUIRES = (
-  ["pytest>=8", "pytest-xdist>=3", "ruff==0.17.6", "peft>=0.21"] + PARITY_REQUIRES + MKL_REQUIRES + GGUF_REQUIRES
+  ["pytest>=8", "pytest-xdist>=3", "ruff==0.17.6", "peft>=0.21"]
+  + PARITY_REQUIRES
+  + MKL_REQUIRES
+  + GGUF_REQUIRES
+  + DIFFUSERS_REQUIRES
 )
 
 setup(

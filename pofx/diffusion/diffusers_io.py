@@ -83,7 +83,7 @@ def _to_torch(x: np.ndarray, leaf: str) -> np.ndarray:
 
 def _expected(config: unet.UNetConfig):
   """(treedef, [(torch name, leaf kind, pofx shape)]) of the parameters of `config`."""
-  shapes = jax.eval_shape(lambda: unet.init(config, jax.random.PRNGKey(0)))
+  shapes = unet.param_shapes(config)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
   out = []
   for path, s in leaves:

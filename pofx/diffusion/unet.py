@@ -339,107 +339,131 @@ def _mid_attention_groups(config: UNetConfig) -> Optional[int]:
 # Initialisation -------------------------------------------------------------------------------
 
 
-class _Keys:
-  """A deterministic stream of PRNG keys (one per parameter, in construction order)."""
+@dataclasses.dataclass(frozen=True)
+class _Init:
+  """How one parameter is initialised: "uniform" in +-1/sqrt(fan_in), "normal", "ones" or "zeros"."""
 
-  def __init__(self, key):
-    self.key, self.n = key, 0
-
-  def __call__(self):
-    self.n += 1
-    return jax.random.fold_in(self.key, self.n)
+  kind: str
+  shape: Tuple[int, ...]
+  fan_in: int = 1
 
 
-def _uniform(keys, shape, fan_in):
-  bound = 1.0 / math.sqrt(fan_in)
-  return jax.random.uniform(keys(), shape, jnp.float32, -bound, bound)
-
-
-def _conv_init(keys, cin, cout, k=3):
+def _conv_init(cin, cout, k=3):
   fan_in = cin * k * k
-  return {"kernel": _uniform(keys, (k, k, cin, cout), fan_in), "bias": _uniform(keys, (cout,), fan_in)}
+  return {"kernel": _Init("uniform", (k, k, cin, cout), fan_in), "bias": _Init("uniform", (cout,), fan_in)}
 
 
-def _linear_init(keys, din, dout):
-  return {"kernel": _uniform(keys, (din, dout), din), "bias": _uniform(keys, (dout,), din)}
+def _linear_init(din, dout):
+  return {"kernel": _Init("uniform", (din, dout), din), "bias": _Init("uniform", (dout,), din)}
 
 
 def _norm_init(channels):
-  return {"scale": jnp.ones((channels,), jnp.float32), "bias": jnp.zeros((channels,), jnp.float32)}
+  return {"scale": _Init("ones", (channels,)), "bias": _Init("zeros", (channels,))}
 
 
-def _resnet_init(keys, config, cin, cout):
+def _resnet_init(config, cin, cout):
   temb_out = cout * (2 if config.resnet_time_scale_shift == "scale_shift" else 1)
   p = {
     "norm1": _norm_init(cin),
-    "conv1": _conv_init(keys, cin, cout),
-    "time_emb_proj": _linear_init(keys, config.time_embed_dim, temb_out),
+    "conv1": _conv_init(cin, cout),
+    "time_emb_proj": _linear_init(config.time_embed_dim, temb_out),
     "norm2": _norm_init(cout),
-    "conv2": _conv_init(keys, cout, cout),
+    "conv2": _conv_init(cout, cout),
   }
   if cin != cout:
-    p["conv_shortcut"] = _conv_init(keys, cin, cout, k=1)
+    p["conv_shortcut"] = _conv_init(cin, cout, k=1)
   return p
 
 
-def _attention_init(keys, config, channels, groups):
+def _attention_init(config, channels, groups):
   heads, hd = _heads(config, channels)
   inner = heads * hd
   p = {}
   if groups is not None:
     p["group_norm"] = _norm_init(channels)
-  p["to_q"] = _linear_init(keys, channels, inner)
-  p["to_k"] = _linear_init(keys, channels, inner)
-  p["to_v"] = _linear_init(keys, channels, inner)
-  p["to_out"] = [_linear_init(keys, inner, channels)]
+  p["to_q"] = _linear_init(channels, inner)
+  p["to_k"] = _linear_init(channels, inner)
+  p["to_v"] = _linear_init(channels, inner)
+  p["to_out"] = [_linear_init(inner, channels)]
   return p
 
 
-def init(config: UNetConfig, key: Array) -> Params:
-  """Fresh parameters (PyTorch's default initialisers; see the module docstring)."""
-  keys = _Keys(key)
+def _layout(config: UNetConfig) -> Params:
+  """The parameter tree with an `_Init` at every leaf."""
   c0, temb = config.block_out_channels[0], config.time_embed_dim
   params = {
-    "conv_in": _conv_init(keys, config.in_channels, c0),
-    "time_embedding": {"linear_1": _linear_init(keys, c0, temb), "linear_2": _linear_init(keys, temb, temb)},
+    "conv_in": _conv_init(config.in_channels, c0),
+    "time_embedding": {"linear_1": _linear_init(c0, temb), "linear_2": _linear_init(temb, temb)},
   }
   if config.num_class_embeds is not None:
-    params["class_embedding"] = {"embedding": jax.random.normal(keys(), (config.num_class_embeds, temb), jnp.float32)}
+    params["class_embedding"] = {"embedding": _Init("normal", (config.num_class_embeds, temb))}
   down = []
   for has_attn, resnets, downsample in _down_specs(config):
-    block = {"resnets": [_resnet_init(keys, config, i, o) for i, o in resnets]}
+    block = {"resnets": [_resnet_init(config, i, o) for i, o in resnets]}
     if has_attn:
-      block["attentions"] = [_attention_init(keys, config, o, config.norm_num_groups) for _, o in resnets]
+      block["attentions"] = [_attention_init(config, o, config.norm_num_groups) for _, o in resnets]
     if downsample:
       out = resnets[-1][1]
-      block["downsamplers"] = [{"conv": _conv_init(keys, out, out)}]
+      block["downsamplers"] = [{"conv": _conv_init(out, out)}]
     down.append(block)
   params["down_blocks"] = down
   if config.mid_block_type is not None:
     ch = config.block_out_channels[-1]
-    mid = {"resnets": [_resnet_init(keys, config, ch, ch), _resnet_init(keys, config, ch, ch)]}
+    mid = {"resnets": [_resnet_init(config, ch, ch), _resnet_init(config, ch, ch)]}
     if config.add_attention:
-      mid["attentions"] = [_attention_init(keys, config, ch, _mid_attention_groups(config))]
+      mid["attentions"] = [_attention_init(config, ch, _mid_attention_groups(config))]
     params["mid_block"] = mid
   up = []
   for has_attn, resnets, upsample in _up_specs(config):
-    block = {"resnets": [_resnet_init(keys, config, i, o) for i, o in resnets]}
+    block = {"resnets": [_resnet_init(config, i, o) for i, o in resnets]}
     if has_attn:
-      block["attentions"] = [_attention_init(keys, config, o, config.norm_num_groups) for _, o in resnets]
+      block["attentions"] = [_attention_init(config, o, config.norm_num_groups) for _, o in resnets]
     if upsample:
       out = resnets[-1][1]
-      block["upsamplers"] = [{"conv": _conv_init(keys, out, out)}]
+      block["upsamplers"] = [{"conv": _conv_init(out, out)}]
     up.append(block)
   params["up_blocks"] = up
   params["conv_norm_out"] = _norm_init(c0)
-  params["conv_out"] = _conv_init(keys, c0, config.out_channels)
+  params["conv_out"] = _conv_init(c0, config.out_channels)
   return params
 
 
+def init(config: UNetConfig, key: Array) -> Params:
+  """Fresh float32 parameters (PyTorch's default initialisers; see the module docstring). One
+  uniform and one normal draw of `key` cover every parameter, so this is cheap to trace and
+  compile."""
+  layout = _layout(config)
+  leaves, treedef = jax.tree_util.tree_flatten(layout, is_leaf=lambda x: isinstance(x, _Init))
+  sizes = {k: sum(math.prod(x.shape) for x in leaves if x.kind == k) for k in ("uniform", "normal")}
+  k_uniform, k_normal = jax.random.split(key)
+  draws = {
+    "uniform": jax.random.uniform(k_uniform, (sizes["uniform"],), jnp.float32, -1.0, 1.0),
+    "normal": jax.random.normal(k_normal, (sizes["normal"],), jnp.float32),
+  }
+  offsets = {"uniform": 0, "normal": 0}
+  out = []
+  for x in leaves:
+    if x.kind in ("ones", "zeros"):
+      out.append((jnp.ones if x.kind == "ones" else jnp.zeros)(x.shape, jnp.float32))
+      continue
+    n, o = math.prod(x.shape), offsets[x.kind]
+    v = draws[x.kind][o : o + n].reshape(x.shape)
+    offsets[x.kind] = o + n
+    out.append(v / math.sqrt(x.fan_in) if x.kind == "uniform" else v)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def param_shapes(config: UNetConfig) -> Params:
+  """The parameter tree of `config` with a float32 `jax.ShapeDtypeStruct` at every leaf (no arrays made)."""
+  layout = _layout(config)
+  return jax.tree_util.tree_map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), layout, is_leaf=lambda x: isinstance(x, _Init)
+  )
+
+
 def param_count(config: UNetConfig) -> int:
-  """The number of parameters (computed from shapes only)."""
-  shapes = jax.eval_shape(lambda: init(config, jax.random.PRNGKey(0)))
-  return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
+  """The number of parameters."""
+  return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(param_shapes(config))))
 
 
 # Forward --------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The U-Net denoiser (`pofx.diffusion.unet`): outputs equal to diffusers' `UNet2DModel` (PyTorch,
 the reference implementation) on random small configs read from a `save_pretrained` folder; the
-bench preset's parameter count equal to diffusers' for the baseline's config; a hand count of the
-tiny preset's FLOPs, convolutions and dense products (every one through the injected kernels);
-gradients, bfloat16 compute, the denoiser protocol and refusals.
+bench preset's parameter count equal to diffusers' for the baseline's config, and its FLOPs to
+PyTorch's FLOP counter over diffusers' forward; a hand count of the tiny preset's FLOPs,
+convolutions and dense products (every one through the injected kernels, in the compute dtype);
+initialisation, gradients, dropout and refusals.
 
 Tolerance: both sides compute in float32; outputs (of size about 1) differ by summation order
 (a few 1e-7 in practice), so 1e-4 absolute is far below what a wrong layer, layout or switch moves.
@@ -19,6 +20,8 @@ import pytest
 
 from pofx import kernels as kernels_lib
 from pofx.diffusion import diffusers_io, unet
+
+_apply = jax.jit(unet.apply, static_argnames=("config", "kernels", "compute_dtype"))
 
 # Two resolutions, attention at the coarser one, class conditioning, 8 groups, two layers per block.
 PARITY = dict(
@@ -113,7 +116,7 @@ def _nhwc(x):
 def test_matches_diffusers(reference, case):
   folder, x, t, labels, expected = reference[case]
   config, params = diffusers_io.load(folder)
-  got = unet.apply(params, _nhwc(x), jnp.asarray(t), None if labels is None else jnp.asarray(labels), config=config)
+  got = _apply(params, _nhwc(x), jnp.asarray(t), None if labels is None else jnp.asarray(labels), config=config)
   assert got.dtype == jnp.float32
   got = np.transpose(np.asarray(got), (0, 3, 1, 2))
   assert got.shape == expected.shape
@@ -121,14 +124,21 @@ def test_matches_diffusers(reference, case):
   assert np.abs(expected).max() > 0.1  # not a trivially small output
 
 
-def test_bench_parameter_count_equals_diffusers():
+def test_bench_preset_has_diffusers_parameter_and_flop_counts():
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
+  from torch.nn.attention import SDPBackend, sdpa_kernel
+  from torch.utils.flop_counter import FlopCounterMode
+
   config = unet.PRESETS["bench"]
   assert config == unet.UNetConfig(**BASELINE)
   model = diffusers.UNet2DModel(**BASELINE)
   assert unet.param_count(config) == sum(p.numel() for p in model.parameters())
-  del torch
+  # PyTorch's FLOP counter over diffusers' forward (attention on the math path, so that its two
+  # batched products are counted; the fused CPU kernel is not).
+  with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+    model(torch.zeros(2, 1, 16, 16), torch.tensor([1, 2]), class_labels=torch.tensor([0, 1]))
+  assert unet.flops(config, 2) == counter.get_total_flops()
 
 
 def _tiny_hand_count():
@@ -165,70 +175,97 @@ def test_flops_tiny_equals_hand_count():
   assert unet.flops(unet.PRESETS["tiny"], 3) == 3 * _tiny_hand_count()
 
 
-def test_every_product_goes_through_the_kernels():
-  calls = {"conv": 0, "dot": 0}
+@pytest.fixture(scope="module")
+def tiny():
+  """The tiny preset: config, params and inputs (x, t, labels)."""
+  config = unet.PRESETS["tiny"]
+  params = jax.jit(unet.init, static_argnums=0)(config, jax.random.PRNGKey(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
+  t, y = jnp.array([3, 900]), jnp.array([0, 7], jnp.int32)
+  return config, params, (x, t, y)
 
-  def conv(*a, **k):
-    calls["conv"] += 1
-    return jax.lax.conv_general_dilated(*a, **k)
 
-  def dot(*a, **k):
-    calls["dot"] += 1
-    return jax.lax.dot_general(*a, **k)
+@pytest.mark.parametrize("compute_dtype", [None, "bfloat16"])
+def test_every_product_goes_through_the_kernels_in_the_compute_dtype(tiny, compute_dtype):
+  config, params, (x, t, y) = tiny
+  calls = {"conv": [], "dot": []}
+
+  def conv(lhs, rhs, *a, **k):
+    calls["conv"].append((lhs.dtype, rhs.dtype))
+    return jax.lax.conv_general_dilated(lhs, rhs, *a, **k)
+
+  def dot(lhs, rhs, *a, **k):
+    calls["dot"].append((lhs.dtype, rhs.dtype))
+    return jax.lax.dot_general(lhs, rhs, *a, **k)
 
   counting = kernels_lib.Kernels(dot_general=dot, conv_general_dilated=conv, name="counting")
-  config = unet.PRESETS["tiny"]
-  params = unet.init(config, jax.random.PRNGKey(0))
-  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
-  t, y = jnp.array([5, 600]), jnp.array([1, 9], jnp.int32)
-  got = unet.apply(params, x, t, y, config=config, kernels=counting)
-  np.testing.assert_array_equal(got, unet.apply(params, x, t, y, config=config))
+  model = unet.make(config, kernels=counting, compute_dtype=compute_dtype)
+  out = jax.eval_shape(lambda p: model.denoise(p, x, t, y), params)  # traces, computes nothing
+  assert (out.shape, out.dtype) == ((2, 8, 8, 1), jnp.float32)
   # Hand count: conv_in, 2 + downsample, 2 + shortcut, mid 2 x 2, up 0 2 x (2 + shortcut) + upsample,
   # up 1 2 x (2 + shortcut), conv_out; time MLP 2, one time projection per ResNet (8), and per
   # attention block (4) q, k, v, out and the two attention products.
-  assert calls == {"conv": 1 + 3 + 3 + 4 + 7 + 6 + 1, "dot": 2 + 8 + 4 * 6}
+  assert len(calls["conv"]) == 1 + 3 + 3 + 4 + 7 + 6 + 1
+  assert len(calls["dot"]) == 2 + 8 + 4 * 6
+  want = jnp.dtype(compute_dtype or "float32")
+  assert {d for pair in calls["conv"] + calls["dot"] for d in pair} == {want}
 
 
-def test_init_is_pytorch_default_and_grad_runs():
-  config = unet.PRESETS["tiny"]
-  model = unet.make(config)
-  params = model.init(jax.random.PRNGKey(0))
-  assert unet.param_count(config) == sum(x.size for x in jax.tree_util.tree_leaves(params))
-  w = params["up_blocks"][0]["resnets"][0]["conv1"]["kernel"]  # 3x3, 16 -> 8 channels: fan-in 144
-  assert w.shape == (3, 3, 16, 8) and float(jnp.abs(w).max()) <= 1 / 12 and float(jnp.abs(w).max()) > 0.9 / 12
+def test_init_is_pytorch_default(tiny):
+  config, params, _ = tiny
+  assert unet.param_count(config) == sum(v.size for v in jax.tree_util.tree_leaves(params))
+  # Every convolution and linear layer: weights and biases uniform in +-1/sqrt(fan_in), fan_in the
+  # kernel's size without its output axis (kh kw C_in, or the input width).
+  scaled = {"kernel": [], "bias": []}
+
+  def walk(node):
+    if isinstance(node, dict) and "kernel" in node:
+      fan_in = int(np.prod(node["kernel"].shape[:-1]))
+      for leaf in ("kernel", "bias"):
+        scaled[leaf].append(np.abs(np.asarray(node[leaf])).ravel() * np.sqrt(fan_in))
+    elif isinstance(node, dict):
+      for v in node.values():
+        walk(v)
+    elif isinstance(node, list):
+      for v in node:
+        walk(v)
+
+  walk(params)
+  for leaf, parts in scaled.items():
+    r = np.concatenate(parts)
+    assert r.max() <= 1 + 1e-6 and r.max() > 0.99 and abs(r.mean() - 0.5) < 0.05, leaf  # |U(-1, 1)|
+  assert abs(float(jnp.std(params["class_embedding"]["embedding"])) - 1) < 0.3
   np.testing.assert_array_equal(params["conv_norm_out"]["scale"], np.ones(4))
-  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
-  t, y = jnp.array([3, 900]), jnp.array([0, 7], jnp.int32)
-  assert model.denoise(params, x, t, y).shape == (2, 8, 8, 1)
-  np.testing.assert_array_equal(model.denoise(params, x, t, y), unet.apply(params, x, t, y, config=config))
-  grads = jax.jit(jax.grad(lambda p: jnp.mean(jnp.square(model.denoise(p, x, t, y)))))(params)
-  leaves = jax.tree_util.tree_leaves(grads)
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+  np.testing.assert_array_equal(params["conv_norm_out"]["bias"], np.zeros(4))
+
+
+def test_grad_runs_and_dropout_acts_only_with_a_key(tiny):
+  config, params, (x, t, y) = tiny
+  dropping = dataclasses.replace(config, dropout=0.5)
+  # Without a key the program is the one of dropout 0 (so its values are too).
+  jaxpr = lambda c: str(jax.make_jaxpr(lambda p: unet.apply(p, x, t, y, config=c))(params))
+  assert jaxpr(dropping) == jaxpr(config)
+  # The gradient, with dropout acting, on one resolution (the mid block's attention included), to
+  # keep the compiled program small.
+  small = dataclasses.replace(
+    dropping, block_out_channels=(4,), down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",)
+  )
+  rng = np.random.default_rng(0)
+  p = jax.tree_util.tree_map(
+    lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), jnp.float32), unet.param_shapes(small)
+  )
+
+  def losses(p, key):
+    kept = jnp.mean(jnp.square(unet.apply(p, x, t, y, config=small)))
+    return jnp.mean(jnp.square(unet.apply(p, x, t, y, config=small, dropout_key=key))), kept
+
+  (value, kept), grads = jax.jit(jax.value_and_grad(losses, has_aux=True))(p, jax.random.PRNGKey(2))
+  assert abs(float(value) - float(kept)) > 1e-3 * float(kept)
+  assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(p)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+  assert float(jnp.abs(grads["mid_block"]["attentions"][0]["to_q"]["kernel"]).sum()) > 0
   assert float(jnp.abs(grads["class_embedding"]["embedding"][7]).sum()) > 0  # used label: a gradient
   assert float(jnp.abs(grads["class_embedding"]["embedding"][5]).sum()) == 0  # unused label: none
-
-
-def test_bfloat16_compute_stays_close_and_returns_float32():
-  config = unet.PRESETS["tiny"]
-  params = unet.init(config, jax.random.PRNGKey(0))
-  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
-  t, y = jnp.array([3, 900]), jnp.array([0, 7], jnp.int32)
-  ref = unet.apply(params, x, t, y, config=config)
-  got = unet.make(config, compute_dtype="bfloat16").denoise(params, x, t, y)
-  assert got.dtype == jnp.float32
-  err = float(jnp.abs(got - ref).max())
-  assert 0 < err < 0.05 * float(jnp.abs(ref).max())
-
-
-def test_dropout_acts_only_with_a_key():
-  config = dataclasses.replace(unet.PRESETS["tiny"], dropout=0.5)
-  params = unet.init(config, jax.random.PRNGKey(0))
-  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
-  t, y = jnp.array([3, 900]), jnp.array([0, 7], jnp.int32)
-  plain = unet.apply(params, x, t, y, config=dataclasses.replace(config, dropout=0.0))
-  np.testing.assert_array_equal(unet.apply(params, x, t, y, config=config), plain)
-  dropped = unet.apply(params, x, t, y, config=config, dropout_key=jax.random.PRNGKey(2))
-  assert float(jnp.abs(dropped - plain).max()) > 1e-3
 
 
 @pytest.mark.parametrize(
@@ -251,9 +288,8 @@ def test_bad_configs_are_refused(change, message):
     unet.preset("tiny", **change)
 
 
-def test_bad_inputs_are_refused():
-  config = unet.PRESETS["tiny"]
-  params = unet.init(config, jax.random.PRNGKey(0))
+def test_bad_inputs_are_refused(tiny):
+  config, params, _ = tiny
   x, t, y = jnp.zeros((2, 8, 8, 1)), jnp.array([1, 2]), jnp.array([0, 1], jnp.int32)
   with pytest.raises(ValueError, match=r"\[B, H, W, 1\] \(NHWC\)"):
     unet.apply(params, jnp.zeros((2, 1, 8, 8)), t, y, config=config)
