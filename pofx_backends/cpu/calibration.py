@@ -11,6 +11,11 @@ block lists of `shapes.block_size` tokens (0: without them), as the block-sparse
 `pofx_backends.resolve("auto")` calls it with `DEFAULT_SHAPES` (the benchmark model's widths, a
 few hundred milliseconds per candidate on two cores) unless the program supplies its own
 measurement of the run's step.
+
+`measure_conv(conv, shapes)` times one forward and backward of 3x3 convolutions (`CONV_SHAPES`:
+the diffusion benchmark U-Net's most frequent shapes) by a `conv_general_dilated` replacement:
+the CPU backend's `conv="auto"` chooses between XLA's convolution and im2col products with it
+(`pofx_backends.cpu.conv_choice`).
 """
 
 from __future__ import annotations
@@ -110,5 +115,33 @@ def measure(kernels: kernels_lib.Kernels, shapes: Shapes = DEFAULT_SHAPES, *, re
   for _ in range(max(int(repeats), 1)):
     start = time.perf_counter()
     jax.block_until_ready(step(params))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+# (batch, size, in channels, out channels) of 3x3, stride-1, "SAME" convolutions: the diffusion
+# benchmark U-Net's most frequent shapes (one step's 32 images at 16x16 and 8x8).
+CONV_SHAPES = ((32, 16, 32, 32), (32, 16, 96, 32), (32, 8, 64, 64), (32, 8, 128, 64))
+
+
+def measure_conv(conv, shapes=CONV_SHAPES, *, repeats: int = 3) -> float:
+  """Median seconds of one forward and backward (input and kernel gradients) of NHWC / HWIO 3x3
+  convolutions of `shapes` by `conv` (`jax.lax.conv_general_dilated`'s signature), all in one
+  jitted call, after a warm-up call."""
+  rng = np.random.default_rng(0)
+  xs = [jnp.asarray(rng.uniform(-1, 1, (b, s, s, ci)), jnp.float32) for b, s, ci, _ in shapes]
+  ws = [jnp.asarray(rng.normal(size=(3, 3, ci, co)) / math.sqrt(9 * ci), jnp.float32) for _, _, ci, co in shapes]
+  gs = [jnp.asarray(rng.normal(size=(b, s, s, co)), jnp.float32) for b, s, _, co in shapes]
+
+  def loss(xs, ws):
+    outs = [conv(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) for x, w in zip(xs, ws)]
+    return sum(jnp.vdot(o, g) for o, g in zip(outs, gs))
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  jax.block_until_ready(step(xs, ws))
+  times = []
+  for _ in range(max(int(repeats), 1)):
+    start = time.perf_counter()
+    jax.block_until_ready(step(xs, ws))
     times.append(time.perf_counter() - start)
   return statistics.median(times)
