@@ -1,0 +1,405 @@
+"""pofx's sampler against Hugging Face `generate`, on the model and prompts of `hf_generate_baseline.py`.
+
+    python benchmarks/sampling.py [--variable] [--reps 5] [--json PATH]           # pofx alone
+        [--kernels {xla,cpu}] [--no_startup] [--breakdown] [--peaks]
+    python benchmarks/sampling.py --compare [--workloads fixed,variable] [--rounds 3] [--reps 5]
+        [--markdown PATH] [--json PATH]                                           # side by side
+
+pofx alone (`--side pofx`, the default) mirrors `hf_generate_baseline.py` (kept unchanged beside
+this file): the same model shapes (hidden 256, 4 layers, 8 heads, 4 KV heads, MLP 688, vocab
+4096, untied, float32; random weights, pofx's `bench` preset), the same prompts (32 rows of
+random ids, all of length 64, or with `--variable` lengths uniform in [16, 64] left-padded with id
+4094; drawn with torch's generator exactly as the baseline draws them when torch is importable,
+else with numpy), temperature 1, no top-k / top-p, exactly 128 new tokens per row (no stop
+token), and the same count: generated tokens per second = batch x new tokens / wall time of one
+`pofx.sampling.sample` call (host prompts in, device results ready), median over `--reps` timed
+calls after one warm-up call (which compiles). The program calls `pofx_backends.startup()` first,
+as pofx's programs do (`--no_startup` skips it).
+
+It also reports: the KV cache's memory; the analytic FLOPs of a call (prefill: every prompt
+token through the blocks; decoding: every row through the blocks and the LM head per step;
+attention over the valid slots) and the achieved FLOP/s; with `--peaks`, XLA's float32 matmul
+FLOP/s on the step's shapes (`[32, 256] x [256, n]` ...) and on a 2048^3 product, and the achieved
+FLOP/s as a fraction of each; with `--breakdown`, where the time of a decoding step goes (a
+profiler trace of one call: the time of every XLA operation of the decoding loop, grouped).
+
+`--compare` runs both sides in separate processes, alternating (each round runs the baseline and
+pofx on every workload, the order reversed on every other round, so both see the same machine
+conditions), and reports per workload the median tokens/s of each side, the median of the
+per-round ratios, the load average around the runs, the CPU model, and a markdown table for
+`docs/benchmarks.md`. On a shared machine the absolute figures move with the load; the ratios of
+alternated runs move less. The baseline needs torch and transformers in the same environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+BASELINE = os.path.join(HERE, "hf_generate_baseline.py")
+VOCAB = 4096
+PAD = VOCAB - 2
+
+
+def prompts(batch: int, length: int, variable: bool):
+  """`(tokens [B, P] int32, mask [B, P] float32)`: the baseline's prompts (its torch draws when
+  torch is importable: `manual_seed(0)` generator, ids in [0, V - 2), lengths in [16, P])."""
+  try:
+    import torch  # optional: the exact draws of the baseline
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB - 2, (batch, length), generator=g).numpy().astype(np.int32)
+    lens = torch.randint(16, length + 1, (batch,), generator=g).tolist() if variable else [length] * batch
+  except ImportError:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, VOCAB - 2, (batch, length)).astype(np.int32)
+    lens = rng.integers(16, length + 1, batch).tolist() if variable else [length] * batch
+  mask = np.ones((batch, length), np.float32)
+  for i, n in enumerate(lens):
+    ids[i, : length - n] = PAD
+    mask[i, : length - n] = 0.0
+  return ids, mask
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+  except OSError:
+    return platform.processor() or platform.machine()
+  name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+  flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+  isa = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+  return f"{name}, {os.cpu_count()} cores, {isa}"
+
+
+def call_flops(config, width: int, prompt_lengths, new: int) -> float:
+  """Analytic FLOPs of one sampling call (2 per multiply-add): the prefill runs every prompt slot
+  (`width` per row, padding included, as the program does) through the blocks and the LM head on
+  each row's last token; each decoding step runs every row through the blocks and the LM head;
+  attention counts the scores and the weighted sum over the slots each query attends to (its
+  row's valid ones)."""
+  d, f, v, hd = config.hidden_size, config.mlp_size, config.vocab_size, config.resolved_head_dim
+  h, k, layers = config.num_heads, config.num_kv_heads, config.num_layers
+  block = 2 * (d * h * hd * 2 + d * k * hd * 2 + 3 * d * f)  # q, o; k, v; gate, up, down
+  head = 2 * d * v
+  batch = len(prompt_lengths)
+  prefill = batch * width * block * layers + batch * head
+  attn_prefill = sum(4 * h * hd * n * (n + 1) / 2 for n in prompt_lengths) * layers
+  decode = new * batch * (block * layers + head)
+  attn_decode = sum(4 * h * hd * (n + t + 1) for n in prompt_lengths for t in range(new)) * layers
+  return float(prefill + attn_prefill + decode + attn_decode)
+
+
+def matmul_flops_per_s(m: int, kdim: int, n: int, reps: int = 20) -> float:
+  """XLA's float32 `[m, k] x [k, n]` product in this process: FLOP/s, median of `reps` timings of
+  a jitted loop of 16 products (each on a different operand, so none is hoisted)."""
+  import jax
+  import jax.numpy as jnp
+
+  a = jax.random.normal(jax.random.key(0), (16, m, kdim), jnp.float32)
+  w = jax.random.normal(jax.random.key(1), (kdim, n), jnp.float32)
+  f = jax.jit(lambda a, w: jax.lax.map(lambda x: x @ w, a))
+  f(a, w).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a, w).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * 16 * m * kdim * n / statistics.median(times)
+
+
+def peaks(config, batch: int) -> dict:
+  d, f, v = config.hidden_size, config.mlp_size, config.vocab_size
+  kv = config.num_kv_heads * config.resolved_head_dim
+  shapes = {
+    "q_o": (batch, d, d),
+    "k_v": (batch, d, kv),
+    "gate_up": (batch, d, 2 * f),
+    "down": (batch, f, d),
+    "lm_head": (batch, d, v),
+    "prefill_gate_up": (batch * 64, d, 2 * f),
+  }
+  out = {name: matmul_flops_per_s(*s) for name, s in shapes.items()}
+  out["large_2048"] = matmul_flops_per_s(2048, 2048, 2048, reps=5)
+  return out
+
+
+def breakdown(run_once) -> dict:
+  """Milliseconds per decoding step by group, from a profiler trace of one call: every XLA
+  operation that ran once per step (the loop body), grouped by the operation's shape and kind."""
+  import collections
+  import glob
+  import gzip
+  import shutil
+
+  import jax
+
+  trace_dir = tempfile.mkdtemp(prefix="pofx_sampling_trace_")
+  try:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      steps = run_once()
+    path = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
+    with gzip.open(path) as fh:
+      events = json.load(fh)
+  finally:
+    shutil.rmtree(trace_dir, ignore_errors=True)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  total, count = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and not e["name"].startswith(("$", "Thunk", "Slinky", "PjRt")):
+      total[e["name"]] += e.get("dur", 0) / 1e3
+      count[e["name"]] += 1
+  return {name: (ms, count[name]) for name, ms in total.items() if count[name] >= steps - 1}, steps
+
+
+def group_of(name: str, hlo: dict) -> str:
+  """The group of an XLA operation of the decoding loop, from its name and result shape."""
+  shape = hlo.get(name, "").split(" ", 1)[0]
+  if "ynn" in name or name.startswith("dot"):
+    if "4096]" in shape:
+      return "LM head product"
+    if "192" in shape or ",4," in shape:
+      return "attention products"
+    return "projection and MLP products"
+  if "dynamic-update-slice" in name:
+    return "cache and output writes (dynamic-update-slice)"
+  if "192" in shape:
+    return "attention softmax and mask"
+  if "4096" in shape or "64]" in shape:
+    return "token choice (softmax, inverse CDF)"
+  return "other (norms, RoPE, residuals, loop)"
+
+
+def run_pofx(a) -> dict:
+  import resource
+
+  import jax
+  import jax.numpy as jnp
+
+  import pofx_backends
+  from pofx import models, sampling
+
+  if not a.no_startup:
+    pofx_backends.startup()
+  kernels = pofx_backends.kernels(a.kernels)
+  config = models.preset("bench")
+  model = models.make(config, kernels=kernels)
+  params = model.init(jax.random.key(0))
+  tokens, mask = prompts(a.batch, a.prompt, a.variable)
+  key = jax.random.key(1)
+
+  def once(new=a.new):
+    out = sampling.sample(params, tokens, mask, key, model=model, max_new_tokens=new, eos_id=None, temperature=1.0)
+    jax.block_until_ready(out)
+    return out
+
+  t = time.perf_counter()
+  out = once()
+  compile_s = time.perf_counter() - t
+  assert out.tokens.shape == (a.batch, a.new) and int(np.asarray(out.lengths).min()) == a.new
+  times = []
+  for _ in range(a.reps):
+    t = time.perf_counter()
+    once()
+    times.append(time.perf_counter() - t)
+  med = statistics.median(times)
+  lens = [int(n) for n in mask.sum(1)]
+  flops = call_flops(config, a.prompt, lens, a.new)
+  cache_bytes = (
+    2 * config.num_layers * a.batch * config.num_kv_heads * (a.prompt + a.new) * config.resolved_head_dim * 4
+  )
+  res = {
+    "system": f"pofx (jax {jax.__version__}, kernels {kernels.name})",
+    "cpu": cpu_model(),
+    "batch": a.batch,
+    "prompt": a.prompt,
+    "new_tokens": a.new,
+    "variable": a.variable,
+    "reps": a.reps,
+    "sec_per_run_median": round(med, 4),
+    "sec_per_run": [round(x, 4) for x in times],
+    "generated_tokens_per_s": round(a.batch * a.new / med, 1),
+    "compile_and_first_run_s": round(compile_s, 2),
+    "kv_cache_MiB": round(cache_bytes / 2**20, 2),
+    "flops_per_run": flops,
+    "achieved_GFLOP_per_s": round(flops / med / 1e9, 1),
+    "maxrss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    "load_average": os.getloadavg(),
+  }
+  if a.peaks:
+    pk = peaks(config, a.batch)
+    res["matmul_GFLOP_per_s"] = {k: round(v / 1e9, 1) for k, v in pk.items()}
+    res["fraction_of_step_shape_peak"] = round(flops / med / max(pk[k] for k in ("q_o", "gate_up", "lm_head")), 3)
+    res["fraction_of_large_peak"] = round(flops / med / pk["large_2048"], 3)
+  if a.breakdown:
+    ops, steps = breakdown(lambda: (once(), a.new)[1])
+    hlo = {}
+    lowered = sampling._sample.lower(  # the same program, for the shapes of its operations
+      params,
+      jnp.asarray(tokens),
+      jnp.asarray(mask),
+      key,
+      jnp.float32(1.0),
+      jnp.float32(1.0),
+      np.asarray([-1], np.int32),
+      jnp.full((a.batch,), a.new, jnp.int32),
+      None,
+      model=model,
+      max_new_tokens=a.new,
+      pad_id=0,
+      top_k=0,
+      use_top_p=False,
+      mesh=None,
+      combine=None,
+    )
+    for line in lowered.compile().as_text().splitlines():
+      line = line.strip().removeprefix("ROOT ")
+      if line.startswith("%") and " = " in line:
+        name, rhs = line[1:].split(" = ", 1)
+        hlo[name] = rhs
+    groups = {}
+    for name, (ms, _) in ops.items():
+      g = group_of(name, hlo)
+      groups[g] = groups.get(g, 0.0) + ms / steps
+    step_ms = sum(groups.values())
+    res["step_breakdown_ms"] = {g: round(ms, 3) for g, ms in sorted(groups.items(), key=lambda kv: -kv[1])}
+    res["step_ms_traced"] = round(step_ms, 3)
+  return res
+
+
+def parser():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--side", choices=("pofx",), default="pofx")
+  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--prompt", type=int, default=64)
+  ap.add_argument("--new", type=int, default=128)
+  ap.add_argument("--variable", action="store_true")
+  ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--kernels", choices=("xla", "cpu"), default="xla")
+  ap.add_argument("--no_startup", action="store_true")
+  ap.add_argument("--peaks", action="store_true", help="XLA's matmul FLOP/s on the step's shapes and on 2048^3")
+  ap.add_argument("--breakdown", action="store_true", help="profile one call: a decoding step's time by group")
+  ap.add_argument("--compare", action="store_true", help="alternate the baseline and pofx in separate processes")
+  ap.add_argument("--workloads", default="fixed,variable")
+  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--json", default=None)
+  ap.add_argument("--markdown", default=None)
+  return ap
+
+
+def child(argv) -> dict:
+  """Runs one side in a separate process; its JSON result (or {"error": ...})."""
+  with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+    out = f.name
+  load_before = os.getloadavg()
+  t = time.perf_counter()
+  proc = subprocess.run(argv + [out], cwd=ROOT, capture_output=True, text=True, check=False)
+  wall = time.perf_counter() - t
+  if proc.returncode:
+    return {"error": (proc.stderr or proc.stdout)[-2000:]}
+  with open(out) as fh:
+    res = json.load(fh)
+  os.unlink(out)
+  res["load_before"], res["load_after"], res["process_wall_s"] = load_before, os.getloadavg(), round(wall, 1)
+  return res
+
+
+def compare(a) -> dict:
+  workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
+  common = ["--batch", str(a.batch), "--prompt", str(a.prompt), "--new", str(a.new), "--reps", str(a.reps)]
+  runs = {(w, s): [] for w in workloads for s in ("hf", "pofx")}
+  for r in range(a.rounds):
+    for w in workloads:
+      var = ["--variable"] if w == "variable" else []
+      sides = ("hf", "pofx") if r % 2 == 0 else ("pofx", "hf")
+      for side in sides:
+        if side == "hf":
+          argv = [sys.executable, BASELINE, *common, *var, "--out"]
+        else:
+          argv = [sys.executable, os.path.abspath(__file__), *common, *var, "--kernels", a.kernels, "--json"]
+        res = child(argv)
+        runs[(w, side)].append(res)
+        tps = res.get("generated_tokens_per_s", res.get("error", "?")[-200:])
+        print(f"round {r} {w:8s} {side:4s} tokens/s {tps}  load {res.get('load_before', '')}", flush=True)
+  summary = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_model()}
+  try:
+    summary["commit"] = subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    summary["commit"] = "?"
+  summary["command"] = "python benchmarks/sampling.py --compare " + " ".join(
+    f"--{k} {v}" for k, v in (("workloads", a.workloads), ("rounds", a.rounds), ("reps", a.reps))
+  )
+  summary["workloads"] = {}
+  for w in workloads:
+    hf = [r["generated_tokens_per_s"] for r in runs[(w, "hf")] if "error" not in r]
+    px = [r["generated_tokens_per_s"] for r in runs[(w, "pofx")] if "error" not in r]
+    ratios = [
+      p["generated_tokens_per_s"] / h["generated_tokens_per_s"]
+      for h, p in zip(runs[(w, "hf")], runs[(w, "pofx")])
+      if "error" not in h and "error" not in p
+    ]
+    loads = [r["load_before"][0] for side in ("hf", "pofx") for r in runs[(w, side)] if "load_before" in r]
+    summary["workloads"][w] = {
+      "hf_tokens_per_s": hf,
+      "pofx_tokens_per_s": px,
+      "hf_median": statistics.median(hf) if hf else None,
+      "pofx_median": statistics.median(px) if px else None,
+      "ratio_per_round": [round(x, 2) for x in ratios],
+      "ratio_median": round(statistics.median(ratios), 2) if ratios else None,
+      "load_1min": [round(x, 1) for x in loads],
+      "errors": [r["error"][-300:] for side in ("hf", "pofx") for r in runs[(w, side)] if "error" in r],
+      "pofx_kv_cache_MiB": next((r.get("kv_cache_MiB") for r in runs[(w, "pofx")] if "error" not in r), None),
+      "hf_system": next((r.get("system") for r in runs[(w, "hf")] if "error" not in r), None),
+    }
+  summary["markdown"] = markdown(summary)
+  print(summary["markdown"])
+  return summary
+
+
+def markdown(s) -> str:
+  lines = [
+    f"{s['date']}, commit {s['commit']}, {s['cpu']}. Command: `{s['command']}`.",
+    "",
+    "| prompts | HF generate tokens/s | pofx tokens/s | pofx / HF (median of rounds) | ratios per round | load (1 min) |",
+    "|---|---|---|---|---|---|",
+  ]
+  for w, r in s["workloads"].items():
+    fmt = lambda x: "-" if x is None else f"{x:,.0f}"
+    lines.append(
+      f"| {w} | {fmt(r['hf_median'])} | {fmt(r['pofx_median'])} | {r['ratio_median']} | "
+      f"{', '.join(str(x) for x in r['ratio_per_round'])} | {', '.join(str(x) for x in r['load_1min'])} |"
+    )
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  a = parser().parse_args(argv)
+  res = compare(a) if a.compare else run_pofx(a)
+  if not a.compare:
+    print(json.dumps(res, indent=1))
+  if a.json:
+    with open(a.json, "w") as fh:
+      json.dump(res, fh, indent=1)
+  if a.markdown and a.compare:
+    with open(a.markdown, "w") as fh:
+      fh.write(res["markdown"] + "\n")
+
+
+if __name__ == "__main__":
+  main()
