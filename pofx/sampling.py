@@ -64,7 +64,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from pofx import logprobs
 
@@ -306,6 +306,15 @@ def _generate(
   return toks, mask, lps, slps, stopped
 
 
+def _place(x, mesh, spec):
+  """`x` laid out as `spec` on `mesh` inside jit (`reshard` on a mesh with explicit axes, a
+  sharding constraint on one with auto axes)."""
+  sharding = NamedSharding(mesh, spec)
+  if any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+    return jax.sharding.reshard(x, sharding)
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
 def _batch_axes(mesh) -> Tuple[str, ...]:
   axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
   if not axes:
@@ -347,6 +356,7 @@ def _sample(
   else:
     rows = PartitionSpec(_batch_axes(mesh))
     specs = (PartitionSpec(), rows, rows, rows, PartitionSpec(), PartitionSpec(), PartitionSpec(), rows)
+    args = tuple(jax.tree.map(lambda x, spec=spec: _place(x, mesh, spec), arg) for arg, spec in zip(args, specs))
     toks, mask, lps, slps, stopped = jax.shard_map(gen, mesh=mesh, in_specs=specs, out_specs=rows, check_vma=False)(
       *args
     )
