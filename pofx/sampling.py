@@ -23,7 +23,9 @@ the logits equal those of the unpadded sequence; padding is never attended to.
 
 Decoding. The whole generation is one jitted program: one prefill over the prompts
 (`model.decode`, LM head on each row's last token only), then one cached step per new token
-inside a `lax.while_loop` (no host round trip per token) that stops as soon as every row is done.
+inside `lax.while_loop`s (no host round trip per token) that stop as soon as every row is done:
+with a model that can `resize_cache`, one loop per segment of the new tokens (`cache_segments`),
+each over a cache only as long as its last step needs, so early steps attend over fewer slots.
 A row is done when it has produced a stop token (`eos_id` or one of `stop_ids`; the completion
 includes it, `finished` True) or `max_lengths[b]` tokens (default `max_new_tokens`; `finished`
 False). After its end a row holds `pad_id` with mask 0. With a `mesh`, the rows are split over the
@@ -251,6 +253,13 @@ def _decode_last(model, params, tokens, positions, valid, cache):
   return logits[:, -1].astype(jnp.float32), cache
 
 
+def segment_ends(max_new_tokens: int, segments: int) -> Tuple[int, ...]:
+  """The steps at which the decoding loops end: `segments` loops of about equal length."""
+  n = max(1, min(int(segments), int(max_new_tokens)))
+  size = -(-int(max_new_tokens) // n)
+  return tuple(min(int(max_new_tokens), size * (j + 1)) for j in range(-(-int(max_new_tokens) // size)))
+
+
 def _generate(
   params,
   prompt_tokens,
@@ -265,13 +274,15 @@ def _generate(
   pad_id,
   top_k,
   use_top_p,
+  segments,
 ):
   """The whole generation of `sample` for the rows given (one device's share under a mesh)."""
   B, P = prompt_tokens.shape
   T = uniforms.shape[1]
+  ends = segment_ends(T, segments if hasattr(model, "resize_cache") else 1)
   positions, valid = _prompt_positions(prompt_mask)
   n_prompt = jnp.sum(valid, axis=1).astype(jnp.int32)  # [B]
-  cache = model.init_cache(B, P + T)
+  cache = model.init_cache(B, P + ends[0])
   last, cache = _decode_last(model, params, prompt_tokens, positions, valid, cache)  # predicts token 0
 
   pads = jnp.full((B, T), pad_id, jnp.int32)
@@ -279,17 +290,13 @@ def _generate(
   done = max_lengths <= 0
   state = (jnp.zeros((), jnp.int32), last, cache, done, jnp.zeros((B,), jnp.bool_), pads, zeros, zeros, zeros)
 
-  def cond(s):
-    t, done = s[0], s[3]
-    return (t < T) & ~jnp.all(done)
-
   def body(s):
     t, last, cache, done, stopped, toks, mask, lps, slps = s
     u = jax.lax.dynamic_index_in_dim(uniforms, t, axis=1, keepdims=False)
     tok, lp, slp = _choose(last, u, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
     live = ~done
     tok = jnp.where(live, tok, pad_id)
-    col = lambda a, x: jax.lax.dynamic_update_index_in_dim(a, x, t, axis=1)  # noqa: E731
+    col = lambda a, x: jax.lax.dynamic_update_index_in_dim(a, x, t, axis=1)
     toks = col(toks, tok)
     mask = col(mask, live.astype(jnp.float32))
     lps = col(lps, jnp.where(live, lp, 0.0))
@@ -302,7 +309,13 @@ def _generate(
     )
     return (t + 1, logits, cache, done, stopped, toks, mask, lps, slps)
 
-  _, _, _, _, stopped, toks, mask, lps, slps = jax.lax.while_loop(cond, body, state)
+  # One loop per segment, each over a cache only as long as the segment's last step needs, so
+  # that the attention reads the slots written so far rather than the final length's.
+  for j, end in enumerate(ends):
+    if j:
+      state = state[:2] + (model.resize_cache(state[2], P + end),) + state[3:]
+    state = jax.lax.while_loop(lambda s, end=end: (s[0] < end) & ~jnp.all(s[3]), body, state)
+  _, _, _, _, stopped, toks, mask, lps, slps = state
   return toks, mask, lps, slps, stopped
 
 
@@ -325,7 +338,8 @@ def _batch_axes(mesh) -> Tuple[str, ...]:
 
 
 @functools.partial(
-  jax.jit, static_argnames=("model", "max_new_tokens", "pad_id", "top_k", "use_top_p", "mesh", "combine")
+  jax.jit,
+  static_argnames=("model", "max_new_tokens", "pad_id", "top_k", "use_top_p", "mesh", "combine", "segments"),
 )
 def _sample(
   params,
@@ -345,11 +359,12 @@ def _sample(
   use_top_p,
   mesh,
   combine,
+  segments,
 ):
   B = prompt_tokens.shape[0]
   model_params = params if combine is None else combine(frozen, params)
   uniforms = jax.random.uniform(key, (B, max_new_tokens), jnp.float32)
-  gen = functools.partial(_generate, model=model, pad_id=pad_id, top_k=top_k, use_top_p=use_top_p)
+  gen = functools.partial(_generate, model=model, pad_id=pad_id, top_k=top_k, use_top_p=use_top_p, segments=segments)
   args = (model_params, prompt_tokens, prompt_mask, uniforms, temperature, top_p, stop_ids, max_lengths)
   if mesh is None:
     toks, mask, lps, slps, stopped = gen(*args)
@@ -390,6 +405,7 @@ def sample(
   mesh=None,
   frozen=None,
   combine: Optional[Callable] = None,
+  cache_segments: Optional[int] = None,
 ) -> Samples:
   """Samples one completion per left-padded prompt (jitted; see the module docstring).
 
@@ -415,6 +431,9 @@ def sample(
     frozen, combine: the frozen base and `combine(frozen, params) -> model params` of a policy
       trained with `pofx.train.make_train_step(combine=...)` (LoRA); the combination is computed
       once, before decoding.
+    cache_segments: decode in this many loops over a cache that grows by a segment each time
+      (models with `resize_cache`); None: one per 32 new tokens, at most 4. Changes the speed,
+      not the samples.
 
   Returns:
     `Samples`.
@@ -476,6 +495,7 @@ def sample(
     use_top_p=bool(top_p < 1.0),
     mesh=mesh,
     combine=combine,
+    segments=int(min(4, -(-int(max_new_tokens) // 32)) if cache_segments is None else cache_segments),
   )
 
 

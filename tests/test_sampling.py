@@ -364,7 +364,8 @@ def test_sampling_distribution_matches_numpy(model, temperature, top_k, top_p):
 
 def test_stop_ids_and_max_lengths_cut_the_unconstrained_samples():
   """Same key, same uniforms: a run with stop tokens and per-row lengths is, row by row, the
-  prefix of the unconstrained run that ends at the first stop token or at the row's length."""
+  prefix of the unconstrained run that ends at the first stop token or at the row's length (the
+  unconstrained run decoding over a cache grown in 3 segments, the other in one loop)."""
   cfg = llama.tiny(vocab_size=8)  # stops are likely
   params = llama.init_params(cfg, jax.random.key(8))
   params = {**params, "lm_head": params["lm_head"] * 30.0}
@@ -373,7 +374,8 @@ def test_stop_ids_and_max_lengths_cut_the_unconstrained_samples():
   tok, mask = sampling.left_pad(prompts, length=6)
   T, stops = 7, (3, 5)
   max_len = np.random.default_rng(0).integers(0, T + 1, len(prompts)).astype(np.int32)
-  free = sampling.sample(params, tok, mask, jax.random.key(9), model=m, max_new_tokens=T, pad_id=0)
+  # The free run also decodes in 3 loops over a growing cache: segments must not change samples.
+  free = sampling.sample(params, tok, mask, jax.random.key(9), model=m, max_new_tokens=T, pad_id=0, cache_segments=3)
   cut = sampling.sample(
     params, tok, mask, jax.random.key(9), model=m, max_new_tokens=T, pad_id=0, stop_ids=stops, max_lengths=max_len
   )

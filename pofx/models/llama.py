@@ -798,6 +798,27 @@ def init_cache(config: LlamaConfig, batch_size: int, max_length: int) -> KVCache
   return KVCache(k=keys, v=values, valid=jnp.zeros((batch_size, max_length), jnp.bool_), index=jnp.zeros((), jnp.int32))
 
 
+def resize_cache(cache: KVCache, max_length: int) -> KVCache:
+  """`cache` with room for `max_length` tokens: empty slots appended (or unused trailing slots
+  dropped); the written slots and `index` are unchanged. Lets a sampler attend over a cache
+  that grows with the sequence instead of over its final length at every step."""
+  S = cache.valid.shape[1]
+  grow = max_length - S
+  if grow < 0:
+    return KVCache(
+      k=tuple(k[..., :max_length] for k in cache.k),
+      v=tuple(v[:, :, :max_length] for v in cache.v),
+      valid=cache.valid[:, :max_length],
+      index=cache.index,
+    )
+  return KVCache(
+    k=tuple(jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, grow))) for k in cache.k),
+    v=tuple(jnp.pad(v, ((0, 0), (0, 0), (0, grow), (0, 0))) for v in cache.v),
+    valid=jnp.pad(cache.valid, ((0, 0), (0, grow))),
+    index=cache.index,
+  )
+
+
 def _transpose(x: Array, axes, like: Array) -> Array:
   """`x [B, L, K, hd]` transposed to the layout of the cache array `like`, in its dtype."""
   return jnp.transpose(x, axes).astype(like.dtype)
@@ -893,7 +914,8 @@ class LlamaModel:
   attention_blocks=None, output_index=None, dropout_key=None, embedding_offset=None) -> hidden
   [B, L, D]`; `head(params) -> [D, V]`;
   `logits(params, tokens, positions, segment_ids, branch_ids=None) -> [B, L, V]`;
-  `init_cache(batch_size, max_length) -> KVCache`; `decode(params, tokens, positions, valid,
+  `init_cache(batch_size, max_length) -> KVCache`; `resize_cache(cache, max_length) -> KVCache`;
+  `decode(params, tokens, positions, valid,
   cache, *, last_only=False) -> (logits [B, L or 1, V], cache)`. Frozen and hashable by (config, kernels), so a model (and
   each of its bound functions) can be a static argument of `jax.jit`.
   """
@@ -947,6 +969,9 @@ class LlamaModel:
 
   def init_cache(self, batch_size: int, max_length: int) -> KVCache:
     return init_cache(self.config, batch_size, max_length)
+
+  def resize_cache(self, cache: KVCache, max_length: int) -> KVCache:
+    return resize_cache(cache, max_length)
 
   def decode(
     self, params: Params, tokens: Array, positions: Array, valid: Array, cache: KVCache, *, last_only: bool = False
