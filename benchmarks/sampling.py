@@ -38,6 +38,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -140,7 +141,8 @@ def peaks(config, batch: int) -> dict:
 
 def breakdown(run_once) -> dict:
   """Milliseconds per decoding step by group, from a profiler trace of one call: every XLA
-  operation that ran once per step (the loop body), grouped by the operation's shape and kind."""
+  operation of the decoding loops (those that ran at least 8 times), grouped by the
+  operation's shape and kind, divided by the number of steps."""
   import collections
   import glob
   import gzip
@@ -163,25 +165,28 @@ def breakdown(run_once) -> dict:
     if e.get("ph") == "X" and not e["name"].startswith(("$", "Thunk", "Slinky", "PjRt")):
       total[e["name"]] += e.get("dur", 0) / 1e3
       count[e["name"]] += 1
-  return {name: (ms, count[name]) for name, ms in total.items() if count[name] >= steps - 1}, steps
+  # Operations of the decoding loops run once per step of their segment; the prefill's run once.
+  return {name: (ms, count[name]) for name, ms in total.items() if count[name] >= 8}, steps
 
 
-def group_of(name: str, hlo: dict) -> str:
-  """The group of an XLA operation of the decoding loop, from its name and result shape."""
+def group_of(name: str, hlo: dict, vocab: int = VOCAB) -> str:
+  """The group of an XLA operation of the decoding loops, from its name and result shape: results
+  with 4 or more dimensions are per (row, key/value head) (attention); a last dimension of V or a
+  block of the two-level draw is the token choice."""
   shape = hlo.get(name, "").split(" ", 1)[0]
-  if "ynn" in name or name.startswith("dot"):
-    if "4096]" in shape:
+  dims = [int(x) for x in re.findall(r"\d+", shape.split("[", 1)[-1].split("]", 1)[0])] if "[" in shape else []
+  product = "ynn" in name or name.startswith("dot")
+  if product:
+    if dims and dims[-1] == vocab:
       return "LM head product"
-    if "192" in shape or ",4," in shape:
-      return "attention products"
-    return "projection and MLP products"
+    return "attention products" if len(dims) >= 4 else "projection and MLP products"
   if "dynamic-update-slice" in name:
     return "cache and output writes (dynamic-update-slice)"
-  if "192" in shape:
+  if len(dims) >= 4:
     return "attention softmax and mask"
-  if "4096" in shape or "64]" in shape:
+  if dims and (dims[-1] == vocab or (len(dims) >= 2 and dims[-1] == 64)):
     return "token choice (softmax, inverse CDF)"
-  return "other (norms, RoPE, residuals, loop)"
+  return "other (norms, RoPE, residuals, loop control)"
 
 
 def run_pofx(a) -> dict:
@@ -265,6 +270,7 @@ def run_pofx(a) -> dict:
       use_top_p=False,
       mesh=None,
       combine=None,
+      segments=min(4, -(-a.new // 32)),
     )
     for line in lowered.compile().as_text().splitlines():
       line = line.strip().removeprefix("ROOT ")
