@@ -3,6 +3,7 @@
     python benchmarks/sampling.py [--variable] [--reps 5] [--json PATH]           # pofx alone
         [--kernels {xla,cpu}] [--no_startup] [--breakdown] [--peaks]
     python benchmarks/sampling.py --compare [--workloads fixed,variable] [--rounds 3] [--reps 5]
+        [--hf_candidates "OMP_NUM_THREADS=1"] [--pofx_candidates "XLA_FLAGS=..."]
         [--markdown PATH] [--json PATH]                                           # side by side
 
 pofx alone (`--side pofx`, the default) mirrors `hf_generate_baseline.py` (kept unchanged beside
@@ -23,12 +24,17 @@ FLOP/s on the step's shapes (`[32, 256] x [256, n]` ...) and on a 2048^3 product
 FLOP/s as a fraction of each; with `--breakdown`, where the time of a decoding step goes (a
 profiler trace of one call: the time of every XLA operation of the decoding loop, grouped).
 
-`--compare` runs both sides in separate processes, alternating (each round runs the baseline and
-pofx on every workload, the order reversed on every other round, so both see the same machine
-conditions), and reports per workload the median tokens/s of each side, the median of the
-per-round ratios, the load average around the runs, the CPU model, and a markdown table for
-`docs/benchmarks.md`. On a shared machine the absolute figures move with the load; the ratios of
-alternated runs move less. The baseline needs torch and transformers in the same environment.
+`--compare` runs both sides in separate processes, alternating (each round runs every setting of
+both sides on every workload, the order reversed on every other round, so both see the same
+machine conditions). A side's settings are its default (its command as documented, in this
+environment) and its candidates, environment settings (`--hf_candidates`, default one OpenMP
+thread; `--pofx_candidates`, default XLA:CPU on one thread). Reported per workload: the median
+tokens/s of every setting, the default-vs-default ratio per round and its median, the ratio of
+each side's best setting, the load average before each run, the CPU model, and a markdown table
+for `docs/benchmarks.md`. On a shared machine the absolute figures move with the load, and
+threads that wait for each other lose most (PyTorch's two OpenMP threads on a loaded 2-core
+machine ran about 10 times slower than one thread): read the load column, and prefer a quiet
+machine. The baseline needs torch and transformers in the same environment.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -302,18 +309,31 @@ def parser():
   ap.add_argument("--compare", action="store_true", help="alternate the baseline and pofx in separate processes")
   ap.add_argument("--workloads", default="fixed,variable")
   ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument(
+    "--hf_candidates",
+    default="OMP_NUM_THREADS=1",
+    help="';'-separated environment settings also tried for the baseline ('' for none)",
+  )
+  ap.add_argument(
+    "--pofx_candidates",
+    default="XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'",
+    help="';'-separated environment settings also tried for pofx ('' for none)",
+  )
   ap.add_argument("--json", default=None)
   ap.add_argument("--markdown", default=None)
   return ap
 
 
-def child(argv) -> dict:
-  """Runs one side in a separate process; its JSON result (or {"error": ...})."""
+def child(argv, env=None) -> dict:
+  """Runs one side in a separate process (environment: this one's plus `env`); its JSON result
+  (or {"error": ...})."""
   with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
     out = f.name
   load_before = os.getloadavg()
   t = time.perf_counter()
-  proc = subprocess.run(argv + [out], cwd=ROOT, capture_output=True, text=True, check=False)
+  proc = subprocess.run(
+    argv + [out], cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, check=False
+  )
   wall = time.perf_counter() - t
   if proc.returncode:
     return {"error": (proc.stderr or proc.stdout)[-2000:]}
@@ -324,23 +344,35 @@ def child(argv) -> dict:
   return res
 
 
+def settings(a):
+  """`[(side, label, env)]`: each side's default (its command as documented, this environment)
+  and its candidates (`--hf_candidates`, `--pofx_candidates`: `;`-separated sets of
+  `NAME=value` environment variables)."""
+  out = [("hf", "default", {}), ("pofx", "default", {})]
+  for side, spec in (("hf", a.hf_candidates), ("pofx", a.pofx_candidates)):
+    for cand in (c.strip() for c in spec.split(";")):
+      if cand:
+        out.append((side, cand, dict(w.split("=", 1) for w in shlex.split(cand))))
+  return out
+
+
 def compare(a) -> dict:
   workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
   common = ["--batch", str(a.batch), "--prompt", str(a.prompt), "--new", str(a.new), "--reps", str(a.reps)]
-  runs = {(w, s): [] for w in workloads for s in ("hf", "pofx")}
+  todo = settings(a)
+  runs = {(w, side, label): [] for w in workloads for side, label, _ in todo}
   for r in range(a.rounds):
     for w in workloads:
       var = ["--variable"] if w == "variable" else []
-      sides = ("hf", "pofx") if r % 2 == 0 else ("pofx", "hf")
-      for side in sides:
+      for side, label, env in todo if r % 2 == 0 else todo[::-1]:
         if side == "hf":
           argv = [sys.executable, BASELINE, *common, *var, "--out"]
         else:
           argv = [sys.executable, os.path.abspath(__file__), *common, *var, "--kernels", a.kernels, "--json"]
-        res = child(argv)
-        runs[(w, side)].append(res)
-        tps = res.get("generated_tokens_per_s", res.get("error", "?")[-200:])
-        print(f"round {r} {w:8s} {side:4s} tokens/s {tps}  load {res.get('load_before', '')}", flush=True)
+        res = child(argv, env)
+        runs[(w, side, label)].append(res)
+        tps = res.get("generated_tokens_per_s", res.get("error", "?")[-300:])
+        print(f"round {r} {w:8s} {side:4s} {label:40s} tokens/s {tps}  load {res.get('load_before', '')}", flush=True)
   summary = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_model()}
   try:
     summary["commit"] = subprocess.run(
@@ -348,30 +380,51 @@ def compare(a) -> dict:
     ).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     summary["commit"] = "?"
-  summary["command"] = "python benchmarks/sampling.py --compare " + " ".join(
-    f"--{k} {v}" for k, v in (("workloads", a.workloads), ("rounds", a.rounds), ("reps", a.reps))
-  )
+  opts = [("workloads", a.workloads), ("rounds", a.rounds), ("reps", a.reps)]
+  defaults = parser().parse_args([])
+  opts += [
+    (k, shlex.quote(getattr(a, k)))
+    for k in ("hf_candidates", "pofx_candidates")
+    if getattr(a, k) != getattr(defaults, k)
+  ]
+  summary["command"] = "python benchmarks/sampling.py --compare " + " ".join(f"--{k} {v}" for k, v in opts)
   summary["workloads"] = {}
   for w in workloads:
-    hf = [r["generated_tokens_per_s"] for r in runs[(w, "hf")] if "error" not in r]
-    px = [r["generated_tokens_per_s"] for r in runs[(w, "pofx")] if "error" not in r]
+    med = {}
+    entries = []
+    for side, label, _ in todo:
+      ok = [x for x in runs[(w, side, label)] if "error" not in x]
+      tps = [x["generated_tokens_per_s"] for x in ok]
+      med[(side, label)] = statistics.median(tps) if tps else None
+      entries.append(
+        {
+          "side": side,
+          "label": label,
+          "tokens_per_s": tps,
+          "median": med[(side, label)],
+          "load_1min": [round(x["load_before"][0], 1) for x in ok],
+          "errors": [x["error"][-300:] for x in runs[(w, side, label)] if "error" in x],
+        }
+      )
+    hf_d, px_d = runs[(w, "hf", "default")], runs[(w, "pofx", "default")]
     ratios = [
       p["generated_tokens_per_s"] / h["generated_tokens_per_s"]
-      for h, p in zip(runs[(w, "hf")], runs[(w, "pofx")])
+      for h, p in zip(hf_d, px_d)
       if "error" not in h and "error" not in p
     ]
-    loads = [r["load_before"][0] for side in ("hf", "pofx") for r in runs[(w, side)] if "load_before" in r]
+    best = {
+      side: max(((v, k[1]) for k, v in med.items() if k[0] == side and v is not None), default=(None, None))
+      for side in ("hf", "pofx")
+    }
     summary["workloads"][w] = {
-      "hf_tokens_per_s": hf,
-      "pofx_tokens_per_s": px,
-      "hf_median": statistics.median(hf) if hf else None,
-      "pofx_median": statistics.median(px) if px else None,
-      "ratio_per_round": [round(x, 2) for x in ratios],
-      "ratio_median": round(statistics.median(ratios), 2) if ratios else None,
-      "load_1min": [round(x, 1) for x in loads],
-      "errors": [r["error"][-300:] for side in ("hf", "pofx") for r in runs[(w, side)] if "error" in r],
-      "pofx_kv_cache_MiB": next((r.get("kv_cache_MiB") for r in runs[(w, "pofx")] if "error" not in r), None),
-      "hf_system": next((r.get("system") for r in runs[(w, "hf")] if "error" not in r), None),
+      "settings": entries,
+      "default_ratio_per_round": [round(x, 2) for x in ratios],
+      "default_ratio_median": round(statistics.median(ratios), 2) if ratios else None,
+      "hf_best": {"median": best["hf"][0], "label": best["hf"][1]},
+      "pofx_best": {"median": best["pofx"][0], "label": best["pofx"][1]},
+      "best_ratio": round(best["pofx"][0] / best["hf"][0], 2) if best["hf"][0] and best["pofx"][0] else None,
+      "pofx_kv_cache_MiB": next((x.get("kv_cache_MiB") for x in px_d if "error" not in x), None),
+      "hf_system": next((x.get("system") for x in hf_d if "error" not in x), None),
     }
   summary["markdown"] = markdown(summary)
   print(summary["markdown"])
@@ -379,17 +432,24 @@ def compare(a) -> dict:
 
 
 def markdown(s) -> str:
+  fmt = lambda x: "-" if x is None else f"{x:,.0f}"
   lines = [
     f"{s['date']}, commit {s['commit']}, {s['cpu']}. Command: `{s['command']}`.",
     "",
-    "| prompts | HF generate tokens/s | pofx tokens/s | pofx / HF (median of rounds) | ratios per round | load (1 min) |",
+    "| prompts | side | setting | tokens/s (median) | runs | load (1 min) at each run |",
     "|---|---|---|---|---|---|",
   ]
   for w, r in s["workloads"].items():
-    fmt = lambda x: "-" if x is None else f"{x:,.0f}"
+    for e in r["settings"]:
+      lines.append(
+        f"| {w} | {e['side']} | {e['label']} | {fmt(e['median'])} | {', '.join(fmt(x) for x in e['tokens_per_s'])} | "
+        f"{', '.join(str(x) for x in e['load_1min'])} |"
+      )
+  lines += ["", "| prompts | pofx / HF, defaults (per round) | pofx best / HF best |", "|---|---|---|"]
+  for w, r in s["workloads"].items():
     lines.append(
-      f"| {w} | {fmt(r['hf_median'])} | {fmt(r['pofx_median'])} | {r['ratio_median']} | "
-      f"{', '.join(str(x) for x in r['ratio_per_round'])} | {', '.join(str(x) for x in r['load_1min'])} |"
+      f"| {w} | {r['default_ratio_median']} ({', '.join(str(x) for x in r['default_ratio_per_round'])}) | "
+      f"{r['best_ratio']} ({r['pofx_best']['label']} / {r['hf_best']['label']}) |"
     )
   return "\n".join(lines)
 
