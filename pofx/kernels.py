@@ -178,6 +178,30 @@ def masked_softmax_attention(
   return jnp.einsum("bkgqs,bskd->bqkgd", probs, v).astype(q.dtype)
 
 
+def cache_attention(
+  q: Array, k: Array, v: Array, mask: Array, *, scale: float, softcap: Optional[float] = None
+) -> Array:
+  """`masked_softmax_attention` for decoding (a few queries over a key/value cache), written as
+  two batched products over (batch, key/value head) with the slots contracted in place:
+  `q [B, Lq, K, G, hd]`, `k, v [B, S, K, hd]`, `mask [B, Lq, S]`.
+
+  The products are `q [Lq G, hd] . k [hd, S]` and `p [Lq G, S] . v [S, hd]` per (row, head), so
+  the keys enter as `[B, K, hd, S]` and the values as `[B, K, S, hd]`: a cache stored in those
+  layouts (as `pofx.models.llama.KVCache` is) and handed over as `[B, S, K, hd]` transposes
+  reaches the products without a copy (the two transposes cancel), and neither operand of either
+  product is transposed (which XLA:CPU's small batched products are slow at)."""
+  B, Lq, K, G, hd = q.shape
+  kt = jnp.transpose(k, (0, 2, 3, 1))  # [B, K, hd, S]
+  vh = jnp.swapaxes(v, 1, 2)  # [B, K, S, hd]
+  qh = jnp.transpose(q, (0, 2, 1, 3, 4)).reshape(B, K, Lq * G, hd)  # rows (query, group)
+  scores = jax.lax.dot_general(qh, kt, (((3,), (2,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
+  scores = softcap_scores(scores * scale, softcap).reshape(B, K, Lq, G, -1)
+  scores = jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B, K, Lq * G, -1)
+  out = jax.lax.dot_general(probs, vh, (((3,), (2,)), ((0, 1), (0, 1))))  # [B, K, Lq G, hd]
+  return jnp.transpose(out.reshape(B, K, Lq, G, hd), (0, 2, 1, 3, 4)).astype(q.dtype)
+
+
 def xla_attention(
   q: Array,
   k: Array,
@@ -213,7 +237,7 @@ def xla_attention(
     )
   q, k = apply_rope(q, k, rope)
   if isinstance(mask, CacheMask):
-    return masked_softmax_attention(q, k, v, mask.dense(q.shape[1]), scale=scale, softcap=softcap)
+    return cache_attention(q, k, v, mask.dense(q.shape[1]), scale=scale, softcap=softcap)
   if not isinstance(mask, SegmentMask):
     raise TypeError(f"attention: mask must be a SegmentMask or CacheMask, got {type(mask).__name__}.")
   dense = mask.dense()

@@ -4,6 +4,12 @@ Expected values come from the full-sequence `llama.logits_fn` (no cache) with a 
 `jax.nn.log_softmax`, written out here, never from the sampler itself.
 """
 
+import functools
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +19,7 @@ from pofx import sampling
 from pofx.models import llama
 
 EOS = 3
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +259,253 @@ def test_bad_arguments(model):
       max_new_tokens=4,
       eos_id=EOS,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Token choice against numpy: the inverse CDF, the nucleus, and whole sampling distributions.
+
+
+def test_invert_cdf_matches_numpy_searchsorted():
+  rng = np.random.default_rng(0)
+  invert = jax.jit(sampling._invert_cdf)
+  for n in (97, 4096):  # off and on the two-level block size
+    w = rng.exponential(size=(64, n)).astype(np.float32) * (rng.random((64, n)) < 0.7)
+    w[:, 0] += 1e-3  # every row has mass
+    u = rng.random(64).astype(np.float32)
+    got = np.asarray(invert(jnp.asarray(w), jnp.asarray(u)))
+    c = np.cumsum(w.astype(np.float64), axis=1)
+    want = np.array([np.searchsorted(c[i], u[i] * c[i, -1], side="right") for i in range(64)])
+    # float32 partial sums may move a draw that lands within rounding of a boundary by one token
+    close = np.abs(c[np.arange(64), np.minimum(want, n - 1)] - u * c[:, -1]) < 1e-4 * c[:, -1]
+    assert np.all((got == want) | close) and np.mean(got == want) > 0.95
+    assert np.all(w[np.arange(64), got] > 0)  # a zero weight is never drawn
+  # u at the very top of [0, 1): the last positive weight, never the zero tail.
+  w = np.array([[1.0, 2.0, 0.0, 0.0]], np.float32)
+  assert int(invert(jnp.asarray(w), jnp.asarray([np.float32(1 - 2**-24)]))[0]) == 1
+
+
+def _np_nucleus(z, top_p):
+  """Holtzman et al.'s nucleus of logits `z` (numpy, by sorting): the smallest prefix of the
+  tokens in decreasing probability whose mass reaches top_p."""
+  p = np.exp(z - z.max())
+  p /= p.sum()
+  order = np.argsort(-p, kind="stable")
+  before = np.cumsum(p[order]) - p[order]
+  return set(order[before < top_p].tolist())
+
+
+def test_nucleus_threshold_matches_numpy_sort():
+  rng = np.random.default_rng(1)
+  z = (rng.normal(size=(40, 200)) * rng.uniform(0.1, 4.0, size=(40, 1))).astype(np.float32)
+  z[:5] -= 50.0  # all negative logits: the float keys' order holds below 0 too
+  nucleus = jax.jit(lambda s, p: sampling._nucleus_threshold(s, jnp.exp(s), p))
+  for top_p in (0.05, 0.5, 0.9, 0.999):
+    thr, keys = nucleus(jnp.asarray(z - z.max(axis=1, keepdims=True)), jnp.float32(top_p))
+    kept = np.asarray(keys >= thr[:, None])
+    for i in range(z.shape[0]):
+      assert set(np.nonzero(kept[i])[0].tolist()) == _np_nucleus(z[i].astype(np.float64), top_p)
+
+
+def _np_sampling_dist(z, temperature, top_k, top_p):
+  """The distribution HF's warpers sample from (temperature, then top-k, then top-p), numpy."""
+  s = z.astype(np.float64) / temperature
+  keep = np.ones_like(s, bool)
+  if top_k:
+    keep[np.argsort(-s, kind="stable")[top_k:]] = False
+  s = np.where(keep, s, -np.inf)
+  if top_p < 1:
+    nucleus = _np_nucleus(np.where(keep, s, -1e30), top_p)
+    keep &= np.isin(np.arange(s.size), list(nucleus))
+  q = np.where(keep, np.exp(s - s[keep].max()), 0.0)
+  return q / q.sum()
+
+
+@pytest.mark.parametrize(
+  "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.6, 5, 1.0), (1.4, 0, 0.8), (1.0, 6, 0.7)], ids=str
+)
+def test_sampling_distribution_matches_numpy(model, temperature, top_k, top_p):
+  """2048 first tokens of one prompt: `sample_logps` is log q of the drawn token for the numpy
+  distribution q, no token outside q's support is drawn, and the frequencies fit q (chi-square)."""
+  cfg, params = model
+  params = {**params, "lm_head": params["lm_head"] * 12.0}  # top probability ~0.25: the cuts matter
+  prompt = [1, 5, 6, 7, 2]
+  n = 2048
+  tok, mask = sampling.left_pad([prompt] * n, length=8)
+  out = sampling.sample(
+    params,
+    tok,
+    mask,
+    jax.random.key(11),
+    model=llama.make(cfg),
+    max_new_tokens=1,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+  )
+  z = _full_logits(params, cfg, prompt, [])[-1]
+  q = _np_sampling_dist(z, temperature, top_k, top_p)
+  assert 2 <= np.sum(q > 0) < cfg.vocab_size or (top_k == 0 and top_p == 1.0)
+  drawn = np.asarray(out.tokens[:, 0])
+  assert np.all(q[drawn] > 0)
+  np.testing.assert_allclose(np.asarray(out.sample_logps[:, 0]), np.log(q[drawn]), atol=2e-5)
+  lp = z - (np.log(np.sum(np.exp(z - z.max()))) + z.max())
+  np.testing.assert_allclose(np.asarray(out.logps[:, 0]), lp[drawn], atol=2e-5)
+  counts = np.bincount(drawn, minlength=cfg.vocab_size)
+  support = q > 0
+  expected = n * q[support]
+  chi2 = np.sum((counts[support] - expected) ** 2 / expected)
+  dof = int(support.sum()) - 1
+  assert chi2 < dof + 6 * np.sqrt(2 * dof) + 10, (chi2, dof, counts[support], expected.round(1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Stop tokens and per-row lengths.
+
+
+def test_stop_ids_and_max_lengths_cut_the_unconstrained_samples():
+  """Same key, same uniforms: a run with stop tokens and per-row lengths is, row by row, the
+  prefix of the unconstrained run that ends at the first stop token or at the row's length (the
+  unconstrained run decoding over a cache grown in 3 segments, the other in one loop)."""
+  cfg = llama.tiny(vocab_size=8)  # stops are likely
+  params = llama.init_params(cfg, jax.random.key(8))
+  params = {**params, "lm_head": params["lm_head"] * 30.0}
+  m = llama.make(cfg)
+  prompts = [[1, 4, 2], [1, 5, 5, 2], [6], [1, 2, 7, 7, 2]] * 8
+  tok, mask = sampling.left_pad(prompts, length=6)
+  T, stops = 7, (3, 5)
+  max_len = np.random.default_rng(0).integers(0, T + 1, len(prompts)).astype(np.int32)
+  # The free run also decodes in 3 loops over a growing cache: segments must not change samples.
+  free = sampling.sample(params, tok, mask, jax.random.key(9), model=m, max_new_tokens=T, pad_id=0, cache_segments=3)
+  cut = sampling.sample(
+    params, tok, mask, jax.random.key(9), model=m, max_new_tokens=T, pad_id=0, stop_ids=stops, max_lengths=max_len
+  )
+  ftok, ctok, cmask = np.asarray(free.tokens), np.asarray(cut.tokens), np.asarray(cut.mask)
+  assert np.all(np.asarray(free.lengths) == T) and not np.any(np.asarray(free.finished))
+  n_stopped = n_cut = 0
+  for b in range(len(prompts)):
+    hits = [t for t in range(T) if ftok[b, t] in stops]
+    first_stop = hits[0] + 1 if hits else T + 1
+    n = min(first_stop, int(max_len[b]))
+    assert int(cut.lengths[b]) == n and np.all(cmask[b, :n] == 1) and np.all(cmask[b, n:] == 0)
+    np.testing.assert_array_equal(ctok[b, :n], ftok[b, :n])
+    assert np.all(ctok[b, n:] == 0)
+    np.testing.assert_allclose(np.asarray(cut.logps[b, :n]), np.asarray(free.logps[b, :n]), atol=1e-6)
+    assert np.all(np.asarray(cut.logps[b, n:]) == 0)
+    assert bool(cut.finished[b]) == (first_stop <= max_len[b])
+    n_stopped += bool(cut.finished[b])
+    n_cut += (not cut.finished[b]) and 0 < n < T
+  assert n_stopped >= 4 and n_cut >= 2  # both ways of ending occur
+
+
+# ------------------------------------------------------------------------------------------------
+# Greedy decoding equals the argmax of a full forward, fixed and variable prompt lengths.
+
+
+@pytest.mark.parametrize(
+  "prompts", [_prompts(), [[1, 5, 6, 7, 2], [1, 9, 2, 8, 8], [4, 4, 11, 12, 13]]], ids=["variable", "fixed"]
+)
+def test_greedy_equals_full_forward_argmax_without_stop(model, prompts):
+  cfg, params = model
+  tok, mask = sampling.left_pad(prompts, length=8)
+  T = 9
+  out = sampling.sample(params, tok, mask, jax.random.key(4), model=llama.make(cfg), max_new_tokens=T, temperature=0.0)
+  for b, prompt in enumerate(prompts):
+    comp = []
+    for _ in range(T):
+      comp.append(int(np.argmax(_full_logits(params, cfg, prompt, comp)[-1])))
+    assert np.asarray(out.tokens[b]).tolist() == comp
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA: the adapters and the frozen base through the train step's combine.
+
+
+def test_lora_policy_samples_like_its_merged_weights(model):
+  from pofx import lora
+
+  cfg, base = model
+  spec = lora.LoraSpec(rank=2, alpha=4.0, targets=("q_proj", "v_proj", "down_proj"))
+  adapters = lora.init(base, spec, jax.random.key(1))
+  adapters = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape), adapters)  # b != 0
+  merged = jax.tree.map(np.asarray, base)  # W0 + (alpha / r) a @ b by hand (arXiv:2106.09685, Eq. 3)
+  for layer, groups in adapters.items():
+    for grp, targets in groups.items():
+      for target, ab in targets.items():
+        w = merged[layer][grp][target]["kernel"]
+        merged[layer][grp][target]["kernel"] = w + 2.0 * np.asarray(ab["a"]) @ np.asarray(ab["b"])
+  tok, mask = sampling.left_pad(_prompts(), length=8)
+  m = llama.make(cfg)
+  kw = dict(model=m, max_new_tokens=6, eos_id=EOS)
+  combine = functools.partial(lora.apply, spec=spec)
+  got = sampling.sample(adapters, tok, mask, jax.random.key(3), frozen=base, combine=combine, **kw)
+  want = sampling.sample(merged, tok, mask, jax.random.key(3), **kw)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_allclose(np.asarray(got.logps), np.asarray(want.logps), atol=1e-5)
+  plain = sampling.sample(base, tok, mask, jax.random.key(3), **kw)
+  assert not np.allclose(np.asarray(plain.logps), np.asarray(got.logps), atol=1e-3)  # the adapters matter
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharded over 4 simulated devices: the same samples as on one device.
+
+_SHARDED_CHILD = r"""
+import json, sys
+import jax, numpy as np
+from pofx import sampling
+from pofx.models import llama
+cfg = llama.tiny(vocab_size=16)
+params = llama.init_params(cfg, jax.random.key(0))
+prompts = [[1, 5, 6, 7, 2], [1, 9, 2], [1, 4, 4, 11, 12, 13, 2], [1, 2]] * 2
+tok, mask = sampling.left_pad(prompts, length=8)
+from pofx import parallel
+kw = dict(top_k=5, stop_ids=(3,), max_lengths=[6, 2, 6, 0, 5, 6, 1, 6])
+one = sampling.sample(params, tok, mask, jax.random.key(5), model=llama.make(cfg), max_new_tokens=6, **kw)
+out = {}
+for name, mesh in {"explicit": jax.make_mesh((4,), ("data",)), "auto": parallel.make_mesh(data=2, fsdp=2)}.items():
+  four = sampling.sample(params, tok, mask, jax.random.key(5), model=llama.make(cfg), max_new_tokens=6, mesh=mesh, **kw)
+  out[name] = {
+    "devices": sorted(d.id for d in four.tokens.sharding.device_set),
+    "tokens_equal": bool(np.array_equal(np.asarray(one.tokens), np.asarray(four.tokens))),
+    "mask_equal": bool(np.array_equal(np.asarray(one.mask), np.asarray(four.mask))),
+    "logps_diff": float(np.max(np.abs(np.asarray(one.logps) - np.asarray(four.logps)))),
+    "finished_equal": bool(np.array_equal(np.asarray(one.finished), np.asarray(four.finished))),
+  }
+print(json.dumps(out))
+"""
+
+
+def test_sharded_sampler_equals_single_device():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(
+    [sys.executable, "-c", _SHARDED_CHILD], cwd=REPO, env=env, capture_output=True, text=True, check=False
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  for name, r in out.items():
+    assert r["devices"] == [0, 1, 2, 3], (name, r)
+    assert r["tokens_equal"] and r["mask_equal"] and r["finished_equal"], (name, r)
+    assert r["logps_diff"] < 1e-5, (name, r)
+
+
+def test_bad_sampling_arguments(model):
+  cfg, params = model
+  tok, mask = sampling.left_pad(_prompts(), length=8)
+  kw = dict(model=llama.make(cfg), max_new_tokens=4)
+  for bad in (0.0, 1.5, -0.1):
+    with pytest.raises(ValueError, match="top_p"):
+      sampling.sample(params, tok, mask, jax.random.key(0), top_p=bad, **kw)
+  with pytest.raises(ValueError, match="stop token"):
+    sampling.sample(params, tok, mask, jax.random.key(0), stop_ids=(16,), **kw)
+  with pytest.raises(ValueError, match="max_lengths"):
+    sampling.sample(params, tok, mask, jax.random.key(0), max_lengths=[1, 2], **kw)
+  with pytest.raises(ValueError, match="max_lengths"):
+    sampling.sample(params, tok, mask, jax.random.key(0), max_lengths=[1, 2, 5, 0], **kw)
+  with pytest.raises(ValueError, match="split evenly"):
+    sampling.sample(params, tok, mask, jax.random.key(0), mesh=_FakeMesh(), **kw)
+
+
+class _FakeMesh:
+  """Only what `sample`'s argument check reads of a mesh: 3 data-parallel devices."""
+
+  axis_names = ("data",)
+  shape = {"data": 3}

@@ -774,8 +774,11 @@ class KVCache(NamedTuple):
   """Key/value cache of a batch of sequences being decoded (a pytree).
 
   Attributes:
-    k, v: per layer, `[B, S, num_kv_heads, head_dim]` keys (after RoPE) and values, in the
-      compute dtype; S is the cache capacity (prompt + new tokens).
+    k: per layer, `[B, num_kv_heads, head_dim, S]` keys (after RoPE), transposed;
+    v: per layer, `[B, num_kv_heads, S, head_dim]` values; both in the compute dtype, S the cache
+      capacity (prompt + new tokens). Heads first, keys transposed: the attention's two batched
+      products per (row, head), `q [G, hd] . k [hd, S]` and `p [G, S] . v [S, hd]`, then read
+      the cache in place with neither operand transposed, and a decoding step writes one slot.
     valid: `[B, S]` bool, True where a slot holds a real token (False for padding and for slots
       not yet written).
     index: `[]` int32, the next slot to write.
@@ -789,9 +792,36 @@ class KVCache(NamedTuple):
 
 def init_cache(config: LlamaConfig, batch_size: int, max_length: int) -> KVCache:
   """An empty `KVCache` for `batch_size` sequences of at most `max_length` tokens."""
-  shape = (batch_size, max_length, config.num_kv_heads, config.resolved_head_dim)
-  zeros = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
-  return KVCache(k=zeros, v=zeros, valid=jnp.zeros((batch_size, max_length), jnp.bool_), index=jnp.zeros((), jnp.int32))
+  K, hd, dtype = config.num_kv_heads, config.resolved_head_dim, config.compute_dtype
+  keys = tuple(jnp.zeros((batch_size, K, hd, max_length), dtype) for _ in range(config.num_layers))
+  values = tuple(jnp.zeros((batch_size, K, max_length, hd), dtype) for _ in range(config.num_layers))
+  return KVCache(k=keys, v=values, valid=jnp.zeros((batch_size, max_length), jnp.bool_), index=jnp.zeros((), jnp.int32))
+
+
+def resize_cache(cache: KVCache, max_length: int) -> KVCache:
+  """`cache` with room for `max_length` tokens: empty slots appended (or unused trailing slots
+  dropped); the written slots and `index` are unchanged. Lets a sampler attend over a cache
+  that grows with the sequence instead of over its final length at every step."""
+  S = cache.valid.shape[1]
+  grow = max_length - S
+  if grow < 0:
+    return KVCache(
+      k=tuple(k[..., :max_length] for k in cache.k),
+      v=tuple(v[:, :, :max_length] for v in cache.v),
+      valid=cache.valid[:, :max_length],
+      index=cache.index,
+    )
+  return KVCache(
+    k=tuple(jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, grow))) for k in cache.k),
+    v=tuple(jnp.pad(v, ((0, 0), (0, 0), (0, grow), (0, 0))) for v in cache.v),
+    valid=jnp.pad(cache.valid, ((0, 0), (0, grow))),
+    index=cache.index,
+  )
+
+
+def _transpose(x: Array, axes, like: Array) -> Array:
+  """`x [B, L, K, hd]` transposed to the layout of the cache array `like`, in its dtype."""
+  return jnp.transpose(x, axes).astype(like.dtype)
 
 
 def decode(
@@ -803,9 +833,10 @@ def decode(
   *,
   config: LlamaConfig,
   kernels: Kernels = kernels_lib.XLA,
+  last_only: bool = False,
 ) -> Tuple[Array, KVCache]:
   """Runs `tokens [B, L]` through the decoder with a key/value cache; returns float32 logits
-  `[B, L, V]` and the updated cache.
+  `[B, L, V]` (`[B, 1, V]`, the last token's, with `last_only`) and the updated cache.
 
   The L tokens occupy cache slots `cache.index ... cache.index + L - 1` (the same slots for every
   row, so prompts are left-padded). Token i attends to the slots j <= its own that are `valid`:
@@ -824,6 +855,8 @@ def decode(
     cache: a `KVCache` (from `init_cache`), with room for L more tokens.
     config: the model's `LlamaConfig` (static).
     kernels: the products and the attention (`pofx.kernels.Kernels`; static).
+    last_only: the logits of each row's last token only (a prefill that samples from there):
+      after the last block's attention, the rest of the network runs on that token alone.
   """
   cfg = config
   B, L = np.shape(tokens)
@@ -841,22 +874,32 @@ def decode(
   def attend_with(layer, kind):
     def attend(q, k, v):
       q, k = kernels_lib.apply_rope(q, k, ropes[kind])  # cached keys are stored rotated
-      k_all = jax.lax.dynamic_update_slice(cache.k[layer], k.astype(cache.k[layer].dtype), (0, start, 0, 0))
-      v_all = jax.lax.dynamic_update_slice(cache.v[layer], v.astype(cache.v[layer].dtype), (0, start, 0, 0))
-      return kernels.attention(q, k_all, v_all, masks[kind], scale=scale, rope=None, **extra), (k_all, v_all)
+      k_all = jax.lax.dynamic_update_slice(
+        cache.k[layer], _transpose(k, (0, 2, 3, 1), cache.k[layer]), (0, 0, 0, start)
+      )
+      v_all = jax.lax.dynamic_update_slice(
+        cache.v[layer], _transpose(v, (0, 2, 1, 3), cache.v[layer]), (0, 0, start, 0)
+      )
+      # The injection point takes `[B, S, K, hd]` views; XLA's decoding attention
+      # (`pofx.kernels.cache_attention`) transposes them back to the cache's layout for its
+      # products, and the two transposes cancel (no copy of the cache).
+      k_view, v_view = jnp.transpose(k_all, (0, 3, 1, 2)), jnp.swapaxes(v_all, 1, 2)
+      return kernels.attention(q, k_view, v_view, masks[kind], scale=scale, rope=None, **extra), (k_all, v_all)
 
     return attend
 
   x = _embed(params, tokens, cfg)
   new_k, new_v = [], []
   for i, kind in enumerate(cfg.resolved_layer_types):
+    # last_only: after the last attention, only each row's last token goes on (`_block`'s index).
+    index = jnp.arange(B) * L + (L - 1) if last_only and i == cfg.num_layers - 1 and L > 1 else None
     x, (k_all, v_all) = _block(
-      x, params[f"layers_{i}"], attend=attend_with(i, kind), shape=(B, L), config=cfg, kernels=kernels
+      x, params[f"layers_{i}"], index, attend=attend_with(i, kind), shape=(B, L), config=cfg, kernels=kernels
     )
     new_k.append(k_all)
     new_v.append(v_all)
   x = _norm(x, params["norm"], cfg)
-  logits = _head_logits(x, lm_head(params, cfg), kernels, cfg.final_logit_softcap).reshape(B, L, -1)
+  logits = _head_logits(x, lm_head(params, cfg), kernels, cfg.final_logit_softcap).reshape(B, 1 if last_only else L, -1)
   return logits, KVCache(k=tuple(new_k), v=tuple(new_v), valid=kv_valid, index=start + L)
 
 
@@ -871,8 +914,9 @@ class LlamaModel:
   attention_blocks=None, output_index=None, dropout_key=None, embedding_offset=None) -> hidden
   [B, L, D]`; `head(params) -> [D, V]`;
   `logits(params, tokens, positions, segment_ids, branch_ids=None) -> [B, L, V]`;
-  `init_cache(batch_size, max_length) -> KVCache`; `decode(params, tokens, positions, valid,
-  cache) -> (logits [B, L, V], cache)`. Frozen and hashable by (config, kernels), so a model (and
+  `init_cache(batch_size, max_length) -> KVCache`; `resize_cache(cache, max_length) -> KVCache`;
+  `decode(params, tokens, positions, valid,
+  cache, *, last_only=False) -> (logits [B, L or 1, V], cache)`. Frozen and hashable by (config, kernels), so a model (and
   each of its bound functions) can be a static argument of `jax.jit`.
   """
 
@@ -926,10 +970,15 @@ class LlamaModel:
   def init_cache(self, batch_size: int, max_length: int) -> KVCache:
     return init_cache(self.config, batch_size, max_length)
 
+  def resize_cache(self, cache: KVCache, max_length: int) -> KVCache:
+    return resize_cache(cache, max_length)
+
   def decode(
-    self, params: Params, tokens: Array, positions: Array, valid: Array, cache: KVCache
+    self, params: Params, tokens: Array, positions: Array, valid: Array, cache: KVCache, *, last_only: bool = False
   ) -> Tuple[Array, KVCache]:
-    return decode(params, tokens, positions, valid, cache, config=self.config, kernels=self.kernels)
+    return decode(
+      params, tokens, positions, valid, cache, config=self.config, kernels=self.kernels, last_only=last_only
+    )
 
 
 def make(config: LlamaConfig, kernels: Kernels = kernels_lib.XLA) -> LlamaModel:
