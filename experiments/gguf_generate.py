@@ -61,7 +61,7 @@ def main(argv):
   ids = tok.encode(text, add_special_tokens=False)
   prompt_tokens, prompt_mask = sampling.left_pad([ids], pad_id=tok.pad_id)
   model = models.make(ckpt.config)
-  eos = tok.eos_id if tok.eos_id is not None else -1
+  eos = tok.eos_id  # None: no stop token
 
   def generate():
     t = time.perf_counter()

@@ -140,7 +140,7 @@ def test_smollm2_matches_transformers():
       jax.random.key(0),
       model=model,
       max_new_tokens=NEW_TOKENS,
-      eos_id=-1,  # no token id: never stops early
+      eos_id=None,  # no stop token: never stops early
       temperature=0.0,
       pad_id=tok.pad_id,
     )
