@@ -41,6 +41,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import dpo_step  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
@@ -124,19 +125,6 @@ def operands(name, batch, size, cin, cout, k, stride, pad, key):
   return x, w, g
 
 
-def matmul_peak(n: int = 2048, reps: int = 5) -> float:
-  """FLOP/s of a float32 `n x n` matmul by XLA in this process (median of `reps`)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n**3 / statistics.median(times)
-
-
 def study(methods, batch, reps, shapes, stat=statistics.median, clock=time.perf_counter):
   rows = []
   for shape, count in shapes.items():
@@ -218,7 +206,7 @@ def main(argv=None):
   print("GFLOP/s forward / forward+backward:", flush=True)
   stat = {"median": statistics.median, "min": min}[a.statistic]
   rows = study(methods, a.batch, a.reps, shapes, stat, {"wall": time.perf_counter, "cpu": time.process_time}[a.clock])
-  peak = matmul_peak()
+  peak = dpo_step.matmul_peak()
   totals = {}
   for m in methods:
     totals[m] = sum(r["count"] * (r[m]["fwd_s"] + r[m]["fwdbwd_s"]) for r in rows)

@@ -282,22 +282,6 @@ def jnp_mean(x):
   return jnp.mean(x)
 
 
-def matmul_peak(n: int = 2048, reps: int = 5) -> float:
-  """FLOP/s of a float32 `n x n` matmul by XLA in this process (median of `reps`)."""
-  import jax
-  import jax.numpy as jnp
-
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n**3 / statistics.median(times)
-
-
 def cpu_options(a) -> dict:
   """The CPU backend's options given on the command line."""
   attention = None if a.cpu_attention is None else a.cpu_attention == "on"
@@ -369,6 +353,8 @@ def run_pofx(a):
   steady = times[a.warmup :]
   med = statistics.median(steady)
   analytic = bench.analytic_flops()
+  from dpo_step import matmul_peak  # benchmarks/ is on sys.path when run as a script
+
   peak = matmul_peak()
   device_kind = str(jax.devices()[0].device_kind)
   achieved = analytic / med

@@ -48,7 +48,7 @@ import orbax.checkpoint as ocp
 
 import pofx_backends
 from experiments import metrics as metrics_lib
-from experiments import provenance
+from experiments import optimizers, provenance
 from pofx import fingerprints, losses, perturbations, references, train
 from pofx.diffusion import evaluation, samplers, schedules, unet
 from pofx.diffusion import pairs as pairs_lib
@@ -289,26 +289,12 @@ def _perturbation(c):
   return perturbations.none()
 
 
-def _optimizer(c):
-  o = c.train.optimizer
-  lr = optax.join_schedules(
-    [optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1)), optax.constant_schedule(o.learning_rate)],
-    [max(o.warmup_steps, 1)],
-  )
-  inner = {
-    "adamw": lambda: optax.adamw(lr, weight_decay=o.weight_decay),
-    "adam": lambda: optax.adam(lr),
-    "sgd": lambda: optax.sgd(lr),
-  }[o.name]()
-  return optax.chain(*([optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip else []), inner), lr
-
-
 def train_policy(c, model, base_params, schedule, data, key, *, workdir: str, progress: bool = True):
   """Stage 3: preference training through `pofx.train`. Returns (params, info)."""
   spec, hyper = losses.spec(c.train.loss), dict(c.train.loss_hyper)
   logps_fn = pairs_lib.make_logps_fn(model.denoise, schedule)
   reference = pairs_lib.check_reference(_reference(c, base_params, logps_fn))
-  optimizer, lr = _optimizer(c)
+  optimizer, lr = optimizers.from_config(c)
   perturbation = _perturbation(c)
   p = c.train.perturbation
   n_acc = c.train.batch_size // p.m if p.kind == "sam" and p.m is not None else c.train.grad_accum_steps

@@ -52,7 +52,6 @@ from typing import Any, Dict, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
@@ -61,7 +60,17 @@ from ml_collections import config_flags
 
 import pofx_backends
 from configs import validate as config_validation
-from experiments import checkpointing, diffusion, distributed, export_hf, lora_io, plots, provenance, reference_cache
+from experiments import (
+  checkpointing,
+  diffusion,
+  distributed,
+  export_hf,
+  lora_io,
+  optimizers,
+  plots,
+  provenance,
+  reference_cache,
+)
 from experiments import metrics as metrics_lib
 from experiments import sft as sft_lib
 from experiments import workdir as workdir_lib
@@ -616,19 +625,7 @@ class _Counters:
     }
 
 
-def _optimizer(c):
-  o = c.train.optimizer
-  schedule = optax.join_schedules(
-    [optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1)), optax.constant_schedule(o.learning_rate)],
-    [max(o.warmup_steps, 1)],
-  )
-  inner = {
-    "adamw": lambda: optax.adamw(schedule, weight_decay=o.weight_decay),
-    "adam": lambda: optax.adam(schedule),
-    "sgd": lambda: optax.sgd(schedule),
-  }[o.name]()
-  parts = ([optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip and o.grad_clip > 0 else []) + [inner]
-  return optax.chain(*parts), schedule
+_optimizer = optimizers.from_config  # also read by experiments/loops.py and plan.py
 
 
 def micro_batches(c) -> int:
