@@ -624,8 +624,11 @@ def _mlp(p: Params, h: Array, *, config: LlamaConfig, kernels: Kernels, keys: Op
   return _dense(_ACTIVATIONS[config.mlp_activation](gate) * up, p["down_proj"], dtype, kernels, keys.get("down_proj"))
 
 
-def _projection(h: Array, p: Params, dtype, kernels: Kernels, key: Optional[Array] = None) -> Array:
-  """`h . kernel (+ LoRA branch) (+ bias)` of a projection's parameters `p`."""
+def projection(h: Array, p: Params, dtype, kernels: Kernels, key: Optional[Array] = None) -> Array:
+  """A projection of `h [N, in]` in the compute `dtype`: `h . kernel (+ LoRA branch) (+ bias)` of
+  its parameters `p` (`{"kernel"}`, with `"bias"` for the q/k/v biases of some families, and with
+  `"lora_a"`, `"lora_b"`, `"lora_dropout"` in LoRA's branch form: `lora_branch`, its dropout keyed
+  by `key`)."""
   out = _dense(h, p, dtype, kernels, key)
   return out + p["bias"].astype(dtype) if "bias" in p else out
 
@@ -668,9 +671,9 @@ def _block(
   a = p["attn"]
   lk = {name: lora_dropout_key(dropout_key, name) for name in LORA_PROJECTIONS}
   h = _norm(x, p["input_norm"], cfg)
-  q = _projection(h, a["q_proj"], dtype, kernels, lk["q_proj"]).reshape(B, L, K, G, hd)
-  k = _projection(h, a["k_proj"], dtype, kernels, lk["k_proj"]).reshape(B, L, K, hd)
-  v = _projection(h, a["v_proj"], dtype, kernels, lk["v_proj"]).reshape(B, L, K, hd)
+  q = projection(h, a["q_proj"], dtype, kernels, lk["q_proj"]).reshape(B, L, K, G, hd)
+  k = projection(h, a["k_proj"], dtype, kernels, lk["k_proj"]).reshape(B, L, K, hd)
+  v = projection(h, a["v_proj"], dtype, kernels, lk["v_proj"]).reshape(B, L, K, hd)
   if cfg.qk_norm:
     q, k = _norm(q, a["q_norm"], cfg), _norm(k, a["k_norm"], cfg)
   out, extra = attend(q, k, v)
