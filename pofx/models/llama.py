@@ -593,10 +593,10 @@ def lora_branch(h: Array, p: Params, dtype, kernels: Kernels, key: Optional[Arra
 
   With `key`, inverted dropout at the rate `p["lora_dropout"]`: the mask is
   `jax.random.bernoulli(key, 1 - rate, h.shape)` and kept entries are scaled by 1 / (1 - rate);
-  without a key, no dropout. The products go through `kernels.dense` (`[N, in] . [in, r]`, then
+  without a key (or without a `lora_dropout` entry), no dropout. The products go through `kernels.dense` (`[N, in] . [in, r]`, then
   `[N, r] . [r, out]`): the branch costs `2 N r (in + out)` flops, not a second `[in, out]` product.
   """
-  if key is not None:
+  if key is not None and "lora_dropout" in p:
     rate = jnp.asarray(p["lora_dropout"], jnp.float32)
     keep = jax.random.bernoulli(key, 1.0 - rate, h.shape)
     h = jnp.where(keep, h.astype(jnp.float32) / (1.0 - rate), 0.0).astype(h.dtype)
