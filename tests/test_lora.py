@@ -338,19 +338,22 @@ def test_dropout_gradients_reach_a_and_b_only():
 
 
 def test_train_step_with_lora_dropout(base):
-  """Two DPO steps with LoRA dropout 0.5 (one mask per step, `dropout_samples=1`): finite, the base
-  in the state bit-identical, Adam's moments the adapters' only, every adapter leaf moved."""
+  """Two KTO steps (its KL pairs scored by the step) with LoRA dropout 0.5 (one mask per step,
+  `dropout_samples=1`): finite, the base in the state bit-identical, Adam's moments the adapters'
+  only, every adapter leaf moved. (KTO's KL pairs: the policy there is base + adapters and the
+  adapters_off reference reads the base from the state.)"""
   ref = references.adapters_off(LOGPS_FN)
   opt = optax.adam(1e-2)
   spec = lora.LoraSpec(rank=2, alpha=4.0, targets=("q_proj", "up_proj"), dropout=0.5)
   start = _random_adapters(spec, 6)
   snapshot = jax.tree.map(np.array, base)
-  state = train.init_state(jax.tree.map(jnp.asarray, start), opt, ref, perturbations.none(), frozen=base)
+  state = train.init_state(jax.tree.map(jnp.asarray, start), opt, ref, perturbations.none(), frozen=base, loss="kto")
   step = train.make_train_step(
-    LOGPS_FN, opt, reference=ref, combine=lambda f, a: lora.apply(f, a, spec), dropout_samples=1
+    LOGPS_FN, opt, loss="kto", reference=ref, combine=lambda f, a: lora.apply(f, a, spec), dropout_samples=1
   )
+  batch = {**_pairs(2), "kl": _pairs(3)}
   for i in range(2):
-    state, m = step(state, _pairs(2), jax.random.key(10 + i))
+    state, m = step(state, batch, jax.random.key(10 + i))
     assert float(m["nonfinite"]) == 0.0 and np.isfinite(float(m["loss"]))
   jax.tree.map(np.testing.assert_array_equal, state.frozen, snapshot)
   moments = {x.shape for x in jax.tree.leaves(state.opt_state) if np.ndim(x) >= 1}
