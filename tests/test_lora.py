@@ -318,8 +318,8 @@ def test_dropout_branch_equals_numpy_with_the_same_mask():
 
 def test_dropout_gradients_reach_a_and_b_only():
   """With a fixed mask m, `L = sum(G * y)` has dL/da = (alpha/r) x~^T G b^T and dL/db = (alpha/r)
-  (x~ a)^T G, x~ = m x / (1 - p) (by hand); through the train step the base stays bit-identical
-  and the optimizer holds moments for the adapters only."""
+  (x~ a)^T G, x~ = m x / (1 - p) (by hand). That the base gets none in training (it is the
+  step's frozen part) is checked on the train step below."""
   from pofx.models import llama
 
   w0, a, b, x = _branch_params(1)
