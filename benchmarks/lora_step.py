@@ -1,7 +1,7 @@
 """LoRA DPO against full fine-tuning DPO on the same model: step time and memory.
 
     python benchmarks/lora_step.py [--repeats 3] [--steps 20] [--warmup 5] [--bs 8] [--rank 8]
-        [--targets q_proj,k_proj,v_proj,o_proj] [--json PATH]
+        [--targets q_proj,k_proj,v_proj,o_proj] [--kinds full,lora] [--lora-dropout 0.1] [--json PATH]
 
 Model: the `bench` preset (hidden 256, 4 layers, 8 heads, 4 KV heads, MLP 688, vocab 4096,
 untied; 5.0 M parameters), float32 compute, AdamW lr 1e-6, DPO beta 0.1, 8 pairs per step of
@@ -13,6 +13,8 @@ prompt-shared rows.
 - lora: rank `--rank` adapters (alpha = 2 rank) on `--targets`, the base frozen in the state
   (`TrainState.frozen`), the reference `adapters_off` (the same base, no second copy), AdamW
   moments for the adapters only.
+- lora_dropout (with `--kinds ...,lora_dropout`): lora with PEFT's `lora_dropout` at
+  `--lora-dropout` (the branch form `x W0 + dropout(x) a (alpha/r) b`, one mask per step).
 
 Each setting runs in its own child process (so its peak RSS is its own), the two alternating,
 `--repeats` times, the order reversed on every other repetition. Per run: the median step time
@@ -61,10 +63,18 @@ def _child(kind: str, args) -> dict:
     state = train.init_state(base, opt, ref, perturbations.none())
     step = train.make_train_step(logps_fn, opt, reference=ref, **kw)
   else:
-    spec = lora.LoraSpec(rank=args.rank, alpha=2.0 * args.rank, targets=tuple(args.targets.split(",")))
+    rate = args.lora_dropout if kind == "lora_dropout" else 0.0
+    spec = lora.LoraSpec(rank=args.rank, alpha=2.0 * args.rank, targets=tuple(args.targets.split(",")), dropout=rate)
     ref = references.adapters_off(logps_fn)
     state = train.init_state(lora.init(base, spec, jax.random.key(1)), opt, ref, perturbations.none(), frozen=base)
-    step = train.make_train_step(logps_fn, opt, reference=ref, combine=lambda f, a: lora.apply(f, a, spec), **kw)
+    step = train.make_train_step(
+      logps_fn,
+      opt,
+      reference=ref,
+      combine=lambda f, a: lora.apply(f, a, spec),
+      dropout_samples=1 if rate > 0 else 0,
+      **kw,
+    )
   del base  # the state holds its own copy
   state_bytes = int(sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes")))
   times = []
@@ -91,18 +101,24 @@ def main():
   ap.add_argument("--bs", type=int, default=8)
   ap.add_argument("--rank", type=int, default=8)
   ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+  ap.add_argument("--kinds", default="full,lora", help="comma-separated from full, lora, lora_dropout")
+  ap.add_argument("--lora-dropout", type=float, default=0.1)
   ap.add_argument("--json", default="")
   ap.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.child:
     print(json.dumps(_child(args.child, args)))
     return
-  runs = {"full": [], "lora": []}
+  kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+  if len(kinds) != 2 or not set(kinds) <= {"full", "lora", "lora_dropout"}:
+    raise SystemExit(f"--kinds={args.kinds!r}; allowed: two of full, lora, lora_dropout (the second over the first).")
+  runs = {k: [] for k in kinds}
   for rep in range(args.repeats):
-    order = ("full", "lora") if rep % 2 == 0 else ("lora", "full")
+    order = kinds if rep % 2 == 0 else kinds[::-1]
     for kind in order:
       cmd = [sys.executable, os.path.abspath(__file__), "--child", kind] + [
-        f"--{k}={getattr(args, k)}" for k in ("steps", "warmup", "bs", "rank", "targets")
+        f"--{k.replace('_', '-')}={getattr(args, k)}"
+        for k in ("steps", "warmup", "bs", "rank", "targets", "lora_dropout")
       ]
       out = subprocess.run(cmd, capture_output=True, text=True, check=True)
       runs[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -110,13 +126,15 @@ def main():
   med = {
     k: {f: statistics.median(r[f] for r in v) for f in ("step_s", "peak_rss_mb", "state_mb")} for k, v in runs.items()
   }
+  first, second = kinds
+  ratio_name = f"ratio_{second}_over_{first}"
   result = {
     "median": med,
-    "ratio_lora_over_full": {f: med["lora"][f] / med["full"][f] for f in ("step_s", "peak_rss_mb", "state_mb")},
+    ratio_name: {f: med[second][f] / med[first][f] for f in ("step_s", "peak_rss_mb", "state_mb")},
     "runs": runs,
     "args": vars(args),
   }
-  print(json.dumps({k: result[k] for k in ("median", "ratio_lora_over_full")}, indent=2))
+  print(json.dumps({k: result[k] for k in ("median", ratio_name)}, indent=2))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)

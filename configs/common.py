@@ -136,7 +136,8 @@ def base_config() -> ml_collections.ConfigDict:
   # LoRA (pofx.lora; off unless enabled): adapters of rank `rank` scaled by alpha / rank on the
   # comma-separated `targets` (pofx.options.LORA_TARGETS) are trained, the base stays frozen;
   # reference.kind "adapters_off" is the base without them (no second copy). `dropout`: PEFT's
-  # lora_dropout, written to the adapter config (training refuses > 0). The run writes the adapters
+  # lora_dropout, dropout on the adapter branch's input in training (train.dropout.samples masks
+  # per step, as the model's dropout); written to the adapter config. The run writes the adapters
   # in PEFT's layout to <workdir>/adapters; export_merged also writes the merged weights.
   c.train.lora = ml_collections.ConfigDict(
     dict(enabled=False, rank=8, alpha=16.0, targets="q_proj,k_proj,v_proj,o_proj", dropout=0.0, export_merged=False)

@@ -342,10 +342,10 @@ def _check_lora(c) -> None:
       f"config.train.lora.targets={l.targets!r} is not allowed; allowed: distinct comma-separated names from "
       f"{list(options.LORA_TARGETS)}."
     )
-  if l.dropout != 0:
+  if isinstance(l.dropout, bool) or not isinstance(l.dropout, (int, float)) or not 0.0 <= l.dropout < 1.0:
     raise ValueError(
-      f"config.train.lora.dropout={l.dropout!r} is not allowed; allowed: 0 (the adapted kernel is formed once per "
-      "forward, so there is no separate adapter branch to drop inputs of; train.dropout.rate is the model's dropout)."
+      f"config.train.lora.dropout={l.dropout!r} is not allowed; allowed: a number in [0, 1) (PEFT's lora_dropout, "
+      "on the adapter branch's input; 0 = none)."
     )
   if kind in ("frozen", "guiding"):
     raise ValueError(

@@ -672,6 +672,14 @@ def lora_spec_of(c) -> Optional[lora.LoraSpec]:
   )
 
 
+def dropout_masks(c) -> int:
+  """The policy's dropout masks per objective evaluation (`make_train_step(dropout_samples=)`):
+  `train.dropout.samples` when the run trains with dropout (the model's residual dropout,
+  `train.dropout.rate > 0`, or LoRA's adapter dropout, `train.lora.dropout > 0`), else 0."""
+  lora_drop = bool(c.train.lora.enabled) and float(c.train.lora.dropout) > 0
+  return int(c.train.dropout.samples) if c.train.dropout.rate > 0 or lora_drop else 0
+
+
 def train_record(run: Run) -> provenance.Record:
   """What this run's training depends on (`experiments.provenance.train_record`), with the
   resolved kernel backend and the guiding policy's identity."""
@@ -749,8 +757,8 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
   kind = c.train.reference.kind
   joined = None
   lora_spec = lora_spec_of(c)
-  if lora_spec is not None:  # the reference's own forward of base + its adapters (synced, ema)
-    lora_logps_fn = lambda fa, batch: logps_fn(lora.apply(fa[0], fa[1], lora_spec), batch)
+  if lora_spec is not None:  # the reference's own forward of base + its adapters (synced, ema): folded, no dropout
+    lora_logps_fn = lambda fa, batch: logps_fn(lora.merge(fa[0], fa[1], lora_spec), batch)
   if kind == "none":
     reference = references.none()
   elif kind == "adapters_off":
@@ -800,7 +808,7 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     grad_accum_steps=n_acc,
     learning_rate_fn=schedule,
     gradient_field=bool(c.train.gradient_field),
-    dropout_samples=int(c.train.dropout.samples) if c.train.dropout.rate > 0 else 0,
+    dropout_samples=dropout_masks(c),  # LoRA with dropout > 0: lora.apply builds the branch form
     combine=None if lora_spec is None else (lambda f, a: lora.apply(f, a, lora_spec)),
   )
   mode, n_dev, pstep = c.train.parallel.mode, 1, None
@@ -945,7 +953,7 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     reference=c.train.reference.kind,
     perturbation=c.train.perturbation.kind,
     rwp_steps=getattr(c.train.perturbation, "steps", 10),
-    dropout_samples=int(c.train.dropout.samples) if c.train.dropout.rate > 0 else 1,
+    dropout_samples=max(dropout_masks(c), 1),
     input_passes=int(c.train.input_perturbation.kind != "none"),
   )
   it = loader.iterator(start * n_acc * n_local)

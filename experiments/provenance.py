@@ -18,7 +18,8 @@ first checkpoint; the checkpoint folder holds orbax's step folders only), the `p
   train      seed; model.{preset,dtype,remat,init_checkpoint}; the batching fields of data.*;
              train.{loss,loss_hyper,batch_size,grad_accum_steps,optimizer,parallel}; the fields of
              the chosen reference and perturbation kinds; when set, train.perturbation.m (SAM),
-             train.dropout (rate > 0), train.input_perturbation (kind not "none") and
+             train.dropout (rate > 0, or LoRA with dropout > 0: the masks per step),
+             train.input_perturbation (kind not "none") and
              train.lora (enabled; all but export_merged), fields
              added later and recorded only then, so earlier records stay valid; the SFT and data
              fingerprints; the
@@ -181,7 +182,7 @@ def train_record(c, *, kernels: Optional[str], guide: Optional[str] = None) -> R
     + (("data.attention_block_size",) if c.data.attention == "block_sparse" else ())
     # fields added later, recorded only when set, so earlier workdirs keep their records
     + (("train.perturbation.m",) if pert == "sam" and c.train.perturbation.m is not None else ())
-    + (("train.dropout",) if c.train.dropout.rate > 0 else ())
+    + (("train.dropout",) if c.train.dropout.rate > 0 or (c.train.lora.enabled and c.train.lora.dropout > 0) else ())
     + (("train.input_perturbation",) if c.train.input_perturbation.kind != "none" else ())
     + (tuple(f"train.lora.{k}" for k in _LORA_FIELDS) if c.train.lora.enabled else ())
   )

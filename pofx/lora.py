@@ -13,11 +13,21 @@ pofx's kernels are `[in, out]` (`y = x @ W`), so the adapters are stored in that
 The adapters are a pytree beside the base, with the base's paths:
 `{"layers_i": {"attn": {"q_proj": {"a": [in, r], "b": [r, out]}, ...}, "mlp": {...}}}`.
 
-`apply(base, adapters, spec)` returns the model's parameter tree with each targeted kernel
-replaced by `W0 + (alpha / r) a @ b` (computed in float32, cast to the kernel's dtype); the model
-code is unchanged and the model casts to its compute dtype as usual, so LoRA works in any compute
-dtype. Gradients reach `a` and `b` through that sum; the base is an argument, never an optimizer
-variable. `merge` is the same sum (export), `unmerge` subtracts it again.
+`apply(base, adapters, spec)` returns the model's parameter tree for a training forward. With
+`spec.dropout == 0` (the folded form) each targeted kernel is replaced by `W0 + (alpha / r) a @ b`
+(computed in float32, cast to the kernel's dtype); the model code sees ordinary kernels and casts
+to its compute dtype as usual, so LoRA works in any compute dtype. With `spec.dropout > 0` (the
+branch form, PEFT's `lora_dropout`) each targeted projection keeps `W0` and carries its adapter
+branch, `{"kernel": W0, "lora_a": a, "lora_b": (alpha / r) b, "lora_dropout": rate}`, which
+`pofx.models.llama` computes as
+
+    y = x W0 + dropout(x) a (alpha / r) b
+
+(inverted dropout keyed by the forward's `dropout_key`, a fresh mask per projection; without a
+key, no dropout: the same function as the folded form up to float rounding). Gradients reach `a`
+and `b` through the sum or the branch; the base is an argument, never an optimizer variable.
+`merge` is the folded sum whatever the dropout (evaluation, references, sampling, export),
+`unmerge` subtracts it again.
 
 Initialisation follows PEFT's default (`init_lora_weights=True`): `A` Kaiming-uniform with
 `a = sqrt(5)`, i.e. uniform in `[-1/sqrt(in), 1/sqrt(in)]`, and `B = 0`.
@@ -63,9 +73,9 @@ class LoraSpec:
     rank: r >= 1.
     alpha: the scale numerator; the update is `(alpha / rank) a @ b` (arXiv:2106.09685, Sec. 4.1).
     targets: names from `pofx.options.LORA_TARGETS` (Hugging Face / PEFT module names).
-    dropout: PEFT's `lora_dropout` (dropout on the adapter branch's input). Kept for the PEFT
-      config; training with a rate > 0 is refused (the adapted kernel is formed once per forward,
-      which leaves no separate adapter branch to drop inputs of).
+    dropout: PEFT's `lora_dropout`, in [0, 1): dropout on the adapter branch's input during
+      training (`apply` then builds the branch form; see the module docstring). Written to the
+      PEFT config.
   """
 
   rank: int = 8
@@ -136,9 +146,33 @@ def _combine(base: Params, adapters: Params, scale: float, sign: float) -> Param
   return out
 
 
+def _branches(base: Params, adapters: Params, scale: float, rate: float) -> Params:
+  out = dict(base)
+  for layer, groups in adapters.items():
+    out[layer] = dict(base[layer])
+    for group, mods in groups.items():
+      out[layer][group] = dict(base[layer][group])
+      for name, ab in mods.items():
+        out[layer][group][name] = {
+          **base[layer][group][name],
+          "lora_a": ab["a"].astype(jnp.float32),
+          "lora_b": scale * ab["b"].astype(jnp.float32),
+          "lora_dropout": jnp.asarray(rate, jnp.float32),
+        }
+  return out
+
+
 def apply(base: Params, adapters: Params, spec: LoraSpec) -> Params:
-  """The model's parameters with every adapted kernel `W0 + (alpha / r) a @ b` (arXiv:2106.09685,
-  Eq. 3), for a forward pass; differentiable in `adapters` (and `base`, which callers hold fixed)."""
+  """The model's parameters for a training forward (arXiv:2106.09685, Eq. 3); differentiable in
+  `adapters` (and `base`, which callers hold fixed).
+
+  `spec.dropout == 0`: every adapted kernel folded, `W0 + (alpha / r) a @ b` (`merge`).
+  `spec.dropout > 0`: every adapted projection as `{"kernel": W0, "lora_a": a, "lora_b":
+  (alpha / r) b, "lora_dropout": spec.dropout}`, the branch form `x W0 + dropout(x) a (alpha / r) b`
+  that `pofx.models.llama` computes, with dropout only in a forward given a `dropout_key`
+  (PEFT's `LoraLayer` with `lora_dropout`)."""
+  if float(spec.dropout) > 0.0:
+    return _branches(base, adapters, spec.scale, float(spec.dropout))
   return _combine(base, adapters, spec.scale, 1.0)
 
 

@@ -13,7 +13,9 @@ The model is used only through its pure functions, the same ones training uses: 
 `init_cache(batch_size, max_length) -> cache` and `decode(params, tokens, positions, valid, cache)
 -> (logits, cache)` (optionally accepting `last_only=True`, and optionally with `kernels`, whose
 `dot_general` then computes the LM head of `score`). A LoRA policy samples with its adapters and
-`frozen=` base through the train step's `combine` (`lambda f, a: pofx.lora.apply(f, a, spec)`).
+`frozen=` base through a `combine` (`lambda f, a: pofx.lora.merge(f, a, spec)`, the folded
+adapters; the train step's `pofx.lora.apply` is the same model up to float rounding, in the
+branch form when the spec has dropout, whose masks sampling never draws).
 
 Layout. Prompts of varying length are **left-padded** to a common width P, so that every row's
 last prompt token sits in column P - 1 and the t-th new token of every row in column P + t (one

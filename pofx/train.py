@@ -237,8 +237,9 @@ def make_train_step(
       gradient of every objective evaluation (SAM's ascent gradient included) is averaged over
       the axis by `pofx.collectives.grad_pmean`. Leave None under plain `jit` (GSPMD).
     combine: `(frozen, params) -> model params` (LoRA: `lambda f, a: pofx.lora.apply(f, a, spec)`):
-      the policy's log-probs are `logps_fn(combine(state.frozen, params), batch)`, so only
-      `params` (the adapters) are differentiated, perturbed and updated. A reference with
+      the policy's log-probs (those of KTO's KL pairs too) are
+      `logps_fn(combine(state.frozen, params), batch)`, so only `params` (the adapters) are
+      differentiated, perturbed and updated. A reference with
       `reads_frozen` (`references.adapters_off`, `references.over_frozen`) gets
       `(state.frozen, ref_state)`.
 
@@ -342,8 +343,10 @@ def make_train_step(
         f"loss {spec.name!r} computes its KL batch's reference log-probs with a reference forward; a cached "
         "reference has none: use frozen, synced, ema or guiding (or put 'kl_logratios' in the batch)."
       )
-    policy_kl = logps_fn(jax.lax.stop_gradient(state.params), kl_batch)
-    lr_c, lr_r = losses_lib.logratios(policy_kl, reference.logps(state.ref_state, kl_batch))
+    params = state.params if combine is None else combine(state.frozen, state.params)  # LoRA: base + adapters
+    policy_kl = logps_fn(jax.lax.stop_gradient(params), kl_batch)
+    ref_in = (state.frozen, state.ref_state) if reference.reads_frozen else state.ref_state
+    lr_c, lr_r = losses_lib.logratios(policy_kl, reference.logps(ref_in, kl_batch))
     return jax.lax.stop_gradient(jnp.stack([lr_c, lr_r], axis=1).reshape(-1).astype(jnp.float32))
 
   def one_batch(state, batch, pstate, k_loss, k_pert, k_drop):

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from pofx import batching, lora, models, perturbations, policy, references, train
+from pofx import batching, kernels, lora, models, perturbations, policy, references, train
 
 CONFIG = models.preset("tiny")
 MODEL = models.make(CONFIG)
@@ -265,4 +265,187 @@ def test_program_trains_lora_with_adapters_off_reference(seed_dir, tmp_path):
     validate.validate(c)
   c.train.reference.kind, c.train.lora.targets = "adapters_off", "q_proj,qkv"
   with pytest.raises(ValueError, match="lora.targets"):
+    validate.validate(c)
+
+
+# LoRA dropout: the branch form x W0 + dropout(x) a (alpha/r) b ---------------------------------
+
+
+def _branch_params(seed, fan_in=6, fan_out=5, rank=3):
+  rng = np.random.default_rng(seed)
+  w0 = rng.normal(0, 0.5, (fan_in, fan_out)).astype(np.float32)
+  a = rng.normal(0, 0.5, (fan_in, rank)).astype(np.float32)
+  b = rng.normal(0, 0.5, (rank, fan_out)).astype(np.float32)
+  x = rng.normal(0, 1.0, (7, fan_in)).astype(np.float32)
+  return w0, a, b, x
+
+
+def _branch_leaf(w0, a, b, alpha, rate):
+  """A projection's parameters in the branch form, through `pofx.lora.apply` on a one-layer tree."""
+  spec = lora.LoraSpec(rank=a.shape[1], alpha=alpha, targets=("q_proj",), dropout=rate)
+  base = {"layers_0": {"attn": {"q_proj": {"kernel": jnp.asarray(w0)}}}}
+  adapters = {"layers_0": {"attn": {"q_proj": {"a": jnp.asarray(a), "b": jnp.asarray(b)}}}}
+  return lora.apply(base, adapters, spec)["layers_0"]["attn"]["q_proj"]
+
+
+def test_dropout_branch_equals_numpy_with_the_same_mask():
+  """The adapted projection with dropout p: `x W0 + (alpha/r) (m * x / (1 - p)) A^T B^T` by hand in
+  float64, in PEFT's [out, in] layout, with the mask m drawn from the documented key
+  (`jax.random.bernoulli(key, 1 - p, x.shape)`); without a key, the same without dropout."""
+  from pofx.models import llama
+
+  w0, a, b, x = _branch_params(0)
+  alpha, p = 6.0, 0.4
+  leaf = _branch_leaf(w0, a, b, alpha, p)
+  assert set(leaf) == {"kernel", "lora_a", "lora_b", "lora_dropout"}
+  key = jax.random.key(7)
+  mask = np.asarray(jax.random.bernoulli(key, 1.0 - p, x.shape), np.float64)
+  assert 0 < mask.mean() < 1
+  W0, A, B = w0.astype(np.float64).T, a.astype(np.float64).T, b.astype(np.float64).T  # [out, in], [r, in], [out, r]
+  x64 = x.astype(np.float64)
+  want = x64 @ W0.T + (alpha / 3) * ((mask * x64 / (1 - p)) @ A.T @ B.T)
+  got = llama.projection(jnp.asarray(x), leaf, jnp.float32, kernels.XLA, key)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  no_drop = x64 @ W0.T + (alpha / 3) * (x64 @ A.T @ B.T)
+  np.testing.assert_allclose(
+    np.asarray(llama.projection(jnp.asarray(x), leaf, jnp.float32, kernels.XLA)), no_drop, rtol=1e-5, atol=1e-5
+  )
+  assert np.max(np.abs(want - no_drop)) > 1e-2  # the mask matters
+  # The model's keys: each projection of a block folds its own index into the block's key.
+  k_q, k_v = llama.lora_dropout_key(key, "q_proj"), llama.lora_dropout_key(key, "v_proj")
+  assert not np.array_equal(jax.random.key_data(k_q), jax.random.key_data(k_v))
+
+
+def test_dropout_gradients_reach_a_and_b_only():
+  """With a fixed mask m, `L = sum(G * y)` has dL/da = (alpha/r) x~^T G b^T and dL/db = (alpha/r)
+  (x~ a)^T G, x~ = m x / (1 - p) (by hand). That the base gets none in training (it is the
+  step's frozen part) is checked on the train step below."""
+  from pofx.models import llama
+
+  w0, a, b, x = _branch_params(1)
+  alpha, p, key = 4.0, 0.3, jax.random.key(3)
+  G = np.random.default_rng(2).normal(0, 1, (7, 5))
+
+  def loss(w0_, a_, b_):
+    leaf = _branch_leaf(w0_, a_, b_, alpha, p)
+    return jnp.sum(jnp.asarray(G, jnp.float32) * llama.projection(jnp.asarray(x), leaf, jnp.float32, kernels.XLA, key))
+
+  ga, gb = jax.grad(loss, argnums=(1, 2))(jnp.asarray(w0), jnp.asarray(a), jnp.asarray(b))
+  xt = np.asarray(jax.random.bernoulli(key, 1.0 - p, x.shape), np.float64) * x / (1 - p)
+  s = alpha / 3
+  np.testing.assert_allclose(np.asarray(ga), s * xt.T @ G @ b.T.astype(np.float64), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gb), s * (xt @ a).T @ G, rtol=1e-4, atol=1e-5)
+
+
+def test_train_step_with_lora_dropout(base):
+  """Two KTO steps (its KL pairs scored by the step) with LoRA dropout 0.5 (one mask per step,
+  `dropout_samples=1`): finite, the base in the state bit-identical, Adam's moments the adapters'
+  only, every adapter leaf moved. (KTO's KL pairs: the policy there is base + adapters and the
+  adapters_off reference reads the base from the state.)"""
+  ref = references.adapters_off(LOGPS_FN)
+  opt = optax.adam(1e-2)
+  spec = lora.LoraSpec(rank=2, alpha=4.0, targets=("q_proj", "up_proj"), dropout=0.5)
+  start = _random_adapters(spec, 6)
+  snapshot = jax.tree.map(np.array, base)
+  state = train.init_state(jax.tree.map(jnp.asarray, start), opt, ref, perturbations.none(), frozen=base, loss="kto")
+  step = train.make_train_step(
+    LOGPS_FN, opt, loss="kto", reference=ref, combine=lambda f, a: lora.apply(f, a, spec), dropout_samples=1
+  )
+  batch = {**_pairs(2), "kl": _pairs(3)}
+  for i in range(2):
+    state, m = step(state, batch, jax.random.key(10 + i))
+    assert float(m["nonfinite"]) == 0.0 and np.isfinite(float(m["loss"]))
+  jax.tree.map(np.testing.assert_array_equal, state.frozen, snapshot)
+  moments = {x.shape for x in jax.tree.leaves(state.opt_state) if np.ndim(x) >= 1}
+  assert moments == {x.shape for x in jax.tree.leaves(start)}, moments
+  moved = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - y))), state.params, start)
+  assert min(jax.tree.leaves(moved)) > 0
+
+
+def test_branch_form_without_key_equals_folded(base):
+  """The branch form (dropout > 0) without a dropout key is the folded model up to float32
+  rounding; a dropout key changes it and the same key reproduces it; with rate 0 (folded) a
+  dropout key changes nothing, bit for bit."""
+  targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+  spec0 = lora.LoraSpec(rank=3, alpha=5.0, targets=targets)
+  spec = lora.LoraSpec(rank=3, alpha=5.0, targets=targets, dropout=0.2)
+  adapters = jax.tree.map(jnp.asarray, _random_adapters(spec, 7))
+  folded_params = lora.apply(base, adapters, spec0)
+  assert set(folded_params["layers_0"]["mlp"]["up_proj"]) == {"kernel"}
+  x = _tokens(3)
+  hidden = jax.jit(lambda p: MODEL.apply(p, *x))
+  hidden_key = jax.jit(lambda p, k: MODEL.apply(p, *x, dropout_key=k))
+  folded = hidden(folded_params)
+  branch = lora.apply(base, adapters, spec)
+  np.testing.assert_allclose(np.asarray(hidden(branch)), np.asarray(folded), atol=2e-5, rtol=1e-5)
+  k = jax.random.key(4)
+  dropped = hidden_key(branch, k)
+  assert float(jnp.max(jnp.abs(dropped - folded))) > 1e-2
+  np.testing.assert_array_equal(dropped, hidden_key(branch, k))
+  np.testing.assert_array_equal(hidden_key(folded_params, k), folded)
+
+
+def test_dropout_branch_matches_peft_lora_layer():
+  """pofx's adapted projection against peft's `LoraLayer` forward on a torch Linear in training
+  mode, with peft's `lora_dropout` module replaced by the same mask (m x / (1 - p))."""
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  from pofx.models import llama
+
+  w0, a, b, x = _branch_params(3, fan_in=8, fan_out=6, rank=4)
+  alpha, p, key = 8.0, 0.25, jax.random.key(11)
+  mask = np.asarray(jax.random.bernoulli(key, 1.0 - p, x.shape), np.float32)
+
+  class Net(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.proj = torch.nn.Linear(8, 6, bias=False)
+
+  class FixedMask(torch.nn.Module):
+    def forward(self, t):
+      return t * torch.tensor(mask) / (1 - p)
+
+  net = Net()
+  with torch.no_grad():
+    net.proj.weight.copy_(torch.tensor(w0.T))
+  model = peft.get_peft_model(net, peft.LoraConfig(r=4, lora_alpha=alpha, target_modules=["proj"], lora_dropout=p))
+  layer = model.base_model.model.proj
+  with torch.no_grad():
+    layer.lora_A["default"].weight.copy_(torch.tensor(a.T))
+    layer.lora_B["default"].weight.copy_(torch.tensor(b.T))
+  layer.lora_dropout["default"] = FixedMask()
+  model.train()
+  with torch.no_grad():
+    want = layer(torch.tensor(x)).numpy()
+  got = llama.projection(jnp.asarray(x), _branch_leaf(w0, a, b, alpha, p), jnp.float32, kernels.XLA, key)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_program_trains_lora_with_dropout(seed_dir, tmp_path):
+  """`python -m experiments.main` at :tiny with `train.lora.dropout=0.1`: it trains (B moved, finite
+  metrics), the PEFT config records the rate, and validation refuses a rate of 1."""
+  from configs import validate
+  from experiments import lora_io
+  from tests.program import _config, _final_params, _main, _seed_from
+
+  work = tmp_path / "lora_dropout"
+  _seed_from(seed_dir, work)
+  flags = ["--config.train.lora.enabled=True", "--config.train.reference.kind=adapters_off"]
+  flags += [
+    "--config.train.lora.rank=2",
+    "--config.train.lora.targets=q_proj,down_proj",
+    "--config.train.lora.dropout=0.1",
+  ]
+  out = _main(["--config=configs/dpo.py:tiny", f"--workdir={work}", "--noprogress", *flags])
+  assert out.returncode == 0, out.stderr[-3000:]
+  final = _final_params(work)
+  assert np.max(np.abs(final["layers_1"]["mlp"]["down_proj"]["b"])) > 0
+  _, spec = lora_io.load_adapters(str(work / "adapters"), 2)
+  assert spec.dropout == pytest.approx(0.1)
+  rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+  losses = [r["loss"] for r in rows if r.get("stage") == "train" and "loss" in r]
+  assert losses and all(np.isfinite(losses))
+  c = _config("dpo", "tiny")
+  c.train.lora.enabled, c.train.reference.kind, c.train.lora.dropout = True, "adapters_off", 1.0
+  with pytest.raises(ValueError, match=r"train.lora.dropout=1.0 is not allowed; allowed: a number in \[0, 1\)"):
     validate.validate(c)

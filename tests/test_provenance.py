@@ -211,6 +211,10 @@ def test_kind_specific_fields_count_only_for_their_kind():
   assert train_fp(**lora_on) != train_fp(**lora_on, train__lora__rank=4)
   assert train_fp(**lora_on) == train_fp(**lora_on, train__lora__export_merged=True)
   assert train_fp() == train_fp(train__lora__rank=4)
+  # LoRA dropout trains with train.dropout.samples masks per step: recorded then, and only then.
+  lora_drop = {**lora_on, "train__lora__dropout": 0.1}
+  assert train_fp(**lora_drop) != train_fp(**lora_drop, train__dropout__samples=3)
+  assert train_fp(**lora_on) == train_fp(**lora_on, train__dropout__samples=3)
   emb = {"train__input_perturbation__kind": "embeddings"}
   assert train_fp(**emb) != train_fp(**emb, train__input_perturbation__radius=0.2)
   assert train_fp() == train_fp(train__input_perturbation__radius=0.2)

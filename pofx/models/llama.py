@@ -16,6 +16,18 @@ token embedding -> N x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> RMSNorm
   output (attention after its output projection, MLP) before it is added to the residual stream,
   kept entries scaled by 1 / (1 - rate). It acts only when `apply_fn` is given a `dropout_key`
   (training); without one, or with rate 0, the model is exactly the deterministic one.
+- Optional LoRA adapter branches (PEFT's form of Hu et al. 2021, arXiv:2106.09685, Eq. 3, with
+  PEFT's `lora_dropout` on the branch's input): a projection whose parameters hold
+  `lora_a [in, r]`, `lora_b [r, out]` (already scaled by alpha / r) and `lora_dropout` (a scalar
+  rate), as `pofx.lora.apply` builds them for training with adapter dropout, computes
+
+      y = x W0 + dropout(x) lora_a lora_b
+
+  with inverted dropout (entries kept with probability 1 - rate, scaled by 1 / (1 - rate)) when
+  `apply_fn` is given a `dropout_key`, and `x W0 + x lora_a lora_b` without one. Each adapted
+  projection draws its own mask: layer i's block key (the same key as its residual dropout),
+  folded in with `LORA_DROPOUT_STREAM` and then with the projection's index in
+  `LORA_PROJECTIONS` (`lora_dropout_key`). A projection without `lora_a` is the plain `x W0`.
 
 Family switches (`LlamaConfig` fields whose defaults are Llama's; docs/models.md) make the same
 decoder Mistral (sliding-window attention), Qwen2/2.5 (q/k/v biases), Qwen3 (QK-norm), Gemma 2
@@ -82,6 +94,10 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 _ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 MLP_ACTIVATIONS = options.MLP_ACTIVATIONS
 LAYER_TYPES = options.ATTENTION_LAYER_TYPES
+# The projections that can carry a LoRA branch, in the order that numbers their dropout keys.
+LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# fold_in constant of the LoRA dropout keys (ASCII "lora"), apart from the residual dropout's split.
+LORA_DROPOUT_STREAM = 0x6C6F7261
 
 
 @dataclasses.dataclass(frozen=True)
@@ -561,18 +577,59 @@ def _norm(x: Array, p: Params, config: LlamaConfig) -> Array:
   return _rms_norm(x, p["scale"], config.rms_norm_eps, config.compute_dtype, config.norm_offset)
 
 
-def _mlp(p: Params, h: Array, *, config: LlamaConfig, kernels: Kernels) -> Array:
+def lora_dropout_key(block_key: Optional[Array], name: str) -> Optional[Array]:
+  """The dropout key of projection `name`'s LoRA branch in a block whose dropout key is
+  `block_key`: `fold_in(fold_in(block_key, LORA_DROPOUT_STREAM), LORA_PROJECTIONS.index(name))`
+  (None without a block key)."""
+  if block_key is None:
+    return None
+  return jax.random.fold_in(jax.random.fold_in(block_key, LORA_DROPOUT_STREAM), LORA_PROJECTIONS.index(name))
+
+
+def lora_branch(h: Array, p: Params, dtype, kernels: Kernels, key: Optional[Array] = None) -> Array:
+  """The adapter branch `dropout(h) lora_a lora_b` of a projection's parameters `p` (PEFT's
+  `lora_B(lora_A(lora_dropout(x))) * scaling`, arXiv:2106.09685 Eq. 3, with `lora_b` holding
+  `(alpha / r) b`), on `h [N, in]`, in the compute `dtype`.
+
+  With `key`, inverted dropout at the rate `p["lora_dropout"]`: the mask is
+  `jax.random.bernoulli(key, 1 - rate, h.shape)` and kept entries are scaled by 1 / (1 - rate);
+  without a key (or without a `lora_dropout` entry), no dropout. The products go through `kernels.dense` (`[N, in] . [in, r]`, then
+  `[N, r] . [r, out]`): the branch costs `2 N r (in + out)` flops, not a second `[in, out]` product.
+  """
+  if key is not None and "lora_dropout" in p:
+    rate = jnp.asarray(p["lora_dropout"], jnp.float32)
+    keep = jax.random.bernoulli(key, 1.0 - rate, h.shape)
+    h = jnp.where(keep, h.astype(jnp.float32) / (1.0 - rate), 0.0).astype(h.dtype)
+  return kernels.dense(kernels.dense(h, p["lora_a"], dtype), p["lora_b"], dtype)
+
+
+def _dense(h: Array, p: Params, dtype, kernels: Kernels, key: Optional[Array] = None) -> Array:
+  """`h . kernel`, plus the LoRA branch when `p` carries one (`lora_branch`, its dropout keyed by `key`)."""
+  out = kernels.dense(h, p["kernel"], dtype)
+  return out + lora_branch(h, p, dtype, kernels, key) if "lora_a" in p else out
+
+
+def _mlp(p: Params, h: Array, *, config: LlamaConfig, kernels: Kernels, keys: Optional[Mapping] = None) -> Array:
   """Gated MLP `down(act(gate(h)) * up(h))` on `h [N, D]` (act = SiLU: SwiGLU; GELU-tanh: GeGLU);
-  gate and up as one product `h [gate | up]`."""
+  gate and up as one product `h [gate | up]`, their LoRA branches (if any) added after the split.
+  `keys`: the LoRA dropout key of each projection (None: no dropout)."""
   dtype, F = config.compute_dtype, config.mlp_size
+  keys = keys or {}
   gate_up = kernels.dense(h, jnp.concatenate([p["gate_proj"]["kernel"], p["up_proj"]["kernel"]], axis=1), dtype)
   gate, up = gate_up[:, :F], gate_up[:, F:]
-  return kernels.dense(_ACTIVATIONS[config.mlp_activation](gate) * up, p["down_proj"]["kernel"], dtype)
+  if "lora_a" in p["gate_proj"]:
+    gate = gate + lora_branch(h, p["gate_proj"], dtype, kernels, keys.get("gate_proj"))
+  if "lora_a" in p["up_proj"]:
+    up = up + lora_branch(h, p["up_proj"], dtype, kernels, keys.get("up_proj"))
+  return _dense(_ACTIVATIONS[config.mlp_activation](gate) * up, p["down_proj"], dtype, kernels, keys.get("down_proj"))
 
 
-def _projection(h: Array, p: Params, dtype, kernels: Kernels) -> Array:
-  """`h . kernel (+ bias)` of a projection's parameters `p`."""
-  out = kernels.dense(h, p["kernel"], dtype)
+def projection(h: Array, p: Params, dtype, kernels: Kernels, key: Optional[Array] = None) -> Array:
+  """A projection of `h [N, in]` in the compute `dtype`: `h . kernel (+ LoRA branch) (+ bias)` of
+  its parameters `p` (`{"kernel"}`, with `"bias"` for the q/k/v biases of some families, and with
+  `"lora_a"`, `"lora_b"`, `"lora_dropout"` in LoRA's branch form: `lora_branch`, its dropout keyed
+  by `key`)."""
+  out = _dense(h, p, dtype, kernels, key)
   return out + p["bias"].astype(dtype) if "bias" in p else out
 
 
@@ -602,7 +659,8 @@ def _block(
   `attend(q [B, L, K, G, hd], k [B, L, K, hd], v [B, L, K, hd]) -> (out [B, L, K, G, hd], extra)`
   is the only part that differs between training (dense or block-sparse) and cached decoding.
   With `index` (`[N]` flat positions), everything after the attention runs on those rows only.
-  With `dropout_key`, the two sub-layer outputs get residual dropout at `config.dropout`.
+  With `dropout_key`, the two sub-layer outputs get residual dropout at `config.dropout`, and the
+  projections that carry a LoRA branch drop its input (`lora_branch`, keys `lora_dropout_key`).
   Returns `(x [B * L or N, D], extra)`.
   """
   cfg = config
@@ -611,10 +669,11 @@ def _block(
   K, hd = cfg.num_kv_heads, cfg.resolved_head_dim
   G = cfg.num_heads // K
   a = p["attn"]
+  lk = {name: lora_dropout_key(dropout_key, name) for name in LORA_PROJECTIONS}
   h = _norm(x, p["input_norm"], cfg)
-  q = _projection(h, a["q_proj"], dtype, kernels).reshape(B, L, K, G, hd)
-  k = _projection(h, a["k_proj"], dtype, kernels).reshape(B, L, K, hd)
-  v = _projection(h, a["v_proj"], dtype, kernels).reshape(B, L, K, hd)
+  q = projection(h, a["q_proj"], dtype, kernels, lk["q_proj"]).reshape(B, L, K, G, hd)
+  k = projection(h, a["k_proj"], dtype, kernels, lk["k_proj"]).reshape(B, L, K, hd)
+  v = projection(h, a["v_proj"], dtype, kernels, lk["v_proj"]).reshape(B, L, K, hd)
   if cfg.qk_norm:
     q, k = _norm(q, a["q_norm"], cfg), _norm(k, a["k_norm"], cfg)
   out, extra = attend(q, k, v)
@@ -622,11 +681,11 @@ def _block(
   if index is not None:  # only these positions' outputs are used: the rest is per-token work
     x, out = x[index], out[index]
   k_attn, k_mlp = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-  out = kernels.dense(out, a["o_proj"]["kernel"], dtype)
+  out = _dense(out, a["o_proj"], dtype, kernels, lk["o_proj"])
   if cfg.sandwich_norms:
     out = _norm(out, p["attn_out_norm"], cfg)
   x = x + _dropout(out, k_attn, cfg.dropout)
-  out = _mlp(p["mlp"], _norm(x, p["post_attn_norm"], cfg), config=cfg, kernels=kernels)
+  out = _mlp(p["mlp"], _norm(x, p["post_attn_norm"], cfg), config=cfg, kernels=kernels, keys=lk)
   if cfg.sandwich_norms:
     out = _norm(out, p["mlp_out_norm"], cfg)
   return x + _dropout(out, k_mlp, cfg.dropout), extra
@@ -699,7 +758,8 @@ def apply_fn(
       `[N, D]` hidden states at those positions only: the last block's output projection, MLP
       and the final norm run at those positions only (every position's keys and values are
       still computed).
-    dropout_key: a PRNG key: residual dropout at `config.dropout` (training); None: none.
+    dropout_key: a PRNG key: residual dropout at `config.dropout`, and dropout on the input of the
+      LoRA branches that `params` carry at their `lora_dropout` rate (training); None: none.
     embedding_offset: optional `[B, L, D]` added to the token embeddings (input-embedding
       perturbations, `pofx.perturbations.InputPerturbation`); None: the embeddings as they are.
   """
@@ -733,8 +793,8 @@ def apply_fn(
   x = _embed(params, tokens, cfg)
   if embedding_offset is not None:
     x = x + jnp.asarray(embedding_offset).reshape(x.shape).astype(dtype)
-  drop = dropout_key is not None and cfg.dropout > 0.0
-  keys = jax.random.split(dropout_key, cfg.num_layers + 1) if drop else [None] * (cfg.num_layers + 1)
+  # One key per block and one for the embeddings (residual dropout and LoRA-branch dropout).
+  keys = jax.random.split(dropout_key, cfg.num_layers + 1) if dropout_key is not None else [None] * (cfg.num_layers + 1)
   x = _dropout(x, keys[-1], cfg.dropout)
   for i, kind in enumerate(cfg.resolved_layer_types):
     last = i == cfg.num_layers - 1
