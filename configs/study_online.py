@@ -59,7 +59,7 @@ def _loop(c, *, rounds, steps, prompts, samples, **fields):
 def method_config(name: str, arg=None, *, seed: int = 0, reward_model_checkpoint: str = ""):
   """`(config, points)` of method `name` (`METHODS` or `RM_METHOD`): the points are the values of
   `train.steps` (offline DPO) or `loop.rounds` (a loop) at which the run is evaluated, the last
-  one its full length. Each loop config is its family's (`configs/<family>.py`) at the study's
+  one its full length (`:tiny`: two points for offline and online DPO, one for the others). Each loop config is its family's (`configs/<family>.py`) at the study's
   sizes: 200 steps in all."""
   tiny = arg == "tiny"
   family = {"dpo": "dpo", RM_METHOD: "online_dpo"}.get(name, name)
@@ -80,7 +80,7 @@ def method_config(name: str, arg=None, *, seed: int = 0, reward_model_checkpoint
       # Fresh samples every step: one pair per prompt from 2 samples, a batch's worth of prompts.
       if tiny:
         _loop(c, rounds=4, steps=1, prompts=8, samples=2)
-        points = (2, 4)
+        points = (2, 4) if name == "online_dpo" else (4,)
       else:
         _loop(c, rounds=TRAIN_STEPS, steps=1, prompts=c.train.batch_size, samples=2)
         points = (50, 100, 150, 200)
@@ -91,7 +91,7 @@ def method_config(name: str, arg=None, *, seed: int = 0, reward_model_checkpoint
       # stage-2 pairs, SPIN samples one completion for each demonstration's prompt.
       if tiny:
         _loop(c, rounds=2, steps=2, prompts=16 if name == "spin" else 4, samples=c.loop.samples_per_prompt)
-        points = (1, 2)
+        points = (2,)
       else:
         per = {"iterative_dpo": (256, 4), "dice": (256, 8), "spin": (256, 1), "rlhf": (c.train.batch_size, 4)}[name]
         _loop(c, rounds=4, steps=TRAIN_STEPS // 4, prompts=per[0], samples=per[1])
