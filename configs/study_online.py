@@ -67,8 +67,10 @@ def method_config(name: str, arg=None, *, seed: int = 0, reward_model_checkpoint
     raise ValueError(f"study_online: unknown method {name!r}; allowed: {list(METHODS + (RM_METHOD,))}.")
   if name == "dpo":
     c = get_config(arg)
-  else:
-    c = _sized(importlib.import_module(f"configs.{family}").get_config(arg), arg)
+  else:  # at :tiny the family's own tiny config (its compiled programs are the suite's loop tests')
+    c = importlib.import_module(f"configs.{family}").get_config(arg)
+    if not tiny:
+      _sized(c, arg)
   with c.unlocked():
     c.seed = int(seed)
     if name != "rlhf":
@@ -103,9 +105,10 @@ def method_config(name: str, arg=None, *, seed: int = 0, reward_model_checkpoint
 def reward_model_config(arg=None, *, seed: int = 0):
   """The Bradley-Terry reward model (`configs/reward_model.py`) on the study's SFT base and data:
   300 steps of 32 pairs (tiny: 6 of 8)."""
-  c = _sized(reward_model_family.get_config(arg), arg)
+  c = reward_model_family.get_config(arg)
   with c.unlocked():
     c.seed = int(seed)
     if arg != "tiny":
+      _sized(c, arg)
       c.reward_model.steps, c.reward_model.batch_size = 300, 32
   return c
