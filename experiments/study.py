@@ -648,9 +648,9 @@ def chart_references(result: Result, runs, path: str):
 # ------------------------------------------------------------------------------------------------
 # Study 7: online and iterative preference optimisation (issue 19)
 
-# Where the 3 matched KLs lie in the range every method's curve covers (the largest first
-# evaluated KL to the smallest last one): at these fractions, rounded to 2 significant digits.
-ONLINE_KL_FRACTIONS = (0.2, 0.5, 0.8)
+# The 3 matched KLs: these fractions of the largest KL every method reaches, rounded down to 2
+# significant digits.
+ONLINE_KL_FRACTIONS = (0.5, 0.75, 1.0)
 # The over-optimisation curve averages the per-round labels of the online runs in windows of
 # this many rounds (steps).
 ONLINE_WINDOW = 10
@@ -704,17 +704,23 @@ def _summary_at_point(name: str, c, wd: str, point: int, progress: bool) -> Dict
   return summary
 
 
+def _floor2(x: float) -> float:
+  """`x > 0` rounded down to 2 significant digits."""
+  e = math.floor(math.log10(x)) - 1
+  return math.floor(x / 10.0**e + 1e-9) * 10.0**e
+
+
 def matched_kl_targets(curves: Dict, fractions=ONLINE_KL_FRACTIONS):
   """The KLs at which every curve is read: `curves` maps (method, seed) to its evaluated KLs in
-  training order. The range every curve covers with measurements is [largest first KL, smallest
-  last-or-largest KL]; when it is empty, [0, smallest largest KL] (every curve starts at the base,
-  KL 0). Returns (targets, lo, hi, whether the measured range was used)."""
+  training order. Every curve starts at the base (KL 0), so every one reaches each KL up to
+  `hi`, the smallest largest KL; the targets are `fractions` of `hi`, rounded down to 2
+  significant digits. Returns (targets, lo, hi), `lo` the largest first evaluated KL (below it some
+  curve is read between the base and its first evaluation); no targets when `hi <= 0`."""
   lo = max(float(ks[0]) for ks in curves.values())
   hi = min(float(max(ks)) for ks in curves.values())
-  measured = lo < hi
-  if not measured:
-    lo = 0.0
-  return [float(f"{lo + f * (hi - lo):.2g}") for f in fractions], lo, hi, measured
+  if hi <= 0:
+    return [], lo, hi
+  return [float(f"{_floor2(f * hi):.6g}") for f in fractions], lo, hi
 
 
 def _pairs_of(examples):
@@ -909,7 +915,7 @@ def online_analysis(rows: List[Dict], gen_rows: List[Dict], curves_raw: List[Dic
       pts = sorted((r for r in rows if r["method"] == m and r["seed"] == seed), key=lambda r: r["step"])
       if pts:
         curves[(m, seed)] = pts
-  targets, lo, hi, measured = matched_kl_targets({k: [p["kl"] for p in v] for k, v in curves.items()})
+  targets, lo, hi = matched_kl_targets({k: [p["kl"] for p in v] for k, v in curves.items()})
   matched = []
   for (m, seed), pts in curves.items():
     b = bases[seed]
@@ -923,21 +929,27 @@ def online_analysis(rows: List[Dict], gen_rows: List[Dict], curves_raw: List[Dic
           matched.append(row)
         row[metric] = float(v)
   notes = [
-    f"matched KLs {', '.join(f'{t:g}' for t in targets)}: "
-    + (
-      f"inside the range every method's evaluations cover, [{lo:.3g}, {hi:.3g}] (largest first KL, smallest largest KL)"
-      if measured
-      else f"no KL range is covered by every method's evaluations; read on [0, {hi:.3g}] from the base (KL 0)"
-    )
+    f"matched KLs {', '.join(f'{t:g}' for t in targets)}: {', '.join(f'{f:g}' for f in ONLINE_KL_FRACTIONS)} of "
+    f"{hi:.3g}, the largest KL every method reaches in every seed, each curve running from the base (KL 0) "
+    f"through its evaluations"
+    if targets
+    else f"no matched KLs: a method's largest KL is {hi:.3g} (it never left the base)"
   ]
   for m in methods:
-    reach = [max(p["kl"] for p in curves[(m, s)]) for s in bases if (m, s) in curves]
-    got = [r for r in matched if r["method"] == m]
-    missing = sum(1 for r in got if not math.isfinite(r["gold_reward"]))
+    seeds = [sd for sd in bases if (m, sd) in curves]
+    reach = [max(p["kl"] for p in curves[(m, sd)]) for sd in seeds]
+    first = [curves[(m, sd)][0]["kl"] for sd in seeds]
+    missing = sum(1 for r in matched if r["method"] == m and not math.isfinite(r["gold_reward"]))
+    early = sum(1 for f in first for t in targets if t < f)
     notes.append(
-      f"{m}: KL {min(p['kl'] for s in bases if (m, s) in curves for p in curves[(m, s)]):.3g} to {max(reach):.3g} "
-      f"(smallest largest over seeds {min(reach):.3g}); "
+      f"{m}: first evaluation at KL {min(first):.3g}-{max(first):.3g}, largest KL {min(reach):.3g}-{max(reach):.3g} "
+      "over seeds; "
       + ("reaches every matched KL in every seed" if not missing else f"{missing} matched values not reached")
+      + (
+        f"; {early} of its {len(first) * len(targets)} matched values lie between the base and its first evaluation"
+        if early
+        else ""
+      )
     )
   rm_rows = [r for r in rows if r["method"] == "reward model"]
   if rm_rows:
@@ -999,10 +1011,16 @@ def chart_online(result: OnlineResult, runs, path: str):
     gs = base + sorted((g for g in groups if g["method"] == m), key=lambda g: g["step"])
     a1.plot([g["kl"] for g in gs], [g["gold_reward"] for g in gs], marker="o", ms=4, label=m)
     a2.plot([g["kl"] for g in gs], [g["win_rate"] for g in gs], marker="o", ms=4, label=m)
+  # Runs that diverge (KL of tens of nats) would squash the matched range: the axis ends at 3.5
+  # times the largest matched KL, and says so.
+  cut = 3.5 * max(result.targets) if result.targets else None
+  beyond = cut is not None and any(g["kl"] > cut for g in groups if g["method"] != "reward model")
   for ax in (a1, a2):
     for t in result.targets:
       ax.axvline(t, color="gray", lw=0.7, ls=":")
-    ax.set_xlabel("KL(policy || SFT base)  [nats]")
+    ax.set_xlabel("KL(policy || SFT base)  [nats]" + (f", axis cut at {cut:.3g}" if beyond else ""))
+    if beyond:
+      ax.set_xlim(-0.3, cut)
   a1.set_ylabel("gold reward (held-out prompts)")
   a2.set_ylabel("win rate against the base")
   a1.set_title("gold reward along training (mean over seeds; dotted: matched KLs)", fontsize=9)

@@ -246,12 +246,13 @@ def test_pair_accuracy_and_matched_targets_by_hand():
   # margins 1, -2, 0, 3 against truths 2, -1, 1, 0: the last is a gold tie (left out), the third a
   # zero margin (wrong): 2 of 3.
   assert evaluation.pair_accuracy([1.0, -2.0, 0.0, 3.0], [2.0, -1.0, 1.0, 0.0]) == pytest.approx(2.0 / 3.0)
-  # Curves whose first evaluations are at KL 0.5 and 1 and largest at 4 and 9: the range [1, 4],
-  # read at 1 + 0.2 * 3 = 1.6, 1 + 0.5 * 3 = 2.5, 1 + 0.8 * 3 = 3.4.
-  targets, lo, hi, measured = study.matched_kl_targets({("a", 0): [0.5, 2.0, 4.0], ("b", 0): [1.0, 9.0, 3.0]})
-  assert (lo, hi, measured) == (1.0, 4.0, True)
-  assert targets == pytest.approx([1.6, 2.5, 3.4])
-  # No common measured range: from the base, [0, 2]: 0.4, 1, 1.6.
-  targets, lo, hi, measured = study.matched_kl_targets({("a", 0): [3.0, 4.0], ("b", 0): [0.5, 2.0]})
-  assert (lo, hi, measured) == (0.0, 2.0, False)
-  assert targets == pytest.approx([0.4, 1.0, 1.6])
+  # Curves from the base whose largest KLs are 4 and 9: every one reaches KL 4; the targets are
+  # 0.5, 0.75 and 1 times 4. The largest first KL is 1.
+  targets, lo, hi = study.matched_kl_targets({("a", 0): [0.5, 2.0, 4.0], ("b", 0): [1.0, 9.0, 3.0]})
+  assert (lo, hi) == (1.0, 4.0)
+  assert targets == pytest.approx([2.0, 3.0, 4.0])
+  # Rounded down to 2 significant digits: 0.5 x 4.624 = 2.312 -> 2.3, 3.468 -> 3.4, 4.624 -> 4.6.
+  targets, lo, hi = study.matched_kl_targets({("a", 0): [1.7, 4.624], ("b", 0): [0.5, 7.0]})
+  assert targets == pytest.approx([2.3, 3.4, 4.6])
+  # A method that never left the base: no targets.
+  assert study.matched_kl_targets({("a", 0): [-0.1, 0.0], ("b", 0): [1.0, 2.0]})[0] == []
