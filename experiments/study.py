@@ -958,6 +958,15 @@ def online_analysis(rows: List[Dict], gen_rows: List[Dict], curves_raw: List[Dic
     notes.append(
       f"reward model: held-out accuracy {a:.3f} ± {sd:.3f} against the labels, {g:.3f} ± {gsd:.3f} against the gold ordering"
     )
+  acc = {(g["scorer"], g["pairs"], g["seed"]): g["gold_accuracy"] for g in gen_rows}
+  gen_seeds = sorted({g["seed"] for g in gen_rows})
+  for scorer in dict.fromkeys(g["scorer"] for g in gen_rows):
+    d = [acc[(scorer, "shifted", sd)] - acc[(scorer, "in-distribution", sd)] for sd in gen_seeds]
+    mean, sd_ = _stats(d)
+    notes.append(
+      f"{scorer}: gold accuracy on shifted minus in-distribution pairs (paired by seed) {mean:+.3f} ± {sd_:.3f} "
+      f"({', '.join(f'{x:+.3f}' for x in d)})"
+    )
   extra = ["## Gold reward and win rate at matched KL", ""]
   extra.append(
     markdown_table(
