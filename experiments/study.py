@@ -886,12 +886,16 @@ def run_online(runs, progress, tiny) -> Result:
     gen_rows += _generalisation_rows(c, wd, rm_path, seed, tiny)
   result = online_analysis(rows, gen_rows, curves_raw)
   out_dir = os.path.dirname(next(iter(runs.values()))[1])
-  for fname, table in (("matched.csv", result.matched), ("generalisation.csv", gen_rows), ("overopt.csv", curves_raw)):
-    if table:
-      with open(os.path.join(out_dir, fname), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(table[0]))
-        w.writeheader()
-        w.writerows(table)
+  tables = (
+    ("matched.csv", result.matched, ("method", "kl_target", "seed", "gold_reward", "win_rate")),
+    ("generalisation.csv", gen_rows, ("scorer", "pairs", "seed", "gold_accuracy", "label_accuracy", "num_pairs")),
+    ("overopt.csv", curves_raw, ("method", "seed", "step", "label", "gold")),
+  )
+  for fname, table, cols in tables:  # written also when empty (a tiny run may reach no common KL)
+    with open(os.path.join(out_dir, fname), "w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=list(cols))
+      w.writeheader()
+      w.writerows(table)
   return result
 
 
@@ -951,6 +955,16 @@ def online_analysis(rows: List[Dict], gen_rows: List[Dict], curves_raw: List[Dic
         else ""
       )
     )
+  got = {(r["method"], r["kl_target"], r["seed"]): r["gold_reward"] for r in matched}
+  for m in methods:
+    if m == "dpo" or not targets:
+      continue
+    parts = []
+    for t in targets:
+      d = [got[(m, t, sd)] - got[("dpo", t, sd)] for sd in bases if (m, t, sd) in got and ("dpo", t, sd) in got]
+      mean, sd_ = _stats(d)
+      parts.append(f"{mean:+.3f} ± {sd_:.3f} at KL {t:g}")
+    notes.append(f"{m} - dpo, gold reward at matched KL (paired by seed): {'; '.join(parts)}")
   rm_rows = [r for r in rows if r["method"] == "reward model"]
   if rm_rows:
     a, sd = _stats([r["rm_accuracy"] for r in rm_rows])
