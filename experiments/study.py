@@ -19,6 +19,12 @@ deviation over the seeds per method and setting, and the study's findings) and t
 | references | DPO, Pre-DPO, MRPO, TR-DPO, SAM, AWP | held-out gold reward and sharpness |
 | online | offline, iterative and online DPO, DICE, SPIN, RLHF (RLOO); a reward model; online DPO on it | gold reward and win rate at matched KL; gold against reward-model reward; implicit vs reward-model accuracy on shifted prompts |
 
+`online` is not one sweep: per seed it trains a reward model (`experiments.reward_model`) and one
+run per method (`configs/study_online.py`: `method_config`, offline DPO or a loop of
+`experiments.loops`) in `<workdir>/online/seed<k>/<method>`, each evaluated at several points
+along training, and writes `matched.csv`, `generalisation.csv`, `overopt.csv` and
+`online_generalisation.png` besides the table and chart.
+
 The stages of each seed are the training program's, with its provenance rules: a rerun reuses
 what was computed under the same config. Studies run in one invocation (and, across invocations,
 studies under the same `--workdir`) share the SFT base, the data and the kernel-backend record of
