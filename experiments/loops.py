@@ -387,8 +387,12 @@ def _labeller(program, run_, base, params, c, hyper):
       completion_width=w.config.max_completion_len,
     )
   if lp.labeller == "reward_model":  # trained by `config.stage="reward_model"` (experiments/reward_model.py)
-    rm_params = reward_model_stage.load(lp.reward_model_checkpoint, run_.model_config)
-    return labellers.reward_model(jax.jit(reward_models.score_fn(run_.model)), rm_params)
+    # Loaded and compiled once per run (an online loop labels every step).
+    kept = run_.__dict__.setdefault("_reward_model_labellers", {})
+    if lp.reward_model_checkpoint not in kept:
+      rm_params = reward_model_stage.load(lp.reward_model_checkpoint, run_.model_config)
+      kept[lp.reward_model_checkpoint] = labellers.reward_model(jax.jit(reward_models.score_fn(run_.model)), rm_params)
+    return kept[lp.reward_model_checkpoint]
   raise ValueError(f"config.loop.labeller={lp.labeller!r} has no labeller here.")
 
 

@@ -17,6 +17,13 @@ deviation over the seeds per method and setting, and the study's findings) and t
 | ranking | DPO at three betas | ranking accuracy, the idealized one, the share of rankings changed (Chen et al. 2024, arXiv:2405.19534) |
 | overopt | one DPO run, evaluated along training; best-of-n from the base | gold reward gain against sqrt(KL) with Gao et al.'s fits (arXiv:2210.10760) |
 | references | DPO, Pre-DPO, MRPO, TR-DPO, SAM, AWP | held-out gold reward and sharpness |
+| online | offline, iterative and online DPO, DICE, SPIN, RLHF (RLOO); a reward model; online DPO on it | gold reward and win rate at matched KL; gold against reward-model reward; implicit vs reward-model accuracy on shifted prompts |
+
+`online` is not one sweep: per seed it trains a reward model (`experiments.reward_model`) and one
+run per method (`configs/study_online.py`: `method_config`, offline DPO or a loop of
+`experiments.loops`) in `<workdir>/online/seed<k>/<method>`, each evaluated at several points
+along training, and writes `matched.csv`, `generalisation.csv`, `overopt.csv` and
+`online_generalisation.png` besides the table and chart.
 
 The stages of each seed are the training program's, with its provenance rules: a rerun reuses
 what was computed under the same config. Studies run in one invocation (and, across invocations,
@@ -48,18 +55,19 @@ import tensorflow_datasets as tfds
 from absl import app, flags, logging
 
 import pofx_backends
-from configs import study_overopt, study_references, validate
+from configs import study_online, study_overopt, study_references, validate
+from experiments import loops, provenance
 from experiments import main as main_lib
 from experiments import metrics as metrics_lib
-from experiments import provenance
+from experiments import reward_model as reward_model_stage
 from pofx import data as data_lib
-from pofx import evaluation, fingerprints, losses, policy, sampling
+from pofx import evaluation, fingerprints, labellers, losses, policy, reward_models, sampling
 from pofx import world as world_lib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-STUDIES = ("likelihood", "length", "gpo_frontier", "ranking", "overopt", "references")
+STUDIES = ("likelihood", "length", "gpo_frontier", "ranking", "overopt", "references", "online")
 
 # --workdir (here the root of the studies' workdirs, <workdir>/<name>/seed<k>) and --progress are
 # the training program's flags (experiments.main).
@@ -153,8 +161,11 @@ def markdown_table(groups: Sequence[Dict], keys: Sequence[str], metrics: Sequenc
   return "\n".join(lines)
 
 
-def write_tables(out_dir: str, rows: Sequence[Dict], keys, metrics, *, title: str, notes: Sequence[str] = ()):
-  """`table.csv` (every row: keys, seed, metrics) and `table.md` (aggregated, with notes)."""
+def write_tables(
+  out_dir: str, rows: Sequence[Dict], keys, metrics, *, title: str, notes: Sequence[str] = (), extra: str = ""
+):
+  """`table.csv` (every row: keys, seed, metrics) and `table.md` (aggregated, with notes and
+  `extra`, more markdown)."""
   os.makedirs(out_dir, exist_ok=True)
   cols = list(keys) + ["seed"] + list(metrics)
   with open(os.path.join(out_dir, "table.csv"), "w", newline="") as f:
@@ -167,6 +178,8 @@ def write_tables(out_dir: str, rows: Sequence[Dict], keys, metrics, *, title: st
   text.append(markdown_table(aggregate(rows, keys, metrics), keys, metrics))
   if notes:
     text += [""] + [f"- {n}" for n in notes]
+  if extra:
+    text += ["", extra]
   with open(os.path.join(out_dir, "table.md"), "w") as f:
     f.write("\n".join(text) + "\n")
 
@@ -220,6 +233,7 @@ class Result:
   keys: Sequence[str]
   metrics: Sequence[str]
   notes: List[str]
+  extra: str = ""  # markdown appended to table.md (further tables of a study)
 
 
 def _sweep(config, workdir: str, progress: bool):
@@ -637,6 +651,456 @@ def chart_references(result: Result, runs, path: str):
   return _save(fig, path)
 
 
+# ------------------------------------------------------------------------------------------------
+# Study 7: online and iterative preference optimisation (issue 19)
+
+# The 3 matched KLs: these fractions of the largest KL every method reaches, rounded down to 2
+# significant digits.
+ONLINE_KL_FRACTIONS = (0.5, 0.75, 1.0)
+# The over-optimisation curve averages the per-round labels of the online runs in windows of
+# this many rounds (steps).
+ONLINE_WINDOW = 10
+
+
+def _link_seed(seed_wd: str, wd: str) -> None:
+  """Links the seed's SFT base and data into a method's workdir and copies its kernel record."""
+  os.makedirs(wd, exist_ok=True)
+  for name in ("sft_params", "data"):
+    src, dst = os.path.join(seed_wd, name), os.path.join(wd, name)
+    if os.path.exists(src) and not os.path.lexists(dst):
+      os.symlink(os.path.realpath(src), dst)
+  src, dst = os.path.join(seed_wd, main_lib.KERNELS_RECORD), os.path.join(wd, main_lib.KERNELS_RECORD)
+  if os.path.exists(src) and not os.path.exists(dst):
+    shutil.copy(src, dst)
+
+
+def _summary_at_point(name: str, c, wd: str, point: int, progress: bool) -> Dict:
+  """The evaluation of method `name`'s run in `wd` after `point` (offline: `train.steps`; a loop:
+  `loop.rounds`). Training continues from the workdir's last checkpoint (raising either resumes
+  the run exactly); each evaluation is kept as `summary_point<point>.json`, reused when made under
+  the same config."""
+  with c.unlocked():
+    if c.loop.kind == "offline":
+      c.train.steps = c.train.checkpoint_every = point
+    else:
+      c.loop.rounds, c.train.steps = point, point * c.loop.steps_per_round
+  path = os.path.join(wd, f"summary_point{point}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      kept = json.load(f)
+    if kept.get("config_fingerprint") == fingerprints.of_values(c.to_dict()):
+      return kept
+  validate.validate(c)
+  t = time.perf_counter()
+  if c.loop.kind == "offline":
+    summary, _ = main_lib.run_one(c, wd, progress=progress)
+  else:
+    summary = loops.run(main_lib, c, wd, progress=progress)
+  _say(
+    "online: %s seed %d at %d steps: KL %.3f, gold %.3f (%.0fs)",
+    name,
+    c.seed,
+    c.train.steps,
+    summary["kl_to_base"],
+    summary["gold_reward_policy"],
+    time.perf_counter() - t,
+  )
+  with open(path, "w") as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
+def _floor2(x: float) -> float:
+  """`x > 0` rounded down to 2 significant digits."""
+  e = math.floor(math.log10(x)) - 1
+  return math.floor(x / 10.0**e + 1e-9) * 10.0**e
+
+
+def matched_kl_targets(curves: Dict, fractions=ONLINE_KL_FRACTIONS):
+  """The KLs at which every curve is read: `curves` maps (method, seed) to its evaluated KLs in
+  training order. Every curve starts at the base (KL 0), so every one reaches each KL up to
+  `hi`, the smallest largest KL; the targets are `fractions` of `hi`, rounded down to 2
+  significant digits. Returns (targets, lo, hi), `lo` the largest first evaluated KL (below it some
+  curve is read between the base and its first evaluation); no targets when `hi <= 0`."""
+  lo = max(float(ks[0]) for ks in curves.values())
+  hi = min(float(max(ks)) for ks in curves.values())
+  if hi <= 0:
+    return [], lo, hi
+  return [float(f"{_floor2(f * hi):.6g}") for f in fractions], lo, hi
+
+
+def _pairs_of(examples):
+  return (
+    [e["prompt"] for e in examples],
+    [e["chosen"] for e in examples],
+    [e["rejected"] for e in examples],
+    np.asarray([float(e["score_chosen"]) - float(e["score_rejected"]) for e in examples], np.float64),
+  )
+
+
+def _generalisation_rows(c, seed_wd: str, rm_path: str, seed: int, tiny: bool) -> List[Dict]:
+  """Accuracy of the DPO implicit reward `beta (log pi/pi_sft (y_w) - log pi/pi_sft (y_l))` of the
+  finished runs of `study_online.IMPLICIT` and of the reward model, against the gold ordering and
+  against the labels, on the held-out pairs (held-out prompts of the training distribution) and
+  on pairs of shifted prompts (`World.prompts(shift=study_online.SHIFT)`, completions from the
+  SFT base, labelled as the data stage labels)."""
+  run = main_lib.Run(c, seed_wd, progress=False)
+  base = main_lib.stage_sft(run)
+  prepared, _ = main_lib.stage_data(run, base)
+  src = prepared.source("eval")
+  sets = {"in-distribution": _pairs_of([src[i] for i in range(len(src))])}
+  k = c.data.samples_per_prompt
+  n_prompts = max(1, -(-c.data.num_eval_pairs // (k // 2)))
+  shifted = world_lib.preference_data(
+    run.world,
+    base,
+    run.world.prompts(n_prompts, seed=c.seed * 1000 + 6, split="eval", shift=study_online.SHIFT),
+    run.key_for("study/shifted_pairs"),
+    model=run.model,
+    num_samples=k,
+  )
+  sets["shifted"] = (
+    shifted.prompt,
+    shifted.chosen,
+    shifted.rejected,
+    np.asarray(shifted.chosen_score, np.float64) - np.asarray(shifted.rejected_score, np.float64),
+  )
+  rm = labellers.reward_model(
+    jax.jit(reward_models.score_fn(run.model)), reward_model_stage.load(rm_path, run.model_config)
+  )
+  policies = {m: main_lib._load_params(os.path.join(seed_wd, m, "final_params"), base) for m in study_online.IMPLICIT}
+  rows = []
+  for split, (ps, ch, rj, gold) in sets.items():
+    ref = evaluation.pair_logps(base, ps, ch, rj, model=run.model)
+    margins = {}
+    for m, params in policies.items():
+      pol = evaluation.pair_logps(params, ps, ch, rj, model=run.model)
+      margins[f"{m} implicit"] = np.asarray(
+        study_online.BETA * ((pol.chosen - ref.chosen) - (pol.rejected - ref.rejected)), np.float64
+      )
+    scores = rm(ps, [[a, b] for a, b in zip(ch, rj)])
+    margins["reward model"] = scores[:, 0].astype(np.float64) - scores[:, 1]
+    for scorer, margin in margins.items():
+      rows.append(
+        {
+          "scorer": scorer,
+          "pairs": split,
+          "seed": seed,
+          "gold_accuracy": evaluation.pair_accuracy(margin, gold),
+          "label_accuracy": evaluation.pair_accuracy(margin, np.ones_like(margin)),
+          "num_pairs": len(ps),
+        }
+      )
+  return rows
+
+
+def _round_curve(summary: Dict, seed: int, method: str) -> List[Dict]:
+  """Per round of an online run: the mean label (the reward model's, or the gold) and the mean
+  gold reward of the policy's own samples of that round."""
+  return [
+    {
+      "method": method,
+      "seed": seed,
+      "step": int(e["round"]),
+      "label": float(e["label_mean"]),
+      "gold": float(e["sampled_gold_reward"]),
+    }
+    for e in summary.get("loop_rounds", [])
+    if "label_mean" in e
+  ]
+
+
+def _windowed(curve: List[Dict], window: int) -> List[Dict]:
+  """Means of `label` and `gold` over consecutive windows of `window` rounds, with the gains over
+  the first window (the policy near the SFT base)."""
+  out = []
+  for start in range(0, len(curve) - window + 1, window):
+    part = curve[start : start + window]
+    out.append(
+      {
+        "step": part[-1]["step"] + 1,
+        "label": np.mean([e["label"] for e in part]),
+        "gold": np.mean([e["gold"] for e in part]),
+      }
+    )
+  for e in out:
+    e["label_gain"], e["gold_gain"] = e["label"] - out[0]["label"], e["gold"] - out[0]["gold"]
+  return out
+
+
+def run_online(runs, progress, tiny) -> Result:
+  arg = "tiny" if tiny else None
+  rows, gen_rows, curves_raw = [], [], []
+  names = study_online.METHODS + (study_online.RM_METHOD,)
+  for seed, (c, wd) in runs.items():
+    # The seed's SFT base and data (made here, or linked from another study), shared by every run.
+    run = main_lib.Run(c, wd, progress=progress)
+    base = main_lib.stage_sft(run)
+    main_lib.stage_data(run, base)
+    rc = study_online.reward_model_config(arg, seed=seed)
+    rm_wd = os.path.join(wd, "reward_model")
+    _link_seed(wd, rm_wd)
+    validate.validate(rc)
+    rm_summary = reward_model_stage.run(rc, rm_wd, lib=main_lib, progress=progress)
+    rm_path = os.path.join(rm_wd, reward_model_stage.OUTPUT)
+    rows.append(
+      {
+        "method": "reward model",
+        "step": int(rc.reward_model.steps),
+        "seed": seed,
+        "rm_accuracy": rm_summary.get("reward_accuracy"),
+        "rm_gold_accuracy": rm_summary.get("gold_accuracy"),
+      }
+    )
+    for name in names:
+      mc, points = study_online.method_config(name, arg, seed=seed, reward_model_checkpoint=rm_path)
+      mwd = os.path.join(wd, name)
+      _link_seed(wd, mwd)
+      summary = None
+      for point in points:
+        summary = _summary_at_point(name, mc, mwd, point, progress)
+        row = {
+          "method": name,
+          "step": int(mc.train.steps),
+          "seed": seed,
+          "kl": summary["kl_to_base"],
+          "gold_reward": summary["gold_reward_policy"],
+          "win_rate": summary["win_rate_vs_base"],
+          "mean_length": summary["mean_length_policy"],
+        }
+        if name in ("online_dpo", study_online.RM_METHOD):
+          last = _round_curve(summary, seed, name)[-ONLINE_WINDOW:]
+          row["sampled_label"] = float(np.mean([e["label"] for e in last])) if last else None
+          row["sampled_gold"] = float(np.mean([e["gold"] for e in last])) if last else None
+        rows.append(row)
+      if name in ("online_dpo", study_online.RM_METHOD):
+        curves_raw += _round_curve(summary, seed, name)
+      if name == "dpo":
+        base_gold = summary["gold_reward_base"]
+        base_len = summary["mean_length_base"]
+    rows.append(
+      {
+        "method": "sft base",
+        "step": 0,
+        "seed": seed,
+        "kl": 0.0,
+        "gold_reward": base_gold,
+        "win_rate": 0.5,
+        "mean_length": base_len,
+      }
+    )
+    gen_rows += _generalisation_rows(c, wd, rm_path, seed, tiny)
+  result = online_analysis(rows, gen_rows, curves_raw)
+  out_dir = os.path.dirname(next(iter(runs.values()))[1])
+  tables = (
+    ("matched.csv", result.matched, ("method", "kl_target", "seed", "gold_reward", "win_rate")),
+    ("generalisation.csv", gen_rows, ("scorer", "pairs", "seed", "gold_accuracy", "label_accuracy", "num_pairs")),
+    ("overopt.csv", curves_raw, ("method", "seed", "step", "label", "gold")),
+  )
+  for fname, table, cols in tables:  # written also when empty (a tiny run may reach no common KL)
+    with open(os.path.join(out_dir, fname), "w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=list(cols))
+      w.writeheader()
+      w.writerows(table)
+  return result
+
+
+@dataclasses.dataclass
+class OnlineResult(Result):
+  matched: List[Dict] = dataclasses.field(default_factory=list)
+  generalisation: List[Dict] = dataclasses.field(default_factory=list)
+  overopt: List[Dict] = dataclasses.field(default_factory=list)
+  targets: List[float] = dataclasses.field(default_factory=list)
+
+
+def online_analysis(rows: List[Dict], gen_rows: List[Dict], curves_raw: List[Dict]) -> OnlineResult:
+  """The online study's tables from its rows: gold reward and win rate at the matched KLs (each
+  method's curve from the base through its evaluations, per seed, `evaluation.value_at_kl`), the
+  accuracies of the implicit rewards and the reward model, and the over-optimisation curve."""
+  bases = {r["seed"]: r for r in rows if r["method"] == "sft base"}
+  methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in ("sft base", "reward model")]
+  curves = {}
+  for m in methods:
+    for seed in bases:
+      pts = sorted((r for r in rows if r["method"] == m and r["seed"] == seed), key=lambda r: r["step"])
+      if pts:
+        curves[(m, seed)] = pts
+  targets, lo, hi = matched_kl_targets({k: [p["kl"] for p in v] for k, v in curves.items()})
+  matched = []
+  for (m, seed), pts in curves.items():
+    b = bases[seed]
+    kl = [0.0] + [p["kl"] for p in pts]
+    for metric in ("gold_reward", "win_rate"):
+      vals = evaluation.value_at_kl(kl, [b[metric]] + [p[metric] for p in pts], targets)
+      for t, v in zip(targets, vals):
+        row = next((x for x in matched if x["method"] == m and x["seed"] == seed and x["kl_target"] == t), None)
+        if row is None:
+          row = {"method": m, "kl_target": t, "seed": seed}
+          matched.append(row)
+        row[metric] = float(v)
+  notes = [
+    f"matched KLs {', '.join(f'{t:g}' for t in targets)}: {', '.join(f'{f:g}' for f in ONLINE_KL_FRACTIONS)} of "
+    f"{hi:.3g}, the largest KL every method reaches in every seed, each curve running from the base (KL 0) "
+    f"through its evaluations"
+    if targets
+    else f"no matched KLs: a method's largest KL is {hi:.3g} (it never left the base)"
+  ]
+  for m in methods:
+    seeds = [sd for sd in bases if (m, sd) in curves]
+    reach = [max(p["kl"] for p in curves[(m, sd)]) for sd in seeds]
+    first = [curves[(m, sd)][0]["kl"] for sd in seeds]
+    missing = sum(1 for r in matched if r["method"] == m and not math.isfinite(r["gold_reward"]))
+    early = sum(1 for f in first for t in targets if t < f)
+    notes.append(
+      f"{m}: first evaluation at KL {min(first):.3g}-{max(first):.3g}, largest KL {min(reach):.3g}-{max(reach):.3g} "
+      "over seeds; "
+      + ("reaches every matched KL in every seed" if not missing else f"{missing} matched values not reached")
+      + (
+        f"; {early} of its {len(first) * len(targets)} matched values lie between the base and its first evaluation"
+        if early
+        else ""
+      )
+    )
+  got = {(r["method"], r["kl_target"], r["seed"]): r["gold_reward"] for r in matched}
+  for m in methods:
+    if m == "dpo" or not targets:
+      continue
+    parts = []
+    for t in targets:
+      d = [got[(m, t, sd)] - got[("dpo", t, sd)] for sd in bases if (m, t, sd) in got and ("dpo", t, sd) in got]
+      mean, sd_ = _stats(d)
+      parts.append(f"{mean:+.3f} ± {sd_:.3f} at KL {t:g}")
+    notes.append(f"{m} - dpo, gold reward at matched KL (paired by seed): {'; '.join(parts)}")
+  rm_rows = [r for r in rows if r["method"] == "reward model"]
+  if rm_rows:
+    a, sd = _stats([r["rm_accuracy"] for r in rm_rows])
+    g, gsd = _stats([r["rm_gold_accuracy"] for r in rm_rows])
+    notes.append(
+      f"reward model: held-out accuracy {a:.3f} ± {sd:.3f} against the labels, {g:.3f} ± {gsd:.3f} against the gold ordering"
+    )
+  acc = {(g["scorer"], g["pairs"], g["seed"]): g["gold_accuracy"] for g in gen_rows}
+  gen_seeds = sorted({g["seed"] for g in gen_rows})
+  for scorer in dict.fromkeys(g["scorer"] for g in gen_rows):
+    d = [acc[(scorer, "shifted", sd)] - acc[(scorer, "in-distribution", sd)] for sd in gen_seeds]
+    mean, sd_ = _stats(d)
+    notes.append(
+      f"{scorer}: gold accuracy on shifted minus in-distribution pairs (paired by seed) {mean:+.3f} ± {sd_:.3f} "
+      f"({', '.join(f'{x:+.3f}' for x in d)})"
+    )
+  extra = ["## Gold reward and win rate at matched KL", ""]
+  extra.append(
+    markdown_table(
+      aggregate(matched, ("method", "kl_target"), ("gold_reward", "win_rate")),
+      ("method", "kl_target"),
+      ("gold_reward", "win_rate"),
+    )
+  )
+  extra += ["", "## Accuracy of the DPO implicit reward and the reward model", ""]
+  extra.append(
+    markdown_table(
+      aggregate(gen_rows, ("scorer", "pairs"), ("gold_accuracy", "label_accuracy")),
+      ("scorer", "pairs"),
+      ("gold_accuracy", "label_accuracy"),
+    )
+  )
+  overopt = []
+  for m in dict.fromkeys(e["method"] for e in curves_raw):
+    for seed in dict.fromkeys(e["seed"] for e in curves_raw):
+      cur = sorted((e for e in curves_raw if e["method"] == m and e["seed"] == seed), key=lambda e: e["step"])
+      for e in _windowed(cur, min(ONLINE_WINDOW, max(1, len(cur) // 2))):
+        overopt.append({"method": m, "seed": seed, **{k: float(v) for k, v in e.items()}})
+  if overopt:
+    extra += ["", f"## Over-optimisation: the policy's own samples, per window of {ONLINE_WINDOW} steps", ""]
+    extra.append(
+      markdown_table(
+        aggregate(overopt, ("method", "step"), ("label", "gold", "label_gain", "gold_gain")),
+        ("method", "step"),
+        ("label", "gold", "label_gain", "gold_gain"),
+      )
+    )
+  metrics = (
+    "kl",
+    "gold_reward",
+    "win_rate",
+    "mean_length",
+    "sampled_label",
+    "sampled_gold",
+    "rm_accuracy",
+    "rm_gold_accuracy",
+  )
+  return OnlineResult(rows, ("method", "step"), metrics, notes, "\n".join(extra), matched, gen_rows, overopt, targets)
+
+
+def chart_online(result: OnlineResult, runs, path: str):
+  groups = aggregate(result.rows, ("method", "step"), ("kl", "gold_reward", "win_rate"))
+  base = [g for g in groups if g["method"] == "sft base"]
+  fig, axes = plt.subplots(2, 2, figsize=(12, 8.6))
+  (a1, a2), (a3, a4) = axes
+  for m in dict.fromkeys(g["method"] for g in groups if g["method"] not in ("sft base", "reward model")):
+    gs = base + sorted((g for g in groups if g["method"] == m), key=lambda g: g["step"])
+    a1.plot([g["kl"] for g in gs], [g["gold_reward"] for g in gs], marker="o", ms=4, label=m)
+    a2.plot([g["kl"] for g in gs], [g["win_rate"] for g in gs], marker="o", ms=4, label=m)
+  # Runs that diverge (KL of tens of nats) would squash the matched range: the axis ends at 3.5
+  # times the largest matched KL, and says so.
+  cut = 3.5 * max(result.targets) if result.targets else None
+  beyond = cut is not None and any(g["kl"] > cut for g in groups if g["method"] != "reward model")
+  for ax in (a1, a2):
+    for t in result.targets:
+      ax.axvline(t, color="gray", lw=0.7, ls=":")
+    ax.set_xlabel("KL(policy || SFT base)  [nats]" + (f", axis cut at {cut:.3g}" if beyond else ""))
+    if beyond:
+      ax.set_xlim(-0.3, cut)
+  a1.set_ylabel("gold reward (held-out prompts)")
+  a2.set_ylabel("win rate against the base")
+  a1.set_title("gold reward along training (mean over seeds; dotted: matched KLs)", fontsize=9)
+  a2.set_title("win rate along training", fontsize=9)
+  a1.legend(fontsize=7)
+  for m, color in (("online_dpo", "C2"), (study_online.RM_METHOD, "C6")):
+    ws = aggregate([e for e in result.overopt if e["method"] == m], ("step",), ("label_gain", "gold_gain"))
+    if not ws:
+      continue
+    if m == study_online.RM_METHOD:
+      a3.plot([w["label_gain"] for w in ws], [w["gold_gain"] for w in ws], marker="o", ms=4, color=color)
+      for w in ws[:: max(1, len(ws) // 5)]:
+        a3.annotate(str(int(w["step"])), (w["label_gain"], w["gold_gain"]), fontsize=6)
+    a4.plot([w["step"] for w in ws], [w["gold_gain"] for w in ws], marker=".", color=color, label=f"{m}: gold gain")
+    if m == study_online.RM_METHOD:
+      a4.plot(
+        [w["step"] for w in ws], [w["label_gain"] for w in ws], ls="--", color=color, label=f"{m}: RM reward gain"
+      )
+  a3.axhline(0, color="gray", lw=0.8, ls="--")
+  a3.set_xlabel("reward-model reward gain of the policy's samples")
+  a3.set_ylabel("gold reward gain of the same samples")
+  a3.set_title("over-optimisation: online DPO labelled by the reward model (labels: step)", fontsize=9)
+  a4.set_xlabel("step")
+  a4.set_title("gains over the first window, online DPO: gold vs RM labeller", fontsize=9)
+  a4.legend(fontsize=7)
+  _save(fig, path)
+  # The accuracies: a second chart, <name>_generalisation.png.
+  gens = aggregate(result.generalisation, ("scorer", "pairs"), ("gold_accuracy",))
+  scorers = list(dict.fromkeys(g["scorer"] for g in gens))
+  fig2, ax = plt.subplots(figsize=(6.4, 3.8))
+  w = 0.38
+  for j, split in enumerate(("in-distribution", "shifted")):
+    gs = [next((g for g in gens if g["scorer"] == s and g["pairs"] == split), None) for s in scorers]
+    ax.bar(
+      np.arange(len(scorers)) + (j - 0.5) * w,
+      [g["gold_accuracy"] if g else np.nan for g in gs],
+      w,
+      yerr=[g["gold_accuracy_sd"] if g else 0 for g in gs],
+      capsize=2,
+      label=f"{split} pairs",
+    )
+  ax.set_xticks(np.arange(len(scorers)))
+  ax.set_xticklabels(scorers, fontsize=8)
+  ax.set_ylim(0.4, 1.0)
+  ax.set_ylabel("accuracy against the gold ordering")
+  ax.set_title(f"implicit reward vs reward model; shifted prompts: shift {study_online.SHIFT:g}", fontsize=9)
+  ax.legend(fontsize=7)
+  _save(fig2, path.replace(".png", "_generalisation.png"))
+  return path
+
+
 @dataclasses.dataclass(frozen=True)
 class Study:
   title: str
@@ -651,6 +1115,7 @@ REGISTRY = {
   "ranking": Study("Ranking accuracy against the idealized ranking accuracy", run_ranking, chart_ranking),
   "overopt": Study("Reward over-optimisation: DPO along training and best-of-n", run_overopt, chart_overopt),
   "references": Study("Reference strategies and weight perturbations", run_references, chart_references),
+  "online": Study("Online and iterative preference optimisation at matched KL", run_online, chart_online),
 }
 assert tuple(REGISTRY) == STUDIES
 
@@ -670,7 +1135,9 @@ def run_study(name: str, root: str, seeds: Sequence[int], *, tiny: bool = False,
     runs[seed] = (c, wd)
   t = time.perf_counter()
   result = study.run(runs, progress, tiny)
-  write_tables(out_dir, result.rows, result.keys, result.metrics, title=study.title, notes=result.notes)
+  write_tables(
+    out_dir, result.rows, result.keys, result.metrics, title=study.title, notes=result.notes, extra=result.extra
+  )
   chart = study.chart(result, runs, os.path.join(out_dir, f"{name}.png"))
   with open(os.path.join(out_dir, "rows.json"), "w") as f:
     json.dump({"rows": result.rows, "notes": result.notes, "seconds": time.perf_counter() - t}, f, indent=1)

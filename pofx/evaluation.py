@@ -38,7 +38,11 @@ Studies of the world (`experiments/study.py`):
                         parameters, found by projected normalised-gradient ascent (`sharpness`);
   best-of-n KL          log n - (n - 1)/n (`best_of_n_kl`);
   Gao et al. fits       gold reward against d = sqrt(KL): d (alpha - beta d) for best-of-n and
-                        d (alpha - beta log d) for RL (`gao_fit`; Gao et al. 2022, arXiv:2210.10760).
+                        d (alpha - beta log d) for RL (`gao_fit`; Gao et al. 2022, arXiv:2210.10760);
+  matched KL            a metric read off a training curve at given KLs, by linear interpolation
+                        in KL at the first crossing (`value_at_kl`);
+  pair accuracy         the share of pairs a reward difference ranks as the gold reward (or the
+                        label) does (`pair_accuracy`).
 
 Training diagnostic (`gradient_field`, logged per step by `pofx.train` with `gradient_field=True`):
   the gradient field of a loss over the chosen and rejected log-probs (Feng et al. 2024,
@@ -532,3 +536,45 @@ def gao_curve(d, alpha: float, beta: float, *, form: str) -> np.ndarray:
   safe = np.where(d > 0, d, 1.0)
   second = d * d if form == "bon" else np.where(d > 0, d * np.log(safe), 0.0)
   return alpha * d - beta * second
+
+
+def value_at_kl(kl, values, targets) -> np.ndarray:
+  """A metric at matched KL: the piecewise-linear curve through the points `(kl[i], values[i])`
+  taken in the given (training) order, read at each KL in `targets` where it first reaches it
+  (the first segment `kl[i] -> kl[i+1]` that contains the target, linear in KL there; a point
+  exactly at the target gives its own value). NaN for a target the curve never reaches. Curves of
+  training need not be monotone in KL, hence "first". Returns `[len(targets)]` float64."""
+  k = np.asarray(kl, np.float64).reshape(-1)
+  v = np.asarray(values, np.float64).reshape(-1)
+  if k.shape != v.shape or k.size == 0:
+    raise ValueError(f"value_at_kl: need kl and values of one non-empty shape, got {k.shape} and {v.shape}.")
+  out = []
+  for t in np.asarray(targets, np.float64).reshape(-1):
+    found = float("nan")
+    if k[0] == t:
+      found = float(v[0])
+    for i in range(k.size - 1):
+      if not math.isnan(found):
+        break
+      a, b = k[i], k[i + 1]
+      if b == t:
+        found = float(v[i + 1])
+      elif min(a, b) <= t <= max(a, b) and a != b:
+        found = float(v[i] + (t - a) / (b - a) * (v[i + 1] - v[i]))
+    out.append(found)
+  return np.asarray(out, np.float64)
+
+
+def pair_accuracy(margin, truth) -> float:
+  """The share of pairs ranked as `truth` ranks them: `mean(sign(margin) == sign(truth))` over the
+  pairs with `truth != 0` (a gold tie says nothing); a zero margin counts as wrong. `margin`: a
+  reward difference `r(y_1) - r(y_2)` (implicit or a reward model's); `truth`: the gold difference
+  or the label (+1 when y_1 was preferred). NaN when every `truth` is 0."""
+  m = np.asarray(margin, np.float64).reshape(-1)
+  t = np.asarray(truth, np.float64).reshape(-1)
+  if m.shape != t.shape:
+    raise ValueError(f"pair_accuracy: margin and truth differ in shape, {m.shape} and {t.shape}.")
+  keep = t != 0
+  if not keep.any():
+    return float("nan")
+  return float(np.mean(np.sign(m[keep]) == np.sign(t[keep])))

@@ -57,6 +57,10 @@ completions and the labeller's probability are kept with every pair.
 Train/eval prompt split: a fixed hash of each prompt (from the seed) sends `eval_fraction` of
 all possible prompts to the held-out split; `prompts(..., split="eval")` draws only those, so
 held-out prompts never appear in training data.
+
+Prompt shift: `prompts(..., shift=s)` draws the content tokens from `p_v ∝ exp(s * z_v)` (z a
+fixed standard-normal score per token) instead of uniformly, for tests of generalisation to
+prompts unlike the training ones (`prompt_token_probs`).
 """
 
 from __future__ import annotations
@@ -247,16 +251,37 @@ class World:
     h = int(self._hash_len[x.size]) + sum(int(self._hash_tok[i, t]) for i, t in enumerate(x))
     return (h % 10000) < self.config.eval_fraction * 10000
 
-  def prompts(self, n: int, seed: int, split: str = "train") -> List[np.ndarray]:
-    """`n` prompts `[BOS, x_1..x_m, SEP]` from the split "train" or "eval" (or "any")."""
+  def prompt_token_probs(self, shift: float = 0.0) -> np.ndarray:
+    """The distribution `[C]` of a prompt's content tokens under a prompt shift of strength
+    `shift`: `p_v ∝ exp(shift * s_v)` with `s` a fixed standard-normal score per content token
+    (from the world's seed). `shift = 0` is the uniform distribution of `prompts`' default."""
+    s = np.random.default_rng(np.random.SeedSequence([self.config.seed, 0x5417])).standard_normal(
+      self.config.num_content
+    )
+    z = float(shift) * s
+    p = np.exp(z - z.max())
+    return p / p.sum()
+
+  def prompts(self, n: int, seed: int, split: str = "train", shift: float = 0.0) -> List[np.ndarray]:
+    """`n` prompts `[BOS, x_1..x_m, SEP]` from the split "train" or "eval" (or "any").
+
+    `shift` > 0 draws the content tokens from `prompt_token_probs(shift)` instead of uniformly
+    (a shift of the prompt distribution, for generalisation tests; the lengths and the split
+    rule are unchanged). `shift = 0` gives the prompts of the default, token for token."""
     if split not in ("train", "eval", "any"):
       raise ValueError(f"World.prompts: split must be one of ('train', 'eval', 'any'), got {split!r}.")
+    if not (math.isfinite(float(shift)) and float(shift) >= 0.0):
+      raise ValueError(f"World.prompts: shift must be a finite number >= 0, got {shift!r}.")
     cfg = self.config
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xA11, int(seed)]))
+    probs = self.prompt_token_probs(shift) if shift else None
     out = []
     while len(out) < n:
       m = int(rng.integers(cfg.min_prompt_len, cfg.max_prompt_len + 1))
-      x = rng.integers(FIRST_CONTENT, cfg.vocab_size, size=m)
+      if probs is None:
+        x = rng.integers(FIRST_CONTENT, cfg.vocab_size, size=m)
+      else:
+        x = FIRST_CONTENT + rng.choice(cfg.num_content, size=m, p=probs)
       if split != "any" and self.is_eval_prompt(x) != (split == "eval"):
         continue
       out.append(np.concatenate([[BOS], x, [SEP]]).astype(np.int32))

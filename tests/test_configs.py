@@ -23,7 +23,7 @@ from pofx import data as data_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDY_FAMILIES = tuple(
-  f"study_{n}" for n in ("likelihood", "length", "gpo_frontier", "ranking", "overopt", "references")
+  f"study_{n}" for n in ("likelihood", "length", "gpo_frontier", "ranking", "overopt", "references", "online")
 )
 FAMILIES = (
   "dpo",
@@ -135,6 +135,28 @@ def test_every_config_builds_locked_and_valid(family):
     assert "python -m experiments.main --config=configs/" in importlib.import_module(f"configs.{family}").__doc__
   with pytest.raises(ValueError, match="allowed"):
     _config(family, "no_such_arg")
+
+
+def test_online_study_methods_validate_and_share_one_base(tmp_path):
+  """Every run of the online study (configs/study_online.py) validates at both sizes, is evaluated
+  last at its full length, and shares the seed's SFT base and data with the others."""
+  from configs import study_online
+  from experiments import provenance
+
+  for arg in (None, "tiny"):
+    cs = [study_online.get_config(arg), study_online.reward_model_config(arg, seed=2)]
+    cs[0] = cs[0].copy_and_resolve_references()
+    with cs[0].unlocked():
+      cs[0].seed = 2
+    for m in study_online.METHODS + (study_online.RM_METHOD,):
+      c, points = study_online.method_config(m, arg, seed=2, reward_model_checkpoint=str(tmp_path))
+      validate.validate(c)
+      per = c.loop.steps_per_round if c.loop.kind != "offline" else 1
+      assert points[-1] * per == c.train.steps and len(points) >= (1 if arg else 4), m
+      cs.append(c)
+    validate.validate(cs[1])
+    assert len({provenance.sft_record(c).fingerprint for c in cs}) == 1
+    assert len({provenance.data_record(c).fingerprint for c in cs}) == 1
 
 
 def test_every_new_methods_member_validates():

@@ -27,17 +27,19 @@ from tests.program import ROOT, _config, _seed_from
 
 # The length study's world (a biased labeller) has its own SFT base and data.
 OWN_BASE = ("length",)
+# Studies 1-6 (the online study runs in its own test).
+SIX = "likelihood,length,gpo_frontier,ranking,overopt,references"
 
 
 def test_the_six_studies_at_tiny_with_one_seed(seed_dir, tmp_path):
   """One run of all six (one test, so that a parallel session runs the program once)."""
   root = tmp_path / "studies"
-  for name in study.STUDIES:
+  for name in SIX.split(","):
     names = ("kernels.json",) if name in OWN_BASE else ("sft_params", "data", "kernels.json")
     _seed_from(seed_dir, root / name / "seed0", names=names)
   env = {**os.environ, "PYTHONPATH": ROOT}
   r = subprocess.run(
-    [sys.executable, "-m", "experiments.study", "all", "--tiny", "--seeds=0", f"--workdir={root}", "--noprogress"],
+    [sys.executable, "-m", "experiments.study", SIX, "--tiny", "--seeds=0", f"--workdir={root}", "--noprogress"],
     cwd=ROOT,
     env=env,
     capture_output=True,
@@ -184,3 +186,73 @@ def test_gao_fit_recovers_the_coefficients_of_its_curve(form):
     evaluation.gao_fit(d, r, form="linear")
   with pytest.raises(ValueError, match="at least 2 points"):
     evaluation.gao_fit([0.0, 1.0], [0.0, 1.0], form=form)
+
+
+def test_online_study_at_tiny_with_one_seed(seed_dir, tmp_path):
+  """Study 7 from the session's base: one row per method, evaluation point and seed with finite
+  KL, gold reward and win rate; the matched-KL, generalisation and over-optimisation tables; the
+  charts."""
+  root = tmp_path / "studies"
+  _seed_from(seed_dir, root / "online" / "seed0")
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  r = subprocess.run(
+    [sys.executable, "-m", "experiments.study", "online", "--tiny", "--seeds=0", f"--workdir={root}", "--noprogress"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+  )
+  assert r.returncode == 0, r.stderr[-4000:]
+  from configs import study_online
+
+  rows = _rows(root, "online")
+  expected = [("reward model", "6")]
+  for m in study_online.METHODS + (study_online.RM_METHOD,):
+    c, points = study_online.method_config(m, "tiny")
+    per = c.loop.steps_per_round if c.loop.kind != "offline" else 1
+    expected += [(m, str(p * per)) for p in points]
+  expected.append(("sft base", "0"))
+  assert [(x["method"], x["step"]) for x in rows] == expected
+  for x in rows[1:]:
+    assert all(math.isfinite(float(x[k])) for k in ("kl", "gold_reward", "win_rate")), x
+  with open(root / "online" / "generalisation.csv") as f:
+    gen = list(csv.DictReader(f))
+  assert {(g["scorer"], g["pairs"]) for g in gen} == {
+    (s, p) for s in ("dpo implicit", "online_dpo implicit", "reward model") for p in ("in-distribution", "shifted")
+  }
+  assert all(0.0 <= float(g["gold_accuracy"]) <= 1.0 for g in gen)
+  assert (root / "online" / "matched.csv").exists() and (root / "online" / "overopt.csv").exists()
+  text = (root / "online" / "table.md").read_text()
+  assert "## Gold reward and win rate at matched KL" in text
+  assert os.path.getsize(root / "online" / "online.png") > 1000
+  assert os.path.getsize(root / "online" / "online_generalisation.png") > 1000
+
+
+def test_value_at_kl_on_a_hand_made_curve():
+  """A training curve that turns back in KL: each target is read at its first crossing."""
+  kl = [0.0, 1.0, 3.0, 2.0, 5.0]
+  gold = [0.0, 2.0, 4.0, 10.0, 6.0]
+  got = evaluation.value_at_kl(kl, gold, [0.0, 0.5, 2.0, 3.0, 4.0, 6.0])
+  # 0 -> the first point; 0.5 -> halfway on 0..1: 1.0; 2 -> on 1..3 (first crossing, not the point
+  # at KL 2 reached later): 2 + (2 - 1)/(3 - 1) * (4 - 2) = 3.0; 3 -> the point at 3: 4.0;
+  # 4 -> on 2..5: 10 + (4 - 2)/(5 - 2) * (6 - 10) = 22/3; 6 -> never reached.
+  np.testing.assert_allclose(got[:5], [0.0, 1.0, 3.0, 4.0, 22.0 / 3.0], rtol=1e-12)
+  assert math.isnan(got[5])
+  with pytest.raises(ValueError, match="value_at_kl"):
+    evaluation.value_at_kl([0.0, 1.0], [1.0], [0.5])
+
+
+def test_pair_accuracy_and_matched_targets_by_hand():
+  # margins 1, -2, 0, 3 against truths 2, -1, 1, 0: the last is a gold tie (left out), the third a
+  # zero margin (wrong): 2 of 3.
+  assert evaluation.pair_accuracy([1.0, -2.0, 0.0, 3.0], [2.0, -1.0, 1.0, 0.0]) == pytest.approx(2.0 / 3.0)
+  # Curves from the base whose largest KLs are 4 and 9: every one reaches KL 4; the targets are
+  # 0.5, 0.75 and 1 times 4. The largest first KL is 1.
+  targets, lo, hi = study.matched_kl_targets({("a", 0): [0.5, 2.0, 4.0], ("b", 0): [1.0, 9.0, 3.0]})
+  assert (lo, hi) == (1.0, 4.0)
+  assert targets == pytest.approx([2.0, 3.0, 4.0])
+  # Rounded down to 2 significant digits: 0.5 x 4.624 = 2.312 -> 2.3, 3.468 -> 3.4, 4.624 -> 4.6.
+  targets, lo, hi = study.matched_kl_targets({("a", 0): [1.7, 4.624], ("b", 0): [0.5, 7.0]})
+  assert targets == pytest.approx([2.3, 3.4, 4.6])
+  # A method that never left the base: no targets.
+  assert study.matched_kl_targets({("a", 0): [-0.1, 0.0], ("b", 0): [1.0, 2.0]})[0] == []

@@ -112,6 +112,26 @@ def test_prompts_format_split_and_determinism():
     w.prompts(3, seed=0, split="test")
 
 
+def test_shifted_prompts():
+  """The prompt shift tilts the content-token distribution exponentially: uniform at 0, log-odds
+  that scale linearly with the shift, empirical frequencies that follow it, the split kept."""
+  w = world.World()
+  c = w.config.num_content
+  np.testing.assert_allclose(w.prompt_token_probs(0.0), np.full(c, 1.0 / c), rtol=1e-12)
+  p1, p2 = w.prompt_token_probs(1.0), w.prompt_token_probs(2.0)
+  assert abs(p2.sum() - 1.0) < 1e-12
+  l1, l2 = np.log(p1) - np.log(p1[0]), np.log(p2) - np.log(p2[0])
+  np.testing.assert_allclose(l2, 2.0 * l1, atol=1e-9)  # exp(s z): log-odds proportional to s
+  assert all(w.is_eval_prompt(p) for p in w.prompts(50, seed=7, split="eval", shift=2.0))
+  ps = w.prompts(3000, seed=7, split="any", shift=2.0)
+  toks = np.concatenate([p[1:-1] for p in ps]) - world.FIRST_CONTENT
+  freq = np.bincount(toks, minlength=c) / toks.size
+  assert np.abs(freq - p2).max() < 0.02
+  assert [p.tolist() for p in w.prompts(50, seed=7, shift=0.0)] == [p.tolist() for p in w.prompts(50, seed=7)]
+  with pytest.raises(ValueError, match="shift"):
+    w.prompts(3, seed=0, shift=-1.0)
+
+
 def test_demonstrations():
   w = world.World()
   d = w.demonstrations(400, seed=0)
