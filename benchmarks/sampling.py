@@ -1,7 +1,7 @@
 """pofx's sampler against Hugging Face `generate`, on the model and prompts of `hf_generate_baseline.py`.
 
     python benchmarks/sampling.py [--variable] [--reps 5] [--json PATH]           # pofx alone
-        [--kernels {xla,cpu}] [--no_startup] [--breakdown] [--peaks]
+        [--kernels {xla,cpu}] [--no_startup] [--breakdown] [--peaks] [--step_cpu]
     python benchmarks/sampling.py --compare [--workloads fixed,variable] [--rounds 3] [--reps 5]
         [--hf_candidates "OMP_NUM_THREADS=1"] [--pofx_candidates "XLA_FLAGS=..."]
         [--markdown PATH] [--json PATH]                                           # side by side
@@ -17,6 +17,13 @@ token), and the same count: generated tokens per second = batch x new tokens / w
 calls after one warm-up call (which compiles). The program calls `pofx_backends.startup()` first,
 as pofx's programs do (`--no_startup` skips it).
 
+When the process has several devices (XLA:CPU's `--xla_force_host_platform_device_count=N` in
+`XLA_FLAGS`), the rows are split over them through the sampler's `mesh` (each device decodes its
+rows in its own thread; the samples equal one device's). With `--step_cpu`, the process CPU time
+of a decoding step, per timed call: a call of `--new` tokens minus a call of one token, over
+`--new - 1` steps (all threads counted; on a loaded machine the figure to compare, since the
+wall time is not).
+
 It also reports: the KV cache's memory; the analytic FLOPs of a call (prefill: every prompt
 token through the blocks; decoding: every row through the blocks and the LM head per step;
 attention over the valid slots) and the achieved FLOP/s; with `--peaks`, XLA's float32 matmul
@@ -28,7 +35,8 @@ profiler trace of one call: the time of every XLA operation of the decoding loop
 both sides on every workload, the order reversed on every other round, so both see the same
 machine conditions). A side's settings are its default (its command as documented, in this
 environment) and its candidates, environment settings (`--hf_candidates`, default one OpenMP
-thread; `--pofx_candidates`, default XLA:CPU on one thread). Reported per workload: the median
+thread; `--pofx_candidates`, default XLA:CPU on one thread, two CPU devices with the rows split
+over them, and two devices of one thread each). Reported per workload: the median
 tokens/s of every setting, the default-vs-default ratio per round and its median, the ratio of
 each side's best setting, the load average before each run, the CPU model, and a markdown table
 for `docs/benchmarks.md`. On a shared machine the absolute figures move with the load, and
@@ -213,9 +221,17 @@ def run_pofx(a) -> dict:
   params = model.init(jax.random.key(0))
   tokens, mask = prompts(a.batch, a.prompt, a.variable)
   key = jax.random.key(1)
+  # Several devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=2): the rows are split
+  # over them (the sampler's `mesh`), each device decoding its share in its own thread.
+  n_dev = len(jax.devices())
+  if a.batch % n_dev:
+    raise SystemExit(f"sampling.py: --batch {a.batch} does not split over the {n_dev} devices of this process.")
+  mesh = jax.make_mesh((n_dev,), ("data",)) if n_dev > 1 else None
 
   def once(new=a.new):
-    out = sampling.sample(params, tokens, mask, key, model=model, max_new_tokens=new, eos_id=None, temperature=1.0)
+    out = sampling.sample(
+      params, tokens, mask, key, model=model, max_new_tokens=new, eos_id=None, temperature=1.0, mesh=mesh
+    )
     jax.block_until_ready(out)
     return out
 
@@ -229,13 +245,26 @@ def run_pofx(a) -> dict:
     once()
     times.append(time.perf_counter() - t)
   med = statistics.median(times)
+  step_cpu = []
+  if a.step_cpu:
+    # Process CPU time of a decoding step: a call of `new` tokens minus a call of 1 token (the
+    # prefill and the call's fixed costs cancel), over `new - 1` steps; all threads counted.
+    once(1)
+    for _ in range(a.reps):
+      t = time.process_time()
+      once()
+      full = time.process_time() - t
+      t = time.process_time()
+      once(1)
+      step_cpu.append((full - (time.process_time() - t)) / (a.new - 1) * 1e3)
   lens = [int(n) for n in mask.sum(1)]
   flops = call_flops(config, a.prompt, lens, a.new)
   cache_bytes = (
     2 * config.num_layers * a.batch * config.num_kv_heads * (a.prompt + a.new) * config.resolved_head_dim * 4
   )
   res = {
-    "system": f"pofx (jax {jax.__version__}, kernels {kernels.name})",
+    "system": f"pofx (jax {jax.__version__}, kernels {kernels.name}, {n_dev} device{'s' if n_dev > 1 else ''})",
+    "devices": n_dev,
     "cpu": cpu_model(),
     "batch": a.batch,
     "prompt": a.prompt,
@@ -252,6 +281,9 @@ def run_pofx(a) -> dict:
     "maxrss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     "load_average": os.getloadavg(),
   }
+  if step_cpu:
+    res["step_cpu_ms"] = [round(x, 3) for x in step_cpu]
+    res["step_cpu_ms_best"] = round(min(step_cpu), 3)
   if a.peaks:
     pk = peaks(config, a.batch)
     res["matmul_GFLOP_per_s"] = {k: round(v / 1e9, 1) for k, v in pk.items()}
@@ -275,7 +307,7 @@ def run_pofx(a) -> dict:
       pad_id=0,
       top_k=0,
       use_top_p=False,
-      mesh=None,
+      mesh=mesh,
       combine=None,
       segments=min(4, -(-a.new // 32)),
     )
@@ -306,6 +338,9 @@ def parser():
   ap.add_argument("--no_startup", action="store_true")
   ap.add_argument("--peaks", action="store_true", help="XLA's matmul FLOP/s on the step's shapes and on 2048^3")
   ap.add_argument("--breakdown", action="store_true", help="profile one call: a decoding step's time by group")
+  ap.add_argument(
+    "--step_cpu", action="store_true", help="process CPU ms per decoding step (a call minus a 1-token call), per rep"
+  )
   ap.add_argument("--compare", action="store_true", help="alternate the baseline and pofx in separate processes")
   ap.add_argument("--workloads", default="fixed,variable")
   ap.add_argument("--rounds", type=int, default=3)
@@ -316,7 +351,12 @@ def parser():
   )
   ap.add_argument(
     "--pofx_candidates",
-    default="XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'",
+    default=(
+      "XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1';"
+      "XLA_FLAGS='--xla_force_host_platform_device_count=2';"
+      "XLA_FLAGS='--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false "
+      "intra_op_parallelism_threads=1'"
+    ),
     help="';'-separated environment settings also tried for pofx ('' for none)",
   )
   ap.add_argument("--json", default=None)
