@@ -36,7 +36,8 @@ config files): SAM with m-sharpness (`sam.py`, m = 8 pairs per ascent), SAF (`sa
 (`gradient_field.py`).
 
 `:tiny` shrinks every stage (a few training steps per method; the trajectory terms switched on at
-once, 2 dropout masks; one checkpoint per member, at its last step). The
+once, 2 dropout masks; one checkpoint per member, at its last step; no per-member training-curve
+chart, `sweep_member_charts`: the members' metrics and the sweep's chart are written). The
 members with a cached reference share one cache (`<workdir>/reference_caches`). A method is added
 with one entry.
 """
@@ -116,8 +117,9 @@ def get_config(arg=None):
   c.train.reference.kind = "cached"
   c.train.steps = 200
   _shrink.apply(c, arg)
-  if arg == "tiny":  # a few steps per member: one checkpoint, at the last step
+  if arg == "tiny":  # a few steps per member: one checkpoint, at the last step; no per-member chart
     c.train.checkpoint_every = c.train.steps
+    c.sweep_member_charts = False
   c.sweep = tuple(member(*m) for m in MEMBERS) + _perturbation_members(arg == "tiny")
   c.lock()
   return c

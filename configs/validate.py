@@ -836,6 +836,9 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
   _check_feedback(c)
   _check_train(c)
   _check_loop(c)
+  charts = c.get("sweep_member_charts", True)
+  if not isinstance(charts, bool):
+    raise ValueError(f"config.sweep_member_charts={charts!r} is not allowed; allowed: True or False.")
   for item in c.sweep:
     if "label" not in item or "overrides" not in item:
       raise ValueError("config.sweep entries must be {'label': str, 'overrides': {dotted.key: value}}.")

@@ -1228,7 +1228,7 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
   with open(summary_path, "w") as f:
     json.dump(summary, f, indent=1)
   recs = metrics_lib.read_jsonl(run.path("metrics.jsonl")) if os.path.exists(run.path("metrics.jsonl")) else []
-  if recs:
+  if recs and (shared is None or config.get("sweep_member_charts", True)):
     plots.training_curves(recs, run.path("training_curves.png"))
   if "kl_to_base" in summary and shared is None:  # a sweep member's point is on the sweep's chart
     plots.reward_vs_kl(
