@@ -236,7 +236,6 @@ def test_sam_m_is_examples_per_ascent_and_sets_the_micro_batches():
     ),
     ("data.max_unknown_token_rate", -0.1, r"max_unknown_token_rate=-0.1 is not allowed; allowed: a number in \[0.0"),
     ("train.on_nonfinite", "ignore", "config.train.on_nonfinite"),
-    ("sweep_member_charts", "no", r"config.sweep_member_charts='no' is not allowed; allowed: True or False"),
     ("train.parallel.mode", "dp", r"allowed: \['single', 'jit', 'shard_map', 'pmap'\]"),
     ("train.parallel.mesh", "2y2", "config.train.parallel.mesh='2y2'"),
     ("data.attention", "flash", r"config.data.attention='flash' is not allowed; allowed: \['dense', 'block_sparse'\]"),

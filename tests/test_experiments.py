@@ -7,6 +7,7 @@ Every run here starts from one shared SFT base and dataset (`seed_dir` in confte
 per session): the program reuses a workdir's `sft_params`, `data` and `kernels.json` when they
 are present and their provenance records match the config (tests/test_provenance.py)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -207,6 +208,25 @@ def test_parallel_modes_of_the_program_equal_the_single_device_run(tiny_run, tmp
   for name, r in res["runs"].items():
     assert r["moved"] > 1e-3, (name, r)  # training changed the parameters
     assert r["max_abs_diff"] < 1e-5, (name, r)  # and every mode agrees with one device
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed")
+def test_metric_writer_loads_tensorboardx_without_torch(tmp_path):
+  # tensorboardX imports PyTorch when it is installed; the program's writer keeps it out (a
+  # costly import that every run would pay) and leaves `import torch` working afterwards.
+  code = (
+    "import sys, importlib\nfrom experiments import metrics\n"
+    f"w = metrics.MetricWriter({str(tmp_path)!r}, 'train', 1, progress=False)\n"
+    "w.write(1, {'loss': 0.5})\nw.close()\n"
+    "print('torch' in sys.modules, importlib.util.find_spec('torch') is not None)"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["False", "True"]
+  (events,) = os.listdir(tmp_path / "tensorboard" / "train")
+  assert (tmp_path / "tensorboard" / "train" / events).stat().st_size > 0
 
 
 def test_own_files_run_end_to_end(tmp_path):
