@@ -104,7 +104,16 @@ from pofx.losses._reference_free import cpo, orpo, repo, simpo
 from pofx.losses._registry import REQUIREMENTS, LossSpec, ScoreDomain
 from pofx.losses._regularised import asft, irpo, rpo
 from pofx.losses._risk import ra_dpo, ra_dpo2, ra_dpo_sequence_risk
-from pofx.losses._token_level import delta_l_weights, dmpo, dmpo_turn_weights, dpo_nll_delta_l, sampo, sampo_token_masks
+from pofx.losses._token_level import (
+  delta_l_weights,
+  dmpo,
+  dmpo_turn_weights,
+  dpo_nll_delta_l,
+  sampo,
+  sampo_token_masks,
+  sgdpo,
+  sgdpo_pilot_masks,
+)
 from pofx.losses._trl import (
   F_DIVERGENCE_LOSS_TYPES,
   F_DIVERGENCES,
@@ -331,6 +340,8 @@ __all__ = [
   "GammaPoState",
   "sampo",
   "sampo_token_masks",
+  "sgdpo",
+  "sgdpo_pilot_masks",
   "dmpo",
   "dmpo_turn_weights",
   "delta_l_weights",

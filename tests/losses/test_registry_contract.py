@@ -170,6 +170,7 @@ FD_WHERE_DETACHED_IS_CONSTANT = {
   "wpo": {"leaves": ("chosen", "rejected")},
   "beta_dpo": {"hyper": {"a": 0.0}},
   "bmc": {"hyper": {"delta": 1.0}},
+  "sgdpo": {"leaves": ("chosen", "rejected")},
   "kto_unpaired": {"leaves": ("chosen",)},
 }
 
@@ -269,6 +270,7 @@ REQUIRED = {
   "rpo",
   "irpo",
   "sampo",
+  "sgdpo",
   "ln_dpo",
   "dpo_shift",
   "nca",
