@@ -27,8 +27,11 @@ Losses (`MEMBERS`, one entry per method: its label, loss, hyperparameters and re
 - `gdpo`: GDPO (Kwon, Matsunaga & Kim 2024, arXiv:2410.15096), the detailed-balance residuals
   with the per-state EOS log-probs, the authors' alpha 0.1 and gamma 0.1;
 - `sgdpo`: SGDPO (Zhu et al. 2025, arXiv:2505.12435), pilot sums over random token subsets, the
-  authors' code defaults (beta 0.1, r1 0.6, r2 0.9).
-The last six use a frozen reference (per-token and per-state reference log-probs; KTO's
+  authors' code defaults (beta 0.1, r1 0.6, r2 0.9);
+- `full_step_dpo`: Full-Step-DPO (Xu et al. 2025, arXiv:2502.14356) with the world's segments as
+  steps and the mean of their two aspect scores as step scores (pofx's choice), the authors'
+  config (beta 0.05, token_rate 1, reward_temp 0.5).
+The last seven use a frozen reference (per-token and per-state reference log-probs; KTO's
 mismatched pairs).
 
 Perturbations and regularisers of DPO (`_perturbation_members`, with the settings of their own
@@ -64,14 +67,16 @@ MEMBERS = (
     "cached",
   ),
   # Losses that read more than a pair's log-probs; the program builds their inputs per batch. A
-  # frozen reference: BMC, 2D-DPO and SGDPO read per-token reference log-probs, GDPO per-state EOS ones,
-  # and KTO scores its mismatched pairs with the reference, which a cache cannot do.
+  # frozen reference: BMC, 2D-DPO, SGDPO and Full-Step-DPO read per-token reference log-probs, GDPO
+  # per-state EOS ones, and KTO scores its mismatched pairs with the reference, which a cache
+  # cannot do.
   ("kto", "kto", {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0}, "frozen"),
   ("bmc", "bmc", {"beta": 0.1, "delta": 2.0}, "frozen"),
   ("sem_dpo", "sem_dpo", {"beta": 0.1, "alpha": 1.0}, "frozen"),
   ("two_d_dpo", "two_d_dpo", {"beta": 0.1}, "frozen"),
   ("gdpo", "gdpo", {"alpha": 0.1, "gamma": 0.1}, "frozen"),
   ("sgdpo", "sgdpo", {"beta": 0.1, "r1": 0.6, "r2": 0.9}, "frozen"),
+  ("full_step_dpo", "full_step_dpo", {"beta": 0.05, "token_rate": 1.0, "reward_temp": 0.5}, "frozen"),
 )
 
 

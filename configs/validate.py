@@ -33,7 +33,7 @@ from pofx.diffusion import unet
 from pofx.models import llama
 
 # Losses that read the reference's per-token log-probs, which a reference cache does not hold.
-REFERENCE_TOKEN_LOSSES = ("bmc", "two_d_dpo", "sampo", "sgdpo", "dmpo", "ld_dpo")
+REFERENCE_TOKEN_LOSSES = ("bmc", "two_d_dpo", "full_step_dpo", "sampo", "sgdpo", "dmpo", "ld_dpo")
 
 # Fields that must be integers > 0.
 POSITIVE_INTEGERS = (

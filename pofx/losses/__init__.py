@@ -78,6 +78,8 @@ from pofx.losses._annotated import (
   bmc_modified_tokens,
   bmc_token_weights,
   cosine_distance,
+  full_step_dpo,
+  full_step_dpo_token_steps,
   sem_dpo,
   two_d_dpo,
   two_d_dpo_segment_rewards,
@@ -370,6 +372,8 @@ __all__ = [
   "cosine_distance",
   "two_d_dpo",
   "two_d_dpo_segment_rewards",
+  "full_step_dpo",
+  "full_step_dpo_token_steps",
   # diffusion
   "d3po",
   "dense_reward_dpo",
