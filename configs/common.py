@@ -191,5 +191,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Optional sweep: a list of {"label": str, "overrides": {dotted.key: value}} run after one
   # shared SFT + data stage; each member trains and evaluates in <workdir>/sweep/<label>.
+  # sweep_member_charts: each member also draws its training_curves.png (False: only its
+  # metrics.jsonl and TensorBoard events; the sweep's reward_vs_kl.png is drawn either way).
   c.sweep = ()
+  c.sweep_member_charts = True
   return c

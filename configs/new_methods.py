@@ -25,8 +25,13 @@ Losses (`MEMBERS`, one entry per method: its label, loss, hyperparameters and re
 - `two_d_dpo`: 2D-DPO (Li et al. 2025, arXiv:2410.19720) on the world's segments x aspects,
   uniform aspect weights;
 - `gdpo`: GDPO (Kwon, Matsunaga & Kim 2024, arXiv:2410.15096), the detailed-balance residuals
-  with the per-state EOS log-probs, the authors' alpha 0.1 and gamma 0.1.
-The last five use a frozen reference (per-token and per-state reference log-probs; KTO's
+  with the per-state EOS log-probs, the authors' alpha 0.1 and gamma 0.1;
+- `sgdpo`: SGDPO (Zhu et al. 2025, arXiv:2505.12435), pilot sums over random token subsets, the
+  authors' code defaults (beta 0.1, r1 0.6, r2 0.9);
+- `full_step_dpo`: Full-Step-DPO (Xu et al. 2025, arXiv:2502.14356) with the world's segments as
+  steps and the mean of their two aspect scores as step scores (pofx's choice), the authors'
+  config (beta 0.05, token_rate 1, reward_temp 0.5).
+The last seven use a frozen reference (per-token and per-state reference log-probs; KTO's
 mismatched pairs).
 
 Perturbations and regularisers of DPO (`_perturbation_members`, with the settings of their own
@@ -36,7 +41,8 @@ config files): SAM with m-sharpness (`sam.py`, m = 8 pairs per ascent), SAF (`sa
 (`gradient_field.py`).
 
 `:tiny` shrinks every stage (a few training steps per method; the trajectory terms switched on at
-once, 2 dropout masks; one checkpoint per member, at its last step). The
+once, 2 dropout masks; one checkpoint per member, at its last step; no per-member training-curve
+chart, `sweep_member_charts`: the members' metrics and the sweep's chart are written). The
 members with a cached reference share one cache (`<workdir>/reference_caches`). A method is added
 with one entry.
 """
@@ -61,13 +67,16 @@ MEMBERS = (
     "cached",
   ),
   # Losses that read more than a pair's log-probs; the program builds their inputs per batch. A
-  # frozen reference: BMC and 2D-DPO read per-token reference log-probs, GDPO per-state EOS ones,
-  # and KTO scores its mismatched pairs with the reference, which a cache cannot do.
+  # frozen reference: BMC, 2D-DPO, SGDPO and Full-Step-DPO read per-token reference log-probs, GDPO
+  # per-state EOS ones, and KTO scores its mismatched pairs with the reference, which a cache
+  # cannot do.
   ("kto", "kto", {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0}, "frozen"),
   ("bmc", "bmc", {"beta": 0.1, "delta": 2.0}, "frozen"),
   ("sem_dpo", "sem_dpo", {"beta": 0.1, "alpha": 1.0}, "frozen"),
   ("two_d_dpo", "two_d_dpo", {"beta": 0.1}, "frozen"),
   ("gdpo", "gdpo", {"alpha": 0.1, "gamma": 0.1}, "frozen"),
+  ("sgdpo", "sgdpo", {"beta": 0.1, "r1": 0.6, "r2": 0.9}, "frozen"),
+  ("full_step_dpo", "full_step_dpo", {"beta": 0.05, "token_rate": 1.0, "reward_temp": 0.5}, "frozen"),
 )
 
 
@@ -116,8 +125,9 @@ def get_config(arg=None):
   c.train.reference.kind = "cached"
   c.train.steps = 200
   _shrink.apply(c, arg)
-  if arg == "tiny":  # a few steps per member: one checkpoint, at the last step
+  if arg == "tiny":  # a few steps per member: one checkpoint, at the last step; no per-member chart
     c.train.checkpoint_every = c.train.steps
+    c.sweep_member_charts = False
   c.sweep = tuple(member(*m) for m in MEMBERS) + _perturbation_members(arg == "tiny")
   c.lock()
   return c

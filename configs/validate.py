@@ -33,7 +33,7 @@ from pofx.diffusion import unet
 from pofx.models import llama
 
 # Losses that read the reference's per-token log-probs, which a reference cache does not hold.
-REFERENCE_TOKEN_LOSSES = ("bmc", "two_d_dpo", "sampo", "dmpo", "ld_dpo")
+REFERENCE_TOKEN_LOSSES = ("bmc", "two_d_dpo", "full_step_dpo", "sampo", "sgdpo", "dmpo", "ld_dpo")
 
 # Fields that must be integers > 0.
 POSITIVE_INTEGERS = (
@@ -836,6 +836,9 @@ def validate(c: ml_collections.ConfigDict, *, process_count: int = 1, device_cou
   _check_feedback(c)
   _check_train(c)
   _check_loop(c)
+  charts = c.get("sweep_member_charts", True)
+  if not isinstance(charts, bool):
+    raise ValueError(f"config.sweep_member_charts={charts!r} is not allowed; allowed: True or False.")
   for item in c.sweep:
     if "label" not in item or "overrides" not in item:
       raise ValueError("config.sweep entries must be {'label': str, 'overrides': {dotted.key: value}}.")

@@ -279,6 +279,8 @@ def _save_params(path, params):
 
 
 def _load_params(path, like):
+  """The orbax checkpoint at `path`, restored to the structure, shapes, dtypes and placement of
+  `like` (arrays, or `jax.ShapeDtypeStruct`s with their sharding)."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   return ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
 
@@ -296,9 +298,10 @@ def stage_sft(run: Run, *, seed_offset: int = 0, name: str = "sft_params"):
   provenance record (`experiments.provenance.sft_record`); a reused output must match it."""
   c = run.config
   path = run.path(name)
-  init = run.model.init(run.key_for(f"init{seed_offset}"))
+  key = run.key_for(f"init{seed_offset}")
   if c.data.source == "files":
     # No controlled world: the base policy is the initial checkpoint (or a random init).
+    init = run.model.init(key)
     if c.model.init_checkpoint:
       return _load_params(c.model.init_checkpoint, init)
     if seed_offset == 0:
@@ -308,7 +311,13 @@ def stage_sft(run: Run, *, seed_offset: int = 0, name: str = "sft_params"):
   if os.path.exists(path):
     _refuse_if_changed(run, "sft", name, record)
     _say("sft: reusing %s", path)
-    return _load_params(path, init)
+    # The restore needs only the parameters' shapes, dtypes and placement: no initialisation is run.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    like = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), jax.eval_shape(run.model.init, key)
+    )
+    return _load_params(path, like)
+  init = run.model.init(key)
   t = time.perf_counter()
   demos = run.world.demonstrations(c.sft.num_demos, seed=c.seed * 1000 + 1 + seed_offset)
   params = sft_lib.sft(
@@ -1236,7 +1245,7 @@ def run_one(config, workdir: str, *, progress=True, stop_after=None, shared=None
   with open(summary_path, "w") as f:
     json.dump(summary, f, indent=1)
   recs = metrics_lib.read_jsonl(run.path("metrics.jsonl")) if os.path.exists(run.path("metrics.jsonl")) else []
-  if recs:
+  if recs and (shared is None or config.get("sweep_member_charts", True)):
     plots.training_curves(recs, run.path("training_curves.png"))
   if "kl_to_base" in summary and shared is None:  # a sweep member's point is on the sweep's chart
     plots.reward_vs_kl(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -61,6 +62,24 @@ def mfu(flops_per_second: float, num_devices: int = 1) -> Optional[float]:
   return flops_lib.mfu(flops_per_second, str(jax.devices()[0].device_kind), num_devices)
 
 
+def _summary_writer_class():
+  """tensorboardX's `SummaryWriter`, loaded without PyTorch. tensorboardX imports torch when it is
+  installed, only to accept torch tensors; this program logs floats, and that import costs more CPU
+  than the rest of a tiny run's start-up. Unless torch or tensorboardX is loaded already, `import
+  torch` fails while tensorboardX loads (a None entry in `sys.modules`, which tensorboardX's
+  optional import catches), and the entry is removed afterwards, so a later `import torch` works."""
+  if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+    sys.modules["torch"] = None
+    try:
+      import tensorboardX  # noqa: F401
+    finally:
+      if "torch" in sys.modules and sys.modules["torch"] is None:
+        del sys.modules["torch"]
+  from tensorboardX import SummaryWriter  # pure-Python TensorBoard event writer (no TensorFlow)
+
+  return SummaryWriter
+
+
 class MetricWriter:
   """Writes each logged step's metrics, with the pairs, FLOPs and MFU per second since the last record.
 
@@ -68,8 +87,7 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, stage: str, total_steps: int, *, progress: bool = True, num_devices: int = 1):
-    from tensorboardX import SummaryWriter  # pure-Python TensorBoard event writer (no TensorFlow)
-
+    SummaryWriter = _summary_writer_class()
     self.stage = stage
     os.makedirs(workdir, exist_ok=True)
     self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")

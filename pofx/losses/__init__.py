@@ -78,6 +78,8 @@ from pofx.losses._annotated import (
   bmc_modified_tokens,
   bmc_token_weights,
   cosine_distance,
+  full_step_dpo,
+  full_step_dpo_token_steps,
   sem_dpo,
   two_d_dpo,
   two_d_dpo_segment_rewards,
@@ -104,7 +106,16 @@ from pofx.losses._reference_free import cpo, orpo, repo, simpo
 from pofx.losses._registry import REQUIREMENTS, LossSpec, ScoreDomain
 from pofx.losses._regularised import asft, irpo, rpo
 from pofx.losses._risk import ra_dpo, ra_dpo2, ra_dpo_sequence_risk
-from pofx.losses._token_level import delta_l_weights, dmpo, dmpo_turn_weights, dpo_nll_delta_l, sampo, sampo_token_masks
+from pofx.losses._token_level import (
+  delta_l_weights,
+  dmpo,
+  dmpo_turn_weights,
+  dpo_nll_delta_l,
+  sampo,
+  sampo_token_masks,
+  sgdpo,
+  sgdpo_pilot_masks,
+)
 from pofx.losses._trl import (
   F_DIVERGENCE_LOSS_TYPES,
   F_DIVERGENCES,
@@ -331,6 +342,8 @@ __all__ = [
   "GammaPoState",
   "sampo",
   "sampo_token_masks",
+  "sgdpo",
+  "sgdpo_pilot_masks",
   "dmpo",
   "dmpo_turn_weights",
   "delta_l_weights",
@@ -359,6 +372,8 @@ __all__ = [
   "cosine_distance",
   "two_d_dpo",
   "two_d_dpo_segment_rewards",
+  "full_step_dpo",
+  "full_step_dpo_token_steps",
   # diffusion
   "d3po",
   "dense_reward_dpo",

@@ -1,4 +1,4 @@
-r"""Losses that read per-pair annotations beyond the log-probs: BMC, Sem-DPO, 2D-DPO.
+r"""Losses that read per-pair annotations beyond the log-probs: BMC, Sem-DPO, 2D-DPO, Full-Step-DPO.
 
 Each takes, besides `policy` and `reference`, arrays that the data path supplies per pair (their
 names are `pofx.losses.REQUIREMENTS`' kinds):
@@ -7,11 +7,13 @@ names are `pofx.losses.REQUIREMENTS`' kinds):
   and the rejected completion (`bmc_modified_tokens` computes them from token ids);
 - `"embeddings"` (Sem-DPO): embeddings `[B, D]` of the prompt and of the chosen completion, from
   any embedding function applied by the data path;
-- `"segments"` (2D-DPO): per completion token the index of its segment `[B, T]` (-1 outside the
-  completion) and per segment a score for each aspect `[B, S, A]`.
+- `"segments"` (2D-DPO, Full-Step-DPO): per completion token the index of its segment `[B, T]` (-1
+  outside the completion) and per segment a score for each aspect `[B, S, A]` (Full-Step-DPO's
+  steps and step scores).
 
-All of them are DPO with summed token log-ratios rebuilt from per-token arrays (BMC, 2D-DPO) or
-with a per-pair weight (Sem-DPO); the annotations are data, so no gradient flows through them.
+BMC, 2D-DPO and Sem-DPO are DPO with summed token log-ratios rebuilt from per-token arrays (BMC,
+2D-DPO) or with a per-pair weight (Sem-DPO); Full-Step-DPO is DPO's gradient weight on step- and
+token-weighted log-probs. The annotations are data, so no gradient flows through them.
 """
 
 from __future__ import annotations
@@ -300,6 +302,99 @@ def two_d_dpo(
   return -jnp.sum(jnp.where(paired, jax.nn.log_sigmoid(logits), 0.0), axis=-1)
 
 
+# -------------------------------------------------------------------------------------------------
+# Full-Step-DPO
+# -------------------------------------------------------------------------------------------------
+
+
+def full_step_dpo_token_steps(segment_ids: Array, segment_scores: Array, mask: Array):
+  """Per-token step scores `[B, T]` (each token gets its step's score, the mean over the score's
+  aspects; one aspect is the step score itself) and the 0/1 float32 mask of tokens in a step."""
+  ids = jnp.asarray(segment_ids, jnp.int32)
+  valid = (ids >= 0) & (jnp.asarray(mask) > 0)
+  per_step = jnp.mean(jnp.asarray(segment_scores, jnp.float32), axis=-1)  # [B, S]
+  scores = jnp.take_along_axis(per_step, jnp.clip(ids, 0, per_step.shape[1] - 1), axis=-1)
+  return jnp.where(valid, scores, 0.0), valid.astype(jnp.float32)
+
+
+def full_step_dpo(
+  policy: PairLogps,
+  reference: PairLogps,
+  *,
+  beta: float = 0.05,
+  token_rate: float = 1.0,
+  reward_temp: float = 0.5,
+  chosen_segment_ids: Array,
+  rejected_segment_ids: Array,
+  chosen_segment_scores: Array,
+  rejected_segment_scores: Array,
+) -> Array:
+  r"""Full-Step-DPO: DPO's gradient weight on step- and token-reweighted completion log-probs.
+
+  Each completion token t carries its step's score `s_t` (the completion's steps are its segments,
+  `chosen_segment_ids` and `[B, S, A]` `chosen_segment_scores`; the step score is the mean over
+  the A aspects, one aspect being the process reward model's step score itself). With
+  `g_t = log pi_t - log ref_t` (detached) and the softmax over a completion's step tokens,
+
+    `pos = sum_t softmax_t(tau s_t) sigmoid(-k g_t) log pi(y_w,t)`         (chosen)
+    `neg = sum_t softmax_t(-tau s_t) sigmoid(k g_t) log pi(y_l,t)`         (rejected)
+    `L = -sg[sigmoid(-beta ((log pi_w - log ref_w) - (log pi_l - log ref_l)))] (pos - neg)`,
+
+  `sg` a stop-gradient, `tau` = `reward_temp`, `k` = `token_rate`. The gradient is DPO's weight
+  times a reweighted push: up on the chosen tokens of well-scored steps the policy has not yet
+  raised, down on the rejected tokens of badly scored steps. The value itself is a surrogate (only
+  its gradient is the method). The detached factors make finite differences disagree with the
+  gradient unless `token_rate` is 0 and the sequence sums are held fixed.
+
+  In the authors' trainer every pair of a prompt's sampled responses with different outcome
+  rewards is one term (the better as chosen); with pairs, each pair is one term. The trainer marks
+  the step tokens by a nonzero step score; here they are the tokens with a segment id >= 0.
+
+  Args:
+    policy, reference: `PairLogps` with per-token log-probs (`PairLogps.from_tokens`).
+    beta: inverse temperature (> 0; the authors' config 0.05).
+    token_rate: `k` >= 0, the token weights' rate (the authors' 1).
+    reward_temp: `tau` >= 0, the step scores' temperature (the authors' 0.5).
+    chosen_segment_ids, rejected_segment_ids: `[B, T]` step index per token (-1 outside steps).
+    chosen_segment_scores, rejected_segment_scores: `[B, S, A]` step scores.
+
+  Returns:
+    `[B]` per-pair losses.
+
+  References: Xu et al. 2025, "Full-Step-DPO: Self-Supervised Preference Optimization with
+  Step-wise Rewards for Mathematical Reasoning", arXiv:2502.14356 (ACL Findings 2025); the formula
+  follows the authors' code, Anna7355/Full-Step-DPO `StepRunners.py::AlignRunner.__call__`
+  (loss_type "fullstepdpo"), `collators.py::Align_Collator` (step scores per token) and
+  `configs/qwen_align_config.yaml` (defaults).
+  """
+  name = "full_step_dpo"
+  _common.check_inputs(name, policy, reference, need_reference=True, need_tokens=True)
+  _common.check_beta(name, beta)
+  _common.check_range(name, "token_rate", token_rate, low=0.0)
+  _common.check_range(name, "reward_temp", reward_temp, low=0.0)
+  _check_token_shaped(name, policy, chosen_segment_ids, rejected_segment_ids, "segment_ids")
+  chex.assert_rank([chosen_segment_scores, rejected_segment_scores], 3)
+  pc, pr = _masked_tokens(policy, policy)
+  rc, rr = _masked_tokens(reference, policy)
+  s_w, in_w = full_step_dpo_token_steps(chosen_segment_ids, chosen_segment_scores, policy.chosen_mask)
+  s_l, in_l = full_step_dpo_token_steps(rejected_segment_ids, rejected_segment_scores, policy.rejected_mask)
+
+  def step_softmax(x, valid):
+    x = jnp.where(valid > 0, x, -jnp.inf)
+    top = jnp.max(jnp.where(valid > 0, x, 0.0), axis=-1, keepdims=True)
+    e = jnp.where(valid > 0, jnp.exp(x - top), 0.0)
+    return e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), 1e-30)
+
+  k, tau = jnp.float32(token_rate), jnp.float32(reward_temp)
+  w_pos = jax.lax.stop_gradient(step_softmax(tau * s_w, in_w) * jax.nn.sigmoid(-k * (pc - rc)))
+  w_neg = jax.lax.stop_gradient(step_softmax(-tau * s_l, in_l) * jax.nn.sigmoid(k * (pr - rr)))
+  pos, neg = jnp.sum(w_pos * pc, axis=-1), jnp.sum(w_neg * pr, axis=-1)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  margin = (f32(policy.chosen) - f32(reference.chosen)) - (f32(policy.rejected) - f32(reference.rejected))
+  g = jax.lax.stop_gradient(jax.nn.sigmoid(-jnp.float32(beta) * margin))
+  return -g * (pos - neg)
+
+
 SPECS = (
   LossSpec(
     "bmc",
@@ -323,5 +418,13 @@ SPECS = (
     "token-level",
     "Li et al. 2025, 2D-DPO, arXiv:2410.19720, Eq. 6; code nachiketapatil/Robust-2D-DPO 2ddpo_tp.py::preference_loss",
     requires=frozenset({"tokens", "segments"}),
+  ),
+  LossSpec(
+    "full_step_dpo",
+    full_step_dpo,
+    "token-level",
+    "Xu et al. 2025, Full-Step-DPO, arXiv:2502.14356; code Anna7355/Full-Step-DPO StepRunners.py::AlignRunner",
+    requires=frozenset({"tokens", "segments"}),
+    detached_by_design="DPO's gradient weight and the token weights sigmoid(-k g_t) are detached, as in the authors' code",
   ),
 )

@@ -1,4 +1,4 @@
-r"""Losses that reweight or resample per-token log-probs: SamPO, DMPO, and Delta-L aggregation.
+r"""Losses that reweight or resample per-token log-probs: SamPO, SGDPO, DMPO, and Delta-L aggregation.
 
 SamPO and DMPO need per-token log-probs on policy **and** reference (`PairLogps.from_tokens`);
 they rebuild sequence log-probs from the tokens (a resampled or weighted sum) and apply DPO to
@@ -101,6 +101,82 @@ def sampo(policy: PairLogps, reference: PairLogps, *, beta: float = 0.1, key: Ar
   keep_c, keep_r = sampo_token_masks(key, c_mask, r_mask)
   sub = lambda c, r: PairLogps(chosen=jnp.sum(c * keep_c, axis=-1), rejected=jnp.sum(r * keep_r, axis=-1))
   return dpo(sub(pc, pr), sub(rc, rr), beta=beta)
+
+
+# -------------------------------------------------------------------------------------------------
+# SGDPO
+# -------------------------------------------------------------------------------------------------
+
+
+def sgdpo_pilot_masks(key: Array, chosen_mask: Array, rejected_mask: Array, *, r1: float = 0.6, r2: float = 0.9):
+  r"""SGDPO's pilot token sets: uniform random subsets of each completion's tokens.
+
+  With `m = min(|y_w|, |y_l|)`, the chosen completion keeps `max(floor(r1 m), 1)` of its tokens
+  and the rejected one `max(floor(r2 m), 1)` of its own, each drawn uniformly without replacement
+  (`torch.randperm(len)[:k]` in the authors' code). Returns `(chosen_pilot, rejected_pilot)`,
+  `[B, T_w]` and `[B, T_l]` 0/1 float32; an empty completion keeps nothing.
+  """
+  c_mask = (jnp.asarray(chosen_mask) > 0).astype(jnp.float32)
+  r_mask = (jnp.asarray(rejected_mask) > 0).astype(jnp.float32)
+  m = jnp.minimum(jnp.sum(c_mask, axis=-1), jnp.sum(r_mask, axis=-1))
+  size = lambda r: jnp.maximum(jnp.floor(m * jnp.float32(r)), 1.0)
+  k_r, k_c = jax.random.split(key)
+  return _uniform_subset(k_c, c_mask, size(r1)), _uniform_subset(k_r, r_mask, size(r2))
+
+
+def sgdpo(
+  policy: PairLogps, reference: PairLogps, *, beta: float = 0.1, r1: float = 0.6, r2: float = 0.9, key: Array
+) -> Array:
+  r"""SGDPO (Self-Guided DPO): DPO against "pilot" sums over random subsets of the other completion.
+
+  With `S_w`, `S_l` the pilot token sets (`sgdpo_pilot_masks`: `max(floor(r1 m), 1)` chosen and
+  `max(floor(r2 m), 1)` rejected tokens drawn uniformly, `m = min(|y_w|, |y_l|)`, one set per
+  completion shared by policy and reference), `P_w = sum_{t in S_w} log pi(y_w,t)` and
+  `P_l = sum_{t in S_l} log pi(y_l,t)` (and `P^ref` the same sums of the reference):
+
+    `u_1 = (log pi(y_w|x) - P_l) - (log ref(y_w|x) - P^ref_l)`
+    `u_2 = (P_w - log pi(y_l|x)) - (P^ref_w - log ref(y_l|x))`
+    `L = (1/2) [-log sigmoid(beta u_1)] + (1/2) [-log sigmoid(beta u_2)]`.
+
+  The pilot sums `P_w`, `P_l` are detached, as in the authors' trainer (it rebuilds them as new
+  tensors from the per-pair sums): the chosen log-prob is pushed up by the first term only, with
+  weight `(beta / 2) sigmoid(-beta u_1)`, the rejected one down by the second only, with weight
+  `(beta / 2) sigmoid(-beta u_2)`: each side's update is steered by a pilot of the other.
+
+  Args:
+    policy, reference: `PairLogps` with per-token log-probs (`PairLogps.from_tokens`); the policy's
+      masks are used for both; the whole-completion terms are the sequence sums `chosen`,
+      `rejected`.
+    beta: inverse temperature (> 0; the authors' 0.1).
+    r1, r2: the pilot fractions of `m` for the chosen and rejected completions, in (0, 1] (the
+      authors' config defaults 0.6 and 0.9).
+    key: PRNG key for the pilot token sets.
+
+  Returns:
+    `[B]` per-pair losses.
+
+  References: Zhu et al. 2025, "SGDPO: Self-Guided Direct Preference Optimization for Language
+  Model Alignment", arXiv:2505.12435 (ACL Findings 2025); the formula follows the authors' code,
+  WNQzhu/SGDPO `code/scripts/pdpo_trainer_v4.py::PDPOTrainer.pdpo_loss` and `get_pilot_logps`
+  (loss_type "sigmoid", no label smoothing), defaults from `code/scripts/pdpo_config.py`.
+  """
+  name = "sgdpo"
+  _common.check_inputs(name, policy, reference, need_reference=True, need_tokens=True)
+  _common.check_beta(name, beta)
+  for what, r in (("r1", r1), ("r2", r2)):
+    if isinstance(r, (int, float)) and not 0.0 < float(r) <= 1.0:
+      raise ValueError(f"{name}: invalid {what}={r!r}; allowed: 0 < {what} <= 1.")
+  pc, pr, rc, rr, c_mask, r_mask = _token_logratios(policy, reference)
+  pilot_c, pilot_r = sgdpo_pilot_masks(key, c_mask, r_mask, r1=r1, r2=r2)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  pol_w, pol_l, ref_w, ref_l = f32(policy.chosen), f32(policy.rejected), f32(reference.chosen), f32(reference.rejected)
+  pilot_w = jax.lax.stop_gradient(jnp.sum(pc * pilot_c, axis=-1))
+  pilot_l = jax.lax.stop_gradient(jnp.sum(pr * pilot_r, axis=-1))
+  ref_pilot_w, ref_pilot_l = jnp.sum(rc * pilot_c, axis=-1), jnp.sum(rr * pilot_r, axis=-1)
+  u_1 = (pol_w - pilot_l) - (ref_w - ref_pilot_l)
+  u_2 = (pilot_w - pol_l) - (ref_pilot_w - ref_l)
+  b = jnp.float32(beta)
+  return 0.5 * jax.nn.softplus(-b * u_1) + 0.5 * jax.nn.softplus(-b * u_2)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -262,6 +338,14 @@ def dpo_nll_delta_l(
 
 
 SPECS = (
+  LossSpec(
+    "sgdpo",
+    sgdpo,
+    "token-level",
+    "Zhu et al. 2025, SGDPO, arXiv:2505.12435; code WNQzhu/SGDPO code/scripts/pdpo_trainer_v4.py::PDPOTrainer.pdpo_loss",
+    requires=frozenset({"tokens", "key"}),
+    detached_by_design="the pilot sums over random token subsets are detached, as in the authors' trainer",
+  ),
   LossSpec(
     "sampo",
     sampo,

@@ -170,6 +170,8 @@ FD_WHERE_DETACHED_IS_CONSTANT = {
   "wpo": {"leaves": ("chosen", "rejected")},
   "beta_dpo": {"hyper": {"a": 0.0}},
   "bmc": {"hyper": {"delta": 1.0}},
+  "sgdpo": {"leaves": ("chosen", "rejected")},
+  "full_step_dpo": {"hyper": {"token_rate": 0.0}, "leaves": ("chosen_token_logps", "rejected_token_logps")},
   "kto_unpaired": {"leaves": ("chosen",)},
 }
 
@@ -269,6 +271,7 @@ REQUIRED = {
   "rpo",
   "irpo",
   "sampo",
+  "sgdpo",
   "ln_dpo",
   "dpo_shift",
   "nca",
@@ -290,6 +293,7 @@ REQUIRED = {
   "bmc",
   "sem_dpo",
   "two_d_dpo",
+  "full_step_dpo",
   "gdpo",
 }
 REQUIRED_TRL = {

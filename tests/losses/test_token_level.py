@@ -1,4 +1,6 @@
-"""SamPO, DMPO and Delta-L: worked examples, numpy re-derivations, sampling properties, identities."""
+"""SamPO, SGDPO, DMPO and Delta-L: worked examples, numpy re-derivations, sampling properties, identities."""
+
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -118,6 +120,70 @@ def test_sampo_needs_tokens_and_valid_beta():
   p, r = uniform_example()
   with pytest.raises(ValueError, match="beta"):
     _token_level.sampo(p, r, beta=0.0, key=KEY)
+
+
+# -------------------------------------------------------------------------------------------------
+# SGDPO
+# -------------------------------------------------------------------------------------------------
+
+
+def _sgdpo_candidates(toks, cm, rm, b, beta, r1, r2):
+  """Every value SGDPO's pair b can take (numpy, float64): one per choice of pilot sets, with
+  |S_w| = max(floor(r1 m), 1), |S_l| = max(floor(r2 m), 1), m = min(|y_w|, |y_l|); with u_1, u_2."""
+  pw, pl, rw, rl = (t[b] for t in toks)
+  n_w, n_l = int(cm[b].sum()), int(rm[b].sum())
+  m = min(n_w, n_l)
+  k_w, k_l = max(int(np.floor(r1 * m)), 1), max(int(np.floor(r2 * m)), 1)
+  out = []
+  for s_w in itertools.combinations(range(n_w), min(k_w, n_w)):
+    for s_l in itertools.combinations(range(n_l), min(k_l, n_l)):
+      s_w, s_l = list(s_w), list(s_l)
+      u1 = (pw[:n_w].sum() - pl[s_l].sum()) - (rw[:n_w].sum() - rl[s_l].sum())
+      u2 = (pw[s_w].sum() - pl[:n_l].sum()) - (rw[s_w].sum() - rl[:n_l].sum())
+      out.append((0.5 * softplus(-beta * u1) + 0.5 * softplus(-beta * u2), u1, u2))
+  return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sgdpo_is_one_of_its_pilot_set_values_with_the_detached_gradient(seed):
+  beta, r1, r2 = 0.5, 0.6, 0.9
+  c_lens, r_lens = [5, 3, 6], [4, 6, 2]
+  policy, reference, toks, cm, rm = token_pairs(seed, c_lens, r_lens, t=6)
+  key = jax.random.key(seed)
+  fn = lambda p: pofx.losses.get("sgdpo")(p, reference, beta=beta, r1=r1, r2=r2, key=key)
+  out = np.asarray(fn(policy), np.float64)
+  grads = jax.grad(lambda p: jnp.sum(fn(p)))(policy)
+  for b in range(len(c_lens)):
+    cands = _sgdpo_candidates(toks, cm, rm, b, beta, r1, r2)
+    hit = [c for c in cands if abs(c[0] - out[b]) < 1e-5]
+    assert hit, (b, out[b], sorted(c[0] for c in cands)[:5])
+    _, u1, u2 = hit[0]
+    sig = lambda x: 1.0 / (1.0 + np.exp(-x))
+    # only the whole-completion sums carry gradient: the pilot sums are detached
+    np.testing.assert_allclose(grads.chosen[b], -0.5 * beta * sig(-beta * u1), rtol=1e-4)
+    np.testing.assert_allclose(grads.rejected[b], 0.5 * beta * sig(-beta * u2), rtol=1e-4)
+  np.testing.assert_array_equal(np.asarray(grads.chosen_token_logps), 0.0)
+  np.testing.assert_array_equal(np.asarray(grads.rejected_token_logps), 0.0)
+
+
+def test_sgdpo_pilot_sets_have_the_authors_sizes_and_vary_with_the_key():
+  c_lens, r_lens = [7, 2, 5, 4, 0], [3, 9, 5, 1, 4]
+  cm, rm = mask(c_lens, 9), mask(r_lens, 9)
+  m = np.minimum(c_lens, r_lens)
+  seen = set()
+  for s in range(6):
+    pc, pr = (np.asarray(x) for x in _token_level.sgdpo_pilot_masks(jax.random.key(s), cm, rm, r1=0.6, r2=0.9))
+    assert np.all(pc <= cm) and np.all(pr <= rm)  # inside each completion
+    np.testing.assert_array_equal(pc.sum(-1), np.minimum(np.maximum(np.floor(0.6 * m), 1), c_lens))
+    np.testing.assert_array_equal(pr.sum(-1), np.minimum(np.maximum(np.floor(0.9 * m), 1), r_lens))
+    seen.add(pr[1].tobytes())
+  assert len(seen) > 1  # a new draw per key
+
+
+def test_sgdpo_refuses_a_pilot_fraction_outside_0_1():
+  policy, reference, *_ = token_pairs(0, [3], [3], t=4)
+  with pytest.raises(ValueError, match=r"sgdpo: invalid r1=1.5; allowed: 0 < r1 <= 1"):
+    pofx.losses.get("sgdpo")(policy, reference, r1=1.5, key=KEY)
 
 
 # -------------------------------------------------------------------------------------------------
