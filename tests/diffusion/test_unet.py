@@ -268,6 +268,51 @@ def test_grad_runs_and_dropout_acts_only_with_a_key(tiny):
   assert float(jnp.abs(grads["class_embedding"]["embedding"][5]).sum()) == 0  # unused label: none
 
 
+def _group_norm_f64(x, scale, bias, groups, eps):
+  """GroupNorm as Wu & He 2018 (arXiv:1803.08494) write it, in float64 numpy."""
+  B, H, W, C = x.shape
+  xg = x.reshape(B, H, W, groups, C // groups)
+  mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+  var = ((xg - mean) ** 2).mean(axis=(1, 2, 4), keepdims=True)
+  return ((xg - mean) / np.sqrt(var + eps)).reshape(B, H, W, C) * scale + bias
+
+
+def test_group_norm_and_its_written_out_derivative_match_the_formula():
+  # The value against the textbook formula, and the hand-written derivative (`_group_norm_bwd`)
+  # against central finite differences of that formula in float64, for a weighted sum of the
+  # output (so that every output element's gradient counts). Inputs off zero mean, so that a
+  # wrong mean term shows.
+  rng = np.random.default_rng(0)
+  x = 2.0 + 3.0 * rng.standard_normal((2, 3, 3, 6))
+  scale, bias, weights = rng.standard_normal(6), rng.standard_normal(6), rng.standard_normal(x.shape)
+  groups, eps = 3, 1e-5
+  p = {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+  got = unet.group_norm(jnp.asarray(x, jnp.float32), p, groups, eps, jnp.float32)
+  np.testing.assert_allclose(np.asarray(got), _group_norm_f64(x, scale, bias, groups, eps), atol=2e-5)
+
+  def objective(xx, ss, bb):
+    return float((_group_norm_f64(xx, ss, bb, groups, eps) * weights).sum())
+
+  def numeric(i, h=1e-5):
+    args = [x, scale, bias]
+    out = np.zeros_like(args[i])
+    for idx in np.ndindex(out.shape):
+      up = [a.copy() for a in args]
+      down = [a.copy() for a in args]
+      up[i][idx] += h
+      down[i][idx] -= h
+      out[idx] = (objective(*up) - objective(*down)) / (2 * h)
+    return out
+
+  grads = jax.grad(
+    lambda xx, pp: jnp.sum(unet.group_norm(xx, pp, groups, eps, jnp.float32) * jnp.asarray(weights, jnp.float32)),
+    argnums=(0, 1),
+  )(jnp.asarray(x, jnp.float32), p)
+  np.testing.assert_allclose(np.asarray(grads[0]), numeric(0), atol=2e-4)
+  np.testing.assert_allclose(np.asarray(grads[1]["scale"]), numeric(1), atol=2e-4)
+  np.testing.assert_allclose(np.asarray(grads[1]["bias"]), numeric(2), atol=2e-4)
+
+
 @pytest.mark.parametrize(
   "change, message",
   [
