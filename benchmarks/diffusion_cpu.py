@@ -217,7 +217,7 @@ def run_pofx(a):
 
     batch = b.batch()
     forward = jax.jit(b.logps_fn)
-    ref = forward(b.state.ref_state, batch)
+    ref = forward(state[0].ref_state, batch)  # b.state was donated to the timed steps
     objective = lambda p: losses.get("dpo")(b.logps_fn(p, batch), ref, beta=diffusion_step.BETA).mean()
     policy = jax.jit(jax.value_and_grad(objective))
     parts = {
