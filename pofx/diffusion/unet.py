@@ -51,9 +51,10 @@ deviations) as one per-(image, channel) affine map of its input, with its deriva
 
 Precision: parameters are float32; `compute_dtype` (e.g. bfloat16) is the dtype of every
 convolution and dense product and of the activations between them; GroupNorm statistics, the
-attention scores and their softmax, and the returned prediction are float32. Every convolution
-goes through the injected `kernels.conv_general_dilated` and every dense product (projections,
-`q k^T`, the attention-weighted values) through `kernels.dot_general` (`pofx.kernels.Kernels`).
+attention scores and their softmax, and the returned prediction are float32. Every 3x3
+convolution goes through the injected `kernels.conv_general_dilated`, and every dense product
+(projections, `q k^T`, the attention-weighted values, and the 1x1 shortcut convolutions, which are
+products over the channels) through `kernels.dot_general` (`pofx.kernels.Kernels`).
 
 Parameters: a nested dict (lists for diffusers' `ModuleList`s) whose paths are diffusers' module
 names, e.g. `down_blocks[1]["attentions"][0]["to_q"]`, `up_blocks[0]["upsamplers"][0]["conv"]`,
@@ -581,6 +582,15 @@ def _conv(x, p, kernels: Kernels, dtype, *, stride=1, padding=None):
   return y + p["bias"].astype(y.dtype)
 
 
+def _pointwise(x, p, kernels: Kernels, dtype):
+  """A 1x1 convolution (stride 1, no padding: the ResNet shortcut) as the dense product over the
+  channels, `x [B, H, W, C_in] . w [C_in, C_out]` through `kernels.dot_general`: the same values,
+  and a kernel gradient that is one `[B H W, C_in]^T [B H W, C_out]` product instead of a
+  convolution over the whole image (which XLA:CPU computes with transposed copies of both)."""
+  w = p["kernel"]
+  return kernels.dense(x, w.reshape(w.shape[2], w.shape[3]), dtype) + p["bias"].astype(dtype)
+
+
 def _linear(x, p, kernels: Kernels, dtype):
   return kernels.dense(x, p["kernel"], dtype) + p["bias"].astype(dtype)
 
@@ -605,7 +615,7 @@ def _resnet(p, x, temb, *, config, kernels, dtype, scale_factor=1.0, dropout_key
     h = group_norm(h, p["norm2"], groups, eps, dtype) * (1 + scale) + shift
   h = _dropout(act(h), dropout_key, float(config.dropout))
   h = _conv(h, p["conv2"], kernels, dtype)
-  shortcut = _conv(x, p["conv_shortcut"], kernels, dtype) if "conv_shortcut" in p else x
+  shortcut = _pointwise(x, p["conv_shortcut"], kernels, dtype) if "conv_shortcut" in p else x
   out = shortcut + h
   return out / scale_factor if scale_factor != 1.0 else out
 

@@ -202,11 +202,11 @@ def test_every_product_goes_through_the_kernels_in_the_compute_dtype(tiny, compu
   model = unet.make(config, kernels=counting, compute_dtype=compute_dtype)
   out = jax.eval_shape(lambda p: model.denoise(p, x, t, y), params)  # traces, computes nothing
   assert (out.shape, out.dtype) == ((2, 8, 8, 1), jnp.float32)
-  # Hand count: conv_in, 2 + downsample, 2 + shortcut, mid 2 x 2, up 0 2 x (2 + shortcut) + upsample,
-  # up 1 2 x (2 + shortcut), conv_out; time MLP 2, one time projection per ResNet (8), and per
-  # attention block (4) q, k, v, out and the two attention products.
-  assert len(calls["conv"]) == 1 + 3 + 3 + 4 + 7 + 6 + 1
-  assert len(calls["dot"]) == 2 + 8 + 4 * 6
+  # Hand count: conv_in, 2 + downsample, 2, mid 2 x 2, up 0 2 x 2 + upsample, up 1 2 x 2, conv_out;
+  # time MLP 2, one time projection per ResNet (8), the 1x1 shortcuts as products (down 1: 1, up 0
+  # and up 1: 2 each), and per attention block (4) q, k, v, out and the two attention products.
+  assert len(calls["conv"]) == 1 + 3 + 2 + 4 + 5 + 4 + 1
+  assert len(calls["dot"]) == 2 + 8 + 5 + 4 * 6
   want = jnp.dtype(compute_dtype or "float32")
   assert {d for pair in calls["conv"] + calls["dot"] for d in pair} == {want}
 
