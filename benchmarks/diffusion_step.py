@@ -4,7 +4,7 @@
         [--json PATH] [--markdown PATH]                        # both sides, alternating (the comparison)
     python benchmarks/diffusion_step.py --side pofx [--preset bench|large|tiny] [--dtype float32|bfloat16]
         [--pairs 16] [--kernels {auto,xla,cpu,gpu,tpu}] [--conv {xla,im2col}] [--products {xla,blas,blas_all}]
-        [--cpu_attention {on,off}] [--breakdown] [--json PATH]
+        [--cpu_attention {on,off}] [--compile {default,low_memory}] [--breakdown] [--json PATH]
 
 **The comparison** (default, `--side both`): every run is a separate process, either
 `diffusers_dpo_baseline.py` (diffusers 0.42's UNet2DModel on PyTorch, unchanged: `--pairs 16
@@ -41,6 +41,9 @@ accelerator (`pofx.flops`), the compile time, and the CPU threads the process ma
 `--breakdown`, where the step's time goes: the reference forward, the policy forward and
 backward, the optimizer update, each jitted alone on the same batch (medians), and the rest
 (the step's loss, metrics and non-finite guard, host batch building and dispatch).
+
+`--compile low_memory` compiles pofx's step with `pofx_backends.cpu.LOW_MEMORY_COMPILER_OPTIONS`
+(XLA:CPU's older emitters: a lower peak RSS, a slower step and a longer compilation).
 
 `--preset large` (DDPM's CIFAR-10 U-Net with 10 classes, 32x32x3, 35.75 M parameters) with `--dtype bfloat16` is the
 accelerator figure: there is no baseline run for it (the baseline script only builds its own
@@ -107,6 +110,12 @@ def parser():
     choices=["on", "off"],
     default=None,
     help="the CPU backend's fused attention kernels (the U-Net's attention is dot_general products either way)",
+  )
+  ap.add_argument(
+    "--compile",
+    choices=["default", "low_memory"],
+    default="default",
+    help="pofx: XLA's compile options (low_memory: pofx_backends.cpu.LOW_MEMORY_COMPILER_OPTIONS, slower)",
   )
   ap.add_argument("--breakdown", action="store_true", help="pofx: time the step's parts (after the timed steps)")
   ap.add_argument("--no_startup", action="store_true", help="pofx: skip pofx_backends.startup()")
@@ -208,8 +217,11 @@ class PofxStep:
     # them (and hand glibc's freed pages back) before the compilation, whose peak is the run's.
     jax.clear_caches()
     host_memory.release_freed_memory()
+    from pofx_backends import cpu
+
+    options = cpu.LOW_MEMORY_COMPILER_OPTIONS if self.a.compile == "low_memory" else None
     t0 = time.perf_counter()
-    self.compiled = self.step.lower(self.state, self.batch(), jax.random.key(0)).compile()
+    self.compiled = self.step.lower(self.state, self.batch(), jax.random.key(0)).compile(compiler_options=options)
     self.t_compile = time.perf_counter() - t0
     cost = self.compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -377,6 +389,7 @@ def run_pofx(a):
     "steps": a.steps,
     "warmup": a.warmup,
     "compile_s": round(bench.t_compile, 2),
+    "compile_options": a.compile,
     "steady_sec_per_step_median": round(med, 4),
     "steady_sec_per_step_mean": round(statistics.mean(steady), 4),
     "pairs_per_s": round(a.pairs / med, 3),
@@ -419,7 +432,7 @@ def side_command(a, side: str, extra=()) -> list:
       str(a.warmup),
     ]
   cmd = [sys.executable, os.path.abspath(__file__), "--side", "pofx", "--pairs", str(a.pairs)]
-  cmd += ["--steps", str(a.steps), "--warmup", str(a.warmup), "--kernels", a.kernels]
+  cmd += ["--steps", str(a.steps), "--warmup", str(a.warmup), "--kernels", a.kernels, "--compile", a.compile]
   for flag in ("conv", "products", "cpu_attention"):
     if getattr(a, flag) is not None:
       cmd += [f"--{flag}", getattr(a, flag)]

@@ -45,13 +45,16 @@ attention_head_dim` heads of width `attention_head_dim`, or one head of width C 
 
 GroupNorm (Wu & He 2018, arXiv:1803.08494) normalises each of `norm_num_groups` channel groups
 over (H, W, its channels) with the biased variance and `norm_eps`, then scales and shifts per
-channel.
+channel. It is computed from per-(image, channel) sums over H*W (the mean, then the squared
+deviations) as one per-(image, channel) affine map of its input, with its derivative written out
+(one pass of per-channel sums of the output gradient and of the gradient times the input).
 
 Precision: parameters are float32; `compute_dtype` (e.g. bfloat16) is the dtype of every
 convolution and dense product and of the activations between them; GroupNorm statistics, the
-attention scores and their softmax, and the returned prediction are float32. Every convolution
-goes through the injected `kernels.conv_general_dilated` and every dense product (projections,
-`q k^T`, the attention-weighted values) through `kernels.dot_general` (`pofx.kernels.Kernels`).
+attention scores and their softmax, and the returned prediction are float32. Every 3x3
+convolution goes through the injected `kernels.conv_general_dilated`, and every dense product
+(projections, `q k^T`, the attention-weighted values, and the 1x1 shortcut convolutions, which are
+products over the channels) through `kernels.dot_general` (`pofx.kernels.Kernels`).
 
 Parameters: a nested dict (lists for diffusers' `ModuleList`s) whose paths are diffusers' module
 names, e.g. `down_blocks[1]["attentions"][0]["to_q"]`, `up_blocks[0]["upsamplers"][0]["conv"]`,
@@ -70,6 +73,7 @@ without one the network is deterministic (diffusers' `eval()` mode).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional, Tuple
 
@@ -490,14 +494,78 @@ def timestep_embedding(timesteps: Array, dim: int, flip_sin_to_cos: bool, freq_s
   return emb
 
 
-def group_norm(x: Array, p: Params, groups: int, eps: float, dtype) -> Array:
-  """GroupNorm of NHWC `x` with float32 statistics (biased variance), result in `dtype`."""
+def _group_stats(x: Array, groups: int):
+  """Per-(image, group) mean and biased variance `[B, G]` of NHWC float32 `x`, from per-channel sums.
+
+  Each reduction runs over the contiguous H*W rows of `[B, H*W, C]` to per-channel sums `[B, C]`,
+  which are then summed within each group (a `[B, G, C/G]` sum over a small array): two passes over
+  `x`, the mean first and then the squared deviations from it (no `E[x^2] - E[x]^2` cancellation)."""
   B, H, W, C = x.shape
-  xg = x.astype(jnp.float32).reshape(B, H, W, groups, C // groups)
-  mean = xg.mean(axis=(1, 2, 4), keepdims=True)
-  var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
-  y = ((xg - mean) * jax.lax.rsqrt(var + eps)).reshape(B, H, W, C)
-  return (y * p["scale"] + p["bias"]).astype(dtype)
+  n = H * W * (C // groups)
+  rows = x.reshape(B, H * W, C)
+  mean = rows.sum(axis=1).reshape(B, groups, C // groups).sum(axis=-1) / n
+  dev = rows - _per_channel(mean, C)[:, None, :]
+  var = jnp.square(dev).sum(axis=1).reshape(B, groups, C // groups).sum(axis=-1) / n
+  return mean, var
+
+
+def _per_channel(v: Array, channels: int) -> Array:
+  """`[B, G]` per-group values repeated to `[B, C]` (each group's channels are contiguous)."""
+  return jnp.repeat(v, channels // v.shape[1], axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _group_norm_f32(x: Array, scale: Array, bias: Array, groups: int, eps: float) -> Array:
+  return _group_norm_fwd(x, scale, bias, groups, eps)[0]
+
+
+def _group_norm_fwd(x, scale, bias, groups, eps):
+  C = x.shape[-1]
+  mean, var = _group_stats(x, groups)
+  rstd = jax.lax.rsqrt(var + eps)
+  # y = (x - mean) rstd scale + bias = x a + d, with a and d per (image, channel).
+  a = _per_channel(rstd, C) * scale
+  d = bias - _per_channel(mean, C) * a
+  return x * a[:, None, None, :] + d[:, None, None, :], (x, scale, mean, rstd)
+
+
+def _group_norm_bwd(groups, eps, res, g):
+  # With xhat = (x - mean) rstd and n the elements of a group, the derivative of
+  # y = xhat scale + bias is (Wu & He 2018, arXiv:1803.08494, section 3, differentiated):
+  #   d_bias_c = sum_{b,hw} g,   d_scale_c = sum_{b,hw} g xhat,
+  #   d_x = rstd (scale g - mean_group(scale g) - xhat mean_group(scale g xhat)),
+  # all from the per-(image, channel) sums S1 = sum_hw g and S2 = sum_hw g x (one pass over g and x),
+  # since sum_hw g xhat = rstd (S2 - mean S1).
+  x, scale, mean, rstd = res
+  B, H, W, C = x.shape
+  n = H * W * (C // groups)
+  g = g.astype(jnp.float32)
+  s1 = g.reshape(B, H * W, C).sum(axis=1)
+  s2 = (g * x).reshape(B, H * W, C).sum(axis=1)
+  mean_c, rstd_c = _per_channel(mean, C), _per_channel(rstd, C)
+  g_xhat = rstd_c * (s2 - mean_c * s1)  # [B, C]: sum_hw g xhat
+  d_scale, d_bias = g_xhat.sum(axis=0), s1.sum(axis=0)
+  m1 = _per_channel((scale * s1).reshape(B, groups, -1).sum(axis=-1) / n, C)  # mean_group(scale g)
+  m2 = _per_channel((scale * g_xhat).reshape(B, groups, -1).sum(axis=-1) / n, C)  # mean_group(scale g xhat)
+  # d_x = g a + x b + c per (image, channel).
+  a = rstd_c * scale
+  b = -rstd_c * rstd_c * m2
+  c = rstd_c * (rstd_c * m2 * mean_c - m1)
+  d_x = g * a[:, None, None, :] + x * b[:, None, None, :] + c[:, None, None, :]
+  return d_x, d_scale, d_bias
+
+
+_group_norm_f32.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+def group_norm(x: Array, p: Params, groups: int, eps: float, dtype) -> Array:
+  """GroupNorm of NHWC `x` with float32 statistics (biased variance), result in `dtype`.
+
+  `y = (x - mean_g) / sqrt(var_g + eps) * scale + bias` per (image, group g), computed as one
+  per-(image, channel) affine map of `x`; its derivative is written out (`_group_norm_bwd`): one
+  pass of per-channel sums over the output gradient and `x`, then one affine map."""
+  y = _group_norm_f32(x.astype(jnp.float32), p["scale"].astype(jnp.float32), p["bias"].astype(jnp.float32), groups, eps)
+  return y.astype(dtype)
 
 
 def _conv(x, p, kernels: Kernels, dtype, *, stride=1, padding=None):
@@ -512,6 +580,15 @@ def _conv(x, p, kernels: Kernels, dtype, *, stride=1, padding=None):
     dimension_numbers=("NHWC", "HWIO", "NHWC"),
   )
   return y + p["bias"].astype(y.dtype)
+
+
+def _pointwise(x, p, kernels: Kernels, dtype):
+  """A 1x1 convolution (stride 1, no padding: the ResNet shortcut) as the dense product over the
+  channels, `x [B, H, W, C_in] . w [C_in, C_out]` through `kernels.dot_general`: the same values,
+  and a kernel gradient that is one `[B H W, C_in]^T [B H W, C_out]` product instead of a
+  convolution over the whole image (which XLA:CPU computes with transposed copies of both)."""
+  w = p["kernel"]
+  return kernels.dense(x, w.reshape(w.shape[2], w.shape[3]), dtype) + p["bias"].astype(dtype)
 
 
 def _linear(x, p, kernels: Kernels, dtype):
@@ -538,7 +615,7 @@ def _resnet(p, x, temb, *, config, kernels, dtype, scale_factor=1.0, dropout_key
     h = group_norm(h, p["norm2"], groups, eps, dtype) * (1 + scale) + shift
   h = _dropout(act(h), dropout_key, float(config.dropout))
   h = _conv(h, p["conv2"], kernels, dtype)
-  shortcut = _conv(x, p["conv_shortcut"], kernels, dtype) if "conv_shortcut" in p else x
+  shortcut = _pointwise(x, p["conv_shortcut"], kernels, dtype) if "conv_shortcut" in p else x
   out = shortcut + h
   return out / scale_factor if scale_factor != 1.0 else out
 

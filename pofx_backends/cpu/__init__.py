@@ -57,6 +57,12 @@ PRODUCTS = ("xla", "blas", "blas_all")
 # the two on this machine, measured when the first convolution is traced.
 CONVS = ("auto", "xla", "im2col")
 DEFAULT_OPTIONS = {"blas": "auto", "products": "blas_all", "attention": True, "conv": "auto"}
+# XLA:CPU compile options that lower the compilation's peak memory, for a program to pass as
+# `jax.jit(f).lower(...).compile(compiler_options=LOW_MEMORY_COMPILER_OPTIONS)`: XLA's older LLVM
+# emitters instead of its fusion emitters. They trade speed for memory: the compiled program runs
+# slower and takes longer to compile (docs/benchmarks.md, the Diffusion-DPO step), so nothing
+# applies them by default.
+LOW_MEMORY_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
 def _blas_form(lhs, rhs, dimension_numbers, preferred_element_type):

@@ -158,3 +158,13 @@ def test_tiny_model_dpo_loss_and_gradients_with_cpu_kernels_equal_xla(attention)
   np.testing.assert_allclose(out["cpu"][0], out["xla"][0], rtol=1e-5)
   for got, want in zip(jax.tree.leaves(out["cpu"][1]), jax.tree.leaves(out["xla"][1])):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()) + 1e-8)
+
+
+def test_low_memory_compiler_options_are_known_to_xla_and_keep_the_values():
+  # XLA refuses an unknown compile option ("No such compile option"), so this pins that the names
+  # exist in the installed jaxlib; the values are XLA's own compile's, up to summation order.
+  x = jax.random.normal(jax.random.key(0), (16, 8), jnp.float32)
+  lowered = jax.jit(lambda a: jnp.tanh(a) @ a.T + jnp.sum(jax.nn.silu(a), axis=1)).lower(x)
+  want = np.asarray(lowered.compile()(x))
+  got = np.asarray(lowered.compile(compiler_options=cpu.LOW_MEMORY_COMPILER_OPTIONS)(x))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

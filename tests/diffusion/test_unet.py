@@ -202,11 +202,11 @@ def test_every_product_goes_through_the_kernels_in_the_compute_dtype(tiny, compu
   model = unet.make(config, kernels=counting, compute_dtype=compute_dtype)
   out = jax.eval_shape(lambda p: model.denoise(p, x, t, y), params)  # traces, computes nothing
   assert (out.shape, out.dtype) == ((2, 8, 8, 1), jnp.float32)
-  # Hand count: conv_in, 2 + downsample, 2 + shortcut, mid 2 x 2, up 0 2 x (2 + shortcut) + upsample,
-  # up 1 2 x (2 + shortcut), conv_out; time MLP 2, one time projection per ResNet (8), and per
-  # attention block (4) q, k, v, out and the two attention products.
-  assert len(calls["conv"]) == 1 + 3 + 3 + 4 + 7 + 6 + 1
-  assert len(calls["dot"]) == 2 + 8 + 4 * 6
+  # Hand count: conv_in, 2 + downsample, 2, mid 2 x 2, up 0 2 x 2 + upsample, up 1 2 x 2, conv_out;
+  # time MLP 2, one time projection per ResNet (8), the 1x1 shortcuts as products (down 1: 1, up 0
+  # and up 1: 2 each), and per attention block (4) q, k, v, out and the two attention products.
+  assert len(calls["conv"]) == 1 + 3 + 2 + 4 + 5 + 4 + 1
+  assert len(calls["dot"]) == 2 + 8 + 5 + 4 * 6
   want = jnp.dtype(compute_dtype or "float32")
   assert {d for pair in calls["conv"] + calls["dot"] for d in pair} == {want}
 
@@ -266,6 +266,51 @@ def test_grad_runs_and_dropout_acts_only_with_a_key(tiny):
   assert float(jnp.abs(grads["mid_block"]["attentions"][0]["to_q"]["kernel"]).sum()) > 0
   assert float(jnp.abs(grads["class_embedding"]["embedding"][7]).sum()) > 0  # used label: a gradient
   assert float(jnp.abs(grads["class_embedding"]["embedding"][5]).sum()) == 0  # unused label: none
+
+
+def _group_norm_f64(x, scale, bias, groups, eps):
+  """GroupNorm as Wu & He 2018 (arXiv:1803.08494) write it, in float64 numpy."""
+  B, H, W, C = x.shape
+  xg = x.reshape(B, H, W, groups, C // groups)
+  mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+  var = ((xg - mean) ** 2).mean(axis=(1, 2, 4), keepdims=True)
+  return ((xg - mean) / np.sqrt(var + eps)).reshape(B, H, W, C) * scale + bias
+
+
+def test_group_norm_and_its_written_out_derivative_match_the_formula():
+  # The value against the textbook formula, and the hand-written derivative (`_group_norm_bwd`)
+  # against central finite differences of that formula in float64, for a weighted sum of the
+  # output (so that every output element's gradient counts). Inputs off zero mean, so that a
+  # wrong mean term shows.
+  rng = np.random.default_rng(0)
+  x = 2.0 + 3.0 * rng.standard_normal((2, 3, 3, 6))
+  scale, bias, weights = rng.standard_normal(6), rng.standard_normal(6), rng.standard_normal(x.shape)
+  groups, eps = 3, 1e-5
+  p = {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+  got = unet.group_norm(jnp.asarray(x, jnp.float32), p, groups, eps, jnp.float32)
+  np.testing.assert_allclose(np.asarray(got), _group_norm_f64(x, scale, bias, groups, eps), atol=2e-5)
+
+  def objective(xx, ss, bb):
+    return float((_group_norm_f64(xx, ss, bb, groups, eps) * weights).sum())
+
+  def numeric(i, h=1e-5):
+    args = [x, scale, bias]
+    out = np.zeros_like(args[i])
+    for idx in np.ndindex(out.shape):
+      up = [a.copy() for a in args]
+      down = [a.copy() for a in args]
+      up[i][idx] += h
+      down[i][idx] -= h
+      out[idx] = (objective(*up) - objective(*down)) / (2 * h)
+    return out
+
+  grads = jax.grad(
+    lambda xx, pp: jnp.sum(unet.group_norm(xx, pp, groups, eps, jnp.float32) * jnp.asarray(weights, jnp.float32)),
+    argnums=(0, 1),
+  )(jnp.asarray(x, jnp.float32), p)
+  np.testing.assert_allclose(np.asarray(grads[0]), numeric(0), atol=2e-4)
+  np.testing.assert_allclose(np.asarray(grads[1]["scale"]), numeric(1), atol=2e-4)
+  np.testing.assert_allclose(np.asarray(grads[1]["bias"]), numeric(2), atol=2e-4)
 
 
 @pytest.mark.parametrize(
