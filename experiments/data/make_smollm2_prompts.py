@@ -1,6 +1,6 @@
 r"""Generates `smollm2_prompts.jsonl`, the prompts of the SmolLM2 example study (deterministic).
 
-    python examples/data/make_smollm2_prompts.py     # rewrites the file next to this script
+    python experiments/data/make_smollm2_prompts.py     # rewrites the file next to this script
 
 Each record: {"id", "term", "key", "prompt", "split"}. The terms below were written for the study
 (science, technology, medicine, economics, history, arts, everyday life); each is asked about in
