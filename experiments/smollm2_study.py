@@ -271,7 +271,7 @@ def sample_rows(
   return comps, finished, logps
 
 
-def _text(tok, ids: Sequence[int]) -> str:
+def completion_text(tok, ids: Sequence[int]) -> str:
   """A completion's text without its EOS token."""
   if ids and tok.eos_id is not None and ids[-1] == tok.eos_id:
     ids = ids[:-1]
@@ -344,7 +344,7 @@ def run(workdir: str) -> dict:
 
   # 3. labelling ----------------------------------------------------------------------------------
   clock.start()
-  texts = [_text(tok, c) for c in comps]
+  texts = [completion_text(tok, c) for c in comps]
   keys_rows = [r["key"] for r in train_recs for _ in range(K)]
   scores = np.array(
     [gold_reward(t, k, f, max_words=max_words, length_penalty=lam) for t, k, f in zip(texts, keys_rows, fins)]
@@ -426,7 +426,7 @@ def run(workdir: str) -> dict:
   p_comps, p_fins, _ = sample_rows(merged, held_ids, eval_keys, temperature=_EVAL_TEMPERATURE.value, **common)
   per_prompt = []
   for r, bc, bf, pc, pf in zip(held_recs, b_comps, b_fins, p_comps, p_fins):
-    bt, pt = _text(tok, bc), _text(tok, pc)
+    bt, pt = completion_text(tok, bc), completion_text(tok, pc)
     per_prompt.append(
       {
         "id": r["id"],
