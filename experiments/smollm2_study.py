@@ -281,6 +281,7 @@ def completion_text(tok, ids: Sequence[int]) -> str:
 def run(workdir: str) -> dict:
   """The study (see the module docstring); returns the summary it writes."""
   clock = _Clock()
+  commit = _git_commit()  # at the start: the code that runs (the checkout may move on during a long run)
   max_words, lam = _MAX_WORDS.value, _LENGTH_PENALTY.value
   K, max_new, width_batch = _K.value, _MAX_NEW.value, _SAMPLE_BATCH.value
 
@@ -485,7 +486,7 @@ def run(workdir: str) -> dict:
   summary = {
     "study": "smollm2_lora_dpo",
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    "commit": _git_commit(),
+    "commit": commit,
     "cpu": _cpu_model(),
     "cpu_count": os.cpu_count(),
     "backend": jax.default_backend(),
