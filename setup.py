@@ -76,7 +76,10 @@ setup(
       "configs.*",
     ]
   ),
-  package_data={"pofx_backends.cpu.native": ["*.cc", "*.h"]},  # compiled on first use
+  package_data={
+    "pofx_backends.cpu.native": ["*.cc", "*.h"],  # compiled on first use
+    "experiments": ["data/*.jsonl"],  # the SmolLM2 study's prompts
+  },
   install_requires=INSTALL_REQUIRES,
   extras_require={
     "test": TEST_REQUIRES,

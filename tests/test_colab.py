@@ -271,11 +271,43 @@ def _check_diffusion_dpo(ns):
   assert r["win_rate_vs_base"] == pytest.approx((r["wins"] + 0.5 * r["ties"]) / n)
 
 
+def _check_smollm2_lora_dpo(ns):
+  # The gold reward written again (regular-expression words, `str.find` for the key), applied to the
+  # held-out answers the notebook printed: the base fail rate and both mean rewards follow from it.
+  n_max, lam = ns["MAX_WORDS"], ns["LAMBDA"]
+
+  def gold(text, key, finished):
+    n = len(re.findall(r"\S+", text))
+    named, short = text.lower().find(key) >= 0, bool(finished) and n <= n_max
+    return float(named) + float(short) - lam * n, named and short
+
+  keys = [r["key"] for r in ns["held_recs"]]
+  base = [gold(t, k, f) for t, k, f in zip(ns["base_texts"], keys, ns["base_finished"])]
+  pol = [gold(t, k, f) for t, k, f in zip(ns["policy_texts"], keys, ns["policy_finished"])]
+  n = len(ns["held_recs"])
+  assert len(base) == len(pol) == n == 8
+  assert ns["base_fail_rate"] == pytest.approx(np.mean([not ok for _, ok in base]))
+  assert ns["base_fail_rate"] >= 0.5  # the base does not answer in a few words by default
+  np.testing.assert_allclose(ns["base_gold"], [g for g, _ in base], atol=1e-12)
+  np.testing.assert_allclose(ns["policy_gold"], [g for g, _ in pol], atol=1e-12)
+  bg, pg = np.array([g for g, _ in base]), np.array([g for g, _ in pol])
+  win = ns["win"]
+  assert (win.wins, win.ties) == (int(np.sum(pg > bg)), int(np.sum(pg == bg)))
+  lo, hi = _wilson(win.rate, n)
+  assert win.rate == pytest.approx((win.wins + 0.5 * win.ties) / n)
+  assert win.low == pytest.approx(lo, abs=1e-9) and win.high == pytest.approx(hi, abs=1e-9)
+  # DPO starts at log 2 (adapters with B = 0: the policy is the reference), and the adapters it
+  # trained change some greedy answers.
+  assert ns["history"][0]["loss"] == pytest.approx(math.log(2.0), abs=1e-5)
+  assert any(b != p for b, p in zip(ns["base_texts"], ns["policy_texts"]))
+
+
 CHECKS = {
   "01_gpo_losses.ipynb": _check_gpo_losses,
   "02_train_step.ipynb": _check_train_step,
   "03_controlled_world.ipynb": _check_controlled_world,
   "04_diffusion_dpo.ipynb": _check_diffusion_dpo,
+  "05_smollm2_lora_dpo.ipynb": _check_smollm2_lora_dpo,
 }
 
 

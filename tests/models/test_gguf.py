@@ -190,10 +190,13 @@ def _q4_1_rows(scales, mins, q):
   return np.frombuffer(out, np.uint8)
 
 
-def _write_tiny(path, params, cfg, *, arch="llama", raw=None, extra=None):
+def _write_tiny(path, params, cfg, *, arch="llama", raw=None, extra=None, metadata=None):
   """A GGUF file of the tiny Llama `params` (untied head), F32 tensors in llama.cpp's layout;
-  `raw` maps a tensor name to (bytes, ggml type) written instead."""
+  `raw` maps a tensor name to (bytes, ggml type) written instead; `metadata(writer)` adds more
+  key/value fields (e.g. a tokenizer)."""
   w = gguf.GGUFWriter(str(path), arch)
+  if metadata is not None:
+    metadata(w)
   w.add_block_count(cfg.num_layers)
   w.add_context_length(64)
   w.add_embedding_length(cfg.hidden_size)
