@@ -285,8 +285,10 @@ def make_trajectory_logps_fn(
 
   `batch` holds `chosen_latents`, `rejected_latents` `[S + 1, B, H, W, C]` (the chain, x_T first,
   as `pofx.diffusion.samplers.sample` records it), `timesteps`, `prev_timesteps` `[S]` (the
-  steps' t and t_prev), `class_labels` `[B]` (or absent) and optionally `step_mask` `[B, S]` (1 on
-  the steps trained; default all). For each step j and each chain the model's transition
+  steps' t and t_prev, shared by the pairs) or `[S, B]` (per pair: e.g. SPO's one-step chains
+  taken at different steps of their chains), `class_labels` `[B]` (or absent) and optionally
+  `step_mask` `[B, S]` (1 on the steps trained; default all). Every step must be random (std > 0):
+  the deterministic last step of a run (to t_prev < 0, the clean image) has no density. For each step j and each chain the model's transition
   Gaussian `N(mean_theta(x_j, t_j), std^2)` (`samplers.transition`: DDIM with `eta`, or DDPM)
   gives `l_j = log p_theta(x_{j+1} | x_j)`, averaged over latent dimensions (`reduce="mean"`,
   as the D3PO, SPO and dense-reward codes do) or summed (`"sum"`, the density). The result is
@@ -307,11 +309,10 @@ def make_trajectory_logps_fn(
   def chain_logps(params, latents, ts, prev_ts, cond):
     def one(args):
       x_t, x_prev, t, t_prev = args
-      tb = jnp.full((x_t.shape[0],), t, jnp.int32)
+      tb = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x_t.shape[0],))
+      pb = jnp.broadcast_to(jnp.asarray(t_prev, jnp.int32), (x_t.shape[0],))
       pred = denoise(params, x_t, tb, cond)
-      mean, std, _ = samplers.transition(
-        schedule, pred, x_t, tb, jnp.full_like(tb, t_prev), sampler=sampler, eta=eta, clip_sample=clip_sample
-      )
+      mean, std, _ = samplers.transition(schedule, pred, x_t, tb, pb, sampler=sampler, eta=eta, clip_sample=clip_sample)
       return gaussian_step_logps(x_prev, mean, std, reduce=reduce)
 
     per_step = jax.lax.map(one, (latents[:-1], latents[1:], jnp.asarray(ts), jnp.asarray(prev_ts)))
