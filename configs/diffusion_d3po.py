@@ -22,10 +22,10 @@ from configs import diffusion_dpo
 
 
 def trajectory_tiny(c):
-  """`:tiny` for a trajectory family: diffusion_dpo's, and chains of 3 sampling steps."""
+  """`:tiny` for a trajectory family: diffusion_dpo's (chains of 4 sampling steps, 3 of them
+  random), SPO branching from step 1, 2 training steps of 4 pairs."""
   diffusion_dpo.tiny(c)
-  c.data.num_steps = 3
-  c.data.spo_start_step = 0
+  c.data.spo_start_step = 1
   c.train.steps, c.train.batch_size = 2, 4
 
 

@@ -81,8 +81,8 @@ def image_config() -> ml_collections.ConfigDict:
     )
   )
 
-  # Stage 3: preference training through pofx.train.make_train_step on
-  # pofx.diffusion.pairs.make_logps_fn (one timestep and noise per pair, drawn per step).
+  # Stage 3: preference training through pofx.train.make_train_step (by default on
+  # pofx.diffusion.pairs.make_logps_fn: one timestep and noise per pair, drawn per step).
   # scores (pofx.options.IMAGE_SCORES): what a loss reading per-pair scores gets, the images' gold
   # rewards or their binary feedback. logps (pofx.options.IMAGE_LOGPS): what the step scores,
   # the pair's denoising errors, the recorded chains' per-step log-probs ("trajectory", with

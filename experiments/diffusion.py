@@ -12,10 +12,17 @@ image-domain config (`config.domain == "image"`) to `run` here:
   2. pairs     `data.num_pairs` class prompts (balanced), two samples each from the base
                (`pofx.diffusion.samplers.sample`), labelled by Bradley-Terry on the gold reward
                (`pofx.diffusion.world`) -> <workdir>/pairs/pairs.npz (with the gold rewards, the
-               labeller's probabilities and the binary feedback of each sample)
-  3. train     `pofx.train.make_train_step` on `pofx.diffusion.pairs.make_logps_fn`: the loss from
-               the registry, the reference strategy and the weight perturbation of the config; a
-               fresh PRNG key per pair and step gives its timestep and noise -> <workdir>/final_params
+               labeller's probabilities and the binary feedback of each sample); per
+               `data.record` also the two reverse chains of each pair with the sampler's per-step
+               log-probs and step-wise labels ("chains", `chain_pairs`) or SPO's step-wise pairs
+               instead ("spo_steps", `spo_pairs`); with `data.patch_size` per-patch quality maps
+               (`patch_quality`)
+  3. train     `pofx.train.make_train_step` on the `logps_fn` of `train.logps` (`logps_fn_of`: the
+               pair errors of `pofx.diffusion.pairs.make_logps_fn`, the chains' per-step log-probs
+               of `pofx.diffusion.methods.make_trajectory_logps_fn`, or PatchDPO's weighted errors):
+               the loss from the registry, the reference strategy and the weight perturbation of
+               the config; a fresh PRNG key per pair and step gives its timestep and noise
+               -> <workdir>/final_params
   4. eval      `eval.num_samples` class prompts; the policy and the base sample each with the same
                initial and step noise; `pofx.diffusion.evaluation.evaluate` -> summary.json, and
                the PNG grids base_samples.png, policy_samples.png, data_samples.png
