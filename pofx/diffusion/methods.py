@@ -319,10 +319,16 @@ def make_trajectory_logps_fn(
     return per_step.T  # [B, S]
 
   def logps_fn(params, batch):
+    # Both chains in one denoiser call per step: [S + 1, 2B, ...], the chosen first.
     cond = batch.get("class_labels")
-    ts, prev_ts = batch["timesteps"], batch["prev_timesteps"]
-    c = chain_logps(params, _f32(batch["chosen_latents"]), ts, prev_ts, cond)
-    r = chain_logps(params, _f32(batch["rejected_latents"]), ts, prev_ts, cond)
+    b = batch["chosen_latents"].shape[1]
+    both = lambda x, axis: None if x is None else jnp.concatenate([x, x], axis=axis)
+    ts, prev_ts = jnp.asarray(batch["timesteps"]), jnp.asarray(batch["prev_timesteps"])
+    if ts.ndim == 2:  # per pair: [S, B] -> [S, 2B]
+      ts, prev_ts = both(ts, 1), both(prev_ts, 1)
+    latents = jnp.concatenate([_f32(batch["chosen_latents"]), _f32(batch["rejected_latents"])], axis=1)
+    per_step = chain_logps(params, latents, ts, prev_ts, both(cond, 0))
+    c, r = per_step[:b], per_step[b:]
     mask = _f32(batch.get("step_mask", jnp.ones(c.shape, jnp.float32)))
     if "step_preference" in batch:
       pref = _f32(batch["step_preference"])
