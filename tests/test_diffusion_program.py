@@ -70,15 +70,16 @@ def test_tiny_rerun_with_other_training_is_refused_before_compute(tiny_run):
 # family's pretraining record equals diffusion_dpo's, so the base is reused (a symlink); a family
 # that makes its pairs as another one did reuses those pairs too (the value: the family whose
 # pairs it links, "tiny" for the tiny run's, None to make its own). Trained here: one family per
-# way of feeding the loss (per-image binary scores; data-vs-sample pairs; recorded chains with
-# trajectory labels, D3PO, and the dense-reward view on the same chains; SPO's step-wise pairs;
-# patch quality maps); each costs a compilation of its train step, so SmPO (reward scores) and
-# Reg-DPO (data-vs-sample pairs, as DRO) are validated only (test_every_image_family_validates).
+# way of feeding the loss (per-image binary scores; data-vs-sample pairs; recorded chains, D3PO,
+# with two micro-batches per step; SPO's step-wise pairs; patch quality maps); each costs a
+# compilation of its train step (18-28 s of CPU at :tiny), so SmPO (reward scores), Reg-DPO
+# (data-vs-sample pairs, as DRO) and the dense-reward view (D3PO's chains and log-probs, another
+# loss: "diffusion_dense_reward": "diffusion_d3po" would train it on D3PO's pairs) are validated
+# only (test_every_image_family_validates).
 FAMILIES = {
   "diffusion_kto": "tiny",
   "diffusion_dro": None,
   "diffusion_d3po": None,
-  "diffusion_dense_reward": "diffusion_d3po",
   "diffusion_spo": None,
   "diffusion_patch_dpo": None,
 }
@@ -111,7 +112,7 @@ def family_runs(tiny_run, tmp_path_factory):
     if pairs_from is not None:
       os.symlink(os.path.join(dirs[pairs_from], "pairs"), dst / "pairs")
     c = importlib.import_module(f"configs.{family}").get_config("tiny")
-    if family == "diffusion_dense_reward":  # gradient accumulation: two micro-batches stacked
+    if family == "diffusion_d3po":  # gradient accumulation: two micro-batches stacked
       c.unlock()
       c.train.grad_accum_steps = 2
     config_validation.validate(c)
