@@ -58,16 +58,47 @@ def image_config() -> ml_collections.ConfigDict:
   # Bradley-Terry on the gold reward; or (pairing "data_vs_sample", pofx.options.IMAGE_PAIRINGS) a
   # training digit of the class against one sample. sample_batch: images per sampler call (the
   # evaluation too).
+  # record (pofx.options.IMAGE_PAIR_RECORDS): what is kept beside the images: "chains" (the two
+  # reverse chains of a pair from one shared x_T, for the trajectory methods, eta > 0) or
+  # "spo_steps" (SPO's step-wise pairs: at each step from spo_start_step on, spo_candidates
+  # samples of x_{t-1} from a shared x_t, the best and worst by the gold reward of their predicted
+  # clean images, kept when softmax(label_scale * rewards) differ by more than spo_threshold).
+  # patch_size (pofx.options.IMAGE_PATCH_SIZES, 0: none): per-patch quality maps (PatchDPO).
   c.data = ml_collections.ConfigDict(
-    dict(num_pairs=2048, pairing="samples", sampler="ddim", num_steps=10, eta=1.0, sample_batch=256, clip_sample=1.0)
+    dict(
+      num_pairs=2048,
+      pairing="samples",
+      sampler="ddim",
+      num_steps=10,
+      eta=1.0,
+      sample_batch=256,
+      clip_sample=1.0,
+      record="images",
+      spo_candidates=2,
+      spo_threshold=0.3,
+      spo_start_step=2,
+      patch_size=0,
+    )
   )
 
-  # Stage 3: preference training through pofx.train.make_train_step on
-  # pofx.diffusion.pairs.make_logps_fn (one timestep and noise per pair, drawn per step).
+  # Stage 3: preference training through pofx.train.make_train_step (by default on
+  # pofx.diffusion.pairs.make_logps_fn: one timestep and noise per pair, drawn per step).
   # scores (pofx.options.IMAGE_SCORES): what a loss reading per-pair scores gets, the images' gold
-  # rewards or their binary feedback.
+  # rewards or their binary feedback. logps (pofx.options.IMAGE_LOGPS): what the step scores,
+  # the pair's denoising errors, the recorded chains' per-step log-probs ("trajectory", with
+  # step_labels: each step's own Bradley-Terry label on its predicted clean images) or the
+  # patch-weighted errors ("patch").
   c.train = ml_collections.ConfigDict(
-    dict(loss="dpo", steps=300, batch_size=64, grad_accum_steps=1, log_every=25, scores="reward")
+    dict(
+      loss="dpo",
+      steps=300,
+      batch_size=64,
+      grad_accum_steps=1,
+      log_every=25,
+      scores="reward",
+      logps="pairs",
+      step_labels=False,
+    )
   )
   c.train.loss_hyper = ml_collections.ConfigDict(dict(beta=5000.0))
   # pofx.options.IMAGE_REFERENCE_KINDS ("cached" is refused: the timestep and noise are drawn per

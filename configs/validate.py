@@ -614,11 +614,18 @@ def _check_image_loss(c) -> None:
     spec = losses.spec(c.train.loss)
   except ValueError:
     raise ValueError(f"config.train.loss={c.train.loss!r} is not allowed; allowed: {losses.names()}.") from None
-  missing = sorted(set(spec.requires) - set(options.IMAGE_LOSS_REQUIREMENTS))
+  trajectory = c.train.logps == "trajectory"
+  allowed = options.IMAGE_LOSS_REQUIREMENTS + (("tokens",) if trajectory else ())
+  missing = sorted(set(spec.requires) - set(allowed))
+  if missing == ["tokens"]:
+    raise ValueError(
+      f"config.train.loss={spec.name!r} needs per-step log-probs ('tokens'), which only the recorded chains give; "
+      f"allowed: train.logps='trajectory' with data.record in ['chains', 'spo_steps'] (got train.logps={c.train.logps!r})."
+    )
   if missing:
     raise ValueError(
       f"config.train.loss={spec.name!r} needs {missing}, which images do not have (no tokens or lengths); "
-      f"allowed for config.domain='image': losses whose extra inputs are within {list(options.IMAGE_LOSS_REQUIREMENTS)}."
+      f"allowed for config.domain='image': losses whose extra inputs are within {list(allowed)}."
     )
   if "scores" in spec.requires and c.train.scores == "reward" and not spec.score_domain.any_real:
     raise ValueError(
@@ -648,6 +655,70 @@ def _check_image_loss(c) -> None:
   if spec.reference == "unused" and kind != "none":
     raise ValueError(
       f"config.train.reference.kind={kind!r}, but loss {spec.name!r} is reference-free; allowed: 'none'."
+    )
+
+
+def _check_image_records(c) -> None:
+  """What the pair stage records (`data.record`, `data.patch_size`, SPO's fields) against what the
+  train step reads (`train.logps`, `train.step_labels`)."""
+  d, t = c.data, c.train
+  _allowed(c, "data.record", options.IMAGE_PAIR_RECORDS)
+  _allowed(c, "train.logps", options.IMAGE_LOGPS)
+  if isinstance(d.patch_size, bool) or d.patch_size not in options.IMAGE_PATCH_SIZES:
+    raise ValueError(
+      f"config.data.patch_size={d.patch_size!r} is not allowed; allowed: {list(options.IMAGE_PATCH_SIZES)} "
+      "(pixels per side of a square patch of the 8x8 images; 0: no quality maps)."
+    )
+  if not isinstance(t.step_labels, bool):
+    raise ValueError(f"config.train.step_labels={t.step_labels!r} is not allowed; allowed: True or False.")
+  if d.record != "images":
+    if d.pairing != "samples":
+      raise ValueError(
+        f"config.data.pairing={d.pairing!r} is not allowed with data.record={d.record!r} (its pairs are sampled "
+        "chains of the base); allowed: 'samples'."
+      )
+    if d.sampler == "ddim" and not d.eta > 0:
+      raise ValueError(
+        f"config.data.eta={d.eta!r} is not allowed with data.record={d.record!r}: a deterministic DDIM step has "
+        "no density; allowed: 0 < eta <= 1."
+      )
+    if d.num_steps < 2:
+      raise ValueError(
+        f"config.data.num_steps={d.num_steps} is not allowed with data.record={d.record!r} (the last step, to the "
+        "clean image, is deterministic); allowed: an integer >= 2."
+      )
+  if d.record == "spo_steps":
+    k = d.spo_candidates
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+      raise ValueError(f"config.data.spo_candidates={k!r} is not allowed; allowed: an integer >= 2.")
+    th = d.spo_threshold
+    if isinstance(th, bool) or not isinstance(th, (int, float)) or not 0.0 <= th < 1.0:
+      raise ValueError(f"config.data.spo_threshold={th!r} is not allowed; allowed: a number in [0, 1).")
+    s0 = d.spo_start_step
+    if isinstance(s0, bool) or not isinstance(s0, int) or not 0 <= s0 <= d.num_steps - 2:
+      raise ValueError(
+        f"config.data.spo_start_step={s0!r} is not allowed; allowed: an integer in [0, {d.num_steps - 2}] "
+        "(data.num_steps - 2: the last random step)."
+      )
+  if t.logps == "trajectory" and d.record == "images":
+    raise ValueError(
+      "config.train.logps='trajectory' reads the recorded chains, which data.record='images' does not keep; "
+      "allowed: data.record in ['chains', 'spo_steps']."
+    )
+  if d.record == "spo_steps" and t.logps != "trajectory":
+    raise ValueError(
+      f"config.train.logps={t.logps!r} is not allowed with data.record='spo_steps' (step-wise pairs of latents, "
+      "not of images); allowed: 'trajectory'."
+    )
+  if t.logps == "patch" and d.patch_size == 0:
+    raise ValueError(
+      "config.train.logps='patch' reads per-patch quality maps, which data.patch_size=0 does not make; allowed: "
+      f"data.patch_size in {list(options.IMAGE_PATCH_SIZES[1:])}."
+    )
+  if t.step_labels and (t.logps != "trajectory" or d.record != "chains"):
+    raise ValueError(
+      f"config.train.step_labels=True needs the step-wise labels of recorded chains; allowed: train.logps='trajectory' "
+      f"with data.record='chains' (got train.logps={t.logps!r}, data.record={d.record!r})."
     )
 
 
@@ -695,6 +766,7 @@ def _validate_image(c, process_count: int) -> None:
       f"config.data.num_steps={c.data.num_steps} is not allowed; allowed: at most "
       f"model.num_train_timesteps={c.model.num_train_timesteps}."
     )
+  _check_image_records(c)
   for f in ("pretrain.learning_rate", "train.optimizer.learning_rate"):
     _positive(f, _get(c, f), integer=False)
   if not 0.0 <= c.pretrain.ema_decay < 1.0:

@@ -12,10 +12,17 @@ image-domain config (`config.domain == "image"`) to `run` here:
   2. pairs     `data.num_pairs` class prompts (balanced), two samples each from the base
                (`pofx.diffusion.samplers.sample`), labelled by Bradley-Terry on the gold reward
                (`pofx.diffusion.world`) -> <workdir>/pairs/pairs.npz (with the gold rewards, the
-               labeller's probabilities and the binary feedback of each sample)
-  3. train     `pofx.train.make_train_step` on `pofx.diffusion.pairs.make_logps_fn`: the loss from
-               the registry, the reference strategy and the weight perturbation of the config; a
-               fresh PRNG key per pair and step gives its timestep and noise -> <workdir>/final_params
+               labeller's probabilities and the binary feedback of each sample); per
+               `data.record` also the two reverse chains of each pair with the sampler's per-step
+               log-probs and step-wise labels ("chains", `chain_pairs`) or SPO's step-wise pairs
+               instead ("spo_steps", `spo_pairs`); with `data.patch_size` per-patch quality maps
+               (`patch_quality`)
+  3. train     `pofx.train.make_train_step` on the `logps_fn` of `train.logps` (`logps_fn_of`: the
+               pair errors of `pofx.diffusion.pairs.make_logps_fn`, the chains' per-step log-probs
+               of `pofx.diffusion.methods.make_trajectory_logps_fn`, or PatchDPO's weighted errors):
+               the loss from the registry, the reference strategy and the weight perturbation of
+               the config; a fresh PRNG key per pair and step gives its timestep and noise
+               -> <workdir>/final_params
   4. eval      `eval.num_samples` class prompts; the policy and the base sample each with the same
                initial and step noise; `pofx.diffusion.evaluation.evaluate` -> summary.json, and
                the PNG grids base_samples.png, policy_samples.png, data_samples.png
@@ -50,7 +57,7 @@ import pofx_backends
 from experiments import metrics as metrics_lib
 from experiments import optimizers, provenance
 from pofx import fingerprints, losses, perturbations, references, train
-from pofx.diffusion import evaluation, samplers, schedules, unet
+from pofx.diffusion import evaluation, methods, samplers, schedules, unet
 from pofx.diffusion import pairs as pairs_lib
 from pofx.diffusion import world as world_lib
 
@@ -85,6 +92,8 @@ def records(c) -> Dict[str, provenance.Record]:
         "train.perturbation",
         "train.optimizer",
         "train.scores",
+        "train.logps",
+        "train.step_labels",
       ),
     ),
     {"pairs": pairs.fingerprint},
@@ -234,35 +243,253 @@ def balanced_labels(n: int) -> np.ndarray:
   return (np.arange(n) % world_lib.NUM_CLASSES).astype(np.int32)
 
 
-def make_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
-  """Stage 2: per balanced class prompt, two samples ordered by a Bradley-Terry label (pairing
-  "samples"), or a training digit of the class (chosen) and one sample (pairing "data_vs_sample")."""
-  k_draw, k_label, k_binary = jax.random.split(key, 3)
-  labels = balanced_labels(int(c.data.num_pairs))
-  if c.data.pairing == "data_vs_sample":
-    b = draw(c, model, params, schedule, k_draw, labels)
-    rng = np.random.default_rng([int(c.seed), 18, 4])
-    a = np.stack([world.images[rng.choice(np.flatnonzero(world.labels == k))] for k in labels])
-    prefer_a = np.ones(len(labels), bool)
-  else:
-    both = draw(c, model, params, schedule, k_draw, np.concatenate([labels, labels]))
-    a, b = both[: len(labels)], both[len(labels) :]
+def _sample_kwargs(c):
+  d = c.data
+  return dict(
+    num_steps=int(d.num_steps),
+    sampler=str(d.sampler),
+    eta=float(d.eta),
+    clip_sample=float(d.clip_sample) if d.clip_sample else None,
+  )
+
+
+def sample_chains(c, model, params, schedule, key, labels, initial) -> Dict[str, np.ndarray]:
+  """The reverse chains of `samplers.sample` for class labels [N] from the initial latents
+  `initial` [N, 8, 8, 1], `data.sample_batch` per call (the last padded) with `fold_in(key, i)`
+  for chunk i: `latents` [N, S + 1, 8, 8, 1] (x_T first), the sampler's own `log_probs` [N, S]
+  (summed over the pixels; 0 on a deterministic step) and `x0` [N, S, 8, 8, 1], the clean image
+  each step's prediction implies."""
+  n, size = len(labels), int(c.data.sample_batch)
+  out: Dict[str, List[np.ndarray]] = {"latents": [], "log_probs": [], "x0": []}
+  for i in range(-(-n // size)):
+    chunk = np.asarray(labels[i * size : (i + 1) * size], np.int32)
+    real = len(chunk)
+    x_T = np.zeros((size,) + world_lib.IMAGE_SHAPE, np.float32)
+    x_T[:real] = initial[i * size : i * size + real]
+    traj = samplers.sample(
+      model.denoise,
+      params,
+      schedule,
+      jax.random.fold_in(key, i),
+      jnp.asarray(np.concatenate([chunk, np.zeros(size - real, np.int32)])),
+      shape=(size,) + world_lib.IMAGE_SHAPE,
+      initial_latents=jnp.asarray(x_T),
+      **_sample_kwargs(c),
+    )
+    out["latents"].append(np.swapaxes(np.asarray(traj.latents), 0, 1)[:real])
+    out["log_probs"].append(np.asarray(traj.log_probs).T[:real])
+    out["x0"].append(np.swapaxes(np.asarray(traj.x0_predictions), 0, 1)[:real])
+  return {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
+
+
+def _labelled(world, a, b, labels, prefer_a, k_binary) -> Dict[str, np.ndarray]:
+  """The pair arrays every record holds: images a and b ordered by `prefer_a`, their gold rewards,
+  the labeller's probability and each image's binary feedback."""
   r_a, r_b = world.gold_reward(a, labels), world.gold_reward(b, labels)
-  if c.data.pairing != "data_vs_sample":
-    prefer_a = world.bradley_terry(k_label, r_a, r_b)
   pick = lambda x, y: np.where(prefer_a.reshape(-1, 1, 1, 1), x, y)
-  rewards = np.concatenate([r_a, r_b])
-  desirable = world.binary_feedback(k_binary, rewards)
+  desirable = world.binary_feedback(k_binary, np.concatenate([r_a, r_b]))
+  n = len(labels)
   return {
     "chosen": pick(a, b),
     "rejected": pick(b, a),
-    "class_labels": labels,
+    "class_labels": np.asarray(labels, np.int32),
     "chosen_reward": np.where(prefer_a, r_a, r_b).astype(np.float32),
     "rejected_reward": np.where(prefer_a, r_b, r_a).astype(np.float32),
     "label_prob": world.preference_prob(np.where(prefer_a, r_a, r_b), np.where(prefer_a, r_b, r_a)).astype(np.float32),
-    "chosen_desirable": np.where(prefer_a, desirable[: len(labels)], desirable[len(labels) :]),
-    "rejected_desirable": np.where(prefer_a, desirable[len(labels) :], desirable[: len(labels)]),
+    "chosen_desirable": np.where(prefer_a, desirable[:n], desirable[n:]),
+    "rejected_desirable": np.where(prefer_a, desirable[n:], desirable[:n]),
   }
+
+
+def make_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
+  """Stage 2: per balanced class prompt, two samples ordered by a Bradley-Terry label (pairing
+  "samples"), or a training digit of the class (chosen) and one sample (pairing "data_vs_sample");
+  with `data.record` "chains", the two samples' reverse chains from one shared x_T and their
+  step-wise labels (`chain_pairs`); "spo_steps", SPO's step-wise pairs (`spo_pairs`) instead.
+  With `data.patch_size`, the per-patch quality maps of each pair (`patch_quality`)."""
+  if c.data.record == "spo_steps":
+    return spo_pairs(c, world, model, params, schedule, key)
+  if c.data.record == "chains":
+    data = chain_pairs(c, world, model, params, schedule, key)
+  else:
+    k_draw, k_label, k_binary = jax.random.split(key, 3)
+    labels = balanced_labels(int(c.data.num_pairs))
+    if c.data.pairing == "data_vs_sample":
+      b = draw(c, model, params, schedule, k_draw, labels)
+      rng = np.random.default_rng([int(c.seed), 18, 4])
+      a = np.stack([world.images[rng.choice(np.flatnonzero(world.labels == k))] for k in labels])
+      prefer_a = np.ones(len(labels), bool)
+    else:
+      both = draw(c, model, params, schedule, k_draw, np.concatenate([labels, labels]))
+      a, b = both[: len(labels)], both[len(labels) :]
+      prefer_a = world.bradley_terry(k_label, world.gold_reward(a, labels), world.gold_reward(b, labels))
+    data = _labelled(world, a, b, labels, prefer_a, k_binary)
+  if c.data.patch_size:
+    q = patch_quality(world, data["chosen"], data["rejected"], data["class_labels"], int(c.data.patch_size))
+    data["chosen_patch_quality"], data["rejected_patch_quality"] = q, q
+  return data
+
+
+def chain_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
+  """Pairs with their reverse chains (`data.record="chains"`; D3PO, the dense-reward view).
+
+  Per balanced class prompt, two chains of `data.sampler` (DDIM with eta > 0, or DDPM) from one
+  shared x_T (D3PO's sampling: the second chain starts from the first one's initial latent), with
+  independent step noise; the final images are labelled by Bradley-Terry on the gold reward as
+  the plain pairs. Beside `_labelled`'s arrays: `chosen_latents`, `rejected_latents` [N, S + 1,
+  8, 8, 1] (every latent, x_T first, float32 as sampled: the trainer re-evaluates these exact
+  transitions), the sampler's `chosen_log_probs`, `rejected_log_probs` [N, S] (summed over
+  pixels), `timesteps`, `prev_timesteps` [S], and the step-wise labels: `chosen_step_rewards`,
+  `rejected_step_rewards` [N, S], the gold reward of the clean image predicted at the latent each
+  step reaches (the next step's x0_hat, clipped to [-1, 1]; the last step reaches the final image),
+  and `step_preference` [N, S] (+1 / -1: a Bradley-Terry draw on those rewards, +1 where the
+  chosen chain's step wins)."""
+  k_init, k_a, k_b, k_label, k_binary, k_step = jax.random.split(key, 6)
+  labels = balanced_labels(int(c.data.num_pairs))
+  x_T = np.asarray(jax.random.normal(k_init, (len(labels),) + world_lib.IMAGE_SHAPE, jnp.float32))
+  ch_a = sample_chains(c, model, params, schedule, k_a, labels, x_T)
+  ch_b = sample_chains(c, model, params, schedule, k_b, labels, x_T)
+  a, b = (np.clip(ch["latents"][:, -1], -1.0, 1.0) for ch in (ch_a, ch_b))
+  prefer_a = world.bradley_terry(k_label, world.gold_reward(a, labels), world.gold_reward(b, labels))
+  data = _labelled(world, a, b, labels, prefer_a, k_binary)
+  pick = lambda x, y: np.where(prefer_a.reshape((-1,) + (1,) * (x.ndim - 1)), x, y)
+  # The clean image of the latent each step reaches: step j's x0_hat at latents[j + 1], the final image last.
+  reached = [np.concatenate([ch["x0"][:, 1:], img[:, None]], axis=1) for ch, img in ((ch_a, a), (ch_b, b))]
+  reached_w, reached_l = pick(reached[0], reached[1]), pick(reached[1], reached[0])
+  steps_major = lambda x: np.swapaxes(x, 0, 1)
+  ts, prev = samplers.timesteps(schedule, int(c.data.num_steps))
+  data.update(
+    chosen_latents=pick(ch_a["latents"], ch_b["latents"]),
+    rejected_latents=pick(ch_b["latents"], ch_a["latents"]),
+    chosen_log_probs=pick(ch_a["log_probs"], ch_b["log_probs"]),
+    rejected_log_probs=pick(ch_b["log_probs"], ch_a["log_probs"]),
+    chosen_step_rewards=world.stepwise_rewards(steps_major(reached_w), labels).T.astype(np.float32),
+    rejected_step_rewards=world.stepwise_rewards(steps_major(reached_l), labels).T.astype(np.float32),
+    step_preference=np.where(
+      world.stepwise_labels(k_step, steps_major(reached_w), steps_major(reached_l), labels).T, 1.0, -1.0
+    ).astype(np.float32),
+    timesteps=ts,
+    prev_timesteps=prev,
+  )
+  return data
+
+
+def spo_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
+  """SPO's step-wise pairs (`data.record="spo_steps"`; Liang et al. 2025, arXiv:2406.04314, Sec. 4,
+  and the authors' `multi_sample_pipeline.py`).
+
+  Per balanced class prompt, one chain of `data.sampler`: at each step i >= `data.spo_start_step`
+  whose transition is random, k = `data.spo_candidates` samples of x_{t_prev} are drawn from the
+  shared x_t; each candidate is scored by the step-aware stand-in of the image world, the gold
+  reward of the clean image the denoiser predicts at the candidate (at t_prev, clipped to
+  [-1, 1]) times `world.label_scale`, so that `softmax` of two scores is the world's Bradley-Terry
+  probability; the best and the worst make a pair kept when `methods.spo_select` finds them apart
+  by more than `data.spo_threshold`; the chain continues from a uniformly drawn candidate. Rows
+  (P kept pairs): `chosen_latents`, `rejected_latents` [P, 2, 8, 8, 1] (x_t and the best / worst
+  candidate), `timesteps`, `prev_timesteps` [P, 1], `class_labels`, `step_index` [P], and
+  `_labelled`'s arrays on the candidates' predicted clean images (`chosen`, `rejected`, their
+  rewards). `spo_steps_seen` is the number of (prompt, step) candidate sets scored."""
+  d = c.data
+  k, size, n = int(d.spo_candidates), int(d.sample_batch), int(d.num_pairs)
+  labels = balanced_labels(n)
+  ts, prev = samplers.timesteps(schedule, int(d.num_steps))
+  kw = _sample_kwargs(c)
+  clip = kw["clip_sample"]
+  shape = (size,) + world_lib.IMAGE_SHAPE
+
+  @jax.jit
+  def propose(params, x, t, t_prev, cond, key):
+    tb, pb = jnp.full((size,), t, jnp.int32), jnp.full((size,), t_prev, jnp.int32)
+    pred = model.denoise(params, x, tb, cond)
+    mean, std, _ = samplers.transition(
+      schedule, pred, x, tb, pb, sampler=kw["sampler"], eta=kw["eta"], clip_sample=clip
+    )
+    cands = mean[None] + std[None] * jax.random.normal(key, (k,) + shape, jnp.float32)
+    flat = cands.reshape((k * size,) + shape[1:])
+    pk = jnp.full((k * size,), t_prev, jnp.int32)
+    pred_c = model.denoise(params, flat, pk, jnp.tile(cond, k))
+    a = schedules.alpha_cumprod(schedule, pk).reshape(-1, 1, 1, 1)
+    x0, _ = schedules.x0_and_noise(schedule.prediction_type, flat, pred_c, a)
+    return cands, jnp.clip(x0, -1.0, 1.0).reshape((k,) + shape)
+
+  k_init, k_steps, k_pick, k_binary = jax.random.split(key, 4)
+  rows: Dict[str, List[np.ndarray]] = {n_: [] for n_ in ("x_t", "best", "worst", "x0_w", "x0_l", "t", "tp", "y", "i")}
+  seen = 0
+  for ci in range(-(-n // size)):
+    chunk = labels[ci * size : (ci + 1) * size]
+    real = len(chunk)
+    cond = jnp.asarray(np.concatenate([chunk, np.zeros(size - real, np.int32)]))
+    y = np.asarray(cond)
+    x = jax.random.normal(jax.random.fold_in(k_init, ci), shape, jnp.float32)
+    for i, (t, tp) in enumerate(zip(ts.tolist(), prev.tolist())):
+      cands, x0 = propose(params, x, t, tp, cond, jax.random.fold_in(jax.random.fold_in(k_steps, ci), i))
+      if i >= int(d.spo_start_step) and tp >= 0:
+        x0_np = np.asarray(x0)
+        r = world.gold_reward(x0_np.reshape((k * size,) + shape[1:]), np.tile(y, k)).reshape(k, size)
+        best, worst, valid = (
+          np.asarray(v) for v in methods.spo_select(world.config.label_scale * r.T, threshold=float(d.spo_threshold))
+        )
+        keep = np.flatnonzero(valid[:real])
+        seen += real
+        cands_np, x_np, ar = np.asarray(cands), np.asarray(x), np.arange(size)
+        for name, v in (
+          ("x_t", x_np),
+          ("best", cands_np[best, ar]),
+          ("worst", cands_np[worst, ar]),
+          ("x0_w", x0_np[best, ar]),
+          ("x0_l", x0_np[worst, ar]),
+        ):
+          rows[name].append(v[keep])
+        rows["t"].append(np.full(len(keep), t, np.int32))
+        rows["tp"].append(np.full(len(keep), tp, np.int32))
+        rows["y"].append(y[keep])
+        rows["i"].append(np.full(len(keep), i, np.int32))
+        choice = jax.random.randint(jax.random.fold_in(jax.random.fold_in(k_pick, ci), i), (size,), 0, k)
+        x = cands[choice, jnp.arange(size)]
+      else:
+        x = cands[0]
+  got = {name: np.concatenate(v) for name, v in rows.items()}
+  if not len(got["y"]):
+    raise ValueError(
+      f"pairs: no SPO step-wise pair among {seen} candidate sets passed data.spo_threshold={d.spo_threshold}; "
+      "lower it (allowed: [0, 1))."
+    )
+  data = _labelled(world, got["x0_w"], got["x0_l"], got["y"], np.ones(len(got["y"]), bool), k_binary)
+  data.update(
+    chosen_latents=np.stack([got["x_t"], got["best"]], axis=1).astype(np.float32),
+    rejected_latents=np.stack([got["x_t"], got["worst"]], axis=1).astype(np.float32),
+    timesteps=got["t"][:, None],
+    prev_timesteps=got["tp"][:, None],
+    step_index=got["i"],
+    spo_steps_seen=np.asarray(seen),
+  )
+  return data
+
+
+def patch_quality(world, chosen, rejected, labels, patch_size: int) -> np.ndarray:
+  """PatchDPO's per-patch quality of the generation (`rejected`) against the reference image
+  (`chosen`), [N, 8 / p, 8 / p] float32 in (0, 1), p = `patch_size`.
+
+  The gold reward does not decompose over patches (its classifier term reads the whole image; only
+  the ink term does), so the quality of patch (i, j) is an occlusion test on the gold reward: the
+  labeller's Bradley-Terry probability that the generation is preferred to the generation with
+  that patch replaced by the reference image's patch,
+  `q = sigmoid(label_scale * (r*(x_gen) - r*(x_gen with patch (i, j) of x_ref)))`: near 1 where the
+  generation's patch is better than the reference's, near 0 where the reference's would raise the
+  reward, 1/2 where the swap changes nothing. The images are aligned (the same 8x8 frame), so a
+  generated patch is matched to the reference's patch at the same place and the reference image's
+  map is the same `q` (PatchDPO weighs it by `1 - q`)."""
+  x_gen, x_ref = np.asarray(rejected, np.float32), np.asarray(chosen, np.float32)
+  n, side = len(labels), world_lib.IMAGE_SHAPE[0]
+  h = side // int(patch_size)
+  swapped = np.repeat(x_gen[:, None], h * h, axis=1)
+  for p in range(h * h):
+    i, j = divmod(p, h)
+    rows, cols = slice(i * patch_size, (i + 1) * patch_size), slice(j * patch_size, (j + 1) * patch_size)
+    swapped[:, p, rows, cols] = x_ref[:, rows, cols]
+  r_swapped = world.gold_reward(swapped.reshape((-1,) + world_lib.IMAGE_SHAPE), np.repeat(labels, h * h))
+  r = world.gold_reward(x_gen, labels)
+  return world.preference_prob(r[:, None], r_swapped.reshape(n, h * h)).reshape(n, h, h).astype(np.float32)
 
 
 def _reference(c, base_params, logps_fn):
@@ -289,10 +516,70 @@ def _perturbation(c):
   return perturbations.none()
 
 
+def logps_fn_of(c, model, schedule):
+  """The train step's `logps_fn` for `train.logps`: the pair's denoising errors
+  (`pairs.make_logps_fn`), the recorded chains' per-step DDIM(eta) / DDPM log-probs averaged over
+  the pixels (`methods.make_trajectory_logps_fn`, the sampler and eta of the pair stage), or the
+  patch-weighted errors (`methods.make_patch_logps_fn`)."""
+  if c.train.logps == "trajectory":
+    kw = _sample_kwargs(c)
+    return methods.make_trajectory_logps_fn(
+      model.denoise, schedule, eta=kw["eta"], sampler=kw["sampler"], reduce="mean", clip_sample=kw["clip_sample"]
+    )
+  if c.train.logps == "patch":
+    return methods.make_patch_logps_fn(methods.make_pairs_predict(model.denoise, schedule))
+  return pairs_lib.make_logps_fn(model.denoise, schedule)
+
+
+def random_steps(data) -> int:
+  """The number of random (std > 0) steps of the recorded chains, which come first: a step to
+  t_prev < 0 (the clean image) is deterministic and has no density."""
+  prev = np.asarray(data["prev_timesteps"])
+  return int(np.sum(prev >= 0)) if prev.ndim == 1 else prev.shape[1]
+
+
+def make_batch(c, spec, data, idx, noise_keys) -> Dict[str, Any]:
+  """One (micro-)batch of the pairs `idx` for `logps_fn_of(c, ...)`; `noise_keys` [len(idx), 2]
+  (each pair's timestep and noise, read by the error-based log-probs)."""
+  b: Dict[str, Any]
+  if c.train.logps == "trajectory":
+    s = random_steps(data)
+    ts, prev = np.asarray(data["timesteps"]), np.asarray(data["prev_timesteps"])
+    ts, prev = (ts[:s], prev[:s]) if ts.ndim == 1 else (ts[idx].T, prev[idx].T)
+    b = {
+      "chosen_latents": jnp.asarray(np.swapaxes(data["chosen_latents"][idx, : s + 1], 0, 1)),
+      "rejected_latents": jnp.asarray(np.swapaxes(data["rejected_latents"][idx, : s + 1], 0, 1)),
+      "timesteps": jnp.asarray(ts, jnp.int32),
+      "prev_timesteps": jnp.asarray(prev, jnp.int32),
+      "class_labels": jnp.asarray(data["class_labels"][idx]),
+      "pair_mask": jnp.ones((len(idx),), jnp.float32),
+    }
+    if c.train.step_labels:
+      b["step_preference"] = jnp.asarray(data["step_preference"][idx, :s], jnp.float32)
+  else:
+    b = {
+      "pairs": pairs_lib.ImagePairs(
+        chosen=jnp.asarray(data["chosen"][idx]),
+        rejected=jnp.asarray(data["rejected"][idx]),
+        class_labels=jnp.asarray(data["class_labels"][idx]),
+        noise_keys=noise_keys,
+        pair_mask=jnp.ones((len(idx),), jnp.float32),
+      )
+    }
+    if c.train.logps == "patch":
+      b["chosen_patch_quality"] = jnp.asarray(data["chosen_patch_quality"][idx])
+      b["rejected_patch_quality"] = jnp.asarray(data["rejected_patch_quality"][idx])
+  if "scores" in spec.requires:
+    kind = "reward" if c.train.scores == "reward" else "desirable"
+    b["chosen_scores"] = jnp.asarray(data[f"chosen_{kind}"][idx], jnp.float32)
+    b["rejected_scores"] = jnp.asarray(data[f"rejected_{kind}"][idx], jnp.float32)
+  return b
+
+
 def train_policy(c, model, base_params, schedule, data, key, *, workdir: str, progress: bool = True):
-  """Stage 3: preference training through `pofx.train`. Returns (params, info)."""
+  """Stage 3: preference training through `pofx.train` (`logps_fn_of`). Returns (params, info)."""
   spec, hyper = losses.spec(c.train.loss), dict(c.train.loss_hyper)
-  logps_fn = pairs_lib.make_logps_fn(model.denoise, schedule)
+  logps_fn = logps_fn_of(c, model, schedule)
   reference = pairs_lib.check_reference(_reference(c, base_params, logps_fn))
   optimizer, lr = optimizers.from_config(c)
   perturbation = _perturbation(c)
@@ -313,6 +600,7 @@ def train_policy(c, model, base_params, schedule, data, key, *, workdir: str, pr
     jax.tree.map(jnp.copy, base_params), optimizer, reference, perturbation, loss=spec, loss_hyper=hyper, rng=k_state
   )
   n, batch = len(data["class_labels"]), int(c.train.batch_size)
+  micro = batch // n_acc
   order_rng = np.random.default_rng([int(c.seed), 18, 3])
   order: List[int] = []
   writer = metrics_lib.MetricWriter(workdir, "train", c.train.steps, progress=progress)
@@ -321,19 +609,13 @@ def train_policy(c, model, base_params, schedule, data, key, *, workdir: str, pr
     while len(order) < batch:
       order += order_rng.permutation(n).tolist()
     idx, order = np.asarray(order[:batch]), order[batch:]
-    b = {
-      "pairs": pairs_lib.ImagePairs(
-        chosen=jnp.asarray(data["chosen"][idx]),
-        rejected=jnp.asarray(data["rejected"][idx]),
-        class_labels=jnp.asarray(data["class_labels"][idx]),
-        noise_keys=jax.random.split(jax.random.fold_in(k_noise, s), batch),
-        pair_mask=jnp.ones((batch,), jnp.float32),
+    keys = jax.random.split(jax.random.fold_in(k_noise, s), batch)
+    if n_acc == 1:
+      b = make_batch(c, spec, data, idx, keys)
+    else:  # grad accumulation (and SAM's m-sharpness): micro-batches stacked on a leading axis
+      b = train.stack_microbatches(
+        [make_batch(c, spec, data, idx[i : i + micro], keys[i : i + micro]) for i in range(0, batch, micro)]
       )
-    }
-    if "scores" in spec.requires:
-      kind = "reward" if c.train.scores == "reward" else "desirable"
-      b["chosen_scores"] = jnp.asarray(data[f"chosen_{kind}"][idx], jnp.float32)
-      b["rejected_scores"] = jnp.asarray(data[f"rejected_{kind}"][idx], jnp.float32)
     state, m = step_fn(state, b, jax.random.fold_in(k_step, s))
     if (s + 1) % c.train.log_every == 0 or s + 1 == c.train.steps:
       rec = writer.write(s + 1, m, pairs=batch)
@@ -403,7 +685,9 @@ def run(config, workdir: str, *, progress: bool = True, overwrite: bool = False)
     with np.load(os.path.join(pairs_dir, "pairs.npz")) as f:
       data = dict(f)
   else:
-    _say("pairs: %d pairs, %d %s steps", c.data.num_pairs, c.data.num_steps, c.data.sampler)
+    _say(
+      "pairs: %d prompts, %d %s steps, recording %s", c.data.num_pairs, c.data.num_steps, c.data.sampler, c.data.record
+    )
     data = make_pairs(c, world, model, base, schedule, key_for("pairs"))
     os.makedirs(pairs_dir, exist_ok=True)
     np.savez(os.path.join(pairs_dir, "pairs.npz"), **data)
@@ -446,6 +730,7 @@ def run(config, workdir: str, *, progress: bool = True, overwrite: bool = False)
     **metrics,
     "pairs_label_agreement": float(np.mean(data["chosen_reward"] > data["rejected_reward"])),
     "pairs_reward_gap": float(np.mean(data["chosen_reward"] - data["rejected_reward"])),
+    "pairs_count": int(len(data["class_labels"])),
     **info,
     **times,
     "kernels": kernel_name,

@@ -136,3 +136,18 @@ IMAGE_PAIRINGS = ("samples", "data_vs_sample")
 # What a loss that reads per-pair scores gets in the image program (`train.scores`): the images'
 # gold rewards, or their binary feedback (1 desirable, 0 not; Diffusion-KTO).
 IMAGE_SCORES = ("reward", "binary")
+# What the image program's pair stage records beside the images (`data.record`): the images only;
+# the two reverse chains of each pair, sampled with DDIM(eta > 0) or DDPM from one shared x_T (every
+# latent, the sampler's per-step log-probs and the gold reward of each step's predicted clean image:
+# D3PO, the dense-reward view, step-wise labels); or SPO's step-wise pairs (at each step of one
+# chain, the best and the worst of k candidates x_{t-1} from a shared x_t, by the gold reward of
+# their predicted clean images).
+IMAGE_PAIR_RECORDS = ("images", "chains", "spo_steps")
+# How the image program's train step scores a pair (`train.logps`): the denoising errors of the two
+# images under a shared timestep and noise (Diffusion-DPO's `PairLogps`); the per-step log-probs
+# of the recorded chains (`pofx.diffusion.methods.make_trajectory_logps_fn`); or the errors weighted
+# by per-patch quality maps (PatchDPO, `make_patch_logps_fn`).
+IMAGE_LOGPS = ("pairs", "trajectory", "patch")
+# The side of a square patch of the quality maps (`data.patch_size`, pixels; 0: no maps): divisors
+# of the world's 8x8 images.
+IMAGE_PATCH_SIZES = (0, 1, 2, 4, 8)

@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 
-from configs import diffusion_dpo
 from configs import validate as config_validation
 from pofx.diffusion import world as world_lib
 from tests.program import _main
@@ -68,43 +67,149 @@ def test_tiny_rerun_with_other_training_is_refused_before_compute(tiny_run):
 
 
 # The method families (configs/diffusion_*.py) at :tiny, on the tiny run's pretrained base: every
-# family's pretraining record equals diffusion_dpo's, so the base is reused (a symlink); those
-# that make their pairs the same way reuse the pairs too. Trained here: one family per way of
-# feeding the loss (per-image binary scores; data-vs-sample pairs); each costs a compilation of
-# its train step, so SmPO (reward scores) and Reg-DPO (data-vs-sample pairs, as DRO) are
-# validated only (test_every_image_family_validates).
-FAMILIES = {"diffusion_kto": True, "diffusion_dro": False}
-ALL_FAMILIES = ("diffusion_dpo", "diffusion_kto", "diffusion_smpo", "diffusion_reg_dpo", "diffusion_dro")
+# family's pretraining record equals diffusion_dpo's, so the base is reused (a symlink); a family
+# that makes its pairs as another one did reuses those pairs too (the value: the family whose
+# pairs it links, "tiny" for the tiny run's, None to make its own). Trained here: one family per
+# way of feeding the loss (per-image binary scores; data-vs-sample pairs; recorded chains, D3PO,
+# with two micro-batches per step; SPO's step-wise pairs; patch quality maps); each costs a
+# compilation of its train step (18-28 s of CPU at :tiny), so SmPO (reward scores), Reg-DPO
+# (data-vs-sample pairs, as DRO) and the dense-reward view (D3PO's chains and log-probs, another
+# loss: "diffusion_dense_reward": "diffusion_d3po" would train it on D3PO's pairs) are validated
+# only (test_every_image_family_validates).
+FAMILIES = {
+  "diffusion_kto": "tiny",
+  "diffusion_dro": None,
+  "diffusion_d3po": None,
+  "diffusion_spo": None,
+  "diffusion_patch_dpo": None,
+}
+ALL_FAMILIES = (
+  "diffusion_dpo",
+  "diffusion_kto",
+  "diffusion_smpo",
+  "diffusion_reg_dpo",
+  "diffusion_dro",
+  "diffusion_d3po",
+  "diffusion_spo",
+  "diffusion_dense_reward",
+  "diffusion_patch_dpo",
+)
 
 
-def test_method_families_train_on_one_pretraining(tiny_run, tmp_path):
+@pytest.fixture(scope="module")
+def family_runs(tiny_run, tmp_path_factory):
   import importlib
 
   from experiments import diffusion
 
   work, _ = tiny_run
-  for family, same_pairs in FAMILIES.items():
-    dst = tmp_path / family
+  root = tmp_path_factory.mktemp("families")
+  dirs, out = {"tiny": work}, {}
+  for family, pairs_from in FAMILIES.items():
+    dst = root / family
     dst.mkdir()
-    for name in ("base_params",) + (("pairs",) if same_pairs else ()):
-      os.symlink(os.path.join(work, name), dst / name)
+    os.symlink(os.path.join(work, "base_params"), dst / "base_params")
+    if pairs_from is not None:
+      os.symlink(os.path.join(dirs[pairs_from], "pairs"), dst / "pairs")
     c = importlib.import_module(f"configs.{family}").get_config("tiny")
+    if family == "diffusion_d3po":  # gradient accumulation: two micro-batches stacked
+      c.unlock()
+      c.train.grad_accum_steps = 2
     config_validation.validate(c)
-    s = diffusion.run(c, str(dst), progress=False)
+    out[family] = (dst, c, diffusion.run(c, str(dst), progress=False))
+    dirs[family] = str(dst)
+  return out
+
+
+def _pairs(dst):
+  with np.load(dst / "pairs" / "pairs.npz") as f:
+    return dict(f)
+
+
+def test_method_families_train_on_one_pretraining(family_runs):
+  for family, (dst, c, s) in family_runs.items():
     assert s["config"]["train"]["loss"] == c.train.loss
     assert os.path.islink(dst / "base_params") and os.path.isfile(dst / "final_params" / "provenance.json")
     assert 0.0 <= s["win_rate_ci95_low"] <= s["win_rate_vs_base"] <= s["win_rate_ci95_high"] <= 1.0, family
     assert np.isfinite(s["gold_reward_policy"]), family
-    if not same_pairs:  # a training digit (chosen) against a sample of the base (rejected)
-      with np.load(dst / "pairs" / "pairs.npz") as f:
-        chosen, labels = f["chosen"], f["class_labels"]
-      images, digit_labels = world_lib.load_digits()
-      digits = {(img.tobytes(), int(y)) for img, y in zip(images, digit_labels)}
-      assert all((img.tobytes(), int(y)) in digits for img, y in zip(chosen, labels)), family
+    metrics = [json.loads(line) for line in open(dst / "metrics.jsonl")]
+    assert all(np.isfinite(m["loss"]) for m in metrics if m["stage"] == "train"), family
+  images, digit_labels = world_lib.load_digits()
+  digits = {(img.tobytes(), int(y)) for img, y in zip(images, digit_labels)}
+  for family in ("diffusion_dro", "diffusion_patch_dpo"):  # a training digit (chosen) against a base sample
+    d = _pairs(family_runs[family][0])
+    assert all((img.tobytes(), int(y)) in digits for img, y in zip(d["chosen"], d["class_labels"])), family
 
 
-def _tiny():
-  c = diffusion_dpo.get_config("tiny")
+def test_recorded_chains_and_their_step_labels(family_runs):
+  dst, c, _ = family_runs["diffusion_d3po"]
+  d = _pairs(dst)
+  n, s = c.data.num_pairs, c.data.num_steps
+  assert d["chosen_latents"].shape == (n, s + 1, 8, 8, 1) and d["rejected_latents"].shape == (n, s + 1, 8, 8, 1)
+  # One shared x_T per pair (D3PO's sampling), the final images the stored (clipped) pair.
+  np.testing.assert_array_equal(d["chosen_latents"][:, 0], d["rejected_latents"][:, 0])
+  np.testing.assert_array_equal(np.clip(d["chosen_latents"][:, -1], -1, 1), d["chosen"])
+  # "leading" spacing of 1000 steps: t = 750, 500, 250, 0; the last step (to the clean image) is deterministic.
+  np.testing.assert_array_equal(d["timesteps"], [750, 500, 250, 0])
+  np.testing.assert_array_equal(d["prev_timesteps"], [500, 250, 0, -250])
+  assert np.all(d["chosen_log_probs"][:, -1] == 0) and np.all(d["chosen_log_probs"][:, :-1] != 0)
+  # The last step reaches the final image: its step reward is the image's gold reward.
+  np.testing.assert_allclose(d["chosen_step_rewards"][:, -1], d["chosen_reward"], rtol=1e-5)
+  np.testing.assert_allclose(d["rejected_step_rewards"][:, -1], d["rejected_reward"], rtol=1e-5)
+  assert set(np.unique(d["step_preference"])) <= {-1.0, 1.0}
+
+
+def test_program_recomputes_the_samplers_own_step_log_probs(family_runs):
+  """The trainer's re-evaluation of the recorded transitions (the program's logps_fn and batch, the
+  base's parameters) equals the log-probs the sampler returned while drawing them (summed over the
+  64 pixels there, averaged in the trainer)."""
+  import jax
+
+  from experiments import diffusion
+  from pofx import losses
+
+  dst, c, _ = family_runs["diffusion_d3po"]
+  d = _pairs(dst)
+  model, schedule = diffusion.unet.make(diffusion.unet_config(c)), diffusion.noise_schedule(c)
+  base = diffusion._load_params(str(dst / "base_params"), jax.eval_shape(model.init, jax.random.PRNGKey(0)))
+  idx = np.arange(c.data.num_pairs)
+  batch = diffusion.make_batch(c, losses.spec(c.train.loss), d, idx, None)
+  got = jax.jit(diffusion.logps_fn_of(c, model, schedule))(base, batch)
+  s = c.data.num_steps - 1  # the random steps
+  assert diffusion.random_steps(d) == s and got.chosen_token_logps.shape == (len(idx), s)
+  np.testing.assert_allclose(got.chosen_token_logps, d["chosen_log_probs"][:, :s] / 64, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got.rejected_token_logps, d["rejected_log_probs"][:, :s] / 64, rtol=1e-5, atol=1e-5)
+
+
+def test_spo_step_pairs_and_patch_quality_maps(family_runs):
+  dst, c, s = family_runs["diffusion_spo"]
+  d = _pairs(dst)
+  # Step-wise pairs from one shared x_t at the branched random steps 1 and 2 (t = 500, 250; t_prev = t - 250).
+  np.testing.assert_array_equal(d["chosen_latents"][:, 0], d["rejected_latents"][:, 0])
+  assert set(d["timesteps"][:, 0].tolist()) <= {500, 250} and set(d["step_index"].tolist()) <= {1, 2}
+  np.testing.assert_array_equal(d["prev_timesteps"], d["timesteps"] - 250)
+  # Kept iff softmax(4 r_best, 4 r_worst) differ by more than the threshold: 2 sigmoid(4 (r_w - r_l)) - 1 > 0.3.
+  gap = 2.0 / (1.0 + np.exp(-4.0 * (d["chosen_reward"].astype(np.float64) - d["rejected_reward"]))) - 1.0
+  assert np.all(gap > c.data.spo_threshold) and s["pairs_count"] == len(gap) <= int(d["spo_steps_seen"])
+  # PatchDPO's maps: q = sigmoid(4 (r(gen) - r(gen with the reference's 2x2 patch))), by hand for a few patches.
+  dst, c, _ = family_runs["diffusion_patch_dpo"]
+  d = _pairs(dst)
+  assert d["rejected_patch_quality"].shape == (c.data.num_pairs, 4, 4)
+  world = world_lib.ImageWorld(world_lib.ImageWorldConfig(seed=c.seed, **dict(c.world)))
+  for n, i, j in ((0, 0, 0), (3, 1, 2), (7, 3, 3)):
+    gen = d["rejected"][n : n + 1].copy()
+    swapped = gen.copy()
+    swapped[0, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2] = d["chosen"][n, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2]
+    y = d["class_labels"][n : n + 1]
+    want = 1.0 / (1.0 + np.exp(-4.0 * (world.gold_reward(gen, y)[0] - world.gold_reward(swapped, y)[0])))
+    np.testing.assert_allclose(d["rejected_patch_quality"][n, i, j], want, rtol=1e-5)
+  np.testing.assert_array_equal(d["chosen_patch_quality"], d["rejected_patch_quality"])
+
+
+def _tiny(family=""):
+  import importlib
+
+  c = importlib.import_module(f"configs.diffusion_{family or 'dpo'}").get_config("tiny")
   c.unlock()
   return c
 
@@ -125,10 +230,25 @@ def _tiny():
     ("data.pairing", "triplets", "config.data.pairing='triplets' is not allowed"),
     ("model.norm_num_groups", 3, "config.model: UNetConfig: norm_num_groups=3 must divide"),
     ("domain", "audio", "config.domain='audio' is not allowed"),
+    ("data.record", "frames", "config.data.record='frames' is not allowed"),
+    ("train.logps", "steps", "config.train.logps='steps' is not allowed"),
+    ("train.logps", "trajectory", "config.train.logps='trajectory' reads the recorded chains"),
+    ("train.loss", "d3po", "needs per-step log-probs .'tokens'., which only the recorded chains give"),
+    ("data.patch_size", 3, "config.data.patch_size=3 is not allowed; allowed: [0, 1, 2, 4, 8]"),
+    ("train.logps", "patch", "data.patch_size=0 does not make"),
+    ("train.step_labels", True, "config.train.step_labels=True needs the step-wise labels"),
+    ("d3po:data.eta", 0.0, "config.data.eta=0.0 is not allowed with data.record='chains'"),
+    ("d3po:data.pairing", "data_vs_sample", "config.data.pairing='data_vs_sample' is not allowed with data.record"),
+    ("d3po:data.num_steps", 1, "config.data.num_steps=1 is not allowed with data.record='chains'"),
+    ("spo:data.spo_candidates", 1, "config.data.spo_candidates=1 is not allowed"),
+    ("spo:data.spo_threshold", 1.0, "config.data.spo_threshold=1.0 is not allowed"),
+    ("spo:data.spo_start_step", 3, "config.data.spo_start_step=3 is not allowed; allowed: an integer in [0, 2]"),
+    ("spo:train.logps", "pairs", "config.train.logps='pairs' is not allowed with data.record='spo_steps'"),
   ],
 )
 def test_image_config_refused_with_field_and_allowed(field, value, message):
-  c = _tiny()
+  family, _, field = field.rpartition(":")
+  c = _tiny(family)
   node = c
   *parents, last = field.split(".")
   for p in parents:
@@ -160,6 +280,10 @@ def test_every_image_family_validates(family):
     ("world.style_weight", 1.0, {"pretrain", "pairs", "train", "eval"}),
     ("eval.num_samples", 16, {"eval"}),
     ("model.kernels", "xla", set()),  # the backends compute the same functions
+    ("data.record", "chains", {"pairs", "train", "eval"}),
+    ("data.patch_size", 2, {"pairs", "train", "eval"}),
+    ("train.logps", "patch", {"train", "eval"}),
+    ("train.step_labels", True, {"train", "eval"}),
   ],
 )
 def test_stage_records_change_with_what_each_stage_reads(field, value, changed):

@@ -285,8 +285,10 @@ def make_trajectory_logps_fn(
 
   `batch` holds `chosen_latents`, `rejected_latents` `[S + 1, B, H, W, C]` (the chain, x_T first,
   as `pofx.diffusion.samplers.sample` records it), `timesteps`, `prev_timesteps` `[S]` (the
-  steps' t and t_prev), `class_labels` `[B]` (or absent) and optionally `step_mask` `[B, S]` (1 on
-  the steps trained; default all). For each step j and each chain the model's transition
+  steps' t and t_prev, shared by the pairs) or `[S, B]` (per pair: e.g. SPO's one-step chains
+  taken at different steps of their chains), `class_labels` `[B]` (or absent) and optionally
+  `step_mask` `[B, S]` (1 on the steps trained; default all). Every step must be random (std > 0):
+  the deterministic last step of a run (to t_prev < 0, the clean image) has no density. For each step j and each chain the model's transition
   Gaussian `N(mean_theta(x_j, t_j), std^2)` (`samplers.transition`: DDIM with `eta`, or DDPM)
   gives `l_j = log p_theta(x_{j+1} | x_j)`, averaged over latent dimensions (`reduce="mean"`,
   as the D3PO, SPO and dense-reward codes do) or summed (`"sum"`, the density). The result is
@@ -307,21 +309,26 @@ def make_trajectory_logps_fn(
   def chain_logps(params, latents, ts, prev_ts, cond):
     def one(args):
       x_t, x_prev, t, t_prev = args
-      tb = jnp.full((x_t.shape[0],), t, jnp.int32)
+      tb = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x_t.shape[0],))
+      pb = jnp.broadcast_to(jnp.asarray(t_prev, jnp.int32), (x_t.shape[0],))
       pred = denoise(params, x_t, tb, cond)
-      mean, std, _ = samplers.transition(
-        schedule, pred, x_t, tb, jnp.full_like(tb, t_prev), sampler=sampler, eta=eta, clip_sample=clip_sample
-      )
+      mean, std, _ = samplers.transition(schedule, pred, x_t, tb, pb, sampler=sampler, eta=eta, clip_sample=clip_sample)
       return gaussian_step_logps(x_prev, mean, std, reduce=reduce)
 
     per_step = jax.lax.map(one, (latents[:-1], latents[1:], jnp.asarray(ts), jnp.asarray(prev_ts)))
     return per_step.T  # [B, S]
 
   def logps_fn(params, batch):
+    # Both chains in one denoiser call per step: [S + 1, 2B, ...], the chosen first.
     cond = batch.get("class_labels")
-    ts, prev_ts = batch["timesteps"], batch["prev_timesteps"]
-    c = chain_logps(params, _f32(batch["chosen_latents"]), ts, prev_ts, cond)
-    r = chain_logps(params, _f32(batch["rejected_latents"]), ts, prev_ts, cond)
+    b = batch["chosen_latents"].shape[1]
+    both = lambda x, axis: None if x is None else jnp.concatenate([x, x], axis=axis)
+    ts, prev_ts = jnp.asarray(batch["timesteps"]), jnp.asarray(batch["prev_timesteps"])
+    if ts.ndim == 2:  # per pair: [S, B] -> [S, 2B]
+      ts, prev_ts = both(ts, 1), both(prev_ts, 1)
+    latents = jnp.concatenate([_f32(batch["chosen_latents"]), _f32(batch["rejected_latents"])], axis=1)
+    per_step = chain_logps(params, latents, ts, prev_ts, both(cond, 0))
+    c, r = per_step[:b], per_step[b:]
     mask = _f32(batch.get("step_mask", jnp.ones(c.shape, jnp.float32)))
     if "step_preference" in batch:
       pref = _f32(batch["step_preference"])

@@ -3,6 +3,7 @@ r"""DDPM and DDIM sampling with the per-step Gaussian log-probs that trajectory 
     traj = samplers.sample(denoise, params, schedule, key, labels, shape=(8, 8, 8, 1), num_steps=20, eta=1.0)
     traj.latents[-1]                  # [B, H, W, C] the generated images (traj.latents[0] is x_T)
     traj.log_probs                    # [num_steps, B] log p_theta(x_{t_prev} | x_t) of each step taken
+    traj.x0_predictions               # [num_steps, B, H, W, C] the clean image each step's prediction implies
     samplers.log_prob_of_step(denoise, params, schedule, x_t, x_prev, t, t_prev, labels, eta=1.0)
     inv = samplers.ddim_invert(denoise, params, schedule, x0, labels, num_steps=20)   # x0 -> x_T
 
@@ -90,12 +91,16 @@ class Trajectory(NamedTuple):
     timesteps: `[num_steps]` int32, the timestep t of each step (the denoiser's input).
     prev_timesteps: `[num_steps]` int32, the step's other end t_prev (-1: the clean image).
     log_probs: `[num_steps, B]` float32 log-probs of the transitions taken (zeros for inversion).
+    x0_predictions: `[num_steps, B, H, W, C]` float32, for `sample`: the clean image x0_hat that
+      step i's prediction implies at `latents[i]` (clipped as the step clips it); None for
+      `ddim_invert`. Step-aware labels score these (the gold reward of each step's x0_hat).
   """
 
   latents: Array
   timesteps: Array
   prev_timesteps: Array
   log_probs: Array
+  x0_predictions: Optional[Array] = None
 
 
 def timesteps(schedule: schedules_lib.NoiseSchedule, num_steps: int):
@@ -167,10 +172,11 @@ def gaussian_log_prob(x: Array, mean: Array, std: Array) -> Array:
   return jnp.sum(jnp.where(random, lp, 0.0), axis=tuple(range(1, x.ndim)))
 
 
-def _step(schedule, prediction, x_t, t, t_prev, noise, sampler, eta, clip_sample):
-  mean, std, _ = transition(schedule, prediction, x_t, t, t_prev, sampler=sampler, eta=eta, clip_sample=clip_sample)
+def _step(schedule, prediction, x_t, t, t_prev, noise, sampler, eta, clip_sample, *, with_x0=False):
+  mean, std, x0 = transition(schedule, prediction, x_t, t, t_prev, sampler=sampler, eta=eta, clip_sample=clip_sample)
   x_prev = mean if noise is None else mean + std * jnp.asarray(noise, jnp.float32)
-  return x_prev, gaussian_log_prob(x_prev, mean, std)
+  out = (x_prev, gaussian_log_prob(x_prev, mean, std))
+  return out + (x0,) if with_x0 else out
 
 
 @functools.partial(jax.jit, static_argnames=("clip_sample",))
@@ -283,7 +289,7 @@ def sample(
   x_T ~ N(0, I) from `key` (or `initial_latents` `[B, H, W, C]` when given, e.g. the end of
   `ddim_invert`), then one step per timestep (module docstring) with fresh standard normal noise;
   `cond` `[B]` int32 class labels or None. Returns the `Trajectory` with every latent and the
-  log-prob of each transition taken.
+  log-prob of each transition taken and the clean image each step's prediction implies.
   """
   _check_sampler(sampler, eta)
   shape = tuple(int(d) for d in shape)
@@ -302,16 +308,17 @@ def sample(
     t, t_prev, k = inputs
     pred = _predict(fn, params, x, t, cond)
     noise = jax.random.normal(k, shape, jnp.float32)
-    x_prev, lp = _step(schedule, pred, x, t, t_prev, noise, sampler, eta, clip_sample)
-    return x_prev, (x_prev, lp)
+    x_prev, lp, x0 = _step(schedule, pred, x, t, t_prev, noise, sampler, eta, clip_sample, with_x0=True)
+    return x_prev, (x_prev, lp, x0)
 
   xs = (jnp.asarray(ts), jnp.asarray(prev), jax.random.split(k_steps, num_steps))
-  _, (latents, log_probs) = jax.lax.scan(body, x_T, xs)
+  _, (latents, log_probs, x0s) = jax.lax.scan(body, x_T, xs)
   return Trajectory(
     latents=jnp.concatenate([x_T[None], latents]),
     timesteps=jnp.asarray(ts),
     prev_timesteps=jnp.asarray(prev),
     log_probs=log_probs,
+    x0_predictions=x0s,
   )
 
 

@@ -152,6 +152,25 @@ def test_trajectory_logps_fn_is_the_ddim_eta_gaussian_of_each_step():
   np.testing.assert_array_equal(got.chosen_mask, pref != 0)
   with pytest.raises(ValueError, match="eta=0.0; a deterministic DDIM step has no density"):
     methods.make_trajectory_logps_fn(standin.denoise, schedule, eta=0.0)
+  # Per-pair timesteps [S, B]: one-step chains, pair 0 at the chains' step 1 (400 -> 0), pair 1 at step 0 (800 -> 400).
+  one = {
+    f"{side}_latents": jnp.stack(
+      [
+        jnp.stack([batch[f"{side}_latents"][1, 0], batch[f"{side}_latents"][0, 1]]),
+        jnp.stack([batch[f"{side}_latents"][2, 0], batch[f"{side}_latents"][1, 1]]),
+      ]
+    )
+    for side in ("chosen", "rejected")
+  }
+  one |= {
+    "timesteps": jnp.asarray([[400, 800]]),
+    "prev_timesteps": jnp.asarray([[0, 400]]),
+    "class_labels": batch["class_labels"],
+  }
+  got = methods.make_trajectory_logps_fn(standin.denoise, schedule, eta=eta)(params, one)
+  for side in ("chosen", "rejected"):
+    want = np.array([[expected[side][0, 1]], [expected[side][1, 0]]])
+    np.testing.assert_allclose(getattr(got, f"{side}_token_logps"), want, rtol=1e-4, atol=1e-4)
 
 
 def test_d3po_through_the_train_step_on_recorded_chains():

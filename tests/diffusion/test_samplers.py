@@ -157,7 +157,9 @@ def test_sample_equals_a_diffusers_ddim_loop():
   np.testing.assert_array_equal(np.asarray(traj.timesteps), ref.timesteps.numpy())
   for i, t in enumerate(ref.timesteps):
     eps = standin.torch_denoise(params, x, t.repeat(2), torch.from_numpy(labels))
-    mean = ref.step(eps, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
+    out = ref.step(eps, t, x, eta=1.0, variance_noise=torch.zeros_like(x))
+    mean = out.prev_sample
+    np.testing.assert_allclose(np.asarray(traj.x0_predictions[i]), nhwc(out.pred_original_sample), atol=1e-4)
     x = ref.step(eps, t, x, eta=1.0, variance_noise=noises[i]).prev_sample
     np.testing.assert_allclose(np.asarray(traj.latents[i + 1]), nhwc(x), atol=1e-4)
     std = ((x - mean) / noises[i]).mean().item()  # the step's sigma
