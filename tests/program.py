@@ -19,12 +19,9 @@ def _config(family, arg="tiny"):
   return importlib.import_module(f"configs.{family}").get_config(arg)
 
 
-def _main(args, *, xla_flags=(), **kw):
-  """`python -m experiments.main *args` in a subprocess; `xla_flags` are appended to the
-  inherited `XLA_FLAGS` (compiler options of that process only)."""
+def _main(args, **kw):
+  """`python -m experiments.main *args` in a subprocess."""
   env = {**os.environ, "PYTHONPATH": ROOT}
-  if xla_flags:
-    env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), *xla_flags]).strip()
   return subprocess.run(
     [sys.executable, "-m", "experiments.main", *args], cwd=ROOT, env=env, capture_output=True, text=True, **kw
   )

@@ -110,23 +110,13 @@ def test_every_family_runs_on_tiny(seed_dir, tmp_path, family, arg):
   assert s["kernels"] == json.load(open(seed_dir / "kernels.json"))["name"]  # the record is reused
 
 
-# XLA:CPU's loop emitters instead of its MLIR fusion emitters, for the new-methods sweep's process:
-# each member trains its own step (its loss, reference, perturbation), so the sweep is bound by 14
-# compilations of the step, which these emitters compile in about half the CPU time. The same
-# operations in the same order of the program; the emitted kernels round some elementary
-# functions and reductions differently, so the results agree to float32 rounding (relative
-# 1e-6 on the members' losses, gradient norms and evaluations), not bit for bit. Compiler speed
-# only: what the test checks holds under either.
-SWEEP_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
-
-
 def test_new_methods_sweep_trains_every_member_on_tiny(seed_dir, tmp_path):
   # configs/new_methods.py as a user runs it: the session's SFT base and data are reused, then
   # every member (new losses; SAM with m-sharpness, SAF with the gradient-field diagnostic, MESA,
   # multi-sample dropout, adversarial embeddings) trains and is evaluated, and the chart has them all.
   work = tmp_path / "new_methods"
   _seed_from(seed_dir, work)
-  out = _main(["--config=configs/new_methods.py:tiny", f"--workdir={work}", "--noprogress"], xla_flags=SWEEP_XLA_FLAGS)
+  out = _main(["--config=configs/new_methods.py:tiny", f"--workdir={work}", "--noprogress"])
   assert out.returncode == 0, out.stderr[-3000:]
   assert "sft: reusing" in out.stderr and "[pofx] data:" not in out.stderr  # one shared SFT base and dataset
   c = _config("new_methods")
