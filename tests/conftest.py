@@ -46,8 +46,9 @@ if os.environ.get("POFX_TEST_COMPILATION_CACHE", "1") != "0" and "JAX_COMPILATIO
 def shared_across_workers(tmp_path_factory, name, build):
   """`build(path)` run once per test session, also under pytest-xdist: the workers share the
   result at `<the session's common temp dir>/<name>` (a file lock; the first worker to ask builds
-  it, the others wait for it and reuse it). `build` makes the file or directory at `path`; a
-  build that raised leaves nothing, and the next worker to ask tries again. Returns the path."""
+  it, the others wait for it and reuse it). `build` makes the file or directory at `path`; after
+  a build that raised, the next worker to ask builds it again from an empty path. Returns the
+  path."""
   root = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER") is not None:
     root = root.parent  # pytest-of-<user>/pytest-<n>, the parent of every worker's popen-gw<i>
