@@ -29,6 +29,7 @@ off).
 """
 
 import atexit
+import fcntl
 import os
 import shutil
 import tempfile
@@ -50,16 +51,38 @@ if os.environ.get("POFX_TEST_COMPILATION_CACHE", "1") != "0" and "JAX_COMPILATIO
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
+def shared_across_workers(tmp_path_factory, name, build):
+  """`build(path)` run once per test session, also under pytest-xdist: the workers share the
+  result at `<the session's common temp dir>/<name>` (a file lock; the first worker to ask builds
+  it, the others wait for it and reuse it). `build` makes the file or directory at `path`; after
+  a build that raised, the next worker to ask builds it again from an empty path. Returns the
+  path."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER") is not None:
+    root = root.parent  # pytest-of-<user>/pytest-<n>, the parent of every worker's popen-gw<i>
+  path, done = root / name, root / f"{name}.done"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      shutil.rmtree(path, ignore_errors=True)
+      build(path)
+      done.touch()
+  return path
+
+
 @pytest.fixture(scope="session")
 def seed_dir(tmp_path_factory):
   """The SFT base, the preference data and the kernel backend of configs/dpo.py:tiny, made once per
-  session for tests/test_experiments.py and tests/test_reliability.py (identical for every tiny
-  world config: the same seed, world, SFT and data settings)."""
-  from experiments import main as main_lib
-  from tests.program import _config
+  session (once for all pytest-xdist workers) for the tests that run the program from it
+  (`tests.program._seed_from`; identical for every tiny world config: the same seed, world, SFT and
+  data settings). Tests only read it."""
 
-  work = tmp_path_factory.mktemp("seed")
-  run = main_lib.Run(_config("dpo"), str(work), progress=False)
-  base = main_lib.stage_sft(run)
-  main_lib.stage_data(run, base)
-  return work
+  def build(work):
+    from experiments import main as main_lib
+    from tests.program import _config
+
+    run = main_lib.Run(_config("dpo"), str(work), progress=False)
+    base = main_lib.stage_sft(run)
+    main_lib.stage_data(run, base)
+
+  return shared_across_workers(tmp_path_factory, "seed", build)

@@ -159,14 +159,15 @@ def _all_completions(V=8, T=3, eos=3):
   return out
 
 
-def _exact_logps(params, model, prompt, comps):
-  """log pi(y | x) of each completion, by one plain full forward (no cache, no pofx.sampling)."""
+def _exact_logps(params, logits_fn, prompt, comps):
+  """log pi(y | x) of each completion, by one plain full forward (no cache, no pofx.sampling):
+  `logits_fn` is the model's `logits`, compiled."""
   W = len(prompt) + 3
   tok = np.zeros((len(comps), W), np.int32)
   for i, y in enumerate(comps):
     tok[i, : len(prompt) + len(y)] = list(prompt) + y
   pos = np.broadcast_to(np.arange(W, dtype=np.int32), tok.shape)
-  logp = np.asarray(jax.nn.log_softmax(model.logits(params, tok, pos, np.ones_like(tok)), -1), np.float64)
+  logp = np.asarray(jax.nn.log_softmax(logits_fn(params, tok, pos, np.ones_like(tok)), -1), np.float64)
   P = len(prompt)
   return np.array([sum(logp[i, P - 1 + t, y[t]] for t in range(len(y))) for i, y in enumerate(comps)])
 
@@ -176,9 +177,10 @@ def test_sampled_metrics_match_exact_enumeration(small):
   prompts = [[world.BOS, 5, 6, world.SEP], [world.BOS, 7, world.SEP]]
   comps = _all_completions()
   assert len(comps) == 400
+  logits_fn = jax.jit(model.logits)
   kl_exact, gold_exact, win_exact = [], [], []
   for x in prompts:
-    lp, lb = _exact_logps(pol, model, x, comps), _exact_logps(base, model, x, comps)
+    lp, lb = _exact_logps(pol, logits_fn, x, comps), _exact_logps(base, logits_fn, x, comps)
     np.testing.assert_allclose(np.exp(lp).sum(), 1.0, rtol=1e-5)  # the enumeration is complete
     pp, pb = np.exp(lp), np.exp(lb)
     r = w.gold_reward([x] * len(comps), comps).astype(np.float64)

@@ -109,7 +109,9 @@ def _model_and_batch(layout, block_size, dtype="float32", seed=0, n=6):
 )
 def test_hidden_states_match_dense_attention(layout, block_size):
   config, params, b, blocks = _model_and_batch(layout, block_size)
-  dense = llama.apply_fn(params, b.tokens, b.positions, b.segment_ids, b.branch_ids, config=config)
+  dense = jax.jit(functools.partial(llama.apply_fn, config=config))(
+    params, b.tokens, b.positions, b.segment_ids, b.branch_ids
+  )
   sparse = jax.jit(functools.partial(llama.apply_fn, config=config))(
     params, b.tokens, b.positions, b.segment_ids, b.branch_ids, attention_blocks=blocks
   )
@@ -129,7 +131,7 @@ def test_dpo_gradients_match_dense_attention(layout):
     w = jnp.arange(1, out.chosen.shape[0] + 1, dtype=jnp.float32)
     return jnp.sum(w * jax.nn.log_sigmoid(0.1 * (out.chosen - out.rejected)))
 
-  v0, g0 = jax.value_and_grad(loss)(params, {"pairs": b})
+  v0, g0 = jax.jit(jax.value_and_grad(loss))(params, {"pairs": b})
   v1, g1 = jax.jit(jax.value_and_grad(loss))(params, {"pairs": b, "attention_blocks": blocks})
   np.testing.assert_allclose(v1, v0, rtol=1e-5)
   for path, a, e in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g1), jax.tree.leaves(g0)):
@@ -159,21 +161,22 @@ def test_attention_op_gradients_against_dense_softmax():
     return jnp.einsum("rkgqs,rskd->rqkgd", jax.nn.softmax(s, axis=-1), v)
 
   sparse = lambda q, k, v: sparse_attention.block_sparse_attention(q, k, v, b.segment_ids, b.branch_ids, blocks)
-  f0 = lambda *a: jnp.sum(w * dense(*a))
-  f1 = lambda *a: jnp.sum(w * sparse(*a))
+  f0 = jax.jit(lambda *a: jnp.sum(w * dense(*a)))
+  f1 = jax.jit(lambda *a: jnp.sum(w * sparse(*a)))
   np.testing.assert_allclose(f1(q, k, v), f0(q, k, v), rtol=1e-5)
-  for a, e in zip(jax.grad(f1, argnums=(0, 1, 2))(q, k, v), jax.grad(f0, argnums=(0, 1, 2))(q, k, v)):
+  grads = [jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v) for f in (f1, f0)]
+  for a, e in zip(*grads):
     np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-5)
   jax.test_util.check_grads(f1, (q, k, v), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
 
 
 def test_bfloat16_close_to_float32_dense():
   config, params, b, blocks = _model_and_batch("prompt_shared", 8, dtype="bfloat16", seed=7)
-  ref = llama.apply_fn(
-    params, b.tokens, b.positions, b.segment_ids, b.branch_ids, config=config.replace(dtype="float32")
+  ref = jax.jit(functools.partial(llama.apply_fn, config=config.replace(dtype="float32")))(
+    params, b.tokens, b.positions, b.segment_ids, b.branch_ids
   )
-  out = llama.apply_fn(
-    params, b.tokens, b.positions, b.segment_ids, b.branch_ids, config=config, attention_blocks=blocks
+  out = jax.jit(functools.partial(llama.apply_fn, config=config))(
+    params, b.tokens, b.positions, b.segment_ids, b.branch_ids, attention_blocks=blocks
   )
   assert out.dtype == jnp.bfloat16
   real = np.asarray(b.segment_ids) > 0
@@ -186,7 +189,7 @@ def test_remat_same_gradients():
   def grads(cfg):
     model = llama.make(cfg)
     fn = policy.make_logps_fn(model.apply, model.head)
-    return jax.grad(lambda p: jnp.sum(fn(p, {"pairs": b, "attention_blocks": blocks}).chosen))(params)
+    return jax.jit(jax.grad(lambda p: jnp.sum(fn(p, {"pairs": b, "attention_blocks": blocks}).chosen)))(params)
 
   for a, e in zip(jax.tree.leaves(grads(config.replace(remat=True))), jax.tree.leaves(grads(config))):
     np.testing.assert_allclose(a, e, atol=1e-6, rtol=1e-5)
@@ -261,7 +264,7 @@ def test_scored_tokens_same_logps_and_gradients(layout, sparse):
     out = fn(params, batch)
     return jnp.sum(jax.nn.log_sigmoid(0.1 * (out.chosen - out.rejected))) + 1e-3 * jnp.sum(out.chosen_log_sum_sq_probs)
 
-  ref = fn(params, {"pairs": b})
+  ref = jax.jit(fn)(params, {"pairs": b})
   got = jax.jit(fn)(params, compact)
   for name in ("chosen", "rejected", "chosen_token_logps", "rejected_token_logps"):
     np.testing.assert_allclose(getattr(got, name), getattr(ref, name), atol=2e-5, rtol=1e-5, err_msg=name)
@@ -273,7 +276,7 @@ def test_scored_tokens_same_logps_and_gradients(layout, sparse):
       atol=2e-5,
       rtol=1e-5,
     )
-  g0 = jax.grad(loss)(params, {"pairs": b})
+  g0 = jax.jit(jax.grad(loss))(params, {"pairs": b})
   g1 = jax.jit(jax.grad(loss))(params, compact)
   for a, e in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5 * float(np.abs(e).max()) + 1e-8)
@@ -335,7 +338,7 @@ def test_pad_index_lists_by_hand_and_same_logps_as_dense():
   params = llama.init_params(config, jax.random.key(0))
   model = llama.make(config)
   fn = policy.make_logps_fn(model.apply, model.head)
-  got, ref = jax.jit(fn)(params, s), fn(params, {"pairs": short})
+  got, ref = jax.jit(fn)(params, s), jax.jit(fn)(params, {"pairs": short})
   np.testing.assert_allclose(got.chosen, ref.chosen, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got.rejected, ref.rejected, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="some batches carry"):

@@ -36,7 +36,7 @@ def _reference(name, params):
   if name == "frozen":
     return references.frozen(ref_params, LOGPS_FN), {}
   if name == "cached":
-    out = LOGPS_FN(ref_params, BATCH)
+    out = jax.jit(LOGPS_FN)(ref_params, BATCH)
     fp = references.fingerprint(ref_params, vocab=CONFIG.vocab_size, max_prompt_len=8, max_completion_len=8)
     return references.cached(fp, fp), {"ref_chosen_logps": out.chosen, "ref_rejected_logps": out.rejected}
   if name == "multi":

@@ -80,9 +80,10 @@ def test_native_equals_xla_op_and_dense_softmax(layout, head_dim):
   for kernel in ("xla", "native"):
     fn = lambda q, k, v: _attend(kernel, q, k, v, seg, br, blocks)  # noqa: B023
     outs[kernel] = np.asarray(jax.jit(fn)(q, k, v))
-    grads[kernel] = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * proj), argnums=(0, 1, 2)))(q, k, v)  # noqa: B023
-  dense = np.asarray(_dense(q, k, v, seg, br))
-  dense_grads = jax.grad(lambda q, k, v: jnp.sum(_dense(q, k, v, seg, br) * proj), argnums=(0, 1, 2))(q, k, v)
+    grads[kernel] = _grads(fn, q, k, v, proj)
+  dense_fn = lambda q, k, v: _dense(q, k, v, seg, br)
+  dense = np.asarray(jax.jit(dense_fn)(q, k, v))
+  dense_grads = _grads(dense_fn, q, k, v, proj)
   m = np.broadcast_to(real, outs["native"].shape)
   np.testing.assert_allclose(outs["native"][m], dense[m], atol=2e-6)
   np.testing.assert_allclose(outs["native"][m], outs["xla"][m], atol=2e-6)
@@ -90,6 +91,12 @@ def test_native_equals_xla_op_and_dense_softmax(layout, head_dim):
     scale = float(np.abs(g_dense).max())
     np.testing.assert_allclose(g_native, g_dense, atol=2e-6 * scale)
     np.testing.assert_allclose(g_native, g_xla, atol=2e-6 * scale)
+
+
+def _grads(fn, q, k, v, proj):
+  """d sum(fn(q, k, v) * proj) / d(q, k, v), compiled. `proj` is an argument, not a constant of
+  the program: XLA would otherwise fold the backward pass's gathers of it at compile time."""
+  return jax.jit(jax.grad(lambda q, k, v, proj: jnp.sum(fn(q, k, v) * proj), argnums=(0, 1, 2)))(q, k, v, proj)
 
 
 def _rotated(x, cos, sin):
@@ -121,15 +128,15 @@ def test_rope_and_query_scale_inside_the_kernel_equal_rotating_first(layout, hea
     kr = _rotated(k, cos[:, :, None, :], sin[:, :, None, :])
     return _dense(qr, kr, v, seg, br)
 
-  want = np.asarray(expected(q, k, v))
-  want_grads = jax.grad(lambda q, k, v: jnp.sum(expected(q, k, v) * proj), argnums=(0, 1, 2))(q, k, v)
+  want = np.asarray(jax.jit(expected)(q, k, v))
+  want_grads = _grads(expected, q, k, v, proj)
   m = np.broadcast_to(real, want.shape)
   blocks = sparse_attention.attention_blocks(seg, br, block_size=64, bucket=8)
   for kernel in ("native", "xla"):
     fn = lambda q, k, v: _attend(kernel, q, k, v, seg, br, blocks, rope=(cos, sin), scale=scale)  # noqa: B023
     got = np.asarray(jax.jit(fn)(q, k, v))
     np.testing.assert_allclose(got[m], want[m], atol=3e-6, err_msg=kernel)
-    grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * proj), argnums=(0, 1, 2)))(q, k, v)  # noqa: B023
+    grads = _grads(fn, q, k, v, proj)
     for name, g, e in zip("qkv", grads, want_grads):
       np.testing.assert_allclose(g, e, atol=3e-6 * float(np.abs(e).max()), err_msg=f"{kernel} d{name}")
   with pytest.raises(ValueError, match=r"rope tables must be \[B, L, hd/2\]"):

@@ -133,7 +133,9 @@ def test_matches_hugging_face_llama(variant):
   positions = np.stack([np.arange(L), np.arange(L) + 100])
   with torch.no_grad():
     ref = model(input_ids=torch.tensor(tokens), position_ids=torch.tensor(positions)).logits.numpy()
-  got = llama.logits_fn(params, jnp.asarray(tokens), jnp.asarray(positions), jnp.ones((B, L), jnp.int32), config=cfg)
+  got = jax.jit(functools.partial(llama.logits_fn, config=cfg))(
+    params, jnp.asarray(tokens), jnp.asarray(positions), jnp.ones((B, L), jnp.int32)
+  )
   np.testing.assert_allclose(np.asarray(got), ref, atol=2e-5, rtol=1e-5)
 
 
@@ -238,8 +240,12 @@ def test_causal_query_blocks_equal_full_attention_with_branches(tiny_params):
   seg = np.array([[1] * 11, [1] * 4 + [2] * 5 + [0] * 2])
   branch = np.array([[0] * 3 + [1] * 4 + [2] * 4, [0] * 2 + [1] + [2] + [0] * 2 + [1] * 3 + [0] * 2])
   pos = _pos(2, 11)
-  full = llama.apply_fn(params, tokens, pos, seg, branch, config=cfg, kernels=_query_blocks(0))
-  blocked = llama.apply_fn(params, tokens, pos, seg, branch, config=cfg, kernels=_query_blocks(3))
+  full = jax.jit(functools.partial(llama.apply_fn, config=cfg, kernels=_query_blocks(0)))(
+    params, tokens, pos, seg, branch
+  )
+  blocked = jax.jit(functools.partial(llama.apply_fn, config=cfg, kernels=_query_blocks(3)))(
+    params, tokens, pos, seg, branch
+  )
   np.testing.assert_allclose(blocked, full, atol=1e-6, rtol=1e-6)
 
 
