@@ -133,33 +133,37 @@ def _delta(ab, scale):
   return scale * jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
-def _combine(base: Params, adapters: Params, scale: float, sign: float) -> Params:
+def _map_adapted(base: Params, adapters: Params, fn) -> Params:
+  """`base` with each adapted projection's parameters `p` replaced by `fn(p, {"a", "b"})`; the
+  rest of the tree shared, not copied."""
   out = dict(base)
   for layer, groups in adapters.items():
     out[layer] = dict(base[layer])
     for group, mods in groups.items():
       out[layer][group] = dict(base[layer][group])
       for name, ab in mods.items():
-        w = base[layer][group][name]["kernel"]
-        new = (w.astype(jnp.float32) + sign * _delta(ab, scale)).astype(w.dtype)
-        out[layer][group][name] = {**base[layer][group][name], "kernel": new}
+        out[layer][group][name] = fn(base[layer][group][name], ab)
   return out
+
+
+def _combine(base: Params, adapters: Params, scale: float, sign: float) -> Params:
+  def fold(p, ab):
+    w = p["kernel"]
+    return {**p, "kernel": (w.astype(jnp.float32) + sign * _delta(ab, scale)).astype(w.dtype)}
+
+  return _map_adapted(base, adapters, fold)
 
 
 def _branches(base: Params, adapters: Params, scale: float, rate: float) -> Params:
-  out = dict(base)
-  for layer, groups in adapters.items():
-    out[layer] = dict(base[layer])
-    for group, mods in groups.items():
-      out[layer][group] = dict(base[layer][group])
-      for name, ab in mods.items():
-        out[layer][group][name] = {
-          **base[layer][group][name],
-          "lora_a": ab["a"].astype(jnp.float32),
-          "lora_b": scale * ab["b"].astype(jnp.float32),
-          "lora_dropout": jnp.asarray(rate, jnp.float32),
-        }
-  return out
+  def branch(p, ab):
+    return {
+      **p,
+      "lora_a": ab["a"].astype(jnp.float32),
+      "lora_b": scale * ab["b"].astype(jnp.float32),
+      "lora_dropout": jnp.asarray(rate, jnp.float32),
+    }
+
+  return _map_adapted(base, adapters, branch)
 
 
 def apply(base: Params, adapters: Params, spec: LoraSpec) -> Params:
