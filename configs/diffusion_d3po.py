@@ -37,9 +37,4 @@ def get_config(arg=None):
   c.train.loss = "d3po"
   c.train.loss_hyper = ml_collections.ConfigDict(dict(beta=0.1, eps=0.1))
   c.train.steps, c.train.batch_size = 100, 16
-  if arg == "tiny":
-    trajectory_tiny(c)
-  elif arg not in (None, ""):
-    raise ValueError(f"unknown config arg {arg!r}; allowed: ['', 'tiny'].")
-  c.lock()
-  return c
+  return diffusion_dpo.finish(c, arg, tiny=trajectory_tiny)

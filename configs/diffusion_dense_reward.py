@@ -24,9 +24,4 @@ def get_config(arg=None):
   c.train.loss = "dense_reward_dpo"
   c.train.loss_hyper = ml_collections.ConfigDict(dict(beta=12.5, gamma=0.9, log_ratio_clip=5e-4))
   c.train.steps, c.train.batch_size = 100, 16
-  if arg == "tiny":
-    diffusion_d3po.trajectory_tiny(c)
-  elif arg not in (None, ""):
-    raise ValueError(f"unknown config arg {arg!r}; allowed: ['', 'tiny'].")
-  c.lock()
-  return c
+  return diffusion_dpo.finish(c, arg, tiny=diffusion_d3po.trajectory_tiny)

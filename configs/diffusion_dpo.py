@@ -141,11 +141,17 @@ def tiny(c):
   return c
 
 
-def get_config(arg=None):
-  c = image_config()
+def finish(c, arg, tiny=tiny):
+  """A family's `get_config` ending: `tiny(c)` for the ":tiny" argument (none other is known),
+  then the config locked."""
   if arg == "tiny":
     tiny(c)
   elif arg not in (None, ""):
     raise ValueError(f"unknown config arg {arg!r}; allowed: ['', 'tiny'].")
   c.lock()
   return c
+
+
+def get_config(arg=None):
+  c = image_config()
+  return finish(c, arg)

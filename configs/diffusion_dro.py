@@ -21,9 +21,4 @@ def get_config(arg=None):
   c.train.loss = "diffusion_dro"
   c.train.loss_hyper = ml_collections.ConfigDict(dict(margin=0.001))
   c.data.pairing = "data_vs_sample"
-  if arg == "tiny":
-    diffusion_dpo.tiny(c)
-  elif arg not in (None, ""):
-    raise ValueError(f"unknown config arg {arg!r}; allowed: ['', 'tiny'].")
-  c.lock()
-  return c
+  return diffusion_dpo.finish(c, arg)

@@ -21,9 +21,4 @@ def get_config(arg=None):
   c.train.loss = "diffusion_kto"
   c.train.loss_hyper = ml_collections.ConfigDict(dict(beta=1000.0))
   c.train.scores = "binary"
-  if arg == "tiny":
-    diffusion_dpo.tiny(c)
-  elif arg not in (None, ""):
-    raise ValueError(f"unknown config arg {arg!r}; allowed: ['', 'tiny'].")
-  c.lock()
-  return c
+  return diffusion_dpo.finish(c, arg)

@@ -27,9 +27,4 @@ def get_config(arg=None):
   c.train.loss = "patch_dpo"
   c.train.loss_hyper = ml_collections.ConfigDict()
   c.train.reference.kind = "none"
-  if arg == "tiny":
-    diffusion_dpo.tiny(c)
-  elif arg not in (None, ""):
-    raise ValueError(f"unknown config arg {arg!r}; allowed: ['', 'tiny'].")
-  c.lock()
-  return c
+  return diffusion_dpo.finish(c, arg)

@@ -19,9 +19,4 @@ def get_config(arg=None):
   c.train.loss = "reg_dpo"
   c.train.loss_hyper = ml_collections.ConfigDict(dict(beta=5000.0, lam=1.0))
   c.data.pairing = "data_vs_sample"
-  if arg == "tiny":
-    diffusion_dpo.tiny(c)
-  elif arg not in (None, ""):
-    raise ValueError(f"unknown config arg {arg!r}; allowed: ['', 'tiny'].")
-  c.lock()
-  return c
+  return diffusion_dpo.finish(c, arg)

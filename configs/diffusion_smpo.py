@@ -20,9 +20,4 @@ def get_config(arg=None):
   c.train.loss = "smpo"
   c.train.loss_hyper = ml_collections.ConfigDict(dict(beta=5000.0, gamma=10.0, score_range=0.25))
   c.train.scores = "reward"
-  if arg == "tiny":
-    diffusion_dpo.tiny(c)
-  elif arg not in (None, ""):
-    raise ValueError(f"unknown config arg {arg!r}; allowed: ['', 'tiny'].")
-  c.lock()
-  return c
+  return diffusion_dpo.finish(c, arg)

@@ -28,9 +28,4 @@ def get_config(arg=None):
   c.train.logps = "trajectory"
   c.train.loss = "d3po"
   c.train.loss_hyper = ml_collections.ConfigDict(dict(beta=10.0, eps=0.1))
-  if arg == "tiny":
-    diffusion_d3po.trajectory_tiny(c)
-  elif arg not in (None, ""):
-    raise ValueError(f"unknown config arg {arg!r}; allowed: ['', 'tiny'].")
-  c.lock()
-  return c
+  return diffusion_dpo.finish(c, arg, tiny=diffusion_d3po.trajectory_tiny)

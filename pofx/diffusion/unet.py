@@ -392,6 +392,17 @@ def _attention_init(config, channels, groups):
   return p
 
 
+def _block_init(config, has_attn, resnets, resample, resampler_key):
+  """A down or up block's initialisers: its ResNets, their attentions, and its resampling conv."""
+  block = {"resnets": [_resnet_init(config, i, o) for i, o in resnets]}
+  if has_attn:
+    block["attentions"] = [_attention_init(config, o, config.norm_num_groups) for _, o in resnets]
+  if resample:
+    out = resnets[-1][1]
+    block[resampler_key] = [{"conv": _conv_init(out, out)}]
+  return block
+
+
 def _layout(config: UNetConfig) -> Params:
   """The parameter tree with an `_Init` at every leaf."""
   c0, temb = config.block_out_channels[0], config.time_embed_dim
@@ -401,32 +412,14 @@ def _layout(config: UNetConfig) -> Params:
   }
   if config.num_class_embeds is not None:
     params["class_embedding"] = {"embedding": _Init("normal", (config.num_class_embeds, temb))}
-  down = []
-  for has_attn, resnets, downsample in _down_specs(config):
-    block = {"resnets": [_resnet_init(config, i, o) for i, o in resnets]}
-    if has_attn:
-      block["attentions"] = [_attention_init(config, o, config.norm_num_groups) for _, o in resnets]
-    if downsample:
-      out = resnets[-1][1]
-      block["downsamplers"] = [{"conv": _conv_init(out, out)}]
-    down.append(block)
-  params["down_blocks"] = down
+  params["down_blocks"] = [_block_init(config, *spec, "downsamplers") for spec in _down_specs(config)]
   if config.mid_block_type is not None:
     ch = config.block_out_channels[-1]
     mid = {"resnets": [_resnet_init(config, ch, ch), _resnet_init(config, ch, ch)]}
     if config.add_attention:
       mid["attentions"] = [_attention_init(config, ch, _mid_attention_groups(config))]
     params["mid_block"] = mid
-  up = []
-  for has_attn, resnets, upsample in _up_specs(config):
-    block = {"resnets": [_resnet_init(config, i, o) for i, o in resnets]}
-    if has_attn:
-      block["attentions"] = [_attention_init(config, o, config.norm_num_groups) for _, o in resnets]
-    if upsample:
-      out = resnets[-1][1]
-      block["upsamplers"] = [{"conv": _conv_init(out, out)}]
-    up.append(block)
-  params["up_blocks"] = up
+  params["up_blocks"] = [_block_init(config, *spec, "upsamplers") for spec in _up_specs(config)]
   params["conv_norm_out"] = _norm_init(c0)
   params["conv_out"] = _conv_init(c0, config.out_channels)
   return params

@@ -21,6 +21,17 @@ def logratios(policy: PairLogps, reference: Optional[PairLogps]):
   return policy.chosen - reference.chosen, policy.rejected - reference.rejected
 
 
+def f32(x) -> Array:
+  return jnp.asarray(x, jnp.float32)
+
+
+def checked_logratios(name: str, policy: PairLogps, reference: Optional[PairLogps], **need):
+  """`logratios` in float32 after `check_inputs(name, ..., need_reference=True, **need)`."""
+  check_inputs(name, policy, reference, need_reference=True, **need)
+  lr_w, lr_l = logratios(policy, reference)
+  return f32(lr_w), f32(lr_l)
+
+
 def margins(policy: PairLogps, reference: Optional[PairLogps]) -> Array:
   """`rho = lr_w - lr_l`, the GPO margin (not multiplied by beta)."""
   lr_w, lr_l = logratios(policy, reference)

@@ -33,14 +33,7 @@ from pofx.losses._registry import ANY_FINITE_SCORES, LossSpec, ScoreDomain, chec
 Array = jax.Array
 
 
-def _f32(x):
-  return jnp.asarray(x, jnp.float32)
-
-
-def _logratios(name, policy, reference, **need):
-  _common.check_inputs(name, policy, reference, need_reference=True, **need)
-  lr_w, lr_l = _common.logratios(policy, reference)
-  return _f32(lr_w), _f32(lr_l)
+_f32, _logratios = _common.f32, _common.checked_logratios
 
 
 def _step_logratios(name, policy, reference):

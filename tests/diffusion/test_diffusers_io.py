@@ -20,22 +20,12 @@ import pytest
 import safetensors.numpy
 
 from pofx.diffusion import diffusers_io, unet
+from tests.diffusion.test_unet import PARITY
 
 _apply = jax.jit(unet.apply, static_argnames=("config", "kernels", "compute_dtype"))
 
 # The parity config of tests/diffusion/test_unet.py (same shapes: its compiled programs are reused).
-CONFIG = unet.UNetConfig(
-  sample_size=8,
-  in_channels=2,
-  out_channels=3,
-  block_out_channels=(16, 32),
-  layers_per_block=2,
-  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-  up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-  attention_head_dim=8,
-  norm_num_groups=8,
-  num_class_embeds=5,
-)
+CONFIG = unet.UNetConfig(**PARITY)
 X = np.random.default_rng(0).standard_normal((3, 2, 8, 8)).astype(np.float32)  # NCHW
 T = np.array([0, 17, 999])
 LABELS = np.array([0, 3, 4])
