@@ -6,10 +6,10 @@ tests/test_reliability.py: `_main` (a subprocess of `python -m experiments.main`
 import importlib
 import os
 import shutil
-import subprocess
-import sys
 
 import orbax.checkpoint as ocp
+
+from tests import forked
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = ("sft_params", "data", "kernels.json")
@@ -20,11 +20,9 @@ def _config(family, arg="tiny"):
 
 
 def _main(args, **kw):
-  """`python -m experiments.main *args` in a subprocess."""
-  env = {**os.environ, "PYTHONPATH": ROOT}
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.main", *args], cwd=ROOT, env=env, capture_output=True, text=True, **kw
-  )
+  """`python -m experiments.main *args` in a child process (tests/forked.py: forked from a server
+  that has imported the program's libraries; `fresh=True` for a new interpreter)."""
+  return forked.run_module("experiments.main", args, env={**os.environ, "PYTHONPATH": ROOT}, **kw)
 
 
 def _seed_from(src, dst, names=SHARED):
