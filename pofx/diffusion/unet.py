@@ -424,6 +424,21 @@ PRESETS = {
     attention_head_dim=32,
     num_class_embeds=10,
   ),
+  # The tiny preset with cross-attention instead of the class table: a transformer (2 heads) at
+  # the coarser resolution, in the mid block and in the first up block, attending to an 8-wide
+  # embedding sequence (the image world's prompts, pofx.diffusion.world.PromptEncoder).
+  "tiny_prompted": UNetConditionConfig(
+    sample_size=8,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(4, 8),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=2,
+    norm_num_groups=2,
+    cross_attention_dim=8,
+  ),
   # A larger model for accelerator throughput: DDPM's CIFAR-10 U-Net (arXiv:2006.11239,
   # Appendix B; diffusers' google/ddpm-cifar10-32 config) with a 10-class embedding.
   "large": UNetConfig(
@@ -444,8 +459,9 @@ PRESETS = {
 }
 
 
-def preset(name: str, **overrides) -> UNetConfig:
-  """A preset config (`PRESETS`), with fields replaced by `overrides`."""
+def preset(name: str, **overrides):
+  """A preset config (`PRESETS`: a `UNetConfig`, or a `UNetConditionConfig` for "tiny_prompted"),
+  with fields replaced by `overrides`."""
   if name not in PRESETS:
     raise ValueError(f"unknown U-Net preset {name!r}; known: {sorted(PRESETS)}.")
   return dataclasses.replace(PRESETS[name], **overrides)
@@ -1160,6 +1176,27 @@ class UNet:
 
   def flops(self, batch: int, context_length: Optional[int] = None) -> int:
     return flops(self.config, batch, context_length=context_length)
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+  """A `UNet` of a `UNetConditionConfig` behind a fixed (untrained) encoder of its condition:
+  `denoise(params, x_t, timesteps, cond)` cross-attends to `encoder(cond)` `[B, L, D]` (e.g. the
+  image world's `PromptEncoder`, class labels -> prompt embeddings), so that callers pass `cond`
+  as for a class-conditional U-Net. `encoder` must be hashable (a frozen dataclass); its output is
+  a constant of the traced function, never a parameter. `init` and `flops` are the U-Net's."""
+
+  unet: UNet
+  encoder: Any
+
+  def init(self, key: Array) -> Params:
+    return self.unet.init(key)
+
+  def denoise(self, params: Params, x_t: Array, timesteps: Array, cond) -> Array:
+    return self.unet.denoise(params, x_t, timesteps, self.encoder(cond))
+
+  def flops(self, batch: int, context_length: Optional[int] = None) -> int:
+    return self.unet.flops(batch, context_length=context_length)
 
 
 def make(config, kernels: Kernels = kernels_lib.XLA, compute_dtype=None) -> UNet:

@@ -139,3 +139,24 @@ def test_bad_inputs_and_folders_are_refused():
     diffusers_io.config_from_diffusers({**raw, "dual_cross_attention": True})
   with pytest.raises(ValueError, match=r"unknown UNet2DConditionModel config keys \['add_attention'\]"):
     diffusers_io.config_from_diffusers({**raw, "add_attention": True})
+
+
+def test_image_configs_choose_the_cross_attention_denoiser_by_preset():
+  from configs import diffusion_dpo, diffusion_dpo_prompted
+  from configs import validate as config_validation
+  from experiments import diffusion
+
+  c = diffusion_dpo_prompted.get_config("tiny")
+  model = diffusion.denoiser(c)
+  assert isinstance(model, unet.Encoded) and model.encoder.dim == model.unet.config.cross_attention_dim == 8
+  assert model.unet.config.num_class_embeds is None and model.unet.config.head_counts == (2,)
+  c = diffusion_dpo.get_config("tiny")
+  c.unlock()
+  c.model.cross_attention_dim = 8
+  with pytest.raises(ValueError, match="cross_attention_dim=8 is read only by a cross-attention preset"):
+    config_validation.validate(c)
+  c = diffusion_dpo_prompted.get_config("tiny")
+  c.unlock()
+  c.model.attention_head_dim = 16
+  with pytest.raises(ValueError, match=r"config.model: UNetConditionConfig: attention_head_dim \(heads\)=16 exceeds"):
+    config_validation.validate(c)
