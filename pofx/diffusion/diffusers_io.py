@@ -1,4 +1,5 @@
-r"""diffusers `UNet2DModel` folders in both directions: `config.json` + safetensors <-> pofx.
+r"""diffusers `UNet2DModel` (and `UNet2DConditionModel`) folders in both directions: `config.json` +
+safetensors <-> pofx.
 
 A folder written by diffusers' `UNet2DModel.save_pretrained` (or a hub snapshot of one) holds
 `config.json` (the constructor arguments, plus `_class_name`, `_diffusers_version` and other
@@ -13,6 +14,12 @@ Weights: the parameter tree of `pofx.diffusion.unet` mirrors diffusers' module n
 `[kh, kw, C_in, C_out]` (HWIO) by pofx, linear weights `[out, in]` and `[in, out]`; GroupNorm
 weights are pofx's `scale`, the class table's weight its `embedding`. Any float dtype is read
 (float32, bfloat16, float16) and converted to float32; `save` writes float32 (exact) or bfloat16.
+
+A `UNet2DConditionModel` folder (its `_class_name`) reads as a `unet.UNetConditionConfig`: the
+same layout, its transformers' tensors named as diffusers' (`...attentions.0.transformer_blocks.0.
+attn2.to_k.weight`, `...ff.net.0.proj.weight`, LayerNorm weights pofx's `scale`). Its `config.json`
+also holds the arguments pofx does not model (`CONDITION_FIXED`): each must keep its one supported
+value (diffusers' default), and `save` writes them.
 
 Errors (ValueError, before any weight is converted) name the folder and what is wrong: a missing
 file, a model class other than `UNet2DModel`, a `config.json` key pofx does not know or a value it

@@ -1,4 +1,5 @@
-r"""A class-conditional U-Net denoiser with the architecture of diffusers' `UNet2DModel`, as pure functions.
+r"""A class-conditional U-Net denoiser with the architecture of diffusers' `UNet2DModel` (and its
+cross-attention variant, `UNet2DConditionModel`), as pure functions.
 
 The network (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239,
 section 4 and Appendix B: a PixelCNN++-style U-Net with group normalisation, self-attention at
@@ -43,6 +44,25 @@ attention_head_dim` heads of width `attention_head_dim`, or one head of width C 
     h = GN(x) (flattened to [B, H*W, C]);  q, k, v = h Wq + bq, h Wk + bk, h Wv + bv
     out = (softmax(q k^T / sqrt(hd)) v Wo + bo + x) / rescale_output_factor
 
+Cross-attention (`UNetConditionConfig`: diffusers' `UNet2DConditionModel`, the conditioning of
+latent diffusion, Rombach et al. 2022, arXiv:2112.10752, section 3.3: the U-Net attends to an
+encoding tau(y) of the condition, `encoder_hidden_states [B, L, D]`, D = `cross_attention_dim`).
+Its `CrossAttnDownBlock2D` / `CrossAttnUpBlock2D` follow each ResNet block with a transformer
+(diffusers' `Transformer2DModel`) and its mid block (`UNetMidBlock2DCrossAttn`) is ResNet,
+transformer, ResNet. A transformer over C channels with h heads of width hd = C // h (inner width
+I = h hd), on the flattened positions of x:
+
+    h = proj_in(GN(x))                       (GroupNorm eps 1e-6; proj_in a 1x1 conv or Linear, C -> I)
+    per BasicTransformerBlock (`transformer_layers_per_block` of them):
+      h = h + Attn(LN1(h), LN1(h))            (self-attention)
+      h = h + Attn(LN2(h), context)           (cross-attention: keys and values from the L embeddings)
+      [a, g] = LN3(h) W1 + b1;  h = h + (a * gelu(g)) W2 + b2      (GEGLU, width 4 I; exact gelu)
+    out = proj_out(h) + x                    (I -> C)
+
+with `Attn(u, s) = softmax((u Wq)(s Wk)^T / sqrt(hd)) (s Wv) Wo + bo` per head (no q/k/v
+biases), LayerNorms over the I channels with eps 1e-5 (Ba et al. 2016, arXiv:1607.06450). The
+time embedding MLP and the output use `act_fn` there (SiLU in UNet2DModel).
+
 GroupNorm (Wu & He 2018, arXiv:1803.08494) normalises each of `norm_num_groups` channel groups
 over (H, W, its channels) with the biased variance and `norm_eps`, then scales and shifts per
 channel. It is computed from per-(image, channel) sums over H*W (the mean, then the squared
@@ -54,11 +74,15 @@ convolution and dense product and of the activations between them; GroupNorm sta
 attention scores and their softmax, and the returned prediction are float32. Every 3x3
 convolution goes through the injected `kernels.conv_general_dilated`, and every dense product
 (projections, `q k^T`, the attention-weighted values, and the 1x1 shortcut convolutions, which are
-products over the channels) through `kernels.dot_general` (`pofx.kernels.Kernels`).
+products over the channels) through `kernels.dot_general` (`pofx.kernels.Kernels`); the
+transformers' too (their 1x1 projections, both attentions, the feed-forward), LayerNorm
+statistics in float32.
 
 Parameters: a nested dict (lists for diffusers' `ModuleList`s) whose paths are diffusers' module
 names, e.g. `down_blocks[1]["attentions"][0]["to_q"]`, `up_blocks[0]["upsamplers"][0]["conv"]`,
-`mid_block["resnets"][1]["time_emb_proj"]`. Leaves: `kernel` (convolutions `[kh, kw, C_in,
+`mid_block["resnets"][1]["time_emb_proj"]`, `mid_block["attentions"][0]["transformer_blocks"][0]
+["attn2"]["to_k"]` (the feed-forward's `ff.net.0.proj` and `ff.net.2` are `["ff"]["net"]["0"]
+["proj"]` and `["ff"]["net"]["2"]`: a dict, since `net.1` is a parameter-free dropout). Leaves: `kernel` (convolutions `[kh, kw, C_in,
 C_out]`, HWIO; dense `[in, out]`), `bias`, `scale` (GroupNorm) and `embedding` (the class table).
 `init` draws them as PyTorch's default initialisers do (weights and biases uniform in
 `+-1/sqrt(fan_in)`, GroupNorm scale 1 and shift 0, the class table standard normal), so a pofx

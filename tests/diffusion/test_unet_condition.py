@@ -1,12 +1,15 @@
 """The cross-attention U-Net (`pofx.diffusion.unet.UNetConditionConfig`, diffusers'
 `UNet2DConditionModel`): outputs equal to diffusers' (PyTorch, the reference implementation) on a
 random small config read from its `save_pretrained` folder; pofx's export of other weights loads
-in diffusers with pofx's outputs; parameter count and FLOPs equal to diffusers' module and
+in diffusers with pofx's outputs (Linear projections one way, 1x1 convolutions the other);
+parameter count and FLOPs equal to diffusers' module and
 PyTorch's FLOP counter; refusals of bad configs, inputs and folders.
 
 Tolerance as in tests/diffusion/test_unet.py: both sides in float32, outputs of size about 1,
 1e-4 absolute (a few 1e-6 in practice).
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -83,12 +86,21 @@ def test_matches_diffusers_both_ways(tmp_path):
   np.testing.assert_allclose(_pofx_out(config, params, x, t, context, labels), expected, rtol=0, atol=1e-4)
   assert np.abs(expected).max() > 0.1
 
-  # Export other weights; diffusers loads them and computes pofx's outputs.
-  other = jax.tree_util.tree_map(lambda a: 0.8 * a + 0.1, params)
-  folder = diffusers_io.save(str(tmp_path / "ours"), config, other)
+  # Export other weights, with diffusers' default 1x1-convolution projections (the kernels
+  # [C, I] -> [1, 1, C, I]); diffusers loads them and computes pofx's outputs.
+  conv = dataclasses.replace(config, use_linear_projection=False)
+
+  def convert(path, a):
+    a = 0.8 * a + 0.1
+    names = [getattr(k, "key", None) for k in path]
+    return a.reshape((1, 1) + a.shape) if names[-2] in ("proj_in", "proj_out") and names[-1] == "kernel" else a
+
+  other = jax.tree_util.tree_map_with_path(convert, params)
+  folder = diffusers_io.save(str(tmp_path / "ours"), conv, other)
   exported = diffusers.UNet2DConditionModel.from_pretrained(folder).eval()
+  assert not exported.config.use_linear_projection
   theirs = _torch_out(torch, exported, x, t, context, labels)
-  np.testing.assert_allclose(_pofx_out(config, other, x, t, context, labels), theirs, rtol=0, atol=1e-4)
+  np.testing.assert_allclose(_pofx_out(conv, other, x, t, context, labels), theirs, rtol=0, atol=1e-4)
   assert np.abs(theirs - expected).max() > 0.1  # other weights, other outputs
 
   assert unet.param_count(config) == sum(p.numel() for p in model.parameters())
