@@ -172,3 +172,32 @@ def test_image_configs_choose_the_cross_attention_denoiser_by_preset():
   c.model.attention_head_dim = 16
   with pytest.raises(ValueError, match=r"config.model: UNetConditionConfig: attention_head_dim \(heads\)=16 exceeds"):
     config_validation.validate(c)
+
+
+def test_every_transformer_product_goes_through_the_kernels_in_the_compute_dtype():
+  from pofx import kernels as kernels_lib
+
+  config = unet.PRESETS["tiny_prompted"]
+  calls = {"conv": [], "dot": []}
+
+  def conv(lhs, rhs, *a, **k):
+    calls["conv"].append((lhs.dtype, rhs.dtype))
+    return jax.lax.conv_general_dilated(lhs, rhs, *a, **k)
+
+  def dot(lhs, rhs, *a, **k):
+    calls["dot"].append((lhs.dtype, rhs.dtype))
+    return jax.lax.dot_general(lhs, rhs, *a, **k)
+
+  counting = kernels_lib.Kernels(dot_general=dot, conv_general_dilated=conv, name="counting")
+  model = unet.make(config, kernels=counting, compute_dtype="bfloat16")
+  x, t, context = jnp.zeros((2, 8, 8, 1)), jnp.array([3, 900]), jnp.zeros((2, 3, 8))
+  out = jax.eval_shape(lambda p: model.denoise(p, x, t, context), unet.param_shapes(config))  # traces only
+  assert (out.shape, out.dtype) == ((2, 8, 8, 1), jnp.float32)
+  # Hand count: the 3x3 convolutions as in the tiny preset (conv_in, down 2 + downsample, 2, mid
+  # 2 x 2, up 2 x 2 + upsample, 2 x 2, conv_out); products: time MLP 2, 8 time projections, 5 1x1
+  # shortcuts, and 4 transformers (down block 1, mid, 2 in up block 0) of 16 each: proj_in,
+  # proj_out, self- and cross-attention (q, k, v, out and the two attention products: 6 each),
+  # the feed-forward's two.
+  assert len(calls["conv"]) == 1 + 3 + 2 + 4 + 5 + 4 + 1
+  assert len(calls["dot"]) == 2 + 8 + 5 + 4 * 16
+  assert {d for pair in calls["conv"] + calls["dot"] for d in pair} == {jnp.dtype("bfloat16")}
