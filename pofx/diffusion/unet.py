@@ -222,12 +222,13 @@ def _validate_common(c, cls: str, down_types, up_types, optional_ints) -> None:
       f"{cls}: down_block_types ({len(c.down_block_types)}), up_block_types ({len(c.up_block_types)}) and "
       f"block_out_channels ({n}) must have the same length."
     )
-  for t in c.down_block_types:
-    if _block_kind(t) not in down_types:
-      raise ValueError(f"{cls}.down_block_types: {t!r} is not supported; supported: {list(down_types)}.")
-  for t in c.up_block_types:
-    if _block_kind(t) not in up_types:
-      raise ValueError(f"{cls}.up_block_types: {t!r} is not supported; supported: {list(up_types)}.")
+  for name, types, allowed in (("down", c.down_block_types, down_types), ("up", c.up_block_types, up_types)):
+    for t in types:
+      if _block_kind(t) not in allowed:
+        hint = ""
+        if cls == "UNetConfig" and _block_kind(t) in CROSS_DOWN_BLOCK_TYPES + CROSS_UP_BLOCK_TYPES:
+          hint = " (cross-attention blocks: use a UNetConditionConfig)"
+        raise ValueError(f"{cls}.{name}_block_types: {t!r} is not supported; supported: {list(allowed)}{hint}.")
   _allowed("resnet_time_scale_shift", c.resnet_time_scale_shift, TIME_SCALE_SHIFTS, cls)
   _allowed("act_fn", c.act_fn, ACTIVATIONS, cls)
   positive = {"in_channels": c.in_channels, "out_channels": c.out_channels, "layers_per_block": c.layers_per_block}
