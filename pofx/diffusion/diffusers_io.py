@@ -211,7 +211,7 @@ def load(folder: str) -> Tuple[Any, Any]:
   files = _weight_files(folder)
   handles = {}
   for file in files:
-    with safetensors.safe_open(file, framework="flax") as f:
+    with safetensors.safe_open(file, framework="numpy") as f:
       for name in f.keys():
         handles[name] = file
   names = {n for n, _, _ in expected}
@@ -226,10 +226,15 @@ def load(folder: str) -> Tuple[Any, Any]:
 
   tensors = {}
   for file in files:
-    # framework="flax" reads bfloat16 too (as ml_dtypes via numpy); converted to float32 below.
-    with safetensors.safe_open(file, framework="flax") as f:
+    # numpy arrays (bfloat16 as ml_dtypes'), converted to float32 below. A safetensors whose numpy
+    # reader lacks a dtype falls back to its flax reader for that tensor (which makes a JAX array,
+    # at the cost of a small compilation per shape).
+    with safetensors.safe_open(file, framework="numpy") as f, safetensors.safe_open(file, framework="flax") as g:
       for name in f.keys():
-        tensors[name] = f.get_tensor(name)
+        try:
+          tensors[name] = f.get_tensor(name)
+        except (TypeError, ValueError):
+          tensors[name] = g.get_tensor(name)
   leaves = []
   for name, leaf, shape in expected:
     x = np.asarray(tensors[name])

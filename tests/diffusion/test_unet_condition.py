@@ -72,41 +72,46 @@ def test_matches_diffusers_both_ways(tmp_path):
   from torch.nn.attention import SDPBackend, sdpa_kernel
   from torch.utils.flop_counter import FlopCounterMode
 
-  torch.manual_seed(0)
-  model = diffusers.UNet2DConditionModel(**CONDITION).eval()
-  with torch.no_grad():  # every weight away from its initial value (norms from 1 and 0, biases from 0)
-    for _, p in model.named_parameters():
-      p.add_(0.2 * torch.randn_like(p))
-  model.save_pretrained(str(tmp_path / "theirs"))
-  x, t, context, labels = _inputs()
-  expected = _torch_out(torch, model, x, t, context, labels)
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)  # tiny products: a second thread only spins
+  try:
+    torch.manual_seed(0)
+    model = diffusers.UNet2DConditionModel(**CONDITION).eval()
+    with torch.no_grad():  # every weight away from its initial value (norms from 1 and 0, biases from 0)
+      for _, p in model.named_parameters():
+        p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(str(tmp_path / "theirs"))
+    x, t, context, labels = _inputs()
+    expected = _torch_out(torch, model, x, t, context, labels)
 
-  config, params = diffusers_io.load(str(tmp_path / "theirs"))
-  assert config == unet.UNetConditionConfig(**CONDITION)
-  np.testing.assert_allclose(_pofx_out(config, params, x, t, context, labels), expected, rtol=0, atol=1e-4)
-  assert np.abs(expected).max() > 0.1
+    config, params = diffusers_io.load(str(tmp_path / "theirs"))
+    assert config == unet.UNetConditionConfig(**CONDITION)
+    np.testing.assert_allclose(_pofx_out(config, params, x, t, context, labels), expected, rtol=0, atol=1e-4)
+    assert np.abs(expected).max() > 0.1
 
-  # Export other weights, with diffusers' default 1x1-convolution projections (the kernels
-  # [C, I] -> [1, 1, C, I]); diffusers loads them and computes pofx's outputs.
-  conv = dataclasses.replace(config, use_linear_projection=False)
+    # Export other weights, with diffusers' default 1x1-convolution projections (the kernels
+    # [C, I] -> [1, 1, C, I]); diffusers loads them and computes pofx's outputs.
+    conv = dataclasses.replace(config, use_linear_projection=False)
 
-  def convert(path, a):
-    a = 0.8 * a + 0.1
-    names = [getattr(k, "key", None) for k in path]
-    return a.reshape((1, 1) + a.shape) if names[-2] in ("proj_in", "proj_out") and names[-1] == "kernel" else a
+    def convert(path, a):
+      a = 0.8 * a + 0.1
+      names = [getattr(k, "key", None) for k in path]
+      return a.reshape((1, 1) + a.shape) if names[-2] in ("proj_in", "proj_out") and names[-1] == "kernel" else a
 
-  other = jax.tree_util.tree_map_with_path(convert, params)
-  folder = diffusers_io.save(str(tmp_path / "ours"), conv, other)
-  exported = diffusers.UNet2DConditionModel.from_pretrained(folder).eval()
-  assert not exported.config.use_linear_projection
-  theirs = _torch_out(torch, exported, x, t, context, labels)
+    other = jax.tree_util.tree_map_with_path(convert, params)
+    folder = diffusers_io.save(str(tmp_path / "ours"), conv, other)
+    exported = diffusers.UNet2DConditionModel.from_pretrained(folder).eval()
+    assert not exported.config.use_linear_projection
+    # PyTorch's FLOP counter over this forward (attention on the math path, so that its two
+    # batched products are counted; the fused CPU kernel is not).
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+      theirs = _torch_out(torch, exported, x, t, context, labels)
+  finally:
+    torch.set_num_threads(threads)
   np.testing.assert_allclose(_pofx_out(conv, other, x, t, context, labels), theirs, rtol=0, atol=1e-4)
   assert np.abs(theirs - expected).max() > 0.1  # other weights, other outputs
-
-  assert unet.param_count(config) == sum(p.numel() for p in model.parameters())
-  with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-    _torch_out(torch, model, x, t, context, labels)
-  assert unet.flops(config, B, context_length=L) == counter.get_total_flops()
+  assert unet.flops(conv, B, context_length=L) == counter.get_total_flops()
+  assert unet.param_count(config) == unet.param_count(conv) == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize(
