@@ -501,8 +501,13 @@ def _heads(config: UNetConfig, channels: int) -> Tuple[int, int]:
   return channels // hd, hd
 
 
-_ATTENTION_KINDS = {"AttnDownBlock2D": "attn", "AttnUpBlock2D": "attn", "CrossAttnDownBlock2D": "cross"}
-_ATTENTION_KINDS["CrossAttnUpBlock2D"] = "cross"
+# The attention after each ResNet of a block: self-attention ("attn") or a transformer ("cross").
+_ATTENTION_KINDS = {
+  "AttnDownBlock2D": "attn",
+  "AttnUpBlock2D": "attn",
+  "CrossAttnDownBlock2D": "cross",
+  "CrossAttnUpBlock2D": "cross",
+}
 
 
 def _down_specs(config):
