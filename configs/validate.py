@@ -738,16 +738,25 @@ def _validate_image(c, process_count: int) -> None:
   if c.model.preset not in unet.PRESETS:
     raise ValueError(f"config.model.preset={c.model.preset!r} is not allowed; allowed: {sorted(unet.PRESETS)}.")
   m = c.model
+  fields = dict(
+    block_out_channels=tuple(m.block_out_channels),
+    down_block_types=tuple(m.down_block_types),
+    up_block_types=tuple(m.up_block_types),
+    layers_per_block=m.layers_per_block,
+    attention_head_dim=m.attention_head_dim,
+    norm_num_groups=m.norm_num_groups,
+  )
+  cross = isinstance(unet.PRESETS[m.preset], unet.UNetConditionConfig)
+  if m.get("cross_attention_dim") is not None:
+    if not cross:
+      raise ValueError(
+        f"config.model.cross_attention_dim={m.cross_attention_dim!r} is read only by a cross-attention preset; "
+        f"allowed with model.preset={m.preset!r}: None (cross-attention presets: "
+        f"{sorted(k for k, v in unet.PRESETS.items() if isinstance(v, unet.UNetConditionConfig))})."
+      )
+    fields["cross_attention_dim"] = m.cross_attention_dim
   try:  # the U-Net's own checks of its fields (block types, channels, groups), nothing built
-    unet.preset(
-      m.preset,
-      block_out_channels=tuple(m.block_out_channels),
-      down_block_types=tuple(m.down_block_types),
-      up_block_types=tuple(m.up_block_types),
-      layers_per_block=m.layers_per_block,
-      attention_head_dim=m.attention_head_dim,
-      norm_num_groups=m.norm_num_groups,
-    )
+    unet.preset(m.preset, **fields)
   except (ValueError, TypeError) as e:
     raise ValueError(f"config.model: {e}") from None
   _allowed(c, "model.schedule", options.DIFFUSION_SCHEDULES)

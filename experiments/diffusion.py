@@ -5,8 +5,9 @@
 `experiments.main` checks the config (`configs/validate.py`), claims the workdir and hands an
 image-domain config (`config.domain == "image"`) to `run` here:
 
-  1. pretrain  the class-conditioned base denoiser (`pofx.diffusion.unet`) on the world's training
-               digits: epsilon (or v) regression at uniform timesteps, AdamW with warm-up and a
+  1. pretrain  the class-conditioned base denoiser (`pofx.diffusion.unet`; for a cross-attention
+               preset, "tiny_prompted", one conditioned on the world's prompts through its fixed
+               prompt encoder: `denoiser`) on the world's training digits: epsilon (or v) regression at uniform timesteps, AdamW with warm-up and a
                cosine decay; the base is the EMA of the weights (`pretrain.ema_decay` > 0)
                -> <workdir>/base_params
   2. pairs     `data.num_pairs` class prompts (balanced), two samples each from the base
@@ -147,15 +148,17 @@ def _load_params(path, like):
 # The pieces
 
 
-def unet_config(c) -> unet.UNetConfig:
-  """The denoiser of config `c`: the preset with the config's fields, sized for the world."""
+def unet_config(c):
+  """The denoiser of config `c`: the preset with the config's fields, sized for the world. A
+  class-conditional `UNetConfig` (10 class embeddings), or for a cross-attention preset
+  (`unet.UNetConditionConfig`, e.g. "tiny_prompted") one that attends to the world's prompts
+  (`model.cross_attention_dim` wide; `model.attention_head_dim` is then the number of heads, as
+  diffusers names it)."""
   m = c.model
-  return unet.preset(
-    m.preset,
+  fields = dict(
     sample_size=world_lib.IMAGE_SHAPE[0],
     in_channels=world_lib.IMAGE_SHAPE[2],
     out_channels=world_lib.IMAGE_SHAPE[2],
-    num_class_embeds=world_lib.NUM_CLASSES,
     block_out_channels=tuple(m.block_out_channels),
     down_block_types=tuple(m.down_block_types),
     up_block_types=tuple(m.up_block_types),
@@ -163,6 +166,28 @@ def unet_config(c) -> unet.UNetConfig:
     attention_head_dim=int(m.attention_head_dim),
     norm_num_groups=int(m.norm_num_groups),
   )
+  if prompted(c):
+    if m.get("cross_attention_dim") is not None:
+      fields["cross_attention_dim"] = int(m.cross_attention_dim)
+  else:
+    fields["num_class_embeds"] = world_lib.NUM_CLASSES
+  return unet.preset(m.preset, **fields)
+
+
+def prompted(c) -> bool:
+  """Whether `c`'s denoiser cross-attends to the world's prompts (a UNetConditionConfig preset)."""
+  return isinstance(unet.PRESETS[c.model.preset], unet.UNetConditionConfig)
+
+
+def denoiser(c, kernels=None):
+  """The denoiser record of `c` (`init`, `denoise(params, x_t, t, class_labels)`): the U-Net, or
+  for a prompted preset the U-Net behind the world's fixed prompt encoder (`world.PromptEncoder`,
+  drawn from `c.seed`), so that every stage passes class labels as for the class-conditional one."""
+  config = unet_config(c)
+  model = unet.make(config, kernels=kernels if kernels is not None else kernels_of(c)[1])
+  if isinstance(config, unet.UNetConditionConfig):
+    return unet.Encoded(model, world_lib.PromptEncoder(seed=int(c.seed), dim=config.cross_attention_dim))
+  return model
 
 
 def noise_schedule(c) -> schedules.NoiseSchedule:
@@ -664,7 +689,7 @@ def run(config, workdir: str, *, progress: bool = True, overwrite: bool = False)
   t0 = time.perf_counter()
   world = world_lib.ImageWorld(world_lib.ImageWorldConfig(seed=int(c.seed), **dict(c.world)))
   times["world_seconds"] = time.perf_counter() - t0
-  model = unet.make(unet_config(c), kernels=kernels)
+  model = denoiser(c, kernels)
   schedule = noise_schedule(c)
 
   base_path = os.path.join(workdir, OUTPUTS["pretrain"])

@@ -75,7 +75,8 @@ def test_tiny_rerun_with_other_training_is_refused_before_compute(tiny_run):
 # compilation of its train step (18-28 s of CPU at :tiny), so SmPO (reward scores), Reg-DPO
 # (data-vs-sample pairs, as DRO) and the dense-reward view (D3PO's chains and log-probs, another
 # loss: "diffusion_dense_reward": "diffusion_d3po" would train it on D3PO's pairs) are validated
-# only (test_every_image_family_validates).
+# only (test_every_image_family_validates), as is the prompted family (a cross-attention denoiser
+# of its own: it cannot reuse the tiny run's base, and its whole run costs about 30 s of CPU).
 FAMILIES = {
   "diffusion_kto": "tiny",
   "diffusion_dro": None,
@@ -93,6 +94,7 @@ ALL_FAMILIES = (
   "diffusion_spo",
   "diffusion_dense_reward",
   "diffusion_patch_dpo",
+  "diffusion_dpo_prompted",
 )
 
 

@@ -1,4 +1,5 @@
-r"""A class-conditional U-Net denoiser with the architecture of diffusers' `UNet2DModel`, as pure functions.
+r"""A class-conditional U-Net denoiser with the architecture of diffusers' `UNet2DModel` (and its
+cross-attention variant, `UNet2DConditionModel`), as pure functions.
 
 The network (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239,
 section 4 and Appendix B: a PixelCNN++-style U-Net with group normalisation, self-attention at
@@ -43,6 +44,25 @@ attention_head_dim` heads of width `attention_head_dim`, or one head of width C 
     h = GN(x) (flattened to [B, H*W, C]);  q, k, v = h Wq + bq, h Wk + bk, h Wv + bv
     out = (softmax(q k^T / sqrt(hd)) v Wo + bo + x) / rescale_output_factor
 
+Cross-attention (`UNetConditionConfig`: diffusers' `UNet2DConditionModel`, the conditioning of
+latent diffusion, Rombach et al. 2022, arXiv:2112.10752, section 3.3: the U-Net attends to an
+encoding tau(y) of the condition, `encoder_hidden_states [B, L, D]`, D = `cross_attention_dim`).
+Its `CrossAttnDownBlock2D` / `CrossAttnUpBlock2D` follow each ResNet block with a transformer
+(diffusers' `Transformer2DModel`) and its mid block (`UNetMidBlock2DCrossAttn`) is ResNet,
+transformer, ResNet. A transformer over C channels with h heads of width hd = C // h (inner width
+I = h hd), on the flattened positions of x:
+
+    h = proj_in(GN(x))                       (GroupNorm eps 1e-6; proj_in a 1x1 conv or Linear, C -> I)
+    per BasicTransformerBlock (`transformer_layers_per_block` of them):
+      h = h + Attn(LN1(h), LN1(h))            (self-attention)
+      h = h + Attn(LN2(h), context)           (cross-attention: keys and values from the L embeddings)
+      [a, g] = LN3(h) W1 + b1;  h = h + (a * gelu(g)) W2 + b2      (GEGLU, width 4 I; exact gelu)
+    out = proj_out(h) + x                    (I -> C)
+
+with `Attn(u, s) = softmax((u Wq)(s Wk)^T / sqrt(hd)) (s Wv) Wo + bo` per head (no q/k/v
+biases), LayerNorms over the I channels with eps 1e-5 (Ba et al. 2016, arXiv:1607.06450). The
+time embedding MLP and the output use `act_fn` there (SiLU in UNet2DModel).
+
 GroupNorm (Wu & He 2018, arXiv:1803.08494) normalises each of `norm_num_groups` channel groups
 over (H, W, its channels) with the biased variance and `norm_eps`, then scales and shifts per
 channel. It is computed from per-(image, channel) sums over H*W (the mean, then the squared
@@ -54,11 +74,15 @@ convolution and dense product and of the activations between them; GroupNorm sta
 attention scores and their softmax, and the returned prediction are float32. Every 3x3
 convolution goes through the injected `kernels.conv_general_dilated`, and every dense product
 (projections, `q k^T`, the attention-weighted values, and the 1x1 shortcut convolutions, which are
-products over the channels) through `kernels.dot_general` (`pofx.kernels.Kernels`).
+products over the channels) through `kernels.dot_general` (`pofx.kernels.Kernels`); the
+transformers' too (their 1x1 projections, both attentions, the feed-forward), LayerNorm
+statistics in float32.
 
 Parameters: a nested dict (lists for diffusers' `ModuleList`s) whose paths are diffusers' module
 names, e.g. `down_blocks[1]["attentions"][0]["to_q"]`, `up_blocks[0]["upsamplers"][0]["conv"]`,
-`mid_block["resnets"][1]["time_emb_proj"]`. Leaves: `kernel` (convolutions `[kh, kw, C_in,
+`mid_block["resnets"][1]["time_emb_proj"]`, `mid_block["attentions"][0]["transformer_blocks"][0]
+["attn2"]["to_k"]` (the feed-forward's `ff.net.0.proj` and `ff.net.2` are `["ff"]["net"]["0"]
+["proj"]` and `["ff"]["net"]["2"]`: a dict, since `net.1` is a parameter-free dropout). Leaves: `kernel` (convolutions `[kh, kw, C_in,
 C_out]`, HWIO; dense `[in, out]`), `bias`, `scale` (GroupNorm) and `embedding` (the class table).
 `init` draws them as PyTorch's default initialisers do (weights and biases uniform in
 `+-1/sqrt(fan_in)`, GroupNorm scale 1 and shift 0, the class table standard normal), so a pofx
@@ -90,6 +114,16 @@ Kernels = kernels_lib.Kernels
 DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2D", None)
+# UNetConditionConfig (diffusers' UNet2DConditionModel): plain and cross-attention blocks.
+CROSS_DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
+CROSS_UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
+CROSS_MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
+# The fixed constants of diffusers' Transformer2DModel and BasicTransformerBlock as
+# UNet2DConditionModel builds them: the GroupNorm's eps, the LayerNorms' eps, the feed-forward
+# width multiple of GEGLU.
+TRANSFORMER_GROUP_NORM_EPS = 1e-6
+TRANSFORMER_LAYER_NORM_EPS = 1e-5
+FF_MULT = 4
 TIME_SCALE_SHIFTS = ("default", "scale_shift")
 TIME_EMBEDDING_TYPES = ("positional",)
 SAMPLING_TYPES = ("conv",)
@@ -173,50 +207,66 @@ class UNetConfig:
     return len(self.block_out_channels)
 
 
-def _allowed(name, value, allowed):
+def _allowed(name, value, allowed, cls="UNetConfig"):
   if value not in allowed:
-    raise ValueError(f"UNetConfig.{name}={value!r} is not supported; allowed: {list(allowed)}.")
+    raise ValueError(f"{cls}.{name}={value!r} is not supported; allowed: {list(allowed)}.")
 
 
-def _validate(c: UNetConfig) -> None:
+def _validate_common(c, cls: str, down_types, up_types, optional_ints) -> None:
+  """The checks both config classes share (`cls` names the class in the messages)."""
   n = len(c.block_out_channels)
   if n == 0:
-    raise ValueError("UNetConfig.block_out_channels is empty; give one channel count per resolution.")
+    raise ValueError(f"{cls}.block_out_channels is empty; give one channel count per resolution.")
   if len(c.down_block_types) != n or len(c.up_block_types) != n:
     raise ValueError(
-      f"UNetConfig: down_block_types ({len(c.down_block_types)}), up_block_types ({len(c.up_block_types)}) and "
+      f"{cls}: down_block_types ({len(c.down_block_types)}), up_block_types ({len(c.up_block_types)}) and "
       f"block_out_channels ({n}) must have the same length."
     )
-  for t in c.down_block_types:
-    if _block_kind(t) not in DOWN_BLOCK_TYPES:
-      raise ValueError(f"UNetConfig.down_block_types: {t!r} is not supported; supported: {list(DOWN_BLOCK_TYPES)}.")
-  for t in c.up_block_types:
-    if _block_kind(t) not in UP_BLOCK_TYPES:
-      raise ValueError(f"UNetConfig.up_block_types: {t!r} is not supported; supported: {list(UP_BLOCK_TYPES)}.")
-  _allowed("mid_block_type", c.mid_block_type, MID_BLOCK_TYPES)
-  _allowed("time_embedding_type", c.time_embedding_type, TIME_EMBEDDING_TYPES)
-  _allowed("downsample_type", c.downsample_type, SAMPLING_TYPES)
-  _allowed("upsample_type", c.upsample_type, SAMPLING_TYPES)
-  _allowed("resnet_time_scale_shift", c.resnet_time_scale_shift, TIME_SCALE_SHIFTS)
-  _allowed("act_fn", c.act_fn, ACTIVATIONS)
-  _allowed("class_embed_type", c.class_embed_type, (None,))
+  for name, types, allowed in (("down", c.down_block_types, down_types), ("up", c.up_block_types, up_types)):
+    for t in types:
+      if _block_kind(t) not in allowed:
+        hint = ""
+        if cls == "UNetConfig" and _block_kind(t) in CROSS_DOWN_BLOCK_TYPES + CROSS_UP_BLOCK_TYPES:
+          hint = " (cross-attention blocks: use a UNetConditionConfig)"
+        raise ValueError(f"{cls}.{name}_block_types: {t!r} is not supported; supported: {list(allowed)}{hint}.")
+  _allowed("resnet_time_scale_shift", c.resnet_time_scale_shift, TIME_SCALE_SHIFTS, cls)
+  _allowed("act_fn", c.act_fn, ACTIVATIONS, cls)
   positive = {"in_channels": c.in_channels, "out_channels": c.out_channels, "layers_per_block": c.layers_per_block}
   positive.update({f"block_out_channels[{i}]": ch for i, ch in enumerate(c.block_out_channels)})
   positive["norm_num_groups"] = c.norm_num_groups
-  for opt in ("time_embedding_dim", "attention_head_dim", "attn_norm_num_groups", "num_class_embeds"):
+  for opt in optional_ints:
     if getattr(c, opt) is not None:
       positive[opt] = getattr(c, opt)
   for name, v in positive.items():
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-      raise ValueError(f"UNetConfig.{name} must be a positive integer, got {v!r}.")
+      raise ValueError(f"{cls}.{name} must be a positive integer, got {v!r}.")
   if not isinstance(c.downsample_padding, (int, np.integer)) or c.downsample_padding < 0:
-    raise ValueError(f"UNetConfig.downsample_padding must be an integer >= 0, got {c.downsample_padding!r}.")
+    raise ValueError(f"{cls}.downsample_padding must be an integer >= 0, got {c.downsample_padding!r}.")
   for ch in c.block_out_channels:
     if ch % c.norm_num_groups:
       raise ValueError(
-        f"UNetConfig: norm_num_groups={c.norm_num_groups} must divide every entry of block_out_channels "
+        f"{cls}: norm_num_groups={c.norm_num_groups} must divide every entry of block_out_channels "
         f"{list(c.block_out_channels)}."
       )
+  if not (0.0 <= float(c.dropout) < 1.0):
+    raise ValueError(f"{cls}.dropout must be in [0, 1), got {c.dropout!r}.")
+  if not c.norm_eps > 0:
+    raise ValueError(f"{cls}.norm_eps must be positive, got {c.norm_eps!r}.")
+
+
+def _validate(c: UNetConfig) -> None:
+  _validate_common(
+    c,
+    "UNetConfig",
+    DOWN_BLOCK_TYPES,
+    UP_BLOCK_TYPES,
+    ("time_embedding_dim", "attention_head_dim", "attn_norm_num_groups", "num_class_embeds"),
+  )
+  _allowed("mid_block_type", c.mid_block_type, MID_BLOCK_TYPES)
+  _allowed("time_embedding_type", c.time_embedding_type, TIME_EMBEDDING_TYPES)
+  _allowed("downsample_type", c.downsample_type, SAMPLING_TYPES)
+  _allowed("upsample_type", c.upsample_type, SAMPLING_TYPES)
+  _allowed("class_embed_type", c.class_embed_type, (None,))
   attended = [ch for ch, t in zip(c.block_out_channels, c.down_block_types) if _block_kind(t) == "AttnDownBlock2D"]
   attended += [
     ch for ch, t in zip(reversed(c.block_out_channels), c.up_block_types) if _block_kind(t) == "AttnUpBlock2D"
@@ -234,10 +284,138 @@ def _validate(c: UNetConfig) -> None:
       f"UNetConfig: attn_norm_num_groups={c.attn_norm_num_groups} must divide block_out_channels[-1]="
       f"{c.block_out_channels[-1]}."
     )
-  if not (0.0 <= float(c.dropout) < 1.0):
-    raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {c.dropout!r}.")
-  if not c.norm_eps > 0:
-    raise ValueError(f"UNetConfig.norm_eps must be positive, got {c.norm_eps!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConditionConfig:
+  """diffusers' `UNet2DConditionModel` constructor arguments that pofx supports, with its names and
+  defaults: the U-Net of latent diffusion (Rombach et al. 2022, arXiv:2112.10752, section 3.3),
+  conditioned on a sequence `encoder_hidden_states [B, L, cross_attention_dim]` by cross-attention.
+  Frozen, hashable.
+
+  The same network as `UNetConfig`'s, with these differences (all diffusers'): the attention blocks
+  are `Transformer2DModel`s (`CrossAttnDownBlock2D`, `UNetMidBlock2DCrossAttn`,
+  `CrossAttnUpBlock2D`; see the module docstring); the time embedding MLP and the output use
+  `act_fn` (UNet2DModel: SiLU); the mid block is ResNet, transformer, ResNet.
+
+  `attention_head_dim` is, as in diffusers (a naming it keeps for compatibility), the NUMBER of
+  heads of each transformer, an int or one per resolution (down blocks in order; the mid block
+  takes the last, the up blocks the reversed tuple); each head has `channels // heads` channels.
+  `transformer_layers_per_block`: BasicTransformerBlocks per transformer (an int).
+  `use_linear_projection`: `proj_in`/`proj_out` are Linear layers over the channels (True) or 1x1
+  convolutions (False): the same map, stored in another shape.
+
+  Supported values (others are refused at construction, naming what is allowed): block types
+  `CROSS_DOWN_BLOCK_TYPES`, `CROSS_UP_BLOCK_TYPES`, mid block `CROSS_MID_BLOCK_TYPES`,
+  `resnet_time_scale_shift` "default" or "scale_shift", `act_fn` one of `ACTIVATIONS`. The other
+  arguments of `UNet2DConditionModel` (extra embeddings, dual or cross-only attention, other kernel
+  sizes, ...) keep diffusers' defaults (`pofx.diffusion.diffusers_io` refuses folders that change
+  them).
+  """
+
+  sample_size: Any = None
+  in_channels: int = 4
+  out_channels: int = 4
+  center_input_sample: bool = False
+  flip_sin_to_cos: bool = True
+  freq_shift: int = 0
+  down_block_types: Tuple[str, ...] = (
+    "CrossAttnDownBlock2D",
+    "CrossAttnDownBlock2D",
+    "CrossAttnDownBlock2D",
+    "DownBlock2D",
+  )
+  mid_block_type: Optional[str] = "UNetMidBlock2DCrossAttn"
+  up_block_types: Tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+  block_out_channels: Tuple[int, ...] = (320, 640, 1280, 1280)
+  layers_per_block: int = 2
+  downsample_padding: int = 1
+  mid_block_scale_factor: float = 1
+  dropout: float = 0.0
+  act_fn: str = "silu"
+  norm_num_groups: int = 32
+  norm_eps: float = 1e-5
+  cross_attention_dim: int = 1280
+  transformer_layers_per_block: int = 1
+  attention_head_dim: Any = 8
+  use_linear_projection: bool = False
+  num_class_embeds: Optional[int] = None
+  resnet_time_scale_shift: str = "default"
+  time_embedding_dim: Optional[int] = None
+
+  def __post_init__(self):
+    for name in ("down_block_types", "up_block_types", "block_out_channels"):
+      value = getattr(self, name)
+      if isinstance(value, str) or not hasattr(value, "__iter__"):
+        raise ValueError(f"UNetConditionConfig.{name} must be a sequence, got {value!r}.")
+      object.__setattr__(self, name, tuple(value))
+    for name in ("sample_size", "attention_head_dim"):
+      if isinstance(getattr(self, name), (list, tuple)):
+        object.__setattr__(self, name, tuple(getattr(self, name)))
+    _validate_condition(self)
+
+  @property
+  def time_embed_dim(self) -> int:
+    """T: the width of the time (and class) embedding."""
+    return self.time_embedding_dim or 4 * self.block_out_channels[0]
+
+  @property
+  def num_resolutions(self) -> int:
+    return len(self.block_out_channels)
+
+  @property
+  def head_counts(self) -> Tuple[int, ...]:
+    """The heads of each resolution's transformers (down-block order)."""
+    h = self.attention_head_dim
+    return tuple(h) if isinstance(h, tuple) else (h,) * self.num_resolutions
+
+
+def _validate_condition(c: UNetConditionConfig) -> None:
+  cls = "UNetConditionConfig"
+  _validate_common(
+    c,
+    cls,
+    CROSS_DOWN_BLOCK_TYPES,
+    CROSS_UP_BLOCK_TYPES,
+    ("time_embedding_dim", "num_class_embeds", "cross_attention_dim", "transformer_layers_per_block"),
+  )
+  _allowed("mid_block_type", c.mid_block_type, CROSS_MID_BLOCK_TYPES, cls)
+  if not isinstance(c.use_linear_projection, (bool, np.bool_)):
+    raise ValueError(f"{cls}.use_linear_projection must be True or False, got {c.use_linear_projection!r}.")
+  heads = c.attention_head_dim
+  if isinstance(heads, tuple) and len(heads) != c.num_resolutions:
+    raise ValueError(
+      f"{cls}.attention_head_dim (the number of heads, as diffusers names it) must be an int or one per "
+      f"resolution ({c.num_resolutions}), got {heads!r}."
+    )
+  for h in c.head_counts:
+    if not isinstance(h, (int, np.integer)) or isinstance(h, bool) or h < 1:
+      raise ValueError(
+        f"{cls}.attention_head_dim (the number of heads, as diffusers names it) must hold positive integers, "
+        f"got {heads!r}."
+      )
+  for i, ch in _transformer_channels(c):
+    if c.head_counts[i] > ch:
+      raise ValueError(
+        f"{cls}: attention_head_dim (heads)={c.head_counts[i]} exceeds a transformer's {ch} channels "
+        "(heads of zero width)."
+      )
+
+
+def _transformer_channels(c: UNetConditionConfig):
+  """(index into head_counts, channels) of every transformer of `c`."""
+  n = c.num_resolutions
+  down = zip(c.block_out_channels, c.down_block_types)
+  out = [(i, ch) for i, (ch, t) in enumerate(down) if _block_kind(t) == "CrossAttnDownBlock2D"]
+  up = zip(reversed(c.block_out_channels), c.up_block_types)
+  out += [(n - 1 - i, ch) for i, (ch, t) in enumerate(up) if _block_kind(t) == "CrossAttnUpBlock2D"]
+  if c.mid_block_type is not None:
+    out.append((n - 1, c.block_out_channels[-1]))
+  return out
+
+
+def _conditional(config) -> bool:
+  return isinstance(config, UNetConditionConfig)
 
 
 # Presets --------------------------------------------------------------------------------------
@@ -271,6 +449,21 @@ PRESETS = {
     attention_head_dim=32,
     num_class_embeds=10,
   ),
+  # The tiny preset with cross-attention instead of the class table: a transformer (2 heads) at
+  # the coarser resolution, in the mid block and in the first up block, attending to an 8-wide
+  # embedding sequence (the image world's prompts, pofx.diffusion.world.PromptEncoder).
+  "tiny_prompted": UNetConditionConfig(
+    sample_size=8,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(4, 8),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=2,
+    norm_num_groups=2,
+    cross_attention_dim=8,
+  ),
   # A larger model for accelerator throughput: DDPM's CIFAR-10 U-Net (arXiv:2006.11239,
   # Appendix B; diffusers' google/ddpm-cifar10-32 config) with a 10-class embedding.
   "large": UNetConfig(
@@ -291,8 +484,9 @@ PRESETS = {
 }
 
 
-def preset(name: str, **overrides) -> UNetConfig:
-  """A preset config (`PRESETS`), with fields replaced by `overrides`."""
+def preset(name: str, **overrides):
+  """A preset config (`PRESETS`: a `UNetConfig`, or a `UNetConditionConfig` for "tiny_prompted"),
+  with fields replaced by `overrides`."""
   if name not in PRESETS:
     raise ValueError(f"unknown U-Net preset {name!r}; known: {sorted(PRESETS)}.")
   return dataclasses.replace(PRESETS[name], **overrides)
@@ -307,20 +501,32 @@ def _heads(config: UNetConfig, channels: int) -> Tuple[int, int]:
   return channels // hd, hd
 
 
-def _down_specs(config: UNetConfig):
-  """Per down block: (has_attention, [(resnet in, out)], downsample?) in diffusers' order."""
+# The attention after each ResNet of a block: self-attention ("attn") or a transformer ("cross").
+_ATTENTION_KINDS = {
+  "AttnDownBlock2D": "attn",
+  "AttnUpBlock2D": "attn",
+  "CrossAttnDownBlock2D": "cross",
+  "CrossAttnUpBlock2D": "cross",
+}
+
+
+def _down_specs(config):
+  """Per down block: (attention kind: None, "attn" or "cross"; [(resnet in, out)]; downsample?;
+  transformer heads or None) in diffusers' order."""
   specs = []
   ch = config.block_out_channels[0]
   for i, kind in enumerate(config.down_block_types):
     out = config.block_out_channels[i]
     resnets = [(ch if j == 0 else out, out) for j in range(config.layers_per_block)]
-    specs.append((_block_kind(kind) == "AttnDownBlock2D", resnets, i < config.num_resolutions - 1))
+    attn = _ATTENTION_KINDS.get(_block_kind(kind))
+    heads = config.head_counts[i] if attn == "cross" else None
+    specs.append((attn, resnets, i < config.num_resolutions - 1, heads))
     ch = out
   return specs
 
 
-def _up_specs(config: UNetConfig):
-  """Per up block: (has_attention, [(resnet in incl. skip, out)], upsample?)."""
+def _up_specs(config):
+  """Per up block: (attention kind, [(resnet in incl. skip, out)], upsample?, transformer heads)."""
   rev = list(reversed(config.block_out_channels))
   n = len(rev)
   specs = []
@@ -330,7 +536,9 @@ def _up_specs(config: UNetConfig):
     skip_in = rev[min(i + 1, n - 1)]
     layers = config.layers_per_block + 1
     resnets = [((prev if j == 0 else out) + (skip_in if j == layers - 1 else out), out) for j in range(layers)]
-    specs.append((_block_kind(kind) == "AttnUpBlock2D", resnets, i < n - 1))
+    attn = _ATTENTION_KINDS.get(_block_kind(kind))
+    heads = config.head_counts[n - 1 - i] if attn == "cross" else None
+    specs.append((attn, resnets, i < n - 1, heads))
   return specs
 
 
@@ -392,18 +600,61 @@ def _attention_init(config, channels, groups):
   return p
 
 
-def _block_init(config, has_attn, resnets, resample, resampler_key):
+def _dense_init(din, dout, bias=True):
+  p = {"kernel": _Init("uniform", (din, dout), din)}
+  if bias:
+    p["bias"] = _Init("uniform", (dout,), din)
+  return p
+
+
+def _transformer_init(config, channels, heads):
+  """A `Transformer2DModel` (GroupNorm, proj_in, BasicTransformerBlocks, proj_out) over `channels`."""
+  inner = heads * (channels // heads)
+  proj = _dense_init if config.use_linear_projection else functools.partial(_conv_init, k=1)
+  D, F = config.cross_attention_dim, FF_MULT * inner
+
+  def attention(kv_dim):
+    # diffusers' Attention inside BasicTransformerBlock: no q/k/v biases (attention_bias=False).
+    return {
+      "to_q": _dense_init(inner, inner, bias=False),
+      "to_k": _dense_init(kv_dim, inner, bias=False),
+      "to_v": _dense_init(kv_dim, inner, bias=False),
+      "to_out": [_dense_init(inner, inner)],
+    }
+
+  def block():
+    return {
+      "norm1": _norm_init(inner),
+      "attn1": attention(inner),
+      "norm2": _norm_init(inner),
+      "attn2": attention(D),
+      "norm3": _norm_init(inner),
+      # FeedForward's ModuleList: net.0 the GEGLU projection, net.1 dropout, net.2 the output.
+      "ff": {"net": {"0": {"proj": _dense_init(inner, 2 * F)}, "2": _dense_init(F, inner)}},
+    }
+
+  return {
+    "norm": _norm_init(channels),
+    "proj_in": proj(channels, inner),
+    "transformer_blocks": [block() for _ in range(config.transformer_layers_per_block)],
+    "proj_out": proj(inner, channels),
+  }
+
+
+def _block_init(config, attn, resnets, resample, heads, resampler_key):
   """A down or up block's initialisers: its ResNets, their attentions, and its resampling conv."""
   block = {"resnets": [_resnet_init(config, i, o) for i, o in resnets]}
-  if has_attn:
+  if attn == "attn":
     block["attentions"] = [_attention_init(config, o, config.norm_num_groups) for _, o in resnets]
+  elif attn == "cross":
+    block["attentions"] = [_transformer_init(config, o, heads) for _, o in resnets]
   if resample:
     out = resnets[-1][1]
     block[resampler_key] = [{"conv": _conv_init(out, out)}]
   return block
 
 
-def _layout(config: UNetConfig) -> Params:
+def _layout(config) -> Params:
   """The parameter tree with an `_Init` at every leaf."""
   c0, temb = config.block_out_channels[0], config.time_embed_dim
   params = {
@@ -416,7 +667,9 @@ def _layout(config: UNetConfig) -> Params:
   if config.mid_block_type is not None:
     ch = config.block_out_channels[-1]
     mid = {"resnets": [_resnet_init(config, ch, ch), _resnet_init(config, ch, ch)]}
-    if config.add_attention:
+    if _conditional(config):
+      mid["attentions"] = [_transformer_init(config, ch, config.head_counts[-1])]
+    elif config.add_attention:
       mid["attentions"] = [_attention_init(config, ch, _mid_attention_groups(config))]
     params["mid_block"] = mid
   params["up_blocks"] = [_block_init(config, *spec, "upsamplers") for spec in _up_specs(config)]
@@ -425,7 +678,7 @@ def _layout(config: UNetConfig) -> Params:
   return params
 
 
-def init(config: UNetConfig, key: Array) -> Params:
+def init(config, key: Array) -> Params:
   """Fresh float32 parameters (PyTorch's default initialisers; see the module docstring). One
   uniform and one normal draw of `key` cover every parameter, so this is cheap to trace and
   compile."""
@@ -450,7 +703,7 @@ def init(config: UNetConfig, key: Array) -> Params:
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def param_shapes(config: UNetConfig) -> Params:
+def param_shapes(config) -> Params:
   """The parameter tree of `config` with a float32 `jax.ShapeDtypeStruct` at every leaf (no arrays made)."""
   layout = _layout(config)
   return jax.tree_util.tree_map(
@@ -458,7 +711,7 @@ def param_shapes(config: UNetConfig) -> Params:
   )
 
 
-def param_count(config: UNetConfig) -> int:
+def param_count(config) -> int:
   """The number of parameters."""
   return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(param_shapes(config))))
 
@@ -613,19 +866,74 @@ def _resnet(p, x, temb, *, config, kernels, dtype, scale_factor=1.0, dropout_key
   return out / scale_factor if scale_factor != 1.0 else out
 
 
+def _multi_head(q, k, v, heads: int, hd: int, kernels: Kernels, dtype):
+  """softmax(q k^T / sqrt(hd)) v per head: `q [B, Lq, heads hd]`, `k, v [B, Lk, heads hd]` ->
+  `[B, Lq, heads hd]`; both products through `kernels.dot_general`, scores and softmax float32."""
+  B, Lq, Lk = q.shape[0], q.shape[1], k.shape[1]
+  q, k, v = q.reshape(B, Lq, heads, hd), k.reshape(B, Lk, heads, hd), v.reshape(B, Lk, heads, hd)
+  scores = kernels.dot_general(q, k, (((3,), (3,)), ((0, 2), (0, 2))), preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(scores * (1.0 / math.sqrt(hd)), axis=-1).astype(dtype)  # [B, heads, Lq, Lk]
+  o = kernels.dot_general(probs, v, (((3,), (1,)), ((0, 1), (0, 2))))  # [B, heads, Lq, hd]
+  return o.astype(dtype).transpose(0, 2, 1, 3).reshape(B, Lq, heads * hd)
+
+
 def _attention(p, x, *, config, kernels, dtype, groups, rescale=1.0):
   B, H, W, C = x.shape
   heads, hd = _heads(config, C)
   h = group_norm(x, p["group_norm"], groups, config.norm_eps, dtype) if groups is not None else x.astype(dtype)
   h = h.reshape(B, H * W, C)
-  q, k, v = (_linear(h, p[n], kernels, dtype).reshape(B, H * W, heads, hd) for n in ("to_q", "to_k", "to_v"))
-  scores = kernels.dot_general(q, k, (((3,), (3,)), ((0, 2), (0, 2))), preferred_element_type=jnp.float32)
-  probs = jax.nn.softmax(scores * (1.0 / math.sqrt(hd)), axis=-1).astype(dtype)  # [B, heads, Lq, Lk]
-  o = kernels.dot_general(probs, v, (((3,), (1,)), ((0, 1), (0, 2))))  # [B, heads, Lq, hd]
-  o = o.astype(dtype).transpose(0, 2, 1, 3).reshape(B, H * W, heads * hd)
+  q, k, v = (_linear(h, p[n], kernels, dtype) for n in ("to_q", "to_k", "to_v"))
+  o = _multi_head(q, k, v, heads, hd, kernels, dtype)
   o = _linear(o, p["to_out"][0], kernels, dtype).reshape(B, H, W, C)
   out = o + x.astype(dtype)
   return out / rescale if rescale != 1.0 else out
+
+
+def layer_norm(x: Array, p: Params, eps: float, dtype) -> Array:
+  """LayerNorm over the last axis (Ba et al. 2016, arXiv:1607.06450) with float32 statistics
+  (biased variance): `(x - mean) / sqrt(var + eps) * scale + bias`, result in `dtype`."""
+  x = x.astype(jnp.float32)
+  mean = x.mean(axis=-1, keepdims=True)
+  var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
+  y = (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+  return y.astype(dtype)
+
+
+def _projection(x, p, kernels, dtype):
+  """A bias-free (or biased) dense layer: `x W (+ b)`."""
+  y = kernels.dense(x, p["kernel"], dtype)
+  return y + p["bias"].astype(dtype) if "bias" in p else y
+
+
+def _transformer_block(p, h, context, heads, hd, *, kernels, dtype):
+  """diffusers' `BasicTransformerBlock` ("layer_norm"): self-attention, cross-attention on
+  `context`, GEGLU feed-forward, each on a LayerNorm of the running sequence and added to it."""
+  eps = TRANSFORMER_LAYER_NORM_EPS
+  for name, source in (("attn1", None), ("attn2", context)):
+    a, n = p[name], layer_norm(h, p["norm1" if name == "attn1" else "norm2"], eps, dtype)
+    kv = n if source is None else source
+    q, k, v = (_projection(x, a[w], kernels, dtype) for x, w in ((n, "to_q"), (kv, "to_k"), (kv, "to_v")))
+    h = h + _linear(_multi_head(q, k, v, heads, hd, kernels, dtype), a["to_out"][0], kernels, dtype)
+  n = layer_norm(h, p["norm3"], eps, dtype)
+  value, gate = jnp.split(_linear(n, p["ff"]["net"]["0"]["proj"], kernels, dtype), 2, axis=-1)
+  ff = value * jax.nn.gelu(gate.astype(jnp.float32), approximate=False).astype(dtype)
+  return h + _linear(ff, p["ff"]["net"]["2"], kernels, dtype)
+
+
+def _transformer(p, x, context, heads, *, config, kernels, dtype):
+  """diffusers' `Transformer2DModel` on NHWC `x` with `context [B, L, D]` (module docstring)."""
+  B, H, W, C = x.shape
+  hd = C // heads
+  inner = heads * hd
+  h = group_norm(x, p["norm"], config.norm_num_groups, TRANSFORMER_GROUP_NORM_EPS, dtype)
+  # A 1x1 convolution and a Linear over the channels are the same product (`_pointwise` and
+  # `_linear`); only the stored kernel's shape differs.
+  project = _linear if config.use_linear_projection else _pointwise
+  h = project(h, p["proj_in"], kernels, dtype).reshape(B, H * W, inner)
+  for block in p["transformer_blocks"]:
+    h = _transformer_block(block, h, context, heads, hd, kernels=kernels, dtype=dtype)
+  h = project(h.reshape(B, H, W, inner), p["proj_out"], kernels, dtype)
+  return h + x.astype(dtype)
 
 
 def _downsample(p, x, *, config, kernels, dtype):
@@ -639,7 +947,7 @@ def _upsample(p, x, *, kernels, dtype):
   return _conv(x, p["conv"], kernels, dtype)
 
 
-def _check_inputs(config, sample, timesteps, class_labels):
+def _check_inputs(config, sample, timesteps, class_labels, encoder_hidden_states):
   if sample.ndim != 4 or sample.shape[-1] != config.in_channels:
     raise ValueError(f"unet.apply: sample must be [B, H, W, {config.in_channels}] (NHWC), got {sample.shape}.")
   B, H, W, _ = sample.shape
@@ -657,6 +965,24 @@ def _check_inputs(config, sample, timesteps, class_labels):
       )
   elif class_labels is not None:
     raise ValueError("unet.apply: class_labels given but the U-Net has no class embedding (num_class_embeds is None).")
+  if _conditional(config):
+    D = config.cross_attention_dim
+    if encoder_hidden_states is None:
+      raise ValueError(
+        f"unet.apply: this U-Net (UNetConditionConfig) cross-attends to encoder_hidden_states [B, L, {D}]; pass them."
+      )
+    e = encoder_hidden_states
+    if e.ndim != 3 or e.shape[0] != B or e.shape[2] != D or e.shape[1] < 1:
+      raise ValueError(
+        f"unet.apply: encoder_hidden_states must be [B={B}, L>=1, cross_attention_dim={D}], got {e.shape}."
+      )
+    if not jnp.issubdtype(e.dtype, jnp.floating):
+      raise ValueError(f"unet.apply: encoder_hidden_states must be floats, got {e.dtype}.")
+  elif encoder_hidden_states is not None:
+    raise ValueError(
+      "unet.apply: encoder_hidden_states given but this U-Net (UNetConfig) has no cross-attention; "
+      "use a UNetConditionConfig."
+    )
 
 
 def apply(
@@ -665,43 +991,58 @@ def apply(
   timesteps: Array,
   class_labels: Optional[Array] = None,
   *,
-  config: UNetConfig,
+  config,
   kernels: Kernels = kernels_lib.XLA,
   compute_dtype=None,
   dropout_key: Optional[Array] = None,
+  encoder_hidden_states: Optional[Array] = None,
 ) -> Array:
   """The prediction `[B, H, W, out_channels]` float32 for `sample [B, H, W, in_channels]` (NHWC),
-  `timesteps [B]` (int or float; a scalar is broadcast) and `class_labels [B]` int (required when
-  `num_class_embeds` is set, refused otherwise). See the module docstring for the network."""
+  `timesteps [B]` (int or float; a scalar is broadcast), `class_labels [B]` int (required when
+  `num_class_embeds` is set, refused otherwise) and, for a `UNetConditionConfig` (required there,
+  refused otherwise), `encoder_hidden_states [B, L, cross_attention_dim]`. See the module
+  docstring for the network."""
   sample, timesteps = jnp.asarray(sample), jnp.asarray(timesteps)
   class_labels = None if class_labels is None else jnp.asarray(class_labels)
-  _check_inputs(config, sample, timesteps, class_labels)
+  context = None if encoder_hidden_states is None else jnp.asarray(encoder_hidden_states)
+  _check_inputs(config, sample, timesteps, class_labels, context)
   dtype = _dtype(compute_dtype)
+  cond = _conditional(config)
+  if cond:
+    context = context.astype(dtype)
   B = sample.shape[0]
   timesteps = jnp.broadcast_to(timesteps, (B,))
-  n_resnets = sum(len(r) for _, r, _ in _down_specs(config) + _up_specs(config)) + 2
+  n_resnets = sum(len(spec[1]) for spec in _down_specs(config) + _up_specs(config)) + 2
   drop_keys = iter(jax.random.split(dropout_key, n_resnets)) if dropout_key is not None else None
   next_drop = (lambda: next(drop_keys)) if drop_keys is not None else (lambda: None)
+  # UNet2DConditionModel uses act_fn in the time embedding MLP and before conv_out; UNet2DModel SiLU.
+  act = _ACT[config.act_fn] if cond else jax.nn.silu
 
   # Time and class embedding.
   c0 = config.block_out_channels[0]
   t = timestep_embedding(timesteps, c0, config.flip_sin_to_cos, config.freq_shift).astype(dtype)
   te = params["time_embedding"]
-  emb = _linear(jax.nn.silu(_linear(t, te["linear_1"], kernels, dtype)), te["linear_2"], kernels, dtype)
+  emb = _linear(act(_linear(t, te["linear_1"], kernels, dtype)), te["linear_2"], kernels, dtype)
   if config.num_class_embeds is not None:
     emb = emb + jnp.take(params["class_embedding"]["embedding"], class_labels, axis=0).astype(dtype)
 
   kw = dict(config=config, kernels=kernels, dtype=dtype)
+
+  def attend(p, h, attn, heads):
+    if attn == "cross":
+      return _transformer(p, h, context, heads, **kw)
+    return _attention(p, h, groups=config.norm_num_groups, **kw)
+
   x = sample.astype(jnp.float32)
   if config.center_input_sample:
     x = 2 * x - 1.0
   h = _conv(x, params["conv_in"], kernels, dtype)
   skips = [h]
-  for block, (has_attn, resnets, downsample) in zip(params["down_blocks"], _down_specs(config)):
+  for block, (attn, resnets, downsample, heads) in zip(params["down_blocks"], _down_specs(config)):
     for j in range(len(resnets)):
       h = _resnet(block["resnets"][j], h, emb, dropout_key=next_drop(), **kw)
-      if has_attn:
-        h = _attention(block["attentions"][j], h, groups=config.norm_num_groups, **kw)
+      if attn:
+        h = attend(block["attentions"][j], h, attn, heads)
       skips.append(h)
     if downsample:
       h = _downsample(block["downsamplers"][0], h, **kw)
@@ -710,36 +1051,49 @@ def apply(
   if config.mid_block_type is not None:
     mid, s = params["mid_block"], float(config.mid_block_scale_factor)
     h = _resnet(mid["resnets"][0], h, emb, scale_factor=s, dropout_key=next_drop(), **kw)
-    if config.add_attention:
+    if cond:
+      h = _transformer(mid["attentions"][0], h, context, config.head_counts[-1], **kw)
+    elif config.add_attention:
       h = _attention(mid["attentions"][0], h, groups=_mid_attention_groups(config), rescale=s, **kw)
     h = _resnet(mid["resnets"][1], h, emb, scale_factor=s, dropout_key=next_drop(), **kw)
 
-  for block, (has_attn, resnets, upsample) in zip(params["up_blocks"], _up_specs(config)):
+  for block, (attn, resnets, upsample, heads) in zip(params["up_blocks"], _up_specs(config)):
     for j in range(len(resnets)):
       h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
       h = _resnet(block["resnets"][j], h, emb, dropout_key=next_drop(), **kw)
-      if has_attn:
-        h = _attention(block["attentions"][j], h, groups=config.norm_num_groups, **kw)
+      if attn:
+        h = attend(block["attentions"][j], h, attn, heads)
     if upsample:
       h = _upsample(block["upsamplers"][0], h, kernels=kernels, dtype=dtype)
 
-  h = jax.nn.silu(group_norm(h, params["conv_norm_out"], config.norm_num_groups, config.norm_eps, dtype))
+  h = act(group_norm(h, params["conv_norm_out"], config.norm_num_groups, config.norm_eps, dtype))
   return _conv(h, params["conv_out"], kernels, dtype).astype(jnp.float32)
 
 
 # FLOPs ----------------------------------------------------------------------------------------
 
 
-def flops(config: UNetConfig, batch: int, height: Optional[int] = None, width: Optional[int] = None) -> int:
-  """FLOPs of one forward pass over `batch` images of `height x width` (default `sample_size`).
+def flops(
+  config,
+  batch: int,
+  height: Optional[int] = None,
+  width: Optional[int] = None,
+  context_length: Optional[int] = None,
+) -> int:
+  """FLOPs of one forward pass over `batch` images of `height x width` (default `sample_size`),
+  cross-attending (a `UNetConditionConfig`) to `context_length` embeddings.
 
   Multiply-adds count 2: a KxK convolution from C_in to C_out channels with an Ho x Wo output
   costs `2 Ho Wo K^2 C_in C_out` per image, a dense product `[M, K] . [K, N]` `2 M K N`, and an
   attention block over L = H W positions with `heads x hd = inner` costs its four projections
-  `4 x 2 L C inner` plus `2 x 2 L^2 inner` for the scores and the weighted values. The time
-  embedding MLP (`2 (C0 T + T T)`) and each ResNet block's time projection (`2 T C_out`, twice that
-  with "scale_shift") are counted per image. Norms, activations, softmax, additions, the class
-  lookup and the sinusoidal embedding are elementwise and not counted.
+  `4 x 2 L C inner` plus `2 x 2 L^2 inner` for the scores and the weighted values. A transformer
+  over C channels (inner width I, context length S of width D) costs `2 x 2 L C I` for proj_in and
+  proj_out and per BasicTransformerBlock: self-attention `4 x 2 L I^2 + 2 x 2 L^2 I`,
+  cross-attention `2 x 2 L I^2 + 2 x 2 S D I + 2 x 2 L S I`, the GEGLU feed-forward
+  `2 L I (8 I) + 2 L (4 I) I`. The time embedding MLP (`2 (C0 T + T T)`) and each ResNet block's
+  time projection (`2 T C_out`, twice that with "scale_shift") are counted per image. Norms,
+  activations, softmax, additions, the class lookup and the sinusoidal embedding are elementwise
+  and not counted.
   """
   if height is None or width is None:
     s = config.sample_size
@@ -747,6 +1101,8 @@ def flops(config: UNetConfig, batch: int, height: Optional[int] = None, width: O
       raise ValueError("unet.flops: the config has no sample_size; pass height and width.")
     hh, ww = (s, s) if isinstance(s, int) else tuple(s)
     height, width = height or hh, width or ww
+  if _conditional(config) and context_length is None:
+    raise ValueError("unet.flops: a UNetConditionConfig cross-attends; pass context_length (L of [B, L, D]).")
   T, c0 = config.time_embed_dim, config.block_out_channels[0]
   tproj = T * (2 if config.resnet_time_scale_shift == "scale_shift" else 1)
 
@@ -762,20 +1118,36 @@ def flops(config: UNetConfig, batch: int, height: Optional[int] = None, width: O
     inner = heads * hd
     return 4 * 2 * hw * ch * inner + 2 * 2 * hw * hw * inner
 
+  def transformer(hw, ch, heads):
+    i, S, D = heads * (ch // heads), context_length, config.cross_attention_dim
+    self_attn = 4 * 2 * hw * i * i + 2 * 2 * hw * hw * i
+    cross_attn = 2 * 2 * hw * i * i + 2 * 2 * S * D * i + 2 * 2 * hw * S * i
+    ff = 2 * hw * i * (2 * FF_MULT * i) + 2 * hw * (FF_MULT * i) * i
+    return 2 * 2 * hw * ch * i + config.transformer_layers_per_block * (self_attn + cross_attn + ff)
+
+  def attend(hw, ch, attn, heads):
+    if attn == "cross":
+      return transformer(hw, ch, heads)
+    return attention(hw, ch) if attn else 0
+
   H, W = height, width
   total = 2 * (c0 * T + T * T) + conv(H * W, config.in_channels, c0)
-  for has_attn, resnets, downsample in _down_specs(config):
+  for attn, resnets, downsample, heads in _down_specs(config):
     for cin, cout in resnets:
-      total += resnet(H * W, cin, cout) + (attention(H * W, cout) if has_attn else 0)
+      total += resnet(H * W, cin, cout) + attend(H * W, cout, attn, heads)
     if downsample:
       H, W = (H + 1) // 2, (W + 1) // 2
       total += conv(H * W, resnets[-1][1], resnets[-1][1])
   if config.mid_block_type is not None:
     ch = config.block_out_channels[-1]
-    total += 2 * resnet(H * W, ch, ch) + (attention(H * W, ch) if config.add_attention else 0)
-  for has_attn, resnets, upsample in _up_specs(config):
+    total += 2 * resnet(H * W, ch, ch)
+    if _conditional(config):
+      total += transformer(H * W, ch, config.head_counts[-1])
+    elif config.add_attention:
+      total += attention(H * W, ch)
+  for attn, resnets, upsample, heads in _up_specs(config):
     for cin, cout in resnets:
-      total += resnet(H * W, cin, cout) + (attention(H * W, cout) if has_attn else 0)
+      total += resnet(H * W, cin, cout) + attend(H * W, cout, attn, heads)
     if upsample:
       H, W = 2 * H, 2 * W
       total += conv(H * W, resnets[-1][1], resnets[-1][1])
@@ -791,20 +1163,23 @@ class UNet:
   """A config, kernels and compute dtype bound to the pure functions (hashable: usable as a static
   argument of `jax.jit`).
 
-  `init(key) -> params`; `apply(params, sample, timesteps, class_labels=None, *, dropout_key=None)
-  -> prediction`; `denoise(params, x_t, timesteps, cond) -> prediction` (the denoiser protocol
-  the samplers, pair errors and methods call: `cond` is the class labels `[B]`, or None for an
-  unconditional U-Net); `flops(batch)`.
+  `init(key) -> params`; `apply(params, sample, timesteps, class_labels=None, *, dropout_key=None,
+  encoder_hidden_states=None) -> prediction`; `denoise(params, x_t, timesteps, cond) ->
+  prediction` (the denoiser protocol the samplers, pair errors and methods call). `cond` is, for a
+  `UNetConfig`, the class labels `[B]` (None for an unconditional U-Net); for a
+  `UNetConditionConfig`, the embedding sequence `encoder_hidden_states [B, L, cross_attention_dim]`
+  (or the pair `(encoder_hidden_states, class_labels)` when it also has `num_class_embeds`).
+  `flops(batch, context_length=None)` (the context length is needed by a UNetConditionConfig).
   """
 
-  config: UNetConfig
+  config: Any
   kernels: Kernels = kernels_lib.XLA
   compute_dtype: Optional[str] = None
 
   def init(self, key: Array) -> Params:
     return init(self.config, key)
 
-  def apply(self, params, sample, timesteps, class_labels=None, *, dropout_key=None) -> Array:
+  def apply(self, params, sample, timesteps, class_labels=None, *, dropout_key=None, encoder_hidden_states=None):
     return apply(
       params,
       sample,
@@ -814,17 +1189,50 @@ class UNet:
       kernels=self.kernels,
       compute_dtype=self.compute_dtype,
       dropout_key=dropout_key,
+      encoder_hidden_states=encoder_hidden_states,
     )
 
-  def denoise(self, params: Params, x_t: Array, timesteps: Array, cond: Optional[Array]) -> Array:
-    return self.apply(params, x_t, timesteps, cond)
+  def denoise(self, params: Params, x_t: Array, timesteps: Array, cond) -> Array:
+    if not _conditional(self.config):
+      return self.apply(params, x_t, timesteps, cond)
+    if self.config.num_class_embeds is not None:
+      if not isinstance(cond, (tuple, list)) or len(cond) != 2:
+        raise ValueError(
+          "UNet.denoise: this UNetConditionConfig has num_class_embeds; cond must be (encoder_hidden_states "
+          "[B, L, D], class_labels [B])."
+        )
+      return self.apply(params, x_t, timesteps, cond[1], encoder_hidden_states=cond[0])
+    return self.apply(params, x_t, timesteps, encoder_hidden_states=cond)
 
-  def flops(self, batch: int) -> int:
-    return flops(self.config, batch)
+  def flops(self, batch: int, context_length: Optional[int] = None) -> int:
+    return flops(self.config, batch, context_length=context_length)
 
 
-def make(config: UNetConfig, kernels: Kernels = kernels_lib.XLA, compute_dtype=None) -> UNet:
-  """Binds `config`, `kernels` (`pofx.kernels.Kernels`, XLA's by default) and `compute_dtype`
-  (None: float32) into a `UNet` record."""
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+  """A `UNet` of a `UNetConditionConfig` behind a fixed (untrained) encoder of its condition:
+  `denoise(params, x_t, timesteps, cond)` cross-attends to `encoder(cond)` `[B, L, D]` (e.g. the
+  image world's `PromptEncoder`, class labels -> prompt embeddings), so that callers pass `cond`
+  as for a class-conditional U-Net. `encoder` must be hashable (a frozen dataclass); its output is
+  a constant of the traced function, never a parameter. `init` and `flops` are the U-Net's."""
+
+  unet: UNet
+  encoder: Any
+
+  def init(self, key: Array) -> Params:
+    return self.unet.init(key)
+
+  def denoise(self, params: Params, x_t: Array, timesteps: Array, cond) -> Array:
+    return self.unet.denoise(params, x_t, timesteps, self.encoder(cond))
+
+  def flops(self, batch: int, context_length: Optional[int] = None) -> int:
+    return self.unet.flops(batch, context_length=context_length)
+
+
+def make(config, kernels: Kernels = kernels_lib.XLA, compute_dtype=None) -> UNet:
+  """Binds `config` (a `UNetConfig` or `UNetConditionConfig`), `kernels` (`pofx.kernels.Kernels`,
+  XLA's by default) and `compute_dtype` (None: float32) into a `UNet` record."""
+  if not isinstance(config, (UNetConfig, UNetConditionConfig)):
+    raise ValueError(f"unet.make: config must be a UNetConfig or UNetConditionConfig, got {type(config).__name__}.")
   name = None if compute_dtype is None else _dtype(compute_dtype).name
   return UNet(config=config, kernels=kernels, compute_dtype=name)

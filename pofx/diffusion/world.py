@@ -38,6 +38,16 @@ Labels, all on the gold reward:
   clean image at each step of two trajectories, and a Bradley-Terry label per step
   (`stepwise_labels`).
 
+Prompts (for a cross-attention denoiser, `pofx.diffusion.unet.UNetConditionConfig`). The prompt of
+class c is the two-token sequence `("bold", DIGIT_WORDS[c])`: the style request the gold reward's
+ink term rewards, and the digit. `PromptEncoder(seed, dim)` is the world's fixed text encoder: a
+table of `len(PROMPT_VOCAB)` rows of `dim` standard-normal entries drawn from the seed (a stream of
+its own), not trained; a prompt's embedding sequence `[L=2, dim]` is its tokens' rows (no position
+term: the two tokens are of different kinds). `encoder(labels)` maps class labels `[B]` to
+`[B, 2, dim]`, so the program passes class labels everywhere and the denoiser cross-attends to
+the prompt (Rombach et al. 2022, arXiv:2112.10752, section 3.3: a frozen encoder tau of the
+prompt, attended to by the U-Net).
+
 Train / held-out split: a permutation of the images drawn from the seed sends `eval_fraction` of
 them to the held-out split (`eval_images`, `eval_labels`), which the classifier and the denoiser
 never see; the Fréchet distance compares samples with it.
@@ -57,6 +67,40 @@ import threadpoolctl
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (8, 8, 1)
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+PROMPT_VOCAB = ("bold",) + DIGIT_WORDS
+
+
+def prompt_tokens(labels) -> np.ndarray:
+  """The token ids `[B, 2]` (into `PROMPT_VOCAB`) of the prompts of classes `labels [B]`: ("bold", digit)."""
+  y = np.asarray(labels)
+  y = _check_labels(y, len(y) if y.ndim == 1 else 0)
+  return np.stack([np.full_like(y, PROMPT_VOCAB.index("bold")), y + PROMPT_VOCAB.index("zero")], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptEncoder:
+  """The world's fixed prompt encoder (module docstring): class labels `[B]` -> the embedding
+  sequence `[B, 2, dim]` float32 of their prompts. Hashable; the table is drawn from `seed`."""
+
+  seed: int
+  dim: int
+
+  def __post_init__(self):
+    if not isinstance(self.dim, (int, np.integer)) or isinstance(self.dim, bool) or self.dim < 1:
+      raise ValueError(f"PromptEncoder.dim must be a positive integer, got {self.dim!r}.")
+
+  def table(self) -> np.ndarray:
+    """`[len(PROMPT_VOCAB), dim]` standard-normal float32, from `seed` (its own stream)."""
+    return np.random.default_rng([self.seed, 2112]).standard_normal((len(PROMPT_VOCAB), self.dim)).astype(np.float32)
+
+  def class_embeddings(self) -> np.ndarray:
+    """`[NUM_CLASSES, 2, dim]`: the embedding sequence of every class's prompt."""
+    return self.table()[prompt_tokens(np.arange(NUM_CLASSES))]
+
+  def __call__(self, labels):
+    """`[B, 2, dim]` float32 (a JAX array: usable inside a jitted denoiser) of class labels `[B]` int."""
+    return jax.numpy.take(jax.numpy.asarray(self.class_embeddings()), labels, axis=0)
 
 
 @dataclasses.dataclass(frozen=True)

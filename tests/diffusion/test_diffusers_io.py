@@ -142,7 +142,7 @@ def _write(name, text):
 BAD_FOLDERS = {
   "no config": (_remove("config.json"), "no config.json"),
   "not json": (_write("config.json", "{"), "not valid JSON"),
-  "other model": (_edit_config(_class_name="UNet2DConditionModel"), "_class_name is 'UNet2DConditionModel'"),
+  "other model": (_edit_config(_class_name="UNet1DModel"), "_class_name is 'UNet1DModel'"),
   "unknown key": (_edit_config(cross_attention_dim=64), r"unknown UNet2DModel config keys \['cross_attention_dim'\]"),
   "unsupported block": (
     _edit_config(down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"]),

@@ -122,3 +122,23 @@ def test_bad_inputs_named(world):
     world.gold_reward(np.zeros((2, 8, 8, 1), np.float32), np.array([0.0, 1.0]))
   with pytest.raises(ValueError, match="eval_fraction"):
     world_lib.ImageWorldConfig(eval_fraction=1.0)
+
+
+def test_prompt_encoder_embeds_bold_and_the_digit():
+  """The prompt of class c is ("bold", DIGIT_WORDS[c]); its embedding rows are the documented draw:
+  standard normal `[11, dim]` from numpy's generator seeded [seed, 2112], row 0 "bold", row 1 + c the digit."""
+  assert world_lib.PROMPT_VOCAB[0] == "bold" and world_lib.PROMPT_VOCAB[1 + 3] == "three"
+  np.testing.assert_array_equal(world_lib.prompt_tokens(np.array([3, 0, 9])), [[0, 4], [0, 1], [0, 10]])
+  encoder = world_lib.PromptEncoder(seed=5, dim=4)
+  rows = np.random.default_rng([5, 2112]).standard_normal((11, 4)).astype(np.float32)
+  labels = np.array([7, 2, 7], np.int32)
+  got = np.asarray(jax.jit(encoder)(labels))
+  assert got.shape == (3, 2, 4) and got.dtype == np.float32
+  np.testing.assert_array_equal(got[:, 0], np.stack([rows[0]] * 3))
+  np.testing.assert_array_equal(got[:, 1], rows[[8, 3, 8]])
+  assert not np.allclose(np.asarray(world_lib.PromptEncoder(seed=6, dim=4)(labels)), got)
+  assert hash(encoder) == hash(world_lib.PromptEncoder(seed=5, dim=4))  # usable in a static jit argument
+  with pytest.raises(ValueError, match="labels must be"):
+    world_lib.prompt_tokens(np.array([10]))
+  with pytest.raises(ValueError, match="dim must be a positive integer"):
+    world_lib.PromptEncoder(seed=0, dim=0)
