@@ -234,10 +234,14 @@ def test_peft_round_trip(tmp_path):
   np.testing.assert_allclose(np.asarray(merged["layers_1"]["mlp"]["up_proj"]["kernel"]).T, w, atol=1e-6)
 
 
-def test_program_trains_lora_with_adapters_off_reference(seed_dir, tmp_path):
-  """`python -m experiments.main` at :tiny with LoRA and reference adapters_off, from the session's
-  SFT base: the final params and the checkpoints hold the adapters only, the PEFT directory loads
-  back to them, and the trained adapters moved B away from 0."""
+def test_program_trains_lora_with_adapters_off_reference_and_dropout(seed_dir, tmp_path):
+  """`python -m experiments.main` at :tiny with LoRA (`train.lora.dropout=0.1`) and reference
+  adapters_off, from the session's SFT base: it trains (finite losses, B moved away from 0, KL to
+  the base finite and positive), the final params and the checkpoints hold the adapters only, the
+  PEFT directory loads back to them and records the rank, targets and dropout rate; validation
+  refuses adapters_off without LoRA, a frozen reference with it, an unknown target and a dropout
+  rate of 1. (Without dropout the step folds the adapters into the kernels instead: the step
+  tests above train both forms.)"""
   from configs import validate
   from experiments import lora_io
   from tests.program import _config, _final_params, _main, _seed_from
@@ -246,14 +250,19 @@ def test_program_trains_lora_with_adapters_off_reference(seed_dir, tmp_path):
   _seed_from(seed_dir, work)  # the SFT base, the data and the kernel-backend record
   flags = ["--config.train.lora.enabled=True", "--config.train.reference.kind=adapters_off"]
   flags += ["--config.train.lora.rank=2", "--config.train.lora.targets=q_proj,v_proj,down_proj"]
+  flags += ["--config.train.lora.dropout=0.1"]
   out = _main(["--config=configs/dpo.py:tiny", f"--workdir={work}", "--noprogress", *flags])
   assert out.returncode == 0, out.stderr[-3000:]
   final = _final_params(work)
   assert set(final) == {"layers_0", "layers_1"} and set(final["layers_0"]["attn"]) == {"q_proj", "v_proj"}
   adapters, spec = lora_io.load_adapters(str(work / "adapters"), 2)
   assert (spec.rank, spec.targets) == (2, ("down_proj", "q_proj", "v_proj"))
+  assert spec.dropout == pytest.approx(0.1)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), adapters, final)
   assert np.max(np.abs(final["layers_1"]["mlp"]["down_proj"]["b"])) > 0
+  rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+  losses = [r["loss"] for r in rows if r.get("stage") == "train" and "loss" in r]
+  assert losses and all(np.isfinite(losses))
   summary = json.load(open(work / "summary.json"))
   assert np.isfinite(summary["kl_to_base"]) and summary["kl_to_base"] > 0
   c = _config("dpo", "tiny")
@@ -265,6 +274,9 @@ def test_program_trains_lora_with_adapters_off_reference(seed_dir, tmp_path):
     validate.validate(c)
   c.train.reference.kind, c.train.lora.targets = "adapters_off", "q_proj,qkv"
   with pytest.raises(ValueError, match="lora.targets"):
+    validate.validate(c)
+  c.train.lora.targets, c.train.lora.dropout = "q_proj", 1.0
+  with pytest.raises(ValueError, match=r"train.lora.dropout=1.0 is not allowed; allowed: a number in \[0, 1\)"):
     validate.validate(c)
 
 
@@ -419,33 +431,3 @@ def test_dropout_branch_matches_peft_lora_layer():
     want = layer(torch.tensor(x)).numpy()
   got = llama.projection(jnp.asarray(x), _branch_leaf(w0, a, b, alpha, p), jnp.float32, kernels.XLA, key)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-
-
-def test_program_trains_lora_with_dropout(seed_dir, tmp_path):
-  """`python -m experiments.main` at :tiny with `train.lora.dropout=0.1`: it trains (B moved, finite
-  metrics), the PEFT config records the rate, and validation refuses a rate of 1."""
-  from configs import validate
-  from experiments import lora_io
-  from tests.program import _config, _final_params, _main, _seed_from
-
-  work = tmp_path / "lora_dropout"
-  _seed_from(seed_dir, work)
-  flags = ["--config.train.lora.enabled=True", "--config.train.reference.kind=adapters_off"]
-  flags += [
-    "--config.train.lora.rank=2",
-    "--config.train.lora.targets=q_proj,down_proj",
-    "--config.train.lora.dropout=0.1",
-  ]
-  out = _main(["--config=configs/dpo.py:tiny", f"--workdir={work}", "--noprogress", *flags])
-  assert out.returncode == 0, out.stderr[-3000:]
-  final = _final_params(work)
-  assert np.max(np.abs(final["layers_1"]["mlp"]["down_proj"]["b"])) > 0
-  _, spec = lora_io.load_adapters(str(work / "adapters"), 2)
-  assert spec.dropout == pytest.approx(0.1)
-  rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
-  losses = [r["loss"] for r in rows if r.get("stage") == "train" and "loss" in r]
-  assert losses and all(np.isfinite(losses))
-  c = _config("dpo", "tiny")
-  c.train.lora.enabled, c.train.reference.kind, c.train.lora.dropout = True, "adapters_off", 1.0
-  with pytest.raises(ValueError, match=r"train.lora.dropout=1.0 is not allowed; allowed: a number in \[0, 1\)"):
-    validate.validate(c)
