@@ -92,6 +92,12 @@ def test_merge_then_unmerge_restores_base(base):
   back = lora.unmerge(merged, adapters, spec)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=0), back, base)
   assert merged["embed"]["embedding"] is base["embed"]["embedding"]  # untargeted leaves untouched
+  # Adapters for some blocks only (PEFT's layers_to_transform): the other blocks stay the base's.
+  partial = lora.merge(base, {"layers_1": adapters["layers_1"]}, spec)
+  assert partial["layers_0"] is base["layers_0"]
+  np.testing.assert_array_equal(
+    partial["layers_1"]["mlp"]["up_proj"]["kernel"], merged["layers_1"]["mlp"]["up_proj"]["kernel"]
+  )
 
 
 def _pairs(seed=0, n=6):
