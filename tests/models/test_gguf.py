@@ -6,8 +6,8 @@ with its own code and undoes the rotary permutation itself): the tokenizers agre
 texts and on the rendered chat template, pofx's KV-cache sampler (`pofx.sampling`) produces
 transformers' 32-token greedy continuations (decoding past the end-of-sequence token), and the
 logits of prompts and continuations agree to 5e-3. Both sides load the file once, in one test (one
-load per session, whichever pytest-xdist worker runs it), and the file's metadata is parsed once
-for both (`_parse_once`).
+load per session, whichever pytest-xdist worker runs it), and transformers' three opens of it
+share one parse (`_parse_once`).
 
 Tiny files written here with the `gguf` package's writer, laid out as llama.cpp's converter lays
 them out (its rotary row permutation written in this file, Q8_0 / Q4_1 blocks packed by hand
@@ -56,15 +56,16 @@ def test_smollm2_path_found_without_importing_the_package():
 
 
 def _parse_once(monkeypatch):
-  """One parse of the GGUF file's header for the whole test, and gguf's tensor-name map built once.
+  """One parse of the GGUF file's header for transformers' three opens, and gguf's tensor-name map
+  built once.
 
-  `gguf.GGUFReader(path)` reads the metadata element by element (SmolLM2's 49,152 tokens and
-  48,900 merges); transformers parses the file three times (tokenizer, config, weights) and builds
-  `gguf.get_tensor_name_map(arch, layers)` once per module of the model (about 400 times). The
-  reader and the map are the `gguf` package's (pofx and transformers both read the file with it
-  and dequantise with its numpy code) and are only read once built, so sharing them changes no
-  value: transformers still maps the names, undoes the rotary permutation, converts the tokenizer
-  and builds its model with its own code."""
+  transformers reads the file with `gguf.GGUFReader(path)` three times (tokenizer, config,
+  weights), each a full parse of the metadata element by element (SmolLM2's 49,152 tokens and
+  48,900 merges), and builds `gguf.get_tensor_name_map(arch, layers)` once per module of the model
+  (about 400 times). The reader and the map are the `gguf` package's and are only read once
+  built, so sharing them changes no value: transformers still maps the names, undoes the rotary
+  permutation, converts the tokenizer and builds its model with its own code. (pofx parses the
+  header itself.)"""
   reader, readers = gguf.GGUFReader, {}
 
   def shared_reader(path, mode="r"):
@@ -102,6 +103,15 @@ def test_smollm2_matches_transformers(monkeypatch):
   torch.set_num_threads(1)  # one core: the suite runs two workers on two cores
   try:
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+
+    # pofx's header parser against gguf's reader (the one transformers read the file with).
+    reader, meta = gguf.GGUFReader(path), gguf_lib.metadata(path)
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    long = [k for k in fields if k.rsplit(".", 1)[-1] in ("tokens", "token_type", "merges", "scores")]
+    assert len(long) == 3 and all(meta[k] == len(fields[k]) for k in long)
+    assert {k: meta[k] for k in fields if k not in long} == {k: v for k, v in fields.items() if k not in long}
+    types = [t.tensor_type.name for t in reader.tensors]
+    assert meta["tensor_types"] == {n: types.count(n) for n in set(types)} and len(types) == 272
 
     # The configuration the file describes.
     cfg = ckpt.config
