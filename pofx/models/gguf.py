@@ -17,8 +17,11 @@ r"""Llama-family GGUF checkpoints (llama.cpp's file format) as pofx parameters, 
   key/value metadata and the tensor table are parsed here (`struct`; numeric arrays with
   `numpy.frombuffer`), the tensors are read-only numpy views of the memory-mapped file, and the
   `gguf` package supplies the ggml type table (`GGML_QUANT_SIZES`) and the dequantiser.
-* **Parameters**, every tensor dequantised to float32 by the `gguf` package's numpy
-  dequantiser (`gguf.quants.dequantize`); the types accepted are `DEQUANTISABLE` (float and the
+* **Parameters**, every tensor dequantised to float32: Q8_0 (`d * q`, float16 `d`, int8 `q`) and
+  Q4_1 (`d * q + m`, float16 `d` and `m`, 4-bit `q`, byte `j` of a block holding values `j` and
+  `j + 16` in its low and high nibbles; ggml's `ggml-common.h`) here, whole tensors at once, the
+  other types by the `gguf` package's numpy dequantiser (`gguf.quants.dequantize`); the types
+  accepted are `DEQUANTISABLE` (float and the
   common block quantisations: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q2_K` ... `Q6_K`), any
   other is refused by name. A GGUF matrix `W` of ggml shape `[in, out]` is the numpy array
   `[out, in]` (Hugging Face's `nn.Linear` layout); pofx kernels are `[in, out]`, so it is
@@ -386,9 +389,31 @@ def _dequantise(t, path: str) -> np.ndarray:
       f"{path}: tensor {t.name!r} has ggml type {name}, which this loader does not dequantise; supported: "
       f"{list(DEQUANTISABLE)}."
     )
-  w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
   shape = tuple(int(n) for n in reversed([int(x) for x in t.shape]))  # ggml [ne0, ne1] -> numpy [ne1, ne0]
+  if name in _BLOCK_DEQUANTISERS:
+    return _BLOCK_DEQUANTISERS[name](np.asarray(t.data).reshape(-1, _BLOCK_BYTES[name])).reshape(shape)
+  w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
   return np.asarray(w, np.float32).reshape(shape)
+
+
+def _f16(columns: np.ndarray) -> np.ndarray:
+  """[n, 2] little-endian bytes -> [n, 1] float32 (the value of the float16 they hold)."""
+  return np.ascontiguousarray(columns).view("<f2").astype(np.float32)
+
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:
+  """[n, 16] bytes -> [n, 32] values 0..15: byte j holds element j (low nibble) and j + 16 (high)."""
+  return np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32)
+
+
+# ggml's block formats (ggml-common.h), 32 values a block: Q8_0 = float16 d, 32 int8 q (d * q);
+# Q4_1 = float16 d, float16 m, 16 bytes of 4-bit q (d * q + m). Dequantised here, whole tensors at
+# once; the other types by the gguf package's `gguf.quants.dequantize`.
+_BLOCK_BYTES = {"Q8_0": 34, "Q4_1": 20}
+_BLOCK_DEQUANTISERS = {
+  "Q8_0": lambda b: _f16(b[:, :2]) * b[:, 2:].view(np.int8).astype(np.float32),
+  "Q4_1": lambda b: _f16(b[:, :2]) * _nibbles(b[:, 4:]) + _f16(b[:, 2:4]),
+}
 
 
 def _params(reader, path: str, config: llama.LlamaConfig, tensors: Dict[str, Any]):
