@@ -217,9 +217,9 @@ def test_peft_round_trip(tmp_path):
   lora_io.save_adapters(str(tmp_path / "pofx"), adapters, spec)
   assert json.loads((tmp_path / "pofx" / "adapter_config.json").read_text())["r"] == 4
   loaded = peft.PeftModel.from_pretrained(hf, str(tmp_path / "pofx")).eval()
-  want = MODEL.logits(lora.apply(params, adapters, spec), tokens, positions, segments)
+  want = LOGITS(lora.apply(params, adapters, spec), tokens, positions, segments)
   np.testing.assert_allclose(hf_logits(loaded).numpy(), np.asarray(want), atol=2e-5, rtol=1e-5)
-  base_gap = np.max(np.abs(np.asarray(want) - np.asarray(MODEL.logits(params, tokens, positions, segments))))
+  base_gap = np.max(np.abs(np.asarray(want) - np.asarray(LOGITS(params, tokens, positions, segments))))
   assert base_gap > 1e-2
 
   # peft -> pofx: peft's LoraConfig/get_peft_model with a random B, saved by peft.
@@ -232,7 +232,7 @@ def test_peft_round_trip(tmp_path):
   peft_model.save_pretrained(str(tmp_path / "peft"))
   got_adapters, got_spec = lora_io.load_adapters(str(tmp_path / "peft"), cfg.num_layers)
   assert (got_spec.rank, got_spec.alpha, got_spec.targets) == (3, 6.0, ("up_proj", "v_proj"))
-  got = MODEL.logits(lora.apply(params, got_adapters, got_spec), tokens, positions, segments)
+  got = LOGITS(lora.apply(params, got_adapters, got_spec), tokens, positions, segments)
   np.testing.assert_allclose(np.asarray(got), hf_logits(peft_model).numpy(), atol=2e-5, rtol=1e-5)
   # merge == peft's merge_and_unload
   merged = lora.merge(params, got_adapters, got_spec)
