@@ -11,7 +11,11 @@ pofx's kernels are `[in, out]` (`y = x @ W`), so the adapters are stored in that
     W = W0 + (alpha / r) * a @ b.
 
 The adapters are a pytree beside the base, with the base's paths:
-`{"layers_i": {"attn": {"q_proj": {"a": [in, r], "b": [r, out]}, ...}, "mlp": {...}}}`.
+`{"layers_i": {"attn": {"q_proj": {"a": [in, r], "b": [r, out]}, ...}, "mlp": {...}}}`. `init`
+adapts every block; a tree with entries for some blocks only (PEFT's `layers_to_transform`)
+adapts those, and `apply`, `merge` and `unmerge` leave the other blocks as the base's (the PEFT
+layout is for trees of every block: `to_peft` writes no `layers_to_transform` and `from_peft` reads
+every block).
 
 `apply(base, adapters, spec)` returns the model's parameter tree for a training forward. With
 `spec.dropout == 0` (the folded form) each targeted kernel is replaced by `W0 + (alpha / r) a @ b`

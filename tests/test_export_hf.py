@@ -41,7 +41,7 @@ def test_export_program_writes_a_folder_transformers_loads(seed_dir, tmp_path):
   params = ocp.StandardCheckpointer().restore(os.path.join(seed_dir, "sft_params"), like)
   tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 12))
   pos = np.broadcast_to(np.arange(12), (2, 12))
-  want = np.asarray(models.make(config).logits(params, tokens, pos, np.ones((2, 12), np.int32)))
+  want = np.asarray(jax.jit(models.make(config).logits)(params, tokens, pos, np.ones((2, 12), np.int32)))
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager").float().eval()
   with torch.no_grad():
     got = hf_model(input_ids=torch.tensor(tokens)).logits.numpy()

@@ -13,8 +13,15 @@ r"""Llama-family GGUF checkpoints (llama.cpp's file format) as pofx parameters, 
   `.attention.head_count_kv`, `.attention.key_length`, `.rope.freq_base`, `.rope.dimension_count`,
   `.attention.layer_norm_rms_epsilon`, `.vocab_size`); embeddings are tied when the file has no
   `output.weight` (llama.cpp then reuses `token_embd.weight` as the LM head).
-* **Parameters**, every tensor dequantised to float32 by the `gguf` package's numpy
-  dequantiser (`gguf.quants.dequantize`); the types accepted are `DEQUANTISABLE` (float and the
+* **The file** (ggml's `docs/gguf.md`, versions 2 and 3, little-endian): the header, the
+  key/value metadata and the tensor table are parsed here (`struct`; numeric arrays with
+  `numpy.frombuffer`), the tensors are read-only numpy views of the memory-mapped file, and the
+  `gguf` package supplies the ggml type table (`GGML_QUANT_SIZES`) and the dequantiser.
+* **Parameters**, every tensor dequantised to float32: Q8_0 (`d * q`, float16 `d`, int8 `q`) and
+  Q4_1 (`d * q + m`, float16 `d` and `m`, 4-bit `q`, byte `j` of a block holding values `j` and
+  `j + 16` in its low and high nibbles; ggml's `ggml-common.h`) here, whole tensors at once, the
+  other types by the `gguf` package's numpy dequantiser (`gguf.quants.dequantize`); the types
+  accepted are `DEQUANTISABLE` (float and the
   common block quantisations: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q2_K` ... `Q6_K`), any
   other is refused by name. A GGUF matrix `W` of ggml shape `[in, out]` is the numpy array
   `[out, in]` (Hugging Face's `nn.Linear` layout); pofx kernels are `[in, out]`, so it is
@@ -38,7 +45,7 @@ r"""Llama-family GGUF checkpoints (llama.cpp's file format) as pofx parameters, 
 
 Refused with a `ValueError` naming the problem, before any tensor is dequantised: a file that
 is not GGUF (magic bytes), a truncated file (a tensor that ends past the end of the file, or a
-header the reader cannot parse), an architecture other than `SUPPORTED_ARCHITECTURES`, features
+header that ends early or holds an unknown value type), an architecture other than `SUPPORTED_ARCHITECTURES`, features
 the pofx Llama does not have (rope scaling, frequency factors `rope_freqs`, mixture of experts,
 biases or any tensor it has no place for, a partial rotary dimension), a tensor of the wrong
 shape, and a missing tensor.
@@ -54,8 +61,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import mmap
 import os
-from typing import Any, Dict, List, NamedTuple, Optional
+import struct
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -143,8 +152,94 @@ def _gguf():
   return gguf
 
 
-def _open(path: str):
-  """A `gguf.GGUFReader` of a checked file (magic, header, every tensor inside the file)."""
+class _Tensor(NamedTuple):
+  """One entry of a GGUF file's tensor table, with a read-only view of its bytes."""
+
+  name: str
+  tensor_type: Any  # gguf.GGMLQuantizationType
+  shape: Tuple[int, ...]  # ggml order [ne0, ne1, ...]: ne0 is the row length
+  data_offset: int
+  n_bytes: int
+  data: np.ndarray  # float types: [.., ne1, ne0] values; block types: [.., ne1, row bytes] uint8
+
+
+class _File(NamedTuple):
+  fields: Dict[str, Any]  # metadata key -> value (int, float, bool, str, or a list of them)
+  tensors: List[_Tensor]
+
+
+# GGUF metadata value types (ggml's docs/gguf.md, `gguf_metadata_value_type`): the scalars as
+# little-endian struct / numpy formats; 8 is a string (uint64 length + UTF-8 bytes), 9 an array
+# (uint32 element type, uint64 count, the elements).
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
+                  12: "<f8"}  # fmt: skip
+_STRING, _ARRAY = 8, 9
+_GGUF_VERSIONS = (2, 3)
+_DEFAULT_ALIGNMENT = 32
+
+
+class _Damaged(Exception):
+  pass
+
+
+def _read_header(buf, size: int):
+  """(version, fields, [(name, ggml dims, ggml type id, offset)], end of the tensor table) of the
+  little-endian GGUF file in `buf` (ggml's docs/gguf.md): the header, the key/value metadata and
+  the tensor table, parsed with `struct` and `numpy.frombuffer` (numeric arrays in one call)."""
+  off = 4  # after the magic bytes
+
+  def take(n):
+    nonlocal off
+    if off + n > size:
+      raise _Damaged(f"the header needs {n} bytes at byte {off}")
+    start, off = off, off + n
+    return start
+
+  def scalar(fmt):
+    return struct.unpack_from(fmt, buf, take(struct.calcsize(fmt)))[0]
+
+  def string():
+    n = scalar("<Q")
+    start = take(n)
+    return str(buf[start : start + n], "utf-8")
+
+  def value(kind):
+    if kind == _STRING:
+      return string()
+    if kind in _SCALARS:
+      return scalar(_SCALARS[kind])
+    if kind == _ARRAY:
+      item, n = scalar("<I"), scalar("<Q")
+      if item == _STRING:
+        return [string() for _ in range(n)]
+      if item in _NUMPY_SCALARS:
+        dtype = np.dtype(_NUMPY_SCALARS[item])
+        return np.frombuffer(buf, dtype, n, take(n * dtype.itemsize)).tolist()
+      raise _Damaged(f"metadata arrays of value type {item} are not supported")
+    raise _Damaged(f"unknown metadata value type {kind}")
+
+  version = scalar("<I")
+  if version not in _GGUF_VERSIONS:
+    raise _Damaged(f"GGUF version {version} (a big-endian file?); supported: {list(_GGUF_VERSIONS)}")
+  n_tensors, n_fields = scalar("<Q"), scalar("<Q")
+  fields: Dict[str, Any] = {}
+  for _ in range(n_fields):
+    key = string()
+    if key in fields:
+      raise _Damaged(f"metadata key {key!r} appears twice")
+    fields[key] = value(scalar("<I"))
+  table = []
+  for _ in range(n_tensors):
+    name = string()
+    dims = tuple(scalar("<Q") for _ in range(scalar("<I")))
+    table.append((name, dims, scalar("<I"), scalar("<Q")))
+  return version, fields, table, off
+
+
+def _open(path: str) -> _File:
+  """The metadata and tensor table of a checked file (magic, header, every tensor inside the
+  file), its tensors as read-only numpy views of the memory-mapped file."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise ValueError(f"{path}: no such GGUF file.")
@@ -154,25 +249,48 @@ def _open(path: str):
     raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF file with {_GGUF_MAGIC!r}).")
   gguf = _gguf()
   size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the tensors' views keep it open
   try:
-    reader = gguf.GGUFReader(path, "r")
-  except Exception as e:  # noqa: BLE001  (the reader raises many kinds on a cut header)
-    raise ValueError(f"{path}: truncated or damaged GGUF file ({size} bytes): the gguf reader failed: {e}") from e
-  for t in reader.tensors:
-    end = int(t.data_offset) + int(t.n_bytes)
-    if end > size or t.data.nbytes != int(t.n_bytes):
-      raise ValueError(f"{path}: truncated or damaged GGUF file ({size} bytes): tensor {t.name!r} ends at byte {end}.")
-  return reader
+    _, fields, table, end = _read_header(buf, size)
+    alignment = fields.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1:
+      raise _Damaged(f"general.alignment = {alignment!r}")
+    start = -(-end // alignment) * alignment  # the tensor data begins at the next multiple of the alignment
+    tensors = []
+    for name, dims, kind, offset in table:
+      try:
+        qtype = gguf.GGMLQuantizationType(kind)
+      except ValueError as e:
+        raise _Damaged(f"tensor {name!r} has an unknown ggml type {kind}") from e
+      block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+      n = int(np.prod(dims, dtype=np.int64))
+      n_bytes, at = n * type_size // block, start + offset
+      if at + n_bytes > size:
+        raise ValueError(
+          f"{path}: truncated or damaged GGUF file ({size} bytes): tensor {name!r} ends at byte {at + n_bytes}."
+        )
+      shape = tuple(reversed(dims))  # numpy order
+      if qtype.name in _ELEMENT_TYPES:
+        data = np.frombuffer(buf, np.dtype(_ELEMENT_TYPES[qtype.name]), n, at).reshape(shape)
+      else:  # blocks: each row of ne0 values is ne0 / block blocks of type_size bytes
+        data = np.frombuffer(buf, np.uint8, n_bytes, at).reshape(gguf.quant_shape_to_byte_shape(shape, qtype))
+      tensors.append(_Tensor(name, qtype, dims, at, n_bytes, data))
+  except (_Damaged, struct.error, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: truncated or damaged GGUF file ({size} bytes): {e}.") from e
+  return _File(fields, tensors)
 
 
-def _field(reader, key: str, default=None):
-  f = reader.fields.get(key)
-  if f is None:
-    return default
-  return f.contents()
+# ggml tensor types stored as plain little-endian elements (the others are blocks of bytes).
+_ELEMENT_TYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I8": "<i1", "I16": "<i2", "I32": "<i4", "I64": "<i8"}
 
 
-def _require(reader, key: str, path: str):
+def _field(reader: _File, key: str, default=None):
+  v = reader.fields.get(key)
+  return default if v is None else v
+
+
+def _require(reader: _File, key: str, path: str):
   v = _field(reader, key)
   if v is None:
     raise ValueError(f"{path}: GGUF metadata {key!r} is missing.")
@@ -185,13 +303,11 @@ def metadata(path: str) -> Dict[str, Any]:
   of tensors per ggml type name."""
   reader = _open(path)
   out = {}
-  for key, f in reader.fields.items():
-    if key.startswith("GGUF."):
-      continue
+  for key, v in reader.fields.items():
     if key.startswith("tokenizer.ggml.") and key.rsplit(".", 1)[-1] in ("tokens", "token_type", "merges", "scores"):
-      out[key] = len(f.data)
+      out[key] = len(v)
     else:
-      out[key] = f.contents()
+      out[key] = v
   counts: Dict[str, int] = {}
   for t in reader.tensors:
     counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
@@ -273,9 +389,31 @@ def _dequantise(t, path: str) -> np.ndarray:
       f"{path}: tensor {t.name!r} has ggml type {name}, which this loader does not dequantise; supported: "
       f"{list(DEQUANTISABLE)}."
     )
-  w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
   shape = tuple(int(n) for n in reversed([int(x) for x in t.shape]))  # ggml [ne0, ne1] -> numpy [ne1, ne0]
+  if name in _BLOCK_DEQUANTISERS:
+    return _BLOCK_DEQUANTISERS[name](np.asarray(t.data).reshape(-1, _BLOCK_BYTES[name])).reshape(shape)
+  w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
   return np.asarray(w, np.float32).reshape(shape)
+
+
+def _f16(columns: np.ndarray) -> np.ndarray:
+  """[n, 2] little-endian bytes -> [n, 1] float32 (the value of the float16 they hold)."""
+  return np.ascontiguousarray(columns).view("<f2").astype(np.float32)
+
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:
+  """[n, 16] bytes -> [n, 32] values 0..15: byte j holds element j (low nibble) and j + 16 (high)."""
+  return np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32)
+
+
+# ggml's block formats (ggml-common.h), 32 values a block: Q8_0 = float16 d, 32 int8 q (d * q);
+# Q4_1 = float16 d, float16 m, 16 bytes of 4-bit q (d * q + m). Dequantised here, whole tensors at
+# once; the other types by the gguf package's `gguf.quants.dequantize`.
+_BLOCK_BYTES = {"Q8_0": 34, "Q4_1": 20}
+_BLOCK_DEQUANTISERS = {
+  "Q8_0": lambda b: _f16(b[:, :2]) * b[:, 2:].view(np.int8).astype(np.float32),
+  "Q4_1": lambda b: _f16(b[:, :2]) * _nibbles(b[:, 4:]) + _f16(b[:, 2:4]),
+}
 
 
 def _params(reader, path: str, config: llama.LlamaConfig, tensors: Dict[str, Any]):
