@@ -88,9 +88,16 @@ def test_bad_row_length_and_arguments():
     sparse_attention.attention_blocks(np.ones(5, np.int32))
 
 
+@functools.cache
+def _params(dtype, seed):
+  """`llama.init_params(llama.tiny(dtype=dtype), jax.random.key(seed))`, made once per module
+  (each call of init_params traces the model again; the tests only read them)."""
+  return llama.init_params(llama.tiny(dtype=dtype), jax.random.key(seed))
+
+
 def _model_and_batch(layout, block_size, dtype="float32", seed=0, n=6):
   config = llama.tiny(dtype=dtype)
-  params = llama.init_params(config, jax.random.key(seed))
+  params = _params(dtype, seed)
   p, c, r = _pairs(seed + 1, n)
   bucket = max(block_size, 8)
   if layout == "packed_one_row":  # every pair in one row, its length a multiple of the block size
@@ -335,7 +342,7 @@ def test_pad_index_lists_by_hand_and_same_logps_as_dense():
   assert s["other"] is batches[0]["other"] and padded[1]["attention_blocks"].num_pairs == 14
   # The padded lists give the dense, every-slot log-probs (an independent computation).
   config = llama.tiny(dtype="float32")
-  params = llama.init_params(config, jax.random.key(0))
+  params = _params("float32", 0)
   model = llama.make(config)
   fn = policy.make_logps_fn(model.apply, model.head)
   got, ref = jax.jit(fn)(params, s), jax.jit(fn)(params, {"pairs": short})
