@@ -1,7 +1,7 @@
 """The size every study config shares (`python -m experiments.study`): a full run of three seeds
 fits in about ten minutes on two CPU cores; `:tiny` is `configs/_shrink.tiny` (the SFT base and
 data of every tiny world config, so the test session's one base serves them) with `tiny_steps`
-training steps."""
+training steps and no training-curve chart per sweep member (`sweep_member_charts`)."""
 
 from configs import _shrink
 
@@ -18,6 +18,7 @@ def sized(c, arg, *, steps: int = 200, tiny_steps: int = 4):
   _shrink.apply(c, arg)
   if arg == "tiny":
     c.train.steps, c.train.log_every, c.train.checkpoint_every = tiny_steps, 2, tiny_steps
+    c.sweep_member_charts = False  # the study draws its own chart; no training-curve chart per member
   return c
 
 

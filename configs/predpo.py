@@ -23,6 +23,8 @@ def get_config(arg=None):
   c.train.reference.kind = "cached"
   c.predpo = ml_collections.ConfigDict(dict(round2_beta=0.1))
   _shrink.apply(c, arg)
+  if arg == "tiny":  # the rounds' reward-vs-KL chart only, no training-curve chart per round
+    c.sweep_member_charts = False
   c.sweep = (
     {"label": "round1", "overrides": {"train.reference.kind": "cached"}},
     {

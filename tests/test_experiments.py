@@ -27,10 +27,11 @@ from tests.program import ROOT, _config, _final_params, _main, _seed_from
 
 @pytest.fixture(scope="module")
 def tiny_run(seed_dir, tmp_path_factory):
-  """One real CLI run of configs/dpo.py:tiny from the seed's SFT base and data (it decides its own
-  kernel backend)."""
+  """One real CLI run of configs/dpo.py:tiny from the seed's SFT base, data and kernel-backend
+  record (the record the program decided, by calibration, when it built the seed: kept, as a
+  resumed run keeps it; the calibration itself is tested in tests/backends/test_backends.py)."""
   work = tmp_path_factory.mktemp("dpo_tiny")
-  _seed_from(seed_dir, work, names=("sft_params", "data"))
+  _seed_from(seed_dir, work)
   out = _main(["--config=configs/dpo.py:tiny", f"--workdir={work}", "--noprogress"])
   assert out.returncode == 0, out.stderr[-3000:]
   return work, out.stdout + out.stderr
@@ -63,10 +64,12 @@ def test_tiny_dpo_run_writes_summary_table_metrics_and_plots(tiny_run):
     assert (work / png).stat().st_size > 1000
 
 
-def test_tiny_dpo_run_records_its_kernel_backend_and_start_up(tiny_run):
+def test_tiny_dpo_run_records_its_kernel_backend_and_start_up(tiny_run, seed_dir):
   work, output = tiny_run
   summary = json.load(open(work / "summary.json"))
   record = json.load(open(work / "kernels.json"))
+  assert record == json.load(open(seed_dir / "kernels.json"))  # kept as the seed's build decided it
+  assert f"kernels: reusing the record in {work / 'kernels.json'}" in output
   assert record["requested"] == "auto" and record["name"] in ("xla", "cpu", "gpu", "tpu")
   assert record["details"]["rule"]
   assert summary["kernels"] == record["name"] and summary["kernels_record"] == record

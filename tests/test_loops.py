@@ -1,11 +1,16 @@
 """The loops (`experiments/loops.py`): the RLHF estimator by hand, the round buffers, the loop
-configs' validation, every loop config at `:tiny` as a user runs it (a subprocess of
-`python -m experiments.main` from the session's SFT base and data, `seed_dir`), and a run killed
-(SIGKILL) in round 2 that resumes to the uninterrupted run's parameters, buffers and summary.
+configs' validation, every loop config at `:tiny` from the session's SFT base and data (`seed_dir`),
+and a run killed (SIGKILL) in round 2 that resumes to the uninterrupted run's parameters, buffers
+and summary.
 
-The runs start together (two cores: they overlap their start-up and compilation) in one
-module-scoped fixture; the kill test's uninterrupted run is the iterative config's run."""
+One module-scoped fixture runs them: the killed run and its resumption as a user runs them
+(subprocesses of `python -m experiments.main`: `--fault` kills the process), every loop config in
+the test process (`experiments.loops.run`, the function the program hands a loop config to: the
+process's imports and traced programs are shared), while the killed run's subprocess works on the
+other core. The kill test's uninterrupted run is the iterative config's run."""
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -18,6 +23,7 @@ import pytest
 
 from configs import validate
 from experiments import loops, provenance
+from experiments import main as main_lib
 from pofx import pair_construction
 from tests.program import ROOT, _config, _final_params, _main, _seed_from
 
@@ -139,31 +145,32 @@ def test_bad_loop_configs_are_refused_with_what_is_allowed(edits, message):
 
 @pytest.fixture(scope="module")
 def loop_runs(seed_dir, tmp_path_factory):
-  """Every loop config at :tiny, and the iterative one killed after step KILL_STEP, started
-  together; then the killed run resumed. Returns {name: (workdir, CompletedProcess-like)}."""
+  """Every loop config at :tiny, in this process (`loops.run`, what `experiments.main` hands a loop
+  config to; its stderr captured), while the iterative one killed after step KILL_STEP runs as a
+  subprocess of the program; then the killed run resumed by the program. Returns {name: (workdir,
+  CompletedProcess-like)}: the in-process runs have return code 0 and their stderr."""
   root = tmp_path_factory.mktemp("loops")
   env = {**os.environ, "PYTHONPATH": ROOT}
-  jobs = {name: [f"--config=configs/{name}.py:tiny"] for name in FAMILIES}
-  jobs["killed"] = ["--config=configs/iterative_dpo.py:tiny", f"--fault=step:{KILL_STEP}"]
-  procs = {}
-  for name, args in jobs.items():
+  for name in (*FAMILIES, "killed"):
     _seed_from(seed_dir, root / name)
-    procs[name] = subprocess.Popen(
-      [sys.executable, "-m", "experiments.main", *args, f"--workdir={root / name}", "--noprogress"],
-      cwd=ROOT,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-  out = {}
-  for name, p in procs.items():
-    stdout, stderr = p.communicate(timeout=600)
-    out[name] = (root / name, subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-  out["resumed"] = (
-    root / "killed",
-    _main(["--config=configs/iterative_dpo.py:tiny", f"--workdir={root / 'killed'}", "--noprogress"]),
+  killed_args = ["--config=configs/iterative_dpo.py:tiny", f"--workdir={root / 'killed'}", "--noprogress"]
+  killed = subprocess.Popen(
+    [sys.executable, "-m", "experiments.main", *killed_args, f"--fault=step:{KILL_STEP}"],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
   )
+  out = {}
+  for name in FAMILIES:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+      loops.run(main_lib, _config(name, "tiny"), str(root / name), progress=False)
+    out[name] = (root / name, subprocess.CompletedProcess([name], 0, "", err.getvalue()))
+  stdout, stderr = killed.communicate(timeout=600)
+  out["killed"] = (root / "killed", subprocess.CompletedProcess(killed.args, killed.returncode, stdout, stderr))
+  out["resumed"] = (root / "killed", _main(killed_args))
   return out
 
 

@@ -4,14 +4,17 @@ The fingerprint module (`pofx.fingerprints`): canonical hashing of config values
 the fields each stage of the program reads (`experiments.provenance`), checked field by field
 against the list of what each stage depends on, written out here by hand.
 
-The program (subprocesses, `configs/dpo.py:tiny`, from the session's seed SFT base and data): a
+The program (`configs/dpo.py:tiny`, from the session's seed SFT base and data; subprocesses where
+a test reads what the program prints, its stages in this process where it reads the workdir): a
 partial workdir rerun with another loss and a finished one rerun with another beta are refused
 before any compute, with one line naming the fields; changed sft.* / world.* fields are refused
 naming both stages; an unchanged rerun reuses every stage; summary.json holds the config and its
 fingerprint; a changed eval.* field recomputes only the evaluation.
 """
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -248,12 +251,14 @@ def partial(seed_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finished(partial, tmp_path_factory):
-  """A copy of `partial` run on to the end (an unchanged rerun of a partial workdir continues)."""
+  """A copy of `partial` run on to the end (an unchanged rerun of a partial workdir continues), in
+  this process (the stages the program runs, `main_lib.run_one`, with its stderr captured)."""
   work = tmp_path_factory.mktemp("finished") / "w"
   shutil.copytree(partial, work, symlinks=True)
-  out = _main(work)
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert "train: resumed from step 2" in out.stderr
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    summary, _ = main_lib.run_one(dpo.get_config("tiny"), str(work), progress=False)
+  assert summary is not None and "train: resumed from step 2" in err.getvalue(), err.getvalue()[-2000:]
   return work
 
 

@@ -27,7 +27,8 @@ import jax
 import numpy as np
 import pytest
 
-from tests.program import ROOT, _final_params, _main, _seed_from
+from experiments import main as main_lib
+from tests.program import ROOT, _config, _final_params, _main, _seed_from
 
 TINY = ["--config=configs/dpo.py:tiny", "--noprogress"]
 KILLED = -signal.SIGKILL
@@ -178,14 +179,20 @@ HUGE_LR = [
 FIRST_NONFINITE = 3
 
 
-def test_nonfinite_count_and_throughput_survive_a_kill_during_evaluation(seed_dir, tmp_path):
+def test_nonfinite_count_and_throughput_survive_a_kill_during_evaluation(seed_dir, tmp_path, capfd):
+  """Killed (a subprocess of the program) as evaluation starts; resumed through the program's
+  stages in this process (`run_one` on the same config)."""
   work = tmp_path / "w"
   _seed_from(seed_dir, work)
   out = _main(TINY + HUGE_LR + [f"--workdir={work}", "--fault=eval"])
   assert out.returncode == KILLED, out.stderr[-2000:]
-  out = _main(TINY + HUGE_LR + [f"--workdir={work}"])
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert "train: resumed from step 6" in out.stderr
+  c = _config("dpo")
+  with c.unlocked():
+    c.train.optimizer.name, c.train.optimizer.learning_rate = "sgd", 1e30
+    c.train.optimizer.warmup_steps, c.train.steps = 0, 6
+  main_lib.run_one(c, str(work), progress=False)
+  err = capfd.readouterr().err
+  assert "train: resumed from step 6" in err, err[-2000:]
   s = json.load(open(work / "summary.json"))
   assert s["nonfinite_steps"] == 6 - FIRST_NONFINITE + 1
   assert np.isfinite(s["pairs_per_second"]) and s["pairs_per_second"] > 0

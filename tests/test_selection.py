@@ -60,22 +60,23 @@ def test_select_top_keeps_the_largest_fraction():
 
 
 def test_curry_dpo_program_refreshes_the_reference_per_stage(seed_dir, tmp_path):
-  """configs/curry_dpo.py:tiny as a user runs it, on the session's SFT base and data: two stages,
-  easy to hard, the second one's cached reference computed from the first one's policy."""
+  """configs/curry_dpo.py:tiny on the session's SFT base and data, in this process (the
+  curriculum stage the program hands it to, `experiments.curriculum.run`): two stages, easy to
+  hard, the second one's cached reference computed from the first one's policy."""
   import json
   import os
 
   import jax
 
+  from experiments import curriculum
   from experiments import main as main_lib
   from pofx import data, evaluation, models
   from pofx import world as world_lib
-  from tests.program import _config, _main, _seed_from
+  from tests.program import _config, _seed_from
 
   work = str(tmp_path / "curry")
   _seed_from(str(seed_dir), work)
-  r = _main(["--config=configs/curry_dpo.py:tiny", f"--workdir={work}", "--noprogress"])
-  assert r.returncode == 0, r.stderr[-2000:]
+  curriculum.run(_config("curry_dpo", "tiny"), work, lib=main_lib, progress=False)
   with open(os.path.join(work, "summary.json")) as f:
     s = json.load(f)
   stages = s["curriculum_stages"]

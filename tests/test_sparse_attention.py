@@ -88,9 +88,16 @@ def test_bad_row_length_and_arguments():
     sparse_attention.attention_blocks(np.ones(5, np.int32))
 
 
+@functools.cache
+def _params(dtype, seed):
+  """`llama.init_params(llama.tiny(dtype=dtype), jax.random.key(seed))`, made once per module
+  (each call of init_params traces the model again; the tests only read them)."""
+  return llama.init_params(llama.tiny(dtype=dtype), jax.random.key(seed))
+
+
 def _model_and_batch(layout, block_size, dtype="float32", seed=0, n=6):
   config = llama.tiny(dtype=dtype)
-  params = llama.init_params(config, jax.random.key(seed))
+  params = _params(dtype, seed)
   p, c, r = _pairs(seed + 1, n)
   bucket = max(block_size, 8)
   if layout == "packed_one_row":  # every pair in one row, its length a multiple of the block size
@@ -163,9 +170,10 @@ def test_attention_op_gradients_against_dense_softmax():
   sparse = lambda q, k, v: sparse_attention.block_sparse_attention(q, k, v, b.segment_ids, b.branch_ids, blocks)
   f0 = jax.jit(lambda *a: jnp.sum(w * dense(*a)))
   f1 = jax.jit(lambda *a: jnp.sum(w * sparse(*a)))
-  np.testing.assert_allclose(f1(q, k, v), f0(q, k, v), rtol=1e-5)
-  grads = [jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v) for f in (f1, f0)]
-  for a, e in zip(*grads):
+  # value and gradients from one compiled program per side
+  (v1, g1), (v0, g0) = [jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v) for f in (f1, f0)]
+  np.testing.assert_allclose(v1, v0, rtol=1e-5)
+  for a, e in zip(g1, g0):
     np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-5)
   jax.test_util.check_grads(f1, (q, k, v), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
 
@@ -262,10 +270,13 @@ def test_scored_tokens_same_logps_and_gradients(layout, sparse):
 
   def loss(params, batch):
     out = fn(params, batch)
-    return jnp.sum(jax.nn.log_sigmoid(0.1 * (out.chosen - out.rejected))) + 1e-3 * jnp.sum(out.chosen_log_sum_sq_probs)
+    value = jnp.sum(jax.nn.log_sigmoid(0.1 * (out.chosen - out.rejected))) + 1e-3 * jnp.sum(out.chosen_log_sum_sq_probs)
+    return value, out
 
-  ref = jax.jit(fn)(params, {"pairs": b})
-  got = jax.jit(fn)(params, compact)
+  # the log-probs and the gradients from one compiled program per batch form
+  value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  (_, ref), g0 = value_and_grad(params, {"pairs": b})
+  (_, got), g1 = value_and_grad(params, compact)
   for name in ("chosen", "rejected", "chosen_token_logps", "rejected_token_logps"):
     np.testing.assert_allclose(getattr(got, name), getattr(ref, name), atol=2e-5, rtol=1e-5, err_msg=name)
   for side in ("chosen", "rejected"):
@@ -276,8 +287,6 @@ def test_scored_tokens_same_logps_and_gradients(layout, sparse):
       atol=2e-5,
       rtol=1e-5,
     )
-  g0 = jax.jit(jax.grad(loss))(params, {"pairs": b})
-  g1 = jax.jit(jax.grad(loss))(params, compact)
   for a, e in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5 * float(np.abs(e).max()) + 1e-8)
 
@@ -335,7 +344,7 @@ def test_pad_index_lists_by_hand_and_same_logps_as_dense():
   assert s["other"] is batches[0]["other"] and padded[1]["attention_blocks"].num_pairs == 14
   # The padded lists give the dense, every-slot log-probs (an independent computation).
   config = llama.tiny(dtype="float32")
-  params = llama.init_params(config, jax.random.key(0))
+  params = _params("float32", 0)
   model = llama.make(config)
   fn = policy.make_logps_fn(model.apply, model.head)
   got, ref = jax.jit(fn)(params, s), jax.jit(fn)(params, {"pairs": short})

@@ -1,8 +1,10 @@
 """The studies (`experiments/study.py`, `configs/study_*.py`) and the evaluation they add.
 
-The six studies run once, at `:tiny` with one seed, in one run of the program as a user would
-start it (`python -m experiments.study all --tiny --seeds=0`), from the session's SFT base and
-data (`seed_dir`; the length study's biased labeller needs its own). Studies 1 and 2 assert their
+The six studies run once, at `:tiny` with one seed, in the test process (`study.run_study`, what
+`python -m experiments.study <names> --tiny --seeds=0` runs for each name: one process's imports
+and traced programs serve them all), from the session's SFT base and data (`seed_dir`; the length
+study's biased labeller needs its own); the online study runs as a user starts it (a subprocess
+of `python -m experiments.study online --tiny --seeds=0`). Studies 1 and 2 assert their
 direction (DPO's chosen log-ratio falls and DPOP's does not; under a length-biased labeller
 DPO's completions grow longer than the base's); the others a table row per method and seed and
 the chart. The analysis functions are checked against closed forms: sharpness of linear and
@@ -32,20 +34,13 @@ SIX = "likelihood,length,gpo_frontier,ranking,overopt,references"
 
 
 def test_the_six_studies_at_tiny_with_one_seed(seed_dir, tmp_path):
-  """One run of all six (one test, so that a parallel session runs the program once)."""
+  """One run of all six (one test, so that a parallel session runs them in one process)."""
   root = tmp_path / "studies"
   for name in SIX.split(","):
     names = ("kernels.json",) if name in OWN_BASE else ("sft_params", "data", "kernels.json")
     _seed_from(seed_dir, root / name / "seed0", names=names)
-  env = {**os.environ, "PYTHONPATH": ROOT}
-  r = subprocess.run(
-    [sys.executable, "-m", "experiments.study", SIX, "--tiny", "--seeds=0", f"--workdir={root}", "--noprogress"],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-  )
-  assert r.returncode == 0, r.stderr[-4000:]
+  for name in SIX.split(","):
+    study.run_study(name, str(root), [0], tiny=True)
   _check_likelihood(root)
   _check_length(root)
   for name in ("gpo_frontier", "ranking", "overopt", "references"):

@@ -1,6 +1,8 @@
 """The train step on the tiny Flax Llama with real PairBatch layouts: every reference strategy and
 every perturbation lowers the DPO loss and raises the margins on a small fixed preference set."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,18 @@ from pofx import batching, models, perturbations, policy, references, train
 CONFIG = models.preset("tiny")
 MODEL = models.make(CONFIG)
 LOGPS_FN = policy.make_logps_fn(MODEL.apply, MODEL.head, chunk_size=64)
+_JIT_LOGPS = jax.jit(LOGPS_FN)  # one compiled program for the cached reference's log-probs
+
+
+@functools.cache
+def _initial(seed):
+  return MODEL.init(jax.random.key(seed))
+
+
+def _init(seed):
+  """`MODEL.init(jax.random.key(seed))`, initialised once per seed for the module (each init
+  traces the model again); a fresh copy each call, since a train step may donate its state."""
+  return jax.tree.map(jnp.array, _initial(seed))
 
 
 def _pairs(seed=0, n=8):
@@ -36,11 +50,11 @@ def _reference(name, params):
   if name == "frozen":
     return references.frozen(ref_params, LOGPS_FN), {}
   if name == "cached":
-    out = jax.jit(LOGPS_FN)(ref_params, BATCH)
+    out = _JIT_LOGPS(ref_params, BATCH)
     fp = references.fingerprint(ref_params, vocab=CONFIG.vocab_size, max_prompt_len=8, max_completion_len=8)
     return references.cached(fp, fp), {"ref_chosen_logps": out.chosen, "ref_rejected_logps": out.rejected}
   if name == "multi":
-    other = MODEL.init(jax.random.key(7))
+    other = _init(7)
     return references.multi([references.frozen(ref_params, LOGPS_FN), references.frozen(other, LOGPS_FN)]), {}
   if name == "guiding":
     return references.guiding(ref_params, LOGPS_FN), {}
@@ -52,7 +66,7 @@ def _reference(name, params):
 
 
 def _train(reference_name, pert, steps=25):
-  params = MODEL.init(jax.random.key(0))
+  params = _init(0)
   ref, extra = _reference(reference_name, params)
   opt = optax.adam(3e-3)
   state = train.init_state(params, opt, ref, pert, loss="dpo")
@@ -90,8 +104,8 @@ def test_tiny_llama_learns_with_every_perturbation(pert):
 
 
 def test_padding_pairs_do_not_change_the_loss_or_gradient():
-  params = MODEL.init(jax.random.key(3))
-  ref = references.frozen(MODEL.init(jax.random.key(4)), LOGPS_FN)
+  params = _init(3)
+  ref = references.frozen(_init(4), LOGPS_FN)
   opt = optax.sgd(0.1)
   outs = []
   for num_pairs in (None, 11):
@@ -113,7 +127,7 @@ SMALL = {"pairs": batching.prompt_shared(PROMPTS[:3], CHOSEN[:3], REJECTED[:3], 
 
 
 def test_dropout_acts_only_with_a_key_and_the_embedding_offset_is_causal():
-  params = MODEL.init(jax.random.key(0))
+  params = _init(0)
   pairs = SMALL["pairs"]
   rows, length = pairs.tokens.shape
   offset = np.zeros((rows, length, CONFIG.hidden_size), np.float32)
@@ -150,7 +164,7 @@ def test_dropout_acts_only_with_a_key_and_the_embedding_offset_is_causal():
 
 
 def test_multi_sample_dropout_averages_the_loss_over_the_masks():
-  params = MODEL.init(jax.random.key(0))
+  params = _init(0)
   ref = references.frozen(jax.tree.map(jnp.array, params), LOGPS_FN)
   opt, beta, m = optax.sgd(1.0), 0.5, 2
   rng = jax.random.key(11)
@@ -184,7 +198,7 @@ def test_multi_sample_dropout_averages_the_loss_over_the_masks():
 
 
 def test_adversarial_embeddings_in_the_step_compose_with_sam():
-  params = MODEL.init(jax.random.key(0))
+  params = _init(0)
   ref = references.frozen(jax.tree.map(jnp.array, params), LOGPS_FN)
   opt, radius, beta = optax.sgd(0.1), 0.5, 0.1
   ip, pert = perturbations.adversarial_embeddings(radius, CONFIG.hidden_size), perturbations.sam(0.05)

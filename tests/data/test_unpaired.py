@@ -1,6 +1,6 @@
 """KTO on unpaired binary feedback: TRL's unpaired records (validation, mismatched partners, the
 file pipeline), the world's labels, the loss against TRL's formula written in numpy, and
-configs/kto_unpaired.py:tiny as a user runs it."""
+configs/kto_unpaired.py:tiny through the program's stages."""
 
 import json
 import os
@@ -131,16 +131,17 @@ def test_loss_equals_trls_formula(kl_shift):
   assert np.isnan(np.asarray(bad)).all()
 
 
-def test_kto_unpaired_program_trains_on_world_feedback(seed_dir, tmp_path):
-  """configs/kto_unpaired.py:tiny as a user runs it, on the session's SFT base (its own data: the
-  world's completions labelled by the gold threshold)."""
-  from tests.program import _main, _seed_from
+def test_kto_unpaired_program_trains_on_world_feedback(seed_dir, tmp_path, capfd):
+  """configs/kto_unpaired.py:tiny on the session's SFT base (its own data: the world's completions
+  labelled by the gold threshold), through the program's stages in this process (`run_one`)."""
+  from experiments import main as main_lib
+  from tests.program import _config, _seed_from
 
   work = str(tmp_path / "kto")
   _seed_from(str(seed_dir), work, names=("sft_params", "kernels.json"))
-  r = _main(["--config=configs/kto_unpaired.py:tiny", f"--workdir={work}", "--noprogress"])
-  assert r.returncode == 0, r.stderr[-2000:]
-  assert "sft: reusing" in r.stderr and "256 unpaired examples, 0.500 desirable" in r.stderr
+  main_lib.run_one(_config("kto_unpaired"), work, progress=False)
+  err = capfd.readouterr().err
+  assert "sft: reusing" in err and "256 unpaired examples, 0.500 desirable" in err, err[-2000:]
   with open(os.path.join(work, "summary.json")) as f:
     s = json.load(f)
   assert s["loss"] == "kto_unpaired" and s["nonfinite_steps"] == 0 and np.isfinite(s["gold_reward_policy"])
