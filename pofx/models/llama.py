@@ -552,10 +552,16 @@ class _Decoder(nn.Module):
       self.param("lm_head", init, (cfg.hidden_size, cfg.vocab_size), cfg.parameter_dtype)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(config: LlamaConfig, rng: Array) -> Params:
+  return _Decoder(config).init(rng)["params"]
+
+
 def init_params(config: LlamaConfig, rng: Array) -> Params:
   """Initial parameters (a nested dict of float arrays) for `config`, from the PRNG key `rng`:
-  every matrix `N(0, init_std^2)`, every norm scale 1."""
-  return jax.jit(lambda rng: _Decoder(config).init(rng)["params"])(rng)  # one program; nests in jit / eval_shape
+  every matrix `N(0, init_std^2)`, every norm scale 1. One program per config (traced once, reused
+  for every key); nests in `jit` and `eval_shape`."""
+  return _init_params(config, rng)
 
 
 # The transformer block ---------------------------------------------------------------------------
