@@ -1,6 +1,6 @@
 """Multi-device equality checks, run by tests/test_parallel.py in its own process.
 
-Sets 8 simulated CPU devices before importing JAX, runs the train step on one device and in
+Sets 8 simulated CPU devices before importing JAX (keeping the caller's other XLA flags), runs the train step on one device and in
 every parallel mode of `pofx.parallel`, and prints one JSON line `{"results": {name: {...}}}`
 with, per check, the largest difference from the single-device run (parameters and metrics
 after a few steps; |a - b| / (1 + |b|)) and how far the single-device run moved the
@@ -15,9 +15,12 @@ run goes through `pofx.parallel.make_train_step` on its own.
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (
-  "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-)
+# The caller's XLA flags (the test suite's cheaper-compilation options, tests/conftest.py) are
+# kept; only the device count is set here.
+_flags = [
+  f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
+]
+os.environ["XLA_FLAGS"] = " ".join([*_flags, "--xla_force_host_platform_device_count=8"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

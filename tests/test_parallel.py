@@ -1,8 +1,9 @@
 """pofx.parallel: sharding rules and helpers (in process), and multi-device equality with the
 single-device step on 8 simulated CPU devices (in subprocesses: tests/parallel_check.py).
 
-The subprocesses set `XLA_FLAGS=--xla_force_host_platform_device_count=8` before importing JAX
-(this process may already hold a 1-device JAX). They run concurrently, one per core.
+The subprocesses add `--xla_force_host_platform_device_count=8` to the inherited `XLA_FLAGS` (the
+suite's compiler options, tests/conftest.py, stay) before importing JAX (this process may already
+hold a 1-device JAX). They run concurrently, one per core.
 """
 
 import fcntl
@@ -48,7 +49,7 @@ def results(tmp_path_factory):
 
 
 def _run_checks():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ)  # parallel_check.py sets the device count and keeps the other XLA flags
   groups = [["toy"], ["awp_accum", "batchstat", "trap", "llama"]]  # about equal halves of the work
   procs = [
     subprocess.Popen(
