@@ -140,7 +140,26 @@ def _compare(base, out, params0):
 
 
 # ------------------------------------------------------------------------------------------------
-# Toy model: every reference strategy and SAM/AWP in every mode.
+# Toy model: every reference strategy and SAM/AWP in the parallel modes.
+#
+# The modes are of two kinds. "jit" is GSPMD: the single-device step compiled for a mesh, with the
+# state (parameters, optimizer and reference state) placed by the sharding rules; jit_2x4 splits
+# the batch over all 8 devices as jit_8 does and also shards the state (FSDP over 4). "shard_map"
+# and "pmap" run the same per-device step (`pofx.train.make_train_step` with `axis_name`, whose
+# collectives carry each strategy's global quantities) under two different mappings. So every
+# strategy runs in jit_2x4 and in at least one per-device mode, and each per-device mode runs
+# several strategies: frozen (also jit_8 and jit_4x2, the other meshes) and SAM (a global gradient
+# norm) in both, the others alternating.
+TOY_MODES = {
+  "none": ("jit_2x4", "pmap_8"),
+  "frozen": ("jit_8", "jit_4x2", "jit_2x4", "shard_map_8", "pmap_8"),
+  "cached": ("jit_2x4", "shard_map_8"),
+  "multi": ("jit_2x4", "pmap_8"),
+  "synced": ("jit_2x4", "shard_map_8"),
+  "ema": ("jit_2x4", "pmap_8"),
+  "sam": ("jit_2x4", "shard_map_8", "pmap_8"),
+  "awp": ("jit_2x4", "shard_map_8", "pmap_8"),
+}
 
 
 def _toy_batch(b=16):
@@ -182,12 +201,8 @@ def toy_group(results, strategies=("none", "frozen", "cached", "multi", "synced"
   bases = _run_single(toy.logps_fn, params, [(batch, _toy_config(n)) for n in strategies])
   for name, base in zip(strategies, bases):
     kw = _toy_config(name)
-    # Every mode; the two data x fsdp meshes differ only in which axis is longer, so the 4 x 2 one
-    # runs with the frozen reference only (and in the accumulation and Llama groups).
-    modes = {k: v for k, v in MODES.items() if k != "jit_4x2" or name == "frozen"}
-    if name == "awp":
-      modes = {k: MODES[k] for k in ("jit_2x4", "shard_map_8", "pmap_8")}
-    for mode_name, (mode, shape) in modes.items():
+    for mode_name in TOY_MODES[name]:
+      mode, shape = MODES[mode_name]
       out = _run(toy.logps_fn, params, batch, per_device, mode=mode, mesh_shape=shape, **kw)
       results[f"toy/{name}/{mode_name}"] = _compare(base, out, params)
       if name == "frozen" and mode_name == "shard_map_8":
@@ -236,7 +251,7 @@ def batchstat_group(results):
     steps=1,
   )
   for (name, kw), base, loc in zip(configs.items(), bases, local):
-    for mode_name in ("jit_8", "jit_2x4", "shard_map_8", "pmap_8"):
+    for mode_name in ("jit_2x4", "shard_map_8", "pmap_8"):  # jit_2x4 splits the batch 8 ways as jit_8 does
       mode, shape = MODES[mode_name]
       out = _run(toy.logps_fn, params, batch, per_device, mode=mode, mesh_shape=shape, reference=ref, **kw)
       results[f"batchstat/{name}/{mode_name}"] = _compare(base, out, params)

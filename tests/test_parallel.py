@@ -26,9 +26,19 @@ from tests import toy
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = os.path.join(REPO, "tests", "parallel_check.py")
 TOL = 1e-5
-MODES = ["jit_8", "jit_4x2", "jit_2x4", "shard_map_8", "pmap_8"]
-STRATEGIES = ["none", "frozen", "cached", "multi", "synced", "ema", "sam"]
-TALL_MESH_STRATEGIES = ("frozen",)  # tests/parallel_check.py runs jit_4x2 for these only
+# The modes each toy strategy runs in (tests/parallel_check.py's TOY_MODES, where the cover is
+# argued: every strategy in jit_2x4 and in at least one of the per-device modes shard_map and pmap,
+# each of those with several strategies; frozen in every mode and mesh).
+TOY_MODES = {
+  "none": ("jit_2x4", "pmap_8"),
+  "frozen": ("jit_8", "jit_4x2", "jit_2x4", "shard_map_8", "pmap_8"),
+  "cached": ("jit_2x4", "shard_map_8"),
+  "multi": ("jit_2x4", "pmap_8"),
+  "synced": ("jit_2x4", "shard_map_8"),
+  "ema": ("jit_2x4", "pmap_8"),
+  "sam": ("jit_2x4", "shard_map_8", "pmap_8"),
+}
+AWP_MODES = ("jit_2x4", "shard_map_8", "pmap_8")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,16 +89,24 @@ def _check_equal(results, name):
   assert r["moved"] > 1e-2, f"{name}: the single-device run hardly moved ({r['moved']}); the check is vacuous"
 
 
-@pytest.mark.parametrize(
-  "strategy,mode", [(s, m) for s in STRATEGIES for m in MODES if m != "jit_4x2" or s in TALL_MESH_STRATEGIES]
-)
+@pytest.mark.parametrize("strategy,mode", [(s, m) for s, modes in TOY_MODES.items() for m in modes])
 def test_toy_step_equals_single_device(results, strategy, mode):
-  """Params, reference state and metrics after 3 steps (SGD + momentum), every strategy in every
-  mode (the 4 data x 2 fsdp mesh with the frozen reference; the others take 2 x 4)."""
+  """Params, reference state and metrics after 3 steps (SGD + momentum): every strategy under jit
+  (2 data x 4 fsdp) and in shard_map or pmap or both; the frozen reference in every mode and mesh."""
   _check_equal(results, f"toy/{strategy}/{mode}")
 
 
-@pytest.mark.parametrize("mode", ["jit_2x4", "shard_map_8", "pmap_8"])
+def test_every_mode_runs_several_strategies_and_the_check_runs_this_cover(results):
+  modes = {m for ms in TOY_MODES.values() for m in ms}
+  for mode in modes:
+    assert sum(mode in ms for ms in TOY_MODES.values()) >= (1 if mode in ("jit_8", "jit_4x2") else 4), mode
+  for s, ms in TOY_MODES.items():
+    assert "jit_2x4" in ms and {"shard_map_8", "pmap_8"} & set(ms), s
+  ran = {k for k in results if k.startswith("toy/") and k.split("/")[1] in TOY_MODES}
+  assert ran == {f"toy/{s}/{m}" for s, ms in TOY_MODES.items() for m in ms}, sorted(ran)
+
+
+@pytest.mark.parametrize("mode", AWP_MODES)
 def test_awp_equals_single_device(results, mode):
   _check_equal(results, f"toy/awp/{mode}")
 
@@ -98,7 +116,7 @@ def test_grad_accumulation_equals_single_device(results, mode):
   _check_equal(results, f"toy/accum2/{mode}")
 
 
-@pytest.mark.parametrize("mode", ["jit_8", "jit_2x4", "shard_map_8", "pmap_8"])
+@pytest.mark.parametrize("mode", ["jit_2x4", "shard_map_8", "pmap_8"])
 @pytest.mark.parametrize("loss", ["aot", "aot_unpaired", "beta_dpo"])
 def test_batch_statistics_stay_global(results, loss, mode):
   _check_equal(results, f"batchstat/{loss}/{mode}")
