@@ -1,7 +1,8 @@
 """Multi-device equality checks, run by tests/test_parallel.py in its own process.
 
-Sets 8 simulated CPU devices before importing JAX (keeping the caller's other XLA flags), runs the train step on one device and in
-every parallel mode of `pofx.parallel`, and prints one JSON line `{"results": {name: {...}}}`
+Sets 8 simulated CPU devices before importing JAX (keeping the caller's other XLA flags), runs
+the train step on one device and in every parallel mode of `pofx.parallel` (each reference
+strategy in a cover of the modes: `TOY_MODES`), and prints one JSON line `{"results": {name: {...}}}`
 with, per check, the largest difference from the single-device run (parameters and metrics
 after a few steps; |a - b| / (1 + |b|)) and how far the single-device run moved the
 parameters (so that an equality cannot hold vacuously). The assertions live in the test file.
