@@ -1,9 +1,9 @@
 """pofx.parallel: sharding rules and helpers (in process), and multi-device equality with the
-single-device step on 8 simulated CPU devices (in subprocesses: tests/parallel_check.py).
+single-device step on 8 simulated CPU devices (in a subprocess: tests/parallel_check.py).
 
-The subprocesses add `--xla_force_host_platform_device_count=8` to the inherited `XLA_FLAGS` (the
+The subprocess adds `--xla_force_host_platform_device_count=8` to the inherited `XLA_FLAGS` (the
 suite's compiler options, tests/conftest.py, stay) before importing JAX (this process may already
-hold a 1-device JAX). They run concurrently, one per core.
+hold a 1-device JAX); it runs every group once per session.
 """
 
 import fcntl
@@ -42,7 +42,7 @@ AWP_MODES = ("jit_2x4", "shard_map_8", "pmap_8")
 
 
 # ------------------------------------------------------------------------------------------------
-# Multi-device results (one run of the check script per pytest session, two groups in parallel).
+# Multi-device results (one run of the check script per pytest session).
 
 
 @pytest.fixture(scope="module")
@@ -59,27 +59,17 @@ def results(tmp_path_factory):
 
 
 def _run_checks():
+  # One process for every group: JAX's start-up and the toy data are paid once (two concurrent
+  # processes, one per core, took about 5 CPU-s more).
   env = dict(os.environ)  # parallel_check.py sets the device count and keeps the other XLA flags
-  groups = [["toy"], ["awp_accum", "batchstat", "trap", "llama"]]  # about equal halves of the work
-  procs = [
-    subprocess.Popen(
-      [sys.executable, CHECK, *g], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    for g in groups
-  ]
-  out = {}
-  for g, p in zip(groups, procs):
-    try:
-      stdout, stderr = p.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail(f"parallel_check.py {g} timed out after 600 s")
-    if p.returncode != 0:
-      pytest.fail(f"parallel_check.py {g} failed (exit {p.returncode}):\n{stderr[-4000:]}")
-    line = [ln for ln in stdout.splitlines() if ln.startswith("{")][-1]
-    out.update(json.loads(line)["results"])
-  return out
+  try:
+    p = subprocess.run([sys.executable, CHECK], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  except subprocess.TimeoutExpired:
+    pytest.fail("parallel_check.py timed out after 900 s")
+  if p.returncode != 0:
+    pytest.fail(f"parallel_check.py failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
+  line = [ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1]
+  return json.loads(line)["results"]
 
 
 def _check_equal(results, name):
