@@ -183,6 +183,7 @@ def parallel_runs(seed_dir, tmp_path_factory):
   pytest-xdist): (its JSON report, its root folder, which holds `single/final_params`)."""
 
   def build(root):
+    root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": ROOT}
     out = subprocess.run(
       [sys.executable, os.path.join(ROOT, "tests", "experiments_parallel_check.py"), str(root), str(seed_dir)],
