@@ -121,10 +121,11 @@ def test_simulated_slurm_step_forms_one_two_process_runtime():
   host = socket.gethostname()
   port = _free_slurm_port()
   job_id = 4096 * 1000 + port - 61440  # JAX derives the coordinator port from the job id
-  base = {k: v for k, v in os.environ.items() if not _is_cluster_variable(k) and k != "XLA_FLAGS"}
+  base = {k: v for k, v in os.environ.items() if not _is_cluster_variable(k)}
+  flags = [f for f in base.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
   base.update(
     {
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+      "XLA_FLAGS": " ".join([*flags, "--xla_force_host_platform_device_count=2"]),  # the suite's flags stay
       "JAX_PLATFORMS": "cpu",
       "SLURM_JOB_ID": str(job_id),
       "SLURM_NTASKS": "2",

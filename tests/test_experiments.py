@@ -21,6 +21,7 @@ import pytest
 import pofx_backends
 from configs import validate
 from experiments import main as main_lib
+from tests.conftest import shared_across_workers
 from tests.data import ids, vocab
 from tests.program import ROOT, _config, _final_params, _main, _seed_from
 
@@ -179,25 +180,38 @@ def test_cpu_kernels_run_equals_the_xla_run(seed_dir, tmp_path, capfd):
   assert any(not np.array_equal(a, b) for a, b in zip(params["cpu"], params["xla"]))
 
 
-def test_parallel_modes_of_the_program_equal_the_single_device_run(tiny_run, tmp_path):
+@pytest.fixture(scope="module")
+def parallel_runs(seed_dir, tmp_path_factory):
+  """The runs of tests/experiments_parallel_check.py from the seed (once per session, also under
+  pytest-xdist): (its JSON report, its root folder, which holds `single/final_params`)."""
+
+  def build(root):
+    root.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "tests", "experiments_parallel_check.py"), str(root), str(seed_dir)],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (root / "report.json").write_text(out.stdout.strip().splitlines()[-1])
+
+  root = shared_across_workers(tmp_path_factory, "experiments_parallel_check", build)
+  return json.loads((root / "report.json").read_text()), root
+
+
+def test_parallel_modes_of_the_program_equal_the_single_device_run(parallel_runs):
   """configs/dpo.py:tiny under mode jit (2 data x 2 fsdp), shard_map and pmap on 4 simulated
-  devices ends with the single-device parameters, dense and with block-sparse attention and
-  compact scored tokens (`*_fast`), with 2 accumulated micro-batches in one dense and one fast
-  run: every run against the one dense single-device run."""
-  src, _ = tiny_run
-  env = {**os.environ, "PYTHONPATH": ROOT}
-  out = subprocess.run(
-    [sys.executable, os.path.join(ROOT, "tests", "experiments_parallel_check.py"), str(tmp_path), str(src)],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  res = json.loads(out.stdout.strip().splitlines()[-1])
+  devices ends with the single-device parameters, dense (every mode) and with block-sparse
+  attention and compact scored tokens (`*_fast`: jit and shard_map; pmap takes shard_map's
+  per-device batches and step), with 2 accumulated micro-batches in one dense and one fast run:
+  every run against the one dense single-device run."""
+  res, _ = parallel_runs
   assert res["devices"] == 4
-  assert len(res["runs"]) == 7, sorted(res["runs"])
+  assert len(res["runs"]) == 6, sorted(res["runs"])
   for name, r in res["runs"].items():
     assert r["moved"] > 1e-3, (name, r)  # training changed the parameters
     assert r["max_abs_diff"] < 1e-5, (name, r)  # and every mode agrees with one device
@@ -294,24 +308,24 @@ def test_unusable_data_file_fails_in_one_line_before_training(tmp_path):
   assert "Downloading" not in out.stdout + out.stderr and "WARNING" not in out.stdout + out.stderr
 
 
-def test_two_processes_of_the_program_equal_the_single_process_run(seed_dir, tmp_path):
+def test_two_processes_of_the_program_equal_the_single_process_run(seed_dir, parallel_runs, tmp_path):
   """launch_local: 2 processes x 2 CPU devices run experiments.main (mode jit on a 2 data x 2 fsdp
   mesh, each process feeding its shard of the data), stop after step 2 (checkpoint written by
-  both), resume (restored by both) and finish with the parameters of a single-process run."""
+  both), resume (restored by both) and finish with the parameters of a single-process run: the
+  single-device run of tests/experiments_parallel_check.py, the same config (its `config()`: SGD,
+  XLA kernels, the tiny config's 4 steps) from the same seed."""
   args = [
     "--config=configs/dpo.py:tiny",
     "--noprogress",
     "--config.train.optimizer.name=sgd",
     "--config.train.optimizer.grad_clip=0.0",
     "--config.train.optimizer.learning_rate=0.5",
-    "--config.train.steps=6",
+    "--config.train.steps=4",
     "--config.model.kernels=xla",
   ]
-  single, multi = tmp_path / "single", tmp_path / "multi"
-  for w in (single, multi):
-    _seed_from(seed_dir, w)
-  out = _main(args + [f"--workdir={single}"])
-  assert out.returncode == 0, out.stderr[-2000:]
+  _, parallel_root = parallel_runs
+  single, multi = parallel_root / "single", tmp_path / "multi"
+  _seed_from(seed_dir, multi)
   env = {**os.environ, "PYTHONPATH": ROOT}
   launch = [
     sys.executable,

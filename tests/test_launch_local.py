@@ -56,7 +56,7 @@ def test_dead_process_fails_the_run_in_bounded_time():
     "--devices_per_process",
     "2",
     "--grace",
-    "3",
+    "1",
     "--timeout",
     "120",
     "--",

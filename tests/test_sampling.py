@@ -475,7 +475,13 @@ print(json.dumps(out))
 
 
 def test_sharded_sampler_equals_single_device():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  # 4 CPU devices; the suite's other XLA flags (tests/conftest.py) stay.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+  env = {
+    **os.environ,
+    "XLA_FLAGS": " ".join([*flags, "--xla_force_host_platform_device_count=4"]),
+    "JAX_PLATFORMS": "cpu",
+  }
   proc = subprocess.run(
     [sys.executable, "-c", _SHARDED_CHILD], cwd=REPO, env=env, capture_output=True, text=True, check=False
   )
