@@ -20,6 +20,7 @@ from configs import common, validate
 from experiments import main as main_lib
 from pofx import batching, options, parallel
 from pofx import data as data_lib
+from tests import forked
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDY_FAMILIES = tuple(
@@ -95,10 +96,7 @@ def _edited(edits, family="dpo", arg="tiny"):
 
 
 def _main(args, **kw):
-  env = {**os.environ, "PYTHONPATH": ROOT}
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.main", *args], cwd=ROOT, env=env, capture_output=True, text=True, **kw
-  )
+  return forked.run_module("experiments.main", args, **kw)
 
 
 def test_options_import_without_jax():

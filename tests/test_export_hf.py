@@ -7,8 +7,6 @@ tests/models/test_families.py).
 """
 
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -18,7 +16,8 @@ import pytest
 from experiments import export_hf
 from pofx import models
 from pofx import world as world_lib
-from tests.program import ROOT, _config
+from tests import forked
+from tests.program import _config
 
 
 def test_export_program_writes_a_folder_transformers_loads(seed_dir, tmp_path):
@@ -26,10 +25,7 @@ def test_export_program_writes_a_folder_transformers_loads(seed_dir, tmp_path):
   transformers = pytest.importorskip("transformers")
   out = tmp_path / "hf"
   args = ["--config=configs/dpo.py:tiny", f"--workdir={seed_dir}", "--params=sft_params", f"--out={out}"]
-  env = {**os.environ, "PYTHONPATH": ROOT}
-  run = subprocess.run(
-    [sys.executable, "-m", "experiments.export_hf", *args], cwd=ROOT, env=env, capture_output=True, text=True
-  )
+  run = forked.run_module("experiments.export_hf", args)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "as a 'llama' model" in run.stdout
   assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]

@@ -18,8 +18,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -28,6 +26,7 @@ from configs import dpo
 from experiments import main as main_lib
 from experiments import provenance
 from pofx import fingerprints
+from tests import forked
 from tests.program import _seed_from
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,15 +34,7 @@ TINY = ["--config=configs/dpo.py:tiny", "--noprogress"]
 
 
 def _main(work, *args):
-  env = {**os.environ, "PYTHONPATH": ROOT}
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.main", *TINY, f"--workdir={work}", *args],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  return forked.run_module("experiments.main", [*TINY, f"--workdir={work}", *args], timeout=600)
 
 
 def _snapshot(work):

@@ -15,8 +15,6 @@ known curves.
 import csv
 import math
 import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +23,8 @@ import pytest
 from experiments import study
 from pofx import evaluation, gpo
 from pofx._pair_logps import PairLogps
-from tests.program import ROOT, _config, _seed_from
+from tests import forked
+from tests.program import _config, _seed_from
 
 # The length study's world (a biased labeller) has its own SFT base and data.
 OWN_BASE = ("length",)
@@ -189,14 +188,7 @@ def test_online_study_at_tiny_with_one_seed(seed_dir, tmp_path):
   charts."""
   root = tmp_path / "studies"
   _seed_from(seed_dir, root / "online" / "seed0")
-  env = {**os.environ, "PYTHONPATH": ROOT}
-  r = subprocess.run(
-    [sys.executable, "-m", "experiments.study", "online", "--tiny", "--seeds=0", f"--workdir={root}", "--noprogress"],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-  )
+  r = forked.run_module("experiments.study", ["online", "--tiny", "--seeds=0", f"--workdir={root}", "--noprogress"])
   assert r.returncode == 0, r.stderr[-4000:]
   from configs import study_online
 

@@ -13,8 +13,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -23,6 +21,7 @@ from tokenizers import pre_tokenizers
 
 from experiments import smollm2_study as study
 from pofx.models import llama
+from tests import forked
 from tests.models.test_gguf import _write_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -82,10 +81,7 @@ def _tiny_gguf(path):
 
 
 def _study(args):
-  env = {**os.environ, "PYTHONPATH": ROOT}
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.smollm2_study", *args], cwd=ROOT, env=env, capture_output=True, text=True
-  )
+  return forked.run_module("experiments.smollm2_study", args)
 
 
 def test_bad_flags_stop_with_one_line_before_loading(tmp_path):
