@@ -680,6 +680,9 @@ def run(config, workdir: str, *, progress: bool = True, overwrite: bool = False)
     _say("pretrain: %d steps of %d images", c.pretrain.steps, c.pretrain.batch_size)
     base = pretrain(c, world, model, schedule, key_for("pretrain"), workdir=workdir, progress=progress)
     _save_params(base_path, base, recs["pretrain"])
+  # Committed to the device like a restored base and the trained policy (`train_policy`), so the
+  # sampler is compiled once for both.
+  base = jax.device_put(base, jax.local_devices()[0])
   times["pretrain_seconds"] = time.perf_counter() - t0
 
   pairs_dir = os.path.join(workdir, OUTPUTS["pairs"])
