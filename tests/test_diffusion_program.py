@@ -72,7 +72,7 @@ def test_tiny_rerun_with_other_training_is_refused_before_compute(tiny_run):
 # pairs it links, "tiny" for the tiny run's, None to make its own). Trained here: one family per
 # way of feeding the loss (per-image binary scores; data-vs-sample pairs; recorded chains, D3PO,
 # with two micro-batches per step; SPO's step-wise pairs; patch quality maps); each costs a
-# compilation of its train step (18-28 s of CPU at :tiny), so SmPO (reward scores), Reg-DPO
+# compilation of its train step (3-6 CPU-s at :tiny), so SmPO (reward scores), Reg-DPO
 # (data-vs-sample pairs, as DRO) and the dense-reward view (D3PO's chains and log-probs, another
 # loss: "diffusion_dense_reward": "diffusion_d3po" would train it on D3PO's pairs) are validated
 # only (test_every_image_family_validates).
