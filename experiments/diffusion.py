@@ -624,6 +624,10 @@ def train_policy(c, model, base_params, schedule, data, key, *, workdir: str, pr
   state = train.init_state(
     jax.tree.map(jnp.copy, base_params), optimizer, reference, perturbation, loss=spec, loss_hyper=hyper, rng=k_state
   )
+  # Every leaf on the one device, committed: parameters restored from a checkpoint are, the fresh
+  # counters and keys are not, and the step's outputs are; a first state mixing both would be
+  # lowered with other argument shardings than the next ones, and the step compiled twice.
+  state = jax.device_put(state, jax.local_devices()[0])
   n, batch = len(data["class_labels"]), int(c.train.batch_size)
   micro = batch // n_acc
   order_rng = np.random.default_rng([int(c.seed), 18, 3])
@@ -701,6 +705,9 @@ def run(config, workdir: str, *, progress: bool = True, overwrite: bool = False)
     _say("pretrain: %d steps of %d images", c.pretrain.steps, c.pretrain.batch_size)
     base = pretrain(c, world, model, schedule, key_for("pretrain"), workdir=workdir, progress=progress)
     _save_params(base_path, base, recs["pretrain"])
+  # Committed to the device like a restored base and the trained policy (`train_policy`), so the
+  # sampler is compiled once for both.
+  base = jax.device_put(base, jax.local_devices()[0])
   times["pretrain_seconds"] = time.perf_counter() - t0
 
   pairs_dir = os.path.join(workdir, OUTPUTS["pairs"])

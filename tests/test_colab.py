@@ -269,6 +269,9 @@ def _check_diffusion_dpo(ns):
   )
   assert r["wins"] + r["ties"] + r["losses"] == n
   assert r["win_rate_vs_base"] == pytest.approx((r["wins"] + 0.5 * r["ties"]) / n)
+  # What the tutorial shows: the policy beats the base under the gold reward (its whole 95% interval
+  # above one half, and a higher mean gold reward of the same-noise samples).
+  assert r["win_rate_ci95_low"] > 0.5 and r["gold_reward_policy"] > r["gold_reward_base"]
 
 
 def _check_smollm2_lora_dpo(ns):

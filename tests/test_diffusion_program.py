@@ -2,7 +2,9 @@
 and the validation of image configs (in-process, before any compute)."""
 
 import json
+import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -72,7 +74,7 @@ def test_tiny_rerun_with_other_training_is_refused_before_compute(tiny_run):
 # pairs it links, "tiny" for the tiny run's, None to make its own). Trained here: one family per
 # way of feeding the loss (per-image binary scores; data-vs-sample pairs; recorded chains, D3PO,
 # with two micro-batches per step; SPO's step-wise pairs; patch quality maps); each costs a
-# compilation of its train step (18-28 s of CPU at :tiny), so SmPO (reward scores), Reg-DPO
+# compilation of its train step (3-6 CPU-s at :tiny), so SmPO (reward scores), Reg-DPO
 # (data-vs-sample pairs, as DRO) and the dense-reward view (D3PO's chains and log-probs, another
 # loss: "diffusion_dense_reward": "diffusion_d3po" would train it on D3PO's pairs) are validated
 # only (test_every_image_family_validates), as is the prompted family (a cross-attention denoiser
@@ -98,9 +100,25 @@ ALL_FAMILIES = (
 )
 
 
+class _Compilations(logging.Handler):
+  """The names of the programs JAX lowers for compilation while `jax.log_compiles()` is on."""
+
+  def __init__(self):
+    super().__init__()
+    self.names = []
+
+  def emit(self, record):
+    m = re.match(r"Compiling (\S+) with global shapes", record.getMessage())
+    if m:
+      self.names.append(m.group(1))
+
+
 @pytest.fixture(scope="module")
 def family_runs(tiny_run, tmp_path_factory):
+  """{family: (workdir, config, summary, names of the programs its run compiled)}."""
   import importlib
+
+  import jax
 
   from experiments import diffusion
 
@@ -118,7 +136,14 @@ def family_runs(tiny_run, tmp_path_factory):
       c.unlock()
       c.train.grad_accum_steps = 2
     config_validation.validate(c)
-    out[family] = (dst, c, diffusion.run(c, str(dst), progress=False))
+    compiled, logger = _Compilations(), logging.getLogger("jax._src.interpreters.pxla")
+    logger.addHandler(compiled)
+    try:
+      with jax.log_compiles(True):
+        summary = diffusion.run(c, str(dst), progress=False)
+    finally:
+      logger.removeHandler(compiled)
+    out[family] = (dst, c, summary, compiled.names)
     dirs[family] = str(dst)
   return out
 
@@ -129,7 +154,7 @@ def _pairs(dst):
 
 
 def test_method_families_train_on_one_pretraining(family_runs):
-  for family, (dst, c, s) in family_runs.items():
+  for family, (dst, c, s, _) in family_runs.items():
     assert s["config"]["train"]["loss"] == c.train.loss
     assert os.path.islink(dst / "base_params") and os.path.isfile(dst / "final_params" / "provenance.json")
     assert 0.0 <= s["win_rate_ci95_low"] <= s["win_rate_vs_base"] <= s["win_rate_ci95_high"] <= 1.0, family
@@ -143,8 +168,16 @@ def test_method_families_train_on_one_pretraining(family_runs):
     assert all((img.tobytes(), int(y)) in digits for img, y in zip(d["chosen"], d["class_labels"])), family
 
 
+def test_each_family_compiles_its_train_step_once(family_runs):
+  # The base is restored from the tiny run (committed arrays) and the step's outputs are committed:
+  # a first state with uncommitted leaves would be lowered with other argument shardings than the
+  # later ones, and the step compiled twice (experiments/diffusion.py puts it on the device).
+  for family, (_, _, _, compiled) in family_runs.items():
+    assert compiled.count("jit(step)") == 1, (family, compiled)
+
+
 def test_recorded_chains_and_their_step_labels(family_runs):
-  dst, c, _ = family_runs["diffusion_d3po"]
+  dst, c, _, _ = family_runs["diffusion_d3po"]
   d = _pairs(dst)
   n, s = c.data.num_pairs, c.data.num_steps
   assert d["chosen_latents"].shape == (n, s + 1, 8, 8, 1) and d["rejected_latents"].shape == (n, s + 1, 8, 8, 1)
@@ -170,7 +203,7 @@ def test_program_recomputes_the_samplers_own_step_log_probs(family_runs):
   from experiments import diffusion
   from pofx import losses
 
-  dst, c, _ = family_runs["diffusion_d3po"]
+  dst, c, _, _ = family_runs["diffusion_d3po"]
   d = _pairs(dst)
   model, schedule = diffusion.unet.make(diffusion.unet_config(c)), diffusion.noise_schedule(c)
   base = diffusion._load_params(str(dst / "base_params"), jax.eval_shape(model.init, jax.random.PRNGKey(0)))
@@ -184,7 +217,7 @@ def test_program_recomputes_the_samplers_own_step_log_probs(family_runs):
 
 
 def test_spo_step_pairs_and_patch_quality_maps(family_runs):
-  dst, c, s = family_runs["diffusion_spo"]
+  dst, c, s, _ = family_runs["diffusion_spo"]
   d = _pairs(dst)
   # Step-wise pairs from one shared x_t at the branched random steps 1 and 2 (t = 500, 250; t_prev = t - 250).
   np.testing.assert_array_equal(d["chosen_latents"][:, 0], d["rejected_latents"][:, 0])
@@ -194,7 +227,7 @@ def test_spo_step_pairs_and_patch_quality_maps(family_runs):
   gap = 2.0 / (1.0 + np.exp(-4.0 * (d["chosen_reward"].astype(np.float64) - d["rejected_reward"]))) - 1.0
   assert np.all(gap > c.data.spo_threshold) and s["pairs_count"] == len(gap) <= int(d["spo_steps_seen"])
   # PatchDPO's maps: q = sigmoid(4 (r(gen) - r(gen with the reference's 2x2 patch))), by hand for a few patches.
-  dst, c, _ = family_runs["diffusion_patch_dpo"]
+  dst, c, _, _ = family_runs["diffusion_patch_dpo"]
   d = _pairs(dst)
   assert d["rejected_patch_quality"].shape == (c.data.num_pairs, 4, 4)
   world = world_lib.ImageWorld(world_lib.ImageWorldConfig(seed=c.seed, **dict(c.world)))
