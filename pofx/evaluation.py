@@ -55,9 +55,10 @@ Training diagnostic (`gradient_field`, logged per step by `pofx.train` with `gra
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from statistics import NormalDist
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -308,7 +309,42 @@ def evaluate_pairs(
   )
   if ref.chosen.shape != pol.chosen.shape:
     raise ValueError(f"evaluate_pairs: reference_logps hold {ref.chosen.shape[0]} pairs, not {pol.chosen.shape[0]}.")
-  m = lambda x: float(jnp.mean(x))
+  pref = None if pref_prob is None else jnp.asarray(pref_prob, jnp.float32)
+  betas = tuple(float(b) for b in betas)
+  metrics = jax.device_get(_pair_metrics(pol, ref, pref, float(beta), betas))
+  out = {}
+  for name in _PAIR_METRICS:  # jit returns dicts in sorted key order; keep this order and the betas'
+    if name.endswith("_by_beta"):
+      if name in metrics:
+        out[name] = {f"{b:g}": float(metrics[name][f"{b:g}"]) for b in betas}
+    elif name in metrics:
+      out[name] = float(metrics[name])
+  out["num_pairs"] = int(pol.chosen.shape[0])
+  return out
+
+
+_PAIR_METRICS = (
+  "chosen_logratio",
+  "rejected_logratio",
+  "logratio_margin",
+  "ranking_changed",
+  "reward_accuracy",
+  "ranking_accuracy",
+  "ranking_accuracy_mean",
+  "ref_ranking_accuracy",
+  "ref_ranking_accuracy_mean",
+  "idealized_ranking_accuracy",
+  "idealized_ranking_accuracy_mean",
+  "flip_threshold_loss",
+  "idealized_ranking_accuracy_by_beta",
+  "idealized_ranking_accuracy_mean_by_beta",
+)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _pair_metrics(pol: PairLogps, ref: PairLogps, pref_prob, beta: float, betas: Tuple[float, ...]) -> dict:
+  """`evaluate_pairs`' means, as one program (not one small program per operation)."""
+  m = jnp.mean
   out = {
     "chosen_logratio": m(pol.chosen - ref.chosen),
     "rejected_logratio": m(pol.rejected - ref.rejected),
@@ -319,7 +355,6 @@ def evaluate_pairs(
     "ranking_accuracy_mean": m(ranking_accuracy(pol, normalize="mean")),
     "ref_ranking_accuracy": m(ranking_accuracy(ref, normalize="sum")),
     "ref_ranking_accuracy_mean": m(ranking_accuracy(ref, normalize="mean")),
-    "num_pairs": int(pol.chosen.shape[0]),
   }
   if pref_prob is not None:
     out["idealized_ranking_accuracy"] = m(idealized_ranking_accuracy(ref, pref_prob, beta=beta, normalize="sum"))
@@ -329,9 +364,7 @@ def evaluate_pairs(
       ("sum", "idealized_ranking_accuracy_by_beta"),
       ("mean", "idealized_ranking_accuracy_mean_by_beta"),
     ):
-      out[key] = {
-        f"{float(b):g}": m(idealized_ranking_accuracy(ref, pref_prob, beta=float(b), normalize=norm)) for b in betas
-      }
+      out[key] = {f"{b:g}": m(idealized_ranking_accuracy(ref, pref_prob, beta=b, normalize=norm)) for b in betas}
   return out
 
 
