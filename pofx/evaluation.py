@@ -314,11 +314,9 @@ def evaluate_pairs(
   metrics = jax.device_get(_pair_metrics(pol, ref, pref, float(beta), betas))
   out = {}
   for name in _PAIR_METRICS:  # jit returns dicts in sorted key order; keep this order and the betas'
-    if name.endswith("_by_beta"):
-      if name in metrics:
-        out[name] = {f"{b:g}": float(metrics[name][f"{b:g}"]) for b in betas}
-    elif name in metrics:
-      out[name] = float(metrics[name])
+    if name in metrics:
+      v = metrics[name]
+      out[name] = {f"{b:g}": float(v[f"{b:g}"]) for b in betas} if isinstance(v, dict) else float(v)
   out["num_pairs"] = int(pol.chosen.shape[0])
   return out
 

@@ -31,11 +31,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _server = None  # (Popen, the JAX_* environment it imported under)
+_buffers = {}  # server pid -> bytes read from its stdout and not yet returned
 
 
 def _jax_env(env):
@@ -66,12 +68,21 @@ def _get_server():
 
 
 def _reply(proc, timeout):
-  ready, _, _ = select.select([proc.stdout], [], [], timeout)
-  if not ready:
-    return None
-  line = proc.stdout.readline()
-  if not line:
-    raise RuntimeError(f"tests/forked.py's server exited with status {proc.wait()}")
+  """The server's next JSON line, or None after `timeout` seconds (None: wait). Reads the pipe's
+  file descriptor directly: a buffered reader could take both of a run's lines at once and leave
+  `select` waiting on an empty pipe."""
+  buffer = _buffers.setdefault(proc.pid, bytearray())
+  deadline = None if timeout is None else time.monotonic() + timeout
+  while b"\n" not in buffer:
+    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+    if not select.select([proc.stdout], [], [], left)[0]:
+      return None
+    chunk = os.read(proc.stdout.fileno(), 65536)
+    if not chunk:
+      raise RuntimeError(f"tests/forked.py's server exited with status {proc.wait()}")
+    buffer += chunk
+  line, _, rest = bytes(buffer).partition(b"\n")
+  buffer[:] = rest
   return json.loads(line)
 
 

@@ -4,6 +4,7 @@ fresh interpreter's on the same command."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -39,3 +40,20 @@ def test_preload_starts_no_thread_and_no_jax_backend():
   )
   out = subprocess.run([sys.executable, "-c", code], cwd=forked.ROOT, capture_output=True, text=True, check=True)
   assert out.stdout.split() == ["1", "0", "False"]
+
+
+def test_replies_already_in_the_pipe_are_each_returned():
+  # A run can end before its pid reply is read: both of its lines then wait in the pipe together
+  # while the server lives on, and the second must come from what was already read, not from a new
+  # wait on the (now empty) pipe.
+  server = subprocess.Popen(
+    ["sh", "-c", 'printf \'{"pid": 7}\\n{"status": 3}\\n\'; sleep 30'], stdout=subprocess.PIPE, text=True
+  )
+  try:
+    time.sleep(0.5)  # both lines written
+    assert forked._reply(server, 5) == {"pid": 7}
+    assert forked._reply(server, 5) == {"status": 3}
+    assert forked._reply(server, 0.2) is None  # nothing more: a timeout, not a hang
+  finally:
+    server.kill()
+    server.wait()
