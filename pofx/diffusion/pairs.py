@@ -30,6 +30,11 @@ split into (timestep key, noise key); the data pipeline draws fresh keys every s
 batch gives the same timesteps and noise to every forward of a step (the policy, SAM's perturbed
 policy, the reference), as the method requires. For the same reason the reference's errors
 cannot be computed once per dataset: `check_reference` refuses a `cached` reference.
+
+K-way lists (RankDPO, `pofx.losses.rank_dpo`): `ImageLists` holds K images per prompt and one key
+per list; `make_list_logps_fn` gives the K images the list's one timestep and noise and returns
+`ListLogps(logps=-e/2)` `[B, K]`, which the train step hands to a listwise loss with the lists'
+scores (`batch["scores"]`).
 """
 
 from __future__ import annotations
