@@ -807,7 +807,8 @@ def run(config, workdir: str, *, progress: bool = True, overwrite: bool = False)
     params = _load_params(final_path, base)
     info = provenance.read(final_path).get("info", {})
   else:
-    _say("train: %s, %d steps of %d pairs", c.train.loss, c.train.steps, c.train.batch_size)
+    unit = "lists" if c.train.logps == "lists" else "pairs"
+    _say("train: %s, %d steps of %d %s", c.train.loss, c.train.steps, c.train.batch_size, unit)
     params, info = train_policy(c, model, base, schedule, data, key_for("train"), workdir=workdir, progress=progress)
     if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params)):
       raise FloatingPointError("train: the trained parameters are not finite; nothing saved.")
