@@ -229,6 +229,18 @@ def test_rank_dpo_step_on_lists_shares_one_timestep_and_noise_per_list():
   best, worst = np.argmax(phi[:3], axis=1), np.argmin(phi[:3], axis=1)
   np.testing.assert_allclose(float(metrics["logps/chosen"]), np.mean(-0.5 * e[np.arange(3), best]), rtol=1e-5)
   np.testing.assert_allclose(float(metrics["logps/rejected"]), np.mean(-0.5 * e[np.arange(3), worst]), rtol=1e-5)
+  # Lists compose with the other reference strategies and perturbations: the whole step traces
+  # (abstractly, nothing compiled) with a synced reference, SAM with m-sharpness (one ascent per
+  # list) and two accumulated micro-batches of two lists.
+  b3 = {"lists": lists, "scores": jnp.asarray(phi), "pair_mask": b.pair_mask}
+  ref_s, pert, opt = pofx.references.synced(0.5, 2, logps_fn), pofx.perturbations.sam(0.05, m=1), optax.adamw(1e-3)
+  st = pofx.train.init_state(policy, opt, ref_s, pert, loss="rank_dpo")
+  fn = pofx.train.make_train_step(
+    logps_fn, opt, loss="rank_dpo", reference=ref_s, perturbation=pert, grad_accum_steps=2, jit=False
+  )
+  half = lambda i: jax.tree.map(lambda x: x[2 * i : 2 * i + 2], b3)
+  new_state, m = jax.eval_shape(fn, st, pofx.train.stack_microbatches([half(0), half(1)]), jax.random.key(0))
+  assert m["loss"].shape == () and jax.tree.structure(new_state) == jax.tree.structure(st)
   with pytest.raises(ValueError, match="takes K-way lists .ListLogps., which a cached reference does not hold"):
     pofx.train.validate("rank_dpo", pofx.references.cached("f", "f"), {"beta": BETA})
   with pytest.raises(ValueError, match="gradient_field=True reads a pair's chosen"):

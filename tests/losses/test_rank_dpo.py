@@ -111,30 +111,32 @@ def test_inverse_weights_are_the_dcg_change_of_a_swap_and_the_caption_example():
 
 
 def test_two_images_are_weighted_diffusion_dpo():
-  # K = 2, phi (1, 0): Delta = (2 - 1) |1/log 2 - 1/log 3|, times DPO's -log sigmoid(beta (lr_w - lr_l)).
-  lr = np.array([[0.01, -0.02], [-0.03, 0.01]])
-  policy, reference, scores = _lists(lr, [[1.0, 0.0], [1.0, 0.0]])
-  got = pofx.losses.rank_dpo(policy, reference, beta=BETA, scores=scores)
-  dpo = np.logaddexp(0.0, -BETA * (lr[:, 0] - lr[:, 1]))
-  np.testing.assert_allclose(np.asarray(got), (1 / math.log(2) - 1 / math.log(3)) * dpo, rtol=2e-5)
+  # K = 2 (two real items of a list padded to four, NaN scores), phi (1, 0): Delta = (2 - 1) |1/log 2 - 1/log 3|,
+  # times DPO's -log sigmoid(beta (lr_w - lr_l)).
+  for lr in ([0.01, -0.02], [-0.03, 0.01]):
+    policy, reference, scores = _lists([lr + [0.0, 0.0]], [[1.0, 0.0, float("nan"), float("nan")]])
+    got = pofx.losses.rank_dpo(policy, reference, beta=BETA, scores=scores)
+    dpo = np.logaddexp(0.0, -BETA * (lr[0] - lr[1]))
+    np.testing.assert_allclose(np.asarray(got), [(1 / math.log(2) - 1 / math.log(3)) * dpo], rtol=2e-5)
 
 
 @pytest.mark.parametrize("ranking", ["predicted", "labels"])
 @pytest.mark.parametrize("discount", ["inverse", "difference"])
 def test_permuting_a_list_leaves_the_loss_unchanged(ranking, discount):
   rng = np.random.default_rng(3)
-  lr = rng.normal(0.0, 0.02, (3, 5))
+  lr = rng.normal(0.0, 0.02, (3, 4))
   lr[2] = 0.0  # policy == reference: every predicted position tied
-  phi = rng.choice([0.0, 0.25, 0.5, 0.75, 1.0], (3, 5))  # with ties
-  phi[0, :2] = 0.75
+  phi = rng.choice([0.0, 0.25, 0.5, 0.75, 1.0], (3, 4))  # with ties
+  phi[0, :2], phi[2, :2] = 0.75, 0.25
   kw = dict(beta=BETA, ranking=ranking, discount=discount)
-  policy, reference, scores = _lists(lr, phi)
-  base = np.asarray(pofx.losses.rank_dpo(policy, reference, scores=scores, **kw))
-  assert np.all(base > 0)
-  for seed in range(3):
-    perm = np.random.default_rng(seed).permutation(5)
-    p, r, s = (pofx.ListLogps(policy.logps[:, perm]), pofx.ListLogps(reference.logps[:, perm]), scores[:, perm])
-    np.testing.assert_allclose(np.asarray(pofx.losses.rank_dpo(p, r, scores=s, **kw)), base, rtol=1e-6)
+  for n in range(3):  # one list at a time: the examples' [1, 4] shapes
+    policy, reference, scores = _lists(lr[n : n + 1], phi[n : n + 1])
+    base = float(pofx.losses.rank_dpo(policy, reference, scores=scores, **kw)[0])
+    assert base > 0
+    for seed in range(3):
+      perm = np.random.default_rng(seed).permutation(4)
+      p, r, s = (pofx.ListLogps(policy.logps[:, perm]), pofx.ListLogps(reference.logps[:, perm]), scores[:, perm])
+      np.testing.assert_allclose(float(pofx.losses.rank_dpo(p, r, scores=s, **kw)[0]), base, rtol=1e-6)
 
 
 def test_padding_items_take_no_part():
