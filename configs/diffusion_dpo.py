@@ -64,6 +64,7 @@ def image_config() -> ml_collections.ConfigDict:
   # samples of x_{t-1} from a shared x_t, the best and worst by the gold reward of their predicted
   # clean images, kept when softmax(label_scale * rewards) differ by more than spo_threshold).
   # patch_size (pofx.options.IMAGE_PATCH_SIZES, 0: none): per-patch quality maps (PatchDPO).
+  # list_size: images per prompt of record "lists" (K >= 2; RankDPO's ranked lists).
   c.data = ml_collections.ConfigDict(
     dict(
       num_pairs=2048,
@@ -78,6 +79,7 @@ def image_config() -> ml_collections.ConfigDict:
       spo_threshold=0.3,
       spo_start_step=2,
       patch_size=0,
+      list_size=4,
     )
   )
 
@@ -86,8 +88,9 @@ def image_config() -> ml_collections.ConfigDict:
   # scores (pofx.options.IMAGE_SCORES): what a loss reading per-pair scores gets, the images' gold
   # rewards or their binary feedback. logps (pofx.options.IMAGE_LOGPS): what the step scores,
   # the pair's denoising errors, the recorded chains' per-step log-probs ("trajectory", with
-  # step_labels: each step's own Bradley-Terry label on its predicted clean images) or the
-  # patch-weighted errors ("patch").
+  # step_labels: each step's own Bradley-Terry label on its predicted clean images), the
+  # patch-weighted errors ("patch") or the errors of a list's K images ("lists"; batch_size then
+  # counts lists).
   c.train = ml_collections.ConfigDict(
     dict(
       loss="dpo",

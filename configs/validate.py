@@ -614,9 +614,19 @@ def _check_image_loss(c) -> None:
     spec = losses.spec(c.train.loss)
   except ValueError:
     raise ValueError(f"config.train.loss={c.train.loss!r} is not allowed; allowed: {losses.names()}.") from None
-  trajectory = c.train.logps == "trajectory"
-  allowed = options.IMAGE_LOSS_REQUIREMENTS + (("tokens",) if trajectory else ())
+  trajectory, lists = c.train.logps == "trajectory", c.train.logps == "lists"
+  allowed = options.IMAGE_LOSS_REQUIREMENTS + (("tokens",) if trajectory else ()) + (("list",) if lists else ())
   missing = sorted(set(spec.requires) - set(allowed))
+  if lists and "list" not in spec.requires:
+    raise ValueError(
+      f"config.train.logps='lists' feeds K-way lists, which loss {spec.name!r} does not take; allowed: a listwise "
+      f"loss ({[n for n in losses.names() if 'list' in losses.spec(n).requires]})."
+    )
+  if missing == ["list"]:
+    raise ValueError(
+      f"config.train.loss={spec.name!r} takes K-way lists ('list'), which only the recorded lists give; allowed: "
+      f"train.logps='lists' with data.record='lists' (got train.logps={c.train.logps!r})."
+    )
   if missing == ["tokens"]:
     raise ValueError(
       f"config.train.loss={spec.name!r} needs per-step log-probs ('tokens'), which only the recorded chains give; "
@@ -671,7 +681,26 @@ def _check_image_records(c) -> None:
     )
   if not isinstance(t.step_labels, bool):
     raise ValueError(f"config.train.step_labels={t.step_labels!r} is not allowed; allowed: True or False.")
-  if d.record != "images":
+  k = d.list_size
+  if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+    raise ValueError(f"config.data.list_size={k!r} is not allowed; allowed: an integer >= 2 (images per list).")
+  if d.record == "lists":
+    if d.pairing != "samples":
+      raise ValueError(
+        f"config.data.pairing={d.pairing!r} is not allowed with data.record='lists' (a list holds samples of the "
+        "base); allowed: 'samples'."
+      )
+    if d.patch_size:
+      raise ValueError(
+        f"config.data.patch_size={d.patch_size!r} is not allowed with data.record='lists' (quality maps are made "
+        "for pairs); allowed: 0."
+      )
+  if (d.record == "lists") != (t.logps == "lists"):
+    raise ValueError(
+      f"config.train.logps={t.logps!r} is not allowed with data.record={d.record!r}: the K-way lists are recorded "
+      "by data.record='lists' and read by train.logps='lists' only; allowed: both 'lists', or neither."
+    )
+  if d.record in ("chains", "spo_steps"):
     if d.pairing != "samples":
       raise ValueError(
         f"config.data.pairing={d.pairing!r} is not allowed with data.record={d.record!r} (its pairs are sampled "

@@ -17,10 +17,12 @@ image-domain config (`config.domain == "image"`) to `run` here:
                `data.record` also the two reverse chains of each pair with the sampler's per-step
                log-probs and step-wise labels ("chains", `chain_pairs`) or SPO's step-wise pairs
                instead ("spo_steps", `spo_pairs`); with `data.patch_size` per-patch quality maps
-               (`patch_quality`)
+               (`patch_quality`); "lists": `data.list_size` samples per prompt instead, each
+               with its share of wins under pairwise Bradley-Terry labels (`ranked_lists`)
   3. train     `pofx.train.make_train_step` on the `logps_fn` of `train.logps` (`logps_fn_of`: the
                pair errors of `pofx.diffusion.pairs.make_logps_fn`, the chains' per-step log-probs
-               of `pofx.diffusion.methods.make_trajectory_logps_fn`, or PatchDPO's weighted errors):
+               of `pofx.diffusion.methods.make_trajectory_logps_fn`, PatchDPO's weighted errors,
+               or the K-way lists' errors of `pofx.diffusion.pairs.make_list_logps_fn`):
                the loss from the registry, the reference strategy and the weight perturbation of
                the config; a fresh PRNG key per pair and step gives its timestep and noise
                -> <workdir>/final_params
@@ -330,10 +332,13 @@ def make_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
   """Stage 2: per balanced class prompt, two samples ordered by a Bradley-Terry label (pairing
   "samples"), or a training digit of the class (chosen) and one sample (pairing "data_vs_sample");
   with `data.record` "chains", the two samples' reverse chains from one shared x_T and their
-  step-wise labels (`chain_pairs`); "spo_steps", SPO's step-wise pairs (`spo_pairs`) instead.
+  step-wise labels (`chain_pairs`); "spo_steps", SPO's step-wise pairs (`spo_pairs`), or "lists",
+  K-way ranked lists (`ranked_lists`), instead.
   With `data.patch_size`, the per-patch quality maps of each pair (`patch_quality`)."""
   if c.data.record == "spo_steps":
     return spo_pairs(c, world, model, params, schedule, key)
+  if c.data.record == "lists":
+    return ranked_lists(c, world, model, params, schedule, key)
   if c.data.record == "chains":
     data = chain_pairs(c, world, model, params, schedule, key)
   else:
@@ -353,6 +358,42 @@ def make_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
     q = patch_quality(world, data["chosen"], data["rejected"], data["class_labels"], int(c.data.patch_size))
     data["chosen_patch_quality"], data["rejected_patch_quality"] = q, q
   return data
+
+
+def list_scores(wins: np.ndarray) -> np.ndarray:
+  """RankDPO's label probabilities from a list's pairwise outcomes: `wins` [N, K, K] bool, `wins[n, i,
+  j]` where item i beat item j (exactly one of (i, j) and (j, i) for i != j); `phi_i` = the share of
+  the other K - 1 items that i beats (arXiv:2410.18013, Algorithm 1 with one labeller), [N, K]
+  float32."""
+  k = wins.shape[-1]
+  return (np.sum(wins, axis=-1) / (k - 1)).astype(np.float32)
+
+
+def ranked_lists(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
+  """K-way ranked lists (`data.record="lists"`; RankDPO, arXiv:2410.18013, Algorithm 1).
+
+  Per balanced class prompt, K = `data.list_size` samples of the base (`draw`: the N prompts' first
+  samples, then their second ones, ...); every unordered pair (i, j) of a list gets one
+  Bradley-Terry label on the gold reward, as the pair families' pairs (the world's noisy
+  labeller standing in for the paper's reward models), and `list_scores` turns the outcomes into
+  each image's share of wins `phi`. Arrays: `list_images` [N, K, 8, 8, 1], `list_rewards` (gold)
+  and `list_scores` (phi) [N, K], `class_labels` [N]."""
+  k_draw, k_label = jax.random.split(key)
+  labels, k = balanced_labels(int(c.data.num_pairs)), int(c.data.list_size)
+  n = len(labels)
+  images = draw(c, model, params, schedule, k_draw, np.tile(labels, k)).reshape((k, n) + world_lib.IMAGE_SHAPE)
+  images = np.swapaxes(images, 0, 1)  # [N, K, ...]
+  rewards = world.gold_reward(images.reshape((n * k,) + world_lib.IMAGE_SHAPE), np.repeat(labels, k)).reshape(n, k)
+  i, j = np.triu_indices(k, 1)
+  a_wins = world.bradley_terry(k_label, rewards[:, i], rewards[:, j])  # [N, K (K - 1) / 2]
+  wins = np.zeros((n, k, k), bool)
+  wins[:, i, j], wins[:, j, i] = a_wins, ~a_wins
+  return {
+    "list_images": images.astype(np.float32),
+    "list_rewards": rewards.astype(np.float32),
+    "list_scores": list_scores(wins),
+    "class_labels": labels,
+  }
 
 
 def chain_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
@@ -544,8 +585,9 @@ def _perturbation(c):
 def logps_fn_of(c, model, schedule):
   """The train step's `logps_fn` for `train.logps`: the pair's denoising errors
   (`pairs.make_logps_fn`), the recorded chains' per-step DDIM(eta) / DDPM log-probs averaged over
-  the pixels (`methods.make_trajectory_logps_fn`, the sampler and eta of the pair stage), or the
-  patch-weighted errors (`methods.make_patch_logps_fn`)."""
+  the pixels (`methods.make_trajectory_logps_fn`, the sampler and eta of the pair stage), the
+  patch-weighted errors (`methods.make_patch_logps_fn`), or the errors of a list's K images under
+  one timestep and noise per list (`pairs.make_list_logps_fn`)."""
   if c.train.logps == "trajectory":
     kw = _sample_kwargs(c)
     return methods.make_trajectory_logps_fn(
@@ -553,6 +595,8 @@ def logps_fn_of(c, model, schedule):
     )
   if c.train.logps == "patch":
     return methods.make_patch_logps_fn(methods.make_pairs_predict(model.denoise, schedule))
+  if c.train.logps == "lists":
+    return pairs_lib.make_list_logps_fn(model.denoise, schedule)
   return pairs_lib.make_logps_fn(model.denoise, schedule)
 
 
@@ -564,8 +608,8 @@ def random_steps(data) -> int:
 
 
 def make_batch(c, spec, data, idx, noise_keys) -> Dict[str, Any]:
-  """One (micro-)batch of the pairs `idx` for `logps_fn_of(c, ...)`; `noise_keys` [len(idx), 2]
-  (each pair's timestep and noise, read by the error-based log-probs)."""
+  """One (micro-)batch of the pairs (or lists) `idx` for `logps_fn_of(c, ...)`; `noise_keys`
+  [len(idx), 2] (each pair's or list's timestep and noise, read by the error-based log-probs)."""
   b: Dict[str, Any]
   if c.train.logps == "trajectory":
     s = random_steps(data)
@@ -581,6 +625,16 @@ def make_batch(c, spec, data, idx, noise_keys) -> Dict[str, Any]:
     }
     if c.train.step_labels:
       b["step_preference"] = jnp.asarray(data["step_preference"][idx, :s], jnp.float32)
+  elif c.train.logps == "lists":
+    b = {
+      "lists": pairs_lib.ImageLists(
+        images=jnp.asarray(data["list_images"][idx]),
+        class_labels=jnp.asarray(data["class_labels"][idx]),
+        noise_keys=noise_keys,
+      ),
+      "scores": jnp.asarray(data["list_scores"][idx], jnp.float32),
+      "pair_mask": jnp.ones((len(idx),), jnp.float32),
+    }
   else:
     b = {
       "pairs": pairs_lib.ImagePairs(
@@ -653,6 +707,26 @@ def train_policy(c, model, base_params, schedule, data, key, *, workdir: str, pr
   seconds = time.perf_counter() - start
   writer.close()
   return state.params, {"train_seconds": seconds, "pairs_per_second": c.train.steps * batch / max(seconds, 1e-9)}
+
+
+def label_summary(data) -> Dict[str, float]:
+  """How the labels agree with the gold reward: over the pairs, `pairs_label_agreement` (the share
+  whose chosen image has the higher gold reward) and `pairs_reward_gap` (the mean chosen-minus-
+  rejected reward); for K-way lists, the same over every ordered pair (i, j) of a list with
+  phi_i > phi_j, and `list_size`."""
+  if "list_scores" not in data:
+    return {
+      "pairs_label_agreement": float(np.mean(data["chosen_reward"] > data["rejected_reward"])),
+      "pairs_reward_gap": float(np.mean(data["chosen_reward"] - data["rejected_reward"])),
+    }
+  phi, r = data["list_scores"], data["list_rewards"].astype(np.float64)
+  above = phi[:, :, None] > phi[:, None, :]
+  gap = (r[:, :, None] - r[:, None, :])[above]
+  return {
+    "pairs_label_agreement": float(np.mean(gap > 0)),
+    "pairs_reward_gap": float(np.mean(gap)),
+    "list_size": int(phi.shape[1]),
+  }
 
 
 def _grid(images, labels, per_class: int) -> np.ndarray:
@@ -733,7 +807,8 @@ def run(config, workdir: str, *, progress: bool = True, overwrite: bool = False)
     params = _load_params(final_path, base)
     info = provenance.read(final_path).get("info", {})
   else:
-    _say("train: %s, %d steps of %d pairs", c.train.loss, c.train.steps, c.train.batch_size)
+    unit = "lists" if c.train.logps == "lists" else "pairs"
+    _say("train: %s, %d steps of %d %s", c.train.loss, c.train.steps, c.train.batch_size, unit)
     params, info = train_policy(c, model, base, schedule, data, key_for("train"), workdir=workdir, progress=progress)
     if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params)):
       raise FloatingPointError("train: the trained parameters are not finite; nothing saved.")
@@ -760,8 +835,7 @@ def run(config, workdir: str, *, progress: bool = True, overwrite: bool = False)
 
   summary = {
     **metrics,
-    "pairs_label_agreement": float(np.mean(data["chosen_reward"] > data["rejected_reward"])),
-    "pairs_reward_gap": float(np.mean(data["chosen_reward"] - data["rejected_reward"])),
+    **label_summary(data),
     "pairs_count": int(len(data["class_labels"])),
     **info,
     **times,

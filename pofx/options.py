@@ -141,13 +141,16 @@ IMAGE_SCORES = ("reward", "binary")
 # latent, the sampler's per-step log-probs and the gold reward of each step's predicted clean image:
 # D3PO, the dense-reward view, step-wise labels); or SPO's step-wise pairs (at each step of one
 # chain, the best and the worst of k candidates x_{t-1} from a shared x_t, by the gold reward of
-# their predicted clean images).
-IMAGE_PAIR_RECORDS = ("images", "chains", "spo_steps")
+# their predicted clean images); or K-way lists (`data.list_size` samples per prompt, each with the
+# share of the others it beats under Bradley-Terry labels: RankDPO).
+IMAGE_PAIR_RECORDS = ("images", "chains", "spo_steps", "lists")
 # How the image program's train step scores a pair (`train.logps`): the denoising errors of the two
 # images under a shared timestep and noise (Diffusion-DPO's `PairLogps`); the per-step log-probs
 # of the recorded chains (`pofx.diffusion.methods.make_trajectory_logps_fn`); or the errors weighted
-# by per-patch quality maps (PatchDPO, `make_patch_logps_fn`).
-IMAGE_LOGPS = ("pairs", "trajectory", "patch")
+# by per-patch quality maps (PatchDPO, `make_patch_logps_fn`); or the errors of the K images of a
+# list under one timestep and noise per list (`pofx.diffusion.pairs.make_list_logps_fn`, for a loss
+# that takes K-way lists: RankDPO).
+IMAGE_LOGPS = ("pairs", "trajectory", "patch", "lists")
 # The side of a square patch of the quality maps (`data.patch_size`, pixels; 0: no maps): divisors
 # of the world's 8x8 images.
 IMAGE_PATCH_SIZES = (0, 1, 2, 4, 8)

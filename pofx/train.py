@@ -14,7 +14,8 @@ Inside one step (all on device, no host syncs):
 `logps_fn(params, batch) -> PairLogps` is the policy's log-prob function (model forward plus
 chunked log-probs); the step knows nothing else about the model. Batches are dicts of arrays
 with a leading batch axis; per-pair extra inputs that a loss requires are read from the batch
-under the names of `pofx.losses.REQUIREMENTS` (e.g. `chosen_scores`). KTO's `kl_logratios` are
+under the names of `pofx.losses.REQUIREMENTS` (e.g. `chosen_scores`; a listwise loss's
+`scores` `[B, K]` beside a `logps_fn` that returns `ListLogps`). KTO's `kl_logratios` are
 either in the batch or computed by the step from the mismatched pairs in `batch["kl"]`
 (`{"pairs": PairBatch}`, the loader's `kl_pairs=True`): policy and reference log-ratios of those
 pairs, detached, `[2B]`. The loss is a canonical
@@ -41,7 +42,7 @@ from pofx import evaluation as evaluation_lib
 from pofx import losses as losses_lib
 from pofx import perturbations as perturbations_lib
 from pofx import references as references_lib
-from pofx._pair_logps import PairLogps
+from pofx._pair_logps import ListLogps, PairLogps
 
 # Batch keys that a loss requirement reads.
 _BATCH_INPUTS = {
@@ -52,8 +53,8 @@ _BATCH_INPUTS = {
   "diff_masks": ("chosen_diff_mask", "rejected_diff_mask"),
   "embeddings": ("prompt_embeddings", "chosen_embeddings"),
   "segments": ("chosen_segment_ids", "rejected_segment_ids", "chosen_segment_scores", "rejected_segment_scores"),
+  "list": ("scores",),
 }
-_UNSUPPORTED_IN_STEP = ("list",)
 # fold_in constant of the dropout keys' stream (ASCII "drop"), apart from the loss and perturbation keys.
 _DROPOUT_STREAM = 0x64726F70
 
@@ -105,9 +106,11 @@ def validate(loss, reference: references_lib.Reference, loss_hyper: Mapping[str,
       f"loss {spec.name!r} needs the reference's per-state EOS log-probs, which a cached reference does not "
       "hold; use frozen, guiding, synced or ema."
     )
-  for kind in _UNSUPPORTED_IN_STEP:
-    if kind in spec.requires:
-      raise ValueError(f"loss {spec.name!r} takes K-way lists; the pairwise train step does not feed them.")
+  if "list" in spec.requires and reference.cached:
+    raise ValueError(
+      f"loss {spec.name!r} takes K-way lists (ListLogps), which a cached reference does not hold; use frozen, "
+      "guiding, synced or ema."
+    )
 
 
 def _required_kwargs(spec):
@@ -156,6 +159,22 @@ def init_state(
   )
 
 
+def _metric_view(policy, ref, batch):
+  """`(lr_w, lr_l, logps_w, logps_l)` `[B]` for the metrics: a pair's chosen and rejected, or for a
+  K-way list (`ListLogps`, scores in `batch["scores"]`) its best- and worst-scored items (the first
+  one on ties; NaN scores, padding items, are never picked)."""
+  if not isinstance(policy, ListLogps):
+    lr_w, lr_l = losses_lib.logratios(policy, ref)
+    return lr_w, lr_l, policy.chosen, policy.rejected
+  s = jnp.asarray(batch["scores"], jnp.float32)
+  best = jnp.argmax(jnp.where(jnp.isfinite(s), s, -jnp.inf), axis=1)
+  worst = jnp.argmin(jnp.where(jnp.isfinite(s), s, jnp.inf), axis=1)
+  lp = policy.logps
+  lr = lp if ref is None else lp - ref.logps
+  take = lambda x, i: jnp.take_along_axis(x, i[:, None], axis=1)[:, 0]
+  return take(lr, best), take(lr, worst), take(lp, best), take(lp, worst)
+
+
 def _pair_mask(batch):
   """`[B]` 0/1 mask of real pairs: `batch["pair_mask"]`, else the PairBatch's, else None (all real)."""
   if "pair_mask" in batch:
@@ -175,7 +194,7 @@ def _beta_of(spec, hyper):
 
 
 def make_train_step(
-  logps_fn: Callable[[Any, Any], PairLogps],
+  logps_fn: Callable[[Any, Any], PairLogps | ListLogps],
   optimizer: optax.GradientTransformation,
   *,
   loss="dpo",
@@ -196,7 +215,10 @@ def make_train_step(
   """Builds the pure step `(state, batch, rng) -> (state, metrics)`, jitted once with donation.
 
   Args:
-    logps_fn: `(params, batch) -> PairLogps` of the policy (and of the reference's params).
+    logps_fn: `(params, batch) -> PairLogps` of the policy (and of the reference's params); for a
+      loss that takes K-way lists ("list" in its requirements, e.g. `rank_dpo`) `-> ListLogps`
+      `[B, K]`, with the lists' scores `[B, K]` under `batch["scores"]`. The metrics' chosen and
+      rejected are then each list's best- and worst-scored items.
     optimizer: an optax transformation.
     loss: a canonical loss name, a TRL loss_type as `"trl.<loss_type>"`, or a LossSpec;
       `loss_hyper` its hyperparameters.
@@ -261,6 +283,11 @@ def make_train_step(
     raise ValueError(f"grad_accum_steps={grad_accum_steps!r}; allowed: integer >= 1.")
   if isinstance(dropout_samples, bool) or int(dropout_samples) != dropout_samples or dropout_samples < 0:
     raise ValueError(f"dropout_samples={dropout_samples!r}; allowed: 0 (no dropout) or an integer >= 1.")
+  if gradient_field and "list" in spec.requires:
+    raise ValueError(
+      f"gradient_field=True reads a pair's chosen and rejected log-probs; loss {spec.name!r} takes K-way lists: "
+      "use gradient_field=False."
+    )
   beta = _beta_of(spec, hyper)
   stateful = "state" in spec.requires
   if axis_name is not None:
@@ -313,13 +340,13 @@ def make_train_step(
     out = spec.fn(policy, ref, **kwargs)
     per_pair, new_loss_state = out if stateful else (out, ())
     value = losses_lib.reduce(spec, per_pair, policy, mask)
-    lr_w, lr_l = losses_lib.logratios(policy, ref)
+    lr_w, lr_l, logps_w, logps_l = _metric_view(policy, ref, batch)
     aux = {
       "per_pair": per_pair,
       "lr_w": lr_w,
       "lr_l": lr_l,
-      "logps_chosen": policy.chosen,
-      "logps_rejected": policy.rejected,
+      "logps_chosen": logps_w,
+      "logps_rejected": logps_l,
       "loss_state": new_loss_state,
       "mask": jnp.ones_like(per_pair) if mask is None else jnp.asarray(mask, per_pair.dtype),
     }

@@ -73,7 +73,7 @@ def test_tiny_rerun_with_other_training_is_refused_before_compute(tiny_run):
 # that makes its pairs as another one did reuses those pairs too (the value: the family whose
 # pairs it links, "tiny" for the tiny run's, None to make its own). Trained here: one family per
 # way of feeding the loss (per-image binary scores; data-vs-sample pairs; recorded chains, D3PO,
-# with two micro-batches per step; SPO's step-wise pairs; patch quality maps); each costs a
+# with two micro-batches per step; SPO's step-wise pairs; patch quality maps; RankDPO's K-way lists); each costs a
 # compilation of its train step (3-6 CPU-s at :tiny), so SmPO (reward scores), Reg-DPO
 # (data-vs-sample pairs, as DRO) and the dense-reward view (D3PO's chains and log-probs, another
 # loss: "diffusion_dense_reward": "diffusion_d3po" would train it on D3PO's pairs) are validated
@@ -85,6 +85,7 @@ FAMILIES = {
   "diffusion_d3po": None,
   "diffusion_spo": None,
   "diffusion_patch_dpo": None,
+  "diffusion_rank_dpo": None,
 }
 ALL_FAMILIES = (
   "diffusion_dpo",
@@ -97,6 +98,7 @@ ALL_FAMILIES = (
   "diffusion_dense_reward",
   "diffusion_patch_dpo",
   "diffusion_dpo_prompted",
+  "diffusion_rank_dpo",
 )
 
 
@@ -241,6 +243,23 @@ def test_spo_step_pairs_and_patch_quality_maps(family_runs):
   np.testing.assert_array_equal(d["chosen_patch_quality"], d["rejected_patch_quality"])
 
 
+def test_ranked_lists_are_labelled_pairwise_by_the_gold_reward(family_runs):
+  """RankDPO's lists: K = 3 base samples per prompt, their gold rewards, and phi = the share of the
+  other two each beats, one Bradley-Terry outcome per pair: phi in {0, 1/2, 1}, summing to K / 2 per list."""
+  dst, c, s, _ = family_runs["diffusion_rank_dpo"]
+  d = _pairs(dst)
+  n, k = c.data.num_pairs, c.data.list_size
+  assert d["list_images"].shape == (n, k, 8, 8, 1) and d["list_scores"].shape == (n, k)
+  np.testing.assert_array_equal(d["class_labels"], np.arange(n) % 10)
+  world = world_lib.ImageWorld(world_lib.ImageWorldConfig(seed=c.seed, **dict(c.world)))
+  want = world.gold_reward(d["list_images"].reshape(n * k, 8, 8, 1), np.repeat(d["class_labels"], k))
+  np.testing.assert_allclose(d["list_rewards"], want.reshape(n, k), rtol=1e-5)
+  assert set(np.unique(d["list_scores"]).tolist()) <= {0.0, 0.5, 1.0}
+  np.testing.assert_allclose(d["list_scores"].sum(axis=1), k / 2)
+  assert not np.array_equal(d["list_images"][:, 0], d["list_images"][:, 1])  # distinct samples per prompt
+  assert s["list_size"] == k and s["pairs_count"] == n and 0.0 <= s["pairs_label_agreement"] <= 1.0
+
+
 def _tiny(family=""):
   import importlib
 
@@ -279,6 +298,16 @@ def _tiny(family=""):
     ("spo:data.spo_threshold", 1.0, "config.data.spo_threshold=1.0 is not allowed"),
     ("spo:data.spo_start_step", 3, "config.data.spo_start_step=3 is not allowed; allowed: an integer in [0, 2]"),
     ("spo:train.logps", "pairs", "config.train.logps='pairs' is not allowed with data.record='spo_steps'"),
+    ("rank_dpo:data.list_size", 1, "config.data.list_size=1 is not allowed; allowed: an integer >= 2"),
+    ("rank_dpo:train.logps", "pairs", "config.train.logps='pairs' is not allowed with data.record='lists'"),
+    ("rank_dpo:train.loss", "dpo", "train.logps='lists' feeds K-way lists, which loss 'dpo' does not take"),
+    (
+      "rank_dpo:data.pairing",
+      "data_vs_sample",
+      "config.data.pairing='data_vs_sample' is not allowed with data.record='lists'",
+    ),
+    ("rank_dpo:train.loss_hyper.ranking", "best", "invalid ranking='best'; allowed: .'labels', 'predicted'."),
+    ("train.loss", "rank_dpo", "config.train.loss='rank_dpo' takes K-way lists"),
   ],
 )
 def test_image_config_refused_with_field_and_allowed(field, value, message):
@@ -319,6 +348,7 @@ def test_every_image_family_validates(family):
     ("data.patch_size", 2, {"pairs", "train", "eval"}),
     ("train.logps", "patch", {"train", "eval"}),
     ("train.step_labels", True, {"train", "eval"}),
+    ("data.list_size", 3, {"pairs", "train", "eval"}),
   ],
 )
 def test_stage_records_change_with_what_each_stage_reads(field, value, changed):

@@ -30,6 +30,11 @@ split into (timestep key, noise key); the data pipeline draws fresh keys every s
 batch gives the same timesteps and noise to every forward of a step (the policy, SAM's perturbed
 policy, the reference), as the method requires. For the same reason the reference's errors
 cannot be computed once per dataset: `check_reference` refuses a `cached` reference.
+
+K-way lists (RankDPO, `pofx.losses.rank_dpo`): `ImageLists` holds K images per prompt and one key
+per list; `make_list_logps_fn` gives the K images the list's one timestep and noise and returns
+`ListLogps(logps=-e/2)` `[B, K]`, which the train step hands to a listwise loss with the lists'
+scores (`batch["scores"]`).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from pofx._pair_logps import PairLogps
+from pofx._pair_logps import ListLogps, PairLogps
 from pofx.diffusion import schedules as schedules_lib
 
 Array = jax.Array
@@ -170,6 +175,83 @@ def make_logps_fn(
       denoise, params, schedule, batch["pairs"], timestep_range=timestep_range, compute_dtype=compute_dtype
     )
     return PairLogps(chosen=-0.5 * e_w, rejected=-0.5 * e_l)
+
+  return logps_fn
+
+
+class ImageLists(NamedTuple):
+  """B ranked lists of K images each (NHWC float32 in [-1, 1]), for listwise losses (RankDPO).
+
+  Attributes:
+    images: `[B, K, H, W, C]` the K images of each list's prompt.
+    class_labels: `[B]` int32 class of each list's prompt (or None for an unconditional denoiser).
+    noise_keys: `[B, 2]` uint32, one raw PRNG key per list: its timestep and noise, shared by the
+      K images, by policy and reference (as `ImagePairs`' per pair).
+  """
+
+  images: Array
+  class_labels: Optional[Array]
+  noise_keys: Array
+
+
+def list_errors(
+  denoise: Callable,
+  params,
+  schedule: schedules_lib.NoiseSchedule,
+  lists: ImageLists,
+  *,
+  timestep_range=None,
+  compute_dtype=None,
+):
+  """`e` `[B, K]` float32 per-image mean squared errors of B lists of K images.
+
+  One timestep t and one noise eps per list (`timesteps_and_noise` of its key), shared by its K
+  images: `x_t^k = sqrt(abar_t) x_0^k + sqrt(1 - abar_t) eps` (RankDPO, arXiv:2410.18013,
+  Algorithm 2, as Diffusion-DPO shares them within a pair); one denoiser call on the B*K images.
+  With K = 2 the two columns are `pair_errors`' chosen and rejected errors for the same key.
+  `compute_dtype` as in `pair_errors`.
+  """
+  if not isinstance(lists, ImageLists):
+    raise TypeError(f"pairs: batch['lists'] must be a pofx.diffusion.pairs.ImageLists, got {type(lists).__name__}.")
+  x = lists.images
+  if x.ndim != 5 or x.shape[1] < 2:
+    raise ValueError(f"pairs: list images of shape {tuple(x.shape)}; expected [B, K, H, W, C] with K >= 2.")
+  B, K = x.shape[:2]
+  if lists.noise_keys.shape != (B, 2):
+    raise ValueError(f"pairs: noise_keys of shape {tuple(lists.noise_keys.shape)}; expected [B, 2] = ({B}, 2) uint32.")
+  if lists.class_labels is not None and lists.class_labels.shape != (B,):
+    raise ValueError(f"pairs: class_labels of shape {tuple(lists.class_labels.shape)}; expected [B] = ({B},).")
+  t, eps = timesteps_and_noise(lists.noise_keys, x.shape[2:], schedule, timestep_range)
+  flat = lambda a: jnp.reshape(jnp.repeat(a, K, axis=0), (B * K,) + a.shape[1:])  # list-major, like x
+  x0 = jnp.reshape(jnp.asarray(x, jnp.float32), (B * K,) + x.shape[2:])
+  eps_k, t_k = flat(eps), flat(t)
+  x_t = schedules_lib.add_noise(schedule, x0, eps_k, t_k)
+  y = schedules_lib.target(schedule, x0, eps_k, t_k)
+  cond = None if lists.class_labels is None else flat(jnp.asarray(lists.class_labels, jnp.int32))
+  if compute_dtype is not None:
+    params, x_t = _cast_floats(params, compute_dtype), x_t.astype(compute_dtype)
+  pred = jnp.asarray(denoise(params, x_t, t_k, cond), jnp.float32)
+  if pred.shape != x0.shape:
+    raise ValueError(f"pairs: the denoiser returned shape {tuple(pred.shape)}; expected {tuple(x0.shape)}.")
+  return jnp.reshape(jnp.mean((pred - y) ** 2, axis=(1, 2, 3)), (B, K))
+
+
+def make_list_logps_fn(
+  denoise: Callable, schedule: schedules_lib.NoiseSchedule, *, timestep_range=None, compute_dtype=None
+) -> Callable[[object, dict], ListLogps]:
+  """`logps_fn(params, batch) -> ListLogps(logps=-e/2)` `[B, K]` of `batch["lists"]` (`list_errors`),
+  for a listwise loss (`pofx.losses.rank_dpo`) in `pofx.train.make_train_step`; arguments as
+  `make_logps_fn`. The reference strategies run the same function on the same batch, so they see
+  the same timesteps and noise."""
+  _timestep_range(schedule, timestep_range)
+  if compute_dtype is not None and not jnp.issubdtype(jnp.dtype(compute_dtype), jnp.floating):
+    raise ValueError(f"pairs: compute_dtype={compute_dtype!r}; allowed: a floating dtype (float32, bfloat16, ...).")
+
+  def logps_fn(params, batch):
+    e = list_errors(
+      denoise, params, schedule, batch["lists"], timestep_range=timestep_range, compute_dtype=compute_dtype
+    )
+    return ListLogps(logps=-0.5 * e)
 
   return logps_fn
 

@@ -92,6 +92,8 @@ from pofx.losses._diffusion import (
   diffusion_dro,
   diffusion_kto,
   patch_dpo,
+  rank_dpo,
+  rank_dpo_weights,
   reg_dpo,
   smpo,
   smpo_preference,
@@ -384,4 +386,6 @@ __all__ = [
   "reg_dpo",
   "diffusion_dro",
   "patch_dpo",
+  "rank_dpo",
+  "rank_dpo_weights",
 ]
