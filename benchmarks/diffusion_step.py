@@ -4,7 +4,8 @@
         [--json PATH] [--markdown PATH]                        # both sides, alternating (the comparison)
     python benchmarks/diffusion_step.py --side pofx [--preset bench|large|tiny] [--dtype float32|bfloat16]
         [--pairs 16] [--kernels {auto,xla,cpu,gpu,tpu}] [--conv {xla,im2col}] [--products {xla,blas,blas_all}]
-        [--cpu_attention {on,off}] [--compile {default,low_memory}] [--breakdown] [--json PATH]
+        [--cpu_attention {on,off}] [--compile {auto,default,low_memory}] [--denoiser_calls {auto,1,2,4}]
+        [--breakdown] [--json PATH]
 
 **The comparison** (default, `--side both`): every run is a separate process, either
 `diffusers_dpo_baseline.py` (diffusers 0.42's UNet2DModel on PyTorch, unchanged: `--pairs 16
@@ -42,8 +43,15 @@ accelerator (`pofx.flops`), the compile time, and the CPU threads the process ma
 backward, the optimizer update, each jitted alone on the same batch (medians), and the rest
 (the step's loss, metrics and non-finite guard, host batch building and dispatch).
 
-`--compile low_memory` compiles pofx's step with `pofx_backends.cpu.LOW_MEMORY_COMPILER_OPTIONS`
-(XLA:CPU's older emitters: a lower peak RSS, a slower step and a longer compilation).
+How pofx's step is built and compiled on the CPU: `--denoiser_calls` computes the pair errors'
+denoiser call on [chosen; rejected] as that many independent calls on slices of the batch
+(`pofx_backends.cpu.split.split_batch`: independent work for XLA:CPU's executor threads); `--compile
+low_memory` compiles with `pofx_backends.cpu.LOW_MEMORY_COMPILER_OPTIONS` (XLA:CPU's older emitters:
+a lower peak RSS and a longer compilation), `--compile default` with XLA's defaults. Both default
+to "auto": on JAX's CPU platform two calls and the low-memory options (the CPU backend's setting
+for this step: measured faster and smaller than one call with XLA's defaults, docs/benchmarks.md),
+elsewhere one call and XLA's defaults. `--denoiser_calls 1 --compile default` is the step as
+`jax.jit` gives it with no CPU-backend choice.
 
 `--preset large` (DDPM's CIFAR-10 U-Net with 10 classes, 32x32x3, 35.75 M parameters) with `--dtype bfloat16` is the
 accelerator figure: there is no baseline run for it (the baseline script only builds its own
@@ -113,9 +121,17 @@ def parser():
   )
   ap.add_argument(
     "--compile",
-    choices=["default", "low_memory"],
-    default="default",
-    help="pofx: XLA's compile options (low_memory: pofx_backends.cpu.LOW_MEMORY_COMPILER_OPTIONS, slower)",
+    choices=["auto", "default", "low_memory"],
+    default="auto",
+    help="pofx: XLA's compile options (low_memory: pofx_backends.cpu.LOW_MEMORY_COMPILER_OPTIONS; "
+    "auto: low_memory on JAX's CPU platform, else default)",
+  )
+  ap.add_argument(
+    "--denoiser_calls",
+    choices=["auto", "1", "2", "4"],
+    default="auto",
+    help="pofx: the pair errors' denoiser call as this many calls on batch slices (pofx_backends.cpu.split; "
+    "auto: 2 on JAX's CPU platform, else 1)",
   )
   ap.add_argument("--breakdown", action="store_true", help="pofx: time the step's parts (after the timed steps)")
   ap.add_argument("--no_startup", action="store_true", help="pofx: skip pofx_backends.startup()")
@@ -169,6 +185,7 @@ class PofxStep:
 
     from pofx import perturbations, references, train
     from pofx.diffusion import pairs, schedules, unet
+    from pofx_backends.cpu import split
 
     self.a = a
     self.config = unet.preset(a.preset)
@@ -177,7 +194,8 @@ class PofxStep:
     self.params = self.model.init(jax.random.key(0))
     self.n_params = sum(int(x.size) for x in jax.tree.leaves(self.params))
     self.schedule = schedules.linear()
-    self.logps_fn = pairs.make_logps_fn(self.model.denoise, self.schedule)
+    self.denoiser_calls = denoiser_calls(a)
+    self.logps_fn = pairs.make_logps_fn(split.split_batch(self.model.denoise, self.denoiser_calls), self.schedule)
     self.reference = pairs.check_reference(references.frozen(jax.tree.map(jnp.array, self.params), self.logps_fn))
     # PyTorch's AdamW defaults (the baseline's optimizer): betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
     self.optimizer = optax.adamw(LEARNING_RATE, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
@@ -219,7 +237,8 @@ class PofxStep:
     host_memory.release_freed_memory()
     from pofx_backends import cpu
 
-    options = cpu.LOW_MEMORY_COMPILER_OPTIONS if self.a.compile == "low_memory" else None
+    self.compile_options = compile_options(self.a)
+    options = cpu.LOW_MEMORY_COMPILER_OPTIONS if self.compile_options == "low_memory" else None
     t0 = time.perf_counter()
     self.compiled = self.step.lower(self.state, self.batch(), jax.random.key(0)).compile(compiler_options=options)
     self.t_compile = time.perf_counter() - t0
@@ -286,6 +305,25 @@ class PofxStep:
         ts.append(time.perf_counter() - t)
       out[name] = statistics.median(ts)
     return out
+
+
+def compile_options(a) -> str:
+  """`--compile` resolved: "auto" is "low_memory" on JAX's CPU platform, else "default"."""
+  import jax
+
+  if a.compile != "auto":
+    return a.compile
+  return "low_memory" if jax.default_backend() == "cpu" else "default"
+
+
+def denoiser_calls(a) -> int:
+  """`--denoiser_calls` resolved: "auto" is 2 on JAX's CPU platform (two independent halves of the
+  batch for XLA:CPU's executor, `pofx_backends.cpu.split`), else 1."""
+  import jax
+
+  if a.denoiser_calls != "auto":
+    return int(a.denoiser_calls)
+  return 2 if jax.default_backend() == "cpu" else 1
 
 
 def jnp_mean(x):
@@ -389,7 +427,8 @@ def run_pofx(a):
     "steps": a.steps,
     "warmup": a.warmup,
     "compile_s": round(bench.t_compile, 2),
-    "compile_options": a.compile,
+    "compile_options": bench.compile_options,
+    "denoiser_calls": bench.denoiser_calls,
     "steady_sec_per_step_median": round(med, 4),
     "steady_sec_per_step_mean": round(statistics.mean(steady), 4),
     "pairs_per_s": round(a.pairs / med, 3),
@@ -433,6 +472,7 @@ def side_command(a, side: str, extra=()) -> list:
     ]
   cmd = [sys.executable, os.path.abspath(__file__), "--side", "pofx", "--pairs", str(a.pairs)]
   cmd += ["--steps", str(a.steps), "--warmup", str(a.warmup), "--kernels", a.kernels, "--compile", a.compile]
+  cmd += ["--denoiser_calls", a.denoiser_calls]
   for flag in ("conv", "products", "cpu_attention"):
     if getattr(a, flag) is not None:
       cmd += [f"--{flag}", getattr(a, flag)]

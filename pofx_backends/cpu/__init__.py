@@ -59,9 +59,10 @@ CONVS = ("auto", "xla", "im2col")
 DEFAULT_OPTIONS = {"blas": "auto", "products": "blas_all", "attention": True, "conv": "auto"}
 # XLA:CPU compile options that lower the compilation's peak memory, for a program to pass as
 # `jax.jit(f).lower(...).compile(compiler_options=LOW_MEMORY_COMPILER_OPTIONS)`: XLA's older LLVM
-# emitters instead of its fusion emitters. They trade speed for memory: the compiled program runs
-# slower and takes longer to compile (docs/benchmarks.md, the Diffusion-DPO step), so nothing
-# applies them by default.
+# emitters instead of its fusion emitters. The compilation takes longer and, program by program,
+# the compiled code may run slower: a program opts in where it measured the trade (the
+# Diffusion-DPO benchmark does on the CPU, with its denoiser split by `split.split_batch`:
+# docs/benchmarks.md); the library never applies them.
 LOW_MEMORY_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 

@@ -1,0 +1,201 @@
+"""Variants of pofx's Diffusion-DPO step, compiled in one process and timed in alternating blocks.
+
+    python benchmarks/diffusion_variants.py VARIANT [VARIANT ...] [--rounds 6] [--block 5] [--kernels cpu]
+    python benchmarks/diffusion_variants.py VARIANT [VARIANT ...] --memory      # each in its own process
+
+A VARIANT is a JSON object of XLA compile options (`.compile(compiler_options=...)`), e.g.
+`'{}'` (XLA's defaults) or `'{"xla_cpu_multi_thread_eigen": false}'`, plus two keys of this
+script: `"_silu": "tanh"` builds the U-Net with SiLU written as `x (1 + tanh(x / 2)) / 2` instead
+of `jax.nn.silu` (the same function), and `"_chunks": n` calls the denoiser on n equal slices of
+the batch (independent computations the executor may run side by side).
+
+The step is `diffusion_step.PofxStep` (`benchmarks/diffusion_step.py`: the `bench` U-Net, 16 pairs,
+the library's train step with a frozen reference). Every variant is compiled first, then the
+variants run `--block` steps each in turn for `--rounds` rounds, the order reversed every other
+round, so that a change in the machine's speed during the run reaches all of them alike: the
+figure to compare variants on a machine whose speed drifts (the comparison against diffusers is
+`diffusion_step.py`). Reported per variant: the median and fastest step (wall ms, the steps of
+all rounds) and pairs/s. With `--memory` each variant instead runs alone in a child process
+(`diffusion_step.py`'s protocol: `pofx_backends.startup()`, the eager initialisation's executables
+freed before compiling) and reports its peak RSS (`ru_maxrss`) after `--steps` steps: a
+process's high-water mark cannot be shared between variants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+OWN_KEYS = ("_silu", "_chunks", "_conv_split", "_ref_whole")
+
+
+def parser():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("variants", nargs="+", help="JSON objects: XLA compile options plus _silu / _chunks")
+  ap.add_argument("--rounds", type=int, default=6)
+  ap.add_argument("--block", type=int, default=5, help="steps per variant per round")
+  ap.add_argument("--kernels", choices=["xla", "cpu"], default="cpu", help="cpu: the CPU backend, XLA's convolution")
+  ap.add_argument("--memory", action="store_true", help="peak RSS of each variant in its own process")
+  ap.add_argument("--steps", type=int, default=10, help="--memory: steps before reading the peak")
+  ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  return ap
+
+
+def parse_variant(text: str) -> dict:
+  try:
+    spec = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise SystemExit(f"diffusion_variants.py: variant {text!r} is not JSON ({e}).") from None
+  if not isinstance(spec, dict):
+    raise SystemExit(f"diffusion_variants.py: variant {text!r} must be a JSON object of compile options.")
+  if spec.get("_silu", "logistic") not in ("logistic", "tanh"):
+    raise SystemExit(f"diffusion_variants.py: _silu={spec['_silu']!r}; allowed: 'logistic', 'tanh'.")
+  chunks = spec.get("_chunks", 1)
+  if not isinstance(chunks, int) or chunks < 1 or 32 % chunks:
+    raise SystemExit(f"diffusion_variants.py: _chunks={chunks!r}; allowed: a divisor of the 32 images (1, 2, 4, ...).")
+  return spec
+
+
+def build(spec: dict, kernels_name: str):
+  """A compiled `PofxStep` for one variant."""
+  import diffusion_step
+  import jax
+  import jax.numpy as jnp
+
+  import pofx_backends
+  from pofx.diffusion import pairs, unet
+  from pofx_backends.cpu import host_memory
+
+  options = {k: v for k, v in spec.items() if k not in OWN_KEYS}
+  silu = spec.get("_silu", "logistic")
+  chunks = spec.get("_chunks", 1)
+  saved_act, saved_make = dict(unet._ACT), pairs.make_logps_fn
+  if silu == "tanh":
+    unet._ACT["silu"] = unet._ACT["swish"] = lambda x: x * (0.5 + 0.5 * jnp.tanh(0.5 * x))
+  if chunks > 1:
+
+    def chunked(denoise):
+      def call(params, x, t, cond):
+        parts = zip(*(jnp.split(a, chunks) for a in (x, t, cond)))
+        return jnp.concatenate([denoise(params, *p) for p in parts])
+
+      return call
+
+    pairs.make_logps_fn = lambda denoise, schedule, **kw: saved_make(chunked(denoise), schedule, **kw)
+  try:
+    a = diffusion_step.parse(["--side", "pofx", "--kernels", kernels_name])
+    kernels = pofx_backends.kernels("xla") if kernels_name == "xla" else pofx_backends.kernels("cpu", conv="xla")
+    split = spec.get("_conv_split", 1)
+    if split > 1:
+      conv = kernels.conv_general_dilated
+
+      def split_conv(lhs, rhs, *args, **kw):
+        return jnp.concatenate([conv(part, rhs, *args, **kw) for part in jnp.split(lhs, split)])
+
+      kernels = kernels._replace(conv_general_dilated=split_conv)
+    bench = diffusion_step.PofxStep(a, kernels)
+    if spec.get("_ref_whole"):  # the reference's forward as one call, only the policy's split
+      from pofx import perturbations, references, train
+
+      whole = saved_make(bench.model.denoise, bench.schedule)
+      bench.reference = pairs.check_reference(references.frozen(jax.tree.map(jnp.array, bench.params), whole))
+      bench.step = train.make_train_step(
+        bench.logps_fn,
+        bench.optimizer,
+        loss="dpo",
+        loss_hyper={"beta": diffusion_step.BETA},
+        reference=bench.reference,
+      )
+      bench.state = train.init_state(
+        bench.params, bench.optimizer, bench.reference, perturbations.none(), loss="dpo", rng=jax.random.key(0)
+      )
+    jax.clear_caches()
+    host_memory.release_freed_memory()
+    bench.compiled = bench.step.lower(bench.state, bench.batch(), jax.random.key(0)).compile(
+      compiler_options=options or None
+    )
+  finally:
+    unet._ACT.clear()
+    unet._ACT.update(saved_act)
+    pairs.make_logps_fn = saved_make
+  jax.clear_caches()
+  host_memory.release_freed_memory()
+  return bench
+
+
+def child(a) -> None:
+  import pofx_backends
+
+  pofx_backends.startup()
+  bench = build(parse_variant(a.variants[0]), a.kernels)
+  times = bench.run(a.steps)
+  print(
+    json.dumps(
+      {
+        "maxrss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "median_ms": 1e3 * statistics.median(times),
+      }
+    )
+  )
+
+
+def memory(a) -> None:
+  for text in a.variants:
+    parse_variant(text)
+    cmd = [sys.executable, os.path.abspath(__file__), text, "--child", "--kernels", a.kernels, "--steps", str(a.steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    if out.returncode:
+      print(f"{text}: failed\n{out.stderr[-1500:]}")
+      continue
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    print(
+      f"{text:<100} peak RSS {res['maxrss_MiB']:7.1f} MiB  (median step {res['median_ms']:.1f} ms, alone)", flush=True
+    )
+
+
+def timing(a) -> None:
+  import pofx_backends
+
+  pofx_backends.startup()
+  runs = []
+  for text in a.variants:
+    bench = build(parse_variant(text), a.kernels)
+    bench.run(3)
+    runs.append((text, bench, []))
+  for r in range(a.rounds):
+    for _text, bench, times in runs if r % 2 == 0 else runs[::-1]:
+      times.extend(bench.run(a.block))
+  pairs_per_step = runs[0][1].a.pairs
+  for text, _, times in runs:
+    med = statistics.median(times)
+    print(
+      f"{text:<100} median {1e3 * med:6.1f} ms  fastest {1e3 * min(times):6.1f} ms  {pairs_per_step / med:6.1f} pairs/s"
+    )
+
+
+def main(argv=None):
+  a = parser().parse_args(argv)
+  if a.rounds < 1 or a.block < 1 or a.steps < 1:
+    raise SystemExit("diffusion_variants.py: --rounds, --block and --steps must be >= 1.")
+  if a.child:
+    child(a)
+  elif a.memory:
+    memory(a)
+  else:
+    for text in a.variants:
+      parse_variant(text)
+    timing(a)
+
+
+if __name__ == "__main__":
+  main()
