@@ -18,7 +18,9 @@ figure to compare variants on a machine whose speed drifts (the comparison again
 all rounds) and pairs/s. With `--memory` each variant instead runs alone in a child process
 (`diffusion_step.py`'s protocol: `pofx_backends.startup()`, the eager initialisation's executables
 freed before compiling) and reports its peak RSS (`ru_maxrss`) after `--steps` steps: a
-process's high-water mark cannot be shared between variants.
+process's high-water mark cannot be shared between variants. `--profile` adds, per variant, a
+trace of 3 steps: the executed thunks' time by kind of operation (`diffusion_cpu.py`'s
+classification) and the busy time of each executor thread, against the wall time.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def parser():
   ap.add_argument("--kernels", choices=["xla", "cpu"], default="cpu", help="cpu: the CPU backend, XLA's convolution")
   ap.add_argument("--memory", action="store_true", help="peak RSS of each variant in its own process")
   ap.add_argument("--steps", type=int, default=10, help="--memory: steps before reading the peak")
+  ap.add_argument("--profile", action="store_true", help="trace 3 steps of each variant: time per kind and thread")
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   return ap
 
@@ -163,6 +166,43 @@ def memory(a) -> None:
     )
 
 
+def profile(text: str, bench) -> None:
+  """Traces 3 steps: each executed thunk's time summed by the kind of its HLO instruction
+  (`diffusion_cpu.py`'s classification) and by executor thread, in ms per step, and the wall time."""
+  import collections
+  import glob
+  import tempfile
+  import time
+
+  import diffusion_cpu
+  import jax
+  from jax._src.lib import _profile_data
+
+  lines, bodies = diffusion_cpu._hlo_index(bench.compiled.as_text())
+  by_kind, by_thread = collections.Counter(), collections.Counter()
+  with tempfile.TemporaryDirectory() as d:
+    jax.profiler.start_trace(d)
+    t = time.perf_counter()
+    bench.run(3)
+    wall = (time.perf_counter() - t) / 3
+    jax.profiler.stop_trace()
+    data = _profile_data.ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
+    for plane in data.planes:
+      for line in plane.lines:
+        if "XLAEigen" not in line.name and "PjRtCpuClient" not in line.name:
+          continue
+        for ev in line.events:
+          if ev.name.startswith(("ThunkExecutor", "end:")):
+            continue
+          by_kind[diffusion_cpu._kind(ev.name, lines, bodies, (16, 8, 4))] += ev.duration_ns / 3e6
+          by_thread[line.name] += ev.duration_ns / 3e6
+  print(f"{text}: traced {sum(by_kind.values()):.1f} ms of thunks per step, {1e3 * wall:.1f} ms wall per traced step")
+  for kind, ms in by_kind.most_common():
+    print(f"  {kind:<55} {ms:7.1f} ms")
+  for i, (_, ms) in enumerate(by_thread.most_common()):
+    print(f"  thread {i}: busy {ms:7.1f} ms")
+
+
 def timing(a) -> None:
   import pofx_backends
 
@@ -175,6 +215,9 @@ def timing(a) -> None:
   for r in range(a.rounds):
     for _text, bench, times in runs if r % 2 == 0 else runs[::-1]:
       times.extend(bench.run(a.block))
+  if a.profile:
+    for text, bench, _ in runs:
+      profile(text, bench)
   pairs_per_step = runs[0][1].a.pairs
   for text, _, times in runs:
     med = statistics.median(times)
