@@ -49,7 +49,8 @@ denoiser call on [chosen; rejected] as that many independent calls on slices of 
 low_memory` compiles with `pofx_backends.cpu.LOW_MEMORY_COMPILER_OPTIONS` (XLA:CPU's older emitters:
 a lower peak RSS and a longer compilation), `--compile default` with XLA's defaults. Both default
 to "auto": on JAX's CPU platform two calls and the low-memory options (the CPU backend's setting
-for this step: measured faster and smaller than one call with XLA's defaults, docs/benchmarks.md),
+for this step: as fast as one call with XLA's defaults within this machine's spread, with a 25%
+lower peak RSS and a longer compilation: docs/benchmarks.md),
 elsewhere one call and XLA's defaults. `--denoiser_calls 1 --compile default` is the step as
 `jax.jit` gives it with no CPU-backend choice.
 

@@ -28,6 +28,10 @@ system C++ compiler on first use (`pofx_backends.cpu.native`); `unavailable_reas
 before any compilation, why this process cannot use them (JAX's platform must be the CPU, the CPU
 x86-64 with AVX-512F, a C++ compiler on the path, a BLAS that can be loaded).
 
+`split.split_batch(denoise, parts)` computes a model call as independent calls on slices of its
+batch (work XLA:CPU's executor can run side by side); `LOW_MEMORY_COMPILER_OPTIONS` are compile
+options with a lower compilation peak. A program applies either; the kernels above do not.
+
 `calibration.measure` times a forward and backward of a small Llama block with a given
 `Kernels`: `pofx_backends.resolve("auto")` uses it to choose between "xla" and "cpu" on a CPU
 machine by measurement (the faster of the two differs between CPUs).
