@@ -6,8 +6,11 @@
 A VARIANT is a JSON object of XLA compile options (`.compile(compiler_options=...)`), e.g.
 `'{}'` (XLA's defaults) or `'{"xla_cpu_multi_thread_eigen": false}'`, plus two keys of this
 script: `"_silu": "tanh"` builds the U-Net with SiLU written as `x (1 + tanh(x / 2)) / 2` instead
-of `jax.nn.silu` (the same function), and `"_chunks": n` calls the denoiser on n equal slices of
-the batch (independent computations the executor may run side by side).
+of `jax.nn.silu` (the same function), and `"_chunks": n` (1, 2 or 4; default 1) calls the denoiser
+on n equal slices of the batch (`diffusion_step.py --denoiser_calls n`,
+`pofx_backends.cpu.split.split_batch`: independent computations the executor may run side by
+side). `_conv_split: n` splits each convolution over n slices of its batch instead, and
+`_ref_whole: true` keeps the reference's forward as one call while the policy's is split.
 
 The step is `diffusion_step.PofxStep` (`benchmarks/diffusion_step.py`: the `bench` U-Net, 16 pairs,
 the library's train step with a frozen reference). Every variant is compiled first, then the
@@ -64,8 +67,10 @@ def parse_variant(text: str) -> dict:
   if spec.get("_silu", "logistic") not in ("logistic", "tanh"):
     raise SystemExit(f"diffusion_variants.py: _silu={spec['_silu']!r}; allowed: 'logistic', 'tanh'.")
   chunks = spec.get("_chunks", 1)
-  if not isinstance(chunks, int) or chunks < 1 or 32 % chunks:
-    raise SystemExit(f"diffusion_variants.py: _chunks={chunks!r}; allowed: a divisor of the 32 images (1, 2, 4, ...).")
+  if chunks not in (1, 2, 4) or isinstance(chunks, bool):
+    raise SystemExit(
+      f"diffusion_variants.py: _chunks={chunks!r}; allowed: 1, 2, 4 (diffusion_step.py --denoiser_calls)."
+    )
   return spec
 
 
@@ -85,18 +90,9 @@ def build(spec: dict, kernels_name: str):
   saved_act, saved_make = dict(unet._ACT), pairs.make_logps_fn
   if silu == "tanh":
     unet._ACT["silu"] = unet._ACT["swish"] = lambda x: x * (0.5 + 0.5 * jnp.tanh(0.5 * x))
-  if chunks > 1:
-
-    def chunked(denoise):
-      def call(params, x, t, cond):
-        parts = zip(*(jnp.split(a, chunks) for a in (x, t, cond)))
-        return jnp.concatenate([denoise(params, *p) for p in parts])
-
-      return call
-
-    pairs.make_logps_fn = lambda denoise, schedule, **kw: saved_make(chunked(denoise), schedule, **kw)
   try:
-    a = diffusion_step.parse(["--side", "pofx", "--kernels", kernels_name])
+    # The denoiser split is diffusion_step's own (`--denoiser_calls`, pofx_backends.cpu.split).
+    a = diffusion_step.parse(["--side", "pofx", "--kernels", kernels_name, "--denoiser_calls", str(chunks)])
     kernels = pofx_backends.kernels("xla") if kernels_name == "xla" else pofx_backends.kernels("cpu", conv="xla")
     split = spec.get("_conv_split", 1)
     if split > 1:
