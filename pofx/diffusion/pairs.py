@@ -109,15 +109,37 @@ def _check_pairs(pairs):
     raise ValueError(
       f"pairs: chosen {tuple(c.shape)} and rejected {tuple(r.shape)} must both be [B, H, W, C] of the same shape."
     )
-  B = c.shape[0]
-  if pairs.noise_keys.shape != (B, 2):
-    raise ValueError(f"pairs: noise_keys of shape {tuple(pairs.noise_keys.shape)}; expected [B, 2] = ({B}, 2) uint32.")
-  if pairs.class_labels is not None and pairs.class_labels.shape != (B,):
-    raise ValueError(f"pairs: class_labels of shape {tuple(pairs.class_labels.shape)}; expected [B] = ({B},).")
+  _check_keys_and_labels(pairs, c.shape[0])
+
+
+def _check_keys_and_labels(batch, B: int) -> None:
+  """An `ImagePairs` / `ImageLists` of B pairs or lists: one raw key and (optionally) one label each."""
+  if batch.noise_keys.shape != (B, 2):
+    raise ValueError(f"pairs: noise_keys of shape {tuple(batch.noise_keys.shape)}; expected [B, 2] = ({B}, 2) uint32.")
+  if batch.class_labels is not None and batch.class_labels.shape != (B,):
+    raise ValueError(f"pairs: class_labels of shape {tuple(batch.class_labels.shape)}; expected [B] = ({B},).")
 
 
 def _cast_floats(tree, dtype):
   return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def _check_compute_dtype(compute_dtype) -> None:
+  if compute_dtype is not None and not jnp.issubdtype(jnp.dtype(compute_dtype), jnp.floating):
+    raise ValueError(f"pairs: compute_dtype={compute_dtype!r}; allowed: a floating dtype (float32, bfloat16, ...).")
+
+
+def _errors(denoise, params, schedule, x0, eps, t, cond, compute_dtype) -> Array:
+  """`[N]` per-image mean squared errors of the denoiser on `x0 [N, H, W, C]` noised with the
+  per-image `eps` and `t` (float32; with `compute_dtype` the call runs in it, see `pair_errors`)."""
+  x_t = schedules_lib.add_noise(schedule, x0, eps, t)
+  y = schedules_lib.target(schedule, x0, eps, t)
+  if compute_dtype is not None:
+    params, x_t = _cast_floats(params, compute_dtype), x_t.astype(compute_dtype)
+  pred = jnp.asarray(denoise(params, x_t, t, cond), jnp.float32)
+  if pred.shape != x0.shape:
+    raise ValueError(f"pairs: the denoiser returned shape {tuple(pred.shape)}; expected {tuple(x0.shape)}.")
+  return jnp.mean((pred - y) ** 2, axis=(1, 2, 3))
 
 
 def pair_errors(
@@ -141,17 +163,10 @@ def pair_errors(
   B = pairs.chosen.shape[0]
   t, eps = timesteps_and_noise(pairs.noise_keys, pairs.chosen.shape[1:], schedule, timestep_range)
   x0 = jnp.concatenate([jnp.asarray(pairs.chosen, jnp.float32), jnp.asarray(pairs.rejected, jnp.float32)])
-  eps2, t2 = jnp.concatenate([eps, eps]), jnp.concatenate([t, t])
-  x_t = schedules_lib.add_noise(schedule, x0, eps2, t2)
-  y = schedules_lib.target(schedule, x0, eps2, t2)
+  twice = lambda a: jnp.concatenate([a, a])
   labels = None if pairs.class_labels is None else jnp.asarray(pairs.class_labels, jnp.int32)
-  cond = None if labels is None else jnp.concatenate([labels, labels])
-  if compute_dtype is not None:
-    params, x_t = _cast_floats(params, compute_dtype), x_t.astype(compute_dtype)
-  pred = jnp.asarray(denoise(params, x_t, t2, cond), jnp.float32)
-  if pred.shape != x0.shape:
-    raise ValueError(f"pairs: the denoiser returned shape {tuple(pred.shape)}; expected {tuple(x0.shape)}.")
-  err = jnp.mean((pred - y) ** 2, axis=(1, 2, 3))
+  cond = None if labels is None else twice(labels)
+  err = _errors(denoise, params, schedule, x0, twice(eps), twice(t), cond, compute_dtype)
   return err[:B], err[B:]
 
 
@@ -167,8 +182,7 @@ def make_logps_fn(
     compute_dtype: dtype of the denoiser call (default: the parameters' own; see `pair_errors`).
   """
   _timestep_range(schedule, timestep_range)
-  if compute_dtype is not None and not jnp.issubdtype(jnp.dtype(compute_dtype), jnp.floating):
-    raise ValueError(f"pairs: compute_dtype={compute_dtype!r}; allowed: a floating dtype (float32, bfloat16, ...).")
+  _check_compute_dtype(compute_dtype)
 
   def logps_fn(params, batch):
     e_w, e_l = pair_errors(
@@ -217,23 +231,12 @@ def list_errors(
   if x.ndim != 5 or x.shape[1] < 2:
     raise ValueError(f"pairs: list images of shape {tuple(x.shape)}; expected [B, K, H, W, C] with K >= 2.")
   B, K = x.shape[:2]
-  if lists.noise_keys.shape != (B, 2):
-    raise ValueError(f"pairs: noise_keys of shape {tuple(lists.noise_keys.shape)}; expected [B, 2] = ({B}, 2) uint32.")
-  if lists.class_labels is not None and lists.class_labels.shape != (B,):
-    raise ValueError(f"pairs: class_labels of shape {tuple(lists.class_labels.shape)}; expected [B] = ({B},).")
+  _check_keys_and_labels(lists, B)
   t, eps = timesteps_and_noise(lists.noise_keys, x.shape[2:], schedule, timestep_range)
   flat = lambda a: jnp.reshape(jnp.repeat(a, K, axis=0), (B * K,) + a.shape[1:])  # list-major, like x
   x0 = jnp.reshape(jnp.asarray(x, jnp.float32), (B * K,) + x.shape[2:])
-  eps_k, t_k = flat(eps), flat(t)
-  x_t = schedules_lib.add_noise(schedule, x0, eps_k, t_k)
-  y = schedules_lib.target(schedule, x0, eps_k, t_k)
   cond = None if lists.class_labels is None else flat(jnp.asarray(lists.class_labels, jnp.int32))
-  if compute_dtype is not None:
-    params, x_t = _cast_floats(params, compute_dtype), x_t.astype(compute_dtype)
-  pred = jnp.asarray(denoise(params, x_t, t_k, cond), jnp.float32)
-  if pred.shape != x0.shape:
-    raise ValueError(f"pairs: the denoiser returned shape {tuple(pred.shape)}; expected {tuple(x0.shape)}.")
-  return jnp.reshape(jnp.mean((pred - y) ** 2, axis=(1, 2, 3)), (B, K))
+  return jnp.reshape(_errors(denoise, params, schedule, x0, flat(eps), flat(t), cond, compute_dtype), (B, K))
 
 
 def make_list_logps_fn(
@@ -244,8 +247,7 @@ def make_list_logps_fn(
   `make_logps_fn`. The reference strategies run the same function on the same batch, so they see
   the same timesteps and noise."""
   _timestep_range(schedule, timestep_range)
-  if compute_dtype is not None and not jnp.issubdtype(jnp.dtype(compute_dtype), jnp.floating):
-    raise ValueError(f"pairs: compute_dtype={compute_dtype!r}; allowed: a floating dtype (float32, bfloat16, ...).")
+  _check_compute_dtype(compute_dtype)
 
   def logps_fn(params, batch):
     e = list_errors(
