@@ -43,6 +43,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WARMUP = 3
+# pofx's step as `jax.jit` compiles it: one denoiser call, XLA's default options (diffusion_step.py's
+# CPU defaults split the call for two threads and use the low-memory compile; this script measures
+# the work on one thread).
+PLAIN_STEP = ("--denoiser_calls", "1", "--compile", "default")
 
 
 def parser():
@@ -172,6 +176,31 @@ def _kind(name: str, lines, bodies, image_sides) -> str:
   return "fusion: elementwise" if op == "fusion" else op
 
 
+def thunk_times(compiled, run):
+  """`(by_kind, by_thread)`: the nanoseconds of the thunks `compiled` executed during `run()`, traced
+  with `jax.profiler`, summed by the kind of their HLO instruction (`_kind`) and by executor thread."""
+  import jax
+  from jax._src.lib import _profile_data
+
+  lines, bodies = _hlo_index(compiled.as_text())
+  by_kind, by_thread = collections.Counter(), collections.Counter()
+  with tempfile.TemporaryDirectory() as d:
+    jax.profiler.start_trace(d)
+    run()
+    jax.profiler.stop_trace()
+    data = _profile_data.ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
+  for plane in data.planes:
+    for line in plane.lines:
+      if "XLAEigen" not in line.name and "PjRtCpuClient" not in line.name:
+        continue
+      for ev in line.events:
+        if ev.name.startswith(("ThunkExecutor", "end:")):
+          continue
+        by_kind[_kind(ev.name, lines, bodies, (16, 8, 4))] += ev.duration_ns
+        by_thread[line.name] += ev.duration_ns
+  return by_kind, by_thread
+
+
 def run_pofx(a):
   sys.path.insert(0, HERE)
   import diffusion_step
@@ -180,7 +209,7 @@ def run_pofx(a):
   import pofx_backends
 
   b = diffusion_step.PofxStep(
-    diffusion_step.parse(["--side", "pofx", "--kernels", a.kernels]), pofx_backends.kernels(a.kernels)
+    diffusion_step.parse(["--side", "pofx", "--kernels", a.kernels, *PLAIN_STEP]), pofx_backends.kernels(a.kernels)
   )
   b.compile()
   state = [b.state]
@@ -192,24 +221,7 @@ def run_pofx(a):
   res = {"side": "pofx", "system": f"jax {jax.__version__}", "kernels": a.kernels, "xla_flags": os.environ["XLA_FLAGS"]}
   res["step_cpu"] = cpu_times(step, a.steps)
   if a.profile:
-    from jax._src.lib import _profile_data
-
-    lines, bodies = _hlo_index(b.compiled.as_text())
-    with tempfile.TemporaryDirectory() as d:
-      jax.profiler.start_trace(d)
-      for _ in range(3):
-        step()
-      jax.profiler.stop_trace()
-      data = _profile_data.ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
-      by_kind = collections.Counter()
-      for plane in data.planes:
-        for line in plane.lines:
-          if "XLAEigen" not in line.name and "PjRtCpuClient" not in line.name:
-            continue
-          for ev in line.events:
-            if ev.name.startswith(("ThunkExecutor", "end:")):
-              continue
-            by_kind[_kind(ev.name, lines, bodies, (16, 8, 4))] += ev.duration_ns
+    by_kind, _ = thunk_times(b.compiled, lambda: [step() for _ in range(3)])
     total = sum(by_kind.values())
     res["profile_percent"] = {k: round(100 * v / total, 1) for k, v in by_kind.most_common()}
   if a.parts:

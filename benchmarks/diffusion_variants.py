@@ -87,7 +87,7 @@ def build(spec: dict, kernels_name: str):
   options = {k: v for k, v in spec.items() if k not in OWN_KEYS}
   silu = spec.get("_silu", "logistic")
   chunks = spec.get("_chunks", 1)
-  saved_act, saved_make = dict(unet._ACT), pairs.make_logps_fn
+  saved_act = dict(unet._ACT)
   if silu == "tanh":
     unet._ACT["silu"] = unet._ACT["swish"] = lambda x: x * (0.5 + 0.5 * jnp.tanh(0.5 * x))
   try:
@@ -106,7 +106,7 @@ def build(spec: dict, kernels_name: str):
     if spec.get("_ref_whole"):  # the reference's forward as one call, only the policy's split
       from pofx import perturbations, references, train
 
-      whole = saved_make(bench.model.denoise, bench.schedule)
+      whole = pairs.make_logps_fn(bench.model.denoise, bench.schedule)
       bench.reference = pairs.check_reference(references.frozen(jax.tree.map(jnp.array, bench.params), whole))
       bench.step = train.make_train_step(
         bench.logps_fn,
@@ -126,7 +126,6 @@ def build(spec: dict, kernels_name: str):
   finally:
     unet._ACT.clear()
     unet._ACT.update(saved_act)
-    pairs.make_logps_fn = saved_make
   jax.clear_caches()
   host_memory.release_freed_memory()
   return bench
@@ -163,40 +162,28 @@ def memory(a) -> None:
 
 
 def profile(text: str, bench) -> None:
-  """Traces 3 steps: each executed thunk's time summed by the kind of its HLO instruction
-  (`diffusion_cpu.py`'s classification) and by executor thread, in ms per step, and the wall time."""
-  import collections
-  import glob
-  import tempfile
+  """Traces 3 steps (`diffusion_cpu.thunk_times`): the executed thunks' time by the kind of their
+  HLO instruction and by executor thread, in ms per step, and the wall time of a traced step."""
   import time
 
   import diffusion_cpu
-  import jax
-  from jax._src.lib import _profile_data
 
-  lines, bodies = diffusion_cpu._hlo_index(bench.compiled.as_text())
-  by_kind, by_thread = collections.Counter(), collections.Counter()
-  with tempfile.TemporaryDirectory() as d:
-    jax.profiler.start_trace(d)
+  walls = []
+
+  def run():
     t = time.perf_counter()
     bench.run(3)
-    wall = (time.perf_counter() - t) / 3
-    jax.profiler.stop_trace()
-    data = _profile_data.ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
-    for plane in data.planes:
-      for line in plane.lines:
-        if "XLAEigen" not in line.name and "PjRtCpuClient" not in line.name:
-          continue
-        for ev in line.events:
-          if ev.name.startswith(("ThunkExecutor", "end:")):
-            continue
-          by_kind[diffusion_cpu._kind(ev.name, lines, bodies, (16, 8, 4))] += ev.duration_ns / 3e6
-          by_thread[line.name] += ev.duration_ns / 3e6
-  print(f"{text}: traced {sum(by_kind.values()):.1f} ms of thunks per step, {1e3 * wall:.1f} ms wall per traced step")
-  for kind, ms in by_kind.most_common():
-    print(f"  {kind:<55} {ms:7.1f} ms")
-  for i, (_, ms) in enumerate(by_thread.most_common()):
-    print(f"  thread {i}: busy {ms:7.1f} ms")
+    walls.append((time.perf_counter() - t) / 3)
+
+  by_kind, by_thread = diffusion_cpu.thunk_times(bench.compiled, run)
+  wall = walls[0]
+  print(
+    f"{text}: traced {sum(by_kind.values()) / 3e6:.1f} ms of thunks per step, {1e3 * wall:.1f} ms wall per traced step"
+  )
+  for kind, ns in by_kind.most_common():
+    print(f"  {kind:<55} {ns / 3e6:7.1f} ms")
+  for i, (_, ns) in enumerate(by_thread.most_common()):
+    print(f"  thread {i}: busy {ns / 3e6:7.1f} ms")
 
 
 def timing(a) -> None:
