@@ -51,3 +51,19 @@ def batch(seed=0, b=8, t=5):
     "chosen_mask": jnp.asarray(mask(c_len)),
     "rejected_mask": jnp.asarray(mask(r_len)),
   }
+
+
+# The parallel modes each toy strategy runs in (tests/parallel_check.py argues the cover: every
+# strategy in jit_2x4 and in at least one per-device mode, shard_map or pmap, each of those with
+# several strategies; frozen in every mode and mesh). Kept here, a module without side effects,
+# so that the check script and tests/test_parallel.py read the same table.
+TOY_MODES = {
+  "none": ("jit_2x4", "pmap_8"),
+  "frozen": ("jit_8", "jit_4x2", "jit_2x4", "shard_map_8", "pmap_8"),
+  "cached": ("jit_2x4", "shard_map_8"),
+  "multi": ("jit_2x4", "pmap_8"),
+  "synced": ("jit_2x4", "shard_map_8"),
+  "ema": ("jit_2x4", "pmap_8"),
+  "sam": ("jit_2x4", "shard_map_8", "pmap_8"),
+  "awp": ("jit_2x4", "shard_map_8", "pmap_8"),
+}

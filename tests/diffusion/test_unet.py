@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pofx import kernels as kernels_lib
 from pofx.diffusion import diffusers_io, unet
+from tests.diffusion.counting import counting_kernels
 
 _apply = jax.jit(unet.apply, static_argnames=("config", "kernels", "compute_dtype"))
 
@@ -188,17 +188,7 @@ def tiny():
 @pytest.mark.parametrize("compute_dtype", [None, "bfloat16"])
 def test_every_product_goes_through_the_kernels_in_the_compute_dtype(tiny, compute_dtype):
   config, params, (x, t, y) = tiny
-  calls = {"conv": [], "dot": []}
-
-  def conv(lhs, rhs, *a, **k):
-    calls["conv"].append((lhs.dtype, rhs.dtype))
-    return jax.lax.conv_general_dilated(lhs, rhs, *a, **k)
-
-  def dot(lhs, rhs, *a, **k):
-    calls["dot"].append((lhs.dtype, rhs.dtype))
-    return jax.lax.dot_general(lhs, rhs, *a, **k)
-
-  counting = kernels_lib.Kernels(dot_general=dot, conv_general_dilated=conv, name="counting")
+  counting, calls = counting_kernels()
   model = unet.make(config, kernels=counting, compute_dtype=compute_dtype)
   out = jax.eval_shape(lambda p: model.denoise(p, x, t, y), params)  # traces, computes nothing
   assert (out.shape, out.dtype) == ((2, 8, 8, 1), jnp.float32)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from pofx.diffusion import diffusers_io, unet
+from tests.diffusion.counting import counting_kernels
 
 _apply = jax.jit(unet.apply, static_argnames=("config", "kernels", "compute_dtype"))
 
@@ -180,20 +181,8 @@ def test_image_configs_choose_the_cross_attention_denoiser_by_preset():
 
 
 def test_every_transformer_product_goes_through_the_kernels_in_the_compute_dtype():
-  from pofx import kernels as kernels_lib
-
   config = unet.PRESETS["tiny_prompted"]
-  calls = {"conv": [], "dot": []}
-
-  def conv(lhs, rhs, *a, **k):
-    calls["conv"].append((lhs.dtype, rhs.dtype))
-    return jax.lax.conv_general_dilated(lhs, rhs, *a, **k)
-
-  def dot(lhs, rhs, *a, **k):
-    calls["dot"].append((lhs.dtype, rhs.dtype))
-    return jax.lax.dot_general(lhs, rhs, *a, **k)
-
-  counting = kernels_lib.Kernels(dot_general=dot, conv_general_dilated=conv, name="counting")
+  counting, calls = counting_kernels()
   model = unet.make(config, kernels=counting, compute_dtype="bfloat16")
   x, t, context = jnp.zeros((2, 8, 8, 1)), jnp.array([3, 900]), jnp.zeros((2, 3, 8))
   out = jax.eval_shape(lambda p: model.denoise(p, x, t, context), unet.param_shapes(config))  # traces only
