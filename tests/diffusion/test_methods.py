@@ -263,6 +263,27 @@ def test_inversion_divergence_is_the_authors_weighted_sum():
   np.testing.assert_allclose(methods.inversion_divergence(pol, ref, abar), expected, rtol=1e-5)
 
 
+def test_inversion_dpo_has_no_gradient_at_the_reference():
+  # Hand derivation (docs/methods.md, Inversion-DPO): D = sum_t w_t mean((eps_theta - eps_ref)^2) / N
+  # is a weighted squared distance, so D = 0 and dD/dtheta = 0 at theta = theta_ref, and so is the
+  # gradient of -log sigmoid(+-beta/2 (D_w - D_l)) with either sign: a policy that starts at the
+  # reference does not move. Away from it the gradient is not zero.
+  rng = np.random.default_rng(7)
+  latents = jnp.asarray(rng.normal(size=(3, 4, 2, 2, 1)), jnp.float32)  # [N, 2 pairs (w, w, l, l), H, W, C]
+  abar = jnp.asarray([0.9, 0.5, 0.2], jnp.float32)
+  theta_ref = jnp.asarray(rng.normal(size=(1,)), jnp.float32)
+  predict = lambda theta: jnp.tanh(theta[0] * latents + 0.3)  # a stand-in denoiser, one parameter
+  ref_preds = predict(theta_ref)
+
+  def loss(theta, sign):
+    d = methods.inversion_divergence(predict(theta), ref_preds, abar)
+    return -jax.nn.log_sigmoid(sign * 2500.0 * (d[:2] - d[2:])).mean()
+
+  for sign in (1.0, -1.0):
+    assert float(jnp.abs(jax.grad(loss)(theta_ref, sign))[0]) == 0.0
+    assert float(jnp.abs(jax.grad(loss)(theta_ref + 0.01, sign))[0]) > 0.0
+
+
 def test_sdpo_logps_fn_on_image_pairs():
   # On an ImagePairs batch, make_pair_logps_fn(make_pairs_predict(...)) has the values of the
   # contract's pairs.make_logps_fn (the same draw of timesteps and noise), with or without the
