@@ -46,7 +46,7 @@ WARMUP = 3
 # pofx's step as `jax.jit` compiles it: one denoiser call, XLA's default options (diffusion_step.py's
 # CPU defaults split the call for two threads and use the low-memory compile; this script measures
 # the work on one thread).
-PLAIN_STEP = ("--denoiser_calls", "1", "--compile", "default")
+PLAIN_STEP = ("--denoiser_calls", "1", "--compile", "default", "--conv_threads", "one")
 
 
 def parser():

@@ -4,7 +4,8 @@
         [--json PATH] [--markdown PATH]                        # both sides, alternating (the comparison)
     python benchmarks/diffusion_step.py --side pofx [--preset bench|large|tiny] [--dtype float32|bfloat16]
         [--pairs 16] [--kernels {auto,xla,cpu,gpu,tpu}] [--conv {xla,im2col}] [--products {xla,blas,blas_all}]
-        [--cpu_attention {on,off}] [--compile {auto,default,low_memory}] [--denoiser_calls {auto,1,2,4}]
+        [--cpu_attention {on,off}] [--compile {auto,default,low_memory}] [--conv_threads {auto,one,all}]
+        [--denoiser_calls {auto,1,2,4}]
         [--breakdown] [--json PATH]
 
 **The comparison** (default, `--side both`): every run is a separate process, either
@@ -43,16 +44,17 @@ accelerator (`pofx.flops`), the compile time, and the CPU threads the process ma
 backward, the optimizer update, each jitted alone on the same batch (medians), and the rest
 (the step's loss, metrics and non-finite guard, host batch building and dispatch).
 
-How pofx's step is built and compiled on the CPU: `--denoiser_calls` computes the pair errors'
-denoiser call on [chosen; rejected] as that many independent calls on slices of the batch
-(`pofx_backends.cpu.split.split_batch`: independent work for XLA:CPU's executor threads); `--compile
-low_memory` compiles with `pofx_backends.cpu.LOW_MEMORY_COMPILER_OPTIONS` (XLA:CPU's older emitters:
-a lower peak RSS and a longer compilation), `--compile default` with XLA's defaults. Both default
-to "auto": on JAX's CPU platform two calls and the low-memory options (the CPU backend's setting
-for this step: as fast as one call with XLA's defaults within this machine's spread, with a 25%
-lower peak RSS and a longer compilation: docs/benchmarks.md),
-elsewhere one call and XLA's defaults. `--denoiser_calls 1 --compile default` is the step as
-`jax.jit` gives it with no CPU-backend choice.
+How pofx's step is built and compiled on the CPU: `--compile low_memory` compiles with
+`pofx_backends.cpu.LOW_MEMORY_COMPILER_OPTIONS` (XLA:CPU's older emitters, the module compiled as
+one piece: a lower peak RSS and a longer compilation), `--compile default` with XLA's defaults;
+`--conv_threads all` adds `pofx_backends.cpu.THREADED_CONV_COMPILER_OPTIONS` (each convolution is
+XLA's own, split over all threads, instead of XLA:CPU's default YNNPACK call on one thread: `one`);
+`--denoiser_calls n` computes the pair errors' denoiser call on [chosen; rejected] as n independent
+calls on slices of the batch (`pofx_backends.cpu.split.split_batch`). All default to "auto": on
+JAX's CPU platform the low-memory options, threaded convolutions and one call (the setting
+measured fastest with the lowest peak RSS on the 2-core machine: docs/benchmarks.md); elsewhere
+XLA's defaults and one call. `--compile default --conv_threads one` is the step as `jax.jit`
+gives it with no CPU-backend choice.
 
 `--preset large` (DDPM's CIFAR-10 U-Net with 10 classes, 32x32x3, 35.75 M parameters) with `--dtype bfloat16` is the
 accelerator figure: there is no baseline run for it (the baseline script only builds its own
@@ -128,11 +130,17 @@ def parser():
     "auto: low_memory on JAX's CPU platform, else default)",
   )
   ap.add_argument(
+    "--conv_threads",
+    choices=["auto", "one", "all"],
+    default="auto",
+    help="pofx: one: XLA:CPU's YNNPACK convolution, one thread per convolution; all: XLA's own convolution "
+    "over all threads (pofx_backends.cpu.THREADED_CONV_COMPILER_OPTIONS); auto: all on JAX's CPU platform, else one",
+  )
+  ap.add_argument(
     "--denoiser_calls",
     choices=["auto", "1", "2", "4"],
     default="auto",
-    help="pofx: the pair errors' denoiser call as this many calls on batch slices (pofx_backends.cpu.split; "
-    "auto: 2 on JAX's CPU platform, else 1)",
+    help="pofx: the pair errors' denoiser call as this many calls on batch slices (pofx_backends.cpu.split; auto: 1)",
   )
   ap.add_argument("--breakdown", action="store_true", help="pofx: time the step's parts (after the timed steps)")
   ap.add_argument("--no_startup", action="store_true", help="pofx: skip pofx_backends.startup()")
@@ -236,10 +244,10 @@ class PofxStep:
     # them (and hand glibc's freed pages back) before the compilation, whose peak is the run's.
     jax.clear_caches()
     host_memory.release_freed_memory()
-    from pofx_backends import cpu
 
     self.compile_options = compile_options(self.a)
-    options = cpu.LOW_MEMORY_COMPILER_OPTIONS if self.compile_options == "low_memory" else None
+    self.conv_threads = conv_threads(self.a)
+    options = xla_compiler_options(self.a)
     t0 = time.perf_counter()
     self.compiled = self.step.lower(self.state, self.batch(), jax.random.key(0)).compile(compiler_options=options)
     self.t_compile = time.perf_counter() - t0
@@ -317,14 +325,30 @@ def compile_options(a) -> str:
   return "low_memory" if jax.default_backend() == "cpu" else "default"
 
 
-def denoiser_calls(a) -> int:
-  """`--denoiser_calls` resolved: "auto" is 2 on JAX's CPU platform (two independent halves of the
-  batch for XLA:CPU's executor, `pofx_backends.cpu.split`), else 1."""
+def conv_threads(a) -> str:
+  """`--conv_threads` resolved: "auto" is "all" on JAX's CPU platform, else "one" (no option)."""
   import jax
 
-  if a.denoiser_calls != "auto":
-    return int(a.denoiser_calls)
-  return 2 if jax.default_backend() == "cpu" else 1
+  if a.conv_threads != "auto":
+    return a.conv_threads
+  return "all" if jax.default_backend() == "cpu" else "one"
+
+
+def xla_compiler_options(a) -> dict | None:
+  """The `compiler_options` of pofx's step: `--compile` and `--conv_threads` resolved and merged."""
+  from pofx_backends import cpu
+
+  options = {}
+  if compile_options(a) == "low_memory":
+    options.update(cpu.LOW_MEMORY_COMPILER_OPTIONS)
+  if conv_threads(a) == "all":
+    options.update(cpu.THREADED_CONV_COMPILER_OPTIONS)
+  return options or None
+
+
+def denoiser_calls(a) -> int:
+  """`--denoiser_calls` resolved: "auto" is 1 (one call on the whole batch)."""
+  return 1 if a.denoiser_calls == "auto" else int(a.denoiser_calls)
 
 
 def jnp_mean(x):
@@ -429,6 +453,7 @@ def run_pofx(a):
     "warmup": a.warmup,
     "compile_s": round(bench.t_compile, 2),
     "compile_options": bench.compile_options,
+    "conv_threads": bench.conv_threads,
     "denoiser_calls": bench.denoiser_calls,
     "steady_sec_per_step_median": round(med, 4),
     "steady_sec_per_step_mean": round(statistics.mean(steady), 4),
@@ -473,7 +498,7 @@ def side_command(a, side: str, extra=()) -> list:
     ]
   cmd = [sys.executable, os.path.abspath(__file__), "--side", "pofx", "--pairs", str(a.pairs)]
   cmd += ["--steps", str(a.steps), "--warmup", str(a.warmup), "--kernels", a.kernels, "--compile", a.compile]
-  cmd += ["--denoiser_calls", a.denoiser_calls]
+  cmd += ["--denoiser_calls", a.denoiser_calls, "--conv_threads", a.conv_threads]
   for flag in ("conv", "products", "cpu_attention"):
     if getattr(a, flag) is not None:
       cmd += [f"--{flag}", getattr(a, flag)]

@@ -63,11 +63,22 @@ CONVS = ("auto", "xla", "im2col")
 DEFAULT_OPTIONS = {"blas": "auto", "products": "blas_all", "attention": True, "conv": "auto"}
 # XLA:CPU compile options that lower the compilation's peak memory, for a program to pass as
 # `jax.jit(f).lower(...).compile(compiler_options=LOW_MEMORY_COMPILER_OPTIONS)`: XLA's older LLVM
-# emitters instead of its fusion emitters. The compilation takes longer and, program by program,
-# the compiled code may run slower: a program opts in where it measured the trade (the
-# Diffusion-DPO benchmark does on the CPU, with its denoiser split by `split.split_batch`:
+# emitters instead of its fusion emitters, and the generated module compiled as one piece instead
+# of several pieces at once (without it the peak varied between runs by about 80 MiB). The
+# compilation takes longer and, program by program, the compiled code may run slower: a program
+# opts in where it measured the trade (the Diffusion-DPO benchmark does on the CPU:
 # docs/benchmarks.md); the library never applies them.
-LOW_MEMORY_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+LOW_MEMORY_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False, "xla_cpu_parallel_codegen_split_count": 1}
+# XLA:CPU compile options under which each convolution is XLA's own (Eigen's), split over all of the
+# CPU client's threads, instead of a YNNPACK call that runs on one thread: XLA:CPU's default list of
+# YNNPACK fusion types (jaxlib 0.10: individual convolutions, individual products, reductions) less
+# the convolutions. One convolution then uses both cores of a 2-core machine where the executor has
+# no second operation ready (a single `[16, 16, 16, 64]` 3x3 convolution: 179 against 109 GFLOP/s);
+# products and reductions stay with YNNPACK. A program passes them as `compiler_options` (merged
+# with `LOW_MEMORY_COMPILER_OPTIONS` if it wants both); the library never applies them.
+THREADED_CONV_COMPILER_OPTIONS = {
+  "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+}
 
 
 def _blas_form(lhs, rhs, dimension_numbers, preferred_element_type):

@@ -160,6 +160,33 @@ def test_tiny_model_dpo_loss_and_gradients_with_cpu_kernels_equal_xla(attention)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()) + 1e-8)
 
 
+def test_threaded_conv_compiler_options_take_only_the_convolution_from_ynnpack():
+  # XLA:CPU's default compile hands a convolution, a product and a reduction each to a YNNPACK
+  # fusion; THREADED_CONV_COMPILER_OPTIONS must leave the convolution to XLA's own kernel (an
+  # instruction of the entry computation) and the other two with YNNPACK, with the same values.
+  # The bench U-Net's shapes: XLA:CPU keeps small convolutions (4 images of 8x8) for its own kernel.
+  x = jax.random.normal(jax.random.key(0), (16, 16, 16, 32), jnp.float32)
+  w = jax.random.normal(jax.random.key(1), (3, 3, 32, 32), jnp.float32)
+  m = jax.random.normal(jax.random.key(2), (32, 32), jnp.float32)
+
+  def f(x, w, m):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return (y.reshape(-1, 32) @ m).sum(axis=0), jnp.tanh(y).sum(axis=(1, 2))
+
+  lowered = jax.jit(f).lower(x, w, m)
+
+  def entry(compiled):
+    text = compiled.as_text()
+    return text[text.index("ENTRY") :]
+
+  default, threaded = lowered.compile(), lowered.compile(compiler_options=cpu.THREADED_CONV_COMPILER_OPTIONS)
+  assert " convolution(" not in entry(default) and "ynn_fusion" in entry(default)
+  assert " convolution(" in entry(threaded)
+  assert entry(threaded).count("ynn_fusion") >= 2  # the product and a reduction
+  for got, want in zip(threaded(x, w, m), default(x, w, m)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-3)
+
+
 def test_low_memory_compiler_options_are_known_to_xla_and_keep_the_values():
   # XLA refuses an unknown compile option ("No such compile option"), so this pins that the names
   # exist in the installed jaxlib; the values are XLA's own compile's, up to summation order.
