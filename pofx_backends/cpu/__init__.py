@@ -64,7 +64,7 @@ DEFAULT_OPTIONS = {"blas": "auto", "products": "blas_all", "attention": True, "c
 # XLA:CPU compile options that lower the compilation's peak memory, for a program to pass as
 # `jax.jit(f).lower(...).compile(compiler_options=LOW_MEMORY_COMPILER_OPTIONS)`: XLA's older LLVM
 # emitters instead of its fusion emitters, and the generated module compiled as one piece instead
-# of several pieces at once (without it the peak varied between runs by about 80 MiB). The
+# of several pieces at once (about 20 MiB less at the compilation's peak for the bench U-Net). The
 # compilation takes longer and, program by program, the compiled code may run slower: a program
 # opts in where it measured the trade (the Diffusion-DPO benchmark does on the CPU:
 # docs/benchmarks.md); the library never applies them.
