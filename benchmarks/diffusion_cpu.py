@@ -44,7 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WARMUP = 3
 # pofx's step as `jax.jit` compiles it: one denoiser call, XLA's default options (diffusion_step.py's
-# CPU defaults split the call for two threads and use the low-memory compile; this script measures
+# CPU defaults add the low-memory compile and convolutions over all threads; this script measures
 # the work on one thread).
 PLAIN_STEP = ("--denoiser_calls", "1", "--compile", "default", "--conv_threads", "one")
 

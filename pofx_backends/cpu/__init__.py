@@ -30,7 +30,9 @@ x86-64 with AVX-512F, a C++ compiler on the path, a BLAS that can be loaded).
 
 `split.split_batch(denoise, parts)` computes a model call as independent calls on slices of its
 batch (work XLA:CPU's executor can run side by side); `LOW_MEMORY_COMPILER_OPTIONS` are compile
-options with a lower compilation peak. A program applies either; the kernels above do not.
+options with a lower compilation peak, `THREADED_CONV_COMPILER_OPTIONS` compile options under
+which each convolution is split over all threads. A program applies any of them; the kernels
+above do not.
 
 `calibration.measure` times a forward and backward of a small Llama block with a given
 `Kernels`: `pofx_backends.resolve("auto")` uses it to choose between "xla" and "cpu" on a CPU
