@@ -247,7 +247,7 @@ class PofxStep:
 
     self.compile_options = compile_options(self.a)
     self.conv_threads = conv_threads(self.a)
-    options = xla_compiler_options(self.a)
+    options = xla_compiler_options(self.compile_options, self.conv_threads)
     t0 = time.perf_counter()
     self.compiled = self.step.lower(self.state, self.batch(), jax.random.key(0)).compile(compiler_options=options)
     self.t_compile = time.perf_counter() - t0
@@ -316,32 +316,33 @@ class PofxStep:
     return out
 
 
-def compile_options(a) -> str:
-  """`--compile` resolved: "auto" is "low_memory" on JAX's CPU platform, else "default"."""
+def _auto(value: str, on_cpu: str, elsewhere: str) -> str:
+  """A flag's value with "auto" resolved: `on_cpu` on JAX's CPU platform, else `elsewhere`."""
   import jax
 
-  if a.compile != "auto":
-    return a.compile
-  return "low_memory" if jax.default_backend() == "cpu" else "default"
+  if value != "auto":
+    return value
+  return on_cpu if jax.default_backend() == "cpu" else elsewhere
+
+
+def compile_options(a) -> str:
+  """`--compile` resolved: "auto" is "low_memory" on JAX's CPU platform, else "default"."""
+  return _auto(a.compile, "low_memory", "default")
 
 
 def conv_threads(a) -> str:
   """`--conv_threads` resolved: "auto" is "all" on JAX's CPU platform, else "one" (no option)."""
-  import jax
-
-  if a.conv_threads != "auto":
-    return a.conv_threads
-  return "all" if jax.default_backend() == "cpu" else "one"
+  return _auto(a.conv_threads, "all", "one")
 
 
-def xla_compiler_options(a) -> dict | None:
-  """The `compiler_options` of pofx's step: `--compile` and `--conv_threads` resolved and merged."""
+def xla_compiler_options(compile_setting: str, threads: str) -> dict | None:
+  """The `compiler_options` of pofx's step for resolved `--compile` and `--conv_threads` values."""
   from pofx_backends import cpu
 
   options = {}
-  if compile_options(a) == "low_memory":
+  if compile_setting == "low_memory":
     options.update(cpu.LOW_MEMORY_COMPILER_OPTIONS)
-  if conv_threads(a) == "all":
+  if threads == "all":
     options.update(cpu.THREADED_CONV_COMPILER_OPTIONS)
   return options or None
 
