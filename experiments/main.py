@@ -91,6 +91,7 @@ from pofx import data as data_lib
 from pofx import world as world_lib
 from pofx.data import pipeline
 from pofx.data import unpaired as unpaired_lib
+from pofx_backends.cpu import host_memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<family>.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, data, metrics, plots and the summary.")
@@ -992,7 +993,11 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     done = step + 1
     flops_all += step_flops
     if t0 is None:
-      jax.block_until_ready(m["loss"])
+      # With freed memory retained (pofx_backends.startup), the first step's freed temporaries
+      # cannot serve the next step's aligned request: hand their pages back once, here, when
+      # the whole step is done (its temporaries are freed after the loss is ready).
+      jax.block_until_ready((state, m))
+      host_memory.release_freed_memory()
       t0 = time.perf_counter()  # the first step (compilation) is not timed
     else:
       steps_timed += 1
