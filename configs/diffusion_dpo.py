@@ -65,6 +65,9 @@ def image_config() -> ml_collections.ConfigDict:
   # clean images, kept when softmax(label_scale * rewards) differ by more than spo_threshold).
   # patch_size (pofx.options.IMAGE_PATCH_SIZES, 0: none): per-patch quality maps (PatchDPO).
   # list_size: images per prompt of record "lists" (K >= 2; RankDPO's ranked lists).
+  # labeller (pofx.options.IMAGE_LABELLERS): "bradley_terry" on the gold reward, or "majority" of
+  # the world's `metrics` (pofx.diffusion.world.METRICS; BalancedDPO), for pairing "samples" of
+  # record "images".
   c.data = ml_collections.ConfigDict(
     dict(
       num_pairs=2048,
@@ -80,6 +83,8 @@ def image_config() -> ml_collections.ConfigDict:
       spo_start_step=2,
       patch_size=0,
       list_size=4,
+      labeller="bradley_terry",
+      metrics=("class_log_prob", "second_class_log_prob", "ink"),
     )
   )
 

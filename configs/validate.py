@@ -30,6 +30,7 @@ import ml_collections
 import pofx_backends
 from pofx import losses, options
 from pofx.diffusion import unet
+from pofx.diffusion import world as world_lib
 from pofx.models import llama
 
 # Losses that read the reference's per-token log-probs, which a reference cache does not hold.
@@ -694,6 +695,20 @@ def _check_image_records(c) -> None:
       raise ValueError(
         f"config.data.patch_size={d.patch_size!r} is not allowed with data.record='lists' (quality maps are made "
         "for pairs); allowed: 0."
+      )
+  _allowed(c, "data.labeller", options.IMAGE_LABELLERS)
+  if d.labeller == "majority":
+    names = tuple(d.metrics) if isinstance(d.metrics, (tuple, list)) else None
+    if not names or any(n not in world_lib.METRICS for n in names) or len(set(names)) != len(names):
+      raise ValueError(
+        f"config.data.metrics={d.metrics!r} is not allowed with data.labeller='majority'; allowed: a non-empty "
+        f"tuple of distinct names from {list(world_lib.METRICS)}."
+      )
+    if d.record != "images" or d.pairing != "samples":
+      raise ValueError(
+        f"config.data.labeller='majority' is not allowed with data.record={d.record!r} and "
+        f"data.pairing={d.pairing!r}: the metrics vote on two samples of the base; allowed: data.record='images' "
+        "and data.pairing='samples'."
       )
   if (d.record == "lists") != (t.logps == "lists"):
     raise ValueError(

@@ -63,6 +63,7 @@ from pofx import fingerprints, losses, perturbations, references, train
 from pofx.diffusion import evaluation, methods, samplers, schedules, unet
 from pofx.diffusion import pairs as pairs_lib
 from pofx.diffusion import world as world_lib
+from pofx_backends.cpu import host_memory
 
 STAGES = ("pretrain", "pairs", "train", "eval")
 OUTPUTS = {"pretrain": "base_params", "pairs": "pairs", "train": "final_params"}
@@ -328,9 +329,19 @@ def _labelled(world, a, b, labels, prefer_a, k_binary) -> Dict[str, np.ndarray]:
   }
 
 
+def majority_labelled(world, a, b, labels, metrics):
+  """BalancedDPO's labels (`data.labeller` "majority"): each of the world's `metrics` votes for
+  the sample it scores higher, the majority orders the pair (`methods.majority_preferences`), and
+  pairs without a majority are dropped. Returns a, b, labels and prefer_a of the kept pairs."""
+  prefer_a, decided = methods.majority_preferences(
+    world.metric_scores(a, labels, metrics), world.metric_scores(b, labels, metrics)
+  )
+  return a[decided], b[decided], np.asarray(labels)[decided], prefer_a[decided]
+
+
 def make_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
-  """Stage 2: per balanced class prompt, two samples ordered by a Bradley-Terry label (pairing
-  "samples"), or a training digit of the class (chosen) and one sample (pairing "data_vs_sample");
+  """Stage 2: per balanced class prompt, two samples ordered by a Bradley-Terry label on the gold
+  reward or by the majority of several metrics (pairing "samples", `data.labeller`), or a training digit of the class (chosen) and one sample (pairing "data_vs_sample");
   with `data.record` "chains", the two samples' reverse chains from one shared x_T and their
   step-wise labels (`chain_pairs`); "spo_steps", SPO's step-wise pairs (`spo_pairs`), or "lists",
   K-way ranked lists (`ranked_lists`), instead.
@@ -352,7 +363,10 @@ def make_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
     else:
       both = draw(c, model, params, schedule, k_draw, np.concatenate([labels, labels]))
       a, b = both[: len(labels)], both[len(labels) :]
-      prefer_a = world.bradley_terry(k_label, world.gold_reward(a, labels), world.gold_reward(b, labels))
+      if c.data.labeller == "majority":
+        a, b, labels, prefer_a = majority_labelled(world, a, b, labels, tuple(c.data.metrics))
+      else:
+        prefer_a = world.bradley_terry(k_label, world.gold_reward(a, labels), world.gold_reward(b, labels))
     data = _labelled(world, a, b, labels, prefer_a, k_binary)
   if c.data.patch_size:
     q = patch_quality(world, data["chosen"], data["rejected"], data["class_labels"], int(c.data.patch_size))
@@ -700,6 +714,12 @@ def train_policy(c, model, base_params, schedule, data, key, *, workdir: str, pr
         [make_batch(c, spec, data, idx[i : i + micro], keys[i : i + micro]) for i in range(0, batch, micro)]
       )
     state, m = step_fn(state, b, jax.random.fold_in(k_step, s))
+    if s == 0:
+      # With freed memory retained (pofx_backends.startup), the first step's freed temporaries
+      # cannot serve the next step's aligned request: hand their pages back once, here, when
+      # the whole step is done (its temporaries are freed after the loss is ready).
+      jax.block_until_ready((state, m))
+      host_memory.release_freed_memory()
     if (s + 1) % c.train.log_every == 0 or s + 1 == c.train.steps:
       rec = writer.write(s + 1, m, pairs=batch)
       nonfinite += int(rec.get("nonfinite", 0) > 0)

@@ -133,6 +133,11 @@ RL_ESTIMATORS = ("rloo", "reinforce")
 # Bradley-Terry label, or a training digit of the class (chosen, the "expert" or ground-truth
 # image of Diffusion-DRO and Reg-DPO's GT-pairs) against one sample of the base (rejected).
 IMAGE_PAIRINGS = ("samples", "data_vs_sample")
+# How the image program labels two samples (`data.labeller`): a Bradley-Terry label sampled on
+# the gold reward, or the majority vote of several metrics (`data.metrics`, names of
+# `pofx.diffusion.world.METRICS`; `pofx.diffusion.methods.majority_preferences`, BalancedDPO),
+# which drops the pairs without a majority.
+IMAGE_LABELLERS = ("bradley_terry", "majority")
 # What a loss that reads per-pair scores gets in the image program (`train.scores`): the images'
 # gold rewards, or their binary feedback (1 desirable, 0 not; Diffusion-KTO).
 IMAGE_SCORES = ("reward", "binary")

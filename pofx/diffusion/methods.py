@@ -24,6 +24,8 @@ diffusion `PairLogps`; the descendants are in `pofx/losses/_diffusion.py`).
 - `inversion_noise`: the noise implied by a latent reached by inversion (SmPO, Inversion-DPO).
 - `curriculum_thresholds`, `curriculum_stage`, `curriculum_mask`, `curriculum_pairs`: Curriculum
   DPO's ordering of pairs by reward gap (host-side data selection; the loss is unchanged).
+- `majority_preferences`: BalancedDPO's consensus label of a pair from several metrics' votes
+  (host-side labelling; the loss is Diffusion-DPO's, the reference one that is updated).
 """
 
 from __future__ import annotations
@@ -462,3 +464,41 @@ def curriculum_mask(gaps, stage: int, *, groups: int = 5) -> np.ndarray:
   thresholds = curriculum_thresholds(gaps, groups)
   stage = min(max(int(stage), 0), int(groups) - 2)
   return np.asarray(gaps, np.float64) >= thresholds[stage + 1]
+
+
+# -------------------------------------------------------------------------------------------------
+# BalancedDPO (host-side labels)
+# -------------------------------------------------------------------------------------------------
+
+
+def majority_preferences(scores_a, scores_b):
+  r"""BalancedDPO's consensus label of each pair from several metrics (host-side).
+
+  `scores_a`, `scores_b` `[M, N]`: M metrics' scores of the first and second image of N pairs
+  (higher is better for every metric). Each metric votes for the image it scores higher, and a
+  metric that scores both alike casts no vote; the pair's label is the majority of the votes:
+
+      votes_a = #{m : a_m > b_m},   votes_b = #{m : b_m > a_m},
+      prefer_a = votes_a > votes_b,  decided = votes_a != votes_b.
+
+  Returns `prefer_a` and `decided` (bool `[N]`); an undecided pair has no label (drop it). Only
+  the comparison within each metric enters, never the metrics' scales, which is the point of
+  voting over mixing rewards whose scales differ.
+
+  Reference: Tamboli et al. 2025, "BalancedDPO: Adaptive Multi-Metric Alignment",
+  arXiv:2503.12575 (v2 abstract: a majority-vote consensus over several preference scorers,
+  trained with Diffusion-DPO and a reference model updated during training). Read: the
+  abstracts of v1 and v2; the full text and the authors' code were not available here.
+  """
+  a = np.asarray(scores_a, np.float64)
+  b = np.asarray(scores_b, np.float64)
+  if a.ndim != 2 or a.shape != b.shape:
+    raise ValueError(
+      f"majority_preferences: scores_a and scores_b must both be [M, N] (M metrics, N pairs); got shapes "
+      f"{a.shape} and {b.shape}."
+    )
+  if a.shape[0] < 1 or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+    raise ValueError("majority_preferences: need at least one metric and finite scores.")
+  votes_a = np.sum(a > b, axis=0)
+  votes_b = np.sum(b > a, axis=0)
+  return votes_a > votes_b, votes_a != votes_b

@@ -38,6 +38,11 @@ Labels, all on the gold reward:
   clean image at each step of two trajectories, and a Bradley-Terry label per step
   (`stepwise_labels`).
 
+Several metrics (`metric_scores`, names in `METRICS`), for methods that label by more than one
+scorer (BalancedDPO's majority vote): the classifier's log-probability of the class, a second
+classifier's (`second_classifier`: the same architecture and images, other draws), the ink and
+the gold reward.
+
 Prompts (for a cross-attention denoiser, `pofx.diffusion.unet.UNetConditionConfig`). The prompt of
 class c is the two-token sequence `("bold", DIGIT_WORDS[c])`: the style request the gold reward's
 ink term rewards, and the digit. `PromptEncoder(seed, dim)` is the world's fixed text encoder: a
@@ -56,6 +61,7 @@ never see; the Fréchet distance compares samples with it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import importlib.util
 import os
@@ -69,6 +75,8 @@ NUM_CLASSES = 10
 IMAGE_SHAPE = (8, 8, 1)
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PROMPT_VOCAB = ("bold",) + DIGIT_WORDS
+# The per-image metrics of `ImageWorld.metric_scores` (BalancedDPO's voters).
+METRICS = ("class_log_prob", "second_class_log_prob", "ink", "gold_reward")
 
 
 def prompt_tokens(labels) -> np.ndarray:
@@ -207,19 +215,20 @@ def _log_softmax(z):
   return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def train_classifier(images, labels, config: ImageWorldConfig):
+def train_classifier(images, labels, config: ImageWorldConfig, *, stream: int = 18):
   """The fixed classifier's parameters: full-batch Adam (beta1 0.9, beta2 0.999, eps 1e-8) on the
   mean softmax cross-entropy, with Gaussian noise of std `classifier_noise` added to the second
-  half of the images at every step; every draw (initialisation, noise) from `config.seed`, so the
-  same inputs give the same classifier. BLAS runs on one thread meanwhile (threadpoolctl; the
+  half of the images at every step; every draw (initialisation, noise) from `config.seed` and
+  `stream` (another stream: another classifier of the same data), so the same inputs give the
+  same classifier. BLAS runs on one thread meanwhile (threadpoolctl; the
   previous limit is restored on return): these small products are slower threaded, far slower on
   a busy machine."""
   with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
-    return _train_classifier(images, labels, config)
+    return _train_classifier(images, labels, config, stream)
 
 
-def _train_classifier(images, labels, config: ImageWorldConfig):
-  rng = np.random.default_rng([config.seed, 18])
+def _train_classifier(images, labels, config: ImageWorldConfig, stream: int):
+  rng = np.random.default_rng([config.seed, stream])
   params = _init_classifier(rng, config.classifier_hidden, config.classifier_features)
   x = np.asarray(images, np.float32).reshape(len(images), -1)
   y = np.asarray(labels)
@@ -281,6 +290,35 @@ class ImageWorld:
     x = _check_images(images)
     logp = _log_softmax(classifier_logits(self.classifier, x))
     return logp[np.arange(x.shape[0]), _check_labels(labels, x.shape[0])]
+
+  @functools.cached_property
+  def second_classifier(self):
+    """Another classifier of the same architecture and training images, from other draws
+    (initialisation and noise: `train_classifier(..., stream=19)`), trained on first use: a second
+    scorer of the same concept, which agrees with the first on clear digits and not always on
+    ambiguous ones (the several metrics of `metric_scores`)."""
+    return train_classifier(self.images, self.labels, self.config, stream=19)
+
+  def metric_scores(self, images, labels, names) -> np.ndarray:
+    """Several metrics of the images, higher is better, `[len(names), B]` float32. Names
+    (`METRICS`): "class_log_prob" (the fixed classifier's log p(c | x), the gold reward's first
+    term), "second_class_log_prob" (`second_classifier`'s), "ink" (the style term), "gold_reward"."""
+    x = _check_images(images)
+    labels = _check_labels(labels, x.shape[0])
+    rows = []
+    for name in names:
+      if name == "class_log_prob":
+        rows.append(self.class_log_prob(x, labels))
+      elif name == "second_class_log_prob":
+        logp = _log_softmax(classifier_logits(self.second_classifier, x))
+        rows.append(logp[np.arange(x.shape[0]), labels])
+      elif name == "ink":
+        rows.append(ink(x))
+      elif name == "gold_reward":
+        rows.append(self.gold_reward(x, labels))
+      else:
+        raise ValueError(f"ImageWorld.metric_scores: unknown metric {name!r}; allowed: {list(METRICS)}.")
+    return np.stack([np.asarray(r, np.float32) for r in rows]) if rows else np.zeros((0, x.shape[0]), np.float32)
 
   def gold_reward(self, images, labels) -> np.ndarray:
     """r*(x, c) = log p_clf(c | x) + style_weight * ink(x), [B] float32 (module docstring)."""

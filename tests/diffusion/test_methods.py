@@ -307,3 +307,22 @@ def test_sdpo_logps_fn_on_image_pairs():
   ref, got = jax.jit(lambda p: tuple(f(p, batch) for f in fns))(params)
   np.testing.assert_allclose(got.chosen, ref.chosen, rtol=1e-6)
   np.testing.assert_allclose(got.rejected, ref.rejected, rtol=1e-6)
+
+
+def test_majority_preferences_count_each_metrics_vote():
+  # Three metrics (rows) on four pairs (columns), a's scores against b's:
+  #   pair 0: a wins 2 of 3 (the third on another scale: 1e3 vs -1e3 is still one vote) -> a;
+  #   pair 1: b wins 2 of 3 -> b;  pair 2: one vote each and a tie -> no majority;
+  #   pair 3: a wins 1, two ties -> a (a tie casts no vote).
+  a = [[1.0, 0.0, 5.0, 2.0], [0.3, -1.0, 0.1, 7.0], [-1e3, 1e3, 0.2, 7.0]]
+  b = [[0.0, 1.0, 4.0, 1.0], [0.2, 2.0, 0.1, 7.0], [1e3, 0.0, 0.3, 7.0]]
+  prefer_a, decided = methods.majority_preferences(a, b)
+  np.testing.assert_array_equal(prefer_a, [True, False, False, True])
+  np.testing.assert_array_equal(decided, [True, True, False, True])
+  # One metric: its own comparison; swapping the images swaps every decided label.
+  np.testing.assert_array_equal(methods.majority_preferences([[1.0, 0.0]], [[0.0, 1.0]])[0], [True, False])
+  swapped, decided_swapped = methods.majority_preferences(b, a)
+  np.testing.assert_array_equal(decided_swapped, decided)
+  np.testing.assert_array_equal(swapped[decided], ~prefer_a[decided])
+  with pytest.raises(ValueError, match=r"\[M, N\]"):
+    methods.majority_preferences([1.0, 2.0], [0.0, 1.0])

@@ -142,3 +142,21 @@ def test_prompt_encoder_embeds_bold_and_the_digit():
     world_lib.prompt_tokens(np.array([10]))
   with pytest.raises(ValueError, match="dim must be a positive integer"):
     world_lib.PromptEncoder(seed=0, dim=0)
+
+
+def test_metric_scores_and_the_second_classifier(world):
+  x, y = world.eval_images[:32], world.eval_labels[:32]
+  scores = world.metric_scores(x, y, ("class_log_prob", "second_class_log_prob", "ink", "gold_reward"))
+  assert scores.shape == (4, 32) and scores.dtype == np.float32
+  # The second classifier's log-probability, recomputed here from its parameters.
+  z = _np_logits(world.second_classifier, x)
+  logp = z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+  np.testing.assert_allclose(scores[1], logp[np.arange(32), y], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(scores[2], ((x.reshape(32, -1) + 1) / 2).mean(1), rtol=1e-6)
+  np.testing.assert_allclose(scores[3], scores[0] + 4.0 * scores[2], rtol=1e-4, atol=1e-4)
+  # Another model of the same concept: other weights, as accurate on the held-out digits.
+  assert not np.array_equal(np.asarray(world.second_classifier[0]["w"]), np.asarray(world.classifier[0]["w"]))
+  z2 = _np_logits(world.second_classifier, world.eval_images)
+  assert np.mean(np.argmax(z2, 1) == world.eval_labels) >= 0.9
+  with pytest.raises(ValueError, match="unknown metric 'clip'"):
+    world.metric_scores(x, y, ("clip",))
