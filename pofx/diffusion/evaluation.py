@@ -11,6 +11,9 @@ the same initial noise and hands them over).
 
       (p + z^2/(2n) -+ z sqrt(p(1-p)/n + z^2/(4n^2))) / (1 + z^2/n),   z = 1.95996...
 
+- the gold reward's two terms apart (the classifier's log-probability of the class, the ink) and
+  the second classifier's log-probability of the class (`world.second_classifier`, the third of
+  the world's metrics), each averaged over the samples;
 - class accuracy: the share of samples the fixed classifier reads as their prompt's class;
 - diversity: the mean Euclidean distance between two different samples of one class (over all
   pairs i < j within the class), averaged over the classes with at least two samples;
@@ -117,6 +120,9 @@ def evaluate(
     out[f"gold_reward_{name}"] = float(np.mean(r))
     out[f"class_log_prob_{name}"] = float(np.mean(np.asarray(world.class_log_prob(images, labels))))
     out[f"ink_{name}"] = float(np.mean(np.asarray(world_lib.ink(images))))
+    out[f"second_class_log_prob_{name}"] = float(
+      np.mean(world.metric_scores(images, labels, ("second_class_log_prob",))[0])
+    )
     out[f"class_accuracy_{name}"] = class_accuracy(world, images, labels)
     out[f"diversity_{name}"] = diversity(images, labels)
     out[f"frechet_{name}"] = feature_frechet(np.asarray(world.features(images)), data_features)

@@ -61,6 +61,10 @@ class _LinearWorld:
   def class_log_prob(self, images, labels):
     return np.zeros(len(labels))
 
+  def metric_scores(self, images, labels, names):
+    assert tuple(names) == ("second_class_log_prob",)
+    return -np.abs(np.asarray(images)[None, :, 0, 0, 0])
+
   def predicted_class(self, images):
     return (np.asarray(images)[:, 0, 0, 0] > 0).astype(np.int32)
 
@@ -83,6 +87,7 @@ def test_evaluate_win_rate_ties_half_with_wilson():
   assert out["gold_reward_policy"] == pytest.approx(0.2) and out["gold_reward_base"] == pytest.approx(0.125)
   assert out["class_accuracy_policy"] == 0.75 and out["class_accuracy_base"] == 0.75
   assert out["ink_policy"] == pytest.approx((1.5 + 1.2 + 1.2 + 0.9) / 8)
+  assert out["second_class_log_prob_policy"] == pytest.approx(-(0.5 + 0.2 + 0.2 + 0.1) / 4)
   # Diversity: one class; distances between constant images = 8 * |v_i - v_j| (64 pixels).
   d = [8 * abs(a - b) for i, a in enumerate((0.5, 0.2, 0.2, -0.1)) for b in (0.5, 0.2, 0.2, -0.1)[i + 1 :]]
   assert out["diversity_policy"] == pytest.approx(np.mean(d))
