@@ -223,6 +223,7 @@ class PofxStep:
     self.rng = np.random.default_rng(0)
     self.pairs_lib = pairs
     self.steps_run = 0
+    self.trim_after_first_step = True  # xla_cpu_kernels.py stages --no_trim turns it off
 
   def batch(self):
     """One step's batch, drawn on the host: random images in [-1, 1], labels, one noise key per pair."""
@@ -272,7 +273,7 @@ class PofxStep:
       self.state, self.metrics = self.compiled(self.state, self.batch(), jax.random.fold_in(jax.random.key(1), i))
       self.metrics["loss"].block_until_ready()
       times.append(time.perf_counter() - t)
-      if not self.steps_run:
+      if not self.steps_run and self.trim_after_first_step:
         # Once, after the first step: the freed temporaries' block is too small for the next
         # step's aligned request (host_memory.release_freed_memory); hand its pages back, once
         # the whole step is done (its temporaries are freed after the loss is ready).

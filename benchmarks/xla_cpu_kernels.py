@@ -2,7 +2,7 @@
 
     python benchmarks/xla_cpu_kernels.py conv [--calls 50]      # one 3x3 convolution: YNNPACK vs threaded
     python benchmarks/xla_cpu_kernels.py matmul [--calls 10]    # float32 2048^3: XLA vs PyTorch
-    python benchmarks/xla_cpu_kernels.py stages [--without OPTION] [diffusion_step.py flags ...]
+    python benchmarks/xla_cpu_kernels.py stages [--without OPTION] [--no_trim] [diffusion_step.py flags ...]
 
 `conv`: 3x3 convolutions of the `bench` U-Net's shapes (NHWC, "SAME"), jitted alone with XLA:CPU's
 default options (each convolution a YNNPACK call on one thread) and with
@@ -19,7 +19,9 @@ parameters' initialisation, the resident set sampled every 5 ms during the compi
 peak), after it, and after `--steps` steps, with the compiled step's temporary buffer
 (`memory_analysis().temp_size_in_bytes`) and the median step. `--without OPTION` compiles without
 that key of `pofx_backends.cpu.LOW_MEMORY_COMPILER_OPTIONS` (e.g.
-`xla_cpu_parallel_codegen_split_count`), in this process only.
+`xla_cpu_parallel_codegen_split_count`), in this process only. `--no_trim` skips the heap trim
+after the first step (`pofx_backends.cpu.host_memory.release_freed_memory`): the process's peak
+then shows the second copy of the temporary buffer that the trim avoids.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def _resident_mib() -> float:
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def stages(flags, steps: int, without):
+def stages(flags, steps: int, without, trim: bool = True):
   import pofx_backends
 
   pofx_backends.startup()
@@ -132,6 +134,7 @@ def stages(flags, steps: int, without):
 
   a = diffusion_step.parse(["--side", "pofx", *flags])
   bench = diffusion_step.PofxStep(a, diffusion_step.resolve_kernels(a)[0])
+  bench.trim_after_first_step = trim
   print(f"after initialisation: resident {_resident_mib():.0f} MiB")
   peak, done = [0.0], threading.Event()
 
@@ -163,6 +166,11 @@ def main(argv=None):
   ap.add_argument("--calls", type=int, default=None, help="conv: 50, matmul: 10")
   ap.add_argument("--steps", type=int, default=20, help="stages: steps after the compilation")
   ap.add_argument("--without", action="append", default=[], help="stages: drop this low-memory compile option")
+  ap.add_argument(
+    "--no_trim",
+    action="store_true",
+    help="stages: keep the heap's free pages after the first step (host_memory.release_freed_memory)",
+  )
   a, rest = ap.parse_known_args(argv)
   if a.what != "stages" and rest:
     ap.error(f"unknown arguments: {' '.join(rest)}")
@@ -171,7 +179,7 @@ def main(argv=None):
   elif a.what == "matmul":
     matmul(a.calls or 10)
   else:
-    stages(rest, a.steps, a.without)
+    stages(rest, a.steps, a.without, trim=not a.no_trim)
 
 
 if __name__ == "__main__":
