@@ -341,8 +341,9 @@ def majority_labelled(world, a, b, labels, metrics):
 
 def make_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
   """Stage 2: per balanced class prompt, two samples ordered by a Bradley-Terry label on the gold
-  reward or by the majority of several metrics (pairing "samples", `data.labeller`), or a training digit of the class (chosen) and one sample (pairing "data_vs_sample");
-  with `data.record` "chains", the two samples' reverse chains from one shared x_T and their
+  reward or by the majority of several metrics (pairing "samples", `data.labeller`), or a
+  training digit of the class (chosen) and one sample (pairing "data_vs_sample"); with
+  `data.record` "chains", the two samples' reverse chains from one shared x_T and their
   step-wise labels (`chain_pairs`); "spo_steps", SPO's step-wise pairs (`spo_pairs`), or "lists",
   K-way ranked lists (`ranked_lists`), instead.
   With `data.patch_size`, the per-patch quality maps of each pair (`patch_quality`)."""

@@ -25,7 +25,7 @@ diffusion `PairLogps`; the descendants are in `pofx/losses/_diffusion.py`).
 - `curriculum_thresholds`, `curriculum_stage`, `curriculum_mask`, `curriculum_pairs`: Curriculum
   DPO's ordering of pairs by reward gap (host-side data selection; the loss is unchanged).
 - `majority_preferences`: BalancedDPO's consensus label of a pair from several metrics' votes
-  (host-side labelling; the loss is Diffusion-DPO's, the reference one that is updated).
+  (host-side labelling; the loss is Diffusion-DPO's, with a reference updated during training).
 """
 
 from __future__ import annotations

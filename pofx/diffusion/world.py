@@ -295,8 +295,7 @@ class ImageWorld:
   def second_classifier(self):
     """Another classifier of the same architecture and training images, from other draws
     (initialisation and noise: `train_classifier(..., stream=19)`), trained on first use: a second
-    scorer of the same concept, which agrees with the first on clear digits and not always on
-    ambiguous ones (the several metrics of `metric_scores`)."""
+    scorer of the same concept (one of the several metrics of `metric_scores`)."""
     return train_classifier(self.images, self.labels, self.config, stream=19)
 
   def metric_scores(self, images, labels, names) -> np.ndarray:
