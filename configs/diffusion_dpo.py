@@ -64,7 +64,9 @@ def image_config() -> ml_collections.ConfigDict:
   # samples of x_{t-1} from a shared x_t, the best and worst by the gold reward of their predicted
   # clean images, kept when softmax(label_scale * rewards) differ by more than spo_threshold).
   # patch_size (pofx.options.IMAGE_PATCH_SIZES, 0: none): per-patch quality maps (PatchDPO).
-  # list_size: images per prompt of record "lists" (K >= 2; RankDPO's ranked lists).
+  # list_size: images per prompt of record "lists" (K >= 2; RankDPO's ranked lists) and of record
+  # "curriculum" (Curriculum DPO: every pair of a prompt's K samples whose gold-reward gap exceeds
+  # curriculum_keep_threshold, the higher-scored chosen).
   # labeller (pofx.options.IMAGE_LABELLERS): "bradley_terry" on the gold reward, or "majority" of
   # the world's `metrics` (pofx.diffusion.world.METRICS; BalancedDPO), for pairing "samples" of
   # record "images".
@@ -85,6 +87,7 @@ def image_config() -> ml_collections.ConfigDict:
       list_size=4,
       labeller="bradley_terry",
       metrics=("class_log_prob", "second_class_log_prob", "ink"),
+      curriculum_keep_threshold=0.01,
     )
   )
 
@@ -109,6 +112,12 @@ def image_config() -> ml_collections.ConfigDict:
     )
   )
   c.train.loss_hyper = ml_collections.ConfigDict(dict(beta=5000.0))
+  # Diffusion-SDPO's winner-preserving safeguard on the pair errors (train.logps "pairs"): None =
+  # off, or mu in [0, 1] (pofx.diffusion.methods.winner_preserving_scale; the authors' 0.9 / 0.6).
+  c.train.winner_preserving_mu = config_dict.placeholder(float)
+  # Curriculum DPO's schedule (record "curriculum"): `groups` gap thresholds, one stage more (a band
+  # of harder pairs) every `update_every` steps (pofx.diffusion.methods.curriculum_stage / _mask).
+  c.train.curriculum = ml_collections.ConfigDict(dict(groups=5, update_every=60))
   # pofx.options.IMAGE_REFERENCE_KINDS ("cached" is refused: the timestep and noise are drawn per
   # step, so the reference's errors cannot be computed once).
   c.train.reference = ml_collections.ConfigDict(dict(kind="frozen", alpha=0.6, tau=64, decay=0.99))

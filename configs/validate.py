@@ -696,6 +696,38 @@ def _check_image_records(c) -> None:
         f"config.data.patch_size={d.patch_size!r} is not allowed with data.record='lists' (quality maps are made "
         "for pairs); allowed: 0."
       )
+  if d.record == "curriculum":
+    if d.pairing != "samples":
+      raise ValueError(
+        f"config.data.pairing={d.pairing!r} is not allowed with data.record='curriculum' (its pairs are drawn "
+        "among a prompt's samples of the base); allowed: 'samples'."
+      )
+    if t.logps != "pairs":
+      raise ValueError(
+        f"config.train.logps={t.logps!r} is not allowed with data.record='curriculum' (Curriculum DPO trains "
+        "Diffusion-DPO's pair errors); allowed: 'pairs'."
+      )
+    thr = d.curriculum_keep_threshold
+    if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not thr >= 0:
+      raise ValueError(
+        f"config.data.curriculum_keep_threshold={thr!r} is not allowed; allowed: a number >= 0 (a gold-reward gap)."
+      )
+    cur = t.curriculum
+    for field, low in (("groups", 2), ("update_every", 1)):
+      v = cur[field]
+      if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"config.train.curriculum.{field}={v!r} is not allowed; allowed: an integer >= {low}.")
+  mu = t.winner_preserving_mu
+  if mu is not None:
+    if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0.0 <= mu <= 1.0:
+      raise ValueError(
+        f"config.train.winner_preserving_mu={mu!r} is not allowed; allowed: None (off) or a number in [0, 1]."
+      )
+    if t.logps != "pairs":
+      raise ValueError(
+        f"config.train.winner_preserving_mu={mu!r} is not allowed with train.logps={t.logps!r}: Diffusion-SDPO's "
+        "safeguard scales the loser's pair error; allowed: train.logps='pairs', or winner_preserving_mu=None."
+      )
   _allowed(c, "data.labeller", options.IMAGE_LABELLERS)
   if d.labeller == "majority":
     names = tuple(d.metrics) if isinstance(d.metrics, (tuple, list)) else None

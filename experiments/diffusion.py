@@ -98,6 +98,8 @@ def records(c) -> Dict[str, provenance.Record]:
         "train.scores",
         "train.logps",
         "train.step_labels",
+        "train.winner_preserving_mu",
+        "train.curriculum",
       ),
     ),
     {"pairs": pairs.fingerprint},
@@ -345,7 +347,8 @@ def make_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
   training digit of the class (chosen) and one sample (pairing "data_vs_sample"); with
   `data.record` "chains", the two samples' reverse chains from one shared x_T and their
   step-wise labels (`chain_pairs`); "spo_steps", SPO's step-wise pairs (`spo_pairs`), or "lists",
-  K-way ranked lists (`ranked_lists`), instead.
+  K-way ranked lists (`ranked_lists`), or "curriculum", Curriculum DPO's pairs with their reward
+  gaps (`curriculum_data`), instead.
   With `data.patch_size`, the per-patch quality maps of each pair (`patch_quality`)."""
   if c.data.record == "spo_steps":
     return spo_pairs(c, world, model, params, schedule, key)
@@ -353,6 +356,8 @@ def make_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
     return ranked_lists(c, world, model, params, schedule, key)
   if c.data.record == "chains":
     data = chain_pairs(c, world, model, params, schedule, key)
+  elif c.data.record == "curriculum":
+    data = curriculum_data(c, world, model, params, schedule, key)
   else:
     k_draw, k_label, k_binary = jax.random.split(key, 3)
     labels = balanced_labels(int(c.data.num_pairs))
@@ -409,6 +414,47 @@ def ranked_lists(c, world, model, params, schedule, key) -> Dict[str, np.ndarray
     "list_scores": list_scores(wins),
     "class_labels": labels,
   }
+
+
+def curriculum_data(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
+  """Curriculum DPO's pairs (`data.record="curriculum"`; Croitoru et al. 2025, arXiv:2405.13637).
+
+  Per balanced class prompt, K = `data.list_size` samples of the base (`draw`, as the lists), scored
+  by the gold reward (the paper's reward model); every pair of a prompt's samples whose reward gap
+  exceeds `data.curriculum_keep_threshold` is kept, the higher-scored image chosen
+  (`methods.curriculum_pairs`, the authors' enumeration). Beside `_labelled`'s arrays, the pairs'
+  `reward_gap` [P], which the training's curriculum reads (`curriculum_pool`)."""
+  k_draw, k_binary = jax.random.split(key)
+  labels, k = balanced_labels(int(c.data.num_pairs)), int(c.data.list_size)
+  n = len(labels)
+  images = draw(c, model, params, schedule, k_draw, np.tile(labels, k)).reshape((k, n) + world_lib.IMAGE_SHAPE)
+  flat = np.swapaxes(images, 0, 1).reshape((n * k,) + world_lib.IMAGE_SHAPE)  # prompt-major
+  flat_labels = np.repeat(labels, k)
+  rewards = world.gold_reward(flat, flat_labels)
+  threshold = float(c.data.curriculum_keep_threshold)
+  pairs, gaps = methods.curriculum_pairs(rewards, np.repeat(np.arange(n), k), keep_threshold=threshold)
+  if len(pairs) == 0:
+    raise ValueError(
+      f"config.data.curriculum_keep_threshold={threshold!r}: no pair of the base's samples has a larger gold-reward "
+      f"gap (the largest is {float(np.max(np.ptp(rewards.reshape(n, k), axis=1))):.4g}); lower the threshold."
+    )
+  w, lo = pairs[:, 0], pairs[:, 1]
+  data = _labelled(world, flat[w], flat[lo], flat_labels[w], np.ones(len(pairs), bool), k_binary)
+  data["reward_gap"] = gaps.astype(np.float32)
+  return data
+
+
+def curriculum_pool(c, data, step: int) -> np.ndarray:
+  """The indices of the pairs the training draws from at `step`: every pair, or with Curriculum
+  DPO's record the pairs of the current stage (`methods.curriculum_stage`, `curriculum_mask` on
+  the pairs' `reward_gap`: the easiest band first, one harder band more every
+  `train.curriculum.update_every` steps, every pair from the last stage on)."""
+  n = len(data["class_labels"])
+  if c.data.record != "curriculum":
+    return np.arange(n)
+  cur = c.train.curriculum
+  stage = methods.curriculum_stage(step, update_every=int(cur.update_every), groups=int(cur.groups))
+  return np.flatnonzero(methods.curriculum_mask(data["reward_gap"], stage, groups=int(cur.groups)))
 
 
 def chain_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
@@ -602,7 +648,8 @@ def logps_fn_of(c, model, schedule):
   (`pairs.make_logps_fn`), the recorded chains' per-step DDIM(eta) / DDPM log-probs averaged over
   the pixels (`methods.make_trajectory_logps_fn`, the sampler and eta of the pair stage), the
   patch-weighted errors (`methods.make_patch_logps_fn`), or the errors of a list's K images under
-  one timestep and noise per list (`pairs.make_list_logps_fn`)."""
+  one timestep and noise per list (`pairs.make_list_logps_fn`). With `train.winner_preserving_mu`,
+  the pair errors carry Diffusion-SDPO's safeguard (`methods.make_pair_logps_fn`)."""
   if c.train.logps == "trajectory":
     kw = _sample_kwargs(c)
     return methods.make_trajectory_logps_fn(
@@ -612,6 +659,10 @@ def logps_fn_of(c, model, schedule):
     return methods.make_patch_logps_fn(methods.make_pairs_predict(model.denoise, schedule))
   if c.train.logps == "lists":
     return pairs_lib.make_list_logps_fn(model.denoise, schedule)
+  if c.train.winner_preserving_mu is not None:  # Diffusion-SDPO: the loser's gradient scaled
+    return methods.make_pair_logps_fn(
+      methods.make_pairs_predict(model.denoise, schedule), winner_preserving_mu=float(c.train.winner_preserving_mu)
+    )
   return pairs_lib.make_logps_fn(model.denoise, schedule)
 
 
@@ -701,11 +752,15 @@ def train_policy(c, model, base_params, schedule, data, key, *, workdir: str, pr
   micro = batch // n_acc
   order_rng = np.random.default_rng([int(c.seed), 18, 3])
   order: List[int] = []
+  pool = np.arange(n)
   writer = metrics_lib.MetricWriter(workdir, "train", c.train.steps, progress=progress)
   nonfinite, start = 0, time.perf_counter()
   for s in range(c.train.steps):
+    now = curriculum_pool(c, data, s)  # every pair, or the curriculum's current stage
+    if not np.array_equal(now, pool):
+      pool, order = now, []
     while len(order) < batch:
-      order += order_rng.permutation(n).tolist()
+      order += pool[order_rng.permutation(len(pool))].tolist()
     idx, order = np.asarray(order[:batch]), order[batch:]
     keys = jax.random.split(jax.random.fold_in(k_noise, s), batch)
     if n_acc == 1:

@@ -147,8 +147,10 @@ IMAGE_SCORES = ("reward", "binary")
 # D3PO, the dense-reward view, step-wise labels); or SPO's step-wise pairs (at each step of one
 # chain, the best and the worst of k candidates x_{t-1} from a shared x_t, by the gold reward of
 # their predicted clean images); or K-way lists (`data.list_size` samples per prompt, each with the
-# share of the others it beats under Bradley-Terry labels: RankDPO).
-IMAGE_PAIR_RECORDS = ("images", "chains", "spo_steps", "lists")
+# share of the others it beats under Bradley-Terry labels: RankDPO); or Curriculum DPO's pairs (every
+# pair of `data.list_size` samples of a prompt whose gold-reward gap exceeds
+# `data.curriculum_keep_threshold`, the higher-scored image chosen, with its gap).
+IMAGE_PAIR_RECORDS = ("images", "chains", "spo_steps", "lists", "curriculum")
 # How the image program's train step scores a pair (`train.logps`): the denoising errors of the two
 # images under a shared timestep and noise (Diffusion-DPO's `PairLogps`); the per-step log-probs
 # of the recorded chains (`pofx.diffusion.methods.make_trajectory_logps_fn`); or the errors weighted

@@ -87,6 +87,8 @@ FAMILIES = {
   "diffusion_patch_dpo": None,
   "diffusion_rank_dpo": None,
   "diffusion_balanced_dpo": None,
+  "diffusion_sdpo": "tiny",
+  "diffusion_curriculum_dpo": None,
 }
 ALL_FAMILIES = (
   "diffusion_dpo",
@@ -101,6 +103,8 @@ ALL_FAMILIES = (
   "diffusion_dpo_prompted",
   "diffusion_rank_dpo",
   "diffusion_balanced_dpo",
+  "diffusion_sdpo",
+  "diffusion_curriculum_dpo",
 )
 
 
@@ -291,6 +295,63 @@ def test_balanced_dpo_pairs_follow_the_metrics_majority(family_runs):
   assert c.train.reference.kind == "synced" and s["config"]["train"]["reference"]["kind"] == "synced"
 
 
+def test_sdpo_family_scales_the_losers_gradient(family_runs):
+  """Diffusion-SDPO's family: the program's logps_fn is the safeguarded one. Its values equal the
+  plain pair errors' and its gradient is the plain one with the loser's part scaled by lambda
+  (computed here from the residuals by the formula)."""
+  import jax
+  import jax.numpy as jnp
+
+  from experiments import diffusion
+  from pofx import losses
+  from pofx.diffusion import pairs as pairs_lib
+
+  dst, c, s, _ = family_runs["diffusion_sdpo"]
+  assert s["config"]["train"]["winner_preserving_mu"] == 0.9
+  model, schedule = diffusion.denoiser(c), diffusion.noise_schedule(c)
+  params = model.init(jax.random.key(0))
+  d = _pairs(dst)
+  idx = np.arange(8)
+  batch = diffusion.make_batch(c, losses.spec(c.train.loss), d, idx, jax.random.split(jax.random.PRNGKey(1), 8))
+  sdpo, plain = diffusion.logps_fn_of(c, model, schedule), pairs_lib.make_logps_fn(model.denoise, schedule)
+  a, b = sdpo(params, batch), plain(params, batch)
+  np.testing.assert_allclose(np.asarray(a.chosen), np.asarray(b.chosen), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(a.rejected), np.asarray(b.rejected), rtol=1e-6)
+  # lambda from the residuals of the chosen (w) and rejected (l) halves, the authors' formula.
+  predict = diffusion.methods.make_pairs_predict(model.denoise, schedule)
+  pw, pl, tw, tl = (np.asarray(x, np.float64) for x in predict(params, batch))
+  ga, gb = 2 * (pw - tw) / pw.size, 2 * (pl - tl) / pl.size
+  num, den = np.sum(ga * ga), np.sum(gb * ga)
+  lam = np.clip((1 - 0.9) * num / (den + 1e-9), 0, 1) if den > 0 else 1.0
+  assert lam < 0.5  # the shared noise aligns the two residuals: the safeguard is active here
+  grad = lambda f, part: jax.grad(lambda p: jnp.sum(getattr(f(p, batch), part)))(params)
+  for part, scale in (("chosen", 1.0), ("rejected", lam)):
+    for x, y in zip(jax.tree.leaves(grad(sdpo, part)), jax.tree.leaves(grad(plain, part))):
+      np.testing.assert_allclose(np.asarray(x), scale * np.asarray(y), rtol=2e-3, atol=1e-7)
+
+
+def test_curriculum_pairs_and_their_stages(family_runs):
+  """Curriculum DPO's pairs: within a prompt, the higher gold reward chosen, gaps above the keep
+  threshold and recorded; the training draws stage 0's pairs (gap >= the second threshold of
+  linspace(min, max, groups)[::-1]) first, then the next band."""
+  from experiments import diffusion
+
+  dst, c, s, _ = family_runs["diffusion_curriculum_dpo"]
+  d = _pairs(dst)
+  gap = d["chosen_reward"].astype(np.float64) - d["rejected_reward"]
+  np.testing.assert_allclose(d["reward_gap"], gap, rtol=1e-4, atol=1e-6)
+  assert np.all(gap > c.data.curriculum_keep_threshold)
+  k = c.data.list_size
+  assert 0 < len(gap) <= c.data.num_pairs * k * (k - 1) // 2 and s["pairs_count"] == len(gap)
+  g = c.train.curriculum.groups
+  thresholds = np.linspace(gap.min(), gap.max(), g)[::-1]
+  for step, stage in ((0, 0), (1, 0), (2, 1), (3, 1), (10**6, g - 2)):
+    want = np.flatnonzero(d["reward_gap"] >= np.float32(thresholds[stage + 1]) - 1e-6)
+    got = diffusion.curriculum_pool(c, d, step)
+    assert set(got.tolist()) <= set(want.tolist()) and len(want) - len(got) <= 1, (step, len(got), len(want))
+  assert len(diffusion.curriculum_pool(c, d, 10**6)) == len(gap)  # the last stage: every pair
+
+
 def _tiny(family=""):
   import importlib
 
@@ -340,6 +401,11 @@ def _tiny(family=""):
     ("rank_dpo:train.loss_hyper.ranking", "best", "invalid ranking='best'; allowed: .'labels', 'predicted'."),
     ("train.loss", "rank_dpo", "config.train.loss='rank_dpo' takes K-way lists"),
     ("data.labeller", "vote", "config.data.labeller='vote' is not allowed"),
+    ("train.winner_preserving_mu", 1.5, "config.train.winner_preserving_mu=1.5 is not allowed"),
+    ("rank_dpo:train.winner_preserving_mu", 0.9, "is not allowed with train.logps='lists'"),
+    ("curriculum_dpo:train.curriculum.update_every", 0, "config.train.curriculum.update_every=0 is not allowed"),
+    ("curriculum_dpo:data.curriculum_keep_threshold", -1.0, "config.data.curriculum_keep_threshold=-1.0 is not"),
+    ("curriculum_dpo:train.logps", "patch", "config.train.logps='patch' is not allowed with data.record='curriculum'"),
     (
       "balanced_dpo:data.metrics",
       ("ink", "clip"),
@@ -389,6 +455,9 @@ def test_every_image_family_validates(family):
     ("train.step_labels", True, {"train", "eval"}),
     ("data.list_size", 3, {"pairs", "train", "eval"}),
     ("data.labeller", "majority", {"pairs", "train", "eval"}),
+    ("train.winner_preserving_mu", 0.5, {"train", "eval"}),
+    ("train.curriculum.update_every", 3, {"train", "eval"}),
+    ("data.curriculum_keep_threshold", 0.2, {"pairs", "train", "eval"}),
   ],
 )
 def test_stage_records_change_with_what_each_stage_reads(field, value, changed):
