@@ -14,8 +14,8 @@ easiest pairs) and adds the next harder band every `update_every` steps until ev
 The authors' values: 5 groups, one stage every 500 steps, keep threshold 0.1 on their reward
 models' scales (0.02 for the human score, 0.2 for the aesthetic one). Here: 5 groups, one stage
 every 60 of the 300 steps (so the last stage, every pair, starts at step 180), K = 4 samples per
-prompt, and a keep threshold of 0.01 on the gold reward (whose gaps between two samples of a
-prompt are about 0.05 on average).
+prompt, and a keep threshold of 0.01 on the gold reward (at seed 0, 11,515 of the 6 x 2048 =
+12,288 pairs of a prompt's samples pass it, with a mean gap of 0.12: docs/diffusion.md).
 
 Every other field is configs/diffusion_dpo.py's (`:tiny` for tests).
 """
