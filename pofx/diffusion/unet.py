@@ -877,14 +877,33 @@ def _multi_head(q, k, v, heads: int, hd: int, kernels: Kernels, dtype):
   return o.astype(dtype).transpose(0, 2, 1, 3).reshape(B, Lq, heads * hd)
 
 
+def _head_by_head(h, p, heads: int, hd: int, kernels: Kernels, dtype):
+  """The self-attention of `_attention` computed one head at a time, with no head axis: head i's
+  `q, k, v [B, L, hd]` come from the columns `i hd .. (i + 1) hd` of the projections' kernels, and
+  the output projection is the sum over heads of `o_i W_out[i hd .. (i + 1) hd, :]`, plus its bias
+  once. The same values as `_multi_head` then `to_out` (up to float32 summation order), without
+  the `[B, L, heads, hd] <-> [B, heads, L, hd]` transposes and the concatenation of the heads."""
+  out = None
+  for i in range(heads):
+    cols = slice(i * hd, (i + 1) * hd)
+    q, k, v = (
+      kernels.dense(h, p[n]["kernel"][:, cols], dtype) + p[n]["bias"][cols].astype(dtype)
+      for n in ("to_q", "to_k", "to_v")
+    )
+    scores = kernels.dot_general(q, k, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores * (1.0 / math.sqrt(hd)), axis=-1).astype(dtype)  # [B, Lq, Lk]
+    o = kernels.dot_general(probs, v, (((2,), (1,)), ((0,), (0,)))).astype(dtype)  # [B, Lq, hd]
+    part = kernels.dense(o, p["to_out"][0]["kernel"][cols, :], dtype)
+    out = part if out is None else out + part
+  return out + p["to_out"][0]["bias"].astype(dtype)
+
+
 def _attention(p, x, *, config, kernels, dtype, groups, rescale=1.0):
   B, H, W, C = x.shape
   heads, hd = _heads(config, C)
   h = group_norm(x, p["group_norm"], groups, config.norm_eps, dtype) if groups is not None else x.astype(dtype)
   h = h.reshape(B, H * W, C)
-  q, k, v = (_linear(h, p[n], kernels, dtype) for n in ("to_q", "to_k", "to_v"))
-  o = _multi_head(q, k, v, heads, hd, kernels, dtype)
-  o = _linear(o, p["to_out"][0], kernels, dtype).reshape(B, H, W, C)
+  o = _head_by_head(h, p, heads, hd, kernels, dtype).reshape(B, H, W, C)
   out = o + x.astype(dtype)
   return out / rescale if rescale != 1.0 else out
 
