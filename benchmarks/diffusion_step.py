@@ -275,10 +275,9 @@ class PofxStep:
       times.append(time.perf_counter() - t)
       if not self.steps_run and self.trim_after_first_step:
         # Once, after the first step: the freed temporaries' block is too small for the next
-        # step's aligned request (host_memory.release_freed_memory); hand its pages back, once
-        # the whole step is done (its temporaries are freed after the loss is ready).
+        # step's aligned request (host_memory.release_freed_memory); hand its pages back.
         jax.block_until_ready(self.state)
-        host_memory.release_freed_memory()
+        host_memory.release_after_first_step()
       self.steps_run += 1
     return times
 

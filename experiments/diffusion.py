@@ -772,10 +772,9 @@ def train_policy(c, model, base_params, schedule, data, key, *, workdir: str, pr
     state, m = step_fn(state, b, jax.random.fold_in(k_step, s))
     if s == 0:
       # With freed memory retained (pofx_backends.startup), the first step's freed temporaries
-      # cannot serve the next step's aligned request: hand their pages back once, here, when
-      # the whole step is done (its temporaries are freed after the loss is ready).
+      # cannot serve the next step's aligned request: hand their pages back once, here.
       jax.block_until_ready((state, m))
-      host_memory.release_freed_memory()
+      host_memory.release_after_first_step()
     if (s + 1) % c.train.log_every == 0 or s + 1 == c.train.steps:
       rec = writer.write(s + 1, m, pairs=batch)
       nonfinite += int(rec.get("nonfinite", 0) > 0)

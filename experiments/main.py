@@ -994,10 +994,9 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
     flops_all += step_flops
     if t0 is None:
       # With freed memory retained (pofx_backends.startup), the first step's freed temporaries
-      # cannot serve the next step's aligned request: hand their pages back once, here, when
-      # the whole step is done (its temporaries are freed after the loss is ready).
+      # cannot serve the next step's aligned request: hand their pages back once, here.
       jax.block_until_ready((state, m))
-      host_memory.release_freed_memory()
+      host_memory.release_after_first_step()
       t0 = time.perf_counter()  # the first step (compilation) is not timed
     else:
       steps_timed += 1

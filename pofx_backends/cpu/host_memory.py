@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
+import time
+from typing import Optional
 
 # glibc <malloc.h> mallopt parameters.
 _M_TRIM_THRESHOLD = -1
@@ -29,6 +32,7 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 
+@functools.cache
 def _glibc():
   if not sys.platform.startswith("linux"):
     return None
@@ -60,6 +64,58 @@ def retain_freed_memory() -> bool:
   return bool(ok)
 
 
+class _Mallinfo2(ctypes.Structure):
+  _fields_ = [
+    (name, ctypes.c_size_t)
+    for name in (
+      "arena",
+      "ordblks",
+      "smblks",
+      "hblks",
+      "hblkhd",
+      "usmblks",
+      "fsmblks",
+      "uordblks",
+      "fordblks",
+      "keepcost",
+    )
+  ]
+
+
+def heap_in_use() -> Optional[int]:
+  """Bytes of the heap in use (glibc `mallinfo2().uordblks`, glibc >= 2.33); None where unavailable."""
+  lib = _glibc()
+  if lib is None or not hasattr(lib, "mallinfo2"):
+    return None
+  if lib.mallinfo2.restype is not _Mallinfo2:
+    lib.mallinfo2.restype = _Mallinfo2
+  return int(lib.mallinfo2().uordblks)
+
+
+def release_after_first_step(*, quiet_s: float = 0.05, timeout_s: float = 1.0) -> bool:
+  """`release_freed_memory()` once the first training step's temporaries are freed.
+
+  Call it once, after the first step, after blocking on all of its outputs. XLA frees an
+  execution's temporaries when the execution is done, which can come after its outputs are ready
+  (in about 1 step in 5 of `benchmarks/diffusion_step.py`'s, even after blocking on the whole
+  state), so this waits until the heap's in-use bytes have not changed for `quiet_s` (at most
+  `timeout_s`, polling every millisecond), then trims. Why the trim matters: `release_freed_memory`.
+  Returns False, changing nothing, where glibc is not the C library.
+  """
+  if _glibc() is None:
+    return False
+  last, start = heap_in_use(), time.perf_counter()
+  still_since = start
+  while last is not None and time.perf_counter() - start < timeout_s:
+    time.sleep(0.001)
+    now, current = time.perf_counter(), heap_in_use()
+    if current != last:
+      last, still_since = current, now
+    elif now - still_since >= quiet_s:
+      break
+  return release_freed_memory()
+
+
 def release_freed_memory() -> bool:
   """Returns the heap's free pages to the OS (glibc `malloc_trim(0)`); False where unavailable.
 
@@ -72,9 +128,8 @@ def release_freed_memory() -> bool:
   size, and the first one's pages stay resident with nothing on them: on
   `benchmarks/diffusion_step.py`'s step (a 90 MiB temporary buffer) 684-699 MiB of peak RSS
   instead of about 590. Trimmed after the first step, the old block's pages go back to the OS
-  before the new one is touched; from the second step on each step reuses the same block. Block
-  on all of the step's outputs first (`jax.block_until_ready((state, metrics))`): the runtime
-  frees the temporaries when the execution is done, which is often after the loss is ready.
+  before the new one is touched; from the second step on each step reuses the same block. The
+  temporaries must be freed by then: `release_after_first_step` waits for that.
   """
   lib = _glibc()
   if lib is None:

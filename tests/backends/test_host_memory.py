@@ -119,3 +119,47 @@ def test_release_after_the_first_step_keeps_one_aligned_block_resident():
   released = _aligned_reallocation(True)
   assert not released["reused"]
   assert 0.9 < released["grew"] < 1.1, released  # the first block's pages went back to the OS
+
+
+# A 64 MiB block, touched, is freed by another thread 30 ms after the main thread asks for the
+# release (as XLA frees a step's temporaries after its outputs are ready); prints how much of it
+# stayed resident, in blocks, after the call.
+LATE_FREE_PROBE = r"""
+import ctypes, json, os, threading, time
+import importlib.util
+spec = importlib.util.spec_from_file_location("hm", {path!r})
+hm = importlib.util.module_from_spec(spec); spec.loader.exec_module(hm)
+assert hm.retain_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+page = os.sysconf("SC_PAGE_SIZE")
+def resident():
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * page
+n = 64 << 20
+p = ctypes.c_void_p()
+assert libc.posix_memalign(ctypes.byref(p), 64, ctypes.c_size_t(n)) == 0
+ctypes.memset(p, 1, n)
+above = libc.malloc(8 << 20)
+before = resident()
+threading.Thread(target=lambda: (time.sleep(0.03), libc.free(p.value))).start()
+t = time.perf_counter()
+{call}
+print(json.dumps({{"kept": (resident() - before + n) / n, "seconds": time.perf_counter() - t}}))
+"""
+
+
+def _late_free(call):
+  code = LATE_FREE_PROBE.format(path=os.path.join(ROOT, "pofx_backends", "cpu", "host_memory.py"), call=call)
+  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallinfo2 / malloc_trim")
+def test_release_after_first_step_waits_for_a_late_free():
+  # Trimmed at once, the block is still allocated: its pages stay. Waiting until the heap is still
+  # for 50 ms (release_after_first_step) sees the free at 30 ms and trims after it.
+  assert _late_free("hm.release_freed_memory()")["kept"] > 0.9
+  waited = _late_free("hm.release_after_first_step()")
+  assert waited["kept"] < 0.1 and 0.07 < waited["seconds"] < 1.0, waited
