@@ -32,7 +32,7 @@ every step, AdamW lr 1e-5 with PyTorch's defaults: betas 0.9, 0.999, eps 1e-8, w
 That is `-log sigmoid(-beta/2 ((e_w - e_ref_w) - (e_l - e_ref_l)))` with e the per-image mean
 squared noise-prediction error, the baseline's loss. It first calls `pofx_backends.startup()`
 (and, as a training program should with it, hands the heap's free pages back after the
-compilation and after the first step: `pofx_backends.cpu.host_memory.release_freed_memory`),
+compilation and after the first step: `pofx_backends.cpu.host_memory.release_after_first_step`),
 then resolves `--kernels` ("auto": on the CPU the faster of "xla" and "cpu" timed on this
 step, each candidate in a child process; `--conv`, `--products`, `--cpu_attention` set the CPU
 backend's options: `pofx_backends.cpu`). Steady state: the first `--warmup` of `--steps` steps excluded, the

@@ -287,9 +287,7 @@ class ImageWorld:
 
   def class_log_prob(self, images, labels) -> np.ndarray:
     """log p_clf(label | image), [B] float32."""
-    x = _check_images(images)
-    logp = _log_softmax(classifier_logits(self.classifier, x))
-    return logp[np.arange(x.shape[0]), _check_labels(labels, x.shape[0])]
+    return _class_log_prob(self.classifier, images, labels)
 
   @functools.cached_property
   def second_classifier(self):
@@ -309,8 +307,7 @@ class ImageWorld:
       if name == "class_log_prob":
         rows.append(self.class_log_prob(x, labels))
       elif name == "second_class_log_prob":
-        logp = _log_softmax(classifier_logits(self.second_classifier, x))
-        rows.append(logp[np.arange(x.shape[0]), labels])
+        rows.append(_class_log_prob(self.second_classifier, x, labels))
       elif name == "ink":
         rows.append(ink(x))
       elif name == "gold_reward":
@@ -366,6 +363,13 @@ class ImageWorld:
     return self.bradley_terry(
       key, self.stepwise_rewards(x0_predictions_a, labels), self.stepwise_rewards(x0_predictions_b, labels)
     )
+
+
+def _class_log_prob(params, images, labels) -> np.ndarray:
+  """A classifier's log p(label | image), [B]."""
+  x = _check_images(images)
+  logp = _log_softmax(classifier_logits(params, x))
+  return logp[np.arange(x.shape[0]), _check_labels(labels, x.shape[0])]
 
 
 def _check_images(images) -> np.ndarray:

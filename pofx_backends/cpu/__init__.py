@@ -75,7 +75,8 @@ LOW_MEMORY_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False, "xla_cpu_pa
 # CPU client's threads, instead of a YNNPACK call that runs on one thread: XLA:CPU's default list of
 # YNNPACK fusion types (jaxlib 0.10: individual convolutions, individual products, reductions) less
 # the convolutions. One convolution then uses both cores of a 2-core machine where the executor has
-# no second operation ready (a single `[16, 16, 16, 64]` 3x3 convolution: 179 against 109 GFLOP/s);
+# no second operation ready (a single `[16, 16, 16, 64]` 3x3 convolution on the 2-core AMD EPYC:
+# 165 against 105 GFLOP/s, `python benchmarks/xla_cpu_kernels.py conv`);
 # products and reductions stay with YNNPACK. A program passes them as `compiler_options` (merged
 # with `LOW_MEMORY_COMPILER_OPTIONS` if it wants both); the library never applies them.
 THREADED_CONV_COMPILER_OPTIONS = {

@@ -126,9 +126,10 @@ def release_freed_memory() -> bool:
   first step has allocated something just above it (its outputs, runtime caches), is a few bytes
   too small for the next step's identical request. The heap then grows by a second block of that
   size, and the first one's pages stay resident with nothing on them: on
-  `benchmarks/diffusion_step.py`'s step (a 90 MiB temporary buffer) 684-699 MiB of peak RSS
+  `benchmarks/diffusion_step.py`'s step (a 90 MiB temporary buffer) 683-699 MiB of peak RSS
   instead of about 590. Trimmed after the first step, the old block's pages go back to the OS
-  before the new one is touched; from the second step on each step reuses the same block. The
+  before the new one is touched, and the next steps usually reuse the new block (a block split by
+  something allocated between two later steps grows the heap again: not covered). The
   temporaries must be freed by then: `release_after_first_step` waits for that.
   """
   lib = _glibc()

@@ -68,12 +68,11 @@ def test_release_and_retain_return_bools():
   assert out == [expected, expected]
 
 
-# Allocates a 64-byte-aligned 64 MiB block (XLA:CPU's alignment) and touches it, allocates an 8 MiB
-# block just above it (larger than any free chunk, so it comes from the top of the heap), frees
-# the first and asks for the same aligned size again, touching it. Prints whether the same block
-# came back and how much resident memory grew (the kernel's count, /proc/self/statm).
-ALIGNED_PROBE = r"""
-import ctypes, json, os
+# What both probes below start with, in a fresh process: the module loaded from its file, freed
+# memory retained, glibc's malloc and free, the resident set (the kernel's count, /proc/self/statm)
+# and `aligned()`: a 64-byte-aligned (XLA:CPU's alignment) 64 MiB block, touched.
+PROBE_HEAD = r"""
+import ctypes, json, os, threading, time
 import importlib.util
 spec = importlib.util.spec_from_file_location("hm", {path!r})
 hm = importlib.util.module_from_spec(spec); spec.loader.exec_module(hm)
@@ -91,6 +90,12 @@ def aligned():
   assert libc.posix_memalign(ctypes.byref(p), 64, ctypes.c_size_t(n)) == 0
   ctypes.memset(p, 1, n)
   return p.value
+"""
+
+# Allocates an aligned block, then an 8 MiB block just above it (larger than any free chunk, so it
+# comes from the top of the heap), frees the first and asks for the same aligned size again,
+# touching it. Prints whether the same block came back and how much resident memory grew.
+ALIGNED_PROBE = r"""
 before = resident()
 first = aligned()
 above = libc.malloc(8 << 20)
@@ -101,9 +106,23 @@ second = aligned()
 print(json.dumps({{"reused": second == first, "grew": (resident() - before) / n}}))
 """
 
+# An aligned block is freed by another thread 30 ms after the main thread asks for the release
+# (as XLA frees a step's temporaries after its outputs are ready); prints how much of it stayed
+# resident, in blocks, after the call, and how long the call took.
+LATE_FREE_PROBE = r"""
+first = aligned()
+above = libc.malloc(8 << 20)
+before = resident()
+threading.Thread(target=lambda: (time.sleep(0.03), libc.free(first))).start()
+t = time.perf_counter()
+{call}
+print(json.dumps({{"kept": (resident() - before + n) / n, "seconds": time.perf_counter() - t}}))
+"""
 
-def _aligned_reallocation(release):
-  code = ALIGNED_PROBE.format(path=os.path.join(ROOT, "pofx_backends", "cpu", "host_memory.py"), release=release)
+
+def _probe(body, **fields):
+  path = os.path.join(ROOT, "pofx_backends", "cpu", "host_memory.py")
+  code = PROBE_HEAD.format(path=path) + body.format(**fields)
   res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -113,53 +132,18 @@ def test_release_after_the_first_step_keeps_one_aligned_block_resident():
   # glibc serves an aligned request of n bytes from a chunk of n + alignment + a minimum chunk, so
   # the freed block (with a neighbour above it) is too small for the same request: a second block
   # is carved, and without a release both stay resident (host_memory.release_freed_memory).
-  kept = _aligned_reallocation(False)
+  kept = _probe(ALIGNED_PROBE, release=False)
   assert not kept["reused"]
   assert kept["grew"] > 1.9, kept  # two 64 MiB blocks resident
-  released = _aligned_reallocation(True)
+  released = _probe(ALIGNED_PROBE, release=True)
   assert not released["reused"]
   assert 0.9 < released["grew"] < 1.1, released  # the first block's pages went back to the OS
-
-
-# A 64 MiB block, touched, is freed by another thread 30 ms after the main thread asks for the
-# release (as XLA frees a step's temporaries after its outputs are ready); prints how much of it
-# stayed resident, in blocks, after the call.
-LATE_FREE_PROBE = r"""
-import ctypes, json, os, threading, time
-import importlib.util
-spec = importlib.util.spec_from_file_location("hm", {path!r})
-hm = importlib.util.module_from_spec(spec); spec.loader.exec_module(hm)
-assert hm.retain_freed_memory()
-libc = ctypes.CDLL(None)
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-page = os.sysconf("SC_PAGE_SIZE")
-def resident():
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * page
-n = 64 << 20
-p = ctypes.c_void_p()
-assert libc.posix_memalign(ctypes.byref(p), 64, ctypes.c_size_t(n)) == 0
-ctypes.memset(p, 1, n)
-above = libc.malloc(8 << 20)
-before = resident()
-threading.Thread(target=lambda: (time.sleep(0.03), libc.free(p.value))).start()
-t = time.perf_counter()
-{call}
-print(json.dumps({{"kept": (resident() - before + n) / n, "seconds": time.perf_counter() - t}}))
-"""
-
-
-def _late_free(call):
-  code = LATE_FREE_PROBE.format(path=os.path.join(ROOT, "pofx_backends", "cpu", "host_memory.py"), call=call)
-  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-  return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallinfo2 / malloc_trim")
 def test_release_after_first_step_waits_for_a_late_free():
   # Trimmed at once, the block is still allocated: its pages stay. Waiting until the heap is still
   # for 50 ms (release_after_first_step) sees the free at 30 ms and trims after it.
-  assert _late_free("hm.release_freed_memory()")["kept"] > 0.9
-  waited = _late_free("hm.release_after_first_step()")
+  assert _probe(LATE_FREE_PROBE, call="hm.release_freed_memory()")["kept"] > 0.9
+  waited = _probe(LATE_FREE_PROBE, call="hm.release_after_first_step()")
   assert waited["kept"] < 0.1 and 0.07 < waited["seconds"] < 1.0, waited
