@@ -3,7 +3,7 @@
     python benchmarks/diffusion_step.py [--reps 3] [--steps 30] [--warmup 5] [--kernels auto]
         [--json PATH] [--markdown PATH]                        # both sides, alternating (the comparison)
     python benchmarks/diffusion_step.py --side pofx [--preset bench|large|tiny] [--dtype float32|bfloat16]
-        [--pairs 16] [--kernels {auto,xla,cpu,gpu,tpu}] [--conv {xla,im2col}] [--products {xla,blas,blas_all}]
+        [--pairs 16] [--kernels {auto,xla,cpu,gpu,tpu}] [--conv {xla,im2col,native}] [--products {xla,blas,blas_all}]
         [--cpu_attention {on,off}] [--compile {auto,default,low_memory}] [--conv_threads {auto,one,all}]
         [--denoiser_calls {auto,1,2,4}]
         [--breakdown] [--json PATH]
@@ -108,7 +108,7 @@ def parser():
   )
   ap.add_argument(
     "--conv",
-    choices=["xla", "im2col"],
+    choices=["xla", "im2col", "native"],
     default=None,
     help="the CPU backend's convolution (pofx_backends.cpu.conv; default: the backend's)",
   )

@@ -18,10 +18,12 @@ r"""The CPU backend: pofx's injection points computed by hand-written kernels on
   score soft-capping, other shapes or dtypes) goes to `pofx.kernels.xla_attention`. `attention=False` always uses the latter.
 
 - `conv_general_dilated` is XLA's (`conv="xla"`), or each 2-D convolution as one im2col matrix
-  product through that `dot_general` (`conv="im2col"`, `pofx_backends.cpu.conv`), or by default
-  (`conv="auto"`) whichever of the two `conv_choice` measures faster on this machine
+  product through that `dot_general` (`conv="im2col"`), or the 3x3 stride-1 convolutions by the
+  native direct-convolution kernels and the rest by XLA (`conv="native"`, `conv.DirectConv`), or
+  by default (`conv="auto"`) whichever of these `conv_choice` measures fastest on this machine
   (`calibration.measure_conv`, in a child process, once per process, when the first convolution
-  is traced: a program without convolutions never measures).
+  is traced: a program without convolutions never measures; "native" is a candidate where the
+  native kernels can be built).
 
 All give the XLA path's values up to float32 summation order. The kernels are compiled with the
 system C++ compiler on first use (`pofx_backends.cpu.native`); `unavailable_reason()` says,
@@ -59,9 +61,10 @@ from pofx_backends.cpu import native
 BLAS_LIBRARIES = ("auto",) + native.BLAS_LIBRARIES
 # Which products go to the BLAS: none, the weight gradients, every product.
 PRODUCTS = ("xla", "blas", "blas_all")
-# The convolution: XLA's own kernel, im2col products (`pofx_backends.cpu.conv`), or the faster of
-# the two on this machine, measured when the first convolution is traced.
-CONVS = ("auto", "xla", "im2col")
+# The convolution: XLA's own kernel, im2col products, the native direct kernels for 3x3 stride-1
+# convolutions (`pofx_backends.cpu.conv`), or the fastest of them on this machine, measured when the
+# first convolution is traced.
+CONVS = ("auto",) + conv_lib.CHOICES
 DEFAULT_OPTIONS = {"blas": "auto", "products": "blas_all", "attention": True, "conv": "auto"}
 # XLA:CPU compile options that lower the compilation's peak memory, for a program to pass as
 # `jax.jit(f).lower(...).compile(compiler_options=LOW_MEMORY_COMPILER_OPTIONS)`: XLA's older LLVM
@@ -185,7 +188,7 @@ def unavailable_reason(
       f"the CPU kernels run on JAX's CPU platform and this process's JAX backend is {platform!r} "
       "(JAX_PLATFORMS=cpu runs on the CPU)"
     )
-  if attention:
+  if attention or conv == "native":
     reason = native.unavailable_reason()
     if reason:
       return reason
@@ -208,8 +211,9 @@ def kernels(
     attention: the fused block-sparse attention kernels where they apply (True) or
       `pofx.kernels.xla_attention` always (False).
     conv: "xla" (`jax.lax.conv_general_dilated`), "im2col" (`pofx_backends.cpu.conv.Im2colConv`:
-      each convolution one matrix product, through this backend's `dot_general`) or "auto" (the
-      faster of the two by `conv_choice`, measured when the first convolution is traced).
+      each convolution one matrix product, through this backend's `dot_general`), "native"
+      (`pofx_backends.cpu.conv.DirectConv`: the native kernels for 3x3 stride-1 convolutions) or
+      "auto" (the fastest by `conv_choice`, measured when the first convolution is traced).
 
   Raises:
     ValueError: an unknown option, or the reason this process cannot use them.
@@ -231,21 +235,29 @@ def kernels(
     attend = NativeAttention()
   if conv == "auto":
     convolution = conv_lib.MeasuredConv(dot_general, functools.partial(_conv_choice_name, blas, products))
+  elif conv == "native":
+    native.load()
+    convolution = conv_lib.DirectConv()
   else:
     convolution = conv_lib.Im2colConv(dot_general) if conv == "im2col" else jax.lax.conv_general_dilated
   return kernels_lib.Kernels(dot_general=dot_general, attention=attend, conv_general_dilated=convolution, name="cpu")
 
 
 def measure_convs(blas: str = "auto", products: str = "blas_all") -> Dict[str, float]:
-  """Seconds of `calibration.measure_conv` with XLA's convolution ("xla") and with im2col products
-  through this backend's `dot_general` for `blas` and `products` ("im2col"), in this process."""
+  """Seconds of `calibration.measure_conv` with XLA's convolution ("xla"), with im2col products
+  through this backend's `dot_general` for `blas` and `products` ("im2col") and, where the native
+  kernels can be built, with them ("native"), in this process."""
   from pofx_backends.cpu import calibration
 
   dot_general = kernels(blas=blas, products=products, attention=False, conv="xla").dot_general
-  return {
+  seconds = {
     "xla": calibration.measure_conv(jax.lax.conv_general_dilated),
     "im2col": calibration.measure_conv(conv_lib.Im2colConv(dot_general)),
   }
+  if native.available():
+    native.load()
+    seconds["native"] = calibration.measure_conv(conv_lib.DirectConv())
+  return seconds
 
 
 @functools.cache
@@ -264,8 +276,8 @@ def _conv_seconds(blas: str, products: str) -> Dict[str, float]:
 
 
 def conv_choice(blas: str = "auto", products: str = "blas_all") -> Tuple[str, Dict[str, float]]:
-  """`(choice, seconds)`: "xla" or "im2col", whichever `measure_convs` found faster on this
-  machine (measured in a child process once per process, then reused), and both timings."""
+  """`(choice, seconds)`: "xla", "im2col" or "native", whichever `measure_convs` found fastest on
+  this machine (measured in a child process once per process, then reused), and the timings."""
   seconds = dict(_conv_seconds(blas, products))
   return min(seconds, key=seconds.get), seconds
 

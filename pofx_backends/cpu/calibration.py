@@ -14,7 +14,7 @@ measurement of the run's step.
 
 `measure_conv(conv, shapes)` times one forward and backward of 3x3 convolutions (`CONV_SHAPES`:
 the diffusion benchmark U-Net's most frequent shapes) by a `conv_general_dilated` replacement:
-the CPU backend's `conv="auto"` chooses between XLA's convolution and im2col products with it
+the CPU backend's `conv="auto"` chooses between XLA's convolution, im2col products and the native kernels with it
 (`pofx_backends.cpu.conv_choice`).
 """
 

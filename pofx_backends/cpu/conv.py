@@ -1,4 +1,9 @@
-r"""Convolutions as matrix products: `jax.lax.conv_general_dilated` through one `dot_general`.
+r"""The CPU backend's convolutions: im2col matrix products, native direct kernels, the measured choice.
+
+`DirectConv()` computes the 3x3, stride-1, "SAME" convolutions whose channels are multiples of 16
+with the native AVX-512 kernels (`pofx_backends.cpu.native.conv3x3`) and every other call with
+`jax.lax.conv_general_dilated`. `MeasuredConv` is whichever of XLA's, `Im2colConv` or `DirectConv`
+a measurement chose.
 
 `Im2colConv(...)` is a replacement for the `conv_general_dilated` injection point of
 `pofx.kernels.Kernels` (same signature, same values up to float32 summation order,
@@ -42,6 +47,8 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from pofx_backends.cpu import native
 
 # The axis of (batch, feature, spatial 0, spatial 1) in an NHWC array.
 _NHWC = (0, 3, 1, 2)
@@ -224,19 +231,85 @@ _NHWC_ORDER = (0, 2, 3, 1)
 _HWIO_ORDER = (2, 3, 1, 0)
 
 
+def _is_same_3x3(x, w, window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count, batch_group_count):
+  """Whether the NHWC / HWIO call is a 3x3 convolution at stride 1 with one pixel of padding."""
+  return (
+    tuple(w.shape[:2]) == (3, 3)
+    and tuple(int(s) for s in window_strides) == (1, 1)
+    and _ones(lhs_dilation)
+    and _ones(rhs_dilation)
+    and feature_group_count == 1
+    and batch_group_count == 1
+    and _explicit_pads(padding, x.shape[1:3], (3, 3), (1, 1)) == ((1, 1), (1, 1))
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectConv:
+  """`jax.lax.conv_general_dilated` with its 3x3, stride-1, one-pixel-padded float32 convolutions
+  in NHWC / HWIO layout whose channels are multiples of 16 computed by the native kernels
+  (`pofx_backends.cpu.native.conv3x3`); every other call (other layouts, strides, kernel sizes,
+  dtypes, a `precision` or `preferred_element_type`) is XLA's."""
+
+  def __call__(
+    self,
+    lhs,
+    rhs,
+    window_strides: Sequence[int],
+    padding,
+    lhs_dilation: Optional[Sequence[int]] = None,
+    rhs_dilation: Optional[Sequence[int]] = None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision=None,
+    preferred_element_type=None,
+  ):
+    if (
+      lhs.ndim == 4
+      and rhs.ndim == 4
+      and precision is None
+      and preferred_element_type is None
+      and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+      == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+      and native.conv3x3_supports(lhs, rhs)
+      and _is_same_3x3(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count, batch_group_count
+      )
+    ):
+      return native.conv3x3(lhs, rhs)
+    return lax.conv_general_dilated(
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+    )
+
+
+# The convolutions `MeasuredConv` chooses between.
+CHOICES = ("xla", "im2col", "native")
+
+
 @dataclasses.dataclass(frozen=True)
 class MeasuredConv:
-  """XLA's convolution or `Im2colConv(dot_general)`, whichever `choose()` names ("xla" or
-  "im2col"). The CPU backend's `conv="auto"` passes a `choose` that measures both on this machine
-  the first time a convolution is traced (`pofx_backends.cpu.conv_choice`), so programs without
-  convolutions never measure."""
+  """XLA's convolution, `Im2colConv(dot_general)` or `DirectConv()`, whichever `choose()` names
+  ("xla", "im2col" or "native"). The CPU backend's `conv="auto"` passes a `choose` that measures
+  them on this machine the first time a convolution is traced (`pofx_backends.cpu.conv_choice`),
+  so programs without convolutions never measure."""
 
   dot_general: Callable[..., Any]
   choose: Callable[[], str]
 
   def __call__(self, lhs, rhs, window_strides, padding, *args, **kwargs):
     choice = self.choose()
-    if choice not in ("xla", "im2col"):
-      raise ValueError(f"MeasuredConv: choose() returned {choice!r}; allowed: 'xla', 'im2col'.")
-    conv = Im2colConv(self.dot_general) if choice == "im2col" else lax.conv_general_dilated
+    if choice not in CHOICES:
+      raise ValueError(f"MeasuredConv: choose() returned {choice!r}; allowed: {', '.join(map(repr, CHOICES))}.")
+    conv = {"xla": lax.conv_general_dilated, "im2col": Im2colConv(self.dot_general), "native": DirectConv()}[choice]
     return conv(lhs, rhs, window_strides, padding, *args, **kwargs)

@@ -134,12 +134,14 @@ def test_measured_conv_computes_the_chosen_convolution():
   for choice, value in expected.items():
     out = conv_lib.MeasuredConv(jax.lax.dot_general, lambda c=choice: c)(x, k, *args, **kw)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(value))
-  with pytest.raises(ValueError, match="choose\\(\\) returned 'fast'; allowed: 'xla', 'im2col'"):
+  with pytest.raises(ValueError, match="choose\\(\\) returned 'fast'; allowed: 'xla', 'im2col', 'native'"):
     conv_lib.MeasuredConv(jax.lax.dot_general, lambda: "fast")(x, k, *args, **kw)
 
 
 def test_cpu_backend_conv_option():
-  with pytest.raises(ValueError, match=r"conv='winograd' is not allowed; allowed: \('auto', 'xla', 'im2col'\)"):
+  with pytest.raises(
+    ValueError, match=r"conv='winograd' is not allowed; allowed: \('auto', 'xla', 'im2col', 'native'\)"
+  ):
     cpu.unavailable_reason(conv="winograd")
   reason = cpu.unavailable_reason(products="xla", attention=False, conv="im2col")
   if reason:

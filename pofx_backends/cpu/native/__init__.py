@@ -16,6 +16,13 @@ machine can use it (x86-64 with AVX-512F, a compiler); `load()` raises `NativeUn
 the reason otherwise. Supported shapes: 64-token blocks, head dimension 16, 32, 64 or 128,
 float32 (inputs of other floating dtypes are computed in float32).
 
+`conv3x3(x, w)` is the 3x3, stride-1, "SAME" convolution of NHWC float32 images with an HWIO
+kernel by direct-convolution AVX-512 kernels (`conv3x3.h`, `conv3x3.cc`), differentiable: a tile
+of output pixels times output channels is held in vector registers while the input values under
+it are broadcast against the kernel's rows, so no patches are gathered and nothing is transposed.
+The forward and the input gradient share one kernel; the kernel gradient has its own. The images
+are split over XLA's intra-op threads. Channels must be multiples of 16 (`conv3x3_supports`).
+
 `product(a, b, ...)` is `op(a) @ op(b)` of 2-D arrays (op: an optional transpose), differentiable,
 whose products (the forward one and the two of its gradient) go to a BLAS's sgemm
 (`blas_matmul.cc`, called single-threaded on each of XLA's own threads) when they contract the
@@ -52,7 +59,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "block_sparse_attention.cc")
-HEADERS = (os.path.join(HERE, "vector_exp.h"),)
+CONV_SOURCE = os.path.join(HERE, "conv3x3.cc")
+HEADERS = (os.path.join(HERE, "vector_exp.h"), os.path.join(HERE, "conv3x3.h"))
 BLOCK_SIZE, HEAD_DIMS = 64, (16, 32, 64, 128)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 BLAS_SOURCE = os.path.join(HERE, "blas_matmul.cc")
@@ -155,17 +163,22 @@ def _build(name, sources, flags, cache_dir=None) -> str:
 
 
 def load(cache_dir=None) -> str:
-  """Builds (once) and registers the attention kernels; returns the shared library's path."""
+  """Builds (once) and registers the attention and convolution kernels; returns the shared library's path."""
   with _lock:
     if "path" in _loaded:
       return _loaded["path"]
     reason = unavailable_reason()
     if reason:
       raise NativeUnavailable(reason)
-    path = _build("pofx_native", (SOURCE,) + HEADERS, FLAGS, cache_dir)
+    path = _build("pofx_native", (SOURCE, CONV_SOURCE) + HEADERS, FLAGS, cache_dir)
     lib = ctypes.cdll.LoadLibrary(path)
-    jax.ffi.register_ffi_target("pofx_block_sparse_attention_fwd", jax.ffi.pycapsule(lib.PofxBsaFwd), platform="cpu")
-    jax.ffi.register_ffi_target("pofx_block_sparse_attention_bwd", jax.ffi.pycapsule(lib.PofxBsaBwd), platform="cpu")
+    for name, handler in (
+      ("pofx_block_sparse_attention_fwd", lib.PofxBsaFwd),
+      ("pofx_block_sparse_attention_bwd", lib.PofxBsaBwd),
+      ("pofx_conv3x3_fwd", lib.PofxConv3x3Fwd),
+      ("pofx_conv3x3_kernel_grad", lib.PofxConv3x3KernelGrad),
+    ):
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
     _loaded["path"], _loaded["lib"] = path, lib
     return path
 
@@ -505,3 +518,66 @@ def block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks, *, rope=Non
     float(q_scale),
   )
   return out.reshape(R, L, K, G, hd).astype(q.dtype)
+
+
+def conv3x3_supports(x, w) -> bool:
+  """Whether `conv3x3` computes `x [B, H, W, Ci]` with `w [3, 3, Ci, Co]`: float32 operands, and
+  Ci and Co multiples of 16 (the kernels' output channels come in 16-lane vectors, and the input
+  gradient is a convolution whose output channels are Ci)."""
+  return (
+    x.ndim == 4
+    and w.ndim == 4
+    and tuple(w.shape[:2]) == (3, 3)
+    and w.shape[2] == x.shape[3]
+    and x.shape[3] % 16 == 0
+    and w.shape[3] % 16 == 0
+    and x.dtype == jnp.float32
+    and w.dtype == jnp.float32
+  )
+
+
+def _conv3x3_call(x, w):
+  out = jax.ShapeDtypeStruct(x.shape[:3] + (w.shape[3],), jnp.float32)
+  return jax.ffi.ffi_call("pofx_conv3x3_fwd", out, vmap_method="sequential")(x, w)
+
+
+@jax.custom_vjp
+def _conv3x3(x, w):
+  return _conv3x3_call(x, w)
+
+
+def _conv3x3_fwd(x, w):
+  return _conv3x3_call(x, w), (x, w)
+
+
+def _conv3x3_bwd(res, g):
+  # d_x: the same convolution of g with the kernel flipped in space and its channel axes swapped,
+  # d_x[b, y, x, ci] = sum_{ky, kx, co} g[b, y + 1 - ky, x + 1 - kx, co] w[ky, kx, ci, co];
+  # d_w[ky, kx, ci, co] = sum_{b, y, x} x_pad[b, y + ky, x + kx, ci] g[b, y, x, co].
+  x, w = res
+  g = g.astype(jnp.float32)
+  d_x = _conv3x3_call(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
+  d_w = jax.ffi.ffi_call(
+    "pofx_conv3x3_kernel_grad", jax.ShapeDtypeStruct(w.shape, jnp.float32), vmap_method="sequential"
+  )(x, g)
+  return d_x, d_w
+
+
+_conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+def conv3x3(x, w):
+  """The 3x3 convolution at stride 1 with one pixel of zero padding ("SAME") of NHWC `x [B, H, W,
+  Ci]` with HWIO `w [3, 3, Ci, Co]` by the native AVX-512 kernels (`conv3x3.h`), differentiable:
+  `jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))`
+  up to float32 summation order. The input gradient is the same kernel on the output gradient with
+  the kernel flipped and transposed; the kernel gradient its own kernel. Both operands float32, Ci
+  and Co multiples of 16 (`conv3x3_supports`); the CPU backend's `DirectConv` sends anything else
+  to XLA."""
+  if not conv3x3_supports(x, w):
+    raise ValueError(
+      f"pofx_backends.cpu.native.conv3x3 takes float32 x [B, H, W, Ci] and w [3, 3, Ci, Co] with Ci and Co "
+      f"multiples of 16; got x {x.shape} {x.dtype}, w {w.shape} {w.dtype}."
+    )
+  load()
+  return _conv3x3(x, w)

@@ -1,0 +1,123 @@
+"""The native 3x3 convolution kernels (`pofx_backends.cpu.native.conv3x3`) against float64 NumPy sums
+over the kernel taps: values, input and kernel gradients; and `DirectConv`, the injection point
+that sends them the convolutions they compute and XLA the others."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pofx_backends import cpu
+from pofx_backends.cpu import conv as conv_lib
+from pofx_backends.cpu import native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"{native.unavailable_reason()}")
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def padded(x):
+  return np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def forward64(x, w):
+  """out[b, y, x, o] = sum_{i, j, c} x_pad[b, y + i, x + j, c] w[i, j, c, o], in float64."""
+  xp, (_, h, wd, _) = padded(x), x.shape
+  return sum(xp[:, i : i + h, j : j + wd] @ w[i, j].astype(np.float64) for i in range(3) for j in range(3))
+
+
+def kernel_grad64(x, g):
+  """d/dw of sum(out * g): d_w[i, j, c, o] = sum_{b, y, x} x_pad[b, y + i, x + j, c] g[b, y, x, o]."""
+  xp, (_, h, wd, _) = padded(x), x.shape
+  g64 = g.astype(np.float64)
+  return np.stack(
+    [np.stack([np.einsum("byxc,byxo->co", xp[:, i : i + h, j : j + wd], g64) for j in range(3)]) for i in range(3)]
+  )
+
+
+def input_grad64(x_shape, w, g):
+  """d/dx of sum(out * g): each output pixel's g spread back over the 3x3 input pixels it read,
+  d_x_pad[b, y + i, x + j, c] += g[b, y, x, o] w[i, j, c, o], then the padding cut off."""
+  b, h, wd, _ = x_shape
+  d_pad = np.zeros((b, h + 2, wd + 2, w.shape[2]))
+  for i in range(3):
+    for j in range(3):
+      d_pad[:, i : i + h, j : j + wd] += g.astype(np.float64) @ w[i, j].astype(np.float64).T
+  return d_pad[:, 1:-1, 1:-1]
+
+
+# Channel counts that use each register tile (16, 32 and 64 output channels per tile), widths that
+# leave a partial tile, and more input channels than one kernel-gradient tile holds.
+SHAPES = [(2, 5, 7, 16, 64), (3, 4, 13, 32, 32), (1, 6, 6, 80, 16), (2, 16, 16, 48, 96), (1, 1, 1, 16, 16)]
+
+
+@pytest.mark.parametrize("b,h,wd,ci,co", SHAPES)
+def test_values_and_gradients_equal_float64_sums(b, h, wd, ci, co):
+  rng = np.random.default_rng(b * 1000 + h * 100 + wd + ci + co)
+  x = rng.uniform(-1, 1, (b, h, wd, ci)).astype(np.float32)
+  w = (rng.normal(size=(3, 3, ci, co)) / np.sqrt(9 * ci)).astype(np.float32)
+  g = rng.normal(size=(b, h, wd, co)).astype(np.float32)
+  out, vjp = jax.vjp(native.conv3x3, jnp.asarray(x), jnp.asarray(w))
+  d_x, d_w = vjp(jnp.asarray(g))
+  scale = np.sqrt(9 * ci)
+  np.testing.assert_allclose(np.asarray(out), forward64(x, w), atol=2e-6 * scale)
+  np.testing.assert_allclose(np.asarray(d_x), input_grad64(x.shape, w, g), atol=2e-6 * np.sqrt(9 * co))
+  np.testing.assert_allclose(np.asarray(d_w), kernel_grad64(x, g), atol=2e-6 * np.sqrt(b * h * wd) * 3)
+
+
+def test_under_jit_and_vmap():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.uniform(-1, 1, (3, 2, 4, 4, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 16, 32)) / 12, jnp.float32)
+  out = jax.jit(jax.vmap(native.conv3x3, in_axes=(0, None)))(x, w)
+  expected = np.stack([forward64(np.asarray(xi), np.asarray(w)) for xi in x])
+  np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
+
+
+def test_refuses_what_it_does_not_compute():
+  x = jnp.zeros((1, 4, 4, 16), jnp.float32)
+  with pytest.raises(ValueError, match=r"Ci and Co multiples of 16; got x \(1, 4, 4, 16\) float32, w \(3, 3, 16, 8\)"):
+    native.conv3x3(x, jnp.zeros((3, 3, 16, 8), jnp.float32))
+  assert not native.conv3x3_supports(x.astype(jnp.bfloat16), jnp.zeros((3, 3, 16, 16), jnp.bfloat16))
+  assert not native.conv3x3_supports(jnp.zeros((1, 4, 4, 3), jnp.float32), jnp.zeros((3, 3, 3, 16), jnp.float32))
+
+
+def _custom_calls(f, *args):
+  return jax.jit(f).lower(*args).as_text().count("pofx_conv3x3_fwd")
+
+
+def test_direct_conv_routes_only_what_the_kernels_compute():
+  rng = np.random.default_rng(2)
+  conv = conv_lib.DirectConv()
+  x = jnp.asarray(rng.uniform(-1, 1, (2, 8, 8, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 16, 32)) / 12, jnp.float32)
+  for padding in ("SAME", ((1, 1), (1, 1))):
+    f = lambda x, w, p=padding: conv(x, w, (1, 1), p, dimension_numbers=NHWC)
+    assert _custom_calls(f, x, w) == 1
+    np.testing.assert_allclose(np.asarray(f(x, w)), forward64(np.asarray(x), np.asarray(w)), atol=1e-5)
+  # Everything else is XLA's convolution, value for value.
+  others = [
+    (x, w, (2, 2), ((1, 1), (1, 1)), {}),  # a stride
+    (x, w, (1, 1), "VALID", {}),  # no padding
+    (x, jnp.asarray(rng.normal(size=(1, 1, 16, 32)), jnp.float32), (1, 1), "SAME", {}),  # 1x1
+    (x[..., :3], w[:, :, :3], (1, 1), "SAME", {}),  # 3 input channels
+    (x, w[..., :8], (1, 1), "SAME", {}),  # 8 output channels
+    (x, w, (1, 1), "SAME", {"rhs_dilation": (2, 2)}),
+    (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (1, 1), "SAME", {}),
+  ]
+  for xi, wi, strides, padding, kw in others:
+    f = lambda x, w, s=strides, p=padding, kw=kw: conv(x, w, s, p, dimension_numbers=NHWC, **kw)
+    g = lambda x, w, s=strides, p=padding, kw=kw: jax.lax.conv_general_dilated(x, w, s, p, dimension_numbers=NHWC, **kw)
+    assert _custom_calls(f, xi, wi) == 0
+    np.testing.assert_array_equal(np.asarray(f(xi, wi)), np.asarray(g(xi, wi)))
+  # Another layout is XLA's too.
+  nchw = jnp.transpose(x, (0, 3, 1, 2))
+  f = lambda x, w: conv(x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "HWIO", "NCHW"))
+  assert _custom_calls(f, nchw, w) == 0
+
+
+def test_cpu_backend_native_conv_option():
+  kernels = cpu.kernels(products="xla", attention=False, conv="native")
+  assert isinstance(kernels.conv_general_dilated, conv_lib.DirectConv)
+  seconds = cpu.measure_convs(products="xla")
+  assert set(seconds) == {"xla", "im2col", "native"} and all(s > 0 for s in seconds.values())
