@@ -10,7 +10,9 @@ of `jax.nn.silu` (the same function), and `"_chunks": n` (1, 2 or 4; default 1) 
 on n equal slices of the batch (`diffusion_step.py --denoiser_calls n`,
 `pofx_backends.cpu.split.split_batch`: independent computations the executor may run side by
 side). `_conv_split: n` splits each convolution over n slices of its batch instead, and
-`_ref_whole: true` keeps the reference's forward as one call while the policy's is split.
+`_ref_whole: true` keeps the reference's forward as one call while the policy's is split. With
+`--kernels cpu`, `"_conv"` names the CPU backend's convolution (`pofx_backends.cpu.CONVS`; default
+"native", its direct 3x3 kernels).
 
 The step is `diffusion_step.PofxStep` (`benchmarks/diffusion_step.py`: the `bench` U-Net, 16 pairs,
 the library's train step with a frozen reference). Every variant is compiled first, then the
@@ -41,7 +43,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-OWN_KEYS = ("_silu", "_chunks", "_conv_split", "_ref_whole")
+OWN_KEYS = ("_silu", "_chunks", "_conv_split", "_ref_whole", "_conv")
 
 
 def parser():
@@ -49,7 +51,12 @@ def parser():
   ap.add_argument("variants", nargs="+", help="JSON objects: XLA compile options plus _silu / _chunks")
   ap.add_argument("--rounds", type=int, default=6)
   ap.add_argument("--block", type=int, default=5, help="steps per variant per round")
-  ap.add_argument("--kernels", choices=["xla", "cpu"], default="cpu", help="cpu: the CPU backend, XLA's convolution")
+  ap.add_argument(
+    "--kernels",
+    choices=["xla", "cpu"],
+    default="cpu",
+    help="cpu: the CPU backend (its convolution: the variant's _conv)",
+  )
   ap.add_argument("--memory", action="store_true", help="peak RSS of each variant in its own process")
   ap.add_argument("--steps", type=int, default=10, help="--memory: steps before reading the peak")
   ap.add_argument("--profile", action="store_true", help="trace 3 steps of each variant: time per kind and thread")
@@ -71,6 +78,10 @@ def parse_variant(text: str) -> dict:
     raise SystemExit(
       f"diffusion_variants.py: _chunks={chunks!r}; allowed: 1, 2, 4 (diffusion_step.py --denoiser_calls)."
     )
+  from pofx_backends import cpu
+
+  if spec.get("_conv", "native") not in cpu.CONVS:
+    raise SystemExit(f"diffusion_variants.py: _conv={spec['_conv']!r}; allowed: {', '.join(cpu.CONVS)}.")
   return spec
 
 
@@ -93,7 +104,10 @@ def build(spec: dict, kernels_name: str):
   try:
     # The denoiser split is diffusion_step's own (`--denoiser_calls`, pofx_backends.cpu.split).
     a = diffusion_step.parse(["--side", "pofx", "--kernels", kernels_name, "--denoiser_calls", str(chunks)])
-    kernels = pofx_backends.kernels("xla") if kernels_name == "xla" else pofx_backends.kernels("cpu", conv="xla")
+    if kernels_name == "xla":
+      kernels = pofx_backends.kernels("xla")
+    else:
+      kernels = pofx_backends.kernels("cpu", conv=spec.get("_conv", "native"))
     split = spec.get("_conv_split", 1)
     if split > 1:
       conv = kernels.conv_general_dilated
