@@ -1,4 +1,5 @@
-r"""Injection points of the model and the log-prob code: a matmul, an attention function, a convolution.
+r"""Injection points of the model and the log-prob code: a matmul, an attention function, a
+convolution, a normalisation.
 
 The core computes with XLA's own operations everywhere. A backend (the optional `pofx_backends`
 package: CPU kernels, GPU cuDNN attention, TPU splash attention) replaces them by handing the
@@ -9,7 +10,7 @@ the core never imports a backend.
     model = pofx.models.make(config, kernels=kernels)           # projections, attention
     logps_fn = pofx.policy.make_logps_fn(model.apply, model.head, kernels=kernels)   # the LM head
 
-The three injection points, and the contract a backend's replacement keeps (same values up to
+The four injection points, and the contract a backend's replacement keeps (same values up to
 floating-point summation order, differentiable, jittable):
 
 - `dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None)`:
@@ -28,6 +29,10 @@ floating-point summation order, differentiable, jittable):
   hand the call to `xla_attention`.
 - `conv_general_dilated(lhs, rhs, window_strides, padding, ...)`: `jax.lax.conv_general_dilated`'s
   signature and meaning (for convolutional models such as diffusion U-Nets).
+- `group_norm(x, scale, bias, *, groups, eps, silu=False)`: GroupNorm of float32 channels-last
+  `x [B, ..., C]` with float32 statistics (biased variance), followed by SiLU when `silu` (so that
+  a backend may fuse the two), float32 result: `pofx.group_norm.group_norm`'s meaning (the
+  diffusion U-Nets' normalisation).
 
 Mask descriptions:
 
@@ -63,6 +68,7 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from pofx import group_norm as group_norm_lib
 from pofx import sparse_attention
 
 Array = jax.Array
@@ -262,6 +268,7 @@ class Kernels(NamedTuple):
   attention: Callable[..., Array] = xla_attention
   conv_general_dilated: Callable[..., Array] = jax.lax.conv_general_dilated
   name: str = "xla"
+  group_norm: Callable[..., Array] = group_norm_lib.group_norm
 
   def dense(self, x: Array, w: Array, dtype=None) -> Array:
     """`x [..., D] . w [D, F]` through `dot_general`, both operands in `dtype` (default x's)."""

@@ -740,78 +740,26 @@ def timestep_embedding(timesteps: Array, dim: int, flip_sin_to_cos: bool, freq_s
   return emb
 
 
-def _group_stats(x: Array, groups: int):
-  """Per-(image, group) mean and biased variance `[B, G]` of NHWC float32 `x`, from per-channel sums.
-
-  Each reduction runs over the contiguous H*W rows of `[B, H*W, C]` to per-channel sums `[B, C]`,
-  which are then summed within each group (a `[B, G, C/G]` sum over a small array): two passes over
-  `x`, the mean first and then the squared deviations from it (no `E[x^2] - E[x]^2` cancellation)."""
-  B, H, W, C = x.shape
-  n = H * W * (C // groups)
-  rows = x.reshape(B, H * W, C)
-  mean = rows.sum(axis=1).reshape(B, groups, C // groups).sum(axis=-1) / n
-  dev = rows - _per_channel(mean, C)[:, None, :]
-  var = jnp.square(dev).sum(axis=1).reshape(B, groups, C // groups).sum(axis=-1) / n
-  return mean, var
-
-
-def _per_channel(v: Array, channels: int) -> Array:
-  """`[B, G]` per-group values repeated to `[B, C]` (each group's channels are contiguous)."""
-  return jnp.repeat(v, channels // v.shape[1], axis=1)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _group_norm_f32(x: Array, scale: Array, bias: Array, groups: int, eps: float) -> Array:
-  return _group_norm_fwd(x, scale, bias, groups, eps)[0]
-
-
-def _group_norm_fwd(x, scale, bias, groups, eps):
-  C = x.shape[-1]
-  mean, var = _group_stats(x, groups)
-  rstd = jax.lax.rsqrt(var + eps)
-  # y = (x - mean) rstd scale + bias = x a + d, with a and d per (image, channel).
-  a = _per_channel(rstd, C) * scale
-  d = bias - _per_channel(mean, C) * a
-  return x * a[:, None, None, :] + d[:, None, None, :], (x, scale, mean, rstd)
-
-
-def _group_norm_bwd(groups, eps, res, g):
-  # With xhat = (x - mean) rstd and n the elements of a group, the derivative of
-  # y = xhat scale + bias is (Wu & He 2018, arXiv:1803.08494, section 3, differentiated):
-  #   d_bias_c = sum_{b,hw} g,   d_scale_c = sum_{b,hw} g xhat,
-  #   d_x = rstd (scale g - mean_group(scale g) - xhat mean_group(scale g xhat)),
-  # all from the per-(image, channel) sums S1 = sum_hw g and S2 = sum_hw g x (one pass over g and x),
-  # since sum_hw g xhat = rstd (S2 - mean S1).
-  x, scale, mean, rstd = res
-  B, H, W, C = x.shape
-  n = H * W * (C // groups)
-  g = g.astype(jnp.float32)
-  s1 = g.reshape(B, H * W, C).sum(axis=1)
-  s2 = (g * x).reshape(B, H * W, C).sum(axis=1)
-  mean_c, rstd_c = _per_channel(mean, C), _per_channel(rstd, C)
-  g_xhat = rstd_c * (s2 - mean_c * s1)  # [B, C]: sum_hw g xhat
-  d_scale, d_bias = g_xhat.sum(axis=0), s1.sum(axis=0)
-  m1 = _per_channel((scale * s1).reshape(B, groups, -1).sum(axis=-1) / n, C)  # mean_group(scale g)
-  m2 = _per_channel((scale * g_xhat).reshape(B, groups, -1).sum(axis=-1) / n, C)  # mean_group(scale g xhat)
-  # d_x = g a + x b + c per (image, channel).
-  a = rstd_c * scale
-  b = -rstd_c * rstd_c * m2
-  c = rstd_c * (rstd_c * m2 * mean_c - m1)
-  d_x = g * a[:, None, None, :] + x * b[:, None, None, :] + c[:, None, None, :]
-  return d_x, d_scale, d_bias
-
-
-_group_norm_f32.defvjp(_group_norm_fwd, _group_norm_bwd)
-
-
-def group_norm(x: Array, p: Params, groups: int, eps: float, dtype) -> Array:
-  """GroupNorm of NHWC `x` with float32 statistics (biased variance), result in `dtype`.
-
-  `y = (x - mean_g) / sqrt(var_g + eps) * scale + bias` per (image, group g), computed as one
-  per-(image, channel) affine map of `x`; its derivative is written out (`_group_norm_bwd`): one
-  pass of per-channel sums over the output gradient and `x`, then one affine map."""
-  y = _group_norm_f32(x.astype(jnp.float32), p["scale"].astype(jnp.float32), p["bias"].astype(jnp.float32), groups, eps)
+def group_norm(x: Array, p: Params, groups: int, eps: float, dtype, kernels: Kernels = kernels_lib.XLA, silu=False):
+  """GroupNorm of NHWC `x` with float32 statistics (biased variance), followed by SiLU when `silu`,
+  result in `dtype`: `y = (x - mean_g) / sqrt(var_g + eps) * scale + bias` per (image, group g), by
+  the `group_norm` injection point (`pofx.group_norm.group_norm` with XLA's operations by default)."""
+  y = kernels.group_norm(
+    x.astype(jnp.float32),
+    p["scale"].astype(jnp.float32),
+    p["bias"].astype(jnp.float32),
+    groups=groups,
+    eps=eps,
+    silu=silu,
+  )
   return y.astype(dtype)
+
+
+def _norm_act(x: Array, p: Params, groups: int, eps: float, dtype, kernels: Kernels, act) -> Array:
+  """`act(group_norm(x))`; SiLU is passed to the injection point, which may fuse it with the norm."""
+  if act is jax.nn.silu:
+    return group_norm(x, p, groups, eps, dtype, kernels, silu=True)
+  return act(group_norm(x, p, groups, eps, dtype, kernels))
 
 
 def _conv(x, p, kernels: Kernels, dtype, *, stride=1, padding=None):
@@ -851,15 +799,15 @@ def _dropout(x, key, rate):
 def _resnet(p, x, temb, *, config, kernels, dtype, scale_factor=1.0, dropout_key=None):
   act = _ACT[config.act_fn]
   groups, eps = config.norm_num_groups, config.norm_eps
-  h = act(group_norm(x, p["norm1"], groups, eps, dtype))
+  h = _norm_act(x, p["norm1"], groups, eps, dtype, kernels, act)
   h = _conv(h, p["conv1"], kernels, dtype)
   t = _linear(act(temb), p["time_emb_proj"], kernels, dtype)[:, None, None, :]
   if config.resnet_time_scale_shift == "default":
-    h = group_norm(h + t, p["norm2"], groups, eps, dtype)
+    h = _norm_act(h + t, p["norm2"], groups, eps, dtype, kernels, act)
   else:
     scale, shift = jnp.split(t, 2, axis=-1)
-    h = group_norm(h, p["norm2"], groups, eps, dtype) * (1 + scale) + shift
-  h = _dropout(act(h), dropout_key, float(config.dropout))
+    h = act(group_norm(h, p["norm2"], groups, eps, dtype, kernels) * (1 + scale) + shift)
+  h = _dropout(h, dropout_key, float(config.dropout))
   h = _conv(h, p["conv2"], kernels, dtype)
   shortcut = _pointwise(x, p["conv_shortcut"], kernels, dtype) if "conv_shortcut" in p else x
   out = shortcut + h
@@ -901,7 +849,7 @@ def _head_by_head(h, p, heads: int, hd: int, kernels: Kernels, dtype):
 def _attention(p, x, *, config, kernels, dtype, groups, rescale=1.0):
   B, H, W, C = x.shape
   heads, hd = _heads(config, C)
-  h = group_norm(x, p["group_norm"], groups, config.norm_eps, dtype) if groups is not None else x.astype(dtype)
+  h = group_norm(x, p["group_norm"], groups, config.norm_eps, dtype, kernels) if groups is not None else x.astype(dtype)
   h = h.reshape(B, H * W, C)
   o = _head_by_head(h, p, heads, hd, kernels, dtype).reshape(B, H, W, C)
   out = o + x.astype(dtype)
@@ -944,7 +892,7 @@ def _transformer(p, x, context, heads, *, config, kernels, dtype):
   B, H, W, C = x.shape
   hd = C // heads
   inner = heads * hd
-  h = group_norm(x, p["norm"], config.norm_num_groups, TRANSFORMER_GROUP_NORM_EPS, dtype)
+  h = group_norm(x, p["norm"], config.norm_num_groups, TRANSFORMER_GROUP_NORM_EPS, dtype, kernels)
   # A 1x1 convolution and a Linear over the channels are the same product (`_pointwise` and
   # `_linear`); only the stored kernel's shape differs.
   project = _linear if config.use_linear_projection else _pointwise
@@ -1085,7 +1033,7 @@ def apply(
     if upsample:
       h = _upsample(block["upsamplers"][0], h, kernels=kernels, dtype=dtype)
 
-  h = act(group_norm(h, params["conv_norm_out"], config.norm_num_groups, config.norm_eps, dtype))
+  h = _norm_act(h, params["conv_norm_out"], config.norm_num_groups, config.norm_eps, dtype, kernels, act)
   return _conv(h, params["conv_out"], kernels, dtype).astype(jnp.float32)
 
 

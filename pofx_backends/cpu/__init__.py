@@ -1,6 +1,6 @@
 r"""The CPU backend: pofx's injection points computed by hand-written kernels on XLA:CPU.
 
-`kernels(blas=, products=, attention=)` returns a `pofx.kernels.Kernels` (name "cpu") whose
+`kernels(blas=, products=, attention=, conv=, group_norm=)` returns a `pofx.kernels.Kernels` (name "cpu") whose
 
 - `dot_general` sends 2-D float32 products to a BLAS's sgemm through XLA's FFI
   (`pofx_backends.cpu.native.product`, differentiable): `products="blas"` the weight gradients
@@ -11,6 +11,11 @@ r"""The CPU backend: pofx's injection points computed by hand-written kernels on
   not both float32, a 3-D right operand, several contracting axes) is `jax.lax.dot_general`.
   `blas`: "auto" (Intel MKL where the `mkl` package is installed, else the OpenBLAS numpy's
   wheels bundle), "mkl" or "openblas".
+- `group_norm` computes GroupNorm, and SiLU after it when the model asks, with the native AVX-512
+  kernels (`pofx_backends.cpu.native.group_norm`: the statistics, the normalisation and the
+  activation in three passes over each image, the backward in two) for float32 inputs whose
+  channels are a multiple of 16; anything else is `pofx.group_norm.group_norm`.
+  `group_norm=False` always uses the latter.
 - `attention` computes block-sparse self-attention with the fused AVX-512 kernels
   (`pofx_backends.cpu.native.block_sparse_attention`) when the mask is a
   `pofx.kernels.SegmentMask` with `blocks` of 64-token blocks, the head dimension is 16, 32, 64
@@ -54,6 +59,7 @@ from typing import Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from pofx import group_norm as group_norm_lib
 from pofx import kernels as kernels_lib
 from pofx_backends.cpu import conv as conv_lib
 from pofx_backends.cpu import native
@@ -65,7 +71,7 @@ PRODUCTS = ("xla", "blas", "blas_all")
 # convolutions (`pofx_backends.cpu.conv`), or the fastest of them on this machine, measured when the
 # first convolution is traced.
 CONVS = ("auto",) + conv_lib.CHOICES
-DEFAULT_OPTIONS = {"blas": "auto", "products": "blas_all", "attention": True, "conv": "auto"}
+DEFAULT_OPTIONS = {"blas": "auto", "products": "blas_all", "attention": True, "conv": "auto", "group_norm": True}
 # XLA:CPU compile options that lower the compilation's peak memory, for a program to pass as
 # `jax.jit(f).lower(...).compile(compiler_options=LOW_MEMORY_COMPILER_OPTIONS)`: XLA's older LLVM
 # emitters instead of its fusion emitters, and the generated module compiled as one piece instead
@@ -162,7 +168,18 @@ class NativeAttention:
     )
 
 
-def _check_options(blas: str, products: str, attention, conv: str = "auto") -> None:
+@dataclasses.dataclass(frozen=True)
+class NativeGroupNorm:
+  """The `group_norm` injection point by the native AVX-512 kernels where they apply (float32,
+  channels a multiple of 16: `native.group_norm_supports`), else `pofx.group_norm.group_norm`."""
+
+  def __call__(self, x, scale, bias, *, groups: int, eps: float, silu: bool = False):
+    if native.group_norm_supports(x, scale, bias, groups):
+      return native.group_norm(x, scale, bias, groups=groups, eps=eps, silu=silu)
+    return group_norm_lib.group_norm(x, scale, bias, groups=groups, eps=eps, silu=silu)
+
+
+def _check_options(blas: str, products: str, attention, conv: str = "auto", group_norm=True) -> None:
   if conv not in CONVS:
     raise ValueError(f"CPU kernels: conv={conv!r} is not allowed; allowed: {CONVS}.")
   if blas not in BLAS_LIBRARIES:
@@ -171,24 +188,26 @@ def _check_options(blas: str, products: str, attention, conv: str = "auto") -> N
     raise ValueError(f"CPU kernels: products={products!r} is not allowed; allowed: {PRODUCTS}.")
   if not isinstance(attention, bool):
     raise ValueError(f"CPU kernels: attention must be True or False, got {attention!r}.")
+  if not isinstance(group_norm, bool):
+    raise ValueError(f"CPU kernels: group_norm must be True or False, got {group_norm!r}.")
 
 
 def unavailable_reason(
-  *, blas: str = "auto", products: str = "blas_all", attention: bool = True, conv: str = "auto"
+  *, blas: str = "auto", products: str = "blas_all", attention: bool = True, conv: str = "auto", group_norm: bool = True
 ) -> Optional[str]:
-  """None when `kernels(blas=, products=, attention=)` can run in this process, else why not.
+  """None when `kernels(...)` can run in this process, else why not.
 
   Checks JAX's backend (`jax.default_backend()`: the CPU kernels are XLA:CPU custom calls), then
   the machine (x86-64 with AVX-512F and a C++ compiler for the attention kernels; the BLAS for
   the products). Compiles nothing."""
-  _check_options(blas, products, attention, conv)
+  _check_options(blas, products, attention, conv, group_norm)
   platform = jax.default_backend()
   if platform != "cpu":
     return (
       f"the CPU kernels run on JAX's CPU platform and this process's JAX backend is {platform!r} "
       "(JAX_PLATFORMS=cpu runs on the CPU)"
     )
-  if attention or conv == "native":
+  if attention or group_norm or conv == "native":
     reason = native.unavailable_reason()
     if reason:
       return reason
@@ -200,7 +219,7 @@ def unavailable_reason(
 
 
 def kernels(
-  *, blas: str = "auto", products: str = "blas_all", attention: bool = True, conv: str = "auto"
+  *, blas: str = "auto", products: str = "blas_all", attention: bool = True, conv: str = "auto", group_norm: bool = True
 ) -> kernels_lib.Kernels:
   """The CPU backend's `Kernels` (name "cpu"); builds the kernels it uses now (once per process).
 
@@ -214,15 +233,17 @@ def kernels(
       each convolution one matrix product, through this backend's `dot_general`), "native"
       (`pofx_backends.cpu.conv.DirectConv`: the native kernels for 3x3 stride-1 convolutions) or
       "auto" (the fastest by `conv_choice`, measured when the first convolution is traced).
+    group_norm: the native GroupNorm (+ SiLU) kernels where they apply (True) or
+      `pofx.group_norm.group_norm` always (False).
 
   Raises:
     ValueError: an unknown option, or the reason this process cannot use them.
   """
-  reason = unavailable_reason(blas=blas, products=products, attention=attention, conv=conv)
+  reason = unavailable_reason(blas=blas, products=products, attention=attention, conv=conv, group_norm=group_norm)
   if reason:
     raise ValueError(
-      f"the CPU kernels (blas={blas!r}, products={products!r}, attention={attention}, conv={conv!r}) cannot run "
-      f"here: {reason}."
+      f"the CPU kernels (blas={blas!r}, products={products!r}, attention={attention}, conv={conv!r}, "
+      f"group_norm={group_norm}) cannot run here: {reason}."
     )
   dot_general = jax.lax.dot_general
   if products != "xla":
@@ -240,7 +261,13 @@ def kernels(
     convolution = conv_lib.DirectConv()
   else:
     convolution = conv_lib.Im2colConv(dot_general) if conv == "im2col" else jax.lax.conv_general_dilated
-  return kernels_lib.Kernels(dot_general=dot_general, attention=attend, conv_general_dilated=convolution, name="cpu")
+  normalise = group_norm_lib.group_norm
+  if group_norm:
+    native.load()
+    normalise = NativeGroupNorm()
+  return kernels_lib.Kernels(
+    dot_general=dot_general, attention=attend, conv_general_dilated=convolution, group_norm=normalise, name="cpu"
+  )
 
 
 def measure_convs(blas: str = "auto", products: str = "blas_all") -> Dict[str, float]:

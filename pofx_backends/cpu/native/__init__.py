@@ -23,6 +23,12 @@ it are broadcast against the kernel's rows, so no patches are gathered and nothi
 The forward and the input gradient share one kernel; the kernel gradient has its own. The images
 are split over XLA's intra-op threads. Channels must be multiples of 16 (`conv3x3_supports`).
 
+`group_norm(x, scale, bias, groups=, eps=, silu=)` is `pofx.group_norm.group_norm` (GroupNorm
+with float32 statistics, optionally followed by SiLU) by AVX-512 kernels (`group_norm.cc`): per
+image, the two statistics passes and one pass that normalises and applies SiLU; the backward one
+pass of per-channel sums (recomputing SiLU's input from x) and one pass that writes the input
+gradient. Channels must be multiples of 16 (`group_norm_supports`).
+
 `product(a, b, ...)` is `op(a) @ op(b)` of 2-D arrays (op: an optional transpose), differentiable,
 whose products (the forward one and the two of its gradient) go to a BLAS's sgemm
 (`blas_matmul.cc`, called single-threaded on each of XLA's own threads) when they contract the
@@ -60,7 +66,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "block_sparse_attention.cc")
 CONV_SOURCE = os.path.join(HERE, "conv3x3.cc")
-HEADERS = (os.path.join(HERE, "vector_exp.h"), os.path.join(HERE, "conv3x3.h"))
+GROUP_NORM_SOURCE = os.path.join(HERE, "group_norm.cc")
+HEADERS = tuple(os.path.join(HERE, h) for h in ("vector_exp.h", "conv3x3.h", "thread_parts.h"))
 BLOCK_SIZE, HEAD_DIMS = 64, (16, 32, 64, 128)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 BLAS_SOURCE = os.path.join(HERE, "blas_matmul.cc")
@@ -163,20 +170,23 @@ def _build(name, sources, flags, cache_dir=None) -> str:
 
 
 def load(cache_dir=None) -> str:
-  """Builds (once) and registers the attention and convolution kernels; returns the shared library's path."""
+  """Builds (once) and registers the attention, convolution and GroupNorm kernels; returns the
+  shared library's path."""
   with _lock:
     if "path" in _loaded:
       return _loaded["path"]
     reason = unavailable_reason()
     if reason:
       raise NativeUnavailable(reason)
-    path = _build("pofx_native", (SOURCE, CONV_SOURCE) + HEADERS, FLAGS, cache_dir)
+    path = _build("pofx_native", (SOURCE, CONV_SOURCE, GROUP_NORM_SOURCE) + HEADERS, FLAGS, cache_dir)
     lib = ctypes.cdll.LoadLibrary(path)
     for name, handler in (
       ("pofx_block_sparse_attention_fwd", lib.PofxBsaFwd),
       ("pofx_block_sparse_attention_bwd", lib.PofxBsaBwd),
       ("pofx_conv3x3_fwd", lib.PofxConv3x3Fwd),
       ("pofx_conv3x3_kernel_grad", lib.PofxConv3x3KernelGrad),
+      ("pofx_group_norm_fwd", lib.PofxGroupNormFwd),
+      ("pofx_group_norm_bwd", lib.PofxGroupNormBwd),
     ):
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
     _loaded["path"], _loaded["lib"] = path, lib
@@ -581,3 +591,59 @@ def conv3x3(x, w):
     )
   load()
   return _conv3x3(x, w)
+
+
+def group_norm_supports(x, scale, bias, groups: int) -> bool:
+  """Whether `group_norm` computes this call: float32 `x [B, ..., C]`, `scale` and `bias` `[C]`, C a
+  multiple of 16 and of `groups`."""
+  C = x.shape[-1] if x.ndim else 0
+  return (
+    x.ndim >= 2
+    and C % 16 == 0
+    and groups >= 1
+    and C % groups == 0
+    and scale.shape == (C,)
+    and bias.shape == (C,)
+    and all(a.dtype == jnp.float32 for a in (x, scale, bias))
+  )
+
+
+def _group_norm_call(x, scale, bias, groups, eps, silu):
+  stats = jax.ShapeDtypeStruct((x.shape[0], groups), jnp.float32)
+  return jax.ffi.ffi_call(
+    "pofx_group_norm_fwd", (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats), vmap_method="sequential"
+  )(x, scale, bias, groups=np.int64(groups), eps=np.float32(eps), silu=bool(silu))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _group_norm(x, scale, bias, groups, eps, silu):
+  return _group_norm_call(x, scale, bias, groups, eps, silu)[0]
+
+
+def _group_norm_fwd(x, scale, bias, groups, eps, silu):
+  y, mean, rstd = _group_norm_call(x, scale, bias, groups, eps, silu)
+  return y, (x, scale, bias, mean, rstd)
+
+
+def _group_norm_bwd(groups, eps, silu, res, g):
+  x, scale, bias, mean, rstd = res
+  out = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, scale, bias))
+  return jax.ffi.ffi_call("pofx_group_norm_bwd", out, vmap_method="sequential")(
+    x, scale, bias, mean, rstd, g.astype(jnp.float32), groups=np.int64(groups), silu=bool(silu)
+  )
+
+
+_group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+def group_norm(x, scale, bias, *, groups: int, eps: float, silu: bool = False):
+  """`pofx.group_norm.group_norm(x, scale, bias, groups=, eps=, silu=)` by the native kernels
+  (`group_norm.cc`), differentiable, for the calls `group_norm_supports` accepts; same values up to
+  float32 summation order (SiLU's exponential to about 1.2e-7 relative)."""
+  if not group_norm_supports(x, scale, bias, groups):
+    raise ValueError(
+      f"pofx_backends.cpu.native.group_norm takes float32 x [B, ..., C] with C a multiple of 16 and of groups, "
+      f"and scale, bias [C]; got x {x.shape} {x.dtype}, scale {scale.shape}, bias {bias.shape}, groups {groups}."
+    )
+  load()
+  return _group_norm(x, scale, bias, int(groups), float(eps), bool(silu))

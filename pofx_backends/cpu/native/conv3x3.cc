@@ -1,38 +1,17 @@
 // XLA FFI handlers of the 3x3 convolution kernels (conv3x3.h): pofx_backends.cpu.native.conv3x3.
 //
 // Threads: the batch's images are cut into as many parts as XLA's intra-op thread pool has
-// threads, each part run on XLA's own pool, claimed from a shared counter that the calling thread
-// also claims from (it never waits on a task queued behind it). Each part pads its images one at
-// a time into its own buffer. The kernel gradient's parts accumulate into their own [3, 3, Ci, Co]
+// threads (thread_parts.h). Each part pads its images one at a time into its own buffer. The kernel gradient's parts accumulate into their own [3, 3, Ci, Co]
 // buffers, summed by the calling thread at the end.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 #include "conv3x3.h"
+#include "thread_parts.h"
 #include "xla/ffi/api/ffi.h"
 namespace ffi = xla::ffi;
 namespace {
-
-template <typename Part>
-void RunParts(ffi::ThreadPool& pool, int parts, const Part& part) {
-  if (parts <= 1) { part(0); return; }
-  struct State { std::atomic<int> next{0}, done{0}; };
-  auto st = std::make_shared<State>();
-  auto work = [st, &part, parts] {
-    for (int p; (p = st->next.fetch_add(1)) < parts;) {
-      part(p);
-      st->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  // A task that starts after the last part was claimed touches only the shared counter.
-  for (int p = 1; p < parts; ++p) { auto w = work; pool.Schedule(std::move(w)); }
-  work();
-  while (st->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
-}
 
 ffi::Error Fwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
@@ -47,7 +26,7 @@ ffi::Error Fwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F
   float* Y = y->typed_data();
   if (B == 0 || H == 0 || W == 0) return ffi::Error::Success();
   const int parts = int(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), B)));
-  RunParts(pool, parts, [&](int p) {
+  pofx::RunParts(pool, parts, [&](int p) {
     std::vector<float> pad(size_t(H + 2) * (W + 2) * Ci);
     for (int64_t b = B * p / parts; b < B * (p + 1) / parts; ++b) {
       conv3x3::PadImage(X + b * H * W * Ci, H, W, Ci, pad.data());
@@ -74,7 +53,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (B == 0 || H == 0 || W == 0) return ffi::Error::Success();
   const int parts = int(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), B)));
   std::vector<std::vector<float>> partial(parts - 1);
-  RunParts(pool, parts, [&](int p) {
+  pofx::RunParts(pool, parts, [&](int p) {
     float* acc = DW;
     if (p > 0) {
       partial[p - 1].assign(n, 0.0f);
