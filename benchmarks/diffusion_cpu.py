@@ -166,6 +166,9 @@ def _kind(name: str, lines, bodies, image_sides) -> str:
     called = re.search(r"calls=%?([\w.\-]+)", line)
     body = bodies.get(called.group(1), "") if called else ""
   ops = set(re.findall(r"= \S+ ([\w\-]+)\(", body)) | {op}
+  if op == "custom-call":
+    target = re.search(r'custom_call_target="([^"]+)"', line)
+    return f"custom-call: {target.group(1)}" if target else "custom-call"
   if "convolution" in ops:
     return _conv_kind(re.search(r"convolution\(.*", body).group(0), image_sides)
   if "dot" in ops:
