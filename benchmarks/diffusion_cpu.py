@@ -141,10 +141,14 @@ def _hlo_index(hlo: str):
       continue
     if current is not None:
       bodies[current].append(line)
-    m = re.match(r"\s+(?:ROOT )?%?([\w.\-]+) = \S+ [\w\-]+\(", line)
+    m = re.match(rf"\s+(?:ROOT )?%?([\w.\-]+) = {_TYPE} [\w\-]+\(", line)
     if m:
       lines[m.group(1)] = line
   return lines, {k: "\n".join(v) for k, v in bodies.items()}
+
+
+# An HLO instruction's result type: one array type, or a tuple of them (a custom call with several outputs).
+_TYPE = r"(?:\([^=]*?\)|\S+)"
 
 
 def _conv_kind(text: str, image_sides) -> str:
@@ -160,12 +164,12 @@ def _kind(name: str, lines, bodies, image_sides) -> str:
   line = lines.get(name)
   if line is None:
     return "runtime (not an HLO instruction)"
-  op = re.match(r"\s+(?:ROOT )?%?[\w.\-]+ = \S+ ([\w\-]+)\(", line).group(1)
+  op = re.match(rf"\s+(?:ROOT )?%?[\w.\-]+ = {_TYPE} ([\w\-]+)\(", line).group(1)
   body = line
   if op == "fusion":
     called = re.search(r"calls=%?([\w.\-]+)", line)
     body = bodies.get(called.group(1), "") if called else ""
-  ops = set(re.findall(r"= \S+ ([\w\-]+)\(", body)) | {op}
+  ops = set(re.findall(rf"= {_TYPE} ([\w\-]+)\(", body)) | {op}
   if op == "custom-call":
     target = re.search(r'custom_call_target="([^"]+)"', line)
     return f"custom-call: {target.group(1)}" if target else "custom-call"
