@@ -62,7 +62,12 @@ def image_config() -> ml_collections.ConfigDict:
   # reverse chains of a pair from one shared x_T, for the trajectory methods, eta > 0) or
   # "spo_steps" (SPO's step-wise pairs: at each step from spo_start_step on, spo_candidates
   # samples of x_{t-1} from a shared x_t, the best and worst by the gold reward of their predicted
-  # clean images, kept when softmax(label_scale * rewards) differ by more than spo_threshold).
+  # clean images, kept when softmax(label_scale * rewards) differ by more than spo_threshold) or
+  # "tailor_steps" (TailorPO: two samples of x_{t-1} from a shared x_t at every random step, ranked
+  # by the gold reward of their predicted clean images, the chain continuing from the preferred
+  # one; the pairs of steps spo_start_step, + tailor_every, ... kept; with tailor_eta > 0
+  # (TailorPO-G) the preferred sample first moved by tailor_eta times the gradient of
+  # (r + tailor_delta - r(x))^2, the reward rise tailor_delta held fixed).
   # patch_size (pofx.options.IMAGE_PATCH_SIZES, 0: none): per-patch quality maps (PatchDPO).
   # list_size: images per prompt of record "lists" (K >= 2; RankDPO's ranked lists) and of record
   # "curriculum" (Curriculum DPO: every pair of a prompt's K samples whose gold-reward gap exceeds
@@ -83,6 +88,9 @@ def image_config() -> ml_collections.ConfigDict:
       spo_candidates=2,
       spo_threshold=0.3,
       spo_start_step=2,
+      tailor_every=2,
+      tailor_eta=0.0,
+      tailor_delta=0.5,
       patch_size=0,
       list_size=4,
       labeller="bradley_terry",

@@ -747,7 +747,7 @@ def _check_image_records(c) -> None:
       f"config.train.logps={t.logps!r} is not allowed with data.record={d.record!r}: the K-way lists are recorded "
       "by data.record='lists' and read by train.logps='lists' only; allowed: both 'lists', or neither."
     )
-  if d.record in ("chains", "spo_steps"):
+  if d.record in ("chains", "spo_steps", "tailor_steps"):
     if d.pairing != "samples":
       raise ValueError(
         f"config.data.pairing={d.pairing!r} is not allowed with data.record={d.record!r} (its pairs are sampled "
@@ -770,6 +770,16 @@ def _check_image_records(c) -> None:
     th = d.spo_threshold
     if isinstance(th, bool) or not isinstance(th, (int, float)) or not 0.0 <= th < 1.0:
       raise ValueError(f"config.data.spo_threshold={th!r} is not allowed; allowed: a number in [0, 1).")
+  if d.record == "tailor_steps":
+    every = d.tailor_every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+      raise ValueError(f"config.data.tailor_every={every!r} is not allowed; allowed: an integer >= 1.")
+    for name, low, text in (("tailor_eta", 0.0, ">= 0"), ("tailor_delta", None, "> 0")):
+      v = d[name]
+      bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+      if bad or (v < low if low is not None else v <= 0):
+        raise ValueError(f"config.data.{name}={v!r} is not allowed; allowed: a finite number {text}.")
+  if d.record in ("spo_steps", "tailor_steps"):
     s0 = d.spo_start_step
     if isinstance(s0, bool) or not isinstance(s0, int) or not 0 <= s0 <= d.num_steps - 2:
       raise ValueError(
@@ -779,11 +789,11 @@ def _check_image_records(c) -> None:
   if t.logps == "trajectory" and d.record == "images":
     raise ValueError(
       "config.train.logps='trajectory' reads the recorded chains, which data.record='images' does not keep; "
-      "allowed: data.record in ['chains', 'spo_steps']."
+      "allowed: data.record in ['chains', 'spo_steps', 'tailor_steps']."
     )
-  if d.record == "spo_steps" and t.logps != "trajectory":
+  if d.record in ("spo_steps", "tailor_steps") and t.logps != "trajectory":
     raise ValueError(
-      f"config.train.logps={t.logps!r} is not allowed with data.record='spo_steps' (step-wise pairs of latents, "
+      f"config.train.logps={t.logps!r} is not allowed with data.record={d.record!r} (step-wise pairs of latents, "
       "not of images); allowed: 'trajectory'."
     )
   if t.logps == "patch" and d.patch_size == 0:

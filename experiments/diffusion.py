@@ -16,7 +16,8 @@ image-domain config (`config.domain == "image"`) to `run` here:
                labeller's probabilities and the binary feedback of each sample); per
                `data.record` also the two reverse chains of each pair with the sampler's per-step
                log-probs and step-wise labels ("chains", `chain_pairs`) or SPO's step-wise pairs
-               instead ("spo_steps", `spo_pairs`); with `data.patch_size` per-patch quality maps
+               instead ("spo_steps", `spo_pairs`), or TailorPO's ("tailor_steps", `tailor_pairs`);
+               with `data.patch_size` per-patch quality maps
                (`patch_quality`); "lists": `data.list_size` samples per prompt instead, each
                with its share of wins under pairwise Bradley-Terry labels (`ranked_lists`)
   3. train     `pofx.train.make_train_step` on the `logps_fn` of `train.logps` (`logps_fn_of`: the
@@ -346,12 +347,15 @@ def make_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
   reward or by the majority of several metrics (pairing "samples", `data.labeller`), or a
   training digit of the class (chosen) and one sample (pairing "data_vs_sample"); with
   `data.record` "chains", the two samples' reverse chains from one shared x_T and their
-  step-wise labels (`chain_pairs`); "spo_steps", SPO's step-wise pairs (`spo_pairs`), or "lists",
+  step-wise labels (`chain_pairs`); "spo_steps", SPO's step-wise pairs (`spo_pairs`), or
+  "tailor_steps", TailorPO's (`tailor_pairs`), or "lists",
   K-way ranked lists (`ranked_lists`), or "curriculum", Curriculum DPO's pairs with their reward
   gaps (`curriculum_data`), instead.
   With `data.patch_size`, the per-patch quality maps of each pair (`patch_quality`)."""
   if c.data.record == "spo_steps":
     return spo_pairs(c, world, model, params, schedule, key)
+  if c.data.record == "tailor_steps":
+    return tailor_pairs(c, world, model, params, schedule, key)
   if c.data.record == "lists":
     return ranked_lists(c, world, model, params, schedule, key)
   if c.data.record == "chains":
@@ -589,6 +593,104 @@ def spo_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
     prev_timesteps=got["tp"][:, None],
     step_index=got["i"],
     spo_steps_seen=np.asarray(seen),
+  )
+  return data
+
+
+def tailor_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
+  """TailorPO's step-wise pairs (`data.record="tailor_steps"`; Ren et al. 2025, arXiv:2502.01667,
+  section 3.3 and Algorithm 1).
+
+  Per balanced class prompt, one chain of `data.sampler`: at every random step two samples of
+  x_{t_prev} are drawn from the shared x_t and ranked by their step-wise rewards, the gold reward
+  of the clean image the base predicts at each (at t_prev, clipped to [-1, 1]; eq. 12)
+  (`methods.tailor_rank`). With `data.tailor_eta` > 0 (TailorPO-G) the preferred sample is moved
+  along the gradient of its step-wise reward (`methods.reward_guidance` with `data.tailor_delta`;
+  kept where the reward rose). The chain continues from the preferred sample. The steps
+  `data.spo_start_step`, `+ data.tailor_every`, ... record their pair (the paper fine-tunes at 5 of
+  its 20 steps). Rows as `spo_pairs`'s (`chosen_latents`, `rejected_latents` [P, 2, 8, 8, 1]: x_t
+  and the preferred / other sample), plus `guided` [P] (whether guidance moved the preferred
+  sample); `tailor_steps_seen` counts the (prompt, step) pairs ranked at recorded steps."""
+  d = c.data
+  size, n = int(d.sample_batch), int(d.num_pairs)
+  every, start, eta, delta = int(d.tailor_every), int(d.spo_start_step), float(d.tailor_eta), float(d.tailor_delta)
+  labels = balanced_labels(n)
+  ts, prev = samplers.timesteps(schedule, int(d.num_steps))
+  kw = _sample_kwargs(c)
+  shape = (size,) + world_lib.IMAGE_SHAPE
+
+  def x0_hat(params, x, t_prev, cond):
+    pk = jnp.full((x.shape[0],), t_prev, jnp.int32)
+    a = schedules.alpha_cumprod(schedule, pk).reshape(-1, 1, 1, 1)
+    x0, _ = schedules.x0_and_noise(schedule.prediction_type, x, model.denoise(params, x, pk, cond), a)
+    return jnp.clip(x0, -1.0, 1.0)
+
+  @jax.jit
+  def propose(params, x, t, t_prev, cond, key):
+    tb, pb = jnp.full((size,), t, jnp.int32), jnp.full((size,), t_prev, jnp.int32)
+    pred = model.denoise(params, x, tb, cond)
+    mean, std, _ = samplers.transition(
+      schedule, pred, x, tb, pb, sampler=kw["sampler"], eta=kw["eta"], clip_sample=kw["clip_sample"]
+    )
+    cands = mean[None] + std[None] * jax.random.normal(key, (2,) + shape, jnp.float32)
+    x0 = x0_hat(params, cands.reshape((2 * size,) + shape[1:]), t_prev, jnp.tile(cond, 2))
+    return cands, x0.reshape((2,) + shape)
+
+  @jax.jit
+  def guide(params, x, t_prev, cond):
+    reward = lambda v: world.gold_reward_jax(x0_hat(params, v, t_prev, cond), cond)
+    x_new, accepted = methods.reward_guidance(reward, x, eta=eta, delta=delta)
+    return x_new, accepted, x0_hat(params, x_new, t_prev, cond)
+
+  k_init, k_steps, k_binary = jax.random.split(key, 3)
+  names = ("x_t", "w", "l", "x0_w", "x0_l", "t", "tp", "y", "i", "guided")
+  rows: Dict[str, List[np.ndarray]] = {name: [] for name in names}
+  seen = 0
+  for ci in range(-(-n // size)):
+    chunk = labels[ci * size : (ci + 1) * size]
+    real = len(chunk)
+    cond = jnp.asarray(np.concatenate([chunk, np.zeros(size - real, np.int32)]))
+    y, ar = np.asarray(cond), np.arange(size)
+    x = jax.random.normal(jax.random.fold_in(k_init, ci), shape, jnp.float32)
+    for i, (t, tp) in enumerate(zip(ts.tolist(), prev.tolist())):
+      cands, x0 = propose(params, x, t, tp, cond, jax.random.fold_in(jax.random.fold_in(k_steps, ci), i))
+      if tp < 0:  # the last step, to the clean image: deterministic, nothing to rank
+        x = cands[0]
+        continue
+      x0_np, cands_np = np.asarray(x0), np.asarray(cands)
+      r = world.gold_reward(x0_np.reshape((2 * size,) + shape[1:]), np.tile(y, 2)).reshape(2, size)
+      w, l, ranked = (np.asarray(v) for v in methods.tailor_rank(r.T))
+      x_w, x0_w, guided = cands_np[w, ar], x0_np[w, ar], np.zeros(size, bool)
+      if eta > 0:
+        x_w, guided, x0_w = (np.asarray(v) for v in guide(params, jnp.asarray(x_w), tp, cond))
+      if i >= start and (i - start) % every == 0:
+        keep = np.flatnonzero(ranked[:real])
+        seen += real
+        for name, v in (
+          ("x_t", np.asarray(x)),
+          ("w", x_w),
+          ("l", cands_np[l, ar]),
+          ("x0_w", x0_w),
+          ("x0_l", x0_np[l, ar]),
+        ):
+          rows[name].append(v[keep])
+        for name, v in (("t", t), ("tp", tp), ("i", i)):
+          rows[name].append(np.full(len(keep), v, np.int32))
+        rows["y"].append(y[keep])
+        rows["guided"].append(guided[keep])
+      x = jnp.asarray(x_w)
+  got = {name: np.concatenate(v) for name, v in rows.items()}
+  if not len(got["y"]):
+    raise ValueError(f"pairs: no TailorPO pair was ranked among {seen} (prompt, step) pairs.")
+  data = _labelled(world, got["x0_w"], got["x0_l"], got["y"], np.ones(len(got["y"]), bool), k_binary)
+  data.update(
+    chosen_latents=np.stack([got["x_t"], got["w"]], axis=1).astype(np.float32),
+    rejected_latents=np.stack([got["x_t"], got["l"]], axis=1).astype(np.float32),
+    timesteps=got["t"][:, None],
+    prev_timesteps=got["tp"][:, None],
+    step_index=got["i"],
+    guided=got["guided"],
+    tailor_steps_seen=np.asarray(seen),
   )
   return data
 

@@ -150,7 +150,7 @@ IMAGE_SCORES = ("reward", "binary")
 # share of the others it beats under Bradley-Terry labels: RankDPO); or Curriculum DPO's pairs (every
 # pair of `data.list_size` samples of a prompt whose gold-reward gap exceeds
 # `data.curriculum_keep_threshold`, the higher-scored image chosen, with its gap).
-IMAGE_PAIR_RECORDS = ("images", "chains", "spo_steps", "lists", "curriculum")
+IMAGE_PAIR_RECORDS = ("images", "chains", "spo_steps", "tailor_steps", "lists", "curriculum")
 # How the image program's train step scores a pair (`train.logps`): the denoising errors of the two
 # images under a shared timestep and noise (Diffusion-DPO's `PairLogps`); the per-step log-probs
 # of the recorded chains (`pofx.diffusion.methods.make_trajectory_logps_fn`); or the errors weighted

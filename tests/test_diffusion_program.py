@@ -89,6 +89,7 @@ FAMILIES = {
   "diffusion_balanced_dpo": None,
   "diffusion_sdpo": "tiny",
   "diffusion_curriculum_dpo": None,
+  "diffusion_tailor_po_g": None,
 }
 ALL_FAMILIES = (
   "diffusion_dpo",
@@ -105,6 +106,8 @@ ALL_FAMILIES = (
   "diffusion_balanced_dpo",
   "diffusion_sdpo",
   "diffusion_curriculum_dpo",
+  "diffusion_tailor_po",
+  "diffusion_tailor_po_g",
 )
 
 
@@ -248,6 +251,34 @@ def test_spo_step_pairs_and_patch_quality_maps(family_runs):
     # float32 rewards of one image here against a batch in the program: BLAS kernels differ by ~1e-6.
     np.testing.assert_allclose(d["rejected_patch_quality"][n, i, j], want, rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(d["chosen_patch_quality"], d["rejected_patch_quality"])
+
+
+def test_tailor_po_g_pairs_share_x_t_and_label_the_guided_winner(family_runs):
+  """TailorPO-G's pairs (tiny: chains of 4 steps, recorded from step 1 every 2 steps: step 1 only,
+  t = 500 -> 250): both samples drawn from one x_t; the stored rewards are the gold rewards of the
+  clean images the base predicts at the two stored samples (recomputed here with the base), the
+  preferred one's the higher; guidance moved most preferred samples."""
+  import jax
+
+  from experiments import diffusion
+  from pofx.diffusion import schedules
+
+  dst, c, s, _ = family_runs["diffusion_tailor_po_g"]
+  d = _pairs(dst)
+  np.testing.assert_array_equal(d["chosen_latents"][:, 0], d["rejected_latents"][:, 0])
+  assert set(d["step_index"].tolist()) == {1} and np.all(d["timesteps"] == 500) and np.all(d["prev_timesteps"] == 250)
+  assert s["pairs_count"] == len(d["step_index"]) == int(d["tailor_steps_seen"]) == c.data.num_pairs
+  model, schedule = diffusion.unet.make(diffusion.unet_config(c)), diffusion.noise_schedule(c)
+  base = diffusion._load_params(str(dst / "base_params"), jax.eval_shape(model.init, jax.random.PRNGKey(0)))
+  world = world_lib.ImageWorld(world_lib.ImageWorldConfig(seed=c.seed, **dict(c.world)))
+  y = d["class_labels"]
+  t = np.full(len(y), 250, np.int32)
+  a = np.asarray(schedules.alpha_cumprod(schedule, t)).reshape(-1, 1, 1, 1)
+  for key, latents in (("chosen_reward", d["chosen_latents"][:, 1]), ("rejected_reward", d["rejected_latents"][:, 1])):
+    eps = np.asarray(model.denoise(base, latents, t, y), np.float64)  # epsilon prediction
+    x0 = np.clip((latents - np.sqrt(1 - a) * eps) / np.sqrt(a), -1.0, 1.0)
+    np.testing.assert_allclose(world.gold_reward(x0.astype(np.float32), y), d[key], rtol=1e-4, atol=1e-4)
+  assert np.all(d["chosen_reward"] > d["rejected_reward"]) and d["guided"].mean() > 0.5
 
 
 def test_ranked_lists_are_labelled_pairwise_by_the_gold_reward(family_runs):

@@ -21,6 +21,9 @@ diffusion `PairLogps`; the descendants are in `pofx/losses/_diffusion.py`).
   step axis, for `d3po` (SPO: chains of one step) and `dense_reward_dpo`.
 - `spo_select`, `spo_step_batch`: SPO's choice of a winner and a loser among k candidates of one
   step, and the one-step chains they make for `make_trajectory_logps_fn`.
+- `tailor_rank`, `reward_guidance`: TailorPO's ranking of two samples drawn from one `x_t` by
+  their step-wise rewards (the pair trains DPO on the one-step chains), and TailorPO-G's reward
+  gradient guidance of the preferred one.
 - `inversion_noise`: the noise implied by a latent reached by inversion (SmPO, Inversion-DPO).
 - `curriculum_thresholds`, `curriculum_stage`, `curriculum_mask`, `curriculum_pairs`: Curriculum
   DPO's ordering of pairs by reward gap (host-side data selection; the loss is unchanged).
@@ -388,6 +391,52 @@ def spo_step_batch(x_t, candidates, step_scores, t, t_prev, class_labels=None, *
   if class_labels is not None:
     batch["class_labels"] = jnp.asarray(class_labels, jnp.int32)
   return batch
+
+
+# -------------------------------------------------------------------------------------------------
+# TailorPO: intermediate-step ranking of two samples from one x_t, and reward guidance
+# -------------------------------------------------------------------------------------------------
+
+
+def tailor_rank(step_rewards: Array):
+  r"""TailorPO's step-wise pair: of the two samples `x^0_{t-1}, x^1_{t-1}` drawn from one `x_t`,
+  the one whose step-wise reward `r_t(c, x_{t-1}) ~ r(c, x0_hat(x_{t-1}))` is higher is preferred.
+
+  `step_rewards` `[B, 2]`. Returns `(winner [B] int32, loser [B] int32, ranked [B] bool)`, `ranked`
+  False where the two rewards are equal (no preference). No threshold: every ranked pair trains
+  (unlike `spo_select`).
+
+  Reference: Ren et al. 2025, "Refining Alignment Framework for Diffusion Models with
+  Intermediate-Step Preference Ranking" (TailorPO), arXiv:2502.01667, section 3.3 (eq. 10 and
+  12: the same `x_t` for both samples, ranked by the reward of the predicted clean image).
+  """
+  r = _f32(step_rewards)
+  if r.ndim != 2 or r.shape[1] != 2:
+    raise ValueError(f"tailor_rank: step_rewards must be [B, 2], got shape {r.shape}.")
+  winner = jnp.argmax(r, axis=-1).astype(jnp.int32)
+  return winner, (1 - winner).astype(jnp.int32), r[:, 0] != r[:, 1]
+
+
+def reward_guidance(reward_fn: Callable, x: Array, *, eta: float, delta: float):
+  r"""TailorPO-G's gradient guidance of a preferred noisy sample (arXiv:2502.01667, section 3.4,
+  eq. 13-14, Algorithm 1 lines 6-8):
+
+    x+ = x - eta grad_x (r_high - r(x))^2,   r_high = r(x) + delta (a target, held fixed)
+       = x + 2 eta delta grad_x r(x),
+
+  kept where it raised the reward, `r(x+) > r(x)`; elsewhere x is returned unchanged.
+  `reward_fn(x) -> [B]` is the step-wise reward of each sample (independent per sample,
+  differentiable). The paper uses eta in [0.1, 0.2] and delta 0.5. Returns `(x_new, accepted [B]
+  bool)`.
+  """
+  x = _f32(x)
+  r = reward_fn(x)
+  target = jax.lax.stop_gradient(r) + delta
+  grad = jax.grad(lambda v: jnp.sum(jnp.square(target - reward_fn(v))))(x)
+  x_plus = x - eta * grad
+  accepted = reward_fn(x_plus) > r
+  keep = accepted.reshape((-1,) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x_plus, x), accepted
 
 
 # -------------------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ import os
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import threadpoolctl
 
@@ -319,6 +320,17 @@ class ImageWorld:
   def gold_reward(self, images, labels) -> np.ndarray:
     """r*(x, c) = log p_clf(c | x) + style_weight * ink(x), [B] float32 (module docstring)."""
     return (self.class_log_prob(images, labels) + self.config.style_weight * ink(images)).astype(np.float32)
+
+  def gold_reward_jax(self, images, labels) -> jax.Array:
+    """`gold_reward` written with JAX operations on `jnp` arrays: jittable and differentiable in
+    the images (TailorPO-G's reward guidance, `methods.reward_guidance`), [B] float32."""
+    x = jnp.asarray(images, jnp.float32)
+    h = x.reshape(x.shape[0], -1)
+    for i, layer in enumerate(self.classifier):
+      h = h @ jnp.asarray(layer["w"]) + jnp.asarray(layer["b"])
+      h = jax.nn.relu(h) if i < len(self.classifier) - 1 else h
+    log_p = jnp.take_along_axis(jax.nn.log_softmax(h), jnp.asarray(labels, jnp.int32)[:, None], axis=1)[:, 0]
+    return log_p + self.config.style_weight * jnp.mean((x + 1.0) * 0.5, axis=tuple(range(1, x.ndim)))
 
   def predicted_class(self, images) -> np.ndarray:
     return np.argmax(self.logits(images), axis=-1).astype(np.int32)

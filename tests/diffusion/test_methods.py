@@ -326,3 +326,27 @@ def test_majority_preferences_count_each_metrics_vote():
   np.testing.assert_array_equal(swapped[decided], ~prefer_a[decided])
   with pytest.raises(ValueError, match=r"\[M, N\]"):
     methods.majority_preferences([1.0, 2.0], [0.0, 1.0])
+
+
+def test_tailor_rank_prefers_the_higher_step_wise_reward():
+  # Pair 0: the second sample's reward is higher; pair 1: the first's; pair 2: a tie, not ranked.
+  winner, loser, ranked = methods.tailor_rank(np.array([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]]))
+  np.testing.assert_array_equal(winner, [1, 0, 0])
+  np.testing.assert_array_equal(loser, [0, 1, 1])
+  np.testing.assert_array_equal(ranked, [True, True, False])
+  with pytest.raises(ValueError, match=r"step_rewards must be \[B, 2\], got shape \(2, 3\)"):
+    methods.tailor_rank(np.zeros((2, 3)))
+
+
+def test_reward_guidance_moves_up_the_reward_and_keeps_only_a_rise():
+  # r_b(x) = -k_b |x - a|^2: grad_x (r + delta - r(x))^2 = -2 delta grad r = 4 delta k_b (x - a), so
+  # x+ = a + (1 - 4 eta delta k_b) (x - a); with eta delta = 0.1 the factor is 0.6 for k = 1 (the
+  # reward rises: kept) and -1.4 for k = 6 (it overshoots and falls: x returned unchanged).
+  a = np.array([0.5, -1.0, 2.0], np.float32).reshape(1, 3)
+  k = jnp.asarray([1.0, 6.0])
+  x = jnp.asarray([[1.5, 0.0, 1.0], [0.0, 0.0, 0.0]], jnp.float32)
+  reward = lambda v: -k * jnp.sum((v - a) ** 2, axis=1)
+  out, accepted = methods.reward_guidance(reward, x, eta=0.2, delta=0.5)
+  np.testing.assert_array_equal(accepted, [True, False])
+  np.testing.assert_allclose(np.asarray(out[0]), a[0] + 0.6 * (np.asarray(x[0]) - a[0]), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(x[1]))
