@@ -12,8 +12,11 @@ train (the paper fine-tunes at 5 of its 20 steps, t = 20, 16, 12, 8, 4). The los
 one-step chains (eq. 10: `-log sigmoid(beta (log pi/pi_ref (x^w_{t-1} | x_t) - log pi/pi_ref
 (x^l_{t-1} | x_t)))`, `train.logps="trajectory"`), each step's Gaussian log-density averaged over
 the pixels as in the D3PO code the paper follows; beta 0.1 is D3PO's (the paper uses D3PO's
-hyper-parameters and does not print its beta). `configs/diffusion_tailor_po_g.py` adds the
-gradient guidance (TailorPO-G).
+hyper-parameters and does not print its beta). The learning rate is 1e-5, a tenth of the other
+image families': nothing bounds this objective's step (D3PO's and SPO's loss clips the ratios), and
+at 1e-4 the policy collapsed (seed 0: class accuracy 13%, docs/diffusion.md). The paper fine-tunes
+LoRA weights and does not print its rate. `configs/diffusion_tailor_po_g.py` adds the gradient
+guidance (TailorPO-G).
 
 Every other field is configs/diffusion_dpo.py's (`:tiny` for tests).
 """
@@ -30,6 +33,7 @@ def tailor_config():
   c.train.logps = "trajectory"
   c.train.loss = "dpo"
   c.train.loss_hyper = ml_collections.ConfigDict(dict(beta=0.1))
+  c.train.optimizer.learning_rate = 1e-5
   return c
 
 
