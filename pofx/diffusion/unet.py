@@ -65,13 +65,15 @@ time embedding MLP and the output use `act_fn` there (SiLU in UNet2DModel).
 
 GroupNorm (Wu & He 2018, arXiv:1803.08494) normalises each of `norm_num_groups` channel groups
 over (H, W, its channels) with the biased variance and `norm_eps`, then scales and shifts per
-channel. It is computed from per-(image, channel) sums over H*W (the mean, then the squared
-deviations) as one per-(image, channel) affine map of its input, with its derivative written out
-(one pass of per-channel sums of the output gradient and of the gradient times the input).
+channel. It goes through the injected `kernels.group_norm` (by default `pofx.group_norm.group_norm`:
+per-(image, channel) sums, one affine map, its derivative written out); where the activation that
+follows it is SiLU the model asks for both in one call (`silu=True`), so that a backend may fuse
+them.
 
 Precision: parameters are float32; `compute_dtype` (e.g. bfloat16) is the dtype of every
 convolution and dense product and of the activations between them; GroupNorm statistics, the
-attention scores and their softmax, and the returned prediction are float32. Every 3x3
+attention scores and their softmax, the SiLU fused into a norm, and the returned prediction are
+float32. Every 3x3
 convolution goes through the injected `kernels.conv_general_dilated`, and every dense product
 (projections, `q k^T`, the attention-weighted values, and the 1x1 shortcut convolutions, which are
 products over the channels) through `kernels.dot_general` (`pofx.kernels.Kernels`); the

@@ -270,7 +270,7 @@ def _group_norm_f64(x, scale, bias, groups, eps):
 
 
 def test_group_norm_and_its_written_out_derivative_match_the_formula():
-  # The value against the textbook formula, and the hand-written derivative (`_group_norm_bwd`)
+  # The value against the textbook formula, and the hand-written derivative (`pofx.group_norm._group_norm_bwd`)
   # against central finite differences of that formula in float64, for a weighted sum of the
   # output (so that every output element's gradient counts). Inputs off zero mean, so that a
   # wrong mean term shows.
