@@ -4,7 +4,7 @@
         [--json PATH] [--markdown PATH]                        # both sides, alternating (the comparison)
     python benchmarks/diffusion_step.py --side pofx [--preset bench|large|tiny] [--dtype float32|bfloat16]
         [--pairs 16] [--kernels {auto,xla,cpu,gpu,tpu}] [--conv {xla,im2col,native}] [--products {xla,blas,blas_all}]
-        [--cpu_attention {on,off}] [--compile {auto,default,low_memory}] [--conv_threads {auto,one,all}]
+        [--cpu_attention {on,off}] [--cpu_group_norm {on,off}] [--compile {auto,default,low_memory}] [--conv_threads {auto,one,all}]
         [--denoiser_calls {auto,1,2,4}]
         [--breakdown] [--json PATH]
 
@@ -34,7 +34,7 @@ squared noise-prediction error, the baseline's loss. It first calls `pofx_backen
 (and, as a training program should with it, hands the heap's free pages back after the
 compilation and after the first step: `pofx_backends.cpu.host_memory.release_after_first_step`),
 then resolves `--kernels` ("auto": on the CPU the faster of "xla" and "cpu" timed on this
-step, each candidate in a child process; `--conv`, `--products`, `--cpu_attention` set the CPU
+step, each candidate in a child process; `--conv`, `--products`, `--cpu_attention`, `--cpu_group_norm` set the CPU
 backend's options: `pofx_backends.cpu`). Steady state: the first `--warmup` of `--steps` steps excluded, the
 median step time, as the baseline. Reported: pairs/s, peak RSS (before the breakdown), the step's
 FLOPs both analytically (`pofx.diffusion.unet.flops`: reference forward + policy forward and
@@ -123,6 +123,12 @@ def parser():
     choices=["on", "off"],
     default=None,
     help="the CPU backend's fused attention kernels (the U-Net's attention is dot_general products either way)",
+  )
+  ap.add_argument(
+    "--cpu_group_norm",
+    choices=["on", "off"],
+    default=None,
+    help="the CPU backend's native GroupNorm (+ SiLU) kernels (off: pofx.group_norm.group_norm)",
   )
   ap.add_argument(
     "--compile",
@@ -372,8 +378,13 @@ def jnp_mean(x):
 
 def cpu_options(a) -> dict:
   """The CPU backend's options given on the command line."""
-  attention = None if a.cpu_attention is None else a.cpu_attention == "on"
-  opts = {"products": a.products, "attention": attention, "conv": a.conv}
+  on = lambda flag: None if flag is None else flag == "on"
+  opts = {
+    "products": a.products,
+    "attention": on(a.cpu_attention),
+    "conv": a.conv,
+    "group_norm": on(a.cpu_group_norm),
+  }
   return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -512,7 +523,7 @@ def side_command(a, side: str, extra=()) -> list:
   cmd = [sys.executable, os.path.abspath(__file__), "--side", "pofx", "--pairs", str(a.pairs)]
   cmd += ["--steps", str(a.steps), "--warmup", str(a.warmup), "--kernels", a.kernels, "--compile", a.compile]
   cmd += ["--denoiser_calls", a.denoiser_calls, "--conv_threads", a.conv_threads]
-  for flag in ("conv", "products", "cpu_attention"):
+  for flag in ("conv", "products", "cpu_attention", "cpu_group_norm"):
     if getattr(a, flag) is not None:
       cmd += [f"--{flag}", getattr(a, flag)]
   return cmd + list(extra)
