@@ -116,8 +116,15 @@ def test_direct_conv_routes_only_what_the_kernels_compute():
   assert _custom_calls(f, nchw, w) == 0
 
 
-def test_cpu_backend_native_conv_option():
+def test_cpu_backend_native_conv_option(monkeypatch):
   kernels = cpu.kernels(products="xla", attention=False, conv="native")
   assert isinstance(kernels.conv_general_dilated, conv_lib.DirectConv)
+  # conv="auto" measures the native kernels beside XLA's and im2col (the timing itself stubbed:
+  # each candidate's seconds are its position in the order measured).
+  from pofx_backends.cpu import calibration
+
+  measured = []
+  monkeypatch.setattr(calibration, "measure_conv", lambda conv: measured.append(conv) or len(measured))
   seconds = cpu.measure_convs(products="xla")
-  assert set(seconds) == {"xla", "im2col", "native"} and all(s > 0 for s in seconds.values())
+  assert seconds == {"xla": 1, "im2col": 2, "native": 3}
+  assert measured[0] is jax.lax.conv_general_dilated and isinstance(measured[2], conv_lib.DirectConv)
