@@ -14,7 +14,8 @@ r"""The CPU backend: pofx's injection points computed by hand-written kernels on
 - `group_norm` computes GroupNorm, and SiLU after it when the model asks, with the native AVX-512
   kernels (`pofx_backends.cpu.native.group_norm`: the statistics, the normalisation and the
   activation in three passes over each image, the backward in two) for float32 inputs whose
-  channels are a multiple of 16; anything else is `pofx.group_norm.group_norm`.
+  channels are a multiple of 16, where this machine can build them; anything else is
+  `pofx.group_norm.group_norm` (so `group_norm=True` never makes the backend unavailable).
   `group_norm=False` always uses the latter.
 - `attention` computes block-sparse self-attention with the fused AVX-512 kernels
   (`pofx_backends.cpu.native.block_sparse_attention`) when the mask is a
@@ -170,11 +171,13 @@ class NativeAttention:
 
 @dataclasses.dataclass(frozen=True)
 class NativeGroupNorm:
-  """The `group_norm` injection point by the native AVX-512 kernels where they apply (float32,
-  channels a multiple of 16: `native.group_norm_supports`), else `pofx.group_norm.group_norm`."""
+  """The `group_norm` injection point by the native AVX-512 kernels where they apply (this machine
+  can build them: `native.available()`; float32, channels a multiple of 16:
+  `native.group_norm_supports`), else `pofx.group_norm.group_norm`. The kernels are built when the
+  first call they compute is traced."""
 
   def __call__(self, x, scale, bias, *, groups: int, eps: float, silu: bool = False):
-    if native.group_norm_supports(x, scale, bias, groups):
+    if native.group_norm_supports(x, scale, bias, groups) and native.available():
       return native.group_norm(x, scale, bias, groups=groups, eps=eps, silu=silu)
     return group_norm_lib.group_norm(x, scale, bias, groups=groups, eps=eps, silu=silu)
 
@@ -207,7 +210,7 @@ def unavailable_reason(
       f"the CPU kernels run on JAX's CPU platform and this process's JAX backend is {platform!r} "
       "(JAX_PLATFORMS=cpu runs on the CPU)"
     )
-  if attention or group_norm or conv == "native":
+  if attention or conv == "native":
     reason = native.unavailable_reason()
     if reason:
       return reason
@@ -261,10 +264,7 @@ def kernels(
     convolution = conv_lib.DirectConv()
   else:
     convolution = conv_lib.Im2colConv(dot_general) if conv == "im2col" else jax.lax.conv_general_dilated
-  normalise = group_norm_lib.group_norm
-  if group_norm:
-    native.load()
-    normalise = NativeGroupNorm()
+  normalise = NativeGroupNorm() if group_norm else group_norm_lib.group_norm
   return kernels_lib.Kernels(
     dot_general=dot_general, attention=attend, conv_general_dilated=convolution, group_norm=normalise, name="cpu"
   )

@@ -87,6 +87,12 @@ def test_a_unet_with_the_cpu_kernels_equals_it_with_xla():
     out = lambda p: model.denoise(p, x, t, labels)
     return jax.jit(lambda p: (out(p), jax.grad(lambda q: jnp.sum(out(q) ** 2))(p)))(params)
 
+  # The CPU model's program calls the native kernels (in the forward and in the backward).
+  hlo = (
+    jax.jit(lambda p: jax.grad(lambda q: jnp.sum(cpu_model.denoise(q, x, t, labels) ** 2))(p)).lower(params).as_text()
+  )
+  for target in ("pofx_group_norm_fwd", "pofx_group_norm_bwd", "pofx_conv3x3_fwd", "pofx_conv3x3_kernel_grad"):
+    assert target in hlo, target
   expected, got = output_and_grads(xla_model), output_and_grads(cpu_model)
   for e_tree, g_tree in zip(expected, got):
     # Leaves whose exact value is 0 (the bias of a convolution followed by a norm that removes it)
