@@ -505,6 +505,51 @@ def chain_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]
   return data
 
 
+def _predicted_x0(model, schedule, params, x, t, cond):
+  """The clean image the denoiser predicts at latents x `[B, ...]` of timestep t, clipped to [-1, 1]."""
+  tb = jnp.full((x.shape[0],), t, jnp.int32)
+  a = schedules.alpha_cumprod(schedule, tb).reshape(-1, 1, 1, 1)
+  x0, _ = schedules.x0_and_noise(schedule.prediction_type, x, model.denoise(params, x, tb, cond), a)
+  return jnp.clip(x0, -1.0, 1.0)
+
+
+def _candidate_proposer(c, model, schedule, k: int):
+  """A jitted `propose(params, x, t, t_prev, cond, key) -> (candidates, x0)`: k samples of
+  x_{t_prev} from each of the `data.sample_batch` latents x_t by the pair stage's sampler,
+  `[k, size, 8, 8, 1]`, and the clean image the denoiser predicts at each (`_predicted_x0`):
+  SPO's and TailorPO's step-wise candidates."""
+  size, kw = int(c.data.sample_batch), _sample_kwargs(c)
+  shape = (size,) + world_lib.IMAGE_SHAPE
+
+  @jax.jit
+  def propose(params, x, t, t_prev, cond, key):
+    tb, pb = jnp.full((size,), t, jnp.int32), jnp.full((size,), t_prev, jnp.int32)
+    pred = model.denoise(params, x, tb, cond)
+    mean, std, _ = samplers.transition(
+      schedule, pred, x, tb, pb, sampler=kw["sampler"], eta=kw["eta"], clip_sample=kw["clip_sample"]
+    )
+    cands = mean[None] + std[None] * jax.random.normal(key, (k,) + shape, jnp.float32)
+    x0 = _predicted_x0(model, schedule, params, cands.reshape((k * size,) + shape[1:]), t_prev, jnp.tile(cond, k))
+    return cands, x0.reshape((k,) + shape)
+
+  return propose
+
+
+def _step_pair_data(world, got, chosen, rejected, k_binary) -> Dict[str, np.ndarray]:
+  """The pair arrays of step-wise pairs (SPO's, TailorPO's) from their collected rows `got`:
+  `_labelled`'s on the two samples' predicted clean images, the one-step chains (x_t, chosen) and
+  (x_t, rejected) `[P, 2, 8, 8, 1]`, their timesteps `[P, 1]` and the step index."""
+  data = _labelled(world, got["x0_w"], got["x0_l"], got["y"], np.ones(len(got["y"]), bool), k_binary)
+  data.update(
+    chosen_latents=np.stack([got["x_t"], got[chosen]], axis=1).astype(np.float32),
+    rejected_latents=np.stack([got["x_t"], got[rejected]], axis=1).astype(np.float32),
+    timesteps=got["t"][:, None],
+    prev_timesteps=got["tp"][:, None],
+    step_index=got["i"],
+  )
+  return data
+
+
 def spo_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
   """SPO's step-wise pairs (`data.record="spo_steps"`; Liang et al. 2025, arXiv:2406.04314, Sec. 4,
   and the authors' `multi_sample_pipeline.py`).
@@ -524,24 +569,8 @@ def spo_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
   k, size, n = int(d.spo_candidates), int(d.sample_batch), int(d.num_pairs)
   labels = balanced_labels(n)
   ts, prev = samplers.timesteps(schedule, int(d.num_steps))
-  kw = _sample_kwargs(c)
-  clip = kw["clip_sample"]
   shape = (size,) + world_lib.IMAGE_SHAPE
-
-  @jax.jit
-  def propose(params, x, t, t_prev, cond, key):
-    tb, pb = jnp.full((size,), t, jnp.int32), jnp.full((size,), t_prev, jnp.int32)
-    pred = model.denoise(params, x, tb, cond)
-    mean, std, _ = samplers.transition(
-      schedule, pred, x, tb, pb, sampler=kw["sampler"], eta=kw["eta"], clip_sample=clip
-    )
-    cands = mean[None] + std[None] * jax.random.normal(key, (k,) + shape, jnp.float32)
-    flat = cands.reshape((k * size,) + shape[1:])
-    pk = jnp.full((k * size,), t_prev, jnp.int32)
-    pred_c = model.denoise(params, flat, pk, jnp.tile(cond, k))
-    a = schedules.alpha_cumprod(schedule, pk).reshape(-1, 1, 1, 1)
-    x0, _ = schedules.x0_and_noise(schedule.prediction_type, flat, pred_c, a)
-    return cands, jnp.clip(x0, -1.0, 1.0).reshape((k,) + shape)
+  propose = _candidate_proposer(c, model, schedule, k)
 
   k_init, k_steps, k_pick, k_binary = jax.random.split(key, 4)
   rows: Dict[str, List[np.ndarray]] = {n_: [] for n_ in ("x_t", "best", "worst", "x0_w", "x0_l", "t", "tp", "y", "i")}
@@ -585,15 +614,8 @@ def spo_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
       f"pairs: no SPO step-wise pair among {seen} candidate sets passed data.spo_threshold={d.spo_threshold}; "
       "lower it (allowed: [0, 1))."
     )
-  data = _labelled(world, got["x0_w"], got["x0_l"], got["y"], np.ones(len(got["y"]), bool), k_binary)
-  data.update(
-    chosen_latents=np.stack([got["x_t"], got["best"]], axis=1).astype(np.float32),
-    rejected_latents=np.stack([got["x_t"], got["worst"]], axis=1).astype(np.float32),
-    timesteps=got["t"][:, None],
-    prev_timesteps=got["tp"][:, None],
-    step_index=got["i"],
-    spo_steps_seen=np.asarray(seen),
-  )
+  data = _step_pair_data(world, got, "best", "worst", k_binary)
+  data["spo_steps_seen"] = np.asarray(seen)
   return data
 
 
@@ -616,31 +638,14 @@ def tailor_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray
   every, start, eta, delta = int(d.tailor_every), int(d.spo_start_step), float(d.tailor_eta), float(d.tailor_delta)
   labels = balanced_labels(n)
   ts, prev = samplers.timesteps(schedule, int(d.num_steps))
-  kw = _sample_kwargs(c)
   shape = (size,) + world_lib.IMAGE_SHAPE
-
-  def x0_hat(params, x, t_prev, cond):
-    pk = jnp.full((x.shape[0],), t_prev, jnp.int32)
-    a = schedules.alpha_cumprod(schedule, pk).reshape(-1, 1, 1, 1)
-    x0, _ = schedules.x0_and_noise(schedule.prediction_type, x, model.denoise(params, x, pk, cond), a)
-    return jnp.clip(x0, -1.0, 1.0)
-
-  @jax.jit
-  def propose(params, x, t, t_prev, cond, key):
-    tb, pb = jnp.full((size,), t, jnp.int32), jnp.full((size,), t_prev, jnp.int32)
-    pred = model.denoise(params, x, tb, cond)
-    mean, std, _ = samplers.transition(
-      schedule, pred, x, tb, pb, sampler=kw["sampler"], eta=kw["eta"], clip_sample=kw["clip_sample"]
-    )
-    cands = mean[None] + std[None] * jax.random.normal(key, (2,) + shape, jnp.float32)
-    x0 = x0_hat(params, cands.reshape((2 * size,) + shape[1:]), t_prev, jnp.tile(cond, 2))
-    return cands, x0.reshape((2,) + shape)
+  propose = _candidate_proposer(c, model, schedule, 2)
 
   @jax.jit
   def guide(params, x, t_prev, cond):
-    reward = lambda v: world.gold_reward_jax(x0_hat(params, v, t_prev, cond), cond)
-    x_new, accepted = methods.reward_guidance(reward, x, eta=eta, delta=delta)
-    return x_new, accepted, x0_hat(params, x_new, t_prev, cond)
+    x0_hat = lambda v: _predicted_x0(model, schedule, params, v, t_prev, cond)
+    x_new, accepted = methods.reward_guidance(lambda v: world.gold_reward_jax(x0_hat(v), cond), x, eta=eta, delta=delta)
+    return x_new, accepted, x0_hat(x_new)
 
   k_init, k_steps, k_binary = jax.random.split(key, 3)
   names = ("x_t", "w", "l", "x0_w", "x0_l", "t", "tp", "y", "i", "guided")
@@ -682,16 +687,8 @@ def tailor_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray
   got = {name: np.concatenate(v) for name, v in rows.items()}
   if not len(got["y"]):
     raise ValueError(f"pairs: no TailorPO pair was ranked among {seen} (prompt, step) pairs.")
-  data = _labelled(world, got["x0_w"], got["x0_l"], got["y"], np.ones(len(got["y"]), bool), k_binary)
-  data.update(
-    chosen_latents=np.stack([got["x_t"], got["w"]], axis=1).astype(np.float32),
-    rejected_latents=np.stack([got["x_t"], got["l"]], axis=1).astype(np.float32),
-    timesteps=got["t"][:, None],
-    prev_timesteps=got["tp"][:, None],
-    step_index=got["i"],
-    guided=got["guided"],
-    tailor_steps_seen=np.asarray(seen),
-  )
+  data = _step_pair_data(world, got, "w", "l", k_binary)
+  data.update(guided=got["guided"], tailor_steps_seen=np.asarray(seen))
   return data
 
 
