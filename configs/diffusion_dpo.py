@@ -72,6 +72,11 @@ def image_config() -> ml_collections.ConfigDict:
   # list_size: images per prompt of record "lists" (K >= 2; RankDPO's ranked lists) and of record
   # "curriculum" (Curriculum DPO: every pair of a prompt's K samples whose gold-reward gap exceeds
   # curriculum_keep_threshold, the higher-scored chosen).
+  # record "segments" (DenseDPO): per class prompt a training digit noised twice to the sampler step
+  # of rectified-flow time eta ~ U[guidance_min, guidance_max] and denoised twice from there; each
+  # band of segment_rows rows (pofx.options.IMAGE_SEGMENT_ROWS) labelled by Bradley-Terry on its
+  # swap advantage, a tie where that is below segment_tie in absolute value; pairs with fewer than
+  # min_nontie_fraction of their bands labelled dropped.
   # labeller (pofx.options.IMAGE_LABELLERS): "bradley_terry" on the gold reward, or "majority" of
   # the world's `metrics` (pofx.diffusion.world.METRICS; BalancedDPO), for pairing "samples" of
   # record "images".
@@ -96,6 +101,11 @@ def image_config() -> ml_collections.ConfigDict:
       labeller="bradley_terry",
       metrics=("class_log_prob", "second_class_log_prob", "ink"),
       curriculum_keep_threshold=0.01,
+      segment_rows=2,
+      segment_tie=0.05,
+      guidance_min=0.65,
+      guidance_max=0.8,
+      min_nontie_fraction=0.2,
     )
   )
 
@@ -105,8 +115,8 @@ def image_config() -> ml_collections.ConfigDict:
   # rewards or their binary feedback. logps (pofx.options.IMAGE_LOGPS): what the step scores,
   # the pair's denoising errors, the recorded chains' per-step log-probs ("trajectory", with
   # step_labels: each step's own Bradley-Terry label on its predicted clean images), the
-  # patch-weighted errors ("patch") or the errors of a list's K images ("lists"; batch_size then
-  # counts lists).
+  # patch-weighted errors ("patch"), the errors signed by DenseDPO's band labels ("segments", with
+  # record "segments") or the errors of a list's K images ("lists"; batch_size then counts lists).
   c.train = ml_collections.ConfigDict(
     dict(
       loss="dpo",

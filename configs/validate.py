@@ -801,6 +801,40 @@ def _check_image_records(c) -> None:
       "config.train.logps='patch' reads per-patch quality maps, which data.patch_size=0 does not make; allowed: "
       f"data.patch_size in {list(options.IMAGE_PATCH_SIZES[1:])}."
     )
+  if (d.record == "segments") != (t.logps == "segments"):
+    raise ValueError(
+      f"config.train.logps={t.logps!r} is not allowed with data.record={d.record!r}: DenseDPO's band labels are "
+      "recorded by data.record='segments' and read by train.logps='segments' only; allowed: both 'segments', or "
+      "neither."
+    )
+  if d.record == "segments":
+    if d.pairing != "samples" or d.labeller != "bradley_terry" or d.patch_size:
+      raise ValueError(
+        f"config.data.record='segments' makes its own pairs (two samples denoised from one noised training digit) "
+        f"and labels (per band); allowed: data.pairing='samples', data.labeller='bradley_terry', "
+        f"data.patch_size=0 (got {d.pairing!r}, {d.labeller!r}, {d.patch_size!r})."
+      )
+    if isinstance(d.segment_rows, bool) or d.segment_rows not in options.IMAGE_SEGMENT_ROWS:
+      raise ValueError(
+        f"config.data.segment_rows={d.segment_rows!r} is not allowed; allowed: {list(options.IMAGE_SEGMENT_ROWS)} "
+        "(rows per band of the 8x8 images)."
+      )
+    g0, g1 = d.guidance_min, d.guidance_max
+    nums = all(not isinstance(v, bool) and isinstance(v, (int, float)) for v in (g0, g1))
+    if not nums or not 0.0 < g0 <= g1 < 1.0:
+      raise ValueError(
+        f"config.data.guidance_min={g0!r}, guidance_max={g1!r} are not allowed; allowed: 0 < guidance_min <= "
+        "guidance_max < 1 (rectified-flow times; the paper's 0.65 and 0.8)."
+      )
+    tie = d.segment_tie
+    if isinstance(tie, bool) or not isinstance(tie, (int, float)) or not 0.0 <= tie < math.inf:
+      raise ValueError(f"config.data.segment_tie={tie!r} is not allowed; allowed: a finite number >= 0.")
+    frac = d.min_nontie_fraction
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 < frac <= 1.0:
+      raise ValueError(
+        f"config.data.min_nontie_fraction={frac!r} is not allowed; allowed: a number in (0, 1] (a pair of ties "
+        "only carries no label)."
+      )
   if t.step_labels and (t.logps != "trajectory" or d.record != "chains"):
     raise ValueError(
       f"config.train.step_labels=True needs the step-wise labels of recorded chains; allowed: train.logps='trajectory' "

@@ -16,14 +16,16 @@ image-domain config (`config.domain == "image"`) to `run` here:
                labeller's probabilities and the binary feedback of each sample); per
                `data.record` also the two reverse chains of each pair with the sampler's per-step
                log-probs and step-wise labels ("chains", `chain_pairs`) or SPO's step-wise pairs
-               instead ("spo_steps", `spo_pairs`), or TailorPO's ("tailor_steps", `tailor_pairs`);
+               instead ("spo_steps", `spo_pairs`), or TailorPO's ("tailor_steps", `tailor_pairs`),
+               or DenseDPO's structurally similar pairs with a label per band of rows
+               ("segments", `segment_pairs`);
                with `data.patch_size` per-patch quality maps
                (`patch_quality`); "lists": `data.list_size` samples per prompt instead, each
                with its share of wins under pairwise Bradley-Terry labels (`ranked_lists`)
   3. train     `pofx.train.make_train_step` on the `logps_fn` of `train.logps` (`logps_fn_of`: the
                pair errors of `pofx.diffusion.pairs.make_logps_fn`, the chains' per-step log-probs
                of `pofx.diffusion.methods.make_trajectory_logps_fn`, PatchDPO's weighted errors,
-               or the K-way lists' errors of `pofx.diffusion.pairs.make_list_logps_fn`):
+               DenseDPO's band-signed errors, or the K-way lists' errors of `pofx.diffusion.pairs.make_list_logps_fn`):
                the loss from the registry, the reference strategy and the weight perturbation of
                the config; a fresh PRNG key per pair and step gives its timestep and noise
                -> <workdir>/final_params
@@ -348,7 +350,7 @@ def make_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
   training digit of the class (chosen) and one sample (pairing "data_vs_sample"); with
   `data.record` "chains", the two samples' reverse chains from one shared x_T and their
   step-wise labels (`chain_pairs`); "spo_steps", SPO's step-wise pairs (`spo_pairs`), or
-  "tailor_steps", TailorPO's (`tailor_pairs`), or "lists",
+  "tailor_steps", TailorPO's (`tailor_pairs`), or "segments", DenseDPO's (`segment_pairs`), or "lists",
   K-way ranked lists (`ranked_lists`), or "curriculum", Curriculum DPO's pairs with their reward
   gaps (`curriculum_data`), instead.
   With `data.patch_size`, the per-patch quality maps of each pair (`patch_quality`)."""
@@ -358,6 +360,8 @@ def make_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
     return tailor_pairs(c, world, model, params, schedule, key)
   if c.data.record == "lists":
     return ranked_lists(c, world, model, params, schedule, key)
+  if c.data.record == "segments":
+    return segment_pairs(c, world, model, params, schedule, key)
   if c.data.record == "chains":
     data = chain_pairs(c, world, model, params, schedule, key)
   elif c.data.record == "curriculum":
@@ -692,6 +696,109 @@ def tailor_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray
   return data
 
 
+def _band_swapped(x, y, rows: int) -> np.ndarray:
+  """`[N, F, 8, 8, 1]`: x with its band f (rows f*rows ... (f+1)*rows - 1) replaced by y's, for every f."""
+  f = world_lib.IMAGE_SHAPE[0] // rows
+  out = np.repeat(np.asarray(x, np.float32)[:, None], f, axis=1)
+  for i in range(f):
+    out[:, i, i * rows : (i + 1) * rows] = y[:, i * rows : (i + 1) * rows]
+  return out
+
+
+def band_advantages(world, a, b, labels, rows: int) -> np.ndarray:
+  """`[N, F]`: how much better a's band f is than b's under the gold reward, by swapping it.
+
+  The gold reward does not decompose over bands of rows (its classifier reads the whole image), so
+  the advantage of band f is the mean of the two swap tests:
+  `d_f = ((r*(a) - r*(a with b's band f)) + (r*(b with a's band f) - r*(b))) / 2`: positive where
+  a's band raises the reward, the same for (a, b) and -(b, a)."""
+  n, f = len(labels), world_lib.IMAGE_SHAPE[0] // rows
+  flat = lambda v: v.reshape((-1,) + world_lib.IMAGE_SHAPE)
+  y = np.repeat(np.asarray(labels, np.int32), f)
+  r_a, r_b = world.gold_reward(a, labels), world.gold_reward(b, labels)
+  r_a_sw = world.gold_reward(flat(_band_swapped(a, b, rows)), y).reshape(n, f)
+  r_b_sw = world.gold_reward(flat(_band_swapped(b, a, rows)), y).reshape(n, f)
+  return (0.5 * ((r_a[:, None] - r_a_sw) + (r_b_sw - r_b[:, None]))).astype(np.float32)
+
+
+def segment_labels(world, key, advantages, tie: float) -> np.ndarray:
+  """DenseDPO's band labels `[N, F]` in {-1, 0, +1} from `band_advantages`: 0 (a tie) where
+  `|d_f| < tie`, otherwise a Bradley-Terry draw on the band, +1 with probability
+  `sigmoid(label_scale * d_f)` (the world's labeller, one draw per band)."""
+  d = np.asarray(advantages, np.float64)
+  prefer_a = np.asarray(jax.random.uniform(key, d.shape)) < world.preference_prob(d, 0.0)
+  return np.where(np.abs(d) < tie, 0, np.where(prefer_a, 1, -1)).astype(np.int8)
+
+
+def segment_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
+  """DenseDPO's structurally similar pairs with band labels (`data.record="segments"`; Wu et al.
+  2025, arXiv:2506.03517, section 3.2 eq. 6 and Algorithm 2, section 3.3, appendix A.3).
+
+  Per balanced class prompt, a training digit x of the class and a guidance level eta drawn
+  uniformly from [`data.guidance_min`, `data.guidance_max`] (the paper's [0.65, 0.8]); two copies of
+  x are noised with two noises to the sampler step of the same signal-to-noise ratio as
+  rectified-flow time eta (`methods.guided_start_index`) and both are denoised from there by the
+  pair stage's sampler (`_candidate_proposer`, one candidate per step). Each band of
+  `data.segment_rows` rows gets a label (`band_advantages`, `segment_labels` with
+  `data.segment_tie`); pairs whose share of non-tie bands is below `data.min_nontie_fraction` are
+  dropped (A.3: 20%). The sample whose bands win more often (the higher gold reward on a draw) is
+  "chosen" and the labels are stored relative to it (`segment_labels` [P, F] int8), with
+  `band_advantages` [P, F], `guidance` [P] and `start_index` [P] (the first sampler step run)."""
+  d = c.data
+  n, size, rows = int(d.num_pairs), int(d.sample_batch), int(d.segment_rows)
+  labels = balanced_labels(n)
+  rng = np.random.default_rng([int(c.seed), 18, 7])
+  real = np.stack([world.images[rng.choice(np.flatnonzero(world.labels == k))] for k in labels])
+  guidance = rng.uniform(float(d.guidance_min), float(d.guidance_max), n)
+  ts, prev = samplers.timesteps(schedule, int(d.num_steps))
+  start = methods.guided_start_index(schedule, ts, guidance)
+  shape = (size,) + world_lib.IMAGE_SHAPE
+  propose = _candidate_proposer(c, model, schedule, 1)
+  k_noise, k_steps, k_label, k_binary = jax.random.split(key, 4)
+  out = ([], [])
+  for ci in range(-(-n // size)):
+    chunk = labels[ci * size : (ci + 1) * size]
+    m = len(chunk)
+    pad = lambda v, fill=0: np.concatenate([v, np.full((size - m,) + v.shape[1:], fill, v.dtype)])
+    cond = jnp.asarray(pad(chunk))
+    x_real, first = jnp.asarray(pad(real[ci * size : ci * size + m])), pad(start[ci * size : ci * size + m], len(ts))
+    for member in (0, 1):
+      k_member = jax.random.fold_in(jax.random.fold_in(k_noise, ci), member)
+      eps = jax.random.normal(k_member, shape, jnp.float32)
+      x = np.zeros(shape, np.float32)
+      for i, (t, tp) in enumerate(zip(ts.tolist(), prev.tolist())):
+        now = (first == i).reshape(-1, 1, 1, 1)
+        x = np.where(now, np.asarray(schedules.add_noise(schedule, x_real, eps, jnp.full((size,), t, jnp.int32))), x)
+        running = (first <= i).reshape(-1, 1, 1, 1)
+        if not running.any():
+          continue
+        key_i = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(k_steps, ci), member), i)
+        cands, _ = propose(params, jnp.asarray(x), t, tp, cond, key_i)
+        x = np.where(running, np.asarray(cands[0]), x)
+      out[member].append(np.clip(x[:m], -1.0, 1.0))
+  a, b = (np.concatenate(v).astype(np.float32) for v in out)
+  adv = band_advantages(world, a, b, labels, rows)
+  lab = segment_labels(world, k_label, adv, float(d.segment_tie))
+  keep = np.mean(lab != 0, axis=1) >= float(d.min_nontie_fraction)
+  if not keep.any():
+    raise ValueError(
+      f"pairs: no DenseDPO pair has data.min_nontie_fraction={d.min_nontie_fraction} of its bands labelled "
+      f"(data.segment_tie={d.segment_tie}; |band advantage| median {np.median(np.abs(adv)):.3g})."
+    )
+  a, b, labels, adv, lab, guidance, start = (v[keep] for v in (a, b, labels, adv, lab, guidance, start))
+  wins = np.sum(lab, axis=1)
+  prefer_a = (wins > 0) | ((wins == 0) & (world.gold_reward(a, labels) >= world.gold_reward(b, labels)))
+  sign = np.where(prefer_a, 1, -1)[:, None]
+  data = _labelled(world, a, b, labels, prefer_a, k_binary)
+  data.update(
+    segment_labels=(sign * lab).astype(np.int8),
+    band_advantages=(sign * adv).astype(np.float32),
+    guidance=guidance.astype(np.float32),
+    start_index=start.astype(np.int32),
+  )
+  return data
+
+
 def patch_quality(world, chosen, rejected, labels, patch_size: int) -> np.ndarray:
   """PatchDPO's per-patch quality of the generation (`rejected`) against the reference image
   (`chosen`), [N, 8 / p, 8 / p] float32 in (0, 1), p = `patch_size`.
@@ -746,8 +853,9 @@ def logps_fn_of(c, model, schedule):
   """The train step's `logps_fn` for `train.logps`: the pair's denoising errors
   (`pairs.make_logps_fn`), the recorded chains' per-step DDIM(eta) / DDPM log-probs averaged over
   the pixels (`methods.make_trajectory_logps_fn`, the sampler and eta of the pair stage), the
-  patch-weighted errors (`methods.make_patch_logps_fn`), or the errors of a list's K images under
-  one timestep and noise per list (`pairs.make_list_logps_fn`). With `train.winner_preserving_mu`,
+  patch-weighted errors (`methods.make_patch_logps_fn`), DenseDPO's errors signed by the band
+  labels (`methods.make_dense_logps_fn`), or the errors of a list's K images under one timestep
+  and noise per list (`pairs.make_list_logps_fn`). With `train.winner_preserving_mu`,
   the pair errors carry Diffusion-SDPO's safeguard (`methods.make_pair_logps_fn`)."""
   if c.train.logps == "trajectory":
     kw = _sample_kwargs(c)
@@ -758,6 +866,8 @@ def logps_fn_of(c, model, schedule):
     return methods.make_patch_logps_fn(methods.make_pairs_predict(model.denoise, schedule))
   if c.train.logps == "lists":
     return pairs_lib.make_list_logps_fn(model.denoise, schedule)
+  if c.train.logps == "segments":
+    return methods.make_dense_logps_fn(methods.make_pairs_predict(model.denoise, schedule))
   if c.train.winner_preserving_mu is not None:  # Diffusion-SDPO: the loser's gradient scaled
     return methods.make_pair_logps_fn(
       methods.make_pairs_predict(model.denoise, schedule), winner_preserving_mu=float(c.train.winner_preserving_mu)
@@ -813,6 +923,8 @@ def make_batch(c, spec, data, idx, noise_keys) -> Dict[str, Any]:
     if c.train.logps == "patch":
       b["chosen_patch_quality"] = jnp.asarray(data["chosen_patch_quality"][idx])
       b["rejected_patch_quality"] = jnp.asarray(data["rejected_patch_quality"][idx])
+    if c.train.logps == "segments":
+      b["segment_labels"] = jnp.asarray(data["segment_labels"][idx], jnp.float32)
   if "scores" in spec.requires:
     kind = "reward" if c.train.scores == "reward" else "desirable"
     b["chosen_scores"] = jnp.asarray(data[f"chosen_{kind}"][idx], jnp.float32)
@@ -887,12 +999,18 @@ def label_summary(data) -> Dict[str, float]:
   """How the labels agree with the gold reward: over the pairs, `pairs_label_agreement` (the share
   whose chosen image has the higher gold reward) and `pairs_reward_gap` (the mean chosen-minus-
   rejected reward); for K-way lists, the same over every ordered pair (i, j) of a list with
-  phi_i > phi_j, and `list_size`."""
+  phi_i > phi_j, and `list_size`; for DenseDPO's band labels also `segment_tie_share` and
+  `segment_label_agreement` (the share of non-tie bands labelled as their swap advantage's sign)."""
   if "list_scores" not in data:
-    return {
+    out = {
       "pairs_label_agreement": float(np.mean(data["chosen_reward"] > data["rejected_reward"])),
       "pairs_reward_gap": float(np.mean(data["chosen_reward"] - data["rejected_reward"])),
     }
+    if "segment_labels" in data:
+      lab, adv = np.asarray(data["segment_labels"]), np.asarray(data["band_advantages"])
+      out["segment_tie_share"] = float(np.mean(lab == 0))
+      out["segment_label_agreement"] = float(np.mean(np.sign(adv[lab != 0]) == lab[lab != 0]))
+    return out
   phi, r = data["list_scores"], data["list_rewards"].astype(np.float64)
   above = phi[:, :, None] > phi[:, None, :]
   gap = (r[:, :, None] - r[:, None, :])[above]

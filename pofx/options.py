@@ -149,15 +149,21 @@ IMAGE_SCORES = ("reward", "binary")
 # their predicted clean images); or K-way lists (`data.list_size` samples per prompt, each with the
 # share of the others it beats under Bradley-Terry labels: RankDPO); or Curriculum DPO's pairs (every
 # pair of `data.list_size` samples of a prompt whose gold-reward gap exceeds
-# `data.curriculum_keep_threshold`, the higher-scored image chosen, with its gap).
-IMAGE_PAIR_RECORDS = ("images", "chains", "spo_steps", "tailor_steps", "lists", "curriculum")
+# `data.curriculum_keep_threshold`, the higher-scored image chosen, with its gap); or DenseDPO's
+# structurally similar pairs (two samples denoised from two noised copies of one training digit,
+# with a label per band of rows).
+IMAGE_PAIR_RECORDS = ("images", "chains", "spo_steps", "tailor_steps", "lists", "curriculum", "segments")
 # How the image program's train step scores a pair (`train.logps`): the denoising errors of the two
 # images under a shared timestep and noise (Diffusion-DPO's `PairLogps`); the per-step log-probs
 # of the recorded chains (`pofx.diffusion.methods.make_trajectory_logps_fn`); or the errors weighted
 # by per-patch quality maps (PatchDPO, `make_patch_logps_fn`); or the errors of the K images of a
 # list under one timestep and noise per list (`pofx.diffusion.pairs.make_list_logps_fn`, for a loss
-# that takes K-way lists: RankDPO).
-IMAGE_LOGPS = ("pairs", "trajectory", "patch", "lists")
+# that takes K-way lists: RankDPO); or the errors signed band by band by the segment labels and
+# averaged over the non-tie bands (DenseDPO, `make_dense_logps_fn`).
+IMAGE_LOGPS = ("pairs", "trajectory", "patch", "lists", "segments")
+# Rows per segment of DenseDPO's band labels (`data.segment_rows`): divisors of the 8 rows (8: one
+# label per pair, StructuralDPO's).
+IMAGE_SEGMENT_ROWS = (1, 2, 4, 8)
 # The side of a square patch of the quality maps (`data.patch_size`, pixels; 0: no maps): divisors
 # of the world's 8x8 images.
 IMAGE_PATCH_SIZES = (0, 1, 2, 4, 8)

@@ -90,6 +90,7 @@ FAMILIES = {
   "diffusion_sdpo": "tiny",
   "diffusion_curriculum_dpo": None,
   "diffusion_tailor_po_g": None,
+  "diffusion_dense_dpo": None,
 }
 ALL_FAMILIES = (
   "diffusion_dpo",
@@ -108,6 +109,7 @@ ALL_FAMILIES = (
   "diffusion_curriculum_dpo",
   "diffusion_tailor_po",
   "diffusion_tailor_po_g",
+  "diffusion_dense_dpo",
 )
 
 
@@ -326,6 +328,40 @@ def test_balanced_dpo_pairs_follow_the_metrics_majority(family_runs):
   assert c.train.reference.kind == "synced" and s["config"]["train"]["reference"]["kind"] == "synced"
 
 
+def test_dense_dpo_pairs_are_guided_copies_labelled_band_by_band(family_runs):
+  """DenseDPO's pairs: two samples denoised from noised copies of one digit, a label per band of 2
+  rows. The band advantages are recomputed here by swapping rows with the world's gold reward; a
+  band is a tie exactly where |advantage| < data.segment_tie; the stored labels are relative to the
+  chosen sample, which wins at least as many bands as it loses."""
+  from experiments import diffusion
+
+  dst, c, s, _ = family_runs["diffusion_dense_dpo"]
+  d = _pairs(dst)
+  world = world_lib.ImageWorld(world_lib.ImageWorldConfig(seed=c.seed, **dict(c.world)))
+  lab, adv, y = d["segment_labels"], d["band_advantages"].astype(np.float64), d["class_labels"]
+  p = len(y)
+  assert lab.shape == adv.shape == (p, 4) and 0 < p <= c.data.num_pairs and s["pairs_count"] == p
+  assert set(np.unique(lab)) <= {-1, 0, 1}
+  assert np.all(np.mean(lab != 0, axis=1) >= c.data.min_nontie_fraction) and np.all(lab.sum(axis=1) >= 0)
+  np.testing.assert_array_equal(lab == 0, np.abs(adv) < c.data.segment_tie)
+  assert np.all((c.data.guidance_min <= d["guidance"]) & (d["guidance"] <= c.data.guidance_max))
+  r = lambda x: world.gold_reward(x, y).astype(np.float64)
+  for f in range(4):
+    band = slice(2 * f, 2 * f + 2)
+    w_sw, l_sw = d["chosen"].copy(), d["rejected"].copy()
+    w_sw[:, band], l_sw[:, band] = d["rejected"][:, band], d["chosen"][:, band]
+    np.testing.assert_allclose(adv[:, f], 0.5 * ((r(d["chosen"]) - r(w_sw)) + (r(l_sw) - r(d["rejected"]))), atol=2e-5)
+  # Two images that differ in band 0 only: the other bands have no advantage, and band 0's is the
+  # whole reward difference (both swap tests give it).
+  a = d["chosen"][:3]
+  b = a.copy()
+  b[:, :2] = d["rejected"][:3, :2]
+  got = diffusion.band_advantages(world, a, b, y[:3], 2)
+  np.testing.assert_array_equal(got[:, 1:], 0.0)
+  np.testing.assert_allclose(got[:, 0], world.gold_reward(a, y[:3]) - world.gold_reward(b, y[:3]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(diffusion.band_advantages(world, b, a, y[:3], 2), -got, atol=1e-6)
+
+
 def test_sdpo_family_scales_the_losers_gradient(family_runs):
   """Diffusion-SDPO's family: the program's logps_fn is the safeguarded one. Its values equal the
   plain pair errors' and its gradient is the plain one with the loser's part scaled by lambda
@@ -437,6 +473,14 @@ def _tiny(family=""):
     ("curriculum_dpo:train.curriculum.update_every", 0, "config.train.curriculum.update_every=0 is not allowed"),
     ("curriculum_dpo:data.curriculum_keep_threshold", -1.0, "config.data.curriculum_keep_threshold=-1.0 is not"),
     ("curriculum_dpo:train.logps", "patch", "config.train.logps='patch' is not allowed with data.record='curriculum'"),
+    ("dense_dpo:data.segment_rows", 3, "config.data.segment_rows=3 is not allowed; allowed: [1, 2, 4, 8]"),
+    ("dense_dpo:data.guidance_max", 1.0, "allowed: 0 < guidance_min <= guidance_max < 1"),
+    ("dense_dpo:data.guidance_min", 0.9, "allowed: 0 < guidance_min <= guidance_max < 1"),
+    ("dense_dpo:data.segment_tie", -0.1, "config.data.segment_tie=-0.1 is not allowed; allowed: a finite number >= 0"),
+    ("dense_dpo:data.min_nontie_fraction", 0.0, "config.data.min_nontie_fraction=0.0 is not allowed"),
+    ("dense_dpo:train.logps", "pairs", "DenseDPO's band labels are recorded by data.record='segments'"),
+    ("dense_dpo:data.pairing", "data_vs_sample", "config.data.record='segments' makes its own pairs"),
+    ("train.logps", "segments", "DenseDPO's band labels are recorded by data.record='segments'"),
     (
       "balanced_dpo:data.metrics",
       ("ink", "clip"),
@@ -489,6 +533,7 @@ def test_every_image_family_validates(family):
     ("train.winner_preserving_mu", 0.5, {"train", "eval"}),
     ("train.curriculum.update_every", 3, {"train", "eval"}),
     ("data.curriculum_keep_threshold", 0.2, {"pairs", "train", "eval"}),
+    ("data.segment_tie", 0.1, {"pairs", "train", "eval"}),
   ],
 )
 def test_stage_records_change_with_what_each_stage_reads(field, value, changed):

@@ -13,6 +13,9 @@ diffusion `PairLogps`; the descendants are in `pofx/losses/_diffusion.py`).
   (`make_pairs_predict`: those of an `ImagePairs` batch, drawn as `pofx.diffusion.pairs` draws them).
 - `patch_weighted_errors`, `patch_pair_logps`, `make_patch_logps_fn`: PatchDPO's per-image errors
   weighted by patch quality maps (the loss is `pofx.losses.patch_dpo`).
+- `segment_signed_errors`, `dense_pair_logps`, `make_dense_logps_fn`, `guided_start_index`:
+  DenseDPO's segment-labelled errors of a structurally similar pair (one label per segment along
+  axis 1, ties left out) and where its guided pair generation starts in a sampler run.
 - `inversion_divergence`: Inversion-DPO's weighted divergence of the policy from the reference
   along a DDIM-inversion path.
 - `gaussian_step_logps`: the per-step Gaussian log-density of a sampler transition, averaged or
@@ -227,6 +230,91 @@ def make_patch_logps_fn(predict: Callable) -> Callable[..., PairLogps]:
     )
 
   return logps_fn
+
+
+# -------------------------------------------------------------------------------------------------
+# DenseDPO: segment-level preferences on structurally similar pairs
+# -------------------------------------------------------------------------------------------------
+
+
+def segment_signed_errors(prediction: Array, target: Array, segment_labels: Array) -> Array:
+  r"""DenseDPO's per-sample error: the squared error signed by each segment's label, averaged over
+  the elements of the segments that are not tied, `[B]` float32.
+
+  Segments split axis 1 (the frames of a video `[B, T, H, W, C]`, the rows of an image
+  `[B, H, W, C]`) into F equal runs; `segment_labels` `[B, F]` holds `l_f` in {-1, 0, +1}: +1 where
+  the first sample of the pair is preferred on segment f, -1 where the second is, 0 a tie. With
+  `d = prediction - target` and `n` the number of elements in non-tie segments,
+
+    `E = sum_{f: l_f != 0} l_f sum_{elements of f} d^2 / n`   (0 for a pair of ties only).
+
+  Labels are data: no gradient flows into them.
+  """
+  pred = _f32(prediction)
+  lab = jax.lax.stop_gradient(_f32(segment_labels))
+  b, axis_len = pred.shape[0], pred.shape[1]
+  if lab.ndim != 2 or lab.shape[0] != b or lab.shape[1] < 1 or axis_len % lab.shape[1]:
+    raise ValueError(
+      f"segment_signed_errors: segment_labels must be [B, F] with F dividing {axis_len} (axis 1 of the "
+      f"predictions; B = {b}); got {tuple(lab.shape)}."
+    )
+  f = lab.shape[1]
+  d = pred - _f32(target)
+  per_segment = jnp.sum((d * d).reshape((b, f, -1)), axis=2)  # [B, F]: sum over each segment's elements
+  seg_size = d.size // (b * f)
+  nontie = jnp.sum((lab != 0).astype(jnp.float32), axis=1) * seg_size
+  return jnp.sum(lab * per_segment, axis=1) / jnp.maximum(nontie, 1.0)
+
+
+def dense_pair_logps(pred_0, pred_1, target_0, target_1, segment_labels) -> PairLogps:
+  r"""DenseDPO's pair: `chosen = -0.5 E_0`, `rejected = -0.5 E_1` (`segment_signed_errors`, both signed by
+  the same labels, which are relative to sample 0).
+
+  With `s = e_theta - e_ref` per element, `dpo` on this pair is
+
+    `-log sigmoid(-beta/2 * sum_{f: l_f != 0} l_f (s_f(x0) - s_f(x1)) / n)`,
+
+  Wu et al. 2025, "DenseDPO: Fine-Grained Temporal Preference Optimization for Video Diffusion
+  Models", arXiv:2506.03517, eq. 7 (one sigmoid per pair, the segments' implicit rewards summed
+  inside it, each signed by its label), with the loss "averaged over all non-tie tokens" of the
+  pair (appendix A.3), and pofx's 1/2 and per-element mean of Diffusion-DPO (`beta` as in
+  configs/diffusion_dpo.py). All labels +1 gives Diffusion-DPO (`pair_logps`) exactly.
+  """
+  e_0 = segment_signed_errors(pred_0, target_0, segment_labels)
+  e_1 = segment_signed_errors(pred_1, target_1, segment_labels)
+  return PairLogps(chosen=-0.5 * e_0, rejected=-0.5 * e_1)
+
+
+def make_dense_logps_fn(predict: Callable) -> Callable[..., PairLogps]:
+  """A `logps_fn(params, batch)` for DenseDPO: `predict(params, batch) -> (pred_0, pred_1, target_0,
+  target_1)` as in `make_pair_logps_fn`, and the labels under `batch["segment_labels"]` (`[B, F]`),
+  through `dense_pair_logps`."""
+
+  def logps_fn(params, batch):
+    pred_0, pred_1, target_0, target_1 = predict(params, batch)
+    return dense_pair_logps(pred_0, pred_1, target_0, target_1, batch["segment_labels"])
+
+  return logps_fn
+
+
+def guided_start_index(schedule, timesteps, guidance) -> np.ndarray:
+  r"""Where DenseDPO's guided pair generation starts in a sampler run (host-side), `[N]` int.
+
+  The paper (arXiv:2506.03517, eq. 6 and Algorithm 2) noises a real video to rectified-flow time
+  `eta`, `x_eta = (1 - eta) x + eta eps_i`, with two noises, and denoises both copies from there.
+  Under a variance-preserving schedule the same point is `sqrt(abar) x + sqrt(1 - abar) eps` with
+  equal signal-to-noise ratio, `abar / (1 - abar) = (1 - eta)^2 / eta^2` (the two differ by a
+  scale only). Returns, per guidance level `eta` in (0, 1), the index into `timesteps` (a sampler
+  run's, descending: `pofx.diffusion.samplers.timesteps`) whose `abar` is closest to
+  `(1 - eta)^2 / ((1 - eta)^2 + eta^2)` in log signal-to-noise ratio.
+  """
+  eta = np.asarray(guidance, np.float64)
+  if eta.ndim > 1 or not np.all((eta > 0) & (eta < 1)):
+    raise ValueError(f"guided_start_index: guidance levels must be a scalar or [N] in (0, 1); got {guidance!r}.")
+  abar = np.asarray(schedule.alphas_cumprod, np.float64)[np.asarray(timesteps)]
+  log_snr_run = np.log(abar) - np.log1p(-abar)  # [S]
+  log_snr_eta = 2.0 * (np.log1p(-eta) - np.log(eta))
+  return np.argmin(np.abs(log_snr_run[None, :] - np.atleast_1d(log_snr_eta)[:, None]), axis=1).reshape(eta.shape)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -350,3 +350,70 @@ def test_reward_guidance_moves_up_the_reward_and_keeps_only_a_rise():
   np.testing.assert_array_equal(accepted, [True, False])
   np.testing.assert_allclose(np.asarray(out[0]), a[0] + 0.6 * (np.asarray(x[0]) - a[0]), rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(x[1]))
+
+
+def test_segment_signed_errors_by_hand():
+  # One image of 4 rows (W = C = 1) with residuals 1, 2, 3, 4 row by row: squared 1, 4, 9, 16.
+  # Two segments of 2 rows hold 5 and 25. Signed by the labels, averaged over the non-tie rows.
+  target = jnp.zeros((1, 4, 1, 1))
+  pred = jnp.arange(1.0, 5.0).reshape(1, 4, 1, 1)
+  e = lambda labels: float(methods.segment_signed_errors(pred, target, jnp.asarray([labels], jnp.float32))[0])
+  assert e([1, -1]) == pytest.approx((5 - 25) / 4)
+  assert e([0, 1]) == pytest.approx(25 / 2)
+  assert e([-1, 0]) == pytest.approx(-5 / 2)
+  assert e([0, 0]) == 0.0  # a pair of ties only carries nothing
+  assert e([1, 1, 1, 1]) == pytest.approx(30 / 4)  # every segment +1: the mean squared error
+  # Segments split axis 1 of any rank: a video [B, T, H, W, C] is split along its frames.
+  video = jnp.arange(24.0).reshape(1, 4, 3, 2, 1)
+  got = methods.segment_signed_errors(video, jnp.zeros_like(video), jnp.asarray([[0.0, 1.0, 0.0, -1.0]]))
+  sq = np.arange(24.0).reshape(4, 6) ** 2
+  assert float(got[0]) == pytest.approx((sq[1].sum() - sq[3].sum()) / 12)
+  with pytest.raises(ValueError, match="F dividing 4"):
+    methods.segment_signed_errors(pred, target, jnp.ones((1, 3)))
+
+
+def test_dense_dpo_is_eq7_over_non_tie_tokens_and_diffusion_dpo_with_all_labels_positive():
+  """`dpo` on `dense_pair_logps` against arXiv:2506.03517 eq. 7 written out in float64 numpy: per pair
+  `-log sigmoid(-beta/2 * sum_f l_f (s_f(x0) - s_f(x1)) / n)`, s = policy minus reference squared
+  error summed over the segment, n the element count of the non-tie segments (A.3); and, with every
+  label +1, the same numbers as Diffusion-DPO's `pair_logps`."""
+  import pofx.losses
+
+  rng = np.random.default_rng(3)
+  b, beta = 5, 5000.0
+  p0, p1, r0, r1, tgt0, tgt1 = (rng.normal(size=(b, H, W, C)).astype(np.float32) for _ in range(6))
+  labels = np.array([[1, -1], [0, 1], [-1, -1], [1, 0], [1, 1]], np.float32)
+  policy = methods.dense_pair_logps(p0, p1, tgt0, tgt1, labels)
+  reference = methods.dense_pair_logps(r0, r1, tgt0, tgt1, labels)
+  got = np.asarray(pofx.losses.dpo(policy, reference, beta=beta))
+
+  seg = lambda p, t: ((p.astype(np.float64) - t) ** 2).reshape(b, 2, -1).sum(axis=2)  # [B, F]
+  s0, s1 = seg(p0, tgt0) - seg(r0, tgt0), seg(p1, tgt1) - seg(r1, tgt1)
+  n = (labels != 0).sum(axis=1) * (H // 2) * W * C
+  z = -beta / 2 * (labels * (s0 - s1)).sum(axis=1) / n
+  np.testing.assert_allclose(got, np.logaddexp(0.0, -z), rtol=2e-4)
+
+  ones = np.ones((b, 2), np.float32)
+  dense = pofx.losses.dpo(
+    methods.dense_pair_logps(p0, p1, tgt0, tgt1, ones), methods.dense_pair_logps(r0, r1, tgt0, tgt1, ones), beta=beta
+  )
+  plain = pofx.losses.dpo(methods.pair_logps(p0, p1, tgt0, tgt1), methods.pair_logps(r0, r1, tgt0, tgt1), beta=beta)
+  np.testing.assert_allclose(np.asarray(dense), np.asarray(plain), rtol=1e-5)
+  # Labels are data: no gradient reaches them.
+  g = jax.grad(lambda lab: jnp.sum(methods.dense_pair_logps(p0, p1, tgt0, tgt1, lab).chosen))(jnp.asarray(labels))
+  np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
+def test_guided_start_index_matches_the_rectified_flow_signal_to_noise_ratio():
+  # abar_t = 1 - (t + 1) / 1001 on a 10-step run t = 900, 800, ..., 0. Rectified-flow time eta has
+  # signal-to-noise ratio (1 - eta)^2 / eta^2, i.e. abar = (1 - eta)^2 / ((1 - eta)^2 + eta^2):
+  # eta = 0.5 -> abar 0.5 -> t = 499.5: t = 500 (abar 0.4995) is nearer than 400 in log-SNR;
+  # eta = 0.75 -> abar 0.1 -> t = 899.9: t = 900, index 0; eta = 0.25 -> abar 0.9 -> t = 99.1: t = 100.
+  class Sched:
+    alphas_cumprod = 1.0 - (np.arange(1000) + 1.0) / 1001.0
+
+  ts = np.arange(9, -1, -1) * 100
+  np.testing.assert_array_equal(methods.guided_start_index(Sched, ts, [0.5, 0.75, 0.25]), [4, 0, 8])
+  assert int(methods.guided_start_index(Sched, ts, 0.5)) == 4
+  with pytest.raises(ValueError, match=r"in \(0, 1\)"):
+    methods.guided_start_index(Sched, ts, [0.5, 1.0])
