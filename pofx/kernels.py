@@ -25,8 +25,9 @@ floating-point summation order, differentiable, jittable):
   `cap(s) = softcap * tanh(s / softcap)` (Gemma 2's attention logit soft-capping) or the identity.
   The model passes `softcap=` only when its config sets one, so an attention function written for
   Llama-family models need not accept it. `mask` is one of the descriptions below (a pytree, so it
-  travels through `jit`); a replacement must honour its `window` (sliding-window attention) or
-  hand the call to `xla_attention`.
+  travels through `jit`), or None: every query sees every key (bidirectional attention over short
+  rows, e.g. a diffusion U-Net's self- and cross-attention; `full_attention`). A replacement must
+  honour a mask's `window` (sliding-window attention) or hand the call to `xla_attention`.
 - `conv_general_dilated(lhs, rhs, window_strides, padding, ...)`: `jax.lax.conv_general_dilated`'s
   signature and meaning (for convolutional models such as diffusion U-Nets).
 - `group_norm(x, scale, bias, *, groups, eps, silu=False)`: GroupNorm of float32 channels-last
@@ -185,11 +186,11 @@ def masked_softmax_attention(
 
 
 def cache_attention(
-  q: Array, k: Array, v: Array, mask: Array, *, scale: float, softcap: Optional[float] = None
+  q: Array, k: Array, v: Array, mask: Optional[Array], *, scale: float, softcap: Optional[float] = None
 ) -> Array:
   """`masked_softmax_attention` for decoding (a few queries over a key/value cache), written as
   two batched products over (batch, key/value head) with the slots contracted in place:
-  `q [B, Lq, K, G, hd]`, `k, v [B, S, K, hd]`, `mask [B, Lq, S]`.
+  `q [B, Lq, K, G, hd]`, `k, v [B, S, K, hd]`, `mask [B, Lq, S]` (None: every slot is seen).
 
   The products are `q [Lq G, hd] . k [hd, S]` and `p [Lq G, S] . v [S, hd]` per (row, head), so
   the keys enter as `[B, K, hd, S]` and the values as `[B, K, S, hd]`: a cache stored in those
@@ -202,10 +203,26 @@ def cache_attention(
   qh = jnp.transpose(q, (0, 2, 1, 3, 4)).reshape(B, K, Lq * G, hd)  # rows (query, group)
   scores = jax.lax.dot_general(qh, kt, (((3,), (2,)), ((0, 1), (0, 1))), preferred_element_type=jnp.float32)
   scores = softcap_scores(scores * scale, softcap).reshape(B, K, Lq, G, -1)
-  scores = jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
+  if mask is not None:
+    scores = jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B, K, Lq * G, -1)
   out = jax.lax.dot_general(probs, vh, (((3,), (2,)), ((0, 1), (0, 1))))  # [B, K, Lq G, hd]
   return jnp.transpose(out.reshape(B, K, Lq, G, hd), (0, 2, 1, 3, 4)).astype(q.dtype)
+
+
+def full_attention(q: Array, k: Array, v: Array, *, scale: float, softcap: Optional[float] = None) -> Array:
+  """`softmax(cap(scale q k^T)) v` with every query seeing every key (the attention injection
+  point's `mask=None`): `q [B, Lq, K, G, hd]`, `k, v [B, Lk, K, hd]` -> `[B, Lq, K, G, hd]` in q's
+  dtype, scores and softmax float32. One head (K = G = 1) is two batched products over the batch
+  with no head axis to move; several heads are `cache_attention`'s products without a mask."""
+  B, Lq, K, G, hd = q.shape
+  if K != 1 or G != 1:
+    return cache_attention(q, k, v, None, scale=scale, softcap=softcap)
+  q1, k1, v1 = q.reshape(B, Lq, hd), k.reshape(B, -1, hd), v.reshape(B, -1, hd)
+  scores = jax.lax.dot_general(q1, k1, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(softcap_scores(scores * scale, softcap), axis=-1).astype(v.dtype)  # [B, Lq, Lk]
+  out = jax.lax.dot_general(probs, v1, (((2,), (1,)), ((0,), (0,))))  # [B, Lq, hd]
+  return out.reshape(B, Lq, 1, 1, hd).astype(q.dtype)
 
 
 def xla_attention(
@@ -225,8 +242,12 @@ def xla_attention(
   block pairs). `SegmentMask` without: dense masked attention; rows longer than `query_block`
   are attended in causal query blocks, each against the key prefix it can see (about half the
   scores of the full product, the same result; 0 disables it). `CacheMask`: dense over the slots.
-  Every path honours the mask's sliding window and the score soft-capping `softcap`.
+  Every path honours the mask's sliding window and the score soft-capping `softcap`. `mask=None`:
+  `full_attention` (rotary embeddings applied first).
   """
+  if mask is None:
+    q, k = apply_rope(q, k, rope)
+    return full_attention(q, k, v, scale=scale, softcap=softcap)
   if isinstance(mask, SegmentMask) and mask.blocks is not None:
     return sparse_attention.block_sparse_attention(
       q,
@@ -245,7 +266,7 @@ def xla_attention(
   if isinstance(mask, CacheMask):
     return cache_attention(q, k, v, mask.dense(q.shape[1]), scale=scale, softcap=softcap)
   if not isinstance(mask, SegmentMask):
-    raise TypeError(f"attention: mask must be a SegmentMask or CacheMask, got {type(mask).__name__}.")
+    raise TypeError(f"attention: mask must be a SegmentMask, a CacheMask or None, got {type(mask).__name__}.")
   dense = mask.dense()
   L = q.shape[1]
   if not query_block or L <= query_block:

@@ -135,9 +135,14 @@ def dot_product_attention(
   kernels_lib.check_attention_shapes(q, k, v)
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"dot_product_attention: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
+  if mask is None and implementation is None:  # every query sees every key: the core's XLA path
+    kw = {} if softcap is None else {"softcap": softcap}
+    return kernels_lib.xla_attention(q, k, v, None, scale=scale, rope=rope, **kw)
   q, k = kernels_lib.apply_rope(q, k, rope)
   B, Lq, K, G, hd = q.shape
-  if isinstance(mask, kernels_lib.SegmentMask):
+  if mask is None:
+    pass
+  elif isinstance(mask, kernels_lib.SegmentMask):
     if k.shape[1] != Lq or jnp.shape(mask.segment_ids) != (B, Lq):
       raise ValueError(
         f"dot_product_attention: a SegmentMask needs q, k and segment_ids of one length; got q "
@@ -150,7 +155,7 @@ def dot_product_attention(
         f"dot_product_attention: kv_valid must be [B, S] = {(B, k.shape[1])}, got {jnp.shape(mask.kv_valid)}."
       )
   else:
-    raise TypeError(f"attention: mask must be a SegmentMask or CacheMask, got {type(mask).__name__}.")
+    raise TypeError(f"attention: mask must be a SegmentMask, a CacheMask or None, got {type(mask).__name__}.")
   if implementation is None:
     if softcap is None and choose_implementation(q, mask) == "cudnn":
       try:  # shapes cuDNN refuses while tracing (its checks raise) go to XLA; an explicit "cudnn" raises
@@ -167,9 +172,10 @@ def dot_product_attention(
       "use implementation=None (XLA attention for those calls) or the 'xla' kernels."
     )
 
-  if isinstance(mask, kernels_lib.CacheMask):
+  if mask is None or isinstance(mask, kernels_lib.CacheMask):
+    dense = None if mask is None else mask.dense(Lq)[:, None]
     out = jax.nn.dot_product_attention(
-      q.reshape(B, Lq, K * G, hd), k, v, mask=mask.dense(Lq)[:, None], scale=scale, implementation=implementation
+      q.reshape(B, Lq, K * G, hd), k, v, mask=dense, scale=scale, implementation=implementation
     )
     return out.reshape(B, Lq, K, G, hd).astype(q.dtype)
 

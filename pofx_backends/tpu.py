@@ -167,10 +167,15 @@ def splash_attention(
     `[B, L, K, G, hd]` in q's dtype.
   """
   kernels_lib.check_attention_shapes(q, k, v)
-  if isinstance(mask, kernels_lib.CacheMask) or softcap is not None or getattr(mask, "window", None) is not None:
+  if (
+    mask is None
+    or isinstance(mask, kernels_lib.CacheMask)
+    or softcap is not None
+    or getattr(mask, "window", None) is not None
+  ):
     return kernels_lib.xla_attention(q, k, v, mask, scale=scale, rope=rope, softcap=softcap)
   if not isinstance(mask, kernels_lib.SegmentMask):
-    raise TypeError(f"attention: mask must be a SegmentMask or CacheMask, got {type(mask).__name__}.")
+    raise TypeError(f"attention: mask must be a SegmentMask, a CacheMask or None, got {type(mask).__name__}.")
   if splash is None:
     raise RuntimeError(unavailable_reason())
   B, L, K, G, hd = q.shape

@@ -74,11 +74,12 @@ Precision: parameters are float32; `compute_dtype` (e.g. bfloat16) is the dtype 
 convolution and dense product and of the activations between them; GroupNorm statistics, the
 attention scores and their softmax, the SiLU fused into a norm, and the returned prediction are
 float32. Every 3x3
-convolution goes through the injected `kernels.conv_general_dilated`, and every dense product
-(projections, `q k^T`, the attention-weighted values, and the 1x1 shortcut convolutions, which are
-products over the channels) through `kernels.dot_general` (`pofx.kernels.Kernels`); the
-transformers' too (their 1x1 projections, both attentions, the feed-forward), LayerNorm
-statistics in float32.
+convolution goes through the injected `kernels.conv_general_dilated`, every attention (the
+self-attention blocks' heads, one call each, and the transformers' self- and cross-attention)
+through `kernels.attention` with `mask=None` (every position sees every key), and every dense
+product (projections and the 1x1 shortcut convolutions, which are products over the channels)
+through `kernels.dot_general` (`pofx.kernels.Kernels`); the transformers' too (their 1x1
+projections, the feed-forward), LayerNorm statistics in float32.
 
 Parameters: a nested dict (lists for diffusers' `ModuleList`s) whose paths are diffusers' module
 names, e.g. `down_blocks[1]["attentions"][0]["to_q"]`, `up_blocks[0]["upsamplers"][0]["conv"]`,
@@ -818,13 +819,17 @@ def _resnet(p, x, temb, *, config, kernels, dtype, scale_factor=1.0, dropout_key
 
 def _multi_head(q, k, v, heads: int, hd: int, kernels: Kernels, dtype):
   """softmax(q k^T / sqrt(hd)) v per head: `q [B, Lq, heads hd]`, `k, v [B, Lk, heads hd]` ->
-  `[B, Lq, heads hd]`; both products through `kernels.dot_general`, scores and softmax float32."""
+  `[B, Lq, heads hd]`, through the attention injection point with every query seeing every key
+  (`kernels.attention(..., mask=None)`; scores and softmax float32)."""
   B, Lq, Lk = q.shape[0], q.shape[1], k.shape[1]
-  q, k, v = q.reshape(B, Lq, heads, hd), k.reshape(B, Lk, heads, hd), v.reshape(B, Lk, heads, hd)
-  scores = kernels.dot_general(q, k, (((3,), (3,)), ((0, 2), (0, 2))), preferred_element_type=jnp.float32)
-  probs = jax.nn.softmax(scores * (1.0 / math.sqrt(hd)), axis=-1).astype(dtype)  # [B, heads, Lq, Lk]
-  o = kernels.dot_general(probs, v, (((3,), (1,)), ((0, 1), (0, 2))))  # [B, heads, Lq, hd]
-  return o.astype(dtype).transpose(0, 2, 1, 3).reshape(B, Lq, heads * hd)
+  o = kernels.attention(
+    q.reshape(B, Lq, heads, 1, hd),
+    k.reshape(B, Lk, heads, hd),
+    v.reshape(B, Lk, heads, hd),
+    None,
+    scale=1.0 / math.sqrt(hd),
+  )
+  return o.astype(dtype).reshape(B, Lq, heads * hd)
 
 
 def _head_by_head(h, p, heads: int, hd: int, kernels: Kernels, dtype):
@@ -840,9 +845,8 @@ def _head_by_head(h, p, heads: int, hd: int, kernels: Kernels, dtype):
       kernels.dense(h, p[n]["kernel"][:, cols], dtype) + p[n]["bias"][cols].astype(dtype)
       for n in ("to_q", "to_k", "to_v")
     )
-    scores = kernels.dot_general(q, k, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(scores * (1.0 / math.sqrt(hd)), axis=-1).astype(dtype)  # [B, Lq, Lk]
-    o = kernels.dot_general(probs, v, (((2,), (1,)), ((0,), (0,)))).astype(dtype)  # [B, Lq, hd]
+    o = kernels.attention(q[:, :, None, None], k[:, :, None], v[:, :, None], None, scale=1.0 / math.sqrt(hd))
+    o = o[:, :, 0, 0].astype(dtype)  # [B, Lq, hd]
     part = kernels.dense(o, p["to_out"][0]["kernel"][cols, :], dtype)
     out = part if out is None else out + part
   return out + p["to_out"][0]["bias"].astype(dtype)

@@ -21,7 +21,10 @@ r"""The CPU backend: pofx's injection points computed by hand-written kernels on
   (`pofx_backends.cpu.native.block_sparse_attention`) when the mask is a
   `pofx.kernels.SegmentMask` with `blocks` of 64-token blocks, the head dimension is 16, 32, 64
   or 128 and q, k, v are float32; anything else (dense masks, `CacheMask`, sliding windows,
-  score soft-capping, other shapes or dtypes) goes to `pofx.kernels.xla_attention`. `attention=False` always uses the latter.
+  score soft-capping, other shapes or dtypes) goes to `pofx.kernels.xla_attention`. With
+  `mask=None` (every query sees every key: a diffusion U-Net's attention) the full-attention
+  kernels (`native.full_attention`: float32, head dimension 16, 32 or 64, at most 512 keys)
+  compute it. `attention=False` always uses the latter.
 
 - `conv_general_dilated` is XLA's (`conv="xla"`), or each 2-D convolution as one im2col matrix
   product through that `dot_general` (`conv="im2col"`), or the 3x3 stride-1 convolutions by the
@@ -137,7 +140,10 @@ class BlasDotGeneral:
 
 def native_attention_supports(q, k, v, mask, softcap=None) -> bool:
   """Whether the fused kernels compute this call (else `pofx.kernels.xla_attention` does): not for
-  a sliding window (`mask.window`) or score soft-capping, which they do not compute."""
+  a sliding window (`mask.window`) or score soft-capping, which they do not compute. `mask=None`
+  (every query sees every key): the full-attention kernels (`native.full_attention_supports`)."""
+  if mask is None:
+    return softcap is None and native.full_attention_supports(q, k, v)
   return (
     isinstance(mask, kernels_lib.SegmentMask)
     and mask.blocks is not None
@@ -159,6 +165,9 @@ class NativeAttention:
     if not native_attention_supports(q, k, v, mask, softcap):
       return kernels_lib.xla_attention(q, k, v, mask, scale=scale, rope=rope, softcap=softcap)
     kernels_lib.check_attention_shapes(q, k, v)
+    if mask is None:
+      q, k = kernels_lib.apply_rope(q, k, rope)
+      return native.full_attention(q, k, v, scale=scale)
     if rope is not None and (rope[0].shape != q.shape[:2] + (q.shape[-1] // 2,) or rope[1].shape != rope[0].shape):
       raise ValueError(
         f"attention: rope tables must be [B, L, hd/2] = {q.shape[:2] + (q.shape[-1] // 2,)}, got "

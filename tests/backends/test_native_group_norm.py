@@ -71,10 +71,11 @@ def test_the_injection_point_falls_back_where_the_kernels_do_not_apply():
 
 
 def test_a_unet_with_the_cpu_kernels_equals_it_with_xla():
-  # Channels that the native convolution and GroupNorm compute (16 and 32), attention, SiLU fused
-  # into the norms; the stride-2 downsampling and the 1-channel convolutions stay XLA's.
-  config = unet.preset("tiny", block_out_channels=(16, 32), norm_num_groups=4, attention_head_dim=8)
-  kernels = cpu.kernels(products="xla", attention=False, conv="native")
+  # Channels that the native convolution and GroupNorm compute (16 and 32), attention heads of
+  # width 16 (the native full attention), SiLU fused into the norms; the stride-2 downsampling and
+  # the 1-channel convolutions stay XLA's.
+  config = unet.preset("tiny", block_out_channels=(16, 32), norm_num_groups=4, attention_head_dim=16)
+  kernels = cpu.kernels(products="xla", conv="native")
   assert isinstance(kernels.group_norm, cpu.NativeGroupNorm)
   xla_model, cpu_model = unet.make(config), unet.make(config, kernels=kernels)
   params = xla_model.init(jax.random.key(0))
@@ -91,7 +92,8 @@ def test_a_unet_with_the_cpu_kernels_equals_it_with_xla():
   hlo = (
     jax.jit(lambda p: jax.grad(lambda q: jnp.sum(cpu_model.denoise(q, x, t, labels) ** 2))(p)).lower(params).as_text()
   )
-  for target in ("pofx_group_norm_fwd", "pofx_group_norm_bwd", "pofx_conv3x3_fwd", "pofx_conv3x3_kernel_grad"):
+  targets = ("group_norm_fwd", "group_norm_bwd", "conv3x3_fwd", "conv3x3_kernel_grad", "full_attention_fwd")
+  for target in (f"pofx_{name}" for name in targets + ("full_attention_bwd",)):
     assert target in hlo, target
   expected, got = output_and_grads(xla_model), output_and_grads(cpu_model)
   for e_tree, g_tree in zip(expected, got):

@@ -1,4 +1,4 @@
-"""Kernels that record the operand dtypes of every convolution and product a model sends them."""
+"""Kernels that record the operand dtypes of every convolution, product and attention a model sends them."""
 
 import jax
 
@@ -6,9 +6,10 @@ from pofx import kernels as kernels_lib
 
 
 def counting_kernels():
-  """`(kernels, calls)`: XLA's convolution and dot_general, each call's `(lhs.dtype, rhs.dtype)`
-  appended to `calls["conv"]` / `calls["dot"]` (at trace time)."""
-  calls = {"conv": [], "dot": []}
+  """`(kernels, calls)`: XLA's convolution, dot_general and attention, each call's `(lhs.dtype,
+  rhs.dtype)` appended to `calls["conv"]` / `calls["dot"]`, and `(q.dtype, k.dtype)` to
+  `calls["attention"]` with the mask in `calls["attention_masks"]` (at trace time)."""
+  calls = {"conv": [], "dot": [], "attention": [], "attention_masks": []}
 
   def conv(lhs, rhs, *a, **k):
     calls["conv"].append((lhs.dtype, rhs.dtype))
@@ -18,4 +19,9 @@ def counting_kernels():
     calls["dot"].append((lhs.dtype, rhs.dtype))
     return jax.lax.dot_general(lhs, rhs, *a, **k)
 
-  return kernels_lib.Kernels(dot_general=dot, conv_general_dilated=conv, name="counting"), calls
+  def attention(q, k, v, mask, **kw):
+    calls["attention"].append((q.dtype, k.dtype))
+    calls["attention_masks"].append(mask)
+    return kernels_lib.xla_attention(q, k, v, mask, **kw)
+
+  return kernels_lib.Kernels(dot_general=dot, attention=attention, conv_general_dilated=conv, name="counting"), calls

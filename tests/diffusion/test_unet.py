@@ -195,12 +195,14 @@ def test_every_product_goes_through_the_kernels_in_the_compute_dtype(tiny, compu
   # Hand count: conv_in, 2 + downsample, 2, mid 2 x 2, up 0 2 x 2 + upsample, up 1 2 x 2, conv_out;
   # time MLP 2, one time projection per ResNet (8), the 1x1 shortcuts as products (down 1: 1, up 0
   # and up 1: 2 each), and per attention block (4, on 8 channels) and head (2, of width 4) its
-  # q, k, v, its share of out and the two attention products (the heads are computed one by one).
+  # q, k, v and its share of out (the heads are computed one by one); one attention call per head,
+  # every query seeing every key (mask None).
   assert unet._heads(config, 8) == (2, 4)
   assert len(calls["conv"]) == 1 + 3 + 2 + 4 + 5 + 4 + 1
-  assert len(calls["dot"]) == 2 + 8 + 5 + 4 * 2 * 6
+  assert len(calls["dot"]) == 2 + 8 + 5 + 4 * 2 * 4
+  assert len(calls["attention"]) == 4 * 2 and all(m is None for m in calls["attention_masks"])
   want = jnp.dtype(compute_dtype or "float32")
-  assert {d for pair in calls["conv"] + calls["dot"] for d in pair} == {want}
+  assert {d for pair in calls["conv"] + calls["dot"] + calls["attention"] for d in pair} == {want}
 
 
 def test_init_is_pytorch_default(tiny):

@@ -189,9 +189,11 @@ def test_every_transformer_product_goes_through_the_kernels_in_the_compute_dtype
   assert (out.shape, out.dtype) == ((2, 8, 8, 1), jnp.float32)
   # Hand count: the 3x3 convolutions as in the tiny preset (conv_in, down 2 + downsample, 2, mid
   # 2 x 2, up 2 x 2 + upsample, 2 x 2, conv_out); products: time MLP 2, 8 time projections, 5 1x1
-  # shortcuts, and 4 transformers (down block 1, mid, 2 in up block 0) of 16 each: proj_in,
-  # proj_out, self- and cross-attention (q, k, v, out and the two attention products: 6 each),
-  # the feed-forward's two.
+  # shortcuts, and 4 transformers (down block 1, mid, 2 in up block 0) of 12 each: proj_in,
+  # proj_out, self- and cross-attention (q, k, v, out: 4 each), the feed-forward's two; and two
+  # attention calls per transformer (self and cross, all heads in one call, mask None).
   assert len(calls["conv"]) == 1 + 3 + 2 + 4 + 5 + 4 + 1
-  assert len(calls["dot"]) == 2 + 8 + 5 + 4 * 16
-  assert {d for pair in calls["conv"] + calls["dot"] for d in pair} == {jnp.dtype("bfloat16")}
+  assert len(calls["dot"]) == 2 + 8 + 5 + 4 * 12
+  assert len(calls["attention"]) == 4 * 2 and all(m is None for m in calls["attention_masks"])
+  dtypes = {d for pair in calls["conv"] + calls["dot"] + calls["attention"] for d in pair}
+  assert dtypes == {jnp.dtype("bfloat16")}

@@ -67,6 +67,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "block_sparse_attention.cc")
 CONV_SOURCE = os.path.join(HERE, "conv3x3.cc")
 GROUP_NORM_SOURCE = os.path.join(HERE, "group_norm.cc")
+FULL_ATTENTION_SOURCE = os.path.join(HERE, "full_attention.cc")
+# `full_attention`'s head dimensions and most keys (`full_attention.cc`).
+FULL_ATTENTION_HEAD_DIMS, FULL_ATTENTION_MAX_KEYS = (16, 32, 64), 512
 HEADERS = tuple(os.path.join(HERE, h) for h in ("vector_exp.h", "conv3x3.h", "thread_parts.h"))
 BLOCK_SIZE, HEAD_DIMS = 64, (16, 32, 64, 128)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
@@ -170,15 +173,17 @@ def _build(name, sources, flags, cache_dir=None) -> str:
 
 
 def load(cache_dir=None) -> str:
-  """Builds (once) and registers the attention, convolution and GroupNorm kernels; returns the
-  shared library's path."""
+  """Builds (once) and registers the attention (block-sparse and full), convolution and GroupNorm
+  kernels; returns the shared library's path."""
   with _lock:
     if "path" in _loaded:
       return _loaded["path"]
     reason = unavailable_reason()
     if reason:
       raise NativeUnavailable(reason)
-    path = _build("pofx_native", (SOURCE, CONV_SOURCE, GROUP_NORM_SOURCE) + HEADERS, FLAGS, cache_dir)
+    path = _build(
+      "pofx_native", (SOURCE, CONV_SOURCE, GROUP_NORM_SOURCE, FULL_ATTENTION_SOURCE) + HEADERS, FLAGS, cache_dir
+    )
     lib = ctypes.cdll.LoadLibrary(path)
     for name, handler in (
       ("pofx_block_sparse_attention_fwd", lib.PofxBsaFwd),
@@ -187,6 +192,8 @@ def load(cache_dir=None) -> str:
       ("pofx_conv3x3_kernel_grad", lib.PofxConv3x3KernelGrad),
       ("pofx_group_norm_fwd", lib.PofxGroupNormFwd),
       ("pofx_group_norm_bwd", lib.PofxGroupNormBwd),
+      ("pofx_full_attention_fwd", lib.PofxFullAttentionFwd),
+      ("pofx_full_attention_bwd", lib.PofxFullAttentionBwd),
     ):
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
     _loaded["path"], _loaded["lib"] = path, lib
@@ -528,6 +535,65 @@ def block_sparse_attention(q, k, v, segment_ids, branch_ids, blocks, *, rope=Non
     float(q_scale),
   )
   return out.reshape(R, L, K, G, hd).astype(q.dtype)
+
+
+def full_attention_supports(q, k, v) -> bool:
+  """Whether `full_attention` computes this call: float32 `q [B, Lq, K, G, hd]`, `k, v [B, Lk, K,
+  hd]` with hd in `FULL_ATTENTION_HEAD_DIMS` and 1 <= Lk <= `FULL_ATTENTION_MAX_KEYS`."""
+  return (
+    q.ndim == 5
+    and k.ndim == 4
+    and v.shape == k.shape
+    and q.shape[0] == k.shape[0]
+    and q.shape[2] == k.shape[2]
+    and q.shape[4] == k.shape[3]
+    and q.shape[4] in FULL_ATTENTION_HEAD_DIMS
+    and 1 <= k.shape[1] <= FULL_ATTENTION_MAX_KEYS
+    and all(x.dtype == jnp.float32 for x in (q, k, v))
+  )
+
+
+def _full_attention_call(q, k, v, scale):
+  B, Lq, K, G, _ = q.shape
+  out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, K, G, Lq), jnp.float32))
+  return jax.ffi.ffi_call("pofx_full_attention_fwd", out, vmap_method="sequential")(q, k, v, scale=np.float32(scale))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _full_attention(q, k, v, scale):
+  return _full_attention_call(q, k, v, scale)[0]
+
+
+def _full_attention_fwd(q, k, v, scale):
+  out, lse = _full_attention_call(q, k, v, scale)
+  return out, (q, k, v, out, lse)
+
+
+def _full_attention_bwd(scale, res, d_out):
+  q, k, v, out, lse = res
+  shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+  return jax.ffi.ffi_call("pofx_full_attention_bwd", shapes, vmap_method="sequential")(
+    q, k, v, out, lse, d_out.astype(jnp.float32), scale=np.float32(scale)
+  )
+
+
+_full_attention.defvjp(_full_attention_fwd, _full_attention_bwd)
+
+
+def full_attention(q, k, v, *, scale: float):
+  """`softmax(scale q k^T) v` with every query seeing every key (the attention injection point's
+  `mask=None`) by the native kernels (`full_attention.cc`), differentiable: `q [B, Lq, K, G, hd]`,
+  `k, v [B, Lk, K, hd]` float32 -> `[B, Lq, K, G, hd]`, for the calls `full_attention_supports`
+  accepts; the values of `pofx.kernels.full_attention` up to float32 summation order (the
+  exponential to about 1.2e-7 relative)."""
+  if not full_attention_supports(q, k, v):
+    raise ValueError(
+      f"pofx_backends.cpu.native.full_attention takes float32 q [B, Lq, K, G, hd], k, v [B, Lk, K, hd] with hd in "
+      f"{FULL_ATTENTION_HEAD_DIMS} and 1 <= Lk <= {FULL_ATTENTION_MAX_KEYS}; got q {q.shape} {q.dtype}, "
+      f"k {k.shape} {k.dtype}, v {v.shape} {v.dtype}."
+    )
+  load()
+  return _full_attention(q, k, v, float(scale))
 
 
 def conv3x3_supports(x, w) -> bool:
