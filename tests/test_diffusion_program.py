@@ -4,6 +4,7 @@ and the validation of image configs (in-process, before any compute)."""
 import json
 import logging
 import os
+import pathlib
 import re
 
 import numpy as np
@@ -72,24 +73,24 @@ def test_tiny_rerun_with_other_training_is_refused_before_compute(tiny_run):
 # family's pretraining record equals diffusion_dpo's, so the base is reused (a symlink); a family
 # that makes its pairs as another one did reuses those pairs too (the value: the family whose
 # pairs it links, "tiny" for the tiny run's, None to make its own). Trained here: one family per
-# way of feeding the loss (per-image binary scores; data-vs-sample pairs; recorded chains, D3PO,
-# with two micro-batches per step; SPO's step-wise pairs; patch quality maps; RankDPO's K-way lists); each costs a
-# compilation of its train step (3-6 CPU-s at :tiny), so SmPO (reward scores), Reg-DPO
-# (data-vs-sample pairs, as DRO) and the dense-reward view (D3PO's chains and log-probs, another
-# loss: "diffusion_dense_reward": "diffusion_d3po" would train it on D3PO's pairs) are validated
-# only (test_every_image_family_validates), as is the prompted family (a cross-attention denoiser
-# of its own: it cannot reuse the tiny run's base, and its whole run costs about 30 s of CPU).
+# way of feeding the loss (per-image binary scores; data-vs-sample pairs with quality maps;
+# recorded chains, D3PO, with two micro-batches per step; SPO's step-wise pairs; RankDPO's K-way
+# lists; Curriculum DPO's staged pools; DenseDPO's band labels); each costs a compilation of its
+# train step (4-6 CPU-s at :tiny). The families whose training is one of these ways and whose
+# difference lies in the pairs or the loss have their pairs made here without training
+# (`stage_pairs`: BalancedDPO's majority labels, TailorPO-G's step-wise pairs) or their logps_fn
+# checked directly (Diffusion-SDPO's safeguard), and like SmPO (reward scores), Reg-DPO and
+# Diffusion-DRO (data-vs-sample pairs, as PatchDPO, with losses that tests/losses checks) and the
+# dense-reward view (D3PO's chains and log-probs, another loss) are validated
+# (test_every_image_family_validates), as is the prompted family (a cross-attention denoiser of
+# its own: it cannot reuse the tiny run's base, and its whole run costs about 30 s of CPU).
 FAMILIES = {
   "diffusion_kto": "tiny",
-  "diffusion_dro": None,
   "diffusion_d3po": None,
   "diffusion_spo": None,
   "diffusion_patch_dpo": None,
   "diffusion_rank_dpo": None,
-  "diffusion_balanced_dpo": None,
-  "diffusion_sdpo": "tiny",
   "diffusion_curriculum_dpo": None,
-  "diffusion_tailor_po_g": None,
   "diffusion_dense_dpo": None,
 }
 ALL_FAMILIES = (
@@ -166,6 +167,31 @@ def _pairs(dst):
     return dict(f)
 
 
+@pytest.fixture(scope="module")
+def stage_pairs(tiny_run):
+  """`pairs_of(family) -> (config, data)`: the family's pair stage at :tiny (`experiments.diffusion.
+  make_pairs`, with the key the program gives it) on the tiny run's pretrained base, nothing trained."""
+  import importlib
+
+  import jax
+
+  from experiments import diffusion
+
+  work, _ = tiny_run
+
+  def pairs_of(family):
+    c = importlib.import_module(f"configs.{family}").get_config("tiny")
+    config_validation.validate(c)
+    world = world_lib.ImageWorld(world_lib.ImageWorldConfig(seed=int(c.seed), **dict(c.world)))
+    model, schedule = diffusion.denoiser(c), diffusion.noise_schedule(c)
+    key = jax.random.PRNGKey(int(c.seed))
+    base = diffusion._load_params(os.path.join(work, "base_params"), jax.eval_shape(model.init, key))
+    data = diffusion.make_pairs(c, world, model, base, schedule, jax.random.fold_in(key, sum(map(ord, "pairs"))))
+    return c, data
+
+  return pairs_of
+
+
 def test_method_families_train_on_one_pretraining(family_runs):
   for family, (dst, c, s, _) in family_runs.items():
     assert s["config"]["train"]["loss"] == c.train.loss
@@ -176,9 +202,8 @@ def test_method_families_train_on_one_pretraining(family_runs):
     assert all(np.isfinite(m["loss"]) for m in metrics if m["stage"] == "train"), family
   images, digit_labels = world_lib.load_digits()
   digits = {(img.tobytes(), int(y)) for img, y in zip(images, digit_labels)}
-  for family in ("diffusion_dro", "diffusion_patch_dpo"):  # a training digit (chosen) against a base sample
-    d = _pairs(family_runs[family][0])
-    assert all((img.tobytes(), int(y)) in digits for img, y in zip(d["chosen"], d["class_labels"])), family
+  d = _pairs(family_runs["diffusion_patch_dpo"][0])  # a training digit (chosen) against a base sample
+  assert all((img.tobytes(), int(y)) in digits for img, y in zip(d["chosen"], d["class_labels"]))
 
 
 def test_each_family_compiles_its_train_step_once(family_runs):
@@ -255,7 +280,7 @@ def test_spo_step_pairs_and_patch_quality_maps(family_runs):
   np.testing.assert_array_equal(d["chosen_patch_quality"], d["rejected_patch_quality"])
 
 
-def test_tailor_po_g_pairs_share_x_t_and_label_the_guided_winner(family_runs):
+def test_tailor_po_g_pairs_share_x_t_and_label_the_guided_winner(tiny_run, stage_pairs):
   """TailorPO-G's pairs (tiny: chains of 4 steps, recorded from step 1 every 2 steps: step 1 only,
   t = 500 -> 250): both samples drawn from one x_t; the stored rewards are the gold rewards of the
   clean images the base predicts at the two stored samples (recomputed here with the base), the
@@ -265,13 +290,13 @@ def test_tailor_po_g_pairs_share_x_t_and_label_the_guided_winner(family_runs):
   from experiments import diffusion
   from pofx.diffusion import schedules
 
-  dst, c, s, _ = family_runs["diffusion_tailor_po_g"]
-  d = _pairs(dst)
+  c, d = stage_pairs("diffusion_tailor_po_g")
   np.testing.assert_array_equal(d["chosen_latents"][:, 0], d["rejected_latents"][:, 0])
   assert set(d["step_index"].tolist()) == {1} and np.all(d["timesteps"] == 500) and np.all(d["prev_timesteps"] == 250)
-  assert s["pairs_count"] == len(d["step_index"]) == int(d["tailor_steps_seen"]) == c.data.num_pairs
+  assert len(d["step_index"]) == int(d["tailor_steps_seen"]) == c.data.num_pairs
   model, schedule = diffusion.unet.make(diffusion.unet_config(c)), diffusion.noise_schedule(c)
-  base = diffusion._load_params(str(dst / "base_params"), jax.eval_shape(model.init, jax.random.PRNGKey(0)))
+  work, _ = tiny_run
+  base = diffusion._load_params(os.path.join(work, "base_params"), jax.eval_shape(model.init, jax.random.PRNGKey(0)))
   world = world_lib.ImageWorld(world_lib.ImageWorldConfig(seed=c.seed, **dict(c.world)))
   y = d["class_labels"]
   t = np.full(len(y), 250, np.int32)
@@ -300,12 +325,11 @@ def test_ranked_lists_are_labelled_pairwise_by_the_gold_reward(family_runs):
   assert s["list_size"] == k and s["pairs_count"] == n and 0.0 <= s["pairs_label_agreement"] <= 1.0
 
 
-def test_balanced_dpo_pairs_follow_the_metrics_majority(family_runs):
+def test_balanced_dpo_pairs_follow_the_metrics_majority(stage_pairs):
   """BalancedDPO's pairs: the chosen image wins the majority of the three metrics' votes (each
   metric recomputed here: the two classifiers' log-probabilities by numpy, the ink by its
   formula), and the reference is a synced copy of the policy."""
-  dst, c, s, _ = family_runs["diffusion_balanced_dpo"]
-  d = _pairs(dst)
+  c, d = stage_pairs("diffusion_balanced_dpo")
   world = world_lib.ImageWorld(world_lib.ImageWorldConfig(seed=c.seed, **dict(c.world)))
 
   def votes(images, labels):
@@ -325,7 +349,7 @@ def test_balanced_dpo_pairs_follow_the_metrics_majority(family_runs):
   assert np.all(np.sum((w > l) & ~close, 0) >= np.sum((l > w) & ~close, 0))
   assert np.mean(np.sum(w > l, 0) >= 2) > 0.95
   assert 0 < len(d["chosen"]) <= c.data.num_pairs
-  assert c.train.reference.kind == "synced" and s["config"]["train"]["reference"]["kind"] == "synced"
+  assert c.train.reference.kind == "synced" and c.train.reference.alpha == 1.0
 
 
 def test_dense_dpo_pairs_are_guided_copies_labelled_band_by_band(family_runs):
@@ -362,7 +386,7 @@ def test_dense_dpo_pairs_are_guided_copies_labelled_band_by_band(family_runs):
   np.testing.assert_allclose(diffusion.band_advantages(world, b, a, y[:3], 2), -got, atol=1e-6)
 
 
-def test_sdpo_family_scales_the_losers_gradient(family_runs):
+def test_sdpo_family_scales_the_losers_gradient(tiny_run):
   """Diffusion-SDPO's family: the program's logps_fn is the safeguarded one. Its values equal the
   plain pair errors' and its gradient is the plain one with the loser's part scaled by lambda
   (computed here from the residuals by the formula)."""
@@ -373,27 +397,37 @@ def test_sdpo_family_scales_the_losers_gradient(family_runs):
   from pofx import losses
   from pofx.diffusion import pairs as pairs_lib
 
-  dst, c, s, _ = family_runs["diffusion_sdpo"]
-  assert s["config"]["train"]["winner_preserving_mu"] == 0.9
+  c = _tiny("sdpo")
+  assert c.train.winner_preserving_mu == 0.9
+  config_validation.validate(c)
   model, schedule = diffusion.denoiser(c), diffusion.noise_schedule(c)
   params = model.init(jax.random.key(0))
-  d = _pairs(dst)
+  work, _ = tiny_run
+  d = _pairs(pathlib.Path(work))  # Diffusion-SDPO's pairs are Diffusion-DPO's
   idx = np.arange(8)
   batch = diffusion.make_batch(c, losses.spec(c.train.loss), d, idx, jax.random.split(jax.random.PRNGKey(1), 8))
   sdpo, plain = diffusion.logps_fn_of(c, model, schedule), pairs_lib.make_logps_fn(model.denoise, schedule)
-  a, b = sdpo(params, batch), plain(params, batch)
+  predict = diffusion.methods.make_pairs_predict(model.denoise, schedule)
+
+  @jax.jit
+  def everything(params):  # one program: values, predictions and the four gradients
+    grad = lambda f, part: jax.grad(lambda p: jnp.sum(getattr(f(p, batch), part)))(params)
+    grads = {
+      (f, part): grad(fn, part) for f, fn in (("sdpo", sdpo), ("plain", plain)) for part in ("chosen", "rejected")
+    }
+    return sdpo(params, batch), plain(params, batch), predict(params, batch), grads
+
+  a, b, predictions, grads = everything(params)
   np.testing.assert_allclose(np.asarray(a.chosen), np.asarray(b.chosen), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(a.rejected), np.asarray(b.rejected), rtol=1e-6)
   # lambda from the residuals of the chosen (w) and rejected (l) halves, the authors' formula.
-  predict = diffusion.methods.make_pairs_predict(model.denoise, schedule)
-  pw, pl, tw, tl = (np.asarray(x, np.float64) for x in predict(params, batch))
+  pw, pl, tw, tl = (np.asarray(x, np.float64) for x in predictions)
   ga, gb = 2 * (pw - tw) / pw.size, 2 * (pl - tl) / pl.size
   num, den = np.sum(ga * ga), np.sum(gb * ga)
   lam = np.clip((1 - 0.9) * num / (den + 1e-9), 0, 1) if den > 0 else 1.0
   assert lam < 0.5  # the shared noise aligns the two residuals: the safeguard is active here
-  grad = lambda f, part: jax.grad(lambda p: jnp.sum(getattr(f(p, batch), part)))(params)
   for part, scale in (("chosen", 1.0), ("rejected", lam)):
-    for x, y in zip(jax.tree.leaves(grad(sdpo, part)), jax.tree.leaves(grad(plain, part))):
+    for x, y in zip(jax.tree.leaves(grads[("sdpo", part)]), jax.tree.leaves(grads[("plain", part)])):
       np.testing.assert_allclose(np.asarray(x), scale * np.asarray(y), rtol=2e-3, atol=1e-7)
 
 
