@@ -48,7 +48,14 @@ def input_grad64(x_shape, w, g):
 
 # Channel counts that use each register tile (16, 32 and 64 output channels per tile), widths that
 # leave a partial tile, and more input channels than one kernel-gradient tile holds.
-SHAPES = [(2, 5, 7, 16, 64), (3, 4, 13, 32, 32), (1, 6, 6, 80, 16), (2, 16, 16, 48, 96), (1, 1, 1, 16, 16), (2, 8, 8, 64, 64)]
+SHAPES = [
+  (2, 5, 7, 16, 64),
+  (3, 4, 13, 32, 32),
+  (1, 6, 6, 80, 16),
+  (2, 16, 16, 48, 96),
+  (1, 1, 1, 16, 16),
+  (2, 8, 8, 64, 64),
+]
 
 
 @pytest.mark.parametrize("b,h,wd,ci,co", SHAPES)

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 #include "vector_exp.h"
 #include "thread_parts.h"
@@ -120,6 +121,22 @@ inline float Dot(const float* a, const float* b, int D) {
 // The query block size for D = 16 DV (the WeightsDotRows tile holds QB DV + DV vectors).
 constexpr int BlockOf(int DV) { return DV == 4 ? 5 : 8; }
 
+// f(std::integral_constant<int, n>()) for a block of 1 <= n <= QB <= 8 queries: the register tiles
+// take the block's size as a template argument.
+template <int QB, typename F>
+void WithRows(int n, const F& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 5: f(std::integral_constant<int, 5>()); break;
+    case 6: if constexpr (QB >= 6) f(std::integral_constant<int, 6>()); break;
+    case 7: if constexpr (QB >= 7) f(std::integral_constant<int, 7>()); break;
+    case 8: if constexpr (QB >= 8) f(std::integral_constant<int, 8>()); break;
+  }
+}
+
 struct Shape {
   int64_t B, Lq, K, G, Lk;
   int D;
@@ -145,25 +162,16 @@ void ForwardItem(const Shape& s, float scale, const float* Q, const float* Kp, c
       const int n = int(std::min<int64_t>(QB, s.Lq - i0));
       const float* qi = qh + i0 * s.q_row();
       float* oi = oh + i0 * s.q_row();
-#define POFX_ROWS(QBN)                                                                   \
-  RowsDotCols<QBN>(qi, s.q_row(), D, kt, Lp, scale, scores);                             \
-  for (int i = 0; i < QBN; ++i) {                                                        \
-    const float m = RowMax(scores + i * Lp, Lk), l = ExpRow(scores + i * Lp, Lk, m);     \
-    inv[i] = 1.0f / l;                                                                   \
-    lse[i0 + i] = m + std::log(l);                                                       \
-  }                                                                                      \
-  WeightsDotRows<QBN, DV>(scores, Lp, Lk, vh, s.kv_row(), inv, oi, s.q_row());
-      switch (n) {
-        case 1: { POFX_ROWS(1) break; }
-        case 2: { POFX_ROWS(2) break; }
-        case 3: { POFX_ROWS(3) break; }
-        case 4: { POFX_ROWS(4) break; }
-        case 5: { POFX_ROWS(5) break; }
-        case 6: { if constexpr (QB >= 6) { POFX_ROWS(6) } break; }
-        case 7: { if constexpr (QB >= 7) { POFX_ROWS(7) } break; }
-        case 8: { if constexpr (QB >= 8) { POFX_ROWS(8) } break; }
-      }
-#undef POFX_ROWS
+      WithRows<QB>(n, [&](auto rows) {
+        constexpr int N = decltype(rows)::value;
+        RowsDotCols<N>(qi, s.q_row(), D, kt, Lp, scale, scores);
+        for (int i = 0; i < N; ++i) {
+          const float m = RowMax(scores + i * Lp, Lk), l = ExpRow(scores + i * Lp, Lk, m);
+          inv[i] = 1.0f / l;
+          lse[i0 + i] = m + std::log(l);
+        }
+        WeightsDotRows<N, DV>(scores, Lp, Lk, vh, s.kv_row(), inv, oi, s.q_row());
+      });
     }
   }
 }
@@ -188,32 +196,21 @@ void BackwardItem(const Shape& s, float scale, const float* Q, const float* Kp, 
       const int64_t r0 = off + i0 * s.q_row();
       const float *qi = Q + r0, *oi = O + r0, *doi = DO + r0;
       float* dqi = DQ + r0;
-#define POFX_ROWS(QBN)                                                                            \
-  RowsDotCols<QBN>(qi, s.q_row(), D, kt, Lp, scale, p);                                           \
-  RowsDotCols<QBN>(doi, s.q_row(), D, vt, Lp, 1.0f, dp);                                          \
-  for (int i = 0; i < QBN; ++i) {                                                                 \
-    float* pr = p + i * Lp;                                                                       \
-    ExpRow(pr, Lk, lse[i0 + i]);                                                                  \
-    const __m512 delta = _mm512_set1_ps(Dot(doi + i * s.q_row(), oi + i * s.q_row(), D));         \
-    float* dr = dp + i * Lp;                                                                      \
-    for (int j0 = 0; j0 < Lp; j0 += 16)                                                           \
-      _mm512_storeu_ps(dr + j0, _mm512_mul_ps(_mm512_loadu_ps(pr + j0),                           \
-                                              _mm512_sub_ps(_mm512_loadu_ps(dr + j0), delta)));   \
-  }                                                                                               \
-  WeightsDotRows<QBN, DV>(dp, Lp, Lk, kh_rows, s.kv_row(), ones, dqi, s.q_row());                 \
-  AccumulateRows<QBN, DV>(p, Lp, Lk, doi, s.q_row(), dv);                                         \
-  AccumulateRows<QBN, DV>(dp, Lp, Lk, qi, s.q_row(), dk);
-      switch (n) {
-        case 1: { POFX_ROWS(1) break; }
-        case 2: { POFX_ROWS(2) break; }
-        case 3: { POFX_ROWS(3) break; }
-        case 4: { POFX_ROWS(4) break; }
-        case 5: { POFX_ROWS(5) break; }
-        case 6: { if constexpr (QB >= 6) { POFX_ROWS(6) } break; }
-        case 7: { if constexpr (QB >= 7) { POFX_ROWS(7) } break; }
-        case 8: { if constexpr (QB >= 8) { POFX_ROWS(8) } break; }
-      }
-#undef POFX_ROWS
+      WithRows<QB>(n, [&](auto rows) {
+        constexpr int N = decltype(rows)::value;
+        RowsDotCols<N>(qi, s.q_row(), D, kt, Lp, scale, p);
+        RowsDotCols<N>(doi, s.q_row(), D, vt, Lp, 1.0f, dp);
+        for (int i = 0; i < N; ++i) {  // p = exp(s - lse); dp -> ds = p (dp - delta)
+          float *pr = p + i * Lp, *dr = dp + i * Lp;
+          ExpRow(pr, Lk, lse[i0 + i]);
+          const __m512 delta = _mm512_set1_ps(Dot(doi + i * s.q_row(), oi + i * s.q_row(), D));
+          for (int j0 = 0; j0 < Lp; j0 += 16)
+            _mm512_storeu_ps(dr + j0, _mm512_mul_ps(_mm512_loadu_ps(pr + j0), _mm512_sub_ps(_mm512_loadu_ps(dr + j0), delta)));
+        }
+        WeightsDotRows<N, DV>(dp, Lp, Lk, kh_rows, s.kv_row(), ones, dqi, s.q_row());
+        AccumulateRows<N, DV>(p, Lp, Lk, doi, s.q_row(), dv);
+        AccumulateRows<N, DV>(dp, Lp, Lk, qi, s.q_row(), dk);
+      });
     }
   }
   // dq above is sum_j ds_ij k_j (ones as the row scale): the scale is applied here, once.
