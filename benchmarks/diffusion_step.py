@@ -28,7 +28,9 @@ draws its tensors inside its step); DDPM's linear schedule with T = 1000
 (`pofx.diffusion.schedules.linear`, diffusers' `DDPMScheduler(num_train_timesteps=1000)`); the
 pair errors of `pofx.diffusion.pairs.make_logps_fn` and the library's train step
 (`pofx.train.make_train_step`, loss "dpo" with beta 5000, a `frozen` reference whose forward runs
-every step, AdamW lr 1e-5 with PyTorch's defaults: betas 0.9, 0.999, eps 1e-8, weight decay 0.01).
+every step, AdamW lr 1e-5 with PyTorch's defaults: betas 0.9, 0.999, eps 1e-8, weight decay 0.01,
+by default applied to one flat vector of all the parameters, `optax.flatten`: the same elementwise
+update in one operation instead of a few per array; `--optimizer per_leaf` applies it array by array).
 That is `-log sigmoid(-beta/2 ((e_w - e_ref_w) - (e_l - e_ref_l)))` with e the per-image mean
 squared noise-prediction error, the baseline's loss. It first calls `pofx_backends.startup()`
 (and, as a training program should with it, hands the heap's free pages back after the
@@ -131,6 +133,13 @@ def parser():
     help="the CPU backend's native GroupNorm (+ SiLU) kernels (off: pofx.group_norm.group_norm)",
   )
   ap.add_argument(
+    "--optimizer",
+    choices=["flat", "per_leaf"],
+    default="flat",
+    help="AdamW on one flat vector of all the parameters (optax.flatten: the same update, far fewer "
+    "operations) or array by array",
+  )
+  ap.add_argument(
     "--compile",
     choices=["auto", "default", "low_memory"],
     default="auto",
@@ -214,8 +223,10 @@ class PofxStep:
     self.denoiser_calls = denoiser_calls(a)
     self.logps_fn = pairs.make_logps_fn(split.split_batch(self.model.denoise, self.denoiser_calls), self.schedule)
     self.reference = pairs.check_reference(references.frozen(jax.tree.map(jnp.array, self.params), self.logps_fn))
-    # PyTorch's AdamW defaults (the baseline's optimizer): betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
-    self.optimizer = optax.adamw(LEARNING_RATE, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+    # PyTorch's AdamW defaults (the baseline's optimizer): betas (0.9, 0.999), eps 1e-8, weight decay 0.01;
+    # by default on one flat vector of all the parameters (`--optimizer`).
+    adamw = optax.adamw(LEARNING_RATE, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+    self.optimizer = optax.flatten(adamw) if a.optimizer == "flat" else adamw
     self.step = train.make_train_step(
       self.logps_fn, self.optimizer, loss="dpo", loss_hyper={"beta": BETA}, reference=self.reference
     )

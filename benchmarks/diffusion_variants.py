@@ -12,7 +12,15 @@ on n equal slices of the batch (`diffusion_step.py --denoiser_calls n`,
 side). `_conv_split: n` splits each convolution over n slices of its batch instead, and
 `_ref_whole: true` keeps the reference's forward as one call while the policy's is split. With
 `--kernels cpu`, `"_conv"` names the CPU backend's convolution (`pofx_backends.cpu.CONVS`; default
-"native", its direct 3x3 kernels).
+"native", its direct 3x3 kernels) and `"_attention": false` gives its attention to XLA
+(`pofx_backends.kernels("cpu", attention=False)`). Changes to the step: `"_optimizer": "per_leaf"`
+(AdamW array by array instead of `diffusion_step.py`'s default, on one flat vector:
+`diffusion_step.py --optimizer`), `"_guard": false` (`make_train_step(guard_nonfinite=False)`),
+`"_heads": "together"` (the U-Net's self-attention with its q, k, v and output projections over all
+heads at once and one attention call for all heads, instead of one call per head with column
+slices of the projections). Upper bounds, which change what the step computes: `"_attention_core":
+"identity"` (each head's `softmax(q k^T) v` replaced by `v`: what the attention itself costs) and
+`"_conv_bias": false` (the convolutions' bias additions left out: what fusing them could save).
 
 The step is `diffusion_step.PofxStep` (`benchmarks/diffusion_step.py`: the `bench` U-Net, 16 pairs,
 the library's train step with a frozen reference). Every variant is compiled first, then the
@@ -43,7 +51,28 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-OWN_KEYS = ("_silu", "_chunks", "_conv_split", "_ref_whole", "_conv")
+OWN_KEYS = (
+  "_silu",
+  "_chunks",
+  "_conv_split",
+  "_ref_whole",
+  "_conv",
+  "_attention",
+  "_optimizer",
+  "_guard",
+  "_heads",
+  "_attention_core",
+  "_conv_bias",
+)
+# The allowed values of the keys that name a choice (the first is the default).
+CHOICES = {
+  "_attention": (True, False),
+  "_optimizer": ("flat", "per_leaf"),
+  "_guard": (True, False),
+  "_heads": ("one_by_one", "together"),
+  "_attention_core": ("softmax", "identity"),
+  "_conv_bias": (True, False),
+}
 
 
 def parser():
@@ -82,7 +111,61 @@ def parse_variant(text: str) -> dict:
 
   if spec.get("_conv", "native") not in cpu.CONVS:
     raise SystemExit(f"diffusion_variants.py: _conv={spec['_conv']!r}; allowed: {', '.join(cpu.CONVS)}.")
+  for key, allowed in CHOICES.items():
+    if key in spec and (spec[key] not in allowed or type(spec[key]) is not type(allowed[0])):
+      raise SystemExit(f"diffusion_variants.py: {key}={spec[key]!r}; allowed: {', '.join(map(repr, allowed))}.")
   return spec
+
+
+def _model_changes(spec: dict):
+  """{name: replacement} of `pofx.diffusion.unet`'s functions for the variant's model changes (in
+  place while the variant is built and compiled; `_attention_core` overrides `_heads`)."""
+  import math
+
+  changes = {}
+  if spec.get("_heads", "one_by_one") == "together":
+
+    def together(h, p, heads, hd, kernels, dtype):
+      B, L, _ = h.shape
+      q, k, v = (kernels.dense(h, p[n]["kernel"], dtype) + p[n]["bias"].astype(dtype) for n in ("to_q", "to_k", "to_v"))
+      o = kernels.attention(
+        q.reshape(B, L, heads, 1, hd),
+        k.reshape(B, L, heads, hd),
+        v.reshape(B, L, heads, hd),
+        None,
+        scale=1.0 / math.sqrt(hd),
+      )
+      out = kernels.dense(o.reshape(B, L, heads * hd).astype(dtype), p["to_out"][0]["kernel"], dtype)
+      return out + p["to_out"][0]["bias"].astype(dtype)
+
+    changes["_head_by_head"] = together
+  if spec.get("_attention_core", "softmax") == "identity":
+
+    def values_only(h, p, heads, hd, kernels, dtype):
+      out = None
+      for i in range(heads):
+        cols = slice(i * hd, (i + 1) * hd)
+        v = kernels.dense(h, p["to_v"]["kernel"][:, cols], dtype) + p["to_v"]["bias"][cols].astype(dtype)
+        part = kernels.dense(v, p["to_out"][0]["kernel"][cols, :], dtype)
+        out = part if out is None else out + part
+      return out + p["to_out"][0]["bias"].astype(dtype)
+
+    changes["_head_by_head"] = values_only
+  if not spec.get("_conv_bias", True):
+
+    def bias_free(x, p, kernels, dtype, *, stride=1, padding=None):
+      k = p["kernel"].shape[0]
+      padding = ((k // 2, k // 2), (k // 2, k // 2)) if padding is None else padding
+      return kernels.conv_general_dilated(
+        x.astype(dtype),
+        p["kernel"].astype(dtype),
+        window_strides=(stride, stride),
+        padding=padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      )
+
+    changes["_conv"] = bias_free
+  return changes
 
 
 def build(spec: dict, kernels_name: str):
@@ -101,13 +184,20 @@ def build(spec: dict, kernels_name: str):
   saved_act = dict(unet._ACT)
   if silu == "tanh":
     unet._ACT["silu"] = unet._ACT["swish"] = lambda x: x * (0.5 + 0.5 * jnp.tanh(0.5 * x))
+  changes = _model_changes(spec)
+  saved = {name: getattr(unet, name) for name in changes}
+  for name, fn in changes.items():
+    setattr(unet, name, fn)
   try:
     # The denoiser split is diffusion_step's own (`--denoiser_calls`, pofx_backends.cpu.split).
-    a = diffusion_step.parse(["--side", "pofx", "--kernels", kernels_name, "--denoiser_calls", str(chunks)])
+    a = diffusion_step.parse(
+      ["--side", "pofx", "--kernels", kernels_name, "--denoiser_calls", str(chunks)]
+      + ["--optimizer", spec.get("_optimizer", "flat")]
+    )
     if kernels_name == "xla":
       kernels = pofx_backends.kernels("xla")
     else:
-      kernels = pofx_backends.kernels("cpu", conv=spec.get("_conv", "native"))
+      kernels = pofx_backends.kernels("cpu", conv=spec.get("_conv", "native"), attention=spec.get("_attention", True))
     split = spec.get("_conv_split", 1)
     if split > 1:
       conv = kernels.conv_general_dilated
@@ -117,17 +207,19 @@ def build(spec: dict, kernels_name: str):
 
       kernels = kernels._replace(conv_general_dilated=split_conv)
     bench = diffusion_step.PofxStep(a, kernels)
-    if spec.get("_ref_whole"):  # the reference's forward as one call, only the policy's split
+    if spec.get("_ref_whole") or not spec.get("_guard", True):
       from pofx import perturbations, references, train
 
-      whole = pairs.make_logps_fn(bench.model.denoise, bench.schedule)
-      bench.reference = pairs.check_reference(references.frozen(jax.tree.map(jnp.array, bench.params), whole))
+      if spec.get("_ref_whole"):  # the reference's forward as one call, only the policy's split
+        whole = pairs.make_logps_fn(bench.model.denoise, bench.schedule)
+        bench.reference = pairs.check_reference(references.frozen(jax.tree.map(jnp.array, bench.params), whole))
       bench.step = train.make_train_step(
         bench.logps_fn,
         bench.optimizer,
         loss="dpo",
         loss_hyper={"beta": diffusion_step.BETA},
         reference=bench.reference,
+        guard_nonfinite=spec.get("_guard", True),
       )
       bench.state = train.init_state(
         bench.params, bench.optimizer, bench.reference, perturbations.none(), loss="dpo", rng=jax.random.key(0)
@@ -140,6 +232,8 @@ def build(spec: dict, kernels_name: str):
   finally:
     unet._ACT.clear()
     unet._ACT.update(saved_act)
+    for name, fn in saved.items():
+      setattr(unet, name, fn)
   jax.clear_caches()
   host_memory.release_freed_memory()
   return bench
