@@ -124,7 +124,7 @@ def parser():
     "--cpu_attention",
     choices=["on", "off"],
     default=None,
-    help="the CPU backend's fused attention kernels (the U-Net's attention is dot_general products either way)",
+    help="the CPU backend's attention kernels (the U-Net's: its full-attention kernels; off: pofx.kernels.xla_attention)",
   )
   ap.add_argument(
     "--cpu_group_norm",

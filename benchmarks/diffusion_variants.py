@@ -120,23 +120,16 @@ def parse_variant(text: str) -> dict:
 def _model_changes(spec: dict):
   """{name: replacement} of `pofx.diffusion.unet`'s functions for the variant's model changes (in
   place while the variant is built and compiled; `_attention_core` overrides `_heads`)."""
-  import math
+  from pofx.diffusion import unet
 
+  multi_head = unet._multi_head
   changes = {}
   if spec.get("_heads", "one_by_one") == "together":
 
-    def together(h, p, heads, hd, kernels, dtype):
-      B, L, _ = h.shape
+    def together(h, p, heads, hd, kernels, dtype):  # the transformers' `_multi_head`, on full-width products
       q, k, v = (kernels.dense(h, p[n]["kernel"], dtype) + p[n]["bias"].astype(dtype) for n in ("to_q", "to_k", "to_v"))
-      o = kernels.attention(
-        q.reshape(B, L, heads, 1, hd),
-        k.reshape(B, L, heads, hd),
-        v.reshape(B, L, heads, hd),
-        None,
-        scale=1.0 / math.sqrt(hd),
-      )
-      out = kernels.dense(o.reshape(B, L, heads * hd).astype(dtype), p["to_out"][0]["kernel"], dtype)
-      return out + p["to_out"][0]["bias"].astype(dtype)
+      o = multi_head(q, k, v, heads, hd, kernels, dtype)
+      return kernels.dense(o, p["to_out"][0]["kernel"], dtype) + p["to_out"][0]["bias"].astype(dtype)
 
     changes["_head_by_head"] = together
   if spec.get("_attention_core", "softmax") == "identity":

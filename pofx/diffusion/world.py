@@ -192,12 +192,14 @@ def _init_classifier(rng, hidden: int, features: int):
   ]
 
 
-def _forward(params, images):
-  """Every layer's activations: [inputs, hidden, features, logits]."""
-  acts = [np.asarray(images, np.float32).reshape(len(images), -1)]
+def _forward(params, images, xp=np):
+  """Every layer's activations: [inputs, hidden, features, logits]; `xp` the array module (numpy, or
+  jax.numpy for a traceable, differentiable forward)."""
+  x = xp.asarray(images, xp.float32)
+  acts = [x.reshape(x.shape[0], -1)]
   for i, layer in enumerate(params):
     z = acts[-1] @ layer["w"] + layer["b"]
-    acts.append(np.maximum(z, 0.0) if i < len(params) - 1 else z)
+    acts.append(xp.maximum(z, 0.0) if i < len(params) - 1 else z)
   return acts
 
 
@@ -325,11 +327,8 @@ class ImageWorld:
     """`gold_reward` written with JAX operations on `jnp` arrays: jittable and differentiable in
     the images (TailorPO-G's reward guidance, `methods.reward_guidance`), [B] float32."""
     x = jnp.asarray(images, jnp.float32)
-    h = x.reshape(x.shape[0], -1)
-    for i, layer in enumerate(self.classifier):
-      h = h @ jnp.asarray(layer["w"]) + jnp.asarray(layer["b"])
-      h = jax.nn.relu(h) if i < len(self.classifier) - 1 else h
-    log_p = jnp.take_along_axis(jax.nn.log_softmax(h), jnp.asarray(labels, jnp.int32)[:, None], axis=1)[:, 0]
+    logits = _forward(self.classifier, x, jnp)[-1]
+    log_p = jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(labels, jnp.int32)[:, None], axis=1)[:, 0]
     return log_p + self.config.style_weight * jnp.mean((x + 1.0) * 0.5, axis=tuple(range(1, x.ndim)))
 
   def predicted_class(self, images) -> np.ndarray:

@@ -76,10 +76,7 @@ def test_gold_reward_is_log_prob_plus_weighted_ink(world):
   x, y = world.eval_images[:16], world.eval_labels[:16]
   x = np.concatenate([x, np.clip(x + 0.5, -1, 1)])  # also brighter images
   y = np.concatenate([y, (y + 1) % 10])  # and wrong prompts
-  z = _np_logits(world.classifier, x)
-  logp = z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
-  ink = ((x.reshape(len(x), -1) + 1) / 2).mean(1)
-  want = logp[np.arange(len(y)), y] + 4.0 * ink
+  want = want_at(world, x, y)
   np.testing.assert_allclose(np.asarray(world.gold_reward(x, y)), want, rtol=1e-4, atol=1e-4)
   # The JAX version (TailorPO-G's reward guidance): the same values, jitted, and its gradient in the
   # image against central differences of the float64 formula along a random direction.
