@@ -28,9 +28,11 @@ draws its tensors inside its step); DDPM's linear schedule with T = 1000
 (`pofx.diffusion.schedules.linear`, diffusers' `DDPMScheduler(num_train_timesteps=1000)`); the
 pair errors of `pofx.diffusion.pairs.make_logps_fn` and the library's train step
 (`pofx.train.make_train_step`, loss "dpo" with beta 5000, a `frozen` reference whose forward runs
-every step, AdamW lr 1e-5 with PyTorch's defaults: betas 0.9, 0.999, eps 1e-8, weight decay 0.01,
-by default applied to one flat vector of all the parameters, `optax.flatten`: the same elementwise
-update in one operation instead of a few per array; `--optimizer per_leaf` applies it array by array).
+every step, AdamW lr 1e-5 with PyTorch's defaults: betas 0.9, 0.999, eps 1e-8, weight decay 0.01;
+`--optimizer`: with the cpu kernels by default the CPU backend's AdamW, one native kernel that
+applies the step to every array in place, `pofx_backends.cpu.optimizers.adamw`; otherwise by default
+optax's AdamW on one flat vector of all the parameters, `optax.flatten`: the same elementwise update
+in one operation instead of a few per array; `--optimizer per_leaf` applies optax's array by array).
 That is `-log sigmoid(-beta/2 ((e_w - e_ref_w) - (e_l - e_ref_l)))` with e the per-image mean
 squared noise-prediction error, the baseline's loss. It first calls `pofx_backends.startup()`
 (and, as a training program should with it, hands the heap's free pages back after the
@@ -134,10 +136,12 @@ def parser():
   )
   ap.add_argument(
     "--optimizer",
-    choices=["flat", "per_leaf"],
-    default="flat",
-    help="AdamW on one flat vector of all the parameters (optax.flatten: the same update, far fewer "
-    "operations) or array by array",
+    choices=["auto", "native", "flat", "per_leaf"],
+    default="auto",
+    help="AdamW applied by the CPU backend's native kernel (pofx_backends.cpu.optimizers.adamw: one pass "
+    "over every array, in place), on one flat vector of all the parameters (optax.flatten: the same "
+    "update, far fewer operations than array by array) or array by array (optax.adamw); auto: native "
+    "with the cpu kernels, else flat",
   )
   ap.add_argument(
     "--compile",
@@ -224,9 +228,16 @@ class PofxStep:
     self.logps_fn = pairs.make_logps_fn(split.split_batch(self.model.denoise, self.denoiser_calls), self.schedule)
     self.reference = pairs.check_reference(references.frozen(jax.tree.map(jnp.array, self.params), self.logps_fn))
     # PyTorch's AdamW defaults (the baseline's optimizer): betas (0.9, 0.999), eps 1e-8, weight decay 0.01;
-    # by default on one flat vector of all the parameters (`--optimizer`).
-    adamw = optax.adamw(LEARNING_RATE, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
-    self.optimizer = optax.flatten(adamw) if a.optimizer == "flat" else adamw
+    # `--optimizer` says how it is applied.
+    hyper = dict(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+    self.optimizer_form = a.optimizer if a.optimizer != "auto" else ("native" if kernels.name == "cpu" else "flat")
+    if self.optimizer_form == "native":
+      from pofx_backends.cpu import optimizers as cpu_optimizers
+
+      self.optimizer = cpu_optimizers.adamw(LEARNING_RATE, **hyper)
+    else:
+      adamw = optax.adamw(LEARNING_RATE, **hyper)
+      self.optimizer = optax.flatten(adamw) if self.optimizer_form == "flat" else adamw
     self.step = train.make_train_step(
       self.logps_fn, self.optimizer, loss="dpo", loss_hyper={"beta": BETA}, reference=self.reference
     )
@@ -307,9 +318,8 @@ class PofxStep:
   def breakdown(self, reps: int = 10):
     """Median seconds of the step's parts, each jitted alone on one batch (see the module docstring)."""
     import jax
-    import optax
 
-    from pofx import losses
+    from pofx import losses, optimizers
 
     b = self.batch()
     params = self.state.params
@@ -325,8 +335,7 @@ class PofxStep:
 
     @jax.jit
     def update(grads, opt_state, params):
-      updates, opt_state = self.optimizer.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
+      return optimizers.apply_update(self.optimizer, grads, opt_state, params)
 
     parts = {
       "reference_forward": lambda: forward(ref_params, b),
@@ -475,6 +484,7 @@ def run_pofx(a):
     "cpu": cpu_model(),
     "threads": threads(),
     "kernels": kernels_name,
+    "optimizer": bench.optimizer_form,
     "kernels_requested": a.kernels,
     "kernels_details": kernels_details,
     "kernels_resolve_s": round(t_resolve, 2),

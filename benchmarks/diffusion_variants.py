@@ -13,9 +13,9 @@ side). `_conv_split: n` splits each convolution over n slices of its batch inste
 `_ref_whole: true` keeps the reference's forward as one call while the policy's is split. With
 `--kernels cpu`, `"_conv"` names the CPU backend's convolution (`pofx_backends.cpu.CONVS`; default
 "native", its direct 3x3 kernels) and `"_attention": false` gives its attention to XLA
-(`pofx_backends.kernels("cpu", attention=False)`). Changes to the step: `"_optimizer": "per_leaf"`
-(AdamW array by array instead of `diffusion_step.py`'s default, on one flat vector:
-`diffusion_step.py --optimizer`), `"_guard": false` (`make_train_step(guard_nonfinite=False)`),
+(`pofx_backends.kernels("cpu", attention=False)`). Changes to the step: `"_optimizer"` "flat" or
+"per_leaf" (optax's AdamW on one flat vector or array by array instead of `diffusion_step.py`'s
+default with the cpu kernels, the backend's native AdamW: `diffusion_step.py --optimizer`), `"_guard": false` (`make_train_step(guard_nonfinite=False)`),
 `"_heads": "together"` (the U-Net's self-attention with its q, k, v and output projections over all
 heads at once and one attention call for all heads, instead of one call per head with column
 slices of the projections). Upper bounds, which change what the step computes: `"_attention_core":
@@ -67,7 +67,7 @@ OWN_KEYS = (
 # The allowed values of the keys that name a choice (the first is the default).
 CHOICES = {
   "_attention": (True, False),
-  "_optimizer": ("flat", "per_leaf"),
+  "_optimizer": ("auto", "native", "flat", "per_leaf"),
   "_guard": (True, False),
   "_heads": ("one_by_one", "together"),
   "_attention_core": ("softmax", "identity"),
@@ -185,7 +185,7 @@ def build(spec: dict, kernels_name: str):
     # The denoiser split is diffusion_step's own (`--denoiser_calls`, pofx_backends.cpu.split).
     a = diffusion_step.parse(
       ["--side", "pofx", "--kernels", kernels_name, "--denoiser_calls", str(chunks)]
-      + ["--optimizer", spec.get("_optimizer", "flat")]
+      + ["--optimizer", spec.get("_optimizer", "auto")]
     )
     if kernels_name == "xla":
       kernels = pofx_backends.kernels("xla")

@@ -8,7 +8,7 @@ Inside one step (all on device, no host syncs):
   1. reference log-probs, once, under stop_gradient, outside the perturbation;
   2. the policy forward and the loss, differentiated by the perturbation (plain / SAM / AWP),
      optionally accumulated over micro-batches;
-  3. the optax update, the reference update (TR-DPO / EMA), the loss state (beta-DPO, gamma-PO);
+  3. the optax update (`pofx.optimizers.apply_update`), the reference update (TR-DPO / EMA), the loss state (beta-DPO, gamma-PO);
   4. metrics as device arrays: loss, rewards, margins, reward accuracy, log-probs, grad norm, lr.
 
 `logps_fn(params, batch) -> PairLogps` is the policy's log-prob function (model forward plus
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pofx import collectives
+from pofx import collectives, optimizers
 from pofx import evaluation as evaluation_lib
 from pofx import losses as losses_lib
 from pofx import perturbations as perturbations_lib
@@ -219,7 +219,8 @@ def make_train_step(
       loss that takes K-way lists ("list" in its requirements, e.g. `rank_dpo`) `-> ListLogps`
       `[B, K]`, with the lists' scores `[B, K]` under `batch["scores"]`. The metrics' chosen and
       rejected are then each list's best- and worst-scored items.
-    optimizer: an optax transformation.
+    optimizer: an optax transformation; a `pofx.optimizers.FusedOptimizer` is applied by its own
+      `apply` (e.g. the CPU backend's AdamW, one native kernel updating every leaf in place).
     loss: a canonical loss name, a TRL loss_type as `"trl.<loss_type>"`, or a LossSpec;
       `loss_hyper` its hyperparameters.
     reference: a `pofx.references` strategy (default: none()).
@@ -428,8 +429,7 @@ def make_train_step(
     grad_norm = optax.global_norm(grads)
 
     def apply_update(state):
-      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
+      params, opt_state = optimizers.apply_update(optimizer, grads, state.opt_state, state.params)
       return state.replace(
         params=params,
         opt_state=opt_state,

@@ -45,6 +45,10 @@ options with a lower compilation peak, `THREADED_CONV_COMPILER_OPTIONS` compile 
 which each convolution is split over all threads. A program applies any of them; the kernels
 above do not.
 
+`optimizers.adamw(...)` is optax's AdamW as a `pofx.optimizers.FusedOptimizer` whose step is one
+native kernel over every parameter array, in place (`native.adamw_apply`); the train step applies
+it by its `apply`.
+
 `calibration.measure` times a forward and backward of a small Llama block with a given
 `Kernels`: `pofx_backends.resolve("auto")` uses it to choose between "xla" and "cpu" on a CPU
 machine by measurement (the faster of the two differs between CPUs).

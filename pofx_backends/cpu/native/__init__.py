@@ -29,6 +29,11 @@ image, the two statistics passes and one pass that normalises and applies SiLU; 
 pass of per-channel sums (recomputing SiLU's input from x) and one pass that writes the input
 gradient. Channels must be multiples of 16 (`group_norm_supports`).
 
+`adamw_apply(hyper, params, grads, mu, nu)` applies AdamW's step to every leaf in one pass
+(`adamw.cc`): the parameter, gradient and both moments read once, the parameter and moments written
+in place (the results alias the inputs), the leaves' elements split over XLA's intra-op threads;
+`pofx_backends.cpu.optimizers.adamw` is the optimizer around it.
+
 `product(a, b, ...)` is `op(a) @ op(b)` of 2-D arrays (op: an optional transpose), differentiable,
 whose products (the forward one and the two of its gradient) go to a BLAS's sgemm
 (`blas_matmul.cc`, called single-threaded on each of XLA's own threads) when they contract the
@@ -68,6 +73,7 @@ SOURCE = os.path.join(HERE, "block_sparse_attention.cc")
 CONV_SOURCE = os.path.join(HERE, "conv3x3.cc")
 GROUP_NORM_SOURCE = os.path.join(HERE, "group_norm.cc")
 FULL_ATTENTION_SOURCE = os.path.join(HERE, "full_attention.cc")
+ADAMW_SOURCE = os.path.join(HERE, "adamw.cc")
 # `full_attention`'s head dimensions and most keys (`full_attention.cc`).
 FULL_ATTENTION_HEAD_DIMS, FULL_ATTENTION_MAX_KEYS = (16, 32, 64), 512
 HEADERS = tuple(os.path.join(HERE, h) for h in ("vector_exp.h", "conv3x3.h", "thread_parts.h"))
@@ -173,8 +179,8 @@ def _build(name, sources, flags, cache_dir=None) -> str:
 
 
 def load(cache_dir=None) -> str:
-  """Builds (once) and registers the attention (block-sparse and full), convolution and GroupNorm
-  kernels; returns the shared library's path."""
+  """Builds (once) and registers the attention (block-sparse and full), convolution, GroupNorm and
+  AdamW kernels; returns the shared library's path."""
   with _lock:
     if "path" in _loaded:
       return _loaded["path"]
@@ -182,7 +188,10 @@ def load(cache_dir=None) -> str:
     if reason:
       raise NativeUnavailable(reason)
     path = _build(
-      "pofx_native", (SOURCE, CONV_SOURCE, GROUP_NORM_SOURCE, FULL_ATTENTION_SOURCE) + HEADERS, FLAGS, cache_dir
+      "pofx_native",
+      (SOURCE, CONV_SOURCE, GROUP_NORM_SOURCE, FULL_ATTENTION_SOURCE, ADAMW_SOURCE) + HEADERS,
+      FLAGS,
+      cache_dir,
     )
     lib = ctypes.cdll.LoadLibrary(path)
     for name, handler in (
@@ -194,6 +203,7 @@ def load(cache_dir=None) -> str:
       ("pofx_group_norm_bwd", lib.PofxGroupNormBwd),
       ("pofx_full_attention_fwd", lib.PofxFullAttentionFwd),
       ("pofx_full_attention_bwd", lib.PofxFullAttentionBwd),
+      ("pofx_adamw_apply", lib.PofxAdamwApply),
     ):
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
     _loaded["path"], _loaded["lib"] = path, lib
@@ -713,3 +723,39 @@ def group_norm(x, scale, bias, *, groups: int, eps: float, silu: bool = False):
     )
   load()
   return _group_norm(x, scale, bias, int(groups), float(eps), bool(silu))
+
+
+def adamw_apply(hyper, params, grads, mu, nu):
+  """AdamW's update applied in place by the native kernel (`adamw.cc`): `hyper` float32 `[11]` =
+  `[lr, b1, 1 - b1, b2, 1 - b2, eps, weight_decay, 1 - b1^t, 1 - b2^t, norm, max_norm]`; `params`, `grads`, `mu`, `nu`
+  equally long sequences of float32 arrays, leaf by leaf of the same shapes. Returns the new
+  `(params, mu, nu)` as lists; the results alias the inputs (XLA updates the buffers in place where
+  nothing else reads them). Per element, in optax's order: `g = (g / norm) max_norm` unless `norm < max_norm` (a
+  global-norm clip; `max_norm = inf` for none), `mu = (1 - b1) g + b1 mu`,
+  `nu = (1 - b2) g^2 + b2 nu`, `p = p - lr ((mu / bc1) / (sqrt(nu / bc2) + eps) + weight_decay p)`."""
+  params, grads, mu, nu = (list(x) for x in (params, grads, mu, nu))
+  n = len(params)
+  if not (len(grads) == len(mu) == len(nu) == n):
+    raise ValueError(
+      f"adamw_apply: {n} params, {len(grads)} grads, {len(mu)} mu, {len(nu)} nu leaves; need as many of each."
+    )
+  for name, leaves in (("params", params), ("grads", grads), ("mu", mu), ("nu", nu)):
+    for i, (x, p) in enumerate(zip(leaves, params)):
+      if x.dtype != jnp.float32 or x.shape != p.shape:
+        raise ValueError(
+          f"adamw_apply: {name}[{i}] is {x.dtype}{list(x.shape)}; every leaf must be float32 with its parameter's shape {list(p.shape)}."
+        )
+  hyper = jnp.asarray(hyper, jnp.float32)
+  if hyper.shape != (11,):
+    raise ValueError(f"adamw_apply: hyper has shape {hyper.shape}; expected (11,).")
+  if n == 0:
+    return [], [], []
+  load()
+  shapes = tuple(jax.ShapeDtypeStruct(p.shape, jnp.float32) for p in params) * 3
+  aliases = (
+    {1 + i: i for i in range(n)}
+    | {1 + 2 * n + i: n + i for i in range(n)}
+    | {1 + 3 * n + i: 2 * n + i for i in range(n)}
+  )
+  out = jax.ffi.ffi_call("pofx_adamw_apply", shapes, input_output_aliases=aliases)(hyper, *params, *grads, *mu, *nu)
+  return list(out[:n]), list(out[n : 2 * n]), list(out[2 * n :])
