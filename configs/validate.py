@@ -281,6 +281,12 @@ def check_loss(c) -> None:
     )
   if "risk" in spec.requires:
     raise ValueError(f"loss {spec.name!r} needs 'risk' inputs that the training program does not produce.")
+  if "companions" in spec.requires:
+    raise ValueError(
+      f"config.train.loss={spec.name!r} reads the EMA companions of the policy on its reference "
+      "(pofx.references.ema_companions), which only the image program builds; allowed: config.domain='image' "
+      "(configs/diffusion_adaptive_dpo.py)."
+    )
   kind = c.train.reference.kind
   if kind in ("cached", "multi") and (
     "kl" in spec.requires or "eos_logps" in spec.requires or spec.name in REFERENCE_TOKEN_LOSSES
@@ -666,6 +672,48 @@ def _check_image_loss(c) -> None:
   if spec.reference == "unused" and kind != "none":
     raise ValueError(
       f"config.train.reference.kind={kind!r}, but loss {spec.name!r} is reference-free; allowed: 'none'."
+    )
+  _check_image_companions(c, spec)
+
+
+def _check_image_companions(c, spec) -> None:
+  """Adaptive-DPO's EMA companions (`pofx.references.ema_companions` around the reference):
+  `train.reference.companion_decays` and `companion_warmup` are set exactly when the loss
+  requires "companions", and the pairs are scored by their denoising errors."""
+  r = c.train.reference
+  fields = [f for f in ("companion_decays", "companion_warmup") if f in r]
+  if "companions" not in spec.requires:
+    if fields:
+      raise ValueError(
+        f"config.train.reference.{fields[0]} is read only by a loss that requires the EMA companions "
+        f"('companions': {[n for n in losses.names() if 'companions' in losses.spec(n).requires]}); "
+        f"train.loss={spec.name!r} does not (start from configs/diffusion_dpo.py instead)."
+      )
+    return
+  if len(fields) < 2:
+    raise ValueError(
+      f"config.train.loss={spec.name!r} scores EMA companions of the policy beside the reference; it needs "
+      "config.train.reference.companion_decays (a tuple of decays in [0, 1)) and companion_warmup (an integer "
+      ">= 0): start from configs/diffusion_adaptive_dpo.py."
+    )
+  decays = r.companion_decays
+  ok = isinstance(decays, (tuple, list)) and len(decays) >= 1
+  ok = ok and all(not isinstance(d, bool) and isinstance(d, (int, float)) and 0.0 <= d < 1.0 for d in decays)
+  if not ok:
+    raise ValueError(
+      f"config.train.reference.companion_decays={decays!r} is not allowed; allowed: a non-empty tuple of EMA "
+      "decays, each a number in [0, 1) (the authors' (0.9999, 0.5))."
+    )
+  warmup = r.companion_warmup
+  if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+    raise ValueError(
+      f"config.train.reference.companion_warmup={warmup!r} is not allowed; allowed: an integer >= 0 (steps "
+      "before the companions are in use; the authors' 2)."
+    )
+  if c.train.logps != "pairs":
+    raise ValueError(
+      f"config.train.logps={c.train.logps!r} is not allowed with train.loss={spec.name!r} (Adaptive-DPO weighs "
+      "Diffusion-DPO's pair errors); allowed: 'pairs'."
     )
 
 

@@ -838,6 +838,20 @@ def _reference(c, base_params, logps_fn):
   raise ValueError(f"config.train.reference.kind={kind!r} is not allowed for images.")
 
 
+def reference_of(c, spec, base_params, logps_fn):
+  """The train step's reference strategy: `train.reference.kind`'s (`_reference`), inside
+  `references.ema_companions` (EMA copies of the policy scored beside it, with
+  `train.reference.companion_decays` and `companion_warmup`) when the loss requires "companions"
+  (Adaptive-DPO); a cached one refused (`pairs.check_reference`)."""
+  reference = _reference(c, base_params, logps_fn)
+  if "companions" in spec.requires:
+    r = c.train.reference
+    reference = references.ema_companions(
+      reference, logps_fn, decays=tuple(r.companion_decays), warmup=int(r.companion_warmup)
+    )
+  return pairs_lib.check_reference(reference)
+
+
 def _perturbation(c):
   p = c.train.perturbation
   if p.kind == "sam":
@@ -936,7 +950,7 @@ def train_policy(c, model, base_params, schedule, data, key, *, workdir: str, pr
   """Stage 3: preference training through `pofx.train` (`logps_fn_of`). Returns (params, info)."""
   spec, hyper = losses.spec(c.train.loss), dict(c.train.loss_hyper)
   logps_fn = logps_fn_of(c, model, schedule)
-  reference = pairs_lib.check_reference(_reference(c, base_params, logps_fn))
+  reference = reference_of(c, spec, base_params, logps_fn)
   optimizer, lr = optimizers.from_config(c)
   perturbation = _perturbation(c)
   p = c.train.perturbation

@@ -11,6 +11,8 @@ Naming (used throughout pofx):
 | `chosen_log_sum_sq_probs`| per token, log sum_v p_v^2 of the model's next-token dist. | [B, T] |
 | `chosen_eos_logps`       | log pi(EOS | state) at the completion's states s_0..s_n     | [B, T+1] |
 | `chosen_tempered_eos_logps` | the same at a temperature: log softmax(z / tau)_EOS     | [B, T+1] |
+| `companion_chosen`       | on a reference: the chosen log-probs of M companion models | [B, M] |
+| `companion_mask`         | 1 where a companion's value is in use, 0 before it is      | [B, M] |
 
 The completion's states: `s_t = x + y_<t+1`, i.e. state `t` is the prefix that predicts token `t`
 (0-based, so `s_0` is the prompt) for `t < n`, and `s_n` is the prompt and the whole completion
@@ -69,6 +71,13 @@ class PairLogps:
     chosen_tempered_eos_logps: optional `[B, T+1]`, `log softmax(z_t / tau)_EOS` at the same
       states, for the temperature `tau` the log-prob function was built with (GDPO's reward).
     rejected_tempered_eos_logps: optional `[B, T'+1]`.
+    companion_chosen: optional `[B, M]`, set on a *reference* `PairLogps` only: the chosen
+      log-probs (summed as `chosen`) of M companion models evaluated on the same batch as the
+      reference (`pofx.references.ema_companions`: EMA copies of the policy), detached. Read by
+      losses that require "companions" (Adaptive-DPO, `pofx.losses.adaptive_dpo`).
+    companion_rejected: optional `[B, M]`, the same for the rejected completion.
+    companion_mask: optional `[B, M]` float32, 1 where companion m's values are in use, 0 where
+      they are not yet (e.g. before the companions' warm-up steps); the three come together.
 
   A `PairLogps` is a pytree (None fields are empty subtrees), so it passes through `jit`,
   `vmap`, `grad` and sharding unchanged.
@@ -88,6 +97,9 @@ class PairLogps:
   rejected_eos_logps: Optional[Array] = None
   chosen_tempered_eos_logps: Optional[Array] = None
   rejected_tempered_eos_logps: Optional[Array] = None
+  companion_chosen: Optional[Array] = None
+  companion_rejected: Optional[Array] = None
+  companion_mask: Optional[Array] = None
 
   @classmethod
   def from_tokens(
@@ -165,6 +177,10 @@ class PairLogps:
   @property
   def has_eos(self) -> bool:
     return self.chosen_eos_logps is not None and self.rejected_eos_logps is not None
+
+  @property
+  def has_companions(self) -> bool:
+    return self.companion_chosen is not None and self.companion_rejected is not None and self.companion_mask is not None
 
   def replace(self, **changes) -> PairLogps:
     return dataclasses.replace(self, **changes)

@@ -111,9 +111,10 @@ DIFFUSION_SAMPLERS = ("ddim", "ddpm")
 IMAGE_REFERENCE_KINDS = ("none", "frozen", "synced", "ema")
 IMAGE_PERTURBATION_KINDS = ("none", "sam", "awp", "rwp")
 # The extra inputs (`pofx.losses.REQUIREMENTS`) a loss may need in the image program: a PRNG key,
-# a state, per-pair scores (the pairs' gold rewards). A loss needing anything else (token counts,
-# per-token arrays, ...) is refused for images.
-IMAGE_LOSS_REQUIREMENTS = ("key", "state", "scores")
+# a state, per-pair scores (the pairs' gold rewards), the reference's EMA companions of the policy
+# (Adaptive-DPO: `pofx.references.ema_companions`, from `train.reference.companion_decays`). A loss
+# needing anything else (token counts, per-token arrays, ...) is refused for images.
+IMAGE_LOSS_REQUIREMENTS = ("key", "state", "scores", "companions")
 # Loops of the training program (`experiments/loops.py`, docs/online.md): "offline" trains once on the
 # stage-2 pairs; "iterative" runs rounds of sample -> label -> pairs -> train; "online" the same with
 # fresh samples every few steps; "rlhf" the REINFORCE / RLOO baseline with a KL penalty.

@@ -21,6 +21,10 @@ Strategies:
   synced(alpha, tau, logps_fn)       TR-DPO (Gorbatovski et al. 2024, arXiv:2404.09656): every tau steps
                               ref <- alpha * policy + (1 - alpha) * ref (alpha = 1: hard update).
   ema(decay, logps_fn)        ref <- decay * ref + (1 - decay) * policy every step.
+  ema_companions(base, logps_fn, decays, warmup)
+                              `base` plus EMA copies of the policy evaluated beside it (their
+                              log-probs in the reference's `companion_*` fields): Adaptive-DPO
+                              (Zhang et al. 2025, arXiv:2503.16921).
   adapters_off(base_logps_fn) with LoRA (`pofx.lora`): the frozen base with the adapters disabled.
   over_frozen(ref)            a strategy over the adapters alone (e.g. synced or ema of them).
 
@@ -179,6 +183,101 @@ def ema(decay: float = 0.99, logps_fn: Optional[LogpsFn] = None) -> Reference:
     update=update,
     updates=True,
   )
+
+
+def diffusers_ema_decay(decay, count):
+  """The decay diffusers' `EMAModel` (no `use_ema_warmup`, `update_after_step=0`, `min_decay=0`)
+  applies at its `count`-th update (1-based, an integer array or int):
+
+    0 at count 1 (the EMA becomes a copy of the model),   min(decay, count / (count + 9)) after,
+
+  i.e. `min(decay, (1 + s) / (10 + s))` with `s = count - 1` its internal step
+  (`diffusers.training_utils.EMAModel.get_decay`). A float32 scalar.
+  """
+  n = jnp.asarray(count, jnp.float32)
+  return jnp.where(n <= 1.0, 0.0, jnp.minimum(jnp.float32(decay), n / (n + 9.0))).astype(jnp.float32)
+
+
+def ema_companions(
+  base: Reference, logps_fn: LogpsFn, *, decays: Sequence[float] = (0.9999, 0.5), warmup: int = 2
+) -> Reference:
+  r"""`base` plus M EMA copies of the policy (the "companions"), scored on every batch beside it.
+
+  Adaptive-DPO (Zhang et al. 2025, arXiv:2503.16921) measures each pair's disagreement among the
+  policy and two exponential moving averages of it. The authors' code
+  (fanfanffff1/Adaptive-DPO `dpo_train_un.py` at a64ae01, lines 639-652 and 1026-1028) keeps two
+  diffusers `EMAModel`s of the trained weights, decays 0.9999 and 0.5, stepped after every
+  optimizer step, and scores them (`cal_loss`, lines 826-847) on the same noisy inputs as the
+  policy and the reference from the step `step >= ema_warmup_steps` (2 by default; the step
+  counts micro-batches there and the warm-up is scaled by the accumulation, so it is 2 optimizer
+  steps). This strategy is that bookkeeping as a reference:
+
+    init(p)      -> {"base": base.init(p), "emas": (p, ..., p) (M copies), "count": 0}
+    update(s, p) -> base updated; count n <- n + 1; each EMA e_m <- e_m - (1 - d_m(n)) (e_m - p)
+                    with diffusers' effective decay d_m(n) = `diffusers_ema_decay(decays[m], n)`
+                    (0 at the first update, so each EMA is then a copy of the policy, whatever it
+                    started from; min(decay, n / (n + 9)) after: the 0.9999 EMA runs at
+                    n / (n + 9), about 0.97 at n = 300)
+    logps(s, b)  -> base.logps(s["base"], b) with `companion_chosen`, `companion_rejected` `[B, M]`
+                    (`logps_fn` at each EMA's parameters, detached) and `companion_mask` `[B, M]`,
+                    1 once count >= warmup, else 0 (before it, Adaptive-DPO's uncertainty is 0).
+
+  `count` counts this strategy's own updates (the train step calls `update` after each finite
+  step), as `EMAModel` counts its own `step` calls. The companions' forwards run every step,
+  also during the warm-up (their values are then masked), on the same batch as the reference, so
+  they see the same timesteps and noise (a diffusion `logps_fn`) as the method requires.
+
+  Args:
+    base: the reference proper (e.g. `frozen(sft_params, logps_fn)`); not `none`, not `cached`
+      (the companions' and the reference's values must come from one batch's forwards), not one
+      that reads a LoRA run's frozen base (`reads_frozen`: not supported).
+    logps_fn: the policy's `logps_fn(params, batch) -> PairLogps`, run at the EMA parameters.
+    decays: the EMAs' decays, each in [0, 1) (the code's 0.9999 and 0.5).
+    warmup: updates before the companions are in use (an integer >= 0; the code's 2).
+  """
+  _need_fn("ema_companions", logps_fn)
+  if not isinstance(base, Reference):
+    raise TypeError(f"references.ema_companions: base must be a pofx.references.Reference, got {type(base).__name__}.")
+  if base.name == "none" or base.cached or base.reads_frozen:
+    raise ValueError(
+      f"references.ema_companions: base={base.name!r} is not allowed; allowed: a strategy with its own "
+      "parameters that runs a forward every step (frozen, guiding, synced, ema)."
+    )
+  decays = tuple(decays)
+  bad = [d for d in decays if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0]
+  if not decays or bad:
+    raise ValueError(
+      f"references.ema_companions: invalid decays={decays!r}; allowed: a non-empty sequence of numbers in [0, 1)."
+    )
+  if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or warmup < 0:
+    raise ValueError(f"references.ema_companions: invalid warmup={warmup!r}; allowed: an integer >= 0.")
+
+  def init(params):
+    return {
+      "base": base.init(params),
+      "emas": tuple(jax.tree.map(jnp.array, params) for _ in decays),
+      "count": jnp.zeros((), jnp.int32),
+    }
+
+  def update(ref_state, policy_params, step):
+    count = ref_state["count"] + 1
+    emas = []
+    for d, e in zip(decays, ref_state["emas"]):
+      keep = diffusers_ema_decay(d, count)
+      emas.append(jax.tree.map(lambda x, p, k=keep: (x - (1.0 - k) * (x - p)).astype(x.dtype), e, policy_params))
+    return {"base": base.update(ref_state["base"], policy_params, step), "emas": tuple(emas), "count": count}
+
+  def logps(ref_state, batch):
+    out = base.logps(ref_state["base"], batch)
+    comps = [_forward(logps_fn, e, batch) for e in ref_state["emas"]]
+    chosen = jnp.stack([jnp.asarray(o.chosen, jnp.float32) for o in comps], axis=1)
+    rejected = jnp.stack([jnp.asarray(o.rejected, jnp.float32) for o in comps], axis=1)
+    on = (ref_state["count"] >= warmup).astype(jnp.float32)
+    return out.replace(
+      companion_chosen=chosen, companion_rejected=rejected, companion_mask=jnp.broadcast_to(on, chosen.shape)
+    )
+
+  return Reference(f"ema_companions({base.name})", init=init, logps=logps, update=update, updates=True)
 
 
 # ----------------------------------------------------------------------------------------------

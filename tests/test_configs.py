@@ -229,6 +229,11 @@ def test_sam_m_is_examples_per_ascent_and_sets_the_micro_batches():
     ("train.loss", "dpoo", r"config.train.loss='dpoo' is not allowed; allowed: \["),
     ("train.loss_hyper.beta", 0.0, "beta > 0"),
     ("train.reference.kind", "none", "needs a reference"),
+    (
+      "train.loss",
+      "adaptive_dpo",
+      r"reads the EMA companions .* only the image program builds; allowed: config.domain",
+    ),
     ("train.reference.kind", "frozn", "config.train.reference.kind='frozn'"),
     ("train.reference.kind", "guiding", r"config.train.reference.guide_checkpoint='' is not a checkpoint"),
     ("model.preset", "llama9", r"config.model.preset='llama9' is not allowed; allowed: 'world' or a pofx.models"),

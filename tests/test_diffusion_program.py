@@ -111,6 +111,7 @@ ALL_FAMILIES = (
   "diffusion_tailor_po",
   "diffusion_tailor_po_g",
   "diffusion_dense_dpo",
+  "diffusion_adaptive_dpo",
 )
 
 
@@ -522,6 +523,25 @@ def _tiny(family=""):
     ),
     ("balanced_dpo:data.metrics", ("ink", "ink"), "a non-empty tuple of distinct names from"),
     ("balanced_dpo:data.pairing", "data_vs_sample", "config.data.labeller='majority' is not allowed with data.record"),
+    (
+      "adaptive_dpo:train.reference.companion_decays",
+      (0.9999, 1.0),
+      "config.train.reference.companion_decays=.0.9999, 1.0. is not allowed; allowed: a non-empty tuple of EMA decays",
+    ),
+    ("adaptive_dpo:train.reference.companion_decays", (), "companion_decays=.. is not allowed"),
+    (
+      "adaptive_dpo:train.reference.companion_warmup",
+      -1,
+      "config.train.reference.companion_warmup=-1 is not allowed; allowed: an integer >= 0",
+    ),
+    ("adaptive_dpo:train.reference.kind", "none", "config.train.reference.kind='none', but loss 'adaptive_dpo' needs"),
+    (
+      "adaptive_dpo:train.loss_hyper.margin",
+      "cubic",
+      "adaptive_dpo: invalid margin='cubic'; allowed: ['linear', 'none'",
+    ),
+    ("adaptive_dpo:train.loss_hyper.c", 0.0, "adaptive_dpo: invalid c=0.0; allowed: c > 0"),
+    ("train.loss", "adaptive_dpo", "it needs config.train.reference.companion_decays"),
   ],
 )
 def test_image_config_refused_with_field_and_allowed(field, value, message):
@@ -534,6 +554,38 @@ def test_image_config_refused_with_field_and_allowed(field, value, message):
   node[last] = value
   with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
     config_validation.validate(c)
+
+
+def test_adaptive_dpo_config_reads_the_pair_errors_and_builds_its_companions():
+  """Adaptive-DPO's config: the EMA companions around the frozen reference with the authors' decays
+  and warm-up, and only on the pair errors (patch-weighted errors are refused)."""
+  import jax
+
+  from experiments import diffusion
+  from pofx import losses
+
+  c = _tiny("adaptive_dpo")
+  config_validation.validate(c)
+  assert c.train.loss == "adaptive_dpo" and tuple(c.train.reference.companion_decays) == (0.9999, 0.5)
+  assert c.train.reference.companion_warmup == 2 and c.train.loss_hyper.beta == 2500.0
+  c.data.patch_size, c.train.logps = 2, "patch"
+  with pytest.raises(ValueError, match="config.train.logps='patch' is not allowed with train.loss='adaptive_dpo'"):
+    config_validation.validate(c)
+  c = _tiny("adaptive_dpo")
+  c.train.loss, c.train.loss_hyper = "dpo", {"beta": 5000.0}
+  with pytest.raises(ValueError, match="companion_decays is read only by a loss that requires the EMA companions"):
+    config_validation.validate(c)
+  # The program's reference: ema_companions(frozen), whose state holds the base and two EMA copies.
+  c = _tiny("adaptive_dpo")
+  model, schedule = diffusion.denoiser(c), diffusion.noise_schedule(c)
+  params = jax.eval_shape(model.init, jax.random.key(0))
+  logps_fn = diffusion.logps_fn_of(c, model, schedule)
+  ref = diffusion.reference_of(c, losses.spec(c.train.loss), params, logps_fn)
+  assert ref.name == "ema_companions(frozen)" and ref.updates and not ref.cached
+  state = jax.eval_shape(ref.init, params)
+  assert len(state["emas"]) == 2
+  assert all(jax.tree.structure(x) == jax.tree.structure(params) for x in (state["base"], *state["emas"]))
+  assert diffusion.reference_of(_tiny(), losses.spec("dpo"), params, logps_fn).name == "frozen"
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)

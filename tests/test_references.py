@@ -220,3 +220,65 @@ def test_guiding_takes_the_restored_parameters_of_a_checkpoint(tmp_path):
 def test_step_refuses_reference_free_with_a_loss_that_needs_one():
   with pytest.raises(ValueError, match="needs a reference"):
     train.make_train_step(toy.logps_fn, optax.sgd(0.1), loss="dpo", reference=references.none())
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA companions (Adaptive-DPO)
+
+
+def test_diffusers_ema_decay_schedule():
+  # diffusers' EMAModel.get_decay without warm-up: 0 at its first update, then (1 + s) / (10 + s) with
+  # s = count - 1, capped at the decay: 0, 2/11, 3/12, ..., 8/17, then 0.5 for decay 0.5.
+  for n, want in [(1, 0.0), (2, 2 / 11), (3, 3 / 12), (8, 8 / 17), (9, 0.5), (12, 0.5)]:
+    np.testing.assert_allclose(float(references.diffusers_ema_decay(0.5, n)), want, rtol=1e-6)
+  for n, want in [(1, 0.0), (2, 2 / 11), (300, 300 / 309), (89990, 89990 / 89999), (10**6, 0.9999)]:
+    np.testing.assert_allclose(float(references.diffusers_ema_decay(0.9999, n)), want, rtol=1e-6)
+
+
+def test_ema_companions_update_by_hand():
+  # One scalar parameter; the policy after steps 1..4 is 2, 4, 8, 0 and the reference stays at 1.
+  # Update 1 (decay 0): both EMAs = 2. Update 2 (2/11 < 0.5): 2/11 * 2 + 9/11 * 4 = 40/11.
+  # Update 3 (1/4): 1/4 * 40/11 + 3/4 * 8 = 76/11. Update 4 (4/13): 4/13 * 76/11 + 0 = 304/143.
+  ref = references.ema_companions(
+    references.frozen({"a": jnp.float32(1.0)}, lambda p, b: None), lambda p, b: None, decays=(0.9999, 0.5), warmup=2
+  )
+  state = ref.init({"a": jnp.float32(1.0)})
+  for n, (p, want) in enumerate([(2.0, 2.0), (4.0, 40 / 11), (8.0, 76 / 11), (0.0, 304 / 143)], start=1):
+    state = ref.update(state, {"a": jnp.float32(p)}, n)
+    for ema in state["emas"]:
+      np.testing.assert_allclose(float(ema["a"]), want, rtol=1e-6)
+    assert int(state["count"]) == n and float(state["base"]["a"]) == 1.0
+  # From update 10 on, the 0.5 EMA is capped (decay 0.5) while the 0.9999 one runs at n / (n + 9).
+  e1, e2 = 304 / 143, 304 / 143
+  for n in range(5, 13):
+    state = ref.update(state, {"a": jnp.float32(n)}, n)  # a policy that keeps moving: 5, 6, ..., 12
+    d1, d2 = n / (n + 9), min(0.5, n / (n + 9))
+    e1, e2 = d1 * e1 + (1 - d1) * n, d2 * e2 + (1 - d2) * n
+  np.testing.assert_allclose([float(e["a"]) for e in state["emas"]], [e1, e2], rtol=1e-5)
+  assert e2 - e1 > 0.2  # the 0.5 EMA follows the policy more closely
+
+
+def test_ema_companions_logps_and_warmup():
+  p0, p1, batch = toy.init(0), toy.init(1), toy.batch()
+  ref = references.ema_companions(references.frozen(p0, toy.logps_fn), toy.logps_fn, decays=(0.9, 0.5), warmup=2)
+  state = ref.init(p0)
+  for n in range(1, 4):
+    out = ref.logps(state, batch)
+    base = toy.logps_fn(p0, batch)
+    np.testing.assert_allclose(out.chosen, base.chosen, rtol=1e-6)
+    for m, ema in enumerate(state["emas"]):
+      np.testing.assert_allclose(out.companion_chosen[:, m], toy.logps_fn(ema, batch).chosen, rtol=1e-6)
+      np.testing.assert_allclose(out.companion_rejected[:, m], toy.logps_fn(ema, batch).rejected, rtol=1e-6)
+    np.testing.assert_array_equal(out.companion_mask, np.full((8, 2), float(n - 1 >= 2), np.float32))
+    state = ref.update(state, p1, n)
+
+
+def test_ema_companions_refusals():
+  with pytest.raises(ValueError, match="base='none' is not allowed"):
+    references.ema_companions(references.none(), toy.logps_fn)
+  with pytest.raises(ValueError, match="base='cached' is not allowed"):
+    references.ema_companions(references.cached("a", "a"), toy.logps_fn)
+  with pytest.raises(ValueError, match=r"invalid decays=\(0.9, 1.0\); allowed: a non-empty sequence"):
+    references.ema_companions(references.frozen(toy.init(), toy.logps_fn), toy.logps_fn, decays=(0.9, 1.0))
+  with pytest.raises(ValueError, match=r"invalid warmup=-1; allowed: an integer >= 0"):
+    references.ema_companions(references.frozen(toy.init(), toy.logps_fn), toy.logps_fn, warmup=-1)

@@ -86,6 +86,9 @@ from pofx.losses._annotated import (
 )
 from pofx.losses._common import check_beta, check_choice, check_range, logratios, margins
 from pofx.losses._diffusion import (
+  adaptive_dpo,
+  adaptive_dpo_logits,
+  adaptive_dpo_uncertainty,
   d3po,
   dense_reward_dpo,
   dense_reward_step_weights,
@@ -377,6 +380,9 @@ __all__ = [
   "full_step_dpo",
   "full_step_dpo_token_steps",
   # diffusion
+  "adaptive_dpo",
+  "adaptive_dpo_logits",
+  "adaptive_dpo_uncertainty",
   "d3po",
   "dense_reward_dpo",
   "dense_reward_step_weights",

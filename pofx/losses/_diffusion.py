@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -509,6 +510,157 @@ def rank_dpo(
   return -jnp.sum(jnp.where(weights > 0, weights * terms, 0.0), axis=(1, 2))
 
 
+# -------------------------------------------------------------------------------------------------
+# Adaptive-DPO: per-pair weights and margins from the disagreement of the policy and its EMAs
+# -------------------------------------------------------------------------------------------------
+
+ADAPTIVE_DPO_WEIGHTINGS = ("linear", "quadratic", "sqrt", "sigmoid")
+ADAPTIVE_DPO_MARGINS = ("quadratic", "linear", "none")
+
+
+def adaptive_dpo_logits(policy, reference) -> tuple:
+  r"""The authors' logits `l = ref_diff - model_diff` of the policy (`[B]`) and of the reference's
+  companions (`[B, M]`, detached), in pofx's diffusion log-probs (`chosen = -e_w / 2`):
+
+    `l = (e_ref_w - e_ref_l) - (e_w - e_l) = 2 (lr_w - lr_l) = 2 rho`,
+
+  and for companion m the same with its errors in place of the policy's
+  (`2 ((c_w^m - ref_w) - (c_l^m - ref_l))`, the code's `logits1`, `logits2`). Returns
+  `(l0 [B], l_companions [B, M], in_use [B])`, `in_use` where every companion's mask is 1.
+  """
+  name = "adaptive_dpo"
+  lr_w, lr_l = _logratios(name, policy, reference)
+  if not reference.has_companions:
+    raise ValueError(
+      f"{name}: the reference PairLogps has no companions (companion_chosen, companion_rejected, companion_mask); "
+      "use pofx.references.ema_companions(base, logps_fn) as the reference strategy."
+    )
+  cc, cr, cm = _f32(reference.companion_chosen), _f32(reference.companion_rejected), _f32(reference.companion_mask)
+  chex.assert_rank([cc, cr, cm], 2)
+  chex.assert_equal_shape([cc, cr, cm])
+  chex.assert_equal_shape_prefix([cc, lr_w], 1)
+  ref_w, ref_l = _f32(reference.chosen)[:, None], _f32(reference.rejected)[:, None]
+  l_comp = jax.lax.stop_gradient(2.0 * ((cc - ref_w) - (cr - ref_l)))
+  return 2.0 * (lr_w - lr_l), l_comp, jnp.all(cm > 0, axis=1)
+
+
+def adaptive_dpo_uncertainty(logits: Array, *, rho: float = 15.0, normalize: bool = True) -> Array:
+  r"""Adaptive-DPO's per-pair uncertainty `u [B]` from the logits `L [N, B]` of N >= 2 models (detached).
+
+    `L^_m = rho L_m / ||L_m||_2` (the norm over the batch, per model; `normalize=False`: `rho L_m`),
+    `u = |1 - mean_m sigmoid(L^_m)| * min(std_m(L^_m), 1)`,
+
+  the std over the N models with Bessel's correction (torch's `std(dim=0)`): the authors'
+  `cal_un_wy_wstd` with label 1 (`dpo_train_un.py` lines 623-628, 848-852). The first factor is
+  low when the models agree that the winner wins, the second when they agree with each other. A
+  model whose logits are all 0 (norm 0, e.g. the policy at its first step) gets `L^ = 0` here
+  instead of the code's division by zero.
+  """
+  L = jax.lax.stop_gradient(_f32(logits))
+  if L.ndim != 2 or L.shape[0] < 2:
+    raise ValueError(f"adaptive_dpo_uncertainty: logits must be [N, B] with N >= 2 models; got {L.shape}.")
+  if normalize:
+    norm = jnp.sqrt(jnp.sum(L * L, axis=1, keepdims=True))
+    L = jnp.where(norm > 0, L / jnp.where(norm > 0, norm, 1.0), 0.0)
+  L = rho * L
+  confidence = jnp.abs(1.0 - jnp.mean(jax.nn.sigmoid(L), axis=0))
+  return confidence * jnp.minimum(jnp.std(L, axis=0, ddof=1), 1.0)
+
+
+def adaptive_dpo(
+  policy,
+  reference,
+  *,
+  beta: float = 1000.0,
+  rho: float = 15.0,
+  k: float = 10.0,
+  c: float = 1.0,
+  weighting: str = "linear",
+  margin: str = "quadratic",
+  normalize: bool = True,
+) -> Array:
+  r"""Adaptive-DPO: Diffusion-DPO with per-pair weights and margins from the policy's and its EMAs' disagreement.
+
+  With the authors' logit `l = ref_diff - model_diff = 2 rho` (`adaptive_dpo_logits`; `rho =
+  lr_w - lr_l` in pofx's diffusion log-probs `-e/2`, so `l` is Diffusion-DPO's logit without its
+  1/2) of the policy (`l_0`) and of the M companions on the reference (`l_1..l_M`: the
+  `pofx.references.ema_companions` strategy, the code's EMAs with decays 0.9999 and 0.5), all on
+  the same timesteps and noise,
+
+    `u   = adaptive_dpo_uncertainty([l_0, l_1, ..., l_M]; rho, normalize)`   (detached; 0 before
+           the companions' warm-up: `companion_mask` 0)
+    `w   = 1 / (k u + c)`                 weighting "linear" (the code's default)
+           `1 / (k u^2 + c)`              "quadratic"
+           `1 / (exp(k sqrt(u)) + c)`     "sqrt"
+           `1 / (exp(k u) + c)`           "sigmoid" (the code's name)       (detached)
+    `L_i = -w_i log sigmoid(beta l_i + g(u_i) - mean_batch(sg(l)))`,  `g(u) = u^2 / beta`
+           (margin "quadratic"), `u / beta` ("linear"); margin "none": `-w_i log sigmoid(beta l_i)`,
+
+  the code's loss with `--use_margin` (line 922, `- (-weight*weight/args.beta_dpo +
+  logits.detach().mean())`; line 920 linear; line 928 without a margin). The centring uses the
+  batch mean of the unscaled `l`, not of `beta l`; the margin *raises* the logit of a pair with a
+  large `u`, and its weight is smaller: both weaken the push on pairs the models disagree about
+  (the paper's minority samples). Batch statistics (the norms, the mean) are over the batch the
+  loss sees (micro-batch statistics under gradient accumulation, as beta-DPO's).
+
+  Conventions: `beta` is the code's `--beta_dpo` (README recipe 1000, argparse default 2500); it
+  multiplies `l = 2 rho`, so the logit is `2 beta rho` and beta = 2500 has Diffusion-DPO's scale at
+  pofx's beta = 5000 (`dpo` on the diffusion `PairLogps`). With u = 0 for every pair, `c = 1` and
+  margin "none" this is `dpo` at twice this beta.
+
+  Args:
+    policy: the policy's diffusion `PairLogps`.
+    reference: the reference's, with `companion_chosen`, `companion_rejected`, `companion_mask`
+      `[B, M]` (M >= 1; `pofx.references.ema_companions`).
+    beta: > 0 (default 1000, the README's `--beta_dpo`).
+    rho: the logits' scale before the sigmoid and std (> 0; `--logits_rho` 15).
+    k: the weight's slope (>= 0; `--rewight_temparature` 10).
+    c: the weight's intercept (> 0 for "linear"/"quadratic", >= 0 otherwise; `--rewight_intercept` 1).
+    weighting: `ADAPTIVE_DPO_WEIGHTINGS` (`--weight_type`, default "linear").
+    margin: `ADAPTIVE_DPO_MARGINS` (`--margin_type` quadratic; "none" is `--use_margin` off).
+    normalize: divide each model's logits by their L2 norm over the batch (`--use_logits_normalization`).
+
+  Returns:
+    `[B]` per-pair losses (the batch reduction is their mean, as the code's `.mean()`).
+
+  References: Zhang et al. 2025, "When Preferences Diverge: Aligning Diffusion Models with
+  Minority-Aware Adaptive DPO", arXiv:2503.16921 (abstract: a metric of intra-annotator confidence
+  and inter-annotator stability, an adaptive weighting and margin); the method read from the
+  code fanfanffff1/Adaptive-DPO `dpo_train_un.py` at a64ae01 (lines 808, 623-628, 818-871,
+  888-907, 916-928) and its README's recipe; the paper's Eqs. 11-15 could not be read.
+  """
+  name = "adaptive_dpo"
+  _common.check_beta(name, beta)
+  _common.check_range(name, "rho", rho, low=0.0, low_open=True)
+  _common.check_range(name, "k", k, low=0.0)
+  _common.check_choice(name, "weighting", weighting, ADAPTIVE_DPO_WEIGHTINGS)
+  _common.check_choice(name, "margin", margin, ADAPTIVE_DPO_MARGINS)
+  if weighting in ("linear", "quadratic"):
+    _common.check_range(name, "c", c, low=0.0, low_open=True, allowed_text="c > 0 (the weight is 1 / (k u + c))")
+  else:
+    _common.check_range(name, "c", c, low=0.0)
+  if not isinstance(normalize, bool):
+    raise ValueError(f"{name}: invalid normalize={normalize!r}; allowed: True or False.")
+  l0, l_comp, in_use = adaptive_dpo_logits(policy, reference)
+  models = jnp.concatenate([jax.lax.stop_gradient(l0)[None], l_comp.T], axis=0)
+  u = jnp.where(in_use, adaptive_dpo_uncertainty(models, rho=rho, normalize=normalize), 0.0)
+  if weighting == "linear":
+    w = 1.0 / (k * u + c)
+  elif weighting == "quadratic":
+    w = 1.0 / (k * u * u + c)
+  elif weighting == "sqrt":
+    w = 1.0 / (jnp.exp(k * jnp.sqrt(u)) + c)
+  else:
+    w = 1.0 / (jnp.exp(k * u) + c)
+  w = jax.lax.stop_gradient(w)
+  if margin == "none":
+    z = beta * l0
+  else:
+    g = u * u / beta if margin == "quadratic" else u / beta
+    z = beta * l0 + jax.lax.stop_gradient(g - jnp.mean(l0))
+  return w * gpo_fns.logistic(z)
+
+
 _DIFFUSION = "diffusion"
 
 SPECS = (
@@ -562,6 +714,15 @@ SPECS = (
     diffusion_dro,
     _DIFFUSION,
     "arXiv:2510.18353 (Diffusion-DRO); basiclab/DiffusionDRO train.py (hinge, margin 0.001)",
+  ),
+  LossSpec(
+    "adaptive_dpo",
+    adaptive_dpo,
+    _DIFFUSION,
+    "Zhang et al. 2025, arXiv:2503.16921; fanfanffff1/Adaptive-DPO dpo_train_un.py@a64ae01 lines 808-928 "
+    "(EMA companions' uncertainty, weight 1/(k u + c), margin u^2/beta)",
+    requires=frozenset({"companions"}),
+    detached_by_design="the weight 1/(k u + c), the margin and the batch mean of l are detached",
   ),
   LossSpec(
     "patch_dpo",

@@ -6,7 +6,8 @@ reference -11/5 and -11/6). So lr_w = +1, lr_l = -1, rho = 2. Scores (0.8, 0.3) 
 them ((1, 0) for a domain of binary labels); every token marked as differing (BMC), embeddings
 (1, 0) and (1, 1) (Sem-DPO), one segment per completion with aspect scores (1, 0.5) and
 (0.5, 0.5) (2D-DPO); per-state EOS log-probs (GDPO) -3 for the policy and -2 for the
-reference's tempered ones at every state.
+reference's tempered ones at every state; two companion models on the reference (Adaptive-DPO)
+with log-probs (-10.5, -11.5) and (-10, -12), in use.
 """
 
 from __future__ import annotations
@@ -88,6 +89,12 @@ def _inputs(spec, shift):
     policy = policy.replace(chosen_eos_logps=states(LEN_W, -3.0), rejected_eos_logps=states(LEN_L, -3.0))
     reference = reference.replace(
       chosen_tempered_eos_logps=states(LEN_W, -2.0), rejected_tempered_eos_logps=states(LEN_L, -2.0)
+    )
+  if "companions" in spec.requires:
+    reference = reference.replace(
+      companion_chosen=jnp.array([[-10.5, -10.0]]),
+      companion_rejected=jnp.array([[-11.5, -12.0]]),
+      companion_mask=jnp.ones((1, 2), jnp.float32),
     )
   if spec.reference == "unused":
     reference = None

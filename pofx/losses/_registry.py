@@ -35,6 +35,8 @@ REQUIREMENTS = types.MappingProxyType(
     "embeddings": "`prompt_embeddings=`, `chosen_embeddings=`: [B, D] embeddings of the prompt and the chosen completion",
     "segments": "`chosen_segment_ids=`, `rejected_segment_ids=` [B, T] (int, -1 on padding) and "
     "`chosen_segment_scores=`, `rejected_segment_scores=` [B, S, A] (segment x aspect scores)",
+    "companions": "on the reference: companion_chosen / companion_rejected / companion_mask [B, M], the "
+    "log-probs of M companion models beside it (pofx.references.ema_companions; Adaptive-DPO)",
     "eos_logps": "per-state EOS log-probs [B, T+1]: policy.chosen/rejected_eos_logps and the reference's "
     "chosen/rejected_tempered_eos_logps (pofx.policy.make_logps_fn(eos_id=, eos_temperature=))",
   }

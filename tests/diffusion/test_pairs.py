@@ -245,3 +245,52 @@ def test_rank_dpo_step_on_lists_shares_one_timestep_and_noise_per_list():
     pofx.train.validate("rank_dpo", pofx.references.cached("f", "f"), {"beta": BETA})
   with pytest.raises(ValueError, match="gradient_field=True reads a pair's chosen"):
     pofx.train.make_train_step(logps_fn, optax.adamw(1e-3), loss="rank_dpo", reference=reference, gradient_field=True)
+
+
+def test_adaptive_dpo_steps_with_ema_companions():
+  """Adaptive-DPO through the train step: a frozen reference with two EMA companions (decays 0.9999
+  and 0.5, warm-up 2). Three jitted steps: the first two train with u = 0 (the first at log 2, policy
+  = reference), the third's loss equals the authors' formula on errors computed in numpy for the
+  policy, the reference and the two EMAs (the padding pair in the batch statistics, out of the
+  mean), and the EMAs follow diffusers' schedule of the policy's parameters after each step."""
+  s = schedules.linear()
+  logps_fn = pairs.make_logps_fn(standin.denoise, s, timestep_range=T_RANGE)
+  policy = _near_identity(jax.random.key(0))
+  reference = pairs.check_reference(
+    pofx.references.ema_companions(pofx.references.frozen(policy, logps_fn), logps_fn, decays=(0.9999, 0.5))
+  )
+  opt, beta = optax.adam(1e-2), 1000.0
+  step = pofx.train.make_train_step(logps_fn, opt, loss="adaptive_dpo", loss_hyper={"beta": beta}, reference=reference)
+  state = pofx.train.init_state(policy, opt, reference, pofx.perturbations.none(), loss="adaptive_dpo")
+  ac = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+  copy = lambda tree: jax.tree.map(np.array, tree)  # copies: the step donates its state
+  after, losses = [], []
+  for i in range(3):
+    before, emas = copy(state.params), [copy(e) for e in state.ref_state["emas"]]
+    state, metrics = step(state, {"pairs": _batch(i)}, jax.random.key(i))
+    after.append(copy(state.params))
+    losses.append(float(metrics["loss"]))
+    assert float(metrics["nonfinite"]) == 0.0
+  assert losses[0] == pytest.approx(np.log(2.0), abs=1e-6)
+  assert not np.allclose(after[-1]["w"], policy["w"])
+  # The third step's loss: the authors' formula (tests/losses/test_diffusion_losses.py transcribes it)
+  # on numpy errors of the step's policy ("before"), the reference and the EMAs as they were.
+  b = _batch(2)
+  e = dict(zip(("pol_w", "pol_l"), _np_errors(before, b, ac)))
+  e.update(zip(("ref_w", "ref_l"), _np_errors(policy, b, ac)))
+  for name, ema in zip(("ema1", "ema2"), emas):
+    e.update(zip((f"{name}_w", f"{name}_l"), _np_errors(ema, b, ac)))
+  ref_diff = e["ref_w"] - e["ref_l"]
+  logits = np.stack([ref_diff - (e[f"{m}_w"] - e[f"{m}_l"]) for m in ("pol", "ema1", "ema2")])
+  hat = 15.0 * logits / np.linalg.norm(logits, axis=1, keepdims=True)
+  u = np.abs(np.mean(1.0 / (1.0 + np.exp(-hat)), axis=0) - 1.0) * np.minimum(np.std(hat, axis=0, ddof=1), 1.0)
+  z = beta * logits[0] + u * u / beta - logits[0].mean()
+  per_pair = np.logaddexp(0.0, -z) / (10.0 * u + 1.0)
+  assert np.ptp(u[:3]) > 1e-3, u  # the pairs' uncertainties differ
+  # rtol 1e-3: u is the spread of nearly equal normalised logits, which the float32 errors' rounding
+  # (relative ~2e-6 here, on logits ~1e-4) moves by ~1e-4 relative.
+  np.testing.assert_allclose(losses[2], per_pair[:3].mean(), rtol=1e-3)
+  # diffusers' EMA of the parameters after steps 1-3: decay 0, then 2/11, then 3/12 (both EMAs).
+  want = jax.tree.map(lambda p1, p2, p3: 0.25 * (2 / 11 * p1 + 9 / 11 * p2) + 0.75 * p3, *after)
+  for ema in state.ref_state["emas"]:
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), copy(ema), want)

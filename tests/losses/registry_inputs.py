@@ -65,6 +65,17 @@ def segment_ids(lens):
   return np.where(_mask(lens) > 0, ids, -1).astype(np.int32)
 
 
+def with_companions(reference, seed: int, m: int = 2):
+  """`reference` with M companion models' log-probs `[B, M]` near its own (within +-1), in use."""
+  rng = np.random.default_rng(seed + 30)
+  shift = lambda x: jnp.asarray(np.asarray(x, np.float32)[:, None] + rng.uniform(-1, 1, (B, m)), jnp.float32)
+  return reference.replace(
+    companion_chosen=shift(reference.chosen),
+    companion_rejected=shift(reference.rejected),
+    companion_mask=jnp.ones((B, m), jnp.float32),
+  )
+
+
 def build(spec, key, *, with_reference=True, seed=0):
   """Returns (policy, reference, kwargs) for `spec` (hyperparameters from example_hyper)."""
   req = spec.requires
@@ -79,6 +90,8 @@ def build(spec, key, *, with_reference=True, seed=0):
     eos = "eos_logps" in req  # GDPO: the policy's EOS log-probs, the reference's tempered ones
     policy = token_pair(seed, log_sum_sq="log_sum_sq_probs" in req, eos="" if eos else None)
     reference = token_pair(seed + 100, log_sum_sq=False, eos="tempered_" if eos else None)
+  if "companions" in req:
+    reference = with_companions(reference, seed)
   if spec.reference == "unused" or not with_reference:
     reference = None
   rng = np.random.default_rng(seed + 7)

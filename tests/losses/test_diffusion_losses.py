@@ -260,3 +260,175 @@ def test_patch_dpo_is_the_authors_weighted_mse_on_quality_maps():
   np.testing.assert_allclose(p2.chosen, policy.chosen)
   with pytest.raises(ValueError, match=r"patch_weights must be \[B, h, w\] with h dividing 4"):
     methods.patch_weighted_errors(pred_w, noise, np.ones((b, 3, 3)))
+
+
+# -------------------------------------------------------------------------------------------------
+# Adaptive-DPO
+
+
+def _adaptive_errors(seed, b=6):
+  """Per-image errors of the policy, the reference and two EMA companions; the models' errors
+  differ by ~1e-3 (late in training), so beta * l stays in the sigmoid's unsaturated range."""
+  rng = np.random.default_rng(seed)
+  e = {"ref_w": rng.uniform(0.1, 0.3, b), "ref_l": rng.uniform(0.1, 0.3, b)}
+  for m in ("pol", "ema1", "ema2"):
+    e[f"{m}_w"] = e["ref_w"] + rng.normal(0.0, 1e-3, b)
+    e[f"{m}_l"] = e["ref_l"] + rng.normal(0.0, 1e-3, b)
+  return {k: v.astype(np.float32) for k, v in e.items()}
+
+
+def _adaptive_pairs(e, mask=1.0):
+  """pofx's diffusion PairLogps (-e/2), the companions on the reference."""
+  h = lambda x: jnp.asarray(-0.5 * np.asarray(x, np.float32))
+  policy = pofx.PairLogps(chosen=h(e["pol_w"]), rejected=h(e["pol_l"]))
+  reference = pofx.PairLogps(
+    chosen=h(e["ref_w"]),
+    rejected=h(e["ref_l"]),
+    companion_chosen=h(np.stack([e["ema1_w"], e["ema2_w"]], 1)),
+    companion_rejected=h(np.stack([e["ema1_l"], e["ema2_l"]], 1)),
+    companion_mask=jnp.full((len(e["ref_w"]), 2), mask, jnp.float32),
+  )
+  return policy, reference
+
+
+def _authors_adaptive_loss(e, *, beta, rho=15.0, k=10.0, c=1.0, weight_type="linear", margin="quadratic", norm=True):
+  """fanfanffff1/Adaptive-DPO dpo_train_un.py @ a64ae01, lines 793-808, 623-628, 818-852, 888-907 and
+  916-928, transcribed to float64 NumPy (after the EMA warm-up). Returns (loss per pair, u, weight)."""
+  d = {k_: np.asarray(v, np.float64) for k_, v in e.items()}
+  ref_diff = d["ref_w"] - d["ref_l"]
+  logits = ref_diff - (d["pol_w"] - d["pol_l"])  # line 808
+  logits1 = ref_diff - (d["ema1_w"] - d["ema1_l"])  # cal_loss with the EMA 0.9999 weights
+  logits2 = ref_diff - (d["ema2_w"] - d["ema2_l"])  # ... and the EMA 0.5 weights
+  stacked = np.stack([logits, logits1, logits2])
+  if norm:  # use_logits_normalization
+    stacked = stacked / np.linalg.norm(stacked, axis=1, keepdims=True)
+  logit = stacked * rho
+  train_std = np.minimum(np.std(logit, axis=0, ddof=1), 1.0)  # cal_un_wy_wstd, torch's unbiased std
+  train_mean = np.mean(1.0 / (1.0 + np.exp(-logit)), axis=0)
+  u = np.abs(train_mean - 1.0) * train_std
+  weight = {
+    "linear": 1.0 / (u * k + c),
+    "quadratic": 1.0 / (u * u * k + c),
+    "sqrt": 1.0 / (np.exp(k * np.sqrt(u)) + c),
+    "sigmoid": 1.0 / (np.exp(k * u) + c),
+  }[weight_type]
+  log_sigmoid = lambda x: -np.logaddexp(0.0, -x)
+  if margin == "linear":
+    inside = beta * logits - (-u / beta + logits.mean())
+  elif margin == "quadratic":
+    inside = beta * logits - (-u * u / beta + logits.mean())
+  else:
+    inside = beta * logits
+  return -weight * log_sigmoid(inside), u, weight
+
+
+@pytest.mark.parametrize(
+  "hyper",
+  [
+    {},
+    {"beta": 2500.0, "weighting": "quadratic", "margin": "linear"},
+    {"weighting": "sqrt", "margin": "none", "rho": 5.0},
+    {"weighting": "sigmoid", "k": 3.0, "c": 0.5, "normalize": False, "rho": 800.0},
+  ],
+  ids=["readme", "quadratic_linear", "sqrt_none", "sigmoid_raw"],
+)
+def test_adaptive_dpo_matches_the_authors_loss(hyper):
+  e = _adaptive_errors(11)
+  policy, reference = _adaptive_pairs(e)
+  kw = dict(beta=1000.0, rho=15.0, k=10.0, c=1.0, weighting="linear", margin="quadratic", normalize=True)
+  kw.update(hyper)
+  expected, u, w = _authors_adaptive_loss(
+    e,
+    beta=kw["beta"],
+    rho=kw["rho"],
+    k=kw["k"],
+    c=kw["c"],
+    weight_type=kw["weighting"],
+    margin=kw["margin"],
+    norm=kw["normalize"],
+  )
+  assert np.std(u) > 1e-3 and np.all(u >= 0)  # the pairs get different uncertainties
+  assert np.std(expected) > 0.05 * np.mean(expected)  # and different losses
+  got = pofx.losses.adaptive_dpo(policy, reference, **kw)
+  np.testing.assert_allclose(got, expected, rtol=2e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    pofx.losses.batch_loss("adaptive_dpo", policy, reference, **kw), expected.mean(), rtol=2e-4
+  )
+  # The uncertainty alone (the policy's and the companions' logits, l = 2 rho).
+  l0, l_comp, in_use = pofx.losses.adaptive_dpo_logits(policy, reference)
+  assert bool(jnp.all(in_use))
+  models = jnp.concatenate([l0[None], l_comp.T])
+  got_u = pofx.losses.adaptive_dpo_uncertainty(models, rho=kw["rho"], normalize=kw["normalize"])
+  np.testing.assert_allclose(got_u, u, rtol=1e-4, atol=1e-6)
+
+
+def test_adaptive_dpo_gradient_holds_the_weight_and_margin_fixed():
+  # d/d pi_w of -w log sigmoid(beta l + g - mean l), l = 2 (pi_w - ref_w - pi_l + ref_l), with w, g
+  # and the mean detached: -w beta 2 sigmoid(-z) per pair (over B for the batch mean).
+  e = _adaptive_errors(12)
+  policy, reference = _adaptive_pairs(e)
+  beta = 1000.0
+  expected, u, w = _authors_adaptive_loss(e, beta=beta)
+  d = {k: np.asarray(v, np.float64) for k, v in e.items()}
+  l = (d["ref_w"] - d["ref_l"]) - (d["pol_w"] - d["pol_l"])
+  z = beta * l + u * u / beta - l.mean()
+  grad = jax.grad(lambda pc: pofx.losses.batch_loss("adaptive_dpo", policy.replace(chosen=pc), reference, beta=beta))(
+    policy.chosen
+  )
+  np.testing.assert_allclose(grad, -w * beta * 2.0 / (1.0 + np.exp(z)) / len(l), rtol=1e-3)
+
+
+def test_adaptive_dpo_hand_values():
+  beta = 1000.0
+  # All three models agree (the companions' errors are the policy's): std 0, so u = 0, the weight
+  # is 1 / c and the loss is -log sigmoid(beta l - mean l) / c.
+  e = _adaptive_errors(13, b=3)
+  for m in ("ema1", "ema2"):
+    e[f"{m}_w"], e[f"{m}_l"] = e["pol_w"], e["pol_l"]
+  policy, reference = _adaptive_pairs(e)
+  l = 2.0 * (
+    np.asarray(policy.chosen - reference.chosen, np.float64) - np.asarray(policy.rejected - reference.rejected)
+  )
+  expected = np.logaddexp(0.0, -(beta * l - l.mean())) / 2.0
+  np.testing.assert_allclose(pofx.losses.adaptive_dpo(policy, reference, beta=beta, c=2.0), expected, rtol=1e-4)
+  # Before the companions' warm-up (mask 0) u = 0 as well, whatever they hold.
+  e2 = _adaptive_errors(14, b=3)
+  p2, r2 = _adaptive_pairs(e2, mask=0.0)
+  l2 = 2.0 * (np.asarray(p2.chosen - r2.chosen, np.float64) - np.asarray(p2.rejected - r2.rejected))
+  np.testing.assert_allclose(
+    pofx.losses.adaptive_dpo(p2, r2, beta=beta), np.logaddexp(0.0, -(beta * l2 - l2.mean())), rtol=1e-4
+  )
+  # One pair: normalisation leaves rho * sign(l_m). With the policy and one EMA saying "winner" and
+  # the other "loser": L^ = (15, 15, -15), mean sigmoid = (2 s(15) + s(-15)) / 3 ~ 2/3, std = sqrt(300)
+  # clipped to 1, so u ~ 1/3 and the weight 1 / (10/3 + 1) = 3/13.
+  models = jnp.array([[2e-3], [5e-4], [-1e-3]])
+  u = float(pofx.losses.adaptive_dpo_uncertainty(models)[0])
+  s = lambda x: 1.0 / (1.0 + math.exp(-x))
+  np.testing.assert_allclose(u, 1.0 - (2.0 * s(15.0) + s(-15.0)) / 3.0, rtol=1e-6)
+  one = pofx.PairLogps(chosen=jnp.array([-0.5 * 0.1]), rejected=jnp.array([-0.5 * 0.2]))
+  ref = pofx.PairLogps(
+    chosen=jnp.array([-0.5 * 0.101]),
+    rejected=jnp.array([-0.5 * 0.2]),
+    companion_chosen=jnp.array([[-0.5 * 0.1, -0.5 * 0.102]]),
+    companion_rejected=jnp.array([[-0.5 * 0.2, -0.5 * 0.2]]),
+    companion_mask=jnp.ones((1, 2)),
+  )
+  l_one = 2.0 * 0.5 * 0.001  # ref_diff - model_diff = (0.101 - 0.2) - (0.1 - 0.2)
+  z = beta * l_one + u * u / beta - l_one
+  np.testing.assert_allclose(
+    pofx.losses.adaptive_dpo(one, ref, beta=beta), (3.0 / 13.0) * math.log1p(math.exp(-z)), rtol=1e-3
+  )
+
+
+def test_adaptive_dpo_refusals():
+  e = _adaptive_errors(15)
+  policy, reference = _adaptive_pairs(e)
+  bare = pofx.PairLogps(chosen=reference.chosen, rejected=reference.rejected)
+  with pytest.raises(ValueError, match="no companions.*ema_companions"):
+    pofx.losses.adaptive_dpo(policy, bare)
+  with pytest.raises(ValueError, match=r"invalid margin='cubic'; allowed: \['linear', 'none', 'quadratic'\]"):
+    pofx.losses.adaptive_dpo(policy, reference, margin="cubic")
+  with pytest.raises(ValueError, match=r"invalid c=0.0; allowed: c > 0"):
+    pofx.losses.adaptive_dpo(policy, reference, c=0.0)
+  with pytest.raises(ValueError, match=r"invalid rho=0.0"):
+    pofx.losses.adaptive_dpo(policy, reference, rho=0.0)

@@ -69,6 +69,7 @@ def test_every_requirement_has_a_builder():
     "embeddings",
     "segments",
     "eos_logps",
+    "companions",
   }
   assert set(pofx.losses.REQUIREMENTS) <= handled
 
@@ -173,6 +174,8 @@ FD_WHERE_DETACHED_IS_CONSTANT = {
   "sgdpo": {"leaves": ("chosen", "rejected")},
   "full_step_dpo": {"hyper": {"token_rate": 0.0}, "leaves": ("chosen_token_logps", "rejected_token_logps")},
   "kto_unpaired": {"leaves": ("chosen",)},
+  # Adaptive-DPO: k = 0 makes the weight 1 / c and margin "none" drops the detached margin and centring.
+  "adaptive_dpo": {"hyper": {"k": 0.0, "margin": "none"}},
 }
 
 
@@ -217,6 +220,12 @@ def _extreme_inputs(spec, sign, dtype):
       reference = reference.replace(logps=jnp.full_like(reference.logps, -1.0).astype(dtype))
     return policy, reference, kwargs
   ext_policy, ext_reference = ri.extreme_pair(sign, dtype, eos="eos_logps" in spec.requires)
+  if "companions" in spec.requires:
+    ext_reference = ri.with_companions(ext_reference, 0)
+    ext_reference = ext_reference.replace(
+      companion_chosen=ext_reference.companion_chosen.astype(dtype),
+      companion_rejected=ext_reference.companion_rejected.astype(dtype),
+    )
   return ext_policy, (ext_reference if reference is not None else None), kwargs
 
 
