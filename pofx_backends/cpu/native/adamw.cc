@@ -19,8 +19,7 @@
 //
 // Threads: the leaves' elements, taken as one sequence, are cut into one contiguous range per
 // thread of XLA's intra-op pool (thread_parts.h); each range walks the leaves it covers.
-// No fused multiply-adds: the same roundings as XLA's separate multiplications and additions.
-#pragma GCC optimize("fp-contract=off")
+#include <immintrin.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -40,19 +39,27 @@ struct Hyper {
   float lr, b1, c1, b2, c2, eps, wd, bc1, bc2, norm, max_norm;
 };
 
-// Elements [i0, i1) of one leaf. Same operations, in the same order, as optax's update.
+// Elements [i0, i1) of one leaf, 16 at a time (the last vector masked). Same operations, in the
+// same order, as optax's update; no fused multiply-adds.
 template <bool kClip>
 void Update(const Leaf& l, int64_t i0, int64_t i1, const Hyper& h) {
-  const float neg_lr = -h.lr;
-#pragma GCC ivdep
-  for (int64_t i = i0; i < i1; ++i) {
-    const float g = kClip ? (l.g[i] / h.norm) * h.max_norm : l.g[i], p = l.p_in[i];
-    const float mu = h.c1 * g + h.b1 * l.mu_in[i];
-    const float nu = h.c2 * (g * g) + h.b2 * l.nu_in[i];
-    const float u = (mu / h.bc1) / (std::sqrt(nu / h.bc2) + h.eps) + h.wd * p;
-    l.mu[i] = mu;
-    l.nu[i] = nu;
-    l.p[i] = p + neg_lr * u;
+  const __m512 b1 = _mm512_set1_ps(h.b1), c1 = _mm512_set1_ps(h.c1), b2 = _mm512_set1_ps(h.b2),
+               c2 = _mm512_set1_ps(h.c2), eps = _mm512_set1_ps(h.eps), wd = _mm512_set1_ps(h.wd),
+               bc1 = _mm512_set1_ps(h.bc1), bc2 = _mm512_set1_ps(h.bc2), norm = _mm512_set1_ps(h.norm),
+               max_norm = _mm512_set1_ps(h.max_norm), neg_lr = _mm512_set1_ps(-h.lr);
+  for (int64_t i = i0; i < i1; i += 16) {
+    const __mmask16 m = i1 - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (i1 - i)) - 1);
+    __m512 g = _mm512_maskz_loadu_ps(m, l.g + i);
+    if (kClip) g = _mm512_mul_ps(_mm512_div_ps(g, norm), max_norm);
+    const __m512 p = _mm512_maskz_loadu_ps(m, l.p_in + i);
+    const __m512 mu = _mm512_add_ps(_mm512_mul_ps(c1, g), _mm512_mul_ps(b1, _mm512_maskz_loadu_ps(m, l.mu_in + i)));
+    const __m512 nu = _mm512_add_ps(_mm512_mul_ps(c2, _mm512_mul_ps(g, g)),
+                                    _mm512_mul_ps(b2, _mm512_maskz_loadu_ps(m, l.nu_in + i)));
+    const __m512 step = _mm512_div_ps(_mm512_div_ps(mu, bc1), _mm512_add_ps(_mm512_sqrt_ps(_mm512_div_ps(nu, bc2)), eps));
+    const __m512 u = _mm512_add_ps(step, _mm512_mul_ps(wd, p));
+    _mm512_mask_storeu_ps(l.mu + i, m, mu);
+    _mm512_mask_storeu_ps(l.nu + i, m, nu);
+    _mm512_mask_storeu_ps(l.p + i, m, _mm512_add_ps(p, _mm512_mul_ps(neg_lr, u)));
   }
 }
 
