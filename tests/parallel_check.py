@@ -179,6 +179,13 @@ def _toy_config(name):
     return dict(reference=references.synced(0.5, 2, toy.logps_fn))
   if name == "ema":
     return dict(reference=references.ema(0.9, toy.logps_fn))
+  if name == "ema_companions":  # Adaptive-DPO: batch norms and means over the companions' logits
+    base = references.frozen(ref_params, toy.logps_fn)
+    return dict(
+      loss="adaptive_dpo",
+      loss_hyper={"beta": 0.5},
+      reference=references.ema_companions(base, toy.logps_fn, decays=(0.9, 0.5), warmup=0),
+    )
   if name == "sam":
     return dict(reference=references.frozen(ref_params, toy.logps_fn), perturbation=perturbations.sam(0.05))
   if name == "awp":
@@ -186,7 +193,7 @@ def _toy_config(name):
   raise ValueError(name)
 
 
-def toy_group(results, strategies=("none", "frozen", "cached", "multi", "synced", "ema", "sam")):
+def toy_group(results, strategies=("none", "frozen", "cached", "multi", "synced", "ema", "ema_companions", "sam")):
   params = toy.init(0)
   batch = _toy_batch()
   per_device = parallel.split_per_device(batch, N_DEV)

@@ -64,6 +64,7 @@ TOY_MODES = {
   "multi": ("jit_2x4", "pmap_8"),
   "synced": ("jit_2x4", "shard_map_8"),
   "ema": ("jit_2x4", "pmap_8"),
+  "ema_companions": ("jit_2x4", "shard_map_8"),
   "sam": ("jit_2x4", "shard_map_8", "pmap_8"),
   "awp": ("jit_2x4", "shard_map_8", "pmap_8"),
 }
