@@ -7,7 +7,7 @@ with, per check, the largest difference from the single-device run (parameters a
 after a few steps; |a - b| / (1 + |b|)) and how far the single-device run moved the
 parameters (so that an equality cannot hold vacuously). The assertions live in the test file.
 
-  python tests/parallel_check.py [group ...]      groups: toy, awp_accum, batchstat, trap, llama (default all)
+  python tests/parallel_check.py [group ...]      groups: toy, fused_optimizer, awp_accum, batchstat, trap, llama (default all)
 
 The single-device runs of a group are compiled as one program (`_run_single`); every parallel
 run goes through `pofx.parallel.make_train_step` on its own.
@@ -374,8 +374,32 @@ def llama_group(results):
     }
 
 
+def fused_optimizer_group(results):
+  """The CPU backend's AdamW (`pofx.optimizers.FusedOptimizer`: one native custom call applying the
+  step in place) in the parallel modes, against the same optimizer on one device."""
+  from pofx_backends.cpu import native
+  from pofx_backends.cpu import optimizers as cpu_optimizers
+
+  if not native.available():
+    results["fused_adamw/unavailable"] = {"reason": native.unavailable_reason()}
+    return
+  params = toy.init(0)
+  batch = _toy_batch()
+  per_device = parallel.split_per_device(batch, N_DEV)
+  kw = _toy_config("frozen")
+  opt = cpu_optimizers.adamw(0.1, weight_decay=0.01, max_grad_norm=1.0)
+  (base,) = _run_single(toy.logps_fn, params, [(batch, kw)], opt=opt)
+  for mode_name in FUSED_OPTIMIZER_MODES:
+    mode, shape = MODES[mode_name]
+    out = _run(toy.logps_fn, params, batch, per_device, mode=mode, mesh_shape=shape, opt=opt, **kw)
+    results[f"fused_adamw/{mode_name}"] = _compare(base, out, params)
+
+
+FUSED_OPTIMIZER_MODES = ("jit_2x4", "shard_map_8", "pmap_8")
+
 GROUPS = {
   "toy": toy_group,
+  "fused_optimizer": fused_optimizer_group,
   "awp_accum": awp_accum_group,
   "batchstat": batchstat_group,
   "trap": trap_group,

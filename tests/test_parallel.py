@@ -86,6 +86,13 @@ def test_every_mode_runs_several_strategies_and_the_check_runs_this_cover(result
   assert ran == {f"toy/{s}/{m}" for s, ms in TOY_MODES.items() for m in ms}, sorted(ran)
 
 
+@pytest.mark.parametrize("mode", ["jit_2x4", "shard_map_8", "pmap_8"])
+def test_the_cpu_backends_fused_adamw_equals_single_device(results, mode):
+  if "fused_adamw/unavailable" in results:
+    pytest.skip(results["fused_adamw/unavailable"]["reason"])
+  _check_equal(results, f"fused_adamw/{mode}")
+
+
 @pytest.mark.parametrize("mode", AWP_MODES)
 def test_awp_equals_single_device(results, mode):
   _check_equal(results, f"toy/awp/{mode}")
