@@ -8,7 +8,8 @@ Inside one step (all on device, no host syncs):
   1. reference log-probs, once, under stop_gradient, outside the perturbation;
   2. the policy forward and the loss, differentiated by the perturbation (plain / SAM / AWP),
      optionally accumulated over micro-batches;
-  3. the optax update (`pofx.optimizers.apply_update`), the reference update (TR-DPO / EMA), the loss state (beta-DPO, gamma-PO);
+  3. the optax update (`pofx.optimizers.apply_update`), the reference update (TR-DPO / EMA), the
+     loss state (beta-DPO, gamma-PO);
   4. metrics as device arrays: loss, rewards, margins, reward accuracy, log-probs, grad norm, lr.
 
 `logps_fn(params, batch) -> PairLogps` is the policy's log-prob function (model forward plus
