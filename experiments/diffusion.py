@@ -951,7 +951,7 @@ def train_policy(c, model, base_params, schedule, data, key, *, workdir: str, pr
   spec, hyper = losses.spec(c.train.loss), dict(c.train.loss_hyper)
   logps_fn = logps_fn_of(c, model, schedule)
   reference = reference_of(c, spec, base_params, logps_fn)
-  optimizer, lr = optimizers.from_config(c)
+  optimizer, lr = optimizers.from_config(c, kernels=kernels_of(c)[0])
   perturbation = _perturbation(c)
   p = c.train.perturbation
   n_acc = c.train.batch_size // p.m if p.kind == "sam" and p.m is not None else c.train.grad_accum_steps

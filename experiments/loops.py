@@ -513,7 +513,7 @@ def _pairwise(program, run_, prepared, base):
     reference = references.frozen(base, logps_fn)
   else:  # the previous round's policy: a hard copy at every round's end, inside the step
     reference = references.synced(1.0, lp.steps_per_round, logps_fn)
-  optimizer, schedule = program._optimizer(c)
+  optimizer, schedule = program._optimizer(c, kernels=run_.kernels_record["name"])
   step_fn = train.make_train_step(
     logps_fn, optimizer, loss=spec, loss_hyper=hyper, reference=reference, learning_rate_fn=schedule
   )
@@ -632,7 +632,7 @@ def _rlhf(program, run_, base):
   """The REINFORCE / RLOO baseline with a KL penalty to the SFT base (module docstring)."""
   c, lp, w = run_.config, run_.config.loop, run_.world
   k, P = lp.samples_per_prompt, lp.prompts_per_round
-  optimizer, _ = program._optimizer(c)
+  optimizer, _ = program._optimizer(c, kernels=run_.kernels_record["name"])
   params = jax.tree.map(jnp.copy, base)
   state = train.TrainState(
     params=params,

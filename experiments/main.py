@@ -801,7 +801,7 @@ def stage_train(run: Run, prepared, base_params, *, stop_after: Optional[int] = 
       alpha=c.train.reference.mrpo_alpha,
     )
 
-  optimizer, schedule = _optimizer(c)
+  optimizer, schedule = _optimizer(c, kernels=run.kernels_record["name"])
   trajectory = c.train.perturbation.kind in ("saf", "mesa")
   perturbation = _perturbation(c, _num_examples(prepared.source("train")) if trajectory else 1)
   n_acc = micro_batches(c)

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import numpy as np
@@ -21,6 +22,7 @@ import pytest
 import pofx_backends
 from configs import validate
 from experiments import main as main_lib
+from pofx.optimizers import FusedOptimizer
 from tests.conftest import shared_across_workers
 from tests.data import ids, vocab
 from tests.program import ROOT, _config, _final_params, _main, _seed_from
@@ -167,7 +169,11 @@ def test_cpu_kernels_run_equals_the_xla_run(seed_dir, tmp_path, capfd):
       c.data.attention, c.data.attention_block_size, c.data.seq_bucket = "block_sparse", 64, 64
       c.train.reference.cache_dir = str(cache)
     validate.validate(c)
-    s, _ = main_lib.run_one(c, str(work), progress=False)
+    with mock.patch.object(main_lib, "_optimizer", wraps=main_lib._optimizer) as make_optimizer:
+      s, _ = main_lib.run_one(c, str(work), progress=False)
+    # With the CPU kernels the optimizer is the backend's fused AdamW (one native kernel in place).
+    assert make_optimizer.call_args.kwargs["kernels"] == name, make_optimizer.call_args
+    assert isinstance(main_lib._optimizer(c, kernels=name)[0], FusedOptimizer) == (name == "cpu")
     assert s["kernels"] == name and np.isfinite(s["gold_reward_policy"])
     params[name] = [np.asarray(x) for x in jax.tree.leaves(_final_params(work))]
     assert not os.path.exists(work / "reference_cache")
