@@ -80,6 +80,9 @@ def image_config() -> ml_collections.ConfigDict:
   # labeller (pofx.options.IMAGE_LABELLERS): "bradley_terry" on the gold reward, or "majority" of
   # the world's `metrics` (pofx.diffusion.world.METRICS; BalancedDPO), for pairing "samples" of
   # record "images".
+  # label_flip: the share of those pairs (pairing "samples", record "images") whose label is then
+  # reversed, chosen uniformly at random: synthetic label noise, as Adaptive-DPO's experiments add
+  # to Pick-a-Pic (the pairs record which ones, `label_flipped`). 0: none.
   c.data = ml_collections.ConfigDict(
     dict(
       num_pairs=2048,
@@ -106,6 +109,7 @@ def image_config() -> ml_collections.ConfigDict:
       guidance_min=0.65,
       guidance_max=0.8,
       min_nontie_fraction=0.2,
+      label_flip=0.0,
     )
   )
 

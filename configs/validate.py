@@ -883,6 +883,17 @@ def _check_image_records(c) -> None:
         f"config.data.min_nontie_fraction={frac!r} is not allowed; allowed: a number in (0, 1] (a pair of ties "
         "only carries no label)."
       )
+  flip = d.get("label_flip", 0.0)
+  if isinstance(flip, bool) or not isinstance(flip, (int, float)) or not 0.0 <= flip <= 0.5:
+    raise ValueError(
+      f"config.data.label_flip={flip!r} is not allowed; allowed: a number in [0, 0.5] (the share of pairs whose "
+      "label is reversed; above 0.5 the labels would mostly say the opposite)."
+    )
+  if flip and (d.pairing != "samples" or d.record != "images"):
+    raise ValueError(
+      f"config.data.label_flip={flip!r} reverses the labels of two-sample pairs; allowed with data.pairing='samples' "
+      f"and data.record='images' only (got {d.pairing!r}, {d.record!r}); else 0."
+    )
   if t.step_labels and (t.logps != "trajectory" or d.record != "chains"):
     raise ValueError(
       f"config.train.step_labels=True needs the step-wise labels of recorded chains; allowed: train.logps='trajectory' "

@@ -344,9 +344,23 @@ def majority_labelled(world, a, b, labels, metrics):
   return a[decided], b[decided], np.asarray(labels)[decided], prefer_a[decided]
 
 
+def flipped_labels(c, n: int):
+  """`data.label_flip`'s synthetic label noise: a bool [n] marking round(label_flip n) pairs drawn
+  uniformly without replacement (their own stream of the config's seed), whose labels the pair stage
+  reverses; None when label_flip is 0."""
+  share = float(c.data.get("label_flip", 0.0))
+  if share == 0.0:
+    return None
+  rng = np.random.default_rng([int(c.seed), 18, 5])
+  flipped = np.zeros(n, bool)
+  flipped[rng.choice(n, size=int(round(share * n)), replace=False)] = True
+  return flipped
+
+
 def make_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
   """Stage 2: per balanced class prompt, two samples ordered by a Bradley-Terry label on the gold
-  reward or by the majority of several metrics (pairing "samples", `data.labeller`), or a
+  reward or by the majority of several metrics (pairing "samples", `data.labeller`; a share
+  `data.label_flip` of those labels then reversed: `flipped_labels`), or a
   training digit of the class (chosen) and one sample (pairing "data_vs_sample"); with
   `data.record` "chains", the two samples' reverse chains from one shared x_T and their
   step-wise labels (`chain_pairs`); "spo_steps", SPO's step-wise pairs (`spo_pairs`), or
@@ -381,7 +395,12 @@ def make_pairs(c, world, model, params, schedule, key) -> Dict[str, np.ndarray]:
         a, b, labels, prefer_a = majority_labelled(world, a, b, labels, tuple(c.data.metrics))
       else:
         prefer_a = world.bradley_terry(k_label, world.gold_reward(a, labels), world.gold_reward(b, labels))
+    flipped = flipped_labels(c, len(labels)) if c.data.pairing == "samples" else None
+    if flipped is not None:
+      prefer_a = np.where(flipped, ~np.asarray(prefer_a, bool), np.asarray(prefer_a, bool))
     data = _labelled(world, a, b, labels, prefer_a, k_binary)
+    if flipped is not None:
+      data["label_flipped"] = flipped
   if c.data.patch_size:
     q = patch_quality(world, data["chosen"], data["rejected"], data["class_labels"], int(c.data.patch_size))
     data["chosen_patch_quality"], data["rejected_patch_quality"] = q, q
@@ -1013,13 +1032,16 @@ def label_summary(data) -> Dict[str, float]:
   """How the labels agree with the gold reward: over the pairs, `pairs_label_agreement` (the share
   whose chosen image has the higher gold reward) and `pairs_reward_gap` (the mean chosen-minus-
   rejected reward); for K-way lists, the same over every ordered pair (i, j) of a list with
-  phi_i > phi_j, and `list_size`; for DenseDPO's band labels also `segment_tie_share` and
+  phi_i > phi_j, and `list_size`; with `data.label_flip`, `pairs_flipped_share`; for DenseDPO's
+  band labels also `segment_tie_share` and
   `segment_label_agreement` (the share of non-tie bands labelled as their swap advantage's sign)."""
   if "list_scores" not in data:
     out = {
       "pairs_label_agreement": float(np.mean(data["chosen_reward"] > data["rejected_reward"])),
       "pairs_reward_gap": float(np.mean(data["chosen_reward"] - data["rejected_reward"])),
     }
+    if "label_flipped" in data:
+      out["pairs_flipped_share"] = float(np.mean(data["label_flipped"]))
     if "segment_labels" in data:
       lab, adv = np.asarray(data["segment_labels"]), np.asarray(data["band_advantages"])
       out["segment_tie_share"] = float(np.mean(lab == 0))

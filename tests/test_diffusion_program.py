@@ -170,8 +170,9 @@ def _pairs(dst):
 
 @pytest.fixture(scope="module")
 def stage_pairs(tiny_run):
-  """`pairs_of(family) -> (config, data)`: the family's pair stage at :tiny (`experiments.diffusion.
-  make_pairs`, with the key the program gives it) on the tiny run's pretrained base, nothing trained."""
+  """`pairs_of(family, overrides=None) -> (config, data)`: the family's pair stage at :tiny, with
+  `{"a.b": value}` overrides (`experiments.diffusion.make_pairs`, with the key the program gives
+  it) on the tiny run's pretrained base, nothing trained."""
   import importlib
 
   import jax
@@ -180,8 +181,15 @@ def stage_pairs(tiny_run):
 
   work, _ = tiny_run
 
-  def pairs_of(family):
+  def pairs_of(family, overrides=None):
     c = importlib.import_module(f"configs.{family}").get_config("tiny")
+    with c.unlocked():
+      for field, value in (overrides or {}).items():
+        *parents, last = field.split(".")
+        node = c
+        for name in parents:
+          node = node[name]
+        node[last] = value
     config_validation.validate(c)
     world = world_lib.ImageWorld(world_lib.ImageWorldConfig(seed=int(c.seed), **dict(c.world)))
     model, schedule = diffusion.denoiser(c), diffusion.noise_schedule(c)
@@ -353,6 +361,26 @@ def test_balanced_dpo_pairs_follow_the_metrics_majority(stage_pairs):
   assert c.train.reference.kind == "synced" and c.train.reference.alpha == 1.0
 
 
+def test_label_flip_reverses_that_share_of_the_pairs_and_nothing_else(stage_pairs):
+  """`data.label_flip`: the same samples and draws as without it, with round(share n) pairs, and
+  only those, stored the other way round and marked in `label_flipped`."""
+  from experiments import diffusion
+
+  _, plain = stage_pairs("diffusion_dpo")
+  c, noisy = stage_pairs("diffusion_dpo", {"data.label_flip": 0.25})
+  flipped = noisy["label_flipped"]
+  n = len(plain["chosen"])
+  assert "label_flipped" not in plain and flipped.dtype == bool and flipped.sum() == round(0.25 * n) == 8
+  for key in ("chosen", "chosen_reward", "chosen_desirable"):
+    other = key.replace("chosen", "rejected")
+    np.testing.assert_array_equal(noisy[key][flipped], plain[other][flipped])
+    np.testing.assert_array_equal(noisy[other][flipped], plain[key][flipped])
+    np.testing.assert_array_equal(noisy[key][~flipped], plain[key][~flipped])
+  np.testing.assert_array_equal(noisy["class_labels"], plain["class_labels"])
+  assert diffusion.label_summary(noisy)["pairs_flipped_share"] == 0.25
+  assert c.data.label_flip == 0.25
+
+
 def test_dense_dpo_pairs_are_guided_copies_labelled_band_by_band(family_runs):
   """DenseDPO's pairs: two samples denoised from noised copies of one digit, a label per band of 2
   rows. The band advantages are recomputed here by swapping rows with the world's gold reward; a
@@ -508,6 +536,8 @@ def _tiny(family=""):
     ("curriculum_dpo:train.curriculum.update_every", 0, "config.train.curriculum.update_every=0 is not allowed"),
     ("curriculum_dpo:data.curriculum_keep_threshold", -1.0, "config.data.curriculum_keep_threshold=-1.0 is not"),
     ("curriculum_dpo:train.logps", "patch", "config.train.logps='patch' is not allowed with data.record='curriculum'"),
+    ("data.label_flip", 0.6, "config.data.label_flip=0.6 is not allowed; allowed: a number in .0, 0.5."),
+    ("d3po:data.label_flip", 0.2, "allowed with data.pairing='samples' and data.record='images' only"),
     ("dense_dpo:data.segment_rows", 3, "config.data.segment_rows=3 is not allowed; allowed: [1, 2, 4, 8]"),
     ("dense_dpo:data.guidance_max", 1.0, "allowed: 0 < guidance_min <= guidance_max < 1"),
     ("dense_dpo:data.guidance_min", 0.9, "allowed: 0 < guidance_min <= guidance_max < 1"),
@@ -620,6 +650,7 @@ def test_every_image_family_validates(family):
     ("train.curriculum.update_every", 3, {"train", "eval"}),
     ("data.curriculum_keep_threshold", 0.2, {"pairs", "train", "eval"}),
     ("data.segment_tie", 0.1, {"pairs", "train", "eval"}),
+    ("data.label_flip", 0.2, {"pairs", "train", "eval"}),
   ],
 )
 def test_stage_records_change_with_what_each_stage_reads(field, value, changed):
