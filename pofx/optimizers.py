@@ -37,6 +37,12 @@ class FusedOptimizer(optax.GradientTransformation):
     self.__dict__["apply"] = apply
     return self
 
+  def __getnewargs__(self):  # copy and pickle rebuild it with its apply
+    return (self.init, self.update, self.apply)
+
+  def _replace(self, **fields):
+    return FusedOptimizer(fields.pop("init", self.init), fields.pop("update", self.update), self.apply, **fields)
+
 
 def apply_update(optimizer: optax.GradientTransformation, grads, opt_state, params):
   """`(new_params, new_opt_state)`: `optimizer.apply` for a `FusedOptimizer`, else optax's

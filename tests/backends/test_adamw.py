@@ -3,6 +3,8 @@ step to every leaf in place) against AdamW written out in float64 NumPy (Loshchi
 arXiv:1711.05101, Algorithm 2, in optax's form) and against optax itself, alone and in the train
 step (`pofx.optimizers.FusedOptimizer`)."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,6 +138,8 @@ def test_in_the_train_step_it_matches_optax_and_keeps_the_guard():
 def test_a_fused_optimizer_is_an_optax_transformation():
   fused = cpu_optimizers.adamw(1e-2)
   assert isinstance(fused, optax.GradientTransformation)
+  for copied in (copy.deepcopy(fused), fused._replace(init=fused.init)):  # copies keep their apply
+    assert isinstance(copied, optimizers.FusedOptimizer) and copied.apply is fused.apply
   chained = optax.chain(optax.scale(1.0), fused)  # a combinator's result is applied by update
   assert not isinstance(chained, optimizers.FusedOptimizer)
   params = toy.init(0)
