@@ -21,7 +21,6 @@
 // thread of XLA's intra-op pool (thread_parts.h); each range walks the leaves it covers.
 #include <immintrin.h>
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <vector>
 #include "thread_parts.h"
