@@ -1025,7 +1025,48 @@ def train_policy(c, model, base_params, schedule, data, key, *, workdir: str, pr
   jax.block_until_ready(state.params)
   seconds = time.perf_counter() - start
   writer.close()
-  return state.params, {"train_seconds": seconds, "pairs_per_second": c.train.steps * batch / max(seconds, 1e-9)}
+  info = {"train_seconds": seconds, "pairs_per_second": c.train.steps * batch / max(seconds, 1e-9)}
+  if "companions" in spec.requires:
+    info.update(
+      companion_diagnostics(c, hyper, logps_fn, reference, state, data, jax.random.fold_in(k_noise, c.train.steps))
+    )
+  return state.params, info
+
+
+def companion_diagnostics(c, hyper, logps_fn, reference, state, data, key) -> Dict[str, float]:
+  """Adaptive-DPO's per-pair uncertainty u and weight w (`losses.adaptive_dpo_uncertainty`,
+  `adaptive_dpo_weights`) under the trained policy and its EMA companions as training left them,
+  over the pairs in consecutive batches of `train.batch_size` (the loss normalises each model's
+  logits over its batch; the last, partial batch is left out), one timestep and noise per pair
+  from `key`: `adaptive_u_mean`, `adaptive_weight_mean`, and with `data.label_flip` the same over
+  the flipped pairs and over the others (`adaptive_u_flipped`, `adaptive_u_unflipped`, ...)."""
+  rho, normalize = float(hyper.get("rho", 15.0)), bool(hyper.get("normalize", True))
+  k, c0, weighting = float(hyper.get("k", 10.0)), float(hyper.get("c", 1.0)), str(hyper.get("weighting", "linear"))
+
+  @jax.jit
+  def u_and_w(params, ref_state, b):
+    l0, l_comp, in_use = losses.adaptive_dpo_logits(logps_fn(params, b), reference.logps(ref_state, b))
+    u = losses.adaptive_dpo_uncertainty(jnp.concatenate([l0[None], l_comp.T]), rho=rho, normalize=normalize)
+    u = jnp.where(in_use, u, 0.0)
+    return u, losses.adaptive_dpo_weights(u, k=k, c=c0, weighting=weighting)
+
+  spec, batch = losses.spec(c.train.loss), int(c.train.batch_size)
+  n = len(data["class_labels"]) // batch * batch
+  keys = jax.random.split(key, n)
+  us, ws = [], []
+  for i in range(0, n, batch):
+    idx = np.arange(i, i + batch)
+    u, w = u_and_w(state.params, state.ref_state, make_batch(c, spec, data, idx, keys[i : i + batch]))
+    us.append(np.asarray(u))
+    ws.append(np.asarray(w))
+  u, w = np.concatenate(us), np.concatenate(ws)
+  out = {"adaptive_u_mean": float(u.mean()), "adaptive_weight_mean": float(w.mean())}
+  if "label_flipped" in data:
+    flipped = np.asarray(data["label_flipped"][:n], bool)
+    for name, sel in (("flipped", flipped), ("unflipped", ~flipped)):
+      out[f"adaptive_u_{name}"] = float(u[sel].mean())
+      out[f"adaptive_weight_{name}"] = float(w[sel].mean())
+  return out
 
 
 def label_summary(data) -> Dict[str, float]:

@@ -567,6 +567,26 @@ def adaptive_dpo_uncertainty(logits: Array, *, rho: float = 15.0, normalize: boo
   return confidence * jnp.minimum(jnp.std(L, axis=0, ddof=1), 1.0)
 
 
+def adaptive_dpo_weights(u: Array, *, k: float = 10.0, c: float = 1.0, weighting: str = "linear") -> Array:
+  """Adaptive-DPO's per-pair weights from the uncertainties `u` (detached): `1 / (k u + c)`
+  ("linear"), `1 / (k u^2 + c)` ("quadratic"), `1 / (exp(k sqrt(u)) + c)` ("sqrt") or
+  `1 / (exp(k u) + c)` ("sigmoid"), the code's `--weight_type` (`dpo_train_un.py` lines 888-907)."""
+  u = jax.lax.stop_gradient(_f32(u))
+  if weighting == "linear":
+    w = 1.0 / (k * u + c)
+  elif weighting == "quadratic":
+    w = 1.0 / (k * u * u + c)
+  elif weighting == "sqrt":
+    w = 1.0 / (jnp.exp(k * jnp.sqrt(u)) + c)
+  elif weighting == "sigmoid":
+    w = 1.0 / (jnp.exp(k * u) + c)
+  else:
+    raise ValueError(
+      f"adaptive_dpo_weights: invalid weighting={weighting!r}; allowed: {list(ADAPTIVE_DPO_WEIGHTINGS)}."
+    )
+  return jax.lax.stop_gradient(w)
+
+
 def adaptive_dpo(
   policy,
   reference,
@@ -644,15 +664,7 @@ def adaptive_dpo(
   l0, l_comp, in_use = adaptive_dpo_logits(policy, reference)
   models = jnp.concatenate([jax.lax.stop_gradient(l0)[None], l_comp.T], axis=0)
   u = jnp.where(in_use, adaptive_dpo_uncertainty(models, rho=rho, normalize=normalize), 0.0)
-  if weighting == "linear":
-    w = 1.0 / (k * u + c)
-  elif weighting == "quadratic":
-    w = 1.0 / (k * u * u + c)
-  elif weighting == "sqrt":
-    w = 1.0 / (jnp.exp(k * jnp.sqrt(u)) + c)
-  else:
-    w = 1.0 / (jnp.exp(k * u) + c)
-  w = jax.lax.stop_gradient(w)
+  w = adaptive_dpo_weights(u, k=k, c=c, weighting=weighting)
   if margin == "none":
     z = beta * l0
   else:

@@ -294,3 +294,67 @@ def test_adaptive_dpo_steps_with_ema_companions():
   want = jax.tree.map(lambda p1, p2, p3: 0.25 * (2 / 11 * p1 + 9 / 11 * p2) + 0.75 * p3, *after)
   for ema in state.ref_state["emas"]:
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), copy(ema), want)
+
+
+def test_companion_diagnostics_are_the_uncertainties_of_the_trained_models():
+  """`experiments.diffusion.companion_diagnostics`: after three Adaptive-DPO steps, each pair's u and
+  weight under the policy and its EMAs, over consecutive batches of train.batch_size, equal the
+  authors' formula on numpy errors of the three models and the reference; and their means split by
+  the `label_flipped` mask."""
+  import ml_collections
+
+  from experiments import diffusion
+
+  s = schedules.linear()
+  logps_fn = pairs.make_logps_fn(standin.denoise, s, timestep_range=T_RANGE)
+  policy = _near_identity(jax.random.key(0))
+  reference = pofx.references.ema_companions(pofx.references.frozen(policy, logps_fn), logps_fn, warmup=0)
+  opt = optax.adam(1e-2)
+  step = pofx.train.make_train_step(logps_fn, opt, loss="adaptive_dpo", reference=reference)
+  state = pofx.train.init_state(policy, opt, reference, pofx.perturbations.none(), loss="adaptive_dpo")
+  for i in range(3):
+    state, _ = step(state, {"pairs": _batch(i)}, jax.random.key(i))
+  b0, b1 = _batch(5), _batch(6)
+  data = {
+    k: np.concatenate([np.asarray(getattr(b0, k)), np.asarray(getattr(b1, k))])
+    for k in ("chosen", "rejected", "class_labels")
+  }
+  data["label_flipped"] = np.array([1, 0, 0, 1, 0, 1, 0, 0], bool)
+  c = ml_collections.ConfigDict(
+    {"train": {"logps": "pairs", "loss": "adaptive_dpo", "batch_size": 4, "scores": "gold"}}
+  )
+  key = jax.random.PRNGKey(3)
+  got = diffusion.companion_diagnostics(c, {}, logps_fn, reference, state, data, key)
+  ac = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+  keys = np.asarray(jax.random.split(key, 8))
+  us = []
+  for i in (0, 4):  # each batch of 4 on its own: the normalisation is over the batch
+    bb = pairs.ImagePairs(
+      chosen=data["chosen"][i : i + 4],
+      rejected=data["rejected"][i : i + 4],
+      class_labels=data["class_labels"][i : i + 4],
+      noise_keys=keys[i : i + 4],
+      pair_mask=np.ones(4, np.float32),
+    )
+    ref_w, ref_l = _np_errors(policy, bb, ac)
+    logits = []
+    for params in (state.params, *state.ref_state["emas"]):
+      e_w, e_l = _np_errors(jax.tree.map(np.asarray, params), bb, ac)
+      logits.append((ref_w - ref_l) - (e_w - e_l))
+    hat = 15.0 * np.stack(logits) / np.linalg.norm(np.stack(logits), axis=1, keepdims=True)
+    us.append(np.abs(np.mean(1 / (1 + np.exp(-hat)), 0) - 1) * np.minimum(np.std(hat, 0, ddof=1), 1.0))
+  u = np.concatenate(us)
+  w = 1.0 / (10.0 * u + 1.0)
+  assert np.ptp(u) > 1e-3, u
+  flipped = data["label_flipped"]
+  want = {
+    "adaptive_u_mean": u.mean(),
+    "adaptive_weight_mean": w.mean(),
+    "adaptive_u_flipped": u[flipped].mean(),
+    "adaptive_u_unflipped": u[~flipped].mean(),
+    "adaptive_weight_flipped": w[flipped].mean(),
+    "adaptive_weight_unflipped": w[~flipped].mean(),
+  }
+  assert set(got) == set(want)
+  for k, v in want.items():
+    assert got[k] == pytest.approx(v, rel=2e-3), k
