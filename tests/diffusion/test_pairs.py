@@ -294,26 +294,18 @@ def test_adaptive_dpo_steps_with_ema_companions():
   want = jax.tree.map(lambda p1, p2, p3: 0.25 * (2 / 11 * p1 + 9 / 11 * p2) + 0.75 * p3, *after)
   for ema in state.ref_state["emas"]:
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), copy(ema), want)
+  _check_companion_diagnostics(logps_fn, policy, reference, state)
 
 
-def test_companion_diagnostics_are_the_uncertainties_of_the_trained_models():
-  """`experiments.diffusion.companion_diagnostics`: after three Adaptive-DPO steps, each pair's u and
-  weight under the policy and its EMAs, over consecutive batches of train.batch_size, equal the
-  authors' formula on numpy errors of the three models and the reference; and their means split by
-  the `label_flipped` mask."""
+def _check_companion_diagnostics(logps_fn, policy, reference, state):
+  """`experiments.diffusion.companion_diagnostics` after the steps: each pair's u and weight under
+  the policy and its EMAs, over consecutive batches of train.batch_size, equal the authors' formula
+  on numpy errors of the three models and the reference; and their means split by the
+  `label_flipped` mask."""
   import ml_collections
 
   from experiments import diffusion
 
-  s = schedules.linear()
-  logps_fn = pairs.make_logps_fn(standin.denoise, s, timestep_range=T_RANGE)
-  policy = _near_identity(jax.random.key(0))
-  reference = pofx.references.ema_companions(pofx.references.frozen(policy, logps_fn), logps_fn, warmup=0)
-  opt = optax.adam(1e-2)
-  step = pofx.train.make_train_step(logps_fn, opt, loss="adaptive_dpo", reference=reference)
-  state = pofx.train.init_state(policy, opt, reference, pofx.perturbations.none(), loss="adaptive_dpo")
-  for i in range(3):
-    state, _ = step(state, {"pairs": _batch(i)}, jax.random.key(i))
   b0, b1 = _batch(5), _batch(6)
   data = {
     k: np.concatenate([np.asarray(getattr(b0, k)), np.asarray(getattr(b1, k))])
