@@ -46,6 +46,7 @@ given (`pofx_backends.kernels`).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -1040,8 +1041,9 @@ def companion_diagnostics(c, hyper, logps_fn, reference, state, data, key) -> Di
   logits over its batch; the last, partial batch is left out), one timestep and noise per pair
   from `key`: `adaptive_u_mean`, `adaptive_weight_mean`, and with `data.label_flip` the same over
   the flipped pairs and over the others (`adaptive_u_flipped`, `adaptive_u_unflipped`, ...)."""
-  rho, normalize = float(hyper.get("rho", 15.0)), bool(hyper.get("normalize", True))
-  k, c0, weighting = float(hyper.get("k", 10.0)), float(hyper.get("c", 1.0)), str(hyper.get("weighting", "linear"))
+  signature = inspect.signature(losses.adaptive_dpo).parameters.items()
+  h = {name: p.default for name, p in signature if p.default is not inspect.Parameter.empty} | dict(hyper)
+  rho, normalize, k, c0, weighting = (h[name] for name in ("rho", "normalize", "k", "c", "weighting"))
 
   @jax.jit
   def u_and_w(params, ref_state, b):
