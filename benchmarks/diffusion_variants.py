@@ -15,7 +15,8 @@ side). `_conv_split: n` splits each convolution over n slices of its batch inste
 "native", its direct 3x3 kernels) and `"_attention": false` gives its attention to XLA
 (`pofx_backends.kernels("cpu", attention=False)`). Changes to the step: `"_optimizer"` "flat" or
 "per_leaf" (optax's AdamW on one flat vector or array by array instead of `diffusion_step.py`'s
-default with the cpu kernels, the backend's native AdamW: `diffusion_step.py --optimizer`), `"_guard": false` (`make_train_step(guard_nonfinite=False)`),
+default with the cpu kernels, the backend's native AdamW: `diffusion_step.py --optimizer`),
+`"_guard": false` (`make_train_step(guard_nonfinite=False)`),
 `"_heads": "together"` (the U-Net's self-attention with its q, k, v and output projections over all
 heads at once and one attention call for all heads, instead of one call per head with column
 slices of the projections). Upper bounds, which change what the step computes: `"_attention_core":

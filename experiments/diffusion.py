@@ -46,7 +46,6 @@ given (`pofx_backends.kernels`).
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
@@ -1035,22 +1034,18 @@ def train_policy(c, model, base_params, schedule, data, key, *, workdir: str, pr
 
 
 def companion_diagnostics(c, hyper, logps_fn, reference, state, data, key) -> Dict[str, float]:
-  """Adaptive-DPO's per-pair uncertainty u and weight w (`losses.adaptive_dpo_uncertainty`,
-  `adaptive_dpo_weights`) under the trained policy and its EMA companions as training left them,
+  """Adaptive-DPO's per-pair uncertainty u and weight w (`losses.adaptive_dpo_weighting` with the
+  loss's own hyper-parameters) under the trained policy and its EMA companions as training left them,
   over the pairs in consecutive batches of `train.batch_size` (the loss normalises each model's
   logits over its batch; the last, partial batch is left out), one timestep and noise per pair
   from `key`: `adaptive_u_mean`, `adaptive_weight_mean`, and with `data.label_flip` the same over
   the flipped pairs and over the others (`adaptive_u_flipped`, `adaptive_u_unflipped`, ...)."""
-  signature = inspect.signature(losses.adaptive_dpo).parameters.items()
-  h = {name: p.default for name, p in signature if p.default is not inspect.Parameter.empty} | dict(hyper)
-  rho, normalize, k, c0, weighting = (h[name] for name in ("rho", "normalize", "k", "c", "weighting"))
+  weighting = {name: v for name, v in hyper.items() if name not in ("beta", "margin")}
 
   @jax.jit
   def u_and_w(params, ref_state, b):
-    l0, l_comp, in_use = losses.adaptive_dpo_logits(logps_fn(params, b), reference.logps(ref_state, b))
-    u = losses.adaptive_dpo_uncertainty(jnp.concatenate([l0[None], l_comp.T]), rho=rho, normalize=normalize)
-    u = jnp.where(in_use, u, 0.0)
-    return u, losses.adaptive_dpo_weights(u, k=k, c=c0, weighting=weighting)
+    _, u, w = losses.adaptive_dpo_weighting(logps_fn(params, b), reference.logps(ref_state, b), **weighting)
+    return u, w
 
   spec, batch = losses.spec(c.train.loss), int(c.train.batch_size)
   n = len(data["class_labels"]) // batch * batch

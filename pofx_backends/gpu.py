@@ -140,9 +140,7 @@ def dot_product_attention(
     return kernels_lib.xla_attention(q, k, v, None, scale=scale, rope=rope, **kw)
   q, k = kernels_lib.apply_rope(q, k, rope)
   B, Lq, K, G, hd = q.shape
-  if mask is None:
-    pass
-  elif isinstance(mask, kernels_lib.SegmentMask):
+  if isinstance(mask, kernels_lib.SegmentMask):
     if k.shape[1] != Lq or jnp.shape(mask.segment_ids) != (B, Lq):
       raise ValueError(
         f"dot_product_attention: a SegmentMask needs q, k and segment_ids of one length; got q "
@@ -154,7 +152,7 @@ def dot_product_attention(
       raise ValueError(
         f"dot_product_attention: kv_valid must be [B, S] = {(B, k.shape[1])}, got {jnp.shape(mask.kv_valid)}."
       )
-  else:
+  elif mask is not None:
     raise TypeError(f"attention: mask must be a SegmentMask, a CacheMask or None, got {type(mask).__name__}.")
   if implementation is None:
     if softcap is None and choose_implementation(q, mask) == "cudnn":

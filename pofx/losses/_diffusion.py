@@ -587,6 +587,19 @@ def adaptive_dpo_weights(u: Array, *, k: float = 10.0, c: float = 1.0, weighting
   return jax.lax.stop_gradient(w)
 
 
+def adaptive_dpo_weighting(
+  policy, reference, *, rho: float = 15.0, normalize: bool = True, k: float = 10.0, c: float = 1.0, weighting="linear"
+) -> tuple:
+  """`(l0, u, w)` `[B]` each: the policy's logit (`adaptive_dpo_logits`), the pair's uncertainty over
+  the policy and the reference's companions (`adaptive_dpo_uncertainty`; 0 where a companion is
+  not in use yet) and its weight (`adaptive_dpo_weights`), u and w detached: what `adaptive_dpo`
+  weighs its pairs by."""
+  l0, l_comp, in_use = adaptive_dpo_logits(policy, reference)
+  models = jnp.concatenate([jax.lax.stop_gradient(l0)[None], l_comp.T], axis=0)
+  u = jnp.where(in_use, adaptive_dpo_uncertainty(models, rho=rho, normalize=normalize), 0.0)
+  return l0, u, adaptive_dpo_weights(u, k=k, c=c, weighting=weighting)
+
+
 def adaptive_dpo(
   policy,
   reference,
@@ -661,10 +674,7 @@ def adaptive_dpo(
     _common.check_range(name, "c", c, low=0.0)
   if not isinstance(normalize, bool):
     raise ValueError(f"{name}: invalid normalize={normalize!r}; allowed: True or False.")
-  l0, l_comp, in_use = adaptive_dpo_logits(policy, reference)
-  models = jnp.concatenate([jax.lax.stop_gradient(l0)[None], l_comp.T], axis=0)
-  u = jnp.where(in_use, adaptive_dpo_uncertainty(models, rho=rho, normalize=normalize), 0.0)
-  w = adaptive_dpo_weights(u, k=k, c=c, weighting=weighting)
+  l0, u, w = adaptive_dpo_weighting(policy, reference, rho=rho, normalize=normalize, k=k, c=c, weighting=weighting)
   if margin == "none":
     z = beta * l0
   else:

@@ -726,13 +726,15 @@ def group_norm(x, scale, bias, *, groups: int, eps: float, silu: bool = False):
 
 
 def adamw_apply(hyper, params, grads, mu, nu):
-  """AdamW's update applied in place by the native kernel (`adamw.cc`): `hyper` float32 `[11]` =
-  `[lr, b1, 1 - b1, b2, 1 - b2, eps, weight_decay, 1 - b1^t, 1 - b2^t, norm, max_norm]`; `params`, `grads`, `mu`, `nu`
-  equally long sequences of float32 arrays, leaf by leaf of the same shapes. Returns the new
-  `(params, mu, nu)` as lists; the results alias the inputs (XLA updates the buffers in place where
-  nothing else reads them). Per element, in optax's order: `g = (g / norm) max_norm` unless `norm < max_norm` (a
-  global-norm clip; `max_norm = inf` for none), `mu = (1 - b1) g + b1 mu`,
-  `nu = (1 - b2) g^2 + b2 nu`, `p = p - lr ((mu / bc1) / (sqrt(nu / bc2) + eps) + weight_decay p)`."""
+  """AdamW's update applied in place by the native kernel (`adamw.cc`).
+
+  `hyper`: float32 `[11]` = `[lr, b1, 1 - b1, b2, 1 - b2, eps, weight_decay, 1 - b1^t, 1 - b2^t,
+  norm, max_norm]`; `params`, `grads`, `mu`, `nu`: equally long sequences of float32 arrays, leaf by
+  leaf of the same shapes. Returns the new `(params, mu, nu)` as lists; the results alias the inputs
+  (XLA updates the buffers in place where nothing else reads them). Per element, in optax's order:
+  `g = (g / norm) max_norm` unless `norm < max_norm` (a global-norm clip; `max_norm = inf` for
+  none), `mu = (1 - b1) g + b1 mu`, `nu = (1 - b2) g^2 + b2 nu`,
+  `p = p - lr ((mu / bc1) / (sqrt(nu / bc2) + eps) + weight_decay p)`."""
   params, grads, mu, nu = (list(x) for x in (params, grads, mu, nu))
   n = len(params)
   if not (len(grads) == len(mu) == len(nu) == n):
@@ -743,7 +745,8 @@ def adamw_apply(hyper, params, grads, mu, nu):
     for i, (x, p) in enumerate(zip(leaves, params)):
       if x.dtype != jnp.float32 or x.shape != p.shape:
         raise ValueError(
-          f"adamw_apply: {name}[{i}] is {x.dtype}{list(x.shape)}; every leaf must be float32 with its parameter's shape {list(p.shape)}."
+          f"adamw_apply: {name}[{i}] is {x.dtype}{list(x.shape)}; every leaf must be float32 with its "
+          f"parameter's shape {list(p.shape)}."
         )
   hyper = jnp.asarray(hyper, jnp.float32)
   if hyper.shape != (11,):
