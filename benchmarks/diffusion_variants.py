@@ -22,6 +22,10 @@ heads at once and one attention call for all heads, instead of one call per head
 slices of the projections). Upper bounds, which change what the step computes: `"_attention_core":
 "identity"` (each head's `softmax(q k^T) v` replaced by `v`: what the attention itself costs) and
 `"_conv_bias": false` (the convolutions' bias additions left out: what fusing them could save).
+`"_native_conv": "wide_stride1"` (with `--kernels cpu` and the native convolution) restores the
+native convolution's scope before the stride-2 and narrow kernels: only stride-1 convolutions with
+channels that are multiples of 16 are native, and their input gradient's flipped kernel is
+transposed by XLA before the forward kernel's call.
 
 The step is `diffusion_step.PofxStep` (`benchmarks/diffusion_step.py`: the `bench` U-Net, 16 pairs,
 the library's train step with a frozen reference). Every variant is compiled first, then the
@@ -64,6 +68,7 @@ OWN_KEYS = (
   "_heads",
   "_attention_core",
   "_conv_bias",
+  "_native_conv",
 )
 # The allowed values of the keys that name a choice (the first is the default).
 CHOICES = {
@@ -73,6 +78,7 @@ CHOICES = {
   "_heads": ("one_by_one", "together"),
   "_attention_core": ("softmax", "identity"),
   "_conv_bias": (True, False),
+  "_native_conv": ("all", "wide_stride1"),
 }
 
 
@@ -162,6 +168,45 @@ def _model_changes(spec: dict):
   return changes
 
 
+def _wide_stride1_conv():
+  """The CPU backend's `DirectConv` as it was before the stride-2 and narrow kernels (`_native_conv`)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from pofx_backends.cpu import conv as conv_lib
+  from pofx_backends.cpu import native
+
+  def call(x, w):
+    out = jax.ShapeDtypeStruct(x.shape[:3] + (w.shape[3],), jnp.float32)
+    return jax.ffi.ffi_call("pofx_conv3x3_fwd", out, vmap_method="sequential")(x, w, stride=np.int64(1))
+
+  @jax.custom_vjp
+  def conv3x3(x, w):
+    return call(x, w)
+
+  def bwd(res, g):
+    x, w = res
+    d_w = jax.ffi.ffi_call("pofx_conv3x3_kernel_grad", jax.ShapeDtypeStruct(w.shape, jnp.float32))(
+      x, g, stride=np.int64(1)
+    )
+    return call(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)), d_w
+
+  conv3x3.defvjp(lambda x, w: (call(x, w), (x, w)), bwd)
+
+  def conv(lhs, rhs, window_strides, padding, *args, dimension_numbers=None, **kwargs):
+    stride = conv_lib._native_stride(lhs, rhs, window_strides, padding, None, None, 1, 1)
+    wide = lhs.shape[-1] % 16 == 0 and rhs.shape[-1] % 16 == 0 and lhs.dtype == jnp.float32
+    if not args and not kwargs and stride == 1 and wide and dimension_numbers == ("NHWC", "HWIO", "NHWC"):
+      native.load()
+      return conv3x3(lhs, rhs)
+    return jax.lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, *args, dimension_numbers=dimension_numbers, **kwargs
+    )
+
+  return conv
+
+
 def build(spec: dict, kernels_name: str):
   """A compiled `PofxStep` for one variant."""
   import diffusion_step
@@ -192,6 +237,8 @@ def build(spec: dict, kernels_name: str):
       kernels = pofx_backends.kernels("xla")
     else:
       kernels = pofx_backends.kernels("cpu", conv=spec.get("_conv", "native"), attention=spec.get("_attention", True))
+    if spec.get("_native_conv", "all") == "wide_stride1":
+      kernels = kernels._replace(conv_general_dilated=_wide_stride1_conv())
     split = spec.get("_conv_split", 1)
     if split > 1:
       conv = kernels.conv_general_dilated

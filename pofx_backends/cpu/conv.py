@@ -231,25 +231,29 @@ _NHWC_ORDER = (0, 2, 3, 1)
 _HWIO_ORDER = (2, 3, 1, 0)
 
 
-def _is_same_3x3(x, w, window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count, batch_group_count):
-  """Whether the NHWC / HWIO call is a 3x3 convolution at stride 1 with one pixel of padding."""
-  return (
-    tuple(w.shape[:2]) == (3, 3)
-    and tuple(int(s) for s in window_strides) == (1, 1)
-    and _ones(lhs_dilation)
-    and _ones(rhs_dilation)
-    and feature_group_count == 1
-    and batch_group_count == 1
-    and _explicit_pads(padding, x.shape[1:3], (3, 3), (1, 1)) == ((1, 1), (1, 1))
-  )
+def _native_stride(x, w, window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count, batch_group_count):
+  """The stride (1 or 2) of an NHWC / HWIO call that is a 3x3 convolution with one pixel of padding
+  on every side at equal strides 1 or 2, else None."""
+  strides = tuple(int(s) for s in window_strides)
+  if (
+    tuple(w.shape[:2]) != (3, 3)
+    or strides not in ((1, 1), (2, 2))
+    or not _ones(lhs_dilation)
+    or not _ones(rhs_dilation)
+    or feature_group_count != 1
+    or batch_group_count != 1
+    or _explicit_pads(padding, x.shape[1:3], (3, 3), strides) != ((1, 1), (1, 1))
+  ):
+    return None
+  return strides[0]
 
 
 @dataclasses.dataclass(frozen=True)
 class DirectConv:
-  """`jax.lax.conv_general_dilated` with its 3x3, stride-1, one-pixel-padded float32 convolutions
-  in NHWC / HWIO layout whose channels are multiples of 16 computed by the native kernels
-  (`pofx_backends.cpu.native.conv3x3`); every other call (other layouts, strides, kernel sizes,
-  dtypes, a `precision` or `preferred_element_type`) is XLA's."""
+  """`jax.lax.conv_general_dilated` with its 3x3 float32 convolutions in NHWC / HWIO layout, one
+  pixel of padding on every side, at stride 1 or 2, whose channels the native kernels take
+  (`pofx_backends.cpu.native.conv3x3_supports`) computed by them; every other call (other layouts,
+  strides, paddings, kernel sizes, dtypes, a `precision` or `preferred_element_type`) is XLA's."""
 
   def __call__(
     self,
@@ -272,12 +276,12 @@ class DirectConv:
       and preferred_element_type is None
       and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
       == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-      and native.conv3x3_supports(lhs, rhs)
-      and _is_same_3x3(
+    ):
+      stride = _native_stride(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count, batch_group_count
       )
-    ):
-      return native.conv3x3(lhs, rhs)
+      if stride is not None and native.conv3x3_supports(lhs, rhs, stride):
+        return native.conv3x3(lhs, rhs, stride=stride)
     return lax.conv_general_dilated(
       lhs,
       rhs,

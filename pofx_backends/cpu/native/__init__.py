@@ -16,12 +16,15 @@ machine can use it (x86-64 with AVX-512F, a compiler); `load()` raises `NativeUn
 the reason otherwise. Supported shapes: 64-token blocks, head dimension 16, 32, 64 or 128,
 float32 (inputs of other floating dtypes are computed in float32).
 
-`conv3x3(x, w)` is the 3x3, stride-1, "SAME" convolution of NHWC float32 images with an HWIO
-kernel by direct-convolution AVX-512 kernels (`conv3x3.h`, `conv3x3.cc`), differentiable: a tile
-of output pixels times output channels is held in vector registers while the input values under
-it are broadcast against the kernel's rows, so no patches are gathered and nothing is transposed.
-The forward and the input gradient share one kernel; the kernel gradient has its own. The images
-are split over XLA's intra-op threads. Channels must be multiples of 16 (`conv3x3_supports`).
+`conv3x3(x, w, stride=)` is the 3x3 convolution with one pixel of zero padding, at stride 1 ("SAME")
+or 2, of NHWC float32 images with an HWIO kernel by direct-convolution AVX-512 kernels
+(`conv3x3.h`, `conv3x3.cc`), differentiable: a tile of output pixels times output channels is held
+in vector registers while the input values under it are broadcast against the kernel's rows, so
+no patches are gathered and nothing is transposed. The forward and the input gradient share one
+kernel (the input gradient's flipped kernel built inside its call); the kernel gradient has its
+own. Outputs of fewer than 16 channels (a U-Net's last convolution) have narrow kernels that sum
+contiguous rows of input channels instead. The images are split over XLA's intra-op threads.
+Channel rule: `conv3x3_supports`.
 
 `group_norm(x, scale, bias, groups=, eps=, silu=)` is `pofx.group_norm.group_norm` (GroupNorm
 with float32 statistics, optionally followed by SiLU) by AVX-512 kernels (`group_norm.cc`): per
@@ -198,6 +201,7 @@ def load(cache_dir=None) -> str:
       ("pofx_block_sparse_attention_fwd", lib.PofxBsaFwd),
       ("pofx_block_sparse_attention_bwd", lib.PofxBsaBwd),
       ("pofx_conv3x3_fwd", lib.PofxConv3x3Fwd),
+      ("pofx_conv3x3_input_grad", lib.PofxConv3x3InputGrad),
       ("pofx_conv3x3_kernel_grad", lib.PofxConv3x3KernelGrad),
       ("pofx_group_norm_fwd", lib.PofxGroupNormFwd),
       ("pofx_group_norm_bwd", lib.PofxGroupNormBwd),
@@ -606,67 +610,86 @@ def full_attention(q, k, v, *, scale: float):
   return _full_attention(q, k, v, float(scale))
 
 
-def conv3x3_supports(x, w) -> bool:
-  """Whether `conv3x3` computes `x [B, H, W, Ci]` with `w [3, 3, Ci, Co]`: float32 operands, and
-  Ci and Co multiples of 16 (the kernels' output channels come in 16-lane vectors, and the input
-  gradient is a convolution whose output channels are Ci)."""
+def _conv3x3_channels_ok(out_channels: int, in_channels: int) -> bool:
+  """The kernels' rule for a convolution's channels: output channels a multiple of 16 (the register
+  tiles), or fewer than 16 with input channels a multiple of 16 (the narrow kernels)."""
+  return out_channels % 16 == 0 or (out_channels < 16 and in_channels % 16 == 0)
+
+
+def conv3x3_supports(x, w, stride: int = 1) -> bool:
+  """Whether `conv3x3` computes `x [B, H, W, Ci]` with `w [3, 3, Ci, Co]` at `stride`: float32
+  operands, stride 1 or 2, and Co a multiple of 16 or Co < 16 with Ci a multiple of 16. (The input
+  gradient at stride 1 is native when Ci meets the same rule with Co; otherwise, and at stride 2,
+  it is XLA's.)"""
   return (
     x.ndim == 4
     and w.ndim == 4
     and tuple(w.shape[:2]) == (3, 3)
     and w.shape[2] == x.shape[3]
-    and x.shape[3] % 16 == 0
-    and w.shape[3] % 16 == 0
+    and stride in (1, 2)
+    and _conv3x3_channels_ok(w.shape[3], w.shape[2])
     and x.dtype == jnp.float32
     and w.dtype == jnp.float32
   )
 
 
-def _conv3x3_call(x, w):
-  out = jax.ShapeDtypeStruct(x.shape[:3] + (w.shape[3],), jnp.float32)
-  return jax.ffi.ffi_call("pofx_conv3x3_fwd", out, vmap_method="sequential")(x, w)
+def _conv3x3_call(x, w, stride):
+  B, H, W, _ = x.shape
+  out = jax.ShapeDtypeStruct((B, (H - 1) // stride + 1, (W - 1) // stride + 1, w.shape[3]), jnp.float32)
+  return jax.ffi.ffi_call("pofx_conv3x3_fwd", out, vmap_method="sequential")(x, w, stride=np.int64(stride))
 
 
-@jax.custom_vjp
-def _conv3x3(x, w):
-  return _conv3x3_call(x, w)
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv3x3(x, w, stride):
+  return _conv3x3_call(x, w, stride)
 
 
-def _conv3x3_fwd(x, w):
-  return _conv3x3_call(x, w), (x, w)
+def _conv3x3_fwd(x, w, stride):
+  return _conv3x3_call(x, w, stride), (x, w)
 
 
-def _conv3x3_bwd(res, g):
-  # d_x: the same convolution of g with the kernel flipped in space and its channel axes swapped,
-  # d_x[b, y, x, ci] = sum_{ky, kx, co} g[b, y + 1 - ky, x + 1 - kx, co] w[ky, kx, ci, co];
-  # d_w[ky, kx, ci, co] = sum_{b, y, x} x_pad[b, y + ky, x + kx, ci] g[b, y, x, co].
+def _conv3x3_bwd(stride, res, g):
+  # d_x at stride 1: the same convolution of g with the kernel flipped in space and its channel axes
+  # swapped, d_x[b, y, x, ci] = sum_{ky, kx, co} g[b, y + 1 - ky, x + 1 - kx, co] w[ky, kx, ci, co]
+  # (the kernel built inside the call); otherwise XLA's transposed convolution.
+  # d_w[ky, kx, ci, co] = sum_{b, y, x} x_pad[b, S y + ky, S x + kx, ci] g[b, y, x, co].
   x, w = res
   g = g.astype(jnp.float32)
-  d_x = _conv3x3_call(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
+  if stride == 1 and _conv3x3_channels_ok(w.shape[2], w.shape[3]):
+    d_x = jax.ffi.ffi_call(
+      "pofx_conv3x3_input_grad", jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential"
+    )(g, w)
+  else:
+    conv = lambda x: jax.lax.conv_general_dilated(
+      x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    d_x = jax.vjp(conv, x)[1](g)[0]
   d_w = jax.ffi.ffi_call(
     "pofx_conv3x3_kernel_grad", jax.ShapeDtypeStruct(w.shape, jnp.float32), vmap_method="sequential"
-  )(x, g)
+  )(x, g, stride=np.int64(stride))
   return d_x, d_w
 
 
 _conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
-def conv3x3(x, w):
-  """The 3x3 convolution at stride 1 with one pixel of zero padding ("SAME") of NHWC `x [B, H, W,
-  Ci]` with HWIO `w [3, 3, Ci, Co]` by the native AVX-512 kernels (`conv3x3.h`), differentiable:
-  `jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))`
-  up to float32 summation order. The input gradient is the same kernel on the output gradient with
-  the kernel flipped and transposed; the kernel gradient its own kernel. Both operands float32, Ci
-  and Co multiples of 16 (`conv3x3_supports`); the CPU backend's `DirectConv` sends anything else
-  to XLA."""
-  if not conv3x3_supports(x, w):
+def conv3x3(x, w, *, stride: int = 1):
+  """The 3x3 convolution with one pixel of zero padding on every side of NHWC `x [B, H, W, Ci]`
+  with HWIO `w [3, 3, Ci, Co]` at `stride` 1 or 2 by the native AVX-512 kernels (`conv3x3.h`),
+  differentiable: `jax.lax.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
+  dimension_numbers=("NHWC", "HWIO", "NHWC"))` up to float32 summation order (at stride 1, "SAME").
+  The input gradient at stride 1 is the same kernel on the output gradient with the kernel flipped
+  and transposed; the kernel gradient has its own kernels. Both operands float32, Co a multiple of
+  16 or Co < 16 with Ci a multiple of 16 (`conv3x3_supports`); the CPU backend's `DirectConv` sends
+  anything else to XLA."""
+  if not conv3x3_supports(x, w, stride):
     raise ValueError(
-      f"pofx_backends.cpu.native.conv3x3 takes float32 x [B, H, W, Ci] and w [3, 3, Ci, Co] with Ci and Co "
-      f"multiples of 16; got x {x.shape} {x.dtype}, w {w.shape} {w.dtype}."
+      f"pofx_backends.cpu.native.conv3x3 takes float32 x [B, H, W, Ci] and w [3, 3, Ci, Co] at stride 1 or 2, with "
+      f"Co a multiple of 16, or Co < 16 and Ci a multiple of 16; got x {x.shape} {x.dtype}, w {w.shape} {w.dtype}, "
+      f"stride {stride}."
     )
   load()
-  return _conv3x3(x, w)
+  return _conv3x3(x, w, int(stride))
 
 
 def group_norm_supports(x, scale, bias, groups: int) -> bool:

@@ -1,8 +1,16 @@
 // XLA FFI handlers of the 3x3 convolution kernels (conv3x3.h): pofx_backends.cpu.native.conv3x3.
 //
+//   pofx_conv3x3_fwd(x [B, H, W, Ci], w [3, 3, Ci, Co]; stride) -> y [B, Ho, Wo, Co]
+//   pofx_conv3x3_input_grad(g [B, H, W, Co], w [3, 3, Ci, Co]) -> dx [B, H, W, Ci]   (stride 1)
+//   pofx_conv3x3_kernel_grad(x [B, H, W, Ci], g [B, Ho, Wo, Co]; stride) -> dw [3, 3, Ci, Co]
+//
+// Co a multiple of 16 (the register tiles), or Co < 16 with Ci a multiple of 16 (the narrow
+// kernels); the input gradient is the forward of g with the kernel flipped in space and its channel
+// axes swapped, built here, so its output channels Ci follow the same rule.
+//
 // Threads: the batch's images are cut into as many parts as XLA's intra-op thread pool has
-// threads (thread_parts.h). Each part pads its images one at a time into its own buffer. The kernel gradient's parts accumulate into their own [3, 3, Ci, Co]
-// buffers, summed by the calling thread at the end.
+// threads (thread_parts.h). Each part pads its images one at a time into its own buffer. The
+// kernel gradient's parts accumulate into their own buffers, summed by the calling thread at the end.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -13,65 +21,132 @@
 namespace ffi = xla::ffi;
 namespace {
 
-ffi::Error Fwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 4 || wd.size() != 4 || wd[0] != 3 || wd[1] != 3 || wd[2] != xd[3])
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "conv3x3: input [B, H, W, Ci] and kernel [3, 3, Ci, Co] expected");
-  if (wd[3] % 16 != 0)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "conv3x3: output channels must be a multiple of 16");
-  const int64_t B = xd[0];
-  const int H = int(xd[1]), W = int(xd[2]), Ci = int(xd[3]), Co = int(wd[3]);
-  const float* X = x.typed_data();
-  const float* K = w.typed_data();
-  float* Y = y->typed_data();
-  if (B == 0 || H == 0 || W == 0) return ffi::Error::Success();
+ffi::Error Invalid(const char* what) { return ffi::Error(ffi::ErrorCode::kInvalidArgument, what); }
+
+bool Wide(int co) { return co % 16 == 0; }
+bool Narrow(int co, int ci) { return co < 16 && ci % 16 == 0; }
+
+// y = conv(x, K) where K [3, 3, Ci, Co] is given as `wide` (HWIO, for Co % 16 == 0) or `narrow`
+// ([Co, 3, 3 Ci], for Co < 16).
+void Convolve(ffi::ThreadPool& pool, const float* X, int64_t B, int H, int W, int Ci, const float* wide,
+              const float* narrow, int Co, int stride, float* Y) {
+  const int64_t out_image = int64_t(conv3x3::OutSize(H, stride)) * conv3x3::OutSize(W, stride) * Co;
   const int parts = int(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), B)));
   pofx::RunParts(pool, parts, [&](int p) {
     std::vector<float> pad(size_t(H + 2) * (W + 2) * Ci);
     for (int64_t b = B * p / parts; b < B * (p + 1) / parts; ++b) {
       conv3x3::PadImage(X + b * H * W * Ci, H, W, Ci, pad.data());
-      conv3x3::FwdImage(pad.data(), H, W, Ci, K, Co, Y + b * H * W * Co);
+      if (wide) conv3x3::FwdImage(pad.data(), H, W, Ci, wide, Co, Y + b * out_image, stride);
+      else conv3x3::FwdNarrowImage(pad.data(), H, W, Ci, narrow, Co, Y + b * out_image, stride);
     }
   });
+}
+
+ffi::Error Fwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, int64_t stride,
+               ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 4 || wd.size() != 4 || wd[0] != 3 || wd[1] != 3 || wd[2] != xd[3])
+    return Invalid("conv3x3: input [B, H, W, Ci] and kernel [3, 3, Ci, Co] expected");
+  if (stride != 1 && stride != 2) return Invalid("conv3x3: stride 1 or 2");
+  const int64_t B = xd[0];
+  const int H = int(xd[1]), W = int(xd[2]), Ci = int(xd[3]), Co = int(wd[3]);
+  if (!Wide(Co) && !Narrow(Co, Ci))
+    return Invalid("conv3x3: output channels a multiple of 16, or fewer than 16 with input channels a multiple of 16");
+  if (B == 0 || H == 0 || W == 0) return ffi::Error::Success();
+  const float* K = w.typed_data();
+  std::vector<float> narrow;
+  if (!Wide(Co)) {  // [Co, 3, 3 Ci]
+    narrow.resize(size_t(9) * Ci * Co);
+    for (int t = 0; t < 9; ++t)
+      for (int ci = 0; ci < Ci; ++ci)
+        for (int co = 0; co < Co; ++co)
+          narrow[(size_t(co) * 3 + t / 3) * 3 * Ci + (t % 3) * Ci + ci] = K[(size_t(t) * Ci + ci) * Co + co];
+  }
+  Convolve(pool, x.typed_data(), B, H, W, Ci, Wide(Co) ? K : nullptr, narrow.data(), Co, int(stride),
+           y->typed_data());
   return ffi::Error::Success();
 }
 
-ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w,
+                     ffi::ResultBuffer<ffi::F32> dx) {
+  auto gd = g.dimensions(), wd = w.dimensions();
+  if (gd.size() != 4 || wd.size() != 4 || wd[0] != 3 || wd[1] != 3 || wd[3] != gd[3])
+    return Invalid("conv3x3: output gradient [B, H, W, Co] and kernel [3, 3, Ci, Co] expected");
+  const int64_t B = gd[0];
+  const int H = int(gd[1]), W = int(gd[2]), Ci = int(wd[2]), Co = int(gd[3]);
+  if (!Wide(Ci) && !Narrow(Ci, Co))
+    return Invalid("conv3x3: input channels a multiple of 16, or fewer than 16 with output channels a multiple of 16");
+  if (B == 0 || H == 0 || W == 0) return ffi::Error::Success();
+  // The flipped, swapped kernel: K'[ky, kx, co, ci] = K[2 - ky, 2 - kx, ci, co], as HWIO [3, 3, Co, Ci]
+  // (wide) or as [Ci, 3, 3 Co] (narrow).
+  const float* K = w.typed_data();
+  std::vector<float> flipped(size_t(9) * Ci * Co);
+  for (int t = 0; t < 9; ++t)
+    for (int ci = 0; ci < Ci; ++ci)
+      for (int co = 0; co < Co; ++co) {
+        const float v = K[(size_t(8 - t) * Ci + ci) * Co + co];
+        if (Wide(Ci)) flipped[(size_t(t) * Co + co) * Ci + ci] = v;
+        else flipped[(size_t(ci) * 3 + t / 3) * 3 * Co + (t % 3) * Co + co] = v;
+      }
+  Convolve(pool, g.typed_data(), B, H, W, Co, Wide(Ci) ? flipped.data() : nullptr, flipped.data(), Ci, 1,
+           dx->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, int64_t stride,
                       ffi::ResultBuffer<ffi::F32> dw) {
   auto xd = x.dimensions(), gd = g.dimensions();
-  if (xd.size() != 4 || gd.size() != 4 || xd[0] != gd[0] || xd[1] != gd[1] || xd[2] != gd[2])
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "conv3x3: input [B, H, W, Ci] and gradient [B, H, W, Co] differ");
-  if (gd[3] % 16 != 0)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "conv3x3: output channels must be a multiple of 16");
+  if (stride != 1 && stride != 2) return Invalid("conv3x3: stride 1 or 2");
+  if (xd.size() != 4 || gd.size() != 4 || xd[0] != gd[0] || gd[1] != conv3x3::OutSize(int(xd[1]), int(stride)) ||
+      gd[2] != conv3x3::OutSize(int(xd[2]), int(stride)))
+    return Invalid("conv3x3: input [B, H, W, Ci] and gradient [B, Ho, Wo, Co] do not match");
   const int64_t B = xd[0];
   const int H = int(xd[1]), W = int(xd[2]), Ci = int(xd[3]), Co = int(gd[3]);
+  if (!Wide(Co) && !Narrow(Co, Ci))
+    return Invalid("conv3x3: output channels a multiple of 16, or fewer than 16 with input channels a multiple of 16");
   const float* X = x.typed_data();
   const float* G = g.typed_data();
   float* DW = dw->typed_data();
   const size_t n = size_t(9) * Ci * Co;
   std::memset(DW, 0, sizeof(float) * n);
   if (B == 0 || H == 0 || W == 0) return ffi::Error::Success();
+  const int64_t g_image = int64_t(gd[1]) * gd[2] * Co;
+  const bool wide = Wide(Co);
   const int parts = int(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), B)));
-  std::vector<std::vector<float>> partial(parts - 1);
+  // Part 0 of the wide kernel accumulates into dw itself; every other buffer is summed into dw at the end
+  // (the narrow kernel's in its [Co, 3, 3 Ci] layout).
+  std::vector<std::vector<float>> partial(wide ? parts - 1 : parts);
   pofx::RunParts(pool, parts, [&](int p) {
     float* acc = DW;
-    if (p > 0) {
-      partial[p - 1].assign(n, 0.0f);
-      acc = partial[p - 1].data();
+    if (!wide || p > 0) {
+      auto& buf = partial[wide ? p - 1 : p];
+      buf.assign(n, 0.0f);
+      acc = buf.data();
     }
     std::vector<float> pad(size_t(H + 2) * (W + 2) * Ci);
     for (int64_t b = B * p / parts; b < B * (p + 1) / parts; ++b) {
       conv3x3::PadImage(X + b * H * W * Ci, H, W, Ci, pad.data());
-      conv3x3::WgradImage(pad.data(), H, W, Ci, G + b * H * W * Co, Co, acc);
+      if (wide) conv3x3::WgradImage(pad.data(), H, W, Ci, G + b * g_image, Co, acc, int(stride));
+      else conv3x3::WgradNarrowImage(pad.data(), H, W, Ci, G + b * g_image, Co, acc, int(stride));
     }
   });
-  for (auto& part : partial)
-    for (size_t i = 0; i < n; ++i) DW[i] += part[i];
+  for (auto& part : partial) {
+    if (wide) {
+      for (size_t i = 0; i < n; ++i) DW[i] += part[i];
+      continue;
+    }
+    for (int co = 0; co < Co; ++co)
+      for (int t = 0; t < 9; ++t)
+        for (int ci = 0; ci < Ci; ++ci)
+          DW[(size_t(t) * Ci + ci) * Co + co] += part[(size_t(co) * 3 + t / 3) * 3 * Ci + (t % 3) * Ci + ci];
+  }
   return ffi::Error::Success();
 }
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PofxConv3x3Fwd, Fwd, ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
+    .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Attr<int64_t>("stride").Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PofxConv3x3InputGrad, InputGrad, ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
     .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PofxConv3x3KernelGrad, KernelGrad, ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
-    .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+    .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Attr<int64_t>("stride").Ret<ffi::Buffer<ffi::F32>>());

@@ -1,22 +1,34 @@
-// 3x3 convolutions, stride 1, one pixel of zero padding ("SAME"), NHWC input, HWIO kernel,
-// float32, by AVX-512 register tiles: the kernels behind pofx_backends.cpu.native.conv3x3
+// 3x3 convolutions with one pixel of zero padding on every side, stride 1 or 2, NHWC input, HWIO
+// kernel, float32, by AVX-512 register tiles: the kernels behind pofx_backends.cpu.native.conv3x3
 // (conv3x3.cc registers them with XLA's FFI).
 //
-//   forward:         y[b, y, x, co] = sum_{ky, kx, ci} xp[b, y + ky, x + kx, ci] w[ky, kx, ci, co]
-//   kernel gradient: dw[ky, kx, ci, co] = sum_{b, y, x} xp[b, y + ky, x + kx, ci] g[b, y, x, co]
+//   forward:         y[b, y, x, co] = sum_{ky, kx, ci} xp[b, S y + ky, S x + kx, ci] w[ky, kx, ci, co]
+//   kernel gradient: dw[ky, kx, ci, co] = sum_{b, y, x} xp[b, S y + ky, S x + kx, ci] g[b, y, x, co]
 //
-// with xp the input padded by one zero pixel on each side. The input gradient is the forward with
-// the kernel flipped in space and its channel axes swapped (the caller passes that kernel).
-// Forward: a tile of XB output pixels of one row times 16 NV output channels stays in XB * NV
-// vector registers while the 9 Ci input values under each pixel are broadcast against one kernel
-// row each (the direct convolution's register blocking). Kernel gradient: a tile of CB input
-// channels times 16 NV output channels of one kernel tap accumulates over an image's pixels.
+// with xp the input padded by one zero pixel on each side and S the stride; the output has
+// (H - 1) / S + 1 rows and (W - 1) / S + 1 columns. At stride 1 the input gradient is the forward
+// with the kernel flipped in space and its channel axes swapped (conv3x3.cc builds that kernel).
+//
+// Wide outputs (Co a multiple of 16). Forward: a tile of XB output pixels of one row times 16 NV
+// output channels stays in XB * NV vector registers while the 9 Ci input values under each pixel
+// are broadcast against one kernel row each (the direct convolution's register blocking). Kernel
+// gradient: a tile of CB input channels times 16 NV output channels of one kernel tap accumulates
+// over an image's pixels. Any Ci.
+//
+// Narrow outputs (Co < 16, Ci a multiple of 16: a U-Net's last convolution to one channel, or the
+// input gradient of its first one). The three taps of a kernel row read 3 Ci contiguous input
+// values, so each output value is a dot product of 3 contiguous vectors of 3 Ci floats with the
+// kernel's rows for its channel (the caller passes the kernel as [Co, 3, 3 Ci]); PX pixels at a
+// time keep independent accumulators. Kernel gradient: per output channel and kernel row, the 3 Ci
+// kernel entries accumulate in vector registers over the pixels, each pixel's gradient broadcast.
 #pragma once
 #include <immintrin.h>
 #include <cstdint>
 #include <cstring>
 #include <algorithm>
 namespace conv3x3 {
+
+inline int OutSize(int n, int stride) { return (n - 1) / stride + 1; }
 
 // One image's input, zero-padded by one pixel on every side: [(H+2), (W+2), C].
 inline void PadImage(const float* x, int H, int W, int C, float* pad) {
@@ -31,78 +43,152 @@ inline void PadImage(const float* x, int H, int W, int C, float* pad) {
   }
 }
 
-// out[y, x0:x0+XB, co0:co0+16 NV] = sum_{ky,kx,ci} pad[y+ky, x+kx, ci] w[ky, kx, ci, co]
-template <int XB, int NV>
-inline void FwdTile(const float* __restrict pad, int Wp, int Ci, const float* __restrict w, int Co, float* __restrict out,
-                    int W, int y, int x0, int co0) {
-  __m512 acc[XB][NV];
-  for (int i = 0; i < XB; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+// out[y:y+R, x0:x0+XB, co0:co0+16 NV] = sum_{ky,kx,ci} pad[S y'+ky, S x+kx, ci] w[ky, kx, ci, co]
+// for the R output rows y' from y: R XB pixels share each kernel row loaded.
+template <int R, int XB, int NV, int S>
+inline void FwdTile(const float* __restrict pad, int Wp, int Ci, const float* __restrict w, int Co,
+                    float* __restrict out, int Wo, int y, int x0, int co0) {
+  __m512 acc[R][XB][NV];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < XB; ++i)
+      for (int v = 0; v < NV; ++v) acc[r][i][v] = _mm512_setzero_ps();
+  const int64_t in_row = (int64_t)S * Wp * Ci;
   for (int ky = 0; ky < 3; ++ky)
     for (int kx = 0; kx < 3; ++kx) {
-      const float* ip = pad + ((int64_t)(y + ky) * Wp + x0 + kx) * Ci;
+      const float* ip = pad + ((int64_t)(S * y + ky) * Wp + S * x0 + kx) * Ci;
       const float* wp = w + (int64_t)(ky * 3 + kx) * Ci * Co + co0;
       for (int ci = 0; ci < Ci; ++ci) {
         __m512 wv[NV];
         for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(wp + (int64_t)ci * Co + 16 * v);
-        for (int i = 0; i < XB; ++i) {
-          const __m512 b = _mm512_set1_ps(ip[(int64_t)i * Ci + ci]);
-          for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(b, wv[v], acc[i][v]);
-        }
+        for (int r = 0; r < R; ++r)
+          for (int i = 0; i < XB; ++i) {
+            const __m512 b = _mm512_set1_ps(ip[r * in_row + (int64_t)i * S * Ci + ci]);
+            for (int v = 0; v < NV; ++v) acc[r][i][v] = _mm512_fmadd_ps(b, wv[v], acc[r][i][v]);
+          }
       }
     }
-  float* op = out + ((int64_t)y * W + x0) * Co + co0;
-  for (int i = 0; i < XB; ++i)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(op + (int64_t)i * Co + 16 * v, acc[i][v]);
+  for (int r = 0; r < R; ++r) {
+    float* op = out + ((int64_t)(y + r) * Wo + x0) * Co + co0;
+    for (int i = 0; i < XB; ++i)
+      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(op + (int64_t)i * Co + 16 * v, acc[r][i][v]);
+  }
 }
 
-template <int NV>
-inline void FwdTileN(int xb, const float* pad, int Wp, int Ci, const float* w, int Co, float* out, int W, int y, int x0,
-                     int co0) {
-#define POFX_CASE(n) \
-  case n:            \
-    if constexpr (n * NV <= 28) FwdTile<n, NV>(pad, Wp, Ci, w, Co, out, W, y, x0, co0); \
+// The register tile's pixels: at most 24 accumulators (12 pixels of 32 channels, 24 of 16).
+inline int MaxPixels(int nv) { return nv == 2 ? 12 : 24; }
+// 16 NV output channels per tile: 32 where Co allows (a wider tile would stream more of the kernel
+// per pixel than L1 holds for the 64-channel layers), else 16.
+inline int PickNV(int Co) { return Co % 32 == 0 ? 2 : 1; }
+
+template <int NV, int S>
+inline void FwdTileN(int rows, int xb, const float* pad, int Wp, int Ci, const float* w, int Co, float* out, int Wo,
+                     int y, int x0, int co0) {
+#define POFX_CASE(r, n)                                                                             \
+  case r * 32 + n:                                                                                  \
+    if constexpr (r * n <= (NV == 2 ? 12 : 24)) FwdTile<r, n, NV, S>(pad, Wp, Ci, w, Co, out, Wo, y, x0, co0); \
     break;
-  switch (xb) {
-    POFX_CASE(1) POFX_CASE(2) POFX_CASE(3) POFX_CASE(4) POFX_CASE(5) POFX_CASE(6) POFX_CASE(7) POFX_CASE(8)
-    POFX_CASE(9) POFX_CASE(10) POFX_CASE(11) POFX_CASE(12) POFX_CASE(13) POFX_CASE(14)
+#define POFX_ROW(r) \
+  POFX_CASE(r, 1) POFX_CASE(r, 2) POFX_CASE(r, 3) POFX_CASE(r, 4) POFX_CASE(r, 5) POFX_CASE(r, 6) POFX_CASE(r, 7) \
+  POFX_CASE(r, 8) POFX_CASE(r, 9) POFX_CASE(r, 10) POFX_CASE(r, 11) POFX_CASE(r, 12) POFX_CASE(r, 13) POFX_CASE(r, 14)
+  switch (rows * 32 + xb) {
+    POFX_ROW(1) POFX_ROW(2) POFX_ROW(3)
   }
+#undef POFX_ROW
 #undef POFX_CASE
 }
 
-// The widest register tile for NV vectors of output channels.
-inline int MaxXB(int nv) { return nv == 4 ? 6 : (nv == 2 ? 12 : 14); }
-inline int PickNV(int Co) { return Co % 64 == 0 ? 4 : (Co % 32 == 0 ? 2 : 1); }
-
-// One image: out [H, W, Co] from pad [(H+2), (W+2), Ci].
-inline void FwdImage(const float* pad, int H, int W, int Ci, const float* w, int Co, float* out) {
-  const int nv = PickNV(Co), maxxb = MaxXB(nv), Wp = W + 2;
-  const int ntiles = (W + maxxb - 1) / maxxb, xb = (W + ntiles - 1) / ntiles;
-  for (int co0 = 0; co0 < Co; co0 += 16 * nv)
-    for (int y = 0; y < H; ++y)
-      for (int x0 = 0; x0 < W; x0 += xb) {
-        const int n = std::min(xb, W - x0);
-        if (nv == 4) FwdTileN<4>(n, pad, Wp, Ci, w, Co, out, W, y, x0, co0);
-        else if (nv == 2) FwdTileN<2>(n, pad, Wp, Ci, w, Co, out, W, y, x0, co0);
-        else FwdTileN<1>(n, pad, Wp, Ci, w, Co, out, W, y, x0, co0);
-      }
+// The tile's shape for Ho x Wo outputs: xb pixels of a row (the row cut into n equal tiles) times
+// rows (at most 3), the most pixels per tile on average over the image (MaxPixels at most).
+inline void TileShape(int Ho, int Wo, int nv, int* rows, int* xb) {
+  const int most = MaxPixels(nv);
+  double best = -1;
+  for (int n = 1; n <= Wo; ++n) {
+    const int x = (Wo + n - 1) / n;
+    if (x > 14) continue;
+    const int r = std::max(1, std::min({3, Ho, most / x}));
+    if (x * r > most) continue;
+    const int tiles = ((Ho + r - 1) / r) * ((Wo + x - 1) / x);
+    const double per_tile = double(Ho) * Wo / tiles;
+    if (per_tile > best + 1e-9) best = per_tile, *rows = r, *xb = x;
+    if (x == 1) break;
+  }
 }
 
-// dw[ky, kx, ci0:ci0+CB, co0:co0+16 NV] += sum_{y,x} pad[y+ky, x+kx, ci] g[y, x, co]
-template <int CB, int NV>
-inline void WgradTile(const float* __restrict pad, int Wp, int Ci, const float* __restrict g, int H, int W, int Co,
+// One image, Co a multiple of 16: out [Ho, Wo, Co] from pad [(H+2), (W+2), Ci].
+template <int S>
+inline void FwdImageS(const float* pad, int H, int W, int Ci, const float* w, int Co, float* out) {
+  const int nv = PickNV(Co), Wp = W + 2, Ho = OutSize(H, S), Wo = OutSize(W, S);
+  int rows, xb;
+  TileShape(Ho, Wo, nv, &rows, &xb);
+  for (int co0 = 0; co0 < Co; co0 += 16 * nv)
+    for (int y = 0; y < Ho; y += rows) {
+      const int r = std::min(rows, Ho - y);
+      for (int x0 = 0; x0 < Wo; x0 += xb) {
+        const int n = std::min(xb, Wo - x0);
+        if (nv == 2) FwdTileN<2, S>(r, n, pad, Wp, Ci, w, Co, out, Wo, y, x0, co0);
+        else FwdTileN<1, S>(r, n, pad, Wp, Ci, w, Co, out, Wo, y, x0, co0);
+      }
+    }
+}
+
+inline void FwdImage(const float* pad, int H, int W, int Ci, const float* w, int Co, float* out, int stride) {
+  if (stride == 2) FwdImageS<2>(pad, H, W, Ci, w, Co, out);
+  else FwdImageS<1>(pad, H, W, Ci, w, Co, out);
+}
+
+// Narrow forward, PX pixels of one row from x0: out[y, x, co] = sum_ky <pad row (S y+ky) from
+// column S x, 3 Ci floats>, wn[co, ky, :]>, with wn [Co, 3, 3 Ci].
+template <int PX, int S>
+inline void FwdNarrowPixels(const float* __restrict pad, int Wp, int Ci, const float* __restrict wn, int Co,
+                            float* __restrict out, int Wo, int y, int x0) {
+  const int row = 3 * Ci, nvec = row / 16;
+  for (int co = 0; co < Co; ++co) {
+    __m512 acc[PX];
+    for (int p = 0; p < PX; ++p) acc[p] = _mm512_setzero_ps();
+    for (int ky = 0; ky < 3; ++ky) {
+      const float* ip = pad + ((int64_t)(S * y + ky) * Wp + S * x0) * Ci;
+      const float* wp = wn + ((int64_t)co * 3 + ky) * row;
+      for (int j = 0; j < nvec; ++j) {
+        const __m512 wv = _mm512_loadu_ps(wp + 16 * j);
+        for (int p = 0; p < PX; ++p)
+          acc[p] = _mm512_fmadd_ps(_mm512_loadu_ps(ip + (int64_t)p * S * Ci + 16 * j), wv, acc[p]);
+      }
+    }
+    float* op = out + ((int64_t)y * Wo + x0) * Co + co;
+    for (int p = 0; p < PX; ++p) op[(int64_t)p * Co] = _mm512_reduce_add_ps(acc[p]);
+  }
+}
+
+template <int S>
+inline void FwdNarrowImageS(const float* pad, int H, int W, int Ci, const float* wn, int Co, float* out) {
+  const int Wp = W + 2, Ho = OutSize(H, S), Wo = OutSize(W, S);
+  for (int y = 0; y < Ho; ++y) {
+    int x = 0;
+    for (; x + 4 <= Wo; x += 4) FwdNarrowPixels<4, S>(pad, Wp, Ci, wn, Co, out, Wo, y, x);
+    for (; x < Wo; ++x) FwdNarrowPixels<1, S>(pad, Wp, Ci, wn, Co, out, Wo, y, x);
+  }
+}
+
+inline void FwdNarrowImage(const float* pad, int H, int W, int Ci, const float* wn, int Co, float* out, int stride) {
+  if (stride == 2) FwdNarrowImageS<2>(pad, H, W, Ci, wn, Co, out);
+  else FwdNarrowImageS<1>(pad, H, W, Ci, wn, Co, out);
+}
+
+// dw[ky, kx, ci0:ci0+CB, co0:co0+16 NV] += sum_{y,x} pad[S y+ky, S x+kx, ci] g[y, x, co]
+template <int CB, int NV, int S>
+inline void WgradTile(const float* __restrict pad, int Wp, int Ci, const float* __restrict g, int Ho, int Wo, int Co,
                       float* __restrict dw, int ky, int kx, int ci0, int co0) {
   __m512 acc[CB][NV];
   for (int c = 0; c < CB; ++c)
     for (int v = 0; v < NV; ++v) acc[c][v] = _mm512_setzero_ps();
-  for (int y = 0; y < H; ++y) {
-    const float* gp = g + (int64_t)y * W * Co + co0;
-    const float* ip = pad + ((int64_t)(y + ky) * Wp + kx) * Ci + ci0;
-    for (int x = 0; x < W; ++x) {
+  for (int y = 0; y < Ho; ++y) {
+    const float* gp = g + (int64_t)y * Wo * Co + co0;
+    const float* ip = pad + ((int64_t)(S * y + ky) * Wp + kx) * Ci + ci0;
+    for (int x = 0; x < Wo; ++x) {
       __m512 gv[NV];
       for (int v = 0; v < NV; ++v) gv[v] = _mm512_loadu_ps(gp + (int64_t)x * Co + 16 * v);
       for (int c = 0; c < CB; ++c) {
-        const __m512 b = _mm512_set1_ps(ip[(int64_t)x * Ci + c]);
+        const __m512 b = _mm512_set1_ps(ip[(int64_t)x * S * Ci + c]);
         for (int v = 0; v < NV; ++v) acc[c][v] = _mm512_fmadd_ps(b, gv[v], acc[c][v]);
       }
     }
@@ -115,12 +201,12 @@ inline void WgradTile(const float* __restrict pad, int Wp, int Ci, const float* 
     }
 }
 
-template <int NV>
-inline void WgradTileN(int cb, const float* pad, int Wp, int Ci, const float* g, int H, int W, int Co, float* dw, int ky,
-                       int kx, int ci0, int co0) {
+template <int NV, int S>
+inline void WgradTileN(int cb, const float* pad, int Wp, int Ci, const float* g, int Ho, int Wo, int Co, float* dw,
+                       int ky, int kx, int ci0, int co0) {
 #define POFX_CASE(n) \
   case n:            \
-    if constexpr (n * NV <= 28) WgradTile<n, NV>(pad, Wp, Ci, g, H, W, Co, dw, ky, kx, ci0, co0); \
+    if constexpr (n * NV <= 28) WgradTile<n, NV, S>(pad, Wp, Ci, g, Ho, Wo, Co, dw, ky, kx, ci0, co0); \
     break;
   switch (cb) {
     POFX_CASE(1) POFX_CASE(2) POFX_CASE(3) POFX_CASE(4) POFX_CASE(5) POFX_CASE(6) POFX_CASE(7) POFX_CASE(8)
@@ -129,20 +215,64 @@ inline void WgradTileN(int cb, const float* pad, int Wp, int Ci, const float* g,
 #undef POFX_CASE
 }
 
-// One image's contribution, added to dw [3, 3, Ci, Co].
-inline void WgradImage(const float* pad, int H, int W, int Ci, const float* g, int Co, float* dw) {
-  const int nv = PickNV(Co), maxcb = MaxXB(nv), Wp = W + 2;
+// One image's contribution, Co a multiple of 16, added to dw [3, 3, Ci, Co].
+template <int S>
+inline void WgradImageS(const float* pad, int H, int W, int Ci, const float* g, int Co, float* dw) {
+  const int nv = Co % 64 == 0 ? 4 : (Co % 32 == 0 ? 2 : 1), maxcb = nv == 4 ? 6 : (nv == 2 ? 12 : 14);
+  const int Wp = W + 2, Ho = OutSize(H, S), Wo = OutSize(W, S);
   const int nt = (Ci + maxcb - 1) / maxcb, cb = (Ci + nt - 1) / nt;
   for (int co0 = 0; co0 < Co; co0 += 16 * nv)
     for (int ci0 = 0; ci0 < Ci; ci0 += cb) {
       const int n = std::min(cb, Ci - ci0);
       for (int ky = 0; ky < 3; ++ky)
         for (int kx = 0; kx < 3; ++kx) {
-          if (nv == 4) WgradTileN<4>(n, pad, Wp, Ci, g, H, W, Co, dw, ky, kx, ci0, co0);
-          else if (nv == 2) WgradTileN<2>(n, pad, Wp, Ci, g, H, W, Co, dw, ky, kx, ci0, co0);
-          else WgradTileN<1>(n, pad, Wp, Ci, g, H, W, Co, dw, ky, kx, ci0, co0);
+          if (nv == 4) WgradTileN<4, S>(n, pad, Wp, Ci, g, Ho, Wo, Co, dw, ky, kx, ci0, co0);
+          else if (nv == 2) WgradTileN<2, S>(n, pad, Wp, Ci, g, Ho, Wo, Co, dw, ky, kx, ci0, co0);
+          else WgradTileN<1, S>(n, pad, Wp, Ci, g, Ho, Wo, Co, dw, ky, kx, ci0, co0);
         }
     }
+}
+
+inline void WgradImage(const float* pad, int H, int W, int Ci, const float* g, int Co, float* dw, int stride) {
+  if (stride == 2) WgradImageS<2>(pad, H, W, Ci, g, Co, dw);
+  else WgradImageS<1>(pad, H, W, Ci, g, Co, dw);
+}
+
+// Narrow kernel gradient: dwn[co, ky, j0:j0+16 NJ] += sum_{y,x} pad row (S y+ky) from column S x
+// [j] g[y, x, co], over the 3 Ci floats j of a kernel row (dwn [Co, 3, 3 Ci]).
+template <int NJ, int S>
+inline void WgradNarrowRow(const float* __restrict pad, int Wp, int Ci, const float* __restrict g, int Ho, int Wo,
+                           int Co, float* __restrict dwn, int co, int ky, int j0) {
+  __m512 acc[NJ];
+  for (int j = 0; j < NJ; ++j) acc[j] = _mm512_setzero_ps();
+  for (int y = 0; y < Ho; ++y) {
+    const float* ip = pad + ((int64_t)(S * y + ky) * Wp) * Ci + j0;
+    const float* gp = g + (int64_t)y * Wo * Co + co;
+    for (int x = 0; x < Wo; ++x) {
+      const __m512 b = _mm512_set1_ps(gp[(int64_t)x * Co]);
+      for (int j = 0; j < NJ; ++j)
+        acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(ip + (int64_t)x * S * Ci + 16 * j), b, acc[j]);
+    }
+  }
+  float* dp = dwn + ((int64_t)co * 3 + ky) * 3 * Ci + j0;
+  for (int j = 0; j < NJ; ++j) _mm512_storeu_ps(dp + 16 * j, _mm512_add_ps(_mm512_loadu_ps(dp + 16 * j), acc[j]));
+}
+
+template <int S>
+inline void WgradNarrowImageS(const float* pad, int H, int W, int Ci, const float* g, int Co, float* dwn) {
+  const int Wp = W + 2, Ho = OutSize(H, S), Wo = OutSize(W, S), nvec = 3 * Ci / 16;
+  for (int co = 0; co < Co; ++co)
+    for (int ky = 0; ky < 3; ++ky) {
+      int j = 0;
+      for (; j + 8 <= nvec; j += 8) WgradNarrowRow<8, S>(pad, Wp, Ci, g, Ho, Wo, Co, dwn, co, ky, 16 * j);
+      for (; j + 4 <= nvec; j += 4) WgradNarrowRow<4, S>(pad, Wp, Ci, g, Ho, Wo, Co, dwn, co, ky, 16 * j);
+      for (; j < nvec; ++j) WgradNarrowRow<1, S>(pad, Wp, Ci, g, Ho, Wo, Co, dwn, co, ky, 16 * j);
+    }
+}
+
+inline void WgradNarrowImage(const float* pad, int H, int W, int Ci, const float* g, int Co, float* dwn, int stride) {
+  if (stride == 2) WgradNarrowImageS<2>(pad, H, W, Ci, g, Co, dwn);
+  else WgradNarrowImageS<1>(pad, H, W, Ci, g, Co, dwn);
 }
 
 }  // namespace conv3x3
