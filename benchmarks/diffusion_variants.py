@@ -23,9 +23,11 @@ slices of the projections). Upper bounds, which change what the step computes: `
 "identity"` (each head's `softmax(q k^T) v` replaced by `v`: what the attention itself costs) and
 `"_conv_bias": false` (the convolutions' bias additions left out: what fusing them could save).
 `"_native_conv": "wide_stride1"` (with `--kernels cpu` and the native convolution) restores the
-native convolution's scope before the stride-2 and narrow kernels: only stride-1 convolutions with
-channels that are multiples of 16 are native, and their input gradient's flipped kernel is
-transposed by XLA before the forward kernel's call.
+native convolution's scope before the stride-2, narrow and Winograd kernels: only stride-1
+convolutions with channels that are multiples of 16 are native, by direct sums, and their input
+gradient's flipped kernel is transposed by XLA before the forward kernel's call. `"_winograd":
+false` keeps today's scope with direct sums instead of Winograd's F(2x2, 3x3)
+(`pofx_backends.cpu.conv.DirectConv(winograd=False)`).
 
 The step is `diffusion_step.PofxStep` (`benchmarks/diffusion_step.py`: the `bench` U-Net, 16 pairs,
 the library's train step with a frozen reference). Every variant is compiled first, then the
@@ -69,6 +71,7 @@ OWN_KEYS = (
   "_attention_core",
   "_conv_bias",
   "_native_conv",
+  "_winograd",
 )
 # The allowed values of the keys that name a choice (the first is the default).
 CHOICES = {
@@ -79,6 +82,7 @@ CHOICES = {
   "_attention_core": ("softmax", "identity"),
   "_conv_bias": (True, False),
   "_native_conv": ("all", "wide_stride1"),
+  "_winograd": (True, False),
 }
 
 
@@ -169,7 +173,8 @@ def _model_changes(spec: dict):
 
 
 def _wide_stride1_conv():
-  """The CPU backend's `DirectConv` as it was before the stride-2 and narrow kernels (`_native_conv`)."""
+  """The CPU backend's `DirectConv` as it was before the stride-2, narrow and Winograd kernels
+  (`_native_conv`)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -179,7 +184,7 @@ def _wide_stride1_conv():
 
   def call(x, w):
     out = jax.ShapeDtypeStruct(x.shape[:3] + (w.shape[3],), jnp.float32)
-    return jax.ffi.ffi_call("pofx_conv3x3_fwd", out, vmap_method="sequential")(x, w, stride=np.int64(1))
+    return jax.ffi.ffi_call("pofx_conv3x3_fwd", out, vmap_method="sequential")(x, w, stride=np.int64(1), winograd=False)
 
   @jax.custom_vjp
   def conv3x3(x, w):
@@ -237,6 +242,10 @@ def build(spec: dict, kernels_name: str):
       kernels = pofx_backends.kernels("xla")
     else:
       kernels = pofx_backends.kernels("cpu", conv=spec.get("_conv", "native"), attention=spec.get("_attention", True))
+    if not spec.get("_winograd", True):
+      from pofx_backends.cpu import conv as conv_lib
+
+      kernels = kernels._replace(conv_general_dilated=conv_lib.DirectConv(winograd=False))
     if spec.get("_native_conv", "all") == "wide_stride1":
       kernels = kernels._replace(conv_general_dilated=_wide_stride1_conv())
     split = spec.get("_conv_split", 1)

@@ -253,7 +253,11 @@ class DirectConv:
   """`jax.lax.conv_general_dilated` with its 3x3 float32 convolutions in NHWC / HWIO layout, one
   pixel of padding on every side, at stride 1 or 2, whose channels the native kernels take
   (`pofx_backends.cpu.native.conv3x3_supports`) computed by them; every other call (other layouts,
-  strides, paddings, kernel sizes, dtypes, a `precision` or `preferred_element_type`) is XLA's."""
+  strides, paddings, kernel sizes, dtypes, a `precision` or `preferred_element_type`) is XLA's.
+  `winograd`: the stride-1 forward and input gradient by Winograd's F(2x2, 3x3) where it applies
+  (`pofx_backends.cpu.native.conv3x3`); False keeps the direct sums."""
+
+  winograd: bool = True
 
   def __call__(
     self,
@@ -281,7 +285,7 @@ class DirectConv:
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, feature_group_count, batch_group_count
       )
       if stride is not None and native.conv3x3_supports(lhs, rhs, stride):
-        return native.conv3x3(lhs, rhs, stride=stride)
+        return native.conv3x3(lhs, rhs, stride=stride, winograd=self.winograd)
     return lax.conv_general_dilated(
       lhs,
       rhs,

@@ -82,18 +82,39 @@ SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("winograd", [True, False], ids=["winograd", "direct"])
 @pytest.mark.parametrize("b,h,wd,ci,co,stride", SHAPES)
-def test_values_and_gradients_equal_float64_sums(b, h, wd, ci, co, stride):
+def test_values_and_gradients_equal_float64_sums(b, h, wd, ci, co, stride, winograd):
   rng = np.random.default_rng(b * 1000 + h * 100 + wd + ci + co + stride)
   x = rng.uniform(-1, 1, (b, h, wd, ci)).astype(np.float32)
   w = (rng.normal(size=(3, 3, ci, co)) / np.sqrt(9 * ci)).astype(np.float32)
   g = rng.normal(size=(b, out_size(h, stride), out_size(wd, stride), co)).astype(np.float32)
-  out, vjp = jax.vjp(lambda x, w: native.conv3x3(x, w, stride=stride), jnp.asarray(x), jnp.asarray(w))
+  conv = lambda x, w: native.conv3x3(x, w, stride=stride, winograd=winograd)
+  out, vjp = jax.vjp(conv, jnp.asarray(x), jnp.asarray(w))
   d_x, d_w = vjp(jnp.asarray(g))
   scale = np.sqrt(9 * ci)
   np.testing.assert_allclose(np.asarray(out), forward64(x, w, stride), atol=2e-6 * scale)
   np.testing.assert_allclose(np.asarray(d_x), input_grad64(x.shape, w, g, stride), atol=2e-6 * np.sqrt(9 * co))
   np.testing.assert_allclose(np.asarray(d_w), kernel_grad64(x, g, stride), atol=2e-6 * np.sqrt(b * h * wd) * 3)
+
+
+def test_winograd_is_another_summation_of_the_same_values():
+  """Winograd's F(2x2, 3x3) (even sizes, stride 1) rounds differently from the direct sums, so the
+  two results differ in their last bits, and both lie within float32 rounding of the float64 sum."""
+  rng = np.random.default_rng(7)
+  x = rng.uniform(-1, 1, (4, 8, 8, 64)).astype(np.float32)
+  w = (rng.normal(size=(3, 3, 64, 32)) / 24).astype(np.float32)
+  expected = forward64(x, w)
+  direct = np.asarray(native.conv3x3(jnp.asarray(x), jnp.asarray(w), winograd=False))
+  winograd = np.asarray(native.conv3x3(jnp.asarray(x), jnp.asarray(w)))
+  assert np.any(direct != winograd)
+  for out in (direct, winograd):
+    np.testing.assert_allclose(out, expected, rtol=0, atol=2e-6 * 24)
+  # Odd sizes take the direct sums whatever the flag.
+  odd = jnp.asarray(x[:, :7, :7])
+  np.testing.assert_array_equal(
+    native.conv3x3(odd, jnp.asarray(w)), native.conv3x3(odd, jnp.asarray(w), winograd=False)
+  )
 
 
 def _native_calls(f, *args):

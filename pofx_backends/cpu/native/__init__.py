@@ -633,22 +633,24 @@ def conv3x3_supports(x, w, stride: int = 1) -> bool:
   )
 
 
-def _conv3x3_call(x, w, stride):
+def _conv3x3_call(x, w, stride, winograd):
   B, H, W, _ = x.shape
   out = jax.ShapeDtypeStruct((B, (H - 1) // stride + 1, (W - 1) // stride + 1, w.shape[3]), jnp.float32)
-  return jax.ffi.ffi_call("pofx_conv3x3_fwd", out, vmap_method="sequential")(x, w, stride=np.int64(stride))
+  return jax.ffi.ffi_call("pofx_conv3x3_fwd", out, vmap_method="sequential")(
+    x, w, stride=np.int64(stride), winograd=bool(winograd)
+  )
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv3x3(x, w, stride):
-  return _conv3x3_call(x, w, stride)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv3x3(x, w, stride, winograd):
+  return _conv3x3_call(x, w, stride, winograd)
 
 
-def _conv3x3_fwd(x, w, stride):
-  return _conv3x3_call(x, w, stride), (x, w)
+def _conv3x3_fwd(x, w, stride, winograd):
+  return _conv3x3_call(x, w, stride, winograd), (x, w)
 
 
-def _conv3x3_bwd(stride, res, g):
+def _conv3x3_bwd(stride, winograd, res, g):
   # d_x at stride 1: the same convolution of g with the kernel flipped in space and its channel axes
   # swapped, d_x[b, y, x, ci] = sum_{ky, kx, co} g[b, y + 1 - ky, x + 1 - kx, co] w[ky, kx, ci, co]
   # (the kernel built inside the call); otherwise XLA's transposed convolution.
@@ -658,7 +660,7 @@ def _conv3x3_bwd(stride, res, g):
   if stride == 1 and _conv3x3_channels_ok(w.shape[2], w.shape[3]):
     d_x = jax.ffi.ffi_call(
       "pofx_conv3x3_input_grad", jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential"
-    )(g, w)
+    )(g, w, winograd=bool(winograd))
   else:
     conv = lambda x: jax.lax.conv_general_dilated(
       x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
@@ -673,13 +675,17 @@ def _conv3x3_bwd(stride, res, g):
 _conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
-def conv3x3(x, w, *, stride: int = 1):
+def conv3x3(x, w, *, stride: int = 1, winograd: bool = True):
   """The 3x3 convolution with one pixel of zero padding on every side of NHWC `x [B, H, W, Ci]`
   with HWIO `w [3, 3, Ci, Co]` at `stride` 1 or 2 by the native AVX-512 kernels (`conv3x3.h`),
   differentiable: `jax.lax.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
-  dimension_numbers=("NHWC", "HWIO", "NHWC"))` up to float32 summation order (at stride 1, "SAME").
-  The input gradient at stride 1 is the same kernel on the output gradient with the kernel flipped
-  and transposed; the kernel gradient has its own kernels. Both operands float32, Co a multiple of
+  dimension_numbers=("NHWC", "HWIO", "NHWC"))` up to float32 rounding (at stride 1, "SAME"). With
+  `winograd` (the default), the stride-1 forward on even image sizes with Co a multiple of 16 is
+  computed by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016, arXiv:1509.09308): 16
+  multiply-adds per 2x2 outputs instead of 36, with a rounding error of the same order as the direct
+  sum's (the transforms' coefficients are 0, +-1 and 1/2). The input gradient at stride 1 is the
+  forward on the output gradient with the kernel flipped and transposed; the kernel gradient has
+  its own (direct) kernels. Both operands float32, Co a multiple of
   16 or Co < 16 with Ci a multiple of 16 (`conv3x3_supports`); the CPU backend's `DirectConv` sends
   anything else to XLA."""
   if not conv3x3_supports(x, w, stride):
@@ -689,7 +695,7 @@ def conv3x3(x, w, *, stride: int = 1):
       f"stride {stride}."
     )
   load()
-  return _conv3x3(x, w, int(stride))
+  return _conv3x3(x, w, int(stride), bool(winograd))
 
 
 def group_norm_supports(x, scale, bias, groups: int) -> bool:

@@ -27,11 +27,21 @@ bool Wide(int co) { return co % 16 == 0; }
 bool Narrow(int co, int ci) { return co < 16 && ci % 16 == 0; }
 
 // y = conv(x, K) where K [3, 3, Ci, Co] is given as `wide` (HWIO, for Co % 16 == 0) or `narrow`
-// ([Co, 3, 3 Ci], for Co < 16).
+// ([Co, 3, 3 Ci], for Co < 16); by Winograd's F(2x2, 3x3) where `winograd` and it applies.
 void Convolve(ffi::ThreadPool& pool, const float* X, int64_t B, int H, int W, int Ci, const float* wide,
-              const float* narrow, int Co, int stride, float* Y) {
+              const float* narrow, int Co, int stride, bool winograd, float* Y) {
   const int64_t out_image = int64_t(conv3x3::OutSize(H, stride)) * conv3x3::OutSize(W, stride) * Co;
   const int parts = int(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), B)));
+  if (wide && winograd && conv3x3::WinogradApplies(H, W, Co, stride)) {
+    std::vector<float> U(size_t(16) * Ci * Co);
+    conv3x3::WinogradKernel(wide, Ci, Co, U.data());
+    pofx::RunParts(pool, parts, [&](int p) {
+      thread_local conv3x3::WinogradScratch scratch;
+      const int64_t b0 = B * p / parts, b1 = B * (p + 1) / parts;
+      conv3x3::WinogradImages(X + b0 * H * W * Ci, int(b1 - b0), H, W, Ci, U.data(), Co, Y + b0 * out_image, scratch);
+    });
+    return;
+  }
   pofx::RunParts(pool, parts, [&](int p) {
     std::vector<float> pad(size_t(H + 2) * (W + 2) * Ci);
     for (int64_t b = B * p / parts; b < B * (p + 1) / parts; ++b) {
@@ -42,7 +52,7 @@ void Convolve(ffi::ThreadPool& pool, const float* X, int64_t B, int H, int W, in
   });
 }
 
-ffi::Error Fwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, int64_t stride,
+ffi::Error Fwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, int64_t stride, bool winograd,
                ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 4 || wd.size() != 4 || wd[0] != 3 || wd[1] != 3 || wd[2] != xd[3])
@@ -62,12 +72,12 @@ ffi::Error Fwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F
         for (int co = 0; co < Co; ++co)
           narrow[(size_t(co) * 3 + t / 3) * 3 * Ci + (t % 3) * Ci + ci] = K[(size_t(t) * Ci + ci) * Co + co];
   }
-  Convolve(pool, x.typed_data(), B, H, W, Ci, Wide(Co) ? K : nullptr, narrow.data(), Co, int(stride),
+  Convolve(pool, x.typed_data(), B, H, W, Ci, Wide(Co) ? K : nullptr, narrow.data(), Co, int(stride), winograd,
            y->typed_data());
   return ffi::Error::Success();
 }
 
-ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w,
+ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w, bool winograd,
                      ffi::ResultBuffer<ffi::F32> dx) {
   auto gd = g.dimensions(), wd = w.dimensions();
   if (gd.size() != 4 || wd.size() != 4 || wd[0] != 3 || wd[1] != 3 || wd[3] != gd[3])
@@ -88,7 +98,7 @@ ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<
         if (Wide(Ci)) flipped[(size_t(t) * Co + co) * Ci + ci] = v;
         else flipped[(size_t(ci) * 3 + t / 3) * 3 * Co + (t % 3) * Co + co] = v;
       }
-  Convolve(pool, g.typed_data(), B, H, W, Co, Wide(Ci) ? flipped.data() : nullptr, flipped.data(), Ci, 1,
+  Convolve(pool, g.typed_data(), B, H, W, Co, Wide(Ci) ? flipped.data() : nullptr, flipped.data(), Ci, 1, winograd,
            dx->typed_data());
   return ffi::Error::Success();
 }
@@ -145,8 +155,9 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PofxConv3x3Fwd, Fwd, ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
-    .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Attr<int64_t>("stride").Ret<ffi::Buffer<ffi::F32>>());
+    .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Attr<int64_t>("stride").Attr<bool>("winograd")
+    .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PofxConv3x3InputGrad, InputGrad, ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
-    .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+    .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Attr<bool>("winograd").Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PofxConv3x3KernelGrad, KernelGrad, ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
     .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Attr<int64_t>("stride").Ret<ffi::Buffer<ffi::F32>>());
