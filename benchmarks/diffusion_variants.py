@@ -193,7 +193,7 @@ def _wide_stride1_conv():
   def bwd(res, g):
     x, w = res
     d_w = jax.ffi.ffi_call("pofx_conv3x3_kernel_grad", jax.ShapeDtypeStruct(w.shape, jnp.float32))(
-      x, g, stride=np.int64(1)
+      x, g, stride=np.int64(1), winograd=False
     )
     return call(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)), d_w
 

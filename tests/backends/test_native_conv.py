@@ -100,16 +100,21 @@ def test_values_and_gradients_equal_float64_sums(b, h, wd, ci, co, stride, winog
 
 def test_winograd_is_another_summation_of_the_same_values():
   """Winograd's F(2x2, 3x3) (even sizes, stride 1) rounds differently from the direct sums, so the
-  two results differ in their last bits, and both lie within float32 rounding of the float64 sum."""
+  two forwards and kernel gradients differ in their last bits, and both lie within float32
+  rounding of the float64 sums."""
   rng = np.random.default_rng(7)
   x = rng.uniform(-1, 1, (4, 8, 8, 64)).astype(np.float32)
   w = (rng.normal(size=(3, 3, 64, 32)) / 24).astype(np.float32)
-  expected = forward64(x, w)
-  direct = np.asarray(native.conv3x3(jnp.asarray(x), jnp.asarray(w), winograd=False))
-  winograd = np.asarray(native.conv3x3(jnp.asarray(x), jnp.asarray(w)))
-  assert np.any(direct != winograd)
-  for out in (direct, winograd):
-    np.testing.assert_allclose(out, expected, rtol=0, atol=2e-6 * 24)
+  g = rng.normal(size=(4, 8, 8, 32)).astype(np.float32)
+  expected = forward64(x, w), kernel_grad64(x, g)
+  results = {}
+  for winograd in (False, True):
+    out, vjp = jax.vjp(lambda w: native.conv3x3(jnp.asarray(x), w, winograd=winograd), jnp.asarray(w))
+    results[winograd] = np.asarray(out), np.asarray(vjp(jnp.asarray(g))[0])
+  for i, tolerance in enumerate((2e-6 * 24, 2e-6 * 16 * 3)):
+    assert np.any(results[False][i] != results[True][i])
+    for winograd in (False, True):
+      np.testing.assert_allclose(results[winograd][i], expected[i], rtol=0, atol=tolerance)
   # Odd sizes take the direct sums whatever the flag.
   odd = jnp.asarray(x[:, :7, :7])
   np.testing.assert_array_equal(

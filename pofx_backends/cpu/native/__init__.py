@@ -22,7 +22,8 @@ or 2, of NHWC float32 images with an HWIO kernel by direct-convolution AVX-512 k
 in vector registers while the input values under it are broadcast against the kernel's rows, so
 no patches are gathered and nothing is transposed. The forward and the input gradient share one
 kernel (the input gradient's flipped kernel built inside its call); the kernel gradient has its
-own. Outputs of fewer than 16 channels (a U-Net's last convolution) have narrow kernels that sum
+own. At stride 1 on even image sizes both compute by Winograd's F(2x2, 3x3) by default (2.25
+times fewer multiply-adds; `winograd=False` keeps the direct sums). Outputs of fewer than 16 channels (a U-Net's last convolution) have narrow kernels that sum
 contiguous rows of input channels instead. The images are split over XLA's intra-op threads.
 Channel rule: `conv3x3_supports`.
 
@@ -668,7 +669,7 @@ def _conv3x3_bwd(stride, winograd, res, g):
     d_x = jax.vjp(conv, x)[1](g)[0]
   d_w = jax.ffi.ffi_call(
     "pofx_conv3x3_kernel_grad", jax.ShapeDtypeStruct(w.shape, jnp.float32), vmap_method="sequential"
-  )(x, g, stride=np.int64(stride))
+  )(x, g, stride=np.int64(stride), winograd=bool(winograd))
   return d_x, d_w
 
 
@@ -683,11 +684,11 @@ def conv3x3(x, w, *, stride: int = 1, winograd: bool = True):
   `winograd` (the default), the stride-1 forward on even image sizes with Co a multiple of 16 is
   computed by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016, arXiv:1509.09308): 16
   multiply-adds per 2x2 outputs instead of 36, with a rounding error of the same order as the direct
-  sum's (the transforms' coefficients are 0, +-1 and 1/2). The input gradient at stride 1 is the
-  forward on the output gradient with the kernel flipped and transposed; the kernel gradient has
-  its own (direct) kernels. Both operands float32, Co a multiple of
-  16 or Co < 16 with Ci a multiple of 16 (`conv3x3_supports`); the CPU backend's `DirectConv` sends
-  anything else to XLA."""
+  sum's (the transforms' coefficients are 0, +-1 and 1/2), and so is the kernel gradient where Ci >=
+  16 (`dU = sum over tiles of (B^T d B) . (A dY A^T)`, `dw = G^T dU G`). The input gradient at
+  stride 1 is the forward on the output gradient with the kernel flipped and transposed. Both
+  operands float32, Co a multiple of 16 or Co < 16 with Ci a multiple of 16 (`conv3x3_supports`);
+  the CPU backend's `DirectConv` sends anything else to XLA."""
   if not conv3x3_supports(x, w, stride):
     raise ValueError(
       f"pofx_backends.cpu.native.conv3x3 takes float32 x [B, H, W, Ci] and w [3, 3, Ci, Co] at stride 1 or 2, with "

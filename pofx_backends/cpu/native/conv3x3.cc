@@ -6,7 +6,9 @@
 //
 // Co a multiple of 16 (the register tiles), or Co < 16 with Ci a multiple of 16 (the narrow
 // kernels); the input gradient is the forward of g with the kernel flipped in space and its channel
-// axes swapped, built here, so its output channels Ci follow the same rule.
+// axes swapped, built here, so its output channels Ci follow the same rule. Attribute `winograd`:
+// Winograd's F(2x2, 3x3) (conv3x3.h) for the stride-1 forward and kernel gradient on even sizes with
+// Co a multiple of 16 (the kernel gradient also Ci >= 16), instead of the direct sums.
 //
 // Threads: the batch's images are cut into as many parts as XLA's intra-op thread pool has
 // threads (thread_parts.h). Each part pads its images one at a time into its own buffer. The
@@ -104,7 +106,7 @@ ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<
 }
 
 ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, int64_t stride,
-                      ffi::ResultBuffer<ffi::F32> dw) {
+                      bool winograd, ffi::ResultBuffer<ffi::F32> dw) {
   auto xd = x.dimensions(), gd = g.dimensions();
   if (stride != 1 && stride != 2) return Invalid("conv3x3: stride 1 or 2");
   if (xd.size() != 4 || gd.size() != 4 || xd[0] != gd[0] || gd[1] != conv3x3::OutSize(int(xd[1]), int(stride)) ||
@@ -123,6 +125,21 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t g_image = int64_t(gd[1]) * gd[2] * Co;
   const bool wide = Wide(Co);
   const int parts = int(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), B)));
+  if (wide && winograd && Ci >= 16 && conv3x3::WinogradApplies(H, W, Co, int(stride))) {
+    // Each part sums its images' dU [16, Ci, Co]; dw = G^T (sum of the parts) G.
+    std::vector<std::vector<float>> dU(parts);
+    pofx::RunParts(pool, parts, [&](int p) {
+      thread_local conv3x3::WinogradScratch scratch;
+      dU[p].assign(size_t(16) * Ci * Co, 0.0f);
+      const int64_t b0 = B * p / parts, b1 = B * (p + 1) / parts;
+      conv3x3::WinogradWgradImages(X + b0 * H * W * Ci, G + b0 * g_image, int(b1 - b0), H, W, Ci, Co, dU[p].data(),
+                                   scratch);
+    });
+    for (int p = 1; p < parts; ++p)
+      for (size_t i = 0; i < dU[0].size(); ++i) dU[0][i] += dU[p][i];
+    conv3x3::WinogradKernelGrad(dU[0].data(), Ci, Co, DW);
+    return ffi::Error::Success();
+  }
   // Part 0 of the wide kernel accumulates into dw itself; every other buffer is summed into dw at the end
   // (the narrow kernel's in its [Co, 3, 3 Ci] layout).
   std::vector<std::vector<float>> partial(wide ? parts - 1 : parts);
@@ -160,4 +177,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PofxConv3x3Fwd, Fwd, ffi::Ffi::Bind().Ctx<ffi::Thr
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PofxConv3x3InputGrad, InputGrad, ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
     .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Attr<bool>("winograd").Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PofxConv3x3KernelGrad, KernelGrad, ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
-    .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Attr<int64_t>("stride").Ret<ffi::Buffer<ffi::F32>>());
+    .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Attr<int64_t>("stride").Attr<bool>("winograd")
+    .Ret<ffi::Buffer<ffi::F32>>());

@@ -430,4 +430,123 @@ inline void WinogradImages(const float* X, int n, int H, int W, int Ci, const fl
   }
 }
 
+// The kernel gradient by the same transforms: with M = U . V per tile and Y = A^T M A,
+//   dU = sum_tiles (B^T d B) . (A dY A^T),   dw = G^T dU G,
+// so the sum over the batch's pixels becomes 16 products [Ci, tiles] x [tiles, Co].
+
+// Gt [16, R, Co] at tile p: A dY A^T of the 2x2 block of g [H, W, Co] from (2 ty, 2 tx), with
+// A dY A^T = [a, a+b, a-b, -b] per row (a, b) of A dY = [g0; g0 + g1; g0 - g1; -g1].
+inline void WinogradGradTile(const float* g, int W, int Co, int ty, int tx, float* Gt, int64_t R, int64_t p) {
+  const float* g0 = g + ((int64_t)(2 * ty) * W + 2 * tx) * Co;
+  const int64_t plane = R * Co;
+  for (int c = 0; c < Co; c += 16) {
+    const __m512 a0 = _mm512_loadu_ps(g0 + c), b0 = _mm512_loadu_ps(g0 + Co + c);
+    const __m512 a1 = _mm512_loadu_ps(g0 + (int64_t)W * Co + c), b1 = _mm512_loadu_ps(g0 + ((int64_t)W + 1) * Co + c);
+    const __m512 rows[4][2] = {{a0, b0},
+                               {_mm512_add_ps(a0, a1), _mm512_add_ps(b0, b1)},
+                               {_mm512_sub_ps(a0, a1), _mm512_sub_ps(b0, b1)},
+                               {_mm512_sub_ps(_mm512_setzero_ps(), a1), _mm512_sub_ps(_mm512_setzero_ps(), b1)}};
+    float* o = Gt + p * Co + c;
+    for (int i = 0; i < 4; ++i) {
+      const __m512 a = rows[i][0], b = rows[i][1];
+      _mm512_storeu_ps(o + (i * 4 + 0) * plane, a);
+      _mm512_storeu_ps(o + (i * 4 + 1) * plane, _mm512_add_ps(a, b));
+      _mm512_storeu_ps(o + (i * 4 + 2) * plane, _mm512_sub_ps(a, b));
+      _mm512_storeu_ps(o + (i * 4 + 3) * plane, _mm512_sub_ps(_mm512_setzero_ps(), b));
+    }
+  }
+}
+
+// dU[ci0:ci0+CB, co0:co0+16 NV] += sum_p V[p, ci] Gt[p, co] for V [R, Ci], Gt [R, Co], dU [Ci, Co].
+template <int CB, int NV>
+inline void WinogradWgradTile(const float* __restrict V, int64_t R, int Ci, const float* __restrict Gt, int Co,
+                              float* __restrict dU, int ci0, int co0) {
+  __m512 acc[CB][NV];
+  for (int c = 0; c < CB; ++c)
+    for (int v = 0; v < NV; ++v) acc[c][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < R; ++p) {
+    __m512 gv[NV];
+    for (int v = 0; v < NV; ++v) gv[v] = _mm512_loadu_ps(Gt + p * Co + co0 + 16 * v);
+    const float* vp = V + p * Ci + ci0;
+    for (int c = 0; c < CB; ++c) {
+      const __m512 b = _mm512_set1_ps(vp[c]);
+      for (int v = 0; v < NV; ++v) acc[c][v] = _mm512_fmadd_ps(b, gv[v], acc[c][v]);
+    }
+  }
+  for (int c = 0; c < CB; ++c)
+    for (int v = 0; v < NV; ++v) {
+      float* d = dU + (int64_t)(ci0 + c) * Co + co0 + 16 * v;
+      _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), acc[c][v]));
+    }
+}
+
+template <int NV>
+inline void WinogradWgradTileN(int cb, const float* V, int64_t R, int Ci, const float* Gt, int Co, float* dU, int ci0,
+                               int co0) {
+#define POFX_CASE(n) \
+  case n:            \
+    if constexpr (n * NV <= 24) WinogradWgradTile<n, NV>(V, R, Ci, Gt, Co, dU, ci0, co0); \
+    break;
+  switch (cb) {
+    POFX_CASE(1) POFX_CASE(2) POFX_CASE(3) POFX_CASE(4) POFX_CASE(5) POFX_CASE(6) POFX_CASE(7) POFX_CASE(8)
+    POFX_CASE(9) POFX_CASE(10) POFX_CASE(11) POFX_CASE(12) POFX_CASE(13) POFX_CASE(14) POFX_CASE(15) POFX_CASE(16)
+    POFX_CASE(17) POFX_CASE(18) POFX_CASE(19) POFX_CASE(20) POFX_CASE(21) POFX_CASE(22) POFX_CASE(23) POFX_CASE(24)
+  }
+#undef POFX_CASE
+}
+
+// dU [16, Ci, Co] += the n images' contributions (X [n, H, W, Ci], G [n, H, W, Co]), in blocks of
+// 48 tiles whose transforms stay in cache through their 16 products.
+inline void WinogradWgradImages(const float* X, const float* G, int n, int H, int W, int Ci, int Co, float* dU,
+                                WinogradScratch& s) {
+  const int TH = H / 2, TW = W / 2, Wp = W + 2, T = TH * TW, nv = Co % 32 == 0 ? 2 : 1;
+  const int most = nv == 2 ? 12 : 24, nt = (Ci + most - 1) / most, cb = (Ci + nt - 1) / nt;
+  constexpr int R = 48;
+  const int64_t padded = (int64_t)(H + 2) * Wp * Ci, P = (int64_t)n * T;
+  s.pad.resize(size_t(n) * padded);
+  s.V.resize(size_t(16) * R * Ci);
+  s.M.resize(size_t(16) * R * Co);
+  for (int b = 0; b < n; ++b) PadImage(X + (int64_t)b * H * W * Ci, H, W, Ci, s.pad.data() + b * padded);
+  for (int64_t p0 = 0; p0 < P; p0 += R) {
+    const int r = int(std::min<int64_t>(R, P - p0));
+    for (int i = 0; i < r; ++i) {
+      const int64_t p = p0 + i, b = p / T, ty = (p % T) / TW, tx = p % TW;
+      WinogradInputTile(s.pad.data() + b * padded, Wp, Ci, int(ty), int(tx), s.V.data(), r, i);
+      WinogradGradTile(G + b * H * W * Co, W, Co, int(ty), int(tx), s.M.data(), r, i);
+    }
+    for (int k = 0; k < 16; ++k) {
+      const float *V = s.V.data() + (int64_t)k * r * Ci, *Gt = s.M.data() + (int64_t)k * r * Co;
+      float* d = dU + (int64_t)k * Ci * Co;
+      for (int co0 = 0; co0 < Co; co0 += 16 * nv)
+        for (int ci0 = 0; ci0 < Ci; ci0 += cb) {
+          const int c = std::min(cb, Ci - ci0);
+          if (nv == 2) WinogradWgradTileN<2>(c, V, r, Ci, Gt, Co, d, ci0, co0);
+          else WinogradWgradTileN<1>(c, V, r, Ci, Gt, Co, d, ci0, co0);
+        }
+    }
+  }
+}
+
+// dw [3, 3, Ci, Co] = G^T dU G of dU [16, Ci, Co], G^T = [1 1/2 1/2 0; 0 1/2 -1/2 0; 0 1/2 1/2 1].
+inline void WinogradKernelGrad(const float* dU, int Ci, int Co, float* dw) {
+  const int64_t plane = (int64_t)Ci * Co;
+  const __m512 half = _mm512_set1_ps(0.5f);
+  for (int64_t i = 0; i < plane; i += 16) {
+    __m512 u[4][4], t[3][4];
+    for (int k = 0; k < 16; ++k) u[k / 4][k % 4] = _mm512_loadu_ps(dU + k * plane + i);
+    for (int j = 0; j < 4; ++j) {  // G^T dU
+      t[0][j] = _mm512_add_ps(u[0][j], _mm512_mul_ps(half, _mm512_add_ps(u[1][j], u[2][j])));
+      t[1][j] = _mm512_mul_ps(half, _mm512_sub_ps(u[1][j], u[2][j]));
+      t[2][j] = _mm512_add_ps(_mm512_mul_ps(half, _mm512_add_ps(u[1][j], u[2][j])), u[3][j]);
+    }
+    for (int r = 0; r < 3; ++r) {  // (G^T dU) G
+      _mm512_storeu_ps(dw + (r * 3 + 0) * plane + i,
+                       _mm512_add_ps(t[r][0], _mm512_mul_ps(half, _mm512_add_ps(t[r][1], t[r][2]))));
+      _mm512_storeu_ps(dw + (r * 3 + 1) * plane + i, _mm512_mul_ps(half, _mm512_sub_ps(t[r][1], t[r][2])));
+      _mm512_storeu_ps(dw + (r * 3 + 2) * plane + i,
+                       _mm512_add_ps(_mm512_mul_ps(half, _mm512_add_ps(t[r][1], t[r][2])), t[r][3]));
+    }
+  }
+}
+
 }  // namespace conv3x3
