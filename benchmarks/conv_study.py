@@ -16,9 +16,12 @@ images (32: the 16 pairs' chosen and rejected images of one step), float32, in e
   2-D float32 product; where the BLAS is installed);
 - `shifted`: `kh x kw` XLA dots of the shifted input with one kernel tap each, summed (JAX's
   automatic derivative);
-- `native`: `pofx_backends.cpu.conv.DirectConv()`: the CPU backend's AVX-512 direct-convolution
-  kernels for the 3x3 stride-1 shapes whose channels are multiples of 16, XLA's NHWC convolution
-  for the others (stride 2, 1x1, the 1-channel input).
+- `native`: `pofx_backends.cpu.conv.DirectConv()`: the CPU backend's AVX-512 kernels for the 3x3
+  convolutions padded by one pixel at stride 1 or 2 (output channels a multiple of 16, or fewer
+  with input channels a multiple of 16), the stride-1 ones on even sizes by Winograd's F(2x2,
+  3x3), XLA's NHWC convolution for the others (1x1, stride 2's input gradient);
+- `native_direct`: the same kernels with direct sums instead of Winograd's
+  (`DirectConv(winograd=False)`).
 
 For each: the median seconds of the forward and of the forward plus backward (the output, the
 input gradient and the kernel gradient for a given output gradient) over `--reps` calls (or the
@@ -111,13 +114,13 @@ def method_fn(name: str, stride: int, pad: int):
     return lambda x, w: conv(x, w, s, p, dimension_numbers=("NHWC", "HWIO", "NHWC"))
   if name == "shifted":
     return lambda x, w: shifted_conv(x, w, s, p)
-  if name == "native":
-    conv = conv_lib.DirectConv()
+  if name in ("native", "native_direct"):
+    conv = conv_lib.DirectConv(winograd=name == "native")
     return lambda x, w: conv(x, w, s, p, dimension_numbers=("NHWC", "HWIO", "NHWC"))
   raise SystemExit(f"conv_study.py: unknown method {name!r}; allowed: {METHODS}.")
 
 
-METHODS = ("xla_nhwc", "xla_nchw", "im2col", "im2col_blas", "shifted", "native")
+METHODS = ("xla_nhwc", "xla_nchw", "im2col", "im2col_blas", "shifted", "native", "native_direct")
 
 
 def operands(name, batch, size, cin, cout, k, stride, pad, key):
