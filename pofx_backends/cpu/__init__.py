@@ -27,8 +27,9 @@ r"""The CPU backend: pofx's injection points computed by hand-written kernels on
   compute it. `attention=False` always uses the latter.
 
 - `conv_general_dilated` is XLA's (`conv="xla"`), or each 2-D convolution as one im2col matrix
-  product through that `dot_general` (`conv="im2col"`), or the 3x3 stride-1 convolutions by the
-  native direct-convolution kernels and the rest by XLA (`conv="native"`, `conv.DirectConv`), or
+  product through that `dot_general` (`conv="im2col"`), or the 3x3 convolutions padded by one
+  pixel at stride 1 or 2 by the native kernels (direct sums, and Winograd's F(2x2, 3x3) at stride
+  1) and the rest by XLA (`conv="native"`, `conv.DirectConv`), or
   by default (`conv="auto"`) whichever of these `conv_choice` measures fastest on this machine
   (`calibration.measure_conv`, in a child process, once per process, when the first convolution
   is traced: a program without convolutions never measures; "native" is a candidate where the
@@ -75,8 +76,8 @@ from pofx_backends.cpu import native
 BLAS_LIBRARIES = ("auto",) + native.BLAS_LIBRARIES
 # Which products go to the BLAS: none, the weight gradients, every product.
 PRODUCTS = ("xla", "blas", "blas_all")
-# The convolution: XLA's own kernel, im2col products, the native direct kernels for 3x3 stride-1
-# convolutions (`pofx_backends.cpu.conv`), or the fastest of them on this machine, measured when the
+# The convolution: XLA's own kernel, im2col products, the native kernels for 3x3 convolutions
+# at stride 1 or 2 (`pofx_backends.cpu.conv`), or the fastest of them on this machine, measured when the
 # first convolution is traced.
 CONVS = ("auto",) + conv_lib.CHOICES
 DEFAULT_OPTIONS = {"blas": "auto", "products": "blas_all", "attention": True, "conv": "auto", "group_norm": True}
@@ -247,7 +248,7 @@ def kernels(
       `pofx.kernels.xla_attention` always (False).
     conv: "xla" (`jax.lax.conv_general_dilated`), "im2col" (`pofx_backends.cpu.conv.Im2colConv`:
       each convolution one matrix product, through this backend's `dot_general`), "native"
-      (`pofx_backends.cpu.conv.DirectConv`: the native kernels for 3x3 stride-1 convolutions) or
+      (`pofx_backends.cpu.conv.DirectConv`: the native kernels for 3x3 convolutions) or
       "auto" (the fastest by `conv_choice`, measured when the first convolution is traced).
     group_norm: the native GroupNorm (+ SiLU) kernels where they apply (True) or
       `pofx.group_norm.group_norm` always (False).

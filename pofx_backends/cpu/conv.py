@@ -1,7 +1,8 @@
 r"""The CPU backend's convolutions: im2col matrix products, native direct kernels, the measured choice.
 
-`DirectConv()` computes the 3x3, stride-1, "SAME" convolutions whose channels are multiples of 16
-with the native AVX-512 kernels (`pofx_backends.cpu.native.conv3x3`) and every other call with
+`DirectConv()` computes the 3x3 convolutions padded by one pixel at stride 1 or 2 whose channels
+the native AVX-512 kernels take (`pofx_backends.cpu.native.conv3x3`: at stride 1 on even sizes by
+Winograd's F(2x2, 3x3) unless `winograd=False`) and every other call with
 `jax.lax.conv_general_dilated`. `MeasuredConv` is whichever of XLA's, `Im2colConv` or `DirectConv`
 a measurement chose.
 
