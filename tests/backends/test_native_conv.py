@@ -115,11 +115,10 @@ def test_winograd_is_another_summation_of_the_same_values():
     assert np.any(results[False][i] != results[True][i])
     for winograd in (False, True):
       np.testing.assert_allclose(results[winograd][i], expected[i], rtol=0, atol=tolerance)
-  # Odd sizes take the direct sums whatever the flag.
-  odd = jnp.asarray(x[:, :7, :7])
-  np.testing.assert_array_equal(
-    native.conv3x3(odd, jnp.asarray(w)), native.conv3x3(odd, jnp.asarray(w), winograd=False)
-  )
+  # Odd sizes and fewer than 16 input channels take the direct sums whatever the flag.
+  for xi, wi in ((x[:, :7, :7], w), (x[..., :3], w[:, :, :3])):
+    xi, wi = jnp.asarray(xi), jnp.asarray(wi)
+    np.testing.assert_array_equal(native.conv3x3(xi, wi), native.conv3x3(xi, wi, winograd=False))
 
 
 def _native_calls(f, *args):

@@ -681,14 +681,14 @@ def conv3x3(x, w, *, stride: int = 1, winograd: bool = True):
   with HWIO `w [3, 3, Ci, Co]` at `stride` 1 or 2 by the native AVX-512 kernels (`conv3x3.h`),
   differentiable: `jax.lax.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
   dimension_numbers=("NHWC", "HWIO", "NHWC"))` up to float32 rounding (at stride 1, "SAME"). With
-  `winograd` (the default), the stride-1 forward on even image sizes with Co a multiple of 16 is
-  computed by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016, arXiv:1509.09308): 16
-  multiply-adds per 2x2 outputs instead of 36, with a rounding error of the same order as the direct
-  sum's (the transforms' coefficients are 0, +-1 and 1/2), and so is the kernel gradient where Ci >=
-  16 (`dU = sum over tiles of (B^T d B) . (A dY A^T)`, `dw = G^T dU G`). The input gradient at
-  stride 1 is the forward on the output gradient with the kernel flipped and transposed. Both
-  operands float32, Co a multiple of 16 or Co < 16 with Ci a multiple of 16 (`conv3x3_supports`);
-  the CPU backend's `DirectConv` sends anything else to XLA."""
+  `winograd` (the default), the stride-1 forward and kernel gradient on even image sizes with Co a
+  multiple of 16 and Ci >= 16 are computed by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray
+  2016, arXiv:1509.09308): 16 multiply-adds per 2x2 outputs instead of 36 (the kernel gradient
+  `dU = sum over tiles of (B^T d B) . (A dY A^T)`, `dw = G^T dU G`), with a rounding error of the
+  same order as the direct sum's (the transforms' coefficients are 0, +-1 and 1/2). The input
+  gradient at stride 1 is the forward on the output gradient with the kernel flipped and
+  transposed. Both operands float32, Co a multiple of 16 or Co < 16 with Ci a multiple of 16
+  (`conv3x3_supports`); the CPU backend's `DirectConv` sends anything else to XLA."""
   if not conv3x3_supports(x, w, stride):
     raise ValueError(
       f"pofx_backends.cpu.native.conv3x3 takes float32 x [B, H, W, Ci] and w [3, 3, Ci, Co] at stride 1 or 2, with "

@@ -8,11 +8,13 @@
 // kernels); the input gradient is the forward of g with the kernel flipped in space and its channel
 // axes swapped, built here, so its output channels Ci follow the same rule. Attribute `winograd`:
 // Winograd's F(2x2, 3x3) (conv3x3.h) for the stride-1 forward and kernel gradient on even sizes with
-// Co a multiple of 16 (the kernel gradient also Ci >= 16), instead of the direct sums.
+// Co a multiple of 16 and Ci >= 16 (a single input channel is faster by the direct sums), instead of
+// the direct sums.
 //
 // Threads: the batch's images are cut into as many parts as XLA's intra-op thread pool has
-// threads (thread_parts.h). Each part pads its images one at a time into its own buffer. The
-// kernel gradient's parts accumulate into their own buffers, summed by the calling thread at the end.
+// threads (thread_parts.h). Each part pads its images into its own buffer (the direct kernels one
+// image at a time, Winograd's all of the part's at once). The kernel gradient's parts accumulate
+// into their own buffers, summed by the calling thread at the end.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -34,7 +36,7 @@ void Convolve(ffi::ThreadPool& pool, const float* X, int64_t B, int H, int W, in
               const float* narrow, int Co, int stride, bool winograd, float* Y) {
   const int64_t out_image = int64_t(conv3x3::OutSize(H, stride)) * conv3x3::OutSize(W, stride) * Co;
   const int parts = int(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), B)));
-  if (wide && winograd && conv3x3::WinogradApplies(H, W, Co, stride)) {
+  if (wide && winograd && conv3x3::WinogradApplies(H, W, Ci, Co, stride)) {
     std::vector<float> U(size_t(16) * Ci * Co);
     conv3x3::WinogradKernel(wide, Ci, Co, U.data());
     pofx::RunParts(pool, parts, [&](int p) {
@@ -125,7 +127,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t g_image = int64_t(gd[1]) * gd[2] * Co;
   const bool wide = Wide(Co);
   const int parts = int(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), B)));
-  if (wide && winograd && Ci >= 16 && conv3x3::WinogradApplies(H, W, Co, int(stride))) {
+  if (wide && winograd && conv3x3::WinogradApplies(H, W, Ci, Co, int(stride))) {
     // Each part sums its images' dU [16, Ci, Co]; dw = G^T (sum of the parts) G.
     std::vector<std::vector<float>> dU(parts);
     pofx::RunParts(pool, parts, [&](int p) {

@@ -278,7 +278,7 @@ inline void WgradNarrowImage(const float* pad, int H, int W, int Ci, const float
 
 
 // Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016, arXiv:1509.09308, section 4.1) for
-// the stride-1 forward on even H and W, Co a multiple of 16: each 2x2 block of outputs of a
+// the stride-1 forward on even H and W (WinogradApplies): each 2x2 block of outputs of a
 // channel pair is Y = A^T [(G g G^T) . (B^T d B)] A over the 4x4 input block d under it, with
 //   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1],
 //   A^T = [1 1 1 0; 0 1 -1 -1],
@@ -388,9 +388,10 @@ inline void ProductTileN(int rows, const float* A, int K, const float* B, int N,
 #undef POFX_CASE
 }
 
-// Whether the Winograd forward applies: stride 1, even H and W, Co a multiple of 16.
-inline bool WinogradApplies(int H, int W, int Co, int stride) {
-  return stride == 1 && H % 2 == 0 && W % 2 == 0 && H > 0 && W > 0 && Co % 16 == 0;
+// Whether Winograd's F(2x2, 3x3) applies: stride 1, even H and W, Co a multiple of 16, and at least
+// 16 input channels (a first layer's single channel is faster by the direct sums).
+inline bool WinogradApplies(int H, int W, int Ci, int Co, int stride) {
+  return stride == 1 && H % 2 == 0 && W % 2 == 0 && H > 0 && W > 0 && Co % 16 == 0 && Ci >= 16;
 }
 
 // Buffers of one thread's part: its padded images, and V [16, R, Ci], M [16, R, Co] of one block.
