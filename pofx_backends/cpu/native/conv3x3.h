@@ -86,7 +86,8 @@ inline void FwdTileN(int rows, int xb, const float* pad, int Wp, int Ci, const f
                      int y, int x0, int co0) {
 #define POFX_CASE(r, n)                                                                             \
   case r * 32 + n:                                                                                  \
-    if constexpr (r * n <= (NV == 2 ? 12 : 24)) FwdTile<r, n, NV, S>(pad, Wp, Ci, w, Co, out, Wo, y, x0, co0); \
+    if constexpr (r * n <= (NV == 2 ? 12 : 24) && (r == 1 || (NV == 2 && S == 1)))                       \
+      FwdTile<r, n, NV, S>(pad, Wp, Ci, w, Co, out, Wo, y, x0, co0);                                         \
     break;
 #define POFX_ROW(r) \
   POFX_CASE(r, 1) POFX_CASE(r, 2) POFX_CASE(r, 3) POFX_CASE(r, 4) POFX_CASE(r, 5) POFX_CASE(r, 6) POFX_CASE(r, 7) \
@@ -99,14 +100,16 @@ inline void FwdTileN(int rows, int xb, const float* pad, int Wp, int Ci, const f
 }
 
 // The tile's shape for Ho x Wo outputs: xb pixels of a row (the row cut into n equal tiles) times
-// rows (at most 3), the most pixels per tile on average over the image (MaxPixels at most).
-inline void TileShape(int Ho, int Wo, int nv, int* rows, int* xb) {
+// rows (at most max_rows), the most pixels per tile on average over the image (MaxPixels at most).
+// Several rows only for 32-channel tiles at stride 1 (the U-Net's main layers), which keeps the
+// number of tile shapes compiled down.
+inline void TileShape(int Ho, int Wo, int nv, int max_rows, int* rows, int* xb) {
   const int most = MaxPixels(nv);
   double best = -1;
   for (int n = 1; n <= Wo; ++n) {
     const int x = (Wo + n - 1) / n;
     if (x > 14) continue;
-    const int r = std::max(1, std::min({3, Ho, most / x}));
+    const int r = std::max(1, std::min({max_rows, Ho, most / x}));
     if (x * r > most) continue;
     const int tiles = ((Ho + r - 1) / r) * ((Wo + x - 1) / x);
     const double per_tile = double(Ho) * Wo / tiles;
@@ -120,7 +123,7 @@ template <int S>
 inline void FwdImageS(const float* pad, int H, int W, int Ci, const float* w, int Co, float* out) {
   const int nv = PickNV(Co), Wp = W + 2, Ho = OutSize(H, S), Wo = OutSize(W, S);
   int rows, xb;
-  TileShape(Ho, Wo, nv, &rows, &xb);
+  TileShape(Ho, Wo, nv, nv == 2 && S == 1 ? 3 : 1, &rows, &xb);
   for (int co0 = 0; co0 < Co; co0 += 16 * nv)
     for (int y = 0; y < Ho; y += rows) {
       const int r = std::min(rows, Ho - y);
