@@ -402,6 +402,17 @@ struct WinogradScratch {
   std::vector<float> pad, V, M;
 };
 
+// Pads the n images X [n, H, W, Ci] into s.pad and sizes s.V [16, R, Ci] and s.M [16, R, Co] for
+// blocks of R tiles; returns the size of one padded image.
+inline int64_t WinogradPrepare(const float* X, int n, int H, int W, int Ci, int Co, int R, WinogradScratch& s) {
+  const int64_t padded = (int64_t)(H + 2) * (W + 2) * Ci;
+  s.pad.resize(size_t(n) * padded);
+  s.V.resize(size_t(16) * R * Ci);
+  s.M.resize(size_t(16) * R * Co);
+  for (int b = 0; b < n; ++b) PadImage(X + (int64_t)b * H * W * Ci, H, W, Ci, s.pad.data() + b * padded);
+  return padded;
+}
+
 // Y [n, H, W, Co] for the n images X [n, H, W, Ci] with U [16, Ci, Co] (WinogradKernel). The n H W / 4
 // tiles are taken in blocks of one register tile's rows (12 tiles for 32 output channels at a time,
 // 24 for 16), so that a block's transformed inputs and products stay in cache between the input
@@ -409,11 +420,7 @@ struct WinogradScratch {
 inline void WinogradImages(const float* X, int n, int H, int W, int Ci, const float* U, int Co, float* Y,
                            WinogradScratch& s) {
   const int TH = H / 2, TW = W / 2, Wp = W + 2, T = TH * TW, nv = Co % 32 == 0 ? 2 : 1, R = nv == 2 ? 12 : 24;
-  const int64_t padded = (int64_t)(H + 2) * Wp * Ci, P = (int64_t)n * T;
-  s.pad.resize(size_t(n) * padded);
-  s.V.resize(size_t(16) * R * Ci);
-  s.M.resize(size_t(16) * R * Co);
-  for (int b = 0; b < n; ++b) PadImage(X + (int64_t)b * H * W * Ci, H, W, Ci, s.pad.data() + b * padded);
+  const int64_t padded = WinogradPrepare(X, n, H, W, Ci, Co, R, s), P = (int64_t)n * T;
   for (int64_t p0 = 0; p0 < P; p0 += R) {
     const int r = int(std::min<int64_t>(R, P - p0));
     for (int i = 0; i < r; ++i) {
@@ -506,11 +513,7 @@ inline void WinogradWgradImages(const float* X, const float* G, int n, int H, in
   const int TH = H / 2, TW = W / 2, Wp = W + 2, T = TH * TW, nv = Co % 32 == 0 ? 2 : 1;
   const int most = nv == 2 ? 12 : 24, nt = (Ci + most - 1) / most, cb = (Ci + nt - 1) / nt;
   constexpr int R = 48;
-  const int64_t padded = (int64_t)(H + 2) * Wp * Ci, P = (int64_t)n * T;
-  s.pad.resize(size_t(n) * padded);
-  s.V.resize(size_t(16) * R * Ci);
-  s.M.resize(size_t(16) * R * Co);
-  for (int b = 0; b < n; ++b) PadImage(X + (int64_t)b * H * W * Ci, H, W, Ci, s.pad.data() + b * padded);
+  const int64_t padded = WinogradPrepare(X, n, H, W, Ci, Co, R, s), P = (int64_t)n * T;
   for (int64_t p0 = 0; p0 < P; p0 += R) {
     const int r = int(std::min<int64_t>(R, P - p0));
     for (int i = 0; i < r; ++i) {
