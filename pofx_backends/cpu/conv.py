@@ -255,8 +255,8 @@ class DirectConv:
   pixel of padding on every side, at stride 1 or 2, whose channels the native kernels take
   (`pofx_backends.cpu.native.conv3x3_supports`) computed by them; every other call (other layouts,
   strides, paddings, kernel sizes, dtypes, a `precision` or `preferred_element_type`) is XLA's.
-  `winograd`: the stride-1 forward and input gradient by Winograd's F(2x2, 3x3) where it applies
-  (`pofx_backends.cpu.native.conv3x3`); False keeps the direct sums."""
+  `winograd`: the stride-1 forward, input gradient and kernel gradient by Winograd's F(2x2, 3x3)
+  where it applies (`pofx_backends.cpu.native.conv3x3`); False keeps the direct sums."""
 
   winograd: bool = True
 

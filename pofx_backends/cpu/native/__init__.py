@@ -22,10 +22,11 @@ or 2, of NHWC float32 images with an HWIO kernel by direct-convolution AVX-512 k
 in vector registers while the input values under it are broadcast against the kernel's rows, so
 no patches are gathered and nothing is transposed. The forward and the input gradient share one
 kernel (the input gradient's flipped kernel built inside its call); the kernel gradient has its
-own. At stride 1 on even image sizes both compute by Winograd's F(2x2, 3x3) by default (2.25
-times fewer multiply-adds; `winograd=False` keeps the direct sums). Outputs of fewer than 16 channels (a U-Net's last convolution) have narrow kernels that sum
-contiguous rows of input channels instead. The images are split over XLA's intra-op threads.
-Channel rule: `conv3x3_supports`.
+own. At stride 1 on even image sizes with at least 16 input channels, all three compute by
+Winograd's F(2x2, 3x3) by default (2.25 times fewer multiply-adds; `winograd=False` keeps the
+direct sums). Outputs of fewer than 16 channels (a U-Net's last convolution) have narrow kernels
+that sum contiguous rows of input channels instead. The images are split over XLA's intra-op
+threads. Channel rule: `conv3x3_supports`.
 
 `group_norm(x, scale, bias, groups=, eps=, silu=)` is `pofx.group_norm.group_norm` (GroupNorm
 with float32 statistics, optionally followed by SiLU) by AVX-512 kernels (`group_norm.cc`): per
