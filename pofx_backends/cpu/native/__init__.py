@@ -22,11 +22,12 @@ or 2, of NHWC float32 images with an HWIO kernel by direct-convolution AVX-512 k
 in vector registers while the input values under it are broadcast against the kernel's rows, so
 no patches are gathered and nothing is transposed. The forward and the input gradient share one
 kernel (the input gradient's flipped kernel built inside its call); the kernel gradient has its
-own. At stride 1 on even image sizes with at least 16 input channels, all three compute by
-Winograd's F(2x2, 3x3) by default (2.25 times fewer multiply-adds; `winograd=False` keeps the
-direct sums). Outputs of fewer than 16 channels (a U-Net's last convolution) have narrow kernels
-that sum contiguous rows of input channels instead. The images are split over XLA's intra-op
-threads. Channel rule: `conv3x3_supports`.
+own. At stride 1 on even image sizes with at least 16 input channels, the forward and the input
+gradient compute by Winograd's F(2x2, 3x3) by default, and so does the kernel gradient of the
+larger layers (2.25 times fewer multiply-adds; `winograd=False` keeps the direct sums). Outputs of
+fewer than 16 channels (a U-Net's last convolution) have narrow kernels that sum contiguous rows
+of input channels instead. The images are split over XLA's intra-op threads. Channel rule:
+`conv3x3_supports`.
 
 `group_norm(x, scale, bias, groups=, eps=, silu=)` is `pofx.group_norm.group_norm` (GroupNorm
 with float32 statistics, optionally followed by SiLU) by AVX-512 kernels (`group_norm.cc`): per
@@ -682,12 +683,13 @@ def conv3x3(x, w, *, stride: int = 1, winograd: bool = True):
   with HWIO `w [3, 3, Ci, Co]` at `stride` 1 or 2 by the native AVX-512 kernels (`conv3x3.h`),
   differentiable: `jax.lax.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
   dimension_numbers=("NHWC", "HWIO", "NHWC"))` up to float32 rounding (at stride 1, "SAME"). With
-  `winograd` (the default), the stride-1 forward and kernel gradient on even image sizes with Co a
-  multiple of 16 and Ci >= 16 are computed by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray
-  2016, arXiv:1509.09308): 16 multiply-adds per 2x2 outputs instead of 36 (the kernel gradient
-  `dU = sum over tiles of (B^T d B) . (A dY A^T)`, `dw = G^T dU G`), with a rounding error of the
-  same order as the direct sum's (the transforms' coefficients are 0, +-1 and 1/2). The input
-  gradient at stride 1 is the forward on the output gradient with the kernel flipped and
+  `winograd` (the default), the stride-1 forward on even image sizes with Co a multiple of 16 and
+  Ci >= 16, and the kernel gradient where also Ci Co >= 3072, are computed by Winograd's minimal
+  filtering F(2x2, 3x3) (Lavin & Gray 2016, arXiv:1509.09308): 16 multiply-adds per 2x2 outputs
+  instead of 36 (the kernel gradient `dU = sum over tiles of (B^T d B) . (A dY A^T)`,
+  `dw = G^T dU G`; below that size its transforms cost more than they save), with a rounding
+  error of the same order as the direct sum's (the transforms' coefficients are 0, +-1 and 1/2).
+  The input gradient at stride 1 is the forward on the output gradient with the kernel flipped and
   transposed. Both operands float32, Co a multiple of 16 or Co < 16 with Ci a multiple of 16
   (`conv3x3_supports`); the CPU backend's `DirectConv` sends anything else to XLA."""
   if not conv3x3_supports(x, w, stride):

@@ -7,9 +7,9 @@
 // Co a multiple of 16 (the register tiles), or Co < 16 with Ci a multiple of 16 (the narrow
 // kernels); the input gradient is the forward of g with the kernel flipped in space and its channel
 // axes swapped, built here, so its output channels Ci follow the same rule. Attribute `winograd`:
-// Winograd's F(2x2, 3x3) (conv3x3.h) for the stride-1 forward and kernel gradient on even sizes with
-// Co a multiple of 16 and Ci >= 16 (a single input channel is faster by the direct sums), instead of
-// the direct sums.
+// Winograd's F(2x2, 3x3) (conv3x3.h) for the stride-1 forward on even sizes with Co a multiple of 16
+// and Ci >= 16 (a single input channel is faster by the direct sums), and for the kernel gradient
+// where also Ci Co >= 3072 (WinogradKernelGradApplies), instead of the direct sums.
 //
 // Threads: the batch's images are cut into as many parts as XLA's intra-op thread pool has
 // threads (thread_parts.h). Each part pads its images into its own buffer (the direct kernels one
@@ -29,6 +29,9 @@ ffi::Error Invalid(const char* what) { return ffi::Error(ffi::ErrorCode::kInvali
 
 bool Wide(int co) { return co % 16 == 0; }
 bool Narrow(int co, int ci) { return co < 16 && ci % 16 == 0; }
+
+// The narrow kernels' layout [Co, 3, 3 Ci] of tap t = 3 ky + kx: the offset of (co, t, ci).
+size_t NarrowAt(int co, int t, int ci, int Ci) { return (size_t(co) * 3 + t / 3) * 3 * Ci + (t % 3) * Ci + ci; }
 
 // y = conv(x, K) where K [3, 3, Ci, Co] is given as `wide` (HWIO, for Co % 16 == 0) or `narrow`
 // ([Co, 3, 3 Ci], for Co < 16); by Winograd's F(2x2, 3x3) where `winograd` and it applies.
@@ -74,7 +77,7 @@ ffi::Error Fwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F
     for (int t = 0; t < 9; ++t)
       for (int ci = 0; ci < Ci; ++ci)
         for (int co = 0; co < Co; ++co)
-          narrow[(size_t(co) * 3 + t / 3) * 3 * Ci + (t % 3) * Ci + ci] = K[(size_t(t) * Ci + ci) * Co + co];
+          narrow[NarrowAt(co, t, ci, Ci)] = K[(size_t(t) * Ci + ci) * Co + co];
   }
   Convolve(pool, x.typed_data(), B, H, W, Ci, Wide(Co) ? K : nullptr, narrow.data(), Co, int(stride), winograd,
            y->typed_data());
@@ -100,7 +103,7 @@ ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<
       for (int co = 0; co < Co; ++co) {
         const float v = K[(size_t(8 - t) * Ci + ci) * Co + co];
         if (Wide(Ci)) flipped[(size_t(t) * Co + co) * Ci + ci] = v;
-        else flipped[(size_t(ci) * 3 + t / 3) * 3 * Co + (t % 3) * Co + co] = v;
+        else flipped[NarrowAt(ci, t, co, Co)] = v;
       }
   Convolve(pool, g.typed_data(), B, H, W, Co, Wide(Ci) ? flipped.data() : nullptr, flipped.data(), Ci, 1, winograd,
            dx->typed_data());
@@ -127,7 +130,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t g_image = int64_t(gd[1]) * gd[2] * Co;
   const bool wide = Wide(Co);
   const int parts = int(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), B)));
-  if (wide && winograd && conv3x3::WinogradApplies(H, W, Ci, Co, int(stride))) {
+  if (wide && winograd && conv3x3::WinogradKernelGradApplies(H, W, Ci, Co, int(stride))) {
     // Each part sums its images' dU [16, Ci, Co]; dw = G^T (sum of the parts) G.
     std::vector<std::vector<float>> dU(parts);
     pofx::RunParts(pool, parts, [&](int p) {
@@ -167,7 +170,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     for (int co = 0; co < Co; ++co)
       for (int t = 0; t < 9; ++t)
         for (int ci = 0; ci < Ci; ++ci)
-          DW[(size_t(t) * Ci + ci) * Co + co] += part[(size_t(co) * 3 + t / 3) * 3 * Ci + (t % 3) * Ci + ci];
+          DW[(size_t(t) * Ci + ci) * Co + co] += part[NarrowAt(co, t, ci, Ci)];
   }
   return ffi::Error::Success();
 }

@@ -397,6 +397,14 @@ inline bool WinogradApplies(int H, int W, int Ci, int Co, int stride) {
   return stride == 1 && H % 2 == 0 && W % 2 == 0 && H > 0 && W > 0 && Co % 16 == 0 && Ci >= 16;
 }
 
+// Whether the kernel gradient takes Winograd's form too: only from Ci Co >= 3072. On one thread
+// (benchmarks/conv3x3_winograd.cc) its transforms of both the input and the output gradient cost
+// more than its products save below that (32 -> 32, 64 -> 32 and 32 -> 64 ran at 0.88-0.96x the
+// direct kernel gradient), and it was 1.09-1.48x faster from 96 -> 32 and 64 -> 64 up.
+inline bool WinogradKernelGradApplies(int H, int W, int Ci, int Co, int stride) {
+  return WinogradApplies(H, W, Ci, Co, stride) && int64_t(Ci) * Co >= 3072;
+}
+
 // Buffers of one thread's part: its padded images, and V [16, R, Ci], M [16, R, Co] of one block.
 struct WinogradScratch {
   std::vector<float> pad, V, M;
