@@ -217,7 +217,9 @@ def pretrain(c, world, model, schedule, key, *, workdir: str, progress: bool = T
   lr = optax.warmup_cosine_decay_schedule(
     0.0, p.learning_rate, max(1, p.warmup_steps), max(p.steps, p.warmup_steps + 1)
   )
-  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
+  # On one flat vector of all the parameters, as the training stage's XLA optimizer
+  # (experiments/optimizers.py).
+  opt = optax.flatten(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0)))
   images, labels = jnp.asarray(world.images), jnp.asarray(world.labels)
   batch, decay = int(p.batch_size), float(p.ema_decay)
 
@@ -970,7 +972,7 @@ def train_policy(c, model, base_params, schedule, data, key, *, workdir: str, pr
   spec, hyper = losses.spec(c.train.loss), dict(c.train.loss_hyper)
   logps_fn = logps_fn_of(c, model, schedule)
   reference = reference_of(c, spec, base_params, logps_fn)
-  optimizer, lr = optimizers.from_config(c, kernels=kernels_of(c)[0])
+  optimizer, lr = optimizers.from_config(c, kernels=kernels_of(c)[0], flat=True)
   perturbation = _perturbation(c)
   p = c.train.perturbation
   n_acc = c.train.batch_size // p.m if p.kind == "sam" and p.m is not None else c.train.grad_accum_steps
@@ -1118,9 +1120,23 @@ def save_png(path: str, grid: np.ndarray, scale: int = 4) -> None:
 # The run
 
 
-def run(config, workdir: str, *, progress: bool = True, overwrite: bool = False) -> Dict[str, Any]:
-  """The four stages (module docstring) in `workdir`; returns the summary (also summary.json)."""
+def world_config(c) -> world_lib.ImageWorldConfig:
+  """The image world of config `c`: its `world` fields and its seed."""
+  return world_lib.ImageWorldConfig(seed=int(c.seed), **dict(c.world))
+
+
+def run(config, workdir: str, *, progress: bool = True, overwrite: bool = False, world=None) -> Dict[str, Any]:
+  """The four stages (module docstring) in `workdir`; returns the summary (also summary.json).
+
+  `world`: an `ImageWorld` already built for this config's world (`world_config`), so that runs of
+  several configs in one process (a sweep of methods on one base) build its classifiers once; by
+  default it is built here. One built for another world is refused before any compute."""
   c = config
+  if world is not None and world.config != world_config(c):
+    raise ValueError(
+      f"run: the given world was built for {world.config}, but the config's world is {world_config(c)}; "
+      "pass world=None to build it, or a world built from experiments.diffusion.world_config(config)."
+    )
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   check_workdir(c, workdir, overwrite=overwrite)
@@ -1131,7 +1147,7 @@ def run(config, workdir: str, *, progress: bool = True, overwrite: bool = False)
   key_for = lambda name: jax.random.fold_in(key, sum(map(ord, name)))
 
   t0 = time.perf_counter()
-  world = world_lib.ImageWorld(world_lib.ImageWorldConfig(seed=int(c.seed), **dict(c.world)))
+  world = world if world is not None else world_lib.ImageWorld(world_config(c))
   times["world_seconds"] = time.perf_counter() - t0
   model = denoiser(c, kernels)
   schedule = noise_schedule(c)

@@ -1,6 +1,7 @@
 """The image program as a user runs it (`python -m experiments.main --config=configs/diffusion_dpo.py:tiny`),
 and the validation of image configs (in-process, before any compute)."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -155,7 +156,7 @@ def family_runs(tiny_run, tmp_path_factory):
     logger.addHandler(compiled)
     try:
       with jax.log_compiles(True):
-        summary = diffusion.run(c, str(dst), progress=False)
+        summary = diffusion.run(c, str(dst), progress=False, world=_world(c))
     finally:
       logger.removeHandler(compiled)
     out[family] = (dst, c, summary, compiled.names)
@@ -176,6 +177,20 @@ def _pairs(dst):
     return dict(f)
 
 
+_WORLDS = {}
+
+
+def _world(c):
+  """The image world of config `c`, built once per world in this module (its classifiers are
+  trained on construction and on first use): every :tiny family has the same one."""
+  from experiments import diffusion
+
+  key = diffusion.world_config(c)
+  if key not in _WORLDS:
+    _WORLDS[key] = world_lib.ImageWorld(key)
+  return _WORLDS[key]
+
+
 @pytest.fixture(scope="module")
 def stage_pairs(tiny_run):
   """`pairs_of(family, overrides=None) -> (config, data)`: the family's pair stage at :tiny, with
@@ -194,7 +209,7 @@ def stage_pairs(tiny_run):
     for field, value in (overrides or {}).items():
       _set(c, field, value)
     config_validation.validate(c)
-    world = world_lib.ImageWorld(world_lib.ImageWorldConfig(seed=int(c.seed), **dict(c.world)))
+    world = _world(c)
     model, schedule = diffusion.denoiser(c), diffusion.noise_schedule(c)
     key = jax.random.PRNGKey(int(c.seed))
     base = diffusion._load_params(os.path.join(work, "base_params"), jax.eval_shape(model.init, key))
@@ -280,7 +295,7 @@ def test_spo_step_pairs_and_patch_quality_maps(family_runs):
   dst, c, _, _ = family_runs["diffusion_patch_dpo"]
   d = _pairs(dst)
   assert d["rejected_patch_quality"].shape == (c.data.num_pairs, 4, 4)
-  world = world_lib.ImageWorld(world_lib.ImageWorldConfig(seed=c.seed, **dict(c.world)))
+  world = _world(c)
   for n, i, j in ((0, 0, 0), (3, 1, 2), (7, 3, 3)):
     gen = d["rejected"][n : n + 1].copy()
     swapped = gen.copy()
@@ -309,7 +324,7 @@ def test_tailor_po_g_pairs_share_x_t_and_label_the_guided_winner(tiny_run, stage
   model, schedule = diffusion.unet.make(diffusion.unet_config(c)), diffusion.noise_schedule(c)
   work, _ = tiny_run
   base = diffusion._load_params(os.path.join(work, "base_params"), jax.eval_shape(model.init, jax.random.PRNGKey(0)))
-  world = world_lib.ImageWorld(world_lib.ImageWorldConfig(seed=c.seed, **dict(c.world)))
+  world = _world(c)
   y = d["class_labels"]
   t = np.full(len(y), 250, np.int32)
   a = np.asarray(schedules.alpha_cumprod(schedule, t)).reshape(-1, 1, 1, 1)
@@ -328,7 +343,7 @@ def test_ranked_lists_are_labelled_pairwise_by_the_gold_reward(family_runs):
   n, k = c.data.num_pairs, c.data.list_size
   assert d["list_images"].shape == (n, k, 8, 8, 1) and d["list_scores"].shape == (n, k)
   np.testing.assert_array_equal(d["class_labels"], np.arange(n) % 10)
-  world = world_lib.ImageWorld(world_lib.ImageWorldConfig(seed=c.seed, **dict(c.world)))
+  world = _world(c)
   want = world.gold_reward(d["list_images"].reshape(n * k, 8, 8, 1), np.repeat(d["class_labels"], k))
   np.testing.assert_allclose(d["list_rewards"], want.reshape(n, k), rtol=1e-5)
   assert set(np.unique(d["list_scores"]).tolist()) <= {0.0, 0.5, 1.0}
@@ -342,7 +357,7 @@ def test_balanced_dpo_pairs_follow_the_metrics_majority(stage_pairs):
   metric recomputed here: the two classifiers' log-probabilities by numpy, the ink by its
   formula), and the reference is a synced copy of the policy."""
   c, d = stage_pairs("diffusion_balanced_dpo")
-  world = world_lib.ImageWorld(world_lib.ImageWorldConfig(seed=c.seed, **dict(c.world)))
+  world = _world(c)
 
   def votes(images, labels):
     rows = []
@@ -392,7 +407,7 @@ def test_dense_dpo_pairs_are_guided_copies_labelled_band_by_band(family_runs):
 
   dst, c, s, _ = family_runs["diffusion_dense_dpo"]
   d = _pairs(dst)
-  world = world_lib.ImageWorld(world_lib.ImageWorldConfig(seed=c.seed, **dict(c.world)))
+  world = _world(c)
   lab, adv, y = d["segment_labels"], d["band_advantages"].astype(np.float64), d["class_labels"]
   p = len(y)
   assert lab.shape == adv.shape == (p, 4) and 0 < p <= c.data.num_pairs and s["pairs_count"] == p
@@ -442,11 +457,14 @@ def test_sdpo_family_scales_the_losers_gradient(tiny_run):
 
   @jax.jit
   def everything(params):  # one program: values, predictions and the four gradients
-    grad = lambda f, part: jax.grad(lambda p: jnp.sum(getattr(f(p, batch), part)))(params)
-    grads = {
-      (f, part): grad(fn, part) for f, fn in (("sdpo", sdpo), ("plain", plain)) for part in ("chosen", "rejected")
-    }
-    return sdpo(params, batch), plain(params, batch), predict(params, batch), grads
+    values, grads = {}, {}
+    for f, fn in (("sdpo", sdpo), ("plain", plain)):
+      values[f], pullback = jax.vjp(lambda p: fn(p, batch), params)  # one forward, two backward passes
+      for part in ("chosen", "rejected"):
+        ones = jax.tree.map(jnp.zeros_like, values[f])
+        ones = dataclasses.replace(ones, **{part: jnp.ones_like(getattr(values[f], part))})
+        (grads[(f, part)],) = pullback(ones)
+    return values["sdpo"], values["plain"], predict(params, batch), grads
 
   a, b, predictions, grads = everything(params)
   np.testing.assert_allclose(np.asarray(a.chosen), np.asarray(b.chosen), rtol=1e-6)
@@ -582,6 +600,19 @@ def test_image_config_refused_with_field_and_allowed(field, value, message):
   _set(c, field, value)
   with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
     config_validation.validate(c)
+
+
+def test_run_refuses_a_world_of_another_config_before_writing(tmp_path):
+  import types
+
+  from experiments import diffusion
+
+  c = _tiny()
+  other = types.SimpleNamespace(config=world_lib.ImageWorldConfig(seed=1, **dict(c.world)))
+  work = tmp_path / "run"
+  with pytest.raises(ValueError, match=r"the given world was built for .*seed=1.*the config's world is .*seed=0"):
+    diffusion.run(c, str(work), progress=False, world=other)
+  assert not work.exists()
 
 
 def test_adaptive_dpo_config_reads_the_pair_errors_and_builds_its_companions():
