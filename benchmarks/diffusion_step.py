@@ -34,10 +34,11 @@ applies the step to every array in place, `pofx_backends.cpu.optimizers.adamw`; 
 optax's AdamW on one flat vector of all the parameters, `optax.flatten`: the same elementwise update
 in one operation instead of a few per array; `--optimizer per_leaf` applies optax's array by array).
 That is `-log sigmoid(-beta/2 ((e_w - e_ref_w) - (e_l - e_ref_l)))` with e the per-image mean
-squared noise-prediction error, the baseline's loss. Like the image program, it leaves glibc's
-allocator as it is (`--startup` first calls `pofx_backends.startup()`, the language programs'
-start-up; either way it hands the heap's free pages back after the compilation and after the
-first step: `pofx_backends.cpu.host_memory.release_after_first_step`), then resolves `--kernels` ("auto": on the CPU the faster of "xla" and "cpu" timed on this
+squared noise-prediction error, the baseline's loss. It first applies the image program's
+start-up, `pofx_backends.startup(single_arena=False)` (`--startup language`: one malloc arena, as
+the language programs; `none`: glibc's defaults), and, as a training program should with it,
+hands the heap's free pages back after the compilation and after the first step
+(`pofx_backends.cpu.host_memory.release_after_first_step`), then resolves `--kernels` ("auto": on the CPU the faster of "xla" and "cpu" timed on this
 step, each candidate in a child process; `--conv`, `--products`, `--cpu_attention`, `--cpu_group_norm` set the CPU
 backend's options: `pofx_backends.cpu`). Steady state: the first `--warmup` of `--steps` steps excluded, the
 median step time, as the baseline. Reported: pairs/s, peak RSS (before the breakdown), the step's
@@ -166,9 +167,10 @@ def parser():
   ap.add_argument("--breakdown", action="store_true", help="pofx: time the step's parts (after the timed steps)")
   ap.add_argument(
     "--startup",
-    action="store_true",
-    help="pofx: call pofx_backends.startup() first (glibc keeps freed memory: the language programs' start-up; "
-    "the image program's is glibc's default)",
+    choices=["image", "language", "none"],
+    default="image",
+    help="pofx: the process's start-up, first: the image program's (pofx_backends.startup(single_arena=False)), "
+    "the language programs' (one malloc arena), or none (glibc's defaults)",
   )
   ap.add_argument("--measure_only", default=None, help=argparse.SUPPRESS)  # a child of --kernels auto
   ap.add_argument("--json", default=None)
@@ -454,7 +456,10 @@ def resolve_kernels(a):
 def run_pofx(a):
   import pofx_backends
 
-  started = pofx_backends.startup() if a.startup else {"host_memory": "default", "detail": "allocator unchanged"}
+  if a.startup == "none":
+    started = {"host_memory": "default", "detail": "--startup none: allocator unchanged"}
+  else:
+    started = pofx_backends.startup(single_arena=a.startup == "language")
   import jax
 
   from pofx import flops
@@ -548,7 +553,7 @@ def side_command(a, side: str, extra=()) -> list:
     ]
   cmd = [sys.executable, os.path.abspath(__file__), "--side", "pofx", "--pairs", str(a.pairs)]
   cmd += ["--steps", str(a.steps), "--warmup", str(a.warmup), "--kernels", a.kernels, "--compile", a.compile]
-  cmd += ["--denoiser_calls", a.denoiser_calls, "--conv_threads", a.conv_threads] + (["--startup"] if a.startup else [])
+  cmd += ["--denoiser_calls", a.denoiser_calls, "--conv_threads", a.conv_threads, "--startup", a.startup]
   for flag in ("conv", "products", "cpu_attention", "cpu_group_norm"):
     if getattr(a, flag) is not None:
       cmd += [f"--{flag}", getattr(a, flag)]

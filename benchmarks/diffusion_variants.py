@@ -36,7 +36,7 @@ round, so that a change in the machine's speed during the run reaches all of the
 figure to compare variants on a machine whose speed drifts (the comparison against diffusers is
 `diffusion_step.py`). Reported per variant: the median and fastest step (wall ms, the steps of
 all rounds) and pairs/s. With `--memory` each variant instead runs alone in a child process
-(`diffusion_step.py`'s protocol: glibc's allocator as it is, the eager initialisation's executables
+(`diffusion_step.py`'s protocol: the image program's start-up, the eager initialisation's executables
 freed before compiling) and reports its peak RSS (`ru_maxrss`) after `--steps` steps: a
 process's high-water mark cannot be shared between variants. `--profile` adds, per variant, a
 trace of 3 steps: the executed thunks' time by kind of operation (`diffusion_cpu.py`'s
@@ -290,6 +290,9 @@ def build(spec: dict, kernels_name: str):
 
 
 def child(a) -> None:
+  import pofx_backends
+
+  pofx_backends.startup(single_arena=False)
   bench = build(parse_variant(a.variants[0]), a.kernels)
   times = bench.run(a.steps)
   print(
@@ -342,6 +345,9 @@ def profile(text: str, bench) -> None:
 
 
 def timing(a) -> None:
+  import pofx_backends
+
+  pofx_backends.startup(single_arena=False)
   runs = []
   for text in a.variants:
     bench = build(parse_variant(text), a.kernels)

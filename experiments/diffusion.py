@@ -1017,9 +1017,8 @@ def train_policy(c, model, base_params, schedule, data, key, *, workdir: str, pr
       )
     state, m = step_fn(state, b, jax.random.fold_in(k_step, s))
     if s == 0:
-      # Where the process keeps freed memory (`pofx_backends.startup()`, which a caller may have
-      # run; the command line does not for images), the first step's freed temporaries cannot
-      # serve the next step's aligned request: hand their pages back once, here (a trim otherwise).
+      # With freed memory retained (pofx_backends.startup), the first step's freed temporaries
+      # cannot serve the next step's aligned request: hand their pages back once, here.
       jax.block_until_ready((state, m))
       host_memory.release_after_first_step()
     if (s + 1) % c.train.log_every == 0 or s + 1 == c.train.steps:

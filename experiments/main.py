@@ -19,8 +19,8 @@ two rounds of Pre-DPO), each in `<workdir>/sweep/<label>`. A config with `domain
 (configs/diffusion_*.py) runs the image world's diffusion pipeline instead (experiments/diffusion.py).
 
 Before any compute the program applies the process-wide start-up of the kernel backends
-(`pofx_backends.startup`: on a CPU platform glibc keeps freed memory; not for the image domain),
-joins a multi-process run
+(`pofx_backends.startup`: on a CPU platform glibc keeps freed memory; in one malloc arena
+except for the image domain), joins a multi-process run
 (`experiments.distributed`), checks the config (`configs/validate.py`; a misspelt or mistyped
 `--config.` flag fails with one line) and settles the kernel backend (`config.model.kernels`;
 "auto" is decided once per workdir and recorded in `<workdir>/kernels.json` and `summary.json`;
@@ -1401,12 +1401,10 @@ def parse_flags(argv):
 
 
 def _startup(config) -> Dict[str, Any]:
-  """`pofx_backends.startup()` for the language programs, whose large per-step temporaries it keeps
-  mapped. The image program leaves glibc's allocator as it is: with one malloc arena its many small
-  steps ran 25-35% slower on two cores (docs/diffusion.md), and its benchmark step was no faster."""
-  if config is not None and config.get("domain", "text") == "image":
-    return {"platform": "unchanged", "host_memory": "default", "detail": "the image domain: allocator unchanged"}
-  return pofx_backends.startup()
+  """`pofx_backends.startup()`; for the image domain with glibc's per-thread arenas kept
+  (`single_arena=False`): with one arena its many small steps ran 25-35% slower on two cores
+  (docs/diffusion.md)."""
+  return pofx_backends.startup(single_arena=config is None or config.get("domain", "text") != "image")
 
 
 def main(argv):

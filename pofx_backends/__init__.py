@@ -20,7 +20,7 @@ hand. A program does, in this order:
   the CPU the faster of "xla" and "cpu" by measurement (`measure(kernels) -> seconds`, the
   program's own timing of its step shapes, or `pofx_backends.cpu.calibration.measure`): which of
   the two is faster differs between CPUs, so the instruction set alone does not decide.
-- `startup()`: on a CPU JAX platform, glibc keeps freed memory for reuse
+- `startup(single_arena=True)`: on a CPU JAX platform, glibc keeps freed memory for reuse
   (`pofx_backends.cpu.host_memory.retain_freed_memory`), so XLA:CPU's per-step temporaries stop
   page-faulting. Process-wide: programs call it; the library never does.
 
@@ -182,12 +182,13 @@ def _accelerator_plugins() -> list:
   return sorted(names)
 
 
-def startup() -> Dict[str, Any]:
+def startup(*, single_arena: bool = True) -> Dict[str, Any]:
   """The process-wide start-up of a program using pofx: call it first, before any JAX computation.
 
   On a CPU JAX platform it tells glibc to keep freed memory for reuse
-  (`pofx_backends.cpu.host_memory.retain_freed_memory`: one malloc arena, no `mmap` for large
-  blocks, no trimming), so XLA:CPU's per-step temporaries reuse mapped pages instead of
+  (`pofx_backends.cpu.host_memory.retain_freed_memory`: no `mmap` for large blocks, no trimming,
+  and with `single_arena` one malloc arena: the language programs' setting; the image program
+  passes False), so XLA:CPU's per-step temporaries reuse mapped pages instead of
   page-faulting and zeroing them on every step. The setting concerns threads that allocate
   afterwards, so it must come before JAX's backend starts its thread pools; therefore the
   platform is decided without initialising the backend: from `jax.config.jax_platforms`
@@ -214,10 +215,11 @@ def startup() -> Dict[str, Any]:
     platform, source = "cpu", "no accelerator plugin installed"
   if platform != "cpu":
     return {"platform": platform, "host_memory": "default", "detail": f"{source}: allocator unchanged"}
-  if host_memory.retain_freed_memory():
+  if host_memory.retain_freed_memory(single_arena=single_arena):
+    arenas = "M_ARENA_MAX=1, " if single_arena else "per-thread arenas, "
     return {
       "platform": "cpu",
       "host_memory": "retain",
-      "detail": f"{source}: glibc keeps freed memory (mallopt M_ARENA_MAX=1, M_MMAP_MAX=0, M_TRIM_THRESHOLD max)",
+      "detail": f"{source}: glibc keeps freed memory (mallopt {arenas}M_MMAP_MAX=0, M_TRIM_THRESHOLD max)",
     }
   return {"platform": "cpu", "host_memory": "default", "detail": f"{source}: the C library is not glibc, unchanged"}

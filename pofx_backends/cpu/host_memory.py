@@ -43,14 +43,20 @@ def _glibc():
   return lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else None
 
 
-def retain_freed_memory() -> bool:
+def retain_freed_memory(*, single_arena: bool = True) -> bool:
   """Keeps freed heap memory in the process, for reuse, instead of returning it to the OS.
 
-  Sets glibc's `mallopt`: one malloc arena (`M_ARENA_MAX` 1), no `mmap` for large blocks
-  (`M_MMAP_MAX` 0) and no automatic trimming (`M_TRIM_THRESHOLD` at its maximum). After the first
-  steps, a step's temporaries reuse pages that are already mapped: no page faults, no zeroing.
-  The process's resident memory then stays at its high-water mark between steps (call
-  `release_freed_memory()` after a phase that will not recur, e.g. compilation).
+  Sets glibc's `mallopt`: no `mmap` for large blocks (`M_MMAP_MAX` 0), no automatic trimming
+  (`M_TRIM_THRESHOLD` at its maximum) and, with `single_arena`, one malloc arena (`M_ARENA_MAX`
+  1). After the first steps, a step's temporaries reuse pages that are already mapped: no page
+  faults, no zeroing. The process's resident memory then stays at its high-water mark between
+  steps (call `release_freed_memory()` after a phase that will not recur, e.g. compilation).
+
+  One arena serves every thread's blocks from one heap, whatever their size; but every thread
+  then takes the same lock. `single_arena=False` keeps glibc's per-thread arenas, whose heaps hold
+  blocks up to 64 MiB (a larger block on a worker thread is mapped afresh): the image program's
+  choice, whose many small steps ran 25-35% slower with one arena on two cores, and whose
+  benchmark step was 7-10% faster with per-thread arenas (docs/diffusion.md).
 
   Call it at start-up, before the first JAX computation: threads that already allocated keep
   their own arenas. Returns False, changing nothing, where glibc is not the C library.
@@ -58,7 +64,7 @@ def retain_freed_memory() -> bool:
   lib = _glibc()
   if lib is None:
     return False
-  ok = lib.mallopt(_M_ARENA_MAX, 1) == 1
+  ok = lib.mallopt(_M_ARENA_MAX, 1) == 1 if single_arena else True
   ok &= lib.mallopt(_M_MMAP_MAX, 0) == 1
   ok &= lib.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1)) == 1
   return bool(ok)
