@@ -38,8 +38,8 @@ squared noise-prediction error, the baseline's loss. It first applies the image 
 start-up, `pofx_backends.startup(single_arena=False)` (`--startup language`: one malloc arena, as
 the language programs; `none`: glibc's defaults), and, as a training program should with it,
 hands the heap's free pages back after the compilation and after the first step
-(`pofx_backends.cpu.host_memory.release_after_first_step`), then resolves `--kernels` ("auto": on the CPU the faster of "xla" and "cpu" timed on this
-step, each candidate in a child process; `--conv`, `--products`, `--cpu_attention`, `--cpu_group_norm` set the CPU
+(`pofx_backends.cpu.host_memory.release_after_first_step`), then resolves `--kernels` ("auto": on
+the CPU the faster of "xla" and "cpu" timed on this step, each candidate in a child process; `--conv`, `--products`, `--cpu_attention`, `--cpu_group_norm` set the CPU
 backend's options: `pofx_backends.cpu`). Steady state: the first `--warmup` of `--steps` steps excluded, the
 median step time, as the baseline. Reported: pairs/s, peak RSS (before the breakdown), the step's
 FLOPs both analytically (`pofx.diffusion.unet.flops`: reference forward + policy forward and

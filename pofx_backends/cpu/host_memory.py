@@ -64,7 +64,7 @@ def retain_freed_memory(*, single_arena: bool = True) -> bool:
   lib = _glibc()
   if lib is None:
     return False
-  ok = lib.mallopt(_M_ARENA_MAX, 1) == 1 if single_arena else True
+  ok = (lib.mallopt(_M_ARENA_MAX, 1) == 1) if single_arena else True
   ok &= lib.mallopt(_M_MMAP_MAX, 0) == 1
   ok &= lib.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1)) == 1
   return bool(ok)
