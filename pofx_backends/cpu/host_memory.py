@@ -55,8 +55,8 @@ def retain_freed_memory(*, single_arena: bool = True) -> bool:
   One arena serves every thread's blocks from one heap, whatever their size; but every thread
   then takes the same lock. `single_arena=False` keeps glibc's per-thread arenas, whose heaps hold
   blocks up to 64 MiB (a larger block on a worker thread is mapped afresh): the image program's
-  choice, whose many small steps ran 25-35% slower with one arena on two cores, and whose
-  benchmark step was 7-10% faster with per-thread arenas (docs/diffusion.md).
+  choice, whose many small steps ran 25-35% slower with one arena on two cores (docs/diffusion.md),
+  and whose benchmark step was 7-10% faster with per-thread arenas (docs/benchmarks.md).
 
   Call it at start-up, before the first JAX computation: threads that already allocated keep
   their own arenas. Returns False, changing nothing, where glibc is not the C library.
